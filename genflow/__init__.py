@@ -1,0 +1,30 @@
+"""genflow: generative flows in JAX.
+
+Diffusion and score-based models, flow matching, normalizing flows, their samplers,
+likelihoods and optimizers, as pure functions over flax.linen networks and optax transforms.
+
+    import genflow as gf
+    path = gf.paths.linear()
+    x0, info = gf.sample(fn, path, x1, prediction="velocity", solver="heun", steps=20)
+"""
+
+from genflow import losses, nets, oracles, param, paths, sampling
+from genflow.sampling import sample
+
+__version__ = "0.1.0"
+
+_LAZY = ("train", "data", "metrics", "viz")
+
+
+def __getattr__(name):
+    # Heavier modules (orbax, tfds, matplotlib) are imported on first use.
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(f"genflow.{name}")
+        globals()[name] = mod
+        return mod
+    raise AttributeError(f"module 'genflow' has no attribute {name!r}")
+
+
+__all__ = ["paths", "param", "losses", "nets", "oracles", "sampling", "sample", *_LAZY]

@@ -1,0 +1,156 @@
+"""Datasets: toy 2-D distributions (jittable samplers) and bundled offline images.
+
+Toy samplers are pure ``f(key, n) -> [n, 2]`` float32 functions, usable inside ``jit`` and
+``lax.scan`` (the training loop samples them on device). ``load_digits`` returns scikit-learn's
+bundled 8x8 digits (1797 real images, no download) scaled to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+__all__ = ["TOY", "toy", "toy_sampler", "load_digits",
+           "moons", "eight_gaussians", "checkerboard", "swiss_roll", "spirals", "pinwheel", "circles"]
+
+
+def moons(key: Array, n: int, noise: float = 0.05, scale: float = 2.0) -> Array:
+    """Two interleaving half circles (scikit-learn's ``make_moons``), centred and scaled.
+
+    As in scikit-learn, ``n // 2`` points (in random order) lie on the upper moon and the rest
+    on the lower one (equal halves, so that metrics between two draws do not count binomial mass
+    imbalance). The raw moons span x in [-1, 2], y in [-0.5, 1]; they are shifted by
+    (-0.5, -0.25) and multiplied by ``scale``. Gaussian noise of std ``noise`` is added before
+    scaling.
+    """
+    k1, k2, k3 = jax.random.split(key, 3)
+    upper = jax.random.permutation(k1, jnp.arange(n) < n // 2)
+    theta = jax.random.uniform(k2, (n,), minval=0.0, maxval=jnp.pi)
+    x = jnp.where(upper, jnp.cos(theta), 1.0 - jnp.cos(theta))
+    y = jnp.where(upper, jnp.sin(theta), 0.5 - jnp.sin(theta))
+    pts = jnp.stack([x, y], -1) + noise * jax.random.normal(k3, (n, 2))
+    return (scale * (pts - jnp.array([0.5, 0.25]))).astype(jnp.float32)
+
+
+def eight_gaussians(key: Array, n: int, radius: float = 2.0, std: float = 0.2) -> Array:
+    """Eight Gaussians of std ``std`` on a circle of radius ``radius``."""
+    k1, k2 = jax.random.split(key)
+    idx = jax.random.randint(k1, (n,), 0, 8)
+    ang = 2 * jnp.pi * idx / 8
+    centres = radius * jnp.stack([jnp.cos(ang), jnp.sin(ang)], -1)
+    return (centres + std * jax.random.normal(k2, (n, 2))).astype(jnp.float32)
+
+
+def checkerboard(key: Array, n: int, size: float = 4.0) -> Array:
+    """Uniform on the dark squares of a 4x4 checkerboard covering ``[-size/2, size/2]^2``."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    x1 = jax.random.uniform(k1, (n,), minval=-2.0, maxval=2.0)
+    x2 = jax.random.uniform(k2, (n,), minval=0.0, maxval=1.0) - 2.0 * jax.random.randint(k3, (n,), 0, 2)
+    x2 = x2 + jnp.floor(x1) % 2
+    return (jnp.stack([x1, x2], -1) * (size / 4.0)).astype(jnp.float32)
+
+
+def swiss_roll(key: Array, n: int, noise: float = 0.25) -> Array:
+    """2-D swiss roll (scikit-learn's ``make_swiss_roll`` projected on (x, z)), scaled by 1/5."""
+    k1, k2 = jax.random.split(key)
+    t = 1.5 * jnp.pi * (1.0 + 2.0 * jax.random.uniform(k1, (n,)))
+    pts = jnp.stack([t * jnp.cos(t), t * jnp.sin(t)], -1) + noise * jax.random.normal(k2, (n, 2))
+    return (pts / 5.0).astype(jnp.float32)
+
+
+def spirals(key: Array, n: int, noise: float = 0.1) -> Array:
+    """Two interleaved spirals (as in FFJORD's ``2spirals``), scaled to about [-4, 4]."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    r = jnp.sqrt(jax.random.uniform(k1, (n,))) * 540.0 * (2 * jnp.pi) / 360.0
+    sign = jnp.where(jax.random.bernoulli(k2, 0.5, (n,)), 1.0, -1.0)
+    pts = sign[:, None] * jnp.stack([-jnp.cos(r) * r, jnp.sin(r) * r], -1)
+    pts = pts + noise * 3.0 * jax.random.normal(k3, (n, 2))
+    return (pts / 3.0).astype(jnp.float32)
+
+
+def pinwheel(key: Array, n: int, num_arms: int = 5, radial_std: float = 0.3, tangential_std: float = 0.1,
+             rate: float = 0.25) -> Array:
+    """Pinwheel of ``num_arms`` curved arms (Johnson et al. 2016; as in FFJORD)."""
+    k1, k2 = jax.random.split(key)
+    arm = jax.random.randint(k1, (n,), 0, num_arms)
+    feats = jax.random.normal(k2, (n, 2)) * jnp.array([radial_std, tangential_std])
+    feats = feats + jnp.array([1.0, 0.0])
+    ang = 2 * jnp.pi * arm / num_arms + rate * jnp.exp(feats[:, 0])
+    c, s = jnp.cos(ang), jnp.sin(ang)
+    out = jnp.stack([c * feats[:, 0] - s * feats[:, 1], s * feats[:, 0] + c * feats[:, 1]], -1)
+    return (2.0 * out).astype(jnp.float32)
+
+
+def circles(key: Array, n: int, noise: float = 0.05, factor: float = 0.5, scale: float = 2.0) -> Array:
+    """Two concentric circles (scikit-learn's ``make_circles``), scaled."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    inner = jax.random.bernoulli(k1, 0.5, (n,))
+    theta = jax.random.uniform(k2, (n,), maxval=2 * jnp.pi)
+    r = jnp.where(inner, factor, 1.0)
+    pts = r[:, None] * jnp.stack([jnp.cos(theta), jnp.sin(theta)], -1) + noise * jax.random.normal(k3, (n, 2))
+    return (scale * pts).astype(jnp.float32)
+
+
+TOY: dict[str, Callable[..., Array]] = {
+    "moons": moons,
+    "8gaussians": eight_gaussians,
+    "checkerboard": checkerboard,
+    "swissroll": swiss_roll,
+    "spirals": spirals,
+    "pinwheel": pinwheel,
+    "circles": circles,
+}
+
+
+def toy_sampler(name: str, **kwargs) -> Callable[[Array, int], Array]:
+    """The jittable sampler ``f(key, n) -> [n, 2]`` for a toy distribution name in :data:`TOY`."""
+    if name not in TOY:
+        raise ValueError(f"unknown toy dataset {name!r}; expected one of {sorted(TOY)}")
+    f = TOY[name]
+    if not kwargs:
+        return f
+    return lambda key, n: f(key, n, **kwargs)
+
+
+def toy(name: str, key: Array, n: int, **kwargs) -> Array:
+    """``n`` samples ``[n, 2]`` of the toy distribution ``name``."""
+    return toy_sampler(name, **kwargs)(key, n)
+
+
+def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0,
+                channels_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 handwritten digits, scaled from {0..16} to [-1, 1].
+
+    Args:
+      split: ``"train"``, ``"test"`` or ``"all"``; the split is a fixed stratified shuffle.
+      test_fraction: fraction of each class held out for ``"test"``.
+      seed: seed of the split permutation.
+      channels_last: images ``[N, 8, 8, 1]`` (else ``[N, 64]``).
+    Returns:
+      ``(images float32, labels int32 [N])``.
+    """
+    from sklearn.datasets import load_digits as _load
+
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}")
+    d = _load()
+    x = (d.data.astype(np.float32) / 16.0) * 2.0 - 1.0
+    y = d.target.astype(np.int32)
+    if split != "all":
+        rng = np.random.default_rng(seed)
+        test = np.zeros(len(y), bool)
+        for c in range(10):
+            idx = np.flatnonzero(y == c)
+            idx = rng.permutation(idx)
+            test[idx[: int(math.ceil(test_fraction * len(idx)))]] = True
+        keep = test if split == "test" else ~test
+        x, y = x[keep], y[keep]
+    if channels_last:
+        x = x.reshape(-1, 8, 8, 1)
+    return x, y

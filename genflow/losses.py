@@ -1,0 +1,257 @@
+"""Training objectives for Gaussian paths: denoising (eps / x0 / v / score) and flow matching.
+
+Every objective here is one regression, written in the model's own prediction kind::
+
+    t ~ p(t) on [t_min, 1],  (x0, x1) ~ coupling(data, N(0, I)),  x_t = alpha x0 + sigma x1
+    L = E[ w(t) / c(t)^2 * || fn(x_t, t) - target_kind(x0, x1, t) ||^2 ]
+
+where ``c(t)`` is :func:`genflow.param.eps_scale` (``pred - target = c (eps_hat - eps)``), so
+``w(t)`` is always a weighting of the *eps*-MSE (the convention of Kingma & Gao 2023,
+"Understanding Diffusion Objectives as the ELBO with Simple Data Augmentation"), whatever
+kind the network predicts. The built-in weightings:
+
+=================  ====================================================================
+``"uniform"``      plain MSE of the predicted kind (``w = c^2``): the usual eps, v, x0 or
+                   flow-matching loss
+``"eps"``          eps-MSE (``w = 1``)
+``"x0"``           x0-MSE (``w = 1/SNR``)
+``"v"``            v-MSE (``w = (alpha^2 + sigma^2)^2 / alpha^2``, i.e. 1 + 1/SNR on VP paths)
+``"score"``        ``sigma^2``-weighted score matching (DSM of Song et al.): ``w = 1``
+``"snr"``          x0-MSE weighted by SNR (Hang et al. 2023's notation), i.e. ``w = 1``
+``"min_snr"``      Min-SNR-gamma (Hang et al. 2023): x0-MSE weighted ``min(SNR, gamma)``,
+                   i.e. ``w = min(SNR, gamma) / SNR``
+``"truncated_snr"`` x0-MSE weighted ``max(SNR, 1)`` (Salimans & Ho 2022), ``w = max(1, 1/SNR)``
+``"elbo"``         ``w = -d lambda/dt / 2``: the continuous-time ELBO (up to a constant)
+``"sigmoid"``      ``w = -d lambda/dt * sigmoid(b - lambda) / 2`` (Kingma & Gao, with t uniform)
+=================  ====================================================================
+
+A weighting may also be any callable ``w(path, t) -> [B]``.
+
+Couplings pair the data batch with the noise batch. ``"independent"`` keeps the draw;
+``"ot"`` (exact minibatch optimal transport, Tong et al. 2023 / Pooladian et al. 2023) permutes
+the *noise* so that the pairing minimises the total squared distance; labels stay aligned
+with the data. A coupling is any ``f(key, x0, x1) -> x1_permuted``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genflow import param
+from genflow.paths import Path
+
+Array = jax.Array
+Weighting = Callable[[Path, Array], Array]
+Coupling = Callable[[Array, Array, Array], Array]
+
+__all__ = [
+    "WEIGHTINGS",
+    "COUPLINGS",
+    "get_weighting",
+    "diffusion_loss",
+    "flow_matching_loss",
+    "dsm_loss",
+    "independent_coupling",
+    "ot_coupling",
+    "drop_labels",
+    "sample_t",
+]
+
+
+# -- weightings of the eps-MSE -----------------------------------------------------------------
+def _w_uniform(kind):
+    def w(path, t):
+        c = param.eps_scale(path, t, kind)
+        return c * c
+
+    return w
+
+
+def _w_min_snr(gamma: float):
+    def w(path, t):
+        snr = path.snr(t)
+        return jnp.minimum(snr, gamma) / snr
+
+    return w
+
+
+def _w_truncated_snr(path, t):
+    return jnp.maximum(1.0, 1.0 / path.snr(t))
+
+
+def _w_elbo(path, t):
+    return -0.5 * path.d_log_snr(t)
+
+
+def _w_sigmoid(bias: float):
+    def w(path, t):
+        return -0.5 * path.d_log_snr(t) * jax.nn.sigmoid(bias - path.log_snr(t))
+
+    return w
+
+
+WEIGHTINGS = ("uniform", "eps", "x0", "v", "score", "snr", "min_snr", "truncated_snr", "elbo", "sigmoid")
+
+
+def get_weighting(name: str | Weighting, prediction: str, *, gamma: float = 5.0, bias: float = 2.0) -> Weighting:
+    """The eps-MSE weighting ``w(path, t) -> [B]`` for a name (see the module docstring)."""
+    if callable(name):
+        return name
+    if name == "uniform":
+        return _w_uniform(prediction)
+    if name in ("eps", "score", "snr"):
+        return _w_uniform("eps")
+    if name == "x0":
+        return _w_uniform("x0")
+    if name == "truncated_snr":
+        return _w_truncated_snr
+    if name == "v":
+        return _w_uniform("v")
+    if name == "min_snr":
+        return _w_min_snr(gamma)
+    if name == "elbo":
+        return _w_elbo
+    if name == "sigmoid":
+        return _w_sigmoid(bias)
+    raise ValueError(f"unknown weighting {name!r}; expected one of {list(WEIGHTINGS)} or a callable w(path, t)")
+
+
+# -- couplings -----------------------------------------------------------------------------------
+def independent_coupling(key: Array, x0: Array, x1: Array) -> Array:
+    """The independent coupling: returns ``x1`` unchanged."""
+    del key, x0
+    return x1
+
+
+def _assignment_host(cost: np.ndarray) -> np.ndarray:
+    from scipy.optimize import linear_sum_assignment
+
+    cost = np.asarray(cost, np.float64)
+    if cost.ndim == 2:
+        return linear_sum_assignment(cost)[1].astype(np.int32)
+    return np.stack([linear_sum_assignment(c)[1] for c in cost]).astype(np.int32)
+
+
+def exact_assignment(cost: Array) -> Array:
+    """Exact linear assignment ``perm`` minimising ``sum_i cost[i, perm[i]]``.
+
+    ``cost: [..., B, B]``; returns ``[..., B]`` int32. Runs SciPy's Jonker-Volgenant solver on
+    the host through ``jax.pure_callback`` (batched leading dimensions are solved in one call),
+    so it works under ``jit`` and ``lax.scan``.
+    """
+    out = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
+    return jax.pure_callback(_assignment_host, out, cost, vmap_method="expand_dims")
+
+
+def ot_coupling(key: Array, x0: Array, x1: Array) -> Array:
+    """Exact minibatch OT coupling: the permutation of ``x1`` minimising ``sum ||x0_i - x1_p(i)||^2``.
+
+    ``x0, x1: [B, ...]``. Returns ``x1[perm]``. Ties are broken by SciPy's solver; the key is
+    unused (the assignment is exact, hence deterministic).
+    """
+    del key
+    a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
+    cost = jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
+    perm = exact_assignment(jax.lax.stop_gradient(cost))
+    return x1[perm]
+
+
+COUPLINGS: dict[str, Coupling] = {"independent": independent_coupling, "ot": ot_coupling}
+
+
+def _coupling(c: str | Coupling) -> Coupling:
+    if callable(c):
+        return c
+    if c not in COUPLINGS:
+        raise ValueError(f"unknown coupling {c!r}; expected one of {sorted(COUPLINGS)} or a callable f(key, x0, x1)")
+    return COUPLINGS[c]
+
+
+# -- time sampling and label dropout ---------------------------------------------------------------
+def sample_t(key: Array, n: int, t_min: float = 0.0, t_max: float = 1.0, stratified: bool = False) -> Array:
+    """``[n]`` times uniform on ``[t_min, t_max]``; ``stratified`` uses one draw per n-th of the
+    interval (low-discrepancy, as in VDM), which lowers the variance of the loss estimate."""
+    if stratified:
+        u = (jnp.arange(n) + jax.random.uniform(key, ())) / n
+        u = jnp.mod(u, 1.0)
+    else:
+        u = jax.random.uniform(key, (n,))
+    return t_min + (t_max - t_min) * u
+
+
+def drop_labels(key: Array, y: Array, p: float, null_label: int) -> Array:
+    """Classifier-free guidance dropout: replace each label by ``null_label`` with probability ``p``.
+
+    ``y: [B]`` int labels; returns ``[B]``.
+    """
+    drop = jax.random.bernoulli(key, p, y.shape)
+    return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)
+
+
+# -- the objective -------------------------------------------------------------------------------------
+def diffusion_loss(
+    fn: Callable[[Array, Array], Array],
+    path: Path,
+    x0: Array,
+    key: Array,
+    *,
+    prediction: str = "eps",
+    weighting: str | Weighting = "uniform",
+    coupling: str | Coupling = "independent",
+    t_min: float | None = None,
+    t_max: float = 1.0,
+    stratified: bool = False,
+    gamma: float = 5.0,
+    bias: float = 2.0,
+) -> tuple[Array, dict]:
+    """Monte-Carlo estimate of the weighted regression loss (see the module docstring).
+
+    Args:
+      fn: model ``fn(x_t: [B, ...], t: [B]) -> [B, ...]`` predicting kind ``prediction``.
+      path: the Gaussian path.
+      x0: ``[B, ...]`` data batch.
+      key: PRNG key (time, noise, coupling).
+      prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.
+      weighting: a weighting name (module docstring) or ``w(path, t) -> [B]``.
+      coupling: ``"independent"``, ``"ot"`` or ``f(key, x0, x1) -> x1``.
+      t_min, t_max: time range (``t_min`` defaults to ``path.t_min``).
+      stratified: low-discrepancy times.
+      gamma, bias: parameters of ``"min_snr"`` and ``"sigmoid"``.
+    Returns:
+      ``(loss, aux)``: scalar mean loss and ``{"t": [B], "per_example": [B]}``.
+    """
+    param.check_kind(prediction)
+    t_min = path.t_min if t_min is None else t_min
+    w_fn = get_weighting(weighting, prediction, gamma=gamma, bias=bias)
+    kt, kn, kc = jax.random.split(key, 3)
+    b = x0.shape[0]
+    t = sample_t(kt, b, t_min, t_max, stratified).astype(x0.dtype)
+    x1 = jax.random.normal(kn, x0.shape, x0.dtype)
+    x1 = _coupling(coupling)(kc, x0, x1)
+    xt = path.add_noise(x0, x1, t)
+    target = param.from_x0_eps(x0, x1, xt, t, path, prediction)
+    pred = fn(xt, t)
+    if pred.shape != x0.shape:
+        raise ValueError(f"model output shape {pred.shape} does not match the data shape {x0.shape}")
+    c = param.eps_scale(path, t, prediction)
+    lam = (w_fn(path, t) / (c * c)).astype(jnp.float32)
+    sq = jnp.mean(jnp.square((pred - target).astype(jnp.float32)).reshape(b, -1), axis=-1)
+    per_example = lam * sq
+    return jnp.mean(per_example), {"t": t, "per_example": per_example}
+
+
+def flow_matching_loss(fn, path: Path, x0: Array, key: Array, *, coupling: str | Coupling = "independent", **kw):
+    """Conditional flow matching (Lipman et al. 2023; Liu et al. 2023): velocity MSE
+    ``|| fn(x_t, t) - (alpha' x0 + sigma' x1) ||^2``; on :func:`genflow.paths.linear` the target is
+    ``x1 - x0``. Same arguments as :func:`diffusion_loss`."""
+    return diffusion_loss(fn, path, x0, key, prediction="velocity", weighting="uniform", coupling=coupling, **kw)
+
+
+def dsm_loss(fn, path: Path, x0: Array, key: Array, **kw):
+    """Denoising score matching (Vincent 2011; Song et al. 2021) with ``lambda(t) = sigma^2``:
+    ``|| sigma fn(x_t, t) + eps ||^2`` for a score model ``fn``."""
+    return diffusion_loss(fn, path, x0, key, prediction="score", weighting="score", **kw)

@@ -1,0 +1,200 @@
+"""Analytic oracles: data distributions whose noisy marginals are known in closed form.
+
+* :class:`Gaussian` ``N(mean, cov)``: under any Gaussian path the marginal at t is
+  ``N(alpha mean, alpha^2 cov + sigma^2 I)``; its denoiser, score, log-density and the
+  probability-flow ODE map are closed form. In the eigenbasis ``cov = U diag(v) U^T`` the
+  flow map keeps ``z = U^T (x_t - alpha mean) / sqrt(alpha^2 v + sigma^2)`` fixed.
+* :class:`GaussianMixture` with diagonal components: the denoiser ``E[x0 | x_t]`` is closed
+  form (responsibilities by log-sum-exp), so a sampler can be run with a perfect model.
+
+Both are pytrees (their arrays are traced) and give model functions of any prediction kind
+through :meth:`model`, so solvers, likelihoods and conversions are tested without training.
+Arrays are ``[B, D]`` (or ``[B, ...]`` flattened to ``D`` features).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from genflow import param
+from genflow.paths import Path, broadcast_t
+
+Array = jax.Array
+
+__all__ = ["Gaussian", "GaussianMixture", "OracleModel"]
+
+
+def _flat(x: Array) -> Array:
+    return x.reshape(x.shape[0], -1)
+
+
+def _t_col(t, x: Array) -> Array:
+    t = jnp.asarray(t, x.dtype)
+    return jnp.broadcast_to(t, (x.shape[0],))[:, None]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Gaussian:
+    """Gaussian data ``N(mean, U diag(var) U^T)``; ``mean, var: [D]``, ``basis U: [D, D]``."""
+
+    mean: Array
+    var: Array
+    basis: Array
+
+    @classmethod
+    def diagonal(cls, mean, var) -> "Gaussian":
+        mean = jnp.asarray(mean)
+        var = jnp.broadcast_to(jnp.asarray(var, mean.dtype), mean.shape)
+        return cls(mean, var, jnp.eye(mean.shape[0], dtype=mean.dtype))
+
+    @classmethod
+    def full(cls, mean, cov) -> "Gaussian":
+        mean, cov = jnp.asarray(mean), jnp.asarray(cov)
+        var, basis = jnp.linalg.eigh(0.5 * (cov + cov.T))
+        return cls(mean, var, basis)
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def cov(self) -> Array:
+        return (self.basis * self.var) @ self.basis.T
+
+    def sample(self, key: Array, n: int) -> Array:
+        """``[n, D]`` samples of the data distribution."""
+        z = jax.random.normal(key, (n, self.dim), self.mean.dtype)
+        return self.mean + (z * jnp.sqrt(self.var)) @ self.basis.T
+
+    def _coords(self, x, t, path):
+        """Eigen-coordinates of ``x - alpha mean`` and the marginal variances ``[B, D]``."""
+        tc = _t_col(t, x)
+        a, s = path.alpha(tc), path.sigma(tc)
+        r = (_flat(x) - a * self.mean) @ self.basis
+        return r, a * a * self.var + s * s, a, s
+
+    def x0(self, x: Array, t, path: Path) -> Array:
+        """Denoiser ``E[x0 | x_t] = mean + alpha C (alpha^2 C + sigma^2)^-1 (x - alpha mean)``."""
+        r, m, a, _ = self._coords(x, t, path)
+        out = self.mean + (a * self.var * r / m) @ self.basis.T
+        return out.reshape(x.shape)
+
+    def score(self, x: Array, t, path: Path) -> Array:
+        """``grad log p_t(x) = -(alpha^2 C + sigma^2)^-1 (x - alpha mean)``."""
+        r, m, _, _ = self._coords(x, t, path)
+        return (-(r / m) @ self.basis.T).reshape(x.shape)
+
+    def log_prob(self, x: Array, t, path: Path) -> Array:
+        """``log p_t(x)`` for ``x: [B, ...]``; returns ``[B]``."""
+        r, m, _, _ = self._coords(x, t, path)
+        return -0.5 * jnp.sum(r * r / m + jnp.log(2 * jnp.pi * m), axis=-1)
+
+    def flow_map(self, x: Array, s, t, path: Path) -> Array:
+        """Exact probability-flow ODE map from time ``s`` to time ``t``; ``x: [B, ...]``."""
+        r, m_s, _, _ = self._coords(x, s, path)
+        tc = _t_col(t, x)
+        a_t, sg_t = path.alpha(tc), path.sigma(tc)
+        m_t = a_t * a_t * self.var + sg_t * sg_t
+        out = a_t * self.mean + (r * jnp.sqrt(m_t / m_s)) @ self.basis.T
+        return out.reshape(x.shape)
+
+    def prior_sample(self, key: Array, n: int, path: Path, t=1.0) -> Array:
+        """``[n, D]`` exact samples of the marginal at time ``t``."""
+        z = jax.random.normal(key, (n, self.dim), self.mean.dtype)
+        a, s = path.alpha(jnp.asarray(t, z.dtype)), path.sigma(jnp.asarray(t, z.dtype))
+        return a * self.mean + (z * jnp.sqrt(a * a * self.var + s * s)) @ self.basis.T
+
+    def model(self, path: Path, kind: str = "x0") -> "OracleModel":
+        """The exact model ``fn(x, t)`` of prediction kind ``kind`` (a pytree callable)."""
+        return OracleModel(self, path, param.check_kind(kind))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GaussianMixture:
+    """Mixture of diagonal Gaussians: ``logits: [K]``, ``means, vars: [K, D]``."""
+
+    logits: Array
+    means: Array
+    vars: Array
+
+    @classmethod
+    def random(cls, key: Array, k: int = 10, dim: int = 64, scale: float = 3.0,
+               var_range: tuple[float, float] = (0.05, 0.5), dtype=jnp.float32) -> "GaussianMixture":
+        """The benchmark mixture: equal weights, ``N(0, scale^2)`` means, variances in a range."""
+        k1, k2 = jax.random.split(key)
+        means = scale * jax.random.normal(k1, (k, dim), dtype)
+        vars_ = jax.random.uniform(k2, (k, dim), dtype, *var_range)
+        return cls(jnp.zeros((k,), dtype), means, vars_)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def mean(self) -> Array:
+        w = jax.nn.softmax(self.logits)
+        return w @ self.means
+
+    def sample(self, key: Array, n: int) -> Array:
+        k1, k2 = jax.random.split(key)
+        comp = jax.random.categorical(k1, self.logits, shape=(n,))
+        z = jax.random.normal(k2, (n, self.dim), self.means.dtype)
+        return self.means[comp] + jnp.sqrt(self.vars[comp]) * z
+
+    def _resp(self, x, t, path):
+        tc = _t_col(t, x)
+        a, s = path.alpha(tc)[:, :, None], path.sigma(tc)[:, :, None]  # [B, 1, 1]
+        m = a * a * self.vars[None] + s * s  # [B, K, D]
+        r = _flat(x)[:, None, :] - a * self.means[None]  # [B, K, D]
+        logp = -0.5 * jnp.sum(r * r / m + jnp.log(2 * jnp.pi * m), axis=-1) + jax.nn.log_softmax(self.logits)
+        return logp, r, m, a
+
+    def log_prob(self, x: Array, t, path: Path) -> Array:
+        """``log p_t(x)``; returns ``[B]``."""
+        logp, *_ = self._resp(x, t, path)
+        return jax.nn.logsumexp(logp, axis=-1)
+
+    def x0(self, x: Array, t, path: Path) -> Array:
+        """``E[x0 | x_t] = sum_k w_k(x_t) (mu_k + alpha v_k (x_t - alpha mu_k) / (alpha^2 v_k + sigma^2))``."""
+        logp, r, m, a = self._resp(x, t, path)
+        w = jax.nn.softmax(logp, axis=-1)[..., None]
+        post = self.means[None] + a * self.vars[None] * r / m
+        return jnp.sum(w * post, axis=1).reshape(x.shape)
+
+    def score(self, x: Array, t, path: Path) -> Array:
+        logp, r, m, _ = self._resp(x, t, path)
+        w = jax.nn.softmax(logp, axis=-1)[..., None]
+        return jnp.sum(-w * r / m, axis=1).reshape(x.shape)
+
+    def nearest_component(self, x: Array) -> Array:
+        """Index of the most responsible component for clean data ``x: [B, D]``; ``[B]``."""
+        r = _flat(x)[:, None, :] - self.means[None]
+        logp = -0.5 * jnp.sum(r * r / self.vars[None] + jnp.log(self.vars[None]), -1) + jax.nn.log_softmax(self.logits)
+        return jnp.argmax(logp, axis=-1)
+
+    def model(self, path: Path, kind: str = "x0") -> "OracleModel":
+        return OracleModel(self, path, param.check_kind(kind))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OracleModel:
+    """``fn(x, t)``: the exact prediction of kind ``kind`` for an oracle distribution."""
+
+    oracle: Gaussian | GaussianMixture
+    path: Path
+    kind: str = dataclasses.field(metadata=dict(static=True))
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        score = self.oracle.score(x, t, self.path)
+        if self.kind == "score":
+            return score
+        # eps = -sigma * score stays finite at sigma = 0, where (x - alpha x0) / sigma is 0/0.
+        eps = -self.path.sigma(broadcast_t(t, x)) * score
+        x0 = self.oracle.x0(x, t, self.path)
+        return param.from_x0_eps(x0, eps, x, t, self.path, self.kind)

@@ -1,0 +1,164 @@
+"""Conversions between prediction kinds, given a Gaussian path.
+
+With ``x = alpha x0 + sigma eps`` (``alpha, sigma, alpha', sigma'`` at time t) the kinds are
+
+=============  ==================================================  ======================
+kind           definition                                          from (x0, eps)
+=============  ==================================================  ======================
+``"x0"``       the denoiser ``E[x0 | x_t]``                         ``x0``
+``"eps"``      the noise predictor ``E[eps | x_t]``                 ``eps``
+``"v"``        ``alpha eps - sigma x0`` (Salimans & Ho 2022)        ``alpha eps - sigma x0``
+``"score"``    ``grad log p_t(x) = -E[eps | x_t] / sigma`` (Tweedie) ``-eps / sigma``
+``"velocity"`` ``E[dx_t/dt | x_t] = alpha' x0 + sigma' eps``          ``alpha' x0 + sigma' eps``
+=============  ==================================================  ======================
+
+Because every kind is an affine function of ``(x0_hat, eps_hat)`` given ``x``, and
+``x = alpha x0_hat + sigma eps_hat`` ties the two together, any kind determines every other
+(the Tweedie and flow-Tweedie identities). The inverse maps used here are
+
+* ``eps``:      ``x0 = (x - sigma eps) / alpha``
+* ``x0``:       ``eps = (x - alpha x0) / sigma``
+* ``v``:        ``x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)``, ``eps = (sigma x + alpha v) / (alpha^2 + sigma^2)``
+* ``score``:    ``eps = -sigma score``
+* ``velocity``: ``x0 = (sigma' x - sigma u) / D``, ``eps = (alpha u - alpha' x) / D``, ``D = alpha sigma' - sigma alpha'``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from genflow.paths import Path, broadcast_t
+
+Array = jax.Array
+ModelFn = Callable[[Array, Array], Array]
+
+KINDS = ("eps", "x0", "v", "score", "velocity")
+
+__all__ = ["KINDS", "check_kind", "to_x0_eps", "from_x0_eps", "convert", "convert_fn", "eps_scale"]
+
+
+def check_kind(kind: str, argname: str = "prediction") -> str:
+    """Return ``kind`` if it is a known prediction kind, else raise a ``ValueError``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown {argname} {kind!r}; expected one of {list(KINDS)}")
+    return kind
+
+
+def _coefs(path: Path, t, x):
+    t = broadcast_t(t, x)
+    return path.alpha(t), path.sigma(t), t
+
+
+def to_x0_eps(pred: Array, x: Array, t, path: Path, kind: str) -> tuple[Array, Array]:
+    """Recover ``(x0_hat, eps_hat)`` from a prediction of the given kind.
+
+    Args:
+      pred: ``[B, ...]`` model output of kind ``kind``.
+      x: ``[B, ...]`` the noisy input ``x_t``.
+      t: ``[B]`` or scalar time.
+    Returns:
+      ``x0_hat, eps_hat``, each ``[B, ...]``.
+    """
+    check_kind(kind)
+    a, s, tb = _coefs(path, t, x)
+    if kind == "x0":
+        return pred, (x - a * pred) / s
+    if kind == "eps":
+        return (x - s * pred) / a, pred
+    if kind == "v":
+        n = a * a + s * s
+        return (a * x - s * pred) / n, (s * x + a * pred) / n
+    if kind == "score":
+        eps = -s * pred
+        return (x - s * eps) / a, eps
+    # velocity
+    da, ds = path.d_alpha(tb), path.d_sigma(tb)
+    det = a * ds - s * da
+    return (ds * x - s * pred) / det, (a * pred - da * x) / det
+
+
+def from_x0_eps(x0: Array, eps: Array, x: Array, t, path: Path, kind: str) -> Array:
+    """The prediction of kind ``kind`` implied by ``(x0, eps)`` at ``(x, t)``; ``[B, ...]``."""
+    check_kind(kind)
+    a, s, tb = _coefs(path, t, x)
+    if kind == "x0":
+        return x0
+    if kind == "eps":
+        return eps
+    if kind == "v":
+        return a * eps - s * x0
+    if kind == "score":
+        return -eps / s
+    return path.d_alpha(tb) * x0 + path.d_sigma(tb) * eps
+
+
+def convert(pred: Array, x: Array, t, path: Path, src: str, dst: str) -> Array:
+    """Convert a prediction of kind ``src`` into kind ``dst``.
+
+    Args:
+      pred: ``[B, ...]`` prediction of kind ``src`` at ``(x, t)``.
+      x: ``[B, ...]`` noisy state.
+      t: ``[B]`` or scalar.
+      path: the Gaussian path the model was trained with.
+    Returns:
+      ``[B, ...]`` prediction of kind ``dst``. Identity when ``src == dst``.
+    """
+    check_kind(src, "src")
+    check_kind(dst, "dst")
+    if src == dst:
+        return pred
+    a, s, tb = _coefs(path, t, x)
+    # Direct forms that avoid needless divisions (and their 0/0 at the ends of the path).
+    if src == "eps" and dst == "score":
+        return -pred / s
+    if src == "score" and dst == "eps":
+        return -s * pred
+    x0, eps = to_x0_eps(pred, x, t, path, src)
+    return from_x0_eps(x0, eps, x, t, path, dst)
+
+
+def convert_fn(fn: ModelFn, path: Path, src: str, dst: str) -> ModelFn:
+    """Wrap ``fn(x, t) -> prediction of kind src`` into ``fn(x, t) -> kind dst``."""
+    check_kind(src, "src")
+    check_kind(dst, "dst")
+    if src == dst:
+        return fn
+    return ConvertedFn(fn, path, src, dst)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ConvertedFn:
+    """``fn`` with its output converted from kind ``src`` to ``dst`` (a pytree: the wrapped
+    function's arrays and the path's parameters stay traced; the kinds are static)."""
+
+    fn: ModelFn
+    path: Path
+    src: str = dataclasses.field(metadata=dict(static=True))
+    dst: str = dataclasses.field(metadata=dict(static=True))
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        return convert(self.fn(x, t), x, t, self.path, self.src, self.dst)
+
+
+def eps_scale(path: Path, t, kind: str) -> Array:
+    """The factor ``c(t)`` with ``pred - target = c(t) (eps_hat - eps)`` at fixed ``x_t``.
+
+    Used to express a weighting of the eps-MSE in any prediction kind: the squared error of
+    kind ``kind`` equals ``c(t)^2`` times the eps squared error. ``t: [B]``, returns ``[B]``.
+    """
+    check_kind(kind)
+    a, s = path.alpha(t), path.sigma(t)
+    if kind == "eps":
+        return jnp.ones_like(a)
+    if kind == "x0":
+        return -s / a
+    if kind == "v":
+        return (a * a + s * s) / a
+    if kind == "score":
+        return -1.0 / s
+    return path.d_sigma(t) - path.d_alpha(t) * s / a

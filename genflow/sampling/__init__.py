@@ -1,0 +1,13 @@
+"""Samplers: ``genflow.sample`` and the solver table.
+
+A sampler is (model function, path, prediction kind) x (solver) x (time discretization), each
+axis swappable alone. ``solvers()`` lists every solver with its order, whether it is
+stochastic, and its network evaluations per step.
+"""
+
+from genflow.sampling._core import SampleInfo, as_pytree_fn, sample
+from genflow.sampling._grid import SCHEDULES, time_grid
+from genflow.sampling._model import Model
+from genflow.sampling._registry import SolverSpec, solvers
+
+__all__ = ["sample", "SampleInfo", "solvers", "SolverSpec", "time_grid", "SCHEDULES", "Model", "as_pytree_fn"]

@@ -1,0 +1,148 @@
+"""``genflow.sample``: draw from a diffusion / flow model with any solver, path and prediction kind."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from genflow import param
+from genflow.paths import Path
+from genflow.sampling import _registry
+from genflow.sampling._grid import time_grid
+from genflow.sampling._model import Model
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleInfo:
+    """What a sampler call did.
+
+    Attributes:
+      nfe: network evaluations actually made (int32 array; exact for adaptive solvers too).
+      ts: ``[steps + 1]`` the time grid (for adaptive solvers: its endpoints and save times).
+      trajectory: ``[steps + 1, B, ...]`` states on ``ts`` if ``save_trajectory`` else None.
+      stats: solver-specific counters (e.g. accepted / rejected steps).
+    """
+
+    nfe: Array
+    ts: Array
+    trajectory: Array | None = None
+    stats: dict = dataclasses.field(default_factory=dict)
+
+
+def as_pytree_fn(fn: Callable) -> Callable:
+    """Turn a ``functools.partial`` into a :class:`jax.tree_util.Partial` so that the arrays it
+    binds (parameters, labels) are traced by jit instead of hashed: calling a sampler with new
+    parameters then reuses the compiled program."""
+    if isinstance(fn, functools.partial) and not isinstance(fn, jax.tree_util.Partial):
+        return jax.tree_util.Partial(as_pytree_fn(fn.func), *fn.args, **fn.keywords)
+    return fn
+
+
+def _check_x(x1) -> None:
+    if not hasattr(x1, "shape") or not hasattr(x1, "dtype"):
+        raise TypeError(f"x1 must be an array [B, ...]; got {type(x1).__name__}")
+    if x1.ndim < 1:
+        raise ValueError(f"x1 must have a batch dimension, shape [B, ...]; got shape {x1.shape}")
+    if not jnp.issubdtype(x1.dtype, jnp.floating):
+        raise TypeError(f"x1 must be a floating-point array; got dtype {x1.dtype}")
+
+
+def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
+    """Refuse a start where the needed conversion is 0/0 (alpha(t_start) = 0, e.g. t=1 on the
+    linear path): eps/score -> x0 and the reverse-SDE drift f = alpha'/alpha are singular."""
+    try:
+        a0 = float(path.alpha(ts[0]))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return
+    if a0 == 0.0 and (spec.stochastic or prediction in ("eps", "score")):
+        why = "the reverse-SDE drift alpha'/alpha" if spec.stochastic else f"the {prediction} -> x0 conversion"
+        raise ValueError(
+            f"t_start={float(ts[0])} has alpha=0 on path {path.name!r}, where {why} is singular; "
+            f"start slightly earlier (e.g. t_start=0.999, drawing x1 from the marginal there)"
+        )
+
+
+def sample(
+    fn: Callable[[Array, Array], Array],
+    path: Path,
+    x1: Array,
+    *,
+    prediction: str,
+    solver: str = "heun",
+    steps: int = 50,
+    key: Array | None = None,
+    schedule: Any = "uniform",
+    t_start: float = 1.0,
+    t_end: float | None = None,
+    denoise: bool | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    max_steps: int = 16_384,
+    save_trajectory: bool = False,
+    **solver_options,
+) -> tuple[Array, SampleInfo]:
+    """Integrate from noise at ``t_start`` to data at ``t_end`` with one compiled program.
+
+    Args:
+      fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``. Pass a
+        :func:`functools.partial` / :class:`jax.tree_util.Partial` (e.g. from
+        :func:`genflow.nets.model_fn`) so that new parameters do not recompile.
+      path: the Gaussian path the model was trained with.
+      x1: ``[B, ...]`` starting state at ``t_start`` (for a Gaussian path
+        ``path.prior_sample(key, shape)``). The solver state is kept in at least float32; the
+        samples are returned in ``x1.dtype``.
+      prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.
+      solver: a name from :func:`genflow.sampling.solvers`.
+      steps: number of steps of fixed-step solvers (ignored by adaptive ones).
+      key: PRNG key, required by stochastic solvers.
+      schedule: time discretization (see :func:`genflow.sampling.time_grid`) or an array.
+      t_start, t_end: integration interval; ``t_end`` defaults to ``path.t_min``.
+      denoise: finish with one Tweedie step ``x0_hat(x, t_end)`` (one more NFE); defaults to
+        ``path.denoise_at_end``.
+      rtol, atol: tolerances of adaptive solvers.
+      max_steps: cap on the number of steps of adaptive solvers.
+      save_trajectory: also return the states on the grid in ``info.trajectory``.
+      **solver_options: passed to the solver function.
+    Returns:
+      ``(x0, info)``: ``x0: [B, ...]`` samples and a :class:`SampleInfo`.
+    """
+    param.check_kind(prediction)
+    spec = _registry.get(solver)
+    _check_x(x1)
+    if not isinstance(path, Path):
+        raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
+    if spec.stochastic and key is None:
+        raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
+    ts = time_grid(path, steps, schedule, t_start, t_end)
+    _check_start(path, ts, prediction, spec)
+    if denoise is None:
+        denoise = path.denoise_at_end
+    if not spec.adaptive and not isinstance(schedule, str):
+        steps = int(ts.shape[0]) - 1
+    max_steps = max(max_steps, int(ts.shape[0]))
+    model = Model(as_pytree_fn(fn), path, prediction)
+    return _sample_jit(model, ts, x1, key, spec.name, bool(denoise), float(rtol), float(atol), int(max_steps),
+                       bool(save_trajectory), solver_options)
+
+
+@eqx.filter_jit
+def _sample_jit(model, ts, x1, key, solver, denoise, rtol, atol, max_steps, save_trajectory, solver_options):
+    spec = _registry.get(solver)
+    # The solver state is kept in at least float32 (a bfloat16 model still sees its own dtype
+    # if it casts its input); samples come back in the dtype of x1.
+    x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
+    x, nfe, traj, stats = spec.run(model, ts, x, key, rtol=rtol, atol=atol, max_steps=max_steps,
+                                   save_trajectory=save_trajectory, **solver_options)
+    nfe = jnp.asarray(nfe, jnp.int32)
+    if denoise:
+        x = model.predict(x, ts[-1], "x0")
+        nfe = nfe + 1
+    return x.astype(x1.dtype), SampleInfo(nfe=nfe, ts=ts, trajectory=traj, stats=stats)

@@ -1,0 +1,62 @@
+"""Build ``loss_fn(params, batch, key)`` for a flax module, a path and an objective."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from genflow import losses
+from genflow.paths import Path
+
+Array = jax.Array
+
+
+def _split_batch(batch) -> tuple[Array, Array | None]:
+    if isinstance(batch, dict):
+        if "x" not in batch:
+            raise ValueError(f"a dict batch needs an 'x' entry (and optionally 'y'); got keys {sorted(batch)}")
+        return batch["x"], batch.get("y")
+    return batch, None
+
+
+def diffusion_objective(
+    apply_fn: Callable,
+    path: Path,
+    *,
+    prediction: str = "eps",
+    weighting: str | Callable = "uniform",
+    coupling: str | Callable = "independent",
+    label_dropout: float = 0.0,
+    null_label: int | None = None,
+    **loss_kwargs: Any,
+) -> Callable[[Any, Any, Array], tuple[Array, dict]]:
+    """``loss_fn(params, batch, key) -> (loss, aux)`` for :func:`genflow.train.make_train_step`.
+
+    Args:
+      apply_fn: ``apply_fn(params, x, t[, y=labels])``, e.g. ``module.apply``.
+      path, prediction, weighting, coupling, **loss_kwargs: see :func:`genflow.losses.diffusion_loss`.
+        ``prediction="velocity", weighting="uniform"`` is conditional flow matching.
+      label_dropout: probability of replacing a label by ``null_label`` (classifier-free guidance).
+      null_label: the "no label" index (e.g. ``num_classes`` for :class:`genflow.nets.MLP`).
+    The batch is ``x: [B, ...]`` or ``{"x": [B, ...], "y": [B]}``.
+    """
+    if label_dropout and null_label is None:
+        raise ValueError("label_dropout > 0 needs null_label (the index of the 'no label' class)")
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must lie in [0, 1]; got {label_dropout}")
+
+    def loss_fn(params, batch, key):
+        x0, y = _split_batch(batch)
+        k_drop, k_loss = jax.random.split(key)
+        if y is not None and label_dropout > 0:
+            y = losses.drop_labels(k_drop, y, label_dropout, null_label)
+
+        def fn(x, t):
+            return apply_fn(params, x, t) if y is None else apply_fn(params, x, t, y=y)
+
+        loss, aux = losses.diffusion_loss(fn, path, x0, k_loss, prediction=prediction, weighting=weighting,
+                                          coupling=coupling, **loss_kwargs)
+        return loss, {}
+
+    return loss_fn

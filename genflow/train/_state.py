@@ -1,0 +1,50 @@
+"""Train state: parameters, optimizer state, step counter, PRNG key and EMA parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a resumed run needs (a pytree: checkpointable, shardable, donatable).
+
+    Attributes:
+      step: int32 scalar, number of applied updates.
+      params: model parameters.
+      opt_state: optimizer state.
+      rng: PRNG key; every random draw of the loop (batches of on-device data, loss noise)
+        derives from it, so a run restored from a checkpoint continues bit-identically.
+      ema: ``{"0.999": params, ...}`` exponential moving averages of the parameters.
+    """
+
+    step: Array
+    params: dict
+    opt_state: optax.OptState
+    rng: Array
+    ema: dict = dataclasses.field(default_factory=dict)
+
+    def replace(self, **kw) -> "TrainState":
+        return dataclasses.replace(self, **kw)
+
+
+def ema_key(decay: float) -> str:
+    return f"{decay:g}"
+
+
+def init_state(params, optimizer: optax.GradientTransformation, key: Array,
+               ema_decays: tuple[float, ...] = ()) -> TrainState:
+    """A fresh :class:`TrainState` (EMA copies start equal to ``params``)."""
+    for d in ema_decays:
+        if not 0.0 < d < 1.0:
+            raise ValueError(f"ema_decays must lie in (0, 1); got {d}")
+    ema = {ema_key(d): jax.tree.map(jnp.array, params) for d in ema_decays}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      rng=key, ema=ema)

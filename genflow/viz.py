@@ -1,0 +1,124 @@
+"""Plots: 2-D samples and densities, trajectories, curves and image grids (matplotlib).
+
+Every function returns the matplotlib ``Figure`` and, when ``path`` is given, also saves it
+(and, outside notebooks, closes it so that scripts do not accumulate open figures).
+"""
+
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
+__all__ = ["scatter", "density", "trajectories", "curves", "image_grid", "save"]
+
+
+def save(fig, path: str | None, dpi: int = 120):
+    """Save ``fig`` to ``path`` (if given) and return it."""
+    if path is not None:
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        if "inline" not in matplotlib.get_backend():
+            plt.close(fig)
+    return fig
+
+
+def _lims(*arrays, pad=0.1):
+    pts = np.concatenate([np.asarray(a).reshape(-1, 2) for a in arrays if a is not None])
+    lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
+    span = hi - lo
+    return lo - pad * span, hi + pad * span
+
+
+def scatter(samples, reference=None, title: str | None = None, path: str | None = None, s: float = 2.0,
+            lims=None):
+    """Side-by-side scatter of ``reference`` (if given) and ``samples``, both ``[N, 2]``."""
+    panels = [("data", reference), ("samples", samples)] if reference is not None else [("samples", samples)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    lo, hi = lims if lims is not None else _lims(samples, reference)
+    for ax, (name, pts) in zip(axes[0], panels):
+        pts = np.asarray(pts)
+        ax.scatter(pts[:, 0], pts[:, 1], s=s, alpha=0.5, lw=0)
+        ax.set_xlim(lo[0], hi[0]); ax.set_ylim(lo[1], hi[1]); ax.set_aspect("equal"); ax.set_title(name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def density(log_density_fn=None, samples=None, lims=((-4, 4), (-4, 4)), n: int = 200, title: str | None = None,
+            path: str | None = None):
+    """Heat map of ``exp(log_density_fn(grid))`` (``[M, 2] -> [M]``) or a 2-D histogram of samples."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    (x0, x1), (y0, y1) = lims
+    if log_density_fn is not None:
+        xs, ys = np.linspace(x0, x1, n), np.linspace(y0, y1, n)
+        grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2).astype(np.float32)
+        z = np.exp(np.asarray(log_density_fn(grid))).reshape(n, n)
+        ax.imshow(z, origin="lower", extent=(x0, x1, y0, y1), cmap="magma", aspect="equal")
+    else:
+        pts = np.asarray(samples)
+        ax.hist2d(pts[:, 0], pts[:, 1], bins=n // 2, range=[[x0, x1], [y0, y1]], cmap="magma")
+        ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def trajectories(traj, n_paths: int = 200, title: str | None = None, path: str | None = None):
+    """Sampling trajectories ``traj: [T, N, 2]`` (noise at index 0, data at -1)."""
+    traj = np.asarray(traj)[:, :n_paths]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(traj[:, :, 0], traj[:, :, 1], color="0.3", alpha=0.25, lw=0.6)
+    ax.scatter(traj[0, :, 0], traj[0, :, 1], s=4, c="tab:blue", label="t=1 (noise)", zorder=3)
+    ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=4, c="tab:red", label="t=0 (data)", zorder=3)
+    ax.set_aspect("equal"); ax.legend(loc="upper right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def curves(series: dict, xlabel: str = "step", ylabel: str = "", logx: bool = False, logy: bool = False,
+           title: str | None = None, path: str | None = None, smooth: int = 1):
+    """Line plot of ``{label: y}`` or ``{label: (x, y)}``; ``smooth`` is a moving-average window."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, v in series.items():
+        x, y = (v if isinstance(v, tuple) else (np.arange(len(v)), v))
+        y = np.asarray(y, np.float64)
+        if smooth > 1 and len(y) > smooth:
+            y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+            x = np.asarray(x)[smooth - 1:]
+        ax.plot(x, y, label=label, marker="o" if len(y) < 20 else None)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel); ax.set_ylabel(ylabel); ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def image_grid(images, nrow: int | None = None, title: str | None = None, path: str | None = None,
+               vmin: float = -1.0, vmax: float = 1.0):
+    """Grid of images ``[N, H, W]`` or ``[N, H, W, C]`` in ``[vmin, vmax]``."""
+    imgs = np.asarray(images, np.float32)
+    if imgs.ndim == 4 and imgs.shape[-1] == 1:
+        imgs = imgs[..., 0]
+    n = imgs.shape[0]
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    fig, axes = plt.subplots(ncol, nrow, figsize=(nrow * 0.8, ncol * 0.8), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            im = np.clip((imgs[i] - vmin) / (vmax - vmin), 0, 1)
+            ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(pad=0.1)
+    return save(fig, path)

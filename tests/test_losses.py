@@ -1,0 +1,123 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import genflow as gf
+
+MU, V = jnp.array([0.5, -1.0]), jnp.array([0.3, 1.5])
+N = 200_000
+
+
+def _bayes_risk(path, kind, t_min=0.0, n=20001):
+    """Closed-form E_t[ mean_d Var(target_kind | x_t) ] for Gaussian data (trapezoid rule in t).
+
+    Var(eps | x_t) = alpha^2 v / (alpha^2 v + sigma^2); other kinds scale it by eps_scale^2."""
+    t = np.linspace(t_min, 1.0, n)[1:-1]
+    a, s = np.asarray(path.alpha(t)), np.asarray(path.sigma(t))
+    c = np.asarray(gf.param.eps_scale(path, jnp.asarray(t), kind))
+    r = (c[:, None] ** 2) * (a[:, None] ** 2 * np.asarray(V)) / (a[:, None] ** 2 * np.asarray(V) + s[:, None] ** 2)
+    return float(np.mean(r))
+
+
+@pytest.mark.parametrize("path_name,kind", [("vp_cosine", "eps"), ("vp_cosine", "x0"), ("vp_cosine", "v"),
+                                            ("linear", "velocity"), ("linear", "v")])
+def test_oracle_loss_equals_bayes_risk(path_name, kind):
+    path = gf.paths.get(path_name)
+    g = gf.oracles.Gaussian.diagonal(MU, V)
+    x0 = g.sample(jax.random.key(0), N)
+    loss, aux = jax.jit(lambda x, k: gf.losses.diffusion_loss(g.model(path, kind), path, x, k, prediction=kind))(
+        x0, jax.random.key(1))
+    se = float(jnp.std(aux["per_example"]) / np.sqrt(N))
+    expected = _bayes_risk(path, kind)
+    assert abs(float(loss) - expected) < 4 * se + 1e-3, (float(loss), expected, se)
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v", "velocity"])
+def test_weighting_is_expressed_in_eps_space(kind):
+    """weighting="eps" gives the eps-MSE whatever the prediction kind: the oracle's loss is the eps Bayes risk."""
+    path = gf.paths.vp_cosine(logsnr_min=-10.0)
+    g = gf.oracles.Gaussian.diagonal(MU, V)
+    x0 = g.sample(jax.random.key(0), N)
+    loss, aux = gf.losses.diffusion_loss(g.model(path, kind), path, x0, jax.random.key(1), prediction=kind,
+                                         weighting="eps")
+    se = float(jnp.std(aux["per_example"]) / np.sqrt(N))
+    assert abs(float(loss) - _bayes_risk(path, "eps")) < 4 * se + 1e-3
+
+
+def test_oracle_is_the_minimiser():
+    path = gf.paths.linear()
+    g = gf.oracles.Gaussian.diagonal(MU, V)
+    x0 = g.sample(jax.random.key(0), 50_000)
+    fn = g.model(path, "velocity")
+    l0, _ = gf.losses.flow_matching_loss(fn, path, x0, jax.random.key(1))
+    for delta in (0.05, -0.05):
+        l1, _ = gf.losses.flow_matching_loss(lambda x, t: fn(x, t) + delta, path, x0, jax.random.key(1))
+        # same key: same (t, noise); the excess loss is exactly delta^2 up to the cross term
+        assert float(l1) > float(l0)
+        assert abs(float(l1 - l0) - delta**2) < 0.2 * delta**2
+
+
+def test_flow_matching_target_is_x1_minus_x0():
+    path = gf.paths.linear()
+    x0 = jnp.full((100_000, 2), 2.0)
+    loss, _ = gf.losses.flow_matching_loss(lambda x, t: jnp.zeros_like(x), path, x0, jax.random.key(0))
+    # E||x1 - x0||^2 / D = 1 + 4
+    assert abs(float(loss) - 5.0) < 0.05
+
+
+def test_named_weightings():
+    path = gf.paths.vp_linear()
+    t = jnp.linspace(0.05, 0.95, 7)
+    snr = path.snr(t)
+    w = lambda name, **kw: gf.losses.get_weighting(name, "eps", **kw)(path, t)
+    np.testing.assert_allclose(w("uniform"), 1.0)
+    # x0-space weightings (Hang et al. 2023), expressed on the eps-MSE (x0-MSE = eps-MSE / SNR)
+    np.testing.assert_allclose(w("x0"), 1.0 / snr, rtol=1e-5)
+    np.testing.assert_allclose(w("snr"), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(w("min_snr", gamma=5.0), np.minimum(snr, 5.0) / snr, rtol=1e-5)
+    np.testing.assert_allclose(w("truncated_snr"), np.maximum(snr, 1.0) / snr, rtol=1e-5)
+    np.testing.assert_allclose(w("elbo"), -0.5 * path.d_log_snr(t), rtol=1e-5)
+    np.testing.assert_allclose(w("v"), 1.0 + 1.0 / snr, rtol=1e-4)  # (alpha^2+sigma^2)^2/alpha^2 on VP
+    lam = path.log_snr(t)
+    np.testing.assert_allclose(w("sigmoid", bias=1.0), -0.5 * path.d_log_snr(t) * jax.nn.sigmoid(1.0 - lam), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown weighting 'p2'"):
+        w("p2")
+
+
+def test_ot_coupling_is_exact():
+    x0 = jax.random.normal(jax.random.key(0), (7, 2))
+    x1 = jax.random.normal(jax.random.key(1), (7, 2))
+    best = min(itertools.permutations(range(7)), key=lambda p: float(jnp.sum((x0 - x1[jnp.array(p)]) ** 2)))
+    out = jax.jit(gf.losses.ot_coupling)(jax.random.key(2), x0, x1)
+    np.testing.assert_allclose(out, x1[jnp.array(best)])
+    # batched under vmap (one host call for the whole batch of problems)
+    xb0, xb1 = jnp.stack([x0, x1]), jnp.stack([x1, x0])
+    outb = jax.vmap(gf.losses.ot_coupling, in_axes=(None, 0, 0))(jax.random.key(2), xb0, xb1)
+    np.testing.assert_allclose(outb[0], out)
+
+
+def test_drop_labels_rate():
+    y = jnp.zeros((100_000,), jnp.int32)
+    d = gf.losses.drop_labels(jax.random.key(0), y, 0.2, 10)
+    assert abs(float(jnp.mean(d == 10)) - 0.2) < 0.005
+    assert set(np.unique(np.asarray(d)).tolist()) == {0, 10}
+
+
+def test_stratified_times_cover_interval():
+    t = gf.losses.sample_t(jax.random.key(0), 64, 0.1, 1.0, stratified=True)
+    counts = np.histogram(np.asarray(t), bins=8, range=(0.1, 1.0))[0]
+    assert counts.min() == counts.max() == 8
+
+
+def test_bad_inputs():
+    path = gf.paths.linear()
+    x0 = jnp.ones((4, 2))
+    with pytest.raises(ValueError, match="unknown coupling 'sinkhorn'"):
+        gf.losses.diffusion_loss(lambda x, t: x, path, x0, jax.random.key(0), coupling="sinkhorn")
+    with pytest.raises(ValueError, match="unknown prediction 'noise'"):
+        gf.losses.diffusion_loss(lambda x, t: x, path, x0, jax.random.key(0), prediction="noise")
+    with pytest.raises(ValueError, match="does not match the data shape"):
+        gf.losses.diffusion_loss(lambda x, t: x[:, :1], path, x0, jax.random.key(0))

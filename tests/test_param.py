@@ -1,0 +1,68 @@
+"""Every conversion on every path against the Gaussian oracle, whose denoiser, score and
+probability-flow velocity are computed independently of genflow.param."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import genflow as gf
+from conftest import ALL_PATHS
+
+KINDS = gf.param.KINDS
+
+
+def _truth(g, x, t, path):
+    """Independent oracle values of every kind at (x, t)."""
+    x0 = g.x0(x, t, path)
+    score = g.score(x, t, path)
+    tb = t[:, None]
+    a, s = path.alpha(tb), path.sigma(tb)
+    eps = -s * score
+    # velocity: the time derivative of the exact flow map at t (autodiff through flow_map)
+    vel = jax.jvp(lambda tt: g.flow_map(x, t, tt, path), (t,), (jnp.ones_like(t),))[1]
+    return {"x0": x0, "eps": eps, "v": a * eps - s * x0, "score": score, "velocity": vel}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PATHS))
+def test_all_pairs_against_oracle(name, gauss2):
+    path = ALL_PATHS[name]
+    with jax.enable_x64(True):
+        g = gf.oracles.Gaussian.full(jnp.asarray(gauss2.mean, jnp.float64), jnp.asarray(gauss2.cov, jnp.float64))
+        t = jnp.asarray(np.linspace(0.05, 0.95, 16), jnp.float64)
+        x = jax.vmap(lambda k, tt: g.prior_sample(k, 1, path, tt)[0])(jax.random.split(jax.random.key(2), 16), t)
+        truth = _truth(g, x, t, path)
+        # the velocity from the flow map agrees with alpha' x0 + sigma' eps (flow-Tweedie)
+        da, ds = path.d_alpha(t)[:, None], path.d_sigma(t)[:, None]
+        np.testing.assert_allclose(truth["velocity"], da * truth["x0"] + ds * truth["eps"], rtol=1e-8, atol=1e-8)
+        for src, dst in itertools.product(KINDS, KINDS):
+            out = gf.param.convert(truth[src], x, t, path, src, dst)
+            np.testing.assert_allclose(out, truth[dst], rtol=1e-7, atol=1e-7, err_msg=f"{src}->{dst} on {name}")
+            back = gf.param.convert(out, x, t, path, dst, src)
+            np.testing.assert_allclose(back, truth[src], rtol=1e-7, atol=1e-7, err_msg=f"round trip {src}->{dst}->{src}")
+
+
+def test_eps_scale(gauss2):
+    path = gf.paths.vp_cosine()
+    t = jnp.linspace(0.1, 0.9, 8)
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    e1, e2 = jax.random.normal(jax.random.key(1), (2, 8, 2))
+    for kind in KINDS:
+        p1 = gf.param.convert(e1, x, t, path, "eps", kind)
+        p2 = gf.param.convert(e2, x, t, path, "eps", kind)
+        c = gf.param.eps_scale(path, t, kind)[:, None]
+        np.testing.assert_allclose(p1 - p2, c * (e1 - e2), rtol=2e-4, atol=2e-5, err_msg=kind)
+
+
+def test_convert_fn_and_errors(gauss2):
+    path = gf.paths.linear()
+    fn = gauss2.model(path, "eps")
+    vfn = gf.param.convert_fn(fn, path, "eps", "velocity")
+    x = jnp.ones((3, 2)); t = jnp.full((3,), 0.4)
+    np.testing.assert_allclose(vfn(x, t), gauss2.model(path, "velocity")(x, t), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown src 'noise'"):
+        gf.param.convert(x, x, t, path, "noise", "eps")
+    with pytest.raises(ValueError, match="unknown prediction 'epsilon'"):
+        gf.param.check_kind("epsilon")

@@ -1,0 +1,113 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import genflow as gf
+from conftest import ALL_PATHS
+
+T = jnp.linspace(0.02, 0.98, 25)
+
+
+def _autodiff_twin(path):
+    """The same path with every closed form removed: derivatives by autodiff, log-SNR by
+    definition, its inverse by bisection."""
+    return dataclasses.replace(path, d_alpha_fn=None, d_sigma_fn=None, log_snr_fn=None, t_from_log_snr_fn=None)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PATHS))
+def test_closed_forms_match_autodiff(name):
+    p = ALL_PATHS[name]
+    q = _autodiff_twin(p)
+    with jax.enable_x64(True):
+        t = jnp.asarray(np.linspace(0.02, 0.98, 25), jnp.float64)
+        for f in ("d_alpha", "d_sigma", "log_snr", "d_log_snr", "drift_coef", "diffusion_sq"):
+            np.testing.assert_allclose(getattr(p, f)(t), getattr(q, f)(t), rtol=1e-9, atol=1e-10, err_msg=f)
+        lam = p.log_snr(t)
+        np.testing.assert_allclose(p.t_from_log_snr(lam), t, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(q.t_from_log_snr(lam), t, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PATHS))
+def test_log_snr_decreasing_and_endpoints(name):
+    p = ALL_PATHS[name]
+    lam = np.asarray(p.log_snr(T))
+    assert np.all(np.diff(lam) < 0), "log-SNR must decrease from data to noise"
+    # data end: alpha ~ 1, sigma small; noise end: SNR small
+    assert float(p.snr(jnp.float32(p.t_min + 1e-3))) > 1e2
+    assert float(p.snr(jnp.float32(1.0))) < 1e-3
+
+
+def test_specific_values():
+    lin = gf.paths.linear()
+    np.testing.assert_allclose(lin.alpha(0.3), 0.7)
+    np.testing.assert_allclose(lin.sigma(0.3), 0.3)
+    vp = gf.paths.vp_linear()
+    t = jnp.float32(0.5)
+    # score_sde's VP SDE: log mean coeff = -t^2 (b1 - b0)/4 - t b0/2
+    np.testing.assert_allclose(vp.alpha(t), np.exp(-0.25 * 0.25 * 19.9 - 0.25 * 0.1), rtol=1e-6)
+    np.testing.assert_allclose(vp.alpha(t) ** 2 + vp.sigma(t) ** 2, 1.0, rtol=1e-6)
+    cos = gf.paths.vp_cosine(logsnr_min=-15.0)
+    np.testing.assert_allclose(cos.log_snr(jnp.float32(1.0)), -15.0, rtol=1e-5)
+    np.testing.assert_allclose(cos.alpha(0.0), 1.0)
+    edm = gf.paths.edm()
+    np.testing.assert_allclose(edm.sigma(1.0), 80.0, rtol=1e-5)
+    np.testing.assert_allclose(edm.sigma(0.0), 0.002, rtol=1e-5)
+    # uniform t-steps reproduce Karras et al.'s rho schedule
+    i, n = np.arange(10), 9
+    karras = (80 ** (1 / 7) + i / n * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(edm.sigma(1.0 - i / n), karras, rtol=1e-4)
+    ve = gf.paths.ve(0.01, 50.0)
+    np.testing.assert_allclose(ve.sigma(0.5), 0.01 * (5000.0 ** 0.5), rtol=1e-5)
+
+
+def test_vmap_and_jit_and_no_recompile():
+    traces = []
+
+    @jax.jit
+    def f(path, t):
+        traces.append(1)
+        return path.alpha(t) * path.sigma(t)
+
+    t = jnp.linspace(0.1, 0.9, 5)
+    a = f(gf.paths.vp_linear(0.1, 20.0), t)
+    b = f(gf.paths.vp_linear(0.2, 10.0), t)  # new hyper-parameters: traced, no retrace
+    assert len(traces) == 1
+    assert not np.allclose(a, b)
+    v = jax.vmap(lambda s: gf.paths.vp_cosine().sigma(s))(t)
+    np.testing.assert_allclose(v, gf.paths.vp_cosine().sigma(t), rtol=1e-6)
+
+
+def test_custom_path_is_one_function():
+    def alpha(t, k):
+        return jnp.cos(0.5 * jnp.pi * t) ** k
+
+    def sigma(t, k):
+        return jnp.sin(0.5 * jnp.pi * t)
+
+    p = gf.paths.Path(alpha_fn=alpha, sigma_fn=sigma, params=dict(k=2.0), name="cos2")
+    t = jnp.float32(0.3)
+    np.testing.assert_allclose(p.d_alpha(t), -2 * np.cos(0.15 * np.pi) * np.sin(0.15 * np.pi) * 0.5 * np.pi, rtol=1e-5)
+    lam = p.log_snr(t)
+    np.testing.assert_allclose(p.t_from_log_snr(lam), t, atol=1e-5)
+
+
+def test_add_noise_and_prior():
+    p = gf.paths.linear()
+    x0 = jnp.ones((4, 3)); eps = -jnp.ones((4, 3)); t = jnp.array([0.0, 0.25, 0.5, 1.0])
+    np.testing.assert_allclose(p.add_noise(x0, eps, t)[:, 0], 1 - 2 * t)
+    z = gf.paths.ve(0.01, 50.0).prior_sample(jax.random.key(0), (20000, 1))
+    assert abs(float(z.std()) - 50.0) < 1.5
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown path 'nope'"):
+        gf.paths.get("nope")
+    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B\]"):
+        gf.paths.linear().add_noise(jnp.ones((4, 2)), jnp.ones((4, 2)), jnp.ones((3,)))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        gf.paths.check_t(jnp.array([0.5, 1.5]))
+    with pytest.raises(TypeError, match="alpha_fn and sigma_fn must be callables"):
+        gf.paths.Path(alpha_fn=1.0, sigma_fn=lambda t: t)

@@ -1,0 +1,174 @@
+"""Samplers against the Gaussian oracle (closed-form probability-flow map)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import genflow as gf
+from conftest import ALL_PATHS
+
+B = 256
+STEPS = (24, 48, 96)
+# the natural prediction kind per path (every kind is covered by the conversion tests)
+KIND = {"linear": "velocity", "vp_linear": "eps", "vp_cosine": "v", "ve": "eps", "edm": "x0"}
+
+
+def _setup(path, gauss2):
+    x1 = gauss2.prior_sample(jax.random.key(0), B, path, 1.0)
+    t_end = max(path.t_min, 0.0)
+    ref = gauss2.flow_map(x1, 1.0, t_end, path)
+    return x1, ref
+
+
+def _err(x, ref):
+    return float(jnp.sqrt(jnp.mean((x - ref) ** 2)) / jnp.sqrt(jnp.mean(ref**2)))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PATHS))
+def test_convergence_order(name, gauss2):
+    path = ALL_PATHS[name]
+    x1, ref = _setup(path, gauss2)
+    fn = gauss2.model(path, KIND[name])
+    for solver, (lo, hi) in {"euler": (0.8, 1.35), "heun": (1.7, 2.5)}.items():
+        errs = []
+        for steps in STEPS:
+            x, info = gf.sample(fn, path, x1, prediction=KIND[name], solver=solver, steps=steps, denoise=False)
+            assert int(info.nfe) == steps * gf.sampling.solvers()[solver].nfe_per_step
+            errs.append(_err(x, ref))
+        slope = -np.polyfit(np.log(STEPS), np.log(errs), 1)[0]
+        assert lo < slope < hi, f"{solver} on {name}: order {slope:.2f}, errors {errs}"
+
+
+@pytest.mark.parametrize("name", ["linear", "vp_linear", "edm"])
+def test_adaptive_solver_meets_tolerance(name, gauss2):
+    path = ALL_PATHS[name]
+    x1, ref = _setup(path, gauss2)
+    x, info = gf.sample(gauss2.model(path, "eps" if name != "linear" else "velocity"), path, x1,
+                        prediction="eps" if name != "linear" else "velocity", solver="tsit5", rtol=1e-5, atol=1e-5,
+                        denoise=False)
+    assert _err(x, ref) < 2e-4
+    assert int(info.nfe) == 1 + 6 * int(info.stats["num_steps"])
+
+
+def test_nfe_is_counted_honestly(gauss2):
+    """info.nfe equals the number of network calls actually executed (counted by a host callback)."""
+    path = gf.paths.linear()
+    calls = []
+    model = gauss2.model(path, "velocity")
+
+    def fn(x, t):
+        jax.debug.callback(lambda tt: calls.append(1), t)
+        return model(x, t)
+
+    x1 = jax.random.normal(jax.random.key(0), (8, 2))
+    for solver in gf.sampling.solvers():
+        calls.clear()
+        x, info = gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=7, key=jax.random.key(1),
+                            t_start=0.999 if gf.sampling.solvers()[solver].stochastic else 1.0)
+        jax.block_until_ready(x)
+        jax.effects_barrier()
+        assert len(calls) == int(info.nfe), solver
+
+
+@pytest.mark.parametrize("name", ["vp_linear", "ve"])
+def test_euler_maruyama_reaches_the_data_marginal(name, gauss2):
+    path = ALL_PATHS[name]
+    n = 20_000
+    x1 = gauss2.prior_sample(jax.random.key(0), n, path, 1.0)
+    x, info = gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver="euler_maruyama", steps=200,
+                        key=jax.random.key(1))
+    assert int(info.nfe) == 200 + int(path.denoise_at_end)
+    # after the final denoising step the samples are E[x0 | x_tmin]: covariance shrinks by the
+    # posterior variance at t_min, which is tiny; compare with the data moments.
+    np.testing.assert_allclose(np.asarray(x.mean(0)), np.asarray(gauss2.mean), atol=0.03)
+    np.testing.assert_allclose(np.cov(np.asarray(x).T), np.asarray(gauss2.cov), atol=0.04)
+
+
+def test_denoise_trajectory_and_batch_of_one(gauss2):
+    path = gf.paths.vp_linear()
+    fn = gauss2.model(path, "eps")
+    x1 = gauss2.prior_sample(jax.random.key(0), 4, path, 1.0)
+    x, info = gf.sample(fn, path, x1, prediction="eps", solver="heun", steps=10, save_trajectory=True, denoise=True)
+    assert info.trajectory.shape == (11, 4, 2)
+    np.testing.assert_allclose(info.trajectory[0], x1)
+    t_end = info.ts[-1]
+    np.testing.assert_allclose(x, gauss2.x0(info.trajectory[-1], jnp.full((4,), t_end), path), rtol=1e-5, atol=1e-5)
+    assert int(info.nfe) == 21
+    x_one, _ = gf.sample(fn, path, x1[:1], prediction="eps", solver="heun", steps=10)
+    np.testing.assert_allclose(x_one, x[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_model_and_state(gauss2):
+    path = gf.paths.linear()
+    model = gauss2.model(path, "velocity")
+    fn = lambda x, t: model(x.astype(jnp.float32), t).astype(jnp.bfloat16)
+    x1 = jax.random.normal(jax.random.key(0), (64, 2))
+    ref, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver="heun", steps=20)
+    xb, _ = gf.sample(fn, path, x1.astype(jnp.bfloat16), prediction="velocity", solver="heun", steps=20)
+    assert xb.dtype == jnp.bfloat16
+    assert _err(xb.astype(jnp.float32), ref) < 2e-2
+
+
+def test_new_parameters_do_not_recompile():
+    traces = []
+    model = gf.nets.MLP(hidden=(16,))
+
+    def apply(params, x, t):
+        traces.append(1)
+        return model.apply(params, x, t)
+
+    p1 = model.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
+    p2 = jax.tree.map(lambda a: a + 0.1, p1)
+    x1 = jax.random.normal(jax.random.key(1), (8, 2))
+    path = gf.paths.linear()
+    import functools
+
+    a, _ = gf.sample(functools.partial(apply, p1), path, x1, prediction="velocity", solver="euler", steps=4)
+    n = len(traces)
+    b, _ = gf.sample(functools.partial(apply, p2), path, x1, prediction="velocity", solver="euler", steps=4)
+    assert len(traces) == n, "a new functools.partial over new params must reuse the compiled sampler"
+    assert not np.allclose(a, b)
+
+
+def test_time_grids():
+    path = gf.paths.vp_linear()
+    for sched in gf.sampling.SCHEDULES:
+        ts = gf.sampling.time_grid(path, 10, sched)
+        assert ts.shape == (11,)
+        assert float(ts[0]) == 1.0 and abs(float(ts[-1]) - 1e-3) < 1e-7
+        assert np.all(np.diff(np.asarray(ts)) < 0)
+    lam = path.log_snr(gf.sampling.time_grid(path, 10, "logsnr"))
+    np.testing.assert_allclose(np.diff(np.asarray(lam)), np.diff(np.asarray(lam)).mean(), rtol=1e-3)
+
+
+def test_solver_table():
+    table = gf.sampling.solvers()
+    for name in ("euler", "heun", "midpoint", "tsit5", "dopri5", "euler_maruyama"):
+        assert name in table
+    assert table["heun"].order == 2 and table["heun"].nfe_per_step == 2 and not table["heun"].stochastic
+    assert table["euler_maruyama"].stochastic and table["tsit5"].adaptive
+
+
+def test_bad_inputs(gauss2):
+    path = gf.paths.linear()
+    fn = gauss2.model(path, "velocity")
+    x1 = jnp.zeros((4, 2))
+    with pytest.raises(ValueError, match="unknown solver 'rk4'"):
+        gf.sample(fn, path, x1, prediction="velocity", solver="rk4")
+    with pytest.raises(ValueError, match="unknown prediction 'flow'"):
+        gf.sample(fn, path, x1, prediction="flow")
+    with pytest.raises(TypeError, match="prediction"):
+        gf.sample(fn, path, x1)
+    with pytest.raises(ValueError, match="is stochastic: pass key"):
+        gf.sample(fn, path, x1, prediction="velocity", solver="euler_maruyama")
+    with pytest.raises(ValueError, match="t_end < t_start"):
+        gf.sample(fn, path, x1, prediction="velocity", t_start=1.2)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        gf.sample(fn, path, x1, prediction="velocity", steps=0)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        gf.sample(fn, path, x1, prediction="velocity", schedule=jnp.array([0.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="alpha=0"):
+        gf.sample(fn, path, x1, prediction="eps")
+    with pytest.raises(ValueError, match="batch dimension"):
+        gf.sample(fn, path, jnp.float32(1.0), prediction="velocity")

@@ -1,0 +1,26 @@
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+
+import genflow as gf
+
+
+def test_plots_are_written(tmp_path):
+    pts = np.asarray(gf.data.moons(jax.random.key(0), 500))
+    traj = np.stack([pts * s for s in np.linspace(0.2, 1.0, 6)])
+    outs = {
+        "scatter.png": lambda p: gf.viz.scatter(pts, pts + 0.1, title="x", path=p),
+        "density.png": lambda p: gf.viz.density(samples=pts, path=p),
+        "logdensity.png": lambda p: gf.viz.density(lambda g: -0.5 * (g**2).sum(-1), path=p),
+        "traj.png": lambda p: gf.viz.trajectories(traj, path=p),
+        "curves.png": lambda p: gf.viz.curves({"a": np.arange(50.0), "b": (np.arange(5), np.ones(5))}, logy=True, path=p),
+        "grid.png": lambda p: gf.viz.image_grid(gf.data.load_digits("test")[0][:16], path=p),
+    }
+    for name, make in outs.items():
+        p = os.path.join(tmp_path, name)
+        fig = make(p)
+        assert fig is not None
+        w, h = Image.open(p).size
+        assert w > 100 and h > 100, name
