@@ -13,11 +13,15 @@ from genflow.sampling import sample
 
 __version__ = "0.1.0"
 
-_LAZY = ("train", "data", "metrics", "viz")
+_LAZY = ("train", "data", "metrics", "viz", "likelihood", "flows", "optim", "guidance", "inverse")
 
 
 def __getattr__(name):
     # Heavier modules (orbax, tfds, matplotlib) are imported on first use.
+    if name == "log_prob":
+        from genflow.likelihood import log_prob
+
+        return log_prob
     if name in _LAZY:
         import importlib
 

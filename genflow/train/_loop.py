@@ -33,7 +33,7 @@ class NonFiniteLossError(FloatingPointError):
         self.history = history
 
 
-def _chunk_fn(step_fn, batch_fn):
+def _chunk_fn(step_fn, batch_fn, unroll: int = 1):
     """``run(state, xs, length)``: ``length`` steps in one ``lax.scan``; batches come from
     ``xs`` (stacked host batches) or, when ``xs`` is None, from ``batch_fn`` on device."""
 
@@ -47,7 +47,7 @@ def _chunk_fn(step_fn, batch_fn):
             metrics = dict(metrics, finite=ok)
             return (new, ~ok), metrics
 
-        (state, _), metrics = jax.lax.scan(body, (state, jnp.array(False)), xs, length=length)
+        (state, _), metrics = jax.lax.scan(body, (state, jnp.array(False)), xs, length=length, unroll=unroll)
         return state, metrics
 
     return run
@@ -63,6 +63,7 @@ def fit(
     progress: bool = True,
     callback: Callable[[TrainState, dict], None] | None = None,
     desc: str = "train",
+    unroll: int = 1,
 ) -> tuple[TrainState, dict]:
     """Run ``num_steps`` updates, ``chunk_size`` per compiled ``lax.scan`` call.
 
@@ -76,6 +77,8 @@ def fit(
       chunk_size: updates per jitted call; metrics are fetched to the host once per chunk.
       progress: show a tqdm progress bar.
       callback: ``callback(state, chunk_metrics)`` after every chunk (checkpoints, logging).
+      unroll: steps unrolled per scan iteration (``lax.scan(unroll=...)``); small models on CPU
+        run faster with 2-8, at the cost of compile time.
     Returns:
       ``(state, history)`` with ``history[name]``: ``[num_steps]`` numpy arrays of the step
       metrics, plus ``history["wall_time"]`` (seconds spent running the compiled chunks,
@@ -89,7 +92,7 @@ def fit(
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     on_device = callable(data)
     iterator = None if on_device else iter(data)
-    run = jax.jit(_chunk_fn(step_fn, data if on_device else None), static_argnums=2, donate_argnums=0)
+    run = jax.jit(_chunk_fn(step_fn, data if on_device else None, unroll), static_argnums=2, donate_argnums=0)
     compiled: dict[int, Callable] = {}
 
     bar = None
