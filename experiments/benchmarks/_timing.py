@@ -1,0 +1,52 @@
+"""Timing helpers shared by the benchmarks.
+
+These machines are shared and noisy, so contenders are timed round-robin (interleaved), after
+warm-up, several times; we report the median with min and max, and compare ratios measured in
+the same run. Compilation is measured separately by the caller.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1,
+                block: Callable[[object], object] | None = None) -> dict[str, dict[str, float]]:
+    """Time each zero-argument callable ``repeats`` times, round-robin.
+
+    ``block(result)`` waits for asynchronous work (e.g. ``jax.block_until_ready``); by default
+    the result's ``block_until_ready`` is called when it has one.
+    Returns ``{name: {"median": s, "min": s, "max": s, "runs": [...]}}`` in seconds.
+    """
+
+    def wait(r):
+        if block is not None:
+            block(r)
+        elif hasattr(r, "block_until_ready"):
+            r.block_until_ready()
+
+    for _ in range(warmup):
+        for f in contenders.values():
+            wait(f())
+    runs: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(repeats):
+        for name, f in contenders.items():
+            t0 = time.perf_counter()
+            wait(f())
+            runs[name].append(time.perf_counter() - t0)
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for k, v in runs.items()}
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table; floats are printed with 4 significant digits."""
+
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.4g}"
+        return str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
