@@ -1,0 +1,194 @@
+"""Normalizing flows ``x -> z = g(x)`` with a standard normal base, and their training objectives.
+
+``log p(x) = log N(g(x); 0, I) + log|det dg/dx|`` (change of variables; Dinh et al. 2017,
+Kingma & Dhariwal 2018). Training by maximum likelihood needs every layer's log-determinant.
+
+**EBFlow** (Chao et al. 2023, "Training Energy-Based Normalizing Flow with Score-Matching
+Objectives") writes the same density as an energy-based model::
+
+    log p(x) = -E(x) - log Z,   E(x) = -log N(g(x)) - sum_{nonlinear l} log|det J_l(x)|,
+    log Z = -sum_{linear l} log|det W_l|
+
+where the linear layers' Jacobians do not depend on ``x``. Score-matching objectives only need
+``grad_x log p = -grad_x E``, so training never computes the linear layers' log-determinants
+(for dense ``D x D`` layers, an O(D^3) ``slogdet`` and its gradient ``W^-T``); ``log Z`` is
+computed only to evaluate the likelihood. Objectives: sliced score matching (Song et al. 2019,
+variance-reduced form) and denoising score matching (Vincent 2011).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from genflow.flows._layers import (ActNorm, AdditiveCoupling, AffineCoupling, Chain, FactorOut, Invertible1x1Conv,
+                                   Layer, Squeeze, Unsqueeze)
+from genflow.likelihood._ode import gaussian_log_prob
+
+Array = jax.Array
+
+__all__ = ["Flow", "OBJECTIVES", "nll_loss", "ssm_loss", "dsm_loss", "flow_objective", "glow", "realnvp"]
+
+OBJECTIVES = ("ml", "ssm", "dsm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    """A flow ``bijector`` (data -> latent) over events of shape ``event_shape``, base ``N(0, I)``."""
+
+    bijector: Layer
+    event_shape: tuple
+
+    def init(self, key: Array, x: Array):
+        """Parameters, with data-dependent initialisation on the example batch ``x: [B, *event_shape]``."""
+        self._check(x)
+        return self.bijector.init(key, x)
+
+    def _check(self, x):
+        if tuple(x.shape[1:]) != tuple(self.event_shape):
+            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.event_shape))}]; got {x.shape}")
+
+    def log_prob(self, params, x: Array) -> Array:
+        """``log p(x) = log N(g(x)) + log|det dg/dx|``; ``x: [B, ...]`` -> ``[B]`` (nats)."""
+        self._check(x)
+        z, ld = self.bijector.forward(params, x)
+        return gaussian_log_prob(z, 1.0) + ld
+
+    def sample(self, params, key: Array, n: int, dtype=jnp.float32) -> Array:
+        """``[n, *event_shape]`` samples ``g^-1(z)``, ``z ~ N(0, I)``."""
+        z = jax.random.normal(key, (n,) + tuple(self.event_shape), dtype)
+        return self.bijector.inverse(params, z)[0]
+
+    def energy(self, params, x: Array) -> Array:
+        """EBFlow's energy ``E(x) = -log N(g(x)) - sum_nonlinear log|det J_l(x)|``; ``[B]``.
+
+        Linear layers are applied but their log-determinants are not used, so under ``jit``
+        they are never computed."""
+        self._check(x)
+        z, ld_nonlinear, _ = self.bijector.forward_split(params, x)
+        return -(gaussian_log_prob(z, 1.0) + ld_nonlinear)
+
+    def log_normalizer(self, params) -> Array:
+        """``log Z = -sum_linear log|det W_l|`` (independent of x), so that ``log p = -E - log Z``."""
+        x = jnp.zeros((1,) + tuple(self.event_shape), jnp.float32)
+        _, _, ld_linear = self.bijector.forward_split(params, x)
+        return -ld_linear[0]
+
+    def score(self, params, x: Array) -> Array:
+        """``grad_x log p(x) = -grad_x E(x)``; ``[B, ...]`` (samples are independent)."""
+        return -jax.grad(lambda y: jnp.sum(self.energy(params, y)))(x)
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.event_shape)
+
+
+def nll_loss(flow: Flow, params, x: Array) -> Array:
+    """Maximum likelihood: ``-mean log p(x) / D`` (nats per dimension)."""
+    return -jnp.mean(flow.log_prob(params, x)) / flow.dim
+
+
+def ssm_loss(flow: Flow, params, x: Array, key: Array, num_slices: int = 1, probe: str = "rademacher") -> Array:
+    """Sliced score matching (Song et al. 2019, SSM-VR) on the flow's score, per dimension.
+
+    ``E_v[ v^T (d s / dx) v + ||s||^2 / 2 ]`` with ``s = -grad_x E``; one Hessian-vector product
+    (forward over reverse mode) per slice. Needs no log-determinant of the linear layers.
+    """
+    from genflow.likelihood._trace import sample_probes
+
+    v = sample_probes(key, (num_slices,) + x.shape, x.dtype, probe)
+    score_fn = lambda y: flow.score(params, y)  # noqa: E731
+    s, s_lin = jax.linearize(score_fn, x)
+    jv = jax.vmap(s_lin)(v)
+    axes = tuple(range(2, v.ndim))
+    trace = jnp.mean(jnp.sum(v * jv, axis=axes), axis=0)
+    norm = 0.5 * jnp.sum(jnp.square(s).reshape(x.shape[0], -1), axis=-1)
+    return jnp.mean(trace + norm) / flow.dim
+
+
+def dsm_loss(flow: Flow, params, x: Array, key: Array, sigma: float = 0.05) -> Array:
+    """Denoising score matching (Vincent 2011): ``E || sigma s(x + sigma n) + n ||^2 / 2`` per dimension.
+
+    Fits the score of the data convolved with ``N(0, sigma^2)``; no log-determinant of the
+    linear layers is needed.
+    """
+    n = jax.random.normal(key, x.shape, x.dtype)
+    s = flow.score(params, x + sigma * n)
+    return 0.5 * jnp.mean(jnp.sum(jnp.square(sigma * s + n).reshape(x.shape[0], -1), axis=-1)) / flow.dim
+
+
+def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_slices: int = 1,
+                   dequantize: float | None = None) -> Callable:
+    """``loss_fn(params, batch, key)`` for :func:`genflow.train.make_train_step`.
+
+    Args:
+      method: ``"ml"`` (maximum likelihood), ``"ssm"`` or ``"dsm"`` (EBFlow score matching).
+      sigma: noise of ``"dsm"``.
+      num_slices: projections of ``"ssm"``.
+      dequantize: if set, the batch is uniformly dequantized with this bin width every step.
+    """
+    if method not in OBJECTIVES:
+        raise ValueError(f"unknown flow objective {method!r}; expected one of {list(OBJECTIVES)}")
+
+    def loss_fn(params, batch, key):
+        x = batch["x"] if isinstance(batch, dict) else batch
+        k_deq, k_loss = jax.random.split(key)
+        if dequantize is not None:
+            x = x + (jax.random.uniform(k_deq, x.shape, x.dtype) - 0.5) * dequantize
+        if method == "ml":
+            return nll_loss(flow, params, x), {}
+        if method == "ssm":
+            return ssm_loss(flow, params, x, k_loss, num_slices), {}
+        return dsm_loss(flow, params, x, k_loss, sigma), {}
+
+    return loss_fn
+
+
+def _step(parity: int, hidden: int, depth: int, lu: bool, coupling: str, mask: str) -> list[Layer]:
+    cls = AffineCoupling if coupling == "affine" else AdditiveCoupling
+    return [ActNorm(), Invertible1x1Conv(lu=lu), cls(mask=mask, parity=parity, hidden=hidden, depth=depth)]
+
+
+def _check_coupling(coupling: str):
+    if coupling not in ("affine", "additive"):
+        raise ValueError(f"coupling must be 'affine' or 'additive'; got {coupling!r}")
+
+
+def realnvp(dim: int, *, num_steps: int = 8, hidden: int = 64, depth: int = 2, lu: bool = True,
+            coupling: str = "affine") -> Flow:
+    """A flow on vectors ``[B, dim]``: ``num_steps`` Glow steps (ActNorm, invertible linear,
+    coupling on alternating halves). ``lu=False`` gives dense linear layers (EBFlow's setting)."""
+    _check_coupling(coupling)
+    if dim < 2:
+        raise ValueError(f"dim must be >= 2 for a coupling flow; got {dim}")
+    layers = [layer for i in range(num_steps) for layer in _step(i, hidden, depth, lu, coupling, "half")]
+    return Flow(Chain(tuple(layers)), (dim,))
+
+
+def glow(event_shape: tuple[int, int, int], *, levels: int = 2, steps_per_level: int = 4, hidden: int = 64,
+         depth: int = 2, lu: bool = True, coupling: str = "affine") -> Flow:
+    """Multi-scale Glow (Kingma & Dhariwal 2018) on images ``[B, H, W, C]``.
+
+    Each level: squeeze, ``steps_per_level`` x (ActNorm, 1x1 conv, coupling on channel halves),
+    then half of the channels are factored out (:class:`FactorOut`) and the rest continue to the
+    next level. ``H`` and ``W`` must be divisible by ``2**levels``.
+    """
+    _check_coupling(coupling)
+    h, w, c = event_shape
+    if h % (2 ** levels) or w % (2 ** levels):
+        raise ValueError(f"event_shape {event_shape}: H and W must be divisible by 2**levels = {2 ** levels}")
+
+    def level(k: int) -> list[Layer]:
+        body: list[Layer] = [Squeeze()]
+        for i in range(steps_per_level):
+            body += _step(i, hidden, depth, lu, coupling, "half")
+        if k + 1 < levels:
+            body.append(FactorOut(Chain(tuple(level(k + 1) + [Unsqueeze()]))))
+        return body
+
+    outer = level(0)
+    return Flow(Chain(tuple(outer + [Unsqueeze()])), tuple(event_shape))

@@ -1,0 +1,352 @@
+"""Invertible layers as pure functions: ``forward``, ``inverse`` and their log-determinants.
+
+A layer is a small frozen dataclass (its hyper-parameters are static; it is hashable) with
+
+* ``init(key, x) -> params`` (``x: [B, ...]`` an example batch: ActNorm's init is data-dependent),
+* ``forward(params, x) -> (y, logdet)`` with ``logdet = log |det dy/dx|`` per example, ``[B]``,
+* ``inverse(params, y) -> (x, logdet)`` with ``logdet = log |det dx/dy|`` (``= -`` the forward one),
+* ``forward_split(params, x) -> (y, logdet_nonlinear, logdet_linear)``: the log-determinant split
+  into the part that depends on ``x`` and the part of "linear" layers, whose Jacobian does not
+  depend on ``x`` (ActNorm, 1x1 convolutions, squeezes). EBFlow (Chao et al. 2023) trains with
+  score matching, which never needs the linear part (see :mod:`genflow.flows._flow`).
+
+Vector data is ``[B, D]``; images are ``[B, H, W, C]`` (channels last). Layers act on the last
+axis (channels); "spatial" size is the product of the axes between batch and channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from genflow.nets import ACTIVATIONS
+
+Array = jax.Array
+
+__all__ = ["Layer", "ActNorm", "Invertible1x1Conv", "AffineCoupling", "AdditiveCoupling", "Squeeze", "Unsqueeze",
+           "FactorOut", "Chain", "coupling_mask"]
+
+
+def _spatial(x: Array) -> int:
+    return math.prod(x.shape[1:-1])
+
+
+def _zeros(x: Array) -> Array:
+    return jnp.zeros((x.shape[0],), x.dtype)
+
+
+class Layer:
+    """Base class: subclasses define ``forward`` and ``inverse`` (and ``init`` if they have params)."""
+
+    linear: ClassVar[bool] = False
+
+    def init(self, key: Array, x: Array):
+        del key, x
+        return {}
+
+    def forward(self, params, x: Array) -> tuple[Array, Array]:
+        raise NotImplementedError
+
+    def inverse(self, params, y: Array) -> tuple[Array, Array]:
+        raise NotImplementedError
+
+    def forward_split(self, params, x: Array) -> tuple[Array, Array, Array]:
+        y, ld = self.forward(params, x)
+        zero = jnp.zeros_like(ld)
+        return (y, zero, ld) if self.linear else (y, ld, zero)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActNorm(Layer):
+    """Per-channel affine map ``y = (x + b) * exp(s)`` (Kingma & Dhariwal 2018, Glow).
+
+    Data-dependent init: ``b = -mean``, ``s = -log std`` over the example batch, so the output
+    starts with zero mean and unit variance per channel. ``log|det| = spatial * sum(s)``.
+    """
+
+    linear: ClassVar[bool] = True
+    eps: float = 1e-6
+
+    def init(self, key, x):
+        axes = tuple(range(x.ndim - 1))
+        mean, std = jnp.mean(x, axes), jnp.std(x, axes)
+        return {"bias": -mean, "log_scale": -jnp.log(std + self.eps)}
+
+    def forward(self, params, x):
+        y = (x + params["bias"]) * jnp.exp(params["log_scale"])
+        return y, jnp.full((x.shape[0],), _spatial(x) * jnp.sum(params["log_scale"]), x.dtype)
+
+    def inverse(self, params, y):
+        x = y * jnp.exp(-params["log_scale"]) - params["bias"]
+        return x, jnp.full((y.shape[0],), -_spatial(y) * jnp.sum(params["log_scale"]), y.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Invertible1x1Conv(Layer):
+    """Invertible channel mixing ``y = W x`` at every position (Glow's 1x1 convolution; on
+    ``[B, D]`` vectors a dense invertible linear layer).
+
+    ``lu=True`` uses Glow's LU parametrization ``W = P L (U + diag(sign * exp(log_s)))`` with a
+    fixed permutation ``P`` and signs (kept in ``params`` but not trained: gradients are
+    stopped), so ``log|det W| = sum(log_s)`` costs O(C). ``lu=False`` keeps a free matrix and
+    pays ``slogdet`` (O(C^3)) for the log-determinant: the "linear layer" of EBFlow.
+    ``log|det| = spatial * log|det W|``. Initialised at a random rotation.
+    """
+
+    linear: ClassVar[bool] = True
+    lu: bool = True
+
+    def init(self, key, x):
+        c = x.shape[-1]
+        w, _ = jnp.linalg.qr(jax.random.normal(key, (c, c), x.dtype))
+        if not self.lu:
+            return {"w": w}
+        p, lower, upper = jax.scipy.linalg.lu(w)
+        s = jnp.diag(upper)
+        return {"perm": p, "lower": jnp.tril(lower, -1), "upper": jnp.triu(upper, 1),
+                "log_s": jnp.log(jnp.abs(s)), "sign": jnp.sign(s)}
+
+    def weight(self, params) -> tuple[Array, Array]:
+        """``(W [C, C], log|det W|)``."""
+        if not self.lu:
+            return params["w"], jnp.linalg.slogdet(params["w"])[1]
+        c = params["log_s"].shape[0]
+        eye = jnp.eye(c, dtype=params["log_s"].dtype)
+        lower = jnp.tril(params["lower"], -1) + eye
+        upper = jnp.triu(params["upper"], 1) + jnp.diag(jax.lax.stop_gradient(params["sign"]) * jnp.exp(params["log_s"]))
+        return jax.lax.stop_gradient(params["perm"]) @ lower @ upper, jnp.sum(params["log_s"])
+
+    def forward(self, params, x):
+        w, logdet = self.weight(params)
+        return x @ w.T, jnp.full((x.shape[0],), _spatial(x) * logdet, x.dtype)
+
+    def inverse(self, params, y):
+        w, logdet = self.weight(params)
+        return y @ jnp.linalg.inv(w).T, jnp.full((y.shape[0],), -_spatial(y) * logdet, y.dtype)
+
+
+def coupling_mask(shape: tuple[int, ...], kind: str = "half", parity: int = 0, dtype=jnp.float32) -> Array:
+    """The binary mask of the conditioning half, broadcastable to ``[B, *shape]``.
+
+    ``"half"``: the first ``C // 2`` channels (last axis); ``"checkerboard"``: alternating
+    positions (spatial for images ``(H, W, C)``, features for vectors ``(D,)``). ``parity = 1``
+    swaps the halves.
+    """
+    if kind == "half":
+        c = shape[-1]
+        m = jnp.arange(c) < c // 2
+        m = m.reshape((1,) * (len(shape) - 1) + (c,))
+    elif kind == "checkerboard":
+        if len(shape) == 1:
+            m = jnp.arange(shape[0]) % 2 == 0
+        else:
+            h, w = shape[0], shape[1]
+            m = ((jnp.arange(h)[:, None] + jnp.arange(w)[None, :]) % 2 == 0)[..., None]
+    else:
+        raise ValueError(f"unknown coupling mask {kind!r}; expected 'half' or 'checkerboard'")
+    m = m if parity % 2 == 0 else ~m
+    return m.astype(dtype)
+
+
+class CouplingNet(nn.Module):
+    """Conditioner of a coupling layer: ``x_masked -> (shift, raw_scale)``, each shaped like ``x``.
+
+    An MLP for ``[B, D]`` and a 3x3 / 1x1 / 3x3 CNN for ``[B, H, W, C]``; the last layer is
+    zero-initialised so that every coupling starts as the identity (Glow).
+    """
+
+    hidden: int = 64
+    depth: int = 2
+    activation: str = "silu"
+
+    @nn.compact
+    def __call__(self, x):
+        act = ACTIVATIONS[self.activation]
+        c = x.shape[-1]
+        h = x
+        if x.ndim == 2:
+            for _ in range(self.depth):
+                h = act(nn.Dense(self.hidden)(h))
+            out = nn.Dense(2 * c, kernel_init=nn.initializers.zeros)(h)
+        else:
+            h = act(nn.Conv(self.hidden, (3, 3))(h))
+            for _ in range(self.depth - 1):
+                h = act(nn.Conv(self.hidden, (1, 1))(h))
+            out = nn.Conv(2 * c, (3, 3), kernel_init=nn.initializers.zeros)(h)
+        return out[..., :c], out[..., c:]
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineCoupling(Layer):
+    """Affine coupling (Dinh et al. 2017, RealNVP; Glow's scale ``sigmoid(h + 2)``).
+
+    With mask ``m`` (the conditioning half)::
+
+        y = m x + (1 - m) (x * s + t),   (t, h) = NN(m x),  s = sigmoid(h + 2)
+        log|det| = sum (1 - m) log s
+
+    ``mask``/``parity``: see :func:`coupling_mask`; ``hidden``/``depth``: the conditioner.
+    """
+
+    mask: str = "half"
+    parity: int = 0
+    hidden: int = 64
+    depth: int = 2
+    activation: str = "silu"
+    affine: ClassVar[bool] = True
+
+    @property
+    def net(self) -> CouplingNet:
+        return CouplingNet(self.hidden, self.depth, self.activation)
+
+    def _mask(self, x):
+        return coupling_mask(x.shape[1:], self.mask, self.parity, x.dtype)
+
+    def init(self, key, x):
+        return self.net.init(key, x * self._mask(x))
+
+    def _scale_shift(self, params, xm):
+        shift, raw = self.net.apply(params, xm)
+        if not self.affine:
+            return None, shift
+        return jax.nn.sigmoid(raw + 2.0), shift
+
+    def forward(self, params, x):
+        m = self._mask(x)
+        s, t = self._scale_shift(params, x * m)
+        if s is None:
+            return x + (1 - m) * t, _zeros(x)
+        y = x * m + (1 - m) * (x * s + t)
+        return y, jnp.sum(((1 - m) * jnp.log(s)).reshape(x.shape[0], -1), axis=-1)
+
+    def inverse(self, params, y):
+        m = self._mask(y)
+        s, t = self._scale_shift(params, y * m)
+        if s is None:
+            return y - (1 - m) * t, _zeros(y)
+        x = y * m + (1 - m) * (y - t) / s
+        return x, -jnp.sum(((1 - m) * jnp.log(s)).reshape(y.shape[0], -1), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdditiveCoupling(AffineCoupling):
+    """Additive (volume-preserving) coupling of NICE (Dinh et al. 2015): ``y = x + (1 - m) t(m x)``,
+    ``log|det| = 0``."""
+
+    affine: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Squeeze(Layer):
+    """Space-to-depth ``[B, H, W, C] -> [B, H/2, W/2, 4C]`` (RealNVP); a permutation, ``log|det| = 0``."""
+
+    linear: ClassVar[bool] = True
+
+    def forward(self, params, x):
+        b, h, w, c = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"Squeeze needs even height and width; got x.shape={x.shape}")
+        y = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4 * c)
+        return y, _zeros(x)
+
+    def inverse(self, params, y):
+        b, h, w, c = y.shape
+        x = y.reshape(b, h, w, 2, 2, c // 4).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c // 4)
+        return x, _zeros(y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unsqueeze(Layer):
+    """Depth-to-space, the inverse of :class:`Squeeze`."""
+
+    linear: ClassVar[bool] = True
+
+    def forward(self, params, x):
+        return Squeeze().inverse(params, x)
+
+    def inverse(self, params, y):
+        return Squeeze().forward(params, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain(Layer):
+    """Composition ``layers[-1] o ... o layers[0]``; ``params`` is a tuple, one entry per layer."""
+
+    layers: tuple
+
+    @property
+    def linear(self) -> bool:  # type: ignore[override]
+        return all(layer.linear for layer in self.layers)
+
+    def init(self, key, x):
+        params = []
+        for layer, k in zip(self.layers, jax.random.split(key, len(self.layers))):
+            p = layer.init(k, x)
+            x, _ = layer.forward(p, x)
+            params.append(p)
+        return tuple(params)
+
+    def forward(self, params, x):
+        ld = _zeros(x)
+        for layer, p in zip(self.layers, params):
+            x, l = layer.forward(p, x)
+            ld = ld + l
+        return x, ld
+
+    def inverse(self, params, y):
+        ld = _zeros(y)
+        for layer, p in zip(reversed(self.layers), reversed(params)):
+            y, l = layer.inverse(p, y)
+            ld = ld + l
+        return y, ld
+
+    def forward_split(self, params, x):
+        nl, li = _zeros(x), _zeros(x)
+        for layer, p in zip(self.layers, params):
+            x, a, b = layer.forward_split(p, x)
+            nl, li = nl + a, li + b
+        return x, nl, li
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorOut(Layer):
+    """Multi-scale split (RealNVP, Glow): the last ``C - C//2`` channels leave the flow (they go
+    to the base ``N(0, I)`` unchanged) and the first ``C//2`` continue through ``inner``, which
+    must preserve their shape (e.g. ``Chain([Squeeze(), ..., Unsqueeze()])``).
+
+    ``y = concat(inner(x[..., :C//2]), x[..., C//2:])``. (Glow also learns a conditional prior for
+    the factored-out half; here it is the standard normal.)
+    """
+
+    inner: Layer
+
+    @property
+    def linear(self) -> bool:  # type: ignore[override]
+        return self.inner.linear
+
+    def _split(self, x):
+        k = x.shape[-1] // 2
+        return x[..., :k], x[..., k:]
+
+    def init(self, key, x):
+        return self.inner.init(key, self._split(x)[0])
+
+    def forward(self, params, x):
+        a, b = self._split(x)
+        a, ld = self.inner.forward(params, a)
+        return jnp.concatenate([a, b], -1), ld
+
+    def inverse(self, params, y):
+        a, b = self._split(y)
+        a, ld = self.inner.inverse(params, a)
+        return jnp.concatenate([a, b], -1), ld
+
+    def forward_split(self, params, x):
+        a, b = self._split(x)
+        a, nl, li = self.inner.forward_split(params, a)
+        return jnp.concatenate([a, b], -1), nl, li

@@ -1,0 +1,218 @@
+"""The continuous-time variational bound (VDM ELBO) and likelihood training.
+
+With ``z_t = alpha(t) x + sigma(t) eps`` and log-SNR ``lambda(t)`` (decreasing), a model with
+noise prediction ``eps_hat`` defines a continuous-time hierarchical VAE whose ELBO is
+(Kingma et al. 2021, "Variational Diffusion Models", eq. 17, in this repo's convention)::
+
+    -ELBO(x) = -E_{q(z_t0|x)} log p(x | z_t0)                          (reconstruction)
+               + KL(q(z_1 | x) || N(0, s^2 I))                         (prior)
+               + 1/2 int_t0^1 (-lambda'(t)) E_eps || eps - eps_hat(z_t, t) ||^2 dt   (diffusion)
+
+Any prediction kind is converted to ``eps_hat`` (:func:`genflow.param.convert`); Kingma & Gao
+2023 ("Understanding Diffusion Objectives as the ELBO with Simple Data Augmentation") show that
+the usual weighted losses are this diffusion term under a weighting ``w(lambda)``.
+
+The decoder ``p(x | z_t0)`` is VDM's: for discrete data on ``levels``, a categorical with
+logits ``-(z/alpha - x_k)^2 / (2 sigma^2/alpha^2)`` (exact when the data dimensions are
+independent given ``z``); for continuous data, ``N(x; z/alpha, sigma^2/alpha^2 I)``.
+
+**Time sampling.** The diffusion integral is estimated by Monte Carlo. ``"uniform"`` draws
+``t ~ U[t0, t1]`` with weight ``(t1 - t0) (-lambda'(t)) / 2``; ``"importance"`` draws ``t``
+with density proportional to ``-lambda'(t)`` (uniform in log-SNR: ``t = t(lambda)``,
+``lambda ~ U[lambda(t1), lambda(t0)]``), which makes the weight the constant
+``(lambda(t0) - lambda(t1)) / 2``: the importance sampling for likelihood weighting of Song et
+al. 2021 ("Maximum Likelihood Training of Score-Based Diffusion Models", Sec. 5) and Zheng et
+al. 2023 (Sec. 4.2), which removes the variance that the weight's divergence at t -> 0 causes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from genflow import param
+from genflow.likelihood._ode import is_zero
+from genflow.paths import Path
+
+Array = jax.Array
+
+__all__ = ["TIME_SAMPLINGS", "sample_time", "diffusion_term", "reconstruction_term", "prior_term", "vdm_elbo",
+           "likelihood_loss", "likelihood_objective"]
+
+TIME_SAMPLINGS = ("importance", "uniform")
+
+
+def _flat_sum(a: Array) -> Array:
+    return jnp.sum(a.reshape(a.shape[0], -1), axis=-1)
+
+
+def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0, sampling: str = "importance",
+                stratified: bool = False, dtype=jnp.float32) -> tuple[Array, Array]:
+    """Times for the diffusion term and their weights ``(-lambda'(t)) / (2 p(t))``.
+
+    Args:
+      key: PRNG key.
+      n: number of times.
+      path: the Gaussian path.
+      t_min, t_max: the interval.
+      sampling: ``"importance"`` (density proportional to ``-lambda'``, i.e. uniform in
+        log-SNR; constant weight) or ``"uniform"``.
+      stratified: one draw per ``1/n`` of the unit interval (low-discrepancy, as in VDM).
+    Returns:
+      ``t: [n]`` and ``weight: [n]`` with ``E[weight * g(t)] = 1/2 int (-lambda') g dt``.
+    """
+    if sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"unknown time sampling {sampling!r}; expected one of {list(TIME_SAMPLINGS)}")
+    if stratified:
+        u = jnp.mod((jnp.arange(n, dtype=dtype) + jax.random.uniform(key, (), dtype)) / n, 1.0)
+    else:
+        u = jax.random.uniform(key, (n,), dtype)
+    t_min, t_max = jnp.asarray(t_min, dtype), jnp.asarray(t_max, dtype)
+    if sampling == "uniform":
+        t = t_min + (t_max - t_min) * u
+        return t, 0.5 * (t_max - t_min) * (-path.d_log_snr(t))
+    lam_hi, lam_lo = path.log_snr(t_min), path.log_snr(t_max)
+    t = path.t_from_log_snr(lam_lo + (lam_hi - lam_lo) * u)
+    t = jnp.clip(t, t_min, t_max)
+    return t, jnp.full((n,), 0.5, dtype) * (lam_hi - lam_lo)
+
+
+def _eps_hat(fn, path: Path, z: Array, t: Array, prediction: str) -> Array:
+    return param.convert(fn(z, t), z, t, path, prediction, "eps")
+
+
+def diffusion_term(fn: Callable, path: Path, x: Array, key: Array, *, prediction: str, t_min: float,
+                   t_max: float = 1.0, time_sampling: str = "importance", stratified: bool = False) -> Array:
+    """One-sample estimate of ``1/2 int_tmin^tmax (-lambda') E||eps - eps_hat(z_t, t)||^2 dt`` per example.
+
+    ``x: [B, ...]``; one time and one noise draw per example. Returns ``[B]`` (nats).
+    """
+    param.check_kind(prediction)
+    k_t, k_e = jax.random.split(key)
+    t, w = sample_time(k_t, x.shape[0], path, t_min, t_max, time_sampling, stratified, x.dtype)
+    eps = jax.random.normal(k_e, x.shape, x.dtype)
+    z = path.add_noise(x, eps, t)
+    err = _flat_sum(jnp.square(eps - _eps_hat(fn, path, z, t, prediction)))
+    return w * err
+
+
+def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Array | None = None) -> Array:
+    """``log p(x | z_t0)`` at one draw ``z_t0 = alpha x + sigma eps``; ``[B]`` (nats).
+
+    With ``levels: [K]`` (the discrete values, e.g. ``jnp.linspace(-1, 1, 17)``) the decoder is
+    VDM's factorized categorical ``softmax_k(-(z/alpha - levels_k)^2 / (2 (sigma/alpha)^2))``
+    and ``x`` must lie on the levels; without, it is ``N(x; z/alpha, (sigma/alpha)^2 I)``.
+    """
+    t = jnp.asarray(t0, x.dtype)
+    a, s = path.alpha(t), path.sigma(t)
+    eps = jax.random.normal(key, x.shape, x.dtype)
+    z_over_a = x + (s / a) * eps
+    scale = s / a
+    if levels is None:
+        lp = -0.5 * jnp.square(eps) - jnp.log(scale) - 0.5 * math.log(2 * math.pi)
+        return _flat_sum(lp)
+    levels = jnp.asarray(levels, x.dtype)
+    logits = -0.5 * jnp.square((z_over_a[..., None] - levels) / scale)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    idx = jnp.argmin(jnp.abs(x[..., None] - levels), axis=-1)
+    return _flat_sum(jnp.take_along_axis(logp, idx[..., None], axis=-1)[..., 0])
+
+
+def prior_term(path: Path, x: Array, t1: float = 1.0, prior_std: float | None = None) -> Array:
+    """``KL(N(alpha_1 x, sigma_1^2 I) || N(0, s^2 I))`` per example, ``s = sigma(t1)`` by default; ``[B]``."""
+    t = jnp.asarray(t1, x.dtype)
+    a, s1 = path.alpha(t), path.sigma(t)
+    s = s1 if prior_std is None else jnp.asarray(prior_std, x.dtype)
+    r = (s1 * s1 + a * a * jnp.square(x)) / (s * s)
+    return 0.5 * _flat_sum(r - 1.0 - jnp.log(s1 * s1 / (s * s)))
+
+
+def vdm_elbo(
+    fn: Callable[[Array, Array], Array],
+    path: Path,
+    x: Array,
+    key: Array,
+    *,
+    prediction: str = "eps",
+    levels: Array | None = None,
+    t_min: float | None = None,
+    t_max: float = 1.0,
+    time_sampling: str = "importance",
+    num_t: int = 1,
+    stratified: bool = True,
+    prior_std: float | None = None,
+) -> tuple[Array, dict]:
+    """Monte-Carlo estimate of the continuous-time ELBO of ``x`` (nats; see the module docstring).
+
+    Args:
+      fn: model ``fn(z: [B, ...], t: [B])`` of kind ``prediction`` (eps, v, or any other kind).
+      path: the Gaussian path (its log-SNR must be finite on ``[t_min, t_max]``).
+      x: ``[B, ...]`` data (on ``levels`` when given).
+      key: PRNG key.
+      levels: ``[K]`` discrete data values, or None for continuous data.
+      t_min: the decoder's time ``t0`` (default ``path.t_min``; must have ``sigma(t0) > 0``).
+      t_max: the prior's time (default 1).
+      time_sampling: ``"importance"`` or ``"uniform"`` (see :func:`sample_time`).
+      num_t: draws of (time, noise) per example, averaged (times stratified if ``stratified``).
+      prior_std: std of the Gaussian prior (default ``sigma(t_max)``).
+    Returns:
+      ``(elbo: [B], parts)`` with ``parts`` = ``{"reconstruction", "prior", "diffusion"}`` (each
+      ``[B]``, ``elbo = reconstruction - prior - diffusion``). Bits/dim of a discrete ELBO:
+      :func:`genflow.likelihood.bits_per_dim` ``(elbo, D)``.
+    """
+    param.check_kind(prediction)
+    t_min = path.t_min if t_min is None else t_min
+    if not 0.0 <= t_min < t_max <= 1.0:
+        raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
+    if not isinstance(num_t, int) or num_t < 1:
+        raise ValueError(f"num_t must be a positive int; got {num_t!r}")
+    if is_zero(path.sigma(jnp.asarray(t_min))):
+        raise ValueError(f"t_min={t_min} has sigma=0 on path {path.name!r}: the decoder and the log-SNR "
+                         f"are singular there; pass t_min > 0 (e.g. 1e-3)")
+    k_rec, k_diff = jax.random.split(key)
+    b = x.shape[0]
+    # num_t draws per example (times stratified across all num_t * B draws), averaged.
+    xs = jnp.concatenate([x] * num_t, axis=0)
+    rec = jnp.mean(reconstruction_term(path, xs, k_rec, t_min, levels).reshape(num_t, b), axis=0)
+    prior = prior_term(path, x, t_max, prior_std)
+    diff = diffusion_term(fn, path, xs, k_diff, prediction=prediction, t_min=t_min, t_max=t_max,
+                          time_sampling=time_sampling, stratified=stratified)
+    diff = jnp.mean(diff.reshape(num_t, b), axis=0)
+    return rec - prior - diff, {"reconstruction": rec, "prior": prior, "diffusion": diff}
+
+
+def likelihood_loss(fn: Callable, path: Path, x0: Array, key: Array, *, prediction: str = "eps",
+                    t_min: float | None = None, t_max: float = 1.0, time_sampling: str = "importance",
+                    stratified: bool = True) -> tuple[Array, dict]:
+    """Likelihood training loss: the diffusion term of :func:`vdm_elbo`, in nats per dimension.
+
+    With ``time_sampling="importance"`` this is the likelihood-weighted denoising loss with
+    importance-sampled time (Song et al. 2021; Zheng et al. 2023): the same expectation as
+    ``"uniform"``, with lower variance. Returns ``(loss, {"per_example": [B]})``.
+    """
+    t_min = path.t_min if t_min is None else t_min
+    d = math.prod(x0.shape[1:])
+    per = diffusion_term(fn, path, x0, key, prediction=prediction, t_min=t_min, t_max=t_max,
+                         time_sampling=time_sampling, stratified=stratified) / d
+    return jnp.mean(per), {"per_example": per}
+
+
+def likelihood_objective(apply_fn: Callable, path: Path, *, prediction: str = "eps", **kwargs: Any):
+    """``loss_fn(params, batch, key)`` of :func:`likelihood_loss` for :func:`genflow.train.make_train_step`.
+
+    ``apply_fn(params, x, t)`` (e.g. ``module.apply``); the batch is ``x: [B, ...]`` or
+    ``{"x": [B, ...]}``.
+    """
+    param.check_kind(prediction)
+
+    def loss_fn(params, batch, key):
+        x0 = batch["x"] if isinstance(batch, dict) else batch
+        loss, _ = likelihood_loss(lambda z, t: apply_fn(params, z, t), path, x0, key, prediction=prediction,
+                                  **kwargs)
+        return loss, {}
+
+    return loss_fn
+
