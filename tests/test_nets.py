@@ -65,3 +65,148 @@ def test_bad_inputs():
         gf.nets.MLP(activation="swishy").init(jax.random.key(0), jnp.ones((2, 2)), jnp.zeros((2,)))
     with pytest.raises(ValueError, match="unknown time embedding"):
         gf.nets.MLP(time_embedding="learned").init(jax.random.key(0), jnp.ones((2, 2)), jnp.zeros((2,)))
+
+
+# --- U-Net and DiT -----------------------------------------------------------------------------
+# Each network is initialised and compiled once (module fixtures); other checks trace without compiling.
+
+X_IMG = jax.random.normal(jax.random.key(0), (4, 8, 8, 2))
+T_IMG = jnp.array([0.05, 0.3, 0.6, 0.95])
+Y_IMG = jnp.array([0, 1, 2, 3])
+UNET = gf.nets.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_heads=2, num_classes=4)
+DIT = gf.nets.DiT(patch_size=2, hidden=32, depth=2, num_heads=4, num_classes=4)
+
+
+def _randomize(params, key, scale=0.3):
+    """Random parameters everywhere (zero-initialised output layers would hide the conditioning)."""
+    leaves, tree = jax.tree.flatten(params)
+    sizes = [int(np.prod(a.shape)) for a in leaves]
+    flat = scale * jax.random.normal(key, (sum(sizes),))
+    parts = jnp.split(flat, np.cumsum(sizes)[:-1])
+    return jax.tree.unflatten(tree, [p.reshape(a.shape).astype(a.dtype) for p, a in zip(parts, leaves)])
+
+
+@pytest.fixture(scope="module", params=["unet", "dit"])
+def image_net(request):
+    net = {"unet": UNET, "dit": DIT}[request.param]
+    params = jax.jit(net.init)(jax.random.key(1), X_IMG, T_IMG, Y_IMG)
+    rand = _randomize(params, jax.random.key(2))
+    return request.param, net, params, rand, jax.jit(net.apply)
+
+
+def test_image_nets_shape_time_and_label_conditioning(image_net):
+    name, net, _, p, apply = image_net
+    out = apply(p, X_IMG, T_IMG, Y_IMG)
+    assert out.shape == X_IMG.shape and out.dtype == X_IMG.dtype
+    assert np.all(np.isfinite(np.asarray(out)))
+    # every example reacts to its own time and its own label, and only to them
+    out_t = apply(p, X_IMG, T_IMG.at[1].set(0.8), Y_IMG)
+    diff_t = np.abs(np.asarray(out_t - out)).reshape(4, -1).max(1)
+    assert diff_t[1] > 1e-3 and np.all(diff_t[[0, 2, 3]] < 1e-5), (name, diff_t)
+    out_y = apply(p, X_IMG, T_IMG, Y_IMG.at[2].set(0))
+    diff_y = np.abs(np.asarray(out_y - out)).reshape(4, -1).max(1)
+    assert diff_y[2] > 1e-3 and np.all(diff_y[[0, 1, 3]] < 1e-5), (name, diff_y)
+    # the null label (index num_classes, the classifier-free-guidance token) is a label of its own
+    out_null = apply(p, X_IMG, T_IMG, jnp.full((4,), 4))
+    assert float(jnp.abs(out_null - out).max()) > 1e-3
+
+
+def test_image_nets_batch_permutation_equivariance(image_net):
+    _, _, _, p, apply = image_net
+    perm = jnp.array([2, 0, 3, 1])
+    out = apply(p, X_IMG, T_IMG, Y_IMG)
+    np.testing.assert_allclose(apply(p, X_IMG[perm], T_IMG[perm], Y_IMG[perm]), out[perm], rtol=1e-4, atol=1e-5)
+
+
+def test_image_nets_zero_initialised_output(image_net):
+    name, net, params, _, apply = image_net
+    # score_sde's init_scale=0 output conv / DiT's adaLN-Zero: a fresh network outputs exactly zero
+    assert float(jnp.abs(apply(params, X_IMG, T_IMG, Y_IMG)).max()) == 0.0, name
+    if name == "dit":
+        # adaLN-Zero: every block's modulation (hence its gates) is zero, so blocks start as identities
+        for i in range(net.depth):
+            for leaf in jax.tree.leaves(params["params"][f"block{i}"]["adaLN"]):
+                assert float(jnp.abs(leaf).max()) == 0.0
+        # and the gradient still reaches the final layer
+        g = jax.jit(jax.grad(lambda q: jnp.sum(net.apply(q, X_IMG, T_IMG, Y_IMG) * X_IMG)))(params)
+        assert float(jnp.abs(g["params"]["final"]["kernel"]).max()) > 0.0
+    else:
+        for block in ("ResBlock_0", "ResBlock_3"):
+            assert float(jnp.abs(params["params"][block]["Conv_1"]["kernel"]).max()) == 0.0
+
+
+def test_dit_null_label_and_scalar_time():
+    p = _randomize(jax.eval_shape(DIT.init, jax.random.key(1), X_IMG, T_IMG, Y_IMG), jax.random.key(5))
+    apply = jax.jit(DIT.apply)
+    ref = apply(p, X_IMG, jnp.full((4,), 0.3), jnp.full((4,), 4))
+    np.testing.assert_allclose(apply(p, X_IMG, 0.3, None), ref, rtol=1e-5, atol=1e-5)  # y=None is the null label
+
+
+def test_dit_patch_permutation_equivariance_without_position_embedding():
+    """Without position embeddings a DiT is a set function of its patches: rolling the image by
+    whole patches rolls the output the same way (patchify/unpatchify are consistent inverses)."""
+    p = _randomize(jax.eval_shape(DIT.init, jax.random.key(1), X_IMG, T_IMG, Y_IMG), jax.random.key(3))
+    f = jax.jit(lambda pos, x: DIT.clone(pos_embedding=pos).apply(p, x, T_IMG, Y_IMG), static_argnums=0)
+    x_rolled = jnp.roll(X_IMG, (2, 4), axis=(1, 2))
+    out, rolled = f("none", X_IMG), f("none", x_rolled)
+    scale = float(jnp.abs(out).max())
+    np.testing.assert_allclose(rolled, jnp.roll(out, (2, 4), axis=(1, 2)), rtol=1e-4, atol=1e-5 * scale)
+    # with the sin-cos position embedding the same roll is not an equivariance
+    out, rolled = f("sincos", X_IMG), f("sincos", x_rolled)
+    assert float(jnp.abs(rolled - jnp.roll(out, (2, 4), axis=(1, 2))).max()) > 1e-2 * scale
+
+
+def test_sincos_position_embedding_values():
+    e = gf.nets.sincos_pos_embedding_2d(8, 3, 2)  # 6 positions, 4 features for rows, 4 for columns
+    assert e.shape == (6, 8)
+    row, col = 2, 1  # position index 5
+    w = 1.0 / 10000 ** (np.arange(2) / 2)
+    np.testing.assert_allclose(e[5], np.concatenate([np.sin(row * w), np.cos(row * w), np.sin(col * w),
+                                                     np.cos(col * w)]), rtol=1e-6)
+
+
+def test_dit_presets_and_parameter_count():
+    d = gf.nets.dit("S/2", num_classes=1000, out_channels=8)
+    assert (d.hidden, d.depth, d.num_heads, d.patch_size) == (384, 12, 6, 2)
+    shapes = jax.eval_shape(d.init, jax.random.key(0), jnp.ones((1, 32, 32, 4)), jnp.zeros((1,)))
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+    # the paper's DiT-S/2 (4 latent channels in, 8 out, 1000 classes) has 33.0M parameters
+    assert 32.5e6 < n < 33.5e6, n
+    with pytest.raises(ValueError, match="DiT name must be"):
+        gf.nets.dit("M/2")
+
+
+def test_unet_dropout_is_active_only_in_training(image_net):
+    name, _, _, p, apply = image_net
+    if name != "unet":
+        return
+    net = UNET.clone(dropout=0.5)
+    f = jax.jit(lambda k: net.apply(p, X_IMG, T_IMG, Y_IMG, train=True, rngs={"dropout": k}))
+    a = apply(p, X_IMG, T_IMG, Y_IMG)  # the same network without dropout
+    b, c = f(jax.random.key(0)), f(jax.random.key(1))
+    assert float(jnp.abs(a - b).max()) > 1e-3 and float(jnp.abs(b - c).max()) > 1e-3
+
+
+def test_image_nets_bfloat16_compute_keeps_float32_params():
+    for net in (UNET.clone(dtype=jnp.bfloat16), DIT.clone(dtype=jnp.bfloat16)):
+        p = jax.eval_shape(net.init, jax.random.key(0), X_IMG, T_IMG, Y_IMG)
+        assert {a.dtype for a in jax.tree.leaves(p)} == {jnp.dtype(jnp.float32)}
+        jaxpr = jax.make_jaxpr(net.apply)(p, X_IMG, T_IMG, Y_IMG)
+        heavy = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("conv_general_dilated", "dot_general")]
+        # every matmul/conv takes bfloat16 operands (attention logits may accumulate in float32)
+        assert heavy and all(v.aval.dtype == jnp.bfloat16 for e in heavy for v in e.invars)
+        out = jaxpr.out_avals[0]
+        assert out.dtype == X_IMG.dtype and out.shape == X_IMG.shape
+def test_image_nets_bad_inputs():
+    with pytest.raises(ValueError, match=r"UNet expects images x of shape \[B, H, W, C\]"):
+        UNET.init(jax.random.key(0), jnp.ones((2, 64)), jnp.zeros((2,)))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        UNET.init(jax.random.key(0), jnp.ones((2, 7, 7, 1)), jnp.zeros((2,)))
+    with pytest.raises(ValueError, match="patch_size=2 needs H and W divisible by 2"):
+        DIT.init(jax.random.key(0), jnp.ones((2, 7, 8, 1)), jnp.zeros((2,)))
+    with pytest.raises(ValueError, match="num_classes=None"):
+        UNET.clone(num_classes=None).init(jax.random.key(0), X_IMG, T_IMG, Y_IMG)
+    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B\]"):
+        DIT.init(jax.random.key(0), X_IMG, jnp.zeros((3,)))
+    with pytest.raises(ValueError, match=r"labels y must have shape \[B\]"):
+        DIT.init(jax.random.key(0), X_IMG, T_IMG, jnp.zeros((4, 1), jnp.int32))

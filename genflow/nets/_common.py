@@ -1,0 +1,100 @@
+"""Building blocks shared by the networks: time and label embeddings, activations, ``model_fn``."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": nn.silu,
+    "gelu": nn.gelu,
+    "relu": nn.relu,
+    "selu": nn.selu,
+    "tanh": jnp.tanh,
+    "softplus": nn.softplus,
+}
+
+
+def sinusoidal_embedding(t: Array, dim: int, max_period: float = 10_000.0, scale: float = 1000.0) -> Array:
+    """Transformer-style sinusoidal features of ``scale * t``.
+
+    Args:
+      t: ``[B]`` times in [0, 1].
+      dim: even number of features.
+    Returns:
+      ``[B, dim]``: ``[cos(scale t w_k), sin(scale t w_k)]`` with ``w_k = max_period^(-k/half)``.
+    """
+    if dim % 2:
+        raise ValueError(f"dim must be even for a sinusoidal embedding, got {dim}")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = (scale * t.astype(jnp.float32))[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimeEmbedding(nn.Module):
+    """Embeds ``t: [B]`` into ``[B, dim]``.
+
+    ``kind``: ``"sinusoidal"`` (fixed frequencies), ``"fourier"`` (random Gaussian frequencies
+    of standard deviation ``fourier_scale``, fixed after init; Tancik et al. 2020 / Song et al.
+    2021), or ``"identity"`` (``t`` itself, ``dim`` ignored).
+    """
+
+    dim: int = 64
+    kind: str = "sinusoidal"
+    fourier_scale: float = 16.0
+
+    @nn.compact
+    def __call__(self, t: Array) -> Array:
+        if self.kind == "sinusoidal":
+            return sinusoidal_embedding(t, self.dim)
+        if self.kind == "fourier":
+            w = self.param("freqs", nn.initializers.normal(self.fourier_scale), (self.dim // 2,))
+            args = 2 * jnp.pi * t[:, None] * jax.lax.stop_gradient(w)[None]
+            return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+        if self.kind == "identity":
+            return t[:, None]
+        raise ValueError(f"unknown time embedding kind {self.kind!r}; expected 'sinusoidal', 'fourier' or 'identity'")
+
+
+def model_fn(module: nn.Module, params, **cond) -> Callable[[Array, Array], Array]:
+    """Bind parameters (and conditioning such as ``y=labels``) into a pure ``fn(x, t)``.
+
+    Returns a :class:`jax.tree_util.Partial`, so the parameters stay traced when the function
+    is passed to a jitted sampler: new parameters do not trigger a recompilation.
+    """
+    return jax.tree_util.Partial(module.apply, params, **cond)
+
+
+def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: int, name: str = "label_embed",
+                    init: Callable = nn.linear.default_embed_init) -> Array | None:
+    """Embed labels ``y: [B]`` in ``[0, num_classes]`` (``num_classes`` = "no label") into ``[B, dim]``.
+
+    Called inside a compact module. ``y=None`` means the null label when the network is
+    class-conditional; labels given to an unconditional network (``num_classes=None``) raise.
+    """
+    if num_classes is None:
+        if y is not None:
+            raise ValueError("labels y were given but the network was built with num_classes=None")
+        return None
+    if y is None:
+        y = jnp.full((batch,), num_classes, jnp.int32)
+    y = jnp.asarray(y)
+    if y.shape != (batch,):
+        raise ValueError(f"labels y must have shape [B]={(batch,)}; got {y.shape}")
+    return nn.Embed(num_classes + 1, dim, embedding_init=init, name=name)(y)
+
+
+def batch_times(t, x: Array) -> Array:
+    """``t`` (scalar or ``[B]``) as a float32 ``[B]`` vector for ``x: [B, ...]``."""
+    t = jnp.asarray(t, jnp.float32)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
+        raise ValueError(f"t must be a scalar or have shape [B]={(x.shape[0],)}; got {t.shape}")
+    return jnp.broadcast_to(t, (x.shape[0],))
