@@ -1,0 +1,81 @@
+"""Helpers shared by genflow's optax transforms: hyper-parameter checks and schedules."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+ScalarOrSchedule = float | Array | Callable[[Array], Array]
+
+
+def resolve(h: ScalarOrSchedule, count: Array):
+    """The value of a hyper-parameter at step ``count`` (0-based): ``h(count)`` for a schedule."""
+    return h(count) if callable(h) else h
+
+
+def _concrete(x) -> float | None:
+    """``x`` as a Python float when it is a concrete number (not a tracer / schedule)."""
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return float(x)
+    if isinstance(x, (np.ndarray, np.generic)) and np.ndim(x) == 0:
+        return float(x)
+    return None
+
+
+def check(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+          lo_open: bool = False, hi_open: bool = False, schedule: bool = False) -> None:
+    """Validate a hyper-parameter at construction time.
+
+    Python and numpy numbers are range-checked; traced values (e.g. a learning rate under
+    ``vmap``) are accepted unchecked; callables are accepted only when ``schedule`` is true.
+    """
+    if callable(value):
+        if schedule:
+            return
+        raise TypeError(f"{name} must be a number; got a callable {value!r} (schedules are not supported for {name})")
+    if isinstance(value, bool) or not (isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array))):
+        kind = "a float or an optax schedule" if schedule else "a float"
+        raise TypeError(f"{name} must be {kind}; got {type(value).__name__} {value!r}")
+    v = _concrete(value)
+    if v is None:
+        return
+    bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and (v > hi or (hi_open and v == hi)))
+    if bad or not np.isfinite(v):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        rng = f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
+        raise ValueError(f"{name} must lie in {rng}; got {v}")
+
+
+def check_beta(name: str, value) -> None:
+    check(name, value, lo=0.0, hi=1.0, hi_open=True)
+
+
+def decay_mask(mask, params):
+    """The boolean weight-decay mask tree (``None``: decay every leaf)."""
+    if mask is None:
+        return jax.tree.map(lambda _: True, params)
+    return mask(params) if callable(mask) else mask
+
+
+def rms(x: Array) -> Array:
+    """Root mean square of one array, accumulated in float32 (a scalar)."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def cast_tree(tree, dtype):
+    return optax.tree.cast(tree, dtype) if dtype is not None else tree
+
+
+def unzip(tree_of_tuples, like, n: int) -> tuple:
+    """Split a tree whose leaves (at the positions of ``like``'s leaves) are n-tuples into n trees."""
+    treedef = jax.tree.structure(like)
+    leaves = treedef.flatten_up_to(tree_of_tuples)
+    return tuple(treedef.unflatten([leaf[i] for leaf in leaves]) for i in range(n))

@@ -1,0 +1,133 @@
+"""Grams: gradient descent with adaptive momentum scaling.
+
+Implementation of "Grams: Gradient Descent with Adaptive Momentum Scaling"
+(Yang Cao, Xiaoyu Li, Zhao Song, 2024, https://arxiv.org/abs/2412.17107).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from genflow.optim._base import ScalarOrSchedule, cast_tree, check, check_beta, resolve, unzip
+
+Array = jax.Array
+
+
+class ScaleByGramsState(NamedTuple):
+    """State of :func:`scale_by_grams`."""
+
+    count: Array  # int32 [], updates applied so far
+    mu: optax.Updates  # first moment m_t
+    nu: optax.Updates  # second moment v_t
+
+
+def scale_by_grams(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: ScalarOrSchedule = 1e-8,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Adam's magnitude with the sign of the current gradient (the Grams direction).
+
+    With ``t`` counted from 1::
+
+        m_t = b1 m_{t-1} + (1 - b1) g_t           v_t = b2 v_{t-1} + (1 - b2) g_t^2
+        m^_t = m_t / (1 - b1^t)                    v^_t = v_t / (1 - b2^t)
+        u_t = sign(g_t) * |m^_t / (sqrt(v^_t) + eps)|
+
+    Args:
+      b1, b2: decay rates of the first and second moments, in [0, 1).
+      eps: added to ``sqrt(v^_t)``; a float or a schedule of the step count.
+      mu_dtype: dtype of the first moment (default: that of the parameters).
+    Returns:
+      An ``optax.GradientTransformation`` producing ``u_t`` (no learning rate, no sign flip).
+    """
+    check_beta("b1", b1)
+    check_beta("b2", b2)
+    check("eps", eps, lo=0.0, schedule=True)
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+    def init_fn(params):
+        mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+        nu = optax.tree.zeros_like(params)
+        return ScaleByGramsState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+    def update_fn(updates, state, params=None):
+        del params
+        count_inc = optax.safe_increment(state.count)
+        bc1 = 1 - b1 ** count_inc.astype(float)
+        bc2 = 1 - b2 ** count_inc.astype(float)
+        e = resolve(eps, state.count)
+
+        def leaf(g, m, v):
+            m = (1 - b1) * g + b1 * m.astype(g.dtype)
+            v = (1 - b2) * jnp.square(g) + b2 * v
+            u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + e)
+            return (jnp.sign(g) * jnp.abs(u)).astype(g.dtype), m, v
+
+        u, mu, nu = unzip(jax.tree.map(leaf, updates, state.mu, state.nu), updates, 3)
+        return u, ScaleByGramsState(count=count_inc, mu=cast_tree(mu, mu_dtype), nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def grams(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: ScalarOrSchedule = 1e-8,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: Any = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Grams (Cao, Li & Song 2024): Adam-style magnitude, sign of the current gradient.
+
+    Grams decouples the direction of the update from its size: the size is that of the
+    bias-corrected Adam step, the direction the sign of the *current* gradient (not of the
+    momentum), so the update always points downhill for the current batch::
+
+        u_t = sign(g_t) * |m^_t / (sqrt(v^_t) + eps)|           (see scale_by_grams)
+        theta_t = theta_{t-1} - lr_t * (u_t + weight_decay * theta_{t-1})
+
+    with decoupled weight decay as in AdamW (Algorithm 1 of the paper).
+
+    Args:
+      learning_rate: a float or an optax schedule of the step count.
+      b1, b2: moment decay rates.
+      eps: added to the root of the second moment (float or schedule).
+      weight_decay: decoupled weight-decay coefficient.
+      mask: weight-decay mask (a tree of booleans or a callable on the params), as in
+        ``optax.adamw``.
+      mu_dtype: dtype of the first moment.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import genflow as gf
+      >>> def f(x): return jnp.sum(x ** 2)
+      >>> opt = gf.optim.grams(learning_rate=0.1)
+      >>> params = jnp.array([1.0, -2.0, 3.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(3):
+      ...     updates, state = opt.update(jax.grad(f)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(params)
+      [ 0.7 -1.7  2.7]
+
+    References:
+      Cao, Li & Song, `Grams: Gradient Descent with Adaptive Momentum Scaling
+      <https://arxiv.org/abs/2412.17107>`_, 2024.
+    """
+    check("learning_rate", learning_rate, lo=0.0, schedule=True)
+    check("weight_decay", weight_decay, lo=0.0, schedule=True)
+    return optax.chain(
+        scale_by_grams(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,99 @@
+"""Every optimizer by name: genflow's transforms, optax's and optax.contrib's optimizers."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from types import ModuleType
+from typing import Callable
+
+import optax
+import optax.contrib
+
+from genflow.optim._diffgrad import diffgrad
+from genflow.optim._fadam import fadam
+from genflow.optim._grams import grams
+from genflow.optim._smb import smb
+
+GENFLOW: dict[str, Callable] = {"grams": grams, "fadam": fadam, "diffgrad": diffgrad, "smb": smb}
+
+
+def _optimizers_in(module: ModuleType) -> dict[str, Callable]:
+    """Public functions of ``module`` that build an optimizer: they take a ``learning_rate``
+    (the transforms ``scale_by_*`` are building blocks, not optimizers)."""
+    out = {}
+    for name in dir(module):
+        fn = getattr(module, name)
+        if name.startswith(("_", "scale_by")) or not inspect.isfunction(fn):
+            continue
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+            continue
+        if "learning_rate" in params:
+            out[name] = fn
+    return out
+
+
+def _table() -> dict[str, tuple[str, Callable]]:
+    table: dict[str, tuple[str, Callable]] = {}
+    for source, fns in (("genflow", GENFLOW), ("optax", _optimizers_in(optax)),
+                        ("optax.contrib", _optimizers_in(optax.contrib))):
+        for name, fn in fns.items():
+            table.setdefault(name, (source, fn))  # genflow > optax > optax.contrib on a clash
+    return dict(sorted(table.items()))
+
+
+_TABLE = _table()
+
+
+def names(source: str | None = None) -> list[str]:
+    """Sorted names accepted by :func:`get`; ``source`` in {"genflow", "optax", "optax.contrib"}
+    restricts them to one library."""
+    if source is not None and source not in ("genflow", "optax", "optax.contrib"):
+        raise ValueError(f"source must be 'genflow', 'optax' or 'optax.contrib'; got {source!r}")
+    return [n for n, (src, _) in _TABLE.items() if source is None or src == source]
+
+
+def source(name: str) -> str:
+    """Which library provides optimizer ``name``: "genflow", "optax" or "optax.contrib"."""
+    return _lookup(name)[0]
+
+
+def _lookup(name: str) -> tuple[str, Callable]:
+    if not isinstance(name, str):
+        raise TypeError(f"optimizer name must be a str; got {type(name).__name__}")
+    if name not in _TABLE:
+        close = difflib.get_close_matches(name, _TABLE, n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"unknown optimizer {name!r}{hint}; valid names: {', '.join(_TABLE)}")
+    return _TABLE[name]
+
+
+def get(name: str, **hparams) -> optax.GradientTransformation:
+    """The optimizer ``name`` built with ``hparams``, for experiment configs.
+
+    ``name`` is any of :func:`names`: genflow's transforms (``grams``, ``fadam``, ``diffgrad``,
+    ``smb``), every optax optimizer (``adam``, ``adamw``, ``sgd``, ``amsgrad``, ``lion``, ...)
+    and every optax.contrib one (``momo``, ``momo_adam``, ``ademamix``, ``schedule_free_adamw``,
+    ...). Hyper-parameters are passed through unchanged (``learning_rate`` accepts a float or an
+    optax schedule).
+
+    Raises:
+      ValueError: unknown name (the message lists the valid names).
+      TypeError: a hyper-parameter the optimizer does not take, or a required one missing
+        (the message lists the accepted ones).
+
+    Examples:
+      >>> import genflow as gf
+      >>> opt = gf.optim.get("momo_adam", learning_rate=1e-2)
+      >>> opt = gf.optim.get("grams", learning_rate=1e-3, weight_decay=1e-4)
+    """
+    src, fn = _lookup(name)
+    sig = inspect.signature(fn)
+    try:
+        sig.bind(**hparams)
+    except TypeError as e:
+        accepted = ", ".join(sig.parameters)
+        raise TypeError(f"bad hyper-parameters for {src} optimizer {name!r}: {e}; it accepts: {accepted}") from None
+    return fn(**hparams)
