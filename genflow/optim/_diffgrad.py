@@ -124,7 +124,8 @@ def diffgrad(
       >>> for _ in range(3):
       ...     updates, state = opt.update(jax.grad(f)(params), state, params)
       ...     params = optax.apply_updates(params, updates)
-      >>> print(params)
+      >>> print([round(float(x), 3) for x in params])
+      [0.805, -1.794, 2.793]
 
     References:
       Dubey et al., `diffGrad: An Optimization Method for Convolutional Neural Networks

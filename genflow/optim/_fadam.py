@@ -156,7 +156,8 @@ def fadam(
       >>> for _ in range(3):
       ...     updates, state = opt.update(jax.grad(f)(params), state, params)
       ...     params = optax.apply_updates(params, updates)
-      >>> print(params)
+      >>> print([round(float(x), 3) for x in params])
+      [0.944, -1.944, 2.944]
 
     References:
       Hwang, `FAdam: Adam is a natural gradient optimizer using diagonal empirical Fisher

@@ -128,15 +128,19 @@ def smb(
     Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> import genflow as gf
-      >>> def f(x): return jnp.sum(x ** 2) + jnp.sum(x ** 4)
-      >>> opt = gf.optim.smb(learning_rate=1.0)
+      >>> def f(x): return 0.5 * jnp.sum(jnp.array([1.0, 10.0, 100.0]) * x ** 2)
+      >>> opt = gf.optim.smb(learning_rate=0.05)  # too large for SGD on this problem (2/L = 0.02)
       >>> params = jnp.array([1.0, -2.0, 3.0])
       >>> state = opt.init(params)
-      >>> for _ in range(5):
+      >>> @jax.jit
+      ... def step(params, state):
       ...     value, grad = jax.value_and_grad(f)(params)
       ...     updates, state = opt.update(grad, state, params, value=value, value_fn=f)
-      ...     params = optax.apply_updates(params, updates)
-      >>> print(f(params) < 1e-3, int(state.model_steps))
+      ...     return optax.apply_updates(params, updates), state
+      >>> for _ in range(20):
+      ...     params, state = step(params, state)
+      >>> print(f"loss {f(params):.3f}, model steps {int(state.model_steps)}")
+      loss 0.171, model steps 20
 
     References:
       Birbil, Martin, Onay & Oztoprak, `Bolstering Stochastic Gradient Descent with Model

@@ -1,0 +1,252 @@
+"""genflow.optim as optax transforms: jit, schedules, chain, masks, dtypes, the registry, errors."""
+
+import doctest
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import genflow as gf
+
+# A small least-squares problem with two parameter leaves.
+X = jax.random.normal(jax.random.key(0), (64, 5))
+Y = X @ jnp.array([1.0, -2.0, 0.5, 0.0, 3.0]) + 0.7 + 0.1 * jax.random.normal(jax.random.key(1), (64,))
+P0 = {"w": 0.1 * jax.random.normal(jax.random.key(2), (5,)), "b": jnp.zeros((1,))}
+
+
+def loss(p):
+    return jnp.mean((X.astype(p["w"].dtype) @ p["w"] + p["b"] - Y.astype(p["w"].dtype)) ** 2)
+
+
+FACTORIES = {
+    "grams": lambda lr, **kw: gf.optim.grams(lr, weight_decay=0.01, **kw),
+    "fadam": lambda lr, **kw: gf.optim.fadam(lr, weight_decay=0.1, **kw),
+    "diffgrad": lambda lr, **kw: gf.optim.diffgrad(lr, weight_decay=0.01, **kw),
+    "smb": lambda lr, **kw: gf.optim.smb(lr, **kw),
+}
+NAMES = sorted(FACTORIES)
+
+
+def steps(opt, p, n, f=loss, grad_fn=None):
+    """n updates in a lax.scan, passing value= and value_fn= as the train step does."""
+    tx = optax.with_extra_args_support(opt)
+
+    def body(carry, _):
+        p, s = carry
+        value, g = jax.value_and_grad(f)(p)
+        if grad_fn is not None:
+            g = grad_fn(g)
+        u, s = tx.update(g, s, p, value=value, value_fn=f)
+        return (optax.apply_updates(p, u), s), None
+
+    return jax.lax.scan(body, (p, tx.init(p)), None, length=n)[0][0]
+
+
+def one_update(opt, p, f=loss):
+    value, g = jax.value_and_grad(f)(p)
+    return optax.with_extra_args_support(opt).update(g, opt.init(p), p, value=value, value_fn=f)[0]
+
+
+def assert_tree_close(a, b, rtol=1e-6, atol=1e-7):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                                                         rtol=rtol, atol=atol), a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_schedule_chain(name):
+    make = FACTORIES[name]
+    assert_tree_close(one_update(make(0.2), P0), jax.jit(lambda p: one_update(make(0.2), p))(P0), 1e-5, 1e-7)
+
+    # a schedule that is 0.2 for two steps and 0 after equals two steps at 0.2, then freezes
+    sched = optax.piecewise_constant_schedule(0.2, {2: 0.0})
+    two = jax.jit(lambda p: steps(make(0.2), p, 2))(P0)
+    assert_tree_close(jax.jit(lambda p: steps(make(sched), p, 4))(P0), two)
+    assert not np.allclose(np.asarray(two["w"]), np.asarray(P0["w"]))
+
+    # inside optax.chain: global-norm clipping first equals feeding the clipped gradients
+    clip = optax.clip_by_global_norm(0.5)
+    chained = jax.jit(lambda p: steps(optax.chain(clip, make(0.2)), p, 4))(P0)
+    manual = jax.jit(lambda p: steps(make(0.2), p, 4, grad_fn=lambda g: clip.update(g, clip.init(g))[0]))(P0)
+    assert_tree_close(chained, manual)
+    assert float(loss(chained)) < 0.9 * float(loss(P0))
+
+
+@pytest.mark.parametrize("name", ["grams", "fadam", "diffgrad"])
+def test_masked_pytrees(name):
+    """optax.masked: masked-out leaves pass through, masked-in ones see the transform alone."""
+    opt = FACTORIES[name](0.05)
+    mask = {"w": True, "b": False}
+    g = jax.grad(loss)(P0)
+    u, _ = jax.jit(lambda g, p: optax.masked(opt, mask).update(g, optax.masked(opt, mask).init(p), p))(g, P0)
+    np.testing.assert_array_equal(u["b"], g["b"])
+    alone, _ = opt.update({"w": g["w"]}, opt.init({"w": P0["w"]}), {"w": P0["w"]})
+    np.testing.assert_allclose(u["w"], alone["w"], rtol=1e-6)
+
+    # the weight-decay mask: no decay on "b" gives b the update of weight_decay=0
+    kw = dict(mask=mask)
+    decayed = FACTORIES[name](0.05, **kw).update(g, FACTORIES[name](0.05, **kw).init(P0), P0)[0]
+    plain = {"grams": gf.optim.grams, "fadam": gf.optim.fadam, "diffgrad": gf.optim.diffgrad}[name](0.05, weight_decay=0.0)
+    undecayed = plain.update(g, plain.init(P0), P0)[0]
+    np.testing.assert_allclose(decayed["b"], undecayed["b"], rtol=1e-6)
+    assert not np.allclose(decayed["w"], undecayed["w"], rtol=1e-4)
+
+
+def test_smb_masks():
+    """smb(mask=...) holds masked-out leaves fixed in its trial/model steps, passes their updates
+    through, and updates the others exactly as SMB on the sub-problem with those leaves frozen."""
+    with pytest.raises(ValueError, match="optax.masked"):
+        opt = optax.masked(gf.optim.smb(0.5), {"w": True, "b": False})
+        value, g = jax.value_and_grad(loss)(P0)
+        opt.update(g, opt.init(P0), P0, value=value, value_fn=loss)
+    opt = gf.optim.smb(0.5, mask={"w": True, "b": False})
+    value, g = jax.value_and_grad(loss)(P0)
+    u, s = opt.update(g, opt.init(P0), P0, value=value, value_fn=loss)
+    np.testing.assert_array_equal(u["b"], g["b"])
+    sub = lambda q: loss({"w": q["w"], "b": P0["b"]})  # noqa: E731
+    alone = gf.optim.smb(0.5)
+    ua, sa = alone.update({"w": g["w"]}, alone.init({"w": P0["w"]}), {"w": P0["w"]}, value=value, value_fn=sub)
+    np.testing.assert_allclose(u["w"], ua["w"], rtol=1e-6)
+    assert int(s.model_steps) == int(sa.model_steps)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_and_bfloat16_params(name):
+    """Updates and states keep the parameter dtype; bfloat16 training tracks float32's.
+    Measured final-loss ratios bf16 / f32 after 30 steps: 1.00-1.06."""
+    final = {}
+    for dt in (jnp.float32, jnp.bfloat16):
+        p0 = jax.tree.map(lambda x: x.astype(dt), P0)
+        opt = FACTORIES[name](0.05)
+        g = jax.grad(loss)(p0)
+        u, s = jax.jit(lambda g, p: optax.with_extra_args_support(opt).update(g, opt.init(p), p, value=loss(p),
+                                                                              value_fn=loss))(g, p0)
+        assert {x.dtype for x in jax.tree.leaves(u)} == {jnp.dtype(dt)}
+        assert {x.dtype for x in jax.tree.leaves(s) if x.ndim > 0} <= {jnp.dtype(dt)}
+        p = jax.jit(lambda p: steps(opt, p, 30))(p0)
+        assert {x.dtype for x in jax.tree.leaves(p)} == {jnp.dtype(dt)}
+        final[dt] = float(loss(jax.tree.map(lambda x: x.astype(jnp.float32), p)))
+    assert final[jnp.float32] < 0.5 * float(loss(P0))
+    assert final[jnp.bfloat16] <= 1.1 * final[jnp.float32] + 1e-3
+
+
+def test_smb_model_step_equals_the_authors_formula():
+    """The normalized, cancellation-free evaluation in model_step equals the raw formula of the
+    authors' code (float64 numpy) on random vectors, including a near-parallel y."""
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        g = rng.normal(size=7)
+        s = -rng.uniform(0.01, 2.0) * g
+        y = rng.normal(size=7) if k % 2 else 3.0 * s + 1e-3 * rng.normal(size=7)
+        ss, yy, gg, ys, sg, yg = s @ s, y @ y, g @ g, y @ s, s @ g, y @ g
+        eta = 0.99
+        sigma = 0.5 * (np.sqrt(ss) * (np.sqrt(yy) + np.sqrt(gg) / eta) - ys)
+        theta = (ys + 2.0 * sigma) ** 2.0 - ss * yy
+        cg = -ss / (2.0 * sigma)
+        cs = cg / theta * (-(ys + 2.0 * sigma) * yg + yy * sg)
+        cy = cg / theta * (-(ys + 2.0 * sigma) * sg + ss * yg)
+        want = cs * s + cg * g + cy * y
+        with jax.enable_x64(True):
+            got = gf.optim.model_step(jnp.asarray(s), jnp.asarray(g), jnp.asarray(g + y), eta)
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_smb_zero_gradient_leaf_and_value_default():
+    """A leaf with an exactly zero gradient stays put (the authors' formulas give 0/0 = NaN) and
+    does not change the other leaves' steps; value= defaults to value_fn(params)."""
+    p = {"w": P0["w"], "unused": jnp.ones((3,))}
+    f = lambda q: loss({"w": q["w"], "b": P0["b"]})  # noqa: E731
+    opt = gf.optim.smb(5.0)  # large: the Armijo test fails, the model step runs
+    value, g = jax.value_and_grad(f)(p)
+    u, s = opt.update(g, opt.init(p), p, value=value, value_fn=f)
+    u2, _ = opt.update(g, opt.init(p), p, value_fn=f)
+    assert int(s.model_steps) == 1
+    np.testing.assert_array_equal(u["unused"], 0.0)
+    assert np.all(np.isfinite(np.asarray(u["w"])))
+    without, _ = opt.update({"w": g["w"]}, opt.init({"w": p["w"]}), {"w": p["w"]}, value=value, value_fn=f)
+    np.testing.assert_allclose(u["w"], without["w"], rtol=1e-6)
+    assert_tree_close(u, u2, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="value_fn="):
+        opt.update(g, opt.init(p), p, value=value)
+
+
+def test_momo_and_momo_adam_by_name_in_the_train_step():
+    """gf.optim.get builds optax.contrib's MoMo(-Adam); the train step passes value=loss, so a
+    fit() run equals a manual loop that passes it."""
+    for name in ("momo", "momo_adam"):
+        opt = gf.optim.get(name, learning_rate=0.5)
+        state = gf.train.init_state(jax.tree.map(jnp.array, P0), opt, jax.random.key(0))  # fit donates it
+        step = gf.train.make_train_step(lambda p, batch, key: (loss(p), {}), opt)
+        state, _ = gf.train.fit(state, step, lambda key: jnp.zeros(()), 15, chunk_size=15, progress=False)
+        manual = jax.jit(lambda p: steps(getattr(optax.contrib, name)(learning_rate=0.5), p, 15))(P0)
+        assert_tree_close(state.params, manual, rtol=1e-5, atol=1e-6)
+        assert float(loss(manual)) < 0.5 * float(loss(P0))
+
+
+def test_registry():
+    names = gf.optim.names()
+    for n in ("grams", "fadam", "diffgrad", "smb", "adam", "adamw", "amsgrad", "sgd", "lion", "momo", "momo_adam",
+              "ademamix", "schedule_free_adamw", "prodigy"):
+        assert n in names
+    assert gf.optim.names("genflow") == ["diffgrad", "fadam", "grams", "smb"]
+    assert gf.optim.source("momo") == "optax.contrib" and gf.optim.source("adam") == "optax"
+    assert gf.optim.lion is optax.lion and gf.optim.momo is optax.contrib.momo
+    # by name == direct construction
+    g = jax.grad(loss)(P0)
+    for name, direct in (("adam", optax.adam(0.1)), ("grams", gf.optim.grams(0.1))):
+        opt = gf.optim.get(name, learning_rate=0.1)
+        assert_tree_close(opt.update(g, opt.init(P0), P0)[0], direct.update(g, direct.init(P0), P0)[0], 0, 0)
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adma' \(did you mean .*'adam'.*valid names: .*momo"):
+        gf.optim.get("adma", learning_rate=0.1)
+    with pytest.raises(TypeError, match="'grams'.*unexpected keyword.*'lr'.*accepts: learning_rate, b1"):
+        gf.optim.get("grams", lr=0.1)
+    with pytest.raises(TypeError, match="optimizer name must be a str"):
+        gf.optim.get(3)
+    with pytest.raises(ValueError, match="source must be"):
+        gf.optim.names("torch")
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        gf.optim.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("make,err,match", [
+    (lambda: gf.optim.grams(0.1, b1=1.0), ValueError, r"b1 must lie in \[0.0, 1.0\)"),
+    (lambda: gf.optim.grams(-0.1), ValueError, "learning_rate must lie in"),
+    (lambda: gf.optim.grams("0.1"), TypeError, "learning_rate must be a float or an optax schedule"),
+    (lambda: gf.optim.fadam(0.1, clip=0.0), ValueError, r"clip must lie in \(0.0, inf\]"),
+    (lambda: gf.optim.fadam(0.1, eps2=lambda n: 0.1), TypeError, "eps2 must be a number"),
+    (lambda: gf.optim.fadam(0.1, p=-1.0), ValueError, "p must lie in"),
+    (lambda: gf.optim.diffgrad(0.1, b2=-0.5), ValueError, "b2 must lie in"),
+    (lambda: gf.optim.diffgrad(0.1, eps=float("nan")), ValueError, "eps must lie in"),
+    (lambda: gf.optim.smb(1.0, c=1.5), ValueError, r"c must lie in \(0.0, 1.0\)"),
+    (lambda: gf.optim.smb(1.0, eta=0.0), ValueError, "eta must lie in"),
+])
+def test_bad_hyper_parameters(make, err, match):
+    with pytest.raises(err, match=match):
+        make()
+
+
+def test_hyper_parameters_may_be_traced():
+    """A learning rate traced under vmap (a learning-rate sweep) is accepted unchecked."""
+    lrs = jnp.array([0.01, 0.05])
+    out = jax.vmap(lambda lr: steps(gf.optim.grams(lr), P0, 3))(lrs)
+    one = steps(gf.optim.grams(0.05), P0, 3)
+    np.testing.assert_allclose(out["w"][1], one["w"], rtol=1e-5)
+
+
+def test_fadam_needs_params_for_weight_decay():
+    opt = gf.optim.fadam(0.1)
+    g = jax.grad(loss)(P0)
+    with pytest.raises(ValueError, match="needs params"):
+        opt.update(g, opt.init(P0))
+    opt = gf.optim.fadam(0.1, weight_decay=0.0)
+    u, _ = opt.update(g, opt.init(P0))
+    assert np.all(np.isfinite(np.asarray(u["w"])))
+
+
+@pytest.mark.parametrize("module", ["_grams", "_fadam", "_diffgrad", "_smb", "_registry"])
+def test_docstring_examples_run(module):
+    mod = importlib.import_module(f"genflow.optim.{module}")
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.attempted > 0 and res.failed == 0
