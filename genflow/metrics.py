@@ -12,7 +12,7 @@ import numpy as np
 
 Array = jax.Array
 
-__all__ = ["w2_exact", "w2_sinkhorn", "sliced_w2", "mmd", "frechet_distance", "gaussian_stats"]
+__all__ = ["w2_exact", "w2_sinkhorn", "sliced_w2", "mmd", "frechet_distance", "gaussian_stats", "psnr", "ssim"]
 
 
 def _flat(x) -> np.ndarray | Array:
@@ -125,3 +125,56 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     s1 = sqrtm_psd(c1)
     cross = sqrtm_psd(s1 @ c2 @ s1)
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2.0 * np.trace(cross))
+
+
+def psnr(x: Array, ref: Array, data_range: float = 2.0) -> Array:
+    """Peak signal-to-noise ratio per example, ``10 log10(data_range^2 / mse)`` in dB.
+
+    ``x, ref: [B, ...]`` (images in [-1, 1] have ``data_range = 2``); returns ``[B]``."""
+    x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
+    mse = jnp.mean(((x - ref) ** 2).reshape(x.shape[0], -1), axis=-1)
+    return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-20))
+
+
+def _gaussian_window(radius: int, sigma: float) -> Array:
+    r = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    g = jnp.exp(-0.5 * (r / sigma) ** 2)
+    g = g / g.sum()
+    return jnp.outer(g, g)
+
+
+def ssim(x: Array, ref: Array, data_range: float = 2.0, window: int = 7, sigma: float = 1.5) -> Array:
+    """Structural similarity (Wang et al. 2004) per example, averaged over channels and pixels.
+
+    Local means, variances and covariance by Gaussian filtering (std ``sigma``, truncated at
+    3.5 std: the paper's 11-tap filter for ``sigma = 1.5``) with symmetric boundary reflection;
+    ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2`` with ``L = data_range``; the SSIM map is averaged
+    after cropping ``(window - 1) // 2`` pixels at each border. This is scikit-image's
+    ``structural_similarity(gaussian_weights=True, sigma=sigma, use_sample_covariance=False,
+    win_size=window)``; ``window = 7`` leaves a 2x2 map on 8x8 digits. ``x, ref: [B, H, W, C]``;
+    returns ``[B]``.
+    """
+    x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
+    if x.ndim != 4 or x.shape != ref.shape:
+        raise ValueError(f"ssim expects two [B, H, W, C] arrays of equal shape; got {x.shape} and {ref.shape}")
+    if window > min(x.shape[1], x.shape[2]) or window % 2 == 0:
+        raise ValueError(f"window must be odd and at most the image size {x.shape[1:3]}; got {window}")
+    radius = int(3.5 * sigma + 0.5)
+    w = _gaussian_window(radius, sigma)[:, :, None, None]
+
+    def filt(img):  # [B, H, W, C] -> Gaussian filtering per channel, same size
+        B, H, W, C = img.shape
+        v = img.transpose(0, 3, 1, 2).reshape(B * C, H, W, 1)
+        v = jnp.pad(v, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="symmetric")
+        out = jax.lax.conv_general_dilated(v, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return out.reshape(B, C, H, W)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = filt(x), filt(ref)
+    vx = filt(x * x) - mx * mx
+    vy = filt(ref * ref) - my * my
+    cxy = filt(x * ref) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    p = (window - 1) // 2
+    s = s[:, :, p:s.shape[2] - p, p:s.shape[3] - p]
+    return jnp.mean(s.reshape(s.shape[0], -1), axis=-1)

@@ -104,8 +104,9 @@ def curves(series: dict, xlabel: str = "step", ylabel: str = "", logx: bool = Fa
 
 
 def image_grid(images, nrow: int | None = None, title: str | None = None, path: str | None = None,
-               vmin: float = -1.0, vmax: float = 1.0):
-    """Grid of images ``[N, H, W]`` or ``[N, H, W, C]`` in ``[vmin, vmax]``."""
+               vmin: float = -1.0, vmax: float = 1.0, row_labels: list[str] | None = None):
+    """Grid of images ``[N, H, W]`` or ``[N, H, W, C]`` in ``[vmin, vmax]``, ``nrow`` per row,
+    with optional labels to the left of the rows."""
     imgs = np.asarray(images, np.float32)
     if imgs.ndim == 4 and imgs.shape[-1] == 1:
         imgs = imgs[..., 0]
@@ -118,6 +119,9 @@ def image_grid(images, nrow: int | None = None, title: str | None = None, path: 
         if i < n:
             im = np.clip((imgs[i] - vmin) / (vmax - vmin), 0, 1)
             ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
+    for r, label in enumerate(row_labels or []):
+        if r < axes.shape[0]:
+            axes[r, 0].text(-0.15, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout(pad=0.1)

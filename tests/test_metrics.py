@@ -50,3 +50,19 @@ def test_frechet_distance_closed_form():
     f = np.random.default_rng(0).normal(size=(20000, 3))
     m, c = gf.metrics.gaussian_stats(f)
     assert gf.metrics.frechet_distance(m, c, np.zeros(3), np.eye(3)) < 0.01
+
+
+def test_psnr_and_ssim_against_references():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
+    y = np.clip(x + 0.3 * rng.normal(size=x.shape), -1, 1).astype(np.float32)
+    mse = ((x - y) ** 2).reshape(3, -1).mean(1)
+    np.testing.assert_allclose(gf.metrics.psnr(y, x), 10 * np.log10(4.0 / mse), rtol=1e-5)
+    ref = [structural_similarity(x[i], y[i], data_range=2.0, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False, win_size=7, channel_axis=-1) for i in range(3)]
+    np.testing.assert_allclose(gf.metrics.ssim(y, x), ref, rtol=1e-4)
+    np.testing.assert_allclose(gf.metrics.ssim(x, x), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="window must be odd"):
+        gf.metrics.ssim(x, y, window=9)

@@ -1,0 +1,330 @@
+"""Measurement operators ``y = A(x) + noise`` for inverse problems.
+
+Operators are pytrees (their arrays are traced) with
+
+* ``forward(x)``: ``A x``, ``x: [B, ...]`` -> ``y: [B, ...]``,
+* ``adjoint(y)``: ``A^T y`` (exact: ``<A x, y> = <x, A^T y>``),
+* ``pinv(y)``: the Moore-Penrose pseudo-inverse ``A^+ y``,
+
+all batched over the leading axis. Images are ``[B, H, W, C]``; vectors ``[B, D]``.
+Noise models add measurement noise and give the data-fidelity term the posterior samplers use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+__all__ = [
+    "Operator", "Mask", "AvgPool", "Blur", "Matrix", "Identity",
+    "random_inpainting", "box_inpainting", "super_resolution", "gaussian_blur", "motion_blur",
+    "compressed_sensing", "denoising",
+    "GaussianNoise", "PoissonNoise",
+]
+
+
+def _static():
+    return dataclasses.field(metadata=dict(static=True))
+
+
+class Operator:
+    """Base class: a linear measurement operator with forward, adjoint and pseudo-inverse."""
+
+    name = "operator"
+
+    def forward(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def adjoint(self, y: Array) -> Array:
+        raise NotImplementedError
+
+    def pinv(self, y: Array) -> Array:
+        raise NotImplementedError
+
+    def norm_sq(self) -> Array:
+        """``||A||^2`` (largest squared singular value): gradient steps on ``||y - A x||^2 / 2``
+        are stable for step sizes below ``2 / ||A||^2``."""
+        raise NotImplementedError
+
+    def __call__(self, x: Array) -> Array:
+        return self.forward(x)
+
+    def project(self, x: Array, y: Array) -> Array:
+        """``A^+ y + (I - A^+ A) x``: the point closest to ``x`` consistent with ``y`` (range-null
+        space decomposition of DDNM, Wang et al. 2023)."""
+        return x + self.pinv(y - self.forward(x))
+
+
+# -- inpainting ------------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mask(Operator):
+    """Inpainting: ``A x = m * x`` with a 0/1 mask ``m`` of the shape of one example.
+
+    ``A`` is an orthogonal projection, so ``A^T = A^+ = A``.
+    """
+
+    mask: Array
+    name: str = dataclasses.field(default="inpainting", metadata=dict(static=True))
+
+    def forward(self, x):
+        return x * self.mask
+
+    def adjoint(self, y):
+        return y * self.mask
+
+    def pinv(self, y):
+        return y * self.mask
+
+    def norm_sq(self):
+        return jnp.max(self.mask)
+
+
+def random_inpainting(key: Array, shape: tuple[int, ...], keep: float = 0.3, per_channel: bool = False) -> Mask:
+    """Keep a random fraction ``keep`` of the pixels of examples shaped ``shape`` (``[H, W, C]``).
+
+    The same pixels are dropped in every channel unless ``per_channel``."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must lie in (0, 1]; got {keep}")
+    mshape = shape if per_channel or len(shape) < 3 else shape[:-1] + (1,)
+    m = (jax.random.uniform(key, mshape) < keep).astype(jnp.float32)
+    return Mask(jnp.broadcast_to(m, shape))
+
+
+def box_inpainting(shape: tuple[int, int, int], top: int, left: int, height: int, width: int) -> Mask:
+    """Drop the box ``[top:top+height, left:left+width]`` of ``[H, W, C]`` images."""
+    H, W = shape[0], shape[1]
+    if not (0 <= top and 0 <= left and top + height <= H and left + width <= W and height > 0 and width > 0):
+        raise ValueError(f"box ({top}, {left}, {height}, {width}) does not fit in images of shape {shape}")
+    m = np.ones(shape, np.float32)
+    m[top:top + height, left:left + width] = 0.0
+    return Mask(jnp.asarray(m), name="box_inpainting")
+
+
+# -- super-resolution --------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AvgPool(Operator):
+    """Super-resolution by ``factor x factor`` average pooling of ``[B, H, W, C]`` images.
+
+    ``A A^T = I / factor^2``, so ``A^+ = factor^2 A^T`` is nearest-neighbour upsampling."""
+
+    factor: int = _static()
+    name: str = dataclasses.field(default="super_resolution", metadata=dict(static=True))
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        f = self.factor
+        if H % f or W % f:
+            raise ValueError(f"image size {(H, W)} is not divisible by the pooling factor {f}")
+        return x.reshape(B, H // f, f, W // f, f, C).mean(axis=(2, 4))
+
+    def _up(self, y):
+        f = self.factor
+        return jnp.repeat(jnp.repeat(y, f, axis=1), f, axis=2)
+
+    def adjoint(self, y):
+        return self._up(y) / (self.factor**2)
+
+    def pinv(self, y):
+        return self._up(y)
+
+    def norm_sq(self):
+        return jnp.float32(1.0 / self.factor**2)
+
+
+def super_resolution(factor: int = 2) -> AvgPool:
+    """``factor``-times super-resolution by average pooling."""
+    if factor < 1:
+        raise ValueError(f"factor must be a positive int; got {factor}")
+    return AvgPool(int(factor))
+
+
+# -- blur (circular convolution) -----------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Blur(Operator):
+    """Circular convolution of ``[B, H, W, C]`` images with a kernel, in the Fourier domain.
+
+    ``kernel_fft: [H, W]`` is the 2-D DFT of the zero-padded, centred kernel. Circular
+    boundaries make ``A`` diagonal in Fourier space, so the adjoint (conjugate transfer
+    function) is exact and the pseudo-inverse is the truncated one: ``1/K`` where
+    ``|K| > rcond * max|K|``, else 0 (``rcond`` trades exactness of ``A A^+ A = A`` on weak
+    frequencies for stability under measurement noise, as a truncated SVD does)."""
+
+    kernel_fft: Array
+    rcond: float = dataclasses.field(default=0.05, metadata=dict(static=True))
+    name: str = dataclasses.field(default="blur", metadata=dict(static=True))
+
+    def _apply(self, x, transfer):
+        X = jnp.fft.fft2(x, axes=(1, 2))
+        return jnp.real(jnp.fft.ifft2(X * transfer[None, :, :, None], axes=(1, 2))).astype(x.dtype)
+
+    def forward(self, x):
+        return self._apply(x, self.kernel_fft)
+
+    def adjoint(self, y):
+        return self._apply(y, jnp.conj(self.kernel_fft))
+
+    def pinv(self, y):
+        k = self.kernel_fft
+        mag2 = jnp.real(k * jnp.conj(k))
+        keep = mag2 > (self.rcond**2) * jnp.max(mag2)
+        inv = jnp.where(keep, jnp.conj(k) / jnp.where(keep, mag2, 1.0), 0.0)
+        return self._apply(y, inv)
+
+    def norm_sq(self):
+        return jnp.max(jnp.real(self.kernel_fft * jnp.conj(self.kernel_fft)))
+
+
+def _kernel_to_fft(kernel: np.ndarray, H: int, W: int) -> Array:
+    kh, kw = kernel.shape
+    if kh > H or kw > W:
+        raise ValueError(f"kernel of shape {kernel.shape} is larger than the image {(H, W)}")
+    pad = np.zeros((H, W), np.float64)
+    pad[:kh, :kw] = kernel / kernel.sum()
+    pad = np.roll(pad, (-(kh // 2), -(kw // 2)), axis=(0, 1))  # centre the kernel at (0, 0)
+    return jnp.asarray(np.fft.fft2(pad), jnp.complex64)
+
+
+def gaussian_blur(image_shape: tuple[int, int], sigma: float = 1.0, size: int | None = None,
+                  rcond: float = 0.05) -> Blur:
+    """Gaussian blur of std ``sigma`` pixels on ``[H, W]`` images (kernel ``size`` x ``size``)."""
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive; got {sigma}")
+    size = size or int(2 * np.ceil(2 * sigma) + 1)
+    r = np.arange(size) - size // 2
+    k = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sigma**2)
+    return Blur(_kernel_to_fft(k, *image_shape), rcond=rcond, name="gaussian_blur")
+
+
+def motion_blur(image_shape: tuple[int, int], length: int = 3, angle: float = 0.0, rcond: float = 0.05) -> Blur:
+    """Linear motion blur: a line of ``length`` pixels at ``angle`` degrees, anti-aliased."""
+    if length < 1:
+        raise ValueError(f"length must be >= 1; got {length}")
+    size = length if length % 2 else length + 1
+    k = np.zeros((size, size))
+    c = size // 2
+    th = np.deg2rad(angle)
+    for s in np.linspace(-(length - 1) / 2, (length - 1) / 2, 8 * length):
+        x, y = c + s * np.cos(th), c - s * np.sin(th)
+        i0, j0 = int(np.floor(y)), int(np.floor(x))
+        for di in (0, 1):
+            for dj in (0, 1):
+                i, j = i0 + di, j0 + dj
+                if 0 <= i < size and 0 <= j < size:
+                    k[i, j] += (1 - abs(y - i)) * (1 - abs(x - j))
+    return Blur(_kernel_to_fft(k, *image_shape), rcond=rcond, name="motion_blur")
+
+
+# -- compressed sensing ----------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Matrix(Operator):
+    """``y = M vec(x)`` with a dense ``M: [m, D]`` (compressed sensing); ``x: [B, *x_shape]``
+    with ``prod(x_shape) = D``, ``y: [B, m]``. ``matrix_pinv: [D, m]`` is precomputed by SVD."""
+
+    matrix: Array
+    matrix_pinv: Array
+    x_shape: tuple = _static()
+    sq_norm: Array | float = 1.0
+    name: str = dataclasses.field(default="compressed_sensing", metadata=dict(static=True))
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], -1) @ self.matrix.T
+
+    def adjoint(self, y):
+        return (y @ self.matrix).reshape((y.shape[0],) + self.x_shape)
+
+    def pinv(self, y):
+        return (y @ self.matrix_pinv.T).reshape((y.shape[0],) + self.x_shape)
+
+    def norm_sq(self):
+        return jnp.asarray(self.sq_norm, jnp.float32)
+
+
+def compressed_sensing(key: Array, x_shape: tuple[int, ...], num_measurements: int) -> Matrix:
+    """A Gaussian sensing matrix ``[num_measurements, prod(x_shape)]`` with entries ``N(0, 1/m)``."""
+    if num_measurements < 1:
+        raise ValueError(f"num_measurements must be positive; got {num_measurements}")
+    x_shape = tuple(int(d) for d in x_shape)
+    dim = int(np.prod(x_shape))
+    M = np.asarray(jax.random.normal(key, (num_measurements, dim)), np.float64) / np.sqrt(num_measurements)
+    return Matrix(jnp.asarray(M, jnp.float32), jnp.asarray(np.linalg.pinv(M), jnp.float32), x_shape,
+                  float(np.linalg.norm(M, 2) ** 2))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Identity(Operator):
+    """Denoising: ``A = I``."""
+
+    name: str = dataclasses.field(default="denoising", metadata=dict(static=True))
+
+    def forward(self, x):
+        return x
+
+    def adjoint(self, y):
+        return y
+
+    def pinv(self, y):
+        return y
+
+    def norm_sq(self):
+        return jnp.float32(1.0)
+
+
+def denoising() -> Identity:
+    return Identity()
+
+
+# -- noise models --------------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GaussianNoise:
+    """``y = A x + sigma n``, ``n ~ N(0, I)``; ``-log p(y | x) = ||y - A x||^2 / (2 sigma^2) + c``."""
+
+    sigma: Array | float
+
+    def sample(self, key: Array, clean: Array) -> Array:
+        return clean + self.sigma * jax.random.normal(key, clean.shape, clean.dtype)
+
+    def residual_norm(self, y: Array, pred: Array) -> Array:
+        """``||y - A x0||`` per example: the distance DPS steps on. Returns ``[B]``."""
+        r = (y - pred).reshape(y.shape[0], -1)
+        return jnp.sqrt(jnp.sum(r * r, axis=-1) + 1e-12)
+
+    def nll(self, y: Array, pred: Array) -> Array:
+        r = (y - pred).reshape(y.shape[0], -1)
+        return 0.5 * jnp.sum(r * r, axis=-1) / (self.sigma**2)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PoissonNoise:
+    """Shot noise on images in [-1, 1]: counts ``k ~ Poisson(rate * (A x + 1) / 2)``, reported
+    as ``y = 2 k / rate - 1``. DPS (Chung et al. 2023, eq. 20) steps on the Gaussian
+    approximation ``||y - A x||_Lambda`` with ``Lambda_ii = 1 / (2 y_i)`` on the [0, 1] scale."""
+
+    rate: Array | float
+
+    def sample(self, key: Array, clean: Array) -> Array:
+        lam = self.rate * jnp.clip((clean + 1.0) / 2.0, 0.0, None)
+        k = jax.random.poisson(key, lam).astype(clean.dtype)
+        return 2.0 * k / self.rate - 1.0
+
+    def residual_norm(self, y: Array, pred: Array) -> Array:
+        y01, p01 = (y + 1.0) / 2.0, (pred + 1.0) / 2.0
+        w = 1.0 / (2.0 * jnp.maximum(y01, 1.0 / self.rate))
+        r = ((y01 - p01) ** 2 * w).reshape(y.shape[0], -1)
+        return jnp.sqrt(jnp.sum(r, axis=-1) + 1e-12)
+
+    def nll(self, y: Array, pred: Array) -> Array:
+        lam = self.rate * jnp.clip((pred + 1.0) / 2.0, 1e-6, None)
+        k = self.rate * (y + 1.0) / 2.0
+        return jnp.sum((lam - k * jnp.log(lam)).reshape(y.shape[0], -1), axis=-1)

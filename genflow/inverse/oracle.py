@@ -1,0 +1,34 @@
+"""The linear-Gaussian oracle: exact posterior of ``x ~ N(mu, C)`` given ``y = A x + sigma n``.
+
+``Sigma_post = (C^-1 + A^T A / sigma^2)^-1``, ``mu_post = Sigma_post (C^-1 mu + A^T y / sigma^2)``,
+computed in the stable form ``mu_post = mu + C A^T (A C A^T + sigma^2 I)^-1 (y - A mu)``,
+``Sigma_post = C - C A^T (A C A^T + sigma^2 I)^-1 A C`` (no inverse of ``C``, works for
+``sigma = 0``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genflow.inverse.operators import Operator
+
+Array = jax.Array
+
+
+def operator_matrix(op: Operator, x_shape: tuple[int, ...]) -> np.ndarray:
+    """The dense matrix ``[m, D]`` of a linear operator acting on examples of shape ``x_shape``
+    (by applying it to the standard basis; for small problems and tests)."""
+    d = int(np.prod(x_shape))
+    basis = jnp.eye(d, dtype=jnp.float32).reshape((d,) + tuple(x_shape))
+    cols = np.asarray(op.forward(basis), np.float64).reshape(d, -1)
+    return cols.T
+
+
+def linear_gaussian_posterior(mean, cov, A, y, noise_std: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact posterior ``(mean [D], cov [D, D])`` (float64) for ``y: [m]`` and ``A: [m, D]``."""
+    mu, C, A, y = (np.asarray(v, np.float64) for v in (mean, cov, A, y))
+    S = A @ C @ A.T + noise_std**2 * np.eye(A.shape[0])
+    K = np.linalg.solve(S, A @ C).T  # C A^T S^-1
+    return mu + K @ (y - A @ mu), C - K @ A @ C
