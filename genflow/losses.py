@@ -39,7 +39,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from genflow import param
 from genflow.paths import Path
@@ -57,6 +56,8 @@ __all__ = [
     "dsm_loss",
     "independent_coupling",
     "ot_coupling",
+    "exact_assignment",
+    "paired_coupling",
     "drop_labels",
     "sample_t",
 ]
@@ -127,37 +128,53 @@ def independent_coupling(key: Array, x0: Array, x1: Array) -> Array:
     return x1
 
 
-def _assignment_host(cost: np.ndarray) -> np.ndarray:
-    from scipy.optimize import linear_sum_assignment
-
-    cost = np.asarray(cost, np.float64)
-    if cost.ndim == 2:
-        return linear_sum_assignment(cost)[1].astype(np.int32)
-    return np.stack([linear_sum_assignment(c)[1] for c in cost]).astype(np.int32)
-
-
 def exact_assignment(cost: Array) -> Array:
     """Exact linear assignment ``perm`` minimising ``sum_i cost[i, perm[i]]``.
 
-    ``cost: [..., B, B]``; returns ``[..., B]`` int32. Runs SciPy's Jonker-Volgenant solver on
-    the host through ``jax.pure_callback`` (batched leading dimensions are solved in one call),
-    so it works under ``jit`` and ``lax.scan``.
+    ``cost: [..., B, B]``; returns ``[..., B]`` int32. Solved on the host in float64 by
+    :func:`genflow.ot.assignment` (SciPy's Jonker-Volgenant solver on dual-preconditioned
+    costs, which has the same optimal assignments) through ``jax.pure_callback``: it works
+    under ``jit``, ``vmap`` (one host call for the whole batch of problems) and ``lax.scan``.
     """
-    out = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
-    return jax.pure_callback(_assignment_host, out, cost, vmap_method="expand_dims")
+    from genflow import ot
+
+    return ot.assignment(cost)
 
 
 def ot_coupling(key: Array, x0: Array, x1: Array) -> Array:
     """Exact minibatch OT coupling: the permutation of ``x1`` minimising ``sum ||x0_i - x1_p(i)||^2``.
 
-    ``x0, x1: [B, ...]``. Returns ``x1[perm]``. Ties are broken by SciPy's solver; the key is
-    unused (the assignment is exact, hence deterministic).
+    ``x0, x1: [B, ...]``. Returns ``x1[perm]`` (Tong et al. 2023; Pooladian et al. 2023). The
+    squared distances are computed in float64 on the host and the assignment is exact
+    (:func:`genflow.ot.ot_permutation`); the key is unused (the coupling is deterministic; ties,
+    which have probability zero for continuous draws, are broken by the solver).
+    To train fast, prepare the couplings of a whole chunk of steps ahead of time with
+    :class:`genflow.ot.CoupledBatches` and :func:`paired_coupling` instead.
     """
     del key
-    a, b = x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)
-    cost = jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
-    perm = exact_assignment(jax.lax.stop_gradient(cost))
-    return x1[perm]
+    from genflow import ot
+
+    return x1[ot.ot_permutation(x0, x1)]
+
+
+def paired_coupling(x1_paired: Array) -> Coupling:
+    """A coupling that replaces the drawn noise by pre-coupled noise ``x1_paired: [B, ...]``.
+
+    For noise paired with the data batch outside the loss, e.g. by
+    :class:`genflow.ot.CoupledBatches` (exact OT couplings computed a chunk at a time in a
+    background thread)::
+
+        loss = gf.losses.flow_matching_loss(fn, path, batch["x"], key,
+                                            coupling=gf.losses.paired_coupling(batch["x1"]))
+    """
+
+    def coupling(key: Array, x0: Array, x1: Array) -> Array:
+        del key
+        if x1_paired.shape != x1.shape:
+            raise ValueError(f"paired noise has shape {x1_paired.shape}; the data batch needs {x1.shape}")
+        return x1_paired.astype(x1.dtype)
+
+    return coupling
 
 
 COUPLINGS: dict[str, Coupling] = {"independent": independent_coupling, "ot": ot_coupling}

@@ -1,0 +1,189 @@
+"""Exact minibatch OT (genflow.ot and the OT coupling of genflow.losses): optimal costs equal
+SciPy's on raw costs and brute force on small problems; the dual preconditioner never changes
+the optimum."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+import genflow as gf
+from genflow import ot
+
+
+def _moons_np(rng, n):
+    up = rng.permutation(np.arange(n) < n // 2)
+    th = rng.uniform(0, np.pi, n)
+    x = np.where(up, np.cos(th), 1 - np.cos(th))
+    y = np.where(up, np.sin(th), 0.5 - np.sin(th))
+    return 2.0 * (np.stack([x, y], -1) + 0.05 * rng.standard_normal((n, 2)) - [0.5, 0.25])
+
+
+def _problems(seed=0):
+    """Many random problems of varied structure: [(name, cost [n, n] float64)]."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(6):  # the training problem: moons data vs Gaussian noise
+        a, b = _moons_np(rng, 256), rng.standard_normal((256, 2))
+        out.append(("moons-gauss-256", ot.sq_distances(a, b)))
+    for k in range(30):
+        out.append(("uniform-64", rng.random((64, 64))))
+    for k in range(20):  # integer costs: many ties
+        out.append(("int-ties-48", rng.integers(0, 5, (48, 48)).astype(np.float64)))
+    for k in range(10):  # high-dimensional Gaussians, large spread of magnitudes
+        a, b = rng.standard_normal((96, 16)) * 10, rng.standard_normal((96, 16)) + 3
+        out.append(("gauss16-96", ot.sq_distances(a, b)))
+    for k in range(10):  # negative and mixed-sign costs
+        out.append(("signed-40", rng.standard_normal((40, 40)) * 100))
+    return out
+
+
+def _scipy_cost(c):
+    r, col = linear_sum_assignment(c)
+    return c[r, col].sum()
+
+
+def _is_perm(p):
+    return np.array_equal(np.sort(p, axis=-1), np.broadcast_to(np.arange(p.shape[-1]), p.shape))
+
+
+@pytest.mark.parametrize("precondition", [True, False])
+def test_same_optimal_cost_as_scipy(precondition):
+    for name, c in _problems():
+        p = ot.solve_assignment(c, precondition=precondition)
+        assert _is_perm(p), name
+        ref = _scipy_cost(c)
+        got = ot.assignment_cost(c, p)
+        assert abs(got - ref) <= 1e-9 * max(1.0, abs(ref)), (name, got, ref)
+
+
+def test_brute_force_small_problems():
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 3, 4, 5, 6):
+        perms = np.array(list(itertools.permutations(range(n))))
+        for k in range(40):
+            kind = k % 3
+            if kind == 0:
+                c = rng.random((n, n))
+            elif kind == 1:
+                c = rng.integers(0, 3, (n, n)).astype(np.float64)  # ties
+            else:
+                c = ot.sq_distances(rng.standard_normal((n, 2)), rng.standard_normal((n, 2)) * 2)
+            best = c[np.arange(n), perms].sum(1).min()
+            for pre in (True, False):
+                p = ot.solve_assignment(c, precondition=pre)
+                assert _is_perm(p)
+                assert abs(ot.assignment_cost(c, p) - best) <= 1e-12 * max(1.0, best), (n, k, pre)
+
+
+def test_preconditioner_cannot_change_the_optimum():
+    rng = np.random.default_rng(2)
+    c = ot.sq_distances(_moons_np(rng, 128), rng.standard_normal((128, 2)))
+    ref = _scipy_cost(c)
+    # the Sinkhorn potential, one so sharp that the scaling form overflows (fallback), and an
+    # arbitrary shift: all give the same optimal cost
+    for eps, iters in ((0.1, 40), (1e-4, 40), (5.0, 3)):
+        g = ot.column_potential(c, eps, iters)
+        assert np.all(np.isfinite(g))
+        p = linear_sum_assignment(c - g[None])[1]
+        assert abs(ot.assignment_cost(c, p) - ref) <= 1e-9 * ref
+    g = rng.standard_normal(128) * 50
+    p = linear_sum_assignment(c - g[None])[1]
+    assert abs(ot.assignment_cost(c, p) - ref) <= 1e-9 * ref
+
+
+def test_potential_is_near_dual_optimal():
+    # The column potential preconditions well when it is close to an optimal dual: then the
+    # optimal assignment has small reduced costs c_ij - u_i - g_j (u_i the row minima).
+    rng = np.random.default_rng(3)
+    c = ot.sq_distances(_moons_np(rng, 256), rng.standard_normal((256, 2)))
+    r, col = linear_sum_assignment(c)
+
+    def mean_reduced(g):
+        red = c - g[None]
+        return np.mean(red[r, col] - red.min(1))
+
+    assert mean_reduced(ot.column_potential(c, 0.1, 40)) < 0.2 * mean_reduced(c.min(0))
+
+
+def test_points_solver_and_jax_wrappers():
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((3, 64, 2)).astype(np.float32)
+    b = (rng.standard_normal((3, 64, 2)) * 2).astype(np.float32)
+    c64 = ot.sq_distances(a.astype(np.float64), b.astype(np.float64))
+    refs = np.array([_scipy_cost(c) for c in c64])
+    p = ot.solve_ot_points(a, b)
+    np.testing.assert_allclose(ot.assignment_cost(c64, p), refs, rtol=1e-12)
+    # jit / vmap of the device wrappers: one host call for the batch
+    pj = jax.jit(jax.vmap(ot.ot_permutation))(jnp.asarray(a), jnp.asarray(b))
+    np.testing.assert_allclose(ot.assignment_cost(c64, np.asarray(pj)), refs, rtol=1e-12)
+    pc = jax.jit(ot.assignment)(jnp.asarray(c64, jnp.float32))
+    assert pc.shape == (3, 64) and pc.dtype == jnp.int32
+    np.testing.assert_allclose(ot.assignment_cost(c64, np.asarray(pc)), refs, rtol=1e-6)
+    # inside lax.scan, through the loss-module entry points
+    def body(carry, ab):
+        x0, x1 = ab
+        return carry, (gf.losses.exact_assignment(ot.sq_distances(x0, x1)), gf.losses.ot_coupling(None, x0, x1))
+
+    _, (ps, coupled) = jax.jit(lambda a, b: jax.lax.scan(body, 0, (a, b)))(jnp.asarray(a), jnp.asarray(b))
+    np.testing.assert_allclose(ot.assignment_cost(c64, np.asarray(ps)), refs, rtol=1e-6)
+    for k in range(3):
+        got = np.sum((a[k].astype(np.float64) - np.asarray(coupled[k], np.float64)) ** 2)
+        np.testing.assert_allclose(got, refs[k], rtol=1e-6)
+
+
+def test_threads_do_not_change_results():
+    rng = np.random.default_rng(5)
+    c = rng.random((8, 50, 50))
+    np.testing.assert_array_equal(ot.solve_assignment(c, threads=1), ot.solve_assignment(c, threads=3))
+
+
+def test_coupled_batches_are_exact_ot_of_the_independent_stream():
+    key = jax.random.key(7)
+    kw = dict(chunk=4, prefetch=1)
+    it_ot = ot.CoupledBatches(gf.data.moons, 64, key, num_batches=6, **kw)
+    it_ind = ot.CoupledBatches(gf.data.moons, 64, key, coupling="independent", num_batches=6, **kw)
+    batches_ot, batches_ind = list(it_ot), list(it_ind)
+    assert len(batches_ot) == len(batches_ind) == 6
+    for bo, bi in zip(batches_ot, batches_ind):
+        np.testing.assert_array_equal(bo["x"], bi["x"])  # same data draw
+        # the OT noise is a permutation of the same noise draw ...
+        np.testing.assert_array_equal(np.sort(bo["x1"], 0), np.sort(bi["x1"], 0))
+        # ... and its pairing cost is the exact optimum
+        c = ot.sq_distances(bo["x"].astype(np.float64), bi["x1"].astype(np.float64))
+        got = np.sum((bo["x"].astype(np.float64) - bo["x1"].astype(np.float64)) ** 2)
+        np.testing.assert_allclose(got, _scipy_cost(c), rtol=1e-12)
+    # chunks differ from each other and the stream is reproducible from the key
+    assert not np.array_equal(batches_ot[0]["x"], batches_ot[4]["x"])
+    stream = ot.CoupledBatches(gf.data.moons, 64, key, **kw)
+    again = next(stream)
+    stream.close()
+    np.testing.assert_array_equal(again["x1"], batches_ot[0]["x1"])
+
+
+def test_paired_coupling_in_flow_matching_loss():
+    path = gf.paths.linear()
+    x0 = jax.random.normal(jax.random.key(0), (16, 2))
+    x1 = jax.random.normal(jax.random.key(1), (16, 2)) * 3
+    fn = lambda x, t: jnp.zeros_like(x)  # noqa: E731
+    loss, _ = gf.losses.flow_matching_loss(fn, path, x0, jax.random.key(2), coupling=gf.losses.paired_coupling(x1))
+    # linear path: target velocity x1 - x0, zero model -> mean squared norm / D
+    np.testing.assert_allclose(loss, np.mean(np.mean((np.asarray(x1) - np.asarray(x0)) ** 2, -1)), rtol=1e-5)
+    with pytest.raises(ValueError, match="paired noise has shape"):
+        gf.losses.flow_matching_loss(fn, path, x0, jax.random.key(2), coupling=gf.losses.paired_coupling(x1[:8]))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match=r"cost must have shape \[..., n, n\]"):
+        ot.solve_assignment(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="same shape"):
+        ot.solve_ot_points(np.zeros((4, 2)), np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        ot.solve_assignment(np.zeros((2, 3, 3)), threads=0)
+    with pytest.raises(ValueError, match="same shape"):
+        ot.ot_permutation(jnp.zeros((4, 2)), jnp.zeros((4, 3)))
+    with pytest.raises(ValueError, match="coupling must be 'ot' or 'independent'"):
+        ot.CoupledBatches(gf.data.moons, 8, jax.random.key(0), coupling="sinkhorn")
