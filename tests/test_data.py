@@ -49,3 +49,101 @@ def test_digits():
 def test_unknown_toy():
     with pytest.raises(ValueError, match="unknown toy dataset 'rings'"):
         gf.data.toy("rings", jax.random.key(0), 10)
+
+
+# --- image pipelines (grain; tfds through tfds.testing.mock_data, which needs no TensorFlow) --------
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_digits_loader_batches_epochs_and_determinism():
+    xtr, ytr = gf.data.load_digits("train")
+    n = len(xtr)
+    it = gf.data.image_loader("digits", 32, seed=0)
+    b = next(it)
+    assert b["x"].shape == (32, 8, 8, 1) and b["x"].dtype == np.float32 and b["y"].dtype == np.int32
+    # one epoch of the shuffled stream is a permutation of the training set
+    epoch = gf.data.image_loader("digits", n, seed=0)
+    first, second = next(epoch), next(epoch)
+    key = lambda x: sorted(r.tobytes() for r in x.reshape(len(x), -1))  # noqa: E731
+    assert key(first["x"]) == key(xtr) and key(second["x"]) == key(xtr)
+    assert not np.array_equal(first["x"], second["x"])  # a new order every epoch
+    np.testing.assert_array_equal(np.sort(first["y"]), np.sort(ytr))
+    # the same seed gives the same stream, another seed another one
+    again = gf.data.image_loader("digits", 32, seed=0)
+    np.testing.assert_array_equal(next(again)["x"], b["x"])
+    assert not np.array_equal(next(gf.data.image_loader("digits", 32, seed=1))["x"], b["x"])
+    ordered = next(gf.data.image_loader("digits", 8, shuffle=False))
+    np.testing.assert_array_equal(ordered["x"], xtr[:8])
+
+
+def test_loader_resumes_from_its_state():
+    it = gf.data.image_loader("digits", 16, seed=3)
+    _take(it, 50)  # crosses an epoch boundary (1437 / 16 < 90)
+    state = it.get_state()
+    expected = _take(it, 60)
+    resumed = gf.data.image_loader("digits", 16, seed=3)
+    resumed.set_state(state)
+    for a, b in zip(expected, _take(resumed, 60)):
+        np.testing.assert_array_equal(a["x"], b["x"])
+        np.testing.assert_array_equal(a["y"], b["y"])
+    import json
+
+    json.dumps(state)  # the state is plain JSON (it goes into the checkpoint)
+
+
+def test_per_host_shards_partition_the_data():
+    xtr, _ = gf.data.load_digits("train")
+    n = len(xtr)
+    seen = []
+    for i in range(3):
+        shard = gf.data.image_loader("digits", n // 3, shard_index=i, shard_count=3, shuffle=False, num_epochs=1)
+        seen.append(next(shard)["x"].reshape(n // 3, -1))
+    # host i reads examples i, i + 3, ...: disjoint shards that together cover the data
+    for i in range(3):
+        np.testing.assert_array_equal(seen[i], xtr[i::3][: n // 3].reshape(n // 3, -1))
+    with pytest.raises(ValueError, match="shard_index < shard_count"):
+        gf.data.image_loader("digits", 8, shard_index=3, shard_count=3)
+
+
+@pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_tfds_loader_with_mock_data(name, shape):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=24):
+        it = gf.data.image_loader(name, 8, seed=0)
+        batches = _take(it, 4)  # 3 batches per epoch: crosses into the second epoch
+        state = it.get_state()
+        after = next(it)
+        resumed = gf.data.image_loader(name, 8, seed=0)
+        resumed.set_state(state)
+        np.testing.assert_array_equal(next(resumed)["x"], after["x"])
+        raw = tfds.data_source(name, split="train")
+        raw_images = {np.asarray(raw[i]["image"]).tobytes(): int(raw[i]["label"]) for i in range(len(raw))}
+    b = batches[0]
+    assert b["x"].shape == (8, *shape) and b["x"].dtype == np.float32 and b["y"].shape == (8,)
+    assert b["x"].min() >= -1.0 and b["x"].max() <= 1.0
+    # every record is the decoded tfds example, rescaled from {0..255} to [-1, 1], with its label
+    epoch = np.concatenate([bb["x"] for bb in batches[:3]])
+    labels = np.concatenate([bb["y"] for bb in batches[:3]])
+    back = np.rint((epoch + 1.0) * 127.5).astype(np.uint8)
+    assert sorted(r.tobytes() for r in back) == sorted(raw_images)
+    assert all(raw_images[r.tobytes()] == y for r, y in zip(back, labels))
+
+
+def test_tfds_unlabelled_and_resized():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=6):
+        b = next(gf.data.image_loader("celeb_a", 2, label_key=None, image_size=16))
+    assert set(b) == {"x"} and b["x"].shape == (2, 16, 16, 3)
+
+
+def test_image_loader_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        gf.data.image_loader("digits", 0)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        gf.data.image_loader("digits", 10_000)
+    with pytest.raises(ValueError, match="split must be"):
+        gf.data.image_loader("digits", 8, split="validation")

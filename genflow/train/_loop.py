@@ -1,14 +1,16 @@
-"""``fit``: the jitted training loop, ``lax.scan`` over chunks of steps."""
+"""``fit``: the jitted training loop, ``lax.scan`` over chunks of steps (optionally sharded and
+checkpointed)."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow.train import _sharding as shd
 from genflow.train._state import TrainState
 
 Array = jax.Array
@@ -33,14 +35,20 @@ class NonFiniteLossError(FloatingPointError):
         self.history = history
 
 
-def _chunk_fn(step_fn, batch_fn, unroll: int = 1):
+def _chunk_fn(step_fn, batch_fn, unroll: int = 1, mesh=None):
     """``run(state, xs, length)``: ``length`` steps in one ``lax.scan``; batches come from
-    ``xs`` (stacked host batches) or, when ``xs`` is None, from ``batch_fn`` on device."""
+    ``xs`` (stacked host batches) or, when ``xs`` is None, from ``batch_fn`` on device (sharded
+    over the mesh's batch axes when a mesh is given)."""
 
     def run(state: TrainState, xs, length: int):
         def body(carry, x):
             st, halted = carry
-            batch = batch_fn(jax.random.fold_in(st.rng, 1)) if x is None else x
+            if x is None:
+                batch = batch_fn(jax.random.fold_in(st.rng, 1))
+                if mesh is not None:
+                    batch = jax.lax.with_sharding_constraint(batch, shd.batch_sharding(mesh))
+            else:
+                batch = x
             new, metrics = step_fn(st, batch)
             ok = metrics["finite"] & ~halted
             new = jax.lax.cond(ok, lambda: new, lambda: st)
@@ -53,6 +61,14 @@ def _chunk_fn(step_fn, batch_fn, unroll: int = 1):
     return run
 
 
+def _callbacks(callback) -> list[Callable]:
+    if callback is None:
+        return []
+    if callable(callback):
+        return [callback]
+    return list(callback)
+
+
 def fit(
     state: TrainState,
     step_fn: Callable[[TrainState, Any], tuple[TrainState, dict]],
@@ -61,9 +77,12 @@ def fit(
     *,
     chunk_size: int = 100,
     progress: bool = True,
-    callback: Callable[[TrainState, dict], None] | None = None,
+    callback: Callable[[TrainState, dict], None] | Sequence[Callable] | None = None,
     desc: str = "train",
     unroll: int = 1,
+    mesh: jax.sharding.Mesh | None = None,
+    min_shard_size: int = shd.MIN_SHARD_SIZE,
+    checkpointer=None,
 ) -> tuple[TrainState, dict]:
     """Run ``num_steps`` updates, ``chunk_size`` per compiled ``lax.scan`` call.
 
@@ -72,19 +91,31 @@ def fit(
       step_fn: ``step(state, batch) -> (state, metrics)`` from :func:`make_train_step`.
       data: either ``batch_fn(key) -> batch``, sampled on device inside the scan from a key
         derived from ``state.rng`` (toy data, device-resident datasets), or an iterable of host
-        batches, of which ``chunk_size`` are stacked and transferred per call.
+        batches, of which ``chunk_size`` are stacked and transferred per call. With a mesh, host
+        batches are this process's share (``B_local`` rows; the global batch has
+        ``B_local * process_count``). An iterator with ``get_state()`` (grain) has its position
+        saved in every checkpoint.
       num_steps: number of updates.
       chunk_size: updates per jitted call; metrics are fetched to the host once per chunk.
-      progress: show a tqdm progress bar.
-      callback: ``callback(state, chunk_metrics)`` after every chunk (checkpoints, logging).
+      progress: show a tqdm progress bar (process 0 only).
+      callback: ``callback(state, chunk_metrics)`` (or a list of them) after every chunk
+        (e.g. a :class:`MetricsWriter`); ``chunk_metrics`` also holds ``"steps_per_s"``.
       unroll: steps unrolled per scan iteration (``lax.scan(unroll=...)``); small models on CPU
         run faster with 2-8, at the cost of compile time.
+      mesh: a ``("data", "fsdp")`` mesh (:func:`make_mesh`): the state is placed by
+        :func:`tree_shardings` (replicated, or FSDP-sharded when ``fsdp > 1``), batches are split
+        over all devices, and the chunk is jitted with these explicit in/out shardings.
+      min_shard_size: arrays with fewer elements are replicated even when ``fsdp > 1``.
+      checkpointer: a :class:`Checkpointer`; chunks are cut at its save steps, and the state (with
+        the data-iterator position) is saved asynchronously every ``save_every`` steps with the
+        chunk's mean loss as metric. Pending saves are committed before ``fit`` returns or raises.
     Returns:
       ``(state, history)`` with ``history[name]``: ``[num_steps]`` numpy arrays of the step
       metrics, plus ``history["wall_time"]`` (seconds spent running the compiled chunks,
       including the host transfer of metrics) and ``history["compile_time"]`` (seconds).
     Raises:
-      NonFiniteLossError: a step had a non-finite loss; carries the last good state.
+      NonFiniteLossError: a step had a non-finite loss; carries the last good state. The
+        checkpoints on disk are left as they were (the last one is the last good save).
     """
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise ValueError(f"num_steps must be a non-negative int; got {num_steps!r}")
@@ -92,11 +123,21 @@ def fit(
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     on_device = callable(data)
     iterator = None if on_device else iter(data)
-    run = jax.jit(_chunk_fn(step_fn, data if on_device else None, unroll), static_argnums=2, donate_argnums=0)
+    chunk = _chunk_fn(step_fn, data if on_device else None, unroll, mesh)
+    if mesh is None:
+        run = jax.jit(chunk, static_argnums=2, donate_argnums=0)
+    else:
+        state_sh = shd.tree_shardings(state, mesh, min_shard_size)
+        state = jax.device_put(state, state_sh)
+        xs_sh = None if on_device else shd.batch_sharding(mesh, stacked=True)
+        run = jax.jit(chunk, static_argnums=2, donate_argnums=0, in_shardings=(state_sh, xs_sh),
+                      out_shardings=(state_sh, shd.replicated(mesh)))
     compiled: dict[int, Callable] = {}
+    callbacks = _callbacks(callback)
+    step0 = int(state.step) if checkpointer is not None else 0
 
     bar = None
-    if progress:
+    if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, desc=desc, leave=False)
@@ -105,10 +146,14 @@ def fit(
     try:
         while done < num_steps:
             n = min(chunk_size, num_steps - done)
+            if checkpointer is not None:
+                n = min(n, checkpointer.save_every - (step0 + done) % checkpointer.save_every)
             xs = None
             if not on_device:
                 batches = [next(iterator) for _ in range(n)]
                 xs = jax.tree.map(lambda *b: np.stack(b), *batches)
+                if mesh is not None:
+                    xs = shd.shard_batch(xs, mesh, stacked=True)
             if n not in compiled:
                 t0 = time.perf_counter()
                 compiled[n] = run.lower(state, xs, n).compile()
@@ -116,7 +161,8 @@ def fit(
             t0 = time.perf_counter()
             state, metrics = compiled[n](state, xs)
             metrics = jax.device_get(metrics)
-            run_time += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            run_time += dt
             finite = np.asarray(metrics["finite"])
             k = n if finite.all() else int(np.argmin(finite))
             for name, v in metrics.items():
@@ -125,14 +171,19 @@ def fit(
                 hist = {name: np.concatenate(v) for name, v in history.items()}
                 raise NonFiniteLossError(done + k, state, hist)
             done += n
-            if callback is not None:
-                callback(state, metrics)
+            if checkpointer is not None and checkpointer.should_save(step0 + done):
+                data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
+                checkpointer.save(state, data_state=data_state, metrics={"loss": float(np.mean(metrics["loss"]))})
+            for cb in callbacks:
+                cb(state, dict(metrics, steps_per_s=n / dt))
             if bar is not None:
                 bar.update(n)
                 bar.set_postfix(loss=f"{float(np.mean(metrics['loss'])):.4f}")
     finally:
         if bar is not None:
             bar.close()
+        if checkpointer is not None:
+            checkpointer.wait()
     out = {name: np.concatenate(v) for name, v in history.items()}
     out["wall_time"] = run_time
     out["compile_time"] = compile_time

@@ -29,6 +29,7 @@ def diffusion_objective(
     coupling: str | Callable = "independent",
     label_dropout: float = 0.0,
     null_label: int | None = None,
+    dropout_rng: bool = False,
     **loss_kwargs: Any,
 ) -> Callable[[Any, Any, Array], tuple[Array, dict]]:
     """``loss_fn(params, batch, key) -> (loss, aux)`` for :func:`genflow.train.make_train_step`.
@@ -39,6 +40,8 @@ def diffusion_objective(
         ``prediction="velocity", weighting="uniform"`` is conditional flow matching.
       label_dropout: probability of replacing a label by ``null_label`` (classifier-free guidance).
       null_label: the "no label" index (e.g. ``num_classes`` for :class:`genflow.nets.MLP`).
+      dropout_rng: call ``apply_fn(..., train=True, rngs={"dropout": key})`` (networks with
+        dropout such as :class:`genflow.nets.UNet`), with a fresh key every step.
     The batch is ``x: [B, ...]`` or ``{"x": [B, ...], "y": [B]}``.
     """
     if label_dropout and null_label is None:
@@ -51,9 +54,12 @@ def diffusion_objective(
         k_drop, k_loss = jax.random.split(key)
         if y is not None and label_dropout > 0:
             y = losses.drop_labels(k_drop, y, label_dropout, null_label)
+        kw = {} if y is None else {"y": y}
+        if dropout_rng:
+            kw.update(train=True, rngs={"dropout": jax.random.fold_in(key, 2)})
 
         def fn(x, t):
-            return apply_fn(params, x, t) if y is None else apply_fn(params, x, t, y=y)
+            return apply_fn(params, x, t, **kw)
 
         loss, aux = losses.diffusion_loss(fn, path, x0, k_loss, prediction=prediction, weighting=weighting,
                                           coupling=coupling, **loss_kwargs)

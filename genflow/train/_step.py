@@ -19,7 +19,21 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+def _microbatches(batch, k: int):
+    """Split the leading axis ``B`` into ``k`` strided microbatches ``[k, B/k, ...]`` (microbatch i
+    holds rows i, i+k, ...; with a batch sharded over devices every microbatch stays spread over all
+    of them)."""
+    def split(x):
+        x = jnp.asarray(x)
+        if x.ndim == 0 or x.shape[0] % k:
+            raise ValueError(f"grad_accum={k} must divide the batch size; got a batch leaf of shape {x.shape}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                    grad_accum: int = 1) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """Build ``step(state, batch) -> (state, metrics)`` (pure; jit it or use :func:`fit`).
 
     ``loss_fn(params, batch, key) -> (loss, aux)`` with ``aux`` a dict of scalars (arrays of
@@ -29,17 +43,50 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) ->
     transforms that need the loss, and model-building ones that re-evaluate it, work unchanged;
     plain transforms ignore them.
 
+    ``grad_accum=k`` splits the batch into ``k`` microbatches (strided: rows ``i, i+k, ...``),
+    accumulates their gradients in a ``lax.scan`` (float32, one microbatch in memory at a time)
+    and applies one update with the mean gradient, loss and metrics; microbatch ``i`` draws its
+    noise from ``fold_in(key, i)``. ``value_fn`` then averages the loss over the microbatches.
+
+    Mixed precision: a network built with ``dtype=jnp.bfloat16`` computes in bfloat16 while its
+    parameters, gradients, optimizer state and EMA copies stay float32 (master weights).
+
     A step whose loss or gradients are not finite leaves the state untouched and reports
     ``metrics["finite"] = False``; :func:`genflow.train.fit` then stops with the last good state.
     """
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum must be a positive int; got {grad_accum!r}")
     tx = optax.with_extra_args_support(optimizer)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def loss_and_grad(params, batch, key):
+        if grad_accum == 1:
+            return grad_fn(params, batch, key)
+        micro = _microbatches(batch, grad_accum)
+
+        def body(acc, i):
+            mb = jax.tree.map(lambda x: x[i], micro)
+            out = grad_fn(params, mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, acc, out), None
+
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), key))
+        total, _ = jax.lax.scan(body, zero, jnp.arange(grad_accum))
+        return jax.tree.map(lambda x: x / grad_accum, total)
+
+    def mean_loss(params, batch, key):
+        if grad_accum == 1:
+            return loss_fn(params, batch, key)[0]
+        micro = _microbatches(batch, grad_accum)
+        losses = jax.lax.map(lambda i: loss_fn(params, jax.tree.map(lambda x: x[i], micro),
+                                               jax.random.fold_in(key, i))[0], jnp.arange(grad_accum))
+        return jnp.mean(losses)
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
         rng, key = jax.random.split(state.rng)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        (loss, aux), grads = loss_and_grad(state.params, batch, key)
 
         def value_fn(p):
-            return loss_fn(p, batch, key)[0]
+            return mean_loss(p, batch, key)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, value_fn=value_fn)
         params = optax.apply_updates(state.params, updates)

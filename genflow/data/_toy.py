@@ -1,22 +1,16 @@
-"""Datasets: toy 2-D distributions (jittable samplers) and bundled offline images.
-
-Toy samplers are pure ``f(key, n) -> [n, 2]`` float32 functions, usable inside ``jit`` and
-``lax.scan`` (the training loop samples them on device). ``load_digits`` returns scikit-learn's
-bundled 8x8 digits (1797 real images, no download) scaled to [-1, 1].
-"""
+"""Toy 2-D distributions: pure ``f(key, n) -> [n, 2]`` float32 samplers, usable inside ``jit`` and
+``lax.scan`` (the training loop samples them on device)."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 
-__all__ = ["TOY", "toy", "toy_sampler", "load_digits",
+__all__ = ["TOY", "toy", "toy_sampler",
            "moons", "eight_gaussians", "checkerboard", "swiss_roll", "spirals", "pinwheel", "circles"]
 
 
@@ -121,36 +115,3 @@ def toy_sampler(name: str, **kwargs) -> Callable[[Array, int], Array]:
 def toy(name: str, key: Array, n: int, **kwargs) -> Array:
     """``n`` samples ``[n, 2]`` of the toy distribution ``name``."""
     return toy_sampler(name, **kwargs)(key, n)
-
-
-def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0,
-                channels_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 8x8 handwritten digits, scaled from {0..16} to [-1, 1].
-
-    Args:
-      split: ``"train"``, ``"test"`` or ``"all"``; the split is a fixed stratified shuffle.
-      test_fraction: fraction of each class held out for ``"test"``.
-      seed: seed of the split permutation.
-      channels_last: images ``[N, 8, 8, 1]`` (else ``[N, 64]``).
-    Returns:
-      ``(images float32, labels int32 [N])``.
-    """
-    from sklearn.datasets import load_digits as _load
-
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}")
-    d = _load()
-    x = (d.data.astype(np.float32) / 16.0) * 2.0 - 1.0
-    y = d.target.astype(np.int32)
-    if split != "all":
-        rng = np.random.default_rng(seed)
-        test = np.zeros(len(y), bool)
-        for c in range(10):
-            idx = np.flatnonzero(y == c)
-            idx = rng.permutation(idx)
-            test[idx[: int(math.ceil(test_fraction * len(idx)))]] = True
-        keep = test if split == "test" else ~test
-        x, y = x[keep], y[keep]
-    if channels_last:
-        x = x.reshape(-1, 8, 8, 1)
-    return x, y

@@ -1,0 +1,178 @@
+"""Image datasets: scikit-learn's bundled 8x8 digits (offline) and tensorflow-datasets by name
+through ``tfds.data_source`` + grain.
+
+Every image source yields records ``{"x": float32 [H, W, C] in [-1, 1], "y": int32}`` (``y`` only
+where the dataset has labels). :func:`image_loader` turns one into an infinite, shuffled, batched,
+per-host-sharded grain iterator whose position (``get_state()``/``set_state()``) is part of a
+:class:`genflow.train.Checkpointer` checkpoint, so a resumed run sees exactly the batches it would
+have seen. No TensorFlow is needed: ``tfds.data_source`` reads ArrayRecord files.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["load_digits", "image_dataset", "image_loader", "DIGITS"]
+
+DIGITS = "digits"
+
+
+def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0,
+                channels_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 handwritten digits, scaled from {0..16} to [-1, 1].
+
+    Args:
+      split: ``"train"``, ``"test"`` or ``"all"``; the split is a fixed stratified shuffle.
+      test_fraction: fraction of each class held out for ``"test"``.
+      seed: seed of the split permutation.
+      channels_last: images ``[N, 8, 8, 1]`` (else ``[N, 64]``).
+    Returns:
+      ``(images float32, labels int32 [N])``.
+    """
+    from sklearn.datasets import load_digits as _load
+
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}")
+    d = _load()
+    x = (d.data.astype(np.float32) / 16.0) * 2.0 - 1.0
+    y = d.target.astype(np.int32)
+    if split != "all":
+        rng = np.random.default_rng(seed)
+        test = np.zeros(len(y), bool)
+        for c in range(10):
+            idx = np.flatnonzero(y == c)
+            idx = rng.permutation(idx)
+            test[idx[: int(math.ceil(test_fraction * len(idx)))]] = True
+        keep = test if split == "test" else ~test
+        x, y = x[keep], y[keep]
+    if channels_last:
+        x = x.reshape(-1, 8, 8, 1)
+    return x, y
+
+
+def _to_float(image: np.ndarray) -> np.ndarray:
+    """``uint8 [H, W, C]`` (or ``[H, W]``) in {0..255} -> float32 ``[H, W, C]`` in [-1, 1]."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    return (image.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Central square crop, then area (box) resampling to ``size x size`` (PIL)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = image[top:top + s, left:left + s]
+    squeeze = crop.ndim == 3 and crop.shape[-1] == 1
+    pil = Image.fromarray(crop[..., 0] if squeeze else crop)
+    out = np.asarray(pil.resize((size, size), Image.BOX))
+    return out[..., None] if out.ndim == 2 else out
+
+
+class _Records:
+    """A random-access source of ``{"x", "y"}`` records over a tfds data source (decoded lazily)."""
+
+    def __init__(self, source, image_key: str, label_key: str | None, image_size: int | None):
+        self.source, self.image_key, self.label_key, self.image_size = source, image_key, label_key, image_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        ex = self.source[i]
+        if self.image_key not in ex:
+            raise KeyError(f"records have no {self.image_key!r} feature; they have {sorted(ex)}")
+        img = np.asarray(ex[self.image_key])
+        if self.image_size is not None:
+            img = _center_crop_resize(img, self.image_size)
+        out = {"x": _to_float(img)}
+        if self.label_key is not None and self.label_key in ex:
+            out["y"] = np.int32(ex[self.label_key])
+        return out
+
+
+class _Arrays:
+    """A random-access source of ``{"x", "y"}`` records over in-memory arrays."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray | None):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"x": self.x[i]} if self.y is None else {"x": self.x[i], "y": self.y[i]}
+
+
+def image_dataset(name: str, split: str = "train", *, data_dir: str | None = None, image_key: str = "image",
+                  label_key: str | None = "label", image_size: int | None = None):
+    """A ``grain.MapDataset`` of records ``{"x": float32 [H, W, C] in [-1, 1], "y": int32}``.
+
+    Args:
+      name: ``"digits"`` (bundled, offline; splits ``"train"``/``"test"``/``"all"``) or a
+        tensorflow-datasets name (``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``, ``"celeb_a"``,
+        ...), read with ``tfds.data_source`` from ``data_dir`` (prepared beforehand with
+        ``tfds.data_source(..., download=True)`` / ``tfds build``; ``split`` in tfds syntax,
+        e.g. ``"train[:90%]"``).
+      image_key, label_key: feature names in the tfds records (``label_key=None``: unlabelled).
+      image_size: central square crop resized to ``image_size`` (e.g. 64 for ``celeb_a``).
+    """
+    import grain
+
+    if name == DIGITS:
+        x, y = load_digits(split)
+        if image_size is not None and image_size != 8:
+            raise ValueError(f"the bundled digits are 8x8; got image_size={image_size}")
+        return grain.MapDataset.source(_Arrays(x, y if label_key is not None else None))
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    return grain.MapDataset.source(_Records(source, image_key, label_key, image_size))
+
+
+def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
+                 workers: int = 0, **dataset_kwargs: Any):
+    """An iterator of batches ``{"x": [batch_size, H, W, C], "y": [batch_size]}`` (numpy).
+
+    Deterministic given ``seed``: the order is a fresh permutation of this host's shard every epoch
+    (grain's index shuffle, no buffer). The iterator has ``get_state()`` / ``set_state(state)``
+    (a small JSON-able dict), saved by :func:`genflow.train.fit` in every checkpoint.
+
+    Args:
+      dataset: a name for :func:`image_dataset` or a ``grain.MapDataset`` of records.
+      batch_size: examples per batch on this host (the global batch is ``batch_size`` times the
+        number of hosts); incomplete batches at the end of the stream are dropped.
+      num_epochs: ``None`` repeats forever.
+      shard_index, shard_count: this host's shard of the examples (default
+        ``jax.process_index()`` of ``jax.process_count()``): host ``i`` reads examples
+        ``i, i + count, ...`` of the dataset.
+      workers: grain worker processes for decoding (``0``: in this process).
+    """
+    import grain
+    import jax
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    ds = image_dataset(dataset, split, **dataset_kwargs) if isinstance(dataset, str) else dataset
+    index = jax.process_index() if shard_index is None else shard_index
+    count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= index < count:
+        raise ValueError(f"need 0 <= shard_index < shard_count; got {index} and {count}")
+    ds = ds[index::count]
+    if len(ds) < batch_size:
+        raise ValueError(f"this host's shard has {len(ds)} examples, fewer than batch_size={batch_size}")
+    ds = ds.seed(seed)
+    if shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
+    it = ds.to_iter_dataset()
+    if workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)

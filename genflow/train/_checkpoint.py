@@ -1,0 +1,168 @@
+"""Preemption-safe checkpoints of the full train state with orbax ``CheckpointManager``.
+
+A checkpoint holds the whole :class:`TrainState` (step, parameters, optimizer state, PRNG key, EMA
+copies) as sharded array files (tensorstore/OCDBT, never pickle) and, beside it, the JSON state
+of the host data iterator (e.g. a grain iterator's position), so that a run restored from it
+continues bit-identically. Saves are asynchronous and atomic (written to a temporary directory,
+renamed on commit): a process killed mid-save leaves the previous checkpoints intact, and the
+half-written one is ignored (and cleaned up) on restart.
+
+    ckpt = gf.train.Checkpointer("runs/x/ckpt", save_every=1000, keep=3)
+    state, data_state = ckpt.restore_or(state)          # resume if a checkpoint exists
+    state, hist = gf.train.fit(state, step, loader, num_steps - int(state.step), checkpointer=ckpt)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from genflow.train._state import TrainState
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # imported on first use: orbax is slow to import
+
+    return ocp
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_savable(tree):
+    """Typed PRNG keys -> their raw ``uint32`` data (orbax stores plain arrays)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _from_savable(tree, like):
+    return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if _is_key(ref)
+                        else x, tree, like)
+
+
+def _abstract(tree, shardings=None):
+    """``ShapeDtypeStruct`` s (with target shardings) describing ``tree`` as it is stored."""
+    if shardings is None:
+        shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), tree)
+
+    def spec(x, s):
+        x = jax.random.key_data(x) if _is_key(x) else x
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
+
+    return jax.tree.map(spec, tree, shardings)
+
+
+class Checkpointer:
+    """Save every ``save_every`` steps (async), keep the last ``keep`` and the best, restore anywhere.
+
+    Args:
+      directory: checkpoint root (one sub-directory per saved step).
+      save_every: save when ``state.step`` is a multiple of it (``fit`` aligns its chunks to it).
+      keep: the number of most recent checkpoints kept.
+      best_metric: a metric name (e.g. ``"loss"``); the checkpoint with the best value is kept
+        too, beyond the last ``keep``. ``None`` keeps only the most recent ones.
+      best_mode: ``"min"`` or ``"max"``.
+      async_save: write in a background thread (the train loop continues meanwhile).
+      **options: extra ``orbax.checkpoint.CheckpointManagerOptions`` fields.
+    """
+
+    def __init__(self, directory: str, *, save_every: int, keep: int = 3, best_metric: str | None = "loss",
+                 best_mode: str = "min", async_save: bool = True, **options: Any):
+        if not isinstance(save_every, int) or save_every < 1:
+            raise ValueError(f"save_every must be a positive int; got {save_every!r}")
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a positive int; got {keep!r}")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max'; got {best_mode!r}")
+        self.directory = os.path.abspath(directory)
+        self.save_every = save_every
+        self.best_metric, self.best_mode = best_metric, best_mode
+        ocp = _ocp()
+        cm = ocp.checkpoint_managers
+        policies = [cm.LatestN(keep)]
+        if best_metric is not None:
+            policies.append(cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1))
+            # best_fn makes orbax write the metrics beside each step (read back after a restart)
+            options = {"best_fn": lambda m: m[best_metric], "best_mode": best_mode, **options}
+        opts = ocp.CheckpointManagerOptions(save_interval_steps=save_every,
+                                            preservation_policy=cm.AnyPreservationPolicy(policies),
+                                            enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+                                            **options)
+        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "data"))
+
+    # -- saving -------------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        return step % self.save_every == 0
+
+    def save(self, state: TrainState, *, data_state: dict | None = None, metrics: dict | None = None,
+             force: bool = False) -> bool:
+        """Start saving ``state`` (and the data-iterator state) at step ``state.step``; returns
+        whether a save was started (only on multiples of ``save_every`` unless ``force``)."""
+        step = int(state.step)
+        if not force and not self.should_save(step):
+            return False
+        if metrics is not None:
+            metrics = {k: float(v) for k, v in metrics.items()}
+        ocp = _ocp()
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_to_savable(state)),
+                                  data=ocp.args.JsonSave(dict(data_state or {})))
+        return self.manager.save(step, args=args, metrics=metrics, force=True)  # the decision is ours
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    # -- inspecting -----------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the best ``best_metric`` (None without metrics)."""
+        if self.best_metric is None:
+            return None
+        sign = 1.0 if self.best_mode == "max" else -1.0
+        scored = [(sign * m[self.best_metric], s) for s in self.all_steps()
+                  if (m := self.manager.metrics(s)) is not None and self.best_metric in m]
+        return max(scored)[1] if scored else None  # ties: the later step, as orbax's BestN keeps
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    # -- restoring ------------------------------------------------------------------------------
+    def restore(self, target: TrainState, step: int | None = None, shardings: Any = None) -> tuple[TrainState, dict]:
+        """Restore the checkpoint at ``step`` (default: the latest).
+
+        Args:
+          target: a train state of the right structure, shapes and dtypes (e.g. a freshly
+            initialised one); its values are not used.
+          shardings: target ``Sharding`` s (a pytree like ``target``, e.g. from
+            :func:`genflow.train.tree_shardings` on another mesh): the checkpoint is re-sharded
+            onto them, whatever mesh it was written from. Default: the shardings of ``target``.
+        Returns:
+          ``(state, data_state)``.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract, ocp = _abstract(target, shardings), _ocp()
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 data=ocp.args.JsonRestore()))
+        return _from_savable(out["state"], target), dict(out["data"] or {})
+
+    def restore_or(self, target: TrainState, shardings: Any = None) -> tuple[TrainState, dict | None]:
+        """The latest checkpoint if there is one, else ``(target, None)`` (start from scratch)."""
+        if self.latest_step() is None:
+            return target, None
+        return self.restore(target, shardings=shardings)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

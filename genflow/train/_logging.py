@@ -1,0 +1,43 @@
+"""Metrics to a JSON-lines file (one object per chunk of steps), usable as a :func:`fit` callback."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+    """Append ``{"step": s, "time": t, <metric>: value, ...}`` lines to ``path`` (JSONL).
+
+    As a :func:`genflow.train.fit` callback (``callback=writer``) it writes, after every chunk, the
+    chunk means of the step metrics, the chunk's steps/s and the step reached. Only process 0
+    writes. Read it back with :func:`read_jsonl`. (No TensorBoard writer: without TensorFlow or
+    tensorboardX no event-file writer is available here.)
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.active = jax.process_index() == 0
+        if self.active:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        row = {"step": int(step), "time": time.time()}
+        row.update({k: float(np.mean(v)) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def __call__(self, state, metrics: dict) -> None:
+        self.write(int(state.step), {k: v for k, v in metrics.items() if k != "finite"})
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

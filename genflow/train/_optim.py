@@ -1,0 +1,45 @@
+"""Optimizer and learning-rate schedule presets composed from optax (warmup, cosine decay, clipping)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+
+def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, decay_steps: int | None = None,
+                end_factor: float = 0.0) -> optax.Schedule:
+    """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then constant, or, with
+    ``decay_steps`` (the total length, warmup included), a cosine decay to
+    ``end_factor * learning_rate`` (``optax.warmup_cosine_decay_schedule``; Loshchilov & Hutter 2017)."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
+    if decay_steps is not None:
+        if decay_steps <= warmup_steps:
+            raise ValueError(f"decay_steps ({decay_steps}) must exceed warmup_steps ({warmup_steps})")
+        return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, decay_steps,
+                                                  end_value=end_factor * learning_rate)
+    if warmup_steps == 0:
+        return optax.constant_schedule(learning_rate)
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
+                                 optax.constant_schedule(learning_rate)], [warmup_steps])
+
+
+def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_steps: int = 0,
+                   decay_steps: int | None = None, end_factor: float = 0.0, clip_norm: float | None = None,
+                   **kwargs: Any) -> optax.GradientTransformation:
+    """``optax.<name>(lr_schedule(...), **kwargs)``, preceded by ``optax.clip_by_global_norm(clip_norm)``.
+
+    ``name`` is any optax optimizer taking the learning rate first (``"adam"``, ``"adamw"``,
+    ``"sgd"``, ``"lion"``, ...); ``kwargs`` go to it (e.g. ``b2=0.99, weight_decay=0.0``).
+    """
+    factory = getattr(optax, name, None)
+    if factory is None or not callable(factory):
+        raise ValueError(f"unknown optax optimizer {name!r}")
+    tx = factory(lr_schedule(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps,
+                             end_factor=end_factor), **kwargs)
+    if clip_norm is not None:
+        if clip_norm <= 0:
+            raise ValueError(f"clip_norm must be positive; got {clip_norm}")
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return tx

@@ -1,0 +1,135 @@
+"""Meshes and sharding rules: data parallelism and FSDP-style parameter sharding (the pjit model).
+
+genflow writes no distribution machinery of its own: a :class:`jax.sharding.Mesh` with the named
+axes ``("data", "fsdp")``, :class:`~jax.sharding.NamedSharding` rules derived from array shapes,
+and ``jax.jit`` with explicit in/out shardings; XLA's SPMD partitioner inserts the collectives.
+
+- Batches are split along their leading axis over *both* mesh axes (every device sees a different
+  slice of the global batch).
+- Parameters, optimizer state and EMA copies are sharded over ``fsdp`` along their largest axis
+  divisible by the ``fsdp`` size (ZeRO-3 / FSDP); arrays smaller than ``min_size`` elements, or
+  without such an axis, are replicated. With ``fsdp=1`` this is plain data parallelism.
+
+The same code runs on one CPU device, on ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
+fake CPU devices, and on a multi-host TPU/GPU slice after ``jax.distributed.initialize()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, FSDP = "data", "fsdp"
+BATCH_AXES = (DATA, FSDP)
+MIN_SHARD_SIZE = 2 ** 14
+
+
+def make_mesh(data: int | None = None, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 2-D mesh with axes ``("data", "fsdp")`` of shape ``(data, fsdp)``.
+
+    Args:
+      data: data-parallel size (default: all the devices not used by ``fsdp``).
+      fsdp: number of devices each parameter is sharded over.
+      devices: the devices (default ``jax.devices()``, all processes); when ``data * fsdp`` is
+        smaller than their number, the first ``data * fsdp`` are used (single-process only).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not isinstance(fsdp, int) or fsdp < 1:
+        raise ValueError(f"fsdp must be a positive int; got {fsdp!r}")
+    if data is None:
+        if len(devices) % fsdp:
+            raise ValueError(f"fsdp={fsdp} does not divide the number of devices ({len(devices)})")
+        data = len(devices) // fsdp
+    if not isinstance(data, int) or data < 1 or data * fsdp > len(devices):
+        raise ValueError(f"a ({data}, {fsdp}) mesh needs data * fsdp <= {len(devices)} devices; got data={data!r}")
+    devices = devices[: data * fsdp]
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices)  # topology-aware on TPU/GPU
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
+    return Mesh(grid, BATCH_AXES)
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = MIN_SHARD_SIZE) -> P:
+    """The :class:`PartitionSpec` of one array: its largest axis divisible by ``fsdp_size`` is
+    sharded over ``"fsdp"`` (the first such axis on ties); small or indivisible arrays are replicated."""
+    if fsdp_size <= 1 or math.prod(shape) < min_size:
+        return P()
+    axes = [i for i, d in enumerate(shape) if d % fsdp_size == 0 and d >= fsdp_size]
+    if not axes:
+        return P()
+    i = max(axes, key=lambda a: (shape[a], -a))
+    return P(*[FSDP if a == i else None for a in range(len(shape))])
+
+
+def tree_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARD_SIZE) -> Any:
+    """``NamedSharding`` for every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``) by :func:`fsdp_spec`.
+
+    Works for parameters, optimizer states, EMA copies and whole :class:`TrainState` s: scalars
+    (step counters, PRNG keys) are replicated.
+    """
+    f = mesh.shape[FSDP]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), f, min_size)), tree)
+
+
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+    """Leading (batch) axis split over ``("data", "fsdp")``; with ``stacked`` the batch axis is the
+    second one (a ``[steps, B, ...]`` chunk of batches)."""
+    return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: Any, mesh: Mesh, stacked: bool = False) -> Any:
+    """Assemble global ``jax.Array`` s from this process's share of a batch.
+
+    Each process passes its own ``[B_local, ...]`` (or ``[steps, B_local, ...]`` with ``stacked``)
+    numpy arrays; the global batch has ``B_local * process_count`` rows, split over the mesh
+    (``jax.make_array_from_process_local_data``).
+    """
+    sharding = batch_sharding(mesh, stacked)
+    n = mesh.shape[DATA] * mesh.shape[FSDP]
+    axis = 1 if stacked else 0
+
+    def put(x):
+        x = np.asarray(x)
+        rows = x.shape[axis] * jax.process_count()
+        if rows % n:
+            raise ValueError(f"the global batch ({rows} rows) must be divisible by the mesh size ({n} devices)")
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, batch)
+
+
+def shard_state(state: Any, mesh: Mesh, min_size: int = MIN_SHARD_SIZE) -> Any:
+    """Place a train state (or any pytree) on ``mesh`` by :func:`tree_shardings`."""
+    return jax.device_put(state, tree_shardings(state, mesh, min_size))
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call ``jax.distributed.initialize()`` when several processes are configured.
+
+    Several processes are configured when ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES``
+    and ``JAX_PROCESS_ID``) is set, or on a cluster that JAX detects itself (SLURM, Cloud TPU
+    pods: ``GENFLOW_DISTRIBUTED=1``). Call it first thing in an experiment entry point, before
+    any other JAX call. Returns True if it initialised.
+    """
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        n, i = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes=None if n is None else int(n),
+                                   process_id=None if i is None else int(i))
+        return True
+    if env.get("GENFLOW_DISTRIBUTED") == "1":
+        jax.distributed.initialize()  # cluster auto-detection (Cloud TPU, SLURM, ...)
+        return True
+    return False

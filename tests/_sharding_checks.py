@@ -1,0 +1,107 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 fake CPU devices (XLA_FLAGS must be set
+before jax is imported, so this cannot run inside the main pytest process).
+
+Trains a tiny model a few steps on one device and on (data, fsdp) meshes, and saves a checkpoint
+from a 4-device mesh that is then restored onto 8 devices and 1 device. Prints one JSON line of
+measured differences; the test module asserts on them.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_sharding_checks.py OUT_DIR
+"""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import genflow as gf
+
+out_dir = sys.argv[1]
+assert jax.device_count() == 8, jax.devices()
+
+D, B, STEPS = 16, 32, 3
+MIN = 64  # shard every array with >= 64 elements (real runs use 2**14)
+model = gf.nets.MLP(hidden=(64, 64), time_dim=16)
+path = gf.paths.linear()
+params = model.init(jax.random.key(0), jnp.zeros((1, D)), jnp.zeros((1,)))
+# adam's first steps move each coordinate by ~lr * g/|g|: float noise in a near-zero gradient
+# coordinate (summation order differs across devices) would be amplified to O(lr); eps bounds that.
+opt = optax.adam(1e-2, eps=1e-3)
+rng = np.random.default_rng(0)
+batches = [rng.normal(size=(B, D)).astype(np.float32) for _ in range(STEPS)]
+mu = jnp.arange(D, dtype=jnp.float32) / D
+
+
+def fresh():
+    return gf.train.init_state(jax.tree.map(jnp.array, params), opt, jax.random.key(1), ema_decays=(0.9,))
+
+
+def train(mesh, on_device=False, grad_accum=1):
+    loss_fn = gf.train.diffusion_objective(model.apply, path, prediction="velocity")
+    step = gf.train.make_train_step(loss_fn, opt, grad_accum=grad_accum)
+    data = (lambda k: mu + jax.random.normal(k, (B, D))) if on_device else iter(batches)
+    state, hist = gf.train.fit(fresh(), step, data, STEPS, chunk_size=STEPS, progress=False, mesh=mesh,
+                               min_shard_size=MIN)
+    return state, hist
+
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def compare(ref, got):
+    (s0, h0), (s1, h1) = ref, got
+    return {"loss": float(np.max(np.abs(h0["loss"] - h1["loss"]))),
+            "loss_scale": float(np.max(np.abs(h0["loss"]))),
+            "grad_norm": float(np.max(np.abs(h0["grad_norm"] - h1["grad_norm"]) / h0["grad_norm"])),
+            "params": max_diff(s0.params, s1.params),
+            "opt_state": max_diff(s0.opt_state, s1.opt_state),
+            "ema": max_diff(s0.ema, s1.ema),
+            "param_change": max_diff(s0.params, params),
+            "rng_equal": bool(np.array_equal(jax.random.key_data(s0.rng), jax.random.key_data(s1.rng))),
+            "step": int(s1.step)}
+
+
+report = {"devices": jax.device_count()}
+single = train(None)
+single_dev = train(None, on_device=True)
+single_acc = train(None, grad_accum=2)
+for name, shape in {"data": (8, 1), "fsdp": (1, 8), "both": (2, 4)}.items():
+    mesh = gf.train.make_mesh(*shape)
+    got = train(mesh)
+    report[name] = compare(single, got)
+    if name == "both":
+        report[name + "_on_device"] = compare(single_dev, train(mesh, on_device=True))
+        report[name + "_grad_accum"] = compare(single_acc, train(mesh, grad_accum=2))
+    state = got[0]
+    kernel = state.params["params"]["Dense_0"]["kernel"]
+    report[name]["kernel_spec"] = str(kernel.sharding.spec)
+    report[name]["kernel_shard_shape"] = list(kernel.addressable_shards[0].data.shape)
+    report[name]["adam_mu_spec"] = str(state.opt_state[0].mu["params"]["Dense_0"]["kernel"].sharding.spec)
+    report[name]["bias_spec"] = str(state.params["params"]["Dense_2"]["bias"].sharding.spec)
+
+# A checkpoint written from a 4-device (2 x 2) mesh, restored onto 8 devices and onto 1 device.
+mesh4 = gf.train.make_mesh(2, 2, devices=jax.devices()[:4])
+ckpt_dir = os.path.join(out_dir, "ckpt")
+ckpt = gf.train.Checkpointer(ckpt_dir, save_every=STEPS, keep=1)
+loss_fn = gf.train.diffusion_objective(model.apply, path, prediction="velocity")
+state4, _ = gf.train.fit(fresh(), gf.train.make_train_step(loss_fn, opt), iter(batches), STEPS, progress=False,
+                         mesh=mesh4, min_shard_size=MIN, checkpointer=ckpt)
+report["saved_step"] = ckpt.latest_step()
+report["saved_kernel_spec"] = str(state4.params["params"]["Dense_0"]["kernel"].sharding.spec)
+np.savez(os.path.join(out_dir, "saved.npz"), *[np.asarray(x) for x in jax.tree.leaves(state4.params)])
+for name, mesh in {"restore8": gf.train.make_mesh(1, 8), "restore1": gf.train.make_mesh(1, 1, jax.devices()[:1])}.items():
+    target = gf.train.shard_state(fresh(), mesh, MIN)
+    restored, _ = ckpt.restore(target, shardings=gf.train.tree_shardings(target, mesh, MIN))
+    k = restored.params["params"]["Dense_0"]["kernel"]
+    report[name] = {"params": max_diff(restored.params, state4.params), "opt_state": max_diff(restored.opt_state,
+                                                                                              state4.opt_state),
+                    "ema": max_diff(restored.ema, state4.ema), "step": int(restored.step),
+                    "rng_equal": bool(np.array_equal(jax.random.key_data(restored.rng), jax.random.key_data(state4.rng))),
+                    "devices": len(k.sharding.device_set), "kernel_spec": str(k.sharding.spec)}
+ckpt.close()
+print("REPORT " + json.dumps(report))

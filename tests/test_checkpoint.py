@@ -1,0 +1,154 @@
+"""Checkpoints: SIGKILL mid-run and mid-save then resume bit-identically; keep-last-K-and-best;
+a non-finite loss leaves the last good checkpoint intact."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import genflow as gf
+
+HERE = pathlib.Path(__file__).resolve().parent
+WORKER = str(HERE / "_ckpt_worker.py")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def _start(ckpt, out, *extra):
+    return subprocess.Popen([sys.executable, WORKER, str(ckpt), str(out), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=ENV)
+
+
+def _run_until(proc, line: str) -> list[str]:
+    seen = []
+    for ln in proc.stdout:
+        seen.append(ln.strip())
+        if ln.strip() == line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    return seen
+
+
+def _finish(proc) -> list[str]:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return out.split("\n")
+
+
+def _arrays(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run (started in the background while the interrupted ones run)."""
+    d = tmp_path_factory.mktemp("reference")
+    proc = _start(d / "ckpt", d / "final.npz")
+    yield proc, d / "final.npz"
+    if proc.poll() is None:
+        proc.kill()
+
+
+def _assert_bit_identical(reference, out):
+    proc, ref = reference
+    if proc.poll() is None or not ref.exists():
+        _finish(proc)
+    a, b = _arrays(ref), _arrays(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sigkill_mid_run_resumes_bit_identically(reference, tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.npz"
+    seen = _run_until(_start(ckpt, out), "step 17")
+    assert "resumed from 0" in seen and "step 15" in seen
+    assert not out.exists()
+    lines = _finish(_start(ckpt, out))
+    # resumes from the last complete checkpoint (10 or 15, depending on whether the async save of
+    # step 15 had committed when the process was killed) and finishes the 30 steps
+    resumed = int(next(ln for ln in lines if ln.startswith("resumed from")).split()[-1])
+    assert resumed in (10, 15), lines
+    assert lines[-2:] == ["done", ""] and "step 30" in lines
+    _assert_bit_identical(reference, out)
+
+
+def test_sigkill_mid_save_resumes_from_previous_checkpoint(reference, tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "final.npz"
+    seen = _run_until(_start(ckpt, out, "--slow_save", "2"), "saving 10")
+    assert "step 10" in seen
+    entries = sorted(os.listdir(ckpt))
+    # killed while step 10 was being written: its temporary directory is there, uncommitted
+    assert "5" in entries and "10" not in entries, entries
+    assert any(e.startswith("10.orbax-checkpoint-tmp") for e in entries), entries
+    lines = _finish(_start(ckpt, out))
+    assert "resumed from 5" in lines, lines
+    assert not any(e.startswith("10.orbax-checkpoint-tmp") for e in os.listdir(ckpt))  # cleaned up
+    _assert_bit_identical(reference, out)
+
+
+# --- in-process ---------------------------------------------------------------------------------
+
+X = jax.random.normal(jax.random.key(0), (64, 3))
+Y = X @ jnp.array([1.0, -1.0, 2.0])
+
+
+def lsq(params, batch, key):
+    x, y = batch
+    return jnp.mean((x @ params["w"] - y) ** 2), {}
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(lsq, opt)
+
+    def nan_at_13(state, batch):
+        x, y = batch
+        return step(state, (x, jnp.where(state.step == 13, jnp.nan, y)))
+
+    saved = {}
+    ckpt = gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=5, keep=3)
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    with pytest.raises(gf.train.NonFiniteLossError, match="non-finite loss or gradient at step 13") as err:
+        gf.train.fit(state, nan_at_13, lambda k: (X, Y), 30, chunk_size=5, progress=False, checkpointer=ckpt,
+                     callback=lambda s, m: saved.setdefault(int(s.step), np.asarray(s.params["w"])))
+    assert int(err.value.state.step) == 13
+    assert ckpt.all_steps() == [5, 10] and ckpt.latest_step() == 10  # nothing written after the failure
+    fresh = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    restored, _ = ckpt.restore(fresh)
+    assert int(restored.step) == 10
+    np.testing.assert_array_equal(restored.params["w"], saved[10])
+    assert np.all(np.isfinite(np.asarray(restored.params["w"])))
+    ckpt.close()
+
+
+def test_keeps_the_last_k_and_the_best(tmp_path):
+    opt = optax.sgd(0.1)
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    losses = {2: 5.0, 4: 0.5, 6: 3.0, 8: 2.0, 10: 4.0, 12: 6.0}
+    with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=2) as ckpt:
+        assert not ckpt.save(state.replace(step=jnp.int32(3)))  # not a multiple of save_every
+        for s, loss in losses.items():
+            st = state.replace(step=jnp.int32(s), params={"w": jnp.full(3, float(s))})
+            assert ckpt.save(st, data_state={"next_index": s}, metrics={"loss": loss})
+        ckpt.wait()
+        assert ckpt.all_steps() == [4, 10, 12]  # the last two and the best (lowest loss)
+        assert ckpt.best_step() == 4
+        best, data_state = ckpt.restore(state, step=4)
+        assert int(best.step) == 4 and data_state == {"next_index": 4}
+        np.testing.assert_array_equal(best.params["w"], np.full(3, 4.0))
+        np.testing.assert_array_equal(jax.random.key_data(best.rng), jax.random.key_data(state.rng))
+    with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=2) as reopened:  # after a restart
+        assert reopened.all_steps() == [4, 10, 12] and reopened.best_step() == 4
+    with pytest.raises(ValueError, match="save_every must be a positive int"):
+        gf.train.Checkpointer(str(tmp_path / "x"), save_every=0)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        gf.train.Checkpointer(str(tmp_path / "empty"), save_every=1).restore(state)
