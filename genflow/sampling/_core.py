@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from genflow import param
 from genflow.paths import Path
-from genflow.sampling import _registry
+from genflow.sampling import _driver, _registry
 from genflow.sampling._grid import time_grid
 from genflow.sampling._model import Model
 
@@ -62,8 +62,9 @@ def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
         a0 = float(path.alpha(ts[0]))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return
-    if a0 == 0.0 and (spec.stochastic or prediction in ("eps", "score")):
-        why = "the reverse-SDE drift alpha'/alpha" if spec.stochastic else f"the {prediction} -> x0 conversion"
+    uses_drift = spec.target == "sde" or spec.name == "pc"
+    if a0 == 0.0 and (uses_drift or prediction in ("eps", "score")):
+        why = "the reverse-SDE drift alpha'/alpha" if uses_drift else f"the {prediction} -> x0 conversion"
         raise ValueError(
             f"t_start={float(ts[0])} has alpha=0 on path {path.name!r}, where {why} is singular; "
             f"start slightly earlier (e.g. t_start=0.999, drawing x1 from the marginal there)"
@@ -103,7 +104,10 @@ def sample(
       solver: a name from :func:`genflow.sampling.solvers`.
       steps: number of steps of fixed-step solvers (ignored by adaptive ones).
       key: PRNG key, required by stochastic solvers.
-      schedule: time discretization (see :func:`genflow.sampling.time_grid`) or an array.
+      schedule: time discretization: a name (see :func:`genflow.sampling.time_grid`), an array of
+        times ``[steps + 1]`` (e.g. from :func:`genflow.sampling.optimize_schedule`; then ``steps``
+        is its length - 1 and changing its values does not recompile), or a callable
+        ``(path, steps, t_start=, t_end=) -> times``.
       t_start, t_end: integration interval; ``t_end`` defaults to ``path.t_min``.
       denoise: finish with one Tweedie step ``x0_hat(x, t_end)`` (one more NFE); defaults to
         ``path.denoise_at_end``.
@@ -129,6 +133,11 @@ def sample(
         steps = int(ts.shape[0]) - 1
     max_steps = max(max_steps, int(ts.shape[0]))
     model = Model(as_pytree_fn(fn), path, prediction)
+    if spec.stepper is not None:
+        # grid-only coefficients: compiled once per (solver, path, options) for many step counts
+        solver_options = {**spec.run.keywords, **solver_options}
+        solver_options.pop("stepper")
+        solver_options["scalars"] = _driver.grid_scalars(spec.stepper, path, ts, **solver_options)
     return _sample_jit(model, ts, x1, key, spec.name, bool(denoise), float(rtol), float(atol), int(max_steps),
                        bool(save_trajectory), solver_options)
 

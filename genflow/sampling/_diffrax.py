@@ -54,8 +54,15 @@ def ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
 
 
 def sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, nfe_per_step: int,
-              max_steps: int, save_trajectory: bool, **_):
-    """Integrate the reverse-time SDE over the fixed grid ``ts`` (decreasing)."""
+              max_steps: int, save_trajectory: bool, levy_area=diffrax.BrownianIncrement,
+              brownian_tol: float | None = None, **_):
+    """Integrate the reverse-time SDE over the fixed grid ``ts`` (decreasing).
+
+    The noise ``g(t) dW`` is additive (it does not depend on x), so Euler-Maruyama has strong
+    order 1 and ShARK (Foster et al. 2023) strong order 1.5 here. ``brownian_tol``: sample the
+    Brownian motion from a :class:`diffrax.VirtualBrownianTree` of that tolerance, so that runs
+    with different grids and the same key see the same Brownian path (strong-convergence checks);
+    by default the cheaper ``UnsafeBrownianPath`` (exact on a fixed grid)."""
     path = model.path
     drift = diffrax.ODETerm(lambda t, y, args: model.reverse_drift(y, t))
 
@@ -64,7 +71,12 @@ def sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
         return lx.DiagonalLinearOperator(jnp.broadcast_to(g, y.shape))
 
     # Fixed steps only, so the cheap UnsafeBrownianPath is exact; Diffrax reverses time itself.
-    bm = diffrax.UnsafeBrownianPath(shape=jax.ShapeDtypeStruct(x.shape, x.dtype), key=key)
+    shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    if brownian_tol is None:
+        bm = diffrax.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy_area)
+    else:
+        bm = diffrax.VirtualBrownianTree(jnp.minimum(ts[0], ts[-1]), jnp.maximum(ts[0], ts[-1]), tol=brownian_tol,
+                                         shape=shape, key=key, levy_area=levy_area)
     terms = diffrax.MultiTerm(drift, diffrax.ControlTerm(diffusion, bm))
     sol = diffrax.diffeqsolve(
         terms, solver, t0=ts[0], t1=ts[-1], dt0=None, y0=x, stepsize_controller=diffrax.StepTo(ts),

@@ -1,6 +1,27 @@
-"""Time discretizations: decreasing grids ``t_0 = t_start > ... > t_N = t_end``."""
+"""Time discretizations: decreasing grids ``t_0 = t_start > ... > t_N = t_end``.
+
+Every solver takes any grid. Named schedules are placed in one of three coordinates:
+
+* ``"uniform"``: uniform in t; ``"quadratic"``: uniform in ``sqrt(t)`` (denser near the data).
+* ``"logsnr"``: uniform in the log-SNR ``lambda(t) = log(alpha^2 / sigma^2)`` (DPM-Solver's
+  "logSNR" spacing, Lu et al. 2022).
+* ``"karras"``: uniform in ``rho_t^(1/rho)`` with the noise level ``rho_t = sigma(t) / alpha(t)``
+  (Karras et al. 2022, eq. 5; ``rho = 7``).
+
+**Infinite log-SNR at an endpoint.** On paths that start from pure noise (``alpha(1) = 0``:
+``linear``) or end at clean data (``sigma(0) = 0``: ``linear``, ``vp_cosine``) the log-SNR is
+infinite there, so a schedule uniform in the log-SNR cannot reach the endpoint. As in EDM and
+k-diffusion (``get_sigmas_karras(...)`` followed by ``append_zero``), the log-SNR / Karras
+points then span the finite noise-level range ``[sigma_min, sigma_max]`` (defaults EDM's 0.002
+and 80, in units of ``sigma / alpha``), and the infinite endpoint is appended as an extra grid
+point: of the ``steps + 1`` points, those at infinite log-SNR are the endpoints themselves and
+the rest lie in the finite range. The dedicated solvers take the steps out of ``alpha = 0`` and
+into ``sigma = 0`` with their own exact limits (see ``genflow.sampling._exp``).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,34 +33,60 @@ Array = jax.Array
 
 SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
 
+#: Noise-level range (``sigma / alpha``) used where the path's own is infinite (EDM's defaults).
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
-def time_grid(path: Path, steps: int, schedule="uniform", t_start: float = 1.0, t_end: float | None = None,
-              rho: float = 7.0) -> Array:
+
+def _check_explicit(schedule) -> Array:
+    ts = jnp.asarray(schedule, jnp.float32)
+    if ts.ndim != 1 or ts.shape[0] < 2:
+        raise ValueError(f"an explicit schedule must be a 1-D array of at least 2 times; got shape {ts.shape}")
+    try:
+        tn = np.asarray(ts)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return ts
+    if not (np.all(np.diff(tn) < 0) and tn[0] <= 1.0 and tn[-1] >= 0.0):
+        raise ValueError(f"an explicit schedule must be strictly decreasing within [0, 1]; got {tn}")
+    return ts
+
+
+def _noise_levels(n: int, lo: Array, hi: Array, schedule: str, rho: float) -> Array:
+    """``n`` decreasing noise levels from ``hi`` to ``lo`` (uniform in log or in ``level^(1/rho)``)."""
+    if n == 1:  # a single interior point: the geometric middle of the range
+        return jnp.sqrt(lo * hi)[None]
+    u = jnp.linspace(0.0, 1.0, n, dtype=jnp.float32)
+    if schedule == "logsnr":
+        return jnp.exp(jnp.log(hi) + (jnp.log(lo) - jnp.log(hi)) * u)
+    a, b = hi ** (1.0 / rho), lo ** (1.0 / rho)
+    return (a + (b - a) * u) ** rho
+
+
+def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float = 1.0, t_end: float | None = None,
+              rho: float = 7.0, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> Array:
     """A decreasing grid of ``steps + 1`` times from ``t_start`` to ``t_end``.
 
     Args:
       path: the path (for log-SNR-based schedules and its default ``t_min``).
       steps: number of intervals (static).
       schedule: ``"uniform"`` (uniform in t), ``"quadratic"`` (uniform in sqrt(t): denser near
-        data), ``"logsnr"`` (uniform in the log-SNR lambda), ``"karras"`` (uniform in
-        ``sigma^(1/rho)`` with ``sigma = exp(-lambda/2)``, Karras et al. 2022), or an explicit
-        array ``[steps + 1]`` (then ``steps``, ``t_start`` and ``t_end`` are checked against it).
+        data), ``"logsnr"`` (uniform in the log-SNR), ``"karras"`` (uniform in
+        ``(sigma/alpha)^(1/rho)``, Karras et al. 2022), an explicit array ``[steps + 1]`` (then
+        ``steps``, ``t_start`` and ``t_end`` are taken from it), or a callable
+        ``schedule(path, steps, t_start=..., t_end=...) -> ts`` (e.g.
+        ``functools.partial(time_grid, schedule="karras", rho=5.0)``).
       t_start, t_end: the endpoints (``t_end`` defaults to ``path.t_min``).
+      rho: exponent of the Karras schedule.
+      sigma_min, sigma_max: noise-level range (``sigma / alpha``) of the ``"logsnr"`` and
+        ``"karras"`` points where the path's log-SNR is infinite at ``t_end`` / ``t_start``
+        (ignored at a finite endpoint).
     Returns:
       ``[steps + 1]`` float32 times, ``ts[0] = t_start``, ``ts[-1] = t_end``.
     """
     t_end = path.t_min if t_end is None else t_end
+    if callable(schedule) and not isinstance(schedule, str) and not hasattr(schedule, "shape"):
+        return _check_explicit(schedule(path, steps, t_start=t_start, t_end=t_end))
     if not isinstance(schedule, str):
-        ts = jnp.asarray(schedule, jnp.float32)
-        if ts.ndim != 1 or ts.shape[0] < 2:
-            raise ValueError(f"an explicit schedule must be a 1-D array of at least 2 times; got shape {ts.shape}")
-        try:
-            tn = np.asarray(ts)
-        except jax.errors.TracerArrayConversionError:
-            return ts
-        if not (np.all(np.diff(tn) < 0) and tn[0] <= 1.0 and tn[-1] >= 0.0):
-            raise ValueError(f"an explicit schedule must be strictly decreasing within [0, 1]; got {tn}")
-        return ts
+        return _check_explicit(schedule)
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive int; got {steps!r}")
     if not 0.0 <= t_end < t_start <= 1.0:
@@ -50,15 +97,27 @@ def time_grid(path: Path, steps: int, schedule="uniform", t_start: float = 1.0, 
     if schedule == "quadratic":
         a, b = np.sqrt(t_start), np.sqrt(t_end)
         return (a + (b - a) * u) ** 2
-    if schedule in ("logsnr", "karras"):
-        lam0, lam1 = path.log_snr(jnp.float32(t_start)), path.log_snr(jnp.float32(t_end))
-        lam0 = jnp.maximum(lam0, -30.0)
-        lam1 = jnp.minimum(lam1, 30.0)
-        if schedule == "logsnr":
-            lam = lam0 + (lam1 - lam0) * u
-        else:
-            s0, s1 = jnp.exp(-lam0 / (2 * rho)), jnp.exp(-lam1 / (2 * rho))
-            lam = -2.0 * rho * jnp.log(s0 + (s1 - s0) * u)
-        ts = path.t_from_log_snr(lam)
-        return ts.at[0].set(t_start).at[-1].set(t_end)
-    raise ValueError(f"unknown schedule {schedule!r}; expected one of {list(SCHEDULES)} or an array of times")
+    if schedule not in ("logsnr", "karras"):
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {list(SCHEDULES)}, an array of times "
+                         f"or a callable (path, steps, t_start, t_end) -> times")
+    if not 0.0 < sigma_min < sigma_max:
+        raise ValueError(f"expected 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    # Whether each endpoint has infinite log-SNR is a property of the path's functions, decided
+    # here on concrete values (time_grid runs outside jit).
+    a0, s1 = float(path.alpha(jnp.float32(t_start))), float(path.sigma(jnp.float32(t_end)))
+    start_inf, end_inf = a0 == 0.0, s1 == 0.0
+    n = steps + 1 - int(start_inf) - int(end_inf)
+    if n <= 0:
+        return jnp.asarray([t_start, t_end], jnp.float32)
+    level = lambda t: jnp.exp(-0.5 * path.log_snr(jnp.float32(t)))  # noqa: E731  sigma / alpha
+    hi = jnp.float32(sigma_max) if start_inf else level(t_start)
+    lo = jnp.float32(sigma_min) if end_inf else level(t_end)
+    lam = -2.0 * jnp.log(_noise_levels(n, lo, hi, schedule, rho))
+    ts = jnp.clip(path.t_from_log_snr(lam), t_end, t_start)
+    if not start_inf:
+        ts = ts.at[0].set(t_start)
+    if not end_inf:
+        ts = ts.at[-1].set(t_end)
+    head = [jnp.asarray([t_start], jnp.float32)] if start_inf else []
+    tail = [jnp.asarray([t_end], jnp.float32)] if end_inf else []
+    return jnp.concatenate(head + [ts.astype(jnp.float32)] + tail)

@@ -2,7 +2,8 @@
 
 A solver is a function ``run(model, ts, x, key, **options) -> (x, nfe, trajectory, stats)``
 that integrates from ``ts[0]`` down to ``ts[-1]`` (``ts``: the decreasing time grid). Adding a
-solver is one function plus one entry here; it then works with every path, prediction kind
+solver is one function (a Diffrax solver, or a :class:`~genflow.sampling._driver.Stepper`
+driven by one ``lax.scan``) plus one entry here; it then works with every path, prediction kind
 and time discretization through :func:`genflow.sample`.
 """
 
@@ -14,7 +15,8 @@ from typing import Callable
 
 import diffrax
 
-from genflow.sampling import _diffrax
+from genflow.sampling import _diffrax, _driver, _multistep, _singlestep, _stochastic
+from genflow.sampling._driver import Stepper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +25,19 @@ class SolverSpec:
 
     Attributes:
       name: the ``solver=`` string.
-      order: convergence order of the deterministic error (strong order for SDE solvers).
+      order: convergence order: of the global error against the exact probability-flow map
+        (deterministic solvers), strong order against the reverse-SDE solution (SDE solvers), or
+        of the deterministic part (solvers that only converge in distribution).
       stochastic: whether it needs ``key=``.
-      nfe_per_step: network evaluations per step (``None`` for adaptive step counts).
+      nfe_per_step: network evaluations per step (``None`` for adaptive step counts). EDM Heun and
+        Restart spend one fewer on a last step into ``sigma = 0``; Restart adds
+        ``restart_times * 2 * restart_steps`` once; ``info.nfe`` always counts what ran.
       adaptive: whether the step count is chosen by an error controller (``steps`` ignored).
       run: the solver function.
       description: one line.
+      target: ``"flow_map"`` (converges to the probability-flow ODE map), ``"sde"`` (pathwise to
+        the reverse SDE driven by the same Brownian path) or ``"distribution"`` (in law only).
+      stepper: the scan step of hand-written solvers (used by :func:`optimize_schedule`).
     """
 
     name: str
@@ -38,6 +47,8 @@ class SolverSpec:
     adaptive: bool
     run: Callable = dataclasses.field(repr=False, compare=False)
     description: str = ""
+    target: str = "flow_map"
+    stepper: Stepper | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def _ode(solver_cls, nfe_per_step, nfe_init=0, adaptive=False):
@@ -45,25 +56,59 @@ def _ode(solver_cls, nfe_per_step, nfe_init=0, adaptive=False):
                              nfe_per_step=nfe_per_step, nfe_init=nfe_init)
 
 
-def _sde(solver_cls, nfe_per_step):
-    return functools.partial(_diffrax.sde_solve, solver=solver_cls(), nfe_per_step=nfe_per_step)
+def _sde(solver_cls, nfe_per_step, **kw):
+    return functools.partial(_diffrax.sde_solve, solver=solver_cls(), nfe_per_step=nfe_per_step, **kw)
+
+
+def _scan(name, order, stochastic, nfe, stepper, description, target="flow_map", **defaults):
+    run = functools.partial(_driver.run, stepper=stepper, **defaults)
+    return SolverSpec(name, order, stochastic, nfe, False, run, description, target, stepper)
 
 
 _TABLE: tuple[SolverSpec, ...] = (
     SolverSpec("euler", 1, False, 1, False, _ode(diffrax.Euler, 1),
-               "explicit Euler on the probability-flow ODE (Diffrax)"),
+               "explicit Euler on the probability-flow ODE in t (Diffrax)"),
     SolverSpec("heun", 2, False, 2, False, _ode(diffrax.Heun, 2),
-               "Heun's 2nd-order method on the probability-flow ODE (Diffrax)"),
+               "Heun's 2nd-order method on the probability-flow ODE in t (Diffrax)"),
     SolverSpec("midpoint", 2, False, 2, False, _ode(diffrax.Midpoint, 2),
-               "explicit midpoint method on the probability-flow ODE (Diffrax)"),
+               "explicit midpoint method on the probability-flow ODE in t (Diffrax)"),
     SolverSpec("tsit5", 5, False, None, True, _ode(diffrax.Tsit5, 6, 1, adaptive=True),
                "Tsitouras 5(4) with a PID step-size controller (rtol/atol)"),
     SolverSpec("dopri5", 5, False, None, True, _ode(diffrax.Dopri5, 6, 1, adaptive=True),
                "Dormand-Prince 5(4) with a PID step-size controller (rtol/atol)"),
     SolverSpec("dopri8", 8, False, None, True, _ode(diffrax.Dopri8, 13, 1, adaptive=True),
                "Dormand-Prince 8(7) with a PID step-size controller, for reference solutions"),
-    SolverSpec("euler_maruyama", 0.5, True, 1, False, _sde(diffrax.Euler, 1),
-               "Euler-Maruyama on the reverse-time SDE (Diffrax)"),
+    _scan("ddim", 1, False, 1, _multistep.ddim,
+          "DDIM (Song et al. 2021); eta > 0 adds DDPM-like noise and needs key"),
+    _scan("ddpm", 1, True, 1, _multistep.ddim, "ancestral sampling: DDIM with eta = 1 (Ho et al. 2020)",
+          "distribution", eta=1.0),
+    _scan("dpm++2m", 2, False, 1, _multistep.dpm_multistep(2), "DPM-Solver++(2M), data prediction (Lu et al. 2022b)"),
+    _scan("dpm++3m", 3, False, 1, _multistep.dpm_multistep(3), "DPM-Solver++(3M), data prediction (Lu et al. 2022b)"),
+    _scan("dpm++2s", 2, False, 2, _singlestep.dpm_singlestep(2),
+          "DPM-Solver++(2S), single-step midpoint in log-SNR (Lu et al. 2022, 2022b)"),
+    _scan("dpm++3s", 3, False, 3, _singlestep.dpm_singlestep(3),
+          "DPM-Solver++(3S), single-step third order (Lu et al. 2022, 2022b)"),
+    _scan("deis", 3, False, 1, _multistep.deis(3, "eps"),
+          "DEIS tAB3: eps extrapolated in t, exponential-integrator weights (Zhang & Chen 2023); "
+          "order=1..3, prediction='eps'|'x0'"),
+    _scan("unipc", 3, False, 1, _multistep.unipc(2, "bh2"),
+          "UniPC: UniP-2 predictor + UniC corrector, B(h) = e^h - 1 (Zhao et al. 2023); order=1..3, "
+          "variant='bh1'|'bh2'"),
+    _scan("dpm++2m_hb", 1, False, 1, _multistep.hb,
+          "DPM-Solver++(2M) with heavy-ball momentum beta=0.8 (Wizadwongsa et al. 2023)"),
+    _scan("edm_heun", 2, False, 2, _singlestep.edm_heun, "EDM's Heun sampler in sigma/alpha (Karras et al. 2022, Alg. 1)"),
+    _scan("edm_heun_churn", 2, True, 2, _singlestep.edm_heun,
+          "EDM's stochastic sampler with churn (Karras et al. 2022, Alg. 2; ImageNet-64 settings)", "distribution",
+          churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003),
+    _scan("restart", 2, True, 2, _singlestep.restart,
+          "Restart sampling on EDM Heun steps (Xu et al. 2023)", "distribution"),
+    SolverSpec("euler_maruyama", 1.0, True, 1, False, _sde(diffrax.Euler, 1),
+               "Euler-Maruyama on the reverse-time SDE (Diffrax; strong order 1 for its additive noise)", "sde"),
+    SolverSpec("shark", 1.5, True, 2, False, _sde(diffrax.ShARK, 2, levy_area=diffrax.SpaceTimeLevyArea),
+               "ShARK on the reverse-time SDE (Diffrax; strong order 1.5 for additive noise, Foster et al. 2023)", "sde"),
+    _scan("pc", 0.5, True, 2, _stochastic.pc,
+          "predictor-corrector: reverse-SDE Euler-Maruyama + Langevin corrector, snr=0.16 (Song et al. 2021)",
+          "distribution"),
 )
 
 SOLVERS: dict[str, SolverSpec] = {s.name: s for s in _TABLE}
@@ -76,5 +121,5 @@ def get(name: str) -> SolverSpec:
 
 
 def solvers() -> dict[str, SolverSpec]:
-    """Every solver name with its order, stochasticity, NFE per step and adaptivity."""
+    """Every solver name with its order, stochasticity, NFE per step, adaptivity and target."""
     return dict(SOLVERS)

@@ -1,0 +1,178 @@
+"""One driver for every hand-written solver: a ``lax.scan`` over the time grid.
+
+A solver is a :class:`Stepper` of three pure functions:
+
+* ``scalars(path, grid, i, **opts) -> dict`` -- everything a step needs that depends only on the
+  grid (times, coefficients, flags), for step ``i`` from ``grid.t[i]`` to ``grid.t[i + 1]``
+  (``grid``: a :class:`~genflow.sampling._exp.Grid`). The driver
+  evaluates it for all steps at once (``vmap``) before the loop, so the loop body is just the
+  network evaluations and one fused linear combination of the states;
+* ``init(model, ts, x, **opts) -> carry`` -- the scan carry, a dict holding at least the state
+  ``"x"`` at ``ts[i]``;
+* ``step(model, carry, c, key, **opts) -> (carry, nfe)`` -- advance one step with the scalars
+  ``c`` of that step; ``nfe`` counts the network evaluations it made.
+
+:func:`run` samples with it; :func:`local_errors` replays it with the state forced onto a
+reference trajectory before every step ("teacher forcing"), which gives the local truncation
+error of each step -- the quantity :func:`genflow.sampling.optimize_schedule` minimizes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from genflow.paths import Path
+from genflow.sampling._exp import Grid, make_grid, stage_grid
+from genflow.sampling._model import Model
+
+Array = jax.Array
+Carry = dict
+
+
+class Stepper(NamedTuple):
+    """A scan-based solver (see the module docstring).
+
+    ``stages(grid, i, **opts) -> [k]``: optional, the log-SNRs ``lambda = log(alpha/sigma)`` of the
+    intermediate points of step ``i`` (single-step stages, quadrature nodes, ...); their times and
+    coefficients reach ``scalars`` as a :class:`~genflow.sampling._exp.Grid` of shape ``[k]``.
+    ``force(carry, x_prev_ref, x_ref) -> carry`` puts the state on a reference trajectory (default:
+    replace ``carry["x"]``)."""
+
+    init: Callable[..., Carry]
+    scalars: Callable[..., dict]
+    step: Callable[..., tuple[Carry, Any]]
+    force: Callable[[Carry, Array, Array], Carry] | None = None
+    stages: Callable[..., Array] | None = None
+
+
+def x_init(model, ts, x, **_) -> Carry:
+    """The carry of a solver without history."""
+    return {"x": x}
+
+
+def _force_x(carry: Carry, x_prev_ref: Array, x_ref: Array) -> Carry:
+    del x_prev_ref
+    return {**carry, "x": x_ref.astype(carry["x"].dtype)}
+
+
+def _keys(key, n: int):
+    return None if key is None else jax.random.split(key, n)
+
+
+_STAGE_AXES = Grid(0, 0, 0, 0, 0, None)
+
+
+def _stage_lams(stepper: Stepper, g: Grid, length: int, **options) -> Array:
+    return jax.vmap(lambda i: stepper.stages(g, i, **options))(jnp.arange(length))
+
+
+def _all_scalars(stepper: Stepper, g: Grid, st: Grid | None, length: int, **options) -> dict:
+    idx = jnp.arange(length)
+    if st is None:
+        return jax.vmap(lambda i: stepper.scalars(g, None, i, **options))(idx)
+    return jax.vmap(lambda i, s: stepper.scalars(g, s, i, **options), in_axes=(0, _STAGE_AXES))(idx, st)
+
+
+def step_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
+    """``stepper.scalars`` for every step: a dict of arrays with leading dimension ``len(ts) - 1``
+    (traceable; differentiable in ``ts``)."""
+    n = ts.shape[0] - 1
+    g = make_grid(path, ts)
+    st = None
+    if stepper.stages is not None:
+        st = stage_grid(path, _stage_lams(stepper, g, n, **options), g.t[-1], g.t[0])
+    return _all_scalars(stepper, g, st, n, **options)
+
+
+# Compiled pieces of grid_scalars. Only _grid_jit and _stage_grid_jit see the path (and are
+# shared by all solvers); the solver-specific ones see arrays only (and are shared by all paths).
+@functools.partial(jax.jit, static_argnames=("length",))
+def _grid_jit(path: Path, ts: Array, length: int) -> Grid:
+    tp = jnp.concatenate([ts, jnp.broadcast_to(ts[-1], (length + 1 - ts.shape[0],))])
+    return make_grid(path, tp, ts.shape[0] - 1)
+
+
+@jax.jit
+def _stage_grid_jit(path: Path, lam: Array, lo: Array, hi: Array) -> Grid:
+    return stage_grid(path, lam, lo, hi)
+
+
+@functools.partial(jax.jit, static_argnames=("stepper", "options"))
+def _stages_jit(g: Grid, stepper: Stepper, options: tuple) -> Array:
+    return _stage_lams(stepper, g, g.t.shape[0] - 1, **dict(options))
+
+
+@functools.partial(jax.jit, static_argnames=("stepper", "options"))
+def _scalars_jit(g: Grid, st: Grid | None, stepper: Stepper, options: tuple) -> dict:
+    return _all_scalars(stepper, g, st, g.t.shape[0] - 1, **dict(options))
+
+
+def _bucket(n: int) -> int:
+    return max(64, 1 << (n - 1).bit_length())
+
+
+def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
+    """:func:`step_scalars`, compiled in pieces: the path is evaluated once on the grid (padded to a
+    power-of-two length >= 64, so one compilation serves many step counts) and at the stage
+    points; the solver's coefficients are computed from those arrays alone, so they compile once
+    per solver for every path. Falls back to :func:`step_scalars` for unhashable options."""
+    n = ts.shape[0] - 1
+    try:
+        opts = tuple(sorted(options.items()))
+        hash(opts)
+    except TypeError:
+        return step_scalars(stepper, path, ts, **options)
+    g = _grid_jit(path, ts, _bucket(n))
+    st = None
+    if stepper.stages is not None:
+        st = _stage_grid_jit(path, _stages_jit(g, stepper, opts), ts[-1], ts[0])
+    return jax.tree.map(lambda v: v[:n], _scalars_jit(g, st, stepper, opts))
+
+
+def run(model: Model, ts: Array, x: Array, key, *, stepper: Stepper, save_trajectory: bool = False,
+        rtol=None, atol=None, max_steps=None, scalars: dict | None = None, **options):
+    """Integrate from ``ts[0]`` to ``ts[-1]`` with one scan. Returns ``(x, nfe, trajectory, stats)``.
+
+    ``scalars``: the precomputed :func:`grid_scalars` of ``ts`` (computed here if None)."""
+    del rtol, atol, max_steps
+    n = ts.shape[0] - 1
+    cs = step_scalars(stepper, model.path, ts, **options) if scalars is None else scalars
+    carry = stepper.init(model, ts, x, **options)
+
+    def body(c, inp):
+        sc, k = inp
+        c, nfe = stepper.step(model, c, sc, k, **options)
+        return c, (jnp.asarray(nfe, jnp.int32), c["x"] if save_trajectory else None)
+
+    carry, (nfes, traj) = jax.lax.scan(body, carry, (cs, _keys(key, n)))
+    if save_trajectory:
+        traj = jnp.concatenate([x[None], traj], axis=0)
+    return carry["x"], jnp.sum(nfes), traj, {"num_steps": jnp.asarray(n, jnp.int32)}
+
+
+def local_errors(model: Model, ts: Array, xs_ref: Array, key=None, *, stepper: Stepper, **options) -> Array:
+    """Per-step local errors ``step(x_ref(ts[i])) - x_ref(ts[i + 1])`` with the solver's history
+    built from evaluations on the reference trajectory.
+
+    Args:
+      xs_ref: ``[N + 1, B, ...]`` the exact states on the grid ``ts: [N + 1]``.
+    Returns:
+      ``[N, B, ...]`` local errors.
+    """
+    n = ts.shape[0] - 1
+    force = stepper.force or _force_x
+    cs = step_scalars(stepper, model.path, ts, **options)
+    carry = stepper.init(model, ts, xs_ref[0], **options)
+
+    def body(c, inp):
+        i, sc, k = inp
+        c = force(c, xs_ref[jnp.maximum(i - 1, 0)], xs_ref[i])
+        c, _ = stepper.step(model, c, sc, k, **options)
+        return c, c["x"] - xs_ref[i + 1]
+
+    _, errs = jax.lax.scan(body, carry, (jnp.arange(n), cs, _keys(key, n)))
+    return errs

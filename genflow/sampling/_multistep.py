@@ -1,0 +1,351 @@
+"""Multistep exponential integrators: one network evaluation per step.
+
+* DDIM with ``eta`` (Song et al. 2021, "Denoising Diffusion Implicit Models").
+* DPM-Solver++ 2M / 3M (Lu et al. 2022b, "DPM-Solver++", Alg. 2 and its third-order analogue).
+* DPM-Solver++ 2M with heavy-ball momentum (Wizadwongsa et al. 2023, "Diffusion Sampling with
+  Momentum for Mitigating Divergence Artifacts").
+* DEIS tAB (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator"):
+  polynomial extrapolation in t of the noise or the data prediction.
+* UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework"), B(h) = e^h - 1
+  ("bh2") or h ("bh1").
+
+Times: ``ts`` decreasing; ``lambda = log(alpha / sigma)``; ``h = lambda_t - lambda_s > 0``; ``D``
+the data prediction ``x0_hat``. Every step is ``x_t = c_x x_s + sum_j c_j D_j`` with scalar
+coefficients computed from the grid before the loop. Steps out of pure noise and into clean
+data follow :mod:`genflow.sampling._exp`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from genflow.sampling._driver import Stepper, x_init
+from genflow.sampling._exp import (
+    GL_W, GL_X, combine, ddim_coefs, extrapolation_weights, finite_or, lagrange_basis, nonzero, order_at, phi,
+    select_order,
+)
+
+Array = jax.Array
+
+
+def _pad(vals, n: int) -> Array:
+    vals = [jnp.asarray(v, jnp.float32) for v in vals]
+    return jnp.stack(vals + [jnp.zeros((), jnp.float32)] * (n - len(vals)))
+
+
+def _history_lambdas(g, i, n: int) -> list[Array]:
+    """``lambda(g.t[i - j])`` for ``j = 1..n`` (clamped at ``g.t[0]``)."""
+    return [g.at(jnp.maximum(i - j, 0))[2] for j in range(1, n + 1)]
+
+
+def _to_zero(a_t, lams: list[Array], order, max_order) -> Array:
+    """Weights ``alpha_t w_j`` of a last step into ``sigma_t = 0``: polynomial extrapolation of the
+    data predictions at ``lams`` (current first) to ``u = sigma^2 / alpha^2 = 0``."""
+    us = [finite_or(jnp.exp(-2.0 * l), 1e30 * (j + 1)) for j, l in enumerate(lams)]
+    return a_t * extrapolation_weights(us, order, max_order)
+
+
+def _start_inf(g) -> Array:
+    return g.a[0] == 0
+
+
+def _hist_init(model, ts, x, *, order: int = 2, **_):
+    """Carry of a multistep solver: the state and the last ``order - 1`` predictions."""
+    return {"x": x, "D": tuple(jnp.zeros_like(x) for _ in range(order - 1))}
+
+
+# -- DDIM ---------------------------------------------------------------------------------------
+def _ddim_scalars(g, st, i, *, eta: float = 0.0, **_):
+    """``x_t = alpha_t x0_hat + sqrt(sigma_t^2 - c^2) eps_hat + c z``, ``c = eta sigma_t sqrt(1 - e^(-2h))``
+    (Song et al. 2021, eq. 12, written for any Gaussian path)."""
+    a_s, s_s, _ = g.at(i)
+    a_t, s_t, _ = g.at(i + 1)
+    ratio = jnp.where(a_t > 0, (a_s * s_t) / (s_s * a_t), 0.0)  # e^-h
+    c = eta * s_t * jnp.sqrt(jnp.clip(1.0 - ratio**2, 0.0, 1.0))
+    return {"s": g.t[i], "w": jnp.stack([a_t, jnp.sqrt(jnp.maximum(s_t**2 - c**2, 0.0)), c])}
+
+
+def _ddim_step(model, carry, c, key, *, eta: float = 0.0):
+    x = carry["x"]
+    d, e = model.x0_eps(x, c["s"])
+    if eta == 0.0:
+        return {"x": combine(jnp.float32(0.0), x, c["w"], (d, e))}, 1
+    if key is None:
+        raise ValueError("solver 'ddim' with eta > 0 is stochastic: pass key=jax.random.key(...)")
+    z = jax.random.normal(key, x.shape, x.dtype)
+    return {"x": combine(jnp.float32(0.0), x, c["w"], (d, e, z))}, 1
+
+
+ddim = Stepper(x_init, _ddim_scalars, _ddim_step)
+
+
+# -- DPM-Solver++ multistep -------------------------------------------------------------------
+def _dpm_combined(c1, h, r0, r1, a_t, order: int) -> Array:
+    """Coefficients on ``(D_i, D_{i-1}, D_{i-2})`` of DPM-Solver++ of the given order (regular step).
+
+    2M: ``x_t = (sigma_t/sigma_s) x - alpha_t (e^-h - 1) ((1 + 1/(2 r0)) D_i - D_{i-1} / (2 r0))``.
+    3M: ``... - alpha_t phi_1 D_i + alpha_t phi_2 D1 - 2 alpha_t phi_3 D2`` with the divided
+    differences ``D1 ~ h D'``, ``D2 ~ h^2 D''/2`` of Lu et al. (2022b), ``phi_2 = h phi_2(-h)``,
+    ``phi_3 = -h phi_3(-h)``. The factor 2 is the exact Taylor weight of the ``D''`` term,
+    ``alpha_t int_0^h e^(v-h) v^2/2 dv D'' = alpha_t h^3 phi_3(-h) D''``; the reference code
+    (``dpm_solver_pytorch.py``, k-diffusion's ``sample_dpmpp_3m_sde``, diffusers) weights it by
+    ``phi_3`` alone, which leaves an ``O(h^3)`` local error (second order overall; see the
+    convergence test).
+    """
+    if order == 1:
+        return jnp.stack([c1])
+    if order == 2:
+        return jnp.stack([c1 * (1.0 + 0.5 / r0), -c1 * 0.5 / r0])
+    a = jnp.stack([1.0 / r0, -1.0 / r0, jnp.zeros_like(r0)])
+    b = jnp.stack([jnp.zeros_like(r1), 1.0 / r1, -1.0 / r1])
+    q = r0 / (r0 + r1)
+    d1 = (1.0 + q) * a - q * b
+    d2 = (a - b) / (r0 + r1)
+    p2, p3 = h * phi(-h, 2), -h * phi(-h, 3)
+    return jnp.stack([c1, 0.0 * c1, 0.0 * c1]) + a_t * p2 * d1 - 2.0 * a_t * p3 * d2
+
+
+def _dpm_coefs(g, i, order: int):
+    """``(c_x, c_d[order], m)`` of one DPM-Solver++ multistep step from ``g.t[i]`` to ``g.t[i + 1]``."""
+    a_s, s_s, l_s = g.at(i)
+    a_t, s_t, l_t = g.at(i + 1)
+    c_x, c1 = ddim_coefs(a_s, s_s, a_t, s_t)
+    m = order_at(i, order, _start_inf(g))
+    lams = _history_lambdas(g, i, order - 1)
+    h = nonzero(l_t - l_s)
+    r0 = nonzero(l_s - lams[0]) / h if order >= 2 else None
+    r1 = nonzero(lams[0] - lams[1]) / h if order >= 3 else None
+    cands = [_pad(list(_dpm_combined(c1, h, r0, r1, a_t, k)), order) for k in range(1, order + 1)]
+    c_d = select_order(m, cands)
+    end = s_t == 0
+    c_d = jnp.where(end, _to_zero(a_t, [l_s] + lams, m, order), c_d)
+    return jnp.where(end, 0.0, c_x), c_d, m
+
+
+def _dpm_scalars(g, st, i, *, order: int = 2, **_):
+    c_x, c_d, _ = _dpm_coefs(g, i, order)
+    return {"s": g.t[i], "c_x": c_x, "c_d": c_d}
+
+
+def _dpm_step(model, carry, c, key, **_):
+    del key
+    x = carry["x"]
+    d = model.x0_eps(x, c["s"])[0]
+    ds = (d,) + carry["D"]
+    return {"x": combine(c["c_x"], x, c["c_d"], ds), "D": ds[:-1]}, 1
+
+
+def dpm_multistep(order: int) -> Stepper:
+    return Stepper(functools.partial(_hist_init, order=order), functools.partial(_dpm_scalars, order=order),
+                   _dpm_step)
+
+
+# -- DPM-Solver++ 2M with heavy-ball momentum -------------------------------------------------
+def _hb_scalars(g, st, i, **_):
+    c_x, c_d, m = _dpm_coefs(g, i, 2)
+    a_s, s_s, _ = g.at(i)
+    a_t, s_t, _ = g.at(i + 1)
+    scale = jnp.where(s_t == 0, a_t, ddim_coefs(a_s, s_s, a_t, s_t)[1])
+    return {"s": g.t[i], "c_x": c_x, "dir": c_d / nonzero(scale), "scale": scale, "first": m == 1}
+
+
+def _hb_step(model, carry, c, key, *, beta: float = 0.8):
+    """HB on DPM-Solver++(2M): ``v <- (1 - beta) v + beta (D_i + (D_i - D_{i-1}) / (2 r))``,
+    ``x_t = (sigma_t/sigma_s) x + alpha_t (1 - e^-h) v`` (first order for ``beta < 1``; ``beta = 1``
+    is DPM-Solver++(2M)). The first step is DDIM and starts the velocity; into ``sigma = 0`` the
+    direction is the extrapolated data prediction."""
+    del key
+    x = carry["x"]
+    d = model.x0_eps(x, c["s"])[0]
+    diff = combine(jnp.float32(0.0), x, c["dir"], (d, carry["D"][0]))
+    v = jnp.where(c["first"], diff, (1.0 - beta) * carry["v"] + beta * diff)
+    return {"x": combine(c["c_x"], x, c["scale"][None], (v,)), "D": (d,), "v": v}, 1
+
+
+hb = Stepper(lambda model, ts, x, **_: {"x": x, "D": (jnp.zeros_like(x),), "v": jnp.zeros_like(x)}, _hb_scalars,
+             _hb_step)
+
+
+# -- DEIS (tAB) -------------------------------------------------------------------------------
+def _deis_nodes(g, i, prediction: str):
+    """Gauss-Legendre nodes and half-length of the step in rho (eps form) or kappa (x0 form)."""
+    a_s, s_s, _ = g.at(i)
+    a_t, s_t, _ = g.at(i + 1)
+    if prediction == "eps":
+        lo, hi = finite_or(s_s / a_s, 1.0), s_t / a_t
+    else:
+        lo, hi = a_s / s_s, finite_or(a_t / s_t, 1.0)
+    nodes = 0.5 * (hi - lo) * jnp.asarray(GL_X, jnp.float32) + 0.5 * (hi + lo)
+    return nodes, 0.5 * (hi - lo)
+
+
+def _deis_stages(g, i, *, prediction: str = "eps", **_):
+    nodes, _ = _deis_nodes(g, i, prediction)
+    return -jnp.log(nodes) if prediction == "eps" else jnp.log(nodes)
+
+
+def _deis_scalars(g, st, i, *, order: int = 3, prediction: str = "eps", **_):
+    """tAB-DEIS: the prediction (``eps`` or ``x0``) is a Lagrange polynomial in t through the last
+    ``order`` evaluations, integrated exactly against the exponential-integrator kernel:
+
+    eps: ``x_t = (alpha_t/alpha_s) x_s + alpha_t sum_j eps_j int_{rho_s}^{rho_t} l_j(t(rho)) d rho``, ``rho = sigma/alpha``
+    x0:  ``x_t = (sigma_t/sigma_s) x_s + sigma_t sum_j x0_j int_{kappa_s}^{kappa_t} l_j(t(kappa)) d kappa``, ``kappa = alpha/sigma``
+
+    (8-point Gauss-Legendre in rho / kappa; ``st.t`` are the times of the nodes). The eps form
+    starts from pure noise with a DDIM step; the x0 form ends at ``sigma = 0`` with
+    ``x_0 = alpha_t P(t_end)``.
+    """
+    if prediction not in ("eps", "x0"):
+        raise ValueError(f"deis: prediction must be 'eps' or 'x0'; got {prediction!r}")
+    a_s, s_s, _ = g.at(i)
+    a_t, s_t, _ = g.at(i + 1)
+    # history nodes in t; those before t[0] (unused at this step) get distinct dummy values
+    nodes = [jnp.where(i - j >= 0, g.t[jnp.maximum(i - j, 0)], g.t[0] + j) for j in range(order)]
+    m = jnp.minimum(i + 1, order)
+    _, half = _deis_nodes(g, i, prediction)
+    w_gl = jnp.asarray(GL_W, jnp.float32)
+
+    def weights(k):
+        integ = half * jnp.sum(lagrange_basis(nodes[:k], st.t) * w_gl, axis=-1)
+        if prediction == "eps":
+            return a_t * integ
+        return jnp.where(s_t == 0, a_t * lagrange_basis(nodes[:k], g.t[i + 1]), s_t * integ)
+
+    c_f = select_order(m, [_pad(list(weights(k)), order) for k in range(1, order + 1)])
+    ddx, ddd = ddim_coefs(a_s, s_s, a_t, s_t)
+    if prediction == "eps":
+        start = a_s == 0
+        c_x = jnp.where(start, ddx, a_t / nonzero(a_s))
+        c = jnp.concatenate([jnp.where(start, 0.0, c_f), jnp.where(start, ddd, 0.0)[None]])
+    else:
+        c_x = jnp.where(s_t == 0, 0.0, ddx)
+        c = jnp.concatenate([c_f, jnp.zeros((1,), jnp.float32)])
+    return {"s": g.t[i], "c_x": c_x, "c": c}
+
+
+def _deis_step(model, carry, c, key, *, prediction: str = "eps", **_):
+    del key
+    x = carry["x"]
+    d, e = model.x0_eps(x, c["s"])
+    fs = ((e if prediction == "eps" else d),) + carry["D"]
+    return {"x": combine(c["c_x"], x, c["c"], fs + (d,)), "D": fs[:-1]}, 1
+
+
+def deis(order: int = 3, prediction: str = "eps") -> Stepper:
+    return Stepper(functools.partial(_hist_init, order=order),
+                   functools.partial(_deis_scalars, order=order, prediction=prediction),
+                   functools.partial(_deis_step, prediction=prediction),
+                   stages=functools.partial(_deis_stages, prediction=prediction))
+
+
+# -- UniPC --------------------------------------------------------------------------------------
+def _solve_small(a: Array, b: Array) -> Array:
+    """Solve ``a x = b`` for ``n <= 3`` by Cramer's rule (cheaper to compile than LU)."""
+    n = b.shape[0]
+    if n == 1:
+        return b / a[0, 0]
+    def d(m):
+        if n == 2:
+            return m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+        return (m[0, 0] * (m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1]) - m[0, 1] * (m[1, 0] * m[2, 2] - m[1, 2] * m[2, 0])
+                + m[0, 2] * (m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0]))
+
+    full = d(a)
+    return jnp.stack([d(a.at[:, j].set(b)) for j in range(n)]) / full
+
+
+def _unipc_weights(l_s0, l_t, l_hist: list[Array], m: int, corrector: bool, variant: str):
+    """UniP-m (``corrector=False``) / UniC-m weights for the data prediction.
+
+    ``x_t = (sigma_t/sigma_s0) x - alpha_t h phi_1 m0 - alpha_t B(h) (sum_k rho_k D1_k [+ rho_m (m_t - m0)])``
+    with ``D1_k = (m_k - m0) / r_k``, ``r_k = (lambda_k - lambda_s0) / h``, and ``rho`` solving
+    ``R rho = b``, ``R[l, k] = r_k^l``, ``b_l = l! h phi_{l+1}(-h) / B(h)`` (Zhao et al. 2023, Alg. 2-3;
+    order 2 predictor and order 1 corrector use ``rho = 1/2``). Returns ``(w_hist [m-1], w_new)``
+    with the combination ``-alpha_t B(h) (sum_k w_hist_k (m_k - m0) + w_new (m_t - m0))``.
+    """
+    h = nonzero(l_t - l_s0)
+    hh = -h
+    bh = jnp.expm1(hh) if variant == "bh2" else hh
+    rks = [nonzero(l - l_s0, -(j + 1.0) * h) / h for j, l in enumerate(l_hist[: m - 1])] + [jnp.ones_like(h)]
+    n = m if corrector else m - 1
+    if n == 0:
+        return jnp.zeros((0,), jnp.float32), jnp.zeros((), jnp.float32)
+    if (not corrector and m == 2) or (corrector and m == 1):
+        rho = jnp.full((n,), 0.5, jnp.float32)
+    else:
+        b = jnp.stack([hh * phi(hh, l + 1) * math.factorial(l) / bh for l in range(1, n + 1)])
+        rr = jnp.stack(rks[:n])
+        rho = _solve_small(jnp.stack([rr**l for l in range(n)]), b)
+    w_hist = rho[: m - 1] / jnp.stack(rks[: m - 1]) if m > 1 else jnp.zeros((0,), jnp.float32)
+    w_new = rho[-1] if corrector else jnp.zeros((), jnp.float32)
+    return w_hist, w_new
+
+
+def _unipc_coefs(g, i_s0, i_t, l_hist, m_max: int, m, corrector: bool, variant: str):
+    """``(c_x, c[m_max + 1])`` of one UniP / UniC update from ``g.t[i_s0]`` to ``g.t[i_t]`` on
+    ``(x, m0, hist_1..hist_{m_max-1}, m_t)``, order ``m`` (traced, <= m_max).
+
+    Out of pure noise (``h = inf``, only order 1 is used there) ``-alpha_t B(h) -> alpha_t`` (the
+    bh2 limit), which makes UniC-1 the trapezoidal rule in ``kappa = alpha / sigma``."""
+    a_s, s_s, l_s0 = g.at(i_s0)
+    a_t, s_t, l_t = g.at(i_t)
+    c_x, c1 = ddim_coefs(a_s, s_s, a_t, s_t)
+    h = nonzero(l_t - l_s0)
+    bh = jnp.expm1(-h) if variant == "bh2" else -h
+    scale = jnp.where(jnp.isfinite(l_t - l_s0), -a_t * bh, a_t)
+    cands = []
+    for k in range(1, m_max + 1):
+        w_hist, w_new = _unipc_weights(l_s0, l_t, l_hist, k, corrector, variant)
+        c_hist, c_new = scale * w_hist, scale * w_new
+        pad = [jnp.zeros_like(c1)] * (m_max - k)
+        cands.append(jnp.stack([c1 - jnp.sum(c_hist) - c_new, *c_hist, *pad, c_new]))
+    return c_x, select_order(m, cands)
+
+
+def _unipc_scalars(g, st, i, *, order: int = 2, variant: str = "bh2", **_):
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"unipc: variant must be 'bh1' or 'bh2'; got {variant!r}")
+    start_inf = _start_inf(g)
+    ip = jnp.maximum(i - 1, 0)
+    # corrector of step i-1 -> i, with the order its predictor used
+    cx_c, c_c = _unipc_coefs(g, ip, i, _history_lambdas(g, ip, order - 1), order,
+                             order_at(ip, order, start_inf), True, variant)
+    m = order_at(i, order, start_inf)
+    l_hist = _history_lambdas(g, i, order - 1)
+    cx_p, c_p = _unipc_coefs(g, i, i + 1, l_hist, order, m, False, variant)
+    a_t, s_t, _ = g.at(i + 1)
+    end = s_t == 0
+    w_end = _to_zero(a_t, [g.at(i)[2]] + l_hist, m, order)
+    c_p = jnp.where(end, jnp.concatenate([w_end, jnp.zeros((1,), jnp.float32)]), c_p)
+    return {"s": g.t[i], "correct": i > 0, "cx_c": cx_c, "c_c": c_c, "cx_p": jnp.where(end, 0.0, cx_p), "c_p": c_p}
+
+
+def _unipc_step(model, carry, c, key, *, order: int = 2, **_):
+    """UniC corrects ``x_i`` with the new evaluation, then UniP predicts ``x_{i+1}``; the final
+    prediction is not corrected, so each step costs one evaluation."""
+    del key
+    x = carry["x"]
+    d = model.x0_eps(x, c["s"])[0]
+    hist = carry["D"]  # D_{i-1}, ..., D_{i-order}
+    xc = combine(c["cx_c"], carry["x_prev"], c["c_c"], (hist[0],) + hist[1:order] + (d,))
+    x = jnp.where(c["correct"], xc, x)
+    xn = combine(c["cx_p"], x, c["c_p"], (d,) + hist[: order - 1] + (jnp.zeros_like(d),))
+    return {"x": xn, "x_prev": x, "D": (d,) + hist[:-1]}, 1
+
+
+def _unipc_init(model, ts, x, *, order: int = 2, **_):
+    return {"x": x, "x_prev": x, "D": tuple(jnp.zeros_like(x) for _ in range(order))}
+
+
+def _unipc_force(carry, x_prev_ref, x_ref):
+    return {**carry, "x": x_ref, "x_prev": x_prev_ref}
+
+
+def unipc(order: int = 2, variant: str = "bh2") -> Stepper:
+    return Stepper(functools.partial(_unipc_init, order=order),
+                   functools.partial(_unipc_scalars, order=order, variant=variant),
+                   functools.partial(_unipc_step, order=order), _unipc_force)

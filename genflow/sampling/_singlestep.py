@@ -1,0 +1,219 @@
+"""Single-step solvers: several network evaluations per step, no history.
+
+* DPM-Solver++ 2S / 3S (Lu et al. 2022, "DPM-Solver", Alg. 1-2 in data-prediction form;
+  intermediate points at fractions ``r = 1/2`` and ``r = 1/3, 2/3`` of the step in lambda).
+* EDM's Heun sampler with stochastic churn (Karras et al. 2022, "Elucidating the Design Space",
+  Alg. 2), written for any path in the noise level ``rho = sigma / alpha`` and ``y = x / alpha``.
+* Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"): EDM
+  Heun steps, and once the noise level falls below ``restart_interval[0]`` the state is
+  re-noised to ``restart_interval[1]`` by the forward process and integrated back,
+  ``restart_times`` times.
+
+Endpoints (see :mod:`genflow.sampling._exp`): a step out of pure noise places its stages at
+fractions of ``kappa = alpha / sigma`` and combines them with the Runge-Kutta rule of the same
+order in kappa (midpoint; Heun's third-order rule), and EDM's trapezoid is taken in kappa; a
+step into ``sigma = 0`` places its stages at fractions of ``u = sigma^2 / alpha^2`` and
+extrapolates the data predictions to ``u = 0`` (EDM's sampler takes an Euler step there).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from genflow.sampling._driver import Stepper, x_init
+from genflow.sampling._exp import combine, ddim_coefs, finite_or, lagrange_at_zero, nonzero, phi
+
+Array = jax.Array
+
+
+# -- DPM-Solver++ 2S / 3S ---------------------------------------------------------------------
+def _fractions(order: int) -> tuple[float, ...]:
+    return (0.5,) if order == 2 else (1.0 / 3.0, 2.0 / 3.0)
+
+
+def _single_stages(g, i, *, order: int = 2, **_):
+    """Log-SNRs of the intermediate points at fractions ``r`` of the step: in lambda (regular), in
+    ``kappa`` out of pure noise (``kappa = r kappa_t``), in ``u`` into clean data (``u = (1-r) u_s``)."""
+    a_s, _, l_s = g.at(i)
+    _, s_t, l_t = g.at(i + 1)
+    start, end = a_s == 0, s_t == 0
+    out = []
+    for r in _fractions(order):
+        out.append(jnp.where(start, finite_or(l_t, 0.0) + math.log(r),
+                             jnp.where(end, finite_or(l_s, 0.0) - 0.5 * math.log(1.0 - r),
+                                       l_s + r * nonzero(l_t - l_s))))
+    return jnp.stack(out)
+
+
+def _u(lam, fill):
+    return finite_or(jnp.exp(-2.0 * lam), fill)
+
+
+def _single_scalars(g, st, i, *, order: int = 2, **_):
+    """Regular step (Lu et al. 2022, data prediction, ``solver_type='dpmsolver'``):
+    2S: ``x_t = (sigma_t/sigma_s) x + alpha_t (1 - e^-h) D(x_s1)`` with ``x_s1`` the DDIM step to the
+    log-SNR midpoint; 3S: ``x_t = DDIM_t(D_0) + (alpha_t h phi_2(-h) / r2) (D_2 - D_0)`` with the stage
+    ``x_s2 = DDIM_s2(D_0) + alpha_s2 h2^2 phi_2(-h2) (D_1 - D_0) / (lambda_1 - lambda_s)``."""
+    a_s, s_s, l_s = g.at(i)
+    a_t, s_t, l_t = g.at(i + 1)
+    start, end = a_s == 0, s_t == 0
+    a1, s1, l1 = st.at(0)
+    c_x, c1 = ddim_coefs(a_s, s_s, a_t, s_t)
+    out = {"s": g.t[i], "t1": st.t[0], "x1": jnp.stack(ddim_coefs(a_s, s_s, a1, s1))}
+    zero = jnp.zeros_like(c1)
+    if order == 2:
+        c_d = jnp.where(end, a_t * lagrange_at_zero([_u(l_s, 2.0), _u(l1, 1.0)]), jnp.stack([zero, c1]))
+    else:
+        a2, s2, l2 = st.at(1)
+        h2 = nonzero(l2 - l_s)
+        c2 = jnp.where(start, a2, a2 * h2 * h2 * phi(-h2, 2) / nonzero(l1 - l_s))
+        c2x, c2d = ddim_coefs(a_s, s_s, a2, s2)
+        h = nonzero(l_t - l_s)
+        # from pure noise: Heun's third-order rule in kappa, w_t = w_s + kappa_t (k1 + 3 k3) / 4
+        c_f = jnp.where(start, 0.75 * a_t, a_t * h * phi(-h, 2) / _fractions(3)[1])
+        us = [_u(l, 3.0 - j) for j, l in enumerate((l_s, l1, l2))]
+        c_d = jnp.where(end, a_t * lagrange_at_zero(us), jnp.stack([c1 - c_f, zero, c_f]))
+        out.update(t2=st.t[1], x2=jnp.stack([c2x, c2d - c2, c2]))
+    # one step from pure noise straight to clean data: x = alpha_t D(x_s)
+    c_d = jnp.where(start & end, jnp.zeros_like(c_d).at[0].set(a_t), c_d)
+    return {**out, "c_x": jnp.where(end, 0.0, c_x), "c_d": c_d}
+
+
+def _single_step(model, carry, c, key, *, order: int = 2):
+    del key
+    x = carry["x"]
+    d0 = model.x0_eps(x, c["s"])[0]
+    d1 = model.x0_eps(combine(c["x1"][0], x, c["x1"][1:], (d0,)), c["t1"])[0]
+    ds = (d0, d1)
+    if order == 3:
+        ds = ds + (model.x0_eps(combine(c["x2"][0], x, c["x2"][1:], ds), c["t2"])[0],)
+    return {"x": combine(c["c_x"], x, c["c_d"], ds)}, order
+
+
+def dpm_singlestep(order: int) -> Stepper:
+    return Stepper(x_init, functools.partial(_single_scalars, order=order),
+                   functools.partial(_single_step, order=order), stages=functools.partial(_single_stages, order=order))
+
+
+# -- EDM Heun ---------------------------------------------------------------------------------
+def _heun_coefs(t_hat, a_h, s_h, t, a_t, s_t) -> dict:
+    """Heun step from ``t_hat`` to ``t`` (Karras et al. 2022, Alg. 1 lines 4-8), in ``y = x / alpha``
+    and ``rho = sigma / alpha``: Euler ``x_e = alpha_t D_1 + sigma_t eps_1`` (= DDIM), then
+    ``y_t = y + (rho_t - rho) (eps_1 + eps_2) / 2``; from pure noise the same trapezoid in
+    ``w = x / sigma`` and ``kappa = alpha / sigma``; into ``sigma = 0`` the Euler step alone."""
+    noise = a_h == 0
+    c_rho = 0.5 * (s_t - a_t * s_h / nonzero(a_h))
+    c_kap = 0.5 * (a_t - s_t * a_h / s_h)
+    zero = jnp.zeros_like(c_rho)
+    return {"t_hat": t_hat, "t": t, "euler": jnp.stack([a_t, s_t]), "correct": s_t > 0,
+            "c_x": jnp.where(noise, s_t / s_h, a_t / nonzero(a_h)),
+            "c": jnp.where(noise, jnp.stack([c_kap, c_kap, zero, zero]), jnp.stack([zero, zero, c_rho, c_rho]))}
+
+
+def _heun_apply(model, x, hc):
+    """Returns ``(x_t, nfe)``; the second evaluation is skipped (``lax.cond``) into ``sigma = 0``."""
+    d1, e1 = model.x0_eps(x, hc["t_hat"])
+    x_euler = combine(jnp.float32(0.0), x, hc["euler"], (d1, e1))
+
+    def correct(_):
+        d2, e2 = model.x0_eps(x_euler, hc["t"])
+        return combine(hc["c_x"], x, hc["c"], (d1, d2, e1, e2))
+
+    x_new = jax.lax.cond(hc["correct"], correct, lambda _: x_euler, None)
+    return x_new, 1 + hc["correct"].astype(jnp.int32)
+
+
+def _gamma(g, i, churn, s_tmin, s_tmax):
+    a_s, _, l_s = g.at(i)
+    rho = jnp.exp(-l_s)
+    return jnp.where((a_s > 0) & (rho >= s_tmin) & (rho <= s_tmax), jnp.minimum(churn / g.n, math.sqrt(2.0) - 1.0), 0.0)
+
+
+def _edm_stages(g, i, *, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), **_):
+    """``lambda_hat = lambda_s - log(1 + gamma)`` (noise level ``(1 + gamma) rho``), at most the start's."""
+    gamma = _gamma(g, i, churn, s_tmin, s_tmax)
+    return jnp.maximum(finite_or(g.l[i], 0.0) - jnp.log1p(gamma), g.l[0])[None]
+
+
+def _edm_scalars(g, st, i, *, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                 s_noise: float = 1.0, **_):
+    """Churn (Alg. 2, lines 5-6): ``gamma = min(churn / N, sqrt(2) - 1)`` where ``s_tmin <= rho <= s_tmax``,
+    ``rho_hat = (1 + gamma) rho``, ``y_hat = y + sqrt(rho_hat^2 - rho^2) S_noise z``."""
+    a_s, s_s, l_s = g.at(i)
+    up = _gamma(g, i, churn, s_tmin, s_tmax) > 0
+    t_hat = jnp.where(up, st.t[0], g.t[i])
+    a_h, s_h = jnp.where(up, st.a[0], a_s), jnp.where(up, st.s[0], s_s)
+    rho = finite_or(jnp.exp(-l_s), 0.0)
+    std = jnp.sqrt(jnp.maximum((s_h / nonzero(a_h)) ** 2 - rho**2, 0.0)) * s_noise
+    noise = jnp.where(up, jnp.stack([a_h / nonzero(a_s), a_h * std]), jnp.stack([1.0, 0.0]))
+    return {"churn": noise, "heun": _heun_coefs(t_hat, a_h, s_h, g.t[i + 1], *g.at(i + 1)[:2])}
+
+
+def _edm_step(model, carry, c, key, *, churn: float = 0.0, **_):
+    x = carry["x"]
+    if churn > 0:
+        if key is None:
+            raise ValueError("solver 'edm_heun' with churn > 0 is stochastic: pass key=jax.random.key(...)")
+        z = jax.random.normal(key, x.shape, x.dtype)
+        x = combine(c["churn"][0], x, c["churn"][1:], (z,))
+    x, nfe = _heun_apply(model, x, c["heun"])
+    return {"x": x}, nfe
+
+
+edm_heun = Stepper(x_init, _edm_scalars, _edm_step, stages=_edm_stages)
+
+
+# -- Restart sampling -------------------------------------------------------------------------
+def _restart_stages(g, i, *, restart_interval=(0.1, 2.0), restart_steps: int = 4, rho: float = 7.0, **_):
+    """The restart sub-grid: ``restart_steps + 1`` Karras levels from ``rho_hi`` down to ``rho_t``."""
+    lo, hi = restart_interval
+    if not 0.0 < lo < hi:
+        raise ValueError(f"restart: restart_interval must be (lo, hi) with 0 < lo < hi; got {restart_interval}")
+    l_hi = jnp.maximum(jnp.float32(-math.log(hi)), g.l[0])
+    r_hi, r_t = jnp.exp(-l_hi), jnp.maximum(jnp.exp(-g.l[i + 1]), 1e-12)
+    u = jnp.linspace(0.0, 1.0, restart_steps + 1)
+    lev = (r_hi ** (1 / rho) + u * (r_t ** (1 / rho) - r_hi ** (1 / rho))) ** rho
+    return (-jnp.log(lev)).at[0].set(l_hi)
+
+
+def _restart_scalars(g, st, i, *, restart_interval=(0.1, 2.0), **_):
+    """A Heun step; on first reaching ``rho_t <= restart_interval[0]`` (``rho = sigma / alpha``):
+    ``y <- y + sqrt(rho_hi^2 - rho_t^2) z`` (the forward process up to ``rho_hi = restart_interval[1]``)
+    and ``restart_steps`` Heun steps back on a Karras sub-grid (Xu et al. 2023, Alg. 1)."""
+    lo = restart_interval[0]
+    a_t, s_t, l_t = g.at(i + 1)
+    rho_s, rho_t = jnp.exp(-g.l[i]), jnp.exp(-l_t)
+    t_hi, a_hi, s_hi = st.t[0], st.a[0], st.s[0]
+    r_hi = s_hi / nonzero(a_hi)
+    do = (rho_t <= lo) & (rho_s > lo) & (s_t > 0) & (t_hi > g.t[i + 1])
+    # sub-grid: stage points, ending exactly on the grid point
+    t_sub = st.t.at[-1].set(g.t[i + 1])
+    a_sub, s_sub = st.a.at[-1].set(a_t), st.s.at[-1].set(s_t)
+    sub = jax.vmap(_heun_coefs)(t_sub[:-1], a_sub[:-1], s_sub[:-1], t_sub[1:], a_sub[1:], s_sub[1:])
+    noise = jnp.stack([a_hi / nonzero(a_t), a_hi * jnp.sqrt(jnp.maximum(r_hi**2 - rho_t**2, 0.0))])
+    return {"heun": _heun_coefs(g.t[i], *g.at(i)[:2], g.t[i + 1], a_t, s_t), "do": do, "noise": noise, "sub": sub}
+
+
+def _restart_step(model, carry, c, key, *, restart_times: int = 1, **_):
+    if key is None:
+        raise ValueError("solver 'restart' is stochastic: pass key=jax.random.key(...)")
+    x, nfe = _heun_apply(model, carry["x"], c["heun"])
+
+    def restart(x):
+        def once(x, k):
+            x = combine(c["noise"][0], x, c["noise"][1:], (jax.random.normal(k, x.shape, x.dtype),))
+            x, ns = jax.lax.scan(lambda x, hc: _heun_apply(model, x, hc), x, c["sub"])
+            return x, jnp.sum(ns)
+
+        x, ns = jax.lax.scan(once, x, jax.random.split(key, restart_times))
+        return x, jnp.sum(ns)
+
+    x, extra = jax.lax.cond(c["do"], restart, lambda x: (x, jnp.int32(0)), x)
+    return {"x": x}, nfe + extra
+
+
+restart = Stepper(x_init, _restart_scalars, _restart_step, stages=_restart_stages)
