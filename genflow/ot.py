@@ -225,6 +225,23 @@ def assignment_cost(cost, perm):
     return xp.sum(picked, axis=-1)
 
 
+def _standard_normal(key: Array, shape, dtype) -> Array:
+    return jax.random.normal(key, shape, dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _draw_fn(sampler: Callable, batch_size: int, chunk: int, noise: Callable) -> Callable:
+    """Jitted ``draw(key) -> (x0, x1)``, each ``[chunk, B, ...]`` (cached: streams built with the
+    same sampler reuse the compiled function)."""
+
+    def one(key):
+        k0, k1 = jax.random.split(key)
+        x0 = sampler(k0, batch_size)
+        return x0, noise(k1, x0.shape, x0.dtype)
+
+    return jax.jit(lambda key: jax.vmap(one)(jax.random.split(key, chunk)))
+
+
 class CoupledBatches:
     """An iterator of exact-OT-coupled training batches ``{"x": x0, "x1": x1}``, a chunk at a time.
 
@@ -243,7 +260,7 @@ class CoupledBatches:
       chunk: minibatches prepared per background job.
       prefetch: chunks queued ahead.
       coupling: ``"ot"`` (exact) or ``"independent"`` (the same stream without permutation).
-      noise: ``noise(key, shape) -> array``; standard normal by default.
+      noise: ``noise(key, shape, dtype) -> array``; standard normal by default.
       precondition, eps, iters, threads: see :func:`assignment`.
     Yields:
       ``{"x": [B, ...], "x1": [B, ...]}`` NumPy arrays, one minibatch at a time, forever (or
@@ -260,18 +277,7 @@ class CoupledBatches:
         self.batch_size, self.chunk, self.coupling = int(batch_size), int(chunk), coupling
         self.threads, self.num_batches, self.precondition = threads, num_batches, precondition
         self.eps, self.iters = eps, iters
-        noise = noise or (lambda k, shape, dtype: jax.random.normal(k, shape, dtype))
-        b = self.batch_size
-
-        def draw(k):
-            def one(kk):
-                k0, k1 = jax.random.split(kk)
-                x0 = sampler(k0, b)
-                return x0, noise(k1, x0.shape, x0.dtype)
-
-            return jax.vmap(one)(jax.random.split(k, self.chunk))
-
-        self._draw = jax.jit(draw)
+        self._draw = _draw_fn(sampler, self.batch_size, self.chunk, noise or _standard_normal)
         self._key = key
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -293,8 +299,9 @@ class CoupledBatches:
 
     def _work(self):
         index = 0
+        last = None if self.num_batches is None else -(-self.num_batches // self.chunk)
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and (last is None or index < last):
                 item = self.prepare(index)
                 index += 1
                 while not self._stop.is_set():

@@ -1,0 +1,378 @@
+"""Conditional flow matching on 2-D moons: training throughput and sample quality, genflow vs torchcfm.
+
+The problem (issue 2): moons (``gf.data.moons``: noise 0.05, centred, scaled x2), an MLP
+3x256 SiLU on ``concat(x, t)``, batch 256, Adam 1e-3 (constant), CPU, linear (CondOT / rectified
+flow) path, velocity regression. Contenders:
+
+* ``genflow``: ``gf.train.fit`` with on-device data (``gf.data.moons`` sampled inside the
+  ``lax.scan`` of each chunk), ``gf.train.make_train_step`` (finite-loss guard, EMA 0.99),
+  independent coupling; ``unroll`` = steps unrolled per scan iteration.
+* ``genflow OT``: exact minibatch OT. ``gf.ot.CoupledBatches`` draws a chunk of minibatches
+  on device, solves their exact assignments on the host thread pool (SciPy on
+  Sinkhorn-preconditioned costs, same optimum) in a background thread, and ``fit`` consumes
+  them as host batches with the loss using ``gf.losses.paired_coupling(batch["x1"])``.
+* ``genflow OT (per-step callback)``: ``coupling="ot"`` inside the loss, i.e. one blocking host
+  callback per step (the simple path; reference).
+* ``torchcfm``: ``ConditionalFlowMatcher(sigma=0)`` / ``ExactOptimalTransportConditionalFlowMatcher
+  (sigma=0)`` in a plain PyTorch loop, same MLP (``nn.Sequential`` of Linear/SiLU on
+  ``cat([x, t])``), moons generated the same way with torch ops, Adam 1e-3.
+
+Throughput: contenders are timed round-robin (interleaved), after a warm-up run; each timed run
+is a fresh ``fit`` call whose compilation is excluded (the persistent compilation cache makes
+the recompiles cheap; the first compile is reported). OT pipelines are timed from a cold start
+(the first chunk's couplings are inside the timed run). Quality: each contender is trained 3,000
+steps per seed; samples from the same 4,096 noise draws are integrated by genflow's sampler
+(an adaptive solver at rtol = atol = 1e-5, and a fixed-step one) and compared with fresh data
+by the exact 2-Wasserstein distance (``gf.metrics.w2_exact``); the data-vs-data floor (two
+independent draws of 4,096) is reported beside it. torchcfm's networks are evaluated by copying
+their weights into the same flax MLP (torchcfm's time runs noise -> data, so its field is
+``v_gf(x, t) = -v_torch(x, 1 - t)``).
+
+    python experiments/benchmarks/cfm_throughput.py                 # everything (~15 min on 2 idle cores)
+    python experiments/benchmarks/cfm_throughput.py --part throughput --repeats 7
+    python experiments/benchmarks/cfm_throughput.py --part quality --seeds 0 1 2
+    python experiments/benchmarks/cfm_throughput.py --part data     # gf.data.moons vs sklearn's make_moons
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "genflow_bench_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import genflow as gf  # noqa: E402
+from genflow import ot as gf_ot  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import markdown_table  # noqa: E402
+
+BATCH, WIDTH, DEPTH, LR, EMA = 256, 256, 3, 1e-3, 0.99
+TARGETS = {"independent": (2.5, 271.0, 0.19), "ot": (5.0, 90.0, 0.14)}  # (ratio, torchcfm steps/s here, W2)
+
+
+# -- genflow ------------------------------------------------------------------------------------
+def gf_model():
+    return gf.nets.MLP(hidden=(WIDTH,) * DEPTH, activation="silu", time_embedding="identity")
+
+
+def gf_state(seed: int, ema: tuple = (EMA,)):
+    model, opt = gf_model(), optax.adam(LR)
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 2)), jnp.zeros((1,)))
+    return gf.train.init_state(params, opt, jax.random.key(seed + 1000), ema_decays=ema)
+
+
+def gf_step(coupling: str):
+    """The train step: ``coupling="independent"`` / ``"ot"`` (per-step callback) take a data batch
+    ``x0``; ``"paired"`` takes ``{"x": x0, "x1": coupled noise}`` from ``gf.ot.CoupledBatches``."""
+    model, path, opt = gf_model(), gf.paths.linear(), optax.adam(LR)
+    if coupling == "paired":
+        def loss_fn(params, batch, key):
+            fn = jax.tree_util.Partial(model.apply, params)
+            loss, _ = gf.losses.flow_matching_loss(fn, path, batch["x"], key,
+                                                   coupling=gf.losses.paired_coupling(batch["x1"]))
+            return loss, {}
+    else:
+        loss_fn = gf.train.diffusion_objective(model.apply, path, prediction="velocity", coupling=coupling)
+    return gf.train.make_train_step(loss_fn, opt)
+
+
+def moons_batch(key):
+    return gf.data.moons(key, BATCH)
+
+
+class GenflowRunner:
+    """``run(n) -> seconds`` (excluding compilation): ``n`` more training steps of one state."""
+
+    def __init__(self, kind: str, seed: int = 0, unroll: int = 1, chunk: int = 500, ot_chunk: int = 100):
+        self.kind, self.unroll, self.chunk, self.ot_chunk, self.seed = kind, unroll, chunk, ot_chunk, seed
+        self.state = gf_state(seed)
+        self.step = gf_step({"independent": "independent", "ot": "paired", "ot_callback": "ot"}[kind])
+        self.compile_times: list[float] = []
+        self.calls = 0
+
+    def run(self, n: int) -> float:
+        t0 = time.perf_counter()
+        if self.kind == "ot":
+            data = gf_ot.CoupledBatches(gf.data.moons, BATCH, jax.random.fold_in(jax.random.key(self.seed), self.calls),
+                                        chunk=min(self.ot_chunk, n), num_batches=n)
+            chunk = min(self.ot_chunk, n)
+        else:
+            data, chunk = moons_batch, min(self.chunk, n)
+        self.state, hist = gf.train.fit(self.state, self.step, data, n, chunk_size=chunk, progress=False,
+                                        unroll=self.unroll)
+        jax.block_until_ready(self.state.params)
+        dt = time.perf_counter() - t0 - hist["compile_time"]
+        self.compile_times.append(hist["compile_time"])
+        self.calls += 1
+        self.history = hist
+        return dt
+
+    def eval_params(self, which: str = "ema"):
+        return self.state.ema[gf.train.ema_key(EMA)] if which == "ema" else self.state.params
+
+
+# -- torchcfm -------------------------------------------------------------------------------------
+class TorchRunner:
+    """torchcfm's matcher in a plain PyTorch loop on the same problem."""
+
+    def __init__(self, kind: str, seed: int = 0, threads: int | None = None):
+        import torch
+        from torchcfm.conditional_flow_matching import (ConditionalFlowMatcher,
+                                                        ExactOptimalTransportConditionalFlowMatcher)
+
+        self.torch, self.threads = torch, threads or torch.get_num_threads()
+        torch.manual_seed(seed)
+        np.random.seed(seed)  # torchcfm's OT plan sampler draws pairs with NumPy's global RNG
+        layers, d = [], 3
+        for _ in range(DEPTH):
+            layers += [torch.nn.Linear(d, WIDTH), torch.nn.SiLU()]
+            d = WIDTH
+        self.model = torch.nn.Sequential(*layers, torch.nn.Linear(WIDTH, 2))
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
+        self.fm = (ExactOptimalTransportConditionalFlowMatcher if kind == "ot" else ConditionalFlowMatcher)(sigma=0.0)
+        self.compile_times = [0.0]
+
+    def moons(self, n):
+        torch = self.torch
+        upper = torch.randperm(n) < n // 2
+        theta = torch.rand(n) * math.pi
+        x = torch.where(upper, torch.cos(theta), 1.0 - torch.cos(theta))
+        y = torch.where(upper, torch.sin(theta), 0.5 - torch.sin(theta))
+        pts = torch.stack([x, y], -1) + 0.05 * torch.randn(n, 2)
+        return 2.0 * (pts - torch.tensor([0.5, 0.25]))
+
+    def run(self, n: int) -> float:
+        torch = self.torch
+        torch.set_num_threads(self.threads)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.opt.zero_grad()
+            x0 = torch.randn(BATCH, 2)  # torchcfm: x0 = source (noise), x1 = target (data), t: 0 -> 1
+            x1 = self.moons(BATCH)
+            t, xt, ut = self.fm.sample_location_and_conditional_flow(x0, x1)
+            vt = self.model(torch.cat([xt, t[:, None]], dim=-1))
+            loss = torch.mean((vt - ut) ** 2)
+            loss.backward()
+            self.opt.step()
+        return time.perf_counter() - t0
+
+    def eval_params(self, which: str = "raw"):
+        """The weights as genflow MLP parameters (``Dense_k.kernel = weight.T``)."""
+        linears = [m for m in self.model if isinstance(m, self.torch.nn.Linear)]
+        return {"params": {f"Dense_{k}": {"kernel": jnp.asarray(m.weight.detach().numpy().T),
+                                          "bias": jnp.asarray(m.bias.detach().numpy())}
+                           for k, m in enumerate(linears)}}
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+def velocity_fn(params, torch_time: bool):
+    model = gf_model()
+    if not torch_time:
+        return gf.nets.model_fn(model, params)
+    return jax.tree_util.Partial(_flipped, params)
+
+
+def _flipped(params, x, t):
+    return -gf_model().apply(params, x, 1.0 - t)
+
+
+def evaluate(params, torch_time: bool, seed: int, n: int, solvers) -> dict:
+    """W2 to fresh data for each ``(solver, kwargs)`` in ``solvers``, with its NFE."""
+    fn = velocity_fn(params, torch_time)
+    path = gf.paths.linear()
+    k_noise, k_data = jax.random.split(jax.random.key(10_000 + seed))
+    x1 = path.prior_sample(k_noise, (n, 2))
+    data = np.asarray(gf.data.moons(k_data, n))
+    out = {}
+    for name, kw in solvers:
+        x0, info = gf.sample(fn, path, x1, prediction="velocity", solver=kw["solver"],
+                             **{k: v for k, v in kw.items() if k != "solver"})
+        out[name] = {"w2": gf.metrics.w2_exact(np.asarray(x0), data), "nfe": int(info.nfe)}
+    return out
+
+
+def data_floor(seed: int, n: int) -> float:
+    k_data = jax.random.split(jax.random.key(10_000 + seed))[1]
+    return gf.metrics.w2_exact(np.asarray(gf.data.moons(k_data, n)),
+                               np.asarray(gf.data.moons(jax.random.fold_in(k_data, 1), n)))
+
+
+# -- parts ------------------------------------------------------------------------------------------
+def part_data(n: int = 4096, seeds=(0, 1, 2)) -> dict:
+    """``gf.data.moons`` against scikit-learn's ``make_moons`` transformed the same way."""
+    from sklearn.datasets import make_moons
+
+    rows, out = [], []
+    for s in seeds:
+        g1 = np.asarray(gf.data.moons(jax.random.key(s), n))
+        g2 = np.asarray(gf.data.moons(jax.random.key(s + 100), n))
+        sk = 2.0 * (make_moons(n, noise=0.05, random_state=s)[0] - np.array([0.5, 0.25]))
+        sk2 = 2.0 * (make_moons(n, noise=0.05, random_state=s + 100)[0] - np.array([0.5, 0.25]))
+        r = {"seed": s, "w2_gf_vs_sklearn": gf.metrics.w2_exact(g1, sk), "w2_gf_vs_gf": gf.metrics.w2_exact(g1, g2),
+             "w2_sklearn_vs_sklearn": gf.metrics.w2_exact(sk, sk2),
+             "mean_gf": g1.mean(0).tolist(), "mean_sklearn": sk.mean(0).tolist(),
+             "std_gf": g1.std(0).tolist(), "std_sklearn": sk.std(0).tolist()}
+        out.append(r)
+        rows.append([s, r["w2_gf_vs_sklearn"], r["w2_gf_vs_gf"], r["w2_sklearn_vs_sklearn"],
+                     np.round(r["mean_gf"], 3).tolist(), np.round(r["mean_sklearn"], 3).tolist(),
+                     np.round(r["std_gf"], 3).tolist(), np.round(r["std_sklearn"], 3).tolist()])
+    print(f"\n### Data check: gf.data.moons vs sklearn make_moons(noise=0.05), both (x - (0.5, 0.25)) * 2, n = {n}\n")
+    print(markdown_table(["seed", "W2 gf vs sklearn", "W2 gf vs gf", "W2 sklearn vs sklearn", "mean gf",
+                          "mean sklearn", "std gf", "std sklearn"], rows))
+    return {"n": n, "rows": out}
+
+
+def _stats(v):
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
+
+
+def part_throughput(repeats: int, steps: dict, unrolls, ot_chunk: int, torch_threads=(1, 2)) -> dict:
+    import torch
+
+    default_threads = torch.get_num_threads()
+    runners = {}
+    for u in unrolls:
+        runners[f"genflow independent (unroll={u})"] = (GenflowRunner("independent", unroll=u), steps["independent"])
+    for th in torch_threads:
+        runners[f"torchcfm independent (threads={th})"] = (TorchRunner("independent", threads=th), steps["independent"])
+    runners[f"genflow OT (CoupledBatches, chunk={ot_chunk})"] = (GenflowRunner("ot", ot_chunk=ot_chunk),
+                                                                  steps["ot"])
+    runners["genflow OT (per-step callback)"] = (GenflowRunner("ot_callback", chunk=steps["ot_callback"]),
+                                                 steps["ot_callback"])
+    for th in torch_threads:
+        runners[f"torchcfm OT (threads={th})"] = (TorchRunner("ot", threads=th), steps["torch_ot"])
+    # warm-up (first compile), then interleaved repeats
+    first = {name: r.run(n) for name, (r, n) in runners.items()}
+    del first
+    rates = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, (r, n) in runners.items():
+            rates[name].append(n / r.run(n))
+    res = {name: dict(_stats(v), steps_per_run=runners[name][1], first_compile_s=runners[name][0].compile_times[0])
+           for name, v in rates.items()}
+    # the reference is torchcfm in its faster thread setting, round by round (same round = same load)
+    best_torch = {}
+    for kind in ("independent", "OT"):
+        names = [k for k in res if k.startswith(f"torchcfm {kind} ")]
+        best_torch[kind] = [max(res[k]["runs"][i] for k in names) for i in range(repeats)]
+        res[f"torchcfm {kind}: best thread setting per round"] = dict(_stats(best_torch[kind]), steps_per_run="",
+                                                                      first_compile_s=0.0)
+    rows = []
+    for name, r in res.items():
+        ref = best_torch["OT" if "OT" in name else "independent"]
+        ratio = r["median"] / statistics.median(ref)
+        per_round = statistics.median([a / b for a, b in zip(r["runs"], ref)])
+        rows.append([name, r["median"], r["min"], r["max"], ratio, per_round, r["first_compile_s"], r["steps_per_run"]])
+    print(f"\n### Training throughput (steps/s), batch {BATCH}, MLP {DEPTH}x{WIDTH} SiLU, Adam {LR}; "
+          f"{repeats} interleaved rounds; torch default threads = {default_threads}, cpus = {os.cpu_count()}, "
+          f"load average (1, 5, 15 min) at the end = {os.getloadavg()}\n")
+    print(markdown_table(["contender", "median", "min", "max", "ratio of medians vs best torchcfm",
+                          "median per-round ratio", "first compile (s)", "steps per run"], rows))
+    tgt = {}
+    for kind, key in (("independent", "genflow independent"), ("ot", "genflow OT")):
+        best = max((k for k in res if k.startswith(key)), key=lambda k: res[k]["median"])
+        ref = best_torch["OT" if kind == "ot" else "independent"]
+        tgt[kind] = statistics.median([a / b for a, b in zip(res[best]["runs"], ref)])
+    for k, (ratio, torch_ref, _) in TARGETS.items():
+        print(f"- {k}: best genflow / best torchcfm (median per-round ratio) = {tgt[k]:.3f} (target >= {ratio}; "
+              f"{'met' if tgt[k] >= ratio else 'MISSED'})")
+    return {"results": res, "ratios": tgt}
+
+
+def part_quality(seeds, train_steps: int, n_eval: int, unroll: int, ot_chunk: int) -> dict:
+    solvers = [("tsit5", {"solver": "tsit5", "rtol": 1e-5, "atol": 1e-5}), ("heun50", {"solver": "heun", "steps": 50})]
+    out, rows = [], []
+    for seed in seeds:
+        floor = data_floor(seed, n_eval)
+        rec = {"seed": seed, "floor": floor, "runs": {}}
+        for kind in ("independent", "ot"):
+            g = GenflowRunner(kind, seed=seed, unroll=unroll, ot_chunk=ot_chunk)
+            t_gf = g.run(train_steps)
+            loss = float(np.mean(g.history["loss"][-200:]))
+            for which in ("ema", "raw"):
+                ev = evaluate(g.eval_params(which), False, seed, n_eval, solvers if which == "ema" else solvers[:1])
+                rec["runs"][f"genflow {kind} ({'EMA 0.99' if which == 'ema' else 'raw'})"] = dict(
+                    ev, train_s=t_gf, final_loss=loss)
+            t = TorchRunner(kind, seed=seed)
+            t_t = t.run(train_steps)
+            ev = evaluate(t.eval_params(), True, seed, n_eval, solvers)
+            rec["runs"][f"torchcfm {kind} (raw)"] = dict(ev, train_s=t_t)
+        out.append(rec)
+        for name, r in rec["runs"].items():
+            rows.append([seed, name, r["tsit5"]["w2"], r["tsit5"]["nfe"], r.get("heun50", {}).get("w2", ""),
+                         r.get("heun50", {}).get("nfe", ""), floor])
+        print(f"seed {seed} done: " + ", ".join(f"{k}: {v['tsit5']['w2']:.4f}" for k, v in rec["runs"].items()),
+              flush=True)
+    print(f"\n### Sample quality after {train_steps} steps: exact W2 to fresh data (n = {n_eval}); floor = W2 between "
+          f"two independent data draws of the same size\n")
+    print(markdown_table(["seed", "model", "W2 tsit5 (rtol=atol=1e-5)", "NFE tsit5", "W2 heun 50 steps",
+                          "NFE heun", "data floor"], rows))
+    names = list(out[0]["runs"])
+    summary = []
+    for name in names:
+        w = [r["runs"][name]["tsit5"]["w2"] for r in out]
+        nfe = [r["runs"][name]["tsit5"]["nfe"] for r in out]
+        summary.append([name, float(np.mean(w)), float(np.min(w)), float(np.max(w)), float(np.mean(nfe)),
+                        float(np.mean([r["floor"] for r in out]))])
+    print(f"\n### Mean over seeds {list(seeds)} (tsit5)\n")
+    print(markdown_table(["model", "mean W2", "min", "max", "mean NFE", "mean floor"], summary))
+    for kind in ("independent", "ot"):
+        m = [s for s in summary if s[0] == f"genflow {kind} (EMA 0.99)"][0][1]
+        print(f"- genflow {kind} (EMA 0.99): mean W2 {m:.4f} (target <= {TARGETS[kind][2]}; "
+              f"{'met' if m <= TARGETS[kind][2] else 'MISSED'})")
+    return {"seeds": out, "summary": summary}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["all", "data", "throughput", "quality"], default="all")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=500, help="steps per timed run (independent coupling)")
+    p.add_argument("--ot-steps", type=int, default=500, help="steps per timed run of genflow OT (CoupledBatches)")
+    p.add_argument("--slow-ot-steps", type=int, default=100, help="steps per timed run of the per-step OT paths")
+    p.add_argument("--unroll", type=int, nargs="+", default=[1, 4], help="scan unroll values timed")
+    p.add_argument("--ot-chunk", type=int, default=100, help="minibatches per CoupledBatches chunk")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--train-steps", type=int, default=3000)
+    p.add_argument("--n-eval", type=int, default=4096)
+    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "cfm_throughput.json"))
+    args = p.parse_args(argv)
+    results = {"config": vars(args), "cpus": os.cpu_count()}
+    if args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            old = json.load(f)
+        results = {**old, "config": vars(args), "cpus": os.cpu_count()}
+    if args.part in ("all", "data"):
+        results["data"] = part_data(args.n_eval)
+    if args.part in ("all", "throughput"):
+        results["throughput"] = part_throughput(args.repeats, {"independent": args.steps, "ot": args.ot_steps,
+                                                               "ot_callback": args.slow_ot_steps,
+                                                               "torch_ot": args.slow_ot_steps},
+                                                args.unroll, args.ot_chunk)
+    if args.part in ("all", "quality"):
+        results["quality"] = part_quality(args.seeds, args.train_steps, args.n_eval, max(args.unroll), args.ot_chunk)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
