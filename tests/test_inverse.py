@@ -168,3 +168,16 @@ def test_bad_inputs():
         inv.box_inpainting(S, 3, 3, 2, 2)
     with pytest.raises(ValueError, match="not divisible"):
         op(jnp.zeros((1, 5, 5, 1)))
+
+
+@pytest.mark.parametrize("path_name,kind", [("vp_cosine", "eps"), ("linear", "velocity"), ("vp_linear", "x0")])
+def test_prior_sampler_with_eta_zero_is_gf_sample_ddim(path_name, kind):
+    """The base the posterior samplers build on is the library's DDIM (same map, same NFE)."""
+    path = gf.paths.get(path_name)
+    x1 = path.prior_sample(jax.random.key(0), (16,) + S)
+    t_start = 0.999 if path_name == "linear" else 1.0
+    a, ia = inv.prior_sample(PRIOR.model(path, kind), path, x1, prediction=kind, steps=20, key=jax.random.key(1),
+                             eta=0.0, t_start=t_start)
+    b, ib = gf.sample(PRIOR.model(path, kind), path, x1, prediction=kind, solver="ddim", steps=20, t_start=t_start)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert int(ia.nfe) == int(ib.nfe)
