@@ -5,10 +5,11 @@ A layer is a small frozen dataclass (its hyper-parameters are static; it is hash
 * ``init(key, x) -> params`` (``x: [B, ...]`` an example batch: ActNorm's init is data-dependent),
 * ``forward(params, x) -> (y, logdet)`` with ``logdet = log |det dy/dx|`` per example, ``[B]``,
 * ``inverse(params, y) -> (x, logdet)`` with ``logdet = log |det dx/dy|`` (``= -`` the forward one),
-* ``forward_split(params, x) -> (y, logdet_nonlinear, logdet_linear)``: the log-determinant split
-  into the part that depends on ``x`` and the part of "linear" layers, whose Jacobian does not
-  depend on ``x`` (ActNorm, 1x1 convolutions, squeezes). EBFlow (Chao et al. 2023) trains with
-  score matching, which never needs the linear part (see :mod:`genflow.flows._flow`).
+* ``forward_split(params, x, linear_logdet=True) -> (y, logdet_nonlinear, logdet_linear)``: the
+  log-determinant split into the part that depends on ``x`` and the part of "linear" layers,
+  whose Jacobian does not depend on ``x`` (ActNorm, 1x1 convolutions, squeezes). EBFlow (Chao et
+  al. 2023) trains with score matching, which never needs the linear part: with
+  ``linear_logdet=False`` it is not computed at all (see :mod:`genflow.flows._flow`).
 
 Vector data is ``[B, D]``; images are ``[B, H, W, C]`` (channels last). Layers act on the last
 axis (channels); "spatial" size is the product of the axes between batch and channels.
@@ -55,7 +56,15 @@ class Layer:
     def inverse(self, params, y: Array) -> tuple[Array, Array]:
         raise NotImplementedError
 
-    def forward_split(self, params, x: Array) -> tuple[Array, Array, Array]:
+    def map(self, params, x: Array) -> Array:
+        """``forward`` without the log-determinant (linear layers skip computing it)."""
+        return self.forward(params, x)[0]
+
+    def forward_split(self, params, x: Array, linear_logdet: bool = True) -> tuple[Array, Array, Array]:
+        """``(y, logdet of nonlinear layers, logdet of linear layers)``; with
+        ``linear_logdet=False`` the linear layers' log-determinants are not computed (zeros)."""
+        if self.linear and not linear_logdet:
+            return self.map(params, x), _zeros(x), _zeros(x)
         y, ld = self.forward(params, x)
         zero = jnp.zeros_like(ld)
         return (y, zero, ld) if self.linear else (y, ld, zero)
@@ -111,15 +120,18 @@ class Invertible1x1Conv(Layer):
         return {"perm": p, "lower": jnp.tril(lower, -1), "upper": jnp.triu(upper, 1),
                 "log_s": jnp.log(jnp.abs(s)), "sign": jnp.sign(s)}
 
-    def weight(self, params) -> tuple[Array, Array]:
-        """``(W [C, C], log|det W|)``."""
+    def weight(self, params, logdet: bool = True) -> tuple[Array, Array | None]:
+        """``(W [C, C], log|det W|)`` (``None`` for the log-determinant when ``logdet=False``)."""
         if not self.lu:
-            return params["w"], jnp.linalg.slogdet(params["w"])[1]
+            return params["w"], (jnp.linalg.slogdet(params["w"])[1] if logdet else None)
         c = params["log_s"].shape[0]
         eye = jnp.eye(c, dtype=params["log_s"].dtype)
         lower = jnp.tril(params["lower"], -1) + eye
         upper = jnp.triu(params["upper"], 1) + jnp.diag(jax.lax.stop_gradient(params["sign"]) * jnp.exp(params["log_s"]))
         return jax.lax.stop_gradient(params["perm"]) @ lower @ upper, jnp.sum(params["log_s"])
+
+    def map(self, params, x):
+        return x @ self.weight(params, logdet=False)[0].T
 
     def forward(self, params, x):
         w, logdet = self.weight(params)
@@ -305,10 +317,10 @@ class Chain(Layer):
             ld = ld + l
         return y, ld
 
-    def forward_split(self, params, x):
+    def forward_split(self, params, x, linear_logdet=True):
         nl, li = _zeros(x), _zeros(x)
         for layer, p in zip(self.layers, params):
-            x, a, b = layer.forward_split(p, x)
+            x, a, b = layer.forward_split(p, x, linear_logdet)
             nl, li = nl + a, li + b
         return x, nl, li
 
@@ -346,7 +358,7 @@ class FactorOut(Layer):
         a, ld = self.inner.inverse(params, a)
         return jnp.concatenate([a, b], -1), ld
 
-    def forward_split(self, params, x):
+    def forward_split(self, params, x, linear_logdet=True):
         a, b = self._split(x)
-        a, nl, li = self.inner.forward_split(params, a)
+        a, nl, li = self.inner.forward_split(params, a, linear_logdet)
         return jnp.concatenate([a, b], -1), nl, li

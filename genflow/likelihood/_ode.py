@@ -184,7 +184,7 @@ def ode_log_prob(
         discretise-then-optimise; ``diffrax.BacksolveAdjoint(...)`` is FFJORD's
         optimise-then-discretise with O(1) memory).
       chunk_size: Jacobian columns per batched JVP for the exact trace.
-      max_steps: cap on the solver's steps.
+      max_steps: cap on the steps of adaptive solvers (fixed-step solves use exactly ``steps``).
     Returns:
       ``(logp: [B], info: LogProbInfo)``.
     """
@@ -198,6 +198,8 @@ def ode_log_prob(
     t0 = jnp.asarray(t0, dtype)
     t1 = jnp.asarray(t1, dtype)
     adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
+    if steps is not None:
+        max_steps = steps  # exact for a fixed grid: keeps RecursiveCheckpointAdjoint's checkpoints small
     return _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, float(rtol), float(atol), steps,
                   chunk_size, int(max_steps))
 
@@ -207,12 +209,15 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
     b = x.shape[0]
 
     def rhs(t, y, args):
+        # The velocity (with its parameters) travels in ``args`` so that every adjoint, including
+        # BacksolveAdjoint, differentiates with respect to it.
+        vel, z_probes = args
         xt, _ = y
-        f = lambda z: velocity(z, jnp.full((b,), t, xt.dtype)).astype(xt.dtype)  # noqa: E731
-        if probes is None:
+        f = lambda z: vel(z, jnp.full((b,), t, xt.dtype)).astype(xt.dtype)  # noqa: E731
+        if z_probes is None:
             v, div = exact_divergence(f, xt, chunk_size)
         else:
-            v, div = hutchinson_divergence(f, xt, probes)
+            v, div = hutchinson_divergence(f, xt, z_probes)
         return v, div.astype(xt.dtype)
 
     cls, per_step, init, _ = SOLVERS[solver]
@@ -224,7 +229,7 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
         dt0 = None
         init = 0
     y0 = (x, jnp.zeros((b,), x.dtype))
-    sol = diffrax.diffeqsolve(diffrax.ODETerm(rhs), cls(), t0=t0, t1=t1, dt0=dt0, y0=y0,
+    sol = diffrax.diffeqsolve(diffrax.ODETerm(rhs), cls(), t0=t0, t1=t1, dt0=dt0, y0=y0, args=(velocity, probes),
                               stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps)
     z, delta = sol.ys[0][-1], sol.ys[1][-1]
     prior = log_prior(z).astype(x.dtype)
