@@ -30,19 +30,21 @@ FACTORIES = {
 NAMES = sorted(FACTORIES)
 
 
-def steps(opt, p, n, f=loss, grad_fn=None):
-    """n updates in a lax.scan, passing value= and value_fn= as the train step does."""
+def steps(opt, p, n, f=loss, grad_fn=None, full=False):
+    """n updates in a lax.scan, passing value= and value_fn= as the train step does. Returns the
+    params, or with ``full`` (params, opt state, last updates)."""
     tx = optax.with_extra_args_support(opt)
 
     def body(carry, _):
-        p, s = carry
+        p, s, _ = carry
         value, g = jax.value_and_grad(f)(p)
         if grad_fn is not None:
             g = grad_fn(g)
         u, s = tx.update(g, s, p, value=value, value_fn=f)
-        return (optax.apply_updates(p, u), s), None
+        return (optax.apply_updates(p, u), s, u), None
 
-    return jax.lax.scan(body, (p, tx.init(p)), None, length=n)[0][0]
+    out = jax.lax.scan(body, (p, tx.init(p), p), None, length=n)[0]
+    return out if full else out[0]
 
 
 def one_update(opt, p, f=loss):
@@ -115,18 +117,14 @@ def test_smb_masks():
 @pytest.mark.parametrize("name", NAMES)
 def test_float32_and_bfloat16_params(name):
     """Updates and states keep the parameter dtype; bfloat16 training tracks float32's.
-    Measured final-loss ratios bf16 / f32 after 30 steps: 1.00-1.06."""
+    Measured final-loss ratios bf16 / f32 after 30 steps: 0.98 (smb) to 1.03 (grams)."""
     final = {}
     for dt in (jnp.float32, jnp.bfloat16):
         p0 = jax.tree.map(lambda x: x.astype(dt), P0)
-        opt = FACTORIES[name](0.05)
-        g = jax.grad(loss)(p0)
-        u, s = jax.jit(lambda g, p: optax.with_extra_args_support(opt).update(g, opt.init(p), p, value=loss(p),
-                                                                              value_fn=loss))(g, p0)
-        assert {x.dtype for x in jax.tree.leaves(u)} == {jnp.dtype(dt)}
-        assert {x.dtype for x in jax.tree.leaves(s) if x.ndim > 0} <= {jnp.dtype(dt)}
-        p = jax.jit(lambda p: steps(opt, p, 30))(p0)
-        assert {x.dtype for x in jax.tree.leaves(p)} == {jnp.dtype(dt)}
+        p, state, u = jax.jit(lambda p: steps(FACTORIES[name](0.05), p, 30, full=True))(p0)
+        for tree in (p, u):  # apply_updates would cast float32 updates back, so check u itself
+            assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype(dt)}
+        assert {x.dtype for x in jax.tree.leaves(state) if x.ndim > 0} <= {jnp.dtype(dt)}
         final[dt] = float(loss(jax.tree.map(lambda x: x.astype(jnp.float32), p)))
     assert final[jnp.float32] < 0.5 * float(loss(P0))
     assert final[jnp.bfloat16] <= 1.1 * final[jnp.float32] + 1e-3

@@ -90,20 +90,24 @@ def main(argv=None) -> int:
     for name, r in res.items():
         rows.append([name, 1e3 * r["median"], 1e3 * r["min"], 1e3 * r["max"], r["median"] / base,
                      compile_s[name]])
-    print(f"{n_params / 1e6:.2f}M float32 parameters, {len(jax.tree.leaves(params0))} leaves, "
-          f"{args.repeats} interleaved repeats, {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores\n")
-    print(markdown_table(["update", "median ms", "min ms", "max ms", "x optax.adam (median)", "compile s"], rows))
     targets = {k: res[k]["median"] / base for k in ("gf.optim.grams", "gf.optim.fadam (wd 0)",
                                                      "gf.optim.fadam (wd 0.1, default)", "gf.optim.diffgrad")}
-    print("\ntarget <= 1.3x optax.adam: " + ", ".join(f"{k} {v:.2f}x {'met' if v <= 1.3 else 'MISSED'}"
-                                                    for k, v in targets.items()))
+    text = "\n".join([
+        f"{n_params / 1e6:.2f}M float32 parameters, {len(jax.tree.leaves(params0))} leaves, {args.repeats} interleaved "
+        f"repeats, {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the end", "",
+        markdown_table(["update", "median ms", "min ms", "max ms", "x optax.adam (median)", "compile s"], rows), "",
+        "target <= 1.3x optax.adam: " + ", ".join(f"{k} {v:.2f}x {'met' if v <= 1.3 else 'MISSED'}"
+                                                  for k, v in targets.items())])
+    print(text)
     if args.out:
         out = pathlib.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"n_params": int(n_params), "repeats": args.repeats, "results": {
             k: {"median_s": v["median"], "min_s": v["min"], "max_s": v["max"], "ratio_to_adam": v["median"] / base,
                 "compile_s": compile_s[k]} for k, v in res.items()}}, indent=2))
-        print(f"wrote {out}")
+        out.with_suffix(".md").write_text(text + "\n")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

@@ -59,14 +59,15 @@ def scale_by_grams(
     def update_fn(updates, state, params=None):
         del params
         count_inc = optax.safe_increment(state.count)
-        bc1 = 1 - b1 ** count_inc.astype(float)
-        bc2 = 1 - b2 ** count_inc.astype(float)
+        # scalar bias corrections: m^ = m c1, sqrt(v^) = sqrt(v) c2
+        c1 = 1 / (1 - b1 ** count_inc.astype(float))
+        c2 = jax.lax.rsqrt(1 - b2 ** count_inc.astype(float))
         e = resolve(eps, state.count)
 
         def leaf(g, m, v):
             m = (1 - b1) * g + b1 * m.astype(g.dtype)
             v = (1 - b2) * jnp.square(g) + b2 * v
-            u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + e)
+            u = (m * c1.astype(m.dtype)) / (jnp.sqrt(v) * c2.astype(v.dtype) + e)
             return (jnp.sign(g) * jnp.abs(u)).astype(g.dtype), m, v
 
         u, mu, nu = unzip(jax.tree.map(leaf, updates, state.mu, state.nu), updates, 3)
