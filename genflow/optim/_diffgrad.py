@@ -75,8 +75,9 @@ def scale_by_diffgrad(
         def leaf(g, m, v, g_prev):
             m = (1 - b1) * g + b1 * m.astype(g.dtype)
             v = (1 - b2) * jnp.square(g) + b2 * v
-            xi = jax.nn.sigmoid(jnp.abs(g_prev - g))
-            u = xi * (m * c1.astype(m.dtype)) / (jnp.sqrt(v) * c2.astype(v.dtype) + e)
+            # xi_t / D = sigmoid(|dg|) / D = 1 / ((1 + exp(-|dg|)) D): one division, not two
+            friction = 1 + jnp.exp(-jnp.abs(g_prev - g))
+            u = (m * c1.astype(m.dtype)) / (friction * (jnp.sqrt(v) * c2.astype(v.dtype) + e))
             return u.astype(g.dtype), m, v
 
         u, mu, nu = unzip(jax.tree.map(leaf, updates, state.mu, state.nu, state.prev_grad), updates, 3)
