@@ -13,13 +13,7 @@ import genflow as gf
 from genflow import likelihood as L
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64():
-    """float64 for this module only (restored afterwards: other modules share the process)."""
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
+from test_likelihood import float64  # noqa: E402,F401  (module-scoped autouse: float64 in this module only)
 
 
 # -- bits per dimension --------------------------------------------------------------------------
