@@ -31,10 +31,9 @@ over a thread pool (SciPy's solver and NumPy's BLAS release the GIL), and
 the training loop runs the current one.
 
 A pure-JAX batched solver (shortest augmenting paths vectorised over columns and vmapped over
-a chunk of problems) was measured and rejected on CPU: about 9 us per lockstep iteration for
-one problem and ~3 us per problem-iteration for 64, times ~8,000 iterations for a 256-point
-problem, i.e. tens of ms per problem against ~3 ms for SciPy (``experiments/benchmarks/
-cfm_throughput.py`` reports the end-to-end numbers).
+a chunk of problems) was measured and rejected on CPU: ~8,000-11,000 lockstep iterations per
+256-point problem at several us each under XLA:CPU, i.e. tens of ms per problem against ~3 ms
+for SciPy (``experiments/benchmarks/cfm_throughput.py`` has the notes and numbers).
 """
 
 from __future__ import annotations

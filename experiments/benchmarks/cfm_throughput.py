@@ -28,10 +28,35 @@ independent draws of 4,096) is reported beside it. torchcfm's networks are evalu
 their weights into the same flax MLP (torchcfm's time runs noise -> data, so its field is
 ``v_gf(x, t) = -v_torch(x, 1 - t)``).
 
+Investigation notes (measured on the shared 2-core box while other jobs kept its load average at
+7-9, so absolute rates are 2-4x below the idle machine's; results/cfm_throughput.md has the tables):
+
+* torch with its default 2 OpenMP threads collapses on an oversubscribed box (3-11 steps/s
+  against 68-180 with 1 thread), so the ratios use torchcfm's faster thread setting per round.
+* Exact OT, pure JAX: shortest augmenting paths (Jonker-Volgenant / Crouse, column-reduction
+  start) vectorised over the 256 columns and vmapped over a chunk of problems, one lockstep
+  ``while_loop`` iteration per Dijkstra or augmentation step, need ~8,000-11,000 iterations per
+  256-point moons-vs-Gaussian problem (max over a batch). XLA:CPU ran them at ~9 us/iteration
+  for 1 problem and ~3-4 us per problem-iteration for 16-256 problems (its argmin is a scalar
+  loop: 194 us for [64, 256]; min-reductions ~4 us): 40-70 ms per problem against ~3 ms (idle)
+  for SciPy. Augmenting-row reduction (LAPJV) hit price wars (300k+ row steps) on these
+  near-tie costs; auction or population-potential warm starts cut the Dijkstra steps only
+  1.3-1.7x. Rejected on CPU.
+* Exact OT, what helps: (1) the coupling depends only on the random draws, so a whole chunk is
+  prepared ahead in a background thread (``gf.ot.CoupledBatches``) and overlaps training;
+  (2) SciPy releases the GIL, so a chunk's problems are spread over the cores; (3) SciPy runs on
+  ``cost - g`` with ``g`` a Sinkhorn column potential (NumPy/BLAS, ~1.4 ms loaded), which has
+  the same optimum and needs far shorter augmenting paths (``--part solver``). The Sinkhorn step
+  in XLA:CPU was slower than in NumPy (batched mat-vecs at ~1 GFLOP/s), so it runs on the host.
+* Independent coupling: scan ``unroll`` and the train-step guards (finite-loss ``lax.cond`` on
+  the whole state, twice per step) are within the load noise here; bf16 compute halved the rate
+  (XLA:CPU converts around its float32 dots).
+
     python experiments/benchmarks/cfm_throughput.py                 # everything (~15 min on 2 idle cores)
     python experiments/benchmarks/cfm_throughput.py --part throughput --repeats 7
     python experiments/benchmarks/cfm_throughput.py --part quality --seeds 0 1 2
     python experiments/benchmarks/cfm_throughput.py --part data     # gf.data.moons vs sklearn's make_moons
+    python experiments/benchmarks/cfm_throughput.py --part solver   # exact assignment: raw vs preconditioned
 """
 
 from __future__ import annotations
@@ -47,7 +72,9 @@ import time
 
 import jax
 
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "genflow_bench_jax_cache"))
+# A fresh persistent compilation cache per run: the first compile of each contender is cold (and
+# reported); the later fit calls of the interleaved rounds hit the cache.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="genflow_bench_jax_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -237,6 +264,46 @@ def part_data(n: int = 4096, seeds=(0, 1, 2)) -> dict:
     return {"n": n, "rows": out}
 
 
+def part_solver(problems: int = 40, repeats: int = 5) -> dict:
+    """Per-problem time of the exact assignment of one 256-point moons-vs-Gaussian minibatch:
+    SciPy on the raw costs vs on Sinkhorn-preconditioned costs (potential time included), 1 thread."""
+    from scipy.optimize import linear_sum_assignment
+
+    keys = jax.random.split(jax.random.key(123), problems)
+    x0 = np.asarray(jax.vmap(moons_batch)(keys), np.float64)
+    x1 = np.asarray(jax.random.normal(jax.random.key(124), x0.shape), np.float64)
+    costs = [gf_ot.sq_distances(a, b) for a, b in zip(x0, x1)]
+    refs = np.array([c[linear_sum_assignment(c)].sum() for c in costs])
+
+    def raw():
+        return [linear_sum_assignment(c)[1] for c in costs]
+
+    def potentials():
+        return [gf_ot.column_potential(c) for c in costs]
+
+    def pre():
+        return [gf_ot.solve_assignment(c, threads=1) for c in costs]
+
+    contenders = {"SciPy, raw costs": raw, "column_potential only (Sinkhorn, eps=0.1, 40 it)": potentials,
+                  "genflow: potential + SciPy on shifted costs": pre}
+    times = {k: [] for k in contenders}
+    for _ in range(repeats):
+        for k, f in contenders.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) / problems * 1e3)
+    perms = np.stack(pre())
+    err = float(np.max(np.abs(np.array([c[np.arange(len(p)), p].sum() for c, p in zip(costs, perms)]) - refs) / refs))
+    base = times["SciPy, raw costs"]
+    rows = [[k, statistics.median(v), min(v), max(v), statistics.median([b / a for a, b in zip(v, base)])]
+            for k, v in times.items()]
+    print(f"\n### Exact assignment of one minibatch (256 moons vs 256 Gaussian points), ms per problem, "
+          f"1 thread, {problems} problems x {repeats} interleaved rounds; max relative cost difference to "
+          f"SciPy on raw costs: {err:.1e}\n")
+    print(markdown_table(["method", "median ms", "min", "max", "speed-up vs raw (per round)"], rows))
+    return {"ms_per_problem": {k: _stats(v) for k, v in times.items()}, "max_rel_cost_diff": err}
+
+
 def _stats(v):
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
 
@@ -308,7 +375,7 @@ def part_quality(seeds, train_steps: int, n_eval: int, unroll: int, ot_chunk: in
                 ev = evaluate(g.eval_params(which), False, seed, n_eval, solvers if which == "ema" else solvers[:1])
                 rec["runs"][f"genflow {kind} ({'EMA 0.99' if which == 'ema' else 'raw'})"] = dict(
                     ev, train_s=t_gf, final_loss=loss)
-            t = TorchRunner(kind, seed=seed)
+            t = TorchRunner(kind, seed=seed, threads=1)  # 1 thread: 2 OpenMP threads collapse on a loaded box
             t_t = t.run(train_steps)
             ev = evaluate(t.eval_params(), True, seed, n_eval, solvers)
             rec["runs"][f"torchcfm {kind} (raw)"] = dict(ev, train_s=t_t)
@@ -340,7 +407,7 @@ def part_quality(seeds, train_steps: int, n_eval: int, unroll: int, ot_chunk: in
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["all", "data", "throughput", "quality"], default="all")
+    p.add_argument("--part", choices=["all", "data", "solver", "throughput", "quality"], default="all")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=500, help="steps per timed run (independent coupling)")
     p.add_argument("--ot-steps", type=int, default=500, help="steps per timed run of genflow OT (CoupledBatches)")
@@ -360,6 +427,8 @@ def main(argv=None) -> int:
         results = {**old, "config": vars(args), "cpus": os.cpu_count()}
     if args.part in ("all", "data"):
         results["data"] = part_data(args.n_eval)
+    if args.part in ("all", "solver"):
+        results["solver"] = part_solver()
     if args.part in ("all", "throughput"):
         results["throughput"] = part_throughput(args.repeats, {"independent": args.steps, "ot": args.ot_steps,
                                                                "ot_callback": args.slow_ot_steps,
