@@ -118,13 +118,15 @@ def fit_models(models, data_shape, batch_fn, x_example, steps, ffjord_steps, cfg
     """Train every requested model; returns {name: (log_prob_fn, sample_fn, seconds/step, compile s)}."""
     key = jax.random.key(cfg.seed)
     out = {}
+    if bin_width is not None:  # data-dependent init (ActNorm) on data as the models see it
+        x_example, _ = gf.likelihood.uniform_dequantize(jax.random.fold_in(key, 7), x_example, bin_width)
     dim = math.prod(data_shape)
     if "glow" in models or "ebflow" in models:
         # Glow steps on vectors (the digits flattened to 64-D): dense invertible linear layers, as in
         # EBFlow's fully-connected flows; the multi-scale convolutional gf.flows.glow compiles and runs
         # ~10x slower on this CPU (0.17 s per step at batch 128).
-        steps = cfg.flow_steps_digits if dim > 2 else cfg.flow_steps_2d
-        flow = gf.flows.realnvp(dim, num_steps=steps, hidden=cfg.hidden if dim == 2 else 4 * cfg.hidden, lu=False)
+        n_layers = cfg.flow_steps_digits if dim > 2 else cfg.flow_steps_2d
+        flow = gf.flows.realnvp(dim, num_steps=n_layers, hidden=cfg.hidden if dim == 2 else 4 * cfg.hidden, lu=False)
         p0 = flow.init(key, x_example)
         for name, method in (("glow", "ml"), ("ebflow", cfg.ebflow)):
             if name not in models:
