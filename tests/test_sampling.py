@@ -25,21 +25,6 @@ def _err(x, ref):
     return float(jnp.sqrt(jnp.mean((x - ref) ** 2)) / jnp.sqrt(jnp.mean(ref**2)))
 
 
-@pytest.mark.parametrize("name", sorted(ALL_PATHS))
-def test_convergence_order(name, gauss2):
-    path = ALL_PATHS[name]
-    x1, ref = _setup(path, gauss2)
-    fn = gauss2.model(path, KIND[name])
-    for solver, (lo, hi) in {"euler": (0.8, 1.35), "heun": (1.7, 2.5)}.items():
-        errs = []
-        for steps in STEPS:
-            x, info = gf.sample(fn, path, x1, prediction=KIND[name], solver=solver, steps=steps, denoise=False)
-            assert int(info.nfe) == steps * gf.sampling.solvers()[solver].nfe_per_step
-            errs.append(_err(x, ref))
-        slope = -np.polyfit(np.log(STEPS), np.log(errs), 1)[0]
-        assert lo < slope < hi, f"{solver} on {name}: order {slope:.2f}, errors {errs}"
-
-
 @pytest.mark.parametrize("name", ["linear", "vp_linear", "edm"])
 def test_adaptive_solver_meets_tolerance(name, gauss2):
     path = ALL_PATHS[name]
@@ -51,24 +36,32 @@ def test_adaptive_solver_meets_tolerance(name, gauss2):
     assert int(info.nfe) == 1 + 6 * int(info.stats["num_steps"])
 
 
-def test_nfe_is_counted_honestly(gauss2):
-    """info.nfe equals the number of network calls actually executed (counted by a host callback)."""
+def test_nfe_is_counted_honestly_with_a_bfloat16_model_and_a_batch_of_one(gauss2):
+    """For every solver: info.nfe equals the network calls actually executed (counted by a host
+    callback), with a bfloat16 model and a single sample; deterministic solvers stay close to the
+    exact flow map, stochastic ones finite."""
     path = gf.paths.linear()
     calls = []
     model = gauss2.model(path, "velocity")
 
     def fn(x, t):
         jax.debug.callback(lambda tt: calls.append(1), t)
-        return model(x, t)
+        return model(x.astype(jnp.float32), t).astype(jnp.bfloat16)
 
-    x1 = jax.random.normal(jax.random.key(0), (8, 2))
-    for solver in gf.sampling.solvers():
+    x1 = jax.random.normal(jax.random.key(0), (1, 2))
+    for solver, spec in gf.sampling.solvers().items():
         calls.clear()
-        x, info = gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=7, key=jax.random.key(1),
-                            t_start=0.999 if gf.sampling.solvers()[solver].stochastic else 1.0)
+        t_start = 0.999 if solver in ("euler_maruyama", "shark", "pc") else 1.0
+        x, info = gf.sample(fn, path, x1.astype(jnp.bfloat16), prediction="velocity", solver=solver, steps=16,
+                            key=jax.random.key(1), t_start=t_start)
         jax.block_until_ready(x)
         jax.effects_barrier()
         assert len(calls) == int(info.nfe), solver
+        assert x.dtype == jnp.bfloat16 and x.shape == (1, 2), solver
+        assert bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))), solver
+        if spec.target == "flow_map":
+            ref = gauss2.flow_map(x1, t_start, 0.0, path)
+            assert _err(x.astype(jnp.float32), ref) < 0.1, solver
 
 
 @pytest.mark.parametrize("name", ["vp_linear", "ve"])

@@ -123,6 +123,9 @@ def sample(
     _check_x(x1)
     if not isinstance(path, Path):
         raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
+    unknown = sorted(set(solver_options) - set(spec.options))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for solver {solver!r}; it accepts {list(spec.options)}")
     if spec.stochastic and key is None:
         raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
     ts = time_grid(path, steps, schedule, t_start, t_end)

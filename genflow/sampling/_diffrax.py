@@ -64,23 +64,28 @@ def sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
     with different grids and the same key see the same Brownian path (strong-convergence checks);
     by default the cheaper ``UnsafeBrownianPath`` (exact on a fixed grid)."""
     path = model.path
-    drift = diffrax.ODETerm(lambda t, y, args: model.reverse_drift(y, t))
+    # Integrated in forward time s = -t (dx = -b(x, -s) ds + g(-s) dB_s): Diffrax's own time
+    # reversal is fine for Euler-Maruyama but breaks stochastic Runge-Kutta methods that use the
+    # space-time Levy area (ShARK diverges), so the solvers only ever see increasing time.
+    drift = diffrax.ODETerm(lambda s, y, args: -model.reverse_drift(y, -s))
 
-    def diffusion(t, y, args):
-        g = jnp.sqrt(jnp.maximum(path.diffusion_sq(jnp.asarray(t, jnp.float32)), 0.0)).astype(y.dtype)
+    def diffusion(s, y, args):
+        t = jnp.asarray(-s, jnp.promote_types(y.dtype, jnp.float32))
+        g = jnp.sqrt(jnp.maximum(path.diffusion_sq(t), 0.0)).astype(y.dtype)
         return lx.DiagonalLinearOperator(jnp.broadcast_to(g, y.shape))
 
-    # Fixed steps only, so the cheap UnsafeBrownianPath is exact; Diffrax reverses time itself.
+    ss = -ts
     shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    if brownian_tol is None:
+    if brownian_tol is None:  # fixed steps only, so the cheap UnsafeBrownianPath is exact
         bm = diffrax.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy_area)
     else:
-        bm = diffrax.VirtualBrownianTree(jnp.minimum(ts[0], ts[-1]), jnp.maximum(ts[0], ts[-1]), tol=brownian_tol,
-                                         shape=shape, key=key, levy_area=levy_area)
+        # always with the space-time Levy area, so that every SDE solver sees the same path for a key
+        bm = diffrax.VirtualBrownianTree(ss[0], ss[-1], tol=brownian_tol, shape=shape, key=key,
+                                         levy_area=diffrax.SpaceTimeLevyArea)
     terms = diffrax.MultiTerm(drift, diffrax.ControlTerm(diffusion, bm))
     sol = diffrax.diffeqsolve(
-        terms, solver, t0=ts[0], t1=ts[-1], dt0=None, y0=x, stepsize_controller=diffrax.StepTo(ts),
-        saveat=_saveat(ts, save_trajectory), max_steps=max_steps, adjoint=diffrax.ForwardMode(),
+        terms, solver, t0=ss[0], t1=ss[-1], dt0=None, y0=x, stepsize_controller=diffrax.StepTo(ss),
+        saveat=_saveat(ss, save_trajectory), max_steps=max_steps, adjoint=diffrax.ForwardMode(),
     )
     x_end, traj = _result(sol, save_trajectory)
     n = sol.stats["num_steps"]

@@ -39,9 +39,15 @@ from genflow.paths import Path
 Array = jax.Array
 
 
+def as_float(t) -> Array:
+    """``t`` as a floating array (integers become the default float dtype)."""
+    t = jnp.asarray(t)
+    return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.result_type(float))
+
+
 def coefs(path: Path, t) -> tuple[Array, Array, Array]:
-    """``(alpha, sigma, lambda)`` at scalar ``t`` with ``lambda = log(alpha / sigma)`` (may be +-inf)."""
-    t = jnp.asarray(t, jnp.float32)
+    """``(alpha, sigma, lambda)`` at ``t`` with ``lambda = log(alpha / sigma)`` (may be +-inf)."""
+    t = as_float(t)
     return path.alpha(t), path.sigma(t), 0.5 * path.log_snr(t)
 
 
@@ -70,10 +76,17 @@ def make_grid(path: Path, ts: Array, n=None) -> Grid:
     """The :class:`Grid` of times ``ts`` (``n`` defaults to ``len(ts) - 1``). Evaluating the path
     here, once, is all the path-specific work of a hand-written solver: its per-step coefficients
     are functions of the grid only, so they compile once for every path."""
-    ts = jnp.asarray(ts, jnp.float32)
-    a, s, l = coefs(path, ts)
+    ts = as_float(ts)
     n = jnp.asarray(ts.shape[0] - 1 if n is None else n, jnp.int32)
-    return Grid(ts, a, s, l, path.diffusion_sq(ts), n)
+    # Pure noise (alpha = 0) and clean data (sigma = 0) have infinite log-SNR; their entries are
+    # taken without derivative (endpoints are never optimized), so that gradients with respect
+    # to the other times stay finite (the "double where").
+    a0, s0 = jax.lax.stop_gradient(path.alpha(ts)), jax.lax.stop_gradient(path.sigma(ts))
+    sing = (a0 == 0) | (s0 == 0)
+    safe = jnp.where(sing, 0.5, ts)
+    a, s, l = coefs(path, safe)
+    return Grid(ts, jnp.where(sing, a0, a), jnp.where(sing, s0, s), jnp.where(sing, jnp.where(a0 == 0, -jnp.inf, jnp.inf), l),
+                jnp.where(sing, jnp.inf, path.diffusion_sq(safe)), n)
 
 
 def stage_grid(path: Path, lam: Array, lo: Array, hi: Array) -> Grid:
@@ -150,8 +163,9 @@ GL_X, GL_W = np.polynomial.legendre.leggauss(8)
 
 def gauss_legendre(f, a: Array, b: Array) -> Array:
     """``int_a^b f(x) dx`` by 8-point Gauss-Legendre (``f`` maps ``[8]`` nodes to ``[..., 8]``)."""
-    x = 0.5 * (b - a) * jnp.asarray(GL_X, jnp.float32) + 0.5 * (b + a)
-    return 0.5 * (b - a) * jnp.sum(f(x) * jnp.asarray(GL_W, jnp.float32), axis=-1)
+    dt = jnp.result_type(a, b)
+    x = 0.5 * (b - a) * jnp.asarray(GL_X, dt) + 0.5 * (b + a)
+    return 0.5 * (b - a) * jnp.sum(f(x) * jnp.asarray(GL_W, dt), axis=-1)
 
 
 def combine(coef_x: Array, x: Array, coefs_d: Array, ds) -> Array:

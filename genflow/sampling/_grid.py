@@ -38,7 +38,7 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
 def _check_explicit(schedule) -> Array:
-    ts = jnp.asarray(schedule, jnp.float32)
+    ts = jnp.asarray(schedule, jnp.result_type(float))
     if ts.ndim != 1 or ts.shape[0] < 2:
         raise ValueError(f"an explicit schedule must be a 1-D array of at least 2 times; got shape {ts.shape}")
     try:
@@ -54,7 +54,7 @@ def _noise_levels(n: int, lo: Array, hi: Array, schedule: str, rho: float) -> Ar
     """``n`` decreasing noise levels from ``hi`` to ``lo`` (uniform in log or in ``level^(1/rho)``)."""
     if n == 1:  # a single interior point: the geometric middle of the range
         return jnp.sqrt(lo * hi)[None]
-    u = jnp.linspace(0.0, 1.0, n, dtype=jnp.float32)
+    u = jnp.linspace(0.0, 1.0, n, dtype=jnp.result_type(float))
     if schedule == "logsnr":
         return jnp.exp(jnp.log(hi) + (jnp.log(lo) - jnp.log(hi)) * u)
     a, b = hi ** (1.0 / rho), lo ** (1.0 / rho)
@@ -80,7 +80,7 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         ``"karras"`` points where the path's log-SNR is infinite at ``t_end`` / ``t_start``
         (ignored at a finite endpoint).
     Returns:
-      ``[steps + 1]`` float32 times, ``ts[0] = t_start``, ``ts[-1] = t_end``.
+      ``[steps + 1]`` times (float32; float64 under ``jax.enable_x64``), ``ts[0] = t_start``, ``ts[-1] = t_end``.
     """
     t_end = path.t_min if t_end is None else t_end
     if callable(schedule) and not isinstance(schedule, str) and not hasattr(schedule, "shape"):
@@ -91,7 +91,8 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         raise ValueError(f"steps must be a positive int; got {steps!r}")
     if not 0.0 <= t_end < t_start <= 1.0:
         raise ValueError(f"expected 0 <= t_end < t_start <= 1; got t_start={t_start}, t_end={t_end}")
-    u = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
+    fdt = jnp.result_type(float)
+    u = jnp.linspace(0.0, 1.0, steps + 1, dtype=fdt)
     if schedule == "uniform":
         return t_start + (t_end - t_start) * u
     if schedule == "quadratic":
@@ -104,20 +105,20 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         raise ValueError(f"expected 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
     # Whether each endpoint has infinite log-SNR is a property of the path's functions, decided
     # here on concrete values (time_grid runs outside jit).
-    a0, s1 = float(path.alpha(jnp.float32(t_start))), float(path.sigma(jnp.float32(t_end)))
+    a0, s1 = float(path.alpha(jnp.asarray(t_start, fdt))), float(path.sigma(jnp.asarray(t_end, fdt)))
     start_inf, end_inf = a0 == 0.0, s1 == 0.0
     n = steps + 1 - int(start_inf) - int(end_inf)
     if n <= 0:
-        return jnp.asarray([t_start, t_end], jnp.float32)
-    level = lambda t: jnp.exp(-0.5 * path.log_snr(jnp.float32(t)))  # noqa: E731  sigma / alpha
-    hi = jnp.float32(sigma_max) if start_inf else level(t_start)
-    lo = jnp.float32(sigma_min) if end_inf else level(t_end)
+        return jnp.asarray([t_start, t_end], fdt)
+    level = lambda t: jnp.exp(-0.5 * path.log_snr(jnp.asarray(t, fdt)))  # noqa: E731  sigma / alpha
+    hi = jnp.asarray(sigma_max, fdt) if start_inf else level(t_start)
+    lo = jnp.asarray(sigma_min, fdt) if end_inf else level(t_end)
     lam = -2.0 * jnp.log(_noise_levels(n, lo, hi, schedule, rho))
     ts = jnp.clip(path.t_from_log_snr(lam), t_end, t_start)
     if not start_inf:
         ts = ts.at[0].set(t_start)
     if not end_inf:
         ts = ts.at[-1].set(t_end)
-    head = [jnp.asarray([t_start], jnp.float32)] if start_inf else []
-    tail = [jnp.asarray([t_end], jnp.float32)] if end_inf else []
-    return jnp.concatenate(head + [ts.astype(jnp.float32)] + tail)
+    head = [jnp.asarray([t_start], fdt)] if start_inf else []
+    tail = [jnp.asarray([t_end], fdt)] if end_inf else []
+    return jnp.concatenate(head + [ts.astype(fdt)] + tail)

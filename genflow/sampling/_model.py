@@ -20,7 +20,7 @@ class Model:
     """A model function with its path and prediction kind, exposing every kind.
 
     All methods take ``x: [B, ...]`` and a scalar (or ``[B]``) time ``t``; the network is
-    called once per method call with ``t`` broadcast to ``[B]`` (float32). Outputs are cast
+    called once per method call with ``t`` broadcast to ``[B]`` (float32, or float64 for float64 states). Outputs are cast
     to ``x.dtype`` so solver states keep the dtype of the starting noise.
     """
 
@@ -29,7 +29,7 @@ class Model:
     prediction: str = dataclasses.field(metadata=dict(static=True))
 
     def _t(self, x: Array, t) -> Array:
-        return jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        return jnp.broadcast_to(jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32)), (x.shape[0],))
 
     def raw(self, x: Array, t) -> Array:
         """The network's own output (kind ``self.prediction``)."""
@@ -53,7 +53,7 @@ class Model:
 
     def reverse_drift(self, x: Array, t) -> Array:
         """Drift of the reverse-time SDE, ``f(t) x - g(t)^2 score(x, t)`` (with dt < 0)."""
-        tt = jnp.asarray(t, jnp.float32)
+        tt = jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32))
         eps = self.predict(x, t, "eps")
         p = self.path
         return (p.drift_coef(tt) * x + p.diffusion_sq(tt) * eps / p.sigma(tt)).astype(x.dtype)

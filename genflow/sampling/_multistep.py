@@ -33,8 +33,8 @@ Array = jax.Array
 
 
 def _pad(vals, n: int) -> Array:
-    vals = [jnp.asarray(v, jnp.float32) for v in vals]
-    return jnp.stack(vals + [jnp.zeros((), jnp.float32)] * (n - len(vals)))
+    vals = [jnp.asarray(v) for v in vals]
+    return jnp.stack(vals + [jnp.zeros((), vals[0].dtype)] * (n - len(vals)))
 
 
 def _history_lambdas(g, i, n: int) -> list[Array]:
@@ -42,10 +42,15 @@ def _history_lambdas(g, i, n: int) -> list[Array]:
     return [g.at(jnp.maximum(i - j, 0))[2] for j in range(1, n + 1)]
 
 
-def _to_zero(a_t, lams: list[Array], order, max_order) -> Array:
+def _to_zero(a_t, i, lams: list[Array], order, max_order) -> Array:
     """Weights ``alpha_t w_j`` of a last step into ``sigma_t = 0``: polynomial extrapolation of the
-    data predictions at ``lams`` (current first) to ``u = sigma^2 / alpha^2 = 0``."""
-    us = [finite_or(jnp.exp(-2.0 * l), 1e30 * (j + 1)) for j, l in enumerate(lams)]
+    data predictions at ``lams = [lambda_i, lambda_{i-1}, ...]`` to ``u = sigma^2 / alpha^2 = 0``.
+    Nodes that do not exist yet or lie at ``lambda = -inf`` get distinct negative dummies (they are
+    never used; this keeps the unused candidates and their gradients finite)."""
+    us = []
+    for j, l in enumerate(lams):
+        ok = (i - j >= 0) & jnp.isfinite(l)
+        us.append(jnp.where(ok, jnp.exp(-2.0 * jnp.where(ok, l, 0.0)), -(j + 1.0)))
     return a_t * extrapolation_weights(us, order, max_order)
 
 
@@ -64,6 +69,8 @@ def _ddim_scalars(g, st, i, *, eta: float = 0.0, **_):
     (Song et al. 2021, eq. 12, written for any Gaussian path)."""
     a_s, s_s, _ = g.at(i)
     a_t, s_t, _ = g.at(i + 1)
+    if eta == 0.0:
+        return {"s": g.t[i], "w": jnp.stack([a_t, s_t])}
     ratio = jnp.where(a_t > 0, (a_s * s_t) / (s_s * a_t), 0.0)  # e^-h
     c = eta * s_t * jnp.sqrt(jnp.clip(1.0 - ratio**2, 0.0, 1.0))
     return {"s": g.t[i], "w": jnp.stack([a_t, jnp.sqrt(jnp.maximum(s_t**2 - c**2, 0.0)), c])}
@@ -84,7 +91,7 @@ ddim = Stepper(x_init, _ddim_scalars, _ddim_step)
 
 
 # -- DPM-Solver++ multistep -------------------------------------------------------------------
-def _dpm_combined(c1, h, r0, r1, a_t, order: int) -> Array:
+def _dpm_combined(c1, h, r0, r1, a_t, order: int, d2_weight: float = 2.0) -> Array:
     """Coefficients on ``(D_i, D_{i-1}, D_{i-2})`` of DPM-Solver++ of the given order (regular step).
 
     2M: ``x_t = (sigma_t/sigma_s) x - alpha_t (e^-h - 1) ((1 + 1/(2 r0)) D_i - D_{i-1} / (2 r0))``.
@@ -93,8 +100,8 @@ def _dpm_combined(c1, h, r0, r1, a_t, order: int) -> Array:
     ``phi_3 = -h phi_3(-h)``. The factor 2 is the exact Taylor weight of the ``D''`` term,
     ``alpha_t int_0^h e^(v-h) v^2/2 dv D'' = alpha_t h^3 phi_3(-h) D''``; the reference code
     (``dpm_solver_pytorch.py``, k-diffusion's ``sample_dpmpp_3m_sde``, diffusers) weights it by
-    ``phi_3`` alone, which leaves an ``O(h^3)`` local error (second order overall; see the
-    convergence test).
+    ``phi_3`` alone (``d2_weight = 1``, solver ``dpm++3m_ref``), which leaves an ``O(h^3)`` local
+    error: second order overall, but better damped at large steps.
     """
     if order == 1:
         return jnp.stack([c1])
@@ -106,10 +113,10 @@ def _dpm_combined(c1, h, r0, r1, a_t, order: int) -> Array:
     d1 = (1.0 + q) * a - q * b
     d2 = (a - b) / (r0 + r1)
     p2, p3 = h * phi(-h, 2), -h * phi(-h, 3)
-    return jnp.stack([c1, 0.0 * c1, 0.0 * c1]) + a_t * p2 * d1 - 2.0 * a_t * p3 * d2
+    return jnp.stack([c1, 0.0 * c1, 0.0 * c1]) + a_t * p2 * d1 - d2_weight * a_t * p3 * d2
 
 
-def _dpm_coefs(g, i, order: int):
+def _dpm_coefs(g, i, order: int, d2_weight: float = 2.0):
     """``(c_x, c_d[order], m)`` of one DPM-Solver++ multistep step from ``g.t[i]`` to ``g.t[i + 1]``."""
     a_s, s_s, l_s = g.at(i)
     a_t, s_t, l_t = g.at(i + 1)
@@ -119,15 +126,15 @@ def _dpm_coefs(g, i, order: int):
     h = nonzero(l_t - l_s)
     r0 = nonzero(l_s - lams[0]) / h if order >= 2 else None
     r1 = nonzero(lams[0] - lams[1]) / h if order >= 3 else None
-    cands = [_pad(list(_dpm_combined(c1, h, r0, r1, a_t, k)), order) for k in range(1, order + 1)]
+    cands = [_pad(list(_dpm_combined(c1, h, r0, r1, a_t, k, d2_weight)), order) for k in range(1, order + 1)]
     c_d = select_order(m, cands)
     end = s_t == 0
-    c_d = jnp.where(end, _to_zero(a_t, [l_s] + lams, m, order), c_d)
+    c_d = jnp.where(end, _to_zero(a_t, i, [l_s] + lams, m, order), c_d)
     return jnp.where(end, 0.0, c_x), c_d, m
 
 
-def _dpm_scalars(g, st, i, *, order: int = 2, **_):
-    c_x, c_d, _ = _dpm_coefs(g, i, order)
+def _dpm_scalars(g, st, i, *, order: int = 2, d2_weight: float = 2.0, **_):
+    c_x, c_d, _ = _dpm_coefs(g, i, order, d2_weight)
     return {"s": g.t[i], "c_x": c_x, "c_d": c_d}
 
 
@@ -171,25 +178,31 @@ hb = Stepper(lambda model, ts, x, **_: {"x": x, "D": (jnp.zeros_like(x),), "v": 
 
 
 # -- DEIS (tAB) -------------------------------------------------------------------------------
-def _deis_nodes(g, i, prediction: str):
+def _deis_nodes(g, i, form: str):
     """Gauss-Legendre nodes and half-length of the step in rho (eps form) or kappa (x0 form)."""
     a_s, s_s, _ = g.at(i)
     a_t, s_t, _ = g.at(i + 1)
-    if prediction == "eps":
+    if form == "eps":
         lo, hi = finite_or(s_s / a_s, 1.0), s_t / a_t
     else:
         lo, hi = a_s / s_s, finite_or(a_t / s_t, 1.0)
-    nodes = 0.5 * (hi - lo) * jnp.asarray(GL_X, jnp.float32) + 0.5 * (hi + lo)
+    nodes = 0.5 * (hi - lo) * jnp.asarray(GL_X, hi.dtype) + 0.5 * (hi + lo)
     return nodes, 0.5 * (hi - lo)
 
 
-def _deis_stages(g, i, *, prediction: str = "eps", **_):
-    nodes, _ = _deis_nodes(g, i, prediction)
-    return -jnp.log(nodes) if prediction == "eps" else jnp.log(nodes)
+def _check_form(form: str) -> str:
+    if form not in ("eps", "x0"):
+        raise ValueError(f"deis: form must be 'eps' or 'x0' (the extrapolated prediction); got {form!r}")
+    return form
 
 
-def _deis_scalars(g, st, i, *, order: int = 3, prediction: str = "eps", **_):
-    """tAB-DEIS: the prediction (``eps`` or ``x0``) is a Lagrange polynomial in t through the last
+def _deis_stages(g, i, *, form: str = "eps", **_):
+    nodes, _ = _deis_nodes(g, i, _check_form(form))
+    return -jnp.log(nodes) if form == "eps" else jnp.log(nodes)
+
+
+def _deis_scalars(g, st, i, *, order: int = 3, form: str = "eps", **_):
+    """tAB-DEIS: the prediction ``form`` (``eps`` or ``x0``) is a Lagrange polynomial in t through the last
     ``order`` evaluations, integrated exactly against the exponential-integrator kernel:
 
     eps: ``x_t = (alpha_t/alpha_s) x_s + alpha_t sum_j eps_j int_{rho_s}^{rho_t} l_j(t(rho)) d rho``, ``rho = sigma/alpha``
@@ -199,25 +212,24 @@ def _deis_scalars(g, st, i, *, order: int = 3, prediction: str = "eps", **_):
     starts from pure noise with a DDIM step; the x0 form ends at ``sigma = 0`` with
     ``x_0 = alpha_t P(t_end)``.
     """
-    if prediction not in ("eps", "x0"):
-        raise ValueError(f"deis: prediction must be 'eps' or 'x0'; got {prediction!r}")
+    _check_form(form)
     a_s, s_s, _ = g.at(i)
     a_t, s_t, _ = g.at(i + 1)
     # history nodes in t; those before t[0] (unused at this step) get distinct dummy values
     nodes = [jnp.where(i - j >= 0, g.t[jnp.maximum(i - j, 0)], g.t[0] + j) for j in range(order)]
     m = jnp.minimum(i + 1, order)
-    _, half = _deis_nodes(g, i, prediction)
-    w_gl = jnp.asarray(GL_W, jnp.float32)
+    _, half = _deis_nodes(g, i, form)
+    w_gl = jnp.asarray(GL_W, half.dtype)
 
     def weights(k):
         integ = half * jnp.sum(lagrange_basis(nodes[:k], st.t) * w_gl, axis=-1)
-        if prediction == "eps":
+        if form == "eps":
             return a_t * integ
         return jnp.where(s_t == 0, a_t * lagrange_basis(nodes[:k], g.t[i + 1]), s_t * integ)
 
     c_f = select_order(m, [_pad(list(weights(k)), order) for k in range(1, order + 1)])
     ddx, ddd = ddim_coefs(a_s, s_s, a_t, s_t)
-    if prediction == "eps":
+    if form == "eps":
         start = a_s == 0
         c_x = jnp.where(start, ddx, a_t / nonzero(a_s))
         c = jnp.concatenate([jnp.where(start, 0.0, c_f), jnp.where(start, ddd, 0.0)[None]])
@@ -227,19 +239,19 @@ def _deis_scalars(g, st, i, *, order: int = 3, prediction: str = "eps", **_):
     return {"s": g.t[i], "c_x": c_x, "c": c}
 
 
-def _deis_step(model, carry, c, key, *, prediction: str = "eps", **_):
+def _deis_step(model, carry, c, key, *, form: str = "eps", **_):
     del key
     x = carry["x"]
     d, e = model.x0_eps(x, c["s"])
-    fs = ((e if prediction == "eps" else d),) + carry["D"]
+    fs = ((e if form == "eps" else d),) + carry["D"]
     return {"x": combine(c["c_x"], x, c["c"], fs + (d,)), "D": fs[:-1]}, 1
 
 
-def deis(order: int = 3, prediction: str = "eps") -> Stepper:
+def deis(order: int = 3, form: str = "eps") -> Stepper:
     return Stepper(functools.partial(_hist_init, order=order),
-                   functools.partial(_deis_scalars, order=order, prediction=prediction),
-                   functools.partial(_deis_step, prediction=prediction),
-                   stages=functools.partial(_deis_stages, prediction=prediction))
+                   functools.partial(_deis_scalars, order=order, form=form),
+                   functools.partial(_deis_step, form=form),
+                   stages=functools.partial(_deis_stages, form=form))
 
 
 # -- UniPC --------------------------------------------------------------------------------------
@@ -319,7 +331,7 @@ def _unipc_scalars(g, st, i, *, order: int = 2, variant: str = "bh2", **_):
     cx_p, c_p = _unipc_coefs(g, i, i + 1, l_hist, order, m, False, variant)
     a_t, s_t, _ = g.at(i + 1)
     end = s_t == 0
-    w_end = _to_zero(a_t, [g.at(i)[2]] + l_hist, m, order)
+    w_end = _to_zero(a_t, i, [g.l[i]] + l_hist, m, order)
     c_p = jnp.where(end, jnp.concatenate([w_end, jnp.zeros((1,), jnp.float32)]), c_p)
     return {"s": g.t[i], "correct": i > 0, "cx_c": cx_c, "c_c": c_c, "cx_p": jnp.where(end, 0.0, cx_p), "c_p": c_p}
 

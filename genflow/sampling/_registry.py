@@ -38,6 +38,7 @@ class SolverSpec:
       target: ``"flow_map"`` (converges to the probability-flow ODE map), ``"sde"`` (pathwise to
         the reverse SDE driven by the same Brownian path) or ``"distribution"`` (in law only).
       stepper: the scan step of hand-written solvers (used by :func:`optimize_schedule`).
+      options: the solver options :func:`genflow.sample` accepts as keyword arguments.
     """
 
     name: str
@@ -49,6 +50,7 @@ class SolverSpec:
     description: str = ""
     target: str = "flow_map"
     stepper: Stepper | None = dataclasses.field(default=None, repr=False, compare=False)
+    options: tuple[str, ...] = ()
 
 
 def _ode(solver_cls, nfe_per_step, nfe_init=0, adaptive=False):
@@ -60,9 +62,12 @@ def _sde(solver_cls, nfe_per_step, **kw):
     return functools.partial(_diffrax.sde_solve, solver=solver_cls(), nfe_per_step=nfe_per_step, **kw)
 
 
-def _scan(name, order, stochastic, nfe, stepper, description, target="flow_map", **defaults):
+def _scan(name, order, stochastic, nfe, stepper, description, target="flow_map", options=(), **defaults):
     run = functools.partial(_driver.run, stepper=stepper, **defaults)
-    return SolverSpec(name, order, stochastic, nfe, False, run, description, target, stepper)
+    return SolverSpec(name, order, stochastic, nfe, False, run, description, target, stepper, tuple(options))
+
+
+_EDM = ("churn", "s_tmin", "s_tmax", "s_noise")
 
 
 _TABLE: tuple[SolverSpec, ...] = (
@@ -79,36 +84,45 @@ _TABLE: tuple[SolverSpec, ...] = (
     SolverSpec("dopri8", 8, False, None, True, _ode(diffrax.Dopri8, 13, 1, adaptive=True),
                "Dormand-Prince 8(7) with a PID step-size controller, for reference solutions"),
     _scan("ddim", 1, False, 1, _multistep.ddim,
-          "DDIM (Song et al. 2021); eta > 0 adds DDPM-like noise and needs key"),
+          "DDIM (Song et al. 2021); eta > 0 adds DDPM-like noise and needs key", options=("eta",)),
     _scan("ddpm", 1, True, 1, _multistep.ddim, "ancestral sampling: DDIM with eta = 1 (Ho et al. 2020)",
-          "distribution", eta=1.0),
+          "distribution", options=("eta",), eta=1.0),
     _scan("dpm++2m", 2, False, 1, _multistep.dpm_multistep(2), "DPM-Solver++(2M), data prediction (Lu et al. 2022b)"),
-    _scan("dpm++3m", 3, False, 1, _multistep.dpm_multistep(3), "DPM-Solver++(3M), data prediction (Lu et al. 2022b)"),
+    _scan("dpm++3m", 3, False, 1, _multistep.dpm_multistep(3),
+          "DPM-Solver++(3M), data prediction (Lu et al. 2022b), with the exact third-order weight of D''",
+          options=("d2_weight",)),
+    _scan("dpm++3m_ref", 2, False, 1, _multistep.dpm_multistep(3),
+          "DPM-Solver++(3M) as in the reference code / k-diffusion / diffusers (half the D'' weight: 2nd order)",
+          options=("d2_weight",), d2_weight=1.0),
     _scan("dpm++2s", 2, False, 2, _singlestep.dpm_singlestep(2),
           "DPM-Solver++(2S), single-step midpoint in log-SNR (Lu et al. 2022, 2022b)"),
     _scan("dpm++3s", 3, False, 3, _singlestep.dpm_singlestep(3),
           "DPM-Solver++(3S), single-step third order (Lu et al. 2022, 2022b)"),
     _scan("deis", 3, False, 1, _multistep.deis(3, "eps"),
           "DEIS tAB3: eps extrapolated in t, exponential-integrator weights (Zhang & Chen 2023); "
-          "order=1..3, prediction='eps'|'x0'"),
+          "order=1..3, form='eps'|'x0'", options=("order", "form")),
     _scan("unipc", 3, False, 1, _multistep.unipc(2, "bh2"),
           "UniPC: UniP-2 predictor + UniC corrector, B(h) = e^h - 1 (Zhao et al. 2023); order=1..3, "
-          "variant='bh1'|'bh2'"),
+          "variant='bh1'|'bh2'", options=("order", "variant")),
     _scan("dpm++2m_hb", 1, False, 1, _multistep.hb,
-          "DPM-Solver++(2M) with heavy-ball momentum beta=0.8 (Wizadwongsa et al. 2023)"),
-    _scan("edm_heun", 2, False, 2, _singlestep.edm_heun, "EDM's Heun sampler in sigma/alpha (Karras et al. 2022, Alg. 1)"),
+          "DPM-Solver++(2M) with heavy-ball momentum beta=0.8 (Wizadwongsa et al. 2023)", options=("beta",)),
+    _scan("edm_heun", 2, False, 2, _singlestep.edm_heun, "EDM's Heun sampler in sigma/alpha (Karras et al. 2022, Alg. 1)",
+          options=_EDM),
     _scan("edm_heun_churn", 2, True, 2, _singlestep.edm_heun,
           "EDM's stochastic sampler with churn (Karras et al. 2022, Alg. 2; ImageNet-64 settings)", "distribution",
-          churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003),
+          options=_EDM, churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003),
     _scan("restart", 2, True, 2, _singlestep.restart,
-          "Restart sampling on EDM Heun steps (Xu et al. 2023)", "distribution"),
+          "Restart sampling on EDM Heun steps (Xu et al. 2023)", "distribution",
+          options=("restart_interval", "restart_times", "restart_steps", "rho")),
     SolverSpec("euler_maruyama", 1.0, True, 1, False, _sde(diffrax.Euler, 1),
-               "Euler-Maruyama on the reverse-time SDE (Diffrax; strong order 1 for its additive noise)", "sde"),
+               "Euler-Maruyama on the reverse-time SDE (Diffrax; strong order 1 for its additive noise)", "sde",
+               options=("brownian_tol",)),
     SolverSpec("shark", 1.5, True, 2, False, _sde(diffrax.ShARK, 2, levy_area=diffrax.SpaceTimeLevyArea),
-               "ShARK on the reverse-time SDE (Diffrax; strong order 1.5 for additive noise, Foster et al. 2023)", "sde"),
+               "ShARK on the reverse-time SDE (Diffrax; strong order 1.5 for additive noise, Foster et al. 2023)", "sde",
+               options=("brownian_tol",)),
     _scan("pc", 0.5, True, 2, _stochastic.pc,
           "predictor-corrector: reverse-SDE Euler-Maruyama + Langevin corrector, snr=0.16 (Song et al. 2021)",
-          "distribution"),
+          "distribution", options=("snr", "corrector_steps")),
 )
 
 SOLVERS: dict[str, SolverSpec] = {s.name: s for s in _TABLE}

@@ -8,8 +8,9 @@ At each grid time ``s`` the corrector runs ``corrector_steps`` Langevin steps on
 with the signal-to-noise step rule (``a = alpha_s^2 / alpha_t^2``, which is score_sde's
 ``alpha_i = 1 - beta_i`` for VP paths and 1 for VE), then the predictor takes one Euler-Maruyama
 step of the reverse SDE ``dx = [f x - g^2 score] dt + g dW`` to the next time ``t``; the last
-predictor step returns its mean (score_sde's ``noise_removal``). Norms are per sample (score_sde
-averages them over the batch), so each sample's step does not depend on the rest of the batch.
+predictor step returns its mean (score_sde's ``noise_removal``). As in score_sde, the norms are
+per-sample norms averaged over the batch: per-sample ratios ``||z|| / ||score||`` are heavy-tailed
+in low dimensions (the step diverges for samples with a small score).
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ def _norm(v: Array) -> Array:
 
 def langevin_correct(model, x: Array, t, key: Array, *, snr: float = 0.16, steps: int = 1,
                      alpha_ratio=1.0) -> Array:
-    """``steps`` Langevin corrector steps at time ``t`` with the SNR step rule; ``x: [B, ...]``."""
+    """``steps`` Langevin corrector steps at time ``t`` with the SNR step rule; ``x: [B, ...]``.
+
+    ``x <- x + e score + sqrt(2 e) z`` with ``e = 2 alpha_ratio (snr mean||z|| / mean||score||)^2``
+    (Song et al. 2021, Alg. 4-5; means over the batch)."""
 
     def body(x, k):
         score = model.predict(x, t, "score")
         z = jax.random.normal(k, x.shape, x.dtype)
-        step = 2.0 * alpha_ratio * (snr * _norm(z) / jnp.maximum(_norm(score), 1e-12)) ** 2
+        step = 2.0 * alpha_ratio * (snr * jnp.mean(_norm(z)) / jnp.maximum(jnp.mean(_norm(score)), 1e-12)) ** 2
         return (x + step * score + jnp.sqrt(2.0 * step) * z).astype(x.dtype), None
 
     x, _ = jax.lax.scan(body, x, jax.random.split(key, steps))

@@ -1,0 +1,310 @@
+"""Guidance as function transformers: each takes model functions and returns a model function.
+
+Every transformer returns a small pytree (a registered dataclass) whose numbers -- the guidance
+scale, interval ends, thresholds -- are traced leaves: changing them reuses the compiled sampler.
+The wrapped model functions should be pytrees as well (``jax.tree_util.Partial``,
+:func:`genflow.nets.model_fn`, oracle models); plain ``functools.partial`` objects are converted.
+
+All prediction kinds (eps, x0, v, score, velocity) are affine in ``(x0_hat, eps_hat)`` with the
+same coefficients for the conditional and the unconditional model at a given ``(x, t)``, so
+``uncond + w (cond - uncond)`` means the same guidance whatever kind the models predict.
+
+* :func:`cfg` -- classifier-free guidance (Ho & Salimans 2022), ``u + w (c - u)``;
+  :func:`cfg_batched` evaluates a conditional network once on the doubled batch.
+* :func:`interval` -- guidance only for ``t`` in ``(t_lo, t_hi]`` (Kynkaanniemi et al. 2024,
+  "Applying Guidance in a Limited Interval Improves Sample and Distribution Quality"); outside it
+  the unconditional model is not evaluated.
+* :func:`cads` -- condition-annealed sampling (Sadat et al. 2024, "CADS: Unleashing the
+  Diversity of Diffusion Models through Condition-Annealed Sampling").
+* :func:`adaptive` -- adaptive guidance (Castillo et al. 2023, "Adaptive Guidance: Training-free
+  Acceleration of Conditional Diffusion Models"): guide while the conditional and unconditional
+  predictions disagree, return the conditional one once their cosine similarity exceeds a
+  threshold.
+* :func:`classifier` -- classifier guidance (Dhariwal & Nichol 2021):
+  ``eps_hat - w sigma_t grad_x log p(y | x_t, t)``.
+
+Time convention: ``t`` in [0, 1], data at 0, noise at 1; models are ``fn(x: [B, ...], t: [B])``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from genflow import param
+from genflow.paths import Path, broadcast_t
+from genflow.sampling import as_pytree_fn
+
+Array = jax.Array
+ModelFn = Callable[[Array, Array], Array]
+
+__all__ = ["CFG", "BatchedCFG", "Interval", "CADS", "Adaptive", "ClassifierGuidance", "cfg", "cfg_batched",
+           "interval", "cads", "cads_gamma", "adaptive", "classifier"]
+
+
+def _static(default=dataclasses.MISSING):
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+def _per_sample(w: Array, x: Array) -> Array:
+    """A scalar or ``[B]`` weight shaped to broadcast against ``x: [B, ...]``."""
+    w = jnp.asarray(w, x.dtype)
+    return w if w.ndim == 0 else broadcast_t(w, x)
+
+
+def _check_fn(fn, name: str):
+    if not callable(fn):
+        raise TypeError(f"{name} must be a model function fn(x, t); got {type(fn).__name__}")
+    return as_pytree_fn(fn)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CFG:
+    """``uncond + scale (cond - uncond)``; ``scale = 1`` is the conditional model, ``0`` the
+    unconditional one. ``scale``: scalar or ``[B]`` (traced)."""
+
+    cond: ModelFn
+    uncond: ModelFn
+    scale: Array
+
+    def parts(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """``(cond(x, t), uncond(x, t))``."""
+        return self.cond(x, t), self.uncond(x, t)
+
+    def cond_only(self, x: Array, t: Array) -> Array:
+        return self.cond(x, t)
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        c, u = self.parts(x, t)
+        return u + _per_sample(self.scale, c) * (c - u)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BatchedCFG:
+    """CFG with one network call on the doubled batch: ``fn(x, t, c)`` with ``c = y`` for the
+    first half and ``c = null`` for the second."""
+
+    fn: Callable
+    y: Array
+    null: Array
+    scale: Array
+
+    def _labels(self, b: int) -> tuple[Array, Array]:
+        y = jnp.broadcast_to(self.y, (b,) + jnp.shape(self.y)[1:]) if jnp.ndim(self.y) else jnp.full((b,), self.y)
+        return y, jnp.broadcast_to(self.null, y.shape).astype(y.dtype)
+
+    def parts(self, x: Array, t: Array) -> tuple[Array, Array]:
+        b = x.shape[0]
+        y, n = self._labels(b)
+        out = self.fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, n]))
+        return out[:b], out[b:]
+
+    def cond_only(self, x: Array, t: Array) -> Array:
+        return self.fn(x, t, self._labels(x.shape[0])[0])
+
+    __call__ = CFG.__call__
+
+
+_GUIDED = (CFG, BatchedCFG)
+
+
+def cfg(cond_fn: ModelFn, uncond_fn: ModelFn, scale) -> CFG:
+    """Classifier-free guidance ``uncond + scale (cond - uncond)`` (Ho & Salimans 2022), in the
+    prediction kind of the two models (which must share it). Two network calls per evaluation."""
+    return CFG(_check_fn(cond_fn, "cond_fn"), _check_fn(uncond_fn, "uncond_fn"), jnp.asarray(scale, jnp.float32))
+
+
+def cfg_batched(fn: Callable[[Array, Array, Array], Array], y, null, scale) -> BatchedCFG:
+    """Classifier-free guidance with one call of a conditional network ``fn(x, t, c)`` on the
+    doubled batch ``[x; x]`` with conditions ``[y; null]`` (the usual implementation for a network
+    trained with condition dropout). ``y``: ``[B, ...]`` or a scalar label; ``null``: the "no
+    condition" value, broadcast to ``y``'s shape."""
+    return BatchedCFG(_check_fn(fn, "fn"), jnp.asarray(y), jnp.asarray(null), jnp.asarray(scale, jnp.float32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """``guided`` for ``t`` in ``(t_lo, t_hi]``, its conditional model elsewhere."""
+
+    guided: CFG | BatchedCFG
+    t_lo: Array
+    t_hi: Array
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        inside = (t > self.t_lo) & (t <= self.t_hi)
+        # the unconditional model only runs when some sample of the batch is inside the interval
+        c, u = jax.lax.cond(jnp.any(inside), lambda: self.guided.parts(x, t),
+                            lambda: (lambda c: (c, c))(self.guided.cond_only(x, t)))
+        w = jnp.where(inside, jnp.broadcast_to(jnp.asarray(self.guided.scale, jnp.float32), t.shape), 1.0)
+        return u + _per_sample(w, c) * (c - u)
+
+
+def interval(guided: CFG, t_lo, t_hi) -> Interval:
+    """Apply ``guided`` only for ``t_lo < t <= t_hi`` and its conditional model elsewhere
+    (Kynkaanniemi et al. 2024 guide only at intermediate noise levels; e.g. EDM2's interval
+    ``sigma in (0.28, 5.42]`` becomes ``t`` through ``path.t_from_log_snr(-2 log sigma)``). Outside
+    the interval the unconditional model is skipped (``lax.cond``), which saves its evaluations."""
+    if not isinstance(guided, _GUIDED):
+        raise TypeError(f"interval expects a CFG from gf.guidance.cfg / cfg_batched; got {type(guided).__name__}")
+    return Interval(guided, jnp.asarray(t_lo, jnp.float32), jnp.asarray(t_hi, jnp.float32))
+
+
+def cads_gamma(t: Array, tau1, tau2) -> Array:
+    """CADS annealing ``gamma(t)``: 1 for ``t <= tau1`` (near the data), 0 for ``t >= tau2``, linear
+    in between (Sadat et al. 2024, eq. 5, in this repo's time direction)."""
+    return jnp.clip((tau2 - t) / (tau2 - tau1), 0.0, 1.0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CADS:
+    """``fn(x, t, y_hat(t))`` with the annealed noisy condition of :func:`cads`."""
+
+    fn: Callable
+    y: Array
+    key: Array
+    tau1: Array
+    tau2: Array
+    noise_scale: Array
+    psi: Array
+    rescale: bool = _static(True)
+
+    def condition(self, t: Array) -> Array:
+        """The condition at times ``t: [B]``: ``sqrt(gamma) y + s sqrt(1 - gamma) n``, with fresh
+        noise ``n`` for every distinct time (drawn from ``key`` folded with the bits of ``t``),
+        rescaled to the per-sample mean and std of ``y`` and mixed by ``psi`` (eqs. 5-6)."""
+        y = jnp.broadcast_to(self.y if self.y.ndim > 1 else self.y[None], t.shape + self.y.shape[-1:])
+        bits = jax.lax.bitcast_convert_type(t.astype(jnp.float32), jnp.uint32)
+        n = jax.vmap(lambda b, i: jax.random.normal(jax.random.fold_in(jax.random.fold_in(self.key, b), i),
+                                                    y.shape[1:], y.dtype))(bits, jnp.arange(t.shape[0]))
+        g = broadcast_t(cads_gamma(t, self.tau1, self.tau2), y).astype(y.dtype)
+        yh = jnp.sqrt(g) * y + self.noise_scale * jnp.sqrt(1.0 - g) * n
+        if not self.rescale:
+            return yh
+        axes = tuple(range(1, y.ndim))
+        mu0, sd0 = y.mean(axes, keepdims=True), y.std(axes, keepdims=True)
+        mu1, sd1 = yh.mean(axes, keepdims=True), yh.std(axes, keepdims=True)
+        resc = (yh - mu1) / jnp.maximum(sd1, 1e-12) * sd0 + mu0
+        return self.psi * resc + (1.0 - self.psi) * yh
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        return self.fn(x, t, self.condition(t))
+
+
+def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float = 0.6, tau2: float = 0.9,
+         noise_scale: float = 0.25, psi: float = 1.0, rescale: bool = True) -> CADS:
+    """Condition-annealed sampling (Sadat et al. 2024): the conditional model
+    ``fn(x, t, y_hat(t))`` with ``y_hat = sqrt(gamma(t)) y + s sqrt(1 - gamma(t)) n`` -- the
+    condition is replaced by noise at high noise levels (``t >= tau2``) and restored towards the
+    data (``t <= tau1``), which trades a little alignment for diversity. Use it as the conditional
+    branch of :func:`cfg`.
+
+    Args:
+      fn: conditional network ``fn(x: [B, ...], t: [B], y: [B, F]) -> prediction``.
+      y: ``[B, F]`` (or ``[F]``) condition embedding (continuous).
+      key: PRNG key of the condition noise.
+      tau1, tau2: annealing interval in t (the paper's defaults are in its reversed time).
+      noise_scale: ``s``. psi: mixing of the rescaled condition (``psi = 1``: fully rescaled).
+      rescale: restore the per-sample mean and std of ``y`` (eq. 6).
+    """
+    if not 0.0 <= tau1 < tau2 <= 1.0:
+        raise ValueError(f"cads: expected 0 <= tau1 < tau2 <= 1; got tau1={tau1}, tau2={tau2}")
+    y = jnp.asarray(y)
+    if y.ndim == 0 or not jnp.issubdtype(y.dtype, jnp.floating):
+        raise ValueError(f"cads: y must be a floating condition embedding [B, F] or [F]; got {y.dtype}{y.shape}")
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    return CADS(_check_fn(fn, "fn"), y, key, f32(tau1), f32(tau2), f32(noise_scale), f32(psi), bool(rescale))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adaptive:
+    """``guided`` while ``cos(cond, uncond) <= threshold`` per sample, ``cond`` once above."""
+
+    guided: CFG | BatchedCFG
+    threshold: Array
+
+    def similarity(self, c: Array, u: Array) -> Array:
+        """Per-sample cosine similarity ``[B]`` of two predictions."""
+        c2, u2 = c.reshape(c.shape[0], -1), u.reshape(u.shape[0], -1)
+        num = jnp.sum(c2 * u2, -1)
+        return num / jnp.maximum(jnp.linalg.norm(c2, axis=-1) * jnp.linalg.norm(u2, axis=-1), 1e-12)
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        c, u = self.guided.parts(x, t)
+        agree = self.similarity(c, u) > self.threshold
+        w = jnp.where(agree, 1.0, jnp.broadcast_to(jnp.asarray(self.guided.scale, jnp.float32), t.shape))
+        return u + _per_sample(w, c) * (c - u)
+
+
+def adaptive(guided: CFG, threshold: float = 0.99) -> Adaptive:
+    """Adaptive guidance (Castillo et al. 2023): stop guiding once the conditional and
+    unconditional predictions agree -- their per-sample cosine similarity exceeds ``threshold``
+    (the paper's ``gamma_bar``, measured there on eps predictions) -- and return the conditional
+    prediction. Since the similarity grows as ``t -> 0``, this is the paper's truncation policy
+    decided at every evaluation; as a pure function it still evaluates both models (to save the
+    unconditional evaluations once the switch time is known, use :func:`interval`)."""
+    if not isinstance(guided, _GUIDED):
+        raise TypeError(f"adaptive expects a CFG from gf.guidance.cfg / cfg_batched; got {type(guided).__name__}")
+    return Adaptive(guided, jnp.asarray(threshold, jnp.float32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ClassifierGuidance:
+    """``fn`` with ``eps_hat - scale sigma_t grad_x log p(y | x_t, t)``, in the kind of ``fn``."""
+
+    fn: ModelFn
+    path: Path
+    log_prob: Callable[[Array, Array], Array]
+    scale: Array
+    prediction: str = _static("eps")
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        out = self.fn(x, t)
+        grad = jax.grad(lambda z: jnp.sum(self.log_prob(z, t)))(x)
+        eps = param.convert(out, x, t, self.path, self.prediction, "eps")
+        eps = eps - _per_sample(self.scale, x) * self.path.sigma(broadcast_t(t, x)) * grad
+        return param.convert(eps, x, t, self.path, "eps", self.prediction).astype(out.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _LabelLogProb:
+    """``log softmax(classifier(x, t))[y]``: ``[B]``."""
+
+    classifier: Callable
+    y: Array
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        logits = self.classifier(x, t)
+        y = jnp.broadcast_to(self.y, (x.shape[0],))
+        return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, None], -1)[:, 0]
+
+
+def classifier(fn: ModelFn, path: Path, prediction: str, classifier_fn: Callable[[Array, Array], Array], y,
+               scale) -> ClassifierGuidance:
+    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2 in score form):
+    ``score_w = score + scale grad_x log p(y | x_t, t)``, i.e.
+    ``eps_w = eps_hat - scale sigma_t grad_x log p(y | x_t, t)``, returned in the kind of ``fn``.
+
+    Args:
+      fn: model ``fn(x, t)`` of kind ``prediction`` (usually unconditional).
+      path: the path of the model and classifier.
+      classifier_fn: noisy classifier ``(x: [B, ...], t: [B]) -> logits [B, C]``.
+      y: ``[B]`` integer labels (or a scalar label).
+      scale: guidance scale (traced); ``1`` gives the exact conditional score when the classifier
+        is the exact ``p(y | x_t)``.
+    """
+    param.check_kind(prediction)
+    y = jnp.asarray(y)
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        raise TypeError(f"classifier: y must be integer class labels; got dtype {y.dtype}")
+    lp = _LabelLogProb(_check_fn(classifier_fn, "classifier_fn"), y)
+    return ClassifierGuidance(_check_fn(fn, "fn"), path, lp, jnp.asarray(scale, jnp.float32), prediction)

@@ -1,0 +1,188 @@
+"""Optimized time discretizations, in the spirit of Align Your Steps (Sabour et al. 2024).
+
+AYS places the steps of a given solver for a given model by minimizing an upper bound on the
+discrepancy between the discretized and the exact process. Here the bound is the classical one
+for one-step and multistep ODE solvers: the global error is at most the sum of the local errors
+of the steps (each propagated by the flow map, which contracts in the scale-free coordinates
+``x / (alpha + sigma)`` used below), and the local error of step ``i`` is measured exactly, by
+running that step of the actual solver from the exact state -- with its history of predictions
+taken on the exact trajectory ("teacher forcing", :func:`genflow.sampling._driver.local_errors`):
+
+    B(t_1, ..., t_{N-1}) = E_x1 sum_i || step_i(x(t_i)) - x(t_{i+1}) || / (alpha_{i+1} + sigma_{i+1}).
+
+The exact trajectories ``x(t)`` come from one adaptive solve per calibration sample with dense
+output, so the bound is a differentiable function of the interior times and is minimized by Adam
+in a monotone parametrization. The returned schedule is an array of times: pass it as
+``schedule=`` to :func:`genflow.sample` for any batch (it is a property of the model, path,
+solver and NFE budget, not of the calibration noise -- check it on fresh noise).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import optax
+
+from genflow import param
+from genflow.paths import Path
+from genflow.sampling import _driver, _registry
+from genflow.sampling._core import as_pytree_fn
+from genflow.sampling._exp import t_of_lambda
+from genflow.sampling._grid import time_grid
+from genflow.sampling._model import Model
+
+Array = jax.Array
+
+
+def _tau(path: Path, t) -> Array:
+    """Linear-path time ``tau = sigma / (alpha + sigma)`` of the noise level at ``t``."""
+    a, s = path.alpha(t), path.sigma(t)
+    return s / (a + s)
+
+
+def _t_of_tau(path: Path, tau: Array) -> Array:
+    return t_of_lambda(path, jnp.log1p(-tau) - jnp.log(tau))
+
+
+_RHO_STOP = 5e-4  # the reference solve stops at this noise level sigma/alpha (see below)
+
+
+def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
+                           max_steps: int = 4096) -> Callable[[Array], Array]:
+    """Dense exact trajectories of the probability-flow ODE from ``x1: [B, ...]`` at ``t_start``.
+
+    Solved per sample with Tsit5 in the linear-path coordinates ``x / (alpha + sigma)`` and time
+    ``tau = sigma / (alpha + sigma)``, where the velocity ``eps_hat - x0_hat`` is smooth at both
+    ends. A model's ``eps_hat = (x - alpha x0_hat) / sigma`` loses all precision as ``sigma -> 0``,
+    so towards clean data the solve stops at the noise level ``rho = sigma / alpha = 5e-4`` and
+    continues with the exact limit ``y(rho) = D + (rho / rho_stop) (y_stop - D)`` (``y = x / alpha``,
+    error ``O(rho_stop^2)`` relative to the data variance). Returns ``x_at(t: [K]) -> [K, B, ...]``,
+    differentiable in ``t``."""
+    path = model.path
+
+    def velocity(tau, y, args):
+        t = _t_of_tau(path, tau)
+        a, s = path.alpha(t), path.sigma(t)
+        d, e = model.x0_eps((y * (a + s))[None], t)
+        return (e - d)[0]
+
+    tau0, tau1 = _tau(path, jnp.asarray(t_start, x1.dtype)), _tau(path, jnp.asarray(t_end, x1.dtype))
+    tau_stop = jnp.maximum(tau1, _RHO_STOP / (1.0 + _RHO_STOP))
+    t_stop = _t_of_tau(path, tau_stop)
+    a0, s0 = path.alpha(jnp.asarray(t_start, x1.dtype)), path.sigma(jnp.asarray(t_start, x1.dtype))
+
+    def one(y0):
+        return diffrax.diffeqsolve(diffrax.ODETerm(velocity), diffrax.Tsit5(), t0=tau0, t1=tau_stop, dt0=None, y0=y0,
+                                   stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+                                   saveat=diffrax.SaveAt(t1=True, dense=True), max_steps=max_steps)
+
+    sols = jax.vmap(one)(x1 / (a0 + s0))
+    a_st, s_st = path.alpha(t_stop), path.sigma(t_stop)
+    y_stop = sols.ys[:, -1] * (a_st + s_st) / a_st  # [B, ...] in y = x / alpha
+    d_stop = model.x0_eps(y_stop * a_st, t_stop)[0]
+    rho_stop = s_st / a_st
+
+    def x_at(ts: Array) -> Array:
+        taus = _tau(path, ts)
+        inside = jnp.clip(taus, jnp.minimum(tau0, tau_stop), jnp.maximum(tau0, tau_stop))
+        ys = jax.vmap(lambda sol: jax.vmap(sol.evaluate)(inside))(sols)  # [B, K, ...]
+        a, s = path.alpha(ts), path.sigma(ts)
+        shape = (-1,) + (1,) * (ys.ndim - 1)
+        x = jnp.moveaxis(ys, 0, 1) * (a + s).reshape(shape)
+        tail = a.reshape(shape) * (d_stop[None] + (s / a / rho_stop).reshape(shape) * (y_stop - d_stop)[None])
+        return jnp.where((taus < tau_stop).reshape(shape), tail, x)
+
+    return x_at
+
+
+def schedule_bound(model: Model, ts: Array, x_at: Callable[[Array], Array], solver: str = "dpm++3m",
+                   **solver_options) -> Array:
+    """The error bound ``B(ts)`` (mean over the calibration batch of the summed scale-free local
+    errors) of ``solver`` on the grid ``ts``; differentiable in ``ts``."""
+    spec = _registry.get(solver)
+    if spec.stepper is None or spec.stochastic:
+        raise ValueError(f"optimize_schedule supports the deterministic scan solvers "
+                         f"{sorted(k for k, v in _registry.SOLVERS.items() if v.stepper and not v.stochastic)}; "
+                         f"got {solver!r}")
+    opts = {**{k: v for k, v in spec.run.keywords.items() if k != "stepper"}, **solver_options}
+    xs = x_at(ts)
+    errs = _driver.local_errors(model, ts, xs, stepper=spec.stepper, **opts)
+    path = model.path
+    scale = (path.alpha(ts[1:]) + path.sigma(ts[1:])).reshape((-1,) + (1,) * (errs.ndim - 1))
+    e = (errs / scale).reshape(errs.shape[0], errs.shape[1], -1)
+    per = jnp.sqrt(jnp.mean(e * e, axis=-1) + 1e-30)  # [N, B] rms over features
+    return jnp.mean(jnp.sum(per, axis=0))
+
+
+def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, *, prediction: str, steps: int,
+                      solver: str = "dpm++3m", t_start: float = 1.0, t_end: float | None = None, init: Any = "logsnr",
+                      iters: int = 300, learning_rate: float = 0.05, rtol: float = 1e-5, atol: float = 1e-5,
+                      return_history: bool = False, **solver_options):
+    """A time grid for ``solver`` with ``steps`` steps, minimizing the local-error bound ``B``.
+
+    Args:
+      fn: model ``fn(x, t)`` of kind ``prediction`` (pytree callables reuse compilations).
+      path: its path.
+      x1: ``[M, ...]`` calibration noise at ``t_start`` (a few hundred samples are plenty).
+      steps: number of steps (the NFE budget divided by the solver's NFE per step).
+      solver: a deterministic scan solver (``ddim``, ``dpm++2m``, ``dpm++3m``, ``dpm++2s``,
+        ``dpm++3s``, ``deis``, ``unipc``, ``dpm++2m_hb``, ``edm_heun``).
+      init: starting schedule (a name or an array of ``steps + 1`` times).
+      iters, learning_rate: Adam iterations / step size on the log-increments of
+        ``tau = sigma / (alpha + sigma)``.
+      rtol, atol: tolerances of the reference solve.
+      return_history: also return ``{"bound": [iters]}`` and the initial bound.
+    Returns:
+      ``ts: [steps + 1]`` decreasing times with ``ts[0] = t_start``, ``ts[-1] = t_end`` (and the
+      history if asked).
+    """
+    param.check_kind(prediction)
+    t_end = path.t_min if t_end is None else t_end
+    model = Model(as_pytree_fn(fn), path, prediction)
+    ts0 = time_grid(path, steps, init, t_start, t_end)
+    if ts0.shape[0] != steps + 1:
+        raise ValueError(f"init has {ts0.shape[0]} times; expected steps + 1 = {steps + 1}")
+    return _optimize(model, ts0, x1.astype(jnp.promote_types(x1.dtype, jnp.float32)), solver, int(iters), float(learning_rate), float(rtol),
+                     float(atol), bool(return_history), tuple(sorted(solver_options.items())))
+
+
+@functools.partial(jax.jit, static_argnames=("solver", "iters", "rtol", "atol", "return_history", "options"))
+def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, return_history, options):
+    path = model.path
+    x_at = reference_trajectories(model, x1, ts0[0], ts0[-1], rtol, atol)
+    tau0, tau1 = _tau(path, ts0[0]), _tau(path, ts0[-1])
+    inc0 = -jnp.diff(_tau(path, ts0))
+    theta0 = jnp.log(jnp.maximum(inc0, 1e-12))
+
+    def grid(theta):
+        w = jax.nn.softmax(theta)
+        taus = tau0 - (tau0 - tau1) * jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(w)])
+        ts = _t_of_tau(path, taus[1:-1])
+        return jnp.concatenate([ts0[:1], ts, ts0[-1:]])
+
+    def bound(theta):
+        return schedule_bound(model, grid(theta), x_at, solver, **dict(options))
+
+    opt = optax.adam(learning_rate)
+    value_and_grad = jax.value_and_grad(bound)
+
+    def body(carry, _):
+        theta, state, best = carry
+        val, g = value_and_grad(theta)
+        g = jnp.where(jnp.isfinite(g), g, 0.0)
+        best = jax.lax.cond(val < best[0], lambda: (val, theta), lambda: best)
+        upd, state = opt.update(g, state, theta)
+        return (optax.apply_updates(theta, upd), state, best), val
+
+    b0 = bound(theta0)
+    (theta, _, best), hist = jax.lax.scan(body, (theta0, opt.init(theta0), (b0, theta0)), None, length=iters)
+    b_last = bound(theta)
+    best = jax.lax.cond(b_last < best[0], lambda: (b_last, theta), lambda: best)
+    ts = grid(best[1])
+    if return_history:
+        return ts, {"bound": hist, "initial": b0, "final": best[0]}
+    return ts

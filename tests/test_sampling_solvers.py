@@ -1,0 +1,158 @@
+"""Dedicated solvers beyond the convergence orders: prediction kinds, endpoints, stochastic samplers
+(in law and pathwise), the Langevin corrector, the Gaussian-mixture oracle, and bad inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import genflow as gf
+from genflow.sampling import Model
+
+
+def _rel(x, ref):
+    return float(jnp.sqrt(jnp.mean((x - ref) ** 2)) / jnp.sqrt(jnp.mean(ref**2)))
+
+
+def test_solver_table_lists_every_required_solver():
+    table = gf.sampling.solvers()
+    required = {"ddim": (1, False, 1), "dpm++2m": (2, False, 1), "dpm++3m": (3, False, 1), "dpm++2s": (2, False, 2),
+                "dpm++3s": (3, False, 3), "deis": (3, False, 1), "unipc": (3, False, 1), "edm_heun": (2, False, 2),
+                "edm_heun_churn": (2, True, 2), "restart": (2, True, 2), "dpm++2m_hb": (1, False, 1),
+                "euler_maruyama": (1, True, 1), "shark": (1.5, True, 2), "pc": (0.5, True, 2)}
+    for name, (order, stochastic, nfe) in required.items():
+        spec = table[name]
+        assert (spec.order, spec.stochastic, spec.nfe_per_step) == (order, stochastic, nfe), name
+        assert spec.target in ("flow_map", "sde", "distribution")
+    assert table["euler_maruyama"].target == table["shark"].target == "sde"
+
+
+def test_prediction_kinds_agree(gauss2):
+    """The same solver gives the same samples from any prediction kind of the same model."""
+    path = gf.paths.vp_cosine()
+    x1 = gauss2.prior_sample(jax.random.key(0), 128, path, 1.0)
+    outs = {k: gf.sample(gauss2.model(path, k), path, x1, prediction=k, solver="unipc", steps=12, schedule="logsnr")[0]
+            for k in gf.param.KINDS}
+    for k, x in outs.items():
+        assert _rel(x, outs["x0"]) < 1e-4, k
+
+
+@pytest.mark.parametrize("solver", ["dpm++3m", "dpm++3s", "unipc", "deis"])
+def test_one_step_from_pure_noise_to_data_is_the_denoiser(solver, gauss2):
+    """From alpha = 0 to sigma = 0 in one step every solver returns E[x0 | x_1] = the data mean
+    (the exact limit of the data-form step), with no inf/nan from the infinite log-SNRs."""
+    path = gf.paths.linear()
+    x1 = jax.random.normal(jax.random.key(0), (8, 2))
+    x, _ = gf.sample(gauss2.model(path, "x0"), path, x1, prediction="x0", solver=solver, steps=1)
+    np.testing.assert_allclose(x, jnp.broadcast_to(gauss2.mean, x.shape), atol=1e-5)
+
+
+def test_heavy_ball_with_beta_one_is_dpmpp_2m(gauss2):
+    path = gf.paths.vp_linear()
+    x1 = gauss2.prior_sample(jax.random.key(0), 64, path, 1.0)
+    fn = gauss2.model(path, "eps")
+    a, _ = gf.sample(fn, path, x1, prediction="eps", solver="dpm++2m", steps=10, schedule="logsnr")
+    b, _ = gf.sample(fn, path, x1, prediction="eps", solver="dpm++2m_hb", steps=10, schedule="logsnr", beta=1.0)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "edm_heun_churn", "restart", "pc", "shark"])
+def test_stochastic_samplers_reach_the_data_marginal(solver, gauss2):
+    """In law: 20k samples match the data mean and covariance (after the final denoising step
+    the covariance shrinks by the posterior variance at t_min, which is tiny)."""
+    path = gf.paths.vp_linear()
+    x1 = gauss2.prior_sample(jax.random.key(0), 20_000, path, 1.0)
+    # ancestral sampling is first order in law (400 steps); Restart's bias comes from its backward
+    # sub-integration (10 Heun steps over the restart interval)
+    steps = {"ddpm": 400, "edm_heun_churn": 160, "restart": 80}.get(solver, 100)
+    opts = {"restart_steps": 10} if solver == "restart" else {}
+    x, info = gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=steps,
+                        schedule="logsnr", key=jax.random.key(1), **opts)
+    if solver == "restart":  # the default interval (0.1, 2) is crossed once: 10 Heun steps back
+        assert int(info.nfe) == 2 * steps + 2 * 10 + 1
+    np.testing.assert_allclose(np.asarray(x.mean(0)), np.asarray(gauss2.mean), atol=0.04)
+    np.testing.assert_allclose(np.cov(np.asarray(x).T), np.asarray(gauss2.cov), atol=0.05)
+
+
+def test_sde_solvers_strong_order(gauss2):
+    """Pathwise (same Brownian path from a VirtualBrownianTree): Euler-Maruyama converges with strong
+    order 1 and ShARK with 1.5 on the reverse SDE, whose noise is additive."""
+    path = gf.paths.vp_linear()
+    x1 = gauss2.prior_sample(jax.random.key(0), 128, path, 1.0)
+    fn = gauss2.model(path, "eps")
+    kw = dict(prediction="eps", key=jax.random.key(3), brownian_tol=1e-3, denoise=False, t_end=0.05)
+    ref, _ = gf.sample(fn, path, x1, solver="shark", steps=128, **kw)
+    for solver, (lo, hi) in {"euler_maruyama": (0.8, 1.3), "shark": (1.3, 2.3)}.items():
+        errs = [_rel(gf.sample(fn, path, x1, solver=solver, steps=n, **kw)[0], ref) for n in (16, 32)]
+        slope = np.log2(errs[0] / errs[1])
+        assert lo < slope < hi, (solver, slope, errs)
+
+
+def test_langevin_corrector_samples_the_marginal(gauss2):
+    """Langevin steps with the SNR step-size rule at a fixed t turn a wrong distribution into p_t."""
+    path = gf.paths.vp_linear()
+    t = 0.3
+    model = Model(gauss2.model(path, "eps"), path, "eps")
+    x = 2.0 * jax.random.normal(jax.random.key(0), (20_000, 2))
+    x = jax.jit(lambda x: gf.sampling.langevin_correct(model, x, t, jax.random.key(1), snr=0.16, steps=400))(x)
+    a, s = path.alpha(t), path.sigma(t)
+    np.testing.assert_allclose(np.asarray(x.mean(0)), np.asarray(a * gauss2.mean), atol=0.05)
+    np.testing.assert_allclose(np.cov(np.asarray(x).T), np.asarray(a * a * gauss2.cov + s * s * jnp.eye(2)), atol=0.06)
+
+
+@pytest.fixture(scope="module")
+def mixture64():
+    """An 8-dimensional mixture of 4 diagonal Gaussians (float64), a batch at noise level 80 on the
+    linear path, and its reference flow map to t = 0."""
+    with jax.enable_x64(True):
+        gm = gf.oracles.GaussianMixture.random(jax.random.key(0), 4, 8, dtype=jnp.float64)
+        path = gf.paths.linear()
+        t0 = 80.0 / 81.0
+        x1 = (1 - t0) * 80.0 * jax.random.normal(jax.random.key(1), (256, 8), jnp.float64)
+        ref = gm.flow_map(x1, t0, 0.0, path)
+        mean = np.asarray(gm.mean)
+    return gm, path, t0, x1, ref, mean
+
+
+def test_mixture_reference_flow_map_matches_the_gaussian_closed_form(mixture64):
+    """With identical components the mixture is a Gaussian: the adaptive dopri8 reference agrees
+    with the closed-form flow map to 1e-8."""
+    gm, path, t0, x1, _, _ = mixture64
+    with jax.enable_x64(True):
+        same = gf.oracles.GaussianMixture(gm.logits, jnp.broadcast_to(gm.means[:1], gm.means.shape),
+                                          jnp.broadcast_to(gm.vars[:1], gm.vars.shape))
+        gauss = gf.oracles.Gaussian.diagonal(gm.means[0], gm.vars[0])
+        got = same.flow_map(x1, t0, 0.0, path)
+        np.testing.assert_allclose(got, gauss.flow_map(x1, t0, 0.0, path), atol=1e-8)
+
+
+def test_solvers_converge_to_the_mixture_reference(mixture64):
+    """The closed-form mixture denoiser as a perfect model: third-order solvers approach the
+    reference flow map at third order in the median per-sample error."""
+    gm, path, t0, x1, ref, mean = mixture64
+    gm32 = gf.oracles.GaussianMixture(*(jnp.asarray(np.asarray(a), jnp.float32) for a in (gm.logits, gm.means, gm.vars)))
+    x32, ref = jnp.asarray(np.asarray(x1), jnp.float32), np.asarray(ref)
+    scale = np.sqrt(np.mean((ref - mean) ** 2))
+    for solver in ("dpm++3m", "unipc"):
+        med = []
+        for n in (32, 64):
+            x, _ = gf.sample(gm32.model(path, "x0"), path, x32, prediction="x0", solver=solver, steps=n,
+                             schedule="logsnr", t_start=t0)
+            med.append(np.median(np.sqrt(np.mean((np.asarray(x) - ref) ** 2, axis=1))) / scale)
+        assert med[1] < 2e-4 and np.log2(med[0] / med[1]) > 2.4, (solver, med)
+
+
+def test_bad_solver_options(gauss2):
+    path = gf.paths.linear()
+    fn = gauss2.model(path, "x0")
+    x1 = jnp.zeros((4, 2))
+    with pytest.raises(ValueError, match="eta > 0 is stochastic"):
+        gf.sample(fn, path, x1, prediction="x0", solver="ddim", eta=0.5)
+    with pytest.raises(ValueError, match="restart_interval"):
+        gf.sample(fn, path, x1, prediction="x0", solver="restart", key=jax.random.key(0), restart_interval=(2.0, 1.0))
+    with pytest.raises(ValueError, match="form must be 'eps' or 'x0'"):
+        gf.sample(fn, path, x1, prediction="x0", solver="deis", form="v")
+    with pytest.raises(ValueError, match="variant must be 'bh1' or 'bh2'"):
+        gf.sample(fn, path, x1, prediction="x0", solver="unipc", variant="bh3")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['beta'\] for solver 'dpm\+\+2m'"):
+        gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", beta=0.5)
