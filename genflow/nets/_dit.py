@@ -1,6 +1,6 @@
 """Diffusion Transformer (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers").
 
-The image is cut into ``p x p`` patches (a strided convolution), a fixed 2-D sin-cos position
+The image is cut into ``p x p`` patches (flattened and linearly embedded), a fixed 2-D sin-cos position
 embedding is added, and ``depth`` transformer blocks conditioned by adaLN-Zero process the tokens:
 with ``c = emb(t) [+ emb(y)]``,
 
@@ -128,8 +128,9 @@ class DiT(nn.Module):
         gh, gw, d = hh // p, ww // p, self.hidden
 
         # patchify: [B, H, W, C] -> [B, N, d]
-        tok = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=_xavier, dtype=self.dtype,
-                      name="patch_embed")(x).reshape(b, gh * gw, d)
+        # (a Dense on flattened patches: the same map as DiT's stride-p convolution)
+        patches = x.reshape(b, gh, p, gw, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * ch)
+        tok = nn.Dense(d, kernel_init=_xavier, dtype=self.dtype, name="patch_embed")(patches)
         if self.pos_embedding == "sincos":
             tok = tok + jnp.asarray(sincos_pos_embedding_2d(d, gh, gw), tok.dtype)[None]
 
