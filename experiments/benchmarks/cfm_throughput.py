@@ -414,17 +414,18 @@ def main(argv=None) -> int:
     p.add_argument("--slow-ot-steps", type=int, default=100, help="steps per timed run of the per-step OT paths")
     p.add_argument("--unroll", type=int, nargs="+", default=[1, 4], help="scan unroll values timed")
     p.add_argument("--ot-chunk", type=int, default=100, help="minibatches per CoupledBatches chunk")
+    p.add_argument("--torch-threads", type=int, nargs="+", default=[1, 2], help="torch thread settings timed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--n-eval", type=int, default=4096)
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "cfm_throughput.json"))
     args = p.parse_args(argv)
-    results = {"config": vars(args), "cpus": os.cpu_count()}
+    results = {"config": vars(args), "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if args.json and os.path.exists(args.json):
         with open(args.json) as f:
             old = json.load(f)
-        results = {**old, "config": vars(args), "cpus": os.cpu_count()}
+        results = {**old, "config": vars(args), "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if args.part in ("all", "data"):
         results["data"] = part_data(args.n_eval)
     if args.part in ("all", "solver"):
@@ -433,7 +434,7 @@ def main(argv=None) -> int:
         results["throughput"] = part_throughput(args.repeats, {"independent": args.steps, "ot": args.ot_steps,
                                                                "ot_callback": args.slow_ot_steps,
                                                                "torch_ot": args.slow_ot_steps},
-                                                args.unroll, args.ot_chunk)
+                                                args.unroll, args.ot_chunk, tuple(args.torch_threads))
     if args.part in ("all", "quality"):
         results["quality"] = part_quality(args.seeds, args.train_steps, args.n_eval, max(args.unroll), args.ot_chunk)
     if args.json:
