@@ -32,18 +32,26 @@ def _result(sol, save_trajectory: bool):
 def ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, adaptive: bool,
               nfe_per_step: int, nfe_init: int, rtol: float, atol: float, max_steps: int,
               save_trajectory: bool):
-    """Integrate the probability-flow ODE over ``ts`` (decreasing). Returns ``(x, nfe, traj, stats)``."""
+    """Integrate the probability-flow ODE over ``ts`` (decreasing). Returns ``(x, nfe, traj, stats)``.
+
+    Integrated in forward time ``s = -t``. Adaptive solvers are first-same-as-last Runge-Kutta
+    methods: Diffrax re-evaluates the first stage on every attempt of the first step (and keeps
+    ``num_steps`` blind to it), so the first stage is evaluated here, once, and handed over as the
+    solver state; the count ``1 + (stages - 1) * num_steps`` is then exact."""
     del key
-    term = diffrax.ODETerm(lambda t, y, args: model.velocity(y, t))
+    term = diffrax.ODETerm(lambda s, y, args: -model.velocity(y, -s))
+    ss = -ts
+    solver_state = None
     if adaptive:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
-        dt0 = (ts[-1] - ts[0]) / 16.0
+        dt0 = (ss[-1] - ss[0]) / 16.0
+        solver_state = (jnp.array(False), term.vf(ss[0], x, None))  # (first_step, f0) of FSAL RK
     else:
-        controller = diffrax.StepTo(ts)
+        controller = diffrax.StepTo(ss)
         dt0 = None
     sol = diffrax.diffeqsolve(
-        term, solver, t0=ts[0], t1=ts[-1], dt0=dt0, y0=x, stepsize_controller=controller,
-        saveat=_saveat(ts, save_trajectory), max_steps=max_steps,
+        term, solver, t0=ss[0], t1=ss[-1], dt0=dt0, y0=x, stepsize_controller=controller,
+        saveat=_saveat(ss, save_trajectory), max_steps=max_steps, solver_state=solver_state,
     )
     x_end, traj = _result(sol, save_trajectory)
     n = sol.stats["num_steps"]

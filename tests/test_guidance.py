@@ -1,0 +1,154 @@
+"""Guidance transformers against closed forms, and traced scales that never recompile."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import genflow as gf
+
+PATH = gf.paths.vp_cosine()
+COV = jnp.array([[0.5, 0.1], [0.1, 0.3]])
+COND = gf.oracles.Gaussian.full(jnp.array([1.5, -0.5]), COV)
+UNCOND = gf.oracles.Gaussian.full(jnp.array([-0.5, 0.5]), COV)
+
+
+def _xt(n=64, t=0.6, key=0):
+    x = jax.random.normal(jax.random.key(key), (n, 2))
+    return x, jnp.full((n,), t)
+
+
+def test_cfg_of_gaussians_samples_the_guided_gaussian():
+    """With equal covariances, (1 - w) score_u + w score_c is the score of N(mu_u + w (mu_c - mu_u), C)
+    at every t, so sampling the guided model reproduces that Gaussian's exact flow map."""
+    w = 2.5
+    guided = gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), w)
+    target = gf.oracles.Gaussian.full(UNCOND.mean + w * (COND.mean - UNCOND.mean), COV)
+    x1 = jax.random.normal(jax.random.key(0), (256, 2))
+    x, _ = gf.sample(guided, PATH, x1, prediction="eps", solver="dpm++3m", steps=40, schedule="logsnr")
+    ref = target.flow_map(x1, 1.0, 0.0, PATH)
+    assert float(jnp.sqrt(jnp.mean((x - ref) ** 2))) < 2e-3
+
+
+def test_changing_the_guidance_scale_does_not_recompile():
+    traces = []
+
+    def cond(x, t):
+        traces.append(1)  # runs only while tracing
+        return COND.model(PATH, "v")(x, t)
+
+    x1 = jax.random.normal(jax.random.key(0), (16, 2))
+    outs, counts = [], []
+    for w in (1.0, 3.0, 7.5):
+        g = gf.guidance.interval(gf.guidance.cfg(jax.tree_util.Partial(cond), UNCOND.model(PATH, "v"), w), 0.2, 0.8)
+        outs.append(gf.sample(g, PATH, x1, prediction="v", solver="unipc", steps=8)[0])
+        counts.append(len(traces))
+    assert counts[0] > 0 and counts[1] == counts[2] == counts[0], "a new scale must reuse the compiled sampler"
+    assert not np.allclose(outs[0], outs[1])
+
+
+def test_batched_cfg_equals_two_calls():
+    def net(x, t, y):  # a "conditional network": prediction depends on the label y in {0, 1}
+        c, u = COND.model(PATH, "x0")(x, t), UNCOND.model(PATH, "x0")(x, t)
+        return jnp.where((y == 1)[:, None], c, u)
+
+    x, t = _xt()
+    a = gf.guidance.cfg_batched(net, 1, 0, 4.0)(x, t)
+    b = gf.guidance.cfg(functools.partial(net, y=jnp.ones(64, int)), functools.partial(net, y=jnp.zeros(64, int)),
+                        4.0)(x, t)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_interval_guidance_only_inside_and_skips_the_unconditional_model():
+    calls = []
+
+    def uncond(x, t):
+        jax.debug.callback(lambda: calls.append(1))
+        return UNCOND.model(PATH, "eps")(x, t)
+
+    g = gf.guidance.cfg(COND.model(PATH, "eps"), jax.tree_util.Partial(uncond), 3.0)
+    iv = gf.guidance.interval(g, 0.3, 0.7)
+    fn = jax.jit(lambda x, t: iv(x, t))
+    x, _ = _xt()
+    for t, inside in ((0.5, True), (0.9, False), (0.1, False), (0.7, True), (0.3, False)):
+        tt = jnp.full((64,), t)
+        want = g(x, tt) if inside else COND.model(PATH, "eps")(x, tt)
+        jax.effects_barrier()
+        calls.clear()
+        out = fn(x, tt)
+        jax.effects_barrier()
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+        assert len(calls) == int(inside), t
+
+
+def test_cads_condition_annealing():
+    y = jax.random.normal(jax.random.key(1), (8, 16)) + 2.0
+    key = jax.random.key(2)
+    net = lambda x, t, c: c  # noqa: E731  reads the condition it is given
+    c = gf.guidance.cads(net, y, key, tau1=0.4, tau2=0.8, noise_scale=0.5)
+    x = jnp.zeros((8, 16))
+    # gamma = 1 near the data: the condition is untouched
+    np.testing.assert_allclose(c(x, jnp.full((8,), 0.3)), y, rtol=1e-6)
+    np.testing.assert_allclose(gf.guidance.cads_gamma(jnp.array([0.3, 0.6, 0.9]), 0.4, 0.8), [1.0, 0.5, 0.0])
+    # gamma = 0 at high noise: pure noise, rescaled to the per-sample mean and std of y
+    hi = c(x, jnp.full((8,), 0.95))
+    np.testing.assert_allclose(hi.mean(1), y.mean(1), atol=1e-5)
+    np.testing.assert_allclose(hi.std(1), y.std(1), rtol=1e-4)
+    assert abs(float(jnp.corrcoef(hi.ravel(), y.ravel())[0, 1])) < 0.3
+    # in between: sqrt(gamma) y + s sqrt(1 - gamma) n without rescaling; fresh noise per time, fixed per key
+    raw = gf.guidance.cads(net, y, key, 0.4, 0.8, noise_scale=0.5, rescale=False)
+    mid = raw(x, jnp.full((8,), 0.6))
+    n = (mid - jnp.sqrt(0.5) * y) / (0.5 * jnp.sqrt(0.5))
+    assert 0.8 < float(n.std()) < 1.2
+    np.testing.assert_allclose(raw(x, jnp.full((8,), 0.6)), mid)
+    assert not np.allclose(raw(x, jnp.full((8,), 0.61)), mid)
+    with pytest.raises(ValueError, match="tau1 < tau2"):
+        gf.guidance.cads(net, y, key, 0.8, 0.4)
+
+
+def test_adaptive_guidance_stops_when_predictions_agree():
+    x, _ = _xt()
+    t = jnp.linspace(0.05, 0.999, 64)  # eps predictions agree near the noise end, differ near the data
+    same = gf.guidance.adaptive(gf.guidance.cfg(COND.model(PATH, "eps"), COND.model(PATH, "eps"), 5.0), 0.99)
+    np.testing.assert_allclose(same(x, t), COND.model(PATH, "eps")(x, t), rtol=1e-6)
+    differ = gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), 5.0)
+    ad = gf.guidance.adaptive(differ, 0.99)
+    c, u = differ.parts(x, t)
+    agree = np.asarray(ad.similarity(c, u) > 0.99)
+    assert 0 < agree.sum() < agree.size  # both regimes occur in this batch
+    out = np.asarray(ad(x, t))
+    np.testing.assert_allclose(out[agree], np.asarray(c)[agree], rtol=1e-6)
+    np.testing.assert_allclose(out[~agree], np.asarray(differ(x, t))[~agree], rtol=1e-5)
+
+
+def test_classifier_guidance_with_the_exact_classifier_is_the_conditional_model():
+    """Two equal-weight components: grad log p(x_t) + grad log p(y | x_t) = grad log p(x_t | y)
+    (Bayes), so with scale 1 the guided unconditional model is exactly the component's model."""
+    mix = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.stack([COND.mean, UNCOND.mean]),
+                                     jnp.array([[0.4, 0.3], [0.4, 0.3]]))
+    comp = gf.oracles.Gaussian.diagonal(COND.mean, jnp.array([0.4, 0.3]))
+
+    def logits(x, t):  # log p(k | x_t) up to a constant: the mixture responsibilities
+        logp, *_ = mix._resp(x, t, PATH)
+        return logp
+
+    x, t = _xt()
+    for kind in ("eps", "v", "velocity"):
+        g = gf.guidance.classifier(mix.model(PATH, kind), PATH, kind, logits, 0, 1.0)
+        np.testing.assert_allclose(g(x, t), comp.model(PATH, kind)(x, t), rtol=1e-4, atol=1e-4)
+    # the guidance term is linear in the scale
+    g0, g1, g2 = (gf.guidance.classifier(mix.model(PATH, "eps"), PATH, "eps", logits, 0, s)(x, t) for s in (0, 1, 2))
+    np.testing.assert_allclose(g2 - g1, g1 - g0, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="integer class labels"):
+        gf.guidance.classifier(mix.model(PATH, "eps"), PATH, "eps", logits, 0.5, 1.0)
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="cond_fn must be a model function"):
+        gf.guidance.cfg(3.0, UNCOND.model(PATH, "eps"), 1.0)
+    with pytest.raises(TypeError, match="interval expects a CFG"):
+        gf.guidance.interval(UNCOND.model(PATH, "eps"), 0.1, 0.5)
+    with pytest.raises(ValueError, match="condition embedding"):
+        gf.guidance.cads(lambda x, t, c: c, jnp.array([1, 2]), jax.random.key(0))

@@ -1,0 +1,101 @@
+"""Time discretizations: named schedules on every path, explicit arrays, callables, and the
+optimized (Align-Your-Steps-style) schedule."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import genflow as gf
+from conftest import ALL_PATHS
+
+
+def _level(path, ts):
+    """Noise level sigma / alpha."""
+    return np.asarray(path.sigma(ts) / path.alpha(ts))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PATHS))
+def test_named_schedules_on_every_path(name):
+    path = ALL_PATHS[name]
+    start_inf = float(path.alpha(1.0)) == 0.0
+    end_inf = float(path.sigma(path.t_min)) == 0.0
+    for sched in gf.sampling.SCHEDULES:
+        for steps in (1, 2, 10):
+            ts = np.asarray(gf.sampling.time_grid(path, steps, sched))
+            assert ts.shape == (steps + 1,) and ts[0] == 1.0 and abs(ts[-1] - path.t_min) < 1e-7, (sched, steps)
+            assert np.all(np.diff(ts) < 0), (sched, steps, ts)
+    for sched, rho in (("logsnr", None), ("karras", 7.0)):
+        ts = gf.sampling.time_grid(path, 12, sched)
+        lev = _level(path, ts)
+        inner = slice(int(start_inf), len(lev) - int(end_inf))
+        # infinite endpoints are appended; the rest spans the finite range (EDM's 80 ... 0.002 there)
+        if start_inf:
+            assert np.isinf(lev[0]) and abs(lev[1] - 80.0) / 80.0 < 1e-4
+        if end_inf:
+            assert lev[-1] == 0.0 and abs(lev[-2] - 0.002) / 0.002 < 1e-3
+        v = np.log(lev[inner]) if rho is None else lev[inner] ** (1.0 / rho)
+        np.testing.assert_allclose(np.diff(v), np.diff(v).mean(), rtol=2e-3, atol=1e-6)
+
+
+def test_explicit_and_callable_schedules():
+    path = gf.paths.linear()
+    ts = jnp.array([1.0, 0.7, 0.2, 0.0])
+    np.testing.assert_array_equal(gf.sampling.time_grid(path, 99, ts), ts)  # steps taken from the array
+    fn = functools.partial(gf.sampling.time_grid, schedule="karras", rho=3.0, sigma_min=0.01)
+    got = gf.sampling.time_grid(path, 6, fn)
+    lev = _level(path, got)[1:-1]
+    np.testing.assert_allclose(np.diff(lev ** (1 / 3)), np.diff(lev ** (1 / 3)).mean(), rtol=1e-3)
+    assert abs(lev[-1] - 0.01) < 1e-5
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    x, info = gf.sample(g.model(path, "x0"), path, jnp.ones((2, 2)), prediction="x0", solver="ddim", schedule=fn, steps=6)
+    np.testing.assert_allclose(info.ts, got)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        gf.sampling.time_grid(path, 3, jnp.array([1.0, 0.5, 0.6]))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        gf.sampling.time_grid(path, 3, "cosine")
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        gf.sampling.time_grid(path, 3, "logsnr", sigma_min=1.0, sigma_max=0.5)
+
+
+@pytest.fixture(scope="module")
+def mixture_problem():
+    """A 16-dim mixture of 6 Gaussians as a perfect model, started at noise level 80 on the linear
+    path; a calibration batch, a fresh test batch and its float64 reference flow map."""
+    path = gf.paths.linear()
+    t0 = 80.0 / 81.0
+    with jax.enable_x64(True):
+        gm64 = gf.oracles.GaussianMixture.random(jax.random.key(0), 6, 16, dtype=jnp.float64)
+        test = (1 - t0) * 80.0 * jax.random.normal(jax.random.key(2), (256, 16), jnp.float64)
+        ref = np.asarray(gm64.flow_map(test, t0, 0.0, path))
+    gm = gf.oracles.GaussianMixture(*(jnp.asarray(np.asarray(a), jnp.float32) for a in (gm64.logits, gm64.means,
+                                                                                         gm64.vars)))
+    cal = (1 - t0) * 80.0 * jax.random.normal(jax.random.key(1), (128, 16))
+    return gm, path, t0, cal, jnp.asarray(np.asarray(test), jnp.float32), ref
+
+
+def test_optimized_schedule_lowers_the_bound_and_the_error_on_fresh_noise(mixture_problem):
+    gm, path, t0, cal, test, ref = mixture_problem
+    fn = gm.model(path, "x0")
+    steps = 8
+    ts, hist = gf.sampling.optimize_schedule(fn, path, cal, prediction="x0", steps=steps, solver="dpm++2m",
+                                             t_start=t0, init="karras", iters=60, return_history=True)
+    ts = np.asarray(ts)
+    assert ts.shape == (steps + 1,) and np.all(np.diff(ts) < 0)
+    assert abs(ts[0] - t0) < 1e-6 and ts[-1] == 0.0
+    assert float(hist["final"]) < 0.7 * float(hist["initial"]), hist
+    karras = gf.sampling.time_grid(path, steps, "karras", t_start=t0)
+    # the bound is a function of the schedule, reusable: evaluating it again gives the reported value
+    model = gf.sampling.Model(fn, path, "x0")
+    x_at = gf.sampling.reference_trajectories(model, cal, t0, 0.0)
+    assert abs(float(gf.sampling.schedule_bound(model, jnp.asarray(ts), x_at, "dpm++2m")) - float(hist["final"])) < 1e-3
+
+    def med_err(schedule):
+        x, _ = gf.sample(fn, path, test, prediction="x0", solver="dpm++2m", schedule=schedule)
+        return np.median(np.sqrt(np.mean((np.asarray(x) - ref) ** 2, axis=1)))
+
+    assert med_err(jnp.asarray(ts)) < 0.7 * med_err(karras)
+    with pytest.raises(ValueError, match="deterministic scan solvers"):
+        gf.sampling.optimize_schedule(fn, path, cal, prediction="x0", steps=4, solver="heun", t_start=t0)
