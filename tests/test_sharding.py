@@ -92,3 +92,21 @@ def test_single_device_mesh_and_bad_mesh():
         gf.train.make_mesh(fsdp=0)
     x = gf.train.shard_batch(np.ones((4, 3), np.float32), mesh)
     assert x.shape == (4, 3) and x.sharding.spec == P(("data", "fsdp"))
+
+
+def test_maybe_initialize_distributed_from_environment():
+    """Without JAX_COORDINATOR_ADDRESS it does nothing; with it (a one-process 'cluster' on
+    localhost) it calls jax.distributed.initialize with the process count and id from the env."""
+    code = "import genflow as gf, jax; print(gf.train.maybe_initialize_distributed(), jax.process_count())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    env["JAX_PLATFORMS"] = "cpu"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.split() == ["False", "1"], r.stderr[-2000:]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.split() == ["True", "1"], r.stderr[-2000:]
