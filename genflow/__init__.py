@@ -13,7 +13,7 @@ from genflow.sampling import sample
 
 __version__ = "0.1.0"
 
-_LAZY = ("train", "data", "metrics", "viz", "likelihood", "flows", "optim", "guidance", "inverse")
+_LAZY = ("train", "data", "metrics", "viz", "likelihood", "flows", "optim", "guidance", "inverse", "ot")
 
 
 def __getattr__(name):
