@@ -96,7 +96,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng, ema=ema)
         # Keep the previous state on a non-finite step (the loop stops there).
         new = jax.lax.cond(finite, lambda: new, lambda: state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
         metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
         return new, metrics
     return step
