@@ -19,14 +19,12 @@ Models (each trained with gf.train.fit):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from typing import get_type_hints
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +36,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import genflow as gf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 MODELS = ("glow", "ebflow", "ffjord", "fm")
 DIGIT_BIN = 2.0 / 16.0  # the digits take 17 values {0..16}/16 * 2 - 1
@@ -67,15 +68,7 @@ class Config:
 
 
 def parse_config(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        if hints[f.name] is bool:
-            p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default,
-                           type=lambda s: s.lower() in ("1", "true", "yes"))
-        else:
-            p.add_argument(f"--{f.name}", type=hints[f.name], default=f.default)
-    cfg = Config(**vars(p.parse_args(argv)))
+    cfg = _cli.parse(Config, argv, __doc__)
     if cfg.quick:
         cfg = dataclasses.replace(cfg, steps_2d=300, steps_digits=150, ffjord_steps_2d=100, ffjord_steps_digits=40,
                                   n_test_2d=500, grid=40, flow_steps_digits=4)

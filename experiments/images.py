@@ -20,15 +20,16 @@ Config -> data -> model -> loss -> train.fit -> samples / metrics / plots.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 import time
-from typing import get_type_hints
 
 import genflow as gf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 gf.train.maybe_initialize_distributed()  # before any other JAX call
 
@@ -72,19 +73,7 @@ QUICK = dict(ch=16, steps=150, batch=32, ckpt_every=50, warmup=10, ema=0.95, sam
 
 def parse_config(argv=None) -> Config:
     """A typed CLI: one ``--field value`` flag per :class:`Config` field (``--quick`` alone works too)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        if hints[f.name] is bool:
-            p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default,
-                           type=lambda s: s.lower() in ("1", "true", "yes"))
-        else:
-            p.add_argument(f"--{f.name}", type=hints[f.name], default=f.default)
-    args = vars(p.parse_args(argv))
-    if args["quick"]:
-        given = {a.split("=")[0][2:] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-        args.update({k: v for k, v in QUICK.items() if k not in given})
-    return Config(**args)
+    return _cli.parse(Config, argv, __doc__, quick=QUICK)
 
 
 def validate(cfg: Config) -> None:

@@ -15,7 +15,6 @@ next ``--n_test`` images.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -29,6 +28,9 @@ import optax
 
 import genflow as gf
 from genflow import inverse as inv
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 SHAPE = (8, 8, 1)
 
@@ -166,17 +168,11 @@ def gf_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+QUICK = dict(train_steps=1500, steps=20, n_test=32, n_val=32, hidden=128)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        if f.type in ("bool", bool):
-            p.add_argument(f"--{f.name}", action="store_true")
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.quick:
-        cfg = dataclasses.replace(cfg, train_steps=1500, steps=20, n_test=32, n_val=32, hidden=128)
-    run(cfg)
+    run(_cli.parse(Config, argv, __doc__, quick=QUICK))
     return 0
 
 

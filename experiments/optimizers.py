@@ -26,13 +26,12 @@ Writes sweep.png, results.json and summary.md to --out.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 import time
-from typing import Callable, get_type_hints
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +39,9 @@ import numpy as np
 import optax
 
 import genflow as gf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 SGD_GRID = (-3.0, 1.0)
 ADAM_GRID = (-4.0, 0.0)
@@ -84,15 +86,7 @@ class Config:
 
 
 def parse_config(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        typ = hints[f.name]
-        if typ is bool:
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
-        else:
-            p.add_argument(f"--{f.name}", type=typ, default=f.default)
-    cfg = Config(**vars(p.parse_args(argv)))
+    cfg = _cli.parse(Config, argv, __doc__)
     if cfg.quick:
         cfg = dataclasses.replace(cfg, n_lrs=5, digits_steps=200, fm_steps=300, n_eval=256, sample_steps=10,
                                   optimizers=QUICK_OPTIMIZERS if cfg.optimizers == Config.optimizers else cfg.optimizers)

@@ -10,13 +10,11 @@ Config -> data -> model -> loss -> train.fit -> samples / metrics / plots.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 import time
-from typing import get_type_hints
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,9 @@ import numpy as np
 import optax
 
 import genflow as gf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -52,15 +53,7 @@ class Config:
 
 def parse_config(argv=None) -> Config:
     """A typed CLI: one ``--field value`` flag per :class:`Config` field."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        typ = hints[f.name]
-        if typ is bool:
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
-        else:
-            p.add_argument(f"--{f.name}", type=typ, default=f.default)
-    return Config(**vars(p.parse_args(argv)))
+    return _cli.parse(Config, argv, __doc__)
 
 
 def validate(cfg: Config) -> None:

@@ -113,7 +113,8 @@ def image_grid(images, nrow: int | None = None, title: str | None = None, path: 
     n = imgs.shape[0]
     nrow = nrow or int(np.ceil(np.sqrt(n)))
     ncol = int(np.ceil(n / nrow))
-    fig, axes = plt.subplots(ncol, nrow, figsize=(nrow * 0.8, ncol * 0.8), squeeze=False)
+    head = 0.4 if title else 0.0  # inches kept free above the grid for the title
+    fig, axes = plt.subplots(ncol, nrow, figsize=(nrow * 0.8, ncol * 0.8 + head), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -122,7 +123,7 @@ def image_grid(images, nrow: int | None = None, title: str | None = None, path: 
     for r, label in enumerate(row_labels or []):
         if r < axes.shape[0]:
             axes[r, 0].text(-0.15, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
+    fig.tight_layout(pad=0.1, rect=(0.0, 0.0, 1.0, 1.0 - head / fig.get_figheight()))
     if title:
-        fig.suptitle(title)
-    fig.tight_layout(pad=0.1)
+        fig.suptitle(title, y=1.0 - 0.1 / fig.get_figheight(), va="top", fontsize=10)
     return save(fig, path)

@@ -261,3 +261,26 @@ def test_diffusion_objective_dropout_rng():
     assert float(f(key, True)) == float(f(key, True))
     assert float(f(key, True)) != float(f(key, False))
     assert float(f(key, True)) != float(f(jax.random.key(1), True))
+
+
+def test_params_stay_usable_after_fit_and_paired_noise_batches():
+    """init_state copies the caller's params (fit donates the state), and a dict batch with
+    pre-coupled noise "x1" (gf.ot.CoupledBatches) replaces the loss's own noise draw."""
+    m = gf.nets.MLP(hidden=(8,))
+    p = m.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
+    opt = optax.sgd(0.1)
+    path = gf.paths.linear()
+    loss_fn = gf.train.diffusion_objective(m.apply, path, prediction="velocity")
+    x0 = jax.random.normal(jax.random.key(1), (32, 2))
+    x1 = jax.random.normal(jax.random.key(2), (32, 2))
+    state = gf.train.init_state(p, opt, jax.random.key(3))
+    gf.train.fit(state, gf.train.make_train_step(loss_fn, opt), iter([{"x": x0, "x1": x1}] * 2), 2, progress=False)
+    gf.train.init_state(p, opt, jax.random.key(3))  # p was not donated
+    key = jax.random.key(4)
+    paired, _ = loss_fn(p, {"x": x0, "x1": x1}, key)
+    fn = lambda x, t: m.apply(p, x, t)
+    expected, _ = gf.losses.flow_matching_loss(fn, path, x0, jax.random.split(key)[1],
+                                               coupling=gf.losses.paired_coupling(x1))
+    np.testing.assert_allclose(paired, expected, rtol=1e-6)
+    unpaired, _ = loss_fn(p, {"x": x0}, key)
+    assert abs(float(paired) - float(unpaired)) > 1e-4

@@ -12,12 +12,12 @@ from genflow.paths import Path
 Array = jax.Array
 
 
-def _split_batch(batch) -> tuple[Array, Array | None]:
+def _split_batch(batch) -> tuple[Array, Array | None, Array | None]:
     if isinstance(batch, dict):
         if "x" not in batch:
-            raise ValueError(f"a dict batch needs an 'x' entry (and optionally 'y'); got keys {sorted(batch)}")
-        return batch["x"], batch.get("y")
-    return batch, None
+            raise ValueError(f"a dict batch needs an 'x' entry (and optionally 'y', 'x1'); got keys {sorted(batch)}")
+        return batch["x"], batch.get("y"), batch.get("x1")
+    return batch, None, None
 
 
 def diffusion_objective(
@@ -42,7 +42,10 @@ def diffusion_objective(
       null_label: the "no label" index (e.g. ``num_classes`` for :class:`genflow.nets.MLP`).
       dropout_rng: call ``apply_fn(..., train=True, rngs={"dropout": key})`` (networks with
         dropout such as :class:`genflow.nets.UNet`), with a fresh key every step.
-    The batch is ``x: [B, ...]`` or ``{"x": [B, ...], "y": [B]}``.
+    The batch is ``x: [B, ...]`` or ``{"x": [B, ...], "y": [B], "x1": [B, ...]}``: labels ``y``
+    and pre-coupled noise ``x1`` (e.g. from :class:`genflow.ot.CoupledBatches`, whose exact OT
+    pairings are computed ahead in a background thread) are optional; given ``x1``, it replaces
+    the noise draw and ``coupling`` is not used.
     """
     if label_dropout and null_label is None:
         raise ValueError("label_dropout > 0 needs null_label (the index of the 'no label' class)")
@@ -50,7 +53,7 @@ def diffusion_objective(
         raise ValueError(f"label_dropout must lie in [0, 1]; got {label_dropout}")
 
     def loss_fn(params, batch, key):
-        x0, y = _split_batch(batch)
+        x0, y, x1 = _split_batch(batch)
         k_drop, k_loss = jax.random.split(key)
         if y is not None and label_dropout > 0:
             y = losses.drop_labels(k_drop, y, label_dropout, null_label)
@@ -61,8 +64,10 @@ def diffusion_objective(
         def fn(x, t):
             return apply_fn(params, x, t, **kw)
 
+        # noise paired with the data outside the loss (e.g. gf.ot.CoupledBatches' exact OT)
+        pairing = coupling if x1 is None else losses.paired_coupling(x1)
         loss, aux = losses.diffusion_loss(fn, path, x0, k_loss, prediction=prediction, weighting=weighting,
-                                          coupling=coupling, **loss_kwargs)
+                                          coupling=pairing, **loss_kwargs)
         return loss, {}
 
     return loss_fn

@@ -41,10 +41,14 @@ def ema_key(decay: float) -> str:
 
 def init_state(params, optimizer: optax.GradientTransformation, key: Array,
                ema_decays: tuple[float, ...] = ()) -> TrainState:
-    """A fresh :class:`TrainState` (EMA copies start equal to ``params``)."""
+    """A fresh :class:`TrainState` (EMA copies start equal to ``params``).
+
+    The state holds copies of ``params``: :func:`fit` donates the state's buffers, and the
+    caller's arrays must stay usable afterwards."""
     for d in ema_decays:
         if not 0.0 < d < 1.0:
             raise ValueError(f"ema_decays must lie in (0, 1); got {d}")
+    params = jax.tree.map(jnp.array, params)
     ema = {ema_key(d): jax.tree.map(jnp.array, params) for d in ema_decays}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       rng=key, ema=ema)

@@ -1,0 +1,38 @@
+"""A typed command line from a config dataclass: one ``--field value`` flag per field.
+
+Booleans accept ``--flag`` alone or ``--flag true/false/1/0/yes/no``. ``quick`` overrides (a
+dict) are applied when ``--quick`` is given, except for the fields also given on the command
+line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import get_type_hints
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
+
+
+def parse(config_cls, argv=None, doc: str | None = None, quick: dict | None = None):
+    """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of the dataclass ``config_cls``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if hints[f.name] is bool:
+            p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default, type=_bool)
+        else:
+            p.add_argument(f"--{f.name}", type=hints[f.name], default=f.default)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = vars(p.parse_args(argv))
+    if quick and args.get("quick"):
+        given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}
+        args.update({k: v for k, v in quick.items() if k not in given})
+    return config_cls(**args)
