@@ -19,7 +19,8 @@
 # 1. a **sampler checked against an analytic oracle** (no training: Gaussian data has a
 #    closed-form probability-flow map),
 # 2. **flow matching** on the two-moons toy data with the scan-chunked training loop,
-# 3. **sampling** the trained model with several solvers, counting network evaluations (NFE).
+# 3. **sampling** the trained model with several solvers, counting network evaluations (NFE),
+# 4. **exact minibatch optimal-transport coupling**: straighter paths, fewer NFE.
 #
 # Conventions: time runs from data at `t = 0` to noise at `t = 1`,
 # `x_t = alpha(t) x0 + sigma(t) eps`, and every model is a pure function `fn(x, t)`.
@@ -86,3 +87,25 @@ for solver, steps in [("euler", 20), ("heun", 10), ("tsit5", None)]:
 x0, info = gf.sample(fn, path, x1, prediction="velocity", solver="heun", steps=20, save_trajectory=True)
 gf.viz.scatter(x0, data, title=f"heun, NFE={int(info.nfe)}");
 gf.viz.trajectories(info.trajectory, title="probability-flow trajectories");
+
+# %% [markdown]
+# ## 4. Exact minibatch OT coupling
+# Pairing each data batch with its noise batch by the exact optimal assignment (Tong et al.
+# 2023; Pooladian et al. 2023) makes the learned flow straighter, so an adaptive solver needs
+# fewer steps. `gf.ot.CoupledBatches` solves the assignments of the next chunk of minibatches
+# in a background thread while the current chunk trains; the objective uses the paired noise
+# `batch["x1"]`.
+
+# %%
+stream = gf.ot.CoupledBatches(gf.data.moons, 256, jax.random.key(5), chunk=500)
+state_ot = gf.train.init_state(params, optimizer, jax.random.key(2), ema_decays=(0.99,))
+state_ot, history_ot = gf.train.fit(state_ot, step, stream, 2000, chunk_size=500, progress=False)
+stream.close()
+print(f"OT-coupled training: {2000 / history_ot['wall_time']:.0f} steps/s")
+fn_ot = gf.nets.model_fn(model, state_ot.ema["0.99"])
+for name, f in [("independent", fn), ("exact OT", fn_ot)]:
+    x0, info = gf.sample(f, path, x1, prediction="velocity", solver="tsit5", rtol=1e-4, atol=1e-4,
+                         save_trajectory=True)
+    print(f"{name:12s} tsit5 NFE={int(info.nfe):3d}  W2 to data = {gf.metrics.w2_exact(x0, data):.3f}")
+_, info_ot = gf.sample(fn_ot, path, x1, prediction="velocity", solver="heun", steps=20, save_trajectory=True)
+gf.viz.trajectories(info_ot.trajectory, title="OT-coupled flow: nearly straight trajectories");
