@@ -116,7 +116,7 @@ def _bucket(n: int) -> int:
 
 
 def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
-    """:func:`step_scalars`, compiled in pieces: the path is evaluated once on the grid (padded to a
+    """:func:`step_scalars` for a padded grid (the first ``len(ts) - 1`` entries are the steps), compiled in pieces: the path is evaluated once on the grid (padded to a
     power-of-two length >= 64, so one compilation serves many step counts) and at the stage
     points; the solver's coefficients are computed from those arrays alone, so they compile once
     per solver for every path. Falls back to :func:`step_scalars` for unhashable options."""
@@ -130,17 +130,20 @@ def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
     st = None
     if stepper.stages is not None:
         st = _stage_grid_jit(path, _stages_jit(g, stepper, opts), ts[-1], ts[0])
-    return jax.tree.map(lambda v: v[:n], _scalars_jit(g, st, stepper, opts))
+    return _scalars_jit(g, st, stepper, opts)  # padded: run() slices it inside the sampler's program
 
 
 def run(model: Model, ts: Array, x: Array, key, *, stepper: Stepper, save_trajectory: bool = False,
         rtol=None, atol=None, max_steps=None, scalars: dict | None = None, **options):
     """Integrate from ``ts[0]`` to ``ts[-1]`` with one scan. Returns ``(x, nfe, trajectory, stats)``.
 
-    ``scalars``: the precomputed :func:`grid_scalars` of ``ts`` (computed here if None)."""
+    ``scalars``: the precomputed :func:`grid_scalars` of ``ts`` (possibly padded; computed here if None)."""
     del rtol, atol, max_steps
     n = ts.shape[0] - 1
-    cs = step_scalars(stepper, model.path, ts, **options) if scalars is None else scalars
+    if scalars is None:
+        cs = step_scalars(stepper, model.path, ts, **options)
+    else:
+        cs = jax.tree.map(lambda v: v[:n], scalars)
     carry = stepper.init(model, ts, x, **options)
 
     def body(c, inp):
