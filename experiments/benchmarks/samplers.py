@@ -1,0 +1,520 @@
+"""Sampler accuracy per network evaluation and cost per step: genflow vs k-diffusion and diffusers.
+
+The problem (issue 3): a 64-dimensional mixture of 10 diagonal Gaussians (means of scale 3,
+per-dimension variances in [0.05, 0.5]) whose closed-form denoiser ``E[x0 | x_t]`` is the model,
+so errors are pure solver errors. Every sampler maps starting noise ``eps`` to data; its reference
+is the exact probability-flow map from *its own* starting state (the same ``eps`` at its own
+starting noise level), computed by an adaptive Dormand-Prince 8(7) solve in float64
+(``gf.oracles.GaussianMixture.flow_map``). Three numbers per cell (DESIGN.md): the relative error
+``rms(x0_hat - x0_ref) / rms(x0_ref - mean)``, the median per-sample relative error, and the number
+of flips (samples whose nearest component differs from the reference's), over several noise seeds.
+
+* genflow: the linear path started at noise level ``sigma / alpha = 80`` (``t_start = 80/81``, the
+  same problem as k-diffusion's EDM default), every deterministic solver x every schedule, and
+  schedules optimized per (solver, NFE) on a separate calibration batch, then evaluated on the
+  evaluation seeds (fresh noise).
+* k-diffusion (``k_diffusion/sampling.py`` loaded standalone): its deterministic samplers on its
+  default Karras schedule (sigma in [0.002, 80], rho = 7, then 0).
+* diffusers: its schedulers with their default configurations (1000-step linear-beta DDPM
+  schedule, epsilon prediction), run from their own first timestep.
+
+Timing: the analytic model on a batch of 512, per step; the per-step overhead is the time per step
+minus the model's own evaluation time (a compiled loop of the same model calls for genflow, the
+same number of torch denoiser calls for the peers), contenders interleaved, medians with min/max.
+
+    .venv/bin/python experiments/benchmarks/samplers.py            # full run (~1 h on 2 CPU cores)
+    .venv/bin/python experiments/benchmarks/samplers.py --quick    # one seed, NFE 10 and 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+import time
+import types
+
+import numpy as np
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import genflow as gf  # noqa: E402
+from genflow.sampling import Model, _driver, _registry  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _timing import interleaved, markdown_table  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+DIM, K, BATCH = 64, 10, 512
+RHO_MAX = 80.0
+T_START = RHO_MAX / (1.0 + RHO_MAX)
+PATH = gf.paths.linear()
+SOLVERS = ["ddim", "dpm++2m", "dpm++3m", "dpm++3m_ref", "dpm++2s", "dpm++3s", "deis", "unipc", "dpm++2m_hb",
+           "edm_heun"]
+# (the generic diffrax solvers -- euler/heun/midpoint/tsit5 -- integrate the velocity in t up to
+# t = 0, where an exact mixture x0/eps model has sigma = 0 in a denominator; their orders are
+# measured in solver_order.py; EDM's Heun sampler above is the Heun entry here)
+OPT_SOLVERS = ["dpm++3m_ref", "unipc"]
+# "optimized": the local-error bound with logarithmic-norm propagation weights (AYS-style);
+# "optimized-global": the calibration batch's global error itself
+SCHEDULES = ["uniform", "quadratic", "logsnr", "karras", "optimized", "optimized-global"]
+
+
+# -- problem ------------------------------------------------------------------------------------
+def mixture():
+    return gf.oracles.GaussianMixture.random(jax.random.key(0), K, DIM)
+
+
+def noise(seed: int, n: int = BATCH) -> np.ndarray:
+    return np.asarray(jax.random.normal(jax.random.key(seed), (n, DIM)))
+
+
+def reference(gm, y: np.ndarray, rho: float) -> np.ndarray:
+    """Exact flow map from ``y = x / alpha`` at noise level ``rho`` to the data (float64)."""
+    with jax.enable_x64(True):
+        g64 = gf.oracles.GaussianMixture(*(jnp.asarray(np.asarray(a), jnp.float64) for a in (gm.logits, gm.means,
+                                                                                               gm.vars)))
+        tau = rho / (1.0 + rho)
+        x = jnp.asarray(np.asarray(y, np.float64) / (1.0 + rho))
+        return np.asarray(g64.flow_map(x, tau, 0.0, PATH, rtol=1e-10, atol=1e-10))
+
+
+def metrics(gm, x: np.ndarray, ref: np.ndarray) -> dict:
+    x = np.asarray(x, np.float64)
+    scale = np.sqrt(np.mean((ref - np.asarray(gm.mean)) ** 2))
+    per = np.sqrt(np.mean((x - ref) ** 2, axis=1)) / scale
+    near = lambda z: np.asarray(gm.nearest_component(jnp.asarray(z, jnp.float32)))  # noqa: E731
+    return {"rms": float(np.sqrt(np.mean((x - ref) ** 2)) / scale), "median": float(np.median(per)),
+            "flips": int(np.sum(near(x) != near(ref)))}
+
+
+def steps_for(solver: str, nfe: int) -> int:
+    """Steps within an NFE budget (EDM Heun's last step into sigma = 0 costs one evaluation)."""
+    spec = _registry.get(solver)
+    if solver == "edm_heun":
+        return (nfe + 1) // 2
+    return max(1, nfe // spec.nfe_per_step)
+
+
+# -- genflow ------------------------------------------------------------------------------------
+def genflow_grid(solver: str, nfe: int, schedule: str, optimized: dict) -> jnp.ndarray:
+    if schedule.startswith("optimized"):
+        return optimized[(solver, nfe, schedule)]
+    return gf.sampling.time_grid(PATH, steps_for(solver, nfe), schedule, t_start=T_START)
+
+
+def run_genflow(gm, nfes, seeds, refs, optimized) -> dict:
+    out = {}
+    for solver in SOLVERS:
+        # the diffrax solvers integrate the velocity in t, which an x0 model cannot give at sigma = 0
+        kind = "x0" if _registry.get(solver).stepper is not None else "eps"
+        fn = gm.model(PATH, kind)
+        for nfe in nfes:
+            for schedule in SCHEDULES:
+                if schedule.startswith("optimized") and (solver, nfe, schedule) not in optimized:
+                    continue
+                ts = genflow_grid(solver, nfe, schedule, optimized)
+                cells = []
+                for seed in seeds:
+                    x1 = (1.0 - T_START) * RHO_MAX * noise(seed)
+                    x, info = gf.sample(fn, PATH, jnp.asarray(x1, jnp.float32), prediction=kind, solver=solver,
+                                        schedule=ts)
+                    cells.append({**metrics(gm, x, refs[("genflow", seed)]), "nfe": int(info.nfe)})
+                out[("genflow", solver, schedule, nfe)] = cells
+                print(f"genflow {solver:12s} {schedule:9s} NFE {nfe:2d}: " + summary(cells), flush=True)
+    return out
+
+
+def optimize_all(gm, nfes, calibration_seed: int, iters: int) -> tuple[dict, dict]:
+    fn = gm.model(PATH, "x0")
+    cal = jnp.asarray((1.0 - T_START) * RHO_MAX * noise(calibration_seed, 256), jnp.float32)
+    schedules, info = {}, {}
+    for solver in OPT_SOLVERS:
+        for nfe in nfes:
+            for name, objective in (("optimized", "bound"), ("optimized-global", "global")):
+                t0 = time.perf_counter()
+                ts, hist = gf.sampling.optimize_schedule(fn, PATH, cal, prediction="x0", steps=steps_for(solver, nfe),
+                                                         solver=solver, t_start=T_START, init="karras", iters=iters,
+                                                         objective=objective, return_history=True)
+                key = (solver, nfe, name)
+                schedules[key] = ts
+                info[key] = {"initial": float(hist["initial"]), "final": float(hist["final"]),
+                             "seconds": time.perf_counter() - t0,
+                             "noise_levels": [float(v) for v in np.asarray(PATH.sigma(ts) / PATH.alpha(ts))]}
+                print(f"{name:16s} {solver:12s} NFE {nfe:2d}: {objective} {hist['initial']:.3e} -> {hist['final']:.3e} "
+                      f"({info[key]['seconds']:.0f}s)", flush=True)
+    return schedules, info
+
+
+def run_pure_noise(gm, nfes, seeds, iters: int) -> dict:
+    """genflow's default use: the linear path from pure noise (t = 1, alpha = 0); reference from
+    the same eps at infinite noise level."""
+    fn = gm.model(PATH, "x0")
+    cal = jnp.asarray(noise(100, 256), jnp.float32)
+    out = {}
+    refs = {}
+    with jax.enable_x64(True):
+        g64 = gf.oracles.GaussianMixture(*(jnp.asarray(np.asarray(a), jnp.float64) for a in (gm.logits, gm.means,
+                                                                                               gm.vars)))
+        for seed in seeds:
+            refs[seed] = np.asarray(g64.flow_map(jnp.asarray(noise(seed), jnp.float64), 1.0, 0.0, PATH,
+                                                 rtol=1e-10, atol=1e-10))
+    for solver in ("unipc", "dpm++3m_ref"):
+        for nfe in nfes:
+            grids = {s: gf.sampling.time_grid(PATH, nfe, s) for s in ("logsnr", "karras")}
+            grids["optimized-global"] = gf.sampling.optimize_schedule(
+                fn, PATH, cal, prediction="x0", steps=nfe, solver=solver, init="karras", iters=iters, objective="global")
+            for sched, ts in grids.items():
+                cells = []
+                for seed in seeds:
+                    x, info = gf.sample(fn, PATH, jnp.asarray(noise(seed), jnp.float32), prediction="x0",
+                                        solver=solver, schedule=ts)
+                    cells.append({**metrics(gm, x, refs[seed]), "nfe": int(info.nfe)})
+                out[("genflow (t=1)", solver, sched, nfe)] = cells
+                print(f"genflow from t=1 {solver:12s} {sched:16s} NFE {nfe:2d}: " + summary(cells), flush=True)
+    return out
+
+
+# -- peers --------------------------------------------------------------------------------------
+def load_k_diffusion():
+    """k-diffusion's sampling module without its package __init__ (which needs missing deps)."""
+    kd = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "k_diffusion"))[0] + "/"
+    pkg = types.ModuleType("k_diffusion")
+    pkg.__path__ = [kd]
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    pkg.utils = utils
+    sys.modules.update({"k_diffusion": pkg, "k_diffusion.utils": utils})
+    spec = importlib.util.spec_from_file_location("k_diffusion.sampling", kd + "sampling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class TorchDenoiser:
+    """The exact mixture denoiser ``E[x0 | y]`` for ``y = x0 + rho eps`` in torch (float32)."""
+
+    def __init__(self, gm):
+        import torch
+
+        self.torch = torch
+        self.means = torch.tensor(np.asarray(gm.means))
+        self.vars = torch.tensor(np.asarray(gm.vars))
+        self.logw = torch.log_softmax(torch.tensor(np.asarray(gm.logits)), 0)
+        self.calls = 0
+
+    def __call__(self, y, rho: float):
+        torch = self.torch
+        self.calls += 1
+        m = self.vars[None] + rho * rho
+        r = y[:, None, :] - self.means[None]
+        logp = -0.5 * (r * r / m + torch.log(m)).sum(-1) + self.logw
+        w = torch.softmax(logp, -1)[..., None]
+        return (w * (self.means[None] + self.vars[None] / m * r)).sum(1)
+
+
+def kd_samplers(K_mod):
+    eta0 = lambda f: (lambda m, x, s, disable=True: f(m, x, s, eta=0.0, disable=disable))  # noqa: E731
+    return {"euler": (K_mod.sample_euler, 1), "heun": (K_mod.sample_heun, 2), "dpm_2": (K_mod.sample_dpm_2, 2),
+            "lms": (K_mod.sample_lms, 1), "dpmpp_2m": (K_mod.sample_dpmpp_2m, 1),
+            "dpmpp_3m(eta=0)": (eta0(K_mod.sample_dpmpp_3m_sde), 1)}
+
+
+def run_kdiffusion(gm, K_mod, nfes, seeds, refs) -> dict:
+    import torch
+
+    den = TorchDenoiser(gm)
+    out = {}
+    for name, (fn, per) in kd_samplers(K_mod).items():
+        for nfe in nfes:
+            n = nfe if per == 1 else (nfe + 1) // 2
+            sigmas = K_mod.get_sigmas_karras(n, 0.002, RHO_MAX)
+            cells = []
+            for seed in seeds:
+                den.calls = 0
+                with torch.no_grad():
+                    x = fn(lambda x, s: den(x, float(s[0])), torch.tensor(noise(seed)) * RHO_MAX, sigmas, disable=True)
+                cells.append({**metrics(gm, x.numpy(), refs[("kdiff", seed)]), "nfe": den.calls})
+            out[("k-diffusion", name, "karras", nfe)] = cells
+            print(f"k-diffusion {name:16s} NFE {nfe:2d}: " + summary(cells), flush=True)
+    return out
+
+
+def diffusers_schedulers():
+    import diffusers as d
+
+    return {"DDIM": (d.DDIMScheduler, {"clip_sample": False}, 1),  # default clips x0 to [-1, 1] "DPM++2M": (d.DPMSolverMultistepScheduler, {}, 1),
+            "DPM++3M": (d.DPMSolverMultistepScheduler, {"solver_order": 3}, 1),
+            "DPM++2S": (d.DPMSolverSinglestepScheduler, {}, 1), "UniPC": (d.UniPCMultistepScheduler, {}, 1),
+            "UniPC-3": (d.UniPCMultistepScheduler, {"solver_order": 3}, 1),
+            "DEIS": (d.DEISMultistepScheduler, {}, 1), "DEIS-3": (d.DEISMultistepScheduler, {"solver_order": 3}, 1),
+            "Euler": (d.EulerDiscreteScheduler, {}, 1), "Heun": (d.HeunDiscreteScheduler, {}, 2),
+            "LMS": (d.LMSDiscreteScheduler, {}, 1)}
+
+
+def diffusers_start(sched) -> tuple[float, float]:
+    """``(rho_start, scale)``: the starting noise level and ``y_start = scale * eps``."""
+    if hasattr(sched, "sigmas") and float(sched.init_noise_sigma) != 1.0:  # k-style: VE state x = y
+        return float(sched.sigmas[0]), float(sched.init_noise_sigma)
+    a = float(sched.alphas_cumprod[int(sched.timesteps[0])])  # VP state x = sqrt(a) y
+    return float(np.sqrt((1 - a) / a)), 1.0 / np.sqrt(a)
+
+
+def diffusers_sample(sched, den, eps, steps):
+    """The standard diffusers loop with an epsilon model built from the exact denoiser at the
+    scheduler's own noise level (the sigma its ``scale_model_input`` used, or alpha_bar[t])."""
+    import torch
+
+    sched.set_timesteps(steps)
+    x = torch.tensor(eps) * sched.init_noise_sigma
+    ksty = float(sched.init_noise_sigma) != 1.0
+    for t in sched.timesteps:
+        xin = sched.scale_model_input(x, t)
+        if ksty:  # xin = y / sqrt(sigma^2 + 1): VP input of the VE state y
+            sig = float(sched.sigmas[sched.step_index])
+            y = xin * np.sqrt(sig * sig + 1.0)
+            e = (y - den(y, sig)) / sig
+        else:
+            a = float(sched.alphas_cumprod[int(t)])
+            rho = np.sqrt((1 - a) / a)
+            y = xin / np.sqrt(a)
+            e = (y - den(y, rho)) / rho
+        x = sched.step(e, t, x).prev_sample
+    return x
+
+
+def run_diffusers(gm, nfes, seeds) -> dict:
+    import torch
+
+    den = TorchDenoiser(gm)
+    out, refs = {}, {}
+    for name, (cls, kw, per) in diffusers_schedulers().items():
+        for nfe in nfes:
+            steps = nfe if per == 1 else (nfe + 1) // 2
+            cells = []
+            for seed in seeds:
+                sched = cls(**kw)
+                sched.set_timesteps(steps)
+                rho0, scale = diffusers_start(sched)
+                key = (round(rho0, 6), round(scale, 6), seed)
+                if key not in refs:
+                    refs[key] = reference(gm, scale * noise(seed), rho0)
+                den.calls = 0
+                with torch.no_grad():
+                    x = diffusers_sample(cls(**kw), den, noise(seed), steps)
+                cells.append({**metrics(gm, x.numpy(), refs[key]), "nfe": den.calls, "rho_start": rho0})
+            out[("diffusers", name, "default", nfe)] = cells
+            print(f"diffusers {name:10s} NFE {nfe:2d}: " + summary(cells), flush=True)
+    return out
+
+
+# -- timing -------------------------------------------------------------------------------------
+class _Null:
+    """A nearly free 'denoiser' (D = x / 2) to expose the samplers' own per-step cost."""
+
+    calls = 0
+
+    def __call__(self, y, rho):
+        self.calls += 1
+        return 0.5 * y
+
+
+def _null_fn(x, t):
+    return 0.5 * x
+
+
+def timing(gm, K_mod, nfe: int = 20, repeats: int = 15) -> dict:
+    """Per-step time and overhead of every sampler at ``nfe`` on a batch of 512, with the mixture
+    denoiser and with a null model (``D = x / 2``, whose cost is one elementwise op)."""
+    import torch
+
+    rows = {}
+    for label, fn, den in (("mixture", gm.model(PATH, "x0"), TorchDenoiser(gm)),
+                           ("null model", jax.tree_util.Partial(_null_fn), _Null())):
+        rows[label] = _timing_one(fn, den, K_mod, nfe, repeats, torch)
+    return rows
+
+
+def _timing_one(fn, den, K_mod, nfe, repeats, torch) -> dict:
+    model = Model(fn, PATH, "x0")
+    x1 = jnp.asarray((1.0 - T_START) * RHO_MAX * noise(1), jnp.float32)
+    contenders, compile_s, steps_of, calls_of = {}, {}, {}, {}
+    ts_model = gf.sampling.time_grid(PATH, nfe, "karras", t_start=T_START)
+    model_loop = jax.jit(lambda m, ts, x: jax.lax.scan(lambda x, t: (m.x0_eps(x, t)[0], None), x, ts[:-1])[0])
+    t0 = time.perf_counter()
+    model_loop(model, ts_model, x1).block_until_ready()
+    compile_s["genflow: model only"] = time.perf_counter() - t0
+    contenders["genflow: model only"] = lambda: model_loop(model, ts_model, x1)
+    for solver in ["ddim", "dpm++2m", "dpm++3m", "unipc", "deis", "dpm++3s", "edm_heun"]:
+        spec = _registry.get(solver)
+        steps = steps_for(solver, nfe)
+        ts = gf.sampling.time_grid(PATH, steps, "karras", t_start=T_START)
+        opts = {k: v for k, v in spec.run.keywords.items() if k != "stepper"}
+        sc = _driver.grid_scalars(spec.stepper, PATH, ts, **opts)
+        core = jax.jit(lambda m, ts, x, sc, spec=spec: spec.run(m, ts, x, None, scalars=sc)[:2])
+        t0 = time.perf_counter()
+        _, calls = core(model, ts, x1, sc)
+        compile_s[f"genflow {solver}"] = time.perf_counter() - t0
+        contenders[f"genflow {solver}"] = lambda core=core, ts=ts, sc=sc: core(model, ts, x1, sc)[0]
+        contenders[f"genflow {solver} (whole gf.sample call)"] = (
+            lambda solver=solver, ts=ts: gf.sample(fn, PATH, x1, prediction="x0", solver=solver, schedule=ts)[0])
+        for k in (f"genflow {solver}", f"genflow {solver} (whole gf.sample call)"):
+            steps_of[k], calls_of[k] = steps, int(calls)
+    y0 = torch.tensor(noise(1)) * RHO_MAX
+    contenders["torch: model only"] = lambda: [den(y0, 1.0) for _ in range(nfe)]
+    for name, (f, per) in kd_samplers(K_mod).items():
+        n = nfe if per == 1 else (nfe + 1) // 2
+        sig = K_mod.get_sigmas_karras(n, 0.002, RHO_MAX)
+        run = lambda f=f, sig=sig: f(lambda x, s: den(x, float(s[0])), y0, sig, disable=True)  # noqa: E731
+        den.calls = 0
+        with torch.no_grad():
+            run()
+        contenders[f"k-diffusion {name}"], steps_of[f"k-diffusion {name}"] = run, n
+        calls_of[f"k-diffusion {name}"] = den.calls
+    for name, (cls, kw, per) in diffusers_schedulers().items():
+        steps = nfe if per == 1 else (nfe + 1) // 2
+        run = lambda cls=cls, kw=kw, steps=steps: diffusers_sample(cls(**kw), den, noise(1), steps)  # noqa: E731
+        den.calls = 0
+        with torch.no_grad():
+            run()
+        contenders[f"diffusers {name}"], steps_of[f"diffusers {name}"] = run, steps
+        calls_of[f"diffusers {name}"] = den.calls
+
+    def block(r):
+        if hasattr(r, "block_until_ready"):
+            r.block_until_ready()
+
+    with torch.no_grad():
+        res = interleaved(contenders, repeats=repeats, warmup=1, block=block)
+    per_call = {"genflow": res["genflow: model only"]["median"] / nfe, "torch": res["torch: model only"]["median"] / nfe}
+    rows = {}
+    for name, r in res.items():
+        if name not in steps_of:
+            continue
+        m = per_call["genflow" if name.startswith("genflow") else "torch"]
+        st = steps_of[name]
+        rows[name] = {"median_s": r["median"], "min_s": r["min"], "max_s": r["max"], "steps": st,
+                      "model_calls": calls_of[name], "per_step_ms": 1e3 * r["median"] / st,
+                      "overhead_per_step_ms": 1e3 * (r["median"] - calls_of[name] * m) / st,
+                      "overhead_min_max_ms": [1e3 * (r["min"] - calls_of[name] * m) / st,
+                                              1e3 * (r["max"] - calls_of[name] * m) / st],
+                      "compile_s": compile_s.get(name)}
+    rows["_model"] = {"genflow_model_call_ms": 1e3 * per_call["genflow"], "torch_model_call_ms": 1e3 * per_call["torch"]}
+    return rows
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def summary(cells) -> str:
+    rms = np.median([c["rms"] for c in cells])
+    med = np.median([c["median"] for c in cells])
+    return f"rms {rms:.2e}  median {med:.2e}  flips {sum(c['flips'] for c in cells)}  (nfe {cells[0]['nfe']})"
+
+
+def tables(results: dict, nfes) -> str:
+    out = []
+    header = ["library", "sampler", "schedule"] + [f"NFE {n}: rms / median / flips" for n in nfes]
+    rows = []
+    keys = sorted({k[:3] for k in results}, key=lambda k: (not k[0].startswith("genflow"), k))
+    for lib, name, sched in keys:
+        row = [lib, name, sched]
+        for n in nfes:
+            cells = results.get((lib, name, sched, n))
+            if cells is None:
+                row.append("-")
+                continue
+            rms = np.median([c["rms"] for c in cells])
+            med = np.median([c["median"] for c in cells])
+            row.append(f"{rms:.2e} / {med:.2e} / {sum(c['flips'] for c in cells)} ({cells[0]['nfe']})")
+        rows.append(row)
+    out.append(markdown_table(header, rows))
+    best = [["best " + lib] + [_best(results, lib, n) for n in nfes]
+            for lib in ("genflow", "genflow (t=1)", "k-diffusion", "diffusers")]
+    out.append(markdown_table(["", *[f"NFE {n} (best rms)" for n in nfes]], best))
+    return "\n\n".join(out)
+
+
+def _best(results, lib, n):
+    cand = [(np.median([c["rms"] for c in v]), k) for k, v in results.items() if k[0] == lib and k[3] == n]
+    if not cand:
+        return "-"
+    rms, k = min(cand)
+    med = np.median([c["median"] for c in results[k]])
+    return f"{rms:.2e} ({k[1]}, {k[2]}; median {med:.2e}, flips {sum(c['flips'] for c in results[k])})"
+
+
+def timing_report(timing_rows) -> list[str]:
+    report = []
+    for label, rows in timing_rows.items():
+        trows = [[k, f"{v['per_step_ms']:.4g}", f"{v['overhead_per_step_ms']:.4g}",
+                  f"{v['overhead_min_max_ms'][0]:.3g} .. {v['overhead_min_max_ms'][1]:.3g}", v["steps"],
+                  v["model_calls"], "-" if v["compile_s"] is None else f"{v['compile_s']:.2f}"]
+                 for k, v in rows.items() if k != "_model"]
+        report += [f"## Time per step with the {label}, NFE 20, batch 512 (median of 15 interleaved runs; "
+                   "overhead = (time - model calls x model time) / steps)",
+                   markdown_table(["sampler", "ms/step", "overhead ms/step", "overhead min..max", "steps",
+                                   "model calls", "compile s"], trows),
+                   f"model evaluation: genflow {rows['_model']['genflow_model_call_ms']:.4g} ms/call, "
+                   f"torch {rows['_model']['torch_model_call_ms']:.4g} ms/call"]
+    return report
+
+
+def write_timing(timing_rows, name, t_all):
+    text = "\n\n".join(timing_report(timing_rows))
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(text + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"timing": timing_rows, "wall_s": time.perf_counter() - t_all},
+                                                     indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--timing-only", action="store_true", help="only the per-step timing (results/samplers_timing.*)")
+    args = ap.parse_args()
+    nfes = (10, 20) if args.quick else (5, 10, 20, 50)
+    seeds = (1,) if args.quick else (1, 2, 3)
+    gm = mixture()
+    t_all = time.perf_counter()
+    if args.timing_only:
+        return write_timing(timing(gm, load_k_diffusion()), "samplers_timing", t_all)
+    refs = {}
+    for seed in seeds:
+        refs[("genflow", seed)] = reference(gm, RHO_MAX * noise(seed), RHO_MAX)
+        refs[("kdiff", seed)] = refs[("genflow", seed)]  # same problem: y = 80 eps at noise level 80
+    optimized, opt_info = optimize_all(gm, nfes, calibration_seed=100, iters=args.iters)
+    results = run_genflow(gm, nfes, seeds, refs, optimized)
+    K_mod = load_k_diffusion()
+    results.update(run_kdiffusion(gm, K_mod, nfes, seeds, refs))
+    results.update(run_diffusers(gm, nfes, seeds))
+    results.update(run_pure_noise(gm, nfes, seeds, args.iters))
+    report = ["## Relative error vs the exact flow map (median over seeds of rms / median per-sample; total flips; "
+              f"(NFE used)); seeds {seeds}, batch {BATCH}", tables(results, nfes)]
+    timing_rows = None
+    if not args.no_timing:
+        timing_rows = timing(gm, K_mod)
+        report += timing_report(timing_rows)
+    text = "\n\n".join(report)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    name = "samplers_quick" if args.quick else "samplers"
+    (RESULTS / f"{name}.md").write_text(text + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({
+        "config": {"dim": DIM, "components": K, "batch": BATCH, "rho_start": RHO_MAX, "seeds": seeds, "nfes": nfes,
+                   "optimizer_iters": args.iters, "calibration_seed": 100},
+        "results": {"|".join(map(str, k)): v for k, v in results.items()},
+        "optimized": {"|".join(map(str, k)): v for k, v in opt_info.items()},
+        "timing": timing_rows, "wall_s": time.perf_counter() - t_all}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
