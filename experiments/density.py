@@ -88,18 +88,35 @@ def validate(cfg: Config) -> list[str]:
 
 
 # -- training ---------------------------------------------------------------------------------------
-def train(loss_fn, params, batch_fn, steps: int, cfg: Config, desc: str):
-    """Adam with a cosine decay; returns (params, seconds per step, compile seconds, final loss)."""
+def train(loss_fn, params, batch_fn, steps: int, cfg: Config, desc: str, val_fn=None, eval_every: int = 100):
+    """Adam with a cosine decay; returns (params, seconds per step, compile seconds, final loss).
+
+    ``val_fn(params) -> scalar`` (optional): evaluated every ``eval_every`` steps; the parameters
+    with the lowest value are returned (early stopping on held-out data)."""
     opt = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(optax.cosine_decay_schedule(cfg.lr, steps)))
     params = jax.tree.map(jnp.array, params)  # fit donates the state: keep the caller's copy alive
     t0 = time.perf_counter()
     state = gf.train.init_state(params, opt, jax.random.key(cfg.seed + 1))
     step = gf.train.make_train_step(loss_fn, opt)
-    chunk = max(1, min(steps, 100))
-    state, hist = gf.train.fit(state, step, batch_fn, steps, chunk_size=chunk, progress=cfg.progress, desc=desc)
-    print(f"  {desc}: {steps} steps, {1e3 * hist['wall_time'] / steps:.2f} ms/step, compile {hist['compile_time']:.1f} s, "
-          f"total {time.perf_counter() - t0:.1f} s", flush=True)
-    return state.params, hist["wall_time"] / steps, hist["compile_time"], float(np.mean(hist["loss"][-50:]))
+    segment = steps if val_fn is None else eval_every
+    wall = comp = 0.0
+    losses, best, done = [], (math.inf, None, 0), 0
+    while done < steps:
+        n = min(segment, steps - done)
+        state, hist = gf.train.fit(state, step, batch_fn, n, chunk_size=max(1, min(n, 100)), progress=cfg.progress,
+                                   desc=desc)
+        done += n
+        wall, comp = wall + hist["wall_time"], comp + hist["compile_time"]
+        losses.extend(np.asarray(hist["loss"]).tolist())
+        if val_fn is not None:
+            v = float(val_fn(state.params))
+            if v < best[0]:
+                best = (v, jax.tree.map(jnp.array, state.params), done)
+    chosen = state.params if val_fn is None else best[1]
+    stop = "" if val_fn is None else f", best held-out value {best[0]:.4g} at step {best[2]}"
+    print(f"  {desc}: {steps} steps, {1e3 * wall / steps:.2f} ms/step, compile {comp:.1f} s, "
+          f"total {time.perf_counter() - t0:.1f} s{stop}", flush=True)
+    return chosen, wall / steps, comp, float(np.mean(losses[-50:]))
 
 
 def velocity_mlp(dim: int, hidden: int) -> gf.nets.MLP:
@@ -107,8 +124,11 @@ def velocity_mlp(dim: int, hidden: int) -> gf.nets.MLP:
     return gf.nets.MLP(hidden=(hidden,) * 3, activation="silu", time_embedding="identity")
 
 
-def fit_models(models, data_shape, batch_fn, x_example, steps, ffjord_steps, cfg, bin_width=None):
-    """Train every requested model; returns {name: (log_prob_fn, sample_fn, seconds/step, compile s)}."""
+def fit_models(models, data_shape, batch_fn, x_example, steps, ffjord_steps, cfg, bin_width=None, x_val=None):
+    """Train every requested model; returns {name: (log_prob_fn, sample_fn, seconds/step, compile s)}.
+
+    ``x_val`` (dequantized held-out data, optional): Glow and EBFlow keep the parameters with the
+    best held-out NLL (their exact log-density is cheap; both over-fit the 1.4k training digits)."""
     key = jax.random.key(cfg.seed)
     out = {}
     if bin_width is not None:  # data-dependent init (ActNorm) on data as the models see it
@@ -125,7 +145,8 @@ def fit_models(models, data_shape, batch_fn, x_example, steps, ffjord_steps, cfg
             if name not in models:
                 continue
             loss = gf.flows.flow_objective(flow, method, dequantize=bin_width)
-            params, sps, comp, _ = train(loss, p0, batch_fn, steps, cfg, name)
+            val = None if x_val is None else jax.jit(lambda p: -jnp.mean(flow.log_prob(p, x_val)))
+            params, sps, comp, _ = train(loss, p0, batch_fn, steps, cfg, name, val_fn=val)
             out[name] = (jax.jit(lambda x, p=params: flow.log_prob(p, x)),
                          jax.jit(lambda k, n, p=params: flow.sample(p, k, n), static_argnums=1), sps, comp)
     if "ffjord" in models or "fm" in models:
@@ -209,27 +230,35 @@ def run_2d(cfg: Config, models) -> dict:
 
 
 def run_digits(cfg: Config, models) -> dict:
-    x_train, _ = gf.data.load_digits("train", channels_last=False)  # [N, 64]
+    x_all, _ = gf.data.load_digits("train", channels_last=False)  # [N, 64]
     x_test, _ = gf.data.load_digits("test", channels_last=False)
+    n_val = len(x_all) // 10  # held out from training, for early stopping of the flows
+    x_train, x_val = x_all[:-n_val], x_all[-n_val:]
     xtr = jnp.asarray(x_train)
     shape = tuple(x_train.shape[1:])
 
     def batch_fn(k):
         return xtr[jax.random.randint(k, (cfg.batch,), 0, xtr.shape[0])]
 
+    y_val, _ = gf.likelihood.uniform_dequantize(jax.random.key(cfg.seed + 300), jnp.asarray(x_val), DIGIT_BIN)
     fitted = fit_models(models, shape, batch_fn, xtr[:512], cfg.steps_digits, cfg.ffjord_steps_digits, cfg,
-                        bin_width=DIGIT_BIN)
+                        bin_width=DIGIT_BIN, x_val=y_val)
     k_deq, k_s = jax.random.split(jax.random.key(cfg.seed + 200))
     y_test, _ = gf.likelihood.uniform_dequantize(k_deq, jnp.asarray(x_test), DIGIT_BIN)
     d = math.prod(shape)
     y_train, _ = gf.likelihood.uniform_dequantize(k_deq, xtr, DIGIT_BIN)
     base = gaussian_baseline(np.asarray(y_train), np.asarray(y_test))
-    rows = {"gaussian": {"bpd": float(np.mean(gf.likelihood.bits_per_dim(base, d, DIGIT_BIN)))}}
+    base_train = gaussian_baseline(np.asarray(y_train), np.asarray(y_train[: y_test.shape[0]]))
+    rows = {"gaussian": {"bpd": float(np.mean(gf.likelihood.bits_per_dim(base, d, DIGIT_BIN))),
+                         "train_bpd": float(np.mean(gf.likelihood.bits_per_dim(base_train, d, DIGIT_BIN)))}}
     grids = []
     for name, (logp_fn, sample_fn, sps, comp) in fitted.items():
         lp = np.asarray(logp_fn(y_test))
-        rows[name] = {"bpd": float(np.mean(gf.likelihood.bits_per_dim(lp, d, DIGIT_BIN))), "sec_per_step": sps,
-                      "compile_s": comp}
+        # the same bound on training images (as many as test images): the gap shows over-fitting
+        lp_train = np.asarray(logp_fn(y_train[: y_test.shape[0]]))
+        rows[name] = {"bpd": float(np.mean(gf.likelihood.bits_per_dim(lp, d, DIGIT_BIN))),
+                      "train_bpd": float(np.mean(gf.likelihood.bits_per_dim(lp_train, d, DIGIT_BIN))),
+                      "sec_per_step": sps, "compile_s": comp}
         grids.append(np.clip(np.asarray(sample_fn(k_s, 16)), -1, 1).reshape(16, 8, 8))
     gf.viz.image_grid(np.concatenate(grids, 0), nrow=16, title="samples: " + ", ".join(fitted),
                       path=os.path.join(cfg.out, "samples_digits.png"))
@@ -245,6 +274,10 @@ def table(results: dict) -> str:
         header = ["model", "test NLL (nats)" if unit == "nll" else "test bits/dim", "ms / step", "compile s"]
         body = [[n, r[unit], 1e3 * r["sec_per_step"] if "sec_per_step" in r else "-",
                  r.get("compile_s", "-")] for n, r in rows.items()]
+        if unit == "bpd":
+            header.insert(2, "train bits/dim")
+            for row, r in zip(body, rows.values()):
+                row.insert(2, r.get("train_bpd", "-"))
         lines.append(f"### {split}\n")
         from experiments.benchmarks._timing import markdown_table
 

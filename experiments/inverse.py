@@ -3,7 +3,7 @@ compressed sensing with DPS, MCG, FlowDPS and DDNM on one trained prior, plus th
 baseline. Writes grids.png (ground truth, measurement, samples per method and task), results.json
 and a Markdown table of PSNR / SSIM / NFE / wall time.
 
-    python experiments/inverse.py                  # trains a small flow-matching prior inline (~1 min)
+    python experiments/inverse.py                  # trains a small flow-matching prior inline (~4 min on 2 CPU cores)
     python experiments/inverse.py --quick          # a smoke run for the tests
 
 The prior is trained here (flow matching on the linear path, an MLP over the 64 pixels); every
