@@ -51,6 +51,31 @@ def test_chunking_does_not_change_the_result():
     np.testing.assert_array_equal(runs[1], runs[2])  # and across repeated runs
 
 
+def test_fit_in_segments_continues_exactly_and_compiles_once():
+    """Two fit calls of 25 steps == one of 50 (the data keys follow state.rng), and the second
+    call reuses the first call's compiled chunk."""
+    opt = optax.adam(1e-2)
+
+    def noisy_loss(params, batch, key):
+        idx = jax.random.randint(key, (32,), 0, 512)
+        return jnp.mean((X[idx] @ params["w"] - Y[idx]) ** 2), {}
+
+    def batches(key):
+        return (X + 0.01 * jax.random.normal(key, X.shape), Y)
+
+    step = gf.train.make_train_step(noisy_loss, opt)
+    state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(3))
+    whole, _ = gf.train.fit(state, step, batches, 50, chunk_size=25, progress=False)
+    state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(3))
+    state, h1 = gf.train.fit(state, step, batches, 25, chunk_size=25, progress=False)
+    state, h2 = gf.train.fit(state, step, batches, 25, chunk_size=25, progress=False)
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), np.asarray(whole.params["w"]))
+    assert int(state.step) == 50 and h2["compile_time"] == 0.0
+    # a different data function is a different program: compiled anew
+    _, h3 = gf.train.fit(state, step, lambda k: batches(k), 25, chunk_size=25, progress=False)
+    assert h3["compile_time"] > 0
+
+
 def test_ema_matches_recurrence():
     opt = optax.sgd(0.1)
     state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0), ema_decays=(0.9, 0.5))

@@ -167,15 +167,17 @@ def run_pure_noise(gm, nfes, seeds, iters: int) -> dict:
         for seed in seeds:
             refs[seed] = np.asarray(g64.flow_map(jnp.asarray(eps[seed], jnp.float64), 1.0, 0.0, PATH,
                                                  rtol=1e-10, atol=1e-10))
-    for solver in ("unipc", "dpm++3m_ref"):
+    for solver in ("unipc", "dpm++3m_ref", "dpm++2m", "ddim"):
         for nfe in nfes:
             grids = {s: gf.sampling.time_grid(PATH, nfe, s) for s in ("logsnr", "karras")}
-            grids["optimized-global"] = gf.sampling.optimize_schedule(
-                fn, PATH, cal, prediction="x0", steps=nfe, solver=solver, init="karras", iters=iters, objective="global")
+            if solver in OPT_SOLVERS:
+                grids["optimized-global"] = gf.sampling.optimize_schedule(
+                    fn, PATH, cal, prediction="x0", steps=nfe, solver=solver, init="karras", iters=iters,
+                    objective="global")
             for sched, ts in grids.items():
                 cells = []
                 for seed in seeds:
-                    x, info = gf.sample(fn, PATH, jnp.asarray(noise(seed), jnp.float32), prediction="x0",
+                    x, info = gf.sample(fn, PATH, jnp.asarray(eps[seed], jnp.float32), prediction="x0",
                                         solver=solver, schedule=ts)
                     cells.append({**metrics(gm, x, refs[seed]), "nfe": int(info.nfe)})
                 out[("genflow (t=1)", solver, sched, nfe)] = cells
@@ -481,6 +483,8 @@ def main():
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--timing-only", action="store_true", help="only the per-step timing (results/samplers_timing.*)")
+    ap.add_argument("--pure-noise-only", action="store_true",
+                    help="only the rows from pure noise at t = 1 (results/samplers_pure_noise.*)")
     args = ap.parse_args()
     nfes = (10, 20) if args.quick else (5, 10, 20, 50)
     seeds = (1,) if args.quick else (1, 2, 3)
@@ -488,6 +492,17 @@ def main():
     t_all = time.perf_counter()
     if args.timing_only:
         return write_timing(timing(gm, load_k_diffusion()), "samplers_timing", t_all)
+    if args.pure_noise_only:
+        res = run_pure_noise(gm, nfes, seeds, args.iters)
+        text = (f"## From pure noise (t = 1) on the linear path; seeds {seeds}, batch {BATCH}\n\n"
+                + tables(res, nfes))
+        print(text)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "samplers_pure_noise.md").write_text(text + "\n")
+        (RESULTS / "samplers_pure_noise.json").write_text(json.dumps({
+            "results": {"|".join(map(str, k)): v for k, v in res.items()}, "wall_s": time.perf_counter() - t_all},
+            indent=1))
+        return None
     refs = {}
     for seed in seeds:
         refs[("genflow", seed)] = reference(gm, RHO_MAX * noise(seed), RHO_MAX)

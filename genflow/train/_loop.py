@@ -3,6 +3,7 @@ checkpointed)."""
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -73,6 +74,44 @@ def _callbacks(callback) -> list[Callable]:
     return list(callback)
 
 
+# Compiled chunks shared by successive ``fit`` calls with the same step function, data function,
+# unroll, mesh, chunk length and argument types (a notebook that trains "a bit more", or training in
+# segments with evaluations between them, compiles once). A small LRU: entries hold the functions.
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_MAX = 16
+
+
+def _signature(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    def leaf(a):
+        if isinstance(a, jax.Array):
+            return (a.shape, a.dtype, bool(getattr(a, "weak_type", False)), a.sharding)
+        return (np.shape(a), np.result_type(a), False, None)
+
+    return (treedef,) + tuple(leaf(a) for a in leaves)
+
+
+def _compiled_chunk(run, key, state, xs, n):
+    """``run.lower(state, xs, n).compile()``, cached under ``key`` + the argument signature.
+    Returns ``(executable, compile seconds)``."""
+    full = key + (n, _signature(state), _signature(xs))
+    try:
+        hash(full)
+    except TypeError:  # an unhashable step or data callable: compile for this call only
+        t0 = time.perf_counter()
+        return run.lower(state, xs, n).compile(), time.perf_counter() - t0
+    exe = _COMPILED.get(full)
+    if exe is not None:
+        _COMPILED.move_to_end(full)
+        return exe, 0.0
+    t0 = time.perf_counter()
+    exe = run.lower(state, xs, n).compile()
+    _COMPILED[full] = exe
+    if len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
+    return exe, time.perf_counter() - t0
+
+
 def fit(
     state: TrainState,
     step_fn: Callable[[TrainState, Any], tuple[TrainState, dict]],
@@ -101,6 +140,8 @@ def fit(
         saved in every checkpoint.
       num_steps: number of updates.
       chunk_size: updates per jitted call; metrics are fetched to the host once per chunk.
+        Compiled chunks are reused by later ``fit`` calls with the same ``step_fn``, ``data``
+        function, chunk length and argument types (training in segments compiles once).
       progress: show a tqdm progress bar (process 0 only).
       callback: ``callback(state, chunk_metrics)`` (or a list of them) after every chunk
         (e.g. a :class:`MetricsWriter`); ``chunk_metrics`` also holds ``"steps_per_s"``.
@@ -141,6 +182,7 @@ def fit(
         run = jax.jit(chunk, static_argnums=2, donate_argnums=0, in_shardings=(state_sh, xs_sh),
                       out_shardings=(state_sh, shd.replicated(mesh)))
     compiled: dict[int, Callable] = {}
+    cache_key = (step_fn, data if on_device else None, unroll, mesh, min_shard_size if mesh is not None else None)
     callbacks = _callbacks(callback)
     step0 = int(state.step) if checkpointer is not None else 0
 
@@ -165,9 +207,8 @@ def fit(
                     xs = shd.shard_batch(xs, mesh, stacked=True)
                 data_time += time.perf_counter() - t0
             if n not in compiled:
-                t0 = time.perf_counter()
-                compiled[n] = run.lower(state, xs, n).compile()
-                compile_time += time.perf_counter() - t0
+                compiled[n], dt_compile = _compiled_chunk(run, cache_key, state, xs, n)
+                compile_time += dt_compile
             t0 = time.perf_counter()
             state, metrics = compiled[n](state, xs)
             metrics = jax.device_get(metrics)
