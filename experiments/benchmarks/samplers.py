@@ -73,7 +73,8 @@ def mixture():
 
 
 def noise(seed: int, n: int = BATCH) -> np.ndarray:
-    return np.asarray(jax.random.normal(jax.random.key(seed), (n, DIM)))
+    # float32 explicitly: under jax.enable_x64 the default float64 draw gives other numbers
+    return np.asarray(jax.random.normal(jax.random.key(seed), (n, DIM), jnp.float32))
 
 
 def reference(gm, y: np.ndarray, rho: float) -> np.ndarray:
@@ -160,12 +161,11 @@ def run_pure_noise(gm, nfes, seeds, iters: int) -> dict:
     cal = jnp.asarray(noise(100, 256), jnp.float32)
     out = {}
     refs = {}
-    eps = {seed: noise(seed) for seed in seeds}  # drawn outside x64: under x64 the same key gives other numbers
     with jax.enable_x64(True):
         g64 = gf.oracles.GaussianMixture(*(jnp.asarray(np.asarray(a), jnp.float64) for a in (gm.logits, gm.means,
                                                                                                gm.vars)))
         for seed in seeds:
-            refs[seed] = np.asarray(g64.flow_map(jnp.asarray(eps[seed], jnp.float64), 1.0, 0.0, PATH,
+            refs[seed] = np.asarray(g64.flow_map(jnp.asarray(noise(seed), jnp.float64), 1.0, 0.0, PATH,
                                                  rtol=1e-10, atol=1e-10))
     for solver in ("unipc", "dpm++3m_ref", "dpm++2m", "ddim"):
         for nfe in nfes:
@@ -177,7 +177,7 @@ def run_pure_noise(gm, nfes, seeds, iters: int) -> dict:
             for sched, ts in grids.items():
                 cells = []
                 for seed in seeds:
-                    x, info = gf.sample(fn, PATH, jnp.asarray(eps[seed], jnp.float32), prediction="x0",
+                    x, info = gf.sample(fn, PATH, jnp.asarray(noise(seed), jnp.float32), prediction="x0",
                                         solver=solver, schedule=ts)
                     cells.append({**metrics(gm, x, refs[seed]), "nfe": int(info.nfe)})
                 out[("genflow (t=1)", solver, sched, nfe)] = cells
@@ -468,13 +468,12 @@ def timing_report(timing_rows) -> list[str]:
     return report
 
 
-def write_timing(timing_rows, name, t_all):
-    text = "\n\n".join(timing_report(timing_rows))
+def write_results(name: str, text: str, payload: dict, t_all: float) -> None:
+    """Print ``text`` and write ``results/{name}.md`` and ``results/{name}.json`` (payload + wall time)."""
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.md").write_text(text + "\n")
-    (RESULTS / f"{name}.json").write_text(json.dumps({"timing": timing_rows, "wall_s": time.perf_counter() - t_all},
-                                                     indent=1))
+    (RESULTS / f"{name}.json").write_text(json.dumps({**payload, "wall_s": time.perf_counter() - t_all}, indent=1))
 
 
 def main():
@@ -491,18 +490,14 @@ def main():
     gm = mixture()
     t_all = time.perf_counter()
     if args.timing_only:
-        return write_timing(timing(gm, load_k_diffusion()), "samplers_timing", t_all)
+        rows = timing(gm, load_k_diffusion())
+        return write_results("samplers_timing", "\n\n".join(timing_report(rows)), {"timing": rows}, t_all)
     if args.pure_noise_only:
         res = run_pure_noise(gm, nfes, seeds, args.iters)
         text = (f"## From pure noise (t = 1) on the linear path; seeds {seeds}, batch {BATCH}\n\n"
                 + tables(res, nfes))
-        print(text)
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "samplers_pure_noise.md").write_text(text + "\n")
-        (RESULTS / "samplers_pure_noise.json").write_text(json.dumps({
-            "results": {"|".join(map(str, k)): v for k, v in res.items()}, "wall_s": time.perf_counter() - t_all},
-            indent=1))
-        return None
+        return write_results("samplers_pure_noise", text, {"results": {"|".join(map(str, k)): v for k, v in res.items()}},
+                             t_all)
     refs = {}
     for seed in seeds:
         refs[("genflow", seed)] = reference(gm, RHO_MAX * noise(seed), RHO_MAX)
@@ -519,17 +514,12 @@ def main():
     if not args.no_timing:
         timing_rows = timing(gm, K_mod)
         report += timing_report(timing_rows)
-    text = "\n\n".join(report)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    name = "samplers_quick" if args.quick else "samplers"
-    (RESULTS / f"{name}.md").write_text(text + "\n")
-    (RESULTS / f"{name}.json").write_text(json.dumps({
+    write_results("samplers_quick" if args.quick else "samplers", "\n\n".join(report), {
         "config": {"dim": DIM, "components": K, "batch": BATCH, "rho_start": RHO_MAX, "seeds": seeds, "nfes": nfes,
                    "optimizer_iters": args.iters, "calibration_seed": 100},
         "results": {"|".join(map(str, k)): v for k, v in results.items()},
         "optimized": {"|".join(map(str, k)): v for k, v in opt_info.items()},
-        "timing": timing_rows, "wall_s": time.perf_counter() - t_all}, indent=1))
+        "timing": timing_rows}, t_all)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,16 @@ def oracle() -> gf.oracles.Gaussian:
     return gf.oracles.Gaussian.full(jnp.array([0.7, -1.2]), jnp.array([[0.8, 0.3], [0.3, 0.5]]))
 
 
+def fit_orders(errs, steps, floor: float) -> tuple[float, list[float]]:
+    """Least-squares order over the errors above ``floor`` and the local orders between
+    consecutive step counts (those ending above ``floor``)."""
+    le, ls = np.log(errs), np.log(np.asarray(steps, float))
+    keep = np.asarray(errs) > floor
+    slope = float(-np.polyfit(ls[keep], le[keep], 1)[0]) if keep.sum() >= 2 else float("nan")
+    local = [float(-(le[i + 1] - le[i]) / (ls[i + 1] - ls[i])) for i in range(len(steps) - 1) if errs[i + 1] > floor]
+    return slope, local
+
+
 def measure(name: str, n: int = 512, steps=STEPS, solvers=SOLVERS, seed: int = 0) -> dict:
     """Errors and fitted orders of each solver on path ``name``."""
     path, g = gf.paths.get(name), oracle()
@@ -54,11 +64,7 @@ def measure(name: str, n: int = 512, steps=STEPS, solvers=SOLVERS, seed: int = 0
         for s in steps:
             x, info = gf.sample(fn, path, x1, prediction=kind, solver=solver, steps=s, denoise=False)
             errs.append(float(jnp.sqrt(jnp.mean((x - ref) ** 2)) / jnp.sqrt(jnp.mean(ref**2))))
-        le, ls = np.log(errs), np.log(np.asarray(steps, float))
-        keep = np.asarray(errs) > FLOOR
-        slope = float(-np.polyfit(ls[keep], le[keep], 1)[0]) if keep.sum() >= 2 else float("nan")
-        local = [float(-(le[i + 1] - le[i]) / (ls[i + 1] - ls[i])) for i in range(len(steps) - 1)
-                 if errs[i + 1] > FLOOR]
+        slope, local = fit_orders(errs, steps, FLOOR)
         nfe = int(info.nfe) // steps[-1]
         out["solvers"][solver] = {"errors": errs, "order": slope, "local_orders": local, "nfe_per_step": nfe}
     return out
@@ -84,10 +90,7 @@ def measure_all_fixed_step(name: str, n: int = 64, steps=(16, 32, 64, 128)) -> d
             for s in steps:
                 x, _ = gf.sample(fn, path, x1, prediction=kind, solver=solver, steps=s, schedule="logsnr", denoise=False)
                 errs.append(float(jnp.sqrt(jnp.mean((x - ref) ** 2)) / jnp.sqrt(jnp.mean(ref**2))))
-            le, ls = np.log(errs), np.log(np.asarray(steps, float))
-            keep = np.asarray(errs) > 1e-13
-            slope = float(-np.polyfit(ls[keep], le[keep], 1)[0]) if keep.sum() >= 2 else float("nan")
-            local = [float(-(le[i + 1] - le[i]) / (ls[i + 1] - ls[i])) for i in range(len(steps) - 1)]
+            slope, local = fit_orders(errs, steps, 1e-13)
             out["solvers"][solver] = {"errors": errs, "order": slope, "local_orders": local,
                                       "theoretical": spec.order}
     return out

@@ -116,7 +116,8 @@ def _bucket(n: int) -> int:
 
 
 def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
-    """:func:`step_scalars` for a padded grid (the first ``len(ts) - 1`` entries are the steps), compiled in pieces: the path is evaluated once on the grid (padded to a
+    """:func:`step_scalars`, compiled in pieces and left padded (its first ``len(ts) - 1``
+    entries are the steps; :func:`run` slices them): the path is evaluated once on the grid (padded to a
     power-of-two length >= 64, so one compilation serves many step counts) and at the stage
     points; the solver's coefficients are computed from those arrays alone, so they compile once
     per solver for every path. Falls back to :func:`step_scalars` for unhashable options."""

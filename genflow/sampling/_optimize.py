@@ -144,18 +144,24 @@ def propagation_weights(model: Model, x_at: Callable[[Array], Array], t_start, t
     return w
 
 
+def _scan_solver(solver: str, solver_options: dict):
+    """``(spec, options)`` of a deterministic scan solver (its registered options updated by
+    ``solver_options``); raises for the others."""
+    spec = _registry.get(solver)
+    if spec.stepper is None or spec.stochastic:
+        raise ValueError(f"optimize_schedule supports the deterministic scan solvers "
+                         f"{sorted(k for k, v in _registry.SOLVERS.items() if v.stepper and not v.stochastic)}; "
+                         f"got {solver!r}")
+    return spec, {**{k: v for k, v in spec.run.keywords.items() if k != "stepper"}, **solver_options}
+
+
 def schedule_bound(model: Model, ts: Array, x_at: Callable[[Array], Array], solver: str = "dpm++3m",
                    weights: Callable[[Array], Array] | None = None, **solver_options) -> Array:
     """The error bound ``B(ts)`` of ``solver`` on the grid ``ts``, differentiable in ``ts``: the
     mean over the calibration batch of ``sum_i w_i ||e_i|| / (alpha + sigma)(t_{i+1})``, with
     ``e_i`` the local errors and ``w_i`` the growth bounds of :func:`propagation_weights` (1 if
     ``weights`` is None: the plain sum of local errors)."""
-    spec = _registry.get(solver)
-    if spec.stepper is None or spec.stochastic:
-        raise ValueError(f"optimize_schedule supports the deterministic scan solvers "
-                         f"{sorted(k for k, v in _registry.SOLVERS.items() if v.stepper and not v.stochastic)}; "
-                         f"got {solver!r}")
-    opts = {**{k: v for k, v in spec.run.keywords.items() if k != "stepper"}, **solver_options}
+    spec, opts = _scan_solver(solver, solver_options)
     xs = x_at(ts)
     errs = _driver.local_errors(model, ts, xs, stepper=spec.stepper, **opts)
     path = model.path
@@ -211,8 +217,7 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
 def global_error(model: Model, ts: Array, x1: Array, x_end: Array, solver: str = "dpm++3m", **solver_options) -> Array:
     """Mean per-sample rms error of ``solver`` on the grid ``ts`` from ``x1`` against the exact end
     states ``x_end`` (scale-free, like the bound); differentiable in ``ts``."""
-    spec = _registry.get(solver)
-    opts = {**{k: v for k, v in spec.run.keywords.items() if k != "stepper"}, **solver_options}
+    spec, opts = _scan_solver(solver, solver_options)
     x = _driver.run(model, ts, x1, None, stepper=spec.stepper, **opts)[0]
     ab = model.path.alpha(ts[-1]) + model.path.sigma(ts[-1])
     d = ((x - x_end) / ab).reshape(x.shape[0], -1)
@@ -225,7 +230,7 @@ def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, propagat
     path = model.path
     x_at = reference_trajectories(model, x1, ts0[0], ts0[-1], rtol, atol)
     weights = propagation_weights(model, x_at, ts0[0], ts0[-1]) if propagate and objective == "bound" else None
-    x_end = x_at(ts0[-1:])[0]
+    x_end = x_at(ts0[-1:])[0] if objective == "global" else None
     tau0, tau1 = _tau(path, ts0[0]), _tau(path, ts0[-1])
     inc0 = -jnp.diff(_tau(path, ts0))
     theta0 = jnp.log(jnp.maximum(inc0, 1e-12))
