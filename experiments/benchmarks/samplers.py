@@ -167,12 +167,13 @@ def run_pure_noise(gm, nfes, seeds, iters: int) -> dict:
         for seed in seeds:
             refs[seed] = np.asarray(g64.flow_map(jnp.asarray(noise(seed), jnp.float64), 1.0, 0.0, PATH,
                                                  rtol=1e-10, atol=1e-10))
-    for solver in ("unipc", "dpm++3m_ref", "dpm++2m", "ddim"):
+    for solver in ("unipc", "dpm++3m_ref", "dpm++3m", "dpm++2m", "deis", "ddim", "dpm++3s", "edm_heun"):
         for nfe in nfes:
-            grids = {s: gf.sampling.time_grid(PATH, nfe, s) for s in ("logsnr", "karras")}
+            steps = steps_for(solver, nfe)
+            grids = {s: gf.sampling.time_grid(PATH, steps, s) for s in ("logsnr", "karras")}
             if solver in OPT_SOLVERS:
                 grids["optimized-global"] = gf.sampling.optimize_schedule(
-                    fn, PATH, cal, prediction="x0", steps=nfe, solver=solver, init="karras", iters=iters,
+                    fn, PATH, cal, prediction="x0", steps=steps, solver=solver, init="karras", iters=iters,
                     objective="global")
             for sched, ts in grids.items():
                 cells = []

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from genflow.sampling._driver import Stepper, x_init
+from genflow.sampling._driver import Stepper
 from genflow.sampling._exp import (
     GL_W, GL_X, combine, ddim_coefs, extrapolation_weights, finite_or, lagrange_basis, nonzero, order_at, phi,
     select_order,
@@ -58,19 +58,64 @@ def _start_inf(g) -> Array:
     return g.a[0] == 0
 
 
+def _noise_fix(g, i) -> Array:
+    """Weight ``k`` of the correction ``x_1 <- x_1 + k (D_1 - D_0)`` of the first step out of pure
+    noise, applied at step ``i = 1`` (zero elsewhere and from a finite start).
+
+    Out of ``alpha_0 = 0`` the first step is DDIM, ``x_1 = (sigma_1/sigma_0) x_0 + alpha_1 D_0``:
+    Euler in ``kappa = alpha / sigma`` from ``kappa = 0`` to ``1 / sigma_max``, a step whose size does
+    not shrink with the step count, so its ``O(Var[x0] / sigma_max)`` error would remain at any NFE.
+    The evaluation ``D_1`` that the second step makes anyway turns it into the trapezoidal rule
+    ``x_1 = (sigma_1/sigma_0) x_0 + alpha_1 (D_0 + D_1) / 2`` (UniC-1's limit there): no extra NFE,
+    local error ``O(kappa_1^3)``. ``D_1`` is evaluated at the uncorrected ``x_1``, which changes it by
+    ``O(alpha_1 kappa_1)`` only."""
+    return jnp.where((i == 1) & _start_inf(g), 0.5 * g.a[1], 0.0)
+
+
 def _hist_init(model, ts, x, *, order: int = 2, **_):
     """Carry of a multistep solver: the state and the last ``order - 1`` predictions."""
     return {"x": x, "D": tuple(jnp.zeros_like(x) for _ in range(order - 1))}
 
 
+# History as a ring: prediction D_j lives in slot j % m of an [m, ...] array (m = the number of
+# predictions a step combines, the new one included). A step first writes its new prediction in
+# place, then combines the slots with coefficients permuted to them before the loop. Shifting
+# the history through the scan carry instead makes XLA copy every carried state array per step,
+# which is most of a step's cost when the network is cheap.
+def _ring_init(model, ts, x, *, order: int = 2, **_):
+    return {"x": x, "H": jnp.zeros((order,) + x.shape, x.dtype)}
+
+
+def _ring_coefs(c: Array, i) -> Array:
+    """Coefficients ``c[k]`` of ``D_{i-k}`` (``k = 0..m-1``) placed at their ring slots ``(i - k) % m``."""
+    m = c.shape[0]
+    return jnp.zeros_like(c).at[(i - jnp.arange(m)) % m].add(c)
+
+
+def _ring_push(h: Array, d: Array, i) -> Array:
+    """``h`` with ``D_i = d`` written in place at slot ``i % m``."""
+    return jax.lax.dynamic_update_index_in_dim(h, d.astype(h.dtype), i % h.shape[0], 0)
+
+
+def _slots(h: Array) -> tuple[Array, ...]:
+    return tuple(h[j] for j in range(h.shape[0]))
+
+
 # -- DDIM ---------------------------------------------------------------------------------------
+def _ddim_init(model, ts, x, *, eta: float = 0.0, **_):
+    return _ring_init(model, ts, x, order=2) if eta == 0.0 else {"x": x}
+
+
 def _ddim_scalars(g, st, i, *, eta: float = 0.0, **_):
     """``x_t = alpha_t x0_hat + sqrt(sigma_t^2 - c^2) eps_hat + c z``, ``c = eta sigma_t sqrt(1 - e^(-2h))``
-    (Song et al. 2021, eq. 12, written for any Gaussian path)."""
+    (Song et al. 2021, eq. 12, written for any Gaussian path). Deterministic DDIM out of pure
+    noise corrects its first step at the second (:func:`_noise_fix`); ``x_s + k (D_s - D_0)`` has
+    ``eps_hat + k (D_s - D_0) / sigma_s``, hence the weights ``+-(sigma_t / sigma_s) k``."""
     a_s, s_s, _ = g.at(i)
     a_t, s_t, _ = g.at(i + 1)
     if eta == 0.0:
-        return {"s": g.t[i], "w": jnp.stack([a_t, s_t])}
+        kk = ddim_coefs(a_s, s_s, a_t, s_t)[0] * _noise_fix(g, i)
+        return {"s": g.t[i], "i": i, "w": jnp.concatenate([s_t[None], _ring_coefs(jnp.stack([a_t + kk, -kk]), i)])}
     ratio = jnp.where(a_t > 0, (a_s * s_t) / (s_s * a_t), 0.0)  # e^-h
     c = eta * s_t * jnp.sqrt(jnp.clip(1.0 - ratio**2, 0.0, 1.0))
     return {"s": g.t[i], "w": jnp.stack([a_t, jnp.sqrt(jnp.maximum(s_t**2 - c**2, 0.0)), c])}
@@ -80,14 +125,15 @@ def _ddim_step(model, carry, c, key, *, eta: float = 0.0):
     x = carry["x"]
     d, e = model.x0_eps(x, c["s"])
     if eta == 0.0:
-        return {"x": combine(jnp.float32(0.0), x, c["w"], (d, e))}, 1
+        h = _ring_push(carry["H"], d, c["i"])
+        return {"x": combine(jnp.float32(0.0), x, c["w"], (e,) + _slots(h)), "H": h}, 1
     if key is None:
         raise ValueError("solver 'ddim' with eta > 0 is stochastic: pass key=jax.random.key(...)")
     z = jax.random.normal(key, x.shape, x.dtype)
     return {"x": combine(jnp.float32(0.0), x, c["w"], (d, e, z))}, 1
 
 
-ddim = Stepper(x_init, _ddim_scalars, _ddim_step)
+ddim = Stepper(_ddim_init, _ddim_scalars, _ddim_step)
 
 
 # -- DPM-Solver++ multistep -------------------------------------------------------------------
@@ -116,8 +162,9 @@ def _dpm_combined(c1, h, r0, r1, a_t, order: int, d2_weight: float = 2.0) -> Arr
     return jnp.stack([c1, 0.0 * c1, 0.0 * c1]) + a_t * p2 * d1 - d2_weight * a_t * p3 * d2
 
 
-def _dpm_coefs(g, i, order: int, d2_weight: float = 2.0):
-    """``(c_x, c_d[order], m)`` of one DPM-Solver++ multistep step from ``g.t[i]`` to ``g.t[i + 1]``."""
+def _dpm_coefs(g, i, order: int, d2_weight: float = 2.0, fix: bool = True):
+    """``(c_x, c_d[order], m)`` of one DPM-Solver++ multistep step from ``g.t[i]`` to ``g.t[i + 1]``
+    (with ``fix``, out of pure noise the step from ``x_1 + k (D_1 - D_0)``: :func:`_noise_fix`)."""
     a_s, s_s, l_s = g.at(i)
     a_t, s_t, l_t = g.at(i + 1)
     c_x, c1 = ddim_coefs(a_s, s_s, a_t, s_t)
@@ -130,50 +177,57 @@ def _dpm_coefs(g, i, order: int, d2_weight: float = 2.0):
     c_d = select_order(m, cands)
     end = s_t == 0
     c_d = jnp.where(end, _to_zero(a_t, i, [l_s] + lams, m, order), c_d)
-    return jnp.where(end, 0.0, c_x), c_d, m
+    c_x = jnp.where(end, 0.0, c_x)
+    if fix and order >= 2:
+        kk = c_x * _noise_fix(g, i)
+        c_d = c_d.at[0].add(kk).at[1].add(-kk)
+    return c_x, c_d, m
 
 
 def _dpm_scalars(g, st, i, *, order: int = 2, d2_weight: float = 2.0, **_):
     c_x, c_d, _ = _dpm_coefs(g, i, order, d2_weight)
-    return {"s": g.t[i], "c_x": c_x, "c_d": c_d}
+    return {"s": g.t[i], "i": i, "c_x": c_x, "c_d": _ring_coefs(c_d, i)}
 
 
 def _dpm_step(model, carry, c, key, **_):
     del key
     x = carry["x"]
-    d = model.x0_eps(x, c["s"])[0]
-    ds = (d,) + carry["D"]
-    return {"x": combine(c["c_x"], x, c["c_d"], ds), "D": ds[:-1]}, 1
+    h = _ring_push(carry["H"], model.x0_eps(x, c["s"])[0], c["i"])
+    return {"x": combine(c["c_x"], x, c["c_d"], _slots(h)), "H": h}, 1
 
 
 def dpm_multistep(order: int) -> Stepper:
-    return Stepper(functools.partial(_hist_init, order=order), functools.partial(_dpm_scalars, order=order),
+    return Stepper(functools.partial(_ring_init, order=order), functools.partial(_dpm_scalars, order=order),
                    _dpm_step)
 
 
 # -- DPM-Solver++ 2M with heavy-ball momentum -------------------------------------------------
 def _hb_scalars(g, st, i, **_):
-    c_x, c_d, m = _dpm_coefs(g, i, 2)
+    c_x, c_d, m = _dpm_coefs(g, i, 2, fix=False)
     a_s, s_s, _ = g.at(i)
     a_t, s_t, _ = g.at(i + 1)
     scale = jnp.where(s_t == 0, a_t, ddim_coefs(a_s, s_s, a_t, s_t)[1])
-    return {"s": g.t[i], "c_x": c_x, "dir": c_d / nonzero(scale), "scale": scale, "first": m == 1}
+    kk = c_x * _noise_fix(g, i)
+    return {"s": g.t[i], "i": i, "c_x": c_x, "dir": _ring_coefs(c_d / nonzero(scale), i),
+            "w": jnp.concatenate([scale[None], _ring_coefs(jnp.stack([kk, -kk]), i)]), "first": m == 1}
 
 
 def _hb_step(model, carry, c, key, *, beta: float = 0.8):
     """HB on DPM-Solver++(2M): ``v <- (1 - beta) v + beta (D_i + (D_i - D_{i-1}) / (2 r))``,
     ``x_t = (sigma_t/sigma_s) x + alpha_t (1 - e^-h) v`` (first order for ``beta < 1``; ``beta = 1``
     is DPM-Solver++(2M)). The first step is DDIM and starts the velocity; into ``sigma = 0`` the
-    direction is the extrapolated data prediction."""
+    direction is the extrapolated data prediction. Out of pure noise the second step starts from
+    the corrected ``x_1 + k (D_1 - D_0)`` (:func:`_noise_fix`), which does not enter the velocity."""
     del key
     x = carry["x"]
-    d = model.x0_eps(x, c["s"])[0]
-    diff = combine(jnp.float32(0.0), x, c["dir"], (d, carry["D"][0]))
-    v = jnp.where(c["first"], diff, (1.0 - beta) * carry["v"] + beta * diff)
-    return {"x": combine(c["c_x"], x, c["scale"][None], (v,)), "D": (d,), "v": v}, 1
+    h = _ring_push(carry["H"], model.x0_eps(x, c["s"])[0], c["i"])
+    diff = combine(jnp.float32(0.0), x, c["dir"], _slots(h))
+    b = jnp.where(c["first"], 1.0, beta)
+    v = (1.0 - b) * carry["v"] + b * diff
+    return {"x": combine(c["c_x"], x, c["w"], (v,) + _slots(h)), "H": h, "v": v}, 1
 
 
-hb = Stepper(lambda model, ts, x, **_: {"x": x, "D": (jnp.zeros_like(x),), "v": jnp.zeros_like(x)}, _hb_scalars,
+hb = Stepper(lambda model, ts, x, **_: {**_ring_init(model, ts, x, order=2), "v": jnp.zeros_like(x)}, _hb_scalars,
              _hb_step)
 
 
@@ -209,8 +263,8 @@ def _deis_scalars(g, st, i, *, order: int = 3, form: str = "eps", **_):
     x0:  ``x_t = (sigma_t/sigma_s) x_s + sigma_t sum_j x0_j int_{kappa_s}^{kappa_t} l_j(t(kappa)) d kappa``, ``kappa = alpha/sigma``
 
     (8-point Gauss-Legendre in rho / kappa; ``st.t`` are the times of the nodes). The eps form
-    starts from pure noise with a DDIM step; the x0 form ends at ``sigma = 0`` with
-    ``x_0 = alpha_t P(t_end)``.
+    starts from pure noise with a DDIM step, corrected at the second step (:func:`_noise_fix`); the
+    x0 form ends at ``sigma = 0`` with ``x_0 = alpha_t P(t_end)``.
     """
     _check_form(form)
     a_s, s_s, _ = g.at(i)
@@ -236,19 +290,34 @@ def _deis_scalars(g, st, i, *, order: int = 3, form: str = "eps", **_):
     else:
         c_x = jnp.where(s_t == 0, 0.0, ddx)
         c = jnp.concatenate([c_f, jnp.zeros((1,), jnp.float32)])
-    return {"s": g.t[i], "c_x": c_x, "c": c}
+    # weights on the ring of f = eps or D and, in the eps form, on a ring of the last two D (for
+    # the DDIM step out of pure noise and the correction of that step at the next one)
+    kk = c_x * _noise_fix(g, i)
+    c_dd = jnp.stack([c[-1] + kk, -kk])
+    if form == "x0":  # the f ring is the D ring (at least two slots)
+        c_f = jnp.concatenate([c[:-1], jnp.zeros((max(0, 2 - order),), c.dtype)]).at[:2].add(c_dd)
+        return {"s": g.t[i], "i": i, "c_x": c_x, "c": _ring_coefs(c_f, i)}
+    return {"s": g.t[i], "i": i, "c_x": c_x, "c": jnp.concatenate([_ring_coefs(c[:-1], i), _ring_coefs(c_dd, i)])}
+
+
+def _deis_init(model, ts, x, *, order: int = 3, form: str = "eps", **_):
+    carry = _ring_init(model, ts, x, order=max(order, 2) if form == "x0" else order)
+    return carry if form == "x0" else {**carry, "Dr": jnp.zeros((2,) + x.shape, x.dtype)}
 
 
 def _deis_step(model, carry, c, key, *, form: str = "eps", **_):
     del key
     x = carry["x"]
     d, e = model.x0_eps(x, c["s"])
-    fs = ((e if form == "eps" else d),) + carry["D"]
-    return {"x": combine(c["c_x"], x, c["c"], fs + (d,)), "D": fs[:-1]}, 1
+    if form == "x0":
+        h = _ring_push(carry["H"], d, c["i"])
+        return {"x": combine(c["c_x"], x, c["c"], _slots(h)), "H": h}, 1
+    h, dr = _ring_push(carry["H"], e, c["i"]), _ring_push(carry["Dr"], d, c["i"])
+    return {"x": combine(c["c_x"], x, c["c"], _slots(h) + _slots(dr)), "H": h, "Dr": dr}, 1
 
 
 def deis(order: int = 3, form: str = "eps") -> Stepper:
-    return Stepper(functools.partial(_hist_init, order=order),
+    return Stepper(functools.partial(_deis_init, order=order, form=form),
                    functools.partial(_deis_scalars, order=order, form=form),
                    functools.partial(_deis_step, form=form),
                    stages=functools.partial(_deis_stages, form=form))
@@ -333,24 +402,28 @@ def _unipc_scalars(g, st, i, *, order: int = 2, variant: str = "bh2", **_):
     end = s_t == 0
     w_end = _to_zero(a_t, i, [g.l[i]] + l_hist, m, order)
     c_p = jnp.where(end, jnp.concatenate([w_end, jnp.zeros((1,), jnp.float32)]), c_p)
-    return {"s": g.t[i], "correct": i > 0, "cx_c": cx_c, "c_c": c_c, "cx_p": jnp.where(end, 0.0, cx_p), "c_p": c_p}
+    # on the ring D_i, D_{i-1}, ..., D_{i-order}; the corrector also weights x itself (1 at the first
+    # step, which is not corrected)
+    correct = i > 0
+    c_c = jnp.where(correct, jnp.concatenate([c_c[-1:], c_c[:-1]]), 0.0)
+    c_c = jnp.concatenate([jnp.where(correct, 0.0, 1.0)[None], _ring_coefs(c_c, i)])
+    c_p = _ring_coefs(c_p.at[-1].set(0.0), i)
+    return {"s": g.t[i], "i": i, "cx_c": jnp.where(correct, cx_c, 0.0), "c_c": c_c,
+            "cx_p": jnp.where(end, 0.0, cx_p), "c_p": c_p}
 
 
-def _unipc_step(model, carry, c, key, *, order: int = 2, **_):
+def _unipc_step(model, carry, c, key, **_):
     """UniC corrects ``x_i`` with the new evaluation, then UniP predicts ``x_{i+1}``; the final
     prediction is not corrected, so each step costs one evaluation."""
     del key
     x = carry["x"]
-    d = model.x0_eps(x, c["s"])[0]
-    hist = carry["D"]  # D_{i-1}, ..., D_{i-order}
-    xc = combine(c["cx_c"], carry["x_prev"], c["c_c"], (hist[0],) + hist[1:order] + (d,))
-    x = jnp.where(c["correct"], xc, x)
-    xn = combine(c["cx_p"], x, c["c_p"], (d,) + hist[: order - 1] + (jnp.zeros_like(d),))
-    return {"x": xn, "x_prev": x, "D": (d,) + hist[:-1]}, 1
+    h = _ring_push(carry["H"], model.x0_eps(x, c["s"])[0], c["i"])
+    xc = combine(c["cx_c"], carry["x_prev"], c["c_c"], (x,) + _slots(h))
+    return {"x": combine(c["cx_p"], xc, c["c_p"], _slots(h)), "x_prev": xc, "H": h}, 1
 
 
 def _unipc_init(model, ts, x, *, order: int = 2, **_):
-    return {"x": x, "x_prev": x, "D": tuple(jnp.zeros_like(x) for _ in range(order))}
+    return {**_ring_init(model, ts, x, order=order + 1), "x_prev": x}
 
 
 def _unipc_force(carry, x_prev_ref, x_ref):
@@ -360,4 +433,4 @@ def _unipc_force(carry, x_prev_ref, x_ref):
 def unipc(order: int = 2, variant: str = "bh2") -> Stepper:
     return Stepper(functools.partial(_unipc_init, order=order),
                    functools.partial(_unipc_scalars, order=order, variant=variant),
-                   functools.partial(_unipc_step, order=order), _unipc_force)
+                   _unipc_step, _unipc_force)
