@@ -9,6 +9,7 @@ from typing import Any, Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow import param
 from genflow.paths import Path
@@ -59,14 +60,15 @@ def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
     """Refuse a start where the needed conversion is 0/0 (alpha(t_start) = 0, e.g. t=1 on the
     linear path): eps/score -> x0 and the reverse-SDE drift f = alpha'/alpha are singular."""
     try:
-        a0 = float(path.alpha(ts[0]))
+        t0 = np.asarray(ts)[0]  # on the host: indexing a device array compiles per grid length
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return
+    a0 = float(path.alpha(jnp.asarray(t0)))
     uses_drift = spec.target == "sde" or spec.name == "pc"
     if a0 == 0.0 and (uses_drift or prediction in ("eps", "score")):
         why = "the reverse-SDE drift alpha'/alpha" if uses_drift else f"the {prediction} -> x0 conversion"
         raise ValueError(
-            f"t_start={float(ts[0])} has alpha=0 on path {path.name!r}, where {why} is singular; "
+            f"t_start={float(t0)} has alpha=0 on path {path.name!r}, where {why} is singular; "
             f"start slightly earlier (e.g. t_start=0.999, drawing x1 from the marginal there)"
         )
 
@@ -136,13 +138,20 @@ def sample(
         steps = int(ts.shape[0]) - 1
     max_steps = max(max_steps, int(ts.shape[0]))
     model = Model(as_pytree_fn(fn), path, prediction)
+    ts_run = ts
     if spec.stepper is not None:
         # grid-only coefficients: compiled once per (solver, path, options) for many step counts
         solver_options = {**spec.run.keywords, **solver_options}
         solver_options.pop("stepper")
-        solver_options["scalars"] = _driver.grid_scalars(spec.stepper, path, ts, **solver_options)
-    return _sample_jit(model, ts, x1, key, spec.name, bool(denoise), float(rtol), float(atol), int(max_steps),
-                       bool(save_trajectory), solver_options)
+        solver_options["scalars"] = sc = _driver.grid_scalars(spec.stepper, path, ts, **solver_options)
+        if not save_trajectory:
+            # the grid padded to the scalars' bucket and the step count traced, so one compiled
+            # sampler serves every step count up to the bucket size (64, 128, ...)
+            ts_run = _driver.pad_grid(ts, jax.tree.leaves(sc)[0].shape[0])
+            solver_options["num_steps"] = jnp.asarray(ts.shape[0] - 1, jnp.int32)
+    x, info = _sample_jit(model, ts_run, x1, key, spec.name, bool(denoise), float(rtol), float(atol), int(max_steps),
+                          bool(save_trajectory), solver_options)
+    return x, dataclasses.replace(info, ts=ts)
 
 
 @eqx.filter_jit

@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow.paths import Path
 from genflow.sampling._exp import Grid, make_grid, stage_grid
@@ -59,8 +60,13 @@ def _force_x(carry: Carry, x_prev_ref: Array, x_ref: Array) -> Carry:
     return {**carry, "x": x_ref.astype(carry["x"].dtype)}
 
 
+def _step_key(key, i):
+    """The key of step ``i``: ``fold_in(key, i)`` (the same in the scan and in the loop of :func:`run`)."""
+    return None if key is None else jax.random.fold_in(key, i)
+
+
 def _keys(key, n: int):
-    return None if key is None else jax.random.split(key, n)
+    return None if key is None else jax.vmap(lambda i: _step_key(key, i))(jnp.arange(n))
 
 
 _STAGE_AXES = Grid(0, 0, 0, 0, 0, None)
@@ -90,10 +96,19 @@ def step_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
 
 # Compiled pieces of grid_scalars. Only _grid_jit and _stage_grid_jit see the path (and are
 # shared by all solvers); the solver-specific ones see arrays only (and are shared by all paths).
-@functools.partial(jax.jit, static_argnames=("length",))
-def _grid_jit(path: Path, ts: Array, length: int) -> Grid:
-    tp = jnp.concatenate([ts, jnp.broadcast_to(ts[-1], (length + 1 - ts.shape[0],))])
-    return make_grid(path, tp, ts.shape[0] - 1)
+@jax.jit
+def _grid_jit(path: Path, tp: Array, n: Array) -> Grid:
+    return make_grid(path, tp, n)
+
+
+def pad_grid(ts: Array, length: int) -> Array:
+    """``ts`` extended to ``length + 1`` points by repeating its last time (on the host when
+    ``ts`` is concrete, so that no program is compiled per grid length)."""
+    try:
+        tn = np.asarray(ts)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return jnp.concatenate([ts, jnp.broadcast_to(ts[-1], (length + 1 - ts.shape[0],))])
+    return jax.device_put(np.concatenate([tn, np.full(length + 1 - tn.shape[0], tn[-1], tn.dtype)]))
 
 
 @jax.jit
@@ -127,7 +142,7 @@ def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
         hash(opts)
     except TypeError:
         return step_scalars(stepper, path, ts, **options)
-    g = _grid_jit(path, ts, _bucket(n))
+    g = _grid_jit(path, pad_grid(ts, _bucket(n)), jnp.asarray(n, jnp.int32))
     st = None
     if stepper.stages is not None:
         st = _stage_grid_jit(path, _stages_jit(g, stepper, opts), ts[-1], ts[0])
@@ -135,17 +150,32 @@ def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
 
 
 def run(model: Model, ts: Array, x: Array, key, *, stepper: Stepper, save_trajectory: bool = False,
-        rtol=None, atol=None, max_steps=None, scalars: dict | None = None, **options):
+        rtol=None, atol=None, max_steps=None, scalars: dict | None = None, num_steps=None, **options):
     """Integrate from ``ts[0]`` to ``ts[-1]`` with one scan. Returns ``(x, nfe, trajectory, stats)``.
 
-    ``scalars``: the precomputed :func:`grid_scalars` of ``ts`` (possibly padded; computed here if None)."""
+    ``scalars``: the precomputed :func:`grid_scalars` of ``ts`` (possibly padded; computed here if None).
+    ``num_steps``: a traced step count ``n <= len(ts) - 1`` for a grid padded past its end (with
+    ``scalars`` given): the first ``n`` steps run in a ``fori_loop``, so one compiled program
+    serves every step count of a padding bucket (without a saved trajectory, whose length is static).
+    Step ``i`` draws its noise from ``fold_in(key, i)`` either way."""
     del rtol, atol, max_steps
+    carry = stepper.init(model, ts, x, **options)
+    if num_steps is not None:
+        if save_trajectory or scalars is None:
+            raise ValueError("num_steps needs precomputed scalars and no saved trajectory")
+
+        def loop(i, state):
+            c, nfe = state
+            c, k = stepper.step(model, c, jax.tree.map(lambda v: v[i], scalars), _step_key(key, i), **options)
+            return c, nfe + jnp.asarray(k, jnp.int32)
+
+        carry, nfe = jax.lax.fori_loop(0, num_steps, loop, (carry, jnp.zeros((), jnp.int32)))
+        return carry["x"], nfe, None, {"num_steps": jnp.asarray(num_steps, jnp.int32)}
     n = ts.shape[0] - 1
     if scalars is None:
         cs = step_scalars(stepper, model.path, ts, **options)
     else:
         cs = jax.tree.map(lambda v: v[:n], scalars)
-    carry = stepper.init(model, ts, x, **options)
 
     def body(c, inp):
         sc, k = inp

@@ -21,6 +21,7 @@ into ``sigma = 0`` with their own exact limits (see ``genflow.sampling._exp``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -48,17 +49,6 @@ def _check_explicit(schedule) -> Array:
     if not (np.all(np.diff(tn) < 0) and tn[0] <= 1.0 and tn[-1] >= 0.0):
         raise ValueError(f"an explicit schedule must be strictly decreasing within [0, 1]; got {tn}")
     return ts
-
-
-def _noise_levels(n: int, lo: Array, hi: Array, schedule: str, rho: float) -> Array:
-    """``n`` decreasing noise levels from ``hi`` to ``lo`` (uniform in log or in ``level^(1/rho)``)."""
-    if n == 1:  # a single interior point: the geometric middle of the range
-        return jnp.sqrt(lo * hi)[None]
-    u = jnp.linspace(0.0, 1.0, n, dtype=jnp.result_type(float))
-    if schedule == "logsnr":
-        return jnp.exp(jnp.log(hi) + (jnp.log(lo) - jnp.log(hi)) * u)
-    a, b = hi ** (1.0 / rho), lo ** (1.0 / rho)
-    return (a + (b - a) * u) ** rho
 
 
 def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float = 1.0, t_end: float | None = None,
@@ -96,34 +86,61 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         raise ValueError(f"steps must be a positive int; got {steps!r}")
     if not 0.0 <= t_end < t_start <= 1.0:
         raise ValueError(f"expected 0 <= t_end < t_start <= 1; got t_start={t_start}, t_end={t_end}")
-    fdt = jnp.result_type(float)
-    u = jnp.linspace(0.0, 1.0, steps + 1, dtype=fdt)
-    if schedule == "uniform":
-        return t_start + (t_end - t_start) * u
-    if schedule == "quadratic":
-        a, b = np.sqrt(t_start), np.sqrt(t_end)
-        return (a + (b - a) * u) ** 2
-    if schedule not in ("logsnr", "karras"):
+    if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {list(SCHEDULES)}, an array of times "
                          f"or a callable (path, steps, t_start, t_end) -> times")
-    if not 0.0 < sigma_min < sigma_max:
-        raise ValueError(f"expected 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    # Whether each endpoint has infinite log-SNR is a property of the path's functions, decided
-    # here on concrete values (time_grid runs outside jit).
-    a0, s1 = float(path.alpha(jnp.asarray(t_start, fdt))), float(path.sigma(jnp.asarray(t_end, fdt)))
-    start_inf, end_inf = a0 == 0.0, s1 == 0.0
+    start_inf = end_inf = False
+    if schedule in ("logsnr", "karras"):
+        if not 0.0 < sigma_min < sigma_max:
+            raise ValueError(f"expected 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        # Whether each endpoint has infinite log-SNR is a property of the path's functions, decided
+        # here on concrete values (time_grid runs outside jit).
+        fdt = jnp.result_type(float)
+        start_inf = float(path.alpha(jnp.asarray(t_start, fdt))) == 0.0
+        end_inf = float(path.sigma(jnp.asarray(t_end, fdt))) == 0.0
+    fdt = np.dtype(jnp.result_type(float))
+    u = np.linspace(0.0, 1.0, steps + 1, dtype=fdt)
+    if schedule in ("uniform", "quadratic"):
+        if schedule == "uniform":
+            ts = t_start + (t_end - t_start) * u
+        else:
+            a, b = np.sqrt(t_start), np.sqrt(t_end)
+            ts = (a + (b - a) * u) ** 2
+        ts[0], ts[-1] = t_start, t_end
+        return jax.device_put(ts.astype(fdt))  # device_put: jnp.asarray compiles per shape
     n = steps + 1 - int(start_inf) - int(end_inf)
     if n <= 0:
-        return jnp.asarray([t_start, t_end], fdt)
-    level = lambda t: jnp.exp(-0.5 * path.log_snr(jnp.asarray(t, fdt)))  # noqa: E731  sigma / alpha
+        return jax.device_put(np.array([t_start, t_end], fdt))
+    # the path is evaluated by one compiled program per padding bucket of the point count (not
+    # per step count: every eager op would compile anew for each new length)
+    u = np.linspace(0.0, 1.0, n, dtype=fdt) if n > 1 else np.array([0.5], fdt)
+    bucket = max(64, 1 << (n - 1).bit_length())
+    u = np.concatenate([u, np.full(bucket - n, u[-1], fdt)])
+    inner = np.asarray(_interior(path, jax.device_put(u), t_start, t_end, rho, sigma_min, sigma_max, schedule=schedule,
+                                 geometric=n == 1, start_inf=start_inf, end_inf=end_inf))[:n].astype(fdt)
+    if not start_inf:
+        inner[0] = t_start
+    if not end_inf:
+        inner[-1] = t_end
+    head = [np.array([t_start], fdt)] if start_inf else []
+    tail = [np.array([t_end], fdt)] if end_inf else []
+    return jax.device_put(np.concatenate(head + [inner] + tail))
+
+
+@functools.partial(jax.jit, static_argnames=("schedule", "geometric", "start_inf", "end_inf"))
+def _interior(path: Path, u, t_start, t_end, rho, sigma_min, sigma_max, *, schedule: str, geometric: bool,
+              start_inf: bool, end_inf: bool) -> Array:
+    """The times of the noise levels at fractions ``u`` of the (log / ``level^(1/rho)``) range."""
+    fdt = u.dtype
+    t_start, t_end = jnp.asarray(t_start, fdt), jnp.asarray(t_end, fdt)
+    level = lambda t: jnp.exp(-0.5 * path.log_snr(t))  # noqa: E731  sigma / alpha
     hi = jnp.asarray(sigma_max, fdt) if start_inf else level(t_start)
     lo = jnp.asarray(sigma_min, fdt) if end_inf else level(t_end)
-    lam = -2.0 * jnp.log(_noise_levels(n, lo, hi, schedule, rho))
-    ts = jnp.clip(path.t_from_log_snr(lam), t_end, t_start)
-    if not start_inf:
-        ts = ts.at[0].set(t_start)
-    if not end_inf:
-        ts = ts.at[-1].set(t_end)
-    head = [jnp.asarray([t_start], fdt)] if start_inf else []
-    tail = [jnp.asarray([t_end], fdt)] if end_inf else []
-    return jnp.concatenate(head + [ts.astype(fdt)] + tail)
+    if geometric:  # a single interior point: the geometric middle of the range
+        levels = jnp.sqrt(lo * hi) * jnp.ones_like(u)
+    elif schedule == "logsnr":
+        levels = jnp.exp(jnp.log(hi) + (jnp.log(lo) - jnp.log(hi)) * u)
+    else:
+        a, b = hi ** (1.0 / rho), lo ** (1.0 / rho)
+        levels = (a + (b - a) * u) ** rho
+    return jnp.clip(path.t_from_log_snr(-2.0 * jnp.log(levels)), t_end, t_start)
