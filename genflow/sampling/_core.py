@@ -149,6 +149,10 @@ def sample(
             # sampler serves every step count up to the bucket size (64, 128, ...)
             ts_run = _driver.pad_grid(ts, jax.tree.leaves(sc)[0].shape[0])
             solver_options["num_steps"] = jnp.asarray(ts.shape[0] - 1, jnp.int32)
+    elif not spec.adaptive and spec.target == "flow_map" and not save_trajectory:
+        # Diffrax fixed-step ODE solvers: the same padded grid and traced step count
+        ts_run = _driver.pad_grid(ts, _driver.bucket(ts.shape[0] - 1))
+        solver_options["num_steps"] = jnp.asarray(ts.shape[0] - 1, jnp.int32)
     x, info = _sample_jit(model, ts_run, x1, key, spec.name, bool(denoise), float(rtol), float(atol), int(max_steps),
                           bool(save_trajectory), solver_options)
     return x, dataclasses.replace(info, ts=ts)

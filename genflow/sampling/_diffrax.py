@@ -1,8 +1,10 @@
 """Probability-flow ODE and reverse-SDE solvers built on Diffrax.
 
 The ODE ``dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat`` is integrated from ``t_start`` down
-to ``t_end`` (Diffrax integrates backwards in time when ``t0 > t1``). Fixed-step solvers step
-exactly through the time grid (:class:`diffrax.StepTo`); adaptive ones use a PID controller.
+to ``t_end`` (in forward time ``s = -t``). Fixed-step solvers step exactly through the time grid
+(:class:`diffrax.StepTo`, or the solver's own ``step`` in a loop of traced length when no
+trajectory is saved, so that a new step count does not recompile); adaptive ones use a PID
+controller.
 The reverse SDE ``dx = [f x - g^2 score] dt + g dW`` (dt < 0) uses Diffrax's SDE solvers with a
 fixed-step Brownian path.
 """
@@ -31,16 +33,33 @@ def _result(sol, save_trajectory: bool):
 
 def ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, adaptive: bool,
               nfe_per_step: int, nfe_init: int, rtol: float, atol: float, max_steps: int,
-              save_trajectory: bool):
+              save_trajectory: bool, num_steps=None):
     """Integrate the probability-flow ODE over ``ts`` (decreasing). Returns ``(x, nfe, traj, stats)``.
 
     Integrated in forward time ``s = -t``. Adaptive solvers are first-same-as-last Runge-Kutta
     methods: Diffrax re-evaluates the first stage on every attempt of the first step (and keeps
     ``num_steps`` blind to it), so the first stage is evaluated here, once, and handed over as the
-    solver state; the count ``1 + (stages - 1) * num_steps`` is then exact."""
+    solver state; the count ``1 + (stages - 1) * num_steps`` is then exact.
+
+    ``num_steps``: a traced step count for a fixed-step solve over a grid padded past its end
+    (no trajectory): the first ``num_steps`` intervals are stepped by the Diffrax solver's own
+    ``step`` in a ``fori_loop``, so one compiled program serves every step count of a bucket."""
     del key
     term = diffrax.ODETerm(lambda s, y, args: -model.velocity(y, -s))
     ss = -ts
+    if num_steps is not None:
+        if adaptive or save_trajectory:
+            raise ValueError("num_steps is for fixed-step solves without a saved trajectory")
+
+        def loop(i, carry):
+            y, state = carry
+            y, _, _, state, _ = solver.step(term, ss[i], ss[i + 1], y, None, state, False)
+            return y, state
+
+        state = solver.init(term, ss[0], ss[1], x, None)
+        x_end, _ = jax.lax.fori_loop(0, num_steps, loop, (x, state))
+        n = jnp.asarray(num_steps, jnp.int32)
+        return x_end, nfe_init + nfe_per_step * n, None, {"num_steps": n}
     solver_state = None
     if adaptive:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)

@@ -126,7 +126,8 @@ def _scalars_jit(g: Grid, st: Grid | None, stepper: Stepper, options: tuple) -> 
     return _all_scalars(stepper, g, st, g.t.shape[0] - 1, **dict(options))
 
 
-def _bucket(n: int) -> int:
+def bucket(n: int) -> int:
+    """The padded length of an ``n``-step grid: a power of two, at least 64."""
     return max(64, 1 << (n - 1).bit_length())
 
 
@@ -142,7 +143,7 @@ def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
         hash(opts)
     except TypeError:
         return step_scalars(stepper, path, ts, **options)
-    g = _grid_jit(path, pad_grid(ts, _bucket(n)), jnp.asarray(n, jnp.int32))
+    g = _grid_jit(path, pad_grid(ts, bucket(n)), jnp.asarray(n, jnp.int32))
     st = None
     if stepper.stages is not None:
         st = _stage_grid_jit(path, _stages_jit(g, stepper, opts), ts[-1], ts[0])
