@@ -74,7 +74,8 @@ gf.viz.curves({"loss": history["loss"]}, ylabel="flow-matching loss", smooth=50)
 
 # %% [markdown]
 # ## 3. Sampling with several solvers
-# `gf.sample` compiles one program per (solver, steps); new parameters reuse it.
+# `gf.sample` compiles one program per solver (and per padding bucket of step counts: 64, 128, ...);
+# new parameters and new step counts reuse it.
 
 # %%
 fn = gf.nets.model_fn(model, state.ema["0.99"])

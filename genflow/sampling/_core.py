@@ -104,7 +104,9 @@ def sample(
         samples are returned in ``x1.dtype``.
       prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.
       solver: a name from :func:`genflow.sampling.solvers`.
-      steps: number of steps of fixed-step solvers (ignored by adaptive ones).
+      steps: number of steps of fixed-step solvers (ignored by adaptive ones). Without a saved
+        trajectory the step count is traced: one compiled program serves every count up to its
+        padding bucket (64, 128, ...).
       key: PRNG key, required by stochastic solvers.
       schedule: time discretization: a name (see :func:`genflow.sampling.time_grid`), an array of
         times ``[steps + 1]`` (e.g. from :func:`genflow.sampling.optimize_schedule`; then ``steps``
