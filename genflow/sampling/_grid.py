@@ -69,11 +69,13 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
       sigma_min, sigma_max: noise-level range (``sigma / alpha``) of the ``"logsnr"`` and
         ``"karras"`` points where the path's log-SNR is infinite at ``t_end`` / ``t_start``
         (ignored at a finite endpoint). From pure noise (``alpha(t_start) = 0``) the first step
-        jumps from infinite noise to ``sigma_max`` whatever ``steps`` is: a first-order solver
-        (DDIM, the first step of DPM-Solver++ 2M) makes an error of order ``Var[x0] / sigma_max``
-        there that more steps do not remove (measured on a 64-d mixture: 9e-2 relative at 200-400
-        steps); UniPC's corrector removes it. Raise ``sigma_max`` or start at ``sigma_max``
-        (``t_start = sigma_max / (1 + sigma_max)`` on the linear path) when that matters.
+        jumps from infinite noise to ``sigma_max`` whatever ``steps`` is. Taken as a plain DDIM
+        step it errs by ``O(Var[x0] / sigma_max)``, which more steps would not remove; the
+        multistep solvers (DDIM, DPM-Solver++, DEIS, UniPC) correct it with the second step's
+        evaluation (trapezoidal rule in ``alpha / sigma``, no extra NFE), the single-step ones
+        place their stages in ``alpha / sigma``. Few-step grids spend two of their steps on the
+        infinite endpoints; start at ``sigma_max`` (``t_start = sigma_max / (1 + sigma_max)`` on
+        the linear path) to spend them all in the finite range.
     Returns:
       ``[steps + 1]`` times (float32; float64 under ``jax.enable_x64``), ``ts[0] = t_start``, ``ts[-1] = t_end``.
     """
