@@ -33,8 +33,11 @@ def scatter(samples, reference=None, title: str | None = None, path: str | None 
             lims=None):
     """Side-by-side scatter of ``reference`` (if given) and ``samples``, both ``[N, 2]``."""
     panels = [("data", reference), ("samples", samples)] if reference is not None else [("samples", samples)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
     lo, hi = lims if lims is not None else _lims(samples, reference)
+    # panels of equal aspect: the figure's height follows the data's (no empty bands around wide data)
+    aspect = float(np.clip((hi[1] - lo[1]) / max(hi[0] - lo[0], 1e-12), 0.3, 1.5))
+    height = 4 * aspect + (1.0 if title else 0.6)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), height), squeeze=False)
     for ax, (name, pts) in zip(axes[0], panels):
         pts = np.asarray(pts)
         ax.scatter(pts[:, 0], pts[:, 1], s=s, alpha=0.5, lw=0)
