@@ -15,9 +15,6 @@ import pytest
 
 import genflow as gf
 
-# its module fixtures are expensive: keep the module on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("checkpoint")
-
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER = str(HERE / "_ckpt_worker.py")
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")

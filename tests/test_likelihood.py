@@ -12,9 +12,6 @@ import pytest
 import genflow as gf
 from genflow.likelihood import exact_divergence, hutchinson_divergence, sample_probes
 
-# its module fixtures are expensive: keep the module on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("likelihood")
-
 PATHS = gf.paths.names()
 
 

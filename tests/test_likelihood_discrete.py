@@ -15,9 +15,6 @@ from genflow import likelihood as L
 
 from test_likelihood import float64  # noqa: E402,F401  (module-scoped autouse: float64 in this module only)
 
-# its module fixtures are expensive: keep the module on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("likelihood_discrete")
-
 
 # -- bits per dimension --------------------------------------------------------------------------
 def test_bits_per_dim_exact():

@@ -5,9 +5,6 @@ import pytest
 
 import genflow as gf
 
-# its module fixtures are expensive: keep the module on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("nets")
-
 
 def test_mlp_shapes_and_time_dependence():
     for emb in ("sinusoidal", "fourier", "identity"):

@@ -16,9 +16,6 @@ from jax.sharding import PartitionSpec as P
 
 import genflow as gf
 
-# its module fixtures are expensive: keep the module on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("sharding")
-
 HERE = pathlib.Path(__file__).resolve().parent
 
 
