@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import filelock
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -21,13 +22,21 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run([sys.executable, str(HERE / "_sharding_checks.py"), str(out)], capture_output=True, text=True,
-                       env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")][-1]
-    return json.loads(line[len("REPORT "):]), out
+    """The 8-device checks, run once per test session: pytest-xdist workers share the run's base
+    temporary directory, and the first worker to take the lock runs the subprocess for all."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this run's, for every worker
+    out, done = shared / "sharding", shared / "sharding_report.json"
+    with filelock.FileLock(str(shared / "sharding.lock")):
+        if not done.exists():
+            out.mkdir(exist_ok=True)
+            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+            r = subprocess.run([sys.executable, str(HERE / "_sharding_checks.py"), str(out)], capture_output=True,
+                               text=True, env=env, timeout=600)
+            assert r.returncode == 0, r.stderr[-3000:]
+            line = [ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")][-1]
+            done.write_text(line[len("REPORT "):])
+    return json.loads(done.read_text()), out
 
 
 @pytest.mark.parametrize("case", ["data", "fsdp", "both", "both_on_device", "both_grad_accum"])
