@@ -140,21 +140,18 @@ def sample(
         steps = int(ts.shape[0]) - 1
     max_steps = max(max_steps, int(ts.shape[0]))
     model = Model(as_pytree_fn(fn), path, prediction)
-    ts_run = ts
     if spec.stepper is not None:
         # grid-only coefficients: compiled once per (solver, path, options) for many step counts
         solver_options = {**spec.run.keywords, **solver_options}
         solver_options.pop("stepper")
-        solver_options["scalars"] = sc = _driver.grid_scalars(spec.stepper, path, ts, **solver_options)
-        if not save_trajectory:
-            # the grid padded to the scalars' bucket and the step count traced, so one compiled
-            # sampler serves every step count up to the bucket size (64, 128, ...)
-            ts_run = _driver.pad_grid(ts, jax.tree.leaves(sc)[0].shape[0])
-            solver_options["num_steps"] = jnp.asarray(ts.shape[0] - 1, jnp.int32)
-    elif not spec.adaptive and spec.target == "flow_map" and not save_trajectory:
-        # Diffrax fixed-step ODE solvers: the same padded grid and traced step count
-        ts_run = _driver.pad_grid(ts, _driver.bucket(ts.shape[0] - 1))
-        solver_options["num_steps"] = jnp.asarray(ts.shape[0] - 1, jnp.int32)
+        solver_options["scalars"] = _driver.grid_scalars(spec.stepper, path, ts, **solver_options)
+    ts_run = ts
+    if not save_trajectory and (spec.stepper is not None or (not spec.adaptive and spec.target == "flow_map")):
+        # scan solvers and Diffrax's fixed-step ODE solvers: the grid padded to its bucket and the
+        # step count traced, so one compiled sampler serves every step count up to the bucket size
+        n = ts.shape[0] - 1
+        ts_run = _driver.pad_grid(ts, _driver.bucket(n))
+        solver_options["num_steps"] = jnp.asarray(n, jnp.int32)
     x, info = _sample_jit(model, ts_run, x1, key, spec.name, bool(denoise), float(rtol), float(atol), int(max_steps),
                           bool(save_trajectory), solver_options)
     return x, dataclasses.replace(info, ts=ts)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow.paths import Path
+from genflow.sampling._driver import bucket
 
 Array = jax.Array
 
@@ -91,16 +92,15 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {list(SCHEDULES)}, an array of times "
                          f"or a callable (path, steps, t_start, t_end) -> times")
+    fdt = np.dtype(jnp.result_type(float))
     start_inf = end_inf = False
     if schedule in ("logsnr", "karras"):
         if not 0.0 < sigma_min < sigma_max:
             raise ValueError(f"expected 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
         # Whether each endpoint has infinite log-SNR is a property of the path's functions, decided
         # here on concrete values (time_grid runs outside jit).
-        fdt = jnp.result_type(float)
         start_inf = float(path.alpha(jnp.asarray(t_start, fdt))) == 0.0
         end_inf = float(path.sigma(jnp.asarray(t_end, fdt))) == 0.0
-    fdt = np.dtype(jnp.result_type(float))
     u = np.linspace(0.0, 1.0, steps + 1, dtype=fdt)
     if schedule in ("uniform", "quadratic"):
         if schedule == "uniform":
@@ -116,8 +116,7 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
     # the path is evaluated by one compiled program per padding bucket of the point count (not
     # per step count: every eager op would compile anew for each new length)
     u = np.linspace(0.0, 1.0, n, dtype=fdt) if n > 1 else np.array([0.5], fdt)
-    bucket = max(64, 1 << (n - 1).bit_length())
-    u = np.concatenate([u, np.full(bucket - n, u[-1], fdt)])
+    u = np.concatenate([u, np.full(bucket(n) - n, u[-1], fdt)])
     inner = np.asarray(_interior(path, jax.device_put(u), t_start, t_end, rho, sigma_min, sigma_max, schedule=schedule,
                                  geometric=n == 1, start_inf=start_inf, end_inf=end_inf))[:n].astype(fdt)
     if not start_inf:

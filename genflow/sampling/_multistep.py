@@ -72,11 +72,6 @@ def _noise_fix(g, i) -> Array:
     return jnp.where((i == 1) & _start_inf(g), 0.5 * g.a[1], 0.0)
 
 
-def _hist_init(model, ts, x, *, order: int = 2, **_):
-    """Carry of a multistep solver: the state and the last ``order - 1`` predictions."""
-    return {"x": x, "D": tuple(jnp.zeros_like(x) for _ in range(order - 1))}
-
-
 # History as a ring: prediction D_j lives in slot j % m of an [m, ...] array (m = the number of
 # predictions a step combines, the new one included). A step first writes its new prediction in
 # place, then combines the slots with coefficients permuted to them before the loop. Shifting
@@ -283,21 +278,19 @@ def _deis_scalars(g, st, i, *, order: int = 3, form: str = "eps", **_):
 
     c_f = select_order(m, [_pad(list(weights(k)), order) for k in range(1, order + 1)])
     ddx, ddd = ddim_coefs(a_s, s_s, a_t, s_t)
-    if form == "eps":
-        start = a_s == 0
-        c_x = jnp.where(start, ddx, a_t / nonzero(a_s))
-        c = jnp.concatenate([jnp.where(start, 0.0, c_f), jnp.where(start, ddd, 0.0)[None]])
-    else:
-        c_x = jnp.where(s_t == 0, 0.0, ddx)
-        c = jnp.concatenate([c_f, jnp.zeros((1,), jnp.float32)])
-    # weights on the ring of f = eps or D and, in the eps form, on a ring of the last two D (for
-    # the DDIM step out of pure noise and the correction of that step at the next one)
-    kk = c_x * _noise_fix(g, i)
-    c_dd = jnp.stack([c[-1] + kk, -kk])
+    # weights on (D_i, D_{i-1}): the DDIM step out of pure noise (eps form) and the correction
+    # x <- x + k (D_i - D_{i-1}) of that step at the next one, which enters through c_x
     if form == "x0":  # the f ring is the D ring (at least two slots)
-        c_f = jnp.concatenate([c[:-1], jnp.zeros((max(0, 2 - order),), c.dtype)]).at[:2].add(c_dd)
+        c_x = jnp.where(s_t == 0, 0.0, ddx)
+        kk = c_x * _noise_fix(g, i)
+        c_f = jnp.concatenate([c_f, jnp.zeros((max(0, 2 - order),), c_f.dtype)]).at[:2].add(jnp.stack([kk, -kk]))
         return {"s": g.t[i], "i": i, "c_x": c_x, "c": _ring_coefs(c_f, i)}
-    return {"s": g.t[i], "i": i, "c_x": c_x, "c": jnp.concatenate([_ring_coefs(c[:-1], i), _ring_coefs(c_dd, i)])}
+    start = a_s == 0
+    c_x = jnp.where(start, ddx, a_t / nonzero(a_s))
+    kk = c_x * _noise_fix(g, i)
+    c_dd = jnp.stack([jnp.where(start, ddd, 0.0) + kk, -kk])
+    return {"s": g.t[i], "i": i, "c_x": c_x,
+            "c": jnp.concatenate([_ring_coefs(jnp.where(start, 0.0, c_f), i), _ring_coefs(c_dd, i)])}
 
 
 def _deis_init(model, ts, x, *, order: int = 3, form: str = "eps", **_):
