@@ -30,7 +30,8 @@ def report(tmp_path_factory):
     with filelock.FileLock(str(shared / "sharding.lock")):
         if not done.exists():
             out.mkdir(exist_ok=True)
-            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+            flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
             r = subprocess.run([sys.executable, str(HERE / "_sharding_checks.py"), str(out)], capture_output=True,
                                text=True, env=env, timeout=600)
             assert r.returncode == 0, r.stderr[-3000:]
