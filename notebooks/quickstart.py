@@ -98,7 +98,7 @@ gf.viz.trajectories(info.trajectory, title="probability-flow trajectories");
 # `batch["x1"]`.
 
 # %%
-stream = gf.ot.CoupledBatches(gf.data.moons, 256, jax.random.key(5), chunk=500)
+stream = gf.ot.CoupledBatches(gf.data.moons, 256, jax.random.key(5), chunk=500, num_batches=2000)
 state_ot = gf.train.init_state(params, optimizer, jax.random.key(2), ema_decays=(0.99,))
 state_ot, history_ot = gf.train.fit(state_ot, step, stream, 2000, chunk_size=500, progress=False)
 stream.close()
