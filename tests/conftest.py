@@ -19,9 +19,12 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # that several processes compile (the same module fixture on both workers, the checkpoint worker
 # restarted four times) is compiled once and loaded from disk afterwards. It starts empty, so a
 # session measures nothing from an earlier one; set JAX_COMPILATION_CACHE_DIR to keep your own.
-_OWN_CACHE = None
-if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="genflow-tests-jax-cache-")
+# GENFLOW_TEST_SESSION_DIR: this session's scratch directory, made by the controlling process (the
+# xdist workers inherit it) and removed at its end.
+_OWN_DIR = None
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    _OWN_DIR = os.environ["GENFLOW_TEST_SESSION_DIR"] = tempfile.mkdtemp(prefix="genflow-tests-")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_OWN_DIR, "jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -45,6 +48,17 @@ def gauss2():
     return gf.oracles.Gaussian.full(jnp.array([0.7, -1.2]), jnp.array([[0.8, 0.3], [0.3, 0.5]]))
 
 
+def pytest_collection_finish(session):
+    """The 8-device sharding checks run in a subprocess that takes ~1 min: start it in the background
+    as soon as the tests are known (on one xdist worker), so no worker sits waiting for it later."""
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0" and any(
+            item.path.name == "test_sharding.py" for item in session.items):
+        import threading
+
+        from _sharding_run import run_once
+        threading.Thread(target=run_once, daemon=True, name="sharding-checks").start()
+
+
 def pytest_unconfigure(config):
-    if _OWN_CACHE is not None:
-        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+    if _OWN_DIR is not None:
+        shutil.rmtree(_OWN_DIR, ignore_errors=True)

@@ -1,9 +1,7 @@
 """Sharded training on 8 fake CPU devices (in a subprocess: the device count is fixed when jax is
 imported) against the single-device run, and checkpoints restored across mesh shapes."""
 
-import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -11,33 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import filelock
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import genflow as gf
-
-HERE = pathlib.Path(__file__).resolve().parent
+from _sharding_run import run_once
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """The 8-device checks, run once per test session: pytest-xdist workers share the run's base
-    temporary directory, and the first worker to take the lock runs the subprocess for all."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this run's, for every worker
-    out, done = shared / "sharding", shared / "sharding_report.json"
-    with filelock.FileLock(str(shared / "sharding.lock")):
-        if not done.exists():
-            out.mkdir(exist_ok=True)
-            flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-            r = subprocess.run([sys.executable, str(HERE / "_sharding_checks.py"), str(out)], capture_output=True,
-                               text=True, env=env, timeout=600)
-            assert r.returncode == 0, r.stderr[-3000:]
-            line = [ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")][-1]
-            done.write_text(line[len("REPORT "):])
-    return json.loads(done.read_text()), out
+def report():
+    """The 8-device checks (one run per test session, shared by the xdist workers)."""
+    return run_once()
 
 
 @pytest.mark.parametrize("case", ["data", "fsdp", "both", "both_on_device", "both_grad_accum"])

@@ -1,0 +1,44 @@
+"""Runs tests/_sharding_checks.py once per test session and shares its report.
+
+The 8-device subprocess takes about a minute. ``conftest.py`` starts :func:`run_once` in a
+background thread on one xdist worker as soon as the tests are collected; the module fixture of
+``tests/test_sharding.py`` calls it too and, through a file lock in the session directory, either
+finds the report written or waits for (or, without the background start, does) the one run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import filelock
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def session_dir() -> pathlib.Path:
+    """This test session's shared scratch directory (made by conftest.py's controlling process)."""
+    d = os.environ.get("GENFLOW_TEST_SESSION_DIR") or tempfile.gettempdir()
+    return pathlib.Path(d)
+
+
+def run_once() -> tuple[dict, pathlib.Path]:
+    """``(report, out_dir)`` of the session's one run of the 8-device checks."""
+    shared = session_dir()
+    out, done, err = shared / "sharding", shared / "sharding_report.json", shared / "sharding_error.txt"
+    with filelock.FileLock(str(shared / "sharding.lock")):
+        if not done.exists() and not err.exists():
+            out.mkdir(exist_ok=True)
+            flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+            r = subprocess.run([sys.executable, str(HERE / "_sharding_checks.py"), str(out)], capture_output=True,
+                               text=True, env=env, timeout=600)
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")]
+            if r.returncode == 0 and lines:
+                done.write_text(lines[-1][len("REPORT "):])
+            else:
+                err.write_text(f"exit code {r.returncode}\n{r.stderr[-3000:]}")
+    if err.exists():
+        raise AssertionError(err.read_text())
+    return json.loads(done.read_text()), out
