@@ -6,11 +6,11 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The suite is dominated by XLA compiling programs it runs once or a few times (measured: the whole
-# suite 1322 s -> 1001 s on the 2-core CI machine, all tests passing either way). Tests therefore
-# compile without LLVM's optimizations (the same HLO, the same algorithms; results can differ from
-# an optimized build in the last bits). Set XLA_FLAGS=--xla_backend_optimization_level=3 (or any
-# level) to test the optimized build; subprocesses the tests start inherit the setting.
+# The suite is dominated by XLA compiling programs it runs once or a few times (measured: the
+# whole suite 1322 s -> 1001 s on a 2-core CPU machine like CI's, all tests passing either way).
+# Tests therefore compile without LLVM's optimizations (the same HLO, the same algorithms; results
+# can differ from an optimized build in the last bits). Set XLA_FLAGS=--xla_backend_optimization_level=3
+# (or any level) to test the optimized build; subprocesses the tests start inherit the setting.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
