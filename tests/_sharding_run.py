@@ -10,22 +10,15 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 
 import filelock
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def session_dir() -> pathlib.Path:
-    """This test session's shared scratch directory (made by conftest.py's controlling process)."""
-    d = os.environ.get("GENFLOW_TEST_SESSION_DIR") or tempfile.gettempdir()
-    return pathlib.Path(d)
-
-
 def run_once() -> tuple[dict, pathlib.Path]:
     """``(report, out_dir)`` of the session's one run of the 8-device checks."""
-    shared = session_dir()
+    shared = pathlib.Path(os.environ["GENFLOW_TEST_SESSION_DIR"])  # made by conftest.py, per session
     out, done, err = shared / "sharding", shared / "sharding_report.json", shared / "sharding_error.txt"
     with filelock.FileLock(str(shared / "sharding.lock")):
         if not done.exists() and not err.exists():
