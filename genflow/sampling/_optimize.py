@@ -23,6 +23,7 @@ import functools
 from typing import Any, Callable
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
@@ -61,7 +62,15 @@ def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float 
     so towards clean data the solve stops at the noise level ``rho = sigma / alpha = 5e-4`` and
     continues with the exact limit ``y(rho) = D + (rho / rho_stop) (y_stop - D)`` (``y = x / alpha``,
     error ``O(rho_stop^2)`` relative to the data variance). Returns ``x_at(t: [K]) -> [K, B, ...]``,
-    differentiable in ``t``."""
+    differentiable in ``t``: a pytree callable (``jax.tree_util.Partial``) holding the solutions,
+    compiled once per shape of ``t`` and passed to jitted functions as an argument."""
+    return jax.tree_util.Partial(_trajectories_at, model.path,
+                                 *_reference_solve(model, x1, t_start, t_end, rtol, atol, max_steps))
+
+
+@eqx.filter_jit
+def _reference_solve(model, x1, t_start, t_end, rtol, atol, max_steps):
+    """The per-sample dense solves of :func:`reference_trajectories` and their exact tail."""
     path = model.path
 
     def velocity(tau, y, args):
@@ -84,19 +93,20 @@ def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float 
     a_st, s_st = path.alpha(t_stop), path.sigma(t_stop)
     y_stop = sols.ys[:, -1] * (a_st + s_st) / a_st  # [B, ...] in y = x / alpha
     d_stop = model.x0_eps(y_stop * a_st, t_stop)[0]
-    rho_stop = s_st / a_st
+    return sols, tau0, tau_stop, y_stop, d_stop, s_st / a_st
 
-    def x_at(ts: Array) -> Array:
-        taus = _tau(path, ts)
-        inside = jnp.clip(taus, jnp.minimum(tau0, tau_stop), jnp.maximum(tau0, tau_stop))
-        ys = jax.vmap(lambda sol: jax.vmap(sol.evaluate)(inside))(sols)  # [B, K, ...]
-        a, s = path.alpha(ts), path.sigma(ts)
-        shape = (-1,) + (1,) * (ys.ndim - 1)
-        x = jnp.moveaxis(ys, 0, 1) * (a + s).reshape(shape)
-        tail = a.reshape(shape) * (d_stop[None] + (s / a / rho_stop).reshape(shape) * (y_stop - d_stop)[None])
-        return jnp.where((taus < tau_stop).reshape(shape), tail, x)
 
-    return x_at
+@eqx.filter_jit
+def _trajectories_at(path, sols, tau0, tau_stop, y_stop, d_stop, rho_stop, ts: Array) -> Array:
+    """``x_at(ts)`` of :func:`reference_trajectories`: ``[K, B, ...]``."""
+    taus = _tau(path, ts)
+    inside = jnp.clip(taus, jnp.minimum(tau0, tau_stop), jnp.maximum(tau0, tau_stop))
+    ys = jax.vmap(lambda sol: jax.vmap(sol.evaluate)(inside))(sols)  # [B, K, ...]
+    a, s = path.alpha(ts), path.sigma(ts)
+    shape = (-1,) + (1,) * (ys.ndim - 1)
+    x = jnp.moveaxis(ys, 0, 1) * (a + s).reshape(shape)
+    tail = a.reshape(shape) * (d_stop[None] + (s / a / rho_stop).reshape(shape) * (y_stop - d_stop)[None])
+    return jnp.where((taus < tau_stop).reshape(shape), tail, x)
 
 
 def propagation_weights(model: Model, x_at: Callable[[Array], Array], t_start, t_end, num: int = 48,
@@ -110,7 +120,14 @@ def propagation_weights(model: Model, x_at: Callable[[Array], Array], t_start, t
     where ill-conditioned samples -- those near the boundary between two modes, which a coarse
     schedule sends to the wrong mode -- make an error expensive. ``mu`` is computed from the full
     Jacobian at ``num`` points spaced uniformly in log-SNR, the growth factor is capped at
-    ``cap``. Returns ``w(ts: [K]) -> [K, B]`` (log-linear in log-SNR, differentiable; 1 at the end)."""
+    ``cap``. Returns ``w(ts: [K]) -> [K, B]`` (log-linear in log-SNR, differentiable; 1 at the
+    end), a pytree callable like ``x_at``."""
+    return jax.tree_util.Partial(_weights_at, model.path, *_growth(model, x_at, t_start, t_end, num, cap))
+
+
+@eqx.filter_jit
+def _growth(model, x_at, t_start, t_end, num, cap):
+    """The log-SNR nodes and the capped log growth factors of :func:`propagation_weights`."""
     path = model.path
     t_start = jnp.asarray(t_start)
     t_end = jnp.asarray(t_end, t_start.dtype)
@@ -135,13 +152,14 @@ def propagation_weights(model: Model, x_at: Callable[[Array], Array], t_start, t
     dtau = (taus[:-1] - taus[1:])[:, None]  # > 0: tau decreases along the solve
     seg = 0.5 * (mus[:-1] + mus[1:]) * dtau
     log_s = jnp.concatenate([jnp.cumsum(seg[::-1], axis=0)[::-1], jnp.zeros_like(seg[:1])])
-    log_s = jnp.minimum(log_s, jnp.log(cap))
+    return lams, jnp.minimum(log_s, jnp.log(cap))
 
-    def w(query: Array) -> Array:
-        lq = jnp.clip(0.5 * path.log_snr(query), lams[0], lams[-1])
-        return jnp.exp(jax.vmap(lambda col: jnp.interp(lq, lams, col), in_axes=1, out_axes=1)(log_s))
 
-    return w
+@eqx.filter_jit
+def _weights_at(path, lams, log_s, query: Array) -> Array:
+    """``w(query)`` of :func:`propagation_weights`: ``[K, B]``."""
+    lq = jnp.clip(0.5 * path.log_snr(query), lams[0], lams[-1])
+    return jnp.exp(jax.vmap(lambda col: jnp.interp(lq, lams, col), in_axes=1, out_axes=1)(log_s))
 
 
 def _scan_solver(solver: str, solver_options: dict):
@@ -155,6 +173,7 @@ def _scan_solver(solver: str, solver_options: dict):
     return spec, {**{k: v for k, v in spec.run.keywords.items() if k != "stepper"}, **solver_options}
 
 
+@eqx.filter_jit
 def schedule_bound(model: Model, ts: Array, x_at: Callable[[Array], Array], solver: str = "dpm++3m",
                    weights: Callable[[Array], Array] | None = None, **solver_options) -> Array:
     """The error bound ``B(ts)`` of ``solver`` on the grid ``ts``, differentiable in ``ts``: the
@@ -214,6 +233,7 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
                      bool(return_history), tuple(sorted(solver_options.items())))
 
 
+@eqx.filter_jit
 def global_error(model: Model, ts: Array, x1: Array, x_end: Array, solver: str = "dpm++3m", **solver_options) -> Array:
     """Mean per-sample rms error of ``solver`` on the grid ``ts`` from ``x1`` against the exact end
     states ``x_end`` (scale-free, like the bound); differentiable in ``ts``."""
