@@ -11,7 +11,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests therefore compile without LLVM's optimizations (the same HLO, the same algorithms; results
 # can differ from an optimized build in the last bits). Set XLA_FLAGS=--xla_backend_optimization_level=3
 # (or any level) to test the optimized build; subprocesses the tests start inherit the setting.
+# GENFLOW_TEST_UNOPTIMIZED holds the flag when it came from here: a test whose subprocess runs a
+# program for long (the quickstart notebook's trainings) takes it off again (tests/test_notebooks.py).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["GENFLOW_TEST_UNOPTIMIZED"] = "--xla_backend_optimization_level=0"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 # One persistent compilation cache per test session, shared by the xdist workers and by every
@@ -46,6 +49,24 @@ def path(request):
 def gauss2():
     """A 2-D Gaussian with non-diagonal covariance."""
     return gf.oracles.Gaussian.full(jnp.array([0.7, -1.2]), jnp.array([[0.8, 0.3], [0.3, 0.5]]))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy(seconds): a long end-to-end test (about `seconds` in the suite on a "
+                                       "2-core machine); heavy tests run first, longest first")
+
+
+def pytest_collection_modifyitems(items):
+    """Heavy tests (experiments and notebooks run end to end, 35-140 s each) go to the front of the
+    run, longest first; the rest keep their order. xdist hands tests out in collection order,
+    alternating between workers at the start, so the workers share the long tests out evenly and
+    then finish together on the short ones, instead of one worker starting a 2-minute test when
+    the other is nearly done."""
+    def seconds(item):
+        mark = item.get_closest_marker("heavy")
+        return 0.0 if mark is None else float(mark.args[0])
+
+    items.sort(key=lambda item: -seconds(item))  # stable: unmarked tests keep their order
 
 
 def pytest_collection_finish(session):
