@@ -51,24 +51,6 @@ def gauss2():
     return gf.oracles.Gaussian.full(jnp.array([0.7, -1.2]), jnp.array([[0.8, 0.3], [0.3, 0.5]]))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "heavy(seconds): a long end-to-end test (about `seconds` in the suite on a "
-                                       "2-core machine); heavy tests run first, longest first")
-
-
-def pytest_collection_modifyitems(items):
-    """Heavy tests (experiments and notebooks run end to end, 35-140 s each) go to the front of the
-    run, longest first; the rest keep their order. xdist hands tests out in collection order,
-    alternating between workers at the start, so the workers share the long tests out evenly and
-    then finish together on the short ones, instead of one worker starting a 2-minute test when
-    the other is nearly done."""
-    def seconds(item):
-        mark = item.get_closest_marker("heavy")
-        return 0.0 if mark is None else float(mark.args[0])
-
-    items.sort(key=lambda item: -seconds(item))  # stable: unmarked tests keep their order
-
-
 def pytest_collection_finish(session):
     """The 8-device sharding checks run in a subprocess that takes ~1 min: start it in the background
     as soon as the tests are known (on one xdist worker), so no worker sits waiting for it later."""

@@ -67,7 +67,6 @@ def _assert_bit_identical(reference, out):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.heavy(74)
 def test_sigkill_mid_run_resumes_bit_identically(reference, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.npz"
     seen = _run_until(_start(ckpt, out), "step 17")
@@ -82,7 +81,6 @@ def test_sigkill_mid_run_resumes_bit_identically(reference, tmp_path):
     _assert_bit_identical(reference, out)
 
 
-@pytest.mark.heavy(35)
 def test_sigkill_mid_save_resumes_from_previous_checkpoint(reference, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.npz"
     seen = _run_until(_start(ckpt, out, "--slow_save", "2"), "saving 10")

@@ -7,12 +7,9 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.heavy(42)
 def test_toy2d_end_to_end(tmp_path):
     out = tmp_path / "toy"
     cmd = [sys.executable, str(ROOT / "experiments" / "toy2d.py"), "--steps", "1500", "--n_eval", "1024",
@@ -33,7 +30,6 @@ def test_toy2d_rejects_bad_config(tmp_path):
     assert r.returncode != 0 and "--path must be one of" in r.stderr
 
 
-@pytest.mark.heavy(70)
 def test_inverse_quick_beats_the_pseudo_inverse(tmp_path):
     """Even a briefly trained prior (1500 steps) must beat the pseudo-inverse baseline where the
     measurement leaves most of the image unknown (measured: +1.8 to +5.1 dB)."""

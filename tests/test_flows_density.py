@@ -8,12 +8,9 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.heavy(125)
 def test_density_quick_end_to_end(tmp_path):
     out = tmp_path / "density"
     # 2-D only: the digits half doubles the run time (measured with --quick: bits/dim glow 2.58,

@@ -9,12 +9,9 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.heavy(124)
 def test_images_quick_end_to_end(tmp_path):
     out = tmp_path / "images"
     cmd = [sys.executable, str(ROOT / "experiments" / "images.py"), "--quick", "--progress", "false", "--out", str(out)]

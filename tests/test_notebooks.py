@@ -13,8 +13,6 @@ from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
-# seconds each took in the suite on a 2-core machine: the order heavy tests run in (conftest)
-SECONDS = {"quickstart": 132, "images": 101, "inverse": 88, "samplers": 88, "likelihood": 84, "optimizers": 52}
 # Notebooks that spend their time running programs rather than compiling them run with XLA's
 # optimizations on (conftest turns them off for the tests): the quickstart's two 2000-step
 # trainings. Measured per notebook, all cells, fresh compilation cache: quickstart 87 s
@@ -27,8 +25,7 @@ def _code(nb):
     return [c.source.strip() for c in nb.cells if c.cell_type == "code"]
 
 
-@pytest.mark.parametrize("src", [pytest.param(p, id=p.stem, marks=pytest.mark.heavy(SECONDS.get(p.stem, 60)))
-                                 for p in NOTEBOOKS])
+@pytest.mark.parametrize("src", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(src, tmp_path, monkeypatch):
     nb = jupytext.read(src)
     ipynb = src.with_suffix(".ipynb")

@@ -7,12 +7,9 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.heavy(48)
 def test_optimizers_experiment_quick(tmp_path):
     out = tmp_path / "opt"
     subprocess.run([sys.executable, str(ROOT / "experiments" / "optimizers.py"), "--quick", "true", "--out", str(out)],

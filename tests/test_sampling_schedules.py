@@ -76,7 +76,6 @@ def mixture_problem():
     return gm, path, t0, cal, jnp.asarray(np.asarray(test), jnp.float32), ref
 
 
-@pytest.mark.heavy(72)
 def test_optimized_schedule_lowers_the_bound_and_the_error_on_fresh_noise(mixture_problem):
     gm, path, t0, cal, test, ref = mixture_problem
     fn = gm.model(path, "x0")
@@ -109,7 +108,6 @@ def test_optimized_schedule_lowers_the_bound_and_the_error_on_fresh_noise(mixtur
         gf.sampling.optimize_schedule(fn, path, cal, prediction="x0", steps=4, solver="heun", t_start=t0)
 
 
-@pytest.mark.heavy(44)
 def test_global_objective_lowers_the_calibration_error_and_generalizes(mixture_problem):
     """objective="global" minimizes the calibration batch's own error against the exact map; the
     reported values are that error (checked with global_error), and fresh noise improves too."""
