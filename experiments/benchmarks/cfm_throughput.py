@@ -57,6 +57,7 @@ Investigation notes (measured on the shared 2-core box while other jobs kept its
     python experiments/benchmarks/cfm_throughput.py --part quality --seeds 0 1 2
     python experiments/benchmarks/cfm_throughput.py --part data     # gf.data.moons vs sklearn's make_moons
     python experiments/benchmarks/cfm_throughput.py --part solver   # exact assignment: raw vs preconditioned
+    python experiments/benchmarks/cfm_throughput.py --part ema --seeds 100 101 102 --json ''  # EMA decay, tuning seeds
 """
 
 from __future__ import annotations
@@ -405,9 +406,33 @@ def part_quality(seeds, train_steps: int, n_eval: int, unroll: int, ot_chunk: in
     return {"seeds": out, "summary": summary}
 
 
+def part_ema(seeds, train_steps: int, n_eval: int, decays=(0.99, 0.995, 0.998, 0.999)) -> dict:
+    """W2 after ``train_steps`` for several EMA decays tracked in the same run (tuning seeds: run
+    it on seeds other than the quality part's, so the chosen decay is not fitted to them)."""
+    solvers = [("tsit5", {"solver": "tsit5", "rtol": 1e-5, "atol": 1e-5})]
+    rows, res = [], {}
+    for seed in seeds:
+        for kind in ("independent", "ot"):
+            g = GenflowRunner(kind, seed=seed)
+            g.state = gf_state(seed, ema=tuple(decays))
+            g.run(train_steps)
+            w = {f"EMA {d}": evaluate(g.state.ema[gf.train.ema_key(d)], False, seed, n_eval, solvers)["tsit5"]["w2"]
+                 for d in decays}
+            w["raw"] = evaluate(g.state.params, False, seed, n_eval, solvers)["tsit5"]["w2"]
+            res[f"{seed} {kind}"] = w
+            rows.append([seed, kind, *w.values()])
+            print(f"seed {seed} {kind}: " + ", ".join(f"{k} {v:.4f}" for k, v in w.items()), flush=True)
+    cols = [f"EMA {d}" for d in decays] + ["raw"]
+    for kind in ("independent", "ot"):
+        rows.append(["mean", kind, *[float(np.mean([res[f"{s} {kind}"][c] for s in seeds])) for c in cols]])
+    print(f"\n### W2 to fresh data after {train_steps} steps by EMA decay (tsit5 rtol=atol=1e-5, n = {n_eval})\n")
+    print(markdown_table(["seed", "coupling", *cols], rows))
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["all", "data", "solver", "throughput", "quality"], default="all")
+    p.add_argument("--part", choices=["all", "data", "solver", "throughput", "quality", "ema"], default="all")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=500, help="steps per timed run (independent coupling)")
     p.add_argument("--ot-steps", type=int, default=500, help="steps per timed run of genflow OT (CoupledBatches)")
@@ -437,6 +462,8 @@ def main(argv=None) -> int:
                                                 args.unroll, args.ot_chunk, tuple(args.torch_threads))
     if args.part in ("all", "quality"):
         results["quality"] = part_quality(args.seeds, args.train_steps, args.n_eval, max(args.unroll), args.ot_chunk)
+    if args.part == "ema":  # not part of "all": a tuning run, on its own seeds
+        results["ema"] = part_ema(args.seeds, args.train_steps, args.n_eval)
     if args.json:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:
