@@ -50,7 +50,13 @@ Investigation notes (measured on the shared 2-core box while other jobs kept its
   in XLA:CPU was slower than in NumPy (batched mat-vecs at ~1 GFLOP/s), so it runs on the host.
 * Independent coupling: scan ``unroll`` and the train-step guards (finite-loss ``lax.cond`` on
   the whole state, twice per step) are within the load noise here; bf16 compute halved the rate
-  (XLA:CPU converts around its float32 dots).
+  (XLA:CPU converts around its float32 dots). XLA:CPU's library paths (jaxlib 0.10.2:
+  ``--xla_cpu_experimental_xnn_fusion_type=dot`` / ``dot,eltwise,reduce``, ``..._ynn_fusion_type=dot``,
+  ``..._onednn_fusion_type=dot``, ``--xla_cpu_use_onednn=true``, XNN graph fusion, fast math)
+  gave 210-296 steps/s against 222-262 without flags (2026-12-02, idle box, 4 x 500 steps each):
+  within the run-to-run noise. One core alone does 181 steps/s (~41 GFLOP/s), two 262: torch's
+  single thread (190-240 steps/s) is as fast per core, so the 2.5x target would need ~2x the
+  FLOP rate per core on these 256-wide layers.
 
     python experiments/benchmarks/cfm_throughput.py                 # everything (~15 min on 2 idle cores)
     python experiments/benchmarks/cfm_throughput.py --part throughput --repeats 7
