@@ -14,8 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # GENFLOW_TEST_UNOPTIMIZED holds the flag when it came from here: a test whose subprocess runs a
 # program for long (the quickstart notebook's trainings) takes it off again (tests/test_notebooks.py).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["GENFLOW_TEST_UNOPTIMIZED"] = "--xla_backend_optimization_level=0"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    _flag = os.environ["GENFLOW_TEST_UNOPTIMIZED"] = "--xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 # One persistent compilation cache per test session, shared by the xdist workers and by every
 # subprocess the tests start (experiments, notebook kernels, the checkpoint worker): a program
