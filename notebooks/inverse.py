@@ -31,6 +31,9 @@ import optax
 import genflow as gf
 from genflow import inverse as inv
 
+# %% tags=["parameters"]
+TRAIN_STEPS = 2500  # training steps of the digits prior in section 2 (the test suite runs this notebook with fewer)
+
 # %% [markdown]
 # ## 1. A 2-D Gaussian prior, one noisy linear measurement
 # Prior `N(mu, C)`, measurement `y = a . x + 0.2 n`. The exact posterior is Gaussian; each
@@ -92,7 +95,7 @@ opt = optax.adam(1e-3)
 data = jnp.asarray(xtr)
 state = gf.train.init_state(params, opt, jax.random.key(1), ema_decays=(0.999,))
 step = gf.train.make_train_step(gf.train.diffusion_objective(apply, path, prediction="velocity"), opt)
-state, hist = gf.train.fit(state, step, lambda k: data[jax.random.randint(k, (256,), 0, len(data))], 2500,
+state, hist = gf.train.fit(state, step, lambda k: data[jax.random.randint(k, (256,), 0, len(data))], TRAIN_STEPS,
                            chunk_size=500, progress=False)
 fn = jax.tree_util.Partial(apply, state.ema["0.999"])
 

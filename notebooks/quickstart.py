@@ -33,6 +33,9 @@ import optax
 
 import genflow as gf
 
+# %% tags=["parameters"]
+TRAIN_STEPS = 2000  # training steps of each flow below (the test suite runs this notebook with fewer)
+
 # %% [markdown]
 # ## 1. A sampler against the Gaussian oracle
 # For data `N(mu, C)` the noisy marginals stay Gaussian, so the exact model (any prediction
@@ -68,8 +71,8 @@ optimizer = optax.adam(1e-3)
 loss_fn = gf.train.diffusion_objective(model.apply, path, prediction="velocity")  # flow matching
 state = gf.train.init_state(params, optimizer, jax.random.key(2), ema_decays=(0.99,))
 step = gf.train.make_train_step(loss_fn, optimizer)
-state, history = gf.train.fit(state, step, lambda k: gf.data.moons(k, 256), 2000, chunk_size=500, progress=False)
-print(f"{2000 / history['wall_time']:.0f} steps/s, compile {history['compile_time']:.1f}s")
+state, history = gf.train.fit(state, step, lambda k: gf.data.moons(k, 256), TRAIN_STEPS, chunk_size=500, progress=False)
+print(f"{TRAIN_STEPS / history['wall_time']:.0f} steps/s, compile {history['compile_time']:.1f}s")
 gf.viz.curves({"loss": history["loss"]}, ylabel="flow-matching loss", smooth=50);
 
 # %% [markdown]
@@ -98,11 +101,11 @@ gf.viz.trajectories(info.trajectory, title="probability-flow trajectories");
 # `batch["x1"]`.
 
 # %%
-stream = gf.ot.CoupledBatches(gf.data.moons, 256, jax.random.key(5), chunk=500, num_batches=2000)
+stream = gf.ot.CoupledBatches(gf.data.moons, 256, jax.random.key(5), chunk=500, num_batches=TRAIN_STEPS)
 state_ot = gf.train.init_state(params, optimizer, jax.random.key(2), ema_decays=(0.99,))
-state_ot, history_ot = gf.train.fit(state_ot, step, stream, 2000, chunk_size=500, progress=False)
+state_ot, history_ot = gf.train.fit(state_ot, step, stream, TRAIN_STEPS, chunk_size=500, progress=False)
 stream.close()
-print(f"OT-coupled training: {2000 / history_ot['wall_time']:.0f} steps/s")
+print(f"OT-coupled training: {TRAIN_STEPS / history_ot['wall_time']:.0f} steps/s")
 fn_ot = gf.nets.model_fn(model, state_ot.ema["0.99"])
 for name, f in [("independent", fn), ("exact OT", fn_ot)]:
     x0, info = gf.sample(f, path, x1, prediction="velocity", solver="tsit5", rtol=1e-4, atol=1e-4,

@@ -42,6 +42,10 @@ import optax
 
 import genflow as gf
 
+# %% tags=["parameters"]
+TRAIN_STEPS = 2000  # training steps of the 2-D model in section 3 (the test suite runs this notebook with fewer)
+
+# %%
 rows = [(name, s.order, s.stochastic, s.nfe_per_step, s.target) for name, s in gf.sampling.solvers().items()]
 print(f"{'solver':16s} order stochastic nfe/step target")
 for r in rows:
@@ -121,9 +125,10 @@ opt = optax.adam(2e-3)
 loss_fn = gf.train.diffusion_objective(model.apply, path, prediction="velocity")
 state = gf.train.init_state(params, opt, jax.random.key(4), ema_decays=(0.99,))
 step = gf.train.make_train_step(loss_fn, opt)
-state, history = gf.train.fit(state, step, lambda k: gf.data.eight_gaussians(k, 256), 2000, chunk_size=500,
+state, history = gf.train.fit(state, step, lambda k: gf.data.eight_gaussians(k, 256), TRAIN_STEPS, chunk_size=500,
                               progress=False)
-print(f"trained 2000 steps, compile {history['compile_time']:.1f}s, final loss {float(history['loss'][-1]):.3f}")
+print(f"trained {TRAIN_STEPS} steps, compile {history['compile_time']:.1f}s, "
+      f"final loss {float(history['loss'][-1]):.3f}")
 net = gf.nets.model_fn(model, state.ema["0.99"])
 
 # %%

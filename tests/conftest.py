@@ -2,20 +2,35 @@
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The suite is dominated by XLA compiling programs it runs once or a few times (measured: the
-# whole suite 1322 s -> 1001 s on a 2-core CPU machine like CI's, all tests passing either way).
-# Tests therefore compile without LLVM's optimizations (the same HLO, the same algorithms; results
-# can differ from an optimized build in the last bits). Set XLA_FLAGS=--xla_backend_optimization_level=3
-# (or any level) to test the optimized build; subprocesses the tests start inherit the setting.
-# GENFLOW_TEST_UNOPTIMIZED holds the flag when it came from here: a test whose subprocess runs a
-# program for long (the quickstart notebook's trainings) takes it off again (tests/test_notebooks.py).
+# The suite is dominated by XLA compiling programs it runs once or a few times. Tests therefore
+# compile without LLVM's optimizations and with XLA:CPU's older elemental emitters instead of its
+# MLIR fusion emitters (the same HLO, the same algorithms; results can differ from the default
+# build in the last bits). Measured on a 2-core CPU machine like CI's, all tests passing each time:
+# the whole suite 1322 s -> 1001 s with the first flag (an earlier suite), and 1139 s -> 828 s
+# (2237 -> 1577 s of work over the two workers) with the second added. Set XLA_FLAGS with
+# --xla_backend_optimization_level=3 (or any level) to test the default build; subprocesses the
+# tests start inherit the setting.
+
+
+def _xla_accepts(flag: str) -> bool:
+    """Whether this jaxlib knows ``flag`` (XLA aborts the whole process on an unknown one, and the
+    set of XLA:CPU flags changes between releases)."""
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+    return subprocess.run(probe, env=env, capture_output=True, timeout=300).returncode == 0
+
+
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    _flag = os.environ["GENFLOW_TEST_UNOPTIMIZED"] = "--xla_backend_optimization_level=0"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+    _flags = [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
+    if "xla_cpu_use_fusion_emitters" not in _flags[0] and _xla_accepts("--xla_cpu_use_fusion_emitters=false"):
+        _flags.append("--xla_cpu_use_fusion_emitters=false")
+    os.environ["XLA_FLAGS"] = " ".join(_flags).strip()
 
 # One persistent compilation cache per test session, shared by the xdist workers and by every
 # subprocess the tests start (experiments, notebook kernels, the checkpoint worker): a program
