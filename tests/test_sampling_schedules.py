@@ -130,3 +130,36 @@ def test_global_objective_lowers_the_calibration_error_and_generalizes(mixture_p
     assert med_err(ts) < med_err(karras)
     with pytest.raises(ValueError, match="objective"):
         gf.sampling.optimize_schedule(fn, path, cal, prediction="x0", steps=4, t_start=t0, objective="local")
+
+
+def test_select_schedule_picks_the_lowest_calibration_error_and_generalizes(mixture_problem):
+    """select_schedule returns the candidate with the smallest calibration global error (the
+    errors it reports are global_error's), and on this mixture the Karras grid it picks from a
+    (rho, sigma_min) family beats EDM's default Karras grid on fresh noise."""
+    gm, path, t0, cal, test, ref = mixture_problem
+    fn = gm.model(path, "x0")
+    model = gf.sampling.Model(fn, path, "x0")
+    steps = 6
+    family = [(rho, smin) for rho in (7.0, 30.0) for smin in (0.002, 0.1)]
+    grids = [gf.sampling.time_grid(path, steps, "karras", t_start=t0, rho=r, sigma_min=s) for r, s in family]
+    ts, errs = gf.sampling.select_schedule(fn, path, cal, grids, prediction="x0", solver="deis", return_errors=True)
+    errs = np.asarray(errs)
+    assert errs.shape == (len(family),) and np.all(errs > 0)
+    best = int(np.argmin(errs))
+    np.testing.assert_array_equal(np.asarray(ts), np.asarray(grids[best]))
+    x_end = gf.sampling.reference_trajectories(model, cal, t0, 0.0)(jnp.zeros((1,)))[0]
+    assert abs(float(gf.sampling.global_error(model, grids[best], cal, x_end, "deis")) - errs[best]) < 1e-4 * errs[best]
+    assert best != 0 and errs[best] < 0.5 * errs[0], errs  # EDM's default (rho 7, sigma_min 0.002) is not the pick
+
+    def med_err(schedule):
+        x, _ = gf.sample(fn, path, test, prediction="x0", solver="deis", schedule=schedule)
+        return np.median(np.sqrt(np.mean((np.asarray(x) - ref) ** 2, axis=1)))
+
+    assert med_err(ts) < 0.5 * med_err(grids[0])
+    with pytest.raises(ValueError, match="share the number of steps"):
+        gf.sampling.select_schedule(fn, path, cal, [grids[0], gf.sampling.time_grid(path, 4, "karras", t_start=t0)],
+                                    prediction="x0", solver="deis")
+    with pytest.raises(ValueError, match="at least one grid"):
+        gf.sampling.select_schedule(fn, path, cal, [], prediction="x0")
+    with pytest.raises(ValueError, match="deterministic scan solvers"):
+        gf.sampling.select_schedule(fn, path, cal, grids, prediction="x0", solver="heun")
