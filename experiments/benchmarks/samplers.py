@@ -63,8 +63,13 @@ SOLVERS = ["ddim", "dpm++2m", "dpm++3m", "dpm++3m_ref", "dpm++2s", "dpm++3s", "d
 # measured in solver_order.py; EDM's Heun sampler above is the Heun entry here)
 OPT_SOLVERS = ["dpm++3m_ref", "unipc"]
 # "optimized": the local-error bound with logarithmic-norm propagation weights (AYS-style);
-# "optimized-global": the calibration batch's global error itself
-SCHEDULES = ["uniform", "quadratic", "logsnr", "karras", "optimized", "optimized-global"]
+# "optimized-global": the calibration batch's global error itself; "karras-selected": the Karras
+# grid (rho, sigma_min) of SELECT_FAMILY with the lowest calibration error (select_schedule)
+SCHEDULES = ["uniform", "quadratic", "logsnr", "karras", "optimized", "optimized-global", "karras-selected"]
+TUNED = ("optimized", "optimized-global", "karras-selected")  # computed per (solver, NFE) on calibration noise
+SELECT_SOLVERS = ["deis", "unipc", "dpm++3m", "dpm++3m_ref", "dpm++2m"]
+SELECT_FAMILY = [(rho, smin) for rho in (5, 7, 10, 14, 20, 30) for smin in (0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)]
+CALIBRATION_SEED = 100
 
 
 # -- problem ------------------------------------------------------------------------------------
@@ -106,20 +111,20 @@ def steps_for(solver: str, nfe: int) -> int:
 
 # -- genflow ------------------------------------------------------------------------------------
 def genflow_grid(solver: str, nfe: int, schedule: str, optimized: dict) -> jnp.ndarray:
-    if schedule.startswith("optimized"):
+    if schedule in TUNED:
         return optimized[(solver, nfe, schedule)]
     return gf.sampling.time_grid(PATH, steps_for(solver, nfe), schedule, t_start=T_START)
 
 
-def run_genflow(gm, nfes, seeds, refs, optimized) -> dict:
+def run_genflow(gm, nfes, seeds, refs, optimized, solvers=SOLVERS, schedules=SCHEDULES) -> dict:
     out = {}
-    for solver in SOLVERS:
+    for solver in solvers:
         # the diffrax solvers integrate the velocity in t, which an x0 model cannot give at sigma = 0
         kind = "x0" if _registry.get(solver).stepper is not None else "eps"
         fn = gm.model(PATH, kind)
         for nfe in nfes:
-            for schedule in SCHEDULES:
-                if schedule.startswith("optimized") and (solver, nfe, schedule) not in optimized:
+            for schedule in schedules:
+                if schedule in TUNED and (solver, nfe, schedule) not in optimized:
                     continue
                 ts = genflow_grid(solver, nfe, schedule, optimized)
                 cells = []
@@ -152,6 +157,70 @@ def optimize_all(gm, nfes, calibration_seed: int, iters: int) -> tuple[dict, dic
                 print(f"{name:16s} {solver:12s} NFE {nfe:2d}: {objective} {hist['initial']:.3e} -> {hist['final']:.3e} "
                       f"({info[key]['seconds']:.0f}s)", flush=True)
     return schedules, info
+
+
+def select_all(gm, nfes, calibration_seed: int) -> tuple[dict, dict]:
+    """Per (solver, NFE): the Karras grid of SELECT_FAMILY with the lowest global error on the
+    calibration batch (gf.sampling.select_schedule)."""
+    fn = gm.model(PATH, "x0")
+    cal = jnp.asarray((1.0 - T_START) * RHO_MAX * noise(calibration_seed, 256), jnp.float32)
+    schedules, info = {}, {}
+    for solver in SELECT_SOLVERS:
+        for nfe in nfes:
+            t0 = time.perf_counter()
+            grids = [gf.sampling.time_grid(PATH, steps_for(solver, nfe), "karras", t_start=T_START, rho=rho,
+                                           sigma_min=smin) for rho, smin in SELECT_FAMILY]
+            ts, errs = gf.sampling.select_schedule(fn, PATH, cal, grids, prediction="x0", solver=solver,
+                                                   return_errors=True)
+            i = int(np.argmin(np.asarray(errs)))
+            key = (solver, nfe, "karras-selected")
+            schedules[key] = ts
+            info[key] = {"rho": SELECT_FAMILY[i][0], "sigma_min": SELECT_FAMILY[i][1],
+                         "calibration_error": float(errs[i]),
+                         "default_karras_error": float(errs[SELECT_FAMILY.index((7, 0.002))]),
+                         "seconds": time.perf_counter() - t0}
+            print(f"karras-selected  {solver:12s} NFE {nfe:2d}: rho {SELECT_FAMILY[i][0]}, sigma_min "
+                  f"{SELECT_FAMILY[i][1]} (calibration error {float(errs[i]):.3e}; default Karras "
+                  f"{info[key]['default_karras_error']:.3e}; {info[key]['seconds']:.0f}s)", flush=True)
+    return schedules, info
+
+
+def run_selected(gm, nfes, seeds, robust_seeds, t_all) -> None:
+    """--selected-only: the karras-selected rows beside the default Karras rows on the evaluation
+    seeds, and at NFE 10 on more seeds (how much of the result the seeds decide)."""
+    selected, info = select_all(gm, nfes, CALIBRATION_SEED)
+    refs = {("genflow", seed): reference(gm, RHO_MAX * noise(seed), RHO_MAX)
+            for seed in sorted({*seeds, *robust_seeds})}
+    res = run_genflow(gm, nfes, seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
+    robust = run_genflow(gm, (10,), robust_seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
+    rows = []
+    for (lib, solver, sched, nfe), cells in sorted(robust.items()):
+        rms = np.array([c["rms"] for c in cells])
+        flips = [c["flips"] for c in cells]
+        rows.append([solver, sched, f"{np.median(rms):.2e}", f"{np.median([c['median'] for c in cells]):.2e}",
+                     f"{sum(f == 0 for f in flips)}/{len(flips)}", " ".join(map(str, flips)),
+                     f"{np.median(rms[np.array(flips) == 0]):.2e}" if 0 in flips else "-"])
+    chosen = [[k[0], k[1], v["rho"], v["sigma_min"], f"{v['calibration_error']:.3e}",
+               f"{v['default_karras_error']:.3e}"] for k, v in info.items()]
+    text = "\n\n".join([
+        f"## Karras grids selected on calibration noise (seed {CALIBRATION_SEED}, 256 samples) vs the default Karras "
+        f"grid (rho 7, sigma_min 0.002); evaluation seeds {seeds}, batch {BATCH}", tables(res, nfes),
+        f"## NFE 10 on seeds {robust_seeds[0]}..{robust_seeds[-1]}: median over seeds of rms, median per-sample error, "
+        "seeds with no flip, flips per seed, median rms over the seeds with no flip",
+        markdown_table(["solver", "schedule", "rms (median over seeds)", "median per-sample", "seeds without flips",
+                        "flips per seed", "rms on seeds without flips"], rows),
+        "## The selected grids (calibration error: mean per-sample rms in x / (alpha + sigma), as global_error)",
+        markdown_table(["solver", "NFE", "rho", "sigma_min", "calibration error", "default Karras"], chosen),
+        "Notes: the peers' rows are in samplers.md (best at NFE 10: diffusers UniPC-3, 6.45e-02, 4 flips). One flip "
+        "in a batch of 512 adds about 5e-02 of rms on this mixture, so a seed without flips is what decides "
+        "whether NFE 10 reaches 2e-02; the family's range (rho up to 30, sigma_min up to 0.3) was set after "
+        "sweeping rho and sigma_min on seeds 1-3 and 100-102 -- the 12-seed table is the one to read."])
+    write_results("samplers_selected", text, {
+        "config": {"family": SELECT_FAMILY, "calibration_seed": CALIBRATION_SEED, "seeds": seeds,
+                   "robust_seeds": robust_seeds, "nfes": nfes},
+        "results": {"|".join(map(str, k)): v for k, v in res.items()},
+        "robust": {"|".join(map(str, k)): v for k, v in robust.items()},
+        "selected": {"|".join(map(str, k)): v for k, v in info.items()}}, t_all)
 
 
 def run_pure_noise(gm, nfes, seeds, iters: int) -> dict:
@@ -439,7 +508,7 @@ def tables(results: dict, nfes) -> str:
         rows.append(row)
     out.append(markdown_table(header, rows))
     best = [["best " + lib] + [_best(results, lib, n) for n in nfes]
-            for lib in ("genflow", "genflow (t=1)", "k-diffusion", "diffusers")]
+            for lib in ("genflow", "genflow (t=1)", "k-diffusion", "diffusers") if any(k[0] == lib for k in results)]
     out.append(markdown_table(["", *[f"NFE {n} (best rms)" for n in nfes]], best))
     return "\n\n".join(out)
 
@@ -485,6 +554,8 @@ def main():
     ap.add_argument("--timing-only", action="store_true", help="only the per-step timing (results/samplers_timing.*)")
     ap.add_argument("--pure-noise-only", action="store_true",
                     help="only the rows from pure noise at t = 1 (results/samplers_pure_noise.*)")
+    ap.add_argument("--selected-only", action="store_true",
+                    help="only the karras-selected rows, also on 12 seeds at NFE 10 (results/samplers_selected.*)")
     args = ap.parse_args()
     nfes = (10, 20) if args.quick else (5, 10, 20, 50)
     seeds = (1,) if args.quick else (1, 2, 3)
@@ -493,6 +564,8 @@ def main():
     if args.timing_only:
         rows = timing(gm, load_k_diffusion())
         return write_results("samplers_timing", "\n\n".join(timing_report(rows)), {"timing": rows}, t_all)
+    if args.selected_only:
+        return run_selected(gm, nfes, seeds, tuple(range(1, 13)), t_all)
     if args.pure_noise_only:
         res = run_pure_noise(gm, nfes, seeds, args.iters)
         text = (f"## From pure noise (t = 1) on the linear path; seeds {seeds}, batch {BATCH}\n\n"
@@ -503,7 +576,10 @@ def main():
     for seed in seeds:
         refs[("genflow", seed)] = reference(gm, RHO_MAX * noise(seed), RHO_MAX)
         refs[("kdiff", seed)] = refs[("genflow", seed)]  # same problem: y = 80 eps at noise level 80
-    optimized, opt_info = optimize_all(gm, nfes, calibration_seed=100, iters=args.iters)
+    optimized, opt_info = optimize_all(gm, nfes, calibration_seed=CALIBRATION_SEED, iters=args.iters)
+    selected, sel_info = select_all(gm, nfes, CALIBRATION_SEED)
+    optimized.update(selected)
+    opt_info.update(sel_info)
     results = run_genflow(gm, nfes, seeds, refs, optimized)
     K_mod = load_k_diffusion()
     results.update(run_kdiffusion(gm, K_mod, nfes, seeds, refs))
@@ -517,7 +593,7 @@ def main():
         report += timing_report(timing_rows)
     write_results("samplers_quick" if args.quick else "samplers", "\n\n".join(report), {
         "config": {"dim": DIM, "components": K, "batch": BATCH, "rho_start": RHO_MAX, "seeds": seeds, "nfes": nfes,
-                   "optimizer_iters": args.iters, "calibration_seed": 100},
+                   "optimizer_iters": args.iters, "calibration_seed": CALIBRATION_SEED},
         "results": {"|".join(map(str, k)): v for k, v in results.items()},
         "optimized": {"|".join(map(str, k)): v for k, v in opt_info.items()},
         "timing": timing_rows}, t_all)
