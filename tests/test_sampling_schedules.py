@@ -159,6 +159,8 @@ def test_select_schedule_picks_the_lowest_calibration_error_and_generalizes(mixt
     with pytest.raises(ValueError, match="share the number of steps"):
         gf.sampling.select_schedule(fn, path, cal, [grids[0], gf.sampling.time_grid(path, 4, "karras", t_start=t0)],
                                     prediction="x0", solver="deis")
+    with pytest.raises(ValueError, match="arrays of times"):
+        gf.sampling.select_schedule(fn, path, cal, ["karras"], prediction="x0", solver="deis")
     with pytest.raises(ValueError, match="at least one grid"):
         gf.sampling.select_schedule(fn, path, cal, [], prediction="x0")
     with pytest.raises(ValueError, match="deterministic scan solvers"):

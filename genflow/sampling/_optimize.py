@@ -33,7 +33,7 @@ from genflow.paths import Path
 from genflow.sampling import _driver, _registry
 from genflow.sampling._core import as_pytree_fn
 from genflow.sampling._exp import t_of_lambda
-from genflow.sampling._grid import time_grid
+from genflow.sampling._grid import _check_explicit, time_grid
 from genflow.sampling._model import Model
 
 Array = jax.Array
@@ -258,9 +258,9 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
       fn: model ``fn(x, t)`` of kind ``prediction``.
       path: its path.
       x1: ``[M, ...]`` calibration noise at the candidates' common start time.
-      candidates: a sequence of grids (arrays of times, or anything :func:`time_grid` accepts as
-        an explicit schedule), all with the same number of steps and the same endpoints; the
-        exact end states are solved once (:func:`reference_trajectories`).
+      candidates: a sequence of grids, each a decreasing array of times (e.g. from
+        :func:`time_grid`), all with the same number of steps and the same endpoints; the exact
+        end states are solved once (:func:`reference_trajectories`).
       solver: a deterministic scan solver (as for :func:`optimize_schedule`).
       rtol, atol: tolerances of the reference solve.
       return_errors: also return the ``[len(candidates)]`` errors.
@@ -270,7 +270,9 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
     """
     param.check_kind(prediction)
     _scan_solver(solver, solver_options)
-    grids = [time_grid(path, 1, c) for c in candidates]
+    if any(isinstance(c, str) or callable(c) for c in candidates):
+        raise ValueError("candidates must be arrays of times (build named or callable schedules with time_grid)")
+    grids = [_check_explicit(c) for c in candidates]
     if not grids:
         raise ValueError("candidates must hold at least one grid; got none")
     ends = {(g.shape[0], float(g[0]), float(g[-1])) for g in grids}
