@@ -187,17 +187,21 @@ def select_all(gm, nfes, calibration_seed: int) -> tuple[dict, dict]:
 
 def run_selected(gm, nfes, seeds, robust_seeds, t_all) -> None:
     """--selected-only: the karras-selected rows beside the default Karras rows on the evaluation
-    seeds, and at NFE 10 on more seeds (how much of the result the seeds decide)."""
+    seeds, and at NFE 10 on more seeds (how much of the result the seeds decide), with the peers'
+    samplers on those seeds too."""
     selected, info = select_all(gm, nfes, CALIBRATION_SEED)
     refs = {("genflow", seed): reference(gm, RHO_MAX * noise(seed), RHO_MAX)
             for seed in sorted({*seeds, *robust_seeds})}
     res = run_genflow(gm, nfes, seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
     robust = run_genflow(gm, (10,), robust_seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
+    robust.update(run_kdiffusion(gm, load_k_diffusion(), (10,), robust_seeds,
+                                 {("kdiff", seed): refs[("genflow", seed)] for seed in robust_seeds}))
+    robust.update(run_diffusers(gm, (10,), robust_seeds))
     rows = []
-    for (lib, solver, sched, nfe), cells in sorted(robust.items()):
+    for (lib, solver, sched, nfe), cells in sorted(robust.items(), key=lambda kv: (kv[0][0] != "genflow", kv[0])):
         rms = np.array([c["rms"] for c in cells])
         flips = [c["flips"] for c in cells]
-        rows.append([solver, sched, f"{np.median(rms):.2e}", f"{np.median([c['median'] for c in cells]):.2e}",
+        rows.append([lib, solver, sched, f"{np.median(rms):.2e}", f"{np.median([c['median'] for c in cells]):.2e}",
                      f"{sum(f == 0 for f in flips)}/{len(flips)}", " ".join(map(str, flips)),
                      f"{np.median(rms[np.array(flips) == 0]):.2e}" if 0 in flips else "-"])
     chosen = [[k[0], k[1], v["rho"], v["sigma_min"], f"{v['calibration_error']:.3e}",
@@ -207,12 +211,12 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all) -> None:
         f"grid (rho 7, sigma_min 0.002); evaluation seeds {seeds}, batch {BATCH}", tables(res, nfes),
         f"## NFE 10 on seeds {robust_seeds[0]}..{robust_seeds[-1]}: median over seeds of rms, median per-sample error, "
         "seeds with no flip, flips per seed, median rms over the seeds with no flip",
-        markdown_table(["solver", "schedule", "rms (median over seeds)", "median per-sample", "seeds without flips",
-                        "flips per seed", "rms on seeds without flips"], rows),
+        markdown_table(["library", "sampler", "schedule", "rms (median over seeds)", "median per-sample",
+                        "seeds without flips", "flips per seed", "rms on seeds without flips"], rows),
         "## The selected grids (calibration error: mean per-sample rms in x / (alpha + sigma), as global_error)",
         markdown_table(["solver", "NFE", "rho", "sigma_min", "calibration error", "default Karras"], chosen),
-        "Notes: the peers' rows are in samplers.md (best at NFE 10: diffusers UniPC-3, 6.45e-02, 4 flips). One flip "
-        "in a batch of 512 adds about 5e-02 of rms on this mixture, so a seed without flips is what decides "
+        "Notes: the peers' rows on seeds 1-3 are in samplers.md (best at NFE 10: diffusers UniPC-3, 6.45e-02). "
+        "One flip in a batch of 512 adds about 5e-02 of rms on this mixture, so a seed without flips is what decides "
         "whether NFE 10 reaches 2e-02; the family's range (rho up to 30, sigma_min up to 0.3) was set after "
         "sweeping rho and sigma_min on seeds 1-3 and 100-102 -- the 12-seed table is the one to read."])
     write_results("samplers_selected", text, {
