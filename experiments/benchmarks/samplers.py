@@ -138,9 +138,14 @@ def run_genflow(gm, nfes, seeds, refs, optimized, solvers=SOLVERS, schedules=SCH
     return out
 
 
+def calibration_noise(seed: int) -> jnp.ndarray:
+    """The 256-sample calibration batch the tuned schedules are fitted on, at the start noise level."""
+    return jnp.asarray((1.0 - T_START) * RHO_MAX * noise(seed, 256), jnp.float32)
+
+
 def optimize_all(gm, nfes, calibration_seed: int, iters: int) -> tuple[dict, dict]:
     fn = gm.model(PATH, "x0")
-    cal = jnp.asarray((1.0 - T_START) * RHO_MAX * noise(calibration_seed, 256), jnp.float32)
+    cal = calibration_noise(calibration_seed)
     schedules, info = {}, {}
     for solver in OPT_SOLVERS:
         for nfe in nfes:
@@ -163,7 +168,7 @@ def select_all(gm, nfes, calibration_seed: int) -> tuple[dict, dict]:
     """Per (solver, NFE): the Karras grid of SELECT_FAMILY with the lowest global error on the
     calibration batch (gf.sampling.select_schedule)."""
     fn = gm.model(PATH, "x0")
-    cal = jnp.asarray((1.0 - T_START) * RHO_MAX * noise(calibration_seed, 256), jnp.float32)
+    cal = calibration_noise(calibration_seed)
     schedules, info = {}, {}
     for solver in SELECT_SOLVERS:
         for nfe in nfes:
@@ -172,7 +177,7 @@ def select_all(gm, nfes, calibration_seed: int) -> tuple[dict, dict]:
                                            sigma_min=smin) for rho, smin in SELECT_FAMILY]
             ts, errs = gf.sampling.select_schedule(fn, PATH, cal, grids, prediction="x0", solver=solver,
                                                    return_errors=True)
-            i = int(np.argmin(np.asarray(errs)))
+            i = int(np.argmin(np.asarray(errs)))  # the chosen grid's index (non-finite errors come back as inf)
             key = (solver, nfe, "karras-selected")
             schedules[key] = ts
             info[key] = {"rho": SELECT_FAMILY[i][0], "sigma_min": SELECT_FAMILY[i][1],

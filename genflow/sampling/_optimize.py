@@ -266,7 +266,8 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
       return_errors: also return the ``[len(candidates)]`` errors.
     Returns:
       the chosen ``ts: [steps + 1]`` (and the errors: mean per-sample rms error in the
-      scale-free coordinates ``x / (alpha + sigma)``, as :func:`global_error`).
+      scale-free coordinates ``x / (alpha + sigma)``, as :func:`global_error`, ``inf`` where it
+      is not finite; the chosen grid is the one at ``argmin(errors)``).
     """
     param.check_kind(prediction)
     _scan_solver(solver, solver_options)
@@ -284,7 +285,8 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
     x_at = reference_trajectories(model, x1, grids[0][0], grids[0][-1], rtol, atol)
     x_end = x_at(grids[0][-1:])[0]
     errors = jnp.stack([global_error(model, ts, x1, x_end, solver, **solver_options) for ts in grids])
-    best = grids[int(jnp.argmin(jnp.where(jnp.isfinite(errors), errors, jnp.inf)))]
+    errors = jnp.where(jnp.isfinite(errors), errors, jnp.inf)  # a diverging candidate is never chosen
+    best = grids[int(jnp.argmin(errors))]
     return (best, errors) if return_errors else best
 
 
