@@ -57,6 +57,18 @@ def check_beta(name: str, value) -> None:
     check(name, value, lo=0.0, hi=1.0, hi_open=True)
 
 
+def with_decay_and_lr(direction: optax.GradientTransformation, learning_rate: ScalarOrSchedule,
+                      weight_decay: ScalarOrSchedule, mask: Any) -> optax.GradientTransformation:
+    """``direction``, then decoupled weight decay (as ``optax.adamw``), then ``-learning_rate``.
+
+    The public form of an Adam-like ``scale_by_*`` direction; checks both coefficients.
+    """
+    check("learning_rate", learning_rate, lo=0.0, schedule=True)
+    check("weight_decay", weight_decay, lo=0.0, schedule=True)
+    return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
 def decay_mask(mask, params):
     """The boolean weight-decay mask tree (``None``: decay every leaf)."""
     if mask is None:

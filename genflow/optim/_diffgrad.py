@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import ScalarOrSchedule, cast_tree, check, check_beta, resolve, unzip
+from genflow.optim._base import (ScalarOrSchedule, cast_tree, check, check_beta, resolve, unzip,
+                                 with_decay_and_lr)
 
 Array = jax.Array
 
@@ -133,10 +134,5 @@ def diffgrad(
       Dubey et al., `diffGrad: An Optimization Method for Convolutional Neural Networks
       <https://arxiv.org/abs/1909.11015>`_, IEEE TNNLS 2020.
     """
-    check("learning_rate", learning_rate, lo=0.0, schedule=True)
-    check("weight_decay", weight_decay, lo=0.0, schedule=True)
-    return optax.chain(
-        scale_by_diffgrad(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+    return with_decay_and_lr(scale_by_diffgrad(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype), learning_rate,
+                             weight_decay, mask)
