@@ -57,6 +57,11 @@ Investigation notes (measured on the shared 2-core box while other jobs kept its
   within the run-to-run noise. One core alone does 181 steps/s (~41 GFLOP/s), two 262: torch's
   single thread (190-240 steps/s) is as fast per core, so the 2.5x target would need ~2x the
   FLOP rate per core on these 256-wide layers.
+* Roofline (``--part roofline``, 2026-12-02, idle): a step is 203 MFLOP of dense layers (XLA's
+  cost analysis: 209 for the whole step); the best float32 matmul rate on the two cores was
+  110-125 GFLOP/s (XLA, chained [256, 256] matmuls). 2.5x the issue's torchcfm rate (271 steps/s)
+  would need 138 GFLOP/s in the dense layers alone -- above that rate; 5x its OT rate (90 steps/s)
+  91 GFLOP/s even with a free coupling. genflow's step runs at 0.45-0.55 of the best matmul rate.
 
     python experiments/benchmarks/cfm_throughput.py                 # everything (~15 min on 2 idle cores)
     python experiments/benchmarks/cfm_throughput.py --part throughput --repeats 7
@@ -64,6 +69,7 @@ Investigation notes (measured on the shared 2-core box while other jobs kept its
     python experiments/benchmarks/cfm_throughput.py --part data     # gf.data.moons vs sklearn's make_moons
     python experiments/benchmarks/cfm_throughput.py --part solver   # exact assignment: raw vs preconditioned
     python experiments/benchmarks/cfm_throughput.py --part ema --seeds 100 101 102 --json ''  # EMA decay, tuning seeds
+    python experiments/benchmarks/cfm_throughput.py --part roofline --json ''  # FLOPs per step vs the CPU's matmul rate
 """
 
 from __future__ import annotations
@@ -369,6 +375,73 @@ def part_throughput(repeats: int, steps: dict, unrolls, ot_chunk: int, torch_thr
     return {"results": res, "ratios": tgt}
 
 
+def _rate(fn, repeats: int) -> float:
+    """Best-of-``repeats`` calls per second of ``fn()`` (which blocks until done), after one warm-up."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return 1.0 / best
+
+
+def part_roofline(steps: int, repeats: int) -> dict:
+    """How far the 2.5x / 5x targets are from what this CPU can do: FLOPs of one training step
+    (XLA's cost analysis of genflow's step, and the dense layers' count), the rates each library
+    trains at, and the CPU's own matmul rate (XLA and torch, the layers' shape and a large one)."""
+    import torch
+
+    dims = [3] + [WIDTH] * DEPTH + [2]
+    dense = 2 * BATCH * sum(a * b for a, b in zip(dims[:-1], dims[1:]))  # forward matmuls
+    layer_flops = 3 * dense  # forward + the two backward matmuls per layer (inputs' and weights' gradients)
+    state, step = gf_state(0), gf_step("independent")
+    batch = moons_batch(jax.random.key(0))
+    xla_flops = float(jax.jit(step).lower(state, batch).compile().cost_analysis()["flops"])
+
+    g = GenflowRunner("independent")
+    t = TorchRunner("independent", threads=1)
+    g_rate = max(steps / g.run(steps) for _ in range(repeats + 1))
+    t_rate = max(steps / t.run(steps) for _ in range(repeats + 1))
+    t_ot = TorchRunner("ot", threads=1)
+    t_ot_rate = max(100 / t_ot.run(100) for _ in range(repeats + 1))
+
+    mm = {}
+    for n, k in ((BATCH, WIDTH), (2048, 2048)):
+        a = jax.random.normal(jax.random.key(1), (n, k))
+        b = jax.random.normal(jax.random.key(2), (k, k))
+        dot = jax.jit(lambda a, b: a @ b)
+        reps = max(1, int(2e9 // (2 * n * k * k)))  # ~2 GFLOP per timed call
+        loop = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: dot(c, b) * 1e-2, a))
+        mm[f"XLA, [{n}, {k}] @ [{k}, {k}]"] = reps * 2 * n * k * k * _rate(lambda: loop(a, b).block_until_ready(),
+                                                                           repeats) / 1e9
+        ta, tb = torch.randn(n, k), torch.randn(k, k)
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            def tloop():
+                c = ta
+                for _ in range(reps):
+                    c = (c @ tb) * 1e-2
+            mm[f"torch {th} thread(s), [{n}, {k}] @ [{k}, {k}]"] = reps * 2 * n * k * k * _rate(tloop, repeats) / 1e9
+    peak = max(mm.values())
+    rates = {"genflow independent (XLA, 2 cores)": g_rate, "torchcfm independent (torch, 1 thread)": t_rate,
+             "torchcfm exact OT (torch, 1 thread)": t_ot_rate,
+             f"target: {TARGETS['independent'][0]}x torchcfm independent": TARGETS["independent"][0] * t_rate,
+             f"target: {TARGETS['ot'][0]}x torchcfm exact OT (even with the coupling free)": TARGETS["ot"][0] * t_ot_rate,
+             f"target: {TARGETS['independent'][0]}x the issue's torchcfm rate ({TARGETS['independent'][1]:g} steps/s)":
+                 TARGETS["independent"][0] * TARGETS["independent"][1],
+             f"target: {TARGETS['ot'][0]}x the issue's torchcfm OT rate ({TARGETS['ot'][1]:g} steps/s)":
+                 TARGETS["ot"][0] * TARGETS["ot"][1]}
+    rows = [[k, r, r * layer_flops / 1e9, r * layer_flops / 1e9 / peak] for k, r in rates.items()]
+    print(f"\n### Roofline: FLOPs per training step (batch {BATCH}, MLP {DEPTH}x{WIDTH}): dense layers "
+          f"{layer_flops / 1e6:.1f} MFLOP, XLA's cost analysis of genflow's step {xla_flops / 1e6:.1f} MFLOP\n")
+    print(markdown_table(["matmul", "GFLOP/s"], [[k, v] for k, v in mm.items()]))
+    print()
+    print(markdown_table(["training", "steps/s", "GFLOP/s in the dense layers", "fraction of the best matmul rate"],
+                         rows))
+    return {"layer_flops": layer_flops, "xla_flops": xla_flops, "matmul_gflops": mm, "steps_per_s": rates}
+
+
 TSIT5 = ("tsit5", {"solver": "tsit5", "rtol": 1e-5, "atol": 1e-5})  # the adaptive solve the W2 numbers use
 
 
@@ -441,7 +514,7 @@ def part_ema(seeds, train_steps: int, n_eval: int, decays=(0.99, 0.995, 0.998, 0
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["all", "data", "solver", "throughput", "quality", "ema"], default="all")
+    p.add_argument("--part", choices=["all", "data", "solver", "throughput", "quality", "ema", "roofline"], default="all")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=500, help="steps per timed run (independent coupling)")
     p.add_argument("--ot-steps", type=int, default=500, help="steps per timed run of genflow OT (CoupledBatches)")
@@ -471,6 +544,8 @@ def main(argv=None) -> int:
                                                 args.unroll, args.ot_chunk, tuple(args.torch_threads))
     if args.part in ("all", "quality"):
         results["quality"] = part_quality(args.seeds, args.train_steps, args.n_eval, max(args.unroll), args.ot_chunk)
+    if args.part == "roofline":  # not part of "all": what the CPU allows
+        results["roofline"] = part_roofline(args.steps, args.repeats)
     if args.part == "ema":  # not part of "all": a tuning run, on its own seeds
         results["ema"] = part_ema(args.seeds, args.train_steps, args.n_eval)
     if args.json:

@@ -85,11 +85,16 @@ def noise(seed: int, n: int = BATCH) -> np.ndarray:
 def reference(gm, y: np.ndarray, rho: float) -> np.ndarray:
     """Exact flow map from ``y = x / alpha`` at noise level ``rho`` to the data (float64)."""
     with jax.enable_x64(True):
-        g64 = gf.oracles.GaussianMixture(*(jnp.asarray(np.asarray(a), jnp.float64) for a in (gm.logits, gm.means,
-                                                                                               gm.vars)))
-        tau = rho / (1.0 + rho)
-        x = jnp.asarray(np.asarray(y, np.float64) / (1.0 + rho))
-        return np.asarray(g64.flow_map(x, tau, 0.0, PATH, rtol=1e-10, atol=1e-10))
+        y = np.asarray(y, np.float64)
+        pad = -len(y) % 16  # one compiled solve per 16 rows, whatever the batch
+        x = jnp.asarray(np.concatenate([y, np.zeros((pad, y.shape[1]))]) / (1.0 + rho))
+        return np.asarray(_reference_solve(gm, x, jnp.asarray(rho / (1.0 + rho), jnp.float64)))[:len(y)]
+
+
+@jax.jit
+def _reference_solve(gm, x, tau):
+    g64 = gf.oracles.GaussianMixture(*(a.astype(jnp.float64) for a in (gm.logits, gm.means, gm.vars)))
+    return g64.flow_map(x, tau, 0.0, PATH, rtol=1e-10, atol=1e-10)
 
 
 def metrics(gm, x: np.ndarray, ref: np.ndarray) -> dict:
@@ -143,13 +148,14 @@ def calibration_noise(seed: int) -> jnp.ndarray:
     return jnp.asarray((1.0 - T_START) * RHO_MAX * noise(seed, 256), jnp.float32)
 
 
-def optimize_all(gm, nfes, calibration_seed: int, iters: int) -> tuple[dict, dict]:
+def optimize_all(gm, nfes, calibration_seed: int, iters: int, solvers=OPT_SOLVERS,
+                 objectives=(("optimized", "bound"), ("optimized-global", "global"))) -> tuple[dict, dict]:
     fn = gm.model(PATH, "x0")
     cal = calibration_noise(calibration_seed)
     schedules, info = {}, {}
-    for solver in OPT_SOLVERS:
+    for solver in solvers:
         for nfe in nfes:
-            for name, objective in (("optimized", "bound"), ("optimized-global", "global")):
+            for name, objective in objectives:
                 t0 = time.perf_counter()
                 ts, hist = gf.sampling.optimize_schedule(fn, PATH, cal, prediction="x0", steps=steps_for(solver, nfe),
                                                          solver=solver, t_start=T_START, init="karras", iters=iters,
@@ -190,23 +196,61 @@ def select_all(gm, nfes, calibration_seed: int) -> tuple[dict, dict]:
     return schedules, info
 
 
-def run_selected(gm, nfes, seeds, robust_seeds, t_all) -> None:
+def flip_origins(gm, schedules, seeds, refs, nfe: int = 10) -> list[list]:
+    """Where the flips of each karras-selected sampler at ``nfe`` are decided: for every flipped
+    sample, the exact flow map is solved from the sampler's own state at each grid point; the flip
+    is decided in the first step after which that exact solve lands in the wrong component too.
+
+    Returns table rows: solver, the grid's noise levels, and per step the number of flips decided in it.
+    """
+    near = lambda z: np.asarray(gm.nearest_component(jnp.asarray(z, jnp.float32)))  # noqa: E731
+    fn = gm.model(PATH, "x0")
+    rows = []
+    for solver in SELECT_SOLVERS:
+        ts = schedules[(solver, nfe, "karras-selected")]
+        alpha, rho = np.asarray(PATH.alpha(ts), np.float64), np.asarray(PATH.sigma(ts) / PATH.alpha(ts), np.float64)
+        decided = np.zeros(len(ts) - 1, int)
+        for seed in seeds:
+            x1 = (1.0 - T_START) * RHO_MAX * noise(seed)
+            x, info = gf.sample(fn, PATH, jnp.asarray(x1, jnp.float32), prediction="x0", solver=solver, schedule=ts,
+                                save_trajectory=True)
+            target = near(refs[("genflow", seed)])
+            flipped = np.flatnonzero(near(x) != target)
+            if not flipped.size:
+                continue
+            traj = np.asarray(info.trajectory, np.float64)[:, flipped]
+            # wrong[k, i]: the exact solve from the sampler's state at grid point k + 1 flips sample i
+            wrong = np.stack([near(reference(gm, traj[k] / alpha[k], rho[k])) != target[flipped]
+                              for k in range(1, len(ts) - 1)] + [np.ones(flipped.size, bool)])
+            np.add.at(decided, np.argmax(wrong, axis=0), 1)
+        rows.append([solver, " ".join(f"{v:.3g}" for v in rho[:-1]),
+                     " ".join(str(v) for v in decided), int(decided.sum())])
+    return rows
+
+
+def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int) -> None:
     """--selected-only: the karras-selected rows beside the default Karras rows on the evaluation
-    seeds, and at NFE 10 on more seeds (how much of the result the seeds decide), with the peers'
-    samplers on those seeds too."""
+    seeds, and at NFE 10 and 20 on more seeds (how much of the result the seeds decide), with the
+    peers' samplers at NFE 10 and the full run's best NFE-20/50 rows (UniPC, optimized-global) on
+    those seeds too, and where the NFE-10 flips are decided."""
     selected, info = select_all(gm, nfes, CALIBRATION_SEED)
     refs = {("genflow", seed): reference(gm, RHO_MAX * noise(seed), RHO_MAX)
             for seed in sorted({*seeds, *robust_seeds})}
     res = run_genflow(gm, nfes, seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
-    robust = run_genflow(gm, (10,), robust_seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
+    robust = run_genflow(gm, (10, 20), robust_seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
+    # the full run's best rows at NFE 20 and 50 (samplers.md), on the same seeds
+    best_opt, _ = optimize_all(gm, (20, 50), CALIBRATION_SEED, iters, solvers=("unipc",),
+                               objectives=(("optimized-global", "global"),))
+    robust.update(run_genflow(gm, (20, 50), robust_seeds, refs, best_opt, ("unipc",), ("optimized-global",)))
     robust.update(run_kdiffusion(gm, load_k_diffusion(), (10,), robust_seeds,
                                  {("kdiff", seed): refs[("genflow", seed)] for seed in robust_seeds}))
     robust.update(run_diffusers(gm, (10,), robust_seeds))
+    origins = flip_origins(gm, selected, robust_seeds, refs)
     rows = []
     for (lib, solver, sched, nfe), cells in sorted(robust.items(), key=lambda kv: (kv[0][0] != "genflow", kv[0])):
         rms = np.array([c["rms"] for c in cells])
         flips = [c["flips"] for c in cells]
-        rows.append([lib, solver, sched, f"{np.median(rms):.2e}", f"{np.median([c['median'] for c in cells]):.2e}",
+        rows.append([lib, solver, sched, nfe, f"{np.median(rms):.2e}", f"{np.median([c['median'] for c in cells]):.2e}",
                      f"{sum(f == 0 for f in flips)}/{len(flips)}", " ".join(map(str, flips)),
                      f"{np.median(rms[np.array(flips) == 0]):.2e}" if 0 in flips else "-"])
     chosen = [[k[0], k[1], v["rho"], v["sigma_min"], f"{v['calibration_error']:.3e}",
@@ -214,12 +258,18 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all) -> None:
     text = "\n\n".join([
         f"## Karras grids selected on calibration noise (seed {CALIBRATION_SEED}, 256 samples) vs the default Karras "
         f"grid (rho 7, sigma_min 0.002); evaluation seeds {seeds}, batch {BATCH}", tables(res, nfes),
-        f"## NFE 10 on seeds {robust_seeds[0]}..{robust_seeds[-1]}: median over seeds of rms, median per-sample error, "
-        "seeds with no flip, flips per seed, median rms over the seeds with no flip",
-        markdown_table(["library", "sampler", "schedule", "rms (median over seeds)", "median per-sample",
+        f"## NFE 10 (genflow also NFE 20, and UniPC optimized-global at NFE 20 and 50) on seeds "
+        f"{robust_seeds[0]}..{robust_seeds[-1]}: median over seeds of rms, "
+        "median per-sample error, seeds with no flip, flips per seed, median rms over the seeds with no flip",
+        markdown_table(["library", "sampler", "schedule", "NFE", "rms (median over seeds)", "median per-sample",
                         "seeds without flips", "flips per seed", "rms on seeds without flips"], rows),
         "## The selected grids (calibration error: mean per-sample rms in x / (alpha + sigma), as global_error)",
         markdown_table(["solver", "NFE", "rho", "sigma_min", "calibration error", "default Karras"], chosen),
+        f"## Where the NFE-10 flips are decided (karras-selected, seeds {robust_seeds[0]}..{robust_seeds[-1]}): for "
+        "each flipped sample, the exact flow map solved from the sampler's state after each step; a flip is "
+        "counted in the first step after which that exact solve also lands in the wrong component",
+        markdown_table(["solver", "noise levels of the grid (sigma / alpha, from 80)", "flips decided per step",
+                        "flips"], origins),
         "Notes: the peers' rows on seeds 1-3 are in samplers.md (best at NFE 10: diffusers UniPC-3, 6.45e-02). "
         "One flip in a batch of 512 adds about 5e-02 of rms on this mixture, so a seed without flips is what decides "
         "whether NFE 10 reaches 2e-02; the family's range (rho up to 30, sigma_min up to 0.3) was set after "
@@ -229,7 +279,8 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all) -> None:
                    "robust_seeds": robust_seeds, "nfes": nfes},
         "results": {"|".join(map(str, k)): v for k, v in res.items()},
         "robust": {"|".join(map(str, k)): v for k, v in robust.items()},
-        "selected": {"|".join(map(str, k)): v for k, v in info.items()}}, t_all)
+        "selected": {"|".join(map(str, k)): v for k, v in info.items()},
+        "flip_origins": origins}, t_all)
 
 
 def run_pure_noise(gm, nfes, seeds, iters: int) -> dict:
@@ -574,7 +625,7 @@ def main():
         rows = timing(gm, load_k_diffusion())
         return write_results("samplers_timing", "\n\n".join(timing_report(rows)), {"timing": rows}, t_all)
     if args.selected_only:
-        return run_selected(gm, nfes, seeds, tuple(range(1, 13)), t_all)
+        return run_selected(gm, nfes, seeds, tuple(range(1, 13)), t_all, args.iters)
     if args.pure_noise_only:
         res = run_pure_noise(gm, nfes, seeds, args.iters)
         text = (f"## From pure noise (t = 1) on the linear path; seeds {seeds}, batch {BATCH}\n\n"
