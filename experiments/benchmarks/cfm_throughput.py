@@ -61,7 +61,7 @@ Investigation notes (measured on the shared 2-core box while other jobs kept its
   cost analysis: 209 for the whole step); the best float32 matmul rate on the two cores was
   110-125 GFLOP/s (XLA, chained [256, 256] matmuls). 2.5x the issue's torchcfm rate (271 steps/s)
   would need 138 GFLOP/s in the dense layers alone -- above that rate; 5x its OT rate (90 steps/s)
-  91 GFLOP/s even with a free coupling. genflow's step runs at 0.45-0.55 of the best matmul rate.
+  91 GFLOP/s even with a free coupling. genflow's step runs at 0.45-0.61 of the best matmul rate.
 
     python experiments/benchmarks/cfm_throughput.py                 # everything (~15 min on 2 idle cores)
     python experiments/benchmarks/cfm_throughput.py --part throughput --repeats 7
@@ -75,6 +75,7 @@ Investigation notes (measured on the shared 2-core box while other jobs kept its
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -99,7 +100,7 @@ import genflow as gf  # noqa: E402
 from genflow import ot as gf_ot  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import markdown_table  # noqa: E402
+from _timing import interleaved, markdown_table  # noqa: E402
 
 BATCH, WIDTH, DEPTH, LR, EMA = 256, 256, 3, 1e-3, 0.99
 TARGETS = {"independent": (2.5, 271.0, 0.19), "ot": (5.0, 90.0, 0.14)}  # (ratio, torchcfm steps/s here, W2)
@@ -375,17 +376,6 @@ def part_throughput(repeats: int, steps: dict, unrolls, ot_chunk: int, torch_thr
     return {"results": res, "ratios": tgt}
 
 
-def _rate(fn, repeats: int) -> float:
-    """Best-of-``repeats`` calls per second of ``fn()`` (which blocks until done), after one warm-up."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return 1.0 / best
-
-
 def part_roofline(steps: int, repeats: int) -> dict:
     """How far the 2.5x / 5x targets are from what this CPU can do: FLOPs of one training step
     (XLA's cost analysis of genflow's step, and the dense layers' count), the rates each library
@@ -406,23 +396,27 @@ def part_roofline(steps: int, repeats: int) -> dict:
     t_ot = TorchRunner("ot", threads=1)
     t_ot_rate = max(100 / t_ot.run(100) for _ in range(repeats + 1))
 
-    mm = {}
+    @functools.partial(jax.jit, static_argnums=2)
+    def xla_loop(a, b, reps):
+        return jax.lax.fori_loop(0, reps, lambda i, c: (c @ b) * 1e-2, a)
+
+    def torch_loop(a, b, reps, threads):
+        torch.set_num_threads(threads)
+        for _ in range(reps):
+            a = (a @ b) * 1e-2
+
+    calls, flops = {}, {}  # chained [n, k] @ [k, k] matmuls, ~2 GFLOP per timed call
     for n, k in ((BATCH, WIDTH), (2048, 2048)):
-        a = jax.random.normal(jax.random.key(1), (n, k))
-        b = jax.random.normal(jax.random.key(2), (k, k))
-        dot = jax.jit(lambda a, b: a @ b)
-        reps = max(1, int(2e9 // (2 * n * k * k)))  # ~2 GFLOP per timed call
-        loop = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: dot(c, b) * 1e-2, a))
-        mm[f"XLA, [{n}, {k}] @ [{k}, {k}]"] = reps * 2 * n * k * k * _rate(lambda: loop(a, b).block_until_ready(),
-                                                                           repeats) / 1e9
-        ta, tb = torch.randn(n, k), torch.randn(k, k)
+        reps = max(1, int(2e9 // (2 * n * k * k)))
+        a, b = jax.random.normal(jax.random.key(1), (n, k)), jax.random.normal(jax.random.key(2), (k, k))
+        shape = f"[{n}, {k}] @ [{k}, {k}]"
+        calls[f"XLA, {shape}"] = functools.partial(xla_loop, a, b, reps)
         for th in (1, 2):
-            torch.set_num_threads(th)
-            def tloop():
-                c = ta
-                for _ in range(reps):
-                    c = (c @ tb) * 1e-2
-            mm[f"torch {th} thread(s), [{n}, {k}] @ [{k}, {k}]"] = reps * 2 * n * k * k * _rate(tloop, repeats) / 1e9
+            calls[f"torch {th} thread(s), {shape}"] = functools.partial(torch_loop, torch.randn(n, k),
+                                                                         torch.randn(k, k), reps, th)
+        flops.update({name: reps * 2 * n * k * k for name in calls if name.endswith(shape)})
+    times = interleaved(calls, repeats=repeats)
+    mm = {name: flops[name] / times[name]["min"] / 1e9 for name in calls}
     peak = max(mm.values())
     rates = {"genflow independent (XLA, 2 cores)": g_rate, "torchcfm independent (torch, 1 thread)": t_rate,
              "torchcfm exact OT (torch, 1 thread)": t_ot_rate,

@@ -82,6 +82,16 @@ def noise(seed: int, n: int = BATCH) -> np.ndarray:
     return np.asarray(jax.random.normal(jax.random.key(seed), (n, DIM), jnp.float32))
 
 
+def start_noise(seed: int, n: int = BATCH) -> jnp.ndarray:
+    """genflow's starting states: ``noise(seed, n)`` at noise level RHO_MAX on the linear path (t = T_START)."""
+    return jnp.asarray((1.0 - T_START) * RHO_MAX * noise(seed, n), jnp.float32)
+
+
+def nearest(gm, z) -> np.ndarray:
+    """``[B]`` index of the mixture component nearest each clean sample of ``z: [B, DIM]``."""
+    return np.asarray(gm.nearest_component(jnp.asarray(z, jnp.float32)))
+
+
 def reference(gm, y: np.ndarray, rho: float) -> np.ndarray:
     """Exact flow map from ``y = x / alpha`` at noise level ``rho`` to the data (float64)."""
     with jax.enable_x64(True):
@@ -101,9 +111,8 @@ def metrics(gm, x: np.ndarray, ref: np.ndarray) -> dict:
     x = np.asarray(x, np.float64)
     scale = np.sqrt(np.mean((ref - np.asarray(gm.mean)) ** 2))
     per = np.sqrt(np.mean((x - ref) ** 2, axis=1)) / scale
-    near = lambda z: np.asarray(gm.nearest_component(jnp.asarray(z, jnp.float32)))  # noqa: E731
     return {"rms": float(np.sqrt(np.mean((x - ref) ** 2)) / scale), "median": float(np.median(per)),
-            "flips": int(np.sum(near(x) != near(ref)))}
+            "flips": int(np.sum(nearest(gm, x) != nearest(gm, ref)))}
 
 
 def steps_for(solver: str, nfe: int) -> int:
@@ -134,9 +143,7 @@ def run_genflow(gm, nfes, seeds, refs, optimized, solvers=SOLVERS, schedules=SCH
                 ts = genflow_grid(solver, nfe, schedule, optimized)
                 cells = []
                 for seed in seeds:
-                    x1 = (1.0 - T_START) * RHO_MAX * noise(seed)
-                    x, info = gf.sample(fn, PATH, jnp.asarray(x1, jnp.float32), prediction=kind, solver=solver,
-                                        schedule=ts)
+                    x, info = gf.sample(fn, PATH, start_noise(seed), prediction=kind, solver=solver, schedule=ts)
                     cells.append({**metrics(gm, x, refs[("genflow", seed)]), "nfe": int(info.nfe)})
                 out[("genflow", solver, schedule, nfe)] = cells
                 print(f"genflow {solver:12s} {schedule:9s} NFE {nfe:2d}: " + summary(cells), flush=True)
@@ -145,7 +152,7 @@ def run_genflow(gm, nfes, seeds, refs, optimized, solvers=SOLVERS, schedules=SCH
 
 def calibration_noise(seed: int) -> jnp.ndarray:
     """The 256-sample calibration batch the tuned schedules are fitted on, at the start noise level."""
-    return jnp.asarray((1.0 - T_START) * RHO_MAX * noise(seed, 256), jnp.float32)
+    return start_noise(seed, 256)
 
 
 def optimize_all(gm, nfes, calibration_seed: int, iters: int, solvers=OPT_SOLVERS,
@@ -203,7 +210,6 @@ def flip_origins(gm, schedules, seeds, refs, nfe: int = 10) -> list[list]:
 
     Returns table rows: solver, the grid's noise levels, and per step the number of flips decided in it.
     """
-    near = lambda z: np.asarray(gm.nearest_component(jnp.asarray(z, jnp.float32)))  # noqa: E731
     fn = gm.model(PATH, "x0")
     rows = []
     for solver in SELECT_SOLVERS:
@@ -211,16 +217,15 @@ def flip_origins(gm, schedules, seeds, refs, nfe: int = 10) -> list[list]:
         alpha, rho = np.asarray(PATH.alpha(ts), np.float64), np.asarray(PATH.sigma(ts) / PATH.alpha(ts), np.float64)
         decided = np.zeros(len(ts) - 1, int)
         for seed in seeds:
-            x1 = (1.0 - T_START) * RHO_MAX * noise(seed)
-            x, info = gf.sample(fn, PATH, jnp.asarray(x1, jnp.float32), prediction="x0", solver=solver, schedule=ts,
+            x, info = gf.sample(fn, PATH, start_noise(seed), prediction="x0", solver=solver, schedule=ts,
                                 save_trajectory=True)
-            target = near(refs[("genflow", seed)])
-            flipped = np.flatnonzero(near(x) != target)
+            target = nearest(gm, refs[("genflow", seed)])
+            flipped = np.flatnonzero(nearest(gm, x) != target)
             if not flipped.size:
                 continue
             traj = np.asarray(info.trajectory, np.float64)[:, flipped]
             # wrong[k, i]: the exact solve from the sampler's state at grid point k + 1 flips sample i
-            wrong = np.stack([near(reference(gm, traj[k] / alpha[k], rho[k])) != target[flipped]
+            wrong = np.stack([nearest(gm, reference(gm, traj[k] / alpha[k], rho[k])) != target[flipped]
                               for k in range(1, len(ts) - 1)] + [np.ones(flipped.size, bool)])
             np.add.at(decided, np.argmax(wrong, axis=0), 1)
         rows.append([solver, " ".join(f"{v:.3g}" for v in rho[:-1]),
@@ -477,7 +482,7 @@ def timing(gm, K_mod, nfe: int = 20, repeats: int = 15) -> dict:
 
 def _timing_one(fn, den, K_mod, nfe, repeats, torch) -> dict:
     model = Model(fn, PATH, "x0")
-    x1 = jnp.asarray((1.0 - T_START) * RHO_MAX * noise(1), jnp.float32)
+    x1 = start_noise(1)
     contenders, compile_s, steps_of, calls_of = {}, {}, {}, {}
     ts_model = gf.sampling.time_grid(PATH, nfe, "karras", t_start=T_START)
     model_loop = jax.jit(lambda m, ts, x: jax.lax.scan(lambda x, t: (m.x0_eps(x, t)[0], None), x, ts[:-1])[0])
