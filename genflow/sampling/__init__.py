@@ -6,7 +6,7 @@ stochastic, and its network evaluations per step.
 """
 
 from genflow.sampling._core import SampleInfo, as_pytree_fn, sample
-from genflow.sampling._grid import SCHEDULES, time_grid
+from genflow.sampling._grid import SCHEDULES, karras_family, time_grid
 from genflow.sampling._model import Model
 from genflow.sampling._optimize import (
     global_error, optimize_schedule, propagation_weights, reference_trajectories, schedule_bound, select_schedule,
@@ -14,6 +14,6 @@ from genflow.sampling._optimize import (
 from genflow.sampling._registry import SolverSpec, solvers
 from genflow.sampling._stochastic import langevin_correct
 
-__all__ = ["sample", "SampleInfo", "solvers", "SolverSpec", "time_grid", "SCHEDULES", "Model", "as_pytree_fn",
-           "optimize_schedule", "select_schedule", "schedule_bound", "global_error", "reference_trajectories",
-           "propagation_weights", "langevin_correct"]
+__all__ = ["sample", "SampleInfo", "solvers", "SolverSpec", "time_grid", "karras_family", "SCHEDULES", "Model",
+           "as_pytree_fn", "optimize_schedule", "select_schedule", "schedule_bound", "global_error",
+           "reference_trajectories", "propagation_weights", "langevin_correct"]
