@@ -24,6 +24,8 @@ same number of torch denoiser calls for the peers), contenders interleaved, medi
 
     .venv/bin/python experiments/benchmarks/samplers.py            # full run (~1 h on 2 CPU cores)
     .venv/bin/python experiments/benchmarks/samplers.py --quick    # one seed, NFE 10 and 20
+    .venv/bin/python experiments/benchmarks/samplers.py --selected-only    # karras-selected, 12 seeds (~9 min)
+    .venv/bin/python experiments/benchmarks/samplers.py --pure-noise-only  # from t = 1 (~7 min)
 """
 
 from __future__ import annotations
@@ -64,11 +66,13 @@ SOLVERS = ["ddim", "dpm++2m", "dpm++3m", "dpm++3m_ref", "dpm++2s", "dpm++3s", "d
 OPT_SOLVERS = ["dpm++3m_ref", "unipc"]
 # "optimized": the local-error bound with logarithmic-norm propagation weights (AYS-style);
 # "optimized-global": the calibration batch's global error itself; "karras-selected": the Karras
-# grid (rho, sigma_min) of SELECT_FAMILY with the lowest calibration error (select_schedule)
+# grid of gf.sampling.karras_family (rho x sigma_min; from pure noise also x sigma_max) with the
+# lowest calibration error (select_schedule)
 SCHEDULES = ["uniform", "quadratic", "logsnr", "karras", "optimized", "optimized-global", "karras-selected"]
 TUNED = ("optimized", "optimized-global", "karras-selected")  # computed per (solver, NFE) on calibration noise
 SELECT_SOLVERS = ["deis", "unipc", "dpm++3m", "dpm++3m_ref", "dpm++2m"]
-SELECT_FAMILY = [(rho, smin) for rho in (5, 7, 10, 14, 20, 30) for smin in (0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)]
+SELECT_FAMILY = {"rhos": (5, 7, 10, 14, 20, 30), "sigma_mins": (0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)}
+DEFAULT_KARRAS = {"rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
 CALIBRATION_SEED = 100
 
 
@@ -177,28 +181,26 @@ def optimize_all(gm, nfes, calibration_seed: int, iters: int, solvers=OPT_SOLVER
     return schedules, info
 
 
-def select_all(gm, nfes, calibration_seed: int) -> tuple[dict, dict]:
-    """Per (solver, NFE): the Karras grid of SELECT_FAMILY with the lowest global error on the
-    calibration batch (gf.sampling.select_schedule)."""
+def select_all(gm, nfes, cal: jnp.ndarray, t_start: float = T_START) -> tuple[dict, dict]:
+    """Per (solver, NFE): the grid of ``karras_family(PATH, steps, t_start=t_start, **SELECT_FAMILY)``
+    (from pure noise, ``t_start = 1``, also over its default sigma_max values) with the lowest
+    global error on the calibration batch ``cal`` (gf.sampling.select_schedule)."""
     fn = gm.model(PATH, "x0")
-    cal = calibration_noise(calibration_seed)
     schedules, info = {}, {}
     for solver in SELECT_SOLVERS:
         for nfe in nfes:
             t0 = time.perf_counter()
-            grids = [gf.sampling.time_grid(PATH, steps_for(solver, nfe), "karras", t_start=T_START, rho=rho,
-                                           sigma_min=smin) for rho, smin in SELECT_FAMILY]
+            grids, params = gf.sampling.karras_family(PATH, steps_for(solver, nfe), t_start=t_start, **SELECT_FAMILY)
             ts, errs = gf.sampling.select_schedule(fn, PATH, cal, grids, prediction="x0", solver=solver,
                                                    return_errors=True)
             i = int(np.argmin(np.asarray(errs)))  # the chosen grid's index (non-finite errors come back as inf)
             key = (solver, nfe, "karras-selected")
             schedules[key] = ts
-            info[key] = {"rho": SELECT_FAMILY[i][0], "sigma_min": SELECT_FAMILY[i][1],
-                         "calibration_error": float(errs[i]),
-                         "default_karras_error": float(errs[SELECT_FAMILY.index((7, 0.002))]),
+            info[key] = {**params[i], "calibration_error": float(errs[i]),
+                         "default_karras_error": float(errs[params.index(DEFAULT_KARRAS)]),
                          "seconds": time.perf_counter() - t0}
-            print(f"karras-selected  {solver:12s} NFE {nfe:2d}: rho {SELECT_FAMILY[i][0]}, sigma_min "
-                  f"{SELECT_FAMILY[i][1]} (calibration error {float(errs[i]):.3e}; default Karras "
+            print(f"karras-selected  {solver:12s} NFE {nfe:2d}: " + ", ".join(f"{k} {v:g}" for k, v in params[i].items())
+                  + f" (calibration error {float(errs[i]):.3e}; default Karras "
                   f"{info[key]['default_karras_error']:.3e}; {info[key]['seconds']:.0f}s)", flush=True)
     return schedules, info
 
@@ -233,12 +235,31 @@ def flip_origins(gm, schedules, seeds, refs, nfe: int = 10) -> list[list]:
     return rows
 
 
+SEED_ROWS_HEADER = ["library", "sampler", "schedule", "NFE", "rms (median over seeds)", "median per-sample",
+                    "seeds without flips", "flips per seed", "rms on seeds without flips"]
+
+
+def seed_rows(results: dict) -> list[list]:
+    """Per (library, sampler, schedule, NFE): the median over seeds of rms and of the median
+    per-sample error, how many seeds had no flip, the flips per seed, and the median rms over the
+    seeds without a flip (rows for SEED_ROWS_HEADER)."""
+    rows = []
+    for (lib, solver, sched, nfe), cells in sorted(results.items(), key=lambda kv: (not kv[0][0].startswith("genflow"),
+                                                                                     kv[0])):
+        rms = np.array([c["rms"] for c in cells])
+        flips = [c["flips"] for c in cells]
+        rows.append([lib, solver, sched, nfe, f"{np.median(rms):.2e}", f"{np.median([c['median'] for c in cells]):.2e}",
+                     f"{sum(f == 0 for f in flips)}/{len(flips)}", " ".join(map(str, flips)),
+                     f"{np.median(rms[np.array(flips) == 0]):.2e}" if 0 in flips else "-"])
+    return rows
+
+
 def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int) -> None:
     """--selected-only: the karras-selected rows beside the default Karras rows on the evaluation
     seeds, and at NFE 10 and 20 on more seeds (how much of the result the seeds decide), with the
     peers' samplers at NFE 10 and the full run's best NFE-20/50 rows (UniPC, optimized-global) on
     those seeds too, and where the NFE-10 flips are decided."""
-    selected, info = select_all(gm, nfes, CALIBRATION_SEED)
+    selected, info = select_all(gm, nfes, calibration_noise(CALIBRATION_SEED))
     refs = {("genflow", seed): reference(gm, RHO_MAX * noise(seed), RHO_MAX)
             for seed in sorted({*seeds, *robust_seeds})}
     res = run_genflow(gm, nfes, seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
@@ -251,13 +272,7 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int) -> None:
                                  {("kdiff", seed): refs[("genflow", seed)] for seed in robust_seeds}))
     robust.update(run_diffusers(gm, (10,), robust_seeds))
     origins = flip_origins(gm, selected, robust_seeds, refs)
-    rows = []
-    for (lib, solver, sched, nfe), cells in sorted(robust.items(), key=lambda kv: (kv[0][0] != "genflow", kv[0])):
-        rms = np.array([c["rms"] for c in cells])
-        flips = [c["flips"] for c in cells]
-        rows.append([lib, solver, sched, nfe, f"{np.median(rms):.2e}", f"{np.median([c['median'] for c in cells]):.2e}",
-                     f"{sum(f == 0 for f in flips)}/{len(flips)}", " ".join(map(str, flips)),
-                     f"{np.median(rms[np.array(flips) == 0]):.2e}" if 0 in flips else "-"])
+    rows = seed_rows(robust)
     chosen = [[k[0], k[1], v["rho"], v["sigma_min"], f"{v['calibration_error']:.3e}",
                f"{v['default_karras_error']:.3e}"] for k, v in info.items()]
     text = "\n\n".join([
@@ -266,8 +281,7 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int) -> None:
         f"## NFE 10 (genflow also NFE 20, and UniPC optimized-global at NFE 20 and 50) on seeds "
         f"{robust_seeds[0]}..{robust_seeds[-1]}: median over seeds of rms, "
         "median per-sample error, seeds with no flip, flips per seed, median rms over the seeds with no flip",
-        markdown_table(["library", "sampler", "schedule", "NFE", "rms (median over seeds)", "median per-sample",
-                        "seeds without flips", "flips per seed", "rms on seeds without flips"], rows),
+        markdown_table(SEED_ROWS_HEADER, rows),
         "## The selected grids (calibration error: mean per-sample rms in x / (alpha + sigma), as global_error)",
         markdown_table(["solver", "NFE", "rho", "sigma_min", "calibration error", "default Karras"], chosen),
         f"## Where the NFE-10 flips are decided (karras-selected, seeds {robust_seeds[0]}..{robust_seeds[-1]}): for "
@@ -288,12 +302,8 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int) -> None:
         "flip_origins": origins}, t_all)
 
 
-def run_pure_noise(gm, nfes, seeds, iters: int) -> dict:
-    """genflow's default use: the linear path from pure noise (t = 1, alpha = 0); reference from
-    the same eps at infinite noise level."""
-    fn = gm.model(PATH, "x0")
-    cal = jnp.asarray(noise(100, 256), jnp.float32)
-    out = {}
+def pure_noise_refs(gm, seeds) -> dict:
+    """The exact flow map from ``noise(seed)`` at t = 1 (pure noise) to the data (float64)."""
     refs = {}
     with jax.enable_x64(True):
         g64 = gf.oracles.GaussianMixture(*(jnp.asarray(np.asarray(a), jnp.float64) for a in (gm.logits, gm.means,
@@ -301,6 +311,29 @@ def run_pure_noise(gm, nfes, seeds, iters: int) -> dict:
         for seed in seeds:
             refs[seed] = np.asarray(g64.flow_map(jnp.asarray(noise(seed), jnp.float64), 1.0, 0.0, PATH,
                                                  rtol=1e-10, atol=1e-10))
+    return refs
+
+
+def pure_noise_cells(gm, solver: str, ts, seeds, refs) -> list[dict]:
+    fn = gm.model(PATH, "x0")
+    cells = []
+    for seed in seeds:
+        x, info = gf.sample(fn, PATH, jnp.asarray(noise(seed), jnp.float32), prediction="x0", solver=solver,
+                            schedule=ts)
+        cells.append({**metrics(gm, x, refs[seed]), "nfe": int(info.nfe)})
+    return cells
+
+
+def run_pure_noise(gm, nfes, seeds, iters: int, selected: dict | None = None) -> dict:
+    """genflow's default use: the linear path from pure noise (t = 1, alpha = 0); reference from
+    the same eps at infinite noise level. ``selected``: the karras-selected grids from pure noise
+    (select_all with t_start = 1; computed here when not given)."""
+    fn = gm.model(PATH, "x0")
+    cal = pure_noise_calibration()
+    if selected is None:
+        selected, _ = select_all(gm, nfes, cal, t_start=1.0)
+    out = {}
+    refs = pure_noise_refs(gm, seeds)
     for solver in ("unipc", "dpm++3m_ref", "dpm++3m", "dpm++2m", "deis", "ddim", "dpm++3s", "edm_heun"):
         for nfe in nfes:
             steps = steps_for(solver, nfe)
@@ -309,15 +342,47 @@ def run_pure_noise(gm, nfes, seeds, iters: int) -> dict:
                 grids["optimized-global"] = gf.sampling.optimize_schedule(
                     fn, PATH, cal, prediction="x0", steps=steps, solver=solver, init="karras", iters=iters,
                     objective="global")
+            if (solver, nfe, "karras-selected") in selected:
+                grids["karras-selected"] = selected[(solver, nfe, "karras-selected")]
             for sched, ts in grids.items():
-                cells = []
-                for seed in seeds:
-                    x, info = gf.sample(fn, PATH, jnp.asarray(noise(seed), jnp.float32), prediction="x0",
-                                        solver=solver, schedule=ts)
-                    cells.append({**metrics(gm, x, refs[seed]), "nfe": int(info.nfe)})
+                cells = pure_noise_cells(gm, solver, ts, seeds, refs)
                 out[("genflow (t=1)", solver, sched, nfe)] = cells
                 print(f"genflow from t=1 {solver:12s} {sched:16s} NFE {nfe:2d}: " + summary(cells), flush=True)
     return out
+
+
+def run_pure_noise_only(gm, nfes, seeds, robust_seeds, iters: int, t_all: float) -> None:
+    """--pure-noise-only: every row from pure noise on ``seeds``, with Karras grids selected over
+    (rho, sigma_min, sigma_max) on the calibration batch; their NFE-10 rows and the default Karras
+    grid's on ``robust_seeds`` too."""
+    selected, info = select_all(gm, nfes, pure_noise_calibration(), t_start=1.0)
+    res = run_pure_noise(gm, nfes, seeds, iters, selected)
+    refs = pure_noise_refs(gm, robust_seeds)
+    robust = {}
+    for solver in SELECT_SOLVERS:
+        steps = steps_for(solver, 10)
+        for sched, ts in (("karras", gf.sampling.time_grid(PATH, steps, "karras")),
+                          ("karras-selected", selected[(solver, 10, "karras-selected")])):
+            robust[("genflow (t=1)", solver, sched, 10)] = pure_noise_cells(gm, solver, ts, robust_seeds, refs)
+    chosen = [[k[0], k[1], v["rho"], v["sigma_min"], v["sigma_max"], f"{v['calibration_error']:.3e}",
+               f"{v['default_karras_error']:.3e}"] for k, v in info.items()]
+    text = "\n\n".join([
+        f"## From pure noise (t = 1) on the linear path; seeds {seeds}, batch {BATCH}", tables(res, nfes),
+        f"## Karras grids selected from pure noise (karras_family over rho x sigma_min x sigma_max, calibration "
+        f"seed {CALIBRATION_SEED}, 256 samples; calibration error: mean per-sample rms in x / (alpha + sigma))",
+        markdown_table(["solver", "NFE", "rho", "sigma_min", "sigma_max", "calibration error",
+                        "default Karras (7, 0.002, 80)"], chosen),
+        f"## NFE 10 from pure noise on seeds {robust_seeds[0]}..{robust_seeds[-1]}",
+        markdown_table(SEED_ROWS_HEADER, seed_rows(robust))])
+    write_results("samplers_pure_noise", text, {
+        "results": {"|".join(map(str, k)): v for k, v in res.items()},
+        "robust": {"|".join(map(str, k)): v for k, v in robust.items()},
+        "selected": {"|".join(map(str, k)): v for k, v in info.items()}}, t_all)
+
+
+def pure_noise_calibration() -> jnp.ndarray:
+    """The calibration batch from pure noise (seed CALIBRATION_SEED, 256 samples, t = 1)."""
+    return jnp.asarray(noise(CALIBRATION_SEED, 256), jnp.float32)
 
 
 # -- peers --------------------------------------------------------------------------------------
@@ -632,17 +697,13 @@ def main():
     if args.selected_only:
         return run_selected(gm, nfes, seeds, tuple(range(1, 13)), t_all, args.iters)
     if args.pure_noise_only:
-        res = run_pure_noise(gm, nfes, seeds, args.iters)
-        text = (f"## From pure noise (t = 1) on the linear path; seeds {seeds}, batch {BATCH}\n\n"
-                + tables(res, nfes))
-        return write_results("samplers_pure_noise", text, {"results": {"|".join(map(str, k)): v for k, v in res.items()}},
-                             t_all)
+        return run_pure_noise_only(gm, nfes, seeds, tuple(range(1, 13)), args.iters, t_all)
     refs = {}
     for seed in seeds:
         refs[("genflow", seed)] = reference(gm, RHO_MAX * noise(seed), RHO_MAX)
         refs[("kdiff", seed)] = refs[("genflow", seed)]  # same problem: y = 80 eps at noise level 80
     optimized, opt_info = optimize_all(gm, nfes, calibration_seed=CALIBRATION_SEED, iters=args.iters)
-    selected, sel_info = select_all(gm, nfes, CALIBRATION_SEED)
+    selected, sel_info = select_all(gm, nfes, calibration_noise(CALIBRATION_SEED))
     optimized.update(selected)
     opt_info.update(sel_info)
     results = run_genflow(gm, nfes, seeds, refs, optimized)
