@@ -62,6 +62,10 @@ Investigation notes (measured on the shared 2-core box while other jobs kept its
   110-125 GFLOP/s (XLA, chained [256, 256] matmuls). 2.5x the issue's torchcfm rate (271 steps/s)
   would need 138 GFLOP/s in the dense layers alone -- above that rate; 5x its OT rate (90 steps/s)
   91 GFLOP/s even with a free coupling. genflow's step runs at 0.45-0.61 of the best matmul rate.
+  That rate is not a hard ceiling, though: in a later run the same day (09:20, the machine running
+  fast) genflow's step reached 510 steps/s = 104 GFLOP/s, 1.16x that run's best matmul rate (90).
+  The hardware peak of these two Zen 3 cores (AVX2, two 256-bit FMA pipes, 2.45 GHz nominal) is
+  ~157 GFLOP/s, so 138 GFLOP/s would take 88% of it (or sustained boost clocks).
 
     python experiments/benchmarks/cfm_throughput.py                 # everything (~15 min on 2 idle cores)
     python experiments/benchmarks/cfm_throughput.py --part throughput --repeats 7
