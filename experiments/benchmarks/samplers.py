@@ -25,6 +25,7 @@ same number of torch denoiser calls for the peers), contenders interleaved, medi
     .venv/bin/python experiments/benchmarks/samplers.py            # full run (~1 h on 2 CPU cores)
     .venv/bin/python experiments/benchmarks/samplers.py --quick    # one seed, NFE 10 and 20
     .venv/bin/python experiments/benchmarks/samplers.py --selected-only    # karras-selected, 12 seeds (~9 min)
+    .venv/bin/python experiments/benchmarks/samplers.py --selected-only --robust-seeds $(seq 101 112)  # other seeds
     .venv/bin/python experiments/benchmarks/samplers.py --pure-noise-only  # from t = 1 (~7 min)
 """
 
@@ -254,7 +255,7 @@ def seed_rows(results: dict) -> list[list]:
     return rows
 
 
-def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int) -> None:
+def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int, name: str = "samplers_selected") -> None:
     """--selected-only: the karras-selected rows beside the default Karras rows on the evaluation
     seeds, and at NFE 10 and 20 on more seeds (how much of the result the seeds decide), with the
     peers' samplers at NFE 10 and the full run's best NFE-20/50 rows (UniPC, optimized-global) on
@@ -293,7 +294,7 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int) -> None:
         "One flip in a batch of 512 adds about 5e-02 of rms on this mixture, so a seed without flips is what decides "
         "whether NFE 10 reaches 2e-02; the family's range (rho up to 30, sigma_min up to 0.3) was set after "
         "sweeping rho and sigma_min on seeds 1-3 and 100-102 -- the 12-seed table is the one to read."])
-    write_results("samplers_selected", text, {
+    write_results(name, text, {
         "config": {"family": SELECT_FAMILY, "calibration_seed": CALIBRATION_SEED, "seeds": seeds,
                    "robust_seeds": robust_seeds, "nfes": nfes},
         "results": {"|".join(map(str, k)): v for k, v in res.items()},
@@ -684,6 +685,9 @@ def main():
     ap.add_argument("--timing-only", action="store_true", help="only the per-step timing (results/samplers_timing.*)")
     ap.add_argument("--pure-noise-only", action="store_true",
                     help="only the rows from pure noise at t = 1 (results/samplers_pure_noise.*)")
+    ap.add_argument("--robust-seeds", type=int, nargs="+", default=list(range(1, 13)),
+                    help="--selected-only: the seeds of its many-seed table (other than 1..12: written to "
+                         "results/samplers_selected_seeds<first>-<last>.*)")
     ap.add_argument("--selected-only", action="store_true",
                     help="only the karras-selected rows, also on 12 seeds at NFE 10 (results/samplers_selected.*)")
     args = ap.parse_args()
@@ -695,7 +699,10 @@ def main():
         rows = timing(gm, load_k_diffusion())
         return write_results("samplers_timing", "\n\n".join(timing_report(rows)), {"timing": rows}, t_all)
     if args.selected_only:
-        return run_selected(gm, nfes, seeds, tuple(range(1, 13)), t_all, args.iters)
+        robust = tuple(args.robust_seeds)
+        name = ("samplers_selected" if robust == tuple(range(1, 13))
+                else f"samplers_selected_seeds{robust[0]}-{robust[-1]}")
+        return run_selected(gm, nfes, seeds, robust, t_all, args.iters, name)
     if args.pure_noise_only:
         return run_pure_noise_only(gm, nfes, seeds, tuple(range(1, 13)), args.iters, t_all)
     refs = {}
