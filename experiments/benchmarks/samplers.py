@@ -135,21 +135,29 @@ def genflow_grid(solver: str, nfe: int, schedule: str, optimized: dict) -> jnp.n
     return gf.sampling.time_grid(PATH, steps_for(solver, nfe), schedule, t_start=T_START)
 
 
+def genflow_cells(gm, kind: str, solver: str, ts, starts: list, refs: list) -> list[dict]:
+    """One cell per seed: ``gf.sample`` of the exact model of kind ``kind`` from each start (on grid
+    ``ts``), scored against its reference."""
+    fn = gm.model(PATH, kind)
+    cells = []
+    for x1, ref in zip(starts, refs):
+        x, info = gf.sample(fn, PATH, x1, prediction=kind, solver=solver, schedule=ts)
+        cells.append({**metrics(gm, x, ref), "nfe": int(info.nfe)})
+    return cells
+
+
 def run_genflow(gm, nfes, seeds, refs, optimized, solvers=SOLVERS, schedules=SCHEDULES) -> dict:
     out = {}
     for solver in solvers:
         # the diffrax solvers integrate the velocity in t, which an x0 model cannot give at sigma = 0
         kind = "x0" if _registry.get(solver).stepper is not None else "eps"
-        fn = gm.model(PATH, kind)
         for nfe in nfes:
             for schedule in schedules:
                 if schedule in TUNED and (solver, nfe, schedule) not in optimized:
                     continue
                 ts = genflow_grid(solver, nfe, schedule, optimized)
-                cells = []
-                for seed in seeds:
-                    x, info = gf.sample(fn, PATH, start_noise(seed), prediction=kind, solver=solver, schedule=ts)
-                    cells.append({**metrics(gm, x, refs[("genflow", seed)]), "nfe": int(info.nfe)})
+                cells = genflow_cells(gm, kind, solver, ts, [start_noise(seed) for seed in seeds],
+                                      [refs[("genflow", seed)] for seed in seeds])
                 out[("genflow", solver, schedule, nfe)] = cells
                 print(f"genflow {solver:12s} {schedule:9s} NFE {nfe:2d}: " + summary(cells), flush=True)
     return out
@@ -200,7 +208,8 @@ def select_all(gm, nfes, cal: jnp.ndarray, t_start: float = T_START) -> tuple[di
             info[key] = {**params[i], "calibration_error": float(errs[i]),
                          "default_karras_error": float(errs[params.index(DEFAULT_KARRAS)]),
                          "seconds": time.perf_counter() - t0}
-            print(f"karras-selected  {solver:12s} NFE {nfe:2d}: " + ", ".join(f"{k} {v:g}" for k, v in params[i].items())
+            chosen = ", ".join(f"{k} {v:g}" for k, v in params[i].items())
+            print(f"karras-selected  {solver:12s} NFE {nfe:2d}: {chosen}"
                   + f" (calibration error {float(errs[i]):.3e}; default Karras "
                   f"{info[key]['default_karras_error']:.3e}; {info[key]['seconds']:.0f}s)", flush=True)
     return schedules, info
@@ -316,25 +325,21 @@ def pure_noise_refs(gm, seeds) -> dict:
 
 
 def pure_noise_cells(gm, solver: str, ts, seeds, refs) -> list[dict]:
-    fn = gm.model(PATH, "x0")
-    cells = []
-    for seed in seeds:
-        x, info = gf.sample(fn, PATH, jnp.asarray(noise(seed), jnp.float32), prediction="x0", solver=solver,
-                            schedule=ts)
-        cells.append({**metrics(gm, x, refs[seed]), "nfe": int(info.nfe)})
-    return cells
+    return genflow_cells(gm, "x0", solver, ts, [jnp.asarray(noise(seed), jnp.float32) for seed in seeds],
+                         [refs[seed] for seed in seeds])
 
 
-def run_pure_noise(gm, nfes, seeds, iters: int, selected: dict | None = None) -> dict:
+def run_pure_noise(gm, nfes, seeds, iters: int, selected: dict | None = None, refs: dict | None = None) -> dict:
     """genflow's default use: the linear path from pure noise (t = 1, alpha = 0); reference from
     the same eps at infinite noise level. ``selected``: the karras-selected grids from pure noise
-    (select_all with t_start = 1; computed here when not given)."""
+    (select_all with t_start = 1), ``refs``: pure_noise_refs covering ``seeds`` (each computed
+    here when not given)."""
     fn = gm.model(PATH, "x0")
     cal = pure_noise_calibration()
     if selected is None:
         selected, _ = select_all(gm, nfes, cal, t_start=1.0)
     out = {}
-    refs = pure_noise_refs(gm, seeds)
+    refs = pure_noise_refs(gm, seeds) if refs is None else refs
     for solver in ("unipc", "dpm++3m_ref", "dpm++3m", "dpm++2m", "deis", "ddim", "dpm++3s", "edm_heun"):
         for nfe in nfes:
             steps = steps_for(solver, nfe)
@@ -357,8 +362,8 @@ def run_pure_noise_only(gm, nfes, seeds, robust_seeds, iters: int, t_all: float)
     (rho, sigma_min, sigma_max) on the calibration batch; their NFE-10 rows and the default Karras
     grid's on ``robust_seeds`` too."""
     selected, info = select_all(gm, nfes, pure_noise_calibration(), t_start=1.0)
-    res = run_pure_noise(gm, nfes, seeds, iters, selected)
-    refs = pure_noise_refs(gm, robust_seeds)
+    refs = pure_noise_refs(gm, sorted({*seeds, *robust_seeds}))  # each exact solve once
+    res = run_pure_noise(gm, nfes, seeds, iters, selected, refs)
     robust = {}
     for solver in SELECT_SOLVERS:
         steps = steps_for(solver, 10)

@@ -52,6 +52,20 @@ def _check_explicit(schedule) -> Array:
     return ts
 
 
+def _check_ends(t_start: float, t_end: float) -> None:
+    if not 0.0 <= t_end < t_start <= 1.0:
+        raise ValueError(f"expected 0 <= t_end < t_start <= 1; got t_start={t_start}, t_end={t_end}")
+
+
+def _infinite_ends(path: Path, t_start: float, t_end: float) -> tuple[bool, bool]:
+    """Whether the log-SNR is infinite at ``t_start`` (``alpha = 0``: pure noise) and at ``t_end``
+    (``sigma = 0``: clean data): a property of the path's functions, decided on concrete values
+    (grids are built outside jit)."""
+    fdt = np.dtype(jnp.result_type(float))
+    return (float(path.alpha(jnp.asarray(t_start, fdt))) == 0.0,
+            float(path.sigma(jnp.asarray(t_end, fdt))) == 0.0)
+
+
 def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float = 1.0, t_end: float | None = None,
               rho: float = 7.0, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> Array:
     """A decreasing grid of ``steps + 1`` times from ``t_start`` to ``t_end``.
@@ -89,8 +103,7 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         return _check_explicit(schedule)
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive int; got {steps!r}")
-    if not 0.0 <= t_end < t_start <= 1.0:
-        raise ValueError(f"expected 0 <= t_end < t_start <= 1; got t_start={t_start}, t_end={t_end}")
+    _check_ends(t_start, t_end)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {list(SCHEDULES)}, an array of times "
                          f"or a callable (path, steps, t_start, t_end) -> times")
@@ -99,10 +112,7 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
     if schedule in ("logsnr", "karras"):
         if not 0.0 < sigma_min < sigma_max:
             raise ValueError(f"expected 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        # Whether each endpoint has infinite log-SNR is a property of the path's functions, decided
-        # here on concrete values (time_grid runs outside jit).
-        start_inf = float(path.alpha(jnp.asarray(t_start, fdt))) == 0.0
-        end_inf = float(path.sigma(jnp.asarray(t_end, fdt))) == 0.0
+        start_inf, end_inf = _infinite_ends(path, t_start, t_end)
     u = np.linspace(0.0, 1.0, steps + 1, dtype=fdt)
     if schedule in ("uniform", "quadratic"):
         if schedule == "uniform":
@@ -163,18 +173,17 @@ def karras_family(path: Path, steps: int, *, t_start: float = 1.0, t_end: float 
         print(params[int(jnp.argmin(errs))])  # e.g. {"rho": 5.0, "sigma_min": 0.1, "sigma_max": 40.0}
     """
     t_end = path.t_min if t_end is None else t_end
-    if not 0.0 <= t_end < t_start <= 1.0:
-        raise ValueError(f"expected 0 <= t_end < t_start <= 1; got t_start={t_start}, t_end={t_end}")
-    fdt = np.dtype(jnp.result_type(float))
+    _check_ends(t_start, t_end)
     axes = {"rho": rhos, "sigma_min": sigma_mins, "sigma_max": sigma_maxes}
     for name, vals in axes.items():
         vals = np.atleast_1d(np.asarray(vals, float))
         if vals.ndim != 1 or vals.size == 0 or not np.all(np.isfinite(vals) & (vals > 0)):
             raise ValueError(f"{name}s must be a non-empty sequence of positive numbers; got {vals.tolist()}")
         axes[name] = sorted(set(vals.tolist()))
-    if float(path.alpha(jnp.asarray(t_start, fdt))) != 0.0:
+    start_inf, end_inf = _infinite_ends(path, t_start, t_end)
+    if not start_inf:
         axes["sigma_max"] = [SIGMA_MAX]
-    if float(path.sigma(jnp.asarray(t_end, fdt))) != 0.0:
+    if not end_inf:
         axes["sigma_min"] = [SIGMA_MIN]
     grids, params = [], []
     for rho in axes["rho"]:
