@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 import genflow as gf
 
@@ -38,6 +39,35 @@ def test_labels_and_null_label():
     fn = gf.nets.model_fn(m, p, y=jnp.array([1, 1, 1, 1]))
     np.testing.assert_allclose(fn(x, t), m.apply(p, x, t, jnp.ones((4,), jnp.int32)))
     assert isinstance(fn, jax.tree_util.Partial)
+
+
+def test_output_dense_matches_flax_dense_with_the_kernel_transposed():
+    h = jax.random.normal(jax.random.key(0), (7, 64))
+    head = gf.nets.OutputDense(3)
+    p = head.init(jax.random.key(1), h)["params"]
+    assert p["kernel_t"].shape == (3, 64) and p["bias"].shape == (3,)
+    dense_p = {"params": {"kernel": p["kernel_t"].T, "bias": p["bias"] + 0.5}}
+    q = {"params": {"kernel_t": p["kernel_t"], "bias": p["bias"] + 0.5}}
+    np.testing.assert_allclose(head.apply(q, h), nn.Dense(3).apply(dense_p, h), rtol=1e-5, atol=1e-6)
+    # gradients: the same numbers, in the transposed order
+    gh, gk = jax.grad(lambda h, k: jnp.sum(jnp.sin(head.apply({"params": dict(q["params"], kernel_t=k)}, h))),
+                      argnums=(0, 1))(h, q["params"]["kernel_t"])
+    dh, dk = jax.grad(lambda h, k: jnp.sum(jnp.sin(nn.Dense(3).apply({"params": dict(dense_p["params"], kernel=k)}, h))),
+                      argnums=(0, 1))(h, dense_p["params"]["kernel"])
+    np.testing.assert_allclose(gh, dh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gk, dk.T, rtol=1e-5, atol=1e-6)
+    # flax's initialisation: LeCun normal over the fan-in (std 1/sqrt(in)), zero bias
+    big = gf.nets.OutputDense(256).init(jax.random.key(2), jnp.zeros((1, 400)))["params"]
+    assert abs(float(jnp.std(big["kernel_t"])) * np.sqrt(400) - 1.0) < 0.03
+    assert float(jnp.abs(big["bias"]).max()) == 0.0
+    # the MLP's output layer is one, under the usual name, and forward-mode AD goes through it
+    m = gf.nets.MLP(hidden=(16, 16))
+    mp = m.init(jax.random.key(3), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
+    assert set(mp["Dense_2"]) == {"kernel_t", "bias"} and mp["Dense_2"]["kernel_t"].shape == (2, 16)
+    x = jnp.ones((4, 2)); t = jnp.full((4,), 0.3)
+    jac_f = jax.jacfwd(lambda x: m.apply({"params": mp}, x, t).sum(0))(x)
+    jac_r = jax.jacrev(lambda x: m.apply({"params": mp}, x, t).sum(0))(x)
+    np.testing.assert_allclose(jac_f, jac_r, rtol=1e-5, atol=1e-6)
 
 
 def test_sinusoidal_embedding_values():

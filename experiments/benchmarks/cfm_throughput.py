@@ -218,9 +218,12 @@ class TorchRunner:
         return time.perf_counter() - t0
 
     def eval_params(self, which: str = "raw"):
-        """The weights as genflow MLP parameters (``Dense_k.kernel = weight.T``)."""
+        """The weights as genflow MLP parameters (hidden ``Dense_k.kernel = weight.T``; the output
+        layer stores ``kernel_t = weight``, torch's own ``[out, in]`` order)."""
         linears = [m for m in self.model if isinstance(m, self.torch.nn.Linear)]
-        return {"params": {f"Dense_{k}": {"kernel": jnp.asarray(m.weight.detach().numpy().T),
+        last = len(linears) - 1
+        return {"params": {f"Dense_{k}": {"kernel_t" if k == last else "kernel":
+                                          jnp.asarray(m.weight.detach().numpy() if k == last else m.weight.detach().numpy().T),
                                           "bias": jnp.asarray(m.bias.detach().numpy())}
                            for k, m in enumerate(linears)}}
 
