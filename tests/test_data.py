@@ -30,6 +30,22 @@ def test_moons_match_scikit_learn():
     np.testing.assert_allclose(ours.mean(0), 0.0, atol=0.05)
 
 
+@pytest.mark.parametrize("n", [256, 257])
+def test_moons_halves_are_exact_and_randomly_placed(n):
+    f = jax.jit(jax.vmap(lambda k: gf.data.moons(k, n, noise=0.0)))
+    raw = np.asarray(f(jax.random.split(jax.random.key(0), 400))) / 2.0 + np.array([0.5, 0.25])
+    d_upper = np.abs(np.linalg.norm(raw, axis=-1) - 1.0)  # the upper moon is on the unit circle
+    d_lower = np.abs(np.linalg.norm(raw - np.array([1.0, 0.5]), axis=-1) - 1.0)
+    assert np.minimum(d_upper, d_lower).max() < 1e-5
+    upper = d_upper < d_lower
+    np.testing.assert_array_equal(upper.sum(1), n // 2)  # exactly n // 2 upper points in every draw
+    # each row (bar the odd one out) is upper in about half of the 400 draws (sd 10: 4.5 sd = 45)
+    counts = upper.sum(0)[: 2 * (n // 2)]
+    assert np.all(np.abs(counts - 200) < 45), (counts.min(), counts.max())
+    if n % 2:
+        assert not upper[:, -1].any()  # the odd row out is on the lower moon, as in scikit-learn
+
+
 def test_digits():
     xtr, ytr = gf.data.load_digits("train")
     xte, yte = gf.data.load_digits("test")

