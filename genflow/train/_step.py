@@ -19,8 +19,7 @@ def _all_finite(tree) -> Array:
     elements (non-finite if any element is inf or nan). The sum can also overflow when elements
     reach ~1e33 in magnitude: such a tree counts as non-finite too, which is what a training guard
     wants. One float reduction per leaf: on XLA:CPU ``all(isfinite(x))`` per leaf cost 2.2x as much
-    (60 vs 28 us for the 133k parameters of a 3x256 MLP), ~6% of a 2-D training step for the two
-    trees the step checks."""
+    (60 vs 28 us for the 133k parameters of a 3x256 MLP, a 2-D training step takes ~1 ms)."""
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
     sums = [jnp.sum(x, dtype=jnp.promote_types(x.dtype, jnp.float32)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.isfinite(sum(sums)) if sums else jnp.array(True)
@@ -58,8 +57,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     Mixed precision: a network built with ``dtype=jnp.bfloat16`` computes in bfloat16 while its
     parameters, gradients, optimizer state and EMA copies stay float32 (master weights).
 
-    A step whose loss or gradients are not finite leaves the state untouched and reports
-    ``metrics["finite"] = False``; :func:`genflow.train.fit` then stops with the last good state.
+    A step whose loss, gradients or updated parameters are not finite (or whose gradient norm
+    overflows float32, ~1.8e19) leaves the state untouched and reports ``metrics["finite"] = False``;
+    :func:`genflow.train.fit` then stops with the last good state.
     """
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be a positive int; got {grad_accum!r}")
@@ -99,11 +99,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         params = optax.apply_updates(state.params, updates)
         ema = {k: jax.tree.map(lambda e, p, d=float(k): d * e + (1.0 - d) * p, v, params)
                for k, v in state.ema.items()}
-        finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+        grad_norm = optax.tree.norm(grads)
+        # The gradient norm (a metric anyway) is non-finite iff some gradient is, or the norm
+        # overflows (~1.8e19): both stop training. Reusing it saves a pass over the gradients.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng, ema=ema)
         # Keep the previous state on a non-finite step (the loop stops there).
         new = jax.lax.cond(finite, lambda: new, lambda: state)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
         metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
         return new, metrics
     return step
