@@ -66,6 +66,24 @@ Investigation notes (measured on the shared 2-core box while other jobs kept its
   fast) genflow's step reached 510 steps/s = 104 GFLOP/s, 1.16x that run's best matmul rate (90).
   The hardware peak of these two Zen 3 cores (AVX2, two 256-bit FMA pipes, 2.45 GHz nominal) is
   ~157 GFLOP/s, so 138 GFLOP/s would take 88% of it (or sustained boost clocks).
+* Where the step's time went (2026-12-02 afternoon, a different machine: 2-core AMD EPYC family 26,
+  i.e. Zen 5 with AVX-512; XLA's chained [256, 256] matmuls at ~290 GFLOP/s, [2048, 2048] at 273).
+  Per-op timing (``jax.profiler`` trace, then isolated loops of each op) found three costs that
+  were not matmuls: (1) the output layer's kernel gradient ``h^T g`` with a [256, 2] result took
+  XLA:CPU's slow dot path (forward + both gradients 147 us, against 23 us with the kernel stored
+  [out, in]) -- now ``gf.nets.OutputDense``; (2) ``gf.data.moons``' random permutation (a sort,
+  ~40-50 us) -- now one coin per row pair; (3) the finite guard's ``all(isfinite)`` per leaf on
+  gradients and parameters (~2 x 55 us) -- now one sum per tree, reusing the gradient norm. The step
+  went from ~1.4 ms (699 steps/s) to ~1.0-1.1 ms (900-990 steps/s), where the two hidden layers'
+  six [256, 256] matmuls take ~690 us at ~290 GFLOP/s. What is left: Adam vs SGD ~50 us, the
+  guard's ``lax.cond`` ~30 us, the data ~40 us, the RNG (five threefry calls) ~23 us; EMA, scan
+  unroll, the PRNG implementation (rbg), ``optax.flatten`` (2x slower) and XLA:CPU flags (XNN,
+  YNN off, oneDNN, 512-bit vectors, concurrency-optimised scheduler, single-threaded Eigen) gave
+  nothing beyond the run-to-run noise. XLA uses both cores (1.9 CPU-seconds per second; pinned
+  to one core it trains at ~560 steps/s). Data parallelism over two host devices (one thread each)
+  was slower (380 steps/s). For OT the host assignment (2.3 ms per minibatch on one thread,
+  ``--part solver``) and training (1.8 ms on one core) share the two cores: ~490 steps/s at
+  best with perfect overlap; 5x torchcfm's OT rate (~100 steps/s here) needs ~500.
 
     python experiments/benchmarks/cfm_throughput.py                 # everything (~15 min on 2 idle cores)
     python experiments/benchmarks/cfm_throughput.py --part throughput --repeats 7
