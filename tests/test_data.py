@@ -39,6 +39,8 @@ def test_moons_halves_are_exact_and_randomly_placed(n):
     assert np.minimum(d_upper, d_lower).max() < 1e-5
     upper = d_upper < d_lower
     np.testing.assert_array_equal(upper.sum(1), n // 2)  # exactly n // 2 upper points in every draw
+    for m in (1, 7, 64):  # and exactly m in every even-length prefix of 2m rows
+        np.testing.assert_array_equal(upper[:, : 2 * m].sum(1), m)
     # each row (bar the odd one out) is upper in about half of the 400 draws (sd 10: 4.5 sd = 45)
     counts = upper.sum(0)[: 2 * (n // 2)]
     assert np.all(np.abs(counts - 200) < 45), (counts.min(), counts.max())

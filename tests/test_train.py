@@ -137,9 +137,10 @@ def test_step_guard_catches_non_finite_gradients_and_parameters_with_a_finite_lo
     def sqrt_loss(params, batch, key):
         return jnp.sum(jnp.sqrt(jnp.abs(params["w"] - batch))), {}
 
-    for opt, w0, finite in [(optax.sgd(0.1), jnp.ones(3), False),          # inf gradient
-                            (optax.scale(jnp.nan), 2.0 * jnp.ones(3), False),  # finite gradient, nan update
-                            (optax.sgd(1e30), 2.0 * jnp.ones(3), True)]:       # huge but finite parameters
+    cases = [(optax.set_to_zero(), jnp.ones(3), False),   # inf gradient (the parameters stay finite)
+             (optax.scale(jnp.nan), 2.0 * jnp.ones(3), False),  # finite gradient, nan update
+             (optax.sgd(1e30), 2.0 * jnp.ones(3), True)]       # huge but finite parameters
+    for opt, w0, finite in cases:
         step = jax.jit(gf.train.make_train_step(sqrt_loss, opt))
         state = gf.train.init_state({"w": w0, "b": jnp.zeros((), jnp.bfloat16)}, opt, jax.random.key(0))
         new, m = step(state, jnp.ones(3))
@@ -149,6 +150,12 @@ def test_step_guard_catches_non_finite_gradients_and_parameters_with_a_finite_lo
         else:  # the state is left as it was
             assert int(new.step) == 0
             np.testing.assert_array_equal(new.params["w"], w0)
+    # float16 gradients of norm ~265 (their own float16 sum of squares would overflow) are finite
+    half = {"w": jnp.zeros(70_000, jnp.float16)}
+    step = jax.jit(gf.train.make_train_step(lambda p, b, k: (jnp.sum(p["w"].astype(jnp.float32)), {}), optax.sgd(1e-3)))
+    new, m = step(gf.train.init_state(half, optax.sgd(1e-3), jax.random.key(0)), None)
+    assert bool(m["finite"]) and int(new.step) == 1
+    np.testing.assert_allclose(float(m["grad_norm"]), np.sqrt(70_000), rtol=1e-3)
 
 
 def test_host_iterator_data():

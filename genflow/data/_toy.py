@@ -19,18 +19,21 @@ def moons(key: Array, n: int, noise: float = 0.05, scale: float = 2.0) -> Array:
 
     As in scikit-learn, ``n // 2`` points lie on the upper moon and the rest on the lower one
     (equal halves, so that metrics between two draws do not count binomial mass imbalance). Which
-    rows are upper is random without a sort: rows ``i`` and ``i + n // 2`` (``i < n // 2``) get one
-    moon each, the upper one by a fair coin per pair (for odd ``n`` the last row is lower). Every
-    such row is upper with probability 1/2, and any block of rows holds either moon. (A random
-    permutation, as before, needs a sort, which cost ~5% of a 2-D training step on XLA:CPU.)
-    The raw moons span x in [-1, 2], y in [-0.5, 1]; they are shifted by (-0.5, -0.25) and
-    multiplied by ``scale``. Gaussian noise of std ``noise`` is added before scaling.
+    rows are upper is random without a sort: rows ``2i`` and ``2i + 1`` hold one point of each
+    moon, the upper one first or second by a fair coin per pair (for odd ``n`` the last row is on
+    the lower moon). So every row (but that last one) is upper with probability 1/2 and every
+    even-length prefix ``x[:2m]`` (or block starting at an even row) holds exactly ``m`` points of
+    each moon; the rows are not exchangeable, though (a pair is never on the same moon). The
+    unordered point set has the same distribution as with a random permutation, which needs a sort
+    and cost ~5% of a 2-D training step on XLA:CPU. The raw moons span x in [-1, 2], y in
+    [-0.5, 1]; they are shifted by (-0.5, -0.25) and multiplied by ``scale``. Gaussian noise of
+    std ``noise`` is added before scaling.
 
     Returns: ``[n, 2]`` float32.
     """
     k1, k2, k3 = jax.random.split(key, 3)
     coin = jax.random.bernoulli(k1, 0.5, (n // 2,))
-    upper = jnp.concatenate([coin, ~coin, jnp.zeros((n % 2,), bool)])
+    upper = jnp.concatenate([jnp.stack([coin, ~coin], axis=1).reshape(-1), jnp.zeros((n % 2,), bool)])
     theta = jax.random.uniform(k2, (n,), minval=0.0, maxval=jnp.pi)
     x = jnp.where(upper, jnp.cos(theta), 1.0 - jnp.cos(theta))
     y = jnp.where(upper, jnp.sin(theta), 0.5 - jnp.sin(theta))
