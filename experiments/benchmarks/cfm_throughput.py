@@ -239,11 +239,12 @@ class TorchRunner:
         """The weights as genflow MLP parameters (hidden ``Dense_k.kernel = weight.T``; the output
         layer stores ``kernel_t = weight``, torch's own ``[out, in]`` order)."""
         linears = [m for m in self.model if isinstance(m, self.torch.nn.Linear)]
-        last = len(linears) - 1
-        return {"params": {f"Dense_{k}": {"kernel_t" if k == last else "kernel":
-                                          jnp.asarray(m.weight.detach().numpy() if k == last else m.weight.detach().numpy().T),
-                                          "bias": jnp.asarray(m.bias.detach().numpy())}
-                           for k, m in enumerate(linears)}}
+
+        def layer(k, m):
+            w, b = m.weight.detach().numpy(), jnp.asarray(m.bias.detach().numpy())
+            return {"kernel_t": jnp.asarray(w), "bias": b} if k == len(linears) - 1 else {"kernel": jnp.asarray(w.T), "bias": b}
+
+        return {"params": {f"Dense_{k}": layer(k, m) for k, m in enumerate(linears)}}
 
 
 # -- evaluation -------------------------------------------------------------------------------------
