@@ -89,9 +89,19 @@ def sq_distances(x0, x1):
     """
     if x0.shape != x1.shape or x0.ndim < 2:
         raise ValueError(f"x0 and x1 must have the same shape [..., B, F]; got {x0.shape} and {x1.shape}")
-    xp = jnp if isinstance(x0, jax.Array) else np
-    d = x0[..., :, None, :] - x1[..., None, :, :]
-    return xp.sum(d * d, axis=-1)
+    if isinstance(x0, jax.Array) or isinstance(x1, jax.Array):
+        d = x0[..., :, None, :] - x1[..., None, :, :]
+        return jnp.sum(d * d, axis=-1)
+    # NumPy: one feature at a time, in place. Reducing a [..., B, B, F] difference over its short
+    # last axis is ~10x slower for F = 2 (1.9 vs 0.19 ms at B = 256; it was a third of the host
+    # coupling's time). The values agree with that form up to summation order (F <= 2: identical).
+    x0, x1 = np.asarray(x0), np.asarray(x1)
+    out = None
+    for f in range(x0.shape[-1]):
+        d = x0[..., :, f, None] - x1[..., None, :, f]
+        d *= d
+        out = d if out is None else np.add(out, d, out=out)
+    return out
 
 
 def column_potential(cost: np.ndarray, eps: float = 0.1, iters: int = 40) -> np.ndarray:
@@ -246,11 +256,10 @@ class CoupledBatches:
 
     The coupling of a minibatch depends only on the two random draws, not on the model, so the
     couplings of a whole chunk of steps can be computed together and ahead of time: a
-    background thread draws ``chunk`` minibatches of data and noise on device (one jitted call,
-    with the Sinkhorn preconditioner of all of them), solves the ``chunk`` exact assignments on
-    the host thread pool and queues the permuted noise, while the training loop consumes the
-    previous chunk. Feed it to :func:`genflow.train.fit` as an iterable of host batches, with a
-    loss that uses ``batch["x1"]`` as the noise (:func:`genflow.losses.paired_coupling`).
+    background thread draws ``chunk`` minibatches of data and noise on device (one jitted call),
+    solves the ``chunk`` exact assignments on the host thread pool and queues the permuted noise,
+    while the training loop consumes the previous chunk. Feed it to :func:`genflow.train.fit` as
+    an iterable of host batches, with a loss that uses ``batch["x1"]`` as the noise (:func:`genflow.losses.paired_coupling`).
 
     Args:
       sampler: ``sampler(key, n) -> [n, ...]`` data sampler (jittable), e.g. ``gf.data.moons``.

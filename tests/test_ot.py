@@ -50,6 +50,24 @@ def _is_perm(p):
     return np.array_equal(np.sort(p, axis=-1), np.broadcast_to(np.arange(p.shape[-1]), p.shape))
 
 
+@pytest.mark.parametrize("shape", [(7, 1), (256, 2), (3, 33, 5)])
+def test_sq_distances_match_brute_force(shape):
+    # NumPy (feature-at-a-time) and JAX paths against the definition, with leading batch dims.
+    rng = np.random.default_rng(len(shape))
+    a, b = rng.standard_normal(shape) * 3, rng.standard_normal(shape) + 1
+    lead, n = shape[:-2], shape[-2]
+    ref = np.zeros(lead + (n, n))
+    for idx in np.ndindex(*lead):
+        for i in range(n):
+            for j in range(n):
+                ref[idx + (i, j)] = sum((a[idx + (i, f)] - b[idx + (j, f)]) ** 2 for f in range(shape[-1]))
+    got = ot.sq_distances(a, b)
+    assert got.dtype == np.float64 and got.shape == lead + (n, n)
+    np.testing.assert_allclose(got, ref, rtol=1e-14, atol=1e-12)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(np.asarray(ot.sq_distances(jnp.asarray(a), jnp.asarray(b))), ref, rtol=1e-12)
+
+
 @pytest.mark.parametrize("precondition", [True, False])
 def test_same_optimal_cost_as_scipy(precondition):
     for name, c in _problems():
