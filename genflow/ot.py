@@ -259,7 +259,8 @@ class CoupledBatches:
     background thread draws ``chunk`` minibatches of data and noise on device (one jitted call),
     solves the ``chunk`` exact assignments on the host thread pool and queues the permuted noise,
     while the training loop consumes the previous chunk. Feed it to :func:`genflow.train.fit` as
-    an iterable of host batches, with a loss that uses ``batch["x1"]`` as the noise (:func:`genflow.losses.paired_coupling`).
+    an iterable of host batches, with a loss that uses ``batch["x1"]`` as the noise
+    (:func:`genflow.losses.paired_coupling`).
 
     Args:
       sampler: ``sampler(key, n) -> [n, ...]`` data sampler (jittable), e.g. ``gf.data.moons``.
