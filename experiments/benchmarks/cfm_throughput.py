@@ -84,6 +84,20 @@ Investigation notes (measured on the shared 2-core box while other jobs kept its
   was slower (380 steps/s). For OT the host assignment (2.3 ms per minibatch on one thread,
   ``--part solver``) and training (1.8 ms on one core) share the two cores: ~490 steps/s at
   best with perfect overlap; 5x torchcfm's OT rate (~100 steps/s here) needs ~500.
+* The OT host path, measured whole (2026-12-02 evening, same Zen 5 machine): ``--part solver`` had
+  timed the solver on ready cost matrices (2.3 ms), but ``CoupledBatches`` also builds them from the
+  points, and ``gf.ot.sq_distances`` reduced a [256, 256, 2] float64 difference over its short last
+  axis: 1.55-1.9 ms per minibatch, so the host path took 4.4 ms, not 2.3 (the background stream
+  alone delivered 198 minibatches/s on one thread, 399 on two). It now adds one feature at a time
+  in place (0.19 ms; the same float64 values): 2.8 ms per minibatch, 409 / 751 minibatches/s,
+  and genflow OT training went from 272 to 369 steps/s in a same-hour A/B. ``--part solver`` now
+  has a row for the whole path from the points. What is left is SciPy (~1.6-1.8 ms) and the
+  potential (~0.55 ms): even with the exact optimal column duals SciPy takes 0.6 ms per problem,
+  and with duals perturbed by N(0, 0.01^2) 1.3 ms; Sinkhorn schedules with smaller eps (0.03,
+  0.01, 0.003 after 0.1, warm-started), row orders, the transposed problem and SciPy's sparse
+  LAPJVsp (84 ms dense; a k-nearest candidate graph from the reduced costs often has no perfect
+  matching, the optimal partner ranking up to 23rd in its row) did not beat it. With training
+  at ~1.9 core-ms per step and the host path at ~2.7, the two cores allow ~440 OT steps/s.
 
     python experiments/benchmarks/cfm_throughput.py                 # everything (~15 min on 2 idle cores)
     python experiments/benchmarks/cfm_throughput.py --part throughput --repeats 7
@@ -307,7 +321,8 @@ def part_data(n: int = 4096, seeds=(0, 1, 2)) -> dict:
 
 def part_solver(problems: int = 40, repeats: int = 5) -> dict:
     """Per-problem time of the exact assignment of one 256-point moons-vs-Gaussian minibatch:
-    SciPy on the raw costs vs on Sinkhorn-preconditioned costs (potential time included), 1 thread."""
+    SciPy on the raw costs vs on Sinkhorn-preconditioned costs (potential time included), and the
+    whole host path from the points (cost matrix included, as ``CoupledBatches`` runs it), 1 thread."""
     from scipy.optimize import linear_sum_assignment
 
     keys = jax.random.split(jax.random.key(123), problems)
@@ -325,8 +340,18 @@ def part_solver(problems: int = 40, repeats: int = 5) -> dict:
     def pre():
         return [gf_ot.solve_assignment(c, threads=1) for c in costs]
 
+    x0_32, x1_32 = x0.astype(np.float32), x1.astype(np.float32)
+
+    def points():  # what CoupledBatches runs per minibatch: float32 points -> float64 costs -> solver
+        return list(gf_ot.solve_ot_points(x0_32, x1_32, threads=1))
+
+    def cost_matrices():
+        return [gf_ot.sq_distances(a, b) for a, b in zip(x0, x1)]
+
     contenders = {"SciPy, raw costs": raw, "column_potential only (Sinkhorn, eps=0.1, 40 it)": potentials,
-                  "genflow: potential + SciPy on shifted costs": pre}
+                  "genflow: potential + SciPy on shifted costs": pre,
+                  "sq_distances only (float64 costs from the points)": cost_matrices,
+                  "genflow from the points (solve_ot_points: costs + potential + SciPy)": points}
     times = {k: [] for k in contenders}
     for _ in range(repeats):
         for k, f in contenders.items():
