@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow.paths import Path
+from genflow.paths import Path, check_t
 
 Array = jax.Array
 Weighting = Callable[[Path, Array], Array]
@@ -69,19 +69,19 @@ def _w_uniform(kind):
         c = param.eps_scale(path, t, kind)
         return c * c
 
+    w.uniform_kind = kind  # diffusion_loss uses lambda = 1 exactly when the model predicts `kind`
     return w
 
 
 def _w_min_snr(gamma: float):
-    def w(path, t):
-        snr = path.snr(t)
-        return jnp.minimum(snr, gamma) / snr
+    def w(path, t):  # min(SNR, gamma) / SNR, in log form: finite limits at SNR = 0 and inf
+        return jnp.exp(jnp.minimum(0.0, jnp.log(gamma) - path.log_snr(t)))
 
     return w
 
 
-def _w_truncated_snr(path, t):
-    return jnp.maximum(1.0, 1.0 / path.snr(t))
+def _w_truncated_snr(path, t):  # max(1, 1 / SNR), in log form (finite at SNR = inf)
+    return jnp.exp(jnp.maximum(0.0, -path.log_snr(t)))
 
 
 def _w_elbo(path, t):
@@ -242,20 +242,33 @@ def diffusion_loss(
       ``(loss, aux)``: scalar mean loss and ``{"t": [B], "per_example": [B]}``.
     """
     param.check_kind(prediction)
+    if not jnp.issubdtype(jnp.asarray(x0).dtype, jnp.floating):
+        raise ValueError(f"x0 must be a floating-point array [B, ...]; got dtype {jnp.asarray(x0).dtype}")
     t_min = path.t_min if t_min is None else t_min
+    check_t(t_min, "t_min")
+    check_t(t_max, "t_max")
+    if not isinstance(t_min, jax.core.Tracer) and not isinstance(t_max, jax.core.Tracer) and t_min > t_max:
+        raise ValueError(f"t_min must be <= t_max; got t_min={t_min}, t_max={t_max}")
     w_fn = get_weighting(weighting, prediction, gamma=gamma, bias=bias)
     kt, kn, kc = jax.random.split(key, 3)
     b = x0.shape[0]
-    t = sample_t(kt, b, t_min, t_max, stratified).astype(x0.dtype)
+    # Times, schedule and weights in float32 or wider whatever the data's dtype: in bfloat16 a
+    # t near 1 rounds to 1.0 (infinite velocity scale on linear()), in float16 c^2 overflows.
+    # The model sees x_t and t in the data's dtype.
+    wide = jnp.promote_types(x0.dtype, jnp.float32)
+    t = sample_t(kt, b, t_min, t_max, stratified).astype(wide)
     x1 = jax.random.normal(kn, x0.shape, x0.dtype)
     x1 = _coupling(coupling)(kc, x0, x1)
     xt = path.add_noise(x0, x1, t)
     target = param.from_x0_eps(x0, x1, xt, t, path, prediction)
-    pred = fn(xt, t)
+    pred = fn(xt.astype(x0.dtype), t.astype(x0.dtype))
     if pred.shape != x0.shape:
         raise ValueError(f"model output shape {pred.shape} does not match the data shape {x0.shape}")
-    c = param.eps_scale(path, t, prediction)
-    lam = (w_fn(path, t) / (c * c)).astype(jnp.float32)
+    if getattr(w_fn, "uniform_kind", None) == prediction:
+        lam = jnp.ones((b,), jnp.float32)  # plain MSE of the predicted kind (also where c is 0 or inf)
+    else:
+        c = param.eps_scale(path, t, prediction)
+        lam = (w_fn(path, t) / (c * c)).astype(jnp.float32)
     sq = jnp.mean(jnp.square((pred - target).astype(jnp.float32)).reshape(b, -1), axis=-1)
     per_example = lam * sq
     return jnp.mean(per_example), {"t": t, "per_example": per_example}
@@ -264,7 +277,12 @@ def diffusion_loss(
 def flow_matching_loss(fn, path: Path, x0: Array, key: Array, *, coupling: str | Coupling = "independent", **kw):
     """Conditional flow matching (Lipman et al. 2023; Liu et al. 2023): velocity MSE
     ``|| fn(x_t, t) - (alpha' x0 + sigma' x1) ||^2``; on :func:`genflow.paths.linear` the target is
-    ``x1 - x0``. Same arguments as :func:`diffusion_loss`."""
+    ``x1 - x0``. Same arguments as :func:`diffusion_loss`, except ``prediction`` and
+    ``weighting`` (fixed: ``"velocity"``, ``"uniform"``)."""
+    fixed = sorted({"prediction", "weighting"} & set(kw))
+    if fixed:
+        raise TypeError(f"flow_matching_loss fixes prediction='velocity' and weighting='uniform'; "
+                        f"got {', '.join(fixed)} (use diffusion_loss for other kinds and weightings)")
     return diffusion_loss(fn, path, x0, key, prediction="velocity", weighting="uniform", coupling=coupling, **kw)
 
 

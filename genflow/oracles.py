@@ -36,6 +36,12 @@ def _t_col(t, x: Array) -> Array:
     return jnp.broadcast_to(t, (x.shape[0],))[:, None]
 
 
+def _float_array(a) -> Array:
+    """``a`` as a JAX array, integer or boolean values promoted to the default float dtype."""
+    a = jnp.asarray(a)
+    return a if jnp.issubdtype(a.dtype, jnp.inexact) else a.astype(jnp.result_type(float))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Gaussian:
@@ -47,13 +53,15 @@ class Gaussian:
 
     @classmethod
     def diagonal(cls, mean, var) -> "Gaussian":
-        mean = jnp.asarray(mean)
+        mean = _float_array(mean)
         var = jnp.broadcast_to(jnp.asarray(var, mean.dtype), mean.shape)
         return cls(mean, var, jnp.eye(mean.shape[0], dtype=mean.dtype))
 
     @classmethod
     def full(cls, mean, cov) -> "Gaussian":
-        mean, cov = jnp.asarray(mean), jnp.asarray(cov)
+        mean = _float_array(mean)
+        cov = jnp.asarray(cov, jnp.promote_types(mean.dtype, jnp.asarray(cov).dtype))
+        mean = mean.astype(cov.dtype)
         var, basis = jnp.linalg.eigh(0.5 * (cov + cov.T))
         return cls(mean, var, basis)
 

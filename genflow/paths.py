@@ -63,6 +63,8 @@ class Path:
       d_alpha_fn, d_sigma_fn: optional closed-form time derivatives (else autodiff).
       log_snr_fn: optional closed-form ``log(alpha^2 / sigma^2)``.
       t_from_log_snr_fn: optional closed-form inverse of the log-SNR (else bisection).
+      diffusion_sq_fn: optional closed-form ``g(t)^2`` of the forward SDE (else from the
+        derivatives, which is ``0 * inf`` where ``sigma = 0`` and ``sigma' = inf``).
     """
 
     alpha_fn: ScalarFn = _static()
@@ -75,6 +77,7 @@ class Path:
     d_sigma_fn: ScalarFn | None = _static(None)
     log_snr_fn: ScalarFn | None = _static(None)
     t_from_log_snr_fn: ScalarFn | None = _static(None)
+    diffusion_sq_fn: ScalarFn | None = _static(None)
 
     def __post_init__(self):
         if not callable(self.alpha_fn) or not callable(self.sigma_fn):
@@ -126,11 +129,16 @@ class Path:
         """Inverse of :meth:`log_snr`: the ``t`` in [0, 1] with ``log_snr(t) = lam``.
 
         Closed form where the path provides one, else 60 steps of bisection (the log-SNR of
-        every Gaussian path is decreasing in t).
+        every Gaussian path is decreasing in t). A ``lam`` outside the path's range gives the
+        nearer end: 0 above ``log_snr(0)``, 1 below ``log_snr(1)``.
         """
         lam = _as_float(lam)
         if self.t_from_log_snr_fn is not None:
-            return self.t_from_log_snr_fn(lam, **self.params)
+            # A closed form extrapolates outside the path's log-SNR range; clamp to [0, 1] as the
+            # bisection does (lam = -inf -> 1, lam above log_snr(0) -> 0).
+            t = self.t_from_log_snr_fn(lam, **self.params)
+            t = jnp.where(jnp.isnan(t) & jnp.isneginf(lam), 1.0, t)
+            return jnp.clip(t, 0.0, 1.0).astype(t.dtype)
 
         def body(_, bounds):
             lo, hi = bounds
@@ -150,6 +158,8 @@ class Path:
     def diffusion_sq(self, t) -> Array:
         """``g(t)^2 = d sigma^2/dt - 2 f(t) sigma^2`` of the forward SDE."""
         t = _as_float(t)
+        if self.diffusion_sq_fn is not None:
+            return self.diffusion_sq_fn(t, **self.params)
         s = self.sigma(t)
         return 2.0 * s * self.d_sigma(t) - 2.0 * self.drift_coef(t) * s * s
 
@@ -190,15 +200,17 @@ def broadcast_t(t, x: Array) -> Array:
 
 def check_t(t, name: str = "t") -> None:
     """Raise ``ValueError`` if a concrete ``t`` lies outside [0, 1] (no-op under tracing)."""
-    try:
-        tt = jax.device_get(jnp.asarray(t))
-    except jax.errors.ConcretizationTypeError:
-        return
-    except jax.errors.TracerArrayConversionError:
-        return
     import numpy as np
 
-    tt = np.asarray(tt)
+    if isinstance(t, jax.core.Tracer):  # under jit / vmap / grad the values are not known
+        return
+    if isinstance(t, jax.Array):
+        try:
+            tt = np.asarray(jax.device_get(t))
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+            return
+    else:  # Python / NumPy values: no jnp call, which would be staged out under jit
+        tt = np.asarray(t, dtype=float)
     if tt.size and (not np.all(np.isfinite(tt)) or tt.min() < 0.0 or tt.max() > 1.0):
         raise ValueError(
             f"{name} must lie in [0, 1] (t=0 is data, t=1 is noise); got values in "
@@ -232,6 +244,11 @@ def _vpl_d_sigma(t, beta_min, beta_max):
     return -a * _vpl_d_alpha(t, beta_min, beta_max) / _vpl_sigma(t, beta_min, beta_max)
 
 
+def _vpl_diffusion_sq(t, beta_min, beta_max):
+    # g^2 = beta(t) (finite at t = 0, where the generic 2 sigma sigma' is 0 * inf)
+    return beta_min + t * (beta_max - beta_min)
+
+
 def _vpl_log_snr(t, beta_min, beta_max):
     la2 = 2.0 * _vpl_log_alpha(t, beta_min, beta_max)
     return la2 - jnp.log(-jnp.expm1(la2))
@@ -263,6 +280,7 @@ def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0) -> Path:
         d_sigma_fn=_vpl_d_sigma,
         log_snr_fn=_vpl_log_snr,
         t_from_log_snr_fn=_vpl_t_from_log_snr,
+        diffusion_sq_fn=_vpl_diffusion_sq,
     )
 
 

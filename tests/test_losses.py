@@ -121,3 +121,69 @@ def test_bad_inputs():
         gf.losses.diffusion_loss(lambda x, t: x, path, x0, jax.random.key(0), prediction="noise")
     with pytest.raises(ValueError, match="does not match the data shape"):
         gf.losses.diffusion_loss(lambda x, t: x[:, :1], path, x0, jax.random.key(0))
+
+
+def _zero(x, t):
+    return jnp.zeros_like(x)
+
+
+@pytest.mark.parametrize("path_name,kind,t_end", [("linear", "x0", 0.0), ("vp_cosine", "x0", 0.0),
+                                                  ("linear", "velocity", 1.0), ("linear", "v", 1.0)])
+def test_uniform_weighting_at_degenerate_endpoints(path_name, kind, t_end):
+    # At these endpoints eps_scale is 0 or infinite; the plain MSE of the predicted kind is still
+    # finite (lambda = 1 exactly): ||0 - target||^2 with the target in closed form.
+    path = gf.paths.get(path_name)
+    x0 = jax.random.normal(jax.random.key(1), (64, 3))
+    loss, aux = gf.losses.diffusion_loss(_zero, path, x0, jax.random.key(2), prediction=kind, t_min=t_end, t_max=t_end)
+    kn = jax.random.split(jax.random.key(2), 3)[1]
+    x1 = jax.random.normal(kn, x0.shape)
+    target = gf.param.from_x0_eps(x0, x1, path.add_noise(x0, x1, aux["t"]), aux["t"], path, kind)
+    assert np.all(np.isfinite(np.asarray(target)))
+    np.testing.assert_allclose(float(loss), float(jnp.mean(jnp.mean(target ** 2, -1))), rtol=1e-6)
+
+
+def test_snr_weightings_have_finite_limits():
+    path, t = gf.paths.linear(), jnp.array([0.0, 0.25, 0.5, 1.0])
+    snr = np.asarray(path.snr(t[1:3]))
+    w = gf.losses.get_weighting("min_snr", "eps", gamma=5.0)(path, t)
+    np.testing.assert_allclose(w, [0.0, *(np.minimum(snr, 5.0) / snr), 1.0], rtol=1e-6)
+    w = gf.losses.get_weighting("truncated_snr", "eps")(path, t)
+    np.testing.assert_allclose(w[:3], [1.0, 1.0, 1.0], rtol=1e-6)  # SNR >= 1 for t <= 0.5 on linear
+    assert np.isinf(float(w[3]))  # 1 / SNR at SNR = 0
+
+
+@pytest.mark.parametrize("dtype,path_name,kind", [(jnp.bfloat16, "linear", "velocity"),
+                                                  (jnp.float16, "edm", "v"), (jnp.float16, "edm", "velocity")])
+def test_low_precision_data_gives_the_float32_loss(dtype, path_name, kind):
+    # Times and weights are computed in float32: in bfloat16 t near 1 rounds to 1.0, in float16
+    # EDM's c^2 overflows. The loss should match the float32 one up to the data's rounding.
+    path = gf.paths.get(path_name)
+    x0 = jax.random.normal(jax.random.key(3), (256, 4))
+    t_hi = 1.0 - 1e-4
+    kw = dict(prediction=kind, t_min=0.9, t_max=t_hi)
+    lo, aux = gf.losses.diffusion_loss(_zero, path, x0.astype(dtype), jax.random.key(4), **kw)
+    t = aux["t"]
+    assert t.dtype == jnp.float32 and float(t.max()) < 1.0
+    # the same draws, the target in float32: ||0 - target||^2 with lambda = 1
+    x1 = jax.random.normal(jax.random.split(jax.random.key(4), 3)[1], x0.shape, dtype).astype(jnp.float32)
+    x0f = x0.astype(dtype).astype(jnp.float32)
+    target = gf.param.from_x0_eps(x0f, x1, path.add_noise(x0f, x1, t), t, path, kind)
+    assert np.isfinite(float(lo))
+    np.testing.assert_allclose(float(lo), float(jnp.mean(jnp.mean(target ** 2, -1))), rtol=1e-5)
+
+
+def test_loss_argument_checks():
+    path, x0, key = gf.paths.linear(), jnp.ones((4, 2)), jax.random.key(0)
+    with pytest.raises(ValueError, match=r"t_min must lie in \[0, 1\]"):
+        gf.losses.flow_matching_loss(_zero, path, x0, key, t_min=-0.5)
+    with pytest.raises(ValueError, match=r"t_max must lie in \[0, 1\]"):
+        gf.losses.flow_matching_loss(_zero, path, x0, key, t_max=1.5)
+    with pytest.raises(ValueError, match="t_min must be <= t_max"):
+        gf.losses.flow_matching_loss(_zero, path, x0, key, t_min=0.8, t_max=0.2)
+    with pytest.raises(ValueError, match="x0 must be a floating-point array"):
+        gf.losses.flow_matching_loss(_zero, path, jnp.ones((4, 2), jnp.uint8), key)
+    with pytest.raises(TypeError, match="fixes prediction='velocity' and weighting='uniform'"):
+        gf.losses.flow_matching_loss(_zero, path, x0, key, weighting="elbo")
+    # checks do not get in the way of jit (t_min / t_max are Python floats there too)
+    f = jax.jit(lambda x, k: gf.losses.flow_matching_loss(_zero, path, x, k, t_min=0.1)[0])
+    assert np.isfinite(float(f(x0, key)))

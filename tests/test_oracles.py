@@ -50,3 +50,12 @@ def test_oracle_model_kinds_consistent(gauss2):
     for kind in gf.param.KINDS:
         out = gauss2.model(path, kind)(x, t)
         np.testing.assert_allclose(gf.param.convert(out, x, t, path, kind, "x0"), x0, rtol=1e-4, atol=1e-5)
+
+
+def test_integer_parameters_are_promoted_to_float():
+    g = gf.oracles.Gaussian.diagonal([0, 0], 0.5)  # an integer mean must not truncate the variance
+    np.testing.assert_allclose(g.var, [0.5, 0.5])
+    assert jnp.issubdtype(g.sample(jax.random.key(0), 3).dtype, jnp.floating)
+    g = gf.oracles.Gaussian.full([0, 1], [[2, 0], [0, 1]])
+    np.testing.assert_allclose(np.sort(np.asarray(g.var)), [1.0, 2.0])
+    assert jnp.issubdtype(g.mean.dtype, jnp.floating)

@@ -14,7 +14,8 @@ T = jnp.linspace(0.02, 0.98, 25)
 def _autodiff_twin(path):
     """The same path with every closed form removed: derivatives by autodiff, log-SNR by
     definition, its inverse by bisection."""
-    return dataclasses.replace(path, d_alpha_fn=None, d_sigma_fn=None, log_snr_fn=None, t_from_log_snr_fn=None)
+    return dataclasses.replace(path, d_alpha_fn=None, d_sigma_fn=None, log_snr_fn=None, t_from_log_snr_fn=None,
+                               diffusion_sq_fn=None)
 
 
 @pytest.mark.parametrize("name", sorted(ALL_PATHS))
@@ -111,3 +112,24 @@ def test_bad_inputs():
         gf.paths.check_t(jnp.array([0.5, 1.5]))
     with pytest.raises(TypeError, match="alpha_fn and sigma_fn must be callables"):
         gf.paths.Path(alpha_fn=1.0, sigma_fn=lambda t: t)
+
+
+def test_endpoints_of_diffusion_and_log_snr_inverse():
+    # vp_linear: g^2 = beta(t), also at t = 0 where the generic 2 sigma sigma' is 0 * inf.
+    vp = gf.paths.vp_linear(0.1, 20.0)
+    np.testing.assert_allclose(vp.diffusion_sq(jnp.array([0.0, 0.5, 1.0])), [0.1, 10.05, 20.0], rtol=1e-6)
+    # Outside a path's log-SNR range the inverse gives the nearer end, closed form or bisection.
+    lam = jnp.array([-jnp.inf, -60.0, 60.0, jnp.inf])
+    for name, p in ALL_PATHS.items():
+        for q in (p, _autodiff_twin(p)):
+            t = np.asarray(q.t_from_log_snr(lam))
+            np.testing.assert_allclose(t, [1.0, 1.0, 0.0, 0.0], atol=1e-6, err_msg=name)
+
+
+def test_check_t_is_a_no_op_under_tracing():
+    f = jax.jit(lambda t: (gf.paths.check_t(t, "t"), gf.paths.check_t(0.5, "s"), 2 * t)[-1])
+    assert float(f(0.25)) == 0.5
+    assert float(jax.grad(lambda t: (gf.paths.check_t(t), t * t)[-1])(3.0)) == 6.0
+    np.testing.assert_allclose(jax.vmap(lambda t: (gf.paths.check_t(t), t + 1)[-1])(jnp.ones(3)), 2.0)
+    with pytest.raises(ValueError, match=r"t_min must lie in \[0, 1\]"):
+        gf.paths.check_t(-0.5, "t_min")
