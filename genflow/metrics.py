@@ -23,6 +23,11 @@ def _sq_dists(x: Array, y: Array) -> Array:
     return jnp.maximum(jnp.sum(x * x, 1)[:, None] + jnp.sum(y * y, 1)[None] - 2.0 * x @ y.T, 0.0)
 
 
+def _check_same_dim(name: str, x, y) -> None:
+    if x.shape[1:] != y.shape[1:]:
+        raise ValueError(f"{name} needs points of the same dimension; got x: {tuple(x.shape)} and y: {tuple(y.shape)}")
+
+
 def w2_exact(x, y) -> float:
     """Exact 2-Wasserstein distance between two equal-size empirical measures.
 
@@ -35,8 +40,9 @@ def w2_exact(x, y) -> float:
     if x.shape != y.shape:
         raise ValueError(f"w2_exact needs point sets of equal shape; got {x.shape} and {y.shape} "
                          f"(use w2_sinkhorn or sliced_w2 for unequal sizes)")
-    cost = np.sum(x * x, 1)[:, None] + np.sum(y * y, 1)[None] - 2.0 * x @ y.T
-    cost = np.maximum(cost, 0.0)
+    from genflow.ot import sq_distances
+
+    cost = sq_distances(x, y)  # differences, not |x|^2 + |y|^2 - 2 x.y (which cancels far from 0)
     r, c = linear_sum_assignment(cost)
     return float(np.sqrt(cost[r, c].mean()))
 
@@ -46,13 +52,16 @@ def w2_sinkhorn(x: Array, y: Array, epsilon: float = 0.01, iters: int = 500, deb
 
     Returns ``sqrt(S_eps(x, y))`` where ``S_eps`` is the (debiased) Sinkhorn divergence of
     Feydy et al. 2019 with the squared-Euclidean cost, uniform weights. ``epsilon`` is relative
-    to the mean squared distance. ``x: [N, D]``, ``y: [M, D]``; returns a scalar.
+    to the mean squared distance between ``x`` and ``y`` (one value for all three terms). ``x: [N, D]``, ``y: [M, D]``; returns a scalar.
     """
     x, y = _flat(jnp.asarray(x, jnp.float32)), _flat(jnp.asarray(y, jnp.float32))
+    _check_same_dim("w2_sinkhorn", x, y)
+    # One epsilon for all three terms (the debiasing needs a common one): relative to the mean
+    # squared distance between x and y.
+    eps = epsilon * jnp.mean(_sq_dists(x, y)) + 1e-12
 
     def ot(a, b):
         c = _sq_dists(a, b)
-        eps = epsilon * jnp.mean(c) + 1e-12
         la = -jnp.log(a.shape[0]) * jnp.ones(a.shape[0])
         lb = -jnp.log(b.shape[0]) * jnp.ones(b.shape[0])
 
@@ -91,6 +100,9 @@ def mmd(x: Array, y: Array, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Array:
     ``k(a, b) = sum_h exp(-||a - b||^2 / (2 h^2))``. ``x: [N, D]``, ``y: [M, D]``; scalar.
     """
     x, y = _flat(jnp.asarray(x, jnp.float32)), _flat(jnp.asarray(y, jnp.float32))
+    _check_same_dim("mmd", x, y)
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError(f"mmd (unbiased) needs at least 2 points per set; got {x.shape[0]} and {y.shape[0]}")
     hs = jnp.asarray(bandwidths, jnp.float32)
 
     def k(a, b):

@@ -42,6 +42,7 @@ import functools
 import os
 import queue
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -223,7 +224,10 @@ def ot_permutation(x0: Array, x1: Array, *, precondition: bool = True, eps: floa
     a = jax.lax.stop_gradient(x0.reshape(x0.shape[0], -1))
     b = jax.lax.stop_gradient(x1.reshape(x1.shape[0], -1))
     out = jax.ShapeDtypeStruct((x0.shape[0],), jnp.int32)
-    solve = functools.partial(solve_ot_points, precondition=precondition, eps=eps, iters=iters, threads=threads)
+    def solve(a, b):  # under vmap of one argument only, the other arrives with leading size-1 axes
+        a, b = np.broadcast_arrays(a, b)
+        return solve_ot_points(a, b, precondition=precondition, eps=eps, iters=iters, threads=threads)
+
     return jax.pure_callback(solve, out, a, b, vmap_method="expand_dims")
 
 
@@ -273,7 +277,8 @@ class CoupledBatches:
       precondition, eps, iters, threads: see :func:`assignment`.
     Yields:
       ``{"x": [B, ...], "x1": [B, ...]}`` NumPy arrays, one minibatch at a time, forever (or
-      ``num_batches`` of them).
+      ``num_batches`` of them), to one consumer thread. An exception in the background thread
+      (the sampler or the solver) is raised by the next call and by every call after it.
     """
 
     def __init__(self, sampler: Callable[[Array, int], Array], batch_size: int, key: Array, *, chunk: int = 100,
@@ -290,11 +295,16 @@ class CoupledBatches:
         self._key = key
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, daemon=True, name="genflow-ot-batches")
-        self._thread.start()
+        self._error: BaseException | None = None
         self._current: tuple | None = None
         self._pos = 0
         self._served = 0
+        # The thread holds only a weak reference, so an unclosed stream that is garbage-collected
+        # stops its thread (the finalizer sets the stop flag) instead of living on.
+        self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._queue, self._stop),
+                                        daemon=True, name="genflow-ot-batches")
+        weakref.finalize(self, self._stop.set)
+        self._thread.start()
 
     def prepare(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Chunk ``index``: ``(x0, x1)`` of shape ``[chunk, B, ...]`` with ``x1`` OT-permuted."""
@@ -306,32 +316,20 @@ class CoupledBatches:
             x1 = np.take_along_axis(x1, perm.reshape(perm.shape + (1,) * (x1.ndim - 2)), axis=1)
         return np.asarray(x0), np.asarray(x1)
 
-    def _work(self):
-        index = 0
-        last = None if self.num_batches is None else -(-self.num_batches // self.chunk)
-        try:
-            while not self._stop.is_set() and (last is None or index < last):
-                item = self.prepare(index)
-                index += 1
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # surfaced in the consumer
-            self._queue.put(e)
-
     def __iter__(self) -> Iterator[dict]:
         return self
 
     def __next__(self) -> dict:
+        if self._error is not None:  # the background thread failed: every later call says so too
+            raise self._error
         if self.num_batches is not None and self._served >= self.num_batches:
             self.close()
             raise StopIteration
         if self._current is None or self._pos >= self.chunk:
             item = self._queue.get()
             if isinstance(item, BaseException):
+                self._error = item
+                self.close()
                 raise item
             self._current, self._pos = item, 0
         x0, x1 = self._current
@@ -348,3 +346,37 @@ class CoupledBatches:
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` unless ``stop`` is set first; returns whether it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _work(ref: "weakref.ref[CoupledBatches]", q: queue.Queue, stop: threading.Event) -> None:
+    """The background thread of a :class:`CoupledBatches`: prepares chunks ahead and queues them
+    (or the exception that stopped it), until the stream is closed, exhausted or collected."""
+    index = 0
+    while not stop.is_set():
+        stream = ref()
+        if stream is None:
+            return
+        last = None if stream.num_batches is None else -(-stream.num_batches // stream.chunk)
+        if last is not None and index >= last:
+            return
+        try:
+            item = stream.prepare(index)
+        except BaseException as e:  # surfaced in the consumer
+            del stream
+            _put(q, e, stop)
+            return
+        del stream
+        index += 1
+        if not _put(q, item, stop):
+            return

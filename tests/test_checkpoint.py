@@ -152,3 +152,24 @@ def test_keeps_the_last_k_and_the_best(tmp_path):
         gf.train.Checkpointer(str(tmp_path / "x"), save_every=0)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         gf.train.Checkpointer(str(tmp_path / "empty"), save_every=1).restore(state)
+
+
+def test_best_metric_other_than_the_loss(tmp_path):
+    opt = optax.sgd(0.05)
+
+    def loss(params, batch, key):
+        return jnp.sum((params["w"] - 1.0) ** 2), {"dist": jnp.sum(jnp.abs(params["w"] - 1.0))}
+
+    step = gf.train.make_train_step(loss, opt)
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    with gf.train.Checkpointer(str(tmp_path / "g"), save_every=5, keep=1, best_metric="grad_norm") as ckpt:
+        state, _ = gf.train.fit(state, step, lambda k: None, 20, chunk_size=5, progress=False, checkpointer=ckpt)
+        assert ckpt.all_steps() == [20] and ckpt.best_step() == 20  # grad norm falls as w -> 1
+    with gf.train.Checkpointer(str(tmp_path / "d"), save_every=5, keep=1, best_metric="dist") as ckpt:
+        gf.train.fit(state, step, lambda k: None, 5, chunk_size=5, progress=False, checkpointer=ckpt)
+        assert ckpt.all_steps() == [25]
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    with gf.train.Checkpointer(str(tmp_path / "x"), save_every=5, best_metric="accuracy") as ckpt:
+        with pytest.raises(ValueError, match=r"best_metric='accuracy' is not a scalar step metric") as exc:
+            gf.train.fit(state, step, lambda k: None, 10, chunk_size=5, progress=False, checkpointer=ckpt)
+    assert int(exc.value.state.step) == 5  # the state survives the error

@@ -165,3 +165,25 @@ def test_image_loader_bad_arguments():
         gf.data.image_loader("digits", 10_000)
     with pytest.raises(ValueError, match="split must be"):
         gf.data.image_loader("digits", 8, split="validation")
+
+
+def _ffjord_pinwheel(rng, n):
+    """FFJORD's pinwheel (Grathwohl et al. 2019, lib/toy_data.py), transcribed in NumPy."""
+    radial_std, tangential_std, num_classes, rate = 0.3, 0.1, 5, 0.25
+    rads = np.linspace(0, 2 * np.pi, num_classes, endpoint=False)
+    features = rng.standard_normal((n, 2)) * np.array([radial_std, tangential_std])
+    features[:, 0] += 1.0
+    labels = np.repeat(np.arange(num_classes), n // num_classes)
+    angles = rads[labels] + rate * np.exp(features[:, 0])
+    rotations = np.stack([np.cos(angles), -np.sin(angles), np.sin(angles), np.cos(angles)])
+    rotations = np.reshape(rotations.T, (-1, 2, 2))
+    return 2 * rng.permutation(np.einsum("ti,tij->tj", features, rotations))
+
+
+def test_pinwheel_matches_ffjord():
+    n = 1000
+    ours = np.asarray(gf.data.pinwheel(jax.random.key(0), n), np.float64)
+    ref, ref2 = _ffjord_pinwheel(np.random.default_rng(0), n), _ffjord_pinwheel(np.random.default_rng(1), n)
+    floor = gf.metrics.w2_exact(ref, ref2)  # two draws of the same distribution
+    assert gf.metrics.w2_exact(ours, ref) < 1.5 * floor
+    assert gf.metrics.w2_exact(ours * [1.0, -1.0], ref) > 2.0 * floor  # the mirror image is far

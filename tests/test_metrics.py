@@ -66,3 +66,22 @@ def test_psnr_and_ssim_against_references():
     np.testing.assert_allclose(gf.metrics.ssim(x, x), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="window must be odd"):
         gf.metrics.ssim(x, y, window=9)
+
+
+def test_w2_translation_and_far_from_the_origin():
+    x = jax.random.normal(jax.random.key(7), (128, 2))
+    for m in (0.5, 3.0, 10.0):  # the debiased Sinkhorn divergence of a translation is exactly |m|^2
+        np.testing.assert_allclose(float(gf.metrics.w2_sinkhorn(x, x + jnp.array([m, 0.0]))), m, rtol=2e-3)
+    xf = np.asarray(x, np.float64) + 1e4
+    assert gf.metrics.w2_exact(xf, xf) == 0.0  # no |x|^2 + |y|^2 - 2 x.y cancellation
+    np.testing.assert_allclose(gf.metrics.w2_exact(xf, xf + [0.0, 0.25]), 0.25, rtol=1e-9)
+
+
+def test_metric_argument_checks():
+    x = jnp.zeros((8, 2))
+    with pytest.raises(ValueError, match="mmd needs points of the same dimension"):
+        gf.metrics.mmd(x, jnp.zeros((8, 3)))
+    with pytest.raises(ValueError, match="w2_sinkhorn needs points of the same dimension"):
+        gf.metrics.w2_sinkhorn(x, jnp.zeros((8, 3)))
+    with pytest.raises(ValueError, match="at least 2 points per set"):
+        gf.metrics.mmd(x, jnp.zeros((1, 2)))

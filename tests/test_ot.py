@@ -205,3 +205,43 @@ def test_bad_inputs():
         ot.ot_permutation(jnp.zeros((4, 2)), jnp.zeros((4, 3)))
     with pytest.raises(ValueError, match="coupling must be 'ot' or 'independent'"):
         ot.CoupledBatches(gf.data.moons, 8, jax.random.key(0), coupling="sinkhorn")
+
+
+def test_ot_permutation_under_vmap_of_one_argument():
+    rng = np.random.default_rng(5)
+    x0s = jnp.asarray(rng.standard_normal((3, 16, 2)), jnp.float32)
+    x1 = jnp.asarray(rng.standard_normal((16, 2)), jnp.float32)
+    perms = np.asarray(jax.vmap(ot.ot_permutation, in_axes=(0, None))(x0s, x1))
+    for k in range(3):
+        np.testing.assert_array_equal(perms[k], np.asarray(ot.ot_permutation(x0s[k], x1)))
+    perms = np.asarray(jax.vmap(ot.ot_permutation, in_axes=(None, 0))(x1, x0s))
+    for k in range(3):
+        np.testing.assert_array_equal(perms[k], np.asarray(ot.ot_permutation(x1, x0s[k])))
+
+
+def test_coupled_batches_failures_and_cleanup():
+    import gc
+    import threading
+    import time
+
+    def bad_sampler(key, n):
+        raise RuntimeError("sampler failed")
+
+    stream = ot.CoupledBatches(bad_sampler, 8, jax.random.key(0), chunk=2)
+    for _ in range(2):  # every call after the failure raises it too (it used to hang)
+        with pytest.raises(RuntimeError, match="sampler failed"):
+            next(stream)
+
+    def alive():
+        return sum(t.name == "genflow-ot-batches" and t.is_alive() for t in threading.enumerate())
+
+    before = alive()
+    stream = ot.CoupledBatches(gf.data.moons, 8, jax.random.key(1), chunk=2, prefetch=1)
+    next(stream)
+    assert alive() == before + 1
+    del stream  # never closed: collecting it stops its thread
+    gc.collect()
+    deadline = time.time() + 10
+    while alive() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert alive() == before

@@ -335,3 +335,72 @@ def test_params_stay_usable_after_fit_and_paired_noise_batches():
     np.testing.assert_allclose(paired, expected, rtol=1e-6)
     unpaired, _ = loss_fn(p, {"x": x0}, key)
     assert abs(float(paired) - float(unpaired)) > 1e-4
+
+
+def _lsq_batches(fail_at=None):
+    rng = np.random.default_rng(0)
+    i = 0
+    while True:
+        if i == fail_at:
+            raise RuntimeError(f"data source failed at batch {i}")
+        idx = rng.integers(0, 512, 32)
+        yield (np.asarray(X)[idx], np.asarray(Y)[idx])
+        i += 1
+
+
+def test_exceptions_keep_the_last_good_state():
+    """A failing data iterator, an exhausted one, a failing callback: fit re-raises with the last
+    good state (usable, not donated), its step and the history so far."""
+    opt = optax.sgd(0.01)
+    step = gf.train.make_train_step(lsq_loss, opt)
+
+    def fresh():
+        return gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
+
+    with pytest.raises(RuntimeError, match="failed at batch 25") as exc:
+        gf.train.fit(fresh(), step, _lsq_batches(fail_at=25), 40, chunk_size=10, progress=False)
+    err = exc.value
+    assert err.step == 20 and int(err.state.step) == 20 and err.history["loss"].shape == (20,)
+    clean, _ = gf.train.fit(fresh(), step, _lsq_batches(), 20, chunk_size=10, progress=False)
+    np.testing.assert_array_equal(np.asarray(err.state.params["w"]), np.asarray(clean.params["w"]))
+
+    with pytest.raises(ValueError, match=r"data ran out after 7 batches; fit was asked for num_steps=12") as exc:
+        gf.train.fit(fresh(), step, [(np.asarray(X[:8]), np.asarray(Y[:8]))] * 7, 12, chunk_size=5, progress=False)
+    assert int(exc.value.state.step) == 5
+
+    def bad_callback(state, metrics):
+        if int(state.step) >= 20:
+            raise KeyError("callback failed")
+
+    with pytest.raises(KeyError, match="callback failed") as exc:
+        gf.train.fit(fresh(), step, full_batch, 40, chunk_size=10, callback=bad_callback, progress=False)
+    assert int(exc.value.state.step) == 20 and np.isfinite(np.asarray(exc.value.state.params["w"])).all()
+    with pytest.raises(TypeError, match="data must be a callable batch_fn"):
+        gf.train.fit(fresh(), step, 5, 10, progress=False)
+
+
+def test_non_finite_step_is_the_global_step_after_resuming():
+    opt = optax.sgd(0.01)
+    step = gf.train.make_train_step(lsq_loss, opt)
+
+    def nan_at_7(state, batch):
+        x, y = batch
+        return step(state, (x, jnp.where(state.step == 7, jnp.nan, y)))
+
+    state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
+    state, _ = gf.train.fit(state, step, full_batch, 5, chunk_size=5, progress=False)
+    with pytest.raises(gf.train.NonFiniteLossError, match="at step 7") as exc:
+        gf.train.fit(state, nan_at_7, full_batch, 10, chunk_size=10, progress=False)
+    assert exc.value.step == 7 and int(exc.value.state.step) == 7 and exc.value.history["loss"].shape == (2,)
+
+
+def test_ema_keys_are_exact_for_decays_near_one():
+    assert gf.train.ema_key(0.99) == "0.99" and gf.train.ema_key(0.9999) == "0.9999"
+    d1, d2 = 0.9999995, 0.99999991
+    assert gf.train.ema_key(d1) != "1" and gf.train.ema_key(d1) != gf.train.ema_key(d2)
+    opt = optax.sgd(0.1)
+    state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0), ema_decays=(d1,))
+    state, _ = gf.train.fit(state, gf.train.make_train_step(lsq_loss, opt), full_batch, 3, progress=False)
+    # the EMA moved by (1 - d) of the parameters each step, not 0
+    ema = np.asarray(state.ema[gf.train.ema_key(d1)]["w"])
+    assert np.all(np.abs(ema) > 0) and np.all(np.abs(ema) < 1e-4 * np.abs(np.asarray(state.params["w"])).max() * 10)

@@ -86,7 +86,9 @@ def pinwheel(key: Array, n: int, num_arms: int = 5, radial_std: float = 0.3, tan
     feats = feats + jnp.array([1.0, 0.0])
     ang = 2 * jnp.pi * arm / num_arms + rate * jnp.exp(feats[:, 0])
     c, s = jnp.cos(ang), jnp.sin(ang)
-    out = jnp.stack([c * feats[:, 0] - s * feats[:, 1], s * feats[:, 0] + c * feats[:, 1]], -1)
+    # FFJORD's einsum("ti,tij->tj", feats, [[c, -s], [s, c]]): the row vector times R, i.e. a
+    # rotation by -ang (the arms curl clockwise outwards)
+    out = jnp.stack([c * feats[:, 0] + s * feats[:, 1], -s * feats[:, 0] + c * feats[:, 1]], -1)
     return (2.0 * out).astype(jnp.float32)
 
 

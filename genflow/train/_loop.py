@@ -112,6 +112,20 @@ def _compiled_chunk(run, key, state, xs, n):
     return exe, time.perf_counter() - t0
 
 
+def _chunk_means(metrics: dict) -> dict:
+    """Chunk means of the scalar float step metrics (the metrics saved with a checkpoint)."""
+    out = {}
+    for name, v in metrics.items():
+        v = np.asarray(v)
+        if v.ndim == 1 and np.issubdtype(v.dtype, np.floating):
+            out[name] = float(np.mean(v))
+    return out
+
+
+def _deleted(tree) -> bool:
+    return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
+
+
 def fit(
     state: TrainState,
     step_fn: Callable[[TrainState, Any], tuple[TrainState, dict]],
@@ -144,7 +158,9 @@ def fit(
         function, chunk length and argument types (training in segments compiles once).
       progress: show a tqdm progress bar (process 0 only).
       callback: ``callback(state, chunk_metrics)`` (or a list of them) after every chunk
-        (e.g. a :class:`MetricsWriter`); ``chunk_metrics`` also holds ``"steps_per_s"``.
+        (e.g. a :class:`MetricsWriter`); ``chunk_metrics`` also holds ``"steps_per_s"``. The
+        state's buffers are donated to the next chunk: a callback that keeps parameters must copy
+        them (``jax.device_get`` or ``jax.tree.map(jnp.copy, ...)``).
       unroll: steps unrolled per scan iteration (``lax.scan(unroll=...)``); small models on CPU
         run faster with 2-8, at the cost of compile time. On XLA:CPU, convolution *gradients*
         inside a loop body take a path ~20x slower than outside one (jax-ml/jax#12868; measured
@@ -156,7 +172,8 @@ def fit(
       min_shard_size: arrays with fewer elements are replicated even when ``fsdp > 1``.
       checkpointer: a :class:`Checkpointer`; chunks are cut at its save steps, and the state (with
         the data-iterator position) is saved asynchronously every ``save_every`` steps with the
-        chunk's mean loss as metric. Pending saves are committed before ``fit`` returns or raises.
+        chunk means of the step metrics (``loss``, ``grad_norm``, the loss's scalar aux) as
+        metrics. Pending saves are committed before ``fit`` returns or raises.
     Returns:
       ``(state, history)`` with ``history[name]``: ``[num_steps]`` numpy arrays of the step
       metrics, plus ``history["wall_time"]`` (seconds spent running the compiled chunks and
@@ -165,12 +182,19 @@ def fit(
     Raises:
       NonFiniteLossError: a step had a non-finite loss; carries the last good state. The
         checkpoints on disk are left as they were (the last one is the last good save).
+      ValueError: an iterable ``data`` ran out before ``num_steps`` batches.
+      Any exception from the data iterator, a callback or the checkpointer (or a
+      ``KeyboardInterrupt``) is re-raised with the last good state attached as ``e.state`` (its
+      step as ``e.step``) and the metrics so far as ``e.history``, so nothing done is lost.
     """
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise ValueError(f"num_steps must be a non-negative int; got {num_steps!r}")
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     on_device = callable(data)
+    if not on_device and not isinstance(data, Iterable):
+        raise TypeError(f"data must be a callable batch_fn(key) -> batch or an iterable of batches; "
+                        f"got {type(data).__name__}")
     iterator = None if on_device else iter(data)
     chunk = _chunk_fn(step_fn, data if on_device else None, unroll, mesh)
     if mesh is None:
@@ -201,7 +225,13 @@ def fit(
             xs = None
             if not on_device:
                 t0 = time.perf_counter()
-                batches = [next(iterator) for _ in range(n)]
+                batches = []
+                for _ in range(n):
+                    try:
+                        batches.append(next(iterator))
+                    except StopIteration:
+                        raise ValueError(f"data ran out after {done + len(batches)} batches; fit was asked for "
+                                         f"num_steps={num_steps}") from None
                 xs = jax.tree.map(lambda *b: np.stack(b), *batches)
                 if mesh is not None:
                     xs = shd.shard_batch(xs, mesh, stacked=True)
@@ -220,16 +250,30 @@ def fit(
                 history.setdefault(name, []).append(np.asarray(v)[:k])
             if k < n:
                 hist = {name: np.concatenate(v) for name, v in history.items()}
-                raise NonFiniteLossError(done + k, state, hist)
+                raise NonFiniteLossError(int(state.step), state, hist)
             done += n
             if checkpointer is not None and checkpointer.should_save(step0 + done):
                 data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
-                checkpointer.save(state, data_state=data_state, metrics={"loss": float(np.mean(metrics["loss"]))})
+                means = _chunk_means(metrics)
+                best = getattr(checkpointer, "best_metric", None)
+                if best is not None and best not in means:
+                    raise ValueError(f"checkpointer.best_metric={best!r} is not a scalar step metric; "
+                                     f"expected one of {sorted(means)}")
+                checkpointer.save(state, data_state=data_state, metrics=means)
             for cb in callbacks:
                 cb(state, dict(metrics, steps_per_s=n / dt))
             if bar is not None:
                 bar.update(n)
                 bar.set_postfix(loss=f"{float(np.mean(metrics['loss'])):.4f}")
+    except NonFiniteLossError:
+        raise
+    except BaseException as e:  # data, callbacks, checkpointer, Ctrl-C: keep what was done
+        # ``state`` is the last state a chunk returned (the caller's own was donated). It is
+        # attached unless the failing call was a compiled chunk itself (its input is donated).
+        if not _deleted(state):
+            e.state, e.step = state, int(state.step)
+        e.history = {name: np.concatenate(v) for name, v in history.items()}
+        raise
     finally:
         if bar is not None:
             bar.close()

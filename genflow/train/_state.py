@@ -36,7 +36,9 @@ class TrainState:
 
 
 def ema_key(decay: float) -> str:
-    return f"{decay:g}"
+    """The key of an EMA decay in ``TrainState.ema``: the shortest string that reads back as the
+    same float (``"0.99"``, ``"0.9999995"``), so nearby decays never share a key."""
+    return repr(float(decay))
 
 
 def init_state(params, optimizer: optax.GradientTransformation, key: Array,
