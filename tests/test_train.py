@@ -404,3 +404,18 @@ def test_ema_keys_are_exact_for_decays_near_one():
     # the EMA moved by (1 - d) of the parameters each step, not 0
     ema = np.asarray(state.ema[gf.train.ema_key(d1)]["w"])
     assert np.all(np.abs(ema) > 0) and np.all(np.abs(ema) < 1e-4 * np.abs(np.asarray(state.params["w"])).max() * 10)
+
+
+def test_grad_accumulation_sums_low_precision_gradients_in_float32():
+    # Microbatch gradients 256, 1, 1, ..., 1 (64 of them): a bfloat16 running sum stays at 256
+    # (257 rounds back to 256), a float32 one reaches 319; the mean keeps the parameters' dtype.
+    params = {"w": jnp.zeros(2, jnp.bfloat16)}
+
+    def loss(p, batch, key):
+        return jnp.sum(p["w"].astype(jnp.float32) * batch.mean()).astype(jnp.bfloat16), {}
+
+    step = jax.jit(gf.train.make_train_step(loss, optax.sgd(1.0), grad_accum=64))
+    state = gf.train.init_state(params, optax.sgd(1.0), jax.random.key(0))
+    new, m = step(state, jnp.ones((64,), jnp.float32).at[0].set(256.0))
+    assert new.params["w"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(new.params["w"], np.float32), -319.0 / 64, rtol=1e-2)

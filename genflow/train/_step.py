@@ -37,6 +37,11 @@ def _norm(tree) -> Array:
     return optax.tree.norm(_wide_float_leaves(tree))
 
 
+def _accum_dtype(dtype):
+    """Accumulator dtype of a microbatch sum: floating types promoted to at least float32."""
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.inexact) else dtype
+
+
 def _microbatches(batch, k: int):
     """Split the leading axis ``B`` into ``k`` strided microbatches ``[k, B/k, ...]`` (microbatch i
     holds rows i, i+k, ...; with a batch sharded over devices every microbatch stays spread over all
@@ -87,11 +92,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         def body(acc, i):
             mb = jax.tree.map(lambda x: x[i], micro)
             out = grad_fn(params, mb, jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, acc, out), None
+            return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, out), None
 
-        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), key))
+        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), key)
+        zero = jax.tree.map(lambda x: jnp.zeros(x.shape, _accum_dtype(x.dtype)), shapes)  # float32 or wider
         total, _ = jax.lax.scan(body, zero, jnp.arange(grad_accum))
-        return jax.tree.map(lambda x: x / grad_accum, total)
+        return jax.tree.map(lambda x, like: (x / grad_accum).astype(like.dtype), total, shapes)
 
     def mean_loss(params, batch, key):
         if grad_accum == 1:
