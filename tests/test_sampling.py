@@ -191,3 +191,38 @@ def test_new_step_counts_reuse_the_compiled_sampler(gauss2, caplog):
         y, info_y = gf.sample(fn, path, x1, steps=12, save_trajectory=True, **kw)
         np.testing.assert_allclose(outs[12][0], y, rtol=1e-5, atol=1e-5)
         assert info_y.trajectory.shape == (13,) + x1.shape
+
+
+def test_option_shape_and_endpoint_checks(gauss2):
+    path = gf.paths.linear()
+    fn, x1, key = gauss2.model(path, "velocity"), jnp.zeros((4, 2)), jax.random.key(0)
+    bad = [("unipc", dict(order=4), "order must be an int in 1..3"), ("deis", dict(order=0), "order must be an int >= 1"),
+           ("ddim", dict(eta=2.0), r"eta must be a float in \[0, 1\]"),
+           ("pc", dict(corrector_steps=-1), "corrector_steps must be an int >= 0")]
+    for solver, opts, msg in bad:
+        with pytest.raises(ValueError, match=f"solver '{solver}': option {msg}"):
+            gf.sample(fn, path, x1, prediction="velocity", solver=solver, key=key, t_start=0.99, **opts)
+    # a model whose output does not have the shape of x (it used to broadcast silently)
+    with pytest.raises(ValueError, match=r"returned shape \(4, 1\) for x of shape \(4, 2\)"):
+        gf.sample(lambda x, t: fn(x, t)[:, :1], path, x1, prediction="velocity", solver="euler", steps=4)
+    # an x0 model at a clean-data end with a solver that evaluates there: 0/0, refused by name
+    x0_fn = gauss2.model(path, "x0")
+    for solver in ("heun", "tsit5"):
+        with pytest.raises(ValueError, match=f"t_end=0.0 has sigma=0 on path 'linear': solver '{solver}'"):
+            gf.sample(x0_fn, path, x1, prediction="x0", solver=solver, steps=4, t_start=0.99)
+    x, _ = gf.sample(x0_fn, path, x1, prediction="x0", solver="heun", steps=4, t_start=0.99, t_end=1e-3)
+    assert np.all(np.isfinite(np.asarray(x)))
+    # a Karras / log-SNR grid whose finite end lies outside [sigma_min, sigma_max] (times repeated)
+    with pytest.raises(ValueError, match="gives repeated times"):
+        gf.sampling.time_grid(path, 5, "logsnr", t_start=1.0, t_end=0.995)
+    with pytest.raises(ValueError, match="gives repeated times"):
+        gf.sampling.time_grid(path, 5, "karras", t_start=1e-3, t_end=0.0)
+
+
+def test_restart_under_x64(gauss2):
+    path = gf.paths.edm()
+    with jax.enable_x64(True):
+        fn = gauss2.model(path, "x0")
+        x1 = path.prior_sample(jax.random.key(1), (64, 2), jnp.float64)
+        x, info = gf.sample(fn, path, x1, prediction="x0", solver="restart", steps=8, key=jax.random.key(2))
+        assert x.dtype == jnp.float64 and info.nfe.dtype == jnp.int32 and np.all(np.isfinite(np.asarray(x)))

@@ -225,3 +225,19 @@ def test_selecting_sigma_max_from_pure_noise_beats_the_default_karras_grid(mixtu
         return np.median(np.sqrt(np.mean((np.asarray(x) - ref) ** 2, axis=1)))
 
     assert med_err(ts) < 0.2 * med_err(grids[default]), (chosen, med_err(ts), med_err(grids[default]))
+
+
+def test_reference_trajectories_refuse_batch_bound_labels():
+    # per-sample labels bound for the batch: the one-sample-at-a-time solve would silently use
+    # sample 0's label for all; the model's output shape gives it away
+    path = gf.paths.linear()
+    means = jnp.array([[-3.0, 0.0], [3.0, 0.0]])
+    labels = jnp.array([0, 1, 1, 0])
+
+    def fn(x, t):  # a velocity with the labels of a batch of 4 bound in
+        return x - means[labels]
+
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    with pytest.raises(ValueError, match=r"returned shape \(4, 2\) for x of shape \(1, 2\)"):
+        gf.sampling.select_schedule(fn, path, x1, [gf.sampling.time_grid(path, 4)], prediction="velocity",
+                                    solver="ddim")

@@ -56,6 +56,36 @@ def _check_x(x1) -> None:
         raise TypeError(f"x1 must be a floating-point array; got dtype {x1.dtype}")
 
 
+def _is_int(v, lo: int, hi: int | None = None) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+# (solver, option) -> (valid(value), what is expected): options whose bad values would otherwise
+# give silently wrong samples (unipc order 4 ran as first order, ddim eta > 1 the wrong marginal)
+# or a wrong NFE (pc with negative corrector steps).
+_OPTION_CHECKS = {
+    ("unipc", "order"): (lambda v: _is_int(v, 1, 3), "an int in 1..3"),
+    ("deis", "order"): (lambda v: _is_int(v, 1), "an int >= 1"),
+    ("ddim", "eta"): (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a float in [0, 1]"),
+    ("ddpm", "eta"): (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a float in [0, 1]"),
+    ("pc", "corrector_steps"): (lambda v: _is_int(v, 0), "an int >= 0"),
+    ("restart", "restart_times"): (lambda v: _is_int(v, 1), "an int >= 1"),
+    ("restart", "restart_steps"): (lambda v: _is_int(v, 1), "an int >= 1"),
+}
+
+
+def _check_options(solver: str, options: dict) -> None:
+    for name, value in options.items():
+        check = _OPTION_CHECKS.get((solver, name))
+        if check is not None and not check[0](value):
+            raise ValueError(f"solver {solver!r}: option {name} must be {check[1]}; got {value!r}")
+
+
+# Diffrax ODE solvers that evaluate the model at the end of each step (Heun's corrector, the
+# FSAL stage of the Runge-Kutta pairs).
+_EVALUATE_AT_END = ("heun", "tsit5", "dopri5", "dopri8")
+
+
 def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
     """Refuse a start where the needed conversion is 0/0 (alpha(t_start) = 0, e.g. t=1 on the
     linear path): eps/score -> x0 and the reverse-SDE drift f = alpha'/alpha are singular."""
@@ -70,6 +100,13 @@ def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
         raise ValueError(
             f"t_start={float(t0)} has alpha=0 on path {path.name!r}, where {why} is singular; "
             f"start slightly earlier (e.g. t_start=0.999, drawing x1 from the marginal there)"
+        )
+    t1 = np.asarray(ts)[-1]
+    if prediction == "x0" and spec.name in _EVALUATE_AT_END and float(path.sigma(jnp.asarray(t1))) == 0.0:
+        raise ValueError(
+            f"t_end={float(t1)} has sigma=0 on path {path.name!r}: solver {spec.name!r} evaluates the "
+            f"velocity of the x0 model there, (x - alpha x0_hat) / sigma = 0/0; pass t_end > 0 (e.g. 1e-3) "
+            f"or a solver that does not evaluate at the end (euler, midpoint, ddim, dpm++2m, unipc, ...)"
         )
 
 
@@ -105,8 +142,10 @@ def sample(
       prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.
       solver: a name from :func:`genflow.sampling.solvers`.
       steps: number of steps of fixed-step solvers (ignored by adaptive ones). Without a saved
-        trajectory the step count is traced: one compiled program serves every count up to its
-        padding bucket (64, 128, ...).
+        trajectory the dedicated solvers and Diffrax's fixed-step ODE solvers trace the step
+        count: one compiled program serves every count up to its padding bucket (64, 128, ...).
+        The reverse-SDE solvers (``euler_maruyama``, ``shark``) and the adaptive ones compile once
+        per grid length.
       key: PRNG key, required by stochastic solvers.
       schedule: time discretization: a name (see :func:`genflow.sampling.time_grid`), an array of
         times ``[steps + 1]`` (e.g. from :func:`genflow.sampling.optimize_schedule`; then ``steps``
@@ -130,6 +169,7 @@ def sample(
     unknown = sorted(set(solver_options) - set(spec.options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for solver {solver!r}; it accepts {list(spec.options)}")
+    _check_options(spec.name, solver_options)
     if spec.stochastic and key is None:
         raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
     ts = time_grid(path, steps, schedule, t_start, t_end)

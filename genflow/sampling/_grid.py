@@ -137,7 +137,17 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         inner[-1] = t_end
     head = [np.array([t_start], fdt)] if start_inf else []
     tail = [np.array([t_end], fdt)] if end_inf else []
-    return jax.device_put(np.concatenate(head + [inner] + tail))
+    ts = np.concatenate(head + [inner] + tail)
+    if not np.all(np.diff(ts) < 0):
+        # a finite end whose noise level sigma / alpha lies outside [sigma_min, sigma_max]: the
+        # levels run the wrong way and clipping to [t_end, t_start] repeats times
+        raise ValueError(
+            f"schedule {schedule!r} with sigma_min={sigma_min}, sigma_max={sigma_max} gives repeated times on "
+            f"[t_end={t_end}, t_start={t_start}] of path {path.name!r}: an infinite end's level (sigma_max from "
+            f"pure noise, sigma_min towards clean data) must lie between the other end's noise level and it; "
+            f"got times {ts}"
+        )
+    return jax.device_put(ts)
 
 
 def karras_family(path: Path, steps: int, *, t_start: float = 1.0, t_end: float | None = None,

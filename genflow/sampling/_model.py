@@ -31,20 +31,30 @@ class Model:
     def _t(self, x: Array, t) -> Array:
         return jnp.broadcast_to(jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32)), (x.shape[0],))
 
+    def _call(self, x: Array, tb: Array) -> Array:
+        out = self.fn(x, tb)
+        if getattr(out, "shape", None) != x.shape:  # checked while tracing: no cost at run time
+            raise ValueError(
+                f"the model fn(x, t) returned shape {getattr(out, 'shape', type(out).__name__)} for x of shape "
+                f"{x.shape}; it must return the shape of x (a model with per-sample labels bound for one "
+                f"batch size cannot be called on another)"
+            )
+        return out
+
     def raw(self, x: Array, t) -> Array:
         """The network's own output (kind ``self.prediction``)."""
-        return self.fn(x, self._t(x, t))
+        return self._call(x, self._t(x, t))
 
     def predict(self, x: Array, t, kind: str) -> Array:
         """One network evaluation, converted to ``kind``."""
         tb = self._t(x, t)
-        out = param.convert(self.fn(x, tb), x, tb, self.path, self.prediction, kind)
+        out = param.convert(self._call(x, tb), x, tb, self.path, self.prediction, kind)
         return out.astype(x.dtype)
 
     def x0_eps(self, x: Array, t) -> tuple[Array, Array]:
         """One network evaluation, returned as ``(x0_hat, eps_hat)``."""
         tb = self._t(x, t)
-        x0, eps = param.to_x0_eps(self.fn(x, tb), x, tb, self.path, self.prediction)
+        x0, eps = param.to_x0_eps(self._call(x, tb), x, tb, self.path, self.prediction)
         return x0.astype(x.dtype), eps.astype(x.dtype)
 
     def velocity(self, x: Array, t) -> Array:

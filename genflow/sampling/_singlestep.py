@@ -207,10 +207,10 @@ def _restart_step(model, carry, c, key, *, restart_times: int = 1, **_):
         def once(x, k):
             x = combine(c["noise"][0], x, c["noise"][1:], (jax.random.normal(k, x.shape, x.dtype),))
             x, ns = jax.lax.scan(lambda x, hc: _heun_apply(model, x, hc), x, c["sub"])
-            return x, jnp.sum(ns)
+            return x, jnp.sum(ns).astype(jnp.int32)  # int32 under x64 too (the cond's other branch)
 
         x, ns = jax.lax.scan(once, x, jax.random.split(key, restart_times))
-        return x, jnp.sum(ns)
+        return x, jnp.sum(ns).astype(jnp.int32)
 
     x, extra = jax.lax.cond(c["do"], restart, lambda x: (x, jnp.int32(0)), x)
     return {"x": x}, nfe + extra
