@@ -209,7 +209,7 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
       fn: conditional network ``fn(x: [B, ...], t: [B], y: [B, F]) -> prediction``.
       y: ``[B, F]`` (or ``[F]``) condition embedding (continuous).
       key: PRNG key of the condition noise.
-      tau1, tau2: annealing interval in t (the paper's defaults are in its reversed time).
+      tau1, tau2: annealing interval in t (the paper's defaults 0.6 and 0.9; its t = 1 is noise too).
       noise_scale: ``s``. psi: mixing of the rescaled condition (``psi = 1``: fully rescaled).
       rescale: restore the per-sample mean and std of ``y`` (eq. 6).
     """

@@ -154,7 +154,9 @@ def sample(
       t_start, t_end: integration interval; ``t_end`` defaults to ``path.t_min``.
       denoise: finish with one Tweedie step ``x0_hat(x, t_end)`` (one more NFE); defaults to
         ``path.denoise_at_end``.
-      rtol, atol: tolerances of adaptive solvers.
+      rtol, atol: tolerances of adaptive solvers (with a bfloat16 model use ~1e-2: tolerances below
+        the model's own resolution make the step-size controller reject steps, e.g. 10,805
+        NFE for dopri8 at the default 1e-5).
       max_steps: cap on the number of steps of adaptive solvers.
       save_trajectory: also return the states on the grid in ``info.trajectory``.
       **solver_options: passed to the solver function.
