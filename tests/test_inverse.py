@@ -181,3 +181,55 @@ def test_prior_sampler_with_eta_zero_is_gf_sample_ddim(path_name, kind):
     b, ib = gf.sample(PRIOR.model(path, kind), path, x1, prediction=kind, solver="ddim", steps=20, t_start=t_start)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert int(ia.nfe) == int(ib.nfe)
+
+
+def test_flowdps_without_data_consistency_steps_is_the_prior_sampler():
+    path, kind = gf.paths.linear(), "velocity"
+    x1 = path.prior_sample(jax.random.key(6), (16,) + S)
+    op, y, _, _ = _problem("super_resolution")
+    post, _ = inv.posterior_sample(PRIOR.model(path, kind), path, x1, y[:16], op, prediction=kind, method="flowdps",
+                                   steps=10, key=jax.random.key(8), dc_steps=0)
+    prior, _ = inv.prior_sample(PRIOR.model(path, kind), path, x1, prediction=kind, steps=10, key=jax.random.key(8),
+                                base="ddim", eta=1.0)
+    np.testing.assert_allclose(post, prior, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dc_steps must be an int >= 0"):
+        inv.posterior_sample(PRIOR.model(path, kind), path, x1, y[:16], op, prediction=kind, method="flowdps",
+                             key=jax.random.key(8), dc_steps=-1)
+
+
+def test_flowdps_is_stable_under_poisson_noise():
+    # dark pixels weigh rate / 2 in the Poisson residual: the step divides by that curvature too
+    # (with the step of the Gaussian case the data-consistency iterates grew 5x per step: 9e7)
+    path, kind = gf.paths.linear(), "velocity"
+    dark = gf.oracles.Gaussian.diagonal(jnp.full((D,), -0.9), jnp.full((D,), 0.01))
+    x1 = path.prior_sample(jax.random.key(0), (8,) + S)
+    noise = inv.PoissonNoise(50.0)
+    op = inv.denoising()
+    clean = dark.sample(jax.random.key(1), 8).reshape((8,) + S)
+    y = noise.sample(jax.random.key(2), clean)
+    fn = lambda x, t: dark.model(path, kind)(x.reshape(8, D), t).reshape(x.shape)  # noqa: E731
+    x, _ = inv.posterior_sample(fn, path, x1, y, op, prediction=kind, method="flowdps", noise=noise, steps=20,
+                                key=jax.random.key(3))
+    assert float(jnp.abs(x).max()) < 2.0
+    assert inv.PoissonNoise(50.0).curvature() == 50.0 / 8 and inv.GaussianNoise(0.3).curvature() == 1.0
+
+
+def test_oracle_with_noiseless_rank_deficient_operator():
+    A = np.diag([1.0, 0.0, 1.0, 0.0])  # a mask: zero rows make A C A^T singular at sigma = 0
+    mean, cov = inv.linear_gaussian_posterior(np.zeros(4), np.eye(4), A, np.array([1.0, 0.0, 2.0, 0.0]), 0.0)
+    np.testing.assert_allclose(mean, [1.0, 0.0, 2.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(cov, np.diag([0.0, 1.0, 0.0, 1.0]), atol=1e-12)
+
+
+def test_operator_argument_checks():
+    with pytest.raises(ValueError, match="factor must be a positive int; got 1.5"):
+        inv.super_resolution(1.5)
+    with pytest.raises(ValueError, match=r"image_shape must be \(H, W\)"):
+        inv.gaussian_blur((4, 4, 1))
+    blur = inv.gaussian_blur((4, 4), sigma=0.5)
+    with pytest.raises(ValueError, match=r"Blur acts on images \[B, H, W, C\] with \(H, W\) = \(4, 4\)"):
+        blur(jnp.zeros((4, 4, 4)))
+    m = inv.random_inpainting(jax.random.key(0), [4, 4, 1])  # a list shape works like a tuple
+    assert m(jnp.ones((2, 4, 4, 1))).shape == (2, 4, 4, 1)
+    with pytest.raises(ValueError, match="fourier time embedding needs an even dim; got 5"):
+        gf.nets.TimeEmbedding(5, "fourier").init(jax.random.key(0), jnp.zeros((2,)))

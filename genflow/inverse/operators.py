@@ -91,6 +91,7 @@ def random_inpainting(key: Array, shape: tuple[int, ...], keep: float = 0.3, per
     The same pixels are dropped in every channel unless ``per_channel``."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must lie in (0, 1]; got {keep}")
+    shape = tuple(shape)
     mshape = shape if per_channel or len(shape) < 3 else shape[:-1] + (1,)
     m = (jax.random.uniform(key, mshape) < keep).astype(jnp.float32)
     return Mask(jnp.broadcast_to(m, shape))
@@ -140,8 +141,8 @@ class AvgPool(Operator):
 
 def super_resolution(factor: int = 2) -> AvgPool:
     """``factor``-times super-resolution by average pooling."""
-    if factor < 1:
-        raise ValueError(f"factor must be a positive int; got {factor}")
+    if not isinstance(factor, (int, np.integer)) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"factor must be a positive int; got {factor!r}")
     return AvgPool(int(factor))
 
 
@@ -162,6 +163,9 @@ class Blur(Operator):
     name: str = dataclasses.field(default="blur", metadata=dict(static=True))
 
     def _apply(self, x, transfer):
+        if x.ndim != 4 or x.shape[1:3] != transfer.shape:
+            raise ValueError(f"Blur acts on images [B, H, W, C] with (H, W) = {tuple(transfer.shape)}; "
+                             f"got x of shape {tuple(x.shape)}")
         X = jnp.fft.fft2(x, axes=(1, 2))
         return jnp.real(jnp.fft.ifft2(X * transfer[None, :, :, None], axes=(1, 2))).astype(x.dtype)
 
@@ -182,7 +186,10 @@ class Blur(Operator):
         return jnp.max(jnp.real(self.kernel_fft * jnp.conj(self.kernel_fft)))
 
 
-def _kernel_to_fft(kernel: np.ndarray, H: int, W: int) -> Array:
+def _kernel_to_fft(kernel: np.ndarray, image_shape) -> Array:
+    if len(tuple(image_shape)) != 2:
+        raise ValueError(f"image_shape must be (H, W); got {tuple(image_shape)}")
+    H, W = (int(v) for v in image_shape)
     kh, kw = kernel.shape
     if kh > H or kw > W:
         raise ValueError(f"kernel of shape {kernel.shape} is larger than the image {(H, W)}")
@@ -200,7 +207,7 @@ def gaussian_blur(image_shape: tuple[int, int], sigma: float = 1.0, size: int | 
     size = size or int(2 * np.ceil(2 * sigma) + 1)
     r = np.arange(size) - size // 2
     k = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sigma**2)
-    return Blur(_kernel_to_fft(k, *image_shape), rcond=rcond, name="gaussian_blur")
+    return Blur(_kernel_to_fft(k, image_shape), rcond=rcond, name="gaussian_blur")
 
 
 def motion_blur(image_shape: tuple[int, int], length: int = 3, angle: float = 0.0, rcond: float = 0.05) -> Blur:
@@ -219,7 +226,7 @@ def motion_blur(image_shape: tuple[int, int], length: int = 3, angle: float = 0.
                 i, j = i0 + di, j0 + dj
                 if 0 <= i < size and 0 <= j < size:
                     k[i, j] += (1 - abs(y - i)) * (1 - abs(x - j))
-    return Blur(_kernel_to_fft(k, *image_shape), rcond=rcond, name="motion_blur")
+    return Blur(_kernel_to_fft(k, image_shape), rcond=rcond, name="motion_blur")
 
 
 # -- compressed sensing ----------------------------------------------------------------------------------
@@ -303,6 +310,10 @@ class GaussianNoise:
         r = (y - pred).reshape(y.shape[0], -1)
         return 0.5 * jnp.sum(r * r, axis=-1) / (self.sigma**2)
 
+    def curvature(self):
+        """Largest second derivative of ``residual_norm^2 / 2`` in ``pred``: 1."""
+        return 1.0
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +334,11 @@ class PoissonNoise:
         w = 1.0 / (2.0 * jnp.maximum(y01, 1.0 / self.rate))
         r = ((y01 - p01) ** 2 * w).reshape(y.shape[0], -1)
         return jnp.sqrt(jnp.sum(r, axis=-1) + 1e-12)
+
+    def curvature(self):
+        """Largest second derivative of ``residual_norm^2 / 2`` in ``pred``: ``w / 4`` with the
+        largest weight ``w = rate / 2`` (a dark pixel, ``y01 <= 1 / rate``)."""
+        return self.rate / 8.0
 
     def nll(self, y: Array, pred: Array) -> Array:
         lam = self.rate * jnp.clip((pred + 1.0) / 2.0, 1e-6, None)

@@ -30,5 +30,7 @@ def linear_gaussian_posterior(mean, cov, A, y, noise_std: float) -> tuple[np.nda
     """Exact posterior ``(mean [D], cov [D, D])`` (float64) for ``y: [m]`` and ``A: [m, D]``."""
     mu, C, A, y = (np.asarray(v, np.float64) for v in (mean, cov, A, y))
     S = A @ C @ A.T + noise_std**2 * np.eye(A.shape[0])
-    K = np.linalg.solve(S, A @ C).T  # C A^T S^-1
+    # C A^T S^+: the pseudo-inverse covers sigma = 0 with a rank-deficient A (a mask's zero rows,
+    # a blur's zero frequencies make S singular; y has no component outside its range)
+    K = (np.linalg.pinv(S, hermitian=True) @ (A @ C)).T
     return mu + K @ (y - A @ mu), C - K @ A @ C

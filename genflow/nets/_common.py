@@ -56,6 +56,8 @@ class TimeEmbedding(nn.Module):
         if self.kind == "sinusoidal":
             return sinusoidal_embedding(t, self.dim)
         if self.kind == "fourier":
+            if self.dim % 2:
+                raise ValueError(f"the fourier time embedding needs an even dim; got {self.dim}")
             w = self.param("freqs", nn.initializers.normal(self.fourier_scale), (self.dim // 2,))
             args = 2 * jnp.pi * t[:, None] * jax.lax.stop_gradient(w)[None]
             return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
