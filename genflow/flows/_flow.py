@@ -73,7 +73,9 @@ class Flow:
 
     def log_normalizer(self, params) -> Array:
         """``log Z = -sum_linear log|det W_l|`` (independent of x), so that ``log p = -E - log Z``."""
-        x = jnp.zeros((1,) + tuple(self.event_shape), jnp.float32)
+        leaves = [v for v in jax.tree_util.tree_leaves(params) if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)]
+        dtype = jnp.result_type(*leaves) if leaves else jnp.float32  # float64 parameters give a float64 log Z
+        x = jnp.zeros((1,) + tuple(self.event_shape), dtype)
         _, _, ld_linear = self.bijector.forward_split(params, x)
         return -ld_linear[0]
 

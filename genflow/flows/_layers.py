@@ -83,6 +83,9 @@ class ActNorm(Layer):
 
     def init(self, key, x):
         axes = tuple(range(x.ndim - 1))
+        if math.prod(x.shape[:-1]) < 2:
+            raise ValueError(f"ActNorm's data-dependent init needs at least 2 values per channel (batch x "
+                             f"spatial); got an init batch of shape {tuple(x.shape)}")
         mean, std = jnp.mean(x, axes), jnp.std(x, axes)
         return {"bias": -mean, "log_scale": -jnp.log(std + self.eps)}
 

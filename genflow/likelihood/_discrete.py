@@ -22,6 +22,8 @@ Bits per dimension of a discrete log-probability: ``bpd = -log P(x) / (D ln 2)``
 
 from __future__ import annotations
 
+import numbers
+
 import math
 from typing import Callable
 
@@ -58,7 +60,7 @@ def bits_per_dim(log_prob: Array, num_dims: int, bin_width: float = 1.0) -> Arra
       num_dims: D, the number of discrete dimensions per example.
       bin_width: width of one bin in the units of ``log_prob``'s density.
     """
-    if not isinstance(num_dims, (int,)) or num_dims < 1:
+    if not isinstance(num_dims, numbers.Integral) or num_dims < 1:
         raise ValueError(f"num_dims must be a positive int; got {num_dims!r}")
     if not bin_width > 0:
         raise ValueError(f"bin_width must be positive; got {bin_width!r}")
@@ -71,6 +73,7 @@ def uniform_dequantize(key: Array, x: Array, bin_width: float) -> tuple[Array, A
     ``x: [B, ...]`` on a grid of spacing ``bin_width`` (``x`` at the bin centres). Returns ``y``
     and ``log q(y | x) = -D log(bin_width)`` as ``[B]``.
     """
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 would move y out of its bin
     u = jax.random.uniform(key, x.shape, x.dtype)
     y = x + (u - 0.5) * bin_width
     return y, jnp.full((x.shape[0],), -_num_dims(x) * math.log(bin_width), x.dtype)
@@ -94,6 +97,7 @@ def truncated_normal_dequantize(key: Array, x: Array, path: Path, bin_width: flo
       ``z = alpha x + sigma eps`` at ``t_eps`` (``[B, ...]``), ``log q(z | x)`` (``[B]``) and
       ``t_eps`` (scalar).
     """
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     t = truncated_normal_time(path, bin_width, tau)
     a, s = path.alpha(t).astype(x.dtype), path.sigma(t).astype(x.dtype)
     eps = jax.random.truncated_normal(key, -tau, tau, x.shape, x.dtype)
@@ -137,7 +141,7 @@ def dequantized_log_prob(
     """
     if dequantization not in DEQUANTIZATIONS:
         raise ValueError(f"unknown dequantization {dequantization!r}; expected one of {list(DEQUANTIZATIONS)}")
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
     k_deq, k_trace = jax.random.split(key)
     xs = jnp.concatenate([x] * num_samples, axis=0)
@@ -148,8 +152,13 @@ def dequantized_log_prob(
     else:
         if "t_min" in log_prob_kwargs:
             raise ValueError("truncated_normal dequantization sets t_min itself (from tau and bin_width)")
-        y, log_q, t = truncated_normal_dequantize(k_deq, xs, path, bin_width, tau)
-        t = float(t)
+        y, log_q, _ = truncated_normal_dequantize(k_deq, xs, path, bin_width, tau)
+        with jax.ensure_compile_time_eval():  # a Python float under jit too (the path's numbers are static)
+            t = truncated_normal_time(path, bin_width, tau)
+        try:
+            t = float(t)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+            pass  # a path passed as a traced argument: the traced time
     if log_prob_kwargs.get("trace") == "hutchinson":
         log_prob_kwargs.setdefault("key", k_trace)
     logp, info = log_prob(fn, path, y, prediction=prediction, t_min=t, **log_prob_kwargs)

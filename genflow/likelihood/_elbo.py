@@ -27,6 +27,8 @@ al. 2023 (Sec. 4.2), which removes the variance that the weight's divergence at 
 
 from __future__ import annotations
 
+import numbers
+
 import math
 from typing import Any, Callable
 
@@ -50,7 +52,7 @@ def _flat_sum(a: Array) -> Array:
 
 
 def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0, sampling: str = "importance",
-                stratified: bool = False, dtype=jnp.float32) -> tuple[Array, Array]:
+                stratified: bool = False, dtype=jnp.float32, strata: int | None = None) -> tuple[Array, Array]:
     """Times for the diffusion term and their weights ``(-lambda'(t)) / (2 p(t))``.
 
     Args:
@@ -60,14 +62,24 @@ def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0
       t_min, t_max: the interval.
       sampling: ``"importance"`` (density proportional to ``-lambda'``, i.e. uniform in
         log-SNR; constant weight) or ``"uniform"``.
-      stratified: one draw per ``1/n`` of the unit interval (low-discrepancy, as in VDM).
+      stratified: one draw per ``1/strata`` of the unit interval (low-discrepancy, as in VDM).
+      strata: with ``stratified``, the draws are ``strata`` groups of ``n // strata`` in
+        stratum-major order (draw ``k * (n // strata) + j`` lies in stratum ``k``, with its own
+        offset per ``j``); the default ``n`` stratifies all draws together with one offset. A
+        draw's stratum then depends on its position: unbiased for a mean over all ``n``, not per
+        position.
     Returns:
       ``t: [n]`` and ``weight: [n]`` with ``E[weight * g(t)] = 1/2 int (-lambda') g dt``.
     """
     if sampling not in TIME_SAMPLINGS:
         raise ValueError(f"unknown time sampling {sampling!r}; expected one of {list(TIME_SAMPLINGS)}")
     if stratified:
-        u = jnp.mod((jnp.arange(n, dtype=dtype) + jax.random.uniform(key, (), dtype)) / n, 1.0)
+        strata = n if strata is None else int(strata)
+        if strata < 1 or n % strata:
+            raise ValueError(f"strata must be a positive divisor of n={n}; got {strata}")
+        # draws in stratum-major order [strata, n // strata], one random offset per column
+        off = jax.random.uniform(key, (1, n // strata), dtype)
+        u = jnp.mod((jnp.arange(strata, dtype=dtype)[:, None] + off) / strata, 1.0).reshape(n)
     else:
         u = jax.random.uniform(key, (n,), dtype)
     t_min, t_max = jnp.asarray(t_min, dtype), jnp.asarray(t_max, dtype)
@@ -84,15 +96,34 @@ def _eps_hat(fn, path: Path, z: Array, t: Array, prediction: str) -> Array:
     return param.convert(fn(z, t), z, t, path, prediction, "eps")
 
 
+def _wide(x: Array) -> Array:
+    """``x`` in float32 or wider: a bfloat16 ELBO of ~3e4 nats has a spacing of 128."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _check_finite_log_snr(path: Path, t_min, t_max) -> None:
+    if is_zero(path.sigma(jnp.asarray(t_min))):
+        raise ValueError(f"t_min={t_min} has sigma=0 on path {path.name!r}: the log-SNR is infinite there; "
+                         f"pass t_min > 0 (e.g. 1e-3)")
+    if is_zero(path.alpha(jnp.asarray(t_max))):
+        raise ValueError(f"t_max={t_max} has alpha=0 on path {path.name!r}: the log-SNR is -inf there and the "
+                         f"diffusion term's weight is not integrable; pass t_max < 1 (e.g. 0.999)")
+
+
 def diffusion_term(fn: Callable, path: Path, x: Array, key: Array, *, prediction: str, t_min: float,
-                   t_max: float = 1.0, time_sampling: str = "importance", stratified: bool = False) -> Array:
+                   t_max: float = 1.0, time_sampling: str = "importance", stratified: bool = False,
+                   strata: int | None = None) -> Array:
     """One-sample estimate of ``1/2 int_tmin^tmax (-lambda') E||eps - eps_hat(z_t, t)||^2 dt`` per example.
 
-    ``x: [B, ...]``; one time and one noise draw per example. Returns ``[B]`` (nats).
+    ``x: [B, ...]``; one time and one noise draw per example (``stratified``/``strata``: see
+    :func:`sample_time`). The log-SNR must be finite on ``[t_min, t_max]``. Returns ``[B]`` (nats,
+    float32 or wider).
     """
     param.check_kind(prediction)
+    _check_finite_log_snr(path, t_min, t_max)
+    x = _wide(x)
     k_t, k_e = jax.random.split(key)
-    t, w = sample_time(k_t, x.shape[0], path, t_min, t_max, time_sampling, stratified, x.dtype)
+    t, w = sample_time(k_t, x.shape[0], path, t_min, t_max, time_sampling, stratified, x.dtype, strata)
     eps = jax.random.normal(k_e, x.shape, x.dtype)
     z = path.add_noise(x, eps, t)
     err = _flat_sum(jnp.square(eps - _eps_hat(fn, path, z, t, prediction)))
@@ -156,7 +187,8 @@ def vdm_elbo(
       t_min: the decoder's time ``t0`` (default ``path.t_min``; must have ``sigma(t0) > 0``).
       t_max: the prior's time (default 1).
       time_sampling: ``"importance"`` or ``"uniform"`` (see :func:`sample_time`).
-      num_t: draws of (time, noise) per example, averaged (times stratified if ``stratified``).
+      num_t: draws of (time, noise) per example, averaged (with ``stratified``, one per ``1/num_t``
+        of the time distribution, offset independently per example).
       prior_std: std of the Gaussian prior (default ``sigma(t_max)``).
     Returns:
       ``(elbo: [B], parts)`` with ``parts`` = ``{"reconstruction", "prior", "diffusion"}`` (each
@@ -167,19 +199,20 @@ def vdm_elbo(
     t_min = path.t_min if t_min is None else t_min
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
-    if not isinstance(num_t, int) or num_t < 1:
+    if not isinstance(num_t, numbers.Integral) or num_t < 1:
         raise ValueError(f"num_t must be a positive int; got {num_t!r}")
-    if is_zero(path.sigma(jnp.asarray(t_min))):
-        raise ValueError(f"t_min={t_min} has sigma=0 on path {path.name!r}: the decoder and the log-SNR "
-                         f"are singular there; pass t_min > 0 (e.g. 1e-3)")
+    _check_finite_log_snr(path, t_min, t_max)
+    x = _wide(x)
     k_rec, k_diff = jax.random.split(key)
     b = x.shape[0]
-    # num_t draws per example (times stratified across all num_t * B draws), averaged.
+    # num_t draws per example, averaged; with ``stratified`` each example's num_t times cover the
+    # num_t strata with its own offset (stratifying across the batch would make an example's
+    # estimate depend on its row: row 0 always near t_max).
     xs = jnp.concatenate([x] * num_t, axis=0)
     rec = jnp.mean(reconstruction_term(path, xs, k_rec, t_min, levels).reshape(num_t, b), axis=0)
     prior = prior_term(path, x, t_max, prior_std)
     diff = diffusion_term(fn, path, xs, k_diff, prediction=prediction, t_min=t_min, t_max=t_max,
-                          time_sampling=time_sampling, stratified=stratified)
+                          time_sampling=time_sampling, stratified=stratified, strata=num_t)
     diff = jnp.mean(diff.reshape(num_t, b), axis=0)
     return rec - prior - diff, {"reconstruction": rec, "prior": prior, "diffusion": diff}
 
@@ -191,7 +224,9 @@ def likelihood_loss(fn: Callable, path: Path, x0: Array, key: Array, *, predicti
 
     With ``time_sampling="importance"`` this is the likelihood-weighted denoising loss with
     importance-sampled time (Song et al. 2021; Zheng et al. 2023): the same expectation as
-    ``"uniform"``, with lower variance. Returns ``(loss, {"per_example": [B]})``.
+    ``"uniform"``, with lower variance. Returns ``(loss, {"per_example": [B]})``; with
+    ``stratified`` the times are stratified across the batch (an unbiased, low-variance mean),
+    so ``per_example[i]`` is not an estimate for example ``i`` alone (use :func:`vdm_elbo`).
     """
     t_min = path.t_min if t_min is None else t_min
     d = math.prod(x0.shape[1:])

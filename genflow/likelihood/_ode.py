@@ -14,6 +14,8 @@ SDEs", Sec. 4.3), and ``p_t1`` is the path's prior ``N(0, sigma(1)^2 I)``.
 
 from __future__ import annotations
 
+import numbers
+
 import dataclasses
 import math
 from typing import Callable
@@ -104,6 +106,10 @@ class PathVelocity:
 
     def __call__(self, x: Array, t: Array) -> Array:
         out = self.fn(x, t)
+        if getattr(out, "shape", None) != x.shape:  # checked while tracing
+            raise ValueError(f"the model fn (prediction={self.prediction!r}) returned shape "
+                             f"{getattr(out, 'shape', type(out).__name__)} for x of shape {x.shape}; it must "
+                             f"return the shape of x")
         return param.convert(out, x, t, self.path, self.prediction, "velocity").astype(x.dtype)
 
 
@@ -132,14 +138,14 @@ def _check_options(trace, solver, steps, probe, num_probes, key):
     if steps is None and not SOLVERS[solver][3]:
         raise ValueError(f"solver {solver!r} has a fixed step: pass steps=N (or use an adaptive solver "
                          f"{sorted(k for k, v in SOLVERS.items() if v[3])})")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
+    if steps is not None and (not isinstance(steps, numbers.Integral) or steps < 1):
         raise ValueError(f"steps must be a positive int or None; got {steps!r}")
     if trace == "hutchinson":
         if key is None:
             raise ValueError("trace='hutchinson' draws random probes: pass key=jax.random.key(...)")
         if probe not in PROBES:
             raise ValueError(f"unknown probe {probe!r}; expected one of {list(PROBES)}")
-        if not isinstance(num_probes, int) or num_probes < 1:
+        if not isinstance(num_probes, numbers.Integral) or num_probes < 1:
             raise ValueError(f"num_probes must be a positive int; got {num_probes!r}")
 
 
@@ -226,8 +232,7 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
         dt0 = (t1 - t0) / 32.0
     else:
         controller = diffrax.StepTo(t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, steps + 1, dtype=x.dtype))
-        dt0 = None
-        init = 0
+        dt0 = None  # FSAL solvers still make their first evaluation (init) under StepTo
     y0 = (x, jnp.zeros((b,), x.dtype))
     sol = diffrax.diffeqsolve(diffrax.ODETerm(rhs), cls(), t0=t0, t1=t1, dt0=dt0, y0=y0, args=(velocity, probes),
                               stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps)
