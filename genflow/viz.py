@@ -24,6 +24,9 @@ def save(fig, path: str | None, dpi: int = 120):
 
 def _lims(*arrays, pad=0.1):
     pts = np.concatenate([np.asarray(a).reshape(-1, 2) for a in arrays if a is not None])
+    pts = pts[np.all(np.isfinite(pts), axis=1)]  # a diverged sample (nan / inf) must not hide the rest
+    if not len(pts):
+        return np.array([-1.0, -1.0]), np.array([1.0, 1.0])
     lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
     span = hi - lo
     return lo - pad * span, hi + pad * span
@@ -32,6 +35,9 @@ def _lims(*arrays, pad=0.1):
 def scatter(samples, reference=None, title: str | None = None, path: str | None = None, s: float = 2.0,
             lims=None):
     """Side-by-side scatter of ``reference`` (if given) and ``samples``, both ``[N, 2]``."""
+    for name, a in (("samples", samples), ("reference", reference)):
+        if a is not None and (np.ndim(a) != 2 or np.shape(a)[1] != 2):
+            raise ValueError(f"{name} must be points [N, 2]; got shape {np.shape(a)}")
     panels = [("data", reference), ("samples", samples)] if reference is not None else [("samples", samples)]
     lo, hi = lims if lims is not None else _lims(samples, reference)
     # panels of equal aspect: the figure's height follows the data's (no empty bands around wide data)

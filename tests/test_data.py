@@ -187,3 +187,25 @@ def test_pinwheel_matches_ffjord():
     floor = gf.metrics.w2_exact(ref, ref2)  # two draws of the same distribution
     assert gf.metrics.w2_exact(ours, ref) < 1.5 * floor
     assert gf.metrics.w2_exact(ours * [1.0, -1.0], ref) > 2.0 * floor  # the mirror image is far
+
+
+def test_equal_host_shards_and_loader_checks():
+    import grain
+
+    class Idx:
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return {"x": np.float32(i), "y": np.int32(i)}
+
+    src = grain.MapDataset.source(Idx())
+    counts = [sum(1 for _ in gf.data.image_loader(src, 2, num_epochs=2, shard_index=h, shard_count=3, seed=0))
+              for h in range(3)]
+    assert counts == [3, 3, 3]  # 10 examples over 3 hosts: 3 each (host 0 had 4, the others 3)
+    seen = [np.concatenate([b["x"] for b in gf.data.image_loader(src, 1, num_epochs=1, shard_index=h, shard_count=3,
+                                                                  shuffle=False)]) for h in range(3)]
+    assert sorted(np.concatenate(seen).tolist()) == list(range(9))  # disjoint shards of the first 9
+    assert sum(1 for _ in gf.data.image_loader(src, np.int64(5), num_epochs=1)) == 2  # NumPy ints work
+    with pytest.raises(ValueError, match=r"test_fraction must lie in \[0, 1\]"):
+        gf.data.load_digits("train", test_fraction=-0.1)

@@ -248,3 +248,34 @@ def test_docstring_examples_run(module):
     mod = importlib.import_module(f"genflow.optim.{module}")
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert res.attempted > 0 and res.failed == 0
+
+
+def test_review_fixes_moment_dtype_inject_masks_and_checks():
+    # a float32 first moment of bfloat16 gradients is averaged in float32 (in bfloat16 it stalled at
+    # 0.983 for a constant gradient 1), as optax.adam(mu_dtype=float32) does
+    p = g = jnp.ones((4,), jnp.bfloat16)
+    for opt, pick in ((gf.optim.grams(0.1, mu_dtype=jnp.float32), lambda s: s[0].mu),
+                      (gf.optim.diffgrad(0.1, mu_dtype=jnp.float32), lambda s: s[0].mu),
+                      (gf.optim.fadam(0.1, momentum_dtype=jnp.float32, weight_decay=0.0), lambda s: s[0].momentum)):
+        st, step = opt.init(p), jax.jit(opt.update)
+        for _ in range(200):
+            _, st = step(g, st, p)
+        m = pick(st)
+        assert m.dtype == jnp.float32 and abs(float(m[0]) - 1.0) < 2e-3, float(m[0])
+    # fadam's p under inject_hyperparams and jit (a traced p)
+    opt = optax.inject_hyperparams(gf.optim.fadam)(learning_rate=1e-3, p=0.5, weight_decay=0.0)
+    params = {"w": jnp.ones(3)}
+    u, _ = jax.jit(opt.update)({"w": jnp.ones(3)}, opt.init(params), params)
+    assert np.all(np.isfinite(np.asarray(u["w"])))
+    # a prefix weight-decay mask, as optax.adamw takes
+    params = {"enc": {"a": jnp.ones(2), "b": jnp.ones(2)}, "head": jnp.ones(2)}
+    opt = gf.optim.fadam(1e-2, weight_decay=0.1, mask={"enc": False, "head": True})
+    zero = jax.tree.map(jnp.zeros_like, params)
+    u, _ = opt.update(zero, opt.init(params), params)
+    assert float(jnp.abs(u["enc"]["a"]).max()) == 0.0 and float(jnp.abs(u["head"]).max()) > 0.0
+    # concrete JAX scalars are range-checked like Python numbers
+    with pytest.raises(ValueError):
+        gf.optim.grams(jnp.float32(-1e-3))
+    with pytest.raises(ValueError):
+        gf.optim.grams(1e-3, b1=jnp.float32(1.5))
+    assert gf.optim.get("polyak_sgd", max_learning_rate=1.0) is not None  # listed, though it has no learning_rate

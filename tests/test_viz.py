@@ -2,6 +2,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 import genflow as gf
@@ -24,3 +25,12 @@ def test_plots_are_written(tmp_path):
         assert fig is not None
         w, h = Image.open(p).size
         assert w > 100 and h > 100, name
+
+
+def test_scatter_with_a_diverged_sample_and_bad_shapes(tmp_path):
+    pts = np.random.default_rng(0).standard_normal((256, 2))
+    pts[3] = np.nan  # one sample diverged: the others are still plotted (the limits used to be nan)
+    gf.viz.scatter(pts, path=str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").exists()
+    with pytest.raises(ValueError, match=r"samples must be points \[N, 2\]"):
+        gf.viz.scatter(np.zeros((5, 3)))

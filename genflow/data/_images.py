@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numbers
+
 import numpy as np
 
 __all__ = ["load_digits", "image_dataset", "image_loader", "DIGITS"]
@@ -36,6 +38,8 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0,
 
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}")
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must lie in [0, 1]; got {test_fraction!r}")
     d = _load()
     x = (d.data.astype(np.float32) / 16.0) * 2.0 - 1.0
     y = d.target.astype(np.int32)
@@ -152,20 +156,24 @@ def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: i
       num_epochs: ``None`` repeats forever.
       shard_index, shard_count: this host's shard of the examples (default
         ``jax.process_index()`` of ``jax.process_count()``): host ``i`` reads examples
-        ``i, i + count, ...`` of the dataset.
+        ``i, i + count, ...`` of the dataset's first ``count * (len // count)`` (equal shards).
       workers: grain worker processes for decoding (``0``: in this process).
     """
     import grain
     import jax
 
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    batch_size = int(batch_size)
     ds = image_dataset(dataset, split, **dataset_kwargs) if isinstance(dataset, str) else dataset
     index = jax.process_index() if shard_index is None else shard_index
     count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= index < count:
         raise ValueError(f"need 0 <= shard_index < shard_count; got {index} and {count}")
-    ds = ds[index::count]
+    # every host gets the same number of examples (the remainder is dropped, as grain's
+    # ShardByJaxProcess(drop_remainder=True) does): unequal shards would give hosts different
+    # numbers of batches, and a multi-host step would wait forever
+    ds = ds[: len(ds) // count * count][index::count]
     if len(ds) < batch_size:
         raise ValueError(f"this host's shard has {len(ds)} examples, fewer than batch_size={batch_size}")
     ds = ds.seed(seed)
@@ -174,5 +182,9 @@ def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: i
     ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
     it = ds.to_iter_dataset()
     if workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain <= 0.2.18 reads an absl flag in its workers (google/grain#1355)
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(it)

@@ -25,7 +25,15 @@ def _concrete(x) -> float | None:
         return float(x)
     if isinstance(x, (np.ndarray, np.generic)) and np.ndim(x) == 0:
         return float(x)
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.ndim == 0:
+        return float(x)  # a concrete JAX scalar, e.g. jnp.float32(1e-3)
     return None
+
+
+def wider_dtype(a, b):
+    """The wider floating dtype of two arrays: a moment stored in float32 (``mu_dtype``) is also
+    averaged in float32 for bfloat16 gradients (averaging in bfloat16 stalls ~2% low)."""
+    return jnp.promote_types(a.dtype, b.dtype)
 
 
 def check(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
@@ -73,7 +81,9 @@ def decay_mask(mask, params):
     """The boolean weight-decay mask tree (``None``: decay every leaf)."""
     if mask is None:
         return jax.tree.map(lambda _: True, params)
-    return mask(params) if callable(mask) else mask
+    m = mask(params) if callable(mask) else mask
+    # a prefix tree (one flag for a whole sub-tree, as optax's masks allow) covers its sub-tree
+    return jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: flag, sub), m, params)
 
 
 def rms(x: Array) -> Array:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import (ScalarOrSchedule, _concrete, cast_tree, check, check_beta, decay_mask, resolve,
+from genflow.optim._base import (wider_dtype, ScalarOrSchedule, _concrete, cast_tree, check, check_beta, decay_mask, resolve,
                                  rms, unzip)
 
 Array = jax.Array
@@ -89,7 +89,8 @@ def scale_by_fadam(
             r = rms(g)
             scaled = eps2 * r
             e_pow = jnp.where((r > 0) & (scaled < e), scaled ** (2 * p), jnp.asarray(e, r.dtype) ** (2 * p))
-            fp = jnp.sqrt(f) if p == 0.5 else f ** p
+            # sqrt when p is the number 0.5; a traced p (inject_hyperparams under jit) takes f ** p
+            fp = jnp.sqrt(f) if isinstance(p, (int, float)) and p == 0.5 else f ** p
             return f, fp + e_pow.astype(fp.dtype)
 
         def clipped(x):
@@ -97,7 +98,7 @@ def scale_by_fadam(
 
         def leaf(g, m, f, theta, decay):
             f, den = precond(g, f)
-            m = b1 * m.astype(g.dtype) + (1 - b1) * clipped(g / den)
+            m = b1 * m.astype(wider_dtype(g, m)) + (1 - b1) * clipped(g / den).astype(wider_dtype(g, m))
             u = m
             if decay and not no_decay:
                 u = m + wd * clipped(theta / den)

@@ -30,7 +30,7 @@ def _optimizers_in(module: ModuleType) -> dict[str, Callable]:
             params = inspect.signature(fn).parameters
         except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
             continue
-        if "learning_rate" in params:
+        if "learning_rate" in params or "max_learning_rate" in params:  # polyak_sgd caps its own step
             out[name] = fn
     return out
 
