@@ -242,3 +242,15 @@ def test_image_nets_bad_inputs():
         DIT.init(jax.random.key(0), X_IMG, jnp.zeros((3,)))
     with pytest.raises(ValueError, match=r"labels y must have shape \[B\]"):
         DIT.init(jax.random.key(0), X_IMG, T_IMG, jnp.zeros((4, 1), jnp.int32))
+
+
+def test_label_range_is_checked_for_concrete_labels():
+    mlp = gf.nets.MLP(hidden=(16,), num_classes=3)
+    x, t = jnp.zeros((2, 2)), jnp.zeros((2,))
+    params = mlp.init(jax.random.key(0), x, t, jnp.array([0, 3]))  # 3 = the null label: fine
+    for bad in (jnp.array([0, 4]), jnp.array([-1, 0])):
+        with pytest.raises(ValueError, match=r"labels y must be ints in \[0, num_classes=3\]"):
+            mlp.apply(params, x, t, bad)
+    # traced labels are not checked (and work)
+    out = jax.jit(lambda y: mlp.apply(params, x, t, y))(jnp.array([1, 2]))
+    assert out.shape == (2, 2)

@@ -8,6 +8,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -88,6 +89,11 @@ def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: i
         return None
     if y is None:
         y = jnp.full((batch,), num_classes, jnp.int32)
+    if not isinstance(y, jax.core.Tracer):  # concrete labels: check the range (an out-of-range
+        yy = np.asarray(y)                    # label gave nan outputs, -1 wrapped to the null label)
+        if yy.size and (not np.issubdtype(yy.dtype, np.integer) or yy.min() < 0 or yy.max() > num_classes):
+            raise ValueError(f"labels y must be ints in [0, num_classes={num_classes}] ({num_classes}: no label); "
+                             f"got dtype {yy.dtype}, values in [{yy.min()}, {yy.max()}]")
     y = jnp.asarray(y)
     if y.shape != (batch,):
         raise ValueError(f"labels y must have shape [B]={(batch,)}; got {y.shape}")
