@@ -52,16 +52,17 @@ def w2_sinkhorn(x: Array, y: Array, epsilon: float = 0.01, iters: int = 500, deb
 
     Returns ``sqrt(S_eps(x, y))`` where ``S_eps`` is the (debiased) Sinkhorn divergence of
     Feydy et al. 2019 with the squared-Euclidean cost, uniform weights. ``epsilon`` is relative
-    to the mean squared distance between ``x`` and ``y`` (one value for all three terms). ``x: [N, D]``, ``y: [M, D]``; returns a scalar.
+    to the mean squared distance between ``x`` and ``y`` (one value for all three terms).
+    ``x: [N, D]``, ``y: [M, D]``; returns a scalar.
     """
     x, y = _flat(jnp.asarray(x, jnp.float32)), _flat(jnp.asarray(y, jnp.float32))
     _check_same_dim("w2_sinkhorn", x, y)
     # One epsilon for all three terms (the debiasing needs a common one): relative to the mean
     # squared distance between x and y.
-    eps = epsilon * jnp.mean(_sq_dists(x, y)) + 1e-12
+    cxy = _sq_dists(x, y)
+    eps = epsilon * jnp.mean(cxy) + 1e-12
 
-    def ot(a, b):
-        c = _sq_dists(a, b)
+    def ot(a, b, c):
         la = -jnp.log(a.shape[0]) * jnp.ones(a.shape[0])
         lb = -jnp.log(b.shape[0]) * jnp.ones(b.shape[0])
 
@@ -74,9 +75,9 @@ def w2_sinkhorn(x: Array, y: Array, epsilon: float = 0.01, iters: int = 500, deb
         f, g = jax.lax.fori_loop(0, iters, body, (jnp.zeros(a.shape[0]), jnp.zeros(b.shape[0])))
         return jnp.mean(f) + jnp.mean(g)
 
-    val = ot(x, y)
+    val = ot(x, y, cxy)
     if debiased:
-        val = val - 0.5 * (ot(x, x) + ot(y, y))
+        val = val - 0.5 * (ot(x, x, _sq_dists(x, x)) + ot(y, y, _sq_dists(y, y)))
     return jnp.sqrt(jnp.maximum(val, 0.0))
 
 

@@ -342,11 +342,6 @@ class CoupledBatches:
         """Stop the background thread."""
         self._stop.set()
 
-    def __del__(self):
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
-
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
     """Put ``item`` unless ``stop`` is set first; returns whether it was put."""
@@ -362,13 +357,15 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
 def _work(ref: "weakref.ref[CoupledBatches]", q: queue.Queue, stop: threading.Event) -> None:
     """The background thread of a :class:`CoupledBatches`: prepares chunks ahead and queues them
     (or the exception that stopped it), until the stream is closed, exhausted or collected."""
+    stream = ref()
+    if stream is None:
+        return
+    last = None if stream.num_batches is None else -(-stream.num_batches // stream.chunk)  # chunks to prepare
+    del stream
     index = 0
-    while not stop.is_set():
+    while not stop.is_set() and (last is None or index < last):
         stream = ref()
         if stream is None:
-            return
-        last = None if stream.num_batches is None else -(-stream.num_batches // stream.chunk)
-        if last is not None and index >= last:
             return
         try:
             item = stream.prepare(index)

@@ -38,7 +38,8 @@ ModelFn = Callable[[Array, Array], Array]
 
 KINDS = ("eps", "x0", "v", "score", "velocity")
 
-__all__ = ["KINDS", "check_kind", "to_x0_eps", "from_x0_eps", "convert", "convert_fn", "eps_scale"]
+__all__ = ["KINDS", "check_kind", "to_x0_eps", "from_x0_eps", "convert", "convert_fn", "eps_scale",
+           "check_model_output"]
 
 
 def check_kind(kind: str, argname: str = "prediction") -> str:
@@ -46,6 +47,18 @@ def check_kind(kind: str, argname: str = "prediction") -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown {argname} {kind!r}; expected one of {list(KINDS)}")
     return kind
+
+
+def check_model_output(out, x: Array):
+    """Raise ``ValueError`` unless a model's output ``out`` has the shape of its input ``x``
+    (checked while tracing: no cost at run time); returns ``out``."""
+    if getattr(out, "shape", None) != x.shape:
+        raise ValueError(
+            f"the model fn(x, t) returned shape {getattr(out, 'shape', type(out).__name__)} for x of shape "
+            f"{x.shape}; it must return the shape of x (a model with per-sample labels bound for one "
+            f"batch size cannot be called on another)"
+        )
+    return out
 
 
 def _coefs(path: Path, t, x):

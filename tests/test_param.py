@@ -66,3 +66,10 @@ def test_convert_fn_and_errors(gauss2):
         gf.param.convert(x, x, t, path, "noise", "eps")
     with pytest.raises(ValueError, match="unknown prediction 'epsilon'"):
         gf.param.check_kind("epsilon")
+
+
+def test_check_model_output():
+    x = jnp.zeros((4, 2))
+    assert gf.param.check_model_output(x + 1, x).shape == (4, 2)
+    with pytest.raises(ValueError, match=r"returned shape \(4, 1\) for x of shape \(4, 2\)"):
+        gf.param.check_model_output(jnp.zeros((4, 1)), x)

@@ -11,9 +11,8 @@ have seen. No TensorFlow is needed: ``tfds.data_source`` reads ArrayRecord files
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import numbers
+from typing import Any
 
 import numpy as np
 

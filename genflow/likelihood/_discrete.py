@@ -22,9 +22,8 @@ Bits per dimension of a discrete log-probability: ``bpd = -log P(x) / (D ln 2)``
 
 from __future__ import annotations
 
-import numbers
-
 import math
+import numbers
 from typing import Callable
 
 import jax

@@ -27,9 +27,8 @@ al. 2023 (Sec. 4.2), which removes the variance that the weight's divergence at 
 
 from __future__ import annotations
 
-import numbers
-
 import math
+import numbers
 from typing import Any, Callable
 
 import jax

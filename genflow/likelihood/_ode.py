@@ -14,10 +14,9 @@ SDEs", Sec. 4.3), and ``p_t1`` is the path's prior ``N(0, sigma(1)^2 I)``.
 
 from __future__ import annotations
 
-import numbers
-
 import dataclasses
 import math
+import numbers
 from typing import Callable
 
 import diffrax
@@ -105,11 +104,7 @@ class PathVelocity:
     prediction: str = dataclasses.field(metadata=dict(static=True))
 
     def __call__(self, x: Array, t: Array) -> Array:
-        out = self.fn(x, t)
-        if getattr(out, "shape", None) != x.shape:  # checked while tracing
-            raise ValueError(f"the model fn (prediction={self.prediction!r}) returned shape "
-                             f"{getattr(out, 'shape', type(out).__name__)} for x of shape {x.shape}; it must "
-                             f"return the shape of x")
+        out = param.check_model_output(self.fn(x, t), x)
         return param.convert(out, x, t, self.path, self.prediction, "velocity").astype(x.dtype)
 
 

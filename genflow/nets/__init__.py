@@ -16,5 +16,5 @@ from genflow.nets._dit import DIT_PRESETS, DiT, DiTBlock, dit, sincos_pos_embedd
 from genflow.nets._mlp import MLP, OutputDense
 from genflow.nets._unet import AttnBlock, ResBlock, UNet
 
-__all__ = ["sinusoidal_embedding", "TimeEmbedding", "label_embedding", "MLP", "OutputDense", "UNet", "ResBlock", "AttnBlock",
-           "DiT", "DiTBlock", "dit", "DIT_PRESETS", "sincos_pos_embedding_2d", "model_fn", "ACTIVATIONS"]
+__all__ = ["sinusoidal_embedding", "TimeEmbedding", "label_embedding", "MLP", "OutputDense", "UNet", "ResBlock",
+           "AttnBlock", "DiT", "DiTBlock", "dit", "DIT_PRESETS", "sincos_pos_embedding_2d", "model_fn", "ACTIVATIONS"]

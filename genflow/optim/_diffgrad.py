@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import (wider_dtype, ScalarOrSchedule, cast_tree, check, check_beta, resolve, unzip,
+from genflow.optim._base import (ScalarOrSchedule, cast_tree, check, check_beta, moment_update, resolve, unzip,
                                  with_decay_and_lr)
 
 Array = jax.Array
@@ -74,7 +74,7 @@ def scale_by_diffgrad(
         e = resolve(eps, state.count)
 
         def leaf(g, m, v, g_prev):
-            m = (1 - b1) * g.astype(wider_dtype(g, m)) + b1 * m.astype(wider_dtype(g, m))  # in mu_dtype if wider
+            m = moment_update(m, g, b1)
             v = (1 - b2) * jnp.square(g) + b2 * v
             # xi_t / D = sigmoid(|dg|) / D = 1 / ((1 + exp(-|dg|)) D): one division, not two
             friction = 1 + jnp.exp(-jnp.abs(g_prev - g))

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import (wider_dtype, ScalarOrSchedule, _concrete, cast_tree, check, check_beta, decay_mask, resolve,
-                                 rms, unzip)
+from genflow.optim._base import (ScalarOrSchedule, _concrete, cast_tree, check, check_beta, decay_mask,
+                                 moment_update, resolve, rms, unzip)
 
 Array = jax.Array
 
@@ -98,7 +98,7 @@ def scale_by_fadam(
 
         def leaf(g, m, f, theta, decay):
             f, den = precond(g, f)
-            m = b1 * m.astype(wider_dtype(g, m)) + (1 - b1) * clipped(g / den).astype(wider_dtype(g, m))
+            m = moment_update(m, clipped(g / den), b1)
             u = m
             if decay and not no_decay:
                 u = m + wd * clipped(theta / den)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import (wider_dtype, ScalarOrSchedule, cast_tree, check, check_beta, resolve, unzip,
+from genflow.optim._base import (ScalarOrSchedule, cast_tree, check, check_beta, moment_update, resolve, unzip,
                                  with_decay_and_lr)
 
 Array = jax.Array
@@ -66,7 +66,7 @@ def scale_by_grams(
         e = resolve(eps, state.count)
 
         def leaf(g, m, v):
-            m = (1 - b1) * g.astype(wider_dtype(g, m)) + b1 * m.astype(wider_dtype(g, m))  # in mu_dtype if wider
+            m = moment_update(m, g, b1)
             v = (1 - b2) * jnp.square(g) + b2 * v
             u = (m * c1.astype(m.dtype)) / (jnp.sqrt(v) * c2.astype(v.dtype) + e)
             return (jnp.sign(g) * jnp.abs(u)).astype(g.dtype), m, v

@@ -88,9 +88,11 @@ _EVALUATE_AT_END = ("heun", "tsit5", "dopri5", "dopri8")
 
 def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
     """Refuse a start where the needed conversion is 0/0 (alpha(t_start) = 0, e.g. t=1 on the
-    linear path): eps/score -> x0 and the reverse-SDE drift f = alpha'/alpha are singular."""
+    linear path): eps/score -> x0 and the reverse-SDE drift f = alpha'/alpha are singular; and an
+    end where an x0 model's velocity is 0/0 (sigma(t_end) = 0) for a solver that evaluates there."""
     try:
-        t0 = np.asarray(ts)[0]  # on the host: indexing a device array compiles per grid length
+        tn = np.asarray(ts)  # on the host: indexing a device array compiles per grid length
+        t0, t1 = tn[0], tn[-1]
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return
     a0 = float(path.alpha(jnp.asarray(t0)))
@@ -101,7 +103,6 @@ def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
             f"t_start={float(t0)} has alpha=0 on path {path.name!r}, where {why} is singular; "
             f"start slightly earlier (e.g. t_start=0.999, drawing x1 from the marginal there)"
         )
-    t1 = np.asarray(ts)[-1]
     if prediction == "x0" and spec.name in _EVALUATE_AT_END and float(path.sigma(jnp.asarray(t1))) == 0.0:
         raise ValueError(
             f"t_end={float(t1)} has sigma=0 on path {path.name!r}: solver {spec.name!r} evaluates the "

@@ -32,14 +32,7 @@ class Model:
         return jnp.broadcast_to(jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32)), (x.shape[0],))
 
     def _call(self, x: Array, tb: Array) -> Array:
-        out = self.fn(x, tb)
-        if getattr(out, "shape", None) != x.shape:  # checked while tracing: no cost at run time
-            raise ValueError(
-                f"the model fn(x, t) returned shape {getattr(out, 'shape', type(out).__name__)} for x of shape "
-                f"{x.shape}; it must return the shape of x (a model with per-sample labels bound for one "
-                f"batch size cannot be called on another)"
-            )
-        return out
+        return param.check_model_output(self.fn(x, tb), x)
 
     def raw(self, x: Array, t) -> Array:
         """The network's own output (kind ``self.prediction``)."""

@@ -57,7 +57,8 @@ def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float 
     """Dense exact trajectories of the probability-flow ODE from ``x1: [B, ...]`` at ``t_start``.
 
     Solved per sample (the model is called on ``[1, ...]``: a model with per-sample labels bound
-    for the batch is refused, its output shape not matching) with Tsit5 in the linear-path coordinates ``x / (alpha + sigma)`` and time
+    for the batch is refused, its output shape not matching) with Tsit5 in the linear-path
+    coordinates ``x / (alpha + sigma)`` and time
     ``tau = sigma / (alpha + sigma)``, where the velocity ``eps_hat - x0_hat`` is smooth at both
     ends. A model's ``eps_hat = (x - alpha x0_hat) / sigma`` loses all precision as ``sigma -> 0``,
     so towards clean data the solve stops at the noise level ``rho = sigma / alpha = 5e-4`` and

@@ -122,6 +122,11 @@ def _chunk_means(metrics: dict) -> dict:
     return out
 
 
+def _stack(history: dict[str, list]) -> dict[str, np.ndarray]:
+    """The per-chunk metric arrays joined into one ``[steps]`` array per metric."""
+    return {name: np.concatenate(v) for name, v in history.items()}
+
+
 def _deleted(tree) -> bool:
     return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
 
@@ -249,7 +254,7 @@ def fit(
             for name, v in metrics.items():
                 history.setdefault(name, []).append(np.asarray(v)[:k])
             if k < n:
-                hist = {name: np.concatenate(v) for name, v in history.items()}
+                hist = _stack(history)
                 raise NonFiniteLossError(int(state.step), state, hist)
             done += n
             if checkpointer is not None and checkpointer.should_save(step0 + done):
@@ -272,14 +277,14 @@ def fit(
         # attached unless the failing call was a compiled chunk itself (its input is donated).
         if not _deleted(state):
             e.state, e.step = state, int(state.step)
-        e.history = {name: np.concatenate(v) for name, v in history.items()}
+        e.history = _stack(history)
         raise
     finally:
         if bar is not None:
             bar.close()
         if checkpointer is not None:
             checkpointer.wait()
-    out = {name: np.concatenate(v) for name, v in history.items()}
+    out = _stack(history)
     out["wall_time"] = run_time + data_time
     out["data_time"] = data_time
     out["compile_time"] = compile_time
