@@ -9,10 +9,12 @@ permutation
 
 a linear assignment problem. It is solved here *exactly* by SciPy's shortest-augmenting-path
 solver (Crouse 2016, a Jonker-Volgenant variant; exact for real costs, run in float64), made
-about 3x faster (2.4 vs 7.4 ms for 256 moons vs 256 Gaussian points) by a *dual preconditioner*:
+about 4x faster (1.55 vs 6.5 ms for 256 moons vs 256 Gaussian points, potential included) by a
+*dual preconditioner*:
 
-1. ``g = column_potential(cost)``: an approximate column dual potential from a few entropic-OT
-   (Sinkhorn) iterations in scaling form (one ``exp`` pass and BLAS matrix-vector products).
+1. ``g = column_potential(cost)``: an approximate column dual potential from a few over-relaxed
+   entropic-OT (Sinkhorn) iterations in scaling form (one ``exp`` pass and BLAS matrix-vector
+   products), tightened by one pair of hard c-transforms.
 2. The solver runs on ``cost - g[None, :]``.
 
 **Why the result is exact.** Subtracting a column potential changes the total cost of *every*
@@ -105,38 +107,83 @@ def sq_distances(x0, x1):
     return out
 
 
-def column_potential(cost: np.ndarray, eps: float = 0.1, iters: int = 40) -> np.ndarray:
-    """Approximate column dual potential of one assignment problem (host, NumPy float32).
+def column_potential(cost: np.ndarray, eps: float = 0.1, iters: int = 20, omega: float = 1.8) -> np.ndarray:
+    """Approximate column dual potential of one assignment problem (host, NumPy).
 
     Entropic OT with uniform marginals (Cuturi 2013) in scaling form, started from the
     column-then-row reductions ``v_j = min_i c_ij``, ``u_i = min_j (c_ij - v_j)`` so that the
-    Gibbs kernel ``K = exp(-(c - u - v) / eps)`` has entries in (0, 1] with a 1 in every row:
+    Gibbs kernel ``K = exp(-(c - u - v) / eps)`` has entries in (0, 1] with a 1 in every row,
+    with over-relaxed updates (Thibault et al. 2021, "Overrelaxed Sinkhorn-Knopp algorithm for
+    regularized optimal transport"; ``omega = 1`` is plain Sinkhorn):
 
-        a <- 1 / (K b),   b <- 1 / (K^T a),     g = v + eps * log(b)
+        a <- a^(1 - omega) (K b)^(-omega),   b <- b^(1 - omega) (K^T a)^(-omega),
+        g = v + eps * log(b)
 
-    (one ``exp`` pass, then ``iters`` pairs of BLAS matrix-vector products). ``eps`` is
-    absolute (cost units). Non-finite entries (overflow for a small ``eps``) fall back to ``v``.
-    Only speed depends on the result: any finite ``g`` leaves the optimal assignment unchanged.
+    (one ``exp`` pass, then ``iters`` pairs of BLAS matrix-vector products), followed by one
+    pair of hard c-transforms ``u_i = min_j (c_ij - g_j)``, ``g_j = min_i (c_ij - u_i)``, which
+    makes ``g`` dual-feasible and tight. ``eps`` is absolute (cost units). The iterations run in
+    float32; if the scalings leave float32's range (large costs relative to ``eps``, or
+    ``omega`` too large), they are redone in float64, and non-finite entries left after that
+    fall back to ``v``. Only speed depends on the result: any finite ``g`` leaves the optimal
+    assignment unchanged.
+
+    On 256 moons-vs-Gaussian points, ``omega = 1.8`` with 20 iterations reaches a better
+    potential than plain Sinkhorn with 40 (SciPy's solver then takes ~1.0 vs ~1.5 ms), in less
+    time (``experiments/benchmarks/cfm_throughput.py --part solver``).
 
     Args:
       cost: ``[n, n]``.
+      eps: entropic regularisation, > 0.
+      iters: Sinkhorn iterations, >= 0.
+      omega: over-relaxation, in (0, 2).
     Returns:
       ``[n]`` float64 column potentials, for ``solve_assignment(cost - g[None, :])``.
     """
-    c = np.asarray(cost, np.float32)
-    _check_square(c)
-    v = c.min(axis=0)
-    r = c - v[None, :]
-    u = r.min(axis=1)
-    k = np.exp((u[:, None] - r) * np.float32(1.0 / eps))
+    cost = np.asarray(cost)
+    _check_square(cost)
+    if not 0.0 < omega < 2.0:
+        raise ValueError(f"omega must be in (0, 2); got {omega}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0; got {eps}")
+    iters = int(iters)
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0; got {iters}")
+    c32 = np.asarray(cost, np.float32)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore"):
+        for dtype in (np.float32, np.float64):
+            c = c32 if dtype is np.float32 else np.asarray(cost, dtype)
+            v = c.min(axis=0)
+            r = c - v[None, :]
+            u = r.min(axis=1)
+            k = np.exp((u[:, None] - r) * dtype(1.0 / eps))
+            b = _scalings(k, iters, dtype(omega))
+            g = v + dtype(eps) * np.log(b)
+            if np.isfinite(g).all():
+                break
+        g = np.where(np.isfinite(g), g, v)
+        # One pair of hard c-transforms (in float32: only speed depends on g).
+        u = (c32 - g.astype(np.float32)[None, :]).min(axis=1)
+        tight = (c32 - u[:, None]).min(axis=0)
+    return np.where(np.isfinite(tight), tight, g).astype(np.float64)
+
+
+def _scalings(k: np.ndarray, iters: int, omega) -> np.ndarray:
+    """The column scaling ``b`` after ``iters`` (over-relaxed) Sinkhorn iterations on ``K``."""
     kt = np.ascontiguousarray(k.T)
-    b = np.ones(c.shape[1], np.float32)
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+    a = np.ones(k.shape[0], k.dtype)
+    b = np.ones(k.shape[1], k.dtype)
+    if omega == 1:
         for _ in range(iters):
             a = 1.0 / (k @ b)
             b = 1.0 / (kt @ a)
-        g = v + np.float32(eps) * np.log(b)
-    return np.where(np.isfinite(g), g, v).astype(np.float64)
+        return b
+    keep, step = 1 - omega, -omega
+    for it in range(iters):
+        a = a**keep * (k @ b) ** step
+        b = b**keep * (kt @ a) ** step
+        if it % 4 == 3 and not np.isfinite(b).all():
+            break  # out of range: the caller retries in a wider dtype
+    return b
 
 
 def _solve_one(cost: np.ndarray, precondition: bool, eps: float, iters: int) -> np.ndarray:
@@ -157,7 +204,7 @@ def _batched(fn, count: int, threads: int | None) -> list:
     return list(_pool(threads).map(fn, range(count)))
 
 
-def solve_assignment(cost: np.ndarray, *, precondition: bool = True, eps: float = 0.1, iters: int = 40,
+def solve_assignment(cost: np.ndarray, *, precondition: bool = True, eps: float = 0.1, iters: int = 20,
                      threads: int | None = None) -> np.ndarray:
     """Exact linear assignment on the host: ``perm`` minimising ``sum_i cost[..., i, perm[i]]``.
 
@@ -180,7 +227,7 @@ def solve_assignment(cost: np.ndarray, *, precondition: bool = True, eps: float 
 
 
 def solve_ot_points(x0: np.ndarray, x1: np.ndarray, *, precondition: bool = True, eps: float = 0.1,
-                    iters: int = 40, threads: int | None = None) -> np.ndarray:
+                    iters: int = 20, threads: int | None = None) -> np.ndarray:
     """Host: exact OT permutations for point batches ``x0, x1: [..., B, F]``.
 
     Returns ``[..., B]`` int32 ``perm`` minimising ``sum_i ||x0_i - x1_perm(i)||^2``, with the
@@ -196,7 +243,7 @@ def solve_ot_points(x0: np.ndarray, x1: np.ndarray, *, precondition: bool = True
     return np.stack(out).reshape(lead + (b,)) if out else np.zeros(lead + (b,), np.int32)
 
 
-def assignment(cost: Array, *, precondition: bool = True, eps: float = 0.1, iters: int = 40,
+def assignment(cost: Array, *, precondition: bool = True, eps: float = 0.1, iters: int = 20,
                threads: int | None = None) -> Array:
     """Exact linear assignment, callable under ``jit`` / ``vmap`` / ``lax.scan``.
 
@@ -211,7 +258,7 @@ def assignment(cost: Array, *, precondition: bool = True, eps: float = 0.1, iter
     return jax.pure_callback(solve, out, jax.lax.stop_gradient(cost), vmap_method="expand_dims")
 
 
-def ot_permutation(x0: Array, x1: Array, *, precondition: bool = True, eps: float = 0.1, iters: int = 40,
+def ot_permutation(x0: Array, x1: Array, *, precondition: bool = True, eps: float = 0.1, iters: int = 20,
                    threads: int | None = None) -> Array:
     """The exact minibatch OT permutation ``argmin_p sum_i ||x0_i - x1_p(i)||^2``, jittable.
 
@@ -283,7 +330,7 @@ class CoupledBatches:
 
     def __init__(self, sampler: Callable[[Array, int], Array], batch_size: int, key: Array, *, chunk: int = 100,
                  prefetch: int = 2, coupling: str = "ot", noise: Callable | None = None, precondition: bool = True,
-                 eps: float = 0.1, iters: int = 40, threads: int | None = None, num_batches: int | None = None):
+                 eps: float = 0.1, iters: int = 20, threads: int | None = None, num_batches: int | None = None):
         if coupling not in ("ot", "independent"):
             raise ValueError(f"coupling must be 'ot' or 'independent'; got {coupling!r}")
         if chunk < 1 or prefetch < 1 or batch_size < 1:
