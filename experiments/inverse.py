@@ -1,5 +1,5 @@
 """Inverse problems on the bundled 8x8 digits: inpainting, 2x super-resolution, deblurring and
-compressed sensing with DPS, MCG, FlowDPS and DDNM on one trained prior, plus the pseudo-inverse
+compressed sensing with DPS, MCG, FlowDPS, DDNM, PiGDM and TMPD on one trained prior, plus the pseudo-inverse
 baseline. Writes grids.png (ground truth, measurement, samples per method and task), results.json
 and a Markdown table of PSNR / SSIM / NFE / wall time.
 
@@ -56,6 +56,8 @@ SCALES = {
     "mcg": (0.03, 0.1, 0.3, 1.0),
     "flowdps": (0.25, 0.5, 1.0, 1.5),
     "ddnm": (None,),
+    "pigdm": (0.3, 1.0, 3.0),  # 1 = the Gaussian likelihood as is
+    "tmpd": (0.3, 1.0, 3.0),
 }
 
 
@@ -119,6 +121,8 @@ def run(cfg: Config) -> dict:
         x1_val = jax.random.normal(jax.random.fold_in(key, 12), x_val.shape)
         for method, scales in SCALES.items():
             common = dict(prediction="velocity", method=method, steps=cfg.steps, noise=noise)
+            if method == "pigdm":  # its isotropic prior variance: the training pixels' variance
+                common["data_var"] = float(np.var(xtr))
             # choose the step size on the validation images (the scale is traced: no recompile)
             val_psnr = {}
             for sc in scales:
@@ -135,7 +139,7 @@ def run(cfg: Config) -> dict:
             x = jnp.clip(jax.block_until_ready(x), -1, 1)
             dt = time.perf_counter() - t0
             row[method] = dict(psnr=float(gf.metrics.psnr(x, x_test).mean()), ssim=float(gf.metrics.ssim(x, x_test).mean()),
-                               nfe=int(info.nfe), vjp=int(info.vjp), seconds=dt)
+                               nfe=int(info.nfe), vjp=int(info.vjp), jvp=int(info.jvp), seconds=dt)
             grids[task][method] = np.asarray(x[:8])
         results[task] = row
         print(task, {m: (round(v["psnr"], 2), round(v["ssim"], 3)) for m, v in row.items()}, flush=True)
@@ -162,7 +166,8 @@ def gf_table(results: dict) -> str:
     methods = list(next(iter(results.values())))
     lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for task, row in results.items():
-        cells = [f"{row[m]['psnr']:.2f} dB / {row[m]['ssim']:.3f} / {row[m]['nfe']} NFE / {row[m]['seconds']:.2f}s"
+        cells = [f"{row[m]['psnr']:.2f} dB / {row[m]['ssim']:.3f} / {row[m]['nfe']} NFE"
+                 + (f" + {row[m]['jvp']} JVP" if row[m].get("jvp") else "") + f" / {row[m]['seconds']:.2f}s"
                  for m in methods]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -15,8 +17,8 @@
 # # Inverse problems: posterior sampling with a diffusion / flow prior
 #
 # Given a prior model `fn(x, t)` and a measurement `y = A(x0) + noise`, `gf.inverse` samples
-# `p(x0 | y)` without retraining: DPS, MCG, FlowDPS and DDNM, all in one compiled program, on
-# any path and prediction kind.
+# `p(x0 | y)` without retraining: DPS, MCG, FlowDPS, DDNM, PiGDM and TMPD, all in one compiled
+# program, on any path and prediction kind.
 #
 # 1. **Exactness check** on a linear-Gaussian problem, where the posterior is closed form.
 # 2. **Digits**: inpainting and 2x super-resolution with a small flow-matching prior.
@@ -48,11 +50,13 @@ m_post, c_post = inv.linear_gaussian_posterior(prior.mean, prior.cov, inv.operat
 
 n = 2000
 y = jnp.broadcast_to(y1, (n, 1))
-fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), sharex=True, sharey=True)
-for ax, (method, path, kind, hp) in zip(axes, [("dps", gf.paths.vp_cosine(), "eps", dict(scale=0.3)),
-                                               ("mcg", gf.paths.vp_cosine(), "eps", dict(scale=0.3)),
-                                               ("ddnm", gf.paths.vp_linear(), "x0", {}),
-                                               ("flowdps", gf.paths.linear(), "velocity", {})]):
+fig, axes = plt.subplots(2, 3, figsize=(11, 7.2), sharex=True, sharey=True)
+for ax, (method, path, kind, hp) in zip(axes.flat, [("dps", gf.paths.vp_cosine(), "eps", dict(scale=0.3)),
+                                                    ("mcg", gf.paths.vp_cosine(), "eps", dict(scale=0.3)),
+                                                    ("ddnm", gf.paths.vp_linear(), "x0", {}),
+                                                    ("flowdps", gf.paths.linear(), "velocity", {}),
+                                                    ("pigdm", gf.paths.vp_cosine(), "eps", dict(data_var=1.0)),
+                                                    ("tmpd", gf.paths.linear(), "velocity", {})]):
     x1 = path.prior_sample(jax.random.key(2), (n, 2))
     xs, info = inv.posterior_sample(prior.model(path, kind), path, x1, y, op, prediction=kind, method=method,
                                     steps=100, key=jax.random.key(3), noise=inv.GaussianNoise(0.2), **hp)
@@ -63,16 +67,23 @@ for ax, (method, path, kind, hp) in zip(axes, [("dps", gf.paths.vp_cosine(), "ep
     ell = m_post[:, None] + 2 * v @ (np.sqrt(w)[:, None] * np.stack([np.cos(th), np.sin(th)]))
     ax.plot(*ell, "r", lw=1.5, label="exact posterior (2 sd)")
     err = np.linalg.norm(xs.mean(0) - m_post)
-    ax.set_title(f"{method} ({path.name}, {kind})\nmean error {err:.3f}, NFE {int(info.nfe)}", fontsize=9)
-axes[0].legend(fontsize=7, loc="lower left")
+    cov_err = np.linalg.norm(np.cov(xs.T) - c_post) / np.linalg.norm(c_post)
+    ax.set_title(f"{method} ({path.name}, {kind})\nmean error {err:.3f}, cov rel. error {cov_err:.2f}, "
+                 f"NFE {int(info.nfe)}", fontsize=9)
+axes.flat[0].legend(fontsize=7, loc="lower left")
 fig.tight_layout()
 
 # %% [markdown]
 # What the picture says: DPS gets the posterior mean right but over-disperses; MCG and DDNM
 # project onto the measurement hyperplane `a . x = y` at every step, which is right for
 # noiseless measurements and collapses (MCG also biases the mean) when the measurement is
-# noisy; FlowDPS's clean-estimate correction stays closest to the exact posterior here.
-# `experiments/benchmarks/inverse_oracle.py` measures these errors on 16-dimensional problems.
+# noisy; FlowDPS's clean-estimate correction stays close. None of those four uses the noise
+# level. PiGDM and TMPD do: they add the score of a Gaussian approximation of `p(y | x_t)`,
+# `N(A x0_hat, A C_t A^T + sigma_y^2 I)`. TMPD's `C_t` is Tweedie's `Cov[x0 | x_t]`, read off the
+# model's Jacobian, which is exact for a Gaussian prior: its samples fill the exact posterior's
+# ellipse. PiGDM's `C_t = r_t^2 I` assumes an isotropic prior (`data_var`), an approximation for
+# this correlated one. `experiments/benchmarks/inverse_oracle.py` measures these errors on
+# 16-dimensional problems.
 #
 # ## 2. Digits: inpainting and super-resolution
 # A flow-matching prior over the 64 pixels of scikit-learn's 8x8 digits (trained here in a few
@@ -107,7 +118,7 @@ for task, op in {"inpainting (40% kept)": inv.random_inpainting(jax.random.key(5
                  "super-resolution x2": inv.super_resolution(2)}.items():
     y = noise.sample(jax.random.key(6), op(x_test))
     rows[f"{task}: A+ y"] = jnp.clip(op.pinv(y), -1, 1)
-    for method, hp in [("dps", dict(scale=1.0)), ("flowdps", {})]:
+    for method, hp in [("dps", dict(scale=1.0)), ("flowdps", {}), ("tmpd", {})]:
         x1 = jax.random.normal(jax.random.key(7), x_test.shape)
         x, _ = inv.posterior_sample(fn, path, x1, y, op, prediction="velocity", method=method, steps=100,
                                     key=jax.random.key(8), noise=noise, **hp)

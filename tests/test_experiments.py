@@ -32,14 +32,16 @@ def test_toy2d_rejects_bad_config(tmp_path):
 
 def test_inverse_quick_beats_the_pseudo_inverse(tmp_path):
     """Even a briefly trained prior (1500 steps) must beat the pseudo-inverse baseline where the
-    measurement leaves most of the image unknown (measured: +1.8 to +5.1 dB)."""
+    measurement leaves most of the image unknown (measured: +1.8 to +5.1 dB; PiGDM, whose isotropic
+    prior variance suits this prior least, +1.2 to +2.1)."""
     out = tmp_path / "inv"
     subprocess.run([sys.executable, str(ROOT / "experiments" / "inverse.py"), "--quick", "--out", str(out)],
                    check=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=900)
     r = json.loads((out / "results.json").read_text())["results"]
     for task in ("inpainting", "compressed_sensing"):
-        for method in ("dps", "mcg", "flowdps", "ddnm"):
-            assert r[task][method]["psnr"] > r[task]["pinv"]["psnr"] + 1.0, (task, method, r[task])
+        for method in ("dps", "mcg", "flowdps", "ddnm", "pigdm", "tmpd"):
+            margin = 0.5 if method == "pigdm" else 1.0
+            assert r[task][method]["psnr"] > r[task]["pinv"]["psnr"] + margin, (task, method, r[task])
             assert r[task][method]["nfe"] == 20
     for name in ("inpainting.png", "super_resolution_x2.png", "results.md"):
         assert (out / name).stat().st_size > 100

@@ -4,7 +4,9 @@ A 16-dimensional Gaussian prior (4x4 images, non-diagonal covariance) with its e
 each operator, Gaussian measurement noise (std 0.1): the posterior is closed form. For each
 method and task: the empirical posterior-mean error relative to the prior-mean error
 (``|mean - mu_post| / |mu - mu_post|``), the covariance error (``|cov - C_post|_F / |C_post|_F``),
-NFE and the time per call (after compilation).
+NFE, network VJPs / JVPs and the time per call (after compilation). ``pigdm`` uses the prior's
+mean variance as ``data_var`` (its isotropic approximation of the prior covariance); ``tmpd``
+uses the model's Jacobian (exact for this prior).
 
     python experiments/benchmarks/inverse_oracle.py [--n 2000] [--steps 100]
 """
@@ -33,6 +35,8 @@ METHODS = {  # method: (path, prediction kind, hyper-parameters)
     "mcg": ("vp_cosine", "eps", dict(scale=0.3)),
     "ddnm": ("vp_cosine", "eps", {}),
     "flowdps": ("linear", "velocity", dict(scale=1.0)),
+    "pigdm": ("vp_cosine", "eps", {}),  # data_var: the prior's mean variance, set in main
+    "tmpd": ("vp_cosine", "eps", {}),
 }
 
 
@@ -48,6 +52,7 @@ def main(argv=None):
     mu = jax.random.normal(jax.random.key(2), (D,)) * 0.5
     prior = gf.oracles.Gaussian.full(mu, cov)
     x_true = prior.sample(jax.random.key(3), 1).reshape((1,) + S)
+    methods = dict(METHODS, pigdm=("vp_cosine", "eps", dict(data_var=float(jnp.trace(cov)) / D)))
     ops = {"box_inpainting": inv.box_inpainting(S, 1, 1, 2, 2), "super_resolution": inv.super_resolution(2),
            "gaussian_blur": inv.gaussian_blur((4, 4), 0.8, size=3), "compressed_sensing": inv.compressed_sensing(jax.random.key(4), S, 6),
            "denoising": inv.denoising()}
@@ -57,7 +62,7 @@ def main(argv=None):
         m_post, c_post = inv.linear_gaussian_posterior(mu, cov, inv.operator_matrix(op, S), np.asarray(y1).reshape(-1), a.noise)
         prior_err = np.linalg.norm(np.asarray(mu) - m_post)
         y = jnp.broadcast_to(y1, (a.n,) + y1.shape[1:])
-        for method, (pname, kind, hp) in METHODS.items():
+        for method, (pname, kind, hp) in methods.items():
             path = gf.paths.get(pname)
             x1 = path.prior_sample(jax.random.key(6), (a.n,) + S)
             args = dict(prediction=kind, method=method, steps=a.steps, key=jax.random.key(7),
@@ -69,11 +74,14 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             mean_rel = np.linalg.norm(x.mean(0) - m_post) / prior_err
             cov_rel = np.linalg.norm(np.cov(x.T) - c_post) / np.linalg.norm(c_post)
-            rows.append([task, method, f"{pname}/{kind}", mean_rel, cov_rel, int(info.nfe), dt])
+            rows.append([task, method, f"{pname}/{kind}", mean_rel, cov_rel, int(info.nfe), int(info.vjp),
+                         int(info.jvp), dt])
             out.append(dict(task=task, method=method, path=pname, prediction=kind, mean_rel_err=float(mean_rel),
-                            cov_rel_err=float(cov_rel), nfe=int(info.nfe), seconds=dt))
+                            cov_rel_err=float(cov_rel), nfe=int(info.nfe), vjp=int(info.vjp), jvp=int(info.jvp),
+                            seconds=dt))
     print(f"linear-Gaussian oracle: D={D}, noise std {a.noise}, {a.n} samples, {a.steps} steps")
-    print(markdown_table(["task", "method", "path/kind", "mean err / prior err", "cov rel err", "NFE", "s/call"], rows))
+    print(markdown_table(["task", "method", "path/kind", "mean err / prior err", "cov rel err", "NFE", "VJP", "JVP",
+                          "s/call"], rows))
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)

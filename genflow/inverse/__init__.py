@@ -1,4 +1,4 @@
-"""Inverse problems: measurement operators and posterior samplers (DPS, MCG, FlowDPS, DDNM).
+"""Inverse problems: measurement operators and posterior samplers (DPS, MCG, FlowDPS, DDNM, PiGDM, TMPD).
 
     op = gf.inverse.super_resolution(2)
     y = gf.inverse.GaussianNoise(0.05).sample(key, op(x_true))

@@ -38,11 +38,30 @@ Corrections:
 * ``"ddnm"`` (Wang et al. 2023): range-null-space projection of the clean estimate
   ``x0 <- x0_hat + A^+(y - A x0_hat)`` (linear operators), then the ``"ddim"`` update with the
   noise estimate made consistent with the corrected ``x0``.
+* ``"pigdm"`` (Song et al. 2023, "Pseudoinverse-guided diffusion models") and ``"tmpd"`` (Boys et
+  al. 2024, "Tweedie moment projected diffusions"): the measurement likelihood is approximated by
+  ``p(y | x_t) ~ N(y; A x0_hat, A C_t A^T + sigma_y^2 I)``, a Gaussian ``p(x0 | x_t)`` with
+  covariance ``C_t``, and its score ``g = J^T A^T (A C_t A^T + sigma_y^2 I)^-1 (y - A x0_hat)``
+  (``J = d x0_hat / d x_t``, one vector-Jacobian product) is added to the model's score:
+  ``x0 <- x0_hat + (sigma_t^2 / alpha_t) g``, ``eps <- eps_hat - sigma_t g``, then the base
+  update. These two use the measurement noise level ``sigma_y`` (``GaussianNoise(sigma_y)``).
+  ``pigdm``: ``C_t = r_t^2 I`` with ``r_t^2 = v sigma_t^2 / (alpha_t^2 v + sigma_t^2)``, the
+  posterior variance for a prior ``N(., v I)`` (``data_var = v``). ``tmpd``: Tweedie's
+  second-moment identity ``C_t = Cov[x0 | x_t] = (sigma_t^2 / alpha_t) J``, applied through the
+  symmetric part ``(J + J^T) / 2`` (one JVP and one VJP; a learned model's ``J`` is not
+  symmetric). The linear system is solved per example by ``cg_iters`` iterations of conjugate
+  gradients, stopped where a search direction shows ``C_t`` is not positive definite (a learned
+  model's need not be: on digits, plain CG made TMPD worse than the pseudo-inverse).
+  For a Gaussian prior with its exact model, ``tmpd``'s ``p(y | x_t)`` is exact (``pigdm``'s too
+  when the prior is ``N(mu, v I)``), so the sampler follows the exact conditional score and
+  samples the exact posterior up to the time discretization (tested on the oracle).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable
 
 import equinox as eqx
@@ -56,13 +75,19 @@ from genflow.sampling import Model, as_pytree_fn, time_grid
 
 Array = jax.Array
 
-METHODS = {"dps": "ddim", "mcg": "ddim", "ddnm": "ddim", "flowdps": "ddim"}  # default base per method
+METHODS = {"dps": "ddim", "mcg": "ddim", "ddnm": "ddim", "flowdps": "ddim", "pigdm": "ddim",
+           "tmpd": "ddim"}  # default base per method
 DEFAULTS = {
     "dps": dict(scale=1.0, eta=1.0),
     "mcg": dict(scale=1.0, eta=1.0),
     "ddnm": dict(eta=0.85),
     "flowdps": dict(scale=1.0, dc_steps=3, eta=1.0),
+    "pigdm": dict(scale=1.0, eta=1.0, data_var=1.0, cg_iters=10),
+    "tmpd": dict(scale=1.0, eta=1.0, cg_iters=10),
 }
+_STATIC = ("dc_steps", "cg_iters")  # loop counts: a new value compiles anew
+_GAUSSIAN_LIKELIHOOD = ("pigdm", "tmpd")  # the methods that use the noise level
+_TMPD_MIN_LOG_SNR = math.log(1e-4)  # tmpd's default start for eps / score models
 
 __all__ = ["posterior_sample", "prior_sample", "PosteriorInfo", "METHODS", "DEFAULTS"]
 
@@ -70,12 +95,14 @@ __all__ = ["posterior_sample", "prior_sample", "PosteriorInfo", "METHODS", "DEFA
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PosteriorInfo:
-    """``nfe``: network evaluations (forward passes; ``dps``/``mcg`` also backpropagate through
-    each one); ``vjp``: network vector-Jacobian products; ``ts``: the time grid."""
+    """``nfe``: network evaluations (forward passes; ``dps``/``mcg``/``pigdm``/``tmpd`` also
+    backpropagate through each one); ``vjp``: network vector-Jacobian products; ``ts``: the time
+    grid; ``jvp``: network Jacobian-vector products (``tmpd``'s conjugate-gradient iterations)."""
 
     nfe: Array
     vjp: Array
     ts: Array
+    jvp: Array
 
 
 def _base_update(path: Path, base: str, x0: Array, eps: Array, t, s, z: Array, eta) -> Array:
@@ -109,6 +136,9 @@ def _step_fn(model: Model, method: str | None, base: str, y, op: Operator, noise
                 y_s = path.alpha(s) * y + path.sigma(s) * op.forward(jax.random.normal(ky, x.shape, x.dtype))
                 x_new = x_new + weight * op.pinv(y_s - op.forward(x_new))
             return x_new
+        if method in _GAUSSIAN_LIKELIHOOD:
+            x0, eps = _likelihood_guided(model, method, x, t, y, op, noise.sigma, weight, hp)
+            return _base_update(path, base, x0, eps, t, s, z, eta)
         x0, eps = model.x0_eps(x, t)
         if method == "ddnm":
             delta = weight * op.pinv(y - op.forward(x0))
@@ -128,6 +158,69 @@ def _step_fn(model: Model, method: str | None, base: str, y, op: Operator, noise
     return step
 
 
+def _likelihood_guided(model: Model, method: str, x, t, y, op: Operator, sigma_y, weight, hp: dict):
+    """``(x0, eps)`` of the conditional score ``score(x_t) + weight * scale * g`` (pigdm / tmpd)."""
+    path = model.path
+    a, sg = path.alpha(t), path.sigma(t)
+    c_scale = sg * sg / a  # Cov[x0 | x_t] = (sigma^2 / alpha) d x0_hat / d x_t
+    if method == "tmpd":
+        x0, jvp_fn, eps = jax.linearize(lambda xx: model.x0_eps(xx, t), x, has_aux=True)
+        vjp_fn = jax.linear_transpose(jvp_fn, x)
+
+        def cov(w):  # A C_t A^T w, C_t = (sigma^2 / alpha) (J + J^T) / 2
+            v = op.adjoint(w)
+            return (0.5 * c_scale) * op.forward(jvp_fn(v) + vjp_fn(v)[0])
+    else:
+        x0, vjp_fn, eps = jax.vjp(lambda xx: model.x0_eps(xx, t), x, has_aux=True)
+        v = hp["data_var"]
+        r2 = v * sg * sg / (a * a * v + sg * sg)
+
+        def cov(w):
+            return r2 * op.forward(op.adjoint(w))
+
+    sy2 = jnp.asarray(sigma_y, jnp.float32) ** 2
+    resid = y - op.forward(x0)
+    u = _batched_cg(cov, sy2, resid, hp["cg_iters"])
+    (g,) = vjp_fn(op.adjoint(u))
+    g = (weight * hp["scale"]) * g
+    return x0 + c_scale * g, eps - sg * g
+
+
+def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
+    """``iters`` conjugate-gradient iterations on ``(cov + shift I) u = b``, one system per
+    example (leading axis); ``cov`` is a covariance (positive semi-definite) operator.
+
+    ``jax.scipy.sparse.linalg.cg`` would solve the batch as one block-diagonal system, with
+    shared step sizes (slower convergence, one example's errors reach all). Here each example has
+    its own, and an example stops where the search direction shows ``cov`` is not positive
+    definite, ``p^T cov p <= 0`` (truncated CG, as in Steihaug's trust-region method): with a
+    learned model, ``cov`` from its Jacobian need not be (on digits, the Rayleigh quotients of
+    ``C_t`` near t = 1 were -49..186 where the data variance is 0.57), and plain CG then
+    diverged.
+    """
+    axes = tuple(range(1, b.ndim))
+
+    def dot(a, c):
+        return jnp.sum(a * c, axis=axes, keepdims=True)
+
+    def body(_, carry):
+        u, r, p, rr, active = carry
+        cp = cov(p)
+        pcp = dot(p, cp)
+        mp = cp + shift * p
+        pmp = pcp + shift * dot(p, p)
+        active = active & (pcp > 0) & (rr > 0)
+        alpha = jnp.where(active, rr / jnp.where(active, pmp, 1.0), 0.0)
+        u, r = u + alpha * p, r - alpha * mp
+        rr_new = dot(r, r)
+        beta = jnp.where(active, rr_new / jnp.where(active, rr, 1.0), 0.0)
+        return u, r, r + beta * p, rr_new, active
+
+    rr = dot(b, b)
+    init = (jnp.zeros_like(b), b, b, rr, jnp.ones(rr.shape, bool))
+    return jax.lax.fori_loop(0, iters, body, init)[0]
+
+
 @eqx.filter_jit
 def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, noise, weight, hp, denoise):
     step = _step_fn(model, method, base, y, op, noise, weight, hp)
@@ -143,8 +236,11 @@ def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, no
     if denoise:
         x = model.predict(x, ts[-1], "x0")
     nfe = jnp.asarray(n + int(denoise), jnp.int32)
-    vjp = jnp.asarray(n if method in ("dps", "mcg") else 0, jnp.int32)
-    return x.astype(x1.dtype), PosteriorInfo(nfe=nfe, vjp=vjp, ts=ts)
+    vjp = jnp.asarray(n if method in ("dps", "mcg", "pigdm") else 0, jnp.int32)
+    if method == "tmpd":  # each CG iteration: one JVP and one VJP (the symmetrised Jacobian)
+        vjp = jnp.asarray(n * (1 + hp["cg_iters"]), jnp.int32)
+    jvp = jnp.asarray(n * hp["cg_iters"] if method == "tmpd" else 0, jnp.int32)
+    return x.astype(x1.dtype), PosteriorInfo(nfe=nfe, vjp=vjp, ts=ts, jvp=jvp)
 
 
 def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
@@ -217,24 +313,34 @@ def posterior_sample(
       x1: ``[B, ...]`` starting noise at ``t_start``.
       y: ``[B, ...]`` measurements (``operator.forward(x0) + noise``).
       operator: a :class:`genflow.inverse.Operator` (``A``, ``A^T``, ``A^+``).
-      method: ``"dps" | "mcg" | "flowdps" | "ddnm"`` (see the module docstring).
-      noise: the measurement noise model (default ``GaussianNoise(0)``): its
-        ``residual_norm`` is the distance the gradient methods step on. Its noise *level* is not
-        used: ``GaussianNoise(sigma)`` gives the same samples for every ``sigma`` (DPS and MCG
-        absorb it into ``scale``, DDNM here is the noiseless one, FlowDPS uses only the Poisson
-        weights). With noisy measurements these samplers over-fit ``y``: on the linear-Gaussian
-        oracle with ``A = I``, prior N(0, I) and ``sigma_y = 0.3`` they return samples near ``y``
-        (spread 0-0.03) where the posterior's variance is 0.083; tune ``scale`` / ``weight``.
+      method: ``"dps" | "mcg" | "flowdps" | "ddnm" | "pigdm" | "tmpd"`` (see the module
+        docstring).
+      noise: the measurement noise model (default ``GaussianNoise(0)``). ``pigdm`` and ``tmpd``
+        need a ``GaussianNoise`` and use its level ``sigma`` (with ``sigma = 0`` and a
+        rank-deficient ``A``, ``cg_iters`` bounds the solve). For the other methods its
+        ``residual_norm`` is the distance the gradient methods step on, and its noise *level* is
+        not used: ``GaussianNoise(sigma)`` gives the same samples for every ``sigma`` (DPS and
+        MCG absorb it into ``scale``, DDNM here is the noiseless one, FlowDPS uses only the
+        Poisson weights). With noisy measurements those samplers over-fit ``y``: on the
+        linear-Gaussian oracle with ``A = I``, prior N(0, I) and ``sigma_y = 0.3`` they return
+        samples near ``y`` (spread 0-0.03) where the posterior's variance is 0.083; use
+        ``pigdm`` / ``tmpd`` or tune ``scale`` / ``weight``.
       steps, schedule, t_start, t_end: the time grid (:func:`genflow.sampling.time_grid`);
-        ``t_start`` defaults to 1 (0.999 where ``alpha(1) = 0``).
+        ``t_start`` defaults to 1 (0.999 where ``alpha(1) = 0``); for ``tmpd`` with an ``eps`` or
+        ``score`` model, to the time where the SNR ``alpha^2 / sigma^2`` is 1e-4 when it is lower
+        at 1 (VP and linear paths): that model's Jacobian holds ``Cov[x0 | x_t]`` only in a
+        deviation of relative size ~SNR, which float32 cancellation swamps below that.
       key: PRNG key (all methods inject noise).
       weight: measurement weight; 0 gives the prior sampler exactly.
       base: the underlying prior update, ``"ddim"`` or ``"flow"`` (default per method:
         :data:`METHODS`).
       denoise: finish with a Tweedie step (default ``path.denoise_at_end``).
-      **hparams: ``scale`` (gradient step), ``eta`` (ddim base), ``dc_steps`` (flowdps);
-        defaults in :data:`DEFAULTS`. ``scale`` and ``eta`` are traced (changing them does not
-        recompile); ``dc_steps`` is a loop count (a new value compiles anew).
+      **hparams: ``scale`` (gradient step; for ``pigdm`` / ``tmpd`` a multiplier of the
+        likelihood score, 1 = the model's own likelihood), ``eta`` (ddim base), ``dc_steps``
+        (flowdps), ``data_var`` (pigdm: the prior variance ``v`` in ``r_t^2``, > 0), ``cg_iters``
+        (pigdm, tmpd: conjugate-gradient iterations, >= 1); defaults in :data:`DEFAULTS`.
+        ``scale``, ``eta`` and ``data_var`` are traced (changing them does not recompile);
+        ``dc_steps`` and ``cg_iters`` are loop counts (a new value compiles anew).
     Returns:
       ``(x0, info)`` with ``x0: [B, ...]`` and a :class:`PosteriorInfo`.
     """
@@ -248,6 +354,12 @@ def posterior_sample(
     unknown = set(hparams) - set(DEFAULTS[method])
     if unknown:
         raise ValueError(f"method {method!r} takes hyper-parameters {sorted(DEFAULTS[method])}; got {sorted(unknown)}")
+    if method == "tmpd" and t_start is None and prediction in ("eps", "score"):
+        # An eps/score model holds Cov[x0 | x_t] in the deviation of its Jacobian from I / sigma,
+        # of relative size ~SNR: below SNR 1e-4 float32 cancellation swamps it (on the oracle,
+        # motion blur from alpha = 5e-4 went astray as cg_iters grew). Start where SNR = 1e-4.
+        if float(path.log_snr(1.0)) < _TMPD_MIN_LOG_SNR:
+            t_start = float(path.t_from_log_snr(_TMPD_MIN_LOG_SNR))
     model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
     if y.shape[0] != x1.shape[0]:
         raise ValueError(f"y and x1 need the same batch size; got y.shape={y.shape}, x1.shape={x1.shape}")
@@ -255,13 +367,19 @@ def posterior_sample(
     if y.shape != expected.shape:
         raise ValueError(f"y.shape={y.shape} does not match operator.forward(x) of shape {expected.shape}")
     hp = {**DEFAULTS[method], **hparams}
-    dc_steps = hp.pop("dc_steps", None)
-    if dc_steps is not None and (not isinstance(dc_steps, int) or isinstance(dc_steps, bool) or dc_steps < 0):
-        raise ValueError(f"dc_steps must be an int >= 0; got {dc_steps!r}")
+    static = {k: hp.pop(k) for k in _STATIC if k in hp}
+    for k, v in static.items():
+        low = 1 if k == "cg_iters" else 0
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{k} must be an int >= {low}; got {v!r}")
+    if "data_var" in hp and not float(hp["data_var"]) > 0:
+        raise ValueError(f"data_var must be > 0; got {hp['data_var']!r}")
     hp = {k: jnp.float32(v) for k, v in hp.items()}
-    if dc_steps is not None:  # a static loop count (a new value compiles anew)
-        hp["dc_steps"] = dc_steps
+    hp.update({k: int(v) for k, v in static.items()})  # static loop counts (a new value compiles anew)
     denoise = path.denoise_at_end if denoise is None else denoise
     noise = GaussianNoise(0.0) if noise is None else noise
+    if method in _GAUSSIAN_LIKELIHOOD and not isinstance(noise, GaussianNoise):
+        raise ValueError(f"method {method!r} uses a Gaussian measurement likelihood: noise must be a "
+                         f"GaussianNoise(sigma); got {type(noise).__name__}")
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
                 jnp.float32(weight), hp, bool(denoise))
