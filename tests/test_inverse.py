@@ -47,6 +47,11 @@ def test_adjoint_pinv_and_norm(name):
     np.testing.assert_allclose(np.asarray(op.pinv(y)).reshape(3, -1), np.asarray(y).reshape(3, -1) @ np.linalg.pinv(A).T,
                                rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(float(op.norm_sq()), np.linalg.norm(A, 2) ** 2, rtol=1e-4)
+    # range projection: keeps A x, idempotent, and what it removes is annihilated by A^T
+    np.testing.assert_allclose(op.range_projection(op(x)), op(x), atol=1e-4)
+    py = op.range_projection(y)
+    np.testing.assert_allclose(op.range_projection(py), py, atol=1e-4)
+    np.testing.assert_allclose(op.adjoint(y - py), 0.0, atol=1e-4)
     # range-null decomposition: project(x, A x') is consistent with the measurement
     p = op.project(x, op(x[::-1]))
     np.testing.assert_allclose(op(p), op(x[::-1]), atol=1e-4)
@@ -202,6 +207,51 @@ def test_tmpd_starts_eps_models_where_the_jacobian_is_resolved():
         starts[kind] = float(info.ts[0])
     np.testing.assert_allclose(float(path.log_snr(starts["eps"])), np.log(1e-4), atol=1e-3)
     assert starts["score"] == starts["eps"] and starts["x0"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["pigdm", "tmpd"])
+def test_gaussian_likelihood_methods_edge_cases(method, caplog):
+    import logging
+
+    path = gf.paths.vp_cosine()
+    op = inv.box_inpainting(S, 1, 1, 2, 2)
+    # noise on every pixel, the unobserved ones too: a residual outside range(A)
+    y = jnp.broadcast_to(inv.GaussianNoise(0.1).sample(jax.random.key(5), op(X_TRUE)), (16,) + S)
+    x1 = path.prior_sample(jax.random.key(6), (16,) + S)
+    kw = dict(prediction="x0", method=method, steps=20, key=jax.random.key(7))
+    fn = PRIOR.model(path, "x0")
+    # (near) noiseless likelihood: finite, and the samples reproduce the observed pixels
+    # (before the projection onto range(A): NaN at sigma_y = 0, errors of 10-160 at 1e-4)
+    for sigma in (0.0, 1e-4):
+        x, _ = inv.posterior_sample(fn, path, x1, y, op, noise=inv.GaussianNoise(sigma), **kw)
+        assert float(jnp.abs(op(x) - op(op.pinv(y))).max()) < 0.05, sigma
+    # a new noise level is traced: no recompilation
+    with jax.log_compiles(True), caplog.at_level(logging.DEBUG, logger="jax"):
+        caplog.clear()
+        inv.posterior_sample(fn, path, x1, y, op, noise=inv.GaussianNoise(0.3), **kw)
+        assert not [r for r in caplog.records if r.getMessage().startswith("Compiling")]
+    # alpha = 0 at the start (linear path, t_start = 1): no correction there instead of inf * 0
+    lin = gf.paths.linear()
+    kw.update(prediction="velocity", t_start=1.0, noise=inv.GaussianNoise(0.1))
+    fn = PRIOR.model(lin, "velocity")
+    x, _ = inv.posterior_sample(fn, lin, x1, y, op, **kw)
+    assert bool(jnp.all(jnp.isfinite(x)))
+    x0, _ = inv.posterior_sample(fn, lin, x1, y, op, weight=0.0, **kw)
+    prior, _ = inv.prior_sample(fn, lin, x1, prediction="velocity", steps=20, key=jax.random.key(7), t_start=1.0)
+    np.testing.assert_allclose(x0, prior, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_inputs_under_x64():
+    # the path's scalars are float64 under x64: the sampler's carry keeps the input's dtype
+    with jax.enable_x64(True):
+        path = gf.paths.vp_cosine()
+        op = inv.super_resolution(2)
+        x1 = path.prior_sample(jax.random.key(6), (4,) + S).astype(jnp.float32)
+        y = op(x1) * 0.5
+        for method in ("dps", "tmpd"):
+            x, _ = inv.posterior_sample(PRIOR.model(path, "x0"), path, x1, y, op, prediction="x0", method=method,
+                                        steps=3, key=jax.random.key(0), noise=inv.GaussianNoise(0.1))
+            assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x))), method
 
 
 def test_batched_cg_solves_each_example_and_stops_on_negative_curvature():

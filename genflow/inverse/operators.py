@@ -51,6 +51,12 @@ class Operator:
         are stable for step sizes below ``2 / ||A||^2``."""
         raise NotImplementedError
 
+    def range_projection(self, y: Array) -> Array:
+        """The orthogonal projection of ``y`` onto the range of ``A`` (``A A^+ y`` with the exact
+        pseudo-inverse; ``A^T`` annihilates what it removes). The default ``forward(pinv(y))``
+        is exact where ``pinv`` is; operators with a truncated ``pinv`` override it."""
+        return self.forward(self.pinv(y))
+
     def __call__(self, x: Array) -> Array:
         return self.forward(x)
 
@@ -184,6 +190,12 @@ class Blur(Operator):
 
     def norm_sq(self):
         return jnp.max(jnp.real(self.kernel_fft * jnp.conj(self.kernel_fft)))
+
+    def range_projection(self, y):
+        """Keeps every frequency the kernel passes (``|K| > 1e-5 max|K|``: zero up to float32
+        rounding), not only those ``pinv`` keeps."""
+        mag2 = jnp.real(self.kernel_fft * jnp.conj(self.kernel_fft))
+        return self._apply(y, (mag2 > 1e-10 * jnp.max(mag2)).astype(self.kernel_fft.dtype))
 
 
 def _kernel_to_fft(kernel: np.ndarray, image_shape) -> Array:

@@ -162,7 +162,8 @@ def _likelihood_guided(model: Model, method: str, x, t, y, op: Operator, sigma_y
     """``(x0, eps)`` of the conditional score ``score(x_t) + weight * scale * g`` (pigdm / tmpd)."""
     path = model.path
     a, sg = path.alpha(t), path.sigma(t)
-    c_scale = sg * sg / a  # Cov[x0 | x_t] = (sigma^2 / alpha) d x0_hat / d x_t
+    live = a > 0  # at alpha = 0, x_t holds no information about x0: no correction
+    c_scale = jnp.where(live, sg * sg / jnp.where(live, a, 1.0), 0.0)  # Cov[x0 | x_t] = (sigma^2 / alpha) J
     if method == "tmpd":
         x0, jvp_fn, eps = jax.linearize(lambda xx: model.x0_eps(xx, t), x, has_aux=True)
         vjp_fn = jax.linear_transpose(jvp_fn, x)
@@ -178,11 +179,15 @@ def _likelihood_guided(model: Model, method: str, x, t, y, op: Operator, sigma_y
         def cov(w):
             return r2 * op.forward(op.adjoint(w))
 
-    sy2 = jnp.asarray(sigma_y, jnp.float32) ** 2
+    sy2 = jnp.asarray(sigma_y, x.dtype) ** 2
     resid = y - op.forward(x0)
-    u = _batched_cg(cov, sy2, resid, hp["cg_iters"])
+    # Only the residual's part in range(A) matters: outside it, A C_t A^T = 0, the solution is
+    # r_out / sigma_y^2 (huge for little noise, undefined without), and A^T removes it from g.
+    # Left in, it spoiled CG's step sizes (errors of 10-160 at sigma_y = 1e-4, NaN at 0). y has
+    # such a part whenever its noise falls outside range(A) (a mask's unobserved pixels).
+    u = _batched_cg(cov, sy2, op.range_projection(resid), hp["cg_iters"])
     (g,) = vjp_fn(op.adjoint(u))
-    g = (weight * hp["scale"]) * g
+    g = jnp.where(live, weight * hp["scale"], 0.0) * g
     return x0 + c_scale * g, eps - sg * g
 
 
@@ -193,7 +198,8 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
     ``jax.scipy.sparse.linalg.cg`` would solve the batch as one block-diagonal system, with
     shared step sizes (slower convergence, one example's errors reach all). Here each example has
     its own, and an example stops where the search direction shows ``cov`` is not positive
-    definite, ``p^T cov p <= 0`` (truncated CG, as in Steihaug's trust-region method): with a
+    definite, ``p^T cov p <= 0`` up to rounding (below 1e-6 of the first direction's Rayleigh
+    quotient; truncated CG, as in Steihaug's trust-region method): with a
     learned model, ``cov`` from its Jacobian need not be (on digits, the Rayleigh quotients of
     ``C_t`` near t = 1 were -49..186 where the data variance is 0.57), and plain CG then
     diverged.
@@ -203,21 +209,31 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
     def dot(a, c):
         return jnp.sum(a * c, axis=axes, keepdims=True)
 
+    dtype = b.dtype
+    shift = jnp.asarray(shift, dtype)
+
+    def curvature(p):
+        cp = cov(p).astype(dtype)
+        return cp, dot(p, cp)
+
     def body(_, carry):
-        u, r, p, rr, active = carry
-        cp = cov(p)
-        pcp = dot(p, cp)
+        u, r, p, rr, active, floor = carry
+        cp, pcp = curvature(p)
+        pp = dot(p, p)
         mp = cp + shift * p
-        pmp = pcp + shift * dot(p, p)
-        active = active & (pcp > 0) & (rr > 0)
-        alpha = jnp.where(active, rr / jnp.where(active, pmp, 1.0), 0.0)
+        pmp = pcp + shift * pp
+        # not positive, or positive only at rounding level (1e-6 of the first Rayleigh quotient)
+        active = active & (pcp > floor * pp) & (rr > 0)
+        alpha = jnp.where(active, rr / jnp.where(active, pmp, 1.0), 0.0).astype(dtype)
         u, r = u + alpha * p, r - alpha * mp
         rr_new = dot(r, r)
-        beta = jnp.where(active, rr_new / jnp.where(active, rr, 1.0), 0.0)
-        return u, r, r + beta * p, rr_new, active
+        beta = jnp.where(active, rr_new / jnp.where(active, rr, 1.0), 0.0).astype(dtype)
+        return u, r, r + beta * p, rr_new, active, floor
 
     rr = dot(b, b)
-    init = (jnp.zeros_like(b), b, b, rr, jnp.ones(rr.shape, bool))
+    _, bcb = curvature(b)
+    floor = 1e-6 * jnp.maximum(bcb / jnp.where(rr > 0, rr, 1.0), 0.0)
+    init = (jnp.zeros_like(b), b, b, rr, jnp.ones(rr.shape, bool), floor.astype(dtype))
     return jax.lax.fori_loop(0, iters, body, init)[0]
 
 
@@ -229,7 +245,7 @@ def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, no
 
     def body(x, inp):
         t, s, k = inp
-        return step(x, t, s, k), None
+        return step(x, t, s, k).astype(x.dtype), None  # (x64: the path's scalars are float64)
 
     x, _ = jax.lax.scan(body, x, (ts[:-1], ts[1:], keys))
     n = ts.shape[0] - 1
@@ -316,8 +332,10 @@ def posterior_sample(
       method: ``"dps" | "mcg" | "flowdps" | "ddnm" | "pigdm" | "tmpd"`` (see the module
         docstring).
       noise: the measurement noise model (default ``GaussianNoise(0)``). ``pigdm`` and ``tmpd``
-        need a ``GaussianNoise`` and use its level ``sigma`` (with ``sigma = 0`` and a
-        rank-deficient ``A``, ``cg_iters`` bounds the solve). For the other methods its
+        need a ``GaussianNoise`` and use its level ``sigma`` (traced: a new value does not
+        recompile; the residual ``y - A x0_hat`` is projected onto the range of ``A``
+        (:meth:`Operator.range_projection`, which changes nothing in exact arithmetic), so
+        ``sigma = 0`` and noise outside the range are fine). For the other methods its
         ``residual_norm`` is the distance the gradient methods step on, and its noise *level* is
         not used: ``GaussianNoise(sigma)`` gives the same samples for every ``sigma`` (DPS and
         MCG absorb it into ``scale``, DDNM here is the noiseless one, FlowDPS uses only the
@@ -381,5 +399,7 @@ def posterior_sample(
     if method in _GAUSSIAN_LIKELIHOOD and not isinstance(noise, GaussianNoise):
         raise ValueError(f"method {method!r} uses a Gaussian measurement likelihood: noise must be a "
                          f"GaussianNoise(sigma); got {type(noise).__name__}")
+    if isinstance(noise, GaussianNoise):  # a traced level: sweeping sigma_y does not recompile
+        noise = GaussianNoise(jnp.asarray(noise.sigma, jnp.float32))
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
                 jnp.float32(weight), hp, bool(denoise))
