@@ -168,19 +168,22 @@ def column_potential(cost: np.ndarray, eps: float = 0.1, iters: int = 20, omega:
 
 
 def _scalings(k: np.ndarray, iters: int, omega) -> np.ndarray:
-    """The column scaling ``b`` after ``iters`` (over-relaxed) Sinkhorn iterations on ``K``."""
-    kt = np.ascontiguousarray(k.T)
+    """The column scaling ``b`` after ``iters`` (over-relaxed) Sinkhorn iterations on ``K``.
+
+    ``a @ k`` is ``K^T a`` without a transposed copy (BLAS reads ``k`` transposed), and the
+    over-relaxed update is written ``a (a K b)^(-omega)`` (= ``a^(1-omega) (K b)^(-omega)``):
+    one power per half-step."""
     a = np.ones(k.shape[0], k.dtype)
     b = np.ones(k.shape[1], k.dtype)
     if omega == 1:
         for _ in range(iters):
             a = 1.0 / (k @ b)
-            b = 1.0 / (kt @ a)
+            b = 1.0 / (a @ k)
         return b
-    keep, step = 1 - omega, -omega
+    step = -omega
     for it in range(iters):
-        a = a**keep * (k @ b) ** step
-        b = b**keep * (kt @ a) ** step
+        a = a * (a * (k @ b)) ** step
+        b = b * (b * (a @ k)) ** step
         if it % 4 == 3 and not np.isfinite(b).all():
             break  # out of range: the caller retries in a wider dtype
     return b
