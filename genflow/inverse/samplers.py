@@ -164,15 +164,18 @@ def _likelihood_guided(model: Model, method: str, x, t, y, op: Operator, sigma_y
     a, sg = path.alpha(t), path.sigma(t)
     live = a > 0  # at alpha = 0, x_t holds no information about x0: no correction
     c_scale = jnp.where(live, sg * sg / jnp.where(live, a, 1.0), 0.0)  # Cov[x0 | x_t] = (sigma^2 / alpha) J
+    def x0_eps(xx):
+        return model.x0_eps(xx, t)
+
     if method == "tmpd":
-        x0, jvp_fn, eps = jax.linearize(lambda xx: model.x0_eps(xx, t), x, has_aux=True)
+        x0, jvp_fn, eps = jax.linearize(x0_eps, x, has_aux=True)
         vjp_fn = jax.linear_transpose(jvp_fn, x)
 
         def cov(w):  # A C_t A^T w, C_t = (sigma^2 / alpha) (J + J^T) / 2
             v = op.adjoint(w)
             return (0.5 * c_scale) * op.forward(jvp_fn(v) + vjp_fn(v)[0])
     else:
-        x0, vjp_fn, eps = jax.vjp(lambda xx: model.x0_eps(xx, t), x, has_aux=True)
+        x0, vjp_fn, eps = jax.vjp(x0_eps, x, has_aux=True)
         v = hp["data_var"]
         r2 = v * sg * sg / (a * a * v + sg * sg)
 
@@ -212,17 +215,15 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
     dtype = b.dtype
     shift = jnp.asarray(shift, dtype)
 
-    def curvature(p):
-        cp = cov(p).astype(dtype)
-        return cp, dot(p, cp)
-
-    def body(_, carry):
+    def body(i, carry):
         u, r, p, rr, active, floor = carry
-        cp, pcp = curvature(p)
-        pp = dot(p, p)
+        cp = cov(p).astype(dtype)
+        pcp, pp = dot(p, cp), dot(p, p)
         mp = cp + shift * p
         pmp = pcp + shift * pp
-        # not positive, or positive only at rounding level (1e-6 of the first Rayleigh quotient)
+        # not positive, or positive only at rounding level: 1e-6 of the first direction's
+        # (p = b's) Rayleigh quotient, taken from the first iteration's own product
+        floor = jnp.where(i == 0, 1e-6 * jnp.maximum(pcp / jnp.where(pp > 0, pp, 1.0), 0.0), floor)
         active = active & (pcp > floor * pp) & (rr > 0)
         alpha = jnp.where(active, rr / jnp.where(active, pmp, 1.0), 0.0).astype(dtype)
         u, r = u + alpha * p, r - alpha * mp
@@ -231,9 +232,7 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
         return u, r, r + beta * p, rr_new, active, floor
 
     rr = dot(b, b)
-    _, bcb = curvature(b)
-    floor = 1e-6 * jnp.maximum(bcb / jnp.where(rr > 0, rr, 1.0), 0.0)
-    init = (jnp.zeros_like(b), b, b, rr, jnp.ones(rr.shape, bool), floor.astype(dtype))
+    init = (jnp.zeros_like(b), b, b, rr, jnp.ones(rr.shape, bool), jnp.zeros_like(rr))
     return jax.lax.fori_loop(0, iters, body, init)[0]
 
 
@@ -252,10 +251,11 @@ def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, no
     if denoise:
         x = model.predict(x, ts[-1], "x0")
     nfe = jnp.asarray(n + int(denoise), jnp.int32)
-    vjp = jnp.asarray(n if method in ("dps", "mcg", "pigdm") else 0, jnp.int32)
-    if method == "tmpd":  # each CG iteration: one JVP and one VJP (the symmetrised Jacobian)
-        vjp = jnp.asarray(n * (1 + hp["cg_iters"]), jnp.int32)
-    jvp = jnp.asarray(n * hp["cg_iters"] if method == "tmpd" else 0, jnp.int32)
+    # per step: one VJP for the gradient methods; tmpd's CG iterations add one JVP and one VJP
+    # each (the symmetrised Jacobian)
+    cg = hp["cg_iters"] if method == "tmpd" else 0
+    vjp = jnp.asarray(n * (1 + cg) if method in ("dps", "mcg") + _GAUSSIAN_LIKELIHOOD else 0, jnp.int32)
+    jvp = jnp.asarray(n * cg, jnp.int32)
     return x.astype(x1.dtype), PosteriorInfo(nfe=nfe, vjp=vjp, ts=ts, jvp=jvp)
 
 

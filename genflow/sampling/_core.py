@@ -63,11 +63,12 @@ def _is_int(v, lo: int, hi: int | None = None) -> bool:
 # (solver, option) -> (valid(value), what is expected): options whose bad values would otherwise
 # give silently wrong samples (unipc order 4 ran as first order, ddim eta > 1 the wrong marginal)
 # or a wrong NFE (pc with negative corrector steps).
+_ETA_CHECK = (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a float in [0, 1]")
 _OPTION_CHECKS = {
     ("unipc", "order"): (lambda v: _is_int(v, 1, 3), "an int in 1..3"),
     ("deis", "order"): (lambda v: _is_int(v, 1), "an int >= 1"),
-    ("ddim", "eta"): (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a float in [0, 1]"),
-    ("ddpm", "eta"): (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a float in [0, 1]"),
+    ("ddim", "eta"): _ETA_CHECK,
+    ("ddpm", "eta"): _ETA_CHECK,
     ("pc", "corrector_steps"): (lambda v: _is_int(v, 0), "an int >= 0"),
     ("restart", "restart_times"): (lambda v: _is_int(v, 1), "an int >= 1"),
     ("restart", "restart_steps"): (lambda v: _is_int(v, 1), "an int >= 1"),
