@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from genflow.sampling._driver import Stepper
 from genflow.sampling._exp import (
-    GL_W, GL_X, combine, ddim_coefs, extrapolation_weights, finite_or, lagrange_basis, nonzero, order_at, phi,
-    select_order,
+    GL_W, GL_X, combine, ddim_coefs, extrapolation_order, extrapolation_weights, finite_or, lagrange_basis, nonzero,
+    order_at, phi, select_order,
 )
 
 Array = jax.Array
@@ -42,16 +42,23 @@ def _history_lambdas(g, i, n: int) -> list[Array]:
     return [g.at(jnp.maximum(i - j, 0))[2] for j in range(1, n + 1)]
 
 
-def _to_zero(a_t, i, lams: list[Array], order, max_order) -> Array:
-    """Weights ``alpha_t w_j`` of a last step into ``sigma_t = 0``: polynomial extrapolation of the
-    data predictions at ``lams = [lambda_i, lambda_{i-1}, ...]`` to ``u = sigma^2 / alpha^2 = 0``.
-    Nodes that do not exist yet or lie at ``lambda = -inf`` get distinct negative dummies (they are
-    never used; this keeps the unused candidates and their gradients finite)."""
+def _u_nodes(i, lams: list[Array]) -> list[Array]:
+    """``u = sigma^2 / alpha^2`` at ``lams = [lambda_i, lambda_{i-1}, ...]``. Nodes that do not exist
+    yet or lie at ``lambda = -inf`` get distinct negative dummies (they are never used; this keeps
+    the unused candidates and their gradients finite)."""
     us = []
     for j, l in enumerate(lams):
         ok = (i - j >= 0) & jnp.isfinite(l)
         us.append(jnp.where(ok, jnp.exp(-2.0 * jnp.where(ok, l, 0.0)), -(j + 1.0)))
-    return a_t * extrapolation_weights(us, order, max_order)
+    return us
+
+
+def _to_zero(a_t, i, lams: list[Array], order, max_order) -> Array:
+    """Weights ``alpha_t w_j`` of a last step into ``sigma_t = 0``: polynomial extrapolation of the
+    data predictions at ``lams = [lambda_i, lambda_{i-1}, ...]`` to ``u = sigma^2 / alpha^2 = 0``
+    (:func:`extrapolation_weights`, which lowers the order where closely spaced nodes would
+    amplify rounding more than the higher order gains)."""
+    return a_t * extrapolation_weights(_u_nodes(i, lams), order, max_order)
 
 
 def _start_inf(g) -> Array:
@@ -267,6 +274,9 @@ def _deis_scalars(g, st, i, *, order: int = 3, form: str = "eps", **_):
     # history nodes in t; those before t[0] (unused at this step) get distinct dummy values
     nodes = [jnp.where(i - j >= 0, g.t[jnp.maximum(i - j, 0)], g.t[0] + j) for j in range(order)]
     m = jnp.minimum(i + 1, order)
+    # into sigma = 0 the polynomial is extrapolated to t = 0; its order is chosen as for the data
+    # predictions' extrapolation in u (extrapolation_order)
+    m = jnp.where(s_t == 0, extrapolation_order(_u_nodes(i, [g.l[i]] + _history_lambdas(g, i, order - 1)), m, order), m)
     _, half = _deis_nodes(g, i, form)
     w_gl = jnp.asarray(GL_W, half.dtype)
 
