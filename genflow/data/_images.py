@@ -11,10 +11,11 @@ have seen. No TensorFlow is needed: ``tfds.data_source`` reads ArrayRecord files
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import numpy as np
+
+from genflow._checks import check_int
 
 __all__ = ["load_digits", "image_dataset", "image_loader", "DIGITS"]
 
@@ -161,9 +162,7 @@ def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: i
     import grain
     import jax
 
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size = check_int("batch_size", batch_size)
     ds = image_dataset(dataset, split, **dataset_kwargs) if isinstance(dataset, str) else dataset
     index = jax.process_index() if shard_index is None else shard_index
     count = jax.process_count() if shard_count is None else shard_count

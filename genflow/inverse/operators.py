@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow._checks import check_int
+
 Array = jax.Array
 
 __all__ = [
@@ -147,9 +149,7 @@ class AvgPool(Operator):
 
 def super_resolution(factor: int = 2) -> AvgPool:
     """``factor``-times super-resolution by average pooling."""
-    if not isinstance(factor, (int, np.integer)) or isinstance(factor, bool) or factor < 1:
-        raise ValueError(f"factor must be a positive int; got {factor!r}")
-    return AvgPool(int(factor))
+    return AvgPool(check_int("factor", factor))
 
 
 # -- blur (circular convolution) -----------------------------------------------------------------------

@@ -61,13 +61,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import check_int
 from genflow import param
 from genflow.inverse.operators import GaussianNoise, Operator
 from genflow.paths import Path
@@ -388,8 +388,7 @@ def posterior_sample(
     static = {k: hp.pop(k) for k in _STATIC if k in hp}
     for k, v in static.items():
         low = 1 if k == "cg_iters" else 0
-        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
-            raise ValueError(f"{k} must be an int >= {low}; got {v!r}")
+        check_int(k, v, low)
     if "data_var" in hp and not float(hp["data_var"]) > 0:
         raise ValueError(f"data_var must be > 0; got {hp['data_var']!r}")
     hp = {k: jnp.float32(v) for k, v in hp.items()}

@@ -23,12 +23,12 @@ Bits per dimension of a discrete log-probability: ``bpd = -log P(x) / (D ln 2)``
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import check_int
 from genflow.likelihood._ode import log_prob
 from genflow.paths import Path
 
@@ -59,8 +59,7 @@ def bits_per_dim(log_prob: Array, num_dims: int, bin_width: float = 1.0) -> Arra
       num_dims: D, the number of discrete dimensions per example.
       bin_width: width of one bin in the units of ``log_prob``'s density.
     """
-    if not isinstance(num_dims, numbers.Integral) or num_dims < 1:
-        raise ValueError(f"num_dims must be a positive int; got {num_dims!r}")
+    check_int("num_dims", num_dims)
     if not bin_width > 0:
         raise ValueError(f"bin_width must be positive; got {bin_width!r}")
     return -(log_prob + num_dims * math.log(bin_width)) / (num_dims * math.log(2.0))
@@ -140,8 +139,7 @@ def dequantized_log_prob(
     """
     if dequantization not in DEQUANTIZATIONS:
         raise ValueError(f"unknown dequantization {dequantization!r}; expected one of {list(DEQUANTIZATIONS)}")
-    if not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
+    check_int("num_samples", num_samples)
     k_deq, k_trace = jax.random.split(key)
     xs = jnp.concatenate([x] * num_samples, axis=0)
     if dequantization == "uniform":

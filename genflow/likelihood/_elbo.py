@@ -28,12 +28,12 @@ al. 2023 (Sec. 4.2), which removes the variance that the weight's divergence at 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import check_int
 from genflow import param
 from genflow.likelihood._ode import is_zero
 from genflow.paths import Path
@@ -198,8 +198,7 @@ def vdm_elbo(
     t_min = path.t_min if t_min is None else t_min
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
-    if not isinstance(num_t, numbers.Integral) or num_t < 1:
-        raise ValueError(f"num_t must be a positive int; got {num_t!r}")
+    check_int("num_t", num_t)
     _check_finite_log_snr(path, t_min, t_max)
     x = _wide(x)
     k_rec, k_diff = jax.random.split(key)

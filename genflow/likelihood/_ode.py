@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Callable
 
 import diffrax
@@ -24,6 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import check_int, is_int
 from genflow import param
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
 from genflow.paths import Path, broadcast_t
@@ -133,15 +133,14 @@ def _check_options(trace, solver, steps, probe, num_probes, key):
     if steps is None and not SOLVERS[solver][3]:
         raise ValueError(f"solver {solver!r} has a fixed step: pass steps=N (or use an adaptive solver "
                          f"{sorted(k for k, v in SOLVERS.items() if v[3])})")
-    if steps is not None and (not isinstance(steps, numbers.Integral) or steps < 1):
+    if steps is not None and not is_int(steps):
         raise ValueError(f"steps must be a positive int or None; got {steps!r}")
     if trace == "hutchinson":
         if key is None:
             raise ValueError("trace='hutchinson' draws random probes: pass key=jax.random.key(...)")
         if probe not in PROBES:
             raise ValueError(f"unknown probe {probe!r}; expected one of {list(PROBES)}")
-        if not isinstance(num_probes, numbers.Integral) or num_probes < 1:
-            raise ValueError(f"num_probes must be a positive int; got {num_probes!r}")
+        check_int("num_probes", num_probes)
 
 
 def ode_log_prob(

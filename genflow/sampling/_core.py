@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
+from genflow._checks import is_int
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
 from genflow.sampling._grid import time_grid
@@ -56,8 +57,6 @@ def _check_x(x1) -> None:
         raise TypeError(f"x1 must be a floating-point array; got dtype {x1.dtype}")
 
 
-def _is_int(v, lo: int, hi: int | None = None) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
 
 
 # (solver, option) -> (valid(value), what is expected): options whose bad values would otherwise
@@ -65,13 +64,13 @@ def _is_int(v, lo: int, hi: int | None = None) -> bool:
 # or a wrong NFE (pc with negative corrector steps).
 _ETA_CHECK = (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a float in [0, 1]")
 _OPTION_CHECKS = {
-    ("unipc", "order"): (lambda v: _is_int(v, 1, 3), "an int in 1..3"),
-    ("deis", "order"): (lambda v: _is_int(v, 1), "an int >= 1"),
+    ("unipc", "order"): (lambda v: is_int(v, 1, 3), "an int in 1..3"),
+    ("deis", "order"): (lambda v: is_int(v, 1), "an int >= 1"),
     ("ddim", "eta"): _ETA_CHECK,
     ("ddpm", "eta"): _ETA_CHECK,
-    ("pc", "corrector_steps"): (lambda v: _is_int(v, 0), "an int >= 0"),
-    ("restart", "restart_times"): (lambda v: _is_int(v, 1), "an int >= 1"),
-    ("restart", "restart_steps"): (lambda v: _is_int(v, 1), "an int >= 1"),
+    ("pc", "corrector_steps"): (lambda v: is_int(v, 0), "an int >= 0"),
+    ("restart", "restart_times"): (lambda v: is_int(v, 1), "an int >= 1"),
+    ("restart", "restart_steps"): (lambda v: is_int(v, 1), "an int >= 1"),
 }
 
 

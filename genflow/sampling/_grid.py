@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow._checks import check_int
 from genflow.paths import Path
 from genflow.sampling._driver import bucket
 
@@ -101,8 +102,7 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         return _check_explicit(schedule(path, steps, t_start=t_start, t_end=t_end))
     if not isinstance(schedule, str):
         return _check_explicit(schedule)
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive int; got {steps!r}")
+    steps = check_int("steps", steps)
     _check_ends(t_start, t_end)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {list(SCHEDULES)}, an array of times "

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from genflow._checks import check_int
 from genflow.train._state import TrainState
 
 
@@ -73,10 +74,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 3, best_metric: str | None = "loss",
                  best_mode: str = "min", async_save: bool = True, **options: Any):
-        if not isinstance(save_every, int) or save_every < 1:
-            raise ValueError(f"save_every must be a positive int; got {save_every!r}")
-        if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive int; got {keep!r}")
+        save_every, keep = check_int("save_every", save_every), check_int("keep", keep)
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max'; got {best_mode!r}")
         self.directory = os.path.abspath(directory)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow._checks import check_int
 from genflow.train import _sharding as shd
 from genflow.train._state import TrainState
 
@@ -192,10 +193,7 @@ def fit(
       ``KeyboardInterrupt``) is re-raised with the last good state attached as ``e.state`` (its
       step as ``e.step``) and the metrics so far as ``e.history``, so nothing done is lost.
     """
-    if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
-        raise ValueError(f"num_steps must be a non-negative int; got {num_steps!r}")
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    num_steps, chunk_size = check_int("num_steps", num_steps, 0), check_int("chunk_size", chunk_size)
     on_device = callable(data)
     if not on_device and not isinstance(data, Iterable):
         raise TypeError(f"data must be a callable batch_fn(key) -> batch or an iterable of batches; "

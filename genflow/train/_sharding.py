@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from genflow._checks import check_int, is_int
+
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
 MIN_SHARD_SIZE = 2 ** 14
@@ -39,14 +41,14 @@ def make_mesh(data: int | None = None, fsdp: int = 1, devices: Sequence[jax.Devi
         smaller than their number, the first ``data * fsdp`` are used (single-process only).
     """
     devices = list(jax.devices() if devices is None else devices)
-    if not isinstance(fsdp, int) or fsdp < 1:
-        raise ValueError(f"fsdp must be a positive int; got {fsdp!r}")
+    fsdp = check_int("fsdp", fsdp)
     if data is None:
         if len(devices) % fsdp:
             raise ValueError(f"fsdp={fsdp} does not divide the number of devices ({len(devices)})")
         data = len(devices) // fsdp
-    if not isinstance(data, int) or data < 1 or data * fsdp > len(devices):
+    if not is_int(data) or data * fsdp > len(devices):
         raise ValueError(f"a ({data}, {fsdp}) mesh needs data * fsdp <= {len(devices)} devices; got data={data!r}")
+    data = int(data)
     devices = devices[: data * fsdp]
     try:
         from jax.experimental import mesh_utils

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from genflow._checks import check_int
 from genflow.train._state import TrainState
 
 Array = jax.Array
@@ -79,8 +80,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     reports ``metrics["finite"] = False``; :func:`genflow.train.fit` then stops with the last good
     state.
     """
-    if not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ValueError(f"grad_accum must be a positive int; got {grad_accum!r}")
+    grad_accum = check_int("grad_accum", grad_accum)
     tx = optax.with_extra_args_support(optimizer)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -1,0 +1,25 @@
+"""Argument checks shared across genflow (one notion of an integer argument, one wording)."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def is_int(value, low: int = 1, high: int | None = None) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy, not a ``bool``) in ``[low, high]``."""
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high))
+
+
+def int_range(low: int = 1, high: int | None = None) -> str:
+    """The wording of :func:`is_int`'s range in error messages."""
+    if high is not None:
+        return f"an int in {low}..{high}"
+    return "a positive int" if low == 1 else f"an int >= {low}"
+
+
+def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
+    """``int(value)`` if :func:`is_int`, else a ``ValueError`` naming ``name`` and the range."""
+    if not is_int(value, low, high):
+        raise ValueError(f"{name} must be {int_range(low, high)}; got {value!r}")
+    return int(value)

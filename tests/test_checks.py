@@ -1,0 +1,34 @@
+"""Integer arguments: one notion across the package (Python or NumPy integers, never a bool), one
+wording of the error (the argument's name and the expected range)."""
+
+import numpy as np
+import optax
+import pytest
+
+import genflow as gf
+from genflow._checks import check_int, int_range, is_int
+
+
+def test_is_int_accepts_numpy_integers_and_refuses_bools_floats_and_out_of_range():
+    assert is_int(3) and is_int(np.int64(3)) and is_int(np.uint8(1)) and is_int(0, 0) and is_int(3, 1, 3)
+    for bad in (True, False, 2.0, np.float32(2), "2", None, 0, -1):
+        assert not is_int(bad), bad
+    assert not is_int(4, 1, 3) and not is_int(-1, 0)
+    assert check_int("n", np.int32(5)) == 5 and type(check_int("n", np.int32(5))) is int
+    assert int_range(1) == "a positive int" and int_range(0) == "an int >= 0" and int_range(1, 3) == "an int in 1..3"
+    with pytest.raises(ValueError, match=r"steps must be a positive int; got True"):
+        check_int("steps", True)
+
+
+def test_public_functions_share_the_integer_check():
+    path = gf.paths.linear()
+    assert gf.sampling.time_grid(path, np.int64(4)).shape == (5,)
+    with pytest.raises(ValueError, match="steps must be a positive int; got True"):
+        gf.sampling.time_grid(path, True)  # a bool was taken as 1 step
+    gf.train.make_train_step(lambda p, b, k: (0.0, {}), optax.sgd(0.1), grad_accum=np.int64(2))  # was refused
+    with pytest.raises(ValueError, match="grad_accum must be a positive int; got True"):
+        gf.train.make_train_step(lambda p, b, k: (0.0, {}), optax.sgd(0.1), grad_accum=True)
+    with pytest.raises(ValueError, match="num_t must be a positive int; got True"):
+        gf.likelihood.vdm_elbo(None, gf.paths.vp_linear(), np.zeros((2, 2), np.float32), None, num_t=True)
+    with pytest.raises(ValueError, match="factor must be a positive int; got 2.0"):
+        gf.inverse.super_resolution(2.0)
