@@ -62,14 +62,13 @@ def test_stochastic_samplers_reach_the_data_marginal(solver, gauss2):
     the covariance shrinks by the posterior variance at t_min, which is tiny)."""
     path = gf.paths.vp_linear()
     x1 = gauss2.prior_sample(jax.random.key(0), 20_000, path, 1.0)
-    # ancestral sampling is first order in law (400 steps); Restart's bias comes from its backward
-    # sub-integration (10 Heun steps over the restart interval)
-    steps = {"ddpm": 400, "edm_heun_churn": 160, "restart": 80}.get(solver, 100)
-    opts = {"restart_steps": 10} if solver == "restart" else {}
+    # ancestral sampling is first order in law (400 steps); Restart with its defaults (two restarts
+    # over (0.06, 0.3), 3 Heun steps back: 0.03 here; the former (0.1, 2) with 4 steps left 0.13)
+    steps = {"ddpm": 400, "edm_heun_churn": 160, "restart": 40}.get(solver, 100)
     x, info = gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=steps,
-                        schedule="logsnr", key=jax.random.key(1), **opts)
-    if solver == "restart":  # the default interval (0.1, 2) is crossed once: 10 Heun steps back
-        assert int(info.nfe) == 2 * steps + 2 * 10 + 1
+                        schedule="logsnr", key=jax.random.key(1))
+    if solver == "restart":  # the interval is crossed once: two restarts of 3 Heun steps back
+        assert int(info.nfe) == 2 * steps + 2 * 2 * 3 + 1
     np.testing.assert_allclose(np.asarray(x.mean(0)), np.asarray(gauss2.mean), atol=0.04)
     np.testing.assert_allclose(np.cov(np.asarray(x).T), np.asarray(gauss2.cov), atol=0.05)
 
@@ -140,6 +139,21 @@ def test_solvers_converge_to_the_mixture_reference(mixture64):
                              schedule="logsnr", t_start=t0)
             med.append(np.median(np.sqrt(np.mean((np.asarray(x) - ref) ** 2, axis=1))) / scale)
         assert med[1] < 2e-4 and np.log2(med[0] / med[1]) > 2.4, (solver, med)
+
+
+def test_restart_happens_at_the_grid_level_nearest_the_interval_start(gauss2):
+    """A coarse grid that jumps from above ``restart_interval[0]`` straight to clean data still
+    restarts, at the positive level nearest it (before, the restart needed a level at or below it
+    and was silently skipped: 19 NFE, as plain EDM Heun). A grid with no positive level below
+    ``restart_interval[1]`` does not restart."""
+    path = gf.paths.linear()
+    fn = gauss2.model(path, "x0")
+    x1 = 0.999 * jax.random.normal(jax.random.key(0), (8, 2))
+    kw = dict(prediction="x0", solver="restart", key=jax.random.key(1), t_start=0.999)
+    _, info = gf.sample(fn, path, x1, steps=10, schedule="uniform", **kw)  # levels ..., 0.25, 0.11, 0
+    assert int(info.nfe) == 2 * 10 - 1 + 2 * 2 * 3
+    _, info = gf.sample(fn, path, x1, steps=10, schedule="uniform", restart_interval=(0.06, 0.1), **kw)
+    assert int(info.nfe) == 2 * 10 - 1
 
 
 def test_bad_solver_options(gauss2):

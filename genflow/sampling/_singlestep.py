@@ -5,7 +5,7 @@
 * EDM's Heun sampler with stochastic churn (Karras et al. 2022, "Elucidating the Design Space",
   Alg. 2), written for any path in the noise level ``rho = sigma / alpha`` and ``y = x / alpha``.
 * Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"): EDM
-  Heun steps, and once the noise level falls below ``restart_interval[0]`` the state is
+  Heun steps, and at the grid's noise level nearest ``restart_interval[0]`` the state is
   re-noised to ``restart_interval[1]`` by the forward process and integrated back,
   ``restart_times`` times.
 
@@ -168,7 +168,15 @@ edm_heun = Stepper(x_init, _edm_scalars, _edm_step, stages=_edm_stages)
 
 
 # -- Restart sampling -------------------------------------------------------------------------
-def _restart_stages(g, i, *, restart_interval=(0.1, 2.0), restart_steps: int = 4, rho: float = 7.0, **_):
+# Defaults: the paper's CIFAR-10 (VP) setting, two restarts from 0.06 to 0.30 with three Heun steps
+# back (Xu et al. 2023, released hyperparameters). On a 2-D Gaussian (vp_linear, 40 log-SNR steps,
+# 93 NFE) the whitened sample covariance is off by at most 0.03; the earlier wide interval (0.1, 2)
+# with four steps back and one restart (89 NFE) left 0.13, more than the plain ODE solve.
+RESTART_INTERVAL, RESTART_STEPS, RESTART_TIMES = (0.06, 0.30), 3, 2
+
+
+def _restart_stages(g, i, *, restart_interval=RESTART_INTERVAL, restart_steps: int = RESTART_STEPS, rho: float = 7.0,
+                    **_):
     """The restart sub-grid: ``restart_steps + 1`` Karras levels from ``rho_hi`` down to ``rho_t``."""
     lo, hi = restart_interval
     if not 0.0 < lo < hi:
@@ -180,16 +188,29 @@ def _restart_stages(g, i, *, restart_interval=(0.1, 2.0), restart_steps: int = 4
     return (-jnp.log(lev)).at[0].set(l_hi)
 
 
-def _restart_scalars(g, st, i, *, restart_interval=(0.1, 2.0), **_):
-    """A Heun step; on first reaching ``rho_t <= restart_interval[0]`` (``rho = sigma / alpha``):
-    ``y <- y + sqrt(rho_hi^2 - rho_t^2) z`` (the forward process up to ``rho_hi = restart_interval[1]``)
-    and ``restart_steps`` Heun steps back on a Karras sub-grid (Xu et al. 2023, Alg. 1)."""
-    lo = restart_interval[0]
+def _restart_level(g, lo, hi) -> Array:
+    """Index of the grid level where Restart restarts: of the levels after the start with
+    ``0 < rho < hi``, the one nearest ``lo`` in ``log rho`` (the reference code takes the grid's
+    nearest noise level too), or ``-1`` if there is none. A coarse grid that jumps from above
+    ``lo`` straight to clean data still restarts, at its last positive level."""
+    j = jnp.arange(g.l.shape[0])
+    rho = jnp.exp(-g.l)
+    ok = (j >= 1) & (j <= g.n) & (g.s > 0) & (rho < hi)
+    dist = jnp.where(ok, jnp.abs(jnp.log(jnp.where(ok, rho, 1.0)) - math.log(lo)), jnp.inf)
+    return jnp.where(jnp.any(ok), jnp.argmin(dist), -1)
+
+
+def _restart_scalars(g, st, i, *, restart_interval=RESTART_INTERVAL, **_):
+    """A Heun step; on reaching the grid level nearest ``restart_interval[0]``
+    (:func:`_restart_level`, in ``rho = sigma / alpha``): ``y <- y + sqrt(rho_hi^2 - rho_t^2) z``
+    (the forward process up to ``rho_hi = restart_interval[1]``) and ``restart_steps`` Heun steps
+    back on a Karras sub-grid (Xu et al. 2023, Alg. 1)."""
+    lo, hi = restart_interval
     a_t, s_t, l_t = g.at(i + 1)
-    rho_s, rho_t = jnp.exp(-g.l[i]), jnp.exp(-l_t)
+    rho_t = jnp.exp(-l_t)
     t_hi, a_hi, s_hi = st.t[0], st.a[0], st.s[0]
     r_hi = s_hi / nonzero(a_hi)
-    do = (rho_t <= lo) & (rho_s > lo) & (s_t > 0) & (t_hi > g.t[i + 1])
+    do = (i + 1 == _restart_level(g, lo, hi)) & (t_hi > g.t[i + 1])
     # sub-grid: stage points, ending exactly on the grid point
     t_sub = st.t.at[-1].set(g.t[i + 1])
     a_sub, s_sub = st.a.at[-1].set(a_t), st.s.at[-1].set(s_t)
@@ -198,7 +219,7 @@ def _restart_scalars(g, st, i, *, restart_interval=(0.1, 2.0), **_):
     return {"heun": _heun_coefs(g.t[i], *g.at(i)[:2], g.t[i + 1], a_t, s_t), "do": do, "noise": noise, "sub": sub}
 
 
-def _restart_step(model, carry, c, key, *, restart_times: int = 1, **_):
+def _restart_step(model, carry, c, key, *, restart_times: int = RESTART_TIMES, **_):
     if key is None:
         raise ValueError("solver 'restart' is stochastic: pass key=jax.random.key(...)")
     x, nfe = _heun_apply(model, carry["x"], c["heun"])
