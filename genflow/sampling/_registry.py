@@ -100,7 +100,8 @@ _TABLE: tuple[SolverSpec, ...] = (
           "DPM-Solver++(3S), single-step third order (Lu et al. 2022, 2022b)"),
     _scan("deis", 3, False, 1, _multistep.deis(3, "eps"),
           "DEIS tAB3: eps extrapolated in t, exponential-integrator weights (Zhang & Chen 2023); "
-          "order=1..3, form='eps'|'x0'", options=("order", "form")),
+          "order=1..3 (3 by default; 4 and up converge at their order but are unstable at ~10 steps), "
+          "form='eps'|'x0'", options=("order", "form")),
     _scan("unipc", 3, False, 1, _multistep.unipc(2, "bh2"),
           "UniPC: UniP-2 predictor + UniC corrector, B(h) = e^h - 1 (Zhao et al. 2023); order=1..3, "
           "variant='bh1'|'bh2'", options=("order", "variant")),
