@@ -13,11 +13,13 @@ from genflow.inverse.operators import (
     compressed_sensing, denoising, gaussian_blur, motion_blur, random_inpainting, super_resolution,
 )
 from genflow.inverse.oracle import linear_gaussian_posterior, operator_matrix
-from genflow.inverse.samplers import DEFAULTS, METHODS, PosteriorInfo, posterior_sample, prior_sample
+from genflow.inverse.samplers import (
+    DEFAULTS, METHODS, PosteriorInfo, PosteriorModel, posterior_model, posterior_sample, prior_sample,
+)
 
 __all__ = [
     "Operator", "Mask", "AvgPool", "Blur", "Matrix", "Identity", "random_inpainting", "box_inpainting",
     "super_resolution", "gaussian_blur", "motion_blur", "compressed_sensing", "denoising", "GaussianNoise",
-    "PoissonNoise", "posterior_sample", "prior_sample", "PosteriorInfo", "METHODS", "DEFAULTS",
+    "PoissonNoise", "posterior_sample", "prior_sample", "posterior_model", "PosteriorModel", "PosteriorInfo", "METHODS", "DEFAULTS",
     "linear_gaussian_posterior", "operator_matrix",
 ]

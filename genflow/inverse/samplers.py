@@ -89,7 +89,8 @@ _STATIC = ("dc_steps", "cg_iters")  # loop counts: a new value compiles anew
 _GAUSSIAN_LIKELIHOOD = ("pigdm", "tmpd")  # the methods that use the noise level
 _TMPD_MIN_LOG_SNR = math.log(1e-4)  # tmpd's default start for eps / score models
 
-__all__ = ["posterior_sample", "prior_sample", "PosteriorInfo", "METHODS", "DEFAULTS"]
+__all__ = ["posterior_sample", "prior_sample", "posterior_model", "PosteriorModel", "PosteriorInfo", "METHODS",
+           "DEFAULTS"]
 
 
 @jax.tree_util.register_dataclass
@@ -161,7 +162,7 @@ def _step_fn(model: Model, method: str | None, base: str, y, op: Operator, noise
 def _likelihood_guided(model: Model, method: str, x, t, y, op: Operator, sigma_y, weight, hp: dict):
     """``(x0, eps)`` of the conditional score ``score(x_t) + weight * scale * g`` (pigdm / tmpd)."""
     path = model.path
-    a, sg = path.alpha(t), path.sigma(t)
+    a, sg = path.alpha(t), path.sigma(t)  # scalars, or [B] for a per-example t
     live = a > 0  # at alpha = 0, x_t holds no information about x0: no correction
     c_scale = jnp.where(live, sg * sg / jnp.where(live, a, 1.0), 0.0)  # Cov[x0 | x_t] = (sigma^2 / alpha) J
     def x0_eps(xx):
@@ -173,14 +174,14 @@ def _likelihood_guided(model: Model, method: str, x, t, y, op: Operator, sigma_y
 
         def cov(w):  # A C_t A^T w, C_t = (sigma^2 / alpha) (J + J^T) / 2
             v = op.adjoint(w)
-            return (0.5 * c_scale) * op.forward(jvp_fn(v) + vjp_fn(v)[0])
+            return _col(0.5 * c_scale, w) * op.forward(jvp_fn(v) + vjp_fn(v)[0])
     else:
         x0, vjp_fn, eps = jax.vjp(x0_eps, x, has_aux=True)
         v = hp["data_var"]
         r2 = v * sg * sg / (a * a * v + sg * sg)
 
         def cov(w):
-            return r2 * op.forward(op.adjoint(w))
+            return _col(r2, w) * op.forward(op.adjoint(w))
 
     sy2 = jnp.asarray(sigma_y, x.dtype) ** 2
     resid = y - op.forward(x0)
@@ -190,8 +191,14 @@ def _likelihood_guided(model: Model, method: str, x, t, y, op: Operator, sigma_y
     # such a part whenever its noise falls outside range(A) (a mask's unobserved pixels).
     u = _batched_cg(cov, sy2, op.range_projection(resid), hp["cg_iters"])
     (g,) = vjp_fn(op.adjoint(u))
-    g = jnp.where(live, weight * hp["scale"], 0.0) * g
-    return x0 + c_scale * g, eps - sg * g
+    g = _col(jnp.where(live, weight * hp["scale"], 0.0), g) * g
+    return x0 + _col(c_scale, g) * g, eps - _col(sg, g) * g
+
+
+def _col(v, like: Array) -> Array:
+    """A scalar or ``[B]`` coefficient shaped to broadcast against ``like: [B, ...]``."""
+    v = jnp.asarray(v)
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim)).astype(like.dtype)
 
 
 def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
@@ -369,9 +376,6 @@ def posterior_sample(
         raise ValueError(f"base must be 'ddim' or 'flow'; got {base!r}")
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be a genflow.inverse.Operator; got {type(operator).__name__}")
-    unknown = set(hparams) - set(DEFAULTS[method])
-    if unknown:
-        raise ValueError(f"method {method!r} takes hyper-parameters {sorted(DEFAULTS[method])}; got {sorted(unknown)}")
     if method == "tmpd" and t_start is None and prediction in ("eps", "score"):
         # An eps/score model holds Cov[x0 | x_t] in the deviation of its Jacobian from I / sigma,
         # of relative size ~SNR: below SNR 1e-4 float32 cancellation swamps it (on the oracle,
@@ -384,21 +388,111 @@ def posterior_sample(
     expected = jax.eval_shape(operator.forward, x1)
     if y.shape != expected.shape:
         raise ValueError(f"y.shape={y.shape} does not match operator.forward(x) of shape {expected.shape}")
-    hp = {**DEFAULTS[method], **hparams}
+    hp = _hyperparameters(method, DEFAULTS[method], hparams)
+    denoise = path.denoise_at_end if denoise is None else denoise
+    noise = _noise_model(method, noise)
+    return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
+                jnp.float32(weight), hp, bool(denoise))
+
+
+def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
+    """``defaults`` updated by ``hparams`` (checked): traced float32 values, static loop counts."""
+    unknown = set(hparams) - set(defaults)
+    if unknown:
+        raise ValueError(f"method {method!r} takes hyper-parameters {sorted(defaults)}; got {sorted(unknown)}")
+    hp = {**defaults, **hparams}
     static = {k: hp.pop(k) for k in _STATIC if k in hp}
     for k, v in static.items():
-        low = 1 if k == "cg_iters" else 0
-        check_int(k, v, low)
+        check_int(k, v, 1 if k == "cg_iters" else 0)
     if "data_var" in hp and not float(hp["data_var"]) > 0:
         raise ValueError(f"data_var must be > 0; got {hp['data_var']!r}")
     hp = {k: jnp.float32(v) for k, v in hp.items()}
     hp.update({k: int(v) for k, v in static.items()})  # static loop counts (a new value compiles anew)
-    denoise = path.denoise_at_end if denoise is None else denoise
+    return hp
+
+
+def _noise_model(method: str, noise):
+    """The measurement noise model (default ``GaussianNoise(0)``), with a traced Gaussian level."""
     noise = GaussianNoise(0.0) if noise is None else noise
     if method in _GAUSSIAN_LIKELIHOOD and not isinstance(noise, GaussianNoise):
         raise ValueError(f"method {method!r} uses a Gaussian measurement likelihood: noise must be a "
                          f"GaussianNoise(sigma); got {type(noise).__name__}")
     if isinstance(noise, GaussianNoise):  # a traced level: sweeping sigma_y does not recompile
         noise = GaussianNoise(jnp.asarray(noise.sigma, jnp.float32))
-    return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
-                jnp.float32(weight), hp, bool(denoise))
+    return noise
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PosteriorModel:
+    """``fn(x, t) -> E[x0 | x_t, y]``: the denoiser of the posterior ``p(x0 | y)`` under the
+    Gaussian approximation of ``p(y | x_t)`` of ``pigdm`` / ``tmpd``, an ``x0`` model for
+    :func:`genflow.sample` (built by :func:`posterior_model`)."""
+
+    model: Model
+    y: Array
+    operator: Operator
+    sigma_y: Array
+    weight: Array
+    hp: dict
+    method: str = dataclasses.field(metadata=dict(static=True))
+    cg_iters: int = dataclasses.field(metadata=dict(static=True))
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        hp = {**self.hp, "cg_iters": self.cg_iters}
+        return _likelihood_guided(self.model, self.method, x, t, self.y.astype(x.dtype), self.operator,
+                                  self.sigma_y, self.weight, hp)[0]
+
+
+def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, prediction: str,
+                    method: str = "tmpd", noise=None, weight: float = 1.0, **hparams) -> PosteriorModel:
+    """The posterior's denoiser ``E[x0 | x_t, y]`` as an ``x0`` model, so that any solver of
+    :func:`genflow.sample` (DPM-Solver++, UniPC, DEIS, ...) samples ``p(x0 | y)``.
+
+    The posterior's marginals ``p_t(x_t | y)`` have the score ``score(x_t) + grad log p(y | x_t)``;
+    ``pigdm`` and ``tmpd`` approximate ``p(y | x_t)`` by ``N(A x0_hat, A C_t A^T + sigma_y^2 I)``
+    (exact for a Gaussian prior with ``tmpd``), and Tweedie's formula turns that score into
+    ``x0_hat + (sigma_t^2 / alpha_t) grad log p(y | x_t)``, returned here. Its probability-flow ODE
+    carries noise to the posterior the way the prior's carries noise to the prior, so a
+    high-order deterministic solver needs far fewer steps than the ancestral base of
+    :func:`posterior_sample`: on the 16-D linear-Gaussian oracle (box inpainting, sigma_y 0.1,
+    4,000 samples) DPM-Solver++(2M) reaches the Monte-Carlo noise level of the whitened
+    covariance (0.06) in 50 steps and 0.10 in 20, where the DDPM base of ``posterior_sample``
+    needs 100 steps for 0.26 and 400 for 0.09. Each evaluation costs what one ``tmpd`` /
+    ``pigdm`` step does (one network evaluation and VJP; ``tmpd`` adds ``cg_iters`` JVPs and VJPs).
+    The deterministic solve does not forgive a wrong likelihood, though: ``pigdm`` on a prior far
+    from its isotropic assumption (the same oracle) lands 2.4 posterior standard deviations off
+    the mean with 30 ODE steps, against 0.8 with the stochastic base of ``posterior_sample``,
+    whose fresh noise contracts such errors; with an isotropic prior both are exact.
+
+        pm = gf.inverse.posterior_model(fn, path, y, op, prediction="eps", noise=gf.inverse.GaussianNoise(0.1))
+        x0, info = gf.sample(pm, path, x1, prediction="x0", solver="dpm++2m", steps=20, t_start=0.999)
+
+    Start where ``alpha > 0`` (``t_start < 1`` on VP and linear paths; for ``tmpd`` with an eps or
+    score model where the SNR is at least ~1e-4, as :func:`posterior_sample` does by default)
+    with ``x1`` drawn from the prior's marginal there (the posterior's is the same to ~SNR).
+
+    Args:
+      fn, path, prediction: the prior model and its path and kind (as :func:`posterior_sample`).
+      y: ``[B, ...]`` measurements, one per sample (the batch of the ``x`` the model is called on).
+      operator: the measurement :class:`Operator`.
+      method: ``"tmpd"`` (Tweedie covariance from the model's Jacobian) or ``"pigdm"``
+        (isotropic ``C_t`` from the prior variance ``data_var``).
+      noise: ``GaussianNoise(sigma_y)`` (default ``sigma_y = 0``).
+      weight: multiplier of the likelihood score (0: the prior's denoiser).
+      **hparams: ``scale``, ``cg_iters`` and (pigdm) ``data_var``, as for :func:`posterior_sample`.
+    Returns:
+      a :class:`PosteriorModel` ``pm(x: [B, ...], t: [] or [B]) -> [B, ...]`` (a pytree: new
+      measurements, noise level or weight reuse the compiled sampler).
+    """
+    if method not in _GAUSSIAN_LIKELIHOOD:
+        raise ValueError(f"posterior_model needs a Gaussian-likelihood method {list(_GAUSSIAN_LIKELIHOOD)}; "
+                         f"got {method!r}")
+    if not isinstance(operator, Operator):
+        raise TypeError(f"operator must be a genflow.inverse.Operator; got {type(operator).__name__}")
+    param.check_kind(prediction)
+    hp = _hyperparameters(method, {k: v for k, v in DEFAULTS[method].items() if k != "eta"}, hparams)
+    cg_iters = hp.pop("cg_iters")
+    noise = _noise_model(method, noise)
+    return PosteriorModel(Model(as_pytree_fn(fn), path, prediction), jnp.asarray(y), operator, noise.sigma,
+                          jnp.float32(weight), hp, method, cg_iters)
