@@ -126,7 +126,7 @@ def select_order(order: Array, candidates: list[Array]) -> Array:
     return jnp.stack(candidates)[order - 1]
 
 
-EXTRAPOLATION_GAIN = 10.0  # largest sum |w| of an extrapolation to u = 0 used without a check
+EXTRAPOLATION_GAIN = 100.0  # largest sum |w| of an extrapolation to u = 0 used without a check
 
 
 def lagrange_at_zero(us: list[Array]) -> Array:
