@@ -1,6 +1,8 @@
 """Integer arguments: one notion across the package (Python or NumPy integers, never a bool), one
 wording of the error (the argument's name and the expected range)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -32,3 +34,8 @@ def test_public_functions_share_the_integer_check():
         gf.likelihood.vdm_elbo(None, gf.paths.vp_linear(), np.zeros((2, 2), np.float32), None, num_t=True)
     with pytest.raises(ValueError, match="factor must be a positive int; got 2.0"):
         gf.inverse.super_resolution(2.0)
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    fn = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2)).model(path, "x0")
+    for solver, opts in (("unipc", dict(order=np.int64(2))), ("deis", dict(order=np.int32(2)))):
+        x, _ = gf.sample(fn, path, x1, prediction="x0", solver=solver, steps=4, t_start=0.999, **opts)
+        assert bool(jnp.all(jnp.isfinite(x)))  # a NumPy option was traced inside the solver and failed

@@ -226,6 +226,12 @@ def test_posterior_model_per_example_times_weight_and_checks():
         inv.posterior_model(fn, path, y[:4], op, cg_iters=0, **kw)
     with pytest.raises(TypeError, match="operator must be"):
         inv.posterior_model(fn, path, y[:4], np.eye(D), **kw)
+    # the wrapped eps model is singular at alpha = 0 (t = 1 on the linear path): gf.sample refuses
+    # to start there, as for the eps model itself (it returned NaN)
+    lin = gf.paths.linear()
+    pm = inv.posterior_model(PRIOR.model(lin, "eps"), lin, y[:4], op, **kw)
+    with pytest.raises(ValueError, match="has alpha=0"):
+        gf.sample(pm, lin, x, prediction="x0", solver="dpm++2m", steps=4)
 
 
 def test_pigdm_is_tmpd_for_an_isotropic_prior():

@@ -154,6 +154,11 @@ def test_restart_happens_at_the_grid_level_nearest_the_interval_start(gauss2):
     assert int(info.nfe) == 2 * 10 - 1 + 2 * 2 * 3
     _, info = gf.sample(fn, path, x1, steps=10, schedule="uniform", restart_interval=(0.06, 0.1), **kw)
     assert int(info.nfe) == 2 * 10 - 1
+    # a grid that starts below the interval (noise level 0.05 < 0.06) does not restart
+    _, info = gf.sample(fn, path, 0.05 * x1, steps=10, schedule="uniform", **dict(kw, t_start=0.05 / 1.05))
+    assert int(info.nfe) == 2 * 10 - 1
+    _, info = gf.sample(fn, path, x1, steps=10, schedule="uniform", restart_times=np.int64(1), **kw)
+    assert int(info.nfe) == 2 * 10 - 1 + 2 * 3  # NumPy integers are taken as ints (they were traced)
 
 
 def test_bad_solver_options(gauss2):

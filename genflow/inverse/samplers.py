@@ -67,8 +67,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int
 from genflow import param
+from genflow._checks import check_int
 from genflow.inverse.operators import GaussianNoise, Operator
 from genflow.paths import Path
 from genflow.sampling import Model, as_pytree_fn, time_grid

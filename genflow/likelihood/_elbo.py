@@ -33,8 +33,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int
 from genflow import param
+from genflow._checks import check_int
 from genflow.likelihood._ode import is_zero
 from genflow.paths import Path
 

@@ -23,8 +23,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int, is_int
 from genflow import param
+from genflow._checks import check_int, is_int
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
 from genflow.paths import Path, broadcast_t
 
@@ -135,6 +135,7 @@ def _check_options(trace, solver, steps, probe, num_probes, key):
                          f"{sorted(k for k, v in SOLVERS.items() if v[3])})")
     if steps is not None and not is_int(steps):
         raise ValueError(f"steps must be a positive int or None; got {steps!r}")
+    steps = None if steps is None else int(steps)
     if trace == "hutchinson":
         if key is None:
             raise ValueError("trace='hutchinson' draws random probes: pass key=jax.random.key(...)")

@@ -74,11 +74,15 @@ _OPTION_CHECKS = {
 }
 
 
-def _check_options(solver: str, options: dict) -> None:
+def _check_options(solver: str, options: dict) -> dict:
+    """``options`` checked, with NumPy integers as Python ints (a NumPy scalar would be traced)."""
+    out = {}
     for name, value in options.items():
         check = _OPTION_CHECKS.get((solver, name))
         if check is not None and not check[0](value):
             raise ValueError(f"solver {solver!r}: option {name} must be {check[1]}; got {value!r}")
+        out[name] = int(value) if is_int(value, -(2**62)) else value
+    return out
 
 
 # Diffrax ODE solvers that evaluate the model at the end of each step (Heun's corrector, the
@@ -172,11 +176,14 @@ def sample(
     unknown = sorted(set(solver_options) - set(spec.options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for solver {solver!r}; it accepts {list(spec.options)}")
-    _check_options(spec.name, solver_options)
+    solver_options = _check_options(spec.name, solver_options)
     if spec.stochastic and key is None:
         raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
     ts = time_grid(path, steps, schedule, t_start, t_end)
-    _check_start(path, ts, prediction, spec)
+    # a model that wraps another (gf.inverse.posterior_model: x0 from an eps model) is singular
+    # where the wrapped one is
+    inner = getattr(fn, "model", None)
+    _check_start(path, ts, inner.prediction if isinstance(inner, Model) else prediction, spec)
     if denoise is None:
         denoise = path.denoise_at_end
     if not spec.adaptive and not isinstance(schedule, str):

@@ -149,10 +149,12 @@ def extrapolation_order(us: list[Array], order: Array, max_order: int) -> Array:
     ``0`` the last nodes are a few percent apart and three-point weights sum to hundreds (800
     Karras steps: ~500, a float32 error floor of ~3e-5 that grew with the step count). So ``k`` is
     the largest order up to ``order`` whose weights sum to at most :data:`EXTRAPOLATION_GAIN` in
-    absolute value, or whose rounding estimate ``eps sum |w|`` (``eps`` of the nodes' dtype) is at
-    most ten times the truncation estimate ``prod_{j < k - 1} |u_j|`` of the next lower order (for
-    data of unit scale): the order drops only where rounding clearly dominates."""
-    eps = jnp.finfo(jnp.result_type(*us)).eps
+    absolute value, or whose rounding estimate ``eps sum |w|`` is at most ten times the truncation
+    estimate ``prod_{j < k - 1} |u_j|`` of the next lower order (for data of unit scale): the
+    order drops only where rounding clearly dominates. ``eps`` is float32's, the precision models
+    are evaluated in (also for float32 states under x64, whose grids are float64); for float64
+    states the lower order costs less than ~1e-10 where it applies."""
+    eps = jnp.finfo(jnp.float32).eps
     ok, trunc = [], jnp.inf
     for m in range(1, max_order + 1):
         gain = jnp.sum(jnp.abs(lagrange_at_zero(us[:m])))

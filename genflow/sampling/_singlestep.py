@@ -191,13 +191,15 @@ def _restart_stages(g, i, *, restart_interval=RESTART_INTERVAL, restart_steps: i
 def _restart_level(g, lo, hi) -> Array:
     """Index of the grid level where Restart restarts: of the levels after the start with
     ``0 < rho < hi``, the one nearest ``lo`` in ``log rho`` (the reference code takes the grid's
-    nearest noise level too), or ``-1`` if there is none. A coarse grid that jumps from above
-    ``lo`` straight to clean data still restarts, at its last positive level."""
+    nearest noise level too), or ``-1`` if there is none or the grid starts at or below ``lo``.
+    A coarse grid that jumps from above ``lo`` straight to clean data still restarts, at its last
+    positive level."""
     j = jnp.arange(g.l.shape[0])
-    rho = jnp.exp(-g.l)
-    ok = (j >= 1) & (j <= g.n) & (g.s > 0) & (rho < hi)
-    dist = jnp.where(ok, jnp.abs(jnp.log(jnp.where(ok, rho, 1.0)) - math.log(lo)), jnp.inf)
-    return jnp.where(jnp.any(ok), jnp.argmin(dist), -1)
+    log_rho = -g.l  # log(sigma / alpha)
+    ok = (j >= 1) & (j <= g.n) & (g.s > 0) & (log_rho < math.log(hi))
+    dist = jnp.where(ok, jnp.abs(jnp.where(ok, log_rho, 0.0) - math.log(lo)), jnp.inf)
+    passes = jnp.any(ok) & (log_rho[0] > math.log(lo))  # a grid that starts below lo has no restart
+    return jnp.where(passes, jnp.argmin(dist), -1)
 
 
 def _restart_scalars(g, st, i, *, restart_interval=RESTART_INTERVAL, **_):

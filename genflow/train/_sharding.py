@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from genflow._checks import check_int, is_int
+from genflow._checks import check_int
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
@@ -46,9 +46,9 @@ def make_mesh(data: int | None = None, fsdp: int = 1, devices: Sequence[jax.Devi
         if len(devices) % fsdp:
             raise ValueError(f"fsdp={fsdp} does not divide the number of devices ({len(devices)})")
         data = len(devices) // fsdp
-    if not is_int(data) or data * fsdp > len(devices):
+    data = check_int("data", data)
+    if data * fsdp > len(devices):
         raise ValueError(f"a ({data}, {fsdp}) mesh needs data * fsdp <= {len(devices)} devices; got data={data!r}")
-    data = int(data)
     devices = devices[: data * fsdp]
     try:
         from jax.experimental import mesh_utils
