@@ -226,6 +226,10 @@ def test_posterior_model_per_example_times_weight_and_checks():
         inv.posterior_model(fn, path, y[:4], op, cg_iters=0, **kw)
     with pytest.raises(TypeError, match="operator must be"):
         inv.posterior_model(fn, path, y[:4], np.eye(D), **kw)
+    cs = inv.compressed_sensing(jax.random.key(4), S, 6)  # measures 6 numbers per example
+    with pytest.raises(ValueError, match="is not a batch of measurements"):
+        inv.posterior_model(fn, path, jnp.zeros((4, 5)), cs, **kw)
+    inv.posterior_model(fn, path, jnp.zeros((4, 6)), cs, **kw)
     # the wrapped eps model is singular at alpha = 0 (t = 1 on the linear path): gf.sample refuses
     # to start there, as for the eps model itself (it returned NaN)
     lin = gf.paths.linear()

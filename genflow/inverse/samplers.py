@@ -491,8 +491,16 @@ def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, p
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be a genflow.inverse.Operator; got {type(operator).__name__}")
     param.check_kind(prediction)
+    y = jnp.asarray(y)
+    try:  # y must be what the operator maps some batch of x to
+        fits = jax.eval_shape(operator.forward, jax.eval_shape(operator.adjoint, y)).shape == y.shape
+    except (TypeError, ValueError):
+        fits = False
+    if y.ndim < 1 or not fits:
+        raise ValueError(f"y.shape={y.shape} is not a batch of measurements of this operator "
+                         f"({type(operator).__name__}: [B, ...] with operator.forward(x) of that shape)")
     hp = _hyperparameters(method, {k: v for k, v in DEFAULTS[method].items() if k != "eta"}, hparams)
     cg_iters = hp.pop("cg_iters")
     noise = _noise_model(method, noise)
-    return PosteriorModel(Model(as_pytree_fn(fn), path, prediction), jnp.asarray(y), operator, noise.sigma,
+    return PosteriorModel(Model(as_pytree_fn(fn), path, prediction), y, operator, noise.sigma,
                           jnp.float32(weight), hp, method, cg_iters)
