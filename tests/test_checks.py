@@ -39,3 +39,6 @@ def test_public_functions_share_the_integer_check():
     for solver, opts in (("unipc", dict(order=np.int64(2))), ("deis", dict(order=np.int32(2)))):
         x, _ = gf.sample(fn, path, x1, prediction="x0", solver=solver, steps=4, t_start=0.999, **opts)
         assert bool(jnp.all(jnp.isfinite(x)))  # a NumPy option was traced inside the solver and failed
+    lp, _ = gf.log_prob(fn, path, x1, prediction="x0", solver="midpoint", steps=np.int64(4), t_min=0.01)
+    ref, _ = gf.log_prob(fn, path, x1, prediction="x0", solver="midpoint", steps=4, t_min=0.01)
+    np.testing.assert_array_equal(lp, ref)  # steps=np.int64 was traced (ConcretizationTypeError)

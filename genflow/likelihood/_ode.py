@@ -125,7 +125,8 @@ def _check_x(x) -> None:
         raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}")
 
 
-def _check_options(trace, solver, steps, probe, num_probes, key):
+def _check_options(trace, solver, steps, probe, num_probes, key) -> int | None:
+    """Checks the options; returns ``steps`` as a Python int (a NumPy integer would be traced)."""
     if trace not in TRACES:
         raise ValueError(f"unknown trace {trace!r}; expected one of {list(TRACES)}")
     if solver not in SOLVERS:
@@ -135,13 +136,13 @@ def _check_options(trace, solver, steps, probe, num_probes, key):
                          f"{sorted(k for k, v in SOLVERS.items() if v[3])})")
     if steps is not None and not is_int(steps):
         raise ValueError(f"steps must be a positive int or None; got {steps!r}")
-    steps = None if steps is None else int(steps)
     if trace == "hutchinson":
         if key is None:
             raise ValueError("trace='hutchinson' draws random probes: pass key=jax.random.key(...)")
         if probe not in PROBES:
             raise ValueError(f"unknown probe {probe!r}; expected one of {list(PROBES)}")
         check_int("num_probes", num_probes)
+    return None if steps is None else int(steps)
 
 
 def ode_log_prob(
@@ -190,7 +191,7 @@ def ode_log_prob(
       ``(logp: [B], info: LogProbInfo)``.
     """
     _check_x(x)
-    _check_options(trace, solver, steps, probe, num_probes, key)
+    steps = _check_options(trace, solver, steps, probe, num_probes, key)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     x = x.astype(dtype)
     probes = None

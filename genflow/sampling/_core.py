@@ -57,8 +57,6 @@ def _check_x(x1) -> None:
         raise TypeError(f"x1 must be a floating-point array; got dtype {x1.dtype}")
 
 
-
-
 # (solver, option) -> (valid(value), what is expected): options whose bad values would otherwise
 # give silently wrong samples (unipc order 4 ran as first order, ddim eta > 1 the wrong marginal)
 # or a wrong NFE (pc with negative corrector steps).
@@ -81,7 +79,7 @@ def _check_options(solver: str, options: dict) -> dict:
         check = _OPTION_CHECKS.get((solver, name))
         if check is not None and not check[0](value):
             raise ValueError(f"solver {solver!r}: option {name} must be {check[1]}; got {value!r}")
-        out[name] = int(value) if is_int(value, -(2**62)) else value
+        out[name] = int(value) if isinstance(value, np.integer) else value
     return out
 
 

@@ -154,23 +154,26 @@ def extrapolation_order(us: list[Array], order: Array, max_order: int) -> Array:
     order drops only where rounding clearly dominates. ``eps`` is float32's, the precision models
     are evaluated in (also for float32 states under x64, whose grids are float64); for float64
     states the lower order costs less than ~1e-10 where it applies."""
+    return _order_of(us, order, [lagrange_at_zero(us[:m]) for m in range(1, max_order + 1)])
+
+
+def _order_of(us: list[Array], order: Array, weights: list[Array]) -> Array:
+    """:func:`extrapolation_order` from the candidates' weights ``weights[m - 1] = lagrange_at_zero(us[:m])``."""
     eps = jnp.finfo(jnp.float32).eps
     ok, trunc = [], jnp.inf
-    for m in range(1, max_order + 1):
-        gain = jnp.sum(jnp.abs(lagrange_at_zero(us[:m])))
+    for m, w in enumerate(weights, start=1):
+        gain = jnp.sum(jnp.abs(w))
         ok.append((m <= order) & ((gain <= EXTRAPOLATION_GAIN) | (eps * gain <= 10.0 * trunc)))
         trunc = jnp.abs(us[m - 1]) * (1.0 if m == 1 else trunc)
-    return jnp.max(jnp.where(jnp.stack(ok), jnp.arange(1, max_order + 1), 1))
+    return jnp.max(jnp.where(jnp.stack(ok), jnp.arange(1, len(weights) + 1), 1))
 
 
 def extrapolation_weights(us: list[Array], order: Array, max_order: int) -> Array:
     """``[max_order]`` weights of the polynomial extrapolation to ``u = 0`` through the first
     ``k`` nodes ``us[:k]`` (zero-padded), ``k = extrapolation_order(us, order, max_order)``."""
-    cands = []
-    for m in range(1, max_order + 1):
-        w = lagrange_at_zero(us[:m])
-        cands.append(jnp.concatenate([w, jnp.zeros((max_order - m,), w.dtype)]))
-    return select_order(extrapolation_order(us, order, max_order), cands)
+    weights = [lagrange_at_zero(us[:m]) for m in range(1, max_order + 1)]
+    cands = [jnp.concatenate([w, jnp.zeros((max_order - w.shape[0],), w.dtype)]) for w in weights]
+    return select_order(_order_of(us, order, weights), cands)
 
 
 def lagrange_basis(nodes: list[Array], x: Array) -> Array:
