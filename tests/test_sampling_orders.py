@@ -136,18 +136,18 @@ def test_many_steps_into_clean_data_do_not_raise_the_error(gauss2):
     x1 = gauss2.prior_sample(jax.random.key(0), 512, path, t0)
     ref = gauss2.flow_map(x1, t0, 0.0, path)
     fn = gauss2.model(path, "x0")
+
+    def error(solver, n):
+        x, _ = gf.sample(fn, path, x1, prediction="x0", solver=solver,
+                         schedule=gf.sampling.time_grid(path, n, "karras", t_start=t0))
+        assert x.dtype == jnp.float32
+        return float(jnp.sqrt(jnp.mean((x - ref) ** 2)) / jnp.sqrt(jnp.mean((ref - gauss2.mean) ** 2)))
+
     for solver in ("dpm++3m", "dpm++3m_ref", "deis"):
-        errs = {}
-        for n in (200, 800):
-            x, _ = gf.sample(fn, path, x1, prediction="x0", solver=solver,
-                             schedule=gf.sampling.time_grid(path, n, "karras", t_start=t0))
-            errs[n] = float(jnp.sqrt(jnp.mean((x - ref) ** 2)) / jnp.sqrt(jnp.mean((ref - gauss2.mean) ** 2)))
+        errs = {n: error(solver, n) for n in (200, 800)}
         assert errs[800] < min(1e-5, errs[200]), f"{solver}: {errs}"
     with jax.enable_x64(True):  # float32 states under x64 (float64 grids) too
-        x, _ = gf.sample(fn, path, x1, prediction="x0", solver="dpm++3m",
-                         schedule=gf.sampling.time_grid(path, 800, "karras", t_start=t0))
-        assert x.dtype == jnp.float32
-        err = float(jnp.sqrt(jnp.mean((x - ref) ** 2)) / jnp.sqrt(jnp.mean((ref - gauss2.mean) ** 2)))
+        err = error("dpm++3m", 800)
     assert err < 1e-5, err
 
 

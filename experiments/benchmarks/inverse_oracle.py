@@ -44,24 +44,36 @@ METHODS = {  # method: (path, prediction kind, hyper-parameters)
 ODE_SOLVER, ODE_STEPS = "dpm++2m", 20
 
 
-def ode_row(rows, out, task, method, pname, kind, prior, path, x1, y, op, a, hp, m_post, c_post, prior_err):
-    """``posterior_model`` of ``method`` sampled by ``gf.sample`` with a deterministic solver."""
-    pm = inv.posterior_model(prior.model(path, kind), path, y, op, prediction=kind, method=method,
-                             noise=inv.GaussianNoise(a.noise), **hp)
-    args = dict(prediction="x0", solver=ODE_SOLVER, steps=ODE_STEPS, schedule="logsnr", t_start=0.999)
-    jax.block_until_ready(gf.sample(pm, path, x1, **args))
+def timed(call):
+    """``(x: [n, D], info, seconds)`` of ``call()`` after one warm-up call (compilation excluded)."""
+    jax.block_until_ready(call())
     t0 = time.perf_counter()
-    x, info = gf.sample(pm, path, x1, **args)
-    x = np.asarray(jax.block_until_ready(x)).reshape(a.n, D)
-    dt = time.perf_counter() - t0
-    nfe = int(info.nfe)
-    cg = inv.DEFAULTS[method]["cg_iters"] if method == "tmpd" else 0
+    x, info = call()
+    x = np.asarray(jax.block_until_ready(x))
+    return x.reshape(x.shape[0], D), info, time.perf_counter() - t0
+
+
+def record(rows, out, task, method, pname, kind, x, counts, dt, m_post, c_post, prior_err, **extra):
+    """One table row and one JSON entry: the posterior mean / covariance errors of ``x``;
+    ``counts = (nfe, vjp, jvp)``."""
     mean_rel = np.linalg.norm(x.mean(0) - m_post) / prior_err
     cov_rel = np.linalg.norm(np.cov(x.T) - c_post) / np.linalg.norm(c_post)
-    rows.append([task, f"{method}+ode", f"{pname}/{kind}", mean_rel, cov_rel, nfe, nfe * (1 + cg), nfe * cg, dt])
-    out.append(dict(task=task, method=f"{method}+ode", solver=ODE_SOLVER, path=pname, prediction=kind,
-                    mean_rel_err=float(mean_rel), cov_rel_err=float(cov_rel), nfe=nfe, vjp=nfe * (1 + cg),
-                    jvp=nfe * cg, seconds=dt))
+    nfe, vjp, jvp = (int(c) for c in counts)
+    rows.append([task, method, f"{pname}/{kind}", mean_rel, cov_rel, nfe, vjp, jvp, dt])
+    out.append(dict(task=task, method=method, path=pname, prediction=kind, mean_rel_err=float(mean_rel),
+                    cov_rel_err=float(cov_rel), nfe=nfe, vjp=vjp, jvp=jvp, seconds=dt, **extra))
+
+
+def ode_run(method, kind, prior, path, x1, y, op, a, hp):
+    """``posterior_model`` of ``method`` sampled by ``gf.sample`` with a deterministic solver:
+    ``(x, (nfe, vjp, jvp), seconds)``."""
+    pm = inv.posterior_model(prior.model(path, kind), path, y, op, prediction=kind, method=method,
+                             noise=inv.GaussianNoise(a.noise), **hp)
+    x, info, dt = timed(lambda: gf.sample(pm, path, x1, prediction="x0", solver=ODE_SOLVER, steps=ODE_STEPS,
+                                          schedule="logsnr", t_start=0.999))
+    nfe = int(info.nfe)
+    cg = inv.DEFAULTS[method]["cg_iters"] if method == "tmpd" else 0
+    return x, (nfe, nfe * (1 + cg), nfe * cg), dt
 
 
 def main(argv=None):
@@ -91,20 +103,12 @@ def main(argv=None):
             x1 = path.prior_sample(jax.random.key(6), (a.n,) + S)
             args = dict(prediction=kind, method=method, steps=a.steps, key=jax.random.key(7),
                         noise=inv.GaussianNoise(a.noise), **hp)
-            jax.block_until_ready(inv.posterior_sample(prior.model(path, kind), path, x1, y, op, **args))
-            t0 = time.perf_counter()
-            x, info = inv.posterior_sample(prior.model(path, kind), path, x1, y, op, **args)
-            x = np.asarray(jax.block_until_ready(x)).reshape(a.n, D)
-            dt = time.perf_counter() - t0
-            mean_rel = np.linalg.norm(x.mean(0) - m_post) / prior_err
-            cov_rel = np.linalg.norm(np.cov(x.T) - c_post) / np.linalg.norm(c_post)
-            rows.append([task, method, f"{pname}/{kind}", mean_rel, cov_rel, int(info.nfe), int(info.vjp),
-                         int(info.jvp), dt])
-            out.append(dict(task=task, method=method, path=pname, prediction=kind, mean_rel_err=float(mean_rel),
-                            cov_rel_err=float(cov_rel), nfe=int(info.nfe), vjp=int(info.vjp), jvp=int(info.jvp),
-                            seconds=dt))
+            x, info, dt = timed(lambda: inv.posterior_sample(prior.model(path, kind), path, x1, y, op, **args))
+            post = (m_post, c_post, prior_err)
+            record(rows, out, task, method, pname, kind, x, (info.nfe, info.vjp, info.jvp), dt, *post)
             if method in ("pigdm", "tmpd"):  # the same likelihood as an x0 model for a high-order ODE solver
-                ode_row(rows, out, task, method, pname, kind, prior, path, x1, y, op, a, hp, m_post, c_post, prior_err)
+                x, counts, dt = ode_run(method, kind, prior, path, x1, y, op, a, hp)
+                record(rows, out, task, f"{method}+ode", pname, kind, x, counts, dt, *post, solver=ODE_SOLVER)
     print(f"linear-Gaussian oracle: D={D}, noise std {a.noise}, {a.n} samples, {a.steps} steps "
           f"(method+ode: gf.inverse.posterior_model with gf.sample's {ODE_SOLVER}, {ODE_STEPS} log-SNR steps "
           f"from t = 0.999)")
