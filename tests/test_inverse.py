@@ -230,6 +230,16 @@ def test_posterior_model_per_example_times_weight_and_checks():
     with pytest.raises(ValueError, match="is not a batch of measurements"):
         inv.posterior_model(fn, path, jnp.zeros((4, 5)), cs, **kw)
     inv.posterior_model(fn, path, jnp.zeros((4, 6)), cs, **kw)
+    # a shape-agnostic operator accepts y of any image size when the model is built; the call on
+    # the sampled x checks it (it failed inside gf.sample with a broadcasting error)
+    sr = inv.super_resolution(2)
+    pm = inv.posterior_model(fn, path, jnp.zeros((4, 1, 1, 1)), sr, **kw)  # measures 2x2 images
+    with pytest.raises(ValueError, match="y must measure images of x's shape"):
+        gf.sample(pm, path, x, prediction="x0", solver="dpm++2m", steps=2, t_start=0.9)
+    # one measurement for all samples ([1, ...]) is the same as that measurement repeated
+    one = inv.posterior_model(fn, path, y[:1], op, noise=inv.GaussianNoise(SIGMA_Y), **kw)(x, t)
+    rep = inv.posterior_model(fn, path, jnp.repeat(y[:1], 4, axis=0), op, noise=inv.GaussianNoise(SIGMA_Y), **kw)(x, t)
+    np.testing.assert_allclose(one, rep, rtol=1e-5, atol=1e-5)
     # the wrapped eps model is singular at alpha = 0 (t = 1 on the linear path): gf.sample refuses
     # to start there, as for the eps model itself (it returned NaN)
     lin = gf.paths.linear()

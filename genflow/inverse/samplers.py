@@ -439,6 +439,13 @@ class PosteriorModel:
     cg_iters: int = dataclasses.field(metadata=dict(static=True))
 
     def __call__(self, x: Array, t: Array) -> Array:
+        # shapes only (free under jit): shape-agnostic operators (blur, pooling) accept any image
+        # size, so only here, with the sampled x, can a y of other images be caught
+        ax = jax.eval_shape(self.operator.forward, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape
+        if ax[1:] != self.y.shape[1:] or self.y.shape[0] not in (1, ax[0]):
+            raise ValueError(f"posterior_model's y has shape {self.y.shape}, but {type(self.operator).__name__} "
+                             f"maps the sampled x of shape {x.shape} to {ax}: y must measure images of x's shape, "
+                             f"one per sample or one for all ([1, ...])")
         hp = {**self.hp, "cg_iters": self.cg_iters}
         return _likelihood_guided(self.model, self.method, x, t, self.y.astype(x.dtype), self.operator,
                                   self.sigma_y, self.weight, hp)[0]
@@ -474,7 +481,9 @@ def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, p
 
     Args:
       fn, path, prediction: the prior model and its path and kind (as :func:`posterior_sample`).
-      y: ``[B, ...]`` measurements, one per sample (the batch of the ``x`` the model is called on).
+      y: ``[B, ...]`` measurements, one per sample (the batch of the ``x`` the model is called on),
+        or ``[1, ...]``: one measurement for every sample (many posterior draws for one ``y``).
+        Checked against ``operator.forward(x)``'s shape when the model is called.
       operator: the measurement :class:`Operator`.
       method: ``"tmpd"`` (Tweedie covariance from the model's Jacobian) or ``"pigdm"``
         (isotropic ``C_t`` from the prior variance ``data_var``).
