@@ -167,6 +167,36 @@ def test_select_schedule_picks_the_lowest_calibration_error_and_generalizes(mixt
         gf.sampling.select_schedule(fn, path, cal, grids, prediction="x0", solver="heun")
 
 
+def test_calibration_batch_holds_the_pool_samples_the_solver_errs_most_on(mixture_problem):
+    """reference_end_states are the dense trajectories' ends (and the float64 flow map's);
+    calibration_batch ranks the pool by the solver's error against them -- the errors agree with
+    the oracle's -- and returns the worst ``round(hard * size)`` then the first others in order."""
+    gm, path, t0, cal, test, ref = mixture_problem
+    fn = gm.model(path, "x0")
+    model = gf.sampling.Model(fn, path, "x0")
+    x_end = gf.sampling.reference_end_states(model, test, t0, 0.0)
+    dense = gf.sampling.reference_trajectories(model, test, t0, 0.0)(jnp.zeros((1,)))[0]
+    np.testing.assert_allclose(x_end, dense, rtol=0, atol=1e-6)
+    assert np.sqrt(np.mean((np.asarray(x_end) - ref) ** 2)) < 1e-4 * np.sqrt(np.mean(ref ** 2))
+    kw = dict(prediction="x0", steps=6, solver="unipc", t_start=t0)
+    batch, errs = gf.sampling.calibration_batch(fn, path, test, size=64, hard=0.25, return_errors=True, **kw)
+    x, _ = gf.sample(fn, path, test, prediction="x0", solver="unipc", steps=6, schedule="karras", t_start=t0)
+    oracle = np.sqrt(np.mean((np.asarray(x, np.float64) - ref) ** 2, axis=1))  # alpha + sigma = 1 at t = 0
+    errs = np.asarray(errs)
+    np.testing.assert_allclose(errs, oracle, rtol=1e-2)
+    hard = np.argsort(-errs)[:16]
+    rest = [i for i in range(test.shape[0]) if i not in set(hard)][:48]
+    np.testing.assert_array_equal(np.asarray(batch), np.asarray(test)[np.concatenate([hard, rest])])
+    assert errs[hard].min() > 1.5 * np.median(errs)
+    easy = gf.sampling.calibration_batch(fn, path, test, size=64, hard=0.0, **kw)
+    np.testing.assert_array_equal(np.asarray(easy), np.asarray(test[:64]))
+    for bad, msg in ((dict(size=300), "pool must hold at least size=300"), (dict(size=0), "size must be"),
+                     (dict(hard=1.5), "hard must be a fraction"), (dict(hard=True), "hard must be a fraction"),
+                     (dict(solver="heun"), "deterministic scan solvers")):
+        with pytest.raises(ValueError, match=msg):
+            gf.sampling.calibration_batch(fn, path, test, **{**kw, **bad})
+
+
 def test_karras_family_spans_the_parameters_that_matter_at_the_endpoints():
     """karras_family builds time_grid's Karras grid for every (rho, sigma_min, sigma_max) and drops the
     axes an endpoint makes irrelevant: sigma_max from a finite start, sigma_min at a finite end."""

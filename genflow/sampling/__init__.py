@@ -9,11 +9,12 @@ from genflow.sampling._core import SampleInfo, as_pytree_fn, sample
 from genflow.sampling._grid import SCHEDULES, karras_family, time_grid
 from genflow.sampling._model import Model
 from genflow.sampling._optimize import (
-    global_error, optimize_schedule, propagation_weights, reference_trajectories, schedule_bound, select_schedule,
+    calibration_batch, global_error, optimize_schedule, propagation_weights, reference_end_states,
+    reference_trajectories, schedule_bound, select_schedule,
 )
 from genflow.sampling._registry import SolverSpec, solvers
 from genflow.sampling._stochastic import langevin_correct
 
 __all__ = ["sample", "SampleInfo", "solvers", "SolverSpec", "time_grid", "karras_family", "SCHEDULES", "Model",
-           "as_pytree_fn", "optimize_schedule", "select_schedule", "schedule_bound", "global_error",
-           "reference_trajectories", "propagation_weights", "langevin_correct"]
+           "as_pytree_fn", "optimize_schedule", "select_schedule", "calibration_batch", "schedule_bound", "global_error",
+           "reference_trajectories", "reference_end_states", "propagation_weights", "langevin_correct"]
