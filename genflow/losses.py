@@ -113,6 +113,8 @@ def get_weighting(name: str | Weighting, prediction: str, *, gamma: float = 5.0,
     if name == "v":
         return _w_uniform("v")
     if name == "min_snr":
+        if not isinstance(gamma, jax.core.Tracer) and not float(gamma) > 0:
+            raise ValueError(f"gamma (of weighting 'min_snr') must be > 0; got {gamma!r}")
         return _w_min_snr(gamma)
     if name == "elbo":
         return _w_elbo
@@ -190,13 +192,20 @@ def _coupling(c: str | Coupling) -> Coupling:
 
 # -- time sampling and label dropout ---------------------------------------------------------------
 def sample_t(key: Array, n: int, t_min: float = 0.0, t_max: float = 1.0, stratified: bool = False) -> Array:
-    """``[n]`` times uniform on ``[t_min, t_max]``; ``stratified`` uses one draw per n-th of the
-    interval (low-discrepancy, as in VDM), which lowers the variance of the loss estimate."""
+    """``[n]`` times uniform on ``(t_min, t_max)``; ``stratified`` uses one draw per n-th of the
+    interval (low-discrepancy, as in VDM), which lowers the variance of the loss estimate.
+
+    ``t_min`` itself is never drawn: a float32 uniform is exactly 0 with probability 2^-23 per
+    draw (about once per 33,000 steps at batch 256), and at ``t = 0`` the linear and cosine paths
+    have ``sigma = 0``, where x0/score targets and SNR-based weights are 0/0 -- a NaN loss that
+    stopped training. Such a draw becomes ``eps / 2`` of the interval instead (every other draw
+    is unchanged)."""
     if stratified:
         u = (jnp.arange(n) + jax.random.uniform(key, ())) / n
         u = jnp.mod(u, 1.0)
     else:
         u = jax.random.uniform(key, (n,))
+    u = jnp.maximum(u, 0.5 * jnp.finfo(u.dtype).eps)
     return t_min + (t_max - t_min) * u
 
 
@@ -205,6 +214,8 @@ def drop_labels(key: Array, y: Array, p: float, null_label: int) -> Array:
 
     ``y: [B]`` int labels; returns ``[B]``.
     """
+    if not isinstance(p, jax.core.Tracer) and not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"p must be a probability in [0, 1]; got {p!r}")
     drop = jax.random.bernoulli(key, p, y.shape)
     return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)
 
@@ -265,11 +276,11 @@ def diffusion_loss(
     if pred.shape != x0.shape:
         raise ValueError(f"model output shape {pred.shape} does not match the data shape {x0.shape}")
     if getattr(w_fn, "uniform_kind", None) == prediction:
-        lam = jnp.ones((b,), jnp.float32)  # plain MSE of the predicted kind (also where c is 0 or inf)
+        lam = jnp.ones((b,), wide)  # plain MSE of the predicted kind (also where c is 0 or inf)
     else:
         c = param.eps_scale(path, t, prediction)
-        lam = (w_fn(path, t) / (c * c)).astype(jnp.float32)
-    sq = jnp.mean(jnp.square((pred - target).astype(jnp.float32)).reshape(b, -1), axis=-1)
+        lam = (w_fn(path, t) / (c * c)).astype(wide)
+    sq = jnp.mean(jnp.square((pred - target).astype(wide)).reshape(b, -1), axis=-1)
     per_example = lam * sq
     return jnp.mean(per_example), {"t": t, "per_example": per_example}
 

@@ -106,6 +106,38 @@ def test_drop_labels_rate():
     assert set(np.unique(np.asarray(d)).tolist()) == {0, 10}
 
 
+def test_times_never_hit_t_min_where_sigma_vanishes(monkeypatch):
+    # a float32 uniform is exactly 0 with probability 2^-23; at t = 0 the linear and cosine paths
+    # have sigma = 0 and x0/score targets and SNR weights were 0/0: key 593 draws such a 0 at
+    # batch 4096, and the loss was NaN (training stopped on it about once per 33k steps at batch 256)
+    x0 = jax.random.normal(jax.random.key(0), (4096, 2))
+    for path in (gf.paths.vp_cosine(), gf.paths.linear()):
+        for kind, w in (("x0", "min_snr"), ("eps", "sigmoid"), ("velocity", "sigmoid"), ("score", "score")):
+            loss, aux = gf.losses.diffusion_loss(lambda x, t: 0.9 * x, path, x0, jax.random.key(593), prediction=kind,
+                                                 weighting=w)
+            assert np.all(np.isfinite(np.asarray(aux["per_example"]))) and float(jnp.min(aux["t"])) > 0, (path, kind)
+    # every draw of 0 (plain or stratified) moves off t_min; the others are unchanged
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape=(), *a, **k: jnp.zeros(shape, jnp.float32))
+    t = np.asarray(gf.losses.sample_t(jax.random.key(0), 4, 0.0, 1.0))
+    assert np.all(t > 0) and np.all(t < 1e-7), t
+    t = np.asarray(gf.losses.sample_t(jax.random.key(0), 4, 0.0, 1.0, stratified=True))
+    assert 0 < t[0] < 1e-7 and np.all(t[1:] == np.arange(1, 4) / 4), t
+
+
+def test_float64_data_under_x64_gives_the_float64_loss():
+    # the weights and the squared error were cast to float32 whatever the data's dtype
+    with jax.enable_x64(True):
+        path = gf.paths.vp_cosine()
+        x0 = jax.random.normal(jax.random.key(3), (64, 3), jnp.float64)
+        loss, aux = gf.losses.diffusion_loss(_zero, path, x0, jax.random.key(4), prediction="x0", weighting="min_snr")
+        t = aux["t"]
+        x1 = jax.random.normal(jax.random.split(jax.random.key(4), 3)[1], x0.shape, jnp.float64)
+        target = gf.param.from_x0_eps(x0, x1, path.add_noise(x0, x1, t), t, path, "x0")
+        lam = jnp.minimum(path.snr(t), 5.0) / path.snr(t) / gf.param.eps_scale(path, t, "x0") ** 2
+        assert loss.dtype == jnp.float64
+        np.testing.assert_allclose(float(loss), float(jnp.mean(lam * jnp.mean(target ** 2, -1))), rtol=1e-12)
+
+
 def test_stratified_times_cover_interval():
     t = gf.losses.sample_t(jax.random.key(0), 64, 0.1, 1.0, stratified=True)
     counts = np.histogram(np.asarray(t), bins=8, range=(0.1, 1.0))[0]
@@ -164,6 +196,7 @@ def test_low_precision_data_gives_the_float32_loss(dtype, path_name, kind):
     lo, aux = gf.losses.diffusion_loss(_zero, path, x0.astype(dtype), jax.random.key(4), **kw)
     t = aux["t"]
     assert t.dtype == jnp.float32 and float(t.max()) < 1.0
+    assert lo.dtype == jnp.float32
     # the same draws, the target in float32: ||0 - target||^2 with lambda = 1
     x1 = jax.random.normal(jax.random.split(jax.random.key(4), 3)[1], x0.shape, dtype).astype(jnp.float32)
     x0f = x0.astype(dtype).astype(jnp.float32)
@@ -182,6 +215,10 @@ def test_loss_argument_checks():
         gf.losses.flow_matching_loss(_zero, path, x0, key, t_min=0.8, t_max=0.2)
     with pytest.raises(ValueError, match="x0 must be a floating-point array"):
         gf.losses.flow_matching_loss(_zero, path, jnp.ones((4, 2), jnp.uint8), key)
+    with pytest.raises(ValueError, match="gamma .* must be > 0"):
+        gf.losses.diffusion_loss(_zero, path, x0, key, prediction="x0", weighting="min_snr", gamma=0.0)
+    with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\]"):
+        gf.losses.drop_labels(key, jnp.zeros((4,), jnp.int32), 1.5, 10)
     with pytest.raises(TypeError, match="fixes prediction='velocity' and weighting='uniform'"):
         gf.losses.flow_matching_loss(_zero, path, x0, key, weighting="elbo")
     # checks do not get in the way of jit (t_min / t_max are Python floats there too)
