@@ -228,6 +228,12 @@ def test_bad_arguments(g4, x4):
         gf.log_prob(g4.model(path, "x0"), path, x4, prediction="x0")
     with pytest.raises(ValueError, match="t_min < t_max"):
         gf.log_prob(fn, path, x4, prediction="velocity", t_min=0.5, t_max=0.5)
+    with pytest.raises(ValueError, match=r"t_max must be a float in \[0, 1\]"):
+        gf.log_prob(fn, path, x4, prediction="velocity", t_max=jnp.array([0.5, 1.0]))
+    # NumPy / JAX scalars are floats too (np.float32 was refused as "not a float in [0, 1]")
+    a = gf.log_prob(fn, path, x4, prediction="velocity", t_min=np.float32(0.25), t_max=jnp.float32(0.75))[0]
+    b = gf.log_prob(fn, path, x4, prediction="velocity", t_min=0.25, t_max=0.75)[0]
+    np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="unknown prediction"):
         gf.log_prob(fn, path, x4, prediction="flow")
     with pytest.raises(ValueError, match=r"shape \[B, \.\.\.\]"):

@@ -260,6 +260,10 @@ def test_lr_schedule_and_optimizer_presets():
         gf.train.make_optimizer(name="adamz")
     with pytest.raises(ValueError, match="decay_steps"):
         gf.train.lr_schedule(1.0, warmup_steps=10, decay_steps=5)
+    with pytest.raises(ValueError, match="learning_rate must be >= 0"):
+        gf.train.make_optimizer(-1.0)
+    with pytest.raises(ValueError, match="end_factor must be >= 0"):
+        gf.train.lr_schedule(1e-3, decay_steps=100, end_factor=-1.0)
 
 
 def test_metrics_writer_logs_chunk_means(tmp_path):

@@ -206,7 +206,7 @@ def vdm_elbo(
     # num_t draws per example, averaged; with ``stratified`` each example's num_t times cover the
     # num_t strata with its own offset (stratifying across the batch would make an example's
     # estimate depend on its row: row 0 always near t_max).
-    xs = jnp.concatenate([x] * num_t, axis=0)
+    xs = jnp.tile(x, (num_t,) + (1,) * (x.ndim - 1))  # (concatenating num_t copies compiled in O(num_t^2))
     rec = jnp.mean(reconstruction_term(path, xs, k_rec, t_min, levels).reshape(num_t, b), axis=0)
     prior = prior_term(path, x, t_max, prior_std)
     diff = diffusion_term(fn, path, xs, k_diff, prediction=prediction, t_min=t_min, t_max=t_max,

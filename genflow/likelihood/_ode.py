@@ -241,6 +241,17 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
     return prior + delta, info
 
 
+
+def _unit_float(name: str, t) -> float:
+    """``float(t)`` for a concrete real number in ``[0, 1]`` (Python, NumPy or a 0-d array)."""
+    try:
+        v = None if isinstance(t, bool) else float(t)
+    except (TypeError, ValueError):  # a tracer, an array of several times, a string
+        v = None
+    if v is None or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1]; got {t!r}")
+    return v
+
 def log_prob(
     fn: Callable[[Array, Array], Array],
     path: Path,
@@ -296,9 +307,7 @@ def log_prob(
         raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
     _check_x(x)
     t_min = path.t_min if t_min is None else t_min
-    for name, t in (("t_min", t_min), ("t_max", t_max)):
-        if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
-            raise ValueError(f"{name} must be a float in [0, 1]; got {t!r}")
+    t_min, t_max = _unit_float("t_min", t_min), _unit_float("t_max", t_max)
     if not t_min < t_max:
         raise ValueError(f"need t_min < t_max; got t_min={t_min}, t_max={t_max}")
     if prediction in ("eps", "score") and is_zero(path.alpha(jnp.asarray(t_max))):
