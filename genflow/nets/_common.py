@@ -44,13 +44,18 @@ class TimeEmbedding(nn.Module):
     """Embeds ``t: [B]`` into ``[B, dim]``.
 
     ``kind``: ``"sinusoidal"`` (fixed frequencies), ``"fourier"`` (random Gaussian frequencies
-    of standard deviation ``fourier_scale``, fixed after init; Tancik et al. 2020 / Song et al.
-    2021), or ``"identity"`` (``t`` itself, ``dim`` ignored).
+    of standard deviation ``fourier_scale``, drawn from ``fourier_seed``; Tancik et al. 2020 /
+    Song et al. 2021), or ``"identity"`` (``t`` itself, ``dim`` ignored).
+
+    The Fourier frequencies are a constant of the module, not a parameter: held as a parameter
+    with a stopped gradient (score_sde's way) they still shrank under decoupled weight decay
+    (AdamW: by ``(1 - lr * wd)`` per step, 0.82x after 200 steps at lr 1e-2, wd 0.1).
     """
 
     dim: int = 64
     kind: str = "sinusoidal"
     fourier_scale: float = 16.0
+    fourier_seed: int = 0
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
@@ -59,8 +64,8 @@ class TimeEmbedding(nn.Module):
         if self.kind == "fourier":
             if self.dim % 2:
                 raise ValueError(f"the fourier time embedding needs an even dim; got {self.dim}")
-            w = self.param("freqs", nn.initializers.normal(self.fourier_scale), (self.dim // 2,))
-            args = 2 * jnp.pi * t[:, None] * jax.lax.stop_gradient(w)[None]
+            w = self.fourier_scale * jax.random.normal(jax.random.key(self.fourier_seed), (self.dim // 2,), t.dtype)
+            args = 2 * jnp.pi * t[:, None] * w[None]
             return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
         if self.kind == "identity":
             return t[:, None]
