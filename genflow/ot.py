@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow._checks import check_int
+
 Array = jax.Array
 
 __all__ = [
@@ -342,19 +344,37 @@ class CoupledBatches:
         self.threads, self.num_batches, self.precondition = threads, num_batches, precondition
         self.eps, self.iters = eps, iters
         self._draw = _draw_fn(sampler, self.batch_size, self.chunk, noise or _standard_normal)
-        self._key = key
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
+        self._key, self._prefetch = key, int(prefetch)
         self._error: BaseException | None = None
         self._current: tuple | None = None
-        self._pos = 0
-        self._served = 0
-        # The thread holds only a weak reference, so an unclosed stream that is garbage-collected
-        # stops its thread (the finalizer sets the stop flag) instead of living on.
-        self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._queue, self._stop),
+        self._pos = self._skip = self._served = 0
+        self._start(0)
+
+    def _start(self, first: int) -> None:
+        """Start the background thread at chunk ``first``. It holds only a weak reference, so an
+        unclosed stream that is garbage-collected stops its thread (the finalizer sets the stop
+        flag) instead of living on."""
+        self._queue: queue.Queue = queue.Queue(maxsize=self._prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._queue, self._stop, first),
                                         daemon=True, name="genflow-ot-batches")
         weakref.finalize(self, self._stop.set)
         self._thread.start()
+
+    def get_state(self) -> dict:
+        """``{"served": n}``: the position of the stream (JSON-serialisable; ``gf.train.fit`` saves
+        it with each checkpoint)."""
+        return {"served": self._served}
+
+    def set_state(self, state: dict) -> None:
+        """Continue after the first ``state["served"]`` minibatches, exactly as an uninterrupted
+        stream would (chunk ``k`` depends only on the key and ``k``): for resuming from a
+        checkpoint. The background thread restarts at the chunk holding that position."""
+        served = check_int("state['served']", (state or {}).get("served"), 0)
+        self._stop.set()  # the old thread stops at its next queue operation
+        self._served, self._current, self._error = served, None, None
+        self._skip = served % self.chunk
+        self._start(served // self.chunk)
 
     def prepare(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Chunk ``index``: ``(x0, x1)`` of shape ``[chunk, B, ...]`` with ``x1`` OT-permuted."""
@@ -381,7 +401,7 @@ class CoupledBatches:
                 self._error = item
                 self.close()
                 raise item
-            self._current, self._pos = item, 0
+            self._current, self._pos, self._skip = item, self._skip, 0
         x0, x1 = self._current
         out = {"x": x0[self._pos], "x1": x1[self._pos]}
         self._pos += 1
@@ -404,15 +424,16 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
     return False
 
 
-def _work(ref: "weakref.ref[CoupledBatches]", q: queue.Queue, stop: threading.Event) -> None:
-    """The background thread of a :class:`CoupledBatches`: prepares chunks ahead and queues them
-    (or the exception that stopped it), until the stream is closed, exhausted or collected."""
+def _work(ref: "weakref.ref[CoupledBatches]", q: queue.Queue, stop: threading.Event, first: int = 0) -> None:
+    """The background thread of a :class:`CoupledBatches`: prepares chunks ahead from chunk
+    ``first`` and queues them (or the exception that stopped it), until the stream is closed,
+    exhausted or collected."""
     stream = ref()
     if stream is None:
         return
     last = None if stream.num_batches is None else -(-stream.num_batches // stream.chunk)  # chunks to prepare
     del stream
-    index = 0
+    index = first
     while not stop.is_set() and (last is None or index < last):
         stream = ref()
         if stream is None:
