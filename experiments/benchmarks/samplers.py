@@ -69,8 +69,13 @@ OPT_SOLVERS = ["dpm++3m_ref", "unipc"]
 # "optimized-global": the calibration batch's global error itself; "karras-selected": the Karras
 # grid of gf.sampling.karras_family (rho x sigma_min; from pure noise also x sigma_max) with the
 # lowest calibration error (select_schedule)
-SCHEDULES = ["uniform", "quadratic", "logsnr", "karras", "optimized", "optimized-global", "karras-selected"]
-TUNED = ("optimized", "optimized-global", "karras-selected")  # computed per (solver, NFE) on calibration noise
+SCHEDULES = ["uniform", "quadratic", "logsnr", "karras", "optimized", "optimized-global", "optimized-hard",
+             "karras-selected"]
+# "optimized-hard": as "optimized-global", on a calibration batch with a quarter of hard cases
+# (gf.sampling.calibration_batch: the 64 samples of a pool of 2,048 on which the solver errs most on
+# the default Karras grid, then 192 others)
+TUNED = ("optimized", "optimized-global", "optimized-hard", "karras-selected")  # per (solver, NFE), on calibration noise
+POOL, HARD = 2048, 0.25
 SELECT_SOLVERS = ["deis", "unipc", "dpm++3m", "dpm++3m_ref", "dpm++2m"]
 SELECT_FAMILY = {"rhos": (5, 7, 10, 14, 20, 30), "sigma_mins": (0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)}
 DEFAULT_KARRAS = {"rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
@@ -169,14 +174,20 @@ def calibration_noise(seed: int) -> jnp.ndarray:
 
 
 def optimize_all(gm, nfes, calibration_seed: int, iters: int, solvers=OPT_SOLVERS,
-                 objectives=(("optimized", "bound"), ("optimized-global", "global"))) -> tuple[dict, dict]:
+                 objectives=(("optimized", "bound"), ("optimized-global", "global"),
+                             ("optimized-hard", "global"))) -> tuple[dict, dict]:
     fn = gm.model(PATH, "x0")
-    cal = calibration_noise(calibration_seed)
     schedules, info = {}, {}
     for solver in solvers:
         for nfe in nfes:
             for name, objective in objectives:
                 t0 = time.perf_counter()
+                if name == "optimized-hard":  # the pool's first 256 samples are calibration_noise's
+                    cal = gf.sampling.calibration_batch(fn, PATH, start_noise(calibration_seed, POOL), prediction="x0",
+                                                        steps=steps_for(solver, nfe), solver=solver, t_start=T_START,
+                                                        hard=HARD)
+                else:
+                    cal = calibration_noise(calibration_seed)
                 ts, hist = gf.sampling.optimize_schedule(fn, PATH, cal, prediction="x0", steps=steps_for(solver, nfe),
                                                          solver=solver, t_start=T_START, init="karras", iters=iters,
                                                          objective=objective, return_history=True)
@@ -267,17 +278,19 @@ def seed_rows(results: dict) -> list[list]:
 def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int, name: str = "samplers_selected") -> None:
     """--selected-only: the karras-selected rows beside the default Karras rows on the evaluation
     seeds, and at NFE 10 and 20 on more seeds (how much of the result the seeds decide), with the
-    peers' samplers at NFE 10 and the full run's best NFE-20/50 rows (UniPC, optimized-global) on
-    those seeds too, and where the NFE-10 flips are decided."""
+    peers' samplers at NFE 10, UniPC's optimized-global rows (the full run's best at NFE 20 and 50)
+    and optimized-hard rows (the same on a calibration batch with hard cases) at NFE 10, 20 and 50
+    on those seeds too, and where the NFE-10 flips are decided."""
     selected, info = select_all(gm, nfes, calibration_noise(CALIBRATION_SEED))
     refs = {("genflow", seed): reference(gm, RHO_MAX * noise(seed), RHO_MAX)
             for seed in sorted({*seeds, *robust_seeds})}
     res = run_genflow(gm, nfes, seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
     robust = run_genflow(gm, (10, 20), robust_seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
     # the full run's best rows at NFE 20 and 50 (samplers.md), on the same seeds
-    best_opt, _ = optimize_all(gm, (20, 50), CALIBRATION_SEED, iters, solvers=("unipc",),
-                               objectives=(("optimized-global", "global"),))
-    robust.update(run_genflow(gm, (20, 50), robust_seeds, refs, best_opt, ("unipc",), ("optimized-global",)))
+    best_opt, _ = optimize_all(gm, (10, 20, 50), CALIBRATION_SEED, iters, solvers=("unipc",),
+                               objectives=(("optimized-global", "global"), ("optimized-hard", "global")))
+    robust.update(run_genflow(gm, (10, 20, 50), robust_seeds, refs, best_opt, ("unipc",),
+                              ("optimized-global", "optimized-hard")))
     robust.update(run_kdiffusion(gm, load_k_diffusion(), (10,), robust_seeds,
                                  {("kdiff", seed): refs[("genflow", seed)] for seed in robust_seeds}))
     robust.update(run_diffusers(gm, (10,), robust_seeds))
@@ -288,7 +301,7 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int, name: str = "
     text = "\n\n".join([
         f"## Karras grids selected on calibration noise (seed {CALIBRATION_SEED}, 256 samples) vs the default Karras "
         f"grid (rho 7, sigma_min 0.002); evaluation seeds {seeds}, batch {BATCH}", tables(res, nfes),
-        f"## NFE 10 (genflow also NFE 20, and UniPC optimized-global at NFE 20 and 50) on seeds "
+        f"## NFE 10 (genflow also NFE 20, and UniPC optimized-global / optimized-hard at NFE 10, 20 and 50) on seeds "
         f"{robust_seeds[0]}..{robust_seeds[-1]}: median over seeds of rms, "
         "median per-sample error, seeds with no flip, flips per seed, median rms over the seeds with no flip",
         markdown_table(SEED_ROWS_HEADER, rows),

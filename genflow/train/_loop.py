@@ -156,8 +156,8 @@ def fit(
         derived from ``state.rng`` (toy data, device-resident datasets), or an iterable of host
         batches, of which ``chunk_size`` are stacked and transferred per call. With a mesh, host
         batches are this process's share (``B_local`` rows; the global batch has
-        ``B_local * process_count``). An iterator with ``get_state()`` (grain, ``gf.ot.CoupledBatches``) has its position
-        saved in every checkpoint.
+        ``B_local * process_count``). An iterator with ``get_state()`` (grain,
+        ``gf.ot.CoupledBatches``) has its position saved in every checkpoint.
       num_steps: number of updates.
       chunk_size: updates per jitted call; metrics are fetched to the host once per chunk.
         Compiled chunks are reused by later ``fit`` calls with the same ``step_fn``, ``data``
