@@ -270,8 +270,12 @@ class ClassifierGuidance:
         out = self.fn(x, t)
         grad = jax.grad(lambda z: jnp.sum(self.log_prob(z, t)))(x)
         eps = param.convert(out, x, t, self.path, self.prediction, "eps")
-        eps = eps - _per_sample(self.scale, x) * self.path.sigma(broadcast_t(t, x)) * grad
-        return param.convert(eps, x, t, self.path, "eps", self.prediction).astype(out.dtype)
+        tb = broadcast_t(t, x)
+        eps = eps - _per_sample(self.scale, x) * self.path.sigma(tb) * grad
+        guided = param.convert(eps, x, t, self.path, "eps", self.prediction).astype(out.dtype)
+        # where alpha = 0 (pure noise: t = 1 on the linear and VP paths) x_t says nothing about y,
+        # the exact guidance term is 0, and the eps -> x0 / velocity conversion is 0/0: unguided
+        return jnp.where(self.path.alpha(tb) == 0, out, guided)
 
 
 @jax.tree_util.register_dataclass

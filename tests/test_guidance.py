@@ -143,6 +143,20 @@ def test_classifier_guidance_with_the_exact_classifier_is_the_conditional_model(
     np.testing.assert_allclose(g2 - g1, g1 - g0, rtol=1e-4, atol=1e-5)
     with pytest.raises(TypeError, match="integer class labels"):
         gf.guidance.classifier(mix.model(PATH, "eps"), PATH, "eps", logits, 0.5, 1.0)
+    # from pure noise (alpha = 0 at t = 1 on the linear path) the guidance term is 0: velocity and
+    # x0 models were 0/0 there and every sample came back NaN
+    lin = gf.paths.linear()
+
+    def lin_logits(x, t):
+        return mix._resp(x, t, lin)[0]
+
+    x1 = lin.prior_sample(jax.random.key(0), (64, 2))
+    for kind in ("velocity", "x0"):
+        g = gf.guidance.classifier(mix.model(lin, kind), lin, kind, lin_logits, 0, 1.0)
+        np.testing.assert_array_equal(g(x1[:4], jnp.ones(4)), mix.model(lin, kind)(x1[:4], jnp.ones(4)))
+        xg, _ = gf.sample(g, lin, x1, prediction=kind, solver="euler", steps=50)
+        xc, _ = gf.sample(comp.model(lin, kind), lin, x1, prediction=kind, solver="euler", steps=50)
+        assert float(jnp.max(jnp.abs(xg - xc))) < 0.05, kind
 
 
 def test_bad_inputs():
