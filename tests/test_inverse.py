@@ -1,6 +1,8 @@
 """Inverse problems: operators (adjoint identity, pseudo-inverse) and posterior samplers against
 the linear-Gaussian oracle (Gaussian prior with its exact model, linear operator, Gaussian noise)."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -280,7 +282,6 @@ def test_tmpd_starts_eps_models_where_the_jacobian_is_resolved():
 
 @pytest.mark.parametrize("method", ["pigdm", "tmpd"])
 def test_gaussian_likelihood_methods_edge_cases(method, caplog):
-    import logging
 
     path = gf.paths.vp_cosine()
     op = inv.box_inpainting(S, 1, 1, 2, 2)
@@ -376,8 +377,34 @@ def test_bad_inputs():
         inv.posterior_sample(fn, path, x1, op(x1), op, prediction="eps", key=None)
     with pytest.raises(ValueError, match="does not fit"):
         inv.box_inpainting(S, 3, 3, 2, 2)
+    # eta outside [0, 1] gave the wrong marginal (eta = -1 ran as eta = 1) without a word
+    with pytest.raises(ValueError, match=r"eta must be a float in \[0, 1\]"):
+        inv.prior_sample(fn, path, x1, prediction="eps", eta=1.5, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"eta must be a float in \[0, 1\]"):
+        inv.posterior_sample(fn, path, x1, op(x1), op, prediction="eps", eta=-1.0, key=jax.random.key(0))
+    # an explicit start at alpha = 0 with an eps model: 0/0 (all-NaN samples), now refused as by gf.sample
+    lin = gf.paths.linear()
+    with pytest.raises(ValueError, match="t_start=1.0 has alpha=0 on path 'linear'"):
+        inv.prior_sample(PRIOR.model(lin, "eps"), lin, x1, prediction="eps", t_start=1.0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="not divisible"):
         op(jnp.zeros((1, 5, 5, 1)))
+
+
+def test_new_sensing_matrix_or_poisson_rate_does_not_recompile(caplog):
+    # a Python-float leaf (Matrix.sq_norm, PoissonNoise.rate) is static under eqx.filter_jit:
+    # each new matrix or rate compiled the sampler anew
+    path = gf.paths.vp_cosine()
+    fn = PRIOR.model(path, "eps")
+    x1 = path.prior_sample(jax.random.key(0), (4,) + S)
+    kw = dict(prediction="eps", method="dps", steps=4, key=jax.random.key(1))
+    runs = [(inv.compressed_sensing(jax.random.key(k), S, 6), inv.GaussianNoise(0.1)) for k in (2, 3)]
+    runs += [(inv.denoising(), inv.PoissonNoise(r)) for r in (10.0, 20.0)]
+    for i, (op, noise) in enumerate(runs):
+        with jax.log_compiles(True), caplog.at_level(logging.DEBUG, logger="jax"):
+            caplog.clear()
+            inv.posterior_sample(fn, path, x1, op(x1), op, noise=noise, **kw)
+            compiled = [r for r in caplog.records if r.getMessage().startswith("Compiling")]
+        assert i % 2 == 0 or not compiled, (i, type(op).__name__)
 
 
 @pytest.mark.parametrize("path_name,kind", [("vp_cosine", "eps"), ("linear", "velocity"), ("vp_linear", "x0")])

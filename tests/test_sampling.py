@@ -1,5 +1,7 @@
 """Samplers against the Gaussian oracle (closed-form probability-flow map)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,9 +200,16 @@ def test_option_shape_and_endpoint_checks(gauss2):
     fn, x1, key = gauss2.model(path, "velocity"), jnp.zeros((4, 2)), jax.random.key(0)
     bad = [("unipc", dict(order=4), "order must be an int in 1..3"), ("deis", dict(order=0), "order must be an int >= 1"),
            ("ddim", dict(eta=2.0), r"eta must be a float in \[0, 1\]"),
-           ("pc", dict(corrector_steps=-1), "corrector_steps must be an int >= 0")]
+           ("pc", dict(corrector_steps=-1), "corrector_steps must be an int >= 0"),
+           # these gave silently wrong samples (or, brownian_tol < 0, never returned)
+           ("pc", dict(snr=-0.1), "snr must be a float >= 0"),
+           ("dpm++2m_hb", dict(beta=0.0), r"beta must be a float in \(0, 1\]"),
+           ("edm_heun_churn", dict(churn=-5.0), "churn must be a float >= 0"),
+           ("edm_heun_churn", dict(s_noise=-1.0), "s_noise must be a float >= 0"),
+           ("euler_maruyama", dict(brownian_tol=0.0), "brownian_tol must be None or a float > 0"),
+           ("shark", dict(brownian_tol=-1.0), "brownian_tol must be None or a float > 0")]
     for solver, opts, msg in bad:
-        with pytest.raises(ValueError, match=f"solver '{solver}': option {msg}"):
+        with pytest.raises(ValueError, match=f"solver '{re.escape(solver)}': option {msg}"):
             gf.sample(fn, path, x1, prediction="velocity", solver=solver, key=key, t_start=0.99, **opts)
     # a model whose output does not have the shape of x (it used to broadcast silently)
     with pytest.raises(ValueError, match=r"returned shape \(4, 1\) for x of shape \(4, 2\)"):

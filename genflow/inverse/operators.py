@@ -274,8 +274,10 @@ def compressed_sensing(key: Array, x_shape: tuple[int, ...], num_measurements: i
     x_shape = tuple(int(d) for d in x_shape)
     dim = int(np.prod(x_shape))
     M = np.asarray(jax.random.normal(key, (num_measurements, dim)), np.float64) / np.sqrt(num_measurements)
+    # sq_norm as an array leaf: a Python float leaf is static under eqx.filter_jit, so every new
+    # matrix compiled the samplers anew
     return Matrix(jnp.asarray(M, jnp.float32), jnp.asarray(np.linalg.pinv(M), jnp.float32), x_shape,
-                  float(np.linalg.norm(M, 2) ** 2))
+                  jnp.float32(np.linalg.norm(M, 2) ** 2))
 
 
 @jax.tree_util.register_dataclass

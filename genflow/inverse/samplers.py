@@ -66,10 +66,11 @@ from typing import Any, Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow import param
 from genflow._checks import check_int
-from genflow.inverse.operators import GaussianNoise, Operator
+from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path
 from genflow.sampling import Model, as_pytree_fn, time_grid
 
@@ -278,7 +279,15 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
         # eps/score models are 0/0 where alpha = 0 (t = 1 on the linear path): start just before
         t_start = 1.0 if float(path.alpha(1.0)) > 0 else 0.999
     ts = time_grid(path, steps, schedule, t_start, t_end)
+    if prediction in ("eps", "score") and float(path.alpha(jnp.asarray(ts[0]))) == 0.0:
+        raise ValueError(f"t_start={float(ts[0])} has alpha=0 on path {path.name!r}, where the {prediction} -> x0 "
+                         f"conversion is singular; start slightly earlier (e.g. t_start=0.999, or leave t_start=None)")
     return Model(as_pytree_fn(fn), path, prediction), ts
+
+
+def _check_eta(eta) -> None:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be a float in [0, 1]; got {eta!r}")
 
 
 def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps: int = 100, key: Array,
@@ -288,6 +297,7 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
     ``eta`` or FlowDPS's ``"flow"``). Same arguments as :func:`posterior_sample`."""
     if base not in ("ddim", "flow"):
         raise ValueError(f"base must be 'ddim' or 'flow'; got {base!r}")
+    _check_eta(eta)
     model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
     denoise = path.denoise_at_end if denoise is None else denoise
     y = jnp.zeros((x1.shape[0], 1), x1.dtype)
@@ -404,6 +414,8 @@ def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
     static = {k: hp.pop(k) for k in _STATIC if k in hp}
     for k, v in static.items():
         check_int(k, v, 1 if k == "cg_iters" else 0)
+    if "eta" in hp:
+        _check_eta(hp["eta"])
     if "data_var" in hp and not float(hp["data_var"]) > 0:
         raise ValueError(f"data_var must be > 0; got {hp['data_var']!r}")
     hp = {k: jnp.float32(v) for k, v in hp.items()}
@@ -419,6 +431,8 @@ def _noise_model(method: str, noise):
                          f"GaussianNoise(sigma); got {type(noise).__name__}")
     if isinstance(noise, GaussianNoise):  # a traced level: sweeping sigma_y does not recompile
         noise = GaussianNoise(jnp.asarray(noise.sigma, jnp.float32))
+    elif isinstance(noise, PoissonNoise):  # likewise the rate
+        noise = PoissonNoise(jnp.asarray(noise.rate, jnp.float32))
     return noise
 
 

@@ -61,14 +61,38 @@ def _check_x(x1) -> None:
 # give silently wrong samples (unipc order 4 ran as first order, ddim eta > 1 the wrong marginal)
 # or a wrong NFE (pc with negative corrector steps).
 _ETA_CHECK = (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a float in [0, 1]")
+
+
+def _real(low: float, high: float = np.inf, low_open: bool = False, what: str = ""):
+    """A check for a real option in ``[low, high]`` (``(low, high]`` with ``low_open``); traced
+    values pass (they are checked by nobody, as any traced input)."""
+
+    def ok(v):
+        if isinstance(v, jax.core.Tracer):
+            return True
+        try:
+            f = None if isinstance(v, bool) else float(v)
+        except (TypeError, ValueError):
+            return False
+        return f is not None and (f > low if low_open else f >= low) and f <= high
+
+    return ok, what
+
+
+_BROWNIAN_TOL = (lambda v: v is None or _real(0.0, low_open=True)[0](v), "None or a float > 0")
 _OPTION_CHECKS = {
     ("unipc", "order"): (lambda v: is_int(v, 1, 3), "an int in 1..3"),
     ("deis", "order"): (lambda v: is_int(v, 1), "an int >= 1"),
     ("ddim", "eta"): _ETA_CHECK,
     ("ddpm", "eta"): _ETA_CHECK,
     ("pc", "corrector_steps"): (lambda v: is_int(v, 0), "an int >= 0"),
+    ("pc", "snr"): _real(0.0, what="a float >= 0"),
     ("restart", "restart_times"): (lambda v: is_int(v, 1), "an int >= 1"),
     ("restart", "restart_steps"): (lambda v: is_int(v, 1), "an int >= 1"),
+    ("dpm++2m_hb", "beta"): _real(0.0, 1.0, low_open=True, what="a float in (0, 1] (1: no momentum)"),
+    ("euler_maruyama", "brownian_tol"): _BROWNIAN_TOL,  # 0 gave NaN samples, < 0 never returned
+    ("shark", "brownian_tol"): _BROWNIAN_TOL,
+    **{("edm_heun_churn", k): _real(0.0, what="a float >= 0") for k in ("churn", "s_tmin", "s_tmax", "s_noise")},
 }
 
 
