@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -152,7 +153,18 @@ def interval(guided: CFG, t_lo, t_hi) -> Interval:
     the interval the unconditional model is skipped (``lax.cond``), which saves its evaluations."""
     if not isinstance(guided, _GUIDED):
         raise TypeError(f"interval expects a CFG from gf.guidance.cfg / cfg_batched; got {type(guided).__name__}")
+    lo, hi = _concrete(t_lo), _concrete(t_hi)
+    if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:  # else it never (or always) guides
+        raise ValueError(f"interval: expected 0 <= t_lo < t_hi <= 1; got t_lo={t_lo}, t_hi={t_hi}")
     return Interval(guided, jnp.asarray(t_lo, jnp.float32), jnp.asarray(t_hi, jnp.float32))
+
+
+def _concrete(v) -> float | None:
+    """``float(v)`` for a concrete scalar, None for a traced one (checked by nobody)."""
+    try:
+        return float(v)
+    except (jax.errors.ConcretizationTypeError, TypeError):
+        return None
 
 
 def cads_gamma(t: Array, tau1, tau2) -> Array:
@@ -179,7 +191,11 @@ class CADS:
         """The condition at times ``t: [B]``: ``sqrt(gamma) y + s sqrt(1 - gamma) n``, with fresh
         noise ``n`` for every distinct time (drawn from ``key`` folded with the bits of ``t``),
         rescaled to the per-sample mean and std of ``y`` and mixed by ``psi`` (eqs. 5-6)."""
-        y = jnp.broadcast_to(self.y if self.y.ndim > 1 else self.y[None], t.shape + self.y.shape[-1:])
+        y = self.y if self.y.ndim > 1 else self.y[None]
+        if y.shape[0] not in (1, t.shape[0]):
+            raise ValueError(f"cads: y holds {y.shape[0]} conditions ({self.y.shape}), but the model is called on a "
+                             f"batch of {t.shape[0]}: give one per sample ([B, ...]) or one for all ([F])")
+        y = jnp.broadcast_to(y, t.shape + y.shape[1:])
         bits = jax.lax.bitcast_convert_type(t.astype(jnp.float32), jnp.uint32)
         n = jax.vmap(lambda b, i: jax.random.normal(jax.random.fold_in(jax.random.fold_in(self.key, b), i),
                                                     y.shape[1:], y.dtype))(bits, jnp.arange(t.shape[0]))
@@ -206,8 +222,9 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
     branch of :func:`cfg`.
 
     Args:
-      fn: conditional network ``fn(x: [B, ...], t: [B], y: [B, F]) -> prediction``.
-      y: ``[B, F]`` (or ``[F]``) condition embedding (continuous).
+      fn: conditional network ``fn(x: [B, ...], t: [B], y: [B, ...]) -> prediction``.
+      y: ``[B, F]``, ``[B, L, F]`` (e.g. token embeddings) or ``[F]`` (one for all) condition
+        embedding (continuous); the rescaling uses each sample's mean and std over all its entries.
       key: PRNG key of the condition noise.
       tau1, tau2: annealing interval in t (the paper's defaults 0.6 and 0.9; its t = 1 is noise too).
       noise_scale: ``s``. psi: mixing of the rescaled condition (``psi = 1``: fully rescaled).
@@ -218,6 +235,9 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
     y = jnp.asarray(y)
     if y.ndim == 0 or not jnp.issubdtype(y.dtype, jnp.floating):
         raise ValueError(f"cads: y must be a floating condition embedding [B, F] or [F]; got {y.dtype}{y.shape}")
+    if rescale and (y.size if y.ndim == 1 else y[0].size) == 1:
+        raise ValueError(f"cads: rescale=True restores each sample's mean and std over its entries, and y {y.shape} "
+                         f"has one entry per sample: the std is 0 and y_hat would be y exactly; pass rescale=False")
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     return CADS(_check_fn(fn, "fn"), y, key, f32(tau1), f32(tau2), f32(noise_scale), f32(psi), bool(rescale))
 
@@ -252,6 +272,9 @@ def adaptive(guided: CFG, threshold: float = 0.99) -> Adaptive:
     unconditional evaluations once the switch time is known, use :func:`interval`)."""
     if not isinstance(guided, _GUIDED):
         raise TypeError(f"adaptive expects a CFG from gf.guidance.cfg / cfg_batched; got {type(guided).__name__}")
+    th = _concrete(threshold)
+    if th is not None and not -1.0 <= th < 1.0:  # a cosine similarity: from 1 on it never stops guiding
+        raise ValueError(f"adaptive: threshold is a cosine similarity, expected in [-1, 1); got {threshold}")
     return Adaptive(guided, jnp.asarray(threshold, jnp.float32))
 
 
@@ -288,7 +311,11 @@ class _LabelLogProb:
 
     def __call__(self, x: Array, t: Array) -> Array:
         logits = self.classifier(x, t)
-        y = jnp.broadcast_to(self.y, (x.shape[0],))
+        classes = logits.shape[-1]
+        # out of range, take_along_axis gave NaN (the unguided model) and -1 the last class
+        y = eqx.error_if(self.y, (self.y < 0) | (self.y >= classes),
+                         f"classifier guidance: labels y must lie in [0, {classes}) (the classifier's classes)")
+        y = jnp.broadcast_to(y, (x.shape[0],))
         return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, None], -1)[:, 0]
 
 

@@ -166,3 +166,30 @@ def test_bad_inputs():
         gf.guidance.interval(UNCOND.model(PATH, "eps"), 0.1, 0.5)
     with pytest.raises(ValueError, match="condition embedding"):
         gf.guidance.cads(lambda x, t, c: c, jnp.array([1, 2]), jax.random.key(0))
+    # arguments that silently did nothing or the wrong thing
+    g = gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), 2.0)
+    with pytest.raises(ValueError, match="0 <= t_lo < t_hi <= 1"):
+        gf.guidance.interval(g, 0.9, 0.1)  # never guided
+    with pytest.raises(ValueError, match=r"threshold is a cosine similarity, expected in \[-1, 1\)"):
+        gf.guidance.adaptive(g, 5.0)  # never stopped guiding
+    with pytest.raises(ValueError, match="rescale=False"):  # one feature: std 0, y_hat was y exactly
+        gf.guidance.cads(lambda x, t, c: c, jnp.ones((3, 1)), jax.random.key(0))
+    with pytest.raises(ValueError, match="y holds 2 conditions"):
+        gf.guidance.cads(lambda x, t, c: c, jnp.ones((2, 4)), jax.random.key(0))(jnp.ones((3, 2)), jnp.full((3,), 0.7))
+    # labels out of the classifier's range gave the unguided model (and -1 the last class)
+    logits = lambda x, t: jnp.zeros((x.shape[0], 2)) + x[:, :1]  # noqa: E731
+    x, t = _xt()
+    for bad in (2, -1):
+        with pytest.raises(Exception, match=r"labels y must lie in \[0, 2\)"):
+            gf.guidance.classifier(UNCOND.model(PATH, "eps"), PATH, "eps", logits, bad, 1.0)(x, t)
+    gf.guidance.classifier(UNCOND.model(PATH, "eps"), PATH, "eps", logits, 1, 1.0)(x, t)
+
+
+def test_cads_takes_token_embeddings():
+    # a [B, L, F] condition (text tokens) failed inside the model; the rescaling restores each
+    # sample's mean and std over all its entries
+    y = jnp.arange(60.0).reshape(3, 5, 4)
+    c = gf.guidance.cads(lambda x, t, c: c, y, jax.random.key(0)).condition(jnp.full((3,), 0.7))
+    assert c.shape == y.shape and not np.allclose(c, y)
+    np.testing.assert_allclose(c.mean((1, 2)), y.mean((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(c.std((1, 2)), y.std((1, 2)), rtol=1e-5)
