@@ -181,7 +181,8 @@ def test_tmpd_samples_the_exact_posterior(path_name, kind, task):
     x, info = inv.posterior_sample(PRIOR.model(path, kind), path, x1, y, op, prediction=kind, method="tmpd",
                                    steps=200, key=jax.random.key(7), noise=inv.GaussianNoise(SIGMA_Y))
     cg = inv.DEFAULTS["tmpd"]["cg_iters"]
-    assert int(info.vjp) == 200 * (1 + cg) and int(info.jvp) == 200 * cg
+    n = 200 + int(path.denoise_at_end)  # the final denoise is one more tmpd evaluation
+    assert int(info.nfe) == n and int(info.vjp) == n * (1 + cg) and int(info.jvp) == n * cg
     mean_err, cov_err = _whitened_errors(np.asarray(x).reshape(-1, D), m_post, c_post)
     assert mean_err < 0.08 and cov_err < 0.35, (mean_err, cov_err)
 
@@ -388,6 +389,23 @@ def test_bad_inputs():
         inv.prior_sample(PRIOR.model(lin, "eps"), lin, x1, prediction="eps", t_start=1.0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="not divisible"):
         op(jnp.zeros((1, 5, 5, 1)))
+
+
+def test_final_denoise_keeps_the_measurement():
+    # paths that end at sigma > 0 (ve, vp_linear) finish with a denoise: it used the prior's x0,
+    # which undid the consistency of ddnm / mcg / tmpd (|A x - y| ~0.03 on noiseless inpainting)
+    op = inv.box_inpainting(S, 1, 1, 2, 2)
+    y = op(jnp.repeat(X_TRUE, 4, axis=0))
+    for path_name, kind in (("ve", "x0"), ("vp_linear", "v")):
+        path = gf.paths.get(path_name)
+        assert path.denoise_at_end
+        x1 = path.prior_sample(jax.random.key(0), (4,) + S)
+        for method in ("ddnm", "mcg", "tmpd"):
+            x, info = inv.posterior_sample(PRIOR.model(path, kind), path, x1, y, op, prediction=kind, method=method,
+                                           steps=20, key=jax.random.key(2))
+            assert float(jnp.abs(op(x) - y).max()) < 1e-4, (path_name, method)
+            assert int(info.nfe) == 21
+        assert int(info.vjp) == 21 * 11 and int(info.jvp) == 21 * 10  # tmpd: the end is one more step
 
 
 def test_new_sensing_matrix_or_poisson_rate_does_not_recompile(caplog):

@@ -138,11 +138,15 @@ def _step_fn(model: Model, method: str | None, base: str, y, op: Operator, noise
                 y_s = path.alpha(s) * y + path.sigma(s) * op.forward(jax.random.normal(ky, x.shape, x.dtype))
                 x_new = x_new + weight * op.pinv(y_s - op.forward(x_new))
             return x_new
+        x0, eps = corrected(x, t)
+        return _base_update(path, base, x0, eps, t, s, z, eta)
+
+    def corrected(x, t):
+        """The method's ``(x0, eps)`` at ``(x, t)`` (the prior's for dps and none)."""
         if method in _GAUSSIAN_LIKELIHOOD:
-            x0, eps = _likelihood_guided(model, method, x, t, y, op, noise.sigma, weight, hp)
-            return _base_update(path, base, x0, eps, t, s, z, eta)
+            return _likelihood_guided(model, method, x, t, y, op, noise.sigma, weight, hp)
         x0, eps = model.x0_eps(x, t)
-        if method == "ddnm":
+        if method in ("ddnm", "mcg"):  # (mcg only in the final denoise: its steps project x_s instead)
             delta = weight * op.pinv(y - op.forward(x0))
             x0 = x0 + delta
             eps = eps - (path.alpha(t) / path.sigma(t)) * delta  # keeps x_t = alpha x0 + sigma eps
@@ -155,9 +159,14 @@ def _step_fn(model: Model, method: str | None, base: str, y, op: Operator, noise
             lr = hp["scale"] / (op.norm_sq() * getattr(noise, "curvature", lambda: 1.0)())
             x0_dc = jax.lax.fori_loop(0, hp["dc_steps"], lambda _, v: v - lr * dc_grad(v), x0)
             x0 = x0 + (weight * t) * (x0_dc - x0)
-        return _base_update(path, base, x0, eps, t, s, z, eta)
+        return x0, eps
 
-    return step
+    def final(x, t):
+        """The final denoise (paths that end at sigma > 0): the method's x0, which keeps the
+        measurement (the prior's x0 there undid ddnm's / mcg's / tmpd's consistency, ~0.03 in A x)."""
+        return corrected(x, t)[0]
+
+    return step, final
 
 
 def _likelihood_guided(model: Model, method: str, x, t, y, op: Operator, sigma_y, weight, hp: dict):
@@ -246,7 +255,7 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
 
 @eqx.filter_jit
 def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, noise, weight, hp, denoise):
-    step = _step_fn(model, method, base, y, op, noise, weight, hp)
+    step, final = _step_fn(model, method, base, y, op, noise, weight, hp)
     keys = jax.random.split(key, ts.shape[0] - 1)
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
 
@@ -257,13 +266,15 @@ def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, no
     x, _ = jax.lax.scan(body, x, (ts[:-1], ts[1:], keys))
     n = ts.shape[0] - 1
     if denoise:
-        x = model.predict(x, ts[-1], "x0")
+        x = final(x, ts[-1]).astype(x.dtype)
     nfe = jnp.asarray(n + int(denoise), jnp.int32)
     # per step: one VJP for the gradient methods; tmpd's CG iterations add one JVP and one VJP
-    # each (the symmetrised Jacobian)
+    # each (the symmetrised Jacobian); the final denoise of pigdm / tmpd is one more such step
     cg = hp["cg_iters"] if method == "tmpd" else 0
-    vjp = jnp.asarray(n * (1 + cg) if method in ("dps", "mcg") + _GAUSSIAN_LIKELIHOOD else 0, jnp.int32)
-    jvp = jnp.asarray(n * cg, jnp.int32)
+    likelihood_end = int(denoise and method in _GAUSSIAN_LIKELIHOOD)
+    vjp = (n * (1 + cg) if method in ("dps", "mcg") + _GAUSSIAN_LIKELIHOOD else 0) + likelihood_end * (1 + cg)
+    vjp = jnp.asarray(vjp, jnp.int32)
+    jvp = jnp.asarray((n + likelihood_end) * cg, jnp.int32)
     return x.astype(x1.dtype), PosteriorInfo(nfe=nfe, vjp=vjp, ts=ts, jvp=jvp)
 
 
