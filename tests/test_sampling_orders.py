@@ -87,6 +87,22 @@ def test_convergence_order_on_every_path(name, gauss2):
         assert order - 0.45 < slope < order + 1.7, f"{solver} on {name}: slope {slope} vs order {order}"
 
 
+def test_multistep_order_from_a_finite_start():
+    """What solvers() documents: from a finite start (here sigma/alpha = 4 on the linear path)
+    the warm-up steps of dpm++3m and deis cap their global order at 2; unipc's corrector keeps 3."""
+    with jax.enable_x64(True):
+        g = gf.oracles.Gaussian.diagonal(jnp.array([2.0, -1.0, 0.3], jnp.float64), jnp.array([0.05, 4.0, 0.7],
+                                                                                              jnp.float64))
+        path = gf.paths.linear()
+        x1 = g.prior_sample(jax.random.key(0), 3, path, t=0.8)
+        ref = g.flow_map(x1, 0.8, 0.1, path)
+        for solver, lo, hi in (("dpm++3m", 1.8, 2.3), ("deis", 1.8, 2.3), ("unipc", 2.7, 3.3)):
+            errs = [float(jnp.max(jnp.abs(gf.sample(g.model(path, "velocity"), path, x1, prediction="velocity",
+                                                     solver=solver, steps=n, schedule="logsnr", t_start=0.8,
+                                                     t_end=0.1)[0] - ref))) for n in (40, 80)]
+            assert lo < np.log2(errs[0] / errs[1]) < hi, (solver, errs)
+
+
 def test_first_step_out_of_pure_noise_is_corrected():
     """From pure noise (``alpha(1) = 0``) the first step of a Karras/log-SNR grid always jumps from
     infinite noise to ``sigma / alpha = 80``, whatever the step count. Taken as a plain DDIM step it

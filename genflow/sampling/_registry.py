@@ -27,7 +27,11 @@ class SolverSpec:
       name: the ``solver=`` string.
       order: convergence order: of the global error against the exact probability-flow map
         (deterministic solvers), strong order against the reverse-SDE solution (SDE solvers), or
-        of the deterministic part (solvers that only converge in distribution).
+        of the deterministic part (solvers that only converge in distribution). For the
+        multistep solvers (``dpm++3m``, ``deis``) it holds from pure noise (``t_start = 1``); from
+        a finite start (SDEdit, img2img, a start at ``sigma_max``) their lower-order warm-up
+        steps cap it at 2 (measured 2.0-2.1 on the Gaussian oracle; ``unipc``'s corrector lifts its
+        warm-up, and it keeps 3).
       stochastic: whether it needs ``key=``.
       nfe_per_step: network evaluations per step (``None`` for adaptive step counts). EDM Heun and
         Restart spend one fewer on a last step into ``sigma = 0``; Restart adds
@@ -89,7 +93,8 @@ _TABLE: tuple[SolverSpec, ...] = (
           "distribution", options=("eta",), eta=1.0),
     _scan("dpm++2m", 2, False, 1, _multistep.dpm_multistep(2), "DPM-Solver++(2M), data prediction (Lu et al. 2022b)"),
     _scan("dpm++3m", 3, False, 1, _multistep.dpm_multistep(3),
-          "DPM-Solver++(3M), data prediction (Lu et al. 2022b), with the exact third-order weight of D''",
+          "DPM-Solver++(3M), data prediction (Lu et al. 2022b), with the exact third-order weight of D''; "
+          "order 2 from a finite start (its DDIM / 2M warm-up steps)",
           options=("d2_weight",)),
     _scan("dpm++3m_ref", 2, False, 1, _multistep.dpm_multistep(3),
           "DPM-Solver++(3M) as in the reference code / k-diffusion / diffusers (half the D'' weight: 2nd order)",
@@ -100,7 +105,8 @@ _TABLE: tuple[SolverSpec, ...] = (
           "DPM-Solver++(3S), single-step third order (Lu et al. 2022, 2022b)"),
     _scan("deis", 3, False, 1, _multistep.deis(3, "eps"),
           "DEIS tAB3: eps extrapolated in t, exponential-integrator weights (Zhang & Chen 2023); "
-          "order=1..3 (3 by default; 4 and up converge at their order but are unstable at ~10 steps), "
+          "order=1..3 (3 by default, 2 from a finite start: its warm-up steps; 4 and up converge at their order "
+          "but are unstable at ~10 steps), "
           "form='eps'|'x0'", options=("order", "form")),
     _scan("unipc", 3, False, 1, _multistep.unipc(2, "bh2"),
           "UniPC: UniP-2 predictor + UniC corrector, B(h) = e^h - 1 (Zhao et al. 2023); order=1..3, "
