@@ -192,14 +192,14 @@ def _coupling(c: str | Coupling) -> Coupling:
 
 # -- time sampling and label dropout ---------------------------------------------------------------
 def sample_t(key: Array, n: int, t_min: float = 0.0, t_max: float = 1.0, stratified: bool = False) -> Array:
-    """``[n]`` times uniform on ``(t_min, t_max)``; ``stratified`` uses one draw per n-th of the
+    """``[n]`` times uniform on ``[t_min, t_max)``, never exactly ``t_min = 0``; ``stratified`` uses one draw per n-th of the
     interval (low-discrepancy, as in VDM), which lowers the variance of the loss estimate.
 
     ``t_min`` itself is never drawn: a float32 uniform is exactly 0 with probability 2^-23 per
     draw (about once per 33,000 steps at batch 256), and at ``t = 0`` the linear and cosine paths
     have ``sigma = 0``, where x0/score targets and SNR-based weights are 0/0 -- a NaN loss that
     stopped training. Such a draw becomes ``eps / 2`` of the interval instead (every other draw
-    is unchanged)."""
+    is unchanged; for ``t_min > 0`` that may round back to ``t_min``, where sigma is > 0)."""
     if stratified:
         u = (jnp.arange(n) + jax.random.uniform(key, ())) / n
         u = jnp.mod(u, 1.0)
@@ -214,7 +214,7 @@ def drop_labels(key: Array, y: Array, p: float, null_label: int) -> Array:
 
     ``y: [B]`` int labels; returns ``[B]``.
     """
-    if not isinstance(p, jax.core.Tracer) and not 0.0 <= float(p) <= 1.0:
+    if not isinstance(p, jax.core.Tracer) and not bool(jnp.all((jnp.asarray(p) >= 0) & (jnp.asarray(p) <= 1))):
         raise ValueError(f"p must be a probability in [0, 1]; got {p!r}")
     drop = jax.random.bernoulli(key, p, y.shape)
     return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)

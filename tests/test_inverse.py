@@ -381,6 +381,7 @@ def test_bad_inputs():
     # eta outside [0, 1] gave the wrong marginal (eta = -1 ran as eta = 1) without a word
     with pytest.raises(ValueError, match=r"eta must be a float in \[0, 1\]"):
         inv.prior_sample(fn, path, x1, prediction="eps", eta=1.5, key=jax.random.key(0))
+    inv.prior_sample(fn, path, x1, prediction="eps", eta=jnp.float32(0.5), steps=2, key=jax.random.key(0))  # arrays
     with pytest.raises(ValueError, match=r"eta must be a float in \[0, 1\]"):
         inv.posterior_sample(fn, path, x1, op(x1), op, prediction="eps", eta=-1.0, key=jax.random.key(0))
     # an explicit start at alpha = 0 with an eps model: 0/0 (all-NaN samples), now refused as by gf.sample

@@ -29,9 +29,12 @@ def test_fourier_frequencies_are_constants_that_weight_decay_cannot_touch():
     p = m.init(jax.random.key(0), x, t)
     assert "TimeEmbedding_0" not in p["params"]
     e = gf.nets.TimeEmbedding(dim=8, kind="fourier", fourier_scale=16.0).apply({}, t)
-    args = 2 * jnp.pi * t[:, None] * 16.0 * jax.random.normal(jax.random.key(0), (4,))
+    args = 2 * jnp.pi * t[:, None] * 16.0 * np.random.default_rng(0).standard_normal(4).astype(np.float32)
     np.testing.assert_allclose(e, jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1), rtol=1e-5, atol=1e-5)
     assert not np.allclose(gf.nets.TimeEmbedding(dim=8, kind="fourier", fourier_seed=1).apply({}, t), e)
+    # the same function whatever t's dtype (the frequencies were drawn in t's dtype)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(gf.nets.TimeEmbedding(dim=8, kind="fourier").apply({}, t.astype(jnp.float64)), e)
 
 
 def test_labels_and_null_label():

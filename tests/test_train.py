@@ -264,6 +264,10 @@ def test_lr_schedule_and_optimizer_presets():
         gf.train.make_optimizer(-1.0)
     with pytest.raises(ValueError, match="end_factor must be >= 0"):
         gf.train.lr_schedule(1e-3, decay_steps=100, end_factor=-1.0)
+    # a traced learning rate (optax.inject_hyperparams) still works
+    tx = optax.inject_hyperparams(lambda learning_rate: gf.train.make_optimizer(learning_rate, warmup_steps=10))(1e-3)
+    state = jax.jit(tx.init)(p)
+    jax.jit(tx.update)(g, state, p)
 
 
 def test_metrics_writer_logs_chunk_means(tmp_path):

@@ -66,7 +66,6 @@ from typing import Any, Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from genflow import param
 from genflow._checks import check_int
@@ -297,7 +296,14 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
 
 
 def _check_eta(eta) -> None:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) or not 0 <= eta <= 1:
+    """eta in [0, 1] where it is concrete (traced values, e.g. under vmap, pass)."""
+    if isinstance(eta, jax.core.Tracer):
+        return
+    try:
+        ok = not isinstance(eta, bool) and 0.0 <= float(eta) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"eta must be a float in [0, 1]; got {eta!r}")
 
 
@@ -380,7 +386,8 @@ def posterior_sample(
       weight: measurement weight; 0 gives the prior sampler exactly.
       base: the underlying prior update, ``"ddim"`` or ``"flow"`` (default per method:
         :data:`METHODS`).
-      denoise: finish with a Tweedie step (default ``path.denoise_at_end``).
+      denoise: finish with the method's own x0 estimate at the last time (the prior's Tweedie
+        denoiser corrected as in the method's steps; default ``path.denoise_at_end``).
       **hparams: ``scale`` (gradient step; for ``pigdm`` / ``tmpd`` a multiplier of the
         likelihood score, 1 = the model's own likelihood), ``eta`` (ddim base), ``dc_steps``
         (flowdps), ``data_var`` (pigdm: the prior variance ``v`` in ``r_t^2``, > 0), ``cg_iters``

@@ -49,7 +49,9 @@ class TimeEmbedding(nn.Module):
 
     The Fourier frequencies are a constant of the module, not a parameter: held as a parameter
     with a stopped gradient (score_sde's way) they still shrank under decoupled weight decay
-    (AdamW: by ``(1 - lr * wd)`` per step, 0.82x after 200 steps at lr 1e-2, wd 0.1).
+    (AdamW: by ``(1 - lr * wd)`` per step, 0.82x after 200 steps at lr 1e-2, wd 0.1). Checkpoints
+    written before this change hold a ``TimeEmbedding_*/freqs`` entry that is ignored: such a
+    model embeds time with other frequencies now (retrain, or keep the old code for it).
     """
 
     dim: int = 64
@@ -64,8 +66,9 @@ class TimeEmbedding(nn.Module):
         if self.kind == "fourier":
             if self.dim % 2:
                 raise ValueError(f"the fourier time embedding needs an even dim; got {self.dim}")
-            w = self.fourier_scale * jax.random.normal(jax.random.key(self.fourier_seed), (self.dim // 2,), t.dtype)
-            args = 2 * jnp.pi * t[:, None] * w[None]
+            # a NumPy draw: independent of t's dtype and of JAX's PRNG settings/version
+            w = self.fourier_scale * np.random.default_rng(self.fourier_seed).standard_normal(self.dim // 2)
+            args = 2 * jnp.pi * t.astype(jnp.float32)[:, None] * jnp.asarray(w, jnp.float32)[None]
             return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
         if self.kind == "identity":
             return t[:, None]

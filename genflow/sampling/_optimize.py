@@ -288,10 +288,12 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
     samples near a boundary between modes, whose trajectories amplify every step's error (the
     flow separates there) and which a coarse grid sends to the wrong mode; on multimodal data they
     dominate the rms error. On the 64-D, 10-component mixture of
-    ``experiments/benchmarks/samplers.py`` (UniPC, ``objective="global"``, a pool of 2,048, 24
-    evaluation seeds of 512 samples), a quarter of hard cases in the batch of 256 lowered the
-    median rms error over seeds from 1.5-1.6e-4 to 7.6-8.0e-5 at 50 NFE and from 1.0e-3 to
-    5.5-6.9e-4 at 20 NFE (two pools), at a similar median per-sample error. It is a trade, not a
+    ``experiments/benchmarks/samplers.py`` (UniPC, ``objective="global"``, a pool of 2,048, a
+    quarter of hard cases in the batch of 256; ``results/samplers_selected*.md``), the median
+    over 12 seeds of the rms error went from 1.74e-4 to 9.95e-5 (seeds 101-112) and from
+    8.33e-5 to 7.71e-5 (seeds 1-12) at 50 NFE; at 20 NFE from 8.80e-4 to 7.21e-4 (seeds 1-12)
+    but from 2.45e-2 to 2.63e-2 (seeds 101-112, where 6 of 12 seeds have a flip either way),
+    while the median per-sample error rose from 1.1e-4 to 1.9-2.0e-4. It is a trade, not a
     free gain: where typical samples err too (coarse grids: the 16-D mixture of the tests at 4-8
     UniPC steps, rms 0.14-0.41), the hard cases pull the grid away from them -- the median
     per-sample error rose 2-9x and the rms moved by -41% to +27%. Use it where a few samples
@@ -324,7 +326,7 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
     ts = time_grid(path, steps, schedule, t_start, path.t_min if t_end is None else t_end)
     x_end = reference_end_states(model, pool, ts[0], ts[-1], rtol, atol)
     errors = _sample_errors(model, ts, pool, x_end, solver, **solver_options)
-    errors = jnp.where(jnp.isfinite(errors), errors, jnp.inf)
+    errors = jnp.where(jnp.isfinite(errors), errors, -jnp.inf)  # a diverging sample is never picked as hard
     n_hard = int(round(hard * size))
     top = jnp.argsort(-errors)[:n_hard]
     rest = jnp.setdiff1d(jnp.arange(pool.shape[0]), top, size=pool.shape[0] - n_hard)[:size - n_hard]
@@ -372,7 +374,7 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
     x1 = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
     x_end = reference_end_states(model, x1, grids[0][0], grids[0][-1], rtol, atol)
     errors = jnp.stack([global_error(model, ts, x1, x_end, solver, **solver_options) for ts in grids])
-    errors = jnp.where(jnp.isfinite(errors), errors, jnp.inf)  # a diverging candidate is never chosen
+    errors = jnp.where(jnp.isfinite(errors), errors, -jnp.inf)  # a diverging sample is never picked as hard  # a diverging candidate is never chosen
     best = grids[int(jnp.argmin(errors))]
     return (best, errors) if return_errors else best
 

@@ -12,9 +12,11 @@ def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, decay_steps: int
     """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then constant, or, with
     ``decay_steps`` (the total length, warmup included), a cosine decay to
     ``end_factor * learning_rate`` (``optax.warmup_cosine_decay_schedule``; Loshchilov & Hutter 2017)."""
-    if not float(learning_rate) >= 0:
+    import jax  # (checks only concrete values: inject_hyperparams traces learning_rate)
+
+    if not isinstance(learning_rate, jax.core.Tracer) and not float(learning_rate) >= 0:
         raise ValueError(f"learning_rate must be >= 0; got {learning_rate!r}")
-    if not float(end_factor) >= 0:
+    if not isinstance(end_factor, jax.core.Tracer) and not float(end_factor) >= 0:
         raise ValueError(f"end_factor must be >= 0 (the final learning rate is end_factor * learning_rate); "
                          f"got {end_factor!r}")
     if warmup_steps < 0:
