@@ -39,6 +39,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow import param
 from genflow.paths import Path, check_t
@@ -214,7 +215,8 @@ def drop_labels(key: Array, y: Array, p: float, null_label: int) -> Array:
 
     ``y: [B]`` int labels; returns ``[B]``.
     """
-    if not isinstance(p, jax.core.Tracer) and not bool(jnp.all((jnp.asarray(p) >= 0) & (jnp.asarray(p) <= 1))):
+    # (NumPy, not jnp: under jit jnp would trace even a Python float)
+    if not isinstance(p, jax.core.Tracer) and not np.all((np.asarray(p) >= 0) & (np.asarray(p) <= 1)):
         raise ValueError(f"p must be a probability in [0, 1]; got {p!r}")
     drop = jax.random.bernoulli(key, p, y.shape)
     return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)

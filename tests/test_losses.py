@@ -221,6 +221,8 @@ def test_loss_argument_checks():
         gf.losses.drop_labels(key, jnp.zeros((4,), jnp.int32), 1.5, 10)
     d = gf.losses.drop_labels(key, jnp.zeros((4,), jnp.int32), jnp.array([0.0, 1.0, 0.0, 1.0]), 10)  # per example
     np.testing.assert_array_equal(d, [0, 10, 0, 10])
+    # a Python float inside jit (the images notebook's label dropout) is concrete: checked, not traced
+    jax.jit(lambda k, y: gf.losses.drop_labels(k, y, 0.1, 10))(key, jnp.zeros((4,), jnp.int32))
     with pytest.raises(TypeError, match="fixes prediction='velocity' and weighting='uniform'"):
         gf.losses.flow_matching_loss(_zero, path, x0, key, weighting="elbo")
     # checks do not get in the way of jit (t_min / t_max are Python floats there too)
