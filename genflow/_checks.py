@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import numbers
 
+import jax
+
+
+def concrete_real(value) -> float | None:
+    """``float(value)`` for a concrete real scalar (Python, NumPy or a 0-d array; not a
+    ``bool``); ``None`` for a traced value (which no check can see) or anything else."""
+    if isinstance(value, (bool, jax.core.Tracer)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # (ConcretizationTypeError is a TypeError)
+        return None
+
 
 def is_int(value, low: int = 1, high: int | None = None) -> bool:
     """Whether ``value`` is an integer (Python or NumPy, not a ``bool``) in ``[low, high]``."""

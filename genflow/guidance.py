@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
+from genflow._checks import concrete_real
 from genflow.paths import Path, broadcast_t
 from genflow.sampling import as_pytree_fn
 
@@ -153,18 +154,11 @@ def interval(guided: CFG, t_lo, t_hi) -> Interval:
     the interval the unconditional model is skipped (``lax.cond``), which saves its evaluations."""
     if not isinstance(guided, _GUIDED):
         raise TypeError(f"interval expects a CFG from gf.guidance.cfg / cfg_batched; got {type(guided).__name__}")
-    lo, hi = _concrete(t_lo), _concrete(t_hi)
+    lo, hi = concrete_real(t_lo), concrete_real(t_hi)
     if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:  # else it never (or always) guides
         raise ValueError(f"interval: expected 0 <= t_lo < t_hi <= 1; got t_lo={t_lo}, t_hi={t_hi}")
     return Interval(guided, jnp.asarray(t_lo, jnp.float32), jnp.asarray(t_hi, jnp.float32))
 
-
-def _concrete(v) -> float | None:
-    """``float(v)`` for a concrete scalar, None for a traced one (checked by nobody)."""
-    try:
-        return float(v)
-    except (jax.errors.ConcretizationTypeError, TypeError):
-        return None
 
 
 def cads_gamma(t: Array, tau1, tau2) -> Array:
@@ -272,7 +266,7 @@ def adaptive(guided: CFG, threshold: float = 0.99) -> Adaptive:
     unconditional evaluations once the switch time is known, use :func:`interval`)."""
     if not isinstance(guided, _GUIDED):
         raise TypeError(f"adaptive expects a CFG from gf.guidance.cfg / cfg_batched; got {type(guided).__name__}")
-    th = _concrete(threshold)
+    th = concrete_real(threshold)
     if th is not None and not -1.0 <= th < 1.0:  # a cosine similarity: from 1 on it never stops guiding
         raise ValueError(f"adaptive: threshold is a cosine similarity, expected in [-1, 1); got {threshold}")
     return Adaptive(guided, jnp.asarray(threshold, jnp.float32))

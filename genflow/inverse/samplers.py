@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import check_int
+from genflow._checks import check_int, concrete_real
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path
 from genflow.sampling import Model, as_pytree_fn, time_grid
@@ -299,11 +299,8 @@ def _check_eta(eta) -> None:
     """eta in [0, 1] where it is concrete (traced values, e.g. under vmap, pass)."""
     if isinstance(eta, jax.core.Tracer):
         return
-    try:
-        ok = not isinstance(eta, bool) and 0.0 <= float(eta) <= 1.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    v = concrete_real(eta)
+    if v is None or not 0.0 <= v <= 1.0:
         raise ValueError(f"eta must be a float in [0, 1]; got {eta!r}")
 
 

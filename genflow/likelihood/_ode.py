@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import check_int, is_int
+from genflow._checks import check_int, concrete_real, is_int
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
 from genflow.paths import Path, broadcast_t
 
@@ -244,10 +244,7 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
 
 def _unit_float(name: str, t) -> float:
     """``float(t)`` for a concrete real number in ``[0, 1]`` (Python, NumPy or a 0-d array)."""
-    try:
-        v = None if isinstance(t, bool) else float(t)
-    except (TypeError, ValueError):  # a tracer, an array of several times, a string
-        v = None
+    v = concrete_real(t)  # None for a tracer, an array of several times, a string
     if v is None or not 0.0 <= v <= 1.0:
         raise ValueError(f"{name} must be a float in [0, 1]; got {t!r}")
     return v

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import is_int
+from genflow._checks import concrete_real, is_int
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
 from genflow.sampling._grid import time_grid
@@ -70,10 +70,7 @@ def _real(low: float, high: float = np.inf, low_open: bool = False, what: str = 
     def ok(v):
         if isinstance(v, jax.core.Tracer):
             return True
-        try:
-            f = None if isinstance(v, bool) else float(v)
-        except (TypeError, ValueError):
-            return False
+        f = concrete_real(v)
         return f is not None and (f > low if low_open else f >= low) and f <= high
 
     return ok, what
