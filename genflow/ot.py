@@ -9,12 +9,12 @@ permutation
 
 a linear assignment problem. It is solved here *exactly* by SciPy's shortest-augmenting-path
 solver (Crouse 2016, a Jonker-Volgenant variant; exact for real costs, run in float64), made
-about 4x faster (1.55 vs 6.5 ms for 256 moons vs 256 Gaussian points, potential included) by a
-*dual preconditioner*:
+about 5x faster (1.5-1.7 vs 8.1-8.4 ms for 256 moons vs 256 Gaussian points, potential included)
+by a *dual preconditioner*:
 
 1. ``g = column_potential(cost)``: an approximate column dual potential from a few over-relaxed
-   entropic-OT (Sinkhorn) iterations in scaling form (one ``exp`` pass and BLAS matrix-vector
-   products), tightened by one pair of hard c-transforms.
+   entropic-OT (Sinkhorn) iterations in scaling form at two decreasing ``eps`` (one ``exp`` pass
+   per stage and BLAS matrix-vector products), tightened by one pair of hard c-transforms.
 2. The solver runs on ``cost - g[None, :]``.
 
 **Why the result is exact.** Subtracting a column potential changes the total cost of *every*
@@ -46,7 +46,7 @@ import queue
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +109,8 @@ def sq_distances(x0, x1):
     return out
 
 
-def column_potential(cost: np.ndarray, eps: float = 0.1, iters: int = 20, omega: float = 1.8) -> np.ndarray:
+def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02),
+                     iters: int | Sequence[int] = (10, 10), omega: float = 1.8) -> np.ndarray:
     """Approximate column dual potential of one assignment problem (host, NumPy).
 
     Entropic OT with uniform marginals (Cuturi 2013) in scaling form, started from the
@@ -121,22 +122,29 @@ def column_potential(cost: np.ndarray, eps: float = 0.1, iters: int = 20, omega:
         a <- a^(1 - omega) (K b)^(-omega),   b <- b^(1 - omega) (K^T a)^(-omega),
         g = v + eps * log(b)
 
-    (one ``exp`` pass, then ``iters`` pairs of BLAS matrix-vector products), followed by one
-    pair of hard c-transforms ``u_i = min_j (c_ij - g_j)``, ``g_j = min_i (c_ij - u_i)``, which
-    makes ``g`` dual-feasible and tight. ``eps`` is absolute (cost units). The iterations run in
-    float32; if the scalings leave float32's range (large costs relative to ``eps``, or
-    ``omega`` too large), they are redone in float64, and non-finite entries left after that
-    fall back to ``v``. Only speed depends on the result: any finite ``g`` leaves the optimal
-    assignment unchanged.
+    (one ``exp`` pass, then ``iters`` pairs of BLAS matrix-vector products). ``eps`` may be a
+    decreasing schedule (epsilon scaling): each stage restarts the scalings from the previous
+    stage's ``g`` (``v <- g``) with its own ``iters``. A hard c-transform pair
+    ``u_i = min_j (c_ij - g_j)``, ``g_j = min_i (c_ij - u_i)`` then makes ``g`` dual-feasible and
+    tight. ``eps`` is absolute (cost units). The iterations run in float32; if the first stage's
+    scalings leave float32's range (large costs relative to ``eps``, or ``omega`` too large), it
+    is redone in float64 with all stages' iterations at the first ``eps`` and the later,
+    sharper stages are skipped; a later stage that leaves float32's range is dropped (the
+    previous stage's ``g`` is kept); non-finite entries left fall back to ``v``. Only speed
+    depends on the result: any finite ``g`` leaves the optimal assignment unchanged.
 
-    On 256 moons-vs-Gaussian points, ``omega = 1.8`` with 20 iterations reaches a better
-    potential than plain Sinkhorn with 40 (SciPy's solver then takes ~1.0 vs ~1.5 ms), in less
-    time (``experiments/benchmarks/cfm_throughput.py --part solver``).
+    The default (eps 0.1 then 0.02, 10 iterations each) costs about what one stage of 20
+    iterations at eps 0.1 costs, and SciPy's solver then finishes sooner: potential + solve per
+    256-point problem 1.17-1.26 vs 1.40-1.45 ms on moons vs Gaussian noise (8 Gaussians 1.14-1.18
+    vs 1.42-1.54, checkerboard 1.09-1.31 vs 1.30-1.45; 512 moons points 4.8-6.0 vs 6.6-9.0 ms); on
+    16-D Gaussians, where the float64 retry runs, 1.15-1.30 vs 1.09-1.27 (the same work).
+    ``experiments/benchmarks/cfm_throughput.py --part solver`` times it.
 
     Args:
       cost: ``[n, n]``.
-      eps: entropic regularisation, > 0.
-      iters: Sinkhorn iterations, >= 0.
+      eps: entropic regularisation, > 0: a float (one stage), or a sequence of stages.
+      iters: Sinkhorn iterations, >= 0: an int (per stage), or one per stage of ``eps`` (with a
+        float ``eps``, the one stage runs their sum).
       omega: over-relaxation, in (0, 2).
     Returns:
       ``[n]`` float64 column potentials, for ``solve_assignment(cost - g[None, :])``.
@@ -145,28 +153,55 @@ def column_potential(cost: np.ndarray, eps: float = 0.1, iters: int = 20, omega:
     _check_square(cost)
     if not 0.0 < omega < 2.0:
         raise ValueError(f"omega must be in (0, 2); got {omega}")
-    if not eps > 0.0:
-        raise ValueError(f"eps must be > 0; got {eps}")
-    iters = int(iters)
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0; got {iters}")
+    stages = _stages(eps, iters)
     c32 = np.asarray(cost, np.float32)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore"):
-        for dtype in (np.float32, np.float64):
-            c = c32 if dtype is np.float32 else np.asarray(cost, dtype)
-            v = c.min(axis=0)
-            r = c - v[None, :]
-            u = r.min(axis=1)
-            k = np.exp((u[:, None] - r) * dtype(1.0 / eps))
-            b = _scalings(k, iters, dtype(omega))
-            g = v + dtype(eps) * np.log(b)
-            if np.isfinite(g).all():
+        v = c32.min(axis=0)
+        g = v
+        for s, (e, n) in enumerate(stages):
+            for dtype in ((np.float32, np.float64) if s == 0 else (np.float32,)):
+                c = c32 if dtype is np.float32 else np.asarray(cost, dtype)
+                base = g.astype(dtype) if s else c.min(axis=0)
+                r = c - base[None, :]
+                u = r.min(axis=1)
+                k = np.exp((u[:, None] - r) * dtype(1.0 / e))
+                # float64 retry of the first stage: all stages' iterations at its eps (the
+                # sharper stages would leave float32's range too, and float64 costs more per pass)
+                b = _scalings(k, n if dtype is np.float32 else sum(m for _, m in stages), dtype(omega))
+                new = base + dtype(e) * np.log(b)
+                if np.isfinite(new).all():
+                    break
+            if s == 0:
+                g = np.where(np.isfinite(new), new, v)
+                if new.dtype != np.float32:
+                    break  # float32 overflowed at the coarsest eps: the sharper stages would too
+            elif np.isfinite(new).all():
+                g = new
+            else:
                 break
-        g = np.where(np.isfinite(g), g, v)
         # One pair of hard c-transforms (in float32: only speed depends on g).
         u = (c32 - g.astype(np.float32)[None, :]).min(axis=1)
         tight = (c32 - u[:, None]).min(axis=0)
     return np.where(np.isfinite(tight), tight, g).astype(np.float64)
+
+
+def _stages(eps, iters) -> list[tuple[float, int]]:
+    """``[(eps, iters), ...]`` from scalars or matching sequences, checked."""
+    if np.ndim(eps) == 0:  # one stage, of all the iterations given
+        eps_l, iters_l = [eps], [iters if np.ndim(iters) == 0 else sum(iters)]
+    else:
+        eps_l = list(eps)
+        iters_l = [iters] * len(eps_l) if np.ndim(iters) == 0 else list(iters)
+    if not eps_l or len(iters_l) != len(eps_l):
+        raise ValueError(f"eps and iters must be scalars or sequences of the same non-zero length; got eps={eps!r}, "
+                         f"iters={iters!r}")
+    for e in eps_l:
+        if not float(e) > 0.0:
+            raise ValueError(f"eps must be > 0 (every stage); got {eps!r}")
+    for n in iters_l:
+        if int(n) != n or int(n) < 0:
+            raise ValueError(f"iters must be integers >= 0; got {iters!r}")
+    return [(float(e), int(n)) for e, n in zip(eps_l, iters_l)]
 
 
 def _scalings(k: np.ndarray, iters: int, omega) -> np.ndarray:
@@ -191,7 +226,7 @@ def _scalings(k: np.ndarray, iters: int, omega) -> np.ndarray:
     return b
 
 
-def _solve_one(cost: np.ndarray, precondition: bool, eps: float, iters: int) -> np.ndarray:
+def _solve_one(cost: np.ndarray, precondition: bool, eps, iters) -> np.ndarray:
     from scipy.optimize import linear_sum_assignment
 
     c = np.asarray(cost, np.float64)
@@ -209,7 +244,7 @@ def _batched(fn, count: int, threads: int | None) -> list:
     return list(_pool(threads).map(fn, range(count)))
 
 
-def solve_assignment(cost: np.ndarray, *, precondition: bool = True, eps: float = 0.1, iters: int = 20,
+def solve_assignment(cost: np.ndarray, *, precondition: bool = True, eps=(0.1, 0.02), iters=(10, 10),
                      threads: int | None = None) -> np.ndarray:
     """Exact linear assignment on the host: ``perm`` minimising ``sum_i cost[..., i, perm[i]]``.
 
@@ -231,24 +266,34 @@ def solve_assignment(cost: np.ndarray, *, precondition: bool = True, eps: float 
     return np.stack(out).reshape(lead + (n,)) if out else np.zeros(lead + (n,), np.int32)
 
 
-def solve_ot_points(x0: np.ndarray, x1: np.ndarray, *, precondition: bool = True, eps: float = 0.1,
-                    iters: int = 20, threads: int | None = None) -> np.ndarray:
+def solve_ot_points(x0: np.ndarray, x1: np.ndarray, *, precondition: bool = True, eps=(0.1, 0.02),
+                    iters=(10, 10), threads: int | None = None) -> np.ndarray:
     """Host: exact OT permutations for point batches ``x0, x1: [..., B, F]``.
 
     Returns ``[..., B]`` int32 ``perm`` minimising ``sum_i ||x0_i - x1_perm(i)||^2``, with the
-    costs computed in float64 from the given points.
+    costs computed in float64 from the given points. ``precondition``, ``eps``, ``iters``,
+    ``threads``: see :func:`solve_assignment`.
     """
     x0, x1 = np.asarray(x0), np.asarray(x1)
     if x0.shape != x1.shape or x0.ndim < 2:
         raise ValueError(f"x0 and x1 must have the same shape [..., B, F]; got {x0.shape} and {x1.shape}")
     lead, b = x0.shape[:-2], x0.shape[-2]
-    f0 = x0.reshape((-1,) + x0.shape[-2:]).astype(np.float64)
-    f1 = x1.reshape((-1,) + x1.shape[-2:]).astype(np.float64)
-    out = _batched(lambda k: _solve_one(sq_distances(f0[k], f1[k]), precondition, eps, iters), f0.shape[0], threads)
+    f0, f1 = x0.reshape((-1,) + x0.shape[-2:]), x1.reshape((-1,) + x1.shape[-2:])
+    _stages(eps, iters)  # checked once, not per problem in the pool
+
+    def one(k):
+        # Each problem's points are converted to float64 on their own: converting the whole
+        # batch up front (two [P, B, F] float64 arrays) made every problem's [B, B] temporaries
+        # page-fault afresh (~400 minor faults and +0.7 ms per 256-point problem, measured:
+        # 2.1 vs 1.4 ms), whatever the allocator's reason.
+        a, b_ = np.asarray(f0[k], np.float64), np.asarray(f1[k], np.float64)
+        return _solve_one(sq_distances(a, b_), precondition, eps, iters)
+
+    out = _batched(one, f0.shape[0], threads)
     return np.stack(out).reshape(lead + (b,)) if out else np.zeros(lead + (b,), np.int32)
 
 
-def assignment(cost: Array, *, precondition: bool = True, eps: float = 0.1, iters: int = 20,
+def assignment(cost: Array, *, precondition: bool = True, eps=(0.1, 0.02), iters=(10, 10),
                threads: int | None = None) -> Array:
     """Exact linear assignment, callable under ``jit`` / ``vmap`` / ``lax.scan``.
 
@@ -263,7 +308,7 @@ def assignment(cost: Array, *, precondition: bool = True, eps: float = 0.1, iter
     return jax.pure_callback(solve, out, jax.lax.stop_gradient(cost), vmap_method="expand_dims")
 
 
-def ot_permutation(x0: Array, x1: Array, *, precondition: bool = True, eps: float = 0.1, iters: int = 20,
+def ot_permutation(x0: Array, x1: Array, *, precondition: bool = True, eps=(0.1, 0.02), iters=(10, 10),
                    threads: int | None = None) -> Array:
     """The exact minibatch OT permutation ``argmin_p sum_i ||x0_i - x1_p(i)||^2``, jittable.
 
@@ -335,13 +380,14 @@ class CoupledBatches:
 
     def __init__(self, sampler: Callable[[Array, int], Array], batch_size: int, key: Array, *, chunk: int = 100,
                  prefetch: int = 2, coupling: str = "ot", noise: Callable | None = None, precondition: bool = True,
-                 eps: float = 0.1, iters: int = 20, threads: int | None = None, num_batches: int | None = None):
+                 eps=(0.1, 0.02), iters=(10, 10), threads: int | None = None, num_batches: int | None = None):
         if coupling not in ("ot", "independent"):
             raise ValueError(f"coupling must be 'ot' or 'independent'; got {coupling!r}")
         if chunk < 1 or prefetch < 1 or batch_size < 1:
             raise ValueError(f"chunk, prefetch and batch_size must be >= 1; got {chunk}, {prefetch}, {batch_size}")
         self.batch_size, self.chunk, self.coupling = int(batch_size), int(chunk), coupling
         self.threads, self.num_batches, self.precondition = threads, num_batches, precondition
+        _stages(eps, iters)  # bad eps / iters fail here, not in the background thread
         self.eps, self.iters = eps, iters
         self._draw = _draw_fn(sampler, self.batch_size, self.chunk, noise or _standard_normal)
         self._key, self._prefetch = key, int(prefetch)
