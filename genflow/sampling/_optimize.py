@@ -86,8 +86,13 @@ def _end_states(model, x1, t_start, t_end, rtol, atol, max_steps):
     path = model.path
     t_end = jnp.asarray(t_end, x1.dtype)
     a, s = path.alpha(t_end), path.sigma(t_end)
-    tail = a * (d_stop + (s / a / rho_stop) * (y_stop - d_stop))
-    return jnp.where(_tau(path, t_end) < tau_stop, tail, sols.ys[:, -1] * (a + s))
+    return jnp.where(_tau(path, t_end) < tau_stop, _tail(a, s, y_stop, d_stop, rho_stop), sols.ys[:, -1] * (a + s))
+
+
+def _tail(a, s, y_stop, d_stop, rho_stop):
+    """``x`` at ``(alpha, sigma) = (a, s)`` below the reference solve's stop: the exact limit
+    ``alpha (D + (rho / rho_stop) (y_stop - D))``, ``rho = sigma / alpha``."""
+    return a * (d_stop + (s / a / rho_stop) * (y_stop - d_stop))
 
 
 @eqx.filter_jit
@@ -128,7 +133,7 @@ def _trajectories_at(path, sols, tau0, tau_stop, y_stop, d_stop, rho_stop, ts: A
     a, s = path.alpha(ts), path.sigma(ts)
     shape = (-1,) + (1,) * (ys.ndim - 1)
     x = jnp.moveaxis(ys, 0, 1) * (a + s).reshape(shape)
-    tail = a.reshape(shape) * (d_stop[None] + (s / a / rho_stop).reshape(shape) * (y_stop - d_stop)[None])
+    tail = _tail(a.reshape(shape), s.reshape(shape), y_stop[None], d_stop[None], rho_stop)
     return jnp.where((taus < tau_stop).reshape(shape), tail, x)
 
 
