@@ -22,7 +22,7 @@ Timing: the analytic model on a batch of 512, per step; the per-step overhead is
 minus the model's own evaluation time (a compiled loop of the same model calls for genflow, the
 same number of torch denoiser calls for the peers), contenders interleaved, medians with min/max.
 
-    .venv/bin/python experiments/benchmarks/samplers.py            # full run (~1 h on 2 CPU cores)
+    .venv/bin/python experiments/benchmarks/samplers.py            # full run (~10 min on 2 CPU cores without --no-timing's timing part)
     .venv/bin/python experiments/benchmarks/samplers.py --quick    # one seed, NFE 10 and 20
     .venv/bin/python experiments/benchmarks/samplers.py --selected-only    # karras-selected, 12 seeds (~9 min)
     .venv/bin/python experiments/benchmarks/samplers.py --selected-only --robust-seeds $(seq 101 112)  # other seeds
