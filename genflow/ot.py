@@ -137,7 +137,7 @@ def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02
     iterations at eps 0.1 costs, and SciPy's solver then finishes sooner: potential + solve per
     256-point problem 1.17-1.26 vs 1.40-1.45 ms on moons vs Gaussian noise (8 Gaussians 1.14-1.18
     vs 1.42-1.54, checkerboard 1.09-1.31 vs 1.30-1.45; 512 moons points 4.8-6.0 vs 6.6-9.0 ms); on
-    16-D Gaussians, where the float64 retry runs, 1.15-1.30 vs 1.09-1.27 (the same work).
+    16-D Gaussians, where the float64 retry runs, 1.15-1.30 vs 1.09-1.27 (about the same).
     ``experiments/benchmarks/cfm_throughput.py --part solver`` times it.
 
     Args:
