@@ -89,24 +89,42 @@ def _check_square(cost, name: str = "cost") -> None:
 def sq_distances(x0, x1):
     """Squared Euclidean cost ``C[..., i, j] = ||x0[..., i, :] - x1[..., j, :]||^2``.
 
-    ``x0, x1: [..., B, F]`` (NumPy or JAX); returns ``[..., B, B]`` in their dtype. Computed as
-    a sum of squared differences (no cancellation), so float64 inputs give float64-exact costs.
+    ``x0, x1: [..., B, F]`` (NumPy or JAX); returns ``[..., B, B]`` in their dtype. With NumPy and
+    ``F < 4`` features (2-D toy data) it is a sum of squared differences, one feature at a time:
+    no cancellation, so float64 inputs give float64-exact costs. With ``F >= 4`` it is the Gram
+    form ``|a_i|^2 + |b_j|^2 - 2 a_i.b_j`` of the points centred on their common mean (one BLAS
+    matrix product: 0.22 vs 6.9 ms at B = 256, F = 64; 3.9 vs 52 ms at F = 784), clipped at 0.
+    Centring makes it translation-invariant; its rounding is ~1e-16 of the squared spread of
+    the points (max difference to the exact form 1.7e-13 at F = 64, 6.4e-12 at F = 784 for unit
+    Gaussians, whose costs are ~2F), which can only reorder assignments whose total costs tie to
+    that precision. JAX inputs use the difference form.
     """
     if x0.shape != x1.shape or x0.ndim < 2:
         raise ValueError(f"x0 and x1 must have the same shape [..., B, F]; got {x0.shape} and {x1.shape}")
     if isinstance(x0, jax.Array) or isinstance(x1, jax.Array):
         d = x0[..., :, None, :] - x1[..., None, :, :]
         return jnp.sum(d * d, axis=-1)
-    # NumPy: one feature at a time, in place. Reducing a [..., B, B, F] difference over its short
-    # last axis is ~10x slower for F = 2 (1.9 vs 0.19 ms at B = 256; it was a third of the host
-    # coupling's time). The values agree with that form up to summation order (F <= 2: identical).
     x0, x1 = np.asarray(x0), np.asarray(x1)
+    if x0.shape[-1] >= _GRAM_MIN_FEATURES:
+        m = 0.5 * (x0.mean(axis=-2, keepdims=True) + x1.mean(axis=-2, keepdims=True))
+        a, b = x0 - m, x1 - m
+        out = np.matmul(a, np.swapaxes(b, -1, -2))
+        out *= -2.0
+        out += np.einsum("...i,...i->...", a, a)[..., :, None]
+        out += np.einsum("...i,...i->...", b, b)[..., None, :]
+        return np.maximum(out, 0.0, out=out)
+    # One feature at a time, in place. Reducing a [..., B, B, F] difference over its short last
+    # axis is ~10x slower for F = 2 (1.9 vs 0.19 ms at B = 256; it was a third of the host
+    # coupling's time). The values agree with that form up to summation order (F <= 2: identical).
     out = None
     for f in range(x0.shape[-1]):
         d = x0[..., :, f, None] - x1[..., None, :, f]
         d *= d
         out = d if out is None else np.add(out, d, out=out)
     return out
+
+
+_GRAM_MIN_FEATURES = 4  # sq_distances' NumPy Gram form from this many features (measured: 2x faster at 4)
 
 
 def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02),

@@ -50,6 +50,27 @@ def _is_perm(p):
     return np.array_equal(np.sort(p, axis=-1), np.broadcast_to(np.arange(p.shape[-1]), p.shape))
 
 
+def _exact_sq_distances(a, b):
+    return ((a[..., :, None, :] - b[..., None, :, :]) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("shape,offset", [((64, 16), 0.0), ((3, 20, 8), 1e3), ((32, 784), -50.0), ((40, 4), 1e4)])
+def test_sq_distances_gram_form_is_accurate_and_keeps_exact_optima(shape, offset):
+    # From 4 features NumPy computes the Gram form of centred points: accurate to ~1e-16 of the
+    # squared spread even far from the origin (the offset), and the exact-OT optimum on it is the
+    # optimum of the exact costs.
+    rng = np.random.default_rng(shape[-1])
+    a, b = rng.standard_normal(shape) + offset, rng.standard_normal(shape) * 2 + offset
+    got, ref = ot.sq_distances(a, b), _exact_sq_distances(a, b)
+    assert got.dtype == np.float64 and got.shape == ref.shape and np.all(got >= 0)
+    spread = np.max(_exact_sq_distances(np.concatenate([a, b], -2), np.concatenate([a, b], -2)))
+    assert np.max(np.abs(got - ref)) <= 1e-14 * spread, np.max(np.abs(got - ref)) / spread
+    perm = ot.solve_ot_points(a, b)
+    best = np.array([_scipy_cost(c) for c in ref.reshape((-1,) + ref.shape[-2:])])
+    mine = ot.assignment_cost(ref, perm).reshape(-1)
+    np.testing.assert_allclose(mine, best, rtol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(7, 1), (256, 2), (3, 33, 5)])
 def test_sq_distances_match_brute_force(shape):
     # NumPy (feature-at-a-time) and JAX paths against the definition, with leading batch dims.
