@@ -40,9 +40,9 @@ def w2_exact(x, y) -> float:
     if x.shape != y.shape:
         raise ValueError(f"w2_exact needs point sets of equal shape; got {x.shape} and {y.shape} "
                          f"(use w2_sinkhorn or sliced_w2 for unequal sizes)")
-    from genflow.ot import sq_distances
+    from genflow.ot import exact_sq_distances
 
-    cost = sq_distances(x, y)  # exact differences below 4 features, a centred Gram form from 4 (see there)
+    cost = exact_sq_distances(x, y)  # differences, not |x|^2 + |y|^2 - 2 x.y (which rounds: w2(x, x) != 0)
     r, c = linear_sum_assignment(cost)
     return float(np.sqrt(cost[r, c].mean()))
 

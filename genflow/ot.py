@@ -52,12 +52,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_int
+from genflow._checks import check_int, concrete_real, is_int
 
 Array = jax.Array
 
 __all__ = [
     "sq_distances",
+    "exact_sq_distances",
     "column_potential",
     "solve_assignment",
     "solve_ot_points",
@@ -89,10 +90,11 @@ def _check_square(cost, name: str = "cost") -> None:
 def sq_distances(x0, x1):
     """Squared Euclidean cost ``C[..., i, j] = ||x0[..., i, :] - x1[..., j, :]||^2``.
 
-    ``x0, x1: [..., B, F]`` (NumPy or JAX); returns ``[..., B, B]`` in their dtype. With NumPy and
-    ``F < 4`` features (2-D toy data) it is a sum of squared differences, one feature at a time:
-    no cancellation, so float64 inputs give float64-exact costs. With ``F >= 4`` it is the Gram
-    form ``|a_i|^2 + |b_j|^2 - 2 a_i.b_j`` of the points centred on their common mean (one BLAS
+    ``x0, x1: [..., B, F]`` (NumPy or JAX); returns ``[..., B, B]`` in their floating dtype
+    (float64 for integer inputs from 4 features). With NumPy and ``F < 4`` features (2-D toy data)
+    it is a sum of squared differences, one feature at a time: no cancellation, so float64
+    inputs give float64-exact costs. With ``F >= 4`` it is the Gram form
+    ``|a_i|^2 + |b_j|^2 - 2 a_i.b_j`` of the points centred on their common mean (one BLAS
     matrix product: 0.22 vs 6.9 ms at B = 256, F = 64; 3.9 vs 52 ms at F = 784), clipped at 0.
     Centring makes it translation-invariant; its rounding is ~1e-16 of the squared spread of
     the points (max difference to the exact form 1.7e-13 at F = 64, 6.4e-12 at F = 784 for unit
@@ -105,22 +107,36 @@ def sq_distances(x0, x1):
         d = x0[..., :, None, :] - x1[..., None, :, :]
         return jnp.sum(d * d, axis=-1)
     x0, x1 = np.asarray(x0), np.asarray(x1)
-    if x0.shape[-1] >= _GRAM_MIN_FEATURES:
-        m = 0.5 * (x0.mean(axis=-2, keepdims=True) + x1.mean(axis=-2, keepdims=True))
-        a, b = x0 - m, x1 - m
-        out = np.matmul(a, np.swapaxes(b, -1, -2))
-        out *= -2.0
-        out += np.einsum("...i,...i->...", a, a)[..., :, None]
-        out += np.einsum("...i,...i->...", b, b)[..., None, :]
-        return np.maximum(out, 0.0, out=out)
-    # One feature at a time, in place. Reducing a [..., B, B, F] difference over its short last
-    # axis is ~10x slower for F = 2 (1.9 vs 0.19 ms at B = 256; it was a third of the host
-    # coupling's time). The values agree with that form up to summation order (F <= 2: identical).
+    if x0.shape[-1] < _GRAM_MIN_FEATURES or x0.shape[-2] == 0:
+        return exact_sq_distances(x0, x1)
+    m = 0.5 * (x0.mean(axis=-2, keepdims=True) + x1.mean(axis=-2, keepdims=True))
+    a, b = x0 - m, x1 - m
+    out = np.matmul(a, np.swapaxes(b, -1, -2))
+    out *= -2.0
+    out += np.einsum("...i,...i->...", a, a)[..., :, None]
+    out += np.einsum("...i,...i->...", b, b)[..., None, :]
+    return np.maximum(out, 0.0, out=out)
+
+
+def exact_sq_distances(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
+    """:func:`sq_distances` as a sum of squared differences for any ``F`` (NumPy ``[..., B, F]``):
+    float64 inputs give float64-exact costs (``gf.metrics.w2_exact`` uses it), at ~``F`` passes
+    over ``[..., B, B]``.
+
+    One feature at a time, in place: reducing a ``[..., B, B, F]`` difference over its short
+    last axis is ~10x slower for F = 2 (1.9 vs 0.19 ms at B = 256; it was a third of the host
+    coupling's time). The values agree with that form up to summation order (F <= 2: identical).
+    """
+    x0, x1 = np.asarray(x0), np.asarray(x1)
+    if x0.shape != x1.shape or x0.ndim < 2:
+        raise ValueError(f"x0 and x1 must have the same shape [..., B, F]; got {x0.shape} and {x1.shape}")
     out = None
     for f in range(x0.shape[-1]):
         d = x0[..., :, f, None] - x1[..., None, :, f]
         d *= d
         out = d if out is None else np.add(out, d, out=out)
+    if out is None:  # no features: every distance is 0
+        out = np.zeros(x0.shape[:-1] + (x1.shape[-2],), np.result_type(x0, x1))
     return out
 
 
@@ -148,8 +164,9 @@ def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02
     scalings leave float32's range (large costs relative to ``eps``, or ``omega`` too large), it
     is redone in float64 with all stages' iterations at the first ``eps`` and the later,
     sharper stages are skipped; a later stage that leaves float32's range is dropped (the
-    previous stage's ``g`` is kept); non-finite entries left fall back to ``v``. Only speed
-    depends on the result: any finite ``g`` leaves the optimal assignment unchanged.
+    previous stage's ``g`` is kept); non-finite entries left fall back to ``v``. ``g`` is then
+    shifted by a constant so that ``min_j g_j = 0``. Only speed depends on the result:
+    any finite ``g`` leaves the optimal assignment unchanged.
 
     The default (eps 0.1 then 0.02, 10 iterations each) costs about what one stage of 20
     iterations at eps 0.1 costs, and SciPy's solver then finishes sooner: potential + solve per
@@ -172,10 +189,9 @@ def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02
     if not 0.0 < omega < 2.0:
         raise ValueError(f"omega must be in (0, 2); got {omega}")
     stages = _stages(eps, iters)
-    c32 = np.asarray(cost, np.float32)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore", under="ignore"):
-        v = c32.min(axis=0)
-        g = v
+        c32 = np.asarray(cost, np.float32)  # (costs above float32's range become inf here)
+        g = None  # set by the first stage
         for s, (e, n) in enumerate(stages):
             for dtype in ((np.float32, np.float64) if s == 0 else (np.float32,)):
                 c = c32 if dtype is np.float32 else np.asarray(cost, dtype)
@@ -189,8 +205,8 @@ def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02
                 new = base + dtype(e) * np.log(b)
                 if np.isfinite(new).all():
                     break
-            if s == 0:
-                g = np.where(np.isfinite(new), new, v)
+            if s == 0:  # non-finite entries fall back to the column minima of the dtype used
+                g = np.where(np.isfinite(new), new, base)
                 if new.dtype != np.float32:
                     break  # float32 overflowed at the coarsest eps: the sharper stages would too
             elif np.isfinite(new).all():
@@ -200,25 +216,32 @@ def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02
         # One pair of hard c-transforms (in float32: only speed depends on g).
         u = (c32 - g.astype(np.float32)[None, :]).min(axis=1)
         tight = (c32 - u[:, None]).min(axis=0)
-    return np.where(np.isfinite(tight), tight, g).astype(np.float64)
+        g = np.where(np.isfinite(tight), tight, g).astype(np.float64)
+    # A constant shift (which changes no assignment's rank) to min(g) = 0: for costs far below
+    # eps, g is ~eps * log(n) and cost - g would round the costs away.
+    low = g.min()
+    return g - low if np.isfinite(low) else g
 
 
 def _stages(eps, iters) -> list[tuple[float, int]]:
-    """``[(eps, iters), ...]`` from scalars or matching sequences, checked."""
-    if np.ndim(eps) == 0:  # one stage, of all the iterations given
-        eps_l, iters_l = [eps], [iters if np.ndim(iters) == 0 else sum(iters)]
-    else:
-        eps_l = list(eps)
-        iters_l = [iters] * len(eps_l) if np.ndim(iters) == 0 else list(iters)
+    """``[(eps, iters), ...]`` from scalars or sequences, every element checked: a float ``eps``
+    is one stage of all the iterations (their sum), a scalar ``iters`` applies to every stage."""
+    eps_l = [eps] if np.ndim(eps) == 0 else list(eps)
+    iters_l = [iters] if np.ndim(iters) == 0 else list(iters)
+    for e in eps_l:
+        v = concrete_real(e)
+        if v is None or not v > 0.0:
+            raise ValueError(f"eps must be a real > 0 (every stage); got {eps!r}")
+    for n in iters_l:
+        if not is_int(n, 0):
+            raise ValueError(f"iters must be ints >= 0 (every stage); got {iters!r}")
+    if np.ndim(eps) == 0:
+        iters_l = [sum(iters_l)]
+    elif np.ndim(iters) == 0:
+        iters_l = iters_l * len(eps_l)
     if not eps_l or len(iters_l) != len(eps_l):
         raise ValueError(f"eps and iters must be scalars or sequences of the same non-zero length; got eps={eps!r}, "
                          f"iters={iters!r}")
-    for e in eps_l:
-        if not float(e) > 0.0:
-            raise ValueError(f"eps must be > 0 (every stage); got {eps!r}")
-    for n in iters_l:
-        if int(n) != n or int(n) < 0:
-            raise ValueError(f"iters must be integers >= 0; got {iters!r}")
     return [(float(e), int(n)) for e, n in zip(eps_l, iters_l)]
 
 
@@ -278,6 +301,7 @@ def solve_assignment(cost: np.ndarray, *, precondition: bool = True, eps=(0.1, 0
     """
     cost = np.asarray(cost)
     _check_square(cost)
+    _stages(eps, iters)  # checked here, even when not preconditioning, not in the pool
     lead, n = cost.shape[:-2], cost.shape[-1]
     flat = cost.reshape((-1, n, n))
     out = _batched(lambda k: _solve_one(flat[k], precondition, eps, iters), flat.shape[0], threads)
@@ -321,6 +345,7 @@ def assignment(cost: Array, *, precondition: bool = True, eps=(0.1, 0.02), iters
     call, spread over ``threads``.
     """
     _check_square(cost)
+    _stages(eps, iters)  # here, not as an error inside the host callback
     out = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
     solve = functools.partial(solve_assignment, precondition=precondition, eps=eps, iters=iters, threads=threads)
     return jax.pure_callback(solve, out, jax.lax.stop_gradient(cost), vmap_method="expand_dims")
@@ -336,6 +361,7 @@ def ot_permutation(x0: Array, x1: Array, *, precondition: bool = True, eps=(0.1,
     """
     if x0.shape != x1.shape or x0.ndim < 1:
         raise ValueError(f"x0 and x1 must have the same shape [B, ...]; got {x0.shape} and {x1.shape}")
+    _stages(eps, iters)  # here, not as an error inside the host callback
     a = jax.lax.stop_gradient(x0.reshape(x0.shape[0], -1))
     b = jax.lax.stop_gradient(x1.reshape(x1.shape[0], -1))
     out = jax.ShapeDtypeStruct((x0.shape[0],), jnp.int32)

@@ -71,9 +71,17 @@ def test_sq_distances_gram_form_is_accurate_and_keeps_exact_optima(shape, offset
     np.testing.assert_allclose(mine, best, rtol=1e-12)
 
 
+def test_sq_distances_of_empty_batches_and_featureless_points():
+    for shape in ((0, 8), (2, 0, 5), (4, 0)):
+        z = np.zeros(shape)
+        for fn in (ot.sq_distances, ot.exact_sq_distances):
+            got = fn(z, z)
+            assert got.shape == shape[:-1] + (shape[-2],) and not np.any(got), (fn.__name__, shape)
+
+
 @pytest.mark.parametrize("shape", [(7, 1), (256, 2), (3, 33, 5)])
 def test_sq_distances_match_brute_force(shape):
-    # NumPy (feature-at-a-time) and JAX paths against the definition, with leading batch dims.
+    # NumPy and JAX paths against the definition, with leading batch dims.
     rng = np.random.default_rng(len(shape))
     a, b = rng.standard_normal(shape) * 3, rng.standard_normal(shape) + 1
     lead, n = shape[:-2], shape[-2]
@@ -82,9 +90,12 @@ def test_sq_distances_match_brute_force(shape):
         for i in range(n):
             for j in range(n):
                 ref[idx + (i, j)] = sum((a[idx + (i, f)] - b[idx + (j, f)]) ** 2 for f in range(shape[-1]))
-    got = ot.sq_distances(a, b)
+    got = ot.sq_distances(a, b)  # feature-at-a-time below 4 features, the centred Gram form at 5
     assert got.dtype == np.float64 and got.shape == lead + (n, n)
     np.testing.assert_allclose(got, ref, rtol=1e-14, atol=1e-12)
+    exact = ot.exact_sq_distances(a, b)  # the difference form at any F
+    assert exact.dtype == np.float64 and exact.shape == lead + (n, n)
+    np.testing.assert_allclose(exact, ref, rtol=1e-15, atol=1e-13)
     with jax.enable_x64(True):
         np.testing.assert_allclose(np.asarray(ot.sq_distances(jnp.asarray(a), jnp.asarray(b))), ref, rtol=1e-12)
 
@@ -154,12 +165,37 @@ def test_potential_is_near_dual_optimal():
     assert default < 0.5 * one_stage  # epsilon scaling: measured 0.0012 vs 0.0089
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e-8, 1e-10])
+def test_costs_far_below_eps_keep_their_exact_optimum(scale):
+    # Costs ~1e-14 against eps = 0.1: the potential is ~eps * log(n); column_potential shifts it
+    # to the costs' scale, or cost - g would round the costs away (non-optimal assignments, up to
+    # 6x the optimal cost at scale 1e-8 before the shift).
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        a, b = rng.standard_normal((128, 2)) * scale, rng.standard_normal((128, 2)) * scale
+        c = ot.exact_sq_distances(a, b)
+        best = _scipy_cost(c)
+        assert abs(ot.assignment_cost(c, ot.solve_ot_points(a, b)) - best) <= 1e-12 * best
+
+
+def test_potential_stays_finite_when_a_column_exceeds_float32():
+    # A column above float32's range with a sharp eps: the fallback must be float64 column minima
+    # (a float32 one is inf, and cost - g then holds -inf: SciPy refuses it).
+    rng = np.random.default_rng(12)
+    c = ot.sq_distances(_moons_np(rng, 64), rng.standard_normal((64, 2)))
+    c[:, 0] = 1e39
+    g = ot.column_potential(c, 1e-4, 40)
+    assert np.all(np.isfinite(g))
+    assert abs(ot.assignment_cost(c, ot.solve_assignment(c, eps=1e-4, iters=40)) - _scipy_cost(c)) <= 1e-12 * _scipy_cost(c)
+
+
 def test_a_stage_that_overflows_is_dropped():
     # eps = 1e-6 puts the second stage's float32 scalings out of range: its result is dropped
     # and the first stage's potential is kept, exactly.
     rng = np.random.default_rng(3)
     c = ot.sq_distances(_moons_np(rng, 256), rng.standard_normal((256, 2)))
-    np.testing.assert_array_equal(ot.column_potential(c, (0.1, 1e-6), (10, 10)), ot.column_potential(c, 0.1, 10))
+    np.testing.assert_allclose(ot.column_potential(c, (0.1, 1e-6), (10, 10)), ot.column_potential(c, 0.1, 10),
+                               rtol=0, atol=1e-12)  # equal up to the rounding of the final constant shift
     # a float eps is one stage of all the iterations
     np.testing.assert_array_equal(ot.column_potential(c, 0.1), ot.column_potential(c, 0.1, 20))
 
@@ -187,7 +223,8 @@ def test_column_potential_rejects_bad_parameters():
     for kwargs, name in ((dict(omega=2.0), "omega"), (dict(omega=0.0), "omega"), (dict(eps=0.0), "eps"),
                          (dict(iters=-1), "iters"), (dict(eps=(0.1, -0.02)), "eps"), (dict(eps=()), "eps"),
                          (dict(eps=(0.1, 0.02), iters=(10,)), "iters"), (dict(iters=2.5), "iters"),
-                         (dict(eps=float("nan")), "eps")):
+                         (dict(eps=float("nan")), "eps"), (dict(eps=0.1, iters=(30, -10)), "iters"),
+                         (dict(iters=True), "iters"), (dict(eps=True), "eps"), (dict(iters=float("inf")), "iters")):
         with pytest.raises(ValueError, match=name):
             ot.column_potential(c, **kwargs)
     with pytest.raises(ValueError, match="cost"):
@@ -312,10 +349,18 @@ def test_bad_inputs():
         ot.ot_permutation(jnp.zeros((4, 2)), jnp.zeros((4, 3)))
     with pytest.raises(ValueError, match="coupling must be 'ot' or 'independent'"):
         ot.CoupledBatches(gf.data.moons, 8, jax.random.key(0), coupling="sinkhorn")
-    with pytest.raises(ValueError, match="eps must be > 0"):  # at construction, not in the background thread
+    with pytest.raises(ValueError, match="eps must be a real > 0"):  # at construction, not in the background thread
         ot.CoupledBatches(gf.data.moons, 8, jax.random.key(0), eps=(0.1, 0.0))
-    with pytest.raises(ValueError, match="eps must be > 0"):  # before any problem is handed to the pool
-        ot.solve_ot_points(np.zeros((2, 4, 2)), np.zeros((2, 4, 2)), eps=-1.0)
+    # checked up front, even without preconditioning (which would never reach the potential),
+    # and by the jittable forms before their host callback
+    with pytest.raises(ValueError, match="eps must be a real > 0"):
+        ot.solve_ot_points(np.zeros((2, 4, 2)), np.zeros((2, 4, 2)), eps=-1.0, precondition=False)
+    with pytest.raises(ValueError, match="eps must be a real > 0"):
+        ot.solve_assignment(np.zeros((2, 4, 4)), eps=-1.0, precondition=False)
+    with pytest.raises(ValueError, match="iters must be ints"):
+        ot.assignment(jnp.zeros((4, 4)), iters=-1)
+    with pytest.raises(ValueError, match="same non-zero length"):
+        ot.ot_permutation(jnp.zeros((4, 2)), jnp.zeros((4, 2)), iters=(1, 2, 3))
 
 
 def test_ot_permutation_under_vmap_of_one_argument():
