@@ -114,10 +114,13 @@ Investigation notes (measured on the shared 2-core box while other jobs kept its
   they did): the optimal assignment's mean reduced cost is 7.7x smaller (0.0012 vs 0.0089) and
   potential + SciPy per 256-point problem 1.17-1.26 vs 1.40-1.45 ms (moons; 8 Gaussians and
   checkerboard alike; 512 points 4.8-6.0 vs 6.6-9.0 ms). ``solve_ot_points`` converted the whole
-  batch of points to float64 up front; converted per problem instead, the [B, B] temporaries stop
-  page-faulting afresh (~400 minor faults per problem in a standalone loop: 2.1 vs 1.4 ms). With
-  both, ``CoupledBatches.prepare`` takes 1.37 vs 2.08 CPU-ms per minibatch on one thread (1.48 vs
-  2.22 on two). Training gains less: an interleaved A/B of the old and new module in one process
+  batch of points to float64 up front; in a standalone loop that made every problem's [B, B]
+  temporaries page-fault afresh (~400 minor faults per problem: 2.1 vs 1.4 ms), so each problem is
+  converted on its own now (inside ``CoupledBatches``' thread the old path did not fault). With both,
+  ``CoupledBatches.prepare`` on one thread, the old and new module interleaved in one process (12
+  rounds, twice): min 1.63-1.70 -> 1.43-1.56 CPU-ms per minibatch, median 1.77-2.06 -> 1.48-1.82
+  (-8 to -17%); a first comparison in separate processes (2.08 -> 1.37) did not reproduce.
+  Training gains less: an interleaved A/B of the old and new module in one process
   (10 rounds of 1,000 OT steps) gave a median per-round ratio of 1.055 (0.985-1.103), 545 vs 522
   steps/s; training (1.9 core-ms per step) and the host path now share the two cores at ~3.5 CPU-ms
   per step, where the ideal would be ~3.3. Also measured and not kept: a jitted XLA potential (no
