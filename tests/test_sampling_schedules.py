@@ -167,6 +167,19 @@ def test_select_schedule_picks_the_lowest_calibration_error_and_generalizes(mixt
         gf.sampling.select_schedule(fn, path, cal, grids, prediction="x0", solver="heun")
 
 
+def test_select_schedule_never_chooses_a_diverging_candidate(mixture_problem, monkeypatch):
+    """A candidate whose calibration error is not finite (the solver diverged on it) is reported
+    as inf and never chosen, even where it would otherwise sort first (NaN / -inf)."""
+    gm, path, t0, cal, _, _ = mixture_problem
+    grids = [gf.sampling.time_grid(path, 4, "karras", t_start=t0, rho=r) for r in (3.0, 5.0, 7.0, 9.0)]
+    fake = iter([jnp.nan, 0.3, -jnp.inf, 0.2])
+    monkeypatch.setattr(gf.sampling._optimize, "global_error", lambda *a, **k: jnp.float32(next(fake)))
+    ts, errs = gf.sampling.select_schedule(gm.model(path, "x0"), path, cal, grids, prediction="x0", solver="deis",
+                                           return_errors=True)
+    np.testing.assert_array_equal(np.asarray(errs), np.float32([np.inf, 0.3, np.inf, 0.2]))
+    np.testing.assert_array_equal(np.asarray(ts), np.asarray(grids[3]))
+
+
 def test_calibration_batch_holds_the_pool_samples_the_solver_errs_most_on(mixture_problem):
     """reference_end_states are the dense trajectories' ends (and the float64 flow map's);
     calibration_batch ranks the pool by the solver's error against them -- the errors agree with

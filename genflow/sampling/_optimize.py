@@ -379,7 +379,7 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
     x1 = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
     x_end = reference_end_states(model, x1, grids[0][0], grids[0][-1], rtol, atol)
     errors = jnp.stack([global_error(model, ts, x1, x_end, solver, **solver_options) for ts in grids])
-    errors = jnp.where(jnp.isfinite(errors), errors, -jnp.inf)  # a diverging sample is never picked as hard  # a diverging candidate is never chosen
+    errors = jnp.where(jnp.isfinite(errors), errors, jnp.inf)  # a diverging candidate is never chosen
     best = grids[int(jnp.argmin(errors))]
     return (best, errors) if return_errors else best
 
