@@ -160,7 +160,6 @@ def interval(guided: CFG, t_lo, t_hi) -> Interval:
     return Interval(guided, jnp.asarray(t_lo, jnp.float32), jnp.asarray(t_hi, jnp.float32))
 
 
-
 def cads_gamma(t: Array, tau1, tau2) -> Array:
     """CADS annealing ``gamma(t)``: 1 for ``t <= tau1`` (near the data), 0 for ``t >= tau2``, linear
     in between (Sadat et al. 2024, eq. 5, in this repo's time direction)."""

@@ -193,10 +193,11 @@ def _coupling(c: str | Coupling) -> Coupling:
 
 # -- time sampling and label dropout ---------------------------------------------------------------
 def sample_t(key: Array, n: int, t_min: float = 0.0, t_max: float = 1.0, stratified: bool = False) -> Array:
-    """``[n]`` times uniform on ``[t_min, t_max)``, never exactly ``t_min = 0``; ``stratified`` uses one draw per n-th of the
-    interval (low-discrepancy, as in VDM), which lowers the variance of the loss estimate.
+    """``[n]`` times uniform on ``[t_min, t_max)``, never exactly ``t = 0``; ``stratified`` uses one
+    draw per n-th of the interval (low-discrepancy, as in VDM), which lowers the variance of the
+    loss estimate.
 
-    ``t_min`` itself is never drawn: a float32 uniform is exactly 0 with probability 2^-23 per
+    ``t = 0`` is never drawn: a float32 uniform is exactly 0 with probability 2^-23 per
     draw (about once per 33,000 steps at batch 256), and at ``t = 0`` the linear and cosine paths
     have ``sigma = 0``, where x0/score targets and SNR-based weights are 0/0 -- a NaN loss that
     stopped training. Such a draw becomes ``eps / 2`` of the interval instead (every other draw

@@ -87,6 +87,11 @@ def _check_square(cost, name: str = "cost") -> None:
         raise ValueError(f"{name} must have shape [..., n, n] (square); got {tuple(cost.shape)}")
 
 
+def _check_points(x0, x1) -> None:
+    if x0.shape != x1.shape or x0.ndim < 2:
+        raise ValueError(f"x0 and x1 must have the same shape [..., B, F]; got {x0.shape} and {x1.shape}")
+
+
 def sq_distances(x0, x1):
     """Squared Euclidean cost ``C[..., i, j] = ||x0[..., i, :] - x1[..., j, :]||^2``.
 
@@ -101,8 +106,7 @@ def sq_distances(x0, x1):
     Gaussians, whose costs are ~2F), which can only reorder assignments whose total costs tie to
     that precision. JAX inputs use the difference form.
     """
-    if x0.shape != x1.shape or x0.ndim < 2:
-        raise ValueError(f"x0 and x1 must have the same shape [..., B, F]; got {x0.shape} and {x1.shape}")
+    _check_points(x0, x1)
     if isinstance(x0, jax.Array) or isinstance(x1, jax.Array):
         d = x0[..., :, None, :] - x1[..., None, :, :]
         return jnp.sum(d * d, axis=-1)
@@ -128,8 +132,7 @@ def exact_sq_distances(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
     coupling's time). The values agree with that form up to summation order (F <= 2: identical).
     """
     x0, x1 = np.asarray(x0), np.asarray(x1)
-    if x0.shape != x1.shape or x0.ndim < 2:
-        raise ValueError(f"x0 and x1 must have the same shape [..., B, F]; got {x0.shape} and {x1.shape}")
+    _check_points(x0, x1)
     out = None
     for f in range(x0.shape[-1]):
         d = x0[..., :, f, None] - x1[..., None, :, f]
@@ -317,8 +320,7 @@ def solve_ot_points(x0: np.ndarray, x1: np.ndarray, *, precondition: bool = True
     ``threads``: see :func:`solve_assignment`.
     """
     x0, x1 = np.asarray(x0), np.asarray(x1)
-    if x0.shape != x1.shape or x0.ndim < 2:
-        raise ValueError(f"x0 and x1 must have the same shape [..., B, F]; got {x0.shape} and {x1.shape}")
+    _check_points(x0, x1)
     lead, b = x0.shape[:-2], x0.shape[-2]
     f0, f1 = x0.reshape((-1,) + x0.shape[-2:]), x1.reshape((-1,) + x1.shape[-2:])
     _stages(eps, iters)  # checked once, not per problem in the pool
