@@ -111,7 +111,7 @@ def sweep(loss_fn, params, batch_fn, factory, lrs, steps: int, key):
         state = gf.train.init_state(params, opt, key)
 
         def body(st, _):
-            new, m = step(st, batch_fn(jax.random.fold_in(st.rng, 1)))
+            new, m = step(st, batch_fn(gf.train.batch_key(st.rng)))
             return new, (m["loss"], m["finite"])
 
         state, (losses, finite) = jax.lax.scan(body, state, None, length=steps)

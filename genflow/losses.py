@@ -192,23 +192,32 @@ def _coupling(c: str | Coupling) -> Coupling:
 
 
 # -- time sampling and label dropout ---------------------------------------------------------------
-def sample_t(key: Array, n: int, t_min: float = 0.0, t_max: float = 1.0, stratified: bool = False) -> Array:
-    """``[n]`` times uniform on ``[t_min, t_max)``, never exactly ``t = 0``; ``stratified`` uses one
-    draw per n-th of the interval (low-discrepancy, as in VDM), which lowers the variance of the
-    loss estimate.
+def sample_t(key: Array, n: int, t_min: float = 0.0, t_max: float = 1.0, stratified: bool = False,
+             dtype=None) -> Array:
+    """``[n]`` times uniform on ``[t_min, t_max)`` in ``dtype`` (default: JAX's default float),
+    never exactly ``t = 0`` nor ``t_max``; ``stratified`` uses one draw per n-th of the interval
+    (low-discrepancy, as in VDM), which lowers the variance of the loss estimate.
 
     ``t = 0`` is never drawn: a float32 uniform is exactly 0 with probability 2^-23 per
     draw (about once per 33,000 steps at batch 256), and at ``t = 0`` the linear and cosine paths
     have ``sigma = 0``, where x0/score targets and SNR-based weights are 0/0 -- a NaN loss that
     stopped training. Such a draw becomes ``eps / 2`` of the interval instead (every other draw
-    is unchanged; for ``t_min > 0`` that may round back to ``t_min``, where sigma is > 0)."""
+    is unchanged; for ``t_min > 0`` that may round back to ``t_min``, where sigma is > 0).
+    ``t_max`` is never drawn either (unless ``t_min == t_max``): ``t_min + (t_max - t_min) u``
+    rounds up to ``t_max`` for u near 1 (in float32 whenever ``t_min >= 0.75``), and at ``t = 1``
+    the linear path's velocity/v losses with SNR-based weights are inf/inf. Such a draw becomes
+    the float just below ``t_max`` (or ``t_min`` if that is larger)."""
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float_ if dtype is None else dtype)
     if stratified:
-        u = (jnp.arange(n) + jax.random.uniform(key, ())) / n
+        u = (jnp.arange(n, dtype=dtype) + jax.random.uniform(key, (), dtype)) / n
         u = jnp.mod(u, 1.0)
     else:
-        u = jax.random.uniform(key, (n,))
-    u = jnp.maximum(u, 0.5 * jnp.finfo(u.dtype).eps)
-    return t_min + (t_max - t_min) * u
+        u = jax.random.uniform(key, (n,), dtype)
+    u = jnp.maximum(u, 0.5 * jnp.finfo(dtype).eps)
+    t = (t_min + (t_max - t_min) * u).astype(dtype)
+    hi, lo = jnp.asarray(t_max, dtype), jnp.asarray(t_min, dtype)
+    below = jnp.maximum(jnp.nextafter(hi, jnp.asarray(-jnp.inf, dtype)), lo)
+    return jnp.where(t < hi, t, below)
 
 
 def drop_labels(key: Array, y: Array, p: float, null_label: int) -> Array:
@@ -270,7 +279,7 @@ def diffusion_loss(
     # t near 1 rounds to 1.0 (infinite velocity scale on linear()), in float16 c^2 overflows.
     # The model sees x_t and t in the data's dtype.
     wide = jnp.promote_types(x0.dtype, jnp.float32)
-    t = sample_t(kt, b, t_min, t_max, stratified).astype(wide)
+    t = sample_t(kt, b, t_min, t_max, stratified, dtype=wide)
     x1 = jax.random.normal(kn, x0.shape, x0.dtype)
     x1 = _coupling(coupling)(kc, x0, x1)
     xt = path.add_noise(x0, x1, t)
@@ -282,7 +291,11 @@ def diffusion_loss(
         lam = jnp.ones((b,), wide)  # plain MSE of the predicted kind (also where c is 0 or inf)
     else:
         c = param.eps_scale(path, t, prediction)
-        lam = (w_fn(path, t) / (c * c)).astype(wide)
+        w = w_fn(path, t)
+        if jnp.shape(w) not in ((), (b,)):  # a [B, 1] weight would broadcast the loss to [B, B]
+            raise ValueError(f"weighting {weighting!r} must return a scalar or shape [B] = [{b}]; got shape "
+                             f"{jnp.shape(w)}")
+        lam = (w / (c * c)).astype(wide)
     sq = jnp.mean(jnp.square((pred - target).astype(wide)).reshape(b, -1), axis=-1)
     per_example = lam * sq
     return jnp.mean(per_example), {"t": t, "per_example": per_example}

@@ -209,3 +209,27 @@ def test_equal_host_shards_and_loader_checks():
     assert sum(1 for _ in gf.data.image_loader(src, np.int64(5), num_epochs=1)) == 2  # NumPy ints work
     with pytest.raises(ValueError, match=r"test_fraction must lie in \[0, 1\]"):
         gf.data.load_digits("train", test_fraction=-0.1)
+
+
+def test_host_shards_are_not_shifted_copies_of_each_other():
+    # every host shuffled its [index::count] shard with the same seed: host h's j-th example was
+    # always host 0's j-th + h, so a global batch was B blocks of neighbouring records
+    import grain
+
+    class Idx:
+        def __len__(self):
+            return 1000
+
+        def __getitem__(self, i):
+            return {"x": np.int64(i)}
+
+    src = grain.MapDataset.source(Idx())
+    b = [next(gf.data.image_loader(src, 64, seed=0, shard_index=h, shard_count=2))["x"] for h in range(2)]
+    assert np.mean(b[1] - b[0] == 1) < 0.5
+    assert np.all(b[0] % 2 == 0) and np.all(b[1] % 2 == 1)  # still the host's own shard
+
+
+def test_pinwheel_num_arms_is_checked():
+    with pytest.raises(ValueError, match="num_arms must be"):
+        gf.data.pinwheel(jax.random.key(0), 10, num_arms=0)
+    assert gf.data.pinwheel(jax.random.key(0), 10, num_arms=3).shape == (10, 2)

@@ -124,6 +124,35 @@ def test_times_never_hit_t_min_where_sigma_vanishes(monkeypatch):
     assert 0 < t[0] < 1e-7 and np.all(t[1:] == np.arange(1, 4) / 4), t
 
 
+def test_times_never_hit_t_max(monkeypatch):
+    # t_min + (t_max - t_min) u rounds up to t_max for the largest float32 uniform (1 - 2^-23)
+    # whenever t_min >= 0.75 (and, under x64, float64 draws cast to float32 data rounded to 1 at any
+    # t_min); at t = 1 the linear path's velocity / v losses with SNR weights were inf/inf = NaN
+    top = jnp.float32(1.0) - jnp.float32(2.0 ** -23)
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape=(), dtype=jnp.float32, *a, **k:
+                        jnp.full(shape, top, dtype))
+    t = np.asarray(gf.losses.sample_t(jax.random.key(0), 4, 0.8, 1.0))
+    assert np.all(t < 1.0) and np.all(t > 0.99999), t
+    assert np.all(np.asarray(gf.losses.sample_t(jax.random.key(0), 4, 0.5, 0.5)) == 0.5)  # degenerate interval
+    x0 = jax.random.normal(jax.random.key(1), (4, 2))
+    for kind, w in (("velocity", "sigmoid"), ("velocity", "elbo"), ("v", "sigmoid"), ("v", "elbo")):
+        loss, aux = gf.losses.diffusion_loss(lambda x, t: 0.9 * x, gf.paths.linear(), x0, jax.random.key(2),
+                                             prediction=kind, weighting=w, t_min=0.8)
+        assert np.isfinite(float(loss)) and float(jnp.max(aux["t"])) < 1.0, (kind, w)
+
+
+def test_weighting_must_return_one_weight_per_example():
+    # a [B, 1] weight (e.g. built with broadcast_t) broadcast the [B] squared errors to [B, B]:
+    # the loss was silently mean(w) * mean(sq)
+    x0 = jax.random.normal(jax.random.key(0), (8, 3))
+    ok = gf.losses.diffusion_loss(_zero, gf.paths.vp_cosine(), x0, jax.random.key(1),
+                                  weighting=lambda p, t: 1.0 / p.snr(t))[1]["per_example"]
+    assert ok.shape == (8,)
+    with pytest.raises(ValueError, match=r"must return a scalar or shape \[B\] = \[8\]; got shape \(8, 1\)"):
+        gf.losses.diffusion_loss(_zero, gf.paths.vp_cosine(), x0, jax.random.key(1),
+                                 weighting=lambda p, t: 1.0 / p.snr(t)[:, None])
+
+
 def test_float64_data_under_x64_gives_the_float64_loss():
     # the weights and the squared error were cast to float32 whatever the data's dtype
     with jax.enable_x64(True):

@@ -427,3 +427,48 @@ def test_grad_accumulation_sums_low_precision_gradients_in_float32():
     new, m = step(state, jnp.ones((64,), jnp.float32).at[0].set(256.0))
     assert new.params["w"].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(new.params["w"], np.float32), -319.0 / 64, rtol=1e-2)
+
+
+def test_on_device_batch_key_is_not_the_loss_key():
+    # fit drew the batch from fold_in(rng, 1), which under JAX's default partitionable threefry
+    # is split(rng)[1], the train step's loss key: a loss drawing its noise from that key got the
+    # data itself as noise (correlation 1.0 at every step)
+    def loss_fn(params, x0, key):
+        eps = jax.random.normal(key, x0.shape)
+        return jnp.mean((x0 @ params["w"] - eps) ** 2), {"corr": jnp.corrcoef(x0.ravel(), eps.ravel())[0, 1]}
+
+    opt = optax.sgd(1e-2)
+    state = gf.train.init_state({"w": jnp.eye(2)}, opt, jax.random.key(0))
+    _, hist = gf.train.fit(state, gf.train.make_train_step(loss_fn, opt), lambda k: jax.random.normal(k, (256, 2)),
+                           5, chunk_size=5, progress=False)
+    assert np.all(np.abs(hist["corr"]) < 0.2), hist["corr"]
+    rng = jax.random.key(7)
+    used = jax.random.split(rng, 3)[:2]
+    bk = jax.random.key_data(gf.train.batch_key(rng))
+    assert not any(np.array_equal(bk, jax.random.key_data(k)) for k in used)
+
+
+def test_fit_leaves_the_callers_key_usable():
+    # init_state stored the caller's key itself, and fit donated (deleted) it
+    key = jax.random.key(0)
+    opt = optax.sgd(0.1)
+    state = gf.train.init_state({"w": jnp.ones(2)}, opt, key)
+    step = gf.train.make_train_step(lambda p, b, k: (jnp.sum(p["w"] ** 2), {}), opt)
+    gf.train.fit(state, step, lambda k: None, 3, chunk_size=3, progress=False)
+    assert not key.is_deleted()
+    jax.random.split(key)
+
+
+def test_ema_of_bfloat16_params_moves():
+    # a bfloat16 EMA at decay 0.9999 rounded every (1 - d)(p - e) away and stayed at 1.0
+    opt = optax.sgd(1.0)
+    loss = lambda p, b, k: (-0.5 * jnp.sum(p["w"].astype(jnp.float32)), {})  # w += 0.5 per step
+    state = gf.train.init_state({"w": jnp.ones(4, jnp.bfloat16)}, opt, jax.random.key(0), ema_decays=(0.9999,))
+    state, _ = gf.train.fit(state, gf.train.make_train_step(loss, opt), lambda k: None, 50, chunk_size=50,
+                            progress=False)
+    e, d = 1.0, 0.9999
+    for i in range(1, 51):
+        e = d * e + (1 - d) * (1.0 + 0.5 * i)
+    ema = state.ema[gf.train.ema_key(d)]["w"]
+    assert ema.dtype == jnp.float32 and state.params["w"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(ema), e, rtol=1e-4)

@@ -174,7 +174,9 @@ def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: i
     ds = ds[: len(ds) // count * count][index::count]
     if len(ds) < batch_size:
         raise ValueError(f"this host's shard has {len(ds)} examples, fewer than batch_size={batch_size}")
-    ds = ds.seed(seed)
+    # one seed per host: with the same seed, host h's j-th example was always host 0's j-th + h (a
+    # global batch of B blocks of neighbouring records); a single host keeps seed itself
+    ds = ds.seed(seed if count == 1 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
     if shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)

@@ -8,6 +8,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import check_int
+
 Array = jax.Array
 
 __all__ = ["TOY", "toy", "toy_sampler",
@@ -80,6 +82,8 @@ def spirals(key: Array, n: int, noise: float = 0.1) -> Array:
 def pinwheel(key: Array, n: int, num_arms: int = 5, radial_std: float = 0.3, tangential_std: float = 0.1,
              rate: float = 0.25) -> Array:
     """Pinwheel of ``num_arms`` curved arms (Johnson et al. 2016; as in FFJORD)."""
+    if not isinstance(num_arms, jax.core.Tracer):  # 0 gave NaN samples, < 0 nonsense
+        num_arms = check_int("num_arms", num_arms)
     k1, k2 = jax.random.split(key)
     arm = jax.random.randint(k1, (n,), 0, num_arms)
     feats = jax.random.normal(k2, (n, 2)) * jnp.array([radial_std, tangential_std])

@@ -14,6 +14,7 @@ import numpy as np
 from genflow._checks import check_int
 from genflow.train import _sharding as shd
 from genflow.train._state import TrainState
+from genflow.train._step import batch_key
 
 Array = jax.Array
 
@@ -46,7 +47,7 @@ def _chunk_fn(step_fn, batch_fn, unroll: int = 1, mesh=None):
         def body(carry, x):
             st, halted = carry
             if x is None:
-                batch = batch_fn(jax.random.fold_in(st.rng, 1))
+                batch = batch_fn(batch_key(st.rng))
                 if mesh is not None:
                     batch = jax.lax.with_sharding_constraint(batch, shd.batch_sharding(mesh))
             else:

@@ -41,16 +41,24 @@ def ema_key(decay: float) -> str:
     return repr(float(decay))
 
 
+def _ema_copy(x):
+    """An EMA copy of a parameter: floats in float32 or wider (a bfloat16 EMA at decay 0.9999
+    rounds every update away), others as they are."""
+    x = jnp.asarray(x)
+    return jnp.array(x, jnp.promote_types(x.dtype, jnp.float32)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(x)
+
+
 def init_state(params, optimizer: optax.GradientTransformation, key: Array,
                ema_decays: tuple[float, ...] = ()) -> TrainState:
-    """A fresh :class:`TrainState` (EMA copies start equal to ``params``).
+    """A fresh :class:`TrainState` (EMA copies start equal to ``params``, floats in float32 or
+    wider).
 
-    The state holds copies of ``params``: :func:`fit` donates the state's buffers, and the
-    caller's arrays must stay usable afterwards."""
+    The state holds copies of ``params`` and ``key``: :func:`fit` donates the state's buffers,
+    and the caller's arrays must stay usable afterwards."""
     for d in ema_decays:
         if not 0.0 < d < 1.0:
             raise ValueError(f"ema_decays must lie in (0, 1); got {d}")
     params = jax.tree.map(jnp.array, params)
-    ema = {ema_key(d): jax.tree.map(jnp.array, params) for d in ema_decays}
+    ema = {ema_key(d): jax.tree.map(_ema_copy, params) for d in ema_decays}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=key, ema=ema)
+                      rng=jax.tree.map(jnp.copy, key), ema=ema)  # (fit donates the state: not the caller's key)

@@ -56,6 +56,15 @@ def _microbatches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
+def batch_key(rng: Array) -> Array:
+    """The key from which the batch of a step with state ``rng`` may be drawn on device
+    (``fit``'s ``batch_fn(batch_key(state.rng))``): ``split(rng, 3)[2]``, never a key the train
+    step itself uses (it splits ``rng`` into the next ``rng`` and the loss key, ``[0]`` and
+    ``[1]``). ``fold_in(rng, 1)`` would not do: under JAX's default partitionable threefry it
+    equals ``split(rng)[1]``, and the data would be drawn from the loss's own noise key."""
+    return jax.random.split(rng, 3)[2]
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     grad_accum: int = 1) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """Build ``step(state, batch) -> (state, metrics)`` (pure; jit it or use :func:`fit`).
@@ -108,7 +117,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         return jnp.mean(losses)
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
-        rng, key = jax.random.split(state.rng)
+        rng, key, _ = jax.random.split(state.rng, 3)  # [2] is batch_key's (fit's on-device batches)
         (loss, aux), grads = loss_and_grad(state.params, batch, key)
 
         def value_fn(p):
@@ -116,7 +125,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, value_fn=value_fn)
         params = optax.apply_updates(state.params, updates)
-        ema = {k: jax.tree.map(lambda e, p, d=float(k): d * e + (1.0 - d) * p, v, params)
+        # (EMA copies are float32 or wider: a bfloat16 EMA rounds (1 - d)(p - e) away and stops moving)
+        ema = {k: jax.tree.map(lambda e, p, d=float(k): (d * e + (1.0 - d) * p.astype(e.dtype)).astype(e.dtype), v,
+                               params)
                for k, v in state.ema.items()}
         grad_norm = _norm(grads)
         # The gradient norm (a metric anyway) is non-finite iff some gradient is, or the norm
