@@ -265,8 +265,9 @@ def diffusion_loss(
       ``(loss, aux)``: scalar mean loss and ``{"t": [B], "per_example": [B]}``.
     """
     param.check_kind(prediction)
-    if not jnp.issubdtype(jnp.asarray(x0).dtype, jnp.floating):
-        raise ValueError(f"x0 must be a floating-point array [B, ...]; got dtype {jnp.asarray(x0).dtype}")
+    if not jnp.issubdtype(jnp.asarray(x0).dtype, jnp.floating) or jnp.ndim(x0) < 1:
+        raise ValueError(f"x0 must be a floating-point array [B, ...]; got dtype {jnp.asarray(x0).dtype}, shape "
+                         f"{jnp.shape(x0)}")
     t_min = path.t_min if t_min is None else t_min
     check_t(t_min, "t_min")
     check_t(t_max, "t_max")
@@ -316,4 +317,8 @@ def flow_matching_loss(fn, path: Path, x0: Array, key: Array, *, coupling: str |
 def dsm_loss(fn, path: Path, x0: Array, key: Array, **kw):
     """Denoising score matching (Vincent 2011; Song et al. 2021) with ``lambda(t) = sigma^2``:
     ``|| sigma fn(x_t, t) + eps ||^2`` for a score model ``fn``."""
+    fixed = sorted({"prediction", "weighting"} & set(kw))
+    if fixed:
+        raise TypeError(f"dsm_loss fixes prediction='score' and weighting='score'; got {', '.join(fixed)} (use "
+                        f"diffusion_loss for other kinds and weightings)")
     return diffusion_loss(fn, path, x0, key, prediction="score", weighting="score", **kw)

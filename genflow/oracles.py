@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow import param
 from genflow.paths import Path, broadcast_t
@@ -42,6 +43,15 @@ def _float_array(a) -> Array:
     return a if jnp.issubdtype(a.dtype, jnp.inexact) else a.astype(jnp.result_type(float))
 
 
+def _check_nonnegative(name: str, value) -> None:
+    """A ``ValueError`` naming ``name`` if a concrete ``value`` has a negative or NaN entry."""
+    if not isinstance(value, jax.core.Tracer):
+        v = np.asarray(value)
+        if not np.all(v >= 0):
+            raise ValueError(f"{name} must be >= 0 (variances); got min {float(np.nanmin(v)) if v.size else v!r}"
+                             + (" and NaN" if np.isnan(v).any() else ""))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Gaussian:
@@ -55,6 +65,7 @@ class Gaussian:
     def diagonal(cls, mean, var) -> "Gaussian":
         mean = _float_array(mean)
         var = jnp.broadcast_to(jnp.asarray(var, mean.dtype), mean.shape)
+        _check_nonnegative("var", var)
         return cls(mean, var, jnp.eye(mean.shape[0], dtype=mean.dtype))
 
     @classmethod
@@ -63,6 +74,11 @@ class Gaussian:
         cov = jnp.asarray(cov, jnp.promote_types(mean.dtype, jnp.asarray(cov).dtype))
         mean = mean.astype(cov.dtype)
         var, basis = jnp.linalg.eigh(0.5 * (cov + cov.T))
+        if not isinstance(var, jax.core.Tracer):
+            v = np.asarray(var)
+            if v.size and v.min() < -1e3 * np.finfo(v.dtype).eps * max(abs(v).max(), 1e-30):
+                raise ValueError(f"cov must be positive semi-definite; got an eigenvalue {v.min():.3g}")
+            var = jnp.maximum(var, 0.0)  # rounding of a singular cov
         return cls(mean, var, basis)
 
     @property
@@ -129,6 +145,11 @@ class GaussianMixture:
     logits: Array
     means: Array
     vars: Array
+
+    def __post_init__(self):
+        # (also runs when JAX unflattens the pytree: only concrete arrays are checked)
+        if isinstance(self.vars, (np.ndarray, jax.Array)):
+            _check_nonnegative("vars", self.vars)
 
     @classmethod
     def random(cls, key: Array, k: int = 10, dim: int = 64, scale: float = 3.0,
@@ -209,9 +230,16 @@ class OracleModel:
         if self.kind == "score":
             return score
         # eps = -sigma * score stays finite at sigma = 0, where (x - alpha x0) / sigma is 0/0.
-        eps = -self.path.sigma(broadcast_t(t, x)) * score
+        tb = broadcast_t(t, x)
+        eps = -self.path.sigma(tb) * score
         x0 = self.oracle.x0(x, t, self.path)
-        return param.from_x0_eps(x0, eps, x, t, self.path, self.kind)
+        out = param.from_x0_eps(x0, eps, x, t, self.path, self.kind)
+        if self.kind == "velocity":
+            # alpha' x0 + sigma' eps is inf * 0 where sigma' is singular (vp_linear at t = 0); the
+            # probability-flow form f x - g^2 score / 2 is finite there (and inf * 0 where alpha = 0)
+            pf = self.path.drift_coef(tb) * x - 0.5 * self.path.diffusion_sq(tb) * score
+            out = jnp.where(jnp.isfinite(out), out, pf)
+        return out
 
 
 def _linear_velocity(oracle, x: Array, tau: Array) -> Array:

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import concrete_real
+
 Array = jax.Array
 ScalarFn = Callable[..., Array]
 
@@ -56,8 +58,9 @@ class Path:
       alpha_fn, sigma_fn: ``f(t, **params) -> Array``, elementwise in ``t``.
       params: hyper-parameters (traced leaves).
       name: a short name, used in error messages and plots.
-      t_min: the smallest time samplers integrate to by default (``> 0`` where the
-        probability-flow velocity is singular at ``t = 0``, e.g. ``vp_linear``).
+      t_min: the smallest time samplers integrate to by default (``> 0`` where the path is
+        singular at ``t = 0``, e.g. ``vp_linear``'s ``sigma'``, so that eps-parameterised
+        velocities ``alpha' x0 + sigma' eps`` are not inf * 0 there).
       denoise_at_end: whether samplers finish with one Tweedie denoising step at ``t_min``
         by default (true where ``sigma(t_min) > 0``).
       d_alpha_fn, d_sigma_fn: optional closed-form time derivatives (else autodiff).
@@ -259,16 +262,30 @@ def _vpl_t_from_log_snr(lam, beta_min, beta_max):
     a = 0.25 * (beta_max - beta_min)
     b = 0.5 * beta_min
     c = 0.5 * jax.nn.log_sigmoid(lam)  # = log alpha <= 0
-    return (-2.0 * c) / (b + jnp.sqrt(b * b - 4.0 * a * c))
+    # c underflows to 0 for lam above ~90 (and lam = inf): t = 0, where beta_min = 0 made it 0/0
+    den = b + jnp.sqrt(b * b - 4.0 * a * c)
+    return jnp.where(c == 0, 0.0, -2.0 * c / jnp.where(c == 0, 1.0, den))
+
+
+def _require(ok: Callable[..., bool], message: str, **values) -> None:
+    """A ``ValueError`` naming the path's arguments unless ``ok(*values)`` holds; skipped when a
+    value is traced (no check can see it) -- a path's parameters may be traced under jit."""
+    vals = [concrete_real(v) for v in values.values()]
+    if all(v is not None for v in vals) and not ok(*vals):
+        got = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        raise ValueError(f"{message}; got {got}")
 
 
 def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0) -> Path:
     """Variance-preserving path with linear ``beta(t)`` (Song et al. 2021, VP SDE).
 
     ``alpha(t) = exp(-t^2 (beta_max - beta_min)/4 - t beta_min/2)``,
-    ``sigma(t) = sqrt(1 - alpha(t)^2)``. The probability-flow velocity is singular at t = 0,
-    so samplers stop at ``t_min = 1e-3`` and finish with a denoising step.
+    ``sigma(t) = sqrt(1 - alpha(t)^2)``. ``sigma'`` is singular at t = 0 (the velocity
+    ``alpha' x0 + sigma' eps`` is inf * 0 there; ``f x - g^2 score / 2`` is finite), so samplers
+    stop at ``t_min = 1e-3`` and finish with a denoising step.
     """
+    _require(lambda lo, hi: lo >= 0.0 and hi > 0.0, "vp_linear needs beta_min >= 0 and beta_max > 0",
+             beta_min=beta_min, beta_max=beta_max)
     return Path(
         alpha_fn=_vpl_alpha,
         sigma_fn=_vpl_sigma,
@@ -301,7 +318,8 @@ def _cos_theta(t, logsnr_min, logsnr_max):
 
 
 def _cos_alpha(t, logsnr_min, logsnr_max):
-    return jnp.cos(_cos_theta(t, logsnr_min, logsnr_max))
+    # (>= 0: with logsnr_min = -inf, theta(1) = float32(pi/2) is just above pi/2, cos -4e-8)
+    return jnp.maximum(jnp.cos(_cos_theta(t, logsnr_min, logsnr_max)), 0.0)
 
 
 def _cos_sigma(t, logsnr_min, logsnr_max):
@@ -319,7 +337,9 @@ def _cos_d_sigma(t, logsnr_min, logsnr_max):
 
 
 def _cos_log_snr(t, logsnr_min, logsnr_max):
-    return -2.0 * jnp.log(jnp.tan(_cos_theta(t, logsnr_min, logsnr_max)))
+    # 2 log(alpha / sigma), not -2 log tan(theta): tan < 0 just above pi/2 gave NaN (logsnr_min = -inf)
+    th = _cos_theta(t, logsnr_min, logsnr_max)
+    return 2.0 * (jnp.log(jnp.maximum(jnp.cos(th), 0.0)) - jnp.log(jnp.sin(th)))
 
 
 def _cos_t_from_log_snr(lam, logsnr_min, logsnr_max):
@@ -334,6 +354,8 @@ def vp_cosine(logsnr_min: float = -15.0, logsnr_max: float = float("inf")) -> Pa
     (``logsnr_max = inf`` gives exact data at t = 0; ``logsnr_min`` keeps ``alpha(1) > 0``,
     so eps/x0 conversions stay finite at t = 1).
     """
+    _require(lambda lo, hi: lo < hi, "vp_cosine needs logsnr_min < logsnr_max (the log-SNR decreases from data to "
+             "noise)", logsnr_min=logsnr_min, logsnr_max=logsnr_max)
     return Path(
         alpha_fn=_cos_alpha,
         sigma_fn=_cos_sigma,
@@ -386,6 +408,8 @@ def ve(sigma_min: float = 0.01, sigma_max: float = 50.0) -> Path:
 
     ``sigma(0) = sigma_min > 0``, so samplers finish with a denoising step by default.
     """
+    _require(lambda lo, hi: 0.0 < lo < hi, "ve needs 0 < sigma_min < sigma_max", sigma_min=sigma_min,
+             sigma_max=sigma_max)
     return Path(
         alpha_fn=_one,
         sigma_fn=_ve_sigma,
@@ -475,6 +499,8 @@ def edm(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> 
     ``sigma(t) = (sigma_min^(1/rho) + t (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho``, so
     uniform steps in t reproduce EDM's time discretization.
     """
+    _require(lambda lo, hi, r: 0.0 <= lo < hi and r > 0.0, "edm needs 0 <= sigma_min < sigma_max and rho > 0",
+             sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     return Path(
         alpha_fn=_one,
         sigma_fn=_edm_sigma,

@@ -26,6 +26,10 @@ def test_closed_forms_match_autodiff(name):
         t = jnp.asarray(np.linspace(0.02, 0.98, 25), jnp.float64)
         for f in ("d_alpha", "d_sigma", "log_snr", "d_log_snr", "drift_coef", "diffusion_sq"):
             np.testing.assert_allclose(getattr(p, f)(t), getattr(q, f)(t), rtol=1e-9, atol=1e-10, err_msg=f)
+        # d_log_snr against forward-mode autodiff of log_snr (the twin above runs the same
+        # d_log_snr method, so it could not see a wrong formula there)
+        jvp = jax.jvp(q.log_snr, (t,), (jnp.ones_like(t),))[1]
+        np.testing.assert_allclose(p.d_log_snr(t), jvp, rtol=1e-9, err_msg="d_log_snr vs jvp of log_snr")
         lam = p.log_snr(t)
         np.testing.assert_allclose(p.t_from_log_snr(lam), t, rtol=1e-9, atol=1e-10)
         np.testing.assert_allclose(q.t_from_log_snr(lam), t, rtol=1e-9, atol=1e-9)
@@ -133,3 +137,41 @@ def test_check_t_is_a_no_op_under_tracing():
     np.testing.assert_allclose(jax.vmap(lambda t: (gf.paths.check_t(t), t + 1)[-1])(jnp.ones(3)), 2.0)
     with pytest.raises(ValueError, match=r"t_min must lie in \[0, 1\]"):
         gf.paths.check_t(-0.5, "t_min")
+
+
+def test_factories_refuse_hyper_parameters_that_reverse_or_break_the_path():
+    # ve(50, 0.01), edm(80, 0.002), vp_cosine(5, -5) had a log-SNR increasing in t; vp_linear(-1, 20)
+    # gave NaN sigma near 0; ve(sigma_min=0), edm(rho=0) failed later with a ZeroDivisionError
+    for make, match in ((lambda: gf.paths.ve(50.0, 0.01), "0 < sigma_min < sigma_max"),
+                        (lambda: gf.paths.ve(0.0, 50.0), "0 < sigma_min < sigma_max"),
+                        (lambda: gf.paths.edm(80.0, 0.002), "sigma_min < sigma_max"),
+                        (lambda: gf.paths.edm(rho=0.0), "rho > 0"),
+                        (lambda: gf.paths.vp_cosine(5.0, -5.0), "logsnr_min < logsnr_max"),
+                        (lambda: gf.paths.vp_linear(-1.0, 20.0), "beta_min >= 0"),
+                        (lambda: gf.paths.vp_linear(0.1, float("nan")), "beta_max > 0")):
+        with pytest.raises(ValueError, match=match):
+            make()
+    # traced hyper-parameters are not checked (and still work)
+    sig = jax.jit(lambda lo: gf.paths.ve(lo, 50.0).sigma(jnp.float32(0.0)))(jnp.float32(0.02))
+    assert abs(float(sig) - 0.02) < 1e-7
+
+
+def test_vp_linear_without_beta_min_inverts_log_snr_at_the_data_end():
+    # beta_min = 0: the closed-form inverse was 0/0 once log_sigmoid(lam) underflowed (lam > ~90)
+    p = gf.paths.vp_linear(0.0, 20.0)
+    t = np.asarray(p.t_from_log_snr(jnp.array([90.0, 200.0, jnp.inf], jnp.float32)))
+    assert np.all(t == 0.0), t
+    assert float(p.t_from_log_snr(p.log_snr(jnp.float32(0.0)))) == 0.0
+    np.testing.assert_allclose(p.t_from_log_snr(p.log_snr(T)), T, rtol=2e-4, atol=1e-6)
+
+
+def test_vp_cosine_with_infinite_logsnr_min_ends_at_pure_noise():
+    # float32 arctan(inf) is above pi/2: alpha(1) was -4e-8 and log_snr(1) NaN
+    p = gf.paths.vp_cosine(logsnr_min=-jnp.inf)
+    assert float(p.alpha(jnp.float32(1.0))) == 0.0 and float(p.log_snr(jnp.float32(1.0))) == -np.inf
+    assert float(p.t_from_log_snr(-jnp.inf)) == 1.0
+    # the default path's log-SNR is unchanged up to float32 rounding of the new form
+    d = gf.paths.vp_cosine()
+    th = np.arctan(np.exp(-0.5 * np.array([np.inf, -15.0])))
+    ref = -2.0 * np.log(np.tan(th[0] + np.asarray(T, np.float64) * (th[1] - th[0])))
+    np.testing.assert_allclose(d.log_snr(T), ref, rtol=1e-5, atol=1e-5)
