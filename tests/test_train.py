@@ -195,6 +195,9 @@ def test_bad_arguments():
         gf.train.fit(state, step, full_batch, -1, progress=False)
     with pytest.raises(ValueError, match="chunk_size must be"):
         gf.train.fit(state, step, full_batch, 10, chunk_size=0, progress=False)
+    for bad in (0, 2.0):  # 0 was accepted, a float failed inside lax.scan without naming it
+        with pytest.raises(ValueError, match="unroll must be a positive int"):
+            gf.train.fit(state, step, full_batch, 10, unroll=bad, progress=False)
     with pytest.raises(ValueError, match=r"ema_decays must lie in \(0, 1\)"):
         gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0), ema_decays=(1.5,))
 

@@ -195,6 +195,7 @@ def fit(
       step as ``e.step``) and the metrics so far as ``e.history``, so nothing done is lost.
     """
     num_steps, chunk_size = check_int("num_steps", num_steps, 0), check_int("chunk_size", chunk_size)
+    unroll = check_int("unroll", unroll)
     on_device = callable(data)
     if not on_device and not isinstance(data, Iterable):
         raise TypeError(f"data must be a callable batch_fn(key) -> batch or an iterable of batches; "
