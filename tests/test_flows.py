@@ -122,7 +122,10 @@ def test_flow_log_prob_sample_and_energy(flow2):
         s_back = flow.bijector.inverse(params, flow.bijector.forward(params, s)[0])[0]
         score = flow.score(params, x)
         ref = jax.vmap(jax.grad(lambda xi: flow.log_prob(params, xi[None])[0]))(x)
-        return lp, gf.likelihood.gaussian_log_prob(z, 1.0) + ld, ebm, s, s_back, score, ref
+        # brute force: log N(g(x)) + log|det| of the whole bijector's Jacobian, per sample
+        jac = jax.vmap(jax.jacfwd(lambda xi: flow.bijector.forward(params, xi[None])[0][0]))(x)
+        brute = gf.likelihood.gaussian_log_prob(z, 1.0) + jnp.linalg.slogdet(jac)[1]
+        return lp, brute, ebm, s, s_back, score, ref
 
     lp, lp_ref, ebm, s, s_back, score, score_ref = run(params, x)
     np.testing.assert_allclose(lp, lp_ref, rtol=1e-12)
@@ -232,3 +235,103 @@ def test_ffjord_loss_unbiased_and_gradient():
     g, g_ref = grads["a"], jax.grad(exact_nll)(params)["a"]
     assert float(jnp.max(g.std(0))) > 1e-3  # the estimate is random (rotation-like A: non-diagonal J)
     assert np.all(np.abs(np.asarray(g.mean(0) - g_ref)) < 4 * np.asarray(g.std(0)) / math.sqrt(n) + 1e-6)
+
+
+def test_affine_coupling_with_a_saturated_scale_stays_finite():
+    # sigmoid(h + 2) underflowed to 0 for h < ~-104 (float32): 0 * log 0 = NaN log-dets and
+    # inverses from unused conditioning outputs, a -inf log-det with NaN gradients elsewhere
+    layer = F.AffineCoupling(mask="half", hidden=4)
+    x = jnp.array([[0.5, -1.0]], jnp.float32)
+    p = layer.init(jax.random.key(0), x)
+    last = sorted(k for k in p["params"] if k.startswith("Dense"))[-1]
+    bias = p["params"][last]["bias"]  # [shift_0, shift_1, raw_0, raw_1]; position 0 conditions
+
+    def with_bias(b):
+        return {"params": {**p["params"], last: {**p["params"][last], "bias": b}}}
+
+    p1 = with_bias(bias.at[2].set(-200.0))  # the conditioning position's (unused) raw scale
+    y, ld = layer.forward(p1, x)
+    x_back, ld_inv = layer.inverse(p1, y)
+    assert np.all(np.isfinite(np.asarray(ld))) and np.allclose(x_back, x, atol=1e-6)
+    p2 = with_bias(bias.at[3].set(-150.0))  # a saturated scale of the transformed position
+    np.testing.assert_allclose(layer.forward(p2, x)[1], jax.nn.log_sigmoid(jnp.float32(-148.0)), rtol=1e-6)
+    g = jax.grad(lambda b: layer.forward(with_bias(b), x)[1][0])(bias.at[3].set(-150.0))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_lu_conv_log_det_survives_weight_decay():
+    # adamw shrank the stored permutation and signs (gradients stopped, decay not): W = P L U
+    # changed while the log-det stayed sum(log_s)
+    layer = F.Invertible1x1Conv(lu=True)
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    p = layer.init(jax.random.key(1), x)
+    p = {**p, "perm": 0.9 * p["perm"], "sign": 0.9 * p["sign"]}
+    jac = jax.jacfwd(lambda v: layer.forward(p, v[None])[0][0])(x[0])
+    np.testing.assert_allclose(layer.forward(p, x[:1])[1][0], jnp.linalg.slogdet(jac)[1], atol=1e-8)
+
+
+def test_low_precision_data_with_float32_parameters():
+    # bfloat16 batches: the 1x1 conv's init (QR / LU) had no bfloat16 kernel, and ActNorm / 1x1
+    # conv log-dets were rounded to bfloat16 (~1.4 nats off on a 16x16x3 glow) while y was float32
+    x32 = (0.3 * jax.random.normal(jax.random.key(0), (8, 3))).astype(jnp.float32)
+    flow = F.realnvp(3, num_steps=1, hidden=8)
+    assert np.all(np.isfinite(np.asarray(flow.log_prob(flow.init(jax.random.key(1), x32.astype(jnp.bfloat16)),
+                                                       x32.astype(jnp.bfloat16)), np.float32)))
+    glow = F.glow((8, 8, 3), levels=1, steps_per_level=1, hidden=8)
+    x = (0.3 * jax.random.normal(jax.random.key(0), (4, 8, 8, 3))).astype(jnp.float32)
+    p = jax.tree.map(lambda a: a.astype(jnp.float32), glow.init(jax.random.key(1), x))
+    xb = x.astype(jnp.bfloat16)
+    lp_b, lp_f = glow.log_prob(p, xb), glow.log_prob(p, xb.astype(jnp.float32))
+    assert lp_b.dtype == jnp.float32
+    np.testing.assert_allclose(lp_b, lp_f, rtol=1e-5)
+
+
+def test_coupling_on_sequence_events_keeps_samples_independent():
+    # a (3, 3) conv on [B, L, C] convolved over the batch axis: a sample's output and log-det
+    # depended on its neighbours in the batch
+    layer = F.AffineCoupling(hidden=8)
+    x = jax.random.normal(jax.random.key(0), (3, 5, 4))
+    p = _perturb(layer.init(jax.random.key(1), x), jax.random.key(2))
+    y, ld = layer.forward(p, x)
+    y1, ld1 = layer.forward(p, x[:1])
+    np.testing.assert_allclose(y[:1], y1, atol=1e-10)
+    np.testing.assert_allclose(ld[:1], ld1, atol=1e-10)
+    jac = jax.jacfwd(lambda v: layer.forward(p, v[None])[0][0])(x[0]).reshape(20, 20)
+    np.testing.assert_allclose(ld[0], jnp.linalg.slogdet(jac)[1], atol=1e-9)
+    m = F.coupling_mask((5, 4), "checkerboard")
+    assert m.shape == (5, 1) and np.asarray(m)[:, 0].tolist() == [1, 0, 1, 0, 1]
+
+
+def test_flow_options_are_checked():
+    for kw, name in ((dict(levels=0), "levels"), (dict(levels=-1), "levels"), (dict(steps_per_level=0),
+                                                                                "steps_per_level")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            F.glow((4, 4, 1), **kw)
+    with pytest.raises(ValueError, match=r"event_shape must be \(H, W, C\)"):
+        F.glow((4, 4))
+    with pytest.raises(ValueError, match="num_steps must be a positive int"):
+        F.realnvp(2, num_steps=0)
+    flow = F.realnvp(2, num_steps=1, hidden=4)
+    with pytest.raises(ValueError, match="sigma must be a real > 0"):
+        F.flow_objective(flow, "dsm", sigma=0.0)
+    with pytest.raises(ValueError, match="num_slices must be a positive int"):
+        F.flow_objective(flow, "ssm", num_slices=0)
+    with pytest.raises(ValueError, match="dequantize must be a real > 0"):
+        F.flow_objective(flow, "ml", dequantize=-1.0)
+    with pytest.raises(ValueError, match=r"Squeeze needs images \[B, H, W, C\]"):
+        F.Squeeze().forward({}, jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match="C divisible by 4"):
+        F.Unsqueeze().forward({}, jnp.zeros((1, 2, 2, 2)))
+
+
+def test_flow_init_compiles_once_per_bijector():
+    # jax.jit(self.bijector.init) was a new function on every call: every init compiled again
+    from genflow.flows import _flow
+
+    flow = F.realnvp(3, num_steps=1, hidden=4)
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    before = _flow._init._cache_size()
+    flow.init(jax.random.key(1), x)
+    flow.init(jax.random.key(2), x)
+    F.realnvp(3, num_steps=1, hidden=4).init(jax.random.key(3), x)  # an equal flow: the same compilation
+    assert _flow._init._cache_size() - before == 1

@@ -19,12 +19,14 @@ variance-reduced form) and denoising score matching (Vincent 2011).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import check_int, concrete_real
 from genflow.flows._layers import (ActNorm, AdditiveCoupling, AffineCoupling, Chain, FactorOut, Invertible1x1Conv,
                                    Layer, Squeeze, Unsqueeze)
 from genflow.likelihood._ode import gaussian_log_prob
@@ -34,6 +36,11 @@ Array = jax.Array
 __all__ = ["Flow", "OBJECTIVES", "nll_loss", "ssm_loss", "dsm_loss", "flow_objective", "glow", "realnvp"]
 
 OBJECTIVES = ("ml", "ssm", "dsm")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(bijector: Layer, key: Array, x: Array):
+    return bijector.init(key, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +53,9 @@ class Flow:
     def init(self, key: Array, x: Array):
         """Parameters, with data-dependent initialisation on the example batch ``x: [B, *event_shape]``."""
         self._check(x)
-        return jax.jit(self.bijector.init)(key, x)  # one compilation instead of op-by-op dispatch
+        # one compilation instead of op-by-op dispatch, cached per bijector (layers are hashable):
+        # jax.jit(self.bijector.init) was a new function, compiled again, on every call
+        return _init(self.bijector, key, x)
 
     def _check(self, x):
         if tuple(x.shape[1:]) != tuple(self.event_shape):
@@ -101,6 +110,7 @@ def ssm_loss(flow: Flow, params, x: Array, key: Array, num_slices: int = 1, prob
     """
     from genflow.likelihood._trace import sample_probes
 
+    num_slices = check_int("num_slices", num_slices)
     v = sample_probes(key, (num_slices,) + x.shape, x.dtype, probe)
     score_fn = lambda y: flow.score(params, y)  # noqa: E731
     s, s_lin = jax.linearize(score_fn, x)
@@ -117,6 +127,7 @@ def dsm_loss(flow: Flow, params, x: Array, key: Array, sigma: float = 0.05) -> A
     Fits the score of the data convolved with ``N(0, sigma^2)``; no log-determinant of the
     linear layers is needed.
     """
+    _check_positive("sigma", sigma)
     n = jax.random.normal(key, x.shape, x.dtype)
     s = flow.score(params, x + sigma * n)
     return 0.5 * jnp.mean(jnp.sum(jnp.square(sigma * s + n).reshape(x.shape[0], -1), axis=-1)) / flow.dim
@@ -134,6 +145,10 @@ def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_s
     """
     if method not in OBJECTIVES:
         raise ValueError(f"unknown flow objective {method!r}; expected one of {list(OBJECTIVES)}")
+    check_int("num_slices", num_slices)  # (checked here too: before any tracing)
+    _check_positive("sigma", sigma)
+    if dequantize is not None:
+        _check_positive("dequantize", dequantize)
 
     def loss_fn(params, batch, key):
         x = batch["x"] if isinstance(batch, dict) else batch
@@ -154,6 +169,12 @@ def _step(parity: int, hidden: int, depth: int, lu: bool, coupling: str, mask: s
     return [ActNorm(), Invertible1x1Conv(lu=lu), cls(mask=mask, parity=parity, hidden=hidden, depth=depth)]
 
 
+def _check_positive(name: str, value) -> None:
+    v = concrete_real(value)
+    if not isinstance(value, jax.core.Tracer) and (v is None or not v > 0.0):
+        raise ValueError(f"{name} must be a real > 0; got {value!r}")
+
+
 def _check_coupling(coupling: str):
     if coupling not in ("affine", "additive"):
         raise ValueError(f"coupling must be 'affine' or 'additive'; got {coupling!r}")
@@ -164,6 +185,7 @@ def realnvp(dim: int, *, num_steps: int = 8, hidden: int = 64, depth: int = 2, l
     """A flow on vectors ``[B, dim]``: ``num_steps`` Glow steps (ActNorm, invertible linear,
     coupling on alternating halves). ``lu=False`` gives dense linear layers (EBFlow's setting)."""
     _check_coupling(coupling)
+    num_steps = check_int("num_steps", num_steps)
     if dim < 2:
         raise ValueError(f"dim must be >= 2 for a coupling flow; got {dim}")
     layers = [layer for i in range(num_steps) for layer in _step(i, hidden, depth, lu, coupling, "half")]
@@ -179,6 +201,9 @@ def glow(event_shape: tuple[int, int, int], *, levels: int = 2, steps_per_level:
     next level. ``H`` and ``W`` must be divisible by ``2**levels``.
     """
     _check_coupling(coupling)
+    if len(tuple(event_shape)) != 3:
+        raise ValueError(f"event_shape must be (H, W, C); got {event_shape!r}")
+    levels, steps_per_level = check_int("levels", levels), check_int("steps_per_level", steps_per_level)
     h, w, c = event_shape
     if h % (2 ** levels) or w % (2 ** levels):
         raise ValueError(f"event_shape {event_shape}: H and W must be divisible by 2**levels = {2 ** levels}")

@@ -91,11 +91,13 @@ class ActNorm(Layer):
 
     def forward(self, params, x):
         y = (x + params["bias"]) * jnp.exp(params["log_scale"])
-        return y, jnp.full((x.shape[0],), _spatial(x) * jnp.sum(params["log_scale"]), x.dtype)
+        # (log-determinants in the output's dtype: float32 parameters on bfloat16 data give a float32 y,
+        # and a bfloat16 log-det lost ~1.4 nats on a 16x16x3 glow)
+        return y, jnp.full((x.shape[0],), _spatial(x) * jnp.sum(params["log_scale"]), y.dtype)
 
     def inverse(self, params, y):
         x = y * jnp.exp(-params["log_scale"]) - params["bias"]
-        return x, jnp.full((y.shape[0],), -_spatial(y) * jnp.sum(params["log_scale"]), y.dtype)
+        return x, jnp.full((y.shape[0],), -_spatial(y) * jnp.sum(params["log_scale"]), x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,8 @@ class Invertible1x1Conv(Layer):
 
     ``lu=True`` uses Glow's LU parametrization ``W = P L (U + diag(sign * exp(log_s)))`` with a
     fixed permutation ``P`` and signs (kept in ``params`` but not trained: gradients are
-    stopped), so ``log|det W| = sum(log_s)`` costs O(C). ``lu=False`` keeps a free matrix and
+    stopped, and they are re-read as the nearest exact permutation and signs, so weight decay
+    on them changes nothing), so ``log|det W| = sum(log_s)`` costs O(C). ``lu=False`` keeps a free matrix and
     pays ``slogdet`` (O(C^3)) for the log-determinant: the "linear layer" of EBFlow.
     ``log|det| = spatial * log|det W|``. Initialised at a random rotation.
     """
@@ -115,7 +118,8 @@ class Invertible1x1Conv(Layer):
 
     def init(self, key, x):
         c = x.shape[-1]
-        w, _ = jnp.linalg.qr(jax.random.normal(key, (c, c), x.dtype))
+        # float32 or wider (QR / LU / slogdet have no bfloat16 or float16 kernels)
+        w, _ = jnp.linalg.qr(jax.random.normal(key, (c, c), jnp.promote_types(x.dtype, jnp.float32)))
         if not self.lu:
             return {"w": w}
         p, lower, upper = jax.scipy.linalg.lu(w)
@@ -130,19 +134,25 @@ class Invertible1x1Conv(Layer):
         c = params["log_s"].shape[0]
         eye = jnp.eye(c, dtype=params["log_s"].dtype)
         lower = jnp.tril(params["lower"], -1) + eye
-        upper = jnp.triu(params["upper"], 1) + jnp.diag(jax.lax.stop_gradient(params["sign"]) * jnp.exp(params["log_s"]))
-        return jax.lax.stop_gradient(params["perm"]) @ lower @ upper, jnp.sum(params["log_s"])
+        # P and the signs are re-read as an exact permutation and exact signs: decoupled weight decay
+        # (adamw) shrank them despite the stopped gradients, and the log-det sum(log_s) went wrong
+        perm = jax.nn.one_hot(jnp.argmax(jax.lax.stop_gradient(params["perm"]), axis=1), c, dtype=eye.dtype)
+        sign = jnp.sign(jax.lax.stop_gradient(params["sign"]))
+        upper = jnp.triu(params["upper"], 1) + jnp.diag(sign * jnp.exp(params["log_s"]))
+        return perm @ lower @ upper, jnp.sum(params["log_s"])
 
     def map(self, params, x):
         return x @ self.weight(params, logdet=False)[0].T
 
     def forward(self, params, x):
         w, logdet = self.weight(params)
-        return x @ w.T, jnp.full((x.shape[0],), _spatial(x) * logdet, x.dtype)
+        y = x @ w.T
+        return y, jnp.full((x.shape[0],), _spatial(x) * logdet, y.dtype)
 
     def inverse(self, params, y):
         w, logdet = self.weight(params)
-        return y @ jnp.linalg.inv(w).T, jnp.full((y.shape[0],), -_spatial(y) * logdet, y.dtype)
+        x = y @ jnp.linalg.inv(w).T
+        return x, jnp.full((y.shape[0],), -_spatial(y) * logdet, x.dtype)
 
 
 def coupling_mask(shape: tuple[int, ...], kind: str = "half", parity: int = 0, dtype=jnp.float32) -> Array:
@@ -159,6 +169,8 @@ def coupling_mask(shape: tuple[int, ...], kind: str = "half", parity: int = 0, d
     elif kind == "checkerboard":
         if len(shape) == 1:
             m = jnp.arange(shape[0]) % 2 == 0
+        elif len(shape) == 2:  # sequences (L, C): alternating positions
+            m = (jnp.arange(shape[0]) % 2 == 0)[:, None]
         else:
             h, w = shape[0], shape[1]
             m = ((jnp.arange(h)[:, None] + jnp.arange(w)[None, :]) % 2 == 0)[..., None]
@@ -171,7 +183,8 @@ def coupling_mask(shape: tuple[int, ...], kind: str = "half", parity: int = 0, d
 class CouplingNet(nn.Module):
     """Conditioner of a coupling layer: ``x_masked -> (shift, raw_scale)``, each shaped like ``x``.
 
-    An MLP for ``[B, D]`` and a 3x3 / 1x1 / 3x3 CNN for ``[B, H, W, C]``; the last layer is
+    An MLP for ``[B, D]`` and a 3x3 / 1x1 / 3x3 CNN for ``[B, H, W, C]`` (3 / 1 / 3 on sequences
+    ``[B, L, C]``); the last layer is
     zero-initialised so that every coupling starts as the identity (Glow).
     """
 
@@ -189,10 +202,13 @@ class CouplingNet(nn.Module):
                 h = act(nn.Dense(self.hidden)(h))
             out = nn.Dense(2 * c, kernel_init=nn.initializers.zeros)(h)
         else:
-            h = act(nn.Conv(self.hidden, (3, 3))(h))
+            # kernels over every axis between batch and channels ((3,) on [B, L, C], (3, 3) on
+            # [B, H, W, C]): a (3, 3) kernel on [B, L, C] convolved over the batch axis and mixed samples
+            k3, k1 = (3,) * (x.ndim - 2), (1,) * (x.ndim - 2)
+            h = act(nn.Conv(self.hidden, k3)(h))
             for _ in range(self.depth - 1):
-                h = act(nn.Conv(self.hidden, (1, 1))(h))
-            out = nn.Conv(2 * c, (3, 3), kernel_init=nn.initializers.zeros)(h)
+                h = act(nn.Conv(self.hidden, k1)(h))
+            out = nn.Conv(2 * c, k3, kernel_init=nn.initializers.zeros)(h)
         return out[..., :c], out[..., c:]
 
 
@@ -204,6 +220,10 @@ class AffineCoupling(Layer):
 
         y = m x + (1 - m) (x * s + t),   (t, h) = NN(m x),  s = sigmoid(h + 2)
         log|det| = sum (1 - m) log s
+
+    computed as ``log s = log_sigmoid(h + 2)`` with the masked positions selected (not multiplied
+    by 0): a saturated scale (h below ~-104 in float32) gave ``0 * log 0 = NaN`` log-dets and
+    inverses, and a ``-inf`` log-det with NaN gradients, where the true values are finite.
 
     ``mask``/``parity``: see :func:`coupling_mask`; ``hidden``/``depth``: the conditioner.
     """
@@ -220,32 +240,34 @@ class AffineCoupling(Layer):
         return CouplingNet(self.hidden, self.depth, self.activation)
 
     def _mask(self, x):
-        return coupling_mask(x.shape[1:], self.mask, self.parity, x.dtype)
+        return coupling_mask(x.shape[1:], self.mask, self.parity, bool)
 
     def init(self, key, x):
-        return self.net.init(key, x * self._mask(x))
+        return self.net.init(key, jnp.where(self._mask(x), x, 0))
 
-    def _scale_shift(self, params, xm):
-        shift, raw = self.net.apply(params, xm)
+    def _log_scale_shift(self, params, x, m):
+        """``(log s, t)`` from the conditioning half (``log s`` is None for additive couplings)."""
+        shift, raw = self.net.apply(params, jnp.where(m, x, 0))
         if not self.affine:
             return None, shift
-        return jax.nn.sigmoid(raw + 2.0), shift
+        return jax.nn.log_sigmoid(raw + 2.0), shift
+
+    def _logdet(self, m, log_s):
+        return jnp.sum(jnp.where(m, 0, log_s).reshape(log_s.shape[0], -1), axis=-1)
 
     def forward(self, params, x):
         m = self._mask(x)
-        s, t = self._scale_shift(params, x * m)
-        if s is None:
-            return x + (1 - m) * t, _zeros(x)
-        y = x * m + (1 - m) * (x * s + t)
-        return y, jnp.sum(((1 - m) * jnp.log(s)).reshape(x.shape[0], -1), axis=-1)
+        log_s, t = self._log_scale_shift(params, x, m)
+        if log_s is None:
+            return jnp.where(m, x, x + t), _zeros(x)
+        return jnp.where(m, x, x * jnp.exp(log_s) + t), self._logdet(m, log_s)
 
     def inverse(self, params, y):
         m = self._mask(y)
-        s, t = self._scale_shift(params, y * m)
-        if s is None:
-            return y - (1 - m) * t, _zeros(y)
-        x = y * m + (1 - m) * (y - t) / s
-        return x, -jnp.sum(((1 - m) * jnp.log(s)).reshape(y.shape[0], -1), axis=-1)
+        log_s, t = self._log_scale_shift(params, y, m)
+        if log_s is None:
+            return jnp.where(m, y, y - t), _zeros(y)
+        return jnp.where(m, y, (y - t) * jnp.exp(-log_s)), -self._logdet(m, log_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +285,8 @@ class Squeeze(Layer):
     linear: ClassVar[bool] = True
 
     def forward(self, params, x):
+        if x.ndim != 4:
+            raise ValueError(f"Squeeze needs images [B, H, W, C]; got x.shape={x.shape}")
         b, h, w, c = x.shape
         if h % 2 or w % 2:
             raise ValueError(f"Squeeze needs even height and width; got x.shape={x.shape}")
@@ -270,6 +294,9 @@ class Squeeze(Layer):
         return y, _zeros(x)
 
     def inverse(self, params, y):
+        if y.ndim != 4 or y.shape[-1] % 4:
+            raise ValueError(f"the inverse of Squeeze (Unsqueeze) needs images [B, H, W, C] with C divisible by 4; "
+                             f"got shape {y.shape}")
         b, h, w, c = y.shape
         x = y.reshape(b, h, w, 2, 2, c // 4).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c // 4)
         return x, _zeros(y)
