@@ -163,7 +163,7 @@ def sweep(factory, lrs, steps=200):
         step = gf.train.make_train_step(xent, opt)
 
         def body(st, _):
-            idx = jax.random.randint(jax.random.fold_in(st.rng, 1), (128,), 0, xtr.shape[0])
+            idx = jax.random.randint(gf.train.batch_key(st.rng), (128,), 0, xtr.shape[0])
             return step(st, (xtr[idx], ytr[idx]))[0], None
 
         st = jax.lax.scan(body, gf.train.init_state(p_digits, opt, jax.random.key(1)), None, length=steps)[0]

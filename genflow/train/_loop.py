@@ -153,8 +153,9 @@ def fit(
     Args:
       state: the initial :class:`TrainState` (its buffers are donated: do not reuse it).
       step_fn: ``step(state, batch) -> (state, metrics)`` from :func:`make_train_step`.
-      data: either ``batch_fn(key) -> batch``, sampled on device inside the scan from a key
-        derived from ``state.rng`` (toy data, device-resident datasets), or an iterable of host
+      data: either ``batch_fn(key) -> batch``, sampled on device inside the scan from
+        :func:`batch_key` ``(state.rng)``, a key the train step never uses (toy data,
+        device-resident datasets), or an iterable of host
         batches, of which ``chunk_size`` are stacked and transferred per call. With a mesh, host
         batches are this process's share (``B_local`` rows; the global batch has
         ``B_local * process_count``). An iterator with ``get_state()`` (grain,
