@@ -116,15 +116,16 @@ def test_smb_masks():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_float32_and_bfloat16_params(name):
-    """Updates and states keep the parameter dtype; bfloat16 training tracks float32's.
-    Measured final-loss ratios bf16 / f32 after 30 steps: 0.98 (smb) to 1.03 (grams)."""
+    """Updates keep the parameter dtype, states hold it or float32 (second moments);
+    bfloat16 training tracks float32's. Measured final-loss ratios bf16 / f32 after 30 steps:
+    0.98 (smb) to 1.03 (grams)."""
     final = {}
     for dt in (jnp.float32, jnp.bfloat16):
         p0 = jax.tree.map(lambda x: x.astype(dt), P0)
         p, state, u = jax.jit(lambda p: steps(FACTORIES[name](0.05), p, 30, full=True))(p0)
         for tree in (p, u):  # apply_updates would cast float32 updates back, so check u itself
             assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype(dt)}
-        assert {x.dtype for x in jax.tree.leaves(state) if x.ndim > 0} <= {jnp.dtype(dt)}
+        assert {x.dtype for x in jax.tree.leaves(state) if x.ndim > 0} <= {jnp.dtype(dt), jnp.dtype(jnp.float32)}
         final[dt] = float(loss(jax.tree.map(lambda x: x.astype(jnp.float32), p)))
     assert final[jnp.float32] < 0.5 * float(loss(P0))
     assert final[jnp.bfloat16] <= 1.1 * final[jnp.float32] + 1e-3
@@ -212,13 +213,20 @@ def test_registry():
     (lambda: gf.optim.grams(0.1, b1=1.0), ValueError, r"b1 must lie in \[0.0, 1.0\)"),
     (lambda: gf.optim.grams(-0.1), ValueError, "learning_rate must lie in"),
     (lambda: gf.optim.grams("0.1"), TypeError, "learning_rate must be a float or an optax schedule"),
-    (lambda: gf.optim.fadam(0.1, clip=0.0), ValueError, r"clip must lie in \(0.0, inf\]"),
+    (lambda: gf.optim.fadam(0.1, clip=0.0), ValueError, r"clip must lie in \(0.0, inf\)"),
     (lambda: gf.optim.fadam(0.1, eps2=lambda n: 0.1), TypeError, "eps2 must be a number"),
     (lambda: gf.optim.fadam(0.1, p=-1.0), ValueError, "p must lie in"),
     (lambda: gf.optim.diffgrad(0.1, b2=-0.5), ValueError, "b2 must lie in"),
     (lambda: gf.optim.diffgrad(0.1, eps=float("nan")), ValueError, "eps must lie in"),
     (lambda: gf.optim.smb(1.0, c=1.5), ValueError, r"c must lie in \(0.0, 1.0\)"),
     (lambda: gf.optim.smb(1.0, eta=0.0), ValueError, "eta must lie in"),
+    # eps = 0 gave 0/0 = NaN on a zero-gradient coordinate
+    (lambda: gf.optim.grams(0.1, eps=0.0), ValueError, r"eps must lie in \(0.0, inf\); got 0.0"),
+    (lambda: gf.optim.diffgrad(0.1, eps=0.0), ValueError, r"eps must lie in \(0.0, inf\)"),
+    (lambda: gf.optim.fadam(0.1, eps=0.0), ValueError, r"eps must lie in \(0.0, inf\)"),
+    (lambda: gf.optim.fadam(0.1, eps2=0.0), ValueError, r"eps2 must lie in \(0.0, inf\)"),
+    # an unbounded range was printed closed: "(0.0, inf]; got inf"
+    (lambda: gf.optim.fadam(0.1, clip=float("inf")), ValueError, r"clip must lie in \(0.0, inf\); got inf"),
 ])
 def test_bad_hyper_parameters(make, err, match):
     with pytest.raises(err, match=match):
@@ -279,3 +287,49 @@ def test_review_fixes_moment_dtype_inject_masks_and_checks():
     with pytest.raises(ValueError):
         gf.optim.grams(1e-3, b1=jnp.float32(1.5))
     assert gf.optim.get("polyak_sgd", max_learning_rate=1.0) is not None  # listed, though it has no learning_rate
+
+
+@pytest.mark.parametrize("name", ["grams", "diffgrad", "fadam"])
+def test_low_precision_second_moments(name):
+    make = {"grams": gf.optim.grams, "diffgrad": gf.optim.diffgrad,
+            "fadam": lambda learning_rate: gf.optim.fadam(learning_rate, weight_decay=0.0)}[name]
+
+    # bfloat16 params: b2 = 0.999 rounded to 1 and the second moment never decayed (the last update
+    # after 1,000 steps of gradient 1 and 3,000 of 0.01 was 0.18-0.25x float32's)
+    def last_update(dt):
+        p = jnp.zeros((1,), dt)
+        opt = make(1.0)
+
+        def body(s, g):
+            u, s = opt.update(jnp.full((1,), g, dt), s, p)
+            return s, u[0].astype(jnp.float32)
+
+        grads = jnp.concatenate([jnp.ones(1000), jnp.full(3000, 0.01)])
+        return float(jax.lax.scan(body, opt.init(p), grads)[1][-1])
+
+    ratio = last_update(jnp.bfloat16) / last_update(jnp.float32)
+    assert 0.9 <= ratio <= 1.1, ratio
+    # float16 params: eps = 1e-8 rounded to 0, and a zero-gradient coordinate was 0/0 = NaN
+    p, g = jnp.ones(2, jnp.float16), jnp.array([0.5, 0.0], jnp.float16)
+    opt = make(0.1)
+    u = opt.update(g, opt.init(p), p)[0]
+    assert u.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(u, np.float32))), u
+    # injected (float32) hyper-parameters on bfloat16 params: the state kept its dtypes (it turned
+    # float32 after one update, and lax.scan refused the carry)
+    opt = optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(learning_rate=1e-3)
+    pb = jnp.ones(4, jnp.bfloat16)
+    s0 = opt.init(pb)
+    s1 = opt.update(pb, s0, pb)[1]
+    assert jax.tree.map(lambda x: x.dtype, s0) == jax.tree.map(lambda x: x.dtype, s1)
+    jax.lax.scan(lambda s, _: (opt.update(pb, s, pb)[1], None), s0, None, length=2)
+
+
+def test_smb_takes_a_prefix_mask():
+    # a prefix mask (one flag for a sub-tree), as optax.masked and gf.optim.fadam take, crashed smb
+    params = {"enc": {"a": jnp.ones(2), "b": jnp.ones(2)}, "head": jnp.ones(2)}
+    quad = lambda q: 0.5 * sum(jnp.sum(x ** 2) for x in jax.tree.leaves(q))  # noqa: E731
+    opt = gf.optim.smb(0.1, mask={"enc": False, "head": True})
+    value, g = jax.value_and_grad(quad)(params)
+    u, _ = opt.update(g, opt.init(params), params, value=value, value_fn=quad)
+    np.testing.assert_array_equal(u["enc"]["a"], g["enc"]["a"])
+    np.testing.assert_allclose(u["head"], -0.1 * g["head"], rtol=1e-6)

@@ -263,10 +263,22 @@ def test_lr_schedule_and_optimizer_presets():
         gf.train.make_optimizer(name="adamz")
     with pytest.raises(ValueError, match="decay_steps"):
         gf.train.lr_schedule(1.0, warmup_steps=10, decay_steps=5)
-    with pytest.raises(ValueError, match="learning_rate must be >= 0"):
+    with pytest.raises(ValueError, match="learning_rate must be a finite real >= 0"):
         gf.train.make_optimizer(-1.0)
-    with pytest.raises(ValueError, match="end_factor must be >= 0"):
+    with pytest.raises(ValueError, match="end_factor must be a finite real >= 0"):
         gf.train.lr_schedule(1e-3, decay_steps=100, end_factor=-1.0)
+    # accepted silently before: inf rates (NaN schedules), an end_factor without decay_steps
+    # (ignored), fractional or bool step counts, a NaN clip norm (NaN updates)
+    for kw, match in ((dict(learning_rate=float("inf")), "learning_rate must be a finite real"),
+                      (dict(learning_rate=1e-3, decay_steps=10, end_factor=float("inf")), "end_factor must be a finite"),
+                      (dict(learning_rate=1e-3, end_factor=0.1), "end_factor needs decay_steps"),
+                      (dict(learning_rate=1e-3, warmup_steps=2.5), "warmup_steps must be an int >= 0"),
+                      (dict(learning_rate=1e-3, warmup_steps=True), "warmup_steps must be an int >= 0"),
+                      (dict(learning_rate=1e-3, decay_steps=10.0), "decay_steps must be a positive int")):
+        with pytest.raises(ValueError, match=match):
+            gf.train.lr_schedule(**kw)
+    with pytest.raises(ValueError, match="clip_norm must be a finite real > 0"):
+        gf.train.make_optimizer(1e-3, clip_norm=float("nan"))
     # a traced learning rate (optax.inject_hyperparams) still works
     tx = optax.inject_hyperparams(lambda learning_rate: gf.train.make_optimizer(learning_rate, warmup_steps=10))(1e-3)
     state = jax.jit(tx.init)(p)

@@ -38,6 +38,12 @@ def moment_update(m: Array, x: Array, decay) -> Array:
     return (1 - decay) * x.astype(dt) + decay * m.astype(dt)
 
 
+def wide_zeros_like(params):
+    """Zeros like ``params`` in float32 or wider (second moments: in bfloat16, ``b2 = 0.999``
+    rounds to 1 and the moment never decays; in float16, ``eps = 1e-8`` rounds to 0)."""
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(jnp.result_type(p), jnp.float32)), params)
+
+
 def check(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
           lo_open: bool = False, hi_open: bool = False, schedule: bool = False) -> None:
     """Validate a hyper-parameter at construction time.
@@ -58,7 +64,7 @@ def check(name: str, value: Any, *, lo: float | None = None, hi: float | None = 
     bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and (v > hi or (hi_open and v == hi)))
     if bad or not np.isfinite(v):
         lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
+        rb = ")" if hi_open or hi is None else "]"
         rng = f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
         raise ValueError(f"{name} must lie in {rng}; got {v}")
 
@@ -92,10 +98,6 @@ def rms(x: Array) -> Array:
     """Root mean square of one array, accumulated in float32 (a scalar)."""
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return jnp.sqrt(jnp.mean(jnp.square(x)))
-
-
-def cast_tree(tree, dtype):
-    return optax.tree.cast(tree, dtype) if dtype is not None else tree
 
 
 def unzip(tree_of_tuples, like, n: int) -> tuple:

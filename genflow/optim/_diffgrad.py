@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import (ScalarOrSchedule, cast_tree, check, check_beta, moment_update, resolve, unzip,
-                                 with_decay_and_lr)
+from genflow.optim._base import (ScalarOrSchedule, check, check_beta, moment_update, resolve, unzip,
+                                 wide_zeros_like, with_decay_and_lr)
 
 Array = jax.Array
 
@@ -52,17 +52,18 @@ def scale_by_diffgrad(
     Args:
       b1, b2: moment decay rates, in [0, 1).
       eps: added to ``sqrt(v^_t)``; a float or a schedule of the step count.
-      mu_dtype: dtype of the first moment (default: that of the parameters).
+      mu_dtype: dtype of the first moment (default: that of the parameters). The second moment
+        is kept in float32 or wider (in bfloat16, ``b2 = 0.999`` rounds to 1 and it never decays).
     """
     check_beta("b1", b1)
     check_beta("b2", b2)
-    check("eps", eps, lo=0.0, schedule=True)
+    check("eps", eps, lo=0.0, lo_open=True, schedule=True)
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
         return ScaleByDiffGradState(count=jnp.zeros([], jnp.int32),
                                     mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-                                    nu=optax.tree.zeros_like(params),
+                                    nu=wide_zeros_like(params),
                                     prev_grad=optax.tree.zeros_like(params))
 
     def update_fn(updates, state, params=None):
@@ -74,16 +75,18 @@ def scale_by_diffgrad(
         e = resolve(eps, state.count)
 
         def leaf(g, m, v, g_prev):
-            m = moment_update(m, g, b1)
-            v = (1 - b2) * jnp.square(g) + b2 * v
+            # (as in Grams: the direction in float32 or wider, the moments in their stored dtypes)
+            m_new = moment_update(m, g, b1)
+            v_new = moment_update(v, jnp.square(g.astype(v.dtype)), b2)
+            dt = jnp.promote_types(m_new.dtype, v_new.dtype)
             # xi_t / D = sigmoid(|dg|) / D = 1 / ((1 + exp(-|dg|)) D): one division, not two
-            friction = 1 + jnp.exp(-jnp.abs(g_prev - g))
-            u = (m * c1.astype(m.dtype)) / (friction * (jnp.sqrt(v) * c2.astype(v.dtype) + e))
-            return u.astype(g.dtype), m, v
+            friction = 1 + jnp.exp(-jnp.abs(g_prev.astype(dt) - g.astype(dt)))
+            u = (m_new.astype(dt) * c1.astype(dt)) / (friction * (jnp.sqrt(v_new).astype(dt) * c2.astype(dt) + e))
+            return u.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
         u, mu, nu = unzip(jax.tree.map(leaf, updates, state.mu, state.nu, state.prev_grad), updates, 3)
         prev = optax.tree.cast_like(updates, state.prev_grad)
-        return u, ScaleByDiffGradState(count=count_inc, mu=cast_tree(mu, mu_dtype), nu=nu, prev_grad=prev)
+        return u, ScaleByDiffGradState(count=count_inc, mu=mu, nu=nu, prev_grad=prev)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

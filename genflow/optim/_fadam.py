@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import (ScalarOrSchedule, _concrete, cast_tree, check, check_beta, decay_mask,
-                                 moment_update, resolve, rms, unzip)
+from genflow.optim._base import (ScalarOrSchedule, _concrete, check, check_beta, decay_mask,
+                                 moment_update, resolve, rms, unzip, wide_zeros_like)
 
 Array = jax.Array
 
@@ -58,12 +58,13 @@ def scale_by_fadam(
       p: exponent of the Fisher in the preconditioner.
       weight_decay: coefficient of the Fisher-preconditioned weight decay (float or schedule).
       mask: weight-decay mask, a tree of booleans or a callable on the params.
-      momentum_dtype: dtype of ``m_t`` (default: that of the parameters).
+      momentum_dtype: dtype of ``m_t`` (default: that of the parameters). The Fisher is kept in
+        float32 or wider (in bfloat16, ``b2 = 0.999`` rounds to 1 and it never decays).
     """
     check_beta("b1", b1)
     check_beta("b2", b2)
-    check("eps", eps, lo=0.0, schedule=True)
-    check("eps2", eps2, lo=0.0)
+    check("eps", eps, lo=0.0, lo_open=True, schedule=True)
+    check("eps2", eps2, lo=0.0, lo_open=True)
     check("clip", clip, lo=0.0, lo_open=True)
     check("p", p, lo=0.0, lo_open=True)
     check("weight_decay", weight_decay, lo=0.0, schedule=True)
@@ -73,7 +74,7 @@ def scale_by_fadam(
     def init_fn(params):
         return ScaleByFAdamState(count=jnp.zeros([], jnp.int32),
                                  momentum=optax.tree.zeros_like(params, dtype=momentum_dtype),
-                                 fim=optax.tree.zeros_like(params))
+                                 fim=wide_zeros_like(params))
 
     def update_fn(updates, state, params=None):
         if params is None and not no_decay:
@@ -84,7 +85,7 @@ def scale_by_fadam(
         e = resolve(eps, state.count)
         wd = resolve(weight_decay, state.count)
 
-        def precond(g, f):
+        def precond(g, f):  # (g in the Fisher's dtype: float32 or wider)
             f = b2_hat.astype(f.dtype) * f + (1 - b2_hat).astype(f.dtype) * jnp.square(g)
             r = rms(g)
             scaled = eps2 * r
@@ -97,19 +98,22 @@ def scale_by_fadam(
             return x / jnp.maximum(1.0, rms(x) / clip).astype(x.dtype)
 
         def leaf(g, m, f, theta, decay):
-            f, den = precond(g, f)
-            m = moment_update(m, clipped(g / den), b1)
-            u = m
+            # the natural gradient in the Fisher's dtype (float32 or wider), the momentum and
+            # Fisher back in their stored dtypes
+            g_w = g.astype(f.dtype)
+            f_new, den = precond(g_w, f)
+            m_new = moment_update(m, clipped(g_w / den), b1)
+            u = m_new
             if decay and not no_decay:
-                u = m + wd * clipped(theta / den)
-            return u.astype(g.dtype), m, f
+                u = m_new + wd * clipped(theta.astype(den.dtype) / den)
+            return u.astype(g.dtype), m_new.astype(m.dtype), f_new.astype(f.dtype)
 
         if params is None:
             params = updates  # unused: weight decay is 0
         decay_tree = decay_mask(mask, params) if not no_decay else jax.tree.map(lambda _: False, params)
         out = jax.tree.map(leaf, updates, state.momentum, state.fim, params, decay_tree)
         u, m, f = unzip(out, updates, 3)
-        return u, ScaleByFAdamState(count=count_inc, momentum=cast_tree(m, momentum_dtype), fim=f)
+        return u, ScaleByFAdamState(count=count_inc, momentum=m, fim=f)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import (ScalarOrSchedule, cast_tree, check, check_beta, moment_update, resolve, unzip,
-                                 with_decay_and_lr)
+from genflow.optim._base import (ScalarOrSchedule, check, check_beta, moment_update, resolve, unzip,
+                                 wide_zeros_like, with_decay_and_lr)
 
 Array = jax.Array
 
@@ -43,18 +43,19 @@ def scale_by_grams(
     Args:
       b1, b2: decay rates of the first and second moments, in [0, 1).
       eps: added to ``sqrt(v^_t)``; a float or a schedule of the step count.
-      mu_dtype: dtype of the first moment (default: that of the parameters).
+      mu_dtype: dtype of the first moment (default: that of the parameters). The second moment
+        is kept in float32 or wider (in bfloat16, ``b2 = 0.999`` rounds to 1 and it never decays).
     Returns:
       An ``optax.GradientTransformation`` producing ``u_t`` (no learning rate, no sign flip).
     """
     check_beta("b1", b1)
     check_beta("b2", b2)
-    check("eps", eps, lo=0.0, schedule=True)
+    check("eps", eps, lo=0.0, lo_open=True, schedule=True)
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-        nu = optax.tree.zeros_like(params)
+        nu = wide_zeros_like(params)
         return ScaleByGramsState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None):
@@ -66,13 +67,16 @@ def scale_by_grams(
         e = resolve(eps, state.count)
 
         def leaf(g, m, v):
-            m = moment_update(m, g, b1)
-            v = (1 - b2) * jnp.square(g) + b2 * v
-            u = (m * c1.astype(m.dtype)) / (jnp.sqrt(v) * c2.astype(v.dtype) + e)
-            return (jnp.sign(g) * jnp.abs(u)).astype(g.dtype), m, v
+            # the direction in float32 or wider; the moments back in their stored dtypes (injected
+            # float32 hyper-parameters promoted bfloat16 moments, and the state changed dtype)
+            m_new = moment_update(m, g, b1)
+            v_new = moment_update(v, jnp.square(g.astype(v.dtype)), b2)
+            dt = jnp.promote_types(m_new.dtype, v_new.dtype)
+            u = (m_new.astype(dt) * c1.astype(dt)) / (jnp.sqrt(v_new).astype(dt) * c2.astype(dt) + e)
+            return (jnp.sign(g) * jnp.abs(u)).astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
         u, mu, nu = unzip(jax.tree.map(leaf, updates, state.mu, state.nu), updates, 3)
-        return u, ScaleByGramsState(count=count_inc, mu=cast_tree(mu, mu_dtype), nu=nu)
+        return u, ScaleByGramsState(count=count_inc, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import ScalarOrSchedule, check, resolve
+from genflow.optim._base import ScalarOrSchedule, check, decay_mask, resolve
 
 Array = jax.Array
 
@@ -166,7 +166,7 @@ def smb(
         if any(_is_masked_node(x) for x in jax.tree.leaves(params, is_leaf=_is_masked_node)):
             raise ValueError("smb cannot run inside optax.masked (it re-evaluates the loss on the full parameter "
                              "tree); use gf.optim.smb(..., mask=...) instead")
-        on = jax.tree.map(lambda _: True, params) if mask is None else (mask(params) if callable(mask) else mask)
+        on = decay_mask(mask, params)  # (a prefix tree covers its sub-tree, as optax.masked allows)
         lr = resolve(learning_rate, state.count)
         if value is None:
             value = value_fn(params)

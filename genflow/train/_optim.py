@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optax
+
+from genflow._checks import check_int
 
 
 def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, decay_steps: int | None = None,
@@ -14,13 +17,18 @@ def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, decay_steps: int
     ``end_factor * learning_rate`` (``optax.warmup_cosine_decay_schedule``; Loshchilov & Hutter 2017)."""
     import jax  # (checks only concrete values: inject_hyperparams traces learning_rate)
 
-    if not isinstance(learning_rate, jax.core.Tracer) and not float(learning_rate) >= 0:
-        raise ValueError(f"learning_rate must be >= 0; got {learning_rate!r}")
-    if not isinstance(end_factor, jax.core.Tracer) and not float(end_factor) >= 0:
-        raise ValueError(f"end_factor must be >= 0 (the final learning rate is end_factor * learning_rate); "
-                         f"got {end_factor!r}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
+    if not isinstance(learning_rate, jax.core.Tracer) and not 0 <= float(learning_rate) < math.inf:
+        raise ValueError(f"learning_rate must be a finite real >= 0; got {learning_rate!r}")
+    if not isinstance(end_factor, jax.core.Tracer) and not 0 <= float(end_factor) < math.inf:
+        raise ValueError(f"end_factor must be a finite real >= 0 (the final learning rate is end_factor * "
+                         f"learning_rate); got {end_factor!r}")
+    check_int("warmup_steps", warmup_steps, 0)
+    if decay_steps is None:
+        if not isinstance(end_factor, jax.core.Tracer) and float(end_factor) != 0.0:
+            raise ValueError(f"end_factor needs decay_steps (without them the schedule is constant after the warmup); "
+                             f"got end_factor={end_factor!r}")
+    else:
+        check_int("decay_steps", decay_steps)
     if decay_steps is not None:
         if decay_steps <= warmup_steps:
             raise ValueError(f"decay_steps ({decay_steps}) must exceed warmup_steps ({warmup_steps})")
@@ -46,7 +54,7 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
     tx = factory(lr_schedule(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps,
                              end_factor=end_factor), **kwargs)
     if clip_norm is not None:
-        if clip_norm <= 0:
-            raise ValueError(f"clip_norm must be positive; got {clip_norm}")
+        if isinstance(clip_norm, bool) or not 0 < float(clip_norm) < math.inf:
+            raise ValueError(f"clip_norm must be a finite real > 0; got {clip_norm!r}")
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return tx
