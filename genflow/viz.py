@@ -34,12 +34,21 @@ def _lims(*arrays, pad=0.1):
 
 def scatter(samples, reference=None, title: str | None = None, path: str | None = None, s: float = 2.0,
             lims=None):
-    """Side-by-side scatter of ``reference`` (if given) and ``samples``, both ``[N, 2]``."""
+    """Side-by-side scatter of ``reference`` (if given) and ``samples``, both ``[N, 2]``.
+
+    ``lims``: ``((x0, x1), (y0, y1))`` as in :func:`density` (default: the 0.5-99.5 percentiles
+    of the finite points, padded by 10%)."""
     for name, a in (("samples", samples), ("reference", reference)):
         if a is not None and (np.ndim(a) != 2 or np.shape(a)[1] != 2):
             raise ValueError(f"{name} must be points [N, 2]; got shape {np.shape(a)}")
     panels = [("data", reference), ("samples", samples)] if reference is not None else [("samples", samples)]
-    lo, hi = lims if lims is not None else _lims(samples, reference)
+    if lims is not None:
+        (x0, x1), (y0, y1) = lims
+        if not (x0 < x1 and y0 < y1):
+            raise ValueError(f"lims must be ((x0, x1), (y0, y1)) with x0 < x1 and y0 < y1; got {lims}")
+        lo, hi = np.array([x0, y0], float), np.array([x1, y1], float)
+    else:
+        lo, hi = _lims(samples, reference)
     # panels of equal aspect: the figure's height follows the data's (no empty bands around wide data)
     aspect = float(np.clip((hi[1] - lo[1]) / max(hi[0] - lo[0], 1e-12), 0.3, 1.5))
     height = 4 * aspect + (1.0 if title else 0.6)
@@ -57,6 +66,10 @@ def scatter(samples, reference=None, title: str | None = None, path: str | None 
 def density(log_density_fn=None, samples=None, lims=((-4, 4), (-4, 4)), n: int = 200, title: str | None = None,
             path: str | None = None):
     """Heat map of ``exp(log_density_fn(grid))`` (``[M, 2] -> [M]``) or a 2-D histogram of samples."""
+    if log_density_fn is None and samples is None:
+        raise ValueError("density needs log_density_fn or samples")
+    if log_density_fn is None and (np.ndim(samples) != 2 or np.shape(samples)[1] != 2):
+        raise ValueError(f"samples must be points [N, 2]; got shape {np.shape(samples)}")
     fig, ax = plt.subplots(figsize=(4, 4))
     (x0, x1), (y0, y1) = lims
     if log_density_fn is not None:
@@ -117,6 +130,10 @@ def image_grid(images, nrow: int | None = None, title: str | None = None, path: 
     """Grid of images ``[N, H, W]`` or ``[N, H, W, C]`` in ``[vmin, vmax]``, ``nrow`` per row,
     with optional labels to the left of the rows."""
     imgs = np.asarray(images, np.float32)
+    if not (imgs.ndim == 3 or (imgs.ndim == 4 and imgs.shape[-1] in (1, 3, 4))) or imgs.shape[0] == 0:
+        raise ValueError(f"images must be [N, H, W] or [N, H, W, C] with C in (1, 3, 4) and N >= 1; got shape {imgs.shape}")
+    if not vmax > vmin:
+        raise ValueError(f"vmax must be greater than vmin; got vmin={vmin}, vmax={vmax}")
     if imgs.ndim == 4 and imgs.shape[-1] == 1:
         imgs = imgs[..., 0]
     n = imgs.shape[0]

@@ -221,10 +221,15 @@ def test_unet_dropout_is_active_only_in_training(image_net):
     if name != "unet":
         return
     net = UNET.clone(dropout=0.5)
-    f = jax.jit(lambda k: net.apply(p, X_IMG, T_IMG, Y_IMG, train=True, rngs={"dropout": k}))
+    f = jax.jit(lambda k, train: net.apply(p, X_IMG, T_IMG, Y_IMG, train=train, rngs={"dropout": k}),
+                static_argnums=1)
     a = apply(p, X_IMG, T_IMG, Y_IMG)  # the same network without dropout
-    b, c = f(jax.random.key(0)), f(jax.random.key(1))
+    b, c = f(jax.random.key(0), True), f(jax.random.key(1), True)
     assert float(jnp.abs(a - b).max()) > 1e-3 and float(jnp.abs(b - c).max()) > 1e-3
+    # at eval the dropout network is the dropout-free one, even with a dropout rng supplied (the
+    # check above alone passed with dropout always on)
+    for k in (0, 1):
+        np.testing.assert_allclose(f(jax.random.key(k), False), a, rtol=1e-5, atol=1e-6)
 
 
 def test_image_nets_bfloat16_compute_keeps_float32_params():
@@ -262,3 +267,31 @@ def test_label_range_is_checked_for_concrete_labels():
     # traced labels are not checked (and work)
     out = jax.jit(lambda y: mlp.apply(params, x, t, y))(jnp.array([1, 2]))
     assert out.shape == (2, 2)
+
+
+def test_time_embeddings_take_a_scalar_and_refuse_other_shapes():
+    # a 0-d t raised IndexError in every kind; a [B, 1] t gave [B, 1, dim] embeddings
+    for kind in ("sinusoidal", "fourier", "identity"):
+        emb = gf.nets.TimeEmbedding(8, kind)
+        out = emb.apply({}, 0.3)
+        assert out.shape == ((1, 8) if kind != "identity" else (1, 1)), (kind, out.shape)
+        np.testing.assert_allclose(out, emb.apply({}, jnp.array([0.3])))
+        with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B\]"):
+            emb.apply({}, jnp.zeros((3, 1)))
+    assert gf.nets.sinusoidal_embedding(0.5, 4).shape == (1, 4)
+
+
+def test_image_net_options_are_checked():
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,))
+    for bad in ("S/0", "S/-2"):  # built, then ZeroDivisionError / a reshape TypeError
+        with pytest.raises(ValueError, match="DiT name must be"):
+            gf.nets.dit(bad)
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        gf.nets.DiT(patch_size=0, hidden=24, depth=1, num_heads=2).init(jax.random.key(0), x, t)
+    with pytest.raises(ValueError, match="attn_resolutions must be a sequence of ints"):
+        gf.nets.UNet(ch=8, ch_mult=(1,), attn_resolutions=16).init(jax.random.key(0), x, t)
+    with pytest.raises(ValueError, match="ch must be even"):
+        gf.nets.UNet(ch=15, ch_mult=(1,)).init(jax.random.key(0), x, t)
+    from genflow.nets._dit import DiTBlock
+    with pytest.raises(ValueError, match="must be divisible by num_heads=4"):
+        DiTBlock(30, num_heads=4).init(jax.random.key(0), jnp.zeros((1, 4, 30)), jnp.zeros((1, 30)))

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+import matplotlib.pyplot as plt
 
 import genflow as gf
 
@@ -34,3 +35,23 @@ def test_scatter_with_a_diverged_sample_and_bad_shapes(tmp_path):
     assert (tmp_path / "s.png").exists()
     with pytest.raises(ValueError, match=r"samples must be points \[N, 2\]"):
         gf.viz.scatter(np.zeros((5, 3)))
+
+
+def test_scatter_limits_read_like_density_and_edge_inputs_are_named():
+    # scatter read lims as ((xlo, ylo), (xhi, yhi)), density as ((x0, x1), (y0, y1))
+    pts = np.random.default_rng(0).normal(size=(50, 2))
+    fig = gf.viz.scatter(pts, lims=((-4, 4), (-3, 3)))
+    assert fig.axes[0].get_xlim() == (-4, 4) and fig.axes[0].get_ylim() == (-3, 3)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="lims must be"):
+        gf.viz.scatter(pts, lims=((4, -4), (-3, 3)))
+    with pytest.raises(ValueError, match="needs log_density_fn or samples"):
+        gf.viz.density()
+    with pytest.raises(ValueError, match=r"samples must be points \[N, 2\]"):
+        gf.viz.density(samples=np.zeros((10, 3)))
+    with pytest.raises(ValueError, match="images must be"):
+        gf.viz.image_grid(np.zeros((0, 8, 8)))
+    with pytest.raises(ValueError, match="images must be"):
+        gf.viz.image_grid(np.zeros((4, 64)))
+    with pytest.raises(ValueError, match="vmax must be greater than vmin"):
+        gf.viz.image_grid(np.zeros((4, 8, 8)), vmin=0.0, vmax=0.0)

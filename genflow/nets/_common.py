@@ -23,17 +23,27 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+def _times(t) -> Array:
+    """``t`` as ``[B]`` (a scalar is ``[1]``); anything else is refused (a ``[B, 1]`` t gave
+    ``[B, 1, dim]`` embeddings)."""
+    t = jnp.atleast_1d(jnp.asarray(t))
+    if t.ndim != 1:
+        raise ValueError(f"t must be a scalar or have shape [B]; got shape {t.shape}")
+    return t
+
+
 def sinusoidal_embedding(t: Array, dim: int, max_period: float = 10_000.0, scale: float = 1000.0) -> Array:
     """Transformer-style sinusoidal features of ``scale * t``.
 
     Args:
-      t: ``[B]`` times in [0, 1].
+      t: ``[B]`` times in [0, 1] (or a scalar: ``B = 1``).
       dim: even number of features.
     Returns:
       ``[B, dim]``: ``[cos(scale t w_k), sin(scale t w_k)]`` with ``w_k = max_period^(-k/half)``.
     """
     if dim % 2:
         raise ValueError(f"dim must be even for a sinusoidal embedding, got {dim}")
+    t = _times(t)
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = (scale * t.astype(jnp.float32))[:, None] * freqs[None]
@@ -61,6 +71,7 @@ class TimeEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
+        t = _times(t)
         if self.kind == "sinusoidal":
             return sinusoidal_embedding(t, self.dim)
         if self.kind == "fourier":

@@ -67,6 +67,8 @@ class DiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
         b, n, d = x.shape
+        if d % self.num_heads:  # (a standalone block ran attention d // num_heads * num_heads wide)
+            raise ValueError(f"DiTBlock: the width {d} must be divisible by num_heads={self.num_heads}")
         mod = nn.Dense(6 * d, kernel_init=_zeros, dtype=self.dtype, name="adaLN")(nn.silu(c))
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
         ln = lambda name: nn.LayerNorm(1e-6, use_bias=False, use_scale=False, dtype=self.dtype, name=name)  # noqa: E731
@@ -118,6 +120,8 @@ class DiT(nn.Module):
             raise ValueError(f"DiT expects images x of shape [B, H, W, C]; got x.shape={x.shape}")
         b, hh, ww, ch = x.shape
         p = self.patch_size
+        if not (isinstance(p, int) and p >= 1):
+            raise ValueError(f"DiT's patch_size must be a positive int; got {p!r}")
         if hh % p or ww % p:
             raise ValueError(f"DiT with patch_size={p} needs H and W divisible by {p}; got x.shape={x.shape}")
         if self.hidden % self.num_heads:
@@ -162,6 +166,8 @@ def dit(name: str, **kwargs) -> DiT:
         size, patch = name.split("/")
         hidden, depth, heads = DIT_PRESETS[size]
         patch = int(patch)
+        if patch < 1:
+            raise ValueError
     except (ValueError, KeyError):
         raise ValueError(f"DiT name must be '<size>/<patch>' with size in {list(DIT_PRESETS)}, e.g. 'S/2'; "
                          f"got {name!r}") from None

@@ -124,6 +124,11 @@ class UNet(nn.Module):
         levels = len(self.ch_mult)
         if levels < 1:
             raise ValueError("ch_mult needs at least one level")
+        if isinstance(self.attn_resolutions, int) or not all(isinstance(r, int) for r in self.attn_resolutions):
+            raise ValueError(f"attn_resolutions must be a sequence of ints (feature-map sizes); got "
+                             f"{self.attn_resolutions!r}")
+        if self.ch % 2:  # (the time embedding of width ch needs it even; its error named 'dim')
+            raise ValueError(f"UNet's ch must be even; got {self.ch}")
         factor = 2 ** (levels - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(f"UNet with {levels} levels needs H and W divisible by {factor}; got x.shape={x.shape}")
