@@ -295,3 +295,21 @@ def test_image_net_options_are_checked():
     from genflow.nets._dit import DiTBlock
     with pytest.raises(ValueError, match="must be divisible by num_heads=4"):
         DiTBlock(30, num_heads=4).init(jax.random.key(0), jnp.zeros((1, 4, 30)), jnp.zeros((1, 30)))
+
+
+def test_model_fn_keeps_static_options_static_and_equal_modules_equal():
+    # model_fn bound train=False as a traced leaf (TracerBoolConversionError under the caller's jit),
+    # and a rebuilt equal module was a new function to jit (a bound method compares by identity)
+    traces = []
+    run = jax.jit(lambda fn, x, t: (traces.append(1), fn(x, t))[1])
+    m = gf.nets.MLP(hidden=(8,))
+    x, t = jnp.ones((2, 2)), jnp.zeros((2,))
+    p = m.init(jax.random.key(0), x, t)
+    for _ in range(3):
+        out = run(gf.nets.model_fn(gf.nets.MLP(hidden=(8,)), p), x, t)
+    assert len(traces) == 1
+    np.testing.assert_allclose(out, m.apply(p, x, t))
+    u = gf.nets.UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.5)
+    xi = jnp.ones((2, 4, 4, 1))
+    pu = u.init(jax.random.key(0), xi, t)
+    np.testing.assert_allclose(run(gf.nets.model_fn(u, pu, train=False), xi, t), u.apply(pu, xi, t), rtol=1e-6)

@@ -90,9 +90,31 @@ def model_fn(module: nn.Module, params, **cond) -> Callable[[Array, Array], Arra
     """Bind parameters (and conditioning such as ``y=labels``) into a pure ``fn(x, t)``.
 
     Returns a :class:`jax.tree_util.Partial`, so the parameters stay traced when the function
-    is passed to a jitted sampler: new parameters do not trigger a recompilation.
+    is passed to a jitted sampler: new parameters do not trigger a recompilation. Array-valued
+    conditioning (labels) is traced too; other keywords (``train=False``, strings, ``None``)
+    are static, bound with the module into a hashable callable (an equal module, rebuilt, is
+    the same function to ``jit``; a traced ``train`` flag failed inside the module).
     """
-    return jax.tree_util.Partial(module.apply, params, **cond)
+    static = {k: v for k, v in cond.items() if not isinstance(v, (jax.Array, np.ndarray, np.generic))}
+    traced = {k: v for k, v in cond.items() if k not in static}
+    return jax.tree_util.Partial(_Apply(module, tuple(sorted(static.items()))), params, **traced)
+
+
+class _Apply:
+    """``module.apply(params, *args, **static, **kwargs)``, hashable by the module and the static
+    keywords (a bound method ``module.apply`` compares by identity: every rebuilt module retraced)."""
+
+    def __init__(self, module: nn.Module, static: tuple):
+        self.module, self.static = module, static
+
+    def __call__(self, params, *args, **kwargs):
+        return self.module.apply(params, *args, **dict(self.static), **kwargs)
+
+    def __eq__(self, other):
+        return isinstance(other, _Apply) and self.module == other.module and self.static == other.static
+
+    def __hash__(self):
+        return hash((self.module, self.static))
 
 
 def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: int, name: str = "label_embed",
