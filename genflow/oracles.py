@@ -236,9 +236,13 @@ class OracleModel:
         out = param.from_x0_eps(x0, eps, x, t, self.path, self.kind)
         if self.kind == "velocity":
             # alpha' x0 + sigma' eps is inf * 0 where sigma' is singular (vp_linear at t = 0); the
-            # probability-flow form f x - g^2 score / 2 is finite there (and inf * 0 where alpha = 0)
-            pf = self.path.drift_coef(tb) * x - 0.5 * self.path.diffusion_sq(tb) * score
-            out = jnp.where(jnp.isfinite(out), out, pf)
+            # probability-flow form f x - g^2 score / 2 is finite there (and inf * 0 where alpha = 0,
+            # e.g. t = 1 on the linear path: it is evaluated at a harmless t elsewhere, so that no
+            # inf enters the gradients through the unselected branch)
+            bad = ~(jnp.isfinite(self.path.d_sigma(tb)) & jnp.isfinite(self.path.d_alpha(tb)))
+            tp = jnp.where(bad, tb, jnp.asarray(0.5, tb.dtype))
+            pf = self.path.drift_coef(tp) * x - 0.5 * self.path.diffusion_sq(tp) * score
+            out = jnp.where(bad, pf, out)
         return out
 
 

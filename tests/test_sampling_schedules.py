@@ -284,3 +284,104 @@ def test_reference_trajectories_refuse_batch_bound_labels():
     with pytest.raises(ValueError, match=r"returned shape \(4, 2\) for x of shape \(1, 2\)"):
         gf.sampling.select_schedule(fn, path, x1, [gf.sampling.time_grid(path, 4)], prediction="velocity",
                                     solver="ddim")
+
+
+def _gauss_x0(mu, var):
+    """A plain-function x0 model (not a pytree): the exact denoiser of N(mu, diag(var)) on linear()."""
+    def fn(x, t):
+        a, s = (1 - t)[:, None], t[:, None]
+        return mu + a * var / (a * a * var + s * s) * (x - a * mu)
+    return fn
+
+
+def test_schedule_search_takes_plain_functions_and_checks_solver_options():
+    # optimize_schedule was jax.jit-ted: a plain fn(x, t) (the documented form) failed as "not an
+    # array"; the searches passed unknown or bad options on (a grid tuned for unipc order=4, which
+    # gf.sample refuses, or dpm++2m order=3, silently another method)
+    path, t0 = gf.paths.linear(), 80 / 81
+    mu, var = jnp.array([0.5, -1.0]), jnp.array([0.3, 2.0])
+    g = gf.oracles.Gaussian.diagonal(mu, var)
+    x1 = g.prior_sample(jax.random.key(0), 16, path, t0)
+    kw = dict(prediction="x0", steps=6, solver="dpm++2m", t_start=t0, init="karras", iters=2)
+    a = gf.sampling.optimize_schedule(_gauss_x0(mu, var), path, x1, **kw)
+    b = gf.sampling.optimize_schedule(g.model(path, "x0"), path, x1, **kw)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    grids = [gf.sampling.time_grid(path, 6, "karras", t_start=t0, rho=r) for r in (5.0, 7.0)]
+    for call in (lambda **o: gf.sampling.select_schedule(g.model(path, "x0"), path, x1, grids, prediction="x0", **o),
+                 lambda **o: gf.sampling.optimize_schedule(g.model(path, "x0"), path, x1, prediction="x0", steps=6,
+                                                           t_start=t0, iters=1, **o),
+                 lambda **o: gf.sampling.calibration_batch(g.model(path, "x0"), path, x1, size=8, prediction="x0", steps=6,
+                                                           t_start=t0, **o)):
+        with pytest.raises(ValueError, match="option order must be an int in 1..3; got 4"):
+            call(solver="unipc", order=4)
+        with pytest.raises(ValueError, match=r"unknown option\(s\) \['order'\] for solver 'dpm\+\+2m'"):
+            call(solver="dpm++2m", order=3)
+
+
+def test_given_ends_must_agree_with_an_explicit_or_callable_grid():
+    # an explicit grid silently overrode t_start / t_end (integrating 0.988 -> 0 from a state drawn
+    # at t = 0.5); a callable ignoring t_start was accepted
+    path = gf.paths.linear()
+    ts = gf.sampling.time_grid(path, 8, "karras", t_start=80 / 81)
+    x1 = jnp.ones((2, 2))
+    with pytest.raises(ValueError, match="runs from 0.98765.* but t_start=0.5 was given"):
+        gf.sample(lambda x, t: x, path, x1, prediction="x0", solver="ddim", schedule=ts, t_start=0.5)
+    with pytest.raises(ValueError, match="but t_end=0.1 was given"):
+        gf.sampling.time_grid(path, 8, ts, t_end=0.1)
+    np.testing.assert_array_equal(gf.sampling.time_grid(path, 8, ts, t_start=80 / 81, t_end=0.0), ts)
+    ignores = lambda p, n, t_start, t_end: jnp.linspace(1.0, 0.0, n + 1)  # noqa: E731
+    with pytest.raises(ValueError, match="the callable schedule's grid runs from 1.0 to 0.0, but t_start=0.5"):
+        gf.sampling.time_grid(path, 4, ignores, t_start=0.5)
+    with pytest.raises(ValueError, match="the callable schedule's grid has 5 times; expected steps"):
+        gf.sampling.time_grid(path, 6, lambda p, n, t_start, t_end: jnp.linspace(t_start, t_end, 5))
+    # an explicit grid alone still brings its own ends
+    x, info = gf.sample(lambda x, t: x, path, x1, prediction="x0", solver="ddim", schedule=ts)
+    np.testing.assert_allclose(info.ts, ts)
+
+
+def test_karras_grids_small_rho_finite_starts_and_narrow_intervals():
+    lin = gf.paths.linear()
+    # (1 - u) a + u b: a + (b - a) u cancelled at u = 1 (sigma_min 0.00182 for 0.002 at rho 0.7)
+    for rho in (0.5, 0.7, 7.0):
+        ts = gf.sampling.time_grid(lin, 10, "karras", rho=rho)
+        level = float(ts[-2] / (1 - ts[-2]))
+        assert abs(level - 0.002) < 1e-4 * 0.002 * 10, (rho, level)
+    for rho in (0.0, -7.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="rho must be a finite real > 0"):
+            gf.sampling.time_grid(lin, 10, "karras", rho=rho)
+    # a finite start below a candidate sigma_min (SDEdit-like, level 0.25) raised instead of
+    # skipping the impossible pairs
+    grids, params = gf.sampling.karras_family(lin, 6, t_start=0.2)
+    assert grids and all(p["sigma_min"] < 0.25 for p in params)
+    assert all(np.all(np.diff(np.asarray(g)) < 0) for g in grids)
+    # uniform / quadratic grids were returned with repeated times on a too narrow interval
+    with pytest.raises(ValueError, match="repeats times"):
+        gf.sampling.time_grid(lin, 100, "uniform", t_start=0.5, t_end=0.5 - 1e-7)
+
+
+def test_eps_models_are_refused_where_sigma_prime_is_infinite_at_the_end():
+    # vp_linear at t_end = 0: heun / tsit5 evaluate alpha' x0 + sigma' eps = inf * 0 there (NaN samples)
+    vp = gf.paths.vp_linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    x1 = g.prior_sample(jax.random.key(0), 4, vp)
+    for kind in ("eps", "score"):
+        with pytest.raises(ValueError, match=r"t_end=0.0 has sigma'=inf"):
+            gf.sample(g.model(vp, kind), vp, x1, prediction=kind, solver="heun", steps=10, t_end=0.0)
+        x, _ = gf.sample(g.model(vp, kind), vp, x1, prediction=kind, solver="heun", steps=10)
+        assert np.all(np.isfinite(np.asarray(x)))
+
+
+def test_calibration_batch_reports_a_diverged_sample_as_inf(monkeypatch):
+    # -inf ranked it last among the hard cases (intended) but was also the reported error, the
+    # smallest of all (argmin picked the diverged sample)
+    from genflow.sampling import _optimize
+
+    path, t0 = gf.paths.linear(), 80 / 81
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.5, -1.0]), jnp.array([0.3, 2.0]))
+    pool = g.prior_sample(jax.random.key(0), 16, path, t0)
+    orig = _optimize._sample_errors
+    monkeypatch.setattr(_optimize, "_sample_errors", lambda *a, **k: orig(*a, **k).at[3].set(jnp.nan))
+    batch, errs = gf.sampling.calibration_batch(g.model(path, "x0"), path, pool, size=8, prediction="x0", steps=4,
+                                                solver="dpm++2m", t_start=t0, hard=0.25, return_errors=True)
+    assert float(errs[3]) == np.inf and int(jnp.argmin(errs)) != 3
+    assert not np.any(np.all(np.asarray(batch)[:2] == np.asarray(pool)[3], axis=1))  # not among the 2 hard ones

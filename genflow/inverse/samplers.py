@@ -285,8 +285,9 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
         raise ValueError("posterior and prior samplers here are stochastic: pass key=jax.random.key(...)")
     if not hasattr(x1, "ndim") or x1.ndim < 2:
         raise ValueError(f"x1 must be an array [B, ...]; got {getattr(x1, 'shape', type(x1).__name__)}")
-    if t_start is None:
+    if t_start is None and (isinstance(schedule, str) or callable(schedule) and not hasattr(schedule, "shape")):
         # eps/score models are 0/0 where alpha = 0 (t = 1 on the linear path): start just before
+        # (an explicit grid brings its own start)
         t_start = 1.0 if float(path.alpha(1.0)) > 0 else 0.999
     ts = time_grid(path, steps, schedule, t_start, t_end)
     if prediction in ("eps", "score") and float(path.alpha(jnp.asarray(ts[0]))) == 0.0:

@@ -93,6 +93,15 @@ _OPTION_CHECKS = {
 }
 
 
+def check_solver_options(spec, solver: str, options: dict) -> dict:
+    """``options`` of solver ``spec`` (asked for as ``solver``): unknown names and bad values
+    refused, NumPy integers as Python ints."""
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for solver {solver!r}; it accepts {list(spec.options)}")
+    return _check_options(spec.name, options)
+
+
 def _check_options(solver: str, options: dict) -> dict:
     """``options`` checked, with NumPy integers as Python ints (a NumPy scalar would be traced)."""
     out = {}
@@ -132,6 +141,16 @@ def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
             f"velocity of the x0 model there, (x - alpha x0_hat) / sigma = 0/0; pass t_end > 0 (e.g. 1e-3) "
             f"or a solver that does not evaluate at the end (euler, midpoint, ddim, dpm++2m, unipc, ...)"
         )
+    if prediction != "velocity" and spec.name in _EVALUATE_AT_END:
+        t1j = jnp.asarray(t1)
+        ds, da = float(path.d_sigma(t1j)), float(path.d_alpha(t1j))
+        if not (np.isfinite(ds) and np.isfinite(da)):  # (vp_linear at t = 0: NaN samples)
+            raise ValueError(
+                f"t_end={float(t1)} has sigma'={ds}, alpha'={da} on path {path.name!r}: solver {spec.name!r} "
+                f"evaluates the velocity alpha' x0 + sigma' eps of the {prediction} model there (inf * 0); pass "
+                f"t_end=path.t_min ({path.t_min}) or a solver that does not evaluate at the end (euler, midpoint, "
+                f"ddim, dpm++2m, unipc, ...)"
+            )
 
 
 def sample(
@@ -144,7 +163,7 @@ def sample(
     steps: int = 50,
     key: Array | None = None,
     schedule: Any = "uniform",
-    t_start: float = 1.0,
+    t_start: float | None = None,
     t_end: float | None = None,
     denoise: bool | None = None,
     rtol: float = 1e-5,
@@ -175,7 +194,8 @@ def sample(
         times ``[steps + 1]`` (e.g. from :func:`genflow.sampling.optimize_schedule`; then ``steps``
         is its length - 1 and changing its values does not recompile), or a callable
         ``(path, steps, t_start=, t_end=) -> times``.
-      t_start, t_end: integration interval; ``t_end`` defaults to ``path.t_min``.
+      t_start, t_end: integration interval (default 1 and ``path.t_min``; with an explicit
+        schedule, its first and last times: given ones must agree with them).
       denoise: finish with one Tweedie step ``x0_hat(x, t_end)`` (one more NFE); defaults to
         ``path.denoise_at_end``.
       rtol, atol: tolerances of adaptive solvers (with a bfloat16 model use ~1e-2: tolerances below
@@ -192,10 +212,7 @@ def sample(
     _check_x(x1)
     if not isinstance(path, Path):
         raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
-    unknown = sorted(set(solver_options) - set(spec.options))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for solver {solver!r}; it accepts {list(spec.options)}")
-    solver_options = _check_options(spec.name, solver_options)
+    solver_options = check_solver_options(spec, solver, solver_options)
     if spec.stochastic and key is None:
         raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
     ts = time_grid(path, steps, schedule, t_start, t_end)

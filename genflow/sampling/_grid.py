@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_int
+from genflow._checks import check_int, concrete_real
 from genflow.paths import Path
 from genflow.sampling._driver import bucket
 
@@ -40,16 +40,26 @@ SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-def _check_explicit(schedule) -> Array:
+def _check_explicit(schedule, t_start=None, t_end=None, steps=None, what: str = "an explicit schedule") -> Array:
+    """``schedule`` as a checked grid; given ends / step count must agree with it (an explicit
+    grid fitted for another interval silently overrode ``t_start`` / ``t_end``)."""
     ts = jnp.asarray(schedule, jnp.result_type(float))
     if ts.ndim != 1 or ts.shape[0] < 2:
-        raise ValueError(f"an explicit schedule must be a 1-D array of at least 2 times; got shape {ts.shape}")
+        raise ValueError(f"{what} must be a 1-D array of at least 2 times; got shape {ts.shape}")
     try:
         tn = np.asarray(ts)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return ts
     if not (np.all(np.diff(tn) < 0) and tn[0] <= 1.0 and tn[-1] >= 0.0):
-        raise ValueError(f"an explicit schedule must be strictly decreasing within [0, 1]; got {tn}")
+        raise ValueError(f"{what} must be strictly decreasing within [0, 1]; got {tn}")
+    for name, given, got in (("t_start", t_start, tn[0]), ("t_end", t_end, tn[-1])):
+        v = concrete_real(given)
+        if v is not None and abs(v - float(got)) > 1e-6:
+            raise ValueError(f"{what} runs from {float(tn[0])} to {float(tn[-1])}, but {name}={given} was given: "
+                             f"leave {name} out (None) or pass a grid that {'starts' if name == 't_start' else 'ends'} "
+                             f"there")
+    if steps is not None and tn.shape[0] != steps + 1:
+        raise ValueError(f"{what} has {tn.shape[0]} times; expected steps + 1 = {steps + 1}")
     return ts
 
 
@@ -67,7 +77,8 @@ def _infinite_ends(path: Path, t_start: float, t_end: float) -> tuple[bool, bool
             float(path.sigma(jnp.asarray(t_end, fdt))) == 0.0)
 
 
-def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float = 1.0, t_end: float | None = None,
+def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float | None = None,
+              t_end: float | None = None,
               rho: float = 7.0, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> Array:
     """A decreasing grid of ``steps + 1`` times from ``t_start`` to ``t_end``.
 
@@ -77,10 +88,11 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
       schedule: ``"uniform"`` (uniform in t), ``"quadratic"`` (uniform in sqrt(t): denser near
         data), ``"logsnr"`` (uniform in the log-SNR), ``"karras"`` (uniform in
         ``(sigma/alpha)^(1/rho)``, Karras et al. 2022), an explicit array ``[steps + 1]`` (then
-        ``steps``, ``t_start`` and ``t_end`` are taken from it), or a callable
-        ``schedule(path, steps, t_start=..., t_end=...) -> ts`` (e.g.
-        ``functools.partial(time_grid, schedule="karras", rho=5.0)``).
-      t_start, t_end: the endpoints (``t_end`` defaults to ``path.t_min``).
+        ``steps``, ``t_start`` and ``t_end`` are taken from it: given ones must agree with it), or
+        a callable ``schedule(path, steps, t_start=..., t_end=...) -> ts`` (e.g.
+        ``functools.partial(time_grid, schedule="karras", rho=5.0)``), whose grid must have
+        ``steps + 1`` times from ``t_start`` to ``t_end``.
+      t_start, t_end: the endpoints (default 1 and ``path.t_min``).
       rho: exponent of the Karras schedule.
       sigma_min, sigma_max: noise-level range (``sigma / alpha``) of the ``"logsnr"`` and
         ``"karras"`` points where the path's log-SNR is infinite at ``t_end`` / ``t_start``
@@ -97,11 +109,13 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
     Returns:
       ``[steps + 1]`` times (float32; float64 under ``jax.enable_x64``), ``ts[0] = t_start``, ``ts[-1] = t_end``.
     """
+    if not isinstance(schedule, str) and not callable(schedule) or hasattr(schedule, "shape"):
+        return _check_explicit(schedule, t_start, t_end)
+    t_start = 1.0 if t_start is None else t_start
     t_end = path.t_min if t_end is None else t_end
-    if callable(schedule) and not isinstance(schedule, str) and not hasattr(schedule, "shape"):
-        return _check_explicit(schedule(path, steps, t_start=t_start, t_end=t_end))
-    if not isinstance(schedule, str):
-        return _check_explicit(schedule)
+    if callable(schedule) and not isinstance(schedule, str):
+        return _check_explicit(schedule(path, steps, t_start=t_start, t_end=t_end), t_start, t_end, steps,
+                               what="the callable schedule's grid")
     steps = check_int("steps", steps)
     _check_ends(t_start, t_end)
     if schedule not in SCHEDULES:
@@ -109,6 +123,10 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
                          f"or a callable (path, steps, t_start, t_end) -> times")
     fdt = np.dtype(jnp.result_type(float))
     start_inf = end_inf = False
+    if schedule == "karras":
+        r = concrete_real(rho)
+        if r is None or not (np.isfinite(r) and r > 0):
+            raise ValueError(f"rho must be a finite real > 0; got {rho!r}")
     if schedule in ("logsnr", "karras"):
         if not 0.0 < sigma_min < sigma_max:
             raise ValueError(f"expected 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
@@ -121,7 +139,11 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
             a, b = np.sqrt(t_start), np.sqrt(t_end)
             ts = (a + (b - a) * u) ** 2
         ts[0], ts[-1] = t_start, t_end
-        return jax.device_put(ts.astype(fdt))  # device_put: jnp.asarray compiles per shape
+        ts = ts.astype(fdt)
+        if not np.all(np.diff(ts) < 0):  # (an interval too narrow for steps in this float width)
+            raise ValueError(f"schedule {schedule!r} with steps={steps} repeats times on [t_end={t_end}, "
+                             f"t_start={t_start}] in {fdt}: use fewer steps or a wider interval")
+        return jax.device_put(ts)  # device_put: jnp.asarray compiles per shape
     n = steps + 1 - int(start_inf) - int(end_inf)
     if n <= 0:
         return jax.device_put(np.array([t_start, t_end], fdt))
@@ -195,11 +217,19 @@ def karras_family(path: Path, steps: int, *, t_start: float = 1.0, t_end: float 
         axes["sigma_max"] = [SIGMA_MAX]
     if not end_inf:
         axes["sigma_min"] = [SIGMA_MIN]
+    # the noise levels actually used at the ends: a finite start's (not sigma_max) bounds the
+    # candidate sigma_mins, a finite end's the candidate sigma_maxes
+    fdt = np.dtype(jnp.result_type(float))
+    level = lambda t: float(jnp.exp(-0.5 * path.log_snr(jnp.asarray(t, fdt))))  # noqa: E731
+    hi_fixed = None if start_inf else level(t_start)
+    lo_fixed = None if end_inf else level(t_end)
     grids, params = [], []
     for rho in axes["rho"]:
         for smax in axes["sigma_max"]:
             for smin in axes["sigma_min"]:
-                if smin >= smax:
+                top = smax if hi_fixed is None else hi_fixed
+                bottom = smin if lo_fixed is None else lo_fixed
+                if bottom >= top:
                     continue
                 grids.append(time_grid(path, steps, "karras", t_start=t_start, t_end=t_end, rho=rho,
                                        sigma_min=smin, sigma_max=smax))
@@ -225,5 +255,7 @@ def _interior(path: Path, u, t_start, t_end, rho, sigma_min, sigma_max, *, sched
         levels = jnp.exp(jnp.log(hi) + (jnp.log(lo) - jnp.log(hi)) * u)
     else:
         a, b = hi ** (1.0 / rho), lo ** (1.0 / rho)
-        levels = (a + (b - a) * u) ** rho
+        # (1 - u) a + u b, exact at both ends: a + (b - a) u cancelled at u = 1 for a >> b (small
+        # rho: sigma_min 0.00182 for 0.002 at rho 0.7, 0 at rho 0.5)
+        levels = ((1.0 - u) * a + u * b) ** rho
     return jnp.clip(path.t_from_log_snr(-2.0 * jnp.log(levels)), t_end, t_start)

@@ -19,7 +19,6 @@ solver and NFE budget, not of the calibration noise -- check it on fresh noise).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import diffrax
@@ -32,7 +31,7 @@ from genflow import param
 from genflow._checks import check_int
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
-from genflow.sampling._core import as_pytree_fn
+from genflow.sampling._core import as_pytree_fn, check_solver_options
 from genflow.sampling._exp import t_of_lambda
 from genflow.sampling._grid import _check_explicit, time_grid
 from genflow.sampling._model import Model
@@ -198,6 +197,9 @@ def _scan_solver(solver: str, solver_options: dict):
         raise ValueError(f"optimize_schedule and select_schedule support the deterministic scan solvers "
                          f"{sorted(k for k, v in _registry.SOLVERS.items() if v.stepper and not v.stochastic)}; "
                          f"got {solver!r}")
+    # the options gf.sample takes, checked as it checks them (the steppers swallow unknown keywords,
+    # and a grid was tuned for e.g. unipc order=4 or dpm++2m order=3, which gf.sample never runs)
+    solver_options = check_solver_options(spec, solver, solver_options)
     return spec, {**{k: v for k, v in spec.run.keywords.items() if k != "stepper"}, **solver_options}
 
 
@@ -221,7 +223,8 @@ def schedule_bound(model: Model, ts: Array, x_at: Callable[[Array], Array], solv
 
 
 def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, *, prediction: str, steps: int,
-                      solver: str = "dpm++3m", t_start: float = 1.0, t_end: float | None = None, init: Any = "logsnr",
+                      solver: str = "dpm++3m", t_start: float | None = None, t_end: float | None = None,
+                      init: Any = "logsnr",
                       iters: int = 300, learning_rate: float = 0.05, rtol: float = 1e-5, atol: float = 1e-5,
                       propagate: bool = True, objective: str = "bound", return_history: bool = False,
                       **solver_options):
@@ -252,13 +255,14 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
     param.check_kind(prediction)
     if objective not in ("bound", "global"):
         raise ValueError(f"objective must be 'bound' or 'global'; got {objective!r}")
-    t_end = path.t_min if t_end is None else t_end
+    _scan_solver(solver, solver_options)
     model = Model(as_pytree_fn(fn), path, prediction)
     ts0 = time_grid(path, steps, init, t_start, t_end)
     if ts0.shape[0] != steps + 1:
         raise ValueError(f"init has {ts0.shape[0]} times; expected steps + 1 = {steps + 1}")
+    # (the learning rate traced: a new one does not recompile)
     return _optimize(model, ts0, x1.astype(jnp.promote_types(x1.dtype, jnp.float32)), solver, int(iters),
-                     float(learning_rate), float(rtol), float(atol), bool(propagate), objective,
+                     jnp.asarray(learning_rate, jnp.float32), float(rtol), float(atol), bool(propagate), objective,
                      bool(return_history), tuple(sorted(solver_options.items())))
 
 
@@ -281,7 +285,7 @@ def _sample_errors(model: Model, ts: Array, x1: Array, x_end: Array, solver: str
 
 
 def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Array, *, prediction: str, steps: int,
-                      solver: str = "dpm++3m", schedule: Any = "karras", t_start: float = 1.0,
+                      solver: str = "dpm++3m", schedule: Any = "karras", t_start: float | None = None,
                       t_end: float | None = None, size: int = 256, hard: float = 0.25, rtol: float = 1e-5,
                       atol: float = 1e-5, return_errors: bool = False, **solver_options):
     """A calibration batch for :func:`optimize_schedule` / :func:`select_schedule` that holds the
@@ -328,12 +332,13 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
         raise ValueError(f"hard must be a fraction in [0, 1]; got {hard!r}")
     pool = pool.astype(jnp.promote_types(pool.dtype, jnp.float32))
     model = Model(as_pytree_fn(fn), path, prediction)
-    ts = time_grid(path, steps, schedule, t_start, path.t_min if t_end is None else t_end)
+    ts = time_grid(path, steps, schedule, t_start, t_end)
     x_end = reference_end_states(model, pool, ts[0], ts[-1], rtol, atol)
     errors = _sample_errors(model, ts, pool, x_end, solver, **solver_options)
-    errors = jnp.where(jnp.isfinite(errors), errors, -jnp.inf)  # a diverging sample is never picked as hard
+    ranked = jnp.where(jnp.isfinite(errors), errors, -jnp.inf)  # a diverging sample is never picked as hard
+    errors = jnp.where(jnp.isfinite(errors), errors, jnp.inf)  # ... and reported as inf, as global_error's
     n_hard = int(round(hard * size))
-    top = jnp.argsort(-errors)[:n_hard]
+    top = jnp.argsort(-ranked)[:n_hard]
     rest = jnp.setdiff1d(jnp.arange(pool.shape[0]), top, size=pool.shape[0] - n_hard)[:size - n_hard]
     batch = pool[jnp.concatenate([top, rest])]
     return (batch, errors) if return_errors else batch
@@ -384,8 +389,7 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
     return (best, errors) if return_errors else best
 
 
-@functools.partial(jax.jit, static_argnames=("solver", "iters", "rtol", "atol", "propagate", "objective",
-                                             "return_history", "options"))
+@eqx.filter_jit  # (not jax.jit: a model given as a plain function is a static leaf, not an array)
 def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, propagate, objective, return_history, options):
     path = model.path
     if objective == "global":  # the end states alone (no dense trajectories)
