@@ -23,7 +23,9 @@ def _bool(s: str) -> bool:
 
 def parse(config_cls, argv=None, doc: str | None = None, quick: dict | None = None):
     """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of the dataclass ``config_cls``."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # (no abbreviations: "--step 7" would not count as a given --steps, and --quick would override it)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     hints = get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         if hints[f.name] is bool:

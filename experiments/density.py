@@ -68,11 +68,10 @@ class Config:
 
 
 def parse_config(argv=None) -> Config:
-    cfg = _cli.parse(Config, argv, __doc__)
-    if cfg.quick:
-        cfg = dataclasses.replace(cfg, steps_2d=300, steps_digits=150, ffjord_steps_2d=60, ffjord_steps_digits=40,
-                                  n_test_2d=500, grid=40, flow_steps_digits=4)
-    return cfg
+    # (--quick's values apply except to the options given on the command line)
+    return _cli.parse(Config, argv, __doc__, quick=dict(steps_2d=300, steps_digits=150, ffjord_steps_2d=60,
+                                                        ffjord_steps_digits=40, n_test_2d=500, grid=40,
+                                                        flow_steps_digits=4))
 
 
 def validate(cfg: Config) -> list[str]:
@@ -84,6 +83,10 @@ def validate(cfg: Config) -> list[str]:
         raise SystemExit(f"--models must be a comma-separated subset of {list(MODELS)}; got {cfg.models!r}")
     if cfg.ebflow not in ("ssm", "dsm"):
         raise SystemExit(f"--ebflow must be 'ssm' or 'dsm'; got {cfg.ebflow!r}")
+    for flag in ("steps_2d", "steps_digits", "ffjord_steps_2d", "ffjord_steps_digits", "batch", "flow_steps_2d",
+                 "flow_steps_digits", "hidden", "n_test_2d", "grid"):  # (these failed after training, or deep inside)
+        if getattr(cfg, flag) < 1:
+            raise SystemExit(f"--{flag} must be >= 1; got {getattr(cfg, flag)}")
     return models
 
 

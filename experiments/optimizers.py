@@ -86,10 +86,9 @@ class Config:
 
 
 def parse_config(argv=None) -> Config:
-    cfg = _cli.parse(Config, argv, __doc__)
-    if cfg.quick:
-        cfg = dataclasses.replace(cfg, n_lrs=5, digits_steps=200, fm_steps=300, n_eval=256, sample_steps=10,
-                                  optimizers=QUICK_OPTIMIZERS if cfg.optimizers == Config.optimizers else cfg.optimizers)
+    # (--quick's values apply except to the options given on the command line)
+    cfg = _cli.parse(Config, argv, __doc__, quick=dict(n_lrs=5, digits_steps=200, fm_steps=300, n_eval=256,
+                                                       sample_steps=10, optimizers=QUICK_OPTIMIZERS))
     unknown = [o for o in cfg.optimizers.split(",") if o not in OPTIMIZERS]
     if unknown:
         raise SystemExit(f"--optimizers must be a comma list of {list(OPTIMIZERS)}; unknown {unknown}")
@@ -126,16 +125,28 @@ def grid(name: str, cfg: Config) -> tuple[str, np.ndarray, Callable]:
     return fam, np.logspace(lo, hi, cfg.n_lrs), factory
 
 
-def flatness(lrs: np.ndarray, values: np.ndarray, higher_better: bool, tol: float, relative: bool) -> dict:
+def _at(flat: dict, fmt: str) -> str:
+    """``best @ lr`` of a :func:`flatness` record ("diverged" when no run was valid)."""
+    return "diverged" if flat["best_lr"] is None else f"{flat['best']:{fmt}} @ {flat['best_lr']:.2g}"
+
+
+def flatness(lrs: np.ndarray, values: np.ndarray, higher_better: bool, tol: float, relative: bool,
+             valid: np.ndarray | None = None) -> dict:
     """Best value, the contiguous log10-lr width around the best within ``tol`` of it, and the
-    number of grid points within ``tol``."""
-    v = np.where(np.isfinite(values), values, -np.inf if higher_better else np.inf)
+    number of grid points within ``tol``, over the ``valid`` (not diverged, finite) runs only: an
+    optimizer that diverged at every learning rate was "within tolerance" of its inf / 0.1 best
+    everywhere, the flattest of all."""
+    valid = np.isfinite(values) if valid is None else np.asarray(valid, bool) & np.isfinite(values)
+    if not valid.any():
+        return {"best": float("nan"), "best_lr": None, "width_decades": 0.0, "n_within": 0, "n": int(len(values))}
+    v = np.where(valid, values, -np.inf if higher_better else np.inf)
     i = int(np.argmax(v) if higher_better else np.argmin(v))
     best = float(v[i])
     if higher_better:
         ok = v >= (best * (1 - tol) if relative else best - tol)
     else:
         ok = v <= (best * (1 + tol) if relative else best + tol)
+    ok &= valid
     lo = hi = i
     while lo > 0 and ok[lo - 1]:
         lo -= 1
@@ -187,9 +198,9 @@ def digits_task(cfg: Config, names: list[str]) -> dict:
         acc[diverged] = 0.1
         out[name] = {"family": fam, "lrs": lrs.tolist(), "test_acc": acc.tolist(), "train_loss": train_loss.tolist(),
                      "diverged": diverged.tolist(), "seconds": time.perf_counter() - t0,
-                     "flat_acc": flatness(lrs, acc, True, cfg.acc_tol, relative=False),
-                     "flat_loss": flatness(lrs, train_loss, False, cfg.loss_tol, relative=True)}
-        print(f"digits {name:13s} best acc {out[name]['flat_acc']['best']:.3f} at lr {out[name]['flat_acc']['best_lr']:.2g}"
+                     "flat_acc": flatness(lrs, acc, True, cfg.acc_tol, relative=False, valid=~diverged),
+                     "flat_loss": flatness(lrs, train_loss, False, cfg.loss_tol, relative=True, valid=~diverged)}
+        print(f"digits {name:13s} best acc {_at(out[name]['flat_acc'], '.3f')}"
               f", width {out[name]['flat_acc']['width_decades']:.2f} decades, diverged {int(diverged.sum())}/{len(lrs)}"
               f" ({out[name]['seconds']:.0f}s)", flush=True)
     return out
@@ -227,10 +238,10 @@ def flow_task(cfg: Config, names: list[str]) -> dict:
         fm_loss[diverged | ~np.isfinite(fm_loss)] = np.inf
         out[name] = {"family": fam, "lrs": lrs.tolist(), "fm_loss": fm_loss.tolist(), "w2": w2.tolist(),
                      "diverged": diverged.tolist(), "seconds": time.perf_counter() - t0,
-                     "flat_loss": flatness(lrs, fm_loss, False, cfg.loss_tol, relative=True),
-                     "flat_w2": flatness(lrs, w2, False, cfg.w2_tol, relative=True)}
-        print(f"flow   {name:13s} best loss {out[name]['flat_loss']['best']:.4f}, best W2 {out[name]['flat_w2']['best']:.3f}"
-              f" at lr {out[name]['flat_w2']['best_lr']:.2g}, width {out[name]['flat_w2']['width_decades']:.2f} decades"
+                     "flat_loss": flatness(lrs, fm_loss, False, cfg.loss_tol, relative=True, valid=~diverged),
+                     "flat_w2": flatness(lrs, w2, False, cfg.w2_tol, relative=True, valid=~diverged)}
+        print(f"flow   {name:13s} best loss {out[name]['flat_loss']['best']:.4f}, best W2 {_at(out[name]['flat_w2'], '.3f')}"
+              f", width {out[name]['flat_w2']['width_decades']:.2f} decades"
               f", diverged {int(diverged.sum())}/{len(lrs)} ({out[name]['seconds']:.0f}s)", flush=True)
     return out
 
@@ -312,12 +323,12 @@ def markdown(results: dict, cfg: Config) -> str:
         a, b = d[name], fl[name]
         lo, hi = np.log10(a["lrs"][0]), np.log10(a["lrs"][-1])
         lines.append(
-            f"| {name} | 1e{lo:.0f}..1e{hi:.0f} | {a['flat_acc']['best']:.3f} @ {a['flat_acc']['best_lr']:.2g} "
+            f"| {name} | 1e{lo:.0f}..1e{hi:.0f} | {_at(a['flat_acc'], '.3f')} "
             f"| {a['flat_acc']['width_decades']:.2f} ({a['flat_acc']['n_within']}) "
-            f"| {a['flat_loss']['best']:.2g} @ {a['flat_loss']['best_lr']:.2g} "
-            f"| {b['flat_loss']['best']:.4f} @ {b['flat_loss']['best_lr']:.2g} "
+            f"| {_at(a['flat_loss'], '.2g')} "
+            f"| {_at(b['flat_loss'], '.4f')} "
             f"| {b['flat_loss']['width_decades']:.2f} ({b['flat_loss']['n_within']}) "
-            f"| {b['flat_w2']['best']:.3f} @ {b['flat_w2']['best_lr']:.2g} "
+            f"| {_at(b['flat_w2'], '.3f')} "
             f"| {b['flat_w2']['width_decades']:.2f} ({b['flat_w2']['n_within']}) "
             f"| {sum(a['diverged'])} / {sum(b['diverged'])} |")
     return "\n".join(lines)

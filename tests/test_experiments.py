@@ -30,6 +30,21 @@ def test_toy2d_rejects_bad_config(tmp_path):
     assert r.returncode != 0 and "--path must be one of" in r.stderr
 
 
+def test_toy2d_refuses_unusable_options_before_training():
+    # these trained for the whole run and then crashed in gf.sample / the metrics, writing nothing
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import toy2d
+
+    for args, msg in ((["--prediction", "x0"], "--solver 'heun' cannot sample --path 'linear' with --prediction 'x0'"),
+                      (["--solver", "euler_maruyama"], "--solver 'euler_maruyama' cannot sample"),
+                      (["--steps", "0"], "--steps must be >= 1"), (["--n_eval", "1"], "--n_eval must be >= 2"),
+                      (["--batch", "0"], "--batch must be >= 1"), (["--weighting", "foo"], "--weighting must be one of")):
+        with pytest.raises(SystemExit, match=msg.replace("+", r"\+")):
+            toy2d.validate(toy2d.parse_config(args))
+
+
 def test_inverse_quick_beats_the_pseudo_inverse(tmp_path):
     """Even a briefly trained prior (1500 steps) must beat the pseudo-inverse baseline where the
     measurement leaves most of the image unknown (measured: +1.8 to +5.1 dB; PiGDM, whose isotropic

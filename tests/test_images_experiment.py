@@ -26,8 +26,10 @@ def test_images_quick_end_to_end(tmp_path):
     assert m["train_steps"] == 150 and m["nfe"] == 20
     # the feature classifier is good (measured 0.975 test accuracy), so its Fréchet distances mean something
     assert m["classifier_test_accuracy"] > 0.95, m
-    # measured: FD 45 after 150 steps (128 samples), 7.3 between train and test images, 655 for the
-    # prior noise itself (an untrained model); the 1500-step default run reaches 24.8
+    # measured: FD 45 after 150 steps (128 samples), 14.5 between 128 training images and the test
+    # split (the floor at the generated sample size), 655 for the prior noise itself (an untrained
+    # model); the 1500-step default run reaches 24.8
+    assert m["fd_floor_n"] == m["fd_n_generated"] == 128
     assert m["fd_train_vs_test"] < 20 and m["fd"] < 100 and m["fd_prior"] > 300, m
     # dequantized NLL bound on 17-level data: below the 4.09 bits/dim of a uniform model (2.99 measured)
     assert 0.0 < m["nll_bpd"] < 4.0, m

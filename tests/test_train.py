@@ -487,3 +487,17 @@ def test_ema_of_bfloat16_params_moves():
     ema = state.ema[gf.train.ema_key(d)]["w"]
     assert ema.dtype == jnp.float32 and state.params["w"].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(ema), e, rtol=1e-4)
+
+
+def test_metrics_writer_drops_rows_past_the_resume_step(tmp_path):
+    # a run resumed from an older checkpoint (or re-run into the same directory) logged those steps twice
+    path = str(tmp_path / "m.jsonl")
+    w = gf.train.MetricsWriter(path)
+    for s in range(1, 16):
+        w.write(s, {"loss": 1.0 / s})
+    w = gf.train.MetricsWriter(path, resume_step=10)
+    for s in range(11, 21):
+        w.write(s, {"loss": 1.0 / s})
+    assert [r["step"] for r in gf.train.read_jsonl(path)] == list(range(1, 21))
+    gf.train.MetricsWriter(path, resume_step=0)
+    assert gf.train.read_jsonl(path) == []

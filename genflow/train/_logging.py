@@ -19,11 +19,18 @@ class MetricsWriter:
     tensorboardX no event-file writer is available here.)
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, resume_step: int | None = None):
+        """``resume_step``: the step training resumes from; rows of later steps already in the
+        file (written before an interruption, or by an earlier run into the same directory) are
+        dropped, so that a resumed run does not log those steps twice (0 empties the file)."""
         self.path = path
         self.active = jax.process_index() == 0
         if self.active:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if resume_step is not None and os.path.exists(path):
+                keep = [r for r in read_jsonl(path) if r.get("step", 0) <= int(resume_step)]
+                with open(path, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in keep)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
