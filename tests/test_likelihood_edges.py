@@ -89,3 +89,42 @@ def test_flow_log_normalizer_precision_and_actnorm_batch_of_one():
                                    flow.log_prob(params, x64[:8]), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="ActNorm's data-dependent init needs at least 2 values per channel"):
         gf.flows.ActNorm().init(jax.random.key(0), jnp.ones((1, 3)))
+
+
+def test_log_prob_nfe_counts_a_rejected_first_step():
+    # FSAL solvers re-evaluated the first stage after a rejected first step without counting it:
+    # info.nfe was one below the model calls made (229 for 230 here)
+    with jax.enable_x64(True):
+        g = gf.oracles.Gaussian.full(jnp.array([0.7, -1.2]), jnp.array([[0.8, 0.3], [0.3, 0.5]]))
+        x = g.sample(jax.random.key(1), 3)
+        path = gf.paths.vp_linear()
+        model, calls = g.model(path, "velocity"), [0]
+
+        def fn(x, t):
+            jax.debug.callback(lambda _: calls.__setitem__(0, calls[0] + 1), t[0])
+            return model(x, t)
+
+        lp, info = gf.log_prob(jax.tree_util.Partial(fn), path, x, prediction="velocity", solver="tsit5",
+                               rtol=1e-9, atol=1e-9)
+        jax.block_until_ready(lp)
+        jax.effects_barrier()
+        assert int(info.nfe) == calls[0], (int(info.nfe), calls[0])
+
+
+def test_likelihood_options_are_named():
+    # bin_width / tau <= 0 raised a bare "math domain error"; negative rtol was accepted; x off the
+    # decoder's levels was snapped to the nearest one silently
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    path = gf.paths.vp_cosine()
+    x = jnp.zeros((2, 2))
+    with pytest.raises(ValueError, match="bin_width must be a real > 0"):
+        L.dequantized_log_prob(g.model(path, "eps"), path, x, jax.random.key(0), prediction="eps", bin_width=0.0)
+    with pytest.raises(ValueError, match="tau must be a real > 0"):
+        L.truncated_normal_time(path, 0.125, tau=-3.0)
+    with pytest.raises(ValueError, match="rtol must be a real > 0"):
+        gf.log_prob(g.model(path, "eps"), path, x, prediction="eps", rtol=-1.0)
+    levels = jnp.linspace(-1, 1, 17)
+    with pytest.raises(ValueError, match="x must lie on levels"):
+        L.reconstruction_term(path, levels[:4].reshape(2, 2) + 0.03, jax.random.key(0), 0.01, levels)
+    assert np.all(np.isfinite(np.asarray(L.reconstruction_term(path, levels[:4].reshape(2, 2), jax.random.key(0),
+                                                                  0.01, levels))))

@@ -175,3 +175,17 @@ def test_bad_solver_options(gauss2):
         gf.sample(fn, path, x1, prediction="x0", solver="unipc", variant="bh3")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['beta'\] for solver 'dpm\+\+2m'"):
         gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", beta=0.5)
+
+
+def test_edm_heun_and_restart_options_are_checked():
+    # edm_heun accepted churn / s_noise < 0 (and never churned: the option was silently ignored);
+    # restart's rho = 0 was a ZeroDivisionError
+    path = gf.paths.edm()
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    x1 = g.prior_sample(jax.random.key(0), 4, path)
+    for solver, kw, match in (("edm_heun", dict(churn=-1.0), "option churn must be a float >= 0"),
+                              ("edm_heun", dict(s_noise=-1.0), "option s_noise must be a float >= 0"),
+                              ("restart", dict(rho=0.0), "option rho must be a float > 0")):
+        with pytest.raises(ValueError, match=match):
+            gf.sample(g.model(path, "x0"), path, x1, prediction="x0", solver=solver, steps=4,
+                      key=jax.random.key(1), **kw)

@@ -147,7 +147,12 @@ def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Arr
     levels = jnp.asarray(levels, x.dtype)
     logits = -0.5 * jnp.square((z_over_a[..., None] - levels) / scale)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    idx = jnp.argmin(jnp.abs(x[..., None] - levels), axis=-1)
+    dist = jnp.abs(x[..., None] - levels)
+    idx = jnp.argmin(dist, axis=-1)
+    if not isinstance(dist, jax.core.Tracer) and levels.shape[0] > 1:  # (off-level x was snapped silently)
+        off = float(jnp.max(jnp.min(dist, axis=-1)))
+        if off > 1e-3 * float(jnp.min(jnp.diff(jnp.sort(levels)))):
+            raise ValueError(f"x must lie on levels (the decoder's discrete values); got a value {off:.3g} away")
     return _flat_sum(jnp.take_along_axis(logp, idx[..., None], axis=-1)[..., 0])
 
 

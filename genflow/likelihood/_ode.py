@@ -125,7 +125,7 @@ def _check_x(x) -> None:
         raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}")
 
 
-def _check_options(trace, solver, steps, probe, num_probes, key) -> int | None:
+def _check_options(trace, solver, steps, probe, num_probes, key, rtol=1e-5, atol=1e-5) -> int | None:
     """Checks the options; returns ``steps`` as a Python int (a NumPy integer would be traced)."""
     if trace not in TRACES:
         raise ValueError(f"unknown trace {trace!r}; expected one of {list(TRACES)}")
@@ -136,6 +136,10 @@ def _check_options(trace, solver, steps, probe, num_probes, key) -> int | None:
                          f"{sorted(k for k, v in SOLVERS.items() if v[3])})")
     if steps is not None and not is_int(steps):
         raise ValueError(f"steps must be a positive int or None; got {steps!r}")
+    for name, value, low in (("rtol", rtol, 0.0), ("atol", atol, 0.0)):  # (negative ones were accepted)
+        v = concrete_real(value)
+        if v is None or not v >= low or (name == "rtol" and steps is None and not v > 0):
+            raise ValueError(f"{name} must be a real {'> 0' if name == 'rtol' else '>= 0'}; got {value!r}")
     if trace == "hutchinson":
         if key is None:
             raise ValueError("trace='hutchinson' draws random probes: pass key=jax.random.key(...)")
@@ -191,7 +195,7 @@ def ode_log_prob(
       ``(logp: [B], info: LogProbInfo)``.
     """
     _check_x(x)
-    steps = _check_options(trace, solver, steps, probe, num_probes, key)
+    steps = _check_options(trace, solver, steps, probe, num_probes, key, rtol, atol)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     x = x.astype(dtype)
     probes = None
@@ -222,16 +226,21 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
             v, div = hutchinson_divergence(f, xt, z_probes)
         return v, div.astype(xt.dtype)
 
-    cls, per_step, init, _ = SOLVERS[solver]
+    cls, per_step, init, fsal = SOLVERS[solver]
+    term, args, state = diffrax.ODETerm(rhs), (velocity, probes), None
+    y0 = (x, jnp.zeros((b,), x.dtype))
     if steps is None:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
         dt0 = (t1 - t0) / 32.0
+        if fsal and isinstance(adjoint, diffrax.RecursiveCheckpointAdjoint):
+            # the first stage evaluated once, here (counted by ``init``): without it, a rejected
+            # first step re-evaluated it uncounted (info.nfe one low), as in gf.sample's ode_solve
+            state = (jnp.array(False), term.vf(t0, y0, args))
     else:
         controller = diffrax.StepTo(t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, steps + 1, dtype=x.dtype))
         dt0 = None  # FSAL solvers still make their first evaluation (init) under StepTo
-    y0 = (x, jnp.zeros((b,), x.dtype))
-    sol = diffrax.diffeqsolve(diffrax.ODETerm(rhs), cls(), t0=t0, t1=t1, dt0=dt0, y0=y0, args=(velocity, probes),
-                              stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps)
+    sol = diffrax.diffeqsolve(term, cls(), t0=t0, t1=t1, dt0=dt0, y0=y0, args=args, stepsize_controller=controller,
+                              adjoint=adjoint, max_steps=max_steps, solver_state=state)
     z, delta = sol.ys[0][-1], sol.ys[1][-1]
     prior = log_prior(z).astype(x.dtype)
     n = sol.stats["num_steps"]

@@ -89,7 +89,10 @@ _OPTION_CHECKS = {
     ("dpm++2m_hb", "beta"): _real(0.0, 1.0, low_open=True, what="a float in (0, 1] (1: no momentum)"),
     ("euler_maruyama", "brownian_tol"): _BROWNIAN_TOL,  # 0 gave NaN samples, < 0 never returned
     ("shark", "brownian_tol"): _BROWNIAN_TOL,
-    **{("edm_heun_churn", k): _real(0.0, what="a float >= 0") for k in ("churn", "s_tmin", "s_tmax", "s_noise")},
+    # (edm_heun takes the same options: churn=-1 was accepted there and silently never churned)
+    **{(s, k): _real(0.0, what="a float >= 0") for s in ("edm_heun", "edm_heun_churn")
+       for k in ("churn", "s_tmin", "s_tmax", "s_noise")},
+    ("restart", "rho"): _real(0.0, low_open=True, what="a float > 0"),  # (0: ZeroDivisionError)
 }
 
 
