@@ -223,7 +223,8 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
       noise_scale: ``s``. psi: mixing of the rescaled condition (``psi = 1``: fully rescaled).
       rescale: restore the per-sample mean and std of ``y`` (eq. 6).
     """
-    if not 0.0 <= tau1 < tau2 <= 1.0:
+    lo, hi = concrete_real(tau1), concrete_real(tau2)  # (traced values pass, as in interval)
+    if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"cads: expected 0 <= tau1 < tau2 <= 1; got tau1={tau1}, tau2={tau2}")
     y = jnp.asarray(y)
     if y.ndim == 0 or not jnp.issubdtype(y.dtype, jnp.floating):

@@ -193,3 +193,14 @@ def test_cads_takes_token_embeddings():
     assert c.shape == y.shape and not np.allclose(c, y)
     np.testing.assert_allclose(c.mean((1, 2)), y.mean((1, 2)), rtol=1e-5)
     np.testing.assert_allclose(c.std((1, 2)), y.std((1, 2)), rtol=1e-5)
+
+
+def test_cads_takes_traced_interval_ends():
+    # tau1 / tau2 are traced leaves (as in interval and adaptive), but the range check compared
+    # tracers: TracerBoolConversionError under jit
+    y = jax.random.normal(jax.random.key(1), (4, 8))
+    net = lambda x, t, c: c  # noqa: E731
+    x, t = jnp.zeros((4, 8)), jnp.full((4,), 0.6)
+    f = jax.jit(lambda a: gf.guidance.cads(net, y, jax.random.key(2), tau1=a, tau2=0.9)(x, t))
+    np.testing.assert_allclose(f(0.4), gf.guidance.cads(net, y, jax.random.key(2), tau1=0.4, tau2=0.9)(x, t),
+                               rtol=1e-5, atol=1e-6)

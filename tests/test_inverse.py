@@ -489,3 +489,41 @@ def test_operator_argument_checks():
     assert m(jnp.ones((2, 4, 4, 1))).shape == (2, 4, 4, 1)
     with pytest.raises(ValueError, match="fourier time embedding needs an even dim; got 5"):
         gf.nets.TimeEmbedding(5, "fourier").init(jax.random.key(0), jnp.zeros((2,)))
+
+
+def test_noise_models_do_not_share_a_compiled_sampler():
+    # JAX treats the treedefs of GaussianNoise and PoissonNoise (one field each) as equal: a
+    # Gaussian run after a Poisson one reused its program (the rate read from sigma = 0: NaN)
+    path = gf.paths.linear()
+    fn = PRIOR.model(path, "velocity")
+    op = inv.denoising()
+    x1 = path.prior_sample(jax.random.key(0), (8,) + S)
+    y = jnp.zeros((8,) + S)
+    kw = dict(prediction="velocity", method="flowdps", steps=20, key=jax.random.key(3))
+    inv.posterior_sample(fn, path, x1, y, op, noise=inv.PoissonNoise(20.0), **kw)
+    x, _ = inv.posterior_sample(fn, path, x1, y, op, noise=inv.GaussianNoise(0.0), **kw)
+    assert bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_posterior_sampling_inside_jit_and_checked_inputs():
+    path = gf.paths.vp_cosine()
+    fn = PRIOR.model(path, "eps")
+    x1 = path.prior_sample(jax.random.key(0), (4,) + S)
+    op = inv.super_resolution(2)
+    for m in ("dps", "pigdm", "tmpd"):  # float(path...) failed under the caller's jit
+        run = lambda x: inv.posterior_sample(fn, path, x, op(x), op, prediction="eps", method=m, steps=3,  # noqa: E731
+                                             key=jax.random.key(1))[0]
+        np.testing.assert_allclose(jax.jit(run)(x1), run(x1), rtol=1e-4, atol=1e-5, err_msg=m)
+    with pytest.raises(TypeError, match="x1 must be a floating-point array"):  # int x1 came back as ints
+        inv.prior_sample(fn, path, jnp.zeros((2,) + S, jnp.int32), prediction="eps", steps=3, key=jax.random.key(1))
+    lin = gf.paths.linear()
+    with pytest.raises(ValueError, match="PoissonNoise: rate must be > 0"):
+        inv.posterior_sample(PRIOR.model(lin, "velocity"), lin, x1, op(x1), op, prediction="velocity",
+                             method="flowdps", noise=inv.PoissonNoise(-20.0), steps=3, key=jax.random.key(1))
+    with pytest.raises(ValueError, match="GaussianNoise: sigma must be >= 0"):
+        inv.posterior_sample(fn, path, x1, op(x1), op, prediction="eps", noise=inv.GaussianNoise(-0.1), steps=3,
+                             key=jax.random.key(1))
+    # a Matrix built directly had ||M||^2 = 1 whatever M (flowdps divides its step by it: NaN)
+    M = np.random.default_rng(0).normal(size=(6, D)).astype(np.float32)
+    m = inv.Matrix(jnp.asarray(M), jnp.asarray(np.linalg.pinv(M)), S)
+    np.testing.assert_allclose(float(m.norm_sq()), np.linalg.norm(M, 2) ** 2, rtol=1e-5)

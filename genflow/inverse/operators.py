@@ -251,7 +251,7 @@ class Matrix(Operator):
     matrix: Array
     matrix_pinv: Array
     x_shape: tuple = _static()
-    sq_norm: Array | float = 1.0
+    sq_norm: Array | float | None = None  # ||M||_2^2; None: computed from M (1.0 made flowdps diverge)
     name: str = dataclasses.field(default="compressed_sensing", metadata=dict(static=True))
 
     def forward(self, x):
@@ -264,6 +264,8 @@ class Matrix(Operator):
         return (y @ self.matrix_pinv.T).reshape((y.shape[0],) + self.x_shape)
 
     def norm_sq(self):
+        if self.sq_norm is None:
+            return (jnp.linalg.norm(self.matrix.astype(jnp.float32), 2) ** 2).astype(jnp.float32)
         return jnp.asarray(self.sq_norm, jnp.float32)
 
 

@@ -253,7 +253,12 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
 
 
 @eqx.filter_jit
-def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, noise, weight, hp, denoise):
+def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, noise, weight, hp, denoise,
+         classes=None):
+    # ``classes = (type(op), type(noise))``, static: JAX treats the treedefs of two dataclass types
+    # with the same fields as equal, and a GaussianNoise run reused the program compiled for
+    # PoissonNoise (reading sigma as the rate: NaN samples at sigma 0)
+    del classes
     step, final = _step_fn(model, method, base, y, op, noise, weight, hp)
     keys = jax.random.split(key, ts.shape[0] - 1)
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
@@ -285,12 +290,20 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
         raise ValueError("posterior and prior samplers here are stochastic: pass key=jax.random.key(...)")
     if not hasattr(x1, "ndim") or x1.ndim < 2:
         raise ValueError(f"x1 must be an array [B, ...]; got {getattr(x1, 'shape', type(x1).__name__)}")
+    if not jnp.issubdtype(x1.dtype, jnp.floating):  # (int x1 came back truncated to ints)
+        raise TypeError(f"x1 must be a floating-point array; got dtype {x1.dtype}")
     if t_start is None and (isinstance(schedule, str) or callable(schedule) and not hasattr(schedule, "shape")):
         # eps/score models are 0/0 where alpha = 0 (t = 1 on the linear path): start just before
         # (an explicit grid brings its own start)
-        t_start = 1.0 if float(path.alpha(1.0)) > 0 else 0.999
+        with jax.ensure_compile_time_eval():  # (a Python float under the caller's jit too)
+            t_start = 1.0 if float(path.alpha(1.0)) > 0 else 0.999
     ts = time_grid(path, steps, schedule, t_start, t_end)
-    if prediction in ("eps", "score") and float(path.alpha(jnp.asarray(ts[0]))) == 0.0:
+    try:  # (under the caller's jit the grid is traced: unchecked there, as in gf.sample)
+        with jax.ensure_compile_time_eval():
+            alpha0 = float(path.alpha(jnp.asarray(ts[0])))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        alpha0 = None
+    if prediction in ("eps", "score") and alpha0 == 0.0:
         raise ValueError(f"t_start={float(ts[0])} has alpha=0 on path {path.name!r}, where the {prediction} -> x0 "
                          f"conversion is singular; start slightly earlier (e.g. t_start=0.999, or leave t_start=None)")
     return Model(as_pytree_fn(fn), path, prediction), ts
@@ -406,8 +419,10 @@ def posterior_sample(
         # An eps/score model holds Cov[x0 | x_t] in the deviation of its Jacobian from I / sigma,
         # of relative size ~SNR: below SNR 1e-4 float32 cancellation swamps it (on the oracle,
         # motion blur from alpha = 5e-4 went astray as cg_iters grew). Start where SNR = 1e-4.
-        if float(path.log_snr(1.0)) < _TMPD_MIN_LOG_SNR:
-            t_start = float(path.t_from_log_snr(_TMPD_MIN_LOG_SNR))
+        with jax.ensure_compile_time_eval():
+            low = float(path.log_snr(1.0)) < _TMPD_MIN_LOG_SNR
+            if low:
+                t_start = float(path.t_from_log_snr(_TMPD_MIN_LOG_SNR))
     model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
     if y.shape[0] != x1.shape[0]:
         raise ValueError(f"y and x1 need the same batch size; got y.shape={y.shape}, x1.shape={x1.shape}")
@@ -418,7 +433,7 @@ def posterior_sample(
     denoise = path.denoise_at_end if denoise is None else denoise
     noise = _noise_model(method, noise)
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
-                jnp.float32(weight), hp, bool(denoise))
+                jnp.float32(weight), hp, bool(denoise), (type(operator), type(noise)))
 
 
 def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
@@ -446,8 +461,14 @@ def _noise_model(method: str, noise):
         raise ValueError(f"method {method!r} uses a Gaussian measurement likelihood: noise must be a "
                          f"GaussianNoise(sigma); got {type(noise).__name__}")
     if isinstance(noise, GaussianNoise):  # a traced level: sweeping sigma_y does not recompile
+        v = concrete_real(noise.sigma)
+        if v is not None and not v >= 0.0:
+            raise ValueError(f"GaussianNoise: sigma must be >= 0; got {noise.sigma!r}")
         noise = GaussianNoise(jnp.asarray(noise.sigma, jnp.float32))
     elif isinstance(noise, PoissonNoise):  # likewise the rate
+        v = concrete_real(noise.rate)  # (a negative rate made flowdps climb the misfit; 0 gave NaN)
+        if v is not None and not v > 0.0:
+            raise ValueError(f"PoissonNoise: rate must be > 0; got {noise.rate!r}")
         noise = PoissonNoise(jnp.asarray(noise.rate, jnp.float32))
     return noise
 
