@@ -527,3 +527,13 @@ def test_posterior_sampling_inside_jit_and_checked_inputs():
     M = np.random.default_rng(0).normal(size=(6, D)).astype(np.float32)
     m = inv.Matrix(jnp.asarray(M), jnp.asarray(np.linalg.pinv(M)), S)
     np.testing.assert_allclose(float(m.norm_sq()), np.linalg.norm(M, 2) ** 2, rtol=1e-5)
+
+
+def test_mask_refuses_soft_values():
+    # a 0.5 mask is no projection: its pinv / norm_sq were silently wrong (A A+ A x - A x = 1.19)
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        inv.Mask(jnp.full(S, 0.5))
+    m = inv.random_inpainting(jax.random.key(0), S, keep=0.4)
+    x = jax.random.normal(jax.random.key(1), (2,) + S)
+    np.testing.assert_allclose(m.forward(m.pinv(m.forward(x))), m.forward(x))
+    jax.jit(lambda op, x: op.forward(x))(m, x)  # (unflattening under jit: traced masks are not checked)

@@ -80,6 +80,15 @@ class Mask(Operator):
     mask: Array
     name: str = dataclasses.field(default="inpainting", metadata=dict(static=True))
 
+    def __post_init__(self):
+        # (also runs when JAX unflattens the pytree: only concrete arrays are checked) a soft mask is
+        # no projection: pinv / norm_sq / the range projections were silently wrong (A A+ A != A)
+        if isinstance(self.mask, (np.ndarray, jax.Array)) and not isinstance(self.mask, jax.core.Tracer):
+            m = np.asarray(self.mask)
+            if not np.all((m == 0) | (m == 1)):
+                raise ValueError("Mask: mask must hold only 0 and 1 (inpainting keeps or drops pixels); got values "
+                                 f"in [{m.min()}, {m.max()}]")
+
     def forward(self, x):
         return x * self.mask
 
