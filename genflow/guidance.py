@@ -103,6 +103,7 @@ class BatchedCFG:
     def parts(self, x: Array, t: Array) -> tuple[Array, Array]:
         b = x.shape[0]
         y, n = self._labels(b)
+        t = jnp.broadcast_to(jnp.asarray(t), (b,))  # (a scalar t, which CFG takes, failed to concatenate)
         out = self.fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, n]))
         return out[:b], out[b:]
 

@@ -59,6 +59,9 @@ def test_batched_cfg_equals_two_calls():
     b = gf.guidance.cfg(functools.partial(net, y=jnp.ones(64, int)), functools.partial(net, y=jnp.zeros(64, int)),
                         4.0)(x, t)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # a scalar t, as CFG takes it (it failed to concatenate)
+    np.testing.assert_allclose(gf.guidance.cfg_batched(net, 1, 0, 4.0)(x, t[0]),
+                               gf.guidance.cfg_batched(net, 1, 0, 4.0)(x, jnp.full((64,), t[0])), rtol=1e-6, atol=1e-6)
 
 
 def test_interval_guidance_only_inside_and_skips_the_unconditional_model():

@@ -537,3 +537,8 @@ def test_mask_refuses_soft_values():
     x = jax.random.normal(jax.random.key(1), (2,) + S)
     np.testing.assert_allclose(m.forward(m.pinv(m.forward(x))), m.forward(x))
     jax.jit(lambda op, x: op.forward(x))(m, x)  # (unflattening under jit: traced masks are not checked)
+
+
+def test_avg_pool_names_non_image_input():
+    with pytest.raises(ValueError, match=r"AvgPool needs images x \[B, H, W, C\]"):
+        inv.super_resolution(2).forward(jnp.zeros((2, 16)))

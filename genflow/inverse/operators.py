@@ -136,6 +136,8 @@ class AvgPool(Operator):
     name: str = dataclasses.field(default="super_resolution", metadata=dict(static=True))
 
     def forward(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"AvgPool needs images x [B, H, W, C]; got shape {x.shape}")
         B, H, W, C = x.shape
         f = self.factor
         if H % f or W % f:
