@@ -36,3 +36,11 @@ def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
     if not is_int(value, low, high):
         raise ValueError(f"{name} must be {int_range(low, high)}; got {value!r}")
     return int(value)
+
+
+def check_positive_real(name: str, value) -> None:
+    """A ``ValueError`` naming ``name`` unless a concrete ``value`` is a real > 0; a traced value
+    passes (no check can see it)."""
+    v = concrete_real(value)
+    if not isinstance(value, jax.core.Tracer) and (v is None or not v > 0.0):
+        raise ValueError(f"{name} must be a real > 0; got {value!r}")

@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int, concrete_real
+from genflow._checks import check_int, check_positive_real
 from genflow.flows._layers import (ActNorm, AdditiveCoupling, AffineCoupling, Chain, FactorOut, Invertible1x1Conv,
                                    Layer, Squeeze, Unsqueeze)
 from genflow.likelihood._ode import gaussian_log_prob
@@ -127,7 +127,7 @@ def dsm_loss(flow: Flow, params, x: Array, key: Array, sigma: float = 0.05) -> A
     Fits the score of the data convolved with ``N(0, sigma^2)``; no log-determinant of the
     linear layers is needed.
     """
-    _check_positive("sigma", sigma)
+    check_positive_real("sigma", sigma)
     n = jax.random.normal(key, x.shape, x.dtype)
     s = flow.score(params, x + sigma * n)
     return 0.5 * jnp.mean(jnp.sum(jnp.square(sigma * s + n).reshape(x.shape[0], -1), axis=-1)) / flow.dim
@@ -146,9 +146,9 @@ def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_s
     if method not in OBJECTIVES:
         raise ValueError(f"unknown flow objective {method!r}; expected one of {list(OBJECTIVES)}")
     check_int("num_slices", num_slices)  # (checked here too: before any tracing)
-    _check_positive("sigma", sigma)
+    check_positive_real("sigma", sigma)
     if dequantize is not None:
-        _check_positive("dequantize", dequantize)
+        check_positive_real("dequantize", dequantize)
 
     def loss_fn(params, batch, key):
         x = batch["x"] if isinstance(batch, dict) else batch
@@ -167,12 +167,6 @@ def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_s
 def _step(parity: int, hidden: int, depth: int, lu: bool, coupling: str, mask: str) -> list[Layer]:
     cls = AffineCoupling if coupling == "affine" else AdditiveCoupling
     return [ActNorm(), Invertible1x1Conv(lu=lu), cls(mask=mask, parity=parity, hidden=hidden, depth=depth)]
-
-
-def _check_positive(name: str, value) -> None:
-    v = concrete_real(value)
-    if not isinstance(value, jax.core.Tracer) and (v is None or not v > 0.0):
-        raise ValueError(f"{name} must be a real > 0; got {value!r}")
 
 
 def _check_coupling(coupling: str):

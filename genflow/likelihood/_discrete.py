@@ -28,7 +28,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int, concrete_real
+from genflow._checks import check_int, check_positive_real
 from genflow.likelihood._ode import log_prob
 from genflow.paths import Path
 
@@ -65,21 +65,13 @@ def bits_per_dim(log_prob: Array, num_dims: int, bin_width: float = 1.0) -> Arra
     return -(log_prob + num_dims * math.log(bin_width)) / (num_dims * math.log(2.0))
 
 
-def _check_positive(name: str, value) -> None:
-    """A ``ValueError`` naming ``name`` unless a concrete ``value`` is a real > 0 (``math.log``
-    raised a bare "math domain error")."""
-    v = concrete_real(value)
-    if not isinstance(value, jax.core.Tracer) and (v is None or not v > 0.0):
-        raise ValueError(f"{name} must be a real > 0; got {value!r}")
-
-
 def uniform_dequantize(key: Array, x: Array, bin_width: float) -> tuple[Array, Array]:
     """Uniform dequantization ``y = x + (u - 1/2) bin_width``, ``u ~ U[0, 1)``.
 
     ``x: [B, ...]`` on a grid of spacing ``bin_width`` (``x`` at the bin centres). Returns ``y``
     and ``log q(y | x) = -D log(bin_width)`` as ``[B]``.
     """
-    _check_positive("bin_width", bin_width)
+    check_positive_real("bin_width", bin_width)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 would move y out of its bin
     u = jax.random.uniform(key, x.shape, x.dtype)
     y = x + (u - 0.5) * bin_width
@@ -88,8 +80,8 @@ def uniform_dequantize(key: Array, x: Array, bin_width: float) -> tuple[Array, A
 
 def truncated_normal_time(path: Path, bin_width: float, tau: float = 3.0) -> Array:
     """The time ``t_eps`` with ``alpha / sigma = 2 tau / bin_width`` (log-SNR ``2 log(2 tau / bin_width)``)."""
-    _check_positive("bin_width", bin_width)
-    _check_positive("tau", tau)
+    check_positive_real("bin_width", bin_width)
+    check_positive_real("tau", tau)
     return path.t_from_log_snr(jnp.asarray(2.0 * math.log(2.0 * tau / bin_width)))
 
 
@@ -151,8 +143,8 @@ def dequantized_log_prob(
     if dequantization not in DEQUANTIZATIONS:
         raise ValueError(f"unknown dequantization {dequantization!r}; expected one of {list(DEQUANTIZATIONS)}")
     check_int("num_samples", num_samples)
-    _check_positive("bin_width", bin_width)
-    _check_positive("tau", tau)
+    check_positive_real("bin_width", bin_width)
+    check_positive_real("tau", tau)
     k_deq, k_trace = jax.random.split(key)
     xs = jnp.tile(x, (num_samples,) + (1,) * (x.ndim - 1))  # (concatenating num_samples copies compiled in O(num_samples^2))
     if dequantization == "uniform":
