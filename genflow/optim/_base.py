@@ -38,6 +38,20 @@ def moment_update(m: Array, x: Array, decay) -> Array:
     return (1 - decay) * x.astype(dt) + decay * m.astype(dt)
 
 
+def adam_moments(g: Array, m: Array, v: Array, b1, b2, c1, c2, eps) -> tuple[Array, Array, Array, Array]:
+    """One leaf's Adam moments: ``(m^, sqrt(v^) + eps, m_t, v_t)`` with the bias corrections
+    ``m^ = m_t c1``, ``sqrt(v^) = sqrt(v_t) c2``. The first two are in the wider dtype of the
+    moments (float32 or wider: the second moment is stored so); ``m_t, v_t`` are cast back to
+    their stored dtypes (injected float32 hyper-parameters promoted bfloat16 moments, and the
+    state changed dtype)."""
+    m_new = moment_update(m, g, b1)
+    v_new = moment_update(v, jnp.square(g.astype(v.dtype)), b2)
+    dt = jnp.promote_types(m_new.dtype, v_new.dtype)
+    m_hat = m_new.astype(dt) * c1.astype(dt)
+    den = jnp.sqrt(v_new).astype(dt) * c2.astype(dt) + eps
+    return m_hat, den, m_new.astype(m.dtype), v_new.astype(v.dtype)
+
+
 def wide_zeros_like(params):
     """Zeros like ``params`` in float32 or wider (second moments: in bfloat16, ``b2 = 0.999``
     rounds to 1 and the moment never decays; in float16, ``eps = 1e-8`` rounds to 0)."""

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import (ScalarOrSchedule, check, check_beta, moment_update, resolve, unzip,
+from genflow.optim._base import (ScalarOrSchedule, adam_moments, check, check_beta, resolve, unzip,
                                  wide_zeros_like, with_decay_and_lr)
 
 Array = jax.Array
@@ -75,14 +75,10 @@ def scale_by_diffgrad(
         e = resolve(eps, state.count)
 
         def leaf(g, m, v, g_prev):
-            # (as in Grams: the direction in float32 or wider, the moments in their stored dtypes)
-            m_new = moment_update(m, g, b1)
-            v_new = moment_update(v, jnp.square(g.astype(v.dtype)), b2)
-            dt = jnp.promote_types(m_new.dtype, v_new.dtype)
+            m_hat, den, m, v = adam_moments(g, m, v, b1, b2, c1, c2, e)
             # xi_t / D = sigmoid(|dg|) / D = 1 / ((1 + exp(-|dg|)) D): one division, not two
-            friction = 1 + jnp.exp(-jnp.abs(g_prev.astype(dt) - g.astype(dt)))
-            u = (m_new.astype(dt) * c1.astype(dt)) / (friction * (jnp.sqrt(v_new).astype(dt) * c2.astype(dt) + e))
-            return u.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+            friction = 1 + jnp.exp(-jnp.abs(g_prev.astype(den.dtype) - g.astype(den.dtype)))
+            return (m_hat / (friction * den)).astype(g.dtype), m, v
 
         u, mu, nu = unzip(jax.tree.map(leaf, updates, state.mu, state.nu, state.prev_grad), updates, 3)
         prev = optax.tree.cast_like(updates, state.prev_grad)

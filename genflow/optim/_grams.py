@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import (ScalarOrSchedule, check, check_beta, moment_update, resolve, unzip,
+from genflow.optim._base import (ScalarOrSchedule, adam_moments, check, check_beta, resolve, unzip,
                                  wide_zeros_like, with_decay_and_lr)
 
 Array = jax.Array
@@ -67,13 +67,8 @@ def scale_by_grams(
         e = resolve(eps, state.count)
 
         def leaf(g, m, v):
-            # the direction in float32 or wider; the moments back in their stored dtypes (injected
-            # float32 hyper-parameters promoted bfloat16 moments, and the state changed dtype)
-            m_new = moment_update(m, g, b1)
-            v_new = moment_update(v, jnp.square(g.astype(v.dtype)), b2)
-            dt = jnp.promote_types(m_new.dtype, v_new.dtype)
-            u = (m_new.astype(dt) * c1.astype(dt)) / (jnp.sqrt(v_new).astype(dt) * c2.astype(dt) + e)
-            return (jnp.sign(g) * jnp.abs(u)).astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+            m_hat, den, m, v = adam_moments(g, m, v, b1, b2, c1, c2, e)
+            return (jnp.sign(g) * jnp.abs(m_hat / den)).astype(g.dtype), m, v
 
         u, mu, nu = unzip(jax.tree.map(leaf, updates, state.mu, state.nu), updates, 3)
         return u, ScaleByGramsState(count=count_inc, mu=mu, nu=nu)
