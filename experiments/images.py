@@ -43,8 +43,9 @@ import optax  # noqa: E402
 class Config:
     dataset: str = "digits"         # "digits" (bundled) or a tfds image dataset name
     net: str = "unet"               # unet | dit | mlp
-    ch: int = 32                    # U-Net base channels / DiT width / MLP width
-    depth: int = 1                  # U-Net residual blocks per level / DiT blocks / MLP layers
+    ch: int = 32                    # U-Net base channels; DiT width 2*ch; MLP width 8*ch
+    depth: int = 1                  # U-Net residual blocks per level; DiT 2*max(depth, 2) blocks;
+                                    # MLP max(depth, 2) layers
     path: str = "linear"            # one of gf.paths.names()
     prediction: str = "velocity"    # eps | x0 | v | score | velocity
     weighting: str = "uniform"
@@ -85,6 +86,27 @@ def validate(cfg: Config) -> None:
         raise SystemExit(f"--prediction must be one of {list(gf.param.KINDS)}; got {cfg.prediction!r}")
     if cfg.solver not in gf.sampling.solvers():
         raise SystemExit(f"unknown solver {cfg.solver!r}; expected one of {sorted(gf.sampling.solvers())}")
+    if cfg.weighting not in gf.losses.WEIGHTINGS:
+        raise SystemExit(f"--weighting must be one of {list(gf.losses.WEIGHTINGS)}; got {cfg.weighting!r}")
+    for flag, value, low in (("steps", cfg.steps, 0), ("batch", cfg.batch, 1), ("ch", cfg.ch, 1),
+                             ("depth", cfg.depth, 1), ("sample_steps", cfg.sample_steps, 1), ("n_eval", cfg.n_eval, 2),
+                             ("n_nll", cfg.n_nll, 0), ("ckpt_every", cfg.ckpt_every, 0), ("chunk", cfg.chunk, 0),
+                             ("fsdp", cfg.fsdp, 1)):
+        if value < low:
+            raise SystemExit(f"--{flag} must be >= {low}; got {value}")
+    if not 0.0 < cfg.ema < 1.0:
+        raise SystemExit(f"--ema must be in (0, 1); got {cfg.ema}")
+    # path / prediction / solver compatibility is checked by gf.sample on concrete times (as in
+    # toy2d.py): a 2-image dry run with a zero model fails here, not after the whole training
+    path = gf.paths.get(cfg.path)
+    x = path.prior_sample(jax.random.key(0), (2, 4, 4, 1))
+    zero = lambda x, t: jnp.zeros_like(x)  # noqa: E731
+    try:
+        gf.sample(zero, path, x, prediction=cfg.prediction, solver=cfg.solver, steps=cfg.sample_steps,
+                  key=jax.random.key(0))
+    except ValueError as e:
+        raise SystemExit(f"--solver {cfg.solver!r} cannot sample --path {cfg.path!r} with --prediction "
+                         f"{cfg.prediction!r}: {e}") from None
 
 
 def build_net(cfg: Config, shape, num_classes: int | None):
@@ -251,9 +273,11 @@ def run(cfg: Config) -> dict:
         "devices": jax.device_count(),
     }
     if cfg.n_nll:
-        fn_u = gf.nets.model_fn(net, final, **({"y": jnp.full((cfg.n_nll,), num_classes)} if cfg.conditional else {}))
+        x_nll = xte[: cfg.n_nll]  # (the test split may hold fewer images than --n_nll)
+        fn_u = gf.nets.model_fn(net, final, **({"y": jnp.full((len(x_nll),), num_classes)} if cfg.conditional else {}))
         t0 = time.perf_counter()
-        metrics["nll_bpd"], metrics["nll_note"] = nll_bits_per_dim(cfg, fn_u, path, xte[: cfg.n_nll], k_nll)
+        metrics["nll_bpd"], metrics["nll_note"] = nll_bits_per_dim(cfg, fn_u, path, x_nll, k_nll)
+        metrics["nll_n"] = int(len(x_nll))
         metrics["nll_time_s"] = time.perf_counter() - t0
         print(metrics["nll_note"], file=sys.stderr)
 
@@ -262,9 +286,10 @@ def run(cfg: Config) -> dict:
         gf.viz.image_grid(x0[:100], nrow=10, title=f"{cfg.net} on {cfg.dataset}: {cfg.path}/{cfg.prediction}, "
                           f"{cfg.solver} NFE={int(info.nfe)}, FD={metrics['fd']:.2f}",
                           path=os.path.join(cfg.out, "samples.png"))
-        if steps_done:
-            gf.viz.curves({"loss": hist["loss"]}, ylabel="loss", logy=True, smooth=25,
-                          path=os.path.join(cfg.out, "loss.png"))
+        if steps_done:  # the whole run, across resumes, against the step numbers (metrics.jsonl's rows)
+            rows = [r for r in gf.train.read_jsonl(os.path.join(cfg.out, "metrics.jsonl")) if "loss" in r]
+            gf.viz.curves({"loss": (np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows]))},
+                          ylabel="loss", logy=True, smooth=25, path=os.path.join(cfg.out, "loss.png"))
         metrics["wall_time_s"] = time.perf_counter() - t_wall
         out_json = os.path.join(cfg.out, "metrics.json")
         if not steps_done and os.path.exists(out_json):  # a re-run of a finished run: keep its training numbers

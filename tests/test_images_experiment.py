@@ -9,6 +9,9 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -33,3 +36,48 @@ def test_images_quick_end_to_end(tmp_path):
     assert m["fd_train_vs_test"] < 20 and m["fd"] < 100 and m["fd_prior"] > 300, m
     # dequantized NLL bound on 17-level data: below the 4.09 bits/dim of a uniform model (2.99 measured)
     assert 0.0 < m["nll_bpd"] < 4.0, m
+
+
+def _images():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import images
+
+    return images
+
+
+def test_images_validate_dry_runs_the_sampler_and_checks_numbers():
+    # a path/prediction/solver combination gf.sample refuses failed only after the whole training
+    images = _images()
+    for args, msg in ((["--prediction", "x0"], "--solver 'heun' cannot sample --path 'linear' with --prediction 'x0'"),
+                      (["--solver", "euler_maruyama"], "--solver 'euler_maruyama' cannot sample"),
+                      (["--sample_steps", "0"], "--sample_steps must be >= 1"),
+                      (["--n_eval", "1"], "--n_eval must be >= 2"),
+                      (["--batch", "0"], "--batch must be >= 1"),
+                      (["--ema", "1.0"], r"--ema must be in \(0, 1\)"),
+                      (["--weighting", "foo"], "--weighting must be one of")):
+        with pytest.raises(SystemExit, match=msg):
+            images.validate(images.parse_config(args))
+    images.validate(images.parse_config(["--quick"]))  # the defaults pass
+
+
+def test_images_resumed_conditional_run_plots_every_step_and_caps_the_nll_set(tmp_path, monkeypatch):
+    # (1) after a resume loss.png showed only the resumed steps, at x = 0, 1, ...; (2) --conditional
+    # with --n_nll above the test split's 364 images built 400 null labels for 364 images and failed
+    # after training and sampling, before metrics.json was written
+    images = _images()
+    seen = []
+    curves = images.gf.viz.curves
+
+    def spy(series, **kw):
+        v = series["loss"]
+        seen.append(np.asarray(v[0] if isinstance(v, tuple) else np.arange(len(v))))
+        return curves(series, **kw)
+
+    monkeypatch.setattr(images.gf.viz, "curves", spy)
+    args = ["--net", "mlp", "--ch", "8", "--batch", "8", "--warmup", "1", "--n_eval", "16", "--progress", "false",
+            "--conditional", "--ckpt_every", "4", "--out", str(tmp_path / "r")]
+    images.run(images.parse_config(args + ["--steps", "4", "--n_nll", "0"]))
+    m = images.run(images.parse_config(args + ["--steps", "8", "--n_nll", "400"]))
+    np.testing.assert_array_equal(seen[0], np.arange(1, 5))
+    np.testing.assert_array_equal(seen[1], np.arange(1, 9))
+    assert m["nll_n"] == 364 and np.isfinite(m["nll_bpd"]), m

@@ -2,9 +2,9 @@
 Modeling through Stochastic Differential Equations", appendix H).
 
 Residual blocks with GroupNorm and SiLU, the time (and label) embedding added inside every block,
-self-attention at chosen resolutions, skip connections between the down and up paths scaled by
-``1/sqrt(2)``, and zero-initialised output layers (score_sde's ``init_scale=0``), so that every
-residual branch starts as the identity.
+self-attention at chosen resolutions, skip connections between the down and up paths
+(concatenated), residual sums scaled by ``1/sqrt(2)``, and zero-initialised output layers
+(score_sde's ``init_scale=0``), so that every residual branch starts as the identity.
 """
 
 from __future__ import annotations
