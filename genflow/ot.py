@@ -40,10 +40,12 @@ for SciPy (``experiments/benchmarks/cfm_throughput.py`` has the notes and number
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import queue
 import threading
+import traceback
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
@@ -108,6 +110,9 @@ def sq_distances(x0, x1):
     """
     _check_points(x0, x1)
     if isinstance(x0, jax.Array) or isinstance(x1, jax.Array):
+        x0, x1 = jnp.asarray(x0), jnp.asarray(x1)
+        if not jnp.issubdtype(jnp.result_type(x0, x1), jnp.inexact):  # integers would wrap around
+            x0, x1 = x0.astype(jnp.result_type(float)), x1.astype(jnp.result_type(float))
         d = x0[..., :, None, :] - x1[..., None, :, :]
         return jnp.sum(d * d, axis=-1)
     x0, x1 = np.asarray(x0), np.asarray(x1)
@@ -133,6 +138,8 @@ def exact_sq_distances(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
     """
     x0, x1 = np.asarray(x0), np.asarray(x1)
     _check_points(x0, x1)
+    if not np.issubdtype(np.result_type(x0, x1), np.inexact):  # integer differences would wrap around
+        x0, x1 = x0.astype(np.float64), x1.astype(np.float64)
     out = None
     for f in range(x0.shape[-1]):
         d = x0[..., :, f, None] - x1[..., None, :, f]
@@ -429,9 +436,11 @@ class CoupledBatches:
                  eps=(0.1, 0.02), iters=(10, 10), threads: int | None = None, num_batches: int | None = None):
         if coupling not in ("ot", "independent"):
             raise ValueError(f"coupling must be 'ot' or 'independent'; got {coupling!r}")
-        if chunk < 1 or prefetch < 1 or batch_size < 1:
-            raise ValueError(f"chunk, prefetch and batch_size must be >= 1; got {chunk}, {prefetch}, {batch_size}")
-        self.batch_size, self.chunk, self.coupling = int(batch_size), int(chunk), coupling
+        batch_size, chunk = check_int("batch_size", batch_size), check_int("chunk", chunk)
+        prefetch = check_int("prefetch", prefetch)
+        if num_batches is not None:
+            num_batches = check_int("num_batches", num_batches, 0)
+        self.batch_size, self.chunk, self.coupling = batch_size, chunk, coupling
         self.threads, self.num_batches, self.precondition = threads, num_batches, precondition
         _stages(eps, iters)  # bad eps / iters fail here, not in the background thread
         self.eps, self.iters = eps, iters
@@ -448,9 +457,11 @@ class CoupledBatches:
         flag) instead of living on."""
         self._queue: queue.Queue = queue.Queue(maxsize=self._prefetch)
         self._stop = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._queue, self._stop, first),
                                         daemon=True, name="genflow-ot-batches")
         weakref.finalize(self, self._stop.set)
+        _LIVE.add((self._stop, self._thread))  # the thread removes itself when it ends
         self._thread.start()
 
     def get_state(self) -> dict:
@@ -484,6 +495,8 @@ class CoupledBatches:
     def __next__(self) -> dict:
         if self._error is not None:  # the background thread failed: every later call says so too
             raise self._error
+        if self._closed:  # its thread is gone: a get() would wait forever
+            raise StopIteration
         if self.num_batches is not None and self._served >= self.num_batches:
             self.close()
             raise StopIteration
@@ -501,8 +514,24 @@ class CoupledBatches:
         return out
 
     def close(self) -> None:
-        """Stop the background thread."""
+        """Stop the background thread and wait for it (at most the chunk it is preparing): a
+        daemon thread still inside JAX or SciPy at interpreter exit crashes the process. Later
+        calls of ``next`` raise ``StopIteration`` (until :meth:`set_state` restarts the stream)."""
+        self._closed = True
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+_LIVE: set = set()  # (stop, thread) of every running stream thread: stopped and joined at exit
+
+
+@atexit.register
+def _stop_all() -> None:
+    for stop, thread in list(_LIVE):
+        stop.set()
+    for stop, thread in list(_LIVE):
+        thread.join()
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
@@ -517,6 +546,13 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
 
 
 def _work(ref: "weakref.ref[CoupledBatches]", q: queue.Queue, stop: threading.Event, first: int = 0) -> None:
+    try:
+        _work_loop(ref, q, stop, first)
+    finally:
+        _LIVE.discard((stop, threading.current_thread()))
+
+
+def _work_loop(ref: "weakref.ref[CoupledBatches]", q: queue.Queue, stop: threading.Event, first: int) -> None:
     """The background thread of a :class:`CoupledBatches`: prepares chunks ahead from chunk
     ``first`` and queues them (or the exception that stopped it), until the stream is closed,
     exhausted or collected."""
@@ -534,6 +570,9 @@ def _work(ref: "weakref.ref[CoupledBatches]", q: queue.Queue, stop: threading.Ev
             item = stream.prepare(index)
         except BaseException as e:  # surfaced in the consumer
             del stream
+            # the traceback's frames (prepare's ``self``) would keep the stream alive while
+            # _put waits on a full queue: it would never be collected, nor this thread stop
+            traceback.clear_frames(e.__traceback__)
             _put(q, e, stop)
             return
         del stream
