@@ -10,7 +10,7 @@ import jax
 def concrete_real(value) -> float | None:
     """``float(value)`` for a concrete real scalar (Python, NumPy or a 0-d array; not a
     ``bool``); ``None`` for a traced value (which no check can see) or anything else."""
-    if isinstance(value, (bool, jax.core.Tracer)):
+    if isinstance(value, (bool, str, bytes, jax.core.Tracer)):  # float("0.5") would pass
         return None
     try:
         return float(value)

@@ -91,7 +91,12 @@ def to_x0_eps(pred: Array, x: Array, t, path: Path, kind: str) -> tuple[Array, A
     # velocity
     da, ds = path.d_alpha(tb), path.d_sigma(tb)
     det = a * ds - s * da
-    return (ds * x - s * pred) / det, (a * pred - da * x) / det
+    # where sigma = 0, x is the data itself: x0 = x / alpha (sigma' may be inf there, vp_linear at
+    # t = 0, and the general formula inf / inf); safe operands keep NaN out of gradients too
+    clean = s == 0
+    ds_, det_ = jnp.where(clean, 0.0, ds), jnp.where(clean, 1.0, det)
+    x0 = jnp.where(clean, x / jnp.where(clean, a, 1.0), (ds_ * x - s * pred) / det_)
+    return x0, (a * pred - da * x) / det
 
 
 def from_x0_eps(x0: Array, eps: Array, x: Array, t, path: Path, kind: str) -> Array:

@@ -207,7 +207,10 @@ def test_option_shape_and_endpoint_checks(gauss2):
            ("edm_heun_churn", dict(churn=-5.0), "churn must be a float >= 0"),
            ("edm_heun_churn", dict(s_noise=-1.0), "s_noise must be a float >= 0"),
            ("euler_maruyama", dict(brownian_tol=0.0), "brownian_tol must be None or a float > 0"),
-           ("shark", dict(brownian_tol=-1.0), "brownian_tol must be None or a float > 0")]
+           ("shark", dict(brownian_tol=-1.0), "brownian_tol must be None or a float > 0"),
+           # strings read as numbers passed the checks and failed later with unrelated TypeErrors
+           ("pc", dict(snr="0.16"), "snr must be a float >= 0"),
+           ("edm_heun_churn", dict(churn="40"), "churn must be a float >= 0")]
     for solver, opts, msg in bad:
         with pytest.raises(ValueError, match=f"solver '{re.escape(solver)}': option {msg}"):
             gf.sample(fn, path, x1, prediction="velocity", solver=solver, key=key, t_start=0.99, **opts)
@@ -235,3 +238,70 @@ def test_restart_under_x64(gauss2):
         x1 = path.prior_sample(jax.random.key(1), (64, 2), jnp.float64)
         x, info = gf.sample(fn, path, x1, prediction="x0", solver="restart", steps=8, key=jax.random.key(2))
         assert x.dtype == jnp.float64 and info.nfe.dtype == jnp.int32 and np.all(np.isfinite(np.asarray(x)))
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "tsit5"])
+def test_float32_state_under_x64_with_diffrax_ode_solvers(solver, gauss2):
+    # under x64 the grid is float64, and Diffrax's y + dt f turned the float32 state float64
+    # (loop-carry type errors in every Diffrax ODE solver; the scan solvers were fine)
+    path = gf.paths.linear()
+    x1 = jax.random.normal(jax.random.key(0), (4, 2), jnp.float32)
+    kw = dict(prediction="velocity", solver=solver, steps=16)
+    want, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, **kw)
+    with jax.enable_x64(True):
+        x, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, **kw)
+        assert x.dtype == jnp.float32
+    np.testing.assert_allclose(x, want, atol=1e-5)  # the float32 solve, whatever x64 says
+
+
+def test_default_denoise_of_a_velocity_model_at_a_clean_end_is_finite(gauss2):
+    # vp_linear denoises at the end by default; at t_end = 0 (sigma = 0, sigma' = inf) the
+    # velocity -> x0 conversion was inf / inf; x0_hat = x / alpha there
+    path = gf.paths.vp_linear()
+    x1 = gauss2.prior_sample(jax.random.key(0), 4, path, 1.0)
+    kw = dict(prediction="velocity", solver="euler", steps=16, t_end=0.0)
+    x, info = gf.sample(gauss2.model(path, "velocity"), path, x1, **kw)
+    y, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, denoise=False, **kw)
+    assert bool(jnp.all(jnp.isfinite(x)))
+    np.testing.assert_allclose(x, y, atol=1e-6)
+    # and the conversion's gradient there is finite (no NaN leaks through the unselected branch)
+    g = jax.grad(lambda p: jnp.sum(gf.param.to_x0_eps(p * x, x, 0.0, path, "velocity")[0]))(1.0)
+    assert np.isfinite(float(g))
+
+
+def test_model_reverse_drift_takes_a_per_sample_time(gauss2):
+    # a [B] time lined up with the last axis of x ([B, D]): wrong drifts for B == D, an error else
+    path = gf.paths.vp_linear()
+    m = gf.sampling.Model(gauss2.model(path, "eps"), path, "eps")
+    x = jnp.array([[1.0, 2.0], [-0.5, 0.3]])
+    t = jnp.array([0.3, 0.8])
+    per_sample = jnp.concatenate([m.reverse_drift(x[i:i + 1], t[i]) for i in range(2)])
+    np.testing.assert_allclose(m.reverse_drift(x, t), per_sample, rtol=1e-5)
+    assert m.reverse_drift(jnp.ones((3, 2)), jnp.array([0.2, 0.5, 0.7])).shape == (3, 2)
+
+
+@pytest.mark.parametrize("eta", [np.float32(0.5), jnp.float32(0.5)])
+def test_ddim_eta_accepts_numpy_and_jax_scalars(eta, gauss2):
+    path = gf.paths.linear()
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    kw = dict(prediction="velocity", solver="ddim", steps=4, key=jax.random.key(1))
+    a, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, eta=eta, **kw)
+    b, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, eta=0.5, **kw)
+    np.testing.assert_allclose(a, b)
+
+
+def test_trajectory_has_the_dtype_of_the_samples(gauss2):
+    # a bfloat16 x1 gave a float32 trajectory whose last entry differed from the samples
+    path = gf.paths.linear()
+    x1 = jax.random.normal(jax.random.key(0), (4, 2), jnp.bfloat16)
+    for solver in ("heun", "dpm++2m"):
+        x, info = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver=solver, steps=4,
+                            save_trajectory=True)
+        assert info.trajectory.dtype == x.dtype == jnp.bfloat16, solver
+        np.testing.assert_array_equal(info.trajectory[-1], x)
+    # fixed-step Diffrax solves report the same counters with or without a saved trajectory
+    for save in (False, True):
+        _, info = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver="heun", steps=4,
+                            save_trajectory=save)
+        assert {k: int(v) for k, v in info.stats.items()} == {"num_steps": 4, "num_accepted_steps": 4,
+                                                                "num_rejected_steps": 0}, save

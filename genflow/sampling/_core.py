@@ -60,7 +60,7 @@ def _check_x(x1) -> None:
 # (solver, option) -> (valid(value), what is expected): options whose bad values would otherwise
 # give silently wrong samples (unipc order 4 ran as first order, ddim eta > 1 the wrong marginal)
 # or a wrong NFE (pc with negative corrector steps).
-_ETA_CHECK = (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a float in [0, 1]")
+_ETA_CHECK = (lambda v: (f := concrete_real(v)) is not None and 0.0 <= f <= 1.0, "a float in [0, 1]")
 
 
 def _real(low: float, high: float = np.inf, low_open: bool = False, what: str = ""):
@@ -106,13 +106,19 @@ def check_solver_options(spec, solver: str, options: dict) -> dict:
 
 
 def _check_options(solver: str, options: dict) -> dict:
-    """``options`` checked, with NumPy integers as Python ints (a NumPy scalar would be traced)."""
+    """``options`` checked, with NumPy integers as Python ints (a NumPy scalar would be traced)
+    and a concrete NumPy / JAX ``eta`` as a Python float (the DDIM/DDPM steps branch on
+    ``eta == 0``; other real options may stay arrays, traced, so new values do not recompile)."""
     out = {}
     for name, value in options.items():
         check = _OPTION_CHECKS.get((solver, name))
         if check is not None and not check[0](value):
             raise ValueError(f"solver {solver!r}: option {name} must be {check[1]}; got {value!r}")
-        out[name] = int(value) if isinstance(value, np.integer) else value
+        if isinstance(value, np.integer):
+            value = int(value)
+        elif name == "eta" and not isinstance(value, (int, float)):
+            value = concrete_real(value)  # (not None: the check above passed)
+        out[name] = value
     return out
 
 
@@ -258,4 +264,5 @@ def _sample_jit(model, ts, x1, key, solver, denoise, rtol, atol, max_steps, save
     if denoise:
         x = model.predict(x, ts[-1], "x0")
         nfe = nfe + 1
+    traj = None if traj is None else traj.astype(x1.dtype)  # (traj[-1] == x)
     return x.astype(x1.dtype), SampleInfo(nfe=nfe, ts=ts, trajectory=traj, stats=stats)

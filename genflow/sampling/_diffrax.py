@@ -46,7 +46,9 @@ def ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
     ``step`` in a ``fori_loop``, so one compiled program serves every step count of a bucket."""
     del key
     term = diffrax.ODETerm(lambda s, y, args: -model.velocity(y, -s))
-    ss = -ts
+    # (under x64 the grid is float64: y + dt f would turn a float32 state float64 and break
+    # Diffrax's loop carries, so the times are taken in the state's dtype)
+    ss = -ts.astype(x.dtype)
     if num_steps is not None:
         if adaptive or save_trajectory:
             raise ValueError("num_steps is for fixed-step solves without a saved trajectory")
@@ -59,7 +61,8 @@ def ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
         state = solver.init(term, ss[0], ss[1], x, None)
         x_end, _ = jax.lax.fori_loop(0, num_steps, loop, (x, state))
         n = jnp.asarray(num_steps, jnp.int32)
-        return x_end, nfe_init + nfe_per_step * n, None, {"num_steps": n}
+        stats = {"num_steps": n, "num_accepted_steps": n, "num_rejected_steps": jnp.zeros_like(n)}
+        return x_end, nfe_init + nfe_per_step * n, None, stats
     solver_state = None
     if adaptive:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)

@@ -56,7 +56,7 @@ class Model:
 
     def reverse_drift(self, x: Array, t) -> Array:
         """Drift of the reverse-time SDE, ``f(t) x - g(t)^2 score(x, t)`` (with dt < 0)."""
-        tt = jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32))
+        tt = broadcast_t(jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32)), x)
         eps = self.predict(x, t, "eps")
         p = self.path
         return (p.drift_coef(tt) * x + p.diffusion_sq(tt) * eps / p.sigma(tt)).astype(x.dtype)
