@@ -135,6 +135,12 @@ def test_time_grids():
         assert np.all(np.diff(np.asarray(ts)) < 0)
     lam = path.log_snr(gf.sampling.time_grid(path, 10, "logsnr"))
     np.testing.assert_allclose(np.diff(np.asarray(lam)), np.diff(np.asarray(lam)).mean(), rtol=1e-3)
+    # NumPy / JAX scalar endpoints (a 0-d JAX t_start failed: "JAX arrays are immutable")
+    want = gf.sampling.time_grid(path, 4, "uniform", t_start=0.9, t_end=0.1)
+    for t0, t1 in ((np.float32(0.9), np.float64(0.1)), (jnp.float32(0.9), jnp.asarray(0.1))):
+        np.testing.assert_allclose(gf.sampling.time_grid(path, 4, "uniform", t_start=t0, t_end=t1), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="must be concrete real scalars"):
+        jax.jit(lambda t0: gf.sampling.time_grid(path, 4, "karras", t_start=t0))(0.9)
 
 
 def test_solver_table():

@@ -63,9 +63,16 @@ def _check_explicit(schedule, t_start=None, t_end=None, steps=None, what: str = 
     return ts
 
 
-def _check_ends(t_start: float, t_end: float) -> None:
-    if not 0.0 <= t_end < t_start <= 1.0:
+def _check_ends(t_start, t_end) -> tuple[float, float]:
+    """``(t_start, t_end)`` as Python floats (NumPy / 0-d JAX scalars accepted), checked."""
+    s, e = concrete_real(t_start), concrete_real(t_end)
+    if s is None or e is None:
+        raise ValueError(f"t_start and t_end of a named schedule must be concrete real scalars (the grid is built "
+                         f"outside jit; pass an explicit array of times to trace them); got t_start={t_start!r}, "
+                         f"t_end={t_end!r}")
+    if not 0.0 <= e < s <= 1.0:
         raise ValueError(f"expected 0 <= t_end < t_start <= 1; got t_start={t_start}, t_end={t_end}")
+    return s, e
 
 
 def _infinite_ends(path: Path, t_start: float, t_end: float) -> tuple[bool, bool]:
@@ -117,7 +124,7 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         return _check_explicit(schedule(path, steps, t_start=t_start, t_end=t_end), t_start, t_end, steps,
                                what="the callable schedule's grid")
     steps = check_int("steps", steps)
-    _check_ends(t_start, t_end)
+    t_start, t_end = _check_ends(t_start, t_end)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {list(SCHEDULES)}, an array of times "
                          f"or a callable (path, steps, t_start, t_end) -> times")
@@ -205,7 +212,7 @@ def karras_family(path: Path, steps: int, *, t_start: float = 1.0, t_end: float 
         print(params[int(jnp.argmin(errs))])  # e.g. {"rho": 5.0, "sigma_min": 0.1, "sigma_max": 40.0}
     """
     t_end = path.t_min if t_end is None else t_end
-    _check_ends(t_start, t_end)
+    t_start, t_end = _check_ends(t_start, t_end)
     axes = {"rho": rhos, "sigma_min": sigma_mins, "sigma_max": sigma_maxes}
     for name, vals in axes.items():
         vals = np.atleast_1d(np.asarray(vals, float))
