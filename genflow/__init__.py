@@ -31,4 +31,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'genflow' has no attribute {name!r}")
 
 
-__all__ = ["paths", "param", "losses", "nets", "oracles", "sampling", "sample", *_LAZY]
+__all__ = ["paths", "param", "losses", "nets", "oracles", "sampling", "sample", "log_prob", *_LAZY]

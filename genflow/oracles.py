@@ -259,7 +259,7 @@ def _linear_velocity(oracle, x: Array, tau: Array) -> Array:
 def reference_flow_map(oracle, x: Array, s, t, path: Path, rtol: float = 1e-10, atol: float = 1e-10,
                        max_steps: int = 4096, solver=None) -> Array:
     """Probability-flow ODE map of ``oracle`` from time ``s`` to ``t`` on ``path`` by an adaptive
-    Dormand-Prince 8(7) solve per sample (Diffrax), for reference solutions.
+    solve per sample (Diffrax; Dormand-Prince 8(7) by default), for reference solutions.
 
     Every Gaussian path is the linear path ``x_lin = x / (alpha + sigma)`` at time
     ``tau = sigma / (alpha + sigma)`` (the probability-flow ODE only depends on the noise level
@@ -272,6 +272,9 @@ def reference_flow_map(oracle, x: Array, s, t, path: Path, rtol: float = 1e-10, 
       oracle: anything with ``x0(x, t, path)`` and ``score(x, t, path)`` (a :class:`Gaussian`,
         :class:`GaussianMixture`).
       x: ``[B, D]`` states at time ``s``; ``s, t``: scalar times.
+      rtol, atol: the PID step-size controller's tolerances (per sample).
+      max_steps: Diffrax's step limit per sample.
+      solver: a Diffrax solver instance (default ``diffrax.Dopri8()``).
     Returns:
       ``[B, D]`` states at time ``t``.
     """

@@ -73,6 +73,8 @@ def to_x0_eps(pred: Array, x: Array, t, path: Path, kind: str) -> tuple[Array, A
       pred: ``[B, ...]`` model output of kind ``kind``.
       x: ``[B, ...]`` the noisy input ``x_t``.
       t: ``[B]`` or scalar time.
+      path: the Gaussian path.
+      kind: one of :data:`KINDS`.
     Returns:
       ``x0_hat, eps_hat``, each ``[B, ...]``.
     """

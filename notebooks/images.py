@@ -123,7 +123,7 @@ print("resumed run equals the uninterrupted one bit for bit:", same)
 gf.viz.curves({"flow-matching loss": hist["loss"]}, ylabel="loss", smooth=10);
 
 # %% [markdown]
-# Samples from the EMA parameters, one row per class (Heun, 20 steps). 150 steps of a 100k-parameter
+# Samples from the EMA parameters, one row per class (Heun, 20 steps). 150 steps of a 180k-parameter
 # DiT give blurry but recognisable digits; `experiments/images.py` trains a U-Net for longer and
 # scores samples with a Fréchet distance in the feature space of a digits classifier.
 

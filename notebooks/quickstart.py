@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -14,7 +16,7 @@
 # %% [markdown]
 # # genflow quickstart
 #
-# Three things in a few minutes on a laptop CPU:
+# Four things in a few minutes on a laptop CPU:
 #
 # 1. a **sampler checked against an analytic oracle** (no training: Gaussian data has a
 #    closed-form probability-flow map),

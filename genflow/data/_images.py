@@ -151,6 +151,9 @@ def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: i
 
     Args:
       dataset: a name for :func:`image_dataset` or a ``grain.MapDataset`` of records.
+      split: the split of a named dataset (``"train"``, ``"test"``, ...).
+      seed: the shuffling seed (each host's order is drawn from it and its shard index).
+      shuffle: a fresh permutation every epoch (``False``: the shard's order, every epoch).
       batch_size: examples per batch on this host (the global batch is ``batch_size`` times the
         number of hosts); incomplete batches at the end of the stream are dropped.
       num_epochs: ``None`` repeats forever.

@@ -138,6 +138,7 @@ def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_s
     """``loss_fn(params, batch, key)`` for :func:`genflow.train.make_train_step`.
 
     Args:
+      flow: the :class:`Flow` whose parameters are trained.
       method: ``"ml"`` (maximum likelihood), ``"ssm"`` or ``"dsm"`` (EBFlow score matching).
       sigma: noise of ``"dsm"``.
       num_slices: projections of ``"ssm"``.

@@ -134,8 +134,12 @@ def dequantized_log_prob(
         (with ``"hutchinson"`` the key's probes are drawn from a split of ``key``).
       x: ``[B, ...]`` discrete data at the bin centres, spacing ``bin_width``.
       key: PRNG key.
+      bin_width: the spacing of the discrete levels (e.g. ``2 / 255`` for 8-bit data in [-1, 1]).
       dequantization: ``"uniform"`` (evaluated at ``t_min``) or ``"truncated_normal"``
         (evaluated at ``t_eps`` of :func:`truncated_normal_time`).
+      tau: the truncated normal's half-width in standard deviations (``"truncated_normal"`` only).
+      num_samples: dequantizations ``K`` per point.
+      importance_weighted: combine the ``K`` samples as ``log mean exp`` instead of a mean.
     Returns:
       ``(bound: [B], info)``, ``info`` with ``"log_q"`` ``[K, B]``, ``"log_p"`` ``[K, B]``, ``"t"``
       and ``"solve"`` (the :class:`LogProbInfo`). ``bits_per_dim(bound, D)`` gives bits/dim.

@@ -67,6 +67,7 @@ def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0
         offset per ``j``); the default ``n`` stratifies all draws together with one offset. A
         draw's stratum then depends on its position: unbiased for a mean over all ``n``, not per
         position.
+      dtype: the dtype of ``t`` and ``weight``.
     Returns:
       ``t: [n]`` and ``weight: [n]`` with ``E[weight * g(t)] = 1/2 int (-lambda') g dt``.
     """

@@ -165,6 +165,7 @@ def fit(
         Compiled chunks are reused by later ``fit`` calls with the same ``step_fn``, ``data``
         function, chunk length and argument types (training in segments compiles once).
       progress: show a tqdm progress bar (process 0 only).
+      desc: the progress bar's label.
       callback: ``callback(state, chunk_metrics)`` (or a list of them) after every chunk
         (e.g. a :class:`MetricsWriter`); ``chunk_metrics`` also holds ``"steps_per_s"``. The
         state's buffers are donated to the next chunk: a callback that keeps parameters must copy
