@@ -148,6 +148,15 @@ def test_keeps_the_last_k_and_the_best(tmp_path):
         np.testing.assert_array_equal(jax.random.key_data(best.rng), jax.random.key_data(state.rng))
     with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=2) as reopened:  # after a restart
         assert reopened.all_steps() == [4, 10, 12] and reopened.best_step() == 4
+    # a step saved by hand without metrics: orbax's best-N policy kept it forever; it now ranks
+    # worst, so the last-K policy collects it, and it is never the best
+    with gf.train.Checkpointer(str(tmp_path / "manual"), save_every=1, keep=2) as ckpt:
+        for s in range(1, 6):
+            ckpt.save(state.replace(step=jnp.int32(s)), metrics=None if s in (1, 5) else {"loss": 10.0 - s})
+        ckpt.wait()
+        assert ckpt.all_steps() == [4, 5] and ckpt.best_step() == 4
+    with gf.train.Checkpointer(str(tmp_path / "manual"), save_every=1, keep=2) as reopened:
+        assert reopened.all_steps() == [4, 5] and reopened.best_step() == 4
     with pytest.raises(ValueError, match="save_every must be a positive int"):
         gf.train.Checkpointer(str(tmp_path / "x"), save_every=0)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

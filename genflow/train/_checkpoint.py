@@ -16,6 +16,7 @@ half-written one is ignored (and cleaned up) on restart.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -66,7 +67,8 @@ class Checkpointer:
       save_every: save when ``state.step`` is a multiple of it (``fit`` aligns its chunks to it).
       keep: the number of most recent checkpoints kept.
       best_metric: a metric name (e.g. ``"loss"``); the checkpoint with the best value is kept
-        too, beyond the last ``keep``. ``None`` keeps only the most recent ones.
+        too, beyond the last ``keep`` (a step saved without that metric ranks worst). ``None``
+        keeps only the most recent ones.
       best_mode: ``"min"`` or ``"max"``.
       async_save: write in a background thread (the train loop continues meanwhile).
       **options: extra ``orbax.checkpoint.CheckpointManagerOptions`` fields.
@@ -104,8 +106,11 @@ class Checkpointer:
         step = int(state.step)
         if not force and not self.should_save(step):
             return False
-        if metrics is not None:
-            metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = {} if metrics is None else {k: float(v) for k, v in metrics.items()}
+        if self.best_metric is not None and self.best_metric not in metrics:
+            # the worst value: orbax keeps a step without the tracked metric forever (never GC'd)
+            metrics[self.best_metric] = math.inf if self.best_mode == "min" else -math.inf
+        metrics = metrics or None
         ocp = _ocp()
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_savable(state)),
                                   data=ocp.args.JsonSave(dict(data_state or {})))
@@ -128,7 +133,8 @@ class Checkpointer:
             return None
         sign = 1.0 if self.best_mode == "max" else -1.0
         scored = [(sign * m[self.best_metric], s) for s in self.all_steps()
-                  if (m := self.manager.metrics(s)) is not None and self.best_metric in m]
+                  if (m := self.manager.metrics(s)) is not None and self.best_metric in m
+                  and math.isfinite(m[self.best_metric])]  # (inf: saved without the metric)
         return max(scored)[1] if scored else None  # ties: the later step, as orbax's BestN keeps
 
     def all_steps(self) -> list[int]:
