@@ -1,16 +1,21 @@
 """Gaussian probability paths ``x_t = alpha(t) * x0 + sigma(t) * eps``.
 
 Time runs from data at ``t = 0`` to noise at ``t = 1``. A path is a small immutable pytree:
-its hyper-parameters (``beta_min``, ``sigma_max``, ...) are traced leaves, so changing them
+its float hyper-parameters (``beta_min``, ``sigma_max``, ...) are traced leaves, so changing them
 never recompiles a jitted sampler, while the functions that define it and its name are static.
 
 A new path is one small function that returns a :class:`Path`::
 
-    def _alpha(t, k): return jnp.cos(0.5 * jnp.pi * t) ** k
-    def _sigma(t, k): return jnp.sqrt(1 - _alpha(t, k) ** 2)
+    def _alpha(t, k): return jnp.sin(0.5 * jnp.pi * (1 - t)) ** k  # cos(pi t / 2)^k, exactly 0 at t = 1
+    def _sigma(t, k): return jnp.sin(0.5 * jnp.pi * t)
 
     def power_cosine(k=1.0) -> Path:
         return Path(alpha_fn=_alpha, sigma_fn=_sigma, params=dict(k=k), name="power_cosine")
+
+``alpha`` must be exactly 0 where the path reaches pure noise and ``sigma`` exactly 0 at clean
+data: samplers, time grids and likelihoods recognise the ends by these zeros (float32's
+``cos(pi / 2)`` is -4.4e-8, so ``jnp.cos(0.5 * jnp.pi * t)`` would leave a negative alpha at
+t = 1 and a NaN log-SNR).
 
 Derivatives and the log-SNR default to autodiff / the definition; closed forms and the
 inverse of the log-SNR can be supplied for speed and accuracy. Define ``alpha_fn`` and
@@ -25,6 +30,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow._checks import concrete_real
 
@@ -49,7 +55,6 @@ def _static(default: Any = None):
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Path:
     """A Gaussian probability path ``x_t = alpha(t) x0 + sigma(t) eps``.
@@ -175,6 +180,26 @@ class Path:
     def prior_sample(self, key: Array, shape, dtype=jnp.float32) -> Array:
         """Standard starting state at t = 1: ``sigma(1) * N(0, I)`` of the given shape."""
         return self.sigma(jnp.ones((), dtype)) * jax.random.normal(key, shape, dtype)
+
+
+_STATIC_FIELDS = tuple(f.name for f in dataclasses.fields(Path) if f.name != "params")
+
+
+def _flatten(path: Path):
+    # Python floats leave as (weakly typed) 0-d arrays, made in the x64 mode of the moment:
+    # eqx.filter_jit (gf.sample, gf.log_prob, ...) keeps Python scalars static, so every new
+    # value of a hyper-parameter would recompile; converting at the jit boundary rather than at
+    # construction keeps a path built outside ``jax.enable_x64`` exact inside it
+    # (floats only: an int hyper-parameter may steer Python control flow in a user's path)
+    params = {k: jnp.asarray(float(v)) if isinstance(v, (float, np.floating)) else v for k, v in path.params.items()}
+    return ((jax.tree_util.DictKey("params"), params),), tuple(getattr(path, f) for f in _STATIC_FIELDS)
+
+
+def _unflatten(static, children):
+    return Path(params=children[0], **dict(zip(_STATIC_FIELDS, static)))
+
+
+jax.tree_util.register_pytree_with_keys(Path, _flatten, _unflatten)
 
 
 def _as_float(t) -> Array:

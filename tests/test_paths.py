@@ -1,5 +1,7 @@
 import dataclasses
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,6 +99,69 @@ def test_custom_path_is_one_function():
     np.testing.assert_allclose(p.d_alpha(t), -2 * np.cos(0.15 * np.pi) * np.sin(0.15 * np.pi) * 0.5 * np.pi, rtol=1e-5)
     lam = p.log_snr(t)
     np.testing.assert_allclose(p.t_from_log_snr(lam), t, atol=1e-5)
+
+
+def _doc_alpha(t, k):  # the module docstring's example path
+    return jnp.sin(0.5 * jnp.pi * (1 - t)) ** k
+
+
+def _doc_sigma(t, k):
+    return jnp.sin(0.5 * jnp.pi * t)
+
+
+def power_cosine(k=1.0):
+    return gf.paths.Path(alpha_fn=_doc_alpha, sigma_fn=_doc_sigma, params=dict(k=k), name="power_cosine")
+
+
+def test_docstring_example_path_has_exact_ends_and_samples():
+    # the example used cos(pi t / 2): alpha(1) = -4.4e-8 in float32, a NaN log-SNR, broken
+    # Karras grids (noise levels 2.3e7, 3.2e6, ...) and an eps model from t = 1 not refused
+    p = power_cosine()
+    assert float(p.alpha(1.0)) == 0.0 and float(p.sigma(0.0)) == 0.0 and float(p.log_snr(1.0)) == -np.inf
+    ts = gf.sampling.time_grid(p, 6, "karras")
+    levels = np.asarray(p.sigma(ts[1:-1]) / p.alpha(ts[1:-1]))
+    np.testing.assert_allclose(levels[[0, -1]], [80.0, 0.002], rtol=1e-3)
+    g = gf.oracles.Gaussian.full(jnp.array([0.7, -1.2]), jnp.array([[0.8, 0.3], [0.3, 0.5]]))
+    x1 = g.prior_sample(jax.random.key(0), 256, p, 1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        gf.sample(g.model(p, "eps"), p, x1, prediction="eps", solver="dpm++2m", steps=10)
+    ref = g.flow_map(x1, 1.0, 0.0, p)
+    err = {}
+    for n in (10, 40):  # (the old example's 40-step Karras grid raised)
+        x, _ = gf.sample(g.model(p, "x0"), p, x1, prediction="x0", solver="unipc", steps=n, schedule="karras")
+        err[n] = float(jnp.sqrt(jnp.mean((x - ref) ** 2)))
+    # measured 0.166 and 2.6e-3 (vp_cosine: 0.150 and 1.25e-2)
+    assert err[40] < 5e-3 and err[10] > 20 * err[40], err
+
+
+def test_new_hyper_parameters_do_not_recompile_samplers_or_likelihoods():
+    # gf.sample / gf.log_prob are eqx.filter_jit'ed, which keeps Python floats static: every new
+    # beta_max (or k of a user's path) compiled anew (1-6 s each)
+    g = gf.oracles.Gaussian.full(jnp.array([0.7, -1.2]), jnp.array([[0.8, 0.3], [0.3, 0.5]]))
+    x1 = jnp.ones((4, 2))
+
+    def compiles(make, run):
+        counts = []
+        for v in (20.0, 19.0, 18.0):
+            p = make(v)
+            with jax.log_compiles(True):
+                records = []
+                handler = logging.Handler()
+                handler.emit = records.append
+                logging.getLogger("jax").addHandler(handler)
+                try:
+                    run(p)
+                finally:
+                    logging.getLogger("jax").removeHandler(handler)
+            counts.append(sum("Compiling" in r.getMessage() for r in records))
+        return counts
+
+    sample = lambda p: gf.sample(g.model(p, "eps"), p, x1, prediction="eps", solver="dpm++2m", steps=8)  # noqa: E731
+    assert compiles(lambda v: gf.paths.vp_linear(beta_max=v), sample)[1:] == [0, 0]
+    assert compiles(lambda v: power_cosine(v / 10.0),
+                    lambda p: gf.sample(g.model(p, "x0"), p, x1, prediction="x0", solver="unipc", steps=8))[1:] == [0, 0]
+    log_prob = lambda p: gf.log_prob(g.model(p, "eps"), p, x1, prediction="eps")  # noqa: E731
+    assert compiles(lambda v: gf.paths.vp_linear(beta_max=v), log_prob)[1:] == [0, 0]
 
 
 def test_add_noise_and_prior():

@@ -259,8 +259,15 @@ def test_lr_schedule_and_optimizer_presets():
     u, _ = tx.update(g, tx.init(p), p)
     u_ref, _ = ref.update(g, ref.init(p), p)
     np.testing.assert_allclose(u["w"], u_ref["w"], rtol=1e-6)
-    with pytest.raises(ValueError, match="unknown optax optimizer"):
+    with pytest.raises(ValueError, match="unknown optimizer 'adamz'"):
         gf.train.make_optimizer(name="adamz")
+    # optax.contrib's and genflow's optimizers by name too (it looked only in optax: 'momo' failed)
+    for name, ref in (("momo", optax.contrib.momo(1e-2)), ("grams", gf.optim.grams(1e-2))):
+        tx = gf.train.make_optimizer(1e-2, name=name)
+        kw = {"value": jnp.float32(2.0)} if name == "momo" else {}
+        u, _ = tx.update(g, tx.init(p), p, **kw)
+        u_ref, _ = ref.update(g, ref.init(p), p, **kw)
+        np.testing.assert_allclose(u["w"], u_ref["w"], rtol=1e-6)
     with pytest.raises(ValueError, match="decay_steps"):
         gf.train.lr_schedule(1.0, warmup_steps=10, decay_steps=5)
     with pytest.raises(ValueError, match="learning_rate must be a finite real >= 0"):

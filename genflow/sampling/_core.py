@@ -27,7 +27,9 @@ class SampleInfo:
     """What a sampler call did.
 
     Attributes:
-      nfe: network evaluations actually made (int32 array; exact for adaptive solvers too).
+      nfe: model evaluations actually made: calls of ``fn`` (int32 array; exact for adaptive
+        solvers too). A guided ``fn`` counts once per call although it may run its network more
+        than once (``gf.guidance.cfg``: twice; ``interval``: twice inside its interval).
       ts: ``[steps + 1]`` the time grid (for adaptive solvers: its endpoints and save times).
       trajectory: ``[steps + 1, B, ...]`` states on ``ts`` if ``save_trajectory`` else None.
       stats: solver-specific counters (e.g. accepted / rejected steps).

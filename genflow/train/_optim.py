@@ -43,16 +43,18 @@ def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, decay_steps: int
 def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_steps: int = 0,
                    decay_steps: int | None = None, end_factor: float = 0.0, clip_norm: float | None = None,
                    **kwargs: Any) -> optax.GradientTransformation:
-    """``optax.<name>(lr_schedule(...), **kwargs)``, preceded by ``optax.clip_by_global_norm(clip_norm)``.
+    """``gf.optim.get(name, learning_rate=lr_schedule(...), **kwargs)``, preceded by
+    ``optax.clip_by_global_norm(clip_norm)``.
 
-    ``name`` is any optax optimizer taking the learning rate first (``"adam"``, ``"adamw"``,
-    ``"sgd"``, ``"lion"``, ...); ``kwargs`` go to it (e.g. ``b2=0.99, weight_decay=0.0``).
+    ``name`` is any optimizer of :func:`genflow.optim.names` that takes a ``learning_rate``:
+    genflow's (``"grams"``, ``"fadam"``, ...), optax's (``"adam"``, ``"adamw"``, ``"sgd"``,
+    ``"lion"``, ...) and optax.contrib's (``"momo"``, ``"momo_adam"``, ``"ademamix"``, ...);
+    ``kwargs`` go to it (e.g. ``b2=0.99, weight_decay=0.0``).
     """
-    factory = getattr(optax, name, None)
-    if factory is None or not callable(factory):
-        raise ValueError(f"unknown optax optimizer {name!r}")
-    tx = factory(lr_schedule(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps,
-                             end_factor=end_factor), **kwargs)
+    from genflow import optim  # (genflow.optim does not import genflow.train)
+
+    tx = optim.get(name, learning_rate=lr_schedule(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps,
+                                                   end_factor=end_factor), **kwargs)
     if clip_norm is not None:
         if isinstance(clip_norm, bool) or not 0 < float(clip_norm) < math.inf:
             raise ValueError(f"clip_norm must be a finite real > 0; got {clip_norm!r}")
