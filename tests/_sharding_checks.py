@@ -84,6 +84,18 @@ for name, shape in {"data": (8, 1), "fsdp": (1, 8), "both": (2, 4)}.items():
     report[name]["adam_mu_spec"] = str(state.opt_state[0].mu["params"]["Dense_0"]["kernel"].sharding.spec)
     report[name]["bias_spec"] = str(state.params["params"]["Dense_2"]["bias"].sharding.spec)
 
+# An on-device batch of 12 rows on 8 devices: host batches are refused, and so must batch_fn's
+# be (XLA padded it or split it over "data" only)
+refused = []
+for data in (iter([np.zeros((12, D), np.float32)] * 2), lambda k: jax.random.normal(k, (12, D))):
+    try:
+        gf.train.fit(fresh(), gf.train.make_train_step(gf.train.diffusion_objective(model.apply, path), opt), data, 2,
+                     chunk_size=2, progress=False, mesh=gf.train.make_mesh(4, 2))
+        refused.append("accepted")
+    except ValueError as e:
+        refused.append("divisible by the mesh size (8 devices)" in str(e))
+report["indivisible_batch_refused"] = refused
+
 # A checkpoint written from a 4-device (2 x 2) mesh, restored onto 8 devices and onto 1 device.
 mesh4 = gf.train.make_mesh(2, 2, devices=jax.devices()[:4])
 ckpt_dir = os.path.join(out_dir, "ckpt")

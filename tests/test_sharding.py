@@ -33,6 +33,11 @@ def test_sharded_steps_match_single_device(report, case):
     assert r["params"] < 1e-5 and r["opt_state"] < 1e-6 and r["ema"] < 1e-5, r
 
 
+def test_indivisible_batches_are_refused(report):
+    # host batches (shard_batch) and on-device batch_fn batches (silently padded before)
+    assert report[0]["indivisible_batch_refused"] == [True, True]
+
+
 def test_fsdp_rules_shard_the_largest_divisible_axis(report):
     r = report[0]
     # Dense_0 kernel [32, 64]: replicated for pure data parallelism, split along its 64 axis otherwise

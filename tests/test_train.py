@@ -259,6 +259,9 @@ def test_lr_schedule_and_optimizer_presets():
     u, _ = tx.update(g, tx.init(p), p)
     u_ref, _ = ref.update(g, ref.init(p), p)
     np.testing.assert_allclose(u["w"], u_ref["w"], rtol=1e-6)
+    for kw, match in ((dict(clip_norm="2"), "clip_norm must be"), (dict(learning_rate="1"), "learning_rate must be")):
+        with pytest.raises(ValueError, match=match):  # strings read as numbers were accepted
+            gf.train.make_optimizer(**kw)
     with pytest.raises(ValueError, match="unknown optimizer 'adamz'"):
         gf.train.make_optimizer(name="adamz")
     # optax.contrib's and genflow's optimizers by name too (it looked only in optax: 'momo' failed)
@@ -508,3 +511,46 @@ def test_metrics_writer_drops_rows_past_the_resume_step(tmp_path):
     assert [r["step"] for r in gf.train.read_jsonl(path)] == list(range(1, 21))
     gf.train.MetricsWriter(path, resume_step=0)
     assert gf.train.read_jsonl(path) == []
+
+
+_X = jax.random.normal(jax.random.key(0), (64, 4))
+_Y = _X @ jnp.array([1.0, -2.0, 0.5, 3.0])
+
+
+def _lsq(params, batch, key):
+    x, y = batch
+    return jnp.mean((x @ params["w"] - y) ** 2), {}
+
+
+@pytest.mark.parametrize("name,lr", [("prodigy", 1.0), ("dog", 1.0), ("madgrad", 1e-2), ("cocob", 1.0)])
+def test_fit_with_an_optimizer_state_that_holds_the_params(name, lr):
+    # prodigy / dog / madgrad keep the initial params in their state, cocob one zeros array in
+    # three leaves: fit donated one buffer twice ("Attempt to donate the same buffer twice";
+    # a segfault with a mesh)
+    opt = gf.optim.get(name, learning_rate=lr)
+    state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
+    leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    assert len({id(x) for x in leaves}) == len(leaves)
+    step = gf.train.make_train_step(_lsq, opt)
+    state, hist = gf.train.fit(state, step, lambda k: (_X, _Y), 3, chunk_size=3, progress=False)
+    assert int(state.step) == 3 and np.all(np.isfinite(hist["loss"]))
+    # a hand-built state that aliases its parameters in the optimizer state is copied by fit
+    params = {"w": jnp.zeros(4)}
+    hand = gf.train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
+                               rng=jax.random.key(0), ema={})
+    state, _ = gf.train.fit(hand, step, lambda k: (_X, _Y), 3, chunk_size=3, progress=False)
+    assert int(state.step) == 3
+
+
+@pytest.mark.parametrize("opt", [optax.lbfgs(), optax.chain(optax.sgd(1.0), optax.scale_by_zoom_linesearch(15)),
+                                 optax.chain(optax.sgd(1.0), optax.scale_by_backtracking_linesearch(15))],
+                         ids=["lbfgs", "zoom", "backtracking"])
+def test_line_search_optimizers_get_value_grad_and_value_fn(opt):
+    # optax's line searches need grad= beside value= and value_fn= (a TypeError before)
+    state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
+    step = jax.jit(gf.train.make_train_step(_lsq, opt))
+    losses = []
+    for _ in range(5):
+        state, m = step(state, (_X, _Y))
+        losses.append(float(m["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses

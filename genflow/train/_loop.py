@@ -49,6 +49,7 @@ def _chunk_fn(step_fn, batch_fn, unroll: int = 1, mesh=None):
             if x is None:
                 batch = batch_fn(batch_key(st.rng))
                 if mesh is not None:
+                    _check_divisible(batch, mesh)
                     batch = jax.lax.with_sharding_constraint(batch, shd.batch_sharding(mesh))
             else:
                 batch = x
@@ -66,6 +67,31 @@ def _chunk_fn(step_fn, batch_fn, unroll: int = 1, mesh=None):
         return state, metrics
 
     return run
+
+
+def _check_divisible(batch, mesh) -> None:
+    """An on-device batch must split evenly over the mesh, as host batches must (shard_batch):
+    XLA would otherwise pad it or split it over the data axis only, repeating work."""
+    n = mesh.shape[shd.DATA] * mesh.shape[shd.FSDP]
+    for leaf in jax.tree.leaves(batch):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] % n:
+            raise ValueError(f"the global batch must be divisible by the mesh size ({n} devices); batch_fn returned "
+                             f"a leaf of shape {jnp.shape(leaf)}")
+
+
+def _unaliased(tree):
+    """``tree`` with repeated arrays copied: ``fit`` donates every buffer once, and a hand-built
+    state may hold one array twice (an optimizer state that holds the parameters)."""
+    seen = set()
+
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            if id(x) in seen:
+                return jnp.copy(x)
+            seen.add(id(x))
+        return x
+
+    return jax.tree.map(leaf, tree)
 
 
 def _callbacks(callback) -> list[Callable]:
@@ -203,6 +229,7 @@ def fit(
         raise TypeError(f"data must be a callable batch_fn(key) -> batch or an iterable of batches; "
                         f"got {type(data).__name__}")
     iterator = None if on_device else iter(data)
+    state = _unaliased(state)
     chunk = _chunk_fn(step_fn, data if on_device else None, unroll, mesh)
     if mesh is None:
         run = jax.jit(chunk, static_argnums=2, donate_argnums=0)

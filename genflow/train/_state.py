@@ -60,5 +60,8 @@ def init_state(params, optimizer: optax.GradientTransformation, key: Array,
             raise ValueError(f"ema_decays must lie in (0, 1); got {d}")
     params = jax.tree.map(jnp.array, params)
     ema = {ema_key(d): jax.tree.map(_ema_copy, params) for d in ema_decays}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+    # (copied too: an optimizer state may hold the parameters themselves -- prodigy's params0,
+    # dog's init_params -- or one array in several leaves, and fit donates every buffer once)
+    opt_state = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, optimizer.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       rng=jax.tree.map(jnp.copy, key), ema=ema)  # (fit donates the state: not the caller's key)

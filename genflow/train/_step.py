@@ -71,10 +71,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     ``loss_fn(params, batch, key) -> (loss, aux)`` with ``aux`` a dict of scalars (arrays of
     other shapes are dropped from the metrics). The optimizer receives the loss as
-    ``value=loss`` and a closure ``value_fn(params) -> loss`` on the same batch and key as
-    extra arguments (optax's ``GradientTransformationExtraArgs`` convention), so MoMo-style
-    transforms that need the loss, and model-building ones that re-evaluate it, work unchanged;
-    plain transforms ignore them.
+    ``value=loss``, the gradient as ``grad=`` and a closure ``value_fn(params) -> loss`` on the
+    same batch and key as extra arguments (optax's ``GradientTransformationExtraArgs``
+    convention), so MoMo-style transforms that need the loss, and the line searches of
+    ``optax.lbfgs`` / ``scale_by_zoom_linesearch`` that re-evaluate it, work unchanged; plain
+    transforms ignore them.
 
     ``grad_accum=k`` splits the batch into ``k`` microbatches (strided: rows ``i, i+k, ...``),
     accumulates their gradients in a ``lax.scan`` (float32, one microbatch in memory at a time)
@@ -123,7 +124,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         def value_fn(p):
             return mean_loss(p, batch, key)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, value_fn=value_fn)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, grad=grads,
+                                       value_fn=value_fn)
         params = optax.apply_updates(state.params, updates)
         # (EMA copies are float32 or wider: a bfloat16 EMA rounds (1 - d)(p - e) away and stops moving)
         ema = {k: jax.tree.map(lambda e, p, d=float(k): (d * e + (1.0 - d) * p.astype(e.dtype)).astype(e.dtype), v,
