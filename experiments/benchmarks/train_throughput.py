@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--only", default="", help="comma-separated model names (default: all)")
+    p.add_argument("--only", default="", help="';'-separated model names (default: all; the names contain commas)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
@@ -91,7 +91,10 @@ def main(argv=None) -> int:
     peak = peak_flops(dev)
     nets = models(dtype)
     if args.only:
-        nets = {k: v for k, v in nets.items() if k in args.only.split(",")}
+        wanted = [s.strip() for s in args.only.split(";") if s.strip()]
+        if set(wanted) - set(nets):
+            p.error(f"unknown model(s) {sorted(set(wanted) - set(nets))}; choose from {list(nets)}")
+        nets = {k: v for k, v in nets.items() if k in wanted}
     built, info = {}, {}
     for i, (name, net) in enumerate(nets.items()):
         run, compile_s, flops, n_params = build(net, args.batch, jax.random.key(i))
@@ -119,7 +122,9 @@ def main(argv=None) -> int:
           f"{args.steps} steps")
     print(markdown_table(header, rows))
     os.makedirs(args.out, exist_ok=True)
-    fname = os.path.join(args.out, f"train_throughput_{jax.default_backend()}_{args.dtype}.json")
+    # (a partial run must not replace the full run's results)
+    fname = os.path.join(args.out, f"train_throughput_{jax.default_backend()}_{args.dtype}"
+                                   f"{'_partial' if args.only else ''}.json")
     with open(fname, "w") as f:
         json.dump({"device": dev.device_kind, "backend": jax.default_backend(), "batch": args.batch,
                    "dtype": args.dtype, "peak_flops": peak, "results": results}, f, indent=2)
