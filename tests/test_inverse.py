@@ -84,6 +84,10 @@ def test_linear_gaussian_posterior_matches_information_form():
     Ci = np.linalg.inv(np.asarray(COV, np.float64))
     c_ref = np.linalg.inv(Ci + A.T @ A / 0.09)
     np.testing.assert_allclose(c, c_ref, rtol=1e-6, atol=1e-8)
+    # exactly symmetric (a float32 covariance's ~1e-7 asymmetry made NumPy's samplers warn)
+    cov32 = np.array(COV, np.float32)
+    cov32[0, 1] += 1e-6
+    np.testing.assert_array_equal(*(lambda c: (c, c.T))(inv.linear_gaussian_posterior(MU, cov32, A, y, 0.3)[1]))
     np.testing.assert_allclose(m, c_ref @ (Ci @ np.asarray(MU, np.float64) + A.T @ y / 0.09), rtol=1e-6, atol=1e-8)
 
 
@@ -249,6 +253,11 @@ def test_posterior_model_per_example_times_weight_and_checks():
     pm = inv.posterior_model(PRIOR.model(lin, "eps"), lin, y[:4], op, **kw)
     with pytest.raises(ValueError, match="has alpha=0"):
         gf.sample(pm, lin, x, prediction="x0", solver="dpm++2m", steps=4)
+    # ... and where the x0 it is sampled as is: heun evaluates x0 at t_end = 0 (sigma = 0) as a
+    # velocity, 0/0 (all samples were NaN: only the wrapped velocity model's kind was checked)
+    pm = inv.posterior_model(PRIOR.model(lin, "velocity"), lin, y[:4], op, prediction="velocity")
+    with pytest.raises(ValueError, match="t_end=0.0 has sigma=0"):
+        gf.sample(pm, lin, x, prediction="x0", solver="heun", steps=4, t_start=0.999)
 
 
 def test_pigdm_is_tmpd_for_an_isotropic_prior():

@@ -29,8 +29,10 @@ def operator_matrix(op: Operator, x_shape: tuple[int, ...]) -> np.ndarray:
 def linear_gaussian_posterior(mean, cov, A, y, noise_std: float) -> tuple[np.ndarray, np.ndarray]:
     """Exact posterior ``(mean [D], cov [D, D])`` (float64) for ``y: [m]`` and ``A: [m, D]``."""
     mu, C, A, y = (np.asarray(v, np.float64) for v in (mean, cov, A, y))
+    C = 0.5 * (C + C.T)  # (a float32 covariance is symmetric only to ~1e-7: NumPy's samplers warn)
     S = A @ C @ A.T + noise_std**2 * np.eye(A.shape[0])
     # C A^T S^+: the pseudo-inverse covers sigma = 0 with a rank-deficient A (a mask's zero rows,
     # a blur's zero frequencies make S singular; y has no component outside its range)
     K = (np.linalg.pinv(S, hermitian=True) @ (A @ C)).T
-    return mu + K @ (y - A @ mu), C - K @ A @ C
+    P = C - K @ A @ C
+    return mu + K @ (y - A @ mu), 0.5 * (P + P.T)

@@ -524,11 +524,16 @@ def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, p
     whose fresh noise contracts such errors; with an isotropic prior both are exact.
 
         pm = gf.inverse.posterior_model(fn, path, y, op, prediction="eps", noise=gf.inverse.GaussianNoise(0.1))
-        x0, info = gf.sample(pm, path, x1, prediction="x0", solver="dpm++2m", steps=20, t_start=0.999)
+        t0 = float(path.t_from_log_snr(math.log(1e-4)))  # SNR 1e-4 (0.994 on vp_cosine)
+        x1 = path.prior_sample(key, shape)  # (the marginal at t0 is the prior's to ~SNR)
+        x0, info = gf.sample(pm, path, x1, prediction="x0", solver="dpm++2m", steps=20, t_start=t0)
 
     Start where ``alpha > 0`` (``t_start < 1`` on VP and linear paths; for ``tmpd`` with an eps or
     score model where the SNR is at least ~1e-4, as :func:`posterior_sample` does by default)
-    with ``x1`` drawn from the prior's marginal there (the posterior's is the same to ~SNR).
+    with ``x1`` drawn from the prior's marginal there (the posterior's is the same to ~SNR). An
+    eps model started earlier errs: on a 16-D Gaussian box-inpainting problem (sigma_y 0.1,
+    vp_cosine, default uniform grid, 20 dpm++2m steps) the mean lands 0.33 posterior standard deviations off from ``t_start=0.999``
+    (SNR 4.5e-6) and 1.5 from ``t_start=1``, against 0.05 from SNR 1e-4.
 
     Args:
       fn, path, prediction: the prior model and its path and kind (as :func:`posterior_sample`).

@@ -228,9 +228,10 @@ def sample(
         raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
     ts = time_grid(path, steps, schedule, t_start, t_end)
     # a model that wraps another (gf.inverse.posterior_model: x0 from an eps model) is singular
-    # where the wrapped one is
+    # where the wrapped one is, and where the kind it is sampled as is (heun's x0 at sigma = 0)
     inner = getattr(fn, "model", None)
-    _check_start(path, ts, inner.prediction if isinstance(inner, Model) else prediction, spec)
+    for kind in dict.fromkeys([prediction] + ([inner.prediction] if isinstance(inner, Model) else [])):
+        _check_start(path, ts, kind, spec)
     if denoise is None:
         denoise = path.denoise_at_end
     if not spec.adaptive and not isinstance(schedule, str):
