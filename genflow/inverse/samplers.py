@@ -532,8 +532,9 @@ def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, p
     score model where the SNR is at least ~1e-4, as :func:`posterior_sample` does by default)
     with ``x1`` drawn from the prior's marginal there (the posterior's is the same to ~SNR). An
     eps model started earlier errs: on a 16-D Gaussian box-inpainting problem (sigma_y 0.1,
-    vp_cosine, default uniform grid, 20 dpm++2m steps) the mean lands 0.33 posterior standard deviations off from ``t_start=0.999``
-    (SNR 4.5e-6) and 1.5 from ``t_start=1``, against 0.05 from SNR 1e-4.
+    vp_cosine, default uniform grid, 20 dpm++2m steps) the mean lands 0.33 posterior standard
+    deviations off from ``t_start=0.999`` (SNR 4.5e-6) and 1.5 from ``t_start=1``, against 0.05
+    from SNR 1e-4.
 
     Args:
       fn, path, prediction: the prior model and its path and kind (as :func:`posterior_sample`).
