@@ -173,6 +173,13 @@ def test_bad_inputs(gauss2):
         gf.sample(fn, path, x1, prediction="eps")
     with pytest.raises(ValueError, match="batch dimension"):
         gf.sample(fn, path, jnp.float32(1.0), prediction="velocity")
+    # accepted before: negative tolerances, a truthy string for denoise; max_steps=0 failed in Diffrax
+    for kw, err, match in ((dict(rtol=-1e-3), ValueError, "rtol must be a real >= 0"),
+                           (dict(atol="1e-5"), ValueError, "atol must be a real >= 0"),
+                           (dict(max_steps=0), ValueError, "max_steps must be a positive int"),
+                           (dict(denoise="no"), TypeError, "denoise must be None, True or False")):
+        with pytest.raises(err, match=match):
+            gf.sample(fn, path, x1, prediction="velocity", solver="tsit5", **kw)
 
 
 def test_new_step_counts_reuse_the_compiled_sampler(gauss2, caplog):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import concrete_real, is_int
+from genflow._checks import check_int, concrete_real, is_int
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
 from genflow.sampling._grid import time_grid
@@ -221,6 +221,14 @@ def sample(
     param.check_kind(prediction)
     spec = _registry.get(solver)
     _check_x(x1)
+    # (rtol < 0 or atol < 0 were accepted, max_steps < 1 failed inside Diffrax, denoise="no" was
+    # truthy; traced tolerances pass)
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(value, jax.core.Tracer) and not ((v := concrete_real(value)) is not None and v >= 0):
+            raise ValueError(f"{name} must be a real >= 0; got {value!r}")
+    max_steps = check_int("max_steps", max_steps)
+    if denoise is not None and not isinstance(denoise, (bool, np.bool_)):
+        raise TypeError(f"denoise must be None, True or False; got {denoise!r}")
     if not isinstance(path, Path):
         raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
     solver_options = check_solver_options(spec, solver, solver_options)
