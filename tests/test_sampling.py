@@ -318,3 +318,25 @@ def test_trajectory_has_the_dtype_of_the_samples(gauss2):
                             save_trajectory=save)
         assert {k: int(v) for k, v in info.stats.items()} == {"num_steps": 4, "num_accepted_steps": 4,
                                                                 "num_rejected_steps": 0}, save
+
+
+def test_register_a_diffrax_solver_from_outside(gauss2):
+    # a new solver is one entry, from user code (it needed the private table before)
+    import diffrax
+
+    spec = gf.sampling.register(gf.sampling.diffrax_solver("test_ralston", diffrax.Ralston(), order=2, nfe_per_step=2))
+    assert gf.sampling.solvers()["test_ralston"] is spec
+    path = gf.paths.linear()
+    x1 = gauss2.prior_sample(jax.random.key(0), 64, path, 1.0)
+    ref = gauss2.flow_map(x1, 1.0, 0.0, path)
+    errs = []
+    for n in (8, 32):
+        x, info = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver="test_ralston",
+                            steps=n)
+        assert int(info.nfe) == 2 * n
+        errs.append(float(jnp.sqrt(jnp.mean((x - ref) ** 2))))
+    assert 1.7 < np.log2(errs[0] / errs[1]) / 2 < 2.3, errs  # second order (measured 1.9)
+    with pytest.raises(ValueError, match="already registered"):
+        gf.sampling.register(spec)
+    with pytest.raises(TypeError, match="SolverSpec"):
+        gf.sampling.register("rk4")

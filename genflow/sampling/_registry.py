@@ -3,7 +3,8 @@
 A solver is a function ``run(model, ts, x, key, **options) -> (x, nfe, trajectory, stats)``
 that integrates from ``ts[0]`` down to ``ts[-1]`` (``ts``: the decreasing time grid). Adding a
 solver is one function (a Diffrax solver, or a :class:`~genflow.sampling._driver.Stepper`
-driven by one ``lax.scan``) plus one entry here; it then works with every path, prediction kind
+driven by one ``lax.scan``) plus one entry here -- or, from user code, :func:`register` (with
+:func:`diffrax_solver` for a Diffrax ODE solver); it then works with every path, prediction kind
 and time discretization through :func:`genflow.sample`.
 """
 
@@ -144,3 +145,51 @@ def get(name: str) -> SolverSpec:
 def solvers() -> dict[str, SolverSpec]:
     """Every solver name with its order, stochasticity, NFE per step, adaptivity and target."""
     return dict(SOLVERS)
+
+
+def register(spec: SolverSpec) -> SolverSpec:
+    """Add a solver to the table, from outside the library: ``gf.sample(..., solver=spec.name)``
+    then runs it with every path, prediction kind and time grid, and :func:`solvers` lists it.
+
+    ``spec.run(model, ts, x, key, **options) -> (x, nfe, trajectory, stats)`` integrates from
+    ``ts[0]`` down to ``ts[-1]``; :func:`diffrax_solver` builds the spec of a Diffrax ODE solver.
+    Names are unique (a compiled sampler is keyed by the name): an existing name is refused.
+
+    Example::
+
+        gf.sampling.register(gf.sampling.diffrax_solver("ralston", diffrax.Ralston(), order=2, nfe_per_step=2))
+        x0, info = gf.sample(fn, path, x1, prediction="velocity", solver="ralston", steps=20)
+    """
+    if not isinstance(spec, SolverSpec):
+        raise TypeError(f"spec must be a genflow.sampling.SolverSpec; got {type(spec).__name__}")
+    if not isinstance(spec.name, str) or not spec.name:
+        raise ValueError(f"spec.name must be a non-empty str; got {spec.name!r}")
+    if spec.name in SOLVERS:
+        raise ValueError(f"solver {spec.name!r} is already registered; pick another name")
+    if not callable(spec.run):
+        raise TypeError(f"spec.run must be callable; got {type(spec.run).__name__}")
+    SOLVERS[spec.name] = spec
+    return spec
+
+
+def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float, nfe_per_step: int,
+                   adaptive: bool = False, nfe_init: int = 0, description: str = "") -> SolverSpec:
+    """The :class:`SolverSpec` of a Diffrax ODE solver on the probability-flow ODE in t (for
+    :func:`register`): fixed steps on the time grid, or, with ``adaptive``, a PID controller
+    (``rtol`` / ``atol`` of :func:`genflow.sample`).
+
+    Args:
+      name: the ``solver=`` string.
+      solver: a Diffrax solver instance (e.g. ``diffrax.Ralston()``).
+      order: its convergence order (reported by :func:`solvers`).
+      nfe_per_step: model evaluations per step (stages; FSAL methods count one less).
+      adaptive: step sizes from an error controller (``steps`` ignored).
+      nfe_init: evaluations before the first step (1 for FSAL methods, as tsit5).
+      description: one line for :func:`solvers`.
+    """
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise TypeError(f"solver must be a diffrax.AbstractSolver instance; got {solver!r}")
+    run = functools.partial(_diffrax.ode_solve, solver=solver, adaptive=adaptive, nfe_per_step=nfe_per_step,
+                            nfe_init=nfe_init)
+    return SolverSpec(name, order, False, None if adaptive else nfe_per_step, adaptive, run,
+                      description or f"{type(solver).__name__} on the probability-flow ODE in t (Diffrax)")
