@@ -38,3 +38,31 @@ def parse(config_cls, argv=None, doc: str | None = None, quick: dict | None = No
         given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}
         args.update({k: v for k, v in quick.items() if k not in given})
     return config_cls(**args)
+
+
+def require_min(cfg, **lows) -> None:
+    """``SystemExit`` naming the first flag of ``cfg`` below its lower bound in ``lows``."""
+    for flag, low in lows.items():
+        value = getattr(cfg, flag)
+        if value < low:
+            raise SystemExit(f"--{flag} must be >= {low}; got {value}")
+
+
+def dry_run_sampling(path_name: str, prediction: str, shape: tuple, runs) -> None:
+    """Path / prediction / solver compatibility is checked by ``gf.sample`` on concrete times: a
+    dry run with a zero model on ``shape`` fails before training, not after it. ``runs``:
+    ``(flag, solver, gf.sample keywords)`` triples; a refusal is a ``SystemExit`` naming the flag."""
+    import jax
+    import jax.numpy as jnp
+
+    import genflow as gf
+
+    path = gf.paths.get(path_name)
+    x = path.prior_sample(jax.random.key(0), shape)
+    zero = lambda x, t: jnp.zeros_like(x)  # noqa: E731
+    for flag, solver, kw in runs:
+        try:
+            gf.sample(zero, path, x, prediction=prediction, solver=solver, key=jax.random.key(0), **kw)
+        except ValueError as e:
+            raise SystemExit(f"--{flag} {solver!r} cannot sample --path {path_name!r} with --prediction "
+                             f"{prediction!r}: {e}") from None

@@ -83,10 +83,9 @@ def validate(cfg: Config) -> list[str]:
         raise SystemExit(f"--models must be a comma-separated subset of {list(MODELS)}; got {cfg.models!r}")
     if cfg.ebflow not in ("ssm", "dsm"):
         raise SystemExit(f"--ebflow must be 'ssm' or 'dsm'; got {cfg.ebflow!r}")
-    for flag in ("steps_2d", "steps_digits", "ffjord_steps_2d", "ffjord_steps_digits", "batch", "flow_steps_2d",
-                 "flow_steps_digits", "hidden", "n_test_2d", "grid"):  # (these failed after training, or deep inside)
-        if getattr(cfg, flag) < 1:
-            raise SystemExit(f"--{flag} must be >= 1; got {getattr(cfg, flag)}")
+    _cli.require_min(cfg, **dict.fromkeys(  # (these failed after training, or deep inside)
+        ("steps_2d", "steps_digits", "ffjord_steps_2d", "ffjord_steps_digits", "batch", "flow_steps_2d",
+         "flow_steps_digits", "hidden", "n_test_2d", "grid"), 1))
     return models
 
 

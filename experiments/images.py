@@ -88,25 +88,11 @@ def validate(cfg: Config) -> None:
         raise SystemExit(f"unknown solver {cfg.solver!r}; expected one of {sorted(gf.sampling.solvers())}")
     if cfg.weighting not in gf.losses.WEIGHTINGS:
         raise SystemExit(f"--weighting must be one of {list(gf.losses.WEIGHTINGS)}; got {cfg.weighting!r}")
-    for flag, value, low in (("steps", cfg.steps, 0), ("batch", cfg.batch, 1), ("ch", cfg.ch, 1),
-                             ("depth", cfg.depth, 1), ("sample_steps", cfg.sample_steps, 1), ("n_eval", cfg.n_eval, 2),
-                             ("n_nll", cfg.n_nll, 0), ("ckpt_every", cfg.ckpt_every, 0), ("chunk", cfg.chunk, 0),
-                             ("fsdp", cfg.fsdp, 1)):
-        if value < low:
-            raise SystemExit(f"--{flag} must be >= {low}; got {value}")
+    _cli.require_min(cfg, steps=0, batch=1, ch=1, depth=1, sample_steps=1, n_eval=2, n_nll=0, ckpt_every=0, chunk=0,
+                     fsdp=1)
     if not 0.0 < cfg.ema < 1.0:
         raise SystemExit(f"--ema must be in (0, 1); got {cfg.ema}")
-    # path / prediction / solver compatibility is checked by gf.sample on concrete times (as in
-    # toy2d.py): a 2-image dry run with a zero model fails here, not after the whole training
-    path = gf.paths.get(cfg.path)
-    x = path.prior_sample(jax.random.key(0), (2, 4, 4, 1))
-    zero = lambda x, t: jnp.zeros_like(x)  # noqa: E731
-    try:
-        gf.sample(zero, path, x, prediction=cfg.prediction, solver=cfg.solver, steps=cfg.sample_steps,
-                  key=jax.random.key(0))
-    except ValueError as e:
-        raise SystemExit(f"--solver {cfg.solver!r} cannot sample --path {cfg.path!r} with --prediction "
-                         f"{cfg.prediction!r}: {e}") from None
+    _cli.dry_run_sampling(cfg.path, cfg.prediction, (2, 4, 4, 1), [("solver", cfg.solver, dict(steps=cfg.sample_steps))])
 
 
 def build_net(cfg: Config, shape, num_classes: int | None):

@@ -66,11 +66,7 @@ def validate(cfg: Config) -> None:
     for name in (cfg.solver, cfg.eval_solver):
         if name not in gf.sampling.solvers():
             raise SystemExit(f"unknown solver {name!r}; expected one of {sorted(gf.sampling.solvers())}")
-    for flag, value, low in (("steps", cfg.steps, 1), ("batch", cfg.batch, 1), ("hidden", cfg.hidden, 1),
-                             ("depth", cfg.depth, 1), ("sample_steps", cfg.sample_steps, 1),
-                             ("n_eval", cfg.n_eval, 2), ("chunk", cfg.chunk, 1)):
-        if value < low:
-            raise SystemExit(f"--{flag} must be >= {low}; got {value}")
+    _cli.require_min(cfg, steps=1, batch=1, hidden=1, depth=1, sample_steps=1, n_eval=2, chunk=1)
     if not 0.0 <= cfg.ema < 1.0:
         raise SystemExit(f"--ema must be in [0, 1); got {cfg.ema}")
     if cfg.weighting not in gf.losses.WEIGHTINGS:
@@ -79,18 +75,8 @@ def validate(cfg: Config) -> None:
         raise SystemExit(f"--coupling must be one of {sorted(gf.losses.COUPLINGS)}; got {cfg.coupling!r}")
     if cfg.time_embedding not in ("identity", "sinusoidal", "fourier"):
         raise SystemExit(f"--time_embedding must be identity, sinusoidal or fourier; got {cfg.time_embedding!r}")
-    # path / prediction / solver compatibility is checked by gf.sample on concrete times: a 2-point
-    # dry run with a zero model fails here, not after the whole training
-    path = gf.paths.get(cfg.path)
-    x = path.prior_sample(jax.random.key(0), (2, 2))
-    zero = lambda x, t: jnp.zeros_like(x)  # noqa: E731
-    for flag, solver, kw in (("solver", cfg.solver, dict(steps=cfg.sample_steps)),
-                             ("eval_solver", cfg.eval_solver, dict(rtol=1e-5, atol=1e-5))):
-        try:
-            gf.sample(zero, path, x, prediction=cfg.prediction, solver=solver, key=jax.random.key(0), **kw)
-        except ValueError as e:
-            raise SystemExit(f"--{flag} {solver!r} cannot sample --path {cfg.path!r} with --prediction "
-                             f"{cfg.prediction!r}: {e}") from None
+    _cli.dry_run_sampling(cfg.path, cfg.prediction, (2, 2), [("solver", cfg.solver, dict(steps=cfg.sample_steps)),
+                                                             ("eval_solver", cfg.eval_solver, dict(rtol=1e-5, atol=1e-5))])
 
 
 def run(cfg: Config) -> dict:

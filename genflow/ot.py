@@ -457,7 +457,6 @@ class CoupledBatches:
         flag) instead of living on."""
         self._queue: queue.Queue = queue.Queue(maxsize=self._prefetch)
         self._stop = threading.Event()
-        self._closed = False
         self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._queue, self._stop, first),
                                         daemon=True, name="genflow-ot-batches")
         weakref.finalize(self, self._stop.set)
@@ -495,7 +494,7 @@ class CoupledBatches:
     def __next__(self) -> dict:
         if self._error is not None:  # the background thread failed: every later call says so too
             raise self._error
-        if self._closed:  # its thread is gone: a get() would wait forever
+        if self._stop.is_set():  # closed (set_state replaces the flag): a get() would wait forever
             raise StopIteration
         if self.num_batches is not None and self._served >= self.num_batches:
             self.close()
@@ -517,7 +516,6 @@ class CoupledBatches:
         """Stop the background thread and wait for it (at most the chunk it is preparing): a
         daemon thread still inside JAX or SciPy at interpreter exit crashes the process. Later
         calls of ``next`` raise ``StopIteration`` (until :meth:`set_state` restarts the stream)."""
-        self._closed = True
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()

@@ -224,7 +224,7 @@ def sample(
     # (rtol < 0 or atol < 0 were accepted, max_steps < 1 failed inside Diffrax, denoise="no" was
     # truthy; traced tolerances pass)
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(value, jax.core.Tracer) and not ((v := concrete_real(value)) is not None and v >= 0):
+        if not _real(0.0)[0](value):
             raise ValueError(f"{name} must be a real >= 0; got {value!r}")
     max_steps = check_int("max_steps", max_steps)
     if denoise is not None and not isinstance(denoise, (bool, np.bool_)):

@@ -58,8 +58,9 @@ class SolverSpec:
     options: tuple[str, ...] = ()
 
 
-def _ode(solver_cls, nfe_per_step, nfe_init=0, adaptive=False):
-    return functools.partial(_diffrax.ode_solve, solver=solver_cls(), adaptive=adaptive,
+def _ode(solver, nfe_per_step, nfe_init=0, adaptive=False):
+    """The ``run`` of a Diffrax ODE solver instance on the probability-flow ODE in t."""
+    return functools.partial(_diffrax.ode_solve, solver=solver, adaptive=adaptive,
                              nfe_per_step=nfe_per_step, nfe_init=nfe_init)
 
 
@@ -76,17 +77,17 @@ _EDM = ("churn", "s_tmin", "s_tmax", "s_noise")
 
 
 _TABLE: tuple[SolverSpec, ...] = (
-    SolverSpec("euler", 1, False, 1, False, _ode(diffrax.Euler, 1),
+    SolverSpec("euler", 1, False, 1, False, _ode(diffrax.Euler(), 1),
                "explicit Euler on the probability-flow ODE in t (Diffrax)"),
-    SolverSpec("heun", 2, False, 2, False, _ode(diffrax.Heun, 2),
+    SolverSpec("heun", 2, False, 2, False, _ode(diffrax.Heun(), 2),
                "Heun's 2nd-order method on the probability-flow ODE in t (Diffrax)"),
-    SolverSpec("midpoint", 2, False, 2, False, _ode(diffrax.Midpoint, 2),
+    SolverSpec("midpoint", 2, False, 2, False, _ode(diffrax.Midpoint(), 2),
                "explicit midpoint method on the probability-flow ODE in t (Diffrax)"),
-    SolverSpec("tsit5", 5, False, None, True, _ode(diffrax.Tsit5, 6, 1, adaptive=True),
+    SolverSpec("tsit5", 5, False, None, True, _ode(diffrax.Tsit5(), 6, 1, adaptive=True),
                "Tsitouras 5(4) with a PID step-size controller (rtol/atol)"),
-    SolverSpec("dopri5", 5, False, None, True, _ode(diffrax.Dopri5, 6, 1, adaptive=True),
+    SolverSpec("dopri5", 5, False, None, True, _ode(diffrax.Dopri5(), 6, 1, adaptive=True),
                "Dormand-Prince 5(4) with a PID step-size controller (rtol/atol)"),
-    SolverSpec("dopri8", 8, False, None, True, _ode(diffrax.Dopri8, 13, 1, adaptive=True),
+    SolverSpec("dopri8", 8, False, None, True, _ode(diffrax.Dopri8(), 13, 1, adaptive=True),
                "Dormand-Prince 8(7) with a PID step-size controller, for reference solutions"),
     _scan("ddim", 1, False, 1, _multistep.ddim,
           "DDIM (Song et al. 2021); eta > 0 adds DDPM-like noise and needs key", options=("eta",)),
@@ -189,7 +190,6 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float, n
     """
     if not isinstance(solver, diffrax.AbstractSolver):
         raise TypeError(f"solver must be a diffrax.AbstractSolver instance; got {solver!r}")
-    run = functools.partial(_diffrax.ode_solve, solver=solver, adaptive=adaptive, nfe_per_step=nfe_per_step,
-                            nfe_init=nfe_init)
-    return SolverSpec(name, order, False, None if adaptive else nfe_per_step, adaptive, run,
+    return SolverSpec(name, order, False, None if adaptive else nfe_per_step, adaptive,
+                      _ode(solver, nfe_per_step, nfe_init, adaptive),
                       description or f"{type(solver).__name__} on the probability-flow ODE in t (Diffrax)")

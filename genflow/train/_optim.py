@@ -10,9 +10,10 @@ import optax
 from genflow._checks import check_int, concrete_real
 
 
-def _finite_nonneg(value) -> bool:
+def _finite_real(value, positive: bool = False) -> bool:
+    """Whether ``value`` is a concrete finite real >= 0 (> 0 with ``positive``)."""
     v = concrete_real(value)  # (None for strings, bools and non-numbers)
-    return v is not None and 0 <= v < math.inf
+    return v is not None and (v > 0 if positive else v >= 0) and v < math.inf
 
 
 def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, decay_steps: int | None = None,
@@ -22,9 +23,9 @@ def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, decay_steps: int
     ``end_factor * learning_rate`` (``optax.warmup_cosine_decay_schedule``; Loshchilov & Hutter 2017)."""
     import jax  # (checks only concrete values: inject_hyperparams traces learning_rate)
 
-    if not isinstance(learning_rate, jax.core.Tracer) and not _finite_nonneg(learning_rate):
+    if not isinstance(learning_rate, jax.core.Tracer) and not _finite_real(learning_rate):
         raise ValueError(f"learning_rate must be a finite real >= 0; got {learning_rate!r}")
-    if not isinstance(end_factor, jax.core.Tracer) and not _finite_nonneg(end_factor):
+    if not isinstance(end_factor, jax.core.Tracer) and not _finite_real(end_factor):
         raise ValueError(f"end_factor must be a finite real >= 0 (the final learning rate is end_factor * "
                          f"learning_rate); got {end_factor!r}")
     check_int("warmup_steps", warmup_steps, 0)
@@ -61,7 +62,7 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
     tx = optim.get(name, learning_rate=lr_schedule(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps,
                                                    end_factor=end_factor), **kwargs)
     if clip_norm is not None:
-        if not (_finite_nonneg(clip_norm) and concrete_real(clip_norm) > 0):
+        if not _finite_real(clip_norm, positive=True):
             raise ValueError(f"clip_norm must be a finite real > 0; got {clip_norm!r}")
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return tx
