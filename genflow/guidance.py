@@ -51,10 +51,21 @@ def _static(default=dataclasses.MISSING):
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 
-def _per_sample(w: Array, x: Array) -> Array:
+def _per_sample(w: Array, x: Array, name: str = "scale") -> Array:
     """A scalar or ``[B]`` weight shaped to broadcast against ``x: [B, ...]``."""
     w = jnp.asarray(w, x.dtype)
-    return w if w.ndim == 0 else broadcast_t(w, x)
+    if w.ndim == 0:
+        return w
+    if w.shape != x.shape[:1]:
+        raise ValueError(f"guidance {name} must be a scalar or have shape [B] = [{x.shape[0]}]; got shape {w.shape}")
+    return w.reshape(w.shape + (1,) * (x.ndim - 1))
+
+
+def _guide(c: Array, u: Array, w) -> Array:
+    """``u + w (c - u)``, written ``w c + (1 - w) u`` so that ``w = 1`` gives ``c`` and ``w = 0``
+    gives ``u`` exactly (``u + (c - u)`` differs from ``c`` by rounding)."""
+    w = _per_sample(w, c)
+    return w * c + (1 - w) * u
 
 
 def _check_fn(fn, name: str):
@@ -82,7 +93,7 @@ class CFG:
 
     def __call__(self, x: Array, t: Array) -> Array:
         c, u = self.parts(x, t)
-        return u + _per_sample(self.scale, c) * (c - u)
+        return _guide(c, u, self.scale)
 
 
 @jax.tree_util.register_dataclass
@@ -144,8 +155,8 @@ class Interval:
         # the unconditional model only runs when some sample of the batch is inside the interval
         c, u = jax.lax.cond(jnp.any(inside), lambda: self.guided.parts(x, t),
                             lambda: (lambda c: (c, c))(self.guided.cond_only(x, t)))
-        w = jnp.where(inside, jnp.broadcast_to(jnp.asarray(self.guided.scale, jnp.float32), t.shape), 1.0)
-        return u + _per_sample(w, c) * (c - u)
+        w = jnp.where(inside, jnp.asarray(self.guided.scale, jnp.float32), 1.0)  # scalar or [B]
+        return _guide(c, u, w)
 
 
 def interval(guided: CFG, t_lo, t_hi) -> Interval:
@@ -204,7 +215,7 @@ class CADS:
         return self.psi * resc + (1.0 - self.psi) * yh
 
     def __call__(self, x: Array, t: Array) -> Array:
-        return self.fn(x, t, self.condition(t))
+        return self.fn(x, t, self.condition(jnp.broadcast_to(jnp.asarray(t), x.shape[:1])))
 
 
 def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float = 0.6, tau2: float = 0.9,
@@ -254,17 +265,21 @@ class Adaptive:
     def __call__(self, x: Array, t: Array) -> Array:
         c, u = self.guided.parts(x, t)
         agree = self.similarity(c, u) > self.threshold
-        w = jnp.where(agree, 1.0, jnp.broadcast_to(jnp.asarray(self.guided.scale, jnp.float32), t.shape))
-        return u + _per_sample(w, c) * (c - u)
+        w = jnp.where(agree, 1.0, jnp.asarray(self.guided.scale, jnp.float32))  # [B]
+        return _guide(c, u, w)
 
 
 def adaptive(guided: CFG, threshold: float = 0.99) -> Adaptive:
     """Adaptive guidance (Castillo et al. 2023): stop guiding once the conditional and
     unconditional predictions agree -- their per-sample cosine similarity exceeds ``threshold``
     (the paper's ``gamma_bar``, measured there on eps predictions) -- and return the conditional
-    prediction. Since the similarity grows as ``t -> 0``, this is the paper's truncation policy
-    decided at every evaluation; as a pure function it still evaluates both models (to save the
-    unconditional evaluations once the switch time is known, use :func:`interval`)."""
+    prediction. The test is made at every evaluation, per sample, on the predictions of the kind
+    the models return, and is not the paper's one-way truncation: the similarity need not grow
+    as ``t -> 0`` (eps predictions agree exactly where ``alpha = 0``, since
+    ``eps_c - eps_u = (alpha / sigma) (x0_u - x0_c)``, so near ``t = 1`` -- the first sampling
+    steps -- an eps model is not guided; v predictions of two Gaussians never reach 0.99). As a
+    pure function it still evaluates both models; to guide only down to a known switch time
+    (and save the unconditional evaluations after it), use :func:`interval`."""
     if not isinstance(guided, _GUIDED):
         raise TypeError(f"adaptive expects a CFG from gf.guidance.cfg / cfg_batched; got {type(guided).__name__}")
     th = concrete_real(threshold)
@@ -287,13 +302,24 @@ class ClassifierGuidance:
     def __call__(self, x: Array, t: Array) -> Array:
         out = self.fn(x, t)
         grad = jax.grad(lambda z: jnp.sum(self.log_prob(z, t)))(x)
-        eps = param.convert(out, x, t, self.path, self.prediction, "eps")
         tb = broadcast_t(t, x)
-        eps = eps - _per_sample(self.scale, x) * self.path.sigma(tb) * grad
-        guided = param.convert(eps, x, t, self.path, "eps", self.prediction).astype(out.dtype)
-        # where alpha = 0 (pure noise: t = 1 on the linear and VP paths) x_t says nothing about y,
-        # the exact guidance term is 0, and the eps -> x0 / velocity conversion is 0/0: unguided
-        return jnp.where(self.path.alpha(tb) == 0, out, guided)
+        a, s = self.path.alpha(tb), self.path.sigma(tb)
+        # the score gains scale * grad; every kind is affine in the score at fixed x_t, so the
+        # prediction gains (d pred / d score) * scale * grad (eps: -sigma; x0: sigma^2 / alpha, ...),
+        # added directly: converting through eps divided by sigma (0/0 at t = 0 for x0 and score)
+        k = self.prediction
+        if k == "score":
+            coef = jnp.ones_like(s)
+        elif k == "velocity":
+            coef = -s * (self.path.d_sigma(tb) - self.path.d_alpha(tb) * s / a)
+        else:
+            coef = -s * param.eps_scale(self.path, tb, k)  # eps: -sigma, x0: sigma^2/alpha, v: -sigma(a^2+s^2)/a
+        guided = out + (_per_sample(self.scale, x) * coef * grad).astype(out.dtype)
+        # where alpha = 0 (pure noise: t = 1 on the linear and VP paths) x_t says nothing about y
+        # and the exact guidance term is 0 (coef is inf for x0 / v / velocity there); where
+        # sigma = 0 (the data end) the term is 0 for every kind but the score
+        unguided = (a == 0) | ((s == 0) & (k != "score"))
+        return jnp.where(unguided, out, guided)
 
 
 @jax.tree_util.register_dataclass

@@ -120,6 +120,8 @@ def get_weighting(name: str | Weighting, prediction: str, *, gamma: float = 5.0,
     if name == "elbo":
         return _w_elbo
     if name == "sigmoid":
+        if not isinstance(bias, jax.core.Tracer) and not np.isfinite(float(bias)):
+            raise ValueError(f"bias (of weighting 'sigmoid') must be a finite real; got {bias!r}")
         return _w_sigmoid(bias)
     raise ValueError(f"unknown weighting {name!r}; expected one of {list(WEIGHTINGS)} or a callable w(path, t)")
 
@@ -221,14 +223,20 @@ def sample_t(key: Array, n: int, t_min: float = 0.0, t_max: float = 1.0, stratif
 
 
 def drop_labels(key: Array, y: Array, p: float, null_label: int) -> Array:
-    """Classifier-free guidance dropout: replace each label by ``null_label`` with probability ``p``.
+    """Classifier-free guidance dropout: replace each sample's label by ``null_label`` with
+    probability ``p`` (scalar or ``[B]``).
 
-    ``y: [B]`` int labels; returns ``[B]``.
+    ``y: [B]`` int labels, or ``[B, ...]`` per-sample conditions (token ids, one-hot or embedding
+    vectors), of which a dropped sample's whole condition becomes ``null_label``; returns ``y``'s shape.
     """
     # (NumPy, not jnp: under jit jnp would trace even a Python float)
     if not isinstance(p, jax.core.Tracer) and not np.all((np.asarray(p) >= 0) & (np.asarray(p) <= 1)):
         raise ValueError(f"p must be a probability in [0, 1]; got {p!r}")
-    drop = jax.random.bernoulli(key, p, y.shape)
+    y = jnp.asarray(y)
+    if y.ndim < 1:
+        raise ValueError(f"y must be a batch of labels [B] or conditions [B, ...]; got shape {y.shape}")
+    drop = jax.random.bernoulli(key, p, y.shape[:1])  # one draw per sample, not per entry
+    drop = drop.reshape(drop.shape + (1,) * (y.ndim - 1))
     return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)
 
 

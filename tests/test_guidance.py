@@ -207,3 +207,50 @@ def test_cads_takes_traced_interval_ends():
     f = jax.jit(lambda a: gf.guidance.cads(net, y, jax.random.key(2), tau1=a, tau2=0.9)(x, t))
     np.testing.assert_allclose(f(0.4), gf.guidance.cads(net, y, jax.random.key(2), tau1=0.4, tau2=0.9)(x, t),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_cfg_scale_one_is_the_conditional_model_exactly():
+    # u + 1 * (c - u) rounds: it differed from c in most entries (by up to 7e-6 here)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    c, u = 3.0 * jax.random.normal(k1, (64, 8)), 50.0 * jax.random.normal(k2, (64, 8))
+    cond, unc = jax.tree_util.Partial(lambda x, t: c), jax.tree_util.Partial(lambda x, t: u)
+    x, t = jnp.zeros((64, 8)), jnp.full((64,), 0.5)
+    np.testing.assert_array_equal(gf.guidance.cfg(cond, unc, 1.0)(x, t), c)
+    np.testing.assert_array_equal(gf.guidance.cfg(cond, unc, 0.0)(x, t), u)
+    # the interval (inside) and adaptive guidance (where the predictions agree) return c exactly too
+    np.testing.assert_array_equal(gf.guidance.interval(gf.guidance.cfg(cond, unc, 1.0), 0.2, 0.8)(x, t), c)
+    np.testing.assert_array_equal(gf.guidance.adaptive(gf.guidance.cfg(cond, unc, 3.0), -1.0)(x, t), c)
+
+
+def test_classifier_guidance_at_the_data_end_is_finite():
+    # at t = 0 (sigma = 0) the x0 / score model was converted to eps and back: 0/0, NaN outputs
+    mix = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.stack([COND.mean, UNCOND.mean]),
+                                     jnp.array([[0.4, 0.3], [0.4, 0.3]]))
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    for name in ("linear", "vp_cosine"):
+        path = gf.paths.get(name)
+        logits = lambda x, t, path=path: mix._resp(x, t, path)[0]  # noqa: E731
+        for kind in gf.param.KINDS:
+            out = gf.guidance.classifier(mix.model(path, kind), path, kind, logits, 0, 1.0)(x, jnp.zeros(4))
+            assert np.all(np.isfinite(np.asarray(out))), (name, kind)
+        # the x0 guidance term sigma^2 / alpha * grad vanishes at sigma = 0
+        out = gf.guidance.classifier(mix.model(path, "x0"), path, "x0", logits, 0, 1.0)(x, jnp.zeros(4))
+        np.testing.assert_allclose(out, mix.model(path, "x0")(x, jnp.zeros(4)), rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_takes_a_scalar_t_with_per_sample_scales():
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    w = jnp.array([1.0, 2.0, 3.0, 4.0])
+    g = gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), w)
+    want = g(x, jnp.full((4,), 0.5))
+    np.testing.assert_allclose(gf.guidance.interval(g, 0.2, 0.8)(x, jnp.float32(0.5)), want, rtol=1e-6)
+    np.testing.assert_allclose(gf.guidance.adaptive(g, 0.999999)(x, jnp.float32(0.5)), want, rtol=1e-6)
+    y = jax.random.normal(jax.random.key(1), (4, 8))
+    c = gf.guidance.cads(lambda x, t, c: c, y, jax.random.key(2))
+    np.testing.assert_allclose(c(x, jnp.float32(0.7)), c(x, jnp.full((4,), 0.7)))
+
+
+def test_guidance_scale_of_wrong_shape_is_named():
+    x, t = jnp.zeros((4, 2)), jnp.full((4,), 0.5)
+    with pytest.raises(ValueError, match=r"scale must be a scalar or have shape \[B\] = \[4\]; got shape \(3,\)"):
+        gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), jnp.ones(3))(x, t)

@@ -261,3 +261,23 @@ def test_loss_argument_checks():
     # checks do not get in the way of jit (t_min / t_max are Python floats there too)
     f = jax.jit(lambda x, k: gf.losses.flow_matching_loss(_zero, path, x, k, t_min=0.1)[0])
     assert np.isfinite(float(f(x0, key)))
+
+
+def test_drop_labels_drops_whole_conditions():
+    # [B, L] conditions (token ids, one-hot, embeddings) were dropped entry by entry: 57% of the
+    # samples came back as a mix of real and null tokens, none fully dropped
+    y = jnp.tile(jnp.arange(1, 9, dtype=jnp.int32), (20_000, 1))
+    d = gf.losses.drop_labels(jax.random.key(0), y, 0.1, 0)
+    dropped, kept = jnp.all(d == 0, -1), jnp.all(d == y, -1)
+    assert bool(jnp.all(dropped | kept))
+    assert abs(float(dropped.mean()) - 0.1) < 0.01
+    # [B] labels: unchanged behaviour (one draw per sample)
+    d1 = gf.losses.drop_labels(jax.random.key(0), jnp.ones((20_000,), jnp.int32), 0.1, 0)
+    np.testing.assert_array_equal(d1 == 0, dropped)
+
+
+def test_sigmoid_bias_must_be_finite():
+    x0 = jnp.ones((4, 2))
+    with pytest.raises(ValueError, match="bias .* must be a finite real"):
+        gf.losses.diffusion_loss(lambda x, t: x, gf.paths.vp_cosine(), x0, jax.random.key(0), weighting="sigmoid",
+                                 bias=float("nan"))
