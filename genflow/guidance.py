@@ -61,6 +61,15 @@ def _per_sample(w: Array, x: Array, name: str = "scale") -> Array:
     return w.reshape(w.shape + (1,) * (x.ndim - 1))
 
 
+def _scale(scale) -> Array:
+    """A guidance scale (scalar or ``[B]``, real, possibly traced) as a float32 array; a string,
+    bytes or bool is refused (NumPy would read ``"2"`` as 2.0)."""
+    if isinstance(scale, (str, bytes, bool)) or (hasattr(scale, "dtype") and not (
+            jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer))):
+        raise TypeError(f"scale must be a real number or a [B] array of them; got {scale!r}")
+    return jnp.asarray(scale, jnp.float32)
+
+
 def _guide(c: Array, u: Array, w) -> Array:
     """``u + w (c - u)``, written ``w c + (1 - w) u`` so that ``w = 1`` gives ``c`` and ``w = 0``
     gives ``u`` exactly (``u + (c - u)`` differs from ``c`` by rounding)."""
@@ -130,7 +139,7 @@ _GUIDED = (CFG, BatchedCFG)
 def cfg(cond_fn: ModelFn, uncond_fn: ModelFn, scale) -> CFG:
     """Classifier-free guidance ``uncond + scale (cond - uncond)`` (Ho & Salimans 2022), in the
     prediction kind of the two models (which must share it). Two network calls per evaluation."""
-    return CFG(_check_fn(cond_fn, "cond_fn"), _check_fn(uncond_fn, "uncond_fn"), jnp.asarray(scale, jnp.float32))
+    return CFG(_check_fn(cond_fn, "cond_fn"), _check_fn(uncond_fn, "uncond_fn"), _scale(scale))
 
 
 def cfg_batched(fn: Callable[[Array, Array, Array], Array], y, null, scale) -> BatchedCFG:
@@ -138,7 +147,7 @@ def cfg_batched(fn: Callable[[Array, Array, Array], Array], y, null, scale) -> B
     doubled batch ``[x; x]`` with conditions ``[y; null]`` (the usual implementation for a network
     trained with condition dropout). ``y``: ``[B, ...]`` or a scalar label; ``null``: the "no
     condition" value, broadcast to ``y``'s shape."""
-    return BatchedCFG(_check_fn(fn, "fn"), jnp.asarray(y), jnp.asarray(null), jnp.asarray(scale, jnp.float32))
+    return BatchedCFG(_check_fn(fn, "fn"), jnp.asarray(y), jnp.asarray(null), _scale(scale))
 
 
 @jax.tree_util.register_dataclass
@@ -359,4 +368,4 @@ def classifier(fn: ModelFn, path: Path, prediction: str, classifier_fn: Callable
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise TypeError(f"classifier: y must be integer class labels; got dtype {y.dtype}")
     lp = _LabelLogProb(_check_fn(classifier_fn, "classifier_fn"), y)
-    return ClassifierGuidance(_check_fn(fn, "fn"), path, lp, jnp.asarray(scale, jnp.float32), prediction)
+    return ClassifierGuidance(_check_fn(fn, "fn"), path, lp, _scale(scale), prediction)

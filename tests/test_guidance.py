@@ -254,3 +254,12 @@ def test_guidance_scale_of_wrong_shape_is_named():
     x, t = jnp.zeros((4, 2)), jnp.full((4,), 0.5)
     with pytest.raises(ValueError, match=r"scale must be a scalar or have shape \[B\] = \[4\]; got shape \(3,\)"):
         gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), jnp.ones(3))(x, t)
+
+
+def test_guidance_scale_must_be_real():
+    # NumPy read cfg(scale="2") as 2.0; a bool scale was 1.0
+    cond, unc = COND.model(PATH, "eps"), UNCOND.model(PATH, "eps")
+    for bad in ("2", True, np.array(["2"])):
+        with pytest.raises(TypeError, match="scale must be a real"):
+            gf.guidance.cfg(cond, unc, bad)
+    np.testing.assert_allclose(gf.guidance.cfg(cond, unc, np.int32(2)).scale, 2.0)
