@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow._checks import check_int, check_positive_real
+
 Array = jax.Array
 
 __all__ = ["w2_exact", "w2_sinkhorn", "sliced_w2", "mmd", "frechet_distance", "gaussian_stats", "psnr", "ssim"]
@@ -30,9 +32,10 @@ def _sq_dists(x: Array, y: Array) -> Array:
 
 def _safe_sqrt(v: Array) -> Array:
     """``sqrt(v)`` with a zero (sub)gradient at ``v = 0``, where ``jnp.sqrt``'s is inf (NaN
-    gradients of a distance between coinciding point sets)."""
+    gradients of a distance between coinciding point sets). NaN stays NaN: a diverged sample
+    must not score a perfect distance of 0."""
     pos = v > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), jnp.where(jnp.isnan(v), v, 0.0))
 
 
 def _check_same_dim(name: str, x, y) -> None:
@@ -69,6 +72,9 @@ def w2_sinkhorn(x: Array, y: Array, epsilon: float = 0.01, iters: int = 500, deb
     """
     x, y = _flat(jnp.asarray(x, jnp.float32)), _flat(jnp.asarray(y, jnp.float32))
     _check_same_dim("w2_sinkhorn", x, y)
+    check_positive_real("epsilon", epsilon)  # (0 gave 0.93 for a W2 of 1.41; a traced value passes)
+    if not isinstance(iters, jax.core.Tracer):
+        iters = check_int("iters", iters)  # (0 gave 0.0)
     # One epsilon for all three terms (the debiasing needs a common one): relative to the mean
     # squared distance between x and y.
     cxy = _sq_dists(x, y)
@@ -101,6 +107,7 @@ def sliced_w2(x: Array, y: Array, key: Array, num_projections: int = 256) -> Arr
     x, y = _flat(jnp.asarray(x, jnp.float32)), _flat(jnp.asarray(y, jnp.float32))
     if x.shape != y.shape:
         raise ValueError(f"sliced_w2 needs point sets of equal shape; got {x.shape} and {y.shape}")
+    num_projections = check_int("num_projections", num_projections)  # (0 gave 0.0)
     d = jax.random.normal(key, (x.shape[1], num_projections))
     d = d / jnp.linalg.norm(d, axis=0, keepdims=True)
     px, py = jnp.sort(x @ d, axis=0), jnp.sort(y @ d, axis=0)
@@ -116,7 +123,10 @@ def mmd(x: Array, y: Array, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Array:
     _check_same_dim("mmd", x, y)
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError(f"mmd (unbiased) needs at least 2 points per set; got {x.shape[0]} and {y.shape[0]}")
-    hs = jnp.asarray(bandwidths, jnp.float32)
+    hs = jnp.atleast_1d(jnp.asarray(bandwidths, jnp.float32))
+    # (() gave 0.0, a zero bandwidth NaN; a traced value passes)
+    if hs.ndim != 1 or not hs.size or (not isinstance(hs, jax.core.Tracer) and not np.all(np.asarray(hs) > 0)):
+        raise ValueError(f"bandwidths must be a non-empty sequence of reals > 0; got {bandwidths!r}")
 
     def k(a, b):
         d2 = _sq_dists(a, b)
@@ -157,7 +167,8 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     s1 = sqrtm_psd(c1)
     cross = sqrtm_psd(s1 @ c2 @ s1)
     # (>= 0: rounding of singular covariances gave -4e-6 for identical inputs)
-    return max(0.0, float(np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2.0 * np.trace(cross)))
+    # (np.maximum, not max(0.0, .): Python's max dropped a NaN and scored NaN features as 0.0)
+    return float(np.maximum(0.0, np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2.0 * np.trace(cross)))
 
 
 def psnr(x: Array, ref: Array, data_range: float = 2.0) -> Array:

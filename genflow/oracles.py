@@ -104,7 +104,11 @@ class Gaussian:
     def x0(self, x: Array, t, path: Path) -> Array:
         """Denoiser ``E[x0 | x_t] = mean + alpha C (alpha^2 C + sigma^2)^-1 (x - alpha mean)``."""
         r, m, a, _ = self._coords(x, t, path)
-        out = self.mean + (a * self.var * r / m) @ self.basis.T
+        # m = 0 only where var = 0 and sigma = 0 (a singular covariance at t = 0): the data sit at
+        # the mean along that direction (the gain's limit is 0), where a * var / m is 0/0 = NaN
+        pos = m > 0
+        gain = jnp.where(pos, a * self.var / jnp.where(pos, m, 1.0), 0.0)
+        out = self.mean + (gain * r) @ self.basis.T
         return out.reshape(x.shape)
 
     def score(self, x: Array, t, path: Path) -> Array:
@@ -233,17 +237,19 @@ class OracleModel:
         tb = broadcast_t(t, x)
         eps = -self.path.sigma(tb) * score
         x0 = self.oracle.x0(x, t, self.path)
-        out = param.from_x0_eps(x0, eps, x, t, self.path, self.kind)
-        if self.kind == "velocity":
-            # alpha' x0 + sigma' eps is inf * 0 where sigma' is singular (vp_linear at t = 0); the
-            # probability-flow form f x - g^2 score / 2 is finite there (and inf * 0 where alpha = 0,
-            # e.g. t = 1 on the linear path: it is evaluated at a harmless t elsewhere, so that no
-            # inf enters the gradients through the unselected branch)
-            bad = ~(jnp.isfinite(self.path.d_sigma(tb)) & jnp.isfinite(self.path.d_alpha(tb)))
-            tp = jnp.where(bad, tb, jnp.asarray(0.5, tb.dtype))
-            pf = self.path.drift_coef(tp) * x - 0.5 * self.path.diffusion_sq(tp) * score
-            out = jnp.where(bad, pf, out)
-        return out
+        if self.kind != "velocity":
+            return param.from_x0_eps(x0, eps, x, t, self.path, self.kind)
+        # alpha' x0 + sigma' eps is inf * 0 where sigma' is singular (vp_linear at t = 0); the
+        # probability-flow form f x - g^2 score / 2 is finite there (and inf * 0 where alpha = 0,
+        # e.g. t = 1 on the linear path). Each branch is evaluated at a harmless t where it is not
+        # selected, so that no inf enters the gradients through the unselected branch (a vjp
+        # multiplies its zero cotangent by sigma' = inf: NaN)
+        bad = ~(jnp.isfinite(self.path.d_sigma(tb)) & jnp.isfinite(self.path.d_alpha(tb)))
+        half = jnp.asarray(0.5, tb.dtype)
+        ts, tp = jnp.where(bad, half, tb), jnp.where(bad, tb, half)
+        out = self.path.d_alpha(ts) * x0 + self.path.d_sigma(ts) * eps
+        pf = self.path.drift_coef(tp) * x - 0.5 * self.path.diffusion_sq(tp) * score
+        return jnp.where(bad, pf, out)
 
 
 def _linear_velocity(oracle, x: Array, tau: Array) -> Array:

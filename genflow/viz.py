@@ -28,8 +28,16 @@ def _lims(*arrays, pad=0.1):
     if not len(pts):
         return np.array([-1.0, -1.0]), np.array([1.0, 1.0])
     lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
-    span = hi - lo
+    # one point (or coinciding points): a unit span, not the identical limits matplotlib warns about
+    span = np.where(hi > lo, hi - lo, 1.0 / pad)
     return lo - pad * span, hi + pad * span
+
+
+def _check_lims(lims):
+    (x0, x1), (y0, y1) = lims
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"lims must be ((x0, x1), (y0, y1)) with x0 < x1 and y0 < y1; got {lims}")
+    return (x0, x1), (y0, y1)
 
 
 def scatter(samples, reference=None, title: str | None = None, path: str | None = None, s: float = 2.0,
@@ -43,9 +51,7 @@ def scatter(samples, reference=None, title: str | None = None, path: str | None 
             raise ValueError(f"{name} must be points [N, 2]; got shape {np.shape(a)}")
     panels = [("data", reference), ("samples", samples)] if reference is not None else [("samples", samples)]
     if lims is not None:
-        (x0, x1), (y0, y1) = lims
-        if not (x0 < x1 and y0 < y1):
-            raise ValueError(f"lims must be ((x0, x1), (y0, y1)) with x0 < x1 and y0 < y1; got {lims}")
+        (x0, x1), (y0, y1) = _check_lims(lims)
         lo, hi = np.array([x0, y0], float), np.array([x1, y1], float)
     else:
         lo, hi = _lims(samples, reference)
@@ -70,12 +76,13 @@ def density(log_density_fn=None, samples=None, lims=((-4, 4), (-4, 4)), n: int =
         raise ValueError("density needs log_density_fn or samples")
     if log_density_fn is None and (np.ndim(samples) != 2 or np.shape(samples)[1] != 2):
         raise ValueError(f"samples must be points [N, 2]; got shape {np.shape(samples)}")
-    fig, ax = plt.subplots(figsize=(4, 4))
-    (x0, x1), (y0, y1) = lims
-    if log_density_fn is not None:
+    (x0, x1), (y0, y1) = _check_lims(lims)
+    if log_density_fn is not None:  # (evaluated before the figure exists: an error leaks no figure)
         xs, ys = np.linspace(x0, x1, n), np.linspace(y0, y1, n)
         grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2).astype(np.float32)
         z = np.exp(np.asarray(log_density_fn(grid))).reshape(n, n)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if log_density_fn is not None:
         ax.imshow(z, origin="lower", extent=(x0, x1, y0, y1), cmap="magma", aspect="equal")
     else:
         pts = np.asarray(samples)
@@ -89,6 +96,8 @@ def density(log_density_fn=None, samples=None, lims=((-4, 4), (-4, 4)), n: int =
 
 def trajectories(traj, n_paths: int = 200, title: str | None = None, path: str | None = None):
     """Sampling trajectories ``traj: [T, N, 2]`` (noise at index 0, data at -1)."""
+    if np.ndim(traj) != 3 or np.shape(traj)[-1] != 2:
+        raise ValueError(f"traj must be [T, N, 2]; got shape {np.shape(traj)}")
     traj = np.asarray(traj)[:, :n_paths]
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(traj[:, :, 0], traj[:, :, 1], color="0.3", alpha=0.25, lw=0.6)

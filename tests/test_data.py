@@ -233,3 +233,25 @@ def test_pinwheel_num_arms_is_checked():
     with pytest.raises(ValueError, match="num_arms must be"):
         gf.data.pinwheel(jax.random.key(0), 10, num_arms=0)
     assert gf.data.pinwheel(jax.random.key(0), 10, num_arms=3).shape == (10, 2)
+
+
+def test_image_loader_checks_its_integer_arguments_and_stray_kwargs():
+    import grain
+
+    class Idx:
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return {"x": np.zeros((4, 4, 1), np.float32)}
+
+    src = grain.MapDataset.source(Idx())
+    with pytest.raises(ValueError, match="image_size"):
+        gf.data.image_loader(src, 2, image_size=16)  # silently ignored: batches stayed 4x4
+    with pytest.raises(ValueError, match="shard_index must be"):
+        gf.data.image_loader(src, 2, shard_index=1.0, shard_count=2)  # TypeError: slice indices
+    with pytest.raises(ValueError, match="shard_count must be"):
+        gf.data.image_loader(src, 2, shard_index=0, shard_count=2.0)
+    with pytest.raises(ValueError, match="seed must be"):
+        gf.data.image_loader(src, 2, seed=-1)  # grain's "expected non-negative integer"
+    assert next(gf.data.image_loader(src, 2, seed=np.int64(3), shard_index=np.int64(1), shard_count=2))["x"].shape == (2, 4, 4, 1)

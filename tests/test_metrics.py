@@ -121,3 +121,37 @@ def test_frechet_distance_1d_small_n_and_shapes():
         gf.metrics.frechet_distance(np.zeros(1), np.eye(1), np.zeros(3), np.eye(3))
     with pytest.raises(ValueError, match=r"cov2 must have shape \(3, 3\)"):
         gf.metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(2))
+
+
+def test_non_finite_samples_do_not_score_a_perfect_distance():
+    # _safe_sqrt mapped NaN to 0 and frechet_distance's max(0.0, nan) returned 0.0: one diverged
+    # sample made sliced_w2, w2_sinkhorn and the Frechet distance report a perfect match
+    x = jax.random.normal(jax.random.key(0), (32, 2))
+    y = x + 3.0
+    y_nan, y_inf = y.at[0, 0].set(jnp.nan), y.at[0, 0].set(jnp.inf)
+    assert np.isnan(float(gf.metrics.sliced_w2(x, y_nan, jax.random.key(1))))
+    assert np.isnan(float(gf.metrics.w2_sinkhorn(x, y_nan, iters=50)))
+    assert not float(gf.metrics.w2_sinkhorn(x, y_inf, iters=50)) < 1.0  # was 0.0
+    m1, c1 = gf.metrics.gaussian_stats(np.asarray(x))
+    m2, c2 = gf.metrics.gaussian_stats(np.asarray(y_nan))
+    assert np.isnan(gf.metrics.frechet_distance(m1, c1, m2, c2))
+    # still exactly 0 with a finite gradient where the sets coincide
+    assert float(gf.metrics.sliced_w2(x, x, jax.random.key(1))) == 0.0
+    g = jax.grad(lambda a: gf.metrics.sliced_w2(a, x, jax.random.key(1)))(x)
+    assert np.all(np.isfinite(np.asarray(g)))
+    assert gf.metrics.frechet_distance(m1, c1, m1, c1) >= 0.0
+
+
+def test_metric_hyperparameters_are_checked():
+    x = jax.random.normal(jax.random.key(0), (16, 2))
+    y = x + 1.0
+    with pytest.raises(ValueError, match="num_projections must be a positive int"):
+        gf.metrics.sliced_w2(x, y, jax.random.key(1), num_projections=0)  # was 0.0
+    with pytest.raises(ValueError, match="epsilon must be a real > 0"):
+        gf.metrics.w2_sinkhorn(x, y, epsilon=0.0)  # was 0.93 for a W2 of 1.41
+    with pytest.raises(ValueError, match="iters must be a positive int"):
+        gf.metrics.w2_sinkhorn(x, y, iters=0)  # was 0.0
+    for bw in ((), (0.0,), (1.0, -2.0)):
+        with pytest.raises(ValueError, match="bandwidths must be"):
+            gf.metrics.mmd(x, y, bandwidths=bw)  # () gave 0.0, (0.0,) NaN
+    assert float(gf.metrics.mmd(x, y, bandwidths=jnp.array([1.0]))) > 0.0

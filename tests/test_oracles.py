@@ -130,3 +130,31 @@ def test_oracles_refuse_negative_variances():
         gf.oracles.GaussianMixture(jnp.zeros(2), jnp.zeros((2, 2)), -jnp.ones((2, 2)))
     g = gf.oracles.Gaussian.full([0.0, 0.0], [[1.0, 1.0], [1.0, 1.0]])  # singular: allowed
     assert float(jnp.min(g.var)) >= 0.0
+
+
+def test_oracle_velocity_has_finite_reverse_mode_gradients_where_sigma_prime_is_singular():
+    # the unselected alpha' x0 + sigma' eps branch was inf * 0 at t = 0 on vp_linear: the value was
+    # finite but a vjp (0 cotangent * inf) was NaN, while the jvp was finite
+    path = gf.paths.vp_linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.2]), jnp.array([0.5, 2.0]))
+    fn = g.model(path, "velocity")
+    x = jnp.array([[0.1, 0.4], [-1.0, 0.2]])
+    for t in (0.0, 0.5):
+        tb = jnp.full((2,), t)
+        v, vjp = jax.vjp(lambda a: fn(a, tb), x)
+        (back,) = vjp(jnp.ones_like(v))
+        _, fwd = jax.jvp(lambda a: fn(a, tb), (x,), (jnp.ones_like(x),))
+        # the Jacobian is diagonal (diagonal Gaussian): J^T 1 = J 1
+        np.testing.assert_allclose(back, fwd, rtol=1e-5, atol=1e-6, err_msg=str(t))
+
+
+def test_singular_gaussian_denoiser_at_t0():
+    # a singular covariance is accepted, but a * var / (a^2 var + sigma^2) was 0/0 at t = 0 and the
+    # whole denoised row was NaN; E[x0 | x_0 = x] = x for x on the data's support
+    lin = gf.paths.linear()
+    g = gf.oracles.Gaussian.full([0.0, 0.0], [[1.0, 1.0], [1.0, 1.0]])
+    x = jnp.array([[0.3, 0.3], [1.0, 1.0]])
+    np.testing.assert_allclose(g.x0(x, jnp.zeros(2), lin), x, atol=1e-6)
+    gd = gf.oracles.Gaussian.diagonal([0.5, 0.0], [1.0, 0.0])
+    np.testing.assert_allclose(gd.x0(jnp.array([[2.0, 0.0]]), jnp.zeros(1), lin), [[2.0, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(gd.x0(jnp.array([[2.0, 0.0]]), jnp.full((1,), 1e-4), lin), [[2.0, 0.0]], atol=1e-3)

@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -55,3 +56,23 @@ def test_scatter_limits_read_like_density_and_edge_inputs_are_named():
         gf.viz.image_grid(np.zeros((4, 64)))
     with pytest.raises(ValueError, match="vmax must be greater than vmin"):
         gf.viz.image_grid(np.zeros((4, 8, 8)), vmin=0.0, vmax=0.0)
+
+
+def test_viz_bad_inputs_are_named_and_leak_no_figure():
+    plt.close("all")
+    with pytest.raises(ValueError, match="lims must be"):
+        gf.viz.density(samples=np.zeros((4, 2)), lims=((4, -4), (-4, 4)))  # matplotlib's error before
+    with pytest.raises(ValueError, match=r"traj must be \[T, N, 2\]"):
+        gf.viz.trajectories(np.zeros((3, 4)))  # IndexError before
+    with pytest.raises(ZeroDivisionError):
+        gf.viz.density(lambda g: 1 / 0)
+    assert plt.get_fignums() == []  # each of them left an open figure
+
+
+def test_scatter_of_a_single_point_has_proper_limits():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Attempting to set identical low and high xlims"
+        fig = gf.viz.scatter(np.array([[0.5, 0.2]]))
+    lo, hi = fig.axes[0].get_xlim()
+    assert lo < 0.5 < hi
+    plt.close(fig)

@@ -166,9 +166,12 @@ def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: i
     import jax
 
     batch_size = check_int("batch_size", batch_size)
+    seed = check_int("seed", seed, low=0)  # (grain's own error named no argument)
+    if not isinstance(dataset, str) and dataset_kwargs:  # (image_size=16 was silently ignored)
+        raise ValueError(f"{sorted(dataset_kwargs)} apply to a dataset name, not to a given dataset")
     ds = image_dataset(dataset, split, **dataset_kwargs) if isinstance(dataset, str) else dataset
-    index = jax.process_index() if shard_index is None else shard_index
-    count = jax.process_count() if shard_count is None else shard_count
+    index = jax.process_index() if shard_index is None else check_int("shard_index", shard_index, low=0)
+    count = jax.process_count() if shard_count is None else check_int("shard_count", shard_count)
     if not 0 <= index < count:
         raise ValueError(f"need 0 <= shard_index < shard_count; got {index} and {count}")
     # every host gets the same number of examples (the remainder is dropped, as grain's

@@ -70,7 +70,8 @@ def swiss_roll(key: Array, n: int, noise: float = 0.25) -> Array:
 
 
 def spirals(key: Array, n: int, noise: float = 0.1) -> Array:
-    """Two interleaved spirals (as in FFJORD's ``2spirals``), scaled to about [-4, 4]."""
+    """Two interleaved spirals (FFJORD's ``2spirals`` without its uniform ``[0, 0.5)`` offset of
+    each arm), scaled to about [-3.5, 3.5]."""
     k1, k2, k3 = jax.random.split(key, 3)
     r = jnp.sqrt(jax.random.uniform(k1, (n,))) * 540.0 * (2 * jnp.pi) / 360.0
     sign = jnp.where(jax.random.bernoulli(k2, 0.5, (n,)), 1.0, -1.0)
