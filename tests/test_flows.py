@@ -335,3 +335,10 @@ def test_flow_init_compiles_once_per_bijector():
     flow.init(jax.random.key(2), x)
     F.realnvp(3, num_steps=1, hidden=4).init(jax.random.key(3), x)  # an equal flow: the same compilation
     assert _flow._init._cache_size() - before == 1
+
+
+def test_flow_builders_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="dim"):
+        gf.flows.realnvp(2.5)  # built a Flow with event_shape (2.5,)
+    with pytest.raises(ValueError, match="dequantize"):
+        gf.flows.ffjord_objective(lambda p, x, t: x, dequantize=-1.0)  # flow_objective refused it, this did not

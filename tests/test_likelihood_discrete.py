@@ -227,3 +227,57 @@ def test_likelihood_loss_minimised_by_exact_model():
     assert np.all(np.asarray(losses[1:]) > float(losses[0])), losses
     with pytest.raises(ValueError, match="sigma=0"):
         L.vdm_elbo(g.model(path, "eps"), path, x, jax.random.key(0), t_min=0.0)
+
+
+@pytest.mark.parametrize("path", [gf.paths.ve(), gf.paths.edm()], ids=["ve", "edm"])
+def test_truncated_normal_dequantize_path_below_the_needed_snr(path):
+    """ve(sigma_min=0.01) / edm(sigma_min=0.002) never reach alpha / sigma = 2 tau / bin_width (= 765
+    for 8-bit data): t_eps clamps to 0, and z must still stay in the scaled bin, so that the bound stays
+    below the exact probability of that bin."""
+    w, tau = 2 / 255, 3.0
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.1, -0.2]), jnp.array([0.3, 0.2]))
+    x = jnp.round(g.sample(jax.random.key(4), 3) / w) * w
+    n = 4000
+    xs = jnp.tile(x, (n, 1))
+    z, log_q, t = L.truncated_normal_dequantize(jax.random.key(3), xs, path, w, tau)
+    a, s = float(path.alpha(t)), float(path.sigma(t))
+    assert a / s < 2 * tau / w  # the premise: this path cannot reach the truncated normal's time
+    assert np.all(np.abs(np.asarray(z - a * xs)) <= a * w / 2 * (1 + 1e-9))  # z in alpha * bin(x)
+    tau_eff = a * w / (2 * s)
+    eps = np.asarray((z - a * xs) / s)
+    ref = stats.truncnorm.logpdf(eps, -tau_eff, tau_eff).sum(-1) - 2 * math.log(s)
+    np.testing.assert_allclose(log_q, ref, rtol=1e-9)  # log_q is the density of z
+    # the bound with the exact log p_t (no ODE): below log P(alpha * bin(x)) under the marginal at t
+    w_ = np.asarray(g.log_prob(z, t, path) - log_q).reshape(n, -1)
+    sd = np.sqrt(a * a * np.asarray(g.var) + s * s)
+    lo, hi = (a * (np.asarray(x) - w / 2 - np.asarray(g.mean))) / sd, (a * (np.asarray(x) + w / 2 - np.asarray(g.mean))) / sd
+    exact = np.log(special.ndtr(hi) - special.ndtr(lo)).sum(-1)
+    assert np.all(w_.mean(0) <= exact + 3 * w_.std(0) / math.sqrt(n)), (w_.mean(0), exact)
+
+
+def test_elbo_terms_refuse_bad_inputs():
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    path = gf.paths.vp_cosine()
+    fn, x, key = g.model(path, "eps"), jnp.ones((3, 2)), jax.random.key(0)
+    # t_min > t_max: the weights were negative and the diffusion term came out negative
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        L.diffusion_term(fn, path, x, key, prediction="eps", t_min=0.5, t_max=0.1)
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        L.sample_time(key, 4, path, 0.5, 0.1)
+    # the decoder at sigma = 0 gave log p(x | z) = +inf
+    with pytest.raises(ValueError, match="sigma=0"):
+        L.reconstruction_term(path, x, key, 0.0)
+    # x without a feature axis failed inside with "cannot reshape array"
+    with pytest.raises(ValueError, match=r"x must have shape \[B, \.\.\.\]"):
+        L.vdm_elbo(fn, path, jnp.ones(3), key, t_min=1e-3)
+
+
+# ---- proposed for tests/test_likelihood_edges.py ----------------------------------------------
+
+
+def test_truncated_normal_with_a_traced_path_names_the_problem():
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    f = jax.jit(lambda p, x, k: L.dequantized_log_prob(g.model(p, "eps"), p, x, k, prediction="eps", bin_width=0.1,
+                                                       dequantization="truncated_normal", solver="heun", steps=2)[0])
+    with pytest.raises(ValueError, match="concrete path"):  # was "t_min must be a float in [0, 1]; got JitTracer"
+        f(gf.paths.vp_cosine(), jnp.zeros((2, 2)), jax.random.key(0))

@@ -128,3 +128,13 @@ def test_likelihood_options_are_named():
         L.reconstruction_term(path, levels[:4].reshape(2, 2) + 0.03, jax.random.key(0), 0.01, levels)
     assert np.all(np.isfinite(np.asarray(L.reconstruction_term(path, levels[:4].reshape(2, 2), jax.random.key(0),
                                                                   0.01, levels))))
+
+
+def test_log_prob_refuses_max_steps_below_one():
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    path = gf.paths.vp_cosine()
+    with pytest.raises(ValueError, match="max_steps"):  # was Diffrax's "Must have at least one checkpoint"
+        gf.log_prob(g.model(path, "eps"), path, jnp.ones((2, 2)), prediction="eps", max_steps=0)
+
+
+# ---- proposed for tests/test_flows.py ----------------------------------------------------------

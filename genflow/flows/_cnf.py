@@ -20,6 +20,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import check_positive_real
 from genflow.likelihood._ode import GaussianPrior, ode_log_prob
 
 Array = jax.Array
@@ -64,6 +65,8 @@ def ffjord_loss(apply_fn: Callable, params, x: Array, key: Array, *, num_probes:
 def ffjord_objective(apply_fn: Callable, *, dequantize: float | None = None, **kwargs) -> Callable:
     """``loss_fn(params, batch, key)`` of :func:`ffjord_loss` for :func:`genflow.train.make_train_step`
     (``dequantize``: uniform dequantization bin width applied to every batch)."""
+    if dequantize is not None:  # (as flow_objective: a negative width was accepted)
+        check_positive_real("dequantize", dequantize)
 
     def loss_fn(params, batch, key):
         x = batch["x"] if isinstance(batch, dict) else batch

@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int, check_positive_real
+from genflow._checks import check_int, check_positive_real, is_int
 from genflow.flows._layers import (ActNorm, AdditiveCoupling, AffineCoupling, Chain, FactorOut, Invertible1x1Conv,
                                    Layer, Squeeze, Unsqueeze)
 from genflow.likelihood._ode import gaussian_log_prob
@@ -181,8 +181,8 @@ def realnvp(dim: int, *, num_steps: int = 8, hidden: int = 64, depth: int = 2, l
     coupling on alternating halves). ``lu=False`` gives dense linear layers (EBFlow's setting)."""
     _check_coupling(coupling)
     num_steps = check_int("num_steps", num_steps)
-    if dim < 2:
-        raise ValueError(f"dim must be >= 2 for a coupling flow; got {dim}")
+    if not is_int(dim, 2):  # (a float dim gave a Flow with event_shape (2.5,))
+        raise ValueError(f"dim must be an int >= 2 for a coupling flow; got {dim!r}")
     layers = [layer for i in range(num_steps) for layer in _step(i, hidden, depth, lu, coupling, "half")]
     return Flow(Chain(tuple(layers)), (dim,))
 

@@ -185,7 +185,9 @@ class CouplingNet(nn.Module):
 
     An MLP for ``[B, D]`` and a 3x3 / 1x1 / 3x3 CNN for ``[B, H, W, C]`` (3 / 1 / 3 on sequences
     ``[B, L, C]``); the last layer is
-    zero-initialised so that every coupling starts as the identity (Glow).
+    zero-initialised (Glow), so that an additive coupling starts as the identity and an affine one
+    as the fixed scaling ``sigmoid(2) ~ 0.881`` of its transformed half (log-det ``log sigmoid(2)`` per
+    transformed entry).
     """
 
     hidden: int = 64

@@ -93,7 +93,9 @@ def truncated_normal_dequantize(key: Array, x: Array, path: Path, bin_width: flo
       key: PRNG key.
       x: ``[B, ...]`` data on a grid of spacing ``bin_width``.
       path: the Gaussian path of the model.
-      tau: truncation of the normal, in standard deviations.
+      tau: truncation of the normal, in standard deviations (reduced to ``alpha bin_width / (2 sigma)``
+        at ``t_eps = 0`` on a path that never reaches the log-SNR ``2 log(2 tau / bin_width)``, so
+        that ``z`` always stays in the scaled bin).
     Returns:
       ``z = alpha x + sigma eps`` at ``t_eps`` (``[B, ...]``), ``log q(z | x)`` (``[B]``) and
       ``t_eps`` (scalar).
@@ -101,6 +103,10 @@ def truncated_normal_dequantize(key: Array, x: Array, path: Path, bin_width: flo
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     t = truncated_normal_time(path, bin_width, tau)
     a, s = path.alpha(t).astype(x.dtype), path.sigma(t).astype(x.dtype)
+    # A path whose largest log-SNR is below 2 log(2 tau / bin_width) (ve, edm with 8-bit data) clamps
+    # t_eps to 0, where +-tau standard deviations would leave the scaled bin (and the "bound" would
+    # exceed log P): truncate at the half-width of the scaled bin instead (= tau where t_eps exists).
+    tau = jnp.minimum(jnp.asarray(tau, x.dtype), 0.5 * bin_width * a / s)
     eps = jax.random.truncated_normal(key, -tau, tau, x.shape, x.dtype)
     z = a * x + s * eps
     log_norm = jnp.log(jax.scipy.special.erf(tau / math.sqrt(2.0))) + jnp.log(s) + 0.5 * math.log(2 * math.pi)
@@ -164,7 +170,10 @@ def dequantized_log_prob(
         try:
             t = float(t)
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-            pass  # a path passed as a traced argument: the traced time
+            # (was `pass`, and log_prob then refused "t_min ... got JitTracer", an argument never passed)
+            raise ValueError("dequantization='truncated_normal' needs a concrete path (its t_eps becomes "
+                             "log_prob's t_min): close over the path instead of passing it to jit as an "
+                             "argument") from None
     if log_prob_kwargs.get("trace") == "hutchinson":
         log_prob_kwargs.setdefault("key", k_trace)
     logp, info = log_prob(fn, path, y, prediction=prediction, t_min=t, **log_prob_kwargs)

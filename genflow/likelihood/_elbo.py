@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import check_int
+from genflow._checks import check_int, concrete_real
 from genflow.likelihood._ode import is_zero
 from genflow.paths import Path
 
@@ -73,6 +73,9 @@ def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0
     """
     if sampling not in TIME_SAMPLINGS:
         raise ValueError(f"unknown time sampling {sampling!r}; expected one of {list(TIME_SAMPLINGS)}")
+    lo, hi = concrete_real(t_min), concrete_real(t_max)  # (None when traced)
+    if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:  # (t_min > t_max gave negative weights)
+        raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
     if stratified:
         strata = n if strata is None else int(strata)
         if strata < 1 or n % strata:
@@ -94,6 +97,12 @@ def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0
 
 def _eps_hat(fn, path: Path, z: Array, t: Array, prediction: str) -> Array:
     return param.convert(fn(z, t), z, t, path, prediction, "eps")
+
+
+def _check_batch(x) -> None:
+    if not hasattr(x, "ndim") or x.ndim < 2:
+        raise ValueError(f"x must have shape [B, ...] with at least one feature axis; got shape "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
 
 
 def _wide(x: Array) -> Array:
@@ -120,6 +129,7 @@ def diffusion_term(fn: Callable, path: Path, x: Array, key: Array, *, prediction
     float32 or wider).
     """
     param.check_kind(prediction)
+    _check_batch(x)
     _check_finite_log_snr(path, t_min, t_max)
     x = _wide(x)
     k_t, k_e = jax.random.split(key)
@@ -137,6 +147,8 @@ def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Arr
     VDM's factorized categorical ``softmax_k(-(z/alpha - levels_k)^2 / (2 (sigma/alpha)^2))``
     and ``x`` must lie on the levels; without, it is ``N(x; z/alpha, (sigma/alpha)^2 I)``.
     """
+    if is_zero(path.sigma(jnp.asarray(t0))):  # (the decoder's log-density was +inf there)
+        raise ValueError(f"t0={t0} has sigma=0 on path {path.name!r}: the decoder is a point mass there; pass t0 > 0")
     t = jnp.asarray(t0, x.dtype)
     a, s = path.alpha(t), path.sigma(t)
     eps = jax.random.normal(key, x.shape, x.dtype)
@@ -205,6 +217,7 @@ def vdm_elbo(
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
     check_int("num_t", num_t)
+    _check_batch(x)
     _check_finite_log_snr(path, t_min, t_max)
     x = _wide(x)
     k_rec, k_diff = jax.random.split(key)

@@ -196,6 +196,7 @@ def ode_log_prob(
     """
     _check_x(x)
     steps = _check_options(trace, solver, steps, probe, num_probes, key, rtol, atol)
+    check_int("max_steps", max_steps)  # (0 failed inside Diffrax: "Must have at least one checkpoint")
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     x = x.astype(dtype)
     probes = None
