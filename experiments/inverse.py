@@ -100,12 +100,24 @@ def train_prior(cfg: Config, xtr: np.ndarray):
     return jax.tree_util.Partial(model.apply, state.ema["0.999"]), path, hist
 
 
+def validate(cfg: Config) -> None:
+    """``SystemExit`` naming a bad flag, before the prior is trained (--steps 0 and --noise < 0
+    failed after training, --train_steps 0 after every sampler ran, --batch 0 with a
+    ZeroDivisionError)."""
+    _cli.require_min(cfg, train_steps=1, batch=1, hidden=1, steps=1, n_val=1, n_test=1)
+    if not 0.0 <= cfg.noise < float("inf"):
+        raise SystemExit(f"--noise must be a finite number >= 0; got {cfg.noise}")
+    if not 0.0 < cfg.lr < float("inf"):
+        raise SystemExit(f"--lr must be a finite number > 0; got {cfg.lr}")
+
+
 def run(cfg: Config) -> dict:
+    validate(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     t_wall = time.perf_counter()
     xtr, _ = gf.data.load_digits("train")
     xte, _ = gf.data.load_digits("test")
-    if cfg.n_val < 1 or cfg.n_test < 1 or cfg.n_val + cfg.n_test > len(xte):
+    if cfg.n_val + cfg.n_test > len(xte):
         raise SystemExit(f"--n_val + --n_test must be <= {len(xte)} (the digits test split), each >= 1; got "
                          f"{cfg.n_val} + {cfg.n_test}")
     x_val, x_test = jnp.asarray(xte[: cfg.n_val]), jnp.asarray(xte[cfg.n_val: cfg.n_val + cfg.n_test])

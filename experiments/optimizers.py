@@ -94,8 +94,12 @@ def parse_config(argv=None) -> Config:
         raise SystemExit(f"--optimizers must be a comma list of {list(OPTIMIZERS)}; unknown {unknown}")
     if cfg.fm_dataset not in gf.data.TOY:
         raise SystemExit(f"--fm_dataset must be one of {sorted(gf.data.TOY)}; got {cfg.fm_dataset!r}")
-    if cfg.n_lrs < 2:
-        raise SystemExit(f"--n_lrs must be >= 2; got {cfg.n_lrs}")
+    # (these failed after the digits sweep, in flow_task or gf.sample, and lost its results)
+    _cli.require_min(cfg, n_lrs=2, digits_steps=1, digits_batch=1, fm_steps=1, fm_batch=1, n_eval=2,
+                     sample_steps=1)
+    for flag in ("acc_tol", "loss_tol", "w2_tol"):
+        if not 0.0 <= getattr(cfg, flag) < float("inf"):
+            raise SystemExit(f"--{flag} must be a finite number >= 0; got {getattr(cfg, flag)}")
     return cfg
 
 
@@ -277,8 +281,13 @@ def plot(results: dict, cfg: Config, path: str) -> None:
             if task == "flow" and vals.size:  # blown-up runs (loss 1e3, W2 1e28) would squash the curves
                 lo = 0.9 * min(vals.min(), results["flow"]["w2_data_floor"] if key == "w2" else np.inf)
                 ax.set_ylim(lo, min(vals.max() * 1.1, 2.0 * lo if key == "fm_loss" else 2.5))
+            # (explicit limits: a family that diverged everywhere plots no finite point, and matplotlib
+            # refused to log-scale the empty data range: "Data cannot be log-scaled")
+            lrs = np.concatenate([v["lrs"] for v in results[task].values()
+                                  if isinstance(v, dict) and v.get("family") == fam])
             ax.set_xscale("log")
-            if logy:
+            ax.set_xlim(lrs.min() / 1.5, lrs.max() * 1.5)
+            if logy and vals.size:
                 ax.set_yscale("log")
             ax.set_xlabel("learning rate")
             ax.set_title(f"{title} [{fam.upper()} family]", fontsize=9)
@@ -302,12 +311,12 @@ def run(cfg: Config) -> dict:
 
 
 def report(results: dict, cfg: Config) -> None:
-    """Write sweep.png and summary.md (also from a saved results.json: --from_results)."""
-    plot(results, cfg, os.path.join(cfg.out, "sweep.png"))
+    """Write summary.md and sweep.png (also from a saved results.json: --from_results)."""
     table = markdown(results, cfg)
-    with open(os.path.join(cfg.out, "summary.md"), "w") as f:
+    with open(os.path.join(cfg.out, "summary.md"), "w") as f:  # (first: a failing plot keeps the table)
         f.write(table + "\n")
     print("\n" + table)
+    plot(results, cfg, os.path.join(cfg.out, "sweep.png"))
 
 
 def markdown(results: dict, cfg: Config) -> str:

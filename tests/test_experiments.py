@@ -60,3 +60,20 @@ def test_inverse_quick_beats_the_pseudo_inverse(tmp_path):
             assert r[task][method]["nfe"] == 20
     for name in ("inpainting.png", "super_resolution_x2.png", "results.md"):
         assert (out / name).stat().st_size > 100
+
+
+def test_inverse_refuses_bad_flags_before_training():
+    # --steps 0 and --noise < 0 failed after the prior's 4,000 training steps, --train_steps 0 after
+    # every sampler had run (KeyError 'loss'), --batch 0 with a ZeroDivisionError
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import _cli
+    import inverse
+
+    for args, msg in ((["--steps", "0"], "--steps must be >= 1"), (["--train_steps", "0"], "--train_steps must be >= 1"),
+                      (["--batch", "0"], "--batch must be >= 1"), (["--hidden", "0"], "--hidden must be >= 1"),
+                      (["--noise", "-0.1"], "--noise must be a finite number >= 0"),
+                      (["--lr", "nan"], "--lr must be a finite number > 0")):
+        with pytest.raises(SystemExit, match=msg):
+            inverse.validate(_cli.parse(inverse.Config, args))

@@ -35,3 +35,15 @@ def test_density_rejects_bad_config(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "density.py"), "--models", "glow,nope", "--out",
                         str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "--models must be" in r.stderr
+
+
+def test_density_refuses_a_bad_learning_rate():
+    # --lr nan / --lr -0.5 trained until a NonFiniteLossError, writing nothing
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import density
+
+    for lr in ("nan", "-0.5", "0"):
+        with pytest.raises(SystemExit, match="--lr must be a finite number > 0"):
+            density.validate(density.parse_config(["--lr", lr]))

@@ -333,3 +333,38 @@ def test_smb_takes_a_prefix_mask():
     u, _ = opt.update(g, opt.init(params), params, value=value, value_fn=quad)
     np.testing.assert_array_equal(u["enc"]["a"], g["enc"]["a"])
     np.testing.assert_allclose(u["head"], -0.1 * g["head"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: gf.optim.grams(jnp.array([-0.1])), "learning_rate must be a scalar"),
+    (lambda: gf.optim.grams(0.1, b1=np.array([1.5])), "b1 must be a scalar"),
+    (lambda: gf.optim.diffgrad(0.1, b2=np.array([-0.5])), "b2 must be a scalar"),
+    (lambda: gf.optim.fadam(0.1, clip=np.array([-1.0])), "clip must be a scalar"),
+    (lambda: gf.optim.smb(np.array([0.5, 1.0])), "learning_rate must be a scalar"),
+])
+def test_non_scalar_hyper_parameters_are_refused(make, match):
+    # a concrete array skipped the range check: grams(jnp.array([-0.1])) ascended the loss
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+# (dpsgd clips per-example gradients: it needs a batch axis on the gradients, no train step has one)
+@pytest.mark.parametrize("name", [n for n in gf.optim.names() if n != "dpsgd"])
+def test_every_registered_optimizer_steps_through_the_train_step(name):
+    """gf.optim.get(name) in gf.train.make_train_step takes a finite step for every listed name
+    (optax.contrib.sophia read the loss closure as obj_fn= and raised 'obj_fn must be provided')."""
+    import inspect
+
+    params = {"w": jnp.ones((3, 2)), "b": jnp.full((2,), -0.5)}
+
+    def loss_fn(p, batch, key):
+        return sum(jnp.sum((x - batch) ** 2) for x in jax.tree.leaves(p)), {}
+
+    sig = inspect.signature(gf.optim._registry._TABLE[name][1]).parameters
+    kw = {"max_learning_rate" if "max_learning_rate" in sig else "learning_rate": 1e-2}
+    if name == "schedule_free":
+        kw["base_optimizer"] = gf.optim.sgd(1e-2)
+    opt = gf.optim.get(name, **kw)
+    step = jax.jit(gf.train.make_train_step(loss_fn, opt))
+    state, m = step(gf.train.init_state(params, opt, jax.random.key(0)), jnp.float32(0.3))
+    assert bool(m["finite"]) and all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))

@@ -62,8 +62,9 @@ def check(name: str, value: Any, *, lo: float | None = None, hi: float | None = 
           lo_open: bool = False, hi_open: bool = False, schedule: bool = False) -> None:
     """Validate a hyper-parameter at construction time.
 
-    Python and numpy numbers are range-checked; traced values (e.g. a learning rate under
-    ``vmap``) are accepted unchecked; callables are accepted only when ``schedule`` is true.
+    Python and numpy numbers and concrete scalar arrays are range-checked; arrays of other
+    shapes are refused; traced values (e.g. a learning rate under ``vmap``) are accepted
+    unchecked; callables are accepted only when ``schedule`` is true.
     """
     if callable(value):
         if schedule:
@@ -72,6 +73,9 @@ def check(name: str, value: Any, *, lo: float | None = None, hi: float | None = 
     if isinstance(value, bool) or not (isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array))):
         kind = "a float or an optax schedule" if schedule else "a float"
         raise TypeError(f"{name} must be {kind}; got {type(value).__name__} {value!r}")
+    if not isinstance(value, jax.core.Tracer) and np.ndim(value) != 0:
+        # (a concrete array escaped the range check and broadcast against the parameters)
+        raise TypeError(f"{name} must be a scalar; got an array of shape {np.shape(value)}")
     v = _concrete(value)
     if v is None:
         return

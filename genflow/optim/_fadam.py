@@ -140,8 +140,11 @@ def fadam(
 
         theta_t = theta_{t-1} - lr_t * (m_t + weight_decay * w_t)    (see scale_by_fadam)
 
-    Defaults follow the widely used ``pytorch_optimizer.FAdam`` (``weight_decay=0.1``); the
-    preconditioner is ``f^p + e^(2p)`` as there (for the default ``p = 1/2``: ``sqrt(f) + e``).
+    Defaults follow the widely used ``pytorch_optimizer.FAdam`` (``weight_decay=0.1``). The
+    preconditioner ``f^p + e^(2p)`` with the adaptive ``e = min(eps, eps2 RMS(g))`` and the clip
+    ``max(1, RMS / clip)`` follow the paper's Algorithm 1; pytorch_optimizer instead adds
+    ``min(RMS(g), 1) eps`` to ``f^p`` and divides by ``max(1, RMS) / clip`` -- the same up to
+    ``eps`` at the defaults (first updates differ by ~1e-8 relative), not for a large ``eps``.
 
     Args:
       learning_rate: a float or an optax schedule.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from types import ModuleType
 from typing import Callable
@@ -35,12 +36,29 @@ def _optimizers_in(module: ModuleType) -> dict[str, Callable]:
     return out
 
 
+@functools.wraps(optax.contrib.sophia)  # (its signature, for get's hyper-parameter check)
+def _sophia(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
+    # optax.contrib.sophia reads the loss closure as obj_fn=; genflow.train.make_train_step passes
+    # it as value_fn= (optax's name: passing obj_fn= too breaks optax.lbfgs's line search)
+    tx = optax.contrib.sophia(*args, **kwargs)
+
+    def update_fn(updates, state, params=None, *, obj_fn=None, value_fn=None, **extra_args):
+        return tx.update(updates, state, params, obj_fn=value_fn if obj_fn is None else obj_fn, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+# re-exports whose update reads an extra argument under another name than make_train_step's
+_ADAPTED: dict[str, Callable] = {"sophia": _sophia}
+
+
 def _table() -> dict[str, tuple[str, Callable]]:
     table: dict[str, tuple[str, Callable]] = {}
     for source, fns in (("genflow", GENFLOW), ("optax", _optimizers_in(optax)),
                         ("optax.contrib", _optimizers_in(optax.contrib))):
         for name, fn in fns.items():
-            table.setdefault(name, (source, fn))  # genflow > optax > optax.contrib on a clash
+            table.setdefault(name, (source, _ADAPTED.get(name, fn) if source != "genflow" else fn))
+            # (genflow > optax > optax.contrib on a clash)
     return dict(sorted(table.items()))
 
 
