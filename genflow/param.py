@@ -31,7 +31,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from genflow.paths import Path, broadcast_t
+from genflow.paths import Path, broadcast_t, check_t
 
 Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
@@ -129,6 +129,7 @@ def convert(pred: Array, x: Array, t, path: Path, src: str, dst: str) -> Array:
     """
     check_kind(src, "src")
     check_kind(dst, "dst")
+    check_t(t)  # (a no-op under jit)
     if src == dst:
         return pred
     a, s, tb = _coefs(path, t, x)
@@ -172,6 +173,7 @@ def eps_scale(path: Path, t, kind: str) -> Array:
     kind ``kind`` equals ``c(t)^2`` times the eps squared error. ``t: [B]``, returns ``[B]``.
     """
     check_kind(kind)
+    check_t(t)
     a, s = path.alpha(t), path.sigma(t)
     if kind == "eps":
         return jnp.ones_like(a)

@@ -268,8 +268,14 @@ def _vpl_d_alpha(t, beta_min, beta_max):
 
 
 def _vpl_d_sigma(t, beta_min, beta_max):
-    a = _vpl_alpha(t, beta_min, beta_max)
-    return -a * _vpl_d_alpha(t, beta_min, beta_max) / _vpl_sigma(t, beta_min, beta_max)
+    # sigma' = alpha^2 beta / (2 sigma); at t = 0 with beta_min = 0 (the only case where beta and
+    # sigma are both 0), beta / sigma is 0/0 with the limit sqrt(2 beta_max) (sigma ~ t sqrt(beta_max / 2));
+    # with beta_min > 0 it is beta_min / 0 = inf, as before
+    a, s = _vpl_alpha(t, beta_min, beta_max), _vpl_sigma(t, beta_min, beta_max)
+    beta = beta_min + t * (beta_max - beta_min)
+    both0 = (s == 0) & (beta == 0)
+    ratio = jnp.where(both0, jnp.sqrt(2.0 * beta_max), beta / jnp.where(both0, 1.0, s))
+    return 0.5 * a * a * ratio
 
 
 def _vpl_diffusion_sq(t, beta_min, beta_max):
@@ -288,8 +294,18 @@ def _vpl_t_from_log_snr(lam, beta_min, beta_max):
     b = 0.5 * beta_min
     c = 0.5 * jax.nn.log_sigmoid(lam)  # = log alpha <= 0
     # c underflows to 0 for lam above ~90 (and lam = inf): t = 0, where beta_min = 0 made it 0/0
-    den = b + jnp.sqrt(b * b - 4.0 * a * c)
+    # (b^2 - 4ac = (beta(t)/2)^2 >= 0 inside the range; below it, with beta_min > beta_max, it is
+    # negative: clamped, -2c/b > 1 is clipped to t = 1 by the caller instead of NaN)
+    den = b + jnp.sqrt(jnp.maximum(b * b - 4.0 * a * c, 0.0))
     return jnp.where(c == 0, 0.0, -2.0 * c / jnp.where(c == 0, 1.0, den))
+
+
+def _hp(value):
+    """A Python / NumPy int hyper-parameter as a float: ints stay Python ints in the pytree flatten,
+    which eqx.filter_jit (gf.sample, gf.log_prob) keeps static, so edm(rho=7) recompiled for every rho."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _require(ok: Callable[..., bool], message: str, **values) -> None:
@@ -309,12 +325,13 @@ def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0) -> Path:
     ``alpha' x0 + sigma' eps`` is inf * 0 there; ``f x - g^2 score / 2`` is finite), so samplers
     stop at ``t_min = 1e-3`` and finish with a denoising step.
     """
-    _require(lambda lo, hi: lo >= 0.0 and hi > 0.0, "vp_linear needs beta_min >= 0 and beta_max > 0",
+    _require(lambda lo, hi: 0.0 <= lo < np.inf and 0.0 < hi < np.inf,
+             "vp_linear needs finite beta_min >= 0 and beta_max > 0",
              beta_min=beta_min, beta_max=beta_max)
     return Path(
         alpha_fn=_vpl_alpha,
         sigma_fn=_vpl_sigma,
-        params=dict(beta_min=beta_min, beta_max=beta_max),
+        params=dict(beta_min=_hp(beta_min), beta_max=_hp(beta_max)),
         name="vp_linear",
         t_min=1e-3,
         denoise_at_end=True,
@@ -342,9 +359,15 @@ def _cos_theta(t, logsnr_min, logsnr_max):
     return th0 + t * (th1 - th0)
 
 
+def _cos_phi(t, logsnr_min, logsnr_max):
+    # pi/2 - theta(t), from arctan(e^(logsnr_min/2)) = pi/2 - theta(1): exactly 0 at t = 1 when
+    # logsnr_min = -inf (cos(theta(1)) was -4e-8 in float32 and +6e-17 in float64, not 0)
+    th0, th1 = _cos_theta_range(logsnr_min, logsnr_max)
+    return jnp.arctan(jnp.exp(0.5 * logsnr_min)) + (1.0 - t) * (th1 - th0)
+
+
 def _cos_alpha(t, logsnr_min, logsnr_max):
-    # (>= 0: with logsnr_min = -inf, theta(1) = float32(pi/2) is just above pi/2, cos -4e-8)
-    return jnp.maximum(jnp.cos(_cos_theta(t, logsnr_min, logsnr_max)), 0.0)
+    return jnp.sin(_cos_phi(t, logsnr_min, logsnr_max))
 
 
 def _cos_sigma(t, logsnr_min, logsnr_max):
@@ -363,8 +386,7 @@ def _cos_d_sigma(t, logsnr_min, logsnr_max):
 
 def _cos_log_snr(t, logsnr_min, logsnr_max):
     # 2 log(alpha / sigma), not -2 log tan(theta): tan < 0 just above pi/2 gave NaN (logsnr_min = -inf)
-    th = _cos_theta(t, logsnr_min, logsnr_max)
-    return 2.0 * (jnp.log(jnp.maximum(jnp.cos(th), 0.0)) - jnp.log(jnp.sin(th)))
+    return 2.0 * (jnp.log(_cos_alpha(t, logsnr_min, logsnr_max)) - jnp.log(_cos_sigma(t, logsnr_min, logsnr_max)))
 
 
 def _cos_t_from_log_snr(lam, logsnr_min, logsnr_max):
@@ -384,7 +406,7 @@ def vp_cosine(logsnr_min: float = -15.0, logsnr_max: float = float("inf")) -> Pa
     return Path(
         alpha_fn=_cos_alpha,
         sigma_fn=_cos_sigma,
-        params=dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max),
+        params=dict(logsnr_min=_hp(logsnr_min), logsnr_max=_hp(logsnr_max)),
         name="vp_cosine",
         t_min=0.0,
         denoise_at_end=False,
@@ -433,12 +455,12 @@ def ve(sigma_min: float = 0.01, sigma_max: float = 50.0) -> Path:
 
     ``sigma(0) = sigma_min > 0``, so samplers finish with a denoising step by default.
     """
-    _require(lambda lo, hi: 0.0 < lo < hi, "ve needs 0 < sigma_min < sigma_max", sigma_min=sigma_min,
+    _require(lambda lo, hi: 0.0 < lo < hi < np.inf, "ve needs 0 < sigma_min < sigma_max < inf", sigma_min=sigma_min,
              sigma_max=sigma_max)
     return Path(
         alpha_fn=_one,
         sigma_fn=_ve_sigma,
-        params=dict(sigma_min=sigma_min, sigma_max=sigma_max),
+        params=dict(sigma_min=_hp(sigma_min), sigma_max=_hp(sigma_max)),
         name="ve",
         t_min=0.0,
         denoise_at_end=True,
@@ -524,12 +546,13 @@ def edm(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> 
     ``sigma(t) = (sigma_min^(1/rho) + t (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho``, so
     uniform steps in t reproduce EDM's time discretization.
     """
-    _require(lambda lo, hi, r: 0.0 <= lo < hi and r > 0.0, "edm needs 0 <= sigma_min < sigma_max and rho > 0",
+    _require(lambda lo, hi, r: 0.0 <= lo < hi < np.inf and 0.0 < r < np.inf,
+             "edm needs 0 <= sigma_min < sigma_max < inf and finite rho > 0",
              sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     return Path(
         alpha_fn=_one,
         sigma_fn=_edm_sigma,
-        params=dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho),
+        params=dict(sigma_min=_hp(sigma_min), sigma_max=_hp(sigma_max), rho=_hp(rho)),
         name="edm",
         t_min=0.0,
         denoise_at_end=True,
@@ -560,7 +583,10 @@ def get(name: str | Path, **kwargs) -> Path:
     Passing a :class:`Path` returns it unchanged.
     """
     if isinstance(name, Path):
+        if kwargs:
+            raise ValueError(f"gf.paths.get was given the path {name.name!r} itself and hyper-parameters "
+                             f"{sorted(kwargs)}; build the path with them instead (gf.paths.get(name, **kwargs))")
         return name
-    if name not in _FACTORIES:
+    if not isinstance(name, str) or name not in _FACTORIES:
         raise ValueError(f"unknown path {name!r}; expected one of {sorted(_FACTORIES)}")
     return _FACTORIES[name](**kwargs)

@@ -73,3 +73,16 @@ def test_check_model_output():
     assert gf.param.check_model_output(x + 1, x).shape == (4, 2)
     with pytest.raises(ValueError, match=r"returned shape \(4, 1\) for x of shape \(4, 2\)"):
         gf.param.check_model_output(jnp.zeros((4, 1)), x)
+
+
+def test_convert_and_eps_scale_refuse_t_outside_the_unit_interval():
+    p = gf.paths.linear()
+    x = jnp.ones((2, 2))
+    for t in (1.5, -0.25, jnp.array([0.5, 1.5])):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+            gf.param.convert(x, x, t, p, "eps", "x0")
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+            gf.param.eps_scale(p, t, "x0")
+    # still traceable (the check is a no-op under jit)
+    out = jax.jit(lambda t: gf.param.convert(x, x, t, p, "eps", "x0"))(jnp.array([0.5, 0.25]))
+    assert out.shape == (2, 2)

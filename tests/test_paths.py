@@ -2,6 +2,7 @@ import dataclasses
 
 import logging
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,3 +241,64 @@ def test_vp_cosine_with_infinite_logsnr_min_ends_at_pure_noise():
     th = np.arctan(np.exp(-0.5 * np.array([np.inf, -15.0])))
     ref = -2.0 * np.log(np.tan(th[0] + np.asarray(T, np.float64) * (th[1] - th[0])))
     np.testing.assert_allclose(d.log_snr(T), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_vp_cosine_with_infinite_logsnr_min_reaches_pure_noise_in_float64():
+    # cos(theta(1)) with theta(1) = float64(pi/2) is +6.1e-17, not 0: log_snr(1) was -74.7, an eps model
+    # from t = 1 was not refused, and Karras grids started at noise level 1.6e16
+    with jax.enable_x64(True):
+        p = gf.paths.vp_cosine(logsnr_min=-jnp.inf)
+        one = jnp.asarray(1.0, jnp.float64)
+        assert float(p.alpha(one)) == 0.0 and float(p.log_snr(one)) == -np.inf
+        assert float(p.sigma(jnp.asarray(0.0, jnp.float64))) == 0.0 and float(p.alpha(jnp.asarray(0.0, jnp.float64))) == 1.0
+        g = gf.oracles.Gaussian.full(jnp.array([0.7, -1.2]), jnp.array([[0.8, 0.3], [0.3, 0.5]]))
+        with pytest.raises(ValueError, match="alpha=0"):
+            gf.sample(g.model(p, "eps"), p, jnp.ones((4, 2)), prediction="eps", solver="dpm++2m", steps=4)
+    assert float(p.alpha(jnp.float32(1.0))) == 0.0  # (and still in float32)
+
+
+def test_vp_linear_with_decreasing_beta_inverts_log_snr_below_its_range():
+    # beta_min > beta_max is accepted; below log_snr(1) the closed-form inverse took sqrt(< 0): NaN, not 1
+    p = gf.paths.vp_linear(20.0, 0.1)
+    lam = jnp.array([-jnp.inf, -60.0, -10.1, -10.06], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(p.t_from_log_snr(lam)), 1.0)
+    t = jnp.linspace(0.05, 0.95, 7)
+    np.testing.assert_allclose(p.t_from_log_snr(p.log_snr(t)), t, rtol=1e-4)
+
+
+def test_vp_linear_without_beta_min_has_a_finite_sigma_derivative_at_zero():
+    # sigma ~ t sqrt(beta_max / 2): sigma'(0) = sqrt(10) for beta_max = 20, was 0/0 = NaN
+    p = gf.paths.vp_linear(0.0, 20.0)
+    np.testing.assert_allclose(p.d_sigma(jnp.array([0.0, 1e-6])), np.sqrt(10.0), rtol=1e-5)
+    assert float(p.d_log_snr(jnp.float32(0.0))) == -np.inf
+    assert float(gf.paths.vp_linear().d_sigma(jnp.float32(0.0))) == np.inf  # beta_min > 0: still singular
+
+
+def test_int_hyper_parameters_do_not_recompile():
+    # edm(rho=7), ve(sigma_max=50): Python ints stayed ints, which eqx.filter_jit (gf.sample) keeps static
+    traces = []
+    f = eqx.filter_jit(lambda p, t: (traces.append(1), p.sigma(t))[1])
+    t = jnp.linspace(0.0, 1.0, 3)
+    for rho in (7, 6, 5):
+        np.testing.assert_allclose(f(gf.paths.edm(rho=rho), t), gf.paths.edm(rho=float(rho)).sigma(t), rtol=1e-5)
+    for s in (50, 60):
+        f(gf.paths.ve(sigma_max=s), t)
+    assert len(traces) == 2, len(traces)  # one per path type
+
+
+def test_factories_refuse_infinite_hyper_parameters():
+    inf = float("inf")
+    for make in (lambda: gf.paths.vp_linear(0.1, inf), lambda: gf.paths.vp_linear(inf, 20.0),
+                 lambda: gf.paths.ve(0.01, inf), lambda: gf.paths.edm(sigma_max=inf), lambda: gf.paths.edm(rho=inf)):
+        with pytest.raises(ValueError, match="inf|finite"):
+            make()
+    gf.paths.vp_cosine(-inf, inf)  # (the cosine path's infinite log-SNR ends are legitimate)
+
+
+def test_get_refuses_hyper_parameters_with_a_path_and_non_string_names():
+    with pytest.raises(ValueError, match="beta_max"):
+        gf.paths.get(gf.paths.vp_linear(), beta_max=10.0)  # were silently ignored
+    for bad in (["vp_linear"], {"a": 1}):
+        with pytest.raises(ValueError, match="unknown path"):  # was TypeError: unhashable type
+            gf.paths.get(bad)
+    assert gf.paths.get(gf.paths.linear()).name == "linear"
