@@ -551,3 +551,88 @@ def test_mask_refuses_soft_values():
 def test_avg_pool_names_non_image_input():
     with pytest.raises(ValueError, match=r"AvgPool needs images x \[B, H, W, C\]"):
         inv.super_resolution(2).forward(jnp.zeros((2, 16)))
+
+
+def test_tmpd_eps_model_with_an_explicit_grid():
+    # tmpd's default start for eps / score models (where SNR = 1e-4) was passed along with an
+    # explicit grid, which refused it: "t_start=0.994 was given" (no t_start was given)
+    path = gf.paths.vp_cosine()
+    op = inv.super_resolution(2)
+    x1 = path.prior_sample(jax.random.key(6), (2,) + S)
+    grid = jnp.linspace(0.99, 0.0, 4)
+    for kind in ("eps", "score"):
+        x, info = inv.posterior_sample(PRIOR.model(path, kind), path, x1, op(x1), op, prediction=kind, method="tmpd",
+                                       schedule=grid, key=jax.random.key(0), noise=inv.GaussianNoise(SIGMA_Y))
+        np.testing.assert_allclose(info.ts, grid)
+        assert bool(jnp.all(jnp.isfinite(x))), kind
+
+
+def test_pigdm_data_var_is_traced():
+    # documented as traced like scale and eta; float(data_var) raised ConcretizationTypeError
+    # under the caller's jit / vmap
+    path = gf.paths.vp_cosine()
+    op = inv.super_resolution(2)
+    fn = PRIOR.model(path, "x0")
+    x1 = path.prior_sample(jax.random.key(6), (2,) + S)
+    y = op(x1)
+
+    def run(v):
+        return inv.posterior_sample(fn, path, x1, y, op, prediction="x0", method="pigdm", steps=3,
+                                    key=jax.random.key(1), data_var=v)[0]
+
+    np.testing.assert_allclose(jax.jit(run)(jnp.float32(0.5)), run(0.5), rtol=1e-4, atol=1e-5)
+    assert jax.vmap(run)(jnp.array([0.3, 0.5])).shape == (2, 2) + S
+
+    def pm(v):
+        return inv.posterior_model(fn, path, y, op, prediction="x0", method="pigdm", data_var=v)(x1, 0.5)
+
+    np.testing.assert_allclose(jax.jit(pm)(jnp.float32(0.5)), pm(0.5), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="data_var must be > 0"):
+        run(-1.0)
+
+
+def test_flowdps_with_an_operator_that_observes_nothing():
+    # ||A||^2 = 0 (a box over the whole image; random_inpainting with a small keep on small images
+    # can draw one): the step scale / ||A||^2 was inf, times a zero gradient: all-NaN samples
+    path = gf.paths.linear()
+    fn = PRIOR.model(path, "velocity")
+    op = inv.box_inpainting(S, 0, 0, 4, 4)
+    assert float(op.norm_sq()) == 0.0
+    x1 = path.prior_sample(jax.random.key(0), (4,) + S)
+    x, _ = inv.posterior_sample(fn, path, x1, op(x1), op, prediction="velocity", method="flowdps", steps=5,
+                                key=jax.random.key(1))
+    prior, _ = inv.prior_sample(fn, path, x1, prediction="velocity", steps=5, key=jax.random.key(1))
+    np.testing.assert_allclose(x, prior, rtol=1e-5, atol=1e-5)  # nothing observed: the prior sampler
+
+
+def test_sampler_and_operator_arguments_are_named():
+    path = gf.paths.vp_cosine()
+    fn = PRIOR.model(path, "eps")
+    op = inv.super_resolution(2)
+    x1 = path.prior_sample(jax.random.key(0), (2,) + S)
+    kw = dict(prediction="eps", steps=3, key=jax.random.key(1))
+    # a bare noise level (AttributeError: 'float' object has no attribute 'residual_norm')
+    with pytest.raises(TypeError, match="noise must be a noise model"):
+        inv.posterior_sample(fn, path, x1, op(x1), op, noise=0.1, **kw)
+    # a string denoise was truthy (gf.sample refuses it)
+    with pytest.raises(TypeError, match="denoise must be None, True or False"):
+        inv.posterior_sample(fn, path, x1, op(x1), op, denoise="False", **kw)
+    with pytest.raises(TypeError, match="denoise must be None, True or False"):
+        inv.prior_sample(fn, path, x1, denoise="False", **kw)
+    # a Matrix for [4, 4, 1] examples took flat [B, 16] x; its adjoint then returned [B, 4, 4, 1]
+    # (scan-carry / linearize errors inside the samplers)
+    cs = inv.compressed_sensing(jax.random.key(4), S, 6)
+    with pytest.raises(ValueError, match=r"Matrix acts on x \[B, \*x_shape\] with x_shape=\(4, 4, 1\)"):
+        cs(jnp.zeros((2, D)))
+
+
+def test_mask_refuses_examples_it_does_not_fit():
+    # a [4, 4, 3] mask on [B, 4, 4, 1] x returned [B, 4, 4, 3]; an [H, W] mask broadcast against channels
+    op = inv.Mask(jnp.ones((4, 4, 3)))
+    with pytest.raises(ValueError, match=r"Mask of shape \(4, 4, 3\) must match one example"):
+        op(jnp.zeros((2, 4, 4, 1)))
+    with pytest.raises(ValueError, match="must match one example"):
+        inv.Mask(jnp.ones((4, 4)))(jnp.zeros((2, 4, 4, 1)))
+    m = jnp.zeros((4, 4, 1)).at[:2].set(1.0)  # one mask shared by the channels broadcasts
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    np.testing.assert_array_equal(inv.Mask(m)(x), x * m)

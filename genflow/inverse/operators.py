@@ -89,10 +89,21 @@ class Mask(Operator):
                 raise ValueError("Mask: mask must hold only 0 and 1 (inpainting keeps or drops pixels); got values "
                                  f"in [{m.min()}, {m.max()}]")
 
+    def _check(self, x):
+        # (a [4, 4, 3] mask on [B, 4, 4, 1] x returned [B, 4, 4, 3]; an [H, W] mask on [B, H, W, C]
+        # broadcast against the channels: silently wrong shapes / pixels)
+        m = jnp.shape(self.mask)
+        ok = len(m) == x.ndim - 1 and all(a in (1, b) for a, b in zip(m, x.shape[1:]))
+        if not ok:
+            raise ValueError(f"Mask of shape {m} must match one example of x [B, ...] (or broadcast to it, "
+                             f"axis by axis); got x of shape {tuple(x.shape)}")
+
     def forward(self, x):
+        self._check(x)
         return x * self.mask
 
     def adjoint(self, y):
+        self._check(y)
         return y * self.mask
 
     def pinv(self, y):
@@ -266,6 +277,10 @@ class Matrix(Operator):
     name: str = dataclasses.field(default="compressed_sensing", metadata=dict(static=True))
 
     def forward(self, x):
+        if tuple(x.shape[1:]) != tuple(self.x_shape):  # (a flat x of the same size passed, and A^T
+            # then returned [B, *x_shape]: broadcasting / scan-carry errors deep in the samplers)
+            raise ValueError(f"Matrix acts on x [B, *x_shape] with x_shape={tuple(self.x_shape)}; got x of shape "
+                             f"{tuple(x.shape)}")
         return x.reshape(x.shape[0], -1) @ self.matrix.T
 
     def adjoint(self, y):

@@ -66,6 +66,7 @@ from typing import Any, Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow import param
 from genflow._checks import check_int, concrete_real
@@ -155,7 +156,9 @@ def _step_fn(model: Model, method: str | None, base: str, y, op: Operator, noise
 
             # stable for scale < 2: the step is scaled by the largest curvature of the data term,
             # ||A||^2 times the noise model's largest weight (1 for Gaussian, rate / 8 for Poisson)
-            lr = hp["scale"] / (op.norm_sq() * getattr(noise, "curvature", lambda: 1.0)())
+            # (an operator that observes nothing, e.g. an all-zero mask, has ||A||^2 = 0: no step, not inf * 0)
+            curv = op.norm_sq() * getattr(noise, "curvature", lambda: 1.0)()
+            lr = jnp.where(curv > 0, hp["scale"] / jnp.where(curv > 0, curv, 1.0), 0.0)
             x0_dc = jax.lax.fori_loop(0, hp["dc_steps"], lambda _, v: v - lr * dc_grad(v), x0)
             x0 = x0 + (weight * t) * (x0_dc - x0)
         return x0, eps
@@ -292,7 +295,7 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
         raise ValueError(f"x1 must be an array [B, ...]; got {getattr(x1, 'shape', type(x1).__name__)}")
     if not jnp.issubdtype(x1.dtype, jnp.floating):  # (int x1 came back truncated to ints)
         raise TypeError(f"x1 must be a floating-point array; got dtype {x1.dtype}")
-    if t_start is None and (isinstance(schedule, str) or callable(schedule) and not hasattr(schedule, "shape")):
+    if t_start is None and _derived_grid(schedule):
         # eps/score models are 0/0 where alpha = 0 (t = 1 on the linear path): start just before
         # (an explicit grid brings its own start)
         with jax.ensure_compile_time_eval():  # (a Python float under the caller's jit too)
@@ -307,6 +310,17 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
         raise ValueError(f"t_start={float(ts[0])} has alpha=0 on path {path.name!r}, where the {prediction} -> x0 "
                          f"conversion is singular; start slightly earlier (e.g. t_start=0.999, or leave t_start=None)")
     return Model(as_pytree_fn(fn), path, prediction), ts
+
+
+def _derived_grid(schedule) -> bool:
+    """Whether ``schedule`` is a name or a callable, which take ``t_start`` (an explicit array of
+    times brings its own start, and a ``t_start`` passed with it must agree with it)."""
+    return isinstance(schedule, str) or callable(schedule) and not hasattr(schedule, "shape")
+
+
+def _check_denoise(denoise) -> None:
+    if denoise is not None and not isinstance(denoise, (bool, np.bool_)):  # (a string was truthy)
+        raise TypeError(f"denoise must be None, True or False; got {denoise!r}")
 
 
 def _check_eta(eta) -> None:
@@ -326,6 +340,7 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
     if base not in ("ddim", "flow"):
         raise ValueError(f"base must be 'ddim' or 'flow'; got {base!r}")
     _check_eta(eta)
+    _check_denoise(denoise)
     model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
     denoise = path.denoise_at_end if denoise is None else denoise
     y = jnp.zeros((x1.shape[0], 1), x1.dtype)
@@ -415,7 +430,7 @@ def posterior_sample(
         raise ValueError(f"base must be 'ddim' or 'flow'; got {base!r}")
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be a genflow.inverse.Operator; got {type(operator).__name__}")
-    if method == "tmpd" and t_start is None and prediction in ("eps", "score"):
+    if method == "tmpd" and t_start is None and prediction in ("eps", "score") and _derived_grid(schedule):
         # An eps/score model holds Cov[x0 | x_t] in the deviation of its Jacobian from I / sigma,
         # of relative size ~SNR: below SNR 1e-4 float32 cancellation swamps it (on the oracle,
         # motion blur from alpha = 5e-4 went astray as cg_iters grew). Start where SNR = 1e-4.
@@ -430,6 +445,7 @@ def posterior_sample(
     if y.shape != expected.shape:
         raise ValueError(f"y.shape={y.shape} does not match operator.forward(x) of shape {expected.shape}")
     hp = _hyperparameters(method, DEFAULTS[method], hparams)
+    _check_denoise(denoise)
     denoise = path.denoise_at_end if denoise is None else denoise
     noise = _noise_model(method, noise)
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
@@ -447,8 +463,10 @@ def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
         check_int(k, v, 1 if k == "cg_iters" else 0)
     if "eta" in hp:
         _check_eta(hp["eta"])
-    if "data_var" in hp and not float(hp["data_var"]) > 0:
-        raise ValueError(f"data_var must be > 0; got {hp['data_var']!r}")
+    if "data_var" in hp:  # (traced values, e.g. under the caller's jit or vmap, pass)
+        v = concrete_real(hp["data_var"])
+        if not isinstance(hp["data_var"], jax.core.Tracer) and (v is None or not v > 0):
+            raise ValueError(f"data_var must be > 0; got {hp['data_var']!r}")
     hp = {k: jnp.float32(v) for k, v in hp.items()}
     hp.update({k: int(v) for k, v in static.items()})  # static loop counts (a new value compiles anew)
     return hp
@@ -460,6 +478,9 @@ def _noise_model(method: str, noise):
     if method in _GAUSSIAN_LIKELIHOOD and not isinstance(noise, GaussianNoise):
         raise ValueError(f"method {method!r} uses a Gaussian measurement likelihood: noise must be a "
                          f"GaussianNoise(sigma); got {type(noise).__name__}")
+    if not callable(getattr(noise, "residual_norm", None)):  # (a bare 0.1 failed deep inside the sampler)
+        raise TypeError(f"noise must be a noise model such as GaussianNoise(sigma) or PoissonNoise(rate); "
+                        f"got {noise!r}")
     if isinstance(noise, GaussianNoise):  # a traced level: sweeping sigma_y does not recompile
         v = concrete_real(noise.sigma)
         if v is not None and not v >= 0.0:
