@@ -255,3 +255,85 @@ def test_image_loader_checks_its_integer_arguments_and_stray_kwargs():
     with pytest.raises(ValueError, match="seed must be"):
         gf.data.image_loader(src, 2, seed=-1)  # grain's "expected non-negative integer"
     assert next(gf.data.image_loader(src, 2, seed=np.int64(3), shard_index=np.int64(1), shard_count=2))["x"].shape == (2, 4, 4, 1)
+
+
+N = 40_000
+
+
+def test_checkerboard_is_uniform_on_the_dark_squares():
+    """Every point lies in [-size/2, size/2]^2 on a square with an even sum of cell indices (the
+    dark squares of a 4x4 board: 8 of 16), each of the 8 holding about 1/8 of the points."""
+    for size in (4.0, 2.0):
+        x = np.asarray(gf.data.checkerboard(jax.random.key(0), N, size=size))
+        cell = np.floor(x / (size / 4.0)).astype(int)  # cell indices in {-2, ..., 1}
+        assert np.all(np.abs(x) <= size / 2)
+        assert np.all((cell.sum(1) % 2) == 0)
+        ids, counts = np.unique(cell[:, 0] * 10 + cell[:, 1], return_counts=True)
+        assert len(ids) == 8
+        np.testing.assert_allclose(counts / N, 1 / 8, atol=0.01)
+
+
+def test_circles_radii_and_balance():
+    """Noise-free circles: radii scale * {factor, 1}, about half the points on each, uniform angles."""
+    x = np.asarray(gf.data.circles(jax.random.key(0), N, noise=0.0, factor=0.3, scale=2.0))
+    r = np.linalg.norm(x, axis=1)
+    inner = np.isclose(r, 0.6, atol=1e-5)
+    assert np.all(inner | np.isclose(r, 2.0, atol=1e-5))
+    assert abs(inner.mean() - 0.5) < 0.02
+    ang = np.arctan2(x[:, 1], x[:, 0])
+    assert abs(np.cos(ang).mean()) < 0.02 and abs(np.sin(ang).mean()) < 0.02
+
+
+def test_eight_gaussians_centres_and_spread():
+    """std=0: every point is one of the 8 centres radius * (cos 2 pi k / 8, sin 2 pi k / 8), each
+    about 1/8 of the time; std > 0 gives that spread around the nearest centre."""
+    ang = 2 * np.pi * np.arange(8) / 8
+    centres = 3.0 * np.stack([np.cos(ang), np.sin(ang)], -1)
+    x = np.asarray(gf.data.eight_gaussians(jax.random.key(0), N, radius=3.0, std=0.0))
+    d = np.linalg.norm(x[:, None] - centres[None], axis=-1)
+    assert d.min(1).max() < 1e-5
+    np.testing.assert_allclose(np.bincount(d.argmin(1), minlength=8) / N, 1 / 8, atol=0.01)
+    y = np.asarray(gf.data.eight_gaussians(jax.random.key(1), N, radius=3.0, std=0.1))
+    k = np.linalg.norm(y[:, None] - centres[None], axis=-1).argmin(1)
+    np.testing.assert_allclose((y - centres[k]).std(0), 0.1, rtol=0.03)
+
+
+def test_swiss_roll_lies_on_its_spiral():
+    """noise=0: 5 x = t (cos t, sin t) with t uniform on [1.5 pi, 4.5 pi] (scikit-learn's roll)."""
+    x = 5.0 * np.asarray(gf.data.swiss_roll(jax.random.key(0), N, noise=0.0), np.float64)
+    t = np.linalg.norm(x, axis=1)
+    assert t.min() >= 1.5 * np.pi - 1e-4 and t.max() <= 4.5 * np.pi + 1e-4
+    np.testing.assert_allclose(x, t[:, None] * np.stack([np.cos(t), np.sin(t)], -1), atol=1e-3)
+    np.testing.assert_allclose(np.histogram(t, bins=6, range=(1.5 * np.pi, 4.5 * np.pi))[0] / N, 1 / 6, atol=0.01)
+
+
+def test_spirals_are_two_point_symmetric_arms():
+    """noise=0: 3 x = +-r (-cos r, sin r) with r = 3 pi sqrt(u) (uniform area density along the arm),
+    the two arms (signs) about equally likely."""
+    x = 3.0 * np.asarray(gf.data.spirals(jax.random.key(0), N, noise=0.0), np.float64)
+    r = np.linalg.norm(x, axis=1)
+    assert r.max() <= 3 * np.pi + 1e-4
+    arm = np.stack([-np.cos(r), np.sin(r)], -1) * r[:, None]
+    plus = np.all(np.abs(x - arm) < 1e-3, axis=1)
+    minus = np.all(np.abs(x + arm) < 1e-3, axis=1)
+    assert np.all(plus | minus)
+    assert abs(plus.mean() - 0.5) < 0.02
+    np.testing.assert_allclose(np.mean((r / (3 * np.pi)) ** 2), 0.5, atol=0.01)  # u = (r / 3 pi)^2 uniform
+
+
+def test_image_dataset_digits_records():
+    """image_dataset(DIGITS) is a grain MapDataset of {"x": [8, 8, 1] float32 in [-1, 1], "y": int}
+    records equal to load_digits's arrays, unlabelled with label_key=None; other sizes are refused."""
+    assert gf.data.DIGITS == "digits"
+    for split in ("train", "test"):
+        ds = gf.data.image_dataset(gf.data.DIGITS, split)
+        x, y = gf.data.load_digits(split)
+        assert len(ds) == len(x)
+        for i in (0, len(x) // 2, len(x) - 1):
+            rec = ds[i]
+            assert rec["x"].shape == (8, 8, 1) and rec["x"].dtype == np.float32
+            np.testing.assert_array_equal(rec["x"], x[i])
+            assert int(rec["y"]) == int(y[i])
+    assert set(gf.data.image_dataset("digits", "test", label_key=None)[0]) == {"x"}
+    with pytest.raises(ValueError, match="the bundled digits are 8x8; got image_size=16"):
+        gf.data.image_dataset("digits", image_size=16)

@@ -342,3 +342,22 @@ def test_flow_builders_refuse_bad_arguments():
         gf.flows.realnvp(2.5)  # built a Flow with event_shape (2.5,)
     with pytest.raises(ValueError, match="dequantize"):
         gf.flows.ffjord_objective(lambda p, x, t: x, dequantize=-1.0)  # flow_objective refused it, this did not
+
+
+def test_nll_loss_matches_the_gaussian_closed_form():
+    """nll_loss for the Gaussian N(m, S) that ActNorm + a dense linear layer define:
+    -mean_x log N(x; m, S) / D, with log N = -(x-m)^T S^-1 (x-m)/2 + log det(S^-1)/2 - D log(2 pi)/2;
+    and it is what flow_objective(flow, "ml") returns."""
+    flow, params, x, prec, mean = _gaussian_flow()
+    d = 3
+    r = x - mean
+    logp = -0.5 * jnp.sum((r @ prec) * r, -1) + 0.5 * jnp.linalg.slogdet(prec)[1] - 0.5 * d * math.log(2 * math.pi)
+    ref = -float(jnp.mean(logp)) / d
+    nll, (loss, _) = jax.jit(lambda p, x: (F.nll_loss(flow, p, x), F.flow_objective(flow, "ml")(p, x, jax.random.key(0))))(
+        params, x)
+    np.testing.assert_allclose(float(nll), ref, rtol=1e-10)
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-10)
+    # the maximum-likelihood fit lowers it: the sample's own Gaussian has a smaller NLL
+    s_hat = jnp.cov(x.T, bias=True)
+    best = 0.5 * (d * math.log(2 * math.pi) + jnp.linalg.slogdet(s_hat)[1] + d) / d
+    assert ref > float(best)

@@ -256,3 +256,80 @@ def test_ode_log_prob_generic_velocity():
     np.testing.assert_allclose(lp, gf.likelihood.gaussian_log_prob(z, 1.0) + jnp.trace(a), atol=1e-9)
 
 
+
+
+@pytest.mark.parametrize("solver", sorted(gf.likelihood.SOLVERS))
+def test_every_solver_in_the_table_counts_and_converges(solver):
+    """Each SOLVERS entry (class, evaluations per step, evaluations at the start, adaptive) is what
+    log_prob does: with steps=N the reported nfe is per_step * N + init, and the log-density of a
+    Gaussian on the linear path matches the closed form (first order: looser)."""
+    _, per_step, init, _ = gf.likelihood.SOLVERS[solver]
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.5, -1.0]), jnp.array([0.3, 1.5]))
+    path = gf.paths.linear()
+    x = g.sample(jax.random.key(1), 8)
+    steps = 40
+    lp, info = gf.log_prob(g.model(path, "velocity"), path, x, prediction="velocity", solver=solver, steps=steps)
+    assert int(info.nfe) == per_step * steps + init, (solver, int(info.nfe))
+    assert int(info.num_steps) == steps
+    err = float(np.abs(np.asarray(lp) - np.asarray(g.log_prob(x, 0.0, path))).max())
+    assert err < (5e-2 if solver == "euler" else 2e-3), (solver, err)
+
+
+def test_probe_kinds_have_identity_second_moment():
+    """Every PROBES kind draws z with E[z z^T] = I (the Hutchinson requirement) and is accepted by
+    log_prob; Rademacher entries are exactly +-1. Hutchinson with either is unbiased for tr(A)."""
+    a = jnp.array([[2.0, 0.5, 0.0], [0.3, -1.0, 0.2], [0.0, 0.7, 0.5]])
+    for kind in gf.likelihood.PROBES:
+        z = sample_probes(jax.random.key(0), (20000, 3), jnp.float64, kind)
+        assert z.shape == (20000, 3) and z.dtype == jnp.float64
+        np.testing.assert_allclose(z.T @ z / 20000, np.eye(3), atol=0.04)
+        if kind == "rademacher":
+            assert set(np.unique(np.asarray(z))) == {-1.0, 1.0}
+        probes = sample_probes(jax.random.key(1), (4000, 1, 3), jnp.float64, kind)
+        _, est = hutchinson_divergence(lambda x: x @ a.T, jnp.ones((1, 3)), probes)
+        assert abs(float(est[0]) - float(jnp.trace(a))) < 0.15, (kind, float(est[0]))
+    with pytest.raises(ValueError, match=r"unknown probe 'sobol'; expected one of \['rademacher', 'gaussian'\]"):
+        sample_probes(jax.random.key(0), (2, 3), jnp.float64, "sobol")
+
+
+def test_time_samplings_are_unbiased_for_the_diffusion_integral():
+    """Every TIME_SAMPLINGS kind gives E[weight * g(t)] = 1/2 int (-lambda'(t)) g(t) dt (sample_time's
+    contract), checked for g = 1 (= (lambda(t_min) - lambda(t_max)) / 2) and g(t) = t by quadrature."""
+    path = gf.paths.vp_linear()
+    t_min, t_max = 1e-3, 1.0
+    grid = np.linspace(t_min, t_max, 200001)
+    dl = -np.asarray(path.d_log_snr(jnp.asarray(grid)))
+    integral = lambda g: 0.5 * np.trapezoid(dl * g, grid)  # noqa: E731
+    for kind in gf.likelihood.TIME_SAMPLINGS:
+        t, w = gf.likelihood.sample_time(jax.random.key(0), 200_000, path, t_min, t_max, sampling=kind,
+                                         dtype=jnp.float64)
+        t, w = np.asarray(t), np.asarray(w)
+        assert t.min() >= t_min and t.max() <= t_max
+        for g in (np.ones_like, lambda s: s):
+            est, ref = (w * g(t)).mean(), integral(g(grid))
+            se = (w * g(t)).std() / math.sqrt(len(t))
+            assert abs(est - ref) < 4 * se + 1e-6 * abs(ref), (kind, est, ref, se)
+    with pytest.raises(ValueError, match=r"expected one of \['importance', 'uniform'\]"):
+        gf.likelihood.sample_time(jax.random.key(0), 4, path, t_min, sampling="stratified")
+
+
+def test_dequantizations_named_in_the_error():
+    assert gf.likelihood.DEQUANTIZATIONS == ("uniform", "truncated_normal")
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    path = gf.paths.vp_linear()
+    with pytest.raises(ValueError, match=r"unknown dequantization 'gauss'; expected one of \['uniform', 'truncated_normal'\]"):
+        gf.likelihood.dequantized_log_prob(g.model(path, "eps"), path, jnp.zeros((2, 2)), jax.random.key(0),
+                                           prediction="eps", bin_width=0.1, dequantization="gauss")
+
+
+@pytest.mark.parametrize("name", ["vp_linear", "vp_cosine", "linear"])
+def test_truncated_normal_time_has_the_documented_snr(name):
+    """alpha / sigma at t_eps is 2 tau / bin_width (on paths that reach that log-SNR), t_eps lies in
+    [0, 1], and a wider bin or a narrower truncation gives a later (noisier) time."""
+    path = gf.paths.get(name)
+    for bw, tau in ((2 / 255, 3.0), (0.125, 2.0), (0.5, 3.0)):
+        t = gf.likelihood.truncated_normal_time(path, bw, tau)
+        assert 0.0 <= float(t) <= 1.0
+        np.testing.assert_allclose(float(path.alpha(t) / path.sigma(t)), 2 * tau / bw, rtol=1e-6)
+    t = lambda bw, tau: float(gf.likelihood.truncated_normal_time(path, bw, tau))  # noqa: E731
+    assert t(0.5, 3.0) > t(0.125, 3.0) and t(0.125, 2.0) > t(0.125, 3.0)

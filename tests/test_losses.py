@@ -281,3 +281,71 @@ def test_sigmoid_bias_must_be_finite():
     with pytest.raises(ValueError, match="bias .* must be a finite real"):
         gf.losses.diffusion_loss(lambda x, t: x, gf.paths.vp_cosine(), x0, jax.random.key(0), weighting="sigmoid",
                                  bias=float("nan"))
+
+
+def test_dsm_loss_of_the_oracle_score_is_the_eps_bayes_risk():
+    """dsm_loss (sigma^2-weighted score matching) of the exact score is E_t mean_d Var(eps | x_t),
+    the eps Bayes risk (sigma^2 |s - score_target|^2 = |sigma s + eps|^2), and any other score
+    (here shifted by delta) scores higher by ~ E[sigma^2] delta^2."""
+    path = gf.paths.vp_cosine()
+    g = gf.oracles.Gaussian.diagonal(MU, V)
+    x0 = g.sample(jax.random.key(0), N)
+    fn = g.model(path, "score")
+    run = jax.jit(lambda d, x, k: gf.losses.dsm_loss(lambda y, t: fn(y, t) + d, path, x, k))
+    loss, aux = run(0.0, x0, jax.random.key(1))
+    se = float(jnp.std(aux["per_example"]) / np.sqrt(N))
+    expected = _bayes_risk(path, "eps")
+    assert abs(float(loss) - expected) < 4 * se + 1e-3, (float(loss), expected, se)
+    worse, _ = run(0.3, x0, jax.random.key(1))
+    assert float(worse) > float(loss) + 0.3**2 * float(jnp.mean(path.sigma(aux["t"]) ** 2)) * 0.8
+
+
+def test_independent_coupling_keeps_the_draw():
+    """The independent coupling returns the noise batch unchanged (the pairing of the draw),
+    whatever the key and the data, and is what coupling="independent" (the default) uses."""
+    x0 = jax.random.normal(jax.random.key(0), (5, 3))
+    x1 = jax.random.normal(jax.random.key(1), (5, 3))
+    for k in (0, 1):
+        np.testing.assert_array_equal(gf.losses.independent_coupling(jax.random.key(k), x0, x1), x1)
+    np.testing.assert_array_equal(gf.losses.independent_coupling(jax.random.key(0), -x0, x1), x1)
+    assert gf.losses.COUPLINGS["independent"] is gf.losses.independent_coupling
+    # the default coupling gives the same loss as passing the function itself
+    path = gf.paths.linear()
+    fn = lambda x, t: 0.5 * x  # noqa: E731
+    a, _ = gf.losses.flow_matching_loss(fn, path, x0, jax.random.key(2))
+    b, _ = gf.losses.flow_matching_loss(fn, path, x0, jax.random.key(2), coupling=gf.losses.independent_coupling)
+    assert float(a) == float(b)
+
+
+@pytest.mark.parametrize("name", sorted(gf.losses.COUPLINGS))
+def test_every_named_coupling_pairs_a_permutation_of_the_noise(name):
+    """Every entry of COUPLINGS is accepted by name and returns x1 (or a row permutation of it),
+    never new noise: the multiset of rows is unchanged and the loss matches the callable's."""
+    x0 = jax.random.normal(jax.random.key(0), (6, 2))
+    x1 = jax.random.normal(jax.random.key(1), (6, 2))
+    out = np.asarray(gf.losses.COUPLINGS[name](jax.random.key(3), x0, x1))
+    np.testing.assert_array_equal(np.sort(out, axis=0), np.sort(np.asarray(x1), axis=0))
+    np.testing.assert_array_equal(np.sort(out.sum(1)), np.sort(np.asarray(x1).sum(1)))  # whole rows moved
+    path = gf.paths.linear()
+    fn = lambda x, t: 0.5 * x  # noqa: E731
+    a, _ = gf.losses.flow_matching_loss(fn, path, x0, jax.random.key(2), coupling=name)
+    b, _ = gf.losses.flow_matching_loss(fn, path, x0, jax.random.key(2), coupling=gf.losses.COUPLINGS[name])
+    assert float(a) == float(b)
+
+
+@pytest.mark.parametrize("kind", gf.param.KINDS)
+def test_every_named_weighting_is_accepted_and_finite_inside(kind):
+    """Every name in WEIGHTINGS builds a weighting for every prediction kind, returning finite,
+    non-negative per-example weights [B] on interior times, and diffusion_loss accepts the name."""
+    path = gf.paths.vp_cosine()
+    t = jnp.linspace(0.05, 0.95, 7)
+    x0 = jax.random.normal(jax.random.key(0), (7, 2))
+    for name in gf.losses.WEIGHTINGS:
+        w = jnp.broadcast_to(gf.losses.get_weighting(name, kind)(path, t), t.shape)
+        assert np.all(np.isfinite(np.asarray(w))) and np.all(np.asarray(w) >= 0), (name, kind, w)
+        loss, aux = gf.losses.diffusion_loss(lambda x, t: jnp.zeros_like(x), path, x0, jax.random.key(1),
+                                             prediction=kind, weighting=name, t_min=0.05, t_max=0.95)
+        assert np.isfinite(float(loss)) and aux["per_example"].shape == (7,), (name, kind)
+    # "uniform" is the plain MSE of the predicted kind: w = c^2
+    c = gf.param.eps_scale(path, t, kind)
+    np.testing.assert_allclose(gf.losses.get_weighting("uniform", kind)(path, t), c * c, rtol=1e-6)

@@ -1,3 +1,5 @@
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -313,3 +315,106 @@ def test_model_fn_keeps_static_options_static_and_equal_modules_equal():
     xi = jnp.ones((2, 4, 4, 1))
     pu = u.init(jax.random.key(0), xi, t)
     np.testing.assert_allclose(run(gf.nets.model_fn(u, pu, train=False), xi, t), u.apply(pu, xi, t), rtol=1e-6)
+
+
+def test_activations_match_their_formulas_and_build_an_mlp():
+    z = np.linspace(-4.0, 4.0, 33)
+    ref = {
+        "silu": z / (1 + np.exp(-z)),
+        "relu": np.maximum(z, 0.0),
+        "tanh": np.tanh(z),
+        "softplus": np.log1p(np.exp(z)),
+        "selu": 1.0507009873554805 * np.where(z > 0, z, 1.6732632423543772 * np.expm1(z)),
+        "gelu": 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3))),  # flax: tanh approximation
+    }
+    assert set(gf.nets.ACTIVATIONS) == set(ref)
+    x, t = jax.random.normal(jax.random.key(0), (3, 2)), jnp.array([0.1, 0.5, 0.9])
+    outs = {}
+    for name, f in gf.nets.ACTIVATIONS.items():
+        np.testing.assert_allclose(f(jnp.asarray(z, jnp.float32)), ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        m = gf.nets.MLP(hidden=(8,), activation=name)
+        run = jax.jit(lambda x, t: m.apply(_randomize(m.init(jax.random.key(1), x, t), jax.random.key(2)), x, t))
+        outs[name] = np.asarray(run(x, t))
+        assert outs[name].shape == (3, 2) and np.all(np.isfinite(outs[name]))
+    assert not np.allclose(outs["relu"], outs["tanh"])  # the activation is actually used
+
+
+def test_dit_presets_are_the_papers_sizes():
+    """DIT_PRESETS: (hidden, depth, heads) of DiT (Peebles & Xie 2023, Table 1) plus DeiT-Ti, each
+    with a whole head width, and dit('<size>/<p>') builds exactly that configuration."""
+    paper = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16), "Ti": (192, 12, 3)}
+    assert gf.nets.DIT_PRESETS == paper
+    for size, (hidden, depth, heads) in gf.nets.DIT_PRESETS.items():
+        assert hidden % heads == 0
+        for p in (2, 4, 8):
+            d = gf.nets.dit(f"{size}/{p}")
+            assert (d.hidden, d.depth, d.num_heads, d.patch_size) == (hidden, depth, heads, p)
+
+
+class _Labels(nn.Module):
+    num_classes: int | None
+
+    @nn.compact
+    def __call__(self, y, batch):
+        return gf.nets.label_embedding(y, self.num_classes, 5, batch)
+
+
+def test_label_embedding_null_label_shapes_and_checks():
+    """label_embedding: [B] labels in [0, num_classes] -> [B, dim] rows of one table; y=None is the
+    null label num_classes for every sample; unconditional networks return None and refuse labels."""
+    m = _Labels(3)
+    y = jnp.array([0, 2, 3, 2])
+    p = m.init(jax.random.key(0), y, 4)
+    table = p["params"]["label_embed"]["embedding"]
+    assert table.shape == (4, 5)  # num_classes + 1 rows: the last one is "no label"
+    out = m.apply(p, y, 4)
+    assert out.shape == (4, 5)
+    np.testing.assert_array_equal(out, table[y])
+    np.testing.assert_array_equal(out[1], out[3])  # same label, same embedding
+    np.testing.assert_array_equal(m.apply(p, None, 2), jnp.stack([table[3], table[3]]))
+    assert _Labels(None).apply({}, None, 4) is None
+    with pytest.raises(ValueError, match="num_classes=None"):
+        _Labels(None).apply({}, y, 4)
+    with pytest.raises(ValueError, match=r"labels y must be ints in \[0, num_classes=3\]"):
+        m.apply(p, jnp.array([0, 4]), 2)
+    with pytest.raises(ValueError, match=r"labels y must have shape \[B\]=\(4,\)"):
+        m.apply(p, jnp.array([0, 1]), 4)
+
+
+def test_res_block_starts_as_the_scaled_skip_and_is_conditioned_on_time():
+    """ResBlock: its last conv is zero-initialised, so at init out = skip(x) / sqrt(2) (the identity
+    skip when the channels match); random parameters make it depend on temb per example."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    temb = jax.random.normal(jax.random.key(1), (2, 16))
+    blk = gf.nets.ResBlock(out_ch=8)
+    p = jax.jit(blk.init)(jax.random.key(2), x, temb)
+    apply = jax.jit(blk.apply)
+    np.testing.assert_allclose(apply(p, x, temb), x / math.sqrt(2), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(gf.nets.ResBlock(out_ch=8, skip_rescale=False).apply)(p, x, temb), x,
+                               atol=1e-6)
+    wide = gf.nets.ResBlock(out_ch=16)
+    assert jax.eval_shape(lambda: wide.apply(wide.init(jax.random.key(2), x, temb), x, temb)).shape == (2, 4, 4, 16)
+    pr = _randomize(p, jax.random.key(3))
+    out = apply(pr, x, temb)
+    out2 = apply(pr, x, temb.at[1].multiply(-1.0))
+    d = np.abs(np.asarray(out2 - out)).reshape(2, -1).max(1)
+    assert d[1] > 1e-3 and d[0] < 1e-6, d
+
+
+def test_attn_block_is_equivariant_to_permuting_positions():
+    """AttnBlock is self-attention over the H*W positions with no positional information, so (with
+    random, non-zero weights) permuting the pixels permutes its output; at init (zero projection)
+    it is x / sqrt(2). Heads must divide the channels."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    blk = gf.nets.AttnBlock(num_heads=2)
+    p = jax.jit(blk.init)(jax.random.key(1), x)
+    apply = jax.jit(blk.apply)
+    np.testing.assert_allclose(apply(p, x), x / math.sqrt(2), rtol=1e-6, atol=1e-6)
+    pr = _randomize(p, jax.random.key(2))
+    perm = jax.random.permutation(jax.random.key(3), 16)
+    shuffle = lambda a: a.reshape(2, 16, 8)[:, perm].reshape(2, 4, 4, 8)  # noqa: E731
+    out = apply(pr, x)
+    assert float(jnp.abs(out - x / math.sqrt(2)).max()) > 1e-2  # attention does something
+    np.testing.assert_allclose(apply(pr, shuffle(x)), shuffle(out), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not divisible by num_heads=3"):
+        gf.nets.AttnBlock(num_heads=3).init(jax.random.key(1), x)

@@ -368,3 +368,81 @@ def test_every_registered_optimizer_steps_through_the_train_step(name):
     step = jax.jit(gf.train.make_train_step(loss_fn, opt))
     state, m = step(gf.train.init_state(params, opt, jax.random.key(0)), jnp.float32(0.3))
     assert bool(m["finite"]) and all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+_G = [  # three gradient steps for two leaves (a sign change and a zero entry included)
+    {"a": np.array([0.5, -1.0, 2.0]), "b": np.array([[0.1, 0.0], [-0.3, 4.0]])},
+    {"a": np.array([-0.2, -0.9, 2.5]), "b": np.array([[0.2, 0.0], [0.3, 1.0]])},
+    {"a": np.array([0.4, 1.0, 0.0]), "b": np.array([[-0.1, 0.0], [0.2, -2.0]])},
+]
+
+
+_P = {"a": np.array([1.0, -2.0, 0.5]), "b": np.array([[0.3, -0.7], [1.5, 0.2]])}
+
+
+def _run(tx, state_type):
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _P)
+    state = tx.init(params)
+    assert isinstance(state, state_type), type(state)
+    outs = []
+    for g in _G:
+        u, state = tx.update(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), g), state, params)
+        assert isinstance(state, state_type)
+        outs.append(jax.tree.map(np.asarray, u))
+    assert int(state.count) == len(_G)
+    return outs
+
+
+def _adam_moments(b1, b2):
+    """Per step, per leaf: (g, g_prev, m^, v^) of Adam's bias-corrected moments."""
+    m = {k: 0 * v for k, v in _P.items()}
+    v = {k: 0 * v for k, v in _P.items()}
+    prev = {k: 0 * v for k, v in _P.items()}
+    out = []
+    for t, g in enumerate(_G, start=1):
+        step = {}
+        for k in _P:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            step[k] = (g[k], prev[k], m[k] / (1 - b1**t), v[k] / (1 - b2**t))
+        prev = dict(g)
+        out.append(step)
+    return out
+
+
+def test_scale_by_grams_is_the_documented_direction():
+    """u_t = sign(g_t) |m^_t / (sqrt(v^_t) + eps)| (docstring of scale_by_grams), state ScaleByGramsState."""
+    b1, b2, eps = 0.8, 0.95, 1e-3
+    got = _run(gf.optim.scale_by_grams(b1, b2, eps), gf.optim.ScaleByGramsState)
+    for u, step in zip(got, _adam_moments(b1, b2)):
+        for k, (g, _, mh, vh) in step.items():
+            np.testing.assert_allclose(u[k], np.sign(g) * np.abs(mh / (np.sqrt(vh) + eps)), rtol=1e-5, atol=1e-7)
+
+
+def test_scale_by_diffgrad_is_the_documented_direction():
+    """u_t = sigmoid(|g_{t-1} - g_t|) m^_t / (sqrt(v^_t) + eps), g_0 = 0 (docstring of scale_by_diffgrad)."""
+    b1, b2, eps = 0.8, 0.95, 1e-3
+    got = _run(gf.optim.scale_by_diffgrad(b1, b2, eps), gf.optim.ScaleByDiffGradState)
+    for u, step in zip(got, _adam_moments(b1, b2)):
+        for k, (g, gp, mh, vh) in step.items():
+            xi = 1 / (1 + np.exp(-np.abs(gp - g)))
+            np.testing.assert_allclose(u[k], xi * mh / (np.sqrt(vh) + eps), rtol=1e-5, atol=1e-7)
+
+
+def test_scale_by_fadam_is_the_documented_direction():
+    """The FAdam recursion of scale_by_fadam's docstring, per leaf, with weight decay through the Fisher."""
+    b1, b2, eps, eps2, clip, p, wd = 0.8, 0.95, 1e-3, 0.01, 1.0, 0.5, 0.1
+    got = _run(gf.optim.scale_by_fadam(b1, b2, eps, eps2, clip, p, wd), gf.optim.ScaleByFAdamState)
+    rms = lambda a: np.sqrt(np.mean(a**2))  # noqa: E731
+    f = {k: 0 * v for k, v in _P.items()}
+    m = {k: 0 * v for k, v in _P.items()}
+    for t, (u, g) in enumerate(zip(got, _G), start=1):
+        b2h = b2 * (1 - b2 ** (t - 1)) / (1 - b2**t)
+        for k in _P:
+            f[k] = b2h * f[k] + (1 - b2h) * g[k] ** 2
+            e = eps if not np.any(g[k]) else min(eps, eps2 * rms(g[k]))
+            D = f[k] ** p + e ** (2 * p)
+            gbar = g[k] / D / max(1.0, rms(g[k] / D) / clip)
+            m[k] = b1 * m[k] + (1 - b1) * gbar
+            w = _P[k] / D / max(1.0, rms(_P[k] / D) / clip)
+            np.testing.assert_allclose(u[k], m[k] + wd * w, rtol=1e-4, atol=1e-6, err_msg=f"step {t} leaf {k}")

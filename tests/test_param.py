@@ -86,3 +86,38 @@ def test_convert_and_eps_scale_refuse_t_outside_the_unit_interval():
     # still traceable (the check is a no-op under jit)
     out = jax.jit(lambda t: gf.param.convert(x, x, t, p, "eps", "x0"))(jnp.array([0.5, 0.25]))
     assert out.shape == (2, 2)
+
+
+def test_converted_fn_is_a_pytree_that_jit_traces():
+    """convert_fn(src != dst) returns a ConvertedFn: a pytree whose leaves are the wrapped function's
+    bound arrays and the path parameters (so jit traces, not hashes, them: new values reuse one
+    compilation and give the new result), and src == dst returns fn itself."""
+    path = gf.paths.vp_linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.5, -1.0]), jnp.array([0.7, 1.3]))
+    eps_fn = g.model(path, "eps")
+    assert gf.param.convert_fn(eps_fn, path, "eps", "eps") is eps_fn
+    conv = gf.param.convert_fn(eps_fn, path, "eps", "x0")
+    assert isinstance(conv, gf.param.ConvertedFn) and (conv.src, conv.dst) == ("eps", "x0")
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    t = jnp.array([0.05, 0.3, 0.6, 0.95])
+    np.testing.assert_allclose(conv(x, t), g.model(path, "x0")(x, t), rtol=1e-4, atol=1e-5)
+
+    leaves = jax.tree_util.tree_leaves(conv)
+    assert any(leaf is g.mean for leaf in leaves)  # the oracle's arrays are leaves, not static
+    traces = []
+
+    @jax.jit
+    def call(f, x, t):
+        traces.append(1)
+        return f(x, t)
+
+    np.testing.assert_allclose(call(conv, x, t), conv(x, t), rtol=1e-6)
+    g2 = gf.oracles.Gaussian.diagonal(jnp.array([2.0, 3.0]), jnp.array([0.7, 1.3]))
+    conv2 = gf.param.convert_fn(g2.model(path, "eps"), path, "eps", "x0")
+    np.testing.assert_allclose(call(conv2, x, t), g2.model(path, "x0")(x, t), rtol=1e-4, atol=1e-5)
+    assert len(traces) == 1  # a new oracle (same structure) did not recompile
+    # round trip eps -> x0 -> eps is the identity on the model's output
+    back = gf.param.convert_fn(conv, path, "x0", "eps")
+    np.testing.assert_allclose(back(x, t), eps_fn(x, t), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError):
+        gf.param.convert_fn(eps_fn, path, "eps", "noise")

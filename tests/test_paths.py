@@ -302,3 +302,25 @@ def test_get_refuses_hyper_parameters_with_a_path_and_non_string_names():
         with pytest.raises(ValueError, match="unknown path"):  # was TypeError: unhashable type
             gf.paths.get(bad)
     assert gf.paths.get(gf.paths.linear()).name == "linear"
+
+
+def test_broadcast_t_shapes_values_and_errors():
+    """broadcast_t: a scalar stays a scalar, [B] becomes [B, 1, ..., 1] against x [B, ...] (same
+    values row by row), ints become floats; any other shape is refused with the shapes named."""
+    x = jnp.zeros((3, 4, 5, 2))
+    t = jnp.array([0.1, 0.5, 0.9])
+    out = gf.paths.broadcast_t(t, x)
+    assert out.shape == (3, 1, 1, 1)
+    np.testing.assert_array_equal(out.reshape(3), t)
+    np.testing.assert_array_equal((out * jnp.ones_like(x))[:, 2, 3, 1], t)  # row b gets t[b]
+    assert gf.paths.broadcast_t(0.25, x).shape == ()
+    assert gf.paths.broadcast_t(jnp.float32(0.25), jnp.zeros((3,))).shape == ()
+    assert gf.paths.broadcast_t(jnp.array([0.3, 0.7]), jnp.zeros((2,))).shape == (2,)  # x without features
+    ti = gf.paths.broadcast_t(jnp.array([0, 1, 1]), x)
+    assert jnp.issubdtype(ti.dtype, jnp.floating)
+    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B\] = \[3\].*t.shape=\(2,\)"):
+        gf.paths.broadcast_t(jnp.array([0.1, 0.2]), x)
+    with pytest.raises(ValueError, match=r"t.shape=\(3, 1\)"):
+        gf.paths.broadcast_t(jnp.zeros((3, 1)), x)
+    # traced under jit with the same result
+    np.testing.assert_array_equal(jax.jit(gf.paths.broadcast_t)(t, x), out)

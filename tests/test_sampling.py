@@ -1,5 +1,6 @@
 """Samplers against the Gaussian oracle (closed-form probability-flow map)."""
 
+import functools
 import re
 
 import jax
@@ -340,3 +341,37 @@ def test_register_a_diffrax_solver_from_outside(gauss2):
         gf.sampling.register(spec)
     with pytest.raises(TypeError, match="SolverSpec"):
         gf.sampling.register("rk4")
+
+
+def test_as_pytree_fn_turns_partials_into_traced_pytrees():
+    """as_pytree_fn: a functools.partial (nested too) becomes a jax.tree_util.Partial whose bound
+    arrays are pytree leaves, so a jitted sampler traces them: new parameters reuse the compiled
+    program and give the new result; anything else is returned as is."""
+    def f(x, t, w, b=0.0):
+        return w * x + b + 0 * t[:, None]
+
+    w1, w2 = jnp.array([1.0, 2.0]), jnp.array([-3.0, 0.5])
+    p = gf.sampling.as_pytree_fn(functools.partial(f, w=w1, b=jnp.float32(0.25)))
+    assert isinstance(p, jax.tree_util.Partial)
+    leaves = jax.tree_util.tree_leaves(p)
+    assert any(leaf is w1 for leaf in leaves) and len(leaves) == 2
+    nested = gf.sampling.as_pytree_fn(functools.partial(functools.partial(f, w=w1), b=jnp.float32(1.0)))
+    assert isinstance(nested, jax.tree_util.Partial) and len(jax.tree_util.tree_leaves(nested)) == 2
+    x, t = jnp.ones((3, 2)), jnp.full((3,), 0.5)
+    np.testing.assert_allclose(nested(x, t), f(x, t, w1, 1.0))
+
+    traces = []
+
+    @jax.jit
+    def call(fn, x, t):
+        traces.append(1)
+        return fn(x, t)
+
+    np.testing.assert_allclose(call(p, x, t), f(x, t, w1, 0.25))
+    q = gf.sampling.as_pytree_fn(functools.partial(f, w=w2, b=jnp.float32(0.25)))
+    np.testing.assert_allclose(call(q, x, t), f(x, t, w2, 0.25))
+    assert len(traces) == 1  # new bound arrays, same compiled program
+
+    plain = lambda x, t: x  # noqa: E731
+    assert gf.sampling.as_pytree_fn(plain) is plain
+    assert gf.sampling.as_pytree_fn(p) is p

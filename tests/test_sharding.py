@@ -107,3 +107,21 @@ def test_maybe_initialize_distributed_from_environment():
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.stdout.split() == ["True", "1"], r.stderr[-2000:]
+
+
+def test_batch_sharding_and_replicated_specs():
+    """batch_sharding splits the leading (batch) axis over ("data", "fsdp"), or the second axis of
+    a stacked [steps, B, ...] chunk; replicated puts the whole array on every device."""
+    mesh = gf.train.make_mesh(1, 1)
+    bs, st, rep = gf.train.batch_sharding(mesh), gf.train.batch_sharding(mesh, stacked=True), gf.train.replicated(mesh)
+    assert bs.spec == P(("data", "fsdp")) and bs.mesh == mesh
+    assert st.spec == P(None, ("data", "fsdp"))
+    assert rep.spec == P() and rep.is_fully_replicated
+    x = jnp.arange(24.0).reshape(4, 3, 2)
+    for s in (bs, st, rep):
+        y = jax.device_put(x, s)
+        assert y.sharding.is_equivalent_to(s, x.ndim)
+        np.testing.assert_array_equal(y, x)
+    # shard_batch places a host batch with batch_sharding
+    got = gf.train.shard_batch({"x": np.asarray(x)}, mesh)["x"]
+    assert got.sharding.is_equivalent_to(bs, x.ndim)

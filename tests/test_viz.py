@@ -76,3 +76,27 @@ def test_scatter_of_a_single_point_has_proper_limits():
     lo, hi = fig.axes[0].get_xlim()
     assert lo < 0.5 < hi
     plt.close(fig)
+
+
+def test_save_writes_the_figure_at_dpi_and_closes_it(tmp_path):
+    """save(fig, path) writes a PNG of the figure at the requested dpi (pixel size proportional to
+    dpi) and closes it (no figure leaks in a non-inline backend); path=None keeps it open; it
+    returns fig either way."""
+    sizes = {}
+    for dpi in (50, 100):
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.plot([0, 1], [0, 1])
+        p = str(tmp_path / f"f{dpi}.png")
+        assert gf.viz.save(fig, p, dpi=dpi) is fig
+        assert not plt.fignum_exists(fig.number)
+        with Image.open(p) as im:
+            sizes[dpi] = im.size
+            arr = np.asarray(im.convert("L"))
+        assert arr.min() < 128 < arr.max()  # something was drawn on a light background
+    ratio = np.array(sizes[100]) / np.array(sizes[50])
+    np.testing.assert_allclose(ratio, 2.0, rtol=0.1)
+    fig = plt.figure()
+    try:
+        assert gf.viz.save(fig, None) is fig and plt.fignum_exists(fig.number)
+    finally:
+        plt.close(fig)
