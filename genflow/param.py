@@ -38,7 +38,7 @@ ModelFn = Callable[[Array, Array], Array]
 
 KINDS = ("eps", "x0", "v", "score", "velocity")
 
-__all__ = ["KINDS", "check_kind", "to_x0_eps", "from_x0_eps", "convert", "convert_fn", "eps_scale",
+__all__ = ["KINDS", "check_kind", "to_x0_eps", "from_x0_eps", "convert", "convert_fn", "ConvertedFn", "eps_scale",
            "check_model_output"]
 
 
