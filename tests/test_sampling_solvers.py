@@ -189,3 +189,55 @@ def test_edm_heun_and_restart_options_are_checked():
         with pytest.raises(ValueError, match=match):
             gf.sample(g.model(path, "x0"), path, x1, prediction="x0", solver=solver, steps=4,
                       key=jax.random.key(1), **kw)
+
+
+def test_churn_and_eta_as_numpy_or_jax_scalars():
+    """A churn / eta from np.linspace or a JAX scalar is the same option as the Python float
+    (np.float64 passed the checks but was traced by the jitted sampler: `if churn > 0` and
+    `eta == 0` raised TracerBoolConversionError)."""
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    for path, solver, name, value in ((gf.paths.edm(), "edm_heun_churn", "churn", 10.0),
+                                      (gf.paths.edm(), "edm_heun", "churn", 10.0),
+                                      (gf.paths.vp_linear(), "ddim", "eta", 0.5),
+                                      (gf.paths.vp_linear(), "ddpm", "eta", 1.0)):
+        x1 = g.prior_sample(jax.random.key(0), 8, path)
+        kw = dict(prediction="x0", solver=solver, steps=6, key=jax.random.key(1))
+        ref, _ = gf.sample(g.model(path, "x0"), path, x1, **{name: value}, **kw)
+        for v in (np.float64(value), np.float32(value), jnp.float32(value)):
+            x, _ = gf.sample(g.model(path, "x0"), path, x1, **{name: v}, **kw)
+            np.testing.assert_allclose(np.asarray(x), np.asarray(ref), rtol=1e-6, atol=1e-6, err_msg=f"{solver} {v!r}")
+    with pytest.raises(ValueError, match="option churn must be a float >= 0"):  # traced: cannot decide
+        jax.jit(lambda c: gf.sample(g.model(gf.paths.edm(), "x0"), gf.paths.edm(), jnp.zeros((2, 2)), prediction="x0",
+                                    solver="edm_heun_churn", steps=4, key=jax.random.key(1), churn=c)[0])(3.0)
+
+
+def test_non_finite_stochastic_options_are_refused(gauss2):
+    """snr, s_noise and restart's rho = inf were accepted and gave NaN / inf samples."""
+    path = gf.paths.vp_linear()
+    x1 = gauss2.prior_sample(jax.random.key(0), 4, path)
+    for solver, kw, match in (("pc", dict(snr=float("inf")), "option snr must be"),
+                              ("edm_heun_churn", dict(s_noise=float("inf")), "option s_noise must be"),
+                              ("restart", dict(rho=float("inf")), "option rho must be"),
+                              ("restart", dict(restart_interval=0.5), "option restart_interval must be"),
+                              ("restart", dict(restart_interval=(0.06,)), "option restart_interval must be")):
+        with pytest.raises(ValueError, match=match):
+            gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=4,
+                      key=jax.random.key(1), **kw)
+    # s_tmax = inf (no upper bound) and churn = inf (gamma capped at sqrt(2) - 1) stay valid
+    x, _ = gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver="edm_heun_churn", steps=4,
+                     key=jax.random.key(1), s_tmax=float("inf"), churn=float("inf"))
+    assert bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_brownian_tol_coarser_than_the_grid_is_refused(gauss2):
+    """A VirtualBrownianTree coarser than the steps interpolates the Brownian path: brownian_tol=1
+    on 100 steps gave a data covariance off by 8 standard errors, silently."""
+    path = gf.paths.vp_linear()
+    x1 = gauss2.prior_sample(jax.random.key(0), 4, path)
+    for solver in ("euler_maruyama", "shark"):
+        with pytest.raises(ValueError, match="brownian_tol"):
+            gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=100,
+                      key=jax.random.key(1), brownian_tol=1.0)
+        x, _ = gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=100,
+                         key=jax.random.key(1), brownian_tol=1e-3)
+        assert bool(jnp.all(jnp.isfinite(x)))

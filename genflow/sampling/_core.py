@@ -65,36 +65,46 @@ def _check_x(x1) -> None:
 _ETA_CHECK = (lambda v: (f := concrete_real(v)) is not None and 0.0 <= f <= 1.0, "a float in [0, 1]")
 
 
-def _real(low: float, high: float = np.inf, low_open: bool = False, what: str = ""):
-    """A check for a real option in ``[low, high]`` (``(low, high]`` with ``low_open``); traced
-    values pass (they are checked by nobody, as any traced input)."""
+def _real(low: float, high: float = np.inf, low_open: bool = False, what: str = "", finite: bool = False):
+    """A check for a real option in ``[low, high]`` (``(low, high]`` with ``low_open``; ``finite``:
+    and not +-inf); traced values pass (they are checked by nobody, as any traced input)."""
 
     def ok(v):
         if isinstance(v, jax.core.Tracer):
             return True
         f = concrete_real(v)
-        return f is not None and (f > low if low_open else f >= low) and f <= high
+        return (f is not None and (f > low if low_open else f >= low) and f <= high
+                and (not finite or bool(np.isfinite(f))))
 
     return ok, what
 
 
-_BROWNIAN_TOL = (lambda v: v is None or _real(0.0, low_open=True)[0](v), "None or a float > 0")
+_BROWNIAN_TOL = (lambda v: v is None or _real(0.0, low_open=True, finite=True)[0](v), "None or a float > 0")
+# churn decides in Python whether the EDM step draws noise, so (as eta) it must be concrete
+_CHURN_CHECK = (lambda v: (f := concrete_real(v)) is not None and f >= 0.0, "a float >= 0")
 _OPTION_CHECKS = {
     ("unipc", "order"): (lambda v: is_int(v, 1, 3), "an int in 1..3"),
     ("deis", "order"): (lambda v: is_int(v, 1), "an int >= 1"),
     ("ddim", "eta"): _ETA_CHECK,
     ("ddpm", "eta"): _ETA_CHECK,
     ("pc", "corrector_steps"): (lambda v: is_int(v, 0), "an int >= 0"),
-    ("pc", "snr"): _real(0.0, what="a float >= 0"),
+    ("pc", "snr"): _real(0.0, what="a float >= 0", finite=True),  # (inf: NaN samples)
     ("restart", "restart_times"): (lambda v: is_int(v, 1), "an int >= 1"),
     ("restart", "restart_steps"): (lambda v: is_int(v, 1), "an int >= 1"),
     ("dpm++2m_hb", "beta"): _real(0.0, 1.0, low_open=True, what="a float in (0, 1] (1: no momentum)"),
     ("euler_maruyama", "brownian_tol"): _BROWNIAN_TOL,  # 0 gave NaN samples, < 0 never returned
     ("shark", "brownian_tol"): _BROWNIAN_TOL,
     # (edm_heun takes the same options: churn=-1 was accepted there and silently never churned)
-    **{(s, k): _real(0.0, what="a float >= 0") for s in ("edm_heun", "edm_heun_churn")
-       for k in ("churn", "s_tmin", "s_tmax", "s_noise")},
-    ("restart", "rho"): _real(0.0, low_open=True, what="a float > 0"),  # (0: ZeroDivisionError)
+    # (s_noise = inf gave NaN samples; s_tmax = inf is edm_heun's default: no upper bound)
+    **{(s, k): _real(0.0, what="a float >= 0", finite=k != "s_tmax") for s in ("edm_heun", "edm_heun_churn")
+       for k in ("s_tmin", "s_tmax", "s_noise")},
+    **{(s, "churn"): _CHURN_CHECK for s in ("edm_heun", "edm_heun_churn")},
+    # (0: ZeroDivisionError; inf: NaN samples)
+    ("restart", "rho"): _real(0.0, low_open=True, what="a float > 0", finite=True),
+    ("restart", "restart_interval"): (
+        lambda v: (isinstance(v, (tuple, list)) or getattr(v, "shape", None) == (2,)) and len(v) == 2
+        and all(concrete_real(e) is not None for e in v) and 0.0 < float(v[0]) < float(v[1]),
+        "a pair (lo, hi) of noise levels with 0 < lo < hi"),
 }
 
 
@@ -118,10 +128,30 @@ def _check_options(solver: str, options: dict) -> dict:
             raise ValueError(f"solver {solver!r}: option {name} must be {check[1]}; got {value!r}")
         if isinstance(value, np.integer):
             value = int(value)
-        elif name == "eta" and not isinstance(value, (int, float)):
-            value = concrete_real(value)  # (not None: the check above passed)
+        elif name in ("eta", "churn"):
+            # (not None: the check above passed). np.float64 is a float subclass, but jit traces
+            # it like an array: `if churn > 0` / `eta == 0` then failed on a tracer
+            value = concrete_real(value)
         out[name] = value
     return out
+
+
+def _check_brownian_tol(ts: Array, tol) -> None:
+    """A Brownian tree coarser than the grid's smallest step interpolates the Brownian path inside
+    its leaves: the increments lose variance and the samples have the wrong law (Diffrax: ``tol``
+    "must be smaller than the time step")."""
+    tol = concrete_real(tol)
+    if tol is None:
+        return
+    try:
+        tn = np.asarray(ts)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return
+    step = float(np.min(tn[:-1] - tn[1:]))
+    if tol > step:
+        raise ValueError(f"brownian_tol={tol} is larger than the smallest step of the time grid ({step:.3g}): "
+                         f"the Brownian tree would interpolate inside its leaves and the samples would have the "
+                         f"wrong law; pass brownian_tol <= {step:.3g} (e.g. half the smallest step)")
 
 
 # Diffrax ODE solvers that evaluate the model at the end of each step (Heun's corrector, the
@@ -235,6 +265,7 @@ def sample(
     if spec.stochastic and key is None:
         raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
     ts = time_grid(path, steps, schedule, t_start, t_end)
+    _check_brownian_tol(ts, solver_options.get("brownian_tol"))
     # a model that wraps another (gf.inverse.posterior_model: x0 from an eps model) is singular
     # where the wrapped one is, and where the kind it is sampled as is (heun's x0 at sigma = 0)
     inner = getattr(fn, "model", None)
