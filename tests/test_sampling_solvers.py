@@ -241,3 +241,29 @@ def test_brownian_tol_coarser_than_the_grid_is_refused(gauss2):
         x, _ = gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=100,
                          key=jax.random.key(1), brownian_tol=1e-3)
         assert bool(jnp.all(jnp.isfinite(x)))
+
+
+@pytest.mark.parametrize("bad", ["a", float("nan"), float("inf"), -1.0])
+def test_dpmpp_3m_d2_weight_is_checked(bad, gauss2):
+    path = gf.paths.vp_cosine()
+    for solver in ("dpm++3m", "dpm++3m_ref"):
+        with pytest.raises(ValueError, match="d2_weight"):
+            gf.sample(gauss2.model(path, "x0"), path, jnp.zeros((2, 2)), prediction="x0", solver=solver, steps=4,
+                      d2_weight=bad)
+
+
+def test_phi_is_accurate_to_float64_rounding_near_the_series_switch():
+    """phi_k uses its Taylor series for |z| < 1; cut at 10 terms it left relative errors up to 4e-8
+    (k = 1) and 5e-9 (k = 2) in float64 just inside |z| = 1 (the weights of 3M / 3S / UniPC)."""
+    import math
+
+    from genflow.sampling._exp import phi
+
+    def exact(z, k):
+        return math.fsum(z**n / math.factorial(n + k) for n in range(40))
+
+    with jax.enable_x64(True):
+        for k in (1, 2, 3):
+            for z in (-0.999, -0.9, -0.5, 0.5, 0.999, -1.001, 1.5):
+                ref = exact(z, k)
+                assert abs(float(phi(jnp.float64(z), k)) - ref) <= 1e-13 * abs(ref), (k, z)

@@ -101,6 +101,9 @@ _OPTION_CHECKS = {
     **{(s, "churn"): _CHURN_CHECK for s in ("edm_heun", "edm_heun_churn")},
     # (0: ZeroDivisionError; inf: NaN samples)
     ("restart", "rho"): _real(0.0, low_open=True, what="a float > 0", finite=True),
+    # (a string failed with "Only integer scalar arrays can be converted to a scalar index", NaN gave NaN samples)
+    **{(s, "d2_weight"): _real(0.0, what="a finite float >= 0 (2: third order, 1: the reference code)", finite=True)
+       for s in ("dpm++3m", "dpm++3m_ref")},
     ("restart", "restart_interval"): (
         lambda v: (isinstance(v, (tuple, list)) or getattr(v, "shape", None) == (2,)) and len(v) == 2
         and all(concrete_real(e) is not None for e in v) and 0.0 < float(v[0]) < float(v[1]),

@@ -214,11 +214,13 @@ def nonzero(v: Array, fill=1.0) -> Array:
 def phi(z: Array, k: int) -> Array:
     """``phi_k(z) = sum_n z^n / (n + k)!`` (``phi_0 = e^z``, ``phi_{k+1} = (phi_k - 1/k!) / z``),
     by its Taylor series for ``|z| < 1`` (the recursion cancels catastrophically there) and by
-    the recursion elsewhere. Exponential-integrator weights are ``h phi_k(-h)`` polynomials."""
+    the recursion elsewhere. Exponential-integrator weights are ``h phi_k(-h)`` polynomials.
+    18 terms: the remainder ``|z|^18 / (18 + k)!`` is below float64's rounding for ``|z| < 1``
+    (10 terms left ``1 / (10 + k)!``: relative errors up to 4e-8 for ``k = 1``, 5e-9 for ``k = 2``)."""
     small = jnp.abs(z) < 1.0
     zs = jnp.where(small, z, 0.5)
     series = jnp.zeros_like(zs)
-    for n in reversed(range(10)):  # Horner
+    for n in reversed(range(18)):  # Horner
         series = series * zs + 1.0 / math.factorial(n + k)
     zr = jnp.where(small, 2.0, z)
     rec = jnp.exp(zr)

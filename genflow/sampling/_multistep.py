@@ -345,11 +345,12 @@ def _solve_small(a: Array, b: Array) -> Array:
 def _unipc_weights(l_s0, l_t, l_hist: list[Array], m: int, corrector: bool, variant: str):
     """UniP-m (``corrector=False``) / UniC-m weights for the data prediction.
 
-    ``x_t = (sigma_t/sigma_s0) x - alpha_t h phi_1 m0 - alpha_t B(h) (sum_k rho_k D1_k [+ rho_m (m_t - m0)])``
+    ``x_t = (sigma_t/sigma_s0) x - alpha_t (e^-h - 1) m0 - alpha_t B(-h) (sum_k rho_k D1_k [+ rho_m (m_t - m0)])``
     with ``D1_k = (m_k - m0) / r_k``, ``r_k = (lambda_k - lambda_s0) / h``, and ``rho`` solving
-    ``R rho = b``, ``R[l, k] = r_k^l``, ``b_l = l! h phi_{l+1}(-h) / B(h)`` (Zhao et al. 2023, Alg. 2-3;
+    ``R rho = b``, ``R[l, k] = r_k^l``, ``b_l = l! (-h) phi_{l+1}(-h) / B(-h)``, ``B(-h) = e^-h - 1`` (bh2)
+    or ``-h`` (bh1) (Zhao et al. 2023, Alg. 2-3, data prediction;
     order 2 predictor and order 1 corrector use ``rho = 1/2``). Returns ``(w_hist [m-1], w_new)``
-    with the combination ``-alpha_t B(h) (sum_k w_hist_k (m_k - m0) + w_new (m_t - m0))``.
+    with the combination ``-alpha_t B(-h) (sum_k w_hist_k (m_k - m0) + w_new (m_t - m0))``.
     """
     h = nonzero(l_t - l_s0)
     hh = -h
