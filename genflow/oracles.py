@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,10 +285,18 @@ def reference_flow_map(oracle, x: Array, s, t, path: Path, rtol: float = 1e-10, 
     Returns:
       ``[B, D]`` states at time ``t``.
     """
+    dtype = x.dtype
+    return _reference_flow_map(oracle, x, jnp.asarray(s, dtype), jnp.asarray(t, dtype), path, float(rtol),
+                               float(atol), int(max_steps), solver)
+
+
+@eqx.filter_jit
+def _reference_flow_map(oracle, x, s, t, path, rtol, atol, max_steps, solver):
+    """The solve of :func:`reference_flow_map`, compiled once per oracle type, shapes and
+    tolerances (oracles, paths and times are traced: a new one does not recompile)."""
     import diffrax
 
     dtype = x.dtype
-    s, t = jnp.asarray(s, dtype), jnp.asarray(t, dtype)
     a_s, sg_s = path.alpha(s), path.sigma(s)
     a_t, sg_t = path.alpha(t), path.sigma(t)
     tau_s, tau_t = sg_s / (a_s + sg_s), sg_t / (a_t + sg_t)

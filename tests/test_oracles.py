@@ -175,3 +175,29 @@ def test_reference_flow_map_matches_the_gaussian_closed_form():
         got = gf.oracles.reference_flow_map(g, x, 0.9, 0.05, path, rtol=1e-10, atol=1e-10, solver=diffrax.Tsit5())
         assert got.shape == x.shape and got.dtype == jnp.float64
         np.testing.assert_allclose(got, g.flow_map(x, 0.9, 0.05, path), rtol=1e-6, atol=1e-6)
+
+
+def test_reference_flow_map_compiles_once_per_oracle_type():
+    # it built a new closure per call and recompiled every time (~2 s a call): a new oracle, new
+    # times or a new path hyper-parameter now reuse the compiled solve
+    import logging
+
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    calls = [(gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.2]), jnp.array([0.5, 2.0])), 0.9, 0.05, 20.0),
+             (gf.oracles.Gaussian.diagonal(jnp.array([0.1, 0.4]), jnp.array([0.7, 1.0])), 0.8, 0.1, 20.0),
+             (gf.oracles.Gaussian.diagonal(jnp.array([-0.5, 0.0]), jnp.array([1.5, 0.3])), 0.7, 0.2, 15.0)]
+    counts = []
+    for g, s, t, beta_max in calls:
+        path = gf.paths.vp_linear(beta_max=beta_max)
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        with jax.log_compiles(True):
+            logging.getLogger("jax").addHandler(handler)
+            try:
+                y = gf.oracles.reference_flow_map(g, x, s, t, path, rtol=1e-6, atol=1e-6)
+            finally:
+                logging.getLogger("jax").removeHandler(handler)
+        counts.append(sum("Compiling" in r.getMessage() for r in records))
+        np.testing.assert_allclose(y, g.flow_map(x, s, t, path), rtol=1e-4, atol=1e-4)  # still the flow map
+    assert counts[0] > 0 and counts[1:] == [0, 0], counts
