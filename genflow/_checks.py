@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 
 import jax
+import numpy as np
 
 
 def concrete_real(value) -> float | None:
@@ -44,3 +45,10 @@ def check_positive_real(name: str, value) -> None:
     v = concrete_real(value)
     if not isinstance(value, jax.core.Tracer) and (v is None or not v > 0.0):
         raise ValueError(f"{name} must be a real > 0; got {value!r}")
+
+
+def check_denoise(denoise) -> None:
+    """A ``TypeError`` unless ``denoise`` is ``None`` or a bool (a string such as ``"False"`` was
+    truthy)."""
+    if denoise is not None and not isinstance(denoise, (bool, np.bool_)):
+        raise TypeError(f"denoise must be None, True or False; got {denoise!r}")

@@ -66,10 +66,9 @@ from typing import Any, Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from genflow import param
-from genflow._checks import check_int, concrete_real
+from genflow._checks import check_denoise, check_int, concrete_real
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path
 from genflow.sampling import Model, as_pytree_fn, time_grid
@@ -318,11 +317,6 @@ def _derived_grid(schedule) -> bool:
     return isinstance(schedule, str) or callable(schedule) and not hasattr(schedule, "shape")
 
 
-def _check_denoise(denoise) -> None:
-    if denoise is not None and not isinstance(denoise, (bool, np.bool_)):  # (a string was truthy)
-        raise TypeError(f"denoise must be None, True or False; got {denoise!r}")
-
-
 def _check_eta(eta) -> None:
     """eta in [0, 1] where it is concrete (traced values, e.g. under vmap, pass)."""
     if isinstance(eta, jax.core.Tracer):
@@ -340,7 +334,7 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
     if base not in ("ddim", "flow"):
         raise ValueError(f"base must be 'ddim' or 'flow'; got {base!r}")
     _check_eta(eta)
-    _check_denoise(denoise)
+    check_denoise(denoise)
     model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
     denoise = path.denoise_at_end if denoise is None else denoise
     y = jnp.zeros((x1.shape[0], 1), x1.dtype)
@@ -445,7 +439,7 @@ def posterior_sample(
     if y.shape != expected.shape:
         raise ValueError(f"y.shape={y.shape} does not match operator.forward(x) of shape {expected.shape}")
     hp = _hyperparameters(method, DEFAULTS[method], hparams)
-    _check_denoise(denoise)
+    check_denoise(denoise)
     denoise = path.denoise_at_end if denoise is None else denoise
     noise = _noise_model(method, noise)
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import check_int, concrete_real, is_int
+from genflow._checks import check_denoise, check_int, concrete_real, is_int
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
 from genflow.sampling._grid import time_grid
@@ -260,8 +260,7 @@ def sample(
         if not _real(0.0)[0](value):
             raise ValueError(f"{name} must be a real >= 0; got {value!r}")
     max_steps = check_int("max_steps", max_steps)
-    if denoise is not None and not isinstance(denoise, (bool, np.bool_)):
-        raise TypeError(f"denoise must be None, True or False; got {denoise!r}")
+    check_denoise(denoise)
     if not isinstance(path, Path):
         raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
     solver_options = check_solver_options(spec, solver, solver_options)
