@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from genflow import param
 from genflow._checks import check_int, concrete_real
-from genflow.likelihood._ode import is_zero
+from genflow.likelihood._ode import _check_x, is_zero
 from genflow.paths import Path
 
 Array = jax.Array
@@ -99,12 +99,6 @@ def _eps_hat(fn, path: Path, z: Array, t: Array, prediction: str) -> Array:
     return param.convert(fn(z, t), z, t, path, prediction, "eps")
 
 
-def _check_batch(x) -> None:
-    if not hasattr(x, "ndim") or x.ndim < 2:
-        raise ValueError(f"x must have shape [B, ...] with at least one feature axis; got shape "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
-
-
 def _wide(x: Array) -> Array:
     """``x`` in float32 or wider: a bfloat16 ELBO of ~3e4 nats has a spacing of 128."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -129,7 +123,7 @@ def diffusion_term(fn: Callable, path: Path, x: Array, key: Array, *, prediction
     float32 or wider).
     """
     param.check_kind(prediction)
-    _check_batch(x)
+    _check_x(x, floating=False)  # (integer data is widened below)
     _check_finite_log_snr(path, t_min, t_max)
     x = _wide(x)
     k_t, k_e = jax.random.split(key)
@@ -217,7 +211,7 @@ def vdm_elbo(
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
     check_int("num_t", num_t)
-    _check_batch(x)
+    _check_x(x, floating=False)  # (integer data is widened below)
     _check_finite_log_snr(path, t_min, t_max)
     x = _wide(x)
     k_rec, k_diff = jax.random.split(key)

@@ -116,12 +116,13 @@ def is_zero(value) -> bool:
         return False
 
 
-def _check_x(x) -> None:
+def _check_x(x, floating: bool = True) -> None:
+    """``x`` must be an array ``[B, ...]`` with a feature axis (and, if ``floating``, of a float dtype)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"x must be an array [B, ...]; got {type(x).__name__}")
     if x.ndim < 2:
         raise ValueError(f"x must have shape [B, ...] with at least one feature axis; got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if floating and not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}")
 
 
