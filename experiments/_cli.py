@@ -48,6 +48,15 @@ def require_min(cfg, **lows) -> None:
             raise SystemExit(f"--{flag} must be >= {low}; got {value}")
 
 
+def require_finite(cfg, *flags, low: float = 0.0, strict: bool = False) -> None:
+    """``SystemExit`` naming the first of ``flags`` of ``cfg`` that is not a finite number ``>= low``
+    (``> low`` if ``strict``; NaN fails both)."""
+    for flag in flags:
+        value = getattr(cfg, flag)
+        if not ((value > low) if strict else (value >= low)) or not value < float("inf"):
+            raise SystemExit(f"--{flag} must be a finite number {'>' if strict else '>='} {low:g}; got {value}")
+
+
 def dry_run_sampling(path_name: str, prediction: str, shape: tuple, runs) -> None:
     """Path / prediction / solver compatibility is checked by ``gf.sample`` on concrete times: a
     dry run with a zero model on ``shape`` fails before training, not after it. ``runs``:

@@ -83,8 +83,7 @@ def validate(cfg: Config) -> list[str]:
         raise SystemExit(f"--models must be a comma-separated subset of {list(MODELS)}; got {cfg.models!r}")
     if cfg.ebflow not in ("ssm", "dsm"):
         raise SystemExit(f"--ebflow must be 'ssm' or 'dsm'; got {cfg.ebflow!r}")
-    if not 0.0 < cfg.lr < float("inf"):  # (nan or <= 0 stopped training with a NonFiniteLossError)
-        raise SystemExit(f"--lr must be a finite number > 0; got {cfg.lr}")
+    _cli.require_finite(cfg, "lr", strict=True)  # (nan or <= 0 stopped training with a NonFiniteLossError)
     _cli.require_min(cfg, **dict.fromkeys(  # (these failed after training, or deep inside)
         ("steps_2d", "steps_digits", "ffjord_steps_2d", "ffjord_steps_digits", "batch", "flow_steps_2d",
          "flow_steps_digits", "hidden", "n_test_2d", "grid"), 1))

@@ -105,10 +105,8 @@ def validate(cfg: Config) -> None:
     failed after training, --train_steps 0 after every sampler ran, --batch 0 with a
     ZeroDivisionError)."""
     _cli.require_min(cfg, train_steps=1, batch=1, hidden=1, steps=1, n_val=1, n_test=1)
-    if not 0.0 <= cfg.noise < float("inf"):
-        raise SystemExit(f"--noise must be a finite number >= 0; got {cfg.noise}")
-    if not 0.0 < cfg.lr < float("inf"):
-        raise SystemExit(f"--lr must be a finite number > 0; got {cfg.lr}")
+    _cli.require_finite(cfg, "noise")
+    _cli.require_finite(cfg, "lr", strict=True)
 
 
 def run(cfg: Config) -> dict:

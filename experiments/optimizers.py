@@ -97,9 +97,7 @@ def parse_config(argv=None) -> Config:
     # (these failed after the digits sweep, in flow_task or gf.sample, and lost its results)
     _cli.require_min(cfg, n_lrs=2, digits_steps=1, digits_batch=1, fm_steps=1, fm_batch=1, n_eval=2,
                      sample_steps=1)
-    for flag in ("acc_tol", "loss_tol", "w2_tol"):
-        if not 0.0 <= getattr(cfg, flag) < float("inf"):
-            raise SystemExit(f"--{flag} must be a finite number >= 0; got {getattr(cfg, flag)}")
+    _cli.require_finite(cfg, "acc_tol", "loss_tol", "w2_tol")
     return cfg
 
 
