@@ -209,6 +209,28 @@ def test_new_step_counts_reuse_the_compiled_sampler(gauss2, caplog):
         assert info_y.trajectory.shape == (13,) + x1.shape
 
 
+def test_new_values_of_real_solver_options_reuse_the_compiled_sampler(gauss2, caplog):
+    """The real options that only enter the arithmetic (momentum beta, d2_weight, EDM's s_noise /
+    s_tmin / s_tmax, the pc snr, restart's rho) are traced: a sweep over Python floats compiles
+    once (each new value compiled a new sampler, ~1 s), and the samples move with the value."""
+    import logging
+
+    path = gf.paths.vp_cosine()
+    x1 = gauss2.prior_sample(jax.random.key(0), 16, path, 1.0)
+    fn = gauss2.model(path, "eps")
+    for solver, name, values in (("dpm++2m_hb", "beta", (0.5, 0.6, 0.7)), ("dpm++3m", "d2_weight", (1.0, 1.5, 2.0)),
+                                 ("edm_heun_churn", "s_noise", (1.0, 1.05, 1.1)), ("pc", "snr", (0.1, 0.15, 0.2)),
+                                 ("restart", "rho", (7.0, 5.0, 3.0))):
+        kw = dict(prediction="eps", solver=solver, steps=6, key=jax.random.key(1), t_start=0.99)
+        first = gf.sample(fn, path, x1, **kw, **{name: values[0]})[0]
+        with jax.log_compiles(True), caplog.at_level(logging.DEBUG, logger="jax"):
+            caplog.clear()
+            outs = [gf.sample(fn, path, x1, **kw, **{name: v})[0] for v in values[1:]]
+            compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+        assert not compiled, (solver, name, compiled)
+        assert all(float(jnp.max(jnp.abs(o - first))) > 0 for o in outs), (solver, name)  # (the value is used)
+
+
 def test_option_shape_and_endpoint_checks(gauss2):
     path = gf.paths.linear()
     fn, x1, key = gauss2.model(path, "velocity"), jnp.zeros((4, 2)), jax.random.key(0)

@@ -120,10 +120,17 @@ def check_solver_options(spec, solver: str, options: dict) -> dict:
     return _check_options(spec.name, options)
 
 
+# Real options that enter the solvers' arithmetic only: passed to the compiled sampler as arrays
+# (traced), so a sweep over their values compiles once, as DESIGN.md asks of scales. (eta, churn
+# and restart_interval decide Python branches or host-side logs and stay Python floats;
+# brownian_tol sizes Diffrax's Brownian tree.)
+TRACED_OPTIONS = frozenset({"beta", "d2_weight", "s_tmin", "s_tmax", "s_noise", "snr", "rho"})
+
+
 def _check_options(solver: str, options: dict) -> dict:
-    """``options`` checked, with NumPy integers as Python ints (a NumPy scalar would be traced)
-    and a concrete NumPy / JAX ``eta`` as a Python float (the DDIM/DDPM steps branch on
-    ``eta == 0``; other real options may stay arrays, traced, so new values do not recompile)."""
+    """``options`` checked, with NumPy integers as Python ints (a NumPy scalar would be traced),
+    a concrete NumPy / JAX ``eta`` / ``churn`` as a Python float (the DDIM/DDPM steps branch on
+    ``eta == 0``) and the :data:`TRACED_OPTIONS` as arrays (new values do not recompile)."""
     out = {}
     for name, value in options.items():
         check = _OPTION_CHECKS.get((solver, name))
@@ -135,6 +142,8 @@ def _check_options(solver: str, options: dict) -> dict:
             # (not None: the check above passed). np.float64 is a float subclass, but jit traces
             # it like an array: `if churn > 0` / `eta == 0` then failed on a tracer
             value = concrete_real(value)
+        elif name in TRACED_OPTIONS and not isinstance(value, jax.Array):
+            value = jnp.asarray(value, dtype=float)  # (a Python float is static under jit: one compile per value)
         out[name] = value
     return out
 
@@ -247,7 +256,10 @@ def sample(
         NFE for dopri8 at the default 1e-5).
       max_steps: cap on the number of steps of adaptive solvers.
       save_trajectory: also return the states on the grid in ``info.trajectory``.
-      **solver_options: passed to the solver function.
+      **solver_options: passed to the solver function. Its real-valued ones that enter only the
+        arithmetic (``beta``, ``d2_weight``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``snr``, ``rho``)
+        are traced: a new value reuses the compiled sampler. ``eta``, ``churn``,
+        ``restart_interval``, ``brownian_tol`` and integer options are static.
     Returns:
       ``(x0, info)``: ``x0: [B, ...]`` samples and a :class:`SampleInfo`.
     """

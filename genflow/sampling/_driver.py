@@ -117,13 +117,13 @@ def _stage_grid_jit(path: Path, lam: Array, lo: Array, hi: Array) -> Grid:
 
 
 @functools.partial(jax.jit, static_argnames=("stepper", "options"))
-def _stages_jit(g: Grid, stepper: Stepper, options: tuple) -> Array:
-    return _stage_lams(stepper, g, g.t.shape[0] - 1, **dict(options))
+def _stages_jit(g: Grid, arrays: dict, stepper: Stepper, options: tuple) -> Array:
+    return _stage_lams(stepper, g, g.t.shape[0] - 1, **dict(options), **arrays)
 
 
 @functools.partial(jax.jit, static_argnames=("stepper", "options"))
-def _scalars_jit(g: Grid, st: Grid | None, stepper: Stepper, options: tuple) -> dict:
-    return _all_scalars(stepper, g, st, g.t.shape[0] - 1, **dict(options))
+def _scalars_jit(g: Grid, st: Grid | None, arrays: dict, stepper: Stepper, options: tuple) -> dict:
+    return _all_scalars(stepper, g, st, g.t.shape[0] - 1, **dict(options), **arrays)
 
 
 def bucket(n: int) -> int:
@@ -136,18 +136,20 @@ def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
     entries are the steps; :func:`run` slices them): the path is evaluated once on the grid (padded to a
     power-of-two length >= 64, so one compilation serves many step counts) and at the stage
     points; the solver's coefficients are computed from those arrays alone, so they compile once
-    per solver for every path. Falls back to :func:`step_scalars` for unhashable options."""
+    per solver for every path. Array options are traced (a new value does not recompile); the
+    others are static. Falls back to :func:`step_scalars` for unhashable ones."""
     n = ts.shape[0] - 1
+    arrays = {k: v for k, v in options.items() if isinstance(v, jax.Array)}
     try:
-        opts = tuple(sorted(options.items()))
+        opts = tuple(sorted((k, v) for k, v in options.items() if k not in arrays))
         hash(opts)
     except TypeError:
         return step_scalars(stepper, path, ts, **options)
     g = _grid_jit(path, pad_grid(ts, bucket(n)), jnp.asarray(n, jnp.int32))
     st = None
     if stepper.stages is not None:
-        st = _stage_grid_jit(path, _stages_jit(g, stepper, opts), ts[-1], ts[0])
-    return _scalars_jit(g, st, stepper, opts)  # padded: run() slices it inside the sampler's program
+        st = _stage_grid_jit(path, _stages_jit(g, arrays, stepper, opts), ts[-1], ts[0])
+    return _scalars_jit(g, st, arrays, stepper, opts)  # padded: run() slices it inside the sampler's program
 
 
 def run(model: Model, ts: Array, x: Array, key, *, stepper: Stepper, save_trajectory: bool = False,
