@@ -40,13 +40,13 @@ def interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 7, w
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    """A Markdown table; floats are printed with 4 significant digits."""
+    """A Markdown table; floats are printed with 4 significant digits, ``|`` in a cell is escaped."""
 
     def fmt(x):
         if isinstance(x, float):
             return f"{x:.4g}"
-        return str(x)
+        return str(x).replace("|", "\\|")  # "mean |err|" would split the cell (no table renders)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(fmt(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)
