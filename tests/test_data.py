@@ -337,3 +337,30 @@ def test_image_dataset_digits_records():
     assert set(gf.data.image_dataset("digits", "test", label_key=None)[0]) == {"x"}
     with pytest.raises(ValueError, match="the bundled digits are 8x8; got image_size=16"):
         gf.data.image_dataset("digits", image_size=16)
+
+
+def test_tfds_missing_label_key_raises_instead_of_dropping_the_labels():
+    """A label_key the records lack raised nothing: batches came without "y", so a class-conditional
+    network (batch.get("y") is None) trained on the null label only."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=8):
+        with pytest.raises(KeyError, match="'labels'.*label_key=None"):
+            next(gf.data.image_loader("mnist", 4, label_key="labels"))
+        assert set(next(gf.data.image_loader("mnist", 4, label_key=None))) == {"x"}
+        assert next(gf.data.image_loader("mnist", 4))["y"].shape == (4,)
+
+
+def test_image_loader_checks_num_epochs_workers_and_image_size():
+    """num_epochs=1.5 / "2" gave unnamed TypeErrors (True: one epoch), workers=-1 grain's
+    "num_threads must be non-negative", image_size=0 / 14.5 a PIL error at the first batch."""
+    for bad in (1.5, "2", True, 0):
+        with pytest.raises(ValueError, match="num_epochs must be"):
+            gf.data.image_loader("digits", 8, num_epochs=bad)
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="workers must be"):
+            gf.data.image_loader("digits", 8, workers=bad)
+    for bad in (0, -3, 14.5, "14"):
+        with pytest.raises(ValueError, match="image_size must be"):
+            gf.data.image_dataset("mnist", image_size=bad)
+    assert sum(1 for _ in gf.data.image_loader("digits", 100, split="test", num_epochs=2)) == 7

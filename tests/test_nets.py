@@ -418,3 +418,25 @@ def test_attn_block_is_equivariant_to_permuting_positions():
     np.testing.assert_allclose(apply(pr, shuffle(x)), shuffle(out), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not divisible by num_heads=3"):
         gf.nets.AttnBlock(num_heads=3).init(jax.random.key(1), x)
+
+
+def test_odd_widths_are_refused_by_the_argument_name():
+    """MLP(time_dim=7) said 'dim must be even', DiT(hidden=6) 'needs dim divisible by 4'."""
+    k = jax.random.key(0)
+    for kind in ("sinusoidal", "fourier"):
+        with pytest.raises(ValueError, match="time_dim"):
+            gf.nets.MLP(hidden=(4,), time_dim=7, time_embedding=kind).init(k, jnp.ones((2, 2)), jnp.zeros(2))
+    gf.nets.MLP(hidden=(4,), time_dim=7, time_embedding="identity").init(k, jnp.ones((2, 2)), jnp.zeros(2))
+    with pytest.raises(ValueError, match="hidden"):
+        gf.nets.DiT(patch_size=2, hidden=6, depth=1, num_heads=1).init(k, jnp.ones((1, 4, 4, 1)), 0.5)
+    gf.nets.DiT(patch_size=2, hidden=6, depth=1, num_heads=1, pos_embedding="none").init(k, jnp.ones((1, 4, 4, 1)), 0.5)
+
+
+def test_model_fn_keeps_a_numpy_bool_flag_static():
+    """train=np.bool_(False) was bound as a traced value: TracerBoolConversionError under jit."""
+    net = gf.nets.UNet(ch=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1)
+    x = jnp.ones((1, 4, 4, 1))
+    p = net.init(jax.random.key(0), x, jnp.zeros(1))
+    fn = gf.nets.model_fn(net, p, train=np.bool_(False))
+    out = jax.jit(lambda f, x: f(x, jnp.ones(1)))(fn, x)
+    np.testing.assert_array_equal(out, net.apply(p, x, jnp.ones(1), train=False))

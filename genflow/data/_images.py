@@ -96,7 +96,10 @@ class _Records:
         if self.image_size is not None:
             img = _center_crop_resize(img, self.image_size)
         out = {"x": _to_float(img)}
-        if self.label_key is not None and self.label_key in ex:
+        if self.label_key is not None:
+            if self.label_key not in ex:  # (silently unlabelled: a conditional net trained on the null label)
+                raise KeyError(f"records have no {self.label_key!r} feature (label_key); they have {sorted(ex)}; "
+                               f"pass label_key=None for an unlabelled dataset")
             out["y"] = np.int32(ex[self.label_key])
         return out
 
@@ -129,6 +132,8 @@ def image_dataset(name: str, split: str = "train", *, data_dir: str | None = Non
     """
     import grain
 
+    if image_size is not None:  # (0, -3 or 14.5 failed in PIL at the first batch, unnamed)
+        image_size = check_int("image_size", image_size)
     if name == DIGITS:
         x, y = load_digits(split)
         if image_size is not None and image_size != 8:
@@ -167,6 +172,9 @@ def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: i
 
     batch_size = check_int("batch_size", batch_size)
     seed = check_int("seed", seed, low=0)  # (grain's own error named no argument)
+    if num_epochs is not None:  # (1.5 and "2" gave unnamed TypeErrors, True one epoch)
+        num_epochs = check_int("num_epochs", num_epochs)
+    workers = check_int("workers", workers, low=0)  # (-1: grain's "num_threads must be non-negative")
     if not isinstance(dataset, str) and dataset_kwargs:  # (image_size=16 was silently ignored)
         raise ValueError(f"{sorted(dataset_kwargs)} apply to a dataset name, not to a given dataset")
     ds = image_dataset(dataset, split, **dataset_kwargs) if isinstance(dataset, str) else dataset

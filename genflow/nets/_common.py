@@ -95,7 +95,8 @@ def model_fn(module: nn.Module, params, **cond) -> Callable[[Array, Array], Arra
     are static, bound with the module into a hashable callable (an equal module, rebuilt, is
     the same function to ``jit``; a traced ``train`` flag failed inside the module).
     """
-    static = {k: v for k, v in cond.items() if not isinstance(v, (jax.Array, np.ndarray, np.generic))}
+    static = {k: v for k, v in cond.items()  # (a NumPy bool train flag was traced: it failed in the module)
+              if isinstance(v, np.bool_) or not isinstance(v, (jax.Array, np.ndarray, np.generic))}
     traced = {k: v for k, v in cond.items() if k not in static}
     return jax.tree_util.Partial(_Apply(module, tuple(sorted(static.items()))), params, **traced)
 

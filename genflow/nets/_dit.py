@@ -128,6 +128,9 @@ class DiT(nn.Module):
             raise ValueError(f"hidden={self.hidden} must be divisible by num_heads={self.num_heads}")
         if self.pos_embedding not in ("sincos", "none"):
             raise ValueError(f"pos_embedding must be 'sincos' or 'none'; got {self.pos_embedding!r}")
+        if self.pos_embedding == "sincos" and self.hidden % 4:  # (the error named 'dim')
+            raise ValueError(f"DiT's hidden must be divisible by 4 for the sincos position embedding; got "
+                             f"{self.hidden}")
         t = batch_times(t, x)
         gh, gw, d = hh // p, ww // p, self.hidden
 

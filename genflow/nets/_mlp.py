@@ -49,6 +49,9 @@ class MLP(nn.Module):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
         act = ACTIVATIONS[self.activation]
+        if self.time_embedding in ("sinusoidal", "fourier") and self.time_dim % 2:  # (the error named 'dim')
+            raise ValueError(f"MLP's time_dim must be even for a {self.time_embedding} time embedding; "
+                             f"got {self.time_dim}")
         feats = [x, TimeEmbedding(self.time_dim, self.time_embedding)(t).astype(x.dtype)]
         emb = label_embedding(y, self.num_classes, self.class_dim, x.shape[0], name="Embed_0")
         if emb is not None:
