@@ -493,3 +493,71 @@ def test_sq_distances_of_integer_points(dtype):
         np.testing.assert_array_equal(ot.sq_distances(a, b), want)
         np.testing.assert_array_equal(ot.exact_sq_distances(a, b), want)
         np.testing.assert_array_equal(np.asarray(ot.sq_distances(jnp.asarray(a), jnp.asarray(b))), want)
+
+
+def test_threads_is_checked_up_front():
+    # threads=0 passed CoupledBatches' constructor and failed in its background thread (at the
+    # first next()), and failed inside the host callback of assignment / ot_permutation under jit
+    # (a JaxRuntimeError "INTERNAL: CpuCallback error"); 2.5, "2" and True were accepted
+    bad = (0, -1, 2.5, "2", True)
+    for t in bad:
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            ot.CoupledBatches(gf.data.moons, 8, jax.random.key(0), chunk=2, threads=t)
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            jax.jit(lambda c: ot.assignment(c, threads=t))(jnp.ones((2, 3, 3)))
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            jax.jit(lambda a: ot.ot_permutation(a, a, threads=t))(jnp.ones((3, 2)))
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            ot.solve_assignment(np.ones((2, 3, 3)), threads=t)
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            ot.solve_ot_points(np.ones((2, 3, 2)), np.ones((2, 3, 2)), threads=t)
+    assert ot.solve_assignment(np.ones((2, 3, 3)), threads=np.int64(2)).shape == (2, 3)
+
+
+def test_costs_spanning_many_decades_keep_their_exact_optimum():
+    # cost - g rounds each entry at the scale of the potentials: with entries spanning ~60
+    # decades the preconditioned solve returned totals up to 6e6 times the optimum (SciPy's on
+    # the raw costs); it now also solves the raw costs when that rounding is not negligible
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        c = rng.random((32, 32)) * 10.0 ** rng.integers(-30, 31, (32, 32))
+        best = _scipy_cost(c)
+        assert ot.assignment_cost(c, ot.solve_assignment(c)) <= best * (1 + 1e-12)
+
+
+def test_solvers_accept_empty_batches():
+    # sq_distances handles B = 0; the solvers raised "cannot reshape array of size 0 into shape
+    # (0,0)" (solve_assignment, solve_ot_points) and ZeroDivisionError (ot_permutation)
+    for lead in ((), (3,), (0,)):
+        p = ot.solve_assignment(np.zeros(lead + (0, 0)))
+        assert p.shape == lead + (0,) and p.dtype == np.int32
+        p = ot.solve_ot_points(np.zeros(lead + (0, 2)), np.zeros(lead + (0, 2)))
+        assert p.shape == lead + (0,) and p.dtype == np.int32
+    p = ot.ot_permutation(jnp.zeros((0, 2)), jnp.zeros((0, 2)))
+    assert p.shape == (0,) and p.dtype == jnp.int32
+    assert gf.losses.ot_coupling(None, jnp.zeros((0, 4, 4)), jnp.zeros((0, 4, 4))).shape == (0, 4, 4)
+
+
+def test_non_finite_and_complex_inputs_are_named():
+    # NaN / -inf costs and NaN points failed in SciPy with "matrix contains invalid numeric
+    # entries" (naming no argument; under jit inside the host callback); a complex cost lost its
+    # imaginary part with only a ComplexWarning
+    c = np.random.default_rng(0).random((4, 4))
+    for bad in (np.nan, -np.inf):
+        cb = c.copy()
+        cb[1, 2] = bad
+        for pre in (True, False):
+            with pytest.raises(ValueError, match="cost must not contain NaN"):
+                ot.solve_assignment(cb, precondition=pre)
+    ci = c.copy()
+    ci[1, 2] = np.inf  # a forbidden pair is still fine
+    assert _is_perm(ot.solve_assignment(ci))
+    with pytest.raises(TypeError, match="cost must be real"):
+        ot.solve_assignment(c + 1j)
+    a = np.random.default_rng(1).standard_normal((4, 2))
+    an = a.copy()
+    an[0, 0] = np.nan
+    with pytest.raises(ValueError, match="x0 and x1 must be finite"):
+        ot.solve_ot_points(an, a)
+    with pytest.raises(Exception, match="x0 and x1 must be finite"):
+        jax.jit(ot.ot_permutation)(jnp.asarray(a), jnp.asarray(an)).block_until_ready()
