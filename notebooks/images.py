@@ -124,8 +124,9 @@ gf.viz.curves({"flow-matching loss": hist["loss"]}, ylabel="loss", smooth=10);
 
 # %% [markdown]
 # Samples from the EMA parameters, one row per class (Heun, 20 steps). 150 steps of a 180k-parameter
-# DiT give blurry but recognisable digits; `experiments/images.py` trains a U-Net for longer and
-# scores samples with a Fréchet distance in the feature space of a digits classifier.
+# DiT are far too few: the samples are still noise-like blobs, not recognisable digits (this section
+# shows the checkpoint/resume mechanics, not sample quality); `experiments/images.py` trains a U-Net
+# for longer and scores samples with a Fréchet distance in the feature space of a digits classifier.
 
 # %%
 labels = jnp.repeat(jnp.arange(10), 8)

@@ -128,7 +128,7 @@ print("ODE:      ", {k: round(float(v), 3) for k, v in ode.items()}, " floor", r
 # %% [markdown]
 # ## 2. Digits: inpainting and super-resolution
 # A flow-matching prior over the 64 pixels of scikit-learn's 8x8 digits (trained here in a few
-# seconds), then each posterior sampler on held-out digits. `experiments/inverse.py` runs the
+# seconds), then three of the posterior samplers (DPS, FlowDPS, TMPD) on held-out digits. `experiments/inverse.py` runs the
 # full comparison (more tasks, tuned step sizes, PSNR/SSIM tables).
 
 # %%

@@ -143,7 +143,9 @@ gf.viz.curves(hist, ylabel="flow-matching loss", logy=True, smooth=20);
 # The MoMo paper's claim: MoMo's Polyak-type step makes SGD-M far less sensitive to the learning
 # rate. A 64-64-10 MLP on the 8x8 digits, 200 steps, trained at 9 learning rates in one vmapped
 # program per optimizer. `experiments/optimizers.py` runs the full version (two tasks, ten
-# optimizers, 13 learning rates) and quantifies the flatness.
+# optimizers, 13 learning rates) and quantifies the flatness. In this miniature the two curves
+# coincide up to lr ~ 3 and differ only at lr = 10, where SGD-M diverges (within 0.02 of the best
+# at 4 vs 3 of the 9 learning rates): a modest effect here, not a demonstration of the paper's claim.
 
 # %%
 import flax.linen as nn  # noqa: E402

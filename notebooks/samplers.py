@@ -28,7 +28,7 @@
 #    perfect model and whose exact flow map comes from an adaptive float64 solve -- so the error
 #    is the solver's alone,
 # 3. **optimizes a time grid** for a solver and an NFE budget (in the spirit of Align Your Steps),
-# 4. trains a small 2-D flow-matching model and draws **samples with every solver**,
+# 4. trains a small 2-D flow-matching model and draws **samples with twelve of the 22 solvers**,
 # 5. applies **guidance** as a function transformer.
 #
 # Time runs from data (t = 0) to noise (t = 1); `x_t = alpha(t) x0 + sigma(t) eps`.
@@ -174,7 +174,7 @@ for name, ts in [("karras", gf.sampling.time_grid(path, steps, "karras")), ("sel
     print(f"{name:9s} unipc NFE {steps} from pure noise: rms {np.sqrt(np.mean(e**2)):.2e}  median {np.median(e):.2e}")
 
 # %% [markdown]
-# ## 3. A trained 2-D model, sampled by every solver
+# ## 3. A trained 2-D model, sampled by twelve solvers
 # Flow matching on the eight-Gaussians toy data with the scan-chunked training loop (a few
 # seconds), then 10 steps of each solver from the same noise, on the grid uniform in t (the next
 # cell shows why not EDM's Karras grid here). Stochastic samplers use their own noise and land on
