@@ -253,6 +253,10 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
     if rescale and (y.size if y.ndim == 1 else y[0].size) == 1:
         raise ValueError(f"cads: rescale=True restores each sample's mean and std over its entries, and y {y.shape} "
                          f"has one entry per sample: the std is 0 and y_hat would be y exactly; pass rescale=False")
+    for name, value, high in (("noise_scale", noise_scale, float("inf")), ("psi", psi, 1.0)):
+        v = concrete_real(value)  # (traced values pass; psi = 2 extrapolated past the rescaled y, NaN gave NaN)
+        if not isinstance(value, jax.core.Tracer) and (v is None or not 0.0 <= v <= high):
+            raise ValueError(f"cads: {name} must be a real in [0, {high}]; got {value!r}")
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     return CADS(_check_fn(fn, "fn"), y, key, f32(tau1), f32(tau2), f32(noise_scale), f32(psi), bool(rescale))
 
@@ -345,6 +349,9 @@ class _LabelLogProb:
         # out of range, take_along_axis gave NaN (the unguided model) and -1 the last class
         y = eqx.error_if(self.y, (self.y < 0) | (self.y >= classes),
                          f"classifier guidance: labels y must lie in [0, {classes}) (the classifier's classes)")
+        if y.shape not in ((), (x.shape[0],)):  # (a broadcast error that did not name y)
+            raise ValueError(f"classifier guidance: y must be a scalar label or have shape [B] = [{x.shape[0]}]; "
+                             f"got shape {y.shape}")
         y = jnp.broadcast_to(y, (x.shape[0],))
         return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, None], -1)[:, 0]
 
@@ -367,5 +374,7 @@ def classifier(fn: ModelFn, path: Path, prediction: str, classifier_fn: Callable
     y = jnp.asarray(y)
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise TypeError(f"classifier: y must be integer class labels; got dtype {y.dtype}")
+    if y.ndim > 1:
+        raise ValueError(f"classifier: y must be a scalar label or [B] labels; got shape {y.shape}")
     lp = _LabelLogProb(_check_fn(classifier_fn, "classifier_fn"), y)
     return ClassifierGuidance(_check_fn(fn, "fn"), path, lp, _scale(scale), prediction)

@@ -235,6 +235,11 @@ def drop_labels(key: Array, y: Array, p: float, null_label: int) -> Array:
     y = jnp.asarray(y)
     if y.ndim < 1:
         raise ValueError(f"y must be a batch of labels [B] or conditions [B, ...]; got shape {y.shape}")
+    if jnp.issubdtype(y.dtype, jnp.integer) and not isinstance(null_label, jax.core.Tracer):
+        nl = np.asarray(null_label)  # (10.7 was cast to the label 10: a real class, not "no label")
+        if not (np.issubdtype(nl.dtype, np.integer) or (
+                np.issubdtype(nl.dtype, np.floating) and np.all(np.isfinite(nl) & (nl == np.round(nl))))):
+            raise ValueError(f"null_label must be an integer for integer labels y; got {null_label!r}")
     drop = jax.random.bernoulli(key, p, y.shape[:1])  # one draw per sample, not per entry
     drop = drop.reshape(drop.shape + (1,) * (y.ndim - 1))
     return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)

@@ -263,3 +263,26 @@ def test_guidance_scale_must_be_real():
         with pytest.raises(TypeError, match="scale must be a real"):
             gf.guidance.cfg(cond, unc, bad)
     np.testing.assert_allclose(gf.guidance.cfg(cond, unc, np.int32(2)).scale, 2.0)
+
+
+def test_cads_mixing_and_classifier_labels_are_checked():
+    """CADS psi / noise_scale were not range-checked (psi = 2 extrapolated past the rescaled
+    condition, NaN gave NaN samples); a classifier y of the wrong batch raised a broadcast error
+    that did not name y."""
+    y = jax.random.normal(jax.random.key(1), (8, 16))
+    net = lambda x, t, c: c  # noqa: E731
+    for name, bad in (("psi", 2.0), ("psi", -0.1), ("psi", float("nan")), ("noise_scale", -1.0),
+                      ("noise_scale", "0.5")):
+        with pytest.raises(ValueError, match=f"cads: {name} must be a real"):
+            gf.guidance.cads(net, y, jax.random.key(2), **{name: bad})
+    c = jax.jit(lambda p: gf.guidance.cads(net, y, jax.random.key(2), psi=p)(jnp.zeros((8, 16)), jnp.full((8,), 0.95)))
+    assert np.all(np.isfinite(np.asarray(c(0.5))))  # a traced psi passes
+    logits = lambda x, t: jnp.zeros(x.shape[:1] + (3,))  # noqa: E731
+    x, t = _xt()
+    with pytest.raises(ValueError, match=r"y must be a scalar label or have shape \[B\]"):
+        gf.guidance.classifier(COND.model(PATH, "eps"), PATH, "eps", logits, jnp.zeros(3, jnp.int32), 1.0)(x, t)
+    with pytest.raises(ValueError, match=r"y must be a scalar label or \[B\] labels"):
+        gf.guidance.classifier(COND.model(PATH, "eps"), PATH, "eps", logits, jnp.zeros((2, 2), jnp.int32), 1.0)
+    b = x.shape[0]
+    out = gf.guidance.classifier(COND.model(PATH, "eps"), PATH, "eps", logits, jnp.zeros(b, jnp.int32), 1.0)(x, t)
+    np.testing.assert_allclose(out, COND.model(PATH, "eps")(x, t), rtol=1e-6)  # flat logits: no guidance

@@ -281,3 +281,23 @@ def test_truncated_normal_with_a_traced_path_names_the_problem():
                                                        dequantization="truncated_normal", solver="heun", steps=2)[0])
     with pytest.raises(ValueError, match="concrete path"):  # was "t_min must be a float in [0, 1]; got JitTracer"
         f(gf.paths.vp_cosine(), jnp.zeros((2, 2)), jax.random.key(0))
+
+
+def test_traced_t_min_and_bin_width_give_the_concrete_results():
+    """``vdm_elbo(t_min=<traced>)`` and ``bits_per_dim(bin_width=<traced>)`` raised
+    TracerBoolConversionError in their range checks (a sweep over t_min under jit / vmap); traced
+    values now pass unchecked and equal the concrete results."""
+    path = gf.paths.vp_cosine()
+    x = jnp.array([[0.1, -0.3], [0.5, 0.2]])
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    key = jax.random.key(3)
+    want = L.vdm_elbo(g.model(path, "eps"), path, x, key, t_min=1e-3)[0]
+    got = jax.jit(lambda t0: L.vdm_elbo(g.model(path, "eps"), path, x, key, t_min=t0)[0])(1e-3)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    lp = jnp.array([-10.0, -3.0])
+    np.testing.assert_allclose(jax.jit(lambda b: L.bits_per_dim(lp, 2, b))(2 / 256), L.bits_per_dim(lp, 2, 2 / 256),
+                               rtol=1e-12)
+    np.testing.assert_allclose(L.bits_per_dim(lp, 2, 2 / 256), -(lp + 2 * math.log(2 / 256)) / (2 * math.log(2)),
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="need 0 <= t_min < t_max"):
+        L.vdm_elbo(g.model(path, "eps"), path, x, key, t_min=0.5, t_max=0.4)

@@ -349,3 +349,14 @@ def test_every_named_weighting_is_accepted_and_finite_inside(kind):
     # "uniform" is the plain MSE of the predicted kind: w = c^2
     c = gf.param.eps_scale(path, t, kind)
     np.testing.assert_allclose(gf.losses.get_weighting("uniform", kind)(path, t), c * c, rtol=1e-6)
+
+
+def test_drop_labels_refuses_a_fractional_null_label():
+    """null_label=10.7 was cast to the integer label 10 (a real class, not "no label")."""
+    y = jnp.arange(4)
+    for bad in (10.7, "10", float("nan")):
+        with pytest.raises(ValueError, match="null_label must be an integer"):
+            gf.losses.drop_labels(jax.random.key(0), y, 1.0, bad)
+    np.testing.assert_array_equal(gf.losses.drop_labels(jax.random.key(0), y, 1.0, 10.0), [10] * 4)
+    np.testing.assert_array_equal(gf.losses.drop_labels(jax.random.key(0), jnp.ones((4, 2)), 1.0, 0.5),
+                                  np.full((4, 2), 0.5))  # continuous conditions take a real null

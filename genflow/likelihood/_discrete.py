@@ -57,12 +57,11 @@ def bits_per_dim(log_prob: Array, num_dims: int, bin_width: float = 1.0) -> Arra
     Args:
       log_prob: ``[...]`` log-probabilities (nats) of whole examples.
       num_dims: D, the number of discrete dimensions per example.
-      bin_width: width of one bin in the units of ``log_prob``'s density.
+      bin_width: width of one bin in the units of ``log_prob``'s density (may be traced).
     """
     check_int("num_dims", num_dims)
-    if not bin_width > 0:
-        raise ValueError(f"bin_width must be positive; got {bin_width!r}")
-    return -(log_prob + num_dims * math.log(bin_width)) / (num_dims * math.log(2.0))
+    check_positive_real("bin_width", bin_width)  # (a traced one raised TracerBoolConversionError)
+    return -(log_prob + num_dims * jnp.log(bin_width)) / (num_dims * math.log(2.0))
 
 
 def uniform_dequantize(key: Array, x: Array, bin_width: float) -> tuple[Array, Array]:

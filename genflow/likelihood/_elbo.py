@@ -73,9 +73,7 @@ def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0
     """
     if sampling not in TIME_SAMPLINGS:
         raise ValueError(f"unknown time sampling {sampling!r}; expected one of {list(TIME_SAMPLINGS)}")
-    lo, hi = concrete_real(t_min), concrete_real(t_max)  # (None when traced)
-    if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:  # (t_min > t_max gave negative weights)
-        raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
+    _check_t_range(t_min, t_max)
     if stratified:
         strata = n if strata is None else int(strata)
         if strata < 1 or n % strata:
@@ -102,6 +100,13 @@ def _eps_hat(fn, path: Path, z: Array, t: Array, prediction: str) -> Array:
 def _wide(x: Array) -> Array:
     """``x`` in float32 or wider: a bfloat16 ELBO of ~3e4 nats has a spacing of 128."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _check_t_range(t_min, t_max) -> None:
+    """``0 <= t_min < t_max <= 1`` where both are concrete (traced values pass, unchecked)."""
+    lo, hi = concrete_real(t_min), concrete_real(t_max)  # (None when traced)
+    if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:  # (t_min > t_max gave negative weights)
+        raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
 
 
 def _check_finite_log_snr(path: Path, t_min, t_max) -> None:
@@ -208,8 +213,7 @@ def vdm_elbo(
     """
     param.check_kind(prediction)
     t_min = path.t_min if t_min is None else t_min
-    if not 0.0 <= t_min < t_max <= 1.0:
-        raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
+    _check_t_range(t_min, t_max)  # (a traced t_min raised TracerBoolConversionError here)
     check_int("num_t", num_t)
     _check_x(x, floating=False)  # (integer data is widened below)
     _check_finite_log_snr(path, t_min, t_max)
