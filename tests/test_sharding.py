@@ -125,3 +125,13 @@ def test_batch_sharding_and_replicated_specs():
     # shard_batch places a host batch with batch_sharding
     got = gf.train.shard_batch({"x": np.asarray(x)}, mesh)["x"]
     assert got.sharding.is_equivalent_to(bs, x.ndim)
+
+
+def test_shard_batch_refuses_a_leaf_without_a_batch_axis():
+    """A scalar leaf in host batches (stacked to [steps]) raised an IndexError from shard_batch."""
+    mesh = gf.train.make_mesh(1, 1, jax.devices()[:1])
+    with pytest.raises(ValueError, match="batch axis"):
+        gf.train.shard_batch({"x": np.zeros((2, 4, 3), np.float32), "w": np.zeros((2,), np.float32)}, mesh,
+                             stacked=True)
+    with pytest.raises(ValueError, match="batch axis"):
+        gf.train.shard_batch({"x": np.zeros((4, 3), np.float32), "w": np.float32(0.5)}, mesh)

@@ -554,3 +554,77 @@ def test_line_search_optimizers_get_value_grad_and_value_fn(opt):
         state, m = step(state, (_X, _Y))
         losses.append(float(m["loss"]))
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_aux_named_like_a_step_metric_is_refused():
+    """An aux entry named "finite" replaced the step's guard flag (fit ran on past a NaN loss with
+    the state stuck, no error); one named "loss" silently replaced the loss in the history."""
+    opt = optax.sgd(0.1)
+
+    def nan_loss(params, batch, key):
+        loss = jnp.where(params["w"][0] > 0.25, jnp.nan, jnp.sum((params["w"] - 1.0) ** 2))
+        return loss, {"finite": jnp.array(True)}
+
+    state = gf.train.init_state({"w": jnp.zeros(2)}, opt, jax.random.key(0))
+    with pytest.raises(ValueError, match="aux"):
+        gf.train.fit(state, gf.train.make_train_step(nan_loss, opt), lambda k: jnp.zeros(1), 6, chunk_size=3,
+                     progress=False)
+
+    def loss_with_aux_loss(params, batch, key):
+        loss = jnp.mean((batch @ params["w"]) ** 2)
+        return loss, {"loss": 2 * loss + 100.0}
+
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    with pytest.raises(ValueError, match="'loss'"):
+        jax.jit(gf.train.make_train_step(loss_with_aux_loss, opt))(state, jnp.ones((2, 3)))
+
+
+def test_grad_accumulation_averages_integer_and_bool_metrics():
+    """The microbatch mean of an int metric was cast back to int (0.75 -> 0), and bool metrics were
+    summed with a logical or."""
+    opt = optax.sgd(0.1)
+
+    def loss_fn(params, batch, key):
+        loss = jnp.mean((batch @ params["w"] - 1.0) ** 2)
+        return loss, {"n_pos": jnp.sum(batch[:, 0] > 0).astype(jnp.int32), "any_pos": jnp.any(batch[:, 0] > 0)}
+
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    batch = jnp.array([[1.0, 0, 0], [1.0, 0, 0], [-1.0, 0, 0], [1.0, 0, 0]])
+    _, m = jax.jit(gf.train.make_train_step(loss_fn, opt, grad_accum=4))(state, batch)
+    np.testing.assert_allclose(m["n_pos"], 0.75)   # mean over the 4 microbatches of [1, 1, 0, 1]
+    np.testing.assert_allclose(m["any_pos"], 0.75)
+
+
+def test_init_state_ema_decays_errors_name_the_argument():
+    opt = optax.sgd(0.1)
+    for bad in (0.999, None, ("0.999",)):
+        with pytest.raises((TypeError, ValueError), match="ema_decays"):
+            gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0), ema_decays=bad)
+
+
+def test_diffusion_objective_refuses_a_tuple_batch_by_name():
+    """A tuple (x, y) failed with a jnp.asarray concatenation error, a tuple (x, x1) with an
+    AttributeError, neither naming the batch."""
+    model = gf.nets.MLP(hidden=(8,), time_dim=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
+    loss_fn = gf.train.diffusion_objective(model.apply, gf.paths.linear(), prediction="velocity")
+    x = jnp.ones((4, 2))
+    for batch in ((x, jnp.zeros((4,), jnp.int32)), (x, x)):
+        with pytest.raises(TypeError, match="batch"):
+            loss_fn(params, batch, jax.random.key(0))
+
+
+def test_step_guard_catches_a_non_finite_optimizer_state():
+    """float16 parameters with adam: g = 300 overflows the float16 second moment (g^2 > 65504) while
+    the loss, the float32 gradient norm and the parameters stay finite; the inf in the state froze
+    the parameter for good (updates m / sqrt(inf) = 0) and fit reported every step as finite."""
+    opt = optax.adam(1e-2)
+
+    def loss_fn(params, batch, key):
+        return jnp.sum(params["w"].astype(jnp.float32) * batch), {}
+
+    state = gf.train.init_state({"w": jnp.zeros(2, jnp.float16)}, opt, jax.random.key(0))
+    with pytest.raises(gf.train.NonFiniteLossError) as e:
+        gf.train.fit(state, gf.train.make_train_step(loss_fn, opt), lambda k: jnp.array([300.0, 1.0]), 5,
+                     chunk_size=5, progress=False)
+    assert e.value.step == 0 and int(e.value.state.step) == 0

@@ -104,6 +104,9 @@ def shard_batch(batch: Any, mesh: Mesh, stacked: bool = False) -> Any:
 
     def put(x):
         x = np.asarray(x)
+        if x.ndim <= axis:
+            raise ValueError(f"every batch leaf needs a batch axis to split over the mesh; got a leaf of shape "
+                             f"{x.shape[1:] if stacked else x.shape}")
         rows = x.shape[axis] * jax.process_count()
         if rows % n:
             raise ValueError(f"the global batch ({rows} rows) must be divisible by the mesh size ({n} devices)")

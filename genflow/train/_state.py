@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from genflow._checks import concrete_real
 
 Array = jax.Array
 
@@ -55,9 +58,12 @@ def init_state(params, optimizer: optax.GradientTransformation, key: Array,
 
     The state holds copies of ``params`` and ``key``: :func:`fit` donates the state's buffers,
     and the caller's arrays must stay usable afterwards."""
+    if isinstance(ema_decays, (str, bytes)) or not isinstance(ema_decays, Iterable):
+        raise TypeError(f"ema_decays must be a tuple of floats in (0, 1); got {ema_decays!r}")
     for d in ema_decays:
-        if not 0.0 < d < 1.0:
-            raise ValueError(f"ema_decays must lie in (0, 1); got {d}")
+        v = concrete_real(d)
+        if v is None or not 0.0 < v < 1.0:
+            raise ValueError(f"ema_decays must lie in (0, 1); got {d!r}")
     params = jax.tree.map(jnp.array, params)
     ema = {ema_key(d): jax.tree.map(_ema_copy, params) for d in ema_decays}
     # (copied too: an optimizer state may hold the parameters themselves -- prodigy's params0,
