@@ -47,6 +47,14 @@ def check_positive_real(name: str, value) -> None:
         raise ValueError(f"{name} must be a real > 0; got {value!r}")
 
 
+def check_real_in(name: str, value, low: float, high: float) -> None:
+    """A ``ValueError`` naming ``name`` unless a concrete ``value`` is a real in ``[low, high]``
+    (NaN and strings refused); a traced value passes (no check can see it)."""
+    v = concrete_real(value)
+    if not isinstance(value, jax.core.Tracer) and (v is None or not low <= v <= high):
+        raise ValueError(f"{name} must be a float in [{low:g}, {high:g}]; got {value!r}")
+
+
 def check_denoise(denoise) -> None:
     """A ``TypeError`` unless ``denoise`` is ``None`` or a bool (a string such as ``"False"`` was
     truthy)."""

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import concrete_real
+from genflow._checks import check_real_in, concrete_real
 from genflow.paths import Path, broadcast_t
 from genflow.sampling import as_pytree_fn
 
@@ -253,10 +253,9 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
     if rescale and (y.size if y.ndim == 1 else y[0].size) == 1:
         raise ValueError(f"cads: rescale=True restores each sample's mean and std over its entries, and y {y.shape} "
                          f"has one entry per sample: the std is 0 and y_hat would be y exactly; pass rescale=False")
-    for name, value, high in (("noise_scale", noise_scale, float("inf")), ("psi", psi, 1.0)):
-        v = concrete_real(value)  # (traced values pass; psi = 2 extrapolated past the rescaled y, NaN gave NaN)
-        if not isinstance(value, jax.core.Tracer) and (v is None or not 0.0 <= v <= high):
-            raise ValueError(f"cads: {name} must be a real in [0, {high}]; got {value!r}")
+    # (traced values pass; psi = 2 extrapolated past the rescaled y, NaN gave NaN samples)
+    check_real_in("cads: noise_scale", noise_scale, 0.0, float("inf"))
+    check_real_in("cads: psi", psi, 0.0, 1.0)
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     return CADS(_check_fn(fn, "fn"), y, key, f32(tau1), f32(tau2), f32(noise_scale), f32(psi), bool(rescale))
 

@@ -273,7 +273,7 @@ def test_cads_mixing_and_classifier_labels_are_checked():
     net = lambda x, t, c: c  # noqa: E731
     for name, bad in (("psi", 2.0), ("psi", -0.1), ("psi", float("nan")), ("noise_scale", -1.0),
                       ("noise_scale", "0.5")):
-        with pytest.raises(ValueError, match=f"cads: {name} must be a real"):
+        with pytest.raises(ValueError, match=f"cads: {name} must be a float"):
             gf.guidance.cads(net, y, jax.random.key(2), **{name: bad})
     c = jax.jit(lambda p: gf.guidance.cads(net, y, jax.random.key(2), psi=p)(jnp.zeros((8, 16)), jnp.full((8,), 0.95)))
     assert np.all(np.isfinite(np.asarray(c(0.5))))  # a traced psi passes

@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import check_denoise, check_int, concrete_real
+from genflow._checks import check_denoise, check_int, check_positive_real, check_real_in, concrete_real
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path
 from genflow.sampling import Model, as_pytree_fn, time_grid
@@ -317,15 +317,6 @@ def _derived_grid(schedule) -> bool:
     return isinstance(schedule, str) or callable(schedule) and not hasattr(schedule, "shape")
 
 
-def _check_eta(eta) -> None:
-    """eta in [0, 1] where it is concrete (traced values, e.g. under vmap, pass)."""
-    if isinstance(eta, jax.core.Tracer):
-        return
-    v = concrete_real(eta)
-    if v is None or not 0.0 <= v <= 1.0:
-        raise ValueError(f"eta must be a float in [0, 1]; got {eta!r}")
-
-
 def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps: int = 100, key: Array,
                  base: str = "ddim", eta: float = 1.0, schedule: Any = "uniform", t_start: float | None = None,
                  t_end: float | None = None, denoise: bool | None = None) -> tuple[Array, PosteriorInfo]:
@@ -333,7 +324,7 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
     ``eta`` or FlowDPS's ``"flow"``). Same arguments as :func:`posterior_sample`."""
     if base not in ("ddim", "flow"):
         raise ValueError(f"base must be 'ddim' or 'flow'; got {base!r}")
-    _check_eta(eta)
+    check_real_in("eta", eta, 0.0, 1.0)  # (traced values, e.g. under vmap, pass)
     check_denoise(denoise)
     model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
     denoise = path.denoise_at_end if denoise is None else denoise
@@ -458,11 +449,9 @@ def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
     for k, v in static.items():
         check_int(k, v, 1 if k == "cg_iters" else 0)
     if "eta" in hp:
-        _check_eta(hp["eta"])
+        check_real_in("eta", hp["eta"], 0.0, 1.0)
     if "data_var" in hp:  # (traced values, e.g. under the caller's jit or vmap, pass)
-        v = concrete_real(hp["data_var"])
-        if not isinstance(hp["data_var"], jax.core.Tracer) and (v is None or not v > 0):
-            raise ValueError(f"data_var must be > 0; got {hp['data_var']!r}")
+        check_positive_real("data_var", hp["data_var"])
     hp = {k: jnp.float32(v) for k, v in hp.items()}
     hp.update({k: int(v) for k, v in static.items()})  # static loop counts (a new value compiles anew)
     return hp
