@@ -397,3 +397,60 @@ def test_as_pytree_fn_turns_partials_into_traced_pytrees():
     plain = lambda x, t: x  # noqa: E731
     assert gf.sampling.as_pytree_fn(plain) is plain
     assert gf.sampling.as_pytree_fn(p) is p
+
+
+def test_registered_run_gets_the_grid_as_is(gauss2):
+    """A solver registered with its own run (register's documented signature) is called with the
+    steps + 1 times and no num_steps: it was handed a grid padded to 64 times (an AB2 step's
+    h / h_prev = 0/0 gave NaN samples, 64 evaluations for 20 steps) and num_steps= (TypeError for
+    a run without **options); a spec that declares a stepper with a run of its own crashed on
+    spec.run.keywords."""
+    def ab2_run(model, ts, x, key, **options):
+        f0 = model.velocity(x, ts[0])
+        x = x + (ts[1] - ts[0]) * f0
+
+        def body(c, i):
+            x, f_prev = c
+            h, h_prev = ts[i + 1] - ts[i], ts[i] - ts[i - 1]
+            f = model.velocity(x, ts[i])
+            r = h / h_prev
+            return (x + h * ((1 + 0.5 * r) * f - 0.5 * r * f_prev), f), None
+
+        (x, _), _ = jax.lax.scan(body, (x, f0), jnp.arange(1, ts.shape[0] - 1))
+        return x, ts.shape[0] - 1, None, {"num_steps": jnp.asarray(ts.shape[0] - 1)}
+
+    def euler_run(model, ts, x, key, rtol, atol, max_steps, save_trajectory):  # no **options
+        x, _ = jax.lax.scan(lambda x, tt: (x + (tt[1] - tt[0]) * model.velocity(x, tt[0]), None), x, (ts[:-1], ts[1:]))
+        return x, ts.shape[0] - 1, None, {}
+
+    ddim = gf.sampling.solvers()["ddim"].stepper
+    for name, run, order, stepper in (("test_ab2", ab2_run, 2, None), ("test_euler_run", euler_run, 1, None),
+                                      ("test_euler_stepper", euler_run, 1, ddim)):
+        gf.sampling.register(gf.sampling.SolverSpec(name, order, False, 1, False, run, stepper=stepper))
+        path = gf.paths.linear()
+        x1 = gauss2.prior_sample(jax.random.key(0), 64, path, 1.0)
+        ref = gauss2.flow_map(x1, 1.0, 0.0, path)
+        errs = []
+        for n in (10, 40):
+            x, info = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver=name, steps=n)
+            assert int(info.nfe) == n, (name, int(info.nfe))
+            assert bool(jnp.all(jnp.isfinite(x))), name
+            errs.append(float(jnp.sqrt(jnp.mean((x - ref) ** 2))))
+        assert order - 0.3 < np.log2(errs[0] / errs[1]) / 2 < order + 0.5, (name, errs)
+
+
+def test_register_an_adaptive_diffrax_solver_without_fsal(gauss2):
+    """diffrax_solver(adaptive=True) with a solver that is not first-same-as-last (diffrax.Heun,
+    with its embedded Euler error estimate): it failed inside Diffrax with a pytree structure error
+    (the FSAL state (first_step, f0) was handed to every adaptive solver)."""
+    import diffrax
+
+    gf.sampling.register(gf.sampling.diffrax_solver("test_heun_adaptive", diffrax.Heun(), order=2, nfe_per_step=2,
+                                                    adaptive=True))
+    path = gf.paths.linear()
+    x1 = gauss2.prior_sample(jax.random.key(0), 64, path, 1.0)
+    ref = gauss2.flow_map(x1, 1.0, 0.0, path)
+    x, info = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver="test_heun_adaptive",
+                        rtol=1e-4, atol=1e-4)
+    assert float(jnp.max(jnp.abs(x - ref))) < 1e-2
+    assert int(info.nfe) == 2 * int(info.stats["num_steps"])

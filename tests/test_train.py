@@ -628,3 +628,14 @@ def test_step_guard_catches_a_non_finite_optimizer_state():
         gf.train.fit(state, gf.train.make_train_step(loss_fn, opt), lambda k: jnp.array([300.0, 1.0]), 5,
                      chunk_size=5, progress=False)
     assert e.value.step == 0 and int(e.value.state.step) == 0
+
+
+def test_optax_contrib_sam_with_make_train_step():
+    """An ExtraArgs optimizer whose update names its extra arguments without **extra_args
+    (optax.contrib.sam: grad_fn= only) trains through make_train_step: value= / grad= /
+    value_fn= failed with "unexpected keyword argument 'value'"."""
+    opt = optax.contrib.sam(optax.adam(0.05), optax.sgd(1e-3), sync_period=2)
+    state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(2))
+    state, hist = gf.train.fit(state, gf.train.make_train_step(lsq_loss, opt), full_batch, 400, chunk_size=200,
+                               progress=False)
+    assert hist["finite"].all() and hist["loss"][-1] < 0.1 * hist["loss"][0]

@@ -14,7 +14,7 @@ import numpy as np
 from genflow import param
 from genflow._checks import check_denoise, check_int, concrete_real, is_int
 from genflow.paths import Path
-from genflow.sampling import _driver, _registry
+from genflow.sampling import _diffrax, _driver, _registry
 from genflow.sampling._grid import time_grid
 from genflow.sampling._model import Model
 
@@ -206,6 +206,25 @@ def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
             )
 
 
+def _is_scan(spec) -> bool:
+    """Whether ``spec`` runs on genflow's scan driver (precomputed grid scalars, padded grid and a
+    traced step count), not only declares a ``stepper``: a registered ``run`` of the user's own is
+    called with the grid as is."""
+    run = spec.run
+    return spec.stepper is not None and isinstance(run, functools.partial) and run.func is _driver.run
+
+
+def _traces_steps(spec) -> bool:
+    """Whether ``spec.run`` takes a grid padded to its bucket and a traced ``num_steps``: genflow's
+    scan solvers and fixed-step Diffrax ODE solves (built-in or :func:`diffrax_solver`). A user's
+    own ``run`` (``register``'s documented signature) gets the ``steps + 1`` times and no
+    ``num_steps``: stepping the padding's repeated times gave NaN (h / h_prev = 0/0) and
+    ``bucket`` evaluations per call."""
+    run = spec.run
+    return _is_scan(spec) or (not spec.adaptive and isinstance(run, functools.partial)
+                              and run.func is _diffrax.ode_solve)
+
+
 def sample(
     fn: Callable[[Array, Array], Array],
     path: Path,
@@ -291,13 +310,13 @@ def sample(
         steps = int(ts.shape[0]) - 1
     max_steps = max(max_steps, int(ts.shape[0]))
     model = Model(as_pytree_fn(fn), path, prediction)
-    if spec.stepper is not None:
+    if _is_scan(spec):
         # grid-only coefficients: compiled once per (solver, path, options) for many step counts
         solver_options = {**spec.run.keywords, **solver_options}
         solver_options.pop("stepper")
         solver_options["scalars"] = _driver.grid_scalars(spec.stepper, path, ts, **solver_options)
     ts_run = ts
-    if not save_trajectory and (spec.stepper is not None or (not spec.adaptive and spec.target == "flow_map")):
+    if not save_trajectory and _traces_steps(spec):
         # scan solvers and Diffrax's fixed-step ODE solvers: the grid padded to its bucket and the
         # step count traced, so one compiled sampler serves every step count up to the bucket size
         n = ts.shape[0] - 1

@@ -67,7 +67,10 @@ def ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
     if adaptive:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
         dt0 = (ss[-1] - ss[0]) / 16.0
-        solver_state = (jnp.array(False), term.vf(ss[0], x, None))  # (first_step, f0) of FSAL RK
+        if getattr(getattr(solver, "tableau", None), "fsal", False):  # (first_step, f0) of FSAL RK
+            solver_state = (jnp.array(False), term.vf(ss[0], x, None))
+        # (a non-FSAL solver, e.g. diffrax.Heun() from diffrax_solver(adaptive=True), keeps its own
+        # state: the FSAL pair failed inside Diffrax with a pytree structure error)
     else:
         controller = diffrax.StepTo(ss)
         dt0 = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -63,6 +64,26 @@ def _microbatches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
+def _accepted_extra_args(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
+    """``tx`` with the extra arguments its ``update`` does not take dropped: optax's convention is
+    ``update(updates, state, params=None, **extra_args)``, but some ``GradientTransformationExtraArgs``
+    name theirs only (``optax.contrib.sam``: ``grad_fn=``), and ``value=`` / ``grad=`` / ``value_fn=``
+    then failed with "unexpected keyword argument 'value'"."""
+    try:
+        sig = inspect.signature(tx.update)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return tx
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return tx
+    names = {n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    update = tx.update
+
+    def update_fn(updates, state, params=None, **extra_args):
+        return update(updates, state, params, **{k: v for k, v in extra_args.items() if k in names})
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def batch_key(rng: Array) -> Array:
     """The key from which the batch of a step with state ``rng`` may be drawn on device
     (``fit``'s ``batch_fn(batch_key(state.rng))``): ``split(rng, 3)[2]``, never a key the train
@@ -98,7 +119,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     state.
     """
     grad_accum = check_int("grad_accum", grad_accum)
-    tx = optax.with_extra_args_support(optimizer)
+    tx = _accepted_extra_args(optax.with_extra_args_support(optimizer))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def loss_and_grad(params, batch, key):
