@@ -385,3 +385,31 @@ def test_calibration_batch_reports_a_diverged_sample_as_inf(monkeypatch):
                                                 solver="dpm++2m", t_start=t0, hard=0.25, return_errors=True)
     assert float(errs[3]) == np.inf and int(jnp.argmin(errs)) != 3
     assert not np.any(np.all(np.asarray(batch)[:2] == np.asarray(pool)[3], axis=1))  # not among the 2 hard ones
+
+
+def test_schedule_search_names_bad_arguments():
+    """optimize_schedule / select_schedule / calibration_batch name a bad argument up front: a
+    generator of candidates is not used up ("got none"), a NaN / negative learning rate (which
+    returned the init grid silently), a negative or fractional iters (MLIRError / truncated), a
+    negative tolerance and non-finite calibration noise (an unnamed EquinoxRuntimeError)."""
+    path = gf.paths.linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -2.0]), jnp.array([0.3, 2.0]))
+    fn = g.model(path, "x0")
+    t0 = 0.95
+    x1 = jax.random.normal(jax.random.key(0), (8, 2)) * t0
+    grids = [gf.sampling.time_grid(path, 4, "karras", t_start=t0), gf.sampling.time_grid(path, 5, "karras", t_start=t0)]
+    with pytest.raises(ValueError, match="share the number of steps"):
+        gf.sampling.select_schedule(fn, path, x1, (g_ for g_ in grids), prediction="x0", solver="ddim")
+    kw = dict(prediction="x0", steps=4, solver="ddim", t_start=t0, init="karras", iters=4)
+    for bad, msg in ((dict(learning_rate=float("nan")), "learning_rate must be"),
+                     (dict(learning_rate=-0.05), "learning_rate must be"), (dict(iters=-1), "iters must be"),
+                     (dict(iters=2.5), "iters must be"), (dict(rtol=-1.0), "rtol must be"),
+                     (dict(x1=x1.at[0, 0].set(jnp.nan)), "x1 must be finite")):
+        args = {**kw, **bad}
+        with pytest.raises(ValueError, match=msg):
+            gf.sampling.optimize_schedule(fn, path, args.pop("x1", x1), **args)
+    with pytest.raises(ValueError, match="x1 must be finite"):
+        gf.sampling.select_schedule(fn, path, x1.at[0, 0].set(jnp.inf), grids[:1], prediction="x0", solver="ddim")
+    with pytest.raises(ValueError, match="pool must be finite"):
+        gf.sampling.calibration_batch(fn, path, x1.at[1, 1].set(jnp.nan), prediction="x0", steps=4, solver="ddim",
+                                      t_start=t0, size=4)

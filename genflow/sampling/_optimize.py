@@ -25,10 +25,11 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from genflow import param
-from genflow._checks import check_int
+from genflow._checks import check_int, concrete_real
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
 from genflow.sampling._core import as_pytree_fn, check_solver_options
@@ -47,6 +48,18 @@ def _tau(path: Path, t) -> Array:
 
 def _t_of_tau(path: Path, tau: Array) -> Array:
     return t_of_lambda(path, jnp.log1p(-tau) - jnp.log(tau))
+
+
+def _check_search_args(x1: Array, name: str, rtol, atol, learning_rate=1.0) -> None:
+    """Finite calibration noise, tolerances and step size, each named (a NaN sample made the
+    reference solve fail as an unnamed EquinoxRuntimeError; a NaN / negative learning rate
+    returned the init grid silently)."""
+    for arg, v, low in (("rtol", rtol, 0.0), ("atol", atol, 0.0), ("learning_rate", learning_rate, None)):
+        r = concrete_real(v)
+        if r is None or not np.isfinite(r) or (r < 0.0 if low is not None else r <= 0.0):
+            raise ValueError(f"{arg} must be a finite real {'>= 0' if low is not None else '> 0'}; got {v!r}")
+    if not bool(jnp.all(jnp.isfinite(jnp.asarray(x1)))):
+        raise ValueError(f"{name} must be finite; got non-finite entries")
 
 
 _RHO_STOP = 5e-4  # the reference solve stops at this noise level sigma/alpha (see below)
@@ -256,6 +269,8 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
     if objective not in ("bound", "global"):
         raise ValueError(f"objective must be 'bound' or 'global'; got {objective!r}")
     _scan_solver(solver, solver_options)
+    iters = check_int("iters", iters, 0)
+    _check_search_args(x1, "x1", rtol, atol, learning_rate)
     model = Model(as_pytree_fn(fn), path, prediction)
     ts0 = time_grid(path, steps, init, t_start, t_end)
     if ts0.shape[0] != steps + 1:
@@ -325,6 +340,7 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
     param.check_kind(prediction)
     _scan_solver(solver, solver_options)
     pool = jnp.asarray(pool)
+    _check_search_args(pool, "pool", rtol, atol)
     size = check_int("size", size, 1)
     if pool.ndim < 1 or pool.shape[0] < size:
         raise ValueError(f"pool must hold at least size={size} samples [P, ...]; got shape {pool.shape}")
@@ -371,6 +387,8 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
     """
     param.check_kind(prediction)
     _scan_solver(solver, solver_options)
+    _check_search_args(x1, "x1", rtol, atol)
+    candidates = list(candidates)  # (a generator was used up by the check below: "got none")
     if any(isinstance(c, str) or callable(c) for c in candidates):
         raise ValueError("candidates must be arrays of times (build named or callable schedules with time_grid)")
     grids = [_check_explicit(c) for c in candidates]
