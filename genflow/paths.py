@@ -46,6 +46,7 @@ __all__ = [
     "edm",
     "get",
     "names",
+    "register",
     "broadcast_t",
     "check_t",
 ]
@@ -573,8 +574,31 @@ _FACTORIES: dict[str, Callable[..., Path]] = {
 
 
 def names() -> tuple[str, ...]:
-    """Names accepted by :func:`get`."""
+    """Names accepted by :func:`get` (the built-in paths, then those added by :func:`register`)."""
     return tuple(_FACTORIES)
+
+
+def register(name: str, factory: Callable[..., Path]) -> Callable[..., Path]:
+    """Make a path of your own available by name: :func:`get` (and so the experiment scripts'
+    ``--path`` flags and configs) then builds it with ``factory(**kwargs)``. Names are unique: an
+    existing one is refused. Returns ``factory`` (usable as a decorator through
+    ``functools.partial(register, name)``).
+
+    Example::
+
+        def sub_vp(beta_min=0.1, beta_max=20.0):
+            ...  # return gf.paths.Path(alpha_fn, sigma_fn, name="sub_vp", ...)
+        gf.paths.register("sub_vp", sub_vp)
+        path = gf.paths.get("sub_vp", beta_max=10.0)
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str; got {name!r}")
+    if name in _FACTORIES:
+        raise ValueError(f"path {name!r} is already registered; pick another name")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable (keyword hyper-parameters -> Path); got {type(factory).__name__}")
+    _FACTORIES[name] = factory
+    return factory
 
 
 def get(name: str | Path, **kwargs) -> Path:
@@ -588,5 +612,9 @@ def get(name: str | Path, **kwargs) -> Path:
                              f"{sorted(kwargs)}; build the path with them instead (gf.paths.get(name, **kwargs))")
         return name
     if not isinstance(name, str) or name not in _FACTORIES:
-        raise ValueError(f"unknown path {name!r}; expected one of {sorted(_FACTORIES)}")
-    return _FACTORIES[name](**kwargs)
+        raise ValueError(f"unknown path {name!r}; expected one of {sorted(_FACTORIES)} (add one with "
+                         f"gf.paths.register)")
+    path = _FACTORIES[name](**kwargs)
+    if not isinstance(path, Path):  # (a registered factory that returns something else)
+        raise TypeError(f"the factory of path {name!r} returned a {type(path).__name__}, not a gf.paths.Path")
+    return path

@@ -446,3 +446,27 @@ def test_scale_by_fadam_is_the_documented_direction():
             m[k] = b1 * m[k] + (1 - b1) * gbar
             w = _P[k] / D / max(1.0, rms(_P[k] / D) / clip)
             np.testing.assert_allclose(u[k], m[k] + wd * w, rtol=1e-4, atol=1e-6, err_msg=f"step {t} leaf {k}")
+
+
+def test_register_an_optimizer_of_your_own():
+    """gf.optim.register adds an optimizer by name: gf.optim.get and gf.train.make_optimizer (warm-up,
+    decay, clipping) build it, source() says "user"; existing names and non-callables are refused."""
+
+    def test_signed_sgd(learning_rate, momentum=0.0):
+        return optax.chain(optax.scale_by_sign(), optax.sgd(learning_rate, momentum or None))
+
+    gf.optim.register("test_signed_sgd", test_signed_sgd)
+    assert "test_signed_sgd" in gf.optim.names() and gf.optim.names("user") == ["test_signed_sgd"]
+    assert gf.optim.source("test_signed_sgd") == "user"
+    g = jax.grad(loss)(P0)
+    opt = gf.optim.get("test_signed_sgd", learning_rate=0.1)
+    upd = opt.update(g, opt.init(P0), P0)[0]
+    assert_tree_close(upd, jax.tree.map(lambda v: -0.1 * jnp.sign(v), g), 1e-7, 1e-7)
+    tx = gf.train.make_optimizer(0.1, name="test_signed_sgd", warmup_steps=2, clip_norm=1.0)
+    state = tx.init(P0)
+    first, state = tx.update(g, state, P0)
+    assert_tree_close(first, jax.tree.map(lambda v: 0.0 * v, g), 0, 0)  # warm-up starts at 0
+    with pytest.raises(ValueError, match="already registered"):
+        gf.optim.register("adam", test_signed_sgd)
+    with pytest.raises(TypeError, match="factory must be callable"):
+        gf.optim.register("test_not_callable", 3)

@@ -65,17 +65,45 @@ def _table() -> dict[str, tuple[str, Callable]]:
 _TABLE = _table()
 
 
+_SOURCES = ("genflow", "optax", "optax.contrib", "user")
+
+
 def names(source: str | None = None) -> list[str]:
-    """Sorted names accepted by :func:`get`; ``source`` in {"genflow", "optax", "optax.contrib"}
-    restricts them to one library."""
-    if source is not None and source not in ("genflow", "optax", "optax.contrib"):
-        raise ValueError(f"source must be 'genflow', 'optax' or 'optax.contrib'; got {source!r}")
-    return [n for n, (src, _) in _TABLE.items() if source is None or src == source]
+    """Sorted names accepted by :func:`get`; ``source`` in {"genflow", "optax", "optax.contrib",
+    "user"} restricts them to one library ("user": those added by :func:`register`)."""
+    if source is not None and source not in _SOURCES:
+        raise ValueError(f"source must be one of {', '.join(map(repr, _SOURCES))}; got {source!r}")
+    return sorted(n for n, (src, _) in _TABLE.items() if source is None or src == source)
 
 
 def source(name: str) -> str:
-    """Which library provides optimizer ``name``: "genflow", "optax" or "optax.contrib"."""
+    """Which library provides optimizer ``name``: "genflow", "optax", "optax.contrib" or "user"."""
     return _lookup(name)[0]
+
+
+def register(name: str, factory: Callable[..., optax.GradientTransformation]) -> Callable:
+    """Make an optimizer of your own available by name: :func:`get`,
+    :func:`genflow.train.make_optimizer` (its warm-up, decay and clipping) and the experiments'
+    ``--optimizer`` flags then build it with ``factory(**hparams)`` (take a ``learning_rate`` to
+    be used by ``make_optimizer``). Names are unique: an existing one is refused; :func:`source`
+    reports it as "user". Returns ``factory``.
+
+    Example::
+
+        def my_sgd(learning_rate, momentum=0.9):
+            return optax.sgd(learning_rate, momentum)
+        gf.optim.register("my_sgd", my_sgd)
+        tx = gf.train.make_optimizer(1e-2, name="my_sgd", warmup_steps=100)
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str; got {name!r}")
+    if name in _TABLE:
+        raise ValueError(f"optimizer {name!r} is already registered (by {_TABLE[name][0]}); pick another name")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable (hyper-parameters -> optax.GradientTransformation); got "
+                        f"{type(factory).__name__}")
+    _TABLE[name] = ("user", factory)
+    return factory
 
 
 def _lookup(name: str) -> tuple[str, Callable]:
