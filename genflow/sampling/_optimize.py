@@ -32,7 +32,7 @@ from genflow import param
 from genflow._checks import check_int, concrete_real
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
-from genflow.sampling._core import as_pytree_fn, check_solver_options
+from genflow.sampling._core import _is_scan, as_pytree_fn, check_solver_options
 from genflow.sampling._exp import t_of_lambda
 from genflow.sampling._grid import _check_explicit, time_grid
 from genflow.sampling._model import Model
@@ -206,9 +206,9 @@ def _scan_solver(solver: str, solver_options: dict):
     """``(spec, options)`` of a deterministic scan solver (its registered options updated by
     ``solver_options``); raises for the others."""
     spec = _registry.get(solver)
-    if spec.stepper is None or spec.stochastic:
+    if not _is_scan(spec) or spec.stochastic:  # (a user's own run has no grid scalars to tune)
         raise ValueError(f"optimize_schedule and select_schedule support the deterministic scan solvers "
-                         f"{sorted(k for k, v in _registry.SOLVERS.items() if v.stepper and not v.stochastic)}; "
+                         f"{sorted(k for k, v in _registry.SOLVERS.items() if _is_scan(v) and not v.stochastic)}; "
                          f"got {solver!r}")
     # the options gf.sample takes, checked as it checks them (the steppers swallow unknown keywords,
     # and a grid was tuned for e.g. unipc order=4 or dpm++2m order=3, which gf.sample never runs)
