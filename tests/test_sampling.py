@@ -437,6 +437,9 @@ def test_registered_run_gets_the_grid_as_is(gauss2):
             assert bool(jnp.all(jnp.isfinite(x))), name
             errs.append(float(jnp.sqrt(jnp.mean((x - ref) ** 2))))
         assert order - 0.3 < np.log2(errs[0] / errs[1]) / 2 < order + 0.5, (name, errs)
+    with pytest.raises(ValueError, match="support the deterministic scan solvers"):  # (AttributeError: keywords)
+        gf.sampling.optimize_schedule(gauss2.model(path, "velocity"), path, x1, prediction="velocity", steps=4,
+                                      solver="test_euler_stepper")
 
 
 def test_register_an_adaptive_diffrax_solver_without_fsal(gauss2):
