@@ -88,11 +88,52 @@ def validate(cfg: Config) -> None:
         raise SystemExit(f"unknown solver {cfg.solver!r}; expected one of {sorted(gf.sampling.solvers())}")
     if cfg.weighting not in gf.losses.WEIGHTINGS:
         raise SystemExit(f"--weighting must be one of {list(gf.losses.WEIGHTINGS)}; got {cfg.weighting!r}")
-    _cli.require_min(cfg, steps=0, batch=1, ch=1, depth=1, sample_steps=1, n_eval=2, n_nll=0, ckpt_every=0, chunk=0,
-                     fsdp=1)
+    _cli.require_min(cfg, steps=1, batch=1, ch=1, depth=1, sample_steps=1, n_eval=2, n_nll=0, ckpt_every=0, chunk=0,
+                     fsdp=1, warmup=0, seed=0)
+    _cli.require_finite(cfg, "lr", "clip", strict=True)
+    if cfg.warmup >= cfg.steps:  # (the cosine schedule decays over --steps, warmup included)
+        raise SystemExit(f"--warmup must be below --steps; got --warmup {cfg.warmup} and --steps {cfg.steps}")
     if not 0.0 < cfg.ema < 1.0:
         raise SystemExit(f"--ema must be in (0, 1); got {cfg.ema}")
     _cli.dry_run_sampling(cfg.path, cfg.prediction, (2, 4, 4, 1), [("solver", cfg.solver, dict(steps=cfg.sample_steps))])
+
+
+# the flags that make the trained state and its objective: a checkpoint trained with other values is
+# not resumed (--steps may grow: a finished run is extended)
+TRAINING_FLAGS = ("dataset", "net", "ch", "depth", "path", "prediction", "weighting", "conditional", "batch", "lr",
+                  "warmup", "clip", "ema", "seed")
+
+
+def check_resume_config(cfg: Config, ckpt) -> None:
+    """``SystemExit`` naming the flags that differ from those of the checkpoints in ``--out``
+    (which were silently resumed: an eps model sampled as a velocity one); records them otherwise."""
+    path = os.path.join(cfg.out, "train_config.json")
+    mine = {k: getattr(cfg, k) for k in TRAINING_FLAGS}
+    if ckpt.latest_step() is not None and os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        diff = [k for k in TRAINING_FLAGS if k in theirs and theirs[k] != mine[k]]
+        if diff:
+            raise SystemExit(f"{cfg.out}/ckpt was trained with " + ", ".join(f"--{k} {theirs[k]}" for k in diff)
+                             + "; got " + ", ".join(f"--{k} {mine[k]}" for k in diff)
+                             + ": pass the same flags to resume it, or a new --out")
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(mine, f, indent=2)
+
+
+def final_loss(hist_loss, start: int, jsonl: str, n: int = 50) -> float:
+    """The mean loss of the run's last ``n`` steps; a resumed run takes the steps before ``start``
+    from metrics.jsonl (one row per chunk: exact with the CPU default of one step per chunk)."""
+    losses = np.asarray(hist_loss)
+    if len(losses) < n and start and os.path.exists(jsonl):
+        earlier, prev = [], 0
+        for r in gf.train.read_jsonl(jsonl):
+            if "loss" in r and prev < r["step"] <= start:
+                earlier += [r["loss"]] * (r["step"] - prev)
+                prev = r["step"]
+        losses = np.concatenate([np.asarray(earlier, losses.dtype), losses])
+    return float(np.mean(losses[-n:]))
 
 
 def build_net(cfg: Config, shape, num_classes: int | None):
@@ -205,6 +246,7 @@ def run(cfg: Config) -> dict:
     mesh = gf.train.make_mesh(fsdp=cfg.fsdp)
     ckpt = gf.train.Checkpointer(os.path.join(cfg.out, "ckpt"), save_every=cfg.ckpt_every) if cfg.ckpt_every else None
     if ckpt is not None:
+        check_resume_config(cfg, ckpt)
         state, data_state = ckpt.restore_or(gf.train.shard_state(state, mesh))
         if data_state:
             loader.set_state(data_state)
@@ -250,7 +292,7 @@ def run(cfg: Config) -> dict:
         "fd_n_generated": int(cfg.n_eval), "fd_n_test": int(len(xte)), "fd_floor_n": int(len(ref)),
         "classifier_test_accuracy": clf_acc,
         "nfe": int(info.nfe),
-        "final_loss": float(np.mean(hist["loss"][-50:])) if steps_done else None,
+        "final_loss": final_loss(hist["loss"], start, os.path.join(cfg.out, "metrics.jsonl")) if steps_done else None,
         "train_steps": steps_done, "resumed_from": start,
         "train_steps_per_s": train_steps_per_s,
         "train_examples_per_s": None if train_steps_per_s is None else train_steps_per_s * cfg.batch,

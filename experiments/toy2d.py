@@ -67,6 +67,7 @@ def validate(cfg: Config) -> None:
         if name not in gf.sampling.solvers():
             raise SystemExit(f"unknown solver {name!r}; expected one of {sorted(gf.sampling.solvers())}")
     _cli.require_min(cfg, steps=1, batch=1, hidden=1, depth=1, sample_steps=1, n_eval=2, chunk=1)
+    _cli.require_finite(cfg, "lr", strict=True)  # (a negative --lr trained the whole run uphill, NaN failed at step 0)
     if not 0.0 <= cfg.ema < 1.0:
         raise SystemExit(f"--ema must be in [0, 1); got {cfg.ema}")
     if cfg.weighting not in gf.losses.WEIGHTINGS:

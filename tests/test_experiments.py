@@ -77,3 +77,16 @@ def test_inverse_refuses_bad_flags_before_training():
                       (["--lr", "nan"], "--lr must be a finite number > 0")):
         with pytest.raises(SystemExit, match=msg):
             inverse.validate(_cli.parse(inverse.Config, args))
+
+
+def test_toy2d_refuses_a_bad_learning_rate_before_training():
+    # --lr -0.01 trained the whole run uphill (W2 1569, loss 6e6) and wrote it; --lr nan failed at
+    # step 0 with an unnamed NonFiniteLossError
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import toy2d
+
+    for lr in ("-0.01", "nan", "0", "inf"):
+        with pytest.raises(SystemExit, match="--lr must be a finite number > 0"):
+            toy2d.validate(toy2d.parse_config(["--lr", lr]))

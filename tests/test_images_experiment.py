@@ -81,3 +81,46 @@ def test_images_resumed_conditional_run_plots_every_step_and_caps_the_nll_set(tm
     np.testing.assert_array_equal(seen[0], np.arange(1, 5))
     np.testing.assert_array_equal(seen[1], np.arange(1, 9))
     assert m["nll_n"] == 364 and np.isfinite(m["nll_bpd"]), m
+
+
+def _tiny_run(images, monkeypatch, out, *extra):
+    # the feature classifier (600 steps) and the NLL are not under test: stubbed out to keep this fast
+    monkeypatch.setattr(images, "train_classifier", lambda xtr, ytr, xte, yte, key: (lambda x: np.asarray(x).reshape(
+        len(x), -1)[:, :4].astype(np.float64), 1.0))
+    args = ["--net", "mlp", "--ch", "2", "--depth", "1", "--batch", "4", "--warmup", "0", "--n_eval", "8", "--n_nll", "0",
+            "--sample_steps", "1", "--solver", "euler", "--ckpt_every", "1", "--progress", "false", "--out", str(out)]
+    return images.run(images.parse_config(args + list(extra)))
+
+
+def test_images_refuses_to_resume_a_checkpoint_of_another_config(tmp_path, monkeypatch):
+    # a re-run into the same --out with another --prediction / --path / --lr silently restored the
+    # checkpoint trained with the first config (a velocity model sampled as an eps model, FD 668)
+    images = _images()
+    _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "1")
+    with pytest.raises(SystemExit, match="--prediction velocity.*--prediction eps"):
+        _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "2", "--prediction", "eps", "--path", "vp_cosine")
+    m = _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "2")  # the same flags (and more steps) resume
+    assert m["resumed_from"] == 1
+
+
+def test_images_resumed_final_loss_covers_the_steps_before_the_resume(tmp_path, monkeypatch):
+    # final_loss (the mean of the last 50 steps) of a run resumed with fewer than 50 steps left
+    # averaged only the resumed steps: it differed from the uninterrupted run's
+    images = _images()
+    _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "2")
+    m = _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "4")
+    losses = [r["loss"] for r in images.gf.train.read_jsonl(str(tmp_path / "r" / "metrics.jsonl"))]
+    assert len(losses) == 4 and m["resumed_from"] == 2
+    np.testing.assert_allclose(m["final_loss"], np.mean(np.float32(losses)), rtol=1e-6)
+
+
+def test_images_validate_checks_the_optimizer_flags():
+    # --steps 0 passed validate and failed in make_optimizer ("decay_steps must be a positive int"),
+    # --steps 50 (default --warmup 100) with "decay_steps (50) must exceed warmup_steps (100)", --lr nan
+    # / --clip 0 with the optimizer's argument names
+    images = _images()
+    for args, msg in ((["--steps", "0"], "--steps must be >= 1"), (["--steps", "50"], "--warmup must be below --steps"),
+                      (["--lr", "nan"], "--lr must be a finite number > 0"), (["--lr", "-1"], "--lr must be"),
+                      (["--clip", "0"], "--clip must be a finite number > 0"), (["--warmup", "-1"], "--warmup must be >= 0")):
+        with pytest.raises(SystemExit, match=msg):
+            images.validate(images.parse_config(args))
