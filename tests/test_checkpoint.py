@@ -182,3 +182,23 @@ def test_best_metric_other_than_the_loss(tmp_path):
         with pytest.raises(ValueError, match=r"best_metric='accuracy' is not a scalar step metric") as exc:
             gf.train.fit(state, step, lambda k: None, 10, chunk_size=5, progress=False, checkpointer=ckpt)
     assert int(exc.value.state.step) == 5  # the state survives the error
+
+
+def test_fit_saves_the_last_step_of_a_run_off_the_save_grid(tmp_path):
+    """A run of 12 steps with save_every=5 saved steps 5 and 10 only: the state at step 12 was lost,
+    and a rerun (or a longer run) re-trained from step 10. The last step is saved too, and resuming
+    from it continues bit-identically."""
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(lsq, opt)
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=5, keep=5) as ckpt:
+        done, _ = gf.train.fit(state, step, lambda k: (X, Y), 12, chunk_size=5, progress=False, checkpointer=ckpt)
+        assert ckpt.all_steps() == [5, 10, 12]
+        fresh = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+        restored, _ = ckpt.restore(fresh)
+    assert int(restored.step) == 12
+    np.testing.assert_array_equal(restored.params["w"], done.params["w"])
+    straight, _ = gf.train.fit(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0)), step,
+                               lambda k: (X, Y), 15, chunk_size=5, progress=False)
+    resumed, _ = gf.train.fit(restored, step, lambda k: (X, Y), 3, chunk_size=5, progress=False)
+    np.testing.assert_array_equal(resumed.params["w"], straight.params["w"])

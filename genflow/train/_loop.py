@@ -206,7 +206,8 @@ def fit(
         over all devices, and the chunk is jitted with these explicit in/out shardings.
       min_shard_size: arrays with fewer elements are replicated even when ``fsdp > 1``.
       checkpointer: a :class:`Checkpointer`; chunks are cut at its save steps, and the state (with
-        the data-iterator position) is saved asynchronously every ``save_every`` steps with the
+        the data-iterator position) is saved asynchronously every ``save_every`` steps and at the
+        last step of the run with the
         chunk means of the step metrics (``loss``, ``grad_norm``, the loss's scalar aux) as
         metrics. Pending saves are committed before ``fit`` returns or raises.
     Returns:
@@ -286,14 +287,16 @@ def fit(
                 hist = _stack(history)
                 raise NonFiniteLossError(int(state.step), state, hist)
             done += n
-            if checkpointer is not None and checkpointer.should_save(step0 + done):
+            # (and the last step of the run, if it is no multiple of save_every: a rerun to the same
+            # step count re-trained from the last multiple, and a longer one too)
+            if checkpointer is not None and (checkpointer.should_save(step0 + done) or done == num_steps):
                 data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
                 means = _chunk_means(metrics)
                 best = getattr(checkpointer, "best_metric", None)
                 if best is not None and best not in means:
                     raise ValueError(f"checkpointer.best_metric={best!r} is not a scalar step metric; "
                                      f"expected one of {sorted(means)}")
-                checkpointer.save(state, data_state=data_state, metrics=means)
+                checkpointer.save(state, data_state=data_state, metrics=means, force=True)
             for cb in callbacks:
                 cb(state, dict(metrics, steps_per_s=n / dt))
             if bar is not None:
