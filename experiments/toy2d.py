@@ -141,7 +141,8 @@ def run(cfg: Config) -> dict:
     # plots
     gf.viz.scatter(x0, data, title=f"{cfg.dataset}: {cfg.path}/{cfg.prediction}, {cfg.solver} NFE={int(info.nfe)}, "
                    f"W2={metrics['w2']:.3f}", path=os.path.join(cfg.out, "samples.png"))
-    gf.viz.trajectories(info.trajectory, title=f"probability-flow trajectories ({cfg.solver})",
+    kind = "sampler" if gf.sampling.solvers()[cfg.solver].stochastic else "probability-flow"  # (an SDE's paths are not the ODE's)
+    gf.viz.trajectories(info.trajectory, title=f"{kind} trajectories ({cfg.solver})",
                         path=os.path.join(cfg.out, "trajectories.png"))
     gf.viz.curves({"loss": hist["loss"]}, ylabel="loss", logy=True, smooth=50,
                   path=os.path.join(cfg.out, "loss.png"))
