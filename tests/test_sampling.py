@@ -457,3 +457,62 @@ def test_register_an_adaptive_diffrax_solver_without_fsal(gauss2):
                         rtol=1e-4, atol=1e-4)
     assert float(jnp.max(jnp.abs(x - ref))) < 1e-2
     assert int(info.nfe) == 2 * int(info.stats["num_steps"])
+
+
+def test_registered_diffrax_solver_that_evaluates_at_the_end_is_refused_where_the_velocity_is_singular(gauss2):
+    # a Diffrax solver from diffrax_solver with a stage at c = 1 (Heun) or an FSAL stage (Bosh3,
+    # Tsit5) evaluates an x0 model's velocity at sigma(t_end) = 0 (0/0): it gave inf / NaN samples
+    # silently, where the built-in heun / tsit5 are refused by name; Ralston (no end stage) still runs
+    import diffrax
+
+    for name, solver, kw in (("test_end_heun", diffrax.Heun(), {}),
+                             ("test_end_bosh3", diffrax.Bosh3(), dict(nfe_init=1)),
+                             ("test_end_tsit5", diffrax.Tsit5(), dict(nfe_init=1, adaptive=True))):
+        gf.sampling.register(gf.sampling.diffrax_solver(name, solver, order=2, nfe_per_step=2, **kw))
+    gf.sampling.register(gf.sampling.diffrax_solver("test_end_ralston", diffrax.Ralston(), order=2, nfe_per_step=2))
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    for path, kind in ((gf.paths.linear(), "x0"), (gf.paths.vp_linear(), "eps")):
+        for name in ("test_end_heun", "test_end_bosh3", "test_end_tsit5"):
+            for save in (False, True):
+                with pytest.raises(ValueError, match=f"t_end=0.0 has sigma.*{name}"):
+                    gf.sample(gauss2.model(path, kind), path, x1, prediction=kind, solver=name, steps=8, t_end=0.0,
+                              save_trajectory=save, denoise=False)
+    path = gf.paths.linear()
+    x, _ = gf.sample(gauss2.model(path, "x0"), path, x1, prediction="x0", solver="test_end_ralston", steps=8)
+    assert bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_adaptive_tolerances_both_zero_or_traced_are_refused_by_name(gauss2):
+    # rtol = atol = 0 ran max_steps rejected steps, then "maximum number of solver steps was reached.
+    # Try increasing max_steps"; a traced rtol passed the check, then failed at float(rtol) as an
+    # unnamed ConcretizationTypeError
+    path = gf.paths.vp_linear()
+    fn = gauss2.model(path, "eps")
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    with pytest.raises(ValueError, match="rtol and atol are both 0"):
+        gf.sample(fn, path, x1, prediction="eps", solver="tsit5", rtol=0.0, atol=0.0)
+    with pytest.raises(ValueError, match="rtol must be a concrete real"):
+        jax.jit(lambda r: gf.sample(fn, path, x1, prediction="eps", solver="tsit5", rtol=r)[0])(1e-4)
+    # one zero tolerance is fine, and fixed-step solvers ignore them
+    _, info = gf.sample(fn, path, x1, prediction="eps", solver="tsit5", rtol=0.0, atol=1e-5)
+    assert int(info.nfe) > 0
+    _, info = gf.sample(fn, path, x1, prediction="eps", solver="heun", steps=4, rtol=0.0, atol=0.0)
+    assert int(info.nfe) == 9
+
+
+def test_a_bad_key_for_a_stochastic_solver_is_named(gauss2):
+    # key=0, a float pair or a split of keys failed inside JAX / Diffrax ("invalid PRNG key data",
+    # "fold_in accepts a single key") without naming key
+    path = gf.paths.vp_linear()
+    fn = gauss2.model(path, "eps")
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    for solver in ("euler_maruyama", "shark", "ddpm"):
+        for bad in (0, jnp.array([0.5, 0.2]), jax.random.split(jax.random.key(0), 2)):
+            with pytest.raises(TypeError, match="key must be one PRNG key"):
+                gf.sample(fn, path, x1, prediction="eps", solver=solver, steps=4, key=bad)
+        for good in (jax.random.key(0), jax.random.PRNGKey(0)):
+            x, _ = gf.sample(fn, path, x1, prediction="eps", solver=solver, steps=4, key=good)
+            assert bool(jnp.all(jnp.isfinite(x)))
+    xs = jax.vmap(lambda k: gf.sample(fn, path, x1, prediction="eps", solver="euler_maruyama", steps=4, key=k)[0])(
+        jax.random.split(jax.random.key(1), 3))
+    assert xs.shape == (3, 4, 2)

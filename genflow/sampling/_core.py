@@ -148,6 +148,16 @@ def _check_options(solver: str, options: dict) -> dict:
     return out
 
 
+def _is_single_key(key) -> bool:
+    """A typed key of shape ``()`` or a raw ``uint32`` key of shape ``[k]`` (traced ones too)."""
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is None or shape is None:
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return shape == ()
+    return dtype == jnp.uint32 and len(shape) == 1
+
+
 def _check_brownian_tol(ts: Array, tol) -> None:
     """A Brownian tree coarser than the grid's smallest step interpolates the Brownian path inside
     its leaves: the increments lose variance and the samples have the wrong law (Diffrax: ``tol``
@@ -171,6 +181,21 @@ def _check_brownian_tol(ts: Array, tol) -> None:
 _EVALUATE_AT_END = ("heun", "tsit5", "dopri5", "dopri8")
 
 
+def _evaluates_at_end(spec) -> bool:
+    """Whether ``spec`` evaluates the model at the end of a step: the built-ins above, and a Diffrax
+    Runge-Kutta solver from :func:`diffrax_solver` with a stage at ``c = 1`` or an FSAL last stage
+    (a registered ``diffrax.Heun()`` / ``Bosh3()`` / ``Tsit5()`` gave inf / NaN samples silently
+    where the built-in ones are refused)."""
+    if spec.name in _EVALUATE_AT_END:
+        return True
+    run = spec.run
+    if isinstance(run, functools.partial) and run.func is _diffrax.ode_solve:
+        tableau = getattr(run.keywords.get("solver"), "tableau", None)
+        if tableau is not None:
+            return bool(tableau.fsal) or bool(np.any(np.asarray(tableau.c) == 1.0))
+    return False
+
+
 def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
     """Refuse a start where the needed conversion is 0/0 (alpha(t_start) = 0, e.g. t=1 on the
     linear path): eps/score -> x0 and the reverse-SDE drift f = alpha'/alpha are singular; and an
@@ -188,13 +213,13 @@ def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
             f"t_start={float(t0)} has alpha=0 on path {path.name!r}, where {why} is singular; "
             f"start slightly earlier (e.g. t_start=0.999, drawing x1 from the marginal there)"
         )
-    if prediction == "x0" and spec.name in _EVALUATE_AT_END and float(path.sigma(jnp.asarray(t1))) == 0.0:
+    if prediction == "x0" and _evaluates_at_end(spec) and float(path.sigma(jnp.asarray(t1))) == 0.0:
         raise ValueError(
             f"t_end={float(t1)} has sigma=0 on path {path.name!r}: solver {spec.name!r} evaluates the "
             f"velocity of the x0 model there, (x - alpha x0_hat) / sigma = 0/0; pass t_end > 0 (e.g. 1e-3) "
             f"or a solver that does not evaluate at the end (euler, midpoint, ddim, dpm++2m, unipc, ...)"
         )
-    if prediction != "velocity" and spec.name in _EVALUATE_AT_END:
+    if prediction != "velocity" and _evaluates_at_end(spec):
         t1j = jnp.asarray(t1)
         ds, da = float(path.d_sigma(t1j)), float(path.d_alpha(t1j))
         if not (np.isfinite(ds) and np.isfinite(da)):  # (vp_linear at t = 0: NaN samples)
@@ -286,10 +311,17 @@ def sample(
     spec = _registry.get(solver)
     _check_x(x1)
     # (rtol < 0 or atol < 0 were accepted, max_steps < 1 failed inside Diffrax, denoise="no" was
-    # truthy; traced tolerances pass)
+    # truthy; a traced tolerance failed as an unnamed ConcretizationTypeError at float(rtol) below)
     for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, jax.core.Tracer):
+            raise ValueError(f"{name} must be a concrete real >= 0 (it configures the compiled solver); got a "
+                             f"traced value")
         if not _real(0.0)[0](value):
             raise ValueError(f"{name} must be a real >= 0; got {value!r}")
+    if spec.adaptive and float(concrete_real(rtol)) == 0.0 and float(concrete_real(atol)) == 0.0:
+        # (the controller then rejects every step: max_steps attempts, then "Try increasing max_steps")
+        raise ValueError(f"rtol and atol are both 0: solver {solver!r} could never accept a step; pass rtol > 0 "
+                         f"or atol > 0")
     max_steps = check_int("max_steps", max_steps)
     check_denoise(denoise)
     if not isinstance(path, Path):
@@ -297,6 +329,11 @@ def sample(
     solver_options = check_solver_options(spec, solver, solver_options)
     if spec.stochastic and key is None:
         raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
+    if spec.stochastic and not _is_single_key(key):
+        # (key=0 failed as "JAX encountered invalid PRNG key data", a split of keys as a fold_in /
+        # Brownian-path error: neither named key)
+        raise TypeError(f"key must be one PRNG key (jax.random.key(...) or jax.random.PRNGKey(...)); got "
+                        f"{type(key).__name__} of shape {getattr(key, 'shape', None)} and dtype {getattr(key, 'dtype', None)}")
     ts = time_grid(path, steps, schedule, t_start, t_end)
     _check_brownian_tol(ts, solver_options.get("brownian_tol"))
     # a model that wraps another (gf.inverse.posterior_model: x0 from an eps model) is singular
