@@ -361,3 +361,53 @@ def test_nll_loss_matches_the_gaussian_closed_form():
     s_hat = jnp.cov(x.T, bias=True)
     best = 0.5 * (d * math.log(2 * math.pi) + jnp.linalg.slogdet(s_hat)[1] + d) / d
     assert ref > float(best)
+
+
+def test_invertible_1x1_conv_with_bfloat16_parameters():
+    # a params tree cast to bfloat16: jnp.linalg.inv / slogdet have no bfloat16 kernel, so sample
+    # (both lu) and log_prob (lu=False) failed with NotImplementedError('Unsupported dtype bfloat16')
+    x = jax.random.normal(jax.random.key(0), (8, 3), jnp.float32)
+    for lu in (True, False):
+        flow = F.realnvp(3, num_steps=1, hidden=4, lu=lu)
+        p = flow.init(jax.random.key(1), x)
+        pb = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
+        s = flow.sample(pb, jax.random.key(2), 4, jnp.bfloat16)
+        assert s.shape == (4, 3) and np.all(np.isfinite(np.asarray(s, np.float32)))
+        lp = np.asarray(flow.log_prob(pb, x.astype(jnp.bfloat16)), np.float32)
+        ref = np.asarray(flow.log_prob(jax.tree.map(lambda a: a.astype(jnp.float32), pb), x), np.float32)
+        np.testing.assert_allclose(lp, ref, rtol=0.05, atol=0.1)
+        np.testing.assert_allclose(np.asarray(flow.log_normalizer(pb), np.float32),
+                                   np.asarray(flow.log_normalizer(p), np.float32), rtol=0.05, atol=0.05)
+
+
+def test_cnf_sample_refuses_steps_it_would_ignore():
+    # steps=1 and steps=1000 gave bit-identical samples with the default (adaptive) tsit5, while
+    # cnf_log_prob / ffjord_loss read steps as a fixed grid for the same solver
+    params = {"a": A.astype(jnp.float64)}
+    z = jnp.ones((2, 2), jnp.float64)
+    with pytest.raises(ValueError, match="steps=8 has no effect on the adaptive solver 'tsit5'"):
+        F.cnf_sample(_linear_field, params, z, steps=8)
+    with pytest.raises(ValueError, match="a CNF is sampled by its ODE"):
+        F.cnf_sample(_linear_field, params, z, solver="ddpm", steps=4)
+    x = F.cnf_sample(_linear_field, params, z, rtol=1e-10, atol=1e-10)  # adaptive, no steps: as before
+    np.testing.assert_allclose(x, z @ jax.scipy.linalg.expm(-params["a"]).T, atol=1e-8)
+    e10, e40 = (float(jnp.max(jnp.abs(F.cnf_sample(_linear_field, params, z, solver="heun", steps=n)
+                                      - z @ jax.scipy.linalg.expm(-params["a"]).T))) for n in (10, 40))
+    assert e40 < e10 / 8  # a fixed-step solver does take the steps it is given (2nd order)
+
+
+def test_flow_sample_and_builders_name_bad_arguments():
+    flow = F.realnvp(3, num_steps=1, hidden=4)
+    p = flow.init(jax.random.key(0), jax.random.normal(jax.random.key(1), (8, 3)))
+    for n in (0, -1, 2.0):  # ZeroDivisionError / MLIRError / an unnamed shape TypeError
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            flow.sample(p, jax.random.key(2), n)
+    for kw, name in ((dict(hidden=0), "hidden"), (dict(hidden=-3), "hidden"), (dict(hidden=2.5), "hidden"),
+                     (dict(depth=-1), "depth")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            F.realnvp(3, num_steps=1, **kw)
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            F.glow((4, 4, 1), levels=1, **kw)
+    for shape in ((4, 4, 0), (-4, 4, 1), (0, 0, 1)):
+        with pytest.raises(ValueError, match="event_shape must be"):
+            F.glow(shape, levels=1)

@@ -41,11 +41,27 @@ def cnf_log_prob(apply_fn: Callable, params, x: Array, *, trace: str = "exact", 
                         rtol=rtol, atol=atol, adjoint=adjoint)
 
 
-def cnf_sample(apply_fn: Callable, params, z: Array, *, solver: str = "tsit5", steps: int = 20,
+def cnf_sample(apply_fn: Callable, params, z: Array, *, solver: str = "tsit5", steps: int | None = None,
                rtol: float = 1e-5, atol: float = 1e-5) -> Array:
-    """Samples ``x_0`` from base draws ``z: [B, ...]`` at t = 1, integrating ``dx/dt = f`` back to t = 0."""
+    """Samples ``x_0`` from base draws ``z: [B, ...]`` at t = 1, integrating ``dx/dt = f`` back to t = 0.
+
+    ``solver``: a deterministic solver of :func:`genflow.sampling.solvers`; adaptive ones (the
+    default ``"tsit5"``) use ``rtol`` / ``atol`` and refuse ``steps``; fixed-step ones take
+    ``steps`` uniform steps (20 by default).
+    """
     from genflow.paths import linear
-    from genflow.sampling import sample
+    from genflow.sampling import sample, solvers
+
+    spec = solvers().get(solver)  # (an unknown name is refused by name in sample)
+    if spec is not None and spec.stochastic:
+        # (the error asked for a key=, which cnf_sample does not take: a CNF has no reverse SDE)
+        raise ValueError(f"solver {solver!r} is stochastic; a CNF is sampled by its ODE: pass a deterministic "
+                         f"solver (e.g. 'tsit5', 'heun')")
+    if spec is not None and spec.adaptive and steps is not None:
+        # (steps was silently ignored by tsit5 here, while cnf_log_prob / ffjord_loss read it as a fixed grid)
+        raise ValueError(f"steps={steps!r} has no effect on the adaptive solver {solver!r} (rtol / atol choose its "
+                         f"steps): pass steps=None, or a fixed-step solver such as 'heun' with steps")
+    steps = 20 if steps is None else steps
 
     x, _ = sample(_velocity(apply_fn, params), linear(), z, prediction="velocity", solver=solver, steps=steps,
                   rtol=rtol, atol=atol, denoise=False, t_end=0.0)

@@ -69,6 +69,7 @@ class Flow:
 
     def sample(self, params, key: Array, n: int, dtype=jnp.float32) -> Array:
         """``[n, *event_shape]`` samples ``g^-1(z)``, ``z ~ N(0, I)``."""
+        n = check_int("n", n)  # (n=0 failed as a ZeroDivisionError, n=-1 as an MLIRError, n=2.0 unnamed)
         z = jax.random.normal(key, (n,) + tuple(self.event_shape), dtype)
         return self.bijector.inverse(params, z)[0]
 
@@ -170,16 +171,20 @@ def _step(parity: int, hidden: int, depth: int, lu: bool, coupling: str, mask: s
     return [ActNorm(), Invertible1x1Conv(lu=lu), cls(mask=mask, parity=parity, hidden=hidden, depth=depth)]
 
 
-def _check_coupling(coupling: str):
+def _check_coupling(coupling: str, hidden: int, depth: int):
     if coupling not in ("affine", "additive"):
         raise ValueError(f"coupling must be 'affine' or 'additive'; got {coupling!r}")
+    # (hidden=0 failed at init as a ZeroDivisionError, hidden=-3 as an unnamed TypeError; depth=-1
+    # silently built a conditioner without hidden layers)
+    check_int("hidden", hidden)
+    check_int("depth", depth)
 
 
 def realnvp(dim: int, *, num_steps: int = 8, hidden: int = 64, depth: int = 2, lu: bool = True,
             coupling: str = "affine") -> Flow:
     """A flow on vectors ``[B, dim]``: ``num_steps`` Glow steps (ActNorm, invertible linear,
     coupling on alternating halves). ``lu=False`` gives dense linear layers (EBFlow's setting)."""
-    _check_coupling(coupling)
+    _check_coupling(coupling, hidden, depth)
     num_steps = check_int("num_steps", num_steps)
     if not is_int(dim, 2):  # (a float dim gave a Flow with event_shape (2.5,))
         raise ValueError(f"dim must be an int >= 2 for a coupling flow; got {dim!r}")
@@ -195,9 +200,10 @@ def glow(event_shape: tuple[int, int, int], *, levels: int = 2, steps_per_level:
     then half of the channels are factored out (:class:`FactorOut`) and the rest continue to the
     next level. ``H`` and ``W`` must be divisible by ``2**levels``.
     """
-    _check_coupling(coupling)
-    if len(tuple(event_shape)) != 3:
-        raise ValueError(f"event_shape must be (H, W, C); got {event_shape!r}")
+    _check_coupling(coupling, hidden, depth)
+    if len(tuple(event_shape)) != 3 or not all(is_int(n) for n in event_shape):
+        # ((4, 4, 0) failed at init as "argmax of an empty sequence"; (-4, 4, 1) was accepted)
+        raise ValueError(f"event_shape must be (H, W, C) of positive ints; got {event_shape!r}")
     levels, steps_per_level = check_int("levels", levels), check_int("steps_per_level", steps_per_level)
     h, w, c = event_shape
     if h % (2 ** levels) or w % (2 ** levels):

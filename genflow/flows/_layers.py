@@ -41,6 +41,11 @@ def _zeros(x: Array) -> Array:
     return jnp.zeros((x.shape[0],), x.dtype)
 
 
+def _wide(a: Array) -> Array:
+    """``a`` in float32 or wider: ``inv`` / ``slogdet`` / QR / LU have no bfloat16 or float16 kernels."""
+    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+
 class Layer:
     """Base class: subclasses define ``forward`` and ``inverse`` (and ``init`` if they have params)."""
 
@@ -130,7 +135,7 @@ class Invertible1x1Conv(Layer):
     def weight(self, params, logdet: bool = True) -> tuple[Array, Array | None]:
         """``(W [C, C], log|det W|)`` (``None`` for the log-determinant when ``logdet=False``)."""
         if not self.lu:
-            return params["w"], (jnp.linalg.slogdet(params["w"])[1] if logdet else None)
+            return params["w"], (jnp.linalg.slogdet(_wide(params["w"]))[1] if logdet else None)
         c = params["log_s"].shape[0]
         eye = jnp.eye(c, dtype=params["log_s"].dtype)
         lower = jnp.tril(params["lower"], -1) + eye
@@ -151,7 +156,7 @@ class Invertible1x1Conv(Layer):
 
     def inverse(self, params, y):
         w, logdet = self.weight(params)
-        x = y @ jnp.linalg.inv(w).T
+        x = y @ jnp.linalg.inv(_wide(w)).astype(w.dtype).T
         return x, jnp.full((y.shape[0],), -_spatial(y) * logdet, x.dtype)
 
 
