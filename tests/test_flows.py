@@ -411,3 +411,15 @@ def test_flow_sample_and_builders_name_bad_arguments():
     for shape in ((4, 4, 0), (-4, 4, 1), (0, 0, 1)):
         with pytest.raises(ValueError, match="event_shape must be"):
             F.glow(shape, levels=1)
+
+
+def test_coupling_activation_and_mask_parity_are_named():
+    """AffineCoupling(activation="foo") raised a bare KeyError('foo'); coupling_mask read parity=0.5
+    as odd and failed on a string parity with a format error."""
+    layer = F.AffineCoupling(hidden=4, depth=1, activation="foo")
+    with pytest.raises(ValueError, match="unknown activation 'foo'"):
+        layer.init(jax.random.key(0), jnp.ones((4, 4)))
+    for bad in (0.5, "1", -1):
+        with pytest.raises(ValueError, match="parity must be an int >= 0"):
+            F.coupling_mask((4,), "half", bad)
+    np.testing.assert_array_equal(F.coupling_mask((4,), "half", 1), [0, 0, 1, 1])

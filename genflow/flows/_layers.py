@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genflow.nets import ACTIVATIONS
+from genflow._checks import is_int
+from genflow.nets._common import activation
 
 Array = jax.Array
 
@@ -181,6 +182,8 @@ def coupling_mask(shape: tuple[int, ...], kind: str = "half", parity: int = 0, d
             m = ((jnp.arange(h)[:, None] + jnp.arange(w)[None, :]) % 2 == 0)[..., None]
     else:
         raise ValueError(f"unknown coupling mask {kind!r}; expected 'half' or 'checkerboard'")
+    if not is_int(parity, 0):  # (0.5 was read as odd, a string failed in a format)
+        raise ValueError(f"parity must be an int >= 0; got {parity!r}")
     m = m if parity % 2 == 0 else ~m
     return m.astype(dtype)
 
@@ -201,7 +204,7 @@ class CouplingNet(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        act = ACTIVATIONS[self.activation]
+        act = activation(self.activation)  # (a bare KeyError for an unknown name)
         c = x.shape[-1]
         h = x
         if x.ndim == 2:

@@ -23,6 +23,13 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+def activation(name: str) -> Callable[[Array], Array]:
+    """The activation ``name`` of :data:`ACTIVATIONS` (a ``ValueError`` listing them otherwise)."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 def _times(t) -> Array:
     """``t`` as ``[B]`` (a scalar is ``[1]``); anything else is refused (a ``[B, 1]`` t gave
     ``[B, 1, dim]`` embeddings)."""

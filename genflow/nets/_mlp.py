@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genflow.nets._common import ACTIVATIONS, TimeEmbedding, batch_times, label_embedding
+from genflow.nets._common import TimeEmbedding, activation, batch_times, label_embedding
 
 Array = jax.Array
 
@@ -46,9 +46,7 @@ class MLP(nn.Module):
         if x.ndim != 2:
             raise ValueError(f"MLP expects x of shape [B, D]; got x.shape={x.shape}")
         t = batch_times(t, x)
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
-        act = ACTIVATIONS[self.activation]
+        act = activation(self.activation)
         if self.time_embedding in ("sinusoidal", "fourier") and self.time_dim % 2:  # (the error named 'dim')
             raise ValueError(f"MLP's time_dim must be even for a {self.time_embedding} time embedding; "
                              f"got {self.time_dim}")
