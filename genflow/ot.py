@@ -300,12 +300,13 @@ def _solve_one(cost: np.ndarray, precondition: bool, eps, iters, guard: bool = T
     # costs the optimum uses (entries spanning ~40 decades), that rounding reorders assignments
     # (a total 6e6 times the optimum). If the bound on it is not negligible against the total
     # found, solve the raw costs too and keep the cheaper assignment.
-    rows = np.arange(c.shape[0])
-    total = c[rows, perm].sum()
-    if guard and c.shape[0] * np.finfo(np.float64).eps * max(r.max(), -r.min()) > _PRECONDITION_RTOL * abs(total):
-        raw = linear_sum_assignment(c)[1]
-        if math.fsum(c[rows, raw]) < math.fsum(c[rows, perm]):
-            perm = raw
+    if guard:
+        rows = np.arange(c.shape[0])
+        total = math.fsum(c[rows, perm])
+        if c.shape[0] * np.finfo(np.float64).eps * max(r.max(), -r.min()) > _PRECONDITION_RTOL * abs(total):
+            raw = linear_sum_assignment(c)[1]
+            if math.fsum(c[rows, raw]) < total:
+                perm = raw
     return perm.astype(np.int32)
 
 
@@ -339,7 +340,6 @@ def solve_assignment(cost: np.ndarray, *, precondition: bool = True, eps=(0.1, 0
     if np.iscomplexobj(cost):  # (the imaginary part was dropped with a ComplexWarning)
         raise TypeError(f"cost must be real; got dtype {cost.dtype}")
     _stages(eps, iters)  # checked here, even when not preconditioning, not in the pool
-    _check_threads(threads)
     lead, n = cost.shape[:-2], cost.shape[-1]
     flat = cost.reshape((math.prod(lead), n, n))  # (-1 is ambiguous for n = 0)
     out = _batched(lambda k: _solve_one(flat[k], precondition, eps, iters), flat.shape[0], threads)
@@ -359,8 +359,7 @@ def solve_ot_points(x0: np.ndarray, x1: np.ndarray, *, precondition: bool = True
     lead, b = x0.shape[:-2], x0.shape[-2]
     count = math.prod(lead)  # (-1 is ambiguous for an empty batch)
     f0, f1 = x0.reshape((count,) + x0.shape[-2:]), x1.reshape((count,) + x1.shape[-2:])
-    _stages(eps, iters)  # checked once, not per problem in the pool
-    _check_threads(threads)
+    _stages(eps, iters)  # checked once, not per problem in the pool (threads: by _batched)
 
     def one(k):
         # Each problem's points are converted to float64 on their own: converting the whole
