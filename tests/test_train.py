@@ -185,6 +185,9 @@ def test_diffusion_objective_with_labels_and_dropout():
         gf.train.diffusion_objective(m.apply, gf.paths.linear(), label_dropout=0.1)
     with pytest.raises(ValueError, match="'x' entry"):
         loss_fn(p, {"image": jnp.ones((8, 2))}, jax.random.key(1))
+    # label dropout on a batch without labels was skipped silently (no null-label training at all)
+    with pytest.raises(ValueError, match=r"label_dropout=0.5 needs labels: the batch has no 'y'"):
+        loss_fn(p, {"x": jnp.ones((8, 2))}, jax.random.key(1))
 
 
 def test_bad_arguments():
@@ -404,6 +407,13 @@ def test_exceptions_keep_the_last_good_state():
     def bad_callback(state, metrics):
         if int(state.step) >= 20:
             raise KeyError("callback failed")
+
+    # a smaller last batch (no drop_remainder) failed in np.stack naming neither the batch nor the cause
+    short = [(np.asarray(X[:8]), np.asarray(Y[:8]))] * 6 + [(np.asarray(X[:3]), np.asarray(Y[:3]))]
+    with pytest.raises(ValueError, match=r"batch 6 has shapes \(\(3, 4\), \(3,\)\) where batch 5 had "
+                                         r"\(\(8, 4\), \(8,\)\).*drop_remainder") as exc:
+        gf.train.fit(fresh(), step, short, 7, chunk_size=5, progress=False)
+    assert int(exc.value.state.step) == 5
 
     with pytest.raises(KeyError, match="callback failed") as exc:
         gf.train.fit(fresh(), step, full_batch, 40, chunk_size=10, callback=bad_callback, progress=False)

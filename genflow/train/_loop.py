@@ -150,6 +150,23 @@ def _chunk_means(metrics: dict) -> dict:
     return out
 
 
+def _stack_batches(batches: list, done: int):
+    """Stack a chunk's host batches on a new leading axis, naming the batch that does not fit."""
+    try:
+        return jax.tree.map(lambda *b: np.stack(b), *batches)
+    except ValueError:
+        first = jax.tree.map(np.shape, batches[0])
+        for i, b in enumerate(batches[1:], 1):
+            if jax.tree.structure(b) != jax.tree.structure(batches[0]) or jax.tree.map(np.shape, b) != first:
+                shapes = jax.tree.map(np.shape, b) if jax.tree.structure(b) == jax.tree.structure(batches[0]) \
+                    else jax.tree.structure(b)
+                raise ValueError(f"data: batch {done + i} has shapes {shapes} where batch {done} had {first}; "
+                                 f"fit stacks the batches of a chunk, so every batch must have the same "
+                                 f"structure and shapes (drop a smaller last batch, e.g. drop_remainder=True)"
+                                 ) from None
+        raise
+
+
 def _stack(history: dict[str, list]) -> dict[str, np.ndarray]:
     """The per-chunk metric arrays joined into one ``[steps]`` array per metric."""
     return {name: np.concatenate(v) for name, v in history.items()}
@@ -267,7 +284,7 @@ def fit(
                     except StopIteration:
                         raise ValueError(f"data ran out after {done + len(batches)} batches; fit was asked for "
                                          f"num_steps={num_steps}") from None
-                xs = jax.tree.map(lambda *b: np.stack(b), *batches)
+                xs = _stack_batches(batches, done)
                 if mesh is not None:
                     xs = shd.shard_batch(xs, mesh, stacked=True)
                 data_time += time.perf_counter() - t0

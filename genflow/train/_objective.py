@@ -41,7 +41,8 @@ def diffusion_objective(
       apply_fn: ``apply_fn(params, x, t[, y=labels])``, e.g. ``module.apply``.
       path, prediction, weighting, coupling, **loss_kwargs: see :func:`genflow.losses.diffusion_loss`.
         ``prediction="velocity", weighting="uniform"`` is conditional flow matching.
-      label_dropout: probability of replacing a label by ``null_label`` (classifier-free guidance).
+      label_dropout: probability of replacing a label by ``null_label`` (classifier-free guidance);
+        > 0 needs batches with labels ``y``.
       null_label: the "no label" index (e.g. ``num_classes`` for :class:`genflow.nets.MLP`).
       dropout_rng: call ``apply_fn(..., train=True, rngs={"dropout": key})`` (networks with
         dropout such as :class:`genflow.nets.UNet`), with a fresh key every step.
@@ -58,7 +59,10 @@ def diffusion_objective(
     def loss_fn(params, batch, key):
         x0, y, x1 = _split_batch(batch)
         k_drop, k_loss = jax.random.split(key)
-        if y is not None and label_dropout > 0:
+        if label_dropout > 0:
+            if y is None:  # (the dropout was skipped: a conditional net trained without a null label)
+                raise ValueError(f"label_dropout={label_dropout} needs labels: the batch has no 'y' "
+                                 f"(pass {{'x': ..., 'y': ...}} batches, or label_dropout=0)")
             y = losses.drop_labels(k_drop, y, label_dropout, null_label)
         kw = {} if y is None else {"y": y}
         if dropout_rng:
