@@ -342,6 +342,13 @@ def test_flow_builders_refuse_bad_arguments():
         gf.flows.realnvp(2.5)  # built a Flow with event_shape (2.5,)
     with pytest.raises(ValueError, match="dequantize"):
         gf.flows.ffjord_objective(lambda p, x, t: x, dequantize=-1.0)  # flow_objective refused it, this did not
+    # these failed only at the first training step, inside the jit
+    with pytest.raises(ValueError, match="num_probes must be a positive int; got 0"):
+        gf.flows.ffjord_objective(lambda p, x, t: x, num_probes=0)
+    with pytest.raises(ValueError, match="unknown solver 'rk4'"):
+        gf.flows.ffjord_objective(lambda p, x, t: x, solver="rk4")
+    with pytest.raises(TypeError, match="ffjord_objective: .*num_probe"):
+        gf.flows.ffjord_objective(lambda p, x, t: x, num_probe=2)
 
 
 def test_nll_loss_matches_the_gaussian_closed_form():

@@ -121,8 +121,10 @@ def test_likelihood_options_are_named():
         L.dequantized_log_prob(g.model(path, "eps"), path, x, jax.random.key(0), prediction="eps", bin_width=0.0)
     with pytest.raises(ValueError, match="tau must be a real > 0"):
         L.truncated_normal_time(path, 0.125, tau=-3.0)
-    with pytest.raises(ValueError, match="rtol must be a real > 0"):
+    with pytest.raises(ValueError, match="rtol must be a finite real > 0"):
         gf.log_prob(g.model(path, "eps"), path, x, prediction="eps", rtol=-1.0)
+    with pytest.raises(ValueError, match="atol must be a finite real >= 0; got inf"):  # (accepted: every step passed)
+        gf.log_prob(g.model(path, "eps"), path, x, prediction="eps", atol=float("inf"))
     levels = jnp.linspace(-1, 1, 17)
     with pytest.raises(ValueError, match="x must lie on levels"):
         L.reconstruction_term(path, levels[:4].reshape(2, 2) + 0.03, jax.random.key(0), 0.01, levels)

@@ -175,8 +175,9 @@ def test_bad_inputs(gauss2):
     with pytest.raises(ValueError, match="batch dimension"):
         gf.sample(fn, path, jnp.float32(1.0), prediction="velocity")
     # accepted before: negative tolerances, a truthy string for denoise; max_steps=0 failed in Diffrax
-    for kw, err, match in ((dict(rtol=-1e-3), ValueError, "rtol must be a real >= 0"),
-                           (dict(atol="1e-5"), ValueError, "atol must be a real >= 0"),
+    for kw, err, match in ((dict(rtol=-1e-3), ValueError, "rtol must be a finite real >= 0"),
+                           (dict(atol="1e-5"), ValueError, "atol must be a finite real >= 0"),
+                           (dict(rtol=np.inf), ValueError, "rtol must be a finite real >= 0; got inf"),
                            (dict(max_steps=0), ValueError, "max_steps must be a positive int"),
                            (dict(denoise="no"), TypeError, "denoise must be None, True or False")):
         with pytest.raises(err, match=match):

@@ -13,6 +13,8 @@ the default ``RecursiveCheckpointAdjoint`` differentiates the discretised solve)
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Callable
 
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow._checks import check_positive_real
-from genflow.likelihood._ode import GaussianPrior, ode_log_prob
+from genflow.likelihood._ode import GaussianPrior, _check_options, ode_log_prob
 
 Array = jax.Array
 
@@ -78,11 +80,24 @@ def ffjord_loss(apply_fn: Callable, params, x: Array, key: Array, *, num_probes:
     return -jnp.mean(logp) / math.prod(x.shape[1:])
 
 
+def _option(bound: dict, name: str):
+    """``ffjord_loss``'s option ``name``: the bound value, else its default."""
+    return bound.get(name, inspect.signature(ffjord_loss).parameters[name].default)
+
+
 def ffjord_objective(apply_fn: Callable, *, dequantize: float | None = None, **kwargs) -> Callable:
     """``loss_fn(params, batch, key)`` of :func:`ffjord_loss` for :func:`genflow.train.make_train_step`
     (``dequantize``: uniform dequantization bin width applied to every batch)."""
     if dequantize is not None:  # (as flow_objective: a negative width was accepted)
         check_positive_real("dequantize", dequantize)
+    # (an unknown option or num_probes=0 failed only at the first training step, inside the jit)
+    try:
+        opts = inspect.signature(ffjord_loss).bind(None, None, None, None, **kwargs).arguments
+    except TypeError as e:
+        raise TypeError(f"ffjord_objective: {e} (its options are ffjord_loss's keyword arguments)") from None
+    get = functools.partial(_option, opts)
+    _check_options("hutchinson", get("solver"), get("steps"), get("probe"), get("num_probes"), key=True,
+                   rtol=get("rtol"), atol=get("atol"))
 
     def loss_fn(params, batch, key):
         x = batch["x"] if isinstance(batch, dict) else batch

@@ -139,8 +139,9 @@ def _check_options(trace, solver, steps, probe, num_probes, key, rtol=1e-5, atol
         raise ValueError(f"steps must be a positive int or None; got {steps!r}")
     for name, value, low in (("rtol", rtol, 0.0), ("atol", atol, 0.0)):  # (negative ones were accepted)
         v = concrete_real(value)
-        if v is None or not v >= low or (name == "rtol" and steps is None and not v > 0):
-            raise ValueError(f"{name} must be a real {'> 0' if name == 'rtol' else '>= 0'}; got {value!r}")
+        if (v is None or not v >= low or not math.isfinite(v)  # (inf was accepted: every step passed)
+                or (name == "rtol" and steps is None and not v > 0)):
+            raise ValueError(f"{name} must be a finite real {'> 0' if name == 'rtol' else '>= 0'}; got {value!r}")
     if trace == "hutchinson":
         if key is None:
             raise ValueError("trace='hutchinson' draws random probes: pass key=jax.random.key(...)")

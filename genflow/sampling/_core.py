@@ -316,8 +316,8 @@ def sample(
         if isinstance(value, jax.core.Tracer):
             raise ValueError(f"{name} must be a concrete real >= 0 (it configures the compiled solver); got a "
                              f"traced value")
-        if not _real(0.0)[0](value):
-            raise ValueError(f"{name} must be a real >= 0; got {value!r}")
+        if not _real(0.0, finite=True)[0](value):  # (inf was accepted: every step passed the controller)
+            raise ValueError(f"{name} must be a finite real >= 0; got {value!r}")
     if spec.adaptive and float(concrete_real(rtol)) == 0.0 and float(concrete_real(atol)) == 0.0:
         # (the controller then rejects every step: max_steps attempts, then "Try increasing max_steps")
         raise ValueError(f"rtol and atol are both 0: solver {solver!r} could never accept a step; pass rtol > 0 "
