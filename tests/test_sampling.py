@@ -460,6 +460,39 @@ def test_register_an_adaptive_diffrax_solver_without_fsal(gauss2):
     assert int(info.nfe) == 2 * int(info.stats["num_steps"])
 
 
+def test_diffrax_solver_reads_its_counts_from_the_tableau(gauss2):
+    """diffrax_solver's nfe_per_step / nfe_init / order come from an explicit Runge-Kutta solver's
+    tableau, and info.nfe equals the evaluations executed (a host callback) for fixed steps (the
+    bucketed loop and the saved trajectory) and adaptive steps; a count that disagrees with the
+    tableau is refused (Bosh3 registered with nfe_per_step=2 reported 2 of its 3 per step)."""
+    import diffrax
+
+    with pytest.raises(ValueError, match=r"nfe_per_step=2 does not match Bosh3's tableau, which gives 3"):
+        gf.sampling.diffrax_solver("test_bosh3_wrong", diffrax.Bosh3(), nfe_per_step=2)
+    with pytest.raises(ValueError, match=r"nfe_per_step is needed for Kvaerno3"):
+        gf.sampling.diffrax_solver("test_kvaerno3", diffrax.Kvaerno3())
+    fixed = gf.sampling.register(gf.sampling.diffrax_solver("test_bosh3_counted", diffrax.Bosh3()))
+    adaptive = gf.sampling.register(gf.sampling.diffrax_solver("test_bosh3_adaptive", diffrax.Bosh3(), adaptive=True))
+    assert fixed.order == 3 and fixed.nfe_per_step == 3 and adaptive.nfe_per_step is None
+    path = gf.paths.linear()
+    model = gauss2.model(path, "velocity")
+    calls = []
+
+    def fn(x, t):
+        jax.debug.callback(lambda tt: calls.append(1), t)
+        return model(x, t)
+
+    x1 = gauss2.prior_sample(jax.random.key(0), 8, path, 1.0)
+    for solver, kw in (("test_bosh3_counted", dict(steps=7)), ("test_bosh3_counted", dict(steps=7, save_trajectory=True)),
+                       ("test_bosh3_adaptive", dict(rtol=1e-4, atol=1e-4))):
+        calls.clear()
+        x, info = gf.sample(fn, path, x1, prediction="velocity", solver=solver, t_end=1e-3, **kw)
+        jax.block_until_ready(x)
+        jax.effects_barrier()
+        assert len(calls) == int(info.nfe), (solver, kw, len(calls), int(info.nfe))
+    assert int(info.nfe) == 1 + 3 * int(info.stats["num_steps"])
+
+
 def test_registered_diffrax_solver_that_evaluates_at_the_end_is_refused_where_the_velocity_is_singular(gauss2):
     # a Diffrax solver from diffrax_solver with a stage at c = 1 (Heun) or an FSAL stage (Bosh3,
     # Tsit5) evaluates an x0 model's velocity at sigma(t_end) = 0 (0/0): it gave inf / NaN samples
@@ -467,10 +500,10 @@ def test_registered_diffrax_solver_that_evaluates_at_the_end_is_refused_where_th
     import diffrax
 
     for name, solver, kw in (("test_end_heun", diffrax.Heun(), {}),
-                             ("test_end_bosh3", diffrax.Bosh3(), dict(nfe_init=1)),
-                             ("test_end_tsit5", diffrax.Tsit5(), dict(nfe_init=1, adaptive=True))):
-        gf.sampling.register(gf.sampling.diffrax_solver(name, solver, order=2, nfe_per_step=2, **kw))
-    gf.sampling.register(gf.sampling.diffrax_solver("test_end_ralston", diffrax.Ralston(), order=2, nfe_per_step=2))
+                             ("test_end_bosh3", diffrax.Bosh3(), {}),
+                             ("test_end_tsit5", diffrax.Tsit5(), dict(adaptive=True))):
+        gf.sampling.register(gf.sampling.diffrax_solver(name, solver, **kw))
+    gf.sampling.register(gf.sampling.diffrax_solver("test_end_ralston", diffrax.Ralston()))
     x1 = jax.random.normal(jax.random.key(0), (4, 2))
     for path, kind in ((gf.paths.linear(), "x0"), (gf.paths.vp_linear(), "eps")):
         for name in ("test_end_heun", "test_end_bosh3", "test_end_tsit5"):

@@ -16,6 +16,7 @@ from typing import Callable
 
 import diffrax
 
+from genflow._checks import is_int
 from genflow.sampling import _diffrax, _driver, _multistep, _singlestep, _stochastic
 from genflow.sampling._driver import Stepper
 
@@ -158,7 +159,7 @@ def register(spec: SolverSpec) -> SolverSpec:
 
     Example::
 
-        gf.sampling.register(gf.sampling.diffrax_solver("ralston", diffrax.Ralston(), order=2, nfe_per_step=2))
+        gf.sampling.register(gf.sampling.diffrax_solver("ralston", diffrax.Ralston()))  # order, NFE: its tableau
         x0, info = gf.sample(fn, path, x1, prediction="velocity", solver="ralston", steps=20)
     """
     if not isinstance(spec, SolverSpec):
@@ -173,8 +174,22 @@ def register(spec: SolverSpec) -> SolverSpec:
     return spec
 
 
-def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float, nfe_per_step: int,
-                   adaptive: bool = False, nfe_init: int = 0, description: str = "") -> SolverSpec:
+def _rk_counts(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
+    """``(nfe_per_step, nfe_init)`` of an explicit Runge-Kutta Diffrax solver, read from its
+    tableau (an FSAL method evaluates its first stage once, before the first step); ``None`` for
+    other solvers (implicit ones evaluate inside a root find)."""
+    if isinstance(solver, diffrax.Euler):
+        return 1, 0
+    tableau = getattr(solver, "tableau", None)
+    if not isinstance(solver, diffrax.AbstractERK) or tableau is None:
+        return None
+    stages = len(tableau.c) + 1
+    return (stages - 1, 1) if tableau.fsal else (stages, 0)
+
+
+def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | None = None,
+                   nfe_per_step: int | None = None, adaptive: bool = False, nfe_init: int | None = None,
+                   description: str = "") -> SolverSpec:
     """The :class:`SolverSpec` of a Diffrax ODE solver on the probability-flow ODE in t (for
     :func:`register`): fixed steps on the time grid, or, with ``adaptive``, a PID controller
     (``rtol`` / ``atol`` of :func:`genflow.sample`).
@@ -182,14 +197,36 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float, n
     Args:
       name: the ``solver=`` string.
       solver: a Diffrax solver instance (e.g. ``diffrax.Ralston()``).
-      order: its convergence order (reported by :func:`solvers`).
-      nfe_per_step: model evaluations per step (stages; FSAL methods count one less).
+      order: its convergence order (reported by :func:`solvers`); default ``solver.order``.
+      nfe_per_step: model evaluations per step (stages; FSAL methods count one less). Read from
+        the tableau of an explicit Runge-Kutta solver (a value given must agree with it: it is
+        what ``info.nfe`` reports); needed for other solvers.
       adaptive: step sizes from an error controller (``steps`` ignored).
-      nfe_init: evaluations before the first step (1 for FSAL methods, as tsit5).
+      nfe_init: evaluations before the first step (1 for FSAL methods, as tsit5); read from the
+        tableau as ``nfe_per_step``, else 0.
       description: one line for :func:`solvers`.
     """
     if not isinstance(solver, diffrax.AbstractSolver):
         raise TypeError(f"solver must be a diffrax.AbstractSolver instance; got {solver!r}")
+    counts = _rk_counts(solver)
+    # (the counts were trusted: a Bosh3 registered with nfe_per_step=2 reported 2 of its 3
+    # evaluations per step in info.nfe, and NFE-matched comparisons were off by that much)
+    if counts is None and nfe_per_step is None:
+        raise ValueError(f"nfe_per_step is needed for {type(solver).__name__} (not an explicit Runge-Kutta "
+                         f"solver, whose tableau gives it)")
+    for arg, given, derived in (("nfe_per_step", nfe_per_step, None if counts is None else counts[0]),
+                                ("nfe_init", nfe_init, None if counts is None else counts[1])):
+        if given is not None and not is_int(given, 0):
+            raise ValueError(f"{arg} must be an int >= 0; got {given!r}")
+        if given is not None and derived is not None and given != derived:
+            raise ValueError(f"{arg}={given!r} does not match {type(solver).__name__}'s tableau, which gives "
+                             f"{derived} (nfe_per_step, nfe_init = {counts}); omit it")
+    nfe_per_step, nfe_init = counts if counts is not None else (nfe_per_step, nfe_init or 0)
+    if order is None:
+        try:
+            order = solver.order(None)
+        except Exception:  # (solvers whose order depends on the terms)
+            raise ValueError(f"order is needed for {type(solver).__name__} (solver.order(None) failed)") from None
     return SolverSpec(name, order, False, None if adaptive else nfe_per_step, adaptive,
                       _ode(solver, nfe_per_step, nfe_init, adaptive),
                       description or f"{type(solver).__name__} on the probability-flow ODE in t (Diffrax)")
