@@ -1,11 +1,18 @@
-"""Argument checks shared across genflow (one notion of an integer argument, one wording)."""
+"""Argument checks shared across genflow (one notion of an integer argument, one wording), and the
+batch flattening every module uses."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
 import numpy as np
+
+
+def flat_batch(x):
+    """``[B, ...] -> [B, D]`` (NumPy or JAX); unlike ``reshape(B, -1)``, also for an empty batch."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def concrete_real(value) -> float | None:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import check_real_in, concrete_real
+from genflow._checks import flat_batch, check_real_in, concrete_real
 from genflow.paths import Path, broadcast_t
 from genflow.sampling import as_pytree_fn
 
@@ -270,7 +270,7 @@ class Adaptive:
 
     def similarity(self, c: Array, u: Array) -> Array:
         """Per-sample cosine similarity ``[B]`` of two predictions."""
-        c2, u2 = c.reshape(c.shape[0], -1), u.reshape(u.shape[0], -1)
+        c2, u2 = flat_batch(c), flat_batch(u)
         num = jnp.sum(c2 * u2, -1)
         return num / jnp.maximum(jnp.linalg.norm(c2, axis=-1) * jnp.linalg.norm(u2, axis=-1), 1e-12)
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
+from genflow._checks import flat_batch
 from genflow.paths import Path, check_t
 
 Array = jax.Array
@@ -310,7 +311,7 @@ def diffusion_loss(
             raise ValueError(f"weighting {weighting!r} must return a scalar or shape [B] = [{b}]; got shape "
                              f"{jnp.shape(w)}")
         lam = (w / (c * c)).astype(wide)
-    sq = jnp.mean(jnp.square((pred - target).astype(wide)).reshape(b, -1), axis=-1)
+    sq = jnp.mean(flat_batch(jnp.square((pred - target).astype(wide))), axis=-1)
     per_example = lam * sq
     return jnp.mean(per_example), {"t": t, "per_example": per_example}
 

@@ -10,15 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_int, check_positive_real
+from genflow._checks import flat_batch, check_int, check_positive_real
 
 Array = jax.Array
 
 __all__ = ["w2_exact", "w2_sinkhorn", "sliced_w2", "mmd", "frechet_distance", "gaussian_stats", "psnr", "ssim"]
-
-
-def _flat(x) -> np.ndarray | Array:
-    return x.reshape(x.shape[0], -1)
 
 
 def _sq_dists(x: Array, y: Array) -> Array:
@@ -51,7 +47,7 @@ def w2_exact(x, y) -> float:
     """
     from scipy.optimize import linear_sum_assignment
 
-    x, y = _flat(np.asarray(x, np.float64)), _flat(np.asarray(y, np.float64))
+    x, y = flat_batch(np.asarray(x, np.float64)), flat_batch(np.asarray(y, np.float64))
     if x.shape != y.shape:
         raise ValueError(f"w2_exact needs point sets of equal shape; got {x.shape} and {y.shape} "
                          f"(use w2_sinkhorn or sliced_w2 for unequal sizes)")
@@ -70,7 +66,7 @@ def w2_sinkhorn(x: Array, y: Array, epsilon: float = 0.01, iters: int = 500, deb
     to the mean squared distance between ``x`` and ``y`` (one value for all three terms).
     ``x: [N, D]``, ``y: [M, D]``; returns a scalar.
     """
-    x, y = _flat(jnp.asarray(x, jnp.float32)), _flat(jnp.asarray(y, jnp.float32))
+    x, y = flat_batch(jnp.asarray(x, jnp.float32)), flat_batch(jnp.asarray(y, jnp.float32))
     _check_same_dim("w2_sinkhorn", x, y)
     check_positive_real("epsilon", epsilon)  # (0 gave 0.93 for a W2 of 1.41; a traced value passes)
     if not isinstance(iters, jax.core.Tracer):
@@ -104,7 +100,7 @@ def sliced_w2(x: Array, y: Array, key: Array, num_projections: int = 256) -> Arr
 
     ``x, y: [N, ...]`` with equal N (1-D OT is sorting). Returns a scalar.
     """
-    x, y = _flat(jnp.asarray(x, jnp.float32)), _flat(jnp.asarray(y, jnp.float32))
+    x, y = flat_batch(jnp.asarray(x, jnp.float32)), flat_batch(jnp.asarray(y, jnp.float32))
     if x.shape != y.shape:
         raise ValueError(f"sliced_w2 needs point sets of equal shape; got {x.shape} and {y.shape}")
     num_projections = check_int("num_projections", num_projections)  # (0 gave 0.0)
@@ -119,7 +115,7 @@ def mmd(x: Array, y: Array, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Array:
 
     ``k(a, b) = sum_h exp(-||a - b||^2 / (2 h^2))``. ``x: [N, D]``, ``y: [M, D]``; scalar.
     """
-    x, y = _flat(jnp.asarray(x, jnp.float32)), _flat(jnp.asarray(y, jnp.float32))
+    x, y = flat_batch(jnp.asarray(x, jnp.float32)), flat_batch(jnp.asarray(y, jnp.float32))
     _check_same_dim("mmd", x, y)
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError(f"mmd (unbiased) needs at least 2 points per set; got {x.shape[0]} and {y.shape[0]}")
@@ -142,7 +138,7 @@ def mmd(x: Array, y: Array, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Array:
 def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``[D]`` and covariance ``[D, D]`` (float64) of ``features: [N, D]`` (or ``[N]``: D = 1)."""
     f = np.asarray(features, np.float64)
-    f = f[:, None] if f.ndim == 1 else _flat(f)
+    f = f[:, None] if f.ndim == 1 else flat_batch(f)
     if f.shape[0] < 2:
         raise ValueError(f"gaussian_stats needs at least 2 feature vectors; got features of shape {f.shape}")
     return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
@@ -176,7 +172,7 @@ def psnr(x: Array, ref: Array, data_range: float = 2.0) -> Array:
 
     ``x, ref: [B, ...]`` (images in [-1, 1] have ``data_range = 2``); returns ``[B]``."""
     x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
-    mse = jnp.mean(((x - ref) ** 2).reshape(x.shape[0], -1), axis=-1)
+    mse = jnp.mean(flat_batch((x - ref) ** 2), axis=-1)
     return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-20))
 
 
@@ -221,4 +217,4 @@ def ssim(x: Array, ref: Array, data_range: float = 2.0, window: int = 7, sigma: 
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     p = (window - 1) // 2
     s = s[:, :, p:s.shape[2] - p, p:s.shape[3] - p]
-    return jnp.mean(s.reshape(s.shape[0], -1), axis=-1)
+    return jnp.mean(flat_batch(s), axis=-1)

@@ -22,15 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
+from genflow._checks import flat_batch
 from genflow.paths import Path, broadcast_t
 
 Array = jax.Array
 
 __all__ = ["Gaussian", "GaussianMixture", "OracleModel", "reference_flow_map"]
-
-
-def _flat(x: Array) -> Array:
-    return x.reshape(x.shape[0], -1)
 
 
 def _t_col(t, x: Array) -> Array:
@@ -99,7 +96,7 @@ class Gaussian:
         """Eigen-coordinates of ``x - alpha mean`` and the marginal variances ``[B, D]``."""
         tc = _t_col(t, x)
         a, s = path.alpha(tc), path.sigma(tc)
-        r = (_flat(x) - a * self.mean) @ self.basis
+        r = (flat_batch(x) - a * self.mean) @ self.basis
         return r, a * a * self.var + s * s, a, s
 
     def x0(self, x: Array, t, path: Path) -> Array:
@@ -184,7 +181,7 @@ class GaussianMixture:
         tc = _t_col(t, x)
         a, s = path.alpha(tc)[:, :, None], path.sigma(tc)[:, :, None]  # [B, 1, 1]
         m = a * a * self.vars[None] + s * s  # [B, K, D]
-        r = _flat(x)[:, None, :] - a * self.means[None]  # [B, K, D]
+        r = flat_batch(x)[:, None, :] - a * self.means[None]  # [B, K, D]
         logp = -0.5 * jnp.sum(r * r / m + jnp.log(2 * jnp.pi * m), axis=-1) + jax.nn.log_softmax(self.logits)
         return logp, r, m, a
 
@@ -213,7 +210,7 @@ class GaussianMixture:
 
     def nearest_component(self, x: Array) -> Array:
         """Index of the most responsible component for clean data ``x: [B, D]``; ``[B]``."""
-        r = _flat(x)[:, None, :] - self.means[None]
+        r = flat_batch(x)[:, None, :] - self.means[None]
         logp = -0.5 * jnp.sum(r * r / self.vars[None] + jnp.log(self.vars[None]), -1) + jax.nn.log_softmax(self.logits)
         return jnp.argmax(logp, axis=-1)
 
@@ -308,5 +305,5 @@ def _reference_flow_map(oracle, x, s, t, path, rtol, atol, max_steps, solver):
                                   stepsize_controller=controller, max_steps=max_steps)
         return sol.ys[-1]
 
-    x_lin = _flat(x) / (a_s + sg_s)
+    x_lin = flat_batch(x) / (a_s + sg_s)
     return (jax.vmap(one)(x_lin) * (a_t + sg_t)).reshape(x.shape).astype(dtype)

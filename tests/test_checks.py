@@ -42,3 +42,25 @@ def test_public_functions_share_the_integer_check():
     lp, _ = gf.log_prob(fn, path, x1, prediction="x0", solver="midpoint", steps=np.int64(4), t_min=0.01)
     ref, _ = gf.log_prob(fn, path, x1, prediction="x0", solver="midpoint", steps=4, t_min=0.01)
     np.testing.assert_array_equal(lp, ref)  # steps=np.int64 was traced (ConcretizationTypeError)
+
+
+def test_an_empty_batch_gives_empty_results():
+    """Per-example reductions flatten ``[B, ...]`` to ``[B, D]``: ``reshape(B, -1)`` failed for B = 0
+    with a ZeroDivisionError ('integer modulo by zero') in gf.log_prob, the oracles' models, flows'
+    log_prob, metrics and operators; an empty batch (e.g. a filtered selection) gives empty results."""
+    from genflow._checks import flat_batch
+
+    assert flat_batch(np.zeros((0, 3, 2))).shape == (0, 6) and flat_batch(jnp.ones((2, 3, 2))).shape == (2, 6)
+    path = gf.paths.linear()
+    empty = jnp.zeros((0, 2))
+    logp, _ = gf.log_prob(lambda x, t: -x, path, empty, prediction="velocity")
+    assert logp.shape == (0,)
+    mix = gf.oracles.GaussianMixture.random(jax.random.key(0), 3, 2)
+    gauss = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    for oracle in (mix, gauss):
+        x, _ = gf.sample(oracle.model(path, "eps"), path, empty, prediction="eps", steps=4, t_start=0.99)
+        assert x.shape == (0, 2)
+    flow = gf.flows.realnvp(2, num_steps=1, hidden=4)
+    params = flow.init(jax.random.key(1), jnp.ones((4, 2)))
+    assert flow.log_prob(params, empty).shape == (0,)
+    assert gf.metrics.psnr(jnp.zeros((0, 4, 4, 1)), jnp.zeros((0, 4, 4, 1))).shape == (0,)

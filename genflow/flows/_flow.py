@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int, check_positive_real, is_int
+from genflow._checks import flat_batch, check_int, check_positive_real, is_int
 from genflow.flows._layers import (ActNorm, AdditiveCoupling, AffineCoupling, Chain, FactorOut, Invertible1x1Conv,
                                    Layer, Squeeze, Unsqueeze)
 from genflow.likelihood._ode import gaussian_log_prob
@@ -118,7 +118,7 @@ def ssm_loss(flow: Flow, params, x: Array, key: Array, num_slices: int = 1, prob
     jv = jax.vmap(s_lin)(v)
     axes = tuple(range(2, v.ndim))
     trace = jnp.mean(jnp.sum(v * jv, axis=axes), axis=0)
-    norm = 0.5 * jnp.sum(jnp.square(s).reshape(x.shape[0], -1), axis=-1)
+    norm = 0.5 * jnp.sum(flat_batch(jnp.square(s)), axis=-1)
     return jnp.mean(trace + norm) / flow.dim
 
 
@@ -131,7 +131,7 @@ def dsm_loss(flow: Flow, params, x: Array, key: Array, sigma: float = 0.05) -> A
     check_positive_real("sigma", sigma)
     n = jax.random.normal(key, x.shape, x.dtype)
     s = flow.score(params, x + sigma * n)
-    return 0.5 * jnp.mean(jnp.sum(jnp.square(sigma * s + n).reshape(x.shape[0], -1), axis=-1)) / flow.dim
+    return 0.5 * jnp.mean(jnp.sum(flat_batch(jnp.square(sigma * s + n)), axis=-1)) / flow.dim
 
 
 def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_slices: int = 1,

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import is_int
+from genflow._checks import flat_batch, is_int
 from genflow.nets._common import activation
 
 Array = jax.Array
@@ -263,7 +263,7 @@ class AffineCoupling(Layer):
         return jax.nn.log_sigmoid(raw + 2.0), shift
 
     def _logdet(self, m, log_s):
-        return jnp.sum(jnp.where(m, 0, log_s).reshape(log_s.shape[0], -1), axis=-1)
+        return jnp.sum(flat_batch(jnp.where(m, 0, log_s)), axis=-1)
 
     def forward(self, params, x):
         m = self._mask(x)

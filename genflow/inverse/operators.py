@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_int
+from genflow._checks import flat_batch, check_int
 
 Array = jax.Array
 
@@ -281,7 +281,7 @@ class Matrix(Operator):
             # then returned [B, *x_shape]: broadcasting / scan-carry errors deep in the samplers)
             raise ValueError(f"Matrix acts on x [B, *x_shape] with x_shape={tuple(self.x_shape)}; got x of shape "
                              f"{tuple(x.shape)}")
-        return x.reshape(x.shape[0], -1) @ self.matrix.T
+        return flat_batch(x) @ self.matrix.T
 
     def adjoint(self, y):
         return (y @ self.matrix).reshape((y.shape[0],) + self.x_shape)
@@ -345,11 +345,11 @@ class GaussianNoise:
 
     def residual_norm(self, y: Array, pred: Array) -> Array:
         """``||y - A x0||`` per example: the distance DPS steps on. Returns ``[B]``."""
-        r = (y - pred).reshape(y.shape[0], -1)
+        r = flat_batch(y - pred)
         return jnp.sqrt(jnp.sum(r * r, axis=-1) + 1e-12)
 
     def nll(self, y: Array, pred: Array) -> Array:
-        r = (y - pred).reshape(y.shape[0], -1)
+        r = flat_batch(y - pred)
         return 0.5 * jnp.sum(r * r, axis=-1) / (self.sigma**2)
 
     def curvature(self):
@@ -374,7 +374,7 @@ class PoissonNoise:
     def residual_norm(self, y: Array, pred: Array) -> Array:
         y01, p01 = (y + 1.0) / 2.0, (pred + 1.0) / 2.0
         w = 1.0 / (2.0 * jnp.maximum(y01, 1.0 / self.rate))
-        r = ((y01 - p01) ** 2 * w).reshape(y.shape[0], -1)
+        r = flat_batch((y01 - p01) ** 2 * w)
         return jnp.sqrt(jnp.sum(r, axis=-1) + 1e-12)
 
     def curvature(self):
@@ -385,4 +385,4 @@ class PoissonNoise:
     def nll(self, y: Array, pred: Array) -> Array:
         lam = self.rate * jnp.clip((pred + 1.0) / 2.0, 1e-6, None)
         k = self.rate * (y + 1.0) / 2.0
-        return jnp.sum((lam - k * jnp.log(lam)).reshape(y.shape[0], -1), axis=-1)
+        return jnp.sum(flat_batch(lam - k * jnp.log(lam)), axis=-1)

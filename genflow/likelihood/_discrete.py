@@ -28,7 +28,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int, check_positive_real
+from genflow._checks import flat_batch, check_int, check_positive_real
 from genflow.likelihood._ode import log_prob
 from genflow.paths import Path
 
@@ -109,7 +109,7 @@ def truncated_normal_dequantize(key: Array, x: Array, path: Path, bin_width: flo
     eps = jax.random.truncated_normal(key, -tau, tau, x.shape, x.dtype)
     z = a * x + s * eps
     log_norm = jnp.log(jax.scipy.special.erf(tau / math.sqrt(2.0))) + jnp.log(s) + 0.5 * math.log(2 * math.pi)
-    log_q = jnp.sum(-0.5 * jnp.square(eps).reshape(x.shape[0], -1), axis=-1) - _num_dims(x) * log_norm
+    log_q = jnp.sum(-0.5 * flat_batch(jnp.square(eps)), axis=-1) - _num_dims(x) * log_norm
     return z, log_q.astype(x.dtype), t
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import check_int, concrete_real
+from genflow._checks import flat_batch, check_int, concrete_real
 from genflow.likelihood._ode import _check_x, is_zero
 from genflow.paths import Path
 
@@ -47,7 +47,7 @@ TIME_SAMPLINGS = ("importance", "uniform")
 
 
 def _flat_sum(a: Array) -> Array:
-    return jnp.sum(a.reshape(a.shape[0], -1), axis=-1)
+    return jnp.sum(flat_batch(a), axis=-1)
 
 
 def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0, sampling: str = "importance",

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import check_int, concrete_real, is_int
+from genflow._checks import flat_batch, check_int, concrete_real, is_int
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
 from genflow.paths import Path, broadcast_t
 
@@ -74,7 +74,7 @@ class LogProbInfo:
 def gaussian_log_prob(z: Array, std) -> Array:
     """``log N(z; 0, std^2 I)`` summed over the features of ``z: [B, ...]``; returns ``[B]``."""
     d = math.prod(z.shape[1:])
-    zz = jnp.sum(jnp.square(z.reshape(z.shape[0], -1)), axis=-1)
+    zz = jnp.sum(jnp.square(flat_batch(z)), axis=-1)
     std = jnp.asarray(std, z.dtype)
     return -0.5 * zz / (std * std) - d * (jnp.log(std) + 0.5 * math.log(2 * math.pi))
 

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from genflow import param
-from genflow._checks import check_int, concrete_real
+from genflow._checks import flat_batch, check_int, concrete_real
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
 from genflow.sampling._core import _is_scan, as_pytree_fn, check_solver_options
@@ -295,7 +295,7 @@ def _sample_errors(model: Model, ts: Array, x1: Array, x_end: Array, solver: str
     spec, opts = _scan_solver(solver, solver_options)
     x = _driver.run(model, ts, x1, None, stepper=spec.stepper, **opts)[0]
     ab = model.path.alpha(ts[-1]) + model.path.sigma(ts[-1])
-    d = ((x - x_end) / ab).reshape(x.shape[0], -1)
+    d = flat_batch((x - x_end) / ab)
     return jnp.sqrt(jnp.mean(d * d, axis=-1) + 1e-30)
 
 

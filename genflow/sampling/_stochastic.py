@@ -18,13 +18,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import flat_batch
 from genflow.sampling._driver import Stepper, x_init
 
 Array = jax.Array
 
 
 def _norm(v: Array) -> Array:
-    return jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=-1)).reshape((-1,) + (1,) * (v.ndim - 1))
+    return jnp.sqrt(jnp.sum(flat_batch(v) ** 2, axis=-1)).reshape((-1,) + (1,) * (v.ndim - 1))
 
 
 def langevin_correct(model, x: Array, t, key: Array, *, snr: float = 0.16, steps: int = 1,
