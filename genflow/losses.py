@@ -79,11 +79,17 @@ def _w_min_snr(gamma: float):
     def w(path, t):  # min(SNR, gamma) / SNR, in log form: finite limits at SNR = 0 and inf
         return jnp.exp(jnp.minimum(0.0, jnp.log(gamma) - path.log_snr(t)))
 
+    # the weight of the x0-MSE, as Hang et al. define it: an x0 model's loss weight min(SNR, gamma)
+    # (w / c^2 was 0 / 0 where SNR^-1 underflows, e.g. edm(sigma_min=0) at t < 1e-3)
+    w.x0_weight = lambda path, t: jnp.exp(jnp.minimum(path.log_snr(t), jnp.log(gamma)))
     return w
 
 
 def _w_truncated_snr(path, t):  # max(1, 1 / SNR), in log form (finite at SNR = inf)
     return jnp.exp(jnp.maximum(0.0, -path.log_snr(t)))
+
+
+_w_truncated_snr.x0_weight = lambda path, t: jnp.exp(jnp.maximum(path.log_snr(t), 0.0))  # max(SNR, 1)
 
 
 def _w_elbo(path, t):
@@ -304,6 +310,8 @@ def diffusion_loss(
         raise ValueError(f"model output shape {pred.shape} does not match the data shape {x0.shape}")
     if getattr(w_fn, "uniform_kind", None) == prediction:
         lam = jnp.ones((b,), wide)  # plain MSE of the predicted kind (also where c is 0 or inf)
+    elif prediction == "x0" and hasattr(w_fn, "x0_weight"):
+        lam = jnp.broadcast_to(w_fn.x0_weight(path, t), (b,)).astype(wide)  # (no 0 / 0 where SNR underflows)
     else:
         c = param.eps_scale(path, t, prediction)
         w = w_fn(path, t)

@@ -381,8 +381,10 @@ def _cos_d_alpha(t, logsnr_min, logsnr_max):
 
 
 def _cos_d_sigma(t, logsnr_min, logsnr_max):
+    # cos(theta) (th1 - th0) = sin(phi) (th1 - th0) = alpha (th1 - th0): cos(theta) near pi/2 was -4e-8 at
+    # t = 1 with logsnr_min = -inf (negative, where sigma' is 0) and 5% off at t = 1 - 1e-6
     th0, th1 = _cos_theta_range(logsnr_min, logsnr_max)
-    return jnp.cos(th0 + t * (th1 - th0)) * (th1 - th0)
+    return _cos_alpha(t, logsnr_min, logsnr_max) * (th1 - th0)
 
 
 def _cos_log_snr(t, logsnr_min, logsnr_max):
@@ -399,18 +401,23 @@ def vp_cosine(logsnr_min: float = -15.0, logsnr_max: float = float("inf")) -> Pa
     """Variance-preserving cosine path: ``alpha = cos(theta(t))``, ``sigma = sin(theta(t))``.
 
     ``theta`` is linear in t, chosen so that the log-SNR spans ``[logsnr_min, logsnr_max]``
-    (``logsnr_max = inf`` gives exact data at t = 0; ``logsnr_min`` keeps ``alpha(1) > 0``,
-    so eps/x0 conversions stay finite at t = 1).
+    (``logsnr_max = inf`` gives exact data at t = 0; a finite one leaves ``sigma(0) > 0``, and
+    samplers then finish with a denoising step; ``logsnr_min`` keeps ``alpha(1) > 0``, so eps/x0
+    conversions stay finite at t = 1).
     """
     _require(lambda lo, hi: lo < hi, "vp_cosine needs logsnr_min < logsnr_max (the log-SNR decreases from data to "
              "noise)", logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    # a finite logsnr_max leaves sigma(0) = sin(arctan(exp(-logsnr_max / 2))) > 0 at t_min = 0: finish with a
+    # denoising step there, as for ve / edm (a traced logsnr_max: denoise, which is exact where sigma(0) = 0)
+    lmax = concrete_real(logsnr_max)
+    clean_at_0 = lmax is not None and lmax == np.inf
     return Path(
         alpha_fn=_cos_alpha,
         sigma_fn=_cos_sigma,
         params=dict(logsnr_min=_hp(logsnr_min), logsnr_max=_hp(logsnr_max)),
         name="vp_cosine",
         t_min=0.0,
-        denoise_at_end=False,
+        denoise_at_end=not clean_at_0,
         d_alpha_fn=_cos_d_alpha,
         d_sigma_fn=_cos_d_sigma,
         log_snr_fn=_cos_log_snr,

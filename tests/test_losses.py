@@ -360,3 +360,23 @@ def test_drop_labels_refuses_a_fractional_null_label():
     np.testing.assert_array_equal(gf.losses.drop_labels(jax.random.key(0), y, 1.0, 10.0), [10] * 4)
     np.testing.assert_array_equal(gf.losses.drop_labels(jax.random.key(0), jnp.ones((4, 2)), 1.0, 0.5),
                                   np.full((4, 2), 0.5))  # continuous conditions take a real null
+
+
+def test_min_snr_of_an_x0_model_is_finite_where_the_snr_overflows():
+    # Hang et al.'s min-SNR weights an x0 model's MSE by min(SNR, gamma) <= gamma. On
+    # edm(sigma_min=0) at t < 1e-3, sigma^2 (so 1/SNR) underflows in float32 and the eps-space
+    # weight min(SNR, gamma) / SNR divided by c^2 = 1/SNR was 0 / 0: a NaN loss for any x0 model.
+    path = gf.paths.edm(sigma_min=0.0)
+    x0 = jax.random.normal(jax.random.key(0), (64, 3))
+    zero = lambda x, t: jnp.zeros_like(x)  # noqa: E731
+    loss, aux = gf.losses.diffusion_loss(zero, path, x0, jax.random.key(1), prediction="x0", weighting="min_snr",
+                                         gamma=5.0, t_min=1e-4, t_max=5e-4)
+    assert float(path.sigma(jnp.float32(5e-4)) ** 2) == 0.0  # the regime: 1/SNR underflows
+    np.testing.assert_allclose(aux["per_example"], 5.0 * jnp.mean(x0 ** 2, -1), rtol=1e-6)
+    # the x0-space definitions inside the range (min(SNR, gamma), max(SNR, 1) on the x0-MSE)
+    path = gf.paths.vp_cosine()
+    for name, f in (("min_snr", lambda snr: np.minimum(snr, 5.0)), ("truncated_snr", lambda snr: np.maximum(snr, 1.0))):
+        loss, aux = gf.losses.diffusion_loss(zero, path, x0, jax.random.key(2), prediction="x0", weighting=name,
+                                             gamma=5.0, t_min=0.05, t_max=0.95)
+        snr = np.asarray(path.snr(aux["t"]))
+        np.testing.assert_allclose(aux["per_example"], f(snr) * np.asarray(jnp.mean(x0 ** 2, -1)), rtol=1e-5)

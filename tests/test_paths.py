@@ -360,3 +360,37 @@ def test_register_a_path_of_your_own():
         gf.paths.get("test_not_a_path")
     with pytest.raises(ValueError, match="gf.paths.register"):
         gf.paths.get("test_missing")
+
+
+def test_vp_cosine_with_a_finite_logsnr_max_denoises_at_the_end():
+    # Path.denoise_at_end is documented as true where sigma(t_min) > 0; vp_cosine(logsnr_max=10)
+    # has sigma(0) = 6.7e-3 and samplers returned x_0 = alpha(0) x0 + sigma(0) eps, noise included.
+    for lmax in (10.0, 15.0):
+        path = gf.paths.vp_cosine(logsnr_max=lmax)
+        s0 = float(path.sigma(path.t_min))
+        np.testing.assert_allclose(s0, np.sin(np.arctan(np.exp(-0.5 * lmax))), rtol=1e-5)
+        assert s0 > 0 and path.denoise_at_end
+    path = gf.paths.vp_cosine()  # logsnr_max = inf: exact data at t = 0, nothing to denoise
+    assert float(path.sigma(path.t_min)) == 0.0 and not path.denoise_at_end
+    # a sampler's default then ends on the Tweedie estimate at t = 0 (one more NFE)
+    path = gf.paths.vp_cosine(logsnr_max=10.0)
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.full(2, 1e-4))
+    x1 = path.prior_sample(jax.random.key(0), (8, 2))
+    x_end, info = gf.sample(g.model(path, "eps"), path, x1, prediction="eps", solver="ddim", steps=4)
+    x_raw, info_raw = gf.sample(g.model(path, "eps"), path, x1, prediction="eps", solver="ddim", steps=4, denoise=False)
+    assert info.nfe == info_raw.nfe + 1
+    np.testing.assert_allclose(x_end, g.x0(x_raw, jnp.zeros(8), path), rtol=1e-5, atol=1e-7)
+
+
+def test_vp_cosine_sigma_derivative_is_accurate_at_the_noise_end():
+    # sigma' = cos(theta) (th1 - th0) with theta -> pi/2: float32's cos(pi/2) is -4.4e-8, so with
+    # logsnr_min = -inf sigma'(1) was negative (it is 0) and 5% off at t = 1 - 1e-6.
+    path = gf.paths.vp_cosine(logsnr_min=-np.inf)
+    assert float(path.d_sigma(jnp.float32(1.0))) == 0.0
+    t = jnp.asarray([1 - 1e-6, 1 - 1e-5, 1 - 1e-4, 0.5], jnp.float32)
+    exact = 0.5 * np.pi * np.cos(0.5 * np.pi * np.asarray(t, np.float64))  # theta = pi t / 2 here
+    np.testing.assert_allclose(path.d_sigma(t), exact, rtol=1e-3)
+    # consistent with the path's own alpha (sigma' = alpha (th1 - th0) on every vp_cosine)
+    for p in (path, gf.paths.vp_cosine()):
+        th0, th1 = (np.arctan(np.exp(-0.5 * p.params[k])) for k in ("logsnr_max", "logsnr_min"))
+        np.testing.assert_allclose(p.d_sigma(t), np.asarray(p.alpha(t)) * (th1 - th0), rtol=1e-5)
