@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import flat_batch, check_int, check_positive_real
+from genflow._checks import flat_batch, check_int, check_positive_real, is_int
 
 Array = jax.Array
 
@@ -43,7 +43,8 @@ def w2_exact(x, y) -> float:
     """Exact 2-Wasserstein distance between two equal-size empirical measures.
 
     ``W2 = sqrt(min_perm mean_i ||x_i - y_perm(i)||^2)`` (an assignment problem, solved with
-    SciPy's ``linear_sum_assignment`` in float64). ``x, y: [N, ...]`` with the same N.
+    SciPy's ``linear_sum_assignment`` in float64). ``x, y: [N, ...]`` with the same N. A NaN or
+    infinite coordinate gives NaN (as in the other distances: a diverged sample scores no distance).
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -51,6 +52,8 @@ def w2_exact(x, y) -> float:
     if x.shape != y.shape:
         raise ValueError(f"w2_exact needs point sets of equal shape; got {x.shape} and {y.shape} "
                          f"(use w2_sinkhorn or sliced_w2 for unequal sizes)")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        return float("nan")  # (SciPy raised "matrix contains invalid numeric entries" / "cost matrix is infeasible")
     from genflow.ot import exact_sq_distances
 
     cost = exact_sq_distances(x, y)  # differences, not |x|^2 + |y|^2 - 2 x.y (which rounds: w2(x, x) != 0)
@@ -170,8 +173,12 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
 def psnr(x: Array, ref: Array, data_range: float = 2.0) -> Array:
     """Peak signal-to-noise ratio per example, ``10 log10(data_range^2 / mse)`` in dB.
 
-    ``x, ref: [B, ...]`` (images in [-1, 1] have ``data_range = 2``); returns ``[B]``."""
+    ``x, ref: [B, ...]`` of equal shape (images in [-1, 1] have ``data_range = 2``); returns ``[B]``."""
     x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
+    # (broadcasting [B, H, W, 1] against [B, H, W] with B = H averaged the wrong pixels: 7 dB for 27)
+    if x.ndim < 1 or x.shape != ref.shape:
+        raise ValueError(f"psnr expects two [B, ...] arrays of equal shape; got x: {x.shape} and ref: {ref.shape}")
+    check_positive_real("data_range", data_range)  # (0 gave -inf dB)
     mse = jnp.mean(flat_batch((x - ref) ** 2), axis=-1)
     return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-20))
 
@@ -197,8 +204,12 @@ def ssim(x: Array, ref: Array, data_range: float = 2.0, window: int = 7, sigma: 
     x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
     if x.ndim != 4 or x.shape != ref.shape:
         raise ValueError(f"ssim expects two [B, H, W, C] arrays of equal shape; got {x.shape} and {ref.shape}")
-    if window > min(x.shape[1], x.shape[2]) or window % 2 == 0:
-        raise ValueError(f"window must be odd and at most the image size {x.shape[1:3]}; got {window}")
+    # (window = -1 passed and cropped to the last row and column; a float window was a bare TypeError)
+    if not is_int(window) or window > min(x.shape[1], x.shape[2]) or window % 2 == 0:
+        raise ValueError(f"window must be odd, a positive int and at most the image size {x.shape[1:3]}; "
+                         f"got {window!r}")
+    check_positive_real("sigma", sigma)  # (0 gave NaN, < 0 an "index can't contain negative values")
+    check_positive_real("data_range", data_range)  # (0 dropped C1 and C2 and gave a number)
     radius = int(3.5 * sigma + 0.5)
     w = _gaussian_window(radius, sigma)[:, :, None, None]
 

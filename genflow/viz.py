@@ -10,6 +10,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
+from genflow._checks import check_int
+
 __all__ = ["scatter", "density", "trajectories", "curves", "image_grid", "save"]
 
 
@@ -77,6 +79,7 @@ def density(log_density_fn=None, samples=None, lims=((-4, 4), (-4, 4)), n: int =
     if log_density_fn is None and (np.ndim(samples) != 2 or np.shape(samples)[1] != 2):
         raise ValueError(f"samples must be points [N, 2]; got shape {np.shape(samples)}")
     (x0, x1), (y0, y1) = _check_lims(lims)
+    n = check_int("n", n, low=2)  # (n = 1: numpy's "`bins[0]` must be positive" with the figure left open)
     if log_density_fn is not None:  # (evaluated before the figure exists: an error leaks no figure)
         xs, ys = np.linspace(x0, x1, n), np.linspace(y0, y1, n)
         grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2).astype(np.float32)
@@ -112,14 +115,25 @@ def trajectories(traj, n_paths: int = 200, title: str | None = None, path: str |
 
 def curves(series: dict, xlabel: str = "step", ylabel: str = "", logx: bool = False, logy: bool = False,
            title: str | None = None, path: str | None = None, smooth: int = 1):
-    """Line plot of ``{label: y}`` or ``{label: (x, y)}``; ``smooth`` is a moving-average window."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    """Line plot of ``{label: y}`` or ``{label: (x, y)}`` (``x, y: [T]``); ``smooth`` is a
+    moving-average window."""
+    lines = []  # checked before the figure exists: a bad series leaks no figure
     for label, v in series.items():
-        x, y = (v if isinstance(v, tuple) else (np.arange(len(v)), v))
+        x, y = v if isinstance(v, tuple) and len(v) == 2 else (None, v)
         y = np.asarray(y, np.float64)
+        x = np.arange(len(y)) if x is None else np.asarray(x)
+        # (a list [x, y] or a [T, k] array plotted T lines of 2 (or k) points, and a length mismatch
+        # raised matplotlib's error with the figure left open)
+        if isinstance(v, tuple) and len(v) != 2 or y.ndim != 1 or x.shape != y.shape:
+            raise ValueError(f"series[{label!r}] must be y: [T] or a tuple (x: [T], y: [T]); got "
+                             + (f"a tuple of {len(v)}" if isinstance(v, tuple) and len(v) != 2
+                                else f"x: {x.shape}, y: {y.shape}"))
         if smooth > 1 and len(y) > smooth:
             y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
-            x = np.asarray(x)[smooth - 1:]
+            x = x[smooth - 1:]
+        lines.append((label, x, y))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, x, y in lines:
         ax.plot(x, y, label=label, marker="o" if len(y) < 20 else None)
     if logx:
         ax.set_xscale("log")

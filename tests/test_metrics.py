@@ -155,3 +155,46 @@ def test_metric_hyperparameters_are_checked():
         with pytest.raises(ValueError, match="bandwidths must be"):
             gf.metrics.mmd(x, y, bandwidths=bw)  # () gave 0.0, (0.0,) NaN
     assert float(gf.metrics.mmd(x, y, bandwidths=jnp.array([1.0]))) > 0.0
+
+
+def test_psnr_refuses_unequal_shapes_and_a_bad_data_range():
+    # [B, H, W, 1] against [B, H, W] with B = H broadcast to [B, H, W, W]: 7 dB reported for 27 dB,
+    # and a batch of one against eight averaged all eight into one number
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+    y = np.clip(x + 0.1 * rng.normal(size=x.shape), -1, 1).astype(np.float32)
+    np.testing.assert_allclose(gf.metrics.psnr(y, x), 10 * np.log10(4.0 / ((x - y) ** 2).reshape(8, -1).mean(1)),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match=r"psnr expects two \[B, \.\.\.\] arrays of equal shape"):
+        gf.metrics.psnr(y, x[..., 0])
+    with pytest.raises(ValueError, match="equal shape"):
+        gf.metrics.psnr(y[:1], x)
+    with pytest.raises(ValueError, match="data_range must be a real > 0"):
+        gf.metrics.psnr(y, x, data_range=0.0)  # was -inf dB
+
+
+def test_ssim_window_sigma_and_data_range_are_checked():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
+    y = np.clip(x + 0.2, -1, 1)
+    for w in (-1, -3, 7.0):  # -1 passed (odd, <= 8) and averaged the last row and column only
+        with pytest.raises(ValueError, match="window must be odd, a positive int"):
+            gf.metrics.ssim(y, x, window=w)
+    for s in (0.0, -1.0):  # 0 gave NaN, -1 "index can't contain negative values"
+        with pytest.raises(ValueError, match="sigma must be a real > 0"):
+            gf.metrics.ssim(y, x, sigma=s)
+    with pytest.raises(ValueError, match="data_range must be a real > 0"):
+        gf.metrics.ssim(y, x, data_range=0.0)
+    assert np.all(np.isfinite(np.asarray(gf.metrics.ssim(y, x, window=1))))
+
+
+def test_w2_exact_of_a_diverged_sample_is_nan_not_a_scipy_error():
+    # SciPy raised "matrix contains invalid numeric entries" (NaN) / "cost matrix is infeasible" (inf),
+    # where sliced_w2 / w2_sinkhorn / frechet_distance report NaN
+    x = np.random.default_rng(0).normal(size=(16, 2))
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x + 1.0
+        y[3, 1] = bad
+        assert np.isnan(gf.metrics.w2_exact(x, y))
+        assert np.isnan(gf.metrics.w2_exact(y, x))
+    np.testing.assert_allclose(gf.metrics.w2_exact(x, x + [3.0, 4.0]), 5.0, rtol=1e-12)

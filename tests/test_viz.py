@@ -100,3 +100,23 @@ def test_save_writes_the_figure_at_dpi_and_closes_it(tmp_path):
         assert gf.viz.save(fig, None) is fig and plt.fignum_exists(fig.number)
     finally:
         plt.close(fig)
+
+
+def test_curves_and_density_check_their_series_and_leak_no_figure():
+    plt.close("all")
+    bad = {"a list [x, y]": [np.arange(5.0), np.ones(5)],  # plotted five 2-point lines, silently
+           "a [T, k] array": np.ones((10, 3)),
+           "x/y of unequal length": (np.arange(5), np.ones(4)),  # matplotlib's error, figure left open
+           "a tuple of 3": (np.arange(5), np.ones(5), np.ones(5))}
+    for name, v in bad.items():
+        with pytest.raises(ValueError, match=r"series\['s'\] must be y: \[T\] or a tuple"):
+            gf.viz.curves({"s": v})
+    with pytest.raises(ValueError, match="n must be an int >= 2"):
+        gf.viz.density(samples=np.zeros((4, 2)), n=1)  # numpy's "`bins[0]` must be positive"
+    assert plt.get_fignums() == []
+    fig = gf.viz.curves({"a": np.arange(30.0), "b": (np.arange(30) * 2, np.ones(30))}, smooth=5)
+    (xa, ya), (xb, yb) = (ln.get_data() for ln in fig.axes[0].lines)
+    np.testing.assert_allclose(ya, np.arange(2.0, 28.0))
+    np.testing.assert_array_equal(xa, np.arange(4, 30))
+    np.testing.assert_array_equal(xb, np.arange(4, 30) * 2)
+    plt.close(fig)
