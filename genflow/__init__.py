@@ -31,4 +31,9 @@ def __getattr__(name):
     raise AttributeError(f"module 'genflow' has no attribute {name!r}")
 
 
+def __dir__():
+    # the lazy names too (tab completion, help(gf) and dir(gf) listed neither gf.log_prob nor gf.train, ...)
+    return sorted(set(globals()) | set(__all__))
+
+
 __all__ = ["paths", "param", "losses", "nets", "oracles", "sampling", "sample", "log_prob", *_LAZY]

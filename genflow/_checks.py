@@ -62,6 +62,20 @@ def check_real_in(name: str, value, low: float, high: float) -> None:
         raise ValueError(f"{name} must be a float in [{low:g}, {high:g}]; got {value!r}")
 
 
+def check_key(key) -> None:
+    """A ``TypeError`` unless ``key`` is one PRNG key: a typed key of shape ``()`` or a raw
+    ``uint32`` key of shape ``[k]`` (traced ones too). ``key=0`` failed as "JAX encountered invalid
+    PRNG key data", a split of keys as a fold_in / split / Brownian-path error: neither named key."""
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is not None and shape is not None:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+            return
+        if dtype == np.uint32 and len(shape) == 1:
+            return
+    raise TypeError(f"key must be one PRNG key (jax.random.key(...) or jax.random.PRNGKey(...)); got "
+                    f"{type(key).__name__} of shape {shape} and dtype {dtype}")
+
+
 def check_denoise(denoise) -> None:
     """A ``TypeError`` unless ``denoise`` is ``None`` or a bool (a string such as ``"False"`` was
     truthy)."""

@@ -64,3 +64,15 @@ def test_an_empty_batch_gives_empty_results():
     params = flow.init(jax.random.key(1), jnp.ones((4, 2)))
     assert flow.log_prob(params, empty).shape == (0,)
     assert gf.metrics.psnr(jnp.zeros((0, 4, 4, 1)), jnp.zeros((0, 4, 4, 1))).shape == (0,)
+
+
+def test_dir_lists_the_lazily_imported_public_names():
+    """dir(gf) (tab completion, help(gf)) lists every name of __all__, the lazily imported ones too:
+    a fresh interpreter listed neither gf.log_prob nor gf.train (run in a subprocess: in this one
+    other tests have imported them already)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import genflow as gf; print(sorted(set(gf.__all__) - set(dir(gf))))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -636,3 +636,48 @@ def test_mask_refuses_examples_it_does_not_fit():
     m = jnp.zeros((4, 4, 1)).at[:2].set(1.0)  # one mask shared by the channels broadcasts
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
     np.testing.assert_array_equal(inv.Mask(m)(x), x * m)
+
+
+def test_samplers_name_a_bad_key():
+    # key=0 failed as "JAX encountered invalid PRNG key data", a batch of keys as "split accepts a
+    # single key": neither named the argument (gf.sample names it)
+    path = gf.paths.vp_cosine()
+    fn = PRIOR.model(path, "eps")
+    x1 = path.prior_sample(jax.random.key(0), (2,) + S)
+    op = inv.super_resolution(2)
+    for key in (0, jax.random.split(jax.random.key(0), 2), jax.random.split(jax.random.PRNGKey(0), 2)):
+        with pytest.raises(TypeError, match="key must be one PRNG key"):
+            inv.posterior_sample(fn, path, x1, op(x1), op, prediction="eps", steps=2, key=key)
+        with pytest.raises(TypeError, match="key must be one PRNG key"):
+            inv.prior_sample(fn, path, x1, prediction="eps", steps=2, key=key)
+    # a raw uint32 key still works
+    x, _ = inv.prior_sample(fn, path, x1, prediction="eps", steps=2, key=jax.random.PRNGKey(0))
+    assert x.shape == x1.shape
+
+
+def test_weight_scale_and_noise_level_must_be_scalars():
+    # a per-example weight [B] was broadcast against x's last axis: with 3 RGB images (B == C) it
+    # silently weighted channels, not examples (channels 1, 2 came out unguided for weight [1, 0, 0])
+    s3 = (2, 2, 3)
+    prior = gf.oracles.Gaussian.diagonal(jnp.zeros(12), jnp.ones(12))
+    path = gf.paths.vp_cosine()
+    fn = prior.model(path, "eps")
+    op = inv.box_inpainting(s3, 0, 0, 1, 1)
+    x1 = path.prior_sample(jax.random.key(0), (3,) + s3)
+    y = op(prior.sample(jax.random.key(1), 3).reshape((3,) + s3))
+    kw = dict(prediction="eps", steps=2, key=jax.random.key(2))
+    with pytest.raises(ValueError, match="weight must be a finite real scalar"):
+        inv.posterior_sample(fn, path, x1, y, op, method="dps", weight=jnp.array([1.0, 0.0, 0.0]), **kw)
+    with pytest.raises(ValueError, match="weight must be a finite real scalar"):
+        inv.posterior_sample(fn, path, x1, y, op, method="dps", weight=float("nan"), **kw)  # (NaN samples)
+    with pytest.raises(ValueError, match="scale must be a finite real scalar"):
+        inv.posterior_sample(fn, path, x1, y, op, method="mcg", scale=jnp.ones(3), **kw)
+    with pytest.raises(ValueError, match="scale must be a finite real scalar"):
+        inv.posterior_sample(fn, path, x1, y, op, method="dps", scale=None, **kw)  # (a bare jnp.array error)
+    with pytest.raises(ValueError, match="GaussianNoise: the noise level must be a scalar"):
+        inv.posterior_sample(fn, path, x1, y, op, method="pigdm", noise=inv.GaussianNoise(jnp.full(3, 0.1)), **kw)
+    # scalars, concrete or traced, pass and do not change the result
+    x, _ = inv.posterior_sample(fn, path, x1, y, op, method="dps", weight=0.5, scale=0.3, **kw)
+    xj = jax.jit(lambda w, sc: inv.posterior_sample(fn, path, x1, y, op, method="dps", weight=w, scale=sc, **kw)[0])(
+        0.5, 0.3)
+    np.testing.assert_allclose(xj, x, rtol=1e-4, atol=1e-5)

@@ -333,3 +333,15 @@ def test_truncated_normal_time_has_the_documented_snr(name):
         np.testing.assert_allclose(float(path.alpha(t) / path.sigma(t)), 2 * tau / bw, rtol=1e-6)
     t = lambda bw, tau: float(gf.likelihood.truncated_normal_time(path, bw, tau))  # noqa: E731
     assert t(0.5, 3.0) > t(0.125, 3.0) and t(0.125, 2.0) > t(0.125, 3.0)
+
+
+@pytest.mark.parametrize("bad_key", [0, "split"])
+def test_log_prob_hutchinson_bad_key_named(bad_key):
+    """trace='hutchinson' draws probes from `key`: a malformed key is refused naming it."""
+    path = gf.paths.linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -2.0]), jnp.array([0.5, 2.0]))
+    x = g.sample(jax.random.key(0), 4)
+    key = jax.random.split(jax.random.key(0), 2) if bad_key == "split" else bad_key
+    with pytest.raises(TypeError, match=r"key must be one PRNG key"):
+        gf.log_prob(g.model(path, "velocity"), path, x, prediction="velocity", trace="hutchinson", key=key,
+                    solver="euler", steps=2)

@@ -550,3 +550,17 @@ def test_a_bad_key_for_a_stochastic_solver_is_named(gauss2):
     xs = jax.vmap(lambda k: gf.sample(fn, path, x1, prediction="eps", solver="euler_maruyama", steps=4, key=k)[0])(
         jax.random.split(jax.random.key(1), 3))
     assert xs.shape == (3, 4, 2)
+
+
+@pytest.mark.parametrize("solver, option", [("ddim", dict(eta=0.5)), ("edm_heun", dict(churn=0.5))])
+@pytest.mark.parametrize("bad_key", [0, "split"])
+def test_sample_bad_key_named_for_option_stochastic_solvers(solver, option, bad_key):
+    """ddim with eta > 0 and edm_heun with churn > 0 draw noise like the stochastic solvers, so a
+    malformed key must be refused the same way, naming `key` (it failed inside JAX as "invalid PRNG
+    key data" / a fold_in error)."""
+    path = gf.paths.vp_cosine()
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -2.0]), jnp.array([0.5, 2.0]))
+    x1 = path.prior_sample(jax.random.key(0), (4, 2))
+    key = jax.random.split(jax.random.key(0), 2) if bad_key == "split" else bad_key
+    with pytest.raises(TypeError, match=r"key must be one PRNG key"):
+        gf.sample(g.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=3, key=key, **option)

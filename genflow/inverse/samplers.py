@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import check_denoise, check_int, check_positive_real, check_real_in, concrete_real
+from genflow._checks import check_denoise, check_int, check_key, check_positive_real, check_real_in, concrete_real
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path
 from genflow.sampling import Model, as_pytree_fn, time_grid
@@ -290,6 +290,7 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
         raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
     if key is None:
         raise ValueError("posterior and prior samplers here are stochastic: pass key=jax.random.key(...)")
+    check_key(key)
     if not hasattr(x1, "ndim") or x1.ndim < 2:
         raise ValueError(f"x1 must be an array [B, ...]; got {getattr(x1, 'shape', type(x1).__name__)}")
     if not jnp.issubdtype(x1.dtype, jnp.floating):  # (int x1 came back truncated to ints)
@@ -431,6 +432,11 @@ def posterior_sample(
     expected = jax.eval_shape(operator.forward, x1)
     if y.shape != expected.shape:
         raise ValueError(f"y.shape={y.shape} does not match operator.forward(x) of shape {expected.shape}")
+    # one value for the batch: a per-example [B] weight or scale broadcast against x's last (channel)
+    # axis (silently weighting channels where C == B, a scan-carry error otherwise)
+    _check_scalar_real("weight", weight)
+    if "scale" in hparams:
+        _check_scalar_real("scale", hparams["scale"])
     hp = _hyperparameters(method, DEFAULTS[method], hparams)
     check_denoise(denoise)
     denoise = path.denoise_at_end if denoise is None else denoise
@@ -457,6 +463,14 @@ def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
     return hp
 
 
+def _check_scalar_real(name: str, value) -> None:
+    """A ``ValueError`` naming ``name`` unless ``value`` is a real scalar (finite where concrete)."""
+    ok = jnp.ndim(value) == 0 if isinstance(value, (jax.core.Tracer, jax.Array)) else True
+    v = concrete_real(value)
+    if not ok or (not isinstance(value, jax.core.Tracer) and (v is None or not math.isfinite(v))):
+        raise ValueError(f"{name} must be a finite real scalar (one value for the whole batch); got {value!r}")
+
+
 def _noise_model(method: str, noise):
     """The measurement noise model (default ``GaussianNoise(0)``), with a traced Gaussian level."""
     noise = GaussianNoise(0.0) if noise is None else noise
@@ -466,6 +480,10 @@ def _noise_model(method: str, noise):
     if not callable(getattr(noise, "residual_norm", None)):  # (a bare 0.1 failed deep inside the sampler)
         raise TypeError(f"noise must be a noise model such as GaussianNoise(sigma) or PoissonNoise(rate); "
                         f"got {noise!r}")
+    level = getattr(noise, "sigma", getattr(noise, "rate", None))
+    if isinstance(noise, (GaussianNoise, PoissonNoise)) and jnp.ndim(level) != 0:
+        # (a per-example [B] level broadcast against x's last (channel) axis in the CG shift)
+        raise ValueError(f"{type(noise).__name__}: the noise level must be a scalar; got shape {jnp.shape(level)}")
     if isinstance(noise, GaussianNoise):  # a traced level: sweeping sigma_y does not recompile
         v = concrete_real(noise.sigma)
         if v is not None and not v >= 0.0:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import flat_batch, check_int, concrete_real, is_int
+from genflow._checks import flat_batch, check_int, check_key, concrete_real, is_int
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
 from genflow.paths import Path, broadcast_t
 
@@ -145,6 +145,7 @@ def _check_options(trace, solver, steps, probe, num_probes, key, rtol=1e-5, atol
     if trace == "hutchinson":
         if key is None:
             raise ValueError("trace='hutchinson' draws random probes: pass key=jax.random.key(...)")
+        check_key(key)
         if probe not in PROBES:
             raise ValueError(f"unknown probe {probe!r}; expected one of {list(PROBES)}")
         check_int("num_probes", num_probes)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import check_denoise, check_int, concrete_real, is_int
+from genflow._checks import check_denoise, check_int, check_key, concrete_real, is_int
 from genflow.paths import Path
 from genflow.sampling import _diffrax, _driver, _registry
 from genflow.sampling._grid import time_grid
@@ -30,7 +30,8 @@ class SampleInfo:
       nfe: model evaluations actually made: calls of ``fn`` (int32 array; exact for adaptive
         solvers too). A guided ``fn`` counts once per call although it may run its network more
         than once (``gf.guidance.cfg``: twice; ``interval``: twice inside its interval).
-      ts: ``[steps + 1]`` the time grid (for adaptive solvers: its endpoints and save times).
+      ts: ``[steps + 1]`` the time grid (adaptive solvers integrate between its endpoints and, with
+        ``save_trajectory``, save at its times; they never step on it).
       trajectory: ``[steps + 1, B, ...]`` states on ``ts`` if ``save_trajectory`` else None.
       stats: solver-specific counters (e.g. accepted / rejected steps).
     """
@@ -146,16 +147,6 @@ def _check_options(solver: str, options: dict) -> dict:
             value = jnp.asarray(value, dtype=float)  # (a Python float is static under jit: one compile per value)
         out[name] = value
     return out
-
-
-def _is_single_key(key) -> bool:
-    """A typed key of shape ``()`` or a raw ``uint32`` key of shape ``[k]`` (traced ones too)."""
-    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
-    if dtype is None or shape is None:
-        return False
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return shape == ()
-    return dtype == jnp.uint32 and len(shape) == 1
 
 
 def _check_brownian_tol(ts: Array, tol) -> None:
@@ -329,11 +320,8 @@ def sample(
     solver_options = check_solver_options(spec, solver, solver_options)
     if spec.stochastic and key is None:
         raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
-    if spec.stochastic and not _is_single_key(key):
-        # (key=0 failed as "JAX encountered invalid PRNG key data", a split of keys as a fold_in /
-        # Brownian-path error: neither named key)
-        raise TypeError(f"key must be one PRNG key (jax.random.key(...) or jax.random.PRNGKey(...)); got "
-                        f"{type(key).__name__} of shape {getattr(key, 'shape', None)} and dtype {getattr(key, 'dtype', None)}")
+    if key is not None:  # (checked whenever given: ddim with eta > 0 and edm_heun with churn > 0 draw noise too)
+        check_key(key)
     ts = time_grid(path, steps, schedule, t_start, t_end)
     _check_brownian_tol(ts, solver_options.get("brownian_tol"))
     # a model that wraps another (gf.inverse.posterior_model: x0 from an eps model) is singular

@@ -94,8 +94,9 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
       steps: number of intervals (static).
       schedule: ``"uniform"`` (uniform in t), ``"quadratic"`` (uniform in sqrt(t): denser near
         data), ``"logsnr"`` (uniform in the log-SNR), ``"karras"`` (uniform in
-        ``(sigma/alpha)^(1/rho)``, Karras et al. 2022), an explicit array ``[steps + 1]`` (then
-        ``steps``, ``t_start`` and ``t_end`` are taken from it: given ones must agree with it), or
+        ``(sigma/alpha)^(1/rho)``, Karras et al. 2022), an explicit array of times (then
+        ``steps`` is ignored, its length - 1 is the step count, and ``t_start`` and ``t_end`` are
+        taken from it: given ones must agree with it), or
         a callable ``schedule(path, steps, t_start=..., t_end=...) -> ts`` (e.g.
         ``functools.partial(time_grid, schedule="karras", rho=5.0)``), whose grid must have
         ``steps + 1`` times from ``t_start`` to ``t_end``.
