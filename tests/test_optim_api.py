@@ -470,3 +470,41 @@ def test_register_an_optimizer_of_your_own():
         gf.optim.register("adam", test_signed_sgd)
     with pytest.raises(TypeError, match="factory must be callable"):
         gf.optim.register("test_not_callable", 3)
+
+
+def test_make_optimizer_refuses_clipping_before_smb():
+    """make_optimizer(name="smb", clip_norm=c) chained clip_by_global_norm before SMB: SMB's g was the
+    clipped gradient while its g_t (value_fn's gradient at the trial point) was not, so the model step
+    was built from y = g_t - clip(g) (on 0.5 sum(A x^2) it moved to f = 381.5 where SMB reaches 133.9)."""
+    with pytest.raises(ValueError, match=r"clip_norm cannot be used with name='smb'"):
+        gf.train.make_optimizer(0.3, name="smb", clip_norm=50.0)
+    # without clipping make_optimizer's SMB is gf.optim.smb with the same (constant) learning rate
+    A = jnp.array([1.0, 10.0, 100.0])
+    f = lambda p: 0.5 * jnp.sum(A * p ** 2)  # noqa: E731
+    p = jnp.array([1.0, -2.0, 3.0])
+    v, g = jax.value_and_grad(f)(p)
+    tx, ref = gf.train.make_optimizer(0.3, name="smb"), gf.optim.smb(0.3)
+    u = tx.update(g, tx.init(p), p, value=v, value_fn=f)[0]
+    u_ref = ref.update(g, ref.init(p), p, value=v, value_fn=f)[0]
+    np.testing.assert_allclose(np.asarray(u), np.asarray(u_ref), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,dtype,match", [
+    ("grams", jnp.bfloat16, r"b2 must lie in \[0.0, 1.0\); got 1.0 \(a bfloat16 value.*hyperparam_dtype=jnp.float32"),
+    ("diffgrad", jnp.bfloat16, r"b2 must lie in \[0.0, 1.0\); got 1.0 \(a bfloat16 value.*hyperparam_dtype=jnp.float32"),
+    ("fadam", jnp.float16, r"eps must lie in \(0.0, inf\); got 0.0 \(a float16 value.*hyperparam_dtype=jnp.float32"),
+])
+def test_injected_low_precision_hyper_parameters_are_explained(name, dtype, match):
+    """optax.inject_hyperparams casts hyper-parameters to the parameters' dtype: on bfloat16 params the
+    default b2 = 0.999 became 1.0 (float16: eps = 1e-8 became 0) and init failed with 'b2 must lie in
+    [0.0, 1.0); got 1.0' for a b2 the user never gave; the message now names the cause and the fix."""
+    p = jnp.ones(3, dtype)
+    with pytest.raises(ValueError, match=match):
+        optax.inject_hyperparams(getattr(gf.optim, name))(learning_rate=1e-3).init(p)
+    # the fix the message names works
+    opt = optax.inject_hyperparams(getattr(gf.optim, name), hyperparam_dtype=jnp.float32)(learning_rate=1e-3)
+    u, _ = opt.update(p, opt.init(p), p)
+    assert np.all(np.isfinite(np.asarray(u, np.float32)))
+    # a Python hyper-parameter out of range keeps the plain message
+    with pytest.raises(ValueError, match=r"b2 must lie in \[0.0, 1.0\); got 1.0$"):
+        gf.optim.grams(1e-3, b2=1.0)

@@ -84,7 +84,13 @@ def check(name: str, value: Any, *, lo: float | None = None, hi: float | None = 
         lb = "(" if lo_open else "["
         rb = ")" if hi_open or hi is None else "]"
         rng = f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
-        raise ValueError(f"{name} must lie in {rng}; got {v}")
+        hint = ""
+        dt = getattr(value, "dtype", None)
+        if dt is not None and jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).bits < 32:
+            # optax.inject_hyperparams casts hyper-parameters to the parameters' dtype by default
+            hint = (f" (a {jnp.dtype(dt).name} value: b2 = 0.999 rounds to 1 and eps = 1e-8 to 0 in 16 bits; "
+                    f"with optax.inject_hyperparams on low-precision parameters pass hyperparam_dtype=jnp.float32)")
+        raise ValueError(f"{name} must lie in {rng}; got {v}{hint}")
 
 
 def check_beta(name: str, value) -> None:

@@ -64,5 +64,12 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
     if clip_norm is not None:
         if not _finite_real(clip_norm, positive=True):
             raise ValueError(f"clip_norm must be a finite real > 0; got {clip_norm!r}")
+        if name == "smb":
+            # SMB compares its incoming gradient with value_fn's gradient at the trial point: a clipped
+            # incoming gradient makes y = g_t - g and the Armijo threshold mix clipped and unclipped
+            # gradients (gf.optim.smb must come first in a chain)
+            raise ValueError(f"clip_norm cannot be used with name='smb' (SMB re-evaluates the unclipped gradient "
+                             f"through value_fn=, so clipping before it builds an inconsistent model step); "
+                             f"got clip_norm={clip_norm!r}")
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return tx
