@@ -50,7 +50,8 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
                    decay_steps: int | None = None, end_factor: float = 0.0, clip_norm: float | None = None,
                    **kwargs: Any) -> optax.GradientTransformation:
     """``gf.optim.get(name, learning_rate=lr_schedule(...), **kwargs)``, preceded by
-    ``optax.clip_by_global_norm(clip_norm)``.
+    ``optax.clip_by_global_norm(clip_norm)`` (not for ``"smb"``, which re-evaluates the unclipped
+    gradient).
 
     ``name`` is any optimizer of :func:`genflow.optim.names` that takes a ``learning_rate``:
     genflow's (``"grams"``, ``"fadam"``, ...), optax's (``"adam"``, ``"adamw"``, ``"sgd"``,
