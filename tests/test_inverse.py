@@ -681,3 +681,13 @@ def test_weight_scale_and_noise_level_must_be_scalars():
     xj = jax.jit(lambda w, sc: inv.posterior_sample(fn, path, x1, y, op, method="dps", weight=w, scale=sc, **kw)[0])(
         0.5, 0.3)
     np.testing.assert_allclose(xj, x, rtol=1e-4, atol=1e-5)
+
+
+def test_matrix_operator_accepts_a_list_shape():
+    # forward worked with x_shape=[4, 4, 1], adjoint / pinv failed ("can only concatenate tuple (not list)")
+    m = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16)), jnp.float32)
+    op = gf.inverse.Matrix(m, jnp.linalg.pinv(m), [4, 4, 1])
+    x = jnp.ones((2, 4, 4, 1))
+    y = op.forward(x)
+    np.testing.assert_allclose(op.adjoint(y).reshape(2, 16), y @ m, rtol=1e-5)
+    np.testing.assert_allclose(op.forward(op.pinv(y)), y, rtol=1e-4, atol=1e-4)

@@ -508,3 +508,8 @@ def test_injected_low_precision_hyper_parameters_are_explained(name, dtype, matc
     # a Python hyper-parameter out of range keeps the plain message
     with pytest.raises(ValueError, match=r"b2 must lie in \[0.0, 1.0\); got 1.0$"):
         gf.optim.grams(1e-3, b2=1.0)
+
+
+def test_dir_lists_every_optimizer_name():
+    # gf.optim.<name> reaches every registry name; dir (tab completion) listed only the imported ones
+    assert set(gf.optim.names()) <= set(dir(gf.optim))

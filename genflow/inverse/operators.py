@@ -276,6 +276,9 @@ class Matrix(Operator):
     sq_norm: Array | float | None = None  # ||M||_2^2; None: computed from M (1.0 made flowdps diverge)
     name: str = dataclasses.field(default="compressed_sensing", metadata=dict(static=True))
 
+    def __post_init__(self):  # (a list x_shape passed forward, then failed in adjoint / pinv: tuple + list)
+        object.__setattr__(self, "x_shape", tuple(self.x_shape))
+
     def forward(self, x):
         if tuple(x.shape[1:]) != tuple(self.x_shape):  # (a flat x of the same size passed, and A^T
             # then returned [B, *x_shape]: broadcasting / scan-carry errors deep in the samplers)
@@ -329,6 +332,7 @@ class Identity(Operator):
 
 
 def denoising() -> Identity:
+    """The identity operator ``y = x + noise`` (denoising as an inverse problem)."""
     return Identity()
 
 

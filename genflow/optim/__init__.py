@@ -54,3 +54,10 @@ def __getattr__(name: str):
     if name in _registry._TABLE:
         return _registry._TABLE[name][1]
     raise AttributeError(f"module 'genflow.optim' has no attribute {name!r}")
+
+
+def __dir__():
+    # every optimizer name too (tab completion listed only the names imported above)
+    from genflow.optim import _registry
+
+    return sorted(set(globals()) | set(_registry._TABLE))

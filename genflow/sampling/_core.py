@@ -364,5 +364,5 @@ def _sample_jit(model, ts, x1, key, solver, denoise, rtol, atol, max_steps, save
     if denoise:
         x = model.predict(x, ts[-1], "x0")
         nfe = nfe + 1
-    traj = None if traj is None else traj.astype(x1.dtype)  # (traj[-1] == x)
+    traj = None if traj is None else traj.astype(x1.dtype)  # (traj[-1] is x before the denoising step)
     return x.astype(x1.dtype), SampleInfo(nfe=nfe, ts=ts, trajectory=traj, stats=stats)

@@ -88,6 +88,7 @@ def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding that keeps a full copy of an array on every device of ``mesh``."""
     return NamedSharding(mesh, P())
 
 
