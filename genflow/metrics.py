@@ -159,6 +159,14 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
         if a.shape != shape:
             raise ValueError(f"frechet_distance: {name} must have shape {shape} (D = {d} from mu1); got {a.shape}")
 
+    for name, c in (("cov1", c1), ("cov2", c2)):  # (-I against I scored 0.0; an asymmetric one was symmetrised)
+        if np.all(np.isfinite(c)):
+            scale = max(float(np.max(np.abs(c))), np.finfo(np.float64).tiny)
+            w = np.linalg.eigvalsh(0.5 * (c + c.T))
+            if np.max(np.abs(c - c.T)) > 1e-6 * scale or w[0] < -1e-6 * scale:
+                raise ValueError(f"frechet_distance: {name} must be a symmetric positive semi-definite covariance; "
+                                 f"got asymmetry {np.max(np.abs(c - c.T)):.3g} and smallest eigenvalue {w[0]:.3g}")
+
     def sqrtm_psd(c):
         w, v = np.linalg.eigh(0.5 * (c + c.T))
         return (v * np.sqrt(np.clip(w, 0, None))) @ v.T

@@ -198,3 +198,15 @@ def test_w2_exact_of_a_diverged_sample_is_nan_not_a_scipy_error():
         assert np.isnan(gf.metrics.w2_exact(x, y))
         assert np.isnan(gf.metrics.w2_exact(y, x))
     np.testing.assert_allclose(gf.metrics.w2_exact(x, x + [3.0, 4.0]), 5.0, rtol=1e-12)
+
+
+def test_frechet_distance_refuses_a_covariance_that_is_not_one():
+    # -I against I scored 0.0 (the negative eigenvalues were clipped); an asymmetric matrix was symmetrised
+    eye = np.eye(3)
+    with pytest.raises(ValueError, match="cov1 must be a symmetric positive semi-definite covariance"):
+        gf.metrics.frechet_distance(np.zeros(3), -eye, np.zeros(3), eye)
+    with pytest.raises(ValueError, match="cov2 must be a symmetric"):
+        gf.metrics.frechet_distance(np.zeros(3), eye, np.zeros(3), eye + np.triu(np.ones((3, 3)), 1))
+    # a singular covariance with rounding (eigenvalue ~ -1e-17) is still a covariance
+    v = np.random.default_rng(0).normal(size=(3, 2))
+    assert gf.metrics.frechet_distance(np.zeros(3), v @ v.T, np.zeros(3), v @ v.T) < 1e-6
