@@ -26,11 +26,13 @@ Because every kind is an affine function of ``(x0_hat, eps_hat)`` given ``x``, a
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import concrete_real
 from genflow.paths import Path, broadcast_t, check_t
 
 Array = jax.Array
@@ -47,6 +49,20 @@ def check_kind(kind: str, argname: str = "prediction") -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown {argname} {kind!r}; expected one of {list(KINDS)}")
     return kind
+
+
+def singular_velocity(path: Path, t, kind: str) -> str | None:
+    """Why a ``kind`` model's velocity ``alpha' x0 + sigma' eps`` is undefined at a concrete time
+    ``t`` (an infinite ``alpha'`` or ``sigma'``, e.g. ``vp_linear`` at t = 0: inf * 0 = NaN), or
+    ``None`` (a velocity model, finite rates, or a traced ``t``)."""
+    if kind == "velocity":
+        return None
+    tj = jnp.asarray(t)
+    ds, da = concrete_real(path.d_sigma(tj)), concrete_real(path.d_alpha(tj))
+    if ds is None or da is None or (math.isfinite(ds) and math.isfinite(da)):
+        return None
+    return (f"sigma'={ds}, alpha'={da} on path {path.name!r}: the velocity alpha' x0 + sigma' eps of the {kind} "
+            f"model is inf * 0 there")
 
 
 def check_model_output(out, x: Array):

@@ -345,3 +345,59 @@ def test_log_prob_hutchinson_bad_key_named(bad_key):
     with pytest.raises(TypeError, match=r"key must be one PRNG key"):
         gf.log_prob(g.model(path, "velocity"), path, x, prediction="velocity", trace="hutchinson", key=key,
                     solver="euler", steps=2)
+
+
+# ---- proposed for tests/test_likelihood.py (append) ---------------------------------------------
+@pytest.mark.parametrize("kind", ["eps", "score", "v"])
+def test_log_prob_refuses_a_singular_velocity_at_t_min(kind):
+    """vp_linear has sigma'(0) = inf: the velocity alpha' x0 + sigma' eps of a non-velocity model is
+    inf * 0 at t_min = 0. A fixed-step solve returned NaN silently (an adaptive one ran into
+    max_steps); gf.sample refuses the same end. A velocity model, or t_min = path.t_min, is fine."""
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.5, -1.0]), jnp.array([0.3, 2.0]))
+    path = gf.paths.vp_linear()
+    x = g.sample(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match=r"t_min=0.0 .*sigma'=inf.*vp_linear"):
+        gf.log_prob(g.model(path, kind), path, x, prediction=kind, t_min=0.0, solver="heun", steps=4)
+    lp, _ = gf.log_prob(g.model(path, kind), path, x, prediction=kind, solver="heun", steps=64)
+    np.testing.assert_allclose(lp, g.log_prob(x, path.t_min, path), atol=0.05)  # (default t_min: finite)
+    lp, _ = gf.log_prob(g.model(path, "velocity"), path, x, prediction="velocity", t_min=0.0, solver="heun",
+                        steps=64)
+    assert np.all(np.isfinite(np.asarray(lp)))
+
+
+# ---- proposed for tests/test_likelihood.py (append) ---------------------------------------------
+def test_log_prob_accepts_traced_t_min_and_t_max(g4, x4):
+    """Times are traced (DESIGN: "times, scales and params are traced"): gf.log_prob under jit / vmap
+    over t_min or t_max raised "t_min must be a float in [0, 1]; got JitTracer" (ode_log_prob, which
+    it calls, takes traced ends). The traced result equals the concrete one."""
+    path = gf.paths.vp_cosine()
+    fn = g4.model(path, "eps")
+    kw = dict(prediction="eps", solver="heun", steps=8)
+    want = gf.log_prob(fn, path, x4, t_min=0.01, t_max=0.5, **kw)[0]
+    got = jax.jit(lambda a, b: gf.log_prob(fn, path, x4, t_min=a, t_max=b, **kw)[0])(0.01, 0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    swept = jax.vmap(lambda a: gf.log_prob(fn, path, x4, t_min=a, t_max=0.5, **kw)[0])(jnp.array([0.01, 0.25]))
+    np.testing.assert_allclose(swept[0], want, rtol=1e-10)
+    np.testing.assert_allclose(swept[1], gf.log_prob(fn, path, x4, t_min=0.25, t_max=0.5, **kw)[0], rtol=1e-10)
+    with pytest.raises(ValueError, match="t_min must be a float in \\[0, 1\\]"):  # concrete values still checked
+        gf.log_prob(fn, path, x4, t_min=-0.1, **kw)
+
+
+# ---- proposed for tests/test_likelihood.py (append) ---------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fixed_step_grid_ends_exactly_at_t_min_and_t_max(dtype):
+    """The StepTo grid t0 + (t1 - t0) * linspace(0, 1) rounds its last point away from t1 for many
+    (t_min, t_max) pairs (float32: 0.15 -> 0.999 ends at 0.99899995; float64: 0.2 -> 0.9 at
+    0.8999999999999999), and Diffrax refused it at run time: "Must have `t0==ts[0]` and
+    `t1==ts[-1]`". Every pair must solve, and agree with the exact log-density (heun, 64 steps)."""
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.5, -1.0]), jnp.array([0.3, 2.0]))
+    x = g.sample(jax.random.key(0), 2).astype(dtype)
+    path = gf.paths.linear()
+    fn = jax.tree.map(lambda a: a.astype(dtype), g.model(path, "eps"))
+    for t0, t1 in ((0.15, 0.999), (0.35, 0.999), (0.4, 0.999), (0.2, 0.9)):
+        prior = jax.tree_util.Partial(gf.oracles.Gaussian.log_prob, jax.tree.map(lambda a: a.astype(dtype), g),
+                                      t=t1, path=path)
+        lp, info = gf.log_prob(fn, path, x, prediction="eps", t_min=t0, t_max=t1, solver="heun", steps=64,
+                               prior=prior)
+        assert int(info.num_steps) == 64
+        np.testing.assert_allclose(lp, g.log_prob(x, t0, path), atol=2e-3, err_msg=str((t0, t1)))

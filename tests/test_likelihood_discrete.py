@@ -301,3 +301,24 @@ def test_traced_t_min_and_bin_width_give_the_concrete_results():
                                rtol=1e-12)
     with pytest.raises(ValueError, match="need 0 <= t_min < t_max"):
         L.vdm_elbo(g.model(path, "eps"), path, x, key, t_min=0.5, t_max=0.4)
+
+
+# ---- proposed for tests/test_likelihood_discrete.py (append) ------------------------------------
+def test_dequantization_accepts_a_traced_bin_width():
+    """check_positive_real lets a traced bin_width through (as bits_per_dim documents), but
+    uniform_dequantize / truncated_normal_time then called math.log on it: ConcretizationTypeError."""
+    x = jnp.round(jax.random.normal(jax.random.key(0), (3, 4)) * 8) / 8
+    path = gf.paths.vp_cosine()
+    key = jax.random.key(1)
+    y, lq = jax.jit(lambda w: L.uniform_dequantize(key, x, w))(0.125)
+    y0, lq0 = L.uniform_dequantize(key, x, 0.125)
+    np.testing.assert_allclose(y, y0, rtol=1e-6)
+    np.testing.assert_allclose(lq, -4 * math.log(0.125) * np.ones(3), rtol=1e-6)
+    np.testing.assert_allclose(lq0, lq, rtol=1e-6)
+    t = jax.jit(lambda w: L.truncated_normal_time(path, w))(0.125)
+    np.testing.assert_allclose(t, L.truncated_normal_time(path, 0.125), rtol=1e-6)
+    np.testing.assert_allclose(path.log_snr(t), 2 * math.log(2 * 3.0 / 0.125), rtol=1e-5)
+    z, lq, _ = jax.jit(lambda w: L.truncated_normal_dequantize(key, x, path, w))(0.125)
+    z0, lq0, _ = L.truncated_normal_dequantize(key, x, path, 0.125)
+    np.testing.assert_allclose(z, z0, rtol=1e-6)
+    np.testing.assert_allclose(lq, lq0, rtol=1e-6)

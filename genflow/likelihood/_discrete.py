@@ -74,14 +74,15 @@ def uniform_dequantize(key: Array, x: Array, bin_width: float) -> tuple[Array, A
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 would move y out of its bin
     u = jax.random.uniform(key, x.shape, x.dtype)
     y = x + (u - 0.5) * bin_width
-    return y, jnp.full((x.shape[0],), -_num_dims(x) * math.log(bin_width), x.dtype)
+    log_w = jnp.log(jnp.asarray(bin_width, x.dtype))  # (math.log failed on a traced bin_width)
+    return y, jnp.full((x.shape[0],), -_num_dims(x) * log_w, x.dtype)
 
 
 def truncated_normal_time(path: Path, bin_width: float, tau: float = 3.0) -> Array:
     """The time ``t_eps`` with ``alpha / sigma = 2 tau / bin_width`` (log-SNR ``2 log(2 tau / bin_width)``)."""
     check_positive_real("bin_width", bin_width)
     check_positive_real("tau", tau)
-    return path.t_from_log_snr(jnp.asarray(2.0 * math.log(2.0 * tau / bin_width)))
+    return path.t_from_log_snr(2.0 * jnp.log(2.0 * jnp.asarray(tau) / jnp.asarray(bin_width)))
 
 
 def truncated_normal_dequantize(key: Array, x: Array, path: Path, bin_width: float,

@@ -241,7 +241,10 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
             # first step re-evaluated it uncounted (info.nfe one low), as in gf.sample's ode_solve
             state = (jnp.array(False), term.vf(t0, y0, args))
     else:
-        controller = diffrax.StepTo(t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, steps + 1, dtype=x.dtype))
+        # the ends set exactly: t0 + (t1 - t0) * 1 rounds away from t1 (0.15 -> 0.999 in float32), and
+        # Diffrax then refused the grid at run time ("Must have `t0==ts[0]` and `t1==ts[-1]`")
+        ts = t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, steps + 1, dtype=x.dtype)
+        controller = diffrax.StepTo(ts.at[0].set(t0).at[-1].set(t1))
         dt0 = None  # FSAL solvers still make their first evaluation (init) under StepTo
     sol = diffrax.diffeqsolve(term, cls(), t0=t0, t1=t1, dt0=dt0, y0=y0, args=args, stepsize_controller=controller,
                               adjoint=adjoint, max_steps=max_steps, solver_state=state)
@@ -256,7 +259,10 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
 
 
 def _unit_float(name: str, t) -> float:
-    """``float(t)`` for a concrete real number in ``[0, 1]`` (Python, NumPy or a 0-d array)."""
+    """``float(t)`` for a concrete real number in ``[0, 1]`` (Python, NumPy or a 0-d array); a traced
+    scalar (a sweep over t_min under jit / vmap) passes unchecked, as in ``vdm_elbo``."""
+    if isinstance(t, jax.core.Tracer) and jnp.ndim(t) == 0:
+        return t
     v = concrete_real(t)  # None for a tracer, an array of several times, a string
     if v is None or not 0.0 <= v <= 1.0:
         raise ValueError(f"{name} must be a float in [0, 1]; got {t!r}")
@@ -318,7 +324,8 @@ def log_prob(
     _check_x(x)
     t_min = path.t_min if t_min is None else t_min
     t_min, t_max = _unit_float("t_min", t_min), _unit_float("t_max", t_max)
-    if not t_min < t_max:
+    lo, hi = concrete_real(t_min), concrete_real(t_max)  # (None when traced)
+    if lo is not None and hi is not None and not lo < hi:
         raise ValueError(f"need t_min < t_max; got t_min={t_min}, t_max={t_max}")
     if prediction in ("eps", "score") and is_zero(path.alpha(jnp.asarray(t_max))):
         raise ValueError(f"prediction={prediction!r} cannot be converted to a velocity at t_max={t_max} on path "
@@ -326,6 +333,10 @@ def log_prob(
     if prediction == "x0" and is_zero(path.sigma(jnp.asarray(t_min))):
         raise ValueError(f"prediction='x0' cannot be converted to a velocity at t_min={t_min} on path "
                          f"{path.name!r} (sigma = 0 there); pass t_min > 0, e.g. 1e-3")
+    why = param.singular_velocity(path, t_min, prediction)
+    if why is not None:  # (vp_linear at t_min = 0: NaN log-densities, or max_steps for an adaptive solver)
+        raise ValueError(f"t_min={t_min} has {why}, and every solver evaluates it at t_min; pass t_min=path.t_min "
+                         f"({path.t_min}) or a velocity model")
     if prior is None:
         prior = GaussianPrior(path.sigma(jnp.asarray(t_max, jnp.promote_types(x.dtype, jnp.float32))))
     velocity = PathVelocity(as_pytree_fn(fn), path, prediction)

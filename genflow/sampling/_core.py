@@ -210,16 +210,12 @@ def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
             f"velocity of the x0 model there, (x - alpha x0_hat) / sigma = 0/0; pass t_end > 0 (e.g. 1e-3) "
             f"or a solver that does not evaluate at the end (euler, midpoint, ddim, dpm++2m, unipc, ...)"
         )
-    if prediction != "velocity" and _evaluates_at_end(spec):
-        t1j = jnp.asarray(t1)
-        ds, da = float(path.d_sigma(t1j)), float(path.d_alpha(t1j))
-        if not (np.isfinite(ds) and np.isfinite(da)):  # (vp_linear at t = 0: NaN samples)
-            raise ValueError(
-                f"t_end={float(t1)} has sigma'={ds}, alpha'={da} on path {path.name!r}: solver {spec.name!r} "
-                f"evaluates the velocity alpha' x0 + sigma' eps of the {prediction} model there (inf * 0); pass "
-                f"t_end=path.t_min ({path.t_min}) or a solver that does not evaluate at the end (euler, midpoint, "
-                f"ddim, dpm++2m, unipc, ...)"
-            )
+    why = param.singular_velocity(path, t1, prediction) if _evaluates_at_end(spec) else None
+    if why is not None:  # (vp_linear at t = 0: NaN samples)
+        raise ValueError(
+            f"t_end={float(t1)} has {why}: solver {spec.name!r} evaluates it there; pass t_end=path.t_min "
+            f"({path.t_min}) or a solver that does not evaluate at the end (euler, midpoint, ddim, dpm++2m, unipc, ...)"
+        )
 
 
 def _is_scan(spec) -> bool:
