@@ -564,3 +564,24 @@ def test_sample_bad_key_named_for_option_stochastic_solvers(solver, option, bad_
     key = jax.random.split(jax.random.key(0), 2) if bad_key == "split" else bad_key
     with pytest.raises(TypeError, match=r"key must be one PRNG key"):
         gf.sample(g.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=3, key=key, **option)
+
+
+def test_tolerances_of_a_fixed_step_solve_do_not_recompile(gauss2, caplog):
+    """rtol / atol are unused by fixed-step solvers (gf.sample) and fixed-grid log_prob solves: a
+    new value recompiled the whole program; the results do not depend on them."""
+    import logging
+
+    path = gf.paths.linear()
+    fn = gauss2.model(path, "velocity")
+    x1 = gauss2.prior_sample(jax.random.key(0), 8, path, 1.0)
+    x = gauss2.sample(jax.random.key(1), 8)
+    first = (gf.sample(fn, path, x1, prediction="velocity", solver="heun", steps=5, rtol=1e-3)[0],
+             gf.log_prob(fn, path, x, prediction="velocity", solver="heun", steps=5, rtol=1e-3)[0])
+    with jax.log_compiles(True), caplog.at_level(logging.DEBUG, logger="jax"):
+        caplog.clear()
+        again = (gf.sample(fn, path, x1, prediction="velocity", solver="heun", steps=5, rtol=1e-6, atol=1e-7)[0],
+                 gf.log_prob(fn, path, x, prediction="velocity", solver="heun", steps=5, rtol=1e-6, atol=1e-7)[0])
+        compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+    assert not compiled, compiled
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)

@@ -210,6 +210,7 @@ def ode_log_prob(
     adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
     if steps is not None:
         max_steps = steps  # exact for a fixed grid: keeps RecursiveCheckpointAdjoint's checkpoints small
+        rtol = atol = 0.0  # (unused on a fixed grid: a new value recompiled the solve)
     return _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, float(rtol), float(atol), steps,
                   chunk_size, int(max_steps))
 

@@ -346,6 +346,8 @@ def sample(
         n = ts.shape[0] - 1
         ts_run = _driver.pad_grid(ts, _driver.bucket(n))
         solver_options["num_steps"] = jnp.asarray(n, jnp.int32)
+    if not spec.adaptive:
+        rtol = atol = 0.0  # (unused by fixed-step solvers: a new value recompiled the sampler)
     x, info = _sample_jit(model, ts_run, x1, key, spec.name, bool(denoise), float(rtol), float(atol), int(max_steps),
                           bool(save_trajectory), solver_options)
     return x, dataclasses.replace(info, ts=ts)
