@@ -191,7 +191,8 @@ def ode_log_prob(
         ``steps`` is given, which selects ``steps`` uniform steps.
       adjoint: a Diffrax adjoint for gradients (default ``RecursiveCheckpointAdjoint``, i.e.
         discretise-then-optimise; ``diffrax.BacksolveAdjoint(...)`` is FFJORD's
-        optimise-then-discretise with O(1) memory).
+        optimise-then-discretise with O(1) memory; with an adaptive FSAL solver it refuses the
+        pre-evaluated first stage, so ``info.nfe`` can be one low if the first step is rejected).
       chunk_size: Jacobian columns per batched JVP for the exact trace.
       max_steps: cap on the steps of adaptive solvers (fixed-step solves use exactly ``steps``).
     Returns:
