@@ -172,7 +172,10 @@ def interval(guided: CFG, t_lo, t_hi) -> Interval:
     """Apply ``guided`` only for ``t_lo < t <= t_hi`` and its conditional model elsewhere
     (Kynkaanniemi et al. 2024 guide only at intermediate noise levels; e.g. EDM2's interval
     ``sigma in (0.28, 5.42]`` becomes ``t`` through ``path.t_from_log_snr(-2 log sigma)``). Outside
-    the interval the unconditional model is skipped (``lax.cond``), which saves its evaluations."""
+    the interval the unconditional model is skipped (``lax.cond``), which saves its evaluations.
+    The interval is open at ``t_lo``: ``interval(g, 0.0, 1.0)`` is not ``g`` for solvers that
+    evaluate the model at ``t_end = 0`` (``heun``, ``tsit5``: Diffrax stages at a step's end, on
+    the ``linear`` path, whose ``t_min`` is 0); that last evaluation is the conditional model's."""
     if not isinstance(guided, _GUIDED):
         raise TypeError(f"interval expects a CFG from gf.guidance.cfg / cfg_batched; got {type(guided).__name__}")
     lo, hi = concrete_real(t_lo), concrete_real(t_hi)

@@ -51,7 +51,15 @@ class Flow:
     event_shape: tuple
 
     def init(self, key: Array, x: Array):
-        """Parameters, with data-dependent initialisation on the example batch ``x: [B, *event_shape]``."""
+        """Parameters, with data-dependent initialisation on the example batch ``x: [B, *event_shape]``.
+
+        ActNorm sets ``log_scale = -log(std + 1e-6)`` from this batch, so give it data as the flow
+        will see it in training: for discrete data trained with ``flow_objective(...,
+        dequantize=bin_width)``, a dequantized batch (``x + (u - 0.5) * bin_width``). Raw discrete
+        data often has constant dimensions (e.g. the border pixels of ``gf.data.load_digits``),
+        whose scale would start at ~1e6: a RealNVP on the digits then starts at ~1e8 nats/dim
+        and does not recover.
+        """
         self._check(x)
         # one compilation instead of op-by-op dispatch, cached per bijector (layers are hashable):
         # jax.jit(self.bijector.init) was a new function, compiled again, on every call
@@ -143,7 +151,9 @@ def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_s
       method: ``"ml"`` (maximum likelihood), ``"ssm"`` or ``"dsm"`` (EBFlow score matching).
       sigma: noise of ``"dsm"``.
       num_slices: projections of ``"ssm"``.
-      dequantize: if set, the batch is uniformly dequantized with this bin width every step.
+      dequantize: if set, the batch is uniformly dequantized with this bin width every step
+        (``x + (u - 0.5) * dequantize``, data at the bin centres); initialise the flow
+        (:meth:`Flow.init`) on a batch dequantized the same way.
     """
     if method not in OBJECTIVES:
         raise ValueError(f"unknown flow objective {method!r}; expected one of {list(OBJECTIVES)}")

@@ -144,7 +144,10 @@ def dequantized_log_prob(
       dequantization: ``"uniform"`` (evaluated at ``t_min``) or ``"truncated_normal"``
         (evaluated at ``t_eps`` of :func:`truncated_normal_time`).
       tau: the truncated normal's half-width in standard deviations (``"truncated_normal"`` only).
-      num_samples: dequantizations ``K`` per point.
+      num_samples: dequantizations ``K`` per point. All ``K * B`` points are solved as one batch
+        (``x`` tiled ``K`` times: row ``k * B + i`` is example ``i``), so ``fn`` is called on
+        ``[K * B, ...]``: a conditional model with per-example labels bound by closure needs them
+        tiled the same way (``gf.nets.model_fn(net, params, y=jnp.tile(y, K))``).
       importance_weighted: combine the ``K`` samples as ``log mean exp`` instead of a mean.
     Returns:
       ``(bound: [B], info)``, ``info`` with ``"log_q"`` ``[K, B]``, ``"log_p"`` ``[K, B]``, ``"t"``

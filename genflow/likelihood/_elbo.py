@@ -204,7 +204,10 @@ def vdm_elbo(
       t_max: the prior's time (default 1).
       time_sampling: ``"importance"`` or ``"uniform"`` (see :func:`sample_time`).
       num_t: draws of (time, noise) per example, averaged (with ``stratified``, one per ``1/num_t``
-        of the time distribution, offset independently per example).
+        of the time distribution, offset independently per example). All draws are evaluated as
+        one batch (``x`` tiled ``num_t`` times: row ``k * B + i`` is example ``i``), so ``fn`` is
+        called on ``[num_t * B, ...]``: per-example labels bound by closure must be tiled the same
+        way (``gf.nets.model_fn(net, params, y=jnp.tile(y, num_t))``).
       prior_std: std of the Gaussian prior (default ``sigma(t_max)``).
     Returns:
       ``(elbo: [B], parts)`` with ``parts`` = ``{"reconstruction", "prior", "diffusion"}`` (each
