@@ -96,7 +96,8 @@ def ffjord_objective(apply_fn: Callable, *, dequantize: float | None = None, **k
     except TypeError as e:
         raise TypeError(f"ffjord_objective: {e} (its options are ffjord_loss's keyword arguments)") from None
     get = functools.partial(_option, opts)
-    _check_options("hutchinson", get("solver"), get("steps"), get("probe"), get("num_probes"), key=True,
+    # (a stand-in key: the real one comes per step)
+    _check_options("hutchinson", get("solver"), get("steps"), get("probe"), get("num_probes"), key=jax.random.key(0),
                    rtol=get("rtol"), atol=get("atol"))
 
     def loss_fn(params, batch, key):
