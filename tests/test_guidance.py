@@ -286,3 +286,19 @@ def test_cads_mixing_and_classifier_labels_are_checked():
     b = x.shape[0]
     out = gf.guidance.classifier(COND.model(PATH, "eps"), PATH, "eps", logits, jnp.zeros(b, jnp.int32), 1.0)(x, t)
     np.testing.assert_allclose(out, COND.model(PATH, "eps")(x, t), rtol=1e-6)  # flat logits: no guidance
+
+
+def test_cads_psi_mixes_the_rescaled_and_the_raw_condition():
+    """eq. 6 of Sadat et al. 2024: y_final = psi * rescaled(y_hat) + (1 - psi) * y_hat. The existing
+    tests only check psi=1 (fully rescaled) and that a traced psi gives finite values, so a CADS that
+    ignored psi passed them."""
+    y = jax.random.normal(jax.random.key(1), (8, 16)) + 2.0
+    net = lambda x, t, c: c  # noqa: E731  reads the condition it is given
+    x, t = jnp.zeros((8, 16)), jnp.full((8,), 0.7)  # gamma = 0.25 for (tau1, tau2) = (0.6, 0.8)
+    kw = dict(tau1=0.6, tau2=0.8, noise_scale=0.5)
+    full = gf.guidance.cads(net, y, jax.random.key(2), psi=1.0, **kw)(x, t)
+    raw = gf.guidance.cads(net, y, jax.random.key(2), rescale=False, **kw)(x, t)
+    assert float(jnp.max(jnp.abs(full - raw))) > 0.1  # the two ends differ here
+    for psi in (0.0, 0.3, 0.75):
+        got = gf.guidance.cads(net, y, jax.random.key(2), psi=psi, **kw)(x, t)
+        np.testing.assert_allclose(got, psi * full + (1 - psi) * raw, rtol=1e-5, atol=1e-5, err_msg=str(psi))

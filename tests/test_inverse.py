@@ -691,3 +691,73 @@ def test_matrix_operator_accepts_a_list_shape():
     y = op.forward(x)
     np.testing.assert_allclose(op.adjoint(y).reshape(2, 16), y @ m, rtol=1e-5)
     np.testing.assert_allclose(op.forward(op.pinv(y)), y, rtol=1e-4, atol=1e-4)
+
+
+# One deterministic step (eta = 0, no final denoise) of each correction method, against the update
+# the module docstring documents, computed independently from the operator's matrix and the Gaussian
+# oracle. The existing posterior tests only bound the posterior-mean error by 0.4x the prior's, which
+# an update with a wrong coefficient (FlowDPS without its t blend, DDNM without the eps correction,
+# DPS on the squared residual) still meets.
+def _one_step_setup(op_name):
+    op = {"super_resolution": inv.super_resolution(2),
+          "compressed_sensing": inv.compressed_sensing(jax.random.key(4), S, 6)}[op_name]
+    path = gf.paths.linear()
+    t, s = 0.7, 0.5
+    x = PRIOR.prior_sample(jax.random.key(6), 8, path, t).reshape((8,) + S)  # x_t ~ p_t
+    y = op(PRIOR.sample(jax.random.key(3), 8).reshape((8,) + S)) + 0.05
+    A = np.asarray(inv.operator_matrix(op, S), np.float64)
+    return op, path, t, s, x, y, A
+
+
+def _one_step_x0_eps(path, x, t):
+    flat = x.reshape(x.shape[0], D)
+    x0 = PRIOR.x0(flat, jnp.full((x.shape[0],), t), path)
+    eps = (flat - path.alpha(t) * x0) / path.sigma(t)
+    return np.asarray(x0, np.float64), np.asarray(eps, np.float64)
+
+
+def _one_step_run(method, op, path, t, s, x, y, **hp):
+    out, _ = inv.posterior_sample(PRIOR.model(path, "x0"), path, x, y, op, prediction="x0", method=method, steps=1,
+                                  t_start=t, t_end=s, key=jax.random.key(7), denoise=False, eta=0.0, **hp)
+    return np.asarray(out, np.float64).reshape(x.shape[0], D)
+
+
+@pytest.mark.parametrize("op_name", ["super_resolution", "compressed_sensing"])
+def test_flowdps_step_blends_the_data_consistent_estimate_by_t(op_name):
+    op, path, t, s, x, y, A = _one_step_setup(op_name)
+    x0, eps = _one_step_x0_eps(path, x, t)
+    yf = np.asarray(y, np.float64).reshape(y.shape[0], -1)
+    lr = 0.5 / np.linalg.norm(A, 2) ** 2
+    v = x0.copy()
+    for _ in range(3):
+        v = v - lr * (v @ A.T - yf) @ A
+    x0p = x0 + t * (v - x0)
+    want = float(path.alpha(s)) * x0p + float(path.sigma(s)) * eps
+    got = _one_step_run("flowdps", op, path, t, s, x, y, scale=0.5, dc_steps=3)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op_name", ["super_resolution", "compressed_sensing"])
+def test_ddnm_step_projects_x0_and_keeps_x_t_consistent(op_name):
+    op, path, t, s, x, y, A = _one_step_setup(op_name)
+    x0, _ = _one_step_x0_eps(path, x, t)
+    yf = np.asarray(y, np.float64).reshape(y.shape[0], -1)
+    x0p = x0 + (yf - x0 @ A.T) @ np.linalg.pinv(A).T
+    eps_p = (np.asarray(x, np.float64).reshape(-1, D) - float(path.alpha(t)) * x0p) / float(path.sigma(t))
+    want = float(path.alpha(s)) * x0p + float(path.sigma(s)) * eps_p
+    got = _one_step_run("ddnm", op, path, t, s, x, y)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dps_step_descends_the_residual_norm():
+    op, path, t, s, x, y, A = _one_step_setup("compressed_sensing")
+    x0, eps = _one_step_x0_eps(path, x, t)
+    yf = np.asarray(y, np.float64).reshape(y.shape[0], -1)
+    # grad_x ||y - A x0(x)|| = J^T A^T (A x0 - y) / ||y - A x0||, J = d x0 / d x of the oracle
+    J = np.asarray(jax.jacfwd(lambda v: PRIOR.x0(v[None], jnp.full((1,), t), path)[0])(
+        jnp.asarray(x.reshape(-1, D)[0])), np.float64)  # the same for every x (the denoiser is affine)
+    r = x0 @ A.T - yf
+    g = (r @ A / np.linalg.norm(r, axis=1, keepdims=True)) @ J
+    want = float(path.alpha(s)) * x0 + float(path.sigma(s)) * eps - 0.3 * g
+    got = _one_step_run("dps", op, path, t, s, x, y, scale=0.3)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -1,3 +1,5 @@
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,3 +212,35 @@ def test_frechet_distance_refuses_a_covariance_that_is_not_one():
     # a singular covariance with rounding (eigenvalue ~ -1e-17) is still a covariance
     v = np.random.default_rng(0).normal(size=(3, 2))
     assert gf.metrics.frechet_distance(np.zeros(3), v @ v.T, np.zeros(3), v @ v.T) < 1e-6
+
+
+def test_mmd_against_a_hand_computed_u_statistic():
+    """x = {0, 1}, y = {2, 4} in 1-D, one bandwidth h: the unbiased MMD^2 is
+    k(0, 1) + k(2, 4) - 2 mean(k(0, 2), k(0, 4), k(1, 2), k(1, 4)), k(a, b) = exp(-(a - b)^2 / (2 h^2))."""
+    for h in (0.7, 1.5):
+        k = lambda d: math.exp(-d * d / (2 * h * h))  # noqa: E731
+        want = k(1) + k(2) - 0.5 * (k(2) + k(4) + k(1) + k(3))
+        got = gf.metrics.mmd(jnp.array([[0.0], [1.0]]), jnp.array([[2.0], [4.0]]), bandwidths=(h,))
+        np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    # a sum of kernels is the sum of the MMDs
+    x, y = jnp.array([[0.0], [1.0]]), jnp.array([[2.0], [4.0]])
+    both = gf.metrics.mmd(x, y, bandwidths=(0.7, 1.5))
+    np.testing.assert_allclose(float(both), sum(float(gf.metrics.mmd(x, y, bandwidths=(h,))) for h in (0.7, 1.5)),
+                               rtol=1e-6)
+
+
+def test_mmd_is_an_unbiased_estimate_of_the_gaussian_closed_form():
+    """For N(0, I) vs N(delta, I) in D dimensions and k = exp(-|a - b|^2 / (2 h^2)):
+    E k = (h^2 / (h^2 + 2))^(D/2) exp(-|m1 - m2|^2 / (2 (h^2 + 2))), so
+    MMD^2 = 2 (h^2 / (h^2 + 2))^(D/2) (1 - exp(-|delta|^2 / (2 (h^2 + 2)))) per bandwidth."""
+    d, n, hs = 2, 2000, (0.5, 1.0, 2.0)
+    delta = np.array([0.6, 0.0])
+    want = sum(2 * (h * h / (h * h + 2)) ** (d / 2) * (1 - math.exp(-delta @ delta / (2 * (h * h + 2)))) for h in hs)
+    ests = []
+    for s in range(4):
+        kx, ky = jax.random.split(jax.random.key(s))
+        x = jax.random.normal(kx, (n, d))
+        y = jax.random.normal(ky, (n, d)) + delta
+        ests.append(float(gf.metrics.mmd(x, y, bandwidths=hs)))
+    # measured standard deviation of one estimate 0.012 at n = 2000 (12 seeds): the mean of 4 has SE 0.006
+    assert abs(np.mean(ests) - want) < 0.03, (ests, want)

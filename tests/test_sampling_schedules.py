@@ -413,3 +413,13 @@ def test_schedule_search_names_bad_arguments():
     with pytest.raises(ValueError, match="pool must be finite"):
         gf.sampling.calibration_batch(fn, path, x1.at[1, 1].set(jnp.nan), prediction="x0", steps=4, solver="ddim",
                                       t_start=t0, size=4)
+
+
+def test_quadratic_schedule_is_uniform_in_sqrt_t():
+    """"quadratic" is documented as uniform in sqrt(t); the suite only checked its endpoints and
+    monotonicity (a cube-root grid, or the uniform one, passed)."""
+    path = gf.paths.linear()
+    for t0, t1, n in ((1.0, 0.0, 10), (0.8, 0.05, 7)):
+        ts = np.asarray(gf.sampling.time_grid(path, n, "quadratic", t_start=t0, t_end=t1), np.float64)
+        want = (np.sqrt(t0) + (np.sqrt(t1) - np.sqrt(t0)) * np.linspace(0, 1, n + 1)) ** 2
+        np.testing.assert_allclose(ts, want, rtol=1e-6, atol=1e-7)

@@ -267,3 +267,81 @@ def test_phi_is_accurate_to_float64_rounding_near_the_series_switch():
             for z in (-0.999, -0.9, -0.5, 0.5, 0.999, -1.001, 1.5):
                 ref = exact(z, k)
                 assert abs(float(phi(jnp.float64(z), k)) - ref) <= 1e-13 * abs(ref), (k, z)
+
+
+def test_ddpm_step_is_the_ddpm_posterior(gauss2):
+    """DDPM (ddim with eta = 1): one ancestral step has the DDPM posterior q(x_t | x_s, x0_hat) as its law.
+
+    With a perfect model every eta in [0, 1] samples the right *marginals*, so the marginal tests
+    cannot tell "ddpm" from DDIM with another eta (a wrong noise coefficient survives them). The
+    one-step conditional law can: from a fixed x_s the step draws N(mu, c^2 I) with
+    c^2 = sigma_{t|s}^2 sigma_t^2 / sigma_s^2, sigma_{t|s}^2 = sigma_s^2 - (alpha_s/alpha_t)^2 sigma_t^2
+    (Ho et al. 2020, eq. 6-7, written for any VP path) and
+    mu = (alpha_s/alpha_t) sigma_t^2 / sigma_s^2 x_s + alpha_t sigma_{t|s}^2 / sigma_s^2 x0_hat."""
+    path = gf.paths.vp_linear()
+    s, t, n = 0.6, 0.3, 40_000
+    xs1 = jnp.array([[0.4, -0.9]])
+    xs = jnp.broadcast_to(xs1, (n, 2))
+    x, info = gf.sample(gauss2.model(path, "eps"), path, xs, prediction="eps", solver="ddpm", steps=1,
+                        schedule="uniform", t_start=s, t_end=t, denoise=False, key=jax.random.key(5))
+    assert int(info.nfe) == 1
+    a_s, s_s, a_t, s_t = (float(f(jnp.float32(u))) for u in (s, t) for f in (path.alpha, path.sigma))
+    var_ts = s_s**2 - (a_s / a_t) ** 2 * s_t**2
+    c2 = var_ts * s_t**2 / s_s**2
+    d = np.asarray(gauss2.x0(xs1, jnp.full((1,), s), path))[0]
+    mu = (a_s / a_t) * s_t**2 / s_s**2 * np.asarray(xs1[0]) + a_t * var_ts / s_s**2 * d
+    x = np.asarray(x, np.float64)
+    se_mean = np.sqrt(c2 / n)
+    np.testing.assert_allclose(x.mean(0), mu, atol=5 * se_mean)
+    # covariance c^2 I (relative standard error sqrt(2 / n) = 0.7%)
+    np.testing.assert_allclose(np.cov(x.T), c2 * np.eye(2), atol=5 * np.sqrt(2.0 / n) * c2)
+
+
+# Predictor-corrector ("pc"): one step against the Euler-Maruyama / Langevin formulas of Song et
+# al. 2021 (Alg. 2-5) on the Gaussian oracle. The suite only checks pc in law after 100 steps and
+# a final denoise, which neither a noisy last predictor step nor a corrector that ignores
+# score_sde's alpha_i = alpha_s^2 / alpha_t^2 factor disturbs beyond its tolerance.
+PC_S, PC_T = 0.6, 0.3  # one step from PC_S down to PC_T on vp_linear
+
+
+def _pc_closed_form(gauss2, path):
+    """The reverse-SDE Euler mean P(v) = v - (f v - g^2 score(v)) (PC_S - PC_T) at PC_S, from alpha, sigma and
+    their derivatives (f = alpha'/alpha, g^2 = 2 sigma sigma' - 2 f sigma^2), and its Jacobian."""
+    s = jnp.float32(PC_S)
+    a, sg, da, dsg = path.alpha(s), path.sigma(s), path.d_alpha(s), path.d_sigma(s)
+    f = da / a
+    g2 = 2 * sg * dsg - 2 * f * sg * sg
+    score = lambda v: gauss2.score(v[None], jnp.full((1,), PC_S), path)[0]  # noqa: E731
+    P = lambda v: v - (f * v - g2 * score(v)) * (PC_S - PC_T)  # noqa: E731
+    return P, score
+
+
+def test_pc_last_predictor_step_returns_the_mean(gauss2):
+    path = gf.paths.vp_linear()
+    P, _ = _pc_closed_form(gauss2, path)
+    x = gauss2.prior_sample(jax.random.key(0), 6, path, PC_S)
+    outs = [gf.sample(gauss2.model(path, "eps"), path, x, prediction="eps", solver="pc", steps=1, corrector_steps=0,
+                      t_start=PC_S, t_end=PC_T, denoise=False, key=jax.random.key(k))[0] for k in (1, 2)]
+    np.testing.assert_array_equal(outs[0], outs[1])  # no noise in the last step (score_sde's noise_removal)
+    np.testing.assert_allclose(outs[0], jax.vmap(P)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pc_corrector_step_size_has_the_alpha_ratio(gauss2):
+    """From n copies of one point: one Langevin step x + e score + sqrt(2 e) z with
+    e = 2 alpha_i (snr E||z|| / ||score||)^2, score_sde's alpha_i = alpha_S^2 / alpha_T^2 (< 1 going down), then
+    the predictor mean P. The output covariance is 2 e J J^T, J = dP/dv."""
+    path = gf.paths.vp_linear()
+    P, score = _pc_closed_form(gauss2, path)
+    n, snr = 40_000, 0.3
+    x1 = jnp.array([0.9, -0.4])
+    out, _ = gf.sample(gauss2.model(path, "eps"), path, jnp.broadcast_to(x1, (n, 2)), prediction="eps", solver="pc",
+                       steps=1, corrector_steps=1, snr=snr, t_start=PC_S, t_end=PC_T, denoise=False,
+                       key=jax.random.key(3))
+    ratio = float((path.alpha(jnp.float32(PC_S)) / path.alpha(jnp.float32(PC_T))) ** 2)
+    assert ratio < 0.9  # the factor matters here
+    mean_norm_z = np.sqrt(np.pi / 2)  # E||z|| for z ~ N(0, I_2) (batch mean: SE 0.003)
+    e = 2 * ratio * (snr * mean_norm_z / float(jnp.linalg.norm(score(x1)))) ** 2
+    J = np.asarray(jax.jacfwd(P)(x1), np.float64)
+    want = 2 * e * J @ J.T
+    got = np.cov(np.asarray(out, np.float64).T)
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.02 * np.abs(want).max())
