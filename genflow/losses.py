@@ -285,9 +285,9 @@ def diffusion_loss(
       ``(loss, aux)``: scalar mean loss and ``{"t": [B], "per_example": [B]}``.
     """
     param.check_kind(prediction)
-    if not jnp.issubdtype(jnp.asarray(x0).dtype, jnp.floating) or jnp.ndim(x0) < 1:
-        raise ValueError(f"x0 must be a floating-point array [B, ...]; got dtype {jnp.asarray(x0).dtype}, shape "
-                         f"{jnp.shape(x0)}")
+    if not jnp.issubdtype(jnp.asarray(x0).dtype, jnp.floating) or jnp.ndim(x0) < 1 or jnp.shape(x0)[0] == 0:
+        raise ValueError(f"x0 must be a floating-point array [B, ...] with B >= 1; got dtype {jnp.asarray(x0).dtype}, "
+                         f"shape {jnp.shape(x0)}")  # (an empty batch's mean loss is NaN)
     t_min = path.t_min if t_min is None else t_min
     check_t(t_min, "t_min")
     check_t(t_max, "t_max")

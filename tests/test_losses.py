@@ -182,8 +182,10 @@ def test_bad_inputs():
         gf.losses.diffusion_loss(lambda x, t: x, path, x0, jax.random.key(0), prediction="noise")
     with pytest.raises(ValueError, match="does not match the data shape"):
         gf.losses.diffusion_loss(lambda x, t: x[:, :1], path, x0, jax.random.key(0))
-    with pytest.raises(ValueError, match=r"x0 must be a floating-point array \[B, ...\]; got dtype float32, shape \(\)"):
+    with pytest.raises(ValueError, match=r"x0 must be a floating-point array \[B, ...\] with B >= 1; got dtype float32, shape \(\)"):
         gf.losses.diffusion_loss(lambda x, t: x, path, jnp.float32(1.0), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"with B >= 1; got dtype float32, shape \(0, 2\)"):  # (mean loss: NaN)
+        gf.losses.flow_matching_loss(lambda x, t: x, path, jnp.ones((0, 2)), jax.random.key(0))
     with pytest.raises(TypeError, match="dsm_loss fixes prediction='score' and weighting='score'; got weighting"):
         gf.losses.dsm_loss(lambda x, t: x, path, x0, jax.random.key(0), weighting="uniform")
 
