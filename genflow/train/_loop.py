@@ -234,7 +234,10 @@ def fit(
       ``history["data_time"]`` (the batch-gathering part of it) and ``history["compile_time"]``.
     Raises:
       NonFiniteLossError: a step had a non-finite loss; carries the last good state. The
-        checkpoints on disk are left as they were (the last one is the last good save).
+        checkpoints on disk are left as they were (the last one is the last good save). An
+        iterable ``data`` has been read to the end of the failing chunk (up to ``chunk_size - 1``
+        batches past ``e.step``): resume from a checkpoint (it records the iterator position) or
+        with a re-positioned iterator, not with the same live one.
       ValueError: an iterable ``data`` ran out before ``num_steps`` batches.
       Any exception from the data iterator, a callback or the checkpointer (or a
       ``KeyboardInterrupt``) is re-raised with the last good state attached as ``e.state`` (its
