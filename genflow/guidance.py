@@ -128,7 +128,8 @@ class BatchedCFG:
         return out[:b], out[b:]
 
     def cond_only(self, x: Array, t: Array) -> Array:
-        return self.fn(x, t, self._labels(x.shape[0])[0])
+        b = x.shape[0]  # (t broadcast as in parts: interval's branch got a scalar t the network could not index)
+        return self.fn(x, jnp.broadcast_to(jnp.asarray(t), (b,)), self._labels(b)[0])
 
     __call__ = CFG.__call__
 
@@ -272,8 +273,11 @@ class Adaptive:
     threshold: Array
 
     def similarity(self, c: Array, u: Array) -> Array:
-        """Per-sample cosine similarity ``[B]`` of two predictions."""
-        c2, u2 = flat_batch(c), flat_batch(u)
+        """Per-sample cosine similarity ``[B]`` of two predictions, computed in at least float32 (in
+        bfloat16 a similarity of 0.9985 rounds to 1, and in float16 a squared norm of more than
+        65504 -- 65536 unit-variance entries -- overflows to inf: NaN)."""
+        dt = jnp.promote_types(jnp.result_type(c, u), jnp.float32)
+        c2, u2 = flat_batch(c).astype(dt), flat_batch(u).astype(dt)
         num = jnp.sum(c2 * u2, -1)
         return num / jnp.maximum(jnp.linalg.norm(c2, axis=-1) * jnp.linalg.norm(u2, axis=-1), 1e-12)
 
@@ -314,9 +318,12 @@ class ClassifierGuidance:
     scale: Array
     prediction: str = _static("eps")
 
+    def _grad(self, x: Array, t: Array) -> Array:
+        return jax.grad(lambda z: jnp.sum(self.log_prob(z, t)))(x)
+
     def __call__(self, x: Array, t: Array) -> Array:
         out = self.fn(x, t)
-        grad = jax.grad(lambda z: jnp.sum(self.log_prob(z, t)))(x)
+        grad = self._grad(x, t)
         tb = broadcast_t(t, x)
         a, s = self.path.alpha(tb), self.path.sigma(tb)
         # the score gains scale * grad; every kind is affine in the score at fixed x_t, so the
@@ -329,12 +336,29 @@ class ClassifierGuidance:
             coef = -s * (self.path.d_sigma(tb) - self.path.d_alpha(tb) * s / a)
         else:
             coef = -s * param.eps_scale(self.path, tb, k)  # eps: -sigma, x0: sigma^2/alpha, v: -sigma(a^2+s^2)/a
-        guided = out + (_per_sample(self.scale, x) * coef * grad).astype(out.dtype)
-        # where alpha = 0 (pure noise: t = 1 on the linear and VP paths) x_t says nothing about y
-        # and the exact guidance term is 0 (coef is inf for x0 / v / velocity there); where
-        # sigma = 0 (the data end) the term is 0 for every kind but the score
-        unguided = (a == 0) | ((s == 0) & (k != "score"))
-        return jnp.where(unguided, out, guided)
+        w = _per_sample(self.scale, x)
+        guided = out + (w * coef * grad).astype(out.dtype)
+        # where sigma = 0 (the data end) the term is 0 for every kind but the score
+        res = jnp.where((s == 0) & (k != "score"), out, guided)
+        # where alpha = 0 (pure noise: t = 1 on the linear path) x_t says nothing about y: grad = 0,
+        # and the score / eps terms are 0; the x0 / v / velocity ones are coef * grad = inf * 0, whose
+        # limit is finite and not 0 (x0: (sigma^2 / alpha) grad -> E[x0 | y] - E[x0]). With
+        # grad / alpha -> (d grad / dt) / alpha' (l'Hopital) the singular part K sigma^2 grad / alpha
+        # of coef * grad (K = 1 for x0, -sigma for v, alpha' for velocity) is evaluated there
+        at_noise = a == 0
+        if k in ("eps", "score"):
+            return jnp.where(at_noise, out, res)
+
+        def limit():
+            t_ = jnp.asarray(t, tb.dtype)
+            dgrad = jax.jvp(lambda tt: self._grad(x, tt), (t_,), (jnp.ones_like(t_),))[1]
+            da = self.path.d_alpha(tb)
+            sing = {"x0": s * s / da, "v": -s * s * s / da, "velocity": s * s}[k]
+            lim = out + (w * sing * dgrad).astype(out.dtype)
+            return jnp.where(at_noise, jnp.where(jnp.isfinite(lim), lim, out), res)
+
+        # (the forward-over-reverse derivative only runs when some sample is at alpha = 0)
+        return jax.lax.cond(jnp.any(at_noise), limit, lambda: res)
 
 
 @jax.tree_util.register_dataclass
@@ -371,6 +395,13 @@ def classifier(fn: ModelFn, path: Path, prediction: str, classifier_fn: Callable
       y: ``[B]`` integer labels (or a scalar label).
       scale: guidance scale (traced); ``1`` gives the exact conditional score when the classifier
         is the exact ``p(y | x_t)``.
+
+    Where ``alpha = 0`` (pure noise, ``t = 1`` on the linear path) the x0 / v / velocity guidance
+    term ``(sigma^2 / alpha) grad`` is ``inf * 0``; it is evaluated as its limit ``t -> 1``
+    (l'Hopital: ``d grad / dt`` over ``alpha'``, one forward-over-reverse derivative of the
+    classifier, run only when some sample is there), so the first step of a sampler from pure noise
+    is guided. This assumes a classifier whose gradient vanishes at ``alpha = 0`` (the exact one
+    does: ``x_1`` says nothing about ``y``); what a trained one returns there beyond that is ignored.
     """
     param.check_kind(prediction)
     y = jnp.asarray(y)

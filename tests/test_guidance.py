@@ -146,8 +146,8 @@ def test_classifier_guidance_with_the_exact_classifier_is_the_conditional_model(
     np.testing.assert_allclose(g2 - g1, g1 - g0, rtol=1e-4, atol=1e-5)
     with pytest.raises(TypeError, match="integer class labels"):
         gf.guidance.classifier(mix.model(PATH, "eps"), PATH, "eps", logits, 0.5, 1.0)
-    # from pure noise (alpha = 0 at t = 1 on the linear path) the guidance term is 0: velocity and
-    # x0 models were 0/0 there and every sample came back NaN
+    # from pure noise (alpha = 0 at t = 1 on the linear path) the guidance term is its finite limit
+    # (velocity and x0 models were 0/0 there and every sample came back NaN; then unguided)
     lin = gf.paths.linear()
 
     def lin_logits(x, t):
@@ -156,7 +156,8 @@ def test_classifier_guidance_with_the_exact_classifier_is_the_conditional_model(
     x1 = lin.prior_sample(jax.random.key(0), (64, 2))
     for kind in ("velocity", "x0"):
         g = gf.guidance.classifier(mix.model(lin, kind), lin, kind, lin_logits, 0, 1.0)
-        np.testing.assert_array_equal(g(x1[:4], jnp.ones(4)), mix.model(lin, kind)(x1[:4], jnp.ones(4)))
+        np.testing.assert_allclose(g(x1[:4], jnp.ones(4)), comp.model(lin, kind)(x1[:4], jnp.ones(4)), rtol=1e-4,
+                                   atol=1e-4)
         xg, _ = gf.sample(g, lin, x1, prediction=kind, solver="euler", steps=50)
         xc, _ = gf.sample(comp.model(lin, kind), lin, x1, prediction=kind, solver="euler", steps=50)
         assert float(jnp.max(jnp.abs(xg - xc))) < 0.05, kind
@@ -302,3 +303,64 @@ def test_cads_psi_mixes_the_rescaled_and_the_raw_condition():
     for psi in (0.0, 0.3, 0.75):
         got = gf.guidance.cads(net, y, jax.random.key(2), psi=psi, **kw)(x, t)
         np.testing.assert_allclose(got, psi * full + (1 - psi) * raw, rtol=1e-5, atol=1e-5, err_msg=str(psi))
+
+
+@pytest.mark.parametrize("kind", ["x0", "v", "velocity"])
+def test_classifier_guidance_from_pure_noise_is_the_conditional_model(kind):
+    """At alpha = 0 (t = 1 on the linear path) grad log p(y | x_t) = 0 but the x0 / v / velocity
+    coefficient is 1 / alpha: the guided prediction is the limit t -> 1, i.e. with the exact
+    classifier the component's model (E[x0 | x_1, y] = mu_y, not the mixture mean), so that it is
+    continuous in t and the first step of a sampler from t = 1 is guided."""
+    lin = gf.paths.linear()
+    mix = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.array([[2.0, -2.0], [-2.0, 2.0]]),
+                                     jnp.array([[0.3, 0.5], [0.2, 0.8]]))
+    comp = gf.oracles.Gaussian.diagonal(mix.means[0], mix.vars[0])
+
+    def logits(x, t):
+        return mix._resp(x, t, lin)[0]
+
+    x = jax.random.normal(jax.random.key(0), (3, 2))
+    for scale in (1.0, jnp.array([1.0, 2.0, 0.5])):
+        g = gf.guidance.classifier(mix.model(lin, kind), lin, kind, logits, 0, scale)
+        near, at = g(x, jnp.full((3,), 1.0 - 1e-4)), g(x, jnp.ones(3))
+        np.testing.assert_allclose(at, near, atol=2e-3)  # continuous at t = 1
+    g = gf.guidance.classifier(mix.model(lin, kind), lin, kind, logits, 0, 1.0)
+    np.testing.assert_allclose(g(x, jnp.ones(3)), comp.model(lin, kind)(x, jnp.ones(3)), rtol=1e-5, atol=1e-5)
+    # a batch that mixes t = 1 with other times
+    t = jnp.array([1.0, 0.5, 1.0])
+    np.testing.assert_allclose(g(x, t), comp.model(lin, kind)(x, t), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_adaptive_guidance_similarity_in_low_precision(dtype):
+    """The stopping test of adaptive guidance is made on the exact cosine similarity of the
+    low-precision predictions: in bfloat16 a similarity of 0.9985 rounded to 1 (guidance stopped
+    under a threshold of 0.9995), and in float16 the squared norm of 70,000 unit entries
+    overflowed to inf (NaN similarity: guidance never stopped)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    c = jax.random.normal(k1, (2, 4096))
+    u = (c + 0.055 * jax.random.normal(k2, (2, 4096))).astype(dtype)
+    c = c.astype(dtype)
+    c64, u64 = np.asarray(c, np.float64), np.asarray(u, np.float64)
+    true = (c64 * u64).sum(-1) / np.linalg.norm(c64, axis=-1) / np.linalg.norm(u64, axis=-1)
+    assert np.all(true < 0.9995)
+    a = gf.guidance.adaptive(gf.guidance.cfg(lambda x, t: c, lambda x, t: u, 3.0), 0.9995)
+    np.testing.assert_allclose(np.asarray(a.similarity(c, u), np.float64), true, rtol=0, atol=1e-5)
+    out = a(c, jnp.full((2,), 0.5))  # still guided: 3 c - 2 u, not c
+    np.testing.assert_allclose(np.asarray(out, np.float32), 3 * c64 - 2 * u64, atol=0.05)
+    big = jnp.ones((1, 70_000), dtype)
+    assert float(a.similarity(big, big)[0]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_interval_of_batched_cfg_takes_a_scalar_t():
+    """BatchedCFG broadcasts a scalar t to [B] for its doubled batch; the conditional-only branch
+    that interval selects outside (t_lo, t_hi] passed the scalar on, and a network that embeds t
+    per sample failed with "'float' object is not subscriptable" (both branches are traced)."""
+    def net(x, t, c):
+        return x * t[:, None] + c[:, None].astype(x.dtype)
+
+    x = jnp.ones((3, 2))
+    g = gf.guidance.cfg_batched(net, 1, 0, 2.0)
+    iv = gf.guidance.interval(g, 0.2, 0.8)
+    np.testing.assert_allclose(iv(x, 0.5), g(x, jnp.full((3,), 0.5)), rtol=1e-6)
+    np.testing.assert_allclose(iv(x, 0.9), net(x, jnp.full((3,), 0.9), jnp.ones(3)), rtol=1e-6)
