@@ -364,3 +364,26 @@ def test_image_loader_checks_num_epochs_workers_and_image_size():
         with pytest.raises(ValueError, match="image_size must be"):
             gf.data.image_dataset("mnist", image_size=bad)
     assert sum(1 for _ in gf.data.image_loader("digits", 100, split="test", num_epochs=2)) == 7
+
+
+def test_tfds_variable_size_images_need_image_size():
+    """oxford_flowers102 (images (None, None, 3)) without image_size failed at the first batch
+    with grain's "Expected all input elements to have the same structure"."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=8):
+        with pytest.raises(ValueError, match=r"variable sizes \(None, None, 3\); pass image_size"):
+            next(gf.data.image_loader("oxford_flowers102", 4, seed=0))
+        b = next(gf.data.image_loader("oxford_flowers102", 4, seed=0, image_size=16))
+        assert b["x"].shape == (4, 16, 16, 3) and b["y"].shape == (4,)
+        assert next(gf.data.image_loader("mnist", 4, seed=0))["x"].shape == (4, 28, 28, 1)  # fixed sizes pass
+
+
+@pytest.mark.parametrize("name", sorted(gf.data.TOY))
+def test_toy_sample_count_is_checked_by_name(name):
+    # (-1: "Only non-negative indices are allowed ..."; 2.5: "Shapes must be 1D sequences ..., got (1.0,)")
+    for n in (-1, 2.5, "8", True):
+        with pytest.raises(ValueError, match=r"n must be an int >= 0; got"):
+            gf.data.toy(name, jax.random.key(0), n)
+    for n in (0, 3, np.int64(3)):  # Python and NumPy ints
+        assert gf.data.toy(name, jax.random.key(0), n).shape == (int(n), 2)

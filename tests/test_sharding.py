@@ -135,3 +135,23 @@ def test_shard_batch_refuses_a_leaf_without_a_batch_axis():
                              stacked=True)
     with pytest.raises(ValueError, match="batch axis"):
         gf.train.shard_batch({"x": np.zeros((4, 3), np.float32), "w": np.float32(0.5)}, mesh)
+
+
+def test_a_mesh_without_the_data_fsdp_axes_is_refused_by_name():
+    """A plain Mesh(devices, ("data",)) failed with a bare KeyError: 'fsdp' (fit, tree_shardings)."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    params = {"w": jnp.ones((4,))}
+    opt = optax.sgd(0.1)
+    state = gf.train.init_state(params, opt, jax.random.key(0))
+    step = gf.train.make_train_step(lambda p, b, k: (jnp.mean((b - p["w"]) ** 2), {}), opt)
+    with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with the axes \('data', 'fsdp'\).*"
+                                         r"got axes \('data',\)"):
+        gf.train.fit(state, step, lambda k: jax.random.normal(k, (8, 4)), 2, progress=False, mesh=mesh)
+    with pytest.raises(ValueError, match="mesh must be"):
+        gf.train.tree_shardings(params, mesh)
+    with pytest.raises(ValueError, match="mesh must be"):
+        gf.train.shard_batch(np.ones((4, 4), np.float32), mesh)
+    with pytest.raises(ValueError, match="got int"):
+        gf.train.batch_sharding(8)

@@ -142,6 +142,12 @@ def image_dataset(name: str, split: str = "train", *, data_dir: str | None = Non
     import tensorflow_datasets as tfds
 
     source = tfds.data_source(name, split=split, data_dir=data_dir)
+    features = getattr(getattr(source, "dataset_info", None), "features", None)
+    if image_size is None and features is not None and image_key in features:
+        shape = getattr(features[image_key], "shape", None) or ()
+        if any(d is None for d in shape[:2]):  # (grain's batching failed: "Expected all input elements to have the same structure")
+            raise ValueError(f"the {name!r} images ({image_key!r}) have variable sizes {tuple(shape)}; pass "
+                             f"image_size (a central square crop resized to image_size x image_size) to batch them")
     return grain.MapDataset.source(_Records(source, image_key, label_key, image_size))
 
 

@@ -59,6 +59,16 @@ def make_mesh(data: int | None = None, fsdp: int = 1, devices: Sequence[jax.Devi
     return Mesh(grid, BATCH_AXES)
 
 
+def _check_mesh(mesh) -> None:
+    """A ``ValueError`` naming ``mesh`` unless it has the axes ``("data", "fsdp")``: a plain
+    ``Mesh(devices, ("data",))`` failed with a bare ``KeyError: 'fsdp'``."""
+    names = tuple(getattr(mesh, "axis_names", ()) or ())
+    if not isinstance(mesh, Mesh) or DATA not in names or FSDP not in names:
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with the axes {BATCH_AXES} (gf.train.make_mesh(data, "
+                         f"fsdp); fsdp=1 for pure data parallelism); got "
+                         f"{'axes ' + repr(names) if isinstance(mesh, Mesh) else type(mesh).__name__}")
+
+
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = MIN_SHARD_SIZE) -> P:
     """The :class:`PartitionSpec` of one array: its largest axis divisible by ``fsdp_size`` is
     sharded over ``"fsdp"`` (the first such axis on ties); small or indivisible arrays are replicated."""
@@ -77,6 +87,7 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARD_SIZE) -> Any
     Works for parameters, optimizer states, EMA copies and whole :class:`TrainState` s: scalars
     (step counters, PRNG keys) are replicated.
     """
+    _check_mesh(mesh)
     f = mesh.shape[FSDP]
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), f, min_size)), tree)
 
@@ -84,6 +95,7 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARD_SIZE) -> Any
 def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
     """Leading (batch) axis split over ``("data", "fsdp")``; with ``stacked`` the batch axis is the
     second one (a ``[steps, B, ...]`` chunk of batches)."""
+    _check_mesh(mesh)
     return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
 
 
