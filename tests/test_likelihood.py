@@ -401,3 +401,36 @@ def test_fixed_step_grid_ends_exactly_at_t_min_and_t_max(dtype):
                                prior=prior)
         assert int(info.num_steps) == 64
         np.testing.assert_allclose(lp, g.log_prob(x, t0, path), atol=2e-3, err_msg=str((t0, t1)))
+
+
+def test_gaussian_log_prob_matches_scipy_for_a_non_unit_std():
+    """log N(z; 0, std^2 I) summed over features, against SciPy, for std != 1 (ve's prior has
+    std = sigma_max = 50: a missing -D log(std) term is invisible at std = 1)."""
+    from scipy import stats
+
+    z = jax.random.normal(jax.random.key(0), (5, 3, 2), jnp.float64) * 2.5
+    for std in (2.5, 0.3, 50.0):
+        ref = stats.norm.logpdf(np.asarray(z), scale=std).reshape(5, -1).sum(-1)
+        np.testing.assert_allclose(gf.likelihood.gaussian_log_prob(z, std), ref, rtol=1e-12)
+    # and log_prob's default prior on ve is N(0, sigma(1)^2 I) in these units
+    path = gf.paths.ve(sigma_min=0.1, sigma_max=3.0)
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.2, -0.1], jnp.float64), jnp.array([0.5, 0.8], jnp.float64))
+    x = g.sample(jax.random.key(1), 4)
+    _, info = gf.log_prob(g.model(path, "velocity"), path, x, prediction="velocity", solver="heun", steps=4)
+    ref = stats.norm.logpdf(np.asarray(info.z), scale=3.0).sum(-1)
+    np.testing.assert_allclose(info.prior_logp, ref, rtol=1e-10)
+
+
+def test_log_prob_default_prior_is_the_path_noise_at_t_max():
+    """Documented: the prior defaults to N(0, sigma(t_max)^2 I), also for t_max < 1 (eps / score
+    models on the linear path need t_max < 1); sigma(1) would be a wrong prior there. (The
+    exact-trace tests read their prior mismatch from info.prior_logp, where a wrong prior cancels.)"""
+    from scipy import stats
+
+    path = gf.paths.linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.2, -0.1], jnp.float64), jnp.array([0.5, 0.8], jnp.float64))
+    x = g.sample(jax.random.key(1), 4)
+    for t_max in (0.5, 0.9):
+        _, info = gf.log_prob(g.model(path, "eps"), path, x, prediction="eps", t_max=t_max, solver="heun", steps=4)
+        ref = stats.norm.logpdf(np.asarray(info.z), scale=t_max).sum(-1)  # sigma(t) = t on the linear path
+        np.testing.assert_allclose(info.prior_logp, ref, rtol=1e-10)

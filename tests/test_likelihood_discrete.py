@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import special, stats
+from scipy import integrate, special, stats
 
 import genflow as gf
 from genflow import likelihood as L
@@ -322,3 +322,72 @@ def test_dequantization_accepts_a_traced_bin_width():
     z0, lq0, _ = L.truncated_normal_dequantize(key, x, path, 0.125)
     np.testing.assert_allclose(z, z0, rtol=1e-6)
     np.testing.assert_allclose(lq, lq0, rtol=1e-6)
+
+
+def test_prior_term_is_the_gaussian_kl_for_a_prior_std_of_ones_own():
+    """KL(N(alpha_1 x, sigma_1^2 I) || N(0, s^2 I)) in closed form, also for s != sigma(1), where
+    the log-variance-ratio term does not vanish (computed here by numerical integration in 1-D)."""
+    path = gf.paths.vp_cosine(logsnr_min=-6.0)
+    x = jnp.array([[0.7, -1.3], [2.0, 0.1]])
+    a, s1 = float(path.alpha(1.0)), float(path.sigma(1.0))
+    for s in (None, 0.5, 2.0):
+        kl = np.asarray(gf.likelihood.prior_term(path, x, 1.0, prior_std=s))
+        sd = s1 if s is None else s
+        ref = np.zeros(2)
+        for i in range(2):
+            for j in range(2):
+                q = stats.norm(a * float(x[i, j]), s1)
+                f = lambda u: q.pdf(u) * (q.logpdf(u) - stats.norm.logpdf(u, scale=sd))  # noqa: E731
+                ref[i] += integrate.quad(f, -12, 12, epsabs=1e-12)[0]
+        np.testing.assert_allclose(kl, ref, rtol=1e-5, atol=1e-7, err_msg=str(s))
+    assert math.isfinite(float(kl[0]))
+
+
+def test_importance_weighted_bound_is_log_mean_exp_of_the_weights():
+    """With importance_weighted, the bound is log (1/K) sum_k exp(log p_k - log q_k): between the
+    mean and the max of the K log-weights (a log-sum-exp without the 1/K exceeds the max)."""
+    path = gf.paths.linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.1, -0.2]), jnp.array([0.3, 0.2]))
+    w = 0.25
+    x = jnp.round(g.sample(jax.random.key(0), 3) / w) * w
+    k = 4
+    iw, info = L.dequantized_log_prob(g.model(path, "velocity"), path, x, jax.random.key(1), prediction="velocity",
+                                      bin_width=w, num_samples=k, importance_weighted=True, solver="heun", steps=8)
+    lw = np.asarray(info["log_p"] - info["log_q"], np.float64)  # [K, B]
+    ref = np.log(np.mean(np.exp(lw - lw.max(0)), axis=0)) + lw.max(0)
+    np.testing.assert_allclose(iw, ref, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(iw) <= lw.max(0) + 1e-5) and np.all(np.asarray(iw) >= lw.mean(0) - 1e-5)
+    assert math.isfinite(float(iw[0]))
+
+
+def test_stratified_time_sampling_gives_each_column_its_own_offset():
+    """sample_time(stratified, strata=s) with n = s m draws: draw k m + j lies in stratum k with the
+    offset of column j; the m columns have independent offsets (one shared offset would give every
+    example of vdm_elbo's num_t draws the same times)."""
+    s, m = 4, 64
+    path = gf.paths.linear()  # uniform time sampling on [0, 1]: t = u
+    t, w = gf.likelihood.sample_time(jax.random.key(0), s * m, path, 0.0, 1.0, "uniform", stratified=True, strata=s)
+    u = np.asarray(t, np.float64).reshape(s, m)
+    off = u * s - np.arange(s)[:, None]  # each in [0, 1)
+    assert np.all((off >= -1e-5) & (off < 1 + 1e-5))
+    np.testing.assert_allclose(off, np.broadcast_to(off[:1], off.shape), atol=1e-4)  # same offset down a column
+    assert len(np.unique(np.round(off[0], 5))) == m  # independent offsets across the columns
+    # the column offsets are uniform on [0, 1): mean 1/2, sd 1/sqrt(12 m)
+    assert abs(off[0].mean() - 0.5) < 4 / np.sqrt(12 * m)
+
+
+def test_prior_and_reconstruction_terms_accept_integer_data():
+    """vdm_elbo widens integer data; its public parts must too: prior_term cast t1 = 0.9 and
+    prior_std = 0.5 to the int 0 (a NaN KL), reconstruction_term drew its noise in int32 (a JAX
+    dtype error)."""
+    path = gf.paths.vp_cosine(logsnr_min=-6.0)
+    levels = jnp.arange(4)
+    x_int = jnp.array([[0, 1, 2], [3, 2, 1]], jnp.int32)
+    x_f = x_int.astype(jnp.float32)
+    for t1, std in ((0.9, None), (1.0, 0.5)):
+        kl = L.prior_term(path, x_int, t1, prior_std=std)
+        assert np.all(np.isfinite(np.asarray(kl))), (t1, std, kl)
+        np.testing.assert_allclose(kl, L.prior_term(path, x_f, t1, prior_std=std), rtol=1e-6)
+    key = jax.random.key(0)
+    rec = L.reconstruction_term(path, x_int, key, 0.2, levels)
+    np.testing.assert_allclose(rec, L.reconstruction_term(path, x_f, key, 0.2, levels), rtol=1e-6)

@@ -513,3 +513,22 @@ def test_injected_low_precision_hyper_parameters_are_explained(name, dtype, matc
 def test_dir_lists_every_optimizer_name():
     # gf.optim.<name> reaches every registry name; dir (tab completion) listed only the imported ones
     assert set(gf.optim.names()) <= set(dir(gf.optim))
+
+
+def test_smb_takes_the_trial_step_for_a_vanishing_gradient_even_when_armijo_fails():
+    """Documented: a step with |g| < 1e-8 is always the SGD trial step (no model step, whose
+    coefficients are 0/0-prone there), whatever the Armijo test says."""
+    opt = gf.optim.smb(learning_rate=0.5)
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = opt.init(params)
+    g = {"w": jnp.array([3e-9, -4e-9])}  # |g| = 5e-9
+
+    def value_fn(p):  # the trial point looks worse than the current one: Armijo fails
+        return 1.0 + jnp.sum(jnp.abs(p["w"] - params["w"])) * 1e12
+
+    u, new = jax.jit(lambda g, s: opt.update(g, s, params, value=jnp.float32(1.0), value_fn=value_fn))(g, state)
+    np.testing.assert_allclose(u["w"], -0.5 * g["w"], rtol=1e-6)
+    assert int(new.model_steps) == 0 and int(new.count) == 1
+    # with a gradient above the threshold the same Armijo failure gives a model step
+    _, new2 = opt.update({"w": jnp.array([0.3, -0.4])}, state, params, value=jnp.float32(1.0), value_fn=value_fn)
+    assert int(new2.model_steps) == 1

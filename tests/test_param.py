@@ -121,3 +121,68 @@ def test_converted_fn_is_a_pytree_that_jit_traces():
     np.testing.assert_allclose(back(x, t), eps_fn(x, t), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError):
         gf.param.convert_fn(eps_fn, path, "eps", "noise")
+
+
+def test_velocity_to_x0_at_clean_data_divides_by_alpha_on_a_custom_path():
+    """Where sigma = 0, x is alpha(t) x0 exactly, so a velocity model's x0 is x / alpha: the
+    special case in to_x0_eps must divide by alpha (every built-in path has alpha = 1 there,
+    so only a path of one's own can tell)."""
+    def _alpha(t):
+        return 2.0 * (1.0 - t)
+
+    def _sigma(t):
+        return t
+
+    path = gf.paths.Path(alpha_fn=_alpha, sigma_fn=_sigma, name="scaled_linear")
+    x0 = jnp.array([[0.5, -1.5], [2.0, 0.25]])
+    t = jnp.zeros((2,))
+    x = path.add_noise(x0, jnp.zeros_like(x0), t)  # = 2 x0
+    u = path.d_alpha(t)[:, None] * x0 + path.d_sigma(t)[:, None] * jnp.ones_like(x0)  # any eps: sigma = 0
+    out = gf.param.convert(u, x, t, path, "velocity", "x0")
+    np.testing.assert_allclose(out, x0, rtol=1e-6)
+    # and just off the end the general formula agrees (continuity)
+    t1 = jnp.full((2,), 1e-4)
+    eps = jnp.array([[0.3, -0.7], [1.1, 0.2]])
+    x1 = path.add_noise(x0, eps, t1)
+    u1 = path.d_alpha(t1)[:, None] * x0 + path.d_sigma(t1)[:, None] * eps
+    np.testing.assert_allclose(gf.param.convert(u1, x1, t1, path, "velocity", "x0"), x0, rtol=1e-4, atol=1e-5)
+
+
+# -- bfloat16 predictions: conversions computed in float32, rounded once -----------------------------
+@pytest.mark.parametrize("t_kind", ["python", "bf16_array"])
+@pytest.mark.parametrize("src,dst,pname,tval", [("velocity", "v", "vp_linear", 0.02),
+                                                ("x0", "score", "edm", 0.97),
+                                                ("v", "velocity", "vp_linear", 0.5)])
+def test_convert_bfloat16_is_computed_in_float32(src, dst, pname, tval, t_kind):
+    # a bfloat16 prediction with a Python-float (or bfloat16) t was converted entirely in bfloat16
+    # (coefficients rounded to bfloat16, every product and sum rounded): 2.5-4.4x the error of one
+    # rounding of the float32 result, and its dtype depended on whether t was an array
+    path = gf.paths.get(pname)
+    b = 2048
+    x0 = jax.random.normal(jax.random.key(0), (b, 4)) + 1.0
+    eps = jax.random.normal(jax.random.key(1), (b, 4))
+    t = jnp.full((b,), tval, jnp.bfloat16)  # exactly representable below: same t both ways
+    x = path.add_noise(x0, eps, t.astype(jnp.float32))
+    pred = gf.param.from_x0_eps(x0, eps, x, t.astype(jnp.float32), path, src)
+    pb, xb = pred.astype(jnp.bfloat16), x.astype(jnp.bfloat16)
+    tt = float(t[0]) if t_kind == "python" else t
+    out = gf.param.convert(pb, xb, tt, path, src, dst)
+    assert out.dtype == jnp.bfloat16  # the promoted dtype of the inputs
+    ref = gf.param.convert(pb.astype(jnp.float32), xb.astype(jnp.float32), t.astype(jnp.float32), path, src, dst)
+    err = jnp.abs(out.astype(jnp.float32) - ref)
+    # one rounding of the float32 result: at most half an ulp of bfloat16 (2^-8 relative)
+    assert float(jnp.max(err / jnp.maximum(jnp.abs(ref), 1e-30))) <= 2.0 ** -8
+    x0h, epsh = gf.param.to_x0_eps(pb, xb, tt, path, src)
+    x0r, epsr = gf.param.to_x0_eps(pb.astype(jnp.float32), xb.astype(jnp.float32), t.astype(jnp.float32), path, src)
+    assert x0h.dtype == epsh.dtype == jnp.bfloat16
+    for h, r in ((x0h, x0r), (epsh, epsr)):
+        assert float(jnp.max(jnp.abs(h.astype(jnp.float32) - r) / jnp.maximum(jnp.abs(r), 1e-30))) <= 2.0 ** -8
+
+
+def test_convert_dtype_follows_promotion():
+    path = gf.paths.vp_linear()
+    pb = jnp.ones((3, 2), jnp.bfloat16)
+    assert gf.param.convert(pb, pb, 0.5, path, "eps", "x0").dtype == jnp.bfloat16
+    assert gf.param.convert(pb, pb, jnp.full((3,), 0.5, jnp.float32), path, "eps", "x0").dtype == jnp.float32
+    assert gf.param.convert(pb, pb.astype(jnp.float32), 0.5, path, "eps", "x0").dtype == jnp.float32
+    assert gf.param.from_x0_eps(pb, pb, pb, 0.5, path, "velocity").dtype == jnp.bfloat16

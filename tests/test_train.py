@@ -649,3 +649,67 @@ def test_optax_contrib_sam_with_make_train_step():
     state, hist = gf.train.fit(state, gf.train.make_train_step(lsq_loss, opt), full_batch, 400, chunk_size=200,
                                progress=False)
     assert hist["finite"].all() and hist["loss"][-1] < 0.1 * hist["loss"][0]
+
+
+def test_label_dropout_replaces_the_given_fraction_of_labels():
+    """label_dropout=p sends the null label for a fraction p of the batch (p = 0.5 cannot tell p from
+    1 - p); the model sees the labels through apply_fn's y."""
+    seen = []
+
+    def apply_fn(params, x, t, y=None):
+        seen.append(np.asarray(y))
+        return jnp.zeros_like(x)
+
+    b = 4000
+    batch = {"x": jnp.ones((b, 2)), "y": jnp.zeros((b,), jnp.int32)}
+    for p in (0.1, 0.8):
+        seen.clear()
+        loss_fn = gf.train.diffusion_objective(apply_fn, gf.paths.linear(), prediction="velocity", label_dropout=p,
+                                               null_label=7)
+        loss_fn({}, batch, jax.random.key(3))
+        y = seen[-1]
+        assert set(np.unique(y)) <= {0, 7}
+        frac = float(np.mean(y == 7))
+        assert abs(frac - p) < 4 * np.sqrt(p * (1 - p) / b), (p, frac)
+
+
+def test_grad_accumulation_draws_each_microbatch_noise_from_its_own_key():
+    """Documented: microbatch i draws its noise from fold_in(key, i), key the step's loss key
+    (split(state.rng, 3)[1]): the microbatches' noise is independent, not k copies of one draw."""
+    def noisy_loss(params, batch, key):
+        noise = jax.random.normal(key, batch.shape)
+        return jnp.mean((params["w"] - batch - noise) ** 2), {}
+
+    k = 4
+    batch = jnp.arange(16.0)
+    opt = optax.sgd(0.1)
+    state = gf.train.init_state({"w": jnp.zeros(())}, opt, jax.random.key(5))
+    _, m = jax.jit(gf.train.make_train_step(noisy_loss, opt, grad_accum=k))(state, batch)
+    key = jax.random.split(state.rng, 3)[1]
+    micro = batch.reshape(-1, k).T  # strided: microbatch i holds rows i, i + k, ...
+    ref = np.mean([float(noisy_loss(state.params, micro[i], jax.random.fold_in(key, i))[0]) for i in range(k)])
+    np.testing.assert_allclose(float(m["loss"]), ref, rtol=1e-5)
+
+
+def test_fit_keeps_the_last_good_state_when_later_steps_of_the_chunk_are_finite():
+    """A NaN batch in the middle of a chunk stops training there: the finite batches after it in the
+    same chunk must not be applied (the error's state is the state before the bad step)."""
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    y = x @ jnp.array([1.0, -2.0, 0.5, 3.0])
+
+    def loss(params, batch, key):
+        bx, by = batch
+        return jnp.mean((bx @ params["w"] - by) ** 2), {}
+
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(loss, opt)
+    batches = [(np.asarray(x), np.asarray(y)) for _ in range(10)]
+    batches[3] = (np.asarray(x), np.full_like(np.asarray(y), np.nan))  # only the 4th batch is bad
+    state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(1))
+    with pytest.raises(gf.train.NonFiniteLossError) as exc:
+        gf.train.fit(state, step, iter(batches), 10, chunk_size=10, progress=False)
+    err = exc.value
+    assert err.step == 3 and int(err.state.step) == 3 and err.history["loss"].shape == (3,)
+    clean = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(1))
+    clean, _ = gf.train.fit(clean, step, iter(batches[:3]), 3, chunk_size=3, progress=False)
+    np.testing.assert_allclose(err.state.params["w"], clean.params["w"], rtol=1e-6)

@@ -148,6 +148,7 @@ def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Arr
     """
     if is_zero(path.sigma(jnp.asarray(t0))):  # (the decoder's log-density was +inf there)
         raise ValueError(f"t0={t0} has sigma=0 on path {path.name!r}: the decoder is a point mass there; pass t0 > 0")
+    x = _wide(x)  # (integer data: t0 was cast to an int, and the noise draw refused an int dtype)
     t = jnp.asarray(t0, x.dtype)
     a, s = path.alpha(t), path.sigma(t)
     eps = jax.random.normal(key, x.shape, x.dtype)
@@ -170,6 +171,7 @@ def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Arr
 
 def prior_term(path: Path, x: Array, t1: float = 1.0, prior_std: float | None = None) -> Array:
     """``KL(N(alpha_1 x, sigma_1^2 I) || N(0, s^2 I))`` per example, ``s = sigma(t1)`` by default; ``[B]``."""
+    x = _wide(x)  # (integer data: t1 = 0.9 and prior_std = 0.5 were cast to 0, and the KL was NaN)
     t = jnp.asarray(t1, x.dtype)
     a, s1 = path.alpha(t), path.sigma(t)
     s = s1 if prior_std is None else jnp.asarray(prior_std, x.dtype)
