@@ -298,14 +298,16 @@ def diffusion_loss(
     b = x0.shape[0]
     # Times, schedule and weights in float32 or wider whatever the data's dtype: in bfloat16 a
     # t near 1 rounds to 1.0 (infinite velocity scale on linear()), in float16 c^2 overflows.
-    # The model sees x_t and t in the data's dtype.
+    # The model sees x_t in the data's dtype and t in float32 or wider, as gf.sample gives it (in
+    # bfloat16, t in [0.5, 1) would take 128 values in training: a 1000 t time embedding would be
+    # trained on a coarse lattice and sampled between its points).
     wide = jnp.promote_types(x0.dtype, jnp.float32)
     t = sample_t(kt, b, t_min, t_max, stratified, dtype=wide)
     x1 = jax.random.normal(kn, x0.shape, x0.dtype)
     x1 = _coupling(coupling)(kc, x0, x1)
     xt = path.add_noise(x0, x1, t)
     target = param.from_x0_eps(x0, x1, xt, t, path, prediction)
-    pred = fn(xt.astype(x0.dtype), t.astype(x0.dtype))
+    pred = fn(xt.astype(x0.dtype), t)
     if pred.shape != x0.shape:
         raise ValueError(f"model output shape {pred.shape} does not match the data shape {x0.shape}")
     if getattr(w_fn, "uniform_kind", None) == prediction:

@@ -382,3 +382,21 @@ def test_min_snr_of_an_x0_model_is_finite_where_the_snr_overflows():
                                              gamma=5.0, t_min=0.05, t_max=0.95)
         snr = np.asarray(path.snr(aux["t"]))
         np.testing.assert_allclose(aux["per_example"], f(snr) * np.asarray(jnp.mean(x0 ** 2, -1)), rtol=1e-5)
+
+
+def test_low_precision_model_sees_the_time_gf_sample_gives_it():
+    """With bfloat16 data the model gets x_t in bfloat16 and t in float32, as from gf.sample (t
+    rounded to bfloat16 took 128 values in [0.5, 1): a time embedding trained on a lattice)."""
+    seen = {}
+
+    def net(x, t):
+        seen["x"], seen["t"] = x.dtype, t
+        return jnp.zeros_like(x)
+
+    path = gf.paths.linear()
+    x0 = jax.random.normal(jax.random.key(3), (64, 2)).astype(jnp.bfloat16)
+    _, aux = gf.losses.diffusion_loss(net, path, x0, jax.random.key(4), prediction="velocity", t_min=0.5)
+    assert seen["x"] == jnp.bfloat16 and seen["t"].dtype == jnp.float32
+    np.testing.assert_array_equal(seen["t"], aux["t"])  # the exact times of the targets
+    gf.sample(net, path, x0, prediction="velocity", solver="euler", steps=1)
+    assert seen["t"].dtype == jnp.float32
