@@ -3,8 +3,11 @@
 Diffusion and score-based models, flow matching, normalizing flows, their samplers,
 likelihoods and optimizers, as pure functions over flax.linen networks and optax transforms.
 
+    import jax
     import genflow as gf
     path = gf.paths.linear()
+    fn = gf.oracles.Gaussian.diagonal([1.0, -1.0], [0.5, 0.2]).model(path, "velocity")  # or a trained network
+    x1 = path.prior_sample(jax.random.key(0), (512, 2))
     x0, info = gf.sample(fn, path, x1, prediction="velocity", solver="heun", steps=20)
 """
 

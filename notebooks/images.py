@@ -120,7 +120,7 @@ resumed, _ = gf.train.fit(state, step, loader, 150 - int(state.step), chunk_size
 ckpt.close()
 same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)))
 print("resumed run equals the uninterrupted one bit for bit:", same)
-gf.viz.curves({"flow-matching loss": hist["loss"]}, ylabel="loss", smooth=10);
+gf.viz.curves({"flow-matching loss": hist["loss"]}, ylabel="loss", smooth=10, title="DiT on digits, uninterrupted run");
 
 # %% [markdown]
 # Samples from the EMA parameters, one row per class (Heun, 20 steps). 150 steps of a 180k-parameter

@@ -121,14 +121,15 @@ ax.loglog(list(ode), list(ode.values()), "s-", label="tmpd, DPM-Solver++(2M) (po
 ax.axhline(floor, ls=":", c="k", label="exact draws (Monte-Carlo floor)")
 ax.set_xlabel("model evaluations (each with 10 CG iterations)")
 ax.set_ylabel("covariance rel. error")
+ax.set_title("TMPD on the Gaussian problem: covariance error vs NFE")
 ax.legend(fontsize=7)
 print("DDPM base:", {k: round(float(v), 3) for k, v in ddpm.items()})
 print("ODE:      ", {k: round(float(v), 3) for k, v in ode.items()}, " floor", round(float(floor), 3))
 
 # %% [markdown]
 # ## 2. Digits: inpainting and super-resolution
-# A flow-matching prior over the 64 pixels of scikit-learn's 8x8 digits (trained here in a few
-# seconds), then three of the posterior samplers (DPS, FlowDPS, TMPD) on held-out digits. `experiments/inverse.py` runs the
+# A flow-matching prior over the 64 pixels of scikit-learn's 8x8 digits (2,500 steps of a 3x256 MLP:
+# about half a minute on two CPU cores), then three of the posterior samplers (DPS, FlowDPS, TMPD) on held-out digits. `experiments/inverse.py` runs the
 # full comparison (more tasks, tuned step sizes, PSNR/SSIM tables).
 
 # %%

@@ -92,7 +92,7 @@ for name, o in {"adam": optax.adam(0.01), "momo_adam": gf.optim.momo_adam(0.01),
                 "sgd": optax.sgd(0.5), "smb": gf.optim.smb(0.5)}.items():
     curves[name], state = train(o)
 print("SMB took", int(state.model_steps), "model steps out of 300")
-gf.viz.curves(curves, ylabel="train MSE", logy=True);
+gf.viz.curves(curves, ylabel="train MSE", logy=True, title="3-16-1 MLP regression, full batch");
 
 # %% [markdown]
 # ## 3. Composing: chains, schedules, masks, bfloat16
@@ -136,7 +136,7 @@ for name, o in {"sgd 0.5": optax.sgd(0.5), "smb 0.5": gf.optim.smb(0.5)}.items()
     except gf.train.NonFiniteLossError as e:
         hist[name] = e.history["loss"]
         print(f"{name}: diverged at step {e.step}")
-gf.viz.curves(hist, ylabel="flow-matching loss", logy=True, smooth=20);
+gf.viz.curves(hist, ylabel="flow-matching loss", logy=True, smooth=20, title="flow matching on moons: SMB vs SGD");
 
 # %% [markdown]
 # ## 5. Learning-rate sensitivity, in miniature
@@ -184,4 +184,5 @@ fig, ax = plt.subplots(figsize=(5, 3.5))
 for name, a in acc.items():
     ax.plot(lrs, a, "o-", label=name)
     print(f"{name}: test accuracy >= best - 0.02 at {int(np.sum(a >= a.max() - 0.02))} of {len(lrs)} learning rates")
-ax.set_xscale("log"); ax.set_xlabel("learning rate"); ax.set_ylabel("test accuracy"); ax.legend(); ax.grid(alpha=0.3);
+ax.set_xscale("log"); ax.set_xlabel("learning rate"); ax.set_ylabel("test accuracy"); ax.legend(); ax.grid(alpha=0.3)
+ax.set_title("digits MLP, 200 steps: accuracy vs learning rate");
