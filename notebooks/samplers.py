@@ -25,7 +25,8 @@
 #
 # 1. measures **error vs NFE** on a Gaussian-mixture oracle, whose closed-form denoiser is a
 #    perfect model and whose exact flow map comes from an adaptive float64 solve -- so the error
-#    is the solver's alone -- and compares the time discretizations and the stochastic samplers,
+#    is the solver's alone -- and compares the time discretizations, bfloat16 models and the
+#    stochastic samplers,
 # 2. **optimizes a time grid** for a solver and an NFE budget (in the spirit of Align Your Steps),
 # 3. trains a small 2-D flow-matching model and draws **samples with each of the 22 solvers**,
 # 4. applies **guidance** as a function transformer: classifier-free guidance (on an interval of
@@ -105,6 +106,26 @@ for nfe in (10, 20):
         x, _ = gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", steps=nfe, schedule=sched, t_start=t0)
         row.append(f"{sched} {errors(x)[1]:.1e}")
     print(f"dpm++2m NFE {nfe}, median relative error: " + ", ".join(row))
+
+# %% [markdown]
+# **Low-precision models.** A bfloat16 network (here the oracle with its inputs and output rounded
+# to bfloat16) goes through the same call: the sampler keeps its state, times and coefficients in
+# float32, so the error grows by about one bfloat16 rounding of the model output (2^-9 relative)
+# instead of compounding over the steps. Given bfloat16 noise, the samples come back in bfloat16.
+
+# %%
+def fn_bf16(x, t):  # a bfloat16 model: bfloat16 inputs and output
+    return fn(x.astype(jnp.bfloat16).astype(jnp.float32), t.astype(jnp.bfloat16).astype(jnp.float32)).astype(
+        jnp.bfloat16)
+
+
+for solver in ["dpm++2m", "unipc", "deis", "edm_heun"]:
+    row = []
+    for name, f, xs in [("float32", fn, x1), ("bfloat16 model", fn_bf16, x1),
+                        ("bfloat16 model and noise", fn_bf16, x1.astype(jnp.bfloat16))]:
+        x, _ = gf.sample(f, path, xs, prediction="x0", solver=solver, steps=20, schedule="karras", t_start=t0)
+        row.append(f"{name} {errors(np.asarray(x, np.float32))[1]:.1e} ({x.dtype})")
+    print(f"{solver:9s} NFE 20, median relative error: " + ", ".join(row))
 
 # %% [markdown]
 # **Stochastic samplers** do not follow the flow map from their noise, so they are checked in
