@@ -455,7 +455,9 @@ class CoupledBatches:
     Args:
       sampler: ``sampler(key, n) -> [n, ...]`` data sampler (jittable), e.g. ``gf.data.moons``.
       batch_size: minibatch size ``B``.
-      key: PRNG key of the whole stream (chunk ``k`` uses ``fold_in(key, k)``).
+      key: PRNG key of the whole stream (chunk ``k`` uses ``fold_in(key, k)``). On several hosts
+        give each its own (``fold_in(key, jax.process_index())``): ``fit`` takes each host's
+        batches as its local share of the global batch, and equal keys would repeat it.
       chunk: minibatches prepared per background job.
       prefetch: chunks queued ahead.
       coupling: ``"ot"`` (exact) or ``"independent"`` (the same stream without permutation).
