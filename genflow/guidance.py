@@ -330,12 +330,18 @@ class ClassifierGuidance:
         # prediction gains (d pred / d score) * scale * grad (eps: -sigma; x0: sigma^2 / alpha, ...),
         # added directly: converting through eps divided by sigma (0/0 at t = 0 for x0 and score)
         k = self.prediction
+        # the coefficient is evaluated at a harmless t where it is not used (alpha = 0, or sigma = 0
+        # but for the score): its inf there (1 / alpha, vp_linear's sigma' at 0) times the zero
+        # cotangent of the unselected branch made every gradient through the guidance NaN
+        unused = (a == 0) | ((s == 0) & (k != "score"))
+        tc = jnp.where(unused, jnp.asarray(0.5, tb.dtype), tb)
+        ac, sc = self.path.alpha(tc), self.path.sigma(tc)
         if k == "score":
             coef = jnp.ones_like(s)
         elif k == "velocity":
-            coef = -s * (self.path.d_sigma(tb) - self.path.d_alpha(tb) * s / a)
+            coef = -sc * (self.path.d_sigma(tc) - self.path.d_alpha(tc) * sc / ac)
         else:
-            coef = -s * param.eps_scale(self.path, tb, k)  # eps: -sigma, x0: sigma^2/alpha, v: -sigma(a^2+s^2)/a
+            coef = -sc * param.eps_scale(self.path, tc, k)  # eps: -sigma, x0: sigma^2/alpha, v: -sigma(a^2+s^2)/a
         w = _per_sample(self.scale, x)
         guided = out + (w * coef * grad).astype(out.dtype)
         # where sigma = 0 (the data end) the term is 0 for every kind but the score
@@ -351,10 +357,24 @@ class ClassifierGuidance:
 
         def limit():
             t_ = jnp.asarray(t, tb.dtype)
-            dgrad = jax.jvp(lambda tt: self._grad(x, tt), (t_,), (jnp.ones_like(t_),))[1]
+            one = jnp.ones_like(t_)
+
+            def dgrad_dt(tt):
+                return jax.jvp(lambda u: self._grad(x, u), (tt,), (one,))[1]
+
             da = self.path.d_alpha(tb)
-            sing = {"x0": s * s / da, "v": -s * s * s / da, "velocity": s * s}[k]
-            lim = out + (w * sing * dgrad).astype(out.dtype)
+            if k == "velocity":  # K = alpha' cancels the 1 / alpha' of l'Hopital's rule
+                term = s * s * dgrad_dt(t_)
+            else:
+                # grad / alpha -> grad' / alpha', or grad'' / alpha'' where alpha'(1) = 0 (e.g. a
+                # power of cos(pi t / 2): grad' / alpha' was 0 / 0 and the sample went unguided)
+                flat = jnp.any(at_noise & (da == 0))
+                ratio = jax.lax.cond(
+                    flat, lambda: jax.jvp(dgrad_dt, (t_,), (one,))[1] / jax.jvp(
+                        self.path.d_alpha, (tb,), (jnp.ones_like(tb),))[1],
+                    lambda: dgrad_dt(t_) / da)
+                term = {"x0": s * s, "v": -s * s * s}[k] * ratio
+            lim = out + (w * term).astype(out.dtype)
             return jnp.where(at_noise, jnp.where(jnp.isfinite(lim), lim, out), res)
 
         # (the forward-over-reverse derivative only runs when some sample is at alpha = 0)

@@ -364,3 +364,48 @@ def test_interval_of_batched_cfg_takes_a_scalar_t():
     iv = gf.guidance.interval(g, 0.2, 0.8)
     np.testing.assert_allclose(iv(x, 0.5), g(x, jnp.full((3,), 0.5)), rtol=1e-6)
     np.testing.assert_allclose(iv(x, 0.9), net(x, jnp.full((3,), 0.9), jnp.ones(3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["x0", "v", "velocity"])
+def test_classifier_guidance_at_pure_noise_has_finite_gradients(kind):
+    """The guided prediction is affine in the scale: at t = 1 on the linear path (alpha = 0), with
+    the exact classifier, d guided / d scale = component model - mixture model. The unselected
+    coef * grad = inf * 0 branch made this gradient (and the classifier parameters') NaN."""
+    lin = gf.paths.linear()
+    mix = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.array([[2.0, -1.0], [-2.0, 2.0]]),
+                                     jnp.array([[0.3, 0.5], [0.2, 0.8]]))
+    comp = gf.oracles.Gaussian.diagonal(mix.means[0], mix.vars[0])
+    x = jax.random.normal(jax.random.key(0), (3, 2))
+    wts = jnp.array([[1.0, 2.0], [0.5, -1.0], [3.0, 0.3]])
+    t = jnp.ones(3)
+
+    def f(scale, means):
+        m = gf.oracles.GaussianMixture(mix.logits, means, mix.vars)  # the classifier's parameters
+        g = gf.guidance.classifier(mix.model(lin, kind), lin, kind, lambda z, tt: m._resp(z, tt, lin)[0], 0, scale)
+        return jnp.sum(wts * g(x, t))
+
+    ds, dm = jax.grad(f, argnums=(0, 1))(1.0, mix.means)
+    want = jnp.sum(wts * (comp.model(lin, kind)(x, t) - mix.model(lin, kind)(x, t)))
+    np.testing.assert_allclose(float(ds), float(want), rtol=1e-4)
+    assert bool(jnp.all(jnp.isfinite(dm)))
+
+
+@pytest.mark.parametrize("kind", ["x0", "v", "velocity"])
+def test_classifier_guidance_from_pure_noise_on_a_path_with_flat_alpha_at_noise(kind):
+    """alpha = cos(pi t / 2)^2 (paths.py's power_cosine example, k = 2) has alpha(1) = alpha'(1) = 0:
+    grad' / alpha' is 0 / 0 there, and the guided model at t = 1 was silently the unguided one
+    (x0: 0 where E[x0 | y] = mu_y). Its limit t -> 1 is grad'' / alpha''."""
+    def _alpha(t, k):
+        return jnp.sin(0.5 * jnp.pi * (1 - t)) ** k
+
+    def _sigma(t, k):
+        return jnp.sin(0.5 * jnp.pi * t)
+
+    path = gf.paths.Path(alpha_fn=_alpha, sigma_fn=_sigma, params=dict(k=2.0), name="power_cosine")
+    mix = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.array([[2.0, -2.0], [-2.0, 2.0]]),
+                                     jnp.array([[0.3, 0.5], [0.2, 0.8]]))
+    comp = gf.oracles.Gaussian.diagonal(mix.means[0], mix.vars[0])
+    x = jax.random.normal(jax.random.key(0), (3, 2))
+    g = gf.guidance.classifier(mix.model(path, kind), path, kind, lambda z, t: mix._resp(z, t, path)[0], 0, 1.0)
+    t = jnp.array([1.0, 0.5, 1.0])
+    np.testing.assert_allclose(g(x, t), comp.model(path, kind)(x, t), rtol=1e-4, atol=1e-4)
