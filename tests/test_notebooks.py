@@ -53,3 +53,21 @@ def test_notebook_runs(src, tmp_path):
     assert not errors
     if write:
         nbformat.write(nb, ipynb)
+
+
+def test_quickstart_own_path_reaches_pure_noise_exactly():
+    """The quickstart's path of one's own must have alpha(1) = 0 exactly (paths.py's contract:
+    samplers, guidance and conversions detect pure noise by alpha == 0); jnp.cos(pi t / 2) gave
+    -4.4e-8, so an eps model there was silently integrated from a sign-flipped x0 (rms error 0.040
+    vs 5e-4) where the built-in linear path refuses it."""
+    import jax.numpy as jnp
+    import genflow as gf
+
+    src = (ROOT / "notebooks" / "quickstart.py").read_text()
+    start = src.index("def trig():")
+    end = src.index("\n\n", start)
+    scope = {"gf": gf, "jnp": jnp}
+    exec(src[start:end], scope)  # noqa: S102  (the notebook's own definition)
+    path = scope["trig"]()
+    assert float(path.alpha(jnp.float32(1.0))) == 0.0
+    assert float(path.sigma(jnp.float32(0.0))) == 0.0
