@@ -364,6 +364,8 @@ def test_every_registered_optimizer_steps_through_the_train_step(name):
     kw = {"max_learning_rate" if "max_learning_rate" in sig else "learning_rate": 1e-2}
     if name == "schedule_free":
         kw["base_optimizer"] = gf.optim.sgd(1e-2)
+    if "key" in sig:  # (noisy_sgd: a key will be required from optax 0.2.7 on; without one it warns)
+        kw["key"] = jax.random.key(1)
     opt = gf.optim.get(name, **kw)
     step = jax.jit(gf.train.make_train_step(loss_fn, opt))
     state, m = step(gf.train.init_state(params, opt, jax.random.key(0)), jnp.float32(0.3))
