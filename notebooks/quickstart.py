@@ -161,8 +161,10 @@ data = np.asarray(gf.data.moons(jax.random.key(4), 2048))
 for solver, steps in [("euler", 20), ("heun", 10), ("tsit5", None)]:
     x0, info = gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=steps or 1, rtol=1e-4, atol=1e-4)
     print(f"{solver:6s} NFE={int(info.nfe):4d}  W2 to data = {gf.metrics.w2_exact(x0, data):.3f}, "
-          f"entropic W2 = {float(gf.metrics.w2_sinkhorn(x0, data)):.3f}, "
           f"MMD^2 = {float(gf.metrics.mmd(x0, data)):.1e}")
+# the entropic (Sinkhorn, debiased) W2: pure JAX (jittable, differentiable), close to the exact one
+print(f"tsit5 samples, first 512 points: exact W2 {gf.metrics.w2_exact(x0[:512], data[:512]):.3f}, "
+      f"entropic W2 {float(gf.metrics.w2_sinkhorn(x0[:512], data[:512])):.3f}")
 
 x0, info = gf.sample(fn, path, x1, prediction="velocity", solver="heun", steps=20, save_trajectory=True)
 gf.viz.scatter(x0, data, title=f"heun, NFE={int(info.nfe)}");
