@@ -238,7 +238,7 @@ class GenflowRunner:
 class TorchRunner:
     """torchcfm's matcher in a plain PyTorch loop on the same problem."""
 
-    def __init__(self, kind: str, seed: int = 0, threads: int | None = None):
+    def __init__(self, kind: str, seed: int = 0, threads: int | None = None, device: str = "cpu"):
         import torch
         from torchcfm.conditional_flow_matching import (ConditionalFlowMatcher,
                                                         ExactOptimalTransportConditionalFlowMatcher)
@@ -250,19 +250,21 @@ class TorchRunner:
         for _ in range(DEPTH):
             layers += [torch.nn.Linear(d, WIDTH), torch.nn.SiLU()]
             d = WIDTH
-        self.model = torch.nn.Sequential(*layers, torch.nn.Linear(WIDTH, 2))
+        self.device = torch.device(device)
+        self.model = torch.nn.Sequential(*layers, torch.nn.Linear(WIDTH, 2)).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
         self.fm = (ExactOptimalTransportConditionalFlowMatcher if kind == "ot" else ConditionalFlowMatcher)(sigma=0.0)
         self.compile_times = [0.0]
 
     def moons(self, n):
         torch = self.torch
-        upper = torch.randperm(n) < n // 2
-        theta = torch.rand(n) * math.pi
+        dev = self.device
+        upper = torch.randperm(n, device=dev) < n // 2
+        theta = torch.rand(n, device=dev) * math.pi
         x = torch.where(upper, torch.cos(theta), 1.0 - torch.cos(theta))
         y = torch.where(upper, torch.sin(theta), 0.5 - torch.sin(theta))
-        pts = torch.stack([x, y], -1) + 0.05 * torch.randn(n, 2)
-        return 2.0 * (pts - torch.tensor([0.5, 0.25]))
+        pts = torch.stack([x, y], -1) + 0.05 * torch.randn(n, 2, device=dev)
+        return 2.0 * (pts - torch.tensor([0.5, 0.25], device=dev))
 
     def run(self, n: int) -> float:
         torch = self.torch
@@ -270,13 +272,15 @@ class TorchRunner:
         t0 = time.perf_counter()
         for _ in range(n):
             self.opt.zero_grad()
-            x0 = torch.randn(BATCH, 2)  # torchcfm: x0 = source (noise), x1 = target (data), t: 0 -> 1
+            x0 = torch.randn(BATCH, 2, device=self.device)  # torchcfm: x0 = source (noise), x1 = target (data), t: 0 -> 1
             x1 = self.moons(BATCH)
             t, xt, ut = self.fm.sample_location_and_conditional_flow(x0, x1)
             vt = self.model(torch.cat([xt, t[:, None]], dim=-1))
             loss = torch.mean((vt - ut) ** 2)
             loss.backward()
             self.opt.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     def eval_params(self, which: str = "raw"):
@@ -285,7 +289,7 @@ class TorchRunner:
         linears = [m for m in self.model if isinstance(m, self.torch.nn.Linear)]
 
         def layer(k, m):
-            w, b = m.weight.detach().numpy(), jnp.asarray(m.bias.detach().numpy())
+            w, b = m.weight.detach().cpu().numpy(), jnp.asarray(m.bias.detach().cpu().numpy())
             return {"kernel_t": jnp.asarray(w), "bias": b} if k == len(linears) - 1 else {"kernel": jnp.asarray(w.T), "bias": b}
 
         return {"params": {f"Dense_{k}": layer(k, m) for k, m in enumerate(linears)}}
@@ -413,24 +417,31 @@ def _stats(v):
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
 
 
-def part_throughput(repeats: int, steps: dict, unrolls, ot_chunk: int, torch_threads=(1, 2)) -> dict:
+def part_throughput(repeats: int, steps: dict, unrolls, ot_chunk: int, torch_threads=(1, 2),
+                    torch_device: str = "cpu") -> dict:
+    """Steps/s of each contender, round-robin. ``torch_device="cuda"``: torchcfm on the GPU (one
+    thread setting; genflow runs on JAX's default device)."""
     import torch
+
+    if torch_device != "cpu":
+        torch_threads = torch_threads[:1]
 
     default_threads = torch.get_num_threads()
     runners = {}
     for u in unrolls:
         runners[f"genflow independent (unroll={u})"] = (GenflowRunner("independent", unroll=u), steps["independent"])
     for th in torch_threads:
-        runners[f"torchcfm independent (threads={th})"] = (TorchRunner("independent", threads=th), steps["independent"])
+        runners[f"torchcfm independent (threads={th})"] = (TorchRunner("independent", threads=th, device=torch_device),
+                                                           steps["independent"])
     runners[f"genflow OT (CoupledBatches, chunk={ot_chunk})"] = (GenflowRunner("ot", ot_chunk=ot_chunk),
                                                                   steps["ot"])
     runners["genflow OT (per-step callback)"] = (GenflowRunner("ot_callback", chunk=steps["ot_callback"]),
                                                  steps["ot_callback"])
     for th in torch_threads:
-        runners[f"torchcfm OT (threads={th})"] = (TorchRunner("ot", threads=th), steps["torch_ot"])
+        runners[f"torchcfm OT (threads={th})"] = (TorchRunner("ot", threads=th, device=torch_device), steps["torch_ot"])
     # warm-up (first compile), then interleaved repeats
-    first = {name: r.run(n) for name, (r, n) in runners.items()}
-    del first
+    for name, (r, n) in runners.items():
+        print(f"warm-up {name}: {n} steps in {r.run(n):.3g} s", flush=True)
     rates = {name: [] for name in runners}
     for _ in range(repeats):
         for name, (r, n) in runners.items():
@@ -451,6 +462,7 @@ def part_throughput(repeats: int, steps: dict, unrolls, ot_chunk: int, torch_thr
         per_round = statistics.median([a / b for a, b in zip(r["runs"], ref)])
         rows.append([name, r["median"], r["min"], r["max"], ratio, per_round, r["first_compile_s"], r["steps_per_run"]])
     print(f"\n### Training throughput (steps/s), batch {BATCH}, MLP {DEPTH}x{WIDTH} SiLU, Adam {LR}; "
+          f"genflow on {jax.devices()[0].device_kind}, torch on {torch_device}; "
           f"{repeats} interleaved rounds; torch default threads = {default_threads}, cpus = {os.cpu_count()}, "
           f"load average (1, 5, 15 min) at the end = {os.getloadavg()}\n")
     print(markdown_table(["contender", "median", "min", "max", "ratio of medians vs best torchcfm",
@@ -606,6 +618,7 @@ def main(argv=None) -> int:
     p.add_argument("--unroll", type=int, nargs="+", default=[1, 4], help="scan unroll values timed")
     p.add_argument("--ot-chunk", type=int, default=100, help="minibatches per CoupledBatches chunk")
     p.add_argument("--torch-threads", type=int, nargs="+", default=[1, 2], help="torch thread settings timed")
+    p.add_argument("--torch-device", default="cpu", help="torchcfm's device (cuda: a GPU run, one thread setting)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--n-eval", type=int, default=4096)
@@ -625,7 +638,8 @@ def main(argv=None) -> int:
         results["throughput"] = part_throughput(args.repeats, {"independent": args.steps, "ot": args.ot_steps,
                                                                "ot_callback": args.slow_ot_steps,
                                                                "torch_ot": args.slow_ot_steps},
-                                                args.unroll, args.ot_chunk, tuple(args.torch_threads))
+                                                args.unroll, args.ot_chunk, tuple(args.torch_threads),
+                                                args.torch_device)
     if args.part in ("all", "quality"):
         results["quality"] = part_quality(args.seeds, args.train_steps, args.n_eval, max(args.unroll), args.ot_chunk)
     if args.part == "roofline":  # not part of "all": what the CPU allows

@@ -38,7 +38,6 @@ same number of torch denoiser calls for the peers), contenders interleaved, medi
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
 import json
 import os
@@ -417,7 +416,10 @@ def pure_noise_calibration() -> jnp.ndarray:
 # -- peers --------------------------------------------------------------------------------------
 def load_k_diffusion():
     """k-diffusion's sampling module without its package __init__ (which needs missing deps)."""
-    kd = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "k_diffusion"))[0] + "/"
+    spec = importlib.util.find_spec("k_diffusion")  # the package's location; its __init__ is not run
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("k-diffusion is not installed (pip install -e '.[peers]')")
+    kd = list(spec.submodule_search_locations)[0] + "/"
     pkg = types.ModuleType("k_diffusion")
     pkg.__path__ = [kd]
     utils = types.ModuleType("k_diffusion.utils")
@@ -433,13 +435,13 @@ def load_k_diffusion():
 class TorchDenoiser:
     """The exact mixture denoiser ``E[x0 | y]`` for ``y = x0 + rho eps`` in torch (float32)."""
 
-    def __init__(self, gm):
+    def __init__(self, gm, device: str = "cpu"):
         import torch
 
         self.torch = torch
-        self.means = torch.tensor(np.asarray(gm.means))
-        self.vars = torch.tensor(np.asarray(gm.vars))
-        self.logw = torch.log_softmax(torch.tensor(np.asarray(gm.logits)), 0)
+        self.means = torch.tensor(np.asarray(gm.means), device=device)
+        self.vars = torch.tensor(np.asarray(gm.vars), device=device)
+        self.logw = torch.log_softmax(torch.tensor(np.asarray(gm.logits), device=device), 0)
         self.calls = 0
 
     def __call__(self, y, rho: float):
@@ -506,13 +508,13 @@ def diffusers_start(sched) -> tuple[float, float]:
     return float(np.sqrt((1 - a) / a)), 1.0 / np.sqrt(a)
 
 
-def diffusers_sample(sched, den, eps, steps):
+def diffusers_sample(sched, den, eps, steps, device: str = "cpu"):
     """The standard diffusers loop with an epsilon model built from the exact denoiser at the
     scheduler's own noise level (the sigma its ``scale_model_input`` used, or alpha_bar[t])."""
     import torch
 
     sched.set_timesteps(steps)
-    x = torch.tensor(eps) * sched.init_noise_sigma
+    x = torch.tensor(eps, device=device) * sched.init_noise_sigma
     ksty = float(sched.init_noise_sigma) != 1.0
     for t in sched.timesteps:
         xin = sched.scale_model_input(x, t)
@@ -573,19 +575,21 @@ def _null_fn(x, t):
     return 0.5 * x
 
 
-def timing(gm, K_mod, nfe: int = 20, repeats: int = 15) -> dict:
+def timing(gm, K_mod, nfe: int = 20, repeats: int = 15, device: str = "cpu") -> dict:
     """Per-step time and overhead of every sampler at ``nfe`` on a batch of 512, with the mixture
-    denoiser and with a null model (``D = x / 2``, whose cost is one elementwise op)."""
+    denoiser and with a null model (``D = x / 2``, whose cost is one elementwise op). ``device``:
+    the peers' torch device (genflow runs on JAX's default device)."""
     import torch
 
     rows = {}
-    for label, fn, den in (("mixture", gm.model(PATH, "x0"), TorchDenoiser(gm)),
+    for label, fn, den in (("mixture", gm.model(PATH, "x0"), TorchDenoiser(gm, device)),
                            ("null model", jax.tree_util.Partial(_null_fn), _Null())):
-        rows[label] = _timing_one(fn, den, K_mod, nfe, repeats, torch)
+        rows[label] = _timing_one(fn, den, K_mod, nfe, repeats, torch, device)
     return rows
 
 
-def _timing_one(fn, den, K_mod, nfe, repeats, torch) -> dict:
+def _timing_one(fn, den, K_mod, nfe, repeats, torch, device="cpu") -> dict:
+    cuda = torch.device(device).type == "cuda"
     model = Model(fn, PATH, "x0")
     x1 = start_noise(1)
     contenders, compile_s, steps_of, calls_of = {}, {}, {}, {}
@@ -611,12 +615,14 @@ def _timing_one(fn, den, K_mod, nfe, repeats, torch) -> dict:
         for k in (f"genflow {solver}", f"genflow {solver} (whole gf.sample call)"):
             steps_of[k], calls_of[k] = steps, int(calls)
     eps1 = noise(1)  # drawn once, outside the timed calls (a JAX draw + host copy is ~1 ms)
-    y0 = torch.tensor(eps1) * RHO_MAX
+    y0 = torch.tensor(eps1, device=device) * RHO_MAX
     contenders["torch: model only"] = lambda: [den(y0, 1.0) for _ in range(nfe)]
     for name, (f, per) in kd_samplers(K_mod).items():
         n = nfe if per == 1 else (nfe + 1) // 2
-        sig = K_mod.get_sigmas_karras(n, 0.002, RHO_MAX)
-        run = lambda f=f, sig=sig: f(lambda x, s: den(x, float(s[0])), y0, sig, disable=True)  # noqa: E731
+        sig = K_mod.get_sigmas_karras(n, 0.002, RHO_MAX, device=device)
+        # (on a GPU the noise level stays a device scalar: float() would wait for the GPU every call)
+        level = (lambda s: s[0]) if cuda else (lambda s: float(s[0]))  # noqa: E731
+        run = lambda f=f, sig=sig, level=level: f(lambda x, s: den(x, level(s)), y0, sig, disable=True)  # noqa: E731
         den.calls = 0
         with torch.no_grad():
             run()
@@ -624,7 +630,7 @@ def _timing_one(fn, den, K_mod, nfe, repeats, torch) -> dict:
         calls_of[f"k-diffusion {name}"] = den.calls
     for name, (cls, kw, per) in diffusers_schedulers().items():
         steps = nfe if per == 1 else (nfe + 1) // 2
-        run = lambda cls=cls, kw=kw, steps=steps: diffusers_sample(cls(**kw), den, eps1, steps)  # noqa: E731
+        run = lambda cls=cls, kw=kw, steps=steps: diffusers_sample(cls(**kw), den, eps1, steps, device)  # noqa: E731
         den.calls = 0
         with torch.no_grad():
             run()
@@ -634,6 +640,8 @@ def _timing_one(fn, den, K_mod, nfe, repeats, torch) -> dict:
     def block(r):
         if hasattr(r, "block_until_ready"):
             r.block_until_ready()
+        elif cuda:
+            torch.cuda.synchronize()
 
     with torch.no_grad():
         res = interleaved(contenders, repeats=repeats, warmup=1, block=block)
@@ -768,6 +776,8 @@ def main():
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--timing-only", action="store_true", help="only the per-step timing (results/samplers_timing.*)")
+    ap.add_argument("--torch-device", default="cpu",
+                    help="--timing-only: the peers' torch device (not cpu: results/samplers_timing_<device>.*)")
     ap.add_argument("--pure-noise-only", action="store_true",
                     help="only the rows from pure noise at t = 1 (results/samplers_pure_noise.*)")
     ap.add_argument("--heldout-seeds", type=int, nargs="+", default=list(range(201, 213)),
@@ -783,8 +793,13 @@ def main():
     gm = mixture()
     t_all = time.perf_counter()
     if args.timing_only:
-        rows = timing(gm, load_k_diffusion())
-        return write_results("samplers_timing", "\n\n".join(timing_report(rows)), {"timing": rows}, t_all)
+        rows = timing(gm, load_k_diffusion(), device=args.torch_device)
+        name = "samplers_timing" if args.torch_device == "cpu" else f"samplers_timing_{args.torch_device}"
+        head = (f"genflow on {jax.devices()[0].device_kind} ({jax.default_backend()}), the peers' torch on "
+                f"{args.torch_device}")
+        return write_results(name, "\n\n".join([head] + timing_report(rows)),
+                             {"timing": rows, "jax_device": jax.devices()[0].device_kind,
+                              "torch_device": args.torch_device}, t_all)
     if args.selected_only:
         robust = tuple(args.robust_seeds)
         name = ("samplers_selected" if robust == tuple(range(1, 13))

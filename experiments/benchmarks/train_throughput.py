@@ -100,6 +100,7 @@ def main(argv=None) -> int:
         run, compile_s, flops, n_params = build(net, args.batch, jax.random.key(i))
         built[name] = run(args.steps)
         info[name] = {"compile_s": compile_s, "flops_per_step": flops, "params": n_params}
+        print(f"built {name}: compile {compile_s:.1f} s, {flops / 1e9:.1f} GFLOP/step", flush=True)
     times = interleaved(built, repeats=args.repeats, warmup=1)
     rows, results = [], {}
     for name in nets:
