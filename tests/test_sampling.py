@@ -585,3 +585,53 @@ def test_tolerances_of_a_fixed_step_solve_do_not_recompile(gauss2, caplog):
     assert not compiled, compiled
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
+
+
+def test_prepared_grids_are_reused_only_for_equal_arguments(gauss2):
+    """``gf.sample`` memoises its grid and solver coefficients (a repeat call skips ~20 eager ops
+    and host reads). A repeat call gives the same samples as a fresh preparation; a path with other
+    parameters, another step count, start or options gets its own grid; an explicit grid is never
+    memoised; a call under ``jit`` neither stores the trace's arrays nor is hurt by stored ones."""
+    from genflow.sampling import _core
+
+    _core._PREPARED.clear()
+    x1 = jax.random.normal(jax.random.key(0), (32, 2))
+    kw = dict(prediction="x0", solver="dpm++2m", schedule="karras")
+
+    def run(path, steps=12, **extra):
+        return gf.sample(gauss2.model(path, "x0"), path, x1, steps=steps, **{**kw, **extra})
+
+    slow, fast = gf.paths.vp_linear(beta_max=20.0), gf.paths.vp_linear(beta_max=10.0)
+    first, info = run(slow)
+    assert len(_core._PREPARED) == 1
+    again, info_again = run(gf.paths.vp_linear(beta_max=20.0))  # an equal path built anew: a hit
+    assert len(_core._PREPARED) == 1
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(info.ts, info_again.ts)
+    # other parameters, steps, ends or options: their own entries, their own (correct) grids
+    for path, extra in ((fast, {}), (slow, {"steps": 9}), (slow, {"t_start": 0.9}), (slow, {"schedule": "logsnr"})):
+        x, inf = run(path, **extra)
+        expect = gf.sampling.time_grid(path, extra.get("steps", 12), extra.get("schedule", "karras"),
+                                       extra.get("t_start"))
+        np.testing.assert_allclose(inf.ts, expect, rtol=1e-6)
+        _core._PREPARED.clear()
+        np.testing.assert_allclose(x, run(path, **extra)[0], rtol=1e-6, atol=1e-6)  # = a fresh preparation
+    assert not np.allclose(run(fast)[0], first)  # (the parameters matter: not a stale hit)
+    _core._PREPARED.clear()
+    run(slow, schedule=info.ts)
+    assert len(_core._PREPARED) == 0
+    # under jit, from an empty memo: the grid is built from the concrete path (constants of the
+    # trace) and kept; a kept one serves a later trace; a traced path's parameters are refused
+    _core._PREPARED.clear()
+    jitted = jax.jit(lambda x: gf.sample(gauss2.model(slow, "x0"), slow, x, steps=12, **kw)[0])
+    np.testing.assert_allclose(jitted(x1), first, rtol=1e-5, atol=1e-6)
+    assert len(_core._PREPARED) == 1
+    assert not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(list(_core._PREPARED.values())))
+    np.testing.assert_allclose(jax.jit(lambda x: gf.sample(gauss2.model(slow, "x0"), slow, x, steps=12, **kw)[0])(x1),
+                               first, rtol=1e-5, atol=1e-6)
+    with pytest.raises(jax.errors.ConcretizationTypeError):
+        jax.jit(lambda p, x: gf.sample(gauss2.model(p, "x0"), p, x, steps=12, **kw)[0])(slow, x1)
+    # bounded
+    for n in range(2, 2 + _core._PREPARED_SIZE + 5):
+        run(slow, steps=n)
+    assert len(_core._PREPARED) == _core._PREPARED_SIZE
