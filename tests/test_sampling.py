@@ -590,8 +590,9 @@ def test_tolerances_of_a_fixed_step_solve_do_not_recompile(gauss2, caplog):
 def test_prepared_grids_are_reused_only_for_equal_arguments(gauss2):
     """``gf.sample`` memoises its grid and solver coefficients (a repeat call skips ~20 eager ops
     and host reads). A repeat call gives the same samples as a fresh preparation; a path with other
-    parameters, another step count, start or options gets its own grid; an explicit grid is never
-    memoised; a call under ``jit`` neither stores the trace's arrays nor is hurt by stored ones."""
+    parameters, another step count, start or schedule gets its own grid; an explicit grid is
+    keyed by its values, a callable schedule not at all; under ``jit`` the grid of a concrete
+    path is built as constants and kept."""
     from genflow.sampling import _core
 
     _core._PREPARED.clear()
@@ -617,9 +618,18 @@ def test_prepared_grids_are_reused_only_for_equal_arguments(gauss2):
         _core._PREPARED.clear()
         np.testing.assert_allclose(x, run(path, **extra)[0], rtol=1e-6, atol=1e-6)  # = a fresh preparation
     assert not np.allclose(run(fast)[0], first)  # (the parameters matter: not a stale hit)
+    # explicit grids: keyed by their values (an optimized grid passed batch after batch)
     _core._PREPARED.clear()
-    run(slow, schedule=info.ts)
-    assert len(_core._PREPARED) == 0
+    np.testing.assert_allclose(run(slow, schedule=info.ts)[0], first, rtol=1e-6, atol=1e-6)
+    run(slow, schedule=np.asarray(info.ts))
+    assert len(_core._PREPARED) == 1
+    other = np.asarray(info.ts).copy()
+    other[3] = 0.5 * (other[2] + other[3])
+    x_other, info_other = run(slow, schedule=other)
+    np.testing.assert_array_equal(info_other.ts, other)
+    assert len(_core._PREPARED) == 2 and not np.allclose(x_other, first)
+    run(slow, schedule=lambda p, n, t_start, t_end: gf.sampling.time_grid(p, n, "karras", t_start, t_end))
+    assert len(_core._PREPARED) == 2  # (a callable may not be pure: prepared afresh)
     # under jit, from an empty memo: the grid is built from the concrete path (constants of the
     # trace) and kept; a kept one serves a later trace; a traced path's parameters are refused
     _core._PREPARED.clear()

@@ -261,8 +261,8 @@ def sample(
     """Integrate from noise at ``t_start`` to data at ``t_end`` with one compiled program.
 
     The time grid and the solver's grid coefficients are built on the host and kept for repeat
-    calls with equal arguments (path, steps, named schedule, ends, solver and options), so a loop
-    over batches pays for them once. Under ``jax.jit`` a named schedule needs a concrete path
+    calls with equal arguments (path, steps, schedule name or grid values, ends, solver and
+    options), so a loop over batches pays for them once. Under ``jax.jit`` a named schedule needs a concrete path
     (closed over, not an argument of the jitted function); its grid is then a constant.
 
     Args:
@@ -396,15 +396,30 @@ def _path_key(path: Path):
     return type(path), static, tuple(values)
 
 
+def _schedule_key(schedule):
+    """A hashable key of a named schedule or of an explicit grid's values (an optimized schedule
+    passed batch after batch); None for a callable or a traced grid."""
+    if isinstance(schedule, str):
+        return schedule
+    if callable(schedule) and not hasattr(schedule, "shape") or isinstance(schedule, jax.core.Tracer):
+        return None
+    try:
+        a = np.asarray(schedule)
+    except (TypeError, ValueError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+    return "times", a.dtype.str, a.shape, a.tobytes()
+
+
 def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, save_trajectory):
-    """:func:`_prepare_uncached`, memoised for named schedules with hashable arguments (traced
-    option values, explicit grids and callables are prepared afresh, and nothing that holds a
-    trace's arrays is kept)."""
+    """:func:`_prepare_uncached`, memoised for named schedules and explicit grids with hashable
+    arguments (traced option values or grids and callable schedules are prepared afresh, and
+    nothing that holds a trace's arrays is kept)."""
     key = None
-    if isinstance(schedule, str) and not any(isinstance(v, jax.Array) for v in solver_options.values()):
+    sk = _schedule_key(schedule)
+    if sk is not None and not any(isinstance(v, jax.Array) for v in solver_options.values()):
         pk = _path_key(path)
         if pk is not None:
-            key = (pk, steps, schedule, t_start, t_end, spec, kinds, tuple(sorted(solver_options.items())),
+            key = (pk, steps, sk, t_start, t_end, spec, kinds, tuple(sorted(solver_options.items())),
                    bool(save_trajectory), np.dtype(jnp.result_type(float)).str, str(jax.config.jax_default_device))
             try:
                 hash(key)
