@@ -641,6 +641,29 @@ def test_prepared_grids_are_reused_only_for_equal_arguments(gauss2):
                                first, rtol=1e-5, atol=1e-6)
     with pytest.raises(jax.errors.ConcretizationTypeError):
         jax.jit(lambda p, x: gf.sample(gauss2.model(p, "x0"), p, x, steps=12, **kw)[0])(slow, x1)
+    # a key never equates 12 with 12.0 or 1 with True (the checks refusing those run on a miss);
+    # an entry whose arrays were deleted (a donated info.ts) is prepared again; a path function
+    # holding data (a closure) is not kept alive by the memo; array options are keyed by value
+    _core._PREPARED.clear()
+    run(slow)
+    with pytest.raises(ValueError, match="steps"):
+        run(slow, steps=12.0)
+    with pytest.raises(ValueError, match="t_start"):
+        run(slow, t_start=True)
+    _, info_d = run(slow)
+    info_d.ts.delete()
+    x_d, info_d = run(slow)
+    assert not info_d.ts.is_deleted()
+    np.testing.assert_array_equal(x_d, first)
+    n = len(_core._PREPARED)
+    scale = jnp.float32(1.0)
+    closure = gf.paths.Path(alpha_fn=lambda t: scale * (1.0 - t), sigma_fn=lambda t: t, name="closure")
+    gf.sample(gauss2.model(closure, "x0"), closure, x1, prediction="x0", solver="dpm++2m", steps=8, t_end=1e-3)
+    assert len(_core._PREPARED) == n
+    outs = [gf.sample(gauss2.model(slow, "x0"), slow, x1, prediction="x0", solver="dpm++3m", steps=6,
+                      schedule="karras", d2_weight=w)[0] for w in (1.0, 2.0, 1.0)]
+    assert len(_core._PREPARED) == n + 2 and not np.allclose(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
     # bounded
     for n in range(2, 2 + _core._PREPARED_SIZE + 5):
         run(slow, steps=n)

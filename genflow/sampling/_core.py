@@ -381,18 +381,54 @@ _PREPARED_SIZE = 64
 _PREPARED_LOCK = threading.Lock()
 
 
+def _value_key(value):
+    """A hashable key of a scalar or concrete array's value and type, or None (a traced value, an
+    object array, an unhashable value). Arrays are keyed by their dtype object (``dtype.str`` is
+    ``'<V1'`` for most ml_dtypes), shape and bytes; a concrete JAX array keeps its host copy after
+    the first read. Scalars by type and value (``12 == 12.0 == True`` must not share a key: the
+    checks that refuse ``12.0`` and ``True`` run only when preparing)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        try:
+            a = np.asarray(value)
+        except (TypeError, ValueError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return None
+        return None if a.dtype == object else ("array", a.dtype, a.shape, a.tobytes())
+    if isinstance(value, (list, tuple)):
+        keys = tuple(_value_key(v) for v in value)
+        return None if any(k is None for k in keys) else (type(value), keys)
+    try:
+        hash(value)
+    except TypeError:
+        return None
+    return type(value), value
+
+
+def _holds_state(fn) -> bool:
+    """Whether a path function carries data of its own (a closure's cells, default arguments, a
+    partial's arguments): a memo key holding it would keep that data alive (e.g. a learned
+    schedule's network parameters), so such paths are not memoised."""
+    if fn is None:
+        return False
+    if isinstance(fn, functools.partial):
+        return True
+    return bool(getattr(fn, "__closure__", None)) or bool(getattr(fn, "__defaults__", None)) or bool(
+        getattr(fn, "__kwdefaults__", None))
+
+
 def _path_key(path: Path):
     """A hashable key of ``path``'s value (its functions and parameters), or None when a parameter
-    is traced or unhashable (a concrete array keeps its host copy after the first read)."""
+    is traced or unhashable or a function carries data of its own."""
     values = []
     for name, value in sorted(path.params.items()):
-        if isinstance(value, jax.core.Tracer):
+        k = _value_key(value)
+        if k is None:
             return None
-        if isinstance(value, (jax.Array, np.ndarray)):
-            a = np.asarray(value)
-            value = (a.dtype.str, a.shape, a.tobytes())
-        values.append((name, type(value).__name__, value))
+        values.append((name, k))
     static = tuple(getattr(path, f.name) for f in dataclasses.fields(path) if f.name != "params")
+    if any(callable(v) and _holds_state(v) for v in static):
+        return None
     return type(path), static, tuple(values)
 
 
@@ -401,34 +437,36 @@ def _schedule_key(schedule):
     passed batch after batch); None for a callable or a traced grid."""
     if isinstance(schedule, str):
         return schedule
-    if callable(schedule) and not hasattr(schedule, "shape") or isinstance(schedule, jax.core.Tracer):
+    if isinstance(schedule, jax.core.Tracer) or callable(schedule) and not hasattr(schedule, "shape"):
         return None
-    try:
-        a = np.asarray(schedule)
-    except (TypeError, ValueError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-    return "times", a.dtype.str, a.shape, a.tobytes()
+    if not hasattr(schedule, "shape"):  # (a list of times)
+        try:
+            schedule = np.asarray(schedule)
+        except (TypeError, ValueError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return None
+    return _value_key(schedule)
 
 
 def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, save_trajectory):
     """:func:`_prepare_uncached`, memoised for named schedules and explicit grids with hashable
     arguments (traced option values or grids and callable schedules are prepared afresh, and
-    nothing that holds a trace's arrays is kept)."""
+    nothing that holds a trace's arrays is kept). A kept entry whose arrays were deleted (e.g. a
+    donated ``info.ts``) is prepared again."""
     key = None
-    sk = _schedule_key(schedule)
-    if sk is not None and not any(isinstance(v, jax.Array) for v in solver_options.values()):
-        pk = _path_key(path)
-        if pk is not None:
-            key = (pk, steps, sk, t_start, t_end, spec, kinds, tuple(sorted(solver_options.items())),
-                   bool(save_trajectory), np.dtype(jnp.result_type(float)).str, str(jax.config.jax_default_device))
-            try:
-                hash(key)
-            except TypeError:
-                key = None
+    parts = [_path_key(path), _schedule_key(schedule), _value_key(steps), _value_key(t_start), _value_key(t_end),
+             tuple((k, _value_key(v)) for k, v in sorted(solver_options.items()))]
+    if all(p is not None for p in parts[:5]) and all(k is not None for _, k in parts[5]):
+        key = (*parts, spec, kinds, bool(save_trajectory), np.dtype(jnp.result_type(float)).str,
+               str(jax.config.jax_default_device))
+        try:
+            hash(key)
+        except TypeError:
+            key = None
     if key is not None:
         with _PREPARED_LOCK:
             out = _PREPARED.get(key)
-            if out is not None:
+            if out is not None and not any(getattr(leaf, "is_deleted", lambda: False)()
+                                           for leaf in jax.tree_util.tree_leaves(out)):
                 _PREPARED.move_to_end(key)
                 return out
     # (concrete arguments are evaluated now even under a user's jit, which then gets the grid as
@@ -438,6 +476,7 @@ def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options,
     if key is not None and not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(out)):
         with _PREPARED_LOCK:
             _PREPARED[key] = out
+            _PREPARED.move_to_end(key)
             if len(_PREPARED) > _PREPARED_SIZE:
                 _PREPARED.popitem(last=False)
     return out
