@@ -50,8 +50,23 @@ def check_positive_real(name: str, value) -> None:
     """A ``ValueError`` naming ``name`` unless a concrete ``value`` is a real > 0; a traced value
     passes (no check can see it)."""
     v = concrete_real(value)
-    if not isinstance(value, jax.core.Tracer) and (v is None or not v > 0.0):
-        raise ValueError(f"{name} must be a real > 0; got {value!r}")
+    if not isinstance(value, jax.core.Tracer) and (v is None or not (v > 0.0 and math.isfinite(v))):
+        raise ValueError(f"{name} must be a real > 0 (and finite); got {value!r}")
+
+
+def check_finite_rows(name: str, x) -> None:
+    """A ``ValueError`` naming ``name`` and the first rows of a concrete ``x: [B, ...]`` with a
+    non-finite entry; a traced ``x`` passes. For the callers that would otherwise fail far from
+    the cause (an adaptive solve spends its ``max_steps`` on a NaN row, then says so)."""
+    if isinstance(x, jax.core.Tracer) or not hasattr(x, "shape") or x.ndim < 1 or x.shape[0] == 0:
+        return
+    import jax.numpy as jnp
+
+    ok = np.asarray(jnp.all(jnp.isfinite(jnp.reshape(x, (x.shape[0], -1))), axis=1))
+    if not ok.all():
+        rows = np.flatnonzero(~ok)
+        raise ValueError(f"{name} has non-finite entries (NaN or inf) in {rows.size} row(s), e.g. rows "
+                         f"{rows[:5].tolist()}")
 
 
 def check_real_in(name: str, value, low: float, high: float) -> None:

@@ -35,12 +35,14 @@ def _velocity(apply_fn: Callable, params) -> Callable:
 
 
 def cnf_log_prob(apply_fn: Callable, params, x: Array, *, trace: str = "exact", key: Array | None = None,
-                 num_probes: int = 1, solver: str = "tsit5", steps: int | None = None, rtol: float = 1e-5,
-                 atol: float = 1e-5, adjoint: diffrax.AbstractAdjoint | None = None) -> tuple[Array, object]:
-    """``log p(x)`` of the CNF ``dx/dt = apply_fn(params, x, t)``; ``x: [B, ...]`` -> ``([B], LogProbInfo)``."""
+                 num_probes: int = 1, probe: str = "rademacher", solver: str = "tsit5", steps: int | None = None,
+                 rtol: float = 1e-5, atol: float = 1e-5,
+                 adjoint: diffrax.AbstractAdjoint | None = None) -> tuple[Array, object]:
+    """``log p(x)`` of the CNF ``dx/dt = apply_fn(params, x, t)``; ``x: [B, ...]`` -> ``([B], LogProbInfo)``.
+    Options as :func:`genflow.likelihood.ode_log_prob` (``probe``: the Hutchinson probes' law)."""
     return ode_log_prob(_velocity(apply_fn, params), x, log_prior=GaussianPrior(jnp.ones((), x.dtype)), t0=0.0,
-                        t1=1.0, trace=trace, key=key, num_probes=num_probes, solver=solver, steps=steps,
-                        rtol=rtol, atol=atol, adjoint=adjoint)
+                        t1=1.0, trace=trace, key=key, num_probes=num_probes, probe=probe, solver=solver,
+                        steps=steps, rtol=rtol, atol=atol, adjoint=adjoint)
 
 
 def cnf_sample(apply_fn: Callable, params, z: Array, *, solver: str = "tsit5", steps: int | None = None,
@@ -54,6 +56,9 @@ def cnf_sample(apply_fn: Callable, params, z: Array, *, solver: str = "tsit5", s
     from genflow.paths import linear
     from genflow.sampling import sample, solvers
 
+    if not hasattr(z, "shape") or z.ndim < 2:  # (a 1-D z came back as a 1-D "sample"; cnf_log_prob refuses it)
+        raise ValueError(f"z must be an array [B, ...] with at least one feature axis; got "
+                         f"{getattr(z, 'shape', type(z).__name__)}")
     spec = solvers().get(solver)  # (an unknown name is refused by name in sample)
     if spec is not None and spec.stochastic:
         # (the error asked for a key=, which cnf_sample does not take: a CNF has no reverse SDE)
@@ -103,7 +108,8 @@ def ffjord_objective(apply_fn: Callable, *, dequantize: float | None = None, **k
     def loss_fn(params, batch, key):
         x = batch["x"] if isinstance(batch, dict) else batch
         k_deq, k_loss = jax.random.split(key)
-        if dequantize is not None:
+        if dequantize is not None:  # (in float32 or wider: integer batches failed, bfloat16 ones left the bin)
+            x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             x = x + (jax.random.uniform(k_deq, x.shape, x.dtype) - 0.5) * dequantize
         return ffjord_loss(apply_fn, params, x, k_loss, **kwargs), {}
 

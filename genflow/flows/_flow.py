@@ -25,8 +25,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from genflow._checks import flat_batch, check_int, check_positive_real, is_int
+from genflow._checks import check_finite_rows, check_int, check_key, check_positive_real, flat_batch, is_int
 from genflow.flows._layers import (ActNorm, AdditiveCoupling, AffineCoupling, Chain, FactorOut, Invertible1x1Conv,
                                    Layer, Squeeze, Unsqueeze)
 from genflow.likelihood._ode import gaussian_log_prob
@@ -61,11 +62,15 @@ class Flow:
         and does not recover.
         """
         self._check(x)
+        check_finite_rows("x", x)  # (one NaN row made every ActNorm's statistics, so every log-density, NaN)
         # one compilation instead of op-by-op dispatch, cached per bijector (layers are hashable):
         # jax.jit(self.bijector.init) was a new function, compiled again, on every call
         return _init(self.bijector, key, x)
 
     def _check(self, x):
+        if not hasattr(x, "shape"):  # (a list failed as "'list' object has no attribute 'shape'")
+            raise TypeError(f"x must be an array [B, {', '.join(map(str, self.event_shape))}]; got "
+                            f"{type(x).__name__}")
         if tuple(x.shape[1:]) != tuple(self.event_shape):
             raise ValueError(f"x must have shape [B, {', '.join(map(str, self.event_shape))}]; got {x.shape}")
 
@@ -78,6 +83,7 @@ class Flow:
     def sample(self, params, key: Array, n: int, dtype=jnp.float32) -> Array:
         """``[n, *event_shape]`` samples ``g^-1(z)``, ``z ~ N(0, I)``."""
         n = check_int("n", n)  # (n=0 failed as a ZeroDivisionError, n=-1 as an MLIRError, n=2.0 unnamed)
+        check_key(key)  # (key=0 failed as "invalid PRNG key data")
         z = jax.random.normal(key, (n,) + tuple(self.event_shape), dtype)
         return self.bijector.inverse(params, z)[0]
 
@@ -165,7 +171,8 @@ def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_s
     def loss_fn(params, batch, key):
         x = batch["x"] if isinstance(batch, dict) else batch
         k_deq, k_loss = jax.random.split(key)
-        if dequantize is not None:
+        if dequantize is not None:  # (in float32 or wider: integer batches failed, bfloat16 ones left the bin)
+            x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             x = x + (jax.random.uniform(k_deq, x.shape, x.dtype) - 0.5) * dequantize
         if method == "ml":
             return nll_loss(flow, params, x), {}
@@ -190,11 +197,17 @@ def _check_coupling(coupling: str, hidden: int, depth: int):
     check_int("depth", depth)
 
 
+def _check_lu(lu) -> None:
+    if not isinstance(lu, (bool, np.bool_)):  # (lu="no" built LU layers)
+        raise TypeError(f"lu must be a bool; got {lu!r}")
+
+
 def realnvp(dim: int, *, num_steps: int = 8, hidden: int = 64, depth: int = 2, lu: bool = True,
             coupling: str = "affine") -> Flow:
     """A flow on vectors ``[B, dim]``: ``num_steps`` Glow steps (ActNorm, invertible linear,
     coupling on alternating halves). ``lu=False`` gives dense linear layers (EBFlow's setting)."""
     _check_coupling(coupling, hidden, depth)
+    _check_lu(lu)
     num_steps = check_int("num_steps", num_steps)
     if not is_int(dim, 2):  # (a float dim gave a Flow with event_shape (2.5,))
         raise ValueError(f"dim must be an int >= 2 for a coupling flow; got {dim!r}")
@@ -211,6 +224,7 @@ def glow(event_shape: tuple[int, int, int], *, levels: int = 2, steps_per_level:
     next level. ``H`` and ``W`` must be divisible by ``2**levels``.
     """
     _check_coupling(coupling, hidden, depth)
+    _check_lu(lu)
     if len(tuple(event_shape)) != 3 or not all(is_int(n) for n in event_shape):
         # ((4, 4, 0) failed at init as "argmax of an empty sequence"; (-4, 4, 1) was accepted)
         raise ValueError(f"event_shape must be (H, W, C) of positive ints; got {event_shape!r}")

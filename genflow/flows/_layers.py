@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import flat_batch, is_int
+from genflow._checks import check_int, flat_batch, is_int
 from genflow.nets._common import activation
 
 Array = jax.Array
@@ -39,7 +39,7 @@ def _spatial(x: Array) -> int:
 
 
 def _zeros(x: Array) -> Array:
-    return jnp.zeros((x.shape[0],), x.dtype)
+    return jnp.zeros((x.shape[0],), jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _wide(a: Array) -> Array:
@@ -92,18 +92,20 @@ class ActNorm(Layer):
         if math.prod(x.shape[:-1]) < 2:
             raise ValueError(f"ActNorm's data-dependent init needs at least 2 values per channel (batch x "
                              f"spatial); got an init batch of shape {tuple(x.shape)}")
-        mean, std = jnp.mean(x, axes), jnp.std(x, axes)
+        # (statistics and parameters in float32 or wider: initialised on bfloat16 data, bfloat16
+        # parameters made the log-determinant bfloat16, off by 1-4 nats on a 16x16x3 glow)
+        xw = _wide(x)
+        mean, std = jnp.mean(xw, axes), jnp.std(xw, axes)
         return {"bias": -mean, "log_scale": -jnp.log(std + self.eps)}
 
     def forward(self, params, x):
         y = (x + params["bias"]) * jnp.exp(params["log_scale"])
-        # (log-determinants in the output's dtype: float32 parameters on bfloat16 data give a float32 y,
-        # and a bfloat16 log-det lost ~1.4 nats on a 16x16x3 glow)
-        return y, jnp.full((x.shape[0],), _spatial(x) * jnp.sum(params["log_scale"]), y.dtype)
+        # (log-determinants in float32 or wider: a bfloat16 log-det lost ~1.4 nats on a 16x16x3 glow)
+        return y, jnp.full((x.shape[0],), _spatial(x) * jnp.sum(_wide(params["log_scale"])), _wide(y).dtype)
 
     def inverse(self, params, y):
         x = y * jnp.exp(-params["log_scale"]) - params["bias"]
-        return x, jnp.full((y.shape[0],), -_spatial(y) * jnp.sum(params["log_scale"]), x.dtype)
+        return x, jnp.full((y.shape[0],), -_spatial(y) * jnp.sum(_wide(params["log_scale"])), _wide(x).dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +255,8 @@ class AffineCoupling(Layer):
         return coupling_mask(x.shape[1:], self.mask, self.parity, bool)
 
     def init(self, key, x):
+        check_int("hidden", self.hidden)  # (the builders check it; a layer built directly failed as ZeroDivisionError)
+        check_int("depth", self.depth)
         return self.net.init(key, jnp.where(self._mask(x), x, 0))
 
     def _log_scale_shift(self, params, x, m):

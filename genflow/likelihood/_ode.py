@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import flat_batch, check_int, check_key, concrete_real, is_int
+from genflow._checks import check_finite_rows, check_int, check_key, concrete_real, flat_batch, is_int
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
 from genflow.paths import Path, broadcast_t
 
@@ -200,6 +200,8 @@ def ode_log_prob(
     """
     _check_x(x)
     steps = _check_options(trace, solver, steps, probe, num_probes, key, rtol, atol)
+    if steps is None:  # (an adaptive solve ran to max_steps on a NaN row and said only that)
+        check_finite_rows("x", x)
     check_int("max_steps", max_steps)  # (0 failed inside Diffrax: "Must have at least one checkpoint")
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     x = x.astype(dtype)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import check_denoise, check_int, check_key, concrete_real, is_int
+from genflow._checks import check_denoise, check_finite_rows, check_int, check_key, concrete_real, is_int
 from genflow.paths import Path
 from genflow.sampling import _diffrax, _driver, _registry
 from genflow.sampling._grid import time_grid
@@ -299,7 +299,10 @@ def sample(
         the model's own resolution make the step-size controller reject steps, e.g. 10,805
         NFE for dopri8 at the default 1e-5).
       max_steps: cap on the number of steps of adaptive solvers.
-      save_trajectory: also return the states on the grid in ``info.trajectory``.
+      save_trajectory: also return the states on the grid in ``info.trajectory``. Reverse-mode
+        differentiation through a fixed-step sampler (``jax.grad`` with respect to ``x1`` or the
+        model's parameters) needs ``save_trajectory=True``: without it the step count is traced
+        (a ``fori_loop`` of dynamic length, which JAX cannot reverse); forward mode works either way.
       **solver_options: passed to the solver function. Its real-valued ones that enter only the
         arithmetic (``beta``, ``d2_weight``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``snr``, ``rho``)
         are traced: a new value reuses the compiled sampler. ``eta``, ``churn``,
@@ -331,6 +334,8 @@ def sample(
         raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
     if key is not None:  # (checked whenever given: ddim with eta > 0 and edm_heun with churn > 0 draw noise too)
         check_key(key)
+    if spec.adaptive:  # (a NaN row made the step-size controller reject steps until max_steps, and say only that)
+        check_finite_rows("x1", x1)
     # a model that wraps another (gf.inverse.posterior_model: x0 from an eps model) is singular
     # where the wrapped one is, and where the kind it is sampled as is (heun's x0 at sigma = 0)
     inner = getattr(fn, "model", None)
