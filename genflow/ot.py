@@ -302,10 +302,10 @@ def _solve_one(cost: np.ndarray, precondition: bool, eps, iters, guard: bool = T
     # found, solve the raw costs too and keep the cheaper assignment.
     if guard:
         rows = np.arange(c.shape[0])
-        total = math.fsum(c[rows, perm])
+        total = _total(c[rows, perm])
         if c.shape[0] * np.finfo(np.float64).eps * max(r.max(), -r.min()) > _PRECONDITION_RTOL * abs(total):
             raw = linear_sum_assignment(c)[1]
-            if math.fsum(c[rows, raw]) < total:
+            if _total(c[rows, raw]) < total:
                 perm = raw
     return perm.astype(np.int32)
 
@@ -319,6 +319,15 @@ def _batched(fn, count: int, threads: int | None) -> list:
     if count <= 1 or threads == 1:
         return [fn(k) for k in range(count)]
     return list(_pool(threads).map(fn, range(count)))
+
+
+def _total(v: np.ndarray) -> float:
+    """An assignment's exact total (``math.fsum``), or +-inf where it overflows (costs ~1e307)."""
+    try:
+        return math.fsum(v)
+    except OverflowError:
+        with np.errstate(over="ignore"):
+            return float(np.sum(v))
 
 
 def solve_assignment(cost: np.ndarray, *, precondition: bool = True, eps=(0.1, 0.02), iters=(10, 10),
@@ -483,7 +492,10 @@ class CoupledBatches:
         _stages(eps, iters)  # bad eps / iters / threads fail here, not in the background thread
         _check_threads(threads)
         self.eps, self.iters = eps, iters
-        self._draw = _draw_fn(sampler, self.batch_size, self.chunk, noise or _standard_normal)
+        try:
+            self._draw = _draw_fn(sampler, self.batch_size, self.chunk, noise or _standard_normal)
+        except TypeError:  # (an unhashable sampler, e.g. a dataclass with __call__: compiled for this stream only)
+            self._draw = _draw_fn.__wrapped__(sampler, self.batch_size, self.chunk, noise or _standard_normal)
         self._key, self._prefetch = key, int(prefetch)
         self._error: BaseException | None = None
         self._current: tuple | None = None

@@ -561,3 +561,26 @@ def test_non_finite_and_complex_inputs_are_named():
         ot.solve_ot_points(an, a)
     with pytest.raises(Exception, match="x0 and x1 must be finite"):
         jax.jit(ot.ot_permutation)(jnp.asarray(a), jnp.asarray(an)).block_until_ready()
+
+
+def test_coupled_batches_take_an_unhashable_sampler_and_huge_costs_solve():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Sampler:  # (eq=True makes it unhashable: the cached draw function refused it)
+        scale: float = 2.0
+
+        def __call__(self, key, n):
+            return self.scale * gf.data.moons(key, n)
+
+    stream = ot.CoupledBatches(Sampler(), 8, jax.random.key(0), chunk=2, num_batches=2)
+    batches = list(stream)
+    assert len(batches) == 2 and batches[0]["x"].shape == (8, 2)
+    ref = ot.CoupledBatches(lambda k, n: 2.0 * gf.data.moons(k, n), 8, jax.random.key(0), chunk=2, num_batches=2)
+    np.testing.assert_array_equal(batches[1]["x1"], list(ref)[1]["x1"])
+    # costs near the float64 limit: the rounding guard's exact sum overflowed (OverflowError)
+    c = np.random.default_rng(0).standard_normal((50, 50)) * 1e307
+    perm = ot.solve_assignment(c)
+    best = linear_sum_assignment(c)[1]
+    assert sorted(perm.tolist()) == list(range(50))
+    assert np.sum(c[np.arange(50), perm] / 1e307) <= np.sum(c[np.arange(50), best] / 1e307) + 1e-9

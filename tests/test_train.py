@@ -713,3 +713,26 @@ def test_fit_keeps_the_last_good_state_when_later_steps_of_the_chunk_are_finite(
     clean = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(1))
     clean, _ = gf.train.fit(clean, step, iter(batches[:3]), 3, chunk_size=3, progress=False)
     np.testing.assert_allclose(err.state.params["w"], clean.params["w"], rtol=1e-6)
+
+
+def test_fit_recompiles_when_host_batches_change_shape_between_chunks():
+    """Host batches of 8, 8 and 4 rows (no drop_remainder) at chunk_size=1: the last chunk has the
+    same length but another shape, and reused the first executable ("Argument types differ...",
+    with an x64 hint). Each step must equal the same step taken on its own."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((20, 3)).astype(np.float32), rng.standard_normal(20).astype(np.float32)
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 20, 8)]
+
+    def loss_fn(params, batch, key):
+        xb, yb = batch
+        return jnp.mean((xb @ params["w"] - yb) ** 2), {}
+
+    opt = optax.sgd(0.1)
+    step = gf.train.make_train_step(loss_fn, opt)
+    state, hist = gf.train.fit(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0)), step,
+                               iter(batches), 3, chunk_size=1, progress=False)  # (fit donates its state)
+    ref = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    for b in batches:
+        ref, _ = jax.jit(step)(ref, jax.tree.map(jnp.asarray, b))
+    np.testing.assert_allclose(state.params["w"], ref.params["w"], rtol=1e-6)
+    assert len(hist["loss"]) == 3

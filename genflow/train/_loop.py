@@ -291,11 +291,14 @@ def fit(
                 if mesh is not None:
                     xs = shd.shard_batch(xs, mesh, stacked=True)
                 data_time += time.perf_counter() - t0
-            if n not in compiled:
-                compiled[n], dt_compile = _compiled_chunk(run, cache_key, state, xs, n)
+            # (keyed by the batches' shapes too: a smaller last host batch at chunk_size=1, or batches
+            # that grow during training, reused the first executable and failed with an x64 hint)
+            ck = (n, _signature(xs))
+            if ck not in compiled:
+                compiled[ck], dt_compile = _compiled_chunk(run, cache_key, state, xs, n)
                 compile_time += dt_compile
             t0 = time.perf_counter()
-            state, metrics = compiled[n](state, xs)
+            state, metrics = compiled[ck](state, xs)
             metrics = jax.device_get(metrics)
             dt = time.perf_counter() - t0
             run_time += dt
