@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import get_type_hints
 
@@ -29,15 +30,29 @@ def parse(config_cls, argv=None, doc: str | None = None, quick: dict | None = No
     hints = get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         if hints[f.name] is bool:
-            p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default, type=_bool)
+            p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default, type=_bool,
+                           help=f"default: {f.default}")
         else:
-            p.add_argument(f"--{f.name}", type=hints[f.name], default=f.default)
+            p.add_argument(f"--{f.name}", type=hints[f.name], default=f.default, help=f"default: {f.default!r}")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = vars(p.parse_args(argv))
     if quick and args.get("quick"):
         given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}
         args.update({k: v for k, v in quick.items() if k not in given})
-    return config_cls(**args)
+    cfg = config_cls(**args)
+    _check_common(cfg)
+    return cfg
+
+
+def _check_common(cfg) -> None:
+    """The flags every entry point shares: ``--out`` (an existing file failed as a bare
+    FileExistsError) and ``--seed`` (beyond 64 bits, an OverflowError)."""
+    out = getattr(cfg, "out", None)
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out!r} exists and is not a directory")
+    seed = getattr(cfg, "seed", None)
+    if seed is not None and not -(2 ** 63) <= seed < 2 ** 63:
+        raise SystemExit(f"--seed must fit in 64 bits (|seed| < 2**63); got {seed}")
 
 
 def require_min(cfg, **lows) -> None:

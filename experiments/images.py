@@ -95,6 +95,13 @@ def validate(cfg: Config) -> None:
         raise SystemExit(f"--warmup must be below --steps; got --warmup {cfg.warmup} and --steps {cfg.steps}")
     if not 0.0 < cfg.ema < 1.0:
         raise SystemExit(f"--ema must be in (0, 1); got {cfg.ema}")
+    if jax.device_count() % cfg.fsdp:  # (failed as an unnamed ValueError from make_mesh)
+        raise SystemExit(f"--fsdp must divide the number of devices ({jax.device_count()}); got {cfg.fsdp}")
+    if cfg.dataset != "digits":  # (an unknown tfds name failed as DatasetNotFoundError, after --out was made)
+        import tensorflow_datasets as tfds
+
+        if cfg.dataset.split(":")[0].split("/")[0] not in tfds.list_builders(with_community_datasets=False):
+            raise SystemExit(f"--dataset must be 'digits' or a tfds dataset name; got {cfg.dataset!r}")
     _cli.dry_run_sampling(cfg.path, cfg.prediction, (2, 4, 4, 1), [("solver", cfg.solver, dict(steps=cfg.sample_steps))])
 
 

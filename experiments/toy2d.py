@@ -66,6 +66,11 @@ def validate(cfg: Config) -> None:
     for name in (cfg.solver, cfg.eval_solver):
         if name not in gf.sampling.solvers():
             raise SystemExit(f"unknown solver {name!r}; expected one of {sorted(gf.sampling.solvers())}")
+    if not gf.sampling.solvers()[cfg.eval_solver].adaptive:  # (a fixed-step one ran 50 steps, ignoring rtol / atol)
+        adaptive = sorted(k for k, s in gf.sampling.solvers().items() if s.adaptive)
+        raise SystemExit(f"--eval_solver must be an adaptive solver ({adaptive}); got {cfg.eval_solver!r}")
+    if cfg.n_eval > 10_000:  # (the exact W2 holds an n x n float64 cost matrix: 50,000 would need 20 GB, after training)
+        raise SystemExit(f"--n_eval must be <= 10000 (exact W2 is O(n^2) memory, O(n^3) time); got {cfg.n_eval}")
     _cli.require_min(cfg, steps=1, batch=1, hidden=1, depth=1, sample_steps=1, n_eval=2, chunk=1)
     _cli.require_finite(cfg, "lr", strict=True)  # (a negative --lr trained the whole run uphill, NaN failed at step 0)
     if not 0.0 <= cfg.ema < 1.0:
@@ -99,8 +104,12 @@ def run(cfg: Config) -> dict:
                                            weighting=cfg.weighting, coupling=cfg.coupling)
     step = gf.train.make_train_step(loss_fn, optimizer)
     state = gf.train.init_state(params, optimizer, k_train, ema_decays=(cfg.ema,) if cfg.ema else ())
-    state, hist = gf.train.fit(state, step, lambda k: sampler(k, cfg.batch), cfg.steps,
-                               chunk_size=cfg.chunk, progress=cfg.progress, desc=f"toy2d {cfg.dataset}")
+    try:
+        state, hist = gf.train.fit(state, step, lambda k: sampler(k, cfg.batch), cfg.steps,
+                                   chunk_size=cfg.chunk, progress=cfg.progress, desc=f"toy2d {cfg.dataset}")
+    except (gf.train.NonFiniteLossError, KeyboardInterrupt) as e:
+        _write_failure(cfg, e, t_wall)
+        raise
     steps_per_s = cfg.steps / hist["wall_time"] if hist["wall_time"] > 0 else None
 
     # sampling and metrics
@@ -152,9 +161,32 @@ def run(cfg: Config) -> dict:
     return metrics
 
 
+def _write_failure(cfg: Config, e: BaseException, t_wall: float) -> None:
+    """A failed run keeps what it has: metrics.json saying why and where, and the loss curve so far
+    (a non-finite loss carries the history up to the last good step)."""
+    hist = getattr(e, "history", None) or {}
+    loss = np.asarray(hist.get("loss", []))
+    if loss.size:
+        gf.viz.curves({"loss": loss}, ylabel="loss", logy=True, smooth=min(50, loss.size),
+                      path=os.path.join(cfg.out, "loss.png"))
+    out = {"config": dataclasses.asdict(cfg), "failed": type(e).__name__, "message": str(e),
+           "failed_at_step": getattr(e, "step", None), "steps_done": int(loss.size),
+           "final_loss": float(np.mean(loss[-100:])) if loss.size else None,
+           "wall_time_s": time.perf_counter() - t_wall}
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+        json.dump(out, f, indent=2)
+
+
 def main(argv=None) -> int:
     cfg = parse_config(argv)
-    m = run(cfg)
+    try:
+        m = run(cfg)
+    except gf.train.NonFiniteLossError as e:
+        print(f"training stopped: {e}\nwrote {cfg.out}/metrics.json (and loss.png)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: wrote {cfg.out}/metrics.json", file=sys.stderr)
+        return 130
     print(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=2))
     print(f"wrote {cfg.out}/samples.png, trajectories.png, loss.png, metrics.json")
     return 0

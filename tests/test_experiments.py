@@ -90,3 +90,72 @@ def test_toy2d_refuses_a_bad_learning_rate_before_training():
     for lr in ("-0.01", "nan", "0", "inf"):
         with pytest.raises(SystemExit, match="--lr must be a finite number > 0"):
             toy2d.validate(toy2d.parse_config(["--lr", lr]))
+
+
+def _toy2d():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import toy2d
+
+    return toy2d
+
+
+def test_toy2d_keeps_its_metrics_and_loss_curve_when_training_fails(tmp_path):
+    """A non-finite loss used to leave an empty --out (the exception carried the history and the
+    last good state, but nothing was written) and a traceback; now metrics.json says why and where."""
+    toy2d = _toy2d()
+    out = tmp_path / "fail"
+    rc = toy2d.main(["--steps", "20", "--n_eval", "64", "--lr", "1e30", "--progress", "false", "--chunk", "10",
+                     "--out", str(out)])
+    assert rc == 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["failed"] == "NonFiniteLossError" and m["failed_at_step"] == m["steps_done"] == 1
+    assert m["config"]["lr"] == 1e30 and (out / "loss.png").stat().st_size > 1000
+
+
+def test_toy2d_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
+    toy2d = _toy2d()
+    args = ["--steps", "60", "--n_eval", "128", "--sample_steps", "4", "--chunk", "30", "--progress", "false"]
+    runs = [toy2d.run(toy2d.parse_config(args + ["--seed", str(s), "--out", str(tmp_path / f"r{i}")]))
+            for i, s in enumerate((3, 3, 4))]
+    for k in ("w2", "final_loss", "w2_tsit5", "mmd", "nfe_tsit5"):
+        assert runs[0][k] == runs[1][k], k
+    assert runs[0]["w2"] != runs[2]["w2"] and runs[0]["final_loss"] != runs[2]["final_loss"]
+
+
+def test_entry_points_refuse_a_file_as_out_a_huge_seed_and_unusable_eval_options(tmp_path):
+    import pytest
+
+    toy2d = _toy2d()
+    import _cli
+    import inverse
+    import optimizers
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for parse in (toy2d.parse_config, lambda a: _cli.parse(inverse.Config, a), optimizers.parse_config):
+        with pytest.raises(SystemExit, match="--out .* exists and is not a directory"):
+            parse(["--out", str(afile)])
+        with pytest.raises(SystemExit, match="--seed must fit in 64 bits"):
+            parse(["--seed", str(10 ** 20)])
+    for args, msg in ((["--eval_solver", "heun"], "--eval_solver must be an adaptive solver"),
+                      (["--n_eval", "50000"], "--n_eval must be <= 10000")):
+        with pytest.raises(SystemExit, match=msg):
+            toy2d.validate(toy2d.parse_config(args))
+    with pytest.raises(SystemExit, match="--from_results .* is not a file"):
+        optimizers.parse_config(["--from_results", str(tmp_path / "missing.json")])
+
+
+def test_optimizer_sweep_flatness_is_the_contiguous_width_around_the_best():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import numpy as np
+    import optimizers
+
+    lrs = np.logspace(-3, 1, 5)  # 1e-3 ... 10, one decade apart
+    # accuracy, absolute tolerance 0.06: 0.9 and 0.95 are contiguous around the best (1 decade);
+    # 0.94 at lr 10 is within tolerance but cut off by the 0.5 at lr 1: counted, not in the width
+    f = optimizers.flatness(lrs, np.array([0.5, 0.9, 0.95, 0.5, 0.94]), True, 0.06, relative=False)
+    assert (f["best"], f["best_lr"], f["width_decades"], f["n_within"]) == (0.95, 0.1, 1.0, 3)
+    # loss, relative tolerance 10 %: a diverged run (valid False) never counts, even with a low value
+    f = optimizers.flatness(lrs, np.array([1.05, 1.0, 1.08, 3.0, 0.1]), False, 0.1, relative=True,
+                            valid=np.array([True, True, True, True, False]))
+    assert (f["best"], f["best_lr"], f["width_decades"], f["n_within"]) == (1.0, 0.01, 2.0, 3)

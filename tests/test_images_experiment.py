@@ -124,3 +124,18 @@ def test_images_validate_checks_the_optimizer_flags():
                       (["--clip", "0"], "--clip must be a finite number > 0"), (["--warmup", "-1"], "--warmup must be >= 0")):
         with pytest.raises(SystemExit, match=msg):
             images.validate(images.parse_config(args))
+
+
+def test_images_refuses_an_unknown_dataset_and_an_fsdp_that_does_not_divide_the_devices():
+    # (an unknown tfds name failed as DatasetNotFoundError after --out was made; --fsdp 3 on one
+    # device as an unnamed ValueError from make_mesh)
+    import jax
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import images
+
+    with pytest.raises(SystemExit, match="--dataset must be 'digits' or a tfds dataset name"):
+        images.validate(images.parse_config(["--dataset", "nope"]))
+    images.validate(images.parse_config(["--dataset", "mnist"]))  # (a known name passes, offline)
+    with pytest.raises(SystemExit, match="--fsdp must divide the number of devices"):
+        images.validate(images.parse_config(["--fsdp", str(jax.device_count() + 1)]))
