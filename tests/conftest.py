@@ -80,3 +80,21 @@ def pytest_collection_finish(session):
 def pytest_unconfigure(config):
     if _OWN_DIR is not None:
         shutil.rmtree(_OWN_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each module, drop the compiled programs it left in JAX's and genflow's caches. A worker
+    that had compiled ~460 tests' programs crashed XLA:CPU's compiler (a segfault, reproducible with
+    this suite's XLA flags, in a test that passes on its own); each module compiles what it needs
+    anyway (its functions are jitted once per module)."""
+    yield
+    import gc
+
+    from genflow.sampling import _core
+    from genflow.train import _loop
+
+    _core._PREPARED.clear()
+    _loop._COMPILED.clear()
+    jax.clear_caches()
+    gc.collect()
