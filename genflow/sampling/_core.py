@@ -299,16 +299,19 @@ def sample(
         the model's own resolution make the step-size controller reject steps, e.g. 10,805
         NFE for dopri8 at the default 1e-5).
       max_steps: cap on the number of steps of adaptive solvers.
-      save_trajectory: also return the states on the grid in ``info.trajectory``. Reverse-mode
-        differentiation through a fixed-step sampler (``jax.grad`` with respect to ``x1`` or the
-        model's parameters) needs ``save_trajectory=True``: without it the step count is traced
-        (a ``fori_loop`` of dynamic length, which JAX cannot reverse); forward mode works either way.
+      save_trajectory: also return the states on the grid in ``info.trajectory``.
       **solver_options: passed to the solver function. Its real-valued ones that enter only the
         arithmetic (``beta``, ``d2_weight``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``snr``, ``rho``)
         are traced: a new value reuses the compiled sampler. ``eta``, ``churn``,
         ``restart_interval``, ``brownian_tol`` and integer options are static.
     Returns:
       ``(x0, info)``: ``x0: [B, ...]`` samples and a :class:`SampleInfo`.
+
+    Differentiation and other transformations: under ``jax.grad`` / ``jax.vjp``, ``jax.jit`` or
+    ``jax.vmap`` (gf.sample itself, or a function that calls it), the steps run in a ``lax.scan`` of
+    static length, so reverse mode works with respect to ``x1`` and to model parameters, whether
+    ``fn`` holds them or closes over them. Called eagerly, the fixed-step solvers trace the step
+    count instead, so one compiled sampler serves every step count of a padding bucket.
     """
     param.check_kind(prediction)
     spec = _registry.get(solver)
@@ -340,8 +343,11 @@ def sample(
     # where the wrapped one is, and where the kind it is sampled as is (heun's x0 at sigma = 0)
     inner = getattr(fn, "model", None)
     kinds = tuple(dict.fromkeys([prediction] + ([inner.prediction] if isinstance(inner, Model) else [])))
-    ts, ts_run, grid_options = _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options,
-                                        save_trajectory)
+    # (under a user's grad / jit / vmap the step count stays static: a traced one is a fori_loop of
+    # dynamic length, which reverse mode cannot differentiate, and a user's own jit gains nothing
+    # from sharing gf.sample's compiled program across step counts)
+    pad = not save_trajectory and not _under_transformation()
+    ts, ts_run, grid_options = _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad)
     solver_options = {**solver_options, **grid_options}
     if denoise is None:
         denoise = path.denoise_at_end
@@ -354,10 +360,23 @@ def sample(
     return x, dataclasses.replace(info, ts=ts)
 
 
-def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, save_trajectory):
+def _under_transformation() -> bool:
+    """Whether the caller runs under a JAX transformation (grad, jit, vmap, ...). JAX has no public
+    query for this; the private one is guarded, and without it the answer is False (the step
+    count is then traced as before, which only reverse mode minds)."""
+    try:
+        from jax._src import core as _jax_core
+
+        return not _jax_core.trace_state_clean()
+    except (ImportError, AttributeError):  # pragma: no cover - a JAX without it
+        return False
+
+
+def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad):
     """``(ts, ts_run, grid_options)``: the checked time grid, the grid the compiled sampler steps
-    on (padded to its bucket for the solvers that trace the step count) and the options that the
-    grid determines (the scan solvers' precomputed ``scalars``, a traced ``num_steps``)."""
+    on (with ``pad``, padded to its bucket for the solvers that trace the step count) and the
+    options that the grid determines (the scan solvers' precomputed ``scalars``, a traced
+    ``num_steps``)."""
     ts = time_grid(path, steps, schedule, t_start, t_end)
     _check_brownian_tol(ts, solver_options.get("brownian_tol"))
     for kind in kinds:
@@ -369,7 +388,7 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
         options.pop("stepper")
         grid_options["scalars"] = _driver.grid_scalars(spec.stepper, path, ts, **options)
     ts_run = ts
-    if not save_trajectory and _traces_steps(spec):
+    if pad and _traces_steps(spec):
         # scan solvers and Diffrax's fixed-step ODE solvers: the grid padded to its bucket and the
         # step count traced, so one compiled sampler serves every step count up to the bucket size
         n = ts.shape[0] - 1
@@ -452,7 +471,7 @@ def _schedule_key(schedule):
     return _value_key(schedule)
 
 
-def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, save_trajectory):
+def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad):
     """:func:`_prepare_uncached`, memoised for named schedules and explicit grids with hashable
     arguments (traced option values or grids and callable schedules are prepared afresh, and
     nothing that holds a trace's arrays is kept). A kept entry whose arrays were deleted (e.g. a
@@ -461,7 +480,7 @@ def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options,
     parts = [_path_key(path), _schedule_key(schedule), _value_key(steps), _value_key(t_start), _value_key(t_end),
              tuple((k, _value_key(v)) for k, v in sorted(solver_options.items()))]
     if all(p is not None for p in parts[:5]) and all(k is not None for _, k in parts[5]):
-        key = (*parts, spec, kinds, bool(save_trajectory), np.dtype(jnp.result_type(float)).str,
+        key = (*parts, spec, kinds, bool(pad), np.dtype(jnp.result_type(float)).str,
                str(jax.config.jax_default_device))
         try:
             hash(key)
@@ -477,7 +496,7 @@ def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options,
     # (concrete arguments are evaluated now even under a user's jit, which then gets the grid as
     # constants: a named schedule's grid is built from host reads of the path)
     with jax.ensure_compile_time_eval():
-        out = _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, save_trajectory)
+        out = _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad)
     if key is not None and not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(out)):
         with _PREPARED_LOCK:
             _PREPARED[key] = out
