@@ -40,7 +40,13 @@ def int_range(low: int = 1, high: int | None = None) -> str:
 
 
 def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
-    """``int(value)`` if :func:`is_int`, else a ``ValueError`` naming ``name`` and the range."""
+    """``int(value)`` if :func:`is_int`, else a ``ValueError`` naming ``name`` and the range. A
+    concrete 0-d JAX integer array counts as its value (``jnp.int32(8)`` or a ``.shape``-derived
+    count computed with jnp; the result is a Python int, so it can size arrays); a traced one is
+    refused with the same message."""
+    if (isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) and value.shape == ()
+            and np.issubdtype(value.dtype, np.integer)):
+        value = value.item()
     if not is_int(value, low, high):
         raise ValueError(f"{name} must be {int_range(low, high)}; got {value!r}")
     return int(value)

@@ -20,6 +20,15 @@ def test_is_int_accepts_numpy_integers_and_refuses_bools_floats_and_out_of_range
     assert int_range(1) == "a positive int" and int_range(0) == "an int >= 0" and int_range(1, 3) == "an int in 1..3"
     with pytest.raises(ValueError, match=r"steps must be a positive int; got True"):
         check_int("steps", True)
+    # a concrete 0-d JAX integer counts as its value (gf.data.moons(key, jnp.int32(8)) was refused);
+    # a JAX bool, float, 1-d or traced one does not
+    assert check_int("n", jnp.int32(8)) == 8 and type(check_int("n", jnp.int32(8))) is int
+    assert gf.data.moons(jax.random.key(0), jnp.int32(8)).shape == (8, 2)
+    for bad in (jnp.array(True), jnp.float32(8), jnp.array([8]), jnp.int32(0)):
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            check_int("n", bad)
+    with pytest.raises(ValueError, match="n must be a positive int; got .*Tracer"):
+        jax.jit(lambda n: check_int("n", n))(8)
 
 
 def test_public_functions_share_the_integer_check():

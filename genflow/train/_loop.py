@@ -30,8 +30,9 @@ class NonFiniteLossError(FloatingPointError):
 
     def __init__(self, step: int, state: TrainState, history: dict):
         super().__init__(
-            f"non-finite loss or gradient at step {step}; training stopped and the last good state "
-            f"(step {int(state.step)}) is in this exception's .state"
+            f"non-finite loss or gradient at step {step} (the update from step {step} to {step + 1} was not "
+            f"applied); training stopped and the last good state (step {int(state.step)}, after {int(state.step)} "
+            f"updates) is in this exception's .state"
         )
         self.step = step
         self.state = state
