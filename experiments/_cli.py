@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import os
 import sys
 from typing import get_type_hints
@@ -90,3 +92,24 @@ def dry_run_sampling(path_name: str, prediction: str, shape: tuple, runs) -> Non
         except ValueError as e:
             raise SystemExit(f"--{flag} {solver!r} cannot sample --path {path_name!r} with --prediction "
                              f"{prediction!r}: {e}") from None
+
+
+def _json_safe(obj):
+    """``obj`` with non-finite floats as None and NumPy scalars and arrays as Python values."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # NumPy / JAX scalars and arrays
+        return _json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str, obj, indent: int = 2) -> None:
+    """Write ``obj`` as standard JSON: a NaN or infinite metric (a diverged run) is written as null,
+    not as the ``NaN`` / ``Infinity`` that Python's json emits and strict parsers (jq, JavaScript)
+    refuse."""
+    with open(path, "w") as f:
+        json.dump(_json_safe(obj), f, indent=indent, allow_nan=False)

@@ -20,7 +20,6 @@ Models (each trained with gf.train.fit):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -298,8 +297,7 @@ def run(cfg: Config) -> dict:
     if cfg.digits:
         results["digits"] = run_digits(cfg, models)
     results["wall_time_s"] = time.perf_counter() - t0
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    _cli.write_json(os.path.join(cfg.out, "results.json"), results)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(table(results) + "\n")
     return results

@@ -125,8 +125,7 @@ def check_resume_config(cfg: Config, ckpt) -> None:
                              + "; got " + ", ".join(f"--{k} {mine[k]}" for k in diff)
                              + ": pass the same flags to resume it, or a new --out")
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(mine, f, indent=2)
+        _cli.write_json(path, mine)
 
 
 def final_loss(hist_loss, start: int, jsonl: str, n: int = 50) -> float:
@@ -332,8 +331,7 @@ def run(cfg: Config) -> dict:
                 old = json.load(f)
             metrics.update({k: old[k] for k in ("final_loss", "train_steps", "resumed_from", "train_steps_per_s",
                                                 "train_examples_per_s", "train_compile_s") if k in old})
-        with open(out_json, "w") as f:
-            json.dump(metrics, f, indent=2)
+        _cli.write_json(out_json, metrics)
     return metrics
 
 

@@ -2,7 +2,8 @@
 compressed sensing with DPS, MCG, FlowDPS, DDNM, PiGDM and TMPD on one trained prior, plus the pseudo-inverse
 baseline. Writes one image grid per task (inpainting.png, super_resolution_x2.png,
 deblur_gaussian.png, compressed_sensing.png: ground truth, pseudo-inverse, samples per method),
-prior_loss.png, results.json and results.md (PSNR / SSIM / NFE / wall time per task and method).
+prior_loss.png, results.json and results.md (PSNR / SSIM / NFE / wall time per task and method, and
+the validation PSNR of every step size tried).
 
     python experiments/inverse.py                  # trains a small flow-matching prior inline (~4 min on 2 CPU cores)
     python experiments/inverse.py --quick          # a smoke run for the tests
@@ -10,14 +11,14 @@ prior_loss.png, results.json and results.md (PSNR / SSIM / NFE / wall time per t
 The prior is trained here (flow matching on the linear path, an MLP over the 64 pixels); every
 posterior sampler reads it through the same ``fn(x, t)`` (any path and prediction kind work).
 Each method's step size is chosen per task on validation images (the first ``--n_val`` test
-images, their own measurement noise and starting noise) from a small grid, then applied to the
-next ``--n_test`` images.
+images, their own measurement noise and starting noise) from a small grid, extended past an end
+that holds the best (``choose_scale``), then applied to the next ``--n_test`` images.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import sys
 import time
@@ -51,7 +52,8 @@ class Config:
     quick: bool = False
 
 
-# Step sizes tried per method on the validation images (per task); DDNM has none.
+# Step sizes tried first per method on the validation images (per task; choose_scale extends the
+# grid past an end that holds the best); DDNM has none.
 SCALES = {
     "dps": (0.1, 0.3, 1.0, 3.0),
     "mcg": (0.03, 0.1, 0.3, 1.0),
@@ -60,6 +62,43 @@ SCALES = {
     "pigdm": (0.3, 1.0, 3.0),  # 1 = the Gaussian likelihood as is
     "tmpd": (0.3, 1.0, 3.0),
 }
+
+
+def choose_scale(scales, evaluate, factor: float = 3.0, max_extend: int = 4):
+    """The step size with the best finite ``evaluate(scale)`` (validation PSNR), and every value
+    tried. When the best is at an end of the grid, the grid grows past that end by ``factor`` (up to
+    ``max_extend`` times), until the best is inside it or the next value is worse or not finite:
+    a step size chosen at the edge of a fixed grid understated the method (FlowDPS at 1.5, the
+    top of its grid, in every task of the first runs). Then the geometric midpoints between the
+    best and its neighbours are tried once. ``(None,)`` (DDNM) is evaluated as is.
+    Returns ``(best, {scale: psnr})`` (NaN PSNRs are never chosen unless every one is NaN)."""
+    tried = {s: evaluate(s) for s in scales}
+    if tuple(scales) == (None,):
+        return None, tried
+    for _ in range(max_extend):
+        finite = {s: v for s, v in tried.items() if np.isfinite(v)}
+        if not finite:
+            break
+        best = max(finite, key=finite.get)
+        if best == max(tried):
+            new = float(f"{best * factor:.3g}")  # (3 digits: 0.3 / 3 is 0.09999999999999999)
+        elif best == min(tried):
+            new = float(f"{best / factor:.3g}")
+        else:
+            break
+        tried[new] = evaluate(new)
+    finite = {s: v for s, v in tried.items() if np.isfinite(v)}
+    if finite:  # one refinement: the geometric midpoints between the best and its neighbours
+        ordered = sorted(tried)
+        i = ordered.index(max(finite, key=finite.get))
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(ordered):
+                mid = float(f"{math.sqrt(ordered[i] * ordered[j]):.3g}")
+                if mid not in tried:
+                    tried[mid] = evaluate(mid)
+        finite = {s: v for s, v in tried.items() if np.isfinite(v)}
+    # (NaN PSNRs compare false: max() kept a NaN first entry)
+    return (max(finite, key=finite.get) if finite else next(iter(tried))), dict(sorted(tried.items()))
 
 
 def tasks(key):
@@ -123,15 +162,15 @@ def run(cfg: Config) -> dict:
     fn, path, hist = train_prior(cfg, xtr)
     key = jax.random.key(cfg.seed + 2)
     noise = inv.GaussianNoise(cfg.noise)
-    results, grids, chosen = {}, {}, {}
+    results, grids, chosen, tried_all = {}, {}, {}, {}
     for task, op in tasks(key).items():
         y = noise.sample(jax.random.fold_in(key, 7), op(x_test))
         jax.block_until_ready(op.pinv(y))  # (compiles; the second call is timed, as the samplers' are)
         t0 = time.perf_counter()
         base = jax.block_until_ready(op.pinv(y))
+        dt = time.perf_counter() - t0  # (read after the metrics, it timed their compilation: 990 ms in the first task)
         row = {"pinv": dict(psnr=float(gf.metrics.psnr(jnp.clip(base, -1, 1), x_test).mean()),
-                            ssim=float(gf.metrics.ssim(jnp.clip(base, -1, 1), x_test).mean()), nfe=0,
-                            seconds=time.perf_counter() - t0)}
+                            ssim=float(gf.metrics.ssim(jnp.clip(base, -1, 1), x_test).mean()), nfe=0, seconds=dt)}
         grids[task] = {"truth": np.asarray(x_test[:8]), "A^+ y": np.asarray(jnp.clip(base[:8], -1, 1))}
         x1 = jax.random.normal(jax.random.fold_in(key, 11), x_test.shape)
         y_val = noise.sample(jax.random.fold_in(key, 8), op(x_val))
@@ -141,15 +180,14 @@ def run(cfg: Config) -> dict:
             if method == "pigdm":  # its isotropic prior variance: the training pixels' variance
                 common["data_var"] = float(np.var(xtr))
             # choose the step size on the validation images (the scale is traced: no recompile)
-            val_psnr = {}
-            for sc in scales:
+            def val_psnr(sc):
                 hp = {} if sc is None else {"scale": sc}
                 xv, _ = inv.posterior_sample(fn, path, x1_val, y_val, op, key=jax.random.fold_in(key, 14), **common, **hp)
-                val_psnr[sc] = float(gf.metrics.psnr(jnp.clip(xv, -1, 1), x_val).mean())
-            # (NaN PSNRs compare false: max() kept a NaN first entry)
-            finite = {s: v for s, v in val_psnr.items() if np.isfinite(v)}
-            best = max(finite, key=finite.get) if finite else next(iter(val_psnr))
+                return float(gf.metrics.psnr(jnp.clip(xv, -1, 1), x_val).mean())
+
+            best, tried = choose_scale(scales, val_psnr)
             chosen.setdefault(task, {})[method] = best
+            tried_all.setdefault(task, {})[method] = {str(k): v for k, v in tried.items()}
             hp = {} if best is None else {"scale": best}
             args = dict(common, key=jax.random.fold_in(key, 13), **hp)
             x, info = inv.posterior_sample(fn, path, x1, y, op, **args)  # compile for this batch shape
@@ -171,14 +209,26 @@ def run(cfg: Config) -> dict:
                   path=os.path.join(cfg.out, "prior_loss.png"))
     table = gf_table(results)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(table + "\n\n" + scale_table(tried_all, chosen) + "\n")
     out = {"config": dataclasses.asdict(cfg), "results": results, "chosen_scale": chosen,
+           "validation_psnr": tried_all,
            "wall_time_s": time.perf_counter() - t_wall,
            "prior_final_loss": float(np.mean(hist["loss"][-200:]))}
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    _cli.write_json(os.path.join(cfg.out, "results.json"), out)
     print(table)
     return out
+
+
+def scale_table(tried: dict, chosen: dict) -> str:
+    """Validation PSNR of every step size tried, per task and method; the chosen one in bold."""
+    lines = ["| task | method | validation PSNR (dB) per step size |", "|---|---|---|"]
+    for task, methods in tried.items():
+        for method, psnrs in methods.items():
+            if list(psnrs) == ["None"]:
+                continue
+            cells = [(f"**{k}: {v:.2f}**" if k == str(chosen[task][method]) else f"{k}: {v:.2f}") for k, v in psnrs.items()]
+            lines.append(f"| {task} | {method} | " + ", ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def gf_table(results: dict) -> str:

@@ -317,12 +317,10 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     results = {"config": dataclasses.asdict(cfg), "digits": digits_task(cfg, names)}
     partial = os.path.join(cfg.out, "results_digits_only.json")  # (a failure in the flow task kept nothing)
-    with open(partial, "w") as f:
-        json.dump(results, f, indent=1)
+    _cli.write_json(partial, results, indent=1)
     results["flow"] = flow_task(cfg, names)
     results["wall_time_s"] = time.perf_counter() - t0
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    _cli.write_json(os.path.join(cfg.out, "results.json"), results, indent=1)
     os.remove(partial)
     report(results, cfg)
     return results

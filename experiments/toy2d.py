@@ -156,8 +156,7 @@ def run(cfg: Config) -> dict:
     gf.viz.curves({"loss": hist["loss"]}, ylabel="loss", logy=True, smooth=50,
                   path=os.path.join(cfg.out, "loss.png"))
     metrics["wall_time_s"] = time.perf_counter() - t_wall
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    _cli.write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     return metrics
 
 
@@ -173,8 +172,7 @@ def _write_failure(cfg: Config, e: BaseException, t_wall: float) -> None:
            "failed_at_step": getattr(e, "step", None), "steps_done": int(loss.size),
            "final_loss": float(np.mean(loss[-100:])) if loss.size else None,
            "wall_time_s": time.perf_counter() - t_wall}
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    _cli.write_json(os.path.join(cfg.out, "metrics.json"), out)
 
 
 def main(argv=None) -> int:

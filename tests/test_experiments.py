@@ -7,6 +7,9 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -77,6 +80,55 @@ def test_inverse_refuses_bad_flags_before_training():
                       (["--lr", "nan"], "--lr must be a finite number > 0")):
         with pytest.raises(SystemExit, match=msg):
             inverse.validate(_cli.parse(inverse.Config, args))
+
+
+def test_inverse_step_size_search_leaves_no_best_at_an_edge():
+    """choose_scale grows the grid past an end that holds the best (the first runs picked FlowDPS's
+    1.5, the top of its grid, in every task): hand-worked cases."""
+    import math
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import inverse
+
+    calls = []
+
+    def peak_at(p):
+        def f(s):
+            calls.append(s)
+            return -(math.log(s) - math.log(p)) ** 2
+        return f
+
+    best, tried = inverse.choose_scale((0.1, 0.3, 1.0, 3.0), peak_at(10.0))
+    # up twice (27 is worse: stop), then the midpoints sqrt(3 * 9) and sqrt(9 * 27) around the best
+    assert best == 9.0 and list(tried) == [0.1, 0.3, 1.0, 3.0, 5.2, 9.0, 15.6, 27.0]
+    best, tried = inverse.choose_scale((0.3, 1.0, 3.0), peak_at(0.05))
+    # down twice (0.0111 is worse), then midpoints 0.0192 and 0.0577: 0.0577 is nearer the peak
+    assert best == 0.0577 and list(tried) == [0.0111, 0.0192, 0.0333, 0.0577, 0.1, 0.3, 1.0, 3.0]
+    best, tried = inverse.choose_scale((0.3, 1.0, 3.0), peak_at(1.2))
+    assert best == 1.0 and list(tried) == [0.3, 0.548, 1.0, 1.73, 3.0]  # inside: midpoints only
+    best, tried = inverse.choose_scale((0.3, 1.0), peak_at(1e6))
+    assert best == 81.0 and list(tried)[-3:] == [27.0, 46.8, 81.0]  # at most 4 extensions
+    # a diverging (NaN) step size is never chosen, and stops the growth
+    best, tried = inverse.choose_scale((0.3, 1.0), lambda s: float("nan") if s > 1.5 else -abs(s - 2))
+    assert best == 1.0 and math.isnan(tried[3.0]) and math.isnan(tried[1.73]) and list(tried) == [0.3, 0.548, 1.0,
+                                                                                                  1.73, 3.0]
+    assert inverse.choose_scale((None,), lambda s: 5.0) == (None, {None: 5.0})
+
+
+def test_experiment_json_is_standard_json(tmp_path):
+    """The entry points write a diverged run's NaN / inf metrics as null: Python's json wrote NaN and
+    Infinity, which strict parsers refuse. NumPy scalars and arrays become Python values."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import _cli
+
+    obj = {"w2": float("nan"), "loss": [1.0, float("inf"), -float("inf")], "nfe": np.int32(14),
+           "curve": np.array([0.5, np.nan]), "nested": {"ok": np.float32(0.25), "name": "moons", "none": None}}
+    _cli.write_json(str(tmp_path / "m.json"), obj)
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
+    assert back == {"w2": None, "loss": [1.0, None, None], "nfe": 14, "curve": [0.5, None],
+                    "nested": {"ok": 0.25, "name": "moons", "none": None}}
 
 
 def test_toy2d_refuses_a_bad_learning_rate_before_training():
