@@ -243,6 +243,28 @@ def test_brownian_tol_coarser_than_the_grid_is_refused(gauss2):
         assert bool(jnp.all(jnp.isfinite(x)))
 
 
+def test_diffrax_sde_solvers_are_reverse_differentiable_with_a_brownian_tree(gauss2):
+    """With brownian_tol, jax.grad flows through euler_maruyama and shark (Diffrax refuses reverse
+    mode through its default fixed-grid Brownian path; ForwardMode's loop cannot be reversed). The
+    Gaussian oracle's drift is linear, so for a fixed key the sampler is an affine map of x1 and a
+    finite difference of any size is exact: the gradient must equal it."""
+    path = gf.paths.vp_linear()
+    x1 = gauss2.prior_sample(jax.random.key(0), 3, path, 0.5)
+    w = jnp.array([0.3, -1.1])
+    for solver in ("euler_maruyama", "shark"):
+        def h(x):
+            x0, _ = gf.sample(gauss2.model(path, "eps"), path, x, prediction="eps", solver=solver, steps=16,
+                              t_start=0.5, key=jax.random.key(1), brownian_tol=1e-3)
+            return jnp.sum(x0 @ w)
+
+        grad = jax.grad(h)(x1)
+        for i, j in ((0, 0), (2, 1)):
+            e = jnp.zeros_like(x1).at[i, j].set(1.0)
+            fd = (h(x1 + e) - h(x1 - e)) / 2.0
+            assert abs(float(grad[i, j]) - float(fd)) < 1e-4 * max(1.0, abs(float(fd))), (solver, i, j, grad, fd)
+        assert float(jnp.max(jnp.abs(grad))) > 0.05, (solver, grad)  # (a real dependence on x1)
+
+
 @pytest.mark.parametrize("bad", ["a", float("nan"), float("inf"), -1.0])
 def test_dpmpp_3m_d2_weight_is_checked(bad, gauss2):
     path = gf.paths.vp_cosine()

@@ -311,7 +311,10 @@ def sample(
     ``jax.vmap`` (gf.sample itself, or a function that calls it), the steps run in a ``lax.scan`` of
     static length, so reverse mode works with respect to ``x1`` and to model parameters, whether
     ``fn`` holds them or closes over them. Called eagerly, the fixed-step solvers trace the step
-    count instead, so one compiled sampler serves every step count of a padding bucket.
+    count instead, so one compiled sampler serves every step count of a padding bucket. The
+    Diffrax SDE solvers (``euler_maruyama``, ``shark``) are reverse-differentiable only with
+    ``brownian_tol`` set (Diffrax's default fixed-grid Brownian path refuses reverse mode); the
+    stochastic scan solvers (``ddpm``, ``ddim`` with ``eta``, ``edm_heun_churn``, ``pc``) always are.
     """
     param.check_kind(prediction)
     spec = _registry.get(solver)
