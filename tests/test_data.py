@@ -337,6 +337,9 @@ def test_image_dataset_digits_records():
     assert set(gf.data.image_dataset("digits", "test", label_key=None)[0]) == {"x"}
     with pytest.raises(ValueError, match="the bundled digits are 8x8; got image_size=16"):
         gf.data.image_dataset("digits", image_size=16)
+    for kw in (dict(image_key="img"), dict(label_key="class")):  # (ignored silently before)
+        with pytest.raises(ValueError, match="the bundled digits have the fields 'image' and 'label' only"):
+            gf.data.image_dataset("digits", **kw)
 
 
 def test_tfds_missing_label_key_raises_instead_of_dropping_the_labels():

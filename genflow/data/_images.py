@@ -127,7 +127,8 @@ def image_dataset(name: str, split: str = "train", *, data_dir: str | None = Non
         ...), read with ``tfds.data_source`` from ``data_dir`` (prepared beforehand with
         ``tfds.data_source(..., download=True)`` / ``tfds build``; ``split`` in tfds syntax,
         e.g. ``"train[:90%]"``).
-      image_key, label_key: feature names in the tfds records (``label_key=None``: unlabelled).
+      image_key, label_key: feature names in the tfds records (``label_key=None``: unlabelled; the
+        bundled digits take the defaults or ``label_key=None``).
       image_size: central square crop resized to ``image_size`` (e.g. 64 for ``celeb_a``).
     """
     import grain
@@ -138,6 +139,10 @@ def image_dataset(name: str, split: str = "train", *, data_dir: str | None = Non
         x, y = load_digits(split)
         if image_size is not None and image_size != 8:
             raise ValueError(f"the bundled digits are 8x8; got image_size={image_size}")
+        if image_key != "image" or label_key not in ("label", None):  # (they were ignored silently)
+            raise ValueError(f"the bundled digits have the fields 'image' and 'label' only: image_key must be "
+                             f"'image' and label_key 'label' or None; got image_key={image_key!r}, "
+                             f"label_key={label_key!r}")
         return grain.MapDataset.source(_Arrays(x, y if label_key is not None else None))
     import tensorflow_datasets as tfds
 
