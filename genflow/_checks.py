@@ -68,7 +68,8 @@ def check_finite_rows(name: str, x) -> None:
         return
     import jax.numpy as jnp
 
-    ok = np.asarray(jnp.all(jnp.isfinite(jnp.reshape(x, (x.shape[0], -1))), axis=1))
+    with jax.ensure_compile_time_eval():  # (a concrete x closed over by a user's jit: jnp ops would trace)
+        ok = np.asarray(jnp.all(jnp.isfinite(jnp.reshape(x, (x.shape[0], -1))), axis=1))
     if not ok.all():
         rows = np.flatnonzero(~ok)
         raise ValueError(f"{name} has non-finite entries (NaN or inf) in {rows.size} row(s), e.g. rows "

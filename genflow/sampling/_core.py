@@ -275,9 +275,10 @@ def sample(
         samples are returned in ``x1.dtype``.
       prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.
       solver: a name from :func:`genflow.sampling.solvers`.
-      steps: number of steps of fixed-step solvers (ignored by adaptive ones). Without a saved
-        trajectory the dedicated solvers and Diffrax's fixed-step ODE solvers trace the step
-        count: one compiled program serves every count up to its padding bucket (64, 128, ...).
+      steps: number of steps of fixed-step solvers (ignored by adaptive ones). Called eagerly
+        without a saved trajectory, the dedicated solvers and Diffrax's fixed-step ODE solvers
+        trace the step count: one compiled program serves every count up to its padding bucket
+        (64, 128, ...); under a transformation it is static (see below).
         The reverse-SDE solvers (``euler_maruyama``, ``shark``) and the adaptive ones compile once
         per grid length.
       key: PRNG key, required by stochastic solvers.
@@ -307,14 +308,23 @@ def sample(
     Returns:
       ``(x0, info)``: ``x0: [B, ...]`` samples and a :class:`SampleInfo`.
 
-    Differentiation and other transformations: under ``jax.grad`` / ``jax.vjp``, ``jax.jit`` or
-    ``jax.vmap`` (gf.sample itself, or a function that calls it), the steps run in a ``lax.scan`` of
-    static length, so reverse mode works with respect to ``x1`` and to model parameters, whether
-    ``fn`` holds them or closes over them. Called eagerly, the fixed-step solvers trace the step
-    count instead, so one compiled sampler serves every step count of a padding bucket. The
-    Diffrax SDE solvers (``euler_maruyama``, ``shark``) are reverse-differentiable only with
-    ``brownian_tol`` set (Diffrax's default fixed-grid Brownian path refuses reverse mode); the
-    stochastic scan solvers (``ddpm``, ``ddim`` with ``eta``, ``edm_heun_churn``, ``pc``) always are.
+    Differentiation and other transformations: under ``jax.grad`` / ``jax.vjp`` / ``jax.jvp``,
+    ``jax.jit`` or ``jax.vmap`` (gf.sample itself, or a function that calls it), the steps of the
+    fixed-step solvers run in a ``lax.scan`` of static length, so both reverse and forward mode work
+    with respect to ``x1`` and to model parameters, whether ``fn`` holds them or closes over them.
+    Called eagerly, they trace the step count instead, so one compiled sampler serves every step
+    count of a padding bucket. Exceptions:
+
+    * the adaptive solvers (``tsit5``, ``dopri5``, ``dopri8``) differentiate in reverse mode only
+      (Diffrax's checkpointed adjoint; ``jax.jvp`` fails with "can't apply forward-mode autodiff
+      (jvp) to a custom_vjp function");
+    * the Diffrax SDE solvers (``euler_maruyama``, ``shark``) differentiate in reverse mode only
+      with ``brownian_tol`` set (without it ``jax.grad`` fails with JAX's "Reverse-mode
+      differentiation does not work for lax.while_loop": Diffrax refuses reverse mode through its
+      default fixed-grid Brownian path), and ``shark`` with ``brownian_tol`` in reverse mode only.
+
+    The stochastic scan solvers (``ddpm``, ``ddim`` with ``eta``, ``edm_heun_churn``, ``restart``,
+    ``pc``) differentiate both ways, for a fixed key.
     """
     param.check_kind(prediction)
     spec = _registry.get(solver)
