@@ -242,16 +242,24 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
         # not positive, or positive only at rounding level: 1e-6 of the first direction's
         # (p = b's) Rayleigh quotient, taken from the first iteration's own product
         floor = jnp.where(i == 0, 1e-6 * jnp.maximum(pcp / jnp.where(pp > 0, pp, 1.0), 0.0), floor)
-        active = active & (pcp > floor * pp) & (rr > 0)
+        active = active & (pcp > floor * pp) & (rr > tiny)
         alpha = jnp.where(active, rr / jnp.where(active, pmp, 1.0), 0.0).astype(dtype)
         u, r = u + alpha * p, r - alpha * mp
         rr_new = dot(r, r)
         beta = jnp.where(active, rr_new / jnp.where(active, rr, 1.0), 0.0).astype(dtype)
         return u, r, r + beta * p, rr_new, active, floor
 
+    # Solved for b / |b| (per example) and scaled back, with a system frozen once its residual is at
+    # rounding level: past convergence rr and p M p kept shrinking, and their squares in the backward
+    # pass of rr / pmp underflowed to 0 (inf * 0: all-NaN gradients with respect to y and x1 whenever
+    # the measurement rank was below iters, while the samples were finite).
+    bb = dot(b, b)
+    norm = jnp.sqrt(jnp.where(bb > 0, bb, 1.0)).astype(dtype)
+    b = b / norm
+    tiny = jnp.asarray(jnp.finfo(dtype).eps, dtype) ** 2
     rr = dot(b, b)
-    init = (jnp.zeros_like(b), b, b, rr, jnp.ones(rr.shape, bool), jnp.zeros_like(rr))
-    return jax.lax.fori_loop(0, iters, body, init)[0]
+    init = (jnp.zeros_like(b), b, b, rr, rr > tiny, jnp.zeros_like(rr))
+    return jax.lax.fori_loop(0, iters, body, init)[0] * norm
 
 
 @eqx.filter_jit
