@@ -100,7 +100,7 @@ def _json_safe(obj):
         return {k: _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
-    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # NumPy / JAX scalars and arrays
+    if hasattr(obj, "tolist"):  # NumPy / JAX scalars and arrays
         return _json_safe(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None

@@ -75,11 +75,15 @@ def choose_scale(scales, evaluate, factor: float = 3.0, max_extend: int = 4):
     tried = {s: evaluate(s) for s in scales}
     if tuple(scales) == (None,):
         return None, tried
-    for _ in range(max_extend):
+
+    def best_finite():  # (NaN PSNRs compare false: max() kept a NaN first entry)
         finite = {s: v for s, v in tried.items() if np.isfinite(v)}
-        if not finite:
+        return max(finite, key=finite.get) if finite else None
+
+    for _ in range(max_extend):
+        best = best_finite()
+        if best is None:
             break
-        best = max(finite, key=finite.get)
         if best == max(tried):
             new = float(f"{best * factor:.3g}")  # (3 digits: 0.3 / 3 is 0.09999999999999999)
         elif best == min(tried):
@@ -87,18 +91,17 @@ def choose_scale(scales, evaluate, factor: float = 3.0, max_extend: int = 4):
         else:
             break
         tried[new] = evaluate(new)
-    finite = {s: v for s, v in tried.items() if np.isfinite(v)}
-    if finite:  # one refinement: the geometric midpoints between the best and its neighbours
+    best = best_finite()
+    if best is not None:  # one refinement: the geometric midpoints between the best and its neighbours
         ordered = sorted(tried)
-        i = ordered.index(max(finite, key=finite.get))
+        i = ordered.index(best)
         for j in (i - 1, i + 1):
             if 0 <= j < len(ordered):
-                mid = float(f"{math.sqrt(ordered[i] * ordered[j]):.3g}")
+                mid = float(f"{math.sqrt(best * ordered[j]):.3g}")
                 if mid not in tried:
                     tried[mid] = evaluate(mid)
-        finite = {s: v for s, v in tried.items() if np.isfinite(v)}
-    # (NaN PSNRs compare false: max() kept a NaN first entry)
-    return (max(finite, key=finite.get) if finite else next(iter(tried))), dict(sorted(tried.items()))
+        best = best_finite()
+    return (next(iter(tried)) if best is None else best), dict(sorted(tried.items()))
 
 
 def tasks(key):

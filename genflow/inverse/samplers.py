@@ -232,6 +232,7 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
 
     dtype = b.dtype
     shift = jnp.asarray(shift, dtype)
+    tiny = jnp.asarray(jnp.finfo(dtype).eps, dtype) ** 2  # a residual at rounding level of |b| = 1
 
     def body(i, carry):
         u, r, p, rr, active, floor = carry
@@ -256,7 +257,6 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
     bb = dot(b, b)
     norm = jnp.sqrt(jnp.where(bb > 0, bb, 1.0)).astype(dtype)
     b = b / norm
-    tiny = jnp.asarray(jnp.finfo(dtype).eps, dtype) ** 2
     rr = dot(b, b)
     init = (jnp.zeros_like(b), b, b, rr, rr > tiny, jnp.zeros_like(rr))
     return jax.lax.fori_loop(0, iters, body, init)[0] * norm
