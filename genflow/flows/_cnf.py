@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow._checks import check_positive_real
+from genflow.likelihood._discrete import uniform_dequantize
 from genflow.likelihood._ode import GaussianPrior, _check_options, ode_log_prob
 
 Array = jax.Array
@@ -108,9 +109,8 @@ def ffjord_objective(apply_fn: Callable, *, dequantize: float | None = None, **k
     def loss_fn(params, batch, key):
         x = batch["x"] if isinstance(batch, dict) else batch
         k_deq, k_loss = jax.random.split(key)
-        if dequantize is not None:  # (in float32 or wider: integer batches failed, bfloat16 ones left the bin)
-            x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-            x = x + (jax.random.uniform(k_deq, x.shape, x.dtype) - 0.5) * dequantize
+        if dequantize is not None:  # (widened to float32 there: integer batches failed, bfloat16 ones left the bin)
+            x = uniform_dequantize(k_deq, x, dequantize)[0]
         return ffjord_loss(apply_fn, params, x, k_loss, **kwargs), {}
 
     return loss_fn

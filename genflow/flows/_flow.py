@@ -30,6 +30,7 @@ import numpy as np
 from genflow._checks import check_finite_rows, check_int, check_key, check_positive_real, flat_batch, is_int
 from genflow.flows._layers import (ActNorm, AdditiveCoupling, AffineCoupling, Chain, FactorOut, Invertible1x1Conv,
                                    Layer, Squeeze, Unsqueeze)
+from genflow.likelihood._discrete import uniform_dequantize
 from genflow.likelihood._ode import gaussian_log_prob
 
 Array = jax.Array
@@ -171,9 +172,8 @@ def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_s
     def loss_fn(params, batch, key):
         x = batch["x"] if isinstance(batch, dict) else batch
         k_deq, k_loss = jax.random.split(key)
-        if dequantize is not None:  # (in float32 or wider: integer batches failed, bfloat16 ones left the bin)
-            x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-            x = x + (jax.random.uniform(k_deq, x.shape, x.dtype) - 0.5) * dequantize
+        if dequantize is not None:  # (widened to float32 there: integer batches failed, bfloat16 ones left the bin)
+            x = uniform_dequantize(k_deq, x, dequantize)[0]
         if method == "ml":
             return nll_loss(flow, params, x), {}
         if method == "ssm":
