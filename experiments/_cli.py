@@ -107,9 +107,10 @@ def _json_safe(obj):
     return obj
 
 
-def write_json(path: str, obj, indent: int = 2) -> None:
+def write_json(path, obj, indent: int = 2, default=None) -> None:
     """Write ``obj`` as standard JSON: a NaN or infinite metric (a diverged run) is written as null,
     not as the ``NaN`` / ``Infinity`` that Python's json emits and strict parsers (jq, JavaScript)
-    refuse."""
+    refuse. ``default`` converts other objects, as in ``json.dump``; the parent folder is created."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(_json_safe(obj), f, indent=indent, allow_nan=False)
+        json.dump(_json_safe(obj), f, indent=indent, allow_nan=False, default=default)

@@ -7,9 +7,16 @@ the same run. Compilation is measured separately by the caller.
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _cli import write_json  # noqa: E402  (standard JSON for the benchmarks: NaN / inf -> null)
+
+__all__ = ["interleaved", "markdown_table", "write_json"]
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1,

@@ -166,7 +166,7 @@ import genflow as gf  # noqa: E402
 from genflow import ot as gf_ot  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import interleaved, markdown_table  # noqa: E402
+from _timing import interleaved, markdown_table, write_json  # noqa: E402
 
 BATCH, WIDTH, DEPTH, LR, EMA = 256, 256, 3, 1e-3, 0.99
 TARGETS = {"independent": (2.5, 271.0, 0.19), "ot": (5.0, 90.0, 0.14)}  # (ratio, torchcfm steps/s here, W2)
@@ -647,9 +647,7 @@ def main(argv=None) -> int:
     if args.part == "ema":  # not part of "all": a tuning run, on its own seeds
         results["ema"] = part_ema(args.seeds, args.train_steps, args.n_eval)
     if args.json:
-        os.makedirs(os.path.dirname(args.json), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=float)
+        write_json(args.json, results, indent=1, default=float)
     return 0
 
 

@@ -15,7 +15,6 @@ through ``gf.inverse.posterior_model`` with a deterministic DPM-Solver++(2M) (20
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ import genflow as gf
 from genflow import inverse as inv
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import markdown_table  # noqa: E402
+from _timing import markdown_table, write_json  # noqa: E402
 
 S, D = (4, 4, 1), 16
 METHODS = {  # method: (path, prediction kind, hyper-parameters)
@@ -114,9 +113,7 @@ def main(argv=None):
           f"from t = 0.999)")
     print(markdown_table(["task", "method", "path/kind", "mean err / prior err", "cov rel err", "NFE", "VJP", "JVP",
                           "s/call"], rows))
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(a.out, out)
 
 
 if __name__ == "__main__":

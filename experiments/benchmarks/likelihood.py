@@ -17,7 +17,6 @@ Writes experiments/benchmarks/results/likelihood.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ jax.config.update("jax_enable_x64", True)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import genflow as gf  # noqa: E402
-from experiments.benchmarks._timing import interleaved, markdown_table  # noqa: E402
+from experiments.benchmarks._timing import interleaved, markdown_table, write_json  # noqa: E402
 
 D, N = 16, 256
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -191,8 +190,7 @@ def main(argv=None) -> int:
     out = {"timing": {k: {kk: vv for kk, vv in v.items()} for k, v in timing.items()},
            "errors_mean_nats_per_dim": {k: float(v.mean()) for k, v in errors.items()},
            "nfe": nfe, "compile_s": compile_s, "paths": rows2, "tolerance_sweep": rows3, "hutchinson": rows4}
-    with open(os.path.join(RESULTS, "likelihood.json"), "w") as f:
-        json.dump(out, f, indent=2, default=str)
+    write_json(os.path.join(RESULTS, "likelihood.json"), out, default=str)
     with open(os.path.join(RESULTS, "likelihood.md"), "w") as f:
         f.write("\n\n".join([f"log-likelihood of {N} points in d={D}; torch with one intra-op thread, XLA with "
                                f"its default threads on {os.cpu_count()} cores", table1, table2, table3, table4]) + "\n")

@@ -15,7 +15,6 @@ issue: Grams, FAdam and diffGrad at most 1.3x optax.adam.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -28,7 +27,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import genflow as gf  # noqa: E402
-from _timing import interleaved, markdown_table  # noqa: E402
+from _timing import interleaved, markdown_table, write_json  # noqa: E402
 
 
 def make_params(key, scale: float = 1.0) -> dict:
@@ -113,12 +112,11 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"n_params": int(n_params), "repeats": args.repeats, "results": {
+        write_json(out, {"n_params": int(n_params), "repeats": args.repeats, "results": {
             k: {"median_s": v["median"], "min_s": v["min"], "max_s": v["max"], "ratio_to_adam": v["median"] / base,
                 "min_ratio_to_adam": v["min"] / res["optax.adam"]["min"], "cpu_median_s": cpu_med[k],
                 "cpu_ratio_to_adam": cpu_med[k] / cpu_med["optax.adam"], "compile_s": compile_s[k]}
-            for k, v in res.items()}}, indent=2))
+            for k, v in res.items()}})
         out.with_suffix(".md").write_text(text + "\n")
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0

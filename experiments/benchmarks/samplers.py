@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import pathlib
 import sys
@@ -57,7 +56,7 @@ import genflow as gf  # noqa: E402
 from genflow.sampling import Model, _driver, _registry  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _timing import interleaved, markdown_table  # noqa: E402
+from _timing import interleaved, markdown_table, write_json  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 DIM, K, BATCH = 64, 10, 512
@@ -767,7 +766,7 @@ def write_results(name: str, text: str, payload: dict, t_all: float) -> None:
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.md").write_text(text + "\n")
-    (RESULTS / f"{name}.json").write_text(json.dumps({**payload, "wall_s": time.perf_counter() - t_all}, indent=1))
+    write_json(RESULTS / f"{name}.json", {**payload, "wall_s": time.perf_counter() - t_all}, indent=1)
 
 
 def main():

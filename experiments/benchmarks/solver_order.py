@@ -19,7 +19,6 @@ slopes between consecutive step counts; the last local slope is the asymptotic o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -30,7 +29,7 @@ import numpy as np
 import genflow as gf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import markdown_table  # noqa: E402
+from _timing import markdown_table, write_json  # noqa: E402
 
 SOLVERS = ("euler", "heun", "midpoint")
 STEPS = (8, 16, 32, 64, 128)
@@ -140,8 +139,7 @@ def main(argv=None) -> int:
         print(markdown_table(["solver"] + [f"{s} steps" for s in r["steps"]],
                              [[k] + [f"{e:.2e}" for e in v] for k, v in r["solvers"].items()]))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(r, f, indent=1)
+            write_json(args.json, r, indent=1)
         return 0
     if args.all_fixed_step:
         results = [measure_all_fixed_step(name) for name in gf.paths.names()]
@@ -153,8 +151,7 @@ def main(argv=None) -> int:
                 for s in solvers]
         print(markdown_table(["solver", "order"] + [f"{r['path']} ({r['prediction']})" for r in results], rows))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"results": results}, f, indent=1)
+            write_json(args.json, {"results": results}, indent=1)
         return 0
     results = [measure(name, args.n) for name in gf.paths.names()]
     header = ["path", "prediction", "solver"] + [f"err@{s}" for s in STEPS] + ["fitted order", "local orders", "last local"]
@@ -170,9 +167,7 @@ def main(argv=None) -> int:
           f"consecutive step counts)\n")
     print(markdown_table(header, rows))
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "results": results}, f, indent=1)
+        write_json(args.json, {"device": jax.devices()[0].device_kind, "results": results}, indent=1)
     return 0
 
 

@@ -15,7 +15,6 @@ Writes a Markdown table to stdout and JSON to experiments/benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import genflow as gf  # noqa: E402
-from _timing import interleaved, markdown_table  # noqa: E402
+from _timing import interleaved, markdown_table, write_json  # noqa: E402
 
 # Dense bf16 peak FLOP/s per chip (vendor data sheets).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -126,9 +125,8 @@ def main(argv=None) -> int:
     # (a partial run must not replace the full run's results)
     fname = os.path.join(args.out, f"train_throughput_{jax.default_backend()}_{args.dtype}"
                                    f"{'_partial' if args.only else ''}.json")
-    with open(fname, "w") as f:
-        json.dump({"device": dev.device_kind, "backend": jax.default_backend(), "batch": args.batch,
-                   "dtype": args.dtype, "peak_flops": peak, "results": results}, f, indent=2)
+    write_json(fname, {"device": dev.device_kind, "backend": jax.default_backend(), "batch": args.batch,
+                       "dtype": args.dtype, "peak_flops": peak, "results": results})
     print(f"wrote {fname}")
     return 0
 
