@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
+from genflow.sampling._driver import step_loop
 from genflow.sampling._model import Model
 
 Array = jax.Array
@@ -93,24 +94,14 @@ def _fixed_steps(term, solver, ss, x, nfe_per_step, nfe_init, save_trajectory, n
         solver = _differentiable_stages(solver)
     state = solver.init(term, ss[0], ss[1], x, None)
 
-    def step(i, y, state):
+    def step(carry, inp):
+        (y, state), (i, _) = carry, inp
         y, _, _, state, _ = solver.step(term, ss[i], ss[i + 1], y, None, state, False)
         return y, state
 
-    if num_steps is not None:
-        x_end, _ = jax.lax.fori_loop(0, num_steps, lambda i, c: step(i, *c), (x, state))
-        n = jnp.asarray(num_steps, jnp.int32)
-        traj = None
-    else:
-        n_static = ss.shape[0] - 1
-
-        def body(carry, i):
-            y, st = step(i, *carry)
-            return (y, st), (y if save_trajectory else None)
-
-        (x_end, _), ys = jax.lax.scan(body, (x, state), jnp.arange(n_static))
-        n = jnp.asarray(n_static, jnp.int32)
-        traj = jnp.concatenate([x[None], ys]) if save_trajectory else None
+    (x_end, _), ys, n = step_loop(step, (x, state), ss.shape[0] - 1, num_steps,
+                                  (lambda carry: carry[0]) if save_trajectory else None)
+    traj = jnp.concatenate([x[None], ys]) if save_trajectory else None
     stats = {"num_steps": n, "num_accepted_steps": n, "num_rejected_steps": jnp.zeros_like(n)}
     return x_end, nfe_init + nfe_per_step * n, traj, stats
 

@@ -163,32 +163,47 @@ def run(model: Model, ts: Array, x: Array, key, *, stepper: Stepper, save_trajec
     Step ``i`` draws its noise from ``fold_in(key, i)`` either way."""
     del rtol, atol, max_steps
     carry = stepper.init(model, ts, x, **options)
-    if num_steps is not None:
-        if save_trajectory or scalars is None:
-            raise ValueError("num_steps needs precomputed scalars and no saved trajectory")
-
-        def loop(i, state):
-            c, nfe = state
-            c, k = stepper.step(model, c, jax.tree.map(lambda v: v[i], scalars), _step_key(key, i), **options)
-            return c, nfe + jnp.asarray(k, jnp.int32)
-
-        carry, nfe = jax.lax.fori_loop(0, num_steps, loop, (carry, jnp.zeros((), jnp.int32)))
-        return carry["x"], nfe, None, {"num_steps": jnp.asarray(num_steps, jnp.int32)}
+    if num_steps is not None and (save_trajectory or scalars is None):
+        raise ValueError("num_steps needs precomputed scalars and no saved trajectory")
     n = ts.shape[0] - 1
     if scalars is None:
-        cs = step_scalars(stepper, model.path, ts, **options)
-    else:
-        cs = jax.tree.map(lambda v: v[:n], scalars)
+        scalars = step_scalars(stepper, model.path, ts, **options)
+    elif num_steps is None:
+        scalars = jax.tree.map(lambda v: v[:n], scalars)
 
-    def body(c, inp):
-        sc, k = inp
-        c, nfe = stepper.step(model, c, sc, k, **options)
-        return c, (jnp.asarray(nfe, jnp.int32), c["x"] if save_trajectory else None)
+    def step(state, inp):
+        (c, nfe), (_, (sc, k)) = state, inp
+        c, used = stepper.step(model, c, sc, k, **options)
+        return c, nfe + jnp.asarray(used, jnp.int32)
 
-    carry, (nfes, traj) = jax.lax.scan(body, carry, (cs, _keys(key, n)))
+    keys = _keys(key, jax.tree.leaves(scalars)[0].shape[0])
+    (carry, nfe), traj, steps = step_loop(step, (carry, jnp.zeros((), jnp.int32)), n, num_steps,
+                                          (lambda state: state[0]["x"]) if save_trajectory else None,
+                                          xs=(scalars, keys))
     if save_trajectory:
         traj = jnp.concatenate([x[None], traj], axis=0)
-    return carry["x"], jnp.sum(nfes), traj, {"num_steps": jnp.asarray(n, jnp.int32)}
+    return carry["x"], nfe, traj, {"num_steps": steps}
+
+
+def step_loop(step: Callable, carry, n: int, num_steps=None, save: Callable | None = None, xs=None):
+    """``carry = step(carry, (i, xs[i]))`` for the steps ``i`` of a grid of ``n`` steps (``xs``: a
+    pytree of per-step inputs with a leading axis, or None).
+
+    ``num_steps`` (traced; the grid and ``xs`` padded past its end): the first ``num_steps`` steps
+    in a ``fori_loop``, so one compiled program serves every step count of a padding bucket.
+    Otherwise all ``n`` in a ``lax.scan`` of static length, which forward and reverse mode
+    differentiate, stacking ``save(carry)`` after each step if ``save`` is given. Returns
+    ``(carry, stacked saves or None, steps run as int32)``."""
+    if num_steps is not None:
+        body = lambda i, c: step(c, (i, jax.tree.map(lambda v: v[i], xs)))  # noqa: E731
+        return jax.lax.fori_loop(0, num_steps, body, carry), None, jnp.asarray(num_steps, jnp.int32)
+
+    def scan_body(c, inp):
+        c = step(c, inp)
+        return c, None if save is None else save(c)
+
+    carry, saved = jax.lax.scan(scan_body, carry, (jnp.arange(n), xs))
+    return carry, saved, jnp.asarray(n, jnp.int32)
 
 
 def local_errors(model: Model, ts: Array, xs_ref: Array, key=None, *, stepper: Stepper, **options) -> Array:
