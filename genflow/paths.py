@@ -138,8 +138,9 @@ class Path:
         """Inverse of :meth:`log_snr`: the ``t`` in [0, 1] with ``log_snr(t) = lam``.
 
         Closed form where the path provides one, else 60 steps of bisection (the log-SNR of
-        every Gaussian path is decreasing in t). A ``lam`` outside the path's range gives the
-        nearer end: 0 above ``log_snr(0)``, 1 below ``log_snr(1)``.
+        every Gaussian path is decreasing in t), differentiable through the implicit-function
+        derivative ``1 / d_log_snr(t)``. A ``lam`` outside the path's range gives the nearer end:
+        0 above ``log_snr(0)``, 1 below ``log_snr(1)`` (with derivative 0).
         """
         lam = _as_float(lam)
         if self.t_from_log_snr_fn is not None:
@@ -155,8 +156,16 @@ class Path:
             above = self.log_snr(mid) > lam  # still too clean: move right
             return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
 
-        lo, hi = jax.lax.fori_loop(0, 60, body, (jnp.zeros_like(lam), jnp.ones_like(lam)))
-        return 0.5 * (lo + hi)
+        lam0 = jax.lax.stop_gradient(lam)
+        lo, hi = jax.lax.fori_loop(0, 60, body, (jnp.zeros_like(lam0), jnp.ones_like(lam0)))
+        t = 0.5 * (lo + hi)
+        # The bisection's comparisons have zero derivative: give t its implicit-function derivative
+        # dt/dlam = 1 / lambda'(t) (zero where lam is outside the path's range and t is clamped),
+        # so that optimize_schedule and jax.grad see through paths without a closed-form inverse.
+        slope = self.d_log_snr(t)
+        inside = (lam0 <= self.log_snr(jnp.zeros_like(t))) & (lam0 >= self.log_snr(jnp.ones_like(t)))
+        inv = jnp.where(inside & jnp.isfinite(slope) & (slope != 0), 1.0 / jnp.where(slope == 0, 1.0, slope), 0.0)
+        return t + jnp.where(jnp.isfinite(lam0), lam - lam0, 0.0) * inv.astype(t.dtype)
 
     # -- drift and diffusion of the equivalent forward SDE -------------------------------
     def drift_coef(self, t) -> Array:

@@ -36,6 +36,10 @@ def test_closed_forms_match_autodiff(name):
         lam = p.log_snr(t)
         np.testing.assert_allclose(p.t_from_log_snr(lam), t, rtol=1e-9, atol=1e-10)
         np.testing.assert_allclose(q.t_from_log_snr(lam), t, rtol=1e-9, atol=1e-9)
+        # the bisection differentiates as the inverse function does: dt/dlam = 1 / lambda'(t)
+        np.testing.assert_allclose(jax.vmap(jax.grad(q.t_from_log_snr))(lam), 1.0 / p.d_log_snr(t), rtol=1e-7)
+        np.testing.assert_allclose(jax.jvp(q.t_from_log_snr, (lam,), (jnp.ones_like(lam),))[1], 1.0 / p.d_log_snr(t),
+                                   rtol=1e-7)
 
 
 @pytest.mark.parametrize("name", sorted(ALL_PATHS))
