@@ -202,3 +202,104 @@ def test_fit_saves_the_last_step_of_a_run_off_the_save_grid(tmp_path):
                                lambda k: (X, Y), 15, chunk_size=5, progress=False)
     resumed, _ = gf.train.fit(restored, step, lambda k: (X, Y), 3, chunk_size=5, progress=False)
     np.testing.assert_array_equal(resumed.params["w"], straight.params["w"])
+
+
+def test_zero_size_optimizer_state_round_trips(tmp_path):
+    """optax.contrib.galore keeps (0, 0) projectors for the parameters it does not project, which
+    orbax refuses to save: every checkpointed galore run failed at its first save. They are stored
+    as placeholders and rebuilt on restore; resuming continues bit-identically."""
+    opt = gf.train.make_optimizer(1e-2, name="galore")
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+
+    def loss(p, batch, key):
+        x, y = batch
+        return jnp.mean((x @ p["w"] + p["b"] - y[:, None]) ** 2), {}
+
+    step = gf.train.make_train_step(loss, opt)
+    init = lambda: gf.train.init_state(params, opt, jax.random.key(0))  # noqa: E731
+    assert any(np.size(x) == 0 for x in jax.tree.leaves(init().opt_state))  # the case under test
+    straight, _ = gf.train.fit(init(), step, lambda k: (X, Y), 10, chunk_size=5, progress=False)
+    with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=5) as ckpt:
+        gf.train.fit(init(), step, lambda k: (X, Y), 5, chunk_size=5, progress=False, checkpointer=ckpt)
+        restored, _ = ckpt.restore(init())
+    assert int(restored.step) == 5
+    resumed, _ = gf.train.fit(restored, step, lambda k: (X, Y), 5, chunk_size=5, progress=False)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 (resumed.params, resumed.opt_state), (straight.params, straight.opt_state))
+
+
+class _FailingCheckpointer(gf.train.Checkpointer):
+    """Raises ``error`` from the ``save`` of step ``save_at`` (before saving: as a Ctrl-C while
+    ``save`` blocks on the previous write does), or from the ``wait`` once ``wait_after`` saves
+    have started (as orbax reports a failed background write)."""
+
+    def __init__(self, *args, error, save_at=None, wait_after=None, **kw):
+        super().__init__(*args, **kw)
+        self.error, self.save_at, self.wait_after, self.saves = error, save_at, wait_after, 0
+
+    def save(self, state, **kw):
+        if int(state.step) == self.save_at:
+            self.save_at = None  # once
+            raise self.error
+        self.saves += 1
+        return super().save(state, **kw)
+
+    def wait(self):
+        super().wait()
+        if self.wait_after is not None and self.saves >= self.wait_after:
+            self.wait_after = None
+            raise self.error
+
+
+def test_failures_around_saves_lose_nothing(tmp_path):
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(lsq, opt)
+    init = lambda: gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))  # noqa: E731
+    straight, _ = gf.train.fit(init(), step, lambda k: (X, Y), 15, chunk_size=5, progress=False)
+
+    # a Ctrl-C inside the save of step 10: the exception keeps the state, and that save is made again
+    with _FailingCheckpointer(str(tmp_path / "a"), save_every=5, keep=5, error=KeyboardInterrupt(),
+                              save_at=10) as ckpt:
+        with pytest.raises(KeyboardInterrupt) as err:
+            gf.train.fit(init(), step, lambda k: (X, Y), 15, chunk_size=5, progress=False, checkpointer=ckpt)
+        assert err.value.step == 10 and ckpt.all_steps() == [5, 10]
+        assert any("step 10 that this error interrupted was saved again" in n for n in err.value.__notes__)
+        restored, _ = ckpt.restore(init())
+    resumed, _ = gf.train.fit(restored, step, lambda k: (X, Y), 5, chunk_size=5, progress=False)
+    np.testing.assert_array_equal(resumed.params["w"], straight.params["w"])
+
+    # the final save's background write fails: the error carries the trained state (it was raised
+    # bare from fit's cleanup, and everything since the previous save was lost)
+    with _FailingCheckpointer(str(tmp_path / "b"), save_every=5, error=OSError("No space left on device"),
+                              wait_after=3) as ckpt:
+        with pytest.raises(OSError, match="No space left") as err:
+            gf.train.fit(init(), step, lambda k: (X, Y), 15, chunk_size=5, progress=False, checkpointer=ckpt)
+    assert err.value.step == 15
+    np.testing.assert_array_equal(err.value.state.params["w"], straight.params["w"])
+
+    # a callback error while a save's write then also fails: the callback's error propagates,
+    # with the state, and the save failure as a note
+    def boom(state, metrics):
+        raise RuntimeError("callback failed")
+
+    with _FailingCheckpointer(str(tmp_path / "c"), save_every=5, error=OSError("disk gone"), wait_after=1) as ckpt:
+        with pytest.raises(RuntimeError, match="callback failed") as err:
+            gf.train.fit(init(), step, lambda k: (X, Y), 15, chunk_size=5, progress=False, checkpointer=ckpt,
+                         callback=boom)
+    assert err.value.step == 5 and any("disk gone" in n for n in err.value.__notes__)
+
+
+def test_fit_refuses_a_directory_holding_a_later_step(tmp_path):
+    """Training an older state into a directory with later steps mixed two runs: orbax failed at
+    the first colliding save (after the work), and restore_or picked the abandoned run's latest."""
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(lsq, opt)
+    init = lambda: gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))  # noqa: E731
+    with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=5, keep=5) as ckpt:
+        gf.train.fit(init(), step, lambda k: (X, Y), 12, chunk_size=5, progress=False, checkpointer=ckpt)
+        older, _ = ckpt.restore(init(), step=5)
+        with pytest.raises(ValueError, match="already holds step 12, later than the state's step 5"):
+            gf.train.fit(older, step, lambda k: (X, Y), 10, chunk_size=5, progress=False, checkpointer=ckpt)
+        latest, _ = ckpt.restore(init())
+        gf.train.fit(latest, step, lambda k: (X, Y), 3, chunk_size=5, progress=False, checkpointer=ckpt)
+        assert ckpt.all_steps() == [5, 10, 12, 15]

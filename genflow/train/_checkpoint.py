@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from genflow._checks import check_int
@@ -37,14 +38,29 @@ def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _empty(x) -> bool:
+    return hasattr(x, "shape") and math.prod(np.shape(x)) == 0
+
+
 def _to_savable(tree):
-    """Typed PRNG keys -> their raw ``uint32`` data (orbax stores plain arrays)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+    """Typed PRNG keys -> their raw ``uint32`` data (orbax stores plain arrays); zero-size arrays
+    (e.g. optax.contrib.galore's projectors of unprojected parameters), which orbax refuses ->
+    a one-element placeholder of their dtype, rebuilt from the target on restore."""
+    def leaf(x):
+        if _is_key(x):
+            return jax.random.key_data(x)
+        return np.zeros((1,), x.dtype) if _empty(x) else x
+
+    return jax.tree.map(leaf, tree)
 
 
 def _from_savable(tree, like):
-    return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if _is_key(ref)
-                        else x, tree, like)
+    def leaf(x, ref):
+        if _is_key(ref):
+            return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+        return jnp.zeros(np.shape(ref), ref.dtype) if _empty(ref) else x
+
+    return jax.tree.map(leaf, tree, like)
 
 
 def _abstract(tree, shardings=None):
@@ -54,6 +70,8 @@ def _abstract(tree, shardings=None):
 
     def spec(x, s):
         x = jax.random.key_data(x) if _is_key(x) else x
+        if _empty(x):  # stored as a host placeholder (see _to_savable)
+            return jax.ShapeDtypeStruct((1,), x.dtype)
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
 
     return jax.tree.map(spec, tree, shardings)

@@ -173,6 +173,31 @@ def _stack(history: dict[str, list]) -> dict[str, np.ndarray]:
     return {name: np.concatenate(v) for name, v in history.items()}
 
 
+def _settle_saves(checkpointer, e: BaseException, pending=None) -> None:
+    """After ``fit`` failed with ``e``: commit the checkpoints still being written, and redo a save
+    that the failure interrupted inside ``checkpointer.save`` (a Ctrl-C there abandons it). A
+    failure of either is added to ``e`` as a note, so that ``e`` (with its state) is what propagates."""
+    if checkpointer is None:
+        return
+    try:
+        checkpointer.wait()
+        if pending is not None and checkpointer.latest_step() != int(pending[0].step):
+            state, data_state, means = pending
+            checkpointer.save(state, data_state=data_state, metrics=means, force=True)
+            checkpointer.wait()
+            e.add_note(f"fit: the checkpoint of step {int(state.step)} that this error interrupted was saved again")
+    except BaseException as w:  # noqa: BLE001 (reported on e, which is re-raised)
+        e.add_note(f"fit: a checkpoint save also failed ({type(w).__name__}: {w}); the checkpoints on disk end at "
+                   f"step {_latest(checkpointer)}")
+
+
+def _latest(checkpointer):
+    try:
+        return checkpointer.latest_step()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
 def _deleted(tree) -> bool:
     return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
 
@@ -227,7 +252,10 @@ def fit(
         the data-iterator position) is saved asynchronously every ``save_every`` steps and at the
         last step of the run with the
         chunk means of the step metrics (``loss``, ``grad_norm``, the loss's scalar aux) as
-        metrics. Pending saves are committed before ``fit`` returns or raises.
+        metrics. Pending saves are committed before ``fit`` returns or raises; a save that an
+        exception interrupted (a Ctrl-C while ``save`` waits for the previous write) is made again
+        before the exception propagates, and a save that fails is added to the exception as a
+        note. Its directory must not hold a step later than ``state.step`` (another run's).
     Returns:
       ``(state, history)`` with ``history[name]``: ``[num_steps]`` numpy arrays of the step
       metrics, plus ``history["wall_time"]`` (seconds spent running the compiled chunks and
@@ -238,7 +266,8 @@ def fit(
         checkpoints on disk are left as they were (the last one is the last good save). An
         iterable ``data`` has been read to the end of the failing chunk (up to ``chunk_size - 1``
         batches past ``e.step``): resume from a checkpoint (it records the iterator position) or
-        with a re-positioned iterator, not with the same live one.
+        with a re-positioned iterator, not with the same live one. (The same holds for any
+        exception raised while a chunk's batches are gathered, e.g. a Ctrl-C.)
       ValueError: an iterable ``data`` ran out before ``num_steps`` batches.
       Any exception from the data iterator, a callback or the checkpointer (or a
       ``KeyboardInterrupt``) is re-raised with the last good state attached as ``e.state`` (its
@@ -265,6 +294,11 @@ def fit(
     cache_key = (step_fn, data if on_device else None, unroll, mesh, min_shard_size if mesh is not None else None)
     callbacks = _callbacks(callback)
     step0 = int(state.step) if checkpointer is not None else 0
+    if checkpointer is not None and (checkpointer.latest_step() or 0) > step0:
+        raise ValueError(f"checkpointer's directory already holds step {checkpointer.latest_step()}, later than the "
+                         f"state's step {step0}: training on would mix two runs in it (a save at an existing step "
+                         f"fails, and restore_or would pick the other run's latest). Resume from its latest step, or "
+                         f"give this run a new directory (or delete the steps after {step0})")
 
     bar = None
     if progress and jax.process_index() == 0:
@@ -273,6 +307,7 @@ def fit(
         bar = tqdm(total=num_steps, desc=desc, leave=False)
     history: dict[str, list] = {}
     done, compile_time, run_time, data_time = 0, 0.0, 0.0, 0.0
+    pending = None  # (state, data_state, metrics) of a save call that has not returned yet
     try:
         while done < num_steps:
             n = min(chunk_size, num_steps - done)
@@ -320,13 +355,18 @@ def fit(
                 if best is not None and best not in means:
                     raise ValueError(f"checkpointer.best_metric={best!r} is not a scalar step metric; "
                                      f"expected one of {sorted(means)}")
+                pending = (state, data_state, means)
                 checkpointer.save(state, data_state=data_state, metrics=means, force=True)
+                pending = None
             for cb in callbacks:
                 cb(state, dict(metrics, steps_per_s=n / dt))
             if bar is not None:
                 bar.update(n)
                 bar.set_postfix(loss=f"{float(np.mean(metrics['loss'])):.4f}")
-    except NonFiniteLossError:
+        if checkpointer is not None:
+            checkpointer.wait()  # a failed background write surfaces here, and is handled below
+    except NonFiniteLossError as e:
+        _settle_saves(checkpointer, e)
         raise
     except BaseException as e:  # data, callbacks, checkpointer, Ctrl-C: keep what was done
         # ``state`` is the last state a chunk returned (the caller's own was donated). It is
@@ -334,12 +374,11 @@ def fit(
         if not _deleted(state):
             e.state, e.step = state, int(state.step)
         e.history = _stack(history)
+        _settle_saves(checkpointer, e, pending)
         raise
     finally:
         if bar is not None:
             bar.close()
-        if checkpointer is not None:
-            checkpointer.wait()
     out = _stack(history)
     out["wall_time"] = run_time + data_time
     out["data_time"] = data_time
