@@ -15,10 +15,14 @@ A new path is one small function that returns a :class:`Path`::
 ``alpha`` must be exactly 0 where the path reaches pure noise and ``sigma`` exactly 0 at clean
 data: samplers, time grids and likelihoods recognise the ends by these zeros (float32's
 ``cos(pi / 2)`` is -4.4e-8, so ``jnp.cos(0.5 * jnp.pi * t)`` would leave a negative alpha at
-t = 1 and a NaN log-SNR).
+t = 1 and a NaN log-SNR). With ``k > 1``, ``alpha'(1) = 0`` as well: a velocity model's
+conversion to ``x0`` is 0/0 at t = 1, so the solvers that make it (DDIM, DPM-Solver, UniPC, SDE
+solvers, ...) refuse ``t_start = 1`` there; the velocity ODE solvers (euler, heun, tsit5, ...) start
+from it.
 
 Derivatives and the log-SNR default to autodiff / the definition; closed forms and the
-inverse of the log-SNR can be supplied for speed and accuracy. Define ``alpha_fn`` and
+inverse of the log-SNR can be supplied for speed and accuracy (without one, the inverse is a
+bisection, differentiable through its implicit-function derivative). Define ``alpha_fn`` and
 ``sigma_fn`` at module level (not as lambdas inside the factory) so that two calls of the
 factory give equal paths and hit the same compiled program.
 """

@@ -1,6 +1,7 @@
 import dataclasses
 
 import logging
+import re
 
 import equinox as eqx
 import jax
@@ -137,6 +138,23 @@ def test_docstring_example_path_has_exact_ends_and_samples():
         err[n] = float(jnp.sqrt(jnp.mean((x - ref) ** 2)))
     # measured 0.166 and 2.6e-3 (vp_cosine: 0.150 and 1.25e-2)
     assert err[40] < 5e-3 and err[10] > 20 * err[40], err
+
+
+def test_velocity_models_where_alpha_and_its_rate_vanish_at_the_start():
+    """power_cosine(2) has alpha(1) = alpha'(1) = 0: the velocity -> x0 conversion the scan and SDE
+    solvers make is 0/0 there, and every one of them returned NaN samples silently (extension review
+    helper's finding). They are refused; the velocity ODE solvers, which need no conversion, sample."""
+    p = power_cosine(2.0)
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -1.0]), jnp.array([0.5, 0.2]))
+    x1 = g.prior_sample(jax.random.key(0), 256, p, 1.0)
+    for solver in ("ddim", "dpm++2m", "unipc", "edm_heun"):
+        with pytest.raises(ValueError, match=f"t_start=1.0 has alpha sigma' - sigma alpha' = 0 on path "
+                                             f"'power_cosine', where solver '{re.escape(solver)}'"):
+            gf.sample(g.model(p, "velocity"), p, x1, prediction="velocity", solver=solver, steps=10)
+        x, _ = gf.sample(g.model(p, "velocity"), p, x1, prediction="velocity", solver=solver, steps=10, t_start=0.999)
+        assert np.all(np.isfinite(np.asarray(x)))
+    x, _ = gf.sample(g.model(p, "velocity"), p, x1, prediction="velocity", solver="heun", steps=20)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(g.flow_map(x1, 1.0, 0.0, p)), atol=2e-2)
 
 
 def test_new_hyper_parameters_do_not_recompile_samplers_or_likelihoods():

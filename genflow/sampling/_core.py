@@ -191,7 +191,8 @@ def _evaluates_at_end(spec) -> bool:
 
 def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
     """Refuse a start where the needed conversion is 0/0 (alpha(t_start) = 0, e.g. t=1 on the
-    linear path): eps/score -> x0 and the reverse-SDE drift f = alpha'/alpha are singular; and an
+    linear path): eps/score -> x0 and the reverse-SDE drift f = alpha'/alpha are singular; velocity
+    -> x0 where also alpha'(t_start) = 0; and an
     end where an x0 model's velocity is 0/0 (sigma(t_end) = 0) for a solver that evaluates there."""
     try:
         tn = np.asarray(ts)  # on the host: indexing a device array compiles per grid length
@@ -206,6 +207,16 @@ def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
             f"t_start={float(t0)} has alpha=0 on path {path.name!r}, where {why} is singular; "
             f"start slightly earlier (e.g. t_start=0.999, drawing x1 from the marginal there)"
         )
+    if prediction == "velocity" and (uses_drift or _is_scan(spec)):
+        tj = jnp.asarray(t0)
+        det = a0 * float(path.d_sigma(tj)) - float(path.sigma(tj)) * float(path.d_alpha(tj))
+        if det == 0.0:  # alpha = alpha' = 0 (e.g. alpha = cos(pi t / 2)^2 at t = 1): NaN samples
+            raise ValueError(
+                f"t_start={float(t0)} has alpha sigma' - sigma alpha' = 0 on path {path.name!r}, where solver "
+                f"{spec.name!r}'s velocity -> x0 conversion divides by it (0/0); start slightly earlier (e.g. "
+                f"t_start=0.999, drawing x1 from the marginal there) or use an ODE solver that integrates the "
+                f"velocity itself (euler, heun, midpoint, tsit5, ...)"
+            )
     if prediction == "x0" and _evaluates_at_end(spec) and float(path.sigma(jnp.asarray(t1))) == 0.0:
         raise ValueError(
             f"t_end={float(t1)} has sigma=0 on path {path.name!r}: solver {spec.name!r} evaluates the "
