@@ -87,7 +87,10 @@ def _check_fn(fn, name: str):
 @dataclasses.dataclass(frozen=True)
 class CFG:
     """``uncond + scale (cond - uncond)``; ``scale = 1`` is the conditional model, ``0`` the
-    unconditional one. ``scale``: scalar or ``[B]`` (traced)."""
+    unconditional one. ``scale``: scalar or ``[B]`` (traced).
+
+    A new guidance formula (e.g. rescaled CFG) is a subclass that overrides :meth:`combine`;
+    :func:`interval` and :func:`adaptive` then apply it too."""
 
     cond: ModelFn
     uncond: ModelFn
@@ -100,9 +103,16 @@ class CFG:
     def cond_only(self, x: Array, t: Array) -> Array:
         return self.cond(x, t)
 
+    def combine(self, c: Array, u: Array, w) -> Array:
+        """The guided prediction from the conditional and unconditional ones ``c, u: [B, ...]`` at
+        scale ``w`` (scalar or ``[B]``): ``u + w (c - u)``. An override must return ``c`` where
+        ``w = 1`` (the conditional model: :func:`interval` and :func:`adaptive` pass ``w = 1``
+        for the samples they do not guide)."""
+        return _guide(c, u, w)
+
     def __call__(self, x: Array, t: Array) -> Array:
         c, u = self.parts(x, t)
-        return _guide(c, u, self.scale)
+        return self.combine(c, u, self.scale)
 
 
 @jax.tree_util.register_dataclass
@@ -117,6 +127,9 @@ class BatchedCFG:
     scale: Array
 
     def _labels(self, b: int) -> tuple[Array, Array]:
+        if jnp.ndim(self.y) and jnp.shape(self.y)[0] not in (1, b):
+            raise ValueError(f"cfg_batched: y holds {jnp.shape(self.y)[0]} conditions {jnp.shape(self.y)}, but the model "
+                             f"is called on a batch of {b}: give one per sample ([B, ...]) or a scalar label")
         y = jnp.broadcast_to(self.y, (b,) + jnp.shape(self.y)[1:]) if jnp.ndim(self.y) else jnp.full((b,), self.y)
         return y, jnp.broadcast_to(self.null, y.shape).astype(y.dtype)
 
@@ -131,10 +144,22 @@ class BatchedCFG:
         b = x.shape[0]  # (t broadcast as in parts: interval's branch got a scalar t the network could not index)
         return self.fn(x, jnp.broadcast_to(jnp.asarray(t), (b,)), self._labels(b)[0])
 
+    combine = CFG.combine
     __call__ = CFG.__call__
 
 
-_GUIDED = (CFG, BatchedCFG)
+def _check_guided(guided, name: str):
+    """``guided`` must offer ``parts``, ``cond_only``, ``combine`` and ``scale`` (a :class:`CFG` /
+    :class:`BatchedCFG` or a subclass); a subclass that changes ``__call__`` but not ``combine``
+    is refused (``name`` would silently apply the plain formula instead of its own)."""
+    if not all(hasattr(guided, a) for a in ("parts", "cond_only", "combine", "scale")):
+        raise TypeError(f"{name} expects a CFG from gf.guidance.cfg / cfg_batched (or an object with parts, "
+                        f"cond_only, combine and scale); got {type(guided).__name__}")
+    cls = type(guided)
+    for base in (CFG, BatchedCFG):
+        if isinstance(guided, base) and cls.__call__ is not base.__call__ and cls.combine is base.combine:
+            raise TypeError(f"{name}: {cls.__name__} overrides __call__ but not combine(c, u, w), which {name} "
+                            f"applies; put the guidance formula in combine")
 
 
 def cfg(cond_fn: ModelFn, uncond_fn: ModelFn, scale) -> CFG:
@@ -165,8 +190,9 @@ class Interval:
         # the unconditional model only runs when some sample of the batch is inside the interval
         c, u = jax.lax.cond(jnp.any(inside), lambda: self.guided.parts(x, t),
                             lambda: (lambda c: (c, c))(self.guided.cond_only(x, t)))
+        _per_sample(self.guided.scale, x)  # (names a scale of the wrong shape)
         w = jnp.where(inside, jnp.asarray(self.guided.scale, jnp.float32), 1.0)  # scalar or [B]
-        return _guide(c, u, w)
+        return self.guided.combine(c, u, w)
 
 
 def interval(guided: CFG, t_lo, t_hi) -> Interval:
@@ -177,8 +203,7 @@ def interval(guided: CFG, t_lo, t_hi) -> Interval:
     The interval is open at ``t_lo``: ``interval(g, 0.0, 1.0)`` is not ``g`` for solvers that
     evaluate the model at ``t_end = 0`` (``heun``, ``tsit5``: Diffrax stages at a step's end, on
     the ``linear`` path, whose ``t_min`` is 0); that last evaluation is the conditional model's."""
-    if not isinstance(guided, _GUIDED):
-        raise TypeError(f"interval expects a CFG from gf.guidance.cfg / cfg_batched; got {type(guided).__name__}")
+    _check_guided(guided, "interval")
     lo, hi = concrete_real(t_lo), concrete_real(t_hi)
     if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:  # else it never (or always) guides
         raise ValueError(f"interval: expected 0 <= t_lo < t_hi <= 1; got t_lo={t_lo}, t_hi={t_hi}")
@@ -284,8 +309,9 @@ class Adaptive:
     def __call__(self, x: Array, t: Array) -> Array:
         c, u = self.guided.parts(x, t)
         agree = self.similarity(c, u) > self.threshold
+        _per_sample(self.guided.scale, x)  # (names a scale of the wrong shape)
         w = jnp.where(agree, 1.0, jnp.asarray(self.guided.scale, jnp.float32))  # [B]
-        return _guide(c, u, w)
+        return self.guided.combine(c, u, w)
 
 
 def adaptive(guided: CFG, threshold: float = 0.99) -> Adaptive:
@@ -299,8 +325,7 @@ def adaptive(guided: CFG, threshold: float = 0.99) -> Adaptive:
     steps -- an eps model is not guided; v predictions of two Gaussians never reach 0.99). As a
     pure function it still evaluates both models; to guide only down to a known switch time
     (and save the unconditional evaluations after it), use :func:`interval`."""
-    if not isinstance(guided, _GUIDED):
-        raise TypeError(f"adaptive expects a CFG from gf.guidance.cfg / cfg_batched; got {type(guided).__name__}")
+    _check_guided(guided, "adaptive")
     th = concrete_real(threshold)
     if th is not None and not -1.0 <= th < 1.0:  # a cosine similarity: from 1 on it never stops guiding
         raise ValueError(f"adaptive: threshold is a cosine similarity, expected in [-1, 1); got {threshold}")

@@ -1,5 +1,6 @@
 """Guidance transformers against closed forms, and traced scales that never recompile."""
 
+import dataclasses
 import functools
 
 import jax
@@ -255,6 +256,15 @@ def test_guidance_scale_of_wrong_shape_is_named():
     x, t = jnp.zeros((4, 2)), jnp.full((4,), 0.5)
     with pytest.raises(ValueError, match=r"scale must be a scalar or have shape \[B\] = \[4\]; got shape \(3,\)"):
         gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), jnp.ones(3))(x, t)
+    # interval and adaptive name it too (JAX's broadcasting error did, without the argument)
+    g = gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), jnp.ones(3))
+    for wrapped in (gf.guidance.interval(g, 0.1, 0.9), gf.guidance.adaptive(g)):
+        with pytest.raises(ValueError, match=r"scale must be a scalar or have shape \[B\] = \[4\]"):
+            wrapped(x, t)
+    # cfg_batched: labels for another batch size
+    with pytest.raises(ValueError, match=r"cfg_batched: y holds 2 conditions \(2,\), but the model is called on a "
+                                         r"batch of 4"):
+        gf.guidance.cfg_batched(lambda x, t, c: x, jnp.array([1, 1]), 0, 2.0)(x, t)
 
 
 def test_guidance_scale_must_be_real():
@@ -409,3 +419,45 @@ def test_classifier_guidance_from_pure_noise_on_a_path_with_flat_alpha_at_noise(
     g = gf.guidance.classifier(mix.model(path, kind), path, kind, lambda z, t: mix._resp(z, t, path)[0], 0, 1.0)
     t = jnp.array([1.0, 0.5, 1.0])
     np.testing.assert_allclose(g(x, t), comp.model(path, kind)(x, t), rtol=1e-4, atol=1e-4)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _RescaledCFG(gf.guidance.CFG):
+    """Rescaled CFG (Lin et al. 2024): the guided prediction rescaled to the per-sample std of the
+    conditional one, mixed by phi; a user's guidance formula, written as the CFG docstring says."""
+
+    phi: float = 0.7
+
+    def combine(self, c, u, w):
+        g = super().combine(c, u, w)
+        r = g * jnp.std(c, axis=-1, keepdims=True) / jnp.std(g, axis=-1, keepdims=True)
+        return self.phi * r + (1 - self.phi) * g
+
+
+def test_a_new_guidance_formula_is_applied_by_interval_and_adaptive():
+    """interval and adaptive rebuilt the plain CFG formula from parts(): a subclass's own formula
+    was silently dropped once wrapped (extension review helper's finding)."""
+    base = gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), 3.0)
+    resc = _RescaledCFG(base.cond, base.uncond, base.scale)
+    x, t = _xt()
+    c, u = resc.parts(x, t)
+    g = np.asarray(u + 3.0 * (c - u))
+    want = 0.7 * g * np.std(np.asarray(c), -1, keepdims=True) / np.std(g, -1, keepdims=True) + 0.3 * g
+    np.testing.assert_allclose(resc(x, t), want, rtol=1e-5)
+    assert np.max(np.abs(want - g)) > 0.1  # (the formula matters here)
+    np.testing.assert_allclose(gf.guidance.interval(resc, 0.0, 1.0)(x, t), want, rtol=1e-5)
+    np.testing.assert_allclose(gf.guidance.interval(resc, 0.0, 0.5)(x, t), c, rtol=1e-5, atol=1e-7)  # outside: cond
+    np.testing.assert_allclose(gf.guidance.adaptive(resc, 1.0 - 1e-7)(x, t), want, rtol=1e-5)
+    x1 = jax.random.normal(jax.random.key(0), (64, 2))  # and through a sampler, as a pytree
+    a, _ = gf.sample(gf.guidance.interval(resc, 0.0, 1.0), PATH, x1, prediction="eps", solver="dpm++2m", steps=8)
+    b, _ = gf.sample(resc, PATH, x1, prediction="eps", solver="dpm++2m", steps=8)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    class OnlyCall(gf.guidance.CFG):  # the formula in __call__: interval could not apply it
+        def __call__(self, x, t):
+            return 2.0 * super().__call__(x, t)
+
+    for wrap in (gf.guidance.interval, gf.guidance.adaptive):
+        with pytest.raises(TypeError, match="overrides __call__ but not combine"):
+            wrap(OnlyCall(base.cond, base.uncond, base.scale), *((0.2, 0.8) if wrap is gf.guidance.interval else ()))
