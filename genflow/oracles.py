@@ -31,7 +31,9 @@ __all__ = ["Gaussian", "GaussianMixture", "OracleModel", "reference_flow_map"]
 
 
 def _t_col(t, x: Array) -> Array:
+    """``t`` (scalar or ``[B]``, checked against ``x: [B, D]``) as a ``[B, 1]`` column."""
     t = jnp.asarray(t, x.dtype)
+    broadcast_t(t, x)  # (names a t of the wrong length)
     return jnp.broadcast_to(t, (x.shape[0],))[:, None]
 
 

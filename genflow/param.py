@@ -82,6 +82,14 @@ def _coefs(path: Path, t, x):
     return path.alpha(t), path.sigma(t), t
 
 
+def _same_shape(x: Array, **arrays) -> None:
+    """Raise ``ValueError`` naming the argument whose shape differs from ``x``'s (broadcasting a
+    ``[B, 1]`` state against a ``[B, D]`` prediction gave silently wrong shapes)."""
+    for name, a in arrays.items():
+        if jnp.shape(a) != jnp.shape(x):
+            raise ValueError(f"{name} must have the shape of x {jnp.shape(x)}; got {name}.shape={jnp.shape(a)}")
+
+
 def _widened(t, *arrays):
     """``(out_dtype, t, *arrays)`` with ``t`` and the arrays in at least float32: the dtype JAX's
     promotion gives the result (``jnp.result_type`` of the arrays and ``t``; a Python-float ``t``
@@ -108,6 +116,7 @@ def to_x0_eps(pred: Array, x: Array, t, path: Path, kind: str) -> tuple[Array, A
       (computed in at least float32).
     """
     check_kind(kind)
+    _same_shape(x, pred=pred)
     out, t, pred, x = _widened(t, pred, x)
     x0, eps = _to_x0_eps(pred, x, t, path, kind)
     return x0.astype(out), eps.astype(out)
@@ -140,6 +149,7 @@ def from_x0_eps(x0: Array, eps: Array, x: Array, t, path: Path, kind: str) -> Ar
     """The prediction of kind ``kind`` implied by ``(x0, eps)`` at ``(x, t)``; ``[B, ...]`` in the
     promoted dtype of ``x0``, ``eps``, ``x`` and ``t`` (computed in at least float32)."""
     check_kind(kind)
+    _same_shape(x, x0=x0, eps=eps)
     out, t, x0, eps, x = _widened(t, x0, eps, x)
     return _from_x0_eps(x0, eps, x, t, path, kind).astype(out)
 
@@ -172,6 +182,7 @@ def convert(pred: Array, x: Array, t, path: Path, src: str, dst: str) -> Array:
     check_kind(src, "src")
     check_kind(dst, "dst")
     check_t(t)  # (a no-op under jit)
+    _same_shape(x, pred=pred)
     if src == dst:
         return pred
     out, t, pred, x = _widened(t, pred, x)

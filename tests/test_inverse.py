@@ -424,6 +424,10 @@ def test_bad_inputs():
                                  **kwargs)
     with pytest.raises(ValueError, match="does not match operator.forward"):
         inv.posterior_sample(fn, path, x1, x1, op, prediction="eps", key=jax.random.key(0))
+    y = op(x1)  # measurements as a list, as posterior_model takes them
+    np.testing.assert_array_equal(
+        inv.posterior_sample(fn, path, x1, y.tolist(), op, prediction="eps", key=jax.random.key(0), steps=3)[0],
+        inv.posterior_sample(fn, path, x1, y, op, prediction="eps", key=jax.random.key(0), steps=3)[0])
     with pytest.raises(ValueError, match="pass key="):
         inv.posterior_sample(fn, path, x1, op(x1), op, prediction="eps", key=None)
     with pytest.raises(ValueError, match="does not fit"):

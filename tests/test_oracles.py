@@ -132,6 +132,14 @@ def test_oracles_refuse_negative_variances():
     assert float(jnp.min(g.var)) >= 0.0
 
 
+def test_oracle_models_name_a_time_of_another_batch_size():
+    x = jnp.ones((3, 2))
+    for oracle in (gf.oracles.Gaussian.diagonal(jnp.zeros(2), 1.0),
+                   gf.oracles.GaussianMixture(jnp.zeros(2), jnp.zeros((2, 2)), jnp.ones((2, 2)))):
+        with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B\] = \[3\]"):
+            oracle.model(gf.paths.linear(), "eps")(x, jnp.full((2,), 0.5))
+
+
 def test_oracle_velocity_has_finite_reverse_mode_gradients_where_sigma_prime_is_singular():
     # the unselected alpha' x0 + sigma' eps branch was inf * 0 at t = 0 on vp_linear: the value was
     # finite but a vjp (0 cotangent * inf) was NaN, while the jvp was finite

@@ -88,6 +88,19 @@ def test_convert_and_eps_scale_refuse_t_outside_the_unit_interval():
     assert out.shape == (2, 2)
 
 
+def test_conversions_name_a_prediction_of_another_shape():
+    """A [3, 1] state against a [3, 2] prediction broadcast silently (to_x0_eps returned [3, 2])."""
+    p = gf.paths.linear()
+    x, pred = jnp.ones((3, 1)), jnp.ones((3, 2))
+    with pytest.raises(ValueError, match=r"pred must have the shape of x \(3, 1\); got pred.shape=\(3, 2\)"):
+        gf.param.to_x0_eps(pred, x, 0.5, p, "v")
+    for dst in ("x0", "eps"):  # (also when the kinds agree)
+        with pytest.raises(ValueError, match="pred must have the shape of x"):
+            gf.param.convert(pred, x, 0.5, p, "eps", dst)
+    with pytest.raises(ValueError, match="eps must have the shape of x"):
+        gf.param.from_x0_eps(x, pred, x, 0.5, p, "v")
+
+
 def test_converted_fn_is_a_pytree_that_jit_traces():
     """convert_fn(src != dst) returns a ConvertedFn: a pytree whose leaves are the wrapped function's
     bound arrays and the path parameters (so jit traces, not hashes, them: new values reuse one

@@ -421,6 +421,7 @@ def posterior_sample(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    y = jnp.asarray(y)  # (a list of measurements, which posterior_model takes, failed on y.shape)
     base = METHODS[method] if base is None else base
     if base not in ("ddim", "flow"):
         raise ValueError(f"base must be 'ddim' or 'flow'; got {base!r}")
