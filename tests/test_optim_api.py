@@ -473,6 +473,26 @@ def test_register_an_optimizer_of_your_own():
     with pytest.raises(TypeError, match="factory must be callable"):
         gf.optim.register("test_not_callable", 3)
 
+    # a transform that uses the loss must receive it: as a plain GradientTransformation optax gave it
+    # value=None at every step, silently (extension review helper's finding); it is refused by name
+    seen = []
+
+    def polyak_update(updates, state, params=None, *, value=None, **extra):
+        seen.append(value)
+        return jax.tree.map(lambda g: -0.1 * g, updates), state
+
+    plain = optax.GradientTransformation(lambda p: optax.EmptyState(), polyak_update)
+    gf.optim.register("test_plain_polyak", lambda learning_rate: plain)
+    with pytest.raises(TypeError, match="optimizer 'test_plain_polyak': its update takes value=, which optax passes "
+                                        "only to an optax.GradientTransformationExtraArgs"):
+        gf.train.make_optimizer(0.1, name="test_plain_polyak")
+    with pytest.raises(TypeError, match="make_train_step's optimizer: its update takes value="):
+        gf.train.make_train_step(lambda p, b, k: (loss(p), {}), plain)
+    extra = optax.GradientTransformationExtraArgs(plain.init, polyak_update)
+    step = gf.train.make_train_step(lambda p, b, k: (loss(p), {}), extra)
+    state, metrics = step(gf.train.init_state(P0, extra, jax.random.key(0)), None)
+    assert len(seen) == 1 and seen[0] is not None and np.isclose(float(metrics["loss"]), float(loss(P0)))
+
 
 def test_make_optimizer_refuses_clipping_before_smb():
     """make_optimizer(name="smb", clip_norm=c) chained clip_by_global_norm before SMB: SMB's g was the

@@ -86,7 +86,9 @@ def register(name: str, factory: Callable[..., optax.GradientTransformation]) ->
     :func:`genflow.train.make_optimizer` (its warm-up, decay and clipping) and the experiments'
     ``--optimizer`` flags then build it with ``factory(**hparams)`` (take a ``learning_rate`` to
     be used by ``make_optimizer``). Names are unique: an existing one is refused; :func:`source`
-    reports it as "user". Returns ``factory``.
+    reports it as "user". Returns ``factory``. A transform that uses the loss (``value=``), the
+    gradient (``grad=``) or ``value_fn=``, which genflow's train step passes, must be an
+    ``optax.GradientTransformationExtraArgs`` (optax drops them for a plain one; refused).
 
     Example::
 
@@ -142,4 +144,27 @@ def get(name: str, **hparams) -> optax.GradientTransformation:
     except TypeError as e:
         accepted = ", ".join(sig.parameters)
         raise TypeError(f"bad hyper-parameters for {src} optimizer {name!r}: {e}; it accepts: {accepted}") from None
-    return fn(**hparams)
+    return check_extra_args(fn(**hparams), f"optimizer {name!r}")
+
+
+_EXTRA = ("value", "grad", "value_fn")
+
+
+def check_extra_args(tx, what: str = "optimizer"):
+    """Return ``tx``; raise ``TypeError`` if it is a plain ``optax.GradientTransformation`` whose
+    ``update`` names one of the extra arguments genflow's train step passes (``value``, ``grad``,
+    ``value_fn``): optax hands extra arguments only to ``GradientTransformationExtraArgs``, so such
+    a transform (a Polyak or MoMo-style step of your own) would silently get its default
+    (``value=None``) at every step."""
+    if isinstance(tx, optax.GradientTransformationExtraArgs) or not isinstance(tx, optax.GradientTransformation):
+        return tx
+    try:
+        params = inspect.signature(tx.update).parameters
+    except (TypeError, ValueError):  # (a builtin or C callable: no signature to read)
+        return tx
+    named = [a for a in _EXTRA if a in params]
+    if named:
+        raise TypeError(f"{what}: its update takes {', '.join(named)}=, which optax passes only to an "
+                        f"optax.GradientTransformationExtraArgs; build it as GradientTransformationExtraArgs(init, "
+                        f"update) so that it receives them (as a plain GradientTransformation it would get None)")
+    return tx

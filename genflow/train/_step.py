@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from genflow._checks import check_int
+from genflow.optim._registry import check_extra_args
 from genflow.train._state import TrainState
 
 Array = jax.Array
@@ -119,7 +120,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     state.
     """
     grad_accum = check_int("grad_accum", grad_accum)
-    tx = _accepted_extra_args(optax.with_extra_args_support(optimizer))
+    tx = _accepted_extra_args(optax.with_extra_args_support(check_extra_args(optimizer, "make_train_step's optimizer")))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def loss_and_grad(params, batch, key):
