@@ -43,7 +43,8 @@ class SolverSpec:
       description: one line.
       target: ``"flow_map"`` (converges to the probability-flow ODE map), ``"sde"`` (pathwise to
         the reverse SDE driven by the same Brownian path) or ``"distribution"`` (in law only).
-      stepper: the scan step of hand-written solvers (used by :func:`optimize_schedule`).
+      stepper: the scan step of genflow's own solvers (used by :func:`optimize_schedule`; a solver
+        registered with its own ``run`` is not optimized).
       options: the solver options :func:`genflow.sample` accepts as keyword arguments.
     """
 
@@ -153,9 +154,24 @@ def register(spec: SolverSpec) -> SolverSpec:
     """Add a solver to the table, from outside the library: ``gf.sample(..., solver=spec.name)``
     then runs it with every path, prediction kind and time grid, and :func:`solvers` lists it.
 
-    ``spec.run(model, ts, x, key, **options) -> (x, nfe, trajectory, stats)`` integrates from
-    ``ts[0]`` down to ``ts[-1]``; :func:`diffrax_solver` builds the spec of a Diffrax ODE solver.
-    Names are unique (a compiled sampler is keyed by the name): an existing name is refused.
+    ``spec.run(model, ts, x, key, *, rtol, atol, max_steps, save_trajectory, **options)`` integrates
+    from ``ts[0]`` down to ``ts[-1]`` and returns ``(x, nfe, trajectory, stats)``:
+
+    - ``model``: a :class:`genflow.sampling.Model` (``model.velocity(x, t)``,
+      ``model.x0_eps(x, t)``, ``model.predict(x, t, kind)``, whatever kind the user's network
+      returns); ``ts: [N + 1]`` the decreasing grid; ``x: [B, ...]`` (at least float32); ``key``:
+      a PRNG key or None.
+    - ``rtol``, ``atol``, ``max_steps`` (adaptive solvers) and ``save_trajectory`` are always
+      passed: a fixed-step ``run`` takes them and ignores the first three (``**_``);
+      ``options``: the keyword arguments named in ``spec.options`` that the caller gave.
+    - returns the final state ``[B, ...]``, the number of evaluations (int), the states at
+      ``ts`` (``[N + 1, B, ...]``) if ``save_trajectory`` else None, and a dict of statistics
+      (may be empty).
+
+    :func:`diffrax_solver` builds the spec of a Diffrax ODE solver. Names are unique (a compiled
+    sampler is keyed by the name): an existing name is refused. A registered ``run`` gets the
+    grid as built; :func:`optimize_schedule` and :func:`select_schedule` take genflow's own
+    scan solvers only.
 
     Example::
 
