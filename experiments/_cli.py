@@ -113,4 +113,5 @@ def write_json(path, obj, indent: int = 2, default=None) -> None:
     refuse. ``default`` converts other objects, as in ``json.dump``; the parent folder is created."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(_json_safe(obj), f, indent=indent, allow_nan=False, default=default)
+        json.dump(_json_safe(obj), f, indent=indent, allow_nan=False,
+                  default=None if default is None else (lambda o: _json_safe(default(o))))

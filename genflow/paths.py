@@ -22,7 +22,7 @@ from it.
 
 Derivatives and the log-SNR default to autodiff / the definition; closed forms and the
 inverse of the log-SNR can be supplied for speed and accuracy (without one, the inverse is a
-bisection, differentiable through its implicit-function derivative). Define ``alpha_fn`` and
+bisection, with the implicit-function first derivatives). Define ``alpha_fn`` and
 ``sigma_fn`` at module level (not as lambdas inside the factory) so that two calls of the
 factory give equal paths and hit the same compiled program.
 """
@@ -142,8 +142,9 @@ class Path:
         """Inverse of :meth:`log_snr`: the ``t`` in [0, 1] with ``log_snr(t) = lam``.
 
         Closed form where the path provides one, else 60 steps of bisection (the log-SNR of
-        every Gaussian path is decreasing in t), differentiable through the implicit-function
-        derivative ``1 / d_log_snr(t)``. A ``lam`` outside the path's range gives the nearer end:
+        every Gaussian path is decreasing in t), with the implicit-function first derivatives
+        (``1 / d_log_snr(t)`` in ``lam``, and in the path's hyper-parameters; second derivatives
+        of the bisection are 0). A ``lam`` outside the path's range gives the nearer end:
         0 above ``log_snr(0)``, 1 below ``log_snr(1)`` (with derivative 0).
         """
         lam = _as_float(lam)
@@ -154,22 +155,28 @@ class Path:
             t = jnp.where(jnp.isnan(t) & jnp.isneginf(lam), 1.0, t)
             return jnp.clip(t, 0.0, 1.0).astype(t.dtype)
 
+        lam0 = jax.lax.stop_gradient(lam)
+
         def body(_, bounds):
             lo, hi = bounds
             mid = 0.5 * (lo + hi)
-            above = self.log_snr(mid) > lam  # still too clean: move right
+            above = self.log_snr(mid) > lam0  # still too clean: move right
             return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
 
-        lam0 = jax.lax.stop_gradient(lam)
         lo, hi = jax.lax.fori_loop(0, 60, body, (jnp.zeros_like(lam0), jnp.ones_like(lam0)))
-        t = 0.5 * (lo + hi)
-        # The bisection's comparisons have zero derivative: give t its implicit-function derivative
-        # dt/dlam = 1 / lambda'(t) (zero where lam is outside the path's range and t is clamped),
-        # so that optimize_schedule and jax.grad see through paths without a closed-form inverse.
+        t = jax.lax.stop_gradient(0.5 * (lo + hi))
+        # The bisection's comparisons have zero derivative. Give t the implicit-function one of
+        # log_snr(t; params) = lam (first order): dt = (dlam - d_params log_snr(t)) / lambda'(t),
+        # zero where lam is outside the path's range and t is clamped, so that optimize_schedule and
+        # jax.grad see through paths without a closed-form inverse (w.r.t. lam and the path's
+        # traced hyper-parameters alike). The added term is 0 in value.
         slope = self.d_log_snr(t)
         inside = (lam0 <= self.log_snr(jnp.zeros_like(t))) & (lam0 >= self.log_snr(jnp.ones_like(t)))
-        inv = jnp.where(inside & jnp.isfinite(slope) & (slope != 0), 1.0 / jnp.where(slope == 0, 1.0, slope), 0.0)
-        return t + jnp.where(jnp.isfinite(lam0), lam - lam0, 0.0) * inv.astype(t.dtype)
+        ok = inside & jnp.isfinite(lam0) & jnp.isfinite(slope) & (slope != 0)
+        inv = jax.lax.stop_gradient(jnp.where(ok, 1.0 / jnp.where(ok, slope, 1.0), 0.0))
+        lam_t = self.log_snr(jnp.where(ok, t, 0.5))  # (carries the path's hyper-parameters)
+        resid = (lam - lam0) - (lam_t - jax.lax.stop_gradient(lam_t))
+        return t + jnp.where(ok, resid, 0.0) * inv.astype(t.dtype)
 
     # -- drift and diffusion of the equivalent forward SDE -------------------------------
     def drift_coef(self, t) -> Array:

@@ -41,6 +41,17 @@ def test_closed_forms_match_autodiff(name):
         np.testing.assert_allclose(jax.vmap(jax.grad(q.t_from_log_snr))(lam), 1.0 / p.d_log_snr(t), rtol=1e-7)
         np.testing.assert_allclose(jax.jvp(q.t_from_log_snr, (lam,), (jnp.ones_like(lam),))[1], 1.0 / p.d_log_snr(t),
                                    rtol=1e-7)
+        # ... and in the path's hyper-parameters, as the closed form does (the first version of this
+        # derivative had only the lam part: a round trip t(log_snr(t)) had a nonzero derivative)
+        for hp, v in p.params.items():
+            if not np.isfinite(float(v)):
+                continue
+
+            def inverse_at(v, path, hp=hp):
+                return dataclasses.replace(path, params={**path.params, hp: v}).t_from_log_snr(lam[7])
+
+            np.testing.assert_allclose(jax.grad(inverse_at)(jnp.float64(v), q), jax.grad(inverse_at)(jnp.float64(v), p),
+                                       rtol=1e-6, atol=1e-12, err_msg=hp)
 
 
 @pytest.mark.parametrize("name", sorted(ALL_PATHS))

@@ -88,7 +88,9 @@ def register(name: str, factory: Callable[..., optax.GradientTransformation]) ->
     be used by ``make_optimizer``). Names are unique: an existing one is refused; :func:`source`
     reports it as "user". Returns ``factory``. A transform that uses the loss (``value=``), the
     gradient (``grad=``) or ``value_fn=``, which genflow's train step passes, must be an
-    ``optax.GradientTransformationExtraArgs`` (optax drops them for a plain one; refused).
+    ``optax.GradientTransformationExtraArgs`` (optax drops them for a plain one: refused when the
+    factory returns it directly; inside ``optax.chain`` it cannot be seen, so build the chain's
+    parts that need them as ``GradientTransformationExtraArgs`` too).
 
     Example::
 
@@ -155,7 +157,9 @@ def check_extra_args(tx, what: str = "optimizer"):
     ``update`` names one of the extra arguments genflow's train step passes (``value``, ``grad``,
     ``value_fn``): optax hands extra arguments only to ``GradientTransformationExtraArgs``, so such
     a transform (a Polyak or MoMo-style step of your own) would silently get its default
-    (``value=None``) at every step."""
+    (``value=None``) at every step. Only ``tx`` itself is inspected: optax exposes no way to see
+    the parts of an ``optax.chain`` (always an ``ExtraArgs`` one), which drops them for its plain
+    parts."""
     if isinstance(tx, optax.GradientTransformationExtraArgs) or not isinstance(tx, optax.GradientTransformation):
         return tx
     try:

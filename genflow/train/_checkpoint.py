@@ -54,13 +54,21 @@ def _to_savable(tree):
     return jax.tree.map(leaf, tree)
 
 
-def _from_savable(tree, like):
-    def leaf(x, ref):
+def _from_savable(tree, like, shardings=None):
+    """The restored ``tree`` in ``like``'s types: PRNG keys re-wrapped, zero-size leaves rebuilt
+    (placed on ``shardings``, default ``like``'s)."""
+    if shardings is None:
+        shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), like)
+
+    def leaf(x, ref, s):
         if _is_key(ref):
             return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
-        return jnp.zeros(np.shape(ref), ref.dtype) if _empty(ref) else x
+        if _empty(ref):
+            empty = jnp.zeros(np.shape(ref), ref.dtype)
+            return empty if s is None else jax.device_put(empty, s)
+        return x
 
-    return jax.tree.map(leaf, tree, like)
+    return jax.tree.map(leaf, tree, like, shardings)
 
 
 def _abstract(tree, shardings=None):
@@ -177,7 +185,7 @@ class Checkpointer:
         abstract, ocp = _abstract(target, shardings), _ocp()
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                  data=ocp.args.JsonRestore()))
-        return _from_savable(out["state"], target), dict(out["data"] or {})
+        return _from_savable(out["state"], target, shardings), dict(out["data"] or {})
 
     def restore_or(self, target: TrainState, shardings: Any = None) -> tuple[TrainState, dict | None]:
         """The latest checkpoint if there is one, else ``(target, None)`` (start from scratch)."""
