@@ -176,8 +176,8 @@ def paired_coupling(x1_paired: Array) -> Coupling:
     :class:`genflow.ot.CoupledBatches` (exact OT couplings computed a chunk at a time in a
     background thread)::
 
-        loss = gf.losses.flow_matching_loss(fn, path, batch["x"], key,
-                                            coupling=gf.losses.paired_coupling(batch["x1"]))
+        loss, aux = gf.losses.flow_matching_loss(fn, path, batch["x"], key,
+                                                 coupling=gf.losses.paired_coupling(batch["x1"]))
     """
 
     def coupling(key: Array, x0: Array, x1: Array) -> Array:

@@ -244,8 +244,9 @@ for name, ts in [("karras", gf.sampling.time_grid(path, steps, "karras")), ("sel
 # t = 0.999 (their drift is singular where alpha = 0). Ten uniform steps are far too few for
 # those: the drift `alpha'/alpha = -1/(1 - t)` is stiff near t = 1, and ShARK, an explicit
 # stochastic Runge-Kutta method, overshoots on the first step (the scattered panel). On a grid
-# with short first steps it is stable: on an 8-component 2-D mixture oracle, sliced W2 at 10
-# steps 7.9 on the uniform grid, 0.57 on the log-SNR one, 0.38 at 20 log-SNR steps.
+# with short first steps it is stable: on an 8-component 2-D mixture oracle (eight Gaussians of
+# std 0.2 at radius 2, 1,024 samples from t = 0.999), its sliced W2 to the data at 10 steps is 1.18
+# on the uniform grid, 0.15 on the log-SNR one and 0.087 at 20 log-SNR steps.
 
 # %%
 model = gf.nets.MLP(hidden=(128, 128, 128), time_embedding="identity")

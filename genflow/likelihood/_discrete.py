@@ -93,6 +93,7 @@ def truncated_normal_dequantize(key: Array, x: Array, path: Path, bin_width: flo
       key: PRNG key.
       x: ``[B, ...]`` data on a grid of spacing ``bin_width``.
       path: the Gaussian path of the model.
+      bin_width: the grid's spacing (``2 / 255`` for 8-bit data scaled to [-1, 1]).
       tau: truncation of the normal, in standard deviations (reduced to ``alpha bin_width / (2 sigma)``
         at ``t_eps = 0`` on a path that never reaches the log-SNR ``2 log(2 tau / bin_width)``, so
         that ``z`` always stays in the scaled bin).

@@ -198,6 +198,7 @@ def vdm_elbo(
 
     Args:
       fn: model ``fn(z: [B, ...], t: [B])`` of kind ``prediction`` (eps, v, or any other kind).
+      prediction: the kind ``fn`` returns.
       path: the Gaussian path (its log-SNR must be finite on ``[t_min, t_max]``).
       x: ``[B, ...]`` data (on ``levels`` when given).
       key: PRNG key.

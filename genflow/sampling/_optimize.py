@@ -248,6 +248,8 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
       path: its path.
       x1: ``[M, ...]`` calibration noise at ``t_start`` (a few hundred samples are plenty; see
         :func:`calibration_batch` for one that holds the hard cases of a larger pool).
+      prediction: the kind ``fn`` returns (``"eps"``, ``"x0"``, ``"v"``, ``"score"``, ``"velocity"``).
+      t_start, t_end: the grid's fixed endpoints (as :func:`time_grid`: default 1 and ``path.t_min``).
       steps: number of steps (the NFE budget divided by the solver's NFE per step).
       solver: a deterministic scan solver (``ddim``, ``dpm++2m``, ``dpm++3m``, ``dpm++2s``,
         ``dpm++3s``, ``deis``, ``unipc``, ``dpm++2m_hb``, ``edm_heun``).
@@ -260,7 +262,9 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
       objective: ``"bound"`` (the bound ``B`` above, in the spirit of AYS) or ``"global"``: the
         mean per-sample global error of the solver on the calibration batch against the exact
         trajectories (no bound: the quantity itself; differentiable through the solver's scan).
-      return_history: also return ``{"bound": [iters]}`` and the initial bound.
+      return_history: also return a dict: ``"bound"``: ``[iters]`` the objective at each
+        iteration (the bound, or the global error with ``objective="global"``), ``"initial"``
+        and ``"final"``: its value on the starting and on the returned grid.
     Returns:
       ``ts: [steps + 1]`` decreasing times with ``ts[0] = t_start``, ``ts[-1] = t_end`` (and the
       history if asked).
@@ -374,6 +378,7 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
       fn: model ``fn(x, t)`` of kind ``prediction``.
       path: its path.
       x1: ``[M, ...]`` calibration noise at the candidates' common start time.
+      prediction: the kind ``fn`` returns.
       candidates: a sequence of grids, each a decreasing array of times (e.g. from
         :func:`time_grid`), all with the same number of steps and the same endpoints; the exact
         end states are solved once (:func:`reference_end_states`).
