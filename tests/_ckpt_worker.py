@@ -49,7 +49,14 @@ opt = optax.adam(1e-2)
 params = mlp.init(jax.random.key(0), jnp.zeros((1, 64)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
 state = gf.train.init_state(params, opt, jax.random.key(1), ema_decays=(0.9,))
 loader = gf.data.image_loader("digits", 16, seed=0)
-ckpt = gf.train.Checkpointer(args.ckpt_dir, save_every=SAVE_EVERY, keep=2, **options)
+class ReportingCheckpointer(gf.train.Checkpointer):
+    def save(self, st, **kw):  # (the save runs after fit's callbacks: report it from here)
+        started = super().save(st, **kw)
+        print(f"saving {int(st.step)}", flush=True)
+        return started
+
+
+ckpt = ReportingCheckpointer(args.ckpt_dir, save_every=SAVE_EVERY, keep=2, **options)
 state, data_state = ckpt.restore_or(state)
 if data_state is not None:
     loader.set_state(data_state)
@@ -57,10 +64,7 @@ print(f"resumed from {int(state.step)}", flush=True)
 
 
 def report(st, metrics):
-    s = int(st.step)
-    print(f"step {s}", flush=True)
-    if s % SAVE_EVERY == 0:
-        print(f"saving {s}", flush=True)
+    print(f"step {int(st.step)}", flush=True)
 
 
 step = gf.train.make_train_step(gf.train.diffusion_objective(apply, gf.paths.linear(), prediction="velocity"), opt)

@@ -277,16 +277,17 @@ def test_failures_around_saves_lose_nothing(tmp_path):
     assert err.value.step == 15
     np.testing.assert_array_equal(err.value.state.params["w"], straight.params["w"])
 
-    # a callback error while a save's write then also fails: the callback's error propagates,
-    # with the state, and the save failure as a note
+    # a callback error (at step 10, after the save of step 5 started) while that save's write then
+    # also fails: the callback's error propagates, with the state, and the save failure as a note
     def boom(state, metrics):
-        raise RuntimeError("callback failed")
+        if int(state.step) == 10:
+            raise RuntimeError("callback failed")
 
     with _FailingCheckpointer(str(tmp_path / "c"), save_every=5, error=OSError("disk gone"), wait_after=1) as ckpt:
         with pytest.raises(RuntimeError, match="callback failed") as err:
             gf.train.fit(init(), step, lambda k: (X, Y), 15, chunk_size=5, progress=False, checkpointer=ckpt,
                          callback=boom)
-    assert err.value.step == 5 and any("disk gone" in n for n in err.value.__notes__)
+    assert err.value.step == 10 and any("disk gone" in n for n in err.value.__notes__)
 
 
 def test_fit_refuses_a_directory_holding_a_later_step(tmp_path):
@@ -303,3 +304,25 @@ def test_fit_refuses_a_directory_holding_a_later_step(tmp_path):
         latest, _ = ckpt.restore(init())
         gf.train.fit(latest, step, lambda k: (X, Y), 3, chunk_size=5, progress=False, checkpointer=ckpt)
         assert ckpt.all_steps() == [5, 10, 12, 15]
+
+
+def test_an_interrupted_metrics_log_is_complete_after_resuming(tmp_path):
+    """Callbacks ran after the chunk's checkpoint: a MetricsWriter interrupted on a checkpointed
+    chunk never wrote that chunk's row, and the resume (from that checkpoint) did not either."""
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(lsq, opt)
+    init = lambda: gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))  # noqa: E731
+    log = str(tmp_path / "metrics.jsonl")
+
+    def interrupt_at_10(state, metrics):  # (before the writer: the row of step 10 is not written)
+        if int(state.step) == 10:
+            raise KeyboardInterrupt
+
+    with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=5, keep=5) as ckpt:
+        with pytest.raises(KeyboardInterrupt):
+            gf.train.fit(init(), step, lambda k: (X, Y), 15, chunk_size=5, progress=False, checkpointer=ckpt,
+                         callback=[interrupt_at_10, gf.train.MetricsWriter(log)])
+        state, _ = ckpt.restore(init())
+        gf.train.fit(state, step, lambda k: (X, Y), 15 - int(state.step), chunk_size=5, progress=False,
+                     checkpointer=ckpt, callback=gf.train.MetricsWriter(log, resume_step=int(state.step)))
+    assert [r["step"] for r in gf.train.read_jsonl(log)] == [5, 10, 15]

@@ -235,8 +235,9 @@ def fit(
         function, chunk length and argument types (training in segments compiles once).
       progress: show a tqdm progress bar (process 0 only).
       desc: the progress bar's label.
-      callback: ``callback(state, chunk_metrics)`` (or a list of them) after every chunk
-        (e.g. a :class:`MetricsWriter`); ``chunk_metrics`` also holds ``"steps_per_s"``. The
+      callback: ``callback(state, chunk_metrics)`` (or a list of them) after every chunk, before
+        its checkpoint is saved (e.g. a :class:`MetricsWriter`: with ``resume_step``, its log then
+        holds every step once after a resume); ``chunk_metrics`` also holds ``"steps_per_s"``. The
         state's buffers are donated to the next chunk: a callback that keeps parameters must copy
         them (``jax.device_get`` or ``jax.tree.map(jnp.copy, ...)``).
       unroll: steps unrolled per scan iteration (``lax.scan(unroll=...)``); small models on CPU
@@ -346,6 +347,11 @@ def fit(
                 hist = _stack(history)
                 raise NonFiniteLossError(int(state.step), state, hist)
             done += n
+            # callbacks before the save: a log a callback writes (MetricsWriter) then holds every
+            # checkpointed step even if the callback is interrupted (it used to miss that chunk's row
+            # for good, as the resume started after it)
+            for cb in callbacks:
+                cb(state, dict(metrics, steps_per_s=n / dt))
             # (and the last step of the run, if it is no multiple of save_every: a rerun to the same
             # step count re-trained from the last multiple, and a longer one too)
             if checkpointer is not None and (checkpointer.should_save(step0 + done) or done == num_steps):
@@ -358,8 +364,6 @@ def fit(
                 pending = (state, data_state, means)
                 checkpointer.save(state, data_state=data_state, metrics=means, force=True)
                 pending = None
-            for cb in callbacks:
-                cb(state, dict(metrics, steps_per_s=n / dt))
             if bar is not None:
                 bar.update(n)
                 bar.set_postfix(loss=f"{float(np.mean(metrics['loss'])):.4f}")
