@@ -74,6 +74,14 @@ def w2_sinkhorn(x: Array, y: Array, epsilon: float = 0.01, iters: int = 500, deb
     check_positive_real("epsilon", epsilon)  # (0 gave 0.93 for a W2 of 1.41; a traced value passes)
     if not isinstance(iters, jax.core.Tracer):
         iters = check_int("iters", iters)  # (0 gave 0.0)
+    if isinstance(iters, jax.core.Tracer):  # (a traced loop count: no compiled core keyed by it)
+        return _sinkhorn(x, y, epsilon, iters, bool(debiased))
+    # compiled once per shapes, iters and debiased (epsilon traced): eagerly, the loop closed over
+    # new arrays at every call and was compiled anew (~0.9 s per call at 64 points)
+    return _sinkhorn_jit(x, y, jnp.asarray(epsilon, jnp.float32), iters, bool(debiased))
+
+
+def _sinkhorn(x: Array, y: Array, epsilon, iters, debiased: bool) -> Array:
     # One epsilon for all three terms (the debiasing needs a common one): relative to the mean
     # squared distance between x and y.
     cxy = _sq_dists(x, y)
@@ -96,6 +104,9 @@ def w2_sinkhorn(x: Array, y: Array, epsilon: float = 0.01, iters: int = 500, deb
     if debiased:
         val = val - 0.5 * (ot(x, x, _sq_dists(x, x)) + ot(y, y, _sq_dists(y, y)))
     return _safe_sqrt(jnp.maximum(val, 0.0))
+
+
+_sinkhorn_jit = jax.jit(_sinkhorn, static_argnames=("iters", "debiased"))
 
 
 def sliced_w2(x: Array, y: Array, key: Array, num_projections: int = 256) -> Array:

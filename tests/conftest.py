@@ -55,6 +55,22 @@ import genflow as gf  # noqa: E402
 ALL_PATHS = {name: gf.paths.get(name) for name in gf.paths.names()}
 
 
+def count_compiles(run) -> int:
+    """The number of XLA programs compiled while ``run()`` runs (from JAX's compile log)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            run()
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    return sum("Compiling" in r.getMessage() for r in records)
+
+
 @pytest.fixture(params=sorted(ALL_PATHS))
 def path(request):
     return ALL_PATHS[request.param]

@@ -1,6 +1,5 @@
 import dataclasses
 
-import logging
 import re
 
 import equinox as eqx
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 import genflow as gf
-from conftest import ALL_PATHS
+from conftest import ALL_PATHS, count_compiles
 
 T = jnp.linspace(0.02, 0.98, 25)
 
@@ -175,20 +174,7 @@ def test_new_hyper_parameters_do_not_recompile_samplers_or_likelihoods():
     x1 = jnp.ones((4, 2))
 
     def compiles(make, run):
-        counts = []
-        for v in (20.0, 19.0, 18.0):
-            p = make(v)
-            with jax.log_compiles(True):
-                records = []
-                handler = logging.Handler()
-                handler.emit = records.append
-                logging.getLogger("jax").addHandler(handler)
-                try:
-                    run(p)
-                finally:
-                    logging.getLogger("jax").removeHandler(handler)
-            counts.append(sum("Compiling" in r.getMessage() for r in records))
-        return counts
+        return [count_compiles(lambda: run(make(v))) for v in (20.0, 19.0, 18.0)]
 
     sample = lambda p: gf.sample(g.model(p, "eps"), p, x1, prediction="eps", solver="dpm++2m", steps=8)  # noqa: E731
     assert compiles(lambda v: gf.paths.vp_linear(beta_max=v), sample)[1:] == [0, 0]
