@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import genflow as gf
+from conftest import count_compiles
 from genflow import flows as F
 
 
@@ -335,6 +336,31 @@ def test_flow_init_compiles_once_per_bijector():
     flow.init(jax.random.key(2), x)
     F.realnvp(3, num_steps=1, hidden=4).init(jax.random.key(3), x)  # an equal flow: the same compilation
     assert _flow._init._cache_size() - before == 1
+
+
+
+def test_flow_methods_are_compiled_once_per_bijector():
+    """log_prob / sample / energy / score / log_normalizer ran op by op (a RealNVP's log_prob
+    36 ms against 0.7 ms compiled; perf review helper's finding): they are compiled once per
+    bijector and shapes, and new data, keys and parameters reuse the programs."""
+    flow = F.realnvp(2, num_steps=2, hidden=7)  # (a size no other test uses: the caches start empty)
+    x = jax.random.normal(jax.random.key(0), (16, 2))
+    params = flow.init(jax.random.key(1), x)
+
+    def run(y, key, p):
+        return [jax.block_until_ready(v) for v in (flow.log_prob(p, y), flow.sample(p, key, 16), flow.energy(p, y),
+                                                   flow.score(p, y), flow.log_normalizer(p))]
+
+    from genflow.flows import _flow
+
+    cores = (_flow._log_prob, _flow._sample, _flow._energy, _flow._score, _flow._log_normalizer)
+    before = [c._cache_size() for c in cores]
+    first = run(x, jax.random.key(2), params)
+    assert [c._cache_size() - b for c, b in zip(cores, before)] == [1, 1, 1, 1, 1]  # each call is one program
+    y, key, p2 = x + 1.0, jax.random.key(3), jax.tree.map(lambda v: v * 1.01, params)
+    assert count_compiles(lambda: run(y, key, p2)) == 0
+    assert count_compiles(lambda: F.realnvp(2, num_steps=2, hidden=7).log_prob(params, x).block_until_ready()) == 0
+    np.testing.assert_allclose(first[0], -first[2] - first[4], rtol=1e-5, atol=1e-5)  # log p = -E - log Z
 
 
 def test_flow_builders_refuse_bad_arguments():

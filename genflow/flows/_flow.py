@@ -45,6 +45,41 @@ def _init(bijector: Layer, key: Array, x: Array):
     return bijector.init(key, x)
 
 
+# The flow's computations, compiled once per bijector (layers are hashable) and shapes: eagerly
+# they ran op by op (a RealNVP's log_prob took 36 ms against 0.7 ms compiled).
+@functools.partial(jax.jit, static_argnums=0)
+def _log_prob(bijector: Layer, params, x: Array) -> Array:
+    z, ld = bijector.forward(params, x)
+    return gaussian_log_prob(z, 1.0) + ld
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5))
+def _sample(bijector: Layer, event_shape: tuple, params, key: Array, n: int, dtype) -> Array:
+    z = jax.random.normal(key, (n,) + event_shape, dtype)
+    return bijector.inverse(params, z)[0]
+
+
+def _energy_fn(bijector: Layer, params, x: Array) -> Array:
+    z, ld_nonlinear, _ = bijector.forward_split(params, x, linear_logdet=False)
+    return -(gaussian_log_prob(z, 1.0) + ld_nonlinear)
+
+
+_energy = jax.jit(_energy_fn, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(bijector: Layer, params, x: Array) -> Array:
+    return -jax.grad(lambda y: jnp.sum(_energy_fn(bijector, params, y)))(x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _log_normalizer(bijector: Layer, event_shape: tuple, params) -> Array:
+    leaves = [v for v in jax.tree_util.tree_leaves(params) if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)]
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32  # float64 parameters give a float64 log Z
+    _, _, ld_linear = bijector.forward_split(params, jnp.zeros((1,) + event_shape, dtype))
+    return -ld_linear[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Flow:
     """A flow ``bijector`` (data -> latent) over events of shape ``event_shape``, base ``N(0, I)``."""
@@ -78,35 +113,29 @@ class Flow:
     def log_prob(self, params, x: Array) -> Array:
         """``log p(x) = log N(g(x)) + log|det dg/dx|``; ``x: [B, ...]`` -> ``[B]`` (nats)."""
         self._check(x)
-        z, ld = self.bijector.forward(params, x)
-        return gaussian_log_prob(z, 1.0) + ld
+        return _log_prob(self.bijector, params, x)
 
     def sample(self, params, key: Array, n: int, dtype=jnp.float32) -> Array:
         """``[n, *event_shape]`` samples ``g^-1(z)``, ``z ~ N(0, I)``."""
         n = check_int("n", n)  # (n=0 failed as a ZeroDivisionError, n=-1 as an MLIRError, n=2.0 unnamed)
         check_key(key)  # (key=0 failed as "invalid PRNG key data")
-        z = jax.random.normal(key, (n,) + tuple(self.event_shape), dtype)
-        return self.bijector.inverse(params, z)[0]
+        return _sample(self.bijector, tuple(self.event_shape), params, key, n, jnp.dtype(dtype))
 
     def energy(self, params, x: Array) -> Array:
         """EBFlow's energy ``E(x) = -log N(g(x)) - sum_nonlinear log|det J_l(x)|``; ``[B]``.
 
         Linear layers are applied without computing their log-determinants."""
         self._check(x)
-        z, ld_nonlinear, _ = self.bijector.forward_split(params, x, linear_logdet=False)
-        return -(gaussian_log_prob(z, 1.0) + ld_nonlinear)
+        return _energy(self.bijector, params, x)
 
     def log_normalizer(self, params) -> Array:
         """``log Z = -sum_linear log|det W_l|`` (independent of x), so that ``log p = -E - log Z``."""
-        leaves = [v for v in jax.tree_util.tree_leaves(params) if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)]
-        dtype = jnp.result_type(*leaves) if leaves else jnp.float32  # float64 parameters give a float64 log Z
-        x = jnp.zeros((1,) + tuple(self.event_shape), dtype)
-        _, _, ld_linear = self.bijector.forward_split(params, x)
-        return -ld_linear[0]
+        return _log_normalizer(self.bijector, tuple(self.event_shape), params)
 
     def score(self, params, x: Array) -> Array:
         """``grad_x log p(x) = -grad_x E(x)``; ``[B, ...]`` (samples are independent)."""
-        return -jax.grad(lambda y: jnp.sum(self.energy(params, y)))(x)
+        self._check(x)
+        return _score(self.bijector, params, x)
 
     @property
     def dim(self) -> int:
