@@ -148,7 +148,12 @@ def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
     g = _grid_jit(path, pad_grid(ts, bucket(n)), jnp.asarray(n, jnp.int32))
     st = None
     if stepper.stages is not None:
-        st = _stage_grid_jit(path, _stages_jit(g, arrays, stepper, opts), ts[-1], ts[0])
+        try:  # (the ends read on the host: indexing the device grid compiled a slice per grid length)
+            tn = np.asarray(ts)
+            lo, hi = tn[-1], tn[0]
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            lo, hi = ts[-1], ts[0]
+        st = _stage_grid_jit(path, _stages_jit(g, arrays, stepper, opts), lo, hi)
     return _scalars_jit(g, st, arrays, stepper, opts)  # padded: run() slices it inside the sampler's program
 
 
