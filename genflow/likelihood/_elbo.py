@@ -30,8 +30,10 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow import param
 from genflow._checks import flat_batch, check_int, concrete_real
@@ -160,13 +162,24 @@ def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Arr
     levels = jnp.asarray(levels, x.dtype)
     logits = -0.5 * jnp.square((z_over_a[..., None] - levels) / scale)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    dist = jnp.abs(x[..., None] - levels)
-    idx = jnp.argmin(dist, axis=-1)
-    if not isinstance(dist, jax.core.Tracer) and levels.shape[0] > 1:  # (off-level x was snapped silently)
-        off = float(jnp.max(jnp.min(dist, axis=-1)))
-        if off > 1e-3 * float(jnp.min(jnp.diff(jnp.sort(levels)))):
-            raise ValueError(f"x must lie on levels (the decoder's discrete values); got a value {off:.3g} away")
+    idx = jnp.argmin(jnp.abs(x[..., None] - levels), axis=-1)
+    _check_on_levels(x, levels)  # (off-level x was snapped silently)
     return _flat_sum(jnp.take_along_axis(logp, idx[..., None], axis=-1)[..., 0])
+
+
+def _check_on_levels(x, levels) -> None:
+    """Raise ``ValueError`` unless every entry of a concrete ``x`` lies on ``levels`` (checked on
+    the host; traced values pass)."""
+    try:
+        xn, ln = np.asarray(x, np.float64), np.sort(np.asarray(levels, np.float64).ravel())
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return
+    if ln.size < 2:
+        return
+    pos = np.clip(np.searchsorted(ln, xn), 1, ln.size - 1)
+    off = float(np.max(np.minimum(np.abs(xn - ln[pos - 1]), np.abs(xn - ln[pos])))) if xn.size else 0.0
+    if off > 1e-3 * float(np.min(np.diff(ln))):
+        raise ValueError(f"x must lie on levels (the decoder's discrete values); got a value {off:.3g} away")
 
 
 def prior_term(path: Path, x: Array, t1: float = 1.0, prior_std: float | None = None) -> Array:
@@ -223,7 +236,21 @@ def vdm_elbo(
     check_int("num_t", num_t)
     _check_x(x, floating=False)  # (integer data is widened below)
     _check_finite_log_snr(path, t_min, t_max)
+    if levels is not None:
+        _check_on_levels(x, levels)
+    from genflow.sampling import as_pytree_fn
+
     x = _wide(x)
+    # one compiled program per model, shapes and static options (eagerly the network and ~130
+    # small ops ran one by one: 9 ms against 0.5 ms compiled); the times are traced
+    as_t = lambda v: None if v is None else jnp.asarray(v, x.dtype)  # noqa: E731
+    return _vdm_elbo_jit(as_pytree_fn(fn), path, x, key, prediction,
+                         None if levels is None else jnp.asarray(levels, x.dtype), as_t(t_min), as_t(t_max),
+                         time_sampling, num_t, stratified, as_t(prior_std))
+
+
+@eqx.filter_jit
+def _vdm_elbo_jit(fn, path, x, key, prediction, levels, t_min, t_max, time_sampling, num_t, stratified, prior_std):
     k_rec, k_diff = jax.random.split(key)
     b = x.shape[0]
     # num_t draws per example, averaged; with ``stratified`` each example's num_t times cover the

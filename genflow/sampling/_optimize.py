@@ -255,7 +255,9 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
         ``dpm++3s``, ``deis``, ``unipc``, ``dpm++2m_hb``, ``edm_heun``).
       init: starting schedule (a name or an array of ``steps + 1`` times).
       iters, learning_rate: Adam iterations / step size on the log-increments of
-        ``tau = sigma / (alpha + sigma)``.
+        ``tau = sigma / (alpha + sigma)``. ``iters`` is the length of the optimisation loop, fixed
+        at compile time: a new value compiles the whole search again (~12 s on a CPU); a new
+        ``learning_rate`` does not.
       rtol, atol: tolerances of the reference solve.
       propagate: weight each local error by the growth bound of :func:`propagation_weights`
         (the logarithmic-norm bound of the global error); False: the plain sum of local errors.
