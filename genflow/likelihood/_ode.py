@@ -248,8 +248,13 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
         # the ends set exactly: t0 + (t1 - t0) * 1 rounds away from t1 (0.15 -> 0.999 in float32), and
         # Diffrax then refused the grid at run time ("Must have `t0==ts[0]` and `t1==ts[-1]`")
         ts = t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, steps + 1, dtype=x.dtype)
-        controller = diffrax.StepTo(ts.at[0].set(t0).at[-1].set(t1))
+        ts = ts.at[0].set(t0).at[-1].set(t1)
+        controller = diffrax.StepTo(ts)
         dt0 = None  # FSAL solvers still make their first evaluation (init) under StepTo
+        if isinstance(adjoint, diffrax.BacksolveAdjoint) and "stepsize_controller" not in adjoint.kwargs:
+            # its backward solve reuses the forward controller, whose increasing grid Diffrax
+            # refuses from t1 to t0: jax.grad failed at run time (ffjord_loss's default steps=8)
+            adjoint = diffrax.BacksolveAdjoint(**{**adjoint.kwargs, "stepsize_controller": diffrax.StepTo(ts[::-1])})
     sol = diffrax.diffeqsolve(term, cls(), t0=t0, t1=t1, dt0=dt0, y0=y0, args=args, stepsize_controller=controller,
                               adjoint=adjoint, max_steps=max_steps, solver_state=state)
     z, delta = sol.ys[0][-1], sol.ys[1][-1]
