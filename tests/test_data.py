@@ -390,3 +390,20 @@ def test_toy_sample_count_is_checked_by_name(name):
             gf.data.toy(name, jax.random.key(0), n)
     for n in (0, 3, np.int64(3)):  # Python and NumPy ints
         assert gf.data.toy(name, jax.random.key(0), n).shape == (int(n), 2)
+
+
+def test_image_loader_names_a_state_saved_with_the_other_worker_mode():
+    """grain's iterator states differ with and without worker processes: resuming a checkpoint with
+    only ``workers`` changed failed with grain's bare ``KeyError: 'exhausted'`` (nets / data review
+    helper's finding). The loader names the cause; the same mode resumes exactly."""
+    it = gf.data.image_loader("digits", 32, seed=0)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    with pytest.raises(ValueError, match=r"saved by an image_loader with workers=0, and this loader has workers=1"):
+        gf.data.image_loader("digits", 32, seed=0, workers=1).set_state(state)
+    with pytest.raises(ValueError, match=r"saved by an image_loader with workers > 0, and this loader has workers=0"):
+        gf.data.image_loader("digits", 32, seed=0).set_state({"iterators_in_use_states": [], "exhausted": []})
+    again = gf.data.image_loader("digits", 32, seed=0)
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again)["x"], next(it)["x"])

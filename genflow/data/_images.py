@@ -212,4 +212,31 @@ def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: i
         if not flags.FLAGS.is_parsed():  # grain <= 0.2.18 reads an absl flag in its workers (google/grain#1355)
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(it)
+    return _Loader(iter(it), workers)
+
+
+class _Loader:
+    """``image_loader``'s iterator: grain's, with a ``set_state`` that names a state saved by a
+    loader of the other kind (with and without worker processes, grain's states differ, and
+    resuming with only ``workers`` changed failed with grain's ``KeyError: 'exhausted'``)."""
+
+    def __init__(self, it, workers: int):
+        self._it, self._workers = it, workers
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        saved_with_workers = isinstance(state, dict) and "iterators_in_use_states" in state
+        if isinstance(state, dict) and saved_with_workers != bool(self._workers):
+            raise ValueError(f"this iterator state was saved by an image_loader with "
+                             f"{'workers > 0' if saved_with_workers else 'workers=0'}, and this loader has "
+                             f"workers={self._workers}: grain's states differ between the two; build the loader "
+                             f"with the {'same number of workers' if saved_with_workers else 'workers=0'} to resume")
+        self._it.set_state(state)
