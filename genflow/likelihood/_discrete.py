@@ -103,7 +103,8 @@ def truncated_normal_dequantize(key: Array, x: Array, path: Path, bin_width: flo
       ``t_eps`` (scalar).
     """
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    t = truncated_normal_time(path, bin_width, tau)
+    with jax.ensure_compile_time_eval():  # (concrete under a user's jit when the path is: see dequantized_log_prob)
+        t = truncated_normal_time(path, bin_width, tau)
     z, log_q = _truncated_normal_at(key, x, path, t, jnp.asarray(bin_width, x.dtype), jnp.asarray(tau, x.dtype))
     return z, log_q, t
 
@@ -177,11 +178,8 @@ def dequantized_log_prob(
     else:
         if "t_min" in log_prob_kwargs:
             raise ValueError("truncated_normal dequantization sets t_min itself (from tau and bin_width)")
-        with jax.ensure_compile_time_eval():  # a Python float under jit too (the path's numbers are static)
-            t = truncated_normal_time(path, bin_width, tau)
-        xw = xs.astype(jnp.promote_types(xs.dtype, jnp.float32))  # (computed once: it was computed twice)
-        y, log_q = _truncated_normal_at(k_deq, xw, path, t, jnp.asarray(bin_width, xw.dtype),
-                                        jnp.asarray(tau, xw.dtype))
+        # t is a Python float under jit too when the path's numbers are static
+        y, log_q, t = truncated_normal_dequantize(k_deq, xs, path, bin_width, tau)
         try:
             t = float(t)
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
