@@ -135,3 +135,43 @@ x1 = path.prior_sample(jax.random.key(2), (80, 8, 8, 1))
 samples, info = gf.sample(fn, path, x1, prediction="velocity", solver="heun", steps=20)
 gf.viz.image_grid(np.clip(samples, -1, 1), nrow=8, title=f"DiT samples (NFE={int(info.nfe)})",
                   row_labels=[str(i) for i in range(10)]);
+
+# %% [markdown]
+# **What more training gives.** The same flow-matching objective, on the flattened digits, with the
+# library's class-conditional `MLP` (3x512, about 0.7M parameters) and 1,500 steps of batch 128
+# (20 s on a 2-core CPU): the samples are recognisable digits of the class asked for. As a check that
+# does not rely on the eye, a logistic-regression classifier trained on the real training digits
+# (scikit-learn) labels 500 samples (50 per class) as their class about as often as it labels the
+# held-out real digits correctly; on the starting noise it is at chance.
+
+# %%
+from sklearn.linear_model import LogisticRegression
+
+xtr, ytr = gf.data.load_digits("train", channels_last=False)  # [N, 64] in [-1, 1], [N]
+xte, yte = gf.data.load_digits("test", channels_last=False)
+xtr_j, ytr_j = jnp.asarray(xtr), jnp.asarray(ytr)
+
+
+def digits_batch(key):
+    i = jax.random.randint(key, (128,), 0, xtr_j.shape[0])
+    return {"x": xtr_j[i], "y": ytr_j[i]}
+
+
+mlp = gf.nets.MLP(hidden=(512, 512, 512), num_classes=10)
+mlp_step = gf.train.make_train_step(gf.train.diffusion_objective(mlp.apply, path, prediction="velocity",
+                                                                 label_dropout=0.1, null_label=10), opt)
+mlp_state = gf.train.init_state(mlp.init(jax.random.key(0), xtr_j[:1], jnp.zeros((1,)), ytr_j[:1]), opt,
+                                jax.random.key(1), ema_decays=(0.99,))
+mlp_state, _ = gf.train.fit(mlp_state, mlp_step, digits_batch, 1500, chunk_size=500, progress=False)
+
+labels = jnp.repeat(jnp.arange(10), 50)
+x1 = path.prior_sample(jax.random.key(2), (500, 64))
+samples, info = gf.sample(gf.nets.model_fn(mlp, mlp_state.ema["0.99"], y=labels), path, x1, prediction="velocity",
+                          solver="heun", steps=20)
+samples = np.clip(np.asarray(samples), -1, 1)
+clf = LogisticRegression(max_iter=3000).fit(xtr, ytr)
+print(f"classifier accuracy: held-out real digits {clf.score(xte, yte):.3f}, "
+      f"samples vs the class asked for {clf.score(samples, np.asarray(labels)):.3f}, "
+      f"the starting noise {clf.score(np.clip(np.asarray(x1), -1, 1), np.asarray(labels)):.3f}")
+gf.viz.image_grid(samples.reshape(10, 50, 8, 8, 1)[:, :8].reshape(80, 8, 8, 1), nrow=8,
+                  title=f"MLP flow, 1,500 steps: samples (NFE={int(info.nfe)})", row_labels=[str(i) for i in range(10)]);
