@@ -1,6 +1,7 @@
 """genflow.optim as optax transforms: jit, schedules, chain, masks, dtypes, the registry, errors."""
 
 import doctest
+import functools
 import importlib
 
 import jax
@@ -498,8 +499,13 @@ def test_make_optimizer_refuses_clipping_before_smb():
     """make_optimizer(name="smb", clip_norm=c) chained clip_by_global_norm before SMB: SMB's g was the
     clipped gradient while its g_t (value_fn's gradient at the trial point) was not, so the model step
     was built from y = g_t - clip(g) (on 0.5 sum(A x^2) it moved to f = 381.5 where SMB reaches 133.9)."""
-    with pytest.raises(ValueError, match=r"clip_norm cannot be used with name='smb'"):
+    with pytest.raises(ValueError, match=r"clip_norm cannot be used with SMB \(name='smb'"):
         gf.train.make_optimizer(0.3, name="smb", clip_norm=50.0)
+    # ... also under another registered name (it was recognised by name only, and clipped silently)
+    gf.optim.register("test_smb_alias", functools.partial(gf.optim.smb, c=0.2))
+    with pytest.raises(ValueError, match=r"clip_norm cannot be used with SMB \(name='test_smb_alias'"):
+        gf.train.make_optimizer(0.3, name="test_smb_alias", clip_norm=50.0)
+    gf.train.make_optimizer(0.3, name="adam", clip_norm=50.0)  # (other optimizers are still clipped)
     # without clipping make_optimizer's SMB is gf.optim.smb with the same (constant) learning rate
     A = jnp.array([1.0, 10.0, 100.0])
     f = lambda p: 0.5 * jnp.sum(A * p ** 2)  # noqa: E731
@@ -554,3 +560,46 @@ def test_smb_takes_the_trial_step_for_a_vanishing_gradient_even_when_armijo_fail
     # with a gradient above the threshold the same Armijo failure gives a model step
     _, new2 = opt.update({"w": jnp.array([0.3, -0.4])}, state, params, value=jnp.float32(1.0), value_fn=value_fn)
     assert int(new2.model_steps) == 1
+
+
+def test_multisteps_passes_the_loss_to_the_optimizer_it_wraps():
+    """optax.MultiSteps is not a GradientTransformationExtraArgs, so optax.with_extra_args_support
+    dropped value= for it, and a loss-aware optimizer inside failed ("missing ... 'value'"). Its
+    update forwards **extra_args: the train step now gives them, and the result equals calling
+    MultiSteps.update by hand with value=. SMB inside it is refused (accumulated gradient, last
+    microbatch's loss); a plain dtype typo is named."""
+    batches = [jnp.full((1,), float(i + 1)) for i in range(4)]
+
+    def loss_fn(p, batch, key):
+        return jnp.sum((p["w"] * batch[0] - 1.0) ** 2) + jnp.sum(p["b"] ** 2), {}
+
+    for make in (lambda: optax.MultiSteps(gf.optim.momo_adam(0.1), 2),
+                 lambda: optax.MultiSteps(gf.optim.momo_adam(0.1), 2).gradient_transformation()):
+        opt = make()
+        step = jax.jit(gf.train.make_train_step(loss_fn, opt))
+        state = gf.train.init_state(P0, opt, jax.random.key(0))
+        ms = optax.MultiSteps(gf.optim.momo_adam(0.1), 2)
+        p, s = P0, ms.init(P0)
+        for b in batches:
+            state, metrics = step(state, b)
+            v, g = jax.value_and_grad(lambda q: loss_fn(q, b, None)[0])(p)
+            u, s = ms.update(g, s, p, value=v)
+            p = optax.apply_updates(p, u)
+            assert bool(metrics["finite"])
+        for a, r in zip(jax.tree.leaves(state.params), jax.tree.leaves(p)):
+            np.testing.assert_allclose(a, r, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(state.params["w"], P0["w"])
+    opt = optax.MultiSteps(gf.optim.smb(0.1), 2)
+    with pytest.raises(ValueError, match=r"smb cannot run inside optax.MultiSteps.*grad_accum"):
+        gf.train.make_train_step(loss_fn, opt)(gf.train.init_state(P0, opt, jax.random.key(0)), batches[0])
+
+
+def test_dtype_and_name_errors_name_the_argument():
+    for make, name in ((gf.optim.grams, "mu_dtype"), (gf.optim.diffgrad, "mu_dtype"), (gf.optim.fadam, "momentum_dtype")):
+        with pytest.raises(TypeError, match=f"{name} must be a dtype.*'float77'"):
+            make(1e-3, **{name: "float77"})
+        make(1e-3, **{name: "bfloat16"})
+    with pytest.raises(TypeError, match="name must be a non-empty str; got int"):
+        gf.optim.register(3, optax.adam)
+    with pytest.raises(ValueError, match="name must be a non-empty str"):
+        gf.optim.register("", optax.adam)

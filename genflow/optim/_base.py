@@ -30,6 +30,16 @@ def _concrete(x) -> float | None:
     return None
 
 
+def check_dtype(name: str, value):
+    """``value`` as a ``jnp.dtype`` (``None`` stays ``None``); a ``TypeError`` naming ``name`` otherwise."""
+    if value is None:
+        return None
+    try:
+        return jnp.dtype(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a dtype (e.g. jnp.float32 or 'bfloat16') or None; got {value!r}") from None
+
+
 def moment_update(m: Array, x: Array, decay) -> Array:
     """The moving average ``decay * m + (1 - decay) * x``, computed in the wider dtype of the two: a
     moment stored in float32 (``mu_dtype``) is also averaged in float32 for bfloat16 gradients

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow.optim._base import (ScalarOrSchedule, adam_moments, check, check_beta, resolve, unzip,
+from genflow.optim._base import (ScalarOrSchedule, adam_moments, check, check_beta, check_dtype, resolve, unzip,
                                  wide_zeros_like, with_decay_and_lr)
 
 Array = jax.Array
@@ -58,7 +58,7 @@ def scale_by_diffgrad(
     check_beta("b1", b1)
     check_beta("b2", b2)
     check("eps", eps, lo=0.0, lo_open=True, schedule=True)
-    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    mu_dtype = check_dtype("mu_dtype", mu_dtype)
 
     def init_fn(params):
         return ScaleByDiffGradState(count=jnp.zeros([], jnp.int32),

@@ -99,8 +99,10 @@ def register(name: str, factory: Callable[..., optax.GradientTransformation]) ->
         gf.optim.register("my_sgd", my_sgd)
         tx = gf.train.make_optimizer(1e-2, name="my_sgd", warmup_steps=100)
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str; got {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a non-empty str; got {type(name).__name__}")
+    if not name:
+        raise ValueError("name must be a non-empty str; got ''")
     if name in _TABLE:
         raise ValueError(f"optimizer {name!r} is already registered (by {_TABLE[name][0]}); pick another name")
     if not callable(factory):

@@ -25,6 +25,22 @@ class SMBState(NamedTuple):
     model_steps: Array  # int32 [], how many of them were model steps (Armijo test failed)
 
 
+def holds_smb(tx) -> bool:
+    """Whether the transform ``tx`` keeps an :class:`SMBState` (it is :func:`smb`, under any
+    registered name or ``functools.partial``, or chains it). Read from the shapes of
+    ``tx.init({})``; a transform whose ``init`` refuses empty parameters counts as not SMB."""
+    try:
+        state = jax.eval_shape(tx.init, {})
+    except Exception:  # (an init that needs real parameters: not smb's, which ignores them)
+        return False
+    return state_holds_smb(state)
+
+
+def state_holds_smb(state) -> bool:
+    """Whether an optimizer state (any pytree) contains an :class:`SMBState`."""
+    return any(isinstance(x, SMBState) for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, SMBState)))
+
+
 def _is_masked_node(x) -> bool:
     return type(x).__name__ == "MaskedNode"
 
@@ -97,7 +113,12 @@ def smb(
     it is taken. Otherwise SMB evaluates the gradient ``g_t = grad value_fn(theta + s)`` and,
     for every parameter tensor separately, replaces ``s`` by the minimizer of a model of the
     loss built from ``(s, g, g_t)`` (see :func:`model_step`), which changes both the length
-    and the direction of the step. A step with ``|g| < 1e-8`` is always the trial step.
+    and the direction of the step. A step with ``|g| < 1e-8`` is always the trial step. A trial
+    point where the loss is not finite (outside its domain, e.g. ``log`` of a negative weight)
+    fails the Armijo test, as in the authors' code, so the model step is built from the gradient
+    there: if that gradient is finite the step is taken, and a loss that is undefined at the new
+    point stops :func:`genflow.train.fit` one step later (with the last good state). Lower the
+    learning rate, or keep the parameters in the domain by construction (e.g. ``softplus``).
 
     Cost per update: one extra loss evaluation, plus one gradient evaluation when the
     Armijo test fails (``lax.cond``: under ``vmap`` both branches run).

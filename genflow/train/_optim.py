@@ -59,17 +59,18 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
     ``kwargs`` go to it (e.g. ``b2=0.99, weight_decay=0.0``).
     """
     from genflow import optim  # (genflow.optim does not import genflow.train)
+    from genflow.optim._smb import holds_smb
 
     tx = optim.get(name, learning_rate=lr_schedule(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps,
                                                    end_factor=end_factor), **kwargs)
     if clip_norm is not None:
         if not _finite_real(clip_norm, positive=True):
             raise ValueError(f"clip_norm must be a finite real > 0; got {clip_norm!r}")
-        if name == "smb":
+        if holds_smb(tx):  # (also under a registered alias or a partial of gf.optim.smb)
             # SMB compares its incoming gradient with value_fn's gradient at the trial point: a clipped
             # incoming gradient makes y = g_t - g and the Armijo threshold mix clipped and unclipped
             # gradients (gf.optim.smb must come first in a chain)
-            raise ValueError(f"clip_norm cannot be used with name='smb' (SMB re-evaluates the unclipped gradient "
+            raise ValueError(f"clip_norm cannot be used with SMB (name={name!r}; SMB re-evaluates the unclipped gradient "
                              f"through value_fn=, so clipping before it builds an inconsistent model step); "
                              f"got clip_norm={clip_norm!r}")
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)

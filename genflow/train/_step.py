@@ -11,6 +11,7 @@ import optax
 
 from genflow._checks import check_int
 from genflow.optim._registry import check_extra_args
+from genflow.optim._smb import state_holds_smb
 from genflow.train._state import TrainState
 
 Array = jax.Array
@@ -63,6 +64,35 @@ def _microbatches(batch, k: int):
         return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
     return jax.tree.map(split, batch)
+
+
+def _extra_args_view(tx):
+    """``tx`` as a ``GradientTransformationExtraArgs`` that receives the step's extra arguments.
+
+    ``optax.with_extra_args_support`` drops them for anything that is not one, including
+    ``optax.MultiSteps`` (and its ``.gradient_transformation()``), whose ``update`` forwards
+    ``**extra_args`` to the transform it wraps: a loss-aware optimizer inside it (momo_adam)
+    then failed with "missing argument 'value'". A transform whose ``update`` takes ``**kwargs``
+    is given them. SMB inside MultiSteps is refused: it would combine the accumulated gradient
+    with the loss of the last microbatch only (``grad_accum=`` averages both)."""
+    if isinstance(tx, optax.GradientTransformationExtraArgs):
+        return tx
+    try:
+        kinds = [p.kind for p in inspect.signature(tx.update).parameters.values()]
+    except (AttributeError, TypeError, ValueError):
+        kinds = []
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        return optax.with_extra_args_support(tx)
+    update = tx.update
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if isinstance(state, optax.MultiStepsState) and state_holds_smb(state.inner_opt_state):
+            raise ValueError("smb cannot run inside optax.MultiSteps (it would combine the accumulated gradient "
+                             "with the loss of the last microbatch only); use make_train_step(..., grad_accum=k), "
+                             "which averages both over the microbatches")
+        return update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _accepted_extra_args(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
@@ -120,7 +150,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     state.
     """
     grad_accum = check_int("grad_accum", grad_accum)
-    tx = _accepted_extra_args(optax.with_extra_args_support(check_extra_args(optimizer, "make_train_step's optimizer")))
+    tx = _accepted_extra_args(_extra_args_view(check_extra_args(optimizer, "make_train_step's optimizer")))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def loss_and_grad(params, batch, key):
