@@ -268,7 +268,10 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
       fn: conditional network ``fn(x: [B, ...], t: [B], y: [B, ...]) -> prediction``.
       y: ``[B, F]``, ``[B, L, F]`` (e.g. token embeddings) or ``[F]`` (one for all) condition
         embedding (continuous); the rescaling uses each sample's mean and std over all its entries.
-      key: PRNG key of the condition noise.
+      key: PRNG key of the condition noise. The noise is a fixed function of (``key``, ``t``, row of
+        the batch), not of the sampler's key: give every batch its own key (e.g.
+        ``jax.random.fold_in(key, batch_index)``), or row ``i`` of every batch sees the same
+        condition noise.
       tau1, tau2: annealing interval in t (the paper's defaults 0.6 and 0.9; its t = 1 is noise too).
       noise_scale: ``s``. psi: mixing of the rescaled condition (``psi = 1``: fully rescaled).
       rescale: restore the per-sample mean and std of ``y`` (eq. 6).

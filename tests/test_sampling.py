@@ -338,6 +338,19 @@ def test_ddim_eta_accepts_numpy_and_jax_scalars(eta, gauss2):
     np.testing.assert_allclose(a, b)
 
 
+def test_traced_eta_and_churn_are_refused_as_traced(gauss2):
+    """eta and churn choose a Python branch, so they must be concrete: a traced one (passed as a
+    jit argument) was reported as out of range ("must be a float in [0, 1]; got JitTracer")."""
+    path = gf.paths.linear()
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    fn = gauss2.model(path, "velocity")
+    for solver, name in (("ddim", "eta"), ("edm_heun", "churn")):
+        run = jax.jit(lambda v: gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=4,
+                                          key=jax.random.key(1), **{name: v})[0])
+        with pytest.raises(TypeError, match=f"option {name} must be a concrete Python float .* traced value"):
+            run(0.5)
+
+
 def test_trajectory_has_the_dtype_of_the_samples(gauss2):
     # a bfloat16 x1 gave a float32 trajectory whose last entry differed from the samples
     path = gf.paths.linear()

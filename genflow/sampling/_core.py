@@ -137,6 +137,10 @@ def _check_options(solver: str, options: dict) -> dict:
     out = {}
     for name, value in options.items():
         check = _OPTION_CHECKS.get((solver, name))
+        if name in ("eta", "churn") and isinstance(value, jax.core.Tracer):
+            raise TypeError(f"solver {solver!r}: option {name} must be a concrete Python float (it chooses between "
+                            f"the deterministic and the stochastic step when the sampler is built); got a traced "
+                            f"value: close over it (or mark it static) instead of passing it as a jit argument")
         if check is not None and not check[0](value):
             raise ValueError(f"solver {solver!r}: option {name} must be {check[1]}; got {value!r}")
         if isinstance(value, np.integer):

@@ -34,7 +34,8 @@ class SolverSpec:
         a finite start (SDEdit, img2img, a start at ``sigma_max``) their lower-order warm-up
         steps cap it at 2 (measured 2.0-2.1 on the Gaussian oracle; ``unipc``'s corrector lifts its
         warm-up, and it keeps 3).
-      stochastic: whether it needs ``key=``.
+      stochastic: whether it needs ``key=`` with its default options (``ddim`` is deterministic
+        by default and needs a key with ``eta > 0``; ``edm_heun`` likewise with ``churn > 0``).
       nfe_per_step: network evaluations per step (``None`` for adaptive step counts). EDM Heun and
         Restart spend one fewer on a last step into ``sigma = 0``; Restart adds
         ``restart_times * 2 * restart_steps`` once; ``info.nfe`` always counts what ran.
@@ -93,7 +94,9 @@ _TABLE: tuple[SolverSpec, ...] = (
                "Dormand-Prince 8(7) with a PID step-size controller, for reference solutions"),
     _scan("ddim", 1, False, 1, _multistep.ddim,
           "DDIM (Song et al. 2021); eta > 0 adds DDPM-like noise and needs key", options=("eta",)),
-    _scan("ddpm", 1, True, 1, _multistep.ddim, "ancestral sampling: DDIM with eta = 1 (Ho et al. 2020)",
+    _scan("ddpm", 1, True, 1, _multistep.ddim,
+          "ancestral sampling: DDIM with eta = 1, posterior variance (Ho et al. 2020); weak order 1 "
+          "(unit-variance Gaussian data on vp_linear: variance ~8/steps too small)",
           "distribution", options=("eta",), eta=1.0),
     _scan("dpm++2m", 2, False, 1, _multistep.dpm_multistep(2), "DPM-Solver++(2M), data prediction (Lu et al. 2022b)"),
     _scan("dpm++3m", 3, False, 1, _multistep.dpm_multistep(3),
