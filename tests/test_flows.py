@@ -559,15 +559,17 @@ def test_cnf_direction_of_time_on_a_time_dependent_linear_field():
     c = jnp.array([0.8, -0.5], jnp.float64)
     params = {"a": a, "c": c}
     m = jnp.zeros((4, 4), jnp.float64).at[:2, :2].set(a).at[:2, 2].set(c).at[2, 3].set(1.0)
-    x = jax.random.normal(jax.random.key(0), (6, 2), jnp.float64)
-    aug = jnp.concatenate([x, jnp.zeros((6, 1)), jnp.ones((6, 1))], axis=1)
+    x = jax.random.normal(jax.random.key(0), (32, 2), jnp.float64)
+    aug = jnp.concatenate([x, jnp.zeros((32, 1)), jnp.ones((32, 1))], axis=1)
     z = (aug @ jax.scipy.linalg.expm(m).T)[:, :2]
     lp, _ = F.cnf_log_prob(_affine_field, params, x, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(lp, gf.likelihood.gaussian_log_prob(z, 1.0) + jnp.trace(a), atol=1e-8)
     np.testing.assert_allclose(F.cnf_sample(_affine_field, params, z, rtol=1e-10, atol=1e-10), x, atol=1e-7)
     lp_g, _ = F.cnf_log_prob(_affine_field, params, x, trace="hutchinson", probe="gaussian", key=jax.random.key(1),
                              num_probes=64, rtol=1e-8, atol=1e-8)
-    assert np.all(np.isfinite(np.asarray(lp_g))) and float(jnp.mean(jnp.abs(lp_g - lp))) < 0.5
+    # unbiased: the signed mean error over the batch (measured -0.026..+0.024 over 4 keys; the
+    # former bound, mean |error| < 0.5, could not see a dropped divergence: tr A = 0.1 nats)
+    assert np.all(np.isfinite(np.asarray(lp_g))) and abs(float(jnp.mean(lp_g - lp))) < 0.06
 
 
 def test_flows_name_more_bad_arguments():

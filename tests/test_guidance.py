@@ -87,6 +87,21 @@ def test_interval_guidance_only_inside_and_skips_the_unconditional_model():
         assert len(calls) == int(inside), t
 
 
+def test_interval_guidance_with_per_sample_times():
+    """A batch with times on both sides of the interval (as Restart / per-sample schedules give):
+    each row is guided or conditional by its own t. (With every row outside, the unconditional
+    branch returns (c, c), which hides the scale used outside: a scale of 0 there, instead of 1,
+    only shows in a mixed batch.)"""
+    g = gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), 3.0)
+    iv = jax.jit(lambda x, t: gf.guidance.interval(g, 0.3, 0.7)(x, t))
+    x, _ = _xt()
+    t = jnp.tile(jnp.array([0.5, 0.9, 0.1, 0.6, 0.7, 0.3, 0.31, 0.05]), x.shape[0] // 8)
+    inside = (t > 0.3) & (t <= 0.7)
+    want = jnp.where(inside[:, None], g(x, t), COND.model(PATH, "eps")(x, t))
+    np.testing.assert_allclose(iv(x, t), want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(g(x, t) - COND.model(PATH, "eps")(x, t)))) > 0.1  # (guidance does something)
+
+
 def test_cads_condition_annealing():
     y = jax.random.normal(jax.random.key(1), (8, 16)) + 2.0
     key = jax.random.key(2)

@@ -173,6 +173,20 @@ def test_stratified_times_cover_interval():
     assert counts.min() == counts.max() == 8
 
 
+def test_stratified_offsets_are_uniform_on_the_whole_stratum():
+    """Each draw is (k + u) / n with one u ~ U[0, 1) shared by the row: the offsets n t - k are
+    equal within a row and uniform on [0, 1) across keys (an offset 0.5 u biased the mean time to
+    0.47 and left the upper half of every stratum empty; counting per stratum cannot see that)."""
+    n = 8
+    u = np.stack([np.asarray(gf.losses.sample_t(jax.random.key(i), n, stratified=True)) * n - np.arange(n)
+                  for i in range(2000)])
+    assert np.ptp(u, axis=1).max() < 1e-5
+    u = u[:, 0]
+    assert u.min() >= 0.0 and u.max() < 1.0
+    assert abs(u.mean() - 0.5) < 0.02 and u.max() > 0.95 and u.min() < 0.05  # (standard error of the mean 0.0065)
+    assert abs(np.mean(u < 0.5) - 0.5) < 0.04
+
+
 def test_bad_inputs():
     path = gf.paths.linear()
     x0 = jnp.ones((4, 2))

@@ -283,9 +283,13 @@ def test_restart_under_x64(gauss2):
     path = gf.paths.edm()
     with jax.enable_x64(True):
         fn = gauss2.model(path, "x0")
-        x1 = path.prior_sample(jax.random.key(1), (64, 2), jnp.float64)
-        x, info = gf.sample(fn, path, x1, prediction="x0", solver="restart", steps=8, key=jax.random.key(2))
+        x1 = path.prior_sample(jax.random.key(1), (8000, 2), jnp.float64)
+        x, info = gf.sample(fn, path, x1, prediction="x0", solver="restart", steps=32, key=jax.random.key(2))
         assert x.dtype == jnp.float64 and info.nfe.dtype == jnp.int32 and np.all(np.isfinite(np.asarray(x)))
+        # ... and in law (the test was dtype and finiteness only): measured mean 0.008 and covariance
+        # 0.020 off at 32 steps (0.32 at 8, 0.06 at 16); standard errors ~0.01
+        np.testing.assert_allclose(np.asarray(x.mean(0)), np.asarray(gauss2.mean), atol=0.03)
+        np.testing.assert_allclose(np.cov(np.asarray(x).T), np.asarray(gauss2.cov), atol=0.05)
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "tsit5"])

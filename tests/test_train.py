@@ -171,7 +171,9 @@ def test_host_iterator_data():
     state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
     state, hist = gf.train.fit(state, gf.train.make_train_step(lsq_loss, opt), batches(), 300, chunk_size=100,
                                progress=False)
-    np.testing.assert_allclose(state.params["w"], W_STAR, atol=0.1)
+    # the least-squares solution of the data (measured 0.0067 off; W_STAR, the noiseless weights,
+    # is 0.01 from it)
+    np.testing.assert_allclose(state.params["w"], W_LS, atol=0.03)
 
 
 def test_diffusion_objective_with_labels_and_dropout():
