@@ -104,7 +104,8 @@ _TABLE: tuple[SolverSpec, ...] = (
           "order 2 from a finite start (its DDIM / 2M warm-up steps)",
           options=("d2_weight",)),
     _scan("dpm++3m_ref", 2, False, 1, _multistep.dpm_multistep(3),
-          "DPM-Solver++(3M) as in the reference code / k-diffusion / diffusers (half the D'' weight: 2nd order)",
+          "DPM-Solver++(3M) as in the reference code / k-diffusion / diffusers (half the D'' weight: 2nd order; "
+          "warm-up step DPM-Solver++(2M)'s, as diffusers, where k-diffusion's 3M uses phi_2)",
           options=("d2_weight",), d2_weight=1.0),
     _scan("dpm++2s", 2, False, 2, _singlestep.dpm_singlestep(2),
           "DPM-Solver++(2S), single-step midpoint in log-SNR (Lu et al. 2022, 2022b)"),
