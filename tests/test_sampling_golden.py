@@ -1,4 +1,4 @@
-"""genflow's samplers against golden outputs of k-diffusion (``tests/fixtures/samplers``).
+"""genflow's samplers against golden outputs of k-diffusion and diffusers (``tests/fixtures/samplers``).
 
 k-diffusion samples ``y = x0 + sigma eps`` on a Karras grid of noise levels. On any path the same
 solver on the grid of times with ``sigma(t) / alpha(t)`` equal to those levels, from
@@ -43,6 +43,16 @@ def test_matches_k_diffusion(solver, path_name):
     # (measured: 2e-15 to 1e-13 on the VP and linear paths, 7e-12 to 2.4e-8 on edm)
     np.testing.assert_allclose(x, want, rtol=1e-7, atol=1e-7)
     assert nfe == {"ddim": 8, "dpm++2m": 8, "edm_heun": 15, "dpm++2s": 15}[solver]
+
+
+@pytest.mark.parametrize("path_name", sorted(PATHS))
+@pytest.mark.parametrize("solver, golden", [("unipc", "diffusers_unipc"), ("dpm++2m", "diffusers_dpmpp_2m")])
+def test_matches_diffusers(solver, golden, path_name):
+    """diffusers' UniPC (bh2, order 2 with its corrector) and DPM-Solver++(2M), whose float32
+    arithmetic limits the agreement (measured <= 2e-6)."""
+    with jax.enable_x64(True):
+        x, _ = _run(path_name, PATHS[path_name], solver)
+    np.testing.assert_allclose(x, GOLDEN[f"out/{golden}"], rtol=1e-5, atol=1e-5)
 
 
 def _k_diffusion_3m(den, y, sigmas, warm_up: str):
