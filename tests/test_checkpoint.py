@@ -326,3 +326,43 @@ def test_an_interrupted_metrics_log_is_complete_after_resuming(tmp_path):
         gf.train.fit(state, step, lambda k: (X, Y), 15 - int(state.step), chunk_size=5, progress=False,
                      checkpointer=ckpt, callback=gf.train.MetricsWriter(log, resume_step=int(state.step)))
     assert [r["step"] for r in gf.train.read_jsonl(log)] == [5, 10, 15]
+
+
+def test_a_run_resumed_off_the_save_grid_keeps_saving_on_it(tmp_path):
+    """7 steps, then 8 more, with save_every=5: the checkpoints stay on the grid of the step count
+    (5, 10, 15) plus each run's last step. Chunks aligned on the steps done in this call instead
+    would save at 7 + 5 = 12 only at its end and lose step 10 (mutation audit)."""
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(lsq, opt)
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=5, keep=10) as ckpt:
+        state, _ = gf.train.fit(state, step, lambda k: (X, Y), 7, chunk_size=100, progress=False, checkpointer=ckpt)
+        gf.train.fit(state, step, lambda k: (X, Y), 8, chunk_size=100, progress=False, checkpointer=ckpt)
+        assert ckpt.all_steps() == [5, 7, 10, 15]
+
+
+def test_checkpoint_metrics_are_the_chunk_means(tmp_path):
+    """The loss stored with a checkpoint (which ranks the best one) is the mean over the steps since
+    the previous save, not the last step's (noisy) loss."""
+    opt = optax.sgd(0.1)
+    step = gf.train.make_train_step(lambda p, b, k: (jnp.mean((p["w"] - b) ** 2), {}), opt)
+    state = gf.train.init_state({"w": jnp.full(2, 3.0)}, opt, jax.random.key(0))
+    with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=5, keep=10) as ckpt:
+        _, hist = gf.train.fit(state, step, lambda k: jax.random.normal(k, (2,)), 10, progress=False, checkpointer=ckpt)
+        ckpt.wait()
+        for s, part in ((5, hist["loss"][:5]), (10, hist["loss"][5:])):
+            np.testing.assert_allclose(ckpt.manager.metrics(s)["loss"], np.mean(part), rtol=1e-6)
+        assert not np.isclose(np.mean(hist["loss"][5:]), hist["loss"][9], rtol=1e-2)  # (the two differ here)
+
+
+def test_a_save_without_the_tracked_metric_never_ranks_best(tmp_path):
+    """keep=1 with best_metric='loss': a save that carries no metrics must rank below every real
+    one, or the true best checkpoint is deleted."""
+    opt = optax.sgd(0.1)
+    state = gf.train.init_state({"w": jnp.zeros(2)}, opt, jax.random.key(0))
+    with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=1, keep=1, best_metric="loss",
+                               async_save=False) as ckpt:
+        for s, m in ((1, {"loss": 1.0}), (2, None), (3, {"loss": 2.0}), (4, {"loss": 3.0})):
+            ckpt.save(state.replace(step=jnp.int32(s)), metrics=m)
+            ckpt.wait()
+        assert ckpt.all_steps() == [1, 4] and ckpt.best_step() == 1

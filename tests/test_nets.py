@@ -87,6 +87,12 @@ def test_sinusoidal_embedding_values():
     assert e.shape == (2, 8)
     np.testing.assert_allclose(e[0], [1, 1, 1, 1, 0, 0, 0, 0])
     np.testing.assert_allclose(e[1, 0], np.cos(0.5), rtol=1e-6)
+    # every frequency, against the docstring's formula (frequency 0 alone cannot see a wrong w_k)
+    t = np.array([0.0, 0.013, 0.5, 1.0])
+    w = 10_000.0 ** (-np.arange(4) / 4)
+    args = 1000.0 * t[:, None] * w[None]
+    np.testing.assert_allclose(gf.nets.sinusoidal_embedding(jnp.asarray(t), 8), np.concatenate([np.cos(args),
+                               np.sin(args)], 1), atol=2e-4)
 
 
 def test_bfloat16_compute():
@@ -440,3 +446,52 @@ def test_model_fn_keeps_a_numpy_bool_flag_static():
     fn = gf.nets.model_fn(net, p, train=np.bool_(False))
     out = jax.jit(lambda f, x: f(x, jnp.ones(1)))(fn, x)
     np.testing.assert_array_equal(out, net.apply(p, x, jnp.ones(1), train=False))
+
+
+def _np_dit_block(p, x, c, heads):
+    """DiT's block (Peebles & Xie 2023) in NumPy float64 from flax's parameters: adaLN-Zero
+    modulation split as shift1, scale1, gate1, shift2, scale2, gate2; LayerNorm without affine."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    x, c = np.asarray(x, np.float64), np.asarray(c, np.float64)
+    silu = c / (1 + np.exp(-c))
+    mod = silu @ p["adaLN"]["kernel"] + p["adaLN"]["bias"]
+    sh1, sc1, g1, sh2, sc2, g2 = np.split(mod, 6, axis=-1)
+
+    def ln(v):
+        return (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True) + 1e-6)
+
+    h = ln(x) * (1 + sc1[:, None]) + sh1[:, None]
+    qkv = np.einsum("bnd,dthk->bnthk", h, p["qkv"]["kernel"]) + p["qkv"]["bias"]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    att = np.einsum("bhqs,bshk->bqhk", w / w.sum(-1, keepdims=True), v)
+    x = x + g1[:, None] * (np.einsum("bqhk,hkd->bqd", att, p["proj"]["kernel"]) + p["proj"]["bias"])
+    h = ln(x) * (1 + sc2[:, None]) + sh2[:, None]
+    h = h @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    return x + g2[:, None] * (h @ p["fc2"]["kernel"] + p["fc2"]["bias"])
+
+
+def test_dit_block_and_time_conditioning_match_the_paper_away_from_initialisation():
+    """At initialisation adaLN is zero, so the modulation (shift / scale / gate order, the
+    x (1 + scale) + shift form) and DiT's time embedding are invisible there: with random adaLN
+    weights the block equals a NumPy DiT block, and DiT conditions on sinusoidal_embedding(t, 256)
+    at its default scale 1000."""
+    from genflow.nets._dit import DiTBlock
+
+    block = DiTBlock(16, num_heads=2)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    c = jax.random.normal(jax.random.key(1), (2, 16))
+    params = block.init(jax.random.key(2), x, c)["params"]
+    params["adaLN"] = {"kernel": 0.3 * jax.random.normal(jax.random.key(3), (16, 96)),
+                       "bias": 0.3 * jax.random.normal(jax.random.key(4), (96,))}
+    np.testing.assert_allclose(block.apply({"params": params}, x, c), _np_dit_block(params, x, c, 2), atol=2e-5)
+
+    dit = gf.nets.DiT(patch_size=2, hidden=16, depth=1, num_heads=2)
+    xi, t = jnp.zeros((2, 4, 4, 1)), jnp.array([0.25, 0.7])
+    variables = dit.init(jax.random.key(5), xi, t)
+    _, inter = dit.apply(variables, xi, t, capture_intermediates=True)
+    e0 = variables["params"]["t_embed0"]
+    want = np.asarray(gf.nets.sinusoidal_embedding(t, 256, scale=1000.0)) @ np.asarray(e0["kernel"]) + np.asarray(e0["bias"])
+    np.testing.assert_allclose(inter["intermediates"]["t_embed0"]["__call__"][0], want, rtol=1e-4, atol=1e-5)
