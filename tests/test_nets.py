@@ -493,5 +493,6 @@ def test_dit_block_and_time_conditioning_match_the_paper_away_from_initialisatio
     variables = dit.init(jax.random.key(5), xi, t)
     _, inter = dit.apply(variables, xi, t, capture_intermediates=True)
     e0 = variables["params"]["t_embed0"]
-    want = np.asarray(gf.nets.sinusoidal_embedding(t, 256, scale=1000.0)) @ np.asarray(e0["kernel"]) + np.asarray(e0["bias"])
+    temb = np.asarray(gf.nets.sinusoidal_embedding(t, 256, scale=1000.0))
+    want = temb @ np.asarray(e0["kernel"]) + np.asarray(e0["bias"])
     np.testing.assert_allclose(inter["intermediates"]["t_embed0"]["__call__"][0], want, rtol=1e-4, atol=1e-5)

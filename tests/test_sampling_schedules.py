@@ -42,8 +42,9 @@ def test_named_schedules_on_every_path(name):
     # "uniform" is evenly spaced in t between the endpoints (only its ends and order were checked)
     for steps, t_start, t_end in ((10, None, None), (7, 0.8, 0.05)):
         lo = path.t_min if t_end is None else t_end
-        np.testing.assert_allclose(gf.sampling.time_grid(path, steps, "uniform", t_start, t_end),
-                                   np.linspace(1.0 if t_start is None else t_start, lo, steps + 1), rtol=1e-6, atol=1e-7)
+        want = np.linspace(1.0 if t_start is None else t_start, lo, steps + 1)
+        np.testing.assert_allclose(gf.sampling.time_grid(path, steps, "uniform", t_start, t_end), want, rtol=1e-6,
+                                   atol=1e-7)
 
 
 def test_explicit_and_callable_schedules():
