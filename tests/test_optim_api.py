@@ -503,8 +503,11 @@ def test_make_optimizer_refuses_clipping_before_smb():
         gf.train.make_optimizer(0.3, name="smb", clip_norm=50.0)
     # ... also under another registered name (it was recognised by name only, and clipped silently)
     gf.optim.register("test_smb_alias", functools.partial(gf.optim.smb, c=0.2))
-    with pytest.raises(ValueError, match=r"clip_norm cannot be used with SMB \(name='test_smb_alias'"):
-        gf.train.make_optimizer(0.3, name="test_smb_alias", clip_norm=50.0)
+    try:
+        with pytest.raises(ValueError, match=r"clip_norm cannot be used with SMB \(name='test_smb_alias'"):
+            gf.train.make_optimizer(0.3, name="test_smb_alias", clip_norm=50.0)
+    finally:  # (the registry is global: leave no entry for other tests)
+        gf.optim._registry._TABLE.pop("test_smb_alias")
     gf.train.make_optimizer(0.3, name="adam", clip_norm=50.0)  # (other optimizers are still clipped)
     # without clipping make_optimizer's SMB is gf.optim.smb with the same (constant) learning rate
     A = jnp.array([1.0, 10.0, 100.0])

@@ -102,4 +102,4 @@ def test_dpmpp_3m_ref_is_k_diffusions_third_order_step_with_a_2m_warm_up():
     with jax.enable_x64(True):
         x, _ = _run("vp_linear", "eps", "dpm++3m_ref")
     np.testing.assert_allclose(x, _k_diffusion_3m(den, y0, sigmas, "2m"), rtol=1e-7, atol=1e-7)
-    assert np.abs(x - GOLDEN["out/dpmpp_3m"]).max() > 1e-4  # (the warm-ups differ: 1.3e-3 here)
+    assert np.abs(x - GOLDEN["out/dpmpp_3m"]).max() > 1e-4  # (the warm-ups differ: max 2.2e-2, mean 9e-4 here)

@@ -28,7 +28,8 @@ class SMBState(NamedTuple):
 def holds_smb(tx) -> bool:
     """Whether the transform ``tx`` keeps an :class:`SMBState` (it is :func:`smb`, under any
     registered name or ``functools.partial``, or chains it). Read from the shapes of
-    ``tx.init({})``; a transform whose ``init`` refuses empty parameters counts as not SMB."""
+    ``tx.init({})``; a transform whose ``init`` refuses empty parameters counts as not SMB (e.g.
+    ``optax.masked(smb(...), mask)`` with a mask tree: not detected)."""
     try:
         state = jax.eval_shape(tx.init, {})
     except Exception:  # (an init that needs real parameters: not smb's, which ignores them)

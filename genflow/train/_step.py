@@ -73,8 +73,11 @@ def _extra_args_view(tx):
     ``optax.MultiSteps`` (and its ``.gradient_transformation()``), whose ``update`` forwards
     ``**extra_args`` to the transform it wraps: a loss-aware optimizer inside it (momo_adam)
     then failed with "missing argument 'value'". A transform whose ``update`` takes ``**kwargs``
-    is given them. SMB inside MultiSteps is refused: it would combine the accumulated gradient
-    with the loss of the last microbatch only (``grad_accum=`` averages both)."""
+    is given them. A loss-aware optimizer inside MultiSteps sees the loss of the last microbatch
+    beside the accumulated gradient (mild for MoMo; prefer ``grad_accum=``, which averages both);
+    SMB, which re-evaluates the loss there, is refused. (Inside ``optax.chain`` a MultiSteps'
+    ``.gradient_transformation()`` still loses them: chain drops extra arguments for its plain
+    parts.)"""
     if isinstance(tx, optax.GradientTransformationExtraArgs):
         return tx
     try:
