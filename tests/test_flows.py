@@ -619,3 +619,13 @@ def test_dequantize_promotes_integer_and_bfloat16_batches():
             c = float(batch[0, 0])
             # identity map: loss = 0.5 mean(x_deq^2) + 0.5 log(2 pi), x_deq in (c - w/2, c + w/2)
             assert 0.5 * (c - w / 2) ** 2 < loss - 0.5 * math.log(2 * math.pi) < 0.5 * (c + w / 2) ** 2, (batch.dtype, loss)
+
+
+def test_ffjord_loss_is_per_dimension_for_multi_axis_data():
+    """-mean log p(x) / D with D the number of features of x: [B, ...], all axes after the batch (a
+    [5, 2, 3] batch has D = 6; the tests above use [B, D] data, where the last axis alone agrees).
+    With a zero field the flow is the identity and log p is the standard normal's."""
+    x = jax.random.normal(jax.random.key(0), (5, 2, 3), jnp.float64)
+    loss = F.ffjord_loss(lambda p, x, t: jnp.zeros_like(x), {}, x, jax.random.key(1), solver="heun", steps=4)
+    want = -np.mean(gf.likelihood.gaussian_log_prob(x.reshape(5, -1), 1.0)) / 6
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)

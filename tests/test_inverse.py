@@ -820,3 +820,29 @@ def test_dps_step_descends_the_residual_norm():
     want = float(path.alpha(s)) * x0 + float(path.sigma(s)) * eps - 0.3 * g
     got = _one_step_run("dps", op, path, t, s, x, y, scale=0.3)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_truncated_blur_pinv_is_numpys_truncated_pinv():
+    """Blur's pinv drops singular values below rcond * the largest (rcond=0.05 by default): equal to
+    NumPy's truncated pseudo-inverse of its matrix. (sigma 1.0 puts 16 singular values between 0.05
+    and sqrt(0.05), where a cutoff on rcond instead of rcond^2 differs by ~10; the nearest is 0.007
+    from the cutoff.)"""
+    op = inv.gaussian_blur((8, 8), 1.0)
+    a = np.asarray(inv.operator_matrix(op, (8, 8, 1)), np.float64)
+    y = np.asarray(op(jax.random.normal(jax.random.key(0), (2, 8, 8, 1))))
+    want = y.reshape(2, -1) @ np.linalg.pinv(a, rcond=0.05).T
+    np.testing.assert_allclose(np.asarray(op.pinv(jnp.asarray(y))).reshape(2, -1), want, atol=1e-4)
+
+
+def test_noise_models_closed_forms():
+    """GaussianNoise.nll = ||y - p||^2 / (2 sigma^2) per example; PoissonNoise: the largest second
+    derivative of residual_norm^2 / 2 is curvature() (its docstring's contract, which DPS's step
+    size relies on), reached at a dark pixel."""
+    y = jax.random.normal(jax.random.key(0), (3, 4, 4, 1))
+    p = jax.random.normal(jax.random.key(1), (3, 4, 4, 1))
+    r = np.asarray(y - p, np.float64).reshape(3, -1)
+    np.testing.assert_allclose(inv.GaussianNoise(0.3).nll(y, p), 0.5 * (r * r).sum(1) / 0.09, rtol=1e-5)
+    noise = inv.PoissonNoise(50.0)
+    yp, pp = jnp.array([[-1.0, -0.99, 0.0, 0.5]]), jnp.array([[-0.5, 0.2, 0.1, 0.4]])
+    hess = jax.hessian(lambda q: 0.5 * noise.residual_norm(yp, q[None])[0] ** 2)(pp[0])
+    np.testing.assert_allclose(float(jnp.max(jnp.diag(hess))), noise.curvature(), rtol=1e-5)

@@ -93,6 +93,15 @@ def test_denoise_trajectory_and_batch_of_one(gauss2):
     assert int(info.nfe) == 21
     x_one, _ = gf.sample(fn, path, x1[:1], prediction="eps", solver="heun", steps=10)
     np.testing.assert_allclose(x_one, x[:1], rtol=1e-5, atol=1e-5)
+    # the scan solvers' trajectory (genflow's own loop, not Diffrax's): starts at x1, ends where the
+    # samples are (without the final denoising), and its states follow the exact flow
+    for solver in ("dpm++2m", "dpm++2s", "unipc"):
+        x, info = gf.sample(fn, path, x1, prediction="eps", solver=solver, steps=10, save_trajectory=True, denoise=False)
+        assert info.trajectory.shape == (11, 4, 2), solver
+        np.testing.assert_array_equal(info.trajectory[0], x1)
+        np.testing.assert_array_equal(info.trajectory[-1], x)
+        exact = gauss2.flow_map(x1, 1.0, info.ts[5], path)
+        np.testing.assert_allclose(info.trajectory[5], exact, atol=0.05, err_msg=solver)
 
 
 def test_bfloat16_model_and_state(gauss2):
