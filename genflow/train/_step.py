@@ -67,55 +67,48 @@ def _microbatches(batch, k: int):
 
 
 def _extra_args_view(tx):
-    """``tx`` as a ``GradientTransformationExtraArgs`` that receives the step's extra arguments.
+    """``tx`` as a ``GradientTransformationExtraArgs`` whose ``update`` receives the step's extra
+    arguments (``value=`` / ``grad=`` / ``value_fn=``) as far as it takes them; its signature is
+    read once.
 
-    ``optax.with_extra_args_support`` drops them for anything that is not one, including
-    ``optax.MultiSteps`` (and its ``.gradient_transformation()``), whose ``update`` forwards
-    ``**extra_args`` to the transform it wraps: a loss-aware optimizer inside it (momo_adam)
-    then failed with "missing argument 'value'". A transform whose ``update`` takes ``**kwargs``
-    is given them. A loss-aware optimizer inside MultiSteps sees the loss of the last microbatch
-    beside the accumulated gradient (mild for MoMo; prefer ``grad_accum=``, which averages both);
-    SMB, which re-evaluates the loss there, is refused. (Inside ``optax.chain`` a MultiSteps'
-    ``.gradient_transformation()`` still loses them: chain drops extra arguments for its plain
-    parts.)"""
-    if isinstance(tx, optax.GradientTransformationExtraArgs):
-        return tx
+    * ``update(..., **kwargs)``: given all of them. optax's ``with_extra_args_support`` would drop
+      them for anything that is not an ``ExtraArgs`` transform, including ``optax.MultiSteps`` (and
+      its ``.gradient_transformation()``), which forwards them to the transform it wraps: a
+      loss-aware optimizer inside it (momo_adam) failed with "missing argument 'value'". Such an
+      optimizer sees the loss of the last microbatch beside the accumulated gradient (mild for
+      MoMo; prefer ``grad_accum=``, which averages both); SMB, which re-evaluates the loss there,
+      is refused. (Inside ``optax.chain`` a MultiSteps' ``.gradient_transformation()`` still loses
+      them: chain drops extra arguments for its plain parts.)
+    * an ``ExtraArgs`` transform that names its own only (``optax.contrib.sam``: ``grad_fn=``):
+      given those it names (the others failed with "unexpected keyword argument 'value'").
+    * a plain transform without ``**kwargs``: given none (``with_extra_args_support``).
+    """
+    extra = isinstance(tx, optax.GradientTransformationExtraArgs)
     try:
-        kinds = [p.kind for p in inspect.signature(tx.update).parameters.values()]
-    except (AttributeError, TypeError, ValueError):
-        kinds = []
-    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        sig = inspect.signature(tx.update).parameters
+    except (AttributeError, TypeError, ValueError):  # (builtins without signatures)
+        return tx if extra else optax.with_extra_args_support(tx)
+    update = tx.update
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values()):
+        if extra:
+            return tx
+
+        def forward_all(updates, state, params=None, **extra_args):
+            if isinstance(state, optax.MultiStepsState) and state_holds_smb(state.inner_opt_state):
+                raise ValueError("smb cannot run inside optax.MultiSteps (it would combine the accumulated gradient "
+                                 "with the loss of the last microbatch only); use make_train_step(..., grad_accum=k), "
+                                 "which averages both over the microbatches")
+            return update(updates, state, params, **extra_args)
+
+        return optax.GradientTransformationExtraArgs(tx.init, forward_all)
+    if not extra:
         return optax.with_extra_args_support(tx)
-    update = tx.update
+    names = {n for n, p in sig.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
 
-    def update_fn(updates, state, params=None, **extra_args):
-        if isinstance(state, optax.MultiStepsState) and state_holds_smb(state.inner_opt_state):
-            raise ValueError("smb cannot run inside optax.MultiSteps (it would combine the accumulated gradient "
-                             "with the loss of the last microbatch only); use make_train_step(..., grad_accum=k), "
-                             "which averages both over the microbatches")
-        return update(updates, state, params, **extra_args)
-
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
-
-
-def _accepted_extra_args(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
-    """``tx`` with the extra arguments its ``update`` does not take dropped: optax's convention is
-    ``update(updates, state, params=None, **extra_args)``, but some ``GradientTransformationExtraArgs``
-    name theirs only (``optax.contrib.sam``: ``grad_fn=``), and ``value=`` / ``grad=`` / ``value_fn=``
-    then failed with "unexpected keyword argument 'value'"."""
-    try:
-        sig = inspect.signature(tx.update)
-    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
-        return tx
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        return tx
-    names = {n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
-    update = tx.update
-
-    def update_fn(updates, state, params=None, **extra_args):
+    def forward_named(updates, state, params=None, **extra_args):
         return update(updates, state, params, **{k: v for k, v in extra_args.items() if k in names})
 
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    return optax.GradientTransformationExtraArgs(tx.init, forward_named)
 
 
 def batch_key(rng: Array) -> Array:
@@ -153,7 +146,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     state.
     """
     grad_accum = check_int("grad_accum", grad_accum)
-    tx = _accepted_extra_args(_extra_args_view(check_extra_args(optimizer, "make_train_step's optimizer")))
+    tx = _extra_args_view(check_extra_args(optimizer, "make_train_step's optimizer"))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def loss_and_grad(params, batch, key):
