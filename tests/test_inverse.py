@@ -22,6 +22,11 @@ PRIOR = gf.oracles.Gaussian.full(MU, COV)
 X_TRUE = PRIOR.sample(jax.random.key(3), 1).reshape((1,) + S)
 
 
+# not point-symmetric: its transfer function is complex, so the adjoint needs its conjugate (every
+# built-in kernel is symmetric, with a real transfer function, where a missing conj is invisible)
+ASYMMETRIC_KERNEL = np.array([[0.0, 1.0, 0.5], [0.0, 2.0, 3.0], [0.2, 0.0, 0.0]])
+
+
 def _ops():
     return {
         "random_inpainting": inv.random_inpainting(jax.random.key(0), S, keep=0.5),
@@ -29,6 +34,7 @@ def _ops():
         "super_resolution": inv.super_resolution(2),
         "gaussian_blur": inv.gaussian_blur((4, 4), 0.8, size=3, rcond=0.0),
         "motion_blur": inv.motion_blur((4, 4), 3, 30.0, rcond=0.0),
+        "kernel_blur": inv.kernel_blur((4, 4), ASYMMETRIC_KERNEL, rcond=0.0),
         "compressed_sensing": inv.compressed_sensing(jax.random.key(4), S, 6),
         "denoising": inv.denoising(),
     }
@@ -846,3 +852,32 @@ def test_noise_models_closed_forms():
     yp, pp = jnp.array([[-1.0, -0.99, 0.0, 0.5]]), jnp.array([[-0.5, 0.2, 0.1, 0.4]])
     hess = jax.hessian(lambda q: 0.5 * noise.residual_norm(yp, q[None])[0] ** 2)(pp[0])
     np.testing.assert_allclose(float(jnp.max(jnp.diag(hess))), noise.curvature(), rtol=1e-5)
+
+
+def test_kernel_blur_is_a_circular_convolution_centred_on_the_kernel():
+    """``kernel_blur`` against a direct sum ``(A x)[i, j] = sum k[m, n] x[i - m + 1, j - n + 1]``
+    (indices mod 4, 3 x 3 kernel); the asymmetric kernel tells a convolution from a correlation
+    and the centring by one pixel."""
+    x = np.asarray(jax.random.normal(jax.random.key(12), (2, 4, 5, 3)))
+    k = ASYMMETRIC_KERNEL
+    ref = np.zeros_like(x)
+    for i in range(4):
+        for j in range(5):
+            for m in range(3):
+                for n in range(3):
+                    ref[:, i, j] += k[m, n] * x[:, (i - m + 1) % 4, (j - n + 1) % 5]
+    np.testing.assert_allclose(inv.kernel_blur((4, 5), k, normalize=False)(jnp.asarray(x)), ref, atol=1e-5)
+    np.testing.assert_allclose(inv.kernel_blur((4, 5), k)(jnp.asarray(x)), ref / k.sum(), atol=1e-5)
+    # a derivative filter (sum 0) needs normalize=False; bad kernels are named
+    with pytest.raises(ValueError, match="kernel sums to 0"):
+        inv.kernel_blur((4, 4), [[1.0, -1.0]])
+    np.testing.assert_allclose(inv.kernel_blur((4, 4), [[1.0, -1.0]], normalize=False)(jnp.ones((1, 4, 4, 1))), 0.0,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match=r"kernel must be a non-empty 2-D array \[kh, kw\]; got shape \(3,\)"):
+        inv.kernel_blur((4, 4), [1.0, 2.0, 1.0])
+    with pytest.raises(ValueError, match="kernel must be finite"):
+        inv.kernel_blur((4, 4), [[1.0, np.nan]])
+    with pytest.raises(ValueError, match=r"rcond must be in \[0, 1\); got 1.5"):
+        inv.kernel_blur((4, 4), k, rcond=1.5)
+    with pytest.raises(ValueError, match=r"kernel of shape \(5, 1\) is larger than the image \(4, 4\)"):
+        inv.kernel_blur((4, 4), np.ones((5, 1)))

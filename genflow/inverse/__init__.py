@@ -10,7 +10,7 @@ linear operator with Gaussian noise, against which the samplers are tested.
 
 from genflow.inverse.operators import (
     AvgPool, Blur, GaussianNoise, Identity, Mask, Matrix, Operator, PoissonNoise, box_inpainting,
-    compressed_sensing, denoising, gaussian_blur, motion_blur, random_inpainting, super_resolution,
+    compressed_sensing, denoising, gaussian_blur, kernel_blur, motion_blur, random_inpainting, super_resolution,
 )
 from genflow.inverse.oracle import linear_gaussian_posterior, operator_matrix
 from genflow.inverse.samplers import (
@@ -19,7 +19,7 @@ from genflow.inverse.samplers import (
 
 __all__ = [
     "Operator", "Mask", "AvgPool", "Blur", "Matrix", "Identity", "random_inpainting", "box_inpainting",
-    "super_resolution", "gaussian_blur", "motion_blur", "compressed_sensing", "denoising", "GaussianNoise",
+    "super_resolution", "gaussian_blur", "kernel_blur", "motion_blur", "compressed_sensing", "denoising", "GaussianNoise",
     "PoissonNoise", "posterior_sample", "prior_sample", "posterior_model", "PosteriorModel", "PosteriorInfo", "METHODS", "DEFAULTS",
     "linear_gaussian_posterior", "operator_matrix",
 ]

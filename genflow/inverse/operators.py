@@ -220,7 +220,7 @@ class Blur(Operator):
         return self._apply(y, (mag2 > 1e-10 * jnp.max(mag2)).astype(self.kernel_fft.dtype))
 
 
-def _kernel_to_fft(kernel: np.ndarray, image_shape) -> Array:
+def _kernel_to_fft(kernel: np.ndarray, image_shape, normalize: bool = True) -> Array:
     if len(tuple(image_shape)) != 2:
         raise ValueError(f"image_shape must be (H, W); got {tuple(image_shape)}")
     H, W = (int(v) for v in image_shape)
@@ -228,9 +228,29 @@ def _kernel_to_fft(kernel: np.ndarray, image_shape) -> Array:
     if kh > H or kw > W:
         raise ValueError(f"kernel of shape {kernel.shape} is larger than the image {(H, W)}")
     pad = np.zeros((H, W), np.float64)
-    pad[:kh, :kw] = kernel / kernel.sum()
+    pad[:kh, :kw] = kernel / kernel.sum() if normalize else kernel
     pad = np.roll(pad, (-(kh // 2), -(kw // 2)), axis=(0, 1))  # centre the kernel at (0, 0)
     return jnp.asarray(np.fft.fft2(pad), jnp.complex64)
+
+
+def kernel_blur(image_shape: tuple[int, int], kernel, rcond: float = 0.05, normalize: bool = True) -> Blur:
+    """Circular convolution with a kernel of your own (a measured point-spread function, say).
+
+    ``kernel: [kh, kw]`` (at most the image size ``(H, W)``) is centred at ``(kh // 2, kw // 2)``:
+    ``(A x)[i, j] = sum_{m, n} k[m, n] x[i - m + kh // 2, j - n + kw // 2]`` with indices modulo
+    ``(H, W)`` -- a convolution, not a correlation, which differ for a kernel that is not
+    point-symmetric. ``normalize`` divides the kernel by its sum (a blur keeps the mean
+    brightness); pass ``False`` for a kernel summing to 0 (a derivative filter)."""
+    k = np.asarray(kernel, np.float64)
+    if k.ndim != 2 or 0 in k.shape:
+        raise ValueError(f"kernel must be a non-empty 2-D array [kh, kw]; got shape {k.shape}")
+    if not np.all(np.isfinite(k)):
+        raise ValueError("kernel must be finite")
+    if normalize and not abs(k.sum()) > 0:
+        raise ValueError("kernel sums to 0: it cannot be normalized; pass normalize=False")
+    if not 0.0 <= rcond < 1.0:
+        raise ValueError(f"rcond must be in [0, 1); got {rcond}")
+    return Blur(_kernel_to_fft(k, image_shape, normalize=normalize), rcond=rcond, name="kernel_blur")
 
 
 def gaussian_blur(image_shape: tuple[int, int], sigma: float = 1.0, size: int | None = None,
