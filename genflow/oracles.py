@@ -179,10 +179,12 @@ class GaussianMixture:
         z = jax.random.normal(k2, (n, self.dim), self.means.dtype)
         return self.means[comp] + jnp.sqrt(self.vars[comp]) * z
 
-    def _resp(self, x, t, path):
+    def _resp(self, x, t, path, safe: bool = False):
         tc = _t_col(t, x)
         a, s = path.alpha(tc)[:, :, None], path.sigma(tc)[:, :, None]  # [B, 1, 1]
         m = a * a * self.vars[None] + s * s  # [B, K, D]
+        if safe:  # m = 0 (var = 0 at sigma = 0) replaced by 1: finite, for callers that override sigma = 0
+            m = jnp.where(m > 0, m, 1.0)
         r = flat_batch(x)[:, None, :] - a * self.means[None]  # [B, K, D]
         logp = -0.5 * jnp.sum(r * r / m + jnp.log(2 * jnp.pi * m), axis=-1) + jax.nn.log_softmax(self.logits)
         return logp, r, m, a
@@ -193,11 +195,17 @@ class GaussianMixture:
         return jax.nn.logsumexp(logp, axis=-1)
 
     def x0(self, x: Array, t, path: Path) -> Array:
-        """``E[x0 | x_t] = sum_k w_k(x_t) (mu_k + alpha v_k (x_t - alpha mu_k) / (alpha^2 v_k + sigma^2))``."""
-        logp, r, m, a = self._resp(x, t, path)
+        """``E[x0 | x_t] = sum_k w_k(x_t) (mu_k + alpha v_k (x_t - alpha mu_k) / (alpha^2 v_k + sigma^2))``.
+
+        Where ``sigma = 0`` it is ``x_t / alpha``, the data themselves (for ``x_t`` in the support; with
+        a zero variance the formula is 0/0 there)."""
+        logp, r, m, a = self._resp(x, t, path, safe=True)
         w = jax.nn.softmax(logp, axis=-1)[..., None]
         post = self.means[None] + a * self.vars[None] * r / m
-        return jnp.sum(w * post, axis=1).reshape(x.shape)
+        out = jnp.sum(w * post, axis=1)
+        a, s = a[:, :, 0], path.sigma(_t_col(t, x))  # [B, 1]
+        exact = flat_batch(x) / jnp.where(s == 0, a, 1.0)
+        return jnp.where(s == 0, exact, out).reshape(x.shape)
 
     def score(self, x: Array, t, path: Path) -> Array:
         logp, r, m, _ = self._resp(x, t, path)

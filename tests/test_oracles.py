@@ -168,6 +168,25 @@ def test_singular_gaussian_denoiser_at_t0():
     np.testing.assert_allclose(gd.x0(jnp.array([[2.0, 0.0]]), jnp.full((1,), 1e-4), lin), [[2.0, 0.0]], atol=1e-3)
 
 
+def test_mixture_with_zero_variances_denoises_its_support_at_t0():
+    # a zero variance made a^2 v + sigma^2 = 0 at t = 0 and every denoised row NaN (0 / 0); on the
+    # support E[x0 | x_0 = x] = x, the limit of the denoiser as t -> 0, with finite gradients
+    gm = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.array([[0.0, 1.0], [2.0, 3.0]]),
+                                    jnp.array([[0.0, 0.5], [0.1, 0.0]]))
+    x = jnp.array([[0.0, 1.2], [2.2, 3.0], [0.0, -0.4]])  # in the support of components 0, 1, 0
+    for path in (gf.paths.linear(), gf.paths.vp_linear()):
+        np.testing.assert_allclose(gm.x0(x, jnp.zeros(3), path), x, atol=1e-6)
+        np.testing.assert_allclose(gm.x0(x, jnp.full((3,), 1e-5), path), x, atol=1e-3)
+        jac = jax.jacfwd(lambda z: gm.x0(z[None], jnp.zeros(1), path)[0])(x[0])
+        np.testing.assert_allclose(jac, np.eye(2), atol=1e-6)
+        g = jax.grad(lambda z: jnp.sum(gm.x0(z, jnp.zeros(3), path)))(x)
+        np.testing.assert_allclose(g, 1.0, atol=1e-6)
+    # away from t = 0 nothing changed: Tweedie against the score
+    lin, t = gf.paths.linear(), jnp.full((3,), 0.3)
+    a, s = lin.alpha(t)[:, None], lin.sigma(t)[:, None]
+    np.testing.assert_allclose(gm.x0(x, t, lin), (x + s**2 * gm.score(x, t, lin)) / a, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_flow_map_matches_the_gaussian_closed_form():
     """reference_flow_map (the adaptive Diffrax solve in linear-path coordinates behind
     GaussianMixture.flow_map) agrees with Gaussian.flow_map, the exact probability-flow map, from
