@@ -51,6 +51,7 @@ __all__ = [
     "get",
     "names",
     "register",
+    "unregister",
     "broadcast_t",
     "check_t",
 ]
@@ -598,6 +599,7 @@ _FACTORIES: dict[str, Callable[..., Path]] = {
     "linear": linear,
     "edm": edm,
 }
+_BUILTIN = frozenset(_FACTORIES)
 
 
 def names() -> tuple[str, ...]:
@@ -605,11 +607,12 @@ def names() -> tuple[str, ...]:
     return tuple(_FACTORIES)
 
 
-def register(name: str, factory: Callable[..., Path]) -> Callable[..., Path]:
+def register(name: str, factory: Callable[..., Path], *, overwrite: bool = False) -> Callable[..., Path]:
     """Make a path of your own available by name: :func:`get` (and so the experiment scripts'
     ``--path`` flags and configs) then builds it with ``factory(**kwargs)``. Names are unique: an
-    existing one is refused. Returns ``factory`` (usable as a decorator through
-    ``functools.partial(register, name)``).
+    existing one is refused, unless it is one of yours and ``overwrite=True`` (re-running a
+    notebook cell); the built-in names cannot be replaced, and :func:`unregister` removes one of
+    yours. Returns ``factory`` (usable as a decorator through ``functools.partial(register, name)``).
 
     Example::
 
@@ -620,12 +623,25 @@ def register(name: str, factory: Callable[..., Path]) -> Callable[..., Path]:
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str; got {name!r}")
-    if name in _FACTORIES:
-        raise ValueError(f"path {name!r} is already registered; pick another name")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool; got {type(overwrite).__name__}")
+    if name in _FACTORIES and (name in _BUILTIN or not overwrite):
+        hint = "a built-in path; pick another name" if name in _BUILTIN else "pass overwrite=True to replace it"
+        raise ValueError(f"path {name!r} is already registered ({hint})")
     if not callable(factory):
         raise TypeError(f"factory must be callable (keyword hyper-parameters -> Path); got {type(factory).__name__}")
     _FACTORIES[name] = factory
     return factory
+
+
+def unregister(name: str) -> Callable[..., Path]:
+    """Remove path ``name`` added by :func:`register`; returns its factory. Built-in paths and
+    unknown names are refused (``ValueError``)."""
+    if name in _BUILTIN:
+        raise ValueError(f"path {name!r} is built in; only names added by register() can be removed")
+    if not isinstance(name, str) or name not in _FACTORIES:
+        raise ValueError(f"path {name!r} is not registered; registered by you: {sorted(set(_FACTORIES) - _BUILTIN)}")
+    return _FACTORIES.pop(name)
 
 
 def get(name: str | Path, **kwargs) -> Path:

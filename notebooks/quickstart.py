@@ -80,8 +80,7 @@ def trig():
                          name="trig")
 
 
-if "trig" not in gf.paths.names():  # (re-running the cell)
-    gf.paths.register("trig", trig)
+gf.paths.register("trig", trig, overwrite=True)  # (overwrite: re-running the cell replaces it)
 for name in ["vp_linear", "vp_cosine", "ve", "edm", "linear", "trig"]:
     p = gf.paths.get(name)
     kind = "velocity" if name in ("linear", "trig") else "eps"

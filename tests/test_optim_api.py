@@ -469,10 +469,27 @@ def test_register_an_optimizer_of_your_own():
     state = tx.init(P0)
     first, state = tx.update(g, state, P0)
     assert_tree_close(first, jax.tree.map(lambda v: 0.0 * v, g), 0, 0)  # warm-up starts at 0
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match=r"'adam' is already registered \(by optax\); pick another name"):
         gf.optim.register("adam", test_signed_sgd)
+    with pytest.raises(ValueError, match=r"'adam' is already registered \(by optax\); pick another name"):
+        gf.optim.register("adam", test_signed_sgd, overwrite=True)  # (built-in names are never replaced)
     with pytest.raises(TypeError, match="factory must be callable"):
         gf.optim.register("test_not_callable", 3)
+    # re-running a notebook cell: refused, unless overwrite=True; unregister removes only user names
+    with pytest.raises(ValueError, match=r"'test_signed_sgd' is already registered \(by user\); pass overwrite=True"):
+        gf.optim.register("test_signed_sgd", test_signed_sgd)
+    gf.optim.register("test_signed_sgd", lambda learning_rate: optax.sgd(2 * learning_rate), overwrite=True)
+    opt = gf.optim.get("test_signed_sgd", learning_rate=0.1)
+    assert_tree_close(opt.update(g, opt.init(P0), P0)[0], jax.tree.map(lambda v: -0.2 * v, g), 1e-7, 1e-7)
+    assert gf.optim.unregister("test_signed_sgd") is not test_signed_sgd
+    assert "test_signed_sgd" not in gf.optim.names() and gf.optim.names("user") == []
+    with pytest.raises(ValueError, match="unknown optimizer 'test_signed_sgd'"):
+        gf.optim.get("test_signed_sgd", learning_rate=0.1)
+    with pytest.raises(ValueError, match="optimizer 'adam' comes from optax, not register"):
+        gf.optim.unregister("adam")
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        gf.optim.register("test_x", test_signed_sgd, overwrite="yes")
+    assert "adam" in gf.optim.names() and "test_x" not in gf.optim.names()
 
     # a transform that uses the loss must receive it: as a plain GradientTransformation optax gave it
     # value=None at every step, silently (extension review helper's finding); it is refused by name
@@ -493,6 +510,7 @@ def test_register_an_optimizer_of_your_own():
     step = gf.train.make_train_step(lambda p, b, k: (loss(p), {}), extra)
     state, metrics = step(gf.train.init_state(P0, extra, jax.random.key(0)), None)
     assert len(seen) == 1 and seen[0] is not None and np.isclose(float(metrics["loss"]), float(loss(P0)))
+    gf.optim.unregister("test_plain_polyak")  # (the registry is global: leave no entry for other tests)
 
 
 def test_make_optimizer_refuses_clipping_before_smb():
@@ -507,7 +525,7 @@ def test_make_optimizer_refuses_clipping_before_smb():
         with pytest.raises(ValueError, match=r"clip_norm cannot be used with SMB \(name='test_smb_alias'"):
             gf.train.make_optimizer(0.3, name="test_smb_alias", clip_norm=50.0)
     finally:  # (the registry is global: leave no entry for other tests)
-        gf.optim._registry._TABLE.pop("test_smb_alias")
+        gf.optim.unregister("test_smb_alias")
     gf.train.make_optimizer(0.3, name="adam", clip_norm=50.0)  # (other optimizers are still clipped)
     # without clipping make_optimizer's SMB is gf.optim.smb with the same (constant) learning rate
     A = jnp.array([1.0, 10.0, 100.0])

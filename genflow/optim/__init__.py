@@ -30,7 +30,7 @@ from optax.contrib import (ademamix, momo, momo_adam, schedule_free, schedule_fr
 from genflow.optim._diffgrad import ScaleByDiffGradState, diffgrad, scale_by_diffgrad
 from genflow.optim._fadam import ScaleByFAdamState, fadam, scale_by_fadam
 from genflow.optim._grams import ScaleByGramsState, grams, scale_by_grams
-from genflow.optim._registry import get, names, register, source
+from genflow.optim._registry import get, names, register, source, unregister
 from genflow.optim._smb import SMBState, model_step, smb
 
 __all__ = [
@@ -39,7 +39,7 @@ __all__ = [
     "fadam", "scale_by_fadam", "ScaleByFAdamState",
     "diffgrad", "scale_by_diffgrad", "ScaleByDiffGradState",
     "smb", "model_step", "SMBState",
-    "get", "names", "source", "register",
+    "get", "names", "source", "register", "unregister",
     # re-exported from optax / optax.contrib
     "adam", "adamw", "amsgrad", "sgd", "clip", "clip_by_global_norm", "clip_by_block_rms", "chain", "masked",
     "with_extra_args_support", "momo", "momo_adam", "ademamix", "simplified_ademamix", "schedule_free",

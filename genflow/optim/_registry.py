@@ -81,12 +81,14 @@ def source(name: str) -> str:
     return _lookup(name)[0]
 
 
-def register(name: str, factory: Callable[..., optax.GradientTransformation]) -> Callable:
+def register(name: str, factory: Callable[..., optax.GradientTransformation], *, overwrite: bool = False) -> Callable:
     """Make an optimizer of your own available by name: :func:`get`,
     :func:`genflow.train.make_optimizer` (its warm-up, decay and clipping) and the experiments'
     ``--optimizer`` flags then build it with ``factory(**hparams)`` (take a ``learning_rate`` to
-    be used by ``make_optimizer``). Names are unique: an existing one is refused; :func:`source`
-    reports it as "user". Returns ``factory``. A transform that uses the loss (``value=``), the
+    be used by ``make_optimizer``). Names are unique: an existing one is refused, unless it is one
+    of yours and ``overwrite=True`` (re-running a notebook cell); genflow's, optax's and
+    optax.contrib's names cannot be replaced. :func:`unregister` removes one of yours;
+    :func:`source` reports it as "user". Returns ``factory``. A transform that uses the loss (``value=``), the
     gradient (``grad=``) or ``value_fn=``, which genflow's train step passes, must be an
     ``optax.GradientTransformationExtraArgs`` (optax drops them for a plain one: refused when the
     factory returns it directly; inside ``optax.chain`` it cannot be seen, so build the chain's
@@ -103,12 +105,25 @@ def register(name: str, factory: Callable[..., optax.GradientTransformation]) ->
         raise TypeError(f"name must be a non-empty str; got {type(name).__name__}")
     if not name:
         raise ValueError("name must be a non-empty str; got ''")
-    if name in _TABLE:
-        raise ValueError(f"optimizer {name!r} is already registered (by {_TABLE[name][0]}); pick another name")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool; got {type(overwrite).__name__}")
+    if name in _TABLE and not (overwrite and _TABLE[name][0] == "user"):
+        hint = "pick another name" if _TABLE[name][0] != "user" else "pass overwrite=True to replace it"
+        raise ValueError(f"optimizer {name!r} is already registered (by {_TABLE[name][0]}); {hint}")
     if not callable(factory):
         raise TypeError(f"factory must be callable (hyper-parameters -> optax.GradientTransformation); got "
                         f"{type(factory).__name__}")
     _TABLE[name] = ("user", factory)
+    return factory
+
+
+def unregister(name: str) -> Callable:
+    """Remove optimizer ``name`` added by :func:`register`; returns its factory. genflow's, optax's
+    and optax.contrib's names cannot be removed (``ValueError``), nor an unknown name."""
+    src, factory = _lookup(name)
+    if src != "user":
+        raise ValueError(f"optimizer {name!r} comes from {src}, not register(); only your own names can be removed")
+    del _TABLE[name]
     return factory
 
 
