@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from genflow import param
 from genflow._checks import check_finite_rows, check_int, check_key, concrete_real, flat_batch, is_int
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
-from genflow.paths import Path, broadcast_t
+from genflow.paths import Path
 
 Array = jax.Array
 
