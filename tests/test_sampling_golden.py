@@ -5,6 +5,11 @@ solver on the grid of times with ``sigma(t) / alpha(t)`` equal to those levels, 
 ``x1 = alpha(t_start) * y_start``, must give the same samples (the deterministic solvers here
 work in ``rho = sigma / alpha`` and the data prediction, so they are path-invariant); the model
 is the exact mixture denoiser converted to each path's prediction kind.
+
+Peers from diffusers (``make_golden.py``): UniPC with ``solver_order=2`` and ``3`` (genflow:
+``unipc`` with ``order=2``, its default, and ``order=3``), DPM-Solver++(2M) and (3M) (genflow:
+``dpm++2m``, ``dpm++3m_ref``) on the four paths, and DEIS with ``solver_order=3`` (genflow:
+``deis``), whose polynomial in ``log sigma`` is genflow's polynomial in t only on a ``ve`` path.
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ PAIRS = {"ddim": "euler", "edm_heun": "heun", "dpm++2m": "dpmpp_2m", "dpm++2s": 
 PATHS = {"edm": "x0", "vp_linear": "eps", "linear": "velocity", "vp_cosine": "v"}
 
 
-def _run(path_name: str, kind: str, solver: str):
-    path = gf.paths.get(path_name)
+def _run(path_name: str, kind: str, solver: str, **options):
+    # (ve: sigma = 0.001 (10^5)^t; its t stays inside [0, 1] on the levels, which edm's clips: its
+    # sigma_min = 0.002 is above the last level 0.00199999963)
+    path = gf.paths.ve(0.001, 100.0) if path_name == "ve" else gf.paths.get(path_name)
     gm = GaussianMixture(*(jnp.asarray(GOLDEN[k]) for k in ("logits", "means", "vars")))
     rho = jnp.asarray(GOLDEN["sigmas"][:-1])  # (the last level, 0, is the final denoising)
     ts = path.t_from_log_snr(-2.0 * jnp.log(rho))
     x1 = path.alpha(ts[0]) * 80.0 * jnp.asarray(GOLDEN["z"])
-    x, info = gf.sample(gm.model(path, kind), path, x1, prediction=kind, solver=solver, schedule=ts, denoise=True)
+    x, info = gf.sample(gm.model(path, kind), path, x1, prediction=kind, solver=solver, schedule=ts, denoise=True,
+                        **options)
     return np.asarray(x), int(info.nfe)
 
 
@@ -46,13 +54,35 @@ def test_matches_k_diffusion(solver, path_name):
 
 
 @pytest.mark.parametrize("path_name", sorted(PATHS))
-@pytest.mark.parametrize("solver, golden", [("unipc", "diffusers_unipc"), ("dpm++2m", "diffusers_dpmpp_2m")])
-def test_matches_diffusers(solver, golden, path_name):
-    """diffusers' UniPC (bh2, order 2 with its corrector) and DPM-Solver++(2M), whose float32
-    arithmetic limits the agreement (measured <= 2e-6)."""
+@pytest.mark.parametrize("solver, options, golden, tol", [
+    pytest.param("unipc", {}, "diffusers_unipc", 1e-6, id="unipc"),
+    pytest.param("dpm++2m", {}, "diffusers_dpmpp_2m", 1e-5, id="dpm++2m"),
+    pytest.param("unipc", {"order": 3}, "diffusers_unipc_3", 1e-6, id="unipc-order3"),
+    pytest.param("dpm++3m_ref", {}, "diffusers_dpmpp_3m", 1e-5, id="dpm++3m_ref"),
+])
+def test_matches_diffusers(solver, options, golden, tol, path_name):
+    """diffusers' UniPC (bh2, UniP-2 / UniP-3 with its corrector) and DPM-Solver++(2M) / (3M).
+
+    Measured max differences: UniPC-2 <= 7e-14 and UniPC-3 <= 1e-12, but 2.5e-8 / 2.5e-7 on edm,
+    whose grid ends at its sigma_min 0.002 instead of the level 0.00199999963; DPM-Solver++(2M)
+    4.4e-7 and (3M) 1.2e-6 (diffusers rounds the sample to float32 in each step)."""
     with jax.enable_x64(True):
-        x, _ = _run(path_name, PATHS[path_name], solver)
-    np.testing.assert_allclose(x, GOLDEN[f"out/{golden}"], rtol=1e-5, atol=1e-5)
+        x, nfe = _run(path_name, PATHS[path_name], solver, **options)
+    np.testing.assert_allclose(x, GOLDEN[f"out/{golden}"], rtol=tol, atol=tol)
+    assert nfe == 8
+
+
+def test_deis_matches_diffusers_on_a_ve_path():
+    """diffusers' DEIS (``solver_order=3``) extrapolates eps polynomially in ``log sigma``, genflow's
+    ``deis`` in t: the same on a ``ve`` path (``log sigma`` affine in t), not on the four paths above
+    (there 0.2 to 1.7 apart). diffusers integrates the polynomial exactly, genflow by 8-point
+    Gauss-Legendre in sigma, whose weights are off by up to 3.4e-6 (relative 6e-5) at the last
+    step (sigma 0.035 -> 0.002, next to the log singularity at 0): measured 3.4e-6 at the end
+    (order 1: 1e-14)."""
+    with jax.enable_x64(True):
+        x, nfe = _run("ve", "eps", "deis")
+    np.testing.assert_allclose(x, GOLDEN["out/diffusers_deis_3"], rtol=1e-5, atol=1e-5)
+    assert nfe == 8
 
 
 def _k_diffusion_3m(den, y, sigmas, warm_up: str):
