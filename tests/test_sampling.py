@@ -397,10 +397,26 @@ def test_register_a_diffrax_solver_from_outside(gauss2):
         assert int(info.nfe) == 2 * n
         errs.append(float(jnp.sqrt(jnp.mean((x - ref) ** 2))))
     assert 1.7 < np.log2(errs[0] / errs[1]) / 2 < 2.3, errs  # second order (measured 1.9)
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match=r"'test_ralston' is already registered \(pass overwrite=True"):
         gf.sampling.register(spec)
     with pytest.raises(TypeError, match="SolverSpec"):
         gf.sampling.register("rk4")
+    # re-running a notebook cell: overwrite=True replaces one of your own, and gf.sample runs the new
+    # solver (the compiled sampler was keyed by the name: the old program would have run)
+    euler = gf.sampling.register(gf.sampling.diffrax_solver("test_ralston", diffrax.Euler()), overwrite=True)
+    x, info = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver="test_ralston", steps=8)
+    want, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver="euler", steps=8)
+    assert int(info.nfe) == 8 and gf.sampling.solvers()["test_ralston"] is euler
+    np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-6)
+    assert gf.sampling.unregister("test_ralston") is euler and "test_ralston" not in gf.sampling.solvers()
+    with pytest.raises(ValueError, match=r"'euler' is already registered \(a built-in solver"):
+        gf.sampling.register(gf.sampling.diffrax_solver("euler", diffrax.Ralston()), overwrite=True)
+    with pytest.raises(ValueError, match="'ddim' is built in"):
+        gf.sampling.unregister("ddim")
+    with pytest.raises(ValueError, match="'test_ralston' is not registered"):
+        gf.sampling.unregister("test_ralston")
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        gf.sampling.register(spec, overwrite=None)
 
 
 def test_as_pytree_fn_turns_partials_into_traced_pytrees():

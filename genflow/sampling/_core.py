@@ -383,7 +383,7 @@ def sample(
     model = Model(as_pytree_fn(fn), path, prediction)
     if not spec.adaptive:
         rtol = atol = 0.0  # (unused by fixed-step solvers: a new value recompiled the sampler)
-    x, info = _sample_jit(model, ts_run, x1, key, spec.name, bool(denoise), float(rtol), float(atol), int(max_steps),
+    x, info = _sample_jit(model, ts_run, x1, key, spec, bool(denoise), float(rtol), float(atol), int(max_steps),
                           bool(save_trajectory), solver_options)
     return x, dataclasses.replace(info, ts=ts)
 
@@ -535,8 +535,9 @@ def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options,
 
 
 @eqx.filter_jit
-def _sample_jit(model, ts, x1, key, solver, denoise, rtol, atol, max_steps, save_trajectory, solver_options):
-    spec = _registry.get(solver)
+def _sample_jit(model, ts, x1, key, spec, denoise, rtol, atol, max_steps, save_trajectory, solver_options):
+    # (spec: static, hashed by value: a solver registered again under its name with overwrite=True
+    # compiles anew instead of running the program compiled for the old spec)
     # The solver state is kept in at least float32 (a bfloat16 model still sees its own dtype
     # if it casts its input); samples come back in the dtype of x1.
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))

@@ -141,6 +141,7 @@ _TABLE: tuple[SolverSpec, ...] = (
 )
 
 SOLVERS: dict[str, SolverSpec] = {s.name: s for s in _TABLE}
+_BUILTIN = frozenset(SOLVERS)
 
 
 def get(name: str) -> SolverSpec:
@@ -154,7 +155,7 @@ def solvers() -> dict[str, SolverSpec]:
     return dict(SOLVERS)
 
 
-def register(spec: SolverSpec) -> SolverSpec:
+def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
     """Add a solver to the table, from outside the library: ``gf.sample(..., solver=spec.name)``
     then runs it with every path, prediction kind and time grid, and :func:`solvers` lists it.
 
@@ -172,8 +173,10 @@ def register(spec: SolverSpec) -> SolverSpec:
       ``ts`` (``[N + 1, B, ...]``) if ``save_trajectory`` else None, and a dict of statistics
       (may be empty).
 
-    :func:`diffrax_solver` builds the spec of a Diffrax ODE solver. Names are unique (a compiled
-    sampler is keyed by the name): an existing name is refused. A registered ``run`` gets the
+    :func:`diffrax_solver` builds the spec of a Diffrax ODE solver. Names are unique: an existing
+    name is refused, unless it is one of yours and ``overwrite=True`` (re-running a notebook cell;
+    the compiled sampler is keyed by the spec, so the new one runs); genflow's own names cannot be
+    replaced, and :func:`unregister` removes one of yours. A registered ``run`` gets the
     grid as built; :func:`optimize_schedule` and :func:`select_schedule` take genflow's own
     scan solvers only.
 
@@ -186,12 +189,25 @@ def register(spec: SolverSpec) -> SolverSpec:
         raise TypeError(f"spec must be a genflow.sampling.SolverSpec; got {type(spec).__name__}")
     if not isinstance(spec.name, str) or not spec.name:
         raise ValueError(f"spec.name must be a non-empty str; got {spec.name!r}")
-    if spec.name in SOLVERS:
-        raise ValueError(f"solver {spec.name!r} is already registered; pick another name")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool; got {type(overwrite).__name__}")
+    if spec.name in SOLVERS and (spec.name in _BUILTIN or not overwrite):
+        hint = "a built-in solver; pick another name" if spec.name in _BUILTIN else "pass overwrite=True to replace it"
+        raise ValueError(f"solver {spec.name!r} is already registered ({hint})")
     if not callable(spec.run):
         raise TypeError(f"spec.run must be callable; got {type(spec.run).__name__}")
     SOLVERS[spec.name] = spec
     return spec
+
+
+def unregister(name: str) -> SolverSpec:
+    """Remove solver ``name`` added by :func:`register`; returns its spec. genflow's own solvers and
+    unknown names are refused (``ValueError``)."""
+    if name in _BUILTIN:
+        raise ValueError(f"solver {name!r} is built in; only names added by register() can be removed")
+    if not isinstance(name, str) or name not in SOLVERS:
+        raise ValueError(f"solver {name!r} is not registered; registered by you: {sorted(set(SOLVERS) - _BUILTIN)}")
+    return SOLVERS.pop(name)
 
 
 def _rk_counts(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
