@@ -235,15 +235,26 @@ hb = Stepper(lambda model, ts, x, **_: {**_ring_init(model, ts, x, order=2), "v"
 
 # -- DEIS (tAB) -------------------------------------------------------------------------------
 def _deis_nodes(g, i, form: str):
-    """Gauss-Legendre nodes and half-length of the step in rho (eps form) or kappa (x0 form)."""
+    """Gauss-Legendre nodes ``[8]`` in rho (eps form) or kappa (x0 form) over the step, and their
+    weights ``[8]`` (``sum_k w_k f(node_k) ~ int f``).
+
+    The nodes are placed in ``log rho`` (``log kappa``) where both ends are positive: ``t(rho)`` has
+    a singularity at ``rho = 0`` (a log on ``ve``, a power 1/rho on ``edm``), next to which
+    nodes in rho itself lost up to 6e-5 of a weight (``ve``, last step 0.035 -> 0.002: 3.4e-6 on the
+    samples against diffusers' closed form); in rho where an end is 0 (the step into ``sigma = 0``)."""
     a_s, s_s, _ = g.at(i)
     a_t, s_t, _ = g.at(i + 1)
     if form == "eps":
         lo, hi = finite_or(s_s / a_s, 1.0), s_t / a_t
     else:
         lo, hi = a_s / s_s, finite_or(a_t / s_t, 1.0)
-    nodes = 0.5 * (hi - lo) * jnp.asarray(GL_X, hi.dtype) + 0.5 * (hi + lo)
-    return nodes, 0.5 * (hi - lo)
+    x, w = jnp.asarray(GL_X, hi.dtype), jnp.asarray(GL_W, hi.dtype)
+    pos = (lo > 0) & (hi > 0)
+    ulo, uhi = jnp.log(jnp.where(pos, lo, 1.0)), jnp.log(jnp.where(pos, hi, 2.0))
+    in_log = jnp.exp(0.5 * (uhi - ulo) * x + 0.5 * (uhi + ulo))
+    in_rho = 0.5 * (hi - lo) * x + 0.5 * (hi + lo)
+    return (jnp.where(pos, in_log, in_rho),
+            jnp.where(pos, 0.5 * (uhi - ulo) * w * in_log, 0.5 * (hi - lo) * w))
 
 
 def _check_form(form: str) -> str:
@@ -264,9 +275,9 @@ def _deis_scalars(g, st, i, *, order: int = 3, form: str = "eps", **_):
     eps: ``x_t = (alpha_t/alpha_s) x_s + alpha_t sum_j eps_j int_{rho_s}^{rho_t} l_j(t(rho)) d rho``, ``rho = sigma/alpha``
     x0:  ``x_t = (sigma_t/sigma_s) x_s + sigma_t sum_j x0_j int_{kappa_s}^{kappa_t} l_j(t(kappa)) d kappa``, ``kappa = alpha/sigma``
 
-    (8-point Gauss-Legendre in rho / kappa; ``st.t`` are the times of the nodes). The eps form
-    starts from pure noise with a DDIM step, corrected at the second step (:func:`_noise_fix`); the
-    x0 form ends at ``sigma = 0`` with ``x_0 = alpha_t P(t_end)``.
+    (8-point Gauss-Legendre in log rho / log kappa, see :func:`_deis_nodes`; ``st.t`` are the times
+    of the nodes). The eps form starts from pure noise with a DDIM step, corrected at the second
+    step (:func:`_noise_fix`); the x0 form ends at ``sigma = 0`` with ``x_0 = alpha_t P(t_end)``.
     """
     _check_form(form)
     a_s, s_s, _ = g.at(i)
@@ -277,11 +288,10 @@ def _deis_scalars(g, st, i, *, order: int = 3, form: str = "eps", **_):
     # into sigma = 0 the polynomial is extrapolated to t = 0; its order is chosen as for the data
     # predictions' extrapolation in u (extrapolation_order)
     m = jnp.where(s_t == 0, extrapolation_order(_u_nodes(i, [g.l[i]] + _history_lambdas(g, i, order - 1)), m, order), m)
-    _, half = _deis_nodes(g, i, form)
-    w_gl = jnp.asarray(GL_W, half.dtype)
+    _, w_q = _deis_nodes(g, i, form)
 
     def weights(k):
-        integ = half * jnp.sum(lagrange_basis(nodes[:k], st.t) * w_gl, axis=-1)
+        integ = jnp.sum(lagrange_basis(nodes[:k], st.t) * w_q, axis=-1)
         if form == "eps":
             return a_t * integ
         return jnp.where(s_t == 0, a_t * lagrange_basis(nodes[:k], g.t[i + 1]), s_t * integ)
