@@ -103,3 +103,24 @@ def check_denoise(denoise) -> None:
     truthy)."""
     if denoise is not None and not isinstance(denoise, (bool, np.bool_)):
         raise TypeError(f"denoise must be None, True or False; got {denoise!r}")
+
+
+def check_registration(kind: str, name: str, owner: str | None, overwrite) -> None:
+    """Whether ``register(name, ..., overwrite=overwrite)`` may add or replace ``name`` in a
+    registry of ``kind`` (``"path"``, ``"solver"``, ``"optimizer"``): ``owner`` is None for a new
+    name, ``"you"`` for one added by ``register``, else the library that provides it (never
+    replaced)."""
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool; got {type(overwrite).__name__}")
+    if owner is not None and (owner != "you" or not overwrite):
+        hint = "pass overwrite=True to replace it" if owner == "you" else "pick another name"
+        raise ValueError(f"{kind} {name!r} is already registered by {owner}; {hint}")
+
+
+def check_removal(kind: str, name: str, owner: str | None, yours) -> None:
+    """Whether ``unregister(name)`` may remove ``name`` (``owner`` as for :func:`check_registration`;
+    ``yours``: the names added by ``register``, listed when ``name`` is unknown)."""
+    if owner is None:
+        raise ValueError(f"{kind} {name!r} is not registered; registered by you: {sorted(yours)}")
+    if owner != "you":
+        raise ValueError(f"{kind} {name!r} comes from {owner}; only names added by register() can be removed")

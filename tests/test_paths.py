@@ -377,15 +377,15 @@ def test_register_a_path_of_your_own():
         errs.append(float(jnp.sqrt(jnp.mean((x - want) ** 2))))
         assert int(info.nfe) == n
     assert errs[1] < 5e-4 and 3.0 < errs[0] / errs[1] < 5.5, errs  # (measured 1.06e-3, 2.39e-4)
-    with pytest.raises(ValueError, match=r"'linear' is already registered \(a built-in path; pick another name\)"):
+    with pytest.raises(ValueError, match="path 'linear' is already registered by genflow; pick another name"):
         gf.paths.register("linear", sub_vp, overwrite=True)
     # re-running a notebook cell: refused unless overwrite=True; unregister removes only user paths
-    with pytest.raises(ValueError, match=r"'test_sub_vp' is already registered \(pass overwrite=True"):
+    with pytest.raises(ValueError, match="'test_sub_vp' is already registered by you; pass overwrite=True"):
         gf.paths.register("test_sub_vp", sub_vp)
     gf.paths.register("test_sub_vp", lambda: sub_vp(beta_max=2.0), overwrite=True)
     np.testing.assert_allclose(gf.paths.get("test_sub_vp").alpha(jnp.asarray(1.0)), np.exp(-0.5), rtol=1e-6)
     assert gf.paths.unregister("test_sub_vp") is not sub_vp and "test_sub_vp" not in gf.paths.names()
-    with pytest.raises(ValueError, match="'linear' is built in"):
+    with pytest.raises(ValueError, match="path 'linear' comes from genflow; only names added by register"):
         gf.paths.unregister("linear")
     with pytest.raises(ValueError, match="'test_sub_vp' is not registered"):
         gf.paths.unregister("test_sub_vp")

@@ -11,6 +11,7 @@ from typing import Callable
 import optax
 import optax.contrib
 
+from genflow._checks import check_registration, check_removal
 from genflow.optim._diffgrad import diffgrad
 from genflow.optim._fadam import fadam
 from genflow.optim._grams import grams
@@ -105,11 +106,7 @@ def register(name: str, factory: Callable[..., optax.GradientTransformation], *,
         raise TypeError(f"name must be a non-empty str; got {type(name).__name__}")
     if not name:
         raise ValueError("name must be a non-empty str; got ''")
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be a bool; got {type(overwrite).__name__}")
-    if name in _TABLE and not (overwrite and _TABLE[name][0] == "user"):
-        hint = "pick another name" if _TABLE[name][0] != "user" else "pass overwrite=True to replace it"
-        raise ValueError(f"optimizer {name!r} is already registered (by {_TABLE[name][0]}); {hint}")
+    check_registration("optimizer", name, _owner(name), overwrite)
     if not callable(factory):
         raise TypeError(f"factory must be callable (hyper-parameters -> optax.GradientTransformation); got "
                         f"{type(factory).__name__}")
@@ -120,11 +117,16 @@ def register(name: str, factory: Callable[..., optax.GradientTransformation], *,
 def unregister(name: str) -> Callable:
     """Remove optimizer ``name`` added by :func:`register`; returns its factory. genflow's, optax's
     and optax.contrib's names cannot be removed (``ValueError``), nor an unknown name."""
-    src, factory = _lookup(name)
-    if src != "user":
-        raise ValueError(f"optimizer {name!r} comes from {src}, not register(); only your own names can be removed")
-    del _TABLE[name]
-    return factory
+    check_removal("optimizer", name, _owner(name), names("user"))
+    return _TABLE.pop(name)[1]
+
+
+def _owner(name) -> str | None:
+    """Who registered optimizer ``name`` (see :func:`genflow._checks.check_registration`)."""
+    if not isinstance(name, str) or name not in _TABLE:
+        return None
+    src = _TABLE[name][0]
+    return "you" if src == "user" else src
 
 
 def _lookup(name: str) -> tuple[str, Callable]:

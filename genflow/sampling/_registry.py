@@ -16,7 +16,7 @@ from typing import Callable
 
 import diffrax
 
-from genflow._checks import is_int
+from genflow._checks import check_registration, check_removal, is_int
 from genflow.sampling import _diffrax, _driver, _multistep, _singlestep, _stochastic
 from genflow.sampling._driver import Stepper
 
@@ -193,11 +193,7 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
         raise TypeError(f"spec must be a genflow.sampling.SolverSpec; got {type(spec).__name__}")
     if not isinstance(spec.name, str) or not spec.name:
         raise ValueError(f"spec.name must be a non-empty str; got {spec.name!r}")
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be a bool; got {type(overwrite).__name__}")
-    if spec.name in SOLVERS and (spec.name in _BUILTIN or not overwrite):
-        hint = "a built-in solver; pick another name" if spec.name in _BUILTIN else "pass overwrite=True to replace it"
-        raise ValueError(f"solver {spec.name!r} is already registered ({hint})")
+    check_registration("solver", spec.name, _owner(spec.name), overwrite)
     if not callable(spec.run):
         raise TypeError(f"spec.run must be callable; got {type(spec.run).__name__}")
     SOLVERS[spec.name] = spec
@@ -207,11 +203,15 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
 def unregister(name: str) -> SolverSpec:
     """Remove solver ``name`` added by :func:`register`; returns its spec. genflow's own solvers and
     unknown names are refused (``ValueError``)."""
-    if name in _BUILTIN:
-        raise ValueError(f"solver {name!r} is built in; only names added by register() can be removed")
-    if not isinstance(name, str) or name not in SOLVERS:
-        raise ValueError(f"solver {name!r} is not registered; registered by you: {sorted(set(SOLVERS) - _BUILTIN)}")
+    check_removal("solver", name, _owner(name), set(SOLVERS) - _BUILTIN)
     return SOLVERS.pop(name)
+
+
+def _owner(name) -> str | None:
+    """Who registered solver ``name`` (see :func:`genflow._checks.check_registration`)."""
+    if not isinstance(name, str) or name not in SOLVERS:
+        return None
+    return "genflow" if name in _BUILTIN else "you"
 
 
 def _rk_counts(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
