@@ -881,3 +881,86 @@ def test_kernel_blur_is_a_circular_convolution_centred_on_the_kernel():
         inv.kernel_blur((4, 4), k, rcond=1.5)
     with pytest.raises(ValueError, match=r"kernel of shape \(5, 1\) is larger than the image \(4, 4\)"):
         inv.kernel_blur((4, 4), np.ones((5, 1)))
+
+
+G4 = gf.oracles.Gaussian.full(jnp.array([0.3, -0.5, 0.1, 0.8]),
+                              jnp.array([[1.0, 0.3, 0.0, 0.1], [0.3, 0.8, 0.2, 0.0], [0.0, 0.2, 0.5, 0.1],
+                                         [0.1, 0.0, 0.1, 0.7]]))
+
+
+@pytest.mark.parametrize("path_name,kind,eta", [("vp_cosine", "eps", 1.0), ("linear", "velocity", 1.0), ("vp_cosine", "eps", 0.5)])
+def test_ancestral_step_conditional_law(path_name, kind, eta):
+    """One eta step of the ddim base (prior_sample) has its documented law
+    ``x_s | x_t ~ N(alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat, c^2 I)``,
+    ``c = eta sigma_s sqrt(1 - SNR_t / SNR_s)`` (the other tests run it at eta = 0 or against itself:
+    a c without its sqrt, std 0.52 for 0.61, passed them)."""
+    path = gf.paths.get(path_name)
+    t, s, n = 0.7, 0.5, 20000
+    xt = jnp.tile(G4.prior_sample(jax.random.key(0), 1, path, t), (n, 1))  # one x_t, n noise draws
+    out, _ = inv.prior_sample(G4.model(path, kind), path, xt, prediction=kind, steps=1, t_start=t, t_end=s,
+                              key=jax.random.key(1), eta=eta, denoise=False)
+    x0 = np.asarray(G4.x0(xt[:1], jnp.full((1,), t), path), np.float64)[0]
+    a_t, sg_t, a_s, sg_s = (float(v) for v in (path.alpha(t), path.sigma(t), path.alpha(s), path.sigma(s)))
+    e = (np.asarray(xt[0], np.float64) - a_t * x0) / sg_t
+    c = eta * sg_s * np.sqrt(1 - np.exp(float(path.log_snr(t) - path.log_snr(s))))
+    mean = a_s * x0 + np.sqrt(sg_s ** 2 - c ** 2) * e
+    xs = np.asarray(out, np.float64)
+    se = c / np.sqrt(n)
+    np.testing.assert_allclose(xs.mean(0), mean, atol=4 * se + 1e-5)
+    np.testing.assert_allclose(xs.std(0), c, rtol=0.05)
+
+
+G16 = gf.oracles.Gaussian.diagonal(jnp.linspace(-0.5, 0.5, 16), jnp.linspace(0.3, 1.2, 16))
+
+
+def test_mcg_step_projects_onto_the_noised_measurement():
+    """One MCG step (scale 0 isolates the projection) puts A x_s on the noised measurement
+    ``y_s = alpha_s y + sigma_s A z``: for a mask, the observed pixels have mean alpha_s y and std
+    sigma_s across noise draws (dropping either the noise or alpha_s passed every other test); the
+    unobserved ones are the prior's DDIM update."""
+    path = gf.paths.vp_cosine()
+    t, s, n = 0.7, 0.5, 8000
+    op = inv.box_inpainting(S, 1, 1, 2, 2)
+    fn = lambda x, tt: G16.model(path, "x0")(x.reshape(x.shape[0], 16), tt).reshape(x.shape)  # noqa: E731
+    xt = jnp.tile(G16.prior_sample(jax.random.key(0), 1, path, t).reshape((1,) + S), (n, 1, 1, 1))
+    y = jnp.tile(op(G16.sample(jax.random.key(1), 1).reshape((1,) + S)), (n, 1, 1, 1))
+    out, _ = inv.posterior_sample(fn, path, xt, y, op, prediction="x0", method="mcg", steps=1, t_start=t, t_end=s,
+                                  key=jax.random.key(2), denoise=False, eta=0.0, scale=0.0)
+    a_s, sg_s = float(path.alpha(s)), float(path.sigma(s))
+    mask = np.asarray(op(jnp.ones((1,) + S)))[0].astype(bool)
+    ax = np.asarray(op(out), np.float64)[:, mask]
+    np.testing.assert_allclose(ax.mean(0), a_s * np.asarray(y[0], np.float64)[mask], atol=4 * sg_s / np.sqrt(n))
+    np.testing.assert_allclose(ax.std(0), sg_s, rtol=0.05)
+    # the unobserved pixels: the deterministic (eta = 0) DDIM update of the prior, untouched
+    base, _ = inv.prior_sample(fn, path, xt[:1], prediction="x0", steps=1, t_start=t, t_end=s, key=jax.random.key(2),
+                               eta=0.0, denoise=False)
+    np.testing.assert_allclose(np.asarray(out)[:, ~mask], np.broadcast_to(np.asarray(base)[:, ~mask], (n, int((~mask).sum()))),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_tmpd_posterior_model_symmetrises_a_nonsymmetric_jacobian():
+    """tmpd's denoiser against its formula ``x0_hat + (sigma^2/alpha) J^T A^T (A C A^T + sigma_y^2)^-1
+    (y - A x0_hat)``, ``C = (sigma^2/alpha) (J + J^T) / 2``, for a model ``x -> M x`` with a skew part
+    (a learned model's Jacobian is not symmetric; the oracles' are, where 2J passed every test)."""
+    rng = np.random.default_rng(0)
+    d = 16
+    k = rng.standard_normal((d, d)); k = (k - k.T) / 2
+    m = 0.6 * np.eye(d) + 0.3 * k  # symmetric part 0.6 I (positive definite), skew part 0.3 K
+    mj = jnp.asarray(m, jnp.float32)
+    fn = jax.tree_util.Partial(lambda mm, x, t: x @ mm.T, mj)  # an x0 model with J = M
+    path = gf.paths.vp_cosine()
+    op = inv.compressed_sensing(jax.random.key(5), (d,), 6)
+    A = np.asarray(inv.operator_matrix(op, (d,)), np.float64)
+    x = jax.random.normal(jax.random.key(1), (3, d), jnp.float32)
+    y = jax.random.normal(jax.random.key(2), (3, 6), jnp.float32)
+    t, sy = 0.5, 0.1
+    pm = inv.posterior_model(fn, path, y, op, prediction="x0", method="tmpd", noise=inv.GaussianNoise(sy), cg_iters=30)
+    got = np.asarray(pm(x, jnp.float32(t)), np.float64)
+    a, s = float(path.alpha(t)), float(path.sigma(t))
+    cs = s * s / a
+    C = cs * (m + m.T) / 2
+    x0 = np.asarray(x, np.float64) @ m.T
+    r = np.asarray(y, np.float64) - x0 @ A.T
+    u = np.linalg.solve(A @ C @ A.T + sy * sy * np.eye(6), r.T).T
+    want = x0 + cs * (u @ A) @ m  # g = J^T A^T u, as rows: (u A) M
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
