@@ -239,7 +239,7 @@ def _deis_nodes(g, i, form: str):
     weights ``[8]`` (``sum_k w_k f(node_k) ~ int f``).
 
     The nodes are placed in ``log rho`` (``log kappa``) where both ends are positive: ``t(rho)`` has
-    a singularity at ``rho = 0`` (a log on ``ve``, a power 1/rho on ``edm``), next to which
+    a singularity at ``rho = 0`` (a log on ``ve``, a fractional power on ``edm``), next to which
     nodes in rho itself lost up to 6e-5 of a weight (``ve``, last step 0.035 -> 0.002: 3.4e-6 on the
     samples against diffusers' closed form); in rho where an end is 0 (the step into ``sigma = 0``)."""
     a_s, s_s, _ = g.at(i)

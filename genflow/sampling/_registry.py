@@ -131,7 +131,8 @@ _TABLE: tuple[SolverSpec, ...] = (
           options=("restart_interval", "restart_times", "restart_steps", "rho")),
     SolverSpec("euler_maruyama", 1.0, True, 1, False, _sde(diffrax.Euler, 1),
                "Euler-Maruyama on the reverse-time SDE (Diffrax; strong order 1 for its additive noise); at ~10 "
-               "steps keep the uniform grid (linear path, 2-D mixture: sliced W2 0.08-0.12 uniform, 9.4 log-SNR)", "sde",
+               "steps keep the uniform grid (linear path, 2-D mixture: sliced W2 0.08-0.12 uniform, 9.4 log-SNR)",
+               "sde",
                options=("brownian_tol",)),
     SolverSpec("shark", 1.5, True, 2, False, _sde(diffrax.ShARK, 2, levy_area=diffrax.SpaceTimeLevyArea),
                "ShARK on the reverse-time SDE (Diffrax; strong order 1.5 for additive noise, Foster et al. 2023); at "
