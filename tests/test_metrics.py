@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
+from scipy.special import logsumexp
 
 import genflow as gf
 from conftest import count_compiles
@@ -258,3 +260,58 @@ def test_w2_sinkhorn_compiles_once():
                                    for e in (0.1, 0.2)]) == 0
     traced = jax.jit(lambda it: gf.metrics.w2_sinkhorn(x, y, iters=it))(jnp.int32(500))
     np.testing.assert_allclose(float(traced), first, rtol=1e-5)
+
+
+def _np_sinkhorn_divergence(x, y, epsilon, iters=3000):
+    """Debiased Sinkhorn divergence (Feydy et al. 2019), log domain, float64, one
+    eps = epsilon * mean |x_i - y_j|^2 for all three terms, uniform weights."""
+    def cost(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+    eps = epsilon * cost(x, y).mean()
+
+    def ot(a, b):
+        c = cost(a, b)
+        la, lb = -np.log(len(a)) * np.ones(len(a)), -np.log(len(b)) * np.ones(len(b))
+        f, g = np.zeros(len(a)), np.zeros(len(b))
+        for _ in range(iters):
+            f = -eps * logsumexp((g[None, :] - c) / eps + lb[None, :], axis=1)
+            g = -eps * logsumexp((f[:, None] - c) / eps + la[:, None], axis=0)
+        return f.mean() + g.mean()
+
+    return np.sqrt(max(ot(x, y) - 0.5 * (ot(x, x) + ot(y, y)), 0.0))
+
+
+def test_w2_sinkhorn_matches_a_numpy_sinkhorn_divergence_for_unequal_sizes_and_spreads():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2))
+    y = 2.0 * rng.normal(size=(60, 2)) + np.array([0.5, -0.3])
+    for eps in (0.05, 0.2):
+        want = _np_sinkhorn_divergence(x, y, eps)
+        got = float(gf.metrics.w2_sinkhorn(jnp.asarray(x), jnp.asarray(y), epsilon=eps, iters=3000))
+        np.testing.assert_allclose(got, want, rtol=2e-3)
+    # the divergence is symmetric in its arguments
+    a = float(gf.metrics.w2_sinkhorn(jnp.asarray(x), jnp.asarray(y), epsilon=0.2))
+    b = float(gf.metrics.w2_sinkhorn(jnp.asarray(y), jnp.asarray(x), epsilon=0.2))
+    np.testing.assert_allclose(a, b, rtol=2e-3)
+
+
+def test_frechet_distance_with_non_commuting_covariances():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(3, 3)), rng.normal(size=(3, 3))
+    c1, c2 = a @ a.T + 0.1 * np.eye(3), b @ b.T + 0.1 * np.eye(3)
+    mu1, mu2 = rng.normal(size=3), rng.normal(size=3)
+    want = np.sum((mu1 - mu2) ** 2) + np.trace(c1 + c2 - 2 * np.real(scipy.linalg.sqrtm(c1 @ c2)))
+    np.testing.assert_allclose(gf.metrics.frechet_distance(mu1, c1, mu2, c2), want, rtol=1e-8)
+
+
+def test_ssim_matches_scikit_image_at_other_sigmas_and_windows():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (2, 12, 12, 2)).astype(np.float32)
+    y = np.clip(x + 0.3 * rng.normal(size=x.shape), -1, 1).astype(np.float32)
+    for sigma, win in ((1.0, 5), (0.8, 7), (2.0, 9)):
+        ref = [structural_similarity(x[i], y[i], data_range=2.0, gaussian_weights=True, sigma=sigma,
+                                     use_sample_covariance=False, win_size=win, channel_axis=-1) for i in range(2)]
+        np.testing.assert_allclose(gf.metrics.ssim(y, x, sigma=sigma, window=win), ref, rtol=1e-4)

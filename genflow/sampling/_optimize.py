@@ -174,7 +174,7 @@ def _growth(model, x_at, t_start, t_end, num, cap):
     lam0 = 0.5 * path.log_snr(t_start)
     lam1 = jnp.minimum(0.5 * path.log_snr(t_end), -jnp.log(_RHO_STOP))
     lams = jnp.linspace(jnp.maximum(lam0, -jnp.log(1e4)), lam1, num)
-    ts = t_of_lambda(path, 2.0 * lams)
+    ts = t_of_lambda(path, lams)
     xs = jax.lax.stop_gradient(x_at(ts))  # [K, B, ...]
     ab = path.alpha(ts) + path.sigma(ts)
     taus = _tau(path, ts)
