@@ -54,10 +54,13 @@ class SolverSpec:
     stochastic: bool
     nfe_per_step: int | None
     adaptive: bool
-    run: Callable = dataclasses.field(repr=False, compare=False)
+    # (run and stepper take part in == and hash -- by identity for functions and partials: the
+    # compiled sampler is keyed by the spec, and a replacement that differs only in what it runs
+    # must not reuse the old program)
+    run: Callable = dataclasses.field(repr=False)
     description: str = ""
     target: str = "flow_map"
-    stepper: Stepper | None = dataclasses.field(default=None, repr=False, compare=False)
+    stepper: Stepper | None = dataclasses.field(default=None, repr=False)
     options: tuple[str, ...] = ()
 
 
