@@ -110,7 +110,7 @@ def check_registration(kind: str, name: str, owner: str | None, overwrite) -> No
     registry of ``kind`` (``"path"``, ``"solver"``, ``"optimizer"``): ``owner`` is None for a new
     name, ``"you"`` for one added by ``register``, else the library that provides it (never
     replaced)."""
-    if not isinstance(overwrite, bool):
+    if not isinstance(overwrite, (bool, np.bool_)):
         raise TypeError(f"overwrite must be a bool; got {type(overwrite).__name__}")
     if owner is not None and (owner != "you" or not overwrite):
         hint = "pass overwrite=True to replace it" if owner == "you" else "pick another name"

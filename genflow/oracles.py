@@ -197,15 +197,18 @@ class GaussianMixture:
     def x0(self, x: Array, t, path: Path) -> Array:
         """``E[x0 | x_t] = sum_k w_k(x_t) (mu_k + alpha v_k (x_t - alpha mu_k) / (alpha^2 v_k + sigma^2))``.
 
-        Where ``sigma = 0`` it is ``x_t / alpha``, the data themselves (for ``x_t`` in the support; with
-        a zero variance the formula is 0/0 there)."""
+        Where ``sigma^2 = 0`` (also where it underflows) it is ``x_t / alpha``, the data themselves: the
+        formula's value there for ``x_t`` in the support, where with a zero variance it is 0/0. Its
+        Jacobian there is the identity by this convention (for ``t > 0`` it is 0 along a
+        zero-variance direction)."""
         logp, r, m, a = self._resp(x, t, path, safe=True)
         w = jax.nn.softmax(logp, axis=-1)[..., None]
         post = self.means[None] + a * self.vars[None] * r / m
         out = jnp.sum(w * post, axis=1)
         a, s = a[:, :, 0], path.sigma(_t_col(t, x))  # [B, 1]
-        exact = flat_batch(x) / jnp.where(s == 0, a, 1.0)
-        return jnp.where(s == 0, exact, out).reshape(x.shape)
+        at_data = s * s == 0  # (where _resp replaced a zero a^2 v + sigma^2)
+        exact = flat_batch(x) / jnp.where(at_data, a, 1.0)
+        return jnp.where(at_data, exact, out).reshape(x.shape)
 
     def score(self, x: Array, t, path: Path) -> Array:
         logp, r, m, _ = self._resp(x, t, path)

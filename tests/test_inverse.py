@@ -877,6 +877,10 @@ def test_kernel_blur_is_a_circular_convolution_centred_on_the_kernel():
         inv.kernel_blur((4, 4), [1.0, 2.0, 1.0])
     with pytest.raises(ValueError, match="kernel must be finite"):
         inv.kernel_blur((4, 4), [[1.0, np.nan]])
+    with pytest.raises(ValueError, match="kernel is all zeros"):
+        inv.kernel_blur((4, 4), np.zeros((2, 2)), normalize=False)
+    with pytest.raises(TypeError, match="normalize must be a bool; got str"):
+        inv.kernel_blur((4, 4), k, normalize="no")
     with pytest.raises(ValueError, match=r"rcond must be in \[0, 1\); got 1.5"):
         inv.kernel_blur((4, 4), k, rcond=1.5)
     with pytest.raises(ValueError, match=r"kernel of shape \(5, 1\) is larger than the image \(4, 4\)"):

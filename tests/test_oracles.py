@@ -170,7 +170,10 @@ def test_singular_gaussian_denoiser_at_t0():
 
 def test_mixture_with_zero_variances_denoises_its_support_at_t0():
     # a zero variance made a^2 v + sigma^2 = 0 at t = 0 and every denoised row NaN (0 / 0); on the
-    # support E[x0 | x_0 = x] = x, the limit of the denoiser as t -> 0, with finite gradients
+    # support E[x0 | x_0 = x] = x, the denoiser's limit as t -> 0, with finite gradients (the identity
+    # Jacobian is a convention: for t > 0 it is 0 along a zero-variance direction); also where
+    # sigma^2 underflows (edm with sigma_min = 0 near t = 0: the formula with a replaced denominator
+    # was 2e-3 off)
     gm = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.array([[0.0, 1.0], [2.0, 3.0]]),
                                     jnp.array([[0.0, 0.5], [0.1, 0.0]]))
     x = jnp.array([[0.0, 1.2], [2.2, 3.0], [0.0, -0.4]])  # in the support of components 0, 1, 0
@@ -181,6 +184,10 @@ def test_mixture_with_zero_variances_denoises_its_support_at_t0():
         np.testing.assert_allclose(jac, np.eye(2), atol=1e-6)
         g = jax.grad(lambda z: jnp.sum(gm.x0(z, jnp.zeros(3), path)))(x)
         np.testing.assert_allclose(g, 1.0, atol=1e-6)
+    edm0 = gf.paths.edm(sigma_min=0.0)
+    s32 = edm0.sigma(jnp.float32(1e-3))
+    assert float(s32 * s32) == 0.0 < float(s32)  # (float32 underflow)
+    np.testing.assert_allclose(gm.x0(x, jnp.full((3,), 1e-3), edm0), x, atol=1e-6)
     # away from t = 0 nothing changed: Tweedie against the score
     lin, t = gf.paths.linear(), jnp.full((3,), 0.3)
     a, s = lin.alpha(t)[:, None], lin.sigma(t)[:, None]

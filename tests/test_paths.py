@@ -382,7 +382,7 @@ def test_register_a_path_of_your_own():
     # re-running a notebook cell: refused unless overwrite=True; unregister removes only user paths
     with pytest.raises(ValueError, match="'test_sub_vp' is already registered by you; pass overwrite=True"):
         gf.paths.register("test_sub_vp", sub_vp)
-    gf.paths.register("test_sub_vp", lambda: sub_vp(beta_max=2.0), overwrite=True)
+    gf.paths.register("test_sub_vp", lambda: sub_vp(beta_max=2.0), overwrite=np.True_)  # (NumPy bools too)
     np.testing.assert_allclose(gf.paths.get("test_sub_vp").alpha(jnp.asarray(1.0)), np.exp(-0.5), rtol=1e-6)
     assert gf.paths.unregister("test_sub_vp") is not sub_vp and "test_sub_vp" not in gf.paths.names()
     with pytest.raises(ValueError, match="path 'linear' comes from genflow; only names added by register"):

@@ -573,10 +573,10 @@ def test_calibration_batch_takes_round_hard_times_size_hard_cases():
     path, t0 = gf.paths.linear(), 80 / 81
     g, model, pool = _setup(path, (4.0, 0.25), t0, n=16)
     fn = g.model(path, "x0")
-    for hard, size, n_hard in ((0.35, 10, 4), (0.26, 10, 3), (0.5, 7, 4)):
+    # (Python's round: 3.5 -> 4, 2.5 -> 2; a truncation gave 3 for 0.35 x 10)
+    for hard, size, n_hard in ((0.35, 10, 4), (0.26, 10, 3), (0.5, 7, 4), (0.25, 10, 2)):
         batch, errs = gf.sampling.calibration_batch(fn, path, pool, prediction="x0", steps=4, solver="dpm++2m",
                                                     t_start=t0, size=size, hard=hard, return_errors=True)
-        assert n_hard == round(hard * size)
         top = np.argsort(-np.asarray(errs))[:n_hard]
         rest = [i for i in range(16) if i not in set(top)][: size - n_hard]
         np.testing.assert_array_equal(np.asarray(batch), np.asarray(pool)[np.concatenate([top, rest])])

@@ -246,6 +246,10 @@ def kernel_blur(image_shape: tuple[int, int], kernel, rcond: float = 0.05, norma
         raise ValueError(f"kernel must be a non-empty 2-D array [kh, kw]; got shape {k.shape}")
     if not np.all(np.isfinite(k)):
         raise ValueError("kernel must be finite")
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"normalize must be a bool; got {type(normalize).__name__}")
+    if not np.any(k):
+        raise ValueError("kernel is all zeros: it observes nothing")
     if normalize and not abs(k.sum()) > 0:
         raise ValueError("kernel sums to 0: it cannot be normalized; pass normalize=False")
     if not 0.0 <= rcond < 1.0:
