@@ -114,3 +114,17 @@ def _release_compiled_programs():
     _loop._COMPILED.clear()
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _leave_no_registrations():
+    """Unregister whatever a test added to the path, solver and optimizer registries (they are
+    global: a test that failed before its own unregister left names that broke later tests)."""
+    before = (set(gf.paths.names()), set(gf.sampling.solvers()), set(gf.optim.names("user")))
+    yield
+    for name in set(gf.paths.names()) - before[0]:
+        gf.paths.unregister(name)
+    for name in set(gf.sampling.solvers()) - before[1]:
+        gf.sampling.unregister(name)
+    for name in set(gf.optim.names("user")) - before[2]:
+        gf.optim.unregister(name)
