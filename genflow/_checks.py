@@ -105,6 +105,15 @@ def check_denoise(denoise) -> None:
         raise TypeError(f"denoise must be None, True or False; got {denoise!r}")
 
 
+def registry_owner(table, builtin, name) -> str | None:
+    """Who registered ``name`` in a registry ``table`` (a dict) whose built-in names are
+    ``builtin``: None if it is not there, ``"genflow"`` for a built-in, ``"you"`` for one added by
+    ``register`` (the ``owner`` of :func:`check_registration` / :func:`check_removal`)."""
+    if not isinstance(name, str) or name not in table:
+        return None
+    return "genflow" if name in builtin else "you"
+
+
 def check_registration(kind: str, name: str, owner: str | None, overwrite) -> None:
     """Whether ``register(name, ..., overwrite=overwrite)`` may add or replace ``name`` in a
     registry of ``kind`` (``"path"``, ``"solver"``, ``"optimizer"``): ``owner`` is None for a new

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_registration, check_removal, concrete_real
+from genflow._checks import check_registration, check_removal, concrete_real, registry_owner
 
 Array = jax.Array
 ScalarFn = Callable[..., Array]
@@ -623,7 +623,7 @@ def register(name: str, factory: Callable[..., Path], *, overwrite: bool = False
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str; got {name!r}")
-    check_registration("path", name, _owner(name), overwrite)
+    check_registration("path", name, registry_owner(_FACTORIES, _BUILTIN, name), overwrite)
     if not callable(factory):
         raise TypeError(f"factory must be callable (keyword hyper-parameters -> Path); got {type(factory).__name__}")
     _FACTORIES[name] = factory
@@ -633,15 +633,8 @@ def register(name: str, factory: Callable[..., Path], *, overwrite: bool = False
 def unregister(name: str) -> Callable[..., Path]:
     """Remove path ``name`` added by :func:`register`; returns its factory. Built-in paths and
     unknown names are refused (``ValueError``)."""
-    check_removal("path", name, _owner(name), set(_FACTORIES) - _BUILTIN)
+    check_removal("path", name, registry_owner(_FACTORIES, _BUILTIN, name), set(_FACTORIES) - _BUILTIN)
     return _FACTORIES.pop(name)
-
-
-def _owner(name) -> str | None:
-    """Who registered path ``name`` (see :func:`genflow._checks.check_registration`)."""
-    if not isinstance(name, str) or name not in _FACTORIES:
-        return None
-    return "genflow" if name in _BUILTIN else "you"
 
 
 def get(name: str | Path, **kwargs) -> Path:

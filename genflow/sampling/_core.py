@@ -536,8 +536,8 @@ def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options,
 
 @eqx.filter_jit
 def _sample_jit(model, ts, x1, key, spec, denoise, rtol, atol, max_steps, save_trajectory, solver_options):
-    # (spec: static, hashed by value: a solver registered again under its name with overwrite=True
-    # compiles anew instead of running the program compiled for the old spec)
+    # (spec: static, hashed by its fields -- run and stepper by identity: a solver registered again
+    # under its name with overwrite=True compiles anew instead of running the old spec's program)
     # The solver state is kept in at least float32 (a bfloat16 model still sees its own dtype
     # if it casts its input); samples come back in the dtype of x1.
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))

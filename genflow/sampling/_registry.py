@@ -16,7 +16,7 @@ from typing import Callable
 
 import diffrax
 
-from genflow._checks import check_registration, check_removal, is_int
+from genflow._checks import check_registration, check_removal, is_int, registry_owner
 from genflow.sampling import _diffrax, _driver, _multistep, _singlestep, _stochastic
 from genflow.sampling._driver import Stepper
 
@@ -197,7 +197,7 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
         raise TypeError(f"spec must be a genflow.sampling.SolverSpec; got {type(spec).__name__}")
     if not isinstance(spec.name, str) or not spec.name:
         raise ValueError(f"spec.name must be a non-empty str; got {spec.name!r}")
-    check_registration("solver", spec.name, _owner(spec.name), overwrite)
+    check_registration("solver", spec.name, registry_owner(SOLVERS, _BUILTIN, spec.name), overwrite)
     if not callable(spec.run):
         raise TypeError(f"spec.run must be callable; got {type(spec.run).__name__}")
     SOLVERS[spec.name] = spec
@@ -207,15 +207,8 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
 def unregister(name: str) -> SolverSpec:
     """Remove solver ``name`` added by :func:`register`; returns its spec. genflow's own solvers and
     unknown names are refused (``ValueError``)."""
-    check_removal("solver", name, _owner(name), set(SOLVERS) - _BUILTIN)
+    check_removal("solver", name, registry_owner(SOLVERS, _BUILTIN, name), set(SOLVERS) - _BUILTIN)
     return SOLVERS.pop(name)
-
-
-def _owner(name) -> str | None:
-    """Who registered solver ``name`` (see :func:`genflow._checks.check_registration`)."""
-    if not isinstance(name, str) or name not in SOLVERS:
-        return None
-    return "genflow" if name in _BUILTIN else "you"
 
 
 def _rk_counts(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
