@@ -510,7 +510,6 @@ def test_register_an_optimizer_of_your_own():
     step = gf.train.make_train_step(lambda p, b, k: (loss(p), {}), extra)
     state, metrics = step(gf.train.init_state(P0, extra, jax.random.key(0)), None)
     assert len(seen) == 1 and seen[0] is not None and np.isclose(float(metrics["loss"]), float(loss(P0)))
-    gf.optim.unregister("test_plain_polyak")  # (the registry is global: leave no entry for other tests)
 
 
 def test_make_optimizer_refuses_clipping_before_smb():
@@ -520,12 +519,9 @@ def test_make_optimizer_refuses_clipping_before_smb():
     with pytest.raises(ValueError, match=r"clip_norm cannot be used with SMB \(name='smb'"):
         gf.train.make_optimizer(0.3, name="smb", clip_norm=50.0)
     # ... also under another registered name (it was recognised by name only, and clipped silently)
-    gf.optim.register("test_smb_alias", functools.partial(gf.optim.smb, c=0.2))
-    try:
-        with pytest.raises(ValueError, match=r"clip_norm cannot be used with SMB \(name='test_smb_alias'"):
-            gf.train.make_optimizer(0.3, name="test_smb_alias", clip_norm=50.0)
-    finally:  # (the registry is global: leave no entry for other tests)
-        gf.optim.unregister("test_smb_alias")
+    gf.optim.register("test_smb_alias", functools.partial(gf.optim.smb, c=0.2))  # (conftest unregisters it)
+    with pytest.raises(ValueError, match=r"clip_norm cannot be used with SMB \(name='test_smb_alias'"):
+        gf.train.make_optimizer(0.3, name="test_smb_alias", clip_norm=50.0)
     gf.train.make_optimizer(0.3, name="adam", clip_norm=50.0)  # (other optimizers are still clipped)
     # without clipping make_optimizer's SMB is gf.optim.smb with the same (constant) learning rate
     A = jnp.array([1.0, 10.0, 100.0])

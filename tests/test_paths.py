@@ -391,12 +391,9 @@ def test_register_a_path_of_your_own():
         gf.paths.unregister("test_sub_vp")
     with pytest.raises(TypeError, match="overwrite must be a bool"):
         gf.paths.register("test_x", sub_vp, overwrite=1)
-    gf.paths.register("test_not_a_path", lambda: 3.0)
-    try:
-        with pytest.raises(TypeError, match="not a gf.paths.Path"):
-            gf.paths.get("test_not_a_path")
-    finally:
-        gf.paths.unregister("test_not_a_path")
+    gf.paths.register("test_not_a_path", lambda: 3.0)  # (conftest unregisters it)
+    with pytest.raises(TypeError, match="not a gf.paths.Path"):
+        gf.paths.get("test_not_a_path")
     with pytest.raises(ValueError, match="gf.paths.register"):
         gf.paths.get("test_missing")
 

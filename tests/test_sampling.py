@@ -411,16 +411,12 @@ def test_register_a_diffrax_solver_from_outside(gauss2):
     assert gf.sampling.unregister("test_ralston") is euler and "test_ralston" not in gf.sampling.solvers()
     # ... also when the replacement differs only in what it runs (same name, order, NFE per step and
     # description: SolverSpec compared its run and stepper out of ==, and the old program ran)
-    try:
-        for method in (diffrax.Heun(), diffrax.Midpoint()):
-            gf.sampling.register(gf.sampling.diffrax_solver("test_mine", method, description="mine"), overwrite=True)
-            x, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver="test_mine",
-                             steps=4)
-            name = "heun" if isinstance(method, diffrax.Heun) else "midpoint"
-            want, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver=name, steps=4)
-            np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-6, err_msg=name)
-    finally:
-        gf.sampling.unregister("test_mine")
+    for method in (diffrax.Heun(), diffrax.Midpoint()):  # (conftest unregisters test_mine)
+        gf.sampling.register(gf.sampling.diffrax_solver("test_mine", method, description="mine"), overwrite=True)
+        x, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver="test_mine", steps=4)
+        name = "heun" if isinstance(method, diffrax.Heun) else "midpoint"
+        want, _ = gf.sample(gauss2.model(path, "velocity"), path, x1, prediction="velocity", solver=name, steps=4)
+        np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-6, err_msg=name)
     with pytest.raises(ValueError, match="solver 'euler' is already registered by genflow; pick another name"):
         gf.sampling.register(gf.sampling.diffrax_solver("euler", diffrax.Ralston()), overwrite=True)
     with pytest.raises(ValueError, match="solver 'ddim' comes from genflow; only names added by register"):
