@@ -187,7 +187,7 @@ class GaussianMixture:
             m = jnp.where(m > 0, m, 1.0)
         r = flat_batch(x)[:, None, :] - a * self.means[None]  # [B, K, D]
         logp = -0.5 * jnp.sum(r * r / m + jnp.log(2 * jnp.pi * m), axis=-1) + jax.nn.log_softmax(self.logits)
-        return logp, r, m, a
+        return logp, r, m, a, s
 
     def log_prob(self, x: Array, t, path: Path) -> Array:
         """``log p_t(x)``; returns ``[B]``."""
@@ -201,17 +201,17 @@ class GaussianMixture:
         formula's value there for ``x_t`` in the support, where with a zero variance it is 0/0. Its
         Jacobian there is the identity by this convention (for ``t > 0`` it is 0 along a
         zero-variance direction)."""
-        logp, r, m, a = self._resp(x, t, path, safe=True)
+        logp, r, m, a, s = self._resp(x, t, path, safe=True)
         w = jax.nn.softmax(logp, axis=-1)[..., None]
         post = self.means[None] + a * self.vars[None] * r / m
         out = jnp.sum(w * post, axis=1)
-        a, s = a[:, :, 0], path.sigma(_t_col(t, x))  # [B, 1]
+        a, s = a[:, :, 0], s[:, :, 0]  # [B, 1]
         at_data = s * s == 0  # (where _resp replaced a zero a^2 v + sigma^2)
         exact = flat_batch(x) / jnp.where(at_data, a, 1.0)
         return jnp.where(at_data, exact, out).reshape(x.shape)
 
     def score(self, x: Array, t, path: Path) -> Array:
-        logp, r, m, _ = self._resp(x, t, path)
+        logp, r, m, *_ = self._resp(x, t, path)
         w = jax.nn.softmax(logp, axis=-1)[..., None]
         return jnp.sum(-w * r / m, axis=1).reshape(x.shape)
 
