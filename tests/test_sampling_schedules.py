@@ -475,7 +475,7 @@ def test_local_errors_have_the_solvers_local_order():
 
 
 # -- from a mutation audit of the schedule search and the grids --------------------------------
-RHO_STOP = 5e-4  # (the reference solve and the growth integral stop at this noise level: _optimize._RHO_STOP)
+RHO_STOP = gf.sampling._optimize._RHO_STOP  # (the noise level where the reference solve and the growth integral stop)
 
 
 def _setup(path, var, t0, n=8, t_end=0.0):
