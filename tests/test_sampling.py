@@ -351,17 +351,29 @@ def test_ddim_eta_accepts_numpy_and_jax_scalars(eta, gauss2):
     np.testing.assert_allclose(a, b)
 
 
-def test_traced_eta_and_churn_are_refused_as_traced(gauss2):
-    """eta and churn choose a Python branch, so they must be concrete: a traced one (passed as a
-    jit argument) was reported as out of range ("must be a float in [0, 1]; got JitTracer")."""
+def test_structural_options_are_refused_as_traced(gauss2):
+    """eta and churn choose a Python branch, order / corrector_steps / restart_* the program itself,
+    so they must be concrete: a traced one (passed as a jit argument) was reported as out of range
+    ("must be a float in [0, 1]; got JitTracer", "must be an int in 1..3; got JitTracer")."""
     path = gf.paths.linear()
     x1 = jax.random.normal(jax.random.key(0), (4, 2))
     fn = gauss2.model(path, "velocity")
-    for solver, name in (("ddim", "eta"), ("edm_heun", "churn")):
+    for solver, name, value, kind in (("ddim", "eta", 0.5, "float"), ("edm_heun", "churn", 0.5, "float"),
+                                      ("unipc", "order", 3, "value"), ("deis", "order", 2, "value"),
+                                      ("pc", "corrector_steps", 1, "value"), ("restart", "restart_times", 2, "value"),
+                                      ("restart", "restart_steps", 2, "value"),
+                                      ("restart", "restart_interval", (0.1, 0.5), "value")):
         run = jax.jit(lambda v: gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=4,
-                                          key=jax.random.key(1), **{name: v})[0])
-        with pytest.raises(TypeError, match=f"option {name} must be a concrete Python float .* traced value"):
-            run(0.5)
+                                          t_start=0.999, key=jax.random.key(1), **{name: v})[0])
+        with pytest.raises(TypeError, match=f"solver '{solver}': option {name} must be a concrete Python {kind} "
+                                            f"\\(.*\\); got a traced value"):
+            run(value)
+    # the options that only enter the arithmetic stay traceable: one compile for a sweep
+    run = jax.jit(lambda v: gf.sample(fn, path, x1, prediction="velocity", solver="edm_heun", steps=4,
+                                      key=jax.random.key(1), churn=10.0, s_noise=v)[0])
+    a, b = run(1.0), gf.sample(fn, path, x1, prediction="velocity", solver="edm_heun", steps=4,
+                               key=jax.random.key(1), churn=10.0, s_noise=1.0)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_trajectory_has_the_dtype_of_the_samples(gauss2):

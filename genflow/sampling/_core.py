@@ -124,23 +124,39 @@ def check_solver_options(spec, solver: str, options: dict) -> dict:
 
 
 # Real options that enter the solvers' arithmetic only: passed to the compiled sampler as arrays
-# (traced), so a sweep over their values compiles once, as DESIGN.md asks of scales. (eta, churn
-# and restart_interval decide Python branches or host-side logs and stay Python floats;
-# brownian_tol sizes Diffrax's Brownian tree.)
+# (traced), so a sweep over their values compiles once, as DESIGN.md asks of scales. (The
+# _WHY_STATIC ones below decide Python branches or the program's length and must be concrete: a
+# traced one is refused by name; brownian_tol sizes Diffrax's Brownian tree and may be either.)
 TRACED_OPTIONS = frozenset({"beta", "d2_weight", "s_tmin", "s_tmax", "s_noise", "snr", "rho"})
+# Built-in options that must be concrete: they fix the structure of the compiled sampler.
+_WHY_STATIC = {
+    "eta": "it chooses between the deterministic and the stochastic step when the sampler is built",
+    "churn": "it chooses between the deterministic and the stochastic step when the sampler is built",
+    "order": "it chooses the solver's update formula when the sampler is built",
+    "corrector_steps": "it sets the number of model evaluations per step",
+    "restart_times": "it sets the number of model evaluations",
+    "restart_steps": "it sets the number of model evaluations",
+    "restart_interval": "it sets where the restarts go on the grid when the sampler is built",
+}
+
+
+def _is_traced(value) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(value))
 
 
 def _check_options(solver: str, options: dict) -> dict:
-    """``options`` checked, with NumPy integers as Python ints (a NumPy scalar would be traced),
+    """``options`` checked (a traced value of a :data:`_WHY_STATIC` option refused by name), with
+    NumPy integers as Python ints (a NumPy scalar would be traced),
     a concrete NumPy / JAX ``eta`` / ``churn`` as a Python float (the DDIM/DDPM steps branch on
     ``eta == 0``) and the :data:`TRACED_OPTIONS` as arrays (new values do not recompile)."""
     out = {}
     for name, value in options.items():
         check = _OPTION_CHECKS.get((solver, name))
-        if name in ("eta", "churn") and isinstance(value, jax.core.Tracer):
-            raise TypeError(f"solver {solver!r}: option {name} must be a concrete Python float (it chooses between "
-                            f"the deterministic and the stochastic step when the sampler is built); got a traced "
-                            f"value: close over it (or mark it static) instead of passing it as a jit argument")
+        if check is not None and name in _WHY_STATIC and _is_traced(value):
+            kind = "float" if name in ("eta", "churn") else "value"
+            raise TypeError(f"solver {solver!r}: option {name} must be a concrete Python {kind} ({_WHY_STATIC[name]}); "
+                            f"got a traced value: close over it (or mark it static) instead of passing it as a jit "
+                            f"argument")
         if check is not None and not check[0](value):
             raise ValueError(f"solver {solver!r}: option {name} must be {check[1]}; got {value!r}")
         if isinstance(value, np.integer):
