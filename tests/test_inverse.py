@@ -881,7 +881,7 @@ def test_kernel_blur_is_a_circular_convolution_centred_on_the_kernel():
         inv.kernel_blur((4, 4), np.zeros((2, 2)), normalize=False)
     with pytest.raises(TypeError, match="normalize must be a bool; got str"):
         inv.kernel_blur((4, 4), k, normalize="no")
-    with pytest.raises(ValueError, match=r"rcond must be in \[0, 1\); got 1.5"):
+    with pytest.raises(ValueError, match=r"kernel_blur: rcond must be a float in \[0, 1\); got 1.5"):
         inv.kernel_blur((4, 4), k, rcond=1.5)
     with pytest.raises(ValueError, match=r"kernel of shape \(5, 1\) is larger than the image \(4, 4\)"):
         inv.kernel_blur((4, 4), np.ones((5, 1)))
@@ -970,3 +970,23 @@ def test_tmpd_posterior_model_symmetrises_a_nonsymmetric_jacobian():
     u = np.linalg.solve(A @ C @ A.T + sy * sy * np.eye(6), r.T).T
     want = x0 + cs * (u @ A) @ m  # g = J^T A^T u, as rows: (u A) M
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_blur_refuses_a_bad_rcond_in_every_constructor():
+    """rcond >= 1 or NaN kept no frequency (pinv silently 0) and a negative one every frequency
+    (1 / K on K ~ 0); only kernel_blur checked it. Blur itself checks it now, also after a pytree
+    round trip (rcond is static)."""
+    makers = {"kernel_blur": lambda r: inv.kernel_blur((4, 4), ASYMMETRIC_KERNEL, rcond=r),
+              "gaussian_blur": lambda r: inv.gaussian_blur((4, 4), 0.8, size=3, rcond=r),
+              "motion_blur": lambda r: inv.motion_blur((4, 4), 3, rcond=r),
+              "blur": lambda r: inv.Blur(inv.gaussian_blur((4, 4), 0.8, size=3).kernel_fft, rcond=r)}
+    for name, make in makers.items():
+        for bad in (1.0, -0.1, float("nan"), True, "0.1", None):
+            with pytest.raises(ValueError, match=rf"{name}: rcond must be a float in \[0, 1\); got"):
+                make(bad)
+        op = make(0.2)
+        y = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+        back = jax.jit(lambda o, v: o.pinv(v))(op, y)  # flattened and rebuilt under jit
+        np.testing.assert_allclose(back, op.pinv(y), atol=1e-6)
+    with pytest.raises(ValueError, match="sigma must be a finite float > 0; got nan"):
+        inv.gaussian_blur((4, 4), float("nan"))

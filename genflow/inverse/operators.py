@@ -190,6 +190,14 @@ class Blur(Operator):
     rcond: float = dataclasses.field(default=0.05, metadata=dict(static=True))
     name: str = dataclasses.field(default="blur", metadata=dict(static=True))
 
+    def __post_init__(self):
+        # (rcond is static, so this also holds when JAX unflattens the pytree) rcond >= 1 or NaN kept
+        # no frequency and a negative one every frequency: pinv silently 0, or 1/K on K ~ 0
+        r = self.rcond
+        if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, float, np.integer, np.floating)) \
+                or not 0.0 <= r < 1.0:
+            raise ValueError(f"{self.name}: rcond must be a float in [0, 1); got {r!r}")
+
     def _apply(self, x, transfer):
         if x.ndim != 4 or x.shape[1:3] != transfer.shape:
             raise ValueError(f"Blur acts on images [B, H, W, C] with (H, W) = {tuple(transfer.shape)}; "
@@ -252,16 +260,14 @@ def kernel_blur(image_shape: tuple[int, int], kernel, rcond: float = 0.05, norma
         raise ValueError("kernel is all zeros: it observes nothing")
     if normalize and not abs(k.sum()) > 0:
         raise ValueError("kernel sums to 0: it cannot be normalized; pass normalize=False")
-    if not 0.0 <= rcond < 1.0:
-        raise ValueError(f"rcond must be in [0, 1); got {rcond}")
     return Blur(_kernel_to_fft(k, image_shape, normalize=normalize), rcond=rcond, name="kernel_blur")
 
 
 def gaussian_blur(image_shape: tuple[int, int], sigma: float = 1.0, size: int | None = None,
                   rcond: float = 0.05) -> Blur:
     """Gaussian blur of std ``sigma`` pixels on ``[H, W]`` images (kernel ``size`` x ``size``)."""
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive; got {sigma}")
+    if not sigma > 0 or not np.isfinite(sigma):  # (NaN passed `sigma <= 0`: a NaN operator)
+        raise ValueError(f"sigma must be a finite float > 0; got {sigma}")
     size = size or int(2 * np.ceil(2 * sigma) + 1)
     r = np.arange(size) - size // 2
     k = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sigma**2)
