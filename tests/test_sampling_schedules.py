@@ -628,3 +628,29 @@ def test_uniform_and_quadratic_grids_hit_their_endpoints_exactly_under_x64():
             for s in ("uniform", "quadratic"):
                 ts = np.asarray(gf.sampling.time_grid(lin, 7, s, t0, t1))
                 assert ts[0] == t0 and ts[-1] == t1, (s, t0, t1, ts[0] - t0, ts[-1] - t1)
+
+
+def test_schedule_search_refuses_the_starts_and_ends_gf_sample_refuses():
+    """optimize_schedule, calibration_batch and select_schedule run the sampler's own start / end
+    checks: an eps or score model from t = 1 on the linear path (alpha = 0, eps -> x0 is 0/0) hit
+    Diffrax's max_steps in the reference solve ("The maximum number of solver steps was reached")
+    instead of the sampler's error that names t_start."""
+    lin = gf.paths.linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.5]), jnp.array([1.0, 0.5]))
+    x1 = jax.random.normal(jax.random.key(0), (8, 2))
+    searches = {
+        "optimize_schedule": lambda fn, kind, solver, **kw: gf.sampling.optimize_schedule(
+            fn, lin, x1, prediction=kind, steps=4, solver=solver, iters=2, **kw),
+        "calibration_batch": lambda fn, kind, solver, **kw: gf.sampling.calibration_batch(
+            fn, lin, x1, prediction=kind, steps=4, solver=solver, size=4, **kw),
+        "select_schedule": lambda fn, kind, solver, t_start=None, t_end=None: gf.sampling.select_schedule(
+            fn, lin, x1, [gf.sampling.time_grid(lin, 4, "karras", t_start, t_end)], prediction=kind, solver=solver),
+    }
+    for name, search in searches.items():
+        for kind in ("eps", "score"):
+            with pytest.raises(ValueError, match=rf"t_start=1.0 has alpha=0 on path 'linear', where the {kind} -> x0 "
+                                                 rf"conversion is singular"):
+                search(g.model(lin, kind), kind, "dpm++2m")
+        # where gf.sample runs, so does the search: eps from t = 0.999
+        out = search(g.model(lin, "eps"), "eps", "dpm++2m", t_start=0.999)
+        assert np.all(np.isfinite(np.asarray(out))), name

@@ -32,7 +32,7 @@ from genflow import param
 from genflow._checks import flat_batch, check_int, concrete_real
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
-from genflow.sampling._core import _is_scan, as_pytree_fn, check_solver_options
+from genflow.sampling._core import _check_start, _is_scan, as_pytree_fn, check_solver_options
 from genflow.sampling._exp import t_of_lambda
 from genflow.sampling._grid import _check_explicit, time_grid
 from genflow.sampling._model import Model
@@ -279,13 +279,14 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
     param.check_kind(prediction)
     if objective not in ("bound", "global"):
         raise ValueError(f"objective must be 'bound' or 'global'; got {objective!r}")
-    _scan_solver(solver, solver_options)
+    spec, _ = _scan_solver(solver, solver_options)
     iters = check_int("iters", iters, 0)
     _check_search_args(x1, "x1", rtol, atol, learning_rate)
     model = Model(as_pytree_fn(fn), path, prediction)
     ts0 = time_grid(path, steps, init, t_start, t_end)
     if ts0.shape[0] != steps + 1:
         raise ValueError(f"init has {ts0.shape[0]} times; expected steps + 1 = {steps + 1}")
+    _check_start(path, ts0, prediction, spec)  # (as gf.sample: an eps model from alpha = 0 hit max_steps)
     # (the learning rate traced: a new one does not recompile)
     return _optimize(model, ts0, x1.astype(jnp.promote_types(x1.dtype, jnp.float32)), solver, int(iters),
                      jnp.asarray(learning_rate, jnp.float32), float(rtol), float(atol), bool(propagate), objective,
@@ -349,7 +350,7 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
       ``[size, ...]`` calibration noise (and the errors).
     """
     param.check_kind(prediction)
-    _scan_solver(solver, solver_options)
+    spec, _ = _scan_solver(solver, solver_options)
     pool = jnp.asarray(pool)
     _check_search_args(pool, "pool", rtol, atol)
     size = check_int("size", size, 1)
@@ -360,6 +361,7 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
     pool = pool.astype(jnp.promote_types(pool.dtype, jnp.float32))
     model = Model(as_pytree_fn(fn), path, prediction)
     ts = time_grid(path, steps, schedule, t_start, t_end)
+    _check_start(path, ts, prediction, spec)
     x_end = reference_end_states(model, pool, ts[0], ts[-1], rtol, atol)
     errors = _sample_errors(model, ts, pool, x_end, solver, **solver_options)
     ranked = jnp.where(jnp.isfinite(errors), errors, -jnp.inf)  # a diverging sample is never picked as hard
@@ -398,7 +400,7 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
       is not finite; the chosen grid is the one at ``argmin(errors)``).
     """
     param.check_kind(prediction)
-    _scan_solver(solver, solver_options)
+    spec, _ = _scan_solver(solver, solver_options)
     _check_search_args(x1, "x1", rtol, atol)
     candidates = list(candidates)  # (a generator was used up by the check below: "got none")
     if any(isinstance(c, str) or callable(c) for c in candidates):
@@ -410,6 +412,7 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
     if len(ends) != 1:
         raise ValueError(f"candidates must share the number of steps and both endpoints; got (times, start, end) "
                          f"in {sorted(ends)}")
+    _check_start(path, grids[0], prediction, spec)
     model = Model(as_pytree_fn(fn), path, prediction)
     x1 = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
     x_end = reference_end_states(model, x1, grids[0][0], grids[0][-1], rtol, atol)
