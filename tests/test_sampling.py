@@ -847,3 +847,35 @@ def test_which_grid_keeps_ten_steps_of_the_sde_solvers_stable():
         assert w_good < 0.3 and w_bad > 0.6, (solver, w_good, w_bad)
         advice = "give it schedule='logsnr'" if good == "logsnr" else "keep the uniform grid"
         assert advice in gf.sampling.solvers()[solver].description, solver
+
+
+@pytest.mark.parametrize("solver", ["pc", "ddpm", "edm_heun_churn", "restart", "dpm++3s", "unipc"])
+def test_gradient_with_respect_to_the_grid_times_is_finite_and_right(solver):
+    """d samples / d ts (a schedule learnt by gradient, as optimize_schedule's global objective
+    does, or a start time fitted through the sampler) against central differences, in float64.
+    It was NaN: at the last time for pc (g(t)^2 = inf at sigma = 0 times the padded step's dt = 0)
+    and dpm++3s (the stage times' clip reached t_end through padded steps), at the one before
+    for ddpm and everywhere for restart / at t_start for edm_heun_churn (sqrt(max(v, 0))'s
+    infinite slope where a noise coefficient vanishes: the step into sigma = 0, no churn above
+    s_tmax). At the singular end t = 0 (sigma = 0) only finiteness is asserted: the grid's
+    coefficients there are taken without derivative (a convention), pc's Euler step length is not."""
+    with jax.enable_x64(True):
+        g = gf.oracles.Gaussian.full(jnp.array([0.3, -0.5]), jnp.array([[1.0, 0.2], [0.2, 0.5]]))
+        path = gf.paths.vp_cosine()
+        x1 = jax.random.normal(jax.random.key(0), (3, 2), jnp.float64)
+        w = jax.random.normal(jax.random.key(2), (3, 2), jnp.float64)
+
+        @jax.jit
+        def f(ts):
+            x, _ = gf.sample(g.model(path, "eps"), path, x1, prediction="eps", solver=solver, schedule=ts, steps=6,
+                             key=jax.random.key(1))
+            return jnp.sum(x * w)
+
+        ts = jnp.array([0.99, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0])
+        grad = np.asarray(jax.grad(f)(ts))
+        assert np.all(np.isfinite(grad)), grad
+        h = 1e-6
+        for j in range(len(ts) - 1):
+            e = jnp.zeros_like(ts).at[j].set(h)
+            fd = (float(f(ts + e)) - float(f(ts - e))) / (2 * h)
+            np.testing.assert_allclose(grad[j], fd, rtol=1e-4, atol=1e-6, err_msg=f"{solver}, t index {j}")

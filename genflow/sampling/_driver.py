@@ -107,7 +107,9 @@ def pad_grid(ts: Array, length: int) -> Array:
     try:
         tn = np.asarray(ts)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return jnp.concatenate([ts, jnp.broadcast_to(ts[-1], (length + 1 - ts.shape[0],))])
+        # (the padding is never used: without its derivative, an entry at sigma = 0 repeated cannot
+        # leak inf * 0 = NaN into the gradient of the last time)
+        return jnp.concatenate([ts, jnp.broadcast_to(jax.lax.stop_gradient(ts[-1]), (length + 1 - ts.shape[0],))])
     return jax.device_put(np.concatenate([tn, np.full(length + 1 - tn.shape[0], tn[-1], tn.dtype)]))
 
 
@@ -152,7 +154,7 @@ def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
             tn = np.asarray(ts)
             lo, hi = tn[-1], tn[0]
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            lo, hi = ts[-1], ts[0]
+            lo, hi = jax.lax.stop_gradient(ts[-1]), jax.lax.stop_gradient(ts[0])
         st = _stage_grid_jit(path, _stages_jit(g, arrays, stepper, opts), lo, hi)
     return _scalars_jit(g, st, arrays, stepper, opts)  # padded: run() slices it inside the sampler's program
 

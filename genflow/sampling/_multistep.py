@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from genflow.sampling._driver import Stepper
 from genflow.sampling._exp import (
     GL_W, GL_X, combine, ddim_coefs, extrapolation_order, extrapolation_weights, finite_or, lagrange_basis, nonzero,
-    order_at, phi, select_order,
+    order_at, phi, select_order, sqrt0,
 )
 
 Array = jax.Array
@@ -119,8 +119,8 @@ def _ddim_scalars(g, st, i, *, eta: float = 0.0, **_):
         kk = ddim_coefs(a_s, s_s, a_t, s_t)[0] * _noise_fix(g, i)
         return {"s": g.t[i], "i": i, "w": jnp.concatenate([s_t[None], _ring_coefs(jnp.stack([a_t + kk, -kk]), i)])}
     ratio = jnp.where(a_t > 0, (a_s * s_t) / (s_s * a_t), 0.0)  # e^-h
-    c = eta * s_t * jnp.sqrt(jnp.clip(1.0 - ratio**2, 0.0, 1.0))
-    return {"s": g.t[i], "w": jnp.stack([a_t, jnp.sqrt(jnp.maximum(s_t**2 - c**2, 0.0)), c])}
+    c = eta * s_t * sqrt0(jnp.minimum(1.0 - ratio**2, 1.0))
+    return {"s": g.t[i], "w": jnp.stack([a_t, sqrt0(s_t**2 - c**2), c])}
 
 
 def _ddim_step(model, carry, c, key, *, eta: float = 0.0):

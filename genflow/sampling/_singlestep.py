@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow.sampling._driver import Stepper, x_init
-from genflow.sampling._exp import combine, ddim_coefs, finite_or, lagrange_at_zero, nonzero, phi
+from genflow.sampling._exp import combine, ddim_coefs, finite_or, lagrange_at_zero, nonzero, phi, sqrt0
 
 Array = jax.Array
 
@@ -148,7 +148,7 @@ def _edm_scalars(g, st, i, *, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: f
     t_hat = jnp.where(up, st.t[0], g.t[i])
     a_h, s_h = jnp.where(up, st.a[0], a_s), jnp.where(up, st.s[0], s_s)
     rho = finite_or(jnp.exp(-l_s), 0.0)
-    std = jnp.sqrt(jnp.maximum((s_h / nonzero(a_h)) ** 2 - rho**2, 0.0)) * s_noise
+    std = sqrt0((s_h / nonzero(a_h)) ** 2 - rho**2) * s_noise
     noise = jnp.where(up, jnp.stack([a_h / nonzero(a_s), a_h * std]), jnp.stack([1.0, 0.0]))
     return {"churn": noise, "heun": _heun_coefs(t_hat, a_h, s_h, g.t[i + 1], *g.at(i + 1)[:2])}
 
@@ -217,7 +217,7 @@ def _restart_scalars(g, st, i, *, restart_interval=RESTART_INTERVAL, **_):
     t_sub = st.t.at[-1].set(g.t[i + 1])
     a_sub, s_sub = st.a.at[-1].set(a_t), st.s.at[-1].set(s_t)
     sub = jax.vmap(_heun_coefs)(t_sub[:-1], a_sub[:-1], s_sub[:-1], t_sub[1:], a_sub[1:], s_sub[1:])
-    noise = jnp.stack([a_hi / nonzero(a_t), a_hi * jnp.sqrt(jnp.maximum(r_hi**2 - rho_t**2, 0.0))])
+    noise = jnp.stack([a_hi / nonzero(a_t), a_hi * sqrt0(r_hi**2 - rho_t**2)])
     return {"heun": _heun_coefs(g.t[i], *g.at(i)[:2], g.t[i + 1], a_t, s_t), "do": do, "noise": noise, "sub": sub}
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from genflow._checks import flat_batch
 from genflow.sampling._driver import Stepper, x_init
+from genflow.sampling._exp import finite_or, sqrt0
 
 Array = jax.Array
 
@@ -48,7 +49,7 @@ def langevin_correct(model, x: Array, t, key: Array, *, snr: float = 0.16, steps
 def _pc_scalars(g, st, i, **_):
     dt = g.t[i] - g.t[i + 1]
     return {"s": g.t[i], "ratio": (g.a[i] / g.a[i + 1]) ** 2, "dt": dt, "last": i == g.n - 1,
-            "g": jnp.sqrt(jnp.maximum(g.g2[i], 0.0) * dt)}
+            "g": sqrt0(finite_or(g.g2[i], 0.0) * dt)}  # (g2 = inf at sigma = 0: a padded dt = 0 gave inf * 0)
 
 
 def _pc_step(model, carry, c, key, *, snr: float = 0.16, corrector_steps: int = 1):
