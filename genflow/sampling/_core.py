@@ -355,7 +355,10 @@ def sample(
       default fixed-grid Brownian path), and ``shark`` with ``brownian_tol`` in reverse mode only.
 
     The stochastic scan solvers (``ddpm``, ``ddim`` with ``eta``, ``edm_heun_churn``, ``restart``,
-    ``pc``) differentiate both ways, for a fixed key.
+    ``pc``) differentiate both ways, for a fixed key. With respect to the times of an explicit
+    ``schedule`` (a grid learnt by gradient): the scan solvers and Diffrax's ODE solvers; an end
+    where ``alpha`` or ``sigma`` is 0 has no derivative (its coefficients are taken as constants),
+    and the Diffrax SDE solvers refuse it ("t0 cannot be autodifferentiated").
     """
     param.check_kind(prediction)
     spec = _registry.get(solver)
