@@ -414,3 +414,57 @@ def test_low_precision_model_sees_the_time_gf_sample_gives_it():
     np.testing.assert_array_equal(seen["t"], aux["t"])  # the exact times of the targets
     gf.sample(net, path, x0, prediction="velocity", solver="euler", steps=1)
     assert seen["t"].dtype == jnp.float32
+
+
+# -- from the sixth mutation audit (each test fails on its mutant) --
+@pytest.mark.parametrize("kind", ["eps", "velocity", "v"])
+def test_x_t_is_built_from_the_coupled_noise(kind):
+    """x_t = alpha x0 + sigma x1 with x1 the coupling's OUTPUT (module docstring: (x0, x1) ~ coupling,
+    then x_t): the model sees that x_t, and a model that reads the exact noise off x_t (knowing x0)
+    has zero loss. The existing coupling tests compare two calls of the same code path, so an x_t
+    built from the pre-coupling draw went unnoticed (harmless for "independent", wrong for "ot")."""
+    path = gf.paths.vp_cosine() if kind != "velocity" else gf.paths.linear()
+    x0 = jax.random.normal(jax.random.key(0), (16, 3))
+    x1 = jax.random.normal(jax.random.key(1), (16, 3))
+    coupling = lambda key, a, b: x1[::-1]  # noqa: E731  (a fixed permutation of the noise we know)
+    want_x1 = np.asarray(x1)[::-1]
+    seen = {}
+
+    def perfect(x, t):  # eps read off x_t given x0, converted to the predicted kind
+        seen["x"], seen["t"] = np.asarray(x), np.asarray(t)
+        a, s = path.alpha(t)[:, None], path.sigma(t)[:, None]
+        eps = (x - a * x0) / s
+        return gf.param.from_x0_eps(x0, eps, x, t, path, kind)
+
+    loss, aux = gf.losses.diffusion_loss(perfect, path, x0, jax.random.key(2), prediction=kind, coupling=coupling,
+                                         t_min=0.05, t_max=0.95)
+    a, s = np.asarray(path.alpha(aux["t"]))[:, None], np.asarray(path.sigma(aux["t"]))[:, None]
+    np.testing.assert_allclose(seen["x"], a * np.asarray(x0) + s * want_x1, rtol=1e-5, atol=1e-6)
+    assert float(loss) < 1e-8, float(loss)
+
+
+def test_diffusion_loss_sigmoid_default_bias_is_get_weightings_default():
+    """diffusion_loss(weighting="sigmoid") without bias= uses the same default bias as
+    get_weighting("sigmoid", ...) (2.0 in both signatures): w = -dlambda/dt / 2 * sigmoid(2 - lambda)."""
+    path = gf.paths.vp_cosine()
+    x0 = jax.random.normal(jax.random.key(0), (32, 2))
+    zero = lambda x, t: jnp.zeros_like(x)  # noqa: E731
+    _, a = gf.losses.diffusion_loss(zero, path, x0, jax.random.key(1), weighting="sigmoid", t_min=0.05, t_max=0.95)
+    t = a["t"]
+    w = -0.5 * np.asarray(path.d_log_snr(t)) * (1.0 / (1.0 + np.exp(-(2.0 - np.asarray(path.log_snr(t))))))
+    np.testing.assert_allclose(np.asarray(gf.losses.get_weighting("sigmoid", "eps")(path, t)), w, rtol=1e-5)
+    _, b = gf.losses.diffusion_loss(zero, path, x0, jax.random.key(1), weighting=lambda p, tt: jnp.asarray(w),
+                                    t_min=0.05, t_max=0.95)
+    np.testing.assert_allclose(a["per_example"], b["per_example"], rtol=1e-6)
+
+
+def test_t_min_defaults_to_the_paths_t_min():
+    """Documented: t_min defaults to path.t_min (vp_linear: 1e-3). With 20000 draws, a default of 0
+    would put ~20 times below 1e-3 (probability of none ~2e-9)."""
+    path = gf.paths.vp_linear()
+    assert path.t_min > 0
+    x0 = jnp.zeros((20000, 1))
+    _, aux = gf.losses.diffusion_loss(lambda x, t: jnp.zeros_like(x), path, x0, jax.random.key(0))
+    t = np.asarray(aux["t"])
+    assert t.min() >= path.t_min and t.max() < 1.0
+    assert abs(np.mean(t) - (1.0 + path.t_min) / 2) < 0.01  # uniform on [t_min, 1)

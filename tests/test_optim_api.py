@@ -620,3 +620,127 @@ def test_dtype_and_name_errors_name_the_argument():
         gf.optim.register(3, optax.adam)
     with pytest.raises(ValueError, match="name must be a non-empty str"):
         gf.optim.register("", optax.adam)
+
+
+# -- from the sixth mutation audit (optim / train step / losses; each test fails on its mutant) --
+WD_P = {"w": jnp.array([0.5, -1.5, 2.0]), "b": jnp.array([0.8, -0.3])}  # b NONZERO: decay on it is visible
+WD_G = {"w": jnp.array([0.2, -0.1, 0.05]), "b": jnp.array([-0.4, 0.3])}
+
+
+@pytest.mark.parametrize("name", ["grams", "diffgrad", "fadam"])
+def test_weight_decay_mask_spares_nonzero_masked_out_leaves(name):
+    """mask={"w": True, "b": False}: leaf b gets exactly the update of weight_decay=0, leaf w the
+    decayed one (the existing test used b = 0, where decaying b changes nothing)."""
+    make = getattr(gf.optim, name)
+    masked = make(0.1, weight_decay=0.5, mask={"w": True, "b": False})
+    plain = make(0.1, weight_decay=0.0)
+    full = make(0.1, weight_decay=0.5)
+    u_m = masked.update(WD_G, masked.init(WD_P), WD_P)[0]
+    u_0 = plain.update(WD_G, plain.init(WD_P), WD_P)[0]
+    u_f = full.update(WD_G, full.init(WD_P), WD_P)[0]
+    np.testing.assert_allclose(u_m["b"], u_0["b"], rtol=1e-6)
+    np.testing.assert_allclose(u_m["w"], u_f["w"], rtol=1e-6)
+    assert not np.allclose(u_f["b"], u_0["b"], rtol=1e-3)  # the decay of b is visible here
+
+
+def _fadam_first_update(eps, wd):
+    """The documented first FAdam update (t = 1: b2^_1 = 0 so f_1 = g^2, m_0 = 0), numpy, per leaf."""
+    b1, eps2, clip = 0.9, 0.01, 1.0
+    rms = lambda a: np.sqrt(np.mean(a ** 2))  # noqa: E731
+    out = {}
+    for k in WD_P:
+        g, th = np.asarray(WD_G[k], np.float64), np.asarray(WD_P[k], np.float64)
+        f = g ** 2
+        e = min(eps, eps2 * rms(g))
+        D = np.sqrt(f) + e
+        gbar = g / D / max(1.0, rms(g / D) / clip)
+        w = th / D / max(1.0, rms(th / D) / clip)
+        out[k] = -0.1 * ((1 - b1) * gbar + wd * w)
+    return out
+
+
+@pytest.mark.parametrize("which", ["eps", "weight_decay"])
+def test_fadam_schedules_are_read_at_the_zero_based_step(which):
+    """A schedule hyper-parameter is evaluated at the 0-based step count (optax's convention,
+    gf.optim._base.resolve): the first update uses h(0). The schedule is large at n = 0 and tiny after."""
+    big = {"eps": 0.5, "weight_decay": 0.3}[which]
+    sched = lambda n: jnp.where(n == 0, big, 1e-12)  # noqa: E731
+    kw = {"eps": 1e-8, "weight_decay": 0.1}
+    kw[which] = sched
+    opt = gf.optim.fadam(0.1, **kw)
+    u = opt.update(WD_G, opt.init(WD_P), WD_P)[0]
+    want = _fadam_first_update(**{**{"eps": 1e-8, "wd": 0.1}, **({"eps": big} if which == "eps" else {"wd": big})})
+    for k in WD_P:
+        np.testing.assert_allclose(np.asarray(u[k]), want[k], rtol=1e-5)
+
+
+def test_smb_mask_armijo_uses_only_the_masked_in_gradient():
+    """With mask={"w": True, "b": False}, SMB is SGD-with-model-steps on w alone (docstring: masked-out
+    leaves are held fixed, as optax.masked does), so the Armijo threshold is f - c lr |g_w|^2. Here
+    the trial step passes that test, but would fail if |g_b|^2 (large) were counted."""
+    f = lambda p: 0.5 * jnp.sum(p["w"] ** 2) + 50.0 * jnp.sum(p["b"] ** 2)  # noqa: E731
+    p = {"w": jnp.array([1.0, -0.5]), "b": jnp.array([1.0])}
+    value, g = jax.value_and_grad(f)(p)
+    # closed form: trial w' = w - lr w = 0 -> f(trial) = 50 <= f - 0.1 * 1.0 * |w|^2 = 50.5 (passes);
+    # with |g_b|^2 = 1e4 counted the threshold would be ~ -949 (fails)
+    opt = gf.optim.smb(1.0, c=0.1, mask={"w": True, "b": False})
+    u, s = opt.update(g, opt.init(p), p, value=value, value_fn=f)
+    assert int(s.model_steps) == 0
+    np.testing.assert_allclose(u["w"], -1.0 * np.asarray(g["w"]), rtol=1e-6)
+    np.testing.assert_array_equal(u["b"], g["b"])  # passed through unchanged
+
+
+@pytest.mark.parametrize("name", ["grams", "diffgrad"])
+def test_adam_like_eps_schedule_is_read_at_the_zero_based_step(name):
+    """First update (t = 1: m^ = g, v^ = g^2, g_0 = 0) with eps = schedule(0):
+    grams  u = sign(g) |g / (|g| + eps)|,  diffgrad  u = sigmoid(|g|) g / (|g| + eps)."""
+    sched = lambda n: jnp.where(n == 0, 0.5, 1e-12)  # noqa: E731
+    opt = getattr(gf.optim, name)(0.1, eps=sched)
+    u = opt.update(WD_G, opt.init(WD_P), WD_P)[0]
+    for k in WD_P:
+        g = np.asarray(WD_G[k], np.float64)
+        d = g / (np.abs(g) + 0.5)
+        if name == "diffgrad":
+            d = d / (1.0 + np.exp(-np.abs(g)))
+        np.testing.assert_allclose(np.asarray(u[k]), -0.1 * d, rtol=1e-5)
+
+
+def test_documented_defaults_smb_and_fadam():
+    """smb's docstring: learning_rate default = the paper's 1, eta = the authors' 0.99 (c = 0.1 in the
+    signature); fadam's: pytorch_optimizer.FAdam's defaults (eps2 = 0.01, weight_decay = 0.1, ...).
+    Behavioural check: the default-constructed optimizer makes the same update as the explicit one,
+    on a problem where each of these hyper-parameters changes the update."""
+    f = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 10.0, 100.0]) * p["w"] ** 2) + jnp.sum(p["b"] ** 2)  # noqa: E731
+    p = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([0.5, -0.25])}
+    for lr in (0.005, 0.014, 0.05, 1.0):  # (Armijo: passes at 0.005, passes for c = 0.1 but not c = 0.5 at 0.014)
+        value, g = jax.value_and_grad(f)(p)
+        ref = gf.optim.smb(lr, c=0.1, eta=0.99)
+        d = gf.optim.smb(lr)
+        a = ref.update(g, ref.init(p), p, value=value, value_fn=f)
+        b = d.update(g, d.init(p), p, value=value, value_fn=f)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), a, b)
+    value, g = jax.value_and_grad(f)(p)
+    ref, d = gf.optim.smb(1.0), gf.optim.smb()
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6),
+                 ref.update(g, ref.init(p), p, value=value, value_fn=f),
+                 d.update(g, d.init(p), p, value=value, value_fn=f))
+    small = {"w": jnp.array([1e-8, -2e-8, 5e-9]), "b": jnp.array([2e-8, 1e-8])}  # eps2 RMS(g) < eps: eps2 matters
+    for gg in (g, small):
+        ref = gf.optim.fadam(1e-3, b1=0.9, b2=0.999, eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1)
+        d = gf.optim.fadam()
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6),
+                     ref.update(gg, ref.init(p), p)[0], d.update(gg, d.init(p), p)[0])
+
+
+def test_smb_leaf_whose_trial_step_underflows_stays_finite():
+    """A float16 leaf with a nonzero gradient whose trial step -lr g rounds to 0 (|s| = 0 < |g|) takes
+    s_new = s = 0 when the Armijo test fails, as a zero-gradient leaf does (model_step's ss > 0 guard:
+    the normalized formulas divide by |s|), never NaN."""
+    p = {"w": jnp.array([1.0, 1.0], jnp.float16)}
+    f = lambda q: 1e-5 * jnp.sum(q["w"].astype(jnp.float32)) - 2e-5  # noqa: E731  (value 0 exactly)
+    value, g = jax.value_and_grad(f)(p)
+    assert np.all(np.asarray(g["w"]) != 0) and np.all(np.asarray((-1e-3 * g["w"]).astype(jnp.float16)) == 0)
+    opt = gf.optim.smb(1e-3)
+    u, s = opt.update(g, opt.init(p), p, value=value, value_fn=f)
+    assert int(s.model_steps) == 1  # f(trial) = f > f - c lr |g|^2: Armijo fails
+    np.testing.assert_array_equal(np.asarray(u["w"], np.float32), 0.0)

@@ -739,3 +739,69 @@ def test_fit_recompiles_when_host_batches_change_shape_between_chunks():
         ref, _ = jax.jit(step)(ref, jax.tree.map(jnp.asarray, b))
     np.testing.assert_allclose(state.params["w"], ref.params["w"], rtol=1e-6)
     assert len(hist["loss"]) == 3
+
+
+# -- from the sixth mutation audit (each test fails on its mutant) --
+@pytest.mark.parametrize("k", [1, 4])
+def test_value_fn_uses_the_same_key_as_the_gradient_for_a_noisy_loss(k):
+    """Documented: value_fn(params) is the loss on the same batch and PRNG key as the gradient (and with
+    grad_accum=k the mean over microbatches with microbatch i's key fold_in(key, i)). So at the step's
+    params value_fn(params) == value= exactly, also for a loss that draws noise from its key. (The
+    existing test used a key-independent loss, where any key gives the same value.)"""
+    seen = {}
+
+    def probe():
+        def update(updates, state, params=None, *, value=None, value_fn=None, **kw):
+            seen["value"], seen["value_fn"] = value, value_fn(params)
+            return jax.tree.map(lambda g: -0.1 * g, updates), state
+
+        return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+    def noisy_loss(params, batch, key):
+        noise = jax.random.normal(key, batch.shape)
+        return jnp.mean((params["w"] * batch - noise) ** 2), {}
+
+    batch = jnp.linspace(-1.0, 1.0, 16)
+    state = gf.train.init_state({"w": jnp.array(0.3)}, probe(), jax.random.key(0))
+    gf.train.make_train_step(noisy_loss, probe(), grad_accum=k)(state, batch)  # (no jit: seen holds arrays)
+    np.testing.assert_allclose(float(seen["value_fn"]), float(seen["value"]), rtol=1e-6)
+
+
+def test_step_guard_catches_a_non_finite_loss_with_finite_gradients():
+    """Documented: a step whose loss is not finite leaves the state untouched (finite=False), even
+    when the gradients and updated parameters are finite (a NaN in a parameter-free term of the loss)."""
+    def loss_fn(p, batch, key):
+        return jnp.sum(p["w"] ** 2) + batch, {}  # d/dw = 2w: finite whatever batch is
+
+    opt = optax.sgd(0.1)
+    state = gf.train.init_state({"w": jnp.ones(3)}, opt, jax.random.key(0))
+    step = jax.jit(gf.train.make_train_step(loss_fn, opt))
+    new, m = step(state, jnp.float32(jnp.nan))
+    assert not bool(m["finite"]) and np.isfinite(float(m["grad_norm"]))
+    np.testing.assert_array_equal(new.params["w"], state.params["w"])
+    assert int(new.step) == int(state.step)
+    new, m = step(state, jnp.float32(0.0))  # control: the same step with a finite loss moves
+    assert bool(m["finite"]) and not np.allclose(new.params["w"], 1.0)
+
+
+def test_an_extra_args_optimizer_that_names_value_without_kwargs_receives_the_loss():
+    """make_train_step passes value=loss (and value_fn=) to a GradientTransformationExtraArgs whose
+    update names them explicitly without **kwargs (the forward_named path of _extra_args_view)."""
+    seen = {}
+
+    def update(updates, state, params=None, *, value, value_fn):
+        seen["value"], seen["value_fn"] = value, value_fn(params)
+        return jax.tree.map(lambda g: -0.1 * g, updates), state
+
+    opt = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+    def loss_fn(p, batch, key):
+        return jnp.mean((p["w"] * batch - 1.0) ** 2), {}
+
+    batch = jnp.arange(4.0)
+    state = gf.train.init_state({"w": jnp.array(0.5)}, opt, jax.random.key(0))
+    new, m = gf.train.make_train_step(loss_fn, opt)(state, batch)
+    want = float(loss_fn({"w": jnp.array(0.5)}, batch, None)[0])
+    np.testing.assert_allclose(float(seen["value"]), want, rtol=1e-6)
+    np.testing.assert_allclose(float(seen["value_fn"]), want, rtol=1e-6)
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-6)
