@@ -476,3 +476,101 @@ def test_a_new_guidance_formula_is_applied_by_interval_and_adaptive():
     for wrap in (gf.guidance.interval, gf.guidance.adaptive):
         with pytest.raises(TypeError, match="overrides __call__ but not combine"):
             wrap(OnlyCall(base.cond, base.uncond, base.scale), *((0.2, 0.8) if wrap is gf.guidance.interval else ()))
+
+
+# -- from the seventh mutation audit (guidance; each test fails on its mutant) --
+CG_MEANS = jnp.array([[1.5, -0.5], [-0.5, 0.5]])
+CG_VARS = jnp.array([[0.4, 0.3], [0.4, 0.3]])
+
+
+@pytest.mark.parametrize("kind", list(gf.param.KINDS))
+def test_classifier_guidance_with_the_exact_classifier_in_every_kind(kind):
+    """Bayes: score(x_t) + grad log p(y | x_t) = score(x_t | y), so with scale 1 and the exact
+    classifier the guided mixture model equals the component's model, in every prediction kind
+    (the suite checks eps / v / velocity at interior t, x0 and score only at the ends)."""
+    mix = gf.oracles.GaussianMixture(jnp.zeros(2), CG_MEANS, CG_VARS)
+    comp = gf.oracles.Gaussian.diagonal(CG_MEANS[0], CG_VARS[0])
+    x = jax.random.normal(jax.random.key(0), (16, 2))
+    t = jnp.linspace(0.1, 0.9, 16)
+    g = gf.guidance.classifier(mix.model(PATH, kind), PATH, kind, lambda z, tt: mix._resp(z, tt, PATH)[0], 0, 1.0)
+    np.testing.assert_allclose(g(x, t), comp.model(PATH, kind)(x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_cads_default_annealing_interval_is_the_papers():
+    """Documented defaults tau1 = 0.6, tau2 = 0.9: y_hat = y for t <= 0.6 (gamma = 1) and, without
+    rescaling, y_hat carries no y for t >= 0.9 (gamma = 0); in between it does."""
+    y = jax.random.normal(jax.random.key(1), (4, 8)) + 2.0
+    net = lambda x, t, c: c  # noqa: E731
+    x = jnp.zeros((4, 8))
+    cond = lambda yy, t, **kw: gf.guidance.cads(net, yy, jax.random.key(2), **kw)(x, jnp.full((4,), t))  # noqa: E731
+    np.testing.assert_allclose(cond(y, 0.6), y, rtol=1e-6)
+    assert not np.allclose(cond(y, 0.62), y, rtol=1e-3)
+    for t in (0.9, 0.95):  # gamma = 0: the condition is noise alone, the same for any y
+        np.testing.assert_allclose(cond(y, t, rescale=False), cond(y + 1.0, t, rescale=False), atol=1e-6)
+    assert not np.allclose(cond(y, 0.88, rescale=False), cond(y + 1.0, 0.88, rescale=False), atol=1e-3)
+
+
+def test_cads_draws_fresh_noise_for_every_time():
+    """Documented: fresh noise n for every distinct time. Recover n from y_hat = sqrt(g) y +
+    s sqrt(1 - g) n at two times (rescale=False): each is standard normal, and they are
+    uncorrelated (a noise fixed per row for all t -- one draw for the whole trajectory -- is not
+    what CADS anneals)."""
+    y = jax.random.normal(jax.random.key(1), (16, 64))
+    net = lambda x, t, c: c  # noqa: E731
+    s, tau1, tau2 = 0.5, 0.2, 0.8
+    c = gf.guidance.cads(net, y, jax.random.key(2), tau1, tau2, noise_scale=s, rescale=False)
+    x = jnp.zeros((16, 64))
+    ns = []
+    for t in (0.5, 0.65):
+        g = (tau2 - t) / (tau2 - tau1)
+        ns.append(np.asarray((c(x, jnp.full((16,), t)) - np.sqrt(g) * y) / (s * np.sqrt(1 - g))))
+    for n in ns:
+        assert 0.9 < n.std() < 1.1 and abs(n.mean()) < 0.1
+    assert abs(np.corrcoef(ns[0].ravel(), ns[1].ravel())[0, 1]) < 0.1
+
+
+def test_adaptive_guides_at_a_similarity_equal_to_the_threshold():
+    """Documented: ``guided`` while cos(cond, uncond) <= threshold, cond once above. Orthogonal
+    predictions (cos = 0 exactly) with threshold 0 are guided."""
+    c = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+    u = jnp.array([[0.0, 3.0], [1.0, 0.0]])
+    a = gf.guidance.adaptive(gf.guidance.cfg(lambda x, t: c, lambda x, t: u, 2.0), 0.0)
+    np.testing.assert_array_equal(a.similarity(c, u), [0.0, 0.0])
+    np.testing.assert_allclose(a(c, jnp.full((2,), 0.5)), 2.0 * c - u, rtol=1e-6)
+
+
+def _alpha_lin(t, c):
+    return 1.0 - t
+
+
+def _sigma_scaled(t, c):
+    return c * t
+
+
+@pytest.mark.parametrize("kind", ["x0", "v", "velocity"])
+def test_classifier_guidance_at_pure_noise_where_sigma_is_not_one(kind):
+    """The limit at alpha = 0 (l'Hopital) carries sigma's powers: x0 sigma^2, v -sigma^3, velocity
+    sigma^2 alpha'. On the built-in paths sigma = 1 there, which hides a wrong power; here
+    x_t = (1 - t) x0 + 2 t eps (sigma(1) = 2): the guided model at t = 1 is the component's."""
+    path = gf.paths.Path(alpha_fn=_alpha_lin, sigma_fn=_sigma_scaled, params=dict(c=2.0), name="linear_sigma2")
+    mix = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.array([[2.0, -2.0], [-2.0, 2.0]]),
+                                     jnp.array([[0.3, 0.5], [0.2, 0.8]]))
+    comp = gf.oracles.Gaussian.diagonal(mix.means[0], mix.vars[0])
+    x = 2.0 * jax.random.normal(jax.random.key(0), (3, 2))
+    g = gf.guidance.classifier(mix.model(path, kind), path, kind, lambda z, t: mix._resp(z, t, path)[0], 0, 1.0)
+    t = jnp.array([1.0, 0.5, 1.0])
+    np.testing.assert_allclose(g(x, t), comp.model(path, kind)(x, t), rtol=1e-4, atol=1e-4)
+    near = jnp.full((3,), 1.0 - 1e-3)
+    np.testing.assert_allclose(g(x, jnp.ones(3)), g(x, near), atol=2e-2)  # continuous at t = 1
+
+
+def test_classifier_guidance_of_a_score_model_at_the_data_end():
+    """Documented: where sigma = 0 the guidance term is 0 for every kind *but the score*: there
+    score + grad log p(y | x_0) = score of the component (Bayes at t = 0)."""
+    mix = gf.oracles.GaussianMixture(jnp.zeros(2), CG_MEANS, CG_VARS)
+    comp = gf.oracles.Gaussian.diagonal(CG_MEANS[0], CG_VARS[0])
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    t = jnp.zeros(8)
+    assert float(PATH.sigma(jnp.float32(0.0))) == 0.0
+    g = gf.guidance.classifier(mix.model(PATH, "score"), PATH, "score", lambda z, tt: mix._resp(z, tt, PATH)[0], 0, 1.0)
+    np.testing.assert_allclose(g(x, t), comp.model(PATH, "score")(x, t), rtol=1e-4, atol=1e-4)

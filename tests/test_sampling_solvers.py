@@ -1,6 +1,8 @@
 """Dedicated solvers beyond the convergence orders: prediction kinds, endpoints, stochastic samplers
 (in law and pathwise), the Langevin corrector, the Gaussian-mixture oracle, and bad inputs."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -411,3 +413,191 @@ def test_stochastic_samplers_keep_mixture_weights_from_a_velocity_model(solver):
     for k in range(2):
         np.testing.assert_allclose(np.asarray(x)[comp == k].mean(0), np.asarray(gm.means[k]), atol=0.016)
         np.testing.assert_allclose(np.asarray(x)[comp == k].var(0), np.asarray(gm.vars[k]), atol=0.015)
+
+
+# -- from the seventh mutation audit (pc, EDM churn, Restart, DPM-Solver++ 2S/3S endpoints; each test
+# fails on its mutant) --
+PC_PATH = gf.paths.vp_linear()
+
+
+def _f_g2(t):
+    t = jnp.float32(t)
+    a, s = PC_PATH.alpha(t), PC_PATH.sigma(t)
+    f = jax.grad(PC_PATH.alpha)(t) / a
+    g2 = jax.grad(lambda u: PC_PATH.sigma(u) ** 2)(t) - 2 * f * s * s
+    return float(f), float(g2)
+
+
+def _sample(fn, x, ts, **kw):
+    return gf.sample(fn, PC_PATH, x, prediction="score", solver="pc", schedule=jnp.asarray(ts), denoise=False,
+                     key=jax.random.key(1), **kw)[0]
+
+
+def test_pc_predictor_noise_is_g_sqrt_dt():
+    """Two steps, no corrector, zero score, from x = 0: the first step adds sqrt(g^2(t_0) dt_0) z,
+    the last is the mean: x_2 = (1 - f(t_1) dt_1) sqrt(g^2(t_0) dt_0) z."""
+    ts = [0.6, 0.5, 0.4]
+    x = jnp.zeros((20_000, 2))
+    out = np.asarray(_sample(lambda x, t: jnp.zeros_like(x), x, ts, corrector_steps=0), np.float64)
+    f1, _ = _f_g2(ts[1])
+    _, g2 = _f_g2(ts[0])
+    std = (1 - f1 * (ts[1] - ts[2])) * np.sqrt(g2 * (ts[0] - ts[1]))
+    assert abs(out.std() / std - 1) < 0.02, (out.std(), std)
+
+
+ZERO = lambda x, t: jnp.zeros_like(x)  # noqa: E731  (x0_hat = 0: EDM Heun steps are exact, y_t = (rho_t / rho_hat) y_hat)
+
+
+def _levels(path, ts):
+    a, s = np.asarray(path.alpha(ts), np.float64), np.asarray(path.sigma(ts), np.float64)
+    return a, s, s / a
+
+
+def _churn(path, ts, x, churn, s_noise=1.0, key=3):
+    return gf.sample(ZERO, path, x, prediction="x0", solver="edm_heun_churn", schedule=ts, key=jax.random.key(key),
+                     denoise=False, churn=churn, s_tmin=0.0, s_tmax=1e4, s_noise=s_noise)[0]
+
+
+@pytest.mark.parametrize("churn", [0.3, 0.6, 5.0])  # gamma = churn / N = 0.15, 0.3, and the cap sqrt(2) - 1
+def test_edm_churn_two_steps_match_the_closed_form(churn):
+    """Karras et al. 2022, Alg. 2 on vp_linear, grid of N = 2 steps: the first step does not churn
+    (the noise level stays at most the grid's start), the second raises rho_1 to
+    rho_hat = (1 + gamma) rho_1 with gamma = min(churn / N, sqrt(2) - 1) by adding
+    sqrt(rho_hat^2 - rho_1^2) S_noise z in y = x / alpha. So
+    x_2 = alpha_2 (rho_2 / rho_hat) ((rho_1 / rho_0) y_0 + sqrt(rho_hat^2 - rho_1^2) S_noise z)."""
+    path = gf.paths.vp_linear()
+    ts = jnp.array([0.9, 0.6, 0.3])
+    a, _, rho = _levels(path, ts)
+    gamma = min(churn / 2, math.sqrt(2.0) - 1.0)
+    rho_hat = (1 + gamma) * rho[1]
+    n = 20_000
+    x0 = jnp.zeros((n, 2))
+    d = jnp.broadcast_to(jnp.array([1.0, -2.0]), (n, 2))
+    noise = np.asarray(_churn(path, ts, x0, churn), np.float64)
+    shifted = np.asarray(_churn(path, ts, d, churn), np.float64)  # same key: same z
+    # deterministic part (the state, carried through the alpha change and the churned level)
+    want = a[2] * rho[2] / rho_hat * rho[1] / rho[0] * np.asarray(d) / a[0]
+    np.testing.assert_allclose(shifted - noise, want, rtol=1e-4, atol=1e-6)
+    # noise part: its std
+    std = a[2] * rho[2] / rho_hat * math.sqrt(rho_hat**2 - rho[1] ** 2)
+    assert abs(noise.std() / std - 1) < 0.02, (noise.std(), std)
+    assert abs(noise.mean()) < 0.02 * std
+
+
+def test_restart_renoises_by_the_forward_process_across_an_alpha_change():
+    """Xu et al. 2023, Alg. 1: at the restart level rho_r the state is re-noised to rho_hi by the
+    forward process, x_hi = (alpha_hi / alpha_r) x_r + alpha_hi sqrt(rho_hi^2 - rho_r^2) z (i.e.
+    y_hi = y_r + sqrt(rho_hi^2 - rho_r^2) z in y = x / alpha), and integrated back to rho_r. With the
+    zero denoiser every Heun step is exact, y -> (rho' / rho) y, so one restart maps
+    y_r -> (rho_r / rho_hi) (y_r + sqrt(rho_hi^2 - rho_r^2) z). On vp_linear with a restart
+    interval at large noise alpha_hi / alpha_r is far from 1, which a re-noising in x instead of y
+    (or with the wrong variance) gets wrong."""
+    path = gf.paths.vp_linear()
+    ts = jnp.linspace(0.95, 0.3, 6)
+    a, _, rho = _levels(path, ts)
+    hi = 6.0
+    kw = dict(prediction="x0", solver="restart", schedule=ts, denoise=False, restart_interval=(2.0, hi),
+              restart_times=1)
+    n = 20_000
+    x0 = jnp.zeros((n, 2))
+    d = jnp.broadcast_to(jnp.array([1.0, -2.0]), (n, 2))
+    noise, info = gf.sample(ZERO, path, x0, key=jax.random.key(1), **kw)
+    shifted, _ = gf.sample(ZERO, path, d, key=jax.random.key(1), **kw)
+    assert int(info.nfe) > 2 * (len(ts) - 1)  # it did restart
+    # the restart level: the grid level (after the start, rho < hi) nearest 2 in log rho
+    r = int(np.argmin(np.where(rho[1:] < hi, np.abs(np.log(rho[1:]) - math.log(2.0)), np.inf))) + 1
+    assert hi < rho[0] and rho[r] < hi
+    # deterministic part: the ODE's y_end = (rho_end / rho_0) y_0, times rho_r / rho_hi for the restart
+    want = a[-1] * rho[-1] / rho[0] * (rho[r] / hi) * np.asarray(d) / a[0]
+    np.testing.assert_allclose(np.asarray(shifted - noise, np.float64), want, rtol=1e-4, atol=1e-6)
+    # noise part: alpha_end (rho_end / rho_hi) sqrt(rho_hi^2 - rho_r^2) z
+    std = a[-1] * rho[-1] / hi * math.sqrt(hi**2 - rho[r] ** 2)
+    assert abs(float(jnp.std(noise)) / std - 1) < 0.02, (float(jnp.std(noise)), std, r, rho)
+
+
+@pytest.mark.parametrize("solver", ["dpm++2s", "dpm++3s", "edm_heun"])
+def test_one_step_out_of_pure_noise_is_the_runge_kutta_rule_in_kappa(solver):
+    """Module docstring: out of pure noise the stages sit at fractions of kappa = alpha / sigma and
+    combine by the Runge-Kutta rule of the same order in kappa, for dw / dkappa = D (w = x / sigma):
+    midpoint (2S), Heun's third-order rule (3S: stages at kappa/3, 2 kappa/3,
+    w_t = w + kappa (k1 + 3 k3) / 4), EDM's trapezoid. Near alpha = 0, dD/dw = O(kappa), so wrong
+    stage weights keep the local order; this checks the rule itself, computed here in NumPy from
+    the oracle denoiser (linear path: sigma = t, kappa = (1 - t) / t)."""
+    with jax.enable_x64(True):
+        g = gf.oracles.Gaussian.full(jnp.array([1.0, -1.0], jnp.float64),
+                                     jnp.array([[4.0, 0.5], [0.5, 0.5]], jnp.float64))
+        path = gf.paths.linear()
+        fn = g.model(path, "x0")
+        x1 = jax.random.normal(jax.random.key(0), (16, 2), jnp.float64)
+        kap = 0.3
+        t_end = 1.0 / (1.0 + kap)
+
+        def D(w, k):  # the denoiser at kappa = k, state x = sigma w
+            t = 1.0 / (1.0 + k)
+            return np.asarray(fn(jnp.asarray(t * w), jnp.full((16,), t)))
+
+        w = np.asarray(x1)  # sigma(1) = 1
+        k1 = D(w, 0.0)
+        if solver == "dpm++2s":
+            w_t = w + kap * D(w + kap / 2 * k1, kap / 2)
+        elif solver == "dpm++3s":
+            k2 = D(w + kap / 3 * k1, kap / 3)
+            k3 = D(w + 2 * kap / 3 * k2, 2 * kap / 3)
+            w_t = w + kap * (k1 + 3 * k3) / 4
+        else:
+            k2 = D(w + kap * k1, kap)
+            w_t = w + kap * (k1 + k2) / 2
+        x, _ = gf.sample(fn, path, x1, prediction="x0", solver=solver, schedule=jnp.array([1.0, t_end], jnp.float64),
+                         denoise=False)
+        np.testing.assert_allclose(np.asarray(x), t_end * w_t, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["dpm++2s", "dpm++3s"])
+def test_one_step_into_clean_data_extrapolates_from_stages_at_fractions_of_u(solver):
+    """Module docstring: a step into sigma = 0 places its stages at fractions of
+    u = sigma^2 / alpha^2 (u_i = (1 - r_i) u_s, r = 1/2 or 1/3, 2/3) and extrapolates the data
+    predictions to u = 0 (Lagrange through (u_s, D0), (u_1, D1)[, (u_2, D2)]), x = alpha_t P(0).
+    The stage states are the regular ones: x_1 = DDIM(D0) to u_1, and for 3S
+    x_2 = DDIM(D0) + alpha_2 h_2^2 phi_2(-h_2) (D1 - D0) / (lambda_1 - lambda_s). NumPy reference on
+    the oracle denoiser, vp_cosine path from t = 0.3 to its t = 0."""
+    with jax.enable_x64(True):
+        g = gf.oracles.Gaussian.full(jnp.array([1.0, -1.0], jnp.float64),
+                                     jnp.array([[4.0, 0.5], [0.5, 0.5]], jnp.float64))
+        path = gf.paths.vp_cosine()
+        fn = g.model(path, "x0")
+        n = 16
+        s = 0.3
+        x = np.asarray(g.prior_sample(jax.random.key(0), n, path, s), np.float64)
+        t_end = float(path.t_min)
+        assert float(path.sigma(jnp.float64(t_end))) == 0.0
+        a_s, s_s = (float(f(jnp.float64(s))) for f in (path.alpha, path.sigma))
+        a_t = float(path.alpha(jnp.float64(t_end)))
+        u_s, l_s = (s_s / a_s) ** 2, np.log(a_s / s_s)
+
+        def at_u(u):  # time, alpha, sigma, lambda where sigma^2 / alpha^2 = u
+            t = float(path.t_from_log_snr(jnp.float64(-np.log(u))))
+            a, sg = float(path.alpha(jnp.float64(t))), float(path.sigma(jnp.float64(t)))
+            return t, a, sg, np.log(a / sg)
+
+        def D(z, t):
+            return np.asarray(fn(jnp.asarray(z), jnp.full((n,), t)))
+
+        def ddim(a, sg, d):
+            return sg / s_s * x + (a - sg * a_s / s_s) * d
+
+        rs = (0.5,) if solver == "dpm++2s" else (1 / 3, 2 / 3)
+        us = [u_s] + [(1 - r) * u_s for r in rs]
+        d0 = D(x, s)
+        t1, a1, s1, l1 = at_u(us[1])
+        d1 = D(ddim(a1, s1, d0), t1)
+        ds = [d0, d1]
+        if solver == "dpm++3s":
+            t2, a2, s2, l2 = at_u(us[2])
+            h2 = l2 - l_s
+            phi2 = (np.exp(-h2) - 1 + h2) / h2**2
+            ds.append(D(ddim(a2, s2, d0) + a2 * h2**2 * phi2 * (d1 - d0) / (l1 - l_s), t2))
+        w = [np.prod([um / (um - uj) for m, um in enumerate(us) if m != j]) for j, uj in enumerate(us)]
+        want = a_t * sum(wj * dj for wj, dj in zip(w, ds))
+        out, _ = gf.sample(fn, path, jnp.asarray(x), prediction="x0", solver=solver,
+                           schedule=jnp.array([s, t_end], jnp.float64), denoise=False)
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-7, atol=1e-8)
