@@ -235,3 +235,72 @@ def test_reference_flow_map_compiles_once_per_oracle_type():
         counts.append(sum("Compiling" in r.getMessage() for r in records))
         np.testing.assert_allclose(y, g.flow_map(x, s, t, path), rtol=1e-4, atol=1e-4)  # still the flow map
     assert counts[0] > 0 and counts[1:] == [0, 0], counts
+
+
+# -- from the eighth mutation audit (oracles; each test fails on its mutant) --
+def test_gaussian_prior_sample_has_the_marginal_moments():
+    """prior_sample: 'exact samples of the marginal at time t' = N(alpha mean, alpha^2 C + sigma^2 I)
+    (at t = 1 on VP paths alpha ~ 0, sigma = 1, where sigma and sigma^2 agree: test mid-path)."""
+    mean, cov = np.array([0.7, -1.2]), np.array([[0.8, 0.3], [0.3, 0.5]])
+    g = gf.oracles.Gaussian.full(jnp.asarray(mean), jnp.asarray(cov))
+    for name, t in (("linear", 0.5), ("vp_cosine", 0.4)):
+        path = gf.paths.get(name)
+        a, s = float(path.alpha(t)), float(path.sigma(t))
+        x = np.asarray(g.prior_sample(jax.random.key(0), 200_000, path, t), np.float64)
+        np.testing.assert_allclose(x.mean(0), a * mean, atol=0.01, err_msg=name)
+        np.testing.assert_allclose(np.cov(x.T), a * a * cov + s * s * np.eye(2), atol=0.02, err_msg=name)
+
+
+def test_data_samples_have_the_documented_moments():
+    """Gaussian.sample ~ N(mean, U diag(var) U^T); GaussianMixture.sample ~ sum_k w_k N(mu_k, diag v_k)
+    with w = softmax(logits); GaussianMixture.mean = sum_k w_k mu_k."""
+    g = gf.oracles.Gaussian.full(jnp.array([0.7, -1.2]), jnp.array([[0.8, 0.3], [0.3, 0.5]]))
+    xs = np.asarray(g.sample(jax.random.key(0), 200_000), np.float64)
+    np.testing.assert_allclose(xs.mean(0), [0.7, -1.2], atol=0.01)
+    np.testing.assert_allclose(np.cov(xs.T), [[0.8, 0.3], [0.3, 0.5]], atol=0.015)
+
+    logits = np.array([1.0, -0.5, 0.0])
+    means = np.array([[0.0, 2.0], [3.0, -1.0], [-2.0, 0.5]])
+    vars_ = np.array([[0.3, 0.5], [1.0, 0.2], [0.6, 2.0]])
+    gm = gf.oracles.GaussianMixture(jnp.asarray(logits, jnp.float32), jnp.asarray(means, jnp.float32),
+                                    jnp.asarray(vars_, jnp.float32))
+    w = np.exp(logits) / np.exp(logits).sum()
+    mu = w @ means
+    np.testing.assert_allclose(np.asarray(gm.mean), mu, rtol=1e-6)
+    second = np.einsum("k,kd->d", w, vars_ + means**2)
+    xm = np.asarray(gm.sample(jax.random.key(1), 400_000), np.float64)
+    np.testing.assert_allclose(xm.mean(0), mu, atol=0.015)
+    np.testing.assert_allclose(xm.var(0), second - mu**2, rtol=0.02)
+
+
+def test_nearest_component_accounts_for_the_component_widths():
+    """nearest_component: the most responsible component, argmax_k log w_k + log N(x; mu_k, diag v_k):
+    for two components at the same mean, a point near the mean belongs to the narrow one and a
+    point far out to the wide one."""
+    gm = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.zeros((2, 1)), jnp.array([[0.01], [4.0]]))
+    x = jnp.array([[0.05], [3.0]])
+    ref = [int(np.argmax([-0.5 * (float(xi) ** 2 / v + np.log(2 * np.pi * v)) for v in (0.01, 4.0)]))
+           for xi in x[:, 0]]
+    assert ref == [0, 1]
+    np.testing.assert_array_equal(np.asarray(gm.nearest_component(x)), ref)
+
+
+def _scaled_alpha(t):
+    return 2.0 * (1.0 - t)
+
+
+def _plain_sigma(t):
+    return t
+
+
+def test_mixture_denoiser_at_clean_data_divides_by_alpha_on_a_custom_path():
+    """GaussianMixture.x0 docstring: 'Where sigma^2 = 0 it is x_t / alpha, the data themselves'. Every
+    built-in path has alpha(0) = 1; on a path with alpha(0) = 2 the t = 0 value must be x_t / 2, and
+    it must be the limit of the general formula as t -> 0."""
+    path = gf.paths.Path(alpha_fn=_scaled_alpha, sigma_fn=_plain_sigma, name="scaled_linear_mix")
+    gm = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.array([[0.0, 1.0], [2.0, 3.0]]),
+                                    jnp.array([[0.3, 0.5], [0.1, 0.2]]))
+    x0 = jnp.array([[0.1, 1.2], [2.2, 2.9]])
+    xt = 2.0 * x0  # x_0 = alpha(0) x0 on this path
+    np.testing.assert_allclose(gm.x0(xt, jnp.zeros(2), path), x0, rtol=1e-6)
+    np.testing.assert_allclose(gm.x0(xt, jnp.full((2,), 1e-4), path), x0, atol=1e-3)  # continuity

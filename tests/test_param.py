@@ -199,3 +199,37 @@ def test_convert_dtype_follows_promotion():
     assert gf.param.convert(pb, pb, jnp.full((3,), 0.5, jnp.float32), path, "eps", "x0").dtype == jnp.float32
     assert gf.param.convert(pb, pb.astype(jnp.float32), 0.5, path, "eps", "x0").dtype == jnp.float32
     assert gf.param.from_x0_eps(pb, pb, pb, 0.5, path, "velocity").dtype == jnp.bfloat16
+
+
+# -- from the eighth mutation audit (param; each test fails on its mutant) --
+@pytest.mark.parametrize("name", sorted(ALL_PATHS))
+def test_eps_scale_on_every_path(name):
+    """eps_scale: pred - target = c(t) (eps_hat - eps) at fixed x_t, for every kind, on every path
+    (the existing check uses vp_cosine only, where alpha^2 + sigma^2 = 1 hides an error in v's
+    (alpha^2 + sigma^2) / alpha)."""
+    path = gf.paths.get(name)
+    with jax.enable_x64(True):
+        t = jnp.asarray(np.linspace(0.1, 0.9, 8), jnp.float64)
+        x = jax.random.normal(jax.random.key(0), (8, 2), jnp.float64)
+        e1, e2 = jax.random.normal(jax.random.key(1), (2, 8, 2), jnp.float64)
+        for kind in gf.param.KINDS:
+            p1 = gf.param.convert(e1, x, t, path, "eps", kind)
+            p2 = gf.param.convert(e2, x, t, path, "eps", kind)
+            c = np.asarray(gf.param.eps_scale(path, t, kind))[:, None]
+            np.testing.assert_allclose(p1 - p2, c * (e1 - e2), rtol=1e-8, atol=1e-10, err_msg=kind)
+
+
+def test_velocity_to_x0_at_clean_data_has_finite_gradients_where_sigma_prime_is_infinite():
+    """to_x0_eps(velocity) where sigma = 0: x0 = x / alpha ('safe operands keep NaN out of gradients
+    too'). On vp_linear at t = 0 sigma' = inf: d x0 / d x must be the finite 1 / alpha, d x0 / d u = 0."""
+    path = gf.paths.vp_linear()
+    t = jnp.zeros((3,))
+    x = jax.random.normal(jax.random.key(0), (3, 2))
+    u = jax.random.normal(jax.random.key(1), (3, 2))
+    assert not np.isfinite(float(path.d_sigma(jnp.zeros(())))) and float(path.sigma(jnp.zeros(()))) == 0.0
+    a = float(path.alpha(jnp.zeros(())))
+    f = lambda u, x: jnp.sum(gf.param.convert(u, x, t, path, "velocity", "x0"))  # noqa: E731
+    np.testing.assert_allclose(gf.param.convert(u, x, t, path, "velocity", "x0"), x / a, rtol=1e-6)
+    gu, gx = jax.grad(f, argnums=(0, 1))(u, x)
+    np.testing.assert_allclose(gx, np.full((3, 2), 1.0 / a), rtol=1e-6)
+    np.testing.assert_allclose(gu, 0.0, atol=0)
