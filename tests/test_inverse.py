@@ -985,6 +985,7 @@ def test_blur_refuses_a_bad_rcond_in_every_constructor():
             with pytest.raises(ValueError, match=rf"{name}: rcond must be a float in \[0, 1\); got"):
                 make(bad)
         op = make(0.2)
+        assert type(make(jnp.float32(0.5)).rcond) is type(make(np.float64(0.5)).rcond) is float  # concrete scalars: Python floats
         y = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
         back = jax.jit(lambda o, v: o.pinv(v))(op, y)  # flattened and rebuilt under jit
         np.testing.assert_allclose(back, op.pinv(y), atol=1e-6)

@@ -368,6 +368,18 @@ def test_structural_options_are_refused_as_traced(gauss2):
         with pytest.raises(TypeError, match=f"solver '{solver}': option {name} must be a concrete Python {kind} "
                                             f"\\(.*\\); got a traced value"):
             run(value)
+    # a user's solver decides for itself: its traced eta / order arrive as they were passed (not None)
+    def scaled_euler(model, ts, x, key, rtol, atol, max_steps, save_trajectory, eta=1.0, order=1):
+        x, _ = jax.lax.scan(lambda x, tt: (x + eta * (tt[1] - tt[0]) * model.velocity(x, tt[0]), None), x,
+                            (ts[:-1], ts[1:]))
+        return x, ts.shape[0] - 1, None, {}
+
+    gf.sampling.register(gf.sampling.SolverSpec("test_scaled_euler", 1, False, 1, False, scaled_euler,
+                                                options=("eta", "order")))
+    run = jax.jit(lambda v: gf.sample(fn, path, x1, prediction="velocity", solver="test_scaled_euler", steps=4,
+                                      eta=v, order=v)[0])
+    np.testing.assert_allclose(run(0.5), gf.sample(fn, path, x1, prediction="velocity", solver="test_scaled_euler",
+                                                   steps=4, eta=0.5)[0], rtol=1e-6)
     # the options that only enter the arithmetic stay traceable: one compile for a sweep
     run = jax.jit(lambda v: gf.sample(fn, path, x1, prediction="velocity", solver="edm_heun", steps=4,
                                       key=jax.random.key(1), churn=10.0, s_noise=v)[0])
@@ -849,21 +861,39 @@ def test_which_grid_keeps_ten_steps_of_the_sde_solvers_stable():
         assert advice in gf.sampling.solvers()[solver].description, solver
 
 
-@pytest.mark.parametrize("solver", ["pc", "ddpm", "edm_heun_churn", "restart", "dpm++3s", "unipc"])
-def test_gradient_with_respect_to_the_grid_times_is_finite_and_right(solver):
+GRID_GRAD_CASES = (
+    # (path, solver, grid, whether the last time has a checked derivative)
+    [("vp_cosine", s, "fixed", False) for s in ("pc", "ddpm", "edm_heun_churn", "restart", "dpm++3s", "unipc")]
+    + [("vp_linear", s, "karras", True) for s in ("dpm++2m", "dpm++3m", "deis", "unipc", "dpm++2s", "dpm++3s",
+                                                   "dpm++2m_hb", "ddim", "edm_heun_churn")]
+    + [("edm", "edm_heun_churn", "karras", False), ("vp_linear", "edm_heun", "karras", True)]
+)
+
+
+@pytest.mark.parametrize("pname, solver, grid, check_last", GRID_GRAD_CASES)
+def test_gradient_with_respect_to_the_grid_times_is_finite_and_right(pname, solver, grid, check_last):
     """d samples / d ts (a schedule learnt by gradient, as optimize_schedule's global objective
     does, or a start time fitted through the sampler) against central differences, in float64.
-    It was NaN: at the last time for pc (g(t)^2 = inf at sigma = 0 times the padded step's dt = 0)
-    and dpm++3s (the stage times' clip reached t_end through padded steps), at the one before
-    for ddpm and everywhere for restart / at t_start for edm_heun_churn (sqrt(max(v, 0))'s
-    infinite slope where a noise coefficient vanishes: the step into sigma = 0, no churn above
-    s_tmax). At the singular end t = 0 (sigma = 0) only finiteness is asserted: the grid's
-    coefficients there are taken without derivative (a convention), pc's Euler step length is not."""
+    It was NaN or wrong:
+    - sqrt(max(v, 0))'s infinite slope where a noise coefficient vanishes: ddpm's step into
+      sigma = 0, restart everywhere, edm_heun_churn at t_start above s_tmax;
+    - the padded steps of a grid shorter than its bucket (h = 0) read the real last times: NaN at
+      ts[-1] for every multistep / single-step solver (and ts[-2] for dpm++3m / deis), pc's
+      g^2 = inf at sigma = 0 times the padded dt = 0;
+    - EDM churn capped at the start level: its stage time equals ts[0] up to rounding, so a clip
+      to [t_end, t_start] split or dropped d/d ts[0] (19x off on edm), and sqrt0 of a rounding-level
+      variance gave 4e8 for 0.18 (the std is now computed from the log-SNRs, exactly 0 there).
+    A singular end (t = 0 with sigma = 0) is only checked finite: the grid's coefficients there are
+    taken as constants (a convention), pc's Euler step length is not."""
     with jax.enable_x64(True):
         g = gf.oracles.Gaussian.full(jnp.array([0.3, -0.5]), jnp.array([[1.0, 0.2], [0.2, 0.5]]))
-        path = gf.paths.vp_cosine()
+        path = gf.paths.get(pname)
         x1 = jax.random.normal(jax.random.key(0), (3, 2), jnp.float64)
         w = jax.random.normal(jax.random.key(2), (3, 2), jnp.float64)
+        if grid == "fixed":
+            ts = jnp.array([0.99, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0])
+        else:
+            ts = gf.sampling.time_grid(path, 6, "karras", 0.8, None).astype(jnp.float64)
 
         @jax.jit
         def f(ts):
@@ -871,11 +901,10 @@ def test_gradient_with_respect_to_the_grid_times_is_finite_and_right(solver):
                              key=jax.random.key(1))
             return jnp.sum(x * w)
 
-        ts = jnp.array([0.99, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0])
         grad = np.asarray(jax.grad(f)(ts))
         assert np.all(np.isfinite(grad)), grad
         h = 1e-6
-        for j in range(len(ts) - 1):
+        for j in range(len(ts) - (0 if check_last else 1)):
             e = jnp.zeros_like(ts).at[j].set(h)
             fd = (float(f(ts + e)) - float(f(ts - e))) / (2 * h)
-            np.testing.assert_allclose(grad[j], fd, rtol=1e-4, atol=1e-6, err_msg=f"{solver}, t index {j}")
+            np.testing.assert_allclose(grad[j], fd, rtol=1e-4, atol=1e-6, err_msg=f"{pname} {solver}, t index {j}")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import flat_batch, check_int
+from genflow._checks import check_int, concrete_real, flat_batch
 
 Array = jax.Array
 
@@ -193,10 +193,10 @@ class Blur(Operator):
     def __post_init__(self):
         # (rcond is static, so this also holds when JAX unflattens the pytree) rcond >= 1 or NaN kept
         # no frequency and a negative one every frequency: pinv silently 0, or 1/K on K ~ 0
-        r = self.rcond
-        if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, float, np.integer, np.floating)) \
-                or not 0.0 <= r < 1.0:
-            raise ValueError(f"{self.name}: rcond must be a float in [0, 1); got {r!r}")
+        r = None if isinstance(self.rcond, np.bool_) else concrete_real(self.rcond)
+        if r is None or not 0.0 <= r < 1.0:
+            raise ValueError(f"{self.name}: rcond must be a float in [0, 1); got {self.rcond!r}")
+        object.__setattr__(self, "rcond", r)  # (a concrete JAX / NumPy scalar as a Python float: static, hashable)
 
     def _apply(self, x, transfer):
         if x.ndim != 4 or x.shape[1:3] != transfer.shape:

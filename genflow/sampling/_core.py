@@ -161,7 +161,7 @@ def _check_options(solver: str, options: dict) -> dict:
             raise ValueError(f"solver {solver!r}: option {name} must be {check[1]}; got {value!r}")
         if isinstance(value, np.integer):
             value = int(value)
-        elif name in ("eta", "churn"):
+        elif name in ("eta", "churn") and not _is_traced(value):  # (a user solver's traced eta passes as is)
             # (not None: the check above passed). np.float64 is a float subclass, but jit traces
             # it like an array: `if churn > 0` / `eta == 0` then failed on a tracer
             value = concrete_real(value)

@@ -78,9 +78,13 @@ def _stage_lams(stepper: Stepper, g: Grid, length: int, **options) -> Array:
 
 def _all_scalars(stepper: Stepper, g: Grid, st: Grid | None, length: int, **options) -> dict:
     idx = jnp.arange(length)
+
+    def own(i, tree):  # a padded step (i >= n) without derivative: its h = 0 must not reach the real times
+        return jax.tree.map(lambda a: jnp.where(i < g.n, a, jax.lax.stop_gradient(a)), tree)
+
     if st is None:
-        return jax.vmap(lambda i: stepper.scalars(g, None, i, **options))(idx)
-    return jax.vmap(lambda i, s: stepper.scalars(g, s, i, **options), in_axes=(0, _STAGE_AXES))(idx, st)
+        return jax.vmap(lambda i: stepper.scalars(own(i, g), None, i, **options))(idx)
+    return jax.vmap(lambda i, s: stepper.scalars(own(i, g), own(i, s), i, **options), in_axes=(0, _STAGE_AXES))(idx, st)
 
 
 def step_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
@@ -154,7 +158,9 @@ def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
             tn = np.asarray(ts)
             lo, hi = tn[-1], tn[0]
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            lo, hi = jax.lax.stop_gradient(ts[-1]), jax.lax.stop_gradient(ts[0])
+            rows = (jnp.arange(g.t.shape[0] - 1) < n)[:, None]  # padded steps' stages: no derivative
+            lo = jnp.where(rows, ts[-1], jax.lax.stop_gradient(ts[-1]))
+            hi = jnp.where(rows, ts[0], jax.lax.stop_gradient(ts[0]))
         st = _stage_grid_jit(path, _stages_jit(g, arrays, stepper, opts), lo, hi)
     return _scalars_jit(g, st, arrays, stepper, opts)  # padded: run() slices it inside the sampler's program
 

@@ -209,9 +209,9 @@ def combine(coef_x: Array, x: Array, coefs_d: Array, ds) -> Array:
 def sqrt0(v: Array) -> Array:
     """``sqrt(max(v, 0))`` with a zero gradient where ``v <= 0`` (``jnp.sqrt``'s infinite slope at 0
     times a zero tangent gave NaN gradients, e.g. with respect to the grid's times wherever a noise
-    coefficient vanishes: a step into sigma = 0, churn outside ``[s_tmin, s_tmax]``)."""
+    coefficient vanishes: a step into sigma = 0, churn outside ``[s_tmin, s_tmax]``); NaN stays NaN."""
     pos = v > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), jnp.where(v <= 0, 0.0, v))  # (NaN stays NaN)
 
 
 def nonzero(v: Array, fill=1.0) -> Array:

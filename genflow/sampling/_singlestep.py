@@ -148,7 +148,8 @@ def _edm_scalars(g, st, i, *, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: f
     t_hat = jnp.where(up, st.t[0], g.t[i])
     a_h, s_h = jnp.where(up, st.a[0], a_s), jnp.where(up, st.s[0], s_s)
     rho = finite_or(jnp.exp(-l_s), 0.0)
-    std = sqrt0((s_h / nonzero(a_h)) ** 2 - rho**2) * s_noise
+    l_hat = _edm_stages(g, i, churn=churn, s_tmin=s_tmin, s_tmax=s_tmax)[0]  # (not the stage grid's: rounded)
+    std = rho * sqrt0(jnp.expm1(2.0 * (finite_or(l_s, 0.0) - l_hat))) * s_noise
     noise = jnp.where(up, jnp.stack([a_h / nonzero(a_s), a_h * std]), jnp.stack([1.0, 0.0]))
     return {"churn": noise, "heun": _heun_coefs(t_hat, a_h, s_h, g.t[i + 1], *g.at(i + 1)[:2])}
 
