@@ -79,7 +79,11 @@ def _stage_lams(stepper: Stepper, g: Grid, length: int, **options) -> Array:
 def _all_scalars(stepper: Stepper, g: Grid, st: Grid | None, length: int, **options) -> dict:
     idx = jnp.arange(length)
 
-    def own(i, tree):  # a padded step (i >= n) without derivative: its h = 0 must not reach the real times
+    # A padded step (i >= n: the grid's bucket padding repeats its last time, h = 0) takes its grid
+    # and stage points without derivative: its unused coefficients divide by h = 0, and 0 * inf in
+    # their gradient made d/d ts[-1] NaN. This also covers the padded entries and the stage grid's
+    # clip to the ends, which only padded steps read there.
+    def own(i, tree):
         return jax.tree.map(lambda a: jnp.where(i < g.n, a, jax.lax.stop_gradient(a)), tree)
 
     if st is None:
@@ -111,9 +115,7 @@ def pad_grid(ts: Array, length: int) -> Array:
     try:
         tn = np.asarray(ts)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        # (the padding is never used: without its derivative, an entry at sigma = 0 repeated cannot
-        # leak inf * 0 = NaN into the gradient of the last time)
-        return jnp.concatenate([ts, jnp.broadcast_to(jax.lax.stop_gradient(ts[-1]), (length + 1 - ts.shape[0],))])
+        return jnp.concatenate([ts, jnp.broadcast_to(ts[-1], (length + 1 - ts.shape[0],))])
     return jax.device_put(np.concatenate([tn, np.full(length + 1 - tn.shape[0], tn[-1], tn.dtype)]))
 
 
@@ -158,9 +160,7 @@ def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
             tn = np.asarray(ts)
             lo, hi = tn[-1], tn[0]
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            rows = (jnp.arange(g.t.shape[0] - 1) < n)[:, None]  # padded steps' stages: no derivative
-            lo = jnp.where(rows, ts[-1], jax.lax.stop_gradient(ts[-1]))
-            hi = jnp.where(rows, ts[0], jax.lax.stop_gradient(ts[0]))
+            lo, hi = ts[-1], ts[0]
         st = _stage_grid_jit(path, _stages_jit(g, arrays, stepper, opts), lo, hi)
     return _scalars_jit(g, st, arrays, stepper, opts)  # padded: run() slices it inside the sampler's program
 
