@@ -73,7 +73,8 @@ class Path:
         singular at ``t = 0``, e.g. ``vp_linear``'s ``sigma'``, so that eps-parameterised
         velocities ``alpha' x0 + sigma' eps`` are not inf * 0 there).
       denoise_at_end: whether samplers finish with one Tweedie denoising step at ``t_min``
-        by default (true where ``sigma(t_min) > 0``).
+        by default (true where ``sigma(t_min) > 0``; a partial solve that ends above ``t_min``
+        does not).
       d_alpha_fn, d_sigma_fn: optional closed-form time derivatives (else autodiff).
       log_snr_fn: optional closed-form ``log(alpha^2 / sigma^2)``.
       t_from_log_snr_fn: optional closed-form inverse of the log-SNR (else bisection).

@@ -654,3 +654,74 @@ def test_schedule_search_refuses_the_starts_and_ends_gf_sample_refuses():
         # where gf.sample runs, so does the search: eps from t = 0.999
         out = search(g.model(lin, "eps"), "eps", "dpm++2m", t_start=0.999)
         assert np.all(np.isfinite(np.asarray(out))), name
+
+
+def test_grids_stepping_from_clean_data_to_clean_data_are_refused():
+    """edm(sigma_min=0)'s sigma = (t 80^(1/7))^7 underflows to 0 in float32 below t ~ 2e-6: a
+    1,000-step quadratic grid then had two times with sigma = 0, where ddim / ddpm / dpm++2s
+    returned NaN (0 / 0 in ddim_coefs) without a word."""
+    path = gf.paths.edm(sigma_min=0.0)
+    g = gf.oracles.Gaussian.diagonal([1.0, -1.0], [0.5, 0.2])
+    x1 = g.prior_sample(jax.random.key(0), 4, path)
+    with pytest.raises(ValueError, match=r"schedule 'quadratic' with steps=1000: sigma is 0 in float32 at the "
+                                         r"consecutive times .* and 0\.0 of path 'edm'"):
+        gf.sample(g.model(path, "eps"), path, x1, prediction="eps", solver="ddim", steps=1000, schedule="quadratic")
+    with pytest.raises(ValueError, match=r"schedule: sigma is 0 .* end the grid at t=9\.99"):
+        gf.sampling.time_grid(path, 3, jnp.array([1.0, 0.5, 1e-6, 0.0]))
+    # the same grid ending where sigma is still positive samples finitely and accurately
+    ts = gf.sampling.time_grid(path, 3, jnp.array([1.0, 0.5, 0.1, 0.0]))
+    x, _ = gf.sample(g.model(path, "x0"), path, x1, prediction="x0", solver="ddim", schedule=ts)
+    assert np.all(np.isfinite(np.asarray(x)))
+    # two times of pure noise (alpha = 0) are refused alike; one at the start is fine
+    lin = gf.paths.linear()
+    shifted = gf.paths.Path(lambda t: jnp.clip(1.0 - t / 0.9, 0.0, 1.0), lambda t: t, name="flat_noise")
+    with pytest.raises(ValueError, match=r"alpha is 0 in float32 at the consecutive times 1\.0 and 0\.899.* start the "
+                                         r"grid at t=0\.899"):
+        gf.sampling.time_grid(shifted, 3, jnp.array([1.0, 0.9, 0.5, 0.0]))
+    assert gf.sampling.time_grid(lin, 3, jnp.array([1.0, 0.9, 0.5, 0.0])).shape == (4,)
+
+
+def test_repeated_times_from_float_resolution_are_not_blamed_on_sigma_min_or_sigma_max():
+    """Log-SNR / Karras points in order that round to the same float32 time near t = 1 were
+    reported as 'an infinite end's level must lie between the other end's level and it', which
+    held (levels 3.3e6 / 8.4e6 > sigma_min = 0.002)."""
+    for path, steps, kw in ((gf.paths.vp_cosine(logsnr_min=-30.0), 1000, {}),
+                            (gf.paths.linear(), 200, {"t_start": 1 - 1e-7})):
+        for schedule in ("karras", "logsnr"):
+            with pytest.raises(ValueError, match=r"crowd closer near t=.* than float32 resolves") as err:
+                gf.sampling.time_grid(path, steps, schedule, **kw)
+            assert "must lie between" not in str(err.value)
+    # the levels-out-of-order case keeps its message
+    with pytest.raises(ValueError, match="must lie between"):
+        gf.sampling.time_grid(gf.paths.linear(), 5, "karras", t_start=1e-3, t_end=0.0)
+
+
+@pytest.mark.parametrize("pname", ["vp_linear", "ve", "edm"])
+def test_a_partial_solve_returns_the_state_at_t_end_by_default(pname):
+    """Paths that end at sigma > 0 denoise by default (one Tweedie step at t_min); a partial solve
+    to t_end = 0.5 did so too, returning x0_hat(x, 0.5) instead of x at 0.5 (0.4-1.1 off the exact
+    flow map), so splitting a solve in two gave garbage without denoise=False."""
+    path = getattr(gf.paths, pname)()
+    g = gf.oracles.Gaussian.diagonal([1.0, -1.0], [0.5, 0.2])
+    x1 = g.prior_sample(jax.random.key(0), 64, path)
+    fn = g.model(path, "x0")
+    half, info = gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", steps=20, t_end=0.5)
+    assert int(info.nfe) == 20  # no denoising evaluation
+    exact = g.flow_map(x1, 1.0, 0.5, path)
+    rel = lambda a, b: float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(b ** 2)))  # noqa: E731
+    assert rel(half, exact) < 5e-3  # (the old default: 0.2-0.6)
+    # the two halves compose to the one solve (which denoises at t_min, as before)
+    rest, info2 = gf.sample(fn, path, half, prediction="x0", solver="dpm++2m", steps=20, t_start=0.5)
+    whole, info3 = gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", steps=40)
+    assert int(info2.nfe) == int(info3.nfe) - 20 == 21
+    assert rel(rest, whole) < 1e-2
+    # explicit denoise=True still denoises a partial solve; t_end = t_min given explicitly denoises
+    _, info4 = gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", steps=20, t_end=0.5, denoise=True)
+    _, info5 = gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", steps=20, t_end=path.t_min)
+    assert int(info4.nfe) == int(info5.nfe) == 21
+    # the posterior samplers take the same default
+    op = gf.inverse.operators.Mask(jnp.array([1.0, 0.0]))
+    y = op(x1)
+    _, pinfo = gf.inverse.posterior_sample(fn, path, x1, y, op, method="dps", prediction="x0", steps=10, t_end=0.5,
+                                           key=jax.random.key(1))
+    assert int(pinfo.nfe) == 10

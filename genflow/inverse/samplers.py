@@ -80,6 +80,7 @@ from genflow._checks import check_denoise, check_int, check_key, check_positive_
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path
 from genflow.sampling import Model, as_pytree_fn, time_grid
+from genflow.sampling._grid import default_denoise
 
 Array = jax.Array
 
@@ -344,7 +345,7 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
     check_real_in("eta", eta, 0.0, 1.0)  # (traced values, e.g. under vmap, pass)
     check_denoise(denoise)
     model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
-    denoise = path.denoise_at_end if denoise is None else denoise
+    denoise = default_denoise(path, ts) if denoise is None else denoise
     y = jnp.zeros((x1.shape[0], 1), x1.dtype)
     return _run(model, ts, x1, key, None, base, y, _NoOp(), GaussianNoise(1.0), jnp.float32(0.0),
                 dict(eta=jnp.float32(eta)), bool(denoise))
@@ -419,7 +420,8 @@ def posterior_sample(
       base: the underlying prior update, ``"ddim"`` or ``"flow"`` (default per method:
         :data:`METHODS`).
       denoise: finish with the method's own x0 estimate at the last time (the prior's Tweedie
-        denoiser corrected as in the method's steps; default ``path.denoise_at_end``).
+        denoiser corrected as in the method's steps; default ``path.denoise_at_end``, False for a
+        partial solve ending above ``path.t_min``).
       **hparams: ``scale`` (gradient step; for ``pigdm`` / ``tmpd`` a multiplier of the
         likelihood score, 1 = the model's own likelihood), ``eta`` (ddim base), ``dc_steps``
         (flowdps), ``data_var`` (pigdm: the prior variance ``v`` in ``r_t^2``, > 0), ``cg_iters``
@@ -458,7 +460,7 @@ def posterior_sample(
         _check_scalar_real("scale", hparams["scale"])
     hp = _hyperparameters(method, DEFAULTS[method], hparams)
     check_denoise(denoise)
-    denoise = path.denoise_at_end if denoise is None else denoise
+    denoise = default_denoise(path, ts) if denoise is None else denoise
     noise = _noise_model(method, noise)
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
                 jnp.float32(weight), hp, bool(denoise), (type(operator), type(noise)))

@@ -17,7 +17,7 @@ from genflow import param
 from genflow._checks import check_denoise, check_finite_rows, check_int, check_key, concrete_real, is_int
 from genflow.paths import Path
 from genflow.sampling import _diffrax, _driver, _registry
-from genflow.sampling._grid import time_grid
+from genflow.sampling._grid import default_denoise, time_grid
 from genflow.sampling._model import Model
 
 Array = jax.Array
@@ -326,7 +326,8 @@ def sample(
       t_start, t_end: integration interval (default 1 and ``path.t_min``; with an explicit
         schedule, its first and last times: given ones must agree with them).
       denoise: finish with one Tweedie step ``x0_hat(x, t_end)`` (one more NFE); defaults to
-        ``path.denoise_at_end``.
+        ``path.denoise_at_end`` for a grid that ends at the path's end ``path.t_min`` and to False
+        for a partial solve that ends above it (its result is the state at ``t_end``).
       rtol, atol: tolerances of adaptive solvers (with a bfloat16 model use ~1e-2: tolerances below
         the model's own resolution make the step-size controller reject steps, e.g. 10,805
         NFE for dopri8 at the default 1e-5).
@@ -397,7 +398,7 @@ def sample(
     ts, ts_run, grid_options = _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad)
     solver_options = {**solver_options, **grid_options}
     if denoise is None:
-        denoise = path.denoise_at_end
+        denoise = default_denoise(path, ts)
     max_steps = max(max_steps, int(ts.shape[0]))
     model = Model(as_pytree_fn(fn), path, prediction)
     if not spec.adaptive:

@@ -118,12 +118,13 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
       ``[steps + 1]`` times (float32; float64 under ``jax.enable_x64``), ``ts[0] = t_start``, ``ts[-1] = t_end``.
     """
     if not isinstance(schedule, str) and not callable(schedule) or hasattr(schedule, "shape"):
-        return _check_explicit(schedule, t_start, t_end)
+        return _check_clean_runs(path, _check_explicit(schedule, t_start, t_end), "schedule")
     t_start = 1.0 if t_start is None else t_start
     t_end = path.t_min if t_end is None else t_end
     if callable(schedule) and not isinstance(schedule, str):
-        return _check_explicit(schedule(path, steps, t_start=t_start, t_end=t_end), t_start, t_end, steps,
-                               what="the callable schedule's grid")
+        return _check_clean_runs(path, _check_explicit(schedule(path, steps, t_start=t_start, t_end=t_end), t_start,
+                                                       t_end, steps, what="the callable schedule's grid"),
+                                 "the callable schedule's grid")
     steps = check_int("steps", steps)
     t_start, t_end = _check_ends(t_start, t_end)
     if schedule not in SCHEDULES:
@@ -151,7 +152,7 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         if not np.all(np.diff(ts) < 0):  # (an interval too narrow for steps in this float width)
             raise ValueError(f"schedule {schedule!r} with steps={steps} repeats times on [t_end={t_end}, "
                              f"t_start={t_start}] in {fdt}: use fewer steps or a wider interval")
-        return jax.device_put(ts)  # device_put: jnp.asarray compiles per shape
+        return _check_clean_runs(path, jax.device_put(ts), f"schedule {schedule!r} with steps={steps}")
     n = steps + 1 - int(start_inf) - int(end_inf)
     if n <= 0:
         return jax.device_put(np.array([t_start, t_end], fdt))
@@ -169,6 +170,15 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
     tail = [np.array([t_end], fdt)] if end_inf else []
     ts = np.concatenate(head + [inner] + tail)
     if not np.all(np.diff(ts) < 0):
+        if _levels_ordered(path, t_start, t_end, sigma_min, sigma_max, start_inf, end_inf):
+            # the levels are in order, but more of them fall near an end than the float width
+            # resolves (e.g. 1,000 Karras times of vp_cosine(logsnr_min=-30) within ulps of t = 1)
+            i = int(np.argmax(np.diff(ts) >= 0))
+            raise ValueError(
+                f"schedule {schedule!r} with steps={steps} repeats times on [t_end={t_end}, t_start={t_start}] of "
+                f"path {path.name!r}: its noise levels crowd closer near t={float(ts[i])} than {fdt} resolves "
+                f"(times {ts[max(i - 1, 0):i + 3]}); use fewer steps, move that end inwards (t_start / t_end, "
+                f"sigma_max / sigma_min), or enable jax.enable_x64")
         # a finite end whose noise level sigma / alpha lies outside [sigma_min, sigma_max]: the
         # levels run the wrong way and clipping to [t_end, t_start] repeats times
         raise ValueError(
@@ -177,7 +187,58 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
             f"pure noise, sigma_min towards clean data) must lie between the other end's noise level and it; "
             f"got times {ts}"
         )
-    return jax.device_put(ts)
+    return _check_clean_runs(path, jax.device_put(ts), f"schedule {schedule!r} with steps={steps}")
+
+
+def default_denoise(path: Path, ts: Array) -> bool:
+    """The samplers' default ``denoise``: ``path.denoise_at_end`` where the grid ends at the path's
+    end (``ts[-1] <= path.t_min``, to 1e-6) or is traced; False for a partial solve ending above
+    it (whose state at ``t_end`` is the result, not a denoised ``x0_hat``)."""
+    if not path.denoise_at_end:
+        return False
+    last = concrete_real(ts[-1])
+    return last is None or last <= path.t_min + 1e-6
+
+
+def _levels_ordered(path: Path, t_start, t_end, sigma_min, sigma_max, start_inf: bool, end_inf: bool) -> bool:
+    """Whether the noise levels ``sigma / alpha`` of a log-SNR / Karras grid's ends decrease (a
+    finite end's own level between an infinite end's ``sigma_max`` / ``sigma_min``)."""
+    fdt = np.dtype(jnp.result_type(float))
+    level = lambda t: float(jnp.exp(-0.5 * path.log_snr(jnp.asarray(t, fdt))))  # noqa: E731
+    hi = sigma_max if start_inf else level(t_start)
+    lo = sigma_min if end_inf else level(t_end)
+    return lo < hi
+
+
+def _check_clean_runs(path: Path, ts: Array, what: str) -> Array:
+    """``ts``, refused where two consecutive times both have ``sigma = 0`` (or both ``alpha = 0``)
+    in the grid's float width: a step from clean data to clean data (or pure noise to pure
+    noise) is 0 / 0 in the solvers' coefficients (ddim, ddpm and the single-step solvers
+    returned NaN). It happens where ``sigma`` underflows, e.g. ``edm(sigma_min=0)`` (``sigma`` is
+    0 in float32 below t ~ 2e-6) with a 1,000-step quadratic grid. Traced grids pass unchecked."""
+    try:
+        tn = np.asarray(ts)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return ts
+    n = tn.shape[0]
+    padded = np.concatenate([tn, np.full(bucket(n) - n, tn[-1], tn.dtype)])
+    a0, s0 = (np.asarray(v)[:n] for v in _zero_scales(path, jax.device_put(padded)))
+    for name, z, end in (("sigma", s0, "clean data"), ("alpha", a0, "pure noise")):
+        both = z[:-1] & z[1:]
+        if both.any():
+            i = int(np.argmax(both))
+            raise ValueError(
+                f"{what}: {name} is 0 in {tn.dtype} at the consecutive times {float(tn[i])} and {float(tn[i + 1])} "
+                f"of path {path.name!r} (a step from {end} to {end}, where the solvers' coefficients are 0 / 0); "
+                f"{'end' if name == 'sigma' else 'start'} the grid at t={float(tn[i if name == 'sigma' else i + 1])}, "
+                f"use fewer steps, or enable jax.enable_x64")
+    return ts
+
+
+@jax.jit
+def _zero_scales(path: Path, ts: Array) -> tuple[Array, Array]:
+    """``(alpha(ts) == 0, sigma(ts) == 0)``."""
+    return jax.vmap(path.alpha)(ts) == 0, jax.vmap(path.sigma)(ts) == 0
 
 
 def karras_family(path: Path, steps: int, *, t_start: float = 1.0, t_end: float | None = None,
