@@ -725,3 +725,15 @@ def test_a_partial_solve_returns_the_state_at_t_end_by_default(pname):
     _, pinfo = gf.inverse.posterior_sample(fn, path, x1, y, op, method="dps", prediction="x0", steps=10, t_end=0.5,
                                            key=jax.random.key(1))
     assert int(pinfo.nfe) == 10
+
+
+def test_explicit_schedules_must_hold_real_numbers():
+    """Strings were parsed (["1.0", "0.0"] ran), a complex grid lost its imaginary part (a NumPy
+    warning only) and a bool one ran as [1, 0]."""
+    lin = gf.paths.linear()
+    for bad, dt in ((["1.0", "0.0"], "<U3"), (np.array([1 + 1j, 0]), "complex128"), (np.array([True, False]), "bool")):
+        with pytest.raises(TypeError, match=f"an explicit schedule must hold real numbers .* got dtype {dt}"):
+            gf.sampling.time_grid(lin, 1, bad)
+    for good in ([1.0, 0.5, 0.0], (1, 0), np.array([1, 0]), jnp.array([1.0, 0.0], jnp.bfloat16)):
+        ts = gf.sampling.time_grid(lin, 1, good)
+        assert float(ts[0]) == 1.0 and float(ts[-1]) == 0.0

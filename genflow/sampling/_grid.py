@@ -43,6 +43,16 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 def _check_explicit(schedule, t_start=None, t_end=None, steps=None, what: str = "an explicit schedule") -> Array:
     """``schedule`` as a checked grid; given ends / step count must agree with it (an explicit
     grid fitted for another interval silently overrode ``t_start`` / ``t_end``)."""
+    dt = getattr(schedule, "dtype", None)
+    if dt is None:
+        try:
+            dt = np.asarray(schedule).dtype
+        except (TypeError, ValueError):
+            dt = np.dtype(object)
+    if not (np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.integer) or dt == jnp.bfloat16) \
+            or np.issubdtype(dt, np.bool_):
+        # (strings were parsed, a complex grid lost its imaginary part, a bool one ran as [1, 0])
+        raise TypeError(f"{what} must hold real numbers (times in [0, 1]); got dtype {dt}")
     ts = jnp.asarray(schedule, jnp.result_type(float))
     if ts.ndim != 1 or ts.shape[0] < 2:
         raise ValueError(f"{what} must be a 1-D array of at least 2 times; got shape {ts.shape}")
