@@ -48,10 +48,17 @@ def parse(config_cls, argv=None, doc: str | None = None, quick: dict | None = No
 
 def _check_common(cfg) -> None:
     """The flags every entry point shares: ``--out`` (an existing file failed as a bare
-    FileExistsError) and ``--seed`` (beyond 64 bits, an OverflowError)."""
+    FileExistsError, one inside a file as a NotADirectoryError) and ``--seed`` (beyond 64 bits, an
+    OverflowError)."""
     out = getattr(cfg, "out", None)
     if out and os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"--out {out!r} exists and is not a directory")
+    if out and not os.path.exists(out):  # the nearest existing folder above it must be one
+        parent = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise SystemExit(f"--out {out!r} cannot be made: {parent!r} exists and is not a directory")
     seed = getattr(cfg, "seed", None)
     if seed is not None and not -(2 ** 63) <= seed < 2 ** 63:
         raise SystemExit(f"--seed must fit in 64 bits (|seed| < 2**63); got {seed}")

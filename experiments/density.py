@@ -296,6 +296,9 @@ def run(cfg: Config) -> dict:
     results = {"config": dataclasses.asdict(cfg), "2d": run_2d(cfg, models)}
     if cfg.digits:
         results["digits"] = run_digits(cfg, models)
+    elif os.path.exists(os.path.join(cfg.out, "samples_digits.png")):
+        # (an earlier run's grid stayed beside a results.json without digits results)
+        os.remove(os.path.join(cfg.out, "samples_digits.png"))
     results["wall_time_s"] = time.perf_counter() - t0
     _cli.write_json(os.path.join(cfg.out, "results.json"), results)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:

@@ -13,7 +13,10 @@ the NLL in bits/dim through the probability-flow ODE (``gf.likelihood``).
 Multi-host: set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (or
 GENFLOW_DISTRIBUTED=1 on a detected cluster); each process reads its shard of the data and the
 global batch is split over a ("data", "fsdp") mesh of all devices. A run restarted with the same
-``--out`` resumes from its last checkpoint (state, RNG and data position: bit-identical).
+``--out`` resumes from its last checkpoint (state, RNG and data position: bit-identical) when given
+the same training flags, ``--steps`` included: the learning rate decays over ``--steps``, so a
+longer (or shorter) run needs a new ``--out``. With ``--ckpt_every 0`` the ``--out`` must hold no
+checkpoints.
 
 Config -> data -> model -> loss -> train.fit -> samples / metrics / plots.
 """
@@ -106,9 +109,10 @@ def validate(cfg: Config) -> None:
 
 
 # the flags that make the trained state and its objective: a checkpoint trained with other values is
-# not resumed (--steps may grow: a finished run is extended)
-TRAINING_FLAGS = ("dataset", "net", "ch", "depth", "path", "prediction", "weighting", "conditional", "batch", "lr",
-                  "warmup", "clip", "ema", "seed")
+# not resumed. --steps is one of them: the cosine schedule decays over it (resuming a 1500-step run
+# with --steps 3000 raised the learning rate at step 1500 from 2e-4 to 1.15e-3)
+TRAINING_FLAGS = ("dataset", "net", "ch", "depth", "path", "prediction", "weighting", "conditional", "steps", "batch",
+                  "lr", "warmup", "clip", "ema", "seed")
 
 
 def check_resume_config(cfg: Config, ckpt) -> None:
@@ -121,16 +125,20 @@ def check_resume_config(cfg: Config, ckpt) -> None:
             theirs = json.load(f)
         diff = [k for k in TRAINING_FLAGS if k in theirs and theirs[k] != mine[k]]
         if diff:
+            why = " (the learning rate decays over --steps: a run of another length needs a new --out)" \
+                if "steps" in diff else ""
             raise SystemExit(f"{cfg.out}/ckpt was trained with " + ", ".join(f"--{k} {theirs[k]}" for k in diff)
                              + "; got " + ", ".join(f"--{k} {mine[k]}" for k in diff)
-                             + ": pass the same flags to resume it, or a new --out")
+                             + f": pass the same flags to resume it, or a new --out{why}")
     if jax.process_index() == 0:
         _cli.write_json(path, mine)
 
 
-def final_loss(hist_loss, start: int, jsonl: str, n: int = 50) -> float:
+def final_loss(hist_loss, start: int, jsonl: str, n: int = 50) -> float | None:
     """The mean loss of the run's last ``n`` steps; a resumed run takes the steps before ``start``
-    from metrics.jsonl (one row per chunk: exact with the CPU default of one step per chunk)."""
+    from metrics.jsonl (one row per chunk: exact with the CPU default of one step per chunk). A
+    re-run with nothing left to train (one that died in the evaluation) takes them all from there;
+    None without any loss."""
     losses = np.asarray(hist_loss)
     if len(losses) < n and start and os.path.exists(jsonl):
         earlier, prev = [], 0
@@ -139,7 +147,7 @@ def final_loss(hist_loss, start: int, jsonl: str, n: int = 50) -> float:
                 earlier += [r["loss"]] * (r["step"] - prev)
                 prev = r["step"]
         losses = np.concatenate([np.asarray(earlier, losses.dtype), losses])
-    return float(np.mean(losses[-n:]))
+    return float(np.mean(losses[-n:])) if len(losses) else None
 
 
 def build_net(cfg: Config, shape, num_classes: int | None):
@@ -213,8 +221,16 @@ def nll_bits_per_dim(cfg, fn, path, x, key) -> tuple[float | None, str]:
     return bpd, f"uniform dequantization ({levels} levels), Hutchinson trace, tsit5 rtol=atol=1e-4, t_max={t_max}"
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, written: list | None = None) -> dict:
+    """The experiment; the names of the files it writes into ``--out`` are appended to ``written``."""
     validate(cfg)
+    written = [] if written is None else written
+    ckpt_dir = os.path.join(cfg.out, "ckpt")
+    if not cfg.ckpt_every and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        # (trained from scratch beside them, kept their train_config.json and rewrote metrics.jsonl:
+        # a later checkpointed run resumed the old checkpoint and mixed both runs' rows)
+        raise SystemExit(f"--out {cfg.out} holds another run's checkpoints ({ckpt_dir}) and --ckpt_every 0 would "
+                         f"train from scratch beside them: pass --ckpt_every > 0 to resume them, or a new --out")
     os.makedirs(cfg.out, exist_ok=True)
     t_wall = time.perf_counter()
     k_init, k_train, k_noise, k_clf, k_nll = jax.random.split(jax.random.key(cfg.seed), 5)
@@ -250,9 +266,13 @@ def run(cfg: Config) -> dict:
 
     # train (sharded over all devices; checkpointed and resumed)
     mesh = gf.train.make_mesh(fsdp=cfg.fsdp)
-    ckpt = gf.train.Checkpointer(os.path.join(cfg.out, "ckpt"), save_every=cfg.ckpt_every) if cfg.ckpt_every else None
+    ckpt = gf.train.Checkpointer(ckpt_dir, save_every=cfg.ckpt_every) if cfg.ckpt_every else None
     if ckpt is not None:
-        check_resume_config(cfg, ckpt)
+        try:
+            check_resume_config(cfg, ckpt)
+        except SystemExit:  # (an open checkpointer's threads failed at interpreter shutdown)
+            ckpt.close()
+            raise
         state, data_state = ckpt.restore_or(gf.train.shard_state(state, mesh))
         if data_state:
             loader.set_state(data_state)
@@ -261,7 +281,8 @@ def run(cfg: Config) -> dict:
         raise SystemExit(f"--steps {cfg.steps} is below step {start} restored from {cfg.out}/ckpt; pass --steps >= "
                          f"{start} or a new --out")
     # (rows past the restored step, or of an earlier run into this --out, would be logged twice)
-    writer = gf.train.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), resume_step=start)
+    jsonl = os.path.join(cfg.out, "metrics.jsonl")
+    writer = gf.train.MetricsWriter(jsonl, resume_step=start)
     cpu = jax.default_backend() == "cpu"
     chunk = cfg.chunk or (1 if cpu else 100)
     state, hist = gf.train.fit(state, step, loader, cfg.steps - start, chunk_size=chunk, unroll=chunk if cpu else 1,
@@ -270,6 +291,8 @@ def run(cfg: Config) -> dict:
     if ckpt is not None:
         ckpt.close()
     steps_done = cfg.steps - start
+    if steps_done and writer.active:
+        written.append("metrics.jsonl")
     train_steps_per_s = steps_done / hist["wall_time"] if hist["wall_time"] > 0 else None
 
     # sample with the EMA parameters
@@ -298,7 +321,9 @@ def run(cfg: Config) -> dict:
         "fd_n_generated": int(cfg.n_eval), "fd_n_test": int(len(xte)), "fd_floor_n": int(len(ref)),
         "classifier_test_accuracy": clf_acc,
         "nfe": int(info.nfe),
-        "final_loss": final_loss(hist["loss"], start, os.path.join(cfg.out, "metrics.jsonl")) if steps_done else None,
+        # (from metrics.jsonl alone when nothing was left to train: a re-run of a run that died in the
+        # evaluation reported null)
+        "final_loss": final_loss(hist.get("loss", np.zeros(0, np.float32)), start, jsonl),
         "train_steps": steps_done, "resumed_from": start,
         "train_steps_per_s": train_steps_per_s,
         "train_examples_per_s": None if train_steps_per_s is None else train_steps_per_s * cfg.batch,
@@ -320,10 +345,14 @@ def run(cfg: Config) -> dict:
         gf.viz.image_grid(x0[:100], nrow=10, title=f"{cfg.net} on {cfg.dataset}: {cfg.path}/{cfg.prediction}, "
                           f"{cfg.solver} NFE={int(info.nfe)}, FD={metrics['fd']:.2f}",
                           path=os.path.join(cfg.out, "samples.png"))
-        if steps_done:  # the whole run, across resumes, against the step numbers (metrics.jsonl's rows)
-            rows = [r for r in gf.train.read_jsonl(os.path.join(cfg.out, "metrics.jsonl")) if "loss" in r]
+        written.append("samples.png")
+        # the whole run, across resumes, against the step numbers (metrics.jsonl's rows); also when
+        # nothing was left to train (a re-run of a run that died in the evaluation drew none)
+        rows = [r for r in gf.train.read_jsonl(jsonl) if "loss" in r] if os.path.exists(jsonl) else []
+        if rows:
             gf.viz.curves({"loss": (np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows]))},
                           ylabel="loss", logy=True, smooth=25, path=os.path.join(cfg.out, "loss.png"))
+            written.append("loss.png")
         metrics["wall_time_s"] = time.perf_counter() - t_wall
         out_json = os.path.join(cfg.out, "metrics.json")
         if not steps_done and os.path.exists(out_json):  # a re-run of a finished run: keep its training numbers
@@ -332,6 +361,7 @@ def run(cfg: Config) -> dict:
             metrics.update({k: old[k] for k in ("final_loss", "train_steps", "resumed_from", "train_steps_per_s",
                                                 "train_examples_per_s", "train_compile_s") if k in old})
         _cli.write_json(out_json, metrics)
+        written.append("metrics.json")
     return metrics
 
 
@@ -342,9 +372,13 @@ def _first(it):
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
-    m = run(cfg)
+    written = []
+    m = run(cfg, written)
     print(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=2))
-    print(f"wrote {cfg.out}/samples.png, loss.png, metrics.json, metrics.jsonl")
+    # only the files written (a re-run with nothing left to train claimed a loss.png it had not drawn)
+    names = [n for n in ("samples.png", "loss.png", "metrics.json", "metrics.jsonl") if n in written]
+    if names:
+        print(f"wrote {cfg.out}/" + ", ".join(names))
     return 0
 
 

@@ -1,5 +1,7 @@
 """Toy 2-D experiment: train a diffusion / flow-matching model on a 2-D distribution, sample it,
-and write samples.png, trajectories.png, loss.png and metrics.json.
+and write samples.png, trajectories.png, loss.png and metrics.json. A failed or interrupted run
+writes metrics.json saying why and where (and the loss curve so far), and removes the other outputs
+of an earlier run into the same --out.
 
     python experiments/toy2d.py                         # flow matching on moons, ~1 min on 2 CPU cores
     python experiments/toy2d.py --dataset 8gaussians --path vp_linear --prediction eps --solver heun
@@ -85,8 +87,14 @@ def validate(cfg: Config) -> None:
                                                              ("eval_solver", cfg.eval_solver, dict(rtol=1e-5, atol=1e-5))])
 
 
-def run(cfg: Config) -> dict:
+# the files a run writes into --out (a failed run removes those of an earlier run it did not rewrite)
+OUTPUTS = ("samples.png", "trajectories.png", "loss.png", "metrics.json")
+
+
+def run(cfg: Config, written: list | None = None) -> dict:
+    """The experiment; the names of the files it writes into ``--out`` are appended to ``written``."""
     validate(cfg)
+    written = [] if written is None else written
     os.makedirs(cfg.out, exist_ok=True)
     t_wall = time.perf_counter()
     key = jax.random.key(cfg.seed)
@@ -108,8 +116,20 @@ def run(cfg: Config) -> dict:
         state, hist = gf.train.fit(state, step, lambda k: sampler(k, cfg.batch), cfg.steps,
                                    chunk_size=cfg.chunk, progress=cfg.progress, desc=f"toy2d {cfg.dataset}")
     except (gf.train.NonFiniteLossError, KeyboardInterrupt) as e:
-        _write_failure(cfg, e, t_wall)
+        _write_failure(cfg, e, t_wall, written)
         raise
+    # after training too (a Ctrl-C or an error in the sampling / the exact W2 wrote nothing, and was
+    # reported as written): metrics.json records that training completed and the stage that failed
+    stage = ["sampling"]  # (the part of the evaluation running; _evaluate advances it)
+    try:
+        return _evaluate(cfg, state, hist, model, path, sampler, k_noise, k_data, t_wall, written, stage)
+    except (Exception, KeyboardInterrupt) as e:
+        _write_failure(cfg, e, t_wall, written, hist=hist, stage=stage[0])
+        raise
+
+
+def _evaluate(cfg, state, hist, model, path, sampler, k_noise, k_data, t_wall, written, stage) -> dict:
+    """Sampling, metrics and plots of the trained ``state``; ``stage[0]`` names the part running."""
     steps_per_s = cfg.steps / hist["wall_time"] if hist["wall_time"] > 0 else None
 
     # sampling and metrics
@@ -130,6 +150,7 @@ def run(cfg: Config) -> dict:
     x0_ad, info_ad = gf.sample(fn, path, x1, prediction=cfg.prediction, solver=cfg.eval_solver,
                                rtol=1e-5, atol=1e-5, key=k_noise)
     fresh = np.asarray(sampler(jax.random.fold_in(k_data, 1), cfg.n_eval))
+    stage[0] = "metrics"
     metrics = {
         "config": dataclasses.asdict(cfg),
         "w2": gf.metrics.w2_exact(x0, data),
@@ -148,45 +169,72 @@ def run(cfg: Config) -> dict:
     }
 
     # plots
+    stage[0] = "plots"
     gf.viz.scatter(x0, data, title=f"{cfg.dataset}: {cfg.path}/{cfg.prediction}, {cfg.solver} NFE={int(info.nfe)}, "
                    f"W2={metrics['w2']:.3f}", path=os.path.join(cfg.out, "samples.png"))
+    written.append("samples.png")
     kind = "sampler" if gf.sampling.solvers()[cfg.solver].stochastic else "probability-flow"  # (an SDE's paths are not the ODE's)
     gf.viz.trajectories(info.trajectory, title=f"{kind} trajectories ({cfg.solver})",
                         path=os.path.join(cfg.out, "trajectories.png"))
+    written.append("trajectories.png")
     gf.viz.curves({"loss": hist["loss"]}, ylabel="loss", logy=True, smooth=50,
                   path=os.path.join(cfg.out, "loss.png"))
+    written.append("loss.png")
     metrics["wall_time_s"] = time.perf_counter() - t_wall
+    stage[0] = "metrics.json"
     _cli.write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    written.append("metrics.json")
     return metrics
 
 
-def _write_failure(cfg: Config, e: BaseException, t_wall: float) -> None:
+def _write_failure(cfg: Config, e: BaseException, t_wall: float, written: list, hist: dict | None = None,
+                   stage: str = "training") -> None:
     """A failed run keeps what it has: metrics.json saying why and where, and the loss curve so far
-    (a non-finite loss carries the history up to the last good step)."""
-    hist = getattr(e, "history", None) or {}
+    (a non-finite loss carries the history up to the last good step; after training, ``hist`` is
+    the whole run's and ``stage`` the part of the evaluation that failed). The outputs of an
+    earlier run into this --out that this one did not rewrite are removed: they would pass for its
+    own beside its failure record."""
+    if hist is None:
+        hist = getattr(e, "history", None) or {}
     loss = np.asarray(hist.get("loss", []))
-    if loss.size:
+    if loss.size and "loss.png" not in written:
         gf.viz.curves({"loss": loss}, ylabel="loss", logy=True, smooth=min(50, loss.size),
                       path=os.path.join(cfg.out, "loss.png"))
+        written.append("loss.png")
     out = {"config": dataclasses.asdict(cfg), "failed": type(e).__name__, "message": str(e),
+           "failed_in": stage, "training_completed": stage != "training",
            "failed_at_step": getattr(e, "step", None), "steps_done": int(loss.size),
            "final_loss": float(np.mean(loss[-100:])) if loss.size else None,
            "wall_time_s": time.perf_counter() - t_wall}
     _cli.write_json(os.path.join(cfg.out, "metrics.json"), out)
+    if "metrics.json" not in written:
+        written.append("metrics.json")
+    for name in OUTPUTS:
+        if name not in written and os.path.exists(os.path.join(cfg.out, name)):
+            os.remove(os.path.join(cfg.out, name))
+
+
+def _wrote(cfg: Config, written: list) -> str:
+    """The files a run wrote, for its last message (a failed one claimed a loss.png it had not drawn)."""
+    return f"wrote {cfg.out}/" + ", ".join(written) if written else f"wrote nothing to {cfg.out}"
 
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
+    written = []
     try:
-        m = run(cfg)
+        m = run(cfg, written)
     except gf.train.NonFiniteLossError as e:
-        print(f"training stopped: {e}\nwrote {cfg.out}/metrics.json (and loss.png)", file=sys.stderr)
+        print(f"training stopped: {e}\n{_wrote(cfg, written)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted: wrote {cfg.out}/metrics.json", file=sys.stderr)
+        print(f"interrupted: {_wrote(cfg, written)}", file=sys.stderr)
         return 130
+    except Exception:
+        print(f"failed: {_wrote(cfg, written)}", file=sys.stderr)
+        raise
     print(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=2))
-    print(f"wrote {cfg.out}/samples.png, trajectories.png, loss.png, metrics.json")
+    print(_wrote(cfg, written))
     return 0
 
 

@@ -222,3 +222,95 @@ def test_optimizer_sweep_flatness_is_the_contiguous_width_around_the_best():
     f = optimizers.flatness(lrs, np.array([1.05, 1.0, 1.08, 3.0, 0.1]), False, 0.1, relative=True,
                             valid=np.array([True, True, True, True, False]))
     assert (f["best"], f["best_lr"], f["width_decades"], f["n_within"]) == (1.0, 0.01, 2.0, 3)
+
+
+def test_toy2d_records_a_failure_after_training(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C (or an error) in the sampling / the exact W2 after training printed "interrupted:
+    wrote .../metrics.json" and wrote nothing: now metrics.json records that training completed and
+    where the run stopped, and only the files written are named."""
+    toy2d = _toy2d()
+    args = ["--steps", "20", "--n_eval", "64", "--sample_steps", "4", "--chunk", "10", "--progress", "false"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy2d.gf.metrics, "w2_exact", interrupted)
+    out = tmp_path / "r"
+    assert toy2d.main(args + ["--out", str(out)]) == 130
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["failed"] == "KeyboardInterrupt" and m["training_completed"] and m["failed_in"] == "metrics"
+    assert m["steps_done"] == 20 and np.isfinite(m["final_loss"])
+    assert capsys.readouterr().err.splitlines()[-1] == f"interrupted: wrote {out}/loss.png, metrics.json"
+    assert sorted(os.listdir(out)) == ["loss.png", "metrics.json"]
+
+    def broken(*a, **k):
+        raise ValueError("no plot")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(toy2d.gf.viz, "trajectories", broken)  # any other error: recorded too, then raised
+    with pytest.raises(ValueError, match="no plot"):
+        toy2d.main(args + ["--out", str(tmp_path / "e")])
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["failed"] == "ValueError" and m["training_completed"] and m["failed_in"] == "plots"
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == f"failed: wrote {tmp_path / 'e'}/samples.png, loss.png, metrics.json"
+    assert sorted(os.listdir(tmp_path / "e")) == ["loss.png", "metrics.json", "samples.png"]
+
+
+def test_toy2d_failed_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, monkeypatch, capsys):
+    """A failed re-run into an --out left the previous run's samples.png / trajectories.png (and
+    loss.png without a loss row) beside its failure record, and claimed a loss.png it had not drawn."""
+    toy2d = _toy2d()
+    out = tmp_path / "r"
+    args = ["--steps", "20", "--n_eval", "64", "--sample_steps", "4", "--chunk", "10", "--progress", "false",
+            "--out", str(out)]
+    assert toy2d.main(args) == 0
+    assert sorted(os.listdir(out)) == ["loss.png", "metrics.json", "samples.png", "trajectories.png"]
+    # diverges at step 1: its own loss curve (one step) and metrics.json, nothing of the earlier run
+    assert toy2d.main(args + ["--lr", "1e30"]) == 1
+    assert sorted(os.listdir(out)) == ["loss.png", "metrics.json"]
+    assert capsys.readouterr().err.splitlines()[-1] == f"wrote {out}/loss.png, metrics.json"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy2d.gf.train, "fit", interrupted)  # before any step: no loss row, no loss.png
+    assert toy2d.main(args) == 130
+    assert sorted(os.listdir(out)) == ["metrics.json"]
+    assert capsys.readouterr().err.splitlines()[-1] == f"interrupted: wrote {out}/metrics.json"
+    assert json.loads((out / "metrics.json").read_text())["steps_done"] == 0
+
+
+def test_density_without_digits_removes_an_earlier_digits_grid(tmp_path):
+    # --digits false into an --out of an earlier run left its samples_digits.png beside a
+    # results.json without digits results
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import density
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "samples_digits.png").write_bytes(b"an earlier run's grid")
+    res = density.run(density.parse_config(["--models", "glow", "--steps_2d", "2", "--flow_steps_2d", "1",
+                                            "--hidden", "4", "--batch", "8", "--n_test_2d", "8", "--grid", "4",
+                                            "--digits", "false", "--out", str(out)]))
+    assert "digits" not in res and not (out / "samples_digits.png").exists()
+    assert (out / "results.json").exists() and (out / "samples_2d.png").exists()
+
+
+def test_entry_points_refuse_an_out_inside_a_file(tmp_path):
+    # an --out whose parent is a file failed with a NotADirectoryError traceback from os.makedirs
+    toy2d = _toy2d()
+    import _cli
+    import density
+    import images
+    import inverse
+    import optimizers
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for parse in (toy2d.parse_config, lambda a: _cli.parse(inverse.Config, a), optimizers.parse_config,
+                  images.parse_config, density.parse_config):
+        for out in (afile / "sub", afile / "sub" / "deeper"):
+            with pytest.raises(SystemExit, match="^--out .* is not a directory$"):
+                parse(["--out", str(out)])
+    toy2d.parse_config(["--out", str(tmp_path / "new" / "deeper")])  # a folder yet to be made is fine

@@ -75,39 +75,118 @@ def test_images_resumed_conditional_run_plots_every_step_and_caps_the_nll_set(tm
 
     monkeypatch.setattr(images.gf.viz, "curves", spy)
     args = ["--net", "mlp", "--ch", "8", "--batch", "8", "--warmup", "1", "--n_eval", "16", "--progress", "false",
-            "--conditional", "--ckpt_every", "4", "--out", str(tmp_path / "r")]
-    images.run(images.parse_config(args + ["--steps", "4", "--n_nll", "0"]))
-    m = images.run(images.parse_config(args + ["--steps", "8", "--n_nll", "400"]))
-    np.testing.assert_array_equal(seen[0], np.arange(1, 5))
+            "--conditional", "--ckpt_every", "4", "--steps", "8", "--out", str(tmp_path / "r")]
+    images.run(images.parse_config(args + ["--n_nll", "0"]))
+    _cut_checkpoints(tmp_path / "r", 4)  # as if killed after step 4
+    m = images.run(images.parse_config(args + ["--n_nll", "400"]))
+    np.testing.assert_array_equal(seen[0], np.arange(1, 9))
     np.testing.assert_array_equal(seen[1], np.arange(1, 9))
     assert m["nll_n"] == 364 and np.isfinite(m["nll_bpd"]), m
 
 
-def _tiny_run(images, monkeypatch, out, *extra):
+def _cut_checkpoints(out, step):
+    """Leave ``out`` as a run killed after ``step`` would: its later checkpoints removed (their
+    metrics.jsonl rows are dropped by the resume)."""
+    import shutil
+
+    for d in os.listdir(out / "ckpt"):
+        if d.isdigit() and int(d) > step:
+            shutil.rmtree(out / "ckpt" / d)
+
+
+def _stub_classifier(images, monkeypatch):
     # the feature classifier (600 steps) and the NLL are not under test: stubbed out to keep this fast
     monkeypatch.setattr(images, "train_classifier", lambda xtr, ytr, xte, yte, key: (lambda x: np.asarray(x).reshape(
         len(x), -1)[:, :4].astype(np.float64), 1.0))
-    args = ["--net", "mlp", "--ch", "2", "--depth", "1", "--batch", "4", "--warmup", "0", "--n_eval", "8", "--n_nll", "0",
-            "--sample_steps", "1", "--solver", "euler", "--ckpt_every", "1", "--progress", "false", "--out", str(out)]
-    return images.run(images.parse_config(args + list(extra)))
+
+
+def _tiny_args(out, *extra):
+    return ["--net", "mlp", "--ch", "2", "--depth", "1", "--batch", "4", "--warmup", "0", "--n_eval", "8", "--n_nll",
+            "0", "--sample_steps", "1", "--solver", "euler", "--ckpt_every", "1", "--progress", "false", "--out",
+            str(out), *extra]
+
+
+def _tiny_run(images, monkeypatch, out, *extra):
+    _stub_classifier(images, monkeypatch)
+    return images.run(images.parse_config(_tiny_args(out, *extra)))
 
 
 def test_images_refuses_to_resume_a_checkpoint_of_another_config(tmp_path, monkeypatch):
     # a re-run into the same --out with another --prediction / --path / --lr silently restored the
     # checkpoint trained with the first config (a velocity model sampled as an eps model, FD 668)
     images = _images()
-    _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "1")
+    _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "2")
+    _cut_checkpoints(tmp_path / "r", 1)  # as if killed after step 1
     with pytest.raises(SystemExit, match="--prediction velocity.*--prediction eps"):
         _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "2", "--prediction", "eps", "--path", "vp_cosine")
-    m = _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "2")  # the same flags (and more steps) resume
+    m = _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "2")  # the same flags resume
     assert m["resumed_from"] == 1
+
+
+def test_images_refuses_to_resume_with_another_steps(tmp_path, monkeypatch):
+    # --steps sets the cosine decay of the learning rate, but a resume with another --steps went on
+    # silently (1500 -> 3000 steps raised it at step 1500 from 2e-4 to 1.15e-3): not bit-identical
+    images = _images()
+    out = tmp_path / "r"
+    _tiny_run(images, monkeypatch, out, "--steps", "2")
+    rows = (out / "metrics.jsonl").read_text()
+    for steps in ("4", "1"):
+        with pytest.raises(SystemExit, match=f"--steps 2; got --steps {steps}.*decays over --steps.*new --out"):
+            _tiny_run(images, monkeypatch, out, "--steps", steps)
+    assert (out / "metrics.jsonl").read_text() == rows  # refused before anything was touched
+
+
+def test_images_refuses_ckpt_every_0_into_an_out_holding_checkpoints(tmp_path, monkeypatch):
+    # --ckpt_every 0 skipped the resume check: it trained from scratch beside another run's ckpt/ and
+    # train_config.json and rewrote metrics.jsonl; a later checkpointed run then resumed the old
+    # checkpoint and mixed both runs' rows
+    images = _images()
+    out = tmp_path / "r"
+    _tiny_run(images, monkeypatch, out, "--steps", "2")
+    before = {n: (out / n).read_text() for n in ("metrics.jsonl", "train_config.json", "metrics.json")}
+    with pytest.raises(SystemExit, match="--out .* checkpoints.*--ckpt_every 0"):
+        _tiny_run(images, monkeypatch, out, "--steps", "2", "--ckpt_every", "0", "--lr", "1e-3")
+    assert {n: (out / n).read_text() for n in before} == before
+    m = _tiny_run(images, monkeypatch, tmp_path / "new", "--steps", "2", "--ckpt_every", "0")  # a new --out trains
+    assert m["train_steps"] == 2 and not (tmp_path / "new" / "ckpt").exists()
+
+
+def test_images_rerun_after_a_failed_evaluation_reports_the_training(tmp_path, monkeypatch, capsys):
+    # a run that died in the evaluation (training and its last checkpoint done, no metrics.json),
+    # re-run: final_loss null and no loss.png although metrics.jsonl held every step, yet "wrote
+    # ..., loss.png" was printed
+    images = _images()
+    out = tmp_path / "r"
+
+    def crash(*args):
+        raise RuntimeError("died in the evaluation")
+
+    monkeypatch.setattr(images, "train_classifier", crash)
+    with pytest.raises(RuntimeError, match="died in the evaluation"):
+        images.run(images.parse_config(_tiny_args(out, "--steps", "3")))
+    assert not (out / "metrics.json").exists() and not (out / "loss.png").exists()
+    _stub_classifier(images, monkeypatch)
+    assert images.main(_tiny_args(out, "--steps", "3")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    losses = [r["loss"] for r in images.gf.train.read_jsonl(str(out / "metrics.jsonl"))]
+    assert len(losses) == 3 and m["resumed_from"] == 3 and m["train_steps"] == 0
+    np.testing.assert_allclose(m["final_loss"], np.mean(np.float32(losses)), rtol=1e-6)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out}/samples.png, loss.png, metrics.json"
+    # without metrics.jsonl rows no loss.png is drawn, and none is claimed
+    (out / "loss.png").unlink()
+    (out / "metrics.jsonl").unlink()
+    assert images.main(_tiny_args(out, "--steps", "3")) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out}/samples.png, metrics.json"
+    assert not (out / "loss.png").exists()
 
 
 def test_images_resumed_final_loss_covers_the_steps_before_the_resume(tmp_path, monkeypatch):
     # final_loss (the mean of the last 50 steps) of a run resumed with fewer than 50 steps left
     # averaged only the resumed steps: it differed from the uninterrupted run's
     images = _images()
-    _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "2")
+    _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "4")
+    _cut_checkpoints(tmp_path / "r", 2)  # as if killed after step 2
     m = _tiny_run(images, monkeypatch, tmp_path / "r", "--steps", "4")
     losses = [r["loss"] for r in images.gf.train.read_jsonl(str(tmp_path / "r" / "metrics.jsonl"))]
     assert len(losses) == 4 and m["resumed_from"] == 2
