@@ -1,7 +1,8 @@
 """Sample-quality metrics: exact / entropic / sliced 2-Wasserstein, MMD, Fréchet distance.
 
 Point sets are ``[N, D]`` (images are flattened). ``w2_exact`` solves the assignment problem
-exactly on the host (SciPy); the others are jittable JAX functions.
+exactly on the host (SciPy), and ``gaussian_stats`` / ``frechet_distance`` run on the host in
+float64 NumPy; the others are jittable JAX functions.
 """
 
 from __future__ import annotations

@@ -579,13 +579,17 @@ def edm(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> 
     _require(lambda lo, hi, r: 0.0 <= lo < hi < np.inf and 0.0 < r < np.inf,
              "edm needs 0 <= sigma_min < sigma_max < inf and finite rho > 0",
              sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    # sigma_min = 0 ends at clean data: no denoising step there (it cost one more evaluation, and
+    # replaced the final state by the model's x0 at sigma = 0); a traced sigma_min: denoise
+    smin = concrete_real(sigma_min)
+    clean_at_0 = smin is not None and smin == 0.0
     return Path(
         alpha_fn=_one,
         sigma_fn=_edm_sigma,
         params=dict(sigma_min=_hp(sigma_min), sigma_max=_hp(sigma_max), rho=_hp(rho)),
         name="edm",
         t_min=0.0,
-        denoise_at_end=True,
+        denoise_at_end=not clean_at_0,
         d_alpha_fn=_zero,
         d_sigma_fn=_edm_d_sigma,
         log_snr_fn=_edm_log_snr,

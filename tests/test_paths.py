@@ -430,3 +430,19 @@ def test_vp_cosine_sigma_derivative_is_accurate_at_the_noise_end():
     for p in (path, gf.paths.vp_cosine()):
         th0, th1 = (np.arctan(np.exp(-0.5 * p.params[k])) for k in ("logsnr_max", "logsnr_min"))
         np.testing.assert_allclose(p.d_sigma(t), np.asarray(p.alpha(t)) * (th1 - th0), rtol=1e-5)
+
+
+def test_edm_with_sigma_min_zero_ends_at_clean_data_without_a_denoising_step():
+    """denoise_at_end is documented as 'true where sigma(t_min) > 0'; edm hard-coded True, so
+    edm(sigma_min=0) spent one more evaluation on every sample (dpm++2m 11 NFE for 10 steps) and
+    replaced the final clean state by the model's x0 at sigma = 0."""
+    assert gf.paths.edm().denoise_at_end and not gf.paths.edm(sigma_min=0.0).denoise_at_end
+    for path in (gf.paths.edm(), gf.paths.edm(sigma_min=0.0), gf.paths.vp_cosine(), gf.paths.vp_linear(),
+                 gf.paths.ve(), gf.paths.linear()):
+        assert path.denoise_at_end == bool(float(path.sigma(path.t_min)) > 0), path.name
+    path = gf.paths.edm(sigma_min=0.0)
+    g = gf.oracles.Gaussian.diagonal([1.0, -1.0], [0.5, 0.2])
+    x1 = g.prior_sample(jax.random.key(0), 4, path)
+    _, info = gf.sample(g.model(path, "eps"), path, x1, prediction="eps", solver="dpm++2m", steps=10,
+                        schedule="karras")
+    assert int(info.nfe) == 10

@@ -124,7 +124,7 @@ def check_solver_options(spec, solver: str, options: dict) -> dict:
 
 
 # Real options that enter the solvers' arithmetic only: passed to the compiled sampler as arrays
-# (traced), so a sweep over their values compiles once, as DESIGN.md asks of scales. (The
+# (traced), so a sweep over their values compiles once, like guidance scales. (The
 # _WHY_STATIC ones below decide Python branches or the program's length and must be concrete: a
 # traced one is refused by name; brownian_tol sizes Diffrax's Brownian tree and may be either.)
 TRACED_OPTIONS = frozenset({"beta", "d2_weight", "s_tmin", "s_tmax", "s_noise", "snr", "rho"})

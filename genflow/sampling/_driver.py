@@ -2,9 +2,10 @@
 
 A solver is a :class:`Stepper` of three pure functions:
 
-* ``scalars(path, grid, i, **opts) -> dict`` -- everything a step needs that depends only on the
+* ``scalars(grid, stages, i, **opts) -> dict`` -- everything a step needs that depends only on the
   grid (times, coefficients, flags), for step ``i`` from ``grid.t[i]`` to ``grid.t[i + 1]``
-  (``grid``: a :class:`~genflow.sampling._exp.Grid`). The driver
+  (``grid``: a :class:`~genflow.sampling._exp.Grid`; ``stages``: the ``Grid`` of the step's
+  intermediate points when the stepper has ``stages``, else None). The driver
   evaluates it for all steps at once (``vmap``) before the loop, so the loop body is just the
   network evaluations and one fused linear combination of the states;
 * ``init(model, ts, x, **opts) -> carry`` -- the scan carry, a dict holding at least the state

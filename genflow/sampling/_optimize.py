@@ -251,8 +251,8 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
       prediction: the kind ``fn`` returns (``"eps"``, ``"x0"``, ``"v"``, ``"score"``, ``"velocity"``).
       t_start, t_end: the grid's fixed endpoints (as :func:`time_grid`: default 1 and ``path.t_min``).
       steps: number of steps (the NFE budget divided by the solver's NFE per step).
-      solver: a deterministic scan solver (``ddim``, ``dpm++2m``, ``dpm++3m``, ``dpm++2s``,
-        ``dpm++3s``, ``deis``, ``unipc``, ``dpm++2m_hb``, ``edm_heun``).
+      solver: a deterministic scan solver (``ddim``, ``dpm++2m``, ``dpm++3m``, ``dpm++3m_ref``,
+        ``dpm++2s``, ``dpm++3s``, ``deis``, ``unipc``, ``dpm++2m_hb``, ``edm_heun``).
       init: starting schedule (a name or an array of ``steps + 1`` times).
       iters, learning_rate: Adam iterations / step size on the log-increments of
         ``tau = sigma / (alpha + sigma)``. ``iters`` is the length of the optimisation loop, fixed
