@@ -5,7 +5,7 @@ per-dimension variances in [0.05, 0.5]) whose closed-form denoiser ``E[x0 | x_t]
 so errors are pure solver errors. Every sampler maps starting noise ``eps`` to data; its reference
 is the exact probability-flow map from *its own* starting state (the same ``eps`` at its own
 starting noise level), computed by an adaptive Dormand-Prince 8(7) solve in float64
-(``gf.oracles.GaussianMixture.flow_map``). Three numbers per cell (DESIGN.md): the relative error
+(``gf.oracles.GaussianMixture.flow_map``). Three numbers per cell: the relative error
 ``rms(x0_hat - x0_ref) / rms(x0_ref - mean)``, the median per-sample relative error, and the number
 of flips (samples whose nearest component differs from the reference's), over several noise seeds.
 
