@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import flat_batch, check_int, check_positive_real, is_int
+from genflow._checks import check_int, check_key, check_positive_real, flat_batch, is_int
 
 Array = jax.Array
 
@@ -38,6 +38,13 @@ def _safe_sqrt(v: Array) -> Array:
 def _check_same_dim(name: str, x, y) -> None:
     if x.shape[1:] != y.shape[1:]:
         raise ValueError(f"{name} needs points of the same dimension; got x: {tuple(x.shape)} and y: {tuple(y.shape)}")
+    _check_nonempty(name, x, y)
+
+
+def _check_nonempty(name: str, x, y) -> None:
+    """At least one point per set (an empty one gave NaN, which reads as a diverged sample)."""
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        raise ValueError(f"{name} needs at least 1 point per set; got {x.shape[0]} and {y.shape[0]}")
 
 
 def w2_exact(x, y) -> float:
@@ -53,6 +60,7 @@ def w2_exact(x, y) -> float:
     if x.shape != y.shape:
         raise ValueError(f"w2_exact needs point sets of equal shape; got {x.shape} and {y.shape} "
                          f"(use w2_sinkhorn or sliced_w2 for unequal sizes)")
+    _check_nonempty("w2_exact", x, y)
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         return float("nan")  # (SciPy raised "matrix contains invalid numeric entries" / "cost matrix is infeasible")
     from genflow.ot import exact_sq_distances
@@ -117,6 +125,8 @@ def sliced_w2(x: Array, y: Array, key: Array, num_projections: int = 256) -> Arr
     x, y = flat_batch(jnp.asarray(x, jnp.float32)), flat_batch(jnp.asarray(y, jnp.float32))
     if x.shape != y.shape:
         raise ValueError(f"sliced_w2 needs point sets of equal shape; got {x.shape} and {y.shape}")
+    _check_nonempty("sliced_w2", x, y)
+    check_key(key)
     num_projections = check_int("num_projections", num_projections)  # (0 gave 0.0)
     d = jax.random.normal(key, (x.shape[1], num_projections))
     d = d / jnp.linalg.norm(d, axis=0, keepdims=True)

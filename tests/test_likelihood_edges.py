@@ -140,3 +140,48 @@ def test_log_prob_refuses_max_steps_below_one():
 
 
 # ---- proposed for tests/test_flows.py ----------------------------------------------------------
+
+
+def test_likelihood_functions_name_their_bad_arguments():
+    """Found by a behavioural audit: each of these returned a wrong value or failed deep inside."""
+    path = gf.paths.linear()
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    v = L.PathVelocity(G.model(path, "velocity"), path, "velocity")
+    prior = lambda z: G.log_prob(z, 1.0, path)  # noqa: E731
+    # a NaN end integrated nothing and returned log_prior(x) (-4.49 where log p_0 is -5.18)
+    for ends in (dict(t0=float("nan")), dict(t1=float("nan")), dict(t0=-float("inf"))):
+        with pytest.raises(ValueError, match=r"t[01] must be a finite real"):
+            L.ode_log_prob(v, x, log_prior=prior, **ends)
+    with pytest.raises(ValueError, match="t0 and t1 must differ"):
+        L.ode_log_prob(v, x, log_prior=prior, t0=0.5, t1=0.5)
+    # a [B, 1] prior broadcast logp to [B, B]
+    with pytest.raises(ValueError, match=r"log_prior\(z\) must return shape \[B\] = \(4,\); got \(4, 1\)"):
+        gf.log_prob(G.model(path, "velocity"), path, x, prediction="velocity", prior=lambda z: prior(z)[:, None])
+    # chunk_size 1.5 became 1; "a" failed in int()
+    for bad in (1.5, "a", 0):
+        with pytest.raises(ValueError, match="chunk_size must be"):
+            gf.log_prob(G.model(path, "velocity"), path, x, prediction="velocity", chunk_size=bad)
+    pv = gf.paths.vp_linear()
+    fn = G.model(pv, "eps")
+    key = jax.random.key(1)
+    # prior_std -1 gave the +1 result, 0 and NaN a NaN prior term
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="prior_std must be a real > 0"):
+            L.vdm_elbo(fn, pv, x, key, prior_std=bad)
+        with pytest.raises(ValueError, match="prior_std must be a real > 0"):
+            L.prior_term(pv, x, prior_std=bad)
+    # an integer key: JAX's "invalid PRNG key data"
+    for call in (lambda k: L.vdm_elbo(fn, pv, x, k), lambda k: L.diffusion_term(fn, pv, x, k, prediction="eps",
+                                                                                   t_min=1e-3),
+                 lambda k: L.reconstruction_term(pv, x, k, 1e-3),
+                 lambda k: L.dequantized_log_prob(fn, pv, jnp.zeros((2, 3)), k, prediction="eps", bin_width=2 / 255)):
+        with pytest.raises(TypeError, match="key must be one PRNG key"):
+            call(0)
+    # levels of rank 2: a broadcasting error deep inside
+    with pytest.raises(ValueError, match=r"levels must be a 1-D array \[K\]"):
+        L.vdm_elbo(fn, pv, jnp.zeros((2, 3)), key, levels=jnp.zeros((2, 2)))
+    # the valid calls still run, also under jit
+    assert L.vdm_elbo(fn, pv, x, key, prior_std=2.0)[0].shape == (4,)
+    assert jax.jit(lambda k: L.vdm_elbo(fn, pv, x, k)[0])(key).shape == (4,)
+    lp, _ = jax.jit(lambda a, b: L.ode_log_prob(v, x, log_prior=prior, t0=a, t1=b))(0.0, 1.0)
+    assert np.allclose(lp, G.log_prob(x, 0.0, path), atol=1e-3)

@@ -315,3 +315,18 @@ def test_ssim_matches_scikit_image_at_other_sigmas_and_windows():
         ref = [structural_similarity(x[i], y[i], data_range=2.0, gaussian_weights=True, sigma=sigma,
                                      use_sample_covariance=False, win_size=win, channel_axis=-1) for i in range(2)]
         np.testing.assert_allclose(gf.metrics.ssim(y, x, sigma=sigma, window=win), ref, rtol=1e-4)
+
+
+def test_empty_point_sets_and_bad_keys_are_refused_by_name():
+    """An empty set gave NaN (which reads as a diverged sample) in the three W2 functions while mmd
+    refused it; sliced_w2 with an integer key failed with JAX's 'invalid PRNG key data'."""
+    e, p = np.zeros((0, 2)), np.ones((3, 2))
+    with pytest.raises(ValueError, match="w2_exact needs at least 1 point per set; got 0 and 0"):
+        gf.metrics.w2_exact(e, e)
+    with pytest.raises(ValueError, match="w2_sinkhorn needs at least 1 point per set; got 0 and 3"):
+        gf.metrics.w2_sinkhorn(e, p)
+    with pytest.raises(ValueError, match="sliced_w2 needs at least 1 point per set"):
+        gf.metrics.sliced_w2(e, e, jax.random.key(0))
+    with pytest.raises(TypeError, match="key must be one PRNG key"):
+        gf.metrics.sliced_w2(p, p, 0)
+    assert float(gf.metrics.w2_exact(p[:1], p[:1] + 2.0)) == pytest.approx(2.0 * math.sqrt(2.0))

@@ -6,7 +6,8 @@ and the continuous-time VDM ELBO.
     bound, _ = gf.likelihood.dequantized_log_prob(fn, path, x, key, prediction="eps", bin_width=2 / 255)
     bpd = gf.likelihood.bits_per_dim(bound, num_dims=x[0].size)
     elbo, parts = gf.likelihood.vdm_elbo(fn, path, x, key, prediction="eps", levels=jnp.linspace(-1, 1, 256))
-    # (vdm_elbo needs sigma(t_min) > 0: vp_linear, or t_min > 0 on vp_cosine / linear)
+    # (vdm_elbo needs sigma(t_min) > 0 and alpha(t_max) > 0: vp_linear; t_min > 0 on vp_cosine;
+    #  t_min > 0 and t_max < 1 on linear)
 """
 
 from genflow.likelihood._discrete import (DEQUANTIZATIONS, bits_per_dim, dequantized_log_prob,

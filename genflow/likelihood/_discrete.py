@@ -29,7 +29,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import flat_batch, check_int, check_positive_real
+from genflow._checks import check_int, check_key, check_positive_real, flat_batch
 from genflow.likelihood._ode import log_prob
 from genflow.paths import Path
 
@@ -167,6 +167,7 @@ def dequantized_log_prob(
     if dequantization not in DEQUANTIZATIONS:
         raise ValueError(f"unknown dequantization {dequantization!r}; expected one of {list(DEQUANTIZATIONS)}")
     check_int("num_samples", num_samples)
+    check_key(key)
     check_positive_real("bin_width", bin_width)
     check_positive_real("tau", tau)
     k_deq, k_trace = jax.random.split(key)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import flat_batch, check_int, concrete_real
+from genflow._checks import check_int, check_key, check_positive_real, concrete_real, flat_batch
 from genflow.likelihood._ode import _check_x, is_zero
 from genflow.paths import Path
 
@@ -130,6 +130,7 @@ def diffusion_term(fn: Callable, path: Path, x: Array, key: Array, *, prediction
     float32 or wider).
     """
     param.check_kind(prediction)
+    check_key(key)
     _check_x(x, floating=False)  # (integer data is widened below)
     _check_finite_log_snr(path, t_min, t_max)
     x = _wide(x)
@@ -148,6 +149,8 @@ def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Arr
     VDM's factorized categorical ``softmax_k(-(z/alpha - levels_k)^2 / (2 (sigma/alpha)^2))``
     and ``x`` must lie on the levels; without, it is ``N(x; z/alpha, (sigma/alpha)^2 I)``.
     """
+    check_key(key)
+    _check_levels(levels)
     if is_zero(path.sigma(jnp.asarray(t0))):  # (the decoder's log-density was +inf there)
         raise ValueError(f"t0={t0} has sigma=0 on path {path.name!r}: the decoder is a point mass there; pass t0 > 0")
     x = _wide(x)  # (integer data: t0 was cast to an int, and the noise draw refused an int dtype)
@@ -167,6 +170,18 @@ def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Arr
     return _flat_sum(jnp.take_along_axis(logp, idx[..., None], axis=-1)[..., 0])
 
 
+def _check_levels(levels) -> None:
+    """``levels`` must be ``[K]`` (a [K, K'] array failed in a broadcast deep inside)."""
+    if levels is not None and jnp.ndim(levels) != 1:
+        raise ValueError(f"levels must be a 1-D array [K] of the discrete data values; got shape {jnp.shape(levels)}")
+
+
+def _check_prior_std(prior_std) -> None:
+    """``None`` or a real > 0 (-1 gave the +1 result, 0 and NaN a NaN prior term)."""
+    if prior_std is not None:
+        check_positive_real("prior_std", prior_std)
+
+
 def _check_on_levels(x, levels) -> None:
     """Raise ``ValueError`` unless every entry of a concrete ``x`` lies on ``levels`` (checked on
     the host; traced values pass)."""
@@ -184,6 +199,7 @@ def _check_on_levels(x, levels) -> None:
 
 def prior_term(path: Path, x: Array, t1: float = 1.0, prior_std: float | None = None) -> Array:
     """``KL(N(alpha_1 x, sigma_1^2 I) || N(0, s^2 I))`` per example, ``s = sigma(t1)`` by default; ``[B]``."""
+    _check_prior_std(prior_std)
     x = _wide(x)  # (integer data: t1 = 0.9 and prior_std = 0.5 were cast to 0, and the KL was NaN)
     t = jnp.asarray(t1, x.dtype)
     a, s1 = path.alpha(t), path.sigma(t)
@@ -234,6 +250,9 @@ def vdm_elbo(
     t_min = path.t_min if t_min is None else t_min
     _check_t_range(t_min, t_max)  # (a traced t_min raised TracerBoolConversionError here)
     check_int("num_t", num_t)
+    check_key(key)
+    _check_prior_std(prior_std)
+    _check_levels(levels)
     _check_x(x, floating=False)  # (integer data is widened below)
     _check_finite_log_snr(path, t_min, t_max)
     if levels is not None:

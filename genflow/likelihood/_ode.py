@@ -199,6 +199,12 @@ def ode_log_prob(
       ``(logp: [B], info: LogProbInfo)``.
     """
     _check_x(x)
+    for name, value in (("t0", t0), ("t1", t1)):  # (NaN integrated nothing: log_prior(x) came back)
+        v = concrete_real(value)
+        if not isinstance(value, jax.core.Tracer) and (v is None or not math.isfinite(v)):
+            raise ValueError(f"{name} must be a finite real; got {value!r}")
+    if concrete_real(t0) is not None and concrete_real(t0) == concrete_real(t1):
+        raise ValueError(f"t0 and t1 must differ (the ODE runs from t0 to t1); got t0 = t1 = {t0!r}")
     steps = _check_options(trace, solver, steps, probe, num_probes, key, rtol, atol)
     if steps is None:  # (an adaptive solve ran to max_steps on a NaN row and said only that)
         check_finite_rows("x", x)
@@ -258,7 +264,10 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
     sol = diffrax.diffeqsolve(term, cls(), t0=t0, t1=t1, dt0=dt0, y0=y0, args=args, stepsize_controller=controller,
                               adjoint=adjoint, max_steps=max_steps, solver_state=state)
     z, delta = sol.ys[0][-1], sol.ys[1][-1]
-    prior = log_prior(z).astype(x.dtype)
+    prior = log_prior(z)
+    if jnp.shape(prior) != (x.shape[0],):  # (a [B, 1] prior broadcast the result to [B, B])
+        raise ValueError(f"log_prior(z) must return shape [B] = ({x.shape[0]},); got {jnp.shape(prior)}")
+    prior = prior.astype(x.dtype)
     n = sol.stats["num_steps"]
     jvps = math.prod(x.shape[1:]) if probes is None else probes.shape[0]
     info = LogProbInfo(nfe=jnp.asarray(init + per_step * n, jnp.int32), prior_logp=prior, delta_logp=delta,

@@ -23,6 +23,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import check_int
+
 Array = jax.Array
 
 __all__ = ["PROBES", "exact_divergence", "hutchinson_divergence", "sample_probes", "auto_chunk"]
@@ -48,9 +50,7 @@ def exact_divergence(f: Callable[[Array], Array], x: Array, chunk_size: int | No
     """
     b = x.shape[0]
     d = math.prod(x.shape[1:])
-    chunk = auto_chunk(b, d) if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    chunk = auto_chunk(b, d) if chunk_size is None else check_int("chunk_size", chunk_size)  # (1.5 became 1)
     fx, f_lin = jax.linearize(f, x)
 
     def diag_entry(i):
