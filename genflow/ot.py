@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_int, concrete_real, is_int
+from genflow._checks import check_int, check_key, concrete_real, is_int
 
 Array = jax.Array
 
@@ -203,6 +203,12 @@ def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02
     """
     cost = np.asarray(cost)
     _check_square(cost)
+    if cost.ndim != 2:  # (a batch [k, n, n] failed in a broadcast)
+        raise ValueError(f"column_potential takes one [n, n] cost; got shape {cost.shape}")
+    if cost.shape[0] == 0:
+        return np.zeros(0)
+    if np.isnan(cost).any() or np.isneginf(cost).any():  # (NaN potentials came back, unshifted)
+        raise ValueError("cost must not contain NaN or -inf (+inf marks a forbidden pair)")
     if not 0.0 < omega < 2.0:
         raise ValueError(f"omega must be in (0, 2); got {omega}")
     stages = _stages(eps, iters)
@@ -496,6 +502,7 @@ class CoupledBatches:
             self._draw = _draw_fn(sampler, self.batch_size, self.chunk, noise or _standard_normal)
         except TypeError:  # (an unhashable sampler, e.g. a dataclass with __call__: compiled for this stream only)
             self._draw = _draw_fn.__wrapped__(sampler, self.batch_size, self.chunk, noise or _standard_normal)
+        check_key(key)  # (key=0 failed at the first next(), from the background thread, without naming it)
         self._key, self._prefetch = key, int(prefetch)
         self._error: BaseException | None = None
         self._current: tuple | None = None
@@ -532,6 +539,9 @@ class CoupledBatches:
     def prepare(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Chunk ``index``: ``(x0, x1)`` of shape ``[chunk, B, ...]`` with ``x1`` OT-permuted."""
         x0, x1 = jax.device_get(self._draw(jax.random.fold_in(self._key, index)))
+        if x0.shape[1] != self.batch_size or x1.shape != x0.shape:  # (a wrong row count was coupled as drawn)
+            raise ValueError(f"sampler(key, {self.batch_size}) must return [{self.batch_size}, ...] and noise its shape; "
+                             f"got {x0.shape[1:]} and {x1.shape[1:]}")
         if self.coupling == "ot":
             f0, f1 = x0.reshape(x0.shape[:2] + (-1,)), x1.reshape(x1.shape[:2] + (-1,))
             perm = solve_ot_points(f0, f1, precondition=self.precondition, eps=self.eps, iters=self.iters,

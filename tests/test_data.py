@@ -445,3 +445,13 @@ def test_center_crop_of_a_wide_image():
     np.testing.assert_array_equal(_center_crop_resize(img, 4)[0, :, 0], [60, 90, 120, 150])
     tall = np.ascontiguousarray(img.transpose(1, 0, 2))  # 8 x 4: the central rows
     np.testing.assert_array_equal(_center_crop_resize(tall, 4)[:, 0, 0], [60, 90, 120, 150])
+
+
+def test_load_digits_checks_its_seed():
+    """seed=-1 / 1.5 failed in NumPy without naming the argument; NumPy ints are ints."""
+    for bad in (-1, 1.5, "a"):
+        with pytest.raises(ValueError, match="seed must be an int >= 0"):
+            gf.data.load_digits(seed=bad)
+    a, _ = gf.data.load_digits(seed=np.int64(3))
+    b, _ = gf.data.load_digits(seed=3)
+    assert np.array_equal(a, b)

@@ -740,3 +740,27 @@ def test_conv1x1_log_det_of_bfloat16_parameters_is_float32():
         assert ld.dtype == ldi.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(ld), want, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(ldi), -want, rtol=1e-5)
+
+
+def test_checkerboard_masks_alternate_over_every_spatial_axis_and_chains_take_lists():
+    """coupling_mask('checkerboard') used only the first two axes: a [D, H, W, C] input got a
+    [D, H, 1] mask (a broadcasting error in AffineCoupling, or a wrong mask where sizes lined
+    up); Chain([...]) failed later as a non-hashable static argument."""
+    from genflow.flows._layers import coupling_mask
+    m = np.asarray(coupling_mask((2, 3, 4, 2), "checkerboard"))
+    assert m.shape == (2, 3, 4, 1)
+    i, j, k = np.meshgrid(np.arange(2), np.arange(3), np.arange(4), indexing="ij")
+    assert np.array_equal(m[..., 0], ((i + j + k) % 2 == 0).astype(m.dtype))
+    m2 = np.asarray(coupling_mask((4, 4, 2), "checkerboard"))  # the image case is unchanged
+    assert np.array_equal(m2[..., 0], ((np.arange(4)[:, None] + np.arange(4)[None]) % 2 == 0).astype(m2.dtype))
+    x = jax.random.normal(jax.random.key(0), (2, 2, 3, 4, 2))
+    layer = F.AffineCoupling(mask="checkerboard", hidden=4)
+    p = layer.init(jax.random.key(1), x)
+    y, ld = layer.forward(p, x)
+    xr, ldi = layer.inverse(p, y)
+    assert np.allclose(xr, x, atol=1e-10) and np.allclose(ld, -ldi, atol=1e-10)
+    chain = F.Chain([F.ActNorm(), F.ActNorm()])
+    assert isinstance(chain.layers, tuple)
+    flow = F.Flow(chain, (3,))
+    params = flow.init(jax.random.key(2), jax.random.normal(jax.random.key(3), (5, 3)))
+    assert flow.log_prob(params, jnp.zeros((2, 3))).shape == (2,)

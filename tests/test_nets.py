@@ -496,3 +496,27 @@ def test_dit_block_and_time_conditioning_match_the_paper_away_from_initialisatio
     temb = np.asarray(gf.nets.sinusoidal_embedding(t, 256, scale=1000.0))
     want = temb @ np.asarray(e0["kernel"]) + np.asarray(e0["bias"])
     np.testing.assert_allclose(inter["intermediates"]["t_embed0"]["__call__"][0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_nets_refuse_bad_rates_and_class_counts_and_take_numpy_ints_and_jax_bool_flags():
+    """Found by a behavioural audit: UNet(dropout=1.5) trained a fixed, rng-independent rescaling;
+    model_fn(..., train=jnp.array(False)) failed with TracerBoolConversionError inside gf.sample;
+    NumPy ints were refused as if not ints (the repository's is_int accepts them); num_classes=-1
+    failed as a label error; DiTBlock ignored its hidden width."""
+    k = jax.random.key(0)
+    x = jnp.ones((2, 8, 8, 1))
+    for bad in (-0.5, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"UNet's dropout must be a rate in \[0, 1\)"):
+            gf.nets.UNet(ch=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=bad).init(k, x, 0.5)
+    u = gf.nets.UNet(ch=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(np.int64(8),))
+    p = u.init(k, x, 0.5)
+    out = gf.sample(gf.nets.model_fn(u, p, train=jnp.array(False)), gf.paths.linear(), x, prediction="velocity",
+                    solver="euler", steps=2)[0]
+    ref = gf.sample(gf.nets.model_fn(u, p, train=False), gf.paths.linear(), x, prediction="velocity",
+                    solver="euler", steps=2)[0]
+    assert np.array_equal(np.asarray(out), np.asarray(ref))
+    assert gf.nets.DiT(patch_size=np.int64(2), hidden=8, depth=1, num_heads=2).init(k, x, 0.5)
+    with pytest.raises(ValueError, match="num_classes must be None or an int >= 0; got -1"):
+        gf.nets.MLP(hidden=(4,), num_classes=-1).init(k, jnp.ones((2, 2)), 0.5)
+    with pytest.raises(ValueError, match=r"DiTBlock\(hidden=12\) got tokens of width 10"):
+        gf.nets._dit.DiTBlock(12, 2).init(k, jnp.ones((2, 3, 10)), jnp.ones((2, 12)))

@@ -584,3 +584,23 @@ def test_coupled_batches_take_an_unhashable_sampler_and_huge_costs_solve():
     best = linear_sum_assignment(c)[1]
     assert sorted(perm.tolist()) == list(range(50))
     assert np.sum(c[np.arange(50), perm] / 1e307) <= np.sum(c[np.arange(50), best] / 1e307) + 1e-9
+
+
+def test_coupled_batches_and_column_potential_name_bad_input():
+    """Found by a behavioural audit: CoupledBatches took key=0 and failed at the first next(),
+    from the background thread, without naming key; a sampler returning the wrong number of rows
+    was coupled as drawn; column_potential failed in a broadcast on [k, n, n], in a reduction on
+    [0, 0], and returned NaN potentials for a NaN cost."""
+    with pytest.raises(TypeError, match="key must be one PRNG key"):
+        ot.CoupledBatches(gf.data.moons, 4, 0, chunk=2)
+    stream = ot.CoupledBatches(lambda k, n: jax.random.normal(k, (n + 1, 2)), 4, jax.random.key(0), chunk=2)
+    with pytest.raises(ValueError, match=r"sampler\(key, 4\) must return \[4, \.\.\.\]"):
+        next(stream)
+    stream.close()
+    with pytest.raises(ValueError, match=r"column_potential takes one \[n, n\] cost; got shape \(2, 3, 3\)"):
+        ot.column_potential(np.ones((2, 3, 3)))
+    assert ot.column_potential(np.zeros((0, 0))).shape == (0,)
+    c = np.ones((3, 3))
+    c[0, 0] = np.nan
+    with pytest.raises(ValueError, match="cost must not contain NaN or -inf"):
+        ot.column_potential(c)

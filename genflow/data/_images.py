@@ -38,6 +38,7 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0,
 
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}")
+    seed = check_int("seed", seed, 0)  # (-1 / 1.5 failed in NumPy without naming seed)
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must lie in [0, 1]; got {test_fraction!r}")
     d = _load()

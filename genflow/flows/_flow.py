@@ -116,7 +116,9 @@ class Flow:
         return _log_prob(self.bijector, params, x)
 
     def sample(self, params, key: Array, n: int, dtype=jnp.float32) -> Array:
-        """``[n, *event_shape]`` samples ``g^-1(z)``, ``z ~ N(0, I)``."""
+        """``[n, *event_shape]`` samples ``g^-1(z)``, ``z ~ N(0, I)`` drawn in ``dtype``; the samples
+        come back in its promotion with the parameters' dtype (float32 parameters give float32
+        samples for a bfloat16 ``dtype``)."""
         n = check_int("n", n)  # (n=0 failed as a ZeroDivisionError, n=-1 as an MLIRError, n=2.0 unnamed)
         check_key(key)  # (key=0 failed as "invalid PRNG key data")
         return _sample(self.bijector, tuple(self.event_shape), params, key, n, jnp.dtype(dtype))

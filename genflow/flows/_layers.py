@@ -181,9 +181,10 @@ def coupling_mask(shape: tuple[int, ...], kind: str = "half", parity: int = 0, d
             m = jnp.arange(shape[0]) % 2 == 0
         elif len(shape) == 2:  # sequences (L, C): alternating positions
             m = (jnp.arange(shape[0]) % 2 == 0)[:, None]
-        else:
-            h, w = shape[0], shape[1]
-            m = ((jnp.arange(h)[:, None] + jnp.arange(w)[None, :]) % 2 == 0)[..., None]
+        else:  # (H, W, ..., C): alternating over every spatial axis (two only gave a mask of the wrong rank)
+            spatial = shape[:-1]
+            idx = sum(jnp.arange(n).reshape((-1,) + (1,) * (len(spatial) - 1 - i)) for i, n in enumerate(spatial))
+            m = (idx % 2 == 0)[..., None]
     else:
         raise ValueError(f"unknown coupling mask {kind!r}; expected 'half' or 'checkerboard'")
     if not is_int(parity, 0):  # (0.5 was read as odd, a string failed in a format)
@@ -336,6 +337,9 @@ class Chain(Layer):
     """Composition ``layers[-1] o ... o layers[0]``; ``params`` is a tuple, one entry per layer."""
 
     layers: tuple
+
+    def __post_init__(self):  # (a list was accepted here and failed later as a non-hashable static argument)
+        object.__setattr__(self, "layers", tuple(self.layers))
 
     @property
     def linear(self) -> bool:  # type: ignore[override]

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow._checks import is_int
+
 Array = jax.Array
 
 
@@ -102,10 +104,17 @@ def model_fn(module: nn.Module, params, **cond) -> Callable[[Array, Array], Arra
     are static, bound with the module into a hashable callable (an equal module, rebuilt, is
     the same function to ``jit``; a traced ``train`` flag failed inside the module).
     """
-    static = {k: v for k, v in cond.items()  # (a NumPy bool train flag was traced: it failed in the module)
-              if isinstance(v, np.bool_) or not isinstance(v, (jax.Array, np.ndarray, np.generic))}
+    # (a NumPy or concrete JAX bool train flag was traced: it failed in the module, also in gf.sample)
+    static = {k: (bool(v) if _concrete_bool(v) else v) for k, v in cond.items()
+              if _concrete_bool(v) or not isinstance(v, (jax.Array, np.ndarray, np.generic))}
     traced = {k: v for k, v in cond.items() if k not in static}
     return jax.tree_util.Partial(_Apply(module, tuple(sorted(static.items()))), params, **traced)
+
+
+def _concrete_bool(v) -> bool:
+    """A NumPy bool scalar or a concrete 0-d JAX bool array (a flag, bound statically)."""
+    return isinstance(v, np.bool_) or (isinstance(v, (jax.Array, np.ndarray)) and not isinstance(v, jax.core.Tracer)
+                                       and v.shape == () and v.dtype == bool)
 
 
 class _Apply:
@@ -136,6 +145,8 @@ def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: i
         if y is not None:
             raise ValueError("labels y were given but the network was built with num_classes=None")
         return None
+    if not is_int(num_classes, 0):  # (-1 failed as a label error without labels)
+        raise ValueError(f"num_classes must be None or an int >= 0; got {num_classes!r}")
     if y is None:
         y = jnp.full((batch,), num_classes, jnp.int32)
     if not isinstance(y, jax.core.Tracer):  # concrete labels: check the range (an out-of-range

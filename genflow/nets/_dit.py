@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from genflow._checks import is_int
 from genflow.nets._common import batch_times, label_embedding, sinusoidal_embedding
 
 Array = jax.Array
@@ -67,6 +68,8 @@ class DiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
         b, n, d = x.shape
+        if d != self.hidden:  # (the block ran at the tokens' width, ignoring hidden)
+            raise ValueError(f"DiTBlock(hidden={self.hidden}) got tokens of width {d}")
         if d % self.num_heads:  # (a standalone block ran attention d // num_heads * num_heads wide)
             raise ValueError(f"DiTBlock: the width {d} must be divisible by num_heads={self.num_heads}")
         mod = nn.Dense(6 * d, kernel_init=_zeros, dtype=self.dtype, name="adaLN")(nn.silu(c))
@@ -120,7 +123,7 @@ class DiT(nn.Module):
             raise ValueError(f"DiT expects images x of shape [B, H, W, C]; got x.shape={x.shape}")
         b, hh, ww, ch = x.shape
         p = self.patch_size
-        if not (isinstance(p, int) and p >= 1):
+        if not is_int(p, 1):  # (NumPy ints were refused as if not ints)
             raise ValueError(f"DiT's patch_size must be a positive int; got {p!r}")
         if hh % p or ww % p:
             raise ValueError(f"DiT with patch_size={p} needs H and W divisible by {p}; got x.shape={x.shape}")

@@ -10,12 +10,14 @@ self-attention at chosen resolutions, skip connections between the down and up p
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import is_int
 from genflow.nets._common import TimeEmbedding, batch_times, label_embedding
 
 Array = jax.Array
@@ -124,9 +126,12 @@ class UNet(nn.Module):
         levels = len(self.ch_mult)
         if levels < 1:
             raise ValueError("ch_mult needs at least one level")
-        if isinstance(self.attn_resolutions, int) or not all(isinstance(r, int) for r in self.attn_resolutions):
+        if isinstance(self.attn_resolutions, int) or not all(is_int(r, 0) for r in self.attn_resolutions):
             raise ValueError(f"attn_resolutions must be a sequence of ints (feature-map sizes); got "
                              f"{self.attn_resolutions!r}")
+        if not (isinstance(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0):
+            # (-0.5 / 1.5 trained a fixed, rng-independent rescaling: flax's Dropout does not check)
+            raise ValueError(f"UNet's dropout must be a rate in [0, 1); got {self.dropout!r}")
         if self.ch % 2:  # (the time embedding of width ch needs it even; its error named 'dim')
             raise ValueError(f"UNet's ch must be even; got {self.ch}")
         factor = 2 ** (levels - 1)
