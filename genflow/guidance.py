@@ -34,6 +34,7 @@ from typing import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow import param
 from genflow._checks import flat_batch, check_real_in, concrete_real
@@ -64,7 +65,7 @@ def _per_sample(w: Array, x: Array, name: str = "scale") -> Array:
 def _scale(scale) -> Array:
     """A guidance scale (scalar or ``[B]``, real, possibly traced) as a float32 array; a string,
     bytes or bool is refused (NumPy would read ``"2"`` as 2.0)."""
-    if isinstance(scale, (str, bytes, bool)) or (hasattr(scale, "dtype") and not (
+    if isinstance(scale, (str, bytes, bool, complex)) or (hasattr(scale, "dtype") and not (
             jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer))):
         raise TypeError(f"scale must be a real number or a [B] array of them; got {scale!r}")
     return jnp.asarray(scale, jnp.float32)
@@ -131,7 +132,12 @@ class BatchedCFG:
             raise ValueError(f"cfg_batched: y holds {jnp.shape(self.y)[0]} conditions {jnp.shape(self.y)}, but the model "
                              f"is called on a batch of {b}: give one per sample ([B, ...]) or a scalar label")
         y = jnp.broadcast_to(self.y, (b,) + jnp.shape(self.y)[1:]) if jnp.ndim(self.y) else jnp.full((b,), self.y)
-        return y, jnp.broadcast_to(self.null, y.shape).astype(y.dtype)
+        try:
+            null = jnp.broadcast_to(self.null, y.shape)
+        except (TypeError, ValueError):  # (JAX's broadcasting error named neither null nor y)
+            raise ValueError(f"cfg_batched: null of shape {jnp.shape(self.null)} must broadcast to the labels' shape "
+                             f"{y.shape}") from None
+        return y, null.astype(y.dtype)
 
     def parts(self, x: Array, t: Array) -> tuple[Array, Array]:
         b = x.shape[0]
@@ -186,7 +192,10 @@ class Interval:
     t_hi: Array
 
     def __call__(self, x: Array, t: Array) -> Array:
-        inside = (t > self.t_lo) & (t <= self.t_hi)
+        # the bounds in t's own width: float32-rounded ones against float64 times (jax_enable_x64)
+        # dropped the closed end, float32(0.7) < 0.7
+        t = jnp.asarray(t)
+        inside = (t > jnp.asarray(self.t_lo).astype(t.dtype)) & (t <= jnp.asarray(self.t_hi).astype(t.dtype))
         # the unconditional model only runs when some sample of the batch is inside the interval
         c, u = jax.lax.cond(jnp.any(inside), lambda: self.guided.parts(x, t),
                             lambda: (lambda c: (c, c))(self.guided.cond_only(x, t)))
@@ -207,7 +216,10 @@ def interval(guided: CFG, t_lo, t_hi) -> Interval:
     lo, hi = concrete_real(t_lo), concrete_real(t_hi)
     if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:  # else it never (or always) guides
         raise ValueError(f"interval: expected 0 <= t_lo < t_hi <= 1; got t_lo={t_lo}, t_hi={t_hi}")
-    return Interval(guided, jnp.asarray(t_lo, jnp.float32), jnp.asarray(t_hi, jnp.float32))
+    # concrete bounds kept in float64 (NumPy: a jitted call converts them to its default float width,
+    # and __call__ rounds them to t's), traced ones as they are
+    bound = lambda v, c: jnp.asarray(v) if c is None else np.asarray(c, np.float64)  # noqa: E731
+    return Interval(guided, bound(t_lo, lo), bound(t_hi, hi))
 
 
 def cads_gamma(t: Array, tau1, tau2) -> Array:

@@ -574,3 +574,28 @@ def test_classifier_guidance_of_a_score_model_at_the_data_end():
     assert float(PATH.sigma(jnp.float32(0.0))) == 0.0
     g = gf.guidance.classifier(mix.model(PATH, "score"), PATH, "score", lambda z, tt: mix._resp(z, tt, PATH)[0], 0, 1.0)
     np.testing.assert_allclose(g(x, t), comp.model(PATH, "score")(x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_interval_keeps_its_closed_end_under_x64_and_cfg_batched_names_a_bad_null():
+    """interval() stored its bounds in float32: under jax_enable_x64 a float64 grid time of
+    exactly t_hi = 0.7 compared against float32(0.7) = 0.69999998 and was not guided (the
+    documented interval is (t_lo, t_hi]); cfg_batched's null of the wrong shape failed in JAX's
+    broadcast without naming it; a complex scale failed in float()."""
+    g = gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), 3.0)
+    iv = gf.guidance.interval(g, 0.3, 0.7)
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            dt = jnp.float64 if x64 else jnp.float32
+            x = jnp.ones((2, 2), dt)
+            for t, inside in ((0.7, True), (0.3, False), (0.5, True), (0.71, False)):
+                tt = jnp.full((2,), t, dt)
+                want = g(x, tt) if inside else COND.model(PATH, "eps")(x, tt)
+                np.testing.assert_allclose(iv(x, tt), want, rtol=1e-6, err_msg=f"x64={x64} t={t}")
+                jitted = jax.jit(lambda f, x, t: f(x, t))(iv, x, tt)  # (the bounds as traced leaves)
+                np.testing.assert_allclose(jitted, want, rtol=1e-6, err_msg=f"x64={x64} t={t} jit")
+    fn = lambda x, t, y: x * (1.0 + y[:, None])  # noqa: E731
+    bad = gf.guidance.cfg_batched(fn, jnp.ones((4,), jnp.int32), jnp.zeros(3, jnp.int32), 2.0)
+    with pytest.raises(ValueError, match=r"cfg_batched: null of shape \(3,\) must broadcast to the labels' shape"):
+        bad(jnp.ones((4, 2)), jnp.full((4,), 0.5))
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), 1 + 2j)
