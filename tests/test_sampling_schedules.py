@@ -658,27 +658,44 @@ def test_schedule_search_refuses_the_starts_and_ends_gf_sample_refuses():
 
 def test_grids_stepping_from_clean_data_to_clean_data_are_refused():
     """edm(sigma_min=0)'s sigma = (t 80^(1/7))^7 underflows to 0 in float32 below t ~ 2e-6: a
-    1,000-step quadratic grid then had two times with sigma = 0, where ddim / ddpm / dpm++2s
-    returned NaN (0 / 0 in ddim_coefs) without a word."""
+    1,000-step quadratic grid then had two times with sigma = 0, where ddpm, dpm++2s / 3s, pc and,
+    with an x0 model, ddim, deis, edm_heun returned NaN without a word. The samplers refuse it
+    (time_grid itself still returns it); ddim's coefficients out of sigma = 0 are the exact
+    x_t = (alpha_t / alpha_s) x_s."""
     path = gf.paths.edm(sigma_min=0.0)
     g = gf.oracles.Gaussian.diagonal([1.0, -1.0], [0.5, 0.2])
     x1 = g.prior_sample(jax.random.key(0), 4, path)
-    with pytest.raises(ValueError, match=r"schedule 'quadratic' with steps=1000: sigma is 0 in float32 at the "
-                                         r"consecutive times .* and 0\.0 of path 'edm'"):
-        gf.sample(g.model(path, "eps"), path, x1, prediction="eps", solver="ddim", steps=1000, schedule="quadratic")
-    with pytest.raises(ValueError, match=r"schedule: sigma is 0 .* end the grid at t=9\.99"):
-        gf.sampling.time_grid(path, 3, jnp.array([1.0, 0.5, 1e-6, 0.0]))
-    # the same grid ending where sigma is still positive samples finitely and accurately
-    ts = gf.sampling.time_grid(path, 3, jnp.array([1.0, 0.5, 0.1, 0.0]))
-    x, _ = gf.sample(g.model(path, "x0"), path, x1, prediction="x0", solver="ddim", schedule=ts)
+    assert gf.sampling.time_grid(path, 1000, "quadratic").shape == (1001,)
+    for kind, solver in (("eps", "ddim"), ("x0", "dpm++2m")):
+        with pytest.raises(ValueError, match=r"schedule 'quadratic' with steps=1000: sigma is 0 in float32 at the "
+                                             r"consecutive times .* and 0\.0 of path 'edm'"):
+            gf.sample(g.model(path, kind), path, x1, prediction=kind, solver=solver, steps=1000, schedule="quadratic")
+    with pytest.raises(ValueError, match=r"schedule: sigma is 0 .* end the grid at t_end=9\.99"):
+        gf.sample(g.model(path, "x0"), path, x1, prediction="x0", solver="ddim", schedule=jnp.array([1.0, 0.5, 1e-6, 0.0]))
+    op = gf.inverse.operators.Mask(jnp.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"schedule: sigma is 0"):
+        gf.inverse.posterior_sample(g.model(path, "x0"), path, x1, op(x1), op, prediction="x0", key=jax.random.key(1),
+                                    schedule=jnp.array([1.0, 0.5, 1e-6, 0.0]))
+    # the same grid ending where sigma is still positive samples finitely
+    x, _ = gf.sample(g.model(path, "x0"), path, x1, prediction="x0", solver="ddim", schedule=jnp.array([1.0, 0.5, 0.1, 0.0]))
     assert np.all(np.isfinite(np.asarray(x)))
-    # two times of pure noise (alpha = 0) are refused alike; one at the start is fine
-    lin = gf.paths.linear()
+    # ddim's step between two sigma = 0 times is exact (it was 0 / 0)
+    c_x, c_d = gf.sampling._exp.ddim_coefs(jnp.float32(0.5), jnp.float32(0.0), jnp.float32(0.8), jnp.float32(0.0))
+    assert float(c_x) == pytest.approx(1.6) and float(c_d) == 0.0
+    # two times of pure noise (alpha = 0) are refused alike, naming the last of them as the start
     shifted = gf.paths.Path(lambda t: jnp.clip(1.0 - t / 0.9, 0.0, 1.0), lambda t: t, name="flat_noise")
-    with pytest.raises(ValueError, match=r"alpha is 0 in float32 at the consecutive times 1\.0 and 0\.899.* start the "
-                                         r"grid at t=0\.899"):
-        gf.sampling.time_grid(shifted, 3, jnp.array([1.0, 0.9, 0.5, 0.0]))
-    assert gf.sampling.time_grid(lin, 3, jnp.array([1.0, 0.9, 0.5, 0.0])).shape == (4,)
+    fv = g.model(gf.paths.linear(), "velocity")
+    with pytest.raises(ValueError, match=r"alpha is 0 in float32 at the consecutive times 1\.0 and 0\.94.* start it "
+                                         r"at t_start=0\.899"):
+        gf.sample(fv, shifted, x1, prediction="velocity", solver="euler", schedule=jnp.array([1.0, 0.95, 0.9, 0.5, 0.0]))
+    # a path with traced parameters (jit / vmap over it) passes unchecked instead of failing
+    fe = g.model(gf.paths.edm(), "eps")
+    out = jax.jit(lambda p, x: gf.sample(fe, p, x, prediction="eps", solver="ddim", steps=10)[0])(gf.paths.edm(), x1)
+    ref = gf.sample(fe, gf.paths.edm(), x1, prediction="eps", solver="ddim", steps=10)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    sums = jax.vmap(lambda s: gf.sample(fe, gf.paths.edm(sigma_max=s), x1, prediction="eps", solver="ddim",
+                                        schedule=jnp.linspace(1.0, 0.0, 11))[0].sum())(jnp.array([80.0, 60.0]))
+    assert np.all(np.isfinite(np.asarray(sums)))
 
 
 def test_repeated_times_from_float_resolution_are_not_blamed_on_sigma_min_or_sigma_max():
@@ -707,6 +724,10 @@ def test_a_partial_solve_returns_the_state_at_t_end_by_default(pname):
     fn = g.model(path, "x0")
     half, info = gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", steps=20, t_end=0.5)
     assert int(info.nfe) == 20  # no denoising evaluation
+    # the same under a caller's jit (the default was decided from a traced ts[-1] there: 21 NFE)
+    half_jit, info_jit = jax.jit(lambda x: gf.sample(fn, path, x, prediction="x0", solver="dpm++2m", steps=20,
+                                                     t_end=0.5))(x1)
+    assert int(info_jit.nfe) == 20 and np.allclose(half_jit, half, atol=1e-5)
     exact = g.flow_map(x1, 1.0, 0.5, path)
     rel = lambda a, b: float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(b ** 2)))  # noqa: E731
     assert rel(half, exact) < 5e-3  # (the old default: 0.2-0.6)
@@ -722,9 +743,9 @@ def test_a_partial_solve_returns_the_state_at_t_end_by_default(pname):
     # the posterior samplers take the same default
     op = gf.inverse.operators.Mask(jnp.array([1.0, 0.0]))
     y = op(x1)
-    _, pinfo = gf.inverse.posterior_sample(fn, path, x1, y, op, method="dps", prediction="x0", steps=10, t_end=0.5,
-                                           key=jax.random.key(1))
-    assert int(pinfo.nfe) == 10
+    post = lambda x: gf.inverse.posterior_sample(fn, path, x, y, op, method="dps", prediction="x0", steps=10,  # noqa: E731
+                                                 t_end=0.5, key=jax.random.key(1))
+    assert int(post(x1)[1].nfe) == int(jax.jit(post)(x1)[1].nfe) == 10
 
 
 def test_explicit_schedules_must_hold_real_numbers():
@@ -734,6 +755,13 @@ def test_explicit_schedules_must_hold_real_numbers():
     for bad, dt in ((["1.0", "0.0"], "<U3"), (np.array([1 + 1j, 0]), "complex128"), (np.array([True, False]), "bool")):
         with pytest.raises(TypeError, match=f"an explicit schedule must hold real numbers .* got dtype {dt}"):
             gf.sampling.time_grid(lin, 1, bad)
-    for good in ([1.0, 0.5, 0.0], (1, 0), np.array([1, 0]), jnp.array([1.0, 0.0], jnp.bfloat16)):
+    for good in ([1.0, 0.5, 0.0], (1, 0), np.array([1, 0]), jnp.array([1.0, 0.0], jnp.bfloat16),
+                 [jnp.array(1.0, jnp.bfloat16), jnp.array(0.0, jnp.bfloat16)]):
         ts = gf.sampling.time_grid(lin, 1, good)
         assert float(ts[0]) == 1.0 and float(ts[-1]) == 0.0
+    # a list holding a traced time (NumPy reads it as an object)
+    g = gf.oracles.Gaussian.diagonal([1.0, -1.0], [0.5, 0.2])
+    x1 = jnp.ones((2, 2))
+    out = jax.jit(lambda t0: gf.sample(g.model(lin, "velocity"), lin, x1, prediction="velocity", solver="euler",
+                                       schedule=[t0, 0.5, 0.0])[0])(1.0)
+    assert np.all(np.isfinite(np.asarray(out)))

@@ -80,7 +80,7 @@ from genflow._checks import check_denoise, check_int, check_key, check_positive_
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path
 from genflow.sampling import Model, as_pytree_fn, time_grid
-from genflow.sampling._grid import default_denoise
+from genflow.sampling._grid import check_clean_runs, default_denoise
 
 Array = jax.Array
 
@@ -317,7 +317,8 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
         # (an explicit grid brings its own start)
         with jax.ensure_compile_time_eval():  # (a Python float under the caller's jit too)
             t_start = 1.0 if float(path.alpha(1.0)) > 0 else 0.999
-    ts = time_grid(path, steps, schedule, t_start, t_end)
+    ts = check_clean_runs(path, time_grid(path, steps, schedule, t_start, t_end),
+                          f"schedule {schedule!r} with steps={steps}" if isinstance(schedule, str) else "schedule")
     try:  # (under the caller's jit the grid is traced: unchecked there, as in gf.sample)
         with jax.ensure_compile_time_eval():
             alpha0 = float(path.alpha(jnp.asarray(ts[0])))
@@ -345,7 +346,7 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
     check_real_in("eta", eta, 0.0, 1.0)  # (traced values, e.g. under vmap, pass)
     check_denoise(denoise)
     model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
-    denoise = default_denoise(path, ts) if denoise is None else denoise
+    denoise = default_denoise(path, ts, t_end) if denoise is None else denoise
     y = jnp.zeros((x1.shape[0], 1), x1.dtype)
     return _run(model, ts, x1, key, None, base, y, _NoOp(), GaussianNoise(1.0), jnp.float32(0.0),
                 dict(eta=jnp.float32(eta)), bool(denoise))
@@ -460,7 +461,7 @@ def posterior_sample(
         _check_scalar_real("scale", hparams["scale"])
     hp = _hyperparameters(method, DEFAULTS[method], hparams)
     check_denoise(denoise)
-    denoise = default_denoise(path, ts) if denoise is None else denoise
+    denoise = default_denoise(path, ts, t_end) if denoise is None else denoise
     noise = _noise_model(method, noise)
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
                 jnp.float32(weight), hp, bool(denoise), (type(operator), type(noise)))

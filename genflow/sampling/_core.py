@@ -17,7 +17,7 @@ from genflow import param
 from genflow._checks import check_denoise, check_finite_rows, check_int, check_key, concrete_real, is_int
 from genflow.paths import Path
 from genflow.sampling import _diffrax, _driver, _registry
-from genflow.sampling._grid import default_denoise, time_grid
+from genflow.sampling._grid import check_clean_runs, default_denoise, time_grid
 from genflow.sampling._model import Model
 
 Array = jax.Array
@@ -322,12 +322,16 @@ def sample(
         DPM++ 2M at 20 NFE: 2.8e-1 uniform, 1.2e-1 logsnr, 5.1e-2 karras relative error).
         ``edm_heun`` / ``restart`` step in ``sigma / alpha``: on a VP path from ``t = 1`` their
         first uniform step spans a noise level of ~1800 down to ~6 (vp_cosine, 10 steps: relative
-        error 3.5 where heun's is 2.6e-3), so give them ``"karras"``.
+        error 3.5 where heun's is 2.6e-3), so give them ``"karras"``. A grid with two consecutive
+        times at ``sigma = 0`` (or ``alpha = 0``) in its float width is refused (a step from clean
+        data to clean data: NaN for most solvers with an x0 model); it arises where sigma
+        underflows, e.g. ``edm(sigma_min=0)`` with a 1,000-step quadratic grid in float32.
       t_start, t_end: integration interval (default 1 and ``path.t_min``; with an explicit
         schedule, its first and last times: given ones must agree with them).
       denoise: finish with one Tweedie step ``x0_hat(x, t_end)`` (one more NFE); defaults to
-        ``path.denoise_at_end`` for a grid that ends at the path's end ``path.t_min`` and to False
-        for a partial solve that ends above it (its result is the state at ``t_end``).
+        ``path.denoise_at_end`` for a grid that ends at the path's end (``t_end <= path.t_min +
+        1e-6``) or is traced, and to False for a partial solve that ends above it (its result is the
+        state at ``t_end``).
       rtol, atol: tolerances of adaptive solvers (with a bfloat16 model use ~1e-2: tolerances below
         the model's own resolution make the step-size controller reject steps, e.g. 10,805
         NFE for dopri8 at the default 1e-5).
@@ -398,7 +402,7 @@ def sample(
     ts, ts_run, grid_options = _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad)
     solver_options = {**solver_options, **grid_options}
     if denoise is None:
-        denoise = default_denoise(path, ts)
+        denoise = default_denoise(path, ts, t_end)
     max_steps = max(max_steps, int(ts.shape[0]))
     model = Model(as_pytree_fn(fn), path, prediction)
     if not spec.adaptive:
@@ -425,7 +429,8 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
     on (with ``pad``, padded to its bucket for the solvers that trace the step count) and the
     options that the grid determines (the scan solvers' precomputed ``scalars``, a traced
     ``num_steps``)."""
-    ts = time_grid(path, steps, schedule, t_start, t_end)
+    ts = check_clean_runs(path, time_grid(path, steps, schedule, t_start, t_end),
+                          f"schedule {schedule!r} with steps={steps}" if isinstance(schedule, str) else "schedule")
     _check_brownian_tol(ts, solver_options.get("brownian_tol"))
     for kind in kinds:
         _check_start(path, ts, kind, spec)

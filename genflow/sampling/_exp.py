@@ -110,8 +110,14 @@ def finite_or(v: Array, fill) -> Array:
 def ddim_coefs(a_s, s_s, a_t, s_t) -> tuple[Array, Array]:
     """``(c_x, c_d)`` with ``x_t = c_x x_s + c_d x0_hat``: the DDIM step
     ``x_t = alpha_t x0_hat + sigma_t eps_hat``, ``eps_hat = (x_s - alpha_s x0_hat) / sigma_s``
-    (Song et al. 2021). ``c_d = alpha_t (1 - e^-h)``, finite for ``alpha_s = 0`` and ``sigma_t = 0``."""
-    return s_t / s_s, a_t - s_t * a_s / s_s
+    (Song et al. 2021). ``c_d = alpha_t (1 - e^-h)``, finite for ``alpha_s = 0`` and ``sigma_t = 0``.
+    From clean data (``sigma_s = 0``, so ``sigma_t = 0`` too: e.g. ``edm(sigma_min=0)``'s sigma
+    underflowing in float32 near t = 0) the step is the exact ``x_t = (alpha_t / alpha_s) x_s``
+    (it was 0 / 0)."""
+    clean = s_s == 0
+    s_s1 = jnp.where(clean, 1.0, s_s)
+    return (jnp.where(clean, a_t / jnp.where(clean, a_s, 1.0), s_t / s_s1),
+            jnp.where(clean, 0.0, a_t - s_t * a_s / s_s1))
 
 
 def order_at(i: Array, max_order: int, start_inf: Array) -> Array:

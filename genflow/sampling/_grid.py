@@ -44,11 +44,14 @@ def _check_explicit(schedule, t_start=None, t_end=None, steps=None, what: str = 
     """``schedule`` as a checked grid; given ends / step count must agree with it (an explicit
     grid fitted for another interval silently overrode ``t_start`` / ``t_end``)."""
     dt = getattr(schedule, "dtype", None)
-    if dt is None:
+    if dt is None:  # (jnp: a list may hold tracers or JAX scalars, which NumPy reads as objects)
         try:
-            dt = np.asarray(schedule).dtype
-        except (TypeError, ValueError):
-            dt = np.dtype(object)
+            dt = jnp.asarray(schedule).dtype
+        except (TypeError, ValueError):  # (strings: NumPy names their dtype)
+            try:
+                dt = np.asarray(schedule).dtype
+            except (TypeError, ValueError):
+                dt = np.dtype(object)
     if not (np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.integer) or dt == jnp.bfloat16) \
             or np.issubdtype(dt, np.bool_):
         # (strings were parsed, a complex grid lost its imaginary part, a bool one ran as [1, 0])
@@ -126,15 +129,18 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         ``select_schedule``: at 10 steps from pure noise that is worth several times in error.
     Returns:
       ``[steps + 1]`` times (float32; float64 under ``jax.enable_x64``), ``ts[0] = t_start``, ``ts[-1] = t_end``.
+    Raises:
+      TypeError: an explicit schedule whose values are not real numbers (strings, complex, bool).
+      ValueError: a grid that is not strictly decreasing within [0, 1] (also when its times round
+        to the same float: the message says which end crowds), or ends that disagree with it.
     """
     if not isinstance(schedule, str) and not callable(schedule) or hasattr(schedule, "shape"):
-        return _check_clean_runs(path, _check_explicit(schedule, t_start, t_end), "schedule")
+        return _check_explicit(schedule, t_start, t_end)
     t_start = 1.0 if t_start is None else t_start
     t_end = path.t_min if t_end is None else t_end
     if callable(schedule) and not isinstance(schedule, str):
-        return _check_clean_runs(path, _check_explicit(schedule(path, steps, t_start=t_start, t_end=t_end), t_start,
-                                                       t_end, steps, what="the callable schedule's grid"),
-                                 "the callable schedule's grid")
+        return _check_explicit(schedule(path, steps, t_start=t_start, t_end=t_end), t_start, t_end, steps,
+                               what="the callable schedule's grid")
     steps = check_int("steps", steps)
     t_start, t_end = _check_ends(t_start, t_end)
     if schedule not in SCHEDULES:
@@ -162,7 +168,7 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         if not np.all(np.diff(ts) < 0):  # (an interval too narrow for steps in this float width)
             raise ValueError(f"schedule {schedule!r} with steps={steps} repeats times on [t_end={t_end}, "
                              f"t_start={t_start}] in {fdt}: use fewer steps or a wider interval")
-        return _check_clean_runs(path, jax.device_put(ts), f"schedule {schedule!r} with steps={steps}")
+        return jax.device_put(ts)
     n = steps + 1 - int(start_inf) - int(end_inf)
     if n <= 0:
         return jax.device_put(np.array([t_start, t_end], fdt))
@@ -197,17 +203,23 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
             f"pure noise, sigma_min towards clean data) must lie between the other end's noise level and it; "
             f"got times {ts}"
         )
-    return _check_clean_runs(path, jax.device_put(ts), f"schedule {schedule!r} with steps={steps}")
+    return jax.device_put(ts)
 
 
-def default_denoise(path: Path, ts: Array) -> bool:
+def default_denoise(path: Path, ts: Array, t_end=None) -> bool:
     """The samplers' default ``denoise``: ``path.denoise_at_end`` where the grid ends at the path's
-    end (``ts[-1] <= path.t_min``, to 1e-6) or is traced; False for a partial solve ending above
-    it (whose state at ``t_end`` is the result, not a denoised ``x0_hat``)."""
+    end (``ts[-1] <= path.t_min + 1e-6``) or is traced (an explicit schedule traced by the
+    caller); False for a partial solve ending above it (whose state at ``t_end`` is the result,
+    not a denoised ``x0_hat``)."""
     if not path.denoise_at_end:
         return False
-    last = concrete_real(ts[-1])
-    return last is None or last <= path.t_min + 1e-6
+    last = concrete_real(t_end)  # (a given t_end decides, also where the grid is traced under a jit)
+    if last is None:
+        try:  # (a host copy: gf.sample's grid is concrete under a caller's jit, where ts[-1] was traced)
+            last = float(np.asarray(ts)[-1])
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return True
+    return last <= path.t_min + 1e-6
 
 
 def _levels_ordered(path: Path, t_start, t_end, sigma_min, sigma_max, start_inf: bool, end_inf: bool) -> bool:
@@ -220,28 +232,32 @@ def _levels_ordered(path: Path, t_start, t_end, sigma_min, sigma_max, start_inf:
     return lo < hi
 
 
-def _check_clean_runs(path: Path, ts: Array, what: str) -> Array:
-    """``ts``, refused where two consecutive times both have ``sigma = 0`` (or both ``alpha = 0``)
-    in the grid's float width: a step from clean data to clean data (or pure noise to pure
-    noise) is 0 / 0 in the solvers' coefficients (ddim, ddpm and the single-step solvers
-    returned NaN). It happens where ``sigma`` underflows, e.g. ``edm(sigma_min=0)`` (``sigma`` is
-    0 in float32 below t ~ 2e-6) with a 1,000-step quadratic grid. Traced grids pass unchecked."""
+def check_clean_runs(path: Path, ts: Array, what: str) -> Array:
+    """``ts``, refused by the samplers where two consecutive times both have ``sigma = 0`` (or
+    both ``alpha = 0``) in the grid's float width: a step from clean data to clean data (or pure
+    noise to pure noise) spends evaluations on nothing, and is 0 / 0 for an x0 model's eps and in
+    most solvers' coefficients (ddpm, dpm++2s / 3s, pc and, with an x0 model, ddim, deis,
+    edm_heun and restart returned NaN). It happens where ``sigma`` underflows, e.g.
+    ``edm(sigma_min=0)`` (``sigma`` is 0 in float32 below t ~ 2e-6) with a 1,000-step quadratic
+    grid. Traced grids, and paths with traced parameters, pass unchecked."""
     try:
         tn = np.asarray(ts)
+        n = tn.shape[0]
+        padded = np.concatenate([tn, np.full(bucket(n) - n, tn[-1], tn.dtype)])
+        a0, s0 = (np.asarray(v)[:n] for v in _zero_scales(path, jax.device_put(padded)))
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return ts
-    n = tn.shape[0]
-    padded = np.concatenate([tn, np.full(bucket(n) - n, tn[-1], tn.dtype)])
-    a0, s0 = (np.asarray(v)[:n] for v in _zero_scales(path, jax.device_put(padded)))
     for name, z, end in (("sigma", s0, "clean data"), ("alpha", a0, "pure noise")):
         both = z[:-1] & z[1:]
         if both.any():
             i = int(np.argmax(both))
+            # where to end (start) instead: the run's first sigma = 0 time (its last alpha = 0 one)
+            j = i if name == "sigma" else (n - 1 if z[i:].all() else i + int(np.argmin(z[i:])) - 1)
+            bound = "end the grid at t_end" if name == "sigma" else "start it at t_start"
             raise ValueError(
                 f"{what}: {name} is 0 in {tn.dtype} at the consecutive times {float(tn[i])} and {float(tn[i + 1])} "
-                f"of path {path.name!r} (a step from {end} to {end}, where the solvers' coefficients are 0 / 0); "
-                f"{'end' if name == 'sigma' else 'start'} the grid at t={float(tn[i if name == 'sigma' else i + 1])}, "
-                f"use fewer steps, or enable jax.enable_x64")
+                f"of path {path.name!r} (a step from {end} to {end}, spent on nothing and 0 / 0 in most solvers); "
+                f"{bound}={float(tn[j])}, use fewer steps, or enable jax.enable_x64")
     return ts
 
 
