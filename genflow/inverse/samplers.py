@@ -79,8 +79,8 @@ from genflow import param
 from genflow._checks import check_denoise, check_int, check_key, check_positive_real, check_real_in, concrete_real
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path
-from genflow.sampling import Model, as_pytree_fn, time_grid
-from genflow.sampling._grid import check_clean_runs, default_denoise
+from genflow.sampling import Model, as_pytree_fn
+from genflow.sampling._grid import default_denoise, sampler_grid
 
 Array = jax.Array
 
@@ -317,8 +317,7 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
         # (an explicit grid brings its own start)
         with jax.ensure_compile_time_eval():  # (a Python float under the caller's jit too)
             t_start = 1.0 if float(path.alpha(1.0)) > 0 else 0.999
-    ts = check_clean_runs(path, time_grid(path, steps, schedule, t_start, t_end),
-                          f"schedule {schedule!r} with steps={steps}" if isinstance(schedule, str) else "schedule")
+    ts = sampler_grid(path, steps, schedule, t_start, t_end)
     try:  # (under the caller's jit the grid is traced: unchecked there, as in gf.sample)
         with jax.ensure_compile_time_eval():
             alpha0 = float(path.alpha(jnp.asarray(ts[0])))

@@ -17,7 +17,7 @@ from genflow import param
 from genflow._checks import check_denoise, check_finite_rows, check_int, check_key, concrete_real, is_int
 from genflow.paths import Path
 from genflow.sampling import _diffrax, _driver, _registry
-from genflow.sampling._grid import check_clean_runs, default_denoise, time_grid
+from genflow.sampling._grid import default_denoise, sampler_grid
 from genflow.sampling._model import Model
 
 Array = jax.Array
@@ -429,8 +429,7 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
     on (with ``pad``, padded to its bucket for the solvers that trace the step count) and the
     options that the grid determines (the scan solvers' precomputed ``scalars``, a traced
     ``num_steps``)."""
-    ts = check_clean_runs(path, time_grid(path, steps, schedule, t_start, t_end),
-                          f"schedule {schedule!r} with steps={steps}" if isinstance(schedule, str) else "schedule")
+    ts = sampler_grid(path, steps, schedule, t_start, t_end)
     _check_brownian_tol(ts, solver_options.get("brownian_tol"))
     for kind in kinds:
         _check_start(path, ts, kind, spec)

@@ -168,7 +168,7 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         if not np.all(np.diff(ts) < 0):  # (an interval too narrow for steps in this float width)
             raise ValueError(f"schedule {schedule!r} with steps={steps} repeats times on [t_end={t_end}, "
                              f"t_start={t_start}] in {fdt}: use fewer steps or a wider interval")
-        return jax.device_put(ts)
+        return jax.device_put(ts)  # device_put: jnp.asarray compiles per shape
     n = steps + 1 - int(start_inf) - int(end_inf)
     if n <= 0:
         return jax.device_put(np.array([t_start, t_end], fdt))
@@ -230,6 +230,12 @@ def _levels_ordered(path: Path, t_start, t_end, sigma_min, sigma_max, start_inf:
     hi = sigma_max if start_inf else level(t_start)
     lo = sigma_min if end_inf else level(t_end)
     return lo < hi
+
+
+def sampler_grid(path: Path, steps, schedule, t_start, t_end) -> Array:
+    """:func:`time_grid` as the samplers take it: refused by :func:`check_clean_runs`."""
+    return check_clean_runs(path, time_grid(path, steps, schedule, t_start, t_end),
+                            f"schedule {schedule!r} with steps={steps}" if isinstance(schedule, str) else "schedule")
 
 
 def check_clean_runs(path: Path, ts: Array, what: str) -> Array:
