@@ -591,10 +591,10 @@ def test_posterior_sampling_inside_jit_and_checked_inputs():
     with pytest.raises(TypeError, match="x1 must be a floating-point array"):  # int x1 came back as ints
         inv.prior_sample(fn, path, jnp.zeros((2,) + S, jnp.int32), prediction="eps", steps=3, key=jax.random.key(1))
     lin = gf.paths.linear()
-    with pytest.raises(ValueError, match="PoissonNoise: rate must be > 0"):
+    with pytest.raises(ValueError, match="PoissonNoise: rate must be a finite real > 0"):
         inv.posterior_sample(PRIOR.model(lin, "velocity"), lin, x1, op(x1), op, prediction="velocity",
                              method="flowdps", noise=inv.PoissonNoise(-20.0), steps=3, key=jax.random.key(1))
-    with pytest.raises(ValueError, match="GaussianNoise: sigma must be >= 0"):
+    with pytest.raises(ValueError, match="GaussianNoise: sigma must be a finite real >= 0"):
         inv.posterior_sample(fn, path, x1, op(x1), op, prediction="eps", noise=inv.GaussianNoise(-0.1), steps=3,
                              key=jax.random.key(1))
     # a Matrix built directly had ||M||^2 = 1 whatever M (flowdps divides its step by it: NaN)
@@ -991,3 +991,59 @@ def test_blur_refuses_a_bad_rcond_in_every_constructor():
         np.testing.assert_allclose(back, op.pinv(y), atol=1e-6)
     with pytest.raises(ValueError, match="sigma must be a finite float > 0; got nan"):
         inv.gaussian_blur((4, 4), float("nan"))
+
+
+@pytest.mark.parametrize("build, exc, match", [
+    # size=-1 built the zero operator, size=0 fell back to the default, 2.5 became 3
+    (lambda: inv.gaussian_blur((8, 8), 1.0, size=-1), ValueError, "size must be"),
+    (lambda: inv.gaussian_blur((8, 8), 1.0, size=0), ValueError, "size must be"),
+    (lambda: inv.gaussian_blur((8, 8), 1.0, size=2.5), ValueError, "size must be"),
+    (lambda: inv.motion_blur((8, 8), length=2.5), ValueError, "length must be"),
+    (lambda: inv.motion_blur((8, 8), length=3, angle=float("nan")), ValueError, "angle must be a finite real"),
+    (lambda: inv.compressed_sensing(jax.random.key(0), S, 3.5), ValueError, "num_measurements must be"),
+    (lambda: inv.box_inpainting(S, 0.5, 0, 2, 2), ValueError, "top must be"),
+    (lambda: inv.box_inpainting(S, 0, 0, 2.0, 2), ValueError, "height must be"),
+    (lambda: inv.AvgPool(0), ValueError, "factor must be"),  # (ZeroDivisionError in forward)
+    # PoissonNoise(-1).sample returned all ones, rate=0 NaN; a NaN / negative sigma sampled garbage
+    (lambda: inv.PoissonNoise(-1.0), ValueError, "rate must be a finite real > 0"),
+    (lambda: inv.PoissonNoise(0.0), ValueError, "rate must be a finite real > 0"),
+    (lambda: inv.GaussianNoise(float("nan")), ValueError, "sigma must be a finite real >= 0"),
+    (lambda: inv.GaussianNoise(-0.1), ValueError, "sigma must be a finite real >= 0"),
+    (lambda: inv.Mask([[0.5, 0.0]]), ValueError, "mask must hold only 0 and 1"),  # (a list skipped the check)
+])
+def test_operator_and_noise_arguments_are_checked(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
+
+
+def test_adjoint_and_pinv_check_shapes_like_forward():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    # an [H, W] mask: forward refused it, pinv broadcast it over (W, C) of [B, H, W, C]
+    m = inv.Mask(jnp.ones((4, 4)).at[0, 0].set(0.0))
+    with pytest.raises(ValueError, match="Mask of shape"):
+        m.pinv(x)
+    with pytest.raises(ValueError, match="AvgPool's adjoint / pinv need"):
+        inv.super_resolution(2).pinv(x[..., 0])
+    cs = inv.compressed_sensing(jax.random.key(1), S, 6)
+    with pytest.raises(ValueError, match=r"Matrix's adjoint / pinv need measurements y \[B, 6\]"):
+        cs.adjoint(jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"Matrix's adjoint / pinv need measurements y \[B, 6\]"):
+        cs.pinv(jnp.zeros((2, 6, 1)))
+    # the checked operators still work: a list mask is an array, noise models under jit / tree_map
+    np.testing.assert_array_equal(inv.Mask([[1.0, 0.0]]).forward(jnp.ones((1, 1, 2))), [[[1.0, 0.0]]])
+    noisy = jax.jit(lambda n, c: n.sample(jax.random.key(2), c))(inv.GaussianNoise(0.1), jnp.zeros((2, 3)))
+    assert noisy.shape == (2, 3) and float(jnp.std(noisy)) > 0
+    assert jax.tree_util.tree_map(lambda v: v * 2, inv.PoissonNoise(5.0)).rate == 10.0
+
+
+def test_operators_keep_bfloat16():
+    # Mask and Matrix promoted bfloat16 x to float32 (Blur and AvgPool kept it)
+    x = jax.random.normal(jax.random.key(0), (2,) + S).astype(jnp.bfloat16)
+    ops = [inv.random_inpainting(jax.random.key(1), S), inv.compressed_sensing(jax.random.key(2), S, 6),
+           inv.super_resolution(2), inv.gaussian_blur(S[:2], 0.5)]
+    for op in ops:
+        y = op(x)
+        assert y.dtype == jnp.bfloat16, op.name
+        assert op.adjoint(y).dtype == jnp.bfloat16 and op.pinv(y).dtype == jnp.bfloat16, op.name
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(op(x.astype(jnp.float32))), atol=0.05,
+                                   err_msg=op.name)

@@ -83,6 +83,8 @@ class Mask(Operator):
     def __post_init__(self):
         # (also runs when JAX unflattens the pytree: only concrete arrays are checked) a soft mask is
         # no projection: pinv / norm_sq / the range projections were silently wrong (A A+ A != A)
+        if isinstance(self.mask, (list, tuple, int, float, np.number)):  # (a list skipped the 0/1 check)
+            object.__setattr__(self, "mask", jnp.asarray(self.mask, jnp.float32))
         if isinstance(self.mask, (np.ndarray, jax.Array)) and not isinstance(self.mask, jax.core.Tracer):
             m = np.asarray(self.mask)
             if not np.all((m == 0) | (m == 1)):
@@ -98,16 +100,19 @@ class Mask(Operator):
             raise ValueError(f"Mask of shape {m} must match one example of x [B, ...] (or broadcast to it, "
                              f"axis by axis); got x of shape {tuple(x.shape)}")
 
-    def forward(self, x):
+    def _apply(self, x):
+        # (the 0/1 mask is exact in any float dtype: a float32 mask promoted bfloat16 x to float32)
         self._check(x)
-        return x * self.mask
+        return x * self.mask.astype(x.dtype)
+
+    def forward(self, x):
+        return self._apply(x)
 
     def adjoint(self, y):
-        self._check(y)
-        return y * self.mask
+        return self._apply(y)
 
     def pinv(self, y):
-        return y * self.mask
+        return self._apply(y)  # (checked: an [H, W] mask broadcast over the wrong axes of [B, H, W, C])
 
     def norm_sq(self):
         return jnp.max(self.mask)
@@ -127,6 +132,8 @@ def random_inpainting(key: Array, shape: tuple[int, ...], keep: float = 0.3, per
 
 def box_inpainting(shape: tuple[int, int, int], top: int, left: int, height: int, width: int) -> Mask:
     """Drop the box ``[top:top+height, left:left+width]`` of ``[H, W, C]`` images."""
+    top, left = check_int("top", top, 0), check_int("left", left, 0)
+    height, width = check_int("height", height), check_int("width", width)
     H, W = shape[0], shape[1]
     if not (0 <= top and 0 <= left and top + height <= H and left + width <= W and height > 0 and width > 0):
         raise ValueError(f"box ({top}, {left}, {height}, {width}) does not fit in images of shape {shape}")
@@ -146,6 +153,14 @@ class AvgPool(Operator):
     factor: int = _static()
     name: str = dataclasses.field(default="super_resolution", metadata=dict(static=True))
 
+    def __post_init__(self):  # (static, so this also holds when JAX unflattens; AvgPool(0) divided by zero)
+        object.__setattr__(self, "factor", check_int("factor", self.factor))
+
+    def _check_y(self, y):
+        if y.ndim != 4:
+            raise ValueError(f"AvgPool's adjoint / pinv need measurements y [B, H / factor, W / factor, C]; got shape "
+                             f"{tuple(y.shape)}")
+
     def forward(self, x):
         if x.ndim != 4:
             raise ValueError(f"AvgPool needs images x [B, H, W, C]; got shape {x.shape}")
@@ -156,6 +171,7 @@ class AvgPool(Operator):
         return x.reshape(B, H // f, f, W // f, f, C).mean(axis=(2, 4))
 
     def _up(self, y):
+        self._check_y(y)
         f = self.factor
         return jnp.repeat(jnp.repeat(y, f, axis=1), f, axis=2)
 
@@ -268,7 +284,8 @@ def gaussian_blur(image_shape: tuple[int, int], sigma: float = 1.0, size: int | 
     """Gaussian blur of std ``sigma`` pixels on ``[H, W]`` images (kernel ``size`` x ``size``)."""
     if not sigma > 0 or not np.isfinite(sigma):  # (NaN passed `sigma <= 0`: a NaN operator)
         raise ValueError(f"sigma must be a finite float > 0; got {sigma}")
-    size = size or int(2 * np.ceil(2 * sigma) + 1)
+    # (size=0 fell back to the default, -1 built the zero operator and 2.5 became 3)
+    size = int(2 * np.ceil(2 * sigma) + 1) if size is None else check_int("size", size)
     r = np.arange(size) - size // 2
     k = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sigma**2)
     return Blur(_kernel_to_fft(k, image_shape), rcond=rcond, name="gaussian_blur")
@@ -276,8 +293,9 @@ def gaussian_blur(image_shape: tuple[int, int], sigma: float = 1.0, size: int | 
 
 def motion_blur(image_shape: tuple[int, int], length: int = 3, angle: float = 0.0, rcond: float = 0.05) -> Blur:
     """Linear motion blur: a line of ``length`` pixels at ``angle`` degrees, anti-aliased."""
-    if length < 1:
-        raise ValueError(f"length must be >= 1; got {length}")
+    length = check_int("length", length)
+    if concrete_real(angle) is None or not np.isfinite(concrete_real(angle)):
+        raise ValueError(f"angle must be a finite real (degrees); got {angle!r}")
     size = length if length % 2 else length + 1
     k = np.zeros((size, size))
     c = size // 2
@@ -314,13 +332,20 @@ class Matrix(Operator):
             # then returned [B, *x_shape]: broadcasting / scan-carry errors deep in the samplers)
             raise ValueError(f"Matrix acts on x [B, *x_shape] with x_shape={tuple(self.x_shape)}; got x of shape "
                              f"{tuple(x.shape)}")
-        return flat_batch(x) @ self.matrix.T
+        return (flat_batch(x) @ self.matrix.T).astype(x.dtype)  # (as Blur: y in x's dtype, bfloat16 included)
+
+    def _check_y(self, y):
+        m = self.matrix.shape[0]
+        if y.ndim != 2 or y.shape[1] != m:
+            raise ValueError(f"Matrix's adjoint / pinv need measurements y [B, {m}]; got shape {tuple(y.shape)}")
 
     def adjoint(self, y):
-        return (y @ self.matrix).reshape((y.shape[0],) + self.x_shape)
+        self._check_y(y)
+        return (y @ self.matrix).reshape((y.shape[0],) + self.x_shape).astype(y.dtype)
 
     def pinv(self, y):
-        return (y @ self.matrix_pinv.T).reshape((y.shape[0],) + self.x_shape)
+        self._check_y(y)
+        return (y @ self.matrix_pinv.T).reshape((y.shape[0],) + self.x_shape).astype(y.dtype)
 
     def norm_sq(self):
         if self.sq_norm is None:
@@ -330,8 +355,7 @@ class Matrix(Operator):
 
 def compressed_sensing(key: Array, x_shape: tuple[int, ...], num_measurements: int) -> Matrix:
     """A Gaussian sensing matrix ``[num_measurements, prod(x_shape)]`` with entries ``N(0, 1/m)``."""
-    if num_measurements < 1:
-        raise ValueError(f"num_measurements must be positive; got {num_measurements}")
+    num_measurements = check_int("num_measurements", num_measurements)
     x_shape = tuple(int(d) for d in x_shape)
     dim = int(np.prod(x_shape))
     M = np.asarray(jax.random.normal(key, (num_measurements, dim)), np.float64) / np.sqrt(num_measurements)
@@ -374,6 +398,13 @@ class GaussianNoise:
 
     sigma: Array | float
 
+    def __post_init__(self):
+        # (also runs when JAX unflattens the pytree: only a concrete scalar is checked) a NaN or negative
+        # sigma sampled garbage measurements and a NaN data term without a word
+        v = concrete_real(self.sigma)
+        if v is not None and not 0.0 <= v < float("inf"):
+            raise ValueError(f"GaussianNoise: sigma must be a finite real >= 0; got {self.sigma!r}")
+
     def sample(self, key: Array, clean: Array) -> Array:
         return clean + self.sigma * jax.random.normal(key, clean.shape, clean.dtype)
 
@@ -399,6 +430,12 @@ class PoissonNoise:
     approximation ``||y - A x||_Lambda`` with ``Lambda_ii = 1 / (2 y_i)`` on the [0, 1] scale."""
 
     rate: Array | float
+
+    def __post_init__(self):
+        # (as GaussianNoise's) rate = -1 sampled all-ones measurements, rate = 0 NaN
+        v = concrete_real(self.rate)
+        if v is not None and not 0.0 < v < float("inf"):
+            raise ValueError(f"PoissonNoise: rate must be a finite real > 0; got {self.rate!r}")
 
     def sample(self, key: Array, clean: Array) -> Array:
         lam = self.rate * jnp.clip((clean + 1.0) / 2.0, 0.0, None)
