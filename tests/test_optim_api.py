@@ -368,9 +368,30 @@ def test_every_registered_optimizer_steps_through_the_train_step(name):
     if "key" in sig:  # (noisy_sgd: a key will be required from optax 0.2.7 on; without one it warns)
         kw["key"] = jax.random.key(1)
     opt = gf.optim.get(name, **kw)
-    step = jax.jit(gf.train.make_train_step(loss_fn, opt))
-    state, m = step(gf.train.init_state(params, opt, jax.random.key(0)), jnp.float32(0.3))
-    assert bool(m["finite"]) and all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+    def one_step(opt):
+        step = jax.jit(gf.train.make_train_step(loss_fn, opt))
+        state, m = step(gf.train.init_state(params, opt, jax.random.key(0)), jnp.float32(0.3))
+        assert bool(m["finite"]) and all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+        return state.params
+
+    p_float = one_step(opt)
+    if "learning_rate" not in kw or name == "schedule_free":
+        return
+    # make_optimizer hands every optimizer a schedule, except those optax builds from a float only:
+    # sm3 / rprop / optimistic_adam failed on it ("bad operand type for unary -: 'function'")
+    extra = {k: v for k, v in kw.items() if k != "learning_rate"}
+    if name in gf.train._optim.FLOAT_LR_ONLY:
+        with pytest.raises(ValueError, match=f"optimizer '{name}' takes a float learning rate, not a schedule"):
+            gf.train.make_optimizer(1e-2, name=name, warmup_steps=2, **extra)
+        p_const = one_step(gf.train.make_optimizer(1e-2, name=name, **extra))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p_const, p_float)
+    else:  # (the set is exact: any other optimizer takes the warm-up / cosine schedule, whose first
+        # learning rate is 0: prodigy's updates were NaN until make_optimizer set its safeguard_warmup)
+        one_step(gf.train.make_optimizer(1e-2, name=name, warmup_steps=2, decay_steps=10, **extra))
+    if name == "prodigy":
+        with pytest.raises(ValueError, match="prodigy with warmup_steps=2 needs safeguard_warmup=True"):
+            gf.train.make_optimizer(1e-2, name=name, warmup_steps=2, safeguard_warmup=False)
 
 
 _G = [  # three gradient steps for two leaves (a sign change and a zero entry included)

@@ -145,8 +145,9 @@ def get(name: str, **hparams) -> optax.GradientTransformation:
     ``name`` is any of :func:`names`: genflow's transforms (``grams``, ``fadam``, ``diffgrad``,
     ``smb``), every optax optimizer (``adam``, ``adamw``, ``sgd``, ``amsgrad``, ``lion``, ...)
     and every optax.contrib one (``momo``, ``momo_adam``, ``ademamix``, ``schedule_free_adamw``,
-    ...). Hyper-parameters are passed through unchanged (``learning_rate`` accepts a float or an
-    optax schedule).
+    ...). Hyper-parameters are passed through unchanged (``learning_rate`` accepts a float, or an
+    optax schedule where the optimizer supports one: optax's ``sm3``, ``rprop`` and
+    ``optimistic_adam`` take only a float).
 
     Raises:
       ValueError: unknown name (the message lists the valid names).

@@ -46,6 +46,10 @@ def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, decay_steps: int
                                  optax.constant_schedule(learning_rate)], [warmup_steps])
 
 
+# optax optimizers whose learning_rate must be a float (a schedule fails inside optax with a cryptic error)
+FLOAT_LR_ONLY = frozenset({"sm3", "rprop", "optimistic_adam"})
+
+
 def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_steps: int = 0,
                    decay_steps: int | None = None, end_factor: float = 0.0, clip_norm: float | None = None,
                    **kwargs: Any) -> optax.GradientTransformation:
@@ -56,13 +60,36 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
     ``name`` is any optimizer of :func:`genflow.optim.names` that takes a ``learning_rate``:
     genflow's (``"grams"``, ``"fadam"``, ...), optax's (``"adam"``, ``"adamw"``, ``"sgd"``,
     ``"lion"``, ...) and optax.contrib's (``"momo"``, ``"momo_adam"``, ``"ademamix"``, ...);
-    ``kwargs`` go to it (e.g. ``b2=0.99, weight_decay=0.0``).
+    ``kwargs`` go to it (e.g. ``b2=0.99, weight_decay=0.0``). optax's ``"sm3"``, ``"rprop"`` and
+    ``"optimistic_adam"`` take only a float learning rate: they get ``learning_rate`` itself, and
+    ``warmup_steps`` / ``decay_steps`` are refused for them. ``"prodigy"`` with a warm-up gets
+    ``safeguard_warmup=True`` (without it optax's Prodigy divides by the warm-up's first learning
+    rate, 0: NaN updates).
+
+    Raises:
+      ValueError: a bad ``learning_rate`` / ``warmup_steps`` / ``decay_steps`` / ``end_factor`` /
+        ``clip_norm``, a schedule for an optimizer that takes only a float, ``clip_norm`` with SMB,
+        ``"prodigy"`` with a warm-up and ``safeguard_warmup=False``.
     """
     from genflow import optim  # (genflow.optim does not import genflow.train)
     from genflow.optim._smb import holds_smb
 
-    tx = optim.get(name, learning_rate=lr_schedule(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps,
-                                                   end_factor=end_factor), **kwargs)
+    lr = lr_schedule(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps, end_factor=end_factor)
+    if name in FLOAT_LR_ONLY:  # (they failed on the schedule with "bad operand type for unary -: 'function'")
+        if warmup_steps or decay_steps is not None:
+            alt = f"; optax's {name}_v2 takes a schedule" if name == "optimistic_adam" else ""
+            raise ValueError(f"optimizer {name!r} takes a float learning rate, not a schedule (optax builds it so)"
+                             f"{alt}: pass warmup_steps=0 and decay_steps=None; got warmup_steps={warmup_steps!r}, "
+                             f"decay_steps={decay_steps!r}")
+        lr = learning_rate  # (the same constant schedule)
+    if name == "prodigy" and warmup_steps:
+        # optax's Prodigy divides its D estimate by the learning rate unless safeguard_warmup: the
+        # warm-up's 0 at step 0 made every update NaN (the Prodigy paper's remedy for warm-ups)
+        if kwargs.setdefault("safeguard_warmup", True) is not True:
+            raise ValueError(f"prodigy with warmup_steps={warmup_steps} needs safeguard_warmup=True (its first learning "
+                             f"rate is 0, which optax's Prodigy divides by otherwise: NaN updates); got "
+                             f"safeguard_warmup={kwargs['safeguard_warmup']!r}")
+    tx = optim.get(name, learning_rate=lr, **kwargs)
     if clip_norm is not None:
         if not _finite_real(clip_norm, positive=True):
             raise ValueError(f"clip_norm must be a finite real > 0; got {clip_norm!r}")
