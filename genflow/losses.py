@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import flat_batch
+from genflow._checks import check_int, flat_batch
 from genflow.paths import Path, check_t
 
 Array = jax.Array
@@ -216,6 +216,11 @@ def sample_t(key: Array, n: int, t_min: float = 0.0, t_max: float = 1.0, stratif
     rounds up to ``t_max`` for u near 1 (in float32 whenever ``t_min >= 0.75``), and at ``t = 1``
     the linear path's velocity/v losses with SNR-based weights are inf/inf. Such a draw becomes
     the float just below ``t_max`` (or ``t_min`` if that is larger)."""
+    n = check_int("n", n, 0)
+    check_t(t_min, "t_min")  # (as diffusion_loss: t_min=0.8, t_max=0.2 gave all 0.8, t_min=-1 negative times)
+    check_t(t_max, "t_max")
+    if not isinstance(t_min, jax.core.Tracer) and not isinstance(t_max, jax.core.Tracer) and t_min > t_max:
+        raise ValueError(f"t_min must be <= t_max; got t_min={t_min}, t_max={t_max}")
     dtype = jax.dtypes.canonicalize_dtype(jnp.float_ if dtype is None else dtype)
     if stratified:
         u = (jnp.arange(n, dtype=dtype) + jax.random.uniform(key, (), dtype)) / n
@@ -289,10 +294,6 @@ def diffusion_loss(
         raise ValueError(f"x0 must be a floating-point array [B, ...] with B >= 1; got dtype {jnp.asarray(x0).dtype}, "
                          f"shape {jnp.shape(x0)}")  # (an empty batch's mean loss is NaN)
     t_min = path.t_min if t_min is None else t_min
-    check_t(t_min, "t_min")
-    check_t(t_max, "t_max")
-    if not isinstance(t_min, jax.core.Tracer) and not isinstance(t_max, jax.core.Tracer) and t_min > t_max:
-        raise ValueError(f"t_min must be <= t_max; got t_min={t_min}, t_max={t_max}")
     w_fn = get_weighting(weighting, prediction, gamma=gamma, bias=bias)
     kt, kn, kc = jax.random.split(key, 3)
     b = x0.shape[0]
@@ -310,19 +311,26 @@ def diffusion_loss(
     pred = fn(xt.astype(x0.dtype), t)
     if pred.shape != x0.shape:
         raise ValueError(f"model output shape {pred.shape} does not match the data shape {x0.shape}")
+    # per-example weight lam = w / c^2, applied as sign(lam) (sqrt|lam| residual)^2: the residual is
+    # scaled before squaring (a score model on edm(sigma_min=0) at sigma ~ 1e-20 has c^2 = inf and
+    # residual^2 = inf in float32: lam * sq was 0 * inf = NaN, the true loss O(1))
     if getattr(w_fn, "uniform_kind", None) == prediction:
-        lam = jnp.ones((b,), wide)  # plain MSE of the predicted kind (also where c is 0 or inf)
+        root, sign = jnp.ones((b,), wide), None  # plain MSE of the predicted kind (also where c is 0 or inf)
     elif prediction == "x0" and hasattr(w_fn, "x0_weight"):
         lam = jnp.broadcast_to(w_fn.x0_weight(path, t), (b,)).astype(wide)  # (no 0 / 0 where SNR underflows)
+        root, sign = jnp.sqrt(jnp.abs(lam)), jnp.sign(lam)
     else:
         c = param.eps_scale(path, t, prediction)
         w = w_fn(path, t)
         if jnp.shape(w) not in ((), (b,)):  # a [B, 1] weight would broadcast the loss to [B, B]
             raise ValueError(f"weighting {weighting!r} must return a scalar or shape [B] = [{b}]; got shape "
                              f"{jnp.shape(w)}")
-        lam = (w / (c * c)).astype(wide)
-    sq = jnp.mean(flat_batch(jnp.square((pred - target).astype(wide))), axis=-1)
-    per_example = lam * sq
+        w = jnp.broadcast_to(w, (b,)).astype(wide)
+        root, sign = jnp.sqrt(jnp.abs(w)) / jnp.abs(jnp.broadcast_to(c, (b,)).astype(wide)), jnp.sign(w)
+    r = flat_batch((pred - target).astype(wide)) * root[:, None]
+    per_example = jnp.mean(jnp.square(r), axis=-1)
+    if sign is not None:  # (a weighting of your own may be signed)
+        per_example = sign * per_example
     return jnp.mean(per_example), {"t": t, "per_example": per_example}
 
 

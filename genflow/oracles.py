@@ -244,7 +244,9 @@ class OracleModel:
         score = self.oracle.score(x, t, self.path)
         if self.kind == "score":
             return score
-        # eps = -sigma * score stays finite at sigma = 0, where (x - alpha x0) / sigma is 0/0.
+        # eps = -sigma * score stays finite at sigma = 0, where (x - alpha x0) / sigma is 0/0 (for data
+        # of positive variance: a zero-variance dimension has an infinite score there, and eps /
+        # v / velocity are NaN at t = 0, the flow itself being undefined; only x0 is finite).
         tb = broadcast_t(t, x)
         eps = -self.path.sigma(tb) * score
         x0 = self.oracle.x0(x, t, self.path)

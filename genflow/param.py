@@ -21,6 +21,12 @@ Because every kind is an affine function of ``(x0_hat, eps_hat)`` given ``x``, a
 * ``v``:        ``x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)``, ``eps = (sigma x + alpha v) / (alpha^2 + sigma^2)``
 * ``score``:    ``eps = -sigma score``
 * ``velocity``: ``x0 = (sigma' x - sigma u) / D``, ``eps = (alpha u - alpha' x) / D``, ``D = alpha sigma' - sigma alpha'``
+
+A conversion that needs the missing half is undefined where ``sigma = 0`` (``t = 0`` on
+``vp_*``, ``linear``, ``edm(sigma_min=0)``: eps / v / score from x0, v or velocity, and score
+from eps) or ``alpha = 0`` (``t = 1`` on ``linear``: x0 / v / velocity from eps or score), and
+returns NaN there (0 / 0), without an error. The samplers never evaluate these (they step to or
+from such an end in closed form; :func:`singular_velocity` names the velocity cases).
 """
 
 from __future__ import annotations
@@ -116,6 +122,7 @@ def to_x0_eps(pred: Array, x: Array, t, path: Path, kind: str) -> tuple[Array, A
       (computed in at least float32).
     """
     check_kind(kind)
+    check_t(t)  # (as convert: a t outside [0, 1] extrapolated the path silently; a no-op under jit)
     _same_shape(x, pred=pred)
     out, t, pred, x = _widened(t, pred, x)
     x0, eps = _to_x0_eps(pred, x, t, path, kind)
@@ -149,6 +156,7 @@ def from_x0_eps(x0: Array, eps: Array, x: Array, t, path: Path, kind: str) -> Ar
     """The prediction of kind ``kind`` implied by ``(x0, eps)`` at ``(x, t)``; ``[B, ...]`` in the
     promoted dtype of ``x0``, ``eps``, ``x`` and ``t`` (computed in at least float32)."""
     check_kind(kind)
+    check_t(t)
     _same_shape(x, x0=x0, eps=eps)
     out, t, x0, eps, x = _widened(t, x0, eps, x)
     return _from_x0_eps(x0, eps, x, t, path, kind).astype(out)

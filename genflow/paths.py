@@ -202,7 +202,9 @@ class Path:
 
     def prior_sample(self, key: Array, shape, dtype=jnp.float32) -> Array:
         """Standard starting state at t = 1: ``sigma(1) * N(0, I)`` of the given shape."""
-        return self.sigma(jnp.ones((), dtype)) * jax.random.normal(key, shape, dtype)
+        # sigma(1) in float32 or wider (in bfloat16 edm's sigma(1) was 81.5, not 80)
+        s1 = self.sigma(jnp.ones((), jnp.promote_types(dtype, jnp.float32)))
+        return (s1 * jax.random.normal(key, shape, dtype)).astype(dtype)
 
 
 _STATIC_FIELDS = tuple(f.name for f in dataclasses.fields(Path) if f.name != "params")

@@ -468,3 +468,55 @@ def test_t_min_defaults_to_the_paths_t_min():
     t = np.asarray(aux["t"])
     assert t.min() >= path.t_min and t.max() < 1.0
     assert abs(np.mean(t) - (1.0 + path.t_min) / 2) < 0.01  # uniform on [t_min, 1)
+
+
+@pytest.mark.parametrize("weighting", ["eps", "snr", "min_snr", "elbo", "sigmoid"])
+def test_score_model_loss_is_finite_where_sigma_squared_underflows(weighting):
+    # On edm(sigma_min=0) at t < 1e-3, sigma ~ 1e-20: the eps-space weight w / c^2 = w sigma^2
+    # underflowed to 0 and the score residual squared (~ 1/sigma^2) overflowed: 0 * inf = NaN for
+    # every weighting of a score model (the true loss is the O(1) eps-space error). The residual is
+    # now scaled before squaring: the loss is w(t) mean_d (eps_hat - eps)^2, eps_hat = -sigma score.
+    path = gf.paths.edm(sigma_min=0.0)
+    g = gf.oracles.Gaussian.diagonal(MU, V)
+    x0 = g.sample(jax.random.key(0), 64)
+    eps = jax.random.normal(jax.random.key(2), x0.shape)
+    loss, aux = gf.losses.diffusion_loss(g.model(path, "score"), path, x0, jax.random.key(1), prediction="score",
+                                         weighting=weighting, coupling=lambda k, a, b: eps, t_min=1e-5, t_max=1e-3)
+    assert float(path.sigma(aux["t"][0]) ** 2) == 0.0  # the regime: sigma^2 underflows in float32
+    with jax.enable_x64(True):
+        t = jnp.asarray(aux["t"], jnp.float64)
+        s = np.asarray(path.sigma(t))[:, None]
+        xt = np.asarray(x0, np.float64) + s * np.asarray(eps, np.float64)  # (alpha = 1 on edm)
+        eps_hat = s * (xt - np.asarray(MU)) / (np.asarray(V) + s**2)
+        w = np.asarray(gf.losses.get_weighting(weighting, "eps")(path, t))
+    want = w * np.mean((eps_hat - np.asarray(eps, np.float64)) ** 2, axis=-1)
+    assert np.isfinite(float(loss))
+    np.testing.assert_allclose(aux["per_example"], want, rtol=1e-4, atol=1e-30)  # (elbo, sigmoid: w ~ 1e-38)
+
+
+def test_sample_t_and_conversions_check_their_times():
+    # sample_t(t_min=0.8, t_max=0.2) returned all 0.8 and t_min=-1 negative times; to_x0_eps /
+    # from_x0_eps extrapolated the path outside [0, 1] (convert refused it)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="t_min must be <= t_max"):
+        gf.losses.sample_t(key, 4, t_min=0.8, t_max=0.2)
+    with pytest.raises(ValueError, match="t_min"):
+        gf.losses.sample_t(key, 4, t_min=-1.0)
+    with pytest.raises(ValueError, match="n must be"):
+        gf.losses.sample_t(key, 2.5)
+    x = jnp.ones((2, 3))
+    path = gf.paths.vp_cosine()
+    with pytest.raises(ValueError, match="t"):
+        gf.param.to_x0_eps(x, x, 1.5, path, "eps")
+    with pytest.raises(ValueError, match="t"):
+        gf.param.from_x0_eps(x, x, x, -0.5, path, "v")
+
+
+def test_prior_sample_scale_is_exact_in_bfloat16():
+    # sigma(1) was evaluated in the sample's dtype: 81.5 for edm's 80 in bfloat16 (a 1.9% wider prior)
+    path = gf.paths.edm()
+    z = jax.random.normal(jax.random.key(0), (64,), jnp.bfloat16)
+    got = path.prior_sample(jax.random.key(0), (64,), jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    # (to bfloat16's rounding, 2^-8 relative; sigma(1) is 79.999985 in float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), 80.0 * np.asarray(z, np.float32), rtol=2.0**-8)
