@@ -366,3 +366,60 @@ def test_a_save_without_the_tracked_metric_never_ranks_best(tmp_path):
             ckpt.save(state.replace(step=jnp.int32(s)), metrics=m)
             ckpt.wait()
         assert ckpt.all_steps() == [1, 4] and ckpt.best_step() == 1
+        # a NaN metric (an aux the finite-loss guard does not see) ranked best: step 1 was deleted
+        ckpt.save(state.replace(step=jnp.int32(5)), metrics={"loss": float("nan")})
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 5] and ckpt.best_step() == 1
+
+
+_EXIT_SCRIPT = """
+import sys, jax, jax.numpy as jnp, optax, genflow as gf
+opt = optax.adam(1e-2)
+state = gf.train.init_state({"w": jnp.ones((256, 256))}, opt, jax.random.key(0))
+ckpt = gf.train.Checkpointer(sys.argv[1], save_every=1, best_metric=None)
+print(ckpt.save(state.replace(step=jnp.int32(3))))
+"""  # (returns without wait() / close())
+
+
+def test_a_save_started_before_the_script_returns_is_committed(tmp_path):
+    """A script that saved asynchronously and returned without close() left only
+    ``3.orbax-checkpoint-tmp`` ("cannot schedule new futures after interpreter shutdown" on stderr):
+    the checkpoint was lost. The Checkpointer now closes itself at interpreter exit."""
+    d = tmp_path / "ckpt"
+    run = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(d)], capture_output=True, text=True, env=ENV,
+                         timeout=240)
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr[-2000:]
+    assert "cannot schedule new futures" not in run.stderr, run.stderr[-2000:]
+    assert sorted(os.listdir(d)) == ["3"]
+    opt = optax.adam(1e-2)
+    target = gf.train.init_state({"w": jnp.zeros((256, 256))}, opt, jax.random.key(1))
+    with gf.train.Checkpointer(str(d), save_every=1, best_metric=None) as ckpt:
+        restored, _ = ckpt.restore(target)
+    assert int(restored.step) == 3 and float(restored.params["w"].sum()) == 256.0 * 256.0
+
+
+def test_a_metrics_row_cut_off_by_a_crash_is_dropped(tmp_path):
+    """A JSONL row cut off mid-write made read_jsonl and MetricsWriter(resume_step=...) raise a
+    JSONDecodeError saying "line 1", and a writer without resume_step glued its next row onto the
+    fragment (both rows lost)."""
+    path = str(tmp_path / "metrics.jsonl")
+    w = gf.train.MetricsWriter(path)
+    for s in (10, 20, 30):
+        w.write(s, {"loss": np.array([1.0 / s])})
+    with open(path, "a") as f:
+        f.write('{"step": 40, "time": 1.0, "lo')  # killed mid-write
+    with pytest.warns(UserWarning, match="skipped its last line 4"):
+        assert [r["step"] for r in gf.train.read_jsonl(path)] == [10, 20, 30]
+    with pytest.warns(UserWarning, match="skipped its last line 4"):
+        w = gf.train.MetricsWriter(path)  # (no resume_step: the fragment is dropped, not glued onto)
+    w.write(40, {"loss": np.array([0.025])})
+    assert [(r["step"], r["loss"]) for r in gf.train.read_jsonl(path)][-2:] == [(30, 1.0 / 30), (40, 0.025)]
+    with open(path, "a") as f:
+        f.write('{"step": 50, "lo')
+    with pytest.warns(UserWarning, match="skipped its last line 5"):
+        gf.train.MetricsWriter(path, resume_step=20)
+    assert [r["step"] for r in gf.train.read_jsonl(path)] == [10, 20]
+    with open(path, "a") as f:  # a bad line that is not the last is an error naming the line
+        f.write('{"step": 3\n{"step": 40}\n')
+    with pytest.raises(ValueError, match="line 3 is not valid JSON"):
+        gf.train.read_jsonl(path)

@@ -16,8 +16,11 @@ half-written one is ignored (and cleaned up) on restart.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import threading
+import weakref
 from typing import Any
 
 import jax
@@ -85,6 +88,27 @@ def _abstract(tree, shardings=None):
     return jax.tree.map(spec, tree, shardings)
 
 
+def _close_at_exit(ckpt) -> None:
+    """Close ``ckpt`` (committing its pending saves) when the interpreter exits, if it is still
+    open then. A script that saved and returned without ``close()`` left only a
+    ``<step>.orbax-checkpoint-tmp`` directory (orbax's commit thread could no longer schedule its
+    futures: "cannot schedule new futures after interpreter shutdown"), so the save was lost.
+    The hook runs in ``threading``'s exit hooks, before ``concurrent.futures`` shuts its workers
+    down (a plain ``atexit`` hook runs after them); it holds only a weak reference."""
+    ref = weakref.ref(ckpt)
+
+    def close():
+        c = ref()
+        if c is not None and not c._closed:
+            c.close()
+
+    register = getattr(threading, "_register_atexit", None)  # (CPython >= 3.9; else atexit, best effort)
+    try:
+        (register or atexit.register)(close)
+    except RuntimeError:  # (registering while the interpreter is already shutting down)
+        pass
+
+
 class Checkpointer:
     """Save every ``save_every`` steps (async), keep the last ``keep`` and the best, restore anywhere.
 
@@ -93,7 +117,7 @@ class Checkpointer:
       save_every: save when ``state.step`` is a multiple of it (``fit`` aligns its chunks to it).
       keep: the number of most recent checkpoints kept.
       best_metric: a metric name (e.g. ``"loss"``); the checkpoint with the best value is kept
-        too, beyond the last ``keep`` (a step saved without that metric ranks worst). ``None``
+        too, beyond the last ``keep`` (a step saved without that metric, or with NaN, ranks worst). ``None``
         keeps only the most recent ones.
       best_mode: ``"min"`` or ``"max"``.
       async_save: write in a background thread (the train loop continues meanwhile).
@@ -120,6 +144,7 @@ class Checkpointer:
                                             enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
                                             **options)
         self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "data"))
+        _close_at_exit(self)
 
     # -- saving -------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -133,8 +158,9 @@ class Checkpointer:
         if not force and not self.should_save(step):
             return False
         metrics = {} if metrics is None else {k: float(v) for k, v in metrics.items()}
-        if self.best_metric is not None and self.best_metric not in metrics:
-            # the worst value: orbax keeps a step without the tracked metric forever (never GC'd)
+        if self.best_metric is not None and math.isnan(metrics.get(self.best_metric, math.nan)):
+            # the worst value: orbax keeps a step without the tracked metric forever (never GC'd), and
+            # ranked a NaN one best, deleting the real best checkpoint
             metrics[self.best_metric] = math.inf if self.best_mode == "min" else -math.inf
         metrics = metrics or None
         ocp = _ocp()
@@ -146,8 +172,13 @@ class Checkpointer:
         """Block until pending asynchronous saves are committed."""
         self.manager.wait_until_finished()
 
+    _closed = False
+
     def close(self) -> None:
-        self.manager.close()
+        """Commit pending saves and release orbax's threads (also done at interpreter exit)."""
+        if not self._closed:
+            self._closed = True
+            self.manager.close()
 
     # -- inspecting -----------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -171,8 +202,10 @@ class Checkpointer:
         """Restore the checkpoint at ``step`` (default: the latest).
 
         Args:
-          target: a train state of the right structure, shapes and dtypes (e.g. a freshly
-            initialised one); its values are not used.
+          target: a train state of the right structure and shapes (e.g. a freshly initialised
+            one); its values are not used. Its dtypes are the restored ones: orbax casts each
+            stored array to the target's dtype without a warning (a bfloat16 checkpoint restored
+            into a float32 target comes back float32, and the reverse rounds).
           shardings: target ``Sharding`` s (a pytree like ``target``, e.g. from
             :func:`genflow.train.tree_shardings` on another mesh): the checkpoint is re-sharded
             onto them, whatever mesh it was written from. Default: the shardings of ``target``.

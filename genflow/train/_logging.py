@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -27,8 +28,9 @@ class MetricsWriter:
         self.active = jax.process_index() == 0
         if self.active:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            if resume_step is not None and os.path.exists(path):
-                keep = [r for r in read_jsonl(path) if r.get("step", 0) <= int(resume_step)]
+            if os.path.exists(path) and (resume_step is not None or not _ends_with_newline(path)):
+                # (a row cut off by a crash: read_jsonl skips it, and the next row would be glued onto it)
+                keep = [r for r in read_jsonl(path) if resume_step is None or r.get("step", 0) <= int(resume_step)]
                 with open(path, "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in keep)
 
@@ -44,7 +46,30 @@ class MetricsWriter:
         self.write(int(state.step), {k: v for k, v in metrics.items() if k != "finite"})
 
 
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def read_jsonl(path: str) -> list[dict]:
-    """The rows of a JSONL file."""
+    """The rows of a JSONL file. A last line cut off by a crash (not valid JSON) is skipped with a
+    warning; any other bad line raises a ``ValueError`` naming its line number. (Non-finite
+    metrics are stored as ``NaN`` / ``Infinity``, which Python's ``json`` reads; strict parsers
+    such as ``jq`` do not.)"""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, ln) for i, ln in enumerate(f, 1) if ln.strip()]
+    rows = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k == len(lines) - 1 and not line.endswith("\n"):
+                warnings.warn(f"{path}: skipped its last line {i}, cut off before its end (an interrupted write): "
+                              f"{line[:80]!r}", stacklevel=2)
+                break
+            raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg}): {line[:80]!r}") from None
+    return rows

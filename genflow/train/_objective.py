@@ -50,6 +50,10 @@ def diffusion_objective(
     and pre-coupled noise ``x1`` (e.g. from :class:`genflow.ot.CoupledBatches`, whose exact OT
     pairings are computed ahead in a background thread) are optional; given ``x1``, it replaces
     the noise draw and ``coupling`` is not used.
+
+    Keys: ``key`` is split into ``(k_drop, k_loss)``; the loss is
+    ``genflow.losses.diffusion_loss(..., k_loss)`` (not of ``key`` itself), labels are dropped
+    with ``k_drop`` and the network's dropout uses ``jax.random.fold_in(key, 2)``.
     """
     if label_dropout and null_label is None:
         raise ValueError("label_dropout > 0 needs null_label (the index of the 'no label' class)")
