@@ -136,9 +136,13 @@ class Path:
         return jnp.exp(self.log_snr(t))
 
     def d_log_snr(self, t) -> Array:
-        """``d lambda / dt`` (negative): ``2 (alpha'/alpha - sigma'/sigma)``."""
+        """``d lambda / dt`` (negative): ``2 (alpha'/alpha - sigma'/sigma)``; ``-inf`` where
+        ``sigma = 0`` (the log-SNR's limit there; ``edm(sigma_min=0)`` at t = 0 gave 0/0 = NaN)."""
         t = _as_float(t)
-        return 2.0 * (self.d_alpha(t) / self.alpha(t) - self.d_sigma(t) / self.sigma(t))
+        s = self.sigma(t)
+        clean = s == 0
+        rate = self.d_alpha(t) / self.alpha(t) - self.d_sigma(t) / jnp.where(clean, 1.0, s)
+        return 2.0 * jnp.where(clean, -jnp.inf, rate)
 
     def t_from_log_snr(self, lam) -> Array:
         """Inverse of :meth:`log_snr`: the ``t`` in [0, 1] with ``log_snr(t) = lam``.
