@@ -315,7 +315,7 @@ def diffusion_loss(
     # scaled before squaring (a score model on edm(sigma_min=0) at sigma ~ 1e-20 has c^2 = inf and
     # residual^2 = inf in float32: lam * sq was 0 * inf = NaN, the true loss O(1))
     if getattr(w_fn, "uniform_kind", None) == prediction:
-        root, sign = jnp.ones((b,), wide), None  # plain MSE of the predicted kind (also where c is 0 or inf)
+        root, sign = None, None  # plain MSE of the predicted kind (also where c is 0 or inf)
     elif prediction == "x0" and hasattr(w_fn, "x0_weight"):
         lam = jnp.broadcast_to(w_fn.x0_weight(path, t), (b,)).astype(wide)  # (no 0 / 0 where SNR underflows)
         root, sign = jnp.sqrt(jnp.abs(lam)), jnp.sign(lam)
@@ -327,7 +327,9 @@ def diffusion_loss(
                              f"{jnp.shape(w)}")
         w = jnp.broadcast_to(w, (b,)).astype(wide)
         root, sign = jnp.sqrt(jnp.abs(w)) / jnp.abs(jnp.broadcast_to(c, (b,)).astype(wide)), jnp.sign(w)
-    r = flat_batch((pred - target).astype(wide)) * root[:, None]
+    r = flat_batch((pred - target).astype(wide))
+    if root is not None:  # (nothing extra in the flow-matching step, whose throughput is benchmarked)
+        r = r * root[:, None]
     per_example = jnp.mean(jnp.square(r), axis=-1)
     if sign is not None:  # (a weighting of your own may be signed)
         per_example = sign * per_example
