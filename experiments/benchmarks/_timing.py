@@ -23,16 +23,19 @@ def interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 7, w
                 block: Callable[[object], object] | None = None) -> dict[str, dict[str, float]]:
     """Time each zero-argument callable ``repeats`` times, round-robin.
 
-    ``block(result)`` waits for asynchronous work (e.g. ``jax.block_until_ready``); by default
-    the result's ``block_until_ready`` is called when it has one.
+    ``block(result)`` waits for asynchronous work; by default ``jax.block_until_ready`` (which
+    waits on every array of a tuple / dict result and passes other leaves through: a result's own
+    ``block_until_ready`` alone missed a tuple's arrays, timed at dispatch).
     Returns ``{name: {"median": s, "min": s, "max": s, "runs": [...]}}`` in seconds.
     """
 
     def wait(r):
         if block is not None:
             block(r)
-        elif hasattr(r, "block_until_ready"):
-            r.block_until_ready()
+        else:
+            import jax  # (imported here: the torch-only callers need not load it first)
+
+            jax.block_until_ready(r)
 
     for _ in range(warmup):
         for f in contenders.values():

@@ -625,11 +625,39 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "cfm_throughput.json"))
     args = p.parse_args(argv)
-    results = {"config": vars(args), "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    # Each part carries the run that produced it ("meta": command-line config, commit, UTC start,
+    # CPUs, XLA flags): a run of one part into an existing file keeps the other parts, which came
+    # from other runs (a single top-level config described only the last one).
+    results = {}
     if args.json and os.path.exists(args.json):
         with open(args.json) as f:
-            old = json.load(f)
-        results = {**old, "config": vars(args), "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            results = {k: v for k, v in json.load(f).items() if isinstance(v, dict) and "meta" in v}
+    meta = {"config": vars(args), "commit": _commit(), "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    for k, v in _run_parts(args).items():
+        results[k] = {**v, "meta": meta}
+    if args.json:
+        write_json(args.json, results, indent=1, default=float)
+    return 0
+
+
+def _commit() -> str:
+    """The repository's HEAD (with ``+dirty`` for uncommitted changes), or ``unknown``."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+dirty" if dirty else "")) if head else "unknown"
+
+
+def _run_parts(args) -> dict:
+    results = {}
     if args.part in ("all", "data"):
         results["data"] = part_data(args.n_eval)
     if args.part in ("all", "solver"):
@@ -646,9 +674,7 @@ def main(argv=None) -> int:
         results["roofline"] = part_roofline(args.steps, args.repeats)
     if args.part == "ema":  # not part of "all": a tuning run, on its own seeds
         results["ema"] = part_ema(args.seeds, args.train_steps, args.n_eval)
-    if args.json:
-        write_json(args.json, results, indent=1, default=float)
-    return 0
+    return results
 
 
 if __name__ == "__main__":

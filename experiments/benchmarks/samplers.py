@@ -84,6 +84,7 @@ SELECT_SOLVERS = ["deis", "unipc", "dpm++3m", "dpm++3m_ref", "dpm++2m"]
 SELECT_FAMILY = {"rhos": (5, 7, 10, 14, 20, 30), "sigma_mins": (0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)}
 DEFAULT_KARRAS = {"rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
 CALIBRATION_SEED = 100
+TUNING_SEEDS = {1, 2, 3, 100, 101, 102}  # where SELECT_FAMILY's range was swept (the notes name them)
 
 
 # -- problem ------------------------------------------------------------------------------------
@@ -316,11 +317,13 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int, name: str = "
         "counted in the first step after which that exact solve also lands in the wrong component",
         markdown_table(["solver", "noise levels of the grid (sigma / alpha, from 80)", "flips decided per step",
                         "flips"], origins),
-        "Notes: the peers' rows on seeds 1-3 are in samplers.md (best at NFE 10: diffusers UniPC-3, 6.45e-02). "
+        "Notes: the peers' rows of the NFE-10 table above are diffusers' on the same seeds. "
         "One flip in a batch of 512 adds about 5e-02 of rms on this mixture, so a seed without flips is what decides "
         "whether NFE 10 reaches 2e-02; the family's range (rho up to 30, sigma_min up to 0.3) was set after "
-        "sweeping rho and sigma_min on seeds 1-3 and 100-102, so seeds 1-12 (and 101-102) include tuning seeds: the "
-        "table on held-out seeds (--robust-seeds $(seq 201 212), samplers_selected_seeds201-212.md) is the one to read."])
+        "sweeping rho and sigma_min on seeds 1-3 and 100-102, " + (
+            f"so seeds {sorted(tuned)} of these are tuning seeds: run with held-out --robust-seeds (e.g. "
+            "$(seq 301 312)) for the table to read." if (tuned := set(robust_seeds) & TUNING_SEEDS) else
+            f"which seeds {robust_seeds[0]}..{robust_seeds[-1]} avoid: this table is on held-out seeds.")])
     write_results(name, text, {
         "config": {"family": SELECT_FAMILY, "calibration_seed": CALIBRATION_SEED, "seeds": seeds,
                    "robust_seeds": robust_seeds, "nfes": nfes},
@@ -758,6 +761,11 @@ def timing_report(timing_rows) -> list[str]:
                                    "model calls", "compile s"], trows),
                    f"model evaluation: genflow {rows['_model']['genflow_model_call_ms']:.4g} ms/call, "
                    f"torch {rows['_model']['torch_model_call_ms']:.4g} ms/call"]
+        if any(v["overhead_per_step_ms"] < 0 for k, v in rows.items() if k != "_model"):
+            report.append("Negative overheads: the model-only baseline (the model alone, in a loop of its own) took "
+                          "longer per call than the model inside those samplers, where XLA fuses it with the step's "
+                          "arithmetic (or the machine's speed moved between rounds). The column is then no measure "
+                          "of overhead; the null-model table, where the model costs ~nothing, is.")
     return report
 
 
