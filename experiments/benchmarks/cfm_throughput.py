@@ -650,7 +650,7 @@ def _commit() -> str:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                               timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":!experiments/benchmarks/results"], cwd=here,  # (not the outputs themselves)
+                                ":(top,exclude)experiments/benchmarks/results"], cwd=here,  # (not the outputs themselves)
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
