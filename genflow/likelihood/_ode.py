@@ -27,6 +27,7 @@ from genflow import param
 from genflow._checks import check_finite_rows, check_int, check_key, concrete_real, flat_batch, is_int
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
 from genflow.paths import Path
+from genflow.sampling._diffrax import per_sample_norm
 
 Array = jax.Array
 
@@ -244,7 +245,8 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
     term, args, state = diffrax.ODETerm(rhs), (velocity, probes), None
     y0 = (x, jnp.zeros((b,), x.dtype))
     if steps is None:
-        controller = diffrax.PIDController(rtol=rtol, atol=atol)
+        # (per sample: each example's log-density meets the tolerance whatever its batch)
+        controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=per_sample_norm)
         dt0 = (t1 - t0) / 32.0
         if fsal and isinstance(adjoint, diffrax.RecursiveCheckpointAdjoint):
             # the first stage evaluated once, here (counted by ``init``): without it, a rejected

@@ -168,6 +168,10 @@ def _check_options(solver: str, options: dict) -> dict:
         elif name in TRACED_OPTIONS and not isinstance(value, jax.Array):
             value = jnp.asarray(value, dtype=float)  # (a Python float is static under jit: one compile per value)
         out[name] = value
+    lo, hi = (concrete_real(options.get(k)) for k in ("s_tmin", "s_tmax"))
+    if lo is not None and hi is not None and lo > hi:  # (churn then silently never happened)
+        raise ValueError(f"solver {solver!r}: options s_tmin and s_tmax bound the noise levels that churn; "
+                         f"s_tmin={options['s_tmin']!r} > s_tmax={options['s_tmax']!r} churns none")
     return out
 
 
@@ -332,7 +336,8 @@ def sample(
         ``path.denoise_at_end`` for a grid that ends at the path's end (``t_end <= path.t_min +
         1e-6``) or is traced, and to False for a partial solve that ends above it (its result is the
         state at ``t_end``).
-      rtol, atol: tolerances of adaptive solvers (with a bfloat16 model use ~1e-2: tolerances below
+      rtol, atol: tolerances of adaptive solvers, held by every sample of the batch (the error
+        norm is the largest per-sample RMS; with a bfloat16 model use ~1e-2: tolerances below
         the model's own resolution make the step-size controller reject steps, e.g. 10,805
         NFE for dopri8 at the default 1e-5).
       max_steps: cap on the number of steps of adaptive solvers.
@@ -403,7 +408,8 @@ def sample(
     solver_options = {**solver_options, **grid_options}
     if denoise is None:
         denoise = default_denoise(path, ts, t_end)
-    max_steps = max(max_steps, int(ts.shape[0]))
+    if not spec.adaptive:  # (fixed-grid Diffrax solves take one step per interval; an adaptive solve's
+        max_steps = max(max_steps, int(ts.shape[0]))  # cap is max_steps itself, whatever `steps`)
     model = Model(as_pytree_fn(fn), path, prediction)
     if not spec.adaptive:
         rtol = atol = 0.0  # (unused by fixed-step solvers: a new value recompiled the sampler)

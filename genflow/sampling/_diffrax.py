@@ -16,11 +16,26 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import optimistix as optx
 
 from genflow.sampling._driver import step_loop
 from genflow.sampling._model import Model
 
 Array = jax.Array
+
+
+def per_sample_norm(y) -> Array:
+    """The adaptive step-size controller's error norm: the largest per-sample RMS (over the leading
+    batch axis of every leaf) of the scaled error, so that ``rtol`` / ``atol`` hold for each sample
+    of a batch. Diffrax's default, the RMS over the whole batch, let one sample's error be diluted
+    by ~1/sqrt(B): in a batch of 1,024 the worst sample of a tsit5 solve at rtol = atol = 1e-6 was
+    1.8e-4 off the exact flow map, against 1.6e-6 when solved alone. Leaves without a batch axis
+    fall back to the plain RMS, as does a state whose leaves differ in their leading size (a
+    backsolve adjoint's, which holds the parameters' cotangents)."""
+    leaves = jax.tree.leaves(y)
+    if not leaves or any(jnp.ndim(v) == 0 or v.shape[0] != leaves[0].shape[0] for v in leaves):
+        return optx.rms_norm(y)
+    return jnp.max(jax.vmap(optx.rms_norm)(y))  # (optimistix's RMS: a safe derivative at 0)
 
 
 def _saveat(ts: Array, save_trajectory: bool) -> diffrax.SaveAt:
@@ -56,7 +71,7 @@ def ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
     if not adaptive:
         return _fixed_steps(term, solver, ss, x, nfe_per_step, nfe_init, save_trajectory, num_steps)
     solver_state = None
-    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=per_sample_norm)
     dt0 = (ss[-1] - ss[0]) / 16.0
     if getattr(getattr(solver, "tableau", None), "fsal", False):  # (first_step, f0) of FSAL RK
         solver_state = (jnp.array(False), term.vf(ss[0], x, None))

@@ -153,8 +153,9 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
         if r is None or not (np.isfinite(r) and r > 0):
             raise ValueError(f"rho must be a finite real > 0; got {rho!r}")
     if schedule in ("logsnr", "karras"):
-        if not 0.0 < sigma_min < sigma_max:
-            raise ValueError(f"expected 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        if not 0.0 < sigma_min < sigma_max < np.inf:  # (sigma_max=inf was blamed on float32 resolution)
+            raise ValueError(f"expected 0 < sigma_min < sigma_max < inf; got sigma_min={sigma_min}, "
+                             f"sigma_max={sigma_max}")
         start_inf, end_inf = _infinite_ends(path, t_start, t_end)
     u = np.linspace(0.0, 1.0, steps + 1, dtype=fdt)
     if schedule in ("uniform", "quadratic"):
