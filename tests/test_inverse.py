@@ -1084,3 +1084,25 @@ def test_posterior_model_checks_path_weight_and_scale():
             inv.posterior_model(fn, path, y, op, prediction="eps", **kw)
     with pytest.raises(TypeError, match="path must be a genflow.paths.Path; got str"):
         inv.posterior_model(fn, "vp_cosine", y, op, prediction="eps")
+
+
+def test_checked_operators_and_noise_models_are_ordinary_pytrees():
+    # JAX rebuilt them through __init__, so the new argument checks refused gradients (a negative
+    # d nll / d sigma), optax's zeros, tree_map'ed bools and vmap axis specs
+    import equinox as eqx
+    import optax
+
+    y, p = jnp.ones((2, 3)), jnp.zeros((2, 3))
+    g = jax.grad(lambda n: n.nll(y, p).sum())(inv.GaussianNoise(0.1))
+    np.testing.assert_allclose(float(g.sigma), -3.0 * 2 / 0.1**3 * 1.0, rtol=1e-5)  # d/ds (3 s^-2) summed
+    assert float(jax.grad(lambda n: n.nll(y, p).sum())(inv.PoissonNoise(10.0)).rate) < 0
+    optax.adam(1e-3).init(inv.PoissonNoise(10.0))
+    jax.tree.map(jnp.isnan, inv.PoissonNoise(10.0))
+    m = inv.Mask(jnp.ones(4))
+    out = jax.vmap(lambda m, x: m(x[None])[0], in_axes=(inv.Mask(0), 0))(inv.Mask(jnp.ones((3, 4))), jnp.ones((3, 4)))
+    assert out.shape == (3, 4)
+    eqx.partition(m, jax.tree.map(lambda _: True, m))
+    # an integer input is measured in float32, not truncated to integers
+    cs = inv.compressed_sensing(jax.random.key(1), (4,), 2)
+    xi = jnp.arange(8).reshape(2, 4)
+    np.testing.assert_allclose(cs(xi), cs(xi.astype(jnp.float32)), rtol=1e-6)

@@ -520,3 +520,17 @@ def test_prior_sample_scale_is_exact_in_bfloat16():
     assert got.dtype == jnp.bfloat16
     # (to bfloat16's rounding, 2^-8 relative; sigma(1) is 79.999985 in float32)
     np.testing.assert_allclose(np.asarray(got, np.float32), 80.0 * np.asarray(z, np.float32), rtol=2.0**-8)
+
+
+def test_weights_that_underflow_to_zero_keep_finite_gradients():
+    # a first fix scaled the residual by sqrt(w): its derivative is inf at w = 0, so d loss / d bias of
+    # the sigmoid weighting (which underflows to 0 at t < 1e-3 on edm(sigma_min=0)) was NaN
+    x0 = jax.random.normal(jax.random.key(0), (8, 3))
+    fn = lambda x, t: 0.5 * x  # noqa: E731
+    path = gf.paths.edm(sigma_min=0.0)
+
+    def loss(bias):
+        return gf.losses.diffusion_loss(fn, path, x0, jax.random.key(1), weighting="sigmoid", bias=bias, t_min=1e-6,
+                                        t_max=1e-3)[0]
+
+    assert np.isfinite(float(jax.grad(loss)(2.0)))

@@ -631,7 +631,12 @@ def main(argv=None) -> int:
     results = {}
     if args.json and os.path.exists(args.json):
         with open(args.json) as f:
-            results = {k: v for k, v in json.load(f).items() if isinstance(v, dict) and "meta" in v}
+            old = json.load(f)
+        # a file from before the per-part meta: its parts kept, with what it said of its runs
+        legacy = {"legacy": "written before per-part meta: the config is that of the file's last run",
+                  **{k: old[k] for k in ("config", "cpus", "xla_flags", "notes") if k in old}}
+        results = {k: v if "meta" in v else {**v, "meta": legacy} for k, v in old.items()
+                   if isinstance(v, dict) and k != "config"}
     meta = {"config": vars(args), "commit": _commit(), "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     for k, v in _run_parts(args).items():

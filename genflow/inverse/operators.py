@@ -34,6 +34,40 @@ def _static():
     return dataclasses.field(metadata=dict(static=True))
 
 
+def _checked_pytree(cls):
+    """Register the frozen dataclass ``cls`` as a pytree (fields with ``static=True`` metadata are
+    static) whose unflatten does not run ``__init__``: its ``__post_init__`` checks the values a
+    user passes, not the leaves JAX rebuilds it with (gradients, ``zeros_like``, ``vmap`` axis
+    specs, equinox filter specs: ``jax.grad`` of ``GaussianNoise.nll`` in ``sigma`` was refused as
+    a negative sigma)."""
+    fields = dataclasses.fields(cls)
+    data = [f.name for f in fields if not f.metadata.get("static")]
+    meta = [f.name for f in fields if f.metadata.get("static")]
+
+    def flatten_with_keys(obj):
+        return ([(jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in data],
+                tuple(getattr(obj, n) for n in meta))
+
+    def unflatten(aux, children):
+        obj = object.__new__(cls)
+        for n, v in zip(data, children):
+            object.__setattr__(obj, n, v)
+        for n, v in zip(meta, aux):
+            object.__setattr__(obj, n, v)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten,
+                                            lambda obj: ([getattr(obj, n) for n in data],
+                                                         tuple(getattr(obj, n) for n in meta)))
+    return cls
+
+
+def _out_dtype(x):
+    """The dtype of an operator's output for input ``x``: ``x``'s if floating (bfloat16 stays
+    bfloat16), else float32 (an integer input was truncated)."""
+    return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+
+
 class Operator:
     """Base class: a linear measurement operator with forward, adjoint and pseudo-inverse."""
 
@@ -69,7 +103,7 @@ class Operator:
 
 
 # -- inpainting ------------------------------------------------------------------------------------
-@jax.tree_util.register_dataclass
+@_checked_pytree
 @dataclasses.dataclass(frozen=True)
 class Mask(Operator):
     """Inpainting: ``A x = m * x`` with a 0/1 mask ``m`` of the shape of one example.
@@ -81,9 +115,9 @@ class Mask(Operator):
     name: str = dataclasses.field(default="inpainting", metadata=dict(static=True))
 
     def __post_init__(self):
-        # (also runs when JAX unflattens the pytree: only concrete arrays are checked) a soft mask is
-        # no projection: pinv / norm_sq / the range projections were silently wrong (A A+ A != A)
-        if isinstance(self.mask, (list, tuple, int, float, np.number)):  # (a list skipped the 0/1 check)
+        # (the user's constructor only: JAX unflattens without it) a soft mask is no projection:
+        # pinv / norm_sq / the range projections were silently wrong (A A+ A != A)
+        if isinstance(self.mask, list):  # (a list skipped the 0/1 check; ints stay: vmap axis specs)
             object.__setattr__(self, "mask", jnp.asarray(self.mask, jnp.float32))
         if isinstance(self.mask, (np.ndarray, jax.Array)) and not isinstance(self.mask, jax.core.Tracer):
             m = np.asarray(self.mask)
@@ -103,7 +137,7 @@ class Mask(Operator):
     def _apply(self, x):
         # (the 0/1 mask is exact in any float dtype: a float32 mask promoted bfloat16 x to float32)
         self._check(x)
-        return x * self.mask.astype(x.dtype)
+        return (x * self.mask.astype(_out_dtype(x))).astype(_out_dtype(x))
 
     def forward(self, x):
         return self._apply(x)
@@ -219,7 +253,7 @@ class Blur(Operator):
             raise ValueError(f"Blur acts on images [B, H, W, C] with (H, W) = {tuple(transfer.shape)}; "
                              f"got x of shape {tuple(x.shape)}")
         X = jnp.fft.fft2(x, axes=(1, 2))
-        return jnp.real(jnp.fft.ifft2(X * transfer[None, :, :, None], axes=(1, 2))).astype(x.dtype)
+        return jnp.real(jnp.fft.ifft2(X * transfer[None, :, :, None], axes=(1, 2))).astype(_out_dtype(x))
 
     def forward(self, x):
         return self._apply(x, self.kernel_fft)
@@ -332,7 +366,7 @@ class Matrix(Operator):
             # then returned [B, *x_shape]: broadcasting / scan-carry errors deep in the samplers)
             raise ValueError(f"Matrix acts on x [B, *x_shape] with x_shape={tuple(self.x_shape)}; got x of shape "
                              f"{tuple(x.shape)}")
-        return (flat_batch(x) @ self.matrix.T).astype(x.dtype)  # (as Blur: y in x's dtype, bfloat16 included)
+        return (flat_batch(x) @ self.matrix.T).astype(_out_dtype(x))  # (bfloat16 stays bfloat16)
 
     def _check_y(self, y):
         m = self.matrix.shape[0]
@@ -341,11 +375,11 @@ class Matrix(Operator):
 
     def adjoint(self, y):
         self._check_y(y)
-        return (y @ self.matrix).reshape((y.shape[0],) + self.x_shape).astype(y.dtype)
+        return (y @ self.matrix).reshape((y.shape[0],) + self.x_shape).astype(_out_dtype(y))
 
     def pinv(self, y):
         self._check_y(y)
-        return (y @ self.matrix_pinv.T).reshape((y.shape[0],) + self.x_shape).astype(y.dtype)
+        return (y @ self.matrix_pinv.T).reshape((y.shape[0],) + self.x_shape).astype(_out_dtype(y))
 
     def norm_sq(self):
         if self.sq_norm is None:
@@ -391,7 +425,7 @@ def denoising() -> Identity:
 
 
 # -- noise models --------------------------------------------------------------------------------------
-@jax.tree_util.register_dataclass
+@_checked_pytree
 @dataclasses.dataclass(frozen=True)
 class GaussianNoise:
     """``y = A x + sigma n``, ``n ~ N(0, I)``; ``-log p(y | x) = ||y - A x||^2 / (2 sigma^2) + c``."""
@@ -399,8 +433,8 @@ class GaussianNoise:
     sigma: Array | float
 
     def __post_init__(self):
-        # (also runs when JAX unflattens the pytree: only a concrete scalar is checked) a NaN or negative
-        # sigma sampled garbage measurements and a NaN data term without a word
+        # (the user's constructor only: JAX unflattens without it) a NaN or negative sigma sampled
+        # garbage measurements and a NaN data term without a word
         v = concrete_real(self.sigma)
         if v is not None and not 0.0 <= v < float("inf"):
             raise ValueError(f"GaussianNoise: sigma must be a finite real >= 0; got {self.sigma!r}")
@@ -422,7 +456,7 @@ class GaussianNoise:
         return 1.0
 
 
-@jax.tree_util.register_dataclass
+@_checked_pytree
 @dataclasses.dataclass(frozen=True)
 class PoissonNoise:
     """Shot noise on images in [-1, 1]: counts ``k ~ Poisson(rate * (A x + 1) / 2)``, reported

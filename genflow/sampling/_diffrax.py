@@ -29,9 +29,10 @@ def per_sample_norm(y) -> Array:
     batch axis of every leaf) of the scaled error, so that ``rtol`` / ``atol`` hold for each sample
     of a batch. Diffrax's default, the RMS over the whole batch, let one sample's error be diluted
     by ~1/sqrt(B): in a batch of 1,024 the worst sample of a tsit5 solve at rtol = atol = 1e-6 was
-    1.8e-4 off the exact flow map, against 1.6e-6 when solved alone. Leaves without a batch axis
-    fall back to the plain RMS, as does a state whose leaves differ in their leading size (a
-    backsolve adjoint's, which holds the parameters' cotangents)."""
+    1.8e-4 off the exact flow map, against 1.8e-5 for that sample solved alone (4.2e-6 in the
+    batch with this norm). A state with a leaf without a batch axis, or whose leaves differ in
+    their leading size (a backsolve adjoint's, which holds the parameters' cotangents), gets the
+    plain RMS over everything."""
     leaves = jax.tree.leaves(y)
     if not leaves or any(jnp.ndim(v) == 0 or v.shape[0] != leaves[0].shape[0] for v in leaves):
         return optx.rms_norm(y)

@@ -20,6 +20,7 @@ import atexit
 import math
 import os
 import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -100,7 +101,11 @@ def _close_at_exit(ckpt) -> None:
     def close():
         c = ref()
         if c is not None and not c._closed:
-            c.close()
+            try:  # (threading runs these hooks unguarded: a raise here skipped every later one,
+                c.close()  # other checkpointers' commits included, and the process still exited 0)
+            except Exception as e:  # noqa: BLE001
+                warnings.warn(f"Checkpointer({c.directory!r}) failed to close at exit, its pending save may be lost: "
+                              f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=1)
 
     register = getattr(threading, "_register_atexit", None)  # (CPython >= 3.9; else atexit, best effort)
     try:

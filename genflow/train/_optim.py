@@ -85,7 +85,7 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
     if name == "prodigy" and warmup_steps:
         # optax's Prodigy divides its D estimate by the learning rate unless safeguard_warmup: the
         # warm-up's 0 at step 0 made every update NaN (the Prodigy paper's remedy for warm-ups)
-        if kwargs.setdefault("safeguard_warmup", True) is not True:
+        if not kwargs.setdefault("safeguard_warmup", True):
             raise ValueError(f"prodigy with warmup_steps={warmup_steps} needs safeguard_warmup=True (its first learning "
                              f"rate is 0, which optax's Prodigy divides by otherwise: NaN updates); got "
                              f"safeguard_warmup={kwargs['safeguard_warmup']!r}")
