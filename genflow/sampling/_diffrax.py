@@ -36,7 +36,8 @@ def per_sample_norm(y) -> Array:
     leaves = jax.tree.leaves(y)
     if not leaves or any(jnp.ndim(v) == 0 or v.shape[0] != leaves[0].shape[0] for v in leaves):
         return optx.rms_norm(y)
-    return jnp.max(jax.vmap(optx.rms_norm)(y))  # (optimistix's RMS: a safe derivative at 0)
+    # (optimistix's RMS: a safe derivative at 0; initial=0: an empty batch's norm is 0, not an error)
+    return jnp.max(jax.vmap(optx.rms_norm)(y), initial=0.0)
 
 
 def _saveat(ts: Array, save_trajectory: bool) -> diffrax.SaveAt:
