@@ -255,6 +255,13 @@ def broadcast_t(t, x: Array) -> Array:
     return t.reshape(t.shape + (1,) * (x.ndim - 1))
 
 
+def check_path(path) -> None:
+    """A ``TypeError`` unless ``path`` is a :class:`Path` (e.g. a path name passed where the path
+    object is expected)."""
+    if not isinstance(path, Path):
+        raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
+
+
 def check_t(t, name: str = "t") -> None:
     """Raise ``ValueError`` if a concrete ``t`` lies outside [0, 1] (no-op under tracing)."""
     import numpy as np

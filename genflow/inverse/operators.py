@@ -44,9 +44,12 @@ def _checked_pytree(cls):
     data = [f.name for f in fields if not f.metadata.get("static")]
     meta = [f.name for f in fields if f.metadata.get("static")]
 
+    def flatten(obj):
+        return [getattr(obj, n) for n in data], tuple(getattr(obj, n) for n in meta)
+
     def flatten_with_keys(obj):
-        return ([(jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in data],
-                tuple(getattr(obj, n) for n in meta))
+        children, aux = flatten(obj)
+        return [(jax.tree_util.GetAttrKey(n), c) for n, c in zip(data, children)], aux
 
     def unflatten(aux, children):
         obj = object.__new__(cls)
@@ -56,9 +59,7 @@ def _checked_pytree(cls):
             object.__setattr__(obj, n, v)
         return obj
 
-    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten,
-                                            lambda obj: ([getattr(obj, n) for n in data],
-                                                         tuple(getattr(obj, n) for n in meta)))
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
     return cls
 
 
@@ -137,7 +138,7 @@ class Mask(Operator):
     def _apply(self, x):
         # (the 0/1 mask is exact in any float dtype: a float32 mask promoted bfloat16 x to float32)
         self._check(x)
-        return (x * self.mask.astype(_out_dtype(x))).astype(_out_dtype(x))
+        return x * self.mask.astype(_out_dtype(x))  # (an integer x times a float32 mask: float32)
 
     def forward(self, x):
         return self._apply(x)

@@ -83,7 +83,7 @@ import jax.numpy as jnp
 from genflow import param
 from genflow._checks import check_denoise, check_int, check_key, check_positive_real, check_real_in, concrete_real
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
-from genflow.paths import Path
+from genflow.paths import Path, check_path
 from genflow.sampling import Model, as_pytree_fn
 from genflow.sampling._grid import default_denoise, sampler_grid
 
@@ -306,11 +306,6 @@ def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, no
     return x.astype(x1.dtype), PosteriorInfo(nfe=nfe, vjp=vjp, ts=ts, jvp=jvp)
 
 
-def _check_path(path) -> None:
-    if not isinstance(path, Path):
-        raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
-
-
 def _check_weight_scale(weight, hparams: dict) -> None:
     # one value for the batch: a per-example [B] weight or scale broadcast against x's last (channel)
     # axis (silently weighting channels where C == B, a scan-carry error otherwise)
@@ -321,7 +316,7 @@ def _check_weight_scale(weight, hparams: dict) -> None:
 
 def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
     param.check_kind(prediction)
-    _check_path(path)
+    check_path(path)
     if key is None:
         raise ValueError("posterior and prior samplers here are stochastic: pass key=jax.random.key(...)")
     check_key(key)
@@ -614,7 +609,7 @@ def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, p
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be a genflow.inverse.Operator; got {type(operator).__name__}")
     param.check_kind(prediction)
-    _check_path(path)  # (a path name failed on 'str' object has no attribute 'alpha')
+    check_path(path)  # (a path name failed on 'str' object has no attribute 'alpha')
     _check_weight_scale(weight, hparams)  # (a NaN weight gave NaN, an inf scale inf, as posterior_sample refuses)
     y = jnp.asarray(y)
     try:  # y must be what the operator maps some batch of x to

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from genflow import param
 from genflow._checks import check_finite_rows, check_int, check_key, concrete_real, flat_batch, is_int
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
-from genflow.paths import Path
+from genflow.paths import Path, check_path
 from genflow.sampling._diffrax import per_sample_norm
 
 Array = jax.Array
@@ -339,8 +339,7 @@ def log_prob(
     from genflow.sampling import as_pytree_fn
 
     param.check_kind(prediction)
-    if not isinstance(path, Path):
-        raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
+    check_path(path)
     _check_x(x)
     t_min = path.t_min if t_min is None else t_min
     t_min, t_max = _unit_float("t_min", t_min), _unit_float("t_max", t_max)

@@ -16,7 +16,7 @@ import numpy as np
 
 from genflow import param
 from genflow._checks import check_denoise, check_finite_rows, check_int, check_key, concrete_real, is_int
-from genflow.paths import Path
+from genflow.paths import Path, check_path
 from genflow.sampling import _diffrax, _driver, _registry
 from genflow.sampling._grid import default_denoise, sampler_grid
 from genflow.sampling._model import Model
@@ -388,8 +388,7 @@ def sample(
                          f"or atol > 0")
     max_steps = check_int("max_steps", max_steps)
     check_denoise(denoise)
-    if not isinstance(path, Path):
-        raise TypeError(f"path must be a genflow.paths.Path; got {type(path).__name__}")
+    check_path(path)
     solver_options = check_solver_options(spec, solver, solver_options)
     if spec.stochastic and key is None:
         raise ValueError(f"solver {solver!r} is stochastic: pass key=jax.random.key(...)")
@@ -409,11 +408,12 @@ def sample(
     solver_options = {**solver_options, **grid_options}
     if denoise is None:
         denoise = default_denoise(path, ts, t_end)
-    if not spec.adaptive:  # (fixed-grid Diffrax solves take one step per interval; an adaptive solve's
-        max_steps = max(max_steps, int(ts.shape[0]))  # cap is max_steps itself, whatever `steps`)
-    model = Model(as_pytree_fn(fn), path, prediction)
     if not spec.adaptive:
-        rtol = atol = 0.0  # (unused by fixed-step solvers: a new value recompiled the sampler)
+        # fixed-grid Diffrax solves take one step per interval (an adaptive solve's cap is
+        # max_steps itself, whatever `steps`); tolerances are unused (a new value recompiled)
+        max_steps = max(max_steps, int(ts.shape[0]))
+        rtol = atol = 0.0
+    model = Model(as_pytree_fn(fn), path, prediction)
     x, info = _sample_jit(model, ts_run, x1, key, spec, bool(denoise), float(rtol), float(atol), int(max_steps),
                           bool(save_trajectory), solver_options)
     return x, dataclasses.replace(info, ts=ts)
