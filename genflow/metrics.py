@@ -77,6 +77,10 @@ def w2_sinkhorn(x: Array, y: Array, epsilon: float = 0.01, iters: int = 500, deb
     Feydy et al. 2019 with the squared-Euclidean cost, uniform weights. ``epsilon`` is relative
     to the mean squared distance between ``x`` and ``y`` (one value for all three terms).
     ``x: [N, D]``, ``y: [M, D]``; returns a scalar.
+
+    The iterations needed grow like ``1 / epsilon``, and too few bias the estimate low, with no
+    warning: on 32 points with exact W2 0.8164, ``epsilon=1e-4`` gives 0.69 / 0.75 / 0.816 at
+    500 / 2,000 / 10,000 iterations, while the default ``epsilon=0.01`` has converged at 500.
     """
     x, y = flat_batch(jnp.asarray(x, jnp.float32)), flat_batch(jnp.asarray(y, jnp.float32))
     _check_same_dim("w2_sinkhorn", x, y)
@@ -120,7 +124,8 @@ _sinkhorn_jit = jax.jit(_sinkhorn, static_argnames=("iters", "debiased"))
 def sliced_w2(x: Array, y: Array, key: Array, num_projections: int = 256) -> Array:
     """Sliced 2-Wasserstein distance: root-mean over random directions of the 1-D W2^2.
 
-    ``x, y: [N, ...]`` with equal N (1-D OT is sorting). Returns a scalar.
+    ``x, y: [N, ...]`` with equal N (1-D OT is sorting). Returns a scalar (NaN where a
+    coordinate is not finite).
     """
     x, y = flat_batch(jnp.asarray(x, jnp.float32)), flat_batch(jnp.asarray(y, jnp.float32))
     if x.shape != y.shape:
@@ -131,26 +136,30 @@ def sliced_w2(x: Array, y: Array, key: Array, num_projections: int = 256) -> Arr
     d = jax.random.normal(key, (x.shape[1], num_projections))
     d = d / jnp.linalg.norm(d, axis=0, keepdims=True)
     px, py = jnp.sort(x @ d, axis=0), jnp.sort(y @ d, axis=0)
-    return _safe_sqrt(jnp.mean((px - py) ** 2))
+    finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))  # (an inf coordinate gave inf, not NaN)
+    return jnp.where(finite, _safe_sqrt(jnp.mean((px - py) ** 2)), jnp.nan)
 
 
 def mmd(x: Array, y: Array, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Array:
     """Unbiased squared maximum mean discrepancy with a sum of Gaussian kernels.
 
     ``k(a, b) = sum_h exp(-||a - b||^2 / (2 h^2))``. ``x: [N, D]``, ``y: [M, D]``; scalar.
+    Memory: three ``[N, M]``-sized kernel matrices (float32) and their temporaries.
     """
     x, y = flat_batch(jnp.asarray(x, jnp.float32)), flat_batch(jnp.asarray(y, jnp.float32))
     _check_same_dim("mmd", x, y)
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError(f"mmd (unbiased) needs at least 2 points per set; got {x.shape[0]} and {y.shape[0]}")
     hs = jnp.atleast_1d(jnp.asarray(bandwidths, jnp.float32))
-    # (() gave 0.0, a zero bandwidth NaN; a traced value passes)
-    if hs.ndim != 1 or not hs.size or (not isinstance(hs, jax.core.Tracer) and not np.all(np.asarray(hs) > 0)):
-        raise ValueError(f"bandwidths must be a non-empty sequence of reals > 0; got {bandwidths!r}")
+    # (() gave 0.0, a zero bandwidth NaN, an infinite one 0.0; a traced value passes)
+    if hs.ndim != 1 or not hs.size or (not isinstance(hs, jax.core.Tracer)
+                                       and not np.all((np.asarray(hs) > 0) & np.isfinite(np.asarray(hs)))):
+        raise ValueError(f"bandwidths must be a non-empty sequence of finite reals > 0; got {bandwidths!r}")
 
     def k(a, b):
+        # one [N, M] kernel at a time (an [N, M, H] intermediate took ~0.5 GB at 3,000 points)
         d2 = _sq_dists(a, b)
-        return jnp.sum(jnp.exp(-d2[..., None] / (2 * hs * hs)), -1)
+        return sum(jnp.exp(-d2 / (2 * hs[i] * hs[i])) for i in range(hs.shape[0]))
 
     n, m = x.shape[0], y.shape[0]
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
@@ -180,13 +189,15 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
         if a.shape != shape:
             raise ValueError(f"frechet_distance: {name} must have shape {shape} (D = {d} from mu1); got {a.shape}")
 
+    if not all(np.all(np.isfinite(a)) for a in (mu1, mu2, c1, c2)):
+        # (diverged features: numpy's eigh raised "Eigenvalues did not converge" on NaN for D = 3..8)
+        return float("nan")
     for name, c in (("cov1", c1), ("cov2", c2)):  # (-I against I scored 0.0; an asymmetric one was symmetrised)
-        if np.all(np.isfinite(c)):
-            scale = max(float(np.max(np.abs(c))), np.finfo(np.float64).tiny)
-            w = np.linalg.eigvalsh(0.5 * (c + c.T))
-            if np.max(np.abs(c - c.T)) > 1e-6 * scale or w[0] < -1e-6 * scale:
-                raise ValueError(f"frechet_distance: {name} must be a symmetric positive semi-definite covariance; "
-                                 f"got asymmetry {np.max(np.abs(c - c.T)):.3g} and smallest eigenvalue {w[0]:.3g}")
+        scale = max(float(np.max(np.abs(c))), np.finfo(np.float64).tiny)
+        w = np.linalg.eigvalsh(0.5 * (c + c.T))
+        if np.max(np.abs(c - c.T)) > 1e-6 * scale or w[0] < -1e-6 * scale:
+            raise ValueError(f"frechet_distance: {name} must be a symmetric positive semi-definite covariance; "
+                             f"got asymmetry {np.max(np.abs(c - c.T)):.3g} and smallest eigenvalue {w[0]:.3g}")
 
     def sqrtm_psd(c):
         w, v = np.linalg.eigh(0.5 * (c + c.T))

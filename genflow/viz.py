@@ -6,6 +6,9 @@ Every function returns the matplotlib ``Figure`` and, when ``path`` is given, al
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -16,11 +19,17 @@ __all__ = ["scatter", "density", "trajectories", "curves", "image_grid", "save"]
 
 
 def save(fig, path: str | None, dpi: int = 120):
-    """Save ``fig`` to ``path`` (if given) and return it."""
+    """Save ``fig`` to ``path`` (if given) and return it. The format follows ``path``'s extension
+    (a path without one is written as PNG, at ``path`` itself). Outside notebooks the figure is
+    then closed, also when the write fails."""
     if path is not None:
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
-        if "inline" not in matplotlib.get_backend():
-            plt.close(fig)
+        # (matplotlib wrote "out" to "out.png", and a failed write left the figure open)
+        fmt = None if os.path.splitext(os.fspath(path))[1] else "png"
+        try:
+            fig.savefig(path, dpi=dpi, bbox_inches="tight", format=fmt)
+        finally:
+            if "inline" not in matplotlib.get_backend():
+                plt.close(fig)
     return fig
 
 
@@ -36,8 +45,12 @@ def _lims(*arrays, pad=0.1):
 
 
 def _check_lims(lims):
-    (x0, x1), (y0, y1) = lims
-    if not (x0 < x1 and y0 < y1):
+    try:
+        (x0, x1), (y0, y1) = lims
+        ok = bool(x0 < x1 and y0 < y1)
+    except (TypeError, ValueError):  # (lims=(0, 1): "cannot unpack non-iterable int")
+        ok = False
+    if not ok:
         raise ValueError(f"lims must be ((x0, x1), (y0, y1)) with x0 < x1 and y0 < y1; got {lims}")
     return (x0, x1), (y0, y1)
 
@@ -71,24 +84,50 @@ def scatter(samples, reference=None, title: str | None = None, path: str | None 
     return save(fig, path)
 
 
-def density(log_density_fn=None, samples=None, lims=((-4, 4), (-4, 4)), n: int = 200, title: str | None = None,
+def density(log_density_fn=None, samples=None, lims=None, n: int = 200, title: str | None = None,
             path: str | None = None):
-    """Heat map of ``exp(log_density_fn(grid))`` (``[M, 2] -> [M]``) or a 2-D histogram of samples."""
-    if log_density_fn is None and samples is None:
-        raise ValueError("density needs log_density_fn or samples")
+    """Heat map of ``exp(log_density_fn(grid))`` (``[M, 2] -> [M]``) or a 2-D histogram of
+    ``samples: [N, 2]`` (one of the two).
+
+    ``lims``: ``((x0, x1), (y0, y1))``; default: for samples, their 0.5-99.5 percentiles padded
+    by 10% (as in :func:`scatter`: outliers beyond them are not drawn), for a log-density
+    ``((-4, 4), (-4, 4))``. Samples outside given limits are not drawn (a warning says how many,
+    above 1%). The log-density need not be
+    normalised: the heat map (which has no colour bar) is ``exp(log_density - its maximum)``."""
+    if (log_density_fn is None) == (samples is None):
+        # (with both, the samples were ignored without a word)
+        raise ValueError("density needs exactly one of log_density_fn and samples; got "
+                         + ("neither" if samples is None else "both"))
     if log_density_fn is None and (np.ndim(samples) != 2 or np.shape(samples)[1] != 2):
         raise ValueError(f"samples must be points [N, 2]; got shape {np.shape(samples)}")
+    explicit = lims is not None
+    if not explicit:
+        # (a fixed +-4 window drew an empty histogram of samples around 100, without a word)
+        lo, hi = _lims(samples) if samples is not None else ((-4.0, -4.0), (4.0, 4.0))
+        lims = ((lo[0], hi[0]), (lo[1], hi[1]))
     (x0, x1), (y0, y1) = _check_lims(lims)
     n = check_int("n", n, low=2)  # (n = 1: numpy's "`bins[0]` must be positive" with the figure left open)
     if log_density_fn is not None:  # (evaluated before the figure exists: an error leaks no figure)
         xs, ys = np.linspace(x0, x1, n), np.linspace(y0, y1, n)
         grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2).astype(np.float32)
-        z = np.exp(np.asarray(log_density_fn(grid))).reshape(n, n)
+        ld = np.asarray(log_density_fn(grid), np.float64)
+        if ld.shape not in ((n * n,), (n * n, 1)):
+            raise ValueError(f"log_density_fn must map points [M, 2] to log-densities [M]; got shape {ld.shape} "
+                             f"for M = {n * n}")
+        finite = ld[np.isfinite(ld)]
+        # (exp of an unnormalised log-density overflowed to inf or underflowed to 0: a blank image)
+        z = np.exp(ld - (finite.max() if finite.size else 0.0)).reshape(n, n)
+    else:
+        pts = np.asarray(samples)
+        pts = pts[np.all(np.isfinite(pts), axis=1)]
+        outside = np.mean((pts[:, 0] < x0) | (pts[:, 0] > x1) | (pts[:, 1] < y0) | (pts[:, 1] > y1)) if len(pts) else 0
+        if explicit and outside > 0.01:
+            warnings.warn(f"density: {100 * outside:.1f}% of the samples lie outside lims={lims} and are not drawn",
+                          stacklevel=2)
     fig, ax = plt.subplots(figsize=(4, 4))
     if log_density_fn is not None:
         ax.imshow(z, origin="lower", extent=(x0, x1, y0, y1), cmap="magma", aspect="equal")
     else:
-        pts = np.asarray(samples)
         ax.hist2d(pts[:, 0], pts[:, 1], bins=n // 2, range=[[x0, x1], [y0, y1]], cmap="magma")
         ax.set_aspect("equal")
     if title:
@@ -101,6 +140,7 @@ def trajectories(traj, n_paths: int = 200, title: str | None = None, path: str |
     """Sampling trajectories ``traj: [T, N, 2]`` (noise at index 0, data at -1)."""
     if np.ndim(traj) != 3 or np.shape(traj)[-1] != 2:
         raise ValueError(f"traj must be [T, N, 2]; got shape {np.shape(traj)}")
+    n_paths = check_int("n_paths", n_paths)  # (-1 plotted N - 1 paths)
     traj = np.asarray(traj)[:, :n_paths]
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(traj[:, :, 0], traj[:, :, 1], color="0.3", alpha=0.25, lw=0.6)
@@ -116,7 +156,8 @@ def trajectories(traj, n_paths: int = 200, title: str | None = None, path: str |
 def curves(series: dict, xlabel: str = "step", ylabel: str = "", logx: bool = False, logy: bool = False,
            title: str | None = None, path: str | None = None, smooth: int = 1):
     """Line plot of ``{label: y}`` or ``{label: (x, y)}`` (``x, y: [T]``); ``smooth`` is a
-    moving-average window."""
+    moving-average window (1: none)."""
+    smooth = check_int("smooth", smooth)  # (0 or -3 turned smoothing off without a word)
     lines = []  # checked before the figure exists: a bad series leaks no figure
     for label, v in series.items():
         x, y = v if isinstance(v, tuple) and len(v) == 2 else (None, v)
@@ -160,7 +201,8 @@ def image_grid(images, nrow: int | None = None, title: str | None = None, path: 
     if imgs.ndim == 4 and imgs.shape[-1] == 1:
         imgs = imgs[..., 0]
     n = imgs.shape[0]
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    # (nrow=2.0 was matplotlib's error with the figure left open)
+    nrow = int(np.ceil(np.sqrt(n))) if nrow is None else check_int("nrow", nrow)
     ncol = int(np.ceil(n / nrow))
     head = 0.4 if title else 0.0  # inches kept free above the grid for the title
     fig, axes = plt.subplots(ncol, nrow, figsize=(nrow * 0.8, ncol * 0.8 + head), squeeze=False)

@@ -137,9 +137,18 @@ def test_non_finite_samples_do_not_score_a_perfect_distance():
     assert np.isnan(float(gf.metrics.sliced_w2(x, y_nan, jax.random.key(1))))
     assert np.isnan(float(gf.metrics.w2_sinkhorn(x, y_nan, iters=50)))
     assert not float(gf.metrics.w2_sinkhorn(x, y_inf, iters=50)) < 1.0  # was 0.0
+    assert np.isnan(float(gf.metrics.sliced_w2(x, y_inf, jax.random.key(1))))  # (was inf)
+    with pytest.raises(ValueError, match="bandwidths must be a non-empty sequence of finite reals"):
+        gf.metrics.mmd(x, y, bandwidths=(1.0, np.inf))  # (gave 0.0 for an infinite one alone)
     m1, c1 = gf.metrics.gaussian_stats(np.asarray(x))
     m2, c2 = gf.metrics.gaussian_stats(np.asarray(y_nan))
     assert np.isnan(gf.metrics.frechet_distance(m1, c1, m2, c2))
+    # at D = 3..8 numpy's eigh raised "Eigenvalues did not converge" on the NaN covariance
+    for d in (3, 4, 8):
+        f = np.random.default_rng(d).normal(size=(100, d))
+        g = f.copy()
+        g[0, 0] = np.nan
+        assert np.isnan(gf.metrics.frechet_distance(*gf.metrics.gaussian_stats(g), *gf.metrics.gaussian_stats(f)))
     # still exactly 0 with a finite gradient where the sets coincide
     assert float(gf.metrics.sliced_w2(x, x, jax.random.key(1))) == 0.0
     g = jax.grad(lambda a: gf.metrics.sliced_w2(a, x, jax.random.key(1)))(x)

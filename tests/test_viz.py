@@ -46,7 +46,7 @@ def test_scatter_limits_read_like_density_and_edge_inputs_are_named():
     plt.close(fig)
     with pytest.raises(ValueError, match="lims must be"):
         gf.viz.scatter(pts, lims=((4, -4), (-3, 3)))
-    with pytest.raises(ValueError, match="needs log_density_fn or samples"):
+    with pytest.raises(ValueError, match="needs exactly one of log_density_fn and samples"):
         gf.viz.density()
     with pytest.raises(ValueError, match=r"samples must be points \[N, 2\]"):
         gf.viz.density(samples=np.zeros((10, 3)))
@@ -120,3 +120,47 @@ def test_curves_and_density_check_their_series_and_leak_no_figure():
     np.testing.assert_array_equal(xa, np.arange(4, 30))
     np.testing.assert_array_equal(xb, np.arange(4, 30) * 2)
     plt.close(fig)
+
+
+def test_density_limits_follow_the_samples_and_unnormalised_log_densities_show():
+    """density drew samples around 100 as an empty heat map (a fixed +-4 window), and exp of a
+    log-density offset by +-1000 as a blank image (inf / 0 everywhere)."""
+    pts = np.random.default_rng(0).normal(size=(300, 2))
+    fig = gf.viz.density(samples=pts + 100)
+    assert fig.axes[0].collections[0].get_array().sum() >= 0.98 * 300  # (0 of 300 before)
+    plt.close(fig)
+    with pytest.warns(UserWarning, match=r"lie outside lims"):
+        plt.close(gf.viz.density(samples=pts * 10, lims=((-4, 4), (-4, 4))))
+    shapes = []
+    for offset in (1000.0, -1000.0, 0.0):
+        im = gf.viz.density(lambda g, o=offset: o - 0.5 * (g**2).sum(-1), n=50).axes[0].images[0]
+        z = np.asarray(im.get_array())
+        assert np.all(np.isfinite(z)) and z.max() == 1.0
+        shapes.append(z)
+        plt.close("all")
+    for z in shapes[:2]:  # (the offset is applied in float32 by the lambda: equal to rounding)
+        np.testing.assert_allclose(z, shapes[2], rtol=1e-3, atol=1e-9)
+
+
+def test_viz_arguments_are_checked_before_a_figure_exists(tmp_path):
+    plt.close("all")
+    pts = np.zeros((4, 2))
+    with pytest.raises(ValueError, match="exactly one of log_density_fn and samples"):
+        gf.viz.density(lambda g: -(g**2).sum(-1), samples=pts)  # (samples were ignored)
+    with pytest.raises(ValueError, match=r"log_density_fn must map points \[M, 2\]"):
+        gf.viz.density(lambda g: g)  # ("cannot reshape array of size 80000")
+    with pytest.raises(ValueError, match="lims must be"):
+        gf.viz.density(samples=pts, lims=(0, 1))  # ("cannot unpack non-iterable int")
+    with pytest.raises(ValueError, match="nrow must be a positive int"):
+        gf.viz.image_grid(np.zeros((4, 8, 8)), nrow=2.0)
+    with pytest.raises(ValueError, match="n_paths must be a positive int"):
+        gf.viz.trajectories(np.zeros((3, 5, 2)), n_paths=-1)  # (plotted N - 1 paths)
+    with pytest.raises(ValueError, match="smooth must be a positive int"):
+        gf.viz.curves({"a": np.arange(10.0)}, smooth=0)
+    with pytest.raises(FileNotFoundError):
+        gf.viz.scatter(pts, path=str(tmp_path / "missing" / "x.png"))
+    assert plt.get_fignums() == []  # (the failed write left its figure open)
+    gf.viz.scatter(pts, path=str(tmp_path / "noext"))  # (written to noext.png before)
+    assert (tmp_path / "noext").exists() and not (tmp_path / "noext.png").exists()
+    with Image.open(tmp_path / "noext") as im:
+        assert im.format == "PNG"
