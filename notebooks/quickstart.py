@@ -69,7 +69,7 @@ gf.viz.curves(rows, xlabel="steps", ylabel="rms error vs exact flow map", logx=T
 # interpolant `alpha = cos(pi t / 2)`, `sigma = sin(pi t / 2)` joins the built-in paths (alpha
 # written as `sin(pi (1 - t) / 2)`: `jnp.cos` leaves -4.4e-8 at `t = 1`, not the exact 0 of pure
 # noise). The fitted orders are about 1 (Euler) and 2 (Heun, midpoint; midpoint fits 2.9 on
-# `linear`, above its order); on `ve` and `edm` (noise levels from 80 down to 0.002) the errors
+# `linear`, above its order); on `ve` and `edm` (noise levels from 50 down to 0.01 and from 80 down to 0.002) the errors
 # reach their asymptotic rate only from about 64 steps, so their orders are fitted on 64-512 steps. Models are eps predictions, or velocity ones on the paths
 # where `alpha(1) = 0` (eps -> x0 is singular there).
 

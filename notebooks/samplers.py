@@ -192,7 +192,7 @@ for name, ts in [("karras", gf.sampling.time_grid(path, steps, "karras", t_start
 # the gain is modest and in the tail (the 99.9th percentile), at the same median; on the 64-D
 # mixture of `experiments/benchmarks/samplers.py` it lowered the rms error at 50 NFE from
 # 1.74e-4 to 9.95e-5 on seeds 101-112 and from 8.3e-5 to 7.7e-5 on seeds 1-12
-# (`results/samplers_selected*.md`).
+# (`experiments/benchmarks/results/samplers_selected*.md`).
 
 # %%
 steps_h = 20

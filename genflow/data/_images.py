@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from genflow._checks import check_int
+from genflow._checks import check_int, check_real_in
 
 __all__ = ["load_digits", "image_dataset", "image_loader", "DIGITS"]
 
@@ -39,8 +39,10 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0,
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}")
     seed = check_int("seed", seed, 0)  # (-1 / 1.5 failed in NumPy without naming seed)
-    if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"test_fraction must lie in [0, 1]; got {test_fraction!r}")
+    # ("0.2" was a TypeError from '<=', True a silent 1.0: an empty train split)
+    if isinstance(test_fraction, (bool, np.bool_)):
+        raise ValueError(f"test_fraction must be a float in [0, 1]; got {test_fraction!r}")
+    check_real_in("test_fraction", test_fraction, 0.0, 1.0)
     d = _load()
     x = (d.data.astype(np.float32) / 16.0) * 2.0 - 1.0
     y = d.target.astype(np.int32)
@@ -157,7 +159,7 @@ def image_dataset(name: str, split: str = "train", *, data_dir: str | None = Non
     return grain.MapDataset.source(_Records(source, image_key, label_key, image_size))
 
 
-def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: int = 0, shuffle: bool = True,
+def image_loader(dataset: Any, batch_size: int, *, split: str | None = None, seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
                  workers: int = 0, **dataset_kwargs: Any):
     """An iterator of batches ``{"x": [batch_size, H, W, C], "y": [batch_size]}`` (numpy).
@@ -168,7 +170,8 @@ def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: i
 
     Args:
       dataset: a name for :func:`image_dataset` or a ``grain.MapDataset`` of records.
-      split: the split of a named dataset (``"train"``, ``"test"``, ...).
+      split: the split of a named dataset (``"train"``, ``"test"``, ...; default ``"train"``);
+        refused with a given dataset, which is read as it is.
       seed: the shuffling seed (each host's order is drawn from it and its shard index).
       shuffle: a fresh permutation every epoch (``False``: the shard's order, every epoch).
       batch_size: examples per batch on this host (the global batch is ``batch_size`` times the
@@ -189,7 +192,9 @@ def image_loader(dataset: Any, batch_size: int, *, split: str = "train", seed: i
     workers = check_int("workers", workers, low=0)  # (-1: grain's "num_threads must be non-negative")
     if not isinstance(dataset, str) and dataset_kwargs:  # (image_size=16 was silently ignored)
         raise ValueError(f"{sorted(dataset_kwargs)} apply to a dataset name, not to a given dataset")
-    ds = image_dataset(dataset, split, **dataset_kwargs) if isinstance(dataset, str) else dataset
+    if not isinstance(dataset, str) and split is not None:  # (split="test" read the given records)
+        raise ValueError(f"split={split!r} applies to a dataset name, not to a given dataset (read as it is)")
+    ds = image_dataset(dataset, split or "train", **dataset_kwargs) if isinstance(dataset, str) else dataset
     index = jax.process_index() if shard_index is None else check_int("shard_index", shard_index, low=0)
     count = jax.process_count() if shard_count is None else check_int("shard_count", shard_count)
     if not 0 <= index < count:
@@ -232,6 +237,19 @@ class _Loader:
 
     def get_state(self) -> dict:
         return self._it.get_state()
+
+    def close(self) -> None:
+        """Stop the worker processes (with ``workers > 0``; left to interpreter exit, grain's
+        destructors printed tracebacks there). Also ``with image_loader(...) as it:``."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def set_state(self, state: dict) -> None:
         saved_with_workers = isinstance(state, dict) and "iterators_in_use_states" in state

@@ -35,13 +35,20 @@ def moons(key: Array, n: int, noise: float = 0.05, scale: float = 2.0) -> Array:
     """
     n = check_int("n", n, 0)
     k1, k2, k3 = jax.random.split(key, 3)
-    coin = jax.random.bernoulli(k1, 0.5, (n // 2,))
-    upper = jnp.concatenate([jnp.stack([coin, ~coin], axis=1).reshape(-1), jnp.zeros((n % 2,), bool)])
+    upper = _paired_halves(k1, n)
     theta = jax.random.uniform(k2, (n,), minval=0.0, maxval=jnp.pi)
     x = jnp.where(upper, jnp.cos(theta), 1.0 - jnp.cos(theta))
     y = jnp.where(upper, jnp.sin(theta), 0.5 - jnp.sin(theta))
     pts = jnp.stack([x, y], -1) + noise * jax.random.normal(k3, (n, 2))
     return (scale * (pts - jnp.array([0.5, 0.25]))).astype(jnp.float32)
+
+
+def _paired_halves(key: Array, n: int) -> Array:
+    """``[n]`` bools, exactly ``n // 2`` True: rows ``2i`` and ``2i + 1`` hold one True and one
+    False, in an order drawn by a fair coin per pair (for odd ``n`` the last row is False); see
+    :func:`moons`."""
+    coin = jax.random.bernoulli(key, 0.5, (n // 2,))
+    return jnp.concatenate([jnp.stack([coin, ~coin], axis=1).reshape(-1), jnp.zeros((n % 2,), bool)])
 
 
 def eight_gaussians(key: Array, n: int, radius: float = 2.0, std: float = 0.2) -> Array:
@@ -75,11 +82,12 @@ def swiss_roll(key: Array, n: int, noise: float = 0.25) -> Array:
 
 def spirals(key: Array, n: int, noise: float = 0.1) -> Array:
     """Two interleaved spirals (FFJORD's ``2spirals`` without its uniform ``[0, 0.5)`` offset of
-    each arm), scaled to about [-3.5, 3.5]."""
+    each arm), scaled to about [-3.5, 3.5]. ``n // 2`` points on one arm, the rest on the other,
+    paired by rows as in :func:`moons` (a coin per point gave the arms binomially unequal mass)."""
     n = check_int("n", n, 0)
     k1, k2, k3 = jax.random.split(key, 3)
     r = jnp.sqrt(jax.random.uniform(k1, (n,))) * 540.0 * (2 * jnp.pi) / 360.0
-    sign = jnp.where(jax.random.bernoulli(k2, 0.5, (n,)), 1.0, -1.0)
+    sign = jnp.where(_paired_halves(k2, n), 1.0, -1.0)
     pts = sign[:, None] * jnp.stack([-jnp.cos(r) * r, jnp.sin(r) * r], -1)
     pts = pts + noise * 3.0 * jax.random.normal(k3, (n, 2))
     return (pts / 3.0).astype(jnp.float32)
@@ -104,10 +112,12 @@ def pinwheel(key: Array, n: int, num_arms: int = 5, radial_std: float = 0.3, tan
 
 
 def circles(key: Array, n: int, noise: float = 0.05, factor: float = 0.5, scale: float = 2.0) -> Array:
-    """Two concentric circles (scikit-learn's ``make_circles``), scaled."""
+    """Two concentric circles (scikit-learn's ``make_circles``), scaled. As in scikit-learn,
+    ``n // 2`` points lie on the inner circle and the rest on the outer one (paired by rows as in
+    :func:`moons`; a coin per point gave 514 / 487 of 1,001)."""
     n = check_int("n", n, 0)
     k1, k2, k3 = jax.random.split(key, 3)
-    inner = jax.random.bernoulli(k1, 0.5, (n,))
+    inner = _paired_halves(k1, n)
     theta = jax.random.uniform(k2, (n,), maxval=2 * jnp.pi)
     r = jnp.where(inner, factor, 1.0)
     pts = r[:, None] * jnp.stack([jnp.cos(theta), jnp.sin(theta)], -1) + noise * jax.random.normal(k3, (n, 2))
