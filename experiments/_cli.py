@@ -8,11 +8,13 @@ line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
+import time
 from typing import get_type_hints
 
 
@@ -48,9 +50,12 @@ def parse(config_cls, argv=None, doc: str | None = None, quick: dict | None = No
 
 def _check_common(cfg) -> None:
     """The flags every entry point shares: ``--out`` (an existing file failed as a bare
-    FileExistsError, one inside a file as a NotADirectoryError) and ``--seed`` (beyond 64 bits, an
-    OverflowError)."""
+    FileExistsError, one inside a file as a NotADirectoryError, an empty one as os.makedirs'
+    FileNotFoundError) and ``--seed`` (the scripts derive keys from ``seed + k`` for k up to a few
+    hundred: a seed near 2**63 failed with an OverflowError after the first task)."""
     out = getattr(cfg, "out", None)
+    if out is not None and not out:
+        raise SystemExit("--out must be a non-empty path")
     if out and os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"--out {out!r} exists and is not a directory")
     if out and not os.path.exists(out):  # the nearest existing folder above it must be one
@@ -60,8 +65,24 @@ def _check_common(cfg) -> None:
         if not os.path.isdir(parent):
             raise SystemExit(f"--out {out!r} cannot be made: {parent!r} exists and is not a directory")
     seed = getattr(cfg, "seed", None)
-    if seed is not None and not -(2 ** 63) <= seed < 2 ** 63:
-        raise SystemExit(f"--seed must fit in 64 bits (|seed| < 2**63); got {seed}")
+    if seed is not None and not -(2 ** 62) <= seed < 2 ** 62:
+        raise SystemExit(f"--seed must lie in [-2**62, 2**62); got {seed}")
+
+
+@contextlib.contextmanager
+def stale_outputs_removed(out: str, names):
+    """On an error (or Ctrl-C) in the block, remove the files ``names`` under ``out`` that this run
+    did not write (older than the block's start): an earlier run's results would otherwise pass
+    for this one's beside its partial outputs. The error is re-raised."""
+    t0 = time.time() - 1.0  # (file times are coarser than time.time on some file systems)
+    try:
+        yield
+    except BaseException:
+        for name in names:
+            f = os.path.join(out, name)
+            if os.path.isfile(f) and os.path.getmtime(f) < t0:
+                os.remove(f)
+        raise
 
 
 def require_min(cfg, **lows) -> None:

@@ -289,20 +289,27 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+OUTPUTS = ("results.json", "results.md", "density_2d.png", "samples_2d.png", "samples_digits.png")
+
+
 def run(cfg: Config) -> dict:
     models = validate(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.perf_counter()
-    results = {"config": dataclasses.asdict(cfg), "2d": run_2d(cfg, models)}
-    if cfg.digits:
-        results["digits"] = run_digits(cfg, models)
-    elif os.path.exists(os.path.join(cfg.out, "samples_digits.png")):
-        # (an earlier run's grid stayed beside a results.json without digits results)
-        os.remove(os.path.join(cfg.out, "samples_digits.png"))
-    results["wall_time_s"] = time.perf_counter() - t0
-    _cli.write_json(os.path.join(cfg.out, "results.json"), results)
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(table(results) + "\n")
+    # (a failed rerun left the earlier run's results.json beside its own new plots)
+    with _cli.stale_outputs_removed(cfg.out, OUTPUTS):
+        results = {"config": dataclasses.asdict(cfg), "2d": run_2d(cfg, models)}
+        if cfg.digits:
+            # the 2-D results are kept if the digits part fails or is interrupted (they were lost)
+            _cli.write_json(os.path.join(cfg.out, "results.json"), {**results, "digits": "not finished"})
+            results["digits"] = run_digits(cfg, models)
+        elif os.path.exists(os.path.join(cfg.out, "samples_digits.png")):
+            # (an earlier run's grid stayed beside a results.json without digits results)
+            os.remove(os.path.join(cfg.out, "samples_digits.png"))
+        results["wall_time_s"] = time.perf_counter() - t0
+        _cli.write_json(os.path.join(cfg.out, "results.json"), results)
+        with open(os.path.join(cfg.out, "results.md"), "w") as f:
+            f.write(table(results) + "\n")
     return results
 
 

@@ -88,7 +88,7 @@ def validate(cfg: Config) -> None:
     if cfg.prediction not in gf.param.KINDS:
         raise SystemExit(f"--prediction must be one of {list(gf.param.KINDS)}; got {cfg.prediction!r}")
     if cfg.solver not in gf.sampling.solvers():
-        raise SystemExit(f"unknown solver {cfg.solver!r}; expected one of {sorted(gf.sampling.solvers())}")
+        raise SystemExit(f"--solver must be one of {sorted(gf.sampling.solvers())}; got {cfg.solver!r}")
     if cfg.weighting not in gf.losses.WEIGHTINGS:
         raise SystemExit(f"--weighting must be one of {list(gf.losses.WEIGHTINGS)}; got {cfg.weighting!r}")
     _cli.require_min(cfg, steps=1, batch=1, ch=1, depth=1, sample_steps=1, n_eval=2, n_nll=0, ckpt_every=0, chunk=0,
@@ -105,6 +105,10 @@ def validate(cfg: Config) -> None:
 
         if cfg.dataset.split(":")[0].split("/")[0] not in tfds.list_builders(with_community_datasets=False):
             raise SystemExit(f"--dataset must be 'digits' or a tfds dataset name; got {cfg.dataset!r}")
+        try:  # (an unprepared one failed deep inside tfds's download, after --out was made)
+            gf.data.image_dataset(cfg.dataset)
+        except ValueError as e:
+            raise SystemExit(f"--dataset {cfg.dataset!r}: {e}") from None
     _cli.dry_run_sampling(cfg.path, cfg.prediction, (2, 4, 4, 1), [("solver", cfg.solver, dict(steps=cfg.sample_steps))])
 
 

@@ -150,17 +150,27 @@ def validate(cfg: Config) -> None:
     _cli.require_min(cfg, train_steps=1, batch=1, hidden=1, steps=1, n_val=1, n_test=1)
     _cli.require_finite(cfg, "noise")
     _cli.require_finite(cfg, "lr", strict=True)
+    n = len(gf.data.load_digits("test")[1])  # (checked in run, after --out was made)
+    if cfg.n_val + cfg.n_test > n:
+        raise SystemExit(f"--n_val + --n_test must be <= {n} (the digits test split), each >= 1; got "
+                         f"{cfg.n_val} + {cfg.n_test}")
+
+
+OUTPUTS = ("results.json", "results.md", "prior_loss.png", "inpainting.png", "super_resolution_x2.png",
+           "deblur_gaussian.png", "compressed_sensing.png")
 
 
 def run(cfg: Config) -> dict:
     validate(cfg)
     os.makedirs(cfg.out, exist_ok=True)
+    with _cli.stale_outputs_removed(cfg.out, OUTPUTS):  # (a failed rerun left the earlier run's results)
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> dict:
     t_wall = time.perf_counter()
     xtr, _ = gf.data.load_digits("train")
     xte, _ = gf.data.load_digits("test")
-    if cfg.n_val + cfg.n_test > len(xte):
-        raise SystemExit(f"--n_val + --n_test must be <= {len(xte)} (the digits test split), each >= 1; got "
-                         f"{cfg.n_val} + {cfg.n_test}")
     x_val, x_test = jnp.asarray(xte[: cfg.n_val]), jnp.asarray(xte[cfg.n_val: cfg.n_val + cfg.n_test])
     fn, path, hist = train_prior(cfg, xtr)
     key = jax.random.key(cfg.seed + 2)

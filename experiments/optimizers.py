@@ -311,18 +311,24 @@ def plot(results: dict, cfg: Config, path: str) -> None:
     plt.close(fig)
 
 
+OUTPUTS = ("results.json", "summary.md", "sweep.png", "results_digits_only.json")
+
+
 def run(cfg: Config) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     names = cfg.optimizers.split(",")
     t0 = time.perf_counter()
-    results = {"config": dataclasses.asdict(cfg), "digits": digits_task(cfg, names)}
-    partial = os.path.join(cfg.out, "results_digits_only.json")  # (a failure in the flow task kept nothing)
-    _cli.write_json(partial, results, indent=1)
-    results["flow"] = flow_task(cfg, names)
-    results["wall_time_s"] = time.perf_counter() - t0
-    _cli.write_json(os.path.join(cfg.out, "results.json"), results, indent=1)
-    os.remove(partial)
-    report(results, cfg)
+    # (a failed rerun left the earlier run's results.json / summary.md / sweep.png beside its own
+    # results_digits_only.json)
+    with _cli.stale_outputs_removed(cfg.out, OUTPUTS):
+        results = {"config": dataclasses.asdict(cfg), "digits": digits_task(cfg, names)}
+        partial = os.path.join(cfg.out, "results_digits_only.json")  # (a failure in the flow task kept nothing)
+        _cli.write_json(partial, results, indent=1)
+        results["flow"] = flow_task(cfg, names)
+        results["wall_time_s"] = time.perf_counter() - t0
+        _cli.write_json(os.path.join(cfg.out, "results.json"), results, indent=1)
+        os.remove(partial)
+        report(results, cfg)
     return results
 
 
@@ -364,6 +370,11 @@ def main(argv=None) -> int:
     if cfg.from_results:
         with open(cfg.from_results) as f:
             saved = json.load(f)
+        missing = [k for k in ("config", "digits", "flow") if k not in saved]
+        if missing:  # (results_digits_only.json of a failed run: KeyError 'flow' in markdown)
+            raise SystemExit(f"--from_results {cfg.from_results!r} has no {' / '.join(missing)} results (a "
+                             f"results_digits_only.json is what a run that failed in the flow task kept); "
+                             f"pass a complete results.json")
         cfg = dataclasses.replace(Config(**saved["config"]), out=cfg.out)
         os.makedirs(cfg.out, exist_ok=True)
         report(saved, cfg)

@@ -471,3 +471,12 @@ def test_image_loader_with_workers_reads_the_same_batches_and_closes():
     with gf.data.image_loader("digits", 16, seed=2, workers=1) as it:
         np.testing.assert_array_equal(next(it)["x"], first)
     it.close()  # (closing twice is harmless)
+
+
+def test_an_unprepared_tfds_dataset_is_named_and_not_downloaded(tmp_path):
+    """tfds.data_source downloads by default: an unprepared name started "Downloading and preparing
+    dataset" (no internet here: a failure deep inside tfds, after --out was made by images.py)."""
+    with pytest.raises(ValueError, match=r"tfds dataset 'mnist' \(split 'train'\) cannot be read .* without "
+                                         r"downloading: prepare it first"):
+        gf.data.image_dataset("mnist", data_dir=str(tmp_path))
+    assert not any(tmp_path.rglob("*.tfrecord*")) and not any(tmp_path.rglob("downloads"))

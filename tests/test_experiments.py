@@ -198,8 +198,12 @@ def test_entry_points_refuse_a_file_as_out_a_huge_seed_and_unusable_eval_options
     for parse in (toy2d.parse_config, lambda a: _cli.parse(inverse.Config, a), optimizers.parse_config):
         with pytest.raises(SystemExit, match="--out .* exists and is not a directory"):
             parse(["--out", str(afile)])
-        with pytest.raises(SystemExit, match="--seed must fit in 64 bits"):
-            parse(["--seed", str(10 ** 20)])
+        # (a seed near 2**63 passed, and jax.random.key(seed + 100) overflowed after the first task)
+        for seed in (10 ** 20, 2 ** 63 - 1, 2 ** 62):
+            with pytest.raises(SystemExit, match=r"--seed must lie in \[-2\*\*62, 2\*\*62\)"):
+                parse(["--seed", str(seed)])
+        with pytest.raises(SystemExit, match="--out must be a non-empty path"):
+            parse(["--out", ""])  # (os.makedirs' FileNotFoundError, after the sampler dry run)
     for args, msg in ((["--eval_solver", "heun"], "--eval_solver must be an adaptive solver"),
                       (["--n_eval", "50000"], "--n_eval must be <= 10000")):
         with pytest.raises(SystemExit, match=msg):
@@ -314,3 +318,35 @@ def test_entry_points_refuse_an_out_inside_a_file(tmp_path):
             with pytest.raises(SystemExit, match="^--out .* is not a directory$"):
                 parse(["--out", str(out)])
     toy2d.parse_config(["--out", str(tmp_path / "new" / "deeper")])  # a folder yet to be made is fine
+
+
+def test_failed_reruns_remove_the_earlier_runs_outputs_and_partial_results_are_refused(tmp_path):
+    """optimizers / density / inverse reruns that failed left the earlier run's results.json (and
+    summary, plots) beside the new run's partial outputs; optimizers --from_results on the partial
+    results_digits_only.json failed with KeyError 'flow'; inverse's --n_val + --n_test check ran
+    after --out was made."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import _cli
+    import inverse
+    import optimizers
+
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("results.json", "summary.md", "kept.txt"):
+        (out / name).write_text("an earlier run's")
+        os.utime(out / name, (1e9, 1e9))
+    with pytest.raises(RuntimeError, match="flow task failed"):
+        with _cli.stale_outputs_removed(str(out), ("results.json", "summary.md", "sweep.png", "partial.json")):
+            (out / "partial.json").write_text("this run's")
+            raise RuntimeError("flow task failed")
+    assert sorted(p.name for p in out.iterdir()) == ["kept.txt", "partial.json"]
+    with _cli.stale_outputs_removed(str(out), ("kept.txt",)):
+        pass  # (a run that finishes removes nothing)
+    assert (out / "kept.txt").exists()
+
+    (out / "partial.json").write_text(json.dumps({"config": {}, "digits": {}}))
+    with pytest.raises(SystemExit, match=r"--from_results .* has no flow results"):
+        optimizers.main(["--from_results", str(out / "partial.json"), "--out", str(tmp_path / "redraw")])
+    with pytest.raises(SystemExit, match=r"--n_val \+ --n_test must be <= 364"):
+        inverse.validate(_cli.parse(inverse.Config, ["--n_val", "300", "--n_test", "100"]))
+    assert set(inverse.OUTPUTS) >= {f"{t}.png" for t in inverse.tasks(__import__("jax").random.key(0))}

@@ -205,7 +205,7 @@ def test_images_validate_checks_the_optimizer_flags():
             images.validate(images.parse_config(args))
 
 
-def test_images_refuses_an_unknown_dataset_and_an_fsdp_that_does_not_divide_the_devices():
+def test_images_refuses_an_unknown_dataset_and_an_fsdp_that_does_not_divide_the_devices(tmp_path):
     # (an unknown tfds name failed as DatasetNotFoundError after --out was made; --fsdp 3 on one
     # device as an unnamed ValueError from make_mesh)
     import jax
@@ -215,6 +215,16 @@ def test_images_refuses_an_unknown_dataset_and_an_fsdp_that_does_not_divide_the_
 
     with pytest.raises(SystemExit, match="--dataset must be 'digits' or a tfds dataset name"):
         images.validate(images.parse_config(["--dataset", "nope"]))
-    images.validate(images.parse_config(["--dataset", "mnist"]))  # (a known name passes, offline)
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=4):
+        images.validate(images.parse_config(["--dataset", "mnist"]))  # (a known, prepared name passes, offline)
+    # an unprepared one started tfds's download (no internet: a failure deep inside tfds, after --out was made)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path))
+        with pytest.raises(SystemExit, match="--dataset 'mnist': tfds dataset 'mnist' .* without downloading"):
+            images.validate(images.parse_config(["--dataset", "mnist"]))
+    with pytest.raises(SystemExit, match="--solver must be one of"):
+        images.validate(images.parse_config(["--solver", "bogus"]))  # (the one message not naming its flag)
     with pytest.raises(SystemExit, match="--fsdp must divide the number of devices"):
         images.validate(images.parse_config(["--fsdp", str(jax.device_count() + 1)]))

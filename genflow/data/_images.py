@@ -149,7 +149,15 @@ def image_dataset(name: str, split: str = "train", *, data_dir: str | None = Non
         return grain.MapDataset.source(_Arrays(x, y if label_key is not None else None))
     import tensorflow_datasets as tfds
 
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    try:  # (download=True by default: an unprepared name started a download, which failed deep inside tfds)
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.DatasetNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"tfds dataset {name!r} (split {split!r}) cannot be read from "
+                         f"{data_dir or 'the default tfds data_dir'} without downloading: prepare it first (`tfds build "
+                         f"{name.split(':')[0]}`, or tfds.data_source({name!r}, download=True) where there is internet); "
+                         f"tfds says: {e}") from e
     features = getattr(getattr(source, "dataset_info", None), "features", None)
     if image_size is None and features is not None and image_key in features:
         shape = getattr(features[image_key], "shape", None) or ()
