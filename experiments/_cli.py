@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import get_type_hints
@@ -26,18 +28,33 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
 
 
+def _field_comments(config_cls) -> dict:
+    """``{field: its trailing # comment}`` from the dataclass's source (empty where unreadable)."""
+    try:
+        src = inspect.getsource(config_cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip()
+            for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, flags=re.MULTILINE)}
+
+
 def parse(config_cls, argv=None, doc: str | None = None, quick: dict | None = None):
-    """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of the dataclass ``config_cls``."""
+    """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of the dataclass ``config_cls``.
+    ``--help`` shows each field's trailing ``#`` comment with its default."""
     # (no abbreviations: "--step 7" would not count as a given --steps, and --quick would override it)
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     hints = get_type_hints(config_cls)
+    comments = _field_comments(config_cls)  # (--help showed only the defaults; the meanings were in the source)
     for f in dataclasses.fields(config_cls):
+        default = f.default if hints[f.name] is bool else repr(f.default)
+        # (argparse formats help with %: a literal % must be doubled)
+        text = (f"{comments[f.name]}; " if f.name in comments else "") + f"default: {default}"
+        text = text.replace("%", "%%")
         if hints[f.name] is bool:
-            p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default, type=_bool,
-                           help=f"default: {f.default}")
+            p.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default, type=_bool, help=text)
         else:
-            p.add_argument(f"--{f.name}", type=hints[f.name], default=f.default, help=f"default: {f.default!r}")
+            p.add_argument(f"--{f.name}", type=hints[f.name], default=f.default, help=text)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = vars(p.parse_args(argv))
     if quick and args.get("quick"):
