@@ -84,6 +84,20 @@ def check_real_in(name: str, value, low: float, high: float) -> None:
         raise ValueError(f"{name} must be a float in [{low:g}, {high:g}]; got {value!r}")
 
 
+def real_leaf(value):
+    """A real hyper-parameter as a JAX array (a pytree leaf or traced argument: one compiled program
+    for all its values) at the caller's precision: a Python number weakly typed (it then promotes
+    neither float32 nor bfloat16 arrays, and is float64 under ``jax_enable_x64``), an array in its
+    own floating dtype, an integer array in float32. (Casting to float32 capped float64 checks
+    against oracles at ~1e-7.)"""
+    import jax.numpy as jnp
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return jnp.asarray(float(value))
+    a = jnp.asarray(value)
+    return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(jnp.float32)
+
+
 def check_key(key) -> None:
     """A ``TypeError`` unless ``key`` is one PRNG key: a typed key of shape ``()`` or a raw
     ``uint32`` key of shape ``[k]`` (traced ones too). ``key=0`` failed as "JAX encountered invalid

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import flat_batch, check_real_in, concrete_real
+from genflow._checks import flat_batch, check_real_in, concrete_real, real_leaf
 from genflow.paths import Path, broadcast_t
 from genflow.sampling import as_pytree_fn
 
@@ -63,12 +63,13 @@ def _per_sample(w: Array, x: Array, name: str = "scale") -> Array:
 
 
 def _scale(scale) -> Array:
-    """A guidance scale (scalar or ``[B]``, real, possibly traced) as a float32 array; a string,
-    bytes or bool is refused (NumPy would read ``"2"`` as 2.0)."""
+    """A guidance scale (scalar or ``[B]``, real, possibly traced) as an array (:func:`real_leaf`:
+    a Python number weakly typed, an array in its floating dtype); a string, bytes or bool is
+    refused (NumPy would read ``"2"`` as 2.0)."""
     if isinstance(scale, (str, bytes, bool, complex)) or (hasattr(scale, "dtype") and not (
             jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer))):
         raise TypeError(f"scale must be a real number or a [B] array of them; got {scale!r}")
-    return jnp.asarray(scale, jnp.float32)
+    return real_leaf(scale)
 
 
 def _guide(c: Array, u: Array, w) -> Array:
@@ -91,11 +92,31 @@ class CFG:
     unconditional one. ``scale``: scalar or ``[B]`` (traced).
 
     A new guidance formula (e.g. rescaled CFG) is a subclass that overrides :meth:`combine`;
-    :func:`interval` and :func:`adaptive` then apply it too."""
+    :func:`interval` and :func:`adaptive` then apply it too. Register it as a pytree, as CFG is
+    (its models and scale are traced: a new scale does not recompile)::
+
+        @jax.tree_util.register_dataclass
+        @dataclasses.dataclass(frozen=True)
+        class RescaledCFG(gf.guidance.CFG):
+            phi: float = 0.7
+
+            def combine(self, c, u, w):
+                g = super().combine(c, u, w)
+                r = g * jnp.std(c, axis=-1, keepdims=True) / jnp.std(g, axis=-1, keepdims=True)
+                return self.phi * r + (1 - self.phi) * g
+
+    ``RescaledCFG(cond, uncond, scale)`` with ``scale`` a Python float or an array."""
 
     cond: ModelFn
     uncond: ModelFn
     scale: Array
+
+    def __post_init__(self):
+        # (an unregistered subclass failed in gf.sample with equinox's "Non-hashable static arguments")
+        if type(self) is not CFG and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(self)):
+            raise TypeError(f"{type(self).__name__} subclasses gf.guidance.CFG but is not a registered pytree: "
+                            f"decorate it with @jax.tree_util.register_dataclass and "
+                            f"@dataclasses.dataclass(frozen=True), as in CFG's docstring")
 
     def parts(self, x: Array, t: Array) -> tuple[Array, Array]:
         """``(cond(x, t), uncond(x, t))``."""
@@ -200,7 +221,7 @@ class Interval:
         c, u = jax.lax.cond(jnp.any(inside), lambda: self.guided.parts(x, t),
                             lambda: (lambda c: (c, c))(self.guided.cond_only(x, t)))
         _per_sample(self.guided.scale, x)  # (names a scale of the wrong shape)
-        w = jnp.where(inside, jnp.asarray(self.guided.scale, jnp.float32), 1.0)  # scalar or [B]
+        w = jnp.where(inside, self.guided.scale, 1.0)  # scalar or [B]
         return self.guided.combine(c, u, w)
 
 
@@ -300,8 +321,8 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
     # (traced values pass; psi = 2 extrapolated past the rescaled y, NaN gave NaN samples)
     check_real_in("cads: noise_scale", noise_scale, 0.0, float("inf"))
     check_real_in("cads: psi", psi, 0.0, 1.0)
-    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-    return CADS(_check_fn(fn, "fn"), y, key, f32(tau1), f32(tau2), f32(noise_scale), f32(psi), bool(rescale))
+    return CADS(_check_fn(fn, "fn"), y, key, real_leaf(tau1), real_leaf(tau2), real_leaf(noise_scale), real_leaf(psi),
+                bool(rescale))
 
 
 @jax.tree_util.register_dataclass
@@ -325,7 +346,7 @@ class Adaptive:
         c, u = self.guided.parts(x, t)
         agree = self.similarity(c, u) > self.threshold
         _per_sample(self.guided.scale, x)  # (names a scale of the wrong shape)
-        w = jnp.where(agree, 1.0, jnp.asarray(self.guided.scale, jnp.float32))  # [B]
+        w = jnp.where(agree, 1.0, self.guided.scale)  # [B]
         return self.guided.combine(c, u, w)
 
 
@@ -344,7 +365,7 @@ def adaptive(guided: CFG, threshold: float = 0.99) -> Adaptive:
     th = concrete_real(threshold)
     if th is not None and not -1.0 <= th < 1.0:  # a cosine similarity: from 1 on it never stops guiding
         raise ValueError(f"adaptive: threshold is a cosine similarity, expected in [-1, 1); got {threshold}")
-    return Adaptive(guided, jnp.asarray(threshold, jnp.float32))
+    return Adaptive(guided, real_leaf(threshold))
 
 
 @jax.tree_util.register_dataclass

@@ -32,7 +32,8 @@ __all__ = ["Gaussian", "GaussianMixture", "OracleModel", "reference_flow_map"]
 
 def _t_col(t, x: Array) -> Array:
     """``t`` (scalar or ``[B]``, checked against ``x: [B, D]``) as a ``[B, 1]`` column."""
-    t = jnp.asarray(t, x.dtype)
+    # in at least float32 (bfloat16 x rounded t itself: 0.995 became 0.996, a 2e-3 error in x0)
+    t = jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32))
     broadcast_t(t, x)  # (names a t of the wrong length)
     return jnp.broadcast_to(t, (x.shape[0],))[:, None]
 
@@ -215,7 +216,7 @@ class GaussianMixture:
         w = jax.nn.softmax(logp, axis=-1)[..., None]
         return jnp.sum(-w * r / m, axis=1).reshape(x.shape)
 
-    def flow_map(self, x: Array, s, t, path: Path, rtol: float = 1e-10, atol: float = 1e-10,
+    def flow_map(self, x: Array, s, t, path: Path, rtol: float | None = None, atol: float | None = None,
                  max_steps: int = 4096) -> Array:
         """Probability-flow ODE map from time ``s`` to ``t`` by a high-accuracy adaptive solve
         (:func:`reference_flow_map`; run it under ``jax.enable_x64(True)`` with float64 ``x``)."""
@@ -275,7 +276,7 @@ def _linear_velocity(oracle, x: Array, tau: Array) -> Array:
     return (-tau * oracle.score(xb, tb, lin) - oracle.x0(xb, tb, lin))[0]
 
 
-def reference_flow_map(oracle, x: Array, s, t, path: Path, rtol: float = 1e-10, atol: float = 1e-10,
+def reference_flow_map(oracle, x: Array, s, t, path: Path, rtol: float | None = None, atol: float | None = None,
                        max_steps: int = 4096, solver=None) -> Array:
     """Probability-flow ODE map of ``oracle`` from time ``s`` to ``t`` on ``path`` by an adaptive
     solve per sample (Diffrax; Dormand-Prince 8(7) by default), for reference solutions.
@@ -291,13 +292,17 @@ def reference_flow_map(oracle, x: Array, s, t, path: Path, rtol: float = 1e-10, 
       oracle: anything with ``x0(x, t, path)`` and ``score(x, t, path)`` (a :class:`Gaussian`,
         :class:`GaussianMixture`).
       x: ``[B, D]`` states at time ``s``; ``s, t``: scalar times.
-      rtol, atol: the PID step-size controller's tolerances (per sample).
+      rtol, atol: the PID step-size controller's tolerances (per sample); default 1e-10 for
+        float64 ``x`` and ``100 eps`` of ``x``'s float width otherwise (1.2e-5 for float32: 1e-10
+        is below float32's resolution, and the solve spent its ``max_steps``, then failed).
       max_steps: Diffrax's step limit per sample.
       solver: a Diffrax solver instance (default ``diffrax.Dopri8()``).
     Returns:
       ``[B, D]`` states at time ``t``.
     """
     dtype = x.dtype
+    floor = max(1e-10, 100 * float(jnp.finfo(jnp.promote_types(dtype, jnp.float32)).eps))
+    rtol, atol = (floor if v is None else v for v in (rtol, atol))
     return _reference_flow_map(oracle, x, jnp.asarray(s, dtype), jnp.asarray(t, dtype), path, float(rtol),
                                float(atol), int(max_steps), solver)
 

@@ -254,6 +254,7 @@ class Blur(Operator):
             raise ValueError(f"Blur acts on images [B, H, W, C] with (H, W) = {tuple(transfer.shape)}; "
                              f"got x of shape {tuple(x.shape)}")
         X = jnp.fft.fft2(x, axes=(1, 2))
+        transfer = transfer.astype(X.dtype)
         return jnp.real(jnp.fft.ifft2(X * transfer[None, :, :, None], axes=(1, 2))).astype(_out_dtype(x))
 
     def forward(self, x):
@@ -289,7 +290,9 @@ def _kernel_to_fft(kernel: np.ndarray, image_shape, normalize: bool = True) -> A
     pad = np.zeros((H, W), np.float64)
     pad[:kh, :kw] = kernel / kernel.sum() if normalize else kernel
     pad = np.roll(pad, (-(kh // 2), -(kw // 2)), axis=(0, 1))  # centre the kernel at (0, 0)
-    return jnp.asarray(np.fft.fft2(pad), jnp.complex64)
+    # complex128 when built under jax_enable_x64 (complex64 capped float64 checks at ~2e-8); each
+    # use casts it to the image's own complex width
+    return jnp.asarray(np.fft.fft2(pad), jnp.complex128 if jax.config.jax_enable_x64 else jnp.complex64)
 
 
 def kernel_blur(image_shape: tuple[int, int], kernel, rcond: float = 0.05, normalize: bool = True) -> Blur:

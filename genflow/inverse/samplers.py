@@ -81,7 +81,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import param
-from genflow._checks import check_denoise, check_int, check_key, check_positive_real, check_real_in, concrete_real
+from genflow._checks import check_denoise, check_int, check_key, check_positive_real, check_real_in, concrete_real, real_leaf
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path, check_path
 from genflow.sampling import Model, as_pytree_fn
@@ -359,8 +359,8 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
     model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
     denoise = default_denoise(path, ts, t_end) if denoise is None else denoise
     y = jnp.zeros((x1.shape[0], 1), x1.dtype)
-    return _run(model, ts, x1, key, None, base, y, _NoOp(), GaussianNoise(1.0), jnp.float32(0.0),
-                dict(eta=jnp.float32(eta)), bool(denoise))
+    return _run(model, ts, x1, key, None, base, y, _NoOp(), GaussianNoise(1.0), real_leaf(0.0),
+                dict(eta=real_leaf(eta)), bool(denoise))
 
 
 @jax.tree_util.register_dataclass
@@ -474,11 +474,11 @@ def posterior_sample(
     denoise = default_denoise(path, ts, t_end) if denoise is None else denoise
     noise = _noise_model(method, noise)
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
-                jnp.float32(weight), hp, bool(denoise), (type(operator), type(noise)))
+                real_leaf(weight), hp, bool(denoise), (type(operator), type(noise)))
 
 
 def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
-    """``defaults`` updated by ``hparams`` (checked): traced float32 values, static loop counts."""
+    """``defaults`` updated by ``hparams`` (checked): traced values (:func:`real_leaf`), static loop counts."""
     unknown = set(hparams) - set(defaults)
     if unknown:
         raise ValueError(f"method {method!r} takes hyper-parameters {sorted(defaults)}; got {sorted(unknown)}")
@@ -490,7 +490,7 @@ def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
         check_real_in("eta", hp["eta"], 0.0, 1.0)
     if "data_var" in hp:  # (traced values, e.g. under the caller's jit or vmap, pass)
         check_positive_real("data_var", hp["data_var"])
-    hp = {k: jnp.float32(v) for k, v in hp.items()}
+    hp = {k: real_leaf(v) for k, v in hp.items()}  # (float32 capped float64 tmpd / pigdm at ~1e-8)
     hp.update({k: int(v) for k, v in static.items()})  # static loop counts (a new value compiles anew)
     return hp
 
@@ -519,9 +519,9 @@ def _noise_model(method: str, noise):
     # a traced level: sweeping sigma_y / the rate does not recompile (the models check their own
     # concrete levels when built: a negative rate made flowdps climb the misfit, 0 gave NaN)
     if isinstance(noise, GaussianNoise):
-        noise = GaussianNoise(jnp.asarray(noise.sigma, jnp.float32))
+        noise = GaussianNoise(real_leaf(noise.sigma))
     elif isinstance(noise, PoissonNoise):
-        noise = PoissonNoise(jnp.asarray(noise.rate, jnp.float32))
+        noise = PoissonNoise(real_leaf(noise.rate))
     return noise
 
 
@@ -623,4 +623,4 @@ def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, p
     cg_iters = hp.pop("cg_iters")
     noise = _noise_model(method, noise)
     return PosteriorModel(Model(as_pytree_fn(fn), path, prediction), y, operator, noise.sigma,
-                          jnp.float32(weight), hp, method, cg_iters)
+                          real_leaf(weight), hp, method, cg_iters)

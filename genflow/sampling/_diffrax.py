@@ -156,7 +156,7 @@ def sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
         g = jnp.sqrt(jnp.maximum(path.diffusion_sq(t), 0.0)).astype(y.dtype)
         return lx.DiagonalLinearOperator(jnp.broadcast_to(g, y.shape))
 
-    ss = -ts
+    ss = -ts.astype(x.dtype)  # (float64 times under x64 promoted a float32 state to float64, as in ode_solve)
     shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
     if brownian_tol is None:  # fixed steps only, so the cheap UnsafeBrownianPath is exact
         bm = diffrax.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy_area)

@@ -182,7 +182,7 @@ def _restart_stages(g, i, *, restart_interval=RESTART_INTERVAL, restart_steps: i
     lo, hi = restart_interval
     if not 0.0 < lo < hi:
         raise ValueError(f"restart: restart_interval must be (lo, hi) with 0 < lo < hi; got {restart_interval}")
-    l_hi = jnp.maximum(jnp.float32(-math.log(hi)), g.l[0])
+    l_hi = jnp.maximum(jnp.asarray(-math.log(hi), g.l.dtype), g.l[0])
     r_hi, r_t = jnp.exp(-l_hi), jnp.maximum(jnp.exp(-g.l[i + 1]), 1e-12)
     u = jnp.linspace(0.0, 1.0, restart_steps + 1)
     lev = (r_hi ** (1 / rho) + u * (r_t ** (1 / rho) - r_hi ** (1 / rho))) ** rho
