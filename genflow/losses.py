@@ -305,7 +305,11 @@ def diffusion_loss(
     wide = jnp.promote_types(x0.dtype, jnp.float32)
     t = sample_t(kt, b, t_min, t_max, stratified, dtype=wide)
     x1 = jax.random.normal(kn, x0.shape, x0.dtype)
-    x1 = _coupling(coupling)(kc, x0, x1)
+    coupled = _coupling(coupling)(kc, x0, x1)
+    if getattr(coupled, "shape", None) != x1.shape:  # ("mul got incompatible shapes (8, 1), (4, 2)")
+        raise ValueError(f"coupling must return the noise x1 re-paired with x0, of x0's shape {x1.shape}; "
+                         f"got {getattr(coupled, 'shape', type(coupled).__name__)}")
+    x1 = coupled
     xt = path.add_noise(x0, x1, t)
     target = param.from_x0_eps(x0, x1, xt, t, path, prediction)
     pred = fn(xt.astype(x0.dtype), t)

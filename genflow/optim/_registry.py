@@ -83,10 +83,12 @@ def source(name: str) -> str:
 
 
 def register(name: str, factory: Callable[..., optax.GradientTransformation], *, overwrite: bool = False) -> Callable:
-    """Make an optimizer of your own available by name: :func:`get`,
-    :func:`genflow.train.make_optimizer` (its warm-up, decay and clipping) and the experiments'
-    ``--optimizer`` flags then build it with ``factory(**hparams)`` (take a ``learning_rate`` to
-    be used by ``make_optimizer``). Names are unique: an existing one is refused, unless it is one
+    """Make an optimizer of your own available by name: :func:`get` and
+    :func:`genflow.train.make_optimizer` (its warm-up, decay and clipping) then build it with
+    ``factory(**hparams)``. To be used by ``make_optimizer``, take a ``learning_rate``: it is given
+    an optax schedule (a callable of the step count, as optax's own optimizers accept), also for a
+    constant rate, so scale updates with ``optax.scale_by_learning_rate(learning_rate)`` rather than
+    multiplying by it. (The experiment scripts' optimizer flags take their own fixed lists.) Names are unique: an existing one is refused, unless it is one
     of yours and ``overwrite=True`` (re-running a notebook cell); genflow's, optax's and
     optax.contrib's names cannot be replaced. :func:`unregister` removes one of yours;
     :func:`source` reports it as "user". Returns ``factory``. A transform that uses the loss (``value=``), the
@@ -166,7 +168,11 @@ def get(name: str, **hparams) -> optax.GradientTransformation:
     except TypeError as e:
         accepted = ", ".join(sig.parameters)
         raise TypeError(f"bad hyper-parameters for {src} optimizer {name!r}: {e}; it accepts: {accepted}") from None
-    return check_extra_args(fn(**hparams), f"optimizer {name!r}")
+    tx = fn(**hparams)
+    if not isinstance(tx, optax.GradientTransformation):  # (a factory returning 3 failed in init_state: "'int' object has no attribute 'init'")
+        raise TypeError(f"{src} optimizer {name!r}: its factory must return an optax.GradientTransformation; got "
+                        f"{type(tx).__name__}")
+    return check_extra_args(tx, f"optimizer {name!r}")
 
 
 _EXTRA = ("value", "grad", "value_fn")

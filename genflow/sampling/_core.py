@@ -121,7 +121,17 @@ def check_solver_options(spec, solver: str, options: dict) -> dict:
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for solver {solver!r}; it accepts {list(spec.options)}")
-    return _check_options(spec.name, options)
+    return _check_options(spec.name, options, _checked_as(spec))
+
+
+def _checked_as(spec) -> str:
+    """The name whose option checks hold for ``spec``: a built-in's own, or that of the built-in
+    whose ``run`` it shares (a variant registered as ``dataclasses.replace(spec, name=...)`` took
+    ``unipc``'s ``order=4`` and ran first order, and ``dpm++3m``'s ``d2_weight=nan``)."""
+    for name in _registry._BUILTIN:
+        if _registry.SOLVERS[name].run is spec.run:
+            return name
+    return spec.name
 
 
 # Real options that enter the solvers' arithmetic only: passed to the compiled sampler as arrays
@@ -145,14 +155,14 @@ def _is_traced(value) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(value))
 
 
-def _check_options(solver: str, options: dict) -> dict:
+def _check_options(solver: str, options: dict, checked_as: str | None = None) -> dict:
     """``options`` checked (a traced value of a :data:`_WHY_STATIC` option refused by name), with
     NumPy integers as Python ints (a NumPy scalar would be traced),
     a concrete NumPy / JAX ``eta`` / ``churn`` as a Python float (the DDIM/DDPM steps branch on
     ``eta == 0``) and the :data:`TRACED_OPTIONS` as arrays (new values do not recompile)."""
     out = {}
     for name, value in options.items():
-        check = _OPTION_CHECKS.get((solver, name))
+        check = _OPTION_CHECKS.get((checked_as or solver, name))
         if check is not None and name in _WHY_STATIC and _is_traced(value):
             kind = "float" if name in ("eta", "churn") else "value"
             raise TypeError(f"solver {solver!r}: option {name} must be a concrete Python {kind} ({_WHY_STATIC[name]}); "
@@ -215,15 +225,22 @@ def _evaluates_at_end(spec) -> bool:
 
 
 def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:
+    """:func:`_check_start_concrete`; a path with traced parameters (``jax.grad`` in a path's
+    hyper-parameter) passes unchecked, as in :func:`check_clean_runs` (it failed with an unnamed
+    ConcretizationTypeError)."""
+    try:
+        _check_start_concrete(path, ts, prediction, spec)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return
+
+
+def _check_start_concrete(path: Path, ts: Array, prediction: str, spec) -> None:
     """Refuse a start where the needed conversion is 0/0 (alpha(t_start) = 0, e.g. t=1 on the
     linear path): eps/score -> x0 and the reverse-SDE drift f = alpha'/alpha are singular; velocity
     -> x0 where also alpha'(t_start) = 0; and an
     end where an x0 model's velocity is 0/0 (sigma(t_end) = 0) for a solver that evaluates there."""
-    try:
-        tn = np.asarray(ts)  # on the host: indexing a device array compiles per grid length
-        t0, t1 = tn[0], tn[-1]
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return
+    tn = np.asarray(ts)  # on the host: indexing a device array compiles per grid length
+    t0, t1 = tn[0], tn[-1]
     a0 = float(path.alpha(jnp.asarray(t0)))
     uses_drift = spec.target == "sde" or spec.name == "pc"
     if a0 == 0.0 and (uses_drift or prediction in ("eps", "score")):
@@ -419,6 +436,24 @@ def sample(
     return x, dataclasses.replace(info, ts=ts)
 
 
+def _check_run_output(spec, out, x, ts, save_trajectory: bool) -> None:
+    """A registered ``run``'s result, checked at trace time against :func:`register`'s contract
+    (a state of another shape was returned silently, a bare state failed as "too many values to
+    unpack")."""
+    where = f"solver {spec.name!r}: run must return (x [B, ...], nfe, trajectory, stats)"
+    if not isinstance(out, tuple) or len(out) != 4:
+        raise TypeError(f"{where}; got {type(out).__name__}" + (f" of {len(out)}" if isinstance(out, tuple) else ""))
+    y, nfe, traj, _ = out
+    if getattr(y, "shape", None) != x.shape:
+        raise ValueError(f"{where}: x of the input's shape {x.shape}; got {getattr(y, 'shape', type(y).__name__)}")
+    if not (isinstance(nfe, int) and not isinstance(nfe, bool)
+            or getattr(nfe, "shape", None) == () and jnp.issubdtype(getattr(nfe, "dtype", float), jnp.integer)):
+        raise TypeError(f"{where}: nfe an int (or an integer scalar array); got {nfe!r}")
+    if save_trajectory and getattr(traj, "shape", None) != (ts.shape[0],) + x.shape:
+        raise ValueError(f"{where}: with save_trajectory, the states at ts [{ts.shape[0]}, *{x.shape}]; got "
+                         f"{getattr(traj, 'shape', traj)!r}")
+
+
 def _under_transformation() -> bool:
     """Whether the caller runs under a JAX transformation (grad, jit, vmap, ...). JAX has no public
     query for this; the private one is guarded, and without it the answer is False (the step
@@ -575,8 +610,10 @@ def _sample_jit(model, ts, x1, key, spec, denoise, rtol, atol, max_steps, save_t
     # The solver state is kept in at least float32 (a bfloat16 model still sees its own dtype
     # if it casts its input); samples come back in the dtype of x1.
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
-    x, nfe, traj, stats = spec.run(model, ts, x, key, rtol=rtol, atol=atol, max_steps=max_steps,
-                                   save_trajectory=save_trajectory, **solver_options)
+    out = spec.run(model, ts, x, key, rtol=rtol, atol=atol, max_steps=max_steps,
+                   save_trajectory=save_trajectory, **solver_options)
+    _check_run_output(spec, out, x, ts, save_trajectory)
+    x, nfe, traj, stats = out
     nfe = jnp.asarray(nfe, jnp.int32)
     if denoise:
         x = model.predict(x, ts[-1], "x0")

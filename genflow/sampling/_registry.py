@@ -206,6 +206,14 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
     check_registration("solver", spec.name, registry_owner(SOLVERS, _BUILTIN, spec.name), overwrite)
     if not callable(spec.run):
         raise TypeError(f"spec.run must be callable; got {type(spec.run).__name__}")
+    # (nfe_per_step="one", order=-1 and target="whatever" were accepted, and misreported by solvers())
+    if not (isinstance(spec.order, (int, float)) and not isinstance(spec.order, bool) and spec.order > 0):
+        raise ValueError(f"spec.order must be a number > 0; got {spec.order!r}")
+    if spec.nfe_per_step is None and not spec.adaptive or spec.nfe_per_step is not None and not is_int(spec.nfe_per_step, 1):
+        raise ValueError(f"spec.nfe_per_step must be an int >= 1 (None only for an adaptive solver); got "
+                         f"{spec.nfe_per_step!r}")
+    if spec.target not in ("flow_map", "sde", "distribution"):
+        raise ValueError(f"spec.target must be 'flow_map', 'sde' or 'distribution'; got {spec.target!r}")
     SOLVERS[spec.name] = spec
     return spec
 
@@ -251,6 +259,12 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
     """
     if not isinstance(solver, diffrax.AbstractSolver):
         raise TypeError(f"solver must be a diffrax.AbstractSolver instance; got {solver!r}")
+    if isinstance(solver, diffrax.AbstractImplicitSolver):
+        # (fixed steps: optimistix's "Type of 'other' not understood" from the root finder's
+        # unset tolerances; either way its Newton iterations make info.nfe a guess)
+        raise ValueError(f"{type(solver).__name__} is an implicit solver: its evaluations per step depend on its "
+                         f"root finder's iterations, so info.nfe could not be exact; the probability-flow ODE is "
+                         f"not stiff at sampling step sizes: use an explicit solver")
     counts = _rk_counts(solver)
     # (the counts were trusted: a Bosh3 registered with nfe_per_step=2 reported 2 of its 3
     # evaluations per step in info.nfe, and NFE-matched comparisons were off by that much)

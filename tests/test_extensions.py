@@ -1,0 +1,140 @@
+"""Extension points used as their docs say (a researcher's own solver, path parameters under
+jax.grad, guidance formula, optimizer, coupling): they work, or fail naming the component
+(extension audit's findings)."""
+
+import dataclasses
+import re
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import genflow as gf
+
+GAUSS = gf.oracles.Gaussian.diagonal(np.array([1.0, -1.0]), np.array([0.5, 0.2]))
+
+
+@pytest.fixture
+def registered():
+    names = []
+
+    def register(spec):
+        gf.sampling.register(spec)
+        names.append(spec.name)
+        return spec
+
+    yield register
+    for name in names:
+        gf.sampling.unregister(name)
+
+
+def test_a_registered_variant_of_a_builtin_solver_keeps_its_option_checks(registered):
+    # (the checks were keyed by name: a copy of unipc took order=4 and ran first order, a copy of
+    # dpm++3m d2_weight=nan)
+    path = gf.paths.vp_cosine()
+    x1 = path.prior_sample(jax.random.key(0), (4, 2))
+    for base, option, value, msg in (("unipc", "order", 4, "an int in 1..3"), ("ddim", "eta", 2.0, r"a float in \[0, 1\]"),
+                                     ("dpm++3m", "d2_weight", float("nan"), "a finite float >= 0")):
+        spec = registered(dataclasses.replace(gf.sampling.solvers()[base], name=f"my_{base}"))
+        with pytest.raises(ValueError, match=rf"solver 'my_{re.escape(base)}': option {option} must be .*{msg}"):
+            gf.sample(GAUSS.model(path, "eps"), path, x1, prediction="eps", solver=spec.name, steps=8,
+                      schedule="logsnr", **{option: value})
+
+
+def test_gradients_in_a_paths_own_parameter_through_gf_sample():
+    # (the start check read float(path.alpha(t0)) of a traced path: ConcretizationTypeError for every solver)
+    with jax.enable_x64(True):
+        x1 = jax.random.normal(jax.random.key(0), (4, 2), jnp.float64)
+        ts = jnp.linspace(0.99, 1e-3, 11, dtype=jnp.float64)
+
+        def loss(b, solver):
+            p = gf.paths.vp_linear(beta_max=b)
+            return gf.sample(GAUSS.model(p, "eps"), p, x1, prediction="eps", solver=solver, schedule=ts)[0].sum()
+
+        for solver in ("euler", "dpm++2m", "heun"):
+            g = float(jax.grad(loss)(15.0, solver))
+            fd = float(loss(15.0 + 1e-5, solver) - loss(15.0 - 1e-5, solver)) / 2e-5
+            np.testing.assert_allclose(g, fd, rtol=1e-6, err_msg=solver)
+            np.testing.assert_allclose(jax.jit(loss, static_argnums=1)(15.0, solver), loss(15.0, solver), rtol=1e-12)
+
+
+def test_an_unregistered_guidance_subclass_is_named():
+    # (it failed in gf.sample with equinox's "Non-hashable static arguments are not supported")
+    class Plain(gf.guidance.CFG):
+        def combine(self, c, u, w):
+            return c
+
+    f = GAUSS.model(gf.paths.linear(), "velocity")
+    with pytest.raises(TypeError, match="Plain subclasses gf.guidance.CFG but is not a registered pytree"):
+        Plain(f, f, 2.0)
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass(frozen=True)
+    class Registered(gf.guidance.CFG):
+        def combine(self, c, u, w):
+            return c
+
+    x1 = jnp.ones((2, 2))
+    out, _ = gf.sample(Registered(f, f, 2.0), gf.paths.linear(), x1, prediction="velocity", solver="euler", steps=2)
+    np.testing.assert_allclose(out, gf.sample(f, gf.paths.linear(), x1, prediction="velocity", solver="euler",
+                                              steps=2)[0], rtol=1e-6)
+
+
+def test_custom_solver_contract_is_checked(registered):
+    # (a run returning x of another shape was returned silently, a bare x failed as "too many values
+    # to unpack"; register took nfe_per_step="one", order=-1, target="whatever"; implicit Diffrax
+    # solvers failed in optimistix with "Type of 'other' not understood")
+    base = gf.sampling.solvers()["euler"]
+    path = gf.paths.linear()
+    f = GAUSS.model(path, "velocity")
+    x1 = jnp.ones((3, 2))
+    bad_runs = {
+        "short": (lambda m, ts, x, key, **_: (x[:, :1], 1, None, {}), r"x of the input's shape \(3, 2\)"),
+        "bare": (lambda m, ts, x, key, **_: x, r"run must return \(x \[B, ...\], nfe, trajectory, stats\); got "),
+        "nfe": (lambda m, ts, x, key, **_: (x, "one", None, {}), "nfe an int"),
+    }
+    for name, (run, msg) in bad_runs.items():
+        spec = registered(gf.sampling.SolverSpec(f"bad_{name}", 1, False, 1, False, run))
+        with pytest.raises((ValueError, TypeError), match=rf"solver 'bad_{name}': .*{msg}"):
+            gf.sample(f, path, x1, prediction="velocity", solver=spec.name, steps=2)
+    spec = registered(gf.sampling.SolverSpec("no_traj", 1, False, 1, False, lambda m, ts, x, key, **_: (x, 1, None, {})))
+    with pytest.raises(ValueError, match="with save_trajectory, the states at ts"):
+        gf.sample(f, path, x1, prediction="velocity", solver=spec.name, steps=2, save_trajectory=True)
+    for field, value, msg in (("nfe_per_step", "one", "nfe_per_step must be an int >= 1"),
+                              ("order", -1, "order must be a number > 0"), ("target", "whatever", "target must be")):
+        with pytest.raises(ValueError, match=f"spec.{msg}"):
+            gf.sampling.register(dataclasses.replace(base, name="bad_field", **{field: value}))
+    assert "bad_field" not in gf.sampling.solvers()
+    with pytest.raises(ValueError, match="Kvaerno3 is an implicit solver"):
+        gf.sampling.diffrax_solver("kv3", diffrax.Kvaerno3(), nfe_per_step=4)
+
+
+def test_optimizer_factories_and_couplings_are_checked_by_name():
+    # (a factory returning 3 failed in init_state: "'int' object has no attribute 'init'"; a coupling
+    # of the wrong shape as "mul got incompatible shapes")
+    gf.optim.register("returns_three", lambda learning_rate=1e-3: 3)
+    try:
+        with pytest.raises(TypeError, match="'returns_three': its factory must return an optax.GradientTransformation"):
+            gf.optim.get("returns_three")
+    finally:
+        gf.optim.unregister("returns_three")
+    # the documented way to use make_optimizer's learning rate (a schedule) in a factory of one's own
+    gf.optim.register("my_sign_descent", lambda learning_rate: optax.chain(
+        optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                     lambda g, s, p=None: (jax.tree.map(jnp.sign, g), s)),
+        optax.scale_by_learning_rate(learning_rate)))
+    try:
+        tx = gf.train.make_optimizer(1e-2, name="my_sign_descent")
+        params = {"w": jnp.array([1.0, -2.0])}
+        upd, _ = tx.update({"w": jnp.array([3.0, -0.5])}, tx.init(params), params)
+        np.testing.assert_allclose(upd["w"], [-1e-2, 1e-2], rtol=1e-6)
+    finally:
+        gf.optim.unregister("my_sign_descent")
+    path = gf.paths.linear()
+    x0 = jnp.ones((4, 2))
+    with pytest.raises(ValueError, match=r"coupling must return the noise x1 .* of x0's shape \(4, 2\); got \(4, 1\)"):
+        gf.losses.diffusion_loss(lambda x, t: x, path, x0, jax.random.key(0), prediction="velocity",
+                                 coupling=lambda k, a, b: b[:, :1])
