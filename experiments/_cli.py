@@ -16,7 +16,6 @@ import math
 import os
 import re
 import sys
-import time
 from typing import get_type_hints
 
 
@@ -34,8 +33,16 @@ def _field_comments(config_cls) -> dict:
         src = inspect.getsource(config_cls)
     except (OSError, TypeError):
         return {}
-    return {m.group(1): m.group(2).strip()
-            for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, flags=re.MULTILINE)}
+    out, last = {}, None
+    for line in src.splitlines():
+        m = re.match(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if m:
+            last, out[m.group(1)] = m.group(1), m.group(2).strip()
+        elif last and re.match(r"^\s+#\s*(.+)$", line):  # (a comment continued on the next line)
+            out[last] += " " + line.strip()[1:].strip()
+        else:
+            last = None
+    return {k: v.rstrip(";,") for k, v in out.items()}
 
 
 def parse(config_cls, argv=None, doc: str | None = None, quick: dict | None = None):
@@ -91,13 +98,17 @@ def stale_outputs_removed(out: str, names):
     """On an error (or Ctrl-C) in the block, remove the files ``names`` under ``out`` that this run
     did not write (older than the block's start): an earlier run's results would otherwise pass
     for this one's beside its partial outputs. The error is re-raised."""
-    t0 = time.time() - 1.0  # (file times are coarser than time.time on some file systems)
+    def stamp(f):
+        st = os.stat(f)
+        return st.st_mtime_ns, st.st_ino, st.st_size
+
+    before = {n: stamp(os.path.join(out, n)) for n in names if os.path.isfile(os.path.join(out, n))}
     try:
         yield
     except BaseException:
-        for name in names:
+        for name, st in before.items():  # (unchanged since the block started: not this run's)
             f = os.path.join(out, name)
-            if os.path.isfile(f) and os.path.getmtime(f) < t0:
+            if os.path.isfile(f) and stamp(f) == st:
                 os.remove(f)
         raise
 

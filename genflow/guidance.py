@@ -92,8 +92,9 @@ class CFG:
     unconditional one. ``scale``: scalar or ``[B]`` (traced).
 
     A new guidance formula (e.g. rescaled CFG) is a subclass that overrides :meth:`combine`;
-    :func:`interval` and :func:`adaptive` then apply it too. Register it as a pytree, as CFG is
-    (its models and scale are traced: a new scale does not recompile)::
+    :func:`interval` and :func:`adaptive` then apply it too. Register it as a pytree, as CFG is,
+    and give its real fields as arrays (:func:`cfg` converts the scale; built directly, a Python
+    float field is a static value of ``gf.sample``'s compiled program: each new value compiles anew)::
 
         @jax.tree_util.register_dataclass
         @dataclasses.dataclass(frozen=True)
@@ -105,7 +106,7 @@ class CFG:
                 r = g * jnp.std(c, axis=-1, keepdims=True) / jnp.std(g, axis=-1, keepdims=True)
                 return self.phi * r + (1 - self.phi) * g
 
-    ``RescaledCFG(cond, uncond, scale)`` with ``scale`` a Python float or an array."""
+    ``RescaledCFG(cond, uncond, jnp.asarray(2.0), phi=jnp.asarray(0.7))``."""
 
     cond: ModelFn
     uncond: ModelFn

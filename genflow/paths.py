@@ -220,29 +220,10 @@ def _flatten(path: Path):
     # value of a hyper-parameter would recompile; converting at the jit boundary rather than at
     # construction keeps a path built outside ``jax.enable_x64`` exact inside it
     # (floats only: an int hyper-parameter may steer Python control flow in a user's path)
-    params = {k: _scalar_leaf(v) if isinstance(v, (float, np.floating)) else v for k, v in path.params.items()}
+    # (made anew at each flatten: a cached leaf shared by equal paths could not be donated twice in one
+    # call, and donating one path deleted the arrays of the others)
+    params = {k: jnp.asarray(float(v)) if isinstance(v, (float, np.floating)) else v for k, v in path.params.items()}
     return ((jax.tree_util.DictKey("params"), params),), tuple(getattr(path, f) for f in _STATIC_FIELDS)
-
-
-# 0-d arrays of recent hyper-parameter values: JAX flattens a path several times per gf.sample /
-# gf.log_prob call, and making each leaf anew was ~0.04 ms a flatten (~0.13 ms of a ~0.25 ms call)
-_SCALARS: dict = {}
-_SCALARS_SIZE = 256
-
-
-def _scalar_leaf(v) -> Array:
-    # keyed by type and exact bits (0.0 == -0.0 and 1.0 == np.float32(1.0) must not share a
-    # leaf), by the x64 mode (the leaf's dtype) and by the default device (its placement)
-    key = (type(v), float(v).hex(), bool(jax.config.jax_enable_x64), str(jax.config.jax_default_device))
-    out = _SCALARS.get(key)
-    if out is None or out.is_deleted():  # (a leaf donated to a user's jit)
-        out = jnp.asarray(float(v))
-        if isinstance(out, jax.core.Tracer):  # (made under a trace: never kept)
-            return out
-        if len(_SCALARS) >= _SCALARS_SIZE:
-            _SCALARS.clear()
-        _SCALARS[key] = out
-    return out
 
 
 def _unflatten(static, children):
@@ -253,6 +234,8 @@ jax.tree_util.register_pytree_with_keys(Path, _flatten, _unflatten)
 
 
 def _as_float(t) -> Array:
+    if isinstance(t, int) and not isinstance(t, bool):  # (weakly typed, as a Python float: under x64 a
+        t = float(t)  # strong float64 t = 1 turned float32 conversions into float64 ones)
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         t = t.astype(jnp.result_type(float))

@@ -24,8 +24,9 @@ def save(fig, path: str | None, dpi: int = 120):
     then closed, also when the write fails."""
     if path is not None:
         # (matplotlib wrote "out" to "out.png", and a failed write left the figure open)
-        fmt = None if os.path.splitext(os.fspath(path))[1] else "png"
         try:
+            named = isinstance(path, (str, os.PathLike))  # (or a file object: matplotlib's default format)
+            fmt = "png" if named and not os.path.splitext(os.fspath(path))[1] else None
             fig.savefig(path, dpi=dpi, bbox_inches="tight", format=fmt)
         finally:
             if "inline" not in matplotlib.get_backend():

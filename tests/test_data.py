@@ -284,7 +284,7 @@ def test_circles_radii_and_balance():
     assert np.all(inner | np.isclose(r, 2.0, atol=1e-5))
     assert inner.sum() == N // 2  # (a coin per point: binomial imbalance, 514 / 487 of 1,001)
     odd = np.linalg.norm(np.asarray(gf.data.circles(jax.random.key(0), 1001, noise=0.0)), axis=1)
-    assert np.sum(odd < 1.5) == 500  # (radii 1 and 2; for odd n the extra point is on the outer one)
+    assert np.sum(odd < 1.5) == 501  # (radii 1 and 2; as in scikit-learn, the extra point of an odd n is inner)
     ang = np.arctan2(x[:, 1], x[:, 0])
     assert abs(np.cos(ang).mean()) < 0.02 and abs(np.sin(ang).mean()) < 0.02
 

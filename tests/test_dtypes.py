@@ -124,3 +124,13 @@ def test_mixture_flow_map_defaults_work_in_float32_and_oracle_times_are_not_roun
     xt = jax.random.normal(jax.random.key(2), (8, 2)).astype(jnp.bfloat16)
     t = jnp.full((8,), 0.995, jnp.float32)
     np.testing.assert_allclose(g.x0(xt, t, lin), g.x0(xt.astype(jnp.float32), t, lin), rtol=1e-6, atol=1e-6)
+
+
+def test_a_python_int_time_is_weakly_typed():
+    # (t = 1 became a strong float64 under x64 and promoted float32 conversions to float64)
+    with jax.enable_x64(True):
+        path = gf.paths.vp_cosine()
+        x = jnp.ones((2, 3), jnp.float32)
+        for t in (0.5, 1, 0):
+            assert gf.param.convert(x, x, t, path, "eps", "x0").dtype == jnp.float32, t
+        assert path.sigma(1).dtype == jnp.float64  # (alone, the default float)

@@ -42,6 +42,12 @@ def test_a_registered_variant_of_a_builtin_solver_keeps_its_option_checks(regist
         with pytest.raises(ValueError, match=rf"solver 'my_{re.escape(base)}': option {option} must be .*{msg}"):
             gf.sample(GAUSS.model(path, "eps"), path, x1, prediction="eps", solver=spec.name, steps=8,
                       schedule="logsnr", **{option: value})
+    # and its start / end checks: a copy of pc from alpha = 0 gave NaN samples
+    spec = registered(dataclasses.replace(gf.sampling.solvers()["pc"], name="my_pc"))
+    lin = gf.paths.linear()
+    with pytest.raises(ValueError, match="has alpha=0 on path 'linear', where the reverse-SDE drift"):
+        gf.sample(GAUSS.model(lin, "velocity"), lin, x1, prediction="velocity", solver="my_pc", steps=4,
+                  key=jax.random.key(0))
 
 
 def test_gradients_in_a_paths_own_parameter_through_gf_sample():

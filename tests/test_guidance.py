@@ -469,6 +469,8 @@ def test_a_new_guidance_formula_is_applied_by_interval_and_adaptive():
     b, _ = gf.sample(resc, PATH, x1, prediction="eps", solver="dpm++2m", steps=8)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass(frozen=True)
     class OnlyCall(gf.guidance.CFG):  # the formula in __call__: interval could not apply it
         def __call__(self, x, t):
             return 2.0 * super().__call__(x, t)

@@ -164,3 +164,11 @@ def test_viz_arguments_are_checked_before_a_figure_exists(tmp_path):
     assert (tmp_path / "noext").exists() and not (tmp_path / "noext.png").exists()
     with Image.open(tmp_path / "noext") as im:
         assert im.format == "PNG"
+
+
+def test_save_writes_to_a_file_object():
+    import io
+
+    buf = io.BytesIO()
+    gf.viz.scatter(np.zeros((4, 2)), path=buf)  # (os.fspath failed on it after the extension fix)
+    assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -113,11 +113,11 @@ def pinwheel(key: Array, n: int, num_arms: int = 5, radial_std: float = 0.3, tan
 
 def circles(key: Array, n: int, noise: float = 0.05, factor: float = 0.5, scale: float = 2.0) -> Array:
     """Two concentric circles (scikit-learn's ``make_circles``), scaled. As in scikit-learn,
-    ``n // 2`` points lie on the inner circle and the rest on the outer one (paired by rows as in
+    ``n // 2`` points lie on the outer circle and the rest on the inner one (paired by rows as in
     :func:`moons`; a coin per point gave 514 / 487 of 1,001)."""
     n = check_int("n", n, 0)
     k1, k2, k3 = jax.random.split(key, 3)
-    inner = _paired_halves(k1, n)
+    inner = ~_paired_halves(k1, n)
     theta = jax.random.uniform(k2, (n,), maxval=2 * jnp.pi)
     r = jnp.where(inner, factor, 1.0)
     pts = r[:, None] * jnp.stack([jnp.cos(theta), jnp.sin(theta)], -1) + noise * jax.random.normal(k3, (n, 2))

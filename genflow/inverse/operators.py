@@ -235,7 +235,9 @@ class Blur(Operator):
     boundaries make ``A`` diagonal in Fourier space, so the adjoint (conjugate transfer
     function) is exact and the pseudo-inverse is the truncated one: ``1/K`` where
     ``|K| > rcond * max|K|``, else 0 (``rcond`` trades exactness of ``A A^+ A = A`` on weak
-    frequencies for stability under measurement noise, as a truncated SVD does)."""
+    frequencies for stability under measurement noise, as a truncated SVD does). ``kernel_fft`` is
+    complex128 if the operator is built under ``jax_enable_x64`` (for float64 work), else
+    complex64."""
 
     kernel_fft: Array
     rcond: float = dataclasses.field(default=0.05, metadata=dict(static=True))
@@ -290,8 +292,9 @@ def _kernel_to_fft(kernel: np.ndarray, image_shape, normalize: bool = True) -> A
     pad = np.zeros((H, W), np.float64)
     pad[:kh, :kw] = kernel / kernel.sum() if normalize else kernel
     pad = np.roll(pad, (-(kh // 2), -(kw // 2)), axis=(0, 1))  # centre the kernel at (0, 0)
-    # complex128 when built under jax_enable_x64 (complex64 capped float64 checks at ~2e-8); each
-    # use casts it to the image's own complex width
+    # complex128 when built under jax_enable_x64 (complex64 capped float64 checks at ~2e-8; a blur
+    # built outside x64 keeps complex64: build it under x64 for float64 work); each use casts it to
+    # the image's own complex width
     return jnp.asarray(np.fft.fft2(pad), jnp.complex128 if jax.config.jax_enable_x64 else jnp.complex64)
 
 

@@ -214,7 +214,7 @@ def _evaluates_at_end(spec) -> bool:
     Runge-Kutta solver from :func:`diffrax_solver` with a stage at ``c = 1`` or an FSAL last stage
     (a registered ``diffrax.Heun()`` / ``Bosh3()`` / ``Tsit5()`` gave inf / NaN samples silently
     where the built-in ones are refused)."""
-    if spec.name in _EVALUATE_AT_END:
+    if _checked_as(spec) in _EVALUATE_AT_END:
         return True
     run = spec.run
     if isinstance(run, functools.partial) and run.func is _diffrax.ode_solve:
@@ -242,7 +242,7 @@ def _check_start_concrete(path: Path, ts: Array, prediction: str, spec) -> None:
     tn = np.asarray(ts)  # on the host: indexing a device array compiles per grid length
     t0, t1 = tn[0], tn[-1]
     a0 = float(path.alpha(jnp.asarray(t0)))
-    uses_drift = spec.target == "sde" or spec.name == "pc"
+    uses_drift = spec.target == "sde" or _checked_as(spec) == "pc"  # (a registered copy of pc: NaN samples)
     if a0 == 0.0 and (uses_drift or prediction in ("eps", "score")):
         why = "the reverse-SDE drift alpha'/alpha" if uses_drift else f"the {prediction} -> x0 conversion"
         raise ValueError(

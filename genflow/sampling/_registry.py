@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Callable
 
 import diffrax
+import numpy as np
 
 from genflow._checks import check_registration, check_removal, is_int, registry_owner
 from genflow.sampling import _diffrax, _driver, _multistep, _singlestep, _stochastic
@@ -207,7 +209,7 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
     if not callable(spec.run):
         raise TypeError(f"spec.run must be callable; got {type(spec.run).__name__}")
     # (nfe_per_step="one", order=-1 and target="whatever" were accepted, and misreported by solvers())
-    if not (isinstance(spec.order, (int, float)) and not isinstance(spec.order, bool) and spec.order > 0):
+    if not (isinstance(spec.order, numbers.Real) and not isinstance(spec.order, (bool, np.bool_)) and spec.order > 0):
         raise ValueError(f"spec.order must be a number > 0; got {spec.order!r}")
     if spec.nfe_per_step is None and not spec.adaptive or spec.nfe_per_step is not None and not is_int(spec.nfe_per_step, 1):
         raise ValueError(f"spec.nfe_per_step must be an int >= 1 (None only for an adaptive solver); got "
