@@ -462,6 +462,14 @@ def test_paths_with_equal_hyper_parameters_can_be_donated_together():
     array between equal paths: donating two of them in one call failed ("Attempt to use a buffer
     that was previously donated"), and donating one deleted the other's arrays."""
     f = jax.jit(lambda a, b: jax.tree.map(lambda u, v: u + v, a, b), donate_argnums=(0, 1))
+    # gf.sample keeps such arrays for its own compiled calls only: the user's paths are untouched
+    path = gf.paths.vp_linear()
+    g = gf.oracles.Gaussian.diagonal(np.array([1.0, -1.0]), np.array([0.5, 0.2]))
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    a, b = (gf.sample(g.model(path, "eps"), path, x1, prediction="eps", solver="dpm++2m", steps=8,
+                      schedule="logsnr")[0] for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+    assert all(type(v) is float for v in path.params.values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (donation is not implemented on every backend)
         out = f(gf.paths.vp_linear(), gf.paths.vp_linear())
