@@ -636,7 +636,39 @@ def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options,
     return out
 
 
-@eqx.filter_jit
+class _Dynamic:
+    """The place of an array leaf in :func:`_leaf_jit`'s static key."""
+
+    def __repr__(self):
+        return "<array>"
+
+
+_DYNAMIC = _Dynamic()
+
+
+def _leaf_jit(fun):
+    """``fun`` compiled as :func:`equinox.filter_jit` does it -- array leaves of the arguments traced,
+    every other leaf static (hashed) -- with less Python per call: one ``tree_flatten`` and a
+    ``jax.jit`` keyed by the tree structure and the static leaves (equinox's partition and
+    signature binding were ~0.07 ms of a ~0.6 ms 20-step ``gf.sample`` call)."""
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def run(dynamic, treedef, static):
+        it = iter(dynamic)
+        leaves = [next(it) if leaf is _DYNAMIC else leaf for leaf in static]
+        return fun(*jax.tree_util.tree_unflatten(treedef, leaves))
+
+    @functools.wraps(fun)
+    def call(*args):
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        dynamic = [leaf for leaf in leaves if eqx.is_array(leaf)]
+        static = tuple(_DYNAMIC if eqx.is_array(leaf) else leaf for leaf in leaves)
+        return run(dynamic, treedef, static)
+
+    return call
+
+
+@_leaf_jit
 def _sample_jit(model, ts, x1, key, spec, denoise, rtol, atol, max_steps, save_trajectory, solver_options):
     # (spec: static, hashed by its fields -- run and stepper by identity: a solver registered again
     # under its name with overwrite=True compiles anew instead of running the old spec's program)
