@@ -166,7 +166,7 @@ import genflow as gf  # noqa: E402
 from genflow import ot as gf_ot  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import interleaved, markdown_table, write_json  # noqa: E402
+from _timing import interleaved, markdown_table, run_meta, write_json  # noqa: E402
 
 BATCH, WIDTH, DEPTH, LR, EMA = 256, 256, 3, 1e-3, 0.99
 TARGETS = {"independent": (2.5, 271.0, 0.19), "ot": (5.0, 90.0, 0.14)}  # (ratio, torchcfm steps/s here, W2)
@@ -637,29 +637,12 @@ def main(argv=None) -> int:
                   **{k: old[k] for k in ("config", "cpus", "xla_flags", "notes") if k in old}}
         results = {k: v if "meta" in v else {**v, "meta": legacy} for k, v in old.items()
                    if isinstance(v, dict) and k != "config"}
-    meta = {"config": vars(args), "commit": _commit(), "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    meta = {"config": vars(args), **run_meta()}
     for k, v in _run_parts(args).items():
         results[k] = {**v, "meta": meta}
     if args.json:
         write_json(args.json, results, indent=1, default=float)
     return 0
-
-
-def _commit() -> str:
-    """The repository's HEAD (with ``+dirty`` for uncommitted changes), or ``unknown``."""
-    import subprocess
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(top,exclude)experiments/benchmarks/results"], cwd=here,  # (not the outputs themselves)
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head + ("+dirty" if dirty else "")) if head else "unknown"
 
 
 def _run_parts(args) -> dict:

@@ -56,7 +56,7 @@ import genflow as gf  # noqa: E402
 from genflow.sampling import Model, _driver, _registry  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _timing import interleaved, markdown_table, write_json  # noqa: E402
+from _timing import interleaved, markdown_table, run_meta, write_json  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 DIM, K, BATCH = 64, 10, 512
@@ -802,11 +802,12 @@ def main():
     if args.timing_only:
         rows = timing(gm, load_k_diffusion(), device=args.torch_device)
         name = "samplers_timing" if args.torch_device == "cpu" else f"samplers_timing_{args.torch_device}"
+        meta = run_meta()
         head = (f"genflow on {jax.devices()[0].device_kind} ({jax.default_backend()}), the peers' torch on "
-                f"{args.torch_device}")
+                f"{args.torch_device}; commit {meta['commit']}, {meta['utc']} UTC, {meta['cpus']} x {meta['cpu_model']}")
         return write_results(name, "\n\n".join([head] + timing_report(rows)),
                              {"timing": rows, "jax_device": jax.devices()[0].device_kind,
-                              "torch_device": args.torch_device}, t_all)
+                              "torch_device": args.torch_device, "meta": meta}, t_all)
     if args.selected_only:
         robust = tuple(args.robust_seeds)
         name = ("samplers_selected" if robust == tuple(range(1, 13))
