@@ -144,3 +144,22 @@ def test_optimizer_factories_and_couplings_are_checked_by_name():
     with pytest.raises(ValueError, match=r"coupling must return the noise x1 .* of x0's shape \(4, 2\); got \(4, 1\)"):
         gf.losses.diffusion_loss(lambda x, t: x, path, x0, jax.random.key(0), prediction="velocity",
                                  coupling=lambda k, a, b: b[:, :1])
+
+
+def test_the_compiled_sampler_passes_python_stats_through_and_raises_readable_check_errors(registered):
+    """gf.sample's own jit dispatch (in place of equinox.filter_jit) keeps its behaviour: a custom
+    solver's stats may hold Python values (they failed as "not a valid JAX type" in an internal
+    function), and a fired eqx.error_if check (Diffrax's max_steps) is equinox's readable error, not a
+    2,000-character XLA callback traceback."""
+    import equinox as eqx
+
+    spec = registered(gf.sampling.SolverSpec("python_stats", 1, False, 1, False,
+                                             lambda m, ts, x, key, **_: (x, 1, None, {"note": "hi", "count": 3})))
+    path = gf.paths.linear()
+    _, info = gf.sample(GAUSS.model(path, "velocity"), path, jnp.ones((3, 2)), prediction="velocity",
+                        solver=spec.name, steps=2)
+    assert info.stats == {"note": "hi", "count": 3} and type(info.stats["count"]) is int
+    vp = gf.paths.vp_linear()
+    with pytest.raises(eqx.EquinoxRuntimeError, match="maximum number of solver steps"):
+        gf.sample(GAUSS.model(vp, "eps"), vp, jnp.ones((3, 2)), prediction="eps", solver="tsit5", max_steps=2,
+                  rtol=1e-6, atol=1e-6)

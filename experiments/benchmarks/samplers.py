@@ -800,9 +800,9 @@ def main():
     gm = mixture()
     t_all = time.perf_counter()
     if args.timing_only:
+        meta = run_meta()  # (at the start: its utc is the run's start)
         rows = timing(gm, load_k_diffusion(), device=args.torch_device)
         name = "samplers_timing" if args.torch_device == "cpu" else f"samplers_timing_{args.torch_device}"
-        meta = run_meta()
         head = (f"genflow on {jax.devices()[0].device_kind} ({jax.default_backend()}), the peers' torch on "
                 f"{args.torch_device}; commit {meta['commit']}, {meta['utc']} UTC, {meta['cpus']} x {meta['cpu_model']}")
         return write_results(name, "\n\n".join([head] + timing_report(rows)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 import threading
 import types
 from typing import Any, Callable
@@ -646,24 +647,67 @@ class _Dynamic:
 _DYNAMIC = _Dynamic()
 
 
+class _StaticOut:
+    """The non-array part of a compiled function's output, carried in the output's tree structure
+    (a registered solver's ``stats`` may hold Python values)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+jax.tree_util.register_pytree_node(_StaticOut, lambda s: ((), s.value), lambda value, _: _StaticOut(value))
+
+
+class _QuietCallbackFailure(logging.Filter):
+    """Drops JAX's "jax.pure_callback failed" log of an ``eqx.error_if`` check that fired (as
+    equinox.filter_jit does): the error is re-raised with its own message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "jax._src.callback" and record.getMessage() == "jax.pure_callback failed")
+
+
+_QUIET = _QuietCallbackFailure()
+
+
 def _leaf_jit(fun):
     """``fun`` compiled as :func:`equinox.filter_jit` does it -- array leaves of the arguments traced,
-    every other leaf static (hashed) -- with less Python per call: one ``tree_flatten`` and a
-    ``jax.jit`` keyed by the tree structure and the static leaves (equinox's partition and
-    signature binding were ~0.07 ms of a ~0.6 ms 20-step ``gf.sample`` call)."""
+    every other leaf static (hashed), non-array outputs passed through, the call waited for, and a
+    fired ``eqx.error_if`` (Diffrax's max_steps, a guidance label check) re-raised as equinox's
+    readable error -- with less Python per call: one ``tree_flatten`` and a ``jax.jit`` keyed by
+    the tree structure and the static leaves (equinox's partition and signature binding were
+    ~0.07 ms of a ~0.6 ms 20-step ``gf.sample`` call)."""
 
-    @functools.partial(jax.jit, static_argnums=(1, 2))
     def run(dynamic, treedef, static):
         it = iter(dynamic)
         leaves = [next(it) if leaf is _DYNAMIC else leaf for leaf in static]
-        return fun(*jax.tree_util.tree_unflatten(treedef, leaves))
+        arrays, other = eqx.partition(fun(*jax.tree_util.tree_unflatten(treedef, leaves)), eqx.is_array)
+        return arrays, _StaticOut(other)
+
+    run.__name__ = run.__qualname__ = fun.__name__  # (the name in compile logs and profiles)
+    run = jax.jit(run, static_argnums=(1, 2))
+    slow = eqx.filter_jit(fun)  # (only to raise a fired check's error with its message)
+    logger = logging.getLogger("jax._src.callback")
 
     @functools.wraps(fun)
     def call(*args):
         leaves, treedef = jax.tree_util.tree_flatten(args)
         dynamic = [leaf for leaf in leaves if eqx.is_array(leaf)]
         static = tuple(_DYNAMIC if eqx.is_array(leaf) else leaf for leaf in leaves)
-        return run(dynamic, treedef, static)
+        logger.addFilter(_QUIET)
+        try:
+            arrays, other = run(dynamic, treedef, static)
+            first = next(iter(jax.tree_util.tree_leaves(arrays)), None)
+            if isinstance(first, jax.Array) and not isinstance(first, jax.core.Tracer):
+                first.block_until_ready()  # (a fired check raises here, as under equinox.filter_jit)
+        except jax.errors.JaxRuntimeError as e:
+            if "_EquinoxRuntimeError: " not in str(e):
+                raise
+            arrays = None
+        finally:
+            logger.removeFilter(_QUIET)
+        if arrays is None:
+            return slow(*args)  # (compiles once more, and raises equinox's EquinoxRuntimeError)
+        return eqx.combine(arrays, other.value)
 
     return call
 
