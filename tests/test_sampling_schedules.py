@@ -765,3 +765,25 @@ def test_explicit_schedules_must_hold_real_numbers():
     out = jax.jit(lambda t0: gf.sample(g.model(lin, "velocity"), lin, x1, prediction="velocity", solver="euler",
                                        schedule=[t0, 0.5, 0.0])[0])(1.0)
     assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_optimize_schedule_returns_a_usable_grid_and_names_bad_arguments():
+    """At a large learning rate the softmax weights underflowed and the best iterate had repeated
+    times (a zero-length step has no local error), which gf.sample refused; rtol = atol = 0, an
+    empty or list batch and steps=None failed deep inside (schedules audit)."""
+    path = gf.paths.linear()
+    t0 = 80 / 81
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -0.5]), jnp.array([0.3, 2.0]))
+    x1 = g.prior_sample(jax.random.key(0), 16, path, t0)
+    fn = g.model(path, "x0")
+    kw = dict(prediction="x0", solver="dpm++2m", t_start=t0)
+    ts = gf.sampling.optimize_schedule(fn, path, x1, steps=6, init="karras", iters=30, learning_rate=10.0, **kw)
+    assert np.all(np.diff(np.asarray(ts)) < 0)
+    gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", schedule=ts)
+    for args, msg in ((dict(x1=x1, steps=3, rtol=0.0, atol=0.0), "rtol and atol are both 0"),
+                      (dict(x1=jnp.ones((0, 2)), steps=3), r"x1 must be a floating-point batch \[B, ...\] with B >= 1"),
+                      (dict(x1=x1, steps=None, init=jnp.array([t0, 0.5, 0.0])), "steps must be")):
+        with pytest.raises(ValueError, match=msg):
+            gf.sampling.optimize_schedule(fn, path, iters=2, **{**kw, **args})
+    with pytest.raises(ValueError, match="pool must be a floating-point batch"):
+        gf.sampling.calibration_batch(fn, path, jnp.ones((0, 2)), prediction="x0", steps=4, solver="dpm++2m", t_start=t0)
