@@ -185,3 +185,27 @@ def test_likelihood_functions_name_their_bad_arguments():
     assert jax.jit(lambda k: L.vdm_elbo(fn, pv, x, k)[0])(key).shape == (4,)
     lp, _ = jax.jit(lambda a, b: L.ode_log_prob(v, x, log_prior=prior, t0=a, t1=b))(0.0, 1.0)
     assert np.allclose(lp, G.log_prob(x, 0.0, path), atol=1e-3)
+
+
+def test_likelihood_helpers_name_their_bad_arguments():
+    """Likelihood audit: these failed deep inside JAX without naming the argument, or returned
+    values silently (an empty sample, an extrapolated path, NaN rows)."""
+    k = jax.random.key(0)
+    path = gf.paths.vp_cosine()
+    x = jnp.ones((2, 3))
+    fn = lambda z, t: jnp.zeros_like(z)  # noqa: E731
+    with pytest.raises(TypeError, match="key"):
+        L.uniform_dequantize(3, x, 0.1)  # (JAX's "invalid PRNG key data")
+    for n in (2.5, 0):  # (a shape TypeError; empty arrays)
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            L.sample_time(k, n, path, 1e-3)
+    # t_min=None is path.t_min, as in vdm_elbo (jnp.array(None) failed)
+    vpl = gf.paths.vp_linear()  # (t_min = 1e-3, where sigma > 0)
+    d = L.diffusion_term(fn, vpl, x, k, prediction="eps", t_min=None)
+    np.testing.assert_allclose(d, L.diffusion_term(fn, vpl, x, k, prediction="eps", t_min=vpl.t_min))
+    with pytest.raises(ValueError, match=r"t0 must be a float in \[0, 1\]"):
+        L.reconstruction_term(path, x, k, 1.5)
+    with pytest.raises(ValueError, match=r"t1 must be a float in \[0, 1\]"):
+        L.prior_term(gf.paths.vp_linear(), x, 2.0)
+    with pytest.raises(ValueError, match="std must be > 0"):
+        L.gaussian_log_prob(x, 0.0)  # (NaN)

@@ -71,6 +71,7 @@ def uniform_dequantize(key: Array, x: Array, bin_width: float) -> tuple[Array, A
     ``x: [B, ...]`` on a grid of spacing ``bin_width`` (``x`` at the bin centres). Returns ``y``
     and ``log q(y | x) = -D log(bin_width)`` as ``[B]``.
     """
+    check_key(key)  # (a bad key failed as JAX's "invalid PRNG key data", unnamed)
     check_positive_real("bin_width", bin_width)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 would move y out of its bin
     u = jax.random.uniform(key, x.shape, x.dtype)

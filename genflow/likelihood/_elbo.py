@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import check_int, check_key, check_positive_real, concrete_real, flat_batch
+from genflow._checks import check_int, check_key, check_positive_real, check_real_in, concrete_real, flat_batch
 from genflow.likelihood._ode import _check_x, is_zero
 from genflow.paths import Path
 
@@ -75,6 +75,7 @@ def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0
     """
     if sampling not in TIME_SAMPLINGS:
         raise ValueError(f"unknown time sampling {sampling!r}; expected one of {list(TIME_SAMPLINGS)}")
+    n = check_int("n", n)  # (2.5: a shape TypeError; 0: empty arrays, silently)
     _check_t_range(t_min, t_max)
     if stratified:
         strata = n if strata is None else int(strata)
@@ -120,7 +121,7 @@ def _check_finite_log_snr(path: Path, t_min, t_max) -> None:
                          f"diffusion term's weight is not integrable; pass t_max < 1 (e.g. 0.999)")
 
 
-def diffusion_term(fn: Callable, path: Path, x: Array, key: Array, *, prediction: str, t_min: float,
+def diffusion_term(fn: Callable, path: Path, x: Array, key: Array, *, prediction: str, t_min: float | None,
                    t_max: float = 1.0, time_sampling: str = "importance", stratified: bool = False,
                    strata: int | None = None) -> Array:
     """One-sample estimate of ``1/2 int_tmin^tmax (-lambda') E||eps - eps_hat(z_t, t)||^2 dt`` per example.
@@ -132,6 +133,8 @@ def diffusion_term(fn: Callable, path: Path, x: Array, key: Array, *, prediction
     param.check_kind(prediction)
     check_key(key)
     _check_x(x, floating=False)  # (integer data is widened below)
+    t_min = path.t_min if t_min is None else t_min  # (as vdm_elbo reads None; jnp.array(None) failed)
+    _check_t_range(t_min, t_max)
     _check_finite_log_snr(path, t_min, t_max)
     x = _wide(x)
     k_t, k_e = jax.random.split(key)
@@ -151,6 +154,7 @@ def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Arr
     """
     check_key(key)
     _check_levels(levels)
+    check_real_in("t0", t0, 0.0, 1.0)  # (1.5 extrapolated the path, silently)
     if is_zero(path.sigma(jnp.asarray(t0))):  # (the decoder's log-density was +inf there)
         raise ValueError(f"t0={t0} has sigma=0 on path {path.name!r}: the decoder is a point mass there; pass t0 > 0")
     x = _wide(x)  # (integer data: t0 was cast to an int, and the noise draw refused an int dtype)
@@ -200,6 +204,7 @@ def _check_on_levels(x, levels) -> None:
 def prior_term(path: Path, x: Array, t1: float = 1.0, prior_std: float | None = None) -> Array:
     """``KL(N(alpha_1 x, sigma_1^2 I) || N(0, s^2 I))`` per example, ``s = sigma(t1)`` by default; ``[B]``."""
     _check_prior_std(prior_std)
+    check_real_in("t1", t1, 0.0, 1.0)  # (2.0 extrapolated the path: a KL of 0, silently)
     x = _wide(x)  # (integer data: t1 = 0.9 and prior_std = 0.5 were cast to 0, and the KL was NaN)
     t = jnp.asarray(t1, x.dtype)
     a, s1 = path.alpha(t), path.sigma(t)

@@ -74,6 +74,9 @@ class LogProbInfo:
 
 def gaussian_log_prob(z: Array, std) -> Array:
     """``log N(z; 0, std^2 I)`` summed over the features of ``z: [B, ...]``; returns ``[B]``."""
+    v = concrete_real(std)
+    if not isinstance(std, jax.core.Tracer) and v is not None and not v > 0:  # (0 gave NaN, < 0 nonsense)
+        raise ValueError(f"std must be > 0; got {std!r}")
     d = math.prod(z.shape[1:])
     zz = jnp.sum(jnp.square(flat_batch(z)), axis=-1)
     std = jnp.asarray(std, z.dtype)
@@ -183,7 +186,7 @@ def ode_log_prob(
         parameters do not recompile.
       x: ``[B, ...]`` points at time ``t0``. The solve runs in ``x.dtype`` (at least float32).
       log_prior: ``log p_t1(z: [B, ...]) -> [B]``.
-      t0, t1: integration interval (``t0 < t1``).
+      t0, t1: integration interval, from ``t0`` to ``t1`` (usually ``t0 < t1``; either order is integrated).
       trace: ``"exact"`` (D Jacobian columns by forward mode) or ``"hutchinson"``.
       key: PRNG key for the Hutchinson probes (fixed along the whole trajectory).
       num_probes: probes per right-hand-side evaluation (Hutchinson).
@@ -207,8 +210,8 @@ def ode_log_prob(
     if concrete_real(t0) is not None and concrete_real(t0) == concrete_real(t1):
         raise ValueError(f"t0 and t1 must differ (the ODE runs from t0 to t1); got t0 = t1 = {t0!r}")
     steps = _check_options(trace, solver, steps, probe, num_probes, key, rtol, atol)
-    if steps is None:  # (an adaptive solve ran to max_steps on a NaN row and said only that)
-        check_finite_rows("x", x)
+    if steps is None:  # (an adaptive solve ran to max_steps on a NaN row and said only that; a
+        check_finite_rows("x", x)  # fixed-step one keeps a NaN row's NaN in its own row, by design)
     check_int("max_steps", max_steps)  # (0 failed inside Diffrax: "Must have at least one checkpoint")
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     x = x.astype(dtype)
