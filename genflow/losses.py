@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import check_int, flat_batch
+from genflow._checks import check_data_batch, check_int, flat_batch
 from genflow.paths import Path, check_t
 
 Array = jax.Array
@@ -252,6 +252,10 @@ def drop_labels(key: Array, y: Array, p: float, null_label: int) -> Array:
         if not (np.issubdtype(nl.dtype, np.integer) or (
                 np.issubdtype(nl.dtype, np.floating) and np.all(np.isfinite(nl) & (nl == np.round(nl))))):
             raise ValueError(f"null_label must be an integer for integer labels y; got {null_label!r}")
+        info = np.iinfo(y.dtype)  # (np.int64(300) with uint8 labels wrapped onto the real class 44)
+        if np.any((nl < info.min) | (nl > info.max)):
+            raise ValueError(f"null_label={null_label!r} is out of range for labels y of dtype {y.dtype} "
+                             f"({info.min}..{info.max})")
     drop = jax.random.bernoulli(key, p, y.shape[:1])  # one draw per sample, not per entry
     drop = drop.reshape(drop.shape + (1,) * (y.ndim - 1))
     return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)
@@ -290,9 +294,7 @@ def diffusion_loss(
       ``(loss, aux)``: scalar mean loss and ``{"t": [B], "per_example": [B]}``.
     """
     param.check_kind(prediction)
-    if not jnp.issubdtype(jnp.asarray(x0).dtype, jnp.floating) or jnp.ndim(x0) < 1 or jnp.shape(x0)[0] == 0:
-        raise ValueError(f"x0 must be a floating-point array [B, ...] with B >= 1; got dtype {jnp.asarray(x0).dtype}, "
-                         f"shape {jnp.shape(x0)}")  # (an empty batch's mean loss is NaN)
+    check_data_batch("x0", jnp.asarray(x0))  # (an empty batch's mean loss is NaN)
     t_min = path.t_min if t_min is None else t_min
     w_fn = get_weighting(weighting, prediction, gamma=gamma, bias=bias)
     kt, kn, kc = jax.random.split(key, 3)

@@ -209,6 +209,7 @@ def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02
         return np.zeros(0)
     if np.isnan(cost).any() or np.isneginf(cost).any():  # (NaN potentials came back, unshifted)
         raise ValueError("cost must not contain NaN or -inf (+inf marks a forbidden pair)")
+    _check_feasible(cost)
     if not 0.0 < omega < 2.0:
         raise ValueError(f"omega must be in (0, 2); got {omega}")
     stages = _stages(eps, iters)
@@ -268,6 +269,17 @@ def _stages(eps, iters) -> list[tuple[float, int]]:
     return [(float(e), int(n)) for e, n in zip(eps_l, iters_l)]
 
 
+def _check_feasible(c: np.ndarray) -> None:
+    """A ``ValueError`` naming the first row or column of ``c`` whose pairs are all forbidden
+    (+inf): its column potential is +inf, and the preconditioned costs ``c - g`` were then
+    ``inf - inf = NaN`` (SciPy: "invalid numeric entries", though the input holds no NaN)."""
+    if c.size and np.isposinf(c).any():
+        for axis, what in ((1, "row"), (0, "column")):
+            blocked = np.flatnonzero(np.isposinf(c).all(axis=axis))
+            if blocked.size:
+                raise ValueError(f"cost matrix is infeasible: {what} {int(blocked[0])} has no allowed pair (all +inf)")
+
+
 def _scalings(k: np.ndarray, iters: int, omega) -> np.ndarray:
     """The column scaling ``b`` after ``iters`` (over-relaxed) Sinkhorn iterations on ``K``.
 
@@ -298,6 +310,8 @@ def _solve_one(cost: np.ndarray, precondition: bool, eps, iters, guard: bool = T
     c = np.asarray(cost, np.float64)
     if guard and (np.isnan(c).any() or np.isneginf(c).any()):  # (SciPy: "matrix contains invalid numeric entries")
         raise ValueError("cost must not contain NaN or -inf (+inf marks a forbidden pair)")
+    if guard:
+        _check_feasible(c)
     if not precondition or c.shape[0] <= 1:
         return linear_sum_assignment(c)[1].astype(np.int32)
     r = c - column_potential(c, eps, iters)[None, :]

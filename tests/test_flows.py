@@ -764,3 +764,35 @@ def test_checkerboard_masks_alternate_over_every_spatial_axis_and_chains_take_li
     flow = F.Flow(chain, (3,))
     params = flow.init(jax.random.key(2), jax.random.normal(jax.random.key(3), (5, 3)))
     assert flow.log_prob(params, jnp.zeros((2, 3))).shape == (2,)
+
+
+def test_flow_objectives_name_empty_integer_and_misshapen_batches():
+    """An empty batch gave a NaN loss (diffusion_loss refused it); integer data was fitted as a
+    continuous density by "ml" and failed inside JAX for "ssm" / "dsm" (FFJORD refused it); a
+    tuple or a dict without "x" failed as an AttributeError / KeyError."""
+    flow = F.realnvp(3, num_steps=1, hidden=8)
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    params = flow.init(jax.random.key(0), x)
+    key = jax.random.key(1)
+    zero_field = lambda p, x, t: x * p["a"]  # noqa: E731
+    objectives = [(F.flow_objective(flow, m), params) for m in F.OBJECTIVES]
+    objectives.append((F.ffjord_objective(zero_field, solver="euler", steps=2), {"a": jnp.zeros(())}))
+    for loss_fn, p in objectives:
+        with pytest.raises(ValueError, match=r"x must be a floating-point array \[B, ...\] with B >= 1; got dtype "
+                                             r"float\d+, shape \(0, 3\)"):
+            loss_fn(p, jnp.zeros((0, 3)), key)
+        with pytest.raises(ValueError, match=r"got dtype int32, shape \(8, 3\) \(integer data: dequantize"):
+            loss_fn(p, jnp.round(3 * x).astype(jnp.int32), key)
+        with pytest.raises(TypeError, match="batch must be an array x"):
+            loss_fn(p, (x, x[:, 0]), key)
+        with pytest.raises(ValueError, match="a dict batch needs an 'x' entry"):
+            loss_fn(p, {"y": x}, key)
+        assert np.isfinite(float(loss_fn(p, {"x": x}, key)[0]))
+    for loss in (lambda b: F.nll_loss(flow, params, b), lambda b: F.ssm_loss(flow, params, b, key),
+                 lambda b: F.dsm_loss(flow, params, b, key),
+                 lambda b: F.ffjord_loss(zero_field, {"a": jnp.zeros(())}, b, key, solver="euler", steps=2)):
+        with pytest.raises(ValueError, match="with B >= 1"):
+            loss(jnp.zeros((0, 3)))
+    # dequantized integer batches train, as documented
+    deq = F.flow_objective(flow, "ml", dequantize=1.0)(params, jnp.round(3 * x).astype(jnp.int32), key)[0]
+    assert np.isfinite(float(deq))

@@ -378,6 +378,16 @@ def test_drop_labels_refuses_a_fractional_null_label():
                                   np.full((4, 2), 0.5))  # continuous conditions take a real null
 
 
+def test_drop_labels_refuses_a_null_label_outside_the_label_dtype():
+    """np.int64(300) as the null label of uint8 labels wrapped onto the real class 44; a Python
+    256 or -1 was an OverflowError that did not name the argument."""
+    y = jnp.array([1, 2, 3, 4], jnp.uint8)
+    for bad in (np.int64(300), 256, -1, 300.0):
+        with pytest.raises(ValueError, match=r"null_label=.* is out of range for labels y of dtype uint8 \(0..255\)"):
+            gf.losses.drop_labels(jax.random.key(0), y, 1.0, bad)
+    np.testing.assert_array_equal(gf.losses.drop_labels(jax.random.key(0), y, 1.0, np.int64(255)), [255] * 4)
+
+
 def test_min_snr_of_an_x0_model_is_finite_where_the_snr_overflows():
     # Hang et al.'s min-SNR weights an x0 model's MSE by min(SNR, gamma) <= gamma. On
     # edm(sigma_min=0) at t < 1e-3, sigma^2 (so 1/SNR) underflows in float32 and the eps-space

@@ -604,3 +604,20 @@ def test_coupled_batches_and_column_potential_name_bad_input():
     c[0, 0] = np.nan
     with pytest.raises(ValueError, match="cost must not contain NaN or -inf"):
         ot.column_potential(c)
+
+
+def test_a_wholly_forbidden_row_or_column_is_named_infeasible():
+    """A column of +inf costs (a target no source may take) made the preconditioned costs
+    inf - inf = NaN: SciPy reported "invalid numeric entries" for an input without NaN. Feasible
+    problems with forbidden pairs keep solving, with and without preconditioning."""
+    c = np.array([[1.0, np.inf, 2.0], [3.0, np.inf, 1.0], [2.0, np.inf, 5.0]])
+    for cost, what in ((c, "column 1"), (c.T, "row 1")):
+        for precondition in (True, False):
+            with pytest.raises(ValueError, match=f"infeasible: {what} has no allowed pair"):
+                ot.solve_assignment(cost, precondition=precondition)
+        with pytest.raises(ValueError, match=f"infeasible: {what}"):
+            ot.column_potential(cost, 0.1, 10)
+    allowed = np.array([[np.inf, 1.0, 4.0], [2.0, np.inf, 3.0], [5.0, 1.0, np.inf]])
+    for precondition in (True, False):
+        np.testing.assert_array_equal(ot.solve_assignment(allowed, precondition=precondition),
+                                      linear_sum_assignment(allowed)[1])

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow._checks import check_positive_real
+from genflow.flows._flow import _check_data, objective_batch
 from genflow.likelihood._discrete import uniform_dequantize
 from genflow.likelihood._ode import GaussianPrior, _check_options, ode_log_prob
 
@@ -79,7 +80,8 @@ def cnf_sample(apply_fn: Callable, params, z: Array, *, solver: str = "tsit5", s
 def ffjord_loss(apply_fn: Callable, params, x: Array, key: Array, *, num_probes: int = 1, probe: str = "rademacher",
                 solver: str = "tsit5", steps: int | None = 8, rtol: float = 1e-5, atol: float = 1e-5,
                 adjoint: diffrax.AbstractAdjoint | None = None) -> Array:
-    """FFJORD's maximum-likelihood loss with the Hutchinson trace: ``-mean log p(x) / D``."""
+    """FFJORD's maximum-likelihood loss with the Hutchinson trace: ``-mean log p(x) / D``; ``x: [B, ...]``."""
+    _check_data(x)
     logp, _ = ode_log_prob(_velocity(apply_fn, params), x, log_prior=GaussianPrior(jnp.ones((), x.dtype)),
                            t0=0.0, t1=1.0, trace="hutchinson", key=key, num_probes=num_probes, probe=probe,
                            solver=solver, steps=steps, rtol=rtol, atol=atol, adjoint=adjoint)
@@ -107,7 +109,7 @@ def ffjord_objective(apply_fn: Callable, *, dequantize: float | None = None, **k
                    rtol=get("rtol"), atol=get("atol"))
 
     def loss_fn(params, batch, key):
-        x = batch["x"] if isinstance(batch, dict) else batch
+        x = objective_batch(batch)
         k_deq, k_loss = jax.random.split(key)
         if dequantize is not None:  # (widened to float32 there: integer batches failed, bfloat16 ones left the bin)
             x = uniform_dequantize(k_deq, x, dequantize)[0]

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_finite_rows, check_int, check_key, check_positive_real, flat_batch, is_int
+from genflow._checks import (check_data_batch, check_finite_rows, check_int, check_key, check_positive_real, flat_batch,
+                             is_int)
 from genflow.flows._layers import (ActNorm, AdditiveCoupling, AffineCoupling, Chain, FactorOut, Invertible1x1Conv,
                                    Layer, Squeeze, Unsqueeze)
 from genflow.likelihood._discrete import uniform_dequantize
@@ -144,8 +145,27 @@ class Flow:
         return math.prod(self.event_shape)
 
 
+_DEQUANTIZE_HINT = (" (integer data: dequantize it first, e.g. flow_objective(..., dequantize=bin width) or "
+                    "genflow.likelihood.uniform_dequantize)")
+
+
+def _check_data(x):
+    """The training batch of a flow's loss (an empty one gave a NaN loss; integers were fitted as
+    a continuous density by "ml" and failed inside JAX for "ssm" / "dsm")."""
+    check_data_batch("x", x, _DEQUANTIZE_HINT)
+
+
+def objective_batch(batch):
+    """The data ``x`` of a flow objective's batch (an array, or a dict with ``"x"``), named on a
+    wrong structure as in :func:`genflow.train.diffusion_objective`."""
+    from genflow.train._objective import _split_batch
+
+    return _split_batch(batch)[0]
+
+
 def nll_loss(flow: Flow, params, x: Array) -> Array:
-    """Maximum likelihood: ``-mean log p(x) / D`` (nats per dimension)."""
+    """Maximum likelihood: ``-mean log p(x) / D`` (nats per dimension); ``x: [B, ...]``, floating."""
+    _check_data(x)
     return -jnp.mean(flow.log_prob(params, x)) / flow.dim
 
 
@@ -157,6 +177,7 @@ def ssm_loss(flow: Flow, params, x: Array, key: Array, num_slices: int = 1, prob
     """
     from genflow.likelihood._trace import sample_probes
 
+    _check_data(x)
     num_slices = check_int("num_slices", num_slices)
     v = sample_probes(key, (num_slices,) + x.shape, x.dtype, probe)
     score_fn = lambda y: flow.score(params, y)  # noqa: E731
@@ -175,6 +196,7 @@ def dsm_loss(flow: Flow, params, x: Array, key: Array, sigma: float = 0.05) -> A
     linear layers is needed.
     """
     check_positive_real("sigma", sigma)
+    _check_data(x)
     n = jax.random.normal(key, x.shape, x.dtype)
     s = flow.score(params, x + sigma * n)
     return 0.5 * jnp.mean(jnp.sum(flat_batch(jnp.square(sigma * s + n)), axis=-1)) / flow.dim
@@ -201,7 +223,7 @@ def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_s
         check_positive_real("dequantize", dequantize)
 
     def loss_fn(params, batch, key):
-        x = batch["x"] if isinstance(batch, dict) else batch
+        x = objective_batch(batch)
         k_deq, k_loss = jax.random.split(key)
         if dequantize is not None:  # (widened to float32 there: integer batches failed, bfloat16 ones left the bin)
             x = uniform_dequantize(k_deq, x, dequantize)[0]
