@@ -73,10 +73,16 @@ def _scale(scale) -> Array:
 
 
 def _guide(c: Array, u: Array, w) -> Array:
-    """``u + w (c - u)``, written ``w c + (1 - w) u`` so that ``w = 1`` gives ``c`` and ``w = 0``
-    gives ``u`` exactly (``u + (c - u)`` differs from ``c`` by rounding)."""
-    w = _per_sample(w, c)
-    return w * c + (1 - w) * u
+    """``u + w (c - u)`` in at least float32, rounded once to the models' dtype; ``w = 1`` gives
+    ``c`` and ``w = 0`` gives ``u`` exactly. (In a bfloat16 model's own dtype the scale itself was
+    rounded -- 1.1 to 1.1016 -- and ``w c + (1 - w) u`` cancelled: 5.1e-2 rms off the exact value
+    at w = 7.5 on unit-scale predictions, where one rounding of the result is ~6e-3; float32 models
+    gain ~8x at large scales from the difference form.)"""
+    out = jnp.result_type(c, u)
+    dt = jnp.promote_types(out, jnp.float32)
+    cw, uw = c.astype(dt), u.astype(dt)
+    w = _per_sample(w, cw)
+    return jnp.where(w == 1, cw, uw + w * (cw - uw)).astype(out)
 
 
 def _check_fn(fn, name: str):
@@ -231,9 +237,13 @@ def interval(guided: CFG, t_lo, t_hi) -> Interval:
     (Kynkaanniemi et al. 2024 guide only at intermediate noise levels; e.g. EDM2's interval
     ``sigma in (0.28, 5.42]`` becomes ``t`` through ``path.t_from_log_snr(-2 log sigma)``). Outside
     the interval the unconditional model is skipped (``lax.cond``), which saves its evaluations.
-    The interval is open at ``t_lo``: ``interval(g, 0.0, 1.0)`` is not ``g`` for solvers that
-    evaluate the model at ``t_end = 0`` (``heun``, ``tsit5``: Diffrax stages at a step's end, on
-    the ``linear`` path, whose ``t_min`` is 0); that last evaluation is the conditional model's."""
+    The interval is open at ``t_lo``: ``interval(g, 0.0, 1.0)`` is not ``g`` wherever the model
+    is evaluated at ``t = 0``, and that evaluation is the conditional model's: with solvers that
+    evaluate at ``t_end = 0`` (``heun``, ``tsit5``: Diffrax stages at a step's end, on the
+    ``linear`` path, whose ``t_min`` is 0), and with every solver on paths whose sampling ends
+    with the Tweedie denoising step at ``t = 0`` (``path.denoise_at_end`` where ``sigma(0) > 0``:
+    ``ve``, ``edm``; a max difference of 1e-3 on ``ve`` at 60 steps). To guide down to and
+    including ``t = 0``, use ``g`` itself."""
     _check_guided(guided, "interval")
     lo, hi = concrete_real(t_lo), concrete_real(t_hi)
     if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:  # else it never (or always) guides
@@ -395,19 +405,26 @@ class ClassifierGuidance:
         # the coefficient is evaluated at a harmless t where it is not used (alpha = 0, or sigma = 0
         # but for the score): its inf there (1 / alpha, vp_linear's sigma' at 0) times the zero
         # cotangent of the unselected branch made every gradient through the guidance NaN
-        unused = (a == 0) | ((s == 0) & (k != "score"))
+        # Where sigma = 0 (the data end) the term is 0 for eps, x0 and v. For a velocity it is
+        # -g^2 / 2 (the probability-flow ODE's score coefficient), which is not 0 there on a path
+        # whose sigma' is infinite at 0 (vp_linear: g^2(0) = beta_min; it was dropped, a jump at
+        # t = 0 that heun's final evaluation used): read from the path's closed-form g^2 when it
+        # has one; without one, 2 sigma sigma' is taken as 0 there (true where sigma' is finite).
+        if k == "velocity":
+            zero_term = (s == 0) & (self.path.diffusion_sq_fn is None)
+        else:
+            zero_term = (s == 0) & (k != "score")
+        unused = (a == 0) | zero_term
         tc = jnp.where(unused, jnp.asarray(0.5, tb.dtype), tb)
-        ac, sc = self.path.alpha(tc), self.path.sigma(tc)
         if k == "score":
             coef = jnp.ones_like(s)
-        elif k == "velocity":
-            coef = -sc * (self.path.d_sigma(tc) - self.path.d_alpha(tc) * sc / ac)
+        elif k == "velocity":  # -sigma (sigma' - alpha' sigma / alpha) = -g^2 / 2
+            coef = -0.5 * self.path.diffusion_sq(tc)
         else:
-            coef = -sc * param.eps_scale(self.path, tc, k)  # eps: -sigma, x0: sigma^2/alpha, v: -sigma(a^2+s^2)/a
+            coef = -self.path.sigma(tc) * param.eps_scale(self.path, tc, k)  # eps: -sigma, x0: s^2/a, v: -s(a^2+s^2)/a
         w = _per_sample(self.scale, x)
         guided = out + (w * coef * grad).astype(out.dtype)
-        # where sigma = 0 (the data end) the term is 0 for every kind but the score
-        res = jnp.where((s == 0) & (k != "score"), out, guided)
+        res = jnp.where(zero_term, out, guided)
         # where alpha = 0 (pure noise: t = 1 on the linear path) x_t says nothing about y: grad = 0,
         # and the score / eps terms are 0; the x0 / v / velocity ones are coef * grad = inf * 0, whose
         # limit is finite and not 0 (x0: (sigma^2 / alpha) grad -> E[x0 | y] - E[x0]). With
