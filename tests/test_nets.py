@@ -520,3 +520,27 @@ def test_nets_refuse_bad_rates_and_class_counts_and_take_numpy_ints_and_jax_bool
         gf.nets.MLP(hidden=(4,), num_classes=-1).init(k, jnp.ones((2, 2)), 0.5)
     with pytest.raises(ValueError, match=r"DiTBlock\(hidden=12\) got tokens of width 10"):
         gf.nets._dit.DiTBlock(12, 2).init(k, jnp.ones((2, 3, 10)), jnp.ones((2, 12)))
+
+
+@pytest.mark.parametrize("net", ["mlp", "unet", "dit"])
+def test_traced_labels_out_of_range_give_nan_not_another_class(net):
+    """Under jit (every fit step) nn.Embed wrapped negative labels: -1 read as the null label and
+    -2 as class num_classes - 1, so a dataset's -1 "unlabelled" trained silently. Labels outside
+    [0, num_classes] now give NaN outputs (as those above num_classes did), and in-range ones are
+    unchanged."""
+    key = jax.random.key(0)
+    if net == "mlp":
+        m, x = gf.nets.MLP(hidden=(8,), num_classes=3), jnp.ones((4, 2))
+    elif net == "unet":
+        m, x = gf.nets.UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_classes=3), \
+            jnp.ones((4, 4, 4, 1))
+    else:
+        m, x = gf.nets.DiT(patch_size=2, hidden=16, depth=1, num_heads=2, num_classes=3), jnp.ones((4, 4, 4, 1))
+    t = jnp.full((4,), 0.3)
+    p = m.init(key, x, t, jnp.array([0, 1, 2, 3]))
+    f = jax.jit(lambda y: m.apply(p, x, t, y))
+    good = f(jnp.array([0, 1, 2, 3]))
+    assert np.all(np.isfinite(np.asarray(good)))
+    bad = np.asarray(f(jnp.array([-1, -2, 1, 4])))
+    assert np.all(np.isnan(bad[[0, 1, 3]].reshape(3, -1)), axis=1).all()
+    np.testing.assert_allclose(bad[2], np.asarray(good)[1], rtol=1e-5, atol=1e-6)

@@ -452,6 +452,17 @@ def test_ema_keys_are_exact_for_decays_near_one():
     assert np.all(np.abs(ema) > 0) and np.all(np.abs(ema) < 1e-4 * np.abs(np.asarray(state.params["w"])).max() * 10)
 
 
+def test_ema_keys_of_float32_decays_match_the_python_float():
+    """init_state(ema_decays=(np.float32(0.999),)) keyed its EMA "0.9990000128746033", which
+    ema_key(0.999) did not find."""
+    for d in (np.float32(0.999), jnp.float32(0.999), np.float16(0.999)):
+        assert gf.train.ema_key(d) == "0.999", d
+    state = gf.train.init_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(0),
+                                ema_decays=(np.float32(0.999), 0.99))
+    assert sorted(state.ema) == ["0.99", "0.999"]
+    assert gf.train.ema_key(np.float64(0.999)) == "0.999" and gf.train.ema_key(0.1 + 0.2) == "0.30000000000000004"
+
+
 def test_grad_accumulation_sums_low_precision_gradients_in_float32():
     # Microbatch gradients 256, 1, 1, ..., 1 (64 of them): a bfloat16 running sum stays at 256
     # (257 rounds back to 256), a float32 one reaches 319; the mean keeps the parameters' dtype.

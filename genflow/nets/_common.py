@@ -140,6 +140,8 @@ def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: i
 
     Called inside a compact module. ``y=None`` means the null label when the network is
     class-conditional; labels given to an unconditional network (``num_classes=None``) raise.
+    Concrete labels outside ``[0, num_classes]`` raise; traced ones (under ``jit``, e.g. in
+    :func:`genflow.train.fit`) give NaN outputs, so training stops at that step.
     """
     if num_classes is None:
         if y is not None:
@@ -157,6 +159,10 @@ def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: i
     y = jnp.asarray(y)
     if y.shape != (batch,):
         raise ValueError(f"labels y must have shape [B]={(batch,)}; got {y.shape}")
+    # traced labels outside [0, num_classes] (no check can see them) give NaN outputs, as labels
+    # above num_classes do through Embed's out-of-range fill: negative ones wrapped (-1 read as the
+    # null label, -2 as class num_classes - 1), so a dataset's -1 "unlabelled" trained silently
+    y = jnp.where((y >= 0) & (y <= num_classes), y, num_classes + 1)
     return nn.Embed(num_classes + 1, dim, embedding_init=init, name=name)(y)
 
 

@@ -17,6 +17,7 @@ half-written one is ignored (and cleaned up) on restart.
 from __future__ import annotations
 
 import atexit
+import base64
 import math
 import os
 import threading
@@ -89,6 +90,30 @@ def _abstract(tree, shardings=None):
     return jax.tree.map(spec, tree, shardings)
 
 
+_BYTES_STATE = "__genflow_bytes_data_state__"
+
+
+def _data_state_json(data_state):
+    """A data iterator's ``get_state()`` as JSON: a dict as it is; ``bytes`` (grain's
+    ``DataLoader`` iterators) wrapped as base64 (``dict(bytes)`` failed: nothing was saved)."""
+    if data_state is None:
+        return {}
+    if isinstance(data_state, dict):
+        return dict(data_state)
+    if isinstance(data_state, (bytes, bytearray)):
+        return {_BYTES_STATE: base64.b64encode(bytes(data_state)).decode("ascii")}
+    raise TypeError(f"the data iterator's get_state() must return a dict (JSON) or bytes to be checkpointed; got "
+                    f"{type(data_state).__name__}")
+
+
+def _data_state_from_json(stored):
+    """The inverse of :func:`_data_state_json`: the dict, or the ``bytes`` that were saved."""
+    stored = dict(stored or {})
+    if set(stored) == {_BYTES_STATE}:
+        return base64.b64decode(stored[_BYTES_STATE])
+    return stored
+
+
 def _close_at_exit(ckpt) -> None:
     """Close ``ckpt`` (committing its pending saves) when the interpreter exits, if it is still
     open then. A script that saved and returned without ``close()`` left only a
@@ -155,10 +180,11 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step % self.save_every == 0
 
-    def save(self, state: TrainState, *, data_state: dict | None = None, metrics: dict | None = None,
+    def save(self, state: TrainState, *, data_state: dict | bytes | None = None, metrics: dict | None = None,
              force: bool = False) -> bool:
         """Start saving ``state`` (and the data-iterator state) at step ``state.step``; returns
         whether a save was started (only on multiples of ``save_every`` unless ``force``)."""
+        self._check_open()
         step = int(state.step)
         if not force and not self.should_save(step):
             return False
@@ -170,7 +196,7 @@ class Checkpointer:
         metrics = metrics or None
         ocp = _ocp()
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_savable(state)),
-                                  data=ocp.args.JsonSave(dict(data_state or {})))
+                                  data=ocp.args.JsonSave(_data_state_json(data_state)))
         return self.manager.save(step, args=args, metrics=metrics, force=True)  # the decision is ours
 
     def wait(self) -> None:
@@ -178,6 +204,13 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     _closed = False
+
+    def _check_open(self) -> None:
+        """(A closed checkpointer failed in orbax, "cannot schedule new futures after shutdown",
+        and only after fit had trained a whole chunk.)"""
+        if self._closed:
+            raise ValueError(f"Checkpointer({self.directory!r}) is closed (close() or the end of its `with` block); "
+                             f"make a new one for this directory")
 
     def close(self) -> None:
         """Commit pending saves and release orbax's threads (also done at interpreter exit)."""
@@ -215,15 +248,37 @@ class Checkpointer:
             :func:`genflow.train.tree_shardings` on another mesh): the checkpoint is re-sharded
             onto them, whatever mesh it was written from. Default: the shardings of ``target``.
         Returns:
-          ``(state, data_state)``.
+          ``(state, data_state)``: ``data_state`` as the iterator's ``get_state()`` returned it
+          when saved (a dict, or ``bytes`` for grain's ``DataLoader``; ``{}`` if none), for its
+          ``set_state``.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract, ocp = _abstract(target, shardings), _ocp()
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 data=ocp.args.JsonRestore()))
-        return _from_savable(out["state"], target, shardings), dict(out["data"] or {})
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                     data=ocp.args.JsonRestore()))
+        except ValueError as e:  # (orbax's shape error named neither the leaf nor the step)
+            mismatch = self._shape_mismatch(step, abstract)
+            if mismatch is None:
+                raise
+            raise ValueError(f"cannot restore step {step} of {self.directory} into this target: {mismatch}") from e
+        return _from_savable(out["state"], target, shardings), _data_state_from_json(out["data"])
+
+    def _shape_mismatch(self, step: int, abstract) -> str | None:
+        """The first leaf whose stored shape differs from the target's, in words (None if none
+        is found, or the stored metadata cannot be read)."""
+        try:
+            stored = {getattr(m, "name", None): tuple(m.shape)
+                      for m in jax.tree.leaves(self.manager.item_metadata(step)["state"]) if hasattr(m, "shape")}
+        except Exception:  # noqa: BLE001 (only a better message is at stake)
+            return None
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+            name = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+            if name in stored and stored[name] != tuple(leaf.shape):
+                return f"{name} is stored with shape {stored[name]}, the target's has shape {tuple(leaf.shape)}"
+        return None
 
     def restore_or(self, target: TrainState, shardings: Any = None) -> tuple[TrainState, dict | None]:
         """The latest checkpoint if there is one, else ``(target, None)`` (start from scratch)."""

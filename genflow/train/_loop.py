@@ -142,12 +142,14 @@ def _compiled_chunk(run, key, state, xs, n):
 
 
 def _chunk_means(metrics: dict) -> dict:
-    """Chunk means of the scalar float step metrics (the metrics saved with a checkpoint)."""
+    """Means of the scalar step metrics over the steps given (``[n]`` each): the metrics saved
+    with a checkpoint. Integer and bool metrics count too, as floats (an int aux metric named as
+    ``best_metric`` was refused as "not a scalar step metric")."""
     out = {}
     for name, v in metrics.items():
         v = np.asarray(v)
-        if v.ndim == 1 and np.issubdtype(v.dtype, np.floating):
-            out[name] = float(np.mean(v))
+        if v.ndim == 1 and v.size and (np.issubdtype(v.dtype, np.number) or v.dtype == bool) and not np.iscomplexobj(v):
+            out[name] = float(np.mean(v, dtype=np.float64))
     return out
 
 
@@ -251,9 +253,8 @@ def fit(
       min_shard_size: arrays with fewer elements are replicated even when ``fsdp > 1``.
       checkpointer: a :class:`Checkpointer`; chunks are cut at its save steps, and the state (with
         the data-iterator position) is saved asynchronously every ``save_every`` steps and at the
-        last step of the run with the
-        chunk means of the step metrics (``loss``, ``grad_norm``, the loss's scalar aux) as
-        metrics. Pending saves are committed before ``fit`` returns or raises; a save that an
+        last step of the run, with the means of the step metrics (``loss``, ``grad_norm``, the
+        loss's scalar aux) over the steps since the previous save as metrics. Pending saves are committed before ``fit`` returns or raises; a save that an
         exception interrupted (a Ctrl-C while ``save`` waits for the previous write) is made again
         before the exception propagates, and a save that fails is added to the exception as a
         note. Its directory must not hold a step later than ``state.step`` (another run's).
@@ -262,6 +263,8 @@ def fit(
       metrics, plus ``history["wall_time"]`` (seconds spent running the compiled chunks and
       gathering their host batches, including the transfer of metrics; compilation excluded),
       ``history["data_time"]`` (the batch-gathering part of it) and ``history["compile_time"]``.
+      With nothing to run (``num_steps = 0``) the step metrics' names are unknown: ``history``
+      holds only these three entries.
     Raises:
       NonFiniteLossError: a step had a non-finite loss; carries the last good state. The
         checkpoints on disk are left as they were (the last one is the last good save). An
@@ -295,6 +298,8 @@ def fit(
     cache_key = (step_fn, data if on_device else None, unroll, mesh, min_shard_size if mesh is not None else None)
     callbacks = _callbacks(callback)
     step0 = int(state.step) if checkpointer is not None else 0
+    if checkpointer is not None and getattr(checkpointer, "_closed", False):
+        checkpointer._check_open()  # (before training: it failed in orbax after a whole chunk)
     if checkpointer is not None and (checkpointer.latest_step() or 0) > step0:
         raise ValueError(f"checkpointer's directory already holds step {checkpointer.latest_step()}, later than the "
                          f"state's step {step0}: training on would mix two runs in it (a save at an existing step "
@@ -309,6 +314,7 @@ def fit(
     history: dict[str, list] = {}
     done, compile_time, run_time, data_time = 0, 0.0, 0.0, 0.0
     pending = None  # (state, data_state, metrics) of a save call that has not returned yet
+    since_save: dict[str, list] = {}  # the step metrics since the last save (chunks are cut at saves)
     try:
         while done < num_steps:
             n = min(chunk_size, num_steps - done)
@@ -347,6 +353,9 @@ def fit(
                 hist = _stack(history)
                 raise NonFiniteLossError(int(state.step), state, hist)
             done += n
+            if checkpointer is not None:
+                for name, v in metrics.items():
+                    since_save.setdefault(name, []).append(np.asarray(v))
             # callbacks before the save: a log a callback writes (MetricsWriter) then holds every
             # checkpointed step even if the callback is interrupted (it used to miss that chunk's row
             # for good, as the resume started after it)
@@ -356,7 +365,10 @@ def fit(
             # step count re-trained from the last multiple, and a longer one too)
             if checkpointer is not None and (checkpointer.should_save(step0 + done) or done == num_steps):
                 data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
-                means = _chunk_means(metrics)
+                # the mean since the previous save, not the last chunk's (chunk_size < save_every)
+                means = _chunk_means({k: np.concatenate(v) for k, v in since_save.items()
+                                      if all(np.ndim(a) == 1 for a in v)})
+                since_save = {}
                 best = getattr(checkpointer, "best_metric", None)
                 if best is not None and best not in means:
                     raise ValueError(f"checkpointer.best_metric={best!r} is not a scalar step metric; "

@@ -7,6 +7,7 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from genflow._checks import concrete_real
@@ -40,7 +41,11 @@ class TrainState:
 
 def ema_key(decay: float) -> str:
     """The key of an EMA decay in ``TrainState.ema``: the shortest string that reads back as the
-    same float (``"0.99"``, ``"0.9999995"``), so nearby decays never share a key."""
+    same float (``"0.99"``, ``"0.9999995"``), so nearby decays never share a key. A NumPy / JAX
+    float16 or float32 decay is read in its own width (``np.float32(0.999)`` is ``"0.999"``, as
+    ``0.999``; it was ``"0.9990000128746033"``, a key ``ema_key(0.999)`` did not find)."""
+    if hasattr(decay, "dtype") and np.ndim(decay) == 0 and np.dtype(decay.dtype) in (np.float16, np.float32):
+        return repr(float(np.format_float_positional(np.asarray(decay)[()], unique=True)))
     return repr(float(decay))
 
 
