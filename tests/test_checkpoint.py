@@ -117,7 +117,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
     saved = {}
     ckpt = gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=5, keep=3)
     state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
-    with pytest.raises(gf.train.NonFiniteLossError, match="non-finite loss or gradient at step 13") as err:
+    with pytest.raises(gf.train.NonFiniteLossError, match="non-finite loss, gradient or updated parameters at step 13") as err:
         gf.train.fit(state, nan_at_13, lambda k: (X, Y), 30, chunk_size=5, progress=False, checkpointer=ckpt,
                      callback=lambda s, m: saved.setdefault(int(s.step), np.asarray(s.params["w"])))
     assert int(err.value.state.step) == 13

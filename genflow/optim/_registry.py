@@ -49,8 +49,24 @@ def _sophia(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
-# re-exports whose update reads an extra argument under another name than make_train_step's
-_ADAPTED: dict[str, Callable] = {"sophia": _sophia}
+def _adadelta(learning_rate=1.0, *args, **kwargs) -> optax.GradientTransformationExtraArgs:
+    # optax.adadelta's default learning_rate=None applies scale_by_learning_rate(None), the
+    # identity: its update has the gradient's sign and climbs the loss (113x on a least-squares
+    # problem in 300 steps). Zeiler's AdaDelta is the descent step, learning rate 1.
+    if learning_rate is None:
+        raise ValueError("adadelta: learning_rate=None makes optax's update ascend the loss (scale_by_learning_rate"
+                         "(None) is the identity, without the descent sign); pass a rate (1.0 is Zeiler's AdaDelta)")
+    return optax.adadelta(learning_rate, *args, **kwargs)
+
+
+_adadelta.__doc__ = optax.adadelta.__doc__
+_adadelta.__signature__ = inspect.signature(optax.adadelta).replace(parameters=[
+    p.replace(default=1.0) if p.name == "learning_rate" else p
+    for p in inspect.signature(optax.adadelta).parameters.values()])
+
+# re-exports whose update reads an extra argument under another name than make_train_step's, or
+# whose default does not descend
+_ADAPTED: dict[str, Callable] = {"sophia": _sophia, "adadelta": _adadelta}
 
 
 def _table() -> dict[str, tuple[str, Callable]]:

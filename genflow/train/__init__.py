@@ -14,13 +14,13 @@ from genflow.train._checkpoint import Checkpointer
 from genflow.train._logging import MetricsWriter, read_jsonl
 from genflow.train._loop import NonFiniteLossError, fit
 from genflow.train._objective import diffusion_objective
-from genflow.train._optim import lr_schedule, make_optimizer
+from genflow.train._optim import eval_params, lr_schedule, make_optimizer
 from genflow.train._sharding import (batch_sharding, fsdp_spec, make_mesh, maybe_initialize_distributed, replicated,
                                      shard_batch, shard_state, tree_shardings)
 from genflow.train._state import TrainState, ema_key, init_state
 from genflow.train._step import batch_key, make_train_step
 
-__all__ = ["TrainState", "init_state", "ema_key", "make_train_step", "batch_key", "fit", "NonFiniteLossError", "diffusion_objective",
-           "Checkpointer", "MetricsWriter", "read_jsonl", "lr_schedule", "make_optimizer", "make_mesh", "fsdp_spec",
-           "tree_shardings", "batch_sharding", "replicated", "shard_batch", "shard_state",
-           "maybe_initialize_distributed"]
+__all__ = ["TrainState", "init_state", "ema_key", "make_train_step", "batch_key", "fit", "NonFiniteLossError",
+           "diffusion_objective", "Checkpointer", "MetricsWriter", "read_jsonl", "lr_schedule", "make_optimizer",
+           "eval_params", "make_mesh", "fsdp_spec", "tree_shardings", "batch_sharding", "replicated", "shard_batch",
+           "shard_state", "maybe_initialize_distributed"]

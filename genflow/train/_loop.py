@@ -20,7 +20,7 @@ Array = jax.Array
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised by :func:`fit` when a step produced a non-finite loss or gradient.
+    """Raised by :func:`fit` when a step produced a non-finite loss, gradient or updated parameters.
 
     Attributes:
       step: the (0-based) index of the offending update, i.e. ``state.step`` before it.
@@ -30,9 +30,9 @@ class NonFiniteLossError(FloatingPointError):
 
     def __init__(self, step: int, state: TrainState, history: dict):
         super().__init__(
-            f"non-finite loss or gradient at step {step} (the update from step {step} to {step + 1} was not "
-            f"applied); training stopped and the last good state (step {int(state.step)}, after {int(state.step)} "
-            f"updates) is in this exception's .state"
+            f"non-finite loss, gradient or updated parameters at step {step} (the update from step {step} to "
+            f"{step + 1} was not applied); training stopped and the last good state (step {int(state.step)}, "
+            f"after {int(state.step)} updates) is in this exception's .state"
         )
         self.step = step
         self.state = state

@@ -25,8 +25,9 @@ def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, decay_steps: int
 
     if not isinstance(learning_rate, jax.core.Tracer) and not _finite_real(learning_rate):
         raise ValueError(f"learning_rate must be a finite real >= 0; got {learning_rate!r}")
-    if not isinstance(end_factor, jax.core.Tracer) and not _finite_real(end_factor):
-        raise ValueError(f"end_factor must be a finite real >= 0 (the final learning rate is end_factor * "
+    if not isinstance(end_factor, jax.core.Tracer) and not (_finite_real(end_factor) and float(end_factor) <= 1.0):
+        # (> 1 was accepted: the cosine "decay" rose to end_factor * learning_rate)
+        raise ValueError(f"end_factor must be a real in [0, 1] (the final learning rate is end_factor * "
                          f"learning_rate); got {end_factor!r}")
     check_int("warmup_steps", warmup_steps, 0)
     if decay_steps is None:
@@ -66,10 +67,21 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
     ``safeguard_warmup=True`` (without it optax's Prodigy divides by the warm-up's first learning
     rate, 0: NaN updates).
 
+    ``learning_rate`` defaults to 1e-3 for every ``name``, also for the optimizers whose own
+    default is 1 because they adapt their step size (``"prodigy"``, ``"dog"``, ``"dowg"``,
+    ``"dadapt_adamw"``, ``"cocob"``, ``"momo"``): at 1e-3 those barely move (a least-squares loss
+    stayed at 1.00x its start over 300 steps); pass ``learning_rate=1.0`` for them.
+
+    Schedule-free optimizers (``"schedule_free_adamw"``, ``"schedule_free_sgd"``) train the point
+    ``y`` at which gradients are taken, which is what ``TrainState.params`` (and its EMA copies)
+    hold; evaluate at their averaged ``x``, :func:`eval_params` ``(state)`` (about half the
+    excess loss of ``y`` on a noisy least-squares problem).
+
     Raises:
       ValueError: a bad ``learning_rate`` / ``warmup_steps`` / ``decay_steps`` / ``end_factor`` /
         ``clip_norm``, a schedule for an optimizer that takes only a float, ``clip_norm`` with SMB,
-        ``"prodigy"`` with a warm-up and ``safeguard_warmup=False``.
+        ``"prodigy"`` with a warm-up and ``safeguard_warmup=False``, ``"dadapt_adamw"`` with a
+        warm-up, ``"schedule_free"`` (its step size is its ``base_optimizer``'s).
     """
     from genflow import optim  # (genflow.optim does not import genflow.train)
     from genflow.optim._smb import holds_smb
@@ -89,6 +101,19 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
             raise ValueError(f"prodigy with warmup_steps={warmup_steps} needs safeguard_warmup=True (its first learning "
                              f"rate is 0, which optax's Prodigy divides by otherwise: NaN updates); got "
                              f"safeguard_warmup={kwargs['safeguard_warmup']!r}")
+    if name == "dadapt_adamw" and warmup_steps:
+        # (its D estimate at step 0 is 0 / 0 with the warm-up's rate 0: a NaN optimizer state that the
+        # train step's finite check does not see, so every later step failed and the "last good
+        # state" was already poisoned; optax's D-Adaptation has no safeguard option)
+        raise ValueError(f"dadapt_adamw cannot start from the warm-up's learning rate 0 (optax's D-Adaptation divides "
+                         f"by it: a NaN state); pass warmup_steps=0 (it adapts its own step size) or use 'prodigy', "
+                         f"which has a safe warm-up; got warmup_steps={warmup_steps!r}")
+    if name == "schedule_free":
+        # (its learning_rate only weights the averages; a rate, warm-up or decay given here changed nothing)
+        raise ValueError("make_optimizer cannot schedule 'schedule_free': its step size is its base_optimizer's, so "
+                         "learning_rate / warmup_steps / decay_steps would be ignored; use 'schedule_free_adamw' or "
+                         "'schedule_free_sgd', or build gf.optim.schedule_free(learning_rate, base_optimizer) with "
+                         "the schedule in base_optimizer")
     tx = optim.get(name, learning_rate=lr, **kwargs)
     if clip_norm is not None:
         if not _finite_real(clip_norm, positive=True):
@@ -100,5 +125,25 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
             raise ValueError(f"clip_norm cannot be used with SMB (name={name!r}; SMB re-evaluates the unclipped gradient "
                              f"through value_fn=, so clipping before it builds an inconsistent model step); "
                              f"got clip_norm={clip_norm!r}")
-        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+        # (through the train step's extra-argument view: inside chain, a transform that names only
+        # some of value= / grad= / value_fn= was given all three, "unexpected keyword argument")
+        from genflow.train._step import _extra_args_view
+
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), _extra_args_view(tx))
     return tx
+
+
+def eval_params(state):
+    """The parameters to evaluate a :class:`TrainState` at: schedule-free optimizers' averaged
+    ``x`` (``optax.contrib.schedule_free_eval_params``) when ``state.opt_state`` holds a
+    ``ScheduleFreeState`` anywhere (also inside ``optax.chain``, e.g. with ``clip_norm``, where
+    that helper failed with "'tuple' object has no attribute 'b1'"); else ``state.params``."""
+    import jax
+    from optax.contrib import ScheduleFreeState, schedule_free_eval_params
+
+    found = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, ScheduleFreeState))
+             if isinstance(s, ScheduleFreeState)]
+    if len(found) > 1:
+        raise ValueError(f"state.opt_state holds {len(found)} schedule-free states; take the one for these "
+                         f"parameters with optax.contrib.schedule_free_eval_params")
+    return schedule_free_eval_params(found[0], state.params) if found else state.params
