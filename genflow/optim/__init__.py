@@ -12,7 +12,8 @@ genflow adds the transforms optax does not have, one file each, optax style:
 and re-exports the optax / optax.contrib ones unchanged (``adam``, ``adamw``, ``amsgrad``,
 ``sgd``, clipping, ``momo``, ``momo_adam`` (which need ``value=loss``), ``ademamix``,
 ``schedule_free_*``, ...; ``get("sophia")`` adapts optax.contrib's sophia, which reads the loss
-closure as ``obj_fn=``, to the ``value_fn=`` that :func:`genflow.train.make_train_step` passes).
+closure as ``obj_fn=``, to the ``value_fn=`` that :func:`genflow.train.make_train_step` passes;
+``get("adadelta")`` defaults to Zeiler's learning rate 1, where optax's ``None`` ascends).
 :func:`get` builds any of them by name::
 
     opt = gf.optim.get("momo_adam", learning_rate=1e-2)
