@@ -21,7 +21,9 @@ kind the network predicts. The built-in weightings:
 ``"min_snr"``      Min-SNR-gamma (Hang et al. 2023): x0-MSE weighted ``min(SNR, gamma)``,
                    i.e. ``w = min(SNR, gamma) / SNR``
 ``"truncated_snr"`` x0-MSE weighted ``max(SNR, 1)`` (Salimans & Ho 2022), ``w = max(1, 1/SNR)``
-``"elbo"``         ``w = -d lambda/dt / 2``: the continuous-time ELBO (up to a constant)
+``"elbo"``         ``w = -d lambda/dt / 2``: the continuous-time ELBO's diffusion term, up to
+                   the factor ``t_max - t_min`` (eps prediction: ``(t_max - t_min) x`` this
+                   loss ``=`` :func:`genflow.likelihood.likelihood_loss`)
 ``"sigmoid"``      ``w = -d lambda/dt * sigmoid(b - lambda) / 2`` (Kingma & Gao, with t uniform)
 =================  ====================================================================
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from genflow._checks import check_int, check_key, check_positive_real, flat_batch
 from genflow.likelihood._ode import log_prob
-from genflow.paths import Path
+from genflow.paths import Path, check_path
 
 Array = jax.Array
 
@@ -168,6 +168,7 @@ def dequantized_log_prob(
     if dequantization not in DEQUANTIZATIONS:
         raise ValueError(f"unknown dequantization {dequantization!r}; expected one of {list(DEQUANTIZATIONS)}")
     check_int("num_samples", num_samples)
+    check_path(path)  # (a path name failed as "'str' object has no attribute 't_min'")
     check_key(key)
     check_positive_real("bin_width", bin_width)
     check_positive_real("tau", tau)

@@ -38,7 +38,7 @@ import numpy as np
 from genflow import param
 from genflow._checks import check_int, check_key, check_positive_real, check_real_in, concrete_real, flat_batch
 from genflow.likelihood._ode import _check_x, is_zero
-from genflow.paths import Path
+from genflow.paths import Path, check_path
 
 Array = jax.Array
 
@@ -78,8 +78,8 @@ def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0
     n = check_int("n", n)  # (2.5: a shape TypeError; 0: empty arrays, silently)
     _check_t_range(t_min, t_max)
     if stratified:
-        strata = n if strata is None else int(strata)
-        if strata < 1 or n % strata:
+        strata = n if strata is None else check_int("strata", strata)  # (2.5 was read as 2)
+        if n % strata:
             raise ValueError(f"strata must be a positive divisor of n={n}; got {strata}")
         # draws in stratum-major order [strata, n // strata], one random offset per column
         off = jax.random.uniform(key, (1, n // strata), dtype)
@@ -131,6 +131,7 @@ def diffusion_term(fn: Callable, path: Path, x: Array, key: Array, *, prediction
     float32 or wider).
     """
     param.check_kind(prediction)
+    check_path(path)  # (a path name failed as "'str' object has no attribute 't_min'")
     check_key(key)
     _check_x(x, floating=False)  # (integer data is widened below)
     t_min = path.t_min if t_min is None else t_min  # (as vdm_elbo reads None; jnp.array(None) failed)
@@ -152,6 +153,7 @@ def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Arr
     VDM's factorized categorical ``softmax_k(-(z/alpha - levels_k)^2 / (2 (sigma/alpha)^2))``
     and ``x`` must lie on the levels; without, it is ``N(x; z/alpha, (sigma/alpha)^2 I)``.
     """
+    check_path(path)
     check_key(key)
     _check_levels(levels)
     check_real_in("t0", t0, 0.0, 1.0)  # (1.5 extrapolated the path, silently)
@@ -203,6 +205,7 @@ def _check_on_levels(x, levels) -> None:
 
 def prior_term(path: Path, x: Array, t1: float = 1.0, prior_std: float | None = None) -> Array:
     """``KL(N(alpha_1 x, sigma_1^2 I) || N(0, s^2 I))`` per example, ``s = sigma(t1)`` by default; ``[B]``."""
+    check_path(path)
     _check_prior_std(prior_std)
     check_real_in("t1", t1, 0.0, 1.0)  # (2.0 extrapolated the path: a KL of 0, silently)
     x = _wide(x)  # (integer data: t1 = 0.9 and prior_std = 0.5 were cast to 0, and the KL was NaN)
@@ -252,6 +255,7 @@ def vdm_elbo(
       :func:`genflow.likelihood.bits_per_dim` ``(elbo, D)``.
     """
     param.check_kind(prediction)
+    check_path(path)
     t_min = path.t_min if t_min is None else t_min
     _check_t_range(t_min, t_max)  # (a traced t_min raised TracerBoolConversionError here)
     check_int("num_t", num_t)
@@ -299,7 +303,12 @@ def likelihood_loss(fn: Callable, path: Path, x0: Array, key: Array, *, predicti
     ``"uniform"``, with lower variance. Returns ``(loss, {"per_example": [B]})``; with
     ``stratified`` the times are stratified across the batch (an unbiased, low-variance mean),
     so ``per_example[i]`` is not an estimate for example ``i`` alone (use :func:`vdm_elbo`).
+    Its expectation is ``(t_max - t_min)`` times that of
+    ``genflow.losses.diffusion_loss(..., prediction="eps", weighting="elbo")`` with times uniform
+    on ``[t_min, t_max]`` (the same integrand, as a mean over t rather than an integral).
     """
+    check_path(path)
+    _check_x(x0, floating=False)  # (a list failed as "'list' object has no attribute 'shape'")
     t_min = path.t_min if t_min is None else t_min
     d = math.prod(x0.shape[1:])
     per = diffusion_term(fn, path, x0, key, prediction=prediction, t_min=t_min, t_max=t_max,
