@@ -55,12 +55,15 @@ def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
 def check_data_batch(name: str, x, hint: str = "") -> None:
     """A ``ValueError`` naming ``name`` unless ``x`` is a floating-point array ``[B, ...]`` with
     ``B >= 1`` (a training loss's mean over an empty batch is NaN; integer data would be fitted as
-    continuous or fail inside JAX). ``hint`` ends the message (e.g. how to dequantize)."""
+    continuous or fail inside JAX). ``hint`` ends the message for integer or bool data (e.g. how
+    to dequantize)."""
     dtype = getattr(x, "dtype", None)
     shape = getattr(x, "shape", None)
     if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating) or len(shape) < 1 or shape[0] == 0:
         what = f"dtype {dtype}, shape {tuple(shape)}" if shape is not None else type(x).__name__
-        raise ValueError(f"{name} must be a floating-point array [B, ...] with B >= 1; got {what}{hint}")
+        integer = dtype is not None and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_))
+        raise ValueError(f"{name} must be a floating-point array [B, ...] with B >= 1; got {what}"
+                         f"{hint if integer else ''}")
 
 
 def check_positive_real(name: str, value) -> None:

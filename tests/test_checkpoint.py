@@ -431,6 +431,14 @@ def test_bytes_data_state_is_checkpointed_and_restored(tmp_path):
         assert data_state == b'{"i": 6}'
         with pytest.raises(TypeError, match=r"get_state\(\) must return a dict \(JSON\) or bytes.*got list"):
             ckpt.save(state.replace(step=jnp.int32(9)), data_state=[1, 2], force=True)
+        # any mapping is saved as a dict, as before (a FrozenDict or mappingproxy state was refused)
+        import types
+
+        state = gf.train.init_state({"w": jnp.zeros(2)}, opt, jax.random.key(0))  # (fit donated the first)
+        ckpt.save(state.replace(step=jnp.int32(12)), data_state=types.MappingProxyType({"i": 12}), force=True)
+        ckpt.wait()
+        assert ckpt.restore(state, step=12)[1] == {"i": 12}
+        assert "finite" not in (ckpt.manager.metrics(6) or {})  # (fit's internal flag is no metric)
 
 
 def test_restore_names_the_leaf_of_another_shape(tmp_path):

@@ -535,6 +535,14 @@ def test_cfg_of_low_precision_models_is_rounded_once():
             exact = u64 + w * (c64 - u64)
             err = np.sqrt(np.mean((np.asarray(got, np.float64) - exact) ** 2)) / np.sqrt(np.mean(exact ** 2))
             assert err < tol, (dt, w, err)
+    # exact at both ends, and differentiable in the scale everywhere (a select of c at w == 1 made
+    # jax.grad in w 0 there, where it is sum(c - u))
+    c2, u2 = jnp.array([[1.0, 2.0]]), jnp.array([[0.5, 1.0]])
+    g = lambda w: gf.guidance.cfg(lambda x, t: c2, lambda x, t: u2, w)(c2, jnp.full((1,), 0.5))  # noqa: E731
+    np.testing.assert_array_equal(g(1.0), c2)
+    np.testing.assert_array_equal(g(0.0), u2)
+    for w in (0.0, 0.5, 0.999, 1.0, 7.5, jnp.ones(1)):
+        np.testing.assert_allclose(jax.grad(lambda w: jnp.sum(g(w)))(w), 1.5 * np.ones(np.shape(w)), rtol=1e-6)
 
 
 def test_cads_default_annealing_interval_is_the_papers():

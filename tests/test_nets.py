@@ -544,3 +544,13 @@ def test_traced_labels_out_of_range_give_nan_not_another_class(net):
     bad = np.asarray(f(jnp.array([-1, -2, 1, 4])))
     assert np.all(np.isnan(bad[[0, 1, 3]].reshape(3, -1)), axis=1).all()
     np.testing.assert_allclose(bad[2], np.asarray(good)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_traced_negative_int8_labels_do_not_wrap_onto_class_zero():
+    """With int8 labels and num_classes = 127, the out-of-range index num_classes + 1 wrapped to
+    -128 in the labels' dtype, which Embed read as class 0 (review of the fix above)."""
+    m = gf.nets.MLP(hidden=(8,), num_classes=127)
+    x, t = jnp.ones((3, 2)), jnp.full((3,), 0.3)
+    p = m.init(jax.random.key(0), x, t, jnp.array([0, 1, 2], jnp.int8))
+    out = np.asarray(jax.jit(lambda y: m.apply(p, x, t, y))(jnp.array([-1, 0, 1], jnp.int8)))
+    assert np.all(np.isnan(out[0])) and np.all(np.isfinite(out[1:]))

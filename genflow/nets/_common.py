@@ -162,6 +162,7 @@ def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: i
     # traced labels outside [0, num_classes] (no check can see them) give NaN outputs, as labels
     # above num_classes do through Embed's out-of-range fill: negative ones wrapped (-1 read as the
     # null label, -2 as class num_classes - 1), so a dataset's -1 "unlabelled" trained silently
+    y = y.astype(jnp.promote_types(y.dtype, jnp.int32))  # (num_classes + 1 wrapped in int8 labels onto class 0)
     y = jnp.where((y >= 0) & (y <= num_classes), y, num_classes + 1)
     return nn.Embed(num_classes + 1, dim, embedding_init=init, name=name)(y)
 

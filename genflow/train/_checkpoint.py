@@ -98,12 +98,13 @@ def _data_state_json(data_state):
     ``DataLoader`` iterators) wrapped as base64 (``dict(bytes)`` failed: nothing was saved)."""
     if data_state is None:
         return {}
-    if isinstance(data_state, dict):
-        return dict(data_state)
     if isinstance(data_state, (bytes, bytearray)):
         return {_BYTES_STATE: base64.b64encode(bytes(data_state)).decode("ascii")}
-    raise TypeError(f"the data iterator's get_state() must return a dict (JSON) or bytes to be checkpointed; got "
-                    f"{type(data_state).__name__}")
+    try:  # (any mapping, as before: a FrozenDict, a mappingproxy, a list of pairs)
+        return dict(data_state)
+    except (TypeError, ValueError):
+        raise TypeError(f"the data iterator's get_state() must return a dict (JSON) or bytes to be checkpointed; "
+                        f"got {type(data_state).__name__}") from None
 
 
 def _data_state_from_json(stored):

@@ -148,7 +148,7 @@ def _chunk_means(metrics: dict) -> dict:
     out = {}
     for name, v in metrics.items():
         v = np.asarray(v)
-        if v.ndim == 1 and v.size and (np.issubdtype(v.dtype, np.number) or v.dtype == bool) and not np.iscomplexobj(v):
+        if name != "finite" and v.ndim == 1 and v.size and (np.issubdtype(v.dtype, np.number) or v.dtype == bool) and not np.iscomplexobj(v):
             out[name] = float(np.mean(v, dtype=np.float64))
     return out
 

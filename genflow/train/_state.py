@@ -7,7 +7,6 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from genflow._checks import concrete_real
@@ -41,11 +40,10 @@ class TrainState:
 
 def ema_key(decay: float) -> str:
     """The key of an EMA decay in ``TrainState.ema``: the shortest string that reads back as the
-    same float (``"0.99"``, ``"0.9999995"``), so nearby decays never share a key. A NumPy / JAX
-    float16 or float32 decay is read in its own width (``np.float32(0.999)`` is ``"0.999"``, as
-    ``0.999``; it was ``"0.9990000128746033"``, a key ``ema_key(0.999)`` did not find)."""
-    if hasattr(decay, "dtype") and np.ndim(decay) == 0 and np.dtype(decay.dtype) in (np.float16, np.float32):
-        return repr(float(np.format_float_positional(np.asarray(decay)[()], unique=True)))
+    same float (``"0.99"``, ``"0.9999995"``), so nearby decays never share a key. The key is that
+    of the decay's exact value: a NumPy / JAX float32 ``0.999`` is ``0.99900001287...``, keyed
+    ``"0.9990000128746033"``; look it up with ``ema_key`` of the same value you passed to
+    :func:`init_state` (``ema_key(0.999)`` is ``"0.999"``), or pass Python floats."""
     return repr(float(decay))
 
 
