@@ -1106,3 +1106,57 @@ def test_checked_operators_and_noise_models_are_ordinary_pytrees():
     cs = inv.compressed_sensing(jax.random.key(1), (4,), 2)
     xi = jnp.arange(8).reshape(2, 4)
     np.testing.assert_allclose(cs(xi), cs(xi.astype(jnp.float32)), rtol=1e-6)
+
+
+# -- from the second inverse audit (stop 39; each test fails on the code before it) --
+def test_exact_blur_pinv_drops_frequencies_blocked_up_to_rounding():
+    """rcond=0: a frequency that is zero up to the FFT's rounding (5.6e-17 for a 2-tap kernel on
+    an even image) was inverted to ~1e16: pinv(y) of 1.4e16, A A^+ A != A, and DDNM / MCG samples
+    of 6e12 / 4e23. Now A A^+ A = A and pinv matches NumPy's pseudo-inverse of the dense matrix."""
+    op = inv.kernel_blur((6, 6), [[1.0, 1.0]], rcond=0.0)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
+    y = op(x)
+    np.testing.assert_allclose(op(op.pinv(y)), y, atol=1e-5)
+    basis = np.eye(36).reshape(36, 6, 6, 1)
+    dense = np.asarray(op(jnp.asarray(basis, jnp.float32))).reshape(36, 36).T  # columns: A e_j
+    want = (np.linalg.pinv(dense, rcond=1e-6) @ np.asarray(y).reshape(2, 36).T).T
+    np.testing.assert_allclose(np.asarray(op.pinv(y)).reshape(2, 36), want, atol=1e-4)
+
+
+def test_posterior_sample_names_bad_scale_eta_and_measurements():
+    """Every method took a negative scale (climbing the misfit); eta with base='flow' was ignored silently; a 0-d y failed as an IndexError and a
+    complex y lost its imaginary part; an operator without norm_sq failed in flowdps with an
+    empty NotImplementedError."""
+    path = gf.paths.linear()
+    fn, op = PRIOR.model(path, "velocity"), inv.super_resolution(2)
+    x1 = jax.random.normal(jax.random.key(0), (2,) + S)
+    y, key = op(x1), jax.random.key(1)
+    run = lambda **kw: inv.posterior_sample(fn, path, x1, kw.pop("y", y), kw.pop("op", op),  # noqa: E731
+                                            prediction="velocity", steps=3, key=key, **kw)
+    for method, scale in (("flowdps", -1.0), ("dps", -0.5), ("mcg", -1.0), ("tmpd", -2.0)):
+        with pytest.raises(ValueError, match=f"method '{method}': scale must be >= 0"):
+            run(method=method, scale=scale)
+    # (flowdps past its stability bound 2 is allowed: 2.6 was the best step in experiments/inverse.py)
+    assert np.all(np.isfinite(np.asarray(run(method="flowdps", scale=2.6)[0])))
+    with pytest.raises(ValueError, match="eta applies to the 'ddim' base only"):
+        run(method="flowdps", base="flow", eta=0.0)
+    assert np.all(np.isfinite(np.asarray(run(method="flowdps", eta=0.0)[0])))  # (its default base is ddim)
+    with pytest.raises(ValueError, match="eta applies to the 'ddim' base only"):
+        inv.prior_sample(fn, path, x1, prediction="velocity", steps=3, key=key, base="flow", eta=0.0)
+    with pytest.raises(ValueError, match=r"y must be \[B, ...\] measurements; got shape \(\)"):
+        run(method="dps", y=jnp.float32(1.0))
+    with pytest.raises(TypeError, match="y must be real measurements; got dtype complex64"):
+        run(method="dps", y=y + 5j)
+
+    class Half(inv.Operator):
+        def forward(self, x):
+            return 0.5 * x
+
+        def adjoint(self, y):
+            return 0.5 * y
+
+        def pinv(self, y):
+            return 2.0 * y
+
+    with pytest.raises(NotImplementedError, match=r"Half must implement norm_sq\(\)"):
+        run(method="flowdps", y=0.5 * x1, op=Half())

@@ -5,6 +5,7 @@ Operators are pytrees (their arrays are traced) with
 * ``forward(x)``: ``A x``, ``x: [B, ...]`` -> ``y: [B, ...]``,
 * ``adjoint(y)``: ``A^T y`` (exact: ``<A x, y> = <x, A^T y>``),
 * ``pinv(y)``: the Moore-Penrose pseudo-inverse ``A^+ y``,
+* ``norm_sq()``: ``||A||^2``, the largest squared singular value (used by ``flowdps`` only),
 
 all batched over the leading axis. Images are ``[B, H, W, C]``; vectors ``[B, D]``.
 Noise models add measurement noise and give the data-fidelity term the posterior samplers use.
@@ -74,19 +75,23 @@ class Operator:
 
     name = "operator"
 
+    def _missing(self, method: str, why: str):
+        return NotImplementedError(f"{type(self).__name__} must implement {method} ({why})")
+
     def forward(self, x: Array) -> Array:
-        raise NotImplementedError
+        raise self._missing("forward(x)", "A x")
 
     def adjoint(self, y: Array) -> Array:
-        raise NotImplementedError
+        raise self._missing("adjoint(y)", "A^T y")
 
     def pinv(self, y: Array) -> Array:
-        raise NotImplementedError
+        raise self._missing("pinv(y)", "A^+ y")
 
     def norm_sq(self) -> Array:
         """``||A||^2`` (largest squared singular value): gradient steps on ``||y - A x||^2 / 2``
-        are stable for step sizes below ``2 / ||A||^2``."""
-        raise NotImplementedError
+        are stable for step sizes below ``2 / ||A||^2``. Needed by ``flowdps`` only."""
+        # (an empty NotImplementedError was all flowdps said for an operator without it)
+        raise self._missing("norm_sq()", "||A||^2, which sets flowdps's step size")
 
     def range_projection(self, y: Array) -> Array:
         """The orthogonal projection of ``y`` onto the range of ``A`` (``A A^+ y`` with the exact
@@ -234,7 +239,8 @@ class Blur(Operator):
     ``kernel_fft: [H, W]`` is the 2-D DFT of the zero-padded, centred kernel. Circular
     boundaries make ``A`` diagonal in Fourier space, so the adjoint (conjugate transfer
     function) is exact and the pseudo-inverse is the truncated one: ``1/K`` where
-    ``|K| > rcond * max|K|``, else 0 (``rcond`` trades exactness of ``A A^+ A = A`` on weak
+    ``|K| > max(rcond, 1e-5) * max|K|``, else 0 (below 1e-5 a frequency is blocked up to
+    rounding, as in :meth:`range_projection`; ``rcond`` trades exactness of ``A A^+ A = A`` on weak
     frequencies for stability under measurement noise, as a truncated SVD does). ``kernel_fft`` is
     complex128 if the operator is built under ``jax_enable_x64`` (for float64 work), else
     complex64."""
@@ -268,7 +274,9 @@ class Blur(Operator):
     def pinv(self, y):
         k = self.kernel_fft
         mag2 = jnp.real(k * jnp.conj(k))
-        keep = mag2 > (self.rcond**2) * jnp.max(mag2)
+        # (a floor, as range_projection's: with rcond = 0 a frequency that is zero up to the FFT's
+        # rounding, 5.6e-17 for a 2-tap kernel on an even image, was inverted to 1e16)
+        keep = mag2 > max(self.rcond**2, _ZERO_FREQUENCY) * jnp.max(mag2)
         inv = jnp.where(keep, jnp.conj(k) / jnp.where(keep, mag2, 1.0), 0.0)
         return self._apply(y, inv)
 
@@ -279,7 +287,10 @@ class Blur(Operator):
         """Keeps every frequency the kernel passes (``|K| > 1e-5 max|K|``: zero up to float32
         rounding), not only those ``pinv`` keeps."""
         mag2 = jnp.real(self.kernel_fft * jnp.conj(self.kernel_fft))
-        return self._apply(y, (mag2 > 1e-10 * jnp.max(mag2)).astype(self.kernel_fft.dtype))
+        return self._apply(y, (mag2 > _ZERO_FREQUENCY * jnp.max(mag2)).astype(self.kernel_fft.dtype))
+
+
+_ZERO_FREQUENCY = 1e-10  # |K|^2 / max|K|^2 below which a frequency counts as blocked (|K| < 1e-5 max|K|)
 
 
 def _kernel_to_fft(kernel: np.ndarray, image_shape, normalize: bool = True) -> Array:

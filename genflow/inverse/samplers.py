@@ -39,7 +39,10 @@ Corrections:
   ``||y - A x0||`` (unit-length gradient, step sizes tuned for 768-pixel images); plain gradient
   descent on the squared residual, with the step divided by its largest curvature (``||A||^2``
   times the noise model's ``curvature()``: 1 for Gaussian, ``rate / 8`` for Poisson), is
-  step-size stable (``scale < 2``) for every operator and image size, so we use it.
+  step-size stable (``scale < 2``) for every operator and image size, so we use it. Larger
+  scales are allowed (the few damped steps can still help weak directions: 2.6 was the best on
+  deblurring and compressed sensing in ``experiments/inverse.py``), and diverge somewhat above
+  (NaN samples at 4.5 there).
 * ``"ddnm"`` (Wang et al. 2023): range-null-space projection of the clean estimate
   ``x0 <- x0_hat + A^+(y - A x0_hat)`` (linear operators), then the ``"ddim"`` update with the
   noise estimate made consistent with the corrected ``x0``.
@@ -351,10 +354,13 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
                  base: str = "ddim", eta: float = 1.0, schedule: Any = "uniform", t_start: float | None = None,
                  t_end: float | None = None, denoise: bool | None = None) -> tuple[Array, PosteriorInfo]:
     """The unconditional sampler underlying the posterior samplers (``base``: ``"ddim"`` with
-    ``eta`` or FlowDPS's ``"flow"``). Same arguments as :func:`posterior_sample`."""
+    ``eta`` or FlowDPS's ``"flow"``, which takes no ``eta``). Same arguments as
+    :func:`posterior_sample`."""
     if base not in ("ddim", "flow"):
         raise ValueError(f"base must be 'ddim' or 'flow'; got {base!r}")
     check_real_in("eta", eta, 0.0, 1.0)  # (traced values, e.g. under vmap, pass)
+    if base == "flow" and concrete_real(eta) != 1.0 and not isinstance(eta, jax.core.Tracer):
+        raise ValueError(f"eta applies to the 'ddim' base only (base='flow' ignored it); got eta={eta!r}")
     check_denoise(denoise)
     model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
     denoise = default_denoise(path, ts, t_end) if denoise is None else denoise
@@ -447,9 +453,15 @@ def posterior_sample(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
     y = jnp.asarray(y)  # (a list of measurements, which posterior_model takes, failed on y.shape)
+    if y.ndim < 1:  # (an IndexError at y.shape[0])
+        raise ValueError(f"y must be [B, ...] measurements; got shape {y.shape}")
+    if not (jnp.issubdtype(y.dtype, jnp.floating) or jnp.issubdtype(y.dtype, jnp.integer)):
+        raise TypeError(f"y must be real measurements; got dtype {y.dtype}")  # (a complex y lost its imaginary part)
     base = METHODS[method] if base is None else base
     if base not in ("ddim", "flow"):
         raise ValueError(f"base must be 'ddim' or 'flow'; got {base!r}")
+    if base == "flow" and "eta" in hparams:  # (ignored: the flow base injects no ddim noise)
+        raise ValueError(f"eta applies to the 'ddim' base only; method {method!r} runs base='flow' here")
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be a genflow.inverse.Operator; got {type(operator).__name__}")
     if method in _GAUSSIAN_LIKELIHOOD and t_start is None and prediction in ("eps", "score") and _derived_grid(schedule):
@@ -488,6 +500,12 @@ def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
         check_int(k, v, 1 if k == "cg_iters" else 0)
     if "eta" in hp:
         check_real_in("eta", hp["eta"], 0.0, 1.0)
+    scale = concrete_real(hp.get("scale")) if "scale" in hp else None
+    if scale is not None and not isinstance(hp["scale"], jax.core.Tracer) and not scale >= 0.0:
+        # (a negative scale climbed the misfit, silently. flowdps's scale is not capped at its
+        # stability bound 2: with its few damped steps 2.6 was the best on deblurring and
+        # compressed sensing in experiments/inverse.py, and NaN samples show divergence, 4.5 there)
+        raise ValueError(f"method {method!r}: scale must be >= 0; got {hp['scale']!r}")
     if "data_var" in hp:  # (traced values, e.g. under the caller's jit or vmap, pass)
         check_positive_real("data_var", hp["data_var"])
     hp = {k: real_leaf(v) for k, v in hp.items()}  # (float32 capped float64 tmpd / pigdm at ~1e-8)
