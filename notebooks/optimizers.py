@@ -113,6 +113,21 @@ u, _ = opt.update(g, opt.init(P0_bf16), P0_bf16)
 print("bfloat16 params -> updates of dtype", {k: str(v.dtype) for k, v in u.items()})
 
 # %% [markdown]
+# Schedule-free optimizers take their gradients at a point `y` and keep an average `x`, the point
+# to evaluate. `TrainState.params` (and the EMA copies) hold `y`; `gf.train.eval_params(state)`
+# returns `x`, wherever the schedule-free state sits in the optimizer (here behind clipping).
+# The average pays off with noisy (minibatch) gradients; on this full-batch problem the two are
+# close, and `y` is a little ahead.
+
+# %%
+opt = gf.train.make_optimizer(0.02, name="schedule_free_adamw", warmup_steps=30, clip_norm=1.0)
+st = gf.train.init_state(P0, opt, jax.random.key(0))
+st, _ = gf.train.fit(st, gf.train.make_train_step(lambda p, b, k: (mse(p), {}), opt), lambda k: jnp.zeros(()), 300,
+                     progress=False)
+print(f"schedule_free_adamw: MSE at y (state.params) {float(mse(st.params)):.4f}, "
+      f"at x (eval_params) {float(mse(gf.train.eval_params(st))):.4f}")
+
+# %% [markdown]
 # ## 4. SMB in the train step
 # `gf.train.make_train_step` hands the optimizer `value=loss` and `value_fn(params)`, which
 # re-evaluates the loss on the *same* batch and PRNG key. SMB calls it at its trial point (one
