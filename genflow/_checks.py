@@ -61,7 +61,8 @@ def check_data_batch(name: str, x, hint: str = "") -> None:
     shape = getattr(x, "shape", None)
     if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating) or len(shape) < 1 or shape[0] == 0:
         what = f"dtype {dtype}, shape {tuple(shape)}" if shape is not None else type(x).__name__
-        integer = dtype is not None and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_))
+        integer = dtype is not None and (jax.numpy.issubdtype(dtype, jax.numpy.integer)
+                                         or jax.numpy.issubdtype(dtype, jax.numpy.bool_))  # (NumPy: key dtypes raise)
         raise ValueError(f"{name} must be a floating-point array [B, ...] with B >= 1; got {what}"
                          f"{hint if integer else ''}")
 

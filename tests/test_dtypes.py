@@ -134,3 +134,19 @@ def test_a_python_int_time_is_weakly_typed():
         for t in (0.5, 1, 0):
             assert gf.param.convert(x, x, t, path, "eps", "x0").dtype == jnp.float32, t
         assert path.sigma(1).dtype == jnp.float64  # (alone, the default float)
+
+
+def test_exact_blur_pinv_keeps_every_frequency_float64_resolves():
+    """rcond=0 under x64: a fixed floor at |K| = 1e-5 max|K| (meant for float32 rounding) dropped
+    real frequencies of float64 work (0.25 relative off NumPy's pseudo-inverse for a full-rank
+    kernel of condition 2e6); frequencies zero up to rounding are still dropped."""
+    with jax.enable_x64(True):
+        op = inv.kernel_blur((8, 8), [[1.0, 1 - 1e-6]], rcond=0.0, normalize=False)
+        x = jax.random.normal(jax.random.key(0), (1, 8, 8, 1), jnp.float64)
+        y = op(x)
+        dense = np.asarray(op(jnp.asarray(np.eye(64).reshape(64, 8, 8, 1)))).reshape(64, 64).T
+        want = np.linalg.pinv(dense) @ np.asarray(y).reshape(64)
+        got = np.asarray(op.pinv(y)).reshape(64)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-8
+        blocked = inv.kernel_blur((6, 6), [[1.0, 1.0]], rcond=0.0)  # a frequency exactly 0 (5.6e-17 by FFT)
+        assert float(jnp.abs(blocked.pinv(blocked(jnp.ones((1, 6, 6, 1))))).max()) < 2.0

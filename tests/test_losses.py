@@ -378,6 +378,14 @@ def test_drop_labels_refuses_a_fractional_null_label():
                                   np.full((4, 2), 0.5))  # continuous conditions take a real null
 
 
+def test_a_key_passed_as_data_is_named():
+    """Swapping key and x0: the data check's hint test read the key dtype with NumPy, which raised
+    "Cannot interpret 'key<fry>' as a data type"."""
+    with pytest.raises(ValueError, match=r"x0 must be a floating-point array .* got dtype key<fry>, shape \(\)$"):
+        gf.losses.diffusion_loss(lambda x, t: x, gf.paths.linear(), jax.random.key(0), jnp.ones((4, 2)),
+                                 prediction="velocity")
+
+
 def test_drop_labels_refuses_a_null_label_outside_the_label_dtype():
     """np.int64(300) as the null label of uint8 labels wrapped onto the real class 44; a Python
     256 or -1 was an OverflowError that did not name the argument."""

@@ -846,3 +846,13 @@ def test_eval_params_finds_the_schedule_free_state_inside_a_chain():
         assert not np.allclose(got["w"], state.params["w"])  # x is not y
     _, state = _least_squares_run(gf.train.make_optimizer(1e-2), 3)
     assert gf.train.eval_params(state) is state.params
+
+
+def test_eval_params_names_a_partitioned_schedule_free_state():
+    """With optax.multi_transform the schedule-free state covers part of the parameters (MaskedNode
+    leaves): optax's helper failed with "Only integer scalar arrays can be converted to a scalar index"."""
+    opt = optax.multi_transform({"sf": optax.contrib.schedule_free_adamw(0.1), "sgd": optax.sgd(0.1)},
+                                {"a": "sf", "b": "sgd"})
+    state = gf.train.init_state({"a": jnp.ones(3), "b": jnp.ones(2)}, opt, jax.random.key(0))
+    with pytest.raises(ValueError, match="schedule-free state for part of the parameters only"):
+        gf.train.eval_params(state)

@@ -239,8 +239,8 @@ class Blur(Operator):
     ``kernel_fft: [H, W]`` is the 2-D DFT of the zero-padded, centred kernel. Circular
     boundaries make ``A`` diagonal in Fourier space, so the adjoint (conjugate transfer
     function) is exact and the pseudo-inverse is the truncated one: ``1/K`` where
-    ``|K| > max(rcond, 1e-5) * max|K|``, else 0 (below 1e-5 a frequency is blocked up to
-    rounding, as in :meth:`range_projection`; ``rcond`` trades exactness of ``A A^+ A = A`` on weak
+    ``|K| > max(rcond, 100 eps) * max|K|``, else 0 (below ``100 eps`` of the transfer function's
+    precision a frequency is blocked up to rounding, as in :meth:`range_projection`; ``rcond`` trades exactness of ``A A^+ A = A`` on weak
     frequencies for stability under measurement noise, as a truncated SVD does). ``kernel_fft`` is
     complex128 if the operator is built under ``jax_enable_x64`` (for float64 work), else
     complex64."""
@@ -276,7 +276,7 @@ class Blur(Operator):
         mag2 = jnp.real(k * jnp.conj(k))
         # (a floor, as range_projection's: with rcond = 0 a frequency that is zero up to the FFT's
         # rounding, 5.6e-17 for a 2-tap kernel on an even image, was inverted to 1e16)
-        keep = mag2 > max(self.rcond**2, _ZERO_FREQUENCY) * jnp.max(mag2)
+        keep = mag2 > jnp.maximum(self.rcond**2, _zero_frequency(k)) * jnp.max(mag2)
         inv = jnp.where(keep, jnp.conj(k) / jnp.where(keep, mag2, 1.0), 0.0)
         return self._apply(y, inv)
 
@@ -284,13 +284,18 @@ class Blur(Operator):
         return jnp.max(jnp.real(self.kernel_fft * jnp.conj(self.kernel_fft)))
 
     def range_projection(self, y):
-        """Keeps every frequency the kernel passes (``|K| > 1e-5 max|K|``: zero up to float32
-        rounding), not only those ``pinv`` keeps."""
+        """Keeps every frequency the kernel passes (``|K| > 100 eps max|K|``, zero up to rounding
+        below), not only those ``pinv`` keeps."""
         mag2 = jnp.real(self.kernel_fft * jnp.conj(self.kernel_fft))
-        return self._apply(y, (mag2 > _ZERO_FREQUENCY * jnp.max(mag2)).astype(self.kernel_fft.dtype))
+        blocked = mag2 > _zero_frequency(self.kernel_fft) * jnp.max(mag2)
+        return self._apply(y, blocked.astype(self.kernel_fft.dtype))
 
 
-_ZERO_FREQUENCY = 1e-10  # |K|^2 / max|K|^2 below which a frequency counts as blocked (|K| < 1e-5 max|K|)
+def _zero_frequency(kernel_fft: Array) -> float:
+    """``|K|^2 / max|K|^2`` below which a frequency counts as blocked: ``|K| < 100 eps max|K|`` in
+    the transfer function's precision (1.2e-5 in complex64, 2.2e-14 in complex128: a fixed 1e-5
+    dropped real frequencies of float64 work)."""
+    return float(100.0 * jnp.finfo(kernel_fft.dtype).eps) ** 2
 
 
 def _kernel_to_fft(kernel: np.ndarray, image_shape, normalize: bool = True) -> Array:

@@ -40,7 +40,15 @@ def _ocp():
 
 
 def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    """A typed PRNG key array, or its ``ShapeDtypeStruct`` (an abstract restore target: its rng
+    came back as raw ``uint32`` data)."""
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(ref):
+    if isinstance(ref, jax.Array):
+        return jax.random.key_impl(ref)
+    return ref.dtype._impl  # (a ShapeDtypeStruct: jax.random.key_impl refuses it)
 
 
 def _empty(x) -> bool:
@@ -67,7 +75,7 @@ def _from_savable(tree, like, shardings=None):
 
     def leaf(x, ref, s):
         if _is_key(ref):
-            return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+            return jax.random.wrap_key_data(x, impl=_key_impl(ref))
         if _empty(ref):
             empty = jnp.zeros(np.shape(ref), ref.dtype)
             return empty if s is None else jax.device_put(empty, s)
@@ -82,7 +90,7 @@ def _abstract(tree, shardings=None):
         shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), tree)
 
     def spec(x, s):
-        x = jax.random.key_data(x) if _is_key(x) else x
+        x = jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x  # (arrays and abstract keys alike)
         if _empty(x):  # stored as a host placeholder (see _to_savable)
             return jax.ShapeDtypeStruct((1,), x.dtype)
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
@@ -256,6 +264,10 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if shardings is not None and jax.tree.structure(shardings) != jax.tree.structure(target):
+            # (a single NamedSharding or the params' shardings failed as an anonymous pytree error)
+            raise ValueError("shardings must be a pytree of Shardings like target (e.g. "
+                             "gf.train.tree_shardings(target, mesh)); its structure differs from target's")
         abstract, ocp = _abstract(target, shardings), _ocp()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),

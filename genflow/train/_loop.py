@@ -75,7 +75,10 @@ def _check_divisible(batch, mesh) -> None:
     XLA would otherwise pad it or split it over the data axis only, repeating work."""
     n = mesh.shape[shd.DATA] * mesh.shape[shd.FSDP]
     for leaf in jax.tree.leaves(batch):
-        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] % n:
+        if jnp.ndim(leaf) == 0:  # (as shard_batch says for host batches)
+            raise ValueError("every batch leaf needs a batch axis to split over the mesh; batch_fn returned a leaf "
+                             "of shape ()")
+        if jnp.shape(leaf)[0] % n:
             raise ValueError(f"the global batch must be divisible by the mesh size ({n} devices); batch_fn returned "
                              f"a leaf of shape {jnp.shape(leaf)}")
 
@@ -290,7 +293,7 @@ def fit(
         run = jax.jit(chunk, static_argnums=2, donate_argnums=0)
     else:
         state_sh = shd.tree_shardings(state, mesh, min_shard_size)
-        state = jax.device_put(state, state_sh)
+        state = shd.place(state, state_sh)
         xs_sh = None if on_device else shd.batch_sharding(mesh, stacked=True)
         run = jax.jit(chunk, static_argnums=2, donate_argnums=0, in_shardings=(state_sh, xs_sh),
                       out_shardings=(state_sh, shd.replicated(mesh)))
@@ -388,7 +391,11 @@ def fit(
         # ``state`` is the last state a chunk returned (the caller's own was donated). It is
         # attached unless the failing call was a compiled chunk itself (its input is donated).
         if not _deleted(state):
-            e.state, e.step = state, int(state.step)
+            e.state = state
+            try:  # (a step spanning other processes' devices cannot be read here: it masked the error)
+                e.step = int(state.step)
+            except Exception:  # noqa: BLE001
+                e.step = None
         e.history = _stack(history)
         _settle_saves(checkpointer, e, pending)
         raise

@@ -69,7 +69,7 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
 
     ``learning_rate`` defaults to 1e-3 for every ``name``, also for the optimizers whose own
     default is 1 because they adapt their step size (``"prodigy"``, ``"dog"``, ``"dowg"``,
-    ``"dadapt_adamw"``, ``"cocob"``, ``"momo"``): at 1e-3 those barely move (a least-squares loss
+    ``"dadapt_adamw"``, ``"cocob"``, ``"momo"``, ``"adadelta"``): at 1e-3 those barely move (a least-squares loss
     stayed at 1.00x its start over 300 steps); pass ``learning_rate=1.0`` for them.
 
     Schedule-free optimizers (``"schedule_free_adamw"``, ``"schedule_free_sgd"``) train the point
@@ -143,7 +143,10 @@ def eval_params(state):
 
     found = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, ScheduleFreeState))
              if isinstance(s, ScheduleFreeState)]
-    if len(found) > 1:
-        raise ValueError(f"state.opt_state holds {len(found)} schedule-free states; take the one for these "
-                         f"parameters with optax.contrib.schedule_free_eval_params")
+    masked = found and any(type(z).__name__ == "MaskedNode" for z in jax.tree.leaves(
+        found[0].z, is_leaf=lambda z: type(z).__name__ == "MaskedNode"))
+    if len(found) > 1 or masked:  # (a partitioned one failed inside optax: "Only integer scalar arrays ...")
+        raise ValueError("state.opt_state holds a schedule-free state for part of the parameters only "
+                         "(optax.multi_transform / optax.masked) or several of them: apply "
+                         "optax.contrib.schedule_free_eval_params to each part's own parameters")
     return schedule_free_eval_params(found[0], state.params) if found else state.params

@@ -41,6 +41,10 @@ def make_mesh(data: int | None = None, fsdp: int = 1, devices: Sequence[jax.Devi
         smaller than their number, the first ``data * fsdp`` are used (single-process only).
     """
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:  # (it read as "data must be a positive int; got 0")
+        raise ValueError("devices is empty: a mesh needs at least one device")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices holds a device more than once: {devices}")
     fsdp = check_int("fsdp", fsdp)
     if data is None:
         if len(devices) % fsdp:
@@ -49,6 +53,11 @@ def make_mesh(data: int | None = None, fsdp: int = 1, devices: Sequence[jax.Devi
     data = check_int("data", data)
     if data * fsdp > len(devices):
         raise ValueError(f"a ({data}, {fsdp}) mesh needs data * fsdp <= {len(devices)} devices; got data={data!r}")
+    if data * fsdp < len(devices) and jax.process_count() > 1:
+        # (the first devices belong to the first processes: the others had none, and failed far
+        # from here, "Fetching value for jax.Array that spans non-addressable devices")
+        raise ValueError(f"with {jax.process_count()} processes the mesh must use all {len(devices)} devices; got "
+                         f"data={data} x fsdp={fsdp} = {data * fsdp}")
     devices = devices[: data * fsdp]
     try:
         from jax.experimental import mesh_utils
@@ -128,9 +137,21 @@ def shard_batch(batch: Any, mesh: Mesh, stacked: bool = False) -> Any:
     return jax.tree.map(put, batch)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that also places typed PRNG keys on shardings spanning
+    other processes' devices (JAX refuses to ``device_put`` a key array there: every multi-process
+    ``fit(..., mesh=...)`` failed on ``state.rng``): a key goes as its raw data, re-wrapped."""
+    def one(x, sh):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), sh), impl=jax.random.key_impl(x))
+        return jax.device_put(x, sh)
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def shard_state(state: Any, mesh: Mesh, min_size: int = MIN_SHARD_SIZE) -> Any:
     """Place a train state (or any pytree) on ``mesh`` by :func:`tree_shardings`."""
-    return jax.device_put(state, tree_shardings(state, mesh, min_size))
+    return place(state, tree_shardings(state, mesh, min_size))
 
 
 def maybe_initialize_distributed() -> bool:
