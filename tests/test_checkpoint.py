@@ -561,3 +561,7 @@ def test_restore_into_an_abstract_target_keeps_a_typed_key(tmp_path):
         np.testing.assert_array_equal(restored.params["w"], np.ones(4))
         with pytest.raises(ValueError, match="shardings must be a pytree of Shardings like target"):
             ckpt.restore(fresh(), shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        # None where the target has an array: the default placement, as before (review)
+        sh = jax.tree.map(lambda x: x.sharding, fresh())
+        restored, _ = ckpt.restore(fresh(), shardings=sh.replace(params={"w": None}))
+        np.testing.assert_array_equal(restored.params["w"], np.ones(4))

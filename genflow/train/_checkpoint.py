@@ -264,10 +264,12 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        if shardings is not None and jax.tree.structure(shardings) != jax.tree.structure(target):
-            # (a single NamedSharding or the params' shardings failed as an anonymous pytree error)
-            raise ValueError("shardings must be a pytree of Shardings like target (e.g. "
-                             "gf.train.tree_shardings(target, mesh)); its structure differs from target's")
+        if shardings is not None:
+            try:  # (a None where target has an array is allowed: orbax's default placement)
+                jax.tree.map(lambda *_: None, target, shardings)
+            except ValueError:  # (a single NamedSharding or the params' shardings: an anonymous pytree error)
+                raise ValueError("shardings must be a pytree of Shardings like target (e.g. "
+                                 "gf.train.tree_shardings(target, mesh)); its structure differs from target's") from None
         abstract, ocp = _abstract(target, shardings), _ocp()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),

@@ -41,6 +41,8 @@ def make_mesh(data: int | None = None, fsdp: int = 1, devices: Sequence[jax.Devi
         smaller than their number, the first ``data * fsdp`` are used (single-process only).
     """
     devices = list(jax.devices() if devices is None else devices)
+    if not all(isinstance(d, jax.Device) for d in devices):  # (a 2-D array of devices: "unhashable type")
+        raise TypeError(f"devices must be a flat sequence of jax.Device; got {[type(d).__name__ for d in devices]}")
     if not devices:  # (it read as "data must be a positive int; got 0")
         raise ValueError("devices is empty: a mesh needs at least one device")
     if len(set(devices)) != len(devices):
