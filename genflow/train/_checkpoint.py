@@ -271,6 +271,9 @@ class Checkpointer:
                 raise ValueError("shardings must be a pytree of Shardings like target (e.g. "
                                  "gf.train.tree_shardings(target, mesh)); its structure differs from target's") from None
         abstract, ocp = _abstract(target, shardings), _ocp()
+        mismatch = self._shape_mismatch(step, abstract)  # (before orbax: its failed restore left unawaited writes)
+        if mismatch is not None:
+            raise ValueError(f"cannot restore step {step} of {self.directory} into this target: {mismatch}")
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                      data=ocp.args.JsonRestore()))
