@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow._checks import concrete_real
-from genflow.paths import Path, _as_float, broadcast_t, check_t
+from genflow.paths import Path, _as_float, broadcast_t, check_path, check_t
 
 Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
@@ -122,6 +122,7 @@ def to_x0_eps(pred: Array, x: Array, t, path: Path, kind: str) -> tuple[Array, A
       (computed in at least float32).
     """
     check_kind(kind)
+    check_path(path)  # (a path name failed as "'str' object has no attribute 'alpha'")
     check_t(t)  # (as convert: a t outside [0, 1] extrapolated the path silently; a no-op under jit)
     _same_shape(x, pred=pred)
     out, t, pred, x = _widened(t, pred, x)
@@ -156,6 +157,7 @@ def from_x0_eps(x0: Array, eps: Array, x: Array, t, path: Path, kind: str) -> Ar
     """The prediction of kind ``kind`` implied by ``(x0, eps)`` at ``(x, t)``; ``[B, ...]`` in the
     promoted dtype of ``x0``, ``eps``, ``x`` and ``t`` (computed in at least float32)."""
     check_kind(kind)
+    check_path(path)
     check_t(t)
     _same_shape(x, x0=x0, eps=eps)
     out, t, x0, eps, x = _widened(t, x0, eps, x)
@@ -189,6 +191,7 @@ def convert(pred: Array, x: Array, t, path: Path, src: str, dst: str) -> Array:
     """
     check_kind(src, "src")
     check_kind(dst, "dst")
+    check_path(path)
     check_t(t)  # (a no-op under jit)
     _same_shape(x, pred=pred)
     if src == dst:
@@ -208,6 +211,7 @@ def convert_fn(fn: ModelFn, path: Path, src: str, dst: str) -> ModelFn:
     """Wrap ``fn(x, t) -> prediction of kind src`` into ``fn(x, t) -> kind dst``."""
     check_kind(src, "src")
     check_kind(dst, "dst")
+    check_path(path)  # (a path name was accepted here and failed only when the function was called)
     if src == dst:
         return fn
     return ConvertedFn(fn, path, src, dst)
@@ -235,6 +239,7 @@ def eps_scale(path: Path, t, kind: str) -> Array:
     kind ``kind`` equals ``c(t)^2`` times the eps squared error. ``t: [B]``, returns ``[B]``.
     """
     check_kind(kind)
+    check_path(path)
     check_t(t)
     a, s = path.alpha(t), path.sigma(t)
     if kind == "eps":

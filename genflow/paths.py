@@ -73,8 +73,8 @@ class Path:
         singular at ``t = 0``, e.g. ``vp_linear``'s ``sigma'``, so that eps-parameterised
         velocities ``alpha' x0 + sigma' eps`` are not inf * 0 there).
       denoise_at_end: whether samplers finish with one Tweedie denoising step at ``t_min``
-        by default (true where ``sigma(t_min) > 0``; a partial solve that ends above ``t_min``
-        does not).
+        by default (the built-ins set it where ``sigma(t_min) > 0``; a custom path must set it
+        itself, it defaults to False; a partial solve that ends above ``t_min`` does not).
       d_alpha_fn, d_sigma_fn: optional closed-form time derivatives (else autodiff).
       log_snr_fn: optional closed-form ``log(alpha^2 / sigma^2)``.
       t_from_log_snr_fn: optional closed-form inverse of the log-SNR (else bisection).
@@ -156,9 +156,16 @@ class Path:
         lam = _as_float(lam)
         if self.t_from_log_snr_fn is not None:
             # A closed form extrapolates outside the path's log-SNR range; clamp to [0, 1] as the
-            # bisection does (lam = -inf -> 1, lam above log_snr(0) -> 0).
-            t = self.t_from_log_snr_fn(lam, **self.params)
-            t = jnp.where(jnp.isnan(t) & jnp.isneginf(lam), 1.0, t)
+            # bisection does (lam = -inf -> 1, lam above log_snr(0) -> 0). The closed form is
+            # evaluated at a safe lam there: its overflow (exp(-lam / 2) at lam = -200 on
+            # vp_cosine) times the clamp's zero cotangent made the gradient NaN, not 0.
+            # (strictly outside, so that the range's own ends keep the closed form's values)
+            above = (lam > self.log_snr(jnp.zeros_like(lam))) | jnp.isposinf(lam)
+            below = (lam < self.log_snr(jnp.ones_like(lam))) | jnp.isneginf(lam)
+            out = above | below | jnp.isnan(lam)
+            safe = jnp.where(out, self.log_snr(jnp.full_like(lam, 0.5)), lam)
+            t = self.t_from_log_snr_fn(safe, **self.params)
+            t = jnp.where(above, 0.0, jnp.where(below, 1.0, jnp.where(jnp.isnan(lam), jnp.nan, t)))
             return jnp.clip(t, 0.0, 1.0).astype(t.dtype)
 
         lam0 = jax.lax.stop_gradient(lam)
@@ -201,6 +208,7 @@ class Path:
     # -- sampling helpers --------------------------------------------------------------------
     def add_noise(self, x0: Array, eps: Array, t) -> Array:
         """``x_t = alpha(t) x0 + sigma(t) eps``. ``x0, eps: [B, ...]``, ``t: [B]`` or scalar."""
+        check_t(t)  # (1.5 extrapolated the path silently, as gf.param.convert refuses; a no-op under jit)
         t = broadcast_t(t, x0)
         return self.alpha(t) * x0 + self.sigma(t) * eps
 
@@ -251,10 +259,10 @@ def broadcast_t(t, x: Array) -> Array:
     t = _as_float(t)
     if t.ndim == 0:
         return t
-    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+    if t.ndim != 1 or jnp.ndim(x) == 0 or t.shape[0] != x.shape[0]:  # (a 0-d x: an IndexError)
         raise ValueError(
-            f"t must be a scalar or have shape [B] = [{x.shape[0]}] matching x.shape[0]; "
-            f"got t.shape={t.shape} with x.shape={x.shape}"
+            f"t must be a scalar or have shape [B] = [{x.shape[0] if jnp.ndim(x) else 'B'}] matching x.shape[0]; "
+            f"got t.shape={t.shape} with x.shape={jnp.shape(x)}"
         )
     return t.reshape(t.shape + (1,) * (x.ndim - 1))
 
@@ -299,7 +307,10 @@ def _vpl_alpha(t, beta_min, beta_max):
 
 
 def _vpl_sigma(t, beta_min, beta_max):
-    return jnp.sqrt(-jnp.expm1(2.0 * _vpl_log_alpha(t, beta_min, beta_max)))
+    # (at t = 0, sqrt' = inf times d(1 - alpha^2)/d beta = 0 made the hyper-parameter gradients
+    # NaN: one t = 0 in a batch poisoned a learned schedule's gradient)
+    m = -jnp.expm1(2.0 * _vpl_log_alpha(t, beta_min, beta_max))
+    return jnp.where(m > 0, jnp.sqrt(jnp.where(m > 0, m, 1.0)), 0.0)
 
 
 def _vpl_d_alpha(t, beta_min, beta_max):
@@ -336,8 +347,10 @@ def _vpl_t_from_log_snr(lam, beta_min, beta_max):
     # c underflows to 0 for lam above ~90 (and lam = inf): t = 0, where beta_min = 0 made it 0/0
     # (b^2 - 4ac = (beta(t)/2)^2 >= 0 inside the range; below it, with beta_min > beta_max, it is
     # negative: clamped, -2c/b > 1 is clipped to t = 1 by the caller instead of NaN)
-    den = b + jnp.sqrt(jnp.maximum(b * b - 4.0 * a * c, 0.0))
-    return jnp.where(c == 0, 0.0, -2.0 * c / jnp.where(c == 0, 1.0, den))
+    # (c guarded inside too: at c = 0 with beta_min = 0, sqrt'(0) = inf made the gradient NaN)
+    c_s = jnp.where(c == 0, -1.0, c)
+    den = b + jnp.sqrt(jnp.maximum(b * b - 4.0 * a * c_s, 0.0))
+    return jnp.where(c == 0, 0.0, -2.0 * c_s / den)
 
 
 def _hp(value):

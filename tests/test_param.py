@@ -233,3 +233,16 @@ def test_velocity_to_x0_at_clean_data_has_finite_gradients_where_sigma_prime_is_
     gu, gx = jax.grad(f, argnums=(0, 1))(u, x)
     np.testing.assert_allclose(gx, np.full((3, 2), 1.0 / a), rtol=1e-6)
     np.testing.assert_allclose(gu, 0.0, atol=0)
+
+
+def test_conversions_name_a_path_given_by_name():
+    """A path name failed as "'str' object has no attribute 'alpha'" (convert_fn accepted it and
+    failed only when the converted function was called)."""
+    x = jnp.ones((2, 2))
+    calls = [lambda p: gf.param.convert(x, x, 0.5, p, "eps", "x0"), lambda p: gf.param.convert_fn(lambda x, t: x, p,
+                                                                                                 "eps", "x0"),
+             lambda p: gf.param.eps_scale(p, 0.5, "x0"), lambda p: gf.param.to_x0_eps(x, x, 0.5, p, "eps"),
+             lambda p: gf.param.from_x0_eps(x, x, x, 0.5, p, "eps")]
+    for call in calls:
+        with pytest.raises(TypeError, match="path must be a genflow.paths.Path; got str"):
+            call("linear")

@@ -476,3 +476,37 @@ def test_paths_with_equal_hyper_parameters_can_be_donated_together():
         kept = jax.tree.map(jnp.asarray, gf.paths.vp_linear())
         jax.jit(lambda a: jax.tree.map(lambda u: 2 * u, a), donate_argnums=0)(gf.paths.vp_linear())
     assert float(out.params["beta_max"]) == 40.0 and float(kept.alpha(0.5)) > 0.0
+
+
+# -- from the second paths / param audit (stop 39; each test fails on the code before it) --
+def test_gradients_stay_finite_at_the_ends_of_the_log_snr_range():
+    """t_from_log_snr below the range is 1 "with derivative 0": the closed forms' overflow
+    (exp(-lam / 2)) times the clamp's zero cotangent gave NaN. vp_linear(beta_min=0) gave NaN
+    inside its range once log_sigmoid(lam) underflowed, and vp_linear's sigma gave NaN
+    hyper-parameter gradients at t = 0 (one t = 0 in a batch poisoned a learned schedule)."""
+    for path, lam in ((gf.paths.vp_cosine(), -200.0), (gf.paths.edm(), -2000.0), (gf.paths.vp_linear(), -jnp.inf),
+                      (gf.paths.linear(), -jnp.inf), (gf.paths.vp_cosine(), jnp.inf)):
+        assert float(jax.grad(path.t_from_log_snr)(jnp.float32(lam))) == 0.0, (path.name, lam)
+    p0 = gf.paths.vp_linear(0.0, 20.0)
+    for lam in (80.0, 88.0, 100.0):
+        g = float(jax.grad(p0.t_from_log_snr)(jnp.float32(lam)))
+        assert np.isfinite(g) and abs(g) < 1e-15, (lam, g)
+    x0 = eps = jnp.ones((2, 2))
+    f = lambda b: jnp.sum(gf.paths.vp_linear(0.1, b).add_noise(x0, eps, jnp.array([0.0, 0.5])))  # noqa: E731
+    g = float(jax.grad(f)(20.0))
+    h = 1e-2  # (sigma(0) = 0 for every beta: the gradient is that of the t = 0.5 row alone)
+    fd = (float(f(20.0 + h)) - float(f(20.0 - h))) / (2 * h)
+    assert np.isfinite(g) and abs(g - fd) < 1e-3 * abs(fd) + 1e-5, (g, fd)
+    # the values are those of the clamp: 0 above, 1 below, the closed form inside, NaN for NaN
+    path = gf.paths.vp_cosine()
+    t = path.t_from_log_snr(jnp.array([-jnp.inf, -200.0, 0.0, 200.0, jnp.inf, jnp.nan]))
+    np.testing.assert_array_equal(np.asarray(t)[[0, 1, 3, 4]], [1.0, 1.0, 0.0, 0.0])
+    assert abs(float(path.log_snr(t[2]))) < 1e-5 and np.isnan(t[5])
+
+
+def test_broadcast_t_names_a_scalar_x_and_add_noise_checks_t():
+    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B\]"):
+        gf.paths.broadcast_t(jnp.array([0.5]), jnp.float32(1.0))  # (an IndexError)
+    x = jnp.ones((2, 2))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        gf.paths.linear().add_noise(x, x, 1.5)  # (alpha(1.5) = -0.5, silently)
