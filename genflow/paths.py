@@ -163,7 +163,8 @@ class Path:
             above = (lam > self.log_snr(jnp.zeros_like(lam))) | jnp.isposinf(lam)
             below = (lam < self.log_snr(jnp.ones_like(lam))) | jnp.isneginf(lam)
             out = above | below | jnp.isnan(lam)
-            safe = jnp.where(out, self.log_snr(jnp.full_like(lam, 0.5)), lam)
+            # (no gradient through the safe value: edm(sigma_min=0)'s infinite one made it NaN)
+            safe = jnp.where(out, jax.lax.stop_gradient(self.log_snr(jnp.full_like(lam, 0.5))), lam)
             t = self.t_from_log_snr_fn(safe, **self.params)
             t = jnp.where(above, 0.0, jnp.where(below, 1.0, jnp.where(jnp.isnan(lam), jnp.nan, t)))
             return jnp.clip(t, 0.0, 1.0).astype(t.dtype)
@@ -307,10 +308,10 @@ def _vpl_alpha(t, beta_min, beta_max):
 
 
 def _vpl_sigma(t, beta_min, beta_max):
-    # (at t = 0, sqrt' = inf times d(1 - alpha^2)/d beta = 0 made the hyper-parameter gradients
-    # NaN: one t = 0 in a batch poisoned a learned schedule's gradient)
-    m = -jnp.expm1(2.0 * _vpl_log_alpha(t, beta_min, beta_max))
-    return jnp.where(m > 0, jnp.sqrt(jnp.where(m > 0, m, 1.0)), 0.0)
+    # (at t = 0 its hyper-parameter gradients are NaN: sqrt'(0) = inf times d(1 - alpha^2)/d beta
+    # = 0. A double where would give 0 there, but also a silent 0 for the t-derivative, which is
+    # inf (or sqrt(beta_max / 2) with beta_min = 0): left as is; training samples t >= t_min > 0)
+    return jnp.sqrt(-jnp.expm1(2.0 * _vpl_log_alpha(t, beta_min, beta_max)))
 
 
 def _vpl_d_alpha(t, beta_min, beta_max):

@@ -482,8 +482,7 @@ def test_paths_with_equal_hyper_parameters_can_be_donated_together():
 def test_gradients_stay_finite_at_the_ends_of_the_log_snr_range():
     """t_from_log_snr below the range is 1 "with derivative 0": the closed forms' overflow
     (exp(-lam / 2)) times the clamp's zero cotangent gave NaN. vp_linear(beta_min=0) gave NaN
-    inside its range once log_sigmoid(lam) underflowed, and vp_linear's sigma gave NaN
-    hyper-parameter gradients at t = 0 (one t = 0 in a batch poisoned a learned schedule)."""
+    inside its range once log_sigmoid(lam) underflowed."""
     for path, lam in ((gf.paths.vp_cosine(), -200.0), (gf.paths.edm(), -2000.0), (gf.paths.vp_linear(), -jnp.inf),
                       (gf.paths.linear(), -jnp.inf), (gf.paths.vp_cosine(), jnp.inf)):
         assert float(jax.grad(path.t_from_log_snr)(jnp.float32(lam))) == 0.0, (path.name, lam)
@@ -491,12 +490,8 @@ def test_gradients_stay_finite_at_the_ends_of_the_log_snr_range():
     for lam in (80.0, 88.0, 100.0):
         g = float(jax.grad(p0.t_from_log_snr)(jnp.float32(lam)))
         assert np.isfinite(g) and abs(g) < 1e-15, (lam, g)
-    x0 = eps = jnp.ones((2, 2))
-    f = lambda b: jnp.sum(gf.paths.vp_linear(0.1, b).add_noise(x0, eps, jnp.array([0.0, 0.5])))  # noqa: E731
-    g = float(jax.grad(f)(20.0))
-    h = 1e-2  # (sigma(0) = 0 for every beta: the gradient is that of the t = 0.5 row alone)
-    fd = (float(f(20.0 + h)) - float(f(20.0 - h))) / (2 * h)
-    assert np.isfinite(g) and abs(g - fd) < 1e-3 * abs(fd) + 1e-5, (g, fd)
+    f = lambda smin, lam: gf.paths.edm(smin, 80.0, 7.0).t_from_log_snr(lam)  # noqa: E731
+    assert float(jax.grad(f)(0.0, -3.0)) == -np.inf  # (inside the range: the parent's value, not NaN)
     # the values are those of the clamp: 0 above, 1 below, the closed form inside, NaN for NaN
     path = gf.paths.vp_cosine()
     t = path.t_from_log_snr(jnp.array([-jnp.inf, -200.0, 0.0, 200.0, jnp.inf, jnp.nan]))
