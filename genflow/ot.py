@@ -273,9 +273,10 @@ def _check_feasible(c: np.ndarray) -> None:
     """A ``ValueError`` naming the first row or column of ``c`` whose pairs are all forbidden
     (+inf): its column potential is +inf, and the preconditioned costs ``c - g`` were then
     ``inf - inf = NaN`` (SciPy: "invalid numeric entries", though the input holds no NaN)."""
-    if c.size and np.isposinf(c).any():
+    forbidden = np.isposinf(c)
+    if c.size and forbidden.any():
         for axis, what in ((1, "row"), (0, "column")):
-            blocked = np.flatnonzero(np.isposinf(c).all(axis=axis))
+            blocked = np.flatnonzero(forbidden.all(axis=axis))
             if blocked.size:
                 raise ValueError(f"cost matrix is infeasible: {what} {int(blocked[0])} has no allowed pair (all +inf)")
 
@@ -310,11 +311,11 @@ def _solve_one(cost: np.ndarray, precondition: bool, eps, iters, guard: bool = T
     c = np.asarray(cost, np.float64)
     if guard and (np.isnan(c).any() or np.isneginf(c).any()):  # (SciPy: "matrix contains invalid numeric entries")
         raise ValueError("cost must not contain NaN or -inf (+inf marks a forbidden pair)")
-    if guard:
-        _check_feasible(c)
     if not precondition or c.shape[0] <= 1:
+        if guard:
+            _check_feasible(c)
         return linear_sum_assignment(c)[1].astype(np.int32)
-    r = c - column_potential(c, eps, iters)[None, :]
+    r = c - column_potential(c, eps, iters)[None, :]  # (it checks feasibility itself)
     perm = linear_sum_assignment(r)[1]
     # c - g is exact only up to rounding at the scale of |c - g|: with potentials that dwarf the
     # costs the optimum uses (entries spanning ~40 decades), that rounding reorders assignments

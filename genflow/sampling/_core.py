@@ -129,10 +129,12 @@ def _checked_as(spec) -> str:
     """The name whose option checks hold for ``spec``: a built-in's own, or that of the built-in
     whose ``run`` it shares (a variant registered as ``dataclasses.replace(spec, name=...)`` took
     ``unipc``'s ``order=4`` and ran first order, and ``dpm++3m``'s ``d2_weight=nan``)."""
-    for name in _registry._BUILTIN:
-        if _registry.SOLVERS[name].run is spec.run:
-            return name
-    return spec.name
+    if not _BUILTIN_RUNS:  # (built-ins cannot be replaced: filled once, by identity of their run)
+        _BUILTIN_RUNS.update({id(_registry.SOLVERS[name].run): name for name in _registry._BUILTIN})
+    return _BUILTIN_RUNS.get(id(spec.run), spec.name)
+
+
+_BUILTIN_RUNS: dict[int, str] = {}
 
 
 # Real options that enter the solvers' arithmetic only: passed to the compiled sampler as arrays

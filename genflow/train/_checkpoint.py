@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow._checks import check_int
-from genflow.train._state import TrainState
+from genflow.train._state import TrainState, is_typed_key as _is_key
 
 
 def _ocp():
@@ -39,10 +39,6 @@ def _ocp():
     return ocp
 
 
-def _is_key(x) -> bool:
-    """A typed PRNG key array, or its ``ShapeDtypeStruct`` (an abstract restore target: its rng
-    came back as raw ``uint32`` data)."""
-    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _key_impl(ref):
@@ -271,17 +267,13 @@ class Checkpointer:
                 raise ValueError("shardings must be a pytree of Shardings like target (e.g. "
                                  "gf.train.tree_shardings(target, mesh)); its structure differs from target's") from None
         abstract, ocp = _abstract(target, shardings), _ocp()
-        mismatch = self._shape_mismatch(step, abstract)  # (before orbax: its failed restore left unawaited writes)
+        # (checked before orbax's restore: its own shape error named neither the leaf nor the step,
+        # and its failed restore left unawaited writes)
+        mismatch = self._shape_mismatch(step, abstract)
         if mismatch is not None:
             raise ValueError(f"cannot restore step {step} of {self.directory} into this target: {mismatch}")
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                     data=ocp.args.JsonRestore()))
-        except ValueError as e:  # (orbax's shape error named neither the leaf nor the step)
-            mismatch = self._shape_mismatch(step, abstract)
-            if mismatch is None:
-                raise
-            raise ValueError(f"cannot restore step {step} of {self.directory} into this target: {mismatch}") from e
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 data=ocp.args.JsonRestore()))
         return _from_savable(out["state"], target, shardings), _data_state_from_json(out["data"])
 
     def _shape_mismatch(self, step: int, abstract) -> str | None:

@@ -317,7 +317,7 @@ def fit(
     history: dict[str, list] = {}
     done, compile_time, run_time, data_time = 0, 0.0, 0.0, 0.0
     pending = None  # (state, data_state, metrics) of a save call that has not returned yet
-    since_save: dict[str, list] = {}  # the step metrics since the last save (chunks are cut at saves)
+    saved_chunks = 0  # chunks in ``history`` up to the last save (chunks are cut at saves)
     try:
         while done < num_steps:
             n = min(chunk_size, num_steps - done)
@@ -356,9 +356,6 @@ def fit(
                 hist = _stack(history)
                 raise NonFiniteLossError(int(state.step), state, hist)
             done += n
-            if checkpointer is not None:
-                for name, v in metrics.items():
-                    since_save.setdefault(name, []).append(np.asarray(v))
             # callbacks before the save: a log a callback writes (MetricsWriter) then holds every
             # checkpointed step even if the callback is interrupted (it used to miss that chunk's row
             # for good, as the resume started after it)
@@ -369,9 +366,9 @@ def fit(
             if checkpointer is not None and (checkpointer.should_save(step0 + done) or done == num_steps):
                 data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
                 # the mean since the previous save, not the last chunk's (chunk_size < save_every)
-                means = _chunk_means({k: np.concatenate(v) for k, v in since_save.items()
-                                      if all(np.ndim(a) == 1 for a in v)})
-                since_save = {}
+                means = _chunk_means({name: np.concatenate(v[saved_chunks:]) for name, v in history.items()
+                                      if all(np.ndim(a) == 1 for a in v[saved_chunks:])})
+                saved_chunks = len(history["loss"])
                 best = getattr(checkpointer, "best_metric", None)
                 if best is not None and best not in means:
                     raise ValueError(f"checkpointer.best_metric={best!r} is not a scalar step metric; "

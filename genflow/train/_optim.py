@@ -141,10 +141,11 @@ def eval_params(state):
     import jax
     from optax.contrib import ScheduleFreeState, schedule_free_eval_params
 
+    from genflow.optim._smb import _is_masked_node
+
     found = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, ScheduleFreeState))
              if isinstance(s, ScheduleFreeState)]
-    masked = found and any(type(z).__name__ == "MaskedNode" for z in jax.tree.leaves(
-        found[0].z, is_leaf=lambda z: type(z).__name__ == "MaskedNode"))
+    masked = found and any(_is_masked_node(z) for z in jax.tree.leaves(found[0].z, is_leaf=_is_masked_node))
     if len(found) > 1 or masked:  # (a partitioned one failed inside optax: "Only integer scalar arrays ...")
         raise ValueError("state.opt_state holds a schedule-free state for part of the parameters only "
                          "(optax.multi_transform / optax.masked) or several of them: apply "

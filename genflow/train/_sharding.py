@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genflow._checks import check_int
+from genflow.train._state import is_typed_key
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
@@ -144,7 +145,7 @@ def place(tree: Any, shardings: Any) -> Any:
     other processes' devices (JAX refuses to ``device_put`` a key array there: every multi-process
     ``fit(..., mesh=...)`` failed on ``state.rng``): a key goes as its raw data, re-wrapped."""
     def one(x, sh):
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if isinstance(x, jax.Array) and is_typed_key(x):
             return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), sh), impl=jax.random.key_impl(x))
         return jax.device_put(x, sh)
 

@@ -38,6 +38,12 @@ class TrainState:
         return dataclasses.replace(self, **kw)
 
 
+def is_typed_key(x) -> bool:
+    """A typed PRNG key array (``TrainState.rng``), or its ``ShapeDtypeStruct`` (an abstract
+    restore target: its rng came back as raw ``uint32`` data)."""
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def ema_key(decay: float) -> str:
     """The key of an EMA decay in ``TrainState.ema``: the shortest string that reads back as the
     same float (``"0.99"``, ``"0.9999995"``), so nearby decays never share a key. The key is that
