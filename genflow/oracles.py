@@ -22,16 +22,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import flat_batch
-from genflow.paths import Path, broadcast_t
+from genflow._checks import check_int, check_key, flat_batch
+from genflow.paths import Path, broadcast_t, check_path, check_t
 
 Array = jax.Array
 
 __all__ = ["Gaussian", "GaussianMixture", "OracleModel", "reference_flow_map"]
 
 
+def _check_x(x, dim: int) -> None:
+    """A ``ValueError`` naming ``x`` unless it is ``[B, ...]`` with ``dim`` features (a [B, 1] or an
+    unbatched [D] x broadcast against the oracle's [D] arrays: log-densities of other points)."""
+    shape = jnp.shape(x)
+    if len(shape) < 2 or int(np.prod(shape[1:])) != dim:
+        raise ValueError(f"x must be [B, ...] with {dim} features (the oracle's dimension) per sample; "
+                         f"got shape {tuple(shape)}")
+
+
 def _t_col(t, x: Array) -> Array:
-    """``t`` (scalar or ``[B]``, checked against ``x: [B, D]``) as a ``[B, 1]`` column."""
+    """``t`` (scalar or ``[B]`` in [0, 1], checked against ``x: [B, D]``) as a ``[B, 1]`` column."""
+    check_t(t)  # (t = 1.5 extrapolated the path for score / velocity / log_prob; a no-op when traced)
     # in at least float32 (bfloat16 x rounded t itself: 0.995 became 0.996, a 2e-3 error in x0)
     t = jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32))
     broadcast_t(t, x)  # (names a t of the wrong length)
@@ -65,6 +75,10 @@ class Gaussian:
     @classmethod
     def diagonal(cls, mean, var) -> "Gaussian":
         mean = _float_array(mean)
+        if mean.ndim != 1:
+            raise ValueError(f"mean must be a [D] vector; got shape {mean.shape}")
+        if jnp.ndim(var) not in (0, 1) or jnp.size(var) not in (1, mean.shape[0]):
+            raise ValueError(f"var must be a scalar or [D] = [{mean.shape[0]}] (mean's size); got shape {jnp.shape(var)}")
         var = jnp.broadcast_to(jnp.asarray(var, mean.dtype), mean.shape)
         _check_nonnegative("var", var)
         return cls(mean, var, jnp.eye(mean.shape[0], dtype=mean.dtype))
@@ -74,6 +88,16 @@ class Gaussian:
         mean = _float_array(mean)
         cov = jnp.asarray(cov, jnp.promote_types(mean.dtype, jnp.asarray(cov).dtype))
         mean = mean.astype(cov.dtype)
+        if mean.ndim != 1 or cov.shape != mean.shape * 2:
+            raise ValueError(f"full needs mean: [D] and cov: [D, D]; got shapes {mean.shape} and {cov.shape}")
+        if not isinstance(cov, jax.core.Tracer):
+            c = np.asarray(cov, np.float64)
+            if not np.all(np.isfinite(c)):
+                raise ValueError("cov must be finite; got NaN or inf entries")
+            asym = float(np.max(np.abs(c - c.T), initial=0.0))
+            if asym > 1e-6 * max(float(np.max(np.abs(c), initial=0.0)), 1e-30):
+                # (the symmetric part was used silently: a Cholesky factor passed by mistake went unnoticed)
+                raise ValueError(f"cov must be symmetric; got max |cov - cov.T| = {asym:.3g}")
         var, basis = jnp.linalg.eigh(0.5 * (cov + cov.T))
         if not isinstance(var, jax.core.Tracer):
             v = np.asarray(var)
@@ -92,11 +116,14 @@ class Gaussian:
 
     def sample(self, key: Array, n: int) -> Array:
         """``[n, D]`` samples of the data distribution."""
-        z = jax.random.normal(key, (n, self.dim), self.mean.dtype)
+        check_key(key)
+        z = jax.random.normal(key, (check_int("n", n, low=0), self.dim), self.mean.dtype)
         return self.mean + (z * jnp.sqrt(self.var)) @ self.basis.T
 
     def _coords(self, x, t, path):
         """Eigen-coordinates of ``x - alpha mean`` and the marginal variances ``[B, D]``."""
+        check_path(path)
+        _check_x(x, self.dim)
         tc = _t_col(t, x)
         a, s = path.alpha(tc), path.sigma(tc)
         r = (flat_batch(x) - a * self.mean) @ self.basis
@@ -133,12 +160,16 @@ class Gaussian:
 
     def prior_sample(self, key: Array, n: int, path: Path, t=1.0) -> Array:
         """``[n, D]`` exact samples of the marginal at time ``t``."""
-        z = jax.random.normal(key, (n, self.dim), self.mean.dtype)
+        check_key(key)
+        check_path(path)
+        check_t(t)
+        z = jax.random.normal(key, (check_int("n", n, low=0), self.dim), self.mean.dtype)
         a, s = path.alpha(jnp.asarray(t, z.dtype)), path.sigma(jnp.asarray(t, z.dtype))
         return a * self.mean + (z * jnp.sqrt(a * a * self.var + s * s)) @ self.basis.T
 
     def model(self, path: Path, kind: str = "x0") -> "OracleModel":
         """The exact model ``fn(x, t)`` of prediction kind ``kind`` (a pytree callable)."""
+        check_path(path)
         return OracleModel(self, path, param.check_kind(kind))
 
 
@@ -152,9 +183,27 @@ class GaussianMixture:
     vars: Array
 
     def __post_init__(self):
-        # (also runs when JAX unflattens the pytree: only concrete arrays are checked)
-        if isinstance(self.vars, (np.ndarray, jax.Array)):
-            _check_nonnegative("vars", self.vars)
+        # (also runs when JAX unflattens the pytree, with tracers or other leaves: only concrete
+        # arrays and lists are converted and checked)
+        names = ("logits", "means", "vars")
+        for name in names:
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple, np.ndarray)) or (isinstance(v, jax.Array)
+                                                             and not isinstance(v, jax.core.Tracer)):
+                # (a list of variances skipped the check below and failed as "list indices must be
+                # integers"; integer arrays failed in sample's gumbel draw)
+                object.__setattr__(self, name, _float_array(v))
+        lg, mu, var = (getattr(self, n) for n in names)
+        if not all(isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer) for v in (lg, mu, var)):
+            return
+        k = lg.shape[0] if lg.ndim == 1 else None
+        if k is None or mu.shape[:1] != (k,) or mu.ndim != 2 or var.ndim != 2 or var.shape[0] != k \
+                or var.shape[1] not in (1, mu.shape[1]):
+            # (logits [1] with means [2, D] normalised over one component and sampled only it; vars
+            # [K] was read per dimension)
+            raise ValueError(f"GaussianMixture needs logits: [K], means: [K, D] and vars: [K, D] (or [K, 1]); "
+                             f"got shapes {lg.shape}, {mu.shape} and {var.shape}")
+        _check_nonnegative("vars", var)
 
     @classmethod
     def random(cls, key: Array, k: int = 10, dim: int = 64, scale: float = 3.0,
@@ -175,12 +224,17 @@ class GaussianMixture:
         return w @ self.means
 
     def sample(self, key: Array, n: int) -> Array:
+        """``[n, D]`` samples of the data distribution."""
+        check_key(key)
+        n = check_int("n", n, low=0)
         k1, k2 = jax.random.split(key)
         comp = jax.random.categorical(k1, self.logits, shape=(n,))
         z = jax.random.normal(k2, (n, self.dim), self.means.dtype)
         return self.means[comp] + jnp.sqrt(self.vars[comp]) * z
 
     def _resp(self, x, t, path, safe: bool = False):
+        check_path(path)
+        _check_x(x, self.dim)
         tc = _t_col(t, x)
         a, s = path.alpha(tc)[:, :, None], path.sigma(tc)[:, :, None]  # [B, 1, 1]
         m = a * a * self.vars[None] + s * s  # [B, K, D]
@@ -224,11 +278,13 @@ class GaussianMixture:
 
     def nearest_component(self, x: Array) -> Array:
         """Index of the most responsible component for clean data ``x: [B, D]``; ``[B]``."""
+        _check_x(x, self.dim)
         r = flat_batch(x)[:, None, :] - self.means[None]
         logp = -0.5 * jnp.sum(r * r / self.vars[None] + jnp.log(self.vars[None]), -1) + jax.nn.log_softmax(self.logits)
         return jnp.argmax(logp, axis=-1)
 
     def model(self, path: Path, kind: str = "x0") -> "OracleModel":
+        check_path(path)
         return OracleModel(self, path, param.check_kind(kind))
 
 

@@ -289,9 +289,12 @@ def check_t(t, name: str = "t") -> None:
     else:  # Python / NumPy values: no jnp call, which would be staged out under jit
         tt = np.asarray(t, dtype=float)
     if tt.size and (not np.all(np.isfinite(tt)) or tt.min() < 0.0 or tt.max() > 1.0):
+        n_nan = int(np.sum(np.isnan(tt)))
+        rng = (f"values in [{float(np.nanmin(tt)):.4g}, {float(np.nanmax(tt)):.4g}]" if n_nan < tt.size
+               else "only NaN")
         raise ValueError(
-            f"{name} must lie in [0, 1] (t=0 is data, t=1 is noise); got values in "
-            f"[{float(np.nanmin(tt)):.4g}, {float(np.nanmax(tt)):.4g}]"
+            f"{name} must lie in [0, 1] (t=0 is data, t=1 is noise); got {rng}"
+            + (f" and {n_nan} NaN value(s)" if 0 < n_nan < tt.size else "")
         )
 
 

@@ -141,6 +141,8 @@ def trajectories(traj, n_paths: int = 200, title: str | None = None, path: str |
     """Sampling trajectories ``traj: [T, N, 2]`` (noise at index 0, data at -1)."""
     if np.ndim(traj) != 3 or np.shape(traj)[-1] != 2:
         raise ValueError(f"traj must be [T, N, 2]; got shape {np.shape(traj)}")
+    if np.shape(traj)[0] == 0:  # (an IndexError after the figure was opened, which stayed open)
+        raise ValueError(f"traj must hold at least one time (T >= 1); got shape {np.shape(traj)}")
     n_paths = check_int("n_paths", n_paths)  # (-1 plotted N - 1 paths)
     traj = np.asarray(traj)[:, :n_paths]
     fig, ax = plt.subplots(figsize=(5, 5))

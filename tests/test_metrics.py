@@ -339,3 +339,5 @@ def test_empty_point_sets_and_bad_keys_are_refused_by_name():
     with pytest.raises(TypeError, match="key must be one PRNG key"):
         gf.metrics.sliced_w2(p, p, 0)
     assert float(gf.metrics.w2_exact(p[:1], p[:1] + 2.0)) == pytest.approx(2.0 * math.sqrt(2.0))
+    with pytest.raises(TypeError, match="debiased must be True or False"):
+        gf.metrics.w2_sinkhorn(p, p + 1.0, debiased="False")  # truthy: the debiased value before

@@ -132,6 +132,58 @@ def test_oracles_refuse_negative_variances():
     assert float(jnp.min(g.var)) >= 0.0
 
 
+def test_oracles_name_bad_shapes_paths_keys_and_times():
+    """Before, an x with 1 feature (or an unbatched [D] x) broadcast against a 3-D oracle and
+    log_prob returned densities of other points; mixture arrays of inconsistent shapes normalised
+    over one component and sampled only it; a list of variances skipped the variance check; a
+    non-symmetric cov was symmetrised silently; a path name, key 0, n = -1 and t = 1.5 (score /
+    velocity / log_prob extrapolated the path) failed far away or not at all."""
+    p = gf.paths.vp_cosine()
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(3), jnp.ones(3))
+    m = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.zeros((2, 3)), jnp.ones((2, 3)))
+    for o in (g, m):
+        for x in (jnp.ones((2, 1)), jnp.ones(3), jnp.ones((2, 2))):
+            with pytest.raises(ValueError, match=r"x must be \[B, ...\] with 3 features"):
+                o.log_prob(x, 0.5, p)
+        with pytest.raises(TypeError, match="path must be a genflow.paths.Path"):
+            o.model("linear")
+        with pytest.raises(TypeError, match="path must be a genflow.paths.Path"):
+            o.x0(jnp.ones((2, 3)), 0.5, "linear")
+        with pytest.raises(TypeError, match="key must be one PRNG key"):
+            o.sample(0, 2)
+        with pytest.raises(ValueError, match="n must be"):
+            o.sample(jax.random.key(0), -1)
+        for kind in ("score", "velocity", "x0"):
+            with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+                o.model(p, kind)(jnp.ones((2, 3)), 1.5)
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+            o.log_prob(jnp.ones((2, 3)), 1.5, p)
+    # image-shaped x with D features still works
+    assert g.log_prob(jnp.ones((2, 3, 1)), 0.5, p).shape == (2,)
+    with pytest.raises(ValueError, match=r"logits: \[K\], means: \[K, D\] and vars: \[K, D\]"):
+        gf.oracles.GaussianMixture(jnp.zeros(1), jnp.zeros((2, 3)), jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"logits: \[K\], means: \[K, D\] and vars: \[K, D\]"):
+        gf.oracles.GaussianMixture(jnp.zeros(3), jnp.zeros((3, 3)), jnp.ones(3))  # vars [K]
+    with pytest.raises(ValueError, match="vars must be >= 0"):
+        gf.oracles.GaussianMixture([0.0, 0.0], [[0.0, 0.0], [1.0, 1.0]], [[1.0, -1.0], [1.0, 1.0]])
+    lm = gf.oracles.GaussianMixture([0, 0], [[0, 0], [1, 1]], [[1, 1], [1, 1]])  # lists of ints
+    assert lm.sample(jax.random.key(0), 4).shape == (4, 2) and lm.vars.dtype == jnp.result_type(float)
+    iso = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.zeros((2, 3)), jnp.ones((2, 1)))  # [K, 1]: isotropic
+    np.testing.assert_allclose(iso.log_prob(jnp.ones((1, 3)), 0.5, p), g.log_prob(jnp.ones((1, 3)), 0.5, p),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match=r"mean must be a \[D\] vector"):
+        gf.oracles.Gaussian.diagonal(0.0, 1.0)
+    with pytest.raises(ValueError, match=r"cov: \[D, D\]"):
+        gf.oracles.Gaussian.full(jnp.zeros(2), jnp.eye(3))
+    with pytest.raises(ValueError, match="cov must be symmetric"):
+        gf.oracles.Gaussian.full(jnp.zeros(2), jnp.array([[1.0, 0.0], [0.9, 1.0]]))
+    with pytest.raises(ValueError, match="cov must be finite"):
+        gf.oracles.Gaussian.full(jnp.zeros(2), jnp.array([[1.0, jnp.nan], [jnp.nan, 1.0]]))
+    # traced oracles (under jit / vmap) are not checked and still work
+    f = jax.jit(lambda o, x: o.log_prob(x, 0.5, p))
+    np.testing.assert_allclose(f(m, jnp.ones((2, 3))), m.log_prob(jnp.ones((2, 3)), 0.5, p), rtol=1e-6)
+
+
 def test_oracle_models_name_a_time_of_another_batch_size():
     x = jnp.ones((3, 2))
     for oracle in (gf.oracles.Gaussian.diagonal(jnp.zeros(2), 1.0),

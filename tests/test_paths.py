@@ -205,6 +205,11 @@ def test_bad_inputs():
         gf.paths.linear().add_noise(jnp.ones((4, 2)), jnp.ones((4, 2)), jnp.ones((3,)))
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         gf.paths.check_t(jnp.array([0.5, 1.5]))
+    # a NaN is named (the range of the finite values alone read as a valid [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"got values in \[0.5, 0.5\] and 1 NaN value"):
+        gf.paths.check_t(jnp.array([0.5, jnp.nan]))
+    with pytest.raises(ValueError, match="got only NaN"):
+        gf.paths.check_t(float("nan"))
     with pytest.raises(TypeError, match="alpha_fn and sigma_fn must be callables"):
         gf.paths.Path(alpha_fn=1.0, sigma_fn=lambda t: t)
 

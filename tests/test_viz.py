@@ -64,6 +64,8 @@ def test_viz_bad_inputs_are_named_and_leak_no_figure():
         gf.viz.density(samples=np.zeros((4, 2)), lims=((4, -4), (-4, 4)))  # matplotlib's error before
     with pytest.raises(ValueError, match=r"traj must be \[T, N, 2\]"):
         gf.viz.trajectories(np.zeros((3, 4)))  # IndexError before
+    with pytest.raises(ValueError, match=r"at least one time \(T >= 1\)"):
+        gf.viz.trajectories(np.zeros((0, 3, 2)))  # IndexError before, after opening the figure
     with pytest.raises(ZeroDivisionError):
         gf.viz.density(lambda g: 1 / 0)
     assert plt.get_fignums() == []  # each of them left an open figure
