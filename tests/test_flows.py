@@ -597,8 +597,10 @@ def test_flows_name_more_bad_arguments():
     bad = jnp.ones((3, 2)).at[1, 0].set(jnp.nan)
     with pytest.raises(ValueError, match=r"x has non-finite entries .* rows \[1\]"):
         F.cnf_log_prob(_linear_field, {"a": A}, bad)
-    with pytest.raises(ValueError, match=r"x1 has non-finite entries .* rows \[1\]"):
-        F.cnf_sample(_linear_field, {"a": A}, bad)
+    with pytest.raises(ValueError, match=r"z has non-finite entries .* rows \[1\]"):
+        F.cnf_sample(_linear_field, {"a": A}, bad)  # (named x1, gf.sample's argument, before)
+    with pytest.raises(TypeError, match="z must be a floating-point array"):
+        F.cnf_sample(_linear_field, {"a": A}, jnp.ones((3, 2), jnp.int32))
     # (a fixed-step solve keeps the NaN in its own row, as before)
     lp, _ = F.cnf_log_prob(_linear_field, {"a": A}, bad, solver="heun", steps=4)
     lp = np.asarray(lp)
@@ -796,3 +798,38 @@ def test_flow_objectives_name_empty_integer_and_misshapen_batches():
     # dequantized integer batches train, as documented
     deq = F.flow_objective(flow, "ml", dequantize=1.0)(params, jnp.round(3 * x).astype(jnp.int32), key)[0]
     assert np.isfinite(float(deq))
+
+
+def test_chain_refuses_params_of_another_flow_and_event_shape_is_normalised():
+    """A params tuple of another length was cut by zip: log_prob used the first parameter sets,
+    sample the last ones (sample was then not the inverse of log_prob: 6.2 off), and too few skipped
+    layers silently -- e.g. a checkpoint of a flow with more steps."""
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+    small = F.realnvp(3, num_steps=2, hidden=8)
+    big = F.realnvp(3, num_steps=3, hidden=8).init(jax.random.key(0), x)
+    for p in (big, big[:3]):
+        with pytest.raises(ValueError, match=r"Chain has 6 layers but params has (9|3) entries"):
+            small.log_prob(p, x)
+        with pytest.raises(ValueError, match="Chain has 6 layers"):
+            small.sample(p, jax.random.key(2), 4)
+    p = small.init(jax.random.key(0), x)
+    assert small.log_prob(list(p), x).shape == (4,)  # (a list, as a restored checkpoint may hold, is fine)
+    # an int event_shape is read as (D,) (it failed at the first log_prob); bad ones are named
+    flow = F.Flow(small.bijector, 3)
+    assert flow.event_shape == (3,)
+    np.testing.assert_allclose(flow.log_prob(p, x), small.log_prob(p, x))
+    for bad in ((3, 0), "3", (2.0,), None):
+        with pytest.raises(ValueError, match="event_shape must be a tuple of positive ints"):
+            F.Flow(small.bijector, bad)
+    with pytest.raises(TypeError, match="dtype must be a real floating dtype"):
+        small.sample(p, jax.random.key(2), 2, jnp.complex64)  # (complex "samples" before)
+
+
+def test_cnf_log_prob_passes_chunk_size_and_max_steps_through():
+    params = {"a": A.astype(jnp.float64)}
+    x = jax.random.normal(jax.random.key(0), (4, 2), jnp.float64)
+    lp, _ = F.cnf_log_prob(_linear_field, params, x, rtol=1e-10, atol=1e-10)
+    lp_chunked, _ = F.cnf_log_prob(_linear_field, params, x, rtol=1e-10, atol=1e-10, chunk_size=1)
+    np.testing.assert_allclose(lp_chunked, lp, rtol=1e-12)
+    with pytest.raises(Exception, match="max_steps|maximum number of solver steps"):
+        F.cnf_log_prob(_linear_field, params, x, rtol=1e-12, atol=1e-12, max_steps=2)

@@ -22,7 +22,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_positive_real
+from genflow._checks import check_finite_rows, check_positive_real
 from genflow.flows._flow import _check_data, objective_batch
 from genflow.likelihood._discrete import uniform_dequantize
 from genflow.likelihood._ode import GaussianPrior, _check_options, ode_log_prob
@@ -38,13 +38,20 @@ def _velocity(apply_fn: Callable, params) -> Callable:
 
 def cnf_log_prob(apply_fn: Callable, params, x: Array, *, trace: str = "exact", key: Array | None = None,
                  num_probes: int = 1, probe: str = "rademacher", solver: str = "tsit5", steps: int | None = None,
-                 rtol: float = 1e-5, atol: float = 1e-5,
-                 adjoint: diffrax.AbstractAdjoint | None = None) -> tuple[Array, object]:
+                 rtol: float = 1e-5, atol: float = 1e-5, adjoint: diffrax.AbstractAdjoint | None = None,
+                 chunk_size: int | None = None, max_steps: int = 16_384) -> tuple[Array, object]:
     """``log p(x)`` of the CNF ``dx/dt = apply_fn(params, x, t)``; ``x: [B, ...]`` -> ``([B], LogProbInfo)``.
-    Options as :func:`genflow.likelihood.ode_log_prob` (``probe``: the Hutchinson probes' law)."""
+    Options as :func:`genflow.likelihood.ode_log_prob` (``probe``: the Hutchinson probes' law).
+
+    Its solvers are the likelihood solvers (``ode_log_prob``'s list, which has ``"ralston"``), and
+    ``steps`` with an adaptive solver (as ``ffjord_loss``'s default ``tsit5`` with ``steps=8``) runs
+    that solver on a fixed grid of ``steps`` uniform steps; :func:`cnf_sample` uses the sampling
+    solvers, where an adaptive solver chooses its own steps (sample such a model with ``"tsit5"``
+    at a tolerance, or a fixed-step solver with ``steps``)."""
     return ode_log_prob(_velocity(apply_fn, params), x, log_prior=GaussianPrior(jnp.ones((), x.dtype)), t0=0.0,
                         t1=1.0, trace=trace, key=key, num_probes=num_probes, probe=probe, solver=solver,
-                        steps=steps, rtol=rtol, atol=atol, adjoint=adjoint)
+                        steps=steps, rtol=rtol, atol=atol, adjoint=adjoint, chunk_size=chunk_size,
+                        max_steps=max_steps)
 
 
 def cnf_sample(apply_fn: Callable, params, z: Array, *, solver: str = "tsit5", steps: int | None = None,
@@ -61,6 +68,9 @@ def cnf_sample(apply_fn: Callable, params, z: Array, *, solver: str = "tsit5", s
     if not hasattr(z, "shape") or z.ndim < 2:  # (a 1-D z came back as a 1-D "sample"; cnf_log_prob refuses it)
         raise ValueError(f"z must be an array [B, ...] with at least one feature axis; got "
                          f"{getattr(z, 'shape', type(z).__name__)}")
+    if not jnp.issubdtype(z.dtype, jnp.floating):  # (gf.sample's errors named x1, not z)
+        raise TypeError(f"z must be a floating-point array; got dtype {z.dtype}")
+    check_finite_rows("z", z)
     spec = solvers().get(solver)  # (an unknown name is refused by name in sample)
     if spec is not None and spec.stochastic:
         # (the error asked for a key=, which cnf_sample does not take: a CNF has no reverse SDE)

@@ -88,6 +88,19 @@ class Flow:
     bijector: Layer
     event_shape: tuple
 
+    def __post_init__(self):
+        # (an int failed at the first log_prob as "'int' object is not iterable"; a list was accepted)
+        shape = (self.event_shape,) if isinstance(self.event_shape, (int, np.integer)) else self.event_shape
+        try:
+            shape = tuple(shape)
+            ok = all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"event_shape must be a tuple of positive ints (e.g. (2,) or (8, 8, 1)); got "
+                             f"{self.event_shape!r}")
+        object.__setattr__(self, "event_shape", tuple(int(d) for d in shape))
+
     def init(self, key: Array, x: Array):
         """Parameters, with data-dependent initialisation on the example batch ``x: [B, *event_shape]``.
 
@@ -122,6 +135,8 @@ class Flow:
         samples for a bfloat16 ``dtype``)."""
         n = check_int("n", n)  # (n=0 failed as a ZeroDivisionError, n=-1 as an MLIRError, n=2.0 unnamed)
         check_key(key)  # (key=0 failed as "invalid PRNG key data")
+        if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):  # (complex64 gave complex "samples")
+            raise TypeError(f"dtype must be a real floating dtype; got {jnp.dtype(dtype)}")
         return _sample(self.bijector, tuple(self.event_shape), params, key, n, jnp.dtype(dtype))
 
     def energy(self, params, x: Array) -> Array:

@@ -345,6 +345,14 @@ class Chain(Layer):
     def linear(self) -> bool:  # type: ignore[override]
         return all(layer.linear for layer in self.layers)
 
+    def _check_params(self, params):
+        # (zip cut a params tuple of another length silently: forward used the first sets and
+        # inverse the last, e.g. a checkpoint of a flow with more steps; static under jit)
+        if not isinstance(params, (tuple, list)) or len(params) != len(self.layers):
+            got = f"{len(params)} entries" if isinstance(params, (tuple, list)) else type(params).__name__
+            raise ValueError(f"Chain has {len(self.layers)} layers but params has {got} (params of another flow, "
+                             f"e.g. a different num_steps or levels?)")
+
     def init(self, key, x):
         params = []
         for layer, k in zip(self.layers, jax.random.split(key, len(self.layers))):
@@ -354,6 +362,7 @@ class Chain(Layer):
         return tuple(params)
 
     def forward(self, params, x):
+        self._check_params(params)
         ld = _zeros(x)
         for layer, p in zip(self.layers, params):
             x, l = layer.forward(p, x)
@@ -361,6 +370,7 @@ class Chain(Layer):
         return x, ld
 
     def inverse(self, params, y):
+        self._check_params(params)
         ld = _zeros(y)
         for layer, p in zip(reversed(self.layers), reversed(params)):
             y, l = layer.inverse(p, y)
@@ -368,6 +378,7 @@ class Chain(Layer):
         return y, ld
 
     def forward_split(self, params, x, linear_logdet=True):
+        self._check_params(params)
         nl, li = _zeros(x), _zeros(x)
         for layer, p in zip(self.layers, params):
             x, a, b = layer.forward_split(p, x, linear_logdet)
