@@ -44,7 +44,8 @@ import optax  # noqa: E402
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = "digits"         # "digits" (bundled) or a tfds image dataset name
+    dataset: str = "digits"         # "digits" (bundled) or a labelled tfds image dataset name with a "test" split
+    image_size: int = 0             # tfds images: central square crop resized to this size (0: as stored)
     net: str = "unet"               # unet | dit | mlp
     ch: int = 32                    # U-Net base channels; DiT width 2*ch; MLP width 8*ch
     depth: int = 1                  # U-Net residual blocks per level; DiT 2*max(depth, 2) blocks;
@@ -92,7 +93,7 @@ def validate(cfg: Config) -> None:
     if cfg.weighting not in gf.losses.WEIGHTINGS:
         raise SystemExit(f"--weighting must be one of {list(gf.losses.WEIGHTINGS)}; got {cfg.weighting!r}")
     _cli.require_min(cfg, steps=1, batch=1, ch=1, depth=1, sample_steps=1, n_eval=2, n_nll=0, ckpt_every=0, chunk=0,
-                     fsdp=1, warmup=0, seed=0)
+                     fsdp=1, warmup=0, seed=0, image_size=0)
     _cli.require_finite(cfg, "lr", "clip", strict=True)
     if cfg.warmup >= cfg.steps:  # (the cosine schedule decays over --steps, warmup included)
         raise SystemExit(f"--warmup must be below --steps; got --warmup {cfg.warmup} and --steps {cfg.steps}")
@@ -106,16 +107,23 @@ def validate(cfg: Config) -> None:
         if cfg.dataset.split(":")[0].split("/")[0] not in tfds.list_builders(with_community_datasets=False):
             raise SystemExit(f"--dataset must be 'digits' or a tfds dataset name; got {cfg.dataset!r}")
         try:  # (an unprepared one failed deep inside tfds's download, after --out was made)
-            gf.data.image_dataset(cfg.dataset)
-        except ValueError as e:
-            raise SystemExit(f"--dataset {cfg.dataset!r}: {e}") from None
+            for split in ("train", "test"):
+                ds = gf.data.image_dataset(cfg.dataset, split, **_dataset_kwargs(cfg))
+            ds[0]  # (one record: an unlabelled dataset failed only after --out was made)
+        except (ValueError, KeyError) as e:
+            # (the error's advice names image_dataset's arguments; here they are --image_size, and
+            # the labels are needed: the Fréchet distance uses a classifier trained on them)
+            raise SystemExit(f"--dataset {cfg.dataset!r}: {e} (images.py: pass --image_size; it needs a labelled "
+                             f"dataset with 'train' and 'test' splits)") from None
+    elif cfg.image_size not in (0, 8):
+        raise SystemExit(f"--image_size applies to tfds datasets (the bundled digits are 8x8); got {cfg.image_size}")
     _cli.dry_run_sampling(cfg.path, cfg.prediction, (2, 4, 4, 1), [("solver", cfg.solver, dict(steps=cfg.sample_steps))])
 
 
 # the flags that make the trained state and its objective: a checkpoint trained with other values is
 # not resumed. --steps is one of them: the cosine schedule decays over it (resuming a 1500-step run
 # with --steps 3000 raised the learning rate at step 1500 from 2e-4 to 1.15e-3)
-TRAINING_FLAGS = ("dataset", "net", "ch", "depth", "path", "prediction", "weighting", "conditional", "steps", "batch",
+TRAINING_FLAGS = ("dataset", "image_size", "net", "ch", "depth", "path", "prediction", "weighting", "conditional", "steps", "batch",
                   "lr", "warmup", "clip", "ema", "seed")
 
 
@@ -236,6 +244,27 @@ def run(cfg: Config, written: list | None = None) -> dict:
         raise SystemExit(f"--out {cfg.out} holds another run's checkpoints ({ckpt_dir}) and --ckpt_every 0 would "
                          f"train from scratch beside them: pass --ckpt_every > 0 to resume them, or a new --out")
     os.makedirs(cfg.out, exist_ok=True)
+    # (an interrupted or failed rerun left the earlier run's metrics.json and plots beside its own log)
+    with _cli.stale_outputs_removed(cfg.out, OUTPUTS):
+        return _train_and_evaluate(cfg, written, ckpt_dir)
+
+
+OUTPUTS = ("metrics.json", "samples.png", "loss.png")
+
+
+def _eval_images(cfg: Config, split: str, n: int, seed: int):
+    """Up to ``n`` images and labels of ``split`` of a tfds dataset (this host's shard; fewer when the
+    split is smaller: a fixed batch of 2048 failed on smaller datasets, naming a batch_size nobody gave)."""
+    ds = gf.data.image_dataset(cfg.dataset, split, **_dataset_kwargs(cfg))
+    n = min(n, len(ds) // jax.process_count())
+    return _first(gf.data.image_loader(ds, n, seed=seed, shuffle=split != "test", num_epochs=1))
+
+
+def _dataset_kwargs(cfg: Config) -> dict:
+    return {"image_size": cfg.image_size} if cfg.image_size else {}
+
+
+def _train_and_evaluate(cfg: Config, written: list, ckpt_dir: str) -> dict:
     t_wall = time.perf_counter()
     k_init, k_train, k_noise, k_clf, k_nll = jax.random.split(jax.random.key(cfg.seed), 5)
 
@@ -243,12 +272,10 @@ def run(cfg: Config, written: list | None = None) -> dict:
     nproc = jax.process_count()
     if cfg.batch % nproc:
         raise SystemExit(f"--batch {cfg.batch} must be divisible by the number of processes ({nproc})")
-    loader = gf.data.image_loader(cfg.dataset, cfg.batch // nproc, seed=cfg.seed)
-    split_test = "test"
-    xte, yte = (gf.data.load_digits("test") if cfg.dataset == "digits" else
-                _first(gf.data.image_loader(cfg.dataset, 2048, split=split_test, shuffle=False, num_epochs=1)))
+    loader = gf.data.image_loader(cfg.dataset, cfg.batch // nproc, seed=cfg.seed, **_dataset_kwargs(cfg))
+    xte, yte = gf.data.load_digits("test") if cfg.dataset == "digits" else _eval_images(cfg, "test", 2048, 0)
     xtr, ytr = (gf.data.load_digits("train") if cfg.dataset == "digits" else
-                _first(gf.data.image_loader(cfg.dataset, 4096, seed=cfg.seed + 1, num_epochs=1)))
+                _eval_images(cfg, "train", 4096, cfg.seed + 1))
     shape, num_classes = xtr.shape[1:], int(ytr.max()) + 1
 
     # model, objective, optimizer

@@ -480,3 +480,46 @@ def test_an_unprepared_tfds_dataset_is_named_and_not_downloaded(tmp_path):
                                          r"downloading: prepare it first"):
         gf.data.image_dataset("mnist", data_dir=str(tmp_path))
     assert not any(tmp_path.rglob("*.tfrecord*")) and not any(tmp_path.rglob("downloads"))
+
+
+def test_toy_samplers_name_a_bad_key_and_unknown_options():
+    with pytest.raises(TypeError, match="key must be one PRNG key"):
+        gf.data.moons(0, 4)  # (JAX's "invalid PRNG key data", naming no argument)
+    with pytest.raises(TypeError, match="key must be one PRNG key"):
+        gf.data.eight_gaussians(jax.random.split(jax.random.key(0)), 4)  # (a split of keys)
+    assert gf.data.moons(jax.random.PRNGKey(0), 4).shape == (4, 2)  # a raw key is fine
+    with pytest.raises(TypeError, match="toy dataset 'moons': .*foo"):
+        gf.data.toy_sampler("moons", foo=1)  # (failed only at the first call, possibly inside a jitted loop)
+    assert gf.data.toy_sampler("moons", noise=0.0)(jax.random.key(0), 3).shape == (3, 2)
+
+
+def test_digits_test_fraction_is_not_rounded_up_by_float_error():
+    # 0.55 * 180 (class 9) = 99.00000000000001: ceil held out 100 images
+    _, y = gf.data.load_digits("test", test_fraction=0.55)
+    _, y_all = gf.data.load_digits("all")
+    counts = np.bincount(y_all, minlength=10)
+    expected = [int(np.ceil(round(0.55 * c, 9))) for c in counts]
+    np.testing.assert_array_equal(np.bincount(y, minlength=10), expected)
+    assert expected[9] == 99
+
+
+def test_image_records_scale_by_their_dtype_and_name_unknown_splits(monkeypatch):
+    from genflow.data import _images
+
+    u16 = np.array([[0, 65535], [32768, 1]], np.uint16)
+    rec = _images._Records([{"image": u16, "label": 3}], "image", "label", None)[0]
+    np.testing.assert_allclose(rec["x"][..., 0], u16 / 32767.5 - 1.0, atol=1e-6)  # (up to 512 before)
+    assert rec["x"].dtype == np.float32 and rec["x"].min() >= -1.0 and rec["x"].max() <= 1.0
+    u8 = np.array([[0, 255]], np.uint8)
+    np.testing.assert_array_equal(_images._to_float(u8)[..., 0], [[-1.0, 1.0]])
+    with pytest.raises(ValueError, match="image features must hold unsigned integers.*float32"):
+        _images._Records([{"image": np.zeros((2, 2), np.float32), "label": 0}], "image", "label", None)[0]
+    import tensorflow_datasets as tfds
+
+    def no_split(name, split, **kw):
+        raise ValueError(f"Unknown split {split!r}. Should be one of ['train'].")
+
+    monkeypatch.setattr(tfds, "data_source", no_split)
+    # (read as "cannot be read without downloading: prepare it first", for a prepared dataset)
+    with pytest.raises(ValueError, match="split 'test' is not a split of tfds dataset 'mnist'"):
+        gf.data.image_dataset("mnist", "test")

@@ -199,8 +199,9 @@ def test_entry_points_refuse_a_file_as_out_a_huge_seed_and_unusable_eval_options
         with pytest.raises(SystemExit, match="--out .* exists and is not a directory"):
             parse(["--out", str(afile)])
         # (a seed near 2**63 passed, and jax.random.key(seed + 100) overflowed after the first task)
-        for seed in (10 ** 20, 2 ** 63 - 1, 2 ** 62):
-            with pytest.raises(SystemExit, match=r"--seed must lie in \[-2\*\*62, 2\*\*62\)"):
+        # (and jax.random.key keeps 32 bits: 2**32 re-ran seed 0, -1 was 2**32 - 1)
+        for seed in (10 ** 20, 2 ** 63 - 1, 2 ** 62, 2 ** 32, 2 ** 31, -1):
+            with pytest.raises(SystemExit, match=r"--seed must lie in \[0, 2\*\*31\)"):
                 parse(["--seed", str(seed)])
         with pytest.raises(SystemExit, match="--out must be a non-empty path"):
             parse(["--out", ""])  # (os.makedirs' FileNotFoundError, after the sampler dry run)

@@ -228,3 +228,26 @@ def test_images_refuses_an_unknown_dataset_and_an_fsdp_that_does_not_divide_the_
         images.validate(images.parse_config(["--solver", "bogus"]))  # (the one message not naming its flag)
     with pytest.raises(SystemExit, match="--fsdp must divide the number of devices"):
         images.validate(images.parse_config(["--fsdp", str(jax.device_count() + 1)]))
+
+
+def test_images_on_a_small_tfds_dataset_and_a_failed_rerun_leaves_no_stale_results(tmp_path, monkeypatch):
+    """The evaluation sets were read as fixed batches of 2048 / 4096 images: a dataset with fewer
+    failed with "fewer than batch_size=2048" (a batch size nobody gave) after --out was made. A failed
+    (or interrupted) rerun kept the earlier run's metrics.json and plots beside its own log."""
+    import tensorflow_datasets as tfds
+
+    images = _images()
+    out = tmp_path / "small"
+    with tfds.testing.mock_data(num_examples=40):
+        m = _tiny_run(images, monkeypatch, out, "--dataset", "mnist", "--steps", "2", "--ckpt_every", "0")
+        assert m["fd_n_test"] == 40 and (out / "metrics.json").exists() and (out / "samples.png").exists()
+
+        def crash(*args):
+            raise RuntimeError("died in the evaluation")
+
+        monkeypatch.setattr(images, "train_classifier", crash)
+        with pytest.raises(RuntimeError, match="died in the evaluation"):
+            images.run(images.parse_config(_tiny_args(out, "--dataset", "mnist", "--steps", "2", "--ckpt_every", "0")))
+    assert not (out / "metrics.json").exists() and not (out / "samples.png").exists()
+    with pytest.raises(SystemExit, match="--image_size applies to tfds datasets"):
+        images.validate(images.parse_config(["--image_size", "16"]))

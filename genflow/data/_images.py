@@ -52,7 +52,8 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0,
         for c in range(10):
             idx = np.flatnonzero(y == c)
             idx = rng.permutation(idx)
-            test[idx[: int(math.ceil(test_fraction * len(idx)))]] = True
+            # (rounded first: 0.55 * 180 = 99.00000000000001 held out 100)
+            test[idx[: int(math.ceil(round(test_fraction * len(idx), 9)))]] = True
         keep = test if split == "test" else ~test
         x, y = x[keep], y[keep]
     if channels_last:
@@ -61,11 +62,17 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0,
 
 
 def _to_float(image: np.ndarray) -> np.ndarray:
-    """``uint8 [H, W, C]`` (or ``[H, W]``) in {0..255} -> float32 ``[H, W, C]`` in [-1, 1]."""
+    """Unsigned-integer ``[H, W, C]`` (or ``[H, W]``) in ``{0..max}`` (uint8: 255, uint16: 65535)
+    -> float32 ``[H, W, C]`` in [-1, 1]."""
     image = np.asarray(image)
+    if not np.issubdtype(image.dtype, np.unsignedinteger):
+        # (a uint16 image was divided by 127.5 too: values up to 512; a float one has no known range)
+        raise ValueError(f"image features must hold unsigned integers (uint8, uint16, ...); got dtype {image.dtype} "
+                         f"(image_key names the feature)")
     if image.ndim == 2:
         image = image[..., None]
-    return (image.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+    half = np.iinfo(image.dtype).max / 2.0
+    return (image.astype(np.float64 if image.itemsize > 2 else np.float32) / half - 1.0).astype(np.float32)
 
 
 def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -154,6 +161,8 @@ def image_dataset(name: str, split: str = "train", *, data_dir: str | None = Non
     except tfds.core.DatasetNotFoundError:
         raise
     except Exception as e:
+        if "unknown split" in str(e).lower():  # (a prepared dataset without that split read as "not downloaded")
+            raise ValueError(f"split {split!r} is not a split of tfds dataset {name!r}: {e}") from e
         raise ValueError(f"tfds dataset {name!r} (split {split!r}) cannot be read from "
                          f"{data_dir or 'the default tfds data_dir'} without downloading: prepare it first (`tfds build "
                          f"{name.split(':')[0]}`, or tfds.data_source({name!r}, download=True) where there is internet); "

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int
+from genflow._checks import check_int, check_key
 
 Array = jax.Array
 
@@ -34,6 +35,7 @@ def moons(key: Array, n: int, noise: float = 0.05, scale: float = 2.0) -> Array:
     Returns: ``[n, 2]`` float32.
     """
     n = check_int("n", n, 0)
+    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
     k1, k2, k3 = jax.random.split(key, 3)
     upper = _paired_halves(k1, n)
     theta = jax.random.uniform(k2, (n,), minval=0.0, maxval=jnp.pi)
@@ -54,6 +56,7 @@ def _paired_halves(key: Array, n: int) -> Array:
 def eight_gaussians(key: Array, n: int, radius: float = 2.0, std: float = 0.2) -> Array:
     """Eight Gaussians of std ``std`` on a circle of radius ``radius``."""
     n = check_int("n", n, 0)
+    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
     k1, k2 = jax.random.split(key)
     idx = jax.random.randint(k1, (n,), 0, 8)
     ang = 2 * jnp.pi * idx / 8
@@ -64,6 +67,7 @@ def eight_gaussians(key: Array, n: int, radius: float = 2.0, std: float = 0.2) -
 def checkerboard(key: Array, n: int, size: float = 4.0) -> Array:
     """Uniform on the dark squares of a 4x4 checkerboard covering ``[-size/2, size/2]^2``."""
     n = check_int("n", n, 0)
+    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
     k1, k2, k3 = jax.random.split(key, 3)
     x1 = jax.random.uniform(k1, (n,), minval=-2.0, maxval=2.0)
     x2 = jax.random.uniform(k2, (n,), minval=0.0, maxval=1.0) - 2.0 * jax.random.randint(k3, (n,), 0, 2)
@@ -74,6 +78,7 @@ def checkerboard(key: Array, n: int, size: float = 4.0) -> Array:
 def swiss_roll(key: Array, n: int, noise: float = 0.25) -> Array:
     """2-D swiss roll (scikit-learn's ``make_swiss_roll`` projected on (x, z)), scaled by 1/5."""
     n = check_int("n", n, 0)
+    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
     k1, k2 = jax.random.split(key)
     t = 1.5 * jnp.pi * (1.0 + 2.0 * jax.random.uniform(k1, (n,)))
     pts = jnp.stack([t * jnp.cos(t), t * jnp.sin(t)], -1) + noise * jax.random.normal(k2, (n, 2))
@@ -85,6 +90,7 @@ def spirals(key: Array, n: int, noise: float = 0.1) -> Array:
     each arm), scaled to about [-3.5, 3.5]. ``n // 2`` points on one arm, the rest on the other,
     paired by rows as in :func:`moons` (a coin per point gave the arms binomially unequal mass)."""
     n = check_int("n", n, 0)
+    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
     k1, k2, k3 = jax.random.split(key, 3)
     r = jnp.sqrt(jax.random.uniform(k1, (n,))) * 540.0 * (2 * jnp.pi) / 360.0
     sign = jnp.where(_paired_halves(k2, n), 1.0, -1.0)
@@ -97,6 +103,7 @@ def pinwheel(key: Array, n: int, num_arms: int = 5, radial_std: float = 0.3, tan
              rate: float = 0.25) -> Array:
     """Pinwheel of ``num_arms`` curved arms (Johnson et al. 2016; as in FFJORD)."""
     n = check_int("n", n, 0)
+    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
     if not isinstance(num_arms, jax.core.Tracer):  # 0 gave NaN samples, < 0 nonsense
         num_arms = check_int("num_arms", num_arms)
     k1, k2 = jax.random.split(key)
@@ -116,6 +123,7 @@ def circles(key: Array, n: int, noise: float = 0.05, factor: float = 0.5, scale:
     ``n // 2`` points lie on the outer circle and the rest on the inner one (paired by rows as in
     :func:`moons`; a coin per point gave 514 / 487 of 1,001)."""
     n = check_int("n", n, 0)
+    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
     k1, k2, k3 = jax.random.split(key, 3)
     inner = ~_paired_halves(k1, n)
     theta = jax.random.uniform(k2, (n,), maxval=2 * jnp.pi)
@@ -142,6 +150,10 @@ def toy_sampler(name: str, **kwargs) -> Callable[[Array, int], Array]:
     f = TOY[name]
     if not kwargs:
         return f
+    try:  # (an unknown option failed only at the first call, possibly inside a jitted training loop)
+        inspect.signature(f).bind(None, 0, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"toy dataset {name!r}: {e}") from None
     return lambda key, n: f(key, n, **kwargs)
 
 
