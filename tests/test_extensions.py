@@ -163,3 +163,74 @@ def test_the_compiled_sampler_passes_python_stats_through_and_raises_readable_ch
     with pytest.raises(eqx.EquinoxRuntimeError, match="maximum number of solver steps"):
         gf.sample(GAUSS.model(vp, "eps"), vp, jnp.ones((3, 2)), prediction="eps", solver="tsit5", max_steps=2,
                   rtol=1e-6, atol=1e-6)
+
+
+def _wiggly_alpha(t):
+    return 1.0 - t
+
+
+def _wiggly_sigma(t):
+    return t * (1.0 + 0.6 * jnp.sin(3 * jnp.pi * t))  # a log-SNR that rises again on (0.3, 0.6)
+
+
+def test_custom_paths_that_break_a_schedule_or_solver_are_named():
+    """A custom path whose log-SNR folds back gave 'logsnr' / 'karras' grids with a gap of ~0.3 in t
+    whatever the step count (Heun's error stalled at 0.13-0.2, no error); a float32 cos(pi t / 2)
+    has alpha(1) = -4.4e-8, where eps -> x0 ran 0/0 on garbage (error 0.23 with ddim); a custom VP
+    path without diffusion_sq_fn has g^2 = 0 * inf = NaN at t = 0, where ShARK returned NaN samples."""
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -0.5]), jnp.array([0.5, 2.0]))
+    wig = gf.paths.Path(alpha_fn=_wiggly_alpha, sigma_fn=_wiggly_sigma, name="wiggly")
+    x1 = g.prior_sample(jax.random.key(0), 4, wig, 1.0)
+    for sched in ("logsnr", "karras"):
+        with pytest.raises(ValueError, match=f"schedule '{sched}' needs a log-SNR that decreases in t, but that of "
+                                             f"path 'wiggly' rises between t=0.3"):
+            gf.sample(g.model(wig, "velocity"), wig, x1, prediction="velocity", solver="heun", steps=20, schedule=sched)
+    x, _ = gf.sample(g.model(wig, "velocity"), wig, x1, prediction="velocity", solver="heun", steps=40)
+    ref = g.flow_map(x1, 1.0, 0.0, wig)
+    assert float(jnp.max(jnp.abs(x - ref))) < 1e-2  # the uniform schedule is fine on it
+
+    naive = gf.paths.Path(alpha_fn=lambda t: jnp.cos(0.5 * jnp.pi * t), sigma_fn=lambda t: jnp.sin(0.5 * jnp.pi * t),
+                          name="naive_cos")
+    assert float(naive.alpha(jnp.float32(1.0))) < 0.0
+    x1 = jax.random.normal(jax.random.key(1), (4, 2))
+    with pytest.raises(ValueError, match=r"t_start=1.0 has alpha=-4.\d+e-08 < 0 on path 'naive_cos'"):
+        gf.sample(g.model(naive, "eps"), naive, x1, prediction="eps", solver="ddim", steps=20)
+    with pytest.raises(ValueError, match="path 'naive_cos' has a NaN log-SNR at t=1"):
+        gf.sampling.time_grid(naive, 10, "logsnr")
+
+    def a(t, b0, b1):
+        return jnp.exp(-0.5 * (b0 * t + b1 * t ** 3 / 3))
+
+    def s(t, b0, b1):
+        return jnp.sqrt(-jnp.expm1(-(b0 * t + b1 * t ** 3 / 3)))
+
+    vpq = gf.paths.Path(alpha_fn=a, sigma_fn=s, params=dict(b0=0.1, b1=30.0), name="vp_quad", t_min=1e-3,
+                        denoise_at_end=True)
+    assert np.isnan(float(vpq.diffusion_sq(0.0)))
+    x1 = g.prior_sample(jax.random.key(2), 4, vpq, 1.0)
+    with pytest.raises(ValueError, match=r"t_end=0.0 has g\^2 = diffusion_sq = nan on path 'vp_quad'"):
+        gf.sample(g.model(vpq, "eps"), vpq, x1, prediction="eps", solver="shark", steps=8, t_end=0.0,
+                  key=jax.random.key(1))
+    x, _ = gf.sample(g.model(vpq, "eps"), vpq, x1, prediction="eps", solver="shark", steps=8, key=jax.random.key(1))
+    assert bool(jnp.all(jnp.isfinite(x)))  # at t_end = t_min it runs
+    x, _ = gf.sample(g.model(vpq, "eps"), vpq, x1, prediction="eps", solver="euler_maruyama", steps=8, t_end=0.0,
+                     key=jax.random.key(1))
+    assert bool(jnp.all(jnp.isfinite(x)))  # (Euler-Maruyama evaluates the start of each step only)
+
+
+def test_register_checks_options_and_flags(registered):
+    spec = gf.sampling.solvers()["euler"]
+    with pytest.raises(TypeError, match="spec.options must be a tuple of option names"):
+        gf.sampling.register(dataclasses.replace(spec, name="scaled", options="scale"))  # (read as 's', 'c', ...)
+    with pytest.raises(TypeError, match="spec.stochastic must be True or False"):
+        gf.sampling.register(dataclasses.replace(spec, name="scaled", stochastic="yes"))
+    with pytest.raises(TypeError, match="spec.adaptive must be True or False"):
+        gf.sampling.register(dataclasses.replace(spec, name="scaled", adaptive=None))
+    assert "scaled" not in gf.sampling.solvers()
+    # a registered copy of ddim with eta > 0 and no key: the message named 'ddim', not the user's solver
+    registered(dataclasses.replace(gf.sampling.solvers()["ddim"], name="ddim_copy"))
+    path = gf.paths.linear()
+    x1 = jax.random.normal(jax.random.key(0), (2, 2))
+    with pytest.raises(ValueError, match=r"DDIM with eta > 0 is stochastic: pass key"):
+        gf.sample(GAUSS.model(path, "eps"), path, x1, prediction="eps", solver="ddim_copy", steps=4, eta=0.5,
+                  t_start=0.99)

@@ -245,6 +245,10 @@ def _check_start_concrete(path: Path, ts: Array, prediction: str, spec) -> None:
     tn = np.asarray(ts)  # on the host: indexing a device array compiles per grid length
     t0, t1 = tn[0], tn[-1]
     a0 = float(path.alpha(jnp.asarray(t0)))
+    if a0 < 0.0:  # (-4.4e-8 from a float32 cos(pi / 2): 0/0 conversions ran on garbage x0, without an error)
+        raise ValueError(
+            f"t_start={float(t0)} has alpha={a0:.3g} < 0 on path {path.name!r}: a rounding of alpha = 0? Write the "
+            f"path so that alpha is exactly 0 there (as genflow.paths.vp_cosine does), or start earlier")
     uses_drift = spec.target == "sde" or _checked_as(spec) == "pc"  # (a registered copy of pc: NaN samples)
     if a0 == 0.0 and (uses_drift or prediction in ("eps", "score")):
         why = "the reverse-SDE drift alpha'/alpha" if uses_drift else f"the {prediction} -> x0 conversion"
@@ -268,6 +272,14 @@ def _check_start_concrete(path: Path, ts: Array, prediction: str, spec) -> None:
             f"velocity of the x0 model there, (x - alpha x0_hat) / sigma = 0/0; pass t_end > 0 (e.g. 1e-3) "
             f"or a solver that does not evaluate at the end (euler, midpoint, ddim, dpm++2m, unipc, ...)"
         )
+    if spec.target == "sde" and _checked_as(spec) != "euler_maruyama":
+        g2 = float(path.diffusion_sq(jnp.asarray(t1)))
+        if not np.isfinite(g2):  # (ShARK evaluates it at the end: NaN samples, where heun is refused)
+            raise ValueError(
+                f"t_end={float(t1)} has g^2 = diffusion_sq = {g2} on path {path.name!r} (sigma = 0 with sigma' = inf "
+                f"there?): solver {spec.name!r} evaluates the reverse SDE at the end of its steps; pass "
+                f"t_end=path.t_min ({path.t_min}), give the path a diffusion_sq_fn with its finite limit, or use "
+                f"'euler_maruyama'")
     why = param.singular_velocity(path, t1, prediction) if _evaluates_at_end(spec) else None
     if why is not None:  # (vp_linear at t = 0: NaN samples)
         raise ValueError(

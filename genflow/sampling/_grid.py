@@ -177,8 +177,11 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
     # per step count: every eager op would compile anew for each new length)
     u = np.linspace(0.0, 1.0, n, dtype=fdt) if n > 1 else np.array([0.5], fdt)
     u = np.concatenate([u, np.full(bucket(n) - n, u[-1], fdt)])
-    inner = np.asarray(_interior(path, jax.device_put(u), t_start, t_end, rho, sigma_min, sigma_max, schedule=schedule,
-                                 geometric=n == 1, start_inf=start_inf, end_inf=end_inf))[:n].astype(fdt)
+    inner, probe = _interior(path, jax.device_put(u), t_start, t_end, rho, sigma_min, sigma_max, schedule=schedule,
+                             geometric=n == 1, start_inf=start_inf, end_inf=end_inf)
+    if path.t_from_log_snr_fn is None:  # (a bisection: the closed forms belong to monotone paths)
+        _check_decreasing_log_snr(path, np.asarray(probe), t_start, t_end, schedule)
+    inner = np.asarray(inner)[:n].astype(fdt)
     if not start_inf:
         inner[0] = t_start
     if not end_inf:
@@ -361,4 +364,31 @@ def _interior(path: Path, u, t_start, t_end, rho, sigma_min, sigma_max, *, sched
         # (1 - u) a + u b, exact at both ends: a + (b - a) u cancelled at u = 1 for a >> b (small
         # rho: sigma_min 0.00182 for 0.002 at rho 0.7, 0 at rho 0.5)
         levels = ((1.0 - u) * a + u * b) ** rho
-    return jnp.clip(path.t_from_log_snr(-2.0 * jnp.log(levels)), t_end, t_start)
+    probe = path.log_snr(t_end + (t_start - t_end) * jnp.linspace(0.0, 1.0, _PROBE, dtype=fdt))
+    return jnp.clip(path.t_from_log_snr(-2.0 * jnp.log(levels)), t_end, t_start), probe
+
+
+_PROBE = 257  # log-SNR probes of a path without a closed-form inverse (see _check_decreasing_log_snr)
+
+
+def _check_decreasing_log_snr(path: Path, lam: np.ndarray, t_start: float, t_end: float, schedule: str) -> None:
+    """A ``ValueError`` if the log-SNR probed at ``_PROBE`` times of [t_end, t_start] is NaN or rises:
+    the bisection inverse assumes it decreases, and on a path whose log-SNR folds back it jumped
+    between roots (a grid with a gap of 0.3 in t whatever the step count: no convergence)."""
+    ts = t_end + (t_start - t_end) * np.linspace(0.0, 1.0, len(lam))  # (increasing t: lam should fall)
+    bad = np.flatnonzero(np.isnan(lam))
+    if bad.size:
+        raise ValueError(
+            f"schedule {schedule!r}: path {path.name!r} has a NaN log-SNR at t={float(ts[bad[0]]):.6g} (alpha or "
+            f"sigma negative or 0/0 there? cos(pi t / 2) is -4.4e-8 at t = 1 in float32: write the path so that "
+            f"its ends are exact, as genflow.paths.vp_cosine does); use t_start / t_end inside its range, or the "
+            f"'uniform' / 'quadratic' schedule")
+    with np.errstate(invalid="ignore"):
+        rise = np.diff(lam) > 1e-6 * np.maximum(1.0, np.abs(lam[:-1]))
+    if rise.any():
+        i = int(np.argmax(rise))
+        raise ValueError(
+            f"schedule {schedule!r} needs a log-SNR that decreases in t, but that of path {path.name!r} rises between "
+            f"t={float(ts[i]):.4g} and t={float(ts[i + 1]):.4g} ({float(lam[i]):.4g} -> {float(lam[i + 1]):.4g}): "
+            f"its noise levels do not map back to times; use the 'uniform' or 'quadratic' schedule or an explicit "
+            f"grid")

@@ -130,7 +130,7 @@ def _ddim_step(model, carry, c, key, *, eta: float = 0.0):
         h = _ring_push(carry["H"], d, c["i"])
         return {"x": combine(jnp.float32(0.0), x, c["w"], (e,) + _slots(h)), "H": h}, 1
     if key is None:
-        raise ValueError("solver 'ddim' with eta > 0 is stochastic: pass key=jax.random.key(...)")
+        raise ValueError("DDIM with eta > 0 is stochastic: pass key=jax.random.key(...)")
     z = jax.random.normal(key, x.shape, x.dtype)
     return {"x": combine(jnp.float32(0.0), x, c["w"], (d, e, z))}, 1
 

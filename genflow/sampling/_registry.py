@@ -216,6 +216,12 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
                          f"{spec.nfe_per_step!r}")
     if spec.target not in ("flow_map", "sde", "distribution"):
         raise ValueError(f"spec.target must be 'flow_map', 'sde' or 'distribution'; got {spec.target!r}")
+    for flag in ("stochastic", "adaptive"):  # ("yes" / None were stored and misreported)
+        if not isinstance(getattr(spec, flag), (bool, np.bool_)):
+            raise TypeError(f"spec.{flag} must be True or False; got {getattr(spec, flag)!r}")
+    if not isinstance(spec.options, (tuple, list)) or not all(isinstance(o, str) for o in spec.options):
+        # (a bare string "scale" was read as the options 's', 'c', 'a', 'l', 'e')
+        raise TypeError(f"spec.options must be a tuple of option names (str); got {spec.options!r}")
     SOLVERS[spec.name] = spec
     return spec
 

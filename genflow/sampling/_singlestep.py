@@ -158,7 +158,7 @@ def _edm_step(model, carry, c, key, *, churn: float = 0.0, **_):
     x = carry["x"]
     if churn > 0:
         if key is None:
-            raise ValueError("solver 'edm_heun' with churn > 0 is stochastic: pass key=jax.random.key(...)")
+            raise ValueError("EDM's Heun sampler with churn > 0 is stochastic: pass key=jax.random.key(...)")
         z = jax.random.normal(key, x.shape, x.dtype)
         x = combine(c["churn"][0], x, c["churn"][1:], (z,))
     x, nfe = _heun_apply(model, x, c["heun"])
@@ -224,7 +224,7 @@ def _restart_scalars(g, st, i, *, restart_interval=RESTART_INTERVAL, **_):
 
 def _restart_step(model, carry, c, key, *, restart_times: int = RESTART_TIMES, **_):
     if key is None:
-        raise ValueError("solver 'restart' is stochastic: pass key=jax.random.key(...)")
+        raise ValueError("Restart sampling is stochastic: pass key=jax.random.key(...)")
     x, nfe = _heun_apply(model, carry["x"], c["heun"])
 
     def restart(x):

@@ -54,7 +54,7 @@ def _pc_scalars(g, st, i, **_):
 
 def _pc_step(model, carry, c, key, *, snr: float = 0.16, corrector_steps: int = 1):
     if key is None:
-        raise ValueError("solver 'pc' is stochastic: pass key=jax.random.key(...)")
+        raise ValueError("the predictor-corrector sampler is stochastic: pass key=jax.random.key(...)")
     x = carry["x"]
     kc, kp = jax.random.split(key)
     if corrector_steps > 0:
