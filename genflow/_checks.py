@@ -127,6 +127,14 @@ def check_key(key) -> None:
                     f"{type(key).__name__} of shape {shape} and dtype {dtype}")
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool, else a ``TypeError`` naming ``name`` (a string such as ``"False"``
+    was truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
+
+
 def check_denoise(denoise) -> None:
     """A ``TypeError`` unless ``denoise`` is ``None`` or a bool (a string such as ``"False"`` was
     truthy)."""

@@ -787,3 +787,46 @@ def test_optimize_schedule_returns_a_usable_grid_and_names_bad_arguments():
             gf.sampling.optimize_schedule(fn, path, iters=2, **{**kw, **args})
     with pytest.raises(ValueError, match="pool must be a floating-point batch"):
         gf.sampling.calibration_batch(fn, path, jnp.ones((0, 2)), prediction="x0", steps=4, solver="dpm++2m", t_start=t0)
+
+
+def test_schedule_tools_name_nan_models_flags_and_stochastic_options():
+    """optimize_schedule returned its init grid, with initial = final = NaN only in a history not
+    asked for, when the model was NaN on the grid; select_schedule then picked the first candidate;
+    a NaN model failed as Diffrax's "maximum number of solver steps" (a max_steps none of the tools
+    takes); "False" flags were truthy; calibration_batch failed as an IndexError when every pool
+    sample was a hard case; ddim with eta > 0 asked for a key nobody can pass; karras_family's error
+    named sigma_max = 80 from a finite start."""
+    path = gf.paths.linear()
+    gm = gf.oracles.GaussianMixture.random(jax.random.key(0), k=3, dim=4)
+    base = gm.model(path, "x0")
+    t0 = 80.0 / 81.0
+    x1 = (1 - t0) * 80.0 * jax.random.normal(jax.random.key(1), (8, 4))
+    band = lambda x, t: jnp.where(jnp.abs(jnp.reshape(t, (-1, 1)) - 0.5) < 1e-6, jnp.nan, base(x, t))  # noqa: E731
+    xn = jax.random.normal(jax.random.key(1), (8, 4))
+    with pytest.raises(ValueError, match="objective is nan on the initial grid"):
+        gf.sampling.optimize_schedule(band, path, xn, prediction="x0", steps=2, solver="ddim", init="uniform",
+                                      iters=3)
+    ts = gf.sampling.time_grid(path, 2, "uniform")
+    with pytest.raises(ValueError, match="every candidate grid gives a non-finite error"):
+        gf.sampling.select_schedule(band, path, xn, [ts], prediction="x0", solver="ddim")
+    nan_x = lambda x, t: jnp.where(x[..., :1] > 1.0, jnp.nan, base(x, t))  # noqa: E731
+    with pytest.raises(ValueError, match="reference. solve of the calibration batch did not finish"):
+        gf.sampling.optimize_schedule(nan_x, path, x1, prediction="x0", steps=4, t_start=t0, solver="dpm++2m",
+                                      iters=2, objective="global")
+    kw = dict(prediction="x0", steps=4, t_start=t0, solver="dpm++2m")
+    with pytest.raises(TypeError, match="propagate must be True or False"):
+        gf.sampling.optimize_schedule(base, path, x1, iters=1, propagate="False", **kw)
+    with pytest.raises(TypeError, match="return_history must be True or False"):
+        gf.sampling.optimize_schedule(base, path, x1, iters=1, return_history="no", **kw)
+    with pytest.raises(TypeError, match="return_errors must be True or False"):
+        gf.sampling.calibration_batch(base, path, x1, size=4, return_errors="no", **kw)
+    with pytest.raises(ValueError, match="hard must be a fraction in"):
+        gf.sampling.calibration_batch(base, path, x1, size=4, hard="0.5", **kw)
+    batch, err = gf.sampling.calibration_batch(base, path, x1, size=8, hard=1.0, return_errors=True, **kw)
+    # the whole pool, hardest first
+    np.testing.assert_array_equal(np.asarray(batch), np.asarray(x1)[np.argsort(-np.asarray(err))])
+    with pytest.raises(ValueError, match="'ddim' with eta=0.5 is stochastic"):
+        gf.sampling.optimize_schedule(base, path, x1, prediction="x0", steps=4, t_start=t0, solver="ddim", eta=0.5,
+                                      iters=1)
+    with pytest.raises(ValueError, match=r"upper levels \['1 \(the noise level of t_start=0.5\)'\]"):
+        gf.sampling.karras_family(path, 4, t_start=0.5, sigma_mins=(2.0,))

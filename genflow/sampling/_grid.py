@@ -340,9 +340,11 @@ def karras_family(path: Path, steps: int, *, t_start: float = 1.0, t_end: float 
                 grids.append(time_grid(path, steps, "karras", t_start=t_start, t_end=t_end, rho=rho,
                                        sigma_min=smin, sigma_max=smax))
                 params.append({"rho": rho, "sigma_min": smin, "sigma_max": smax})
-    if not grids:
-        raise ValueError(f"no (sigma_min, sigma_max) pair has sigma_min < sigma_max; got sigma_mins="
-                         f"{axes['sigma_min']}, sigma_maxes={axes['sigma_max']}")
+    if not grids:  # (the message named sigma_max = 80 from a finite start, where the start's level counts)
+        tops = axes["sigma_max"] if hi_fixed is None else [f"{hi_fixed:.4g} (the noise level of t_start={t_start})"]
+        bottoms = axes["sigma_min"] if lo_fixed is None else [f"{lo_fixed:.4g} (the noise level of t_end={t_end})"]
+        raise ValueError(f"no (sigma_min, sigma_max) pair has its lower noise level below its upper one: lower "
+                         f"levels {bottoms}, upper levels {tops}")
     return grids, params
 
 

@@ -38,7 +38,9 @@ import numpy as np
 import optax
 
 from genflow import param
-from genflow._checks import flat_batch, check_int, concrete_real
+import contextlib
+
+from genflow._checks import check_bool, check_int, concrete_real, flat_batch
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
 from genflow.sampling._core import _check_start, _is_scan, as_pytree_fn, check_solver_options
@@ -223,8 +225,13 @@ def _scan_solver(solver: str, solver_options: dict):
     """``(spec, options)`` of a deterministic scan solver (its registered options updated by
     ``solver_options``); raises for the others."""
     spec = _registry.get(solver)
+    for opt in ("eta", "churn"):  # (ddim / edm_heun made stochastic: the error asked for a key nobody can pass)
+        v = concrete_real(solver_options.get(opt, 0.0))
+        if v is not None and v > 0:
+            raise ValueError(f"a schedule search needs a deterministic solver: {solver!r} with {opt}={v!r} is "
+                             f"stochastic (pass {opt}=0)")
     if not _is_scan(spec) or spec.stochastic:  # (a user's own run has no grid scalars to tune)
-        raise ValueError(f"optimize_schedule and select_schedule support the deterministic scan solvers "
+        raise ValueError(f"the schedule search supports the deterministic scan solvers "
                          f"{sorted(k for k, v in _registry.SOLVERS.items() if _is_scan(v) and not v.stochastic)}; "
                          f"got {solver!r}")
     # the options gf.sample takes, checked as it checks them (the steppers swallow unknown keywords,
@@ -306,10 +313,32 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
     if ts0.shape[0] != steps + 1:
         raise ValueError(f"init has {ts0.shape[0]} times; expected steps + 1 = {steps + 1}")
     _check_start(path, ts0, prediction, spec)  # (as gf.sample: an eps model from alpha = 0 hit max_steps)
+    propagate, return_history = check_bool("propagate", propagate), check_bool("return_history", return_history)
     # (the learning rate traced: a new one does not recompile)
-    return _optimize(model, ts0, x1.astype(jnp.promote_types(x1.dtype, jnp.float32)), solver, int(iters),
-                     jnp.asarray(learning_rate, jnp.float32), float(rtol), float(atol), bool(propagate), objective,
-                     bool(return_history), tuple(sorted(solver_options.items())))
+    with _reference_solve_errors():
+        ts, hist = _optimize(model, ts0, x1.astype(jnp.promote_types(x1.dtype, jnp.float32)), solver, int(iters),
+                             jnp.asarray(learning_rate, jnp.float32), float(rtol), float(atol), propagate, objective,
+                             tuple(sorted(solver_options.items())))
+    if not np.isfinite(float(hist["initial"])):
+        # (Adam never moved on NaN gradients and no value beat NaN: the init came back as a result)
+        raise ValueError(f"the {objective} objective is {float(hist['initial'])} on the initial grid: the model gives "
+                         f"non-finite predictions on the calibration batch there (or solver {solver!r} diverges); "
+                         f"check the model")
+    return (ts, hist) if return_history else ts
+
+
+@contextlib.contextmanager
+def _reference_solve_errors():
+    """Re-raise a failed reference solve (Diffrax's "maximum number of solver steps was reached",
+    which none of the schedule tools lets the caller raise) with its likely cause."""
+    try:
+        yield
+    except eqx.EquinoxRuntimeError as e:
+        if "max_steps" not in str(e) and "maximum number of solver steps" not in str(e):
+            raise
+        raise ValueError(f"the exact (reference) solve of the calibration batch did not finish: the model likely "
+                         f"gives non-finite or very stiff predictions on some of these samples; check it (or loosen "
+                         f"rtol / atol). Diffrax: {str(e).splitlines()[0]}") from e
 
 
 @eqx.filter_jit
@@ -375,20 +404,24 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
     size = check_int("size", size, 1)
     if pool.ndim < 1 or pool.shape[0] < size:
         raise ValueError(f"pool must hold at least size={size} samples [P, ...]; got shape {pool.shape}")
-    if isinstance(hard, bool) or not 0.0 <= hard <= 1.0:
+    h = concrete_real(hard)  # (a string failed as "'<=' not supported")
+    if isinstance(hard, (bool, np.bool_)) or h is None or not 0.0 <= h <= 1.0:
         raise ValueError(f"hard must be a fraction in [0, 1]; got {hard!r}")
+    return_errors = check_bool("return_errors", return_errors)
     pool = pool.astype(jnp.promote_types(pool.dtype, jnp.float32))
     model = Model(as_pytree_fn(fn), path, prediction)
     ts = time_grid(path, steps, schedule, t_start, t_end)
     _check_start(path, ts, prediction, spec)
-    x_end = reference_end_states(model, pool, ts[0], ts[-1], rtol, atol)
+    with _reference_solve_errors():
+        x_end = reference_end_states(model, pool, ts[0], ts[-1], rtol, atol)
     errors = _sample_errors(model, ts, pool, x_end, solver, **solver_options)
     ranked = jnp.where(jnp.isfinite(errors), errors, -jnp.inf)  # a diverging sample is never picked as hard
     errors = jnp.where(jnp.isfinite(errors), errors, jnp.inf)  # ... and reported as inf, as global_error's
-    n_hard = int(round(hard * size))
-    top = jnp.argsort(-ranked)[:n_hard]
-    rest = jnp.setdiff1d(jnp.arange(pool.shape[0]), top, size=pool.shape[0] - n_hard)[:size - n_hard]
-    batch = pool[jnp.concatenate([top, rest])]
+    n_hard = int(round(float(hard) * size))
+    top = np.asarray(jnp.argsort(-ranked))[:n_hard]
+    # (on the host: jnp.setdiff1d with size=0 failed as an IndexError when every pool sample was hard)
+    rest = np.setdiff1d(np.arange(pool.shape[0]), top)[:size - n_hard]
+    batch = pool[np.concatenate([top, rest])]
     return (batch, errors) if return_errors else batch
 
 
@@ -421,6 +454,7 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
     param.check_kind(prediction)
     spec, _ = _scan_solver(solver, solver_options)
     x1 = _check_search_args(x1, "x1", rtol, atol)
+    return_errors = check_bool("return_errors", return_errors)
     candidates = list(candidates)  # (a generator was used up by the check below: "got none")
     if any(isinstance(c, str) or callable(c) for c in candidates):
         raise ValueError("candidates must be arrays of times (build named or callable schedules with time_grid)")
@@ -434,15 +468,19 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
     _check_start(path, grids[0], prediction, spec)
     model = Model(as_pytree_fn(fn), path, prediction)
     x1 = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
-    x_end = reference_end_states(model, x1, grids[0][0], grids[0][-1], rtol, atol)
+    with _reference_solve_errors():
+        x_end = reference_end_states(model, x1, grids[0][0], grids[0][-1], rtol, atol)
     errors = jnp.stack([global_error(model, ts, x1, x_end, solver, **solver_options) for ts in grids])
     errors = jnp.where(jnp.isfinite(errors), errors, jnp.inf)  # a diverging candidate is never chosen
+    if not bool(jnp.any(jnp.isfinite(errors))):  # (argmin then picked the first candidate, reported as inf)
+        raise ValueError(f"every candidate grid gives a non-finite error of solver {solver!r}: the model gives "
+                         f"non-finite predictions on the calibration batch (or the solver diverges); check the model")
     best = grids[int(jnp.argmin(errors))]
     return (best, errors) if return_errors else best
 
 
 @eqx.filter_jit  # (not jax.jit: a model given as a plain function is a static leaf, not an array)
-def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, propagate, objective, return_history, options):
+def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, propagate, objective, options):
     path = model.path
     if objective == "global":  # the end states alone (no dense trajectories)
         x_at = weights = None
@@ -485,7 +523,4 @@ def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, propagat
     (theta, _, best), hist = jax.lax.scan(body, (theta0, opt.init(theta0), (b0, theta0)), None, length=iters)
     b_last = bound(theta)
     best = jax.lax.cond((b_last < best[0]) & _decreasing(theta), lambda: (b_last, theta), lambda: best)
-    ts = grid(best[1])
-    if return_history:
-        return ts, {"bound": hist, "initial": b0, "final": best[0]}
-    return ts
+    return grid(best[1]), {"bound": hist, "initial": b0, "final": best[0]}
