@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -28,16 +29,17 @@ import genflow as gf  # noqa: E402
 from _timing import interleaved, markdown_table, write_json  # noqa: E402
 
 # Dense bf16 peak FLOP/s per chip (vendor data sheets).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+PEAK_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+              "L40S": 362e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6": 918e12}
 
 
 def peak_flops(device) -> float | None:
+    """The longest name of PEAK_FLOPS found in ``device.device_kind`` as whole words (a substring
+    match read an L40S as an L4, and an H100 PCIe as the SXM part)."""
     kind = device.device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak
-    return None
+    hits = [name for name in PEAK_FLOPS if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", kind, re.IGNORECASE)]
+    return PEAK_FLOPS[max(hits, key=len)] if hits else None
 
 
 def models(dtype):
