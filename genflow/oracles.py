@@ -183,27 +183,27 @@ class GaussianMixture:
     vars: Array
 
     def __post_init__(self):
-        # (also runs when JAX unflattens the pytree, with tracers or other leaves: only concrete
-        # arrays and lists are converted and checked)
+        # (also runs whenever JAX unflattens the pytree -- with tracers, batched (vmap / stacked)
+        # arrays, shapes, None or other leaves: only lists are converted, and only an unbatched
+        # mixture of concrete arrays, logits [K], is checked)
         names = ("logits", "means", "vars")
         for name in names:
-            v = getattr(self, name)
-            if isinstance(v, (list, tuple, np.ndarray)) or (isinstance(v, jax.Array)
-                                                             and not isinstance(v, jax.core.Tracer)):
-                # (a list of variances skipped the check below and failed as "list indices must be
-                # integers"; integer arrays failed in sample's gumbel draw)
-                object.__setattr__(self, name, _float_array(v))
+            if isinstance(getattr(self, name), list):
+                # (a list of variances skipped the check below and failed as "list indices must be integers")
+                object.__setattr__(self, name, _float_array(getattr(self, name)))
         lg, mu, var = (getattr(self, n) for n in names)
-        if not all(isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer) for v in (lg, mu, var)):
-            return
-        k = lg.shape[0] if lg.ndim == 1 else None
-        if k is None or mu.shape[:1] != (k,) or mu.ndim != 2 or var.ndim != 2 or var.shape[0] != k \
-                or var.shape[1] not in (1, mu.shape[1]):
-            # (logits [1] with means [2, D] normalised over one component and sampled only it; vars
-            # [K] was read per dimension)
-            raise ValueError(f"GaussianMixture needs logits: [K], means: [K, D] and vars: [K, D] (or [K, 1]); "
-                             f"got shapes {lg.shape}, {mu.shape} and {var.shape}")
-        _check_nonnegative("vars", var)
+        concrete = all(isinstance(v, (np.ndarray, jax.Array)) and not isinstance(v, jax.core.Tracer)
+                       for v in (lg, mu, var))
+        if concrete and lg.ndim == 1:
+            k = lg.shape[0]
+            if mu.ndim != 2 or mu.shape[0] != k or var.ndim != 2 or var.shape[0] != k \
+                    or var.shape[1] not in (1, mu.shape[1]):
+                # (logits [1] with means [2, D] normalised over one component and sampled only it;
+                # vars [K] was read per dimension)
+                raise ValueError(f"GaussianMixture needs logits: [K], means: [K, D] and vars: [K, D] (or [K, 1]); "
+                                 f"got shapes {lg.shape}, {mu.shape} and {var.shape}")
+        if isinstance(var, (np.ndarray, jax.Array)):
+            _check_nonnegative("vars", var)
 
     @classmethod
     def random(cls, key: Array, k: int = 10, dim: int = 64, scale: float = 3.0,

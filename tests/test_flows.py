@@ -601,6 +601,8 @@ def test_flows_name_more_bad_arguments():
         F.cnf_sample(_linear_field, {"a": A}, bad)  # (named x1, gf.sample's argument, before)
     with pytest.raises(TypeError, match="z must be a floating-point array"):
         F.cnf_sample(_linear_field, {"a": A}, jnp.ones((3, 2), jnp.int32))
+    x = F.cnf_sample(_linear_field, {"a": A}, bad, solver="heun", steps=4)  # fixed steps: the NaN stays in its row
+    assert np.isnan(np.asarray(x)[1]).any() and np.all(np.isfinite(np.asarray(x)[[0, 2]]))
     # (a fixed-step solve keeps the NaN in its own row, as before)
     lp, _ = F.cnf_log_prob(_linear_field, {"a": A}, bad, solver="heun", steps=4)
     lp = np.asarray(lp)

@@ -179,9 +179,19 @@ def test_oracles_name_bad_shapes_paths_keys_and_times():
         gf.oracles.Gaussian.full(jnp.zeros(2), jnp.array([[1.0, 0.0], [0.9, 1.0]]))
     with pytest.raises(ValueError, match="cov must be finite"):
         gf.oracles.Gaussian.full(jnp.zeros(2), jnp.array([[1.0, jnp.nan], [jnp.nan, 1.0]]))
-    # traced oracles (under jit / vmap) are not checked and still work
+    # traced, batched and mapped mixtures are not checked and still work: jit, a batch of mixtures from
+    # vmap or stacking, scan outputs, tree.map to shapes or norms (a first version refused them all)
     f = jax.jit(lambda o, x: o.log_prob(x, 0.5, p))
     np.testing.assert_allclose(f(m, jnp.ones((2, 3))), m.log_prob(jnp.ones((2, 3)), 0.5, p), rtol=1e-6)
+    GM = gf.oracles.GaussianMixture
+    batch = jax.vmap(lambda k: GM.random(k, 3, 2))(jax.random.split(jax.random.key(0), 4))
+    assert batch.means.shape == (4, 3, 2) and jax.vmap(lambda g: g.mean)(batch).shape == (4, 2)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), m, m)
+    assert stacked.logits.shape == (2, 2)
+    _, scanned = jax.lax.scan(lambda c, k: (c, GM.random(k, 3, 2)), 0, jax.random.split(jax.random.key(0), 2))
+    assert scanned.vars.shape == (2, 3, 2)
+    assert jax.tree.map(lambda a: a.shape, m).means == (2, 3)
+    assert float(jax.tree.map(jnp.linalg.norm, m).means) == 0.0
 
 
 def test_oracle_models_name_a_time_of_another_batch_size():

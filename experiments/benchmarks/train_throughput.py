@@ -29,7 +29,7 @@ import genflow as gf  # noqa: E402
 from _timing import interleaved, markdown_table, write_json  # noqa: E402
 
 # Dense bf16 peak FLOP/s per chip (vendor data sheets).
-PEAK_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+PEAK_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L4": 121e12,
               "L40S": 362e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6": 918e12}
 
