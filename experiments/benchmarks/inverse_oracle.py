@@ -7,7 +7,10 @@ method and task: the empirical posterior-mean error relative to the prior-mean e
 NFE, network VJPs / JVPs and the time per call (after compilation). ``pigdm`` uses the prior's
 mean variance as ``data_var`` (its isotropic approximation of the prior covariance); ``tmpd``
 uses the model's Jacobian (exact for this prior). The ``+ode`` rows sample the same likelihoods
-through ``gf.inverse.posterior_model`` with a deterministic DPM-Solver++(2M) (20 steps).
+through ``gf.inverse.posterior_model`` with a deterministic DPM-Solver++(2M) (20 steps). The
+``exact`` row of each task is the Monte-Carlo floor of these errors at the same sample count:
+``n`` exact posterior samples, median (and range) over ``FLOOR_DRAWS`` draws; differences between
+methods below that floor's range are not resolved.
 
     python experiments/benchmarks/inverse_oracle.py [--n 2000] [--steps 100]
 """
@@ -41,6 +44,27 @@ METHODS = {  # method: (path, prediction kind, hyper-parameters)
 
 
 ODE_SOLVER, ODE_STEPS = "dpm++2m", 20
+FLOOR_DRAWS = 20
+
+
+def errors(x, m_post, c_post, prior_err):
+    """``(mean err / prior err, cov rel err)`` of samples ``x: [n, D]``."""
+    return (np.linalg.norm(x.mean(0) - m_post) / prior_err,
+            np.linalg.norm(np.cov(x.T) - c_post) / np.linalg.norm(c_post))
+
+
+def exact_floor(rows, out, task, n, m_post, c_post, prior_err):
+    """The errors of ``n`` exact posterior samples: median and range over FLOOR_DRAWS draws."""
+    chol = np.linalg.cholesky(c_post + 1e-12 * np.eye(D))
+    rng = np.random.default_rng(0)
+    e = np.array([errors(m_post + rng.standard_normal((n, D)) @ chol.T, m_post, c_post, prior_err)
+                  for _ in range(FLOOR_DRAWS)])
+    med, lo, hi = np.median(e, 0), e.min(0), e.max(0)
+    rows.append([task, f"exact (floor: median of {FLOOR_DRAWS} draws [range])", "-",
+                 f"{med[0]:.4g} [{lo[0]:.2g}, {hi[0]:.2g}]", f"{med[1]:.4g} [{lo[1]:.2g}, {hi[1]:.2g}]", 0, 0, 0, 0.0])
+    out.append(dict(task=task, method="exact", mean_rel_err=float(med[0]), cov_rel_err=float(med[1]),
+                    mean_rel_err_range=[float(lo[0]), float(hi[0])], cov_rel_err_range=[float(lo[1]), float(hi[1])],
+                    draws=FLOOR_DRAWS, nfe=0, vjp=0, jvp=0, seconds=0.0))
 
 
 def timed(call):
@@ -55,8 +79,7 @@ def timed(call):
 def record(rows, out, task, method, pname, kind, x, counts, dt, m_post, c_post, prior_err, **extra):
     """One table row and one JSON entry: the posterior mean / covariance errors of ``x``;
     ``counts = (nfe, vjp, jvp)``."""
-    mean_rel = np.linalg.norm(x.mean(0) - m_post) / prior_err
-    cov_rel = np.linalg.norm(np.cov(x.T) - c_post) / np.linalg.norm(c_post)
+    mean_rel, cov_rel = errors(x, m_post, c_post, prior_err)
     nfe, vjp, jvp = (int(c) for c in counts)
     rows.append([task, method, f"{pname}/{kind}", mean_rel, cov_rel, nfe, vjp, jvp, dt])
     out.append(dict(task=task, method=method, path=pname, prediction=kind, mean_rel_err=float(mean_rel),
@@ -97,6 +120,7 @@ def main(argv=None):
         m_post, c_post = inv.linear_gaussian_posterior(mu, cov, inv.operator_matrix(op, S), np.asarray(y1).reshape(-1), a.noise)
         prior_err = np.linalg.norm(np.asarray(mu) - m_post)
         y = jnp.broadcast_to(y1, (a.n,) + y1.shape[1:])
+        exact_floor(rows, out, task, a.n, m_post, c_post, prior_err)
         for method, (pname, kind, hp) in methods.items():
             path = gf.paths.get(pname)
             x1 = path.prior_sample(jax.random.key(6), (a.n,) + S)
