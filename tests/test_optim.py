@@ -201,3 +201,26 @@ def test_diffgrad_follows_the_paper_where_the_reference_differs(problem):
         assert rel_err(paper, _diffgrad_paper_numpy(problem, hp)) <= 1e-12
     ref_params, _ = reference(problem, "diffgrad_eps01_wd")
     assert rel_err(paper, ref_params) > 0.05  # measured 0.47 (lsq), 0.10 (mlp): the term matters
+
+
+def test_fadam_keeps_weight_decay_and_scale_invariance_at_extreme_gradient_scales():
+    """rms squared in float32: |theta / D| ~ 1e18 overflowed (rms inf, the weight-decay term 0) and a
+    gradient of 1e-20 underflowed (rms 0: the eps fallback lost the natural gradient). Reference: the
+    same formula in float64 (the optim audit's NumPy version), [0.14530, 0.00643, 0.03986] for both."""
+    tx = gf.optim.scale_by_fadam(weight_decay=0.1)
+    ref = [0.14530, 0.00643, 0.03986]
+    p = {"w": jnp.array([10.0, -20.0, 30.0])}
+    u, _ = tx.update({"w": 1e-18 * jnp.array([1.0, 1.0, -1.0])}, tx.init(p), p)
+    np.testing.assert_allclose(u["w"], ref, atol=1e-5)  # was [0.099, 0.099, -0.099]: no decay
+    p = {"w": jnp.array([1.0, -2.0, 3.0])}
+    u, _ = tx.update({"w": 1e-20 * jnp.array([1.0, 1.0, -1.0])}, tx.init(p), p)
+    # (g^2 still underflows in the float32 Fisher: 1e-3 off, against 0.1 before: the g = 0 update
+    # [0.046, -0.093, 0.139])
+    np.testing.assert_allclose(u["w"], ref, atol=1.5e-3)
+
+
+def test_smb_names_a_loss_that_is_not_a_scalar():
+    p = {"w": jnp.ones(3)}
+    tx = gf.optim.smb(0.5)
+    with pytest.raises(ValueError, match=r"smb needs a scalar loss: value_fn returned shape \(1,\)"):
+        tx.update(p, tx.init(p), p, value_fn=lambda q: jnp.sum(q["w"] ** 2, keepdims=True))

@@ -129,9 +129,16 @@ def decay_mask(mask, params):
 
 
 def rms(x: Array) -> Array:
-    """Root mean square of one array, accumulated in float32 (a scalar)."""
+    """Root mean square of one array, accumulated in float32 or wider (a scalar), computed on
+    ``x / max|x|`` so that squares neither overflow nor underflow (in float32, ``x ~ 1e20`` gave
+    inf and ``x ~ 1e-20`` gave 0: FAdam's weight decay and its scale invariance dropped out)."""
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return jnp.sqrt(jnp.mean(jnp.square(x)))
+    if x.size == 0:
+        return jnp.zeros([], x.dtype)
+    a = jnp.max(jnp.abs(x))
+    scaled = a * jnp.sqrt(jnp.mean(jnp.square(x / jnp.where(a > 0, a, 1.0))))
+    # (an inf or NaN entry keeps the plain formula's inf / NaN)
+    return jnp.where(jnp.isfinite(a), scaled, jnp.sqrt(jnp.mean(jnp.square(x))))
 
 
 def unzip(tree_of_tuples, like, n: int) -> tuple:

@@ -199,6 +199,9 @@ def smb(
         trial = jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, s)
         g_sq = sum((_vdot(x, x) for x in jax.tree.leaves(g)), jnp.zeros([], jnp.float32))
         f_trial, vjp = jax.vjp(value_fn, trial)
+        if jnp.ndim(f_trial) != 0 or jnp.ndim(value) != 0:  # (shape (1,) failed as "Pred must be a scalar")
+            raise ValueError(f"smb needs a scalar loss: value_fn returned shape {jnp.shape(f_trial)} and value has "
+                             f"shape {jnp.shape(value)}")
         armijo = f_trial <= value - c * lr * g_sq
         take_trial = armijo | (jnp.sqrt(g_sq) < 1e-8)
 
