@@ -1,4 +1,5 @@
-"""Sample-quality metrics: exact / entropic / sliced 2-Wasserstein, MMD, Fréchet distance.
+"""Sample-quality metrics: exact / entropic / sliced 2-Wasserstein, MMD, Fréchet distance; PSNR
+and SSIM for images (``[B, H, W, C]``).
 
 Point sets are ``[N, D]`` (images are flattened). ``w2_exact`` solves the assignment problem
 exactly on the host (SciPy), and ``gaussian_stats`` / ``frechet_distance`` run on the host in

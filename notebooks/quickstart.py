@@ -74,10 +74,18 @@ gf.viz.curves(rows, xlabel="steps", ylabel="rms error vs exact flow map", logx=T
 # where `alpha(1) = 0` (eps -> x0 is singular there).
 
 # %%
+def trig_alpha(t):
+    return jnp.sin(0.5 * jnp.pi * (1 - t))  # (jnp.cos(pi / 2) is -4.4e-8, not 0)
+
+
+def trig_sigma(t):
+    return jnp.sin(0.5 * jnp.pi * t)
+
+
 def trig():
-    return gf.paths.Path(alpha_fn=lambda t: jnp.sin(0.5 * jnp.pi * (1 - t)),  # (jnp.cos(pi / 2) is -4.4e-8, not 0)
-                         sigma_fn=lambda t: jnp.sin(0.5 * jnp.pi * t),
-                         name="trig")
+    # alpha and sigma defined once, outside the factory: two calls then give equal paths, which
+    # share gf.sample's compiled programs (lambdas made inside would recompile at every get("trig"))
+    return gf.paths.Path(alpha_fn=trig_alpha, sigma_fn=trig_sigma, name="trig")
 
 
 gf.paths.register("trig", trig, overwrite=True)  # (overwrite: re-running the cell replaces it)

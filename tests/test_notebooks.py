@@ -64,10 +64,11 @@ def test_quickstart_own_path_reaches_pure_noise_exactly():
     import genflow as gf
 
     src = (ROOT / "notebooks" / "quickstart.py").read_text()
-    start = src.index("def trig():")
-    end = src.index("\n\n", start)
+    start = src.index("def trig_alpha(t):")  # (the path's functions and its factory)
+    end = src.index("\n\n\n", src.index("def trig():"))
     scope = {"gf": gf, "jnp": jnp}
     exec(src[start:end], scope)  # noqa: S102  (the notebook's own definition)
     path = scope["trig"]()
+    assert path == scope["trig"]()  # (lambdas inside the factory: a new path, so a recompile, per get("trig"))
     assert float(path.alpha(jnp.float32(1.0))) == 0.0
     assert float(path.sigma(jnp.float32(0.0))) == 0.0
