@@ -1160,3 +1160,37 @@ def test_posterior_sample_names_bad_scale_eta_and_measurements():
 
     with pytest.raises(NotImplementedError, match=r"Half must implement norm_sq\(\)"):
         run(method="flowdps", y=0.5 * x1, op=Half())
+
+
+def test_operator_constructors_name_bad_shapes_levels_and_even_blur_kernels():
+    """An even gaussian_blur size cut the kernel on one side (a blur shifted by 0.12 pixel, A != A^T);
+    Matrix shapes that disagree failed later in a dot_general; a noise level given as an array (or a
+    complex one) skipped the check (PoissonNoise([5, -1]) sampled all-ones measurements)."""
+    with pytest.raises(ValueError, match="size must be odd"):
+        inv.gaussian_blur((9, 9), 1.0, size=4)
+    op = inv.gaussian_blur((9, 9), 1.0, size=5)  # odd sizes: a symmetric operator
+    A = np.asarray(inv.operator_matrix(op, (9, 9, 1)))
+    np.testing.assert_allclose(A, A.T, atol=1e-6)
+    with pytest.raises(ValueError, match=r"Matrix needs matrix \[m, D\], matrix_pinv \[D, m\]"):
+        inv.Matrix(jnp.ones((3, 4)), jnp.ones((4, 3)), (5,))
+    with pytest.raises(ValueError, match=r"Matrix needs matrix \[m, D\], matrix_pinv \[D, m\]"):
+        inv.Matrix(jnp.ones((3, 4)), jnp.ones((3, 4)), (4,))
+    cs = inv.compressed_sensing(jax.random.key(0), 4, 3)  # an int x_shape is (4,)
+    assert cs.x_shape == (4,)
+    with pytest.raises(ValueError, match="x_shape entries must be"):
+        inv.compressed_sensing(jax.random.key(0), (-2, 4), 3)
+    with pytest.raises(ValueError, match="rate must be a finite real > 0"):
+        inv.PoissonNoise(jnp.array([5.0, -1.0]))
+    with pytest.raises(ValueError, match="sigma must be a finite real >= 0"):
+        inv.GaussianNoise(1j)
+    inv.GaussianNoise(jnp.array([0.1, 0.2]))  # arrays of valid levels are fine
+
+
+def test_compressed_sensing_is_float64_under_x64():
+    with jax.enable_x64(True):
+        op = inv.compressed_sensing(jax.random.key(0), (5, 5, 3), 75)
+        assert op.matrix.dtype == jnp.float64 and op.norm_sq().dtype == jnp.float64
+        x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3), jnp.float64)
+        y = op(x)
+        # float32 storage capped A A^+ y - y at ~2e-6
+        assert float(jnp.max(jnp.abs(op(op.pinv(y)) - y))) < 1e-10

@@ -338,18 +338,25 @@ def kernel_blur(image_shape: tuple[int, int], kernel, rcond: float = 0.05, norma
 
 def gaussian_blur(image_shape: tuple[int, int], sigma: float = 1.0, size: int | None = None,
                   rcond: float = 0.05) -> Blur:
-    """Gaussian blur of std ``sigma`` pixels on ``[H, W]`` images (kernel ``size`` x ``size``)."""
+    """Gaussian blur of std ``sigma`` pixels on ``[H, W]`` images (kernel ``size`` x ``size``, ``size``
+    odd: an even kernel has no centre pixel)."""
     if not sigma > 0 or not np.isfinite(sigma):  # (NaN passed `sigma <= 0`: a NaN operator)
         raise ValueError(f"sigma must be a finite float > 0; got {sigma}")
     # (size=0 fell back to the default, -1 built the zero operator and 2.5 became 3)
     size = int(2 * np.ceil(2 * sigma) + 1) if size is None else check_int("size", size)
+    if size % 2 == 0:  # (size 4 cut the kernel on one side: a blur shifted by 0.12 pixel, not symmetric)
+        raise ValueError(f"size must be odd (the kernel is centred on a pixel); got {size}")
     r = np.arange(size) - size // 2
     k = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sigma**2)
     return Blur(_kernel_to_fft(k, image_shape), rcond=rcond, name="gaussian_blur")
 
 
 def motion_blur(image_shape: tuple[int, int], length: int = 3, angle: float = 0.0, rcond: float = 0.05) -> Blur:
-    """Linear motion blur: a line of ``length`` pixels at ``angle`` degrees, anti-aliased."""
+    """Linear motion blur along a line at ``angle`` degrees, anti-aliased: ``8 length`` points spaced
+    evenly from ``-(length - 1) / 2`` to ``(length - 1) / 2`` pixels about the centre, each splatted
+    bilinearly. The end centres are ``length - 1`` pixels apart and the end pixels get about half
+    weight: horizontally, ``length=3`` is close to the ``[1, 2, 1] / 4`` filter (std 0.72 pixel, a
+    3-pixel box's is 0.82), and ``length=2`` blurs little (std 0.52)."""
     length = check_int("length", length)
     if concrete_real(angle) is None or not np.isfinite(concrete_real(angle)):
         raise ValueError(f"angle must be a finite real (degrees); got {angle!r}")
@@ -382,7 +389,14 @@ class Matrix(Operator):
     name: str = dataclasses.field(default="compressed_sensing", metadata=dict(static=True))
 
     def __post_init__(self):  # (a list x_shape passed forward, then failed in adjoint / pinv: tuple + list)
-        object.__setattr__(self, "x_shape", tuple(self.x_shape))
+        shape = (self.x_shape,) if isinstance(self.x_shape, (int, np.integer)) else tuple(self.x_shape)
+        object.__setattr__(self, "x_shape", shape)
+        m, mp = (getattr(a, "shape", None) for a in (self.matrix, self.matrix_pinv))
+        if m is not None and mp is not None and len(m) == 2:  # (unflattened pytrees may hold other leaves)
+            d = int(np.prod(shape))
+            if m[1] != d or tuple(mp) != (m[1], m[0]):  # (a mismatch failed later, in a dot_general)
+                raise ValueError(f"Matrix needs matrix [m, D], matrix_pinv [D, m] and prod(x_shape) = D; got "
+                                 f"{tuple(m)}, {tuple(mp)} and x_shape {shape}")
 
     def forward(self, x):
         if tuple(x.shape[1:]) != tuple(self.x_shape):  # (a flat x of the same size passed, and A^T
@@ -405,21 +419,23 @@ class Matrix(Operator):
         return (y @ self.matrix_pinv.T).reshape((y.shape[0],) + self.x_shape).astype(_out_dtype(y))
 
     def norm_sq(self):
+        dt = jnp.promote_types(self.matrix.dtype, jnp.float32)  # (float64 under x64: float32 capped checks at 1e-6)
         if self.sq_norm is None:
-            return (jnp.linalg.norm(self.matrix.astype(jnp.float32), 2) ** 2).astype(jnp.float32)
-        return jnp.asarray(self.sq_norm, jnp.float32)
+            return (jnp.linalg.norm(self.matrix.astype(dt), 2) ** 2).astype(dt)
+        return jnp.asarray(self.sq_norm, dt)
 
 
 def compressed_sensing(key: Array, x_shape: tuple[int, ...], num_measurements: int) -> Matrix:
     """A Gaussian sensing matrix ``[num_measurements, prod(x_shape)]`` with entries ``N(0, 1/m)``."""
     num_measurements = check_int("num_measurements", num_measurements)
-    x_shape = tuple(int(d) for d in x_shape)
+    x_shape = tuple(check_int("x_shape entries", d) for d in ((x_shape,) if isinstance(x_shape, int) else x_shape))
     dim = int(np.prod(x_shape))
     M = np.asarray(jax.random.normal(key, (num_measurements, dim)), np.float64) / np.sqrt(num_measurements)
     # sq_norm as an array leaf: a Python float leaf is static under eqx.filter_jit, so every new
     # matrix compiled the samplers anew
-    return Matrix(jnp.asarray(M, jnp.float32), jnp.asarray(np.linalg.pinv(M), jnp.float32), x_shape,
-                  jnp.float32(np.linalg.norm(M, 2) ** 2))
+    dt = jnp.result_type(float)  # (float64 under jax_enable_x64, as Blur's transfer functions)
+    return Matrix(jnp.asarray(M, dt), jnp.asarray(np.linalg.pinv(M), dt), x_shape,
+                  jnp.asarray(np.linalg.norm(M, 2) ** 2, dt))
 
 
 @jax.tree_util.register_dataclass
@@ -448,6 +464,22 @@ def denoising() -> Identity:
 
 
 # -- noise models --------------------------------------------------------------------------------------
+def _levels_ok(value, low: float, strict: bool = False) -> bool:
+    """Whether a concrete noise level (a scalar or every entry of an array) is real, finite and
+    above ``low`` (``>=``, or ``>`` if ``strict``); traced values pass. (An array or a complex value
+    skipped the check: PoissonNoise([5, -1]) sampled all-ones measurements in its second column.)"""
+    if isinstance(value, jax.core.Tracer):
+        return True
+    try:
+        v = np.asarray(value)
+    except (TypeError, ValueError):
+        return True  # (other leaves of an unflattened pytree)
+    if v.dtype == object:
+        return True
+    if np.iscomplexobj(v) or not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.bool_):
+        return False
+    v = v.astype(np.float64)
+    return bool(np.all(np.isfinite(v) & ((v > low) if strict else (v >= low))))
 @_checked_pytree
 @dataclasses.dataclass(frozen=True)
 class GaussianNoise:
@@ -458,8 +490,7 @@ class GaussianNoise:
     def __post_init__(self):
         # (the user's constructor only: JAX unflattens without it) a NaN or negative sigma sampled
         # garbage measurements and a NaN data term without a word
-        v = concrete_real(self.sigma)
-        if v is not None and not 0.0 <= v < float("inf"):
+        if not _levels_ok(self.sigma, 0.0):
             raise ValueError(f"GaussianNoise: sigma must be a finite real >= 0; got {self.sigma!r}")
 
     def sample(self, key: Array, clean: Array) -> Array:
@@ -471,6 +502,7 @@ class GaussianNoise:
         return jnp.sqrt(jnp.sum(r * r, axis=-1) + 1e-12)
 
     def nll(self, y: Array, pred: Array) -> Array:
+        """``||y - A x0||^2 / (2 sigma^2)`` per example (needs ``sigma > 0``: inf / NaN at 0). ``[B]``."""
         r = flat_batch(y - pred)
         return 0.5 * jnp.sum(r * r, axis=-1) / (self.sigma**2)
 
@@ -490,8 +522,7 @@ class PoissonNoise:
 
     def __post_init__(self):
         # (as GaussianNoise's) rate = -1 sampled all-ones measurements, rate = 0 NaN
-        v = concrete_real(self.rate)
-        if v is not None and not 0.0 < v < float("inf"):
+        if not _levels_ok(self.rate, 0.0, strict=True):
             raise ValueError(f"PoissonNoise: rate must be a finite real > 0; got {self.rate!r}")
 
     def sample(self, key: Array, clean: Array) -> Array:

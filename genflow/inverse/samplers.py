@@ -433,7 +433,10 @@ def posterior_sample(
         an ``eps`` or ``score`` model, to the time where the SNR ``alpha^2 / sigma^2`` is 1e-4
         when it is lower at 1 (VP and linear paths): that model's Jacobian holds ``Cov[x0 | x_t]``
         only in a deviation of relative size ~SNR, which float32 (and more so bfloat16)
-        cancellation swamps below that.
+        cancellation swamps below that. With a *trained* eps network, ``pigdm`` can still blow up
+        from that start (a 2-D toy MLP: samples of 1e4-1e7 from t ~ 0.99, sensible from 0.95):
+        the conversion to x0 divides the network's own error by ``alpha`` (~1/100 there); pass a
+        smaller ``t_start`` (e.g. 0.95) if its samples diverge. ``tmpd`` held up in the same test.
       key: PRNG key (all methods inject noise).
       weight: measurement weight; 0 gives the prior sampler exactly.
       base: the underlying prior update, ``"ddim"`` or ``"flow"`` (default per method:
