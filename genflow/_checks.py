@@ -170,3 +170,20 @@ def check_removal(kind: str, name: str, owner: str | None, yours) -> None:
         raise ValueError(f"{kind} {name!r} is not registered; registered by you: {sorted(yours)}")
     if owner != "you":
         raise ValueError(f"{kind} {name!r} comes from {owner}; only names added by register() can be removed")
+
+
+def split_batch(batch):
+    """``(x, y, x1)`` of a training batch: an array ``x: [B, ...]`` or a dict with ``"x"`` and optionally
+    ``"y"`` (labels) and ``"x1"`` (paired noise); anything else is refused by name."""
+    if isinstance(batch, dict):
+        if "x" not in batch:
+            raise ValueError(f"a dict batch needs an 'x' entry (and optionally 'y', 'x1'); got keys {sorted(batch)}")
+        extra = sorted(set(batch) - {"x", "y", "x1"})
+        if extra:  # ({"x", "labels"} trained a conditional network on its null label, silently)
+            raise ValueError(f"a dict batch holds 'x' and optionally 'y' (labels) and 'x1' (paired noise); got the "
+                             f"unknown key(s) {extra}")
+        return batch["x"], batch.get("y"), batch.get("x1")
+    if isinstance(batch, (tuple, list)):  # (jnp.asarray would stack (x, x1) into one [2, B, ...] array)
+        raise TypeError(f"batch must be an array x: [B, ...] or a dict {{'x': ..., 'y': ..., 'x1': ...}}; got a "
+                        f"{type(batch).__name__} of {len(batch)} entries (pass (x, y) as {{'x': x, 'y': y}})")
+    return batch, None, None

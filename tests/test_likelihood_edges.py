@@ -255,3 +255,26 @@ def test_gaussian_log_prob_of_low_precision_z_is_computed_in_float32():
     want = L.gaussian_log_prob(z.astype(jnp.float32), 1.0)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_likelihood_objective_passes_labels_and_refuses_unknown_batch_keys():
+    """likelihood_objective dropped a batch's labels (a conditional net trained on its null label
+    only: the same loss for labels y, y + 1 and none), and any dict key other than 'x' / 'y' / 'x1'
+    was ignored by every objective ({'x', 'labels'} trained on the null label)."""
+    net = gf.nets.MLP(hidden=(16,), num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    y = jnp.arange(8) % 3
+    p = net.init(jax.random.key(1), x[:1], jnp.zeros((1,)), y[:1])
+    lo = gf.likelihood.likelihood_objective(net.apply, gf.paths.vp_linear(), prediction="eps")
+    k = jax.random.key(2)
+    a, b = float(lo(p, {"x": x, "y": y}, k)[0]), float(lo(p, {"x": x, "y": (y + 1) % 3}, k)[0])
+    assert a != b and a != float(lo(p, {"x": x}, k)[0])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['labels'\]"):
+        lo(p, {"x": x, "labels": y}, k)
+    do = gf.train.diffusion_objective(net.apply, gf.paths.linear(), prediction="velocity")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['labels'\]"):
+        do(p, {"x": x, "labels": y}, k)
+    with pytest.raises(ValueError, match="draws its own noise"):
+        lo(p, {"x": x, "x1": x}, k)
+    with pytest.raises(TypeError, match="likelihood_objective: .*label_dropout"):
+        gf.likelihood.likelihood_objective(net.apply, gf.paths.vp_linear(), label_dropout=0.1)

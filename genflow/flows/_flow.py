@@ -173,7 +173,7 @@ def _check_data(x):
 def objective_batch(batch):
     """The data ``x`` of a flow objective's batch (an array, or a dict with ``"x"``), named on a
     wrong structure as in :func:`genflow.train.diffusion_objective`."""
-    from genflow.train._objective import _split_batch
+    from genflow._checks import split_batch as _split_batch
 
     return _split_batch(batch)[0]
 

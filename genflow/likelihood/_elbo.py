@@ -319,14 +319,28 @@ def likelihood_loss(fn: Callable, path: Path, x0: Array, key: Array, *, predicti
 def likelihood_objective(apply_fn: Callable, path: Path, *, prediction: str = "eps", **kwargs: Any):
     """``loss_fn(params, batch, key)`` of :func:`likelihood_loss` for :func:`genflow.train.make_train_step`.
 
-    ``apply_fn(params, x, t)`` (e.g. ``module.apply``); the batch is ``x: [B, ...]`` or
-    ``{"x": [B, ...]}``.
+    ``apply_fn(params, x, t[, y=labels])`` (e.g. ``module.apply``); the batch is ``x: [B, ...]`` or
+    ``{"x": [B, ...], "y": [B]}`` (labels passed to ``apply_fn`` as ``y=``, as
+    :func:`genflow.train.diffusion_objective` does; no label dropout here). Paired noise ``"x1"``
+    is refused: this loss draws its own.
     """
+    import inspect
+
+    from genflow._checks import split_batch as _split_batch
+
     param.check_kind(prediction)
+    try:  # (an unknown option, e.g. label_dropout=, failed only when the loss was first traced)
+        inspect.signature(likelihood_loss).bind(None, path, None, None, prediction=prediction, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"likelihood_objective: {e} (its options are likelihood_loss's keyword arguments)") from None
 
     def loss_fn(params, batch, key):
-        x0 = batch["x"] if isinstance(batch, dict) else batch
-        loss, _ = likelihood_loss(lambda z, t: apply_fn(params, z, t), path, x0, key, prediction=prediction,
+        x0, y, x1 = _split_batch(batch)
+        if x1 is not None:
+            raise ValueError("likelihood_objective draws its own noise: a batch with paired noise 'x1' is not "
+                             "supported (use genflow.train.diffusion_objective)")
+        kw = {} if y is None else {"y": y}  # (labels were dropped: a conditional net trained on its null label)
+        loss, _ = likelihood_loss(lambda z, t: apply_fn(params, z, t, **kw), path, x0, key, prediction=prediction,
                                   **kwargs)
         return loss, {}
 

@@ -231,7 +231,7 @@ def _scan_solver(solver: str, solver_options: dict):
             raise ValueError(f"a schedule search needs a deterministic solver: {solver!r} with {opt}={v!r} is "
                              f"stochastic (pass {opt}=0)")
     if not _is_scan(spec) or spec.stochastic:  # (a user's own run has no grid scalars to tune)
-        raise ValueError(f"the schedule search supports the deterministic scan solvers "
+        raise ValueError(f"the schedule search tools support the deterministic scan solvers "
                          f"{sorted(k for k, v in _registry.SOLVERS.items() if _is_scan(v) and not v.stochastic)}; "
                          f"got {solver!r}")
     # the options gf.sample takes, checked as it checks them (the steppers swallow unknown keywords,

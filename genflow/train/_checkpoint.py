@@ -178,7 +178,12 @@ class Checkpointer:
                                             preservation_policy=cm.AnyPreservationPolicy(policies),
                                             enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
                                             **options)
-        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "data"))
+        # handlers named up front: with item_names alone, a new process (a resume) could not read the
+        # stored metadata (the shape check below silently did nothing) and absl warned "Item 'state'
+        # was found in the checkpoint, but could not be restored" on every restore
+        self.manager = ocp.CheckpointManager(self.directory, options=opts,
+                                             item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                            "data": ocp.JsonCheckpointHandler()})
         _close_at_exit(self)
 
     # -- saving -------------------------------------------------------------------------------

@@ -7,20 +7,10 @@ from typing import Any, Callable
 import jax
 
 from genflow import losses
+from genflow._checks import split_batch as _split_batch
 from genflow.paths import Path
 
 Array = jax.Array
-
-
-def _split_batch(batch) -> tuple[Array, Array | None, Array | None]:
-    if isinstance(batch, dict):
-        if "x" not in batch:
-            raise ValueError(f"a dict batch needs an 'x' entry (and optionally 'y', 'x1'); got keys {sorted(batch)}")
-        return batch["x"], batch.get("y"), batch.get("x1")
-    if isinstance(batch, (tuple, list)):  # (jnp.asarray would stack (x, x1) into one [2, B, ...] array)
-        raise TypeError(f"batch must be an array x: [B, ...] or a dict {{'x': ..., 'y': ..., 'x1': ...}}; got a "
-                        f"{type(batch).__name__} of {len(batch)} entries (pass (x, y) as {{'x': x, 'y': y}})")
-    return batch, None, None
 
 
 def diffusion_objective(
