@@ -1184,6 +1184,8 @@ def test_operator_constructors_name_bad_shapes_levels_and_even_blur_kernels():
     with pytest.raises(ValueError, match="sigma must be a finite real >= 0"):
         inv.GaussianNoise(1j)
     inv.GaussianNoise(jnp.array([0.1, 0.2]))  # arrays of valid levels are fine
+    inv.GaussianNoise(jnp.array(0.1, jnp.bfloat16))  # (NumPy's dtype test refused bfloat16 at first)
+    inv.PoissonNoise(jnp.bfloat16(5.0))
 
 
 def test_compressed_sensing_is_float64_under_x64():
@@ -1194,3 +1196,12 @@ def test_compressed_sensing_is_float64_under_x64():
         y = op(x)
         # float32 storage capped A A^+ y - y at ~2e-6
         assert float(jnp.max(jnp.abs(op(op.pinv(y)) - y))) < 1e-10
+        # float32 data with a float64 ||A||^2: flowdps's step size kept the scan carry float32 (a type error)
+        small = inv.compressed_sensing(jax.random.key(4), (2, 2, 1), 3)
+        g = gf.oracles.Gaussian.diagonal(jnp.zeros(4, jnp.float32), jnp.ones(4, jnp.float32))
+        path = gf.paths.linear()
+        x1 = jax.random.normal(jax.random.key(1), (2, 2, 2, 1), jnp.float32)
+        y32 = small(jnp.ones((2, 2, 2, 1), jnp.float32)).astype(jnp.float32)
+        x, _ = inv.posterior_sample(g.model(path, "velocity"), path, x1, y32, small, prediction="velocity",
+                                    method="flowdps", steps=4, key=jax.random.key(2), noise=inv.GaussianNoise(0.1))
+        assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))

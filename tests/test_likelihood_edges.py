@@ -274,6 +274,10 @@ def test_likelihood_objective_passes_labels_and_refuses_unknown_batch_keys():
     do = gf.train.diffusion_objective(net.apply, gf.paths.linear(), prediction="velocity")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['labels'\]"):
         do(p, {"x": x, "labels": y}, k)
+    flow = gf.flows.realnvp(2, num_steps=1, hidden=8)  # flows read only "x": other keys are not refused
+    fp = flow.init(jax.random.key(3), x)
+    lf = gf.flows.flow_objective(flow, "ml")
+    assert float(lf(fp, {"x": x, "label": y}, k)[0]) == float(lf(fp, x, k)[0])
     with pytest.raises(ValueError, match="draws its own noise"):
         lo(p, {"x": x, "x1": x}, k)
     with pytest.raises(TypeError, match="likelihood_objective: .*label_dropout"):

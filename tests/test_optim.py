@@ -217,6 +217,13 @@ def test_fadam_keeps_weight_decay_and_scale_invariance_at_extreme_gradient_scale
     # (g^2 still underflows in the float32 Fisher: 1e-3 off, against 0.1 before: the g = 0 update
     # [0.046, -0.093, 0.139])
     np.testing.assert_allclose(u["w"], ref, atol=1.5e-3)
+    # the scale carries no gradient: d rms / dx = x / (n rms) at every magnitude (the max's -x / a^2
+    # term overflowed at 1e20 in a first version)
+    from genflow.optim._base import rms
+
+    for s in (1e20, 1.0, 1e-25):
+        np.testing.assert_allclose(jax.grad(rms)(s * jnp.array([3.0, 4.0])), [0.6 / 2 ** 0.5, 0.8 / 2 ** 0.5],
+                                   rtol=1e-5)
 
 
 def test_smb_names_a_loss_that_is_not_a_scalar():

@@ -171,10 +171,12 @@ def _check_data(x):
 
 
 def objective_batch(batch):
-    """The data ``x`` of a flow objective's batch (an array, or a dict with ``"x"``), named on a
-    wrong structure as in :func:`genflow.train.diffusion_objective`."""
+    """The data ``x`` of a flow objective's batch (an array, or a dict with ``"x"``; other keys, e.g.
+    labels, are not read), named on a wrong structure as in :func:`genflow.train.diffusion_objective`."""
     from genflow._checks import split_batch as _split_batch
 
+    if isinstance(batch, dict) and "x" in batch:  # (flows take no labels: other keys are ignored)
+        return batch["x"]
     return _split_batch(batch)[0]
 
 

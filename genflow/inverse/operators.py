@@ -476,8 +476,9 @@ def _levels_ok(value, low: float, strict: bool = False) -> bool:
         return True  # (other leaves of an unflattened pytree)
     if v.dtype == object:
         return True
-    if np.iscomplexobj(v) or not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.bool_):
-        return False
+    # (JAX's dtype lattice: NumPy's does not know bfloat16 / float8, which were then refused)
+    if not (jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)):
+        return False  # (complex, bool)
     v = v.astype(np.float64)
     return bool(np.all(np.isfinite(v) & ((v > low) if strict else (v >= low))))
 @_checked_pytree

@@ -175,6 +175,7 @@ def _step_fn(model: Model, method: str | None, base: str, y, op: Operator, noise
             # (an operator that observes nothing, e.g. an all-zero mask, has ||A||^2 = 0: no step, not inf * 0)
             curv = op.norm_sq() * getattr(noise, "curvature", lambda: 1.0)()
             lr = jnp.where(curv > 0, hp["scale"] / jnp.where(curv > 0, curv, 1.0), 0.0)
+            lr = lr.astype(x0.dtype)  # (a float64 ||A||^2 under x64 promoted a float32 carry: a scan type error)
             x0_dc = jax.lax.fori_loop(0, hp["dc_steps"], lambda _, v: v - lr * dc_grad(v), x0)
             x0 = x0 + (weight * t) * (x0_dc - x0)
         return x0, eps

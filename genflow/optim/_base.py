@@ -135,10 +135,12 @@ def rms(x: Array) -> Array:
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if x.size == 0:
         return jnp.zeros([], x.dtype)
-    a = jnp.max(jnp.abs(x))
-    scaled = a * jnp.sqrt(jnp.mean(jnp.square(x / jnp.where(a > 0, a, 1.0))))
-    # (an inf or NaN entry keeps the plain formula's inf / NaN)
-    return jnp.where(jnp.isfinite(a), scaled, jnp.sqrt(jnp.mean(jnp.square(x))))
+    # (no gradient through the scale: its -x / a^2 term overflowed; the value's gradient stays x / (n rms))
+    a = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
+    ok = jnp.isfinite(a) & (a > 0)
+    safe_a = jnp.where(ok, a, 1.0)
+    # (an inf or NaN entry keeps the plain formula's inf / NaN; all zeros give 0)
+    return safe_a * jnp.sqrt(jnp.mean(jnp.square(x / safe_a)))
 
 
 def unzip(tree_of_tuples, like, n: int) -> tuple:
