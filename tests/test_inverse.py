@@ -1205,3 +1205,19 @@ def test_compressed_sensing_is_float64_under_x64():
         x, _ = inv.posterior_sample(g.model(path, "velocity"), path, x1, y32, small, prediction="velocity",
                                     method="flowdps", steps=4, key=jax.random.key(2), noise=inv.GaussianNoise(0.1))
         assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_operator_constructors_name_more_bad_shapes():
+    """(operators audit nits) a tuple mask failed in astype; a bool mask's norm_sq was True; a 1-D box
+    shape failed as an IndexError; kernel_blur truncated a float image size; GaussianNoise.sample
+    failed on an integer clean image inside jax.random.normal."""
+    m = inv.Mask((1.0, 0.0))
+    np.testing.assert_array_equal(m(jnp.ones((2, 2))), [[1.0, 0.0], [1.0, 0.0]])
+    nb = inv.Mask(jnp.array([True, False])).norm_sq()
+    assert nb.dtype == jnp.float32 and float(nb) == 1.0
+    with pytest.raises(ValueError, match=r"shape must be \(H, W, C\)"):
+        inv.box_inpainting((4,), 0, 0, 1, 1)
+    with pytest.raises(ValueError, match="image_shape entries must be"):
+        inv.kernel_blur((4.5, 4), np.ones((2, 2)))
+    y = inv.GaussianNoise(0.1).sample(jax.random.key(0), jnp.ones((2, 3), jnp.int32))
+    assert jnp.issubdtype(y.dtype, jnp.floating) and y.shape == (2, 3)

@@ -123,7 +123,7 @@ class Mask(Operator):
     def __post_init__(self):
         # (the user's constructor only: JAX unflattens without it) a soft mask is no projection:
         # pinv / norm_sq / the range projections were silently wrong (A A+ A != A)
-        if isinstance(self.mask, list):  # (a list skipped the 0/1 check; ints stay: vmap axis specs)
+        if isinstance(self.mask, (list, tuple)):  # (a list skipped the 0/1 check, a tuple failed in astype; ints stay: vmap axis specs)
             object.__setattr__(self, "mask", jnp.asarray(self.mask, jnp.float32))
         if isinstance(self.mask, (np.ndarray, jax.Array)) and not isinstance(self.mask, jax.core.Tracer):
             m = np.asarray(self.mask)
@@ -155,7 +155,7 @@ class Mask(Operator):
         return self._apply(y)  # (checked: an [H, W] mask broadcast over the wrong axes of [B, H, W, C])
 
     def norm_sq(self):
-        return jnp.max(self.mask)
+        return jnp.max(self.mask).astype(jnp.promote_types(jnp.result_type(self.mask), jnp.float32))  # (a bool mask gave True)
 
 
 def random_inpainting(key: Array, shape: tuple[int, ...], keep: float = 0.3, per_channel: bool = False) -> Mask:
@@ -174,6 +174,9 @@ def box_inpainting(shape: tuple[int, int, int], top: int, left: int, height: int
     """Drop the box ``[top:top+height, left:left+width]`` of ``[H, W, C]`` images."""
     top, left = check_int("top", top, 0), check_int("left", left, 0)
     height, width = check_int("height", height), check_int("width", width)
+    shape = tuple(shape)
+    if len(shape) != 3:  # ((4,) failed as "tuple index out of range")
+        raise ValueError(f"shape must be (H, W, C) of one image; got {shape}")
     H, W = shape[0], shape[1]
     if not (0 <= top and 0 <= left and top + height <= H and left + width <= W and height > 0 and width > 0):
         raise ValueError(f"box ({top}, {left}, {height}, {width}) does not fit in images of shape {shape}")
@@ -301,7 +304,7 @@ def _zero_frequency(kernel_fft: Array) -> float:
 def _kernel_to_fft(kernel: np.ndarray, image_shape, normalize: bool = True) -> Array:
     if len(tuple(image_shape)) != 2:
         raise ValueError(f"image_shape must be (H, W); got {tuple(image_shape)}")
-    H, W = (int(v) for v in image_shape)
+    H, W = (check_int("image_shape entries", v) for v in image_shape)  # ((4.5, 4) was truncated to (4, 4))
     kh, kw = kernel.shape
     if kh > H or kw > W:
         raise ValueError(f"kernel of shape {kernel.shape} is larger than the image {(H, W)}")
@@ -495,7 +498,8 @@ class GaussianNoise:
             raise ValueError(f"GaussianNoise: sigma must be a finite real >= 0; got {self.sigma!r}")
 
     def sample(self, key: Array, clean: Array) -> Array:
-        return clean + self.sigma * jax.random.normal(key, clean.shape, clean.dtype)
+        dt = _out_dtype(clean)  # (an integer clean failed inside jax.random.normal)
+        return clean.astype(dt) + self.sigma * jax.random.normal(key, clean.shape, dt)
 
     def residual_norm(self, y: Array, pred: Array) -> Array:
         """``||y - A x0||`` per example: the distance DPS steps on. Returns ``[B]``."""
