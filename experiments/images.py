@@ -123,8 +123,8 @@ def validate(cfg: Config) -> None:
 # the flags that make the trained state and its objective: a checkpoint trained with other values is
 # not resumed. --steps is one of them: the cosine schedule decays over it (resuming a 1500-step run
 # with --steps 3000 raised the learning rate at step 1500 from 2e-4 to 1.15e-3)
-TRAINING_FLAGS = ("dataset", "image_size", "net", "ch", "depth", "path", "prediction", "weighting", "conditional", "steps", "batch",
-                  "lr", "warmup", "clip", "ema", "seed")
+TRAINING_FLAGS = ("dataset", "image_size", "net", "ch", "depth", "path", "prediction", "weighting", "conditional",
+                  "steps", "batch", "lr", "warmup", "clip", "ema", "seed")
 
 
 def check_resume_config(cfg: Config, ckpt) -> None:

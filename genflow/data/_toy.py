@@ -17,6 +17,14 @@ __all__ = ["TOY", "toy", "toy_sampler",
            "moons", "eight_gaussians", "checkerboard", "swiss_roll", "spirals", "pinwheel", "circles"]
 
 
+def _check_args(key, n) -> int:
+    """``n`` as an int >= 0, and ``key`` checked (key=0 failed as JAX's "invalid PRNG key data",
+    naming no argument)."""
+    n = check_int("n", n, 0)
+    check_key(key)
+    return n
+
+
 def moons(key: Array, n: int, noise: float = 0.05, scale: float = 2.0) -> Array:
     """Two interleaving half circles (scikit-learn's ``make_moons``), centred and scaled.
 
@@ -34,8 +42,7 @@ def moons(key: Array, n: int, noise: float = 0.05, scale: float = 2.0) -> Array:
 
     Returns: ``[n, 2]`` float32.
     """
-    n = check_int("n", n, 0)
-    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
+    n = _check_args(key, n)
     k1, k2, k3 = jax.random.split(key, 3)
     upper = _paired_halves(k1, n)
     theta = jax.random.uniform(k2, (n,), minval=0.0, maxval=jnp.pi)
@@ -55,8 +62,7 @@ def _paired_halves(key: Array, n: int) -> Array:
 
 def eight_gaussians(key: Array, n: int, radius: float = 2.0, std: float = 0.2) -> Array:
     """Eight Gaussians of std ``std`` on a circle of radius ``radius``."""
-    n = check_int("n", n, 0)
-    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
+    n = _check_args(key, n)
     k1, k2 = jax.random.split(key)
     idx = jax.random.randint(k1, (n,), 0, 8)
     ang = 2 * jnp.pi * idx / 8
@@ -66,8 +72,7 @@ def eight_gaussians(key: Array, n: int, radius: float = 2.0, std: float = 0.2) -
 
 def checkerboard(key: Array, n: int, size: float = 4.0) -> Array:
     """Uniform on the dark squares of a 4x4 checkerboard covering ``[-size/2, size/2]^2``."""
-    n = check_int("n", n, 0)
-    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
+    n = _check_args(key, n)
     k1, k2, k3 = jax.random.split(key, 3)
     x1 = jax.random.uniform(k1, (n,), minval=-2.0, maxval=2.0)
     x2 = jax.random.uniform(k2, (n,), minval=0.0, maxval=1.0) - 2.0 * jax.random.randint(k3, (n,), 0, 2)
@@ -77,8 +82,7 @@ def checkerboard(key: Array, n: int, size: float = 4.0) -> Array:
 
 def swiss_roll(key: Array, n: int, noise: float = 0.25) -> Array:
     """2-D swiss roll (scikit-learn's ``make_swiss_roll`` projected on (x, z)), scaled by 1/5."""
-    n = check_int("n", n, 0)
-    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
+    n = _check_args(key, n)
     k1, k2 = jax.random.split(key)
     t = 1.5 * jnp.pi * (1.0 + 2.0 * jax.random.uniform(k1, (n,)))
     pts = jnp.stack([t * jnp.cos(t), t * jnp.sin(t)], -1) + noise * jax.random.normal(k2, (n, 2))
@@ -89,8 +93,7 @@ def spirals(key: Array, n: int, noise: float = 0.1) -> Array:
     """Two interleaved spirals (FFJORD's ``2spirals`` without its uniform ``[0, 0.5)`` offset of
     each arm), scaled to about [-3.5, 3.5]. ``n // 2`` points on one arm, the rest on the other,
     paired by rows as in :func:`moons` (a coin per point gave the arms binomially unequal mass)."""
-    n = check_int("n", n, 0)
-    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
+    n = _check_args(key, n)
     k1, k2, k3 = jax.random.split(key, 3)
     r = jnp.sqrt(jax.random.uniform(k1, (n,))) * 540.0 * (2 * jnp.pi) / 360.0
     sign = jnp.where(_paired_halves(k2, n), 1.0, -1.0)
@@ -102,8 +105,7 @@ def spirals(key: Array, n: int, noise: float = 0.1) -> Array:
 def pinwheel(key: Array, n: int, num_arms: int = 5, radial_std: float = 0.3, tangential_std: float = 0.1,
              rate: float = 0.25) -> Array:
     """Pinwheel of ``num_arms`` curved arms (Johnson et al. 2016; as in FFJORD)."""
-    n = check_int("n", n, 0)
-    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
+    n = _check_args(key, n)
     if not isinstance(num_arms, jax.core.Tracer):  # 0 gave NaN samples, < 0 nonsense
         num_arms = check_int("num_arms", num_arms)
     k1, k2 = jax.random.split(key)
@@ -122,8 +124,7 @@ def circles(key: Array, n: int, noise: float = 0.05, factor: float = 0.5, scale:
     """Two concentric circles (scikit-learn's ``make_circles``), scaled. As in scikit-learn,
     ``n // 2`` points lie on the outer circle and the rest on the inner one (paired by rows as in
     :func:`moons`; a coin per point gave 514 / 487 of 1,001)."""
-    n = check_int("n", n, 0)
-    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", naming no argument)
+    n = _check_args(key, n)
     k1, k2, k3 = jax.random.split(key, 3)
     inner = ~_paired_halves(k1, n)
     theta = jax.random.uniform(k2, (n,), maxval=2 * jnp.pi)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow._checks import (check_data_batch, check_finite_rows, check_int, check_key, check_positive_real, flat_batch,
-                             is_int)
+                             is_int, split_batch)
 from genflow.flows._layers import (ActNorm, AdditiveCoupling, AffineCoupling, Chain, FactorOut, Invertible1x1Conv,
                                    Layer, Squeeze, Unsqueeze)
 from genflow.likelihood._discrete import uniform_dequantize
@@ -173,11 +173,9 @@ def _check_data(x):
 def objective_batch(batch):
     """The data ``x`` of a flow objective's batch (an array, or a dict with ``"x"``; other keys, e.g.
     labels, are not read), named on a wrong structure as in :func:`genflow.train.diffusion_objective`."""
-    from genflow._checks import split_batch as _split_batch
-
     if isinstance(batch, dict) and "x" in batch:  # (flows take no labels: other keys are ignored)
         return batch["x"]
-    return _split_batch(batch)[0]
+    return split_batch(batch)[0]
 
 
 def nll_loss(flow: Flow, params, x: Array) -> Array:

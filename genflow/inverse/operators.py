@@ -123,7 +123,8 @@ class Mask(Operator):
     def __post_init__(self):
         # (the user's constructor only: JAX unflattens without it) a soft mask is no projection:
         # pinv / norm_sq / the range projections were silently wrong (A A+ A != A)
-        if isinstance(self.mask, (list, tuple)):  # (a list skipped the 0/1 check, a tuple failed in astype; ints stay: vmap axis specs)
+        # (a list skipped the 0/1 check, a tuple failed in astype; ints stay: vmap axis specs)
+        if isinstance(self.mask, (list, tuple)):
             object.__setattr__(self, "mask", jnp.asarray(self.mask, jnp.float32))
         if isinstance(self.mask, (np.ndarray, jax.Array)) and not isinstance(self.mask, jax.core.Tracer):
             m = np.asarray(self.mask)
@@ -155,7 +156,8 @@ class Mask(Operator):
         return self._apply(y)  # (checked: an [H, W] mask broadcast over the wrong axes of [B, H, W, C])
 
     def norm_sq(self):
-        return jnp.max(self.mask).astype(jnp.promote_types(jnp.result_type(self.mask), jnp.float32))  # (a bool mask gave True)
+        # (a bool mask gave True)
+        return jnp.max(self.mask).astype(jnp.promote_types(jnp.result_type(self.mask), jnp.float32))
 
 
 def random_inpainting(key: Array, shape: tuple[int, ...], keep: float = 0.3, per_channel: bool = False) -> Mask:
@@ -484,6 +486,8 @@ def _levels_ok(value, low: float, strict: bool = False) -> bool:
         return False  # (complex, bool)
     v = v.astype(np.float64)
     return bool(np.all(np.isfinite(v) & ((v > low) if strict else (v >= low))))
+
+
 @_checked_pytree
 @dataclasses.dataclass(frozen=True)
 class GaussianNoise:

@@ -27,6 +27,7 @@ al. 2023 (Sec. 4.2), which removes the variance that the weight's divergence at 
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -36,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import check_int, check_key, check_positive_real, check_real_in, concrete_real, flat_batch
+from genflow._checks import (check_int, check_key, check_positive_real, check_real_in, concrete_real, flat_batch,
+                             split_batch)
 from genflow.likelihood._ode import _check_x, is_zero
 from genflow.paths import Path, check_path
 
@@ -324,10 +326,6 @@ def likelihood_objective(apply_fn: Callable, path: Path, *, prediction: str = "e
     :func:`genflow.train.diffusion_objective` does; no label dropout here). Paired noise ``"x1"``
     is refused: this loss draws its own.
     """
-    import inspect
-
-    from genflow._checks import split_batch as _split_batch
-
     param.check_kind(prediction)
     try:  # (an unknown option, e.g. label_dropout=, failed only when the loss was first traced)
         inspect.signature(likelihood_loss).bind(None, path, None, None, prediction=prediction, **kwargs)
@@ -335,7 +333,7 @@ def likelihood_objective(apply_fn: Callable, path: Path, *, prediction: str = "e
         raise TypeError(f"likelihood_objective: {e} (its options are likelihood_loss's keyword arguments)") from None
 
     def loss_fn(params, batch, key):
-        x0, y, x1 = _split_batch(batch)
+        x0, y, x1 = split_batch(batch)
         if x1 is not None:
             raise ValueError("likelihood_objective draws its own noise: a batch with paired noise 'x1' is not "
                              "supported (use genflow.train.diffusion_objective)")

@@ -179,7 +179,7 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
     u = np.concatenate([u, np.full(bucket(n) - n, u[-1], fdt)])
     inner, probe = _interior(path, jax.device_put(u), t_start, t_end, rho, sigma_min, sigma_max, schedule=schedule,
                              geometric=n == 1, start_inf=start_inf, end_inf=end_inf)
-    if path.t_from_log_snr_fn is None:  # (a bisection: the closed forms belong to monotone paths)
+    if probe is not None:
         _check_decreasing_log_snr(path, np.asarray(probe), t_start, t_end, schedule)
     inner = np.asarray(inner)[:n].astype(fdt)
     if not start_inf:
@@ -366,7 +366,10 @@ def _interior(path: Path, u, t_start, t_end, rho, sigma_min, sigma_max, *, sched
         # (1 - u) a + u b, exact at both ends: a + (b - a) u cancelled at u = 1 for a >> b (small
         # rho: sigma_min 0.00182 for 0.002 at rho 0.7, 0 at rho 0.5)
         levels = ((1.0 - u) * a + u * b) ** rho
-    probe = path.log_snr(t_end + (t_start - t_end) * jnp.linspace(0.0, 1.0, _PROBE, dtype=fdt))
+    # (probed only for a bisection inverse: the closed forms belong to monotone paths; the inverse
+    # function is static, so this is one program per kind of path)
+    probe = (path.log_snr(t_end + (t_start - t_end) * jnp.linspace(0.0, 1.0, _PROBE, dtype=fdt))
+             if path.t_from_log_snr_fn is None else None)
     return jnp.clip(path.t_from_log_snr(-2.0 * jnp.log(levels)), t_end, t_start), probe
 
 

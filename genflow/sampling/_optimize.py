@@ -28,6 +28,7 @@ solver and NFE budget, not of the calibration noise -- check it on fresh noise).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import diffrax
@@ -38,8 +39,6 @@ import numpy as np
 import optax
 
 from genflow import param
-import contextlib
-
 from genflow._checks import check_bool, check_int, concrete_real, flat_batch
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
@@ -417,7 +416,7 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
     errors = _sample_errors(model, ts, pool, x_end, solver, **solver_options)
     ranked = jnp.where(jnp.isfinite(errors), errors, -jnp.inf)  # a diverging sample is never picked as hard
     errors = jnp.where(jnp.isfinite(errors), errors, jnp.inf)  # ... and reported as inf, as global_error's
-    n_hard = int(round(float(hard) * size))
+    n_hard = int(round(h * size))
     top = np.asarray(jnp.argsort(-ranked))[:n_hard]
     # (on the host: jnp.setdiff1d with size=0 failed as an IndexError when every pool sample was hard)
     rest = np.setdiff1d(np.arange(pool.shape[0]), top)[:size - n_hard]

@@ -18,7 +18,7 @@ from typing import Callable
 import diffrax
 import numpy as np
 
-from genflow._checks import check_registration, check_removal, is_int, registry_owner
+from genflow._checks import check_bool, check_registration, check_removal, is_int, registry_owner
 from genflow.sampling import _diffrax, _driver, _multistep, _singlestep, _stochastic
 from genflow.sampling._driver import Stepper
 
@@ -217,8 +217,7 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
     if spec.target not in ("flow_map", "sde", "distribution"):
         raise ValueError(f"spec.target must be 'flow_map', 'sde' or 'distribution'; got {spec.target!r}")
     for flag in ("stochastic", "adaptive"):  # ("yes" / None were stored and misreported)
-        if not isinstance(getattr(spec, flag), (bool, np.bool_)):
-            raise TypeError(f"spec.{flag} must be True or False; got {getattr(spec, flag)!r}")
+        check_bool(f"spec.{flag}", getattr(spec, flag))
     if not isinstance(spec.options, (tuple, list)) or not all(isinstance(o, str) for o in spec.options):
         # (a bare string "scale" was read as the options 's', 'c', 'a', 'l', 'e')
         raise TypeError(f"spec.options must be a tuple of option names (str); got {spec.options!r}")

@@ -39,8 +39,6 @@ def _ocp():
     return ocp
 
 
-
-
 def _key_impl(ref):
     if isinstance(ref, jax.Array):
         return jax.random.key_impl(ref)

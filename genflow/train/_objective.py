@@ -7,7 +7,7 @@ from typing import Any, Callable
 import jax
 
 from genflow import losses
-from genflow._checks import split_batch as _split_batch
+from genflow._checks import split_batch
 from genflow.paths import Path
 
 Array = jax.Array
@@ -51,7 +51,7 @@ def diffusion_objective(
         raise ValueError(f"label_dropout must lie in [0, 1]; got {label_dropout}")
 
     def loss_fn(params, batch, key):
-        x0, y, x1 = _split_batch(batch)
+        x0, y, x1 = split_batch(batch)
         k_drop, k_loss = jax.random.split(key)
         if label_dropout > 0:
             if y is None:  # (the dropout was skipped: a conditional net trained without a null label)
