@@ -261,7 +261,7 @@ def test_image_nets_bad_inputs():
         UNET.clone(num_classes=None).init(jax.random.key(0), X_IMG, T_IMG, Y_IMG)
     with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B\]"):
         DIT.init(jax.random.key(0), X_IMG, jnp.zeros((3,)))
-    with pytest.raises(ValueError, match=r"labels y must have shape \[B\]"):
+    with pytest.raises(ValueError, match=r"labels y must be a scalar or have shape \[B\]"):
         DIT.init(jax.random.key(0), X_IMG, T_IMG, jnp.zeros((4, 1), jnp.int32))
 
 
@@ -383,7 +383,7 @@ def test_label_embedding_null_label_shapes_and_checks():
         _Labels(None).apply({}, y, 4)
     with pytest.raises(ValueError, match=r"labels y must be ints in \[0, num_classes=3\]"):
         m.apply(p, jnp.array([0, 4]), 2)
-    with pytest.raises(ValueError, match=r"labels y must have shape \[B\]=\(4,\)"):
+    with pytest.raises(ValueError, match=r"labels y must be a scalar or have shape \[B\]=\(4,\)"):
         m.apply(p, jnp.array([0, 1]), 4)
 
 
@@ -554,3 +554,22 @@ def test_traced_negative_int8_labels_do_not_wrap_onto_class_zero():
     p = m.init(jax.random.key(0), x, t, jnp.array([0, 1, 2], jnp.int8))
     out = np.asarray(jax.jit(lambda y: m.apply(p, x, t, y))(jnp.array([-1, 0, 1], jnp.int8)))
     assert np.all(np.isnan(out[0])) and np.all(np.isfinite(out[1:]))
+
+
+def test_one_label_for_the_whole_batch_is_broadcast_like_t():
+    """A scalar or [1] label means that class for every sample, as a scalar t means that time:
+    model_fn(net, p, y=3) (a Python int, bound statically) and y=jnp.array([3]) give the [B]
+    labels' output, also through gf.sample (both failed on the label shape)."""
+    mlp = gf.nets.MLP(hidden=(16,), num_classes=4)
+    x = jax.random.normal(jax.random.key(0), (5, 2))
+    p = mlp.init(jax.random.key(1), x, jnp.zeros((5,)), jnp.zeros((5,), jnp.int32))
+    full = gf.nets.model_fn(mlp, p, y=jnp.full((5,), 3))
+    path = gf.paths.linear()
+    ref, _ = gf.sample(full, path, x, prediction="velocity", solver="heun", steps=4)
+    for y in (3, np.int32(3), jnp.array(3), jnp.array([3])):
+        fn = gf.nets.model_fn(mlp, p, y=y)
+        np.testing.assert_array_equal(fn(x, 0.5), full(x, 0.5))
+        out, _ = gf.sample(fn, path, x, prediction="velocity", solver="heun", steps=4)
+        np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError, match=r"labels y must be ints in \[0, num_classes=4\]"):
+        gf.nets.model_fn(mlp, p, y=5)(x, 0.5)

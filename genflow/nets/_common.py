@@ -136,7 +136,8 @@ class _Apply:
 
 def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: int, name: str = "label_embed",
                     init: Callable = nn.linear.default_embed_init) -> Array | None:
-    """Embed labels ``y: [B]`` in ``[0, num_classes]`` (``num_classes`` = "no label") into ``[B, dim]``.
+    """Embed labels ``y: [B]`` (or one label, scalar or ``[1]``, for the whole batch) in
+    ``[0, num_classes]`` (``num_classes`` = "no label") into ``[B, dim]``.
 
     Called inside a compact module. ``y=None`` means the null label when the network is
     class-conditional; labels given to an unconditional network (``num_classes=None``) raise.
@@ -157,8 +158,10 @@ def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: i
             raise ValueError(f"labels y must be ints in [0, num_classes={num_classes}] ({num_classes}: no label); "
                              f"got dtype {yy.dtype}, values in [{yy.min()}, {yy.max()}]")
     y = jnp.asarray(y)
+    if y.shape in ((), (1,)):  # one label for the whole batch, as t (model_fn(net, p, y=3) failed on its shape)
+        y = jnp.broadcast_to(y.reshape(()), (batch,))
     if y.shape != (batch,):
-        raise ValueError(f"labels y must have shape [B]={(batch,)}; got {y.shape}")
+        raise ValueError(f"labels y must be a scalar or have shape [B]={(batch,)}; got {y.shape}")
     # traced labels outside [0, num_classes] (no check can see them) give NaN outputs, as labels
     # above num_classes do through Embed's out-of-range fill: negative ones wrapped (-1 read as the
     # null label, -2 as class num_classes - 1), so a dataset's -1 "unlabelled" trained silently
