@@ -602,3 +602,21 @@ def test_a_new_process_names_a_mismatched_leaf_and_restores_without_warnings(tmp
                          env=env, timeout=300)
     assert "ERR cannot restore step 0" in bad.stdout and "stored with shape (8,), the target's has shape (12,)" \
         in bad.stdout, (bad.stdout, bad.stderr[-2000:])
+
+
+def test_restore_into_a_target_of_another_structure_names_the_difference(tmp_path):
+    """A target with other EMA decays or another optimizer: orbax's error asked for a
+    partial_restore=True that restore does not take, and called the target "Source"; it now says
+    which leaves differ, in genflow's words, and the checkpointer still restores a right target."""
+    opt = optax.adam(0.1)
+    state = gf.train.init_state({"w": jnp.ones(3)}, opt, jax.random.key(0), ema_decays=(0.99,))
+    with gf.train.Checkpointer(str(tmp_path / "c"), save_every=1) as ckpt:
+        ckpt.save(state.replace(step=jnp.int32(1)))
+        ckpt.wait()
+        for other in (gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0)),
+                      gf.train.init_state({"w": jnp.zeros(3)}, optax.sgd(0.1), jax.random.key(0), ema_decays=(0.99,))):
+            with pytest.raises(ValueError, match="into this target: its tree structure differs") as err:
+                ckpt.restore(other)
+            assert "partial_restore" not in str(err.value) and "stored:" in str(err.value)
+        restored, _ = ckpt.restore(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0), ema_decays=(0.99,)))
+        np.testing.assert_array_equal(restored.ema[gf.train.ema_key(0.99)]["w"], np.ones(3))

@@ -275,8 +275,17 @@ class Checkpointer:
         mismatch = self._shape_mismatch(step, abstract)
         if mismatch is not None:
             raise ValueError(f"cannot restore step {step} of {self.directory} into this target: {mismatch}")
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 data=ocp.args.JsonRestore()))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                     data=ocp.args.JsonRestore()))
+        except ValueError as e:  # (orbax's message asked for a partial_restore=True that restore does not take)
+            if "tree structures do not match" not in str(e):
+                raise
+            detail = str(e).split("If this mismatch is intentional")[0].strip()
+            detail = detail.replace("Source:", "target:").replace("Target:", "stored:")
+            raise ValueError(f"cannot restore step {step} of {self.directory} into this target: its tree structure "
+                             f"differs from the stored state's (another optimizer, other EMA decays or other "
+                             f"parameters?). {detail}") from None
         return _from_savable(out["state"], target, shardings), _data_state_from_json(out["data"])
 
     def _shape_mismatch(self, step: int, abstract) -> str | None:
