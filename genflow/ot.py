@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_int, check_key, concrete_real, is_int
+from genflow._checks import check_bool, check_int, check_key, concrete_real, is_int
 
 Array = jax.Array
 
@@ -417,10 +417,10 @@ def assignment(cost: Array, *, precondition: bool = True, eps=(0.1, 0.02), iters
     call, spread over ``threads``.
     """
     _check_square(cost)
-    _stages(eps, iters)  # here, not as an error inside the host callback
+    stages = tuple(_stages(eps, iters))  # here, not as an error inside the host callback
     _check_threads(threads)
     out = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
-    solve = functools.partial(solve_assignment, precondition=precondition, eps=eps, iters=iters, threads=threads)
+    solve = _host_solver(solve_assignment, check_bool("precondition", precondition), stages, threads)
     return jax.pure_callback(solve, out, jax.lax.stop_gradient(cost), vmap_method="expand_dims")
 
 
@@ -434,17 +434,28 @@ def ot_permutation(x0: Array, x1: Array, *, precondition: bool = True, eps=(0.1,
     """
     if x0.shape != x1.shape or x0.ndim < 1:
         raise ValueError(f"x0 and x1 must have the same shape [B, ...]; got {x0.shape} and {x1.shape}")
-    _stages(eps, iters)  # here, not as an error inside the host callback
+    stages = tuple(_stages(eps, iters))  # here, not as an error inside the host callback
     _check_threads(threads)
     features = math.prod(x0.shape[1:])  # (-1 is ambiguous for B = 0)
     a = jax.lax.stop_gradient(x0.reshape(x0.shape[0], features))
     b = jax.lax.stop_gradient(x1.reshape(x1.shape[0], features))
     out = jax.ShapeDtypeStruct((x0.shape[0],), jnp.int32)
-    def solve(a, b):  # under vmap of one argument only, the other arrives with leading size-1 axes
-        a, b = np.broadcast_arrays(a, b)
-        return solve_ot_points(a, b, precondition=precondition, eps=eps, iters=iters, threads=threads)
-
+    solve = _host_solver(_solve_broadcast_points, check_bool("precondition", precondition), stages, threads)
     return jax.pure_callback(solve, out, a, b, vmap_method="expand_dims")
+
+
+def _solve_broadcast_points(a, b, **options):
+    # under vmap of one argument only, the other arrives with leading size-1 axes
+    return solve_ot_points(*np.broadcast_arrays(a, b), **options)
+
+
+@functools.lru_cache(maxsize=256)
+def _host_solver(solver, precondition, stages: tuple, threads):
+    """``solver`` with its options bound, one object per set of options: outside ``jit``,
+    ``pure_callback`` compiles a program keyed on the callback's identity, and a callback built
+    afresh on every call recompiled it on every call (~50 ms each, against a ~1 ms solve)."""
+    return functools.partial(solver, precondition=precondition, eps=tuple(e for e, _ in stages),
+                             iters=tuple(n for _, n in stages), threads=threads)
 
 
 def assignment_cost(cost, perm):
