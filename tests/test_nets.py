@@ -7,6 +7,7 @@ import pytest
 from flax import linen as nn
 
 import genflow as gf
+from conftest import count_compiles
 
 
 def test_mlp_shapes_and_time_dependence():
@@ -573,3 +574,7 @@ def test_one_label_for_the_whole_batch_is_broadcast_like_t():
         np.testing.assert_array_equal(out, ref)
     with pytest.raises(ValueError, match=r"labels y must be ints in \[0, num_classes=4\]"):
         gf.nets.model_fn(mlp, p, y=5)(x, 0.5)
+    # a Python int label is traced, as an array one: sampling class after class compiles once
+    # (it was static: a new compilation per class; recompilation audit)
+    assert count_compiles(lambda: gf.sample(gf.nets.model_fn(mlp, p, y=2), path, x, prediction="velocity",
+                                            solver="heun", steps=4)) == 0

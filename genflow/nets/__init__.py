@@ -1,7 +1,8 @@
 """Flax linen networks used through the pure model signature ``fn(x, t) -> prediction``.
 
 A network never knows which path or prediction kind it is trained with; it maps
-``(x: [B, ...], t: [B] or scalar, y: [B] labels, one label (scalar or [1]) or None)`` to an output shaped like ``x``.
+``(x: [B, ...], t: [B] or scalar, y: [B] labels, one label (scalar or [1]) or None)`` to an
+output shaped like ``x``.
 Bind parameters and conditioning with :func:`model_fn`.
 
 - :class:`MLP`: vector data ``[B, D]`` (its output layer, :class:`OutputDense`, stores its kernel

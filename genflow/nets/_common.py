@@ -100,11 +100,14 @@ def model_fn(module: nn.Module, params, **cond) -> Callable[[Array, Array], Arra
 
     Returns a :class:`jax.tree_util.Partial`, so the parameters stay traced when the function
     is passed to a jitted sampler: new parameters do not trigger a recompilation. Array-valued
-    conditioning (labels) is traced too; other keywords (``train=False``, strings, ``None``)
-    are static, bound with the module into a hashable callable (an equal module, rebuilt, is
-    the same function to ``jit``; a traced ``train`` flag failed inside the module).
+    conditioning (labels) is traced too, as is a Python number ``y`` (one label for the batch);
+    other keywords (``train=False``, strings, ``None``, other Python numbers) are static, bound
+    with the module into a hashable callable (an equal module, rebuilt, is the same function to
+    ``jit``; a traced ``train`` flag failed inside the module).
     """
     # (a NumPy or concrete JAX bool train flag was traced: it failed in the module, also in gf.sample)
+    if isinstance(cond.get("y"), (int, float)) and not isinstance(cond["y"], bool):
+        cond["y"] = jnp.asarray(cond["y"])  # (a Python int label was static: a new compilation per class)
     static = {k: (bool(v) if _concrete_bool(v) else v) for k, v in cond.items()
               if _concrete_bool(v) or not isinstance(v, (jax.Array, np.ndarray, np.generic))}
     traced = {k: v for k, v in cond.items() if k not in static}
