@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import genflow as gf
+from conftest import count_compiles
 from genflow import inverse as inv
 
 S = (4, 4, 1)
@@ -1221,3 +1222,23 @@ def test_operator_constructors_name_more_bad_shapes():
         inv.kernel_blur((4.5, 4), np.ones((2, 2)))
     y = inv.GaussianNoise(0.1).sample(jax.random.key(0), jnp.ones((2, 3), jnp.int32))
     assert jnp.issubdtype(y.dtype, jnp.floating) and y.shape == (2, 3)
+
+
+def test_a_matrix_with_a_python_float_sq_norm_does_not_recompile_the_sampler():
+    """Matrix(..., sq_norm=<Python float>): the float was a static leaf under eqx.filter_jit, so
+    each new matrix compiled the posterior sampler again (~3.5 s each; recompilation audit);
+    compressed_sensing's own matrices were already array leaves. The norm still takes effect."""
+    lin = gf.paths.linear()
+    fn = PRIOR.model(lin, "velocity")
+    x1 = jax.random.normal(jax.random.key(0), (2,) + S)
+    rng = np.random.default_rng(0)
+    ops = []
+    for i in range(2):
+        M = rng.normal(size=(6, D)).astype(np.float32)
+        ops.append(inv.Matrix(jnp.asarray(M), jnp.asarray(np.linalg.pinv(M)), S, float(np.linalg.norm(M, 2) ** 2)))
+        assert isinstance(ops[-1].sq_norm, jax.Array)
+        np.testing.assert_allclose(float(ops[-1].norm_sq()), np.linalg.norm(M, 2) ** 2, rtol=1e-6)
+    run = lambda op: inv.posterior_sample(fn, lin, x1, op(x1), op, prediction="velocity", method="flowdps",  # noqa: E731
+                                          steps=3, key=jax.random.key(1))
+    run(ops[0])
+    assert count_compiles(lambda: run(ops[1])) == 0

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import genflow as gf
+from conftest import count_compiles
 from conftest import ALL_PATHS
 
 B = 256
@@ -670,6 +671,30 @@ def test_tolerances_of_a_fixed_step_solve_do_not_recompile(gauss2, caplog):
     assert not compiled, compiled
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
+
+
+def test_tolerances_of_an_adaptive_solve_are_traced(gauss2):
+    """A sweep over rtol / atol (error or NFE against tolerance) reuses one compiled program, in
+    gf.sample's adaptive solvers and gf.log_prob's adaptive solve: they were compile-time
+    constants, a new value compiled the solve again (~4 s each on a CPU; recompilation audit).
+    Each tolerance still takes effect: a tighter one costs more NFE and gives a smaller error."""
+    path = gf.paths.linear()
+    fn = gauss2.model(path, "velocity")
+    x1 = gauss2.prior_sample(jax.random.key(0), 8, path, 1.0)
+    x = gauss2.sample(jax.random.key(1), 8)
+    exact = gauss2.flow_map(x1, 1.0, 0.0, path)
+    runs = {}
+    for tol in (1e-2, 1e-4, 1e-6):
+        call = lambda: runs.setdefault(tol, (gf.sample(fn, path, x1, prediction="velocity", solver="tsit5", rtol=tol,
+                                                       atol=tol),
+                                             gf.log_prob(fn, path, x, prediction="velocity", rtol=tol, atol=tol)))
+        n = count_compiles(call)
+        assert n == 0 or tol == 1e-2, (tol, n)
+    (s2, i2), (s6, i6) = runs[1e-2][0], runs[1e-6][0]
+    assert int(i6.nfe) > int(i2.nfe)
+    assert float(jnp.max(jnp.abs(s6 - exact))) < 0.1 * float(jnp.max(jnp.abs(s2 - exact)))
+    lp2, lp6, truth = runs[1e-2][1][0], runs[1e-6][1][0], gauss2.log_prob(x, 0.0, path)
+    assert float(jnp.max(jnp.abs(lp6 - truth))) < float(jnp.max(jnp.abs(lp2 - truth)))
 
 
 def test_prepared_grids_are_reused_only_for_equal_arguments(gauss2):

@@ -12,7 +12,7 @@ import pytest
 from scipy.integrate import quad
 
 import genflow as gf
-from conftest import ALL_PATHS
+from conftest import ALL_PATHS, count_compiles
 
 
 def _level(path, ts):
@@ -830,3 +830,25 @@ def test_schedule_tools_name_nan_models_flags_and_stochastic_options():
                                       iters=1)
     with pytest.raises(ValueError, match=r"upper levels \['1 \(the noise level of t_start=0.5\)'\]"):
         gf.sampling.karras_family(path, 4, t_start=0.5, sigma_mins=(2.0,))
+
+
+def test_reference_solves_take_new_times_and_tolerances_without_recompiling():
+    """reference_end_states / reference_trajectories / propagation_weights with Python-float
+    times, tolerances and cap: eqx.filter_jit kept them static, so each new value compiled the
+    reference solve again (~5 s on a CPU; recompilation audit). Each value still takes effect: an
+    end time of 0.3 gives the exact marginal flow map to t = 0.3, not to 0."""
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -0.5]), jnp.array([0.3, 0.8]))
+    path = gf.paths.linear()
+    model = gf.sampling.Model(g.model(path, "velocity"), path, "velocity")
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    gf.sampling.reference_end_states(model, x1, 1.0, 0.1)
+    x_at = gf.sampling.reference_trajectories(model, x1, 1.0, 0.1, 1e-5, 1e-5)
+    gf.sampling.propagation_weights(model, x_at, 1.0, 0.1)
+    got = {}
+    n = count_compiles(lambda: got.update(
+        end=gf.sampling.reference_end_states(model, x1, 1.0, 0.3, 1e-6, 1e-6),
+        dense=gf.sampling.reference_trajectories(model, x1, 0.9, 0.3, 1e-6, 1e-6),
+        w=gf.sampling.propagation_weights(model, x_at, 0.9, 0.3, cap=10.0)))
+    assert n == 0, n
+    np.testing.assert_allclose(got["end"], g.flow_map(x1, 1.0, 0.3, path), atol=1e-4)
+    np.testing.assert_allclose(got["dense"](jnp.array([0.3]))[0], g.flow_map(x1, 0.9, 0.3, path), atol=1e-4)

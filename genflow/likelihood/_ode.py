@@ -227,7 +227,9 @@ def ode_log_prob(
     if steps is not None:
         max_steps = steps  # exact for a fixed grid: keeps RecursiveCheckpointAdjoint's checkpoints small
         rtol = atol = 0.0  # (unused on a fixed grid: a new value recompiled the solve)
-    return _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, float(rtol), float(atol), steps,
+    else:  # traced: a sweep over tolerances compiled the solve once per value
+        rtol, atol = (jnp.asarray(v, dtype) for v in (rtol, atol))  # (the state's: float64 promoted its controller)
+    return _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps,
                   chunk_size, int(max_steps))
 
 

@@ -410,7 +410,7 @@ def sample(
     # truthy; a traced tolerance failed as an unnamed ConcretizationTypeError at float(rtol) below)
     for name, value in (("rtol", rtol), ("atol", atol)):
         if isinstance(value, jax.core.Tracer):
-            raise ValueError(f"{name} must be a concrete real >= 0 (it configures the compiled solver); got a "
+            raise ValueError(f"{name} must be a concrete real >= 0 (it is checked before the solve); got a "
                              f"traced value")
         if not _real(0.0, finite=True)[0](value):  # (inf was accepted: every step passed the controller)
             raise ValueError(f"{name} must be a finite real >= 0; got {value!r}")
@@ -445,8 +445,11 @@ def sample(
         # max_steps itself, whatever `steps`); tolerances are unused (a new value recompiled)
         max_steps = max(max_steps, int(ts.shape[0]))
         rtol = atol = 0.0
+    else:  # traced: a sweep over tolerances compiled the solve once per value (~4 s each on a CPU)
+        # (in the solver state's dtype: a float64 tolerance promoted a float32 state's controller under x64)
+        rtol, atol = (jnp.asarray(v, jnp.promote_types(x1.dtype, jnp.float32)) for v in (rtol, atol))
     model = Model(as_pytree_fn(fn), _run_path(path), prediction)
-    x, info = _sample_jit(model, ts_run, x1, key, spec, bool(denoise), float(rtol), float(atol), int(max_steps),
+    x, info = _sample_jit(model, ts_run, x1, key, spec, bool(denoise), rtol, atol, int(max_steps),
                           bool(save_trajectory), solver_options)
     return x, dataclasses.replace(info, ts=ts)
 

@@ -24,6 +24,12 @@ output, so the bound is a differentiable function of the interior times and is m
 in a monotone parametrization. The returned schedule is an array of times: pass it as
 ``schedule=`` to :func:`genflow.sample` for any batch (it is a property of the model, path,
 solver and NFE budget, not of the calibration noise -- check it on fresh noise).
+
+:func:`optimize_schedule`, :func:`select_schedule` and :func:`calibration_batch` take a model
+function as :func:`genflow.sample` does (``fn, path, prediction=``); the building blocks they are
+made of (:func:`reference_trajectories`, :func:`reference_end_states`,
+:func:`propagation_weights`, :func:`schedule_bound`, :func:`global_error`) take it bound into a
+:class:`genflow.sampling.Model`: ``model = gf.sampling.Model(fn, path, prediction)``.
 """
 
 from __future__ import annotations
@@ -85,7 +91,8 @@ _RHO_STOP = 5e-4  # the reference solve stops at this noise level sigma/alpha (s
 
 def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
                            max_steps: int = 4096) -> Callable[[Array], Array]:
-    """Dense exact trajectories of the probability-flow ODE from ``x1: [B, ...]`` at ``t_start``.
+    """Dense exact trajectories of the probability-flow ODE from ``x1: [B, ...]`` at ``t_start``
+    (``model``: ``gf.sampling.Model(fn, path, prediction)``).
 
     Solved per sample (the model is called on ``[1, ...]``: a model with per-sample labels bound
     for the batch is refused, its output shape not matching) with Tsit5 in the linear-path
@@ -98,7 +105,7 @@ def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float 
     differentiable in ``t``: a pytree callable (``jax.tree_util.Partial``) holding the solutions,
     compiled once per shape of ``t`` and passed to jitted functions as an argument."""
     return jax.tree_util.Partial(_trajectories_at, model.path,
-                                 *_reference_solve(model, x1, t_start, t_end, rtol, atol, max_steps))
+                                 *_reference_solve(model, x1, *_traced(x1, t_start, t_end, rtol, atol), max_steps))
 
 
 def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
@@ -106,7 +113,15 @@ def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 
     """``[B, ...]``: the exact probability-flow end states at ``t_end`` from ``x1`` at ``t_start``,
     solved as by :func:`reference_trajectories` but without its dense output (whose per-sample
     buffers of ``max_steps`` steps make it slow and memory-hungry for thousands of samples)."""
-    return _end_states(model, x1, t_start, t_end, rtol, atol, max_steps)
+    return _end_states(model, x1, *_traced(x1, t_start, t_end, rtol, atol), max_steps)
+
+
+def _traced(like, *values):
+    """Python numbers as arrays of ``like``'s float dtype (at least float32: the solves' state's;
+    a float64 tolerance promoted a float32 state's controller under x64): ``eqx.filter_jit`` keeps
+    Python numbers static, so each new time or tolerance compiled the solve again (~5 s on a CPU)."""
+    dtype = jnp.promote_types(jnp.result_type(like), jnp.float32)
+    return tuple(jnp.asarray(v, dtype) if isinstance(v, (int, float)) else v for v in values)
 
 
 @eqx.filter_jit
@@ -180,11 +195,12 @@ def propagation_weights(model: Model, x_at: Callable[[Array], Array], t_start, t
     Jacobian at ``num`` points spaced uniformly in log-SNR, the growth factor is capped at
     ``cap``. Returns ``w(ts: [K]) -> [K, B]`` (log-linear in log-SNR, differentiable; 1 at the
     end), a pytree callable like ``x_at``."""
-    return jax.tree_util.Partial(_weights_at, model.path, *_growth(model, x_at, t_start, t_end, num, cap))
+    t_start, t_end, cap = _traced(jnp.result_type(float), t_start, t_end, cap)  # (the dtype Python floats had)
+    return jax.tree_util.Partial(_weights_at, model.path, *_growth(model, x_at, t_start, t_end, cap, num))
 
 
 @eqx.filter_jit
-def _growth(model, x_at, t_start, t_end, num, cap):
+def _growth(model, x_at, t_start, t_end, cap, num):
     """The log-SNR nodes and the capped log growth factors of :func:`propagation_weights`."""
     path = model.path
     t_start = jnp.asarray(t_start)
@@ -245,7 +261,8 @@ def schedule_bound(model: Model, ts: Array, x_at: Callable[[Array], Array], solv
     """The error bound ``B(ts)`` of ``solver`` on the grid ``ts``, differentiable in ``ts``: the
     mean over the calibration batch of ``sum_i w_i ||e_i|| / (alpha + sigma)(t_{i+1})``, with
     ``e_i`` the local errors and ``w_i`` the growth bounds of :func:`propagation_weights` (1 if
-    ``weights`` is None: the plain sum of local errors)."""
+    ``weights`` is None: the plain sum of local errors). ``model``: ``gf.sampling.Model(fn, path,
+    prediction)``."""
     spec, opts = _scan_solver(solver, solver_options)
     xs = x_at(ts)
     errs = _driver.local_errors(model, ts, xs, stepper=spec.stepper, **opts)
@@ -343,7 +360,8 @@ def _reference_solve_errors():
 @eqx.filter_jit
 def global_error(model: Model, ts: Array, x1: Array, x_end: Array, solver: str = "dpm++3m", **solver_options) -> Array:
     """Mean per-sample rms error of ``solver`` on the grid ``ts`` from ``x1`` against the exact end
-    states ``x_end`` (scale-free, like the bound); differentiable in ``ts``."""
+    states ``x_end`` (scale-free, like the bound); differentiable in ``ts``. ``model``:
+    ``gf.sampling.Model(fn, path, prediction)``."""
     return jnp.mean(_sample_errors(model, ts, x1, x_end, solver, **solver_options))
 
 
