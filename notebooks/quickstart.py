@@ -135,19 +135,30 @@ gf.viz.curves({"loss": history["loss"]}, ylabel="flow-matching loss", smooth=50,
               title="flow matching on two moons (50-step moving average)");
 
 # %% [markdown]
-# **Other data, objectives and weightings.** `gf.data` has seven toy distributions, each a
-# jittable `f(key, n)`. Every objective is one regression in the model's own prediction kind,
-# with a weighting `w(t)` of the eps-MSE (Kingma & Gao 2023's convention; `gf.losses`' docstring
-# lists them), e.g. `gf.train.diffusion_objective(model.apply, path, prediction="eps",
+# **Other data.** `gf.data` has seven toy distributions, each a jittable `f(key, n) -> [n, 2]`
+# (as `gf.data.moons` above), also by name: `gf.data.toy(name, key, n)` with the names of
+# `gf.data.TOY`. On common axes, with the circle of radius 2 (two standard deviations) of the
+# `N(0, I)` noise they are paired with:
+
+# %%
+fig, axes = plt.subplots(1, len(gf.data.TOY), figsize=(2.2 * len(gf.data.TOY), 2.9), sharex=True, sharey=True,
+                         layout="constrained")
+for ax, name in zip(axes, sorted(gf.data.TOY)):
+    xs = gf.data.toy(name, jax.random.key(2), 2000)
+    assert xs.shape == (2000, 2) and bool(jnp.all(jnp.isfinite(xs)))
+    ax.scatter(*np.asarray(xs).T, s=0.5)
+    ax.add_patch(plt.Circle((0, 0), 2.0, fill=False, ls="--", lw=0.8, color="0.5"))
+    ax.set_title(f"{name!r}\ngf.data.{gf.data.TOY[name].__name__}", fontsize=8)
+    ax.set_xlim(-4, 4); ax.set_ylim(-4, 4); ax.set_aspect("equal"); ax.set_xticks([]); ax.set_yticks([])
+fig.suptitle("gf.data's toy distributions (dashed: radius 2, two standard deviations of the noise)", fontsize=10);
+
+# %% [markdown]
+# **Objectives and weightings.** Every objective is one regression in the model's own prediction
+# kind, with a weighting `w(t)` of the eps-MSE (Kingma & Gao 2023's convention; `gf.losses`'
+# docstring lists them), e.g. `gf.train.diffusion_objective(model.apply, path, prediction="eps",
 # weighting="min_snr")`. Below, the weightings against log-SNR on `vp_cosine`.
 
 # %%
-fig, axes = plt.subplots(1, len(gf.data.TOY), figsize=(2.2 * len(gf.data.TOY), 2.6))
-for ax, name in zip(axes, sorted(gf.data.TOY)):
-    ax.scatter(*np.asarray(gf.data.toy(name, jax.random.key(2), 2000)).T, s=0.5)
-    ax.set_title(name, fontsize=9); ax.set_aspect("equal"); ax.set_xticks([]); ax.set_yticks([])
-fig.suptitle("gf.data's toy distributions"); fig.tight_layout()
-
 p, t_grid = gf.paths.vp_cosine(), jnp.linspace(0.02, 0.98, 200)
 fig, ax = plt.subplots(figsize=(5, 3.5))
 for name in ["eps", "x0", "v", "min_snr", "truncated_snr", "elbo", "sigmoid"]:
