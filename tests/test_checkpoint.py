@@ -620,3 +620,97 @@ def test_restore_into_a_target_of_another_structure_names_the_difference(tmp_pat
             assert "partial_restore" not in str(err.value) and "stored:" in str(err.value)
         restored, _ = ckpt.restore(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0), ema_decays=(0.99,)))
         np.testing.assert_array_equal(restored.ema[gf.train.ema_key(0.99)]["w"], np.ones(3))
+
+
+def test_a_save_that_a_raising_callback_kept_from_running_is_made(tmp_path):
+    """A callback raising (a Ctrl-C in a slow evaluation) at a save step, or at the run's last
+    step: the due save never started, so a script exiting on the error lost save_every steps though
+    fit held the state (failure audit). It is saved, after the callbacks behind the raising one
+    (the log keeps every checkpointed step), and the run resumes from it as if uninterrupted."""
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(lsq, opt)
+    init = lambda: gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))  # noqa: E731
+    straight, _ = gf.train.fit(init(), step, lambda k: (X, Y), 13, chunk_size=5, progress=False)
+    for stop_at, expected in ((10, [5, 10]), (13, [5, 10, 13])):
+        log = str(tmp_path / f"m{stop_at}.jsonl")
+
+        def interrupt(state, metrics, stop_at=stop_at):
+            if int(state.step) == stop_at:
+                raise KeyboardInterrupt
+
+        with gf.train.Checkpointer(str(tmp_path / f"c{stop_at}"), save_every=5) as ckpt:
+            with pytest.raises(KeyboardInterrupt) as err:
+                gf.train.fit(init(), step, lambda k: (X, Y), 13, chunk_size=5, progress=False, checkpointer=ckpt,
+                             callback=[interrupt, gf.train.MetricsWriter(log)])
+            assert err.value.step == stop_at and ckpt.all_steps() == expected
+            assert [r["step"] for r in gf.train.read_jsonl(log)] == expected
+            state, _ = ckpt.restore(init())
+            state, _ = gf.train.fit(state, step, lambda k: (X, Y), 13 - stop_at, chunk_size=5, progress=False,
+                                    checkpointer=ckpt)
+        np.testing.assert_array_equal(state.params["w"], straight.params["w"])
+
+
+def test_an_interrupt_while_a_chunk_runs_keeps_its_metrics_with_its_state(monkeypatch):
+    """A Ctrl-C arrives while the host waits for a chunk's metrics: e.state was that chunk's state,
+    but e.history ended a chunk earlier (failure audit). Its metrics are fetched again and kept."""
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(lsq, opt)
+    real, calls = jax.device_get, []
+
+    def interrupted(x):
+        out = real(x)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(jax, "device_get", interrupted)
+    with pytest.raises(KeyboardInterrupt) as err:
+        gf.train.fit(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0)), step, lambda k: (X, Y), 50,
+                     chunk_size=5, progress=False)
+    assert err.value.step == 15 and len(err.value.history["loss"]) == 15
+    assert any("its metrics are in e.history" in n for n in err.value.__notes__)
+
+
+def test_an_error_inside_a_running_chunk_names_the_checkpoint_to_resume_from(tmp_path):
+    """A host callback in the loss failing while a compiled chunk runs: the chunk's input state was
+    donated, so no state can be attached; the error used to say nothing of it (failure audit)."""
+    opt = optax.sgd(0.05)
+
+    def host(i):
+        if int(i) >= 7:
+            raise RuntimeError("host read failed")
+        return np.float32(0.0)
+
+    def loss(params, batch, key):
+        extra = jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.float32), batch[2])
+        return lsq(params, batch[:2], key)[0] + extra, {}
+
+    step = gf.train.make_train_step(loss, opt)
+    init = lambda: gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))  # noqa: E731
+    with pytest.raises(Exception, match="host read failed") as err:
+        gf.train.fit(init(), step, ((X, Y, jnp.int32(i)) for i in range(100)), 12, chunk_size=5, progress=False)
+    assert not hasattr(err.value, "state")  # (the step-5 state was donated to the failing chunk)
+    assert any("no state can be attached" in n and "no checkpointer" in n for n in err.value.__notes__)
+    # with a checkpointer, the step-5 state is still being saved when the next chunk starts, so it
+    # is not donated: it comes back, readable (an unusable one must not)
+    with gf.train.Checkpointer(str(tmp_path / "c"), save_every=5) as ckpt:
+        with pytest.raises(Exception, match="host read failed") as err:
+            gf.train.fit(init(), step, ((X, Y, jnp.int32(i)) for i in range(100)), 12, chunk_size=5, progress=False,
+                         checkpointer=ckpt)
+        assert ckpt.all_steps() == [5]
+    if hasattr(err.value, "state"):
+        assert err.value.step == 5 and np.all(np.isfinite(np.asarray(err.value.state.params["w"])))
+    else:
+        assert any("(step 5)" in n for n in err.value.__notes__)
+
+
+def test_a_best_metric_typo_is_refused_after_the_first_chunk(tmp_path):
+    """best_metric='los' was refused only at the first save, save_every steps in, with nothing saved."""
+    opt = optax.sgd(0.05)
+    with gf.train.Checkpointer(str(tmp_path / "c"), save_every=50, best_metric="los") as ckpt:
+        with pytest.raises(ValueError, match="best_metric='los' is not a scalar step metric") as err:
+            gf.train.fit(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0)),
+                         gf.train.make_train_step(lsq, opt), lambda k: (X, Y), 200, chunk_size=10, progress=False,
+                         checkpointer=ckpt)
+    assert err.value.step == 10

@@ -207,6 +207,69 @@ def _deleted(tree) -> bool:
     return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
 
 
+def _usable(state) -> bool:
+    """Whether ``state`` can be handed back: not donated, and not the output of a chunk that failed
+    while it ran (its buffers then hold the error: an asynchronous dispatch raises it only when
+    the host waits, and attaching it gave an ``e.state`` whose every read raised again)."""
+    if _deleted(state):
+        return False
+    try:
+        jax.block_until_ready(state)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _log_chunk(history: dict[str, list], metrics: dict) -> int:
+    """Append a chunk's host metrics to ``history`` up to its first non-finite step; returns
+    how many steps were appended."""
+    finite = np.asarray(metrics["finite"])
+    k = finite.shape[0] if finite.all() else int(np.argmin(finite))
+    for name, v in metrics.items():
+        history.setdefault(name, []).append(np.asarray(v)[:k])
+    return k
+
+
+def _log_unlogged(history: dict[str, list], unlogged, e: BaseException) -> None:
+    """The metrics of the chunk whose state ``e`` carries, fetched after the interrupt that cut
+    their fetch short, into ``history`` (noted on ``e``: the callbacks did not see that chunk)."""
+    try:
+        _log_chunk(history, jax.device_get(unlogged))
+        e.add_note("fit: the last chunk ran before this interruption: its metrics are in e.history, but the "
+                   "callbacks (e.g. a MetricsWriter) did not see it")
+    except Exception:  # noqa: BLE001 (only the history is at stake)
+        pass
+
+
+def _scalar_metrics(history: dict[str, list], start: int = 0) -> dict[str, np.ndarray]:
+    """The per-step scalar metrics of ``history``'s chunks from ``start`` on, joined."""
+    return {name: np.concatenate(v[start:]) for name, v in history.items()
+            if v[start:] and all(np.ndim(a) == 1 for a in v[start:])}
+
+
+def _run_rest(callbacks, start: int, args, e: BaseException) -> None:
+    """``callbacks[start:]`` on ``args``; the first failure is noted on ``e`` and ends the run."""
+    for cb in callbacks[start:]:
+        try:
+            cb(*args)
+        except BaseException as w:  # noqa: BLE001 (noted on e, which is re-raised)
+            e.add_note(f"fit: a callback also failed after this error ({type(w).__name__}: {w})")
+            return
+
+
+def _due_save(checkpointer, step: int, last_step: int, state, iterator, history, saved_chunks):
+    """``(state, data_state, metrics)`` for the save that ``state``'s step was due but did not get
+    (a callback raised, or a Ctrl-C came, before it), else None: ``_settle_saves`` then makes it
+    (up to ``save_every`` steps were lost when a script exited on that error)."""
+    try:
+        if not (checkpointer.should_save(step) or step == last_step) or checkpointer.latest_step() == step:
+            return None
+        data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
+        return state, data_state, _chunk_means(_scalar_metrics(history, saved_chunks))
+    except Exception:  # noqa: BLE001 (the save is a courtesy: the original error matters)
+        return None
+
+
 def fit(
     state: TrainState,
     step_fn: Callable[[TrainState, Any], tuple[TrainState, dict]],
@@ -249,7 +312,9 @@ def fit(
         run faster with 2-8, at the cost of compile time. On XLA:CPU, convolution *gradients*
         inside a loop body take a path ~20x slower than outside one (jax-ml/jax#12868; measured
         here on a small U-Net: 18 s vs 0.85 s per step), so train conv nets on CPU with
-        ``unroll=chunk_size`` (no loop left) and a small ``chunk_size``.
+        ``unroll=chunk_size`` (no loop left) and a small ``chunk_size``: unrolling multiplies
+        the compile time by the steps unrolled (a small Glow: 96 s to compile at ``chunk_size=10,
+        unroll=10``, 7 s at ``chunk_size=1``, which leaves no loop either).
       mesh: a ``("data", "fsdp")`` mesh (:func:`make_mesh`): the state is placed by
         :func:`tree_shardings` (replicated, or FSDP-sharded when ``fsdp > 1``), batches are split
         over all devices, and the chunk is jitted with these explicit in/out shardings.
@@ -278,7 +343,11 @@ def fit(
       ValueError: an iterable ``data`` ran out before ``num_steps`` batches.
       Any exception from the data iterator, a callback or the checkpointer (or a
       ``KeyboardInterrupt``) is re-raised with the last good state attached as ``e.state`` (its
-      step as ``e.step``) and the metrics so far as ``e.history``, so nothing done is lost.
+      step as ``e.step``) and the metrics so far as ``e.history``, so nothing done is lost; if
+      that state's step was due a checkpoint that the exception prevented, it is saved first.
+      An error raised while a compiled chunk runs (e.g. from a host callback inside the loss)
+      leaves no state to attach: the chunk's input was donated to it. Resume from the last
+      checkpoint (the exception's note names its step).
     """
     num_steps, chunk_size = check_int("num_steps", num_steps, 0), check_int("chunk_size", chunk_size)
     unroll = check_int("unroll", unroll)
@@ -316,6 +385,9 @@ def fit(
         bar = tqdm(total=num_steps, desc=desc, leave=False)
     history: dict[str, list] = {}
     done, compile_time, run_time, data_time = 0, 0.0, 0.0, 0.0
+    unlogged = None  # the device metrics of a chunk that ran but is not in ``history`` yet
+    cb_rest = None  # (index, args) of the callbacks that a raising callback kept from running
+    best_unchecked = checkpointer is not None
     pending = None  # (state, data_state, metrics) of a save call that has not returned yet
     saved_chunks = 0  # chunks in ``history`` up to the last save (chunks are cut at saves)
     try:
@@ -344,35 +416,39 @@ def fit(
                 compiled[ck], dt_compile = _compiled_chunk(run, cache_key, state, xs, n)
                 compile_time += dt_compile
             t0 = time.perf_counter()
-            state, metrics = compiled[ck](state, xs)
-            metrics = jax.device_get(metrics)
+            state, unlogged = compiled[ck](state, xs)
+            # (a Ctrl-C lands here, while the host waits for the chunk: the handler then logs the
+            # metrics of the chunk whose state it returns -- e.state was one chunk ahead of e.history)
+            metrics = jax.device_get(unlogged)
             dt = time.perf_counter() - t0
             run_time += dt
-            finite = np.asarray(metrics["finite"])
-            k = n if finite.all() else int(np.argmin(finite))
-            for name, v in metrics.items():
-                history.setdefault(name, []).append(np.asarray(v)[:k])
+            k = _log_chunk(history, metrics)
+            unlogged = None
             if k < n:
                 hist = _stack(history)
                 raise NonFiniteLossError(int(state.step), state, hist)
             done += n
+            if best_unchecked:  # (a typo failed only at the first save, save_every steps in, with nothing saved)
+                best_unchecked = False
+                best, names = getattr(checkpointer, "best_metric", None), _chunk_means(_scalar_metrics(history))
+                if best is not None and best not in names:
+                    raise ValueError(f"checkpointer.best_metric={best!r} is not a scalar step metric; "
+                                     f"expected one of {sorted(names)}")
             # callbacks before the save: a log a callback writes (MetricsWriter) then holds every
             # checkpointed step even if the callback is interrupted (it used to miss that chunk's row
             # for good, as the resume started after it)
-            for cb in callbacks:
-                cb(state, dict(metrics, steps_per_s=n / dt))
+            cb_args = (state, dict(metrics, steps_per_s=n / dt))
+            for i, cb in enumerate(callbacks):
+                cb_rest = (i + 1, cb_args)  # the callbacks still to run if this one raises
+                cb(*cb_args)
+            cb_rest = None
             # (and the last step of the run, if it is no multiple of save_every: a rerun to the same
             # step count re-trained from the last multiple, and a longer one too)
             if checkpointer is not None and (checkpointer.should_save(step0 + done) or done == num_steps):
                 data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
                 # the mean since the previous save, not the last chunk's (chunk_size < save_every)
-                means = _chunk_means({name: np.concatenate(v[saved_chunks:]) for name, v in history.items()
-                                      if all(np.ndim(a) == 1 for a in v[saved_chunks:])})
+                means = _chunk_means(_scalar_metrics(history, saved_chunks))
                 saved_chunks = len(history["loss"])
-                best = getattr(checkpointer, "best_metric", None)
-                if best is not None and best not in means:
-                    raise ValueError(f"checkpointer.best_metric={best!r} is not a scalar step metric; "
-                                     f"expected one of {sorted(means)}")
                 pending = (state, data_state, means)
                 checkpointer.save(state, data_state=data_state, metrics=means, force=True)
                 pending = None
@@ -387,12 +463,25 @@ def fit(
     except BaseException as e:  # data, callbacks, checkpointer, Ctrl-C: keep what was done
         # ``state`` is the last state a chunk returned (the caller's own was donated). It is
         # attached unless the failing call was a compiled chunk itself (its input is donated).
-        if not _deleted(state):
+        if _usable(state):
             e.state = state
             try:  # (a step spanning other processes' devices cannot be read here: it masked the error)
                 e.step = int(state.step)
             except Exception:  # noqa: BLE001
                 e.step = None
+            if unlogged is not None:
+                _log_unlogged(history, unlogged, e)
+            if pending is None and checkpointer is not None and e.step is not None:
+                pending = _due_save(checkpointer, e.step, step0 + num_steps, state, iterator, history, saved_chunks)
+                if pending is not None and cb_rest is not None:
+                    # the callbacks after the one that raised see the chunk before its save, as in a
+                    # run without errors (a MetricsWriter's log then holds every checkpointed step)
+                    _run_rest(callbacks, *cb_rest, e)
+        else:
+            e.add_note(f"fit: the error arose while a compiled chunk ran, and that chunk's input state was donated "
+                       f"to it: no state can be attached to this error; resume from the last checkpoint (step "
+                       f"{_latest(checkpointer) if checkpointer is not None else 'none: no checkpointer'})")
+            state = None  # (nothing of it is usable)
         e.history = _stack(history)
         _settle_saves(checkpointer, e, pending)
         raise
