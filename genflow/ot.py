@@ -370,6 +370,7 @@ def solve_assignment(cost: np.ndarray, *, precondition: bool = True, eps=(0.1, 0
     if np.iscomplexobj(cost):  # (the imaginary part was dropped with a ComplexWarning)
         raise TypeError(f"cost must be real; got dtype {cost.dtype}")
     _stages(eps, iters)  # checked here, even when not preconditioning, not in the pool
+    precondition = check_bool("precondition", precondition)  # ('False' was truthy)
     lead, n = cost.shape[:-2], cost.shape[-1]
     flat = cost.reshape((math.prod(lead), n, n))  # (-1 is ambiguous for n = 0)
     out = _batched(lambda k: _solve_one(flat[k], precondition, eps, iters), flat.shape[0], threads)
@@ -390,6 +391,7 @@ def solve_ot_points(x0: np.ndarray, x1: np.ndarray, *, precondition: bool = True
     count = math.prod(lead)  # (-1 is ambiguous for an empty batch)
     f0, f1 = x0.reshape((count,) + x0.shape[-2:]), x1.reshape((count,) + x1.shape[-2:])
     _stages(eps, iters)  # checked once, not per problem in the pool (threads: by _batched)
+    precondition = check_bool("precondition", precondition)
 
     def one(k):
         # Each problem's points are converted to float64 on their own: converting the whole
@@ -520,7 +522,8 @@ class CoupledBatches:
         if num_batches is not None:
             num_batches = check_int("num_batches", num_batches, 0)
         self.batch_size, self.chunk, self.coupling = batch_size, chunk, coupling
-        self.threads, self.num_batches, self.precondition = threads, num_batches, precondition
+        self.threads, self.num_batches = threads, num_batches
+        self.precondition = check_bool("precondition", precondition)
         _stages(eps, iters)  # bad eps / iters / threads fail here, not in the background thread
         _check_threads(threads)
         self.eps, self.iters = eps, iters

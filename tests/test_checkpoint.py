@@ -672,6 +672,47 @@ def test_an_interrupt_while_a_chunk_runs_keeps_its_metrics_with_its_state(monkey
     assert any("its metrics are in e.history" in n for n in err.value.__notes__)
 
 
+def test_failures_save_no_state_that_was_not_due(tmp_path, monkeypatch):
+    """The due save after an error is for a state whose callbacks raised at a save step only
+    (review): a fresh run failing before its first chunk (a loss that fails to trace) saved its
+    untrained input state as step 0, which restore_or then resumed from; a refused best_metric and
+    a Ctrl-C while a chunk's metrics were fetched (the callbacks never saw it: a MetricsWriter log
+    would miss its rows for good) saved theirs too."""
+    opt = optax.sgd(0.05)
+    init = lambda: gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))  # noqa: E731
+
+    def broken(params, batch, key):
+        raise NameError("a typo in the loss")
+
+    with gf.train.Checkpointer(str(tmp_path / "a"), save_every=5) as ckpt:
+        with pytest.raises(NameError):
+            gf.train.fit(init(), gf.train.make_train_step(broken, opt), lambda k: (X, Y), 10, chunk_size=5,
+                         progress=False, checkpointer=ckpt)
+        assert ckpt.all_steps() == []
+    with gf.train.Checkpointer(str(tmp_path / "b"), save_every=10, best_metric="los") as ckpt:
+        with pytest.raises(ValueError, match="best_metric"):
+            gf.train.fit(init(), gf.train.make_train_step(lsq, opt), lambda k: (X, Y), 20, chunk_size=10,
+                         progress=False, checkpointer=ckpt)
+        assert ckpt.all_steps() == []
+    real, calls = jax.device_get, []
+
+    def interrupted(x):
+        out = real(x)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return out
+
+    log = str(tmp_path / "m.jsonl")
+    with gf.train.Checkpointer(str(tmp_path / "c"), save_every=10) as ckpt:
+        monkeypatch.setattr(jax, "device_get", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            gf.train.fit(init(), gf.train.make_train_step(lsq, opt), lambda k: (X, Y), 20, chunk_size=5,
+                         progress=False, checkpointer=ckpt, callback=gf.train.MetricsWriter(log))
+        monkeypatch.setattr(jax, "device_get", real)
+        assert ckpt.all_steps() == []
+
+
 def test_an_error_inside_a_running_chunk_names_the_checkpoint_to_resume_from(tmp_path):
     """A host callback in the loss failing while a compiled chunk runs: the chunk's input state was
     donated, so no state can be attached; the error used to say nothing of it (failure audit)."""

@@ -572,9 +572,29 @@ def test_one_label_for_the_whole_batch_is_broadcast_like_t():
         np.testing.assert_array_equal(fn(x, 0.5), full(x, 0.5))
         out, _ = gf.sample(fn, path, x, prediction="velocity", solver="heun", steps=4)
         np.testing.assert_array_equal(out, ref)
-    with pytest.raises(ValueError, match=r"labels y must be ints in \[0, num_classes=4\]"):
-        gf.nets.model_fn(mlp, p, y=5)(x, 0.5)
+    for bad in (5, -1, 2**40):  # (checked in model_fn: traced, an out-of-range label gave NaN samples)
+        with pytest.raises(ValueError, match=r"labels y must be ints in \[0, num_classes=4\]"):
+            gf.nets.model_fn(mlp, p, y=bad)
+    with pytest.raises(ValueError, match=r"labels y must be ints"):  # a float label: refused as before
+        gf.sample(gf.nets.model_fn(mlp, p, y=3.0), path, x, prediction="velocity", solver="heun", steps=4)
     # a Python int label is traced, as an array one: sampling class after class compiles once
     # (it was static: a new compilation per class; recompilation audit)
     assert count_compiles(lambda: gf.sample(gf.nets.model_fn(mlp, p, y=2), path, x, prediction="velocity",
                                             solver="heun", steps=4)) == 0
+
+
+class _StaticY(nn.Module):
+    @nn.compact
+    def __call__(self, x, t, y):  # y used as a Python number (a width), not a class label
+        return x * nn.Dense(1)(jnp.ones((x.shape[0], y)))
+
+
+def test_a_custom_module_keeps_a_static_python_y():
+    """Only a Python-int y of a module with an int num_classes (a class label) is traced: a module
+    of one's own that reads y as a Python number kept working (review)."""
+    m = _StaticY()
+    x = jnp.ones((2, 3))
+    p = m.init(jax.random.key(0), x, jnp.zeros(2), 4)
+    out, _ = gf.sample(gf.nets.model_fn(m, p, y=4), gf.paths.linear(), x, prediction="velocity", solver="euler",
+                       steps=2)
+    assert out.shape == x.shape

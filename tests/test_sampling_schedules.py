@@ -852,3 +852,11 @@ def test_reference_solves_take_new_times_and_tolerances_without_recompiling():
     assert n == 0, n
     np.testing.assert_allclose(got["end"], g.flow_map(x1, 1.0, 0.3, path), atol=1e-4)
     np.testing.assert_allclose(got["dense"](jnp.array([0.3]))[0], g.flow_map(x1, 0.9, 0.3, path), atol=1e-4)
+    # bfloat16 noise: the solve runs in bfloat16 as before (float32 tolerances promoted its
+    # controller's state, and Diffrax's loop refused the mismatch; review)
+    xb = x1.astype(jnp.bfloat16)
+    end = gf.sampling.reference_end_states(model, xb, 1.0, 0.3, 1e-3, 1e-3)
+    assert end.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(end, np.float32), g.flow_map(xb.astype(jnp.float32), 1.0, 0.3, path),
+                               atol=0.05)
+    gf.sampling.reference_trajectories(model, xb, 1.0, 0.3, 1e-3, 1e-3)(jnp.array([0.5]))

@@ -100,14 +100,22 @@ def model_fn(module: nn.Module, params, **cond) -> Callable[[Array, Array], Arra
 
     Returns a :class:`jax.tree_util.Partial`, so the parameters stay traced when the function
     is passed to a jitted sampler: new parameters do not trigger a recompilation. Array-valued
-    conditioning (labels) is traced too, as is a Python number ``y`` (one label for the batch);
-    other keywords (``train=False``, strings, ``None``, other Python numbers) are static, bound
+    conditioning (labels) is traced too, as is a Python-int ``y`` of a module with an int
+    ``num_classes`` (one class label for the batch, checked here); other keywords
+    (``train=False``, strings, ``None``, other Python numbers) are static, bound
     with the module into a hashable callable (an equal module, rebuilt, is the same function to
     ``jit``; a traced ``train`` flag failed inside the module).
     """
     # (a NumPy or concrete JAX bool train flag was traced: it failed in the module, also in gf.sample)
-    if isinstance(cond.get("y"), (int, float)) and not isinstance(cond["y"], bool):
-        cond["y"] = jnp.asarray(cond["y"])  # (a Python int label was static: a new compilation per class)
+    num_classes = getattr(module, "num_classes", None)
+    y = cond.get("y")
+    if isinstance(y, int) and not isinstance(y, bool) and is_int(num_classes, 0):
+        # a class label of a genflow class-conditional net: traced (it was static, so sampling
+        # class after class compiled once per class), so it is range-checked here, while concrete
+        if not 0 <= y <= num_classes:  # (traced, an out-of-range label gives NaN samples)
+            raise ValueError(f"labels y must be ints in [0, num_classes={num_classes}] ({num_classes}: no label); "
+                             f"got {y}")
+        cond["y"] = jnp.asarray(y, jnp.int32)
     static = {k: (bool(v) if _concrete_bool(v) else v) for k, v in cond.items()
               if _concrete_bool(v) or not isinstance(v, (jax.Array, np.ndarray, np.generic))}
     traced = {k: v for k, v in cond.items() if k not in static}

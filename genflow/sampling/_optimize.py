@@ -117,10 +117,12 @@ def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 
 
 
 def _traced(like, *values):
-    """Python numbers as arrays of ``like``'s float dtype (at least float32: the solves' state's;
-    a float64 tolerance promoted a float32 state's controller under x64): ``eqx.filter_jit`` keeps
-    Python numbers static, so each new time or tolerance compiled the solve again (~5 s on a CPU)."""
-    dtype = jnp.promote_types(jnp.result_type(like), jnp.float32)
+    """Python numbers as arrays of ``like``'s float dtype (the solve's state's: a wider tolerance
+    promoted its controller's state, float64 under x64 or float32 for bfloat16 noise, which
+    Diffrax's loop refused): ``eqx.filter_jit`` keeps Python numbers static, so each new time or
+    tolerance compiled the solve again (~5 s on a CPU)."""
+    dtype = jnp.result_type(like)
+    dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
     return tuple(jnp.asarray(v, dtype) if isinstance(v, (int, float)) else v for v in values)
 
 

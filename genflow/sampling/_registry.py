@@ -183,7 +183,9 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
       returns); ``ts: [N + 1]`` the decreasing grid; ``x: [B, ...]`` (at least float32); ``key``:
       a PRNG key or None.
     - ``rtol``, ``atol``, ``max_steps`` (adaptive solvers) and ``save_trajectory`` are always
-      passed: a fixed-step ``run`` takes them and ignores the first three (``**_``);
+      passed: a fixed-step ``run`` takes them and ignores the first three (``**_``). For an
+      adaptive solver ``rtol`` / ``atol`` are 0-d arrays in the state's dtype, traced (a new
+      tolerance reuses the compiled sampler): no ``float(rtol)`` or Python branching on them;
       ``options``: the keyword arguments named in ``spec.options`` that the caller gave.
     - returns the final state ``[B, ...]``, the number of evaluations (int), the states at
       ``ts`` (``[N + 1, B, ...]``) if ``save_trajectory`` else None, and a dict of statistics

@@ -178,7 +178,7 @@ def _stack(history: dict[str, list]) -> dict[str, np.ndarray]:
     return {name: np.concatenate(v) for name, v in history.items()}
 
 
-def _settle_saves(checkpointer, e: BaseException, pending=None) -> None:
+def _settle_saves(checkpointer, e: BaseException, pending=None, due: bool = False) -> None:
     """After ``fit`` failed with ``e``: commit the checkpoints still being written, and redo a save
     that the failure interrupted inside ``checkpointer.save`` (a Ctrl-C there abandons it). A
     failure of either is added to ``e`` as a note, so that ``e`` (with its state) is what propagates."""
@@ -190,10 +190,18 @@ def _settle_saves(checkpointer, e: BaseException, pending=None) -> None:
             state, data_state, means = pending
             checkpointer.save(state, data_state=data_state, metrics=means, force=True)
             checkpointer.wait()
-            e.add_note(f"fit: the checkpoint of step {int(state.step)} that this error interrupted was saved again")
+            e.add_note(f"fit: the checkpoint of step {int(state.step)} "
+                       + ("was due and has been saved" if due else "that this error interrupted was saved again"))
     except BaseException as w:  # noqa: BLE001 (reported on e, which is re-raised)
         e.add_note(f"fit: a checkpoint save also failed ({type(w).__name__}: {w}); the checkpoints on disk end at "
                    f"step {_latest(checkpointer)}")
+
+
+def _resume_hint(checkpointer) -> str:
+    if checkpointer is None:
+        return "no checkpointer: nothing to resume from"
+    step = _latest(checkpointer)
+    return "no checkpoint saved yet" if step is None else f"resume from the last checkpoint (step {step})"
 
 
 def _latest(checkpointer):
@@ -230,10 +238,13 @@ def _log_chunk(history: dict[str, list], metrics: dict) -> int:
     return k
 
 
-def _log_unlogged(history: dict[str, list], unlogged, e: BaseException) -> None:
+def _log_unlogged(history: dict[str, list], unlogged, chunks: int, e: BaseException) -> None:
     """The metrics of the chunk whose state ``e`` carries, fetched after the interrupt that cut
-    their fetch short, into ``history`` (noted on ``e``: the callbacks did not see that chunk)."""
+    their fetch short, into ``history`` after its first ``chunks`` chunks (an interrupt inside
+    the append left part of them; noted on ``e``: the callbacks did not see that chunk)."""
     try:
+        for v in history.values():
+            del v[chunks:]
         _log_chunk(history, jax.device_get(unlogged))
         e.add_note("fit: the last chunk ran before this interruption: its metrics are in e.history, but the "
                    "callbacks (e.g. a MetricsWriter) did not see it")
@@ -248,21 +259,20 @@ def _scalar_metrics(history: dict[str, list], start: int = 0) -> dict[str, np.nd
 
 
 def _run_rest(callbacks, start: int, args, e: BaseException) -> None:
-    """``callbacks[start:]`` on ``args``; the first failure is noted on ``e`` and ends the run."""
+    """``callbacks[start:]`` on ``args``, each failure noted on ``e`` (the others still run)."""
     for cb in callbacks[start:]:
         try:
             cb(*args)
         except BaseException as w:  # noqa: BLE001 (noted on e, which is re-raised)
             e.add_note(f"fit: a callback also failed after this error ({type(w).__name__}: {w})")
-            return
 
 
-def _due_save(checkpointer, step: int, last_step: int, state, iterator, history, saved_chunks):
+def _due_save(checkpointer, state, iterator, history, saved_chunks):
     """``(state, data_state, metrics)`` for the save that ``state``'s step was due but did not get
-    (a callback raised, or a Ctrl-C came, before it), else None: ``_settle_saves`` then makes it
-    (up to ``save_every`` steps were lost when a script exited on that error)."""
+    (a callback raised before it), else None: ``_settle_saves`` then makes it (up to
+    ``save_every`` steps were lost when a script exited on that error)."""
     try:
-        if not (checkpointer.should_save(step) or step == last_step) or checkpointer.latest_step() == step:
+        if checkpointer.latest_step() == int(state.step):
             return None
         data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
         return state, data_state, _chunk_means(_scalar_metrics(history, saved_chunks))
@@ -387,6 +397,8 @@ def fit(
     done, compile_time, run_time, data_time = 0, 0.0, 0.0, 0.0
     unlogged = None  # the device metrics of a chunk that ran but is not in ``history`` yet
     cb_rest = None  # (index, args) of the callbacks that a raising callback kept from running
+    due = None  # the step whose save is due once the callbacks have run
+    logged_chunks = 0  # chunks in ``history`` before the last one was appended
     best_unchecked = checkpointer is not None
     pending = None  # (state, data_state, metrics) of a save call that has not returned yet
     saved_chunks = 0  # chunks in ``history`` up to the last save (chunks are cut at saves)
@@ -416,6 +428,7 @@ def fit(
                 compiled[ck], dt_compile = _compiled_chunk(run, cache_key, state, xs, n)
                 compile_time += dt_compile
             t0 = time.perf_counter()
+            logged_chunks = len(history.get("loss", []))
             state, unlogged = compiled[ck](state, xs)
             # (a Ctrl-C lands here, while the host waits for the chunk: the handler then logs the
             # metrics of the chunk whose state it returns -- e.state was one chunk ahead of e.history)
@@ -434,6 +447,10 @@ def fit(
                 if best is not None and best not in names:
                     raise ValueError(f"checkpointer.best_metric={best!r} is not a scalar step metric; "
                                      f"expected one of {sorted(names)}")
+            # (and the last step of the run, if it is no multiple of save_every: a rerun to the same
+            # step count re-trained from the last multiple, and a longer one too)
+            if checkpointer is not None and (checkpointer.should_save(step0 + done) or done == num_steps):
+                due = step0 + done  # saved below, after the callbacks; an error before then saves it
             # callbacks before the save: a log a callback writes (MetricsWriter) then holds every
             # checkpointed step even if the callback is interrupted (it used to miss that chunk's row
             # for good, as the resume started after it)
@@ -442,16 +459,14 @@ def fit(
                 cb_rest = (i + 1, cb_args)  # the callbacks still to run if this one raises
                 cb(*cb_args)
             cb_rest = None
-            # (and the last step of the run, if it is no multiple of save_every: a rerun to the same
-            # step count re-trained from the last multiple, and a longer one too)
-            if checkpointer is not None and (checkpointer.should_save(step0 + done) or done == num_steps):
+            if due is not None:
                 data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
                 # the mean since the previous save, not the last chunk's (chunk_size < save_every)
                 means = _chunk_means(_scalar_metrics(history, saved_chunks))
                 saved_chunks = len(history["loss"])
                 pending = (state, data_state, means)
                 checkpointer.save(state, data_state=data_state, metrics=means, force=True)
-                pending = None
+                pending = due = None
             if bar is not None:
                 bar.update(n)
                 bar.set_postfix(loss=f"{float(np.mean(metrics['loss'])):.4f}")
@@ -463,27 +478,30 @@ def fit(
     except BaseException as e:  # data, callbacks, checkpointer, Ctrl-C: keep what was done
         # ``state`` is the last state a chunk returned (the caller's own was donated). It is
         # attached unless the failing call was a compiled chunk itself (its input is donated).
+        redone = False  # whether ``pending`` is a due save that the callbacks' error kept from starting
         if _usable(state):
             e.state = state
             try:  # (a step spanning other processes' devices cannot be read here: it masked the error)
                 e.step = int(state.step)
             except Exception:  # noqa: BLE001
                 e.step = None
-            if unlogged is not None:
-                _log_unlogged(history, unlogged, e)
-            if pending is None and checkpointer is not None and e.step is not None:
-                pending = _due_save(checkpointer, e.step, step0 + num_steps, state, iterator, history, saved_chunks)
+            if unlogged is not None:  # (no save then: the callbacks did not see that chunk)
+                _log_unlogged(history, unlogged, logged_chunks, e)
+            elif pending is None and due is not None and e.step == due:
+                # only the state whose save was due when the error came (the callbacks raised): not
+                # the run's input state, and not one whose iterator has moved into the next chunk
+                pending = _due_save(checkpointer, state, iterator, history, saved_chunks)
                 if pending is not None and cb_rest is not None:
                     # the callbacks after the one that raised see the chunk before its save, as in a
                     # run without errors (a MetricsWriter's log then holds every checkpointed step)
                     _run_rest(callbacks, *cb_rest, e)
+                redone = pending is not None
         else:
-            e.add_note(f"fit: the error arose while a compiled chunk ran, and that chunk's input state was donated "
-                       f"to it: no state can be attached to this error; resume from the last checkpoint (step "
-                       f"{_latest(checkpointer) if checkpointer is not None else 'none: no checkpointer'})")
+            e.add_note("fit: the error arose while a compiled chunk ran, and that chunk's input state was donated "
+                       "to it: no state can be attached to this error; " + _resume_hint(checkpointer))
             state = None  # (nothing of it is usable)
         e.history = _stack(history)
-        _settle_saves(checkpointer, e, pending)
+        _settle_saves(checkpointer, e, pending, due=redone)
         raise
     finally:
         if bar is not None:
