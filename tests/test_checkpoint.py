@@ -650,21 +650,27 @@ def test_a_save_that_a_raising_callback_kept_from_running_is_made(tmp_path):
         np.testing.assert_array_equal(state.params["w"], straight.params["w"])
 
 
+def _interrupted_on_call(n: int):
+    """A jax.device_get that raises KeyboardInterrupt after fetching, on its n-th call: a Ctrl-C
+    arriving while fit waits for a chunk's metrics."""
+    real, calls = jax.device_get, []
+
+    def device_get(x):
+        out = real(x)
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return out
+
+    return device_get
+
+
 def test_an_interrupt_while_a_chunk_runs_keeps_its_metrics_with_its_state(monkeypatch):
     """A Ctrl-C arrives while the host waits for a chunk's metrics: e.state was that chunk's state,
     but e.history ended a chunk earlier (failure audit). Its metrics are fetched again and kept."""
     opt = optax.sgd(0.05)
     step = gf.train.make_train_step(lsq, opt)
-    real, calls = jax.device_get, []
-
-    def interrupted(x):
-        out = real(x)
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(jax, "device_get", interrupted)
+    monkeypatch.setattr(jax, "device_get", _interrupted_on_call(3))
     with pytest.raises(KeyboardInterrupt) as err:
         gf.train.fit(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0)), step, lambda k: (X, Y), 50,
                      chunk_size=5, progress=False)
@@ -694,18 +700,9 @@ def test_failures_save_no_state_that_was_not_due(tmp_path, monkeypatch):
             gf.train.fit(init(), gf.train.make_train_step(lsq, opt), lambda k: (X, Y), 20, chunk_size=10,
                          progress=False, checkpointer=ckpt)
         assert ckpt.all_steps() == []
-    real, calls = jax.device_get, []
-
-    def interrupted(x):
-        out = real(x)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return out
-
-    log = str(tmp_path / "m.jsonl")
+    log, real = str(tmp_path / "m.jsonl"), jax.device_get
     with gf.train.Checkpointer(str(tmp_path / "c"), save_every=10) as ckpt:
-        monkeypatch.setattr(jax, "device_get", interrupted)
+        monkeypatch.setattr(jax, "device_get", _interrupted_on_call(2))
         with pytest.raises(KeyboardInterrupt):
             gf.train.fit(init(), gf.train.make_train_step(lsq, opt), lambda k: (X, Y), 20, chunk_size=5,
                          progress=False, checkpointer=ckpt, callback=gf.train.MetricsWriter(log))
