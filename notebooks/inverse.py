@@ -246,7 +246,10 @@ fig.tight_layout()
 
 # %% [markdown]
 # Every check holds exactly (masks, identity) or to 3e-7 relative. What the rows show: the masks and
-# the identity are orthogonal projections, `A^T = A+ = A`, so their last three rows repeat `y`;
+# the identity are orthogonal projections, `A^T = A+ = A`, so their last three rows repeat `y` on
+# the kept pixels and drop the noise that the measurement draws on the others (the noise models add
+# noise to every entry of `A x`, the masked zeros too: under `PoissonNoise` those read as half
+# brightness, about 15 photons at rate 30);
 # average pooling's `A+` is nearest-neighbour upsampling and its `A^T` the same divided by 4 (dimmer).
 # The blurs keep every frequency of an 8x8 image (rank 64; the L-shaped kernel blocks one, rank 63),
 # yet their pseudo-inverse divides by the weak ones and amplifies the noise there: `A+ y` is badly
@@ -263,8 +266,8 @@ fig.tight_layout()
 #
 # | method | `GaussianNoise(sigma)` | `PoissonNoise(rate)` |
 # |---|---|---|
-# | `dps`, `mcg` | step on `||y - A x0_hat||` (`sigma` not used) | step on the weighted `||y - A x0_hat||_Lambda`, `Lambda = 1 / (2 y)` (Chung et al. 2023, eq. 20) |
-# | `flowdps` | gradient steps on `||y - A x0||^2 / 2` (`sigma` not used) | the same weighted, step size divided by the largest weight (`rate / 8`) |
+# | `dps`, `mcg` | step on `||y - A x0_hat||` (mcg: its square; `sigma` not used) | the same, weighted: `||y - A x0_hat||_Lambda`, `Lambda = 1 / (2 max(y01, 1 / rate))` with `y01 = (y + 1) / 2` on the [0, 1] scale (Chung et al. 2023, eq. 20) |
+# | `flowdps` | gradient steps on `||y - A x0||^2 / 2` (`sigma` not used) | the same weighted, step size divided by the largest curvature, `rate / 8` (the largest weight over 4) |
 # | `ddnm` | noiseless projection (`sigma` not used) | the same: the noise model is ignored |
 # | `pigdm`, `tmpd` | Gaussian likelihood with this `sigma` | refused (`ValueError`) |
 #

@@ -119,6 +119,13 @@ def test_langevin_corrector_samples_the_marginal(gauss2):
     a, s = path.alpha(t), path.sigma(t)
     np.testing.assert_allclose(np.asarray(x.mean(0)), np.asarray(a * gauss2.mean), atol=0.05)
     np.testing.assert_allclose(np.cov(np.asarray(x).T), np.asarray(a * a * gauss2.cov + s * s * jnp.eye(2)), atol=0.06)
+    # named errors (an oracle model failed as an AttributeError, steps=-1 inside MLIR; notebook audit)
+    with pytest.raises(TypeError, match=r"model must be a gf.sampling.Model\(fn, path, prediction\); got OracleModel"):
+        gf.sampling.langevin_correct(gauss2.model(path, "eps"), x, t, jax.random.key(1))
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="steps must be"):
+            gf.sampling.langevin_correct(model, x, t, jax.random.key(1), steps=bad)
+    np.testing.assert_array_equal(gf.sampling.langevin_correct(model, x[:4], t, jax.random.key(1), steps=0), x[:4])
 
 
 @pytest.fixture(scope="module")

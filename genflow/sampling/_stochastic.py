@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import flat_batch
+from genflow._checks import check_int, flat_batch
 from genflow.sampling._driver import Stepper, x_init
 from genflow.sampling._exp import finite_or, sqrt0
 
@@ -34,7 +34,13 @@ def langevin_correct(model, x: Array, t, key: Array, *, snr: float = 0.16, steps
     """``steps`` Langevin corrector steps at time ``t`` with the SNR step rule; ``x: [B, ...]``.
 
     ``x <- x + e score + sqrt(2 e) z`` with ``e = 2 alpha_ratio (snr mean||z|| / mean||score||)^2``
-    (Song et al. 2021, Alg. 4-5; means over the batch)."""
+    (Song et al. 2021, Alg. 4-5; means over the batch). ``model``: a
+    :class:`genflow.sampling.Model` (``gf.sampling.Model(fn, path, prediction)``)."""
+    from genflow.sampling._model import Model
+
+    if not isinstance(model, Model):  # (a plain function or an oracle model failed as an AttributeError)
+        raise TypeError(f"model must be a gf.sampling.Model(fn, path, prediction); got {type(model).__name__}")
+    steps = check_int("steps", steps, 0)  # (-1 failed in MLIR, 2.5 as a bare TypeError)
 
     def body(x, k):
         score = model.predict(x, t, "score")
