@@ -677,6 +677,16 @@ def test_an_interrupt_while_a_chunk_runs_keeps_its_metrics_with_its_state(monkey
     assert err.value.step == 15 and len(err.value.history["loss"]) == 15
     assert any("its metrics are in e.history" in n for n in err.value.__notes__)
 
+    def no_loss_step(state, batch):  # a hand-written step whose metrics have no "loss" (review)
+        new, m = step(state, batch)
+        return new, {"mse": m["loss"], "finite": m["finite"]}
+
+    monkeypatch.setattr(jax, "device_get", _interrupted_on_call(3))
+    with pytest.raises(KeyboardInterrupt) as err:
+        gf.train.fit(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0)), no_loss_step,
+                     lambda k: (X, Y), 50, chunk_size=5, progress=False)
+    assert err.value.step == 15 and len(err.value.history["mse"]) == 15  # (the earlier chunks were deleted)
+
 
 def test_failures_save_no_state_that_was_not_due(tmp_path, monkeypatch):
     """The due save after an error is for a state whose callbacks raised at a save step only

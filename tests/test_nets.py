@@ -572,7 +572,8 @@ def test_one_label_for_the_whole_batch_is_broadcast_like_t():
         np.testing.assert_array_equal(fn(x, 0.5), full(x, 0.5))
         out, _ = gf.sample(fn, path, x, prediction="velocity", solver="heun", steps=4)
         np.testing.assert_array_equal(out, ref)
-    for bad in (5, -1, 2**40):  # (checked in model_fn: traced, an out-of-range label gave NaN samples)
+    for bad in (5, -1, 2**40, np.int64(7), jnp.array(7), np.array([7, 7, 7, 7, 7])):
+        # (checked in model_fn: traced inside gf.sample, an out-of-range label gave NaN samples)
         with pytest.raises(ValueError, match=r"labels y must be ints in \[0, num_classes=4\]"):
             gf.nets.model_fn(mlp, p, y=bad)
     with pytest.raises(ValueError, match=r"labels y must be ints"):  # a float label: refused as before

@@ -860,3 +860,4 @@ def test_reference_solves_take_new_times_and_tolerances_without_recompiling():
     np.testing.assert_allclose(np.asarray(end, np.float32), g.flow_map(xb.astype(jnp.float32), 1.0, 0.3, path),
                                atol=0.05)
     gf.sampling.reference_trajectories(model, xb, 1.0, 0.3, 1e-3, 1e-3)(jnp.array([0.5]))
+    gf.sampling.reference_end_states(model, xb, 1.0, 0.3, np.float32(1e-3), jnp.float32(1e-3))  # (any type)

@@ -107,15 +107,15 @@ def model_fn(module: nn.Module, params, **cond) -> Callable[[Array, Array], Arra
     ``jit``; a traced ``train`` flag failed inside the module).
     """
     # (a NumPy or concrete JAX bool train flag was traced: it failed in the module, also in gf.sample)
-    num_classes = getattr(module, "num_classes", None)
-    y = cond.get("y")
-    if isinstance(y, int) and not isinstance(y, bool) and is_int(num_classes, 0):
-        # a class label of a genflow class-conditional net: traced (it was static, so sampling
-        # class after class compiled once per class), so it is range-checked here, while concrete
-        if not 0 <= y <= num_classes:  # (traced, an out-of-range label gives NaN samples)
-            raise ValueError(f"labels y must be ints in [0, num_classes={num_classes}] ({num_classes}: no label); "
-                             f"got {y}")
-        cond["y"] = jnp.asarray(y, jnp.int32)
+    num_classes, y = getattr(module, "num_classes", None), cond.get("y")
+    python_int = isinstance(y, int) and not isinstance(y, bool)
+    if is_int(num_classes, 0) and (python_int or isinstance(y, (np.ndarray, np.generic, jax.Array))):
+        # the class labels of a genflow class-conditional net are traced (a Python int was static,
+        # so sampling class after class compiled once per class), so they are range-checked here,
+        # while concrete: traced, an out-of-range label gives NaN samples
+        _check_label_values(y, num_classes)
+        if python_int:
+            cond["y"] = jnp.asarray(y, jnp.int32)
     static = {k: (bool(v) if _concrete_bool(v) else v) for k, v in cond.items()
               if _concrete_bool(v) or not isinstance(v, (jax.Array, np.ndarray, np.generic))}
     traced = {k: v for k, v in cond.items() if k not in static}
@@ -145,6 +145,16 @@ class _Apply:
         return hash((self.module, self.static))
 
 
+def _check_label_values(y, num_classes: int) -> None:
+    """Concrete labels must be ints in ``[0, num_classes]`` (traced ones cannot be checked)."""
+    if isinstance(y, jax.core.Tracer):
+        return
+    yy = np.asarray(y)
+    if yy.size and (not np.issubdtype(yy.dtype, np.integer) or yy.min() < 0 or yy.max() > num_classes):
+        raise ValueError(f"labels y must be ints in [0, num_classes={num_classes}] ({num_classes}: no label); "
+                         f"got dtype {yy.dtype}, values in [{yy.min()}, {yy.max()}]")
+
+
 def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: int, name: str = "label_embed",
                     init: Callable = nn.linear.default_embed_init) -> Array | None:
     """Embed labels ``y: [B]`` (or one label, scalar or ``[1]``, for the whole batch) in
@@ -163,11 +173,7 @@ def label_embedding(y: Array | None, num_classes: int | None, dim: int, batch: i
         raise ValueError(f"num_classes must be None or an int >= 0; got {num_classes!r}")
     if y is None:
         y = jnp.full((batch,), num_classes, jnp.int32)
-    if not isinstance(y, jax.core.Tracer):  # concrete labels: check the range (an out-of-range
-        yy = np.asarray(y)                    # label gave nan outputs, -1 wrapped to the null label)
-        if yy.size and (not np.issubdtype(yy.dtype, np.integer) or yy.min() < 0 or yy.max() > num_classes):
-            raise ValueError(f"labels y must be ints in [0, num_classes={num_classes}] ({num_classes}: no label); "
-                             f"got dtype {yy.dtype}, values in [{yy.min()}, {yy.max()}]")
+    _check_label_values(y, num_classes)  # (an out-of-range label gave nan outputs, -1 wrapped to the null label)
     y = jnp.asarray(y)
     if y.shape in ((), (1,)):  # one label for the whole batch, as t (model_fn(net, p, y=3) failed on its shape)
         y = jnp.broadcast_to(y.reshape(()), (batch,))

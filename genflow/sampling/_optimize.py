@@ -105,7 +105,7 @@ def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float 
     differentiable in ``t``: a pytree callable (``jax.tree_util.Partial``) holding the solutions,
     compiled once per shape of ``t`` and passed to jitted functions as an argument."""
     return jax.tree_util.Partial(_trajectories_at, model.path,
-                                 *_reference_solve(model, x1, *_traced(x1, t_start, t_end, rtol, atol), max_steps))
+                                 *_reference_solve(model, x1, *_traced(x1, t_start, t_end), *_tolerances(x1, rtol, atol), max_steps))
 
 
 def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
@@ -113,17 +113,27 @@ def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 
     """``[B, ...]``: the exact probability-flow end states at ``t_end`` from ``x1`` at ``t_start``,
     solved as by :func:`reference_trajectories` but without its dense output (whose per-sample
     buffers of ``max_steps`` steps make it slow and memory-hungry for thousands of samples)."""
-    return _end_states(model, x1, *_traced(x1, t_start, t_end, rtol, atol), max_steps)
+    return _end_states(model, x1, *_traced(x1, t_start, t_end), *_tolerances(x1, rtol, atol), max_steps)
+
+
+def _float_dtype(like):
+    dtype = jnp.result_type(like)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
 
 
 def _traced(like, *values):
-    """Python numbers as arrays of ``like``'s float dtype (the solve's state's: a wider tolerance
-    promoted its controller's state, float64 under x64 or float32 for bfloat16 noise, which
-    Diffrax's loop refused): ``eqx.filter_jit`` keeps Python numbers static, so each new time or
-    tolerance compiled the solve again (~5 s on a CPU)."""
-    dtype = jnp.result_type(like)
-    dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+    """Python numbers as arrays of ``like``'s float dtype: ``eqx.filter_jit`` keeps Python numbers
+    static, so each new time compiled the solve again (~5 s on a CPU)."""
+    dtype = _float_dtype(like)
     return tuple(jnp.asarray(v, dtype) if isinstance(v, (int, float)) else v for v in values)
+
+
+def _tolerances(x1, *values):
+    """Tolerances as arrays in the solve's state dtype (``x1``'s), whatever their type: traced (a
+    new value compiled the solve again), and a wider one promoted the controller's state (float64
+    under x64, float32 for bfloat16 noise), which Diffrax's loop refused."""
+    dtype = _float_dtype(x1)
+    return tuple(jnp.asarray(v).astype(dtype) for v in values)
 
 
 @eqx.filter_jit

@@ -353,8 +353,10 @@ def fit(
       ValueError: an iterable ``data`` ran out before ``num_steps`` batches.
       Any exception from the data iterator, a callback or the checkpointer (or a
       ``KeyboardInterrupt``) is re-raised with the last good state attached as ``e.state`` (its
-      step as ``e.step``) and the metrics so far as ``e.history``, so nothing done is lost; if
-      that state's step was due a checkpoint that the exception prevented, it is saved first.
+      step as ``e.step``) and the metrics so far as ``e.history``, so nothing done is lost; if a
+      callback raised at a save step (or at the last step), the callbacks after it run and that
+      save is made first. A Ctrl-C while a chunk's metrics are fetched leaves that chunk's state
+      unsaved (its metrics are in ``e.history``; the callbacks did not see it).
       An error raised while a compiled chunk runs (e.g. from a host callback inside the loss)
       leaves no state to attach: the chunk's input was donated to it. Resume from the last
       checkpoint (the exception's note names its step).
@@ -428,7 +430,7 @@ def fit(
                 compiled[ck], dt_compile = _compiled_chunk(run, cache_key, state, xs, n)
                 compile_time += dt_compile
             t0 = time.perf_counter()
-            logged_chunks = len(history.get("loss", []))
+            logged_chunks = len(history.get("finite", []))  # ("finite" is in every chunk's metrics)
             state, unlogged = compiled[ck](state, xs)
             # (a Ctrl-C lands here, while the host waits for the chunk: the handler then logs the
             # metrics of the chunk whose state it returns -- e.state was one chunk ahead of e.history)
@@ -463,7 +465,7 @@ def fit(
                 data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
                 # the mean since the previous save, not the last chunk's (chunk_size < save_every)
                 means = _chunk_means(_scalar_metrics(history, saved_chunks))
-                saved_chunks = len(history["loss"])
+                saved_chunks = len(history["finite"])  # (a hand-written step_fn may have no "loss")
                 pending = (state, data_state, means)
                 checkpointer.save(state, data_state=data_state, metrics=means, force=True)
                 pending = due = None
