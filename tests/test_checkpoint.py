@@ -686,6 +686,10 @@ def test_an_interrupt_while_a_chunk_runs_keeps_its_metrics_with_its_state(monkey
         gf.train.fit(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0)), no_loss_step,
                      lambda k: (X, Y), 50, chunk_size=5, progress=False)
     assert err.value.step == 15 and len(err.value.history["mse"]) == 15  # (the earlier chunks were deleted)
+    monkeypatch.setattr(jax, "device_get", _interrupted_on_call(10**6))
+    state, hist = gf.train.fit(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0)), no_loss_step,
+                               lambda k: (X, Y), 10, chunk_size=5)  # (the progress bar read metrics["loss"])
+    assert int(state.step) == 10 and hist["mse"].shape == (10,)
 
 
 def test_failures_save_no_state_that_was_not_due(tmp_path, monkeypatch):

@@ -590,12 +590,25 @@ class _StaticY(nn.Module):
         return x * nn.Dense(1)(jnp.ones((x.shape[0], y)))
 
 
-def test_a_custom_module_keeps_a_static_python_y():
-    """Only a Python-int y of a module with an int num_classes (a class label) is traced: a module
-    of one's own that reads y as a Python number kept working (review)."""
+class _OneHotCond(nn.Module):
+    num_classes: int = 3  # the width of a one-hot condition, not a label range
+
+    @nn.compact
+    def __call__(self, x, t, y):
+        return nn.Dense(x.shape[-1])(jnp.concatenate([x, jnp.broadcast_to(t, x.shape[:1])[:, None], y], -1))
+
+
+def test_a_custom_module_keeps_its_own_y():
+    """Only genflow's class-conditional nets get their y traced and range-checked as class labels
+    (reviews): a module of one's own that reads y as a Python number, or that has a num_classes of
+    another meaning (a one-hot condition's width), kept working."""
     m = _StaticY()
     x = jnp.ones((2, 3))
     p = m.init(jax.random.key(0), x, jnp.zeros(2), 4)
     out, _ = gf.sample(gf.nets.model_fn(m, p, y=4), gf.paths.linear(), x, prediction="velocity", solver="euler",
                        steps=2)
     assert out.shape == x.shape
+    m = _OneHotCond()
+    y = jax.nn.one_hot(jnp.array([0, 2]), 3)
+    p = m.init(jax.random.key(0), x[:, :2], jnp.zeros(2), y)
+    np.testing.assert_array_equal(gf.nets.model_fn(m, p, y=y)(x[:, :2], 0.5), m.apply(p, x[:, :2], jnp.full(2, 0.5), y))

@@ -100,8 +100,9 @@ def model_fn(module: nn.Module, params, **cond) -> Callable[[Array, Array], Arra
 
     Returns a :class:`jax.tree_util.Partial`, so the parameters stay traced when the function
     is passed to a jitted sampler: new parameters do not trigger a recompilation. Array-valued
-    conditioning (labels) is traced too, as is a Python-int ``y`` of a module with an int
-    ``num_classes`` (one class label for the batch, checked here); other keywords
+    conditioning (labels) is traced too, as is a Python-int ``y`` of genflow's class-conditional
+    nets (``MLP`` / ``UNet`` / ``DiT`` with an int ``num_classes``: one class label for the batch;
+    their concrete labels are range-checked here, since traced ones cannot be); other keywords
     (``train=False``, strings, ``None``, other Python numbers) are static, bound
     with the module into a hashable callable (an equal module, rebuilt, is the same function to
     ``jit``; a traced ``train`` flag failed inside the module).
@@ -109,7 +110,9 @@ def model_fn(module: nn.Module, params, **cond) -> Callable[[Array, Array], Arra
     # (a NumPy or concrete JAX bool train flag was traced: it failed in the module, also in gf.sample)
     num_classes, y = getattr(module, "num_classes", None), cond.get("y")
     python_int = isinstance(y, int) and not isinstance(y, bool)
-    if is_int(num_classes, 0) and (python_int or isinstance(y, (np.ndarray, np.generic, jax.Array))):
+    labels = getattr(module, "_embeds_labels", False) and is_int(num_classes, 0)  # (genflow's nets only: a
+    # module of one's own may use num_classes and y otherwise, e.g. a one-hot condition's width)
+    if labels and (python_int or isinstance(y, (np.ndarray, np.generic, jax.Array))):
         # the class labels of a genflow class-conditional net are traced (a Python int was static,
         # so sampling class after class compiled once per class), so they are range-checked here,
         # while concrete: traced, an out-of-range label gives NaN samples

@@ -113,6 +113,7 @@ class DiT(nn.Module):
     num_heads: int = 6
     mlp_ratio: float = 4.0
     num_classes: int | None = None
+    _embeds_labels = True  # (model_fn: y are class labels in [0, num_classes], checked and traced)
     pos_embedding: str = "sincos"
     out_channels: int | None = None
     dtype: jnp.dtype | None = None

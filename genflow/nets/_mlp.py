@@ -37,6 +37,7 @@ class MLP(nn.Module):
     time_embedding: str = "sinusoidal"
     time_dim: int = 64
     num_classes: int | None = None
+    _embeds_labels = True  # (model_fn: y are class labels in [0, num_classes], checked and traced)
     class_dim: int = 64
     out_dim: int | None = None
     dtype: jnp.dtype | None = None

@@ -113,6 +113,7 @@ class UNet(nn.Module):
     num_heads: int = 1
     dropout: float = 0.0
     num_classes: int | None = None
+    _embeds_labels = True  # (model_fn: y are class labels in [0, num_classes], checked and traced)
     time_embedding: str = "sinusoidal"
     skip_rescale: bool = True
     resample_with_conv: bool = True

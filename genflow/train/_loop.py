@@ -471,7 +471,8 @@ def fit(
                 pending = due = None
             if bar is not None:
                 bar.update(n)
-                bar.set_postfix(loss=f"{float(np.mean(metrics['loss'])):.4f}")
+                if "loss" in metrics:  # (a hand-written step_fn may have no "loss": a KeyError here)
+                    bar.set_postfix(loss=f"{float(np.mean(metrics['loss'])):.4f}")
         if checkpointer is not None:
             checkpointer.wait()  # a failed background write surfaces here, and is handled below
     except NonFiniteLossError as e:
