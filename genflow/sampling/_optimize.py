@@ -105,7 +105,7 @@ def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float 
     differentiable in ``t``: a pytree callable (``jax.tree_util.Partial``) holding the solutions,
     compiled once per shape of ``t`` and passed to jitted functions as an argument."""
     return jax.tree_util.Partial(_trajectories_at, model.path,
-                                 *_reference_solve(model, x1, *_traced(x1, t_start, t_end), *_tolerances(x1, rtol, atol), max_steps))
+                                 *_reference_solve(model, x1, *_in_state_dtype(x1, t_start, t_end, rtol, atol), max_steps))
 
 
 def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
@@ -113,27 +113,18 @@ def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 
     """``[B, ...]``: the exact probability-flow end states at ``t_end`` from ``x1`` at ``t_start``,
     solved as by :func:`reference_trajectories` but without its dense output (whose per-sample
     buffers of ``max_steps`` steps make it slow and memory-hungry for thousands of samples)."""
-    return _end_states(model, x1, *_traced(x1, t_start, t_end), *_tolerances(x1, rtol, atol), max_steps)
+    return _end_states(model, x1, *_in_state_dtype(x1, t_start, t_end, rtol, atol), max_steps)
 
 
-def _float_dtype(like):
-    dtype = jnp.result_type(like)
-    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
-
-
-def _traced(like, *values):
-    """Python numbers as arrays of ``like``'s float dtype: ``eqx.filter_jit`` keeps Python numbers
-    static, so each new time compiled the solve again (~5 s on a CPU)."""
-    dtype = _float_dtype(like)
-    return tuple(jnp.asarray(v, dtype) if isinstance(v, (int, float)) else v for v in values)
-
-
-def _tolerances(x1, *values):
-    """Tolerances as arrays in the solve's state dtype (``x1``'s), whatever their type: traced (a
-    new value compiled the solve again), and a wider one promoted the controller's state (float64
-    under x64, float32 for bfloat16 noise), which Diffrax's loop refused."""
-    dtype = _float_dtype(x1)
-    return tuple(jnp.asarray(v).astype(dtype) for v in values)
+def _in_state_dtype(x1: Array, *values):
+    """Times and tolerances of a reference solve as arrays in its state's dtype (``x1``'s float
+    dtype), whatever their type: ``eqx.filter_jit`` keeps Python numbers static, so each new value
+    compiled the solve again (~5 s on a CPU), and a wider tolerance promoted the controller's state
+    (float64 under x64, float32 for bfloat16 noise), which Diffrax's loop refused. (The times were
+    cast to this dtype inside the solve already.)"""
+    dtype = jnp.result_type(x1)
+    dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+    return tuple(jnp.asarray(v, dtype) for v in values)
 
 
 @eqx.filter_jit
@@ -207,7 +198,10 @@ def propagation_weights(model: Model, x_at: Callable[[Array], Array], t_start, t
     Jacobian at ``num`` points spaced uniformly in log-SNR, the growth factor is capped at
     ``cap``. Returns ``w(ts: [K]) -> [K, B]`` (log-linear in log-SNR, differentiable; 1 at the
     end), a pytree callable like ``x_at``."""
-    t_start, t_end, cap = _traced(jnp.result_type(float), t_start, t_end, cap)  # (the dtype Python floats had)
+    # Python numbers as arrays (static, each new value compiled the solve again), in the dtype
+    # Python floats had; arrays keep theirs
+    t_start, t_end, cap = (jnp.asarray(v, jnp.result_type(float)) if isinstance(v, (int, float)) else v
+                           for v in (t_start, t_end, cap))
     return jax.tree_util.Partial(_weights_at, model.path, *_growth(model, x_at, t_start, t_end, cap, num))
 
 

@@ -178,7 +178,7 @@ def _stack(history: dict[str, list]) -> dict[str, np.ndarray]:
     return {name: np.concatenate(v) for name, v in history.items()}
 
 
-def _settle_saves(checkpointer, e: BaseException, pending=None, due: bool = False) -> None:
+def _settle_saves(checkpointer, e: BaseException, pending=None, redone: bool = False) -> None:
     """After ``fit`` failed with ``e``: commit the checkpoints still being written, and redo a save
     that the failure interrupted inside ``checkpointer.save`` (a Ctrl-C there abandons it). A
     failure of either is added to ``e`` as a note, so that ``e`` (with its state) is what propagates."""
@@ -191,7 +191,7 @@ def _settle_saves(checkpointer, e: BaseException, pending=None, due: bool = Fals
             checkpointer.save(state, data_state=data_state, metrics=means, force=True)
             checkpointer.wait()
             e.add_note(f"fit: the checkpoint of step {int(state.step)} "
-                       + ("was due and has been saved" if due else "that this error interrupted was saved again"))
+                       + ("was due and has been saved" if redone else "that this error interrupted was saved again"))
     except BaseException as w:  # noqa: BLE001 (reported on e, which is re-raised)
         e.add_note(f"fit: a checkpoint save also failed ({type(w).__name__}: {w}); the checkpoints on disk end at "
                    f"step {_latest(checkpointer)}")
@@ -401,7 +401,6 @@ def fit(
     cb_rest = None  # (index, args) of the callbacks that a raising callback kept from running
     due = None  # the step whose save is due once the callbacks have run
     logged_chunks = 0  # chunks in ``history`` before the last one was appended
-    best_unchecked = checkpointer is not None
     pending = None  # (state, data_state, metrics) of a save call that has not returned yet
     saved_chunks = 0  # chunks in ``history`` up to the last save (chunks are cut at saves)
     try:
@@ -443,8 +442,8 @@ def fit(
                 hist = _stack(history)
                 raise NonFiniteLossError(int(state.step), state, hist)
             done += n
-            if best_unchecked:  # (a typo failed only at the first save, save_every steps in, with nothing saved)
-                best_unchecked = False
+            if checkpointer is not None and logged_chunks == 0:  # (after the first chunk: a typo failed
+                # only at the first save, save_every steps in, with nothing saved)
                 best, names = getattr(checkpointer, "best_metric", None), _chunk_means(_scalar_metrics(history))
                 if best is not None and best not in names:
                     raise ValueError(f"checkpointer.best_metric={best!r} is not a scalar step metric; "
@@ -504,7 +503,7 @@ def fit(
                        "to it: no state can be attached to this error; " + _resume_hint(checkpointer))
             state = None  # (nothing of it is usable)
         e.history = _stack(history)
-        _settle_saves(checkpointer, e, pending, due=redone)
+        _settle_saves(checkpointer, e, pending, redone=redone)
         raise
     finally:
         if bar is not None:
