@@ -278,14 +278,24 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                      data=ocp.args.JsonRestore()))
-        except ValueError as e:  # (orbax's message asked for a partial_restore=True that restore does not take)
-            if "tree structures do not match" not in str(e):
-                raise
-            detail = str(e).split("If this mismatch is intentional")[0].strip()
-            detail = detail.replace("Source:", "target:").replace("Target:", "stored:")
-            raise ValueError(f"cannot restore step {step} of {self.directory} into this target: its tree structure "
-                             f"differs from the stored state's (another optimizer, other EMA decays or other "
-                             f"parameters?). {detail}") from None
+        except Exception as e:
+            if isinstance(e, ValueError) and "tree structures do not match" in str(e):
+                # (orbax's message asked for a partial_restore=True that restore does not take)
+                detail = str(e).split("If this mismatch is intentional")[0].strip()
+                detail = detail.replace("Source:", "target:").replace("Target:", "stored:")
+                raise ValueError(f"cannot restore step {step} of {self.directory} into this target: its tree "
+                                 f"structure differs from the stored state's (another optimizer, other EMA decays or "
+                                 f"other parameters?). {detail}") from None
+            if step not in self.all_steps():
+                raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; its kept steps are "
+                                        f"{self.all_steps()}") from None
+            # a damaged step: tensorstore's / json's words named neither the step nor a way out
+            others = [s for s in self.all_steps() if s != step]
+            e.add_note(f"genflow: step {step} of {self.directory} could not be read: it may be damaged (a disk error, "
+                       f"or a copy cut short). The other kept steps are {others}: restore one with "
+                       f"restore(target, step=...), or move step {step}'s directory out of {self.directory} and make "
+                       f"a new Checkpointer, whose restore_or then starts from the latest of them.")
+            raise
         return _from_savable(out["state"], target, shardings), _data_state_from_json(out["data"])
 
     def _shape_mismatch(self, step: int, abstract) -> str | None:
