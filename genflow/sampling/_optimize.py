@@ -92,7 +92,8 @@ _RHO_STOP = 5e-4  # the reference solve stops at this noise level sigma/alpha (s
 def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
                            max_steps: int = 4096) -> Callable[[Array], Array]:
     """Dense exact trajectories of the probability-flow ODE from ``x1: [B, ...]`` at ``t_start``
-    (``model``: ``gf.sampling.Model(fn, path, prediction)``).
+    (``model``: ``gf.sampling.Model(fn, path, prediction)``), in ``x1``'s float dtype, at least
+    float32 (bfloat16 cannot meet the default tolerances).
 
     Solved per sample (the model is called on ``[1, ...]``: a model with per-sample labels bound
     for the batch is refused, its output shape not matching) with Tsit5 in the linear-path
@@ -105,26 +106,29 @@ def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float 
     differentiable in ``t``: a pytree callable (``jax.tree_util.Partial``) holding the solutions,
     compiled once per shape of ``t`` and passed to jitted functions as an argument."""
     return jax.tree_util.Partial(_trajectories_at, model.path,
-                                 *_reference_solve(model, x1, *_in_state_dtype(x1, t_start, t_end, rtol, atol), max_steps))
+                                 *_reference_solve(model, *_solve_inputs(x1, t_start, t_end, rtol, atol), max_steps))
 
 
 def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
                          max_steps: int = 4096) -> Array:
     """``[B, ...]``: the exact probability-flow end states at ``t_end`` from ``x1`` at ``t_start``,
-    solved as by :func:`reference_trajectories` but without its dense output (whose per-sample
-    buffers of ``max_steps`` steps make it slow and memory-hungry for thousands of samples)."""
-    return _end_states(model, x1, *_in_state_dtype(x1, t_start, t_end, rtol, atol), max_steps)
+    solved as by :func:`reference_trajectories` (in ``x1``'s float dtype, at least float32) but
+    without its dense output (whose per-sample buffers of ``max_steps`` steps make it slow and
+    memory-hungry for thousands of samples)."""
+    return _end_states(model, *_solve_inputs(x1, t_start, t_end, rtol, atol), max_steps)
 
 
-def _in_state_dtype(x1: Array, *values):
-    """Times and tolerances of a reference solve as arrays in its state's dtype (``x1``'s float
-    dtype), whatever their type: ``eqx.filter_jit`` keeps Python numbers static, so each new value
-    compiled the solve again (~5 s on a CPU), and a wider tolerance promoted the controller's state
-    (float64 under x64, float32 for bfloat16 noise), which Diffrax's loop refused. (The times were
-    cast to this dtype inside the solve already.)"""
+def _solve_inputs(x1: Array, *values):
+    """``x1`` and the times and tolerances of a reference solve, all as arrays of the solve's
+    dtype: ``x1``'s float dtype, at least float32. (A bfloat16 or float16 state cannot meet the
+    default tolerance of 1e-5 -- its rounding unit is 4e-3 / 5e-4 -- and the solve failed with
+    Diffrax's "maximum number of solver steps was reached"; a reference is meant to be accurate.)
+    Arrays whatever the values' types: ``eqx.filter_jit`` keeps Python numbers static, so each new
+    value compiled the solve again (~5 s on a CPU), and a wider tolerance promoted the controller's
+    state (float64 under x64), which Diffrax's loop refused."""
     dtype = jnp.result_type(x1)
-    dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
-    return tuple(jnp.asarray(v, dtype) for v in values)
+    dtype = jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+    return (jnp.asarray(x1, dtype),) + tuple(jnp.asarray(v, dtype) for v in values)
 
 
 @eqx.filter_jit
