@@ -37,6 +37,10 @@ import optax
 
 import genflow as gf
 
+# %% tags=["parameters"]
+DIT_STEPS = 150  # section 4's DiT run, a multiple of 3 (the test suite runs this notebook with fewer steps)
+MLP_STEPS = 1500  # section 4's MLP flow on the flattened digits
+
 # %% [markdown]
 # ## 1. Networks
 # Both networks map `x: [B, H, W, C]`, `t: [B]` (and optional labels `y: [B]`) to an output shaped
@@ -128,18 +132,19 @@ def fresh():
                                ema_decays=(0.99,))
 
 
-full, hist = gf.train.fit(fresh(), step, gf.data.image_loader("digits", 64, seed=0), 150, chunk_size=50,
+every = DIT_STEPS // 3  # the checkpoint interval and fit's chunk
+full, hist = gf.train.fit(fresh(), step, gf.data.image_loader("digits", 64, seed=0), DIT_STEPS, chunk_size=every,
                           progress=False)
 
 ckpt_dir = tempfile.mkdtemp()
-ckpt = gf.train.Checkpointer(ckpt_dir, save_every=50, keep=2)
-gf.train.fit(fresh(), step, gf.data.image_loader("digits", 64, seed=0), 100, chunk_size=50, progress=False,
+ckpt = gf.train.Checkpointer(ckpt_dir, save_every=every, keep=2)
+gf.train.fit(fresh(), step, gf.data.image_loader("digits", 64, seed=0), 2 * every, chunk_size=every, progress=False,
              checkpointer=ckpt)  # ... and the process dies here
 state, data_state = ckpt.restore_or(fresh())
 loader = gf.data.image_loader("digits", 64, seed=0)
 loader.set_state(data_state)
 print("resumed at step", int(state.step), "loader position", data_state)
-resumed, _ = gf.train.fit(state, step, loader, 150 - int(state.step), chunk_size=50, progress=False,
+resumed, _ = gf.train.fit(state, step, loader, DIT_STEPS - int(state.step), chunk_size=every, progress=False,
                           checkpointer=ckpt)
 ckpt.close()
 same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)))
@@ -186,7 +191,7 @@ mlp_step = gf.train.make_train_step(gf.train.diffusion_objective(mlp.apply, path
                                                                  label_dropout=0.1, null_label=10), opt)
 mlp_state = gf.train.init_state(mlp.init(jax.random.key(0), xtr_j[:1], jnp.zeros((1,)), ytr_j[:1]), opt,
                                 jax.random.key(1), ema_decays=(0.99,))
-mlp_state, _ = gf.train.fit(mlp_state, mlp_step, digits_batch, 1500, chunk_size=500, progress=False)
+mlp_state, _ = gf.train.fit(mlp_state, mlp_step, digits_batch, MLP_STEPS, chunk_size=MLP_STEPS // 3, progress=False)
 
 labels = jnp.repeat(jnp.arange(10), 50)
 x1 = path.prior_sample(jax.random.key(2), (500, 64))
@@ -198,7 +203,7 @@ print(f"classifier accuracy: held-out real digits {clf.score(xte, yte):.3f}, "
       f"samples vs the class asked for {clf.score(samples, np.asarray(labels)):.3f}, "
       f"the starting noise {clf.score(np.clip(np.asarray(x1), -1, 1), np.asarray(labels)):.3f}")
 gf.viz.image_grid(samples.reshape(10, 50, 8, 8, 1)[:, :8].reshape(80, 8, 8, 1), nrow=8,
-                  title=f"MLP flow, 1,500 steps: samples (NFE={int(info.nfe)})", row_labels=[str(i) for i in range(10)]);
+                  title=f"MLP flow, {MLP_STEPS:,} steps: samples (NFE={int(info.nfe)})", row_labels=[str(i) for i in range(10)]);
 
 # %% [markdown]
 # ## 5. Sample quality: the Fréchet distance

@@ -23,7 +23,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 # gains from running with XLA's backend optimizations, which it did before: 58.8 s vs 57.3 s
 # for its test, optimized vs not.)
 PARAMETERS = {"quickstart": {"TRAIN_STEPS": 500}, "samplers": {"TRAIN_STEPS": 500}, "inverse": {"TRAIN_STEPS": 500},
-              "likelihood": {"DIFFUSION_STEPS": 300, "FLOW_STEPS": 200, "GLOW_STEPS": 10, "FFJORD_STEPS": 30}}
+              "likelihood": {"DIFFUSION_STEPS": 300, "FLOW_STEPS": 200, "GLOW_STEPS": 10, "FFJORD_STEPS": 30},
+              "images": {"DIT_STEPS": 60, "MLP_STEPS": 500}}
 
 
 def _with_parameters(nb, values):
