@@ -147,8 +147,8 @@ def mmd(x: Array, y: Array, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Array:
     """Unbiased squared maximum mean discrepancy with a sum of Gaussian kernels.
 
     ``k(a, b) = sum_h exp(-||a - b||^2 / (2 h^2))``. ``x: [N, D]``, ``y: [M, D]``; scalar.
-    Memory: the ``[N, N]``, ``[M, M]`` and ``[N, M]`` kernel matrices (float32) and their
-    temporaries. The unbiased estimate (a U-statistic) can be negative when the distributions
+    Memory: the kernel sums run over blocks of 1,024 rows, so at most ``[1024, max(N, M)]`` kernel
+    entries (float32) exist at once. The unbiased estimate (a U-statistic) can be negative when the distributions
     agree: ``mmd(x, x)`` is not 0 (e.g. -0.46 on 16 points).
     """
     x, y = flat_batch(jnp.asarray(x, jnp.float32)), flat_batch(jnp.asarray(y, jnp.float32))
@@ -161,16 +161,28 @@ def mmd(x: Array, y: Array, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Array:
                                        and not np.all((np.asarray(hs) > 0) & np.isfinite(np.asarray(hs)))):
         raise ValueError(f"bandwidths must be a non-empty sequence of finite reals > 0; got {bandwidths!r}")
 
-    def k(a, b):
-        # one [N, M] kernel at a time (an [N, M, H] intermediate took ~0.5 GB at 3,000 points)
-        d2 = _sq_dists(a, b)
-        return sum(jnp.exp(-d2 / (2 * hs[i] * hs[i])) for i in range(hs.shape[0]))
-
     n, m = x.shape[0], y.shape[0]
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    sxx = (jnp.sum(kxx) - jnp.trace(kxx)) / (n * (n - 1))
-    syy = (jnp.sum(kyy) - jnp.trace(kyy)) / (m * (m - 1))
-    return sxx + syy - 2.0 * jnp.mean(kxy)
+    # k(a, a) = H exactly: the diagonal the U-statistic leaves out
+    sxx = (_kernel_sum(x, x, hs) - n * hs.shape[0]) / (n * (n - 1))
+    syy = (_kernel_sum(y, y, hs) - m * hs.shape[0]) / (m * (m - 1))
+    return sxx + syy - 2.0 * _kernel_sum(x, y, hs) / (n * m)
+
+
+def _kernel_sum(a: Array, b: Array, hs: Array, block: int = 1024) -> Array:
+    """``sum_ij k(a_i, b_j)`` over blocks of ``block`` rows of ``a``: the whole ``[N, M]`` kernel
+    took 8 N^2 floats under ``jit`` (3 GiB at 10,000 points; memory audit), and one
+    ``[N, M, H]`` intermediate ~0.5 GB at 3,000 points."""
+
+    def rows(r):
+        d2 = _sq_dists(r, b)  # (one [block, M] kernel per bandwidth)
+        return jnp.sum(sum(jnp.exp(-d2 / (2 * hs[i] * hs[i])) for i in range(hs.shape[0])))
+
+    n = a.shape[0]
+    if n <= block:
+        return rows(a)
+    full = n // block
+    total = jnp.sum(jax.lax.map(rows, a[:full * block].reshape(full, block, a.shape[1])))
+    return total + (rows(a[full * block:]) if n % block else 0.0)
 
 
 def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:

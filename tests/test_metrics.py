@@ -341,3 +341,24 @@ def test_empty_point_sets_and_bad_keys_are_refused_by_name():
     assert float(gf.metrics.w2_exact(p[:1], p[:1] + 2.0)) == pytest.approx(2.0 * math.sqrt(2.0))
     with pytest.raises(TypeError, match="debiased must be True or False"):
         gf.metrics.w2_sinkhorn(p, p + 1.0, debiased="False")  # truthy: the debiased value before
+
+
+def test_mmd_sums_its_kernels_in_blocks_of_rows():
+    """The whole [N, M] kernels took 8 N^2 floats under jit (3 GiB at 10,000 points; memory
+    audit); summed over blocks of 1,024 rows they take a few [1024, N] blocks, with the value of
+    the float64 U-statistic (N = 2,500: two full blocks and a remainder)."""
+    shape = jax.ShapeDtypeStruct((10_000, 2), jnp.float32)
+    temp = jax.jit(gf.metrics.mmd).lower(shape, shape).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 400 * 2**20, temp / 2**20  # (3,064 MiB before)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2500, 2)), rng.normal(size=(1100, 2)) + [0.3, 0.0]
+    hs = np.array([0.1, 0.2, 0.5, 1.0, 2.0, 5.0])
+
+    def ksum(a, b):
+        d2 = ((a[:, None] - b[None]) ** 2).sum(-1)
+        return np.exp(-d2[..., None] / (2 * hs ** 2)).sum()
+
+    n, m = len(x), len(y)
+    ref = ((ksum(x, x) - n * 6) / (n * (n - 1)) + (ksum(y, y) - m * 6) / (m * (m - 1))
+           - 2 * ksum(x, y) / (n * m))
+    np.testing.assert_allclose(float(gf.metrics.mmd(x, y)), ref, rtol=1e-3)
