@@ -143,7 +143,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     A step whose loss, gradients, updated parameters or float16 optimizer state are not finite (or
     whose gradient norm, accumulated in float32 or wider, overflows: ~1.8e19 in float32) leaves the state untouched and
     reports ``metrics["finite"] = False``; :func:`genflow.train.fit` then stops with the last good
-    state.
+    state. ``step(state, batch, skip=b)`` with a traced bool ``b`` does the same when ``b`` is true
+    (``fit`` passes it after a non-finite step of a chunk: the function has ``takes_skip = True``).
     """
     grad_accum = check_int("grad_accum", grad_accum)
     tx = _extra_args_view(check_extra_args(optimizer, "make_train_step's optimizer"))
@@ -172,7 +173,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                                                jax.random.fold_in(key, i))[0], jnp.arange(grad_accum))
         return jnp.mean(losses)
 
-    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch, *, skip=None) -> tuple[TrainState, dict]:
         rng, key, _ = jax.random.split(state.rng, 3)  # [2] is batch_key's (fit's on-device batches)
         (loss, aux), grads = loss_and_grad(state.params, batch, key)
 
@@ -195,6 +196,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         # check would cost a pass over them: ~1.5% of a small MLP's step)
         narrow = [x for x in jax.tree.leaves(opt_state) if getattr(x, "dtype", None) == jnp.float16]
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params) & _all_finite(narrow)
+        if skip is not None:  # (fit, after a non-finite step in the chunk: see _chunk_fn)
+            finite = finite & ~skip
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng, ema=ema)
         # Keep the previous state on a non-finite step (the loop stops there).
         new = jax.lax.cond(finite, lambda: new, lambda: state)
@@ -204,4 +207,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             raise ValueError(f"loss_fn's aux must not reuse the step metric names {sorted(metrics)}; got aux keys {clash}")
         metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
         return new, metrics
+
+    step.takes_skip = True
     return step
