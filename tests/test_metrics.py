@@ -364,3 +364,24 @@ def test_mmd_sums_its_kernels_in_blocks_of_rows():
     np.testing.assert_allclose(float(gf.metrics.mmd(x, y)), ref, rtol=1e-3)
     # one program per shape: called op by op, the blocks' lax.map compiled on every call (perf audit)
     assert count_compiles(lambda: float(gf.metrics.mmd(x, y))) == 0
+
+
+
+def test_mmd_far_from_the_origin_leaves_out_the_diagonal_exactly():
+    """The U-statistic leaves out k(a_i, a_i) = H; the blocked sums subtracted H from a diagonal
+    computed as |a|^2 + |a|^2 - 2 a.a, not 0 in float32 far from the mean: -0.18 for 0 at a
+    scale of 300 (review). Here against the float64 U-statistic, one block and three."""
+    hs = np.array([0.1, 0.2, 0.5, 1.0, 2.0, 5.0])
+
+    def ustat(x, y):
+        def ksum(a, b, self_pairs):
+            d2 = ((a[:, None] - b[None]) ** 2).sum(-1)
+            k = np.exp(-d2[..., None] / (2 * hs ** 2)).sum(-1)
+            return k.sum() - (np.trace(k) if self_pairs else 0.0)
+        n, m = len(x), len(y)
+        return ksum(x, x, True) / (n * (n - 1)) + ksum(y, y, True) / (m * (m - 1)) - 2 * ksum(x, y, False) / (n * m)
+
+    rng = np.random.default_rng(0)
+    for scale, n, d in ((300.0, 16, 50), (30.0, 2100, 2)):
+        x, y = scale * rng.normal(size=(n, d)), scale * rng.normal(size=(n, d))
+        np.testing.assert_allclose(float(gf.metrics.mmd(x, y)), ustat(x, y), atol=1e-4)

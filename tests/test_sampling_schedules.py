@@ -883,7 +883,7 @@ def test_dense_reference_solves_hold_the_steps_they_take(monkeypatch):
     sols = x_at.args[1]
     taken = int(jnp.max(sols.stats["num_steps"]))
     held = jax.tree.leaves(sols.interpolation)[0].shape[1] - 1
-    assert taken <= held < max(16, 2 * taken), (taken, held)
+    assert 2 * taken <= held < max(16, 4 * taken), (taken, held)
     full = opt_mod._reference_solve(model, *opt_mod._solve_inputs(x1, 0.999, 0.0, 1e-5, 1e-5), 4096)
     assert jax.tree.leaves(full[0].interpolation)[0].shape[1] == 4097
     ts = jnp.linspace(0.999, 0.0, 9)
@@ -894,3 +894,25 @@ def test_dense_reference_solves_hold_the_steps_they_take(monkeypatch):
     gf.sampling.optimize_schedule(g.model(path, "velocity"), path, x1, prediction="velocity", steps=4,
                                   solver="dpm++2m", iters=2, t_start=0.999)
     assert seen == [held], (seen, held)
+
+
+
+def test_dense_reference_solves_retry_a_buffer_that_proves_too_small(monkeypatch):
+    """The sized dense solve can take a few more steps than the solve it was sized from (the two
+    programs may round differently; a review saw up to 6 more in 16 under the suite's XLA flags):
+    a buffer that proves too small is retried with max_steps, here forced with a 2-step buffer.
+    Times or tolerances traced by the caller's jit skip the sizing (they failed in int())."""
+    from genflow.sampling import _optimize as opt_mod
+    path = gf.paths.linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.linspace(-1.0, 1.0, 4), jnp.linspace(0.1, 1.0, 4))
+    fn = g.model(path, "velocity")
+    model = gf.sampling.Model(fn, path, "velocity")
+    x1 = 80 * jax.random.normal(jax.random.key(0), (4, 4))
+    monkeypatch.setattr(opt_mod, "_dense_max_steps", lambda *a: 2)
+    x_at = gf.sampling.reference_trajectories(model, x1, 0.999, 0.0)
+    np.testing.assert_allclose(x_at(jnp.zeros((1,)))[0], g.flow_map(x1, 0.999, 0.0, path), atol=1e-3)
+    gf.sampling.optimize_schedule(fn, path, x1, prediction="velocity", steps=4, solver="dpm++2m", iters=2,
+                                  t_start=0.999)
+    monkeypatch.undo()
+    at_half = jax.jit(lambda t: gf.sampling.reference_trajectories(model, x1, t, 0.0)(jnp.array([0.5]))[0])(0.999)
+    np.testing.assert_allclose(at_half, g.flow_map(x1, 0.999, 0.5, path), rtol=1e-4)

@@ -106,9 +106,16 @@ def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float 
     differentiable in ``t``: a pytree callable (``jax.tree_util.Partial``) holding the solutions,
     compiled once per shape of ``t`` and passed to jitted functions as an argument."""
     inputs = _solve_inputs(x1, t_start, t_end, rtol, atol)
-    if not isinstance(inputs[0], jax.core.Tracer):
-        max_steps = _dense_max_steps(model, *inputs, max_steps)
-    return jax.tree_util.Partial(_trajectories_at, model.path, *_reference_solve(model, *inputs, max_steps))
+    if any(isinstance(v, jax.core.Tracer) for v in inputs):  # (under the caller's jit: no sizing)
+        return jax.tree_util.Partial(_trajectories_at, model.path, *_reference_solve(model, *inputs, max_steps))
+    sized = _dense_max_steps(model, *inputs, max_steps)
+    try:
+        solved = _reference_solve(model, *inputs, sized)
+    except eqx.EquinoxRuntimeError:  # (the sized buffer was too small after all: see _dense_max_steps)
+        if sized == max_steps:
+            raise
+        solved = _reference_solve(model, *inputs, max_steps)
+    return jax.tree_util.Partial(_trajectories_at, model.path, *solved)
 
 
 def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
@@ -134,13 +141,16 @@ def _solve_inputs(x1: Array, *values):
 
 
 def _dense_max_steps(model, x1, t_start, t_end, rtol, atol, max_steps: int) -> int:
-    """The ``max_steps`` a dense reference solve needs: the steps the same solve without dense
-    output takes (it takes the same ones), rounded up to a power of two (each new value compiles
-    the dense solve again), at most ``max_steps``. Diffrax's dense output holds ``max_steps``
-    steps per sample whatever the solve takes: at the default 4096, a few hundred image-sized
-    samples asked for ~100 GiB (memory audit), where the solve takes ~100 steps."""
+    """The ``max_steps`` for a dense reference solve: twice the steps the same solve without dense
+    output takes, rounded up to a power of two (each new value compiles the dense solve again), at
+    most ``max_steps``. Diffrax's dense output holds ``max_steps`` steps per sample whatever the
+    solve takes: at the default 4096, a few hundred image-sized samples asked for ~100 GiB (memory
+    audit), where the solve takes ~100 steps. (Twice: the dense program may round differently,
+    and near the boundary between two modes the step controller amplifies that into a few more
+    steps -- up to 6 in 16 under the test suite's XLA flags; a review. The callers retry with
+    ``max_steps`` should even that be too few.)"""
     taken = int(_steps_taken(model, x1, t_start, t_end, rtol, atol, max_steps))
-    return min(max_steps, max(16, 1 << (taken - 1).bit_length()))
+    return min(max_steps, max(16, 1 << (2 * taken - 1).bit_length()))
 
 
 @eqx.filter_jit
@@ -363,8 +373,14 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
         # (the dense solve inside _optimize is traced: its buffer is sized here, from concrete values)
         max_steps = 0 if objective == "global" else _dense_max_steps(model, *_solve_inputs(x1, ts0[0], ts0[-1], rtol,
                                                                                            atol), 4096)
-        ts, hist = _optimize(model, ts0, x1, solver, int(iters), jnp.asarray(learning_rate, jnp.float32), float(rtol),
-                             float(atol), propagate, objective, tuple(sorted(solver_options.items())), max_steps)
+        args = (model, ts0, x1, solver, int(iters), jnp.asarray(learning_rate, jnp.float32), float(rtol), float(atol),
+                propagate, objective, tuple(sorted(solver_options.items())))
+        try:
+            ts, hist = _optimize(*args, max_steps)
+        except eqx.EquinoxRuntimeError:  # (the sized dense buffer was too few steps: retry with the default)
+            if max_steps in (0, 4096):
+                raise
+            ts, hist = _optimize(*args, 4096)
     if not np.isfinite(float(hist["initial"])):
         # (Adam never moved on NaN gradients and no value beat NaN: the init came back as a result)
         raise ValueError(f"the {objective} objective is {float(hist['initial'])} on the initial grid: the model gives "

@@ -286,15 +286,18 @@ class Checkpointer:
                 raise ValueError(f"cannot restore step {step} of {self.directory} into this target: its tree "
                                  f"structure differs from the stored state's (another optimizer, other EMA decays or "
                                  f"other parameters?). {detail}") from None
-            if step not in self.all_steps():
+            on_disk = sorted(self.manager.all_steps(read=True))  # (the cached list misses other processes' saves)
+            if step not in on_disk:
                 raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; its kept steps are "
-                                        f"{self.all_steps()}") from None
+                                        f"{on_disk}") from None
             # a damaged step: tensorstore's / json's words named neither the step nor a way out
-            others = [s for s in self.all_steps() if s != step]
+            others = [s for s in on_disk if s != step]
+            way_out = (f"The other kept steps are {others}: restore one with restore(target, step=...), or move step "
+                       f"{step}'s directory out of {self.directory} and make a new Checkpointer, whose restore_or then "
+                       f"starts from the latest of them." if others else
+                       "It is the only step kept: without it, restore_or starts from scratch.")
             e.add_note(f"genflow: step {step} of {self.directory} could not be read: it may be damaged (a disk error, "
-                       f"or a copy cut short). The other kept steps are {others}: restore one with "
-                       f"restore(target, step=...), or move step {step}'s directory out of {self.directory} and make "
-                       f"a new Checkpointer, whose restore_or then starts from the latest of them.")
+                       f"or a copy cut short). {way_out}")
             raise
         return _from_savable(out["state"], target, shardings), _data_state_from_json(out["data"])
 
