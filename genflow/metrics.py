@@ -9,6 +9,8 @@ dtype (also under ``jax_enable_x64``: ~1e-7 relative, ample for sample quality).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,13 @@ def sliced_w2(x: Array, y: Array, key: Array, num_projections: int = 256) -> Arr
     _check_nonempty("sliced_w2", x, y)
     check_key(key)
     num_projections = check_int("num_projections", num_projections)  # (0 gave 0.0)
+    return _sliced_w2(x, y, key, num_projections)
+
+
+# The metrics' array work runs as one jitted program per shape behind their argument checks: op
+# by op it cost ~0.3 ms (sliced_w2), 0.1 ms (psnr) and 1.7 ms (ssim) per call (perf audit).
+@functools.partial(jax.jit, static_argnums=3)
+def _sliced_w2(x: Array, y: Array, key: Array, num_projections: int) -> Array:
     d = jax.random.normal(key, (x.shape[1], num_projections))
     d = d / jnp.linalg.norm(d, axis=0, keepdims=True)
     px, py = jnp.sort(x @ d, axis=0), jnp.sort(y @ d, axis=0)
@@ -247,6 +256,11 @@ def psnr(x: Array, ref: Array, data_range: float = 2.0) -> Array:
     if x.ndim < 1 or x.shape != ref.shape:
         raise ValueError(f"psnr expects two [B, ...] arrays of equal shape; got x: {x.shape} and ref: {ref.shape}")
     check_positive_real("data_range", data_range)  # (0 gave -inf dB)
+    return _psnr(x, ref, data_range)
+
+
+@jax.jit
+def _psnr(x: Array, ref: Array, data_range) -> Array:
     mse = jnp.mean(flat_batch((x - ref) ** 2), axis=-1)
     return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-20))
 
@@ -278,6 +292,11 @@ def ssim(x: Array, ref: Array, data_range: float = 2.0, window: int = 7, sigma: 
                          f"got {window!r}")
     check_positive_real("sigma", sigma)  # (0 gave NaN, < 0 an "index can't contain negative values")
     check_positive_real("data_range", data_range)  # (0 dropped C1 and C2 and gave a number)
+    return _ssim(x, ref, data_range, int(window), float(sigma))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _ssim(x: Array, ref: Array, data_range, window: int, sigma: float) -> Array:
     radius = int(3.5 * sigma + 0.5)
     w = _gaussian_window(radius, sigma)[:, :, None, None]
 
