@@ -46,6 +46,8 @@ import optax  # noqa: E402
 class Config:
     dataset: str = "digits"         # "digits" (bundled) or a labelled tfds image dataset name with a "test" split
     image_size: int = 0             # tfds images: central square crop resized to this size (0: as stored)
+    image_key: str = "image"        # tfds datasets: the records' image feature
+    label_key: str = "label"        # tfds datasets: the records' integer label feature (e.g. coarse_label)
     net: str = "unet"               # unet | dit | mlp
     ch: int = 32                    # U-Net base channels; DiT width 2*ch; MLP width 8*ch
     depth: int = 1                  # U-Net residual blocks per level; DiT 2*max(depth, 2) blocks;
@@ -113,18 +115,21 @@ def validate(cfg: Config) -> None:
         except (ValueError, KeyError) as e:
             # (the error's advice names image_dataset's arguments; here they are --image_size, and
             # the labels are needed: the Fréchet distance uses a classifier trained on them)
-            raise SystemExit(f"--dataset {cfg.dataset!r}: {e} (images.py: pass --image_size; it needs a labelled "
-                             f"dataset with 'train' and 'test' splits)") from None
+            raise SystemExit(f"--dataset {cfg.dataset!r}: {e} (images.py: pass --image_size, --image_key or "
+                             f"--label_key; it needs a labelled dataset with 'train' and 'test' splits)") from None
     elif cfg.image_size not in (0, 8):
         raise SystemExit(f"--image_size applies to tfds datasets (the bundled digits are 8x8); got {cfg.image_size}")
+    elif (cfg.image_key, cfg.label_key) != ("image", "label"):
+        raise SystemExit(f"--image_key and --label_key apply to tfds datasets (the bundled digits have no feature "
+                         f"names); got {cfg.image_key!r}, {cfg.label_key!r}")
     _cli.dry_run_sampling(cfg.path, cfg.prediction, (2, 4, 4, 1), [("solver", cfg.solver, dict(steps=cfg.sample_steps))])
 
 
 # the flags that make the trained state and its objective: a checkpoint trained with other values is
 # not resumed. --steps is one of them: the cosine schedule decays over it (resuming a 1500-step run
 # with --steps 3000 raised the learning rate at step 1500 from 2e-4 to 1.15e-3)
-TRAINING_FLAGS = ("dataset", "image_size", "net", "ch", "depth", "path", "prediction", "weighting", "conditional",
-                  "steps", "batch", "lr", "warmup", "clip", "ema", "seed")
+TRAINING_FLAGS = ("dataset", "image_size", "image_key", "label_key", "net", "ch", "depth", "path", "prediction",
+                  "weighting", "conditional", "steps", "batch", "lr", "warmup", "clip", "ema", "seed")
 
 
 def check_resume_config(cfg: Config, ckpt) -> None:
@@ -261,7 +266,8 @@ def _eval_images(cfg: Config, split: str, n: int, seed: int):
 
 
 def _dataset_kwargs(cfg: Config) -> dict:
-    return {"image_size": cfg.image_size} if cfg.image_size else {}
+    keys = {} if cfg.dataset == "digits" else {"image_key": cfg.image_key, "label_key": cfg.label_key}
+    return dict(keys, image_size=cfg.image_size) if cfg.image_size else keys
 
 
 def _train_and_evaluate(cfg: Config, written: list, ckpt_dir: str) -> dict:

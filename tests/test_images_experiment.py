@@ -251,3 +251,23 @@ def test_images_on_a_small_tfds_dataset_and_a_failed_rerun_leaves_no_stale_resul
     assert not (out / "metrics.json").exists() and not (out / "samples.png").exists()
     with pytest.raises(SystemExit, match="--image_size applies to tfds datasets"):
         images.validate(images.parse_config(["--image_size", "16"]))
+
+
+
+def test_images_reads_the_label_and_image_features_it_is_told_to():
+    """--label_key / --image_key name the tfds features (cifar100's 20 coarse classes rather than
+    its 100 fine ones); an absent feature is refused before anything is written, naming the
+    flags; the bundled digits have no feature names to choose."""
+    import tensorflow_datasets as tfds
+
+    images = _images()
+    with tfds.testing.mock_data(num_examples=40):
+        cfg = images.parse_config(["--dataset", "cifar100", "--label_key", "coarse_label"])
+        images.validate(cfg)
+        _, y = images._eval_images(cfg, "train", 40, 0)
+        assert y.min() >= 0 and y.max() < 20 and len(set(y.tolist())) > 1
+        for flag in ("--label_key", "--image_key"):
+            with pytest.raises(SystemExit, match=r"--dataset 'cifar100': .*'nope'.*--image_key or --label_key"):
+                images.validate(images.parse_config(["--dataset", "cifar100", flag, "nope"]))
+    with pytest.raises(SystemExit, match="--image_key and --label_key apply to tfds datasets"):
+        images.validate(images.parse_config(["--label_key", "coarse_label"]))
