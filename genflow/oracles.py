@@ -23,6 +23,7 @@ import numpy as np
 
 from genflow import param
 from genflow._checks import check_int, check_key, flat_batch
+from genflow._precision import matmul
 from genflow.paths import Path, broadcast_t, check_path, check_t
 
 Array = jax.Array
@@ -112,13 +113,13 @@ class Gaussian:
 
     @property
     def cov(self) -> Array:
-        return (self.basis * self.var) @ self.basis.T
+        return matmul(self.basis * self.var, self.basis.T)
 
     def sample(self, key: Array, n: int) -> Array:
         """``[n, D]`` samples of the data distribution."""
         check_key(key)
         z = jax.random.normal(key, (check_int("n", n, low=0), self.dim), self.mean.dtype)
-        return self.mean + (z * jnp.sqrt(self.var)) @ self.basis.T
+        return self.mean + matmul(z * jnp.sqrt(self.var), self.basis.T)
 
     def _coords(self, x, t, path):
         """Eigen-coordinates of ``x - alpha mean`` and the marginal variances ``[B, D]``."""
@@ -126,7 +127,7 @@ class Gaussian:
         _check_x(x, self.dim)
         tc = _t_col(t, x)
         a, s = path.alpha(tc), path.sigma(tc)
-        r = (flat_batch(x) - a * self.mean) @ self.basis
+        r = matmul(flat_batch(x) - a * self.mean, self.basis)  # (full precision: see genflow._precision)
         return r, a * a * self.var + s * s, a, s
 
     def x0(self, x: Array, t, path: Path) -> Array:
@@ -136,13 +137,13 @@ class Gaussian:
         # the mean along that direction (the gain's limit is 0), where a * var / m is 0/0 = NaN
         pos = m > 0
         gain = jnp.where(pos, a * self.var / jnp.where(pos, m, 1.0), 0.0)
-        out = self.mean + (gain * r) @ self.basis.T
+        out = self.mean + matmul(gain * r, self.basis.T)
         return out.reshape(x.shape)
 
     def score(self, x: Array, t, path: Path) -> Array:
         """``grad log p_t(x) = -(alpha^2 C + sigma^2)^-1 (x - alpha mean)``."""
         r, m, _, _ = self._coords(x, t, path)
-        return (-(r / m) @ self.basis.T).reshape(x.shape)
+        return matmul(-(r / m), self.basis.T).reshape(x.shape)
 
     def log_prob(self, x: Array, t, path: Path) -> Array:
         """``log p_t(x)`` for ``x: [B, ...]``; returns ``[B]``."""
@@ -155,7 +156,7 @@ class Gaussian:
         tc = _t_col(t, x)
         a_t, sg_t = path.alpha(tc), path.sigma(tc)
         m_t = a_t * a_t * self.var + sg_t * sg_t
-        out = a_t * self.mean + (r * jnp.sqrt(m_t / m_s)) @ self.basis.T
+        out = a_t * self.mean + matmul(r * jnp.sqrt(m_t / m_s), self.basis.T)
         return out.reshape(x.shape)
 
     def prior_sample(self, key: Array, n: int, path: Path, t=1.0) -> Array:
@@ -165,7 +166,7 @@ class Gaussian:
         check_t(t)
         z = jax.random.normal(key, (check_int("n", n, low=0), self.dim), self.mean.dtype)
         a, s = path.alpha(jnp.asarray(t, z.dtype)), path.sigma(jnp.asarray(t, z.dtype))
-        return a * self.mean + (z * jnp.sqrt(a * a * self.var + s * s)) @ self.basis.T
+        return a * self.mean + matmul(z * jnp.sqrt(a * a * self.var + s * s), self.basis.T)
 
     def model(self, path: Path, kind: str = "x0") -> "OracleModel":
         """The exact model ``fn(x, t)`` of prediction kind ``kind`` (a pytree callable)."""
@@ -221,7 +222,7 @@ class GaussianMixture:
     @property
     def mean(self) -> Array:
         w = jax.nn.softmax(self.logits)
-        return w @ self.means
+        return matmul(w, self.means)
 
     def sample(self, key: Array, n: int) -> Array:
         """``[n, D]`` samples of the data distribution."""

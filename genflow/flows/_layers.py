@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow._checks import check_int, flat_batch, is_int
+from genflow._precision import matmul
 from genflow.nets._common import activation
 
 Array = jax.Array
@@ -147,21 +148,22 @@ class Invertible1x1Conv(Layer):
         perm = jax.nn.one_hot(jnp.argmax(jax.lax.stop_gradient(params["perm"]), axis=1), c, dtype=eye.dtype)
         sign = jnp.sign(jax.lax.stop_gradient(params["sign"]))
         upper = jnp.triu(params["upper"], 1) + jnp.diag(sign * jnp.exp(params["log_s"]))
-        return perm @ lower @ upper, jnp.sum(_wide(params["log_s"]))
+        # (full-precision products here and below: see genflow._precision)
+        return matmul(matmul(perm, lower), upper), jnp.sum(_wide(params["log_s"]))
 
     def map(self, params, x):
-        return x @ self.weight(params, logdet=False)[0].T
+        return matmul(x, self.weight(params, logdet=False)[0].T)
 
     def forward(self, params, x):
         w, logdet = self.weight(params)
-        y = x @ w.T
+        y = matmul(x, w.T)
         # (log-determinants in float32 or wider, as ActNorm's: bfloat16 parameters gave a bfloat16
         # log-det, 616.0 where float32 gives 615.31 on [2, 16, 16, 8])
         return y, jnp.full((x.shape[0],), _spatial(x) * logdet, _wide(y).dtype)
 
     def inverse(self, params, y):
         w, logdet = self.weight(params)
-        x = y @ jnp.linalg.inv(_wide(w)).astype(w.dtype).T
+        x = matmul(y, jnp.linalg.inv(_wide(w)).astype(w.dtype).T)
         return x, jnp.full((y.shape[0],), -_spatial(y) * logdet, _wide(x).dtype)
 
 

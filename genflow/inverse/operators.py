@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow._checks import check_int, concrete_real, flat_batch
+from genflow._precision import matmul
 
 Array = jax.Array
 
@@ -412,7 +413,8 @@ class Matrix(Operator):
             # then returned [B, *x_shape]: broadcasting / scan-carry errors deep in the samplers)
             raise ValueError(f"Matrix acts on x [B, *x_shape] with x_shape={tuple(self.x_shape)}; got x of shape "
                              f"{tuple(x.shape)}")
-        return (flat_batch(x) @ self.matrix.T).astype(_out_dtype(x))  # (bfloat16 stays bfloat16)
+        # (full-precision products: an exact operator; see genflow._precision)
+        return matmul(flat_batch(x), self.matrix.T).astype(_out_dtype(x))  # (bfloat16 stays bfloat16)
 
     def _check_y(self, y):
         m = self.matrix.shape[0]
@@ -421,11 +423,11 @@ class Matrix(Operator):
 
     def adjoint(self, y):
         self._check_y(y)
-        return (y @ self.matrix).reshape((y.shape[0],) + self.x_shape).astype(_out_dtype(y))
+        return matmul(y, self.matrix).reshape((y.shape[0],) + self.x_shape).astype(_out_dtype(y))
 
     def pinv(self, y):
         self._check_y(y)
-        return (y @ self.matrix_pinv.T).reshape((y.shape[0],) + self.x_shape).astype(_out_dtype(y))
+        return matmul(y, self.matrix_pinv.T).reshape((y.shape[0],) + self.x_shape).astype(_out_dtype(y))
 
     def norm_sq(self):
         dt = jnp.promote_types(self.matrix.dtype, jnp.float32)  # (float64 under x64: float32 capped checks at 1e-6)
