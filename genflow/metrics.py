@@ -264,6 +264,7 @@ def psnr(x: Array, ref: Array, data_range: float = 2.0) -> Array:
 @jax.jit
 def _psnr(x: Array, ref: Array, data_range) -> Array:
     mse = jnp.mean(flat_batch((x - ref) ** 2), axis=-1)
+    data_range = data_range * 1.0  # (an int range arrives as int32: 65535 ** 2 overflowed to a NaN)
     return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-20))
 
 
@@ -294,12 +295,12 @@ def ssim(x: Array, ref: Array, data_range: float = 2.0, window: int = 7, sigma: 
                          f"got {window!r}")
     check_positive_real("sigma", sigma)  # (0 gave NaN, < 0 an "index can't contain negative values")
     check_positive_real("data_range", data_range)  # (0 dropped C1 and C2 and gave a number)
-    return _ssim(x, ref, data_range, int(window), float(sigma))
+    radius = int(3.5 * sigma + 0.5)  # (in sigma's own type, as before: float32 rounds at some boundaries)
+    return _ssim(x, ref, data_range, int(window), float(sigma), radius)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _ssim(x: Array, ref: Array, data_range, window: int, sigma: float) -> Array:
-    radius = int(3.5 * sigma + 0.5)
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _ssim(x: Array, ref: Array, data_range, window: int, sigma: float, radius: int) -> Array:
     w = _gaussian_window(radius, sigma)[:, :, None, None]
 
     def filt(img):  # [B, H, W, C] -> Gaussian filtering per channel, same size

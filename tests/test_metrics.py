@@ -385,3 +385,15 @@ def test_mmd_far_from_the_origin_leaves_out_the_diagonal_exactly():
     for scale, n, d in ((300.0, 16, 50), (30.0, 2100, 2)):
         x, y = scale * rng.normal(size=(n, d)), scale * rng.normal(size=(n, d))
         np.testing.assert_allclose(float(gf.metrics.mmd(x, y)), ustat(x, y), atol=1e-4)
+
+
+def test_psnr_and_ssim_take_integer_ranges_and_numpy_sigmas_as_before():
+    """psnr's jitted core got an int data_range as int32, and 65535 ** 2 overflowed to a NaN; ssim's
+    filter radius is computed from sigma in its own type, as before the jitted core (review)."""
+    got = gf.metrics.psnr(np.zeros((1, 4)), np.full((1, 4), 100.0), data_range=65535)
+    np.testing.assert_allclose(got, 10 * np.log10(65535.0 ** 2 / 1e4), rtol=1e-6)
+    rng = np.random.default_rng(0)
+    img = rng.uniform(-1, 1, (2, 16, 16, 1))
+    ref = img + 0.2 * rng.normal(size=img.shape)
+    a = gf.metrics.ssim(img, ref, sigma=np.float32(1.2857143))
+    np.testing.assert_allclose(a, gf.metrics.ssim(img, ref, sigma=1.2857143), rtol=1e-6)

@@ -822,7 +822,7 @@ def test_a_non_finite_batch_mid_chunk_stops_make_train_steps_step_at_the_last_go
     state itself: later finite batches of the chunk must still not be applied."""
     opt = optax.sgd(0.01)
     step = gf.train.make_train_step(lsq_loss, opt)
-    assert step.takes_skip
+    assert step.takes_skip is step
     batches = [(X, jnp.where(i == 13, jnp.nan, Y)) for i in range(40)]
     state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
     with pytest.raises(gf.train.NonFiniteLossError, match="at step 13") as exc:
@@ -851,3 +851,35 @@ def test_a_chunk_holds_one_copy_of_the_state_beside_its_input():
                   static_argnums=2, donate_argnums=0)
     temp = run.lower(state, None, 4).compile().memory_analysis().temp_size_in_bytes
     assert temp < 1.5 * size, (temp / size)
+
+
+def test_a_wrapper_of_make_train_steps_step_gets_fits_own_guard():
+    """functools.wraps copies ``takes_skip`` onto a wrapper: fit then trusted a wrapper that
+    rejects more steps than it tells the inner step (a trust region here) to keep its state,
+    and kept a rejected update; a wrapper without ``**kw`` failed on ``skip=`` (review). Only
+    make_train_step's step itself is told to skip; a Python-bool skip keeps a bool finite."""
+    import functools
+
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(lsq_loss, opt)
+
+    @functools.wraps(step)
+    def trust_region(state, batch, **kw):
+        s, m = step(state, batch, **kw)
+        return s, dict(m, finite=m["finite"] & (jnp.linalg.norm(s.params["w"]) < 0.5))
+
+    @functools.wraps(step)
+    def logged(state, batch):
+        s, m = step(state, batch)
+        return s, dict(m, w_norm=jnp.linalg.norm(s.params["w"]))
+
+    fresh = lambda: gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))  # noqa: E731
+    batches = [(X, Y)] * 6
+    with pytest.raises(gf.train.NonFiniteLossError) as exc:
+        gf.train.fit(fresh(), trust_region, iter(batches), 6, chunk_size=6, progress=False)
+    s = exc.value.state
+    assert int(s.step) == exc.value.step and float(jnp.linalg.norm(s.params["w"])) < 0.5
+    _, hist = gf.train.fit(fresh(), logged, iter(batches), 6, chunk_size=3, progress=False)
+    assert hist["w_norm"].shape == (6,)
+    new, m = step(fresh(), (X, Y), skip=True)
+    assert m["finite"].dtype == jnp.bool_ and not m["finite"] and int(new.step) == 0

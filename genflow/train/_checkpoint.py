@@ -286,7 +286,8 @@ class Checkpointer:
                 raise ValueError(f"cannot restore step {step} of {self.directory} into this target: its tree "
                                  f"structure differs from the stored state's (another optimizer, other EMA decays or "
                                  f"other parameters?). {detail}") from None
-            on_disk = sorted(self.manager.all_steps(read=True))  # (the cached list misses other processes' saves)
+            self.manager.reload()  # (its cached step list misses other processes' saves)
+            on_disk = self.all_steps()
             if step not in on_disk:
                 raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; its kept steps are "
                                         f"{on_disk}") from None

@@ -54,7 +54,7 @@ def _chunk_fn(step_fn, batch_fn, unroll: int = 1, mesh=None):
                     batch = jax.lax.with_sharding_constraint(batch, shd.batch_sharding(mesh))
             else:
                 batch = x
-            if getattr(step_fn, "takes_skip", False):
+            if getattr(step_fn, "takes_skip", None) is step_fn:  # (make_train_step's, not a wrapper of it)
                 # (make_train_step's step keeps its input state when told to skip: a second guard
                 # here held a third copy of the state, parameters, optimizer state and EMA, in
                 # XLA's plan -- 256 MiB against 128 for a 128 MiB Adam state; memory audit)

@@ -144,7 +144,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     whose gradient norm, accumulated in float32 or wider, overflows: ~1.8e19 in float32) leaves the state untouched and
     reports ``metrics["finite"] = False``; :func:`genflow.train.fit` then stops with the last good
     state. ``step(state, batch, skip=b)`` with a traced bool ``b`` does the same when ``b`` is true
-    (``fit`` passes it after a non-finite step of a chunk: the function has ``takes_skip = True``).
+    (``fit`` passes it after a non-finite step of a chunk to this function itself, recognised by
+    ``step.takes_skip is step``; a wrapper of it gets fit's own guard).
     """
     grad_accum = check_int("grad_accum", grad_accum)
     tx = _extra_args_view(check_extra_args(optimizer, "make_train_step's optimizer"))
@@ -197,7 +198,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         narrow = [x for x in jax.tree.leaves(opt_state) if getattr(x, "dtype", None) == jnp.float16]
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params) & _all_finite(narrow)
         if skip is not None:  # (fit, after a non-finite step in the chunk: see _chunk_fn)
-            finite = finite & ~skip
+            finite = finite & ~jnp.asarray(skip, bool)  # (~True is -2 for a Python bool)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng, ema=ema)
         # Keep the previous state on a non-finite step (the loop stops there).
         new = jax.lax.cond(finite, lambda: new, lambda: state)
@@ -208,5 +209,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
         return new, metrics
 
-    step.takes_skip = True
+    step.takes_skip = step  # (the function itself: functools.wraps copies the attribute onto wrappers,
+    # which may reject more steps than they report to this one; fit guards those itself)
     return step
