@@ -130,6 +130,7 @@ def validate(cfg: Config) -> None:
 # with --steps 3000 raised the learning rate at step 1500 from 2e-4 to 1.15e-3)
 TRAINING_FLAGS = ("dataset", "image_size", "image_key", "label_key", "net", "ch", "depth", "path", "prediction",
                   "weighting", "conditional", "steps", "batch", "lr", "warmup", "clip", "ema", "seed")
+ADDED_FLAGS = ("image_key", "label_key")  # training flags that runs saved before them lack
 
 
 def check_resume_config(cfg: Config, ckpt) -> None:
@@ -140,6 +141,10 @@ def check_resume_config(cfg: Config, ckpt) -> None:
     if ckpt.latest_step() is not None and os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f)
+        # (a flag added since that run was saved had its default then: a run from before --label_key
+        # existed read "label", and resumed with any --label_key unchecked)
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        theirs = {k: theirs.get(k, defaults[k]) for k in ADDED_FLAGS} | theirs
         diff = [k for k in TRAINING_FLAGS if k in theirs and theirs[k] != mine[k]]
         if diff:
             why = " (the learning rate decays over --steps: a run of another length needs a new --out)" \

@@ -271,3 +271,28 @@ def test_images_reads_the_label_and_image_features_it_is_told_to():
                 images.validate(images.parse_config(["--dataset", "cifar100", flag, "nope"]))
     with pytest.raises(SystemExit, match="--image_key and --label_key apply to tfds datasets"):
         images.validate(images.parse_config(["--label_key", "coarse_label"]))
+
+
+def test_images_resume_check_reads_a_flag_added_since_as_its_default_then(tmp_path):
+    """A run saved before --label_key existed read "label": resuming it with another label_key
+    was accepted unchecked, and its record overwritten (review). An array feature named as the
+    label is refused by validate, before --out is made, not after training."""
+    import json
+
+    import tensorflow_datasets as tfds
+
+    images = _images()
+    old = {k: getattr(images.Config(), k) for k in images.TRAINING_FLAGS if k not in images.ADDED_FLAGS}
+    (tmp_path / "train_config.json").write_text(json.dumps(dict(old, dataset="cifar100")))
+
+    class Ckpt:
+        def latest_step(self):
+            return 100
+
+    cfg = images.parse_config(["--dataset", "cifar100", "--out", str(tmp_path), "--label_key", "coarse_label"])
+    with pytest.raises(SystemExit, match="trained with --label_key label; got --label_key coarse_label"):
+        images.check_resume_config(cfg, Ckpt())
+    images.check_resume_config(images.parse_config(["--dataset", "cifar100", "--out", str(tmp_path)]), Ckpt())
+    with tfds.testing.mock_data(num_examples=8):
+        with pytest.raises(SystemExit, match="feature 'image' \\(label_key\\) is not a scalar integer"):
+            images.validate(images.parse_config(["--dataset", "cifar100", "--label_key", "image"]))

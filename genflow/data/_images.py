@@ -110,7 +110,13 @@ class _Records:
             if self.label_key not in ex:  # (silently unlabelled: a conditional net trained on the null label)
                 raise KeyError(f"records have no {self.label_key!r} feature (label_key); they have {sorted(ex)}; "
                                f"pass label_key=None for an unlabelled dataset")
-            out["y"] = np.int32(ex[self.label_key])
+            label = np.asarray(ex[self.label_key])
+            # (an array feature named as the label -- label_key="image" -- became an int32 array of
+            # "labels" without complaint, and failed far away in whatever used them)
+            if label.ndim != 0 or not (np.issubdtype(label.dtype, np.integer) or label.dtype == bool):
+                raise ValueError(f"feature {self.label_key!r} (label_key) is not a scalar integer: it has dtype "
+                                 f"{label.dtype} and shape {label.shape}")
+            out["y"] = np.int32(label)
         return out
 
 

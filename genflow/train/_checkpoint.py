@@ -286,6 +286,10 @@ class Checkpointer:
                 raise ValueError(f"cannot restore step {step} of {self.directory} into this target: its tree "
                                  f"structure differs from the stored state's (another optimizer, other EMA decays or "
                                  f"other parameters?). {detail}") from None
+            try:  # (a pending save of this Checkpointer first: reload read back steps it was deleting)
+                self.wait()
+            except Exception:  # noqa: BLE001 (the restore's error matters here)
+                pass
             self.manager.reload()  # (its cached step list misses other processes' saves)
             on_disk = self.all_steps()
             if step not in on_disk:
