@@ -33,6 +33,26 @@ def test_sharded_steps_match_single_device(report, case):
     assert r["params"] < 1e-5 and r["opt_state"] < 1e-6 and r["ema"] < 1e-5, r
 
 
+def test_history_buffer_samplers_run_in_shard_map_and_on_explicitly_sharded_batches(report):
+    """ddim / dpm++ / unipc / deis inside shard_map and on a batch with Explicit sharding (8 CPU
+    devices) equal the one-device samples to float32 rounding (the programs differ: 2e-5 seen under
+    the suite's XLA flags, 0 under the default ones); their buffers failed the scan's carry check
+    before."""
+    for solver, row in report[0]["samplers_sharded"].items():
+        for how, diff in row.items():
+            assert isinstance(diff, float) and diff < 1e-4, (solver, how, diff)
+
+
+def test_fit_refuses_a_mesh_of_explicit_axes_by_name():
+    """jax.make_mesh's default Explicit axes failed deep inside fit (with_sharding_constraint)."""
+    opt = optax.sgd(0.1)
+    state = gf.train.init_state({"w": jnp.zeros(2)}, opt, jax.random.key(0))
+    step = gf.train.make_train_step(lambda p, b, k: (jnp.sum((p["w"] - b) ** 2), {}), opt)
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    with pytest.raises(ValueError, match="fit's mesh must have Auto axes"):
+        gf.train.fit(state, step, lambda k: jnp.ones((2, 2)), 2, progress=False, mesh=mesh)
+
+
 def test_indivisible_batches_are_refused(report):
     # host batches (shard_batch) and on-device batch_fn batches (silently padded before)
     assert report[0]["indivisible_batch_refused"] == [True, True]

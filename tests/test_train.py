@@ -883,3 +883,20 @@ def test_a_wrapper_of_make_train_steps_step_gets_fits_own_guard():
     assert hist["w_norm"].shape == (6,)
     new, m = step(fresh(), (X, Y), skip=True)
     assert m["finite"].dtype == jnp.bool_ and not m["finite"] and int(new.step) == 0
+
+
+def test_non_scalar_aux_entries_are_dropped_and_a_bad_key_is_named():
+    """A nested dict in the loss's aux (batch statistics) has ndim 0 too: it reached fit's metric
+    log and failed there, and the failure handler then failed too, losing the state. init_state
+    now checks its key: an int failed inside fit (interoperability audit)."""
+    opt = optax.sgd(0.1)
+
+    def loss(p, b, k):
+        return jnp.mean((b @ p["w"]) ** 2), {"stats": {"mean": jnp.ones(3)}, "w_sum": jnp.sum(p["w"]), "n": 4}
+
+    state = gf.train.init_state({"w": jnp.ones(2)}, opt, jax.random.key(0))
+    _, hist = gf.train.fit(state, gf.train.make_train_step(loss, opt), lambda k: jnp.ones((4, 2)), 2, chunk_size=2,
+                           progress=False)
+    assert "stats" not in hist and hist["w_sum"].shape == (2,) and list(hist["n"]) == [4, 4]
+    with pytest.raises((TypeError, ValueError), match="key"):
+        gf.train.init_state({"w": jnp.ones(2)}, opt, 0)

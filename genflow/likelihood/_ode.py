@@ -186,7 +186,10 @@ def ode_log_prob(
     Args:
       velocity: ``v(x: [B, ...], t: [B]) -> [B, ...]``, acting on each sample independently. Pass a
         pytree callable (:class:`jax.tree_util.Partial`, a registered dataclass) so that new
-        parameters do not recompile.
+        parameters do not recompile. A plain function or other non-pytree callable is a static
+        argument, kept by identity, as ``jax.jit`` keeps a function: the arrays it closes over
+        are constants of the compiled program, and rebinding them (new parameters after
+        training) is not seen by later calls.
       x: ``[B, ...]`` points at time ``t0``. The solve runs in ``x.dtype`` (at least float32).
       log_prior: ``log p_t1(z: [B, ...]) -> [B]``.
       t0, t1: integration interval, from ``t0`` to ``t1`` (usually ``t0 < t1``; either order is integrated).
@@ -329,7 +332,12 @@ def log_prob(
     ``N(alpha mu, alpha^2 Cov + sigma^2 I)``, and the difference is a prior-mismatch term.
 
     Args:
-      fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``.
+      fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``; a pytree callable
+        (:func:`genflow.nets.model_fn`, :class:`jax.tree_util.Partial`) so that new parameters do
+        not recompile. A plain function or other non-pytree callable is a static argument,
+        kept by identity, as ``jax.jit`` keeps a function: the arrays it closes over are
+        constants of the compiled program, and rebinding them (new parameters after training) is
+        not seen by later calls.
       path: the Gaussian path the model was trained with.
       x: ``[B, ...]`` data points (float64 for tight tolerances).
       prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.

@@ -336,7 +336,11 @@ def sample(
     Args:
       fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``. Pass a
         :func:`functools.partial` / :class:`jax.tree_util.Partial` (e.g. from
-        :func:`genflow.nets.model_fn`) so that new parameters do not recompile.
+        :func:`genflow.nets.model_fn`) so that new parameters do not recompile. A plain
+        function or other non-pytree callable is a static argument, kept by identity, as
+        ``jax.jit`` keeps a function: the arrays it closes over are constants of the compiled
+        program, and rebinding them (new parameters after training) is not seen by later
+        calls. Pass the parameters in a pytree callable instead.
       path: the Gaussian path the model was trained with.
       x1: ``[B, ...]`` starting state at ``t_start`` (for a Gaussian path
         ``path.prior_sample(key, shape)``). The solver state is kept in at least float32; the

@@ -85,7 +85,9 @@ def _noise_fix(g, i) -> Array:
 # the history through the scan carry instead makes XLA copy every carried state array per step,
 # which is most of a step's cost when the network is cheap.
 def _ring_init(model, ts, x, *, order: int = 2, **_):
-    return {"x": x, "H": jnp.zeros((order,) + x.shape, x.dtype)}
+    # (stacked zeros_like: the buffer inherits x's sharding and, under shard_map, its varying
+    # axes -- jnp.zeros did neither, and the scan refused the carry)
+    return {"x": x, "H": jnp.stack([jnp.zeros_like(x)] * order)}
 
 
 def _ring_coefs(c: Array, i) -> Array:
@@ -315,7 +317,7 @@ def _deis_scalars(g, st, i, *, order: int = 3, form: str = "eps", **_):
 
 def _deis_init(model, ts, x, *, order: int = 3, form: str = "eps", **_):
     carry = _ring_init(model, ts, x, order=max(order, 2) if form == "x0" else order)
-    return carry if form == "x0" else {**carry, "Dr": jnp.zeros((2,) + x.shape, x.dtype)}
+    return carry if form == "x0" else {**carry, "Dr": jnp.stack([jnp.zeros_like(x)] * 2)}
 
 
 def _deis_step(model, carry, c, key, *, form: str = "eps", **_):

@@ -182,7 +182,7 @@ def _stack_batches(batches: list, done: int):
 
 def _stack(history: dict[str, list]) -> dict[str, np.ndarray]:
     """The per-chunk metric arrays joined into one ``[steps]`` array per metric."""
-    return {name: np.concatenate(v) for name, v in history.items()}
+    return {name: np.concatenate(v) for name, v in history.items() if v}  # (a failed append left [])
 
 
 def _settle_saves(checkpointer, e: BaseException, pending=None, redone: bool = False) -> None:
@@ -320,7 +320,11 @@ def fit(
       num_steps: number of updates.
       chunk_size: updates per jitted call; metrics are fetched to the host once per chunk.
         Compiled chunks are reused by later ``fit`` calls with the same ``step_fn``, ``data``
-        function, chunk length and argument types (training in segments compiles once).
+        function, chunk length and argument types (training in segments compiles once). As with
+        ``jax.jit``, values that ``step_fn``, its loss or ``data`` read from closures or globals
+        are constants of the compiled chunk: a later call does not see them rebound (a new
+        target, another dataset). Build a new step function (:func:`make_train_step` again) or
+        carry such values in the batch or the state.
       progress: show a tqdm progress bar (process 0 only).
       desc: the progress bar's label.
       callback: ``callback(state, chunk_metrics)`` (or a list of them) after every chunk, before
@@ -383,6 +387,7 @@ def fit(
     if mesh is None:
         run = jax.jit(chunk, static_argnums=2, donate_argnums=0)
     else:
+        shd.check_auto_axes(mesh)
         state_sh = shd.tree_shardings(state, mesh, min_shard_size)
         state = shd.place(state, state_sh)
         xs_sh = None if on_device else shd.batch_sharding(mesh, stacked=True)

@@ -81,6 +81,17 @@ def _check_mesh(mesh) -> None:
                          f"{'axes ' + repr(names) if isinstance(mesh, Mesh) else type(mesh).__name__}")
 
 
+def check_auto_axes(mesh) -> None:
+    """``fit`` shards with ``with_sharding_constraint``, which needs a mesh of Auto axes: one of
+    ``jax.make_mesh``'s default Explicit axes failed deep inside fit ("can only refer to Auto
+    axes ... You probably meant to use reshard")."""
+    _check_mesh(mesh)
+    kinds = [str(t) for t in getattr(mesh, "axis_types", ())]
+    if any("Auto" not in k for k in kinds):
+        raise ValueError(f"fit's mesh must have Auto axes (gf.train.make_mesh builds one; or jax.make_mesh(..., "
+                         f"axis_types=(jax.sharding.AxisType.Auto,) * 2)); got axis types {kinds}")
+
+
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = MIN_SHARD_SIZE) -> P:
     """The :class:`PartitionSpec` of one array: its largest axis divisible by ``fsdp_size`` is
     sharded over ``"fsdp"`` (the first such axis on ties); small or indivisible arrays are replicated."""

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflow._checks import concrete_real
+from genflow._checks import check_key, concrete_real
 
 Array = jax.Array
 
@@ -73,6 +73,7 @@ def init_state(params, optimizer: optax.GradientTransformation, key: Array,
         v = concrete_real(d)
         if v is None or not 0.0 < v < 1.0:
             raise ValueError(f"ema_decays must lie in (0, 1); got {d!r}")
+    check_key(key)  # (an int or a split key array failed inside fit, far from here)
     params = jax.tree.map(jnp.array, params)
     ema = {ema_key(d): jax.tree.map(_ema_copy, params) for d in ema_decays}
     # (copied too: an optimizer state may hold the parameters themselves -- prodigy's params0,

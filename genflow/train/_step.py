@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from genflow._checks import check_int
@@ -206,7 +207,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         clash = sorted(set(aux) & set(metrics))
         if clash:  # (an aux "finite" would hide a NaN loss from fit; an aux "loss" would replace the loss)
             raise ValueError(f"loss_fn's aux must not reuse the step metric names {sorted(metrics)}; got aux keys {clash}")
-        metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
+        # (only scalar arrays and numbers: a nested dict -- batch statistics -- has ndim 0 too, and
+        # failed in fit's metric log)
+        metrics.update({k: v for k, v in aux.items()
+                        if isinstance(v, (jax.Array, np.ndarray, np.generic, int, float)) and jnp.ndim(v) == 0})
         return new, metrics
 
     step.takes_skip = step  # (the function itself: functools.wraps copies the attribute onto wrappers,
