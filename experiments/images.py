@@ -130,7 +130,7 @@ def validate(cfg: Config) -> None:
 # with --steps 3000 raised the learning rate at step 1500 from 2e-4 to 1.15e-3)
 TRAINING_FLAGS = ("dataset", "image_size", "image_key", "label_key", "net", "ch", "depth", "path", "prediction",
                   "weighting", "conditional", "steps", "batch", "lr", "warmup", "clip", "ema", "seed")
-ADDED_FLAGS = ("image_key", "label_key")  # training flags that runs saved before them lack
+ADDED_FLAGS = ("image_size", "image_key", "label_key")  # training flags that runs saved before them lack
 
 
 def check_resume_config(cfg: Config, ckpt) -> None:

@@ -283,6 +283,7 @@ def test_images_resume_check_reads_a_flag_added_since_as_its_default_then(tmp_pa
 
     images = _images()
     old = {k: getattr(images.Config(), k) for k in images.TRAINING_FLAGS if k not in images.ADDED_FLAGS}
+    assert "image_size" not in old
     (tmp_path / "train_config.json").write_text(json.dumps(dict(old, dataset="cifar100")))
 
     class Ckpt:
@@ -293,6 +294,11 @@ def test_images_resume_check_reads_a_flag_added_since_as_its_default_then(tmp_pa
     with pytest.raises(SystemExit, match="trained with --label_key label; got --label_key coarse_label"):
         images.check_resume_config(cfg, Ckpt())
     images.check_resume_config(images.parse_config(["--dataset", "cifar100", "--out", str(tmp_path)]), Ckpt())
+    # (so is --image_size, added to the training flags with a default of 0 before them)
+    (tmp_path / "train_config.json").write_text(json.dumps(dict(old, dataset="cifar100")))
+    cfg = images.parse_config(["--dataset", "cifar100", "--out", str(tmp_path), "--image_size", "16"])
+    with pytest.raises(SystemExit, match="trained with --image_size 0; got --image_size 16"):
+        images.check_resume_config(cfg, Ckpt())
     with tfds.testing.mock_data(num_examples=8):
         with pytest.raises(SystemExit, match="feature 'image' \\(label_key\\) is not a scalar integer"):
             images.validate(images.parse_config(["--dataset", "cifar100", "--label_key", "image"]))

@@ -49,8 +49,13 @@ def test_fit_refuses_a_mesh_of_explicit_axes_by_name():
     state = gf.train.init_state({"w": jnp.zeros(2)}, opt, jax.random.key(0))
     step = gf.train.make_train_step(lambda p, b, k: (jnp.sum((p["w"] - b) ** 2), {}), opt)
     mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-    with pytest.raises(ValueError, match="fit's mesh must have Auto axes"):
+    with pytest.raises(ValueError, match="fit's mesh must have Auto 'data' and 'fsdp' axes"):
         gf.train.fit(state, step, lambda k: jnp.ones((2, 2)), 2, progress=False, mesh=mesh)
+    # another axis of the mesh (model parallelism) may be Explicit: fit shards over data and fsdp only
+    auto, explicit = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit
+    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "model"), axis_types=(auto, auto, explicit))
+    _, hist = gf.train.fit(state, step, lambda k: jnp.ones((2, 2)), 2, progress=False, mesh=mesh)
+    assert hist["loss"].shape == (2,)
 
 
 def test_indivisible_batches_are_refused(report):

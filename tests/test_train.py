@@ -892,11 +892,13 @@ def test_non_scalar_aux_entries_are_dropped_and_a_bad_key_is_named():
     opt = optax.sgd(0.1)
 
     def loss(p, b, k):
-        return jnp.mean((b @ p["w"]) ** 2), {"stats": {"mean": jnp.ones(3)}, "w_sum": jnp.sum(p["w"]), "n": 4}
+        return jnp.mean((b @ p["w"]) ** 2), {"stats": {"mean": jnp.ones(3)}, "w_sum": jnp.sum(p["w"]), "n": 4,
+                                             "c": 1 + 2j}
 
     state = gf.train.init_state({"w": jnp.ones(2)}, opt, jax.random.key(0))
     _, hist = gf.train.fit(state, gf.train.make_train_step(loss, opt), lambda k: jnp.ones((4, 2)), 2, chunk_size=2,
                            progress=False)
     assert "stats" not in hist and hist["w_sum"].shape == (2,) and list(hist["n"]) == [4, 4]
+    assert list(hist["c"]) == [1 + 2j, 1 + 2j]  # (a Python complex is a scalar too: kept, as before)
     with pytest.raises((TypeError, ValueError), match="key"):
         gf.train.init_state({"w": jnp.ones(2)}, opt, 0)

@@ -286,15 +286,19 @@ class Checkpointer:
                 raise ValueError(f"cannot restore step {step} of {self.directory} into this target: its tree "
                                  f"structure differs from the stored state's (another optimizer, other EMA decays or "
                                  f"other parameters?). {detail}") from None
+            save_failed = None
             try:  # (a pending save of this Checkpointer first: reload read back steps it was deleting)
                 self.wait()
-            except Exception:  # noqa: BLE001 (the restore's error matters here)
-                pass
+            except Exception as w:  # noqa: BLE001 (orbax raises it once: reported on this error below)
+                save_failed = f"genflow: a pending save of this Checkpointer also failed ({type(w).__name__}: {w})"
             self.manager.reload()  # (its cached step list misses other processes' saves)
             on_disk = self.all_steps()
             if step not in on_disk:
-                raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; its kept steps are "
-                                        f"{on_disk}") from None
+                missing = FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; its kept steps are "
+                                            f"{on_disk}")
+                if save_failed:
+                    missing.add_note(save_failed)
+                raise missing from None
             # a damaged step: tensorstore's / json's words named neither the step nor a way out
             others = [s for s in on_disk if s != step]
             way_out = (f"The other kept steps are {others}: restore one with restore(target, step=...), or move step "
@@ -303,6 +307,8 @@ class Checkpointer:
                        "It is the only step kept: without it, restore_or starts from scratch.")
             e.add_note(f"genflow: step {step} of {self.directory} could not be read: it may be damaged (a disk error, "
                        f"or a copy cut short). {way_out}")
+            if save_failed:
+                e.add_note(save_failed)
             raise
         return _from_savable(out["state"], target, shardings), _data_state_from_json(out["data"])
 

@@ -86,10 +86,10 @@ def check_auto_axes(mesh) -> None:
     ``jax.make_mesh``'s default Explicit axes failed deep inside fit ("can only refer to Auto
     axes ... You probably meant to use reshard")."""
     _check_mesh(mesh)
-    kinds = [str(t) for t in getattr(mesh, "axis_types", ())]
-    if any("Auto" not in k for k in kinds):
-        raise ValueError(f"fit's mesh must have Auto axes (gf.train.make_mesh builds one; or jax.make_mesh(..., "
-                         f"axis_types=(jax.sharding.AxisType.Auto,) * 2)); got axis types {kinds}")
+    kinds = {n: str(t) for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ())) if n in BATCH_AXES}
+    if any("Auto" not in k for k in kinds.values()):  # (other axes, e.g. a model-parallel one, are not fit's)
+        raise ValueError(f"fit's mesh must have Auto 'data' and 'fsdp' axes (gf.train.make_mesh builds them; or "
+                         f"jax.make_mesh(..., axis_types=...) with jax.sharding.AxisType.Auto for both); got {kinds}")
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = MIN_SHARD_SIZE) -> P:

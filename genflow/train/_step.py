@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -210,7 +211,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         # (only scalar arrays and numbers: a nested dict -- batch statistics -- has ndim 0 too, and
         # failed in fit's metric log)
         metrics.update({k: v for k, v in aux.items()
-                        if isinstance(v, (jax.Array, np.ndarray, np.generic, int, float)) and jnp.ndim(v) == 0})
+                        if isinstance(v, (jax.Array, np.ndarray, np.generic, numbers.Number)) and jnp.ndim(v) == 0})
         return new, metrics
 
     step.takes_skip = step  # (the function itself: functools.wraps copies the attribute onto wrappers,
