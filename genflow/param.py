@@ -32,6 +32,7 @@ from such an end in closed form; :func:`singular_velocity` names the velocity ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -47,7 +48,7 @@ ModelFn = Callable[[Array, Array], Array]
 KINDS = ("eps", "x0", "v", "score", "velocity")
 
 __all__ = ["KINDS", "check_kind", "to_x0_eps", "from_x0_eps", "convert", "convert_fn", "ConvertedFn", "eps_scale",
-           "check_model_output"]
+           "check_model_output", "from_sigma_denoiser", "SigmaDenoiser"]
 
 
 def check_kind(kind: str, argname: str = "prediction") -> str:
@@ -207,6 +208,15 @@ def convert(pred: Array, x: Array, t, path: Path, src: str, dst: str) -> Array:
     return _from_x0_eps(x0, eps, x, t, path, dst).astype(out)
 
 
+def as_pytree_fn(fn: Callable) -> Callable:
+    """Turn a ``functools.partial`` into a :class:`jax.tree_util.Partial` so that the arrays it
+    binds (parameters, labels) are traced by jit instead of hashed: calling a sampler with new
+    parameters then reuses the compiled program."""
+    if isinstance(fn, functools.partial) and not isinstance(fn, jax.tree_util.Partial):
+        return jax.tree_util.Partial(as_pytree_fn(fn.func), *fn.args, **fn.keywords)
+    return fn
+
+
 def convert_fn(fn: ModelFn, path: Path, src: str, dst: str) -> ModelFn:
     """Wrap ``fn(x, t) -> prediction of kind src`` into ``fn(x, t) -> kind dst``."""
     check_kind(src, "src")
@@ -214,7 +224,9 @@ def convert_fn(fn: ModelFn, path: Path, src: str, dst: str) -> ModelFn:
     check_path(path)  # (a path name was accepted here and failed only when the function was called)
     if src == dst:
         return fn
-    return ConvertedFn(fn, path, src, dst)
+    # (a functools.partial inside the wrapper was a static leaf: its parameters compiled in, and
+    # every call with new ones compiled again)
+    return ConvertedFn(as_pytree_fn(fn), path, src, dst)
 
 
 @jax.tree_util.register_dataclass
@@ -230,6 +242,47 @@ class ConvertedFn:
 
     def __call__(self, x: Array, t: Array) -> Array:
         return convert(self.fn(x, t), x, t, self.path, self.src, self.dst)
+
+
+def from_sigma_denoiser(denoiser: Callable[[Array, Array], Array], path: Path) -> ModelFn:
+    """An ``x0`` model ``fn(x, t)`` on ``path`` from a denoiser conditioned on the noise level.
+
+    ``denoiser(z: [B, ...], sigma: [B]) -> E[x0 | z]`` for ``z = x0 + sigma eps`` is the
+    convention of k-diffusion and EDM (Karras et al. 2022), whose pretrained models take the noise
+    level, not a time. On a Gaussian path ``x_t = alpha x0 + sigma eps`` gives
+    ``x_t / alpha = x0 + (sigma / alpha) eps``, so ``x0_hat = denoiser(x_t / alpha, sigma / alpha)``
+    exactly, on any path: sample with ``prediction="x0"`` and any solver or schedule of genflow.
+    Where ``alpha = 0`` (``t = 1`` on ``linear``) the noise level is infinite; ``alpha`` is
+    floored at 1e-6 there, so the denoiser sees the level ``sigma * 1e6`` (an exact denoiser
+    returns the data mean; a network is outside its training range, as at any level above its
+    ``sigma_max``: start at the ``t_start`` where ``sigma / alpha`` is the model's ``sigma_max``).
+    ``denoiser`` may be a :func:`functools.partial` of a network's apply and its parameters. Returns a pytree callable (the denoiser's
+    arrays and the path's parameters stay traced, as with :func:`convert_fn`)."""
+    check_path(path)
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be a callable denoiser(z, sigma); got {type(denoiser).__name__}")
+    return SigmaDenoiser(as_pytree_fn(denoiser), path)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SigmaDenoiser:
+    """``fn(x, t) = denoiser(x / alpha(t), sigma(t) / alpha(t))``: see :func:`from_sigma_denoiser`."""
+
+    denoiser: Callable[[Array, Array], Array]
+    path: Path
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        check_t(t)
+        t = jnp.broadcast_to(broadcast_t(t, x).reshape(-1), (x.shape[0],))  # ([B]: the denoiser's sigma)
+        a = self.path.alpha(t)
+        a, s = jnp.where(a > 0, a, 1e-6), self.path.sigma(t)  # (alpha = 0: an infinite level, floored)
+        z = x / a.reshape((-1,) + (1,) * (x.ndim - 1))
+        out = self.denoiser(z, s / a)
+        if getattr(out, "shape", None) != x.shape:
+            raise ValueError(f"denoiser(z, sigma) returned shape {getattr(out, 'shape', type(out).__name__)} for z of "
+                             f"shape {x.shape} and sigma of shape {s.shape}; it must return the shape of z")
+        return out.astype(jnp.result_type(x, out))
 
 
 def eps_scale(path: Path, t, kind: str) -> Array:

@@ -1,6 +1,7 @@
 """Every conversion on every path against the Gaussian oracle, whose denoiser, score and
 probability-flow velocity are computed independently of genflow.param."""
 
+import functools
 import itertools
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import genflow as gf
-from conftest import ALL_PATHS
+from conftest import ALL_PATHS, count_compiles
 
 KINDS = gf.param.KINDS
 
@@ -246,3 +247,81 @@ def test_conversions_name_a_path_given_by_name():
     for call in calls:
         with pytest.raises(TypeError, match="path must be a genflow.paths.Path; got str"):
             call("linear")
+
+
+def test_a_sigma_conditioned_denoiser_is_an_exact_x0_model_on_every_path():
+    """k-diffusion / EDM denoisers take the noise level: D(z, sigma) = E[x0 | z = x0 + sigma eps].
+    from_sigma_denoiser(D, path) is the x0 model x0_hat = D(x / alpha, sigma / alpha): with the
+    closed-form D of a diagonal Gaussian it equals the oracle's x0 on every path, at per-sample
+    and scalar t, and samples as the oracle does; it is a pytree (new arrays do not recompile)."""
+    mean, var = jnp.array([1.0, -0.5, 0.3]), jnp.array([0.2, 1.0, 0.5])
+    g = gf.oracles.Gaussian.diagonal(mean, var)
+
+    def denoiser(z, sigma):
+        return mean + var / (var + sigma[:, None] ** 2) * (z - mean)
+
+    x = jax.random.normal(jax.random.key(0), (5, 3))
+    t = jnp.linspace(0.05, 0.95, 5)
+    for name, path in ALL_PATHS.items():
+        fn = gf.param.from_sigma_denoiser(denoiser, path)
+        np.testing.assert_allclose(fn(x, t), g.x0(x, t, path), atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(fn(x, 0.5), g.x0(x, 0.5, path), atol=1e-6, err_msg=name)
+    path = gf.paths.vp_cosine()
+    x1 = path.prior_sample(jax.random.key(1), (64, 3))
+    fn = gf.param.from_sigma_denoiser(denoiser, path)
+    a, _ = gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", steps=20)
+    b, _ = gf.sample(g.model(path, "x0"), path, x1, prediction="x0", solver="dpm++2m", steps=20)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    # a pytree: a denoiser bound to new arrays (a Partial) samples without recompiling
+    def shifted(m, z, sigma):
+        return denoiser(z - m, sigma) + m
+
+    def run(m):
+        fn = gf.param.from_sigma_denoiser(jax.tree_util.Partial(shifted, m), path)
+        return gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", steps=20)[0]
+
+    first = run(jnp.zeros(3))
+    out = {}
+    assert count_compiles(lambda: out.update(second=run(jnp.ones(3)))) == 0
+    # the data mean moved by 1 (up to the alpha(1) = 5.5e-4 of it in the starting noise)
+    np.testing.assert_allclose(out["second"] - first, 1.0, atol=2e-3)
+    # a functools.partial (a network's apply and its parameters) too: inside the wrapper it was a
+    # static leaf, compiled again on every call (review)
+    def run_partial(m):
+        fn = gf.param.from_sigma_denoiser(functools.partial(shifted, m), path)
+        return gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", steps=20)[0]
+
+    run_partial(jnp.zeros(3))
+    assert count_compiles(lambda: run_partial(jnp.ones(3))) == 0
+    # from t = 1 on the linear path (alpha = 0: an infinite noise level, floored), as the oracle
+    lin = gf.paths.linear()
+    x1 = lin.prior_sample(jax.random.key(2), (64, 3))
+    a, info = gf.sample(gf.param.from_sigma_denoiser(denoiser, lin), lin, x1, prediction="x0", solver="dpm++2m", steps=20)
+    b, _ = gf.sample(g.model(lin, "x0"), lin, x1, prediction="x0", solver="dpm++2m", steps=20)
+    assert float(info.ts[0]) == 1.0
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(TypeError, match="denoiser must be a callable"):
+        gf.param.from_sigma_denoiser("edm", path)
+    with pytest.raises(ValueError, match=r"denoiser\(z, sigma\) returned shape \(5, 2\)"):
+        gf.param.from_sigma_denoiser(lambda z, s: z[:, :2], path)(x, t)
+    with pytest.raises(ValueError, match="t must lie in"):
+        gf.param.from_sigma_denoiser(denoiser, path)(x, 1.5)
+
+
+def test_convert_fn_traces_the_arrays_of_a_functools_partial():
+    """A functools.partial inside ConvertedFn was a static leaf: its arrays compiled in, and a
+    sampler called with new parameters compiled again (review)."""
+    path = gf.paths.vp_cosine()
+    x1 = path.prior_sample(jax.random.key(0), (8, 2))
+
+    def eps_model(scale, x, t):
+        return scale * x
+
+    def run(scale):
+        fn = gf.param.convert_fn(functools.partial(eps_model, scale), path, "eps", "x0")
+        return gf.sample(fn, path, x1, prediction="x0", solver="dpm++2m", steps=4, t_start=0.99)[0]
+
+    a = run(jnp.float32(0.5))
+    out = {}
+    assert count_compiles(lambda: out.update(b=run(jnp.float32(0.7)))) == 0
+    assert not np.allclose(a, out["b"])

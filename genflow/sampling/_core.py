@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
+from genflow.param import as_pytree_fn  # (defined there: the model wrappers of gf.param use it too)
 from genflow._checks import check_denoise, check_finite_rows, check_int, check_key, concrete_real, is_int
 from genflow.paths import Path, check_path
 from genflow.sampling import _diffrax, _driver, _registry
@@ -45,14 +46,6 @@ class SampleInfo:
     trajectory: Array | None = None
     stats: dict = dataclasses.field(default_factory=dict)
 
-
-def as_pytree_fn(fn: Callable) -> Callable:
-    """Turn a ``functools.partial`` into a :class:`jax.tree_util.Partial` so that the arrays it
-    binds (parameters, labels) are traced by jit instead of hashed: calling a sampler with new
-    parameters then reuses the compiled program."""
-    if isinstance(fn, functools.partial) and not isinstance(fn, jax.tree_util.Partial):
-        return jax.tree_util.Partial(as_pytree_fn(fn.func), *fn.args, **fn.keywords)
-    return fn
 
 
 def _check_x(x1) -> None:
