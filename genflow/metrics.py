@@ -158,9 +158,9 @@ def mmd(x: Array, y: Array, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Array:
     """Unbiased squared maximum mean discrepancy with a sum of Gaussian kernels.
 
     ``k(a, b) = sum_h exp(-||a - b||^2 / (2 h^2))``. ``x: [N, D]``, ``y: [M, D]``; scalar.
-    Memory: the kernel sums run over blocks of 1,024 rows, so at most ``[1024, max(N, M)]`` kernel
-    entries (float32) exist at once. The unbiased estimate (a U-statistic) can be negative when the distributions
-    agree: ``mmd(x, x)`` is not 0 (e.g. -0.46 on 16 points).
+    Memory: the kernel sums run over blocks of 1,024 rows, so at most ``[1024, max(N, M)]``
+    kernel entries (float32) exist at once. The unbiased estimate (a U-statistic) can be negative
+    when the distributions agree: ``mmd(x, x)`` is not 0 (e.g. -0.46 on 16 points).
     """
     x, y = flat_batch(jnp.asarray(x, jnp.float32)), flat_batch(jnp.asarray(y, jnp.float32))
     _check_same_dim("mmd", x, y)

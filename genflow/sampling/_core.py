@@ -47,7 +47,6 @@ class SampleInfo:
     stats: dict = dataclasses.field(default_factory=dict)
 
 
-
 def _check_x(x1) -> None:
     if not hasattr(x1, "shape") or not hasattr(x1, "dtype"):
         raise TypeError(f"x1 must be an array [B, ...]; got {type(x1).__name__}")

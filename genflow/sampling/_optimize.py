@@ -87,10 +87,11 @@ def _check_search_args(x1: Array, name: str, rtol, atol, learning_rate=1.0) -> A
 
 
 _RHO_STOP = 5e-4  # the reference solve stops at this noise level sigma/alpha (see below)
+_REFERENCE_MAX_STEPS = 4096  # the reference solves' default max_steps
 
 
 def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
-                           max_steps: int = 4096) -> Callable[[Array], Array]:
+                           max_steps: int = _REFERENCE_MAX_STEPS) -> Callable[[Array], Array]:
     """Dense exact trajectories of the probability-flow ODE from ``x1: [B, ...]`` at ``t_start``
     (``model``: ``gf.sampling.Model(fn, path, prediction)``), in ``x1``'s float dtype, at least
     float32 (bfloat16 cannot meet the default tolerances).
@@ -109,17 +110,12 @@ def reference_trajectories(model: Model, x1: Array, t_start, t_end, rtol: float 
     if any(isinstance(v, jax.core.Tracer) for v in inputs):  # (under the caller's jit: no sizing)
         return jax.tree_util.Partial(_trajectories_at, model.path, *_reference_solve(model, *inputs, max_steps))
     sized = _dense_max_steps(model, *inputs, max_steps)
-    try:
-        solved = _reference_solve(model, *inputs, sized)
-    except eqx.EquinoxRuntimeError:  # (the sized buffer was too small after all: see _dense_max_steps)
-        if sized == max_steps:
-            raise
-        solved = _reference_solve(model, *inputs, max_steps)
+    solved = _sized_then_full(lambda n: _reference_solve(model, *inputs, n), sized, max_steps)
     return jax.tree_util.Partial(_trajectories_at, model.path, *solved)
 
 
 def reference_end_states(model: Model, x1: Array, t_start, t_end, rtol: float = 1e-5, atol: float = 1e-5,
-                         max_steps: int = 4096) -> Array:
+                         max_steps: int = _REFERENCE_MAX_STEPS) -> Array:
     """``[B, ...]``: the exact probability-flow end states at ``t_end`` from ``x1`` at ``t_start``,
     solved as by :func:`reference_trajectories` (in ``x1``'s float dtype, at least float32) but
     without its dense output (whose per-sample buffers of ``max_steps`` steps make it slow and
@@ -151,6 +147,17 @@ def _dense_max_steps(model, x1, t_start, t_end, rtol, atol, max_steps: int) -> i
     ``max_steps`` should even that be too few.)"""
     taken = int(_steps_taken(model, x1, t_start, t_end, rtol, atol, max_steps))
     return min(max_steps, max(16, 1 << (2 * taken - 1).bit_length()))
+
+
+def _sized_then_full(solve: Callable[[int], Any], sized: int, full: int):
+    """``solve(sized)``, run again as ``solve(full)`` if its dense buffer of ``sized`` steps
+    proved too small after all (see :func:`_dense_max_steps`)."""
+    try:
+        return solve(sized)
+    except eqx.EquinoxRuntimeError:
+        if sized == full:
+            raise
+        return solve(full)
 
 
 @eqx.filter_jit
@@ -371,16 +378,12 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
     with _reference_solve_errors():
         x1 = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
         # (the dense solve inside _optimize is traced: its buffer is sized here, from concrete values)
-        max_steps = 0 if objective == "global" else _dense_max_steps(model, *_solve_inputs(x1, ts0[0], ts0[-1], rtol,
-                                                                                           atol), 4096)
+        # (0: the global objective solves no dense trajectories, and is not retried)
+        full = 0 if objective == "global" else _REFERENCE_MAX_STEPS
+        sized = full and _dense_max_steps(model, *_solve_inputs(x1, ts0[0], ts0[-1], rtol, atol), full)
         args = (model, ts0, x1, solver, int(iters), jnp.asarray(learning_rate, jnp.float32), float(rtol), float(atol),
                 propagate, objective, tuple(sorted(solver_options.items())))
-        try:
-            ts, hist = _optimize(*args, max_steps)
-        except eqx.EquinoxRuntimeError:  # (the sized dense buffer was too few steps: retry with the default)
-            if max_steps in (0, 4096):
-                raise
-            ts, hist = _optimize(*args, 4096)
+        ts, hist = _sized_then_full(lambda n: _optimize(*args, n), sized, full)
     if not np.isfinite(float(hist["initial"])):
         # (Adam never moved on NaN gradients and no value beat NaN: the init came back as a result)
         raise ValueError(f"the {objective} objective is {float(hist['initial'])} on the initial grid: the model gives "

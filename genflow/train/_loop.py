@@ -274,15 +274,22 @@ def _run_rest(callbacks, start: int, args, e: BaseException) -> None:
             e.add_note(f"fit: a callback also failed after this error ({type(w).__name__}: {w})")
 
 
+def _save_args(state, iterator, history, saved_chunks):
+    """``(state, data_state, metrics)`` of a checkpoint of ``state``: the iterator's position and
+    the means of the step metrics since the previous save (``chunk_size < save_every``), not the
+    last chunk's."""
+    data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
+    return state, data_state, _chunk_means(_scalar_metrics(history, saved_chunks))
+
+
 def _due_save(checkpointer, state, iterator, history, saved_chunks):
-    """``(state, data_state, metrics)`` for the save that ``state``'s step was due but did not get
-    (a callback raised before it), else None: ``_settle_saves`` then makes it (up to
-    ``save_every`` steps were lost when a script exited on that error)."""
+    """:func:`_save_args` for the save that ``state``'s step was due but did not get (a callback
+    raised before it), else None: ``_settle_saves`` then makes it (up to ``save_every`` steps
+    were lost when a script exited on that error)."""
     try:
         if checkpointer.latest_step() == int(state.step):
             return None
-        data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
-        return state, data_state, _chunk_means(_scalar_metrics(history, saved_chunks))
+        return _save_args(state, iterator, history, saved_chunks)
     except Exception:  # noqa: BLE001 (the save is a courtesy: the original error matters)
         return None
 
@@ -476,11 +483,9 @@ def fit(
                 cb(*cb_args)
             cb_rest = None
             if due is not None:
-                data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
-                # the mean since the previous save, not the last chunk's (chunk_size < save_every)
-                means = _chunk_means(_scalar_metrics(history, saved_chunks))
+                pending = _save_args(state, iterator, history, saved_chunks)
                 saved_chunks = len(history["finite"])  # (a hand-written step_fn may have no "loss")
-                pending = (state, data_state, means)
+                _, data_state, means = pending
                 checkpointer.save(state, data_state=data_state, metrics=means, force=True)
                 pending = due = None
             if bar is not None:
