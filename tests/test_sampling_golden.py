@@ -9,7 +9,10 @@ is the exact mixture denoiser converted to each path's prediction kind.
 Peers from diffusers (``make_golden.py``): UniPC with ``solver_order=2`` and ``3`` (genflow:
 ``unipc`` with ``order=2``, its default, and ``order=3``), DPM-Solver++(2M) and (3M) (genflow:
 ``dpm++2m``, ``dpm++3m_ref``) on the four paths, and DEIS with ``solver_order=3`` (genflow:
-``deis``), whose polynomial in ``log sigma`` is genflow's polynomial in t only on a ``ve`` path.
+``deis``), whose polynomial in ``log sigma`` is genflow's polynomial in t only on a ``ve`` path;
+and DPM-Solver++(3S) (genflow: ``dpm++3s``), diffusers' single-step scheduler on the levels with
+the stage points inserted, with the reference code's stage (see
+:func:`test_dpmpp_3s_matches_diffusers_singlestep`).
 """
 
 from __future__ import annotations
@@ -115,21 +118,80 @@ def _k_diffusion_3m(den, y, sigmas, warm_up: str):
     return y
 
 
-def test_dpmpp_3m_ref_is_k_diffusions_third_order_step_with_a_2m_warm_up():
+def _den(y, s):
+    """``E[x0 | x0 + s eps = y]`` of the stored mixture, in NumPy float64 (as make_golden.py)."""
     logits, means, vars_ = GOLDEN["logits"], GOLDEN["means"], GOLDEN["vars"]
+    m = vars_[None] + s * s
+    r = y[:, None, :] - means[None]
+    logp = -0.5 * (r * r / m + np.log(m)).sum(-1) + logits
+    w = np.exp(logp - logp.max(1, keepdims=True))
+    return ((w / w.sum(1, keepdims=True))[..., None] * (means[None] + vars_[None] / m * r)).sum(1)
 
-    def den(y, s):  # E[x0 | x0 + s eps = y], in NumPy float64 (as make_golden.py)
-        m = vars_[None] + s * s
-        r = y[:, None, :] - means[None]
-        logp = -0.5 * (r * r / m + np.log(m)).sum(-1) + logits
-        w = np.exp(logp - logp.max(1, keepdims=True))
-        return ((w / w.sum(1, keepdims=True))[..., None] * (means[None] + vars_[None] / m * r)).sum(1)
 
+def test_dpmpp_3m_ref_is_k_diffusions_third_order_step_with_a_2m_warm_up():
     y0, sigmas = 80.0 * GOLDEN["z"], GOLDEN["sigmas"]
     # the transcription reproduces k-diffusion ...
-    np.testing.assert_allclose(_k_diffusion_3m(den, y0, sigmas, "phi2"), GOLDEN["out/dpmpp_3m"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(_k_diffusion_3m(_den, y0, sigmas, "phi2"), GOLDEN["out/dpmpp_3m"], rtol=1e-10, atol=1e-10)
     # ... and with the 2M warm-up it is genflow's dpm++3m_ref
     with jax.enable_x64(True):
         x, _ = _run("vp_linear", "eps", "dpm++3m_ref")
-    np.testing.assert_allclose(x, _k_diffusion_3m(den, y0, sigmas, "2m"), rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(x, _k_diffusion_3m(_den, y0, sigmas, "2m"), rtol=1e-7, atol=1e-7)
     assert np.abs(x - GOLDEN["out/dpmpp_3m"]).max() > 1e-4  # (the warm-ups differ: max 2.2e-2, mean 9e-4 here)
+
+
+@pytest.mark.parametrize("path_name", sorted(PATHS))
+def test_dpmpp_3s_matches_diffusers_singlestep(path_name):
+    """genflow's ``dpm++3s`` on the 8 levels (stages at ``lambda_s + r (lambda_t - lambda_s)``,
+    ``r = 1/3, 2/3``, ``lambda = -log rho``; 7 steps of 3 evaluations, then the denoising: nfe 22)
+    against ``DPMSolverSinglestepScheduler(solver_order=3)`` on the levels ``rho_s^(1-r) rho_t^r``,
+    r = 0, 1/3, 2/3 for each of the 7 steps, then ``rho_7`` and 0 (22 steps; its groups of orders 1,
+    2, 3 are the single steps, and its last step, order 1 into 0, is the denoising), with
+    ``solver_type="heun"`` in the order-2 steps: the reference code's stage ``x_s2``
+    (``make_golden.py``). Measured max differences: 4e-15 (vp_linear), 9e-14 (vp_cosine), 1.1e-13
+    (linear), 7e-11 on edm (its grid ends at sigma_min 0.002, not at the level 0.00199999963)."""
+    with jax.enable_x64(True):
+        x, nfe = _run(path_name, PATHS[path_name], "dpm++3s")
+    np.testing.assert_allclose(x, GOLDEN["out/diffusers_dpmpp_3s_ref"], rtol=1e-9, atol=1e-9)
+    assert nfe == 22
+
+
+def _dpm_solver_3s(den, y, sigmas, stage: str = "dpmsolver", r1: float = 1.0 / 3.0, r2: float = 2.0 / 3.0):
+    """DPM-Solver++(3S) as in the reference code (``dpm_solver_pytorch.py`` of LuChengTHU/dpm-solver,
+    ``singlestep_dpm_solver_third_update`` with ``algorithm_type="dpmsolver++"``,
+    ``solver_type="dpmsolver"``), transcribed in NumPy for ``y = x0 + sigma eps`` (``alpha = 1``,
+    ``lambda = -log sigma``); a step into ``sigma = 0`` is the denoising. ``stage="midpoint"``:
+    the stage ``x_s2`` as diffusers' default singlestep scheduler takes it (its second-order
+    ``"midpoint"`` step), weight ``-(r2/r1) expm1(-r2 h) / 2`` on ``D_s1 - D_s`` where the reference
+    has ``(r2/r1) (expm1(-r2 h) / (r2 h) + 1)``."""
+    for i in range(len(sigmas) - 1):
+        s, t = sigmas[i], sigmas[i + 1]
+        m_s = den(y, s)
+        if t == 0:
+            y = m_s
+            continue
+        h = np.log(s) - np.log(t)
+        s1, s2 = s * np.exp(-r1 * h), s * np.exp(-r2 * h)
+        phi_11, phi_12, phi_1 = np.expm1(-r1 * h), np.expm1(-r2 * h), np.expm1(-h)
+        phi_22 = phi_12 / (r2 * h) + 1.0
+        phi_2 = phi_1 / h + 1.0
+        m_s1 = den((s1 / s) * y - phi_11 * m_s, s1)
+        c = r2 / r1 * (phi_22 if stage == "dpmsolver" else -0.5 * phi_12)
+        m_s2 = den((s2 / s) * y - phi_12 * m_s + c * (m_s1 - m_s), s2)
+        y = (t / s) * y - phi_1 * m_s + (1.0 / r2) * phi_2 * (m_s2 - m_s)
+    return y
+
+
+def test_dpmpp_3s_is_the_reference_third_order_singlestep_update():
+    """The transcription reproduces both diffusers goldens (its default stage and the reference's;
+    measured 2.2e-15 and 1.3e-15), and genflow's ``dpm++3s`` is the reference (measured 4e-15);
+    the default diffusers stage is 4.3e-2 off it."""
+    y0, sigmas = 80.0 * GOLDEN["z"], GOLDEN["sigmas"]
+    ref = _dpm_solver_3s(_den, y0, sigmas)
+    np.testing.assert_allclose(ref, GOLDEN["out/diffusers_dpmpp_3s_ref"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(_dpm_solver_3s(_den, y0, sigmas, stage="midpoint"), GOLDEN["out/diffusers_dpmpp_3s"],
+                               rtol=1e-12, atol=1e-12)
+    with jax.enable_x64(True):
+        x, nfe = _run("vp_linear", "eps", "dpm++3s")
+    np.testing.assert_allclose(x, ref, rtol=1e-12, atol=1e-12)
+    assert nfe == 22
+    assert np.abs(x - GOLDEN["out/diffusers_dpmpp_3s"]).max() > 1e-2

@@ -1,6 +1,7 @@
 """Single-step solvers: several network evaluations per step, no history.
 
-* DPM-Solver++ 2S / 3S (Lu et al. 2022, "DPM-Solver", Alg. 1-2 in data-prediction form;
+* DPM-Solver++ 2S / 3S (Lu et al. 2022, "DPM-Solver++", the single-step solvers of "DPM-Solver"
+  Alg. 1-2 in data-prediction form, as in the reference code: ``tests/test_sampling_golden.py``;
   intermediate points at fractions ``r = 1/2`` and ``r = 1/3, 2/3`` of the step in lambda).
 * EDM's Heun sampler with stochastic churn (Karras et al. 2022, "Elucidating the Design Space",
   Alg. 2), written for any path in the noise level ``rho = sigma / alpha`` and ``y = x / alpha``.
