@@ -816,3 +816,14 @@ def test_a_damaged_step_is_named_with_the_steps_still_readable(tmp_path):
         with pytest.raises(FileNotFoundError, match=r"kept steps are \[2\]"):
             ckpt.restore(state, step=7)
         assert ckpt.all_steps() == [2]
+
+
+def test_options_that_the_checkpointer_sets_itself_are_refused_by_name(tmp_path):
+    """``max_to_keep=`` (orbax's name for ``keep=``) failed inside orbax as "preservation_policy and
+    delete options are mutually exclusive", naming neither; other orbax options pass through."""
+    for name, ours in [("max_to_keep", "keep="), ("save_interval_steps", "save_every="),
+                       ("enable_async_checkpointing", "async_save=")]:
+        with pytest.raises(TypeError, match=rf"sets '{name}' itself; use {ours} instead"):
+            gf.train.Checkpointer(str(tmp_path / name), save_every=2, **{name: 1})
+    with gf.train.Checkpointer(str(tmp_path / "ok"), save_every=2, create=True) as ckpt:
+        assert ckpt.manager._options.create

@@ -425,6 +425,64 @@ def test_exceptions_keep_the_last_good_state():
         gf.train.fit(fresh(), step, 5, 10, progress=False)
 
 
+def test_host_batches_of_the_next_chunk_are_gathered_while_a_chunk_runs(tmp_path):
+    """fit gathers chunk k + 1's host batches between dispatching chunk k and fetching its metrics
+    (the device used to idle while the host gathered): the order of the iterator's reads and the
+    callbacks shows it. It reads no batch past num_steps, a checkpoint records the position after
+    the saved state's own batches, and an error gathering the next chunk is raised after the
+    running chunk is logged, called back and saved."""
+    opt = optax.sgd(0.01)
+    step = gf.train.make_train_step(lsq_loss, opt)
+    events = []
+
+    class Stream:
+        def __init__(self, fail_at=None):
+            self.i, self.fail_at = 0, fail_at
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if self.i == self.fail_at:
+                raise RuntimeError(f"source failed at batch {self.i}")
+            events.append(f"batch {self.i}")
+            self.i += 1
+            return (np.asarray(X[:8]), np.asarray(Y[:8]))
+
+        def get_state(self):
+            return {"i": self.i}
+
+    def record(state, metrics):
+        events.append(f"callback {int(state.step)}")
+
+    def fresh():
+        return gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
+
+    stream = Stream()
+    gf.train.fit(fresh(), step, stream, 6, chunk_size=2, callback=record, progress=False)
+    assert events == ["batch 0", "batch 1", "batch 2", "batch 3", "callback 2", "batch 4", "batch 5", "callback 4",
+                      "callback 6"]
+    assert stream.i == 6  # (nothing read past num_steps: the same iterator can train on)
+
+    events.clear()
+    with gf.train.Checkpointer(str(tmp_path / "ck"), save_every=2, keep=5) as ckpt:
+        with pytest.raises(RuntimeError, match="source failed at batch 5") as exc:
+            gf.train.fit(fresh(), step, Stream(fail_at=5), 8, chunk_size=2, callback=record, progress=False,
+                         checkpointer=ckpt)
+        assert exc.value.step == 4 and exc.value.history["loss"].shape == (4,)
+        assert events[-2:] == ["batch 4", "callback 4"] and ckpt.all_steps() == [2, 4]
+        for s in (2, 4):  # (the positions after each saved state's batches, not the read-ahead's)
+            assert ckpt.restore(fresh(), step=s)[1] == {"i": s}
+
+    def bad_callback(state, metrics):
+        raise KeyError("callback failed")
+
+    with pytest.raises(KeyError, match="callback failed") as exc:
+        gf.train.fit(fresh(), step, Stream(fail_at=3), 8, chunk_size=2, callback=bad_callback, progress=False)
+    assert exc.value.step == 2 and any("gathering the next chunk's batches had failed too (RuntimeError: source "
+                                       "failed at batch 3)" in n for n in exc.value.__notes__)
+
+
 def test_non_finite_step_is_the_global_step_after_resuming():
     opt = optax.sgd(0.01)
     step = gf.train.make_train_step(lsq_loss, opt)

@@ -165,6 +165,15 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.save_every = save_every
         self.best_metric, self.best_mode = best_metric, best_mode
+        # (orbax refused these only as "preservation_policy and delete options are mutually
+        # exclusive", naming neither the option given nor genflow's own)
+        ours = {"max_to_keep": "keep=", "keep_period": "keep= / best_metric=", "keep_time_interval": "keep=",
+                "preservation_policy": "keep= / best_metric=", "save_interval_steps": "save_every=",
+                "enable_async_checkpointing": "async_save="}
+        clash = sorted(set(options) & set(ours))
+        if clash:
+            raise TypeError(f"Checkpointer sets {clash[0]!r} itself; use {ours[clash[0]]} instead (options passes "
+                            f"other CheckpointManagerOptions fields only)")
         ocp = _ocp()
         cm = ocp.checkpoint_managers
         policies = [cm.LatestN(keep)]
