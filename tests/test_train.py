@@ -423,6 +423,16 @@ def test_exceptions_keep_the_last_good_state():
     assert int(exc.value.state.step) == 20 and np.isfinite(np.asarray(exc.value.state.params["w"])).all()
     with pytest.raises(TypeError, match="data must be a callable batch_fn"):
         gf.train.fit(fresh(), step, 5, 10, progress=False)
+    # a dataset array trained on one row per step without an error; a dict's keys were its batches
+    for data, match in [(np.asarray(X), r"data is an array of shape \(512, 4\): fit would iterate its leading axis"),
+                        (X, r"data is an array of shape \(512, 4\).*pass iter\(x\)"),
+                        ({"x": X, "y": Y}, r"data is a dict: fit would iterate its keys as batches.*itertools.repeat"),
+                        ("batches", r"data is a str: fit would iterate its characters")]:
+        with pytest.raises(TypeError, match=match):
+            gf.train.fit(fresh(), step, data, 10, progress=False)
+    stacked = np.stack([np.asarray(X[:8])] * 3), np.stack([np.asarray(Y[:8])] * 3)  # (pre-batched: iter() passes)
+    state, _ = gf.train.fit(fresh(), step, iter(zip(*stacked)), 3, chunk_size=3, progress=False)
+    assert int(state.step) == 3
 
 
 def test_host_batches_of_the_next_chunk_are_gathered_while_a_chunk_runs(tmp_path):

@@ -4,6 +4,7 @@ checkpointed)."""
 from __future__ import annotations
 
 import collections
+import collections.abc
 import copy
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -275,6 +276,26 @@ def _run_rest(callbacks, start: int, args, e: BaseException) -> None:
             e.add_note(f"fit: a callback also failed after this error ({type(w).__name__}: {w})")
 
 
+def _check_iterable_data(data) -> None:
+    """Refuse the iterables that are not streams of batches: an array (a dataset array gave one
+    example per step, and trained without an error; ``iter(x)`` still passes an array of stacked
+    batches) and a mapping or string (their keys or characters became the batches: "data ran out
+    after 1 batches")."""
+    if callable(data):
+        return
+    hint = ("pass an iterable of batches (a generator of [B, ...] arrays, gf.data.image_loader, a grain "
+            "iterator) or a batch_fn(key) -> batch that draws from the data on device, e.g. "
+            "lambda key: x[jax.random.randint(key, (B,), 0, len(x))]")
+    if isinstance(data, (np.ndarray, jax.Array)):
+        raise TypeError(f"data is an array of shape {data.shape}: fit would iterate its leading axis, one "
+                        f"example per step for a dataset array; {hint} (an array of stacked batches "
+                        f"[num_batches, B, ...]: pass iter(x))")
+    if isinstance(data, (collections.abc.Mapping, str, bytes)):
+        what = "keys" if isinstance(data, collections.abc.Mapping) else "characters"
+        raise TypeError(f"data is a {type(data).__name__}: fit would iterate its {what} as batches; for one "
+                        f"fixed batch pass itertools.repeat(batch), else {hint}")
+
+
 def _chunk_len(done: int, num_steps: int, chunk_size: int, step0: int, checkpointer) -> int:
     """The steps of the chunk after the first ``done``: ``chunk_size``, cut at the run's end and at
     the checkpointer's save steps."""
@@ -429,6 +450,7 @@ def fit(
     if not on_device and not isinstance(data, Iterable):
         raise TypeError(f"data must be a callable batch_fn(key) -> batch or an iterable of batches; "
                         f"got {type(data).__name__}")
+    _check_iterable_data(data)
     iterator = None if on_device else iter(data)
     state = _unaliased(state)
     chunk = _chunk_fn(step_fn, data if on_device else None, unroll, mesh)
