@@ -3,6 +3,7 @@ batch flattening every module uses."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -121,10 +122,17 @@ def check_key(key) -> None:
     if dtype is not None and shape is not None:
         if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
             return
-        if dtype == np.uint32 and len(shape) == 1:
+        if dtype == np.uint32 and tuple(shape) == _raw_key_shape(jax.config.jax_default_prng_impl):
             return
     raise TypeError(f"key must be one PRNG key (jax.random.key(...) or jax.random.PRNGKey(...)); got "
                     f"{type(key).__name__} of shape {shape} and dtype {dtype}")
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_key_shape(impl: str) -> tuple:
+    """The shape of a raw ``uint32`` key of the default PRNG implementation ``impl`` (``(2,)`` for
+    threefry; a raw key of another length failed later, as JAX's "invalid PRNG key data")."""
+    return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
 
 
 def check_bool(name: str, value) -> bool:

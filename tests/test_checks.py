@@ -85,3 +85,23 @@ def test_dir_lists_the_lazily_imported_public_names():
     out = subprocess.run([sys.executable, "-c", "import genflow as gf; print(sorted(set(gf.__all__) - set(dir(gf))))"],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+def test_a_raw_key_must_have_the_default_implementations_length():
+    """A raw uint32 key of another length than the default PRNG's (2 for threefry) passed the check
+    and failed later as JAX's "invalid PRNG key data"; with rbg as the default, its 4 words pass."""
+    from genflow._checks import check_key
+
+    check_key(jax.random.PRNGKey(0))
+    check_key(jax.random.key(0))
+    for bad in (jnp.zeros(3, jnp.uint32), jnp.zeros(4, jnp.uint32), jnp.zeros((1, 2), jnp.uint32)):
+        with pytest.raises(TypeError, match=r"key must be one PRNG key .*got ArrayImpl of shape \(\d"):
+            check_key(bad)
+    old = jax.config.jax_default_prng_impl
+    try:
+        jax.config.update("jax_default_prng_impl", "rbg")
+        check_key(jax.random.PRNGKey(0))  # (4 words)
+        with pytest.raises(TypeError, match="key must be one PRNG key"):
+            check_key(jnp.zeros(2, jnp.uint32))
+    finally:
+        jax.config.update("jax_default_prng_impl", old)
