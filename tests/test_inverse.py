@@ -1242,3 +1242,122 @@ def test_a_matrix_with_a_python_float_sq_norm_does_not_recompile_the_sampler():
                                           steps=3, key=jax.random.key(1))
     run(ops[0])
     assert count_compiles(lambda: run(ops[1])) == 0
+
+
+def _count_host_work(monkeypatch):
+    """Counts of grid builds (``sampler_grid``) and of host evaluations of any path's functions
+    (a concrete ``t``: each one a read back from the device on a GPU) from now on."""
+    from genflow.inverse import samplers
+
+    calls = {"grid": 0, "path": 0}
+    grid = samplers.sampler_grid
+
+    def counted_grid(*args, **kwargs):
+        calls["grid"] += 1
+        return grid(*args, **kwargs)
+
+    monkeypatch.setattr(samplers, "sampler_grid", counted_grid)
+    for name in ("alpha", "sigma", "log_snr", "t_from_log_snr"):
+        def counted(self, t, _f=getattr(gf.paths.Path, name)):
+            if not isinstance(t, jax.core.Tracer):
+                calls["path"] += 1
+            return _f(self, t)
+
+        monkeypatch.setattr(gf.paths.Path, name, counted)
+    return calls
+
+
+def test_a_repeat_posterior_call_reuses_its_grid_and_gives_the_same_samples(monkeypatch):
+    """The samplers keep their grid and the decisions made with it (the default ``t_start``,
+    tmpd's SNR-1e-4 start, the alpha = 0 refusal, the default ``denoise``) in gf.sample's memo: a
+    repeat call builds no grid and evaluates no path function on the host (1.5-3 ms of host work
+    a warm call, every read waiting for the device on a GPU), and returns bitwise the samples of a
+    fresh preparation."""
+    from genflow.sampling import _core
+
+    path = gf.paths.vp_cosine()
+    op = inv.super_resolution(2)
+    x1 = path.prior_sample(jax.random.key(0), (2,) + S)
+    y = op(x1)
+    eps, x0 = PRIOR.model(path, "eps"), PRIOR.model(path, "x0")
+    kw = dict(steps=3, key=jax.random.key(1))
+    runs = {
+        "dps": lambda: inv.posterior_sample(eps, path, x1, y, op, prediction="eps", method="dps", **kw),
+        "tmpd": lambda: inv.posterior_sample(eps, path, x1, y, op, prediction="eps", method="tmpd",
+                                             noise=inv.GaussianNoise(SIGMA_Y), **kw),
+        "prior": lambda: inv.prior_sample(x0, path, x1, prediction="x0", **kw),
+    }
+    calls = _count_host_work(monkeypatch)
+    for name, run in runs.items():
+        _core._PREPARED.clear()
+        fresh, info = run()  # (a fresh preparation)
+        assert calls["grid"] == 1, name
+        calls.update(grid=0, path=0)
+        again, info_again = run()
+        assert calls == {"grid": 0, "path": 0}, name
+        np.testing.assert_array_equal(again, fresh, err_msg=name)
+        np.testing.assert_array_equal(info_again.ts, info.ts, err_msg=name)
+        if name == "tmpd":  # (its kept grid starts where the SNR is 1e-4, as a fresh one)
+            np.testing.assert_allclose(info_again.ts[0], float(path.t_from_log_snr(np.log(1e-4))), rtol=1e-6)
+
+
+def test_the_posterior_grid_memo_is_keyed_by_every_argument_it_depends_on():
+    """Another path parameter, step count, schedule, start or method family (tmpd's SNR start)
+    gets its own grid, never a stale one; an equal path built anew and prior_sample with the same
+    grid arguments share it. The checks that run only on a miss still refuse: the key tells
+    ``12`` from ``12.0`` and ``x0`` from ``eps``. Traced grids are not kept, and a kept grid whose
+    array was deleted is built again."""
+    from genflow.sampling import _core
+
+    slow, fast = gf.paths.vp_linear(beta_max=20.0), gf.paths.vp_linear(beta_max=10.0)
+    op = inv.super_resolution(2)
+    x1 = slow.prior_sample(jax.random.key(0), (2,) + S)
+    y = op(x1)
+
+    def run(path, method="dps", steps=4, schedule="logsnr", **extra):
+        noise = inv.GaussianNoise(SIGMA_Y) if method == "tmpd" else None
+        return inv.posterior_sample(PRIOR.model(path, "eps"), path, x1, y, op, prediction="eps", method=method,
+                                    noise=noise, steps=steps, schedule=schedule, key=jax.random.key(1), **extra)
+
+    _core._PREPARED.clear()
+    first, info = run(slow)
+    assert len(_core._PREPARED) == 1
+    np.testing.assert_allclose(info.ts, gf.sampling.time_grid(slow, 4, "logsnr", 1.0), rtol=1e-6)
+    again, _ = run(gf.paths.vp_linear(beta_max=20.0))  # an equal path built anew: a hit
+    assert len(_core._PREPARED) == 1
+    np.testing.assert_array_equal(again, first)
+    t_snr = float(fast.t_from_log_snr(np.log(1e-4)))
+    for n, (path, extra, expect) in enumerate((
+            (fast, {}, gf.sampling.time_grid(fast, 4, "logsnr", 1.0)),
+            (slow, {"steps": 6}, gf.sampling.time_grid(slow, 6, "logsnr", 1.0)),
+            (slow, {"schedule": "uniform"}, gf.sampling.time_grid(slow, 4, "uniform", 1.0)),
+            (slow, {"t_start": 0.9}, gf.sampling.time_grid(slow, 4, "logsnr", 0.9)),
+            (fast, {"method": "tmpd"}, gf.sampling.time_grid(fast, 4, "logsnr", t_snr)))):
+        _, inf = run(path, **extra)
+        assert len(_core._PREPARED) == n + 2, extra
+        np.testing.assert_allclose(inf.ts, expect, rtol=1e-6, err_msg=str(extra))
+        assert not np.allclose(inf.ts[:5], info.ts[:5])  # (not the first call's grid)
+    n = len(_core._PREPARED)
+    x_prior, info_prior = inv.prior_sample(PRIOR.model(slow, "eps"), slow, x1, prediction="eps", steps=4,
+                                           schedule="logsnr", key=jax.random.key(1))
+    assert len(_core._PREPARED) == n  # (the same grid arguments: the same entry)
+    np.testing.assert_array_equal(info_prior.ts, info.ts)
+    # the checks of a miss still refuse what they refused
+    with pytest.raises(ValueError, match="steps"):
+        run(slow, steps=4.0)
+    with pytest.raises(ValueError, match="t_start"):
+        run(slow, t_start=True)
+    lin = gf.paths.linear()
+    kw = dict(steps=3, t_start=1.0, key=jax.random.key(1))
+    inv.prior_sample(PRIOR.model(lin, "x0"), lin, x1, prediction="x0", **kw)
+    with pytest.raises(ValueError, match="t_start=1.0 has alpha=0 on path 'linear'"):
+        inv.prior_sample(PRIOR.model(lin, "eps"), lin, x1, prediction="eps", **kw)
+    # a traced explicit grid is not kept; a deleted kept grid is built again
+    n = len(_core._PREPARED)
+    jax.jit(lambda g: run(slow, schedule=g)[0])(info.ts)
+    assert len(_core._PREPARED) == n
+    _, info_d = run(slow)
+    info_d.ts.delete()
+    x_d, info_d = run(slow)
+    assert not info_d.ts.is_deleted()
+    np.testing.assert_array_equal(x_d, first)

@@ -83,11 +83,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from genflow import param
+from genflow import _memo, param
 from genflow._checks import check_denoise, check_int, check_key, check_positive_real, check_real_in, concrete_real, real_leaf
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path, check_path
 from genflow.sampling import Model, as_pytree_fn
+from genflow.sampling._core import _run_path
 from genflow.sampling._grid import default_denoise, sampler_grid
 
 Array = jax.Array
@@ -287,6 +288,10 @@ def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, no
     # with the same fields as equal, and a GaussianNoise run reused the program compiled for
     # PoissonNoise (reading sigma as the rate: NaN samples at sigma 0)
     del classes
+    if y is not None:  # (shapes only, checked when traced: the compiled program is keyed by them)
+        expected = jax.eval_shape(op.forward, x1)
+        if y.shape != expected.shape:
+            raise ValueError(f"y.shape={y.shape} does not match operator.forward(x) of shape {expected.shape}")
     step, final = _step_fn(model, method, base, y, op, noise, weight, hp)
     keys = jax.random.split(key, ts.shape[0] - 1)
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
@@ -318,7 +323,14 @@ def _check_weight_scale(weight, hparams: dict) -> None:
         _check_scalar_real("scale", hparams["scale"])
 
 
-def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
+def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key, snr_start: bool = False):
+    """``(model, ts, denoise)``: the model, the checked time grid and the default ``denoise``.
+
+    The grid and the decisions made on the host with it (the default ``t_start``, the refusal of
+    an ``eps`` / ``score`` start at ``alpha = 0``, the default ``denoise``) are kept in
+    ``gf.sample``'s memo (:func:`genflow._memo.memoised`) under the path, grid arguments,
+    ``prediction`` and ``snr_start`` (``tmpd`` / ``pigdm``: start an ``eps`` / ``score`` model
+    where the SNR is 1e-4); a repeat call reads nothing back from the device for them."""
     param.check_kind(prediction)
     check_path(path)
     if key is None:
@@ -328,21 +340,37 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key):
         raise ValueError(f"x1 must be an array [B, ...]; got {getattr(x1, 'shape', type(x1).__name__)}")
     if not jnp.issubdtype(x1.dtype, jnp.floating):  # (int x1 came back truncated to ints)
         raise TypeError(f"x1 must be a floating-point array; got dtype {x1.dtype}")
+    parts = (_memo.path_key(path), _memo.schedule_key(schedule), _memo.value_key(steps), _memo.value_key(t_start),
+             _memo.value_key(t_end))
+    ts, denoise = _memo.memoised("gf.inverse", parts, (prediction, bool(snr_start)),
+                                 lambda: _grid(path, prediction, steps, schedule, t_start, t_end, snr_start))
+    return Model(as_pytree_fn(fn), _run_path(path), prediction), ts, denoise
+
+
+def _grid(path, prediction, steps, schedule, t_start, t_end, snr_start: bool):
+    """:func:`_prepare`'s ``(ts, default denoise)``, built afresh (under ``ensure_compile_time_eval``:
+    a Python float under the caller's jit too)."""
+    if snr_start and t_start is None and prediction in ("eps", "score") and _derived_grid(schedule):
+        # An eps/score model holds Cov[x0 | x_t] in the deviation of its Jacobian from I / sigma,
+        # of relative size ~SNR: below SNR 1e-4 float32 cancellation swamps it (on the oracle,
+        # tmpd's motion blur from alpha = 5e-4 went astray as cg_iters grew; pigdm, which also
+        # back-propagates through x0 = (x - sigma eps) / alpha, with a bfloat16 eps model gave
+        # posterior variances 8-18x too large). Start where SNR = 1e-4.
+        if float(path.log_snr(1.0)) < _MIN_LOG_SNR:
+            t_start = float(path.t_from_log_snr(_MIN_LOG_SNR))
     if t_start is None and _derived_grid(schedule):
         # eps/score models are 0/0 where alpha = 0 (t = 1 on the linear path): start just before
         # (an explicit grid brings its own start)
-        with jax.ensure_compile_time_eval():  # (a Python float under the caller's jit too)
-            t_start = 1.0 if float(path.alpha(1.0)) > 0 else 0.999
+        t_start = 1.0 if float(path.alpha(1.0)) > 0 else 0.999
     ts = sampler_grid(path, steps, schedule, t_start, t_end)
-    try:  # (under the caller's jit the grid is traced: unchecked there, as in gf.sample)
-        with jax.ensure_compile_time_eval():
-            alpha0 = float(path.alpha(jnp.asarray(ts[0])))
+    try:  # (a traced grid, e.g. an explicit schedule traced by the caller: unchecked there, as in gf.sample)
+        alpha0 = float(path.alpha(jnp.asarray(ts[0])))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         alpha0 = None
     if prediction in ("eps", "score") and alpha0 == 0.0:
         raise ValueError(f"t_start={float(ts[0])} has alpha=0 on path {path.name!r}, where the {prediction} -> x0 "
                          f"conversion is singular; start slightly earlier (e.g. t_start=0.999, or leave t_start=None)")
-    return Model(as_pytree_fn(fn), path, prediction), ts
+    return ts, default_denoise(path, ts, t_end)
 
 
 def _derived_grid(schedule) -> bool:
@@ -363,11 +391,11 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
     if base == "flow" and concrete_real(eta) != 1.0 and not isinstance(eta, jax.core.Tracer):
         raise ValueError(f"eta applies to the 'ddim' base only (base='flow' ignored it); got eta={eta!r}")
     check_denoise(denoise)
-    model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
-    denoise = default_denoise(path, ts, t_end) if denoise is None else denoise
-    y = jnp.zeros((x1.shape[0], 1), x1.dtype)
-    return _run(model, ts, x1, key, None, base, y, _NoOp(), GaussianNoise(1.0), real_leaf(0.0),
-                dict(eta=real_leaf(eta)), bool(denoise))
+    model, ts, default = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
+    denoise = default if denoise is None else denoise
+    # (no measurement: y = None, which the prior's steps never read)
+    return _run(model, ts, x1, key, None, base, None, _NO_OP, _PRIOR_NOISE, _leaf(0.0), dict(eta=_leaf(eta)),
+                bool(denoise))
 
 
 @jax.tree_util.register_dataclass
@@ -381,6 +409,18 @@ class _NoOp(Operator):
 
     def pinv(self, y):
         raise NotImplementedError
+
+
+_NO_OP = _NoOp()
+_PRIOR_NOISE = GaussianNoise(1.0)  # (a Python float: static, like the compiled program it selects)
+
+
+def _leaf(value):
+    """:func:`real_leaf`, with a Python number as a kept 0-d array (:func:`genflow._memo.kept_scalar`,
+    the same value): for the hyper-parameters handed to :func:`_run` only, never returned."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _memo.kept_scalar(value)
+    return real_leaf(value)
 
 
 def posterior_sample(
@@ -438,6 +478,8 @@ def posterior_sample(
         from that start (a 2-D toy MLP: samples of 1e4-1e7 from t ~ 0.99, sensible from 0.95):
         the conversion to x0 divides the network's own error by ``alpha`` (~1/100 there); pass a
         smaller ``t_start`` (e.g. 0.95) if its samples diverge. ``tmpd`` held up in the same test.
+        The grid is built on the host and kept for repeat calls with equal arguments, as
+        :func:`genflow.sample`'s (a loop over batches pays for it once).
       key: PRNG key (all methods inject noise).
       weight: measurement weight; 0 gives the prior sampler exactly.
       base: the underlying prior update, ``"ddim"`` or ``"flow"`` (default per method:
@@ -468,33 +510,23 @@ def posterior_sample(
         raise ValueError(f"eta applies to the 'ddim' base only; method {method!r} runs base='flow' here")
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be a genflow.inverse.Operator; got {type(operator).__name__}")
-    if method in _GAUSSIAN_LIKELIHOOD and t_start is None and prediction in ("eps", "score") and _derived_grid(schedule):
-        # An eps/score model holds Cov[x0 | x_t] in the deviation of its Jacobian from I / sigma,
-        # of relative size ~SNR: below SNR 1e-4 float32 cancellation swamps it (on the oracle,
-        # tmpd's motion blur from alpha = 5e-4 went astray as cg_iters grew; pigdm, which also
-        # back-propagates through x0 = (x - sigma eps) / alpha, with a bfloat16 eps model gave
-        # posterior variances 8-18x too large). Start where SNR = 1e-4.
-        with jax.ensure_compile_time_eval():
-            low = float(path.log_snr(1.0)) < _MIN_LOG_SNR
-            if low:
-                t_start = float(path.t_from_log_snr(_MIN_LOG_SNR))
-    model, ts = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
+    model, ts, default = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key,
+                                  snr_start=method in _GAUSSIAN_LIKELIHOOD)
     if y.shape[0] != x1.shape[0]:
         raise ValueError(f"y and x1 need the same batch size; got y.shape={y.shape}, x1.shape={x1.shape}")
-    expected = jax.eval_shape(operator.forward, x1)
-    if y.shape != expected.shape:
-        raise ValueError(f"y.shape={y.shape} does not match operator.forward(x) of shape {expected.shape}")
+    # (y against operator.forward(x1)'s shape: checked by _run when traced, once per shapes)
     _check_weight_scale(weight, hparams)
-    hp = _hyperparameters(method, DEFAULTS[method], hparams)
+    hp = _hyperparameters(method, DEFAULTS[method], hparams, _leaf)
     check_denoise(denoise)
-    denoise = default_denoise(path, ts, t_end) if denoise is None else denoise
-    noise = _noise_model(method, noise)
+    denoise = default if denoise is None else denoise
+    noise = _noise_model(method, noise, _leaf)
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
-                real_leaf(weight), hp, bool(denoise), (type(operator), type(noise)))
+                _leaf(weight), hp, bool(denoise), (type(operator), type(noise)))
 
 
-def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
-    """``defaults`` updated by ``hparams`` (checked): traced values (:func:`real_leaf`), static loop counts."""
+def _hyperparameters(method: str, defaults: dict, hparams: dict, leaf: Callable = real_leaf) -> dict:
+    """``defaults`` updated by ``hparams`` (checked): traced values (``leaf``: :func:`real_leaf`),
+    static loop counts."""
     unknown = set(hparams) - set(defaults)
     if unknown:
         raise ValueError(f"method {method!r} takes hyper-parameters {sorted(defaults)}; got {sorted(unknown)}")
@@ -512,7 +544,7 @@ def _hyperparameters(method: str, defaults: dict, hparams: dict) -> dict:
         raise ValueError(f"method {method!r}: scale must be >= 0; got {hp['scale']!r}")
     if "data_var" in hp:  # (traced values, e.g. under the caller's jit or vmap, pass)
         check_positive_real("data_var", hp["data_var"])
-    hp = {k: real_leaf(v) for k, v in hp.items()}  # (float32 capped float64 tmpd / pigdm at ~1e-8)
+    hp = {k: leaf(v) for k, v in hp.items()}  # (float32 capped float64 tmpd / pigdm at ~1e-8)
     hp.update({k: int(v) for k, v in static.items()})  # static loop counts (a new value compiles anew)
     return hp
 
@@ -525,8 +557,9 @@ def _check_scalar_real(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite real scalar (one value for the whole batch); got {value!r}")
 
 
-def _noise_model(method: str, noise):
-    """The measurement noise model (default ``GaussianNoise(0)``), with a traced Gaussian level."""
+def _noise_model(method: str, noise, leaf: Callable = real_leaf):
+    """The measurement noise model (default ``GaussianNoise(0)``), with a traced level (``leaf``:
+    :func:`real_leaf`)."""
     noise = GaussianNoise(0.0) if noise is None else noise
     if method in _GAUSSIAN_LIKELIHOOD and not isinstance(noise, GaussianNoise):
         raise ValueError(f"method {method!r} uses a Gaussian measurement likelihood: noise must be a "
@@ -541,9 +574,9 @@ def _noise_model(method: str, noise):
     # a traced level: sweeping sigma_y / the rate does not recompile (the models check their own
     # concrete levels when built: a negative rate made flowdps climb the misfit, 0 gave NaN)
     if isinstance(noise, GaussianNoise):
-        noise = GaussianNoise(real_leaf(noise.sigma))
+        noise = GaussianNoise(leaf(noise.sigma))
     elif isinstance(noise, PoissonNoise):
-        noise = PoissonNoise(real_leaf(noise.rate))
+        noise = PoissonNoise(leaf(noise.rate))
     return noise
 
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import logging
-import threading
-import types
 from typing import Any, Callable
 
 import equinox as eqx
@@ -15,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow import param
+from genflow import _memo, param
 from genflow.param import as_pytree_fn  # (defined there: the model wrappers of gf.param use it too)
 from genflow._checks import check_denoise, check_finite_rows, check_int, check_key, concrete_real, is_int
 from genflow.paths import Path, check_path
@@ -468,37 +465,14 @@ def _check_run_output(spec, out, x, ts, save_trajectory: bool) -> None:
                          f"{getattr(traj, 'shape', traj)!r}")
 
 
-# 0-d arrays of recent float hyper-parameters, for the paths handed to the compiled sampler: equinox
-# flattens a path three times per gf.sample call, and each flatten made a new array per float
-# (~0.04 ms each, ~0.13 ms of a ~0.25 ms call's Python). Only this module's calls see them (never a
-# user's path: shared arrays there could not be donated twice in one call), and the compiled
-# sampler does not donate them.
-_LEAVES: dict = {}
-_LEAVES_SIZE = 256
-
-
 def _run_path(path: Path) -> Path:
-    """``path`` with its Python / NumPy float hyper-parameters as kept 0-d arrays (as its own
-    flatten would make them: weakly typed, in the x64 mode of the moment, on the default device)."""
+    """``path`` with its Python / NumPy float hyper-parameters as kept 0-d arrays
+    (:func:`genflow._memo.kept_scalar`: as its own flatten would make them, weakly typed, in the x64
+    mode of the moment, on the default device)."""
     if not any(isinstance(v, (float, np.floating)) for v in path.params.values()):
         return path
-    params = {}
-    for k, v in path.params.items():
-        if isinstance(v, (float, np.floating)):
-            # keyed by exact bits (0.0 == -0.0 and 1.0 == np.float32(1.0) must not share a leaf)
-            key = (float(v).hex(), bool(jax.config.jax_enable_x64), str(jax.config.jax_default_device))
-            leaf = _LEAVES.get(key)
-            if leaf is None or leaf.is_deleted():
-                leaf = jnp.asarray(float(v))
-                if isinstance(leaf, jax.core.Tracer):  # (made under a trace: never kept)
-                    params[k] = leaf
-                    continue
-                if len(_LEAVES) >= _LEAVES_SIZE:
-                    _LEAVES.clear()
-                _LEAVES[key] = leaf
-            v = leaf
-        params[k] = v
-    return dataclasses.replace(path, params=params)
+    return dataclasses.replace(path, params={k: _memo.kept_scalar(v) if isinstance(v, (float, np.floating)) else v
+                                             for k, v in path.params.items()})
 
 
 def _under_transformation() -> bool:
@@ -538,116 +512,24 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
     return ts, ts_run, grid_options
 
 
-# Prepared grids of recent gf.sample calls, keyed by everything they depend on: building one runs
-# ~20 small eager JAX operations and several host reads (0.6 ms a call on a CPU, several ms on a
-# GPU, where each read waits for the device), which a loop sampling batch after batch repeated.
-_PREPARED: collections.OrderedDict = collections.OrderedDict()
-_PREPARED_SIZE = 64
-_PREPARED_LOCK = threading.Lock()
-
-
-def _value_key(value):
-    """A hashable key of a scalar or concrete array's value and type, or None (a traced value, an
-    object array, an unhashable value). Arrays are keyed by their dtype object (``dtype.str`` is
-    ``'<V1'`` for most ml_dtypes), shape and bytes; a concrete JAX array keeps its host copy after
-    the first read. Scalars by type and value (``12 == 12.0 == True`` must not share a key: the
-    checks that refuse ``12.0`` and ``True`` run only when preparing)."""
-    if isinstance(value, jax.core.Tracer):
-        return None
-    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-        try:
-            a = np.asarray(value)
-        except (TypeError, ValueError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            return None
-        return None if a.dtype == object else ("array", a.dtype, a.shape, a.tobytes())
-    if isinstance(value, (list, tuple)):
-        keys = tuple(_value_key(v) for v in value)
-        return None if any(k is None for k in keys) else (type(value), keys)
-    try:
-        hash(value)
-    except TypeError:
-        return None
-    return type(value), value
-
-
-def _holds_state(fn, depth: int = 0) -> bool:
-    """Whether a path function carries data of its own (a closure's cells, default arguments, a
-    partial's arguments): a memo key holding it would keep that data alive (e.g. a learned
-    schedule's network parameters), so such paths are not memoised."""
-    if fn is None:
-        return False
-    if isinstance(fn, functools.partial) or getattr(fn, "__defaults__", None) or getattr(fn, "__kwdefaults__", None):
-        return True
-    # a closure over plain functions that hold nothing themselves (the built-in ve / edm paths'
-    # log_snr wraps their sigma function) holds no data: those paths were prepared afresh on every
-    # call, ~1 ms of Python per gf.sample call
-    return any(not isinstance(v, types.FunctionType) or depth >= 3 or _holds_state(v, depth + 1)
-               for v in (c.cell_contents for c in (getattr(fn, "__closure__", None) or ())))
-
-
-def _path_key(path: Path):
-    """A hashable key of ``path``'s value (its functions and parameters), or None when a parameter
-    is traced or unhashable or a function carries data of its own."""
-    values = []
-    for name, value in sorted(path.params.items()):
-        k = _value_key(value)
-        if k is None:
-            return None
-        values.append((name, k))
-    static = tuple(getattr(path, f.name) for f in dataclasses.fields(path) if f.name != "params")
-    if any(callable(v) and _holds_state(v) for v in static):
-        return None
-    return type(path), static, tuple(values)
-
-
-def _schedule_key(schedule):
-    """A hashable key of a named schedule or of an explicit grid's values (an optimized schedule
-    passed batch after batch); None for a callable or a traced grid."""
-    if isinstance(schedule, str):
-        return schedule
-    if isinstance(schedule, jax.core.Tracer) or callable(schedule) and not hasattr(schedule, "shape"):
-        return None
-    if not hasattr(schedule, "shape"):  # (a list of times)
-        try:
-            schedule = np.asarray(schedule)
-        except (TypeError, ValueError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            return None
-    return _value_key(schedule)
+# Prepared grids of recent gf.sample calls (genflow._memo: the memo and its key rules, shared with
+# gf.inverse's samplers), keyed by everything they depend on.
+_PREPARED = _memo.PREPARED
+_PREPARED_SIZE = _memo.PREPARED_SIZE
+_value_key, _path_key, _schedule_key = _memo.value_key, _memo.path_key, _memo.schedule_key
 
 
 def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad):
-    """:func:`_prepare_uncached`, memoised for named schedules and explicit grids with hashable
-    arguments (traced option values or grids and callable schedules are prepared afresh, and
-    nothing that holds a trace's arrays is kept). A kept entry whose arrays were deleted (e.g. a
-    donated ``info.ts``) is prepared again."""
-    key = None
-    parts = [_path_key(path), _schedule_key(schedule), _value_key(steps), _value_key(t_start), _value_key(t_end),
-             tuple((k, _value_key(v)) for k, v in sorted(solver_options.items()))]
-    if all(p is not None for p in parts[:5]) and all(k is not None for _, k in parts[5]):
-        key = (*parts, spec, kinds, bool(pad), np.dtype(jnp.result_type(float)).str,
-               str(jax.config.jax_default_device))
-        try:
-            hash(key)
-        except TypeError:
-            key = None
-    if key is not None:
-        with _PREPARED_LOCK:
-            out = _PREPARED.get(key)
-            if out is not None and not any(getattr(leaf, "is_deleted", lambda: False)()
-                                           for leaf in jax.tree_util.tree_leaves(out)):
-                _PREPARED.move_to_end(key)
-                return out
-    # (concrete arguments are evaluated now even under a user's jit, which then gets the grid as
-    # constants: a named schedule's grid is built from host reads of the path)
-    with jax.ensure_compile_time_eval():
-        out = _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad)
-    if key is not None and not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(out)):
-        with _PREPARED_LOCK:
-            _PREPARED[key] = out
-            _PREPARED.move_to_end(key)
-            if len(_PREPARED) > _PREPARED_SIZE:
-                _PREPARED.popitem(last=False)
-    return out
+    """:func:`_prepare_uncached`, memoised (:func:`genflow._memo.memoised`) for named schedules and
+    explicit grids with hashable arguments (traced option values or grids and callable schedules
+    are prepared afresh, and nothing that holds a trace's arrays is kept). A kept entry whose
+    arrays were deleted (e.g. a donated ``info.ts``) is prepared again."""
+    options = tuple((k, _value_key(v)) for k, v in sorted(solver_options.items()))
+    parts = (_path_key(path), _schedule_key(schedule), _value_key(steps), _value_key(t_start), _value_key(t_end),
+             options if all(k is not None for _, k in options) else None)
+    return _memo.memoised("gf.sample", parts, (spec, kinds, bool(pad)),
+                          lambda: _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds,
+                                                    solver_options, pad))
 
 
 class _Dynamic:

@@ -1,0 +1,159 @@
+"""The samplers' memo of host-side preparations (time grids and what they determine), shared by
+``gf.sample`` and ``gf.inverse``'s samplers, and the kept 0-d arrays of Python float
+hyper-parameters handed to their compiled programs.
+
+Building a grid runs ~20 small eager JAX operations and several host reads (0.6 ms a call on a
+CPU, several ms on a GPU, where each read waits for the device), which a loop sampling batch after
+batch repeated. :func:`memoised` keeps the result under a key of everything it depends on.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import threading
+import types
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Prepared grids of recent sampler calls (gf.sample's and gf.inverse's, told apart by a tag in the key)
+PREPARED: collections.OrderedDict = collections.OrderedDict()
+PREPARED_SIZE = 64
+PREPARED_LOCK = threading.Lock()
+
+
+def value_key(value):
+    """A hashable key of a scalar or concrete array's value and type, or None (a traced value, an
+    object array, an unhashable value). Arrays are keyed by their dtype object (``dtype.str`` is
+    ``'<V1'`` for most ml_dtypes), shape and bytes; a concrete JAX array keeps its host copy after
+    the first read. Scalars by type and value (``12 == 12.0 == True`` must not share a key: the
+    checks that refuse ``12.0`` and ``True`` run only when preparing)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        try:
+            a = np.asarray(value)
+        except (TypeError, ValueError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return None
+        return None if a.dtype == object else ("array", a.dtype, a.shape, a.tobytes())
+    if isinstance(value, (list, tuple)):
+        keys = tuple(value_key(v) for v in value)
+        return None if any(k is None for k in keys) else (type(value), keys)
+    try:
+        hash(value)
+    except TypeError:
+        return None
+    return type(value), value
+
+
+def holds_state(fn, depth: int = 0) -> bool:
+    """Whether a path function carries data of its own (a closure's cells, default arguments, a
+    partial's arguments): a memo key holding it would keep that data alive (e.g. a learned
+    schedule's network parameters), so such paths are not memoised."""
+    if fn is None:
+        return False
+    if isinstance(fn, functools.partial) or getattr(fn, "__defaults__", None) or getattr(fn, "__kwdefaults__", None):
+        return True
+    # a closure over plain functions that hold nothing themselves (the built-in ve / edm paths'
+    # log_snr wraps their sigma function) holds no data: those paths were prepared afresh on every
+    # call, ~1 ms of Python per gf.sample call
+    return any(not isinstance(v, types.FunctionType) or depth >= 3 or holds_state(v, depth + 1)
+               for v in (c.cell_contents for c in (getattr(fn, "__closure__", None) or ())))
+
+
+def path_key(path):
+    """A hashable key of ``path``'s value (its functions and parameters), or None when a parameter
+    is traced or unhashable or a function carries data of its own."""
+    values = []
+    for name, value in sorted(path.params.items()):
+        k = value_key(value)
+        if k is None:
+            return None
+        values.append((name, k))
+    static = tuple(getattr(path, f.name) for f in dataclasses.fields(path) if f.name != "params")
+    if any(callable(v) and holds_state(v) for v in static):
+        return None
+    return type(path), static, tuple(values)
+
+
+def schedule_key(schedule):
+    """A hashable key of a named schedule or of an explicit grid's values (an optimized schedule
+    passed batch after batch); None for a callable or a traced grid."""
+    if isinstance(schedule, str):
+        return schedule
+    if isinstance(schedule, jax.core.Tracer) or callable(schedule) and not hasattr(schedule, "shape"):
+        return None
+    if not hasattr(schedule, "shape"):  # (a list of times)
+        try:
+            schedule = np.asarray(schedule)
+        except (TypeError, ValueError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return None
+    return value_key(schedule)
+
+
+def _deleted(out) -> bool:
+    return any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree_util.tree_leaves(out))
+
+
+def memoised(tag: str, parts: Sequence, extra: tuple, build: Callable[[], Any]):
+    """``build()``, kept in :data:`PREPARED` (least recently used out past :data:`PREPARED_SIZE`).
+
+    The key is ``tag`` (whose memo), ``parts`` (keys of the arguments ``build`` depends on, from
+    :func:`path_key` / :func:`schedule_key` / :func:`value_key`: one that is None, a traced or
+    unkeyable argument, means built afresh and not kept), ``extra`` (hashable values that need no
+    keying) and the default float dtype and device of the moment. Every argument that a check in
+    ``build`` depends on must be in the key: a hit skips the checks. ``build`` runs under
+    ``jax.ensure_compile_time_eval`` (concrete arguments are evaluated now even under a user's jit,
+    which then gets the result as constants); a result holding a tracer is never kept, and a kept
+    one whose arrays were deleted (e.g. a donated ``info.ts``) is built again."""
+    key = None
+    if all(p is not None for p in parts):
+        key = (tag, *parts, *extra, np.dtype(jnp.result_type(float)).str, str(jax.config.jax_default_device))
+        try:
+            hash(key)
+        except TypeError:
+            key = None
+    if key is not None:
+        with PREPARED_LOCK:
+            out = PREPARED.get(key)
+            if out is not None and not _deleted(out):
+                PREPARED.move_to_end(key)
+                return out
+    with jax.ensure_compile_time_eval():
+        out = build()
+    if key is not None and not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(out)):
+        with PREPARED_LOCK:
+            PREPARED[key] = out
+            PREPARED.move_to_end(key)
+            if len(PREPARED) > PREPARED_SIZE:
+                PREPARED.popitem(last=False)
+    return out
+
+
+# 0-d arrays of recent float hyper-parameters, for the paths and options handed to the compiled
+# samplers: equinox flattens a path three times per gf.sample call, and each flatten made a new
+# array per float (~0.04 ms each, ~0.13 ms of a ~0.25 ms call's Python). Only the samplers' own
+# calls see them (never a user's path or a returned model: shared arrays there could not be donated
+# twice in one call), and the compiled samplers do not donate them.
+_LEAVES: dict = {}
+_LEAVES_SIZE = 256
+
+
+def kept_scalar(value: float):
+    """``jnp.asarray(float(value))`` (weakly typed, in the x64 mode of the moment, on the default
+    device), kept for the next call with the same value (keyed by the exact bits of ``float(value)``:
+    ``0.0 == -0.0`` must not share a leaf). Made under a trace, it is a tracer: never kept."""
+    key = (float(value).hex(), bool(jax.config.jax_enable_x64), str(jax.config.jax_default_device))
+    leaf = _LEAVES.get(key)
+    if leaf is None or leaf.is_deleted():
+        leaf = jnp.asarray(float(value))
+        if isinstance(leaf, jax.core.Tracer):
+            return leaf
+        if len(_LEAVES) >= _LEAVES_SIZE:
+            _LEAVES.clear()
+        _LEAVES[key] = leaf
+    return leaf
