@@ -33,11 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import dis
 import math
+import types
+import weakref
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow._checks import concrete_real
 from genflow.paths import Path, _as_float, broadcast_t, check_path, check_t
@@ -48,7 +52,7 @@ ModelFn = Callable[[Array, Array], Array]
 KINDS = ("eps", "x0", "v", "score", "velocity")
 
 __all__ = ["KINDS", "check_kind", "to_x0_eps", "from_x0_eps", "convert", "convert_fn", "ConvertedFn", "eps_scale",
-           "check_model_output", "from_sigma_denoiser", "SigmaDenoiser"]
+           "check_model_output", "from_sigma_denoiser", "SigmaDenoiser", "as_pytree_fn", "ClosureFn", "BoundFn"]
 
 
 def check_kind(kind: str, argname: str = "prediction") -> str:
@@ -208,13 +212,178 @@ def convert(pred: Array, x: Array, t, path: Path, src: str, dst: str) -> Array:
     return _from_x0_eps(x0, eps, x, t, path, dst).astype(out)
 
 
-def as_pytree_fn(fn: Callable) -> Callable:
-    """Turn a ``functools.partial`` into a :class:`jax.tree_util.Partial` so that the arrays it
-    binds (parameters, labels) are traced by jit instead of hashed: calling a sampler with new
-    parameters then reuses the compiled program."""
-    if isinstance(fn, functools.partial) and not isinstance(fn, jax.tree_util.Partial):
-        return jax.tree_util.Partial(as_pytree_fn(fn.func), *fn.args, **fn.keywords)
+def as_pytree_fn(fn: Callable, _depth: int = 0) -> Callable:
+    """``fn`` as a pytree whose array leaves are the arrays it uses, so that jit traces them
+    instead of hashing the function: calling a sampler with new parameters then reuses the
+    compiled program, and a compiled program neither bakes them in as constants nor keeps them
+    alive after the caller drops them.
+
+    A ``functools.partial`` becomes a :class:`jax.tree_util.Partial` (a :class:`BoundFn` when its
+    function is lifted in turn, as below): new bound arrays share one compiled program. A plain
+    Python function (a lambda, a nested ``def``) that uses JAX arrays through its closure cells,
+    default arguments or module globals -- ``lambda x, t: net.apply(params, x, t)`` -- becomes a
+    :class:`ClosureFn` that reads them at call time; its program is keyed by the function object,
+    as ``jax.jit`` keys one (a new lambda compiles anew), and holds no copy of the arrays. Other
+    callables (pytrees, modules, jitted functions) are returned as they are."""
+    if isinstance(fn, functools.partial):
+        inner = as_pytree_fn(fn.func, _depth + 1)
+        if inner is not fn.func:  # (a function lifted in turn: a Partial would hide its arrays in its static func)
+            return BoundFn(inner, fn.args, fn.keywords)
+        return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn.func, *fn.args, **fn.keywords)
+    if isinstance(fn, types.FunctionType) and _depth < 4:
+        lifted = ClosureFn.lift(fn, _depth)
+        if lifted is not None:
+            return lifted
     return fn
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BoundFn:
+    """``functools.partial(func, *args, **keywords)`` as a pytree whose ``func`` is a pytree too (a
+    :class:`ClosureFn`), unlike :class:`jax.tree_util.Partial`, whose function is static."""
+
+    func: Callable
+    args: tuple
+    keywords: dict
+
+    def __call__(self, *args, **kwargs):
+        return self.func(*self.args, *args, **{**self.keywords, **kwargs})
+
+
+class _WeakSame:
+    """The static part of a :class:`ClosureFn`: its original function, held weakly (a compile
+    cache that keys a program by it does not keep it, nor what it closes over, alive) and equal
+    only to itself while it lives."""
+
+    __slots__ = ("ref", "hash", "__weakref__")
+
+    def __init__(self, fn):
+        self.ref, self.hash = weakref.ref(fn), id(fn)
+
+    def __eq__(self, other):
+        if type(other) is not _WeakSame:
+            return False
+        fn = self.ref()
+        return fn is not None and fn is other.ref()
+
+    def __hash__(self):
+        return self.hash
+
+
+def _liftable(value) -> bool:
+    """Whether ``value`` is a JAX array or a pytree holding one, with hashable other leaves (they
+    become static parts of the pytree: an unhashable one, e.g. a plain dataclass, is left in the
+    function, as before)."""
+    leaves = jax.tree_util.tree_leaves(value)
+    if not any(isinstance(leaf, jax.Array) for leaf in leaves):
+        return False
+    try:
+        hash(tuple(leaf for leaf in leaves if not isinstance(leaf, (jax.Array, np.ndarray, np.generic))))
+    except TypeError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _global_names(code: types.CodeType) -> tuple:
+    """The global names that ``code`` loads (``co_names`` also holds attribute names)."""
+    return tuple(dict.fromkeys(i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"))
+
+
+@jax.tree_util.register_pytree_node_class
+class ClosureFn:
+    """A Python function with the JAX arrays it uses as pytree leaves (:func:`as_pytree_fn`).
+
+    Its closure cells, default arguments and the module globals it loads that hold JAX arrays
+    (arrays, or pytrees of them: parameter dicts, a train state, an equinox module) are the
+    children, traced by jit and read when the function is rebuilt at call time; cells and defaults
+    that are plain functions or partials using arrays are lifted in turn (to depth 4). The static
+    part is the original function itself, held weakly and compared by identity, as ``jax.jit``
+    keys a function: the same function object reuses its compiled program (whose arrays are now
+    its arguments: new values are seen, e.g. parameters rebound after training), a new one is
+    compiled anew (pass :func:`genflow.nets.model_fn` / a partial to share one program between
+    parameter sets). A program compiled for a function neither holds its arrays as constants nor
+    keeps them alive once the caller drops the function (as a static argument of genflow's
+    long-lived compiled samplers, a lambda and the arrays it closed over, plus a constant copy
+    of them, stayed alive for the rest of the session).
+
+    Writes to the function's ``nonlocal`` cells or to its lifted globals are not seen outside (the
+    rebuilt function has its own); a model function has none."""
+
+    __slots__ = ("spec", "children", "fn")
+
+    def __init__(self, spec, children, fn=None):
+        # (the instance holds its function; the spec, the part a compile cache keys by, does not)
+        self.spec, self.children = spec, tuple(children)
+        self.fn = spec[0].ref() if fn is None else fn
+
+    @classmethod
+    def lift(cls, fn: types.FunctionType, depth: int = 0):
+        """``ClosureFn`` of ``fn``, or None if ``fn`` uses no JAX array through its closure,
+        defaults or globals (directly or through the functions and partials these hold)."""
+        children = []
+
+        def part(value) -> bool:
+            if _liftable(value):
+                children.append(value)
+                return True
+            if isinstance(value, (types.FunctionType, functools.partial)):
+                inner = as_pytree_fn(value, depth + 1)
+                if isinstance(inner, (ClosureFn, BoundFn)) or inner is not value and _liftable(inner):
+                    children.append(inner)
+                    return True
+            return False
+
+        cells = []
+        for c in fn.__closure__ or ():
+            try:
+                content = c.cell_contents
+            except ValueError:  # (an empty cell)
+                cells.append(False)
+            else:
+                cells.append(part(content))
+        defaults = tuple(part(v) for v in fn.__defaults__ or ())
+        kwdefaults = tuple(k for k, v in sorted((fn.__kwdefaults__ or {}).items()) if part(v))
+        g = fn.__globals__
+        names = tuple(n for n in _global_names(fn.__code__) if n in g and g[n] is not fn and part(g[n]))
+        if not children:
+            return None
+        return cls((_WeakSame(fn), tuple(cells), defaults, kwdefaults, names), children, fn)
+
+    def tree_flatten(self):
+        return self.children, self.spec
+
+    @classmethod
+    def tree_unflatten(cls, spec, children):
+        return cls(spec, children)
+
+    def function(self) -> types.FunctionType:
+        """The function rebuilt with the current children (the original's other cells, defaults
+        and globals as they are)."""
+        _, cells, defaults, kwdefaults, names = self.spec
+        fn = self.fn
+        if fn is None:  # (unflattened from a tree structure whose ClosureFns were all dropped)
+            raise ReferenceError("the function of this ClosureFn no longer exists (its tree structure outlived it)")
+        it = iter(self.children)
+        closure = tuple(types.CellType(next(it)) if lifted else c for lifted, c in zip(cells, fn.__closure__ or ()))
+        new_defaults = tuple(next(it) if lifted else v for lifted, v in zip(defaults, fn.__defaults__ or ()))
+        kw = dict(fn.__kwdefaults__ or {})
+        kw.update({k: next(it) for k in kwdefaults})
+        glb = fn.__globals__
+        if names:
+            glb = dict(glb)
+            glb.update({n: next(it) for n in names})
+        out = types.FunctionType(fn.__code__, glb, fn.__name__, new_defaults or None, closure or None)
+        out.__kwdefaults__, out.__qualname__, out.__module__ = kw or None, fn.__qualname__, fn.__module__
+        return out
+
+    def __call__(self, *args, **kwargs):
+        return self.function()(*args, **kwargs)
+
+    def __repr__(self):
+        name = getattr(self.fn, "__qualname__", "<dead>")
+        return f"ClosureFn({name}, {len(jax.tree_util.tree_leaves(self.children))} traced leaves)"
 
 
 def convert_fn(fn: ModelFn, path: Path, src: str, dst: str) -> ModelFn:

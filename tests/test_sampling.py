@@ -1,6 +1,9 @@
 """Samplers against the Gaussian oracle (closed-form probability-flow map)."""
 
+import dataclasses
 import functools
+import gc
+import weakref
 import re
 
 import jax
@@ -484,6 +487,104 @@ def test_as_pytree_fn_turns_partials_into_traced_pytrees():
     plain = lambda x, t: x  # noqa: E731
     assert gf.sampling.as_pytree_fn(plain) is plain
     assert gf.sampling.as_pytree_fn(p) is p
+
+
+_GLOBAL_W = jnp.eye(2)
+_GLOBAL_SCALE = 1.0
+
+
+def _global_model(x, t):
+    return x @ _GLOBAL_W * _GLOBAL_SCALE
+
+
+def _euler(x, w, steps=4):  # the exact euler samples of the velocity x @ w on the linear path
+    for _ in range(steps):
+        x = x - (x @ w) / steps
+    return x
+
+
+def test_closures_over_arrays_are_traced_not_compiled_in():
+    """A plain function that uses JAX arrays through its closure, defaults or module globals
+    (``lambda x, t: net.apply(params, x, t)``) was a static argument of gf.sample's long-lived
+    compiled sampler: the lambda, its arrays and a constant copy of them stayed alive after the
+    caller dropped them (5 of 5 parameter sets here), and a global array rebound after the first
+    call was not seen by the next. Now its arrays are the program's arguments: freed with the
+    lambda, and read at every call; the same function object still compiles once."""
+    path = gf.paths.linear()
+    x1 = jax.random.normal(jax.random.key(0), (8, 2))
+
+    def make(w, hp):
+        return lambda x, t: x @ w * hp["scale"]
+
+    ws = [jnp.eye(2) * (0.1 * i) + jnp.float32(0.01) * i for i in range(5)]
+    refs = [weakref.ref(w) for w in ws]
+    hp = {"scale": 1.0}
+    for i, w in enumerate(ws):
+        hp["scale"] = 1.0 + i  # (a mutable cell mutated between calls: each new lambda sees it)
+        y, _ = gf.sample(make(w, hp), path, x1, prediction="velocity", solver="euler", steps=4)
+        np.testing.assert_allclose(y, _euler(x1, w * (1.0 + i)), rtol=1e-6, atol=1e-6)
+    del w, ws, y
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0  # (all 5 were alive before)
+
+    global _GLOBAL_W, _GLOBAL_SCALE
+    y0, _ = gf.sample(_global_model, path, x1, prediction="velocity", solver="euler", steps=4)
+    old = _GLOBAL_W, _GLOBAL_SCALE
+    try:
+        _GLOBAL_W = 0.5 * jnp.eye(2)
+        out = {}
+        assert count_compiles(lambda: out.update(y1=gf.sample(_global_model, path, x1, prediction="velocity",
+                                                               solver="euler", steps=4)[0])) == 0
+        _GLOBAL_SCALE = 2.0  # (a Python global: read when traced, as by jax.jit; a new function sees it)
+        y2, _ = gf.sample(lambda x, t: _global_model(x, t), path, x1, prediction="velocity", solver="euler", steps=4)
+    finally:
+        _GLOBAL_W, _GLOBAL_SCALE = old
+    np.testing.assert_allclose(y0, _euler(x1, jnp.eye(2)), rtol=1e-6)
+    np.testing.assert_allclose(out["y1"], _euler(x1, 0.5 * jnp.eye(2)), rtol=1e-6)  # (was y0: a constant)
+    np.testing.assert_allclose(y2, _euler(x1, jnp.eye(2)), rtol=1e-6)  # (its lambda holds no array itself)
+
+
+def test_closure_fn_rebuilds_cells_defaults_and_nested_functions():
+    """ClosureFn's rebuilt function is the original: cells (an empty one too), positional and
+    keyword defaults, a nested closure lifted in turn, a pytree with an unhashable leaf left in
+    place; a function that uses no JAX array is returned as is; one function object gives one
+    tree structure (one compiled program), another function another."""
+    w, b = jnp.array([1.0, 2.0]), jnp.array([0.5, -0.5])
+
+    @dataclasses.dataclass
+    class Config:  # (unhashable: eq without frozen)
+        width: int = 3
+
+    def outer(w, b, scale):
+        inner = lambda x: x * w  # noqa: E731
+        bundle = {"offset": b, "config": Config()}
+
+        def f(x, t, c=b, *, k=scale):
+            return inner(x) + c * k + later * 0.0 + t[:, None] + bundle["offset"] * bundle["config"].width
+        later = 1.0
+        return f
+
+    f = outer(w, b, 3.0)
+    g = gf.sampling.as_pytree_fn(f)
+    assert isinstance(g, gf.param.ClosureFn)
+    leaves = jax.tree_util.tree_leaves(g)
+    assert any(leaf is b for leaf in leaves) and any(leaf is w for leaf in leaves)  # (w via the nested lambda)
+    x, t = jnp.ones((3, 2)), jnp.full((3,), 0.25)
+    np.testing.assert_array_equal(g(x, t), f(x, t))
+    assert jax.tree_util.tree_structure(gf.sampling.as_pytree_fn(f)) == jax.tree_util.tree_structure(g)
+    f2 = outer(2 * w, b, 3.0)
+    assert jax.tree_util.tree_structure(gf.sampling.as_pytree_fn(f2)) != jax.tree_util.tree_structure(g)
+    np.testing.assert_array_equal(jax.jit(lambda h: h(x, t))(gf.sampling.as_pytree_fn(f2)), f2(x, t))
+
+    def uses_nothing(x, t, scale=2.0):
+        return scale * x
+
+    assert gf.sampling.as_pytree_fn(uses_nothing) is uses_nothing
+
+    def fact(n):  # (recursive: its cell holds itself)
+        return 1 if n <= 1 else n * fact(n - 1)
+
+    assert gf.sampling.as_pytree_fn(fact) is fact
 
 
 def test_registered_run_gets_the_grid_as_is(gauss2):
@@ -990,3 +1091,15 @@ def test_edm_and_ve_grids_are_memoised_but_data_closures_are_not(gauss2):
     _core._PREPARED.clear()
     gf.sample(gauss2.model(held, "x0"), held, x1, prediction="x0", solver="dpm++2m", steps=8, t_end=1e-3)
     assert len(_core._PREPARED) == 0
+
+
+def test_a_closure_fn_keeps_its_function_while_it_lives():
+    """A guidance wrapper built around inline lambdas holds their ClosureFns, which must keep the
+    lambdas (the cache key holds them weakly): the samplers notebook failed with 'the function
+    of this ClosureFn no longer exists' once the lambdas passed to cfg were collected."""
+    w = jnp.array([0.5, 2.0])
+    guided = gf.guidance.cfg(lambda x, t: x * w, lambda x, t: 0.0 * x * w, 2.0)
+    gc.collect()
+    x, t = jnp.ones((3, 2)), jnp.full((3,), 0.5)
+    np.testing.assert_allclose(guided(x, t), 2.0 * x * w, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda g: g(x, t))(guided), 2.0 * x * w, rtol=1e-6)

@@ -184,12 +184,13 @@ def ode_log_prob(
     ``log_prior(x_t1) + delta_t1``.
 
     Args:
-      velocity: ``v(x: [B, ...], t: [B]) -> [B, ...]``, acting on each sample independently. Pass a
-        pytree callable (:class:`jax.tree_util.Partial`, a registered dataclass) so that new
-        parameters do not recompile. A plain function or other non-pytree callable is a static
-        argument, kept by identity, as ``jax.jit`` keeps a function: the arrays it closes over
-        are constants of the compiled program, and rebinding them (new parameters after
-        training) is not seen by later calls.
+      velocity: ``v(x: [B, ...], t: [B]) -> [B, ...]``, acting on each sample independently: a
+        pytree callable (:class:`jax.tree_util.Partial`, a registered dataclass), a
+        ``functools.partial`` or a plain function. The arrays a function uses through its closure,
+        defaults or module globals are traced, read at every call (:func:`genflow.param.as_pytree_fn`):
+        new parameters reuse the compiled solve, and every adjoint differentiates with respect to
+        them. Other callables are static arguments, kept by identity: the arrays they hold are
+        constants of the compiled program.
       x: ``[B, ...]`` points at time ``t0``. The solve runs in ``x.dtype`` (at least float32).
       log_prior: ``log p_t1(z: [B, ...]) -> [B]``.
       t0, t1: integration interval, from ``t0`` to ``t1`` (usually ``t0 < t1``; either order is integrated).
@@ -232,8 +233,8 @@ def ode_log_prob(
         rtol = atol = 0.0  # (unused on a fixed grid: a new value recompiled the solve)
     else:  # traced: a sweep over tolerances compiled the solve once per value
         rtol, atol = (jnp.asarray(v, dtype) for v in (rtol, atol))  # (the state's: float64 promoted its controller)
-    return _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps,
-                  chunk_size, int(max_steps))
+    return _solve(param.as_pytree_fn(velocity), param.as_pytree_fn(log_prior), x, probes, t0, t1, adjoint, solver,
+                  rtol, atol, steps, chunk_size, int(max_steps))
 
 
 @eqx.filter_jit
@@ -332,12 +333,12 @@ def log_prob(
     ``N(alpha mu, alpha^2 Cov + sigma^2 I)``, and the difference is a prior-mismatch term.
 
     Args:
-      fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``; a pytree callable
-        (:func:`genflow.nets.model_fn`, :class:`jax.tree_util.Partial`) so that new parameters do
-        not recompile. A plain function or other non-pytree callable is a static argument,
-        kept by identity, as ``jax.jit`` keeps a function: the arrays it closes over are
-        constants of the compiled program, and rebinding them (new parameters after training) is
-        not seen by later calls.
+      fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``: a pytree callable
+        (:func:`genflow.nets.model_fn`, :class:`jax.tree_util.Partial`), a ``functools.partial``
+        or a plain function, whose arrays (through its closure, defaults or module globals) are
+        traced and read at every call (:func:`genflow.param.as_pytree_fn`): new parameters reuse
+        the compiled program. Other callables are static arguments, kept by identity: the arrays
+        they hold are constants of the compiled program.
       path: the Gaussian path the model was trained with.
       x: ``[B, ...]`` data points (float64 for tight tolerances).
       prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.

@@ -323,13 +323,15 @@ def sample(
     (closed over, not an argument of the jitted function); its grid is then a constant.
 
     Args:
-      fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``. Pass a
+      fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``: a
         :func:`functools.partial` / :class:`jax.tree_util.Partial` (e.g. from
-        :func:`genflow.nets.model_fn`) so that new parameters do not recompile. A plain
-        function or other non-pytree callable is a static argument, kept by identity, as
-        ``jax.jit`` keeps a function: the arrays it closes over are constants of the compiled
-        program, and rebinding them (new parameters after training) is not seen by later
-        calls. Pass the parameters in a pytree callable instead.
+        :func:`genflow.nets.model_fn`) or a plain function such as
+        ``lambda x, t: net.apply(params, x, t)``. The arrays a function uses through its closure,
+        defaults or module globals are traced and read at every call
+        (:func:`genflow.param.as_pytree_fn`): new parameters, or a new lambda per call, reuse the
+        compiled sampler, which keeps no copy of them. Other callables (an object with
+        ``__call__`` that is no pytree) are static arguments, kept by identity: the arrays they
+        hold are constants of the compiled program, and rebinding them is not seen by later calls.
       path: the Gaussian path the model was trained with.
       x1: ``[B, ...]`` starting state at ``t_start`` (for a Gaussian path
         ``path.prior_sample(key, shape)``). The solver state is kept in at least float32; the
