@@ -471,10 +471,8 @@ def _standard_normal(key: Array, shape, dtype) -> Array:
     return jax.random.normal(key, shape, dtype)
 
 
-@functools.lru_cache(maxsize=32)
-def _draw_fn(sampler: Callable, batch_size: int, chunk: int, noise: Callable) -> Callable:
-    """Jitted ``draw(key) -> (x0, x1)``, each ``[chunk, B, ...]`` (cached: streams built with the
-    same sampler reuse the compiled function)."""
+def _make_draw(sampler: Callable, batch_size: int, chunk: int, noise: Callable) -> Callable:
+    """Jitted ``draw(key) -> (x0, x1)``, each ``[chunk, B, ...]``."""
 
     def one(key):
         k0, k1 = jax.random.split(key)
@@ -482,6 +480,33 @@ def _draw_fn(sampler: Callable, batch_size: int, chunk: int, noise: Callable) ->
         return x0, noise(k1, x0.shape, x0.dtype)
 
     return jax.jit(lambda key: jax.vmap(one)(jax.random.split(key, chunk)))
+
+
+# Compiled draws per sampler, for as long as the sampler lives (a weak key: streams built with the
+# same sampler reuse the compiled function). A global LRU of 32 kept the samplers of closed streams
+# alive, with the datasets they close over twice (the closure's and the executable's constant).
+_DRAWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _draw_fn(sampler: Callable, batch_size: int, chunk: int, noise: Callable) -> Callable:
+    """:func:`_make_draw`, kept while ``sampler`` lives (a bound method: while its object lives,
+    keyed by its function too: two accesses of ``ds.sample`` are equal but distinct objects); it
+    reaches ``sampler`` through a weak reference (a strong one from the kept function would keep
+    its own key alive), so the stream must hold ``sampler`` itself. Raises ``TypeError`` for a
+    sampler that is unhashable or cannot be weakly referenced."""
+    owner, func = getattr(sampler, "__self__", None), getattr(sampler, "__func__", None)
+    if owner is None or func is None:
+        owner, func = sampler, None
+    table = _DRAWS.get(owner)
+    if table is None:
+        table = _DRAWS.setdefault(owner, {})
+    key = (func, batch_size, chunk, noise)
+    draw = table.get(key)
+    if draw is None:
+        ref = weakref.ref(owner)
+        call = (lambda k, n: ref()(k, n)) if func is None else (lambda k, n: func(ref(), k, n))
+        draw = table[key] = _make_draw(call, batch_size, chunk, noise)
+    return draw
 
 
 class CoupledBatches:
@@ -527,10 +552,11 @@ class CoupledBatches:
         _stages(eps, iters)  # bad eps / iters / threads fail here, not in the background thread
         _check_threads(threads)
         self.eps, self.iters = eps, iters
+        self._sampler = sampler  # (the kept draw function reaches it through a weak reference)
         try:
             self._draw = _draw_fn(sampler, self.batch_size, self.chunk, noise or _standard_normal)
         except TypeError:  # (an unhashable sampler, e.g. a dataclass with __call__: compiled for this stream only)
-            self._draw = _draw_fn.__wrapped__(sampler, self.batch_size, self.chunk, noise or _standard_normal)
+            self._draw = _make_draw(sampler, self.batch_size, self.chunk, noise or _standard_normal)
         check_key(key)  # (key=0 failed at the first next(), from the background thread, without naming it)
         self._key, self._prefetch = key, int(prefetch)
         self._error: BaseException | None = None

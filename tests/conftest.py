@@ -112,6 +112,7 @@ def _release_compiled_programs():
 
     _core._PREPARED.clear()
     _loop._COMPILED.clear()
+    _loop._COMPILED_STRONG.clear()
     jax.clear_caches()
     gc.collect()
 

@@ -645,3 +645,60 @@ def test_wrappers_called_outside_jit_compile_once():
             np.testing.assert_array_equal(again[0], ref[1])
     with pytest.raises(TypeError, match="precondition must be True or False"):
         gf.ot.ot_permutation(pts[0], pts[1], precondition="False")
+
+
+def test_closed_streams_do_not_keep_their_samplers_data_alive():
+    """CoupledBatches cached its compiled draw in a global LRU of 32 keyed by the sampler: the
+    samplers of closed streams, and the datasets they close over (twice: the closure's and the
+    executable's constant), stayed alive. The draw now lives as long as its sampler; streams on
+    one sampler still share it."""
+    import gc
+    import weakref
+
+    from genflow import ot as gf_ot
+
+    refs = []
+    for i in range(3):
+        data = jax.random.normal(jax.random.key(i), (256, 2))
+        refs.append(weakref.ref(data))
+
+        def sampler(key, n, data=data):
+            return data[jax.random.randint(key, (n,), 0, 256)]
+
+        stream = gf.ot.CoupledBatches(sampler, 8, jax.random.key(0), chunk=2, num_batches=2)
+        batches = list(stream)
+        np.testing.assert_array_equal(np.isin(np.asarray(batches[0]["x"]), np.asarray(data)), True)
+        stream.close()
+        del stream, sampler, data, batches
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0
+    assert gf_ot._draw_fn(gf.data.moons, 8, 2, gf_ot._standard_normal) is \
+        gf_ot._draw_fn(gf.data.moons, 8, 2, gf_ot._standard_normal)
+
+
+def test_streams_on_a_bound_method_sampler_outlive_each_other():
+    """Two streams on ``ds.sample`` (equal bound methods, distinct objects) share one compiled draw;
+    it reached the first stream's method through a weak reference, so once that stream was
+    collected, a retrace of the second one's draw called None."""
+    import gc
+
+    class Source:
+        def __init__(self):
+            self.data = jax.random.normal(jax.random.key(0), (64, 2))
+
+        def sample(self, key, n):
+            return self.data[jax.random.randint(key, (n,), 0, 64)]
+
+    ds = Source()
+    a = gf.ot.CoupledBatches(ds.sample, 4, jax.random.key(0), chunk=2, coupling="independent")
+    next(a)
+    b = gf.ot.CoupledBatches(ds.sample, 4, jax.random.key(1), chunk=2, coupling="independent")
+    next(b)
+    a.close()
+    del a
+    gc.collect()
+    jax.clear_caches()
+    b.set_state({"served": 0})
+    batch = next(b)
+    assert batch["x"].shape == (4, 2) and np.isin(np.asarray(batch["x"]), np.asarray(ds.data)).all()
+    b.close()

@@ -1,3 +1,4 @@
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +75,53 @@ def test_fit_in_segments_continues_exactly_and_compiles_once():
     # a different data function is a different program: compiled anew
     _, h3 = gf.train.fit(state, step, lambda k: batches(k), 25, chunk_size=25, progress=False)
     assert h3["compile_time"] > 0
+
+
+def test_compiled_chunks_live_as_long_as_their_step_function():
+    """fit's cache of compiled chunks held up to 16 dropped runs' step and data functions, and the
+    arrays they close over twice (the closure's and the executable's constant): a sweep with a
+    device-resident dataset per run kept 16 of them alive. The cache now lives with the step
+    function (for a bound method, with its object), which still compiles once per program."""
+    import gc
+    import weakref
+
+    from conftest import count_compiles
+
+    opt = optax.sgd(0.01)
+    refs = []
+    for i in range(4):
+        dataset = jax.random.normal(jax.random.key(i), (512, 4))
+        refs.append(weakref.ref(dataset))
+
+        def batch_fn(key, dataset=dataset):
+            idx = jax.random.randint(key, (16,), 0, 512)
+            return dataset[idx], dataset[idx] @ W_STAR
+
+        state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
+        gf.train.fit(state, gf.train.make_train_step(lsq_loss, opt), batch_fn, 4, chunk_size=2, progress=False)
+    del dataset, batch_fn
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0  # (all 4 were alive before)
+
+    class Trainer:
+        def __init__(self):
+            self.inner = gf.train.make_train_step(lsq_loss, opt)
+
+        def step(self, state, batch):  # (a bound method: a new object at every attribute access)
+            return self.inner(state, batch)
+
+    @dataclasses.dataclass
+    class DataclassTrainer(Trainer):  # (unhashable, so no weak key: a strong cache, as before)
+        lr: float = 0.01
+
+        def __post_init__(self):
+            Trainer.__init__(self)
+
+    for trainer in (Trainer(), DataclassTrainer()):
+        state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
+        state, _ = gf.train.fit(state, trainer.step, full_batch, 4, chunk_size=2, progress=False)
+        assert count_compiles(lambda: gf.train.fit(state, trainer.step, full_batch, 4, chunk_size=2,
+                                                   progress=False)) == 0
 
 
 def test_ema_matches_recurrence():

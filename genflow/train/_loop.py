@@ -7,6 +7,7 @@ import collections
 import collections.abc
 import copy
 import time
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -117,9 +118,24 @@ def _callbacks(callback) -> list[Callable]:
 
 # Compiled chunks shared by successive ``fit`` calls with the same step function, data function,
 # unroll, mesh, chunk length and argument types (a notebook that trains "a bit more", or training in
-# segments with evaluations between them, compiles once). A small LRU: entries hold the functions.
-_COMPILED: collections.OrderedDict = collections.OrderedDict()
-_COMPILED_MAX = 16
+# segments with evaluations between them, compiles once). Held per step function, for as long as it
+# lives (a weak key: for a bound method, its object): an executable holds the arrays that the step's
+# loss and the data function close over as constants, and a global LRU of 16 kept up to 16 dropped
+# runs' datasets, each twice (a sweep with a device-resident dataset leaked it per run). At most
+# _COMPILED_PER_STEP per step function, least recently used out.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILED_PER_STEP = 8
+_COMPILED_STRONG: collections.OrderedDict = collections.OrderedDict()  # (owners that cannot be weak keys)
+
+
+def _cache_owner(fn):
+    """``(owner, part)``: the object whose lifetime the cache entries of ``fn`` follow and the part
+    of ``fn`` that goes into their key (a bound method is made anew at every attribute access:
+    its object owns them, keyed by its function)."""
+    self, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
+    if self is not None and func is not None:
+        return self, func
+    return fn, None
 
 
 def _signature(tree) -> tuple:
@@ -133,23 +149,32 @@ def _signature(tree) -> tuple:
 
 
 def _compiled_chunk(run, key, state, xs, n):
-    """``run.lower(state, xs, n).compile()``, cached under ``key`` + the argument signature.
-    Returns ``(executable, compile seconds)``."""
-    full = key + (n, _signature(state), _signature(xs))
+    """``run.lower(state, xs, n).compile()``, cached under ``key`` (the step function first) + the
+    argument signature. Returns ``(executable, compile seconds)``."""
+    owner, part = _cache_owner(key[0])
+    full = (part,) + key[1:] + (n, _signature(state), _signature(xs))
     try:
+        table = _COMPILED.get(owner)
+        if table is None:
+            table = _COMPILED.setdefault(owner, collections.OrderedDict())
         hash(full)
-    except TypeError:  # an unhashable step or data callable: compile for this call only
-        t0 = time.perf_counter()
-        return run.lower(state, xs, n).compile(), time.perf_counter() - t0
-    exe = _COMPILED.get(full)
+    except TypeError:  # (an owner that cannot be weakly referenced or hashed, e.g. a plain dataclass's
+        # bound method: a small strong cache keyed by the step function itself, as before)
+        table, full = _COMPILED_STRONG, (key[0],) + full
+        try:
+            hash(full)
+        except TypeError:  # an unhashable step or data function: compiled for this call only
+            t0 = time.perf_counter()
+            return run.lower(state, xs, n).compile(), time.perf_counter() - t0
+    exe = table.get(full)
     if exe is not None:
-        _COMPILED.move_to_end(full)
+        table.move_to_end(full)
         return exe, 0.0
     t0 = time.perf_counter()
     exe = run.lower(state, xs, n).compile()
-    _COMPILED[full] = exe
-    if len(_COMPILED) > _COMPILED_MAX:
-        _COMPILED.popitem(last=False)
+    table[full] = exe
+    if len(table) > (2 * _COMPILED_PER_STEP if table is _COMPILED_STRONG else _COMPILED_PER_STEP):
+        table.popitem(last=False)
     return exe, time.perf_counter() - t0
 
 
@@ -380,7 +405,8 @@ def fit(
         device-resident datasets), or an iterable of host
         batches, of which ``chunk_size`` are stacked and transferred per call; the next chunk's
         batches are gathered while a chunk runs (never past ``num_steps`` batches; two chunks of
-        batches are then held at once). With a mesh, host
+        batches are then held at once), before that chunk's callbacks: a callback that changes the
+        data source (a curriculum) takes effect a chunk later. With a mesh, host
         batches are this process's share (``B_local`` rows; the global batch has
         ``B_local * process_count``). An iterator with ``get_state()`` (grain,
         ``gf.ot.CoupledBatches``) has its position after the saved state's batches recorded in
