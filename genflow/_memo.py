@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import threading
 import types
+import weakref
 from typing import Any, Callable, Sequence
 
 import jax
@@ -157,3 +158,46 @@ def kept_scalar(value: float):
             _LEAVES.clear()
         _LEAVES[key] = leaf
     return leaf
+
+
+class IdentityTables:
+    """Tables of compiled functions per owner object (a step function, a sampler), keyed by the
+    owner's identity and dropped when it dies. Keyed by identity, not equality: two equal objects
+    (a frozen dataclass with a ``compare=False`` field holding data) must not share programs
+    compiled from one of them. Raises ``TypeError`` for an owner that cannot be weakly referenced."""
+
+    def __init__(self):
+        self._tables: dict = {}
+        self._lock = threading.RLock()  # (reentrant: a collection inside table() runs _drop)
+
+    def table(self, owner) -> collections.OrderedDict:
+        key = id(owner)
+        with self._lock:
+            entry = self._tables.get(key)
+            if entry is not None and entry[0]() is owner:
+                return entry[1]
+            ref = weakref.ref(owner, functools.partial(self._drop, key))
+            table = collections.OrderedDict()
+            self._tables[key] = (ref, table)
+            return table
+
+    def _drop(self, key, ref) -> None:
+        with self._lock:
+            entry = self._tables.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._tables[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
+def lru_put(table: collections.OrderedDict, key, value, size: int) -> None:
+    """``table[key] = value``, least recently used entries out past ``size``."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > size:
+        table.popitem(last=False)

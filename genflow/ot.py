@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow import _memo
 from genflow._checks import check_bool, check_int, check_key, concrete_real, is_int
 
 Array = jax.Array
@@ -482,30 +483,34 @@ def _make_draw(sampler: Callable, batch_size: int, chunk: int, noise: Callable) 
     return jax.jit(lambda key: jax.vmap(one)(jax.random.split(key, chunk)))
 
 
-# Compiled draws per sampler, for as long as the sampler lives (a weak key: streams built with the
-# same sampler reuse the compiled function). A global LRU of 32 kept the samplers of closed streams
-# alive, with the datasets they close over twice (the closure's and the executable's constant).
-_DRAWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Compiled draws per sampler, for as long as the sampler lives (keyed by identity: streams built
+# with the same sampler reuse the compiled function; equal samplers holding different data must
+# not). A global LRU of 32 kept the samplers of closed streams alive, with the datasets they close
+# over twice (the closure's and the executable's constant). At most _DRAWS_PER_SAMPLER per sampler.
+_DRAWS = _memo.IdentityTables()
+_DRAWS_PER_SAMPLER = 8
 
 
 def _draw_fn(sampler: Callable, batch_size: int, chunk: int, noise: Callable) -> Callable:
     """:func:`_make_draw`, kept while ``sampler`` lives (a bound method: while its object lives,
-    keyed by its function too: two accesses of ``ds.sample`` are equal but distinct objects); it
-    reaches ``sampler`` through a weak reference (a strong one from the kept function would keep
-    its own key alive), so the stream must hold ``sampler`` itself. Raises ``TypeError`` for a
-    sampler that is unhashable or cannot be weakly referenced."""
+    keyed by its function too: two accesses of ``ds.sample`` are distinct objects); it reaches
+    ``sampler`` through a weak reference (a strong one from the kept function would keep its own
+    owner alive), so the stream must hold ``sampler`` itself. Raises ``TypeError`` for a sampler
+    that cannot be weakly referenced or a ``noise`` that is unhashable."""
     owner, func = getattr(sampler, "__self__", None), getattr(sampler, "__func__", None)
     if owner is None or func is None:
         owner, func = sampler, None
-    table = _DRAWS.get(owner)
-    if table is None:
-        table = _DRAWS.setdefault(owner, {})
     key = (func, batch_size, chunk, noise)
+    hash(key)
+    table = _DRAWS.table(owner)
     draw = table.get(key)
     if draw is None:
         ref = weakref.ref(owner)
         call = (lambda k, n: ref()(k, n)) if func is None else (lambda k, n: func(ref(), k, n))
-        draw = table[key] = _make_draw(call, batch_size, chunk, noise)
+        draw = _make_draw(call, batch_size, chunk, noise)
+        _memo.lru_put(table, key, draw, _DRAWS_PER_SAMPLER)
+    else:
+        table.move_to_end(key)
     return draw
 
 

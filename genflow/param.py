@@ -251,6 +251,9 @@ class BoundFn:
         return self.func(*self.args, *args, **{**self.keywords, **kwargs})
 
 
+_NO_FN = object()  # (a ClosureFn that reaches its function through the spec's weak reference only)
+
+
 class _WeakSame:
     """The static part of a :class:`ClosureFn`: its original function, held weakly (a compile
     cache that keys a program by it does not keep it, nor what it closes over, alive) and equal
@@ -287,8 +290,13 @@ def _liftable(value) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _global_names(code: types.CodeType) -> tuple:
-    """The global names that ``code`` loads (``co_names`` also holds attribute names)."""
-    return tuple(dict.fromkeys(i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"))
+    """The global names that ``code`` loads (``co_names`` also holds attribute names), its nested
+    comprehensions and inner functions included (separate code objects in Python 3.11)."""
+    names = [i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_global_names(const))
+    return tuple(dict.fromkeys(names))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -356,15 +364,26 @@ class ClosureFn:
 
     @classmethod
     def tree_unflatten(cls, spec, children):
-        return cls(spec, children)
+        # a copy with concrete leaves (tree_map) holds its function as the original does; one made
+        # inside a trace does not (a solver's cache keys closures over it: they kept the function
+        # and its arrays alive)
+        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(children))
+        return cls(spec, children, _NO_FN if traced else None)
+
+    def __reduce__(self):  # (pickled as its function: the weak reference in the spec cannot be)
+        return as_pytree_fn, (self._function(),)
+
+    def _function(self):
+        fn = self.spec[0].ref() if self.fn is _NO_FN else self.fn
+        if fn is None:  # (unflattened from a tree structure whose ClosureFns were all dropped)
+            raise ReferenceError("the function of this ClosureFn no longer exists (its tree structure outlived it)")
+        return fn
 
     def function(self) -> types.FunctionType:
         """The function rebuilt with the current children (the original's other cells, defaults
         and globals as they are)."""
         _, cells, defaults, kwdefaults, names = self.spec
-        fn = self.fn
-        if fn is None:  # (unflattened from a tree structure whose ClosureFns were all dropped)
-            raise ReferenceError("the function of this ClosureFn no longer exists (its tree structure outlived it)")
+        fn = self._function()
         it = iter(self.children)
         closure = tuple(types.CellType(next(it)) if lifted else c for lifted, c in zip(cells, fn.__closure__ or ()))
         new_defaults = tuple(next(it) if lifted else v for lifted, v in zip(defaults, fn.__defaults__ or ()))
@@ -382,7 +401,7 @@ class ClosureFn:
         return self.function()(*args, **kwargs)
 
     def __repr__(self):
-        name = getattr(self.fn, "__qualname__", "<dead>")
+        name = getattr(self.spec[0].ref(), "__qualname__", "<dead>")
         return f"ClosureFn({name}, {len(jax.tree_util.tree_leaves(self.children))} traced leaves)"
 
 

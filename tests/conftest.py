@@ -107,12 +107,14 @@ def _release_compiled_programs():
     yield
     import gc
 
+    from genflow import ot as _ot
     from genflow.sampling import _core
     from genflow.train import _loop
 
     _core._PREPARED.clear()
     _loop._COMPILED.clear()
     _loop._COMPILED_STRONG.clear()
+    _ot._DRAWS.clear()
     jax.clear_caches()
     gc.collect()
 

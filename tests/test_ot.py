@@ -702,3 +702,28 @@ def test_streams_on_a_bound_method_sampler_outlive_each_other():
     batch = next(b)
     assert batch["x"].shape == (4, 2) and np.isin(np.asarray(batch["x"]), np.asarray(ds.data)).all()
     b.close()
+
+
+def test_equal_samplers_with_different_data_get_their_own_draws():
+    """The compiled draws are keyed by the sampler's identity (equal frozen dataclasses holding
+    different data drew from the first one's), at most a few per sampler."""
+    import dataclasses
+
+    from genflow import ot as gf_ot
+
+    @dataclasses.dataclass(frozen=True)
+    class Data:
+        name: str
+        x: jax.Array = dataclasses.field(compare=False, hash=False)
+
+        def sample(self, key, n):
+            return self.x[jax.random.randint(key, (n,), 0, self.x.shape[0])]
+
+    a, b = Data("fold", jnp.zeros((16, 2))), Data("fold", jnp.ones((16, 2)))
+    for d, want in ((a, 0.0), (b, 1.0)):
+        s = gf.ot.CoupledBatches(d.sample, 4, jax.random.key(0), chunk=2, coupling="independent")
+        np.testing.assert_array_equal(np.asarray(next(s)["x"]), want)
+        s.close()
+    for i in range(12):  # (new noise functions: the sampler's table stays bounded)
+        gf_ot._draw_fn(gf.data.moons, 4, 2, lambda k, shape, dtype, i=i: jax.random.normal(k, shape, dtype) * i)
+    assert len(gf_ot._DRAWS.table(gf.data.moons)) == gf_ot._DRAWS_PER_SAMPLER

@@ -1103,3 +1103,48 @@ def test_a_closure_fn_keeps_its_function_while_it_lives():
     x, t = jnp.ones((3, 2)), jnp.full((3,), 0.5)
     np.testing.assert_allclose(guided(x, t), 2.0 * x * w, rtol=1e-6)
     np.testing.assert_allclose(jax.jit(lambda g: g(x, t))(guided), 2.0 * x * w, rtol=1e-6)
+
+
+def _pickled_cond(x, t):
+    return x * _GLOBAL_W[0]
+
+
+def _pickled_uncond(x, t):
+    return 0.0 * x
+
+
+def _comprehension_model(x, t):
+    return sum([x @ _GLOBAL_W for _ in range(1)])
+
+
+def test_globals_loaded_by_nested_code_are_lifted():
+    """A global used only inside a comprehension (its own code object in Python 3.11) is lifted
+    too: it stayed a constant of the program."""
+    lifted = gf.sampling.as_pytree_fn(_comprehension_model)
+    assert isinstance(lifted, gf.param.ClosureFn) and jax.tree_util.tree_leaves(lifted)[0] is _GLOBAL_W
+
+
+def test_closure_fns_pickle_and_free_their_arrays_after_schedule_selection():
+    """A guidance wrapper over module-level functions that use a global array pickled before
+    (its functions were static); a ClosureFn's spec holds a weak reference, so it pickles as its
+    function. A lambda model passed to select_schedule stayed alive through the reference solve's
+    cached closure over the traced model (review)."""
+    import pickle
+
+    guided = gf.guidance.cfg(_pickled_cond, _pickled_uncond, 2.0)
+    again = pickle.loads(pickle.dumps(guided))
+    x, t = jnp.ones((3, 2)), jnp.full((3,), 0.5)
+    np.testing.assert_allclose(again(x, t), guided(x, t))
+
+    path = gf.paths.vp_linear()
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+
+    def go():
+        p = {"w": jnp.eye(2) * 0.3}
+        grids = [gf.sampling.time_grid(path, 3, "uniform"), gf.sampling.time_grid(path, 3, "logsnr")]
+        gf.sampling.select_schedule(lambda x, t: x @ p["w"], path, x1, grids, prediction="eps", solver="ddim")
+        return weakref.ref(p["w"])
+
+    ref = go()
+    gc.collect()
+    assert ref() is None

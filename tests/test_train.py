@@ -117,6 +117,19 @@ def test_compiled_chunks_live_as_long_as_their_step_function():
         def __post_init__(self):
             Trainer.__init__(self)
 
+    @dataclasses.dataclass(frozen=True)
+    class Setter:  # (equal objects whose step differs: compare=False data)
+        name: str
+        target: jax.Array = dataclasses.field(compare=False, hash=False)
+
+        def step(self, state, batch):
+            return state.replace(params={"w": self.target}, step=state.step + 1), \
+                {"loss": jnp.sum(self.target), "finite": jnp.array(True)}
+
+    outs = [gf.train.fit(gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0)), Setter("s", v).step,
+                         full_batch, 2, chunk_size=2, progress=False)[0] for v in (jnp.zeros(4), jnp.ones(4))]
+    np.testing.assert_array_equal(np.asarray(outs[1].params["w"]), np.ones(4))  # (ran the first one's program)
+
     for trainer in (Trainer(), DataclassTrainer()):
         state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
         state, _ = gf.train.fit(state, trainer.step, full_batch, 4, chunk_size=2, progress=False)

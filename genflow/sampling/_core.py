@@ -328,8 +328,10 @@ def sample(
         :func:`genflow.nets.model_fn`) or a plain function such as
         ``lambda x, t: net.apply(params, x, t)``. The arrays a function uses through its closure,
         defaults or module globals are traced and read at every call
-        (:func:`genflow.param.as_pytree_fn`): new parameters, or a new lambda per call, reuse the
-        compiled sampler, which keeps no copy of them. Other callables (an object with
+        (:func:`genflow.param.as_pytree_fn`): the compiled sampler keeps no copy of them, and
+        new values are seen. A partial shares one program across parameter sets; a plain
+        function is keyed by identity, as by ``jax.jit`` (a new lambda per call compiles anew).
+        Other callables (an object with
         ``__call__`` that is no pytree) are static arguments, kept by identity: the arrays they
         hold are constants of the compiled program, and rebinding them is not seen by later calls.
       path: the Gaussian path the model was trained with.

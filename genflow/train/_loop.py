@@ -7,13 +7,13 @@ import collections
 import collections.abc
 import copy
 import time
-import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow import _memo
 from genflow._checks import check_int
 from genflow.train import _sharding as shd
 from genflow.train._state import TrainState
@@ -119,13 +119,13 @@ def _callbacks(callback) -> list[Callable]:
 # Compiled chunks shared by successive ``fit`` calls with the same step function, data function,
 # unroll, mesh, chunk length and argument types (a notebook that trains "a bit more", or training in
 # segments with evaluations between them, compiles once). Held per step function, for as long as it
-# lives (a weak key: for a bound method, its object): an executable holds the arrays that the step's
+# lives (keyed by identity: for a bound method, its object's): an executable holds the arrays that the step's
 # loss and the data function close over as constants, and a global LRU of 16 kept up to 16 dropped
 # runs' datasets, each twice (a sweep with a device-resident dataset leaked it per run). At most
 # _COMPILED_PER_STEP per step function, least recently used out.
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILED = _memo.IdentityTables()
 _COMPILED_PER_STEP = 8
-_COMPILED_STRONG: collections.OrderedDict = collections.OrderedDict()  # (owners that cannot be weak keys)
+_COMPILED_STRONG: collections.OrderedDict = collections.OrderedDict()  # (owners that cannot be weakly referenced)
 
 
 def _cache_owner(fn):
@@ -153,14 +153,13 @@ def _compiled_chunk(run, key, state, xs, n):
     argument signature. Returns ``(executable, compile seconds)``."""
     owner, part = _cache_owner(key[0])
     full = (part,) + key[1:] + (n, _signature(state), _signature(xs))
+    size = _COMPILED_PER_STEP
     try:
-        table = _COMPILED.get(owner)
-        if table is None:
-            table = _COMPILED.setdefault(owner, collections.OrderedDict())
         hash(full)
-    except TypeError:  # (an owner that cannot be weakly referenced or hashed, e.g. a plain dataclass's
-        # bound method: a small strong cache keyed by the step function itself, as before)
-        table, full = _COMPILED_STRONG, (key[0],) + full
+        table = _COMPILED.table(owner)
+    except TypeError:  # (an owner that cannot be weakly referenced, e.g. a class with __slots__, or an
+        # unhashable data function: a small strong cache keyed by the step function itself, as before)
+        table, full, size = _COMPILED_STRONG, (key[0],) + full, 2 * _COMPILED_PER_STEP
         try:
             hash(full)
         except TypeError:  # an unhashable step or data function: compiled for this call only
@@ -172,9 +171,7 @@ def _compiled_chunk(run, key, state, xs, n):
         return exe, 0.0
     t0 = time.perf_counter()
     exe = run.lower(state, xs, n).compile()
-    table[full] = exe
-    if len(table) > (2 * _COMPILED_PER_STEP if table is _COMPILED_STRONG else _COMPILED_PER_STEP):
-        table.popitem(last=False)
+    _memo.lru_put(table, full, exe, size)
     return exe, time.perf_counter() - t0
 
 
@@ -414,7 +411,9 @@ def fit(
       num_steps: number of updates.
       chunk_size: updates per jitted call; metrics are fetched to the host once per chunk.
         Compiled chunks are reused by later ``fit`` calls with the same ``step_fn``, ``data``
-        function, chunk length and argument types (training in segments compiles once). As with
+        function, chunk length and argument types (training in segments compiles once); up to 8
+        are kept per step function, for as long as it lives, with the arrays their data
+        functions close over. As with
         ``jax.jit``, values that ``step_fn``, its loss or ``data`` read from closures or globals
         are constants of the compiled chunk: a later call does not see them rebound (a new
         target, another dataset). Build a new step function (:func:`make_train_step` again) or
