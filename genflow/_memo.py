@@ -201,3 +201,12 @@ def lru_put(table: collections.OrderedDict, key, value, size: int) -> None:
     table.move_to_end(key)
     while len(table) > size:
         table.popitem(last=False)
+
+
+def without_owner(value, owner):
+    """``value`` for a cache key in ``owner``'s table: a bound method of ``owner`` itself (a trainer's
+    ``self.batch`` as the data function) as its function, since holding it would keep ``owner``,
+    and with it the table, alive for good."""
+    if getattr(value, "__self__", None) is owner and getattr(value, "__func__", None) is not None:
+        return ("method of the owner", value.__func__)
+    return value

@@ -500,7 +500,7 @@ def _draw_fn(sampler: Callable, batch_size: int, chunk: int, noise: Callable) ->
     owner, func = getattr(sampler, "__self__", None), getattr(sampler, "__func__", None)
     if owner is None or func is None:
         owner, func = sampler, None
-    key = (func, batch_size, chunk, noise)
+    key = (func, batch_size, chunk, _memo.without_owner(noise, owner))
     hash(key)
     table = _DRAWS.table(owner)
     draw = table.get(key)

@@ -31,10 +31,12 @@ from such an end in closed form; :func:`singular_velocity` names the velocity ca
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 import dis
+import functools
 import math
+import sys
 import types
 import weakref
 from typing import Callable
@@ -251,13 +253,52 @@ class BoundFn:
         return self.func(*self.args, *args, **{**self.keywords, **kwargs})
 
 
-_NO_FN = object()  # (a ClosureFn that reaches its function through the spec's weak reference only)
+class _Skeleton:
+    """What :meth:`ClosureFn.function` needs of the original function but the lifted values: its
+    code, globals, names, and the cells and defaults not lifted (lifted ones are None: they hold
+    the arrays). One per function and lifting pattern, kept while the function lives (and while a
+    ClosureFn holds it); a compiled program is keyed by its identity."""
+
+    __slots__ = ("code", "globals", "name", "qualname", "module", "cells", "defaults", "kwdefaults", "__weakref__")
+
+    def __init__(self, fn, cells, defaults, kwdefaults):
+        self.code, self.globals, self.name = fn.__code__, fn.__globals__, fn.__name__
+        self.qualname, self.module = fn.__qualname__, fn.__module__
+        self.cells = tuple(None if lifted else c for lifted, c in zip(cells, fn.__closure__ or ()))
+        self.defaults = tuple(None if lifted else v for lifted, v in zip(defaults, fn.__defaults__ or ()))
+        self.kwdefaults = {k: v for k, v in (fn.__kwdefaults__ or {}).items() if k not in kwdefaults}
+
+
+_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # function -> {pattern: _Skeleton}
+
+
+def _skeleton_for(fn, pattern: tuple) -> _Skeleton:
+    """The :class:`_Skeleton` of ``fn`` for its lifting ``pattern`` (made once: the same function
+    object is the same static part, hence one compiled program)."""
+    table = _SKELETONS.get(fn)
+    if table is None:
+        table = _SKELETONS.setdefault(fn, {})
+    skel = table.get(pattern)
+    if skel is None:
+        skel = table[pattern] = _Skeleton(fn, *pattern[:3])
+    return skel
+
+
+def _closure_fn_from(fn, children):
+    """A pickled :class:`ClosureFn`: ``fn`` lifted again, with the pickled leaves (not the ones
+    ``fn`` holds now: a fine-tuned copy keeps its parameters)."""
+    lifted = as_pytree_fn(fn)
+    if not isinstance(lifted, ClosureFn) or jax.tree_util.tree_structure(lifted.children) != \
+            jax.tree_util.tree_structure(tuple(children)):
+        raise ValueError(f"cannot restore a ClosureFn of {getattr(fn, '__qualname__', fn)!r}: the arrays it uses "
+                         f"no longer have the structure it was saved with")
+    return ClosureFn(lifted.spec, children, lifted.skeleton)
 
 
 class _WeakSame:
-    """The static part of a :class:`ClosureFn`: its original function, held weakly (a compile
-    cache that keys a program by it does not keep it, nor what it closes over, alive) and equal
-    only to itself while it lives."""
+    """The static part of a :class:`ClosureFn`: its function's :class:`_Skeleton`, held weakly (a
+    compile cache that keys a program by it keeps neither it nor the function alive) and equal only
+    to itself while it lives (as long as the function or a ClosureFn of it does)."""
 
     __slots__ = ("ref", "hash", "__weakref__")
 
@@ -307,7 +348,7 @@ class ClosureFn:
     (arrays, or pytrees of them: parameter dicts, a train state, an equinox module) are the
     children, traced by jit and read when the function is rebuilt at call time; cells and defaults
     that are plain functions or partials using arrays are lifted in turn (to depth 4). The static
-    part is the original function itself, held weakly and compared by identity, as ``jax.jit``
+    part stands for the original function, held weakly and compared by identity, as ``jax.jit``
     keys a function: the same function object reuses its compiled program (whose arrays are now
     its arguments: new values are seen, e.g. parameters rebound after training), a new one is
     compiled anew (pass :func:`genflow.nets.model_fn` / a partial to share one program between
@@ -319,12 +360,14 @@ class ClosureFn:
     Writes to the function's ``nonlocal`` cells or to its lifted globals are not seen outside (the
     rebuilt function has its own); a model function has none."""
 
-    __slots__ = ("spec", "children", "fn")
+    __slots__ = ("spec", "children", "skeleton")
 
-    def __init__(self, spec, children, fn=None):
-        # (the instance holds its function; the spec, the part a compile cache keys by, does not)
+    def __init__(self, spec, children, skeleton=None):
+        # (the spec, the part a compile cache keys by, holds the skeleton weakly; the instance
+        # holds it: the rebuilt function's code, globals and the cells and defaults not lifted,
+        # so that neither keeps the function or its arrays alive)
         self.spec, self.children = spec, tuple(children)
-        self.fn = spec[0].ref() if fn is None else fn
+        self.skeleton = spec[0].ref() if skeleton is None else skeleton
 
     @classmethod
     def lift(cls, fn: types.FunctionType, depth: int = 0):
@@ -357,51 +400,60 @@ class ClosureFn:
         names = tuple(n for n in _global_names(fn.__code__) if n in g and g[n] is not fn and part(g[n]))
         if not children:
             return None
-        return cls((_WeakSame(fn), tuple(cells), defaults, kwdefaults, names), children, fn)
+        pattern = (tuple(cells), defaults, kwdefaults, names)
+        skeleton = _skeleton_for(fn, pattern)
+        return cls((_WeakSame(skeleton),) + pattern, children, skeleton)
 
     def tree_flatten(self):
         return self.children, self.spec
 
     @classmethod
     def tree_unflatten(cls, spec, children):
-        # a copy with concrete leaves (tree_map) holds its function as the original does; one made
-        # inside a trace does not (a solver's cache keys closures over it: they kept the function
-        # and its arrays alive)
-        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(children))
-        return cls(spec, children, _NO_FN if traced else None)
+        return cls(spec, children)
 
-    def __reduce__(self):  # (pickled as its function: the weak reference in the spec cannot be)
-        return as_pytree_fn, (self._function(),)
+    def __reduce__(self):  # (the spec's weak reference cannot be pickled: the function and the leaves are)
+        sk = self.skeleton
+        fn = self.function()
+        if sk is not None:  # (pickled by reference: its module's own function object, if it is one)
+            obj = sys.modules.get(sk.module)
+            for part in sk.qualname.split("."):
+                obj = getattr(obj, part, None)
+            if getattr(obj, "__code__", None) is sk.code:
+                fn = obj
+        return _closure_fn_from, (fn, self.children)
 
-    def _function(self):
-        fn = self.spec[0].ref() if self.fn is _NO_FN else self.fn
-        if fn is None:  # (unflattened from a tree structure whose ClosureFns were all dropped)
-            raise ReferenceError("the function of this ClosureFn no longer exists (its tree structure outlived it)")
-        return fn
+    def __copy__(self):
+        return ClosureFn(self.spec, self.children, self.skeleton)
+
+    def __deepcopy__(self, memo):
+        return ClosureFn(self.spec, copy.deepcopy(self.children, memo), self.skeleton)
 
     def function(self) -> types.FunctionType:
         """The function rebuilt with the current children (the original's other cells, defaults
         and globals as they are)."""
-        _, cells, defaults, kwdefaults, names = self.spec
-        fn = self._function()
+        sk = self.skeleton
+        if sk is None:  # (unflattened from a tree structure that outlived every ClosureFn of its function)
+            raise ReferenceError("the function of this ClosureFn no longer exists (its tree structure outlived it)")
+        code, glb, name, qualname, module = sk.code, sk.globals, sk.name, sk.qualname, sk.module
+        cells, defaults, kwdefaults = sk.cells, sk.defaults, sk.kwdefaults
+        _, lifted_cells, lifted_defaults, lifted_kw, names = self.spec
         it = iter(self.children)
-        closure = tuple(types.CellType(next(it)) if lifted else c for lifted, c in zip(cells, fn.__closure__ or ()))
-        new_defaults = tuple(next(it) if lifted else v for lifted, v in zip(defaults, fn.__defaults__ or ()))
-        kw = dict(fn.__kwdefaults__ or {})
-        kw.update({k: next(it) for k in kwdefaults})
-        glb = fn.__globals__
+        closure = tuple(types.CellType(next(it)) if lifted else c for lifted, c in zip(lifted_cells, cells))
+        new_defaults = tuple(next(it) if lifted else v for lifted, v in zip(lifted_defaults, defaults))
+        kw = dict(kwdefaults)
+        kw.update({k: next(it) for k in lifted_kw})
         if names:
             glb = dict(glb)
             glb.update({n: next(it) for n in names})
-        out = types.FunctionType(fn.__code__, glb, fn.__name__, new_defaults or None, closure or None)
-        out.__kwdefaults__, out.__qualname__, out.__module__ = kw or None, fn.__qualname__, fn.__module__
+        out = types.FunctionType(code, glb, name, new_defaults or None, closure or None)
+        out.__kwdefaults__, out.__qualname__, out.__module__ = kw or None, qualname, module
         return out
 
     def __call__(self, *args, **kwargs):
         return self.function()(*args, **kwargs)
 
     def __repr__(self):
-        name = getattr(self.spec[0].ref(), "__qualname__", "<dead>")
+        name = "<dead>" if self.skeleton is None else self.skeleton.qualname
         return f"ClosureFn({name}, {len(jax.tree_util.tree_leaves(self.children))} traced leaves)"
 
 

@@ -1114,12 +1114,12 @@ def _pickled_uncond(x, t):
 
 
 def _comprehension_model(x, t):
-    return sum([x @ _GLOBAL_W for _ in range(1)])
+    return sum(x @ _GLOBAL_W for _ in range(1))  # (a generator expression: its own code object)
 
 
 def test_globals_loaded_by_nested_code_are_lifted():
-    """A global used only inside a comprehension (its own code object in Python 3.11) is lifted
-    too: it stayed a constant of the program."""
+    """A global used only inside a generator expression (its own code object) is lifted too: it
+    stayed a constant of the program."""
     lifted = gf.sampling.as_pytree_fn(_comprehension_model)
     assert isinstance(lifted, gf.param.ClosureFn) and jax.tree_util.tree_leaves(lifted)[0] is _GLOBAL_W
 
@@ -1148,3 +1148,29 @@ def test_closure_fns_pickle_and_free_their_arrays_after_schedule_selection():
     ref = go()
     gc.collect()
     assert ref() is None
+
+
+def test_closure_fn_copies_made_inside_a_trace_stay_callable_and_keep_their_leaves():
+    """A ClosureFn copied inside a trace (stop_gradient, a dtype cast) from a temporary model, then
+    called, raised ReferenceError (third review); copy / deepcopy / pickle re-lifted the function and
+    dropped leaves changed since (a fine-tuned copy came back with the original parameters)."""
+    import copy
+    import pickle
+
+    path = gf.paths.vp_linear()
+
+    @jax.jit
+    def distill(p, x1):
+        teacher = jax.lax.stop_gradient(gf.guidance.cfg(lambda x, t: x @ p, lambda x, t: 0.0 * (x @ p), 2.0))
+        return gf.sample(teacher, path, x1, prediction="eps", solver="ddim", steps=3)[0]
+
+    x1 = jnp.ones((4, 2))
+    want, _ = gf.sample(gf.guidance.cfg(lambda x, t: x @ (0.3 * jnp.eye(2)), lambda x, t: 0.0 * x, 2.0), path, x1,
+                        prediction="eps", solver="ddim", steps=3)
+    np.testing.assert_allclose(distill(jnp.eye(2) * 0.3, x1), want, rtol=1e-5)
+
+    tuned = jax.tree_util.tree_map(lambda a: a * 5, gf.param.as_pytree_fn(_global_model))
+    x, t = jnp.ones((3, 2)), jnp.full((3,), 0.5)
+    expected = x @ (5 * _GLOBAL_W) * _GLOBAL_SCALE
+    for copied in (copy.copy(tuned), copy.deepcopy(tuned), pickle.loads(pickle.dumps(tuned))):
+        np.testing.assert_allclose(copied(x, t), expected)

@@ -117,6 +117,28 @@ def test_compiled_chunks_live_as_long_as_their_step_function():
         def __post_init__(self):
             Trainer.__init__(self)
 
+    class Run:  # (the data function a bound method of the step's object: it kept its own table alive)
+        def __init__(self, i):
+            self.data = jax.random.normal(jax.random.key(i), (512, 4))
+            self.inner = gf.train.make_train_step(lsq_loss, opt)
+
+        def train_step(self, state, batch):
+            return self.inner(state, batch)
+
+        def batch(self, key):
+            idx = jax.random.randint(key, (16,), 0, 512)
+            return self.data[idx], self.data[idx] @ W_STAR
+
+    refs = []
+    for i in range(3):
+        run = Run(i)
+        refs.append(weakref.ref(run.data))
+        gf.train.fit(gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0)), run.train_step, run.batch, 2,
+                     chunk_size=2, progress=False)
+    del run
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0
+
     @dataclasses.dataclass(frozen=True)
     class Setter:  # (equal objects whose step differs: compare=False data)
         name: str

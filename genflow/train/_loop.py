@@ -152,7 +152,7 @@ def _compiled_chunk(run, key, state, xs, n):
     """``run.lower(state, xs, n).compile()``, cached under ``key`` (the step function first) + the
     argument signature. Returns ``(executable, compile seconds)``."""
     owner, part = _cache_owner(key[0])
-    full = (part,) + key[1:] + (n, _signature(state), _signature(xs))
+    full = (part,) + tuple(_memo.without_owner(k, owner) for k in key[1:]) + (n, _signature(state), _signature(xs))
     size = _COMPILED_PER_STEP
     try:
         hash(full)
