@@ -259,28 +259,48 @@ class _Skeleton:
     the arrays). One per function and lifting pattern, kept while the function lives (and while a
     ClosureFn holds it); a compiled program is keyed by its identity."""
 
-    __slots__ = ("code", "globals", "name", "qualname", "module", "cells", "defaults", "kwdefaults", "__weakref__")
+    __slots__ = ("code", "globals", "name", "qualname", "module", "cells", "defaults", "kwdefaults", "owner",
+                 "__weakref__")
 
     def __init__(self, fn, cells, defaults, kwdefaults):
+        self.owner = weakref.ref(fn)
         self.code, self.globals, self.name = fn.__code__, fn.__globals__, fn.__name__
         self.qualname, self.module = fn.__qualname__, fn.__module__
         self.cells = tuple(None if lifted else c for lifted, c in zip(cells, fn.__closure__ or ()))
         self.defaults = tuple(None if lifted else v for lifted, v in zip(defaults, fn.__defaults__ or ()))
         self.kwdefaults = {k: v for k, v in (fn.__kwdefaults__ or {}).items() if k not in kwdefaults}
 
+    def describes(self, fn, pattern) -> bool:
+        """Whether this skeleton is still ``fn``'s (the same object, code, globals, name, and the same
+        objects as its cells and defaults that are not lifted)."""
+        cells, defaults, kwdefaults = pattern[:3]
+        same = lambda a, b: len(a) == len(b) and all(x is y for x, y in zip(a, b))  # noqa: E731
+        return (self.owner() is fn and self.code is fn.__code__ and self.globals is fn.__globals__
+                and self.name == fn.__name__ and self.qualname == fn.__qualname__
+                and same(self.cells, tuple(None if lifted else c for lifted, c in zip(cells, fn.__closure__ or ())))
+                and same(self.defaults,
+                         tuple(None if lifted else v for lifted, v in zip(defaults, fn.__defaults__ or ())))
+                and self.kwdefaults.keys() == {k for k in (fn.__kwdefaults__ or {}) if k not in kwdefaults}
+                and all(self.kwdefaults[k] is fn.__kwdefaults__[k] for k in self.kwdefaults))
 
-_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # function -> {pattern: _Skeleton}
+
+_SKELETONS = "__genflow_skeletons__"  # (a function's own attribute: {(id(fn), pattern): _Skeleton})
 
 
 def _skeleton_for(fn, pattern: tuple) -> _Skeleton:
-    """The :class:`_Skeleton` of ``fn`` for its lifting ``pattern`` (made once: the same function
-    object is the same static part, hence one compiled program)."""
-    table = _SKELETONS.get(fn)
-    if table is None:
-        table = _SKELETONS.setdefault(fn, {})
-    skel = table.get(pattern)
-    if skel is None:
-        skel = table[pattern] = _Skeleton(fn, *pattern[:3])
+    """The :class:`_Skeleton` of ``fn`` for its lifting ``pattern``, made once while it still
+    describes ``fn`` (the same function object is the same static part, hence one compiled
+    program; new code or defaults assigned to it make a new one). Kept in ``fn``'s own
+    ``__dict__``, not in a global table: a skeleton whose cells lead back to ``fn`` (a lambda
+    stored on the object it closes over) then makes a cycle the garbage collector frees, where a
+    global weak-keyed table kept ``fn`` and its arrays alive for good."""
+    table = fn.__dict__.get(_SKELETONS)
+    if not isinstance(table, dict):
+        table = fn.__dict__[_SKELETONS] = {}
+    key = (id(fn), pattern)  # (functools.wraps copies __dict__: a wrapper shares the table)
+    skel = table.get(key)
+    if skel is None or not skel.describes(fn, pattern):
+        skel = table[key] = _Skeleton(fn, *pattern[:3])
     return skel
 
 

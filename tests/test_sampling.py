@@ -1174,3 +1174,33 @@ def test_closure_fn_copies_made_inside_a_trace_stay_callable_and_keep_their_leav
     expected = x @ (5 * _GLOBAL_W) * _GLOBAL_SCALE
     for copied in (copy.copy(tuned), copy.deepcopy(tuned), pickle.loads(pickle.dumps(tuned))):
         np.testing.assert_allclose(copied(x, t), expected)
+
+
+def test_a_lifted_function_stored_on_its_own_object_is_freed_and_new_defaults_are_seen():
+    """Skeletons were kept in a global weak-keyed table whose values led back to their function
+    (a lambda stored on the object it closes over): lifting it once kept it and its arrays alive
+    for good. Defaults reassigned to a function were not seen by a fresh lift (fourth review)."""
+    class Holder:
+        def __init__(self):
+            w = jnp.ones((4, 4))
+            self.scale = 2.0
+            self.fn = lambda x, t: self.scale * x * w[0, 0]
+            self.ref = weakref.ref(w)
+
+    h = Holder()
+    ref = h.ref
+    gf.param.as_pytree_fn(h.fn)
+    del h
+    gc.collect()
+    assert ref() is None
+
+    def f(x, t, k=1.0, w=jnp.eye(2)):
+        return k * (x @ w)
+
+    x = jnp.ones((1, 2))
+    lifted = gf.param.as_pytree_fn(f)
+    np.testing.assert_allclose(lifted(x, 0.5), [[1.0, 1.0]])
+    f.__defaults__ = (5.0, jnp.eye(2))
+    np.testing.assert_allclose(gf.param.as_pytree_fn(f)(x, 0.5), [[5.0, 5.0]])
+    assert jax.tree_util.tree_structure(gf.param.as_pytree_fn(f)) == \
+        jax.tree_util.tree_structure(gf.param.as_pytree_fn(f))  # (one program per function while it stands)

@@ -413,7 +413,8 @@ def fit(
         Compiled chunks are reused by later ``fit`` calls with the same ``step_fn``, ``data``
         function, chunk length and argument types (training in segments compiles once); up to 8
         are kept per step function, for as long as it lives, with the arrays their data
-        functions close over. As with
+        functions close over (a data function that holds the step function's own object, other
+        than as its bound method, e.g. a partial or a lambda over it, keeps that object alive). As with
         ``jax.jit``, values that ``step_fn``, its loss or ``data`` read from closures or globals
         are constants of the compiled chunk: a later call does not see them rebound (a new
         target, another dataset). Build a new step function (:func:`make_train_step` again) or
