@@ -641,6 +641,15 @@ class CoupledBatches:
         if self._thread is not threading.current_thread():
             self._thread.join()
 
+    def __enter__(self):
+        """``with CoupledBatches(...) as stream:`` closes the stream on leaving the block, also when
+        its consumer raised (a kept traceback kept the stream, its thread and a prepared chunk
+        alive until the exception was dropped)."""
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 _LIVE: set = set()  # (stop, thread) of every running stream thread: stopped and joined at exit
 

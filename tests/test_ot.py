@@ -727,3 +727,19 @@ def test_equal_samplers_with_different_data_get_their_own_draws():
     for i in range(12):  # (new noise functions: the sampler's table stays bounded)
         gf_ot._draw_fn(gf.data.moons, 4, 2, lambda k, shape, dtype, i=i: jax.random.normal(k, shape, dtype) * i)
     assert len(gf_ot._DRAWS.table(gf.data.moons)) == gf_ot._DRAWS_PER_SAMPLER
+
+
+def test_coupled_batches_is_a_context_manager_that_closes_on_errors():
+    """``with CoupledBatches(...)``: the stream's thread is stopped on leaving the block, also when
+    the consumer raised (the stream had no context manager: a kept exception kept it running)."""
+    before = _stream_threads()
+    with ot.CoupledBatches(gf.data.moons, 8, jax.random.key(0), chunk=2) as stream:
+        assert next(stream)["x"].shape == (8, 2) and _stream_threads() == before + 1
+    assert _stream_threads() == before
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        with ot.CoupledBatches(gf.data.moons, 8, jax.random.key(0), chunk=2) as stream:
+            next(stream)
+            raise RuntimeError("consumer failed")
+    assert _stream_threads() == before
+    with pytest.raises(StopIteration):
+        next(stream)
