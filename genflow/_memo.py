@@ -128,10 +128,7 @@ def memoised(tag: str, parts: Sequence, extra: tuple, build: Callable[[], Any]):
         out = build()
     if key is not None and not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(out)):
         with PREPARED_LOCK:
-            PREPARED[key] = out
-            PREPARED.move_to_end(key)
-            if len(PREPARED) > PREPARED_SIZE:
-                PREPARED.popitem(last=False)
+            lru_put(PREPARED, key, out, PREPARED_SIZE)
     return out
 
 
@@ -201,6 +198,17 @@ def lru_put(table: collections.OrderedDict, key, value, size: int) -> None:
     table.move_to_end(key)
     while len(table) > size:
         table.popitem(last=False)
+
+
+def cache_owner(fn):
+    """``(owner, func)``: the object whose lifetime the cache entries of ``fn`` follow, and the part of
+    ``fn`` that goes into their key besides it: a bound method is made anew at every attribute
+    access (two accesses of ``ds.sample`` are distinct objects), so its object owns them, keyed by
+    its function; any other callable owns its own (``func`` None)."""
+    self, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
+    if self is not None and func is not None:
+        return self, func
+    return fn, None
 
 
 def without_owner(value, owner):

@@ -497,9 +497,7 @@ def _draw_fn(sampler: Callable, batch_size: int, chunk: int, noise: Callable) ->
     ``sampler`` through a weak reference (a strong one from the kept function would keep its own
     owner alive), so the stream must hold ``sampler`` itself. Raises ``TypeError`` for a sampler
     that cannot be weakly referenced or a ``noise`` that is unhashable."""
-    owner, func = getattr(sampler, "__self__", None), getattr(sampler, "__func__", None)
-    if owner is None or func is None:
-        owner, func = sampler, None
+    owner, func = _memo.cache_owner(sampler)
     key = (func, batch_size, chunk, _memo.without_owner(noise, owner))
     hash(key)
     table = _DRAWS.table(owner)

@@ -262,26 +262,31 @@ class _Skeleton:
     __slots__ = ("code", "globals", "name", "qualname", "module", "cells", "defaults", "kwdefaults", "owner",
                  "__weakref__")
 
-    def __init__(self, fn, cells, defaults, kwdefaults):
+    def __init__(self, fn, pattern):
         self.owner = weakref.ref(fn)
         self.code, self.globals, self.name = fn.__code__, fn.__globals__, fn.__name__
         self.qualname, self.module = fn.__qualname__, fn.__module__
-        self.cells = tuple(None if lifted else c for lifted, c in zip(cells, fn.__closure__ or ()))
-        self.defaults = tuple(None if lifted else v for lifted, v in zip(defaults, fn.__defaults__ or ()))
-        self.kwdefaults = {k: v for k, v in (fn.__kwdefaults__ or {}).items() if k not in kwdefaults}
+        self.cells, self.defaults, self.kwdefaults = _unlifted(fn, pattern)
 
     def describes(self, fn, pattern) -> bool:
         """Whether this skeleton is still ``fn``'s (the same object, code, globals, name, and the same
         objects as its cells and defaults that are not lifted)."""
-        cells, defaults, kwdefaults = pattern[:3]
+        cells, defaults, kwdefaults = _unlifted(fn, pattern)
         same = lambda a, b: len(a) == len(b) and all(x is y for x, y in zip(a, b))  # noqa: E731
         return (self.owner() is fn and self.code is fn.__code__ and self.globals is fn.__globals__
                 and self.name == fn.__name__ and self.qualname == fn.__qualname__
-                and same(self.cells, tuple(None if lifted else c for lifted, c in zip(cells, fn.__closure__ or ())))
-                and same(self.defaults,
-                         tuple(None if lifted else v for lifted, v in zip(defaults, fn.__defaults__ or ())))
-                and self.kwdefaults.keys() == {k for k in (fn.__kwdefaults__ or {}) if k not in kwdefaults}
-                and all(self.kwdefaults[k] is fn.__kwdefaults__[k] for k in self.kwdefaults))
+                and same(self.cells, cells) and same(self.defaults, defaults)
+                and self.kwdefaults.keys() == kwdefaults.keys()
+                and all(self.kwdefaults[k] is kwdefaults[k] for k in kwdefaults))
+
+
+def _unlifted(fn, pattern) -> tuple:
+    """``(cells, defaults, kwdefaults)`` of ``fn`` with the lifted ones left out (None; the lifted
+    keyword defaults dropped): what a :class:`_Skeleton` keeps of it."""
+    cells, defaults, kwdefaults = pattern[:3]
+    return (tuple(None if lifted else c for lifted, c in zip(cells, fn.__closure__ or ())),
+            tuple(None if lifted else v for lifted, v in zip(defaults, fn.__defaults__ or ())),
+            {k: v for k, v in (fn.__kwdefaults__ or {}).items() if k not in kwdefaults})
 
 
 _SKELETONS = "__genflow_skeletons__"  # (a function's own attribute: {(id(fn), pattern): _Skeleton})
@@ -300,7 +305,7 @@ def _skeleton_for(fn, pattern: tuple) -> _Skeleton:
     key = (id(fn), pattern)  # (functools.wraps copies __dict__: a wrapper shares the table)
     skel = table.get(key)
     if skel is None or not skel.describes(fn, pattern):
-        skel = table[key] = _Skeleton(fn, *pattern[:3])
+        skel = table[key] = _Skeleton(fn, pattern)
     return skel
 
 
@@ -322,14 +327,14 @@ class _WeakSame:
 
     __slots__ = ("ref", "hash", "__weakref__")
 
-    def __init__(self, fn):
-        self.ref, self.hash = weakref.ref(fn), id(fn)
+    def __init__(self, skeleton):
+        self.ref, self.hash = weakref.ref(skeleton), id(skeleton)
 
     def __eq__(self, other):
         if type(other) is not _WeakSame:
             return False
-        fn = self.ref()
-        return fn is not None and fn is other.ref()
+        skeleton = self.ref()
+        return skeleton is not None and skeleton is other.ref()
 
     def __hash__(self):
         return self.hash
@@ -516,8 +521,9 @@ def from_sigma_denoiser(denoiser: Callable[[Array, Array], Array], path: Path) -
     floored at 1e-6 there, so the denoiser sees the level ``sigma * 1e6`` (an exact denoiser
     returns the data mean; a network is outside its training range, as at any level above its
     ``sigma_max``: start at the ``t_start`` where ``sigma / alpha`` is the model's ``sigma_max``).
-    ``denoiser`` may be a :func:`functools.partial` of a network's apply and its parameters. Returns a pytree callable (the denoiser's
-    arrays and the path's parameters stay traced, as with :func:`convert_fn`)."""
+    ``denoiser`` may be a :func:`functools.partial` of a network's apply and its parameters.
+    Returns a pytree callable (the denoiser's arrays and the path's parameters stay traced, as
+    with :func:`convert_fn`)."""
     check_path(path)
     if not callable(denoiser):
         raise TypeError(f"denoiser must be a callable denoiser(z, sigma); got {type(denoiser).__name__}")

@@ -520,7 +520,6 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
 # gf.inverse's samplers), keyed by everything they depend on.
 _PREPARED = _memo.PREPARED
 _PREPARED_SIZE = _memo.PREPARED_SIZE
-_value_key, _path_key, _schedule_key = _memo.value_key, _memo.path_key, _memo.schedule_key
 
 
 def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad):
@@ -528,8 +527,9 @@ def _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options,
     explicit grids with hashable arguments (traced option values or grids and callable schedules
     are prepared afresh, and nothing that holds a trace's arrays is kept). A kept entry whose
     arrays were deleted (e.g. a donated ``info.ts``) is prepared again."""
-    options = tuple((k, _value_key(v)) for k, v in sorted(solver_options.items()))
-    parts = (_path_key(path), _schedule_key(schedule), _value_key(steps), _value_key(t_start), _value_key(t_end),
+    key = _memo.value_key
+    options = tuple((k, key(v)) for k, v in sorted(solver_options.items()))
+    parts = (_memo.path_key(path), _memo.schedule_key(schedule), key(steps), key(t_start), key(t_end),
              options if all(k is not None for _, k in options) else None)
     return _memo.memoised("gf.sample", parts, (spec, kinds, bool(pad)),
                           lambda: _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds,

@@ -118,24 +118,14 @@ def _callbacks(callback) -> list[Callable]:
 
 # Compiled chunks shared by successive ``fit`` calls with the same step function, data function,
 # unroll, mesh, chunk length and argument types (a notebook that trains "a bit more", or training in
-# segments with evaluations between them, compiles once). Held per step function, for as long as it
-# lives (keyed by identity: for a bound method, its object's): an executable holds the arrays that the step's
-# loss and the data function close over as constants, and a global LRU of 16 kept up to 16 dropped
-# runs' datasets, each twice (a sweep with a device-resident dataset leaked it per run). At most
-# _COMPILED_PER_STEP per step function, least recently used out.
+# segments with evaluations between them, compiles once). Held per step function, for as long as
+# it lives (keyed by identity: for a bound method, its object's): an executable holds the arrays
+# that the step's loss and the data function close over as constants, and a global LRU of 16 kept
+# up to 16 dropped runs' datasets, each twice (a sweep with a device-resident dataset leaked it per
+# run). At most _COMPILED_PER_STEP per step function, least recently used out.
 _COMPILED = _memo.IdentityTables()
 _COMPILED_PER_STEP = 8
 _COMPILED_STRONG: collections.OrderedDict = collections.OrderedDict()  # (owners that cannot be weakly referenced)
-
-
-def _cache_owner(fn):
-    """``(owner, part)``: the object whose lifetime the cache entries of ``fn`` follow and the part
-    of ``fn`` that goes into their key (a bound method is made anew at every attribute access:
-    its object owns them, keyed by its function)."""
-    self, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
-    if self is not None and func is not None:
-        return self, func
-    return fn, None
 
 
 def _signature(tree) -> tuple:
@@ -151,7 +141,7 @@ def _signature(tree) -> tuple:
 def _compiled_chunk(run, key, state, xs, n):
     """``run.lower(state, xs, n).compile()``, cached under ``key`` (the step function first) + the
     argument signature. Returns ``(executable, compile seconds)``."""
-    owner, part = _cache_owner(key[0])
+    owner, part = _memo.cache_owner(key[0])
     full = (part,) + tuple(_memo.without_owner(k, owner) for k in key[1:]) + (n, _signature(state), _signature(xs))
     size = _COMPILED_PER_STEP
     try:
@@ -414,8 +404,8 @@ def fit(
         function, chunk length and argument types (training in segments compiles once); up to 8
         are kept per step function, for as long as it lives, with the arrays their data
         functions close over (a data function that holds the step function's own object, other
-        than as its bound method, e.g. a partial or a lambda over it, keeps that object alive). As with
-        ``jax.jit``, values that ``step_fn``, its loss or ``data`` read from closures or globals
+        than as its bound method, e.g. a partial or a lambda over it, keeps that object alive).
+        As with ``jax.jit``, values that ``step_fn``, its loss or ``data`` read from closures or globals
         are constants of the compiled chunk: a later call does not see them rebound (a new
         target, another dataset). Build a new step function (:func:`make_train_step` again) or
         carry such values in the batch or the state.
