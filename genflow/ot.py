@@ -72,14 +72,40 @@ __all__ = [
     "CoupledBatches",
 ]
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL: list = [None]  # [the shared ThreadPoolExecutor], grown to the largest ``threads`` asked for
+_POOL_LOCK = threading.Lock()
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    # One shared pool per size (not mutable state the results depend on: only where they run).
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="genflow-ot")
-    return _POOLS[threads]
+def _run_threaded(fn, count: int, threads: int) -> list:
+    """``[fn(k) for k in range(count)]`` on ``threads`` workers of one shared pool (results do not
+    depend on where they run). One pool for every ``threads`` value: a pool per value, never shut
+    down, left a sweep over ``threads`` with all their idle threads. The pool grows (replaced by a
+    larger one, the old one shut down once its tasks end) under a lock also held while submitting,
+    so no call submits to a pool being shut down; each call runs ``min(threads, count)`` tasks that
+    take the next problem from a shared counter (load-balanced as ``pool.map`` was)."""
+    out: list = [None] * count
+    taken = iter(range(count))
+    take_lock = threading.Lock()
+
+    def worker():
+        while True:
+            with take_lock:
+                k = next(taken, None)
+            if k is None:
+                return
+            out[k] = fn(k)
+
+    workers = min(threads, count)
+    with _POOL_LOCK:
+        pool = _POOL[0]
+        if pool is None or pool._max_workers < workers:
+            if pool is not None:
+                pool.shutdown(wait=False)
+            pool = _POOL[0] = ThreadPoolExecutor(workers, thread_name_prefix="genflow-ot")
+        futures = [pool.submit(worker) for _ in range(workers)]
+    for f in futures:
+        f.result()  # (re-raises a worker's exception: the first problem that failed)
+    return out
 
 
 def _default_threads() -> int:
@@ -340,7 +366,7 @@ def _batched(fn, count: int, threads: int | None) -> list:
     threads = _default_threads() if threads is None else int(threads)
     if count <= 1 or threads == 1:
         return [fn(k) for k in range(count)]
-    return list(_pool(threads).map(fn, range(count)))
+    return _run_threaded(fn, count, threads)
 
 
 def _total(v: np.ndarray) -> float:
@@ -575,7 +601,10 @@ class CoupledBatches:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._queue, self._stop, first),
                                         daemon=True, name="genflow-ot-batches")
-        weakref.finalize(self, self._stop.set)
+        old = getattr(self, "_finalizer", None)
+        if old is not None:  # (set_state stopped the old thread: its finalizer, kept till the stream died, is moot)
+            old.detach()
+        self._finalizer = weakref.finalize(self, self._stop.set)
         _LIVE.add((self._stop, self._thread))  # the thread removes itself when it ends
         self._thread.start()
 

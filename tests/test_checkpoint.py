@@ -6,6 +6,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -545,6 +546,19 @@ def test_one_checkpointer_failing_at_exit_does_not_lose_anothers_save(tmp_path):
     assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr[-2000:]
     assert "failed to close at exit" in run.stderr and "disk gone" in run.stderr, run.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "a")) == ["3"]
+
+
+def test_checkpointers_share_one_exit_hook(tmp_path):
+    # Each Checkpointer registered an exit hook of its own, kept for the whole process: a sweep
+    # that made 30 of them left 30 hooks. One hook now closes every checkpointer still open.
+    hooks = threading._threading_atexits  # (CPython's list of threading exit hooks)
+    with gf.train.Checkpointer(str(tmp_path / "first"), save_every=1, async_save=False):
+        pass
+    before = len(hooks)
+    for i in range(30):
+        with gf.train.Checkpointer(str(tmp_path / str(i)), save_every=1, async_save=False):
+            pass
+    assert len(hooks) == before
 
 
 def test_restore_into_an_abstract_target_keeps_a_typed_key(tmp_path):

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -269,6 +270,44 @@ def test_threads_do_not_change_results():
     rng = np.random.default_rng(5)
     c = rng.random((8, 50, 50))
     np.testing.assert_array_equal(ot.solve_assignment(c, threads=1), ot.solve_assignment(c, threads=3))
+
+
+def test_a_sweep_over_threads_does_not_accumulate_idle_threads():
+    # Each distinct threads= value made a thread pool of its own that was never shut down: a
+    # sweep over 2..9 left 44 idle worker threads behind.
+    rng = np.random.default_rng(6)
+    c = rng.random((12, 20, 20))
+    ref = ot.solve_assignment(c, threads=1)
+    before = threading.active_count()
+    for t in range(2, 10):
+        np.testing.assert_array_equal(ot.solve_assignment(c, threads=t), ref)
+    deadline = time.time() + 10
+    while threading.active_count() > before + 9 and time.time() < deadline:
+        time.sleep(0.05)  # (a replaced pool's workers exit once idle)
+    assert threading.active_count() <= before + 9, threading.active_count() - before
+
+
+def test_set_state_does_not_pile_up_finalizers():
+    # Each set_state registered a finalizer of its own, kept until the stream died (the old
+    # threads' stop flags were already set).
+    with ot.CoupledBatches(gf.data.moons, 8, jax.random.key(0), chunk=2, coupling="independent") as stream:
+        next(stream)
+        before = len(weakref.finalize._registry)
+        for i in range(20):
+            stream.set_state({"served": i})
+        assert len(weakref.finalize._registry) == before
+        np.testing.assert_array_equal(next(stream)["x"], stream.prepare(9)[0][1])  # (served 19: chunk 9, row 1)
+
+
+def test_a_failing_problem_raises_from_the_threaded_solve():
+    def fn(k):
+        if k == 4:
+            raise ArithmeticError("problem 4")
+        return k * k
+
+    assert ot._run_threaded(lambda k: k * k, 7, 3) == [k * k for k in range(7)]
+    with pytest.raises(ArithmeticError, match="problem 4"):
+        ot._run_threaded(fn, 7, 3)
 
 
 def test_coupled_batches_are_exact_ot_of_the_independent_stream():

@@ -117,29 +117,38 @@ def _data_state_from_json(stored):
     return stored
 
 
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()  # (open checkpointers, closed at exit)
+_HOOK = threading.Lock()
+_HOOKED: list = []  # ([True] once the exit hook is registered)
+
+
 def _close_at_exit(ckpt) -> None:
     """Close ``ckpt`` (committing its pending saves) when the interpreter exits, if it is still
     open then. A script that saved and returned without ``close()`` left only a
     ``<step>.orbax-checkpoint-tmp`` directory (orbax's commit thread could no longer schedule its
     futures: "cannot schedule new futures after interpreter shutdown"), so the save was lost.
-    The hook runs in ``threading``'s exit hooks, before ``concurrent.futures`` shuts its workers
-    down (a plain ``atexit`` hook runs after them); it holds only a weak reference."""
-    ref = weakref.ref(ckpt)
+    One hook for all checkpointers (held weakly; one hook per instance piled up in a sweep), run
+    in ``threading``'s exit hooks, before ``concurrent.futures`` shuts its workers down (a plain
+    ``atexit`` hook runs after them)."""
+    with _HOOK:
+        _OPEN.add(ckpt)
+        if not _HOOKED:
+            register = getattr(threading, "_register_atexit", None)  # (CPython >= 3.9; else atexit, best effort)
+            try:
+                (register or atexit.register)(_close_open)
+                _HOOKED.append(True)
+            except RuntimeError:  # (registering while the interpreter is already shutting down)
+                pass
 
-    def close():
-        c = ref()
-        if c is not None and not c._closed:
+
+def _close_open() -> None:
+    for c in list(_OPEN):
+        if not c._closed:
             try:  # (threading runs these hooks unguarded: a raise here skipped every later one,
                 c.close()  # other checkpointers' commits included, and the process still exited 0)
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"Checkpointer({c.directory!r}) failed to close at exit, its pending save may be lost: "
                               f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=1)
-
-    register = getattr(threading, "_register_atexit", None)  # (CPython >= 3.9; else atexit, best effort)
-    try:
-        (register or atexit.register)(close)
-    except RuntimeError:  # (registering while the interpreter is already shutting down)
-        pass
 
 
 class Checkpointer:
@@ -233,6 +242,7 @@ class Checkpointer:
         """Commit pending saves and release orbax's threads (also done at interpreter exit)."""
         if not self._closed:
             self._closed = True
+            _OPEN.discard(self)
             self.manager.close()
 
     # -- inspecting -----------------------------------------------------------------------------
