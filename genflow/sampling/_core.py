@@ -285,6 +285,13 @@ def _is_scan(spec) -> bool:
     return spec.stepper is not None and isinstance(run, functools.partial) and run.func is _driver.run
 
 
+def _ends_only(spec) -> bool:
+    """Whether ``spec.run`` reads only the first and last time of the grid when it saves no
+    trajectory: the adaptive Diffrax ODE solves (built-in or :func:`diffrax_solver`)."""
+    run = spec.run
+    return spec.adaptive and isinstance(run, functools.partial) and run.func is _diffrax.ode_solve
+
+
 def _traces_steps(spec) -> bool:
     """Whether ``spec.run`` takes a grid padded to its bucket and a traced ``num_steps``: genflow's
     scan solvers and fixed-step Diffrax ODE solves (built-in or :func:`diffrax_solver`). A user's
@@ -344,7 +351,8 @@ def sample(
         without a saved trajectory, the dedicated solvers and Diffrax's fixed-step ODE solvers
         trace the step count: one compiled program serves every count up to its padding bucket
         (64, 128, ...); under a transformation it is static (see below).
-        The reverse-SDE solvers (``euler_maruyama``, ``shark``) and the adaptive ones compile once
+        The adaptive solvers compile once for every step count (without a saved trajectory, they
+        read only the grid's ends); the reverse-SDE solvers (``euler_maruyama``, ``shark``) once
         per grid length.
       key: PRNG key, required by stochastic solvers.
       schedule: time discretization: a name (see :func:`genflow.sampling.time_grid`), an array of
@@ -513,6 +521,10 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
         n = ts.shape[0] - 1
         ts_run = _driver.pad_grid(ts, _driver.bucket(n))
         grid_options["num_steps"] = jnp.asarray(n, jnp.int32)
+    elif pad and _ends_only(spec):
+        # an adaptive ODE solve without a trajectory reads only the grid's ends: given the whole
+        # grid it compiled once per step count it ignores (~10 MB of programs per value in a sweep)
+        ts_run = jnp.asarray(np.asarray(ts)[[0, -1]])  # (on the host: an eager gather compiled per grid length)
     return ts, ts_run, grid_options
 
 
