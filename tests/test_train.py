@@ -776,6 +776,32 @@ def test_init_state_ema_decays_errors_name_the_argument():
             gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0), ema_decays=bad)
 
 
+def test_init_state_names_a_non_array_leaf_of_params_and_the_way_to_split_a_model():
+    """An equinox Module passed whole failed in jnp.array as "Value '<custom_jvp ...>' with dtype
+    object is not a valid JAX array type", naming neither params nor the leaf; split as the
+    message says, the same model trains."""
+    import equinox as eqx
+
+    net = eqx.nn.MLP(3, 2, 8, 1, key=jax.random.key(0))
+    opt = optax.adam(1e-2)
+    with pytest.raises(TypeError, match=r"params must be a pytree of arrays; the leaf at \.activation .*eqx.partition"):
+        gf.train.init_state(net, opt, jax.random.key(1))
+    with pytest.raises(TypeError, match=r"the leaf at \['act'\] is a str"):
+        gf.train.init_state({"w": jnp.ones(2), "act": "relu"}, opt, jax.random.key(1))
+    params, static = eqx.partition(net, eqx.is_array)
+    state = gf.train.init_state(params, opt, jax.random.key(1))
+    x = jnp.ones((8, 2))
+
+    def loss_fn(p, batch, key):
+        m = eqx.combine(p, static)
+        return gf.losses.flow_matching_loss(lambda x, t: jax.vmap(m)(jnp.concatenate([x, t[:, None]], -1)),
+                                            gf.paths.linear(), batch, key)
+
+    state, hist = gf.train.fit(state, gf.train.make_train_step(loss_fn, opt), lambda k: x, num_steps=40,
+                               chunk_size=20, progress=False)
+    assert float(np.mean(hist["loss"][-5:])) < float(np.mean(hist["loss"][:5]))
+
+
 def test_diffusion_objective_refuses_a_tuple_batch_by_name():
     """A tuple (x, y) failed with a jnp.asarray concatenation error, a tuple (x, x1) with an
     AttributeError, neither naming the batch."""

@@ -7,6 +7,7 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from genflow._checks import check_key, concrete_real
@@ -60,6 +61,20 @@ def _ema_copy(x):
     return jnp.array(x, jnp.promote_types(x.dtype, jnp.float32)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(x)
 
 
+def _check_param_leaves(params) -> None:
+    """Every leaf of ``params`` must be an array or a number: an equinox Module passed whole holds
+    its activation functions as leaves and failed in ``jnp.array`` as "Value '<custom_jvp ...>'
+    with dtype object is not a valid JAX array type", naming neither ``params`` nor the leaf."""
+    for where, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)):
+            raise TypeError(
+                f"params must be a pytree of arrays; the leaf at {jax.tree_util.keystr(where) or 'the root'} is a "
+                f"{type(leaf).__name__} ({leaf!r:.80}). A model object that also holds functions or other "
+                f"non-array fields (an equinox Module, a flax.nnx Module) is split first: "
+                f"params, static = eqx.partition(model, eqx.is_array) (model = eqx.combine(params, static) "
+                f"in the loss), or graphdef, params = nnx.split(model)")
+
+
 def init_state(params, optimizer: optax.GradientTransformation, key: Array,
                ema_decays: tuple[float, ...] = ()) -> TrainState:
     """A fresh :class:`TrainState` (EMA copies start equal to ``params``, floats in float32 or
@@ -74,6 +89,7 @@ def init_state(params, optimizer: optax.GradientTransformation, key: Array,
         if v is None or not 0.0 < v < 1.0:
             raise ValueError(f"ema_decays must lie in (0, 1); got {d!r}")
     check_key(key)  # (an int or a split key array failed inside fit, far from here)
+    _check_param_leaves(params)
     params = jax.tree.map(jnp.array, params)
     ema = {ema_key(d): jax.tree.map(_ema_copy, params) for d in ema_decays}
     # (copied too: an optimizer state may hold the parameters themselves -- prodigy's params0,
