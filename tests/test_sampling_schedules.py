@@ -897,10 +897,31 @@ def test_dense_reference_solves_hold_the_steps_they_take(monkeypatch):
 
 
 
+def test_a_dense_buffer_that_proves_too_small_grows_4x_not_to_max_steps():
+    """The retry went straight to max_steps (4096 by default): the whole buffer that sizing the
+    dense solve avoids (~100 GiB for a few hundred image-sized samples)."""
+    import equinox as eqx
+
+    from genflow.sampling import _optimize as opt_mod
+    tried = []
+
+    def solve(n):
+        tried.append(n)
+        if n < 100:
+            raise eqx.EquinoxRuntimeError("The maximum number of solver steps was reached.")
+        return n
+
+    assert opt_mod._sized_then_full(solve, 16, 4096) == 256 and tried == [16, 64, 256]
+    tried.clear()
+    with pytest.raises(eqx.EquinoxRuntimeError):
+        opt_mod._sized_then_full(solve, 16, 48)
+    assert tried == [16, 48]
+
+
 def test_dense_reference_solves_retry_a_buffer_that_proves_too_small(monkeypatch):
     """The sized dense solve can take a few more steps than the solve it was sized from (the two
     programs may round differently; a review saw up to 6 more in 16 under the suite's XLA flags):
-    a buffer that proves too small is retried with max_steps, here forced with a 2-step buffer.
+    a buffer that proves too small is retried larger, here forced with a 2-step buffer.
     Times or tolerances traced by the caller's jit skip the sizing (they failed in int())."""
     from genflow.sampling import _optimize as opt_mod
     path = gf.paths.linear()

@@ -150,14 +150,18 @@ def _dense_max_steps(model, x1, t_start, t_end, rtol, atol, max_steps: int) -> i
 
 
 def _sized_then_full(solve: Callable[[int], Any], sized: int, full: int):
-    """``solve(sized)``, run again as ``solve(full)`` if its dense buffer of ``sized`` steps
-    proved too small after all (see :func:`_dense_max_steps`)."""
-    try:
-        return solve(sized)
-    except eqx.EquinoxRuntimeError:
-        if sized == full:
-            raise
-        return solve(full)
+    """``solve(sized)``, run again with a buffer 4x as large (at most ``full``) while its dense
+    buffer proves too small after all (see :func:`_dense_max_steps`). (Straight to ``full``, a
+    retry asked for the whole 4096-step buffer that the sizing exists to avoid: ~100 GiB for a few
+    hundred image-sized samples.)"""
+    size = sized
+    while True:
+        try:
+            return solve(size)
+        except eqx.EquinoxRuntimeError:
+            if size >= full:
+                raise
+            size = min(full, 4 * size)
 
 
 @eqx.filter_jit
