@@ -157,6 +157,25 @@ def kept_scalar(value: float):
     return leaf
 
 
+_CONFIG_NAMES = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_device", "jax_numpy_rank_promotion",
+                 "jax_numpy_dtype_promotion", "jax_default_prng_impl", "jax_debug_nans", "jax_debug_infs")
+
+
+def config_key() -> tuple:
+    """The JAX settings that a compiled program depends on, as ``jax.jit`` keys its cache by them
+    (x64, default matmul precision -- also set by ``with jax.default_matmul_precision(...)`` --,
+    default device, promotion rules, PRNG implementation, debug_nans / debug_infs, ...): a cache of
+    ``lower(...).compile()`` executables keyed without them ran a program made under other
+    settings (float32 training after ``jax_enable_x64`` was switched on, default precision inside
+    a ``"highest"`` block). JAX's own key where it has one; else the public settings."""
+    try:
+        from jax._src import config as _jax_config
+
+        return ("jax",) + tuple(_jax_config.trace_context())
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - a JAX without it
+        return tuple(str(getattr(jax.config, name, None)) for name in _CONFIG_NAMES)
+
+
 class IdentityTables:
     """Tables of compiled functions per owner object (a step function, a sampler), keyed by the
     owner's identity and dropped when it dies. Keyed by identity, not equality: two equal objects

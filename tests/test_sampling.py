@@ -977,6 +977,26 @@ def test_adaptive_solves_under_jit_with_a_closed_over_batch(gauss2):
     np.testing.assert_allclose(logp(gauss2.mean), gauss2.log_prob(x1, 0.0, path), rtol=1e-3)  # (the oracle's density)
 
 
+def test_debug_nans_turned_on_after_a_first_call_is_honoured():
+    """JAX's C++ dispatch cache (keyed by the Python function and the static arguments) kept the
+    sampler's entry made with jax_debug_nans off: a sampler that had run once returned NaN samples
+    without the FloatingPointError the user turned on (a fresh process raised; config audit)."""
+    path = gf.paths.linear()
+    fn = lambda x, t: jnp.sqrt(x - 0.5) * 0 + x  # noqa: E731  (NaN where x < 0.5)
+    x1 = jnp.asarray(np.random.RandomState(0).randn(4, 2), jnp.float32)
+    for solver in ("euler", "heun", "dpm++2m"):
+        out, _ = gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=4)
+        assert bool(jnp.any(jnp.isnan(out)))
+        jax.config.update("jax_debug_nans", True)  # (set globally: a `with jax.debug_nans(True)` block was seen)
+        try:
+            with pytest.raises(FloatingPointError, match="nan"):
+                gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=4)
+        finally:
+            jax.config.update("jax_debug_nans", False)
+        out, _ = gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=4)  # (off again: no check)
+        assert bool(jnp.any(jnp.isnan(out)))
+
+
 def test_adaptive_solver_names_non_finite_rows_of_x1(gauss2):
     path = gf.paths.linear()
     x1 = jnp.ones((4, 2)).at[2, 1].set(jnp.inf)

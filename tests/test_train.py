@@ -77,6 +77,62 @@ def test_fit_in_segments_continues_exactly_and_compiles_once():
     assert h3["compile_time"] > 0
 
 
+def test_fit_compiles_anew_under_other_jax_settings():
+    """fit keeps its compiled chunks (lower().compile()) across calls; keyed without JAX's settings,
+    a chunk compiled before x64 was switched on trained in float32 after it (flax parameters stay
+    float32, so the signature matched), and one compiled at default matmul precision ran inside a
+    ``jax.default_matmul_precision("highest")`` block (TF32 on an NVIDIA GPU). jax.jit keys by them."""
+    opt = optax.sgd(0.1)
+    loss = lambda p, b, k: (jnp.mean((b - p["w"]) ** 2) + 0 * (jnp.asarray(1.0) + 1e-10 - 1.0), {})  # noqa: E731
+    step = gf.train.make_train_step(loss, opt)
+    data = lambda k: jax.random.normal(k, (8, 4))  # noqa: E731
+
+    def go(step_fn):
+        state = gf.train.init_state({"w": jnp.zeros(4, jnp.float32)}, opt, jax.random.key(0))
+        return gf.train.fit(state, step_fn, data, 2, chunk_size=2, progress=False)
+
+    _, h = go(step)
+    assert h["loss"].dtype == np.float32 and h["compile_time"] > 0
+    with jax.enable_x64(True):
+        (s_cached, h_cached), (s_fresh, _) = go(step), go(gf.train.make_train_step(loss, opt))
+    assert h_cached["compile_time"] > 0 and h_cached["loss"].dtype == np.float64
+    np.testing.assert_array_equal(s_cached.params["w"], s_fresh.params["w"])
+    assert go(step)[1]["compile_time"] == 0.0  # (back in float32: the first program again)
+    with jax.default_matmul_precision("highest"):
+        assert go(step)[1]["compile_time"] > 0
+
+
+def test_fit_runs_eagerly_under_disable_jit_and_checks_nans_under_debug_nans():
+    """fit's compiled chunks (AOT) refused jax.disable_jit ("Disable jit is not supported in the AOT
+    path"), where a user wants to print inside a loss; with jax_debug_nans on, a cached chunk
+    ignored it (NonFiniteLossError, no culprit), a fresh one raised JAX's private
+    InternalFloatingPointError. Both now go through jax.jit, as a jitted function would."""
+    opt = optax.sgd(0.1)
+    calls = []
+
+    def loss(p, b, k):
+        calls.append(1)
+        return jnp.mean((b - p["w"]) ** 2), {}
+
+    step = gf.train.make_train_step(loss, opt)
+    data = lambda k: jax.random.normal(k, (8, 4))  # noqa: E731
+    fresh = lambda: gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))  # noqa: E731
+    ref, _ = gf.train.fit(fresh(), step, data, 4, chunk_size=2, progress=False)
+    calls.clear()
+    with jax.disable_jit():
+        eager, _ = gf.train.fit(fresh(), step, data, 4, chunk_size=2, progress=False)
+    assert len(calls) >= 4  # (the loss ran in Python at every step)
+    np.testing.assert_allclose(eager.params["w"], ref.params["w"], rtol=1e-5, atol=1e-6)
+
+    bad = gf.train.make_train_step(lambda p, b, k: (jnp.mean(jnp.log(b - 10.0)) + jnp.sum(p["w"]), {}), opt)
+    with pytest.raises(gf.train.NonFiniteLossError):
+        gf.train.fit(fresh(), bad, data, 2, chunk_size=2, progress=False)
+    with jax.debug_nans(True):
+        with pytest.raises(FloatingPointError, match="nan") as info:
+            gf.train.fit(fresh(), bad, data, 2, chunk_size=2, progress=False)
+    assert not isinstance(info.value, gf.train.NonFiniteLossError)
+
+
 def test_compiled_chunks_live_as_long_as_their_step_function():
     """fit's cache of compiled chunks held up to 16 dropped runs' step and data functions, and the
     arrays they close over twice (the closure's and the executable's constant): a sweep with a

@@ -580,6 +580,10 @@ class _QuietCallbackFailure(logging.Filter):
 _QUIET = _QuietCallbackFailure()
 
 
+def _call(fun, *args):
+    return fun(*args)
+
+
 def _leaf_jit(fun):
     """``fun`` compiled as :func:`equinox.filter_jit` does it -- array leaves of the arguments traced,
     every other leaf static (hashed), non-array outputs passed through, the call waited for, and a
@@ -595,6 +599,11 @@ def _leaf_jit(fun):
         return arrays, _StaticOut(other)
 
     run.__name__ = run.__qualname__ = fun.__name__  # (the name in compile logs and profiles)
+    # A second jitted function for calls made with jax_debug_nans / debug_infs on: JAX's C++
+    # dispatch (its cache is keyed by the Python function and the static arguments) kept using an
+    # entry made with them off, so a sampler that had run once returned NaN samples without the
+    # error the user turned on. The other function's entries are all made with the checks on.
+    run_checked = jax.jit(functools.partial(_call, run), static_argnums=(1, 2))
     run = jax.jit(run, static_argnums=(1, 2))
     slow = eqx.filter_jit(fun)  # (only to raise a fired check's error with its message)
     logger = logging.getLogger("jax._src.callback")
@@ -606,7 +615,8 @@ def _leaf_jit(fun):
         static = tuple(_DYNAMIC if eqx.is_array(leaf) else leaf for leaf in leaves)
         logger.addFilter(_QUIET)
         try:
-            arrays, other = run(dynamic, treedef, static)
+            checked = jax.config.jax_debug_nans or jax.config.jax_debug_infs
+            arrays, other = (run_checked if checked else run)(dynamic, treedef, static)
             first = next(iter(jax.tree_util.tree_leaves(arrays)), None)
             if isinstance(first, jax.Array) and not isinstance(first, jax.core.Tracer):
                 first.block_until_ready()  # (a fired check raises here, as under equinox.filter_jit)

@@ -4,6 +4,7 @@ checkpointed)."""
 from __future__ import annotations
 
 import collections
+import functools
 import collections.abc
 import copy
 import time
@@ -138,11 +139,21 @@ def _signature(tree) -> tuple:
     return (treedef,) + tuple(leaf(a) for a in leaves)
 
 
+def _run_checked(run, n, state, xs):
+    return run(state, xs, n)
+
+
 def _compiled_chunk(run, key, state, xs, n):
     """``run.lower(state, xs, n).compile()``, cached under ``key`` (the step function first) + the
     argument signature. Returns ``(executable, compile seconds)``."""
+    if jax.config.jax_disable_jit or jax.config.jax_debug_nans or jax.config.jax_debug_infs:
+        # run through jit itself: under disable_jit it runs the steps eagerly (for prints in a loss;
+        # the AOT path refused with "Disable jit is not supported in the AOT path"), and with
+        # debug_nans / debug_infs it checks the outputs and re-runs op by op to name the culprit
+        return functools.partial(_run_checked, run, n), 0.0
     owner, part = _memo.cache_owner(key[0])
-    full = (part,) + tuple(_memo.without_owner(k, owner) for k in key[1:]) + (n, _signature(state), _signature(xs))
+    full = (part,) + tuple(_memo.without_owner(k, owner) for k in key[1:]) + (n, _signature(state), _signature(xs),
+                                                                              _memo.config_key())
     size = _COMPILED_PER_STEP
     try:
         hash(full)
