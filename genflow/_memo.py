@@ -1,6 +1,8 @@
 """The samplers' memo of host-side preparations (time grids and what they determine), shared by
-``gf.sample`` and ``gf.inverse``'s samplers, and the kept 0-d arrays of Python float
-hyper-parameters handed to their compiled programs.
+``gf.sample`` and ``gf.inverse``'s samplers, the kept 0-d arrays of Python float
+hyper-parameters handed to their compiled programs, the identity-keyed tables of compiled
+programs, and what keys a compiled program by JAX's settings (:func:`config_key`,
+:func:`checked_twin`).
 
 Building a grid runs ~20 small eager JAX operations and several host reads (0.6 ms a call on a
 CPU, several ms on a GPU, where each read waits for the device), which a loop sampling batch after
@@ -174,6 +176,38 @@ def config_key() -> tuple:
         return ("jax",) + tuple(_jax_config.trace_context())
     except (ImportError, AttributeError, TypeError):  # pragma: no cover - a JAX without it
         return tuple(str(getattr(jax.config, name, None)) for name in _CONFIG_NAMES)
+
+
+def checked_twin(fun: Callable, jit: Callable) -> Callable:
+    """``jit(fun)``, dispatched to a second ``jit`` of ``fun`` while ``jax_debug_nans`` or
+    ``jax_debug_infs`` is on. JAX's C++ dispatch cache is keyed by the Python function and the
+    static arguments, not by these flags: a program that had run once with them off kept running
+    unchecked after the user turned one on (NaN samples / log-densities, no error). The twin wraps
+    the raw ``fun``, so its entries are all made with the checks on, and the de-optimized re-run
+    that names the culprit op runs ``fun`` itself."""
+    fast = jit(fun)
+
+    @functools.wraps(fun)
+    def twin(*args, **kwargs):
+        return fun(*args, **kwargs)
+
+    checked = jit(twin)
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        if jax.config.jax_debug_nans or jax.config.jax_debug_infs:
+            return checked(*args, **kwargs)
+        return fast(*args, **kwargs)
+
+    return call
+
+
+def filter_jit(fun: Callable) -> Callable:
+    """``equinox.filter_jit(fun)`` that honours ``jax_debug_nans`` / ``jax_debug_infs`` switched on
+    after a first call (:func:`checked_twin`)."""
+    import equinox as eqx
+
+    return checked_twin(fun, eqx.filter_jit)
 
 
 class IdentityTables:

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow import param
+from genflow import _memo, param
 from genflow._checks import check_int, check_key, flat_batch
 from genflow._precision import matmul
 from genflow.paths import Path, broadcast_t, check_path, check_t
@@ -113,13 +112,13 @@ class Gaussian:
 
     @property
     def cov(self) -> Array:
-        return matmul(self.basis * self.var, self.basis.T)
+        return matmul(self.basis * self.var[None], self.basis.T)
 
     def sample(self, key: Array, n: int) -> Array:
         """``[n, D]`` samples of the data distribution."""
         check_key(key)
         z = jax.random.normal(key, (check_int("n", n, low=0), self.dim), self.mean.dtype)
-        return self.mean + matmul(z * jnp.sqrt(self.var), self.basis.T)
+        return self.mean[None] + matmul(z * jnp.sqrt(self.var)[None], self.basis.T)
 
     def _coords(self, x, t, path):
         """Eigen-coordinates of ``x - alpha mean`` and the marginal variances ``[B, D]``."""
@@ -127,8 +126,10 @@ class Gaussian:
         _check_x(x, self.dim)
         tc = _t_col(t, x)
         a, s = path.alpha(tc), path.sigma(tc)
-        r = matmul(flat_batch(x) - a * self.mean, self.basis)  # (full precision: see genflow._precision)
-        return r, a * a * self.var + s * s, a, s
+        # ([B, 1] times [None]-expanded [D] arrays: explicit broadcasts, which also run under
+        # jax_numpy_rank_promotion='raise', where the implicit [B, 1] * [D] was refused)
+        r = matmul(flat_batch(x) - a * self.mean[None], self.basis)  # (full precision: see genflow._precision)
+        return r, a * a * self.var[None] + s * s, a, s
 
     def x0(self, x: Array, t, path: Path) -> Array:
         """Denoiser ``E[x0 | x_t] = mean + alpha C (alpha^2 C + sigma^2)^-1 (x - alpha mean)``."""
@@ -136,8 +137,8 @@ class Gaussian:
         # m = 0 only where var = 0 and sigma = 0 (a singular covariance at t = 0): the data sit at
         # the mean along that direction (the gain's limit is 0), where a * var / m is 0/0 = NaN
         pos = m > 0
-        gain = jnp.where(pos, a * self.var / jnp.where(pos, m, 1.0), 0.0)
-        out = self.mean + matmul(gain * r, self.basis.T)
+        gain = jnp.where(pos, a * self.var[None] / jnp.where(pos, m, 1.0), 0.0)
+        out = self.mean[None] + matmul(gain * r, self.basis.T)
         return out.reshape(x.shape)
 
     def score(self, x: Array, t, path: Path) -> Array:
@@ -155,8 +156,8 @@ class Gaussian:
         r, m_s, _, _ = self._coords(x, s, path)
         tc = _t_col(t, x)
         a_t, sg_t = path.alpha(tc), path.sigma(tc)
-        m_t = a_t * a_t * self.var + sg_t * sg_t
-        out = a_t * self.mean + matmul(r * jnp.sqrt(m_t / m_s), self.basis.T)
+        m_t = a_t * a_t * self.var[None] + sg_t * sg_t
+        out = a_t * self.mean[None] + matmul(r * jnp.sqrt(m_t / m_s), self.basis.T)
         return out.reshape(x.shape)
 
     def prior_sample(self, key: Array, n: int, path: Path, t=1.0) -> Array:
@@ -166,7 +167,7 @@ class Gaussian:
         check_t(t)
         z = jax.random.normal(key, (check_int("n", n, low=0), self.dim), self.mean.dtype)
         a, s = path.alpha(jnp.asarray(t, z.dtype)), path.sigma(jnp.asarray(t, z.dtype))
-        return a * self.mean + matmul(z * jnp.sqrt(a * a * self.var + s * s), self.basis.T)
+        return a * self.mean[None] + matmul(z * jnp.sqrt(a * a * self.var + s * s)[None], self.basis.T)
 
     def model(self, path: Path, kind: str = "x0") -> "OracleModel":
         """The exact model ``fn(x, t)`` of prediction kind ``kind`` (a pytree callable)."""
@@ -364,7 +365,7 @@ def reference_flow_map(oracle, x: Array, s, t, path: Path, rtol: float | None = 
                                float(atol), int(max_steps), solver)
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _reference_flow_map(oracle, x, s, t, path, rtol, atol, max_steps, solver):
     """The solve of :func:`reference_flow_map`, compiled once per oracle type, shapes and
     tolerances (oracles, paths and times are traced: a new one does not recompile)."""

@@ -510,3 +510,30 @@ def test_broadcast_t_names_a_scalar_x_and_add_noise_checks_t():
     x = jnp.ones((2, 2))
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
         gf.paths.linear().add_noise(x, x, 1.5)  # (alpha(1.5) = -0.5, silently)
+
+
+def test_a_path_with_noise_at_t0_is_refused_where_it_is_sampled_and_scored():
+    """A path written in the other convention (t=0 noise, t=1 data: alpha = t, sigma = 1 - t, as in
+    Meta's flow_matching) was accepted: gf.sample returned samples from the wrong end with no error
+    (mean [-0.41, 1.97] for data of mean [1, -1]) and gf.log_prob NaN (extension audit). Flipped
+    in time, the same path samples the data; every built-in path passes."""
+    rev = gf.paths.Path(alpha_fn=lambda t: t, sigma_fn=lambda t: 1.0 - t, name="reversed")
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -1.0]), jnp.array([0.5, 0.2]))
+    x1 = jax.random.normal(jax.random.key(0), (8, 2))
+    msg = "path 'reversed' does not run from data to noise"
+    for solver in ("euler", "dpm++2m", "tsit5"):
+        with pytest.raises(ValueError, match=msg):
+            gf.sample(g.model(rev, "velocity"), rev, x1, prediction="velocity", solver=solver, steps=10)
+    with pytest.raises(ValueError, match=msg):
+        gf.log_prob(g.model(rev, "velocity"), rev, x1, prediction="velocity")
+    op = gf.inverse.operators.Mask(jnp.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match=msg):
+        gf.inverse.posterior_sample(g.model(rev, "velocity"), rev, x1, op.forward(x1), op, key=jax.random.key(1),
+                                    prediction="velocity", method="dps", steps=4)
+    flipped = gf.paths.Path(alpha_fn=lambda t: 1.0 - t, sigma_fn=lambda t: t, name="flipped")
+    x, _ = gf.sample(g.model(flipped, "velocity"), flipped, x1, prediction="velocity", solver="heun", steps=10)
+    np.testing.assert_allclose(x, g.flow_map(x1, 1.0, 0.0, gf.paths.linear()), atol=0.02)
+    for path in ALL_PATHS.values():
+        gf.paths.check_orientation(path, path.t_min, 1.0)
+    with pytest.raises(ValueError, match=msg):
+        gf.paths.check_orientation(rev, 0.2, 0.7)

@@ -979,22 +979,27 @@ def test_adaptive_solves_under_jit_with_a_closed_over_batch(gauss2):
 
 def test_debug_nans_turned_on_after_a_first_call_is_honoured():
     """JAX's C++ dispatch cache (keyed by the Python function and the static arguments) kept the
-    sampler's entry made with jax_debug_nans off: a sampler that had run once returned NaN samples
-    without the FloatingPointError the user turned on (a fresh process raised; config audit)."""
+    entry made with jax_debug_nans off: a sampler, gf.log_prob or a posterior sampler that had run
+    once returned NaN without the FloatingPointError the user turned on (a fresh process raised;
+    config audit)."""
     path = gf.paths.linear()
     fn = lambda x, t: jnp.sqrt(x - 0.5) * 0 + x  # noqa: E731  (NaN where x < 0.5)
     x1 = jnp.asarray(np.random.RandomState(0).randn(4, 2), jnp.float32)
-    for solver in ("euler", "heun", "dpm++2m"):
-        out, _ = gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=4)
-        assert bool(jnp.any(jnp.isnan(out)))
+    op = gf.inverse.operators.Mask(jnp.array([1.0, 0.0]))
+    calls = {solver: functools.partial(gf.sample, fn, path, x1, prediction="velocity", solver=solver, steps=4)
+             for solver in ("euler", "heun", "dpm++2m")}
+    calls["log_prob"] = functools.partial(gf.log_prob, fn, path, x1, prediction="velocity", solver="heun", steps=4)
+    calls["dps"] = functools.partial(gf.inverse.posterior_sample, fn, path, x1, op.forward(x1), op,
+                                     key=jax.random.key(0), prediction="velocity", method="dps", steps=4)
+    for name, call in calls.items():
+        assert bool(jnp.any(jnp.isnan(call()[0]))), name
         jax.config.update("jax_debug_nans", True)  # (set globally: a `with jax.debug_nans(True)` block was seen)
         try:
             with pytest.raises(FloatingPointError, match="nan"):
-                gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=4)
+                call()
         finally:
             jax.config.update("jax_debug_nans", False)
-        out, _ = gf.sample(fn, path, x1, prediction="velocity", solver=solver, steps=4)  # (off again: no check)
-        assert bool(jnp.any(jnp.isnan(out)))
+        assert bool(jnp.any(jnp.isnan(call()[0]))), name  # (off again: unchecked, as before)
 
 
 def test_adaptive_solver_names_non_finite_rows_of_x1(gauss2):

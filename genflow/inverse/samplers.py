@@ -79,7 +79,6 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -281,7 +280,7 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
     return jax.lax.fori_loop(0, iters, body, init)[0] * norm
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, noise, weight, hp, denoise,
          classes=None):
     # ``classes = (type(op), type(noise))``, static: JAX treats the treedefs of two dataclass types

@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from genflow import _memo
 from genflow._checks import check_int, check_key, check_positive_real, flat_batch
 from genflow.likelihood._ode import log_prob
 from genflow.paths import Path, check_path
@@ -110,7 +110,7 @@ def truncated_normal_dequantize(key: Array, x: Array, path: Path, bin_width: flo
     return z, log_q, t
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _truncated_normal_at(key: Array, x: Array, path: Path, t: Array, bin_width: Array, tau: Array):
     """``(z, log q(z | x))`` of :func:`truncated_normal_dequantize` at its time ``t`` (one compiled
     program: eagerly its ~80 small ops ran one by one)."""

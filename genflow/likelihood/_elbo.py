@@ -31,12 +31,11 @@ import inspect
 import math
 from typing import Any, Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow import param
+from genflow import _memo, param
 from genflow._checks import (check_int, check_key, check_positive_real, check_real_in, concrete_real, flat_batch,
                              split_batch)
 from genflow.likelihood._ode import _check_x, is_zero
@@ -279,7 +278,7 @@ def vdm_elbo(
                          time_sampling, num_t, stratified, as_t(prior_std))
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _vdm_elbo_jit(fn, path, x, key, prediction, levels, t_min, t_max, time_sampling, num_t, stratified, prior_std):
     k_rec, k_diff = jax.random.split(key)
     b = x.shape[0]

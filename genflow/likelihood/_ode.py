@@ -19,14 +19,13 @@ import math
 from typing import Callable
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from genflow import param
+from genflow import _memo, param
 from genflow._checks import check_finite_rows, check_int, check_key, concrete_real, flat_batch, is_int
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
-from genflow.paths import Path, check_path
+from genflow.paths import Path, check_orientation, check_path
 from genflow.sampling._diffrax import per_sample_norm
 
 Array = jax.Array
@@ -237,7 +236,7 @@ def ode_log_prob(
                   rtol, atol, steps, chunk_size, int(max_steps))
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps, chunk_size, max_steps):
     b = x.shape[0]
 
@@ -366,6 +365,8 @@ def log_prob(
     lo, hi = concrete_real(t_min), concrete_real(t_max)  # (None when traced)
     if lo is not None and hi is not None and not lo < hi:
         raise ValueError(f"need t_min < t_max; got t_min={t_min}, t_max={t_max}")
+    if lo is not None and hi is not None:
+        check_orientation(path, lo, hi)  # (a path with noise at t=0 gave NaN log-densities)
     if prediction in ("eps", "score") and is_zero(path.alpha(jnp.asarray(t_max))):
         raise ValueError(f"prediction={prediction!r} cannot be converted to a velocity at t_max={t_max} on path "
                          f"{path.name!r} (alpha = 0 there); pass t_max slightly below 1, e.g. 0.999")

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow._checks import check_int, concrete_real
-from genflow.paths import Path
+from genflow.paths import Path, check_orientation
 from genflow.sampling._driver import bucket
 
 Array = jax.Array
@@ -237,9 +237,18 @@ def _levels_ordered(path: Path, t_start, t_end, sigma_min, sigma_max, start_inf:
 
 
 def sampler_grid(path: Path, steps, schedule, t_start, t_end) -> Array:
-    """:func:`time_grid` as the samplers take it: refused by :func:`check_clean_runs`."""
-    return check_clean_runs(path, time_grid(path, steps, schedule, t_start, t_end),
-                            f"schedule {schedule!r} with steps={steps}" if isinstance(schedule, str) else "schedule")
+    """:func:`time_grid` as the samplers take it: refused by :func:`check_clean_runs`, and for a path
+    whose signal-to-noise ratio does not fall from its end to its start
+    (:func:`genflow.paths.check_orientation`: a path with noise at t=0 sampled from the wrong end,
+    silently)."""
+    ts = check_clean_runs(path, time_grid(path, steps, schedule, t_start, t_end),
+                          f"schedule {schedule!r} with steps={steps}" if isinstance(schedule, str) else "schedule")
+    try:
+        tn = np.asarray(ts)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return ts
+    check_orientation(path, tn[-1], tn[0])
+    return ts
 
 
 def check_clean_runs(path: Path, ts: Array, what: str) -> Array:

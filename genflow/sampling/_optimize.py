@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genflow import param
+from genflow import _memo, param
 from genflow._checks import check_bool, check_int, concrete_real, flat_batch
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
@@ -164,12 +164,12 @@ def _sized_then_full(solve: Callable[[int], Any], sized: int, full: int):
             size = min(full, 4 * size)
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _steps_taken(model, x1, t_start, t_end, rtol, atol, max_steps):
     return jnp.max(_reference_solve(model, x1, t_start, t_end, rtol, atol, max_steps, dense=False)[0].stats["num_steps"])
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _end_states(model, x1, t_start, t_end, rtol, atol, max_steps):
     sols, _, tau_stop, y_stop, d_stop, rho_stop = _reference_solve(model, x1, t_start, t_end, rtol, atol, max_steps,
                                                                    dense=False)
@@ -185,7 +185,7 @@ def _tail(a, s, y_stop, d_stop, rho_stop):
     return a * (d_stop + (s / a / rho_stop) * (y_stop - d_stop))
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _reference_solve(model, x1, t_start, t_end, rtol, atol, max_steps, dense: bool = True):
     """The per-sample solves of :func:`reference_trajectories` (dense unless ``dense=False``) and
     their exact tail."""
@@ -214,7 +214,7 @@ def _reference_solve(model, x1, t_start, t_end, rtol, atol, max_steps, dense: bo
     return sols, tau0, tau_stop, y_stop, d_stop, s_st / a_st
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _trajectories_at(path, sols, tau0, tau_stop, y_stop, d_stop, rho_stop, ts: Array) -> Array:
     """``x_at(ts)`` of :func:`reference_trajectories`: ``[K, B, ...]``."""
     taus = _tau(path, ts)
@@ -247,7 +247,7 @@ def propagation_weights(model: Model, x_at: Callable[[Array], Array], t_start, t
     return jax.tree_util.Partial(_weights_at, model.path, *_growth(model, x_at, t_start, t_end, cap, num))
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _growth(model, x_at, t_start, t_end, cap, num):
     """The log-SNR nodes and the capped log growth factors of :func:`propagation_weights`."""
     path = model.path
@@ -277,7 +277,7 @@ def _growth(model, x_at, t_start, t_end, cap, num):
     return lams, jnp.minimum(log_s, jnp.log(cap))
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _weights_at(path, lams, log_s, query: Array) -> Array:
     """``w(query)`` of :func:`propagation_weights`: ``[K, B]``."""
     lq = jnp.clip(0.5 * path.log_snr(query), lams[0], lams[-1])
@@ -303,7 +303,7 @@ def _scan_solver(solver: str, solver_options: dict):
     return spec, {**{k: v for k, v in spec.run.keywords.items() if k != "stepper"}, **solver_options}
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def schedule_bound(model: Model, ts: Array, x_at: Callable[[Array], Array], solver: str = "dpm++3m",
                    weights: Callable[[Array], Array] | None = None, **solver_options) -> Array:
     """The error bound ``B(ts)`` of ``solver`` on the grid ``ts``, differentiable in ``ts``: the
@@ -410,7 +410,7 @@ def _reference_solve_errors():
                          f"rtol / atol). Diffrax: {str(e).splitlines()[0]}") from e
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def global_error(model: Model, ts: Array, x1: Array, x_end: Array, solver: str = "dpm++3m", **solver_options) -> Array:
     """Mean per-sample rms error of ``solver`` on the grid ``ts`` from ``x1`` against the exact end
     states ``x_end`` (scale-free, like the bound); differentiable in ``ts``. ``model``:
@@ -418,7 +418,7 @@ def global_error(model: Model, ts: Array, x1: Array, x_end: Array, solver: str =
     return jnp.mean(_sample_errors(model, ts, x1, x_end, solver, **solver_options))
 
 
-@eqx.filter_jit
+@_memo.filter_jit
 def _sample_errors(model: Model, ts: Array, x1: Array, x_end: Array, solver: str, **solver_options) -> Array:
     """``[B]`` rms errors of ``solver`` on ``ts`` from ``x1: [B, ...]`` against ``x_end``, in the
     scale-free coordinates ``x / (alpha + sigma)`` of the end time."""
