@@ -634,8 +634,11 @@ def rk4(model, ts, x, key, *, save_trajectory, **_):  # (**_: rtol, atol, max_st
 
 
 # (overwrite=True: re-running the cell replaces this notebook's own solvers; built-in names are never replaced)
+# (evaluates_at_end: k4 is taken at the step's end, so an x0 model on a grid ending at sigma = 0 is
+# refused with a clear error instead of giving NaN; options / traced_options declare keyword options)
 gf.sampling.register(gf.sampling.SolverSpec("rk4", order=4, stochastic=False, nfe_per_step=4, adaptive=False,
-                                            run=rk4, description="classical Runge-Kutta 4 in t (hand-written)"),
+                                            run=rk4, description="classical Runge-Kutta 4 in t (hand-written)",
+                                            evaluates_at_end=True),
                      overwrite=True)
 gf.sampling.register(gf.sampling.diffrax_solver("bosh3", diffrax.Bosh3()), overwrite=True)
 for name in ("rk4", "bosh3"):

@@ -234,3 +234,70 @@ def test_register_checks_options_and_flags(registered):
     with pytest.raises(ValueError, match=r"DDIM with eta > 0 is stochastic: pass key"):
         gf.sample(GAUSS.model(path, "eps"), path, x1, prediction="eps", solver="ddim_copy", steps=4, eta=0.5,
                   t_start=0.99)
+
+
+def test_a_registered_solver_gets_its_own_option_rules(registered):
+    """genflow's rules by option name (rho, snr, beta, ... traced; eta / churn made floats) were
+    applied to user solvers: one whose ``rho`` decided a Python branch failed with an anonymous
+    TracerBoolConversionError, while the same code with the option named ``gamma`` recompiled per
+    value. A user solver now gets static options unless its spec lists them in traced_options."""
+    from conftest import count_compiles
+
+    path = gf.paths.linear()
+    fn = GAUSS.model(path, "velocity")
+    x1 = jax.random.normal(jax.random.key(0), (8, 2))
+
+    def euler(model, ts, x, key, *, rho=7.0, gain=1.0, **_):
+        scale = 1.0 if rho > 1 else 0.5  # (a Python branch: rho must be static)
+        x, _ = jax.lax.scan(lambda x, tt: (x + scale * gain * (tt[1] - tt[0]) * model.velocity(x, tt[0]), None), x,
+                            (ts[:-1], ts[1:]))
+        return x, ts.shape[0] - 1, None, {}
+
+    registered(gf.sampling.SolverSpec("user_rho", 1, False, 1, False, euler, options=("rho", "gain"),
+                                      traced_options=("gain",)))
+    ref, _ = gf.sample(fn, path, x1, prediction="velocity", solver="euler", steps=8)
+    x, _ = gf.sample(fn, path, x1, prediction="velocity", solver="user_rho", steps=8, rho=3.0)
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-6)
+    x, _ = gf.sample(fn, path, x1, prediction="velocity", solver="user_rho", steps=8, rho=0.5, gain=2.0)
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-6)  # (0.5 * 2.0)
+    assert count_compiles(lambda: gf.sample(fn, path, x1, prediction="velocity", solver="user_rho", steps=8, rho=0.5,
+                                            gain=3.0)) == 0  # (gain traced: a new value reuses the program)
+    for bad in (("nope",), "gain"):
+        with pytest.raises(ValueError, match="spec.traced_options must be a tuple of names from spec.options"):
+            gf.sampling.register(gf.sampling.SolverSpec("user_bad", 1, False, 1, False, euler, options=("gain",),
+                                                        traced_options=bad))
+    with pytest.raises(ValueError, match="option gain is traced .* must be a real number"):
+        gf.sample(fn, path, x1, prediction="velocity", solver="user_rho", steps=8, gain="big")
+
+
+def test_a_registered_solver_that_evaluates_at_the_end_is_refused_an_x0_model_ending_at_sigma_0(registered):
+    """A hand-written Heun evaluates the model at the end of each step; with an x0 model on a grid
+    ending at sigma = 0, its velocity is 0/0: NaN samples, where the built-in heun is refused with a
+    clear error. spec.evaluates_at_end declares it (extension audit)."""
+    def heun(model, ts, x, key, **_):
+        def step(x, tt):
+            t, s = tt
+            k1 = model.velocity(x, t)
+            k2 = model.velocity(x + (s - t) * k1, s)
+            return x + (s - t) / 2 * (k1 + k2), None
+
+        return jax.lax.scan(step, x, (ts[:-1], ts[1:]))[0], 2 * (ts.shape[0] - 1), None, {}
+
+    registered(gf.sampling.SolverSpec("user_heun", 2, False, 2, False, heun, evaluates_at_end=True))
+    path = gf.paths.linear()
+    x1 = jax.random.normal(jax.random.key(0), (8, 2))
+    for solver in ("heun", "user_heun"):
+        with pytest.raises(ValueError, match=f"t_end=0.0 has sigma=0 on path 'linear': solver '{solver}' evaluates"):
+            gf.sample(GAUSS.model(path, "x0"), path, x1, prediction="x0", solver=solver, steps=10)
+    x, _ = gf.sample(GAUSS.model(path, "x0"), path, x1, prediction="x0", solver="user_heun", steps=10, t_end=1e-3)
+    ref, _ = gf.sample(GAUSS.model(path, "x0"), path, x1, prediction="x0", solver="heun", steps=10, t_end=1e-3)
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="spec.evaluates_at_end"):
+        gf.sampling.register(gf.sampling.SolverSpec("user_heun2", 2, False, 2, False, heun, evaluates_at_end="yes"))
+
+
+def test_diffrax_solver_refuses_adaptive_steps_without_an_error_estimate():
+    # (registered, then failed at the first gf.sample inside Diffrax)
+    with pytest.raises(ValueError, match="Euler gives no error estimate"):
+        gf.sampling.diffrax_solver("euler_ad", diffrax.Euler(), adaptive=True)
+    assert gf.sampling.diffrax_solver("heun_ad", diffrax.Heun(), adaptive=True).adaptive

@@ -835,3 +835,51 @@ def test_cnf_log_prob_passes_chunk_size_and_max_steps_through():
     np.testing.assert_allclose(lp_chunked, lp, rtol=1e-12)
     with pytest.raises(Exception, match="max_steps|maximum number of solver steps"):
         F.cnf_log_prob(_linear_field, params, x, rtol=1e-12, atol=1e-12, max_steps=2)
+
+
+def test_a_layer_of_ones_own_with_a_misshapen_logdet_or_unhashable_is_named():
+    """A layer returning logdet [B, 1] made log_prob [B, B] by broadcasting, silently; [B, D] failed
+    as "Incompatible shapes for broadcasting"; an unfrozen dataclass layer as JAX's "Non-hashable
+    static arguments" (extension audit). The contract is in gf.flows.Layer's docstring."""
+    import dataclasses
+
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+
+    @dataclasses.dataclass(frozen=True)
+    class ScaleKeep(gf.flows.Layer):
+        keepdims: bool = True
+
+        def forward(self, p, x):
+            ld = jnp.sum(jnp.full(x.shape, jnp.log(2.0)), -1, keepdims=self.keepdims)
+            return 2 * x, ld
+
+        def inverse(self, p, y):
+            return y / 2, -jnp.sum(jnp.full(y.shape, jnp.log(2.0)), -1, keepdims=self.keepdims)
+
+    @dataclasses.dataclass(frozen=True)
+    class ScalePerDim(ScaleKeep):
+        def forward(self, p, x):
+            return 2 * x, jnp.full(x.shape, jnp.log(2.0))
+
+    for bij in (ScaleKeep(), gf.flows.Chain([ScaleKeep()]), ScalePerDim()):
+        flow = gf.flows.Flow(bij, (2,))
+        with pytest.raises(ValueError, match=r"Scale(Keep|PerDim).forward must return \(y, logdet\) with logdet of "
+                                             r"shape \[B\] = \(8,\)"):
+            flow.log_prob(flow.init(jax.random.key(1), x), x)
+    flow = gf.flows.Flow(gf.flows.Chain([ScaleKeep(keepdims=False)]), (2,))
+    params = flow.init(jax.random.key(1), x)
+    logp = flow.log_prob(params, x)
+    ref = jax.scipy.stats.norm.logpdf(2 * x).sum(-1) + 2 * jnp.log(2.0)
+    np.testing.assert_allclose(logp, ref, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"ScaleKeep.inverse must return"):
+        gf.flows.Chain([ScaleKeep()]).inverse(((),), x)
+
+    @dataclasses.dataclass
+    class Unfrozen(gf.flows.Layer):
+        scale: float = 2.0
+
+        def forward(self, p, x):
+            return self.scale * x, jnp.full(x.shape[:1], x.shape[1] * jnp.log(self.scale))
+
+    with pytest.raises(TypeError, match="bijector must be hashable, each layer a frozen dataclass .* Unfrozen is not"):
+        gf.flows.Flow(gf.flows.Chain([ScaleKeep(), Unfrozen()]), (2,))

@@ -856,3 +856,19 @@ def test_eval_params_names_a_partitioned_schedule_free_state():
     state = gf.train.init_state({"a": jnp.ones(3), "b": jnp.ones(2)}, opt, jax.random.key(0))
     with pytest.raises(ValueError, match="schedule-free state for part of the parameters only"):
         gf.train.eval_params(state)
+
+
+def test_register_refuses_names_that_are_other_attributes_of_gf_optim():
+    # (accepted: gf.optim.clip stayed optax.clip while gf.optim.get("clip") built the user's factory)
+    def factory(learning_rate):
+        return optax.sgd(learning_rate)
+
+    for name in ("clip", "chain", "masked", "get", "register"):
+        with pytest.raises(ValueError, match=f"name '{name}' is already an attribute of genflow.optim"):
+            gf.optim.register(name, factory)
+    assert gf.optim.clip is optax.clip
+    gf.optim.register("test_my_sgd", factory)
+    try:
+        assert gf.optim.test_my_sgd is factory and gf.optim.source("test_my_sgd") == "user"
+    finally:
+        gf.optim.unregister("test_my_sgd")

@@ -126,6 +126,13 @@ def test_langevin_corrector_samples_the_marginal(gauss2):
         with pytest.raises(ValueError, match="steps must be"):
             gf.sampling.langevin_correct(model, x, t, jax.random.key(1), steps=bad)
     np.testing.assert_array_equal(gf.sampling.langevin_correct(model, x[:4], t, jax.random.key(1), steps=0), x[:4])
+    # snr / alpha_ratio of -1 or NaN gave all-NaN samples silently (coverage audit)
+    for name, bad in (("snr", -0.1), ("snr", float("nan")), ("alpha_ratio", -1.0), ("alpha_ratio", "1")):
+        with pytest.raises(ValueError, match=f"{name} must be a finite real >= 0"):
+            gf.sampling.langevin_correct(model, x[:4], t, jax.random.key(1), **{name: bad})
+    traced = jax.jit(lambda r: gf.sampling.langevin_correct(model, x[:4], t, jax.random.key(1), alpha_ratio=r))(0.5)
+    np.testing.assert_allclose(traced, gf.sampling.langevin_correct(model, x[:4], t, jax.random.key(1), alpha_ratio=0.5),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

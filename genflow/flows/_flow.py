@@ -30,7 +30,7 @@ import numpy as np
 from genflow._checks import (check_data_batch, check_finite_rows, check_int, check_key, check_positive_real, flat_batch,
                              is_int, split_batch)
 from genflow.flows._layers import (ActNorm, AdditiveCoupling, AffineCoupling, Chain, FactorOut, Invertible1x1Conv,
-                                   Layer, Squeeze, Unsqueeze)
+                                   Layer, Squeeze, Unsqueeze, check_logdet)
 from genflow.likelihood._discrete import uniform_dequantize
 from genflow.likelihood._ode import gaussian_log_prob
 
@@ -51,7 +51,7 @@ def _init(bijector: Layer, key: Array, x: Array):
 @functools.partial(jax.jit, static_argnums=0)
 def _log_prob(bijector: Layer, params, x: Array) -> Array:
     z, ld = bijector.forward(params, x)
-    return gaussian_log_prob(z, 1.0) + ld
+    return gaussian_log_prob(z, 1.0) + check_logdet(bijector, ld, x, "forward")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 4, 5))
@@ -100,6 +100,18 @@ class Flow:
             raise ValueError(f"event_shape must be a tuple of positive ints (e.g. (2,) or (8, 8, 1)); got "
                              f"{self.event_shape!r}")
         object.__setattr__(self, "event_shape", tuple(int(d) for d in shape))
+        try:  # (a plain, unfrozen dataclass layer failed at the first call with JAX's "Non-hashable static arguments")
+            hash(self.bijector)
+        except TypeError:
+            culprit = self.bijector
+            for layer in getattr(culprit, "layers", ()):  # (the layer of a Chain that is not)
+                try:
+                    hash(layer)
+                except TypeError:
+                    culprit = layer
+                    break
+            raise TypeError(f"bijector must be hashable, each layer a frozen dataclass (@dataclasses.dataclass("
+                            f"frozen=True); see gf.flows.Layer); {type(culprit).__name__} is not") from None
 
     def init(self, key: Array, x: Array):
         """Parameters, with data-dependent initialisation on the example batch ``x: [B, *event_shape]``.

@@ -48,8 +48,33 @@ def _wide(a: Array) -> Array:
     return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
+def check_logdet(layer, logdet, x: Array, method: str):
+    """``logdet``, refused unless it is one value per example, ``[B]`` (checked at trace time): a
+    layer of one's own returning ``[B, 1]`` made ``log_prob`` ``[B, B]`` by broadcasting, silently;
+    ``[B, D]`` failed as "Incompatible shapes for broadcasting" without naming the layer."""
+    if getattr(logdet, "shape", None) != (x.shape[0],):
+        raise ValueError(f"{type(layer).__name__}.{method} must return (y, logdet) with logdet of shape [B] = "
+                         f"({x.shape[0]},), one log|det| per example (summed over the event axes); got "
+                         f"{getattr(logdet, 'shape', type(logdet).__name__)}")
+    return logdet
+
+
 class Layer:
-    """Base class: subclasses define ``forward`` and ``inverse`` (and ``init`` if they have params)."""
+    """Base class of the invertible layers; a layer of one's own subclasses it.
+
+    A layer is a frozen dataclass (``@dataclasses.dataclass(frozen=True)``): hashable, since the
+    flow's programs are compiled once per bijector with the layers as static arguments, and its
+    fields are hyper-parameters (parameters live in the ``params`` pytree). It defines:
+
+    * ``forward(params, x) -> (y, logdet)``: ``x, y: [B, ...]``, ``logdet: [B]`` = ``log |det
+      dy/dx|`` per example (summed over the event axes);
+    * ``inverse(params, y) -> (x, logdet)`` with ``logdet = log |det dx/dy|``, the negative of the
+      forward one at the same point;
+    * ``init(key, x) -> params`` if it has parameters (``x``: an example batch; default ``{}``);
+    * ``linear = True`` (class attribute) if its Jacobian does not depend on ``x`` (EBFlow's
+      score-matching objectives then skip its log-determinant).
+
+    ``map`` and ``forward_split`` follow from ``forward``."""
 
     linear: ClassVar[bool] = False
 
@@ -367,24 +392,27 @@ class Chain(Layer):
         self._check_params(params)
         ld = _zeros(x)
         for layer, p in zip(self.layers, params):
+            x_in = x
             x, l = layer.forward(p, x)
-            ld = ld + l
+            ld = ld + check_logdet(layer, l, x_in, "forward")
         return x, ld
 
     def inverse(self, params, y):
         self._check_params(params)
         ld = _zeros(y)
         for layer, p in zip(reversed(self.layers), reversed(params)):
+            y_in = y
             y, l = layer.inverse(p, y)
-            ld = ld + l
+            ld = ld + check_logdet(layer, l, y_in, "inverse")
         return y, ld
 
     def forward_split(self, params, x, linear_logdet=True):
         self._check_params(params)
         nl, li = _zeros(x), _zeros(x)
         for layer, p in zip(self.layers, params):
+            x_in = x
             x, a, b = layer.forward_split(p, x, linear_logdet)
-            nl, li = nl + a, li + b
+            nl, li = nl + check_logdet(layer, a, x_in, "forward"), li + check_logdet(layer, b, x_in, "forward")
         return x, nl, li
 
 

@@ -125,6 +125,13 @@ def register(name: str, factory: Callable[..., optax.GradientTransformation], *,
     if not name:
         raise ValueError("name must be a non-empty str; got ''")
     check_registration("optimizer", name, _owner(name), overwrite)
+    import genflow.optim as _optim_module
+
+    if name not in _TABLE and name in vars(_optim_module):
+        # (gf.optim.clip stayed optax.clip while gf.optim.get("clip") built the user's factory)
+        raise ValueError(f"name {name!r} is already an attribute of genflow.optim (a transform or function, not an "
+                         f"optimizer of the table): gf.optim.{name} and gf.optim.get({name!r}) would differ; pick "
+                         f"another name")
     if not callable(factory):
         raise TypeError(f"factory must be callable (hyper-parameters -> optax.GradientTransformation); got "
                         f"{type(factory).__name__}")

@@ -111,7 +111,29 @@ def check_solver_options(spec, solver: str, options: dict) -> dict:
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for solver {solver!r}; it accepts {list(spec.options)}")
-    return _check_options(spec.name, options, _checked_as(spec))
+    checked_as = _checked_as(spec)
+    if checked_as not in _registry._BUILTIN:  # (a user's own solver: only what its spec declares)
+        return _user_options(spec, options)
+    return _check_options(spec.name, options, checked_as)
+
+
+def _user_options(spec, options: dict) -> dict:
+    """A registered solver's ``options``: those in ``spec.traced_options`` as 0-d float arrays, the
+    others as given (NumPy integers as ints). genflow's own rules by option name (``rho``, ``snr``
+    and the like traced, ``eta`` / ``churn`` made Python floats) are not applied to it: a user
+    solver whose ``rho`` decided a Python branch failed with an anonymous
+    TracerBoolConversionError, and one whose option was named otherwise recompiled per value."""
+    out = {}
+    for name, value in options.items():
+        if isinstance(value, np.integer):
+            value = int(value)
+        elif name in spec.traced_options and not isinstance(value, jax.Array):
+            if concrete_real(value) is None:
+                raise ValueError(f"solver {spec.name!r}: option {name} is traced (spec.traced_options) and must be a "
+                                 f"real number; got {value!r}")
+            value = jnp.asarray(value, dtype=float)
+        out[name] = value
+    return out
 
 
 def _checked_as(spec) -> str:
@@ -206,7 +228,7 @@ def _evaluates_at_end(spec) -> bool:
     Runge-Kutta solver from :func:`diffrax_solver` with a stage at ``c = 1`` or an FSAL last stage
     (a registered ``diffrax.Heun()`` / ``Bosh3()`` / ``Tsit5()`` gave inf / NaN samples silently
     where the built-in ones are refused)."""
-    if _checked_as(spec) in _EVALUATE_AT_END:
+    if spec.evaluates_at_end or _checked_as(spec) in _EVALUATE_AT_END:
         return True
     run = spec.run
     if isinstance(run, functools.partial) and run.func is _diffrax.ode_solve:
@@ -580,10 +602,6 @@ class _QuietCallbackFailure(logging.Filter):
 _QUIET = _QuietCallbackFailure()
 
 
-def _call(fun, *args):
-    return fun(*args)
-
-
 def _leaf_jit(fun):
     """``fun`` compiled as :func:`equinox.filter_jit` does it -- array leaves of the arguments traced,
     every other leaf static (hashed), non-array outputs passed through, the call waited for, and a
@@ -599,12 +617,9 @@ def _leaf_jit(fun):
         return arrays, _StaticOut(other)
 
     run.__name__ = run.__qualname__ = fun.__name__  # (the name in compile logs and profiles)
-    # A second jitted function for calls made with jax_debug_nans / debug_infs on: JAX's C++
-    # dispatch (its cache is keyed by the Python function and the static arguments) kept using an
-    # entry made with them off, so a sampler that had run once returned NaN samples without the
-    # error the user turned on. The other function's entries are all made with the checks on.
-    run_checked = jax.jit(functools.partial(_call, run), static_argnums=(1, 2))
-    run = jax.jit(run, static_argnums=(1, 2))
+    # (with a twin for jax_debug_nans / debug_infs switched on after a first call: JAX's dispatch
+    # cache kept running the unchecked program, NaN samples without the error asked for)
+    run = _memo.checked_twin(run, functools.partial(jax.jit, static_argnums=(1, 2)))
     slow = eqx.filter_jit(fun)  # (only to raise a fired check's error with its message)
     logger = logging.getLogger("jax._src.callback")
 
@@ -615,8 +630,7 @@ def _leaf_jit(fun):
         static = tuple(_DYNAMIC if eqx.is_array(leaf) else leaf for leaf in leaves)
         logger.addFilter(_QUIET)
         try:
-            checked = jax.config.jax_debug_nans or jax.config.jax_debug_infs
-            arrays, other = (run_checked if checked else run)(dynamic, treedef, static)
+            arrays, other = run(dynamic, treedef, static)
             first = next(iter(jax.tree_util.tree_leaves(arrays)), None)
             if isinstance(first, jax.Array) and not isinstance(first, jax.core.Tracer):
                 first.block_until_ready()  # (a fired check raises here, as under equinox.filter_jit)

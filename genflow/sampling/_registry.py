@@ -52,6 +52,15 @@ class SolverSpec:
       stepper: the scan step of genflow's own solvers (used by :func:`optimize_schedule`; a solver
         registered with its own ``run`` is not optimized).
       options: the solver options :func:`genflow.sample` accepts as keyword arguments.
+      traced_options: those of ``options`` passed to ``run`` as traced 0-d float arrays (a new
+        value reuses the compiled sampler, as a guidance scale does; ``run`` must then not branch
+        on them in Python). The others are static: Python values, hashed, one compilation per
+        value. (genflow's own solvers have their own rules, by option name; a registered solver
+        gets only what it declares.)
+      evaluates_at_end: whether ``run`` evaluates the model at the end of a step (a Heun corrector,
+        an FSAL stage): :func:`genflow.sample` then refuses an ``x0`` model on a grid that ends at
+        ``sigma = 0``, where its velocity is 0/0 (NaN samples otherwise), as it does for ``heun``.
+        Read from the tableau for :func:`diffrax_solver` specs.
     """
 
     name: str
@@ -67,6 +76,8 @@ class SolverSpec:
     target: str = "flow_map"
     stepper: Stepper | None = dataclasses.field(default=None, repr=False)
     options: tuple[str, ...] = ()
+    traced_options: tuple[str, ...] = ()
+    evaluates_at_end: bool = False
 
 
 def _ode(solver, nfe_per_step, nfe_init=0, adaptive=False):
@@ -186,7 +197,11 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
       passed: a fixed-step ``run`` takes them and ignores the first three (``**_``). For an
       adaptive solver ``rtol`` / ``atol`` are 0-d arrays in the state's dtype, traced (a new
       tolerance reuses the compiled sampler): no ``float(rtol)`` or Python branching on them;
-      ``options``: the keyword arguments named in ``spec.options`` that the caller gave.
+      ``options``: the keyword arguments named in ``spec.options`` that the caller gave, as
+      given (static: one compilation per value) or, for those in ``spec.traced_options``, as
+      traced 0-d float arrays (no Python branching on them).
+    - a ``run`` that evaluates the model at the end of its steps declares
+      ``evaluates_at_end=True`` (an ``x0`` model is then refused on grids ending at ``sigma = 0``).
     - returns the final state ``[B, ...]``, the number of evaluations (int), the states at
       ``ts`` (``[N + 1, B, ...]``) if ``save_trajectory`` else None, and a dict of statistics
       (may be empty).
@@ -223,6 +238,10 @@ def register(spec: SolverSpec, *, overwrite: bool = False) -> SolverSpec:
     if not isinstance(spec.options, (tuple, list)) or not all(isinstance(o, str) for o in spec.options):
         # (a bare string "scale" was read as the options 's', 'c', 'a', 'l', 'e')
         raise TypeError(f"spec.options must be a tuple of option names (str); got {spec.options!r}")
+    if not isinstance(spec.traced_options, (tuple, list)) or not set(spec.traced_options) <= set(spec.options):
+        raise ValueError(f"spec.traced_options must be a tuple of names from spec.options {tuple(spec.options)}; got "
+                         f"{spec.traced_options!r}")
+    check_bool("spec.evaluates_at_end", spec.evaluates_at_end)
     SOLVERS[spec.name] = spec
     return spec
 
@@ -274,6 +293,13 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
         raise ValueError(f"{type(solver).__name__} is an implicit solver: its evaluations per step depend on its "
                          f"root finder's iterations, so info.nfe could not be exact; the probability-flow ODE is "
                          f"not stiff at sampling step sizes: use an explicit solver")
+    check_bool("adaptive", adaptive)
+    if adaptive and (isinstance(solver, diffrax.Euler)
+                     or getattr(getattr(solver, "tableau", None), "b_error", True) is None):
+        # (accepted, then failed at the first gf.sample: "Cannot use adaptive step sizes with a
+        # solver that does not provide error estimates")
+        raise ValueError(f"{type(solver).__name__} gives no error estimate, which adaptive=True steps by; use an "
+                         f"embedded pair (diffrax.Heun(), Bosh3(), Tsit5(), ...) or adaptive=False")
     counts = _rk_counts(solver)
     # (the counts were trusted: a Bosh3 registered with nfe_per_step=2 reported 2 of its 3
     # evaluations per step in info.nfe, and NFE-matched comparisons were off by that much)

@@ -15,10 +15,12 @@ in low dimensions (the step diverges for samples with a small score).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int, flat_batch
+from genflow._checks import check_int, concrete_real, flat_batch
 from genflow.sampling._driver import Stepper, x_init
 from genflow.sampling._exp import finite_or, sqrt0
 
@@ -35,12 +37,19 @@ def langevin_correct(model, x: Array, t, key: Array, *, snr: float = 0.16, steps
 
     ``x <- x + e score + sqrt(2 e) z`` with ``e = 2 alpha_ratio (snr mean||z|| / mean||score||)^2``
     (Song et al. 2021, Alg. 4-5; means over the batch). ``model``: a
-    :class:`genflow.sampling.Model` (``gf.sampling.Model(fn, path, prediction)``)."""
+    :class:`genflow.sampling.Model` (``gf.sampling.Model(fn, path, prediction)``). ``snr`` and
+    ``alpha_ratio`` are reals >= 0 (traced values pass unchecked); ``alpha_ratio`` scales the
+    step: Song et al.'s ``alpha_i`` of VP SDEs, which the ``pc`` solver passes as
+    ``(alpha(s) / alpha(t))^2`` of the step just taken (1 for VE)."""
     from genflow.sampling._model import Model
 
     if not isinstance(model, Model):  # (a plain function or an oracle model failed as an AttributeError)
         raise TypeError(f"model must be a gf.sampling.Model(fn, path, prediction); got {type(model).__name__}")
     steps = check_int("steps", steps, 0)  # (-1 failed in MLIR, 2.5 as a bare TypeError)
+    for name, value in (("snr", snr), ("alpha_ratio", alpha_ratio)):  # (-1 / NaN gave all-NaN samples silently)
+        v = None if isinstance(value, jax.core.Tracer) else concrete_real(value)
+        if v is not None and not (math.isfinite(v) and v >= 0.0) or v is None and not isinstance(value, jax.Array):
+            raise ValueError(f"{name} must be a finite real >= 0; got {value!r}")
 
     def body(x, k):
         score = model.predict(x, t, "score")
