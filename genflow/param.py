@@ -340,15 +340,33 @@ class _WeakSame:
         return self.hash
 
 
+_LEAF_KINDS: dict = {}  # type -> "jax" (a JAX array), "np" (a NumPy array or scalar) or "other"
+
+
+def _leaf_kind(t: type) -> str:
+    kind = _LEAF_KINDS.get(t)
+    if kind is None:
+        kind = _LEAF_KINDS[t] = ("jax" if issubclass(t, jax.Array) else
+                                 "np" if issubclass(t, (np.ndarray, np.generic)) else "other")
+    return kind
+
+
 def _liftable(value) -> bool:
     """Whether ``value`` is a JAX array or a pytree holding one, with hashable other leaves (they
     become static parts of the pytree: an unhashable one, e.g. a plain dataclass, is left in the
-    function, as before)."""
-    leaves = jax.tree_util.tree_leaves(value)
-    if not any(isinstance(leaf, jax.Array) for leaf in leaves):
+    function, as before). One pass over the leaves, by type (it runs on every sampler call: two
+    ``isinstance`` passes were ~0.3 ms for a 1,000-leaf parameter pytree)."""
+    has_array, others = False, []
+    for leaf in jax.tree_util.tree_leaves(value):
+        kind = _LEAF_KINDS.get(type(leaf)) or _leaf_kind(type(leaf))
+        if kind == "jax":
+            has_array = True
+        elif kind == "other":
+            others.append(leaf)
+    if not has_array:
         return False
     try:
-        hash(tuple(leaf for leaf in leaves if not isinstance(leaf, (jax.Array, np.ndarray, np.generic))))
+        hash(tuple(others))
     except TypeError:
         return False
     return True
