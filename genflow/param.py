@@ -340,14 +340,15 @@ class _WeakSame:
         return self.hash
 
 
-_LEAF_KINDS: dict = {}  # type -> "jax" (a JAX array), "np" (a NumPy array or scalar) or "other"
+_LEAF_KINDS: dict = {}  # type -> "jax" (a JAX array), "tracer", "np" (a NumPy array or scalar) or "other"
 
 
 def _leaf_kind(t: type) -> str:
     kind = _LEAF_KINDS.get(t)
     if kind is None:
-        kind = _LEAF_KINDS[t] = ("jax" if issubclass(t, jax.Array) else
-                                 "np" if issubclass(t, (np.ndarray, np.generic)) else "other")
+        # (a tracer's type is no jax.Array subclass: isinstance decides by its value, per leaf)
+        kind = _LEAF_KINDS[t] = ("tracer" if issubclass(t, jax.core.Tracer) else "jax" if issubclass(t, jax.Array)
+                                 else "np" if issubclass(t, (np.ndarray, np.generic)) else "other")
     return kind
 
 
@@ -359,6 +360,8 @@ def _liftable(value) -> bool:
     has_array, others = False, []
     for leaf in jax.tree_util.tree_leaves(value):
         kind = _LEAF_KINDS.get(type(leaf)) or _leaf_kind(type(leaf))
+        if kind == "tracer":
+            kind = "jax" if isinstance(leaf, jax.Array) else "other"
         if kind == "jax":
             has_array = True
         elif kind == "other":
