@@ -243,7 +243,9 @@ class GaussianMixture:
         if safe:  # m = 0 (var = 0 at sigma = 0) replaced by 1: finite, for callers that override sigma = 0
             m = jnp.where(m > 0, m, 1.0)
         r = flat_batch(x)[:, None, :] - a * self.means[None]  # [B, K, D]
-        logp = -0.5 * jnp.sum(r * r / m + jnp.log(2 * jnp.pi * m), axis=-1) + jax.nn.log_softmax(self.logits)
+        # ([None]: explicit broadcasts of the [K] and [D] arrays, as in Gaussian, for
+        # jax_numpy_rank_promotion='raise')
+        logp = -0.5 * jnp.sum(r * r / m + jnp.log(2 * jnp.pi * m), axis=-1) + jax.nn.log_softmax(self.logits)[None]
         return logp, r, m, a, s
 
     def log_prob(self, x: Array, t, path: Path) -> Array:
@@ -282,7 +284,8 @@ class GaussianMixture:
         """Index of the most responsible component for clean data ``x: [B, D]``; ``[B]``."""
         _check_x(x, self.dim)
         r = flat_batch(x)[:, None, :] - self.means[None]
-        logp = -0.5 * jnp.sum(r * r / self.vars[None] + jnp.log(self.vars[None]), -1) + jax.nn.log_softmax(self.logits)
+        logp = -0.5 * jnp.sum(r * r / self.vars[None] + jnp.log(self.vars[None]), -1)
+        logp = logp + jax.nn.log_softmax(self.logits)[None]
         return jnp.argmax(logp, axis=-1)
 
     def model(self, path: Path, kind: str = "x0") -> "OracleModel":

@@ -1361,3 +1361,63 @@ def test_the_posterior_grid_memo_is_keyed_by_every_argument_it_depends_on():
     x_d, info_d = run(slow)
     assert not info_d.ts.is_deleted()
     np.testing.assert_array_equal(x_d, first)
+
+
+def test_poisson_nll_is_the_poisson_negative_log_likelihood_up_to_log_k_factorial():
+    """PoissonNoise.nll(y, pred) + sum log k! = -sum log Poisson(k; lam) per example, with the
+    counts k = rate (y + 1) / 2 of the measurements and the means lam = rate (pred + 1) / 2."""
+    from scipy.special import gammaln
+    from scipy.stats import poisson
+
+    rate = 20.0
+    noise = inv.PoissonNoise(rate)
+    pred = jax.random.uniform(jax.random.key(0), (3, 4, 4, 1), minval=-0.9, maxval=0.9)
+    y = noise.sample(jax.random.key(1), pred)
+    k = np.rint(rate * (np.asarray(y, np.float64) + 1.0) / 2.0).reshape(3, -1)
+    lam = rate * (np.asarray(pred, np.float64) + 1.0).reshape(3, -1) / 2.0
+    want = -poisson.logpmf(k, lam).sum(1) - gammaln(k + 1.0).sum(1)
+    got = noise.nll(y, pred)
+    assert got.shape == (3,)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # its gradient in pred is the Poisson score's: (rate / 2) (1 - k / lam) per pixel
+    g = jax.grad(lambda q: noise.nll(y, q).sum())(pred)
+    np.testing.assert_allclose(np.asarray(g).reshape(3, -1), rate / 2 * (1 - k / lam), rtol=1e-4, atol=1e-5)
+
+
+def test_posterior_sample_with_a_mask_runs_under_rank_promotion_raise():
+    """A Mask holds one example's shape and multiplied x [B, ...] by implicit rank promotion, so
+    under jax_numpy_rank_promotion='raise' posterior_sample failed ('Operands could not be broadcast
+    together ... (4, 4, 4, 1) (4, 4, 1)'); the batch axis is explicit now, with the same results."""
+    path = gf.paths.vp_cosine()
+    fn = PRIOR.model(path, "eps")
+    op = inv.random_inpainting(jax.random.key(0), S, keep=0.5)
+    x1 = path.prior_sample(jax.random.key(5), (4,) + S)
+    y = op(PRIOR.sample(jax.random.key(6), 4).reshape((4,) + S))
+
+    def run():
+        x, _ = inv.posterior_sample(fn, path, x1, y, op, prediction="eps", method="dps", steps=4, key=jax.random.key(1))
+        return [np.asarray(a) for a in (x, op(x1), op.adjoint(y), op.pinv(y), op.project(x1, y))]
+
+    ref = run()
+    old = jax.config.jax_numpy_rank_promotion
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    try:
+        got = run()
+    finally:
+        jax.config.update("jax_numpy_rank_promotion", old)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_all_lists_of_the_inverse_modules_are_what_gf_inverse_exports():
+    """operators.__all__ lacked kernel_blur (exported by gf.inverse) and oracle.py had no __all__:
+    gf.inverse.__all__ is the union of its modules' lists, and each name is the module's object."""
+    from genflow.inverse import operators, oracle, samplers
+
+    mods = (operators, oracle, samplers)
+    assert all(hasattr(m, "__all__") for m in mods)
+    names = [n for m in mods for n in m.__all__]
+    assert len(names) == len(set(names)) and set(names) == set(inv.__all__)
+    for m in mods:
+        for n in m.__all__:
+            assert getattr(inv, n) is getattr(m, n), n

@@ -612,3 +612,125 @@ def test_a_custom_module_keeps_its_own_y():
     y = jax.nn.one_hot(jnp.array([0, 2]), 3)
     p = m.init(jax.random.key(0), x[:, :2], jnp.zeros(2), y)
     np.testing.assert_array_equal(gf.nets.model_fn(m, p, y=y)(x[:, :2], 0.5), m.apply(p, x[:, :2], jnp.full(2, 0.5), y))
+
+
+# --- NumPy references of the U-Net's blocks (float64, from flax's parameters) ---------------------
+
+def _np_silu(a):
+    return a / (1 + np.exp(-a))
+
+
+def _np_group_norm(x, p, groups, eps=1e-6):
+    """GroupNorm over (H, W, C / groups) per example and group, then the per-channel affine map."""
+    b, hh, ww, c = x.shape
+    g = x.reshape(b, hh, ww, groups, c // groups)
+    mean, var = g.mean((1, 2, 4), keepdims=True), g.var((1, 2, 4), keepdims=True)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * p["scale"] + p["bias"]
+
+
+def _np_conv3x3(x, p):
+    """A 3x3 'SAME' cross-correlation (flax's nn.Conv): kernel [3, 3, in, out], zero padding."""
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    hh, ww = x.shape[1:3]
+    return sum(np.einsum("bhwi,io->bhwo", xp[:, i:i + hh, j:j + ww], p["kernel"][i, j])
+               for i in range(3) for j in range(3)) + p["bias"]
+
+
+def test_res_block_matches_a_numpy_reference_with_random_parameters():
+    """ResBlock = (skip(x) + conv(silu(GN(conv(silu(GN(x))) + Dense(silu(temb))))) / sqrt(2), with
+    score_sde's min(32, C / 4) groups, a 1x1 conv skip when the width changes, and the time
+    embedding added per example and channel after the first conv (only permutation / locality
+    properties were checked: a time embedding without its silu passed)."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    temb = 2.0 * jax.random.normal(jax.random.key(1), (2, 16))  # (negative entries: silu is not linear)
+    for out_ch, skip_rescale in ((16, True), (8, False)):
+        blk = gf.nets.ResBlock(out_ch=out_ch, skip_rescale=skip_rescale)
+        p = _randomize(blk.init(jax.random.key(2), x, temb), jax.random.key(3))
+        q = jax.tree.map(lambda a: np.asarray(a, np.float64), p["params"])
+        xs, ts = np.asarray(x, np.float64), np.asarray(temb, np.float64)
+        h = _np_conv3x3(_np_silu(_np_group_norm(xs, q["GroupNorm_0"], 2)), q["Conv_0"])
+        h = h + (_np_silu(ts) @ q["Dense_0"]["kernel"] + q["Dense_0"]["bias"])[:, None, None, :]
+        h = _np_conv3x3(_np_silu(_np_group_norm(h, q["GroupNorm_1"], out_ch // 4)), q["Conv_1"])
+        skip = xs if out_ch == 8 else xs @ q["skip"]["kernel"][0, 0] + q["skip"]["bias"]
+        want = (skip + h) / (math.sqrt(2.0) if skip_rescale else 1.0)
+        np.testing.assert_allclose(blk.apply(p, x, temb), want, rtol=1e-4, atol=1e-4)
+
+
+def test_attn_block_matches_a_numpy_reference_with_random_parameters():
+    """AttnBlock = (x + proj(softmax(q k^T / sqrt(d_head)) v)) / sqrt(2) over the H*W positions
+    of GN(x), per head: every output pixel mixes all the others (permutation equivariance alone
+    passed without any attention, v in place of the attended values)."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    blk = gf.nets.AttnBlock(num_heads=2)
+    p = _randomize(blk.init(jax.random.key(1), x), jax.random.key(2), scale=0.5)
+    q = jax.tree.map(lambda a: np.asarray(a, np.float64), p["params"])
+    xs = np.asarray(x, np.float64)
+    h = _np_group_norm(xs, q["GroupNorm_0"], 2).reshape(2, 16, 8)
+    qkv = np.einsum("bnc,cthk->bnthk", h, q["qkv"]["kernel"]) + q["qkv"]["bias"]
+    qq, kk, vv = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = np.einsum("bqhk,bshk->bhqs", qq, kk) / np.sqrt(4)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    att = np.einsum("bhqs,bshk->bqhk", w / w.sum(-1, keepdims=True), vv)
+    h = np.einsum("bqhk,hkc->bqc", att, q["proj"]["kernel"]) + q["proj"]["bias"]
+    want = (xs + h.reshape(xs.shape)) / math.sqrt(2.0)
+    out = blk.apply(p, x)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+    # and one pixel changed changes the output at every other position
+    d = np.abs(np.asarray(blk.apply(p, x.at[0, 1, 2].add(1.0)) - out))[0].max(-1)
+    assert np.all(np.delete(d.reshape(-1), 1 * 4 + 2) > 1e-5), d
+
+
+def test_unet_without_resampling_convs_average_pools_and_repeats_pixels():
+    """resample_with_conv=False: the way down is 2x2 average pooling, the way up nearest-neighbour
+    upsampling (read off at the inputs of the residual blocks around them, with random
+    parameters; max pooling passed every other test)."""
+    net = gf.nets.UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resample_with_conv=False)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t = jnp.array([0.2, 0.7])
+    p = _randomize(net.init(jax.random.key(1), x, t), jax.random.key(2))
+    assert sorted(k for k in p["params"] if k.startswith("Conv")) == ["Conv_0"]  # (no resampling convs)
+    calls = []  # (input, output) of each ResBlock, in call order
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, gf.nets.ResBlock) and context.method_name == "__call__":
+            calls.append((np.asarray(args[0]), np.asarray(out)))
+        return out
+
+    with nn.intercept_methods(record):
+        net.apply(p, x, t)
+    # down: RB0 (8x8), pool, RB1 (4x4); middle: RB2, RB3; up: RB4, RB5 (4x4), upsample, RB6, RB7 (8x8)
+    assert [c[0].shape[1] for c in calls] == [8, 4, 4, 4, 4, 4, 8, 8]
+    rb0_out, (rb1_in, _) = calls[0][1], calls[1]
+    pooled = rb0_out.reshape(2, 4, 2, 4, 2, 8).mean((2, 4))
+    np.testing.assert_allclose(rb1_in, pooled, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(calls[5][0][..., -8:], pooled, rtol=1e-5, atol=1e-6)  # the pooled skip
+    rb5_out, rb6_in = calls[5][1], calls[6][0]
+    np.testing.assert_allclose(rb6_in[..., :rb5_out.shape[-1]], np.repeat(np.repeat(rb5_out, 2, 1), 2, 2),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_output_widths_and_class_dim_are_refused_by_the_argument_name():
+    """MLP(out_dim=0) returned [B, D] (``out_dim or D``), UNet / DiT(out_channels=0) C channels;
+    MLP(num_classes=4, class_dim=0) raised a bare ZeroDivisionError and class_dim=-3 an MLIRError."""
+    k = jax.random.key(0)
+    xv, xi, t = jnp.ones((2, 2)), jnp.ones((2, 4, 4, 1)), jnp.zeros(2)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=rf"MLP's out_dim must be a positive int; got {bad}"):
+            gf.nets.MLP(hidden=(4,), out_dim=bad).init(k, xv, t)
+        with pytest.raises(ValueError, match=rf"UNet's out_channels must be a positive int; got {bad}"):
+            gf.nets.UNet(ch=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), out_channels=bad).init(k, xi, t)
+        with pytest.raises(ValueError, match=rf"DiT's out_channels must be a positive int; got {bad}"):
+            gf.nets.DiT(patch_size=2, hidden=8, depth=1, num_heads=2, out_channels=bad).init(k, xi, t)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=rf"MLP's class_dim must be a positive int; got {bad}"):
+            gf.nets.MLP(hidden=(4,), num_classes=4, class_dim=bad).init(k, xv, t)
+    # the valid widths still hold (None: the input's), and an unused class_dim is not checked
+    shape = lambda m, x: jax.eval_shape(lambda: m.apply(m.init(k, x, t), x, t)).shape  # noqa: E731
+    assert shape(gf.nets.MLP(hidden=(4,), out_dim=3), xv) == (2, 3)
+    assert shape(gf.nets.MLP(hidden=(4,), class_dim=0), xv) == (2, 2)
+    assert shape(gf.nets.MLP(hidden=(4,), num_classes=4, class_dim=np.int64(3)), xv) == (2, 2)
+    assert shape(gf.nets.UNet(ch=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), out_channels=3), xi) \
+        == (2, 4, 4, 3)
+    assert shape(gf.nets.DiT(patch_size=2, hidden=8, depth=1, num_heads=2, out_channels=2), xi) == (2, 4, 4, 2)
+    assert shape(gf.nets.DiT(patch_size=2, hidden=8, depth=1, num_heads=2), xi) == (2, 4, 4, 1)

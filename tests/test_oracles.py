@@ -366,3 +366,31 @@ def test_mixture_denoiser_at_clean_data_divides_by_alpha_on_a_custom_path():
     xt = 2.0 * x0  # x_0 = alpha(0) x0 on this path
     np.testing.assert_allclose(gm.x0(xt, jnp.zeros(2), path), x0, rtol=1e-6)
     np.testing.assert_allclose(gm.x0(xt, jnp.full((2,), 1e-4), path), x0, atol=1e-3)  # continuity
+
+
+def test_oracles_run_under_rank_promotion_raise(gauss2):
+    """The oracles' [D] arrays met [B, 1] times and [B, D] points by implicit rank promotion, so
+    under jax_numpy_rank_promotion='raise' a Gaussian's model, log_prob, flow_map and samplers (and
+    a mixture's) failed ('Operands could not be broadcast together ... (4, 1) (2,)'); they
+    broadcast explicitly now, with the same results."""
+    path = gf.paths.vp_cosine()
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    t = jnp.array([0.1, 0.4, 0.6, 0.9])
+    gm = gf.oracles.GaussianMixture.random(jax.random.key(1), k=3, dim=2)
+
+    def run():
+        out = [gauss2.model(path, kind)(x, t) for kind in ("x0", "eps", "velocity", "score")]
+        out += [gauss2.log_prob(x, t, path), gauss2.flow_map(x, 0.9, 0.2, path), gauss2.cov,
+                gauss2.sample(jax.random.key(2), 3), gauss2.prior_sample(jax.random.key(3), 3, path, 0.5)]
+        out += [gm.model(path, "velocity")(x, t), gm.log_prob(x, t, path), gm.nearest_component(x)]
+        return [np.asarray(a) for a in out]
+
+    ref = run()
+    old = jax.config.jax_numpy_rank_promotion
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    try:
+        got = run()
+    finally:
+        jax.config.update("jax_numpy_rank_promotion", old)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -174,3 +174,45 @@ def test_save_writes_to_a_file_object():
     buf = io.BytesIO()
     gf.viz.scatter(np.zeros((4, 2)), path=buf)  # (os.fspath failed on it after the extension fix)
     assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_image_grid_draws_each_image_in_its_own_cell():
+    """image_grid: cell i (row-major) shows image i mapped from [vmin, vmax] to [0, 1] and clipped
+    (grey for one channel, colour for three); cells past N stay empty (only a figure was checked:
+    every cell showing image 0 passed)."""
+    rng = np.random.default_rng(0)
+    imgs = rng.uniform(-1.5, 1.5, size=(5, 4, 6, 1)).astype(np.float32)
+    fig = gf.viz.image_grid(imgs, nrow=3, vmin=-1.0, vmax=1.0)
+    axes = fig.axes
+    assert len(axes) == 6
+    for i, ax in enumerate(axes):
+        if i < 5:
+            assert len(ax.images) == 1 and ax.images[0].get_cmap().name == "gray"
+            np.testing.assert_allclose(np.asarray(ax.images[0].get_array()),
+                                       np.clip((imgs[i, ..., 0] + 1.0) / 2.0, 0, 1), rtol=1e-6)
+        else:
+            assert not ax.images
+    plt.close(fig)
+    rgb = rng.uniform(0.0, 4.0, size=(2, 3, 3, 3)).astype(np.float32)
+    fig = gf.viz.image_grid(rgb, vmin=0.0, vmax=4.0)
+    for i, ax in enumerate(fig.axes[:2]):
+        np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), rgb[i] / 4.0, rtol=1e-6)
+    plt.close(fig)
+
+
+def test_trajectories_draw_the_paths_and_mark_noise_and_data_ends():
+    """trajectories(traj: [T, N, 2]): one line per path through its T points, the first n_paths
+    of them; the noise marker at traj[0] and the data marker at traj[-1] (swapped markers passed
+    a test that only checked a figure was returned)."""
+    rng = np.random.default_rng(1)
+    traj = np.cumsum(rng.normal(size=(5, 7, 2)), axis=0)
+    fig = gf.viz.trajectories(traj, n_paths=4)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 4
+    for i, line in enumerate(ax.lines):
+        np.testing.assert_allclose(np.column_stack(line.get_data()), traj[:, i])
+    marks = {c.get_label(): np.asarray(c.get_offsets()) for c in ax.collections}
+    assert set(marks) == {"t=1 (noise)", "t=0 (data)"}
+    np.testing.assert_allclose(marks["t=1 (noise)"], traj[0, :4])
+    np.testing.assert_allclose(marks["t=0 (data)"], traj[-1, :4])
+    plt.close(fig)

@@ -26,7 +26,7 @@ Array = jax.Array
 
 __all__ = [
     "Operator", "Mask", "AvgPool", "Blur", "Matrix", "Identity",
-    "random_inpainting", "box_inpainting", "super_resolution", "gaussian_blur", "motion_blur",
+    "random_inpainting", "box_inpainting", "super_resolution", "gaussian_blur", "kernel_blur", "motion_blur",
     "compressed_sensing", "denoising",
     "GaussianNoise", "PoissonNoise",
 ]
@@ -145,7 +145,8 @@ class Mask(Operator):
     def _apply(self, x):
         # (the 0/1 mask is exact in any float dtype: a float32 mask promoted bfloat16 x to float32)
         self._check(x)
-        return x * self.mask.astype(_out_dtype(x))  # (an integer x times a float32 mask: float32)
+        # ([None]: an explicit batch axis, so it also runs under jax_numpy_rank_promotion='raise')
+        return x * self.mask.astype(_out_dtype(x))[None]  # (an integer x times a float32 mask: float32)
 
     def forward(self, x):
         return self._apply(x)
@@ -563,6 +564,10 @@ class PoissonNoise:
         return self.rate / 8.0
 
     def nll(self, y: Array, pred: Array) -> Array:
+        """Poisson negative log-likelihood of the counts ``k = rate * (y + 1) / 2`` given the means
+        ``lam = rate * (A x0 + 1) / 2`` (``pred = A x0``), summed per example, without the constant
+        ``sum log k!``: ``sum_i lam_i - k_i log lam_i``, ``lam`` floored at ``1e-6 rate`` (a pixel
+        predicted at or below -1 would give ``log 0``). ``y, pred: [B, ...]`` -> ``[B]``."""
         lam = self.rate * jnp.clip((pred + 1.0) / 2.0, 1e-6, None)
         k = self.rate * (y + 1.0) / 2.0
         return jnp.sum(flat_batch(lam - k * jnp.log(lam)), axis=-1)

@@ -16,6 +16,8 @@ from genflow.inverse.operators import Operator
 
 Array = jax.Array
 
+__all__ = ["linear_gaussian_posterior", "operator_matrix"]
+
 
 def operator_matrix(op: Operator, x_shape: tuple[int, ...]) -> np.ndarray:
     """The dense matrix ``[m, D]`` of a linear operator acting on examples of shape ``x_shape``

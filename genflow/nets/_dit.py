@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from genflow._checks import is_int
+from genflow._checks import check_int, is_int
 from genflow.nets._common import batch_times, label_embedding, sinusoidal_embedding
 
 Array = jax.Array
@@ -135,6 +135,8 @@ class DiT(nn.Module):
         if self.pos_embedding == "sincos" and self.hidden % 4:  # (the error named 'dim')
             raise ValueError(f"DiT's hidden must be divisible by 4 for the sincos position embedding; got "
                              f"{self.hidden}")
+        # (out_channels=0 gave C output channels, as None does)
+        co = ch if self.out_channels is None else check_int("DiT's out_channels", self.out_channels)
         t = batch_times(t, x)
         gh, gw, d = hh // p, ww // p, self.hidden
 
@@ -160,7 +162,6 @@ class DiT(nn.Module):
         shift, scale = jnp.split(nn.Dense(2 * d, kernel_init=_zeros, dtype=self.dtype, name="final_adaLN")(
             nn.silu(c)), 2, axis=-1)
         tok = _modulate(nn.LayerNorm(1e-6, use_bias=False, use_scale=False, dtype=self.dtype)(tok), shift, scale)
-        co = self.out_channels or ch
         out = nn.Dense(p * p * co, kernel_init=_zeros, dtype=self.dtype, name="final")(tok)
         out = out.reshape(b, gh, gw, p, p, co).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, co)
         return out.astype(x.dtype)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genflow._checks import check_int
 from genflow.nets._common import TimeEmbedding, activation, batch_times, label_embedding
 
 Array = jax.Array
@@ -51,6 +52,11 @@ class MLP(nn.Module):
         if self.time_embedding in ("sinusoidal", "fourier") and self.time_dim % 2:  # (the error named 'dim')
             raise ValueError(f"MLP's time_dim must be even for a {self.time_embedding} time embedding; "
                              f"got {self.time_dim}")
+        # (out_dim=0 gave a [B, D] output, as None does; class_dim=0 a ZeroDivisionError in the
+        # embedding's initialiser and -3 an MLIRError)
+        out_dim = x.shape[-1] if self.out_dim is None else check_int("MLP's out_dim", self.out_dim)
+        if self.num_classes is not None:
+            check_int("MLP's class_dim", self.class_dim)
         feats = [x, TimeEmbedding(self.time_dim, self.time_embedding)(t).astype(x.dtype)]
         emb = label_embedding(y, self.num_classes, self.class_dim, x.shape[0], name="Embed_0")
         if emb is not None:
@@ -58,7 +64,7 @@ class MLP(nn.Module):
         h = jnp.concatenate(feats, axis=-1)
         for width in self.hidden:
             h = act(nn.Dense(width, dtype=self.dtype)(h))
-        out = OutputDense(self.out_dim or x.shape[-1], dtype=self.dtype, name=f"Dense_{len(self.hidden)}")(h)
+        out = OutputDense(out_dim, dtype=self.dtype, name=f"Dense_{len(self.hidden)}")(h)
         return out.astype(x.dtype)
 
 

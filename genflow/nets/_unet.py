@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import is_int
+from genflow._checks import check_int, is_int
 from genflow.nets._common import TimeEmbedding, batch_times, label_embedding
 
 Array = jax.Array
@@ -135,6 +135,8 @@ class UNet(nn.Module):
             raise ValueError(f"UNet's dropout must be a rate in [0, 1); got {self.dropout!r}")
         if self.ch % 2:  # (the time embedding of width ch needs it even; its error named 'dim')
             raise ValueError(f"UNet's ch must be even; got {self.ch}")
+        # (out_channels=0 gave C output channels, as None does)
+        out_ch = x.shape[-1] if self.out_channels is None else check_int("UNet's out_channels", self.out_channels)
         factor = 2 ** (levels - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(f"UNet with {levels} levels needs H and W divisible by {factor}; got x.shape={x.shape}")
@@ -184,5 +186,5 @@ class UNet(nn.Module):
         assert not hs
 
         h = nn.silu(nn.GroupNorm(_groups(h.shape[-1]), dtype=dt)(h))
-        out = nn.Conv(self.out_channels or x.shape[-1], (3, 3), kernel_init=_zeros, dtype=dt, name="out")(h)
+        out = nn.Conv(out_ch, (3, 3), kernel_init=_zeros, dtype=dt, name="out")(h)
         return out.astype(x.dtype)
