@@ -256,8 +256,9 @@ def test_a_registered_solver_gets_its_own_option_rules(registered):
     registered(gf.sampling.SolverSpec("user_rho", 1, False, 1, False, euler, options=("rho", "gain"),
                                       traced_options=("gain",)))
     ref, _ = gf.sample(fn, path, x1, prediction="velocity", solver="euler", steps=8)
-    x, _ = gf.sample(fn, path, x1, prediction="velocity", solver="user_rho", steps=8, rho=3.0)
-    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-6)
+    for rho in (3.0, np.float64(3.0), np.float32(3.0), jnp.asarray(3.0), np.array(3.0)):  # (NumPy / JAX scalars too)
+        x, _ = gf.sample(fn, path, x1, prediction="velocity", solver="user_rho", steps=8, rho=rho)
+        np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-6)
     x, _ = gf.sample(fn, path, x1, prediction="velocity", solver="user_rho", steps=8, rho=0.5, gain=2.0)
     np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-6)  # (0.5 * 2.0)
     assert count_compiles(lambda: gf.sample(fn, path, x1, prediction="velocity", solver="user_rho", steps=8, rho=0.5,
@@ -298,6 +299,7 @@ def test_a_registered_solver_that_evaluates_at_the_end_is_refused_an_x0_model_en
 
 def test_diffrax_solver_refuses_adaptive_steps_without_an_error_estimate():
     # (registered, then failed at the first gf.sample inside Diffrax)
-    with pytest.raises(ValueError, match="Euler gives no error estimate"):
-        gf.sampling.diffrax_solver("euler_ad", diffrax.Euler(), adaptive=True)
+    for solver in (diffrax.Euler(), diffrax.LeapfrogMidpoint()):
+        with pytest.raises(ValueError, match=f"{type(solver).__name__} gives no error estimate"):
+            gf.sampling.diffrax_solver("no_err", solver, adaptive=True, nfe_per_step=1, nfe_init=0)
     assert gf.sampling.diffrax_solver("heun_ad", diffrax.Heun(), adaptive=True).adaptive

@@ -119,15 +119,18 @@ def check_solver_options(spec, solver: str, options: dict) -> dict:
 
 def _user_options(spec, options: dict) -> dict:
     """A registered solver's ``options``: those in ``spec.traced_options`` as 0-d float arrays, the
-    others as given (NumPy integers as ints). genflow's own rules by option name (``rho``, ``snr``
-    and the like traced, ``eta`` / ``churn`` made Python floats) are not applied to it: a user
-    solver whose ``rho`` decided a Python branch failed with an anonymous
-    TracerBoolConversionError, and one whose option was named otherwise recompiled per value."""
+    others static (NumPy and concrete 0-d JAX scalars as Python scalars: they would be traced, e.g.
+    a value from an ``np.linspace`` sweep). genflow's own rules by option name (``rho``, ``snr`` and
+    the like traced, ``eta`` / ``churn`` made Python floats) are not applied to it: a user solver
+    whose ``rho`` decided a Python branch failed with an anonymous TracerBoolConversionError, and
+    one whose option was named otherwise recompiled per value."""
     out = {}
     for name, value in options.items():
-        if isinstance(value, np.integer):
-            value = int(value)
-        elif name in spec.traced_options and not isinstance(value, jax.Array):
+        if name not in spec.traced_options:
+            scalar = isinstance(value, (np.ndarray, np.generic, jax.Array)) and jnp.ndim(value) == 0
+            if scalar and not _is_traced(value):
+                value = value.item()
+        elif not isinstance(value, jax.Array):
             if concrete_real(value) is None:
                 raise ValueError(f"solver {spec.name!r}: option {name} is traced (spec.traced_options) and must be a "
                                  f"real number; got {value!r}")

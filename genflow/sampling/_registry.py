@@ -294,8 +294,7 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
                          f"root finder's iterations, so info.nfe could not be exact; the probability-flow ODE is "
                          f"not stiff at sampling step sizes: use an explicit solver")
     check_bool("adaptive", adaptive)
-    if adaptive and (isinstance(solver, diffrax.Euler)
-                     or getattr(getattr(solver, "tableau", None), "b_error", True) is None):
+    if adaptive and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
         # (accepted, then failed at the first gf.sample: "Cannot use adaptive step sizes with a
         # solver that does not provide error estimates")
         raise ValueError(f"{type(solver).__name__} gives no error estimate, which adaptive=True steps by; use an "

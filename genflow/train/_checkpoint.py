@@ -141,6 +141,16 @@ def _close_at_exit(ckpt) -> None:
                 pass
 
 
+def _close_manager(manager, directory) -> None:
+    """Close the orbax manager of a Checkpointer collected without ``close()`` (its pending save
+    committed); a failure is a warning, as at exit."""
+    try:
+        manager.close()
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"Checkpointer({directory!r}) was dropped without close() and failed to close, its pending "
+                      f"save may be lost: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=1)
+
+
 def _close_open() -> None:
     for c in list(_OPEN):
         if not c._closed:
@@ -201,6 +211,9 @@ class Checkpointer:
                                              item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                             "data": ocp.JsonCheckpointHandler()})
         _close_at_exit(self)
+        # (dropped without close(), it left the exit hook's weak set, and its pending save was lost
+        # at exit; the finalizer holds only the manager, and commits the save when it is collected)
+        self._finalizer = weakref.finalize(self, _close_manager, self.manager, self.directory)
 
     # -- saving -------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -243,6 +256,7 @@ class Checkpointer:
         if not self._closed:
             self._closed = True
             _OPEN.discard(self)
+            self._finalizer.detach()
             self.manager.close()
 
     # -- inspecting -----------------------------------------------------------------------------

@@ -143,14 +143,14 @@ def _run_checked(run, n, state, xs):
     return run(state, xs, n)
 
 
-def _compiled_chunk(run, key, state, xs, n):
+def _compiled_chunk(run, run_checked, key, state, xs, n):
     """``run.lower(state, xs, n).compile()``, cached under ``key`` (the step function first) + the
     argument signature. Returns ``(executable, compile seconds)``."""
     if jax.config.jax_disable_jit or jax.config.jax_debug_nans or jax.config.jax_debug_infs:
         # run through jit itself: under disable_jit it runs the steps eagerly (for prints in a loss;
         # the AOT path refused with "Disable jit is not supported in the AOT path"), and with
         # debug_nans / debug_infs it checks the outputs and re-runs op by op to name the culprit
-        return functools.partial(_run_checked, run, n), 0.0
+        return functools.partial(_run_checked, run_checked, n), 0.0
     owner, part = _memo.cache_owner(key[0])
     full = (part,) + tuple(_memo.without_owner(k, owner) for k in key[1:]) + (n, _signature(state), _signature(xs),
                                                                               _memo.config_key())
@@ -481,15 +481,17 @@ def fit(
     iterator = None if on_device else iter(data)
     state = _unaliased(state)
     chunk = _chunk_fn(step_fn, data if on_device else None, unroll, mesh)
-    if mesh is None:
-        run = jax.jit(chunk, static_argnums=2, donate_argnums=0)
-    else:
+    jit_kw = {}
+    if mesh is not None:
         shd.check_auto_axes(mesh)
         state_sh = shd.tree_shardings(state, mesh, min_shard_size)
         state = shd.place(state, state_sh)
         xs_sh = None if on_device else shd.batch_sharding(mesh, stacked=True)
-        run = jax.jit(chunk, static_argnums=2, donate_argnums=0, in_shardings=(state_sh, xs_sh),
-                      out_shardings=(state_sh, shd.replicated(mesh)))
+        jit_kw = dict(in_shardings=(state_sh, xs_sh), out_shardings=(state_sh, shd.replicated(mesh)))
+    run = jax.jit(chunk, static_argnums=2, donate_argnums=0, **jit_kw)
+    # (for jax.disable_jit / debug_nans / debug_infs: jax.jit itself, without donation -- under
+    # debug_infs JAX keeps donating, and its op-by-op re-run then read deleted buffers)
+    run_checked = jax.jit(chunk, static_argnums=2, **jit_kw)
     compiled: dict[int, Callable] = {}
     cache_key = (step_fn, data if on_device else None, unroll, mesh, min_shard_size if mesh is not None else None)
     callbacks = _callbacks(callback)
@@ -534,7 +536,7 @@ def fit(
             # that grow during training, reused the first executable and failed with an x64 hint)
             ck = (n, _signature(xs))
             if ck not in compiled:
-                compiled[ck], dt_compile = _compiled_chunk(run, cache_key, state, xs, n)
+                compiled[ck], dt_compile = _compiled_chunk(run, run_checked, cache_key, state, xs, n)
                 compile_time += dt_compile
             t0 = time.perf_counter()
             logged_chunks = len(history.get("finite", []))  # ("finite" is in every chunk's metrics)
