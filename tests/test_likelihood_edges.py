@@ -282,3 +282,32 @@ def test_likelihood_objective_passes_labels_and_refuses_unknown_batch_keys():
         lo(p, {"x": x, "x1": x}, k)
     with pytest.raises(TypeError, match="likelihood_objective: .*label_dropout"):
         gf.likelihood.likelihood_objective(net.apply, gf.paths.vp_linear(), label_dropout=0.1)
+
+
+_ALPHA_CALLS: list = []
+
+
+def _counted_alpha(t):
+    _ALPHA_CALLS.append(1)
+    return 1.0 - t
+
+
+def test_log_prob_checks_its_path_once_per_path_ends_and_kind():
+    """gf.log_prob evaluated the path eagerly on every call to check its ends and orientation (~0.3
+    ms a call, a host read each); they are memoised under the path's value, ends and kind. A path
+    with noise at t=0 is still refused on every call."""
+    calls = _ALPHA_CALLS  # (a module global: a closure over the list would make the path unkeyed, never memoised)
+    path = gf.paths.Path(alpha_fn=_counted_alpha, sigma_fn=lambda t: t, name="counted")
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -1.0]), jnp.array([0.5, 0.2]))
+    fn, x = g.model(gf.paths.linear(), "eps"), jnp.ones((4, 2))
+    first, _ = gf.log_prob(fn, path, x, prediction="eps", solver="heun", steps=64, t_max=0.999)
+    calls.clear()
+    again, _ = gf.log_prob(fn, path, x, prediction="eps", solver="heun", steps=64, t_max=0.999)
+    assert calls == [] and np.array_equal(first, again)
+    np.testing.assert_allclose(first, g.log_prob(x, 0.0, gf.paths.linear()), atol=2e-2)  # (from t_max=0.999)
+    gf.log_prob(fn, path, x, prediction="eps", solver="heun", steps=64, t_max=0.999, t_min=1e-3)
+    assert calls  # (new ends: checked again)
+    rev = gf.paths.Path(alpha_fn=lambda t: t, sigma_fn=lambda t: 1.0 - t, name="reversed")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="does not run from data to noise"):
+            gf.log_prob(fn, rev, x, prediction="velocity")
