@@ -48,6 +48,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import genflow as gf  # noqa: E402
@@ -69,6 +70,20 @@ def count_compiles(run) -> int:
     finally:
         logging.getLogger("jax").removeHandler(handler)
     return sum("Compiling" in r.getMessage() for r in records)
+
+
+def assert_same_under_strict_rank_promotion(run, rtol=1e-5, atol=1e-6) -> None:
+    """``run()`` (a list of arrays) gives the same values with ``jax_numpy_rank_promotion='raise'``
+    as with the setting of the moment (restored after)."""
+    ref = run()
+    old = jax.config.jax_numpy_rank_promotion
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    try:
+        got = run()
+    finally:
+        jax.config.update("jax_numpy_rank_promotion", old)
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.fixture(params=sorted(ALL_PATHS))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import genflow as gf
-from conftest import count_compiles
+from conftest import count_compiles, assert_same_under_strict_rank_promotion
 from genflow import inverse as inv
 
 S = (4, 4, 1)
@@ -1398,15 +1398,7 @@ def test_posterior_sample_with_a_mask_runs_under_rank_promotion_raise():
         x, _ = inv.posterior_sample(fn, path, x1, y, op, prediction="eps", method="dps", steps=4, key=jax.random.key(1))
         return [np.asarray(a) for a in (x, op(x1), op.adjoint(y), op.pinv(y), op.project(x1, y))]
 
-    ref = run()
-    old = jax.config.jax_numpy_rank_promotion
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    try:
-        got = run()
-    finally:
-        jax.config.update("jax_numpy_rank_promotion", old)
-    for a, b in zip(got, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_same_under_strict_rank_promotion(run)
 
 
 def test_all_lists_of_the_inverse_modules_are_what_gf_inverse_exports():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import genflow as gf
+from conftest import assert_same_under_strict_rank_promotion
 
 
 def test_gaussian_score_is_grad_log_prob_and_tweedie(gauss2):
@@ -385,12 +386,4 @@ def test_oracles_run_under_rank_promotion_raise(gauss2):
         out += [gm.model(path, "velocity")(x, t), gm.log_prob(x, t, path), gm.nearest_component(x)]
         return [np.asarray(a) for a in out]
 
-    ref = run()
-    old = jax.config.jax_numpy_rank_promotion
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    try:
-        got = run()
-    finally:
-        jax.config.update("jax_numpy_rank_promotion", old)
-    for a, b in zip(got, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_same_under_strict_rank_promotion(run)
