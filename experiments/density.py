@@ -5,7 +5,7 @@ Writes ``density_2d.png`` (heat maps of every model's density), ``samples_2d.png
 on the digits with uniform dequantization), training time per step and compile time.
 
     python experiments/density.py                   # a few minutes on 2 CPU cores
-    python experiments/density.py --quick           # seconds: the end-to-end test
+    python experiments/density.py --quick           # ~2 minutes on 2 CPU cores (mostly compiling): the end-to-end test
     python experiments/density.py --dataset checkerboard --steps_2d 4000
 
 Models (each trained with gf.train.fit):

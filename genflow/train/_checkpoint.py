@@ -9,7 +9,7 @@ half-written one is ignored (and cleaned up) on restart.
 
     ckpt = gf.train.Checkpointer("runs/x/ckpt", save_every=1000, keep=3)
     state, data_state = ckpt.restore_or(state)          # resume if a checkpoint exists
-    if data_state is not None:
+    if data_state:                                      # None without a checkpoint, {} for a batch_fn(key)
         loader.set_state(data_state)                    # the data iterator continues where it was
     state, hist = gf.train.fit(state, step, loader, num_steps - int(state.step), checkpointer=ckpt)
 """
