@@ -59,7 +59,12 @@ def holds_state(fn, depth: int = 0) -> bool:
     schedule's network parameters), so such paths are not memoised."""
     if fn is None:
         return False
-    if isinstance(fn, functools.partial) or getattr(fn, "__defaults__", None) or getattr(fn, "__kwdefaults__", None):
+    if not isinstance(fn, types.FunctionType):
+        # (a callable object or a bound method may hold -- and change -- data of its own: keyed by
+        # identity, a memo went stale when it changed (log_prob's checks passed a path reversed in
+        # place; review) and kept its data alive)
+        return True
+    if getattr(fn, "__defaults__", None) or getattr(fn, "__kwdefaults__", None):
         return True
     # a closure over plain functions that hold nothing themselves (the built-in ve / edm paths'
     # log_snr wraps their sigma function) holds no data: those paths were prepared afresh on every

@@ -127,7 +127,8 @@ def _user_options(spec, options: dict) -> dict:
     out = {}
     for name, value in options.items():
         if name not in spec.traced_options:
-            scalar = isinstance(value, (np.ndarray, np.generic, jax.Array)) and jnp.ndim(value) == 0
+            scalar = isinstance(value, (np.ndarray, np.generic, jax.Array)) and jnp.ndim(value) == 0 \
+                and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended)  # (a typed PRNG key has no item())
             if scalar and not _is_traced(value):
                 value = value.item()
         elif not isinstance(value, jax.Array):

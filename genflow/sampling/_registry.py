@@ -257,7 +257,9 @@ def _rk_counts(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
     """``(nfe_per_step, nfe_init)`` of an explicit Runge-Kutta Diffrax solver, read from its
     tableau (an FSAL method evaluates its first stage once, before the first step); ``None`` for
     other solvers (implicit ones evaluate inside a root find)."""
-    if isinstance(solver, diffrax.Euler):
+    if isinstance(solver, diffrax.AbstractWrappedSolver):  # (HalfSolver(Euler()) is an Euler: 3 evaluations a step, not 1)
+        return None
+    if type(solver) is diffrax.Euler:
         return 1, 0
     tableau = getattr(solver, "tableau", None)
     if not isinstance(solver, diffrax.AbstractERK) or tableau is None:
@@ -294,6 +296,12 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
                          f"root finder's iterations, so info.nfe could not be exact; the probability-flow ODE is "
                          f"not stiff at sampling step sizes: use an explicit solver")
     check_bool("adaptive", adaptive)
+    structure = getattr(solver, "term_structure", None)
+    if not (isinstance(structure, type) and issubclass(structure, diffrax.AbstractTerm)):
+        # (ShARK / SPaRK / ALIGN were accepted and failed at the first sample inside Diffrax)
+        raise ValueError(f"{type(solver).__name__} solves SDEs (its term structure is not a single term): diffrax_solver wraps ODE "
+                         f"solvers of the probability-flow ODE; genflow's reverse-SDE solvers are 'euler_maruyama' "
+                         f"and 'shark'")
     if adaptive and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
         # (accepted, then failed at the first gf.sample: "Cannot use adaptive step sizes with a
         # solver that does not provide error estimates")
