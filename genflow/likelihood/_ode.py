@@ -194,7 +194,9 @@ def ode_log_prob(
       log_prior: ``log p_t1(z: [B, ...]) -> [B]``.
       t0, t1: integration interval, from ``t0`` to ``t1`` (usually ``t0 < t1``; either order is integrated).
       trace: ``"exact"`` (D Jacobian columns by forward mode) or ``"hutchinson"``.
-      key: PRNG key for the Hutchinson probes (fixed along the whole trajectory).
+      key: PRNG key for the Hutchinson probes (fixed along the whole trajectory; drawn for the
+        whole batch, so a sample's estimate depends on its position and batch size -- unbiased in
+        each, but not reproducible in another batch).
       num_probes: probes per right-hand-side evaluation (Hutchinson).
       probe: ``"rademacher"`` or ``"gaussian"``.
       solver: one of :data:`SOLVERS`; adaptive ones (PID control with ``rtol``, ``atol``) unless
@@ -341,7 +343,8 @@ def log_prob(
       path: the Gaussian path the model was trained with.
       x: ``[B, ...]`` data points (float64 for tight tolerances).
       prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.
-      trace: ``"exact"`` or ``"hutchinson"`` (then ``key``, ``num_probes``, ``probe``).
+      trace: ``"exact"`` or ``"hutchinson"`` (then ``key``, ``num_probes``, ``probe``; the probes are
+        drawn for the whole batch: a sample's estimate depends on its batch, see :func:`ode_log_prob`).
       solver, rtol, atol, steps, adjoint, chunk_size, max_steps: see :func:`ode_log_prob`.
       t_min: data end of the integration (default ``path.t_min``); the result is ``log p_tmin``.
       t_max: noise end (default 1). Eps / score models on a path with ``alpha(t_max) = 0``
