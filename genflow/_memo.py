@@ -53,12 +53,17 @@ def value_key(value):
     return type(value), value
 
 
+_JITTED = type(jax.jit(lambda: 0))
+
+
 def holds_state(fn, depth: int = 0) -> bool:
     """Whether a path function carries data of its own (a closure's cells, default arguments, a
     partial's arguments): a memo key holding it would keep that data alive (e.g. a learned
     schedule's network parameters), so such paths are not memoised."""
     if fn is None:
         return False
+    if isinstance(fn, _JITTED):  # (a jitted plain function holds what the function holds; review)
+        return holds_state(getattr(fn, "__wrapped__", None) or functools.partial(fn), depth + 1)
     if not isinstance(fn, types.FunctionType):
         # (a callable object or a bound method may hold -- and change -- data of its own: keyed by
         # identity, a memo went stale when it changed (log_prob's checks passed a path reversed in

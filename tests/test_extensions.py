@@ -4,6 +4,7 @@ jax.grad, guidance formula, optimizer, coupling): they work, or fail naming the 
 
 import dataclasses
 import re
+import typing
 
 import diffrax
 import jax
@@ -304,11 +305,16 @@ def test_diffrax_solver_refuses_adaptive_steps_without_an_error_estimate():
             gf.sampling.diffrax_solver("no_err", solver, adaptive=True, nfe_per_step=1, nfe_init=0)
     # SDE solvers were accepted and failed at the first sample inside Diffrax (review)
     for solver in (diffrax.ShARK(), diffrax.SPaRK(), diffrax.ALIGN(0.1)):
-        with pytest.raises(ValueError, match=f"{type(solver).__name__} solves SDEs"):
+        with pytest.raises(ValueError, match=f"{type(solver).__name__} needs more than one term"):
             gf.sampling.diffrax_solver("sde", solver, nfe_per_step=2, order=1)
+
+    class MyEuler(diffrax.Euler):  # (a generic single-term structure is one term: refused as an SDE solver)
+        term_structure: typing.ClassVar = diffrax.AbstractTerm[typing.Any, typing.Any]
+
+    assert gf.sampling.diffrax_solver("my_euler", MyEuler(), nfe_per_step=1).nfe_per_step == 1
     # a wrapped solver's evaluations are not its inner tableau's: HalfSolver(Euler()) took Euler's 1
     # per step and info.nfe counted a third of the calls (review); its count must be given
-    with pytest.raises(ValueError, match="nfe_per_step is needed for HalfSolver"):
+    with pytest.raises(ValueError, match="nfe_per_step is needed for HalfSolver .* and nfe_init"):
         gf.sampling.diffrax_solver("half", diffrax.HalfSolver(diffrax.Euler()), adaptive=True)
     assert gf.sampling.diffrax_solver("heun_ad", diffrax.Heun(), adaptive=True).adaptive
 
@@ -338,6 +344,10 @@ def test_a_path_of_callable_objects_is_checked_afresh_when_they_change():
         def __call__(self, t):
             return t if self.flip else 1.0 - t
 
+    # (a jitted plain function holds nothing: such a path stays memoised; review)
+    jitted = gf.paths.Path(alpha_fn=jax.jit(lambda t: 1.0 - t), sigma_fn=jax.jit(lambda t: t), name="jitted")
+    assert gf._memo.path_key(jitted) is not None and gf._memo.path_key(gf.paths.Path(alpha_fn=Lin(False),
+                                                                                     sigma_fn=Lin(True))) is None
     a, s = Lin(False), Lin(True)
     path = gf.paths.Path(alpha_fn=a, sigma_fn=s, name="objects")
     fn, x = GAUSS.model(gf.paths.linear(), "velocity"), jnp.ones((3, 2))

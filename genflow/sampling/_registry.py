@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import typing
 from typing import Callable
 
 import diffrax
@@ -301,11 +302,13 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
                          f"not stiff at sampling step sizes: use an explicit solver")
     check_bool("adaptive", adaptive)
     structure = getattr(solver, "term_structure", None)
-    if not (isinstance(structure, type) and issubclass(structure, diffrax.AbstractTerm)):
+    structure = typing.get_origin(structure) or structure  # (AbstractTerm[Any, Any] is one term too)
+    if not (isinstance(structure, type) and issubclass(structure, diffrax.AbstractTerm)
+            and not issubclass(structure, diffrax.MultiTerm)):
         # (ShARK / SPaRK / ALIGN were accepted and failed at the first sample inside Diffrax)
-        raise ValueError(f"{type(solver).__name__} solves SDEs (its term structure is not a single term): diffrax_solver wraps ODE "
-                         f"solvers of the probability-flow ODE; genflow's reverse-SDE solvers are 'euler_maruyama' "
-                         f"and 'shark'")
+        raise ValueError(f"{type(solver).__name__} needs more than one term (an SDE or partitioned solver): "
+                         f"diffrax_solver wraps ODE solvers of the probability-flow ODE, one ODETerm; genflow's "
+                         f"reverse-SDE solvers are 'euler_maruyama' and 'shark'")
     if adaptive and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
         # (accepted, then failed at the first gf.sample: "Cannot use adaptive step sizes with a
         # solver that does not provide error estimates")
@@ -316,7 +319,8 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
     # evaluations per step in info.nfe, and NFE-matched comparisons were off by that much)
     if counts is None and nfe_per_step is None:
         raise ValueError(f"nfe_per_step is needed for {type(solver).__name__} (not an explicit Runge-Kutta "
-                         f"solver, whose tableau gives it)")
+                         f"solver, whose tableau gives it), and nfe_init for one that evaluates before its first "
+                         f"step (a wrapped FSAL solver: HalfSolver(Tsit5()) takes 18 and 2)")
     for arg, given, derived in (("nfe_per_step", nfe_per_step, None if counts is None else counts[0]),
                                 ("nfe_init", nfe_init, None if counts is None else counts[1])):
         if given is not None and not is_int(given, 0):
