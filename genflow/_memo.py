@@ -58,8 +58,10 @@ _JITTED = type(jax.jit(lambda: 0))
 
 def holds_state(fn, depth: int = 0) -> bool:
     """Whether a path function carries data of its own (a closure's cells, default arguments, a
-    partial's arguments): a memo key holding it would keep that data alive (e.g. a learned
-    schedule's network parameters), so such paths are not memoised."""
+    partial's arguments; any callable that is not a plain function -- a callable object, a bound
+    method -- counts, a jitted plain function as that function): a memo key holding it would keep
+    that data alive (e.g. a learned schedule's network parameters) and go stale when it changed,
+    so such paths are not memoised."""
     if fn is None:
         return False
     if isinstance(fn, _JITTED):  # (a jitted plain function holds what the function holds; review)

@@ -4,9 +4,9 @@ checkpointed)."""
 from __future__ import annotations
 
 import collections
-import functools
 import collections.abc
 import copy
+import functools
 import time
 from typing import Any, Callable, Iterable, Sequence
 
