@@ -65,7 +65,8 @@ def holds_state(fn, depth: int = 0) -> bool:
     if fn is None:
         return False
     if isinstance(fn, _JITTED):  # (a jitted plain function holds what the function holds; review)
-        return holds_state(getattr(fn, "__wrapped__", None) or functools.partial(fn), depth + 1)
+        wrapped = getattr(fn, "__wrapped__", None)
+        return wrapped is None or holds_state(wrapped, depth + 1)
     if not isinstance(fn, types.FunctionType):
         # (a callable object or a bound method may hold -- and change -- data of its own: keyed by
         # identity, a memo went stale when it changed (log_prob's checks passed a path reversed in
@@ -134,9 +135,8 @@ def memoised(tag: str, parts: Sequence, extra: tuple, build: Callable[[], Any]):
             key = None
     if key is not None:
         with PREPARED_LOCK:
-            out = PREPARED.get(key)
+            out = lru_get(PREPARED, key)
             if out is not None and not _deleted(out):
-                PREPARED.move_to_end(key)
                 return out
     with jax.ensure_compile_time_eval():
         out = build()
@@ -255,6 +255,14 @@ class IdentityTables:
 
     def __len__(self) -> int:
         return len(self._tables)
+
+
+def lru_get(table: collections.OrderedDict, key):
+    """``table.get(key)``, marked most recently used if present."""
+    value = table.get(key)
+    if value is not None:
+        table.move_to_end(key)
+    return value
 
 
 def lru_put(table: collections.OrderedDict, key, value, size: int) -> None:

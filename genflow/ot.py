@@ -72,7 +72,7 @@ __all__ = [
     "CoupledBatches",
 ]
 
-_POOL: list = [None]  # [the shared ThreadPoolExecutor], grown to the largest ``threads`` asked for
+_POOL: list = [None, 0]  # [the shared ThreadPoolExecutor, its workers], grown to the largest ``threads`` asked for
 _POOL_LOCK = threading.Lock()
 
 
@@ -97,11 +97,12 @@ def _run_threaded(fn, count: int, threads: int) -> list:
 
     workers = min(threads, count)
     with _POOL_LOCK:
-        pool = _POOL[0]
-        if pool is None or pool._max_workers < workers:
+        pool, size = _POOL
+        if size < workers:
             if pool is not None:
                 pool.shutdown(wait=False)
-            pool = _POOL[0] = ThreadPoolExecutor(workers, thread_name_prefix="genflow-ot")
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="genflow-ot")
+            _POOL[:] = pool, workers
         futures = [pool.submit(worker) for _ in range(workers)]
     for f in futures:
         f.result()  # (re-raises a worker's exception: the first problem that failed)
@@ -527,14 +528,12 @@ def _draw_fn(sampler: Callable, batch_size: int, chunk: int, noise: Callable) ->
     key = (func, batch_size, chunk, _memo.without_owner(noise, owner))
     hash(key)
     table = _DRAWS.table(owner)
-    draw = table.get(key)
+    draw = _memo.lru_get(table, key)
     if draw is None:
         ref = weakref.ref(owner)
         call = (lambda k, n: ref()(k, n)) if func is None else (lambda k, n: func(ref(), k, n))
         draw = _make_draw(call, batch_size, chunk, noise)
         _memo.lru_put(table, key, draw, _DRAWS_PER_SAMPLER)
-    else:
-        table.move_to_end(key)
     return draw
 
 

@@ -166,9 +166,8 @@ def _compiled_chunk(run, run_checked, key, state, xs, n):
         except TypeError:  # an unhashable step or data function: compiled for this call only
             t0 = time.perf_counter()
             return run.lower(state, xs, n).compile(), time.perf_counter() - t0
-    exe = table.get(full)
+    exe = _memo.lru_get(table, full)
     if exe is not None:
-        table.move_to_end(full)
         return exe, 0.0
     t0 = time.perf_counter()
     exe = run.lower(state, xs, n).compile()
