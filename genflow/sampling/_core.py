@@ -126,10 +126,16 @@ def _user_options(spec, options: dict) -> dict:
     one whose option was named otherwise recompiled per value."""
     out = {}
     for name, value in options.items():
+        if name not in spec.traced_options and _is_traced(value):
+            # (it reached the solver traced: a Python branch on it failed as an anonymous
+            # TracerBoolConversionError naming neither the option nor the solver)
+            raise TypeError(f"solver {spec.name!r}: option {name} is static (not in spec.traced_options: one "
+                            f"compilation per value) and got a traced value: close over it or mark it static in your "
+                            f"jax.jit, or list it in the spec's traced_options if its run does not branch on it")
         if name not in spec.traced_options:
             scalar = isinstance(value, (np.ndarray, np.generic, jax.Array)) and jnp.ndim(value) == 0 \
                 and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended)  # (a typed PRNG key has no item())
-            if scalar and not _is_traced(value):
+            if scalar:
                 value = value.item()
         elif not isinstance(value, jax.Array):
             if concrete_real(value) is None:
