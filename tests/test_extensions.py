@@ -270,11 +270,12 @@ def test_a_registered_solver_gets_its_own_option_rules(registered):
                                                         traced_options=bad))
     with pytest.raises(ValueError, match="option gain is traced .* must be a real number"):
         gf.sample(fn, path, x1, prediction="velocity", solver="user_rho", steps=8, gain="big")
-    # a static option given a traced value (a jit argument) is refused by name; it failed in the
-    # solver's Python branch as an anonymous TracerBoolConversionError. A traced option may be one.
+    # a static option given a traced value (a jit argument) that the solver branches on is named;
+    # it failed as an anonymous TracerBoolConversionError. One it does not branch on passes.
     run = jax.jit(lambda x1, v, name: gf.sample(fn, path, x1, prediction="velocity", solver="user_rho", steps=8,
                                                 **{name: v})[0], static_argnames="name")
-    with pytest.raises(TypeError, match="solver 'user_rho': option rho is static .* got a traced value"):
+    with pytest.raises(TypeError, match=r"solver 'user_rho' needs a concrete value where option\(s\) \['rho'\] "
+                                        r"reached it traced"):
         run(x1, 3.0, "rho")
     np.testing.assert_allclose(run(x1, 1.0, "gain"), ref, rtol=1e-5, atol=1e-6)
 

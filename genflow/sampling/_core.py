@@ -126,16 +126,10 @@ def _user_options(spec, options: dict) -> dict:
     one whose option was named otherwise recompiled per value."""
     out = {}
     for name, value in options.items():
-        if name not in spec.traced_options and _is_traced(value):
-            # (it reached the solver traced: a Python branch on it failed as an anonymous
-            # TracerBoolConversionError naming neither the option nor the solver)
-            raise TypeError(f"solver {spec.name!r}: option {name} is static (not in spec.traced_options: one "
-                            f"compilation per value) and got a traced value: close over it or mark it static in your "
-                            f"jax.jit, or list it in the spec's traced_options if its run does not branch on it")
         if name not in spec.traced_options:
             scalar = isinstance(value, (np.ndarray, np.generic, jax.Array)) and jnp.ndim(value) == 0 \
                 and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended)  # (a typed PRNG key has no item())
-            if scalar:
+            if scalar and not _is_traced(value):  # (a traced one passes as it is: _run_solver)
                 value = value.item()
         elif not isinstance(value, jax.Array):
             if concrete_real(value) is None:
@@ -376,7 +370,8 @@ def sample(
       path: the Gaussian path the model was trained with.
       x1: ``[B, ...]`` starting state at ``t_start`` (for a Gaussian path
         ``path.prior_sample(key, shape)``). The solver state is kept in at least float32; the
-        samples are returned in ``x1.dtype``.
+        samples are returned in ``x1.dtype``. A batch sharded over a device mesh (Auto or
+        Explicit axes) is sampled where it lies and the samples come back sharded as ``x1``.
       prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.
       solver: a name from :func:`genflow.sampling.solvers`.
       steps: number of steps of fixed-step solvers (ignored by adaptive ones). Called eagerly
@@ -657,6 +652,22 @@ def _leaf_jit(fun):
     return call
 
 
+def _run_solver(spec, model, ts, x, key, **options):
+    """``spec.run(...)``; a registered solver that needs a concrete value of an option that reached
+    it traced (a jax.jit argument, or an array) is named with the option: a Python branch on it
+    failed as an anonymous TracerBoolConversionError. (A traced value that its run does not
+    branch on passes.)"""
+    try:
+        return spec.run(model, ts, x, key, **options)
+    except jax.errors.ConcretizationTypeError as e:
+        traced = [n for n in spec.options if n in options and n not in spec.traced_options and _is_traced(options[n])]
+        if not traced or _checked_as(spec) in _registry._BUILTIN:
+            raise
+        raise TypeError(f"solver {spec.name!r} needs a concrete value where option(s) {traced} reached it traced (a "
+                        f"jax.jit argument, or an array): pass them as Python values (close over them, or mark them "
+                        f"static in your jax.jit)") from e
+
+
 @_leaf_jit
 def _sample_jit(model, ts, x1, key, spec, denoise, rtol, atol, max_steps, save_trajectory, solver_options):
     # (spec: static, hashed by its fields -- run and stepper by identity: a solver registered again
@@ -664,8 +675,8 @@ def _sample_jit(model, ts, x1, key, spec, denoise, rtol, atol, max_steps, save_t
     # The solver state is kept in at least float32 (a bfloat16 model still sees its own dtype
     # if it casts its input); samples come back in the dtype of x1.
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
-    out = spec.run(model, ts, x, key, rtol=rtol, atol=atol, max_steps=max_steps,
-                   save_trajectory=save_trajectory, **solver_options)
+    out = _run_solver(spec, model, ts, x, key, rtol=rtol, atol=atol, max_steps=max_steps,
+                      save_trajectory=save_trajectory, **solver_options)
     _check_run_output(spec, out, x, ts, save_trajectory)
     x, nfe, traj, stats = out
     nfe = jnp.asarray(nfe, jnp.int32)
