@@ -386,5 +386,10 @@ def _reference_flow_map(oracle, x, s, t, path, rtol, atol, max_steps, solver):
                                   stepsize_controller=controller, max_steps=max_steps)
         return sol.ys[-1]
 
-    x_lin = flat_batch(x) / (a_s + sg_s)
-    return (jax.vmap(one)(x_lin) * (a_t + sg_t)).reshape(x.shape).astype(dtype)
+    def run(x):
+        x_lin = flat_batch(x) / (a_s + sg_s)
+        return (jax.vmap(one)(x_lin) * (a_t + sg_t)).reshape(x.shape).astype(dtype)
+
+    from genflow.sampling._diffrax import explicit_axes_as_auto  # (a batch over Explicit mesh axes)
+
+    return explicit_axes_as_auto(run, x)

@@ -43,6 +43,19 @@ def test_history_buffer_samplers_run_in_shard_map_and_on_explicitly_sharded_batc
             assert isinstance(diff, float) and diff < 1e-4, (solver, how, diff)
 
 
+def test_diffrax_solves_keep_a_sharded_batch_sharded(report):
+    """euler / heun / midpoint / tsit5 / dopri5 / euler_maruyama / shark, gf.log_prob (tsit5, heun,
+    Hutchinson) and the mixture oracle's flow map on a batch sharded over Explicit axes
+    (jax.make_mesh's default) and over Auto axes: the one-device results, sharded as the batch.
+    heun (gf.sample's default), tsit5, dopri5, shark, adaptive log_prob and the flow map failed
+    under Explicit axes (a ShardingTypeError inside Diffrax); under Auto axes tsit5, dopri5,
+    euler_maruyama, shark and adaptive log_prob came back gathered and replicated on every device."""
+    for solver, row in report[0]["diffrax_sharded"].items():
+        for how, r in row.items():
+            assert isinstance(r, dict), (solver, how, r)
+            assert r["diff"] < 1e-4 and r["spec"] == "('d',)", (solver, how, r)
+
+
 def test_fit_refuses_a_mesh_of_explicit_axes_by_name():
     """jax.make_mesh's default Explicit axes failed deep inside fit (with_sharding_constraint)."""
     opt = optax.sgd(0.1)

@@ -26,7 +26,7 @@ from genflow import _memo, param
 from genflow._checks import check_finite_rows, check_int, check_key, concrete_real, flat_batch, is_int
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
 from genflow.paths import Path, check_orientation, check_path
-from genflow.sampling._diffrax import per_sample_norm
+from genflow.sampling._diffrax import explicit_axes_as_auto, per_sample_norm, solve_checked
 
 Array = jax.Array
 
@@ -190,7 +190,8 @@ def ode_log_prob(
         new parameters reuse the compiled solve, and every adjoint differentiates with respect to
         them. Other callables are static arguments, kept by identity: the arrays they hold are
         constants of the compiled program.
-      x: ``[B, ...]`` points at time ``t0``. The solve runs in ``x.dtype`` (at least float32).
+      x: ``[B, ...]`` points at time ``t0``. The solve runs in ``x.dtype`` (at least float32). A
+        batch sharded over a device mesh (Auto or Explicit axes) gives results sharded as it.
       log_prior: ``log p_t1(z: [B, ...]) -> [B]``.
       t0, t1: integration interval, from ``t0`` to ``t1`` (usually ``t0 < t1``; either order is integrated).
       trace: ``"exact"`` (D Jacobian columns by forward mode) or ``"hutchinson"``.
@@ -240,6 +241,18 @@ def ode_log_prob(
 
 @_memo.filter_jit
 def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps, chunk_size, max_steps):
+    def specs(spec):  # (the outputs' partition specs from the batch's: per-sample results sharded as it)
+        none, rows = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(spec[0] if len(spec) else None)
+        jvps = math.prod(x.shape[1:]) if probes is None else probes.shape[0]
+        return rows, LogProbInfo(nfe=none, prior_logp=rows, delta_logp=rows, z=spec, num_steps=none,
+                                 jvps_per_eval=jvps)
+
+    return explicit_axes_as_auto(
+        lambda x: _solve_sharded(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps,
+                                 chunk_size, max_steps), x, specs)
+
+
+def _solve_sharded(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps, chunk_size, max_steps):
     b = x.shape[0]
 
     def rhs(t, y, args):
@@ -279,14 +292,14 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
             # reversed ts failed at run time, "must be strictly increasing")
             back = jnp.where(t1 > t0, ts[::-1], -ts[::-1])
             adjoint = diffrax.BacksolveAdjoint(**{**adjoint.kwargs, "stepsize_controller": diffrax.StepTo(back)})
-    sol = diffrax.diffeqsolve(term, cls(), t0=t0, t1=t1, dt0=dt0, y0=y0, args=args, stepsize_controller=controller,
-                              adjoint=adjoint, max_steps=max_steps, solver_state=state)
-    z, delta = sol.ys[0][-1], sol.ys[1][-1]
+    (zs, deltas), n, _ = solve_checked(term, cls(), t0=t0, t1=t1, dt0=dt0, y0=y0, args=args,
+                                       stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps,
+                                       solver_state=state)
+    z, delta = zs[-1], deltas[-1]
     prior = log_prior(z)
     if jnp.shape(prior) != (x.shape[0],):  # (a [B, 1] prior broadcast the result to [B, B])
         raise ValueError(f"log_prior(z) must return shape [B] = ({x.shape[0]},); got {jnp.shape(prior)}")
     prior = prior.astype(x.dtype)
-    n = sol.stats["num_steps"]
     jvps = math.prod(x.shape[1:]) if probes is None else probes.shape[0]
     info = LogProbInfo(nfe=jnp.asarray(init + per_step * n, jnp.int32), prior_logp=prior, delta_logp=delta,
                        z=z, num_steps=n, jvps_per_eval=jvps)

@@ -44,15 +44,54 @@ def _saveat(ts: Array, save_trajectory: bool) -> diffrax.SaveAt:
     return diffrax.SaveAt(ts=ts) if save_trajectory else diffrax.SaveAt(t1=True)
 
 
-def _result(sol, save_trajectory: bool):
-    x = sol.ys[-1]
-    traj = sol.ys if save_trajectory else None
-    return x, traj
+def explicit_axes_as_auto(run, x: Array, out_specs=None):
+    """``run(x)`` with the Explicit mesh axes that shard ``x`` switched to Auto inside
+    (:func:`jax.sharding.auto_axes`); ``out_specs(spec)`` gives the partition specs of its outputs
+    from ``x``'s ``spec`` (default: one output sharded as ``x``). Diffrax writes its Runge-Kutta
+    stages and saved outputs with scatters that Explicit sharding refuses ("Use
+    .at[...].set(out_sharding=)"): heun, tsit5, dopri5 and shark in ``gf.sample``, adaptive
+    ``gf.log_prob`` and the mixture oracle's flow map failed on a batch placed with
+    ``jax.make_mesh``'s default (Explicit) axes. Auto axes and unsharded arrays run ``run`` as is."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    axes = tuple(a for a in getattr(mesh, "explicit_axes", ()) if a in jax.tree.leaves(tuple(sharding.spec)))
+    if not axes:
+        return run(x)
+    specs = sharding.spec if out_specs is None else out_specs(sharding.spec)
+    shardings = jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), specs,
+                             is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))
+    return jax.sharding.auto_axes(run, axes=axes, out_sharding=shardings)(x)
 
 
-def ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, adaptive: bool,
-              nfe_per_step: int, nfe_init: int, rtol: float, atol: float, max_steps: int,
-              save_trajectory: bool, num_steps=None):
+def _run_specs(save_trajectory: bool):
+    """Partition specs of a solver run's ``(x, nfe, trajectory [N + 1, B, ...], stats)`` from the batch's."""
+    none = jax.sharding.PartitionSpec()
+    return lambda spec: (spec, none, jax.sharding.PartitionSpec(None, *spec) if save_trajectory else None, none)
+
+
+def solve_checked(terms, solver, **kwargs):
+    """``diffrax.diffeqsolve(terms, solver, **kwargs)`` with Diffrax's failure check (max_steps
+    reached, ...) raised from a scalar: Diffrax raises it from the whole solution, and the
+    check's host callback gives its output a one-device sharding -- a sharded batch came back
+    gathered and replicated on every device (tsit5, dopri5, euler_maruyama, shark, ``gf.log_prob``),
+    with a warning of "involuntary full rematerialization" under Explicit axes. Returns
+    ``(ys, num_steps, sol)``, ``ys`` and ``num_steps`` tied to the check (it runs whenever they
+    are used)."""
+    sol = diffrax.diffeqsolve(terms, solver, throw=False, **kwargs)
+    n = sol.result.error_if(sol.stats["num_steps"], jnp.invert(diffrax.is_okay(sol.result)))
+    ys, n = jax.lax.optimization_barrier((sol.ys, n))
+    return ys, n, sol
+
+
+def ode_solve(model: Model, ts: Array, x: Array, key, **options):
+    """:func:`_ode_solve`, on an Explicit-sharded batch too (:func:`explicit_axes_as_auto`)."""
+    return explicit_axes_as_auto(lambda x: _ode_solve(model, ts, x, key, **options), x,
+                                 _run_specs(options["save_trajectory"]))
+
+
+def _ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, adaptive: bool,
+               nfe_per_step: int, nfe_init: int, rtol: float, atol: float, max_steps: int,
+               save_trajectory: bool, num_steps=None):
     """Integrate the probability-flow ODE over ``ts`` (decreasing). Returns ``(x, nfe, traj, stats)``.
 
     Integrated in forward time ``s = -t``. Adaptive solvers are first-same-as-last Runge-Kutta
@@ -79,12 +118,9 @@ def ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
         solver_state = (jnp.array(False), term.vf(ss[0], x, None))
     # (a non-FSAL solver, e.g. diffrax.Heun() from diffrax_solver(adaptive=True), keeps its own
     # state: the FSAL pair failed inside Diffrax with a pytree structure error)
-    sol = diffrax.diffeqsolve(
-        term, solver, t0=ss[0], t1=ss[-1], dt0=dt0, y0=x, stepsize_controller=controller,
-        saveat=_saveat(ss, save_trajectory), max_steps=max_steps, solver_state=solver_state,
-    )
-    x_end, traj = _result(sol, save_trajectory)
-    n = sol.stats["num_steps"]
+    ys, n, sol = solve_checked(term, solver, t0=ss[0], t1=ss[-1], dt0=dt0, y0=x, stepsize_controller=controller,
+                               saveat=_saveat(ss, save_trajectory), max_steps=max_steps, solver_state=solver_state)
+    x_end, traj = ys[-1], ys if save_trajectory else None
     nfe = nfe_init + nfe_per_step * n
     stats = {"num_steps": n, "num_accepted_steps": sol.stats["num_accepted_steps"],
              "num_rejected_steps": sol.stats["num_rejected_steps"]}
@@ -123,9 +159,15 @@ def _fixed_steps(term, solver, ss, x, nfe_per_step, nfe_init, save_trajectory, n
     return x_end, nfe_init + nfe_per_step * n, traj, stats
 
 
-def sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, nfe_per_step: int,
-              max_steps: int, save_trajectory: bool, levy_area=diffrax.BrownianIncrement,
-              brownian_tol: float | None = None, **_):
+def sde_solve(model: Model, ts: Array, x: Array, key, **options):
+    """:func:`_sde_solve`, on an Explicit-sharded batch too (:func:`explicit_axes_as_auto`)."""
+    return explicit_axes_as_auto(lambda x: _sde_solve(model, ts, x, key, **options), x,
+                                 _run_specs(options["save_trajectory"]))
+
+
+def _sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, nfe_per_step: int,
+               max_steps: int, save_trajectory: bool, levy_area=diffrax.BrownianIncrement,
+               brownian_tol: float | None = None, **_):
     """Integrate the reverse-time SDE over the fixed grid ``ts`` (decreasing).
 
     The noise ``g(t) dW`` is additive (it does not depend on x), so Euler-Maruyama has strong
@@ -165,7 +207,7 @@ def sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
         bm = diffrax.VirtualBrownianTree(ss[0], ss[-1], tol=brownian_tol, shape=shape, key=key,
                                          levy_area=diffrax.SpaceTimeLevyArea)
     terms = diffrax.MultiTerm(drift, diffrax.ControlTerm(diffusion, bm))
-    sol = diffrax.diffeqsolve(
+    ys, n, _ = solve_checked(
         terms, solver, t0=ss[0], t1=ss[-1], dt0=None, y0=x, stepsize_controller=diffrax.StepTo(ss),
         saveat=_saveat(ss, save_trajectory), max_steps=max_steps,
         # (Diffrax refuses reverse mode through UnsafeBrownianPath. With the tree, DirectAdjoint allows
@@ -173,6 +215,4 @@ def sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstrac
         # forward mode for both. Same samples; forward pass within 3% of ForwardMode's, 100 steps.)
         adjoint=diffrax.ForwardMode() if brownian_tol is None else diffrax.DirectAdjoint(),
     )
-    x_end, traj = _result(sol, save_trajectory)
-    n = sol.stats["num_steps"]
-    return x_end, nfe_per_step * n, traj, {"num_steps": n}
+    return ys[-1], nfe_per_step * n, ys if save_trajectory else None, {"num_steps": n}
