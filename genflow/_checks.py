@@ -114,6 +114,22 @@ def real_leaf(value):
     return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(jnp.float32)
 
 
+def check_null_label(name: str, null, labels) -> None:
+    """A "no condition" value ``null`` for ``labels`` of an integer dtype: integer-valued and within
+    the dtype's range (cast as it was, 10.7 became the real class 10 and 256 with uint8 labels the
+    class 0). Traced values and non-integer labels pass."""
+    dtype = jax.numpy.result_type(labels)
+    if not jax.numpy.issubdtype(dtype, jax.numpy.integer) or isinstance(null, jax.core.Tracer):
+        return
+    nl = np.asarray(null)
+    if not (np.issubdtype(nl.dtype, np.integer) or (
+            np.issubdtype(nl.dtype, np.floating) and np.all(np.isfinite(nl) & (nl == np.round(nl))))):
+        raise ValueError(f"{name} must be an integer for integer labels y; got {null!r}")
+    info = np.iinfo(dtype)  # (np.int64(300) with uint8 labels wrapped onto the real class 44)
+    if np.any((nl < info.min) | (nl > info.max)):
+        raise ValueError(f"{name}={null!r} is out of range for labels y of dtype {dtype} ({info.min}..{info.max})")
+
+
 def check_key(key) -> None:
     """A ``TypeError`` unless ``key`` is one PRNG key: a typed key of shape ``()`` or a raw
     ``uint32`` key of shape ``[k]`` (traced ones too). ``key=0`` failed as "JAX encountered invalid

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import flat_batch, check_real_in, concrete_real, real_leaf
+from genflow._checks import check_null_label, check_real_in, concrete_real, flat_batch, real_leaf
 from genflow.paths import Path, broadcast_t
 from genflow.sampling import as_pytree_fn
 
@@ -60,6 +60,16 @@ def _per_sample(w: Array, x: Array, name: str = "scale") -> Array:
     if w.shape != x.shape[:1]:
         raise ValueError(f"guidance {name} must be a scalar or have shape [B] = [{x.shape[0]}]; got shape {w.shape}")
     return w.reshape(w.shape + (1,) * (x.ndim - 1))
+
+
+def _batch_t(t, x: Array, who: str) -> Array:
+    """The model's times ``t`` (a scalar or ``[B]``) as ``[B]`` for ``x: [B, ...]``; another shape is
+    refused naming ``t`` (a ``[B, 1]`` t failed in JAX's broadcasting, or was reported as a wrongly
+    shaped guidance scale)."""
+    t = jnp.asarray(t)
+    if t.ndim and t.shape != x.shape[:1]:
+        raise ValueError(f"{who}: t must be a scalar or have shape [B] = [{x.shape[0]}]; got shape {t.shape}")
+    return jnp.broadcast_to(t, x.shape[:1])
 
 
 def _scale(scale) -> Array:
@@ -173,13 +183,13 @@ class BatchedCFG:
     def parts(self, x: Array, t: Array) -> tuple[Array, Array]:
         b = x.shape[0]
         y, n = self._labels(b)
-        t = jnp.broadcast_to(jnp.asarray(t), (b,))  # (a scalar t, which CFG takes, failed to concatenate)
+        t = _batch_t(t, x, "cfg_batched")  # (a scalar t, which CFG takes, failed to concatenate)
         out = self.fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, n]))
         return out[:b], out[b:]
 
     def cond_only(self, x: Array, t: Array) -> Array:
         b = x.shape[0]  # (t broadcast as in parts: interval's branch got a scalar t the network could not index)
-        return self.fn(x, jnp.broadcast_to(jnp.asarray(t), (b,)), self._labels(b)[0])
+        return self.fn(x, _batch_t(t, x, "cfg_batched"), self._labels(b)[0])
 
     combine = CFG.combine
     __call__ = CFG.__call__
@@ -210,7 +220,9 @@ def cfg_batched(fn: Callable[[Array, Array, Array], Array], y, null, scale) -> B
     doubled batch ``[x; x]`` with conditions ``[y; null]`` (the usual implementation for a network
     trained with condition dropout). ``y``: ``[B, ...]`` or a scalar label; ``null``: the "no
     condition" value, broadcast to ``y``'s shape."""
-    return BatchedCFG(_check_fn(fn, "fn"), jnp.asarray(y), jnp.asarray(null), _scale(scale))
+    y = jnp.asarray(y)
+    check_null_label("cfg_batched: null", null, y)  # (256 with uint8 labels ran the unconditional half on class 0)
+    return BatchedCFG(_check_fn(fn, "fn"), y, jnp.asarray(null), _scale(scale))
 
 
 @jax.tree_util.register_dataclass
@@ -225,6 +237,8 @@ class Interval:
     def __call__(self, x: Array, t: Array) -> Array:
         # the bounds in t's own width: float32-rounded ones against float64 times (jax_enable_x64)
         # dropped the closed end, float32(0.7) < 0.7
+        if jnp.ndim(t):  # (a [B, 1] t was reported as a guidance scale of the wrong shape)
+            _batch_t(t, x, "interval")
         t = jnp.asarray(t)
         inside = (t > jnp.asarray(self.t_lo).astype(t.dtype)) & (t <= jnp.asarray(self.t_hi).astype(t.dtype))
         # the unconditional model only runs when some sample of the batch is inside the interval
@@ -293,14 +307,18 @@ class CADS:
         yh = jnp.sqrt(g) * y + self.noise_scale * jnp.sqrt(1.0 - g) * n
         if not self.rescale:
             return yh
+        # (statistics in at least float32: in float16 the floor 1e-12 is 0, and a constant condition
+        # row -- an all-zero null embedding -- became 0/0 = NaN)
+        dt = jnp.promote_types(y.dtype, jnp.float32)
         axes = tuple(range(1, y.ndim))
-        mu0, sd0 = y.mean(axes, keepdims=True), y.std(axes, keepdims=True)
-        mu1, sd1 = yh.mean(axes, keepdims=True), yh.std(axes, keepdims=True)
-        resc = (yh - mu1) / jnp.maximum(sd1, 1e-12) * sd0 + mu0
-        return self.psi * resc + (1.0 - self.psi) * yh
+        y32, yh32 = y.astype(dt), yh.astype(dt)
+        mu0, sd0 = y32.mean(axes, keepdims=True), y32.std(axes, keepdims=True)
+        mu1, sd1 = yh32.mean(axes, keepdims=True), yh32.std(axes, keepdims=True)
+        resc = (yh32 - mu1) / jnp.maximum(sd1, 1e-12) * sd0 + mu0
+        return (self.psi * resc + (1.0 - self.psi) * yh32).astype(y.dtype)
 
     def __call__(self, x: Array, t: Array) -> Array:
-        return self.fn(x, t, self.condition(jnp.broadcast_to(jnp.asarray(t), x.shape[:1])))
+        return self.fn(x, t, self.condition(_batch_t(t, x, "cads")))
 
 
 def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float = 0.6, tau2: float = 0.9,

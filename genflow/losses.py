@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import param
-from genflow._checks import check_data_batch, check_int, flat_batch
+from genflow._checks import check_data_batch, check_int, check_null_label, flat_batch
 from genflow.paths import Path, check_t
 
 Array = jax.Array
@@ -249,15 +249,9 @@ def drop_labels(key: Array, y: Array, p: float, null_label: int) -> Array:
     y = jnp.asarray(y)
     if y.ndim < 1:
         raise ValueError(f"y must be a batch of labels [B] or conditions [B, ...]; got shape {y.shape}")
-    if jnp.issubdtype(y.dtype, jnp.integer) and not isinstance(null_label, jax.core.Tracer):
-        nl = np.asarray(null_label)  # (10.7 was cast to the label 10: a real class, not "no label")
-        if not (np.issubdtype(nl.dtype, np.integer) or (
-                np.issubdtype(nl.dtype, np.floating) and np.all(np.isfinite(nl) & (nl == np.round(nl))))):
-            raise ValueError(f"null_label must be an integer for integer labels y; got {null_label!r}")
-        info = np.iinfo(y.dtype)  # (np.int64(300) with uint8 labels wrapped onto the real class 44)
-        if np.any((nl < info.min) | (nl > info.max)):
-            raise ValueError(f"null_label={null_label!r} is out of range for labels y of dtype {y.dtype} "
-                             f"({info.min}..{info.max})")
+    check_null_label("null_label", null_label, y)
+    if jnp.ndim(p) and jnp.shape(p) != y.shape[:1]:  # (JAX's bernoulli error named no argument)
+        raise ValueError(f"p must be a scalar or have shape [B] = [{y.shape[0]}]; got shape {jnp.shape(p)}")
     drop = jax.random.bernoulli(key, p, y.shape[:1])  # one draw per sample, not per entry
     drop = drop.reshape(drop.shape + (1,) * (y.ndim - 1))
     return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)

@@ -648,3 +648,45 @@ def test_interval_keeps_its_closed_end_under_x64_and_cfg_batched_names_a_bad_nul
         bad(jnp.ones((4, 2)), jnp.full((4,), 0.5))
     with pytest.raises(TypeError, match="scale must be a real number"):
         gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), 1 + 2j)
+
+
+def test_cfg_batched_refuses_a_null_that_is_no_label_of_its_dtype_and_t_of_the_wrong_shape_is_named():
+    """cfg_batched cast null to the labels' dtype unchecked: 256 with uint8 labels ran the
+    unconditional half on class 0, -1 on class 255 and 10.7 on class 10 (drop_labels refused the
+    same values); a [B, 1] t failed in JAX's broadcasting in cfg_batched and cads, and interval
+    blamed the guidance scale (shapes audit)."""
+    seen = []
+
+    def net(x, t, c):
+        jax.debug.callback(lambda c: seen.append(np.asarray(c).tolist()), c)
+        return x
+
+    x, t = jnp.zeros((3, 2)), jnp.full((3,), 0.5)
+    for y, null, msg in ((jnp.array([1, 2, 3], jnp.uint8), 256, r"null=256 is out of range for labels y of dtype uint8"),
+                         (jnp.array([1, 2, 3], jnp.uint8), -1, r"null=-1 is out of range"),
+                         (jnp.array([1, 2, 3], jnp.int32), 10.7, r"null must be an integer for integer labels y")):
+        with pytest.raises(ValueError, match="cfg_batched: " + msg):
+            gf.guidance.cfg_batched(net, y, null, 2.0)
+    gf.guidance.cfg_batched(net, jnp.array([1, 2, 3], jnp.uint8), 255, 2.0)(x, t).block_until_ready()
+    assert seen == [[1, 2, 3, 255, 255, 255]]
+    t2 = jnp.array([[0.2], [0.5], [0.8]])
+    guided = [("interval", gf.guidance.interval(gf.guidance.cfg(lambda x, t: x, lambda x, t: x, 3.0), 0.3, 0.9)),
+              ("cads", gf.guidance.cads(lambda x, t, y: x, jnp.ones((3, 2)) * jnp.arange(2.0), jax.random.key(0))),
+              ("cfg_batched", gf.guidance.cfg_batched(lambda x, t, y: x, jnp.arange(3), 5, 2.0))]
+    for name, g in guided:
+        with pytest.raises(ValueError, match=rf"{name}: t must be a scalar or have shape \[B\] = \[3\]; got shape \(3, 1\)"):
+            g(jnp.ones((3, 4)), t2)
+
+
+def test_cads_rescales_a_float16_condition_with_a_constant_row_without_nan():
+    """CADS's rescaling floored the noised condition's std at 1e-12, which is 0 in float16: a
+    constant row (an all-zero null embedding) became 0/0 = NaN for t <= tau1 (shapes audit). The
+    statistics are taken in float32: float16 now matches float32 to float16 rounding."""
+    y = jax.random.normal(jax.random.key(0), (3, 8)).at[2].set(0.0)
+    t = jnp.full((3,), 0.3)  # (t <= tau1: gamma = 1, the condition itself after the rescaling)
+    ref = gf.guidance.cads(lambda x, t, c: x, y, jax.random.key(1)).condition(t)
+    for dt in (jnp.float16, jnp.bfloat16):
+        c = gf.guidance.cads(lambda x, t, c: x, y.astype(dt), jax.random.key(1)).condition(t)
+        assert c.dtype == dt
+        np.testing.assert_allclose(np.asarray(c, np.float32), ref, atol=2e-2 if dt == jnp.bfloat16 else 5e-3)
+    np.testing.assert_array_equal(np.asarray(ref[2]), 0.0)

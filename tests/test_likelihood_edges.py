@@ -241,10 +241,16 @@ def test_elbo_functions_name_a_path_given_by_name_and_bad_batches():
     for call in calls:
         with pytest.raises(TypeError, match="path must be a genflow.paths.Path; got str"):
             call("vp_linear")
-    with pytest.raises((TypeError, ValueError), match="x must be"):
+    with pytest.raises((TypeError, ValueError), match="x0 must be"):  # (its argument's name)
         L.likelihood_loss(fn, gf.paths.vp_linear(), [[0.1, 0.2]], key)
     with pytest.raises(ValueError, match="strata must be a positive int; got 2.5"):
         L.sample_time(key, 4, gf.paths.vp_linear(), 1e-3, stratified=True, strata=2.5)
+    # an empty batch failed as "n must be a positive int; got 0", the time sampler's argument (shapes audit)
+    path, empty = gf.paths.vp_linear(), jnp.zeros((0, 2))
+    with pytest.raises(ValueError, match=r"x must have shape \[B, ...\] with at least one feature axis and B >= 1"):
+        L.vdm_elbo(fn, path, empty, key)
+    with pytest.raises(ValueError, match=r"x0 must have shape \[B, ...\] .* and B >= 1"):
+        L.likelihood_loss(fn, path, empty, key)
 
 
 def test_gaussian_log_prob_of_low_precision_z_is_computed_in_float32():

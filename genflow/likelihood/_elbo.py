@@ -134,7 +134,7 @@ def diffusion_term(fn: Callable, path: Path, x: Array, key: Array, *, prediction
     param.check_kind(prediction)
     check_path(path)  # (a path name failed as "'str' object has no attribute 't_min'")
     check_key(key)
-    _check_x(x, floating=False)  # (integer data is widened below)
+    _check_x(x, floating=False, nonempty=True)  # (integer data is widened below)
     t_min = path.t_min if t_min is None else t_min  # (as vdm_elbo reads None; jnp.array(None) failed)
     _check_t_range(t_min, t_max)
     _check_finite_log_snr(path, t_min, t_max)
@@ -263,7 +263,7 @@ def vdm_elbo(
     check_key(key)
     _check_prior_std(prior_std)
     _check_levels(levels)
-    _check_x(x, floating=False)  # (integer data is widened below)
+    _check_x(x, floating=False, nonempty=True)  # (integer data is widened below)
     _check_finite_log_snr(path, t_min, t_max)
     if levels is not None:
         _check_on_levels(x, levels)
@@ -309,7 +309,7 @@ def likelihood_loss(fn: Callable, path: Path, x0: Array, key: Array, *, predicti
     on ``[t_min, t_max]`` (the same integrand, as a mean over t rather than an integral).
     """
     check_path(path)
-    _check_x(x0, floating=False)  # (a list failed as "'list' object has no attribute 'shape'")
+    _check_x(x0, floating=False, name="x0", nonempty=True)  # (a list failed as "'list' object has no attribute 'shape'")
     t_min = path.t_min if t_min is None else t_min
     d = math.prod(x0.shape[1:])
     per = diffusion_term(fn, path, x0, key, prediction=prediction, t_min=t_min, t_max=t_max,

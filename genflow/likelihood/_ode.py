@@ -122,12 +122,15 @@ def is_zero(value) -> bool:
         return False
 
 
-def _check_x(x, floating: bool = True) -> None:
-    """``x`` must be an array ``[B, ...]`` with a feature axis (and, if ``floating``, of a float dtype)."""
+def _check_x(x, floating: bool = True, name: str = "x", nonempty: bool = False) -> None:
+    """``x`` must be an array ``[B, ...]`` with a feature axis (and, if ``floating``, of a float dtype;
+    if ``nonempty``, with ``B >= 1``: the ELBO's mean over an empty batch failed as "n must be a
+    positive int", naming its time sampler's argument)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"x must be an array [B, ...]; got {type(x).__name__}")
-    if x.ndim < 2:
-        raise ValueError(f"x must have shape [B, ...] with at least one feature axis; got shape {x.shape}")
+        raise TypeError(f"{name} must be an array [B, ...]; got {type(x).__name__}")
+    if x.ndim < 2 or (nonempty and x.shape[0] == 0):
+        raise ValueError(f"{name} must have shape [B, ...] with at least one feature axis"
+                         f"{' and B >= 1' if nonempty else ''}; got shape {x.shape}")
     if floating and not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}")
 
