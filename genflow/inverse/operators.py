@@ -165,7 +165,9 @@ class Mask(Operator):
 def random_inpainting(key: Array, shape: tuple[int, ...], keep: float = 0.3, per_channel: bool = False) -> Mask:
     """Keep a random fraction ``keep`` of the pixels of examples shaped ``shape`` (``[H, W, C]``).
 
-    The same pixels are dropped in every channel unless ``per_channel``."""
+    The same pixels are dropped in every channel unless ``per_channel``. Channels last: a shape
+    given channels first, ``(C, H, W)``, is read as ``H = C`` rows of ``W = H`` columns with ``W``
+    channels, and drops whole rows instead of pixels."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must lie in (0, 1]; got {keep}")
     shape = tuple(shape)
@@ -233,7 +235,9 @@ class AvgPool(Operator):
 
 
 def super_resolution(factor: int = 2) -> AvgPool:
-    """``factor``-times super-resolution by average pooling."""
+    """``factor``-times super-resolution by average pooling of ``[B, H, W, C]`` images (channels
+    last: ``[B, C, H, W]`` latents would be pooled over C and H, with W read as the channels --
+    refused only where C or H is not a multiple of ``factor``)."""
     return AvgPool(check_int("factor", factor))
 
 
