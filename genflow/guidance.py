@@ -63,12 +63,12 @@ def _per_sample(w: Array, x: Array, name: str = "scale") -> Array:
 
 
 def _batch_t(t, x: Array, who: str) -> Array:
-    """The model's times ``t`` (a scalar or ``[B]``) as ``[B]`` for ``x: [B, ...]``; another shape is
+    """The model's times ``t`` (a scalar, ``[1]`` or ``[B]``) as ``[B]`` for ``x: [B, ...]``; another shape is
     refused naming ``t`` (a ``[B, 1]`` t failed in JAX's broadcasting, or was reported as a wrongly
     shaped guidance scale)."""
     t = jnp.asarray(t)
-    if t.ndim and t.shape != x.shape[:1]:
-        raise ValueError(f"{who}: t must be a scalar or have shape [B] = [{x.shape[0]}]; got shape {t.shape}")
+    if t.ndim and t.shape not in (x.shape[:1], (1,)):  # ([1]: one time for all, as nets.batch_times takes it)
+        raise ValueError(f"{who}: t must be a scalar or have shape [1] or [B] = [{x.shape[0]}]; got shape {t.shape}")
     return jnp.broadcast_to(t, x.shape[:1])
 
 

@@ -250,8 +250,8 @@ def drop_labels(key: Array, y: Array, p: float, null_label: int) -> Array:
     if y.ndim < 1:
         raise ValueError(f"y must be a batch of labels [B] or conditions [B, ...]; got shape {y.shape}")
     check_null_label("null_label", null_label, y)
-    if jnp.ndim(p) and jnp.shape(p) != y.shape[:1]:  # (JAX's bernoulli error named no argument)
-        raise ValueError(f"p must be a scalar or have shape [B] = [{y.shape[0]}]; got shape {jnp.shape(p)}")
+    if jnp.ndim(p) and jnp.shape(p) not in (y.shape[:1], (1,)):  # (JAX's bernoulli error named no argument)
+        raise ValueError(f"p must be a scalar or have shape [1] or [B] = [{y.shape[0]}]; got shape {jnp.shape(p)}")
     drop = jax.random.bernoulli(key, p, y.shape[:1])  # one draw per sample, not per entry
     drop = drop.reshape(drop.shape + (1,) * (y.ndim - 1))
     return jnp.where(drop, jnp.asarray(null_label, y.dtype), y)

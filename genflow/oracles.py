@@ -374,22 +374,21 @@ def _reference_flow_map(oracle, x, s, t, path, rtol, atol, max_steps, solver):
     tolerances (oracles, paths and times are traced: a new one does not recompile)."""
     import diffrax
 
-    dtype = x.dtype
-    a_s, sg_s = path.alpha(s), path.sigma(s)
-    a_t, sg_t = path.alpha(t), path.sigma(t)
-    tau_s, tau_t = sg_s / (a_s + sg_s), sg_t / (a_t + sg_t)
-    term = diffrax.ODETerm(lambda tau, y, args: _linear_velocity(oracle, y, tau))
-    controller = diffrax.PIDController(rtol=rtol, atol=atol)
-
-    def one(y0):
-        sol = diffrax.diffeqsolve(term, solver or diffrax.Dopri8(), t0=tau_s, t1=tau_t, dt0=None, y0=y0,
-                                  stepsize_controller=controller, max_steps=max_steps)
-        return sol.ys[-1]
-
-    def run(x):
-        x_lin = flat_batch(x) / (a_s + sg_s)
-        return (jax.vmap(one)(x_lin) * (a_t + sg_t)).reshape(x.shape).astype(dtype)
-
     from genflow.sampling._diffrax import explicit_axes_as_auto  # (a batch over Explicit mesh axes)
 
-    return explicit_axes_as_auto(run, x)
+    def run(x, oracle, s, t, path, rtol, atol):
+        a_s, sg_s = path.alpha(s), path.sigma(s)
+        a_t, sg_t = path.alpha(t), path.sigma(t)
+        tau_s, tau_t = sg_s / (a_s + sg_s), sg_t / (a_t + sg_t)
+        term = diffrax.ODETerm(lambda tau, y, args: _linear_velocity(oracle, y, tau))
+        controller = diffrax.PIDController(rtol=rtol, atol=atol)
+
+        def one(y0):
+            sol = diffrax.diffeqsolve(term, solver or diffrax.Dopri8(), t0=tau_s, t1=tau_t, dt0=None, y0=y0,
+                                      stepsize_controller=controller, max_steps=max_steps)
+            return sol.ys[-1]
+
+        x_lin = flat_batch(x) / (a_s + sg_s)
+        return (jax.vmap(one)(x_lin) * (a_t + sg_t)).reshape(x.shape).astype(x.dtype)
+
+    return explicit_axes_as_auto(run, x, args=(oracle, s, t, path, rtol, atol))

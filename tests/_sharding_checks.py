@@ -182,5 +182,22 @@ for name, call in calls.items():
         except Exception as e:  # noqa: BLE001 (reported, asserted on by the test)
             row[how] = f"{type(e).__name__}: {str(e)[:200]}"
     diffrax_sharded[name] = row
+# A ("d", "m") mesh of Explicit axes with the batch on "d" only and the model's arrays placed on
+# the mesh (replicated): only the batch's axes were switched to Auto (an unused "m" failed to
+# lower), and arrays closed over kept their Explicit type and clashed with the Auto context (review).
+mesh2 = jax.make_mesh((4, 2), ("d", "m"))
+g2 = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh2, P())), g)
+calls2 = {"heun": lambda x: gf.sample(g2.model(path, "eps"), path, x, prediction="eps", solver="heun", steps=6,
+                                      t_start=0.999)[0],
+          "tsit5": lambda x: gf.sample(g2.model(path, "eps"), path, x, prediction="eps", solver="tsit5",
+                                       t_start=0.999)[0],
+          "log_prob tsit5": lambda x: gf.log_prob(g2.model(path, "velocity"), path, x, prediction="velocity")[0]}
+for name, call in calls2.items():
+    try:
+        out = call(jax.device_put(x1, NamedSharding(mesh2, P("d"))))
+        diffrax_sharded[name]["explicit (d, m), model on the mesh"] = {
+            "diff": max_diff(out, calls[name](x1)), "spec": str(tuple(out.sharding.spec)[:1])}
+    except Exception as e:  # noqa: BLE001 (reported, asserted on by the test)
+        diffrax_sharded[name]["explicit (d, m), model on the mesh"] = f"{type(e).__name__}: {str(e)[:200]}"
 report["diffrax_sharded"] = diffrax_sharded
 print("REPORT " + json.dumps(report))

@@ -674,8 +674,11 @@ def test_cfg_batched_refuses_a_null_that_is_no_label_of_its_dtype_and_t_of_the_w
               ("cads", gf.guidance.cads(lambda x, t, y: x, jnp.ones((3, 2)) * jnp.arange(2.0), jax.random.key(0))),
               ("cfg_batched", gf.guidance.cfg_batched(lambda x, t, y: x, jnp.arange(3), 5, 2.0))]
     for name, g in guided:
-        with pytest.raises(ValueError, match=rf"{name}: t must be a scalar or have shape \[B\] = \[3\]; got shape \(3, 1\)"):
+        with pytest.raises(ValueError, match=rf"{name}: t must be a scalar or have shape \[1\] or \[B\] = \[3\]; "
+                                             rf"got shape \(3, 1\)"):
             g(jnp.ones((3, 4)), t2)
+    for name, g in guided[1:]:  # ([1]: one time for all, as before; review)
+        np.testing.assert_allclose(g(jnp.ones((3, 4)), jnp.array([0.5])), g(jnp.ones((3, 4)), jnp.full((3,), 0.5)))
 
 
 def test_cads_rescales_a_float16_condition_with_a_constant_row_without_nan():

@@ -317,3 +317,31 @@ def test_log_prob_checks_its_path_once_per_path_ends_and_kind():
     for _ in range(2):
         with pytest.raises(ValueError, match="does not run from data to noise"):
             gf.log_prob(fn, rev, x, prediction="velocity")
+
+
+def test_a_solve_cut_off_at_max_steps_raises_under_jit_even_with_its_info_discarded():
+    """Diffrax's failure check was moved onto the step count (it replicated sharded batches); tied
+    to it by an optimization barrier only, XLA dropped the check under the caller's jax.jit when
+    info was discarded: tsit5 and gf.log_prob cut off at max_steps returned unfinished results
+    without an error. A BacksolveAdjoint's backward solve lost its check too (throw=False is handed
+    on to it): a wrong gradient (review)."""
+    import diffrax
+
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -0.5]), jnp.array([0.5, 2.0]))
+    vp = gf.paths.vp_linear()
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    kw = dict(solver="tsit5", max_steps=2, rtol=1e-6, atol=1e-6)
+    calls = [lambda x: gf.sample(g.model(vp, "eps"), vp, x, prediction="eps", **kw)[0],
+             lambda x: gf.sample(g.model(vp, "eps"), vp, x, prediction="eps", **kw)[1].stats["num_accepted_steps"],
+             lambda x: gf.log_prob(g.model(vp, "velocity"), vp, x, prediction="velocity", max_steps=2)[0],
+             lambda x: gf.log_prob(g.model(vp, "velocity"), vp, x, prediction="velocity", max_steps=2)[1].prior_logp]
+    for call in calls:
+        with pytest.raises(Exception, match="maximum number of solver steps"):
+            jax.block_until_ready(jax.jit(call)(x1))
+    model = gf.nets.MLP(hidden=(16,), time_embedding="identity")
+    params = model.init(jax.random.key(1), jnp.zeros((1, 2)), jnp.zeros((1,)))
+    adj = diffrax.BacksolveAdjoint(stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10))
+    loss = lambda p, m: gf.flows.cnf_log_prob(model.apply, p, x1, adjoint=adj, max_steps=m)[0].mean()  # noqa: E731
+    assert int(gf.flows.cnf_log_prob(model.apply, params, x1, max_steps=5)[1].num_steps) <= 5  # (forward fits)
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.block_until_ready(jax.grad(loss)(params, 5))

@@ -377,8 +377,9 @@ def test_drop_labels_refuses_a_fractional_null_label():
     np.testing.assert_array_equal(gf.losses.drop_labels(jax.random.key(0), jnp.ones((4, 2)), 1.0, 0.5),
                                   np.full((4, 2), 0.5))  # continuous conditions take a real null
     # a [B, 1] p failed in jax.random.bernoulli's broadcasting, naming no argument (shapes audit)
-    with pytest.raises(ValueError, match=r"p must be a scalar or have shape \[B\] = \[4\]; got shape \(4, 1\)"):
+    with pytest.raises(ValueError, match=r"p must be a scalar or have shape \[1\] or \[B\] = \[4\]; got shape \(4, 1\)"):
         gf.losses.drop_labels(jax.random.key(0), y, jnp.full((4, 1), 0.5), 9)
+    np.testing.assert_array_equal(gf.losses.drop_labels(jax.random.key(0), y, jnp.array([1.0]), 9), [9] * 4)
     np.testing.assert_array_equal(gf.losses.drop_labels(jax.random.key(0), y, jnp.array([1.0, 0, 1, 0]), 9), [9, 1, 9, 3])
 
 

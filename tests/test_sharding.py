@@ -49,7 +49,9 @@ def test_diffrax_solves_keep_a_sharded_batch_sharded(report):
     (jax.make_mesh's default) and over Auto axes: the one-device results, sharded as the batch.
     heun (gf.sample's default), tsit5, dopri5, shark, adaptive log_prob and the flow map failed
     under Explicit axes (a ShardingTypeError inside Diffrax); under Auto axes tsit5, dopri5,
-    euler_maruyama, shark and adaptive log_prob came back gathered and replicated on every device."""
+    euler_maruyama, shark and adaptive log_prob came back gathered and replicated on every device.
+    Also on a ("d", "m") mesh with the batch on "d" and the model's arrays placed on the mesh (the
+    first version of the fix failed there: review)."""
     for solver, row in report[0]["diffrax_sharded"].items():
         for how, r in row.items():
             assert isinstance(r, dict), (solver, how, r)

@@ -251,8 +251,9 @@ def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, 
                                  jvps_per_eval=jvps)
 
     return explicit_axes_as_auto(
-        lambda x: _solve_sharded(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps,
-                                 chunk_size, max_steps), x, specs)
+        lambda x, velocity, log_prior, probes, t0, t1, adjoint, rtol, atol: _solve_sharded(
+            velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps, chunk_size, max_steps),
+        x, specs, (velocity, log_prior, probes, t0, t1, adjoint, rtol, atol))
 
 
 def _solve_sharded(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps, chunk_size, max_steps):

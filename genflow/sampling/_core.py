@@ -659,13 +659,16 @@ def _run_solver(spec, model, ts, x, key, **options):
     branch on passes.)"""
     try:
         return spec.run(model, ts, x, key, **options)
-    except jax.errors.ConcretizationTypeError as e:
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+            jax.errors.TracerArrayConversionError) as e:
         traced = [n for n in spec.options if n in options and n not in spec.traced_options and _is_traced(options[n])]
         if not traced or _checked_as(spec) in _registry._BUILTIN:
             raise
-        raise TypeError(f"solver {spec.name!r} needs a concrete value where option(s) {traced} reached it traced (a "
-                        f"jax.jit argument, or an array): pass them as Python values (close over them, or mark them "
-                        f"static in your jax.jit)") from e
+        # ("may": the value it needed may be another one, e.g. the state; the original error follows)
+        raise TypeError(f"solver {spec.name!r} needed a concrete value and option(s) {traced} reached it traced (a "
+                        f"jax.jit argument, or an array): if it branches on them or sizes a loop with them, pass them "
+                        f"as Python values (close over them, or mark them static in your jax.jit). "
+                        f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 @_leaf_jit

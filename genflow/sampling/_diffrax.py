@@ -44,23 +44,29 @@ def _saveat(ts: Array, save_trajectory: bool) -> diffrax.SaveAt:
     return diffrax.SaveAt(ts=ts) if save_trajectory else diffrax.SaveAt(t1=True)
 
 
-def explicit_axes_as_auto(run, x: Array, out_specs=None):
-    """``run(x)`` with the Explicit mesh axes that shard ``x`` switched to Auto inside
-    (:func:`jax.sharding.auto_axes`); ``out_specs(spec)`` gives the partition specs of its outputs
-    from ``x``'s ``spec`` (default: one output sharded as ``x``). Diffrax writes its Runge-Kutta
-    stages and saved outputs with scatters that Explicit sharding refuses ("Use
-    .at[...].set(out_sharding=)"): heun, tsit5, dopri5 and shark in ``gf.sample``, adaptive
+def explicit_axes_as_auto(run, x: Array, out_specs=None, args=()):
+    """``run(x, *args)`` with the mesh's Explicit axes switched to Auto inside
+    (:func:`jax.sharding.auto_axes`) where they shard ``x``; ``out_specs(spec)`` gives the partition
+    specs of its outputs from ``x``'s ``spec`` (default: one output sharded as ``x``). Diffrax
+    writes its Runge-Kutta stages and saved outputs with scatters that Explicit sharding refuses
+    ("Use .at[...].set(out_sharding=)"): heun, tsit5, dopri5 and shark in ``gf.sample``, adaptive
     ``gf.log_prob`` and the mixture oracle's flow map failed on a batch placed with
-    ``jax.make_mesh``'s default (Explicit) axes. Auto axes and unsharded arrays run ``run`` as is."""
+    ``jax.make_mesh``'s default (Explicit) axes. Every Explicit axis of the mesh is switched (an
+    unused ``"model"`` axis beside the batch's ``"data"`` failed to lower), and the arrays of
+    ``args`` (the model's parameters, the grid, ...) enter as arguments: closed over, arrays
+    placed on the same mesh kept their Explicit type and clashed with the Auto context. Auto axes
+    and unsharded arrays run ``run`` as is."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    axes = tuple(a for a in getattr(mesh, "explicit_axes", ()) if a in jax.tree.leaves(tuple(sharding.spec)))
-    if not axes:
-        return run(x)
+    axes = tuple(getattr(mesh, "explicit_axes", ()))
+    if not set(axes) & set(jax.tree.leaves(tuple(getattr(sharding, "spec", ())))):
+        return run(x, *args)
     specs = sharding.spec if out_specs is None else out_specs(sharding.spec)
     shardings = jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), specs,
                              is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))
-    return jax.sharding.auto_axes(run, axes=axes, out_sharding=shardings)(x)
+    dynamic, static = eqx.partition(args, eqx.is_array)
+    return jax.sharding.auto_axes(lambda x, dynamic: run(x, *eqx.combine(dynamic, static)), axes=axes,
+                                  out_sharding=shardings)(x, dynamic)
 
 
 def _run_specs(save_trajectory: bool):
@@ -75,18 +81,26 @@ def solve_checked(terms, solver, **kwargs):
     check's host callback gives its output a one-device sharding -- a sharded batch came back
     gathered and replicated on every device (tsit5, dopri5, euler_maruyama, shark, ``gf.log_prob``),
     with a warning of "involuntary full rematerialization" under Explicit axes. Returns
-    ``(ys, num_steps, sol)``, ``ys`` and ``num_steps`` tied to the check (it runs whenever they
-    are used)."""
+    ``(ys, num_steps, stats)``, all tied to the check (it runs whenever they
+    are used). A :class:`diffrax.BacksolveAdjoint`'s backward solve keeps Diffrax's own check."""
+    adjoint = kwargs.get("adjoint")
+    if isinstance(adjoint, diffrax.BacksolveAdjoint) and "throw" not in adjoint.kwargs:
+        # (Diffrax hands throw=False on to the adjoint's backward solve: its failure went unchecked,
+        # a wrong gradient without an error)
+        kwargs["adjoint"] = diffrax.BacksolveAdjoint(**{"throw": True, **adjoint.kwargs})
     sol = diffrax.diffeqsolve(terms, solver, throw=False, **kwargs)
     n = sol.result.error_if(sol.stats["num_steps"], jnp.invert(diffrax.is_okay(sol.result)))
-    ys, n = jax.lax.optimization_barrier((sol.ys, n))
-    return ys, n, sol
+    # the results depend on the checked count, so the check runs whenever they are used (an
+    # optimization barrier did not: under the caller's jit, with info discarded, XLA dropped it and
+    # a solve cut off at max_steps returned unfinished samples without an error)
+    ys, stats = jax.tree.map(lambda y: jnp.where(n >= 0, y, jnp.zeros_like(y)), (sol.ys, sol.stats))
+    return ys, n, stats
 
 
 def ode_solve(model: Model, ts: Array, x: Array, key, **options):
     """:func:`_ode_solve`, on an Explicit-sharded batch too (:func:`explicit_axes_as_auto`)."""
-    return explicit_axes_as_auto(lambda x: _ode_solve(model, ts, x, key, **options), x,
-                                 _run_specs(options["save_trajectory"]))
+    return explicit_axes_as_auto(lambda x, model, ts, key, options: _ode_solve(model, ts, x, key, **options), x,
+                                 _run_specs(options["save_trajectory"]), (model, ts, key, options))
 
 
 def _ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, adaptive: bool,
@@ -118,12 +132,13 @@ def _ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstra
         solver_state = (jnp.array(False), term.vf(ss[0], x, None))
     # (a non-FSAL solver, e.g. diffrax.Heun() from diffrax_solver(adaptive=True), keeps its own
     # state: the FSAL pair failed inside Diffrax with a pytree structure error)
-    ys, n, sol = solve_checked(term, solver, t0=ss[0], t1=ss[-1], dt0=dt0, y0=x, stepsize_controller=controller,
-                               saveat=_saveat(ss, save_trajectory), max_steps=max_steps, solver_state=solver_state)
+    ys, n, sol_stats = solve_checked(term, solver, t0=ss[0], t1=ss[-1], dt0=dt0, y0=x, stepsize_controller=controller,
+                                     saveat=_saveat(ss, save_trajectory), max_steps=max_steps,
+                                     solver_state=solver_state)
     x_end, traj = ys[-1], ys if save_trajectory else None
     nfe = nfe_init + nfe_per_step * n
-    stats = {"num_steps": n, "num_accepted_steps": sol.stats["num_accepted_steps"],
-             "num_rejected_steps": sol.stats["num_rejected_steps"]}
+    stats = {"num_steps": n, "num_accepted_steps": sol_stats["num_accepted_steps"],
+             "num_rejected_steps": sol_stats["num_rejected_steps"]}
     return x_end, nfe, traj, stats
 
 
@@ -131,7 +146,8 @@ def _differentiable_stages(solver):
     """``solver`` with its Runge-Kutta stage loop of kind ``"bounded"``, which both forward and
     reverse mode differentiate (as Diffrax does under DirectAdjoint): its default checkpointed
     stage loop is a ``custom_vjp`` (no ``jax.jvp``), and ``"lax"`` a while loop (no ``jax.grad``).
-    It costs ~2 us a step more (jitted Heun, 32 steps, 2-D batch of 512: 0.36 vs 0.30 ms)."""
+    It cost ~2 us a step more when measured (jitted Heun, 32 steps, 2-D batch of 512: 0.36 vs 0.30 ms;
+    a standalone re-measurement at stop 45 found no difference, 1.00-1.03x)."""
     if isinstance(solver, diffrax.AbstractRungeKutta) and solver.scan_kind is None:
         return eqx.tree_at(lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda v: v is None)
     return solver
@@ -161,8 +177,8 @@ def _fixed_steps(term, solver, ss, x, nfe_per_step, nfe_init, save_trajectory, n
 
 def sde_solve(model: Model, ts: Array, x: Array, key, **options):
     """:func:`_sde_solve`, on an Explicit-sharded batch too (:func:`explicit_axes_as_auto`)."""
-    return explicit_axes_as_auto(lambda x: _sde_solve(model, ts, x, key, **options), x,
-                                 _run_specs(options["save_trajectory"]))
+    return explicit_axes_as_auto(lambda x, model, ts, key, options: _sde_solve(model, ts, x, key, **options), x,
+                                 _run_specs(options["save_trajectory"]), (model, ts, key, options))
 
 
 def _sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, nfe_per_step: int,
