@@ -319,7 +319,7 @@ for name, ts in [("karras", gf.sampling.time_grid(path, steps, "karras")), ("sel
 # radius 2, 1,024 samples from t = 0.999), sliced W2 to the data at 10 steps, uniform / log-SNR
 # grid: Euler-Maruyama 0.077 / 9.4, pc 0.12 / 9.3, ShARK 1.17 / 0.12; at 20 steps all are stable
 # on both (0.09-0.17). With the trained network of the figure below (its titles give sliced W2 to the
-# data), the 10-step SDE samplers land about 3x further from the data than the ODE solvers (0.26-0.30
+# data), the 10-step SDE samplers land further from the data than the ODE solvers (0.26-0.30 for pc and Euler-Maruyama, 0.15 for ShARK,
 # against 0.10-0.11): their 10 steps of noise are not averaged out, while the ODE solvers follow
 # the network's flow.
 

@@ -626,7 +626,8 @@ def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, p
     ``pigdm`` step does (one network evaluation and VJP; ``tmpd`` adds ``cg_iters`` JVPs and VJPs).
     The deterministic solve does not forgive a wrong likelihood, though: ``pigdm`` on a prior far
     from its isotropic assumption (the same oracle) lands 2.4 posterior standard deviations off
-    the mean with 30 ODE steps, against 0.8 with the stochastic base of ``posterior_sample``,
+    the mean (the norm of the whitened mean error; 1.4 in the largest coordinate) with 30 ODE
+    steps, against 0.8 (0.4) with the stochastic base of ``posterior_sample``,
     whose fresh noise contracts such errors; with an isotropic prior both are exact.
 
         pm = gf.inverse.posterior_model(fn, path, y, op, prediction="eps", noise=gf.inverse.GaussianNoise(0.1))
@@ -638,9 +639,12 @@ def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, p
     where the SNR is at least ~1e-4, as :func:`posterior_sample` does by default)
     with ``x1`` drawn from the prior's marginal there (the posterior's is the same to ~SNR). On the
     16-D box-inpainting problem above (vp_cosine, eps model, ``tmpd``, 20 dpm++2m steps on the
-    uniform grid) the mean lands 0.135 posterior standard deviations off (the largest coordinate)
-    from ``t_start=1`` (alpha = 5.5e-4), against 0.02-0.07, the Monte-Carlo noise of 4,000
-    samples, from ``t_start=0.999`` (SNR 4.5e-6) and from SNR 1e-4.
+    uniform grid) the mean lands ~3 posterior standard deviations off (3.1-3.3 over three noise
+    draws; covariance error ~12) from ``t_start=1`` (alpha = 5.5e-4: float32 rounding swamps the eps
+    model's conversion to x0 and its Jacobian; an x0 or v model gives 0.04), against 0.03-0.05,
+    the Monte-Carlo noise of 4,000 samples, from ``t_start=0.999`` (SNR 4.5e-6) and from SNR 1e-4.
+    (Re-measured at stop 45; an earlier version of this paragraph said 0.135, a number that never
+    held in float32.)
 
     Args:
       fn, path, prediction: the prior model and its path and kind (as :func:`posterior_sample`).

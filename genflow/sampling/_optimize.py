@@ -346,11 +346,11 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
         ``tau = sigma / (alpha + sigma)``. ``iters`` is the length of the optimisation loop, fixed
         at compile time: a new value compiles the whole search again (~12 s on a CPU); a new
         ``learning_rate`` does not. The returned grid is the best iterate. The objective has
-        several local minima at few steps, and which one Adam ends in can hinge on rounding: on
-        ``experiments/benchmarks/samplers.py``'s mixture (UniPC, NFE 20, ``objective="global"``)
-        scaling the calibration batch by 1 + 1e-6 moved the final value from 2.48e-3 to 2.31e-3
-        (a decaying learning rate was worse: 1.5e-2 or 2.5e-3 for the two). Compare a few ``init``
-        grids, or :func:`select_schedule` among them, where it matters.
+        several local minima at few steps, and which one Adam ends in can hinge on rounding (an
+        earlier version, on ``experiments/benchmarks/samplers.py``'s mixture, UniPC, NFE 20,
+        ``objective="global"``, moved from 2.48e-3 to 2.31e-3 when the calibration batch was scaled
+        by 1 + 1e-6; re-measured at stop 45 the same change moves it 7.025e-4 -> 7.018e-4). Compare
+        a few ``init`` grids, or :func:`select_schedule` among them, where it matters.
       rtol, atol: tolerances of the reference solve.
       propagate: weight each local error by the growth bound of :func:`propagation_weights`
         (the logarithmic-norm bound of the global error); False: the plain sum of local errors.

@@ -165,7 +165,7 @@ _TABLE: tuple[SolverSpec, ...] = (
     _scan("pc", 0.5, True, 2, _stochastic.pc,
           "predictor-corrector: reverse-SDE Euler-Maruyama + Langevin corrector, snr=0.16 (Song et al. 2021); "
           "the corrector's fixed snr keeps an O(snr^2) bias in the variance that more steps do not remove "
-          "(2-D Gaussian, vp_linear: +4-5% at 400 and 1,600 steps; snr=0.04: within 1.2%); "
+          "(2-D Gaussians, vp_linear: +1.3-3.1% at 400 steps, +1.9-2.5% at 1,600; snr=0.04: within 1.2%); "
           "at ~10 steps keep the uniform grid (linear path, 2-D mixture: sliced W2 0.08-0.12 uniform, 9.3 log-SNR); "
           "the corrector's step size uses batch means (as score_sde's), so a sample depends on the rest of its "
           "batch (and shard)",

@@ -31,8 +31,9 @@ def _all_finite(tree) -> Array:
     elements, accumulated in at least float32 (non-finite if any element is inf or nan). The sum
     can also overflow, when it passes ~3.4e38 (e.g. ~2.5e33 per same-signed element for 133k
     parameters): such a tree counts as non-finite too, which is what a training guard wants.
-    One float reduction per leaf: on XLA:CPU ``all(isfinite(x))`` per leaf cost 2.2x as much
-    (60 vs 28 us for the 133k parameters of a 3x256 MLP; a 2-D training step takes ~1 ms)."""
+    One float reduction per leaf: on XLA:CPU ``all(isfinite(x))`` per leaf cost 2.2x as much when
+    measured (60 vs 28 us for the 133k parameters of a 3x256 MLP; a 2-D training step takes ~1 ms;
+    standalone, dispatch included, a re-measurement at stop 45 found 0.9-1.1x)."""
     sums = [jnp.sum(x) for x in _wide_float_leaves(tree)]
     return jnp.isfinite(sum(sums)) if sums else jnp.array(True)
 
