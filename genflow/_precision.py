@@ -20,3 +20,12 @@ import jax
 import jax.numpy as jnp
 
 matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+
+
+def wide(a) -> jax.Array:
+    """``a`` in float32 or wider (float64 stays): for the sums, reductions and factorizations that
+    bfloat16 / float16 cannot hold -- a bfloat16 ELBO of ~3e4 nats has a spacing of 128, a float16
+    per-example noise model's sum over a 256 x 256 x 3 image overflows, and ``inv`` / ``slogdet`` /
+    QR / LU have no half-precision kernels."""
+    a = jnp.asarray(a)
+    return a.astype(jnp.promote_types(a.dtype, jnp.float32))

@@ -38,6 +38,7 @@ import numpy as np
 
 from genflow import param
 from genflow._checks import check_null_label, check_real_in, concrete_real, flat_batch, real_leaf
+from genflow._precision import wide
 from genflow.paths import Path, broadcast_t
 from genflow.sampling import as_pytree_fn
 
@@ -309,9 +310,8 @@ class CADS:
             return yh
         # (statistics in at least float32: in float16 the floor 1e-12 is 0, and a constant condition
         # row -- an all-zero null embedding -- became 0/0 = NaN)
-        dt = jnp.promote_types(y.dtype, jnp.float32)
         axes = tuple(range(1, y.ndim))
-        y32, yh32 = y.astype(dt), yh.astype(dt)
+        y32, yh32 = wide(y), wide(yh)
         mu0, sd0 = y32.mean(axes, keepdims=True), y32.std(axes, keepdims=True)
         mu1, sd1 = yh32.mean(axes, keepdims=True), yh32.std(axes, keepdims=True)
         resc = (yh32 - mu1) / jnp.maximum(sd1, 1e-12) * sd0 + mu0

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow._checks import check_int, flat_batch, is_int
-from genflow._precision import matmul
+from genflow._precision import matmul, wide as _wide
 from genflow.nets._common import activation
 
 Array = jax.Array
@@ -41,11 +41,6 @@ def _spatial(x: Array) -> int:
 
 def _zeros(x: Array) -> Array:
     return jnp.zeros((x.shape[0],), jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _wide(a: Array) -> Array:
-    """``a`` in float32 or wider: ``inv`` / ``slogdet`` / QR / LU have no bfloat16 or float16 kernels."""
-    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
 def check_logdet(layer, logdet, x: Array, method: str):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow._checks import check_int, concrete_real, flat_batch
-from genflow._precision import matmul
+from genflow._precision import matmul, wide as _wide
 
 Array = jax.Array
 
@@ -495,13 +495,6 @@ def _levels_ok(value, low: float, strict: bool = False) -> bool:
         return False  # (complex, bool)
     v = v.astype(np.float64)
     return bool(np.all(np.isfinite(v) & ((v > low) if strict else (v >= low))))
-
-
-def _wide(a) -> Array:
-    """``a`` in at least float32: the noise models' per-example sums overflowed in float16 (a 256 x
-    256 x 3 image with residual 0.5: ``GaussianNoise(0.01).nll`` inf, ``PoissonNoise.nll`` -inf)."""
-    a = jnp.asarray(a)
-    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
 @_checked_pytree

@@ -38,6 +38,7 @@ import numpy as np
 from genflow import _memo, param
 from genflow._checks import (check_int, check_key, check_positive_real, check_real_in, concrete_real, flat_batch,
                              split_batch)
+from genflow._precision import wide as _wide
 from genflow.likelihood._ode import _check_x, is_zero
 from genflow.paths import Path, check_path
 
@@ -99,11 +100,6 @@ def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0
 
 def _eps_hat(fn, path: Path, z: Array, t: Array, prediction: str) -> Array:
     return param.convert(fn(z, t), z, t, path, prediction, "eps")
-
-
-def _wide(x: Array) -> Array:
-    """``x`` in float32 or wider: a bfloat16 ELBO of ~3e4 nats has a spacing of 128."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _check_t_range(t_min, t_max) -> None:

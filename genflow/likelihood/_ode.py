@@ -244,19 +244,21 @@ def ode_log_prob(
 
 @_memo.filter_jit
 def _solve(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps, chunk_size, max_steps):
+    jvps = math.prod(x.shape[1:]) if probes is None else probes.shape[0]  # (static: LogProbInfo.jvps_per_eval)
+
     def specs(spec):  # (the outputs' partition specs from the batch's: per-sample results sharded as it)
         none, rows = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(spec[0] if len(spec) else None)
-        jvps = math.prod(x.shape[1:]) if probes is None else probes.shape[0]
         return rows, LogProbInfo(nfe=none, prior_logp=rows, delta_logp=rows, z=spec, num_steps=none,
                                  jvps_per_eval=jvps)
 
     return explicit_axes_as_auto(
         lambda x, velocity, log_prior, probes, t0, t1, adjoint, rtol, atol: _solve_sharded(
-            velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps, chunk_size, max_steps),
+            velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps, chunk_size, max_steps, jvps),
         x, specs, (velocity, log_prior, probes, t0, t1, adjoint, rtol, atol))
 
 
-def _solve_sharded(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps, chunk_size, max_steps):
+def _solve_sharded(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol, atol, steps, chunk_size, max_steps,
+                   jvps):
     b = x.shape[0]
 
     def rhs(t, y, args):
@@ -304,7 +306,6 @@ def _solve_sharded(velocity, log_prior, x, probes, t0, t1, adjoint, solver, rtol
     if jnp.shape(prior) != (x.shape[0],):  # (a [B, 1] prior broadcast the result to [B, B])
         raise ValueError(f"log_prior(z) must return shape [B] = ({x.shape[0]},); got {jnp.shape(prior)}")
     prior = prior.astype(x.dtype)
-    jvps = math.prod(x.shape[1:]) if probes is None else probes.shape[0]
     info = LogProbInfo(nfe=jnp.asarray(init + per_step * n, jnp.int32), prior_logp=prior, delta_logp=delta,
                        z=z, num_steps=n, jvps_per_eval=jvps)
     return prior + delta, info

@@ -69,10 +69,20 @@ def explicit_axes_as_auto(run, x: Array, out_specs=None, args=()):
                                   out_sharding=shardings)(x, dynamic)
 
 
-def _run_specs(save_trajectory: bool):
-    """Partition specs of a solver run's ``(x, nfe, trajectory [N + 1, B, ...], stats)`` from the batch's."""
-    none = jax.sharding.PartitionSpec()
-    return lambda spec: (spec, none, jax.sharding.PartitionSpec(None, *spec) if save_trajectory else None, none)
+def _on_any_mesh(solve):
+    """``solve(model, ts, x, key, **options) -> (x, nfe, trajectory, stats)`` on an Explicit-sharded
+    batch too (:func:`explicit_axes_as_auto`): the samples sharded as the batch, the trajectory
+    ``[N + 1, B, ...]`` along its batch axis."""
+
+    def run(model: Model, ts: Array, x: Array, key, **options):
+        none = jax.sharding.PartitionSpec()
+        traj = options["save_trajectory"]
+        return explicit_axes_as_auto(
+            lambda x, model, ts, key, options: solve(model, ts, x, key, **options), x,
+            lambda spec: (spec, none, jax.sharding.PartitionSpec(None, *spec) if traj else None, none),
+            (model, ts, key, options))
+
+    return run
 
 
 def solve_checked(terms, solver, **kwargs):
@@ -95,12 +105,6 @@ def solve_checked(terms, solver, **kwargs):
     # a solve cut off at max_steps returned unfinished samples without an error)
     ys, stats = jax.tree.map(lambda y: jnp.where(n >= 0, y, jnp.zeros_like(y)), (sol.ys, sol.stats))
     return ys, n, stats
-
-
-def ode_solve(model: Model, ts: Array, x: Array, key, **options):
-    """:func:`_ode_solve`, on an Explicit-sharded batch too (:func:`explicit_axes_as_auto`)."""
-    return explicit_axes_as_auto(lambda x, model, ts, key, options: _ode_solve(model, ts, x, key, **options), x,
-                                 _run_specs(options["save_trajectory"]), (model, ts, key, options))
 
 
 def _ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, adaptive: bool,
@@ -175,12 +179,6 @@ def _fixed_steps(term, solver, ss, x, nfe_per_step, nfe_init, save_trajectory, n
     return x_end, nfe_init + nfe_per_step * n, traj, stats
 
 
-def sde_solve(model: Model, ts: Array, x: Array, key, **options):
-    """:func:`_sde_solve`, on an Explicit-sharded batch too (:func:`explicit_axes_as_auto`)."""
-    return explicit_axes_as_auto(lambda x, model, ts, key, options: _sde_solve(model, ts, x, key, **options), x,
-                                 _run_specs(options["save_trajectory"]), (model, ts, key, options))
-
-
 def _sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, nfe_per_step: int,
                max_steps: int, save_trajectory: bool, levy_area=diffrax.BrownianIncrement,
                brownian_tol: float | None = None, **_):
@@ -232,3 +230,8 @@ def _sde_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstra
         adjoint=diffrax.ForwardMode() if brownian_tol is None else diffrax.DirectAdjoint(),
     )
     return ys[-1], nfe_per_step * n, ys if save_trajectory else None, {"num_steps": n}
+
+
+# the solvers' runs: _ode_solve / _sde_solve on any batch, sharded or not
+ode_solve = _on_any_mesh(_ode_solve)
+sde_solve = _on_any_mesh(_sde_solve)
