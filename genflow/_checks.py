@@ -211,3 +211,28 @@ def split_batch(batch):
         raise TypeError(f"batch must be an array x: [B, ...] or a dict {{'x': ..., 'y': ..., 'x1': ...}}; got a "
                         f"{type(batch).__name__} of {len(batch)} entries (pass (x, y) as {{'x': x, 'y': y}})")
     return batch, None, None
+
+
+def error_if(x, pred, msg: str | None = None, *, result=None):
+    """``equinox.error_if(x, pred, msg)``, or with ``result`` (a Diffrax ``RESULTS`` value) Diffrax's
+    ``result.error_if(x, pred)``, that fails cleanly in a multi-device computation too.
+
+    JAX runs a callback once, on one device, under automatic sharding; when the check fired there,
+    the other devices waited in the collective that hands its output on, and XLA aborted the whole
+    process after 40 s ("Termination timeout for all reduce"). Where :func:`genflow._memo.call_mesh`
+    knows the mesh, the check runs under :func:`jax.shard_map` on every device instead, and a fired
+    check raises the usual error. ``x`` (a scalar here) passes through replicated; ``pred`` may have
+    any shape (any of it true fires)."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    from genflow import _memo
+
+    def check(x, pred, result):
+        return eqx.error_if(x, pred, msg) if result is None else result.error_if(x, pred)
+
+    mesh = _memo.call_mesh()
+    if mesh is None:
+        return check(x, pred, result)
+    none = jax.sharding.PartitionSpec()
+    return jax.shard_map(check, mesh=mesh, in_specs=none, out_specs=none, check_vma=False)(x, jnp.any(pred), result)

@@ -12,6 +12,7 @@ batch repeated. :func:`memoised` keeps the result under a key of everything it d
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
 import functools
 import threading
@@ -190,13 +191,80 @@ def config_key() -> tuple:
         return tuple(str(getattr(jax.config, name, None)) for name in _CONFIG_NAMES)
 
 
-def checked_twin(fun: Callable, jit: Callable) -> Callable:
+_CALL_MESH: contextvars.ContextVar = contextvars.ContextVar("genflow_call_mesh", default=None)
+
+
+def call_mesh():
+    """The mesh of a multi-device computation being traced: the context's abstract mesh (Explicit
+    axes, :func:`jax.sharding.auto_axes`, ``jax.set_mesh``) or, for arrays on a mesh with Auto
+    axes, the mesh that :func:`checked_twin` found on the call's arguments; ``None`` for a
+    one-device computation, or under a caller's ``jax.jit`` that sees Auto-sharded tracers only.
+    Read by the runtime checks (:func:`genflow._checks.error_if`)."""
+    abstract = jax.sharding.get_abstract_mesh()
+    if not abstract.empty and abstract.size > 1:
+        return abstract
+    return _CALL_MESH.get()
+
+
+def spanning_mesh(leaves):
+    """The :class:`jax.sharding.Mesh` of the first concrete array among ``leaves`` placed with a
+    ``NamedSharding`` over more than one device, else ``None``."""
+    for leaf in leaves:
+        sharding = getattr(leaf, "sharding", None)
+        if (isinstance(sharding, jax.sharding.NamedSharding) and isinstance(leaf, jax.Array)
+                and not isinstance(leaf, jax.core.Tracer) and isinstance(sharding.mesh, jax.sharding.Mesh)
+                and sharding.mesh.size > 1):
+            return sharding.mesh
+    return None
+
+
+def drop_failed_runtime_tokens() -> None:
+    """Forget the per-device runtime tokens of a multi-device program whose check fired (its error
+    already raised): JAX keeps them, and every later ``jax.effects_barrier()`` -- and the one at
+    interpreter exit ("Exception ignored in atexit callback") -- raised that error again.
+    (JAX's private token set; nothing is done where it is not found.)"""
+    try:
+        from jax._src import dispatch
+
+        tokens = dispatch.runtime_tokens.output_runtime_tokens
+    except (ImportError, AttributeError):  # pragma: no cover - another JAX
+        return
+    for device, token in list(tokens.items()):
+        try:
+            token.block_until_ready()
+        except Exception:  # noqa: BLE001 - the failed program's token, whatever its error type
+            tokens.pop(device, None)
+
+
+def _on_mesh(fun: Callable, mesh) -> Callable:
+    """``fun`` traced with :func:`call_mesh` giving ``mesh``."""
+
+    @functools.wraps(fun)
+    def run(*args, **kwargs):
+        token = _CALL_MESH.set(mesh)
+        try:
+            return fun(*args, **kwargs)
+        finally:
+            _CALL_MESH.reset(token)
+
+    return run
+
+
+def checked_twin(fun: Callable, jit: Callable, arrays: Callable | None = None) -> Callable:
     """``jit(fun)``, dispatched to a second ``jit`` of ``fun`` while ``jax_debug_nans`` or
     ``jax_debug_infs`` is on. JAX's C++ dispatch cache is keyed by the Python function and the
     static arguments, not by these flags: a program that had run once with them off kept running
     unchecked after the user turned one on (NaN samples / log-densities, no error). The twin wraps
     the raw ``fun``, so its entries are all made with the checks on, and the de-optimized re-run
-    that names the culprit op runs ``fun`` itself."""
+    that names the culprit op runs ``fun`` itself.
+
+    Arguments placed on a multi-device mesh (``arrays(args, kwargs)`` gives the leaves to look at;
+    default all) run a third ``jit`` per mesh, traced with :func:`call_mesh` giving that mesh: a
+    runtime check there runs on every device (:func:`genflow._checks.error_if`). Run on one
+    device, as JAX runs a callback under automatic sharding, a check that fired (Diffrax's
+    max_steps) left the other devices waiting in a collective, and XLA aborted the process after
+    40 s instead of raising. (The mesh is not in JAX's trace key for Auto axes, hence a program per
+    mesh.)"""
     fast = jit(fun)
 
     @functools.wraps(fun)
@@ -204,10 +272,24 @@ def checked_twin(fun: Callable, jit: Callable) -> Callable:
         return fun(*args, **kwargs)
 
     checked = jit(twin)
+    on_mesh: dict = {}
+    lock = threading.Lock()
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
-        if jax.config.jax_debug_nans or jax.config.jax_debug_infs:
+        debug = bool(jax.config.jax_debug_nans or jax.config.jax_debug_infs)
+        mesh = spanning_mesh(arrays(args, kwargs) if arrays is not None else jax.tree_util.tree_leaves((args, kwargs)))
+        if mesh is not None:
+            with lock:
+                if (mesh, debug) not in on_mesh:
+                    on_mesh[mesh, debug] = jit(_on_mesh(fun, mesh))
+                run = on_mesh[mesh, debug]
+            try:
+                return run(*args, **kwargs)
+            except Exception:
+                drop_failed_runtime_tokens()
+                raise
+        if debug:
             return checked(*args, **kwargs)
         return fast(*args, **kwargs)
 

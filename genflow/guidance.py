@@ -31,12 +31,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow import param
+from genflow import _checks, param
 from genflow._checks import check_null_label, check_real_in, concrete_real, flat_batch, real_leaf
 from genflow._precision import wide
 from genflow.paths import Path, broadcast_t
@@ -493,8 +492,9 @@ class _LabelLogProb:
         logits = self.classifier(x, t)
         classes = logits.shape[-1]
         # out of range, take_along_axis gave NaN (the unguided model) and -1 the last class
-        y = eqx.error_if(self.y, (self.y < 0) | (self.y >= classes),
-                         f"classifier guidance: labels y must lie in [0, {classes}) (the classifier's classes)")
+        ok = _checks.error_if(jnp.zeros((), jnp.int32), (self.y < 0) | (self.y >= classes),
+                              f"classifier guidance: labels y must lie in [0, {classes}) (the classifier's classes)")
+        y = jnp.where(ok == 0, self.y, jnp.zeros_like(self.y))  # (tied to the check, so that it runs)
         if y.shape not in ((), (x.shape[0],)):  # (a broadcast error that did not name y)
             raise ValueError(f"classifier guidance: y must be a scalar label or have shape [B] = [{x.shape[0]}]; "
                              f"got shape {y.shape}")

@@ -1,6 +1,7 @@
 """Sharded training on 8 fake CPU devices (in a subprocess: the device count is fixed when jax is
 imported) against the single-device run, and checkpoints restored across mesh shapes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -261,3 +262,28 @@ def test_mesh_and_batch_errors_name_their_cause():
     with pytest.raises(ValueError, match=r"every batch leaf needs a batch axis .* leaf of shape \(\)"):
         gf.train.fit(state, step, lambda k: {"x": jax.random.normal(k, (4, 2)), "w": jnp.float32(1.0)}, 2,
                      progress=False, mesh=gf.train.make_mesh())
+
+
+def test_a_check_that_fires_on_a_sharded_batch_raises_its_error_instead_of_aborting_the_process():
+    """Diffrax's max_steps (gf.sample, gf.log_prob) and classifier guidance's label range, fired on a
+    batch sharded over 8 CPU devices (Auto and Explicit axes, and under the caller's jit on Explicit
+    axes): equinox's error with its message, and JAX's effects barrier passes afterwards. Before,
+    the check ran on one device, the others waited in a collective, and XLA aborted the process
+    after 40 s (SIGABRT, "Termination timeout for all reduce")."""
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "_sharding_failures.py")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert r.returncode == 0 and lines, f"exit code {r.returncode}\n{r.stderr[-3000:]}"
+    report = json.loads(lines[-1][len("REPORT "):])
+    steps, labels = "maximum number of solver steps", "labels y must lie in [0, 10)"
+    for kind in ("auto", "explicit"):
+        for case, message in ((f"sample_{kind}", steps), (f"log_prob_{kind}", steps), (f"classifier_{kind}", labels)):
+            got = report[case]
+            assert got["raised"] == "EquinoxRuntimeError" and message in got["message"], (case, got)
+            assert got["barrier"] == "ok", (case, got)
+        ok = report[f"sample_ok_{kind}"]
+        assert ok["raised"] is None and ok["spec"] in ("P('d',)", "P('d', None)"), ok
+    under_jit = report["sample_explicit_under_jit"]  # (the caller's own program: JAX's error type)
+    assert under_jit["raised"] == "JaxRuntimeError" and steps in under_jit["message"], under_jit

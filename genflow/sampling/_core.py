@@ -371,7 +371,11 @@ def sample(
       x1: ``[B, ...]`` starting state at ``t_start`` (for a Gaussian path
         ``path.prior_sample(key, shape)``). The solver state is kept in at least float32; the
         samples are returned in ``x1.dtype``. A batch sharded over a device mesh (Auto or
-        Explicit axes) is sampled where it lies and the samples come back sharded as ``x1``.
+        Explicit axes) is sampled where it lies and the samples come back sharded as ``x1``. A
+        runtime check that fires there (an adaptive solve reaching ``max_steps``, classifier
+        guidance's label range) raises its error; under your own ``jax.jit`` it can only do so
+        on Explicit axes: with Auto axes the check runs on one device and a firing one hangs the
+        others until XLA aborts the process.
       prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.
       solver: a name from :func:`genflow.sampling.solvers`.
       steps: number of steps of fixed-step solvers (ignored by adaptive ones). Called eagerly
@@ -624,8 +628,8 @@ def _leaf_jit(fun):
     run.__name__ = run.__qualname__ = fun.__name__  # (the name in compile logs and profiles)
     # (with a twin for jax_debug_nans / debug_infs switched on after a first call: JAX's dispatch
     # cache kept running the unchecked program, NaN samples without the error asked for)
-    run = _memo.checked_twin(run, functools.partial(jax.jit, static_argnums=(1, 2)))
-    slow = eqx.filter_jit(fun)  # (only to raise a fired check's error with its message)
+    run = _memo.checked_twin(run, functools.partial(jax.jit, static_argnums=(1, 2)), lambda args, kwargs: args[0])
+    slow = _memo.filter_jit(fun)  # (only to raise a fired check's error with its message)
     logger = logging.getLogger("jax._src.callback")
 
     @functools.wraps(fun)
@@ -640,6 +644,7 @@ def _leaf_jit(fun):
             if isinstance(first, jax.Array) and not isinstance(first, jax.core.Tracer):
                 first.block_until_ready()  # (a fired check raises here, as under equinox.filter_jit)
         except jax.errors.JaxRuntimeError as e:
+            _memo.drop_failed_runtime_tokens()
             if "_EquinoxRuntimeError: " not in str(e):
                 raise
             arrays = None

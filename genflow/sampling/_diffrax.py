@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
 
+from genflow import _checks
 from genflow.sampling._driver import step_loop
 from genflow.sampling._model import Model
 
@@ -92,14 +93,15 @@ def solve_checked(terms, solver, **kwargs):
     gathered and replicated on every device (tsit5, dopri5, euler_maruyama, shark, ``gf.log_prob``),
     with a warning of "involuntary full rematerialization" under Explicit axes. Returns
     ``(ys, num_steps, stats)``, all tied to the check (it runs whenever they
-    are used). A :class:`diffrax.BacksolveAdjoint`'s backward solve keeps Diffrax's own check."""
+    are used). A :class:`diffrax.BacksolveAdjoint`'s backward solve keeps Diffrax's own check. On
+    a multi-device mesh the check runs on every device (:func:`genflow._checks.error_if`)."""
     adjoint = kwargs.get("adjoint")
     if isinstance(adjoint, diffrax.BacksolveAdjoint) and "throw" not in adjoint.kwargs:
         # (Diffrax hands throw=False on to the adjoint's backward solve: its failure went unchecked,
         # a wrong gradient without an error)
         kwargs["adjoint"] = diffrax.BacksolveAdjoint(**{"throw": True, **adjoint.kwargs})
     sol = diffrax.diffeqsolve(terms, solver, throw=False, **kwargs)
-    n = sol.result.error_if(sol.stats["num_steps"], jnp.invert(diffrax.is_okay(sol.result)))
+    n = _checks.error_if(sol.stats["num_steps"], jnp.invert(diffrax.is_okay(sol.result)), result=sol.result)
     # the results depend on the checked count, so the check runs whenever they are used (an
     # optimization barrier did not: under the caller's jit, with info discarded, XLA dropped it and
     # a solve cut off at max_steps returned unfinished samples without an error)
