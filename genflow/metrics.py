@@ -59,9 +59,15 @@ def w2_exact(x, y) -> float:
     ``W2 = sqrt(min_perm mean_i ||x_i - y_perm(i)||^2)`` (an assignment problem, solved with
     SciPy's ``linear_sum_assignment`` in float64). ``x, y: [N, ...]`` with the same N. A NaN or
     infinite coordinate gives NaN (as in the other distances: a diverged sample scores no distance).
+
+    Runs on the host, on concrete arrays: not under ``jax.jit`` / ``vmap`` / ``grad`` (use
+    :func:`w2_sinkhorn` or :func:`sliced_w2`, or ``gf.ot.ot_permutation`` for the assignment, there).
     """
     from scipy.optimize import linear_sum_assignment
 
+    if any(isinstance(v, jax.core.Tracer) for v in (x, y)):  # (was NumPy's TracerArrayConversionError)
+        raise TypeError("w2_exact runs on the host and got traced arrays (inside jax.jit / vmap / grad / lax.map); "
+                        "use w2_sinkhorn or sliced_w2 there, or call w2_exact on concrete arrays")
     x, y = flat_batch(np.asarray(x, np.float64)), flat_batch(np.asarray(y, np.float64))
     if x.shape != y.shape:
         raise ValueError(f"w2_exact needs point sets of equal shape; got {x.shape} and {y.shape} "

@@ -200,4 +200,25 @@ for name, call in calls2.items():
     except Exception as e:  # noqa: BLE001 (reported, asserted on by the test)
         diffrax_sharded[name]["explicit (d, m), model on the mesh"] = f"{type(e).__name__}: {str(e)[:200]}"
 report["diffrax_sharded"] = diffrax_sharded
+
+# The schedule searches on a calibration batch on Explicit axes, with the model's arrays on the mesh:
+# their reference solves failed ("Resource axis: d ... not found in mesh", "Mesh for all inputs
+# should be equal"). Against one device.
+gm_on_mesh = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(emesh, P())), gm)
+grids = [gf.sampling.time_grid(path, 4, "uniform", 0.999), gf.sampling.time_grid(path, 4, "logsnr", 0.999)]
+searches = {
+    "optimize_schedule": lambda m, x: gf.sampling.optimize_schedule(m, path, x, prediction="eps", steps=4,
+                                                                    solver="dpm++2m", iters=3, t_start=0.999),
+    "select_schedule": lambda m, x: gf.sampling.select_schedule(m, path, x, grids, prediction="eps", solver="dpm++2m"),
+    "calibration_batch": lambda m, x: gf.sampling.calibration_batch(m, path, x, prediction="eps", steps=4, size=8,
+                                                                    solver="dpm++2m", t_start=0.999),
+}
+schedules = {}
+for name, call in searches.items():
+    try:
+        schedules[name] = max_diff(call(gm_on_mesh.model(path, "eps"), jax.device_put(x1, NamedSharding(emesh, P("d")))),
+                                   call(gm.model(path, "eps"), x1))
+    except Exception as e:  # noqa: BLE001 (reported, asserted on by the test)
+        schedules[name] = f"{type(e).__name__}: {str(e)[:200]}"
+report["schedules_explicit"] = schedules
 print("REPORT " + json.dumps(report))

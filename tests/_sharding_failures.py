@@ -47,6 +47,10 @@ for kind in ("auto", "explicit"):
     guided = gf.guidance.classifier(eps, path, "eps", lambda x, t: jnp.tile(x, (1, 3))[:, :10], y, scale=1.0)
     report[f"classifier_{kind}"] = outcome(
         lambda: gf.sample(guided, path, x1, prediction="eps", solver="ddim", steps=4)[0])
+    if kind == "auto":  # (eager jax.grad / jax.vmap hand tracers in: the mesh is found beneath them)
+        report["log_prob_grad_auto"] = outcome(lambda: jax.grad(lambda z: gf.log_prob(eps, path, z, **kw)[0].sum())(x1))
+        report["sample_vmap_auto"] = outcome(lambda: jax.vmap(lambda z: gf.sample(eps, path, z, solver="tsit5", **kw)[0])(
+            jax.device_put(x1.reshape(8, 2, 4), NamedSharding(mesh, P("d")))))
     # the same programs on a batch that passes its checks still run, sharded as the batch
     report[f"sample_ok_{kind}"] = outcome(lambda: gf.sample(eps, path, x1, prediction="eps", solver="tsit5")[0])
 

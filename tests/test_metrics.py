@@ -421,3 +421,13 @@ def test_sliced_w2_in_one_dimension_is_the_exact_w2_of_the_sorted_samples():
     got = float(gf.metrics.sliced_w2(jnp.asarray(x), jnp.asarray(y), jax.random.key(0), num_projections=8))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(got, gf.metrics.w2_exact(x, y), rtol=1e-5)
+
+
+def test_w2_exact_under_a_transformation_says_it_runs_on_the_host():
+    """w2_exact (SciPy's assignment) on traced arrays: a TypeError naming the jittable alternatives;
+    it was NumPy's anonymous TracerArrayConversionError (composability audit)."""
+    x = jax.random.normal(jax.random.key(0), (3, 8, 2))
+    for transform in (jax.vmap, jax.jit):
+        with pytest.raises(TypeError, match="w2_exact runs on the host.*w2_sinkhorn or sliced_w2"):
+            transform(gf.metrics.w2_exact)(x, x + 0.5)
+    assert [gf.metrics.w2_exact(a, a + 0.5) for a in x] == pytest.approx([0.5 * np.sqrt(2)] * 3, rel=1e-6)

@@ -937,3 +937,28 @@ def test_dense_reference_solves_retry_a_buffer_that_proves_too_small(monkeypatch
     monkeypatch.undo()
     at_half = jax.jit(lambda t: gf.sampling.reference_trajectories(model, x1, t, 0.0)(jnp.array([0.5]))[0])(0.999)
     np.testing.assert_allclose(at_half, g.flow_map(x1, 0.999, 0.5, path), rtol=1e-4)
+
+
+def test_a_named_log_snr_grid_on_a_traced_path_is_refused_by_name_and_an_explicit_grid_is_not():
+    """vmap over vp_linear's beta_max: the "logsnr" / "karras" schedules need the path's log-SNR
+    on the host and say so (JAX's ConcretizationTypeError, raised inside the path's alpha, said
+    nothing of the path or the fix); a grid built outside, and the "uniform" schedule, run and equal a loop of calls
+    (composability audit)."""
+    o = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -1.0]), jnp.array([0.5, 0.2]))
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    betas = jnp.array([10.0, 20.0])
+
+    def run(beta_max, schedule):
+        path = gf.paths.vp_linear(beta_max=beta_max)
+        return gf.sample(o.model(path, "eps"), path, x1, prediction="eps", solver="dpm++2m", steps=8,
+                         schedule=schedule)[0]
+
+    for name in ("logsnr", "karras"):
+        with pytest.raises(jax.errors.ConcretizationTypeError, match="traced hyper-parameters.*build the grid outside"):
+            jax.vmap(lambda b: run(b, name))(betas)
+    grid = gf.sampling.time_grid(gf.paths.vp_linear(), 8, "logsnr")
+    for schedule in (grid, "uniform"):
+        batched = jax.vmap(lambda b: run(b, schedule))(betas)
+        looped = jnp.stack([run(float(b), schedule) for b in betas])
+        np.testing.assert_allclose(batched, looped, atol=1e-5)
+        assert float(jnp.max(jnp.abs(batched[0] - batched[1]))) > 1e-3  # (the two paths differ)

@@ -352,8 +352,10 @@ def sample(
 
     The time grid and the solver's grid coefficients are built on the host and kept for repeat
     calls with equal arguments (path, steps, schedule name or grid values, ends, solver and
-    options), so a loop over batches pays for them once. Under ``jax.jit`` a named schedule needs a concrete path
-    (closed over, not an argument of the jitted function); its grid is then a constant.
+    options), so a loop over batches pays for them once. Under ``jax.jit`` (or ``jax.vmap`` over the
+    path's hyper-parameters) the ``"logsnr"`` and ``"karras"`` schedules need a concrete path
+    (closed over, not an argument of the jitted function; else a ``ConcretizationTypeError`` says
+    so); its grid is then a constant. A grid array built outside works with a traced path.
 
     Args:
       fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``: a
@@ -611,13 +613,15 @@ class _QuietCallbackFailure(logging.Filter):
 _QUIET = _QuietCallbackFailure()
 
 
-def _leaf_jit(fun):
+def _leaf_jit(fun, batch_argnum: int = 2):
     """``fun`` compiled as :func:`equinox.filter_jit` does it -- array leaves of the arguments traced,
     every other leaf static (hashed), non-array outputs passed through, the call waited for, and a
     fired ``eqx.error_if`` (Diffrax's max_steps, a guidance label check) re-raised as equinox's
     readable error -- with less Python per call: one ``tree_flatten`` and a ``jax.jit`` keyed by
     the tree structure and the static leaves (equinox's partition and signature binding were
-    ~0.07 ms of a ~0.6 ms 20-step ``gf.sample`` call)."""
+    ~0.07 ms of a ~0.6 ms 20-step ``gf.sample`` call). Argument ``batch_argnum`` is the batch,
+    whose mesh, where it spans several devices, the runtime checks run on
+    (:func:`genflow._memo.checked_twin`)."""
 
     def run(dynamic, treedef, static):
         it = iter(dynamic)
@@ -628,7 +632,7 @@ def _leaf_jit(fun):
     run.__name__ = run.__qualname__ = fun.__name__  # (the name in compile logs and profiles)
     # (with a twin for jax_debug_nans / debug_infs switched on after a first call: JAX's dispatch
     # cache kept running the unchecked program, NaN samples without the error asked for)
-    run = _memo.checked_twin(run, functools.partial(jax.jit, static_argnums=(1, 2)), lambda args, kwargs: args[0])
+    run = _memo.checked_twin(run, functools.partial(jax.jit, static_argnums=(1, 2)))
     slow = _memo.filter_jit(fun)  # (only to raise a fired check's error with its message)
     logger = logging.getLogger("jax._src.callback")
 
@@ -639,10 +643,13 @@ def _leaf_jit(fun):
         static = tuple(_DYNAMIC if eqx.is_array(leaf) else leaf for leaf in leaves)
         logger.addFilter(_QUIET)
         try:
-            arrays, other = run(dynamic, treedef, static)
-            first = next(iter(jax.tree_util.tree_leaves(arrays)), None)
+            # (the batch's mesh, if it spans several devices: the model's leaves are not looked at)
+            arrays, other = run(dynamic, treedef, static, mesh=_memo.spanning_mesh(jax.tree_util.tree_leaves(args[batch_argnum])))
+            # (a fired check raises here, as under equinox.filter_jit; under an eager jax.vmap too,
+            # whose tracer carries the program's output)
+            first = _memo.concrete_of(next(iter(jax.tree_util.tree_leaves(arrays)), None))
             if isinstance(first, jax.Array) and not isinstance(first, jax.core.Tracer):
-                first.block_until_ready()  # (a fired check raises here, as under equinox.filter_jit)
+                first.block_until_ready()
         except jax.errors.JaxRuntimeError as e:
             _memo.drop_failed_runtime_tokens()
             if "_EquinoxRuntimeError: " not in str(e):

@@ -70,6 +70,19 @@ def explicit_axes_as_auto(run, x: Array, out_specs=None, args=()):
                                   out_sharding=shardings)(x, dynamic)
 
 
+def explicit_as_auto_placement(x):
+    """Concrete ``x`` placed on the same devices, its mesh's Explicit axes made Auto (no copy):
+    for the entry points whose many internal solves (per-sample, dense, sized) are run on Auto
+    axes rather than each wrapped (:func:`explicit_axes_as_auto`)."""
+    sharding = getattr(x, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if isinstance(x, jax.core.Tracer) or not getattr(mesh, "explicit_axes", ()):
+        return x
+    auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    return jax.device_put(x, jax.sharding.NamedSharding(auto, sharding.spec))
+
+
 def _on_any_mesh(solve):
     """``solve(model, ts, x, key, **options) -> (x, nfe, trajectory, stats)`` on an Explicit-sharded
     batch too (:func:`explicit_axes_as_auto`): the samples sharded as the batch, the trajectory

@@ -48,6 +48,7 @@ from genflow import _memo, param
 from genflow._checks import check_bool, check_int, concrete_real, flat_batch
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
+from genflow.sampling._diffrax import explicit_as_auto_placement
 from genflow.sampling._core import _check_start, _is_scan, as_pytree_fn, check_solver_options
 from genflow.sampling._exp import t_of_lambda
 from genflow.sampling._grid import _check_explicit, time_grid
@@ -77,13 +78,22 @@ def _check_search_args(x1: Array, name: str, rtol, atol, learning_rate=1.0) -> A
     if float(rtol) == 0.0 and float(atol) == 0.0:  # (the reference solve spent max_steps, then failed)
         raise ValueError("rtol and atol are both 0: the reference solve could never accept a step; pass rtol > 0 "
                          "or atol > 0")
-    x1 = jnp.asarray(x1)  # (a list failed on .astype; an empty batch as ZeroDivisionError / an empty max)
+    # (a list failed on .astype; an empty batch as ZeroDivisionError / an empty max; a batch on a
+    # mesh's Explicit axes failed in the reference solves as "Resource axis: d ... not found")
+    x1 = explicit_as_auto_placement(jnp.asarray(x1))
     if x1.ndim < 1 or x1.shape[0] < 1 or not jnp.issubdtype(x1.dtype, jnp.floating):
         raise ValueError(f"{name} must be a floating-point batch [B, ...] with B >= 1; got dtype {x1.dtype}, shape "
                          f"{x1.shape}")
     if not bool(jnp.all(jnp.isfinite(x1))):
         raise ValueError(f"{name} must be finite; got non-finite entries")
     return x1
+
+
+def _search_model(fn, path: Path, prediction: str) -> Model:
+    """The search's model, its arrays (a pytree model's parameters) on Auto axes where they lie on
+    a mesh's Explicit axes, as the calibration batch (:func:`_check_search_args`): the reference
+    solves failed on mixed axis types ("Mesh for all inputs should be equal")."""
+    return Model(jax.tree.map(explicit_as_auto_placement, as_pytree_fn(fn)), path, prediction)
 
 
 _RHO_STOP = 5e-4  # the reference solve stops at this noise level sigma/alpha (see below)
@@ -372,7 +382,7 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
     iters = check_int("iters", iters, 0)
     steps = check_int("steps", steps)  # (None with an init array: "unsupported operand type(s) for +")
     x1 = _check_search_args(x1, "x1", rtol, atol, learning_rate)
-    model = Model(as_pytree_fn(fn), path, prediction)
+    model = _search_model(fn, path, prediction)
     ts0 = time_grid(path, steps, init, t_start, t_end)
     if ts0.shape[0] != steps + 1:
         raise ValueError(f"init has {ts0.shape[0]} times; expected steps + 1 = {steps + 1}")
@@ -479,7 +489,7 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
         raise ValueError(f"hard must be a fraction in [0, 1]; got {hard!r}")
     return_errors = check_bool("return_errors", return_errors)
     pool = pool.astype(jnp.promote_types(pool.dtype, jnp.float32))
-    model = Model(as_pytree_fn(fn), path, prediction)
+    model = _search_model(fn, path, prediction)
     ts = time_grid(path, steps, schedule, t_start, t_end)
     _check_start(path, ts, prediction, spec)
     with _reference_solve_errors():
@@ -536,7 +546,7 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
         raise ValueError(f"candidates must share the number of steps and both endpoints; got (times, start, end) "
                          f"in {sorted(ends)}")
     _check_start(path, grids[0], prediction, spec)
-    model = Model(as_pytree_fn(fn), path, prediction)
+    model = _search_model(fn, path, prediction)
     x1 = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
     with _reference_solve_errors():
         x_end = reference_end_states(model, x1, grids[0][0], grids[0][-1], rtol, atol)
