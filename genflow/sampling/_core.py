@@ -377,7 +377,11 @@ def sample(
         runtime check that fires there (an adaptive solve reaching ``max_steps``, classifier
         guidance's label range) raises its error; under your own ``jax.jit`` it can only do so
         on Explicit axes: with Auto axes the check runs on one device and a firing one hangs the
-        others until XLA aborts the process.
+        others until XLA aborts the process. Inside your own :func:`jax.shard_map` the dedicated
+        solvers run as they are; Diffrax's adaptive and SDE solvers (``tsit5``, ``dopri5``,
+        ``euler_maruyama``, ``shark``) need ``check_vma=False`` (Diffrax's loops fail its
+        manual-axis type checks), and a ``key`` is used as given on every shard: fold in
+        ``jax.lax.axis_index`` for independent noise per shard.
       prediction: ``"eps" | "x0" | "v" | "score" | "velocity"``.
       solver: a name from :func:`genflow.sampling.solvers`.
       steps: number of steps of fixed-step solvers (ignored by adaptive ones). Called eagerly
