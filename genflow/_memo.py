@@ -209,10 +209,12 @@ def call_mesh():
 
 def concrete_of(leaf):
     """The array an eager ``jax.grad`` / ``jax.vmap`` tracer carries (``leaf`` itself if it is no
-    tracer; ``None`` for a jit's tracer, which carries none)."""
-    while isinstance(leaf, jax.core.Tracer):
+    tracer); ``None`` for a jit's tracer, which carries no array."""
+    if not isinstance(leaf, jax.core.Tracer):
+        return leaf
+    while isinstance(leaf, jax.core.Tracer):  # (a jit's tracer has a .val too: a jaxpr variable)
         leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
-    return leaf
+    return leaf if isinstance(leaf, jax.Array) else None
 
 
 def spanning_mesh(leaves):
@@ -289,7 +291,8 @@ def checked_twin(fun: Callable, jit: Callable, arrays: Callable | None = None) -
     def call(*args, mesh=_UNSET, **kwargs):
         debug = bool(jax.config.jax_debug_nans or jax.config.jax_debug_infs)
         if mesh is _UNSET:
-            mesh = spanning_mesh(arrays(args, kwargs) if arrays is not None else jax.tree_util.tree_leaves((args, kwargs)))
+            mesh = None if jax.device_count() == 1 else spanning_mesh(
+                arrays(args, kwargs) if arrays is not None else jax.tree_util.tree_leaves((args, kwargs)))
         if mesh is not None:
             with lock:
                 if (mesh, debug) not in on_mesh:

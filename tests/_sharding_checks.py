@@ -8,6 +8,7 @@ measured differences; the test module asserts on them.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_sharding_checks.py OUT_DIR
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -215,10 +216,15 @@ searches = {
 }
 schedules = {}
 for name, call in searches.items():
-    try:
-        schedules[name] = max_diff(call(gm_on_mesh.model(path, "eps"), jax.device_put(x1, NamedSharding(emesh, P("d")))),
-                                   call(gm.model(path, "eps"), x1))
-    except Exception as e:  # noqa: BLE001 (reported, asserted on by the test)
-        schedules[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    for how in ("", " under set_mesh"):
+        try:
+            xe = jax.device_put(x1, NamedSharding(emesh, P("d")))
+            with jax.set_mesh(emesh) if how else contextlib.nullcontext():
+                got = call(gm_on_mesh.model(path, "eps"), xe)
+            mesh_of = getattr(got.sharding, "mesh", None)
+            schedules[name + how] = {"diff": max_diff(got, call(gm.model(path, "eps"), x1)),
+                                     "axis_types": str(getattr(mesh_of, "axis_types", None))}
+        except Exception as e:  # noqa: BLE001 (reported, asserted on by the test)
+            schedules[name + how] = f"{type(e).__name__}: {str(e)[:200]}"
 report["schedules_explicit"] = schedules
 print("REPORT " + json.dumps(report))

@@ -48,6 +48,11 @@ for kind in ("auto", "explicit"):
     report[f"classifier_{kind}"] = outcome(
         lambda: gf.sample(guided, path, x1, prediction="eps", solver="ddim", steps=4)[0])
     if kind == "auto":  # (eager jax.grad / jax.vmap hand tracers in: the mesh is found beneath them)
+        # a model on the mesh, sampled from one-device noise (review: only the batch was looked at)
+        w = jax.device_put(jnp.asarray(0.9), NamedSharding(mesh, P()))
+        report["sample_model_on_mesh_auto"] = outcome(
+            lambda: gf.sample(lambda x, t: w * x, path, jax.random.normal(jax.random.key(0), (16, 4)),
+                              solver="tsit5", **kw)[0])
         report["log_prob_grad_auto"] = outcome(lambda: jax.grad(lambda z: gf.log_prob(eps, path, z, **kw)[0].sum())(x1))
         report["sample_vmap_auto"] = outcome(lambda: jax.vmap(lambda z: gf.sample(eps, path, z, solver="tsit5", **kw)[0])(
             jax.device_put(x1.reshape(8, 2, 4), NamedSharding(mesh, P("d")))))

@@ -11,6 +11,8 @@ fixed-step Brownian path.
 
 from __future__ import annotations
 
+import functools
+
 import diffrax
 import equinox as eqx
 import jax
@@ -70,6 +72,12 @@ def explicit_axes_as_auto(run, x: Array, out_specs=None, args=()):
                                   out_sharding=shardings)(x, dynamic)
 
 
+def _auto_twin(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """``mesh`` with every axis Auto."""
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
 def explicit_as_auto_placement(x):
     """Concrete ``x`` placed on the same devices, its mesh's Explicit axes made Auto (no copy):
     for the entry points whose many internal solves (per-sample, dense, sized) are run on Auto
@@ -78,9 +86,37 @@ def explicit_as_auto_placement(x):
     mesh = getattr(sharding, "mesh", None)
     if isinstance(x, jax.core.Tracer) or not getattr(mesh, "explicit_axes", ()):
         return x
-    auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
-    return jax.device_put(x, jax.sharding.NamedSharding(auto, sharding.spec))
+    return jax.device_put(x, jax.sharding.NamedSharding(_auto_twin(mesh), sharding.spec))
+
+
+def on_auto_axes(fun, argnum: int, name: str):
+    """``fun`` run, when its argument ``argnum`` (or keyword ``name``) lies on a mesh's Explicit
+    axes, inside ``jax.set_mesh`` of that mesh's Auto twin -- also where the caller is inside
+    ``jax.set_mesh`` of the Explicit mesh, where every Auto-placed array failed ("context mesh ...
+    should match the aval mesh") -- with the arrays it returns on that twin put back on the
+    caller's mesh, their specs kept (a batch returned on Auto axes failed in the caller's next
+    Explicit computation). The body places its inputs with :func:`explicit_as_auto_placement`."""
+
+    @functools.wraps(fun)
+    def run(*args, **kwargs):
+        x = args[argnum] if len(args) > argnum else kwargs.get(name)
+        sharding = getattr(x, "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if isinstance(x, jax.core.Tracer) or not getattr(mesh, "explicit_axes", ()):
+            return fun(*args, **kwargs)
+        auto = _auto_twin(mesh)
+        with jax.set_mesh(auto):
+            out = fun(*args, **kwargs)
+
+        def back(a):
+            s = getattr(a, "sharding", None)
+            if isinstance(a, jax.Array) and getattr(s, "mesh", None) == auto:
+                return jax.device_put(a, jax.sharding.NamedSharding(mesh, s.spec))
+            return a
+
+        return jax.tree.map(back, out)
+
+    return run
 
 
 def _on_any_mesh(solve):

@@ -35,6 +35,7 @@ made of (:func:`reference_trajectories`, :func:`reference_end_states`,
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable
 
 import diffrax
@@ -48,7 +49,7 @@ from genflow import _memo, param
 from genflow._checks import check_bool, check_int, concrete_real, flat_batch
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
-from genflow.sampling._diffrax import explicit_as_auto_placement
+from genflow.sampling._diffrax import explicit_as_auto_placement, on_auto_axes
 from genflow.sampling._core import _check_start, _is_scan, as_pytree_fn, check_solver_options
 from genflow.sampling._exp import t_of_lambda
 from genflow.sampling._grid import _check_explicit, time_grid
@@ -333,6 +334,7 @@ def schedule_bound(model: Model, ts: Array, x_at: Callable[[Array], Array], solv
     return jnp.mean(jnp.sum(per, axis=0))
 
 
+@functools.partial(on_auto_axes, argnum=2, name='x1')
 def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, *, prediction: str, steps: int,
                       solver: str = "dpm++3m", t_start: float | None = None, t_end: float | None = None,
                       init: Any = "logsnr",
@@ -439,6 +441,7 @@ def _sample_errors(model: Model, ts: Array, x1: Array, x_end: Array, solver: str
     return jnp.sqrt(jnp.mean(d * d, axis=-1) + 1e-30)
 
 
+@functools.partial(on_auto_axes, argnum=2, name='pool')
 def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Array, *, prediction: str, steps: int,
                       solver: str = "dpm++3m", schedule: Any = "karras", t_start: float | None = None,
                       t_end: float | None = None, size: int = 256, hard: float = 0.25, rtol: float = 1e-5,
@@ -505,6 +508,7 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
     return (batch, errors) if return_errors else batch
 
 
+@functools.partial(on_auto_axes, argnum=2, name='x1')
 def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, candidates, *, prediction: str,
                     solver: str = "dpm++3m", rtol: float = 1e-5, atol: float = 1e-5, return_errors: bool = False,
                     **solver_options):
