@@ -269,14 +269,15 @@ def checked_twin(fun: Callable, jit: Callable, arrays: Callable | None = None) -
     the raw ``fun``, so its entries are all made with the checks on, and the de-optimized re-run
     that names the culprit op runs ``fun`` itself.
 
-    Arguments placed on a multi-device mesh (``arrays(args, kwargs)`` gives the leaves to look at,
-    default all: each costs ~0.2 us a call; or the caller finds the mesh and passes it as
-    ``mesh=``, a keyword the compiled function does not see) run a third ``jit`` per mesh, traced with :func:`call_mesh` giving that mesh: a
-    runtime check there runs on every device (:func:`genflow._checks.error_if`). Run on one
-    device, as JAX runs a callback under automatic sharding, a check that fired (Diffrax's
-    max_steps) left the other devices waiting in a collective, and XLA aborted the process after
-    40 s instead of raising. (The mesh is not in JAX's trace key for Auto axes, hence a program per
-    mesh.)"""
+    Arguments placed on a multi-device mesh run a third ``jit`` per mesh, traced with
+    :func:`call_mesh` giving that mesh: a runtime check there runs on every device
+    (:func:`genflow._checks.error_if`). Run on one device, as JAX runs a callback under automatic
+    sharding, a check that fired (Diffrax's max_steps) left the other devices waiting in a
+    collective, and XLA aborted the process after 40 s instead of raising. (The mesh is not in
+    JAX's trace key for Auto axes, hence a program per mesh.) ``arrays(args, kwargs)`` gives the
+    leaves looked at for a mesh (default all; each costs ~0.2 us a call, none on a one-device
+    machine); or the caller finds the mesh and passes it as ``mesh=``, a keyword the compiled
+    function does not see."""
     fast = jit(fun)
 
     @functools.wraps(fun)

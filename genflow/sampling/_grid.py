@@ -96,10 +96,10 @@ def _infinite_ends(path: Path, t_start: float, t_end: float) -> tuple[bool, bool
     a, s = path.alpha(jnp.asarray(t_start, fdt)), path.sigma(jnp.asarray(t_end, fdt))
     traced = next((v for v in (a, s) if isinstance(v, jax.core.Tracer)), None)
     if traced is not None:  # (was JAX's error alone, raised inside the path's alpha)
-        raise jax.errors.ConcretizationTypeError(traced, f"a {path.name!r} path with traced hyper-parameters (under jax.jit / vmap over them) has no "
-                        f"concrete log-SNR to place a named 'logsnr' / 'karras' grid by: close over the path, or "
-                        f"build the grid outside the transformation (gf.sampling.time_grid) and pass it as the "
-                        f"schedule")
+        raise jax.errors.ConcretizationTypeError(
+            traced, f"a {path.name!r} path with traced hyper-parameters (under jax.jit / vmap over them) has no "
+                    f"concrete log-SNR to place a named 'logsnr' / 'karras' grid by: close over the path, or build "
+                    f"the grid outside the transformation (gf.sampling.time_grid) and pass it as the schedule")
     return float(a) == 0.0, float(s) == 0.0
 
 
