@@ -524,14 +524,11 @@ def _ve_d_sigma(t, sigma_min, sigma_max):
     return _ve_sigma(t, sigma_min, sigma_max) * jnp.log(sigma_max / sigma_min)
 
 
-def _sigma_only_log_snr(sigma_fn):
-    def log_snr(t, **params):
-        return -2.0 * jnp.log(sigma_fn(t, **params))
-
-    return log_snr
-
-
-_ve_log_snr = _sigma_only_log_snr(_ve_sigma)
+# (module-level functions, not closures from a factory: a path holding a local function could
+# not be pickled -- a spawn worker, a pickle beside a checkpoint -- and a cloudpickle copy
+# compared unequal and compiled the sampler anew)
+def _ve_log_snr(t, sigma_min, sigma_max):
+    return -2.0 * jnp.log(_ve_sigma(t, sigma_min, sigma_max))
 
 
 def _ve_t_from_log_snr(lam, sigma_min, sigma_max):
@@ -620,7 +617,8 @@ def _edm_d_sigma(t, sigma_min, sigma_max, rho):
     return rho * (lo + t * (hi - lo)) ** (rho - 1.0) * (hi - lo)
 
 
-_edm_log_snr = _sigma_only_log_snr(_edm_sigma)
+def _edm_log_snr(t, sigma_min, sigma_max, rho):
+    return -2.0 * jnp.log(_edm_sigma(t, sigma_min, sigma_max, rho))
 
 
 def _edm_t_from_log_snr(lam, sigma_min, sigma_max, rho):

@@ -18,6 +18,7 @@ axis (channels); "spatial" size is the product of the axes between batch and cha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar
 
@@ -234,18 +235,22 @@ class CouplingNet(nn.Module):
         act = activation(self.activation)  # (a bare KeyError for an unknown name)
         c = x.shape[-1]
         h = x
+        # parameters in float32 or wider, as ActNorm's and the 1x1 convolution's: with float64 data
+        # the conditioner's stayed float32, rounded at every update (flax's default param_dtype)
+        dense = functools.partial(nn.Dense, param_dtype=jnp.promote_types(x.dtype, jnp.float32))
+        conv = functools.partial(nn.Conv, param_dtype=jnp.promote_types(x.dtype, jnp.float32))
         if x.ndim == 2:
             for _ in range(self.depth):
-                h = act(nn.Dense(self.hidden)(h))
-            out = nn.Dense(2 * c, kernel_init=nn.initializers.zeros)(h)
+                h = act(dense(self.hidden)(h))
+            out = dense(2 * c, kernel_init=nn.initializers.zeros)(h)
         else:
             # kernels over every axis between batch and channels ((3,) on [B, L, C], (3, 3) on
             # [B, H, W, C]): a (3, 3) kernel on [B, L, C] convolved over the batch axis and mixed samples
             k3, k1 = (3,) * (x.ndim - 2), (1,) * (x.ndim - 2)
-            h = act(nn.Conv(self.hidden, k3)(h))
+            h = act(conv(self.hidden, k3)(h))
             for _ in range(self.depth - 1):
-                h = act(nn.Conv(self.hidden, k1)(h))
-            out = nn.Conv(2 * c, k3, kernel_init=nn.initializers.zeros)(h)
+                h = act(conv(self.hidden, k1)(h))
+            out = conv(2 * c, k3, kernel_init=nn.initializers.zeros)(h)
         return out[..., :c], out[..., c:]
 
 
