@@ -10,8 +10,8 @@ permutation
 a linear assignment problem. It is solved here *exactly* by SciPy's shortest-augmenting-path
 solver (Crouse 2016, a Jonker-Volgenant variant; exact for real costs, run in float64), made
 about 5x faster (1.5-1.7 vs 8.1-8.4 ms for 256 moons vs 256 Gaussian points, potential included,
-on an AMD Zen; on an Intel Xeon 3.3 vs 7.4 ms, where float32 subnormals slow the potential's
-matrix-vector products: the kernel's subnormal entries are flushed to 0, which took it from 8.5 ms)
+on an AMD Zen; on an Intel Xeon 2.0 vs 7.4 ms, where float32 subnormals in the potential's kernel
+had made it 8.5 ms: see :func:`column_potential`)
 by a *dual preconditioner*:
 
 1. ``g = column_potential(cost)``: an approximate column dual potential from a few over-relaxed
@@ -190,6 +190,10 @@ def exact_sq_distances(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
 _GRAM_MIN_FEATURES = 4  # sq_distances' NumPy Gram form from this many features (measured: 2x faster at 4)
 
 
+# log of the smallest Sinkhorn kernel entry kept, per dtype (column_potential)
+_KERNEL_FLOOR = {np.float32: -60.0, np.float64: -700.0}
+
+
 def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02),
                      iters: int | Sequence[int] = (10, 10), omega: float = 1.8) -> np.ndarray:
     """Approximate column dual potential of one assignment problem (host, NumPy).
@@ -252,11 +256,18 @@ def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02
                 base = g.astype(dtype) if s else c.min(axis=0)
                 r = c - base[None, :]
                 u = r.min(axis=1)
-                k = np.exp((u[:, None] - r) * dtype(1.0 / e))
-                # subnormal entries flushed to 0 (a change below 1e-38 of entries <= 1): the BLAS
-                # matrix-vector products on them ran ~28x slower on an Intel Xeon (microcode
-                # assists), and the potential took 7 ms of an 8 ms solve instead of ~0.3
-                k[k < np.finfo(dtype).tiny] = 0.0
+                # Entries below exp(-60) ~ 9e-27 are 0 in float32 (below exp(-700) in the float64
+                # retry, whose costs are large relative to eps and need the small entries), and no
+                # entry is subnormal: on an Intel Xeon
+                # float32 subnormals (in exp's results, the kernel and the scalings' products with
+                # it) took microcode assists -- matrix-vector products ~28x slower, exp ~8x -- and
+                # the potential ~7 ms of an 8.5 ms solve instead of ~0.8. (Only speed depends on
+                # the kernel: any finite potential keeps the optimal assignment.)
+                floor = dtype(_KERNEL_FLOOR[dtype])
+                z = (u[:, None] - r) * dtype(1.0 / e)
+                np.maximum(z, floor, out=z)
+                k = np.exp(z)
+                k -= np.exp(floor)  # (the floor's entries exactly 0, without a mask pass)
                 # float64 retry of the first stage: all stages' iterations at its eps (the
                 # sharper stages would leave float32's range too, and float64 costs more per pass)
                 b = _scalings(k, n if dtype is np.float32 else sum(m for _, m in stages), dtype(omega))
