@@ -257,12 +257,13 @@ def column_potential(cost: np.ndarray, eps: float | Sequence[float] = (0.1, 0.02
                 r = c - base[None, :]
                 u = r.min(axis=1)
                 # Entries below exp(-60) ~ 9e-27 are 0 in float32 (below exp(-700) in the float64
-                # retry, whose costs are large relative to eps and need the small entries), and no
-                # entry is subnormal: on an Intel Xeon
-                # float32 subnormals (in exp's results, the kernel and the scalings' products with
-                # it) took microcode assists -- matrix-vector products ~28x slower, exp ~8x -- and
-                # the potential ~7 ms of an 8.5 ms solve instead of ~0.8. (Only speed depends on
-                # the kernel: any finite potential keeps the optimal assignment.)
+                # retry, whose costs are large relative to eps and need the small entries; a few of
+                # its entries just above the floor may stay subnormal), and no float32 entry is
+                # subnormal: on an Intel Xeon float32 subnormals (in exp's results, the kernel and
+                # the scalings' products with it) took microcode assists -- matrix-vector products
+                # ~28x slower, exp ~8x -- and the potential ~7 ms of an 8.5 ms solve instead of
+                # ~0.8. (Only speed depends on the kernel: any finite potential keeps the optimal
+                # assignment.)
                 floor = dtype(_KERNEL_FLOOR[dtype])
                 z = (u[:, None] - r) * dtype(1.0 / e)
                 np.maximum(z, floor, out=z)
