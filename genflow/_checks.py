@@ -7,8 +7,12 @@ import functools
 import math
 import numbers
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from genflow import _memo
 
 
 def flat_batch(x):
@@ -223,11 +227,6 @@ def error_if(x, pred, msg: str | None = None, *, result=None):
     knows the mesh, the check runs under :func:`jax.shard_map` on every device instead, and a fired
     check raises the usual error. ``x`` (a scalar here) passes through replicated; ``pred`` may have
     any shape (any of it true fires)."""
-    import equinox as eqx
-    import jax.numpy as jnp
-
-    from genflow import _memo
-
     def check(x, pred, result):
         return eqx.error_if(x, pred, msg) if result is None else result.error_if(x, pred)
 

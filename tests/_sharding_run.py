@@ -16,6 +16,20 @@ import filelock
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+def run_on_8_devices(script: str, *args: str) -> dict:
+    """Runs ``tests/<script> *args`` in a subprocess with 8 fake CPU devices and returns the JSON of
+    its last ``REPORT`` line; an ``AssertionError`` with the exit code and the end of stderr if it
+    failed or printed none."""
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    r = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True, env=env,
+                       timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")]
+    if r.returncode != 0 or not lines:
+        raise AssertionError(f"exit code {r.returncode}\n{r.stderr[-3000:]}")
+    return json.loads(lines[-1][len("REPORT "):])
+
+
 def run_once() -> tuple[dict, pathlib.Path]:
     """``(report, out_dir)`` of the session's one run of the 8-device checks."""
     shared = pathlib.Path(os.environ["GENFLOW_TEST_SESSION_DIR"])  # made by conftest.py, per session
@@ -23,15 +37,10 @@ def run_once() -> tuple[dict, pathlib.Path]:
     with filelock.FileLock(str(shared / "sharding.lock")):
         if not done.exists() and not err.exists():
             out.mkdir(exist_ok=True)
-            flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-            r = subprocess.run([sys.executable, str(HERE / "_sharding_checks.py"), str(out)], capture_output=True,
-                               text=True, env=env, timeout=600)
-            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")]
-            if r.returncode == 0 and lines:
-                done.write_text(lines[-1][len("REPORT "):])
-            else:
-                err.write_text(f"exit code {r.returncode}\n{r.stderr[-3000:]}")
+            try:
+                done.write_text(json.dumps(run_on_8_devices("_sharding_checks.py", str(out))))
+            except AssertionError as e:
+                err.write_text(str(e))
     if err.exists():
         raise AssertionError(err.read_text())
     return json.loads(done.read_text()), out

@@ -1,7 +1,6 @@
 """Sharded training on 8 fake CPU devices (in a subprocess: the device count is fixed when jax is
 imported) against the single-device run, and checkpoints restored across mesh shapes."""
 
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import genflow as gf
-from _sharding_run import run_once
+from _sharding_run import run_on_8_devices, run_once
 
 
 @pytest.fixture(scope="module")
@@ -282,13 +281,7 @@ def test_a_check_that_fires_on_a_sharded_batch_raises_its_error_instead_of_abort
     the check ran on one device, the others waited in a collective, and XLA aborted the process
     after 40 s (SIGABRT, "Termination timeout for all reduce"). Also under eager jax.grad and
     jax.vmap on Auto axes, and with the model on the mesh and the batch on one device."""
-    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "_sharding_failures.py")],
-                       capture_output=True, text=True, env=env, timeout=600)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")]
-    assert r.returncode == 0 and lines, f"exit code {r.returncode}\n{r.stderr[-3000:]}"
-    report = json.loads(lines[-1][len("REPORT "):])
+    report = run_on_8_devices("_sharding_failures.py")
     steps, labels = "maximum number of solver steps", "labels y must lie in [0, 10)"
     for kind in ("auto", "explicit"):
         cases = [(f"sample_{kind}", steps), (f"log_prob_{kind}", steps), (f"classifier_{kind}", labels)]

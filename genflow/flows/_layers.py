@@ -237,8 +237,9 @@ class CouplingNet(nn.Module):
         h = x
         # parameters in float32 or wider, as ActNorm's and the 1x1 convolution's: with float64 data
         # the conditioner's stayed float32, rounded at every update (flax's default param_dtype)
-        dense = functools.partial(nn.Dense, param_dtype=jnp.promote_types(x.dtype, jnp.float32))
-        conv = functools.partial(nn.Conv, param_dtype=jnp.promote_types(x.dtype, jnp.float32))
+        param_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        dense = functools.partial(nn.Dense, param_dtype=param_dtype)
+        conv = functools.partial(nn.Conv, param_dtype=param_dtype)
         if x.ndim == 2:
             for _ in range(self.depth):
                 h = act(dense(self.hidden)(h))

@@ -78,15 +78,18 @@ def _auto_twin(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
                              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
 
 
+def _explicit_mesh(x):
+    """The mesh of concrete ``x`` where it has Explicit axes, else ``None``."""
+    mesh = getattr(getattr(x, "sharding", None), "mesh", None)
+    return None if isinstance(x, jax.core.Tracer) or not getattr(mesh, "explicit_axes", ()) else mesh
+
+
 def explicit_as_auto_placement(x):
     """Concrete ``x`` placed on the same devices, its mesh's Explicit axes made Auto (no copy):
     for the entry points whose many internal solves (per-sample, dense, sized) are run on Auto
     axes rather than each wrapped (:func:`explicit_axes_as_auto`)."""
-    sharding = getattr(x, "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if isinstance(x, jax.core.Tracer) or not getattr(mesh, "explicit_axes", ()):
-        return x
-    return jax.device_put(x, jax.sharding.NamedSharding(_auto_twin(mesh), sharding.spec))
+    mesh = _explicit_mesh(x)
+    return x if mesh is None else jax.device_put(x, jax.sharding.NamedSharding(_auto_twin(mesh), x.sharding.spec))
 
 
 def on_auto_axes(fun, argnum: int, name: str):
@@ -99,10 +102,8 @@ def on_auto_axes(fun, argnum: int, name: str):
 
     @functools.wraps(fun)
     def run(*args, **kwargs):
-        x = args[argnum] if len(args) > argnum else kwargs.get(name)
-        sharding = getattr(x, "sharding", None)
-        mesh = getattr(sharding, "mesh", None)
-        if isinstance(x, jax.core.Tracer) or not getattr(mesh, "explicit_axes", ()):
+        mesh = _explicit_mesh(args[argnum] if len(args) > argnum else kwargs.get(name))
+        if mesh is None:
             return fun(*args, **kwargs)
         auto = _auto_twin(mesh)
         with jax.set_mesh(auto):
