@@ -39,14 +39,51 @@ def test_prediction_kinds_agree(gauss2):
         assert _rel(x, outs["x0"]) < 1e-4, k
 
 
-@pytest.mark.parametrize("solver", ["dpm++3m", "dpm++3s", "unipc", "deis"])
-def test_one_step_from_pure_noise_to_data_is_the_denoiser(solver, gauss2):
+@pytest.mark.parametrize("solver, options", [
+    ("dpm++3m", {}), ("dpm++3s", {}), ("unipc", {}), ("deis", {}),
+    # options the defaults do not run (a mutation audit: heavy-ball's first step taken with beta
+    # instead of 1 returned ~0.8 x the mean and passed every other test)
+    ("dpm++2m_hb", {}), ("dpm++2m_hb", {"beta": 0.5}), ("unipc", {"variant": "bh1"}), ("deis", {"form": "x0"})])
+def test_one_step_from_pure_noise_to_data_is_the_denoiser(solver, options, gauss2):
     """From alpha = 0 to sigma = 0 in one step every solver returns E[x0 | x_1] = the data mean
     (the exact limit of the data-form step), with no inf/nan from the infinite log-SNRs."""
     path = gf.paths.linear()
     x1 = jax.random.normal(jax.random.key(0), (8, 2))
-    x, _ = gf.sample(gauss2.model(path, "x0"), path, x1, prediction="x0", solver=solver, steps=1)
+    x, _ = gf.sample(gauss2.model(path, "x0"), path, x1, prediction="x0", solver=solver, steps=1, **options)
     np.testing.assert_allclose(x, jnp.broadcast_to(gauss2.mean, x.shape), atol=1e-5)
+
+
+def test_deis_data_form_is_exact_for_a_data_prediction_quadratic_in_t():
+    """DEIS ``form="x0"`` extrapolates the data predictions by a polynomial in t: for a model whose
+    prediction is ``c0 + c1 t + c2 t^2`` whatever x (order 3: three nodes) every step is exact, and
+    the last step into sigma = 0 returns ``alpha(0) P(0) = c0``. (A mutation audit: evaluating the
+    last step's polynomial at the step's start instead of t = 0 passed every other test.)"""
+    path = gf.paths.linear()
+    c = jnp.array([[0.3, -0.7], [1.1, 0.4], [-0.9, 0.8]])
+
+    def fn(x, t):
+        return jnp.broadcast_to(c[0] + c[1] * t[:, None] + c[2] * t[:, None] ** 2, x.shape)
+
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    for steps in (4, 7):
+        x, _ = gf.sample(fn, path, x1, prediction="x0", solver="deis", form="x0", steps=steps, schedule="logsnr")
+        np.testing.assert_allclose(x, jnp.broadcast_to(c[0], x.shape), atol=1e-5)
+
+
+def test_restart_sub_grid_is_karras_spaced_in_the_noise_level():
+    """Restart's backward sub-grid (Xu et al. 2023, as its reference code): ``restart_steps + 1``
+    noise levels ``rho`` from ``rho_hi`` down to the restart level, uniform in ``rho ** (1/7)``
+    (a grid uniform in rho changed the samples by ~5e-4 rms and passed every other test)."""
+    from genflow.sampling import _exp, _singlestep
+
+    path = gf.paths.vp_linear()
+    g = _exp.make_grid(path, gf.sampling.time_grid(path, 12, "logsnr"))
+    lo, hi = 0.06, 0.30
+    i = int(jnp.argmin(jnp.abs(jnp.exp(-g.l[1:]) - lo)))  # the step that ends at the level nearest lo
+    lam = _singlestep._restart_stages(g, i, restart_interval=(lo, hi), restart_steps=3)
+    r_t = float(jnp.exp(-g.l[i + 1]))
+    want = (hi ** (1 / 7) + np.linspace(0, 1, 4) * (r_t ** (1 / 7) - hi ** (1 / 7))) ** 7
+    np.testing.assert_allclose(np.exp(-np.asarray(lam, np.float64)), want, rtol=1e-5)
 
 
 def test_heavy_ball_with_beta_one_is_dpmpp_2m(gauss2):
