@@ -387,3 +387,50 @@ def test_oracles_run_under_rank_promotion_raise(gauss2):
         return [np.asarray(a) for a in out]
 
     assert_same_under_strict_rank_promotion(run)
+
+
+def test_nearest_component_weighs_components_by_their_mixture_weights():
+    """argmax_k log w_k + log N(x; mu_k, v_k) (the docstring's rule): with weights 0.99 / 0.01 and
+    equal widths, x = 0.5 is nearer mu_1 = 1 but belongs to component 0 (-1.135 vs -4.730)."""
+    gm = gf.oracles.GaussianMixture(jnp.log(jnp.array([0.99, 0.01])), jnp.array([[-1.0], [1.0]]),
+                                    jnp.ones((2, 1)))
+    x = jnp.array([[0.5], [3.0], [-0.2]])
+    w, mu = np.array([0.99, 0.01]), np.array([-1.0, 1.0])
+    ref = [int(np.argmax(np.log(w) - 0.5 * (xi - mu) ** 2)) for xi in np.asarray(x)[:, 0]]
+    assert ref == [0, 1, 0]
+    np.testing.assert_array_equal(np.asarray(gm.nearest_component(x)), ref)
+
+
+def test_full_gaussian_oracle_in_3d_matches_closed_forms():
+    """A full-covariance Gaussian in 3-D, where the eigenbasis U is not symmetric (every test used
+    the 2-D gauss2, whose eigh basis is a symmetric reflection, so U and U^T were interchangeable):
+    sample / prior_sample moments, score = -(a^2 C + s^2 I)^-1 (x - a m), x0 by Tweedie and
+    flow_map = a_t m + C_t^(1/2) C_s^(-1/2) (x - a_s m), all against NumPy."""
+    mean = np.array([0.3, -0.5, 1.0])
+    cov = np.array([[1.0, 0.6, 0.2], [0.6, 0.8, -0.3], [0.2, -0.3, 0.5]])
+    with jax.enable_x64(True):
+        g = gf.oracles.Gaussian.full(jnp.asarray(mean), jnp.asarray(cov))
+        assert not np.allclose(g.basis, g.basis.T)
+        path = gf.paths.linear()
+        xs = np.asarray(g.sample(jax.random.key(0), 100_000))
+        np.testing.assert_allclose(np.cov(xs.T), cov, atol=0.02)
+        t = 0.5
+        a, s = float(path.alpha(t)), float(path.sigma(t))
+        ct = a * a * cov + s * s * np.eye(3)
+        xp = np.asarray(g.prior_sample(jax.random.key(1), 100_000, path, t))
+        np.testing.assert_allclose(np.cov(xp.T), ct, atol=0.02)
+        x = np.asarray(jax.random.normal(jax.random.key(2), (5, 3), jnp.float64))
+        tt = jnp.full((5,), t)
+        score = -np.linalg.solve(ct, (x - a * mean).T).T
+        np.testing.assert_allclose(g.score(jnp.asarray(x), tt, path), score, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(g.x0(jnp.asarray(x), tt, path), (x + s * s * score) / a, rtol=1e-10, atol=1e-12)
+
+        def msqrt(m, p):
+            w, v = np.linalg.eigh(m)
+            return (v * w ** p) @ v.T
+
+        t1 = 0.2
+        a1, s1 = float(path.alpha(t1)), float(path.sigma(t1))
+        c1 = a1 * a1 * cov + s1 * s1 * np.eye(3)
+        want = a1 * mean + (msqrt(c1, 0.5) @ msqrt(ct, -0.5) @ (x - a * mean).T).T
+        np.testing.assert_allclose(g.flow_map(jnp.asarray(x), t, t1, path), want, rtol=1e-10, atol=1e-12)

@@ -1143,3 +1143,32 @@ def test_non_scalar_aux_entries_are_dropped_and_a_bad_key_is_named():
     assert list(hist["c"]) == [1 + 2j, 1 + 2j]  # (a Python complex is a scalar too: kept, as before)
     with pytest.raises((TypeError, ValueError), match="key"):
         gf.train.init_state({"w": jnp.ones(2)}, opt, 0)
+
+
+def test_fit_keeps_the_last_good_state_of_a_step_function_of_ones_own():
+    """fit's own guard (a step function without make_train_step's ``skip=``): a NaN batch mid-chunk
+    stops training there, and the finite batches after it in the same chunk are not applied (the
+    error's state is that after the 3 good steps)."""
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    y = x @ jnp.array([1.0, -2.0, 0.5, 3.0])
+
+    def loss(params, batch, key):
+        bx, by = batch
+        return jnp.mean((bx @ params["w"] - by) ** 2), {}
+
+    opt = optax.sgd(0.05)
+    inner = gf.train.make_train_step(loss, opt)
+
+    def own(state, batch):  # no takes_skip: fit guards it itself
+        return inner(state, batch)
+
+    batches = [(np.asarray(x), np.asarray(y)) for _ in range(10)]
+    batches[3] = (np.asarray(x), np.full_like(np.asarray(y), np.nan))
+    state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(1))
+    with pytest.raises(gf.train.NonFiniteLossError) as info:
+        gf.train.fit(state, own, iter(batches), 10, chunk_size=10, progress=False)
+    err = info.value
+    assert err.step == 3 and int(err.state.step) == 3
+    clean = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(1))
+    clean, _ = gf.train.fit(clean, own, iter(batches[:3]), 3, chunk_size=3, progress=False)
+    np.testing.assert_allclose(err.state.params["w"], clean.params["w"], rtol=1e-6)
