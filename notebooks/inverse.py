@@ -40,6 +40,7 @@ from genflow import inverse as inv
 
 # %% tags=["parameters"]
 TRAIN_STEPS = 2500  # training steps of the digits prior in section 2 (the test suite runs this notebook with fewer)
+N_BIG = 20_000  # samples of section 1's covariance-error curves (the test suite uses fewer)
 
 # %% [markdown]
 # ## 1. A 2-D Gaussian prior, one noisy linear measurement
@@ -102,7 +103,7 @@ fig.tight_layout()
 
 # %%
 path = gf.paths.linear()
-n_big = 20_000
+n_big = N_BIG
 x1 = path.prior_sample(jax.random.key(2), (n_big, 2))
 y_big = jnp.broadcast_to(y1, (n_big, 1))
 fn_prior = prior.model(path, "velocity")

@@ -53,6 +53,7 @@ import genflow as gf
 
 # %% tags=["parameters"]
 TRAIN_STEPS = 2000  # training steps of the 2-D model in section 3 (the test suite runs this notebook with fewer)
+HARD_TEST = 8192  # fresh samples of section 2's hard-cases check (the test suite uses fewer)
 
 # %%
 rows = [(name, s.order, s.stochastic, s.nfe_per_step, s.target) for name, s in gf.sampling.solvers().items()]
@@ -267,7 +268,7 @@ ax.set_title(f"UniPC, NFE {steps}, 64 fresh samples of the 16-d mixture"); ax.le
 # %%
 steps_h = 20
 pool = (1 - t0) * 80.0 * jax.random.normal(jax.random.key(3), (1024, 16))
-eps_test = np.asarray(jax.random.normal(jax.random.key(4), (8192, 16)))
+eps_test = np.asarray(jax.random.normal(jax.random.key(4), (HARD_TEST, 16)))
 with jax.enable_x64(True):
     ref_test = np.asarray(g64.flow_map(jnp.asarray((1 - t0) * 80.0 * eps_test, jnp.float64), t0, 0.0, path))
 x_test = jnp.asarray((1 - t0) * 80.0 * eps_test, jnp.float32)

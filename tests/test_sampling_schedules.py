@@ -929,11 +929,16 @@ def test_dense_reference_solves_retry_a_buffer_that_proves_too_small(monkeypatch
     fn = g.model(path, "velocity")
     model = gf.sampling.Model(fn, path, "velocity")
     x1 = 80 * jax.random.normal(jax.random.key(0), (4, 4))
-    monkeypatch.setattr(opt_mod, "_dense_max_steps", lambda *a: 2)
+    # (an 8-step buffer: the solve takes 10 steps, so one retry, at 32; a 2-step one took 3 compiles each)
+    monkeypatch.setattr(opt_mod, "_dense_max_steps", lambda *a: 8)
+    sizes, sized_then_full = [], opt_mod._sized_then_full
+    monkeypatch.setattr(opt_mod, "_sized_then_full",
+                        lambda solve, sized, full: sized_then_full(lambda n: (sizes.append(n), solve(n))[1], sized, full))
     x_at = gf.sampling.reference_trajectories(model, x1, 0.999, 0.0)
     np.testing.assert_allclose(x_at(jnp.zeros((1,)))[0], g.flow_map(x1, 0.999, 0.0, path), atol=1e-3)
     gf.sampling.optimize_schedule(fn, path, x1, prediction="velocity", steps=4, solver="dpm++2m", iters=2,
                                   t_start=0.999)
+    assert sizes == [8, 32, 8, 32], sizes  # (each retried once)
     monkeypatch.undo()
     at_half = jax.jit(lambda t: gf.sampling.reference_trajectories(model, x1, t, 0.0)(jnp.array([0.5]))[0])(0.999)
     np.testing.assert_allclose(at_half, g.flow_map(x1, 0.999, 0.5, path), rtol=1e-4)
