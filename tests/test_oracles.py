@@ -404,7 +404,7 @@ def test_nearest_component_weighs_components_by_their_mixture_weights():
 def test_full_gaussian_oracle_in_3d_matches_closed_forms():
     """A full-covariance Gaussian in 3-D, where the eigenbasis U is not symmetric (every test used
     the 2-D gauss2, whose eigh basis is a symmetric reflection, so U and U^T were interchangeable):
-    sample / prior_sample moments, score = -(a^2 C + s^2 I)^-1 (x - a m), x0 by Tweedie and
+    sample / prior_sample covariances, score = -(a^2 C + s^2 I)^-1 (x - a m), x0 by Tweedie and
     flow_map = a_t m + C_t^(1/2) C_s^(-1/2) (x - a_s m), all against NumPy."""
     mean = np.array([0.3, -0.5, 1.0])
     cov = np.array([[1.0, 0.6, 0.2], [0.6, 0.8, -0.3], [0.2, -0.3, 0.5]])

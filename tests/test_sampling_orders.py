@@ -171,10 +171,10 @@ def test_many_steps_into_clean_data_do_not_raise_the_error(gauss2):
 # extrapolated at first order instead gave 1.9e-2 and passed every other test (a mutation audit)
 @pytest.mark.parametrize("solver, tol", [("dpm++3m", 1.5e-4), ("dpm++2m", 1e-4), ("unipc", 2e-3), ("deis", 1.5e-3)])
 def test_ordinary_grids_keep_the_full_order_for_narrow_data(solver, tol):
-    """The order only drops for weights summing to more than 100 in absolute value: a 100-step
-    log-SNR grid (weights ~40) keeps third order, which data of scale 0.01 needs (its data
-    predictions vary on u ~ 1e-4: dropping dpm++3m to second order raised the error from 5.5e-5
-    to 6.6e-4)."""
+    """The order of the last step's extrapolation to ``u = 0`` only drops for weights summing to
+    more than 100 in absolute value: a 100-step log-SNR grid (weights ~40) keeps each solver's full
+    order, which data of scale 0.01 needs (its data predictions vary on u ~ 1e-4: dropping dpm++3m
+    to second order raised its error from 5.5e-5 to 6.6e-4)."""
     path = gf.paths.linear()
     t0 = 80.0 / 81.0
     std = 0.01
@@ -190,7 +190,8 @@ def test_ordinary_grids_keep_the_full_order_for_narrow_data(solver, tol):
 def test_convergence_order_of_solver_options(name, gauss2):
     """The options that the defaults do not run converge at the solver's order too, as in
     test_convergence_order_on_every_path (UniPC-bh1 with a sign flipped in its B(h) had slope 0.8
-    and passed every other test; a mutation audit)."""
+    and passed every other test; a mutation audit). Through gf.sample, which takes the options, on
+    two paths: the other test's single compiled program runs the registered defaults."""
     with jax.enable_x64(True):
         path = ALL_PATHS[name]
         g = gf.oracles.Gaussian(*(jnp.asarray(a, jnp.float64) for a in (gauss2.mean, gauss2.var, gauss2.basis)))
