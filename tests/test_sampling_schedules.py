@@ -967,3 +967,23 @@ def test_a_named_log_snr_grid_on_a_traced_path_is_refused_by_name_and_an_explici
         looped = jnp.stack([run(float(b), schedule) for b in betas])
         np.testing.assert_allclose(batched, looped, atol=1e-5)
         assert float(jnp.max(jnp.abs(batched[0] - batched[1]))) > 1e-3  # (the two paths differ)
+
+
+def test_the_search_moves_a_unipc_order_3_grid_and_refuses_gradients_that_are_never_finite():
+    """UniPC with order=3 had NaN gradients with respect to the grid times (the weights of the
+    orders whose history does not exist yet solved a singular system, 0/0, discarded forward but
+    NaN backward). The search zeroes non-finite gradient entries, so it returned the initial grid
+    as its result with no sign of it (samplers.py: "global 5.510e-04 -> 5.510e-04" at NFE 50).
+    Now the grid moves, and a search whose gradient is non-finite at every iteration is refused."""
+    path, t0 = gf.paths.linear(), 80 / 81
+    gm = gf.oracles.GaussianMixture.random(jax.random.key(0), 6, 8)
+    fn = gm.model(path, "x0")
+    cal = (1 - t0) * 80.0 * jax.random.normal(jax.random.key(2), (64, 8))
+    kw = dict(prediction="x0", steps=10, solver="unipc", t_start=t0, init="karras", iters=20, objective="global",
+              return_history=True)
+    _, hist = gf.sampling.optimize_schedule(fn, path, cal, order=3, **kw)
+    assert int(hist["nonfinite_grads"]) == 0 and float(hist["final"]) < 0.5 * float(hist["initial"]), hist
+    # a model finite forward but NaN backward in t (sqrt of a negative in a branch jnp.where drops)
+    nan_grad = lambda x, t: fn(x, t) + jnp.where(t > 2.0, jnp.sqrt(-t), 0.0)[:, None]  # noqa: E731
+    with pytest.raises(ValueError, match="gradient with respect to the grid was non-finite at every iteration"):
+        gf.sampling.optimize_schedule(nan_grad, path, cal, **kw)

@@ -362,6 +362,11 @@ def _solve_small(a: Array, b: Array) -> Array:
                 + m[0, 2] * (m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0]))
 
     full = d(a)
+    # (a singular system -- repeated nodes, in the candidates of orders whose history does not
+    # exist yet, which select_order then discards -- gives 0/0; a finite stand-in keeps their
+    # gradients finite: NaN times the zero cotangent of an unused candidate is NaN, and the grid
+    # gradients of UniPC order 3 were NaN, so optimize_schedule never moved its grid)
+    full = jnp.where(full == 0, 1.0, full)
     return jnp.stack([d(a.at[:, j].set(b)) for j in range(n)]) / full
 
 

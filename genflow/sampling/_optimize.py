@@ -372,7 +372,8 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
         itself; differentiable through the solver's scan; usually the better choice).
       return_history: also return a dict: ``"bound"``: ``[iters]`` the objective at each
         iteration (the bound, or the global error with ``objective="global"``), ``"initial"``
-        and ``"final"``: its value on the starting and on the returned grid.
+        and ``"final"``: its value on the starting and on the returned grid, ``"nonfinite_grads"``:
+        the iterations whose gradient had non-finite entries (taken as 0).
     Returns:
       ``ts: [steps + 1]`` decreasing times with ``ts[0] = t_start``, ``ts[-1] = t_end`` (and the
       history if asked).
@@ -405,6 +406,13 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
         raise ValueError(f"the {objective} objective is {float(hist['initial'])} on the initial grid: the model gives "
                          f"non-finite predictions on the calibration batch there (or solver {solver!r} diverges); "
                          f"check the model")
+    if iters and int(hist["nonfinite_grads"]) == int(iters):
+        # (the search zeroes non-finite gradient entries: with every entry non-finite at every
+        # iteration the initial grid came back as a result, with no sign of it -- UniPC order 3 did)
+        raise ValueError(f"the {objective} objective's gradient with respect to the grid was non-finite at every "
+                         f"iteration (solver {solver!r}, options {solver_options}): the search could not move the "
+                         f"grid. A model whose gradients are NaN (non-differentiable operations, or NaN outside "
+                         f"the data's range) does this; so would a solver defect: please report it")
     return (ts, hist) if return_history else ts
 
 
@@ -594,17 +602,19 @@ def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, propagat
     value_and_grad = jax.value_and_grad(bound)
 
     def body(carry, _):
-        theta, state, best = carry
+        theta, state, best, bad = carry
         val, g = value_and_grad(theta)
+        bad = bad + jnp.any(~jnp.isfinite(g)).astype(jnp.int32)
         g = jnp.where(jnp.isfinite(g), g, 0.0)
         # (only a strictly decreasing grid: softmax weights that underflow give repeated times,
         # a zero-length step with no local error, which gf.sample then refused)
         best = jax.lax.cond((val < best[0]) & _decreasing(theta), lambda: (val, theta), lambda: best)
         upd, state = opt.update(g, state, theta)
-        return (optax.apply_updates(theta, upd), state, best), val
+        return (optax.apply_updates(theta, upd), state, best, bad), val
 
     b0 = bound(theta0)
-    (theta, _, best), hist = jax.lax.scan(body, (theta0, opt.init(theta0), (b0, theta0)), None, length=iters)
+    (theta, _, best, bad), hist = jax.lax.scan(body, (theta0, opt.init(theta0), (b0, theta0), jnp.zeros((), jnp.int32)),
+                                               None, length=iters)
     b_last = bound(theta)
     best = jax.lax.cond((b_last < best[0]) & _decreasing(theta), lambda: (b_last, theta), lambda: best)
-    return grid(best[1]), {"bound": hist, "initial": b0, "final": best[0]}
+    return grid(best[1]), {"bound": hist, "initial": b0, "final": best[0], "nonfinite_grads": bad}
