@@ -21,8 +21,8 @@ of flips (samples whose nearest component differs from the reference's), over se
 
 Which cell is "best" is chosen on the evaluation seeds 1-3 (out of ~50 genflow cells, 6 k-diffusion
 and 11 diffusers ones per NFE) and then re-run on held-out noise seeds (``--heldout-seeds``, default
-501-512; not 101-112: seeds 101-102 were used to set SELECT_FAMILY's range, and not 201-212 / 301-312 /
-401-412, which earlier held-out tables and the NFE-10 analyses have seen: SEEN_SEEDS): the held-out
+601-612; not 101-112: seeds 101-102 were used to set SELECT_FAMILY's range, and not 201-212 / 301-312 /
+401-412 / 501-512, which earlier held-out tables and the NFE-10 analyses have seen: SEEN_SEEDS): the held-out
 table is the comparison to read, the same-seed "best" rows are optimistic. Over many seeds, the rms
 over all their samples (flips included) is the issue's metric; the median over seeds of each
 batch's rms drops the batches with a flip.
@@ -34,7 +34,7 @@ same number of torch denoiser calls for the peers), contenders interleaved, medi
     .venv/bin/python experiments/benchmarks/samplers.py            # full run (~10 min on 2 CPU cores without --no-timing's timing part)
     .venv/bin/python experiments/benchmarks/samplers.py --quick    # one seed, NFE 10 and 20
     .venv/bin/python experiments/benchmarks/samplers.py --selected-only    # karras-selected, 12 seeds (~9 min)
-    .venv/bin/python experiments/benchmarks/samplers.py --selected-only --robust-seeds $(seq 501 512)  # held-out seeds
+    .venv/bin/python experiments/benchmarks/samplers.py --selected-only --robust-seeds $(seq 601 612)  # held-out seeds
     .venv/bin/python experiments/benchmarks/samplers.py --pure-noise-only  # from t = 1 (~7 min)
 """
 
@@ -83,15 +83,24 @@ SCHEDULES = ["uniform", "quadratic", "logsnr", "karras", "optimized", "optimized
 # the default Karras grid, then 192 others)
 TUNED = ("optimized", "optimized-global", "optimized-hard", "karras-selected")  # per (solver, NFE), on calibration noise
 POOL, HARD = 2048, 0.25
-SELECT_SOLVERS = ["deis", "unipc", "dpm++3m", "dpm++3m_ref", "dpm++2m"]
+SELECT_SOLVERS = ["deis", "unipc", "unipc-3", "dpm++3m", "dpm++3m_ref", "dpm++2m"]
+# solver variants of the tables: name -> (gf.sample's solver, its options). UniPC's default predictor
+# is second order (third with its corrector); order=3 (diffusers' UniPC-3) had a 7x lower median
+# per-sample error at NFE 50 and 2x at NFE 20 on its karras-selected grids (seeds 1-2, 2026-12-06)
+VARIANTS = {"unipc-3": ("unipc", {"order": 3})}
+
+
+def solver_of(name: str) -> tuple[str, dict]:
+    """``(solver, options)`` for ``gf.sample`` of a solver name of the tables."""
+    return VARIANTS.get(name, (name, {}))
 SELECT_FAMILY = {"rhos": (5, 7, 10, 14, 20, 30), "sigma_mins": (0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)}
 DEFAULT_KARRAS = {"rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
 CALIBRATION_SEED = 100
 TUNING_SEEDS = {1, 2, 3, 100, 101, 102}  # where SELECT_FAMILY's range was swept (the notes name them)
 # seeds no longer held out: 201-212 and 301-312 were each re-run after solver changes, and 301-312 also
-# fed the NFE-10 analyses (flip_sensitivity.py); 401-412 have a published table (2026-12-05); 501-512
-# are the fresh held-out range
-SEEN_SEEDS = TUNING_SEEDS | set(range(201, 213)) | set(range(301, 313)) | set(range(401, 413))
+# fed the NFE-10 analyses (flip_sensitivity.py); 401-412 and 501-512 have published tables (2026-12-05 and
+# 2026-12-06); 601-612 are the fresh held-out range
+SEEN_SEEDS = TUNING_SEEDS | set(range(201, 213)) | set(range(301, 313)) | set(range(401, 413)) | set(range(501, 513))
 
 
 # -- problem ------------------------------------------------------------------------------------
@@ -153,7 +162,7 @@ def pooled_rms(cells) -> float:
 
 def steps_for(solver: str, nfe: int) -> int:
     """Steps within an NFE budget (EDM Heun's last step into sigma = 0 costs one evaluation)."""
-    spec = _registry.get(solver)
+    spec = _registry.get(solver_of(solver)[0])
     if solver == "edm_heun":
         return (nfe + 1) // 2
     return max(1, nfe // spec.nfe_per_step)
@@ -170,9 +179,10 @@ def genflow_cells(gm, kind: str, solver: str, ts, starts: list, refs: list) -> l
     """One cell per seed: ``gf.sample`` of the exact model of kind ``kind`` from each start (on grid
     ``ts``), scored against its reference."""
     fn = gm.model(PATH, kind)
+    solver, options = solver_of(solver)
     cells = []
     for x1, ref in zip(starts, refs):
-        x, info = gf.sample(fn, PATH, x1, prediction=kind, solver=solver, schedule=ts)
+        x, info = gf.sample(fn, PATH, x1, prediction=kind, solver=solver, schedule=ts, **options)
         cells.append({**metrics(gm, x, ref), "nfe": int(info.nfe)})
     return cells
 
@@ -181,7 +191,7 @@ def run_genflow(gm, nfes, seeds, refs, optimized, solvers=SOLVERS, schedules=SCH
     out = {}
     for solver in solvers:
         # the diffrax solvers integrate the velocity in t, which an x0 model cannot give at sigma = 0
-        kind = "x0" if _registry.get(solver).stepper is not None else "eps"
+        kind = "x0" if _registry.get(solver_of(solver)[0]).stepper is not None else "eps"
         for nfe in nfes:
             for schedule in schedules:
                 if schedule in TUNED and (solver, nfe, schedule) not in optimized:
@@ -208,15 +218,16 @@ def optimize_all(gm, nfes, calibration_seed: int, iters: int, solvers=OPT_SOLVER
         for nfe in nfes:
             for name, objective in objectives:
                 t0 = time.perf_counter()
+                base, options = solver_of(solver)
                 if name == "optimized-hard":  # the pool's first 256 samples are calibration_noise's
                     cal = gf.sampling.calibration_batch(fn, PATH, start_noise(calibration_seed, POOL), prediction="x0",
-                                                        steps=steps_for(solver, nfe), solver=solver, t_start=T_START,
-                                                        hard=HARD)
+                                                        steps=steps_for(solver, nfe), solver=base, t_start=T_START,
+                                                        hard=HARD, **options)
                 else:
                     cal = calibration_noise(calibration_seed)
                 ts, hist = gf.sampling.optimize_schedule(fn, PATH, cal, prediction="x0", steps=steps_for(solver, nfe),
-                                                         solver=solver, t_start=T_START, init="karras", iters=iters,
-                                                         objective=objective, return_history=True)
+                                                         solver=base, t_start=T_START, init="karras", iters=iters,
+                                                         objective=objective, return_history=True, **options)
                 key = (solver, nfe, name)
                 schedules[key] = ts
                 info[key] = {"initial": float(hist["initial"]), "final": float(hist["final"]),
@@ -237,8 +248,9 @@ def select_all(gm, nfes, cal: jnp.ndarray, t_start: float = T_START) -> tuple[di
         for nfe in nfes:
             t0 = time.perf_counter()
             grids, params = gf.sampling.karras_family(PATH, steps_for(solver, nfe), t_start=t_start, **SELECT_FAMILY)
-            ts, errs = gf.sampling.select_schedule(fn, PATH, cal, grids, prediction="x0", solver=solver,
-                                                   return_errors=True)
+            base, options = solver_of(solver)
+            ts, errs = gf.sampling.select_schedule(fn, PATH, cal, grids, prediction="x0", solver=base,
+                                                   return_errors=True, **options)
             i = int(np.argmin(np.asarray(errs)))  # the chosen grid's index (non-finite errors come back as inf)
             key = (solver, nfe, "karras-selected")
             schedules[key] = ts
@@ -266,8 +278,9 @@ def flip_origins(gm, schedules, seeds, refs, nfe: int = 10) -> list[list]:
         alpha, rho = np.asarray(PATH.alpha(ts), np.float64), np.asarray(PATH.sigma(ts) / PATH.alpha(ts), np.float64)
         decided = np.zeros(len(ts) - 1, int)
         for seed in seeds:
-            x, info = gf.sample(fn, PATH, start_noise(seed), prediction="x0", solver=solver, schedule=ts,
-                                save_trajectory=True)
+            base, options = solver_of(solver)
+            x, info = gf.sample(fn, PATH, start_noise(seed), prediction="x0", solver=base, schedule=ts,
+                                save_trajectory=True, **options)
             target = nearest(gm, refs[("genflow", seed)])
             flipped = np.flatnonzero(nearest(gm, x) != target)
             if not flipped.size:
@@ -318,9 +331,9 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int, name: str = "
     res = run_genflow(gm, nfes, seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
     robust = run_genflow(gm, (10, 20), robust_seeds, refs, selected, SELECT_SOLVERS, ("karras", "karras-selected"))
     # the full run's best rows at NFE 20 and 50 (samplers.md), on the same seeds
-    best_opt, _ = optimize_all(gm, (10, 20, 50), CALIBRATION_SEED, iters, solvers=("unipc",),
+    best_opt, _ = optimize_all(gm, (10, 20, 50), CALIBRATION_SEED, iters, solvers=("unipc", "unipc-3"),
                                objectives=(("optimized-global", "global"), ("optimized-hard", "global")))
-    robust.update(run_genflow(gm, (10, 20, 50), robust_seeds, refs, best_opt, ("unipc",),
+    robust.update(run_genflow(gm, (10, 20, 50), robust_seeds, refs, best_opt, ("unipc", "unipc-3"),
                               ("optimized-global", "optimized-hard")))
     robust.update(run_kdiffusion(gm, load_k_diffusion(), (10,), robust_seeds,
                                  {("kdiff", seed): refs[("genflow", seed)] for seed in robust_seeds}))
@@ -350,7 +363,7 @@ def run_selected(gm, nfes, seeds, robust_seeds, t_all, iters: int, name: str = "
         "whether NFE 10 reaches 2e-02; the family's range (rho up to 30, sigma_min up to 0.3) was set after "
         "sweeping rho and sigma_min on seeds 1-3 and 100-102, " + (
             f"so seeds {sorted(tuned)} of these are tuning seeds or seeds that earlier tables and analyses have "
-            "seen: run with held-out --robust-seeds (e.g. $(seq 501 512)) for the table to read."
+            "seen: run with held-out --robust-seeds (e.g. $(seq 601 612)) for the table to read."
             if (tuned := set(robust_seeds) & SEEN_SEEDS) else
             f"which seeds {robust_seeds[0]}..{robust_seeds[-1]} avoid: this table is on held-out seeds.")])
     write_results(name, text, {
@@ -829,7 +842,7 @@ def main():
                     help="--timing-only: the peers' torch device (not cpu: results/samplers_timing_<device>.*)")
     ap.add_argument("--pure-noise-only", action="store_true",
                     help="only the rows from pure noise at t = 1 (results/samplers_pure_noise.*)")
-    ap.add_argument("--heldout-seeds", type=int, nargs="+", default=list(range(501, 513)),
+    ap.add_argument("--heldout-seeds", type=int, nargs="+", default=list(range(601, 613)),
                     help="full run: each library's best cell per NFE (chosen on seeds 1-3) is re-run on these")
     ap.add_argument("--robust-seeds", type=int, nargs="+", default=list(range(1, 13)),
                     help="--selected-only: the seeds of its many-seed table (other than 1..12: written to "
