@@ -1429,3 +1429,15 @@ def test_noise_models_sum_float16_residuals_without_overflow():
     lam, k = 100.0 * 0.5, 100.0 * 0.75  # (pred 0 -> [0, 1] scale 0.5; y 0.5 -> 0.75)
     np.testing.assert_allclose(p.nll(y, pred), [n * (lam - k * np.log(lam))], rtol=1e-5)
     np.testing.assert_allclose(p.residual_norm(y, pred), [np.sqrt(n * 0.25 ** 2 / (2 * 0.75))], rtol=1e-5)
+
+
+def test_random_inpainting_keeps_the_fraction_keep_of_whole_pixels():
+    """Documented: keep a random fraction ``keep`` of the pixels; the same pixels in every channel
+    unless per_channel. (A mutation audit: the complement, and per-channel masks by default, passed every other test.)"""
+    shape = (64, 64, 3)
+    m = np.asarray(inv.random_inpainting(jax.random.key(0), shape, keep=0.2).mask)
+    assert abs(m.mean() - 0.2) < 0.02  # 4096 Bernoulli(0.2) pixels: std 0.006
+    np.testing.assert_array_equal(m, np.broadcast_to(m[..., :1], shape))  # whole pixels
+    mc = np.asarray(inv.random_inpainting(jax.random.key(0), shape, keep=0.2, per_channel=True).mask)
+    assert abs(mc.mean() - 0.2) < 0.02
+    assert (mc != mc[..., :1]).any()  # per_channel: channels drawn independently
