@@ -373,7 +373,7 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
       return_history: also return a dict: ``"bound"``: ``[iters]`` the objective at each
         iteration (the bound, or the global error with ``objective="global"``), ``"initial"``
         and ``"final"``: its value on the starting and on the returned grid, ``"nonfinite_grads"``:
-        the iterations whose gradient had non-finite entries (taken as 0).
+        the number of iterations whose gradient had non-finite entries (those taken as 0).
     Returns:
       ``ts: [steps + 1]`` decreasing times with ``ts[0] = t_start``, ``ts[-1] = t_end`` (and the
       history if asked).
@@ -407,8 +407,8 @@ def optimize_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array
                          f"non-finite predictions on the calibration batch there (or solver {solver!r} diverges); "
                          f"check the model")
     if iters and int(hist["nonfinite_grads"]) == int(iters):
-        # (the search zeroes non-finite gradient entries: with every entry non-finite at every
-        # iteration the initial grid came back as a result, with no sign of it -- UniPC order 3 did)
+        # (the search zeroes non-finite gradient entries: with non-finite entries at every iteration
+        # the initial grid came back as a result, with no sign of it -- UniPC order 3 did)
         raise ValueError(f"the {objective} objective's gradient with respect to the grid was non-finite at every "
                          f"iteration (solver {solver!r}, options {solver_options}): the search could not move the "
                          f"grid. A model whose gradients are NaN (non-differentiable operations, or NaN outside "
