@@ -22,8 +22,8 @@ of flips (samples whose nearest component differs from the reference's), over se
 Which cell is "best" is chosen on the evaluation seeds 1-3 (out of ~50 genflow cells, 6 k-diffusion
 and 11 diffusers ones per NFE) and then re-run on held-out noise seeds (``--heldout-seeds``, default
 801-812; not 101-112: seeds 101-102 were used to set SELECT_FAMILY's range, and not 201-212 / 301-312 /
-401-412 / 501-512 / 601-612 / 701-712, which earlier held-out tables and the NFE-10 analyses have seen: SEEN_SEEDS): the held-out
-table is the comparison to read, the same-seed "best" rows are optimistic. Over many seeds, the rms
+401-412 / 501-512 / 601-612 / 701-712, which earlier held-out tables and the NFE-10 analyses have seen:
+SEEN_SEEDS): the held-out table is the comparison to read, the same-seed "best" rows are optimistic. Over many seeds, the rms
 over all their samples (flips included) is the issue's metric; the median over seeds of each
 batch's rms drops the batches with a flip.
 

@@ -142,7 +142,8 @@ _TABLE: tuple[SolverSpec, ...] = (
           "UniPC: UniP-2 predictor + UniC corrector, B(h) = e^h - 1 (Zhao et al. 2023); order=1..3 is the "
           "predictor's (2 by default; the corrector adds one: measured 2.0 / 3.0 / 3.7; order=3 was the more "
           "accurate at 20-50 NFE on experiments/benchmarks/samplers.py's 64-D mixture: at NFE 50 with an "
-          "optimized grid, 4.7e-5 against 1.7e-4 relative rms over 12 batches of 512), variant='bh1'|'bh2'", options=("order", "variant")),
+          "optimized grid, 4.7e-5 against 1.7e-4 relative rms over 12 batches of 512), variant='bh1'|'bh2'",
+          options=("order", "variant")),
     _scan("dpm++2m_hb", 1, False, 1, _multistep.hb,
           "DPM-Solver++(2M) with heavy-ball momentum beta=0.8 (Wizadwongsa et al. 2023)", options=("beta",)),
     _scan("edm_heun", 2, False, 2, _singlestep.edm_heun, "EDM's Heun sampler in sigma/alpha (Karras et al. 2022, Alg. 1)",
