@@ -23,9 +23,9 @@ Which cell is "best" is chosen on the evaluation seeds 1-3 (out of ~50 genflow c
 and 11 diffusers ones per NFE) and then re-run on held-out noise seeds (``--heldout-seeds``, default
 801-812; not 101-112: seeds 101-102 were used to set SELECT_FAMILY's range, and not 201-212 / 301-312 /
 401-412 / 501-512 / 601-612 / 701-712, which earlier held-out tables and the NFE-10 analyses have seen:
-SEEN_SEEDS): the held-out table is the comparison to read, the same-seed "best" rows are optimistic. Over many seeds, the rms
-over all their samples (flips included) is the issue's metric; the median over seeds of each
-batch's rms drops the batches with a flip.
+SEEN_SEEDS): the held-out table is the comparison to read, the same-seed "best" rows are
+optimistic. Over many seeds, the rms over all their samples (flips included) is the issue's metric;
+the median over seeds of each batch's rms drops the batches with a flip.
 
 Timing: the analytic model on a batch of 512, per step; the per-step overhead is the time per step
 minus the model's own evaluation time (a compiled loop of the same model calls for genflow, the
