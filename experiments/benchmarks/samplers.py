@@ -88,11 +88,6 @@ SELECT_SOLVERS = ["deis", "unipc", "unipc-3", "dpm++3m", "dpm++3m_ref", "dpm++2m
 # is second order (third with its corrector); order=3 (diffusers' UniPC-3) had a 7x lower median
 # per-sample error at NFE 50 and 2x at NFE 20 on its karras-selected grids (seeds 1-2, 2026-12-06)
 VARIANTS = {"unipc-3": ("unipc", {"order": 3})}
-
-
-def solver_of(name: str) -> tuple[str, dict]:
-    """``(solver, options)`` for ``gf.sample`` of a solver name of the tables."""
-    return VARIANTS.get(name, (name, {}))
 SELECT_FAMILY = {"rhos": (5, 7, 10, 14, 20, 30), "sigma_mins": (0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)}
 DEFAULT_KARRAS = {"rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
 CALIBRATION_SEED = 100
@@ -102,6 +97,11 @@ TUNING_SEEDS = {1, 2, 3, 100, 101, 102}  # where SELECT_FAMILY's range was swept
 # (2026-12-05 and -06); samplers_confirm.py runs on 701-712; the next fresh range is 801-812
 SEEN_SEEDS = (TUNING_SEEDS | set(range(201, 213)) | set(range(301, 313)) | set(range(401, 413)) | set(range(501, 513))
               | set(range(601, 613)) | set(range(701, 713)))
+
+
+def solver_of(name: str) -> tuple[str, dict]:
+    """``(solver, options)`` for ``gf.sample`` of a solver name of the tables."""
+    return VARIANTS.get(name, (name, {}))
 
 
 # -- problem ------------------------------------------------------------------------------------
@@ -216,10 +216,10 @@ def optimize_all(gm, nfes, calibration_seed: int, iters: int, solvers=OPT_SOLVER
     fn = gm.model(PATH, "x0")
     schedules, info = {}, {}
     for solver in solvers:
+        base, options = solver_of(solver)
         for nfe in nfes:
             for name, objective in objectives:
                 t0 = time.perf_counter()
-                base, options = solver_of(solver)
                 if name == "optimized-hard":  # the pool's first 256 samples are calibration_noise's
                     cal = gf.sampling.calibration_batch(fn, PATH, start_noise(calibration_seed, POOL), prediction="x0",
                                                         steps=steps_for(solver, nfe), solver=base, t_start=T_START,
@@ -278,8 +278,8 @@ def flip_origins(gm, schedules, seeds, refs, nfe: int = 10) -> list[list]:
         ts = schedules[(solver, nfe, "karras-selected")]
         alpha, rho = np.asarray(PATH.alpha(ts), np.float64), np.asarray(PATH.sigma(ts) / PATH.alpha(ts), np.float64)
         decided = np.zeros(len(ts) - 1, int)
+        base, options = solver_of(solver)
         for seed in seeds:
-            base, options = solver_of(solver)
             x, info = gf.sample(fn, PATH, start_noise(seed), prediction="x0", solver=base, schedule=ts,
                                 save_trajectory=True, **options)
             target = nearest(gm, refs[("genflow", seed)])

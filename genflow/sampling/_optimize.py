@@ -604,8 +604,9 @@ def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, propagat
     def body(carry, _):
         theta, state, best, bad = carry
         val, g = value_and_grad(theta)
-        bad = bad + jnp.any(~jnp.isfinite(g)).astype(jnp.int32)
-        g = jnp.where(jnp.isfinite(g), g, 0.0)
+        finite = jnp.isfinite(g)
+        bad = bad + jnp.any(~finite).astype(jnp.int32)
+        g = jnp.where(finite, g, 0.0)
         # (only a strictly decreasing grid: softmax weights that underflow give repeated times,
         # a zero-length step with no local error, which gf.sample then refused)
         best = jax.lax.cond((val < best[0]) & _decreasing(theta), lambda: (val, theta), lambda: best)
