@@ -37,6 +37,7 @@ with the data. A coupling is any ``f(key, x0, x1) -> x1_permuted``.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import jax
@@ -322,6 +323,9 @@ def diffusion_loss(
     else:
         c = param.eps_scale(path, t, prediction)
         w = w_fn(path, t)
+        if not isinstance(w, (jax.Array, np.ndarray, np.generic, numbers.Real)):  # (None: an anonymous TypeError)
+            raise ValueError(f"weighting {weighting!r} must return an array (a scalar or shape [B] = [{b}]); got "
+                             f"{type(w).__name__}")
         if jnp.shape(w) not in ((), (b,)):  # a [B, 1] weight would broadcast the loss to [B, B]
             raise ValueError(f"weighting {weighting!r} must return a scalar or shape [B] = [{b}]; got shape "
                              f"{jnp.shape(w)}")

@@ -304,6 +304,14 @@ def test_a_registered_solver_that_evaluates_at_the_end_is_refused_an_x0_model_en
     np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="spec.evaluates_at_end"):
         gf.sampling.register(gf.sampling.SolverSpec("user_heun2", 2, False, 2, False, heun, evaluates_at_end="yes"))
+    # what solvers() reports: the built-ins that evaluate at a step's end, and diffrax_solver's
+    # reading of the tableau (a stage at c = 1 or FSAL); it reported False for all of them
+    # (extension audit), while gf.sample refused them
+    ends = {name for name, spec in gf.sampling.solvers().items() if spec.evaluates_at_end}
+    assert ends == {"heun", "tsit5", "dopri5", "dopri8", "user_heun"}
+    for solver, ends in ((diffrax.Heun(), True), (diffrax.Bosh3(), True), (diffrax.Tsit5(), True),
+                         (diffrax.Ralston(), False), (diffrax.Midpoint(), False), (diffrax.Euler(), False)):
+        assert gf.sampling.diffrax_solver("user_rk", solver).evaluates_at_end is ends, type(solver).__name__
 
 
 def test_diffrax_solver_refuses_adaptive_steps_without_an_error_estimate():

@@ -151,6 +151,10 @@ def test_weighting_must_return_one_weight_per_example():
     with pytest.raises(ValueError, match=r"must return a scalar or shape \[B\] = \[8\]; got shape \(8, 1\)"):
         gf.losses.diffusion_loss(_zero, gf.paths.vp_cosine(), x0, jax.random.key(1),
                                  weighting=lambda p, t: 1.0 / p.snr(t)[:, None])
+    # (a weighting without a return: "broadcast_to requires ndarray or scalar arguments", unnamed)
+    with pytest.raises(ValueError, match=r"weighting .* must return an array \(a scalar or shape \[B\] = \[8\]\); "
+                                         r"got NoneType"):
+        gf.losses.diffusion_loss(_zero, gf.paths.vp_cosine(), x0, jax.random.key(1), weighting=lambda p, t: None)
 
 
 def test_float64_data_under_x64_gives_the_float64_loss():

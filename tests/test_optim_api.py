@@ -508,6 +508,12 @@ def test_register_an_optimizer_of_your_own():
     gf.optim.register("test_signed_sgd", lambda learning_rate: optax.sgd(2 * learning_rate), overwrite=True)
     opt = gf.optim.get("test_signed_sgd", learning_rate=0.1)
     assert_tree_close(opt.update(g, opt.init(P0), P0)[0], jax.tree.map(lambda v: -0.2 * v, g), 1e-7, 1e-7)
+    # ... but make_optimizer passes a schedule, which 2 * learning_rate cannot take: the TypeError
+    # ("unsupported operand type(s)") says why (it gave no hint; extension audit)
+    with pytest.raises(TypeError) as err:
+        gf.train.make_optimizer(0.1, name="test_signed_sgd")
+    assert "learning_rate as an optax schedule" in "".join(getattr(err.value, "__notes__", []))
+    assert "optax.scale_by_learning_rate" in "".join(err.value.__notes__)
     assert gf.optim.unregister("test_signed_sgd") is not test_signed_sgd
     assert "test_signed_sgd" not in gf.optim.names() and gf.optim.names("user") == []
     with pytest.raises(ValueError, match="unknown optimizer 'test_signed_sgd'"):

@@ -222,24 +222,17 @@ def _check_brownian_tol(ts: Array, tol) -> None:
                          f"wrong law; pass brownian_tol <= {step:.3g} (e.g. half the smallest step)")
 
 
-# Diffrax ODE solvers that evaluate the model at the end of each step (Heun's corrector, the
-# FSAL stage of the Runge-Kutta pairs).
-_EVALUATE_AT_END = ("heun", "tsit5", "dopri5", "dopri8")
-
-
 def _evaluates_at_end(spec) -> bool:
-    """Whether ``spec`` evaluates the model at the end of a step: the built-ins above, and a Diffrax
-    Runge-Kutta solver from :func:`diffrax_solver` with a stage at ``c = 1`` or an FSAL last stage
-    (a registered ``diffrax.Heun()`` / ``Bosh3()`` / ``Tsit5()`` gave inf / NaN samples silently
-    where the built-in ones are refused)."""
-    if spec.evaluates_at_end or _checked_as(spec) in _EVALUATE_AT_END:
+    """Whether ``spec`` evaluates the model at the end of a step: its ``evaluates_at_end`` (set on
+    the built-in heun / tsit5 / dopri5 / dopri8 and, from the tableau, by :func:`diffrax_solver`),
+    or a Diffrax Runge-Kutta solver whose tableau has a stage at ``c = 1`` or an FSAL last stage in
+    a spec that says otherwise (a registered ``diffrax.Heun()`` / ``Bosh3()`` / ``Tsit5()`` gave inf
+    / NaN samples silently where the built-in ones are refused)."""
+    if spec.evaluates_at_end:
         return True
     run = spec.run
-    if isinstance(run, functools.partial) and run.func is _diffrax.ode_solve:
-        tableau = getattr(run.keywords.get("solver"), "tableau", None)
-        if tableau is not None:
-            return bool(tableau.fsal) or bool(np.any(np.asarray(tableau.c) == 1.0))
-    return False
+    return (isinstance(run, functools.partial) and run.func is _diffrax.ode_solve
+            and _registry._tableau_evaluates_at_end(run.keywords.get("solver")))
 
 
 def _check_start(path: Path, ts: Array, prediction: str, spec) -> None:

@@ -103,15 +103,16 @@ _TABLE: tuple[SolverSpec, ...] = (
     SolverSpec("euler", 1, False, 1, False, _ode(diffrax.Euler(), 1),
                "explicit Euler on the probability-flow ODE in t (Diffrax)"),
     SolverSpec("heun", 2, False, 2, False, _ode(diffrax.Heun(), 2),
-               "Heun's 2nd-order method on the probability-flow ODE in t (Diffrax)"),
+               "Heun's 2nd-order method on the probability-flow ODE in t (Diffrax)", evaluates_at_end=True),
     SolverSpec("midpoint", 2, False, 2, False, _ode(diffrax.Midpoint(), 2),
                "explicit midpoint method on the probability-flow ODE in t (Diffrax)"),
     SolverSpec("tsit5", 5, False, None, True, _ode(diffrax.Tsit5(), 6, 1, adaptive=True),
-               "Tsitouras 5(4) with a PID step-size controller (rtol/atol)"),
+               "Tsitouras 5(4) with a PID step-size controller (rtol/atol)", evaluates_at_end=True),
     SolverSpec("dopri5", 5, False, None, True, _ode(diffrax.Dopri5(), 6, 1, adaptive=True),
-               "Dormand-Prince 5(4) with a PID step-size controller (rtol/atol)"),
+               "Dormand-Prince 5(4) with a PID step-size controller (rtol/atol)", evaluates_at_end=True),
     SolverSpec("dopri8", 8, False, None, True, _ode(diffrax.Dopri8(), 13, 1, adaptive=True),
-               "Dormand-Prince 8(7) with a PID step-size controller, for reference solutions"),
+               "Dormand-Prince 8(7) with a PID step-size controller, for reference solutions",
+               evaluates_at_end=True),
     _scan("ddim", 1, False, 1, _multistep.ddim,
           "DDIM (Song et al. 2021); eta > 0 adds DDPM-like noise and needs key", options=("eta",)),
     _scan("ddpm", 1, True, 1, _multistep.ddim,
@@ -275,6 +276,14 @@ def _rk_counts(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
     return (stages - 1, 1) if tableau.fsal else (stages, 0)
 
 
+def _tableau_evaluates_at_end(solver: diffrax.AbstractSolver) -> bool:
+    """Whether a Diffrax Runge-Kutta solver evaluates the model at the end of each step: a stage at
+    ``c = 1`` (Heun's corrector) or an FSAL last stage (Bosh3, Tsit5, Dopri5/8); ``False`` for a
+    solver without a tableau (Euler)."""
+    tableau = getattr(solver, "tableau", None)
+    return tableau is not None and (bool(tableau.fsal) or bool(np.any(np.asarray(tableau.c) == 1.0)))
+
+
 def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | None = None,
                    nfe_per_step: int | None = None, adaptive: bool = False, nfe_init: int | None = None,
                    description: str = "") -> SolverSpec:
@@ -338,4 +347,5 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
             raise ValueError(f"order is needed for {type(solver).__name__} (solver.order(None) failed)") from None
     return SolverSpec(name, order, False, None if adaptive else nfe_per_step, adaptive,
                       _ode(solver, nfe_per_step, nfe_init, adaptive),
-                      description or f"{type(solver).__name__} on the probability-flow ODE in t (Diffrax)")
+                      description or f"{type(solver).__name__} on the probability-flow ODE in t (Diffrax)",
+                      evaluates_at_end=_tableau_evaluates_at_end(solver))

@@ -115,7 +115,15 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
                          "learning_rate / warmup_steps / decay_steps would be ignored; use 'schedule_free_adamw' or "
                          "'schedule_free_sgd', or build gf.optim.schedule_free(learning_rate, base_optimizer) with "
                          "the schedule in base_optimizer")
-    tx = optim.get(name, learning_rate=lr, **kwargs)
+    try:
+        tx = optim.get(name, learning_rate=lr, **kwargs)
+    except TypeError as e:
+        if callable(lr):  # (a registered factory computing with its rate, e.g. optax.scale(-learning_rate),
+            # failed with "bad operand type for unary -: 'function'" and no hint; extension audit)
+            e.add_note(f"make_optimizer passes optimizer {name!r} its learning_rate as an optax schedule (a function "
+                       f"of the step); a factory registered with gf.optim.register must accept one: scale the "
+                       f"updates with optax.scale_by_learning_rate(learning_rate) rather than computing with it")
+        raise
     if clip_norm is not None:
         if not _finite_real(clip_norm, positive=True):
             raise ValueError(f"clip_norm must be a finite real > 0; got {clip_norm!r}")
