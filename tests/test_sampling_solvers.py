@@ -302,16 +302,20 @@ def test_non_finite_stochastic_options_are_refused(gauss2):
 
 def test_brownian_tol_coarser_than_the_grid_is_refused(gauss2):
     """A VirtualBrownianTree coarser than the steps interpolates the Brownian path: brownian_tol=1
-    on 100 steps gave a data covariance off by 8 standard errors, silently."""
+    on 100 steps gave a data covariance off by 8 standard errors, silently. The bound is the
+    grid's smallest step (1.5x it is refused too, not only tolerances many steps wide)."""
     path = gf.paths.vp_linear()
     x1 = gauss2.prior_sample(jax.random.key(0), 4, path)
     for solver in ("euler_maruyama", "shark"):
-        with pytest.raises(ValueError, match="brownian_tol"):
-            gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=100,
-                      key=jax.random.key(1), brownian_tol=1.0)
-        x, _ = gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=100,
-                         key=jax.random.key(1), brownian_tol=1e-3)
+        x, info = gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=100,
+                            key=jax.random.key(1), brownian_tol=1e-3)
         assert bool(jnp.all(jnp.isfinite(x)))
+        step = float(np.min(-np.diff(np.asarray(info.ts))))
+        assert step > 1e-3
+        for tol in (1.0, 1.5 * step):
+            with pytest.raises(ValueError, match="brownian_tol"):
+                gf.sample(gauss2.model(path, "eps"), path, x1, prediction="eps", solver=solver, steps=100,
+                          key=jax.random.key(1), brownian_tol=tol)
 
 
 def test_diffrax_sde_solvers_are_reverse_differentiable_with_a_brownian_tree(gauss2):
