@@ -750,3 +750,51 @@ def test_dit_patch_embedding_is_the_stride_p_convolution():
     k = pe["kernel"].reshape(2, 2, 3, 16)
     conv = jax.lax.conv_general_dilated(x, k, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(tok, conv.reshape(2, 6, 16) + pe["bias"], rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_is_dense_then_activation_per_hidden_layer_then_the_output_layer():
+    """MLP's docstring: h = concat(x, emb(t)), then len(hidden) Dense+activation layers, then the
+    output layer y = h @ kernel_t.T + bias; checked with random parameters against NumPy."""
+    m = gf.nets.MLP(hidden=(8, 6), activation="tanh", time_dim=4)
+    x, t = jax.random.normal(jax.random.key(0), (5, 3)), jnp.linspace(0.1, 0.9, 5)
+    p = m.init(jax.random.key(1), x, t)
+    leaves, tdef = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    p = jax.tree.unflatten(tdef, [jax.random.normal(k, l.shape) * 0.7 for k, l in zip(keys, leaves)])
+    q = jax.tree.map(np.asarray, p["params"])
+    h = np.concatenate([np.asarray(x), np.asarray(gf.nets.sinusoidal_embedding(t, 4))], -1)
+    for i in range(2):
+        h = np.tanh(h @ q[f"Dense_{i}"]["kernel"] + q[f"Dense_{i}"]["bias"])
+    ref = h @ q["Dense_2"]["kernel_t"].T + q["Dense_2"]["bias"]
+    np.testing.assert_allclose(m.apply(p, x, t), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_resolutions,expected", [((), 1), ((8,), 4), ((4,), 4), ((8, 4), 7)])
+def test_unet_has_attention_after_every_residual_block_at_the_chosen_resolutions(attn_resolutions, expected):
+    """UNet's docstring: attention after each residual block whose feature map is one of
+    attn_resolutions, on the way down (num_res_blocks per level) and up (num_res_blocks + 1), plus
+    always one in the middle. For 8x8 inputs, ch_mult=(1, 2), num_res_blocks=1: level 0 (8x8) and
+    level 1 (4x4) each have 1 + 2 blocks."""
+    net = gf.nets.UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=attn_resolutions)
+    p = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))
+    assert sum(k.startswith("AttnBlock_") for k in p["params"]) == expected
+
+
+def test_unet_time_embedding_mlp_has_a_silu_between_its_dense_layers():
+    """DDPM's time embedding (Ho et al. 2020, score_sde's ddpm.py): temb =
+    Dense(silu(Dense(sinusoidal(t)))); checked through the captured outputs of the UNet's first two
+    Dense layers (the outer one is built first: Dense_0 is the second layer), random parameters."""
+    net = gf.nets.UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+    x, t = jnp.zeros((2, 4, 4, 1)), jnp.array([0.2, 0.7])
+    p = net.init(jax.random.key(0), x, t)
+    leaves, tdef = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    p = jax.tree.unflatten(tdef, [jax.random.normal(k, l.shape) * 0.5 for k, l in zip(keys, leaves)])
+    _, st = net.apply(p, x, t, capture_intermediates=True)
+    q = jax.tree.map(np.asarray, p["params"])
+    first = np.asarray(st["intermediates"]["Dense_1"]["__call__"][0])  # (Dense_1: the inner, first layer)
+    second = np.asarray(st["intermediates"]["Dense_0"]["__call__"][0])
+    emb = np.asarray(gf.nets.sinusoidal_embedding(t, 8))
+    np.testing.assert_allclose(first, emb @ q["Dense_1"]["kernel"] + q["Dense_1"]["bias"], rtol=1e-4, atol=1e-5)
+    silu = first / (1 + np.exp(-first))
+    np.testing.assert_allclose(second, silu @ q["Dense_0"]["kernel"] + q["Dense_0"]["bias"], rtol=1e-4, atol=1e-5)

@@ -878,3 +878,18 @@ def test_register_refuses_names_that_are_other_attributes_of_gf_optim():
         assert gf.optim.test_my_sgd is factory and gf.optim.source("test_my_sgd") == "user"
     finally:
         gf.optim.unregister("test_my_sgd")
+
+
+def test_make_optimizer_clip_norm_clips_the_global_norm():
+    """clip_norm rescales the gradient to global norm clip_norm before the optimizer (sgd: the
+    update is -lr * g * clip / |g|); the existing checks used adam (scale-invariant at step 1) or a
+    clip that never binds."""
+    tx = gf.train.make_optimizer(1.0, name="sgd", clip_norm=0.5)
+    g = {"a": jnp.array([3.0]), "b": jnp.array([-4.0])}  # global norm 5
+    p = jax.tree.map(jnp.zeros_like, g)
+    u, _ = tx.update(g, tx.init(p), p)
+    np.testing.assert_allclose([u["a"][0], u["b"][0]], [-0.3, 0.4], rtol=1e-6)
+    # below the threshold the gradient is untouched
+    tx = gf.train.make_optimizer(1.0, name="sgd", clip_norm=10.0)
+    u, _ = tx.update(g, tx.init(p), p)
+    np.testing.assert_allclose([u["a"][0], u["b"][0]], [-3.0, 4.0], rtol=1e-6)

@@ -1149,3 +1149,39 @@ def test_non_scalar_aux_entries_are_dropped_and_a_bad_key_is_named():
     assert list(hist["c"]) == [1 + 2j, 1 + 2j]  # (a Python complex is a scalar too: kept, as before)
     with pytest.raises((TypeError, ValueError), match="key"):
         gf.train.init_state({"w": jnp.ones(2)}, opt, 0)
+
+
+@pytest.mark.parametrize("prediction,weighting", [("eps", "uniform"), ("x0", "uniform"),
+                                                  ("velocity", lambda path, t: 1.0 + 3.0 * t)])
+def test_diffusion_objective_passes_prediction_and_weighting_to_the_loss(prediction, weighting):
+    """The objective is diffusion_loss(fn, path, x0, split(key)[1], prediction=, weighting=) (its
+    docstring); prediction and weighting reach the loss."""
+    m = gf.nets.MLP(hidden=(8,))
+    p = m.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
+    path = gf.paths.linear()
+    x0 = jax.random.normal(jax.random.key(1), (32, 2))
+    key = jax.random.key(4)
+    loss_fn = gf.train.diffusion_objective(m.apply, path, prediction=prediction, weighting=weighting)
+    got, _ = loss_fn(p, x0, key)
+    expected, _ = gf.losses.diffusion_loss(lambda x, t: m.apply(p, x, t), path, x0, jax.random.split(key)[1],
+                                           prediction=prediction, weighting=weighting)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_diffusion_objective_dropout_key_is_fresh_each_step():
+    """dropout_rng: the network's dropout key is jax.random.fold_in(key, 2) of the step key (its
+    docstring), so it changes with the step key (the existing test could not tell: the loss noise
+    changes with the key anyway)."""
+    seen = []
+
+    def apply_fn(params, x, t, train=False, rngs=None):
+        seen.append(np.asarray(jax.random.key_data(rngs["dropout"])))
+        return jnp.zeros_like(x)
+
+    loss_fn = gf.train.diffusion_objective(apply_fn, gf.paths.linear(), prediction="velocity", dropout_rng=True)
+    x0 = jnp.ones((4, 2))
+    for k in (0, 1):
+        key = jax.random.key(k)
+        loss_fn({}, x0, key)
+        np.testing.assert_array_equal(seen[-1], jax.random.key_data(jax.random.fold_in(key, 2)))
+    assert not np.array_equal(seen[0], seen[-1])
