@@ -7,11 +7,18 @@ scored on the selection seeds 1-12, the one with the lowest rms over all their s
 NFE, and the choice is run on seeds 701-712, which no run has used. Same problem, grids and
 calibration as samplers.py (its functions).
 
-    .venv/bin/python experiments/benchmarks/samplers_confirm.py     # ~8 min on 2 CPU cores
+    .venv/bin/python experiments/benchmarks/samplers_confirm.py     # ~12 min on 2 CPU cores
+
+Other solvers' optimized cells on the selection seeds alone (no confirmation run; results in
+samplers_confirm_selection_{solvers}_nfe{nfes}.md), e.g. DEIS in both forms and DPM-Solver++(3M)
+at NFE 20 (~4 min):
+
+    .venv/bin/python experiments/benchmarks/samplers_confirm.py --solvers deis deis-x0 dpm++3m --nfes 20 --selection-only
 """
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 import time
@@ -21,36 +28,51 @@ import samplers as S  # noqa: E402
 from _timing import markdown_table  # noqa: E402
 
 SELECTION, CONFIRMATION = list(range(1, 13)), list(range(701, 713))
-CELLS = [(s, o) for s in ("unipc", "unipc-3") for o in ("optimized-global", "optimized-hard")]
+SCHEDULES = ("optimized-global", "optimized-hard")
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--solvers", nargs="+", default=["unipc", "unipc-3"], help="samplers.py's table names")
+    ap.add_argument("--nfes", type=int, nargs="+", default=[20, 50])
+    ap.add_argument("--selection-only", action="store_true", help="score on seeds 1-12, run no confirmation")
+    a = ap.parse_args()
     t_all = time.perf_counter()
     gm = S.mixture()
-    grids, _ = S.optimize_all(gm, (20, 50), S.CALIBRATION_SEED, 200, solvers=("unipc", "unipc-3"),
+    nfes = tuple(a.nfes)
+    grids, _ = S.optimize_all(gm, nfes, S.CALIBRATION_SEED, 200, solvers=tuple(a.solvers),
                               objectives=(("optimized-global", "global"), ("optimized-hard", "global")))
-    refs = {("genflow", s): S.reference(gm, S.RHO_MAX * S.noise(s), S.RHO_MAX) for s in SELECTION + CONFIRMATION}
+    seeds = SELECTION + ([] if a.selection_only else CONFIRMATION)
+    refs = {("genflow", s): S.reference(gm, S.RHO_MAX * S.noise(s), S.RHO_MAX) for s in seeds}
     sel, chosen = {}, {}
-    for solver, sched in CELLS:
-        sel.update(S.run_genflow(gm, (20, 50), SELECTION, refs, grids, (solver,), (sched,)))
-    for nfe in (20, 50):
-        best = min((k for k in sel if k[3] == nfe), key=lambda k: S.pooled_rms(sel[k]))
-        chosen[nfe] = best
+    for solver in a.solvers:
+        for sched in SCHEDULES:
+            sel.update(S.run_genflow(gm, nfes, SELECTION, refs, grids, (solver,), (sched,)))
+    for nfe in nfes:
+        chosen[nfe] = min((k for k in sel if k[3] == nfe), key=lambda k: S.pooled_rms(sel[k]))
+    chosen_text = ("Chosen (lowest rms over all samples of seeds 1-12): "
+                   + "; ".join(f"NFE {n}: {k[1]} {k[2]}" for n, k in chosen.items()))
+    selection = ["## Selection seeds 1-12", markdown_table(S.SEED_ROWS_HEADER, S.seed_rows(sel)), chosen_text]
+    payload = {"selection": {"|".join(map(str, k)): v for k, v in sel.items()},
+               "chosen": {str(n): list(k) for n, k in chosen.items()}}
+    if a.selection_only:
+        command = " ".join(["--solvers", *a.solvers, "--nfes", *map(str, nfes), "--selection-only"])
+        text = "\n\n".join([f"# Optimized cells of {', '.join(a.solvers)} at NFE {', '.join(map(str, nfes))} on "
+                             f"seeds 1-12 (selection only)", *selection,
+                             f"Command: `.venv/bin/python experiments/benchmarks/samplers_confirm.py {command}`"])
+        name = f"samplers_confirm_selection_{'-'.join(a.solvers)}_nfe{'-'.join(map(str, nfes))}"
+        S.write_results(name.replace("+", "p"), text, payload, t_all)
+        return
     conf = {}
     for nfe, (_, solver, sched, _) in chosen.items():
         conf.update(S.run_genflow(gm, (nfe,), CONFIRMATION, refs, grids, (solver,), (sched,)))
     text = "\n\n".join([
         "# UniPC cells at NFE 20 and 50: chosen on seeds 1-12, confirmed on fresh seeds 701-712",
-        __doc__.split("\n\n")[1].replace("\n", " "),
-        "## Selection seeds 1-12", markdown_table(S.SEED_ROWS_HEADER, S.seed_rows(sel)),
-        "Chosen (lowest rms over all samples of seeds 1-12): "
-        + "; ".join(f"NFE {n}: {k[1]} {k[2]}" for n, k in chosen.items()),
+        __doc__.split("\n\n")[1].replace("\n", " "), *selection,
         "## Confirmation seeds 701-712 (never run before)", markdown_table(S.SEED_ROWS_HEADER, S.seed_rows(conf)),
         "Command: `.venv/bin/python experiments/benchmarks/samplers_confirm.py`"])
-    S.write_results("samplers_confirm_seeds701-712", text, {
-        "selection": {"|".join(map(str, k)): v for k, v in sel.items()},
-        "chosen": {str(n): list(k) for n, k in chosen.items()},
-        "confirmation": {"|".join(map(str, k)): v for k, v in conf.items()}}, t_all)
+    payload["confirmation"] = {"|".join(map(str, k)): v for k, v in conf.items()}
+    S.write_results("samplers_confirm_seeds701-712", text, payload, t_all)
 
 
 if __name__ == "__main__":
