@@ -118,7 +118,7 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
     try:
         tx = optim.get(name, learning_rate=lr, **kwargs)
     except TypeError as e:
-        if callable(lr):  # (a registered factory computing with its rate, e.g. optax.scale(-learning_rate),
+        if callable(lr) and optim.source(name) == "user":  # (a registered factory computing with its rate, e.g. optax.scale(-learning_rate),
             # failed with "bad operand type for unary -: 'function'" and no hint; extension audit)
             e.add_note(f"make_optimizer passes optimizer {name!r} its learning_rate as an optax schedule (a function "
                        f"of the step); a factory registered with gf.optim.register must accept one: scale the "
