@@ -365,3 +365,75 @@ def test_help_shows_what_each_flag_means(capsys):
     with pytest.raises(SystemExit):
         optimizers.parse_config(["--help"])
     assert "loss within 10% of the best; default: 0.1" in " ".join(capsys.readouterr().out.split())
+
+
+def test_toy2d_metrics_measure_what_they_name(tmp_path, monkeypatch):
+    """metrics.json: w2 / nfe of the --solver samples against the data, w2_<eval_solver> /
+    nfe_<eval_solver> of the adaptive solver's, w2_data_floor of two independent data draws,
+    train_steps_per_s = steps / training wall time, final_loss the mean of the last 100 losses; the
+    samples come from the EMA parameters (--ema), or the raw ones with --ema 0."""
+    import jax
+
+    import genflow as gf
+
+    toy2d = _toy2d()
+    seen = {"sample": {}, "w2": [], "model_fn": []}
+    real_sample, real_w2, real_fit, real_model_fn = gf.sample, gf.metrics.w2_exact, gf.train.fit, gf.nets.model_fn
+
+    def sample(*a, **kw):
+        out = real_sample(*a, **kw)
+        seen["sample"][kw["solver"]] = out  # the last call: the timed one
+        return out
+
+    def w2(a, b):
+        r = real_w2(a, b)
+        seen["w2"].append((a, b, r))
+        return r
+
+    def fit(*a, **kw):
+        state, hist = real_fit(*a, **kw)
+        seen["state"], seen["hist"] = state, hist
+        return state, hist
+
+    def model_fn(model, params):
+        seen["model_fn"].append(params)
+        return real_model_fn(model, params)
+
+    monkeypatch.setattr(toy2d.gf, "sample", sample)
+    monkeypatch.setattr(toy2d.gf.metrics, "w2_exact", w2)
+    monkeypatch.setattr(toy2d.gf.train, "fit", fit)
+    monkeypatch.setattr(toy2d.gf.nets, "model_fn", model_fn)
+    args = ["--steps", "150", "--n_eval", "64", "--sample_steps", "4", "--chunk", "50", "--progress", "false",
+            "--hidden", "16", "--depth", "1"]
+    m = toy2d.run(toy2d.parse_config(args + ["--out", str(tmp_path / "a")]))
+    (x_fix, info_fix), (x_ad, info_ad) = seen["sample"]["heun"], seen["sample"]["tsit5"]
+    by_first = {id(a): (b, r) for a, b, r in seen["w2"]}
+    data = seen["w2"][0][1]
+    assert id(x_fix) in by_first and id(x_ad) in by_first  # both solvers' samples are measured
+    assert by_first[id(x_fix)][0] is data and by_first[id(x_fix)][1] == m["w2"] and m["nfe"] == int(info_fix.nfe)
+    assert by_first[id(x_ad)][0] is data and by_first[id(x_ad)][1] == m["w2_tsit5"]
+    assert m["nfe_tsit5"] == int(info_ad.nfe)
+    assert m["nfe_tsit5"] != m["nfe"]  # (adaptive: not the fixed 2 x 4)
+    (fresh, b, r), = [c for c in seen["w2"] if id(c[0]) not in (id(x_fix), id(x_ad))]
+    assert b is data and r == m["w2_data_floor"] and not np.array_equal(np.asarray(fresh), np.asarray(data))
+    assert m["w2_data_floor"] > 0
+    hist = seen["hist"]
+    np.testing.assert_allclose(m["train_steps_per_s"], 150 / hist["wall_time"], rtol=1e-12)
+    np.testing.assert_allclose(m["final_loss"], np.mean(np.asarray(hist["loss"])[-100:]), rtol=1e-6)
+    assert not np.isclose(np.mean(np.asarray(hist["loss"])[:100]), m["final_loss"], rtol=1e-6)
+    state = seen["state"]
+    ema = state.ema[gf.train.ema_key(0.99)]
+    chex_eq = lambda p, q: all(np.array_equal(np.asarray(u), np.asarray(v))  # noqa: E731
+                               for u, v in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)))
+    assert not chex_eq(ema, state.params)
+    assert seen["model_fn"] and all(chex_eq(p, ema) for p in seen["model_fn"])
+    seen["model_fn"].clear()
+    toy2d.run(toy2d.parse_config(args + ["--ema", "0", "--out", str(tmp_path / "b")]))
+    assert seen["model_fn"] and all(chex_eq(p, seen["state"].params) for p in seen["model_fn"])
+
+
+def test_toy2d_refuses_an_ema_decay_of_one():
+    """--ema must be in [0, 1): a decay of 1 never moves the EMA, which would sample the init."""
+    toy2d = _toy2d()
+    with pytest.raises(SystemExit, match=r"--ema must be in \[0, 1\)"):
+        toy2d.validate(toy2d.parse_config(["--ema", "1"]))

@@ -901,3 +901,54 @@ def test_a_flow_initialised_on_float64_data_has_float64_parameters_throughout():
             x = jax.random.normal(jax.random.key(1), shape, dtype)
             leaves = jax.tree_util.tree_leaves(flow.init(jax.random.key(0), x))
             assert {leaf.dtype for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype(dtype)}
+
+
+def _layers(layer):
+    """Every layer of a bijector, depth first (through Chains and FactorOut's inner flow)."""
+    out = [layer]
+    for sub in getattr(layer, "layers", ()):
+        out += _layers(sub)
+    inner = getattr(layer, "inner", None) or getattr(layer, "flow", None) or getattr(layer, "bijector", None)
+    if inner is not None:
+        out += _layers(inner)
+    return out
+
+
+def test_glow_and_realnvp_steps_are_actnorm_then_linear_then_coupling_and_glow_has_its_levels():
+    """Docstrings: each step is (ActNorm, invertible linear, coupling), in this order; Glow has one
+    squeeze per level and factors out half the channels after every level but the last."""
+    flow = F.realnvp(4, num_steps=3, hidden=4)
+    kinds = [type(l) for l in flow.bijector.layers]
+    assert kinds == [F.ActNorm, F.Invertible1x1Conv, F.AffineCoupling] * 3
+    for levels in (1, 2, 3):
+        g = F.glow((8, 8, 1), levels=levels, steps_per_level=2, hidden=4)
+        layers = _layers(g.bijector)
+        assert sum(isinstance(l, F.Squeeze) for l in layers) == levels
+        assert sum(isinstance(l, F.FactorOut) for l in layers) == levels - 1
+        core = [l for l in layers if isinstance(l, (F.ActNorm, F.Invertible1x1Conv, F.AffineCoupling))]
+        assert [type(l) for l in core] == [F.ActNorm, F.Invertible1x1Conv, F.AffineCoupling] * (2 * levels)
+
+
+def test_flow_objective_draws_the_loss_noise_independently_of_the_dequantization_noise(monkeypatch):
+    """flow_objective(..., dequantize=w) with "dsm": the dequantization noise and the DSM noise come
+    from different keys (one key for both made the two noises a deterministic function of each other)."""
+    from genflow.flows import _flow
+
+    keys = {}
+    real_deq, real_dsm = _flow.uniform_dequantize, _flow.dsm_loss
+
+    def dequantize(k, *a, **kw):
+        keys["deq"] = k
+        return real_deq(k, *a, **kw)
+
+    def dsm(f, p, x, k, *a, **kw):
+        keys["dsm"] = k
+        return real_dsm(f, p, x, k, *a, **kw)
+
+    monkeypatch.setattr(_flow, "uniform_dequantize", dequantize)
+    monkeypatch.setattr(_flow, "dsm_loss", dsm)
+    flow = F.realnvp(2, num_steps=1, hidden=4)
+    x = jnp.round(jax.random.normal(jax.random.key(0), (8, 2)) * 3)
+    params = flow.init(jax.random.key(1), x)
+    F.flow_objective(flow, "dsm", dequantize=1.0)(params, x, jax.random.key(2))
+    assert not np.array_equal(jax.random.key_data(keys["deq"]), jax.random.key_data(keys["dsm"]))

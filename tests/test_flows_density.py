@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -48,3 +50,25 @@ def test_density_refuses_a_bad_learning_rate():
     for lr in ("nan", "-0.5", "0"):
         with pytest.raises(SystemExit, match="--lr must be a finite number > 0"):
             density.validate(density.parse_config(["--lr", lr]))
+
+
+def test_density_gaussian_reference_is_fitted_on_training_draws_not_the_test_set(tmp_path, monkeypatch):
+    """run_2d's Gaussian reference row: a Gaussian fitted to training draws, evaluated on the test set
+    (fitted to the test set itself it scores in-sample, so the flows look worse against it)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import density
+
+    calls = []
+    real = density.gaussian_baseline
+
+    def baseline(train, test):
+        calls.append((np.asarray(train), np.asarray(test)))
+        return real(train, test)
+
+    monkeypatch.setattr(density, "gaussian_baseline", baseline)
+    density.run(density.parse_config(["--models", "glow", "--steps_2d", "2", "--flow_steps_2d", "1", "--hidden", "4",
+                                      "--batch", "8", "--n_test_2d", "8", "--grid", "4", "--digits", "false",
+                                      "--out", str(tmp_path / "d")]))
+    (train, test), = calls
+    assert len(test) == 8 and len(train) > len(test)
+    assert not (np.abs(train[:, None, :] - test[None, :, :]).sum(-1) < 1e-9).any()  # no test point in the fit

@@ -87,7 +87,8 @@ SELECT_SOLVERS = ["deis", "unipc", "unipc-3", "dpm++3m", "dpm++3m_ref", "dpm++2m
 # solver variants of the tables: name -> (gf.sample's solver, its options). UniPC's default predictor
 # is second order (third with its corrector); order=3 (diffusers' UniPC-3) had a 7x lower median
 # per-sample error at NFE 50 and 2x at NFE 20 on its karras-selected grids (seeds 1-2, 2026-12-06)
-VARIANTS = {"unipc-3": ("unipc", {"order": 3}), "deis-x0": ("deis", {"form": "x0"})}
+VARIANTS = {"unipc-3": ("unipc", {"order": 3}), "deis-x0": ("deis", {"form": "x0"}),
+            "unipc-bh1": ("unipc", {"variant": "bh1"}), "unipc-3-bh1": ("unipc", {"order": 3, "variant": "bh1"})}
 SELECT_FAMILY = {"rhos": (5, 7, 10, 14, 20, 30), "sigma_mins": (0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)}
 DEFAULT_KARRAS = {"rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
 CALIBRATION_SEED = 100
