@@ -22,11 +22,8 @@ def flat_batch(x):
 
 def concrete_real(value) -> float | None:
     """``float(value)`` for a concrete real scalar (Python, NumPy or a 0-d array; not a
-    ``bool``, also not NumPy's or a 0-d bool array); ``None`` for a traced value (which no check
-    can see) or anything else."""
-    if isinstance(value, (bool, np.bool_, str, bytes, jax.core.Tracer)):  # float("0.5") would pass
-        return None
-    if getattr(value, "dtype", None) == np.bool_:  # (np.True_ / jnp.array(True) ran eta=True as eta=1)
+    ``bool``); ``None`` for a traced value (which no check can see) or anything else."""
+    if isinstance(value, (bool, str, bytes, jax.core.Tracer)):  # float("0.5") would pass
         return None
     try:
         return float(value)

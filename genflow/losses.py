@@ -323,7 +323,8 @@ def diffusion_loss(
     else:
         c = param.eps_scale(path, t, prediction)
         w = w_fn(path, t)
-        if not isinstance(w, (jax.Array, np.ndarray, np.generic, numbers.Real)):  # (None: an anonymous TypeError)
+        if not (isinstance(w, (jax.Array, np.ndarray, np.generic, numbers.Real)) or hasattr(w, "__jax_array__")):
+            # (None gave an anonymous TypeError)
             raise ValueError(f"weighting {weighting!r} must return an array (a scalar or shape [B] = [{b}]); got "
                              f"{type(w).__name__}")
         if jnp.shape(w) not in ((), (b,)):  # a [B, 1] weight would broadcast the loss to [B, B]

@@ -108,8 +108,8 @@ def test_a_raw_key_must_have_the_default_implementations_length():
 
 
 def test_top_level_names_route_to_their_modules():
-    """gf.<module> for every lazily imported module, gf.log_prob and gf.sample: genflow's module
-    __getattr__ itself is asked (once a submodule is imported it is an attribute anyway, so a name
+    """gf.<module> for every lazily imported module and gf.log_prob: genflow's module __getattr__
+    itself is asked (gf.sample is imported eagerly: a plain attribute; once a submodule is imported it is an attribute anyway, so a name
     left out of the lazy list -- "ot" in a mutation audit -- passed every test and failed only as the
     first lookup in a fresh interpreter)."""
     import importlib

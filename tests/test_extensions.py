@@ -312,6 +312,13 @@ def test_a_registered_solver_that_evaluates_at_the_end_is_refused_an_x0_model_en
     for solver, ends in ((diffrax.Heun(), True), (diffrax.Bosh3(), True), (diffrax.Tsit5(), True),
                          (diffrax.Ralston(), False), (diffrax.Midpoint(), False), (diffrax.Euler(), False)):
         assert gf.sampling.diffrax_solver("user_rk", solver).evaluates_at_end is ends, type(solver).__name__
+    # a solver without a tableau declares it (ReversibleHeun's x0 velocity at sigma = 0: -inf samples)
+    registered(gf.sampling.diffrax_solver("user_rh", diffrax.ReversibleHeun(), nfe_per_step=1, order=2,
+                                          evaluates_at_end=True))
+    with pytest.raises(ValueError, match="t_end=0.0 has sigma=0 on path 'linear': solver 'user_rh' evaluates"):
+        gf.sample(GAUSS.model(path, "x0"), path, x1, prediction="x0", solver="user_rh", steps=10)
+    with pytest.raises(TypeError, match="evaluates_at_end must be True or False"):
+        gf.sampling.diffrax_solver("user_rh2", diffrax.ReversibleHeun(), nfe_per_step=1, order=2, evaluates_at_end=1)
 
 
 def test_diffrax_solver_refuses_adaptive_steps_without_an_error_estimate():

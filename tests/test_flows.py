@@ -916,7 +916,8 @@ def _layers(layer):
 
 def test_glow_and_realnvp_steps_are_actnorm_then_linear_then_coupling_and_glow_has_its_levels():
     """Docstrings: each step is (ActNorm, invertible linear, coupling), in this order; Glow has one
-    squeeze per level and factors out half the channels after every level but the last."""
+    squeeze per level and a factor-out after every level but the last (counted, as the layer
+    order; the channels a factor-out keeps are tested with test_squeeze_factor_out_and_glow)."""
     flow = F.realnvp(4, num_steps=3, hidden=4)
     kinds = [type(l) for l in flow.bijector.layers]
     assert kinds == [F.ActNorm, F.Invertible1x1Conv, F.AffineCoupling] * 3

@@ -53,8 +53,9 @@ def test_density_refuses_a_bad_learning_rate():
 
 
 def test_density_gaussian_reference_is_fitted_on_training_draws_not_the_test_set(tmp_path, monkeypatch):
-    """run_2d's Gaussian reference row: a Gaussian fitted to training draws, evaluated on the test set
-    (fitted to the test set itself it scores in-sample, so the flows look worse against it)."""
+    """run_2d's Gaussian reference row: the Gaussian is fitted to training draws, none of them one of
+    the --n_test_2d test points it is scored on (fitted to the test set itself it scores in-sample,
+    so the flows look worse against it)."""
     sys.path.insert(0, str(ROOT / "experiments"))
     import density
 

@@ -156,6 +156,15 @@ def test_weighting_must_return_one_weight_per_example():
                                          r"got NoneType"):
         gf.losses.diffusion_loss(_zero, gf.paths.vp_cosine(), x0, jax.random.key(1), weighting=lambda p, t: None)
 
+    class Wrapped:  # (an object JAX reads through __jax_array__ is an array)
+        def __jax_array__(self):
+            return jnp.ones(8)
+
+    wrapped = gf.losses.diffusion_loss(_zero, gf.paths.vp_cosine(), x0, jax.random.key(1),
+                                       weighting=lambda p, t: Wrapped())[1]["per_example"]
+    unit = gf.losses.diffusion_loss(_zero, gf.paths.vp_cosine(), x0, jax.random.key(1), weighting="uniform")
+    np.testing.assert_allclose(wrapped, unit[1]["per_example"], rtol=1e-6)
+
 
 def test_float64_data_under_x64_gives_the_float64_loss():
     # the weights and the squared error were cast to float32 whatever the data's dtype

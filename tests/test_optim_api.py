@@ -514,6 +514,11 @@ def test_register_an_optimizer_of_your_own():
         gf.train.make_optimizer(0.1, name="test_signed_sgd")
     assert "learning_rate as an optax schedule" in "".join(getattr(err.value, "__notes__", []))
     assert "optax.scale_by_learning_rate" in "".join(err.value.__notes__)
+    # ... and only there: a factory that builds from the float fails on a bad keyword without the note
+    gf.optim.register("test_signed_sgd", lambda learning_rate: optax.sgd(learning_rate), overwrite=True)
+    with pytest.raises(TypeError, match="bogus") as err:
+        gf.train.make_optimizer(0.1, name="test_signed_sgd", bogus=1)
+    assert not getattr(err.value, "__notes__", [])
     assert gf.optim.unregister("test_signed_sgd") is not test_signed_sgd
     assert "test_signed_sgd" not in gf.optim.names() and gf.optim.names("user") == []
     with pytest.raises(ValueError, match="unknown optimizer 'test_signed_sgd'"):

@@ -74,9 +74,9 @@ def test_prepared_grid_memo_tells_x64_mode_apart():
 
 
 def test_a_path_function_with_data_in_its_defaults_is_not_memoised():
-    """A path function holding data in its default arguments is prepared afresh on every call, as
-    one holding data in its closure (genflow._memo.holds_state: kept, the memo would keep that data
-    alive and go stale when it changed)."""
+    """A path function with default arguments (state the memo cannot see change) is prepared afresh
+    on every call, as one holding state in its closure (genflow._memo.holds_state: kept, the memo
+    would keep that state alive and go stale when it changed)."""
     def sigma(t, power=1.0):
         return t ** power
 

@@ -271,5 +271,5 @@ def test_density_warns_when_more_than_one_percent_of_samples_lie_outside_lims():
     with pytest.warns(UserWarning, match="lie outside lims"):
         plt.close(gf.viz.density(samples=pts, lims=((-1.7, 10.0), (-10.0, 10.0))))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # none at about 0.1 %
+        warnings.simplefilter("error", UserWarning)  # none at about 0.1 %
         plt.close(gf.viz.density(samples=pts, lims=((-3.1, 10.0), (-10.0, 10.0))))

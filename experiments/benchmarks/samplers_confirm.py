@@ -37,6 +37,9 @@ def main():
     ap.add_argument("--nfes", type=int, nargs="+", default=[20, 50])
     ap.add_argument("--selection-only", action="store_true", help="score on seeds 1-12, run no confirmation")
     a = ap.parse_args()
+    if not a.selection_only and (a.solvers != ap.get_default("solvers") or a.nfes != ap.get_default("nfes")):
+        # (the confirmation run writes the UniPC result file; other cells are scored with --selection-only)
+        ap.error("--solvers / --nfes other than the defaults need --selection-only")
     t_all = time.perf_counter()
     gm = S.mixture()
     nfes = tuple(a.nfes)

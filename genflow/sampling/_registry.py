@@ -286,7 +286,7 @@ def _tableau_evaluates_at_end(solver: diffrax.AbstractSolver) -> bool:
 
 def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | None = None,
                    nfe_per_step: int | None = None, adaptive: bool = False, nfe_init: int | None = None,
-                   description: str = "") -> SolverSpec:
+                   description: str = "", evaluates_at_end: bool | None = None) -> SolverSpec:
     """The :class:`SolverSpec` of a Diffrax ODE solver on the probability-flow ODE in t (for
     :func:`register`): fixed steps on the time grid, or, with ``adaptive``, a PID controller
     (``rtol`` / ``atol`` of :func:`genflow.sample`).
@@ -302,6 +302,10 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
       nfe_init: evaluations before the first step (1 for FSAL methods, as tsit5); read from the
         tableau as ``nfe_per_step``, else 0.
       description: one line for :func:`solvers`.
+      evaluates_at_end: whether a step evaluates the model at its end (:class:`SolverSpec`); read
+        from the tableau of a Runge-Kutta solver (a stage at ``c = 1`` or FSAL), needed for
+        others that do (``diffrax.ReversibleHeun()``: an ``x0`` model on a grid ending at
+        ``sigma = 0`` gave -inf samples).
     """
     if not isinstance(solver, diffrax.AbstractSolver):
         raise TypeError(f"solver must be a diffrax.AbstractSolver instance; got {solver!r}")
@@ -312,6 +316,8 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
                          f"root finder's iterations, so info.nfe could not be exact; the probability-flow ODE is "
                          f"not stiff at sampling step sizes: use an explicit solver")
     check_bool("adaptive", adaptive)
+    if evaluates_at_end is not None:
+        check_bool("evaluates_at_end", evaluates_at_end)
     structure = getattr(solver, "term_structure", None)
     structure = typing.get_origin(structure) or structure  # (AbstractTerm[Any, Any] is one term too)
     if not (isinstance(structure, type) and issubclass(structure, diffrax.AbstractTerm)
@@ -348,4 +354,4 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
     return SolverSpec(name, order, False, None if adaptive else nfe_per_step, adaptive,
                       _ode(solver, nfe_per_step, nfe_init, adaptive),
                       description or f"{type(solver).__name__} on the probability-flow ODE in t (Diffrax)",
-                      evaluates_at_end=_tableau_evaluates_at_end(solver))
+                      evaluates_at_end=_tableau_evaluates_at_end(solver) or bool(evaluates_at_end))

@@ -118,11 +118,14 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
     try:
         tx = optim.get(name, learning_rate=lr, **kwargs)
     except TypeError as e:
-        if callable(lr) and optim.source(name) == "user":  # (a registered factory computing with its rate, e.g. optax.scale(-learning_rate),
-            # failed with "bad operand type for unary -: 'function'" and no hint; extension audit)
+        # (a registered factory computing with its rate, e.g. optax.scale(-learning_rate), failed with "bad
+        # operand type for unary -: 'function'" and no hint; extension audit): if it builds from the float,
+        # the schedule is what it cannot take
+        if callable(lr) and optim.source(name) == "user" and _builds(name, learning_rate, kwargs):
             e.add_note(f"make_optimizer passes optimizer {name!r} its learning_rate as an optax schedule (a function "
-                       f"of the step); a factory registered with gf.optim.register must accept one: scale the "
-                       f"updates with optax.scale_by_learning_rate(learning_rate) rather than computing with it")
+                       f"of the step), and its factory fails on one (it builds from the float {learning_rate!r}); a "
+                       f"factory registered with gf.optim.register must accept one: scale the updates with "
+                       f"optax.scale_by_learning_rate(learning_rate) rather than computing with it")
         raise
     if clip_norm is not None:
         if not _finite_real(clip_norm, positive=True):
@@ -140,6 +143,17 @@ def make_optimizer(learning_rate: float = 1e-3, *, name: str = "adamw", warmup_s
 
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), _extra_args_view(tx))
     return tx
+
+
+def _builds(name: str, learning_rate: float, kwargs: dict) -> bool:
+    """Whether optimizer ``name`` builds from a float ``learning_rate``."""
+    from genflow import optim
+
+    try:
+        optim.get(name, learning_rate=learning_rate, **kwargs)
+    except Exception:
+        return False
+    return True
 
 
 def eval_params(state):
