@@ -13,7 +13,15 @@ Other solvers' optimized cells on the selection seeds alone (no confirmation run
 samplers_confirm_selection_{solvers}_nfe{nfes}.md), e.g. DEIS in both forms and DPM-Solver++(3M)
 at NFE 20 (~4 min):
 
-    .venv/bin/python experiments/benchmarks/samplers_confirm.py --solvers deis deis-x0 dpm++3m --nfes 20 --selection-only
+    .venv/bin/python experiments/benchmarks/samplers_confirm.py --solvers deis deis-x0 dpm++3m --nfes 20 \
+        --selection-only
+
+With --confirmation-seeds (fresh ones: samplers.py's SEEN_SEEDS are refused) the cell chosen per NFE
+is run there too (results in samplers_confirm_seeds{first}-{last}_{solvers}.md), e.g. the UniPC
+variants at NFE 20 on 801-812 (~12 min):
+
+    .venv/bin/python experiments/benchmarks/samplers_confirm.py --solvers unipc unipc-3 unipc-bh1 unipc-3-bh1 \
+        --nfes 20 --confirmation-seeds $(seq 801 812)
 """
 
 from __future__ import annotations
@@ -36,16 +44,23 @@ def main():
     ap.add_argument("--solvers", nargs="+", default=["unipc", "unipc-3"], help="samplers.py's table names")
     ap.add_argument("--nfes", type=int, nargs="+", default=[20, 50])
     ap.add_argument("--selection-only", action="store_true", help="score on seeds 1-12, run no confirmation")
+    ap.add_argument("--confirmation-seeds", type=int, nargs="+", default=CONFIRMATION,
+                    help="fresh seeds for the chosen cells (other than 701-712: no run may have used them)")
     a = ap.parse_args()
-    if not a.selection_only and (a.solvers != ap.get_default("solvers") or a.nfes != ap.get_default("nfes")):
-        # (the confirmation run writes the UniPC result file; other cells are scored with --selection-only)
-        ap.error("--solvers / --nfes other than the defaults need --selection-only")
+    default_run = a.confirmation_seeds == CONFIRMATION
+    if default_run and not a.selection_only and (a.solvers != ap.get_default("solvers")
+                                                 or a.nfes != ap.get_default("nfes")):
+        # (the default confirmation writes stop 47's UniPC result file)
+        ap.error("--solvers / --nfes other than the defaults need --selection-only or --confirmation-seeds")
+    if not default_run and (seen := sorted(set(a.confirmation_seeds) & (S.SEEN_SEEDS | set(SELECTION)))):
+        ap.error(f"--confirmation-seeds {seen} were used before (samplers.py's SEEN_SEEDS): pick fresh ones")
     t_all = time.perf_counter()
     gm = S.mixture()
     nfes = tuple(a.nfes)
     grids, _ = S.optimize_all(gm, nfes, S.CALIBRATION_SEED, 200, solvers=tuple(a.solvers),
                               objectives=(("optimized-global", "global"), ("optimized-hard", "global")))
-    seeds = SELECTION + ([] if a.selection_only else CONFIRMATION)
+    confirmation = list(a.confirmation_seeds)
+    seeds = SELECTION + ([] if a.selection_only else confirmation)
     refs = {("genflow", s): S.reference(gm, S.RHO_MAX * S.noise(s), S.RHO_MAX) for s in seeds}
     sel, chosen = {}, {}
     for solver in a.solvers:
@@ -68,14 +83,25 @@ def main():
         return
     conf = {}
     for nfe, (_, solver, sched, _) in chosen.items():
-        conf.update(S.run_genflow(gm, (nfe,), CONFIRMATION, refs, grids, (solver,), (sched,)))
+        conf.update(S.run_genflow(gm, (nfe,), confirmation, refs, grids, (solver,), (sched,)))
+    span = f"{confirmation[0]}-{confirmation[-1]}"
+    if default_run:
+        title = "# UniPC cells at NFE 20 and 50: chosen on seeds 1-12, confirmed on fresh seeds 701-712"
+        intro, command = [__doc__.split("\n\n")[1].replace("\n", " ")], ""
+        name = "samplers_confirm_seeds701-712"
+    else:
+        title = (f"# Optimized cells of {', '.join(a.solvers)} at NFE {', '.join(map(str, nfes))}: chosen on seeds "
+                 f"1-12, confirmed on fresh seeds {span}")
+        intro = []
+        command = " " + " ".join(["--solvers", *a.solvers, "--nfes", *map(str, nfes), "--confirmation-seeds",
+                                  *map(str, confirmation)])
+        name = f"samplers_confirm_seeds{span}_{'-'.join(a.solvers)}".replace("+", "p")
     text = "\n\n".join([
-        "# UniPC cells at NFE 20 and 50: chosen on seeds 1-12, confirmed on fresh seeds 701-712",
-        __doc__.split("\n\n")[1].replace("\n", " "), *selection,
-        "## Confirmation seeds 701-712 (never run before)", markdown_table(S.SEED_ROWS_HEADER, S.seed_rows(conf)),
-        "Command: `.venv/bin/python experiments/benchmarks/samplers_confirm.py`"])
+        title, *intro, *selection,
+        f"## Confirmation seeds {span} (never run before)", markdown_table(S.SEED_ROWS_HEADER, S.seed_rows(conf)),
+        f"Command: `.venv/bin/python experiments/benchmarks/samplers_confirm.py{command}`"])
     payload["confirmation"] = {"|".join(map(str, k)): v for k, v in conf.items()}
-    S.write_results("samplers_confirm_seeds701-712", text, payload, t_all)
+    S.write_results(name, text, payload, t_all)
 
 
 if __name__ == "__main__":
