@@ -96,8 +96,7 @@ TUNING_SEEDS = {1, 2, 3, 100, 101, 102}  # where SELECT_FAMILY's range was swept
 # seeds no longer held out: 201-212 and 301-312 were each re-run after solver changes, and 301-312 also
 # fed the NFE-10 analyses (flip_sensitivity.py); 401-412, 501-512 and 601-612 have published tables
 # (2026-12-05 and -06); samplers_confirm.py ran on 701-712 and 801-812; the next fresh range is 901-912
-SEEN_SEEDS = (TUNING_SEEDS | set(range(201, 213)) | set(range(301, 313)) | set(range(401, 413)) | set(range(501, 513))
-              | set(range(601, 613)) | set(range(701, 713)) | set(range(801, 813)))
+SEEN_SEEDS = TUNING_SEEDS | {seed for first in range(201, 802, 100) for seed in range(first, first + 12)}
 
 
 def solver_of(name: str) -> tuple[str, dict]:

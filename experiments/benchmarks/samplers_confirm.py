@@ -73,13 +73,15 @@ def main():
     selection = ["## Selection seeds 1-12", markdown_table(S.SEED_ROWS_HEADER, S.seed_rows(sel)), chosen_text]
     payload = {"selection": {"|".join(map(str, k)): v for k, v in sel.items()},
                "chosen": {str(n): list(k) for n, k in chosen.items()}}
+    # (a run's title, command line and file-name tag, from its cells)
+    cells = f"Optimized cells of {', '.join(a.solvers)} at NFE {', '.join(map(str, nfes))}"
+    args = ["--solvers", *a.solvers, "--nfes", *map(str, nfes)]
+    tag = "-".join(a.solvers).replace("+", "p")
     if a.selection_only:
-        command = " ".join(["--solvers", *a.solvers, "--nfes", *map(str, nfes), "--selection-only"])
-        text = "\n\n".join([f"# Optimized cells of {', '.join(a.solvers)} at NFE {', '.join(map(str, nfes))} on "
-                             f"seeds 1-12 (selection only)", *selection,
-                             f"Command: `.venv/bin/python experiments/benchmarks/samplers_confirm.py {command}`"])
-        name = f"samplers_confirm_selection_{'-'.join(a.solvers)}_nfe{'-'.join(map(str, nfes))}"
-        S.write_results(name.replace("+", "p"), text, payload, t_all)
+        text = "\n\n".join([f"# {cells} on seeds 1-12 (selection only)", *selection,
+                             f"Command: `.venv/bin/python experiments/benchmarks/samplers_confirm.py "
+                             f"{' '.join(args)} --selection-only`"])
+        S.write_results(f"samplers_confirm_selection_{tag}_nfe{'-'.join(map(str, nfes))}", text, payload, t_all)
         return
     conf = {}
     for nfe, (_, solver, sched, _) in chosen.items():
@@ -90,12 +92,10 @@ def main():
         intro, command = [__doc__.split("\n\n")[1].replace("\n", " ")], ""
         name = "samplers_confirm_seeds701-712"
     else:
-        title = (f"# Optimized cells of {', '.join(a.solvers)} at NFE {', '.join(map(str, nfes))}: chosen on seeds "
-                 f"1-12, confirmed on fresh seeds {span}")
+        title = f"# {cells}: chosen on seeds 1-12, confirmed on fresh seeds {span}"
         intro = []
-        command = " " + " ".join(["--solvers", *a.solvers, "--nfes", *map(str, nfes), "--confirmation-seeds",
-                                  *map(str, confirmation)])
-        name = f"samplers_confirm_seeds{span}_{'-'.join(a.solvers)}".replace("+", "p")
+        command = " " + " ".join([*args, "--confirmation-seeds", *map(str, confirmation)])
+        name = f"samplers_confirm_seeds{span}_{tag}"
     text = "\n\n".join([
         title, *intro, *selection,
         f"## Confirmation seeds {span} (never run before)", markdown_table(S.SEED_ROWS_HEADER, S.seed_rows(conf)),

@@ -81,10 +81,22 @@ class SolverSpec:
     evaluates_at_end: bool = False
 
 
-def _ode(solver, nfe_per_step, nfe_init=0, adaptive=False):
-    """The ``run`` of a Diffrax ODE solver instance on the probability-flow ODE in t."""
-    return functools.partial(_diffrax.ode_solve, solver=solver, adaptive=adaptive,
-                             nfe_per_step=nfe_per_step, nfe_init=nfe_init)
+def _tableau_evaluates_at_end(solver: diffrax.AbstractSolver) -> bool:
+    """Whether a Diffrax Runge-Kutta solver evaluates the model at the end of each step: a stage at
+    ``c = 1`` (Heun's corrector) or an FSAL last stage (Bosh3, Tsit5, Dopri5/8); ``False`` for a
+    solver without a tableau (Euler)."""
+    tableau = getattr(solver, "tableau", None)
+    return tableau is not None and (bool(tableau.fsal) or bool(np.any(np.asarray(tableau.c) == 1.0)))
+
+
+def _ode_spec(name, order, solver, nfe_per_step, description, nfe_init=0, adaptive=False, evaluates_at_end=False):
+    """The :class:`SolverSpec` of a Diffrax ODE solver instance on the probability-flow ODE in t
+    (the built-ins' and :func:`diffrax_solver`'s); ``evaluates_at_end`` read from its tableau, or
+    declared for a solver without one."""
+    run = functools.partial(_diffrax.ode_solve, solver=solver, adaptive=adaptive, nfe_per_step=nfe_per_step,
+                            nfe_init=nfe_init)
+    return SolverSpec(name, order, False, None if adaptive else nfe_per_step, adaptive, run, description,
+                      evaluates_at_end=_tableau_evaluates_at_end(solver) or evaluates_at_end)
 
 
 def _sde(solver_cls, nfe_per_step, **kw):
@@ -100,19 +112,17 @@ _EDM = ("churn", "s_tmin", "s_tmax", "s_noise")
 
 
 _TABLE: tuple[SolverSpec, ...] = (
-    SolverSpec("euler", 1, False, 1, False, _ode(diffrax.Euler(), 1),
-               "explicit Euler on the probability-flow ODE in t (Diffrax)"),
-    SolverSpec("heun", 2, False, 2, False, _ode(diffrax.Heun(), 2),
-               "Heun's 2nd-order method on the probability-flow ODE in t (Diffrax)", evaluates_at_end=True),
-    SolverSpec("midpoint", 2, False, 2, False, _ode(diffrax.Midpoint(), 2),
-               "explicit midpoint method on the probability-flow ODE in t (Diffrax)"),
-    SolverSpec("tsit5", 5, False, None, True, _ode(diffrax.Tsit5(), 6, 1, adaptive=True),
-               "Tsitouras 5(4) with a PID step-size controller (rtol/atol)", evaluates_at_end=True),
-    SolverSpec("dopri5", 5, False, None, True, _ode(diffrax.Dopri5(), 6, 1, adaptive=True),
-               "Dormand-Prince 5(4) with a PID step-size controller (rtol/atol)", evaluates_at_end=True),
-    SolverSpec("dopri8", 8, False, None, True, _ode(diffrax.Dopri8(), 13, 1, adaptive=True),
-               "Dormand-Prince 8(7) with a PID step-size controller, for reference solutions",
-               evaluates_at_end=True),
+    _ode_spec("euler", 1, diffrax.Euler(), 1, "explicit Euler on the probability-flow ODE in t (Diffrax)"),
+    _ode_spec("heun", 2, diffrax.Heun(), 2, "Heun's 2nd-order method on the probability-flow ODE in t (Diffrax)"),
+    _ode_spec("midpoint", 2, diffrax.Midpoint(), 2,
+              "explicit midpoint method on the probability-flow ODE in t (Diffrax)"),
+    _ode_spec("tsit5", 5, diffrax.Tsit5(), 6, "Tsitouras 5(4) with a PID step-size controller (rtol/atol)",
+              nfe_init=1, adaptive=True),
+    _ode_spec("dopri5", 5, diffrax.Dopri5(), 6, "Dormand-Prince 5(4) with a PID step-size controller (rtol/atol)",
+              nfe_init=1, adaptive=True),
+    _ode_spec("dopri8", 8, diffrax.Dopri8(), 13,
+              "Dormand-Prince 8(7) with a PID step-size controller, for reference solutions", nfe_init=1,
+              adaptive=True),
     _scan("ddim", 1, False, 1, _multistep.ddim,
           "DDIM (Song et al. 2021); eta > 0 adds DDPM-like noise and needs key", options=("eta",)),
     _scan("ddpm", 1, True, 1, _multistep.ddim,
@@ -276,14 +286,6 @@ def _rk_counts(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
     return (stages - 1, 1) if tableau.fsal else (stages, 0)
 
 
-def _tableau_evaluates_at_end(solver: diffrax.AbstractSolver) -> bool:
-    """Whether a Diffrax Runge-Kutta solver evaluates the model at the end of each step: a stage at
-    ``c = 1`` (Heun's corrector) or an FSAL last stage (Bosh3, Tsit5, Dopri5/8); ``False`` for a
-    solver without a tableau (Euler)."""
-    tableau = getattr(solver, "tableau", None)
-    return tableau is not None and (bool(tableau.fsal) or bool(np.any(np.asarray(tableau.c) == 1.0)))
-
-
 def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | None = None,
                    nfe_per_step: int | None = None, adaptive: bool = False, nfe_init: int | None = None,
                    description: str = "", evaluates_at_end: bool | None = None) -> SolverSpec:
@@ -351,7 +353,6 @@ def diffrax_solver(name: str, solver: diffrax.AbstractSolver, *, order: float | 
             order = solver.order(None)
         except Exception:  # (solvers whose order depends on the terms)
             raise ValueError(f"order is needed for {type(solver).__name__} (solver.order(None) failed)") from None
-    return SolverSpec(name, order, False, None if adaptive else nfe_per_step, adaptive,
-                      _ode(solver, nfe_per_step, nfe_init, adaptive),
-                      description or f"{type(solver).__name__} on the probability-flow ODE in t (Diffrax)",
-                      evaluates_at_end=_tableau_evaluates_at_end(solver) or bool(evaluates_at_end))
+    return _ode_spec(name, order, solver, nfe_per_step,
+                     description or f"{type(solver).__name__} on the probability-flow ODE in t (Diffrax)",
+                     nfe_init, adaptive, bool(evaluates_at_end))
