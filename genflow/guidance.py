@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import _checks, param
-from genflow._checks import check_null_label, check_real_in, concrete_real, flat_batch, real_leaf
+from genflow._checks import check_null_label, check_real_in, flat_batch, real_leaf, real_or_traced
 from genflow._precision import wide
 from genflow.paths import Path, broadcast_t
 from genflow.sampling import as_pytree_fn
@@ -262,7 +262,7 @@ def interval(guided: CFG, t_lo, t_hi) -> Interval:
     ``ve``, ``edm``; a max difference of 1e-3 on ``ve`` at 60 steps). To guide down to and
     including ``t = 0``, use ``g`` itself."""
     _check_guided(guided, "interval")
-    lo, hi = concrete_real(t_lo), concrete_real(t_hi)
+    lo, hi = real_or_traced("t_lo", t_lo, "a float in [0, 1)"), real_or_traced("t_hi", t_hi, "a float in (0, 1]")
     if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:  # else it never (or always) guides
         raise ValueError(f"interval: expected 0 <= t_lo < t_hi <= 1; got t_lo={t_lo}, t_hi={t_hi}")
     # concrete bounds kept in float64 (NumPy: a jitted call converts them to its default float width,
@@ -340,7 +340,7 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
       noise_scale: ``s``. psi: mixing of the rescaled condition (``psi = 1``: fully rescaled).
       rescale: restore the per-sample mean and std of ``y`` (eq. 6).
     """
-    lo, hi = concrete_real(tau1), concrete_real(tau2)  # (traced values pass, as in interval)
+    lo, hi = real_or_traced("tau1", tau1, "a float in [0, 1)"), real_or_traced("tau2", tau2, "a float in (0, 1]")  # (traced values pass, as in interval)
     if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"cads: expected 0 <= tau1 < tau2 <= 1; got tau1={tau1}, tau2={tau2}")
     y = jnp.asarray(y)
@@ -393,7 +393,7 @@ def adaptive(guided: CFG, threshold: float = 0.99) -> Adaptive:
     pure function it still evaluates both models; to guide only down to a known switch time
     (and save the unconditional evaluations after it), use :func:`interval`."""
     _check_guided(guided, "adaptive")
-    th = concrete_real(threshold)
+    th = real_or_traced("threshold", threshold, "a cosine similarity in [-1, 1)")
     if th is not None and not -1.0 <= th < 1.0:  # a cosine similarity: from 1 on it never stops guiding
         raise ValueError(f"adaptive: threshold is a cosine similarity, expected in [-1, 1); got {threshold}")
     return Adaptive(guided, real_leaf(threshold))

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_registration, check_removal, concrete_real, registry_owner
+from genflow._checks import check_registration, check_removal, concrete_real, real_or_traced, registry_owner
 
 Array = jax.Array
 ScalarFn = Callable[..., Array]
@@ -392,7 +392,7 @@ def _hp(value):
 def _require(ok: Callable[..., bool], message: str, **values) -> None:
     """A ``ValueError`` naming the path's arguments unless ``ok(*values)`` holds; skipped when a
     value is traced (no check can see it) -- a path's parameters may be traced under jit."""
-    vals = [concrete_real(v) for v in values.values()]
+    vals = [real_or_traced(k, v, "a real number") for k, v in values.items()]
     if all(v is not None for v in vals) and not ok(*vals):
         got = ", ".join(f"{k}={v!r}" for k, v in values.items())
         raise ValueError(f"{message}; got {got}")

@@ -120,3 +120,42 @@ def test_top_level_names_route_to_their_modules():
     assert gf.sample is importlib.import_module("genflow.sampling").sample
     with pytest.raises(AttributeError, match="module 'genflow' has no attribute 'nope'"):
         gf.__getattr__("nope")
+
+
+_G = lambda x, t: x  # noqa: E731
+_BOOL_FOR_A_REAL = {
+    # each ran before: std=False gave -inf log-densities, the others ran the bool as 0 or 1
+    "gaussian_log_prob(std)": lambda b: gf.likelihood._ode.gaussian_log_prob(jnp.ones((2, 3)), b),
+    "paths.ve(sigma_min)": lambda b: gf.paths.ve(sigma_min=b),
+    "paths.edm(rho)": lambda b: gf.paths.edm(rho=b),
+    "paths.vp_linear(beta_min)": lambda b: gf.paths.vp_linear(beta_min=b),
+    "guidance.interval(t_lo)": lambda b: gf.guidance.interval(gf.guidance.cfg(_G, _G, 2.0), b, 0.5),
+    "guidance.adaptive(threshold)": lambda b: gf.guidance.adaptive(gf.guidance.cfg(_G, _G, 2.0), b),
+    "sample(t_start)": lambda b: gf.sample(_G, gf.paths.linear(), jnp.ones((2, 2)), prediction="velocity",
+                                           solver="euler", steps=2, t_start=b),
+    "vdm_elbo(t_min)": lambda b: gf.likelihood.vdm_elbo(_G, gf.paths.vp_cosine(), jnp.ones((2, 2)),
+                                                         key=jax.random.key(0), prediction="eps", t_min=b),
+}
+
+
+@pytest.mark.parametrize("bad", [True, False, np.True_, jnp.asarray(False)], ids=repr)
+@pytest.mark.parametrize("call", list(_BOOL_FOR_A_REAL), ids=str)
+def test_a_bool_where_a_real_is_expected_is_refused_by_name(call, bad):
+    """The range checks that let a traced value through (no check can see it) let bools through
+    too, as neither is a concrete real; a bool is now refused, naming its argument."""
+    arg = call.split("(")[1].rstrip(")")
+    with pytest.raises(ValueError, match=rf"^{arg} must be "):
+        _BOOL_FOR_A_REAL[call](bad)
+
+
+def test_a_traced_or_concrete_real_still_passes_those_checks():
+    """The same checks, with the values they are meant for: concrete reals (Python, NumPy, 0-d
+    arrays) and traced ones under jit."""
+    x = jnp.ones((2, 3))
+    for std in (2.0, np.float32(2.0), jnp.asarray(2.0)):
+        np.testing.assert_allclose(gf.likelihood._ode.gaussian_log_prob(x, std),
+                                   -1.5 / 4 - 3 * (np.log(2.0) + 0.5 * np.log(2 * np.pi)), rtol=1e-6)
+    traced = jax.jit(gf.likelihood._ode.gaussian_log_prob)(x, 2.0)
+    np.testing.assert_allclose(traced, gf.likelihood._ode.gaussian_log_prob(x, 2.0), rtol=1e-6)
+    path = jax.jit(lambda s: gf.paths.ve(sigma_min=s, sigma_max=10.0).sigma(jnp.asarray(0.0)))(0.5)
+    np.testing.assert_allclose(path, 0.5, rtol=1e-6)

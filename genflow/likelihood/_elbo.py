@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from genflow import _memo, param
-from genflow._checks import (check_int, check_key, check_positive_real, check_real_in, concrete_real, flat_batch,
-                             split_batch)
+from genflow._checks import (check_int, check_key, check_positive_real, check_real_in, flat_batch,
+                             real_or_traced, split_batch)
 from genflow._precision import wide as _wide
 from genflow.likelihood._ode import _check_x, is_zero
 from genflow.paths import Path, check_path
@@ -104,7 +104,7 @@ def _eps_hat(fn, path: Path, z: Array, t: Array, prediction: str) -> Array:
 
 def _check_t_range(t_min, t_max) -> None:
     """``0 <= t_min < t_max <= 1`` where both are concrete (traced values pass, unchecked)."""
-    lo, hi = concrete_real(t_min), concrete_real(t_max)  # (None when traced)
+    lo, hi = real_or_traced("t_min", t_min, "a float in [0, 1)"), real_or_traced("t_max", t_max, "a float in (0, 1]")
     if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:  # (t_min > t_max gave negative weights)
         raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import _memo, param
-from genflow._checks import check_finite_rows, check_int, check_key, concrete_real, flat_batch, is_int
+from genflow._checks import check_finite_rows, check_int, check_key, concrete_real, flat_batch, is_int, real_or_traced
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
 from genflow.paths import Path, check_orientation, check_path
 from genflow.sampling._diffrax import explicit_axes_as_auto, per_sample_norm, solve_checked
@@ -74,7 +74,7 @@ class LogProbInfo:
 def gaussian_log_prob(z: Array, std) -> Array:
     """``log N(z; 0, std^2 I)`` summed over the features of ``z: [B, ...]``; returns ``[B]`` in
     float32 or wider."""
-    v = concrete_real(std)
+    v = real_or_traced("std", std, "a real > 0")
     if not isinstance(std, jax.core.Tracer) and v is not None and not v > 0:  # (0 gave NaN, < 0 nonsense)
         raise ValueError(f"std must be > 0; got {std!r}")
     d = math.prod(z.shape[1:])

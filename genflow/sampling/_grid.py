@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_int, concrete_real
+from genflow._checks import check_int, concrete_real, real_or_traced
 from genflow.paths import Path, check_orientation
 from genflow.sampling._driver import bucket
 
@@ -66,7 +66,7 @@ def _check_explicit(schedule, t_start=None, t_end=None, steps=None, what: str = 
     if not (np.all(np.diff(tn) < 0) and tn[0] <= 1.0 and tn[-1] >= 0.0):
         raise ValueError(f"{what} must be strictly decreasing within [0, 1]; got {tn}")
     for name, given, got in (("t_start", t_start, tn[0]), ("t_end", t_end, tn[-1])):
-        v = concrete_real(given)
+        v = real_or_traced(name, given, "a float in [0, 1] or None")
         if v is not None and abs(v - float(got)) > 1e-6:
             raise ValueError(f"{what} runs from {float(tn[0])} to {float(tn[-1])}, but {name}={given} was given: "
                              f"leave {name} out (None) or pass a grid that {'starts' if name == 't_start' else 'ends'} "
@@ -78,7 +78,7 @@ def _check_explicit(schedule, t_start=None, t_end=None, steps=None, what: str = 
 
 def _check_ends(t_start, t_end) -> tuple[float, float]:
     """``(t_start, t_end)`` as Python floats (NumPy / 0-d JAX scalars accepted), checked."""
-    s, e = concrete_real(t_start), concrete_real(t_end)
+    s, e = real_or_traced("t_start", t_start, "a float in (0, 1]"), real_or_traced("t_end", t_end, "a float in [0, 1)")
     if s is None or e is None:
         raise ValueError(f"t_start and t_end of a named schedule must be concrete real scalars (the grid is built "
                          f"outside jit; pass an explicit array of times to trace them); got t_start={t_start!r}, "
