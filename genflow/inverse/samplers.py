@@ -83,8 +83,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow import _memo, param
-from genflow._checks import (check_denoise, check_int, check_key, check_positive_real, check_real_in, concrete_real,
-                             real_leaf, real_or_traced)
+from genflow._checks import check_denoise, check_int, check_key, check_positive_real, check_real_in, concrete_real, real_leaf
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path, check_path
 from genflow.sampling import Model, as_pytree_fn
@@ -536,7 +535,7 @@ def _hyperparameters(method: str, defaults: dict, hparams: dict, leaf: Callable 
         check_int(k, v, 1 if k == "cg_iters" else 0)
     if "eta" in hp:
         check_real_in("eta", hp["eta"], 0.0, 1.0)
-    scale = real_or_traced(f"method {method!r}: scale", hp["scale"], "a real >= 0") if "scale" in hp else None
+    scale = concrete_real(hp.get("scale")) if "scale" in hp else None
     if scale is not None and not isinstance(hp["scale"], jax.core.Tracer) and not scale >= 0.0:
         # (a negative scale climbed the misfit, silently. flowdps's scale is not capped at its
         # stability bound 2: with its few damped steps 2.6 was the best on deblurring and
