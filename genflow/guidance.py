@@ -340,7 +340,8 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
       noise_scale: ``s``. psi: mixing of the rescaled condition (``psi = 1``: fully rescaled).
       rescale: restore the per-sample mean and std of ``y`` (eq. 6).
     """
-    lo, hi = real_or_traced("tau1", tau1, "a float in [0, 1)"), real_or_traced("tau2", tau2, "a float in (0, 1]")  # (traced values pass, as in interval)
+    # (traced values pass, as in interval)
+    lo, hi = real_or_traced("tau1", tau1, "a float in [0, 1)"), real_or_traced("tau2", tau2, "a float in (0, 1]")
     if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"cads: expected 0 <= tau1 < tau2 <= 1; got tau1={tau1}, tau2={tau2}")
     y = jnp.asarray(y)
