@@ -325,3 +325,10 @@ def test_convert_fn_traces_the_arrays_of_a_functools_partial():
     out = {}
     assert count_compiles(lambda: out.update(b=run(jnp.float32(0.7)))) == 0
     assert not np.allclose(a, out["b"])
+
+
+def test_sigma_denoiser_returns_the_promoted_dtype_of_x_and_its_output():
+    # (Q4) a bfloat16 denoiser on a float32 state gives a float32 x0 model, as convert_fn does
+    fn = gf.param.from_sigma_denoiser(lambda z, s: (0.5 * z).astype(jnp.bfloat16), gf.paths.edm())
+    out = fn(jnp.ones((2, 3), jnp.float32), jnp.full((2,), 0.5))
+    assert out.dtype == jnp.float32, out.dtype
