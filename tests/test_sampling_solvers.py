@@ -656,3 +656,53 @@ def test_one_step_into_clean_data_extrapolates_from_stages_at_fractions_of_u(sol
         out, _ = gf.sample(fn, path, jnp.asarray(x), prediction="x0", solver=solver,
                            schedule=jnp.array([s, t_end], jnp.float64), denoise=False)
         np.testing.assert_allclose(np.asarray(out), want, rtol=1e-7, atol=1e-8)
+
+
+
+# Round 7 of the mutation audit (a second pass over the scan solvers): documented defaults and the
+# restart level, each test failing on a bug the suite let through.
+def _x1_7b(n=8, seed=0):
+    return jax.random.normal(jax.random.key(seed), (n, 2))
+
+
+def test_heavy_ball_default_beta_is_the_documented_0_8(gauss2):
+    """dpm++2m_hb's table entry says beta=0.8: the default must be that value (a different default
+    still samples plausibly, and beta=1 is only compared with dpm++2m)."""
+    path = gf.paths.linear()
+    fn, x1 = gauss2.model(path, "x0"), _x1_7b()
+    kw = dict(prediction="x0", solver="dpm++2m_hb", steps=6, schedule="uniform")
+    x_def = gf.sample(fn, path, x1, **kw)[0]
+    x_08 = gf.sample(fn, path, x1, beta=0.8, **kw)[0]
+    x_09 = gf.sample(fn, path, x1, beta=0.9, **kw)[0]
+    assert float(jnp.max(jnp.abs(x_09 - x_08))) > 1e-3  # (beta matters at 6 steps)
+    np.testing.assert_allclose(x_def, x_08, rtol=0, atol=1e-6)
+
+
+def test_edm_heun_churn_default_s_noise_is_one(gauss2):
+    """edm_heun with churn > 0 and no s_noise adds Karras et al.'s Alg. 2 noise with S_noise = 1
+    (only edm_heun_churn's ImageNet preset sets 1.003): the default equals s_noise=1.0."""
+    path = gf.paths.vp_linear()
+    fn, x1 = gauss2.model(path, "x0"), _x1_7b()
+    kw = dict(prediction="x0", solver="edm_heun", steps=5, schedule="uniform", churn=10.0, key=jax.random.key(3))
+    x_def = gf.sample(fn, path, x1, **kw)[0]
+    x_1 = gf.sample(fn, path, x1, s_noise=1.0, **kw)[0]
+    x_2 = gf.sample(fn, path, x1, s_noise=1.01, **kw)[0]
+    assert float(jnp.max(jnp.abs(x_2 - x_1))) > 1e-5  # (s_noise is observable here)
+    np.testing.assert_allclose(x_def, x_1, rtol=0, atol=1e-7)
+
+
+def test_restart_happens_at_the_last_level_of_a_partial_solve(gauss2):
+    """Restart restarts at the grid level after the start nearest restart_interval[0] with
+    0 < sigma / alpha < restart_interval[1]; the last level of a grid ending above clean data is
+    such a level (a partial solve ending at noise level 0.06 restarts on its last step)."""
+    path = gf.paths.vp_linear()
+    level = lambda t: float(path.sigma(jnp.float32(t)) / path.alpha(jnp.float32(t)))  # noqa: E731
+    lo, hi = 1e-4, 0.9
+    for _ in range(60):  # bisection for the time of noise level 0.06
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if level(mid) < 0.06 else (lo, mid)
+    ts = np.array([1.0, 0.6, 0.35, 0.5 * (lo + hi)], np.float32)
+    x, info = gf.sample(gauss2.model(path, "x0"), path, _x1_7b(4), prediction="x0", solver="restart", schedule=ts,
+                        denoise=False, key=jax.random.key(1))
+    # 3 Heun steps (2 NFE each) + restart_times=2 restarts of restart_steps=3 Heun steps back
+    assert int(info.nfe) == 3 * 2 + 2 * 3 * 2

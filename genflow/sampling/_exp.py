@@ -197,13 +197,6 @@ def lagrange_basis(nodes: list[Array], x: Array) -> Array:
 GL_X, GL_W = np.polynomial.legendre.leggauss(8)
 
 
-def gauss_legendre(f, a: Array, b: Array) -> Array:
-    """``int_a^b f(x) dx`` by 8-point Gauss-Legendre (``f`` maps ``[8]`` nodes to ``[..., 8]``)."""
-    dt = jnp.result_type(a, b)
-    x = 0.5 * (b - a) * jnp.asarray(GL_X, dt) + 0.5 * (b + a)
-    return 0.5 * (b - a) * jnp.sum(f(x) * jnp.asarray(GL_W, dt), axis=-1)
-
-
 def combine(coef_x: Array, x: Array, coefs_d: Array, ds) -> Array:
     """``coef_x x + sum_j coefs_d[j] ds[j]`` in the dtype of ``x``."""
     out = coef_x.astype(x.dtype) * x
