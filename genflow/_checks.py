@@ -35,7 +35,7 @@ def real_or_traced(name: str, value, expected: str) -> float | None:
     """:func:`concrete_real` for the range checks that pass a traced value (``None``) unchecked,
     with a ``ValueError`` naming ``name`` and ``expected`` for a bool (Python, NumPy or a bool
     array) or a string: ``concrete_real`` reads those as unknown too, and such a check let them
-    through (``std=False`` gave -inf log-densities, ``sigma_min=True`` ran as 1)."""
+    through (``std=False`` gave NaN log-densities, ``sigma_min=True`` ran as 1)."""
     if isinstance(value, (bool, np.bool_, str, bytes)) or getattr(value, "dtype", None) == np.bool_:
         raise ValueError(f"{name} must be {expected}; got {value!r}")
     return concrete_real(value)

@@ -124,7 +124,7 @@ def test_top_level_names_route_to_their_modules():
 
 _G = lambda x, t: x  # noqa: E731
 _BOOL_FOR_A_REAL = {
-    # each ran before: std=False gave -inf log-densities, the others ran the bool as 0 or 1
+    # each ran before: std=False gave NaN log-densities, the others ran the bool as 0 or 1
     "gaussian_log_prob(std)": lambda b: gf.likelihood._ode.gaussian_log_prob(jnp.ones((2, 3)), b),
     "paths.ve(sigma_min)": lambda b: gf.paths.ve(sigma_min=b),
     "paths.edm(rho)": lambda b: gf.paths.edm(rho=b),
