@@ -665,7 +665,7 @@ class CoupledBatches:
             self.close()
             raise StopIteration
         if self._current is None or self._pos >= self.chunk:
-            item = self._queue.get()
+            item = self._next_chunk()
             if isinstance(item, BaseException):
                 self._error = item
                 self.close()
@@ -676,6 +676,23 @@ class CoupledBatches:
         self._pos += 1
         self._served += 1
         return out
+
+    def _next_chunk(self):
+        """The next prepared chunk (or the exception that stopped the thread). Waits while the
+        thread runs; a thread that ended without queueing it is an error here rather than a wait
+        that never ends (a bug in the chunk count hung the consumer, and the test suite with it)."""
+        while True:
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._thread.is_alive():
+                    continue
+            try:  # (it may have queued its last chunk just before it ended)
+                return self._queue.get_nowait()
+            except queue.Empty:
+                raise RuntimeError(f"CoupledBatches: the background thread ended without preparing the chunk "
+                                   f"of batch {self._served} (num_batches={self.num_batches}, "
+                                   f"chunk={self.chunk})") from None
 
     def close(self) -> None:
         """Stop the background thread and wait for it (at most the chunk it is preparing): a

@@ -333,6 +333,20 @@ def test_coupled_batches_are_exact_ot_of_the_independent_stream():
     np.testing.assert_array_equal(again["x1"], batches_ot[0]["x1"])
 
 
+def test_a_background_thread_that_ends_without_a_chunk_is_an_error_not_a_hang(monkeypatch):
+    """next() waited forever on the queue when the thread ended without queueing the chunk it
+    needed (a bug in the thread's chunk count hung the consumer: audit round 7's mutant O2)."""
+    monkeypatch.setattr(ot, "_work_loop", lambda *a: None)  # a thread that prepares nothing
+    stream = ot.CoupledBatches(gf.data.moons, 8, jax.random.key(0), chunk=2, prefetch=1, num_batches=4)
+    with pytest.raises(RuntimeError, match="ended without preparing the chunk of batch 0"):
+        next(stream)
+    stream.close()
+    monkeypatch.undo()  # a working thread: the last chunk, queued just before the thread ends, is served
+    stream = ot.CoupledBatches(gf.data.moons, 8, jax.random.key(0), chunk=3, prefetch=2, num_batches=4)
+    stream._thread.join()  # (ended: its two chunks wait in the queue)
+    assert len(list(stream)) == 4
+
+
 def test_coupled_batches_resume_exactly_from_their_state(tmp_path):
     # the stream had no get_state/set_state: fit saved data_state = {} and a resumed run replayed
     # the stream from its start (parameters 0.027 off an uninterrupted run)
