@@ -36,9 +36,15 @@ def real_or_traced(name: str, value, expected: str) -> float | None:
     with a ``ValueError`` naming ``name`` and ``expected`` for a bool (Python, NumPy or a bool
     array) or a string: ``concrete_real`` reads those as unknown too, and such a check let them
     through (``std=False`` gave NaN log-densities, ``sigma_min=True`` ran as 1)."""
-    if isinstance(value, (bool, np.bool_, str, bytes)) or getattr(value, "dtype", None) == np.bool_:
+    if _is_bool(value) or isinstance(value, (str, bytes)):
         raise ValueError(f"{name} must be {expected}; got {value!r}")
     return concrete_real(value)
+
+
+def _is_bool(value) -> bool:
+    """Whether ``value`` is a Python or NumPy bool or a bool array (NumPy or JAX, traced too):
+    ``float`` reads ``np.True_`` and ``jnp.asarray(True)`` as 1.0, so a real-number check must ask."""
+    return isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == np.bool_
 
 
 def is_int(value, low: int = 1, high: int | None = None) -> bool:
@@ -84,10 +90,18 @@ def check_data_batch(name: str, x, hint: str = "") -> None:
 
 def check_positive_real(name: str, value) -> None:
     """A ``ValueError`` naming ``name`` unless a concrete ``value`` is a real > 0; a traced value
-    passes (no check can see it)."""
-    v = concrete_real(value)
-    if not isinstance(value, jax.core.Tracer) and (v is None or not (v > 0.0 and math.isfinite(v))):
+    passes (no check can see it); a bool never does (``np.True_`` ran as 1.0)."""
+    v, unseen = _range_checked(value)
+    if not unseen and (v is None or not (v > 0.0 and math.isfinite(v))):
         raise ValueError(f"{name} must be a real > 0 (and finite); got {value!r}")
+
+
+def _range_checked(value) -> tuple[float | None, bool]:
+    """``(float or None, unseen)`` for a range check: ``unseen`` for a traced real (it passes),
+    ``None`` for anything that is not a real number, bools included (traced ones too)."""
+    if _is_bool(value):
+        return None, False
+    return concrete_real(value), isinstance(value, jax.core.Tracer)
 
 
 def check_finite_rows(name: str, x) -> None:
@@ -108,9 +122,10 @@ def check_finite_rows(name: str, x) -> None:
 
 def check_real_in(name: str, value, low: float, high: float) -> None:
     """A ``ValueError`` naming ``name`` unless a concrete ``value`` is a real in ``[low, high]``
-    (NaN and strings refused); a traced value passes (no check can see it)."""
-    v = concrete_real(value)
-    if not isinstance(value, jax.core.Tracer) and (v is None or not low <= v <= high):
+    (NaN, strings and bools refused: ``np.True_`` ran as 1.0); a traced value passes (no check can
+    see it)."""
+    v, unseen = _range_checked(value)
+    if not unseen and (v is None or not low <= v <= high):
         raise ValueError(f"{name} must be a float in [{low:g}, {high:g}]; got {value!r}")
 
 

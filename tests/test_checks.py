@@ -159,3 +159,44 @@ def test_a_traced_or_concrete_real_still_passes_those_checks():
     np.testing.assert_allclose(traced, gf.likelihood._ode.gaussian_log_prob(x, 2.0), rtol=1e-6)
     path = jax.jit(lambda s: gf.paths.ve(sigma_min=s, sigma_max=10.0).sigma(jnp.asarray(0.0)))(0.5)
     np.testing.assert_allclose(path, 0.5, rtol=1e-6)
+
+
+_X4 = jnp.zeros((1, 4, 4, 1))
+_BOOL_READ_AS_ONE = {
+    # float(np.True_) and float(jnp.asarray(True)) are 1.0: each of these ran the bool as 1
+    "cads(psi)": lambda b: gf.guidance.cads(_G, jnp.ones((2, 3)), jax.random.key(0), psi=b),
+    "cads(noise_scale)": lambda b: gf.guidance.cads(_G, jnp.ones((2, 3)), jax.random.key(0), noise_scale=b),
+    "prior_sample(eta)": lambda b: gf.inverse.prior_sample(_G, gf.paths.vp_cosine(), jnp.ones((2, 2)),
+                                                           prediction="x0", steps=2, key=jax.random.key(0), eta=b),
+    "w2_sinkhorn(epsilon)": lambda b: gf.metrics.w2_sinkhorn(jnp.ones((3, 2)), jnp.ones((3, 2)), epsilon=b),
+    "psnr(data_range)": lambda b: gf.metrics.psnr(_X4, _X4, data_range=b),
+    "ssim(sigma)": lambda b: gf.metrics.ssim(_X4, _X4, window=3, sigma=b),
+    "flow_objective(sigma)": lambda b: gf.flows.flow_objective(gf.flows.realnvp(2, num_steps=1, hidden=4), "dsm",
+                                                               sigma=b),
+    "load_digits(test_fraction)": lambda b: gf.data.load_digits(test_fraction=b),
+    "prior_term(t1)": lambda b: gf.likelihood.prior_term(gf.paths.vp_cosine(), jnp.ones((2, 2)), t1=b),
+    "bits_per_dim(bin_width)": lambda b: gf.likelihood.bits_per_dim(jnp.zeros(2), 4, bin_width=b),
+    "truncated_normal_time(tau)": lambda b: gf.likelihood.truncated_normal_time(gf.paths.vp_cosine(), 0.1, tau=b),
+}
+
+
+@pytest.mark.parametrize("bad", [np.True_, np.asarray(True), jnp.asarray(True)], ids=repr)
+@pytest.mark.parametrize("call", list(_BOOL_READ_AS_ONE), ids=str)
+def test_a_numpy_or_jax_bool_is_not_read_as_one_by_the_range_checks(call, bad):
+    """check_real_in and check_positive_real took float(value) of a NumPy or JAX bool, which is 1.0:
+    eta=np.True_, psi=np.True_ or test_fraction=jnp.asarray(True) passed as 1. A bool is now refused,
+    naming its argument (a Python bool was refused already)."""
+    arg = call.split("(")[1].rstrip(")")
+    with pytest.raises(ValueError, match=rf"^(cads: )?{arg} must be "):
+        _BOOL_READ_AS_ONE[call](bad)
+
+
+def test_the_range_checks_still_pass_reals_and_traced_values():
+    from genflow._checks import check_positive_real, check_real_in
+
+    for v in (0.5, np.float32(0.5), np.asarray(0.5), jnp.asarray(0.5), 1):
+        check_real_in("a", v, 0.0, 1.0)
+        check_positive_real("a", v)
+    jax.jit(lambda v: check_real_in("a", v, 0.0, 1.0) or check_positive_real("a", v) or v)(0.5)
+    with pytest.raises(ValueError, match=r"^a must be a float in \[0, 1\]; got .*bool"):
+        jax.jit(lambda v: check_real_in("a", v, 0.0, 1.0))(True)  # (a traced bool is still a bool)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from genflow._checks import check_int, check_real_in, real_or_traced
+from genflow._checks import check_int, check_real_in
 
 __all__ = ["load_digits", "image_dataset", "image_loader", "DIGITS"]
 
@@ -40,7 +40,6 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0,
         raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}")
     seed = check_int("seed", seed, 0)  # (-1 / 1.5 failed in NumPy without naming seed)
     # ("0.2" was a TypeError from '<=', True a silent 1.0: an empty train split)
-    real_or_traced("test_fraction", test_fraction, "a float in [0, 1]")  # (check_real_in lets np.True_ through)
     check_real_in("test_fraction", test_fraction, 0.0, 1.0)
     d = _load()
     x = (d.data.astype(np.float32) / 16.0) * 2.0 - 1.0
