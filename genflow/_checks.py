@@ -21,9 +21,10 @@ def flat_batch(x):
 
 
 def concrete_real(value) -> float | None:
-    """``float(value)`` for a concrete real scalar (Python, NumPy or a 0-d array; not a
-    ``bool``); ``None`` for a traced value (which no check can see) or anything else."""
-    if isinstance(value, (bool, str, bytes, jax.core.Tracer)):  # float("0.5") would pass
+    """``float(value)`` for a concrete real scalar (Python, NumPy or a 0-d array; not a bool of
+    any kind); ``None`` for a traced value (which no check can see) or anything else. (``float``
+    reads ``np.True_`` and ``jnp.asarray(True)`` as 1.0: a check that refuses ``None`` ran them as 1.)"""
+    if isinstance(value, (str, bytes, jax.core.Tracer)) or _is_bool(value):  # float("0.5") would pass
         return None
     try:
         return float(value)
@@ -99,9 +100,7 @@ def check_positive_real(name: str, value) -> None:
 def _range_checked(value) -> tuple[float | None, bool]:
     """``(float or None, unseen)`` for a range check: ``unseen`` for a traced real (it passes),
     ``None`` for anything that is not a real number, bools included (traced ones too)."""
-    if _is_bool(value):
-        return None, False
-    return concrete_real(value), isinstance(value, jax.core.Tracer)
+    return concrete_real(value), isinstance(value, jax.core.Tracer) and not _is_bool(value)
 
 
 def check_finite_rows(name: str, x) -> None:

@@ -177,17 +177,33 @@ _BOOL_READ_AS_ONE = {
     "prior_term(t1)": lambda b: gf.likelihood.prior_term(gf.paths.vp_cosine(), jnp.ones((2, 2)), t1=b),
     "bits_per_dim(bin_width)": lambda b: gf.likelihood.bits_per_dim(jnp.zeros(2), 4, bin_width=b),
     "truncated_normal_time(tau)": lambda b: gf.likelihood.truncated_normal_time(gf.paths.vp_cosine(), 0.1, tau=b),
+    # the checks that ask concrete_real directly (a bool is not a real: None, refused)
+    "sample(eta)": lambda b: gf.sample(_G, gf.paths.linear(), jnp.ones((2, 2)), prediction="velocity", solver="ddim",
+                                       steps=2, eta=b, key=jax.random.key(0)),
+    "sample(churn)": lambda b: gf.sample(_G, gf.paths.linear(), jnp.ones((2, 2)), prediction="velocity",
+                                         solver="edm_heun", steps=2, churn=b, key=jax.random.key(0)),
+    "sample(rtol)": lambda b: gf.sample(_G, gf.paths.linear(), jnp.ones((2, 2)), prediction="velocity",
+                                        solver="tsit5", rtol=b),
+    "time_grid(rho)": lambda b: gf.sampling.time_grid(gf.paths.edm(), 4, schedule="karras", rho=b),
+    "log_prob(t_max)": lambda b: gf.log_prob(_G, gf.paths.linear(), jnp.ones((2, 2)), prediction="velocity",
+                                             t_max=b),
+    "ode_log_prob(t1)": lambda b: gf.likelihood.ode_log_prob(_G, jnp.ones((2, 2)), t1=b, log_prior=jnp.sum),
+    "solve_assignment(eps)": lambda b: gf.ot.solve_assignment(np.ones((3, 3)), eps=b),
+    "lr_schedule(learning_rate)": lambda b: gf.train.lr_schedule(b),
+    "langevin_correct(snr)": lambda b: gf.sampling.langevin_correct(
+        gf.sampling.Model(_G, gf.paths.linear(), "velocity"), jnp.ones((2, 2)), 0.5, jax.random.key(0), snr=b),
 }
 
 
 @pytest.mark.parametrize("bad", [np.True_, np.asarray(True), jnp.asarray(True)], ids=repr)
 @pytest.mark.parametrize("call", list(_BOOL_READ_AS_ONE), ids=str)
 def test_a_numpy_or_jax_bool_is_not_read_as_one_by_the_range_checks(call, bad):
-    """check_real_in and check_positive_real took float(value) of a NumPy or JAX bool, which is 1.0:
-    eta=np.True_, psi=np.True_ or test_fraction=jnp.asarray(True) passed as 1. A bool is now refused,
-    naming its argument (a Python bool was refused already)."""
+    """concrete_real (and so check_real_in, check_positive_real and every check that refuses what it
+    cannot read as a real) took float(value) of a NumPy or JAX bool, which is 1.0: eta=np.True_,
+    psi=np.True_ or test_fraction=jnp.asarray(True) ran as 1. A bool is now refused, naming its
+    argument (a Python bool was refused already)."""
     arg = call.split("(")[1].rstrip(")")
-    with pytest.raises(ValueError, match=rf"^(cads: )?{arg} must be "):
+    with pytest.raises(ValueError, match=rf"^(cads: |solver '\w+': option )?{arg} must be "):
         _BOOL_READ_AS_ONE[call](bad)
 
 

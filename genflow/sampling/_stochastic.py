@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from genflow._checks import check_int, concrete_real, flat_batch
+from genflow._checks import check_int, flat_batch, real_or_traced
 from genflow.sampling._driver import Stepper, x_init
 from genflow.sampling._exp import finite_or, sqrt0
 
@@ -47,7 +47,7 @@ def langevin_correct(model, x: Array, t, key: Array, *, snr: float = 0.16, steps
         raise TypeError(f"model must be a gf.sampling.Model(fn, path, prediction); got {type(model).__name__}")
     steps = check_int("steps", steps, 0)  # (-1 failed in MLIR, 2.5 as a bare TypeError)
     for name, value in (("snr", snr), ("alpha_ratio", alpha_ratio)):  # (-1 / NaN gave all-NaN samples silently)
-        v = concrete_real(value)  # (None for a traced value: it passes, as a jax.Array)
+        v = real_or_traced(name, value, "a finite real >= 0")  # (None for a traced value: it passes, as a jax.Array)
         if v is not None and not (math.isfinite(v) and v >= 0.0) or v is None and not isinstance(value, jax.Array):
             raise ValueError(f"{name} must be a finite real >= 0; got {value!r}")
 
