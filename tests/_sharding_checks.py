@@ -227,4 +227,7 @@ for name, call in searches.items():
         except Exception as e:  # noqa: BLE001 (reported, asserted on by the test)
             schedules[name + how] = f"{type(e).__name__}: {str(e)[:200]}"
 report["schedules_explicit"] = schedules
+# single process: a mesh smaller than the device count takes the first data * fsdp devices
+small = gf.train.make_mesh(1, 2)
+report["small_mesh"] = [dict(small.shape), sorted(d.id for d in small.devices.flat)]
 print("REPORT " + json.dumps(report))

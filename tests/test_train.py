@@ -1185,3 +1185,22 @@ def test_diffusion_objective_dropout_key_is_fresh_each_step():
         loss_fn({}, x0, key)
         np.testing.assert_array_equal(seen[-1], jax.random.key_data(jax.random.fold_in(key, 2)))
     assert not np.array_equal(seen[0], seen[-1])
+
+
+def test_lr_schedule_edges_of_its_documented_ranges():
+    """Audit round 8: a one-step warm-up starts at rate 0 (a `warmup_steps <= 1` shortcut skipped it),
+    end_factor=1 (closed range) keeps the rate, decay_steps == warmup_steps is refused by name (optax
+    said 'requires positive decay_steps'), clip_norm=0 is refused (it zeroed every update), and the
+    optimizers that take a float rate refuse decay_steps alone (it was dropped silently)."""
+    s = gf.train.lr_schedule(1e-3, warmup_steps=1)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 1, 5)], [0.0, 1e-3, 1e-3], rtol=1e-6)
+    s = gf.train.lr_schedule(1e-3, warmup_steps=2, decay_steps=10, end_factor=1.0)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 1, 2, 6, 10, 20)], [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match=r"decay_steps \(10\) must exceed warmup_steps \(10\)"):
+        gf.train.lr_schedule(1e-3, warmup_steps=10, decay_steps=10)
+    with pytest.raises(ValueError, match="clip_norm must be a finite real > 0"):
+        gf.train.make_optimizer(1e-2, name="sgd", clip_norm=0.0)
+    for name in ("sm3", "rprop", "optimistic_adam"):
+        with pytest.raises(ValueError, match=f"optimizer '{name}' takes a float learning rate, not a schedule"):
+            gf.train.make_optimizer(1e-2, name=name, decay_steps=10)
