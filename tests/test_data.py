@@ -523,3 +523,28 @@ def test_image_records_scale_by_their_dtype_and_name_unknown_splits(monkeypatch)
     # (read as "cannot be read without downloading: prepare it first", for a prepared dataset)
     with pytest.raises(ValueError, match="split 'test' is not a split of tfds dataset 'mnist'"):
         gf.data.image_dataset("mnist", "test")
+
+
+def test_center_crop_resize_is_an_area_average():
+    """_center_crop_resize: "area (box) resampling": a 6x6 image resized to 3x3 is the mean of
+    its 2x2 blocks (to PIL's integer rounding); a bilinear resize is off by up to ~30 here."""
+    from genflow.data._images import _center_crop_resize
+
+    img = (np.arange(36).reshape(6, 6) ** 2 % 251).astype(np.uint8)[..., None]
+    out = _center_crop_resize(img, 3)[..., 0].astype(np.float64)
+    np.testing.assert_allclose(out, img[..., 0].reshape(3, 2, 3, 2).mean((1, 3)), atol=1.0)
+
+
+def test_tfds_images_of_variable_height_only_need_image_size(monkeypatch):
+    """image_dataset refuses images with any variable spatial size (H or W None) without
+    image_size, not only (None, None, C)."""
+    import types
+
+    import tensorflow_datasets as tfds
+
+    for shape in ((None, 28, 3), (28, None, 3)):
+        info = types.SimpleNamespace(features={"image": types.SimpleNamespace(shape=shape)})
+        src = types.SimpleNamespace(dataset_info=info)
+        monkeypatch.setattr(tfds, "data_source", lambda name, split, _src=src, **kw: _src)
+        with pytest.raises(ValueError, match="have variable sizes"):
+            gf.data.image_dataset("fake", "train")

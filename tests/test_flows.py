@@ -953,3 +953,25 @@ def test_flow_objective_draws_the_loss_noise_independently_of_the_dequantization
     params = flow.init(jax.random.key(1), x)
     F.flow_objective(flow, "dsm", dequantize=1.0)(params, x, jax.random.key(2))
     assert not np.array_equal(jax.random.key_data(keys["deq"]), jax.random.key_data(keys["dsm"]))
+
+
+def test_layer_log_dets_are_float32_for_bfloat16_inputs():
+    """Log-determinants are float32 or wider (as ActNorm's and the 1x1 conv's), also the zero ones of
+    volume-preserving layers and of an empty Chain, for bfloat16 data."""
+    F = gf.flows
+    x = jnp.ones((2, 4, 4, 2), jnp.bfloat16)
+    assert F.Squeeze().forward({}, x)[1].dtype == jnp.float32
+    assert F.Unsqueeze().inverse({}, x)[1].dtype == jnp.float32
+    assert F.Chain(()).forward((), x)[1].dtype == jnp.float32
+    assert all(a.dtype == jnp.float32 for a in F.Chain(()).forward_split((), x)[1:])
+    add = F.AdditiveCoupling(hidden=4)
+    assert add.forward(add.init(jax.random.key(0), x), x)[1].dtype == jnp.float32
+
+
+def test_chain_init_draws_each_layer_with_its_own_key():
+    """Chain.init splits its key per layer: two 1x1 convolutions of a chain start at different random
+    rotations (one key for all gave every Glow step the same rotation and conditioner weights)."""
+    F = gf.flows
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    p = F.Chain((F.Invertible1x1Conv(lu=False), F.Invertible1x1Conv(lu=False))).init(jax.random.key(1), x)
+    assert float(jnp.abs(p[0]["w"] - p[1]["w"]).max()) > 1e-3

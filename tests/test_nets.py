@@ -798,3 +798,143 @@ def test_unet_time_embedding_mlp_has_a_silu_between_its_dense_layers():
     np.testing.assert_allclose(first, emb @ q["Dense_1"]["kernel"] + q["Dense_1"]["bias"], rtol=1e-4, atol=1e-5)
     silu = first / (1 + np.exp(-first))
     np.testing.assert_allclose(second, silu @ q["Dense_0"]["kernel"] + q["Dense_0"]["bias"], rtol=1e-4, atol=1e-5)
+
+
+def test_res_block_group_norm_uses_at_most_32_groups():
+    """_groups: min(32, C // 4) groups (score_sde): on 256 channels, 32 groups of 8 channels, each
+    normalised to zero mean and unit variance (at init: GroupNorm's scale 1, bias 0)."""
+    x = jax.random.normal(jax.random.key(0), (2, 2, 2, 256)) * jnp.linspace(0.5, 3.0, 256) + jnp.linspace(-2, 2, 256)
+    temb = jnp.zeros((2, 8))
+    blk = gf.nets.ResBlock(out_ch=256)
+    p = blk.init(jax.random.key(1), x, temb)
+    _, st = blk.apply(p, x, temb, capture_intermediates=True)
+    g = np.asarray(st["intermediates"]["GroupNorm_0"]["__call__"][0], np.float64).reshape(2, 4, 32, 8)
+    np.testing.assert_allclose(g.mean((1, 3)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(g.var((1, 3)), 1.0, rtol=1e-3)
+
+
+def test_unet_output_conv_reads_silu_of_the_last_group_norm():
+    """UNet: out = Conv(silu(GN(h))) (DDPM++): every input of the output conv is >= min silu = -0.2785,
+    and equals silu of the last GroupNorm's output."""
+    net = gf.nets.UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+    x, t = jax.random.normal(jax.random.key(0), (2, 4, 4, 1)), jnp.array([0.2, 0.7])
+    p = net.init(jax.random.key(1), x, t)
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.module.name == "out":
+            seen["in"] = np.asarray(args[0])
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.GroupNorm) and context.module.parent is not None \
+                and isinstance(context.module.parent, gf.nets.UNet):
+            seen["gn"] = np.asarray(out)  # the last top-level GroupNorm call wins
+        return out
+
+    with nn.intercept_methods(record):
+        net.apply(p, x, t)
+    gn = seen["gn"]
+    assert gn.min() < -0.5  # (standardised: plenty below silu's minimum)
+    np.testing.assert_allclose(seen["in"], gn / (1 + np.exp(-gn)), rtol=1e-5, atol=1e-6)
+
+
+def test_unet_resampling_convs_are_3x3():
+    """resample_with_conv=True: a 3x3 conv after the nearest upsampling and a 3x3 stride-2 conv
+    down (the UNet's own Conv layers: the input conv, one down, one up, and the 3x3 output conv)."""
+    net = gf.nets.UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
+    p = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))["params"]
+    convs = {k: v["kernel"].shape for k, v in p.items() if k.startswith("Conv") or k == "out"}
+    assert sorted(convs) == ["Conv_0", "Conv_1", "Conv_2", "out"], convs
+    assert all(s[:2] == (3, 3) for s in convs.values()), convs
+
+
+def test_unet_attention_resolutions_are_read_off_the_feature_map_height():
+    """attn_resolutions are H of the feature map (UNet's docstring): on 8x16 inputs with
+    ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), the 4x8 level has attention after
+    its 1 + 2 residual blocks, plus the middle one: 4 (reading W instead gave 3)."""
+    net = gf.nets.UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+    p = net.init(jax.random.key(0), jnp.zeros((1, 8, 16, 1)), jnp.zeros((1,)))
+    assert sum(k.startswith("AttnBlock_") for k in p["params"]) == 4
+
+
+def test_unet_label_embedding_is_added_to_the_time_embedding():
+    """UNet's docstring: labels are embedded and *added* to the time embedding; the temb each
+    residual block receives is Dense(silu(Dense(sinusoidal(t)))) + label_embed[y] (random parameters)."""
+    net = gf.nets.UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_classes=3)
+    x, t, y = jnp.zeros((2, 4, 4, 1)), jnp.array([0.2, 0.7]), jnp.array([0, 3])
+    p = net.init(jax.random.key(0), x, t, y)
+    leaves, tdef = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    p = jax.tree.unflatten(tdef, [jax.random.normal(k, l.shape) * 0.5 for k, l in zip(keys, leaves)])
+    temb = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, gf.nets.ResBlock) and context.method_name == "__call__":
+            temb.append(np.asarray(args[1]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        _, st = net.apply(p, x, t, y, capture_intermediates=True)
+    time_part = np.asarray(st["intermediates"]["Dense_0"]["__call__"][0])  # (the outer time Dense)
+    label_part = np.asarray(p["params"]["label_embed"]["embedding"])[np.asarray(y)]
+    assert np.abs(label_part).min() > 0
+    np.testing.assert_allclose(temb[0], time_part + label_part, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_label_embedding_has_class_dim_features():
+    """MLP: labels are embedded in class_dim features (not time_dim: the defaults are both 64)."""
+    m = gf.nets.MLP(hidden=(4,), time_dim=6, num_classes=3, class_dim=5)
+    x, t = jnp.ones((2, 2)), jnp.zeros(2)
+    p = m.init(jax.random.key(0), x, t, jnp.array([0, 1]))["params"]
+    assert p["Embed_0"]["embedding"].shape == (4, 5)
+    assert p["Dense_0"]["kernel"].shape == (2 + 6 + 5, 4)
+
+
+def test_mlp_output_layer_computes_in_the_given_dtype():
+    """MLP(dtype=bfloat16): every layer computes in bfloat16, the output layer too (parameters stay
+    float32; the returned array is in x's dtype)."""
+    m = gf.nets.MLP(hidden=(8,), time_dim=4, dtype=jnp.bfloat16)
+    x, t = jax.random.normal(jax.random.key(0), (3, 2)), jnp.array([0.1, 0.5, 0.9])
+    p = m.init(jax.random.key(1), x, t)
+    out, st = m.apply(p, x, t, capture_intermediates=True)
+    assert st["intermediates"]["Dense_1"]["__call__"][0].dtype == jnp.bfloat16
+    assert out.dtype == jnp.float32
+
+
+def test_model_fn_static_options_are_part_of_its_identity_under_jit():
+    """model_fn binds static keywords into the callable: two model_fns differing only in a static
+    option are different functions to jit (an __eq__ that ignored them reused the first's compiled
+    program for the second)."""
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x, t, mode="plus"):
+            return x + 1.0 if mode == "plus" else x - 1.0
+
+    m = M()
+    x = jnp.zeros((2, 2))
+    p = m.init(jax.random.key(0), x, 0.0)
+    run = jax.jit(lambda fn, x: fn(x, 0.5))
+    np.testing.assert_array_equal(run(gf.nets.model_fn(m, p, mode="plus"), x), 1.0)
+    np.testing.assert_array_equal(run(gf.nets.model_fn(m, p, mode="minus"), x), -1.0)
+
+
+def test_nets_take_a_length_1_t_for_the_whole_batch():
+    """t of shape [1] is one time for the whole batch, as a scalar is (labels are broadcast "as t")."""
+    m = gf.nets.MLP(hidden=(8,))
+    x = jax.random.normal(jax.random.key(0), (3, 2))
+    p = m.init(jax.random.key(1), x, jnp.zeros(3))
+    np.testing.assert_array_equal(m.apply(p, x, jnp.array([0.4])), m.apply(p, x, 0.4))
+
+
+def test_mlp_uses_the_requested_time_embedding():
+    """MLP(time_embedding=...): "identity" feeds t itself (one feature, time_dim ignored); "fourier"
+    feeds TimeEmbedding(time_dim, "fourier")(t) (checked against the first layer with its parameters)."""
+    x, t = jax.random.normal(jax.random.key(0), (3, 2)), jnp.array([0.1, 0.5, 0.9])
+    ident = gf.nets.MLP(hidden=(4,), time_embedding="identity", time_dim=6)
+    assert ident.init(jax.random.key(1), x, t)["params"]["Dense_0"]["kernel"].shape == (2 + 1, 4)
+    m = gf.nets.MLP(hidden=(4,), time_embedding="fourier", time_dim=6)
+    p = m.init(jax.random.key(1), x, t)
+    _, st = m.apply(p, x, t, capture_intermediates=True)
+    emb = gf.nets.TimeEmbedding(6, "fourier").apply({}, t)
+    q = p["params"]["Dense_0"]
+    want = np.concatenate([np.asarray(x), np.asarray(emb)], -1) @ np.asarray(q["kernel"]) + np.asarray(q["bias"])
+    np.testing.assert_allclose(st["intermediates"]["Dense_0"]["__call__"][0], want, rtol=1e-5, atol=1e-5)
