@@ -863,3 +863,73 @@ def test_options_that_the_checkpointer_sets_itself_are_refused_by_name(tmp_path)
             gf.train.Checkpointer(str(tmp_path / name), save_every=2, **{name: 1})
     with gf.train.Checkpointer(str(tmp_path / "ok"), save_every=2, create=True) as ckpt:
         assert ckpt.manager._options.create
+
+
+def _sgd_state():
+    return gf.train.init_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(0))
+
+
+def test_a_save_without_the_tracked_metric_never_ranks_best_in_max_mode(tmp_path):
+    """best_mode='max': a save without the metric ranks worst (-inf), so the real best is kept."""
+    state = _sgd_state()
+    with gf.train.Checkpointer(str(tmp_path / "ckpt"), save_every=1, keep=1, best_metric="acc", best_mode="max",
+                               async_save=False) as ckpt:
+        for s, m in ((1, {"acc": 5.0}), (2, None), (3, {"acc": 1.0}), (4, {"acc": 0.0})):
+            ckpt.save(state.replace(step=jnp.int32(s)), metrics=m)
+            ckpt.wait()
+        assert ckpt.all_steps() == [1, 4] and ckpt.best_step() == 1
+
+
+def test_best_step_ties_go_to_the_later_step_and_no_metrics_give_none(tmp_path):
+    state = _sgd_state()
+    with gf.train.Checkpointer(str(tmp_path / "a"), save_every=1, keep=5, async_save=False) as ckpt:
+        for s in (1, 2):
+            ckpt.save(state.replace(step=jnp.int32(s)), metrics={"loss": 1.0})
+        ckpt.wait()
+        assert ckpt.best_step() == 2
+    with gf.train.Checkpointer(str(tmp_path / "b"), save_every=1, keep=5, async_save=False) as ckpt:
+        for s in (1, 2):
+            ckpt.save(state.replace(step=jnp.int32(s)))  # no metrics at all
+        ckpt.wait()
+        assert ckpt.best_step() is None
+
+
+def test_a_checkpoint_of_step_zero_is_restored(tmp_path):
+    """Step 0 is a save step like any other: restore(step=0) reads it (not the latest), and
+    restore_or resumes from it when it is the only one."""
+    state = _sgd_state()
+    with gf.train.Checkpointer(str(tmp_path / "a"), save_every=1, keep=5, async_save=False) as ckpt:
+        ckpt.save(state.replace(params={"w": jnp.full(2, 7.0)}))
+        ckpt.wait()
+        got, data_state = ckpt.restore_or(state)
+        assert data_state == {} and float(got.params["w"][0]) == 7.0
+        ckpt.save(state.replace(step=jnp.int32(2), params={"w": jnp.full(2, 9.0)}))
+        ckpt.wait()
+        got, _ = ckpt.restore(state, step=0)
+        assert int(got.step) == 0 and float(got.params["w"][0]) == 7.0
+
+
+def test_an_rbg_key_round_trips_through_a_checkpoint(tmp_path):
+    state = gf.train.init_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(3, impl="rbg"))
+    with gf.train.Checkpointer(str(tmp_path / "a"), save_every=1, async_save=False) as ckpt:
+        ckpt.save(state.replace(step=jnp.int32(1)))
+        ckpt.wait()
+        got, _ = ckpt.restore(state)
+    assert jax.random.key_impl(got.rng) == jax.random.key_impl(state.rng)
+    np.testing.assert_array_equal(jax.random.key_data(got.rng), jax.random.key_data(state.rng))
+
+
+def test_checkpoint_metrics_are_the_step_metrics_without_finite(tmp_path):
+    """The metrics saved with a checkpoint are the means of loss, grad_norm and the scalar aux;
+    'finite' is the guard's flag, not a metric (best_metric='finite' is refused by name)."""
+    opt = optax.sgd(0.1)
+    step = gf.train.make_train_step(lambda p, b, k: (jnp.mean((p["w"] - b) ** 2), {"aux": jnp.float32(2.0)}), opt)
+    state = gf.train.init_state({"w": jnp.full(2, 3.0)}, opt, jax.random.key(0))
+    with gf.train.Checkpointer(str(tmp_path / "a"), save_every=2, keep=10, async_save=False) as ckpt:
+        gf.train.fit(state, step, lambda k: jnp.zeros(2), 2, progress=False, checkpointer=ckpt)
+        ckpt.wait()
+        assert set(ckpt.manager.metrics(2)) == {"loss", "grad_norm", "aux"}
+    state = gf.train.init_state({"w": jnp.full(2, 3.0)}, opt, jax.random.key(0))
+    with gf.train.Checkpointer(str(tmp_path / "b"), save_every=2, best_metric="finite", best_mode="max") as ckpt:
+        with pytest.raises(ValueError, match="best_metric"):
+            gf.train.fit(state, step, lambda k: jnp.zeros(2), 2, progress=False, checkpointer=ckpt)

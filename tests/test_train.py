@@ -1204,3 +1204,63 @@ def test_lr_schedule_edges_of_its_documented_ranges():
     for name in ("sm3", "rprop", "optimistic_adam"):
         with pytest.raises(ValueError, match=f"optimizer '{name}' takes a float learning rate, not a schedule"):
             gf.train.make_optimizer(1e-2, name=name, decay_steps=10)
+
+
+def test_a_non_finite_step_leaves_the_rng_untouched_too():
+    """'leaves the state untouched': a skipped step must not advance the PRNG key either (a run
+    resumed from e.state would otherwise draw other noise than the one that failed)."""
+    opt = optax.sgd(0.1)
+    state = gf.train.init_state({"w": jnp.ones(3)}, opt, jax.random.key(0))
+    new, m = jax.jit(gf.train.make_train_step(_scaled_lsq, opt))(state, jnp.full((4, 3), jnp.nan))
+    assert not bool(m["finite"])
+    np.testing.assert_array_equal(jax.random.key_data(new.rng), jax.random.key_data(state.rng))
+    assert int(new.step) == 0
+
+
+def test_grad_accumulation_keeps_the_dtypes_of_a_bfloat16_loss_and_state():
+    """grad_accum=k averages in float32 but hands back the loss's and gradients' own dtypes: a
+    bfloat16 model's Adam state stays bfloat16 (a float32 mean changed the scan carry's type)."""
+    def loss(p, batch, key):
+        return jnp.mean((p["w"].astype(jnp.float32) * batch - 1.0) ** 2).astype(jnp.bfloat16), {}
+
+    opt = optax.adam(1e-2)
+    state = gf.train.init_state({"w": jnp.ones(3, jnp.bfloat16)}, opt, jax.random.key(0))
+    step = gf.train.make_train_step(loss, opt, grad_accum=2)
+    new, m = jax.jit(step)(state, jnp.ones((4, 3)))
+    assert m["loss"].dtype == jnp.bfloat16
+    assert [x.dtype for x in jax.tree.leaves(new.opt_state)] == [x.dtype for x in jax.tree.leaves(state.opt_state)]
+    state, hist = gf.train.fit(state, step, lambda key: jnp.ones((4, 3)), 4, chunk_size=2, progress=False)
+    assert int(state.step) == 4 and hist["loss"].shape == (4,)
+
+
+def test_init_state_refuses_an_ema_decay_of_zero():
+    """ema_decays must lie in the open interval (0, 1)."""
+    with pytest.raises(ValueError, match="ema_decays"):
+        gf.train.init_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(0), ema_decays=(0.0,))
+
+
+def test_the_step_counter_is_int32():
+    """TrainState.step: an int32 scalar (a float32 counter stops counting at 2**24 steps)."""
+    opt = optax.sgd(0.1)
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    assert state.step.dtype == jnp.int32 and state.step.shape == ()
+    new, _ = jax.jit(gf.train.make_train_step(_scaled_lsq, opt))(state, jnp.ones((4, 3)))
+    assert new.step.dtype == jnp.int32 and int(new.step) == 1
+
+
+def test_fit_reads_exactly_num_steps_host_batches_with_a_shorter_last_chunk():
+    """'never past num_steps batches': 5 steps at chunk_size=2 read 5 batches (an iterator of
+    exactly 5 suffices, and a longer one is left at its 6th)."""
+    opt = optax.sgd(0.1)
+    step = gf.train.make_train_step(_scaled_lsq, opt)
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    state, hist = gf.train.fit(state, step, iter([np.ones((4, 3), np.float32)] * 5), 5, chunk_size=2, progress=False)
+    assert int(state.step) == 5 and hist["loss"].shape == (5,)
+    it = iter([np.full((4, 3), i, np.float32) for i in range(8)])
+    state = gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    gf.train.fit(state, step, it, 5, chunk_size=2, progress=False)
+    assert float(next(it)[0, 0]) == 5.0
+
+
+def _scaled_lsq(p, batch, key):
+    return jnp.mean((p["w"] * batch - 1.0) ** 2), {}
