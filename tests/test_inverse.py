@@ -1443,3 +1443,17 @@ def test_random_inpainting_keeps_the_fraction_keep_of_whole_pixels():
     mc = np.asarray(inv.random_inpainting(jax.random.key(0), shape, keep=0.2, per_channel=True).mask)
     assert abs(mc.mean() - 0.2) < 0.02
     assert (mc != mc[..., :1]).any()  # per_channel: channels drawn independently
+
+
+def test_kernel_blur_centres_an_even_kernel_at_kh_2_kw_2():
+    """Documented centring (kh // 2, kw // 2), for an even 2 x 2 kernel too: (A x)[i, j] =
+    sum k[m, n] x[i - m + 1, j - n + 1] mod (H, W) (the odd-kernel test cannot tell (kh - 1) // 2)."""
+    H, W = 6, 7
+    k = np.array([[1.0, 2.0], [3.0, 5.0]])
+    x = np.asarray(jax.random.normal(jax.random.key(0), (1, H, W, 1)), np.float64)
+    ref = np.zeros((H, W))
+    for i in range(H):
+        for j in range(W):
+            ref[i, j] = sum(k[m, n] * x[0, (i - m + 1) % H, (j - n + 1) % W, 0] for m in range(2) for n in range(2))
+    y = gf.inverse.kernel_blur((H, W), k, normalize=False)(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(y)[0, :, :, 0], ref, atol=1e-5)

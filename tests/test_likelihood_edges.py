@@ -345,3 +345,116 @@ def test_a_solve_cut_off_at_max_steps_raises_under_jit_even_with_its_info_discar
     assert int(gf.flows.cnf_log_prob(model.apply, params, x1, max_steps=5)[1].num_steps) <= 5  # (forward fits)
     with pytest.raises(Exception, match="maximum number of solver steps"):
         jax.block_until_ready(jax.grad(loss)(params, 5))
+
+
+def _two_dim_gaussian():
+    return gf.oracles.Gaussian.diagonal(jnp.array([1.0, -1.0]), jnp.array([0.5, 0.2]))
+
+
+def test_log_prob_memo_of_its_checks_is_keyed_by_t_max():
+    """The eager checks are memoised under (path, t_min, t_max, kind): a call at t_max=0.999 must not
+    let a later eps call at t_max=1 on the linear path (alpha = 0 there) skip its refusal."""
+    path = gf.paths.linear()
+    fn, x = _two_dim_gaussian().model(path, "eps"), jnp.ones((4, 2))
+    gf.log_prob(fn, path, x, prediction="eps", solver="heun", steps=4, t_max=0.999)
+    with pytest.raises(ValueError, match="cannot be converted to a velocity"):
+        gf.log_prob(fn, path, x, prediction="eps", solver="heun", steps=4, t_max=1.0)
+
+
+def test_log_prob_refuses_a_score_model_where_alpha_is_zero():
+    """'Eps / score models on a path with alpha(t_max) = 0 need t_max < 1' (a score model too, not only eps)."""
+    path = gf.paths.linear()
+    with pytest.raises(ValueError, match="cannot be converted to a velocity"):
+        gf.log_prob(_two_dim_gaussian().model(path, "score"), path, jnp.ones((4, 2)), prediction="score", solver="heun", steps=4)
+
+
+def test_log_prob_of_bfloat16_data_uses_the_float32_prior_std():
+    """The solve runs in float32 for bfloat16 x; the default prior N(0, sigma(t_max)^2) must take
+    t_max in float32 too (bfloat16 rounds t_max=0.99 to 0.988): the same points given as bfloat16
+    or as float32 have the same log-density."""
+    path = gf.paths.linear()
+    g = _two_dim_gaussian()
+    fn = g.model(path, "velocity")
+    x = g.sample(jax.random.key(0), 4).astype(jnp.bfloat16)
+    kw = dict(prediction="velocity", solver="heun", steps=16, t_max=0.99)
+    a, _ = gf.log_prob(fn, path, x, **kw)
+    b, _ = gf.log_prob(fn, path, x.astype(jnp.float32), **kw)
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=1e-4)
+
+
+def test_log_prob_reads_rtol_and_atol_as_named():
+    """The adaptive tolerance is atol + rtol |y| (per sample). On data of scale ~100 a tight rtol with
+    atol=1e-2 must be the more accurate (and longer) solve than rtol=1e-2 with a tight atol."""
+    path = gf.paths.linear()
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.array([100.0, 50.0]))
+    x = g.sample(jax.random.key(0), 8)
+    exact = g.log_prob(x, 0.0, path)
+    runs = {}
+    for rtol, atol in ((1e-9, 1e-2), (1e-2, 1e-9)):
+        lp, info = gf.log_prob(g.model(path, "velocity"), path, x, prediction="velocity", t_min=0.0, rtol=rtol,
+                               atol=atol)
+        runs[rtol] = (int(info.num_steps), float(jnp.max(jnp.abs(lp - exact))))
+    assert runs[1e-9][0] > runs[1e-2][0], runs
+    assert runs[1e-9][1] < runs[1e-2][1], runs
+
+
+def test_uniform_time_sampling_weight_covers_the_interval_from_t_min():
+    """sample_time's contract E[w] = 1/2 (lambda(t_min) - lambda(t_max)) for "uniform" on an interval
+    away from 0 (at t_min=1e-3 a weight scaled by t_max instead of t_max - t_min passed)."""
+    path = gf.paths.vp_linear()
+    exact = 0.5 * float(path.log_snr(jnp.asarray(0.4)) - path.log_snr(jnp.asarray(0.9)))
+    t, w = gf.likelihood.sample_time(jax.random.key(0), 4096, path, 0.4, 0.9, "uniform", stratified=True)
+    assert float(t.min()) >= 0.4 and float(t.max()) <= 0.9
+    np.testing.assert_allclose(float(jnp.mean(w)), exact, rtol=2e-3)
+
+
+def test_vdm_elbo_with_num_t_draws_keeps_each_example_in_its_own_row():
+    """Row k B + i of the tiled batch is example i: with the same key, changing example 1 must not
+    change example 0's reconstruction, prior or diffusion estimate (a [B, num_t] reshape mixed them)."""
+    path = gf.paths.vp_cosine()
+    fn = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.full(2, 0.6)).model(path, "eps")
+    levels = jnp.linspace(-1.0, 1.0, 17)
+    parts = []
+    for other in ([1.0, -1.0], [-0.5, 0.5]):
+        x = jnp.array([[0.0, 0.5], other])
+        _, p = gf.likelihood.vdm_elbo(fn, path, x, jax.random.key(3), prediction="eps", levels=levels, num_t=2,
+                                      t_min=0.3)
+        parts.append({k: float(v[0]) for k, v in p.items()})
+    for k in parts[0]:
+        np.testing.assert_allclose(parts[0][k], parts[1][k], rtol=1e-6, err_msg=k)
+
+
+def test_diffusion_term_calls_the_model_with_float64_times_under_x64():
+    """float64 data keeps float64 times (the times were drawn in float32, then widened)."""
+    prev = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        path = gf.paths.vp_cosine()
+        model = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.full(2, 0.6)).model(path, "eps")
+        seen = []
+
+        def fn(z, t):
+            seen.append(t.dtype)
+            return model(z, t)
+
+        d = gf.likelihood.diffusion_term(fn, path, jnp.ones((4, 2), jnp.float64), jax.random.key(0),
+                                         prediction="eps", t_min=1e-3)
+        assert seen == [jnp.float64] and d.dtype == jnp.float64, (seen, d.dtype)
+    finally:
+        jax.config.update("jax_enable_x64", prev)
+
+
+def test_likelihood_loss_divides_by_every_feature_of_an_image():
+    """'In nats per dimension': D is the product of all feature axes of [B, H, W, C] data, not C."""
+    path = gf.paths.vp_cosine()
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(12), jnp.full(12, 0.6))
+    flat = g.model(path, "eps")
+
+    def fn(z, t):
+        return flat(z.reshape(z.shape[0], -1), t).reshape(z.shape)
+
+    x = g.sample(jax.random.key(0), 4).reshape(4, 2, 2, 3)
+    _, info = gf.likelihood.likelihood_loss(fn, path, x, jax.random.key(1), t_min=1e-3)
+    ref = gf.likelihood.diffusion_term(fn, path, x, jax.random.key(1), prediction="eps", t_min=1e-3,
+                                       stratified=True) / 12
+    np.testing.assert_allclose(info["per_example"], ref, rtol=1e-6)
