@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genflow._checks import check_int, concrete_real, flat_batch, real_or_traced
+from genflow._checks import check_int, concrete_real, flat_batch
 from genflow._precision import matmul, wide as _wide
 
 Array = jax.Array
@@ -263,7 +263,7 @@ class Blur(Operator):
     def __post_init__(self):
         # (rcond is static, so this also holds when JAX unflattens the pytree) rcond >= 1 or NaN kept
         # no frequency and a negative one every frequency: pinv silently 0, or 1/K on K ~ 0
-        r = real_or_traced(f"{self.name}: rcond", self.rcond, "a float in [0, 1)")
+        r = concrete_real(self.rcond)  # (None for a bool: np.True_ ran as 1.0)
         if r is None or not 0.0 <= r < 1.0:
             raise ValueError(f"{self.name}: rcond must be a float in [0, 1); got {self.rcond!r}")
         object.__setattr__(self, "rcond", r)  # (a concrete JAX / NumPy scalar as a Python float: static, hashable)

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from genflow import _memo, param
-from genflow._checks import check_bool, check_int, concrete_real, flat_batch, real_or_traced
+from genflow._checks import check_bool, check_int, concrete_real, flat_batch
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
 from genflow.sampling._diffrax import explicit_as_auto_placement, on_auto_axes
@@ -495,7 +495,7 @@ def calibration_batch(fn: Callable[[Array, Array], Array], path: Path, pool: Arr
     size = check_int("size", size, 1)
     if pool.ndim < 1 or pool.shape[0] < size:
         raise ValueError(f"pool must hold at least size={size} samples [P, ...]; got shape {pool.shape}")
-    h = real_or_traced("hard", hard, "a fraction in [0, 1]")  # (a string failed as "'<=' not supported")
+    h = concrete_real(hard)  # (None for a bool or a string: a string failed as "'<=' not supported")
     if h is None or not 0.0 <= h <= 1.0:
         raise ValueError(f"hard must be a fraction in [0, 1]; got {hard!r}")
     return_errors = check_bool("return_errors", return_errors)
