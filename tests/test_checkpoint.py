@@ -728,6 +728,32 @@ def test_an_interrupt_while_a_chunk_runs_keeps_its_metrics_with_its_state(monkey
     assert int(state.step) == 10 and hist["mse"].shape == (10,)
 
 
+def test_an_interrupt_inside_the_metrics_append_leaves_no_partial_chunk(monkeypatch):
+    """A Ctrl-C landing between two metrics' appends of a chunk's history: the names appended
+    before it held that chunk twice once its metrics were logged again (the partial append must be
+    cut back first), and e.history's metrics disagreed in length with each other and e.step."""
+    from genflow.train import _loop
+
+    opt = optax.sgd(0.05)
+    step = gf.train.make_train_step(lsq, opt)
+    real, calls = _loop._log_chunk, []
+
+    def log_chunk(history, metrics):
+        calls.append(1)
+        if len(calls) == 3:  # (the third chunk: its first metric appended, then the interrupt)
+            name = next(iter(metrics))
+            history.setdefault(name, []).append(np.asarray(metrics[name]))
+            raise KeyboardInterrupt
+        return real(history, metrics)
+
+    monkeypatch.setattr(_loop, "_log_chunk", log_chunk)
+    with pytest.raises(KeyboardInterrupt) as err:
+        gf.train.fit(gf.train.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0)), step, lambda k: (X, Y), 50,
+                     chunk_size=5, progress=False)
+    assert err.value.step == 15 and len(calls) == 4
+    assert {name: len(v) for name, v in err.value.history.items()} == {name: 15 for name in err.value.history}
+
+
 def test_failures_save_no_state_that_was_not_due(tmp_path, monkeypatch):
     """The due save after an error is for a state whose callbacks raised at a save step only
     (review): a fresh run failing before its first chunk (a loss that fails to trace) saved its
