@@ -113,8 +113,8 @@ def _sinkhorn(x: Array, y: Array, epsilon, iters, debiased: bool) -> Array:
     eps = epsilon * jnp.mean(cxy) + 1e-12
 
     def ot(a, b, c):
-        la = -jnp.log(a.shape[0]) * jnp.ones(a.shape[0])
-        lb = -jnp.log(b.shape[0]) * jnp.ones(b.shape[0])
+        la = -jnp.log(a.shape[0]) * jnp.ones(a.shape[0], a.dtype)  # (float32 under x64 too)
+        lb = -jnp.log(b.shape[0]) * jnp.ones(b.shape[0], b.dtype)
 
         def body(_, fg):
             f, g = fg
@@ -122,7 +122,7 @@ def _sinkhorn(x: Array, y: Array, epsilon, iters, debiased: bool) -> Array:
             g = -eps * jax.nn.logsumexp((f[:, None] - c) / eps + la[:, None], axis=0)
             return f, g
 
-        f, g = jax.lax.fori_loop(0, iters, body, (jnp.zeros(a.shape[0]), jnp.zeros(b.shape[0])))
+        f, g = jax.lax.fori_loop(0, iters, body, (jnp.zeros(a.shape[0], a.dtype), jnp.zeros(b.shape[0], b.dtype)))
         return jnp.mean(f) + jnp.mean(g)
 
     val = ot(x, y, cxy)
@@ -153,7 +153,7 @@ def sliced_w2(x: Array, y: Array, key: Array, num_projections: int = 256) -> Arr
 # by op it cost ~0.3 ms (sliced_w2), 0.1 ms (psnr) and 1.7 ms (ssim) per call (perf audit).
 @functools.partial(jax.jit, static_argnums=3)
 def _sliced_w2(x: Array, y: Array, key: Array, num_projections: int) -> Array:
-    d = jax.random.normal(key, (x.shape[1], num_projections))
+    d = jax.random.normal(key, (x.shape[1], num_projections), x.dtype)  # (float32 under x64 too)
     d = d / jnp.linalg.norm(d, axis=0, keepdims=True)
     px, py = jnp.sort(x @ d, axis=0), jnp.sort(y @ d, axis=0)
     finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))  # (an inf coordinate gave inf, not NaN)

@@ -431,3 +431,21 @@ def test_w2_exact_under_a_transformation_says_it_runs_on_the_host():
         with pytest.raises(TypeError, match="w2_exact runs on the host.*w2_sinkhorn or sliced_w2"):
             transform(gf.metrics.w2_exact)(x, x + 0.5)
     assert [gf.metrics.w2_exact(a, a + 0.5) for a in x] == pytest.approx([0.5 * np.sqrt(2)] * 3, rel=1e-6)
+
+
+def test_jittable_metrics_compute_in_float32_under_x64_as_documented():
+    """The module's contract: the jittable metrics run in float32 whatever the inputs' dtype, also
+    under x64. sliced_w2's directions and w2_sinkhorn's potentials came out float64 there (a
+    float64 result, and sliced_w2 drew other directions than the same key gives without x64)."""
+    x = np.asarray(jax.random.normal(jax.random.key(0), (64, 3)), np.float64)
+    y, im = x[::-1] * 1.3 + 0.5, np.asarray(jax.random.uniform(jax.random.key(2), (2, 16, 16, 1)), np.float64)
+    key = jax.random.key(1)
+    calls = {"sliced_w2": lambda a, b: gf.metrics.sliced_w2(a, b, key), "w2_sinkhorn": gf.metrics.w2_sinkhorn,
+             "mmd": gf.metrics.mmd, "psnr": lambda a, b: gf.metrics.psnr(im, im * 0.9),
+             "ssim": lambda a, b: gf.metrics.ssim(im, im * 0.9)}
+    plain = {name: f(x.astype(np.float32), y.astype(np.float32)) for name, f in calls.items()}
+    with jax.enable_x64(True):
+        wide = {name: f(jnp.asarray(x), jnp.asarray(y)) for name, f in calls.items()}
+    assert {name: v.dtype for name, v in wide.items()} == {name: jnp.float32 for name in calls}
+    for name in calls:
+        np.testing.assert_allclose(wide[name], plain[name], rtol=1e-5, err_msg=name)
