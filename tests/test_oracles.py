@@ -434,3 +434,44 @@ def test_full_gaussian_oracle_in_3d_matches_closed_forms():
         c1 = a1 * a1 * cov + s1 * s1 * np.eye(3)
         want = a1 * mean + (msqrt(c1, 0.5) @ msqrt(ct, -0.5) @ (x - a * mean).T).T
         np.testing.assert_allclose(g.flow_map(jnp.asarray(x), t, t1, path), want, rtol=1e-10, atol=1e-12)
+
+
+def test_full_gaussian_with_a_singular_covariance_samples_finitely():
+    """Gaussian.full of a rank-1 covariance: eigh rounds its zero eigenvalues to about -1e-6, which
+    must be clipped to 0 (var is a variance) -- unclipped, sample() took sqrt of them: NaN samples."""
+    v = np.array([0.3, -1.1, 2.7, 0.9], np.float32)
+    g = gf.oracles.Gaussian.full(jnp.zeros(4), np.outer(v, v))
+    assert float(jnp.min(g.var)) >= 0.0
+    x = g.sample(jax.random.key(0), 64)
+    assert bool(jnp.all(jnp.isfinite(x)))
+    # the samples lie on the line through the mean along v
+    np.testing.assert_allclose(np.asarray(x) - np.outer(np.asarray(x) @ v / (v @ v), v), 0.0, atol=1e-4)
+
+
+def test_reference_flow_map_meets_its_float64_default_tolerance():
+    """Documented default rtol = atol = 1e-10 for float64 x: the solve then matches the Gaussian's
+    closed-form flow map to ~1e-11 (a 1e-8 default gave ~1e-8)."""
+    with jax.enable_x64(True):
+        g = gf.oracles.Gaussian.full(jnp.array([0.5, -1.0], jnp.float64),
+                                     jnp.array([[0.8, 0.3], [0.3, 0.5]], jnp.float64))
+        path = gf.paths.linear()
+        x = jax.random.normal(jax.random.key(0), (16, 2), jnp.float64)
+        ref = gf.oracles.reference_flow_map(g, x, 0.9, 0.05, path)
+        assert ref.dtype == jnp.float64
+        np.testing.assert_allclose(ref, g.flow_map(x, 0.9, 0.05, path), rtol=0, atol=1e-9)
+
+
+def test_oracle_velocity_has_finite_gradients_mid_path_on_the_linear_path():
+    """The velocity model's unselected probability-flow branch is evaluated at a harmless t; on the
+    linear path alpha(1) = 0 makes drift_coef(1) infinite, so t = 1 is not harmless: jax.grad mid-path
+    (t = 0.5, where nothing is singular) was NaN."""
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.5, -1.0]), jnp.array([0.8, 0.3]))
+    path = gf.paths.linear()
+    m = g.model(path, "velocity")
+    x = jnp.array([[0.3, 0.2], [1.0, -0.5]])
+    gx = jax.grad(lambda x: m(x, jnp.full((2,), 0.5)).sum())(x)
+    gt = jax.grad(lambda t: m(x, jnp.full((2,), t)).sum())(0.5)
+    assert bool(jnp.all(jnp.isfinite(gx))) and bool(jnp.isfinite(gt))
+    h = 1e-3
+    fd = (m(x, jnp.full((2,), 0.5 + h)).sum() - m(x, jnp.full((2,), 0.5 - h)).sum()) / (2 * h)
+    np.testing.assert_allclose(float(gt), float(fd), rtol=1e-2)
