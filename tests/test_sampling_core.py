@@ -6,6 +6,7 @@ Oracle: N(0, I) data on the linear path x_t = (1 - t) x0 + t eps; its marginal i
 s(t)^2 = (1 - t)^2 + t^2, the probability-flow velocity is v(x, t) = (2t - 1) / s(t)^2 x and the
 exact flow map from t = 1 (s = 1) is x(t) = s(t) x1."""
 
+import collections
 import dataclasses
 
 import jax
@@ -147,3 +148,135 @@ def test_integer_noise_is_refused():
     with pytest.raises(TypeError, match="x1 must be a floating-point array"):
         gf.sample(_velocity, gf.paths.linear(), (3 * X1).astype(jnp.int32), prediction="velocity", solver="heun",
                   steps=4, t_end=0.2)
+
+
+def _sample_10b(path, x1, steps, **kw):
+    g = gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.2]), jnp.array([0.5, 0.8]))
+    return gf.sample(g.model(path, "x0"), path, x1, steps=steps, prediction="x0", solver="dpm++2m", **kw)
+
+
+def test_prepared_grid_memo_keys_an_array_parameter_by_its_shape():
+    """A path parameter of shape [1] is refused (not a scalar); a call with the same bytes as a
+    0-d array before it must not make it a memo hit that skips the check."""
+    _core._PREPARED.clear()
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    bad = gf.paths.vp_linear(beta_max=jnp.asarray([20.0]))
+    with pytest.raises(TypeError):
+        _sample_10b(bad, x1, 4)
+    _sample_10b(gf.paths.vp_linear(beta_max=jnp.asarray(20.0)), x1, 4)
+    with pytest.raises(TypeError):
+        _sample_10b(bad, x1, 4)
+
+
+def test_prepared_grid_memo_keys_a_numpy_scalar_by_its_dtype():
+    """steps=np.True_ is refused; np.int8(1) before it (the same single byte) must not make it a hit."""
+    _core._PREPARED.clear()
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    path = gf.paths.vp_linear()
+    with pytest.raises(ValueError, match="steps"):
+        _sample_10b(path, x1, np.True_)
+    _sample_10b(path, x1, np.int8(1))
+    with pytest.raises(ValueError, match="steps"):
+        _sample_10b(path, x1, np.True_)
+
+
+def test_kept_path_scalars_are_float64_under_x64_after_a_float32_call():
+    """A path's float hyper-parameters kept from a float32 call must not be reused (as float32
+    values) once x64 is on: the float64 samples equal a fresh float64 run."""
+    from genflow import _memo
+    path = gf.paths.vp_linear(beta_min=0.1, beta_max=20.3)
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    fn = lambda x, t: 0.3 * x  # noqa: E731
+    kw = dict(prediction="eps", solver="euler", steps=8)
+    _memo._LEAVES.clear()
+    gf.sample(fn, path, x1, **kw)
+    with jax.enable_x64(True):
+        assert _memo.kept_scalar(0.1).dtype == jnp.float64
+        hit, _ = gf.sample(fn, path, x1.astype(jnp.float64), **kw)
+        _memo._LEAVES.clear()
+        _core._PREPARED.clear()
+        fresh, _ = gf.sample(fn, path, x1.astype(jnp.float64), **kw)
+        np.testing.assert_array_equal(hit, fresh)
+
+
+def test_lru_table_keeps_the_recently_used_entry():
+    """lru_get marks an entry most recently used: past the size, the least recently *used*
+    entry goes, not the oldest inserted."""
+    from genflow import _memo
+
+    table = collections.OrderedDict()
+    for k in range(3):
+        _memo.lru_put(table, k, str(k), 3)
+    assert _memo.lru_get(table, 0) == "0"
+    _memo.lru_put(table, 3, "3", 3)
+    assert list(table) == [2, 0, 3]
+
+
+def test_a_path_closing_over_a_plain_function_is_memoised():
+    """holds_state: a path function that closes over a plain function holding nothing is data-free,
+    so its grid is kept (the built-in edm / ve no longer have such closures: test_sampling's
+    edm / ve test no longer exercises this)."""
+    def base(t):
+        return t
+
+    path = gf.paths.Path(alpha_fn=lambda t: 1.0 - base(t), sigma_fn=lambda t: base(t), name="closure")
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    _core._PREPARED.clear()
+    for _ in range(2):
+        gf.sample(lambda x, t: -x, path, x1, prediction="velocity", solver="dpm++2m", steps=4, t_end=0.2)
+    assert len(_core._PREPARED) == 1
+
+
+def test_debug_infs_switched_on_after_a_first_call_is_honoured():
+    """checked_twin: jax_debug_infs (not only jax_debug_nans) turned on after a compiled sampler
+    ran once makes the next call raise on an inf."""
+    path = gf.paths.linear()
+    fn = lambda x, t: jnp.exp(1000.0 * x)  # noqa: E731  (inf)
+    kw = dict(prediction="velocity", solver="euler", steps=4)
+    gf.sample(fn, path, jnp.ones((4, 2)), **kw)
+    jax.config.update("jax_debug_infs", True)  # (the global setting: the context manager did not show the bug)
+    try:
+        with pytest.raises(FloatingPointError):
+            gf.sample(fn, path, jnp.ones((4, 2)), **kw)
+    finally:
+        jax.config.update("jax_debug_infs", False)
+
+
+def test_adaptive_solvers_report_no_nfe_per_step():
+    """SolverSpec.nfe_per_step is None for adaptive step counts (documented)."""
+    for name, spec in gf.sampling.solvers().items():
+        assert (spec.nfe_per_step is None) == spec.adaptive, name
+
+
+def test_model_passes_a_float32_time_for_a_bfloat16_state():
+    """Model docstring: t is broadcast to [B] in float32 (float64 for float64 states), also for a
+    bfloat16 state (in bfloat16, t = 0.999 would reach the network as 1.0)."""
+    seen = []
+
+    def fn(x, t):
+        seen.append(t)
+        return jnp.zeros_like(x)
+
+    m = gf.sampling.Model(fn, gf.paths.vp_linear(), "eps")
+    for call in (lambda x: m.raw(x, 0.999), lambda x: m.predict(x, 0.999, "x0"), lambda x: m.x0_eps(x, 0.999)):
+        out = call(jnp.ones((2, 2), jnp.bfloat16))
+        assert jax.tree_util.tree_leaves(out)[0].dtype == jnp.bfloat16
+        assert seen[-1].dtype == jnp.float32 and seen[-1].shape == (2,)
+        np.testing.assert_array_equal(seen[-1], np.float32(0.999))
+
+
+def test_reverse_drift_of_a_float64_state_is_float64_accurate():
+    """Model.reverse_drift = f x - g^2 score in the state's float64 precision (closed form from
+    the Gaussian oracle's score and the path's alpha, sigma)."""
+    with jax.enable_x64(True):
+        path = gf.paths.vp_linear()
+        g = gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.2], jnp.float64), jnp.array([0.5, 0.8], jnp.float64))
+        model = gf.sampling.Model(g.model(path, "eps"), path, "eps")
+        x, t = jnp.array([[0.7, -1.1]], jnp.float64), 0.3
+        tt = jnp.float64(t)
+        f = jax.grad(path.alpha)(tt) / path.alpha(tt)
+        g2 = jax.grad(lambda u: path.sigma(u) ** 2)(tt) - 2 * f * path.sigma(tt) ** 2
+        ref = f * x - g2 * g.score(x, jnp.full((1,), t, jnp.float64), path)
+        d = model.reverse_drift(x, t)
+        assert d.dtype == jnp.float64
+        np.testing.assert_allclose(d, ref, rtol=1e-12)
