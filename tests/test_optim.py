@@ -231,3 +231,146 @@ def test_smb_names_a_loss_that_is_not_a_scalar():
     tx = gf.optim.smb(0.5)
     with pytest.raises(ValueError, match=r"smb needs a scalar loss: value_fn returned shape \(1,\)"):
         tx.update(p, tx.init(p), p, value_fn=lambda q: jnp.sum(q["w"] ** 2, keepdims=True))
+
+
+def test_zero_dimensional_numpy_hyper_parameters_are_range_checked_and_a_zero_decay_needs_no_params():
+    """check()'s docstring: Python and numpy numbers are range-checked alike (0-d numpy arrays too,
+    e.g. np.asarray of a config value); fadam with such a weight_decay of 0 is 'no decay' (update
+    without params), as with the float 0.0."""
+    for bad in (np.asarray(-1e-3), np.asarray(-1e-3, np.float32), np.float32(-1e-3)):
+        with pytest.raises(ValueError, match="learning_rate must lie in"):
+            gf.optim.grams(bad)
+    with pytest.raises(ValueError, match="b1 must lie in"):
+        gf.optim.diffgrad(0.1, b1=np.asarray(1.0))
+    with pytest.raises(ValueError, match="eta must lie in"):
+        gf.optim.smb(1.0, eta=np.asarray(1.5))
+    opt = gf.optim.fadam(0.1, weight_decay=np.asarray(0.0, np.float32))
+    g = {"w": jnp.array([1.0, -2.0])}
+    u, _ = opt.update(g, opt.init(g))  # no params needed: no weight decay
+    assert np.all(np.isfinite(np.asarray(u["w"])))
+
+
+@pytest.mark.parametrize("name", ["grams", "diffgrad", "fadam"])
+def test_first_step_of_tiny_float16_gradients_has_unit_size(name):
+    """At t = 1, m^ = g and sqrt(v^) = |g| (FAdam: D_1 = |g| + eps), so the direction is ~ sign(g)
+    for |g| >> eps, times the friction sigmoid(|g|) for diffGrad and (1 - b1) for FAdam's momentum.
+    The second moment / Fisher is float32 (documented), so g^2 must be formed in float32: in float16
+    g = 1e-4 squares to 0 and that coordinate's step was 1e4 (FAdam: clipped against the others)."""
+    p = jnp.zeros(2, jnp.float16)
+    g = jnp.array([1e-4, -0.1], jnp.float16)
+    tx = {"grams": gf.optim.scale_by_grams(), "diffgrad": gf.optim.scale_by_diffgrad(),
+          "fadam": gf.optim.scale_by_fadam(weight_decay=0.0)}[name]
+    u, _ = tx.update(g, tx.init(p), p)
+    g64 = np.asarray(g, np.float64)
+    want = {"grams": np.sign(g64), "diffgrad": np.sign(g64) / (1.0 + np.exp(-np.abs(g64))),
+            "fadam": 0.1 * np.sign(g64)}[name]
+    np.testing.assert_allclose(np.asarray(u, np.float64), want, rtol=3e-3)
+
+
+def test_callable_masks_are_applied_by_fadam_and_smb():
+    """fadam's and smb's mask= may be a callable on the params (documented), as a tree may."""
+    params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    mask_fn = lambda p: {"a": True, "b": False}  # noqa: E731
+    opt = gf.optim.fadam(1e-2, weight_decay=0.1, mask=mask_fn)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    u, _ = opt.update(zero, opt.init(params), params)
+    assert float(jnp.abs(u["b"]).max()) == 0.0 and float(jnp.abs(u["a"]).max()) > 0.0
+    f = lambda q: 0.5 * (jnp.sum(q["a"] ** 2) + jnp.sum(q["b"] ** 2))  # noqa: E731
+    opt = gf.optim.smb(0.5, mask=mask_fn)
+    value, g = jax.value_and_grad(f)(params)
+    u, _ = opt.update(g, opt.init(params), params, value=value, value_fn=f)
+    np.testing.assert_array_equal(np.asarray(u["b"]), np.asarray(g["b"]))  # passed through unchanged
+    np.testing.assert_allclose(np.asarray(u["a"]), -0.5 * np.asarray(g["a"]), rtol=1e-6)  # Armijo holds
+
+
+def test_rms_of_an_infinite_entry_is_inf():
+    """rms's docstring: an inf entry keeps the plain formula's inf (not NaN)."""
+    from genflow.optim._base import rms
+
+    assert float(rms(jnp.array([jnp.inf, 1.0, -2.0]))) == np.inf
+    assert float(rms(jnp.array([-jnp.inf, 0.0]))) == np.inf
+    assert np.isnan(float(rms(jnp.array([jnp.nan, 1.0]))))
+
+
+@pytest.mark.parametrize("name", ["grams", "diffgrad", "fadam"])
+def test_scale_by_defaults_are_the_public_optimizers_defaults(name):
+    """The public optimizer is its scale_by_* direction, (decoupled decay,) then -learning_rate
+    (documented): with defaults on both sides, lr = 1 and no decay, the updates are the negated
+    directions, step after step (the second moment's decay matters from step 2)."""
+    public = getattr(gf.optim, name)(1.0, weight_decay=0.0)
+    direction = getattr(gf.optim, f"scale_by_{name}")(weight_decay=0.0) if name == "fadam" else \
+        getattr(gf.optim, f"scale_by_{name}")()
+    p = jnp.array([1.0, -2.0, 3.0])
+    s1, s2 = public.init(p), direction.init(p)
+    for k in range(6):
+        g = jnp.array([1.0, -0.5, 0.25]) * (1.0 + 3.0 * (k % 2)) + 0.1 * k
+        u1, s1 = public.update(g, s1, p)
+        u2, s2 = direction.update(g, s2, p)
+        np.testing.assert_allclose(np.asarray(u1), -np.asarray(u2), rtol=1e-6, atol=1e-7)
+
+
+def test_smb_uses_the_given_value_and_evaluates_the_loss_once_per_update():
+    """Documented cost: one extra loss evaluation per update (at the trial point) when value= is
+    given; value_fn(params) is evaluated only when value= is missing."""
+    calls = []
+
+    def f(q):
+        calls.append(1)
+        return 0.5 * jnp.sum(q["w"] ** 2)
+
+    p = {"w": jnp.array([1.0, -2.0])}
+    opt = gf.optim.smb(0.5)
+    value, g = jax.value_and_grad(lambda q: 0.5 * jnp.sum(q["w"] ** 2))(p)
+    calls.clear()
+    opt.update(g, opt.init(p), p, value=value, value_fn=f)
+    assert len(calls) == 1
+    calls.clear()
+    opt.update(g, opt.init(p), p, value_fn=f)
+    assert len(calls) == 2
+
+
+def test_diffgrad_friction_is_one_half_for_a_constant_gradient_with_a_low_precision_first_moment():
+    """xi_t = sigmoid(|g_{t-1} - g_t|) = 1/2 when consecutive gradients agree; mu_dtype sets only the
+    first moment's dtype, g_{t-1} is kept exactly (in bfloat16, 1000.5 rounded to 1000 and xi = 0.62)."""
+    tx = gf.optim.scale_by_diffgrad(mu_dtype=jnp.bfloat16)
+    p = jnp.zeros(1)
+    g = jnp.full((1,), 1000.5)
+    s = tx.init(p)
+    for _ in range(3):
+        u, s = tx.update(g, s, p)
+    # m^ / sqrt(v^) = 1 up to the bfloat16 first moment (~0.4%), times xi = 1/2
+    np.testing.assert_allclose(np.asarray(u), 0.5, rtol=1e-2)
+
+
+def test_diffgrad_bfloat16_update_with_float32_moments_is_the_float32_update_rounded():
+    """With float32 moments (mu_dtype; the second moment is float32 anyway), the bfloat16 update is
+    computed in float32 (friction included) and only rounded at the end: it equals the float32
+    update on the same (bfloat16-valued) gradients, cast to bfloat16. (The friction's g_{t-1} - g_t
+    formed in bfloat16 moved ~2% of the entries by one bfloat16 ulp.)"""
+    keys = jax.random.split(jax.random.key(0), 3)
+    gs = [(3.0 * jax.random.normal(k, (2048,))).astype(jnp.bfloat16) for k in keys]
+    out = {}
+    for dt in (jnp.bfloat16, jnp.float32):
+        tx = gf.optim.scale_by_diffgrad(mu_dtype=jnp.float32)
+        s = tx.init(jnp.zeros(2048, dt))
+        for g in gs:
+            u, s = tx.update(g.astype(dt), s)
+        out[dt] = u
+    assert out[jnp.bfloat16].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out[jnp.bfloat16], np.float32),
+                                  np.asarray(out[jnp.float32].astype(jnp.bfloat16), np.float32))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: gf.optim.grams(0.1, weight_decay=-0.01), "weight_decay must lie in"),
+    (lambda: gf.optim.diffgrad(0.1, weight_decay=-0.01), "weight_decay must lie in"),
+    (lambda: gf.optim.fadam(0.1, weight_decay=-0.1), "weight_decay must lie in"),
+    (lambda: gf.optim.scale_by_fadam(weight_decay=-0.1), "weight_decay must lie in"),
+    (lambda: gf.optim.smb(-0.5), "learning_rate must lie in"),
+    (lambda: gf.optim.smb(1.0, c=0.0), "c must lie in"),
+])
+def test_negative_decay_and_step_and_a_zero_armijo_constant_are_refused(make, match):
+    """Documented ranges: a weight-decay coefficient >= 0 (a negative one grows the weights),
+    SMB's learning rate >= 0 (a negative trial step ascends) and c in (0, 1)."""
+    with pytest.raises(ValueError, match=match):
+        make()
