@@ -1264,3 +1264,56 @@ def test_fit_reads_exactly_num_steps_host_batches_with_a_shorter_last_chunk():
 
 def _scaled_lsq(p, batch, key):
     return jnp.mean((p["w"] * batch - 1.0) ** 2), {}
+
+
+def _apply_recording(seen):
+    def apply_fn(params, x, t, y=None):
+        seen.append(None if y is None else np.asarray(y))
+        return jnp.zeros_like(x)
+    return apply_fn
+
+
+def test_diffusion_objective_accepts_label_dropout_one_and_drops_with_the_first_split_key():
+    """label_dropout must lie in [0, 1] (its error says so): 1.0, an always-unconditional run, is
+    accepted and replaces every label by null_label; and labels are dropped with k_drop, the first
+    half of jax.random.split(key) (the docstring's key contract)."""
+    seen = []
+    path = gf.paths.linear()
+    x0, y = jnp.ones((64, 2)), jnp.arange(64) % 3
+    loss_fn = gf.train.diffusion_objective(_apply_recording(seen), path, prediction="velocity", label_dropout=1.0,
+                                           null_label=3)
+    loss_fn({}, {"x": x0, "y": y}, jax.random.key(0))
+    assert np.all(seen[-1] == 3)
+    loss_fn = gf.train.diffusion_objective(_apply_recording(seen), path, prediction="velocity", label_dropout=0.5,
+                                           null_label=3)
+    key = jax.random.key(7)
+    loss_fn({}, {"x": x0, "y": y}, key)
+    want = gf.losses.drop_labels(jax.random.split(key)[0], y, 0.5, 3)
+    np.testing.assert_array_equal(seen[-1], np.asarray(want))
+
+
+def test_diffusion_objective_default_prediction_is_eps():
+    """diffusion_objective's signature default is prediction="eps": the default objective is the eps
+    loss (not the velocity loss of flow matching)."""
+    m = gf.nets.MLP(hidden=(8,))
+    p = m.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
+    x0 = jax.random.normal(jax.random.key(1), (32, 2))
+    path = gf.paths.linear()
+    key = jax.random.key(4)
+    got, _ = gf.train.diffusion_objective(m.apply, path)(p, x0, key)
+    want, _ = gf.losses.diffusion_loss(lambda x, t: m.apply(p, x, t), path, x0, jax.random.split(key)[1],
+                                       prediction="eps")
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_read_jsonl_skips_only_a_cut_off_last_line(tmp_path):
+    """read_jsonl's docstring: a last line cut off by a crash (no final newline) is skipped with a
+    warning; any other bad line -- a complete, newline-terminated last line included -- raises a
+    ValueError naming its line number."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, oops}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        gf.train.read_jsonl(str(path))
+    path.write_text('{"step": 1}\n{"step": 2, "lo')
+    with pytest.warns(UserWarning, match="skipped its last line 2"):
+        assert gf.train.read_jsonl(str(path)) == [{"step": 1}]
