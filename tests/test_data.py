@@ -548,3 +548,23 @@ def test_tfds_images_of_variable_height_only_need_image_size(monkeypatch):
         monkeypatch.setattr(tfds, "data_source", lambda name, split, _src=src, **kw: _src)
         with pytest.raises(ValueError, match="have variable sizes"):
             gf.data.image_dataset("fake", "train")
+
+
+def test_toy_noise_defaults_and_noise_added_before_scaling():
+    """moons and circles add Gaussian noise of std ``noise`` before scaling by ``scale`` (moons'
+    docstring; scikit-learn's noise is in the unscaled units), so the difference from the noise-free
+    draw with the same key has std scale * noise: 2 * 0.05 for both at their defaults, 3 * 0.1 with
+    scale=3, noise=0.1; the swiss roll's default noise 0.25 is scaled by its 1/5: std 0.05."""
+    key, n = jax.random.key(0), 200_000
+    for f, kw, std in ((gf.data.moons, {}, 0.1), (gf.data.circles, {}, 0.1),
+                       (gf.data.moons, dict(scale=3.0, noise=0.1), 0.3), (gf.data.circles, dict(scale=3.0, noise=0.1), 0.3),
+                       (gf.data.swiss_roll, {}, 0.05)):
+        d = np.asarray(f(key, n, **kw) - f(key, n, **{**kw, "noise": 0.0}))
+        np.testing.assert_allclose(d.std(0), [std, std], rtol=0.02, err_msg=f"{f.__name__} {kw}")
+
+
+def test_eight_gaussians_default_radius_is_2():
+    """eight_gaussians' default radius is 2 (its signature; test_toy_default_noise_levels checks
+    only the default std): with std=0 every point has norm 2."""
+    x = np.asarray(gf.data.eight_gaussians(jax.random.key(0), 1000, std=0.0))
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 2.0, rtol=1e-6)

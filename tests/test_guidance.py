@@ -693,3 +693,27 @@ def test_cads_rescales_a_float16_condition_with_a_constant_row_without_nan():
         assert c.dtype == dt
         np.testing.assert_allclose(np.asarray(c, np.float32), ref, atol=2e-2 if dt == jnp.bfloat16 else 5e-3)
     np.testing.assert_array_equal(np.asarray(ref[2]), 0.0)
+
+
+def test_guidance_array_scales_keep_their_float64_and_bfloat16_dtypes():
+    """An array guidance scale keeps its own floating dtype (real_leaf: "an array in its own
+    floating dtype"): a float64 [B] scale under x64 gives the float64 formula to 1e-14 (a float32
+    cast was ~1e-7 off at 1.1), a bfloat16 one keeps a bfloat16 model's output bfloat16."""
+    with jax.enable_x64(True):
+        gc = gf.oracles.Gaussian.diagonal(np.array([1.0, -1.0]), np.array([0.5, 0.2]))
+        gu = gf.oracles.Gaussian.diagonal(np.array([0.0, 0.5]), np.array([1.0, 0.7]))
+        path = gf.paths.linear()
+        c, u = gc.model(path, "eps"), gu.model(path, "eps")
+        x = jax.random.normal(jax.random.key(0), (3, 2), jnp.float64)
+        t = jnp.full((3,), 0.4, jnp.float64)
+        w = jnp.array([1.1, 1.3, 2.7], jnp.float64)
+        exact = u(x, t) + w[:, None] * (c(x, t) - u(x, t))
+        out = gf.guidance.cfg(c, u, w)(x, t)
+        assert out.dtype == jnp.float64
+        np.testing.assert_allclose(out, exact, rtol=0, atol=1e-14)
+    f = lambda x, t: 2 * x  # noqa: E731
+    h = lambda x, t: x  # noqa: E731
+    xb = jnp.ones((2, 2), jnp.bfloat16)
+    out = gf.guidance.cfg(f, h, jnp.array([1.5, 2.0], jnp.bfloat16))(xb, jnp.full((2,), 0.5))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), [[2.5, 2.5], [3.0, 3.0]])

@@ -799,3 +799,20 @@ def test_pc_default_snr_is_the_documented_0_16():
     x_017 = gf.sample(g.model(path, "eps"), path, _x1_10b(), snr=0.17, **kw)[0]
     assert float(jnp.max(jnp.abs(x_017 - x_016))) > 1e-4
     np.testing.assert_allclose(x_def, x_016, rtol=0, atol=1e-6)
+
+
+def test_pc_last_predictor_step_returns_its_mean():
+    """The predictor-corrector sampler's last predictor step returns its mean (score_sde's
+    noise_removal; genflow/sampling/_stochastic.py's docstring): a one-step run without corrector
+    is then the deterministic Euler step, the same for every key (a wrong step count in the
+    driver's grid, g.n = n + 1, never flagged the last step and added g sqrt(dt) noise)."""
+    path = gf.paths.vp_cosine()
+    m = gf.oracles.Gaussian.diagonal(np.array([1.0, -1.0]), np.array([0.5, 0.2])).model(path, "score")
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    for steps in (1, 3):
+        outs = [np.asarray(gf.sample(m, path, x1, prediction="score", solver="pc", steps=steps, corrector_steps=0,
+                                     key=jax.random.key(k))[0]) for k in (1, 2)]
+        if steps == 1:
+            np.testing.assert_array_equal(outs[0], outs[1])
+        else:  # (the earlier steps do add noise)
+            assert not np.allclose(outs[0], outs[1])

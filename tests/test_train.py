@@ -1317,3 +1317,32 @@ def test_read_jsonl_skips_only_a_cut_off_last_line(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2, "lo')
     with pytest.warns(UserWarning, match="skipped its last line 2"):
         assert gf.train.read_jsonl(str(path)) == [{"step": 1}]
+
+
+def test_make_optimizer_refuses_any_warmup_for_dadapt_adamw():
+    """dadapt_adamw cannot start at the warm-up's rate 0 (a NaN D-Adaptation state): refused for
+    every warmup_steps >= 1, a one-step warm-up included (its step-0 rate is 0 too)."""
+    for w in (1, 2):
+        with pytest.raises(ValueError, match="dadapt_adamw cannot start from the warm-up's learning rate 0"):
+            gf.train.make_optimizer(1.0, name="dadapt_adamw", warmup_steps=w)
+
+
+def test_make_optimizer_default_learning_rate_is_1e_3():
+    """``learning_rate`` defaults to 1e-3 for every name (make_optimizer's docstring): sgd's first
+    update of a gradient g is -1e-3 g."""
+    tx = gf.train.make_optimizer(name="sgd")
+    p = {"w": jnp.zeros(2)}
+    u, _ = tx.update({"w": jnp.array([1.0, -2.0])}, tx.init(p), p)
+    np.testing.assert_allclose(u["w"], [-1e-3, 2e-3], rtol=1e-6)
+
+
+def test_prodigy_with_a_one_step_warmup_stays_finite():
+    """make_optimizer gives prodigy safeguard_warmup=True for any warm-up, a one-step one included
+    (its step-0 rate is 0 too, which optax's Prodigy divides by otherwise: NaN updates)."""
+    tx = gf.train.make_optimizer(1.0, name="prodigy", warmup_steps=1)
+    p = {"w": jnp.ones(3)}
+    s = tx.init(p)
+    for _ in range(3):
+        u, s = tx.update({"w": jnp.array([1.0, -2.0, 0.5])}, s, p)
+        assert np.all(np.isfinite(np.asarray(u["w"])))
+        p = jax.tree.map(lambda a, b: a + b, p, u)
