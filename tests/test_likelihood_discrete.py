@@ -421,27 +421,29 @@ def test_likelihood_loss_is_the_diffusion_term_per_dimension():
     np.testing.assert_allclose(info["per_example"], ref, rtol=1e-10)
 
 
-def test_uniform_dequantization_is_evaluated_at_path_t_min():
-    """Documented: "uniform" is evaluated at t_min (default path.t_min). On vp_linear (t_min = 1e-3,
-    where an eps model's velocity is singular at t = 0) the bound is log_prob at t_min minus log q."""
+@pytest.mark.parametrize("t_min", [None, 0.05])
+def test_uniform_dequantization_is_evaluated_at_t_min(t_min):
+    """Documented: "uniform" is evaluated at t_min (default path.t_min; a t_min passed through
+    **log_prob_kwargs is used, and reported in info["t"]). On vp_linear (t_min = 1e-3, where an eps
+    model's velocity is singular at t = 0) the bound is log_prob at t_min minus log q."""
     g = gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.2]), jnp.array([0.5, 0.8]))
     path = gf.paths.vp_linear()
     w = 1 / 8
     x = jnp.round(g.sample(jax.random.key(4), 4) / w) * w
     kw = dict(solver="heun", steps=32)
+    given = {} if t_min is None else dict(t_min=t_min)
     bound, info = L.dequantized_log_prob(g.model(path, "eps"), path, x, jax.random.key(5), prediction="eps",
-                                         bin_width=w, **kw)
-    assert float(info["t"]) == path.t_min
+                                         bin_width=w, **given, **kw)
+    t_min = path.t_min if t_min is None else t_min
+    assert float(info["t"]) == t_min
     y, log_q = L.uniform_dequantize(jax.random.split(jax.random.key(5))[0], x, w)
-    lp, _ = gf.log_prob(g.model(path, "eps"), path, y, prediction="eps", t_min=path.t_min, **kw)
+    lp, _ = gf.log_prob(g.model(path, "eps"), path, y, prediction="eps", t_min=t_min, **kw)
     np.testing.assert_allclose(bound, lp - log_q, rtol=1e-10)
 
 
 def test_uniform_dequantize_of_bfloat16_data_works_in_float32():
     """bfloat16 data is dequantized in float32: y stays inside its bin (bfloat16 spacing near 1 is
     2^-7, a third of 8-bit data's half-bin) and log q = -D log(bin_width) to float32 accuracy."""
-    import genflow.likelihood as L
-
     w = 2 / 255
     x = (jnp.round(jnp.linspace(-1, 1, 64) / w) * w).reshape(8, 8).astype(jnp.bfloat16)
     y, log_q = L.uniform_dequantize(jax.random.key(0), x, w)
@@ -450,29 +452,9 @@ def test_uniform_dequantize_of_bfloat16_data_works_in_float32():
     np.testing.assert_allclose(log_q, np.full(8, -8 * np.log(w)), rtol=1e-6)
 
 
-def test_uniform_dequantization_is_evaluated_at_a_given_t_min():
-    """"uniform" is evaluated at t_min: a t_min passed through **log_prob_kwargs is used (and
-    reported in info["t"]), not path.t_min."""
-    import genflow.likelihood as L
-
-    g = gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.2]), jnp.array([0.5, 0.8]))
-    path = gf.paths.vp_linear()
-    w = 1 / 8
-    x = jnp.round(g.sample(jax.random.key(4), 4) / w) * w
-    kw = dict(solver="heun", steps=16)
-    bound, info = L.dequantized_log_prob(g.model(path, "eps"), path, x, jax.random.key(5), prediction="eps",
-                                         bin_width=w, t_min=0.05, **kw)
-    assert float(info["t"]) == 0.05
-    y, log_q = L.uniform_dequantize(jax.random.split(jax.random.key(5))[0], x, w)
-    lp, _ = gf.log_prob(g.model(path, "eps"), path, y, prediction="eps", t_min=0.05, **kw)
-    np.testing.assert_allclose(bound, lp - log_q, rtol=1e-6)
-
-
 def test_truncated_normal_defaults_are_tau_3():
     """truncated_normal_time and truncated_normal_dequantize default to tau = 3 (as
     dequantized_log_prob): the same t_eps / z / log q as tau=3.0 given."""
-    import genflow.likelihood as L
-
     path = gf.paths.vp_linear()
     w = 2 / 255
     np.testing.assert_array_equal(L.truncated_normal_time(path, w), L.truncated_normal_time(path, w, 3.0))
