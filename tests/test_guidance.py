@@ -33,7 +33,22 @@ def test_cfg_of_gaussians_samples_the_guided_gaussian():
     assert float(jnp.sqrt(jnp.mean((x - ref) ** 2))) < 2e-3
 
 
-def test_changing_the_guidance_scale_does_not_recompile():
+_TRACED_LEAVES = {  # (what changes, how the guided model is built from it, three values of it)
+    "scale": (lambda cond, v: gf.guidance.interval(gf.guidance.cfg(cond, UNCOND.model(PATH, "v"), v), 0.2, 0.8),
+              (1.0, 3.0, 7.5)),
+    "interval ends": (lambda cond, v: gf.guidance.interval(gf.guidance.cfg(cond, UNCOND.model(PATH, "v"), 3.0), *v),
+                      ((0.2, 0.8), (0.3, 0.9), (0.1, 0.5))),
+    "adaptive threshold": (lambda cond, v: gf.guidance.adaptive(gf.guidance.cfg(cond, UNCOND.model(PATH, "v"), 3.0), v),
+                           (0.9, 0.95, 0.99)),
+}
+
+
+@pytest.mark.parametrize("what", sorted(_TRACED_LEAVES))
+def test_changing_a_guidance_parameter_does_not_recompile(what):
+    """The module docstring: scales, interval ends and thresholds are traced leaves, so a new value
+    reuses the compiled sampler (interval ends kept as Python floats, or a threshold not made a
+    leaf, recompiled it for every value) and changes the samples."""
+    make, values = _TRACED_LEAVES[what]
     traces = []
 
     def cond(x, t):
@@ -42,12 +57,12 @@ def test_changing_the_guidance_scale_does_not_recompile():
 
     x1 = jax.random.normal(jax.random.key(0), (16, 2))
     outs, counts = [], []
-    for w in (1.0, 3.0, 7.5):
-        g = gf.guidance.interval(gf.guidance.cfg(jax.tree_util.Partial(cond), UNCOND.model(PATH, "v"), w), 0.2, 0.8)
-        outs.append(gf.sample(g, PATH, x1, prediction="v", solver="unipc", steps=8)[0])
+    for v in values:
+        outs.append(gf.sample(make(jax.tree_util.Partial(cond), v), PATH, x1, prediction="v", solver="unipc", steps=8)[0])
         counts.append(len(traces))
-    assert counts[0] > 0 and counts[1] == counts[2] == counts[0], "a new scale must reuse the compiled sampler"
-    assert not np.allclose(outs[0], outs[1])
+    assert counts[0] > 0 and counts[1] == counts[2] == counts[0], f"a new {what} must reuse the compiled sampler"
+    if what != "adaptive threshold":  # (these thresholds need not switch guidance off at different steps)
+        assert not np.allclose(outs[0], outs[1])
 
 
 def test_batched_cfg_equals_two_calls():
@@ -717,3 +732,41 @@ def test_guidance_array_scales_keep_their_float64_and_bfloat16_dtypes():
     out = gf.guidance.cfg(f, h, jnp.array([1.5, 2.0], jnp.bfloat16))(xb, jnp.full((2,), 0.5))
     assert out.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out, np.float32), [[2.5, 2.5], [3.0, 3.0]])
+
+
+def test_cads_default_noise_scale_is_a_quarter():
+    """cads' default noise_scale s = 0.25 (its signature): without rescaling, at gamma = 0
+    (t >= tau2) the condition is s * n alone, of std 0.25."""
+    net = lambda x, t, c: c  # noqa: E731  reads the condition it is given
+    y = jax.random.normal(jax.random.key(1), (64, 256))
+    out = gf.guidance.cads(net, y, jax.random.key(2), rescale=False)(jnp.zeros((64, 256)), jnp.full((64,), 1.0))
+    assert abs(float(out.std()) - 0.25) < 0.01, float(out.std())
+
+
+def test_adaptive_default_threshold_is_0_99():
+    """adaptive's default threshold 0.99: predictions at cosine 0.995 are not guided (the
+    conditional one is returned), at cosine 0.985 they are (u + w (c - u))."""
+    x = jnp.zeros((1, 2))
+    t = jnp.array([0.5])
+    c = jnp.array([[1.0, 0.0]])
+    for cos, guided in ((0.995, False), (0.985, True)):
+        u = jnp.array([[cos, np.sqrt(1.0 - cos ** 2)]], jnp.float32)
+        g = gf.guidance.cfg(lambda x, t: jnp.broadcast_to(c, x.shape), lambda x, t, u=u: jnp.broadcast_to(u, x.shape), 3.0)
+        out = gf.guidance.adaptive(g)(x, t)
+        want = u + 3.0 * (c - u) if guided else c
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_cfg_of_bfloat16_models_does_not_round_the_scale():
+    """A bfloat16 model's cfg is u + w (c - u) computed in float32 and rounded once: with a
+    scale that bfloat16 cannot hold (1.1 -> 1.1016, 2.3 -> 2.2969) and c - u of order 3, the
+    result is the exact value rounded to bfloat16 (a scale rounded to the models' dtype first
+    changed ~30% of the entries by one bfloat16 step)."""
+    c = (3.0 * jax.random.normal(jax.random.key(0), (256, 64))).astype(jnp.bfloat16)
+    u = (0.5 * jax.random.normal(jax.random.key(1), (256, 64))).astype(jnp.bfloat16)
+    c64, u64 = np.asarray(c, np.float64), np.asarray(u, np.float64)
+    for w in (1.1, 2.3):
+        got = gf.guidance.cfg(lambda x, t: c, lambda x, t: u, w)(c, jnp.full((256,), 0.5))
+        assert got.dtype == jnp.bfloat16
+        exact = np.asarray(jnp.asarray(u64 + w * (c64 - u64), jnp.float32).astype(jnp.bfloat16), np.float32)
+        assert np.mean(np.asarray(got, np.float32) != exact) < 0.01

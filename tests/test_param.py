@@ -332,3 +332,21 @@ def test_sigma_denoiser_returns_the_promoted_dtype_of_x_and_its_output():
     fn = gf.param.from_sigma_denoiser(lambda z, s: (0.5 * z).astype(jnp.bfloat16), gf.paths.edm())
     out = fn(jnp.ones((2, 3), jnp.float32), jnp.full((2,), 0.5))
     assert out.dtype == jnp.float32, out.dtype
+
+
+def _sqrt_alpha(t):
+    return jnp.sqrt(1.0 - t)
+
+
+def _lin_sigma(t):
+    return t
+
+
+def test_singular_velocity_names_an_infinite_alpha_prime():
+    """singular_velocity's docstring: an infinite alpha' *or* sigma' makes the velocity
+    alpha' x0 + sigma' eps undefined; alpha = sqrt(1 - t) has alpha'(1) = -inf."""
+    from genflow.param import singular_velocity
+    p = gf.paths.Path(alpha_fn=_sqrt_alpha, sigma_fn=_lin_sigma, name="sqrt_alpha")
+    assert singular_velocity(p, 1.0, "eps") is not None
+    assert singular_velocity(p, 0.5, "eps") is None
+    assert singular_velocity(p, 1.0, "velocity") is None

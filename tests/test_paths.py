@@ -628,3 +628,39 @@ def test_numpy_float_hyper_parameters_do_not_recompile():
     for s in (50.0, np.float32(60.0), np.float64(70.0)):
         np.testing.assert_allclose(f(gf.paths.ve(sigma_max=s), t), gf.paths.ve(sigma_max=float(s)).sigma(t), rtol=1e-5)
     assert len(traces) == 1, len(traces)
+
+
+def test_prior_sample_keeps_a_low_precision_dtype():
+    """prior_sample(key, shape, dtype) returns dtype (sigma(1) is computed in float32, the
+    product rounded back), with std sigma(1)."""
+    for dt in (jnp.bfloat16, jnp.float16):
+        x = gf.paths.edm().prior_sample(jax.random.key(0), (4096,), dt)
+        assert x.dtype == dt, (dt, x.dtype)
+        assert abs(float(jnp.std(x.astype(jnp.float32))) / 80.0 - 1.0) < 0.05
+
+
+def test_vp_linear_stops_at_the_documented_t_min():
+    """vp_linear's docstring: samplers stop at t_min = 1e-3 (sigma' is singular at 0) and finish
+    with a denoising step; sigma(t_min) is then about sqrt(beta_min * 1e-3)."""
+    p = gf.paths.vp_linear()
+    assert p.t_min == 1e-3 and p.denoise_at_end
+    np.testing.assert_allclose(float(p.sigma(p.t_min)), np.sqrt(-np.expm1(-0.25e-6 * 19.9 * 2 - 1e-3 * 0.1)), rtol=1e-4)
+
+
+def test_an_integer_time_array_gives_the_default_float_width_under_x64():
+    """An integer t is read as a float of JAX's default width (float64 under x64), as a Python
+    int t is: the coefficients of jnp.array([0, 1]) are those of jnp.array([0.0, 1.0])."""
+    with jax.enable_x64(True):
+        p = gf.paths.vp_linear()
+        ti, tf = jnp.array([0, 1]), jnp.array([0.0, 1.0])
+        for f in (p.alpha, p.sigma, p.log_snr):
+            assert f(ti).dtype == jnp.float64
+            np.testing.assert_array_equal(f(ti), f(tf))
+
+
+def test_ve_default_noise_range():
+    """ve()'s defaults (its signature; Song et al. 2021's VE SDE): sigma from sigma_min = 0.01
+    at t = 0 to sigma_max = 50 at t = 1, geometric in between."""
+    p = gf.paths.ve()
+    np.testing.assert_allclose(np.asarray(p.sigma(jnp.array([0.0, 0.5, 1.0]))), [0.01, np.sqrt(0.01 * 50.0), 50.0],
+                               rtol=1e-5)
