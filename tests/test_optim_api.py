@@ -926,3 +926,49 @@ def test_a_plain_transform_whose_update_names_value_fn_is_refused_and_unregister
     finally:
         assert gf.optim.unregister("_test_value_fn_tx") is factory
     assert "_test_value_fn_tx" not in gf.optim.names()
+
+
+def test_names_stay_sorted_after_a_registration():
+    """names(): "Sorted names accepted by get", also with an optimizer of your own added."""
+    gf.optim.register("aaa_proposed_sgd", lambda learning_rate: optax.sgd(learning_rate), overwrite=True)
+    try:
+        for src in (None, "user"):
+            n = gf.optim.names(src)
+            assert n == sorted(n) and "aaa_proposed_sgd" in n
+    finally:
+        gf.optim.unregister("aaa_proposed_sgd")
+
+
+def test_a_plain_transform_whose_update_takes_grad_is_refused():
+    """check_extra_args: a plain GradientTransformation whose update names grad= (one of the extra
+    arguments genflow's train step passes) would silently get None: get() refuses it."""
+    def factory(learning_rate):
+        def update(updates, state, params=None, grad=None):
+            return updates, state
+        return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+    gf.optim.register("proposed_grad_opt", factory, overwrite=True)
+    try:
+        with pytest.raises(TypeError, match="grad="):
+            gf.optim.get("proposed_grad_opt", learning_rate=0.1)
+    finally:
+        gf.optim.unregister("proposed_grad_opt")
+
+
+def test_sophia_uses_an_explicit_obj_fn_over_value_fn():
+    """gf.optim.get("sophia") reads make_train_step's value_fn= as optax's obj_fn=, but an obj_fn=
+    given explicitly is the one used (value_fn only stands in for a missing obj_fn)."""
+    tx = gf.optim.get("sophia", learning_rate=0.1)
+    p = {"w": jnp.ones(3)}
+    calls = []
+
+    def obj(q):
+        calls.append("obj")
+        return jnp.sum(q["w"] ** 2)
+
+    def other(q):
+        calls.append("value_fn")
+        return jnp.sum(q["w"] ** 4)
+
+    tx.update(jax.grad(obj)(p), tx.init(p), p, obj_fn=obj, value_fn=other)
+    assert "value_fn" not in calls

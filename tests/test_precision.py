@@ -64,3 +64,14 @@ def test_exact_operators_and_invertible_convolutions_are_full_precision():
 def test_gram_form_distances_are_full_precision(metric):
     x = jax.random.normal(jax.random.key(0), (16, 3))
     _assert_full_precision(lambda x: getattr(gf.metrics, metric)(x, x + 0.01), x)
+
+
+def test_wide_keeps_float64_and_widens_half_precision():
+    """genflow._precision.wide: "float32 or wider (float64 stays)" -- a float64 sum under x64 must
+    not be rounded to float32 (1e8 + 1 is 1e8 in float32)."""
+    from genflow._precision import wide
+
+    with jax.enable_x64(True):
+        assert wide(jnp.ones(2, jnp.float64)).dtype == jnp.float64
+        assert wide(jnp.ones(2, jnp.bfloat16)).dtype == jnp.float32
+        assert float(jnp.sum(wide(jnp.asarray([1e8, 1.0], jnp.float64)))) == 100000001.0

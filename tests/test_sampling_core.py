@@ -294,3 +294,58 @@ def test_a_traced_grid_samples_as_the_same_concrete_grid(solver):
     ts = jnp.asarray(gf.sampling.time_grid(path, 8, "uniform"))
     run = lambda ts: gf.sample(m, path, x1, prediction="eps", solver=solver, steps=8, schedule=ts)[0]  # noqa: E731
     np.testing.assert_allclose(jax.jit(run)(ts), run(ts), rtol=1e-5, atol=1e-5)
+
+
+def test_brownian_tol_is_checked_against_the_smallest_step_of_a_nonuniform_grid():
+    """gf.sample refuses brownian_tol larger than the grid's SMALLEST step (a coarser Brownian tree
+    interpolates inside its leaves: the wrong law) -- on a non-uniform grid too, where the largest
+    step is bigger than the tolerance."""
+    path = gf.paths.vp_cosine()
+    ts = jnp.asarray([1.0, 0.6, 0.5, 0.49, 0.0]) * (1 - 1e-3) + 1e-3  # steps 0.4, 0.1, 0.01, 0.49
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    with pytest.raises(ValueError, match="smallest step"):
+        gf.sample(g.model(path, "eps"), path, jnp.ones((2, 2)), prediction="eps", solver="euler_maruyama",
+                  schedule=ts, key=jax.random.key(0), brownian_tol=0.05)
+
+
+def test_euler_maruyama_may_end_where_the_diffusion_is_not_finite():
+    """The end-of-step g^2 check is for the SDE solvers that evaluate there (shark); euler_maruyama
+    evaluates only at step starts and may end at t = 0 where an autodiff vp_linear's g^2 is NaN."""
+    vp = dataclasses.replace(gf.paths.vp_linear(), diffusion_sq_fn=None)
+    assert not np.isfinite(float(vp.diffusion_sq(jnp.asarray(0.0))))
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    x1 = g.prior_sample(jax.random.key(0), 4, vp)
+    x, _ = gf.sample(g.model(vp, "eps"), vp, x1, prediction="eps", solver="euler_maruyama", steps=10, t_end=0.0,
+                     key=jax.random.key(1))
+    assert np.all(np.isfinite(np.asarray(x)))
+    with pytest.raises(ValueError, match="g\\^2 = diffusion_sq"):
+        gf.sample(g.model(vp, "eps"), vp, x1, prediction="eps", solver="shark", steps=10, t_end=0.0,
+                  key=jax.random.key(1))
+
+
+def test_a_one_dimensional_batch_is_sampled():
+    """x1 needs only a batch dimension: shape [B] (scalar samples) is accepted."""
+    lin = gf.paths.linear()
+    x, _ = gf.sample(lambda x, t: -x, lin, jnp.ones((5,)), prediction="velocity", solver="euler", steps=4)
+    assert x.shape == (5,)
+
+
+def test_a_fixed_step_sde_solve_is_not_capped_by_max_steps():
+    """max_steps caps adaptive solves only: a fixed-step Diffrax solve takes its `steps` steps."""
+    g = gf.oracles.Gaussian.diagonal(jnp.zeros(2), jnp.ones(2))
+    lin = gf.paths.linear()
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    x, info = gf.sample(g.model(lin, "velocity"), lin, x1, prediction="velocity", solver="euler_maruyama", steps=20,
+                        max_steps=8, key=jax.random.key(0), t_start=0.99, t_end=1e-3)
+    assert np.all(np.isfinite(np.asarray(x))) and int(info.nfe) == 20
+
+
+def test_a_start_where_alpha_rounds_below_zero_is_refused():
+    """A path written as alpha = cos(pi t / 2) has alpha(1) = -4.4e-8 in float32: the eps -> x0
+    conversion there divides by a rounding error (samples of ~4e7); gf.sample refuses any alpha < 0."""
+    path = gf.paths.Path(alpha_fn=lambda t: jnp.cos(jnp.pi * t / 2), sigma_fn=lambda t: jnp.sin(jnp.pi * t / 2),
+                         name="naive_cos")
+    assert float(path.alpha(jnp.asarray(1.0))) < 0
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    with pytest.raises(ValueError, match="< 0"):
+        gf.sample(lambda x, t: jnp.zeros_like(x), path, x1, prediction="eps", solver="ddim", steps=4, t_end=1e-3)

@@ -134,6 +134,10 @@ def test_fsdp_spec_rules():
     assert gf.train.fsdp_spec((128, 128), 4) == P("fsdp", None)
     assert gf.train.fsdp_spec((64, 256), 1, min_size=1) == P()  # no fsdp axis: data parallel
     assert gf.train.fsdp_spec((), 4, min_size=0) == P()
+    # an axis of exactly fsdp_size elements is divisible (one row per device); a 0-length one is not
+    assert gf.train.fsdp_spec((8, 3), 8, min_size=1) == P("fsdp", None)
+    assert gf.train.fsdp_spec((4, 4, 3), 4, min_size=1) == P("fsdp", None, None)
+    assert gf.train.fsdp_spec((0, 3), 4, min_size=0) == P()
 
 
 def test_single_device_mesh_and_bad_mesh():
