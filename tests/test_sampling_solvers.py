@@ -726,16 +726,12 @@ def test_a_scan_solvers_step_i_draws_its_noise_from_fold_in_key_i():
     np.testing.assert_allclose(dx, c * dz, atol=1e-4 * np.max(np.abs(dx)))
 
 
-def _x1_10b(n=8, seed=0):
-    return jax.random.normal(jax.random.key(seed), (n, 2))
-
-
 def test_edm_heun_churn_defaults_are_the_imagenet64_settings():
     """edm_heun_churn's preset is Karras et al.'s ImageNet-64 settings (churn 40, S_tmin 0.05,
     S_tmax 50, S_noise 1.003): the same samples as edm_heun given them explicitly."""
     g = gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.2]), jnp.array([0.5, 0.8]))
     path = gf.paths.vp_linear()
-    fn, x1 = g.model(path, "x0"), _x1_10b()
+    fn, x1 = g.model(path, "x0"), _x1_7b()
     kw = dict(prediction="x0", steps=8, schedule="karras", key=jax.random.key(3))
     x_def = gf.sample(fn, path, x1, solver="edm_heun_churn", **kw)[0]
     x_exp = gf.sample(fn, path, x1, solver="edm_heun", churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003, **kw)[0]
@@ -747,7 +743,7 @@ def test_unipc_default_variant_is_bh2():
     and differs from 'bh1' at few steps."""
     g = gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.2]), jnp.array([0.5, 0.8]))
     path = gf.paths.vp_cosine()
-    fn, x1 = g.model(path, "eps"), _x1_10b()
+    fn, x1 = g.model(path, "eps"), _x1_7b()
     kw = dict(prediction="eps", solver="unipc", steps=5, schedule="logsnr")
     x_def = gf.sample(fn, path, x1, **kw)[0]
     x_bh2 = gf.sample(fn, path, x1, variant="bh2", **kw)[0]
@@ -769,7 +765,7 @@ def test_pc_nfe_counts_every_model_call_with_several_corrector_steps(corrector_s
         jax.debug.callback(lambda: calls.append(1))
         return model(x, t)
 
-    _, info = gf.sample(fn, path, _x1_10b(), prediction="eps", solver="pc", steps=3, t_start=0.999, denoise=False,
+    _, info = gf.sample(fn, path, _x1_7b(), prediction="eps", solver="pc", steps=3, t_start=0.999, denoise=False,
                         corrector_steps=corrector_steps, key=jax.random.key(0))
     jax.effects_barrier()
     assert len(calls) == 3 * (1 + corrector_steps)
@@ -782,7 +778,7 @@ def test_langevin_correct_default_snr_is_0_16():
     g = gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.2]), jnp.array([0.5, 0.8]))
     path = gf.paths.vp_linear()
     model = gf.sampling.Model(g.model(path, "eps"), path, "eps")
-    x = _x1_10b()
+    x = _x1_7b()
     out = gf.sampling.langevin_correct(model, x, 0.5, jax.random.key(1), steps=2)
     np.testing.assert_array_equal(out, gf.sampling.langevin_correct(model, x, 0.5, jax.random.key(1), snr=0.16, steps=2))
     assert float(jnp.max(jnp.abs(out - gf.sampling.langevin_correct(model, x, 0.5, jax.random.key(1), snr=0.17,
@@ -794,9 +790,9 @@ def test_pc_default_snr_is_the_documented_0_16():
     g = gf.oracles.Gaussian.diagonal(jnp.array([0.3, -0.2]), jnp.array([0.5, 0.8]))
     path = gf.paths.vp_linear()
     kw = dict(prediction="eps", solver="pc", steps=3, t_start=0.999, key=jax.random.key(2))
-    x_def = gf.sample(g.model(path, "eps"), path, _x1_10b(), **kw)[0]
-    x_016 = gf.sample(g.model(path, "eps"), path, _x1_10b(), snr=0.16, **kw)[0]
-    x_017 = gf.sample(g.model(path, "eps"), path, _x1_10b(), snr=0.17, **kw)[0]
+    x_def = gf.sample(g.model(path, "eps"), path, _x1_7b(), **kw)[0]
+    x_016 = gf.sample(g.model(path, "eps"), path, _x1_7b(), snr=0.16, **kw)[0]
+    x_017 = gf.sample(g.model(path, "eps"), path, _x1_7b(), snr=0.17, **kw)[0]
     assert float(jnp.max(jnp.abs(x_017 - x_016))) > 1e-4
     np.testing.assert_allclose(x_def, x_016, rtol=0, atol=1e-6)
 
