@@ -54,6 +54,7 @@ import genflow as gf
 # %% tags=["parameters"]
 TRAIN_STEPS = 2000  # training steps of the 2-D model in section 3 (the test suite runs this notebook with fewer)
 HARD_TEST = 8192  # fresh samples of section 2's hard-cases check (the test suite uses fewer)
+SEARCH_ITERS = 100  # Adam steps of section 2's grid searches (the test suite takes fewer)
 
 # %%
 rows = [(name, s.order, s.stochastic, s.nfe_per_step, s.target) for name, s in gf.sampling.solvers().items()]
@@ -204,7 +205,7 @@ steps = 10
 cal = jnp.asarray((1 - t0) * 80.0 * np.asarray(jax.random.normal(jax.random.key(2), (128, 16))))
 t_start = time.perf_counter()
 ts_opt = gf.sampling.optimize_schedule(fn, path, cal, prediction="x0", steps=steps, solver="unipc", t_start=t0,
-                                       init="karras", iters=100, objective="global")
+                                       init="karras", iters=SEARCH_ITERS, objective="global")
 print(f"optimized in {time.perf_counter() - t_start:.1f}s")
 family, _ = gf.sampling.karras_family(path, steps, t_start=t0, rhos=(7, 14, 30), sigma_mins=(0.002, 0.05, 0.2))
 ts_sel = gf.sampling.select_schedule(fn, path, cal, family, prediction="x0", solver="unipc")
@@ -276,7 +277,7 @@ for hard in (0.0, 0.25):
     cal_h = gf.sampling.calibration_batch(fn, path, pool, prediction="x0", steps=steps_h, solver="unipc", t_start=t0,
                                           size=128, hard=hard)
     ts_h = gf.sampling.optimize_schedule(fn, path, cal_h, prediction="x0", steps=steps_h, solver="unipc",
-                                         t_start=t0, init="karras", iters=100, objective="global")
+                                         t_start=t0, init="karras", iters=SEARCH_ITERS, objective="global")
     x, _ = gf.sample(fn, path, x_test, prediction="x0", solver="unipc", schedule=ts_h)
     e = np.sqrt(np.mean((np.asarray(x) - ref_test) ** 2, axis=1)) / scale
     flips = int(np.sum(np.asarray(gm.nearest_component(x)) != np.asarray(gm.nearest_component(jnp.asarray(ref_test)))))

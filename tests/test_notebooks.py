@@ -22,7 +22,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 # cache: 61 s with its two 2000-step trainings, 40 s with 500 steps. (With 500 steps it no longer
 # gains from running with XLA's backend optimizations, which it did before: 58.8 s vs 57.3 s
 # for its test, optimized vs not.)
-PARAMETERS = {"quickstart": {"TRAIN_STEPS": 500}, "samplers": {"TRAIN_STEPS": 500, "HARD_TEST": 2048},
+PARAMETERS = {"quickstart": {"TRAIN_STEPS": 500}, "samplers": {"TRAIN_STEPS": 500, "HARD_TEST": 2048, "SEARCH_ITERS": 30},
               "inverse": {"TRAIN_STEPS": 500, "N_BIG": 4000},
               "likelihood": {"DIFFUSION_STEPS": 300, "FLOW_STEPS": 200, "GLOW_STEPS": 10, "FFJORD_STEPS": 30},
               "images": {"DIT_STEPS": 60, "MLP_STEPS": 500}}
