@@ -147,6 +147,15 @@ def test_global_objective_lowers_the_calibration_error_and_generalizes(mixture_p
     assert abs(float(gf.sampling.global_error(model, karras, cal, x_end, "unipc")) - float(hist["initial"])) < 1e-4
     assert abs(float(gf.sampling.global_error(model, ts, cal, x_end, "unipc")) - float(hist["final"])) < 1e-4
     assert float(hist["final"]) < 0.7 * float(hist["initial"]), hist
+    assert np.asarray(hist["bound"]).shape == (40,) and float(hist["bound"][0]) == float(hist["initial"])
+    # iters=0: the starting grid and its value, with an empty history (the search's one evaluation
+    # of value and gradient gives the value; its update is dropped)
+    ts_0, hist_0 = gf.sampling.optimize_schedule(fn, path, cal, prediction="x0", steps=steps, solver="unipc",
+                                                 t_start=t0, init="karras", iters=0, objective="global",
+                                                 return_history=True)
+    np.testing.assert_allclose(np.asarray(ts_0), np.asarray(karras), rtol=3e-5)  # (through log-SNR and softmax)
+    assert np.asarray(hist_0["bound"]).shape == (0,) and int(hist_0["nonfinite_grads"]) == 0
+    assert float(hist_0["final"]) == float(hist_0["initial"]) and abs(float(hist_0["initial"]) - float(hist["initial"])) < 1e-4
 
     def med_err(schedule):
         x, _ = gf.sample(fn, path, test, prediction="x0", solver="unipc", schedule=schedule)
