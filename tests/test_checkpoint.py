@@ -523,6 +523,10 @@ def test_a_metrics_row_cut_off_by_a_crash_is_dropped(tmp_path):
         f.write('{"step": 3\n{"step": 40}\n')
     with pytest.raises(ValueError, match="line 3 is not valid JSON"):
         gf.train.read_jsonl(path)
+    with open(path, "w") as f:  # a complete, newline-terminated bad last line is an error too (not cut off)
+        f.write('{"step": 1}\n{"step": 2, oops}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        gf.train.read_jsonl(path)
 
 
 _EXIT_TWO = """

@@ -816,8 +816,9 @@ def test_make_optimizer_refuses_what_it_cannot_schedule():
     """dadapt_adamw with a warm-up: 0 / 0 at the first rate 0, a NaN state the finite check did
     not see, every later step non-finite and the 'last good state' poisoned. schedule_free: its
     step size is the base optimizer's (a rate or decay given here changed nothing)."""
-    with pytest.raises(ValueError, match="dadapt_adamw cannot start from the warm-up's learning rate 0"):
-        gf.train.make_optimizer(1.0, name="dadapt_adamw", warmup_steps=10)
+    for w in (1, 10):  # (a one-step warm-up's step-0 rate is 0 too)
+        with pytest.raises(ValueError, match="dadapt_adamw cannot start from the warm-up's learning rate 0"):
+            gf.train.make_optimizer(1.0, name="dadapt_adamw", warmup_steps=w)
     assert _least_squares_run(gf.train.make_optimizer(1.0, name="dadapt_adamw"))[0] < 0.5  # no warm-up: trains
     with pytest.raises(ValueError, match="make_optimizer cannot schedule 'schedule_free'"):
         gf.train.make_optimizer(1e-2, name="schedule_free", base_optimizer=optax.sgd(0.05))

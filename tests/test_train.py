@@ -1306,27 +1306,6 @@ def test_diffusion_objective_default_prediction_is_eps():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_read_jsonl_skips_only_a_cut_off_last_line(tmp_path):
-    """read_jsonl's docstring: a last line cut off by a crash (no final newline) is skipped with a
-    warning; any other bad line -- a complete, newline-terminated last line included -- raises a
-    ValueError naming its line number."""
-    path = tmp_path / "m.jsonl"
-    path.write_text('{"step": 1}\n{"step": 2, oops}\n')
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
-        gf.train.read_jsonl(str(path))
-    path.write_text('{"step": 1}\n{"step": 2, "lo')
-    with pytest.warns(UserWarning, match="skipped its last line 2"):
-        assert gf.train.read_jsonl(str(path)) == [{"step": 1}]
-
-
-def test_make_optimizer_refuses_any_warmup_for_dadapt_adamw():
-    """dadapt_adamw cannot start at the warm-up's rate 0 (a NaN D-Adaptation state): refused for
-    every warmup_steps >= 1, a one-step warm-up included (its step-0 rate is 0 too)."""
-    for w in (1, 2):
-        with pytest.raises(ValueError, match="dadapt_adamw cannot start from the warm-up's learning rate 0"):
-            gf.train.make_optimizer(1.0, name="dadapt_adamw", warmup_steps=w)
-
-
 def test_make_optimizer_default_learning_rate_is_1e_3():
     """``learning_rate`` defaults to 1e-3 for every name (make_optimizer's docstring): sgd's first
     update of a gradient g is -1e-3 g."""
