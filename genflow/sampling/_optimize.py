@@ -604,7 +604,8 @@ def _optimize(model, ts0, x1, solver, iters, learning_rate, rtol, atol, propagat
     # iters + 1 evaluations, each of the value and its gradient: the first is the starting grid's,
     # the last the final iterate's (whose update is dropped). The objective -- a whole sampler
     # solve -- is traced once; evaluating the first and last values on their own traced it three
-    # times, which 1.6-1.8x'd the compile time of this program for one more gradient at run time.
+    # times: compile + trace 1.2x as long (8.1 -> 6.9 s and 12.5 -> 10.6 s for a 10-step UniPC search,
+    # objective "global" / "bound"), for one more gradient at run time.
     def body(carry, i):
         theta, state, best, bad = carry
         val, g = value_and_grad(theta)
