@@ -525,13 +525,14 @@ def test_classifier_guidance_at_the_data_end_is_the_conditional_model(name):
     x = jax.random.normal(jax.random.key(0), (4, 2))
     logits = lambda z, tt: mix._resp(z, tt, path)[0]  # noqa: E731
     for kind in gf.param.KINDS:
+        # (one compiled program per kind for every t and the gradient: called eagerly, each call
+        # compiled the guidance's lax.cond anew, 15 programs per path)
+        guided = jax.jit(lambda tb, w: gf.guidance.classifier(mix.model(path, kind), path, kind, logits, 0, w)(x, tb))
         for t in (0.0, 1e-6, 0.5):
             tb = jnp.full((4,), t)
-            got = gf.guidance.classifier(mix.model(path, kind), path, kind, logits, 0, 1.0)(x, tb)
-            np.testing.assert_allclose(got, comp.model(path, kind)(x, tb), rtol=1e-4, atol=1e-5,
+            np.testing.assert_allclose(guided(tb, 1.0), comp.model(path, kind)(x, tb), rtol=1e-4, atol=1e-5,
                                        err_msg=f"{name} {kind} t={t}")
-        grad = jax.grad(lambda w: jnp.sum(gf.guidance.classifier(mix.model(path, kind), path, kind, logits, 0, w)(
-            x, jnp.zeros(4))))(1.0)
+        grad = jax.grad(lambda w: jnp.sum(guided(jnp.zeros(4), w)))(1.0)
         assert np.isfinite(float(grad)), (name, kind)
 
 
