@@ -43,6 +43,14 @@ _OWN_DIR = None
 if "PYTEST_XDIST_WORKER" not in os.environ:
     _OWN_DIR = os.environ["GENFLOW_TEST_SESSION_DIR"] = tempfile.mkdtemp(prefix="genflow-tests-")
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_OWN_DIR, "jax-cache"))
+    # Temporary files go there too, for the workers and subprocesses as well (TMPDIR): tfds'
+    # mock_data left an empty directory in /tmp per dataset it mocked (~50 a run, from
+    # DatasetInfo.initialize_from_bucket's mkdtemp). pytest's own tmp_path directories stay where
+    # they were (kept for a look after a failure).
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    os.environ["TMPDIR"] = os.path.join(_OWN_DIR, "tmp")
+    os.mkdir(os.environ["TMPDIR"])
+    tempfile.tempdir = None  # (re-read from TMPDIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
