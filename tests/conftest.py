@@ -44,9 +44,10 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
     _OWN_DIR = os.environ["GENFLOW_TEST_SESSION_DIR"] = tempfile.mkdtemp(prefix="genflow-tests-")
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_OWN_DIR, "jax-cache"))
     # Temporary files go there too, for the workers and subprocesses as well (TMPDIR): tfds'
-    # mock_data left an empty directory in /tmp per dataset it mocked (~50 a run, from
-    # DatasetInfo.initialize_from_bucket's mkdtemp). pytest's own tmp_path directories stay where
-    # they were (kept for a look after a failure).
+    # mock_data left an empty directory in /tmp per dataset it mocked (DatasetInfo.
+    # initialize_from_bucket's mkdtemp; 24 from the tfds tests of test_data and
+    # test_images_experiment alone). pytest's own tmp_path directories stay where they were (kept
+    # for a look after a failure).
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
     os.environ["TMPDIR"] = os.path.join(_OWN_DIR, "tmp")
     os.mkdir(os.environ["TMPDIR"])
