@@ -606,7 +606,9 @@ def test_optimize_schedule_returns_the_best_iterate_including_the_last():
     fn = gm.model(path, "x0")
     ts, h = gf.sampling.optimize_schedule(fn, path, cal, iters=30, learning_rate=1.0, **kw)
     hb = np.asarray(h["bound"])
-    assert hb[-1] > 1.2 * hb.min()  # (measured 0.407 vs 0.258: the iteration oscillates: the last iterate is not the best)
+    # the iteration oscillates: the last iterate is not the best (measured 0.407 vs 0.258 on an Intel Xeon,
+    # 0.296 vs 0.259 on an AMD EPYC), so returning the last one fails the next assertion
+    assert hb[-1] > 1.05 * hb.min(), (hb[-1], hb.min())
     assert float(h["final"]) <= hb.min() * (1 + 1e-6), (float(h["final"]), hb.min())
     ts1, h1 = gf.sampling.optimize_schedule(fn, path, cal, iters=1, learning_rate=0.05, **kw)
     assert float(h1["final"]) < 0.98 * float(h1["initial"])
