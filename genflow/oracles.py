@@ -101,13 +101,14 @@ class Gaussian:
         var, basis = jnp.linalg.eigh(0.5 * (cov + cov.T))
         if not isinstance(var, jax.core.Tracer):
             v = np.asarray(var)
-            if v.size and v.min() < -1e3 * np.finfo(v.dtype).eps * max(abs(v).max(), 1e-30):
+            ulp = np.finfo(v.dtype).eps * max(abs(v).max(initial=0.0), 1e-30)  # (eps of the largest eigenvalue)
+            if v.size and v.min() < -1e3 * ulp:
                 raise ValueError(f"cov must be positive semi-definite; got an eigenvalue {v.min():.3g}")
             # eigh resolves an eigenvalue only to about D * eps * max|eigenvalue|: below that, the
             # zero eigenvalues of a singular cov come out as rounding of either sign (-4.8e-7 and
             # +7.2e-8 for a rank-1 float32 cov of norm 9.4), and a positive one put sqrt(7.2e-8)-sized
             # noise off the covariance's range in sample(); they are zero
-            var = jnp.where(var > var.shape[0] * np.finfo(v.dtype).eps * max(abs(v).max(), 1e-30), var, 0.0)
+            var = jnp.where(var > v.size * ulp, var, 0.0)
         return cls(mean, var, basis)
 
     @property
