@@ -75,7 +75,9 @@ def _genflow_calls_that_do_not_resolve(tree: ast.AST) -> list[str]:
     roots = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            roots.update({a.asname or a.name: a.name for a in node.names if a.name.split(".")[0] == "genflow"})
+            # (``import genflow.inverse`` binds ``genflow``; ``import genflow.inverse as inv`` binds the submodule)
+            roots.update((a.asname, a.name) if a.asname else ("genflow", "genflow")
+                         for a in node.names if a.name.split(".")[0] == "genflow")
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "genflow":
             roots.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
 
@@ -143,12 +145,14 @@ def test_notebook_is_current(src):
 def test_the_notebook_check_finds_a_renamed_function_and_a_renamed_argument():
     """The resolution check above on hand-made cells: it must name both kinds of breakage. (A function
     that takes ``**kwargs``, as gf.sample does its solver options, checks those at run time.)"""
-    src = ("import genflow as gf\nfrom genflow import inverse as inv\n"
+    src = ("import genflow as gf\nfrom genflow import inverse as inv\nimport genflow.paths\n"
+           "genflow.paths.linear()\ngenflow.paths.vp_cosine(s=0.008)\n"
            "gf.sample(fn, path, x1, solver='heun', steps=4)\n"
            "gf.sampling.solvers()\ninv.random_inpainting(key, (8, 8, 1), keep=0.4)\n"
            "gf.sampling.no_such_function(1)\ngf.paths.ve(sigma_min=0.01, sigma_mx=50.0)\n"
            "inv.random_inpainting(key, (8, 8, 1), kept=0.4)\nx.sample(no_check=1)\n")
     assert _genflow_calls_that_do_not_resolve(ast.parse(src)) == [
+        "genflow.paths.vp_cosine(..., s=...): no such argument",
         "gf.paths.ve(..., sigma_mx=...): no such argument", "gf.sampling.no_such_function does not exist",
         "inv.random_inpainting(..., kept=...): no such argument"]
 
