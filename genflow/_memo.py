@@ -12,6 +12,7 @@ batch repeated. :func:`memoised` keeps the result under a key of everything it d
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -116,6 +117,47 @@ def _deleted(out) -> bool:
     return any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree_util.tree_leaves(out))
 
 
+def under_transformation() -> bool:
+    """Whether the caller runs under a JAX transformation (grad, jit, vmap, ...). JAX has no public
+    query for this; the private one is guarded, and without it the answer is False."""
+    try:
+        from jax._src import core as _jax_core
+
+        return not _jax_core.trace_state_clean()
+    except (ImportError, AttributeError):  # pragma: no cover - a JAX without it
+        return False
+
+
+def staged():
+    """A context in which a traced function stages its constant subexpressions into its program.
+
+    Under ``jax.ensure_compile_time_eval`` (:func:`memoised` builds under it when called under a
+    transformation) JAX carries that setting into every function traced inside: each operation on
+    constants there (``jnp.arange(64) - 1`` in a solver's coefficients, a path's hyper-parameters)
+    was evaluated at once, one compiled XLA program per primitive (~25 ms each with its lowering;
+    ~20 for a ``gf.sample`` of a new solver). A no-op context on a JAX without the setting."""
+    try:
+        from jax._src import config as _jax_config
+
+        return _jax_config.eager_constant_folding(False)
+    except (ImportError, AttributeError):  # pragma: no cover - a JAX without it
+        return contextlib.nullcontext()
+
+
+def staged_jit(fun: Callable | None = None, **jit_kwargs):
+    """``jax.jit(fun, **jit_kwargs)`` whose body is traced under :func:`staged` (for the compiled
+    pieces that :func:`memoised` builds call). Usable as ``@staged_jit`` or ``@staged_jit(static_argnames=...)``."""
+    if fun is None:
+        return functools.partial(staged_jit, **jit_kwargs)
+
+    @functools.wraps(fun)
+    def body(*args, **kwargs):
+        with staged():
+            return fun(*args, **kwargs)
+
+    return jax.jit(body, **jit_kwargs)
+
+
 def memoised(tag: str, parts: Sequence, extra: tuple, build: Callable[[], Any]):
     """``build()``, kept in :data:`PREPARED` (least recently used out past :data:`PREPARED_SIZE`).
 
@@ -123,9 +165,9 @@ def memoised(tag: str, parts: Sequence, extra: tuple, build: Callable[[], Any]):
     :func:`path_key` / :func:`schedule_key` / :func:`value_key`: one that is None, a traced or
     unkeyable argument, means built afresh and not kept), ``extra`` (hashable values that need no
     keying) and the default float dtype and device of the moment. Every argument that a check in
-    ``build`` depends on must be in the key: a hit skips the checks. ``build`` runs under
-    ``jax.ensure_compile_time_eval`` (concrete arguments are evaluated now even under a user's jit,
-    which then gets the result as constants); a result holding a tracer is never kept, and a kept
+    ``build`` depends on must be in the key: a hit skips the checks. Under a transformation
+    ``build`` runs under ``jax.ensure_compile_time_eval`` (concrete arguments are evaluated now even
+    under a user's jit, which then gets the result as constants); a result holding a tracer is never kept, and a kept
     one whose arrays were deleted (e.g. a donated ``info.ts``) is built again."""
     key = None
     if all(p is not None for p in parts):
@@ -139,7 +181,9 @@ def memoised(tag: str, parts: Sequence, extra: tuple, build: Callable[[], Any]):
             out = lru_get(PREPARED, key)
             if out is not None and not _deleted(out):
                 return out
-    with jax.ensure_compile_time_eval():
+    # (only under a transformation: at top level every operation on concrete values runs now anyway,
+    # and the setting would reach the functions traced inside build -- see staged())
+    with jax.ensure_compile_time_eval() if under_transformation() else contextlib.nullcontext():
         out = build()
     if key is not None and not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(out)):
         with PREPARED_LOCK:

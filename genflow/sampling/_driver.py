@@ -20,13 +20,13 @@ error of each step -- the quantity :func:`genflow.sampling.optimize_schedule` mi
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow import _memo
 from genflow.paths import Path
 from genflow.sampling._exp import Grid, make_grid, stage_grid
 from genflow.sampling._model import Model
@@ -105,7 +105,7 @@ def step_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
 
 # Compiled pieces of grid_scalars. Only _grid_jit and _stage_grid_jit see the path (and are
 # shared by all solvers); the solver-specific ones see arrays only (and are shared by all paths).
-@jax.jit
+@_memo.staged_jit
 def _grid_jit(path: Path, tp: Array, n: Array) -> Grid:
     return make_grid(path, tp, n)
 
@@ -120,17 +120,17 @@ def pad_grid(ts: Array, length: int) -> Array:
     return jax.device_put(np.concatenate([tn, np.full(length + 1 - tn.shape[0], tn[-1], tn.dtype)]))
 
 
-@jax.jit
+@_memo.staged_jit
 def _stage_grid_jit(path: Path, lam: Array, lo: Array, hi: Array) -> Grid:
     return stage_grid(path, lam, lo, hi)
 
 
-@functools.partial(jax.jit, static_argnames=("stepper", "options"))
+@_memo.staged_jit(static_argnames=("stepper", "options"))
 def _stages_jit(g: Grid, arrays: dict, stepper: Stepper, options: tuple) -> Array:
     return _stage_lams(stepper, g, g.t.shape[0] - 1, **dict(options), **arrays)
 
 
-@functools.partial(jax.jit, static_argnames=("stepper", "options"))
+@_memo.staged_jit(static_argnames=("stepper", "options"))
 def _scalars_jit(g: Grid, st: Grid | None, arrays: dict, stepper: Stepper, options: tuple) -> dict:
     return _all_scalars(stepper, g, st, g.t.shape[0] - 1, **dict(options), **arrays)
 

@@ -21,13 +21,13 @@ into ``sigma = 0`` with their own exact limits (see ``genflow.sampling._exp``).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genflow import _memo
 from genflow._checks import check_int, concrete_real, real_or_traced
 from genflow.paths import Path, check_orientation
 from genflow.sampling._driver import bucket
@@ -286,7 +286,7 @@ def check_clean_runs(path: Path, ts: Array, what: str) -> Array:
     return ts
 
 
-@jax.jit
+@_memo.staged_jit
 def _zero_scales(path: Path, ts: Array) -> tuple[Array, Array]:
     """``(alpha(ts) == 0, sigma(ts) == 0)``."""
     return jax.vmap(path.alpha)(ts) == 0, jax.vmap(path.sigma)(ts) == 0
@@ -363,7 +363,7 @@ def karras_family(path: Path, steps: int, *, t_start: float = 1.0, t_end: float 
     return grids, params
 
 
-@functools.partial(jax.jit, static_argnames=("schedule", "geometric", "start_inf", "end_inf"))
+@_memo.staged_jit(static_argnames=("schedule", "geometric", "start_inf", "end_inf"))
 def _interior(path: Path, u, t_start, t_end, rho, sigma_min, sigma_max, *, schedule: str, geometric: bool,
               start_inf: bool, end_inf: bool) -> Array:
     """The times of the noise levels at fractions ``u`` of the (log / ``level^(1/rho)``) range."""
