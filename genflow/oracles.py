@@ -15,6 +15,7 @@ Arrays are ``[B, D]`` (or ``[B, ...]`` flattened to ``D`` features).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,27 @@ def _t_col(t, x: Array) -> Array:
     t = jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32))
     broadcast_t(t, x)  # (names a t of the wrong length)
     return jnp.broadcast_to(t, (x.shape[0],))[:, None]
+
+
+def _compiled(method):
+    """``method(self, x, *times, path)`` of an oracle run as one compiled program.
+
+    Called op by op, an oracle's closed form compiled a program per primitive on first use (~25 ms
+    each with its lowering, ~40 for a mixture's velocity): most of the first call's time, and of
+    the suite's. Under a caller's transformation ``jax.jit(..., inline=True)`` traces it into the
+    caller's program as before. The path and the times are checked here (the times' range on
+    their concrete values)."""
+    jitted = jax.jit(method, inline=True)
+
+    @functools.wraps(method)
+    def call(self, x, *args, **kwargs):
+        *times, path = (*args, kwargs.get("path"))[: len(args) + ("path" in kwargs)] or (None,)
+        check_path(path)  # (before jax.jit, which would refuse a wrong type without naming path)
+        for t in (*times, *(kwargs[k] for k in ("s", "t") if k in kwargs)):
+            check_t(t)
+        return jitted(self, x, *args, **kwargs)
+
+    return call
 
 
 def _float_array(a) -> Array:
@@ -136,6 +158,7 @@ class Gaussian:
         r = matmul(flat_batch(x) - a * self.mean[None], self.basis)  # (full precision: see genflow._precision)
         return r, a * a * self.var[None] + s * s, a, s
 
+    @_compiled
     def x0(self, x: Array, t, path: Path) -> Array:
         """Denoiser ``E[x0 | x_t] = mean + alpha C (alpha^2 C + sigma^2)^-1 (x - alpha mean)``."""
         r, m, a, _ = self._coords(x, t, path)
@@ -146,16 +169,19 @@ class Gaussian:
         out = self.mean[None] + matmul(gain * r, self.basis.T)
         return out.reshape(x.shape)
 
+    @_compiled
     def score(self, x: Array, t, path: Path) -> Array:
         """``grad log p_t(x) = -(alpha^2 C + sigma^2)^-1 (x - alpha mean)``."""
         r, m, _, _ = self._coords(x, t, path)
         return matmul(-(r / m), self.basis.T).reshape(x.shape)
 
+    @_compiled
     def log_prob(self, x: Array, t, path: Path) -> Array:
         """``log p_t(x)`` for ``x: [B, ...]``; returns ``[B]``."""
         r, m, _, _ = self._coords(x, t, path)
         return -0.5 * jnp.sum(r * r / m + jnp.log(2 * jnp.pi * m), axis=-1)
 
+    @_compiled
     def flow_map(self, x: Array, s, t, path: Path) -> Array:
         """Exact probability-flow ODE map from time ``s`` to time ``t``; ``x: [B, ...]``."""
         r, m_s, _, _ = self._coords(x, s, path)
@@ -253,11 +279,13 @@ class GaussianMixture:
         logp = -0.5 * jnp.sum(r * r / m + jnp.log(2 * jnp.pi * m), axis=-1) + jax.nn.log_softmax(self.logits)[None]
         return logp, r, m, a, s
 
+    @_compiled
     def log_prob(self, x: Array, t, path: Path) -> Array:
         """``log p_t(x)``; returns ``[B]``."""
         logp, *_ = self._resp(x, t, path)
         return jax.nn.logsumexp(logp, axis=-1)
 
+    @_compiled
     def x0(self, x: Array, t, path: Path) -> Array:
         """``E[x0 | x_t] = sum_k w_k(x_t) (mu_k + alpha v_k (x_t - alpha mu_k) / (alpha^2 v_k + sigma^2))``.
 
@@ -274,6 +302,7 @@ class GaussianMixture:
         exact = flat_batch(x) / jnp.where(at_data, a, 1.0)
         return jnp.where(at_data, exact, out).reshape(x.shape)
 
+    @_compiled
     def score(self, x: Array, t, path: Path) -> Array:
         logp, r, m, *_ = self._resp(x, t, path)
         w = jax.nn.softmax(logp, axis=-1)[..., None]
@@ -308,6 +337,10 @@ class OracleModel:
     kind: str = dataclasses.field(metadata=dict(static=True))
 
     def __call__(self, x: Array, t: Array) -> Array:
+        check_t(t)
+        return _oracle_model(self, x, t)
+
+    def _call(self, x: Array, t: Array) -> Array:
         score = self.oracle.score(x, t, self.path)
         if self.kind == "score":
             return score
@@ -330,6 +363,9 @@ class OracleModel:
         out = self.path.d_alpha(ts) * x0 + self.path.d_sigma(ts) * eps
         pf = self.path.drift_coef(tp) * x - 0.5 * self.path.diffusion_sq(tp) * score
         return jnp.where(bad, pf, out)
+
+
+_oracle_model = jax.jit(OracleModel._call, inline=True)  # (see _compiled)
 
 
 def _linear_velocity(oracle, x: Array, tau: Array) -> Array:
