@@ -117,25 +117,16 @@ def _deleted(out) -> bool:
     return any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree_util.tree_leaves(out))
 
 
-def under_transformation() -> bool:
-    """Whether the caller runs under a JAX transformation (grad, jit, vmap, ...). JAX has no public
-    query for this; the private one is guarded, and without it the answer is False."""
-    try:
-        from jax._src import core as _jax_core
-
-        return not _jax_core.trace_state_clean()
-    except (ImportError, AttributeError):  # pragma: no cover - a JAX without it
-        return False
-
-
 def staged():
     """A context in which a traced function stages its constant subexpressions into its program.
 
-    Under ``jax.ensure_compile_time_eval`` (:func:`memoised` builds under it when called under a
-    transformation) JAX carries that setting into every function traced inside: each operation on
-    constants there (``jnp.arange(64) - 1`` in a solver's coefficients, a path's hyper-parameters)
-    was evaluated at once, one compiled XLA program per primitive (~25 ms each with its lowering;
-    ~20 for a ``gf.sample`` of a new solver). A no-op context on a JAX without the setting."""
+    :func:`memoised` builds under ``jax.ensure_compile_time_eval``, and JAX carries that setting into
+    every function traced inside: each operation on constants there (``jnp.arange(64) - 1`` in a
+    solver's coefficients, a path's hyper-parameters) was evaluated at once, one compiled XLA program
+    per primitive (~25 ms each with its lowering; 34 programs for a first ``gf.sample`` with
+    dpm++3m, now 2). The setting stays on outside the traced bodies, so the pieces compiled at top
+    level and under a caller's jit share one cache entry (JAX keys its cache by it). A no-op context
+    on a JAX without the setting."""
     try:
         from jax._src import config as _jax_config
 
@@ -165,9 +156,10 @@ def memoised(tag: str, parts: Sequence, extra: tuple, build: Callable[[], Any]):
     :func:`path_key` / :func:`schedule_key` / :func:`value_key`: one that is None, a traced or
     unkeyable argument, means built afresh and not kept), ``extra`` (hashable values that need no
     keying) and the default float dtype and device of the moment. Every argument that a check in
-    ``build`` depends on must be in the key: a hit skips the checks. Under a transformation
-    ``build`` runs under ``jax.ensure_compile_time_eval`` (concrete arguments are evaluated now even
-    under a user's jit, which then gets the result as constants); a result holding a tracer is never kept, and a kept
+    ``build`` depends on must be in the key: a hit skips the checks. ``build`` runs under
+    ``jax.ensure_compile_time_eval`` (concrete arguments are evaluated now even under a user's jit,
+    which then gets the result as constants; the compiled pieces it calls must trace under
+    :func:`staged`, see there); a result holding a tracer is never kept, and a kept
     one whose arrays were deleted (e.g. a donated ``info.ts``) is built again."""
     key = None
     if all(p is not None for p in parts):
@@ -181,9 +173,7 @@ def memoised(tag: str, parts: Sequence, extra: tuple, build: Callable[[], Any]):
             out = lru_get(PREPARED, key)
             if out is not None and not _deleted(out):
                 return out
-    # (only under a transformation: at top level every operation on concrete values runs now anyway,
-    # and the setting would reach the functions traced inside build -- see staged())
-    with jax.ensure_compile_time_eval() if under_transformation() else contextlib.nullcontext():
+    with jax.ensure_compile_time_eval():
         out = build()
     if key is not None and not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(out)):
         with PREPARED_LOCK:

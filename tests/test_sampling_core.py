@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import genflow as gf
+from conftest import count_compiles
 from genflow.sampling import _core
 
 
@@ -349,3 +350,19 @@ def test_a_start_where_alpha_rounds_below_zero_is_refused():
     x1 = jax.random.normal(jax.random.key(0), (4, 2))
     with pytest.raises(ValueError, match="< 0"):
         gf.sample(lambda x, t: jnp.zeros_like(x), path, x1, prediction="eps", solver="ddim", steps=4, t_end=1e-3)
+
+
+def test_a_first_call_of_a_solver_compiles_its_pieces_not_each_operation():
+    """gf.sample's grid preparation folded every constant operation of its compiled pieces into a
+    program of its own (its build ran under jax.ensure_compile_time_eval, which JAX carries into the
+    functions traced inside): a first dpm++3m call compiled 34 programs, unipc 15, deis 12
+    (measured), now 2-4. The same holds under a caller's jit, where that setting is needed."""
+    path = gf.paths.vp_linear()
+    g = gf.oracles.GaussianMixture.random(jax.random.key(0), 3, 5)
+    x1 = jax.random.normal(jax.random.key(1), (11, 5))
+    m = g.model(path, "eps")
+    gf.sample(m, path, x1, prediction="eps", solver="ddim", steps=9)  # (the pieces all solvers share)
+    for solver in ("dpm++3m", "unipc", "deis"):
+        assert count_compiles(lambda: gf.sample(m, path, x1, prediction="eps", solver=solver, steps=9)) <= 4, solver
+    under_jit = jax.jit(lambda x: gf.sample(m, path, x, prediction="eps", solver="dpm++2s", steps=9)[0])
+    assert count_compiles(lambda: under_jit(x1)) <= 4

@@ -518,10 +518,15 @@ def _run_path(path: Path) -> Path:
 
 
 def _under_transformation() -> bool:
-    """Whether the caller runs under a JAX transformation (grad, jit, vmap, ...): see
-    :func:`genflow._memo.under_transformation` (without JAX's private query the answer is False, and
-    the step count is then traced as before, which only reverse mode minds)."""
-    return _memo.under_transformation()
+    """Whether the caller runs under a JAX transformation (grad, jit, vmap, ...). JAX has no public
+    query for this; the private one is guarded, and without it the answer is False (the step
+    count is then traced as before, which only reverse mode minds)."""
+    try:
+        from jax._src import core as _jax_core
+
+        return not _jax_core.trace_state_clean()
+    except (ImportError, AttributeError):  # pragma: no cover - a JAX without it
+        return False
 
 
 def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad):
