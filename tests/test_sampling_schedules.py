@@ -478,11 +478,13 @@ def test_local_errors_have_the_solvers_local_order():
         # (measured slopes: unipc 2.89, dpm++2m 2.90, dpm++3m 3.48, deis 3.94)
         for solver, low in (("unipc", 2.6), ("dpm++2m", 2.6), ("dpm++3m", 3.2), ("deis", 3.5)):
             spec, opts = _optimize._scan_solver(solver, {})
+            # (compiled: op by op, the four solvers' local errors compiled ~540 programs, 12 s)
+            local_errors = jax.jit(lambda m, ts, xs: _driver.local_errors(m, ts, xs, stepper=spec.stepper, **opts))
             errs = []
             for n in (16, 32):
                 ts = jnp.linspace(0.8, 0.1, n + 1)
                 xs = jnp.stack([g.flow_map(x, 0.8, t, path) for t in ts])
-                e = _driver.local_errors(model, ts, xs, stepper=spec.stepper, **opts)
+                e = local_errors(model, ts, xs)
                 errs.append(float(jnp.max(jnp.abs(e[2:]))))  # (after the warm-up steps)
             assert np.log2(errs[0] / errs[1]) > low, (solver, errs)
 
