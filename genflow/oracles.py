@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -50,22 +51,26 @@ def _t_col(t, x: Array) -> Array:
 
 
 def _compiled(method):
-    """``method(self, x, *times, path)`` of an oracle run as one compiled program.
+    """An oracle's ``method(self, x, ...)`` run as one compiled program.
 
     Called op by op, an oracle's closed form compiled a program per primitive on first use per
     shape (~25 ms each with its lowering; measured 18 for a mixture's velocity model, 41 for its x0
-    of a new batch size): most of a first call's time. Under a caller's transformation ``jax.jit(..., inline=True)`` traces it into the
-    caller's program as before. The path and the times are checked here (the times' range on
-    their concrete values)."""
+    of a new batch size): most of a first call's time. Under a caller's transformation
+    ``jax.jit(..., inline=True)`` traces it into the caller's program as before. Its arguments
+    ``path`` (type) and ``s`` / ``t`` (range, on their concrete values) are checked here, before
+    the jit."""
     jitted = jax.jit(method, inline=True)
+    signature = inspect.signature(method)
 
     @functools.wraps(method)
-    def call(self, x, *args, **kwargs):
-        *times, path = (*args, kwargs.get("path"))[: len(args) + ("path" in kwargs)] or (None,)
-        check_path(path)  # (before jax.jit, which would refuse a wrong type without naming path)
-        for t in (*times, *(kwargs[k] for k in ("s", "t") if k in kwargs)):
-            check_t(t)
-        return jitted(self, x, *args, **kwargs)
+    def call(*args, **kwargs):
+        named = signature.bind(*args, **kwargs).arguments
+        if "path" in named:
+            check_path(named["path"])  # (jax.jit would refuse a path name without naming path)
+        for name in ("s", "t"):
+            if name in named:
+                check_t(named[name])
+        return jitted(*args, **kwargs)
 
     return call
 
@@ -336,11 +341,8 @@ class OracleModel:
     path: Path
     kind: str = dataclasses.field(metadata=dict(static=True))
 
+    @_compiled
     def __call__(self, x: Array, t: Array) -> Array:
-        check_t(t)
-        return _oracle_model(self, x, t)
-
-    def _call(self, x: Array, t: Array) -> Array:
         score = self.oracle.score(x, t, self.path)
         if self.kind == "score":
             return score
@@ -363,9 +365,6 @@ class OracleModel:
         out = self.path.d_alpha(ts) * x0 + self.path.d_sigma(ts) * eps
         pf = self.path.drift_coef(tp) * x - 0.5 * self.path.diffusion_sq(tp) * score
         return jnp.where(bad, pf, out)
-
-
-_oracle_model = jax.jit(OracleModel._call, inline=True)  # (see _compiled)
 
 
 def _linear_velocity(oracle, x: Array, tau: Array) -> Array:
