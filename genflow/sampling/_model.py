@@ -56,7 +56,16 @@ class Model:
 
     def reverse_drift(self, x: Array, t) -> Array:
         """Drift of the reverse-time SDE, ``f(t) x - g(t)^2 score(x, t)`` (with dt < 0)."""
+        return self._drift(x, t, self.predict(x, t, "eps"))
+
+    def score_and_reverse_drift(self, x: Array, t) -> tuple[Array, Array]:
+        """``(score, reverse_drift)`` of one network evaluation."""
+        tb = self._t(x, t)
+        out = self._call(x, tb)
+        cast = lambda kind: param.convert(out, x, tb, self.path, self.prediction, kind).astype(x.dtype)  # noqa: E731
+        return cast("score"), self._drift(x, t, cast("eps"))
+
+    def _drift(self, x: Array, t, eps: Array) -> Array:
         tt = broadcast_t(jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32)), x)
-        eps = self.predict(x, t, "eps")
         p = self.path
         return (p.drift_coef(tt) * x + p.diffusion_sq(tt) * eps / p.sigma(tt)).astype(x.dtype)

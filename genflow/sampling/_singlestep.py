@@ -10,6 +10,11 @@
   re-noised to ``restart_interval[1]`` by the forward process and integrated back,
   ``restart_times`` times.
 
+A step's network evaluations run in a ``lax.scan`` over its stages (:func:`stage_evals`), so the
+network is traced and compiled once per step rule, not once per stage (as Diffrax does for its
+Runge-Kutta stages): DPM-Solver++(3S)'s program held 3 copies of the network, 2S's and EDM's
+Heun's 2 (each compiled again). Restart keeps two, the regular step's and its restart loop's.
+
 Endpoints (see :mod:`genflow.sampling._exp`): a step out of pure noise places its stages at
 fractions of ``kappa = alpha / sigma`` and combines them with the Runge-Kutta rule of the same
 order in kappa (midpoint; Heun's third-order rule), and EDM's trapezoid is taken in kappa; a
@@ -29,6 +34,45 @@ from genflow.sampling._driver import Stepper, x_init
 from genflow.sampling._exp import combine, ddim_coefs, finite_or, lagrange_at_zero, nonzero, phi, sqrt0
 
 Array = jax.Array
+
+
+def stage_evals(model, x: Array, ts: Array, c_in: Array, *, eps: bool = False, active: Array | None = None) -> Array:
+    """The model's predictions at the ``K`` stages of one step, in one ``lax.scan`` over the stages
+    (the network is traced once, however many stages).
+
+    Stage ``k`` evaluates ``model.x0_eps`` at time ``ts[k]`` on the state
+    ``combine(c_in[k, 0], x, c_in[k, 1:], (D_0, ..., D_{K-1}[, E_0, ..., E_{K-1}]))``, where ``D_j`` /
+    ``E_j`` are stage ``j``'s data / noise predictions (the ``E_j`` only with ``eps=True``). The
+    weights of stages ``j >= k`` must be 0: their buffers hold zeros until computed, so the sum is
+    the one written with the earlier stages alone (adding exact zeros).
+
+    Args:
+      x: ``[B, ...]`` the state at the step's start.
+      ts: ``[K]`` the stages' times.
+      c_in: ``[K, 1 + K]`` (``[K, 1 + 2K]`` with ``eps=True``) the stages' input weights.
+      active: ``[K]`` bool, or None (all): an inactive stage is skipped (``lax.cond``; its
+        predictions stay zero).
+    Returns:
+      ``[K, B, ...]`` the data predictions, or ``[2, K, B, ...]`` (data, noise) with ``eps=True``.
+    """
+    k, parts = ts.shape[0], 2 if eps else 1
+    on = jnp.ones((k,), bool) if active is None else active
+
+    def evaluate(xin, t):
+        out = model.x0_eps(xin, t)
+        return jnp.stack(out[:parts])
+
+    def body(buf, inp):
+        j, t, c, a = inp
+        xin = combine(c[0], x, c[1:], tuple(buf.reshape((parts * k,) + x.shape)))
+        if active is None:
+            out = evaluate(xin, t)
+        else:
+            out = jax.lax.cond(a, evaluate, lambda xin, t: jnp.zeros((parts,) + x.shape, x.dtype), xin, t)
+        return jax.lax.dynamic_update_index_in_dim(buf, out, j, axis=1), None
+
+    buf, _ = jax.lax.scan(body, jnp.zeros((parts, k) + x.shape, x.dtype), (jnp.arange(k), ts, c_in, on))
+    return buf if eps else buf[0]
 
 
 # -- DPM-Solver++ 2S / 3S ---------------------------------------------------------------------
@@ -64,8 +108,11 @@ def _single_scalars(g, st, i, *, order: int = 2, **_):
     start, end = a_s == 0, s_t == 0
     a1, s1, l1 = st.at(0)
     c_x, c1 = ddim_coefs(a_s, s_s, a_t, s_t)
-    out = {"s": g.t[i], "t1": st.t[0], "x1": jnp.stack(ddim_coefs(a_s, s_s, a1, s1))}
     zero = jnp.zeros_like(c1)
+    one = jnp.ones_like(c1)
+    # stage inputs (stage_evals): x; the DDIM step to the first stage point; (3S) the second's
+    rows = [jnp.stack([one] + [zero] * order), jnp.stack(list(ddim_coefs(a_s, s_s, a1, s1)) + [zero] * (order - 1))]
+    times = [g.t[i], st.t[0]]
     if order == 2:
         c_d = jnp.where(end, a_t * lagrange_at_zero([_u(l_s, 2.0), _u(l1, 1.0)]), jnp.stack([zero, c1]))
     else:
@@ -78,21 +125,18 @@ def _single_scalars(g, st, i, *, order: int = 2, **_):
         c_f = jnp.where(start, 0.75 * a_t, a_t * h * phi(-h, 2) / _fractions(3)[1])
         us = [_u(l, 3.0 - j) for j, l in enumerate((l_s, l1, l2))]
         c_d = jnp.where(end, a_t * lagrange_at_zero(us), jnp.stack([c1 - c_f, zero, c_f]))
-        out.update(t2=st.t[1], x2=jnp.stack([c2x, c2d - c2, c2]))
+        rows.append(jnp.stack([c2x, c2d - c2, c2, zero]))
+        times.append(st.t[1])
     # one step from pure noise straight to clean data: x = alpha_t D(x_s)
     c_d = jnp.where(start & end, jnp.zeros_like(c_d).at[0].set(a_t), c_d)
-    return {**out, "c_x": jnp.where(end, 0.0, c_x), "c_d": c_d}
+    return {"ts": jnp.stack(times), "c_in": jnp.stack(rows), "c_x": jnp.where(end, 0.0, c_x), "c_d": c_d}
 
 
 def _single_step(model, carry, c, key, *, order: int = 2):
     del key
     x = carry["x"]
-    d0 = model.x0_eps(x, c["s"])[0]
-    d1 = model.x0_eps(combine(c["x1"][0], x, c["x1"][1:], (d0,)), c["t1"])[0]
-    ds = (d0, d1)
-    if order == 3:
-        ds = ds + (model.x0_eps(combine(c["x2"][0], x, c["x2"][1:], ds), c["t2"])[0],)
-    return {"x": combine(c["c_x"], x, c["c_d"], ds)}, order
+    ds = stage_evals(model, x, c["ts"], c["c_in"])
+    return {"x": combine(c["c_x"], x, c["c_d"], tuple(ds))}, order
 
 
 def dpm_singlestep(order: int) -> Stepper:
@@ -110,21 +154,21 @@ def _heun_coefs(t_hat, a_h, s_h, t, a_t, s_t) -> dict:
     c_rho = 0.5 * (s_t - a_t * s_h / nonzero(a_h))
     c_kap = 0.5 * (a_t - s_t * a_h / s_h)
     zero = jnp.zeros_like(c_rho)
-    return {"t_hat": t_hat, "t": t, "euler": jnp.stack([a_t, s_t]), "correct": s_t > 0,
+    one = jnp.ones_like(c_rho)
+    # stage inputs over (x; D_1, D_2, E_1, E_2): x, then the Euler step x_e = alpha_t D_1 + sigma_t E_1
+    c_in = jnp.stack([jnp.stack([one, zero, zero, zero, zero]), jnp.stack([zero, a_t, zero, s_t, zero])])
+    return {"ts": jnp.stack([t_hat, t]), "c_in": c_in, "euler": jnp.stack([a_t, s_t]), "correct": s_t > 0,
             "c_x": jnp.where(noise, s_t / s_h, a_t / nonzero(a_h)),
             "c": jnp.where(noise, jnp.stack([c_kap, c_kap, zero, zero]), jnp.stack([zero, zero, c_rho, c_rho]))}
 
 
 def _heun_apply(model, x, hc):
-    """Returns ``(x_t, nfe)``; the second evaluation is skipped (``lax.cond``) into ``sigma = 0``."""
-    d1, e1 = model.x0_eps(x, hc["t_hat"])
+    """Returns ``(x_t, nfe)``; the second evaluation is skipped (``lax.cond`` in :func:`stage_evals`)
+    into ``sigma = 0``, where the step is the Euler step."""
+    (d1, d2), (e1, e2) = stage_evals(model, x, hc["ts"], hc["c_in"], eps=True,
+                                     active=jnp.stack([jnp.asarray(True), hc["correct"]]))
     x_euler = combine(jnp.float32(0.0), x, hc["euler"], (d1, e1))
-
-    def correct(_):
-        d2, e2 = model.x0_eps(x_euler, hc["t"])
-        return combine(hc["c_x"], x, hc["c"], (d1, d2, e1, e2))
-
-    x_new = jax.lax.cond(hc["correct"], correct, lambda _: x_euler, None)
+    x_new = jnp.where(hc["correct"], combine(hc["c_x"], x, hc["c"], (d1, d2, e1, e2)), x_euler)
     return x_new, 1 + hc["correct"].astype(jnp.int32)
 
 

@@ -52,13 +52,17 @@ def langevin_correct(model, x: Array, t, key: Array, *, snr: float = 0.16, steps
             raise ValueError(f"{name} must be a finite real >= 0; got {value!r}")
 
     def body(x, k):
-        score = model.predict(x, t, "score")
-        z = jax.random.normal(k, x.shape, x.dtype)
-        step = 2.0 * alpha_ratio * (snr * jnp.mean(_norm(z)) / jnp.maximum(jnp.mean(_norm(score)), 1e-12)) ** 2
-        return (x + step * score + jnp.sqrt(2.0 * step) * z).astype(x.dtype), None
+        return _langevin_update(x, model.predict(x, t, "score"), jax.random.normal(k, x.shape, x.dtype), snr,
+                                alpha_ratio), None
 
     x, _ = jax.lax.scan(body, x, jax.random.split(key, steps))
     return x
+
+
+def _langevin_update(x: Array, score: Array, z: Array, snr, alpha_ratio) -> Array:
+    """One Langevin step ``x + e score + sqrt(2 e) z`` with the SNR step rule (:func:`langevin_correct`)."""
+    step = 2.0 * alpha_ratio * (snr * jnp.mean(_norm(z)) / jnp.maximum(jnp.mean(_norm(score)), 1e-12)) ** 2
+    return (x + step * score + jnp.sqrt(2.0 * step) * z).astype(x.dtype)
 
 
 def _pc_scalars(g, st, i, **_):
@@ -70,13 +74,23 @@ def _pc_scalars(g, st, i, **_):
 def _pc_step(model, carry, c, key, *, snr: float = 0.16, corrector_steps: int = 1):
     if key is None:
         raise ValueError("the predictor-corrector sampler is stochastic: pass key=jax.random.key(...)")
-    x = carry["x"]
     kc, kp = jax.random.split(key)
-    if corrector_steps > 0:
-        x = langevin_correct(model, x, c["s"], kc, snr=snr, steps=corrector_steps, alpha_ratio=c["ratio"])
-    mean = x - model.reverse_drift(x, c["s"]) * c["dt"]
-    z = jax.random.normal(kp, x.shape, x.dtype)
-    return {"x": jnp.where(c["last"], mean, mean + c["g"] * z).astype(x.dtype)}, 1 + corrector_steps
+    # corrector_steps Langevin steps, then the predictor, in one scan over the evaluations (the
+    # network traced once): each evaluation's output gives the corrector its score, the predictor
+    # its reverse drift (as langevin_correct and Model.reverse_drift, with the same keys)
+    keys = jnp.concatenate([jax.random.split(kc, corrector_steps), kp[None]])
+    predictor = jnp.arange(corrector_steps + 1) == corrector_steps
+
+    def one(x, inp):
+        k, pred = inp
+        score, drift = model.score_and_reverse_drift(x, c["s"])
+        z = jax.random.normal(k, x.shape, x.dtype)
+        mean = x - drift * c["dt"]
+        x_pred = jnp.where(c["last"], mean, mean + c["g"] * z).astype(x.dtype)
+        return jnp.where(pred, x_pred, _langevin_update(x, score, z, snr, c["ratio"])), None
+
+    x, _ = jax.lax.scan(one, carry["x"], (keys, predictor))
+    return {"x": x}, 1 + corrector_steps
 
 
 pc = Stepper(x_init, _pc_scalars, _pc_step)
