@@ -69,7 +69,7 @@ def _compiled(method):
             check_path(named["path"])  # (jax.jit would refuse a path name without naming path)
         for name in ("s", "t"):
             if name in named:
-                check_t(named[name])
+                check_t(named[name], name)
         return jitted(*args, **kwargs)
 
     return call
@@ -401,6 +401,9 @@ def reference_flow_map(oracle, x: Array, s, t, path: Path, rtol: float | None = 
     Returns:
       ``[B, D]`` states at time ``t``.
     """
+    check_path(path)
+    check_t(s, "s")  # (s = 1.5 extrapolated the path silently; a no-op when traced)
+    check_t(t, "t")
     dtype = x.dtype
     floor = max(1e-10, 100 * float(jnp.finfo(jnp.promote_types(dtype, jnp.float32)).eps))
     rtol, atol = (floor if v is None else v for v in (rtol, atol))

@@ -159,6 +159,9 @@ def test_oracles_name_bad_shapes_paths_keys_and_times():
                 o.model(p, kind)(jnp.ones((2, 3)), 1.5)
         with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
             o.log_prob(jnp.ones((2, 3)), 1.5, p)
+        for s, t, name in ((1.5, 0.1, "s"), (0.5, 1.3, "t")):  # (the start s was called t)
+            with pytest.raises(ValueError, match=rf"^{name} must lie in \[0, 1\]"):
+                o.flow_map(jnp.ones((2, 3)), s, t, p)
     # image-shaped x with D features still works
     assert g.log_prob(jnp.ones((2, 3, 1)), 0.5, p).shape == (2,)
     with pytest.raises(ValueError, match=r"logits: \[K\], means: \[K, D\] and vars: \[K, D\]"):
