@@ -345,6 +345,12 @@ def test_model_reverse_drift_takes_a_per_sample_time(gauss2):
     per_sample = jnp.concatenate([m.reverse_drift(x[i:i + 1], t[i]) for i in range(2)])
     np.testing.assert_allclose(m.reverse_drift(x, t), per_sample, rtol=1e-5)
     assert m.reverse_drift(jnp.ones((3, 2)), jnp.array([0.2, 0.5, 0.7])).shape == (3, 2)
+    # pc's one evaluation for both: the score and the drift of separate calls, on a velocity model
+    mv = gf.sampling.Model(gauss2.model(path, "velocity"), path, "velocity")
+    score, drift = mv.score_and_reverse_drift(x, t)
+    np.testing.assert_array_equal(score, mv.predict(x, t, "score"))
+    np.testing.assert_array_equal(drift, mv.reverse_drift(x, t))
+    np.testing.assert_allclose(score, gauss2.score(x, t, path), rtol=1e-5)
 
 
 @pytest.mark.parametrize("eta", [np.float32(0.5), jnp.float32(0.5)])

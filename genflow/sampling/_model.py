@@ -59,7 +59,8 @@ class Model:
         return self._drift(x, t, self.predict(x, t, "eps"))
 
     def score_and_reverse_drift(self, x: Array, t) -> tuple[Array, Array]:
-        """``(score, reverse_drift)`` of one network evaluation."""
+        """``(score, reverse_drift(x, t))`` from one network evaluation, each ``[B, ...]`` like ``x``
+        (the predictor-corrector sampler's Langevin and reverse-SDE steps share one traced call)."""
         tb = self._t(x, t)
         out = self._call(x, tb)
         cast = lambda kind: param.convert(out, x, tb, self.path, self.prediction, kind).astype(x.dtype)  # noqa: E731
