@@ -62,16 +62,20 @@ def stage_evals(model, x: Array, ts: Array, c_in: Array, *, eps: bool = False, a
         out = model.x0_eps(xin, t)
         return jnp.stack(out[:parts])
 
+    # (zeros_like(x) stacked: the buffers inherit x's sharding and, under shard_map, its varying
+    # axes -- jnp.zeros has neither, and the scan or the cond refused them)
+    none = jnp.stack([jnp.zeros_like(x)] * parts)
+
     def body(buf, inp):
         j, t, c, a = inp
         xin = combine(c[0], x, c[1:], tuple(buf.reshape((parts * k,) + x.shape)))
         if active is None:
             out = evaluate(xin, t)
         else:
-            out = jax.lax.cond(a, evaluate, lambda xin, t: jnp.zeros((parts,) + x.shape, x.dtype), xin, t)
-        return jax.lax.dynamic_update_index_in_dim(buf, out, j, axis=1), None
+            out = jax.lax.cond(a, evaluate, lambda xin, t: none, xin, t)
+        return jax.lax.dynamic_update_index_in_dim(buf, out.astype(buf.dtype), j, axis=1), None
 
-    buf, _ = jax.lax.scan(body, jnp.zeros((parts, k) + x.shape, x.dtype), (jnp.arange(k), ts, c_in, on))
+    buf, _ = jax.lax.scan(body, jnp.stack([none] * k, axis=1), (jnp.arange(k), ts, c_in, on))
     return buf if eps else buf[0]
 
 
