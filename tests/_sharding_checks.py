@@ -129,17 +129,22 @@ x1 = jax.random.normal(jax.random.key(3), (16, 4))
 smesh = Mesh(np.array(jax.devices()), ("d",))
 emesh = jax.make_mesh((8,), ("d",))  # (Explicit axes: this jax's default)
 samplers = {}
-for solver in ("ddim", "dpm++2m", "dpm++3m", "unipc", "deis", "dpm++2s", "dpm++3s", "edm_heun", "restart", "pc"):
-    # (the single-step solvers, Heun and pc: their stage buffers, in a scan since they trace the
-    # network once, and Restart / pc with a key, each device drawing its shard's noise)
+# A network of many arrays: the single-step solvers, Heun and pc evaluate its stages in a scan over
+# stage buffers (a small one stage by stage)
+large_fn = jax.tree_util.Partial(lambda ws, x, t: eps_fn(x, t), [jnp.zeros(()) for _ in range(40)])
+single = ("dpm++2s", "dpm++3s", "edm_heun", "restart", "pc")
+for solver in ("ddim", "dpm++2m", "dpm++3m", "unipc", "deis") + single + tuple(s + " (scan)" for s in single):
+    # (Restart / pc with a key, each device drawing its shard's noise)
     def run(x, solver=solver):
-        kw = {"key": jax.random.key(6)} if solver in ("restart", "pc") else {}
-        return gf.sample(eps_fn, path, x, prediction="eps", solver=solver, steps=6, t_start=0.999, **kw)[0]
+        name, fn = (solver[:-7], large_fn) if solver.endswith(" (scan)") else (solver, eps_fn)
+        kw = {"key": jax.random.key(6)} if name in ("restart", "pc") else {}
+        return gf.sample(fn, path, x, prediction="eps", solver=name, steps=6, t_start=0.999, **kw)[0]
     one = run(x1)
     # (inside shard_map each device runs the sampler on its shard alone: Restart's and pc's noise is
     # drawn per shard, and pc's step rule takes the shard's mean norms, so their reference is the
     # one-device run shard by shard)
-    per_shard = one if solver not in ("restart", "pc") else jnp.concatenate([run(x) for x in jnp.split(x1, 8)])
+    stochastic = solver.split()[0] in ("restart", "pc")
+    per_shard = jnp.concatenate([run(x) for x in jnp.split(x1, 8)]) if stochastic else one
     row = {}
     try:
         row["shard_map"] = max_diff(jax.jit(jax.shard_map(run, mesh=smesh, in_specs=P("d"), out_specs=P("d")))(x1),

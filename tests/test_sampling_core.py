@@ -368,22 +368,55 @@ def test_a_first_call_of_a_solver_compiles_its_pieces_not_each_operation():
     assert count_compiles(lambda: under_jit(x1)) <= 4
 
 
-def test_a_compiled_sampler_holds_one_copy_of_the_network():
-    """Every solver traces the network once, whatever its evaluations per step: the single-step
-    solvers called it once per stage (DPM-Solver++(3S)'s program held 3 copies of it, 2S's and EDM's
-    Heun's 2, Restart's 4 and pc's 2: each copy compiled again, which with a U-Net is most of the
-    compile time). Counted as the copies of a marker operation in the lowered program (without the
-    final denoising step, a call of its own). Two solvers keep a second site: the adaptive Diffrax
-    solvers evaluate once before their loop (the first stage of their FSAL tableau), and Restart's
-    restart loop is a Heun step of its own (in one scan with the regular step, its skipped iterations
-    made a 20-step CPU solve ~30% slower)."""
+def _with_arrays(fn, n: int):
+    """``fn`` as a pytree function of ``n`` more (unused) arrays: a network of many layers to
+    gf.sample's choice between a scan over a step's stages and stage-by-stage calls."""
+    return jax.tree_util.Partial(lambda ws, x, t: fn(x, t), [jnp.zeros(()) for _ in range(n)])
+
+
+def test_a_compiled_sampler_holds_one_copy_of_a_large_network():
+    """Every solver traces a network of many arrays once, whatever its evaluations per step: the
+    single-step solvers called it once per stage (DPM-Solver++(3S)'s program held 3 copies of it,
+    2S's and EDM's Heun's 2, Restart's 4 and pc's 2: each copy compiled again, which with a U-Net is
+    most of the compile time). Counted as the copies of a marker operation in the lowered program
+    (without the final denoising step, a call of its own). Two solvers keep a second site: the
+    adaptive Diffrax solvers evaluate once before their loop (the first stage of their FSAL
+    tableau), and Restart's restart loop is a Heun step of its own (in one scan with the regular
+    step, its skipped iterations made a 20-step CPU solve ~30% slower). A network of few arrays is
+    called stage after stage (a scan's stage buffers cost more than such a network)."""
     path = gf.paths.vp_linear()
     base = gf.oracles.Gaussian.diagonal([1.0, -1.0], [0.5, 0.2]).model(path, "eps")
-    fn = lambda x, t: base(x, t) + 0.0 * jax.lax.bessel_i1e(x)  # noqa: E731
+    marked = lambda x, t: base(x, t) + 0.0 * jax.lax.bessel_i1e(x)  # noqa: E731
     x1, key = jnp.zeros((3, 2)), jax.random.key(0)
-    copies = {}
-    for solver, spec in gf.sampling.solvers().items():
+
+    def copies(fn, solver):
         sample = jax.jit(lambda x1, k: gf.sample(fn, path, x1, prediction="eps", solver=solver, steps=4,
                                                  key=k, denoise=False)[0])
-        copies[solver] = sample.lower(x1, key).as_text().count("bessel_i1e")
-    assert copies == {s: 2 if spec.adaptive or s == "restart" else 1 for s, spec in gf.sampling.solvers().items()}
+        return sample.lower(x1, key).as_text().count("bessel_i1e")
+
+    large = _with_arrays(marked, 40)
+    table = gf.sampling.solvers()
+    assert {s: copies(large, s) for s in table} == {s: 2 if spec.adaptive or s == "restart" else 1
+                                                   for s, spec in table.items()}
+    assert copies(marked, "dpm++3s") == 3 and copies(marked, "edm_heun") == 2  # (few arrays: stage by stage)
+
+
+@pytest.mark.parametrize("solver, options", [("dpm++2s", {}), ("dpm++3s", {}), ("edm_heun", {}),
+                                             ("edm_heun_churn", {}), ("restart", {}), ("pc", {"corrector_steps": 2})])
+def test_stage_scan_and_stage_by_stage_calls_sample_alike(solver, options):
+    """The two ways of evaluating a step's stages (a scan over them for a network of many arrays,
+    stage-by-stage calls for a small one) give the same float64 samples, up to rounding, on a
+    mixture oracle with a grid that ends at sigma = 0 (the last step's own rule) and one that does
+    not; in the same number of evaluations."""
+    with jax.enable_x64(True):
+        path = gf.paths.vp_cosine()
+        g = gf.oracles.GaussianMixture.random(jax.random.key(0), 3, 4)
+        small = g.model(path, "velocity")
+        x1 = jax.random.normal(jax.random.key(1), (16, 4), jnp.float64)
+        for t_end in (None, 0.05):
+            kw = dict(prediction="velocity", solver=solver, steps=7, schedule="karras", key=jax.random.key(2),
+                      t_end=t_end, **options)
+            a, info_a = gf.sample(small, path, x1, **kw)
+            b, info_b = gf.sample(_with_arrays(small, 40), path, x1, **kw)
+            assert a.dtype == jnp.float64 and int(info_a.nfe) == int(info_b.nfe)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)

@@ -37,8 +37,9 @@ def test_history_buffer_samplers_run_in_shard_map_and_on_explicitly_sharded_batc
     """ddim / dpm++ / unipc / deis inside shard_map and on a batch with Explicit sharding (8 CPU
     devices) equal the one-device samples to float32 rounding (the programs differ: 2e-5 seen under
     the suite's XLA flags, 0 under the default ones); their buffers failed the scan's carry check
-    before. Likewise the single-step solvers, EDM's Heun, Restart and pc, whose stage buffers run in
-    a scan (inside shard_map Restart and pc against the one-device run shard by shard)."""
+    before. Likewise the single-step solvers, EDM's Heun, Restart and pc, stage by stage and, for a
+    network of many arrays, with stage buffers in a scan (inside shard_map Restart and pc against the
+    one-device run shard by shard)."""
     for solver, row in report[0]["samplers_sharded"].items():
         for how, diff in row.items():
             assert isinstance(diff, float) and diff < 1e-4, (solver, how, diff)

@@ -51,6 +51,20 @@ class Stepper(NamedTuple):
     stages: Callable[..., Array] | None = None
 
 
+# A network of at least this many arrays (parameter tensors, roughly its layers) evaluates a step's
+# stages in a lax.scan, so that it is traced and compiled once; a smaller one is called stage after
+# stage. Measured on CPU (512 x 64 states, a null model): the scan's stage buffers cost dpm++3s 0.035
+# -> 0.15 ms per step, while the copies of a network of a few layers compile in milliseconds; a
+# U-Net's copies take seconds each (dpm++3s: 3.4 -> 1.7 s of XLA compile for ch=64 at 32x32).
+SCAN_STAGES_FROM = 32
+
+
+def scan_stages(model) -> bool:
+    """Whether a step's several network evaluations run in a ``lax.scan`` (the network traced and
+    compiled once): for a network of at least :data:`SCAN_STAGES_FROM` arrays."""
+    return len(jax.tree.leaves(model.fn)) >= SCAN_STAGES_FROM
+
+
 def x_init(model, ts, x, **_) -> Carry:
     """The carry of a solver without history."""
     return {"x": x}

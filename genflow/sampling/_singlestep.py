@@ -10,10 +10,11 @@
   re-noised to ``restart_interval[1]`` by the forward process and integrated back,
   ``restart_times`` times.
 
-A step's network evaluations run in a ``lax.scan`` over its stages (:func:`stage_evals`), so the
-network is traced and compiled once per step rule, not once per stage (as Diffrax does for its
-Runge-Kutta stages): DPM-Solver++(3S)'s program held 3 copies of the network, 2S's and EDM's
-Heun's 2 (each compiled again). Restart keeps two, the regular step's and its restart loop's.
+A step's network evaluations run in a ``lax.scan`` over its stages (:func:`stage_evals`), so a
+network of many layers is traced and compiled once per step rule, not once per stage (as Diffrax
+does for its Runge-Kutta stages): DPM-Solver++(3S)'s program held 3 copies of it, 2S's and EDM's
+Heun's 2 (each compiled again). Restart keeps two, the regular step's and its restart loop's. A
+network of few arrays is called stage after stage instead (:func:`genflow.sampling._driver.scan_stages`).
 
 Endpoints (see :mod:`genflow.sampling._exp`): a step out of pure noise places its stages at
 fractions of ``kappa = alpha / sigma`` and combines them with the Runge-Kutta rule of the same
@@ -30,53 +31,64 @@ import math
 import jax
 import jax.numpy as jnp
 
-from genflow.sampling._driver import Stepper, x_init
+from genflow.sampling._driver import Stepper, scan_stages, x_init
 from genflow.sampling._exp import combine, ddim_coefs, finite_or, lagrange_at_zero, nonzero, phi, sqrt0
 
 Array = jax.Array
 
 
-def stage_evals(model, x: Array, ts: Array, c_in: Array, *, eps: bool = False, active: Array | None = None) -> Array:
-    """The model's predictions at the ``K`` stages of one step, in one ``lax.scan`` over the stages
-    (the network is traced once, however many stages).
+def stage_evals(model, x: Array, ts: Array, c_in: Array, *, eps: bool = False,
+                active: Array | None = None) -> tuple[tuple[Array, ...], ...]:
+    """The model's predictions at the ``K`` stages of one step: in one ``lax.scan`` over the stages
+    (the network traced once, however many stages) for a network of many arrays
+    (:func:`genflow.sampling._driver.scan_stages`), else stage after stage.
 
     Stage ``k`` evaluates ``model.x0_eps`` at time ``ts[k]`` on the state
     ``combine(c_in[k, 0], x, c_in[k, 1:], (D_0, ..., D_{K-1}[, E_0, ..., E_{K-1}]))``, where ``D_j`` /
     ``E_j`` are stage ``j``'s data / noise predictions (the ``E_j`` only with ``eps=True``). The
-    weights of stages ``j >= k`` must be 0: their buffers hold zeros until computed, so the sum is
-    the one written with the earlier stages alone (adding exact zeros).
+    weights of stages ``j >= k`` must be 0: the scan's buffers hold zeros until computed, so its sum
+    is the one written with the earlier stages alone (adding exact zeros), which the stage-by-stage
+    evaluation computes.
 
     Args:
       x: ``[B, ...]`` the state at the step's start.
       ts: ``[K]`` the stages' times.
       c_in: ``[K, 1 + K]`` (``[K, 1 + 2K]`` with ``eps=True``) the stages' input weights.
       active: ``[K]`` bool, or None (all): an inactive stage is skipped (``lax.cond``; its
-        predictions stay zero).
+        predictions are zero).
     Returns:
-      ``[K, B, ...]`` the data predictions, or ``[2, K, B, ...]`` (data, noise) with ``eps=True``.
+      ``(D_0, ..., D_{K-1})``, and with ``eps=True`` ``((D_0, ...), (E_0, ...))``; each ``[B, ...]``.
     """
     k, parts = ts.shape[0], 2 if eps else 1
     on = jnp.ones((k,), bool) if active is None else active
+    # (zeros_like(x): inherits x's sharding and, under shard_map, its varying axes -- jnp.zeros has
+    # neither, and the scan or the cond refused them)
+    none = (jnp.zeros_like(x),) * parts
 
-    def evaluate(xin, t):
-        out = model.x0_eps(xin, t)
-        return jnp.stack(out[:parts])
-
-    # (zeros_like(x) stacked: the buffers inherit x's sharding and, under shard_map, its varying
-    # axes -- jnp.zeros has neither, and the scan or the cond refused them)
-    none = jnp.stack([jnp.zeros_like(x)] * parts)
-
-    def body(buf, inp):
-        j, t, c, a = inp
-        xin = combine(c[0], x, c[1:], tuple(buf.reshape((parts * k,) + x.shape)))
+    def stage(xin, t, a):
+        evaluate = lambda xin, t: model.x0_eps(xin, t)[:parts]  # noqa: E731
         if active is None:
-            out = evaluate(xin, t)
-        else:
-            out = jax.lax.cond(a, evaluate, lambda xin, t: none, xin, t)
-        return jax.lax.dynamic_update_index_in_dim(buf, out.astype(buf.dtype), j, axis=1), None
+            return evaluate(xin, t)
+        return jax.lax.cond(a, evaluate, lambda xin, t: none, xin, t)
 
-    buf, _ = jax.lax.scan(body, jnp.stack([none] * k, axis=1), (jnp.arange(k), ts, c_in, on))
-    return buf if eps else buf[0]
+    if scan_stages(model):
+        def body(buf, inp):
+            j, t, c, a = inp
+            xin = combine(c[0], x, c[1:], tuple(buf.reshape((parts * k,) + x.shape)))
+            return jax.lax.dynamic_update_index_in_dim(buf, jnp.stack(stage(xin, t, a)), j, axis=1), None
+
+        buf, _ = jax.lax.scan(body, jnp.stack([jnp.stack(none)] * k, axis=1), (jnp.arange(k), ts, c_in, on))
+        out = tuple(tuple(buf[p, j] for j in range(k)) for p in range(parts))
+    else:  # stage after stage, each combining the earlier ones only
+        out = tuple([] for _ in range(parts))
+        for j in range(k):
+            cols = [1 + m + p * k for p in range(parts) for m in range(j)]
+            xin = combine(c_in[j, 0], x, c_in[j, jnp.array(cols, int)] if cols else None,
+                          [out[p][m] for p in range(parts) for m in range(j)])
+            for p, v in enumerate(stage(xin, ts[j], on[j])):
+                out[p].append(v)
+        out = tuple(tuple(o) for o in out)
+    return out if eps else out[0]
 
 
 # -- DPM-Solver++ 2S / 3S ---------------------------------------------------------------------
@@ -139,8 +151,7 @@ def _single_scalars(g, st, i, *, order: int = 2, **_):
 def _single_step(model, carry, c, key, *, order: int = 2):
     del key
     x = carry["x"]
-    ds = stage_evals(model, x, c["ts"], c["c_in"])
-    return {"x": combine(c["c_x"], x, c["c_d"], tuple(ds))}, order
+    return {"x": combine(c["c_x"], x, c["c_d"], stage_evals(model, x, c["ts"], c["c_in"]))}, order
 
 
 def dpm_singlestep(order: int) -> Stepper:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from genflow._checks import check_int, flat_batch, real_or_traced
-from genflow.sampling._driver import Stepper, x_init
+from genflow.sampling._driver import Stepper, scan_stages, x_init
 from genflow.sampling._exp import finite_or, sqrt0
 
 Array = jax.Array
@@ -75,21 +75,30 @@ def _pc_step(model, carry, c, key, *, snr: float = 0.16, corrector_steps: int = 
     if key is None:
         raise ValueError("the predictor-corrector sampler is stochastic: pass key=jax.random.key(...)")
     kc, kp = jax.random.split(key)
+    x = carry["x"]
+
+    def predict(x, drift, z):  # the reverse-SDE step to t, its mean at the last step
+        mean = x - drift * c["dt"]
+        return jnp.where(c["last"], mean, mean + c["g"] * z).astype(x.dtype)
+
+    if not scan_stages(model):  # a small network: the corrector's scan, then the predictor's call
+        if corrector_steps > 0:
+            x = langevin_correct(model, x, c["s"], kc, snr=snr, steps=corrector_steps, alpha_ratio=c["ratio"])
+        return {"x": predict(x, model.reverse_drift(x, c["s"]), jax.random.normal(kp, x.shape, x.dtype))}, \
+            1 + corrector_steps
     # corrector_steps Langevin steps, then the predictor, in one scan over the evaluations (the
     # network traced once): each evaluation's output gives the corrector its score, the predictor
     # its reverse drift (as langevin_correct and Model.reverse_drift, with the same keys)
     keys = jnp.concatenate([jax.random.split(kc, corrector_steps), kp[None]])
-    predictor = jnp.arange(corrector_steps + 1) == corrector_steps
+    last = jnp.arange(corrector_steps + 1) == corrector_steps
 
     def one(x, inp):
         k, pred = inp
         score, drift = model.score_and_reverse_drift(x, c["s"])
         z = jax.random.normal(k, x.shape, x.dtype)
-        mean = x - drift * c["dt"]
-        x_pred = jnp.where(c["last"], mean, mean + c["g"] * z).astype(x.dtype)
-        return jnp.where(pred, x_pred, _langevin_update(x, score, z, snr, c["ratio"])), None
+        return jnp.where(pred, predict(x, drift, z), _langevin_update(x, score, z, snr, c["ratio"])), None
 
-    x, _ = jax.lax.scan(one, carry["x"], (keys, predictor))
+    x, _ = jax.lax.scan(one, x, (keys, last))
     return {"x": x}, 1 + corrector_steps
 
 
