@@ -1051,6 +1051,9 @@ GRID_GRAD_CASES = (
     # (solver options: "name:order=3" is gf.sample's solver="name", order=3)
     + [("vp_linear", "unipc:order=3", "karras", True), ("vp_cosine", "unipc:order=3", "fixed", False),
        ("vp_linear", "deis:order=2", "karras", True)]
+    # ("+scan": the model as a network of many arrays, whose stages run in a scan over stage buffers)
+    + [("vp_cosine", "restart+scan", "fixed", False), ("vp_cosine", "pc+scan", "fixed", False),
+       ("vp_linear", "dpm++3s+scan", "karras", True)]
 )
 
 
@@ -1074,9 +1077,12 @@ def test_gradient_with_respect_to_the_grid_times_is_finite_and_right(pname, solv
     taken as constants (a convention), pc's Euler step length is not."""
     solver, _, opt = solver.partition(":")
     options = {k: int(v) for k, v in (o.split("=") for o in opt.split(",") if o)}
+    solver, scan = solver.removesuffix("+scan"), solver.endswith("+scan")
     with jax.enable_x64(True):
         g = gf.oracles.Gaussian.full(jnp.array([0.3, -0.5]), jnp.array([[1.0, 0.2], [0.2, 0.5]]))
-        path = gf.paths.get(pname)
+        model = g.model(path := gf.paths.get(pname), "eps")
+        if scan:
+            model = jax.tree_util.Partial(lambda ws, x, t: g.model(path, "eps")(x, t), [jnp.zeros(())] * 40)
         x1 = jax.random.normal(jax.random.key(0), (3, 2), jnp.float64)
         w = jax.random.normal(jax.random.key(2), (3, 2), jnp.float64)
         if grid == "fixed":
@@ -1085,7 +1091,7 @@ def test_gradient_with_respect_to_the_grid_times_is_finite_and_right(pname, solv
             ts = gf.sampling.time_grid(path, 6, "karras", 0.8, None).astype(jnp.float64)
 
         def f(ts):
-            x, _ = gf.sample(g.model(path, "eps"), path, x1, prediction="eps", solver=solver, schedule=ts, steps=6,
+            x, _ = gf.sample(model, path, x1, prediction="eps", solver=solver, schedule=ts, steps=6,
                              key=jax.random.key(1), **options)
             return jnp.sum(x * w)
 
