@@ -88,6 +88,15 @@ def count_compiles(run) -> int:
     return sum("Compiling" in r.getMessage() for r in records)
 
 
+def many_arrays(fn):
+    """``fn(x, t)`` as a pytree function of more (unused) arrays than
+    ``genflow.sampling._driver.SCAN_STAGES_FROM``: a network of many layers to gf.sample, whose
+    multi-stage steps then evaluate it in a scan over their stages (a small one stage by stage)."""
+    from genflow.sampling._driver import SCAN_STAGES_FROM
+
+    return jax.tree_util.Partial(lambda ws, x, t: fn(x, t), [jnp.zeros(()) for _ in range(SCAN_STAGES_FROM + 8)])
+
+
 def assert_same_under_strict_rank_promotion(run, rtol=1e-5, atol=1e-6) -> None:
     """``run()`` (a list of arrays) gives the same values with ``jax_numpy_rank_promotion='raise'``
     as with the setting of the moment (restored after)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import genflow as gf
-from conftest import count_compiles
+from conftest import count_compiles, many_arrays
 from conftest import ALL_PATHS
 
 B = 256
@@ -1082,7 +1082,7 @@ def test_gradient_with_respect_to_the_grid_times_is_finite_and_right(pname, solv
         g = gf.oracles.Gaussian.full(jnp.array([0.3, -0.5]), jnp.array([[1.0, 0.2], [0.2, 0.5]]))
         model = g.model(path := gf.paths.get(pname), "eps")
         if scan:
-            model = jax.tree_util.Partial(lambda ws, x, t: g.model(path, "eps")(x, t), [jnp.zeros(())] * 40)
+            model = many_arrays(model)
         x1 = jax.random.normal(jax.random.key(0), (3, 2), jnp.float64)
         w = jax.random.normal(jax.random.key(2), (3, 2), jnp.float64)
         if grid == "fixed":

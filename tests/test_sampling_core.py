@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import genflow as gf
-from conftest import count_compiles
+from conftest import count_compiles, many_arrays
 from genflow.sampling import _core
 
 
@@ -368,12 +368,6 @@ def test_a_first_call_of_a_solver_compiles_its_pieces_not_each_operation():
     assert count_compiles(lambda: under_jit(x1)) <= 4
 
 
-def _with_arrays(fn, n: int):
-    """``fn`` as a pytree function of ``n`` more (unused) arrays: a network of many layers to
-    gf.sample's choice between a scan over a step's stages and stage-by-stage calls."""
-    return jax.tree_util.Partial(lambda ws, x, t: fn(x, t), [jnp.zeros(()) for _ in range(n)])
-
-
 def test_a_compiled_sampler_holds_one_copy_of_a_large_network():
     """Every solver traces a network of many arrays once, whatever its evaluations per step: the
     single-step solvers called it once per stage (DPM-Solver++(3S)'s program held 3 copies of it,
@@ -394,7 +388,7 @@ def test_a_compiled_sampler_holds_one_copy_of_a_large_network():
                                                  key=k, denoise=False)[0])
         return sample.lower(x1, key).as_text().count("bessel_i1e")
 
-    large = _with_arrays(marked, 40)
+    large = many_arrays(marked)
     table = gf.sampling.solvers()
     assert {s: copies(large, s) for s in table} == {s: 2 if spec.adaptive or s == "restart" else 1
                                                    for s, spec in table.items()}
@@ -417,6 +411,6 @@ def test_stage_scan_and_stage_by_stage_calls_sample_alike(solver, options):
             kw = dict(prediction="velocity", solver=solver, steps=7, schedule="karras", key=jax.random.key(2),
                       t_end=t_end, **options)
             a, info_a = gf.sample(small, path, x1, **kw)
-            b, info_b = gf.sample(_with_arrays(small, 40), path, x1, **kw)
+            b, info_b = gf.sample(many_arrays(small), path, x1, **kw)
             assert a.dtype == jnp.float64 and int(info_a.nfe) == int(info_b.nfe)
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)

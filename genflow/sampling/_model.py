@@ -41,8 +41,10 @@ class Model:
     def predict(self, x: Array, t, kind: str) -> Array:
         """One network evaluation, converted to ``kind``."""
         tb = self._t(x, t)
-        out = param.convert(self._call(x, tb), x, tb, self.path, self.prediction, kind)
-        return out.astype(x.dtype)
+        return self._convert(self._call(x, tb), x, tb, kind)
+
+    def _convert(self, out: Array, x: Array, tb: Array, kind: str) -> Array:
+        return param.convert(out, x, tb, self.path, self.prediction, kind).astype(x.dtype)
 
     def x0_eps(self, x: Array, t) -> tuple[Array, Array]:
         """One network evaluation, returned as ``(x0_hat, eps_hat)``."""
@@ -63,8 +65,7 @@ class Model:
         (the predictor-corrector sampler's Langevin and reverse-SDE steps share one traced call)."""
         tb = self._t(x, t)
         out = self._call(x, tb)
-        cast = lambda kind: param.convert(out, x, tb, self.path, self.prediction, kind).astype(x.dtype)  # noqa: E731
-        return cast("score"), self._drift(x, t, cast("eps"))
+        return self._convert(out, x, tb, "score"), self._drift(x, t, self._convert(out, x, tb, "eps"))
 
     def _drift(self, x: Array, t, eps: Array) -> Array:
         tt = broadcast_t(jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32)), x)

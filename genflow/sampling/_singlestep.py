@@ -172,7 +172,7 @@ def _heun_coefs(t_hat, a_h, s_h, t, a_t, s_t) -> dict:
     one = jnp.ones_like(c_rho)
     # stage inputs over (x; D_1, D_2, E_1, E_2): x, then the Euler step x_e = alpha_t D_1 + sigma_t E_1
     c_in = jnp.stack([jnp.stack([one, zero, zero, zero, zero]), jnp.stack([zero, a_t, zero, s_t, zero])])
-    return {"ts": jnp.stack([t_hat, t]), "c_in": c_in, "euler": jnp.stack([a_t, s_t]), "correct": s_t > 0,
+    return {"ts": jnp.stack([t_hat, t]), "c_in": c_in, "correct": s_t > 0,
             "c_x": jnp.where(noise, s_t / s_h, a_t / nonzero(a_h)),
             "c": jnp.where(noise, jnp.stack([c_kap, c_kap, zero, zero]), jnp.stack([zero, zero, c_rho, c_rho]))}
 
@@ -182,7 +182,7 @@ def _heun_apply(model, x, hc):
     into ``sigma = 0``, where the step is the Euler step."""
     (d1, d2), (e1, e2) = stage_evals(model, x, hc["ts"], hc["c_in"], eps=True,
                                      active=jnp.stack([jnp.asarray(True), hc["correct"]]))
-    x_euler = combine(jnp.float32(0.0), x, hc["euler"], (d1, e1))
+    x_euler = combine(hc["c_in"][1, 0], x, hc["c_in"][1, 1::2], (d1, e1))  # (stage 2's input)
     x_new = jnp.where(hc["correct"], combine(hc["c_x"], x, hc["c"], (d1, d2, e1, e2)), x_euler)
     return x_new, 1 + hc["correct"].astype(jnp.int32)
 
