@@ -372,27 +372,84 @@ def test_a_compiled_sampler_holds_one_copy_of_a_large_network():
     """Every solver traces a network of many arrays once, whatever its evaluations per step: the
     single-step solvers called it once per stage (DPM-Solver++(3S)'s program held 3 copies of it,
     2S's and EDM's Heun's 2, Restart's 4 and pc's 2: each copy compiled again, which with a U-Net is
-    most of the compile time). Counted as the copies of a marker operation in the lowered program
-    (without the final denoising step, a call of its own). Two solvers keep a second site: the
-    adaptive Diffrax solvers evaluate once before their loop (the first stage of their FSAL
-    tableau), and Restart's restart loop is a Heun step of its own (in one scan with the regular
-    step, its skipped iterations made a 20-step CPU solve ~30% slower). A network of few arrays is
-    called stage after stage (a scan's stage buffers cost more than such a network)."""
+    most of the compile time). Counted as the copies of a marker operation in the lowered program.
+    Two solvers keep a second site: the adaptive Diffrax solvers evaluate once before their loop
+    (the first stage of their FSAL tableau), and Restart's restart loop is a Heun step of its own (in
+    one scan with the regular step, its skipped iterations made a 20-step CPU solve ~30% slower). A
+    network of few arrays is called stage after stage (a scan's stage buffers cost more than such a
+    network).
+
+    The final denoising step (vp_linear's default) is the last iteration of the loop of the
+    solvers with a denoise row (the multistep ones, EDM's Heun and Restart): no copy of its own
+    (it was one more for every solver); the others call the network once more after their loop."""
     path = gf.paths.vp_linear()
     base = gf.oracles.Gaussian.diagonal([1.0, -1.0], [0.5, 0.2]).model(path, "eps")
     marked = lambda x, t: base(x, t) + 0.0 * jax.lax.bessel_i1e(x)  # noqa: E731
     x1, key = jnp.zeros((3, 2)), jax.random.key(0)
 
-    def copies(fn, solver):
+    def copies(fn, solver, denoise=False):
         sample = jax.jit(lambda x1, k: gf.sample(fn, path, x1, prediction="eps", solver=solver, steps=4,
-                                                 key=k, denoise=False)[0])
+                                                 key=k, denoise=denoise)[0])
         return sample.lower(x1, key).as_text().count("bessel_i1e")
 
     large = many_arrays(marked)
     table = gf.sampling.solvers()
-    assert {s: copies(large, s) for s in table} == {s: 2 if spec.adaptive or s == "restart" else 1
-                                                   for s, spec in table.items()}
+    loop = {s: 2 if spec.adaptive or s == "restart" else 1 for s, spec in table.items()}
+    assert {s: copies(large, s) for s in table} == loop
+    folded = {s for s, spec in table.items() if spec.stepper is not None and spec.stepper.denoise_row is not None}
+    assert folded == {"ddim", "ddpm", "dpm++2m", "dpm++3m", "dpm++3m_ref", "deis", "unipc", "dpm++2m_hb", "edm_heun",
+                      "edm_heun_churn", "restart"}
+    assert {s: copies(large, s, True) for s in table} == {s: n + (s not in folded) for s, n in loop.items()}
     assert copies(marked, "dpm++3s") == 3 and copies(marked, "edm_heun") == 2  # (few arrays: stage by stage)
+    assert copies(marked, "dpm++2m", True) == 1 and copies(marked, "edm_heun", True) == 2
+
+
+DENOISE_ROWS = [("ddim", {}), ("ddim", {"eta": 0.5}), ("ddpm", {}), ("dpm++2m", {}), ("dpm++3m", {}),
+                ("dpm++3m_ref", {}), ("deis", {}), ("deis", {"form": "x0"}), ("unipc", {}), ("unipc", {"order": 3}),
+                ("dpm++2m_hb", {}), ("edm_heun", {}), ("edm_heun_churn", {}), ("restart", {})]
+
+
+@pytest.mark.parametrize("solver, options", DENOISE_ROWS)
+def test_the_denoising_iteration_is_one_tweedie_step_after_the_solve(solver, options):
+    """Where the final denoising step runs as the last iteration of the solver's loop (its denoise
+    row), the sample is exactly the Tweedie step x0_hat(x, t_end) of the un-denoised solve's state,
+    one evaluation more, on the padded program (a traced step count) and (vp_linear) on the saved
+    trajectory's;
+    the trajectory and the step count are the solve's. Float64, a mixture oracle on the two kinds
+    of paths that denoise (vp, edm), three prediction kinds; a row that took another slot of the
+    history, or kept the state's weight, fails."""
+    with jax.enable_x64(True):
+        g = gf.oracles.GaussianMixture.random(jax.random.key(0), 3, 4)
+        for path, kind in ((gf.paths.vp_linear(), "eps"), (gf.paths.edm(), "x0"), (gf.paths.vp_cosine(10.0), "v")):
+            x1 = path.prior_sample(jax.random.key(1), (6, 4)).astype(jnp.float64)
+            kw = dict(prediction=kind, solver=solver, steps=5, key=jax.random.key(2), **options)
+            for save in (False, True) if kind == "eps" else (False,):
+                x, info = gf.sample(g.model(path, kind), path, x1, denoise=True, save_trajectory=save, **kw)
+                y, ref = gf.sample(g.model(path, kind), path, x1, denoise=False, save_trajectory=save, **kw)
+                t_end = jnp.full((6,), info.ts[-1])
+                np.testing.assert_allclose(np.asarray(x), np.asarray(g.x0(y, t_end, path)), rtol=1e-13, atol=1e-13)
+                assert int(info.nfe) == int(ref.nfe) + 1
+                assert int(info.stats["num_steps"]) == int(ref.stats["num_steps"]) == 5
+                if save:
+                    np.testing.assert_array_equal(np.asarray(info.trajectory), np.asarray(ref.trajectory))
+                    np.testing.assert_array_equal(np.asarray(info.trajectory[-1]), np.asarray(y))
+
+
+def test_gradients_flow_through_the_denoising_iteration():
+    """d/d x1 of a denoised DPM-Solver++(2M) / UniPC / EDM Heun sample (its denoising step inside the
+    loop) equals that of the un-denoised solve composed with the oracle's Tweedie step (float64)."""
+    with jax.enable_x64(True):
+        path = gf.paths.vp_linear()
+        g = gf.oracles.GaussianMixture.random(jax.random.key(0), 3, 4)
+        x1 = path.prior_sample(jax.random.key(1), (3, 4)).astype(jnp.float64)
+        fn = g.model(path, "eps")
+        for solver in ("dpm++2m", "unipc", "edm_heun"):
+            kw = dict(prediction="eps", solver=solver, steps=4)
+            t_end = jnp.full((3,), gf.sample(fn, path, x1, **kw)[1].ts[-1])
+            a = jax.grad(lambda x: jnp.sum(jnp.sin(gf.sample(fn, path, x, **kw)[0])))(x1)
+            b = jax.grad(lambda x: jnp.sum(jnp.sin(g.x0(gf.sample(fn, path, x, denoise=False, **kw)[0], t_end,
+                                                         path))))(x1)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12, err_msg=solver)
 
 
 @pytest.mark.parametrize("solver, options", [("dpm++2s", {}), ("dpm++3s", {}), ("edm_heun", {}),

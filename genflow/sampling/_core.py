@@ -403,7 +403,8 @@ def sample(
       denoise: finish with one Tweedie step ``x0_hat(x, t_end)`` (one more NFE); defaults to
         ``path.denoise_at_end`` for a grid that ends at the path's end (``t_end <= path.t_min +
         1e-6``) or is traced, and to False for a partial solve that ends above it (its result is the
-        state at ``t_end``).
+        state at ``t_end``). The multistep solvers, EDM Heun and Restart take it as the last
+        iteration of their loop (no second copy of the network in the compiled program).
       rtol, atol: tolerances of adaptive solvers, held by every sample of the batch (the error
         norm is the largest per-sample RMS; with a bfloat16 model use ~1e-2: tolerances below
         the model's own resolution make the step-size controller reject steps, e.g. 10,805
@@ -697,12 +698,14 @@ def _sample_jit(model, ts, x1, key, spec, denoise, rtol, atol, max_steps, save_t
     # The solver state is kept in at least float32 (a bfloat16 model still sees its own dtype
     # if it casts its input); samples come back in the dtype of x1.
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
+    # (a scan solver with a denoise_row denoises in its loop: one copy of the network, not two)
+    fold = denoise and _is_scan(spec) and spec.stepper.denoise_row is not None
     out = _run_solver(spec, model, ts, x, key, rtol=rtol, atol=atol, max_steps=max_steps,
-                      save_trajectory=save_trajectory, **solver_options)
+                      save_trajectory=save_trajectory, **solver_options, **({"denoise": True} if fold else {}))
     _check_run_output(spec, out, x, ts, save_trajectory)
     x, nfe, traj, stats = out
     nfe = jnp.asarray(nfe, jnp.int32)
-    if denoise:
+    if denoise and not fold:
         x = model.predict(x, ts[-1], "x0")
         nfe = nfe + 1
     traj = None if traj is None else traj.astype(x1.dtype)  # (traj[-1] is x before the denoising step)

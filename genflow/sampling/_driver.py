@@ -42,13 +42,21 @@ class Stepper(NamedTuple):
     intermediate points of step ``i`` (single-step stages, quadrature nodes, ...); their times and
     coefficients reach ``scalars`` as a :class:`~genflow.sampling._exp.Grid` of shape ``[k]``.
     ``force(carry, x_prev_ref, x_ref) -> carry`` puts the state on a reference trajectory (default:
-    replace ``carry["x"]``)."""
+    replace ``carry["x"]``).
+    ``denoise_row(row, t, alpha, sigma, i, **opts) -> dict``: optional, the scalars of a step ``i``
+    that evaluates the network once, on the state at time ``t`` (``alpha``, ``sigma``: the path's
+    there), and returns its data prediction ``x0_hat`` (``row``: the last step's scalars, a template
+    of their keys, shapes and dtypes). :func:`run` then makes a sampler's final denoising step one
+    more iteration of its loop: the network's copy in the loop is the only one in the compiled
+    program (a call after the loop was a second copy, which XLA compiled again: with a U-Net, about
+    as long as the loop's)."""
 
     init: Callable[..., Carry]
     scalars: Callable[..., dict]
     step: Callable[..., tuple[Carry, Any]]
     force: Callable[[Carry, Array, Array], Carry] | None = None
     stages: Callable[..., Array] | None = None
+    denoise_row: Callable[..., dict] | None = None
 
 
 # A network of at least this many arrays (parameter tensors, roughly its layers) evaluates a step's
@@ -181,15 +189,21 @@ def grid_scalars(stepper: Stepper, path: Path, ts: Array, **options) -> dict:
 
 
 def run(model: Model, ts: Array, x: Array, key, *, stepper: Stepper, save_trajectory: bool = False,
-        rtol=None, atol=None, max_steps=None, scalars: dict | None = None, num_steps=None, **options):
+        rtol=None, atol=None, max_steps=None, scalars: dict | None = None, num_steps=None, denoise: bool = False,
+        **options):
     """Integrate from ``ts[0]`` to ``ts[-1]`` with one scan. Returns ``(x, nfe, trajectory, stats)``.
 
     ``scalars``: the precomputed :func:`grid_scalars` of ``ts`` (possibly padded; computed here if None).
     ``num_steps``: a traced step count ``n <= len(ts) - 1`` for a grid padded past its end (with
     ``scalars`` given): the first ``n`` steps run in a ``fori_loop``, so one compiled program
     serves every step count of a padding bucket (without a saved trajectory, whose length is static).
-    Step ``i`` draws its noise from ``fold_in(key, i)`` either way."""
+    Step ``i`` draws its noise from ``fold_in(key, i)`` either way.
+    ``denoise``: finish with the denoising step ``x0_hat(x, ts[-1])`` (one more NFE) as one more
+    iteration of the loop, with the stepper's ``denoise_row``. The trajectory and ``num_steps`` are
+    the steps' (its last entry the state before the denoising step)."""
     del rtol, atol, max_steps
+    if denoise and stepper.denoise_row is None:
+        raise ValueError("denoise=True needs a stepper with a denoise_row")
     carry = stepper.init(model, ts, x, **options)
     if num_steps is not None and (save_trajectory or scalars is None):
         raise ValueError("num_steps needs precomputed scalars and no saved trajectory")
@@ -198,6 +212,9 @@ def run(model: Model, ts: Array, x: Array, key, *, stepper: Stepper, save_trajec
         scalars = step_scalars(stepper, model.path, ts, **options)
     elif num_steps is None:
         scalars = jax.tree.map(lambda v: v[:n], scalars)
+    if denoise:
+        scalars = _with_denoise_row(stepper, model.path, ts, scalars, n if num_steps is None else num_steps,
+                                    padded=num_steps is not None, **options)
 
     def step(state, inp):
         (c, nfe), (_, (sc, k)) = state, inp
@@ -205,12 +222,32 @@ def run(model: Model, ts: Array, x: Array, key, *, stepper: Stepper, save_trajec
         return c, nfe + jnp.asarray(used, jnp.int32)
 
     keys = _keys(key, jax.tree.leaves(scalars)[0].shape[0])
-    (carry, nfe), traj, steps = step_loop(step, (carry, jnp.zeros((), jnp.int32)), n, num_steps,
+    (carry, nfe), traj, steps = step_loop(step, (carry, jnp.zeros((), jnp.int32)), n + int(denoise),
+                                          None if num_steps is None else num_steps + int(denoise),
                                           (lambda state: state[0]["x"]) if save_trajectory else None,
                                           xs=(scalars, keys))
     if save_trajectory:
-        traj = jnp.concatenate([x[None], traj], axis=0)
-    return carry["x"], nfe, traj, {"num_steps": steps}
+        traj = jnp.concatenate([x[None], traj[:n]], axis=0)
+    return carry["x"], nfe, traj, {"num_steps": steps - int(denoise)}
+
+
+def _with_denoise_row(stepper: Stepper, path: Path, ts: Array, scalars: dict, last, *, padded: bool,
+                      **options) -> dict:
+    """``scalars`` with the stepper's denoising row at index ``last`` (the step count; traced where
+    ``padded``: the rows past it are the padding's)."""
+    template = jax.tree.map(lambda v: v[last - 1], scalars)
+    t = ts[-1]
+    row = stepper.denoise_row(template, t, path.alpha(t), path.sigma(t), last, **options)
+    if jax.tree.structure(row) != jax.tree.structure(template) or any(
+            jnp.shape(r) != v.shape for r, v in zip(jax.tree.leaves(row), jax.tree.leaves(template))):
+        raise ValueError(f"denoise_row must return the structure and shapes of a step's scalars "
+                         f"{jax.tree.map(jnp.shape, template)}; got {jax.tree.map(jnp.shape, row)}")
+
+    def put(v, r):
+        v = jnp.concatenate([v, jnp.asarray(r, v.dtype)[None]])
+        return v.at[last].set(v[-1]) if padded else v
+
+    return jax.tree.map(put, scalars, row)
 
 
 def step_loop(step: Callable, carry, n: int, num_steps=None, save: Callable | None = None, xs=None):

@@ -105,6 +105,15 @@ def _slots(h: Array) -> tuple[Array, ...]:
     return tuple(h[j] for j in range(h.shape[0]))
 
 
+def _take_new(m: int, i) -> Array:
+    """Ring coefficients that take the new prediction ``D_i`` alone (a denoising row's output)."""
+    return _ring_coefs(jnp.zeros((m,), jnp.float32).at[0].set(1.0), i)
+
+
+# Denoising rows (Stepper.denoise_row): the final Tweedie step x0_hat(x, t_end) is a step whose
+# combination keeps the new data prediction alone (0 * x + 1 * D_i + 0 * ...: D_i exactly).
+
+
 # -- DDIM ---------------------------------------------------------------------------------------
 def _ddim_init(model, ts, x, *, eta: float = 0.0, **_):
     return _ring_init(model, ts, x, order=2) if eta == 0.0 else {"x": x}
@@ -137,7 +146,13 @@ def _ddim_step(model, carry, c, key, *, eta: float = 0.0):
     return {"x": combine(jnp.float32(0.0), x, c["w"], (d, e, z))}, 1
 
 
-ddim = Stepper(_ddim_init, _ddim_scalars, _ddim_step)
+def _ddim_denoise(row, t, a, s, i, *, eta: float = 0.0, **_):
+    if eta == 0.0:
+        return {"s": t, "i": i, "w": jnp.concatenate([jnp.zeros((1,)), _take_new(2, i)])}
+    return {"s": t, "w": jnp.array([1.0, 0.0, 0.0])}
+
+
+ddim = Stepper(_ddim_init, _ddim_scalars, _ddim_step, denoise_row=_ddim_denoise)
 
 
 # -- DPM-Solver++ multistep -------------------------------------------------------------------
@@ -200,9 +215,13 @@ def _dpm_step(model, carry, c, key, **_):
     return {"x": combine(c["c_x"], x, c["c_d"], _slots(h)), "H": h}, 1
 
 
+def _dpm_denoise(row, t, a, s, i, **_):
+    return {"s": t, "i": i, "c_x": 0.0, "c_d": _take_new(row["c_d"].shape[0], i)}
+
+
 def dpm_multistep(order: int) -> Stepper:
     return Stepper(functools.partial(_ring_init, order=order), functools.partial(_dpm_scalars, order=order),
-                   _dpm_step)
+                   _dpm_step, denoise_row=_dpm_denoise)
 
 
 # -- DPM-Solver++ 2M with heavy-ball momentum -------------------------------------------------
@@ -231,8 +250,13 @@ def _hb_step(model, carry, c, key, *, beta: float = 0.8):
     return {"x": combine(c["c_x"], x, c["w"], (v,) + _slots(h)), "H": h, "v": v}, 1
 
 
+def _hb_denoise(row, t, a, s, i, **_):
+    return {"s": t, "i": i, "c_x": 0.0, "dir": jnp.zeros((2,)), "w": jnp.concatenate([jnp.zeros((1,)), _take_new(2, i)]),
+            "first": True}
+
+
 hb = Stepper(lambda model, ts, x, **_: {**_ring_init(model, ts, x, order=2), "v": jnp.zeros_like(x)}, _hb_scalars,
-             _hb_step)
+             _hb_step, denoise_row=_hb_denoise)
 
 
 # -- DEIS (tAB) -------------------------------------------------------------------------------
@@ -342,11 +366,19 @@ def _deis_step(model, carry, c, key, *, form: str = "eps", **_):
     return {"x": combine(c["c_x"], x, c["c"], _slots(h) + _slots(dr)), "H": h, "Dr": dr}, 1
 
 
+def _deis_denoise(row, t, a, s, i, *, order: int = 3, form: str = "eps", **_):
+    """The x0 form's data-prediction ring, or the eps form's second ring (of data predictions)."""
+    m = row["c"].shape[0]
+    c = _take_new(m, i) if form == "x0" else jnp.concatenate([jnp.zeros((m - 2,)), _take_new(2, i)])
+    return {"s": t, "i": i, "c_x": 0.0, "c": c}
+
+
 def deis(order: int = 3, form: str = "eps") -> Stepper:
     return Stepper(functools.partial(_deis_init, order=order, form=form),
                    functools.partial(_deis_scalars, order=order, form=form),
                    functools.partial(_deis_step, form=form),
-                   stages=functools.partial(_deis_stages, form=form))
+                   stages=functools.partial(_deis_stages, form=form),
+                   denoise_row=functools.partial(_deis_denoise, order=order, form=form))
 
 
 # -- UniPC --------------------------------------------------------------------------------------
@@ -462,7 +494,14 @@ def _unipc_force(carry, x_prev_ref, x_ref):
     return {**carry, "x": x_ref, "x_prev": x_prev_ref}
 
 
+def _unipc_denoise(row, t, a, s, i, **_):
+    """No correction (``x_c = x``), then the new data prediction alone."""
+    m = row["c_p"].shape[0]
+    return {"s": t, "i": i, "cx_c": 0.0, "c_c": jnp.zeros((m + 1,)).at[0].set(1.0), "cx_p": 0.0,
+            "c_p": _take_new(m, i)}
+
+
 def unipc(order: int = 2, variant: str = "bh2") -> Stepper:
     return Stepper(functools.partial(_unipc_init, order=order),
                    functools.partial(_unipc_scalars, order=order, variant=variant),
-                   _unipc_step, _unipc_force)
+                   _unipc_step, _unipc_force, denoise_row=_unipc_denoise)

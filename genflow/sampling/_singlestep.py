@@ -225,7 +225,17 @@ def _edm_step(model, carry, c, key, *, churn: float = 0.0, **_):
     return {"x": x}, nfe
 
 
-edm_heun = Stepper(x_init, _edm_scalars, _edm_step, stages=_edm_stages)
+def _heun_denoise(t, a, s) -> dict:
+    """Heun coefficients of a denoising step at ``t``: the Euler step into ``alpha = 1, sigma = 0``,
+    ``x_e = 1 D_1 + 0 eps_1``, alone (the second evaluation skipped)."""
+    return _heun_coefs(t, a, s, t, jnp.ones_like(a), jnp.zeros_like(s))
+
+
+def _edm_denoise(row, t, a, s, i, **_):
+    return {"churn": jnp.array([1.0, 0.0]), "heun": _heun_denoise(t, a, s)}
+
+
+edm_heun = Stepper(x_init, _edm_scalars, _edm_step, stages=_edm_stages, denoise_row=_edm_denoise)
 
 
 # -- Restart sampling -------------------------------------------------------------------------
@@ -300,4 +310,8 @@ def _restart_step(model, carry, c, key, *, restart_times: int = RESTART_TIMES, *
     return {"x": x}, nfe + extra
 
 
-restart = Stepper(x_init, _restart_scalars, _restart_step, stages=_restart_stages)
+def _restart_denoise(row, t, a, s, i, **_):
+    return {**row, "heun": _heun_denoise(t, a, s), "do": False}
+
+
+restart = Stepper(x_init, _restart_scalars, _restart_step, stages=_restart_stages, denoise_row=_restart_denoise)
