@@ -133,12 +133,15 @@ samplers = {}
 # stage buffers (a small one stage by stage)
 large_fn = jax.tree_util.Partial(lambda ws, x, t: eps_fn(x, t), [jnp.zeros(()) for _ in range(40)])
 single = ("dpm++2s", "dpm++3s", "edm_heun", "restart", "pc")
-for solver in ("ddim", "dpm++2m", "dpm++3m", "unipc", "deis") + single + tuple(s + " (scan)" for s in single):
+# (" (denoise)": on vp_linear, whose final denoising step these solvers run as their loop's last iteration)
+denoised = ("dpm++2m (denoise)", "unipc (denoise)", "edm_heun (scan) (denoise)", "restart (denoise)")
+for solver in ("ddim", "dpm++2m", "dpm++3m", "unipc", "deis") + single + tuple(s + " (scan)" for s in single) + denoised:
     # (Restart / pc with a key, each device drawing its shard's noise)
     def run(x, solver=solver):
-        name, fn = (solver[:-7], large_fn) if solver.endswith(" (scan)") else (solver, eps_fn)
+        name, on = solver.removesuffix(" (denoise)"), gf.paths.vp_linear() if solver.endswith(" (denoise)") else path
+        name, fn = (name[:-7], large_fn) if name.endswith(" (scan)") else (name, eps_fn)
         kw = {"key": jax.random.key(6)} if name in ("restart", "pc") else {}
-        return gf.sample(fn, path, x, prediction="eps", solver=name, steps=6, t_start=0.999, **kw)[0]
+        return gf.sample(fn, on, x, prediction="eps", solver=name, steps=6, t_start=0.999, **kw)[0]
     one = run(x1)
     # (inside shard_map each device runs the sampler on its shard alone: Restart's and pc's noise is
     # drawn per shard, and pc's step rule takes the shard's mean norms, so their reference is the
