@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one prepared run (~7 minutes on one H100/H200; results/gpu.md has the 2026-12-04 run), for a machine that has
+# The GPU benchmarks in one prepared run (~7-11 minutes on one H100/H200; results/gpu.md has the 2026-12-04 run), for a machine that has
 # jax[cuda], flax, optax, diffrax, chex, orbax and torch but not genflow or the peers:
 #
 #   bash experiments/benchmarks/gpu.sh [OUT_DIR]      # from the repository root
@@ -11,6 +11,7 @@
 #   train_throughput_gpu_bfloat16.json  U-Net / DiT training steps/s, FLOPs and MFU, bf16, batch 256
 #   cfm_throughput_gpu.json             issue 2's CFM problem: genflow on the GPU vs torchcfm on the GPU
 #   samplers_timing_cuda.{md,json}      issue 3's per-step overhead: genflow vs k-diffusion/diffusers on the GPU
+#   compile_time_gpu.json               a U-Net sampler's compile time per solver against the U-Net's own
 #   gpu_log.txt                         everything printed
 set -u
 out=${1:-experiments/benchmarks/results}
@@ -35,5 +36,8 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREA
   # (XLA's GPU autotuning makes each U-Net compile take ~50 s on an H200)
   timeout 300 python3 experiments/benchmarks/train_throughput.py --dtype bfloat16 --batch 256 --steps 5 --repeats 3 \
     --only "DiT-Ti/4;UNet ch32 (1,2,2)x1" --out "$out"
+  echo "== compile_time (U-Net ch=32 at 32x32: sampler vs network compile, copies of the network)"
+  JAX_PLATFORMS=cuda timeout 240 python3 experiments/benchmarks/compile_time.py --solvers dpm++2m edm_heun heun \
+    --json "$out/compile_time_gpu.json"
   date -u
 } 2>&1 | grep -v "last_sigmas_type='zero'" | tee "$log"
