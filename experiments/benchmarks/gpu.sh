@@ -37,7 +37,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREA
   timeout 300 python3 experiments/benchmarks/train_throughput.py --dtype bfloat16 --batch 256 --steps 5 --repeats 3 \
     --only "DiT-Ti/4;UNet ch32 (1,2,2)x1" --out "$out"
   echo "== compile_time (U-Net ch=32 at 32x32: sampler vs network compile, copies of the network)"
-  JAX_PLATFORMS=cuda timeout 240 python3 experiments/benchmarks/compile_time.py --solvers dpm++2m edm_heun heun \
+  JAX_PLATFORMS=cuda timeout 240 python3 experiments/benchmarks/compile_time.py --ch 32 --solvers dpm++2m heun \
     --json "$out/compile_time_gpu.json"
   date -u
 } 2>&1 | grep -v "last_sigmas_type='zero'" | tee "$log"
