@@ -1457,3 +1457,40 @@ def test_kernel_blur_centres_an_even_kernel_at_kh_2_kw_2():
             ref[i, j] = sum(k[m, n] * x[0, (i - m + 1) % H, (j - n + 1) % W, 0] for m in range(2) for n in range(2))
     y = gf.inverse.kernel_blur((H, W), k, normalize=False)(jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(np.asarray(y)[0, :, :, 0], ref, atol=1e-5)
+
+
+def test_the_final_denoise_is_the_loops_last_iteration_and_adds_no_copy_of_the_network():
+    """Paths that end at sigma > 0 finish with the method's x0 at t_end. DDNM, FlowDPS, PiGDM and
+    TMPD (and the prior sampler) take it as the last iteration of their loop: denoising adds no copy
+    of the network (nor of its VJP / JVP) to the compiled program -- it was a second one after the
+    loop -- while DPS and MCG, whose steps take a gradient that their final x0 does not, keep the
+    call. Counted as a marker operation in the lowered program. And the denoised DDNM sample is its
+    final x0 of the un-denoised one, x0 + A^+(y - A x0) with the oracle's x0 (float64)."""
+    path = gf.paths.vp_linear()
+    op = inv.random_inpainting(jax.random.key(0), S, keep=0.5)
+    base = PRIOR.model(path, "eps")
+    marked = lambda x, t: base(x, t) + 0.0 * jax.lax.bessel_i1e(x)  # noqa: E731
+    x1 = jax.random.normal(jax.random.key(5), (2,) + S)
+    y = op(jnp.broadcast_to(X_TRUE, (2,) + S))
+
+    def copies(method, denoise):
+        kw = dict(noise=inv.GaussianNoise(SIGMA_Y), cg_iters=2) if method in ("pigdm", "tmpd") else {}
+        run = jax.jit(lambda x1, k: inv.posterior_sample(marked, path, x1, y, op, prediction="eps", method=method,
+                                                          steps=3, key=k, denoise=denoise, **kw)[0])
+        return run.lower(x1, jax.random.key(6)).as_text().count("bessel_i1e")
+
+    counts = {m: (copies(m, False), copies(m, True)) for m in inv.METHODS}
+    assert all(counts[m][0] == counts[m][1] for m in ("ddnm", "flowdps", "pigdm", "tmpd")), counts
+    assert all(counts[m][1] > counts[m][0] for m in ("dps", "mcg")), counts
+    unconditional = jax.jit(lambda x1, k: inv.prior_sample(marked, path, x1, prediction="eps", steps=3, key=k,
+                                                           denoise=True)[0])
+    assert unconditional.lower(x1, jax.random.key(6)).as_text().count("bessel_i1e") == 1
+    with jax.enable_x64(True):
+        prior = gf.oracles.Gaussian.full(MU.astype(jnp.float64), COV.astype(jnp.float64))
+        x1, y, fn = x1.astype(jnp.float64), y.astype(jnp.float64), prior.model(path, "eps")
+        kw = dict(prediction="eps", method="ddnm", steps=5, key=jax.random.key(7))
+        x, info = inv.posterior_sample(fn, path, x1, y, op, denoise=True, **kw)
+        z, ref = inv.posterior_sample(fn, path, x1, y, op, denoise=False, **kw)
+        x0 = prior.x0(z.reshape(2, D), jnp.full((2,), info.ts[-1]), path).reshape(z.shape)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(x0 + op.pinv(y - op(x0))), rtol=1e-12, atol=1e-12)
+        assert int(info.nfe) == int(ref.nfe) + 1

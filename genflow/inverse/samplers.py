@@ -137,7 +137,9 @@ def _step_fn(model: Model, method: str | None, base: str, y, op: Operator, noise
     path = model.path
     eta = hp.get("eta", 1.0)
 
-    def step(x, t, s, key):
+    def step(x, t, s, key, final=False):
+        """One step from ``t`` to ``s``; where ``final`` (traced; not for dps / mcg), the method's
+        ``x0`` at ``t`` instead (:func:`final`'s, for the denoising step as the loop's last iteration)."""
         kz, ky = jax.random.split(key)
         z = jax.random.normal(kz, x.shape, x.dtype)
         if method in ("dps", "mcg"):
@@ -155,7 +157,8 @@ def _step_fn(model: Model, method: str | None, base: str, y, op: Operator, noise
                 x_new = x_new + weight * op.pinv(y_s - op.forward(x_new))
             return x_new
         x0, eps = corrected(x, t)
-        return _base_update(path, base, x0, eps, t, s, z, eta)
+        x_new = _base_update(path, base, x0, eps, t, s, z, eta)
+        return x_new if final is False else jnp.where(final, x0, x_new)
 
     def corrected(x, t):
         """The method's ``(x0, eps)`` at ``(x, t)`` (the prior's for dps and none)."""
@@ -292,16 +295,25 @@ def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, no
         if y.shape != expected.shape:
             raise ValueError(f"y.shape={y.shape} does not match operator.forward(x) of shape {expected.shape}")
     step, final = _step_fn(model, method, base, y, op, noise, weight, hp)
-    keys = jax.random.split(key, ts.shape[0] - 1)
+    n = ts.shape[0] - 1
+    keys = jax.random.split(key, n)
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
+    # The final denoising step as the loop's last iteration (t = s = ts[-1]; its noise unused): one
+    # copy of the network (and of its VJP / JVP) in the program, not a second one after the loop.
+    # DPS and MCG step with a gradient that their final x0 does not take (a wasted backward pass).
+    fold = denoise and method not in ("dps", "mcg")
+    t_from, t_to, last = ts[:-1], ts[1:], jnp.zeros((n,), bool)
+    if fold:
+        t_from, t_to, keys = ts, jnp.concatenate([t_to, ts[-1:]]), jnp.concatenate([keys, keys[-1:]])
+        last = jnp.arange(n + 1) == n
 
     def body(x, inp):
-        t, s, k = inp
-        return step(x, t, s, k).astype(x.dtype), None  # (x64: the path's scalars are float64)
+        t, s, k, end = inp
+        # (x64: the path's scalars are float64)
+        return step(x, t, s, k, end if fold else False).astype(x.dtype), None
 
-    x, _ = jax.lax.scan(body, x, (ts[:-1], ts[1:], keys))
-    n = ts.shape[0] - 1
-    if denoise:
+    x, _ = jax.lax.scan(body, x, (t_from, t_to, keys, last))
+    if denoise and not fold:
         x = final(x, ts[-1]).astype(x.dtype)
     nfe = jnp.asarray(n + int(denoise), jnp.int32)
     # per step: one VJP for the gradient methods; tmpd's CG iterations add one JVP and one VJP
@@ -485,7 +497,8 @@ def posterior_sample(
         :data:`METHODS`).
       denoise: finish with the method's own x0 estimate at the last time (the prior's Tweedie
         denoiser corrected as in the method's steps; default ``path.denoise_at_end``, False for a
-        partial solve ending above ``path.t_min``).
+        partial solve ending above ``path.t_min``). All methods but ``dps`` / ``mcg`` take it as
+        the last iteration of their loop (no second copy of the network in the compiled program).
       **hparams: ``scale`` (gradient step; for ``pigdm`` / ``tmpd`` a multiplier of the
         likelihood score, 1 = the model's own likelihood), ``eta`` (ddim base), ``dc_steps``
         (flowdps), ``data_var`` (pigdm: the prior variance ``v`` in ``r_t^2``, > 0), ``cg_iters``
