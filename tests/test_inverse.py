@@ -1494,3 +1494,42 @@ def test_the_final_denoise_is_the_loops_last_iteration_and_adds_no_copy_of_the_n
         x0 = prior.x0(z.reshape(2, D), jnp.full((2,), info.ts[-1]), path).reshape(z.shape)
         np.testing.assert_allclose(np.asarray(x), np.asarray(x0 + op.pinv(y - op(x0))), rtol=1e-12, atol=1e-12)
         assert int(info.nfe) == int(ref.nfe) + 1
+
+
+def test_gradients_through_the_folded_final_denoise_are_finite_and_exact():
+    """d/d(grid times) of a denoised DDNM / PiGDM sample on vp_linear (its final denoise the loop's
+    last iteration) equals that of the un-denoised sample followed by the method's final x0 (DDNM:
+    x0 + A^+(y - A x0), the oracle's x0), float64; the first fold's discarded step had an infinite
+    slope at t = s (d/d ts[-1] NaN). And at sigma(t_end) = 0 (t_end = 0, denoised by default) the
+    gradient in x1 is finite (the discarded step's eps has an infinite derivative there: not folded)."""
+    path = gf.paths.vp_linear()
+    op = inv.random_inpainting(jax.random.key(0), S, keep=0.5)
+    with jax.enable_x64(True):
+        prior = gf.oracles.Gaussian.full(MU.astype(jnp.float64), COV.astype(jnp.float64))
+        fn = prior.model(path, "eps")
+        x1 = jax.random.normal(jax.random.key(5), (2,) + S, jnp.float64)
+        y = op(jnp.broadcast_to(X_TRUE, (2,) + S).astype(jnp.float64))
+        ts = jnp.array([1.0, 0.6, 0.3, 0.1, 1e-3])
+        kw = dict(prediction="eps", method="ddnm", key=jax.random.key(6))
+
+        def folded(ts):
+            return jnp.sum(jnp.sin(inv.posterior_sample(fn, path, x1, y, op, schedule=ts, **kw)[0]))
+
+        def composed(ts):
+            z = inv.posterior_sample(fn, path, x1, y, op, schedule=ts, denoise=False, **kw)[0]
+            x0 = prior.x0(z.reshape(2, D), jnp.full((2,), ts[-1]), path).reshape(z.shape)
+            return jnp.sum(jnp.sin(x0 + op.pinv(y - op(x0))))
+
+        a, b = jax.grad(folded)(ts), jax.grad(composed)(ts)
+        assert np.all(np.isfinite(np.asarray(a))), a
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+        pig = jax.grad(lambda ts: jnp.sum(inv.posterior_sample(fn, path, x1, y, op, schedule=ts, prediction="eps",
+                                                               method="pigdm", noise=inv.GaussianNoise(SIGMA_Y),
+                                                               cg_iters=3, key=jax.random.key(6))[0]))(ts)
+        assert np.all(np.isfinite(np.asarray(pig))), pig
+        for method in ("ddnm", "pigdm"):
+            extra = dict(noise=inv.GaussianNoise(SIGMA_Y), cg_iters=3) if method == "pigdm" else {}
+            gx = jax.grad(lambda x: jnp.sum(inv.posterior_sample(fn, path, x, y, op, prediction="eps", method=method,
+                                                                 steps=4, t_end=0.0, key=jax.random.key(6),
+                                                                 **extra)[0]))(x1)
+            assert np.all(np.isfinite(np.asarray(gx))), (method, gx)

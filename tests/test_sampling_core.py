@@ -435,6 +435,24 @@ def test_the_denoising_iteration_is_one_tweedie_step_after_the_solve(solver, opt
                     np.testing.assert_array_equal(np.asarray(info.trajectory[-1]), np.asarray(y))
 
 
+def test_an_x0_model_denoised_at_sigma_zero_is_finite():
+    """A grid that ends at sigma = 0 and denoises (vp_linear's default for t_end = 0): the denoising
+    iteration weights the noise prediction by 0, and an x0 model's is infinite there (0 * inf: NaN
+    samples from ddim, ddpm, deis, edm_heun, churn and restart in the first version of the fold).
+    It is not folded there: the samples are the x0 model's output on the un-denoised state."""
+    path = gf.paths.vp_linear()
+    g = gf.oracles.GaussianMixture.random(jax.random.key(0), 3, 4)
+    x1 = path.prior_sample(jax.random.key(1), (6, 4))
+    fn = g.model(path, "x0")
+    for solver in ("ddim", "ddpm", "deis", "edm_heun", "edm_heun_churn", "restart", "dpm++2m"):
+        kw = dict(prediction="x0", solver=solver, steps=5, t_end=0.0, key=jax.random.key(3))
+        x, info = gf.sample(fn, path, x1, **kw)
+        y, ref = gf.sample(fn, path, x1, denoise=False, **kw)
+        assert int(info.nfe) == int(ref.nfe) + 1, solver
+        np.testing.assert_allclose(np.asarray(x), np.asarray(fn(y, jnp.zeros((6,)))), rtol=1e-6, atol=1e-6,
+                                   err_msg=solver)
+
+
 def test_gradients_flow_through_the_denoising_iteration():
     """d/d x1 of a denoised DPM-Solver++(2M) / UniPC / EDM Heun sample (its denoising step inside the
     loop) equals that of the un-denoised solve composed with the oracle's Tweedie step (float64)."""

@@ -88,7 +88,7 @@ from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path, check_path
 from genflow.sampling import Model, as_pytree_fn
 from genflow.sampling._core import _run_path
-from genflow.sampling._grid import default_denoise, sampler_grid
+from genflow.sampling._grid import default_denoise, noisy_end, sampler_grid
 
 Array = jax.Array
 
@@ -157,8 +157,12 @@ def _step_fn(model: Model, method: str | None, base: str, y, op: Operator, noise
                 x_new = x_new + weight * op.pinv(y_s - op.forward(x_new))
             return x_new
         x0, eps = corrected(x, t)
-        x_new = _base_update(path, base, x0, eps, t, s, z, eta)
-        return x_new if final is False else jnp.where(final, x0, x_new)
+        if final is False:
+            return _base_update(path, base, x0, eps, t, s, z, eta)
+        # (the discarded step's times without derivative: at t = s its noise coefficient
+        # sqrt(1 - SNR_s / SNR_t) has an infinite slope, and 0 * inf made d/d ts[-1] NaN)
+        t_b, s_b = (jnp.where(final, jax.lax.stop_gradient(v), v) for v in (t, s))
+        return jnp.where(final, x0, _base_update(path, base, x0, eps, t_b, s_b, z, eta))
 
     def corrected(x, t):
         """The method's ``(x0, eps)`` at ``(x, t)`` (the prior's for dps and none)."""
@@ -284,7 +288,7 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
 
 
 @_memo.filter_jit
-def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, noise, weight, hp, denoise,
+def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, noise, weight, hp, denoise, fold,
          classes=None):
     # ``classes = (type(op), type(noise))``, static: JAX treats the treedefs of two dataclass types
     # with the same fields as equal, and a GaussianNoise run reused the program compiled for
@@ -300,8 +304,10 @@ def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, no
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
     # The final denoising step as the loop's last iteration (t = s = ts[-1]; its noise unused): one
     # copy of the network (and of its VJP / JVP) in the program, not a second one after the loop.
-    # DPS and MCG step with a gradient that their final x0 does not take (a wasted backward pass).
-    fold = denoise and method not in ("dps", "mcg")
+    # Not for DPS and MCG, which step with a gradient that their final x0 does not take (a wasted
+    # backward pass), nor at sigma(ts[-1]) = 0 (``fold`` False: noisy_end), where the discarded
+    # step's eps has an infinite derivative (NaN gradients from its zero cotangent).
+    fold = fold and denoise and method not in ("dps", "mcg")
     t_from, t_to, last = ts[:-1], ts[1:], jnp.zeros((n,), bool)
     if fold:
         t_from, t_to, keys = ts, jnp.concatenate([t_to, ts[-1:]]), jnp.concatenate([keys, keys[-1:]])
@@ -406,7 +412,7 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
     denoise = default if denoise is None else denoise
     # (no measurement: y = None, which the prior's steps never read)
     return _run(model, ts, x1, key, None, base, None, _NO_OP, _PRIOR_NOISE, _leaf(0.0), dict(eta=_leaf(eta)),
-                bool(denoise))
+                bool(denoise), bool(denoise) and noisy_end(model.path, ts))
 
 
 @jax.tree_util.register_dataclass
@@ -533,7 +539,8 @@ def posterior_sample(
     denoise = default if denoise is None else denoise
     noise = _noise_model(method, noise, _leaf)
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
-                _leaf(weight), hp, bool(denoise), (type(operator), type(noise)))
+                _leaf(weight), hp, bool(denoise), bool(denoise) and noisy_end(model.path, ts),
+                (type(operator), type(noise)))
 
 
 def _hyperparameters(method: str, defaults: dict, hparams: dict, leaf: Callable = real_leaf) -> dict:

@@ -17,7 +17,7 @@ from genflow.param import as_pytree_fn  # (defined there: the model wrappers of 
 from genflow._checks import check_denoise, check_finite_rows, check_int, check_key, concrete_real, is_int
 from genflow.paths import Path, check_path
 from genflow.sampling import _diffrax, _driver, _registry
-from genflow.sampling._grid import default_denoise, sampler_grid
+from genflow.sampling._grid import default_denoise, noisy_end, sampler_grid
 from genflow.sampling._model import Model
 
 Array = jax.Array
@@ -472,7 +472,8 @@ def sample(
     # dynamic length, which reverse mode cannot differentiate, and a user's own jit gains nothing
     # from sharing gf.sample's compiled program across step counts)
     pad = not save_trajectory and not _under_transformation()
-    ts, ts_run, grid_options = _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad)
+    ts, ts_run, grid_options, foldable = _prepare(path, steps, schedule, t_start, t_end, spec, kinds, solver_options,
+                                                  pad)
     solver_options = {**solver_options, **grid_options}
     if denoise is None:
         denoise = default_denoise(path, ts, t_end)
@@ -486,7 +487,7 @@ def sample(
         rtol, atol = (jnp.asarray(v, jnp.promote_types(x1.dtype, jnp.float32)) for v in (rtol, atol))
     model = Model(as_pytree_fn(fn), _run_path(path), prediction)
     x, info = _sample_jit(model, ts_run, x1, key, spec, bool(denoise), rtol, atol, int(max_steps),
-                          bool(save_trajectory), solver_options)
+                          bool(save_trajectory), solver_options, bool(denoise) and foldable)
     return x, dataclasses.replace(info, ts=ts)
 
 
@@ -531,10 +532,11 @@ def _under_transformation() -> bool:
 
 
 def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver_options, pad):
-    """``(ts, ts_run, grid_options)``: the checked time grid, the grid the compiled sampler steps
-    on (with ``pad``, padded to its bucket for the solvers that trace the step count) and the
+    """``(ts, ts_run, grid_options, foldable)``: the checked time grid, the grid the compiled sampler
+    steps on (with ``pad``, padded to its bucket for the solvers that trace the step count), the
     options that the grid determines (the scan solvers' precomputed ``scalars``, a traced
-    ``num_steps``)."""
+    ``num_steps``) and whether a denoising step may run as the loop's last iteration (a scan
+    solver with a ``denoise_row``, on a grid that ends at ``sigma > 0``: :func:`noisy_end`)."""
     ts = sampler_grid(path, steps, schedule, t_start, t_end)
     _check_brownian_tol(ts, solver_options.get("brownian_tol"))
     for kind in kinds:
@@ -556,7 +558,8 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
         # an adaptive ODE solve without a trajectory reads only the grid's ends: given the whole
         # grid it compiled once per step count it ignores (~10 MB of programs per value in a sweep)
         ts_run = jnp.asarray(np.asarray(ts)[[0, -1]])  # (on the host: an eager gather compiled per grid length)
-    return ts, ts_run, grid_options
+    foldable = _is_scan(spec) and spec.stepper.denoise_row is not None and noisy_end(path, ts)
+    return ts, ts_run, grid_options, foldable
 
 
 # Prepared grids of recent gf.sample calls (genflow._memo: the memo and its key rules, shared with
@@ -692,14 +695,13 @@ def _run_solver(spec, model, ts, x, key, **options):
 
 
 @_leaf_jit
-def _sample_jit(model, ts, x1, key, spec, denoise, rtol, atol, max_steps, save_trajectory, solver_options):
+def _sample_jit(model, ts, x1, key, spec, denoise, rtol, atol, max_steps, save_trajectory, solver_options, fold):
     # (spec: static, hashed by its fields -- run and stepper by identity: a solver registered again
     # under its name with overwrite=True compiles anew instead of running the old spec's program)
     # The solver state is kept in at least float32 (a bfloat16 model still sees its own dtype
     # if it casts its input); samples come back in the dtype of x1.
     x = x1.astype(jnp.promote_types(x1.dtype, jnp.float32))
-    # (a scan solver with a denoise_row denoises in its loop: one copy of the network, not two)
-    fold = denoise and _is_scan(spec) and spec.stepper.denoise_row is not None
+    # (fold: the denoising step as the loop's last iteration, one copy of the network, not two)
     out = _run_solver(spec, model, ts, x, key, rtol=rtol, atol=atol, max_steps=max_steps,
                       save_trajectory=save_trajectory, **solver_options, **({"denoise": True} if fold else {}))
     _check_run_output(spec, out, x, ts, save_trajectory)

@@ -232,6 +232,19 @@ def default_denoise(path: Path, ts: Array, t_end=None) -> bool:
     return last <= path.t_min + 1e-6
 
 
+def noisy_end(path: Path, ts: Array) -> bool:
+    """Whether ``sigma > 0`` at the grid's end, read on the host (False where it cannot be: a traced
+    grid or path). A sampler folds its final denoising step into its loop only there: that
+    iteration weights the noise prediction (or its derivative) by 0, and at ``sigma = 0`` an
+    ``x0`` model's noise prediction is infinite (0 * inf = NaN), where the call after the loop only
+    converts to ``x0``."""
+    try:
+        with jax.ensure_compile_time_eval():  # (concrete under a caller's jit too)
+            return float(path.sigma(jnp.asarray(np.asarray(ts)[-1]))) > 0.0
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+
+
 def _levels_ordered(path: Path, t_start, t_end, sigma_min, sigma_max, start_inf: bool, end_inf: bool) -> bool:
     """Whether the noise levels ``sigma / alpha`` of a log-SNR / Karras grid's ends decrease (a
     finite end's own level between an infinite end's ``sigma_max`` / ``sigma_min``)."""
