@@ -504,7 +504,8 @@ def posterior_sample(
       denoise: finish with the method's own x0 estimate at the last time (the prior's Tweedie
         denoiser corrected as in the method's steps; default ``path.denoise_at_end``, False for a
         partial solve ending above ``path.t_min``). All methods but ``dps`` / ``mcg`` take it as
-        the last iteration of their loop (no second copy of the network in the compiled program).
+        the last iteration of their loop where ``sigma(t_end) > 0`` (no second copy of the network
+        in the compiled program).
       **hparams: ``scale`` (gradient step; for ``pigdm`` / ``tmpd`` a multiplier of the
         likelihood score, 1 = the model's own likelihood), ``eta`` (ddim base), ``dc_steps``
         (flowdps), ``data_var`` (pigdm: the prior variance ``v`` in ``r_t^2``, > 0), ``cg_iters``

@@ -404,7 +404,8 @@ def sample(
         ``path.denoise_at_end`` for a grid that ends at the path's end (``t_end <= path.t_min +
         1e-6``) or is traced, and to False for a partial solve that ends above it (its result is the
         state at ``t_end``). The multistep solvers, EDM Heun and Restart take it as the last
-        iteration of their loop (no second copy of the network in the compiled program).
+        iteration of their loop where ``sigma(t_end) > 0`` (no second copy of the network in the
+        compiled program).
       rtol, atol: tolerances of adaptive solvers, held by every sample of the batch (the error
         norm is the largest per-sample RMS; with a bfloat16 model use ~1e-2: tolerances below
         the model's own resolution make the step-size controller reject steps, e.g. 10,805
