@@ -288,7 +288,7 @@ def _batched_cg(cov: Callable, shift, b: Array, iters: int) -> Array:
 
 
 @_memo.filter_jit
-def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, noise, weight, hp, denoise, fold,
+def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, noise, weight, hp, denoise, noisy,
          classes=None):
     # ``classes = (type(op), type(noise))``, static: JAX treats the treedefs of two dataclass types
     # with the same fields as equal, and a GaussianNoise run reused the program compiled for
@@ -305,9 +305,9 @@ def _run(model: Model, ts: Array, x1: Array, key: Array, method, base, y, op, no
     # The final denoising step as the loop's last iteration (t = s = ts[-1]; its noise unused): one
     # copy of the network (and of its VJP / JVP) in the program, not a second one after the loop.
     # Not for DPS and MCG, which step with a gradient that their final x0 does not take (a wasted
-    # backward pass), nor at sigma(ts[-1]) = 0 (``fold`` False: noisy_end), where the discarded
+    # backward pass), nor at sigma(ts[-1]) = 0 (``noisy`` False: noisy_end), where the discarded
     # step's eps has an infinite derivative (NaN gradients from its zero cotangent).
-    fold = fold and denoise and method not in ("dps", "mcg")
+    fold = denoise and noisy and method not in ("dps", "mcg")
     t_from, t_to, last = ts[:-1], ts[1:], jnp.zeros((n,), bool)
     if fold:
         t_from, t_to, keys = ts, jnp.concatenate([t_to, ts[-1:]]), jnp.concatenate([keys, keys[-1:]])
@@ -341,10 +341,12 @@ def _check_weight_scale(weight, hparams: dict) -> None:
 
 
 def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key, snr_start: bool = False):
-    """``(model, ts, denoise)``: the model, the checked time grid and the default ``denoise``.
+    """``(model, ts, denoise, noisy)``: the model, the checked time grid, the default ``denoise``
+    and whether the grid ends at ``sigma > 0`` (:func:`noisy_end`: where the final denoise may be
+    the loop's last iteration).
 
     The grid and the decisions made on the host with it (the default ``t_start``, the refusal of
-    an ``eps`` / ``score`` start at ``alpha = 0``, the default ``denoise``) are kept in
+    an ``eps`` / ``score`` start at ``alpha = 0``, the default ``denoise``, ``noisy``) are kept in
     ``gf.sample``'s memo (:func:`genflow._memo.memoised`) under the path, grid arguments,
     ``prediction`` and ``snr_start`` (``tmpd`` / ``pigdm``: start an ``eps`` / ``score`` model
     where the SNR is 1e-4); a repeat call reads nothing back from the device for them."""
@@ -359,13 +361,13 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key, snr
         raise TypeError(f"x1 must be a floating-point array; got dtype {x1.dtype}")
     parts = (_memo.path_key(path), _memo.schedule_key(schedule), _memo.value_key(steps), _memo.value_key(t_start),
              _memo.value_key(t_end))
-    ts, denoise = _memo.memoised("gf.inverse", parts, (prediction, bool(snr_start)),
-                                 lambda: _grid(path, prediction, steps, schedule, t_start, t_end, snr_start))
-    return Model(as_pytree_fn(fn), _run_path(path), prediction), ts, denoise
+    ts, denoise, noisy = _memo.memoised("gf.inverse", parts, (prediction, bool(snr_start)),
+                                        lambda: _grid(path, prediction, steps, schedule, t_start, t_end, snr_start))
+    return Model(as_pytree_fn(fn), _run_path(path), prediction), ts, denoise, noisy
 
 
 def _grid(path, prediction, steps, schedule, t_start, t_end, snr_start: bool):
-    """:func:`_prepare`'s ``(ts, default denoise)``, built afresh (under ``ensure_compile_time_eval``:
+    """:func:`_prepare`'s ``(ts, default denoise, noisy)``, built afresh (under ``ensure_compile_time_eval``:
     a Python float under the caller's jit too)."""
     if snr_start and t_start is None and prediction in ("eps", "score") and _derived_grid(schedule):
         # An eps/score model holds Cov[x0 | x_t] in the deviation of its Jacobian from I / sigma,
@@ -387,7 +389,7 @@ def _grid(path, prediction, steps, schedule, t_start, t_end, snr_start: bool):
     if prediction in ("eps", "score") and alpha0 == 0.0:
         raise ValueError(f"t_start={float(ts[0])} has alpha=0 on path {path.name!r}, where the {prediction} -> x0 "
                          f"conversion is singular; start slightly earlier (e.g. t_start=0.999, or leave t_start=None)")
-    return ts, default_denoise(path, ts, t_end)
+    return ts, default_denoise(path, ts, t_end), noisy_end(path, ts)
 
 
 def _derived_grid(schedule) -> bool:
@@ -408,11 +410,11 @@ def prior_sample(fn: Callable, path: Path, x1: Array, *, prediction: str, steps:
     if base == "flow" and concrete_real(eta) != 1.0 and not isinstance(eta, jax.core.Tracer):
         raise ValueError(f"eta applies to the 'ddim' base only (base='flow' ignored it); got eta={eta!r}")
     check_denoise(denoise)
-    model, ts, default = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
+    model, ts, default, noisy = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key)
     denoise = default if denoise is None else denoise
     # (no measurement: y = None, which the prior's steps never read)
     return _run(model, ts, x1, key, None, base, None, _NO_OP, _PRIOR_NOISE, _leaf(0.0), dict(eta=_leaf(eta)),
-                bool(denoise), bool(denoise) and noisy_end(model.path, ts))
+                bool(denoise), noisy)
 
 
 @jax.tree_util.register_dataclass
@@ -529,7 +531,7 @@ def posterior_sample(
         raise ValueError(f"eta applies to the 'ddim' base only; method {method!r} runs base='flow' here")
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be a genflow.inverse.Operator; got {type(operator).__name__}")
-    model, ts, default = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key,
+    model, ts, default, noisy = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key,
                                   snr_start=method in _GAUSSIAN_LIKELIHOOD)
     if y.shape[0] != x1.shape[0]:
         raise ValueError(f"y and x1 need the same batch size; got y.shape={y.shape}, x1.shape={x1.shape}")
@@ -540,8 +542,7 @@ def posterior_sample(
     denoise = default if denoise is None else denoise
     noise = _noise_model(method, noise, _leaf)
     return _run(model, ts, x1, key, method, base, y.astype(x1.dtype), operator, noise,
-                _leaf(weight), hp, bool(denoise), bool(denoise) and noisy_end(model.path, ts),
-                (type(operator), type(noise)))
+                _leaf(weight), hp, bool(denoise), noisy, (type(operator), type(noise)))
 
 
 def _hyperparameters(method: str, defaults: dict, hparams: dict, leaf: Callable = real_leaf) -> dict:
