@@ -181,6 +181,9 @@ gm = gf.oracles.GaussianMixture(jnp.zeros(2), jnp.stack([jnp.ones(4), -jnp.ones(
 v_fn = g.model(path, "velocity")
 calls = {solver: _sample(solver) for solver in ("euler", "heun", "midpoint", "tsit5", "dopri5", "euler_maruyama",
                                                 "shark")}
+# (" (denoise)": on vp_linear, whose final denoising step tsit5 takes from its last evaluation)
+vp = gf.paths.vp_linear()
+calls["tsit5 (denoise)"] = lambda x: gf.sample(g.model(vp, "eps"), vp, x, prediction="eps", solver="tsit5")[0]
 calls.update({
     "log_prob tsit5": lambda x: gf.log_prob(v_fn, path, x, prediction="velocity")[0],
     "log_prob heun": lambda x: gf.log_prob(v_fn, path, x, prediction="velocity", solver="heun", steps=6)[0],

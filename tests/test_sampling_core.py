@@ -380,8 +380,9 @@ def test_a_compiled_sampler_holds_one_copy_of_a_large_network():
     network).
 
     The final denoising step (vp_linear's default) is the last iteration of the loop of the
-    solvers with a denoise row (the multistep ones, EDM's Heun and Restart): no copy of its own
-    (it was one more for every solver); the others call the network once more after their loop."""
+    solvers with a denoise row (the multistep ones, EDM's Heun and Restart), and the adaptive
+    solvers convert their last (first-same-as-last) evaluation: no copy of its own (it was one more for
+    every solver); the others call the network once more after their loop."""
     path = gf.paths.vp_linear()
     base = gf.oracles.Gaussian.diagonal([1.0, -1.0], [0.5, 0.2]).model(path, "eps")
     marked = lambda x, t: base(x, t) + 0.0 * jax.lax.bessel_i1e(x)  # noqa: E731
@@ -399,7 +400,8 @@ def test_a_compiled_sampler_holds_one_copy_of_a_large_network():
     folded = {s for s, spec in table.items() if spec.stepper is not None and spec.stepper.denoise_row is not None}
     assert folded == {"ddim", "ddpm", "dpm++2m", "dpm++3m", "dpm++3m_ref", "deis", "unipc", "dpm++2m_hb", "edm_heun",
                       "edm_heun_churn", "restart"}
-    assert {s: copies(large, s, True) for s in table} == {s: n + (s not in folded) for s, n in loop.items()}
+    reused = {"tsit5", "dopri5", "dopri8"}  # (first-same-as-last tableaus)
+    assert {s: copies(large, s, True) for s in table} == {s: n + (s not in folded | reused) for s, n in loop.items()}
     assert copies(marked, "dpm++3s") == 3 and copies(marked, "edm_heun") == 2  # (few arrays: stage by stage)
     assert copies(marked, "dpm++2m", True) == 1 and copies(marked, "edm_heun", True) == 2
 
@@ -468,6 +470,51 @@ def test_gradients_flow_through_the_denoising_iteration():
             b = jax.grad(lambda x: jnp.sum(jnp.sin(g.x0(gf.sample(fn, path, x, denoise=False, **kw)[0], t_end,
                                                          path))))(x1)
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12, err_msg=solver)
+
+
+def test_an_adaptive_solve_denoises_from_its_last_evaluation():
+    """tsit5, dopri5 and dopri8 (first-same-as-last: a step's last stage is evaluated at its end) denoise
+    with the velocity their last step evaluated at (x, t_end), converted to x0_hat: the sample is
+    the Tweedie step of the un-denoised solve's state up to rounding, with no evaluation added, the
+    same trajectory and step counts, and gradients through it equal the composition's (float64,
+    mixture oracle, three paths and kinds). Where sigma(t_end) = 0 (vp_cosine's t = 0) the velocity
+    cannot give x0_hat, and the model is called once more, as before."""
+    with jax.enable_x64(True):
+        g = gf.oracles.GaussianMixture.random(jax.random.key(0), 3, 4)
+        for path, kind, end, solvers in ((gf.paths.vp_linear(), "eps", None, ("tsit5", "dopri5")),
+                                         (gf.paths.edm(), "x0", None, ("dopri8",)),
+                                         (gf.paths.vp_cosine(), "v", 0.05, ("tsit5",))):
+            x1 = path.prior_sample(jax.random.key(1), (6, 4)).astype(jnp.float64)
+            fn = g.model(path, kind)
+            for solver in solvers:
+                kw = dict(prediction=kind, solver=solver, t_end=end, denoise=True, rtol=1e-6, atol=1e-6)
+                for save in (False, True) if solver == "tsit5" else (False,):
+                    x, info = gf.sample(fn, path, x1, save_trajectory=save, steps=5, **kw)
+                    y, ref = gf.sample(fn, path, x1, save_trajectory=save, steps=5, **{**kw, "denoise": False})
+                    t_end = jnp.full((6,), info.ts[-1])
+                    np.testing.assert_allclose(np.asarray(x), np.asarray(g.x0(y, t_end, path)), rtol=1e-13,
+                                               atol=1e-13, err_msg=f"{solver} {kind}")
+                    assert int(info.nfe) == int(ref.nfe), (solver, kind)
+                    assert {k: int(v) for k, v in info.stats.items()} == {k: int(v) for k, v in ref.stats.items()}
+                    if save:
+                        np.testing.assert_array_equal(np.asarray(info.trajectory), np.asarray(ref.trajectory))
+            if kind == "eps":
+                kw = dict(prediction=kind, solver="tsit5", rtol=1e-8, atol=1e-8)
+                t_end = jnp.full((6,), gf.sample(fn, path, x1, **kw)[1].ts[-1])
+                a = jax.grad(lambda x: jnp.sum(jnp.sin(gf.sample(fn, path, x, **kw)[0])))(x1)
+                b = jax.grad(lambda x: jnp.sum(jnp.sin(g.x0(gf.sample(fn, path, x, denoise=False, **kw)[0], t_end,
+                                                             path))))(x1)
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+        path = gf.paths.vp_cosine()
+        x1 = path.prior_sample(jax.random.key(1), (6, 4)).astype(jnp.float64)
+        fn = g.model(path, "eps")
+        for solver in ("tsit5", "dopri8"):
+            kw = dict(prediction="eps", solver=solver, t_end=0.0, rtol=1e-6, atol=1e-6)
+            x, info = gf.sample(fn, path, x1, denoise=True, **kw)
+            y, ref = gf.sample(fn, path, x1, denoise=False, **kw)
+            assert int(info.nfe) == int(ref.nfe) + 1, solver
+            np.testing.assert_allclose(np.asarray(x), np.asarray(g.x0(y, jnp.full((6,), info.ts[-1]), path)),
+                                       rtol=1e-13, atol=1e-13, err_msg=solver)
 
 
 @pytest.mark.parametrize("solver, options", [("dpm++2s", {}), ("dpm++3s", {}), ("edm_heun", {}),

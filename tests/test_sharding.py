@@ -56,7 +56,8 @@ def test_diffrax_solves_keep_a_sharded_batch_sharded(report):
     under Explicit axes (a ShardingTypeError inside Diffrax); under Auto axes tsit5, dopri5,
     euler_maruyama, shark and adaptive log_prob came back gathered and replicated on every device.
     Also on a ("d", "m") mesh with the batch on "d" and the model's arrays placed on the mesh (the
-    first version of the fix failed there: review)."""
+    first version of the fix failed there: review), and tsit5 denoising from its last evaluation."""
+    assert "tsit5 (denoise)" in report[0]["diffrax_sharded"]
     for solver, row in report[0]["diffrax_sharded"].items():
         for how, r in row.items():
             assert isinstance(r, dict), (solver, how, r)

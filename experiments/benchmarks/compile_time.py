@@ -4,7 +4,7 @@ A sampler's compiled program holds one copy of the network per call site in its 
 copy is compiled again, which with a large network is most of the time to a first sample (on a
 GPU, seconds to minutes). genflow's own solvers aim at one copy: a step's stages share one (a scan
 over them), and the multistep solvers, EDM Heun and Restart run the final denoising step as their
-loop's last iteration. This script reports, per solver, the copies (counted as a marker operation
+loop's last iteration (the adaptive tsit5 / dopri5 / dopri8 convert their last evaluation instead). This script reports, per solver, the copies (counted as a marker operation
 added to the model, in the lowered program) and the seconds to trace, lower and compile
 ``jax.jit(lambda p, x1: gf.sample(Partial(net_fn, p), path, x1, ...))``, with their ratio to the
 same for ``jax.jit(net.apply)`` measured in the same run (``ratio``: sampler / network, total).

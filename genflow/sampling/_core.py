@@ -304,6 +304,14 @@ def _is_scan(spec) -> bool:
     return spec.stepper is not None and isinstance(run, functools.partial) and run.func is _driver.run
 
 
+def _reuses_last_evaluation(spec) -> bool:
+    """Whether ``spec`` is an adaptive Diffrax ODE solve (built-in or :func:`diffrax_solver`) whose
+    solver is first-same-as-last, so that it ends holding the velocity at its end point
+    (:func:`genflow.sampling._diffrax.reuses_last_evaluation`): the denoising step then costs no
+    evaluation."""
+    return _ends_only(spec) and _diffrax.reuses_last_evaluation(spec.run.keywords.get("solver"))
+
+
 def _ends_only(spec) -> bool:
     """Whether ``spec.run`` reads only the first and last time of the grid when it saves no
     trajectory: the adaptive Diffrax ODE solves (built-in or :func:`diffrax_solver`)."""
@@ -405,7 +413,9 @@ def sample(
         1e-6``) or is traced, and to False for a partial solve that ends above it (its result is the
         state at ``t_end``). The multistep solvers, EDM Heun and Restart take it as the last
         iteration of their loop where ``sigma(t_end) > 0`` (no second copy of the network in the
-        compiled program).
+        compiled program); tsit5, dopri5 and dopri8 (first-same-as-last) take it from the
+        velocity that their last step evaluated at ``(x, t_end)``, converted to ``x0_hat``: no
+        extra NFE, and no extra copy.
       rtol, atol: tolerances of adaptive solvers, held by every sample of the batch (the error
         norm is the largest per-sample RMS; with a bfloat16 model use ~1e-2: tolerances below
         the model's own resolution make the step-size controller reject steps, e.g. 10,805
@@ -536,8 +546,9 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
     """``(ts, ts_run, grid_options, foldable)``: the checked time grid, the grid the compiled sampler
     steps on (with ``pad``, padded to its bucket for the solvers that trace the step count), the
     options that the grid determines (the scan solvers' precomputed ``scalars``, a traced
-    ``num_steps``) and whether a denoising step may run as the loop's last iteration (a scan
-    solver with a ``denoise_row``, on a grid that ends at ``sigma > 0``: :func:`noisy_end`)."""
+    ``num_steps``) and whether the denoising step may run inside the solve, on a grid that ends at
+    ``sigma > 0`` (:func:`noisy_end`): as the loop's last iteration (a scan solver with a
+    ``denoise_row``), or from the last evaluation of an adaptive first-same-as-last solve."""
     ts = sampler_grid(path, steps, schedule, t_start, t_end)
     _check_brownian_tol(ts, solver_options.get("brownian_tol"))
     for kind in kinds:
@@ -559,7 +570,8 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
         # an adaptive ODE solve without a trajectory reads only the grid's ends: given the whole
         # grid it compiled once per step count it ignores (~10 MB of programs per value in a sweep)
         ts_run = jnp.asarray(np.asarray(ts)[[0, -1]])  # (on the host: an eager gather compiled per grid length)
-    foldable = _is_scan(spec) and spec.stepper.denoise_row is not None and noisy_end(path, ts)
+    foldable = ((_is_scan(spec) and spec.stepper.denoise_row is not None) or _reuses_last_evaluation(spec)) and (
+        noisy_end(path, ts))
     return ts, ts_run, grid_options, foldable
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
 
-from genflow import _checks
+from genflow import _checks, param
 from genflow.sampling._driver import step_loop
 from genflow.sampling._model import Model
 
@@ -136,14 +136,15 @@ def _on_any_mesh(solve):
     return run
 
 
-def solve_checked(terms, solver, **kwargs):
+def solve_checked(terms, solver, with_solver_state: bool = False, **kwargs):
     """``diffrax.diffeqsolve(terms, solver, **kwargs)`` with Diffrax's failure check (max_steps
     reached, ...) raised from a scalar: Diffrax raises it from the whole solution, and the
     check's host callback gives its output a one-device sharding -- a sharded batch came back
     gathered and replicated on every device (tsit5, dopri5, euler_maruyama, shark, ``gf.log_prob``),
     with a warning of "involuntary full rematerialization" under Explicit axes. Returns
     ``(ys, num_steps, stats)``, all tied to the check (it runs whenever they
-    are used). A :class:`diffrax.BacksolveAdjoint`'s backward solve keeps Diffrax's own check. On
+    are used); with ``with_solver_state``, ``(ys, num_steps, stats, solver_state)`` (``sol.solver_state``,
+    saved where ``saveat`` asks). A :class:`diffrax.BacksolveAdjoint`'s backward solve keeps Diffrax's own check. On
     a multi-device mesh the check runs on every device (:func:`genflow._checks.error_if`)."""
     adjoint = kwargs.get("adjoint")
     if isinstance(adjoint, diffrax.BacksolveAdjoint) and "throw" not in adjoint.kwargs:
@@ -155,19 +156,35 @@ def solve_checked(terms, solver, **kwargs):
     # the results depend on the checked count, so the check runs whenever they are used (an
     # optimization barrier did not: under the caller's jit, with info discarded, XLA dropped it and
     # a solve cut off at max_steps returned unfinished samples without an error)
-    ys, stats = jax.tree.map(lambda y: jnp.where(n >= 0, y, jnp.zeros_like(y)), (sol.ys, sol.stats))
-    return ys, n, stats
+    tied = (sol.ys, sol.stats) + ((sol.solver_state,) if with_solver_state else ())
+    tied = jax.tree.map(lambda y: jnp.where(n >= 0, y, jnp.zeros_like(y)), tied)
+    return (tied[0], n, *tied[1:])
+
+
+def reuses_last_evaluation(solver) -> bool:
+    """Whether an adaptive solve with ``solver`` ends holding the velocity at its end point: a
+    first-same-as-last Runge-Kutta method (tsit5, dopri5, dopri8), whose last stage of a step
+    is evaluated at the step's end ``(t_1, y_1)`` and kept in the solver state for the next step."""
+    return bool(getattr(getattr(solver, "tableau", None), "fsal", False))
 
 
 def _ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.AbstractSolver, adaptive: bool,
                nfe_per_step: int, nfe_init: int, rtol: float, atol: float, max_steps: int,
-               save_trajectory: bool, num_steps=None):
+               save_trajectory: bool, num_steps=None, denoise: bool = False):
     """Integrate the probability-flow ODE over ``ts`` (decreasing). Returns ``(x, nfe, traj, stats)``.
 
     Integrated in forward time ``s = -t``. Adaptive solvers are first-same-as-last Runge-Kutta
     methods: Diffrax re-evaluates the first stage on every attempt of the first step (and keeps
     ``num_steps`` blind to it), so the first stage is evaluated here, once, and handed over as the
     solver state; the count ``1 + (stages - 1) * num_steps`` is then exact.
+
+    ``denoise`` (an adaptive first-same-as-last solver only: :func:`reuses_last_evaluation`):
+    return the denoised ``x0_hat(x(t_end), t_end)`` instead of ``x(t_end)``, converted from the
+    velocity that the last step's last stage evaluated there (Diffrax's final solver state). No
+    network evaluation is added (``nfe`` is the solve's), and the compiled program holds no copy of
+    the network beyond the solve's: a call after the solve was one more, which XLA compiled again.
+    The conversion ``velocity -> x0`` at ``(x, t_end)`` is exact up to rounding where
+    ``sigma(t_end) > 0`` (the caller's condition).
 
     ``num_steps``: a traced step count for a fixed-step solve over a grid padded past its end
     (no trajectory): the first ``num_steps`` intervals are stepped by the Diffrax solver's own
@@ -181,17 +198,26 @@ def _ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstra
         raise ValueError("num_steps is for fixed-step solves without a saved trajectory")
     if not adaptive:
         return _fixed_steps(term, solver, ss, x, nfe_per_step, nfe_init, save_trajectory, num_steps)
+    if denoise and not reuses_last_evaluation(solver):
+        raise ValueError(f"denoise=True needs an adaptive first-same-as-last Runge-Kutta solver; got "
+                         f"{type(solver).__name__}")
     solver_state = None
     controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=per_sample_norm)
     dt0 = (ss[-1] - ss[0]) / 16.0
-    if getattr(getattr(solver, "tableau", None), "fsal", False):  # (first_step, f0) of FSAL RK
+    if reuses_last_evaluation(solver):  # (first_step, f0) of FSAL RK
         solver_state = (jnp.array(False), term.vf(ss[0], x, None))
     # (a non-FSAL solver, e.g. diffrax.Heun() from diffrax_solver(adaptive=True), keeps its own
     # state: the FSAL pair failed inside Diffrax with a pytree structure error)
-    ys, n, sol_stats = solve_checked(term, solver, t0=ss[0], t1=ss[-1], dt0=dt0, y0=x, stepsize_controller=controller,
-                                     saveat=_saveat(ss, save_trajectory), max_steps=max_steps,
-                                     solver_state=solver_state)
+    saveat = _saveat(ss, save_trajectory)
+    if denoise:
+        saveat = diffrax.SaveAt(**({"ts": ss} if save_trajectory else {"t1": True}), solver_state=True)
+    ys, n, sol_stats, final_state = solve_checked(term, solver, t0=ss[0], t1=ss[-1], dt0=dt0, y0=x,
+                                                  stepsize_controller=controller, saveat=saveat, max_steps=max_steps,
+                                                  solver_state=solver_state, with_solver_state=True)
     x_end, traj = ys[-1], ys if save_trajectory else None
+    if denoise:  # (the state's f0 = term.vf(ss[-1], x_end) = -velocity(x_end, t_end))
+        t_end = model._t(x_end, -ss[-1])
+        x_end = param.convert(-final_state[1], x_end, t_end, model.path, "velocity", "x0").astype(x_end.dtype)
     nfe = nfe_init + nfe_per_step * n
     stats = {"num_steps": n, "num_accepted_steps": sol_stats["num_accepted_steps"],
              "num_rejected_steps": sol_stats["num_rejected_steps"]}
