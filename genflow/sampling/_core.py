@@ -17,7 +17,7 @@ from genflow.param import as_pytree_fn  # (defined there: the model wrappers of 
 from genflow._checks import check_denoise, check_finite_rows, check_int, check_key, concrete_real, is_int
 from genflow.paths import Path, check_path
 from genflow.sampling import _diffrax, _driver, _registry
-from genflow.sampling._grid import default_denoise, noisy_end, sampler_grid
+from genflow.sampling._grid import default_denoise, noisy_end, sampler_grid, velocity_determines_x0
 from genflow.sampling._model import Model
 
 Array = jax.Array
@@ -408,14 +408,16 @@ def sample(
         underflows, e.g. ``edm(sigma_min=0)`` with a 1,000-step quadratic grid in float32.
       t_start, t_end: integration interval (default 1 and ``path.t_min``; with an explicit
         schedule, its first and last times: given ones must agree with them).
-      denoise: finish with one Tweedie step ``x0_hat(x, t_end)`` (one more NFE); defaults to
+      denoise: finish with one Tweedie step ``x0_hat(x, t_end)`` (one more NFE, except as below); defaults to
         ``path.denoise_at_end`` for a grid that ends at the path's end (``t_end <= path.t_min +
         1e-6``) or is traced, and to False for a partial solve that ends above it (its result is the
         state at ``t_end``). The multistep solvers, EDM Heun and Restart take it as the last
         iteration of their loop where ``sigma(t_end) > 0`` (no second copy of the network in the
-        compiled program); tsit5, dopri5 and dopri8 (first-same-as-last) take it from the
-        velocity that their last step evaluated at ``(x, t_end)``, converted to ``x0_hat``: no
-        extra NFE, and no extra copy.
+        compiled program); the adaptive first-same-as-last solvers (tsit5, dopri5, dopri8, and
+        those registered with ``diffrax_solver``, e.g. ``Bosh3``) take it from the velocity that
+        their last step evaluated at ``(x, t_end)``, converted to ``x0_hat`` (equal up to a few
+        ulp): no extra NFE, and no extra copy, where that conversion does not cancel (``sigma > 0``
+        and ``alpha'``, ``sigma'`` not nearly cancelling at ``t_end``; every built-in path).
       rtol, atol: tolerances of adaptive solvers, held by every sample of the batch (the error
         norm is the largest per-sample RMS; with a bfloat16 model use ~1e-2: tolerances below
         the model's own resolution make the step-size controller reject steps, e.g. 10,805
@@ -546,9 +548,10 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
     """``(ts, ts_run, grid_options, foldable)``: the checked time grid, the grid the compiled sampler
     steps on (with ``pad``, padded to its bucket for the solvers that trace the step count), the
     options that the grid determines (the scan solvers' precomputed ``scalars``, a traced
-    ``num_steps``) and whether the denoising step may run inside the solve, on a grid that ends at
-    ``sigma > 0`` (:func:`noisy_end`): as the loop's last iteration (a scan solver with a
-    ``denoise_row``), or from the last evaluation of an adaptive first-same-as-last solve."""
+    ``num_steps``) and whether the denoising step may run inside the solve: as the loop's last
+    iteration (a scan solver with a ``denoise_row``, on a grid that ends at ``sigma > 0``:
+    :func:`noisy_end`), or from the last evaluation of an adaptive first-same-as-last solve (where
+    that velocity gives ``x0_hat`` without cancellation: :func:`velocity_determines_x0`)."""
     ts = sampler_grid(path, steps, schedule, t_start, t_end)
     _check_brownian_tol(ts, solver_options.get("brownian_tol"))
     for kind in kinds:
@@ -570,8 +573,8 @@ def _prepare_uncached(path, steps, schedule, t_start, t_end, spec, kinds, solver
         # an adaptive ODE solve without a trajectory reads only the grid's ends: given the whole
         # grid it compiled once per step count it ignores (~10 MB of programs per value in a sweep)
         ts_run = jnp.asarray(np.asarray(ts)[[0, -1]])  # (on the host: an eager gather compiled per grid length)
-    foldable = ((_is_scan(spec) and spec.stepper.denoise_row is not None) or _reuses_last_evaluation(spec)) and (
-        noisy_end(path, ts))
+    foldable = ((_is_scan(spec) and spec.stepper.denoise_row is not None and noisy_end(path, ts))
+                or (_reuses_last_evaluation(spec) and velocity_determines_x0(path, ts)))
     return ts, ts_run, grid_options, foldable
 
 

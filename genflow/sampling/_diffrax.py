@@ -183,8 +183,9 @@ def _ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstra
     velocity that the last step's last stage evaluated there (Diffrax's final solver state). No
     network evaluation is added (``nfe`` is the solve's), and the compiled program holds no copy of
     the network beyond the solve's: a call after the solve was one more, which XLA compiled again.
-    The conversion ``velocity -> x0`` at ``(x, t_end)`` is exact up to rounding where
-    ``sigma(t_end) > 0`` (the caller's condition).
+    The conversion ``velocity -> x0`` at ``(x, t_end)``, ``x0 = (sigma' x - sigma v) / D`` with
+    ``D = alpha sigma' - sigma alpha'``, is exact up to rounding where ``D`` does not cancel (the
+    caller's condition: :func:`genflow.sampling._grid.velocity_determines_x0`).
 
     ``num_steps``: a traced step count for a fixed-step solve over a grid padded past its end
     (no trajectory): the first ``num_steps`` intervals are stepped by the Diffrax solver's own

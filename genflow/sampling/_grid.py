@@ -245,6 +245,24 @@ def noisy_end(path: Path, ts: Array) -> bool:
         return False
 
 
+def velocity_determines_x0(path: Path, ts: Array) -> bool:
+    """Whether a velocity at the grid's end gives ``x0_hat`` without cancellation, read on the host
+    (False where it cannot be: a traced grid or path). From ``x = alpha x0 + sigma eps`` and
+    ``v = alpha' x0 + sigma' eps``, ``x0 = (sigma' x - sigma v) / D`` with
+    ``D = alpha sigma' - sigma alpha'``: True where ``sigma > 0`` and
+    ``|D| > (|alpha sigma'| + |sigma alpha'|) / 2``, i.e. ``alpha'`` and ``sigma'`` do not nearly
+    cancel (equality on every path whose ``alpha`` falls and ``sigma`` rises, as the built-in ones).
+    Where ``sigma / alpha`` stops changing, ``D = 0`` and the velocity holds no ``x0`` at all (a
+    custom path of that kind gave inf / NaN samples: review)."""
+    try:
+        with jax.ensure_compile_time_eval():
+            t = jnp.asarray(np.asarray(ts)[-1])
+            a, s, da, ds = (float(f(t)) for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+    return s > 0.0 and abs(a * ds - s * da) > 0.5 * (abs(a * ds) + abs(s * da))
+
+
 def _levels_ordered(path: Path, t_start, t_end, sigma_min, sigma_max, start_inf: bool, end_inf: bool) -> bool:
     """Whether the noise levels ``sigma / alpha`` of a log-SNR / Karras grid's ends decrease (a
     finite end's own level between an infinite end's ``sigma_max`` / ``sigma_min``)."""
