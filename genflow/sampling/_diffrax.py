@@ -43,8 +43,10 @@ def per_sample_norm(y) -> Array:
     return jnp.max(jax.vmap(optx.rms_norm)(y), initial=0.0)
 
 
-def _saveat(ts: Array, save_trajectory: bool) -> diffrax.SaveAt:
-    return diffrax.SaveAt(ts=ts) if save_trajectory else diffrax.SaveAt(t1=True)
+def _saveat(ts: Array, save_trajectory: bool, solver_state: bool = False) -> diffrax.SaveAt:
+    """The states on the grid ``ts`` or the end state alone, and with ``solver_state`` the solver's
+    final state too."""
+    return diffrax.SaveAt(**({"ts": ts} if save_trajectory else {"t1": True}), solver_state=solver_state)
 
 
 def explicit_axes_as_auto(run, x: Array, out_specs=None, args=()):
@@ -209,11 +211,9 @@ def _ode_solve(model: Model, ts: Array, x: Array, key, *, solver: diffrax.Abstra
         solver_state = (jnp.array(False), term.vf(ss[0], x, None))
     # (a non-FSAL solver, e.g. diffrax.Heun() from diffrax_solver(adaptive=True), keeps its own
     # state: the FSAL pair failed inside Diffrax with a pytree structure error)
-    saveat = _saveat(ss, save_trajectory)
-    if denoise:
-        saveat = diffrax.SaveAt(**({"ts": ss} if save_trajectory else {"t1": True}), solver_state=True)
     ys, n, sol_stats, final_state = solve_checked(term, solver, t0=ss[0], t1=ss[-1], dt0=dt0, y0=x,
-                                                  stepsize_controller=controller, saveat=saveat, max_steps=max_steps,
+                                                  stepsize_controller=controller,
+                                                  saveat=_saveat(ss, save_trajectory, denoise), max_steps=max_steps,
                                                   solver_state=solver_state, with_solver_state=True)
     x_end, traj = ys[-1], ys if save_trajectory else None
     if denoise:  # (the state's f0 = term.vf(ss[-1], x_end) = -velocity(x_end, t_end))

@@ -232,17 +232,25 @@ def default_denoise(path: Path, ts: Array, t_end=None) -> bool:
     return last <= path.t_min + 1e-6
 
 
+def _at_end(ts: Array, *fns) -> tuple[float, ...] | None:
+    """``fn(ts[-1])`` for each of ``fns``, as floats read on the host (under a caller's jit too), or
+    None where they cannot be (a traced grid or path)."""
+    try:
+        with jax.ensure_compile_time_eval():  # (concrete under a caller's jit too)
+            t = jnp.asarray(np.asarray(ts)[-1])
+            return tuple(float(f(t)) for f in fns)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 def noisy_end(path: Path, ts: Array) -> bool:
     """Whether ``sigma > 0`` at the grid's end, read on the host (False where it cannot be: a traced
     grid or path). A sampler folds its final denoising step into its loop only there: that
     iteration weights the noise prediction (or its derivative) by 0, and at ``sigma = 0`` an
     ``x0`` model's noise prediction is infinite (0 * inf = NaN), where the call after the loop only
     converts to ``x0``."""
-    try:
-        with jax.ensure_compile_time_eval():  # (concrete under a caller's jit too)
-            return float(path.sigma(jnp.asarray(np.asarray(ts)[-1]))) > 0.0
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return False
+    end = _at_end(ts, path.sigma)
+    return end is not None and end[0] > 0.0
 
 
 def velocity_determines_x0(path: Path, ts: Array) -> bool:
@@ -254,12 +262,10 @@ def velocity_determines_x0(path: Path, ts: Array) -> bool:
     cancel (equality on every path whose ``alpha`` falls and ``sigma`` rises, as the built-in ones).
     Where ``sigma / alpha`` stops changing, ``D = 0`` and the velocity holds no ``x0`` at all (a
     custom path of that kind gave inf / NaN samples: review)."""
-    try:
-        with jax.ensure_compile_time_eval():
-            t = jnp.asarray(np.asarray(ts)[-1])
-            a, s, da, ds = (float(f(t)) for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    end = _at_end(ts, path.alpha, path.sigma, path.d_alpha, path.d_sigma)
+    if end is None:
         return False
+    a, s, da, ds = end
     return s > 0.0 and abs(a * ds - s * da) > 0.5 * (abs(a * ds) + abs(s * da))
 
 
