@@ -895,6 +895,16 @@ def test_options_that_the_checkpointer_sets_itself_are_refused_by_name(tmp_path)
         assert ckpt.manager._options.create
 
 
+def test_a_file_given_as_the_directory_is_refused_up_front(tmp_path):
+    """orbax accepted a regular file as the directory, logged a NotADirectoryError from its
+    background thread and raised it only at the first save."""
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="directory must be a directory .*notes.txt' is a file"):
+        gf.train.Checkpointer(str(f), save_every=2)
+    assert f.read_text() == "x"
+
+
 def _sgd_state():
     return gf.train.init_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(0))
 

@@ -355,6 +355,38 @@ def test_bad_arguments():
         gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0), ema_decays=(1.5,))
 
 
+def test_wrong_kinds_of_state_optimizer_and_loss_are_named():
+    """Each of these failed deep inside JAX or optax without naming the argument: parameters given
+    to fit as its state ("'dict' object has no attribute 'rng'"), an optimizer's name or None
+    ("'NoneType' object has no attribute 'init'"), a loss_fn returning a bare loss ("expected
+    function with aux output to return a two-element tuple")."""
+    opt = optax.sgd(0.1)
+    step = gf.train.make_train_step(lsq_loss, opt)
+    with pytest.raises(TypeError, match="state must be a genflow.train.TrainState .*got dict"):
+        gf.train.fit({"w": jnp.zeros(4)}, step, full_batch, 2, progress=False)
+    state = gf.train.init_state({"w": jnp.zeros(4)}, opt, jax.random.key(0))
+    with pytest.raises(TypeError, match="step_fn must be a function"):
+        gf.train.fit(state, None, full_batch, 2, progress=False)
+    with pytest.raises(TypeError, match=r"optimizer must be an optax.GradientTransformation; got the name 'adam'.*"
+                                        r"gf.optim.get\('adam'\)"):
+        gf.train.make_train_step(lsq_loss, "adam")
+    for f in (lambda: gf.train.make_train_step(lsq_loss, None),
+              lambda: gf.train.init_state({"w": jnp.zeros(4)}, None, jax.random.key(0))):
+        with pytest.raises(TypeError, match=r"optimizer must be an optax.GradientTransformation \(with init and "
+                                            r"update\); got NoneType"):
+            f()
+    with pytest.raises(TypeError, match="loss_fn must be a function"):
+        gf.train.make_train_step(3.0, opt)
+    bare = gf.train.make_train_step(lambda p, b, k: lsq_loss(p, b, k)[0], opt)
+    with pytest.raises(TypeError, match=r"loss_fn must return a pair \(loss, aux\).*got an array of shape \(\)"):
+        bare(state, (X, Y))
+    triple = gf.train.make_train_step(lambda p, b, k: (*lsq_loss(p, b, k), 0.0), opt, grad_accum=2)
+    with pytest.raises(TypeError, match=r"loss_fn must return a pair \(loss, aux\).*got a tuple of length 3"):
+        triple(state, (X, Y))
+    as_list = gf.train.make_train_step(lambda p, b, k: list(lsq_loss(p, b, k)), opt)  # a list pair still trains
+    np.testing.assert_allclose(as_list(state, (X, Y))[0].params["w"], step(state, (X, Y))[0].params["w"])
+
+
 # --- gradient accumulation, optimizer presets, metrics log, mixed precision, dropout -------------
 
 def test_grad_accumulation_matches_the_full_batch_step():

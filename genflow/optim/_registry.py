@@ -201,6 +201,19 @@ def get(name: str, **hparams) -> optax.GradientTransformation:
 _EXTRA = ("value", "grad", "value_fn")
 
 
+def check_transform(tx, what: str = "optimizer"):
+    """Return ``tx``; raise ``TypeError`` unless it has callable ``init`` and ``update`` (an optax
+    ``GradientTransformation`` or one built the same way): a name or ``None`` failed deep inside
+    optax with "'NoneType' object has no attribute 'init'"."""
+    if isinstance(tx, str):
+        raise TypeError(f"{what} must be an optax.GradientTransformation; got the name {tx!r}: build it with "
+                        f"gf.optim.get({tx!r})(learning_rate) or gf.train.make_optimizer(lr, name={tx!r})")
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(f"{what} must be an optax.GradientTransformation (with init and update); got "
+                        f"{type(tx).__name__}")
+    return tx
+
+
 def check_extra_args(tx, what: str = "optimizer"):
     """Return ``tx``; raise ``TypeError`` if it is a plain ``optax.GradientTransformation`` whose
     ``update`` names one of the extra arguments genflow's train step passes (``value``, ``grad``,

@@ -182,6 +182,9 @@ class Checkpointer:
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max'; got {best_mode!r}")
         self.directory = os.path.abspath(directory)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            # (orbax accepted it, logged a NotADirectoryError from its background thread, and failed at the first save)
+            raise ValueError(f"directory must be a directory (or a path to create one at); {directory!r} is a file")
         self.save_every = save_every
         self.best_metric, self.best_mode = best_metric, best_mode
         # (orbax refused these only as "preservation_policy and delete options are mutually

@@ -472,6 +472,12 @@ def fit(
     """
     num_steps, chunk_size = check_int("num_steps", num_steps, 0), check_int("chunk_size", chunk_size)
     unroll = check_int("unroll", unroll)
+    if not isinstance(state, TrainState):  # (params given here failed while tracing: "'dict' has no attribute 'rng'")
+        raise TypeError(f"state must be a genflow.train.TrainState (gf.train.init_state(params, optimizer, key)); "
+                        f"got {type(state).__name__}")
+    if not callable(step_fn):
+        raise TypeError(f"step_fn must be a function step(state, batch) -> (state, metrics) (make_train_step); got "
+                        f"{type(step_fn).__name__}")
     on_device = callable(data)
     if not on_device and not isinstance(data, Iterable):
         raise TypeError(f"data must be a callable batch_fn(key) -> batch or an iterable of batches; "

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from genflow._checks import check_key, concrete_real
+from genflow.optim._registry import check_transform
 
 Array = jax.Array
 
@@ -88,6 +89,7 @@ def init_state(params, optimizer: optax.GradientTransformation, key: Array,
         v = concrete_real(d)
         if v is None or not 0.0 < v < 1.0:
             raise ValueError(f"ema_decays must lie in (0, 1); got {d!r}")
+    check_transform(optimizer, "init_state's optimizer")
     check_key(key)  # (an int or a split key array failed inside fit, far from here)
     _check_param_leaves(params)
     params = jax.tree.map(jnp.array, params)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from genflow._checks import check_int
-from genflow.optim._registry import check_extra_args
+from genflow.optim._registry import check_extra_args, check_transform
 from genflow.optim._smb import state_holds_smb
 from genflow.train._state import TrainState
 
@@ -151,8 +151,23 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     ``step.takes_skip is step``; a wrapper of it gets fit's own guard).
     """
     grad_accum = check_int("grad_accum", grad_accum)
-    tx = _extra_args_view(check_extra_args(optimizer, "make_train_step's optimizer"))
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    what = "make_train_step's optimizer"
+    tx = _extra_args_view(check_extra_args(check_transform(optimizer, what), what))
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function loss_fn(params, batch, key) -> (loss, aux); got "
+                        f"{type(loss_fn).__name__}")
+
+    def checked_loss(params, batch, key):  # (a bare loss failed in value_and_grad, naming no argument)
+        out = loss_fn(params, batch, key)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            got = (f"an array of shape {tuple(out.shape)}" if hasattr(out, "shape") else
+                   f"a {type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list)) else
+                   type(out).__name__)
+            raise TypeError(f"loss_fn must return a pair (loss, aux), aux a dict of scalar metrics (may be empty); "
+                            f"got {got}")
+        return tuple(out)
+
+    grad_fn = jax.value_and_grad(checked_loss, has_aux=True)
 
     def loss_and_grad(params, batch, key):
         if grad_accum == 1:
@@ -171,9 +186,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     def mean_loss(params, batch, key):
         if grad_accum == 1:
-            return loss_fn(params, batch, key)[0]
+            return checked_loss(params, batch, key)[0]
         micro = _microbatches(batch, grad_accum)
-        losses = jax.lax.map(lambda i: loss_fn(params, jax.tree.map(lambda x: x[i], micro),
+        losses = jax.lax.map(lambda i: checked_loss(params, jax.tree.map(lambda x: x[i], micro),
                                                jax.random.fold_in(key, i))[0], jnp.arange(grad_accum))
         return jnp.mean(losses)
 
