@@ -183,6 +183,8 @@ def test_bad_inputs(gauss2):
         gf.sample(fn, path, x1, prediction="velocity", steps=0)
     with pytest.raises(ValueError, match="strictly decreasing"):
         gf.sample(fn, path, x1, prediction="velocity", schedule=jnp.array([0.0, 0.5, 1.0]))
+    with pytest.raises(TypeError, match=r"fn must be a model function fn\(x: \[B, ...\], t: \[B\]\).*got int"):
+        gf.sample(3, path, x1, prediction="velocity")  # (a bare "'int' object is not callable")
     with pytest.raises(ValueError, match="alpha=0"):
         gf.sample(fn, path, x1, prediction="eps")
     with pytest.raises(ValueError, match="batch dimension"):
@@ -550,6 +552,31 @@ def test_closures_over_arrays_are_traced_not_compiled_in():
     np.testing.assert_allclose(y0, _euler(x1, jnp.eye(2)), rtol=1e-6)
     np.testing.assert_allclose(out["y1"], _euler(x1, 0.5 * jnp.eye(2)), rtol=1e-6)  # (was y0: a constant)
     np.testing.assert_allclose(y2, _euler(x1, jnp.eye(2)), rtol=1e-6)  # (its lambda holds no array itself)
+
+
+def test_closures_over_numpy_arrays_are_traced_too():
+    """Parameters that reach a lambda as NumPy arrays (``jax.device_get``, ``np.load``, a pickle)
+    and NumPy scalars were left in the function: their values were constants of the cached
+    program, and the sampler kept returning the old weights' samples after the closure was
+    rebound (a 50x change unseen). They are lifted as JAX arrays are: read at every call, with
+    no recompile. A NumPy array of strings is no array to trace: that function is left as is."""
+    path = gf.paths.linear()
+    x1 = jax.random.normal(jax.random.key(0), (8, 2))
+    params = {"w": np.eye(2, dtype=np.float32)}
+    scale = np.float32(1.0)
+    fn = lambda x, t: x @ params["w"] * scale  # noqa: E731
+    y0, _ = gf.sample(fn, path, x1, prediction="velocity", solver="euler", steps=4)
+    np.testing.assert_allclose(y0, _euler(x1, jnp.eye(2)), rtol=1e-6)
+    params = {"w": 0.5 * np.eye(2, dtype=np.float32)}
+    scale = np.float32(3.0)
+    out = {}
+    assert count_compiles(lambda: out.update(y=gf.sample(fn, path, x1, prediction="velocity", solver="euler",
+                                                         steps=4)[0])) == 0
+    np.testing.assert_allclose(out["y"], _euler(x1, 1.5 * jnp.eye(2)), rtol=1e-6)  # (was y0)
+    assert isinstance(gf.sampling.as_pytree_fn(fn), gf.param.ClosureFn)
+    names = np.array(["a", "b"])
+    labelled = lambda x, t: x * len(names)  # noqa: E731
+    assert gf.sampling.as_pytree_fn(labelled) is labelled
 
 
 def test_closure_fn_rebuilds_cells_defaults_and_nested_functions():
