@@ -158,6 +158,15 @@ def check_null_label(name: str, null, labels) -> None:
         raise ValueError(f"{name}={null!r} is out of range for labels y of dtype {dtype} ({info.min}..{info.max})")
 
 
+def check_model_fn(fn, name: str = "fn"):
+    """``fn`` if it is callable, else a ``TypeError`` naming ``name`` (``gf.sample(3, ...)`` failed
+    as a bare "'int' object is not callable" deep inside the sampler)."""
+    if not callable(fn):
+        raise TypeError(f"{name} must be a model function {name}(x: [B, ...], t: [B]) -> [B, ...]; got "
+                        f"{type(fn).__name__}")
+    return fn
+
+
 def check_key(key) -> None:
     """A ``TypeError`` unless ``key`` is one PRNG key: a typed key of shape ``()`` or a raw
     ``uint32`` key of shape ``[k]`` (traced ones too). ``key=0`` failed as "JAX encountered invalid

@@ -99,9 +99,7 @@ def _guide(c: Array, u: Array, w) -> Array:
 
 
 def _check_fn(fn, name: str):
-    if not callable(fn):
-        raise TypeError(f"{name} must be a model function fn(x, t); got {type(fn).__name__}")
-    return as_pytree_fn(fn)
+    return as_pytree_fn(_checks.check_model_fn(fn, name))
 
 
 @jax.tree_util.register_dataclass
@@ -353,6 +351,10 @@ def cads(fn: Callable[[Array, Array, Array], Array], y, key: Array, tau1: float 
     # (traced values pass; psi = 2 extrapolated past the rescaled y, NaN gave NaN samples)
     check_real_in("cads: noise_scale", noise_scale, 0.0, float("inf"))
     check_real_in("cads: psi", psi, 0.0, 1.0)
+    try:  # (a bad key failed inside the sampler, as JAX's "invalid PRNG key data", naming neither cads nor key)
+        _checks.check_key(key)
+    except TypeError as e:
+        raise TypeError(f"cads: {e}") from None
     return CADS(_check_fn(fn, "fn"), y, key, real_leaf(tau1), real_leaf(tau2), real_leaf(noise_scale), real_leaf(psi),
                 bool(rescale))
 

@@ -203,6 +203,10 @@ def test_flow_objective_errors():
         F.realnvp(2, coupling="spline")
     with pytest.raises(ValueError, match="unknown coupling mask"):
         F.coupling_mask((4,), "stripes")
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    params = flow.init(jax.random.key(1), x)
+    with pytest.raises(TypeError, match="key must be one PRNG key"):  # (called directly: "invalid PRNG key data")
+        F.flow_objective(flow, "ml")(params, x, 0)
 
 
 # -- FFJORD ----------------------------------------------------------------------------------------------
@@ -1005,3 +1009,34 @@ def test_dsm_loss_default_sigma_is_flow_objectives():
     key = jax.random.key(2)
     got = float(gf.flows.flow_objective(flow, "dsm")(p, x, key)[0])
     np.testing.assert_allclose(got, float(gf.flows.dsm_loss(flow, p, x, jax.random.split(key)[1])), rtol=1e-6)
+
+
+def test_score_matching_losses_name_a_bad_key():
+    """ssm_loss / dsm_loss with key=0 failed as JAX's "invalid PRNG key data" (Flow.sample names it)."""
+    flow = F.realnvp(2, num_steps=1, hidden=4)
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    params = flow.init(jax.random.key(1), x)
+    for loss in (F.ssm_loss, F.dsm_loss):
+        for bad in (0, jax.random.split(jax.random.key(0), 2)):
+            with pytest.raises(TypeError, match=r"key must be one PRNG key \(jax.random.key"):
+                loss(flow, params, x, bad)
+        assert np.isfinite(float(loss(flow, params, x, jax.random.key(2))))
+        assert np.isfinite(float(jax.jit(lambda k, loss=loss: loss(flow, params, x, k))(jax.random.key(2))))
+
+
+def test_flow_density_methods_refuse_non_floating_data_as_nll_loss_does():
+    """Flow.log_prob / energy / score scored integer (and bool) data as a continuous density, silently,
+    where nll_loss refused it; float data (bfloat16 too) still runs."""
+    flow = F.realnvp(2, num_steps=1, hidden=4)
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    params = flow.init(jax.random.key(1), x)
+    for method in (flow.log_prob, flow.energy, flow.score):
+        for bad in (jnp.round(3 * x).astype(jnp.int32), np.zeros((8, 2), np.uint8), x > 0):
+            with pytest.raises(ValueError, match=rf"x must be a floating-point array \[B, 2\]; got dtype "
+                                                 rf"{bad.dtype} \(integer data: dequantize it first"):
+                method(params, bad)
+        with pytest.raises(ValueError, match=r"got dtype complex64$"):
+            method(params, x.astype(jnp.complex64))
+        assert np.all(np.isfinite(np.asarray(method(params, x.astype(jnp.bfloat16)), np.float32)))
+    with pytest.raises(ValueError, match=r"got dtype int32, shape \(8, 2\) \(integer data: dequantize it first"):
+        F.nll_loss(flow, params, jnp.round(3 * x).astype(jnp.int32))

@@ -201,6 +201,9 @@ def test_bad_inputs():
         gf.guidance.interval(UNCOND.model(PATH, "eps"), 0.1, 0.5)
     with pytest.raises(ValueError, match="condition embedding"):
         gf.guidance.cads(lambda x, t, c: c, jnp.array([1, 2]), jax.random.key(0))
+    for bad in (None, 0, jax.random.split(jax.random.key(0), 4)):  # (failed inside the sampler, unnamed)
+        with pytest.raises(TypeError, match="cads: key must be one PRNG key"):
+            gf.guidance.cads(lambda x, t, c: c, jnp.ones((2, 4)), bad)
     # arguments that silently did nothing or the wrong thing
     g = gf.guidance.cfg(COND.model(PATH, "eps"), UNCOND.model(PATH, "eps"), 2.0)
     with pytest.raises(ValueError, match="0 <= t_lo < t_hi <= 1"):

@@ -258,6 +258,8 @@ def test_bad_arguments(g4, x4):
     fn = g4.model(path, "velocity")
     with pytest.raises(ValueError, match="unknown trace"):
         gf.log_prob(fn, path, x4, prediction="velocity", trace="nope")
+    with pytest.raises(TypeError, match="fn must be a model function"):  # (a bare "'int' object is not callable")
+        gf.log_prob(3, path, x4, prediction="velocity")
     with pytest.raises(ValueError, match="pass key"):
         gf.log_prob(fn, path, x4, prediction="velocity", trace="hutchinson")
     with pytest.raises(ValueError, match="unknown probe"):

@@ -458,3 +458,67 @@ def test_likelihood_loss_divides_by_every_feature_of_an_image():
     ref = gf.likelihood.diffusion_term(fn, path, x, jax.random.key(1), prediction="eps", t_min=1e-3,
                                        stratified=True) / 12
     np.testing.assert_allclose(info["per_example"], ref, rtol=1e-6)
+
+
+def test_importance_time_sampling_refuses_an_infinite_log_snr_end():
+    """sample_time's default "importance" draws uniformly in log-SNR: at t_min = 0 (sigma = 0) on
+    linear it gave NaN times and inf weights, on vp_linear t = 0 and inf weights (diffusion_term /
+    vdm_elbo refused those ends). "uniform" draws t itself and still runs; traced ends pass."""
+    k = jax.random.key(0)
+    for path in (gf.paths.linear(), gf.paths.vp_linear()):
+        with pytest.raises(ValueError, match=rf"t_min=0.0 has sigma=0 on path '{path.name}'.*pass t_min > 0"):
+            L.sample_time(k, 4, path, 0.0)
+    with pytest.raises(ValueError, match="t_max=1.0 has alpha=0 on path 'linear'.*pass t_max < 1"):
+        L.sample_time(k, 4, gf.paths.linear(), 1e-3)
+    t, w = L.sample_time(k, 4, gf.paths.linear(), 1e-3, 0.999)
+    assert np.all(np.isfinite(t)) and np.all(np.isfinite(w))
+    t, w = L.sample_time(k, 4, gf.paths.vp_linear(), 0.0, sampling="uniform")
+    assert np.all(np.isfinite(w)) and float(t.min()) >= 0.0
+    for bad in (0, jax.random.split(k, 2)):  # (JAX's "invalid PRNG key data", unnamed)
+        with pytest.raises(TypeError, match=r"key must be one PRNG key"):
+            L.sample_time(bad, 4, gf.paths.vp_linear(), 1e-3)
+    w = jax.jit(lambda a: L.sample_time(k, 4, gf.paths.vp_linear(), a)[1])(1e-3)
+    np.testing.assert_allclose(w, L.sample_time(k, 4, gf.paths.vp_linear(), 1e-3)[1], rtol=1e-5)
+
+
+def test_gaussian_log_prob_refuses_a_non_scalar_std():
+    """std is one scalar: a [2] std with z [2, 2] paired with the batch axis (row-wise stds, silently
+    wrong values), with B != D a broadcasting error that named nothing; GaussianPrior (gf.log_prob's
+    prior) calls it. A traced scalar std still runs."""
+    z = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    for std in (jnp.array([1.0, 2.0]), jnp.array([1.0]), np.ones((2, 2))):
+        with pytest.raises(ValueError, match=r"std must be a scalar .*; got shape \("):
+            L.gaussian_log_prob(z, std)
+    with pytest.raises(ValueError, match="std must be a scalar"):
+        L.gaussian_log_prob(jnp.ones((3, 2)), jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="std must be a scalar"):
+        gf.log_prob(lambda x, t: jnp.zeros_like(x), gf.paths.linear(), z, prediction="velocity",
+                    prior=L.GaussianPrior(jnp.array([1.0, 2.0])), solver="euler", steps=1)
+    ref = -0.5 * np.sum(np.asarray(z) ** 2, axis=1) / 4.0 - 2 * (np.log(2.0) + 0.5 * np.log(2 * np.pi))
+    for std in (2.0, jnp.asarray(2.0)):
+        np.testing.assert_allclose(jax.jit(L.gaussian_log_prob)(z, std), ref, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda s: L.GaussianPrior(s)(z))(jnp.float32(2.0)), ref, rtol=1e-6)
+
+
+def test_batch_helpers_refuse_a_single_example_without_a_batch_axis():
+    """x: [D] was read as D one-dimensional examples (log-densities, KLs and dequantizations of shape
+    [D]), where log_prob, vdm_elbo and diffusion_term refuse it; a [B, D] batch still works."""
+    k, x1 = jax.random.key(0), jnp.array([0.25, -0.5, 0.75])
+    path = gf.paths.vp_linear()
+    msg = r"x must have shape \[B, \.\.\.\] with at least one feature axis; got shape \(3,\)"
+    calls = {"uniform_dequantize": lambda x: L.uniform_dequantize(k, x, 0.25),
+             "truncated_normal_dequantize": lambda x: L.truncated_normal_dequantize(k, x, path, 0.25),
+             "prior_term": lambda x: L.prior_term(path, x),
+             "reconstruction_term": lambda x: L.reconstruction_term(path, x, k, 1e-3),
+             "dequantized_log_prob": lambda x: L.dequantized_log_prob(
+                 lambda z, t: jnp.zeros_like(z), path, x, k, prediction="velocity", bin_width=0.25, solver="euler",
+                 steps=1)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=msg):
+            call(x1)
+        out = call(x1[None])
+        assert (out[1] if name.endswith("dequantize") else out[0] if name == "dequantized_log_prob"
+                else out).shape == (1,), name
+    with pytest.raises(ValueError, match=msg.replace("x must", "z must")):
+        L.gaussian_log_prob(x1, 1.0)
+    assert L.gaussian_log_prob(x1[None], 1.0).shape == (1,)

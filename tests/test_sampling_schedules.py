@@ -63,6 +63,11 @@ def test_explicit_and_callable_schedules():
     np.testing.assert_allclose(info.ts, got)
     with pytest.raises(ValueError, match="strictly decreasing"):
         gf.sampling.time_grid(path, 3, jnp.array([1.0, 0.5, 0.6]))
+    # (a float64 grid that is strictly decreasing was called not strictly decreasing: two of its
+    # times round to one float32 time)
+    with pytest.raises(ValueError, match=r"is strictly decreasing, but its times 1.0 and 0.999999999 round to one "
+                                         r"float32 time"):
+        gf.sampling.time_grid(path, 3, np.array([1.0, 1 - 1e-9, 0.5, 0.001]))
     with pytest.raises(ValueError, match="unknown schedule"):
         gf.sampling.time_grid(path, 3, "cosine")
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
@@ -197,6 +202,11 @@ def test_select_schedule_picks_the_lowest_calibration_error_and_generalizes(mixt
         gf.sampling.select_schedule(fn, path, cal, ["karras"], prediction="x0", solver="deis")
     with pytest.raises(ValueError, match="at least one grid"):
         gf.sampling.select_schedule(fn, path, cal, [], prediction="x0")
+    for one in (grids[0], "karras", [1.0, 0.5, 0.0]):  # (one grid was read as a sequence of 0-d grids: "got shape ()")
+        with pytest.raises(TypeError, match=r"candidates must be a sequence of grids .*wrap it in a list"):
+            gf.sampling.select_schedule(fn, path, cal, one, prediction="x0", solver="deis")
+    with pytest.raises(TypeError, match="fn must be a model function"):
+        gf.sampling.select_schedule(None, path, cal, grids, prediction="x0", solver="deis")
     with pytest.raises(ValueError, match="deterministic scan solvers"):
         gf.sampling.select_schedule(fn, path, cal, grids, prediction="x0", solver="heun")
 

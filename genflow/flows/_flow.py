@@ -135,6 +135,12 @@ class Flow:
                             f"{type(x).__name__}")
         if tuple(x.shape[1:]) != tuple(self.event_shape):
             raise ValueError(f"x must have shape [B, {', '.join(map(str, self.event_shape))}]; got {x.shape}")
+        # (integer data was scored as a continuous density, silently, where nll_loss refused it)
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            integer = dtype is not None and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_))
+            raise ValueError(f"x must be a floating-point array [B, {', '.join(map(str, self.event_shape))}]; got "
+                             f"dtype {dtype}{_DEQUANTIZE_HINT if integer else ''}")
 
     def log_prob(self, params, x: Array) -> Array:
         """``log p(x) = log N(g(x)) + log|det dg/dx|``; ``x: [B, ...]`` -> ``[B]`` (nats)."""
@@ -205,6 +211,7 @@ def ssm_loss(flow: Flow, params, x: Array, key: Array, num_slices: int = 1, prob
     from genflow.likelihood._trace import sample_probes
 
     _check_data(x)
+    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data")
     num_slices = check_int("num_slices", num_slices)
     v = sample_probes(key, (num_slices,) + x.shape, x.dtype, probe)
     score_fn = lambda y: flow.score(params, y)  # noqa: E731
@@ -224,6 +231,7 @@ def dsm_loss(flow: Flow, params, x: Array, key: Array, sigma: float = 0.05) -> A
     """
     check_positive_real("sigma", sigma)
     _check_data(x)
+    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data")
     n = jax.random.normal(key, x.shape, x.dtype)
     s = flow.score(params, x + sigma * n)
     return 0.5 * jnp.mean(jnp.sum(flat_batch(jnp.square(sigma * s + n)), axis=-1)) / flow.dim
@@ -255,6 +263,7 @@ def flow_objective(flow: Flow, method: str = "ml", *, sigma: float = 0.05, num_s
 
     def loss_fn(params, batch, key):
         x = objective_batch(batch)
+        check_key(key)  # (key=0, called directly, failed as JAX's "invalid PRNG key data", unnamed)
         k_deq, k_loss = jax.random.split(key)
         if dequantize is not None:  # (widened to float32 there: integer batches failed, bfloat16 ones left the bin)
             x = uniform_dequantize(k_deq, x, dequantize)[0]

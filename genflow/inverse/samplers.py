@@ -83,7 +83,8 @@ import jax
 import jax.numpy as jnp
 
 from genflow import _memo, param
-from genflow._checks import check_denoise, check_int, check_key, check_positive_real, check_real_in, concrete_real, real_leaf
+from genflow._checks import (check_denoise, check_int, check_key, check_model_fn, check_positive_real, check_real_in,
+                             concrete_real, real_leaf)
 from genflow.inverse.operators import GaussianNoise, Operator, PoissonNoise
 from genflow.paths import Path, check_path
 from genflow.sampling import Model, as_pytree_fn
@@ -363,7 +364,7 @@ def _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key, snr
              _memo.value_key(t_end))
     ts, denoise, noisy = _memo.memoised("gf.inverse", parts, (prediction, bool(snr_start)),
                                         lambda: _grid(path, prediction, steps, schedule, t_start, t_end, snr_start))
-    return Model(as_pytree_fn(fn), _run_path(path), prediction), ts, denoise, noisy
+    return Model(as_pytree_fn(check_model_fn(fn)), _run_path(path), prediction), ts, denoise, noisy
 
 
 def _grid(path, prediction, steps, schedule, t_start, t_end, snr_start: bool):
@@ -702,5 +703,5 @@ def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, p
     hp = _hyperparameters(method, {k: v for k, v in DEFAULTS[method].items() if k != "eta"}, hparams)
     cg_iters = hp.pop("cg_iters")
     noise = _noise_model(method, noise)
-    return PosteriorModel(Model(as_pytree_fn(fn), path, prediction), y, operator, noise.sigma,
+    return PosteriorModel(Model(as_pytree_fn(check_model_fn(fn)), path, prediction), y, operator, noise.sigma,
                           real_leaf(weight), hp, method, cg_iters)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from genflow import _memo
 from genflow._checks import check_int, check_key, check_positive_real, flat_batch
-from genflow.likelihood._ode import log_prob
+from genflow.likelihood._ode import _check_x, log_prob
 from genflow.paths import Path, check_path
 
 Array = jax.Array
@@ -73,6 +73,7 @@ def uniform_dequantize(key: Array, x: Array, bin_width: float) -> tuple[Array, A
     """
     check_key(key)  # (a bad key failed as JAX's "invalid PRNG key data", unnamed)
     check_positive_real("bin_width", bin_width)
+    _check_x(x, floating=False)  # (a single example [D] was read as D one-dimensional examples)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 would move y out of its bin
     u = jax.random.uniform(key, x.shape, x.dtype)
     y = x + (u - 0.5) * bin_width
@@ -103,6 +104,7 @@ def truncated_normal_dequantize(key: Array, x: Array, path: Path, bin_width: flo
       ``z = alpha x + sigma eps`` at ``t_eps`` (``[B, ...]``), ``log q(z | x)`` (``[B]``) and
       ``t_eps`` (scalar).
     """
+    _check_x(x, floating=False)  # (a single example [D] was read as D one-dimensional examples)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     with jax.ensure_compile_time_eval():  # (concrete under a user's jit when the path is: see dequantized_log_prob)
         t = truncated_normal_time(path, bin_width, tau)
@@ -172,6 +174,7 @@ def dequantized_log_prob(
     check_key(key)
     check_positive_real("bin_width", bin_width)
     check_positive_real("tau", tau)
+    _check_x(x, floating=False)  # (named with x's own shape, not that of its num_samples tiles)
     k_deq, k_trace = jax.random.split(key)
     xs = jnp.tile(x, (num_samples,) + (1,) * (x.ndim - 1))  # (concatenating num_samples copies compiled in O(num_samples^2))
     if dequantization == "uniform":

@@ -78,7 +78,10 @@ def sample_time(key: Array, n: int, path: Path, t_min: float, t_max: float = 1.0
     if sampling not in TIME_SAMPLINGS:
         raise ValueError(f"unknown time sampling {sampling!r}; expected one of {list(TIME_SAMPLINGS)}")
     n = check_int("n", n)  # (2.5: a shape TypeError; 0: empty arrays, silently)
+    check_key(key)  # (key=0 failed as JAX's "invalid PRNG key data", unnamed)
     _check_t_range(t_min, t_max)
+    if sampling == "importance":  # (uniform in log-SNR: an infinite end gave NaN or t_min times and inf weights;
+        _check_finite_log_snr(path, t_min, t_max)  # "uniform" draws t itself, and concrete ends only are checked)
     if stratified:
         strata = n if strata is None else check_int("strata", strata)  # (2.5 was read as 2)
         if n % strata:
@@ -154,6 +157,7 @@ def reconstruction_term(path: Path, x: Array, key: Array, t0: float, levels: Arr
     check_key(key)
     _check_levels(levels)
     check_real_in("t0", t0, 0.0, 1.0)  # (1.5 extrapolated the path, silently)
+    _check_x(x, floating=False)  # (a single example [D] was read as D one-dimensional examples)
     if is_zero(path.sigma(jnp.asarray(t0))):  # (the decoder's log-density was +inf there)
         raise ValueError(f"t0={t0} has sigma=0 on path {path.name!r}: the decoder is a point mass there; pass t0 > 0")
     x = _wide(x)  # (integer data: t0 was cast to an int, and the noise draw refused an int dtype)
@@ -205,6 +209,7 @@ def prior_term(path: Path, x: Array, t1: float = 1.0, prior_std: float | None = 
     check_path(path)
     _check_prior_std(prior_std)
     check_real_in("t1", t1, 0.0, 1.0)  # (2.0 extrapolated the path: a KL of 0, silently)
+    _check_x(x, floating=False)  # (a single example [D] was read as D one-dimensional examples)
     x = _wide(x)  # (integer data: t1 = 0.9 and prior_std = 0.5 were cast to 0, and the KL was NaN)
     t = jnp.asarray(t1, x.dtype)
     a, s1 = path.alpha(t), path.sigma(t)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from genflow import _memo, param
-from genflow._checks import check_finite_rows, check_int, check_key, concrete_real, flat_batch, is_int, real_or_traced
+from genflow._checks import (check_finite_rows, check_int, check_key, check_model_fn, concrete_real, flat_batch, is_int,
+                             real_or_traced)
 from genflow.likelihood._trace import PROBES, exact_divergence, hutchinson_divergence, sample_probes
 from genflow.paths import Path, check_orientation, check_path
 from genflow.sampling._diffrax import explicit_axes_as_auto, per_sample_norm, solve_checked
@@ -73,8 +74,11 @@ class LogProbInfo:
 
 def gaussian_log_prob(z: Array, std) -> Array:
     """``log N(z; 0, std^2 I)`` summed over the features of ``z: [B, ...]``; returns ``[B]`` in
-    float32 or wider."""
+    float32 or wider. ``std`` is a scalar (concrete or traced)."""
+    _check_x(z, floating=False, name="z")  # (a single example [D] was read as D one-dimensional examples)
     v = real_or_traced("std", std, "a real > 0")
+    if jnp.ndim(std) != 0:  # (a [2] std paired with the batch axis: row-wise stds, silently wrong when B == D)
+        raise ValueError(f"std must be a scalar (one std for all features); got shape {jnp.shape(std)}")
     if not isinstance(std, jax.core.Tracer) and v is not None and not v > 0:  # (0 gave NaN, < 0 nonsense)
         raise ValueError(f"std must be > 0; got {std!r}")
     d = math.prod(z.shape[1:])
@@ -132,7 +136,7 @@ def _check_x(x, floating: bool = True, name: str = "x", nonempty: bool = False) 
         raise ValueError(f"{name} must have shape [B, ...] with at least one feature axis"
                          f"{' and B >= 1' if nonempty else ''}; got shape {x.shape}")
     if floating and not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}")
+        raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
 
 
 def _check_options(trace, solver, steps, probe, num_probes, key, rtol=1e-5, atol=1e-5) -> int | None:
@@ -408,7 +412,7 @@ def log_prob(
                    (prediction,), check_ends)
     if prior is None:
         prior = GaussianPrior(path.sigma(jnp.asarray(t_max, jnp.promote_types(x.dtype, jnp.float32))))
-    velocity = PathVelocity(as_pytree_fn(fn), path, prediction)
+    velocity = PathVelocity(as_pytree_fn(check_model_fn(fn)), path, prediction)
     return ode_log_prob(velocity, x, log_prior=prior, t0=t_min, t1=t_max, trace=trace, key=key,
                         num_probes=num_probes, probe=probe, solver=solver, rtol=rtol, atol=atol, steps=steps,
                         adjoint=adjoint, chunk_size=chunk_size, max_steps=max_steps)

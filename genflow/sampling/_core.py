@@ -14,7 +14,8 @@ import numpy as np
 
 from genflow import _memo, param
 from genflow.param import as_pytree_fn  # (defined there: the model wrappers of gf.param use it too)
-from genflow._checks import check_denoise, check_finite_rows, check_int, check_key, concrete_real, is_int
+from genflow._checks import (check_denoise, check_finite_rows, check_int, check_key, check_model_fn, concrete_real,
+                             is_int)
 from genflow.paths import Path, check_path
 from genflow.sampling import _diffrax, _driver, _registry
 from genflow.sampling._grid import default_denoise, noisy_end, sampler_grid, velocity_determines_x0
@@ -498,7 +499,7 @@ def sample(
     else:  # traced: a sweep over tolerances compiled the solve once per value (~4 s each on a CPU)
         # (in the solver state's dtype: a float64 tolerance promoted a float32 state's controller under x64)
         rtol, atol = (jnp.asarray(v, jnp.promote_types(x1.dtype, jnp.float32)) for v in (rtol, atol))
-    model = Model(as_pytree_fn(fn), _run_path(path), prediction)
+    model = Model(as_pytree_fn(check_model_fn(fn)), _run_path(path), prediction)
     x, info = _sample_jit(model, ts_run, x1, key, spec, bool(denoise), rtol, atol, int(max_steps),
                           bool(save_trajectory), solver_options, bool(denoise) and foldable)
     return x, dataclasses.replace(info, ts=ts)

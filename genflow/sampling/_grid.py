@@ -64,6 +64,7 @@ def _check_explicit(schedule, t_start=None, t_end=None, steps=None, what: str = 
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return ts
     if not (np.all(np.diff(tn) < 0) and tn[0] <= 1.0 and tn[-1] >= 0.0):
+        _check_rounding(schedule, tn, what)
         raise ValueError(f"{what} must be strictly decreasing within [0, 1]; got {tn}")
     for name, given, got in (("t_start", t_start, tn[0]), ("t_end", t_end, tn[-1])):
         v = real_or_traced(name, given, "a float in [0, 1] or None")
@@ -74,6 +75,22 @@ def _check_explicit(schedule, t_start=None, t_end=None, steps=None, what: str = 
     if steps is not None and tn.shape[0] != steps + 1:
         raise ValueError(f"{what} has {tn.shape[0]} times; expected steps + 1 = {steps + 1}")
     return ts
+
+
+def _check_rounding(schedule, tn: np.ndarray, what: str) -> None:
+    """A ``ValueError`` saying so where a strictly decreasing grid in [0, 1] of a wider float
+    (float64 with x64 off) has neighbours that round to one time in ``tn.dtype`` (reported as
+    "must be strictly decreasing", which the grid given was)."""
+    try:
+        wide = np.asarray(schedule, np.float64)
+    except (TypeError, ValueError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if wide.shape != tn.shape or not (np.all(np.diff(wide) < 0) and wide[0] <= 1.0 and wide[-1] >= 0.0):
+        return
+    i = int(np.flatnonzero(np.diff(tn) >= 0)[0])
+    raise ValueError(f"{what} is strictly decreasing, but its times {float(wide[i])!r} and {float(wide[i + 1])!r} "
+                     f"round to one {tn.dtype} time, {float(tn[i])!r}: space them further apart (or enable float64 "
+                     f"with jax.config.update('jax_enable_x64', True))")
 
 
 def _check_ends(t_start, t_end) -> tuple[float, float]:
@@ -138,7 +155,8 @@ def time_grid(path: Path, steps: int, schedule: Any = "uniform", t_start: float 
     Raises:
       TypeError: an explicit schedule whose values are not real numbers (strings, complex, bool).
       ValueError: a grid that is not strictly decreasing within [0, 1] (also when its times round
-        to the same float: the message says which end crowds), or ends that disagree with it.
+        to the same float: the message says which end of a named schedule crowds, or which times of
+        an explicit float64 grid round together), or ends that disagree with it.
     """
     if not isinstance(schedule, str) and not callable(schedule) or hasattr(schedule, "shape"):
         return _check_explicit(schedule, t_start, t_end)

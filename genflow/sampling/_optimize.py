@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from genflow import _memo, param
-from genflow._checks import check_bool, check_int, concrete_real, flat_batch
+from genflow._checks import check_bool, check_int, check_model_fn, concrete_real, flat_batch
 from genflow.paths import Path
 from genflow.sampling import _driver, _registry
 from genflow.sampling._diffrax import explicit_as_auto_placement, on_auto_axes
@@ -94,7 +94,7 @@ def _search_model(fn, path: Path, prediction: str) -> Model:
     """The search's model, its arrays (a pytree model's parameters) on Auto axes where they lie on
     a mesh's Explicit axes, as the calibration batch (:func:`_check_search_args`): the reference
     solves failed on mixed axis types ("Mesh for all inputs should be equal")."""
-    return Model(jax.tree.map(explicit_as_auto_placement, as_pytree_fn(fn)), path, prediction)
+    return Model(jax.tree.map(explicit_as_auto_placement, as_pytree_fn(check_model_fn(fn))), path, prediction)
 
 
 _RHO_STOP = 5e-4  # the reference solve stops at this noise level sigma/alpha (see below)
@@ -547,9 +547,14 @@ def select_schedule(fn: Callable[[Array, Array], Array], path: Path, x1: Array, 
     spec, _ = _scan_solver(solver, solver_options)
     x1 = _check_search_args(x1, "x1", rtol, atol)
     return_errors = check_bool("return_errors", return_errors)
-    candidates = list(candidates)  # (a generator was used up by the check below: "got none")
-    if any(isinstance(c, str) or callable(c) for c in candidates):
+    one = isinstance(candidates, (str, bytes)) or callable(candidates)
+    candidates = [] if one else list(candidates)  # (a generator was used up by the check below: "got none")
+    if not one and any(isinstance(c, str) or callable(c) for c in candidates):
         raise ValueError("candidates must be arrays of times (build named or callable schedules with time_grid)")
+    if one or candidates and all(np.ndim(c) == 0 for c in candidates):
+        # (one grid was read as a sequence of 0-d grids: "must be a 1-D array ...; got shape ()")
+        raise TypeError("candidates must be a sequence of grids (a list of 1-D arrays of times, or a 2-D array "
+                        "[K, steps + 1]); got one grid or schedule: wrap it in a list")
     grids = [_check_explicit(c) for c in candidates]
     if not grids:
         raise ValueError("candidates must hold at least one grid; got none")
