@@ -97,21 +97,37 @@ def _check_common(cfg) -> None:
 
 @contextlib.contextmanager
 def stale_outputs_removed(out: str, names):
-    """On an error (or Ctrl-C) in the block, remove the files ``names`` under ``out`` that this run
-    did not write (older than the block's start): an earlier run's results would otherwise pass
-    for this one's beside its partial outputs. The error is re-raised."""
+    """On an error (or Ctrl-C) in the block after it wrote something under ``out``, remove the files
+    ``names`` under ``out`` that this run did not write (older than the block's start): an earlier
+    run's results would otherwise pass for this one's beside its partial outputs (log rows,
+    checkpoints). A run refused before it wrote anything (a flag that disagrees with the
+    checkpoints there, a network that fails to build) leaves them: they still describe what
+    ``out`` holds (they were deleted). The error is re-raised."""
     def stamp(f):
         st = os.stat(f)
         return st.st_mtime_ns, st.st_ino, st.st_size
 
+    def tree():
+        found = {}
+        for root, dirs, files in os.walk(out):
+            for n in dirs + files:
+                f = os.path.join(root, n)
+                try:
+                    found[f] = stamp(f)
+                except OSError:  # (removed meanwhile: a checkpointer's temporary directory)
+                    pass
+        return found
+
     before = {n: stamp(os.path.join(out, n)) for n in names if os.path.isfile(os.path.join(out, n))}
+    everything = tree()
     try:
         yield
     except BaseException:
-        for name, st in before.items():  # (unchanged since the block started: not this run's)
-            f = os.path.join(out, name)
-            if os.path.isfile(f) and stamp(f) == st:
-                os.remove(f)
+        if tree() != everything:  # (this run wrote, or removed, something there)
+            for name, st in before.items():  # (unchanged since the block started: not this run's)
+                f = os.path.join(out, name)
+                if os.path.isfile(f) and stamp(f) == st:
+                    os.remove(f)
         raise
 
 

@@ -97,6 +97,9 @@ def validate(cfg: Config) -> None:
     _cli.require_min(cfg, steps=1, batch=1, ch=1, depth=1, sample_steps=1, n_eval=2, n_nll=0, ckpt_every=0, chunk=0,
                      fsdp=1, warmup=0, seed=0, image_size=0)
     _cli.require_finite(cfg, "lr", "clip", strict=True)
+    if cfg.net in ("unet", "dit") and cfg.ch % 2:  # (failed inside the network, after --out was made)
+        why = "its time embedding is ch wide" if cfg.net == "unet" else "its width 2 * ch splits into 4 attention heads"
+        raise SystemExit(f"--ch must be even for --net {cfg.net} ({why}); got {cfg.ch}")
     if cfg.warmup >= cfg.steps:  # (the cosine schedule decays over --steps, warmup included)
         raise SystemExit(f"--warmup must be below --steps; got --warmup {cfg.warmup} and --steps {cfg.steps}")
     if not 0.0 < cfg.ema < 1.0:

@@ -343,6 +343,13 @@ def test_failed_reruns_remove_the_earlier_runs_outputs_and_partial_results_are_r
     with _cli.stale_outputs_removed(str(out), ("kept.txt",)):
         pass  # (a run that finishes removes nothing)
     assert (out / "kept.txt").exists()
+    # (a rerun refused before it wrote anything -- a flag that disagrees with the checkpoints there --
+    # deleted the earlier run's results, which still described what --out held)
+    for error in (SystemExit("--lr differs from the checkpoints'"), ValueError("the network failed to build")):
+        with pytest.raises(type(error)):
+            with _cli.stale_outputs_removed(str(out), ("kept.txt",)):
+                raise error
+        assert (out / "kept.txt").read_text() == "an earlier run's"
 
     (out / "partial.json").write_text(json.dumps({"config": {}, "digits": {}}))
     with pytest.raises(SystemExit, match=r"--from_results .* has no flow results"):

@@ -54,7 +54,10 @@ def test_images_validate_dry_runs_the_sampler_and_checks_numbers():
                       (["--n_eval", "1"], "--n_eval must be >= 2"),
                       (["--batch", "0"], "--batch must be >= 1"),
                       (["--ema", "1.0"], r"--ema must be in \(0, 1\)"),
-                      (["--weighting", "foo"], "--weighting must be one of")):
+                      (["--weighting", "foo"], "--weighting must be one of"),
+                      # (an odd --ch failed inside the network, after --out was made)
+                      (["--ch", "3"], r"--ch must be even for --net unet \(its time embedding"),
+                      (["--net", "dit", "--ch", "1"], r"--ch must be even for --net dit \(its width 2 \* ch")):
         with pytest.raises(SystemExit, match=msg):
             images.validate(images.parse_config(args))
     images.validate(images.parse_config(["--quick"]))  # the defaults pass
@@ -134,6 +137,8 @@ def test_images_refuses_to_resume_with_another_steps(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=f"--steps 2; got --steps {steps}.*decays over --steps.*new --out"):
             _tiny_run(images, monkeypatch, out, "--steps", steps)
     assert (out / "metrics.jsonl").read_text() == rows  # refused before anything was touched
+    # (and the finished run's results stay: the refusal deleted metrics.json and the plots)
+    assert all((out / name).exists() for name in images.OUTPUTS)
 
 
 def test_images_refuses_ckpt_every_0_into_an_out_holding_checkpoints(tmp_path, monkeypatch):

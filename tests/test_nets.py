@@ -437,6 +437,10 @@ def test_odd_widths_are_refused_by_the_argument_name():
     with pytest.raises(ValueError, match="hidden"):
         gf.nets.DiT(patch_size=2, hidden=6, depth=1, num_heads=1).init(k, jnp.ones((1, 4, 4, 1)), 0.5)
     gf.nets.DiT(patch_size=2, hidden=6, depth=1, num_heads=1, pos_embedding="none").init(k, jnp.ones((1, 4, 4, 1)), 0.5)
+    for ratio in (0.0, -1.0, float("nan"), 0.01):  # (0 failed as a bare ZeroDivisionError in the initializer)
+        with pytest.raises(ValueError, match=r"DiT's mlp_ratio must be a real > 0 with int\(hidden \* mlp_ratio\)"):
+            gf.nets.DiT(patch_size=2, hidden=8, depth=1, num_heads=2, mlp_ratio=ratio).init(k, jnp.ones((1, 4, 4, 1)),
+                                                                                            0.5)
 
 
 def test_model_fn_keeps_a_numpy_bool_flag_static():

@@ -38,6 +38,19 @@ def test_scatter_with_a_diverged_sample_and_bad_shapes(tmp_path):
         gf.viz.scatter(np.zeros((5, 3)))
 
 
+def test_scatter_of_huge_finite_samples_draws_and_closes_its_figure(tmp_path):
+    """Finite samples near float32's largest value (a diverged sampler's) made hi - lo overflow to
+    inf: matplotlib refused the limits, and the figure stayed open."""
+    open_before = len(plt.get_fignums())
+    for pts in (np.array([[2e38, -2e38], [-2e38, 2e38]], np.float32), np.array([[1e308, -1e308], [-1e308, 1e308]])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (matplotlib's own overflow warnings at 1e308)
+            gf.viz.scatter(pts, path=str(tmp_path / "s.png"))
+        lo, hi = gf.viz._lims(pts)
+        assert np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo < -1e38) and np.all(hi > 1e38)
+    assert len(plt.get_fignums()) == open_before
+
+
 def test_scatter_limits_read_like_density_and_edge_inputs_are_named():
     # scatter read lims as ((xlo, ylo), (xhi, yhi)), density as ((x0, x1), (y0, y1))
     pts = np.random.default_rng(0).normal(size=(50, 2))

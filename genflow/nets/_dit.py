@@ -14,6 +14,9 @@ The final layer is adaLN-modulated too and zero-initialised, so a fresh DiT outp
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -72,6 +75,11 @@ class DiTBlock(nn.Module):
             raise ValueError(f"DiTBlock(hidden={self.hidden}) got tokens of width {d}")
         if d % self.num_heads:  # (a standalone block ran attention d // num_heads * num_heads wide)
             raise ValueError(f"DiTBlock: the width {d} must be divisible by num_heads={self.num_heads}")
+        r = self.mlp_ratio
+        if not (isinstance(r, numbers.Real) and not isinstance(r, bool) and math.isfinite(r) and int(d * r) >= 1):
+            # (0 failed as a bare ZeroDivisionError in the initializer of a zero-width layer)
+            raise ValueError(f"DiT's mlp_ratio must be a real > 0 with int(hidden * mlp_ratio) >= 1; got "
+                             f"{self.mlp_ratio!r} (hidden={d})")
         mod = nn.Dense(6 * d, kernel_init=_zeros, dtype=self.dtype, name="adaLN")(nn.silu(c))
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
         ln = lambda name: nn.LayerNorm(1e-6, use_bias=False, use_scale=False, dtype=self.dtype, name=name)  # noqa: E731
