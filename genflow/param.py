@@ -222,14 +222,15 @@ def as_pytree_fn(fn: Callable, _depth: int = 0) -> Callable:
 
     A ``functools.partial`` becomes a :class:`jax.tree_util.Partial` (a :class:`BoundFn` when its
     function is lifted in turn, as below): new bound arrays share one compiled program. A plain
-    Python function (a lambda, a nested ``def``) that uses arrays (JAX or numeric NumPy ones, or
-    NumPy scalars) through its closure cells, default arguments or module globals --
-    ``lambda x, t: net.apply(params, x, t)`` -- becomes a :class:`ClosureFn` that reads them at
-    call time; its program is keyed by the function object, as ``jax.jit`` keys one (a new lambda
-    compiles anew), and holds no copy of the arrays. These arrays are traced, as ``jax.jit``
-    traces its arguments: a function that needs one of them concrete (a NumPy call on it, a shape
-    read from it) should read a Python value (a tuple, a float) instead. Other callables (pytrees,
-    modules, jitted functions) are returned as they are."""
+    Python function (a lambda, a nested ``def``) that uses arrays (JAX ones, or NumPy floating
+    arrays: parameters after ``jax.device_get`` or ``np.load``) through its closure cells, default
+    arguments or module globals -- ``lambda x, t: net.apply(params, x, t)`` -- becomes a
+    :class:`ClosureFn` that reads them at call time; its program is keyed by the function object,
+    as ``jax.jit`` keys one (a new lambda compiles anew), and holds no copy of the arrays. These
+    arrays are traced, as ``jax.jit`` traces its arguments (a NumPy call on one inside the function
+    fails). NumPy scalars and integer or bool NumPy arrays (a shape, slice ends, a ``train`` flag)
+    stay constants, as Python values do, read when the function is traced. Other callables
+    (pytrees, modules, jitted functions) are returned as they are."""
     if isinstance(fn, functools.partial):
         inner = as_pytree_fn(fn.func, _depth + 1)
         if inner is not fn.func:  # (a function lifted in turn: a Partial would hide its arrays in its static func)
@@ -356,8 +357,8 @@ def _leaf_kind(t: type) -> str:
 
 
 def _liftable(value) -> bool:
-    """Whether ``value`` is a JAX or numeric NumPy array (or NumPy scalar) or a pytree holding one,
-    with hashable other leaves (they become static parts of the pytree: an unhashable one, e.g. a
+    """Whether ``value`` is a JAX array or a NumPy floating array of at least one dimension, or a
+    pytree holding one, with hashable other leaves (they become static parts of the pytree: an unhashable one, e.g. a
     plain dataclass, is left in the function, as before). One pass over the leaves, by type (it
     runs on every sampler call: two ``isinstance`` passes were ~0.3 ms for a 1,000-leaf parameter
     pytree)."""
@@ -370,10 +371,12 @@ def _liftable(value) -> bool:
             has_array = True
         elif kind == "np":
             # (a closure over NumPy parameters only -- jax.device_get, np.load, a pickle -- was left
-            # in the function: its values were constants of the cached program, and new ones unseen)
-            if leaf.dtype.kind in "biufc":
+            # in the function: its values were constants of the cached program, and new ones unseen.
+            # Floating arrays only: NumPy scalars, integer and bool arrays are read as Python values
+            # -- a shape np.prod(...), a slice end, a flag train=np.bool_(False) -- and stay constants)
+            if leaf.dtype.kind in "fc" and isinstance(leaf, np.ndarray) and leaf.ndim:
                 has_array = True
-            else:
+            elif leaf.dtype.kind not in "biufc":
                 others.append(leaf)
         elif kind == "other":
             others.append(leaf)
@@ -401,8 +404,8 @@ def _global_names(code: types.CodeType) -> tuple:
 class ClosureFn:
     """A Python function with the arrays it uses as pytree leaves (:func:`as_pytree_fn`).
 
-    Its closure cells, default arguments and the module globals it loads that hold JAX or numeric
-    NumPy arrays (arrays, or pytrees of them: parameter dicts, a train state, an equinox module) are the
+    Its closure cells, default arguments and the module globals it loads that hold JAX or NumPy
+    floating arrays (arrays, or pytrees of them: parameter dicts, a train state, an equinox module) are the
     children, traced by jit and read when the function is rebuilt at call time; cells and defaults
     that are plain functions or partials using arrays are lifted in turn (to depth 4). The static
     part stands for the original function, held weakly and compared by identity, as ``jax.jit``

@@ -1248,6 +1248,8 @@ def test_poisson_noise_has_the_poisson_mean_and_spread_at_every_rate():
     if_small = inv.PoissonNoise(50.0).sample(jax.random.key(3), jnp.full((4, 8), -0.2))
     np.testing.assert_array_equal(if_small, 2.0 * jax.random.poisson(jax.random.key(3), jnp.full((4, 8), 20.0)) / 50.0
                                   - 1.0)  # (below 1e4: JAX's Poisson draws, with the key as given)
+    y = inv.PoissonNoise(50.0).sample(jax.random.key(3), jnp.array([[0, 1], [1, 0]], jnp.int32))
+    assert y.dtype == jnp.float32 and float(y[0, 0]) != 0.0  # (an integer clean gives float measurements)
 
 
 @pytest.mark.parametrize("build, name", [

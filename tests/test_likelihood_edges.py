@@ -481,19 +481,25 @@ def test_importance_time_sampling_refuses_an_infinite_log_snr_end():
     np.testing.assert_allclose(w, L.sample_time(k, 4, gf.paths.vp_linear(), 1e-3)[1], rtol=1e-5)
 
 
-def test_gaussian_log_prob_refuses_a_non_scalar_std():
-    """std is one scalar: a [2] std with z [2, 2] paired with the batch axis (row-wise stds, silently
-    wrong values), with B != D a broadcasting error that named nothing; GaussianPrior (gf.log_prob's
-    prior) calls it. A traced scalar std still runs."""
+def test_gaussian_log_prob_refuses_a_per_feature_std():
+    """std is a scalar or one per example: a [D] std with B != D failed as a broadcasting error that
+    named nothing, a [B, D] one too; GaussianPrior (gf.log_prob's prior) calls it. A traced scalar
+    std still runs, and [1] / [B] stds broadcast over the batch."""
     z = jnp.array([[1.0, 2.0], [3.0, 4.0]])
-    for std in (jnp.array([1.0, 2.0]), jnp.array([1.0]), np.ones((2, 2))):
-        with pytest.raises(ValueError, match=r"std must be a scalar .*; got shape \("):
+    for std in (jnp.array([1.0, 2.0, 3.0]), np.ones((2, 2))):
+        with pytest.raises(ValueError, match=r"std must be a scalar or one per example, \[B\] = \(2,\); got shape \("):
             L.gaussian_log_prob(z, std)
-    with pytest.raises(ValueError, match="std must be a scalar"):
+    with pytest.raises(ValueError, match="std must be a scalar or one per example"):
         L.gaussian_log_prob(jnp.ones((3, 2)), jnp.array([1.0, 2.0]))
-    with pytest.raises(ValueError, match="std must be a scalar"):
-        gf.log_prob(lambda x, t: jnp.zeros_like(x), gf.paths.linear(), z, prediction="velocity",
+    with pytest.raises(ValueError, match="std must be > 0"):
+        L.gaussian_log_prob(z, jnp.array([1.0, -2.0]))
+    with pytest.raises(ValueError, match="std must be a scalar or one per example"):
+        gf.log_prob(lambda x, t: jnp.zeros_like(x), gf.paths.linear(), jnp.ones((3, 2)), prediction="velocity",
                     prior=L.GaussianPrior(jnp.array([1.0, 2.0])), solver="euler", steps=1)
+    per_example = L.gaussian_log_prob(z, jnp.array([1.0, 2.0]))
+    for i, s in enumerate((1.0, 2.0)):
+        np.testing.assert_allclose(per_example[i], L.gaussian_log_prob(z, s)[i], rtol=1e-6)
+    np.testing.assert_allclose(L.gaussian_log_prob(z, jnp.array([2.0])), L.gaussian_log_prob(z, 2.0), rtol=1e-6)
     ref = -0.5 * np.sum(np.asarray(z) ** 2, axis=1) / 4.0 - 2 * (np.log(2.0) + 0.5 * np.log(2 * np.pi))
     for std in (2.0, jnp.asarray(2.0)):
         np.testing.assert_allclose(jax.jit(L.gaussian_log_prob)(z, std), ref, rtol=1e-6)

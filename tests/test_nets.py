@@ -441,6 +441,8 @@ def test_odd_widths_are_refused_by_the_argument_name():
         with pytest.raises(ValueError, match=r"DiT's mlp_ratio must be a real > 0 with int\(hidden \* mlp_ratio\)"):
             gf.nets.DiT(patch_size=2, hidden=8, depth=1, num_heads=2, mlp_ratio=ratio).init(k, jnp.ones((1, 4, 4, 1)),
                                                                                             0.5)
+    dit = gf.nets.DiT(patch_size=2, hidden=8, depth=1, num_heads=2, mlp_ratio=jnp.float32(2.0))  # (a 0-d array works)
+    dit.init(k, jnp.ones((1, 4, 4, 1)), 0.5)
 
 
 def test_model_fn_keeps_a_numpy_bool_flag_static():

@@ -554,26 +554,31 @@ def test_closures_over_arrays_are_traced_not_compiled_in():
     np.testing.assert_allclose(y2, _euler(x1, jnp.eye(2)), rtol=1e-6)  # (its lambda holds no array itself)
 
 
-def test_closures_over_numpy_arrays_are_traced_too():
+def test_closures_over_numpy_float_arrays_are_traced_too():
     """Parameters that reach a lambda as NumPy arrays (``jax.device_get``, ``np.load``, a pickle)
-    and NumPy scalars were left in the function: their values were constants of the cached
-    program, and the sampler kept returning the old weights' samples after the closure was
-    rebound (a 50x change unseen). They are lifted as JAX arrays are: read at every call, with
-    no recompile. A NumPy array of strings is no array to trace: that function is left as is."""
+    were left in the function: their values were constants of the cached program, and the sampler
+    kept returning the old weights' samples after the closure was rebound (a 50x change unseen).
+    NumPy floating arrays are lifted as JAX arrays are: read at every call, with no recompile.
+    NumPy scalars, integer and bool values stay constants read at trace time, as Python values:
+    a shape from np.prod, a train=np.bool_(False) flag (which fail traced); a string array too."""
     path = gf.paths.linear()
     x1 = jax.random.normal(jax.random.key(0), (8, 2))
-    params = {"w": np.eye(2, dtype=np.float32)}
-    scale = np.float32(1.0)
-    fn = lambda x, t: x @ params["w"] * scale  # noqa: E731
+    params = {"w": np.eye(2, dtype=np.float32), "scale": np.ones(1, np.float32)}
+    fn = lambda x, t: x @ params["w"] * params["scale"]  # noqa: E731
     y0, _ = gf.sample(fn, path, x1, prediction="velocity", solver="euler", steps=4)
     np.testing.assert_allclose(y0, _euler(x1, jnp.eye(2)), rtol=1e-6)
-    params = {"w": 0.5 * np.eye(2, dtype=np.float32)}
-    scale = np.float32(3.0)
+    params = {"w": 0.5 * np.eye(2, dtype=np.float32), "scale": np.full(1, 3.0, np.float32)}
     out = {}
     assert count_compiles(lambda: out.update(y=gf.sample(fn, path, x1, prediction="velocity", solver="euler",
                                                          steps=4)[0])) == 0
     np.testing.assert_allclose(out["y"], _euler(x1, 1.5 * jnp.eye(2)), rtol=1e-6)  # (was y0)
     assert isinstance(gf.sampling.as_pytree_fn(fn), gf.param.ClosureFn)
+
+    w = jnp.eye(2)
+    d, flag, half = np.prod(x1.shape[1:]), np.bool_(True), np.float64(0.5)
+    concrete = lambda x, t: (x.reshape(-1, d) @ w if flag else x) * float(half)  # noqa: E731
+    y, _ = gf.sample(concrete, path, x1, prediction="velocity", solver="euler", steps=4)
+    np.testing.assert_allclose(y, _euler(x1, 0.5 * jnp.eye(2)), rtol=1e-6)
     names = np.array(["a", "b"])
     labelled = lambda x, t: x * len(names)  # noqa: E731
     assert gf.sampling.as_pytree_fn(labelled) is labelled

@@ -578,7 +578,8 @@ class PoissonNoise:
         small = jax.random.poisson(key, jnp.where(large, 0.0, lam)).astype(lam.dtype)  # (key itself: as before)
         z = jax.random.normal(jax.random.fold_in(key, 1), lam.shape, lam.dtype)
         normal = jnp.maximum(jnp.round(lam + jnp.sqrt(lam) * z), 0.0)
-        return (2.0 * jnp.where(large, normal, small) / self.rate - 1.0).astype(clean.dtype)
+        # (an integer clean gives a float measurement, as GaussianNoise's)
+        return (2.0 * jnp.where(large, normal, small) / self.rate - 1.0).astype(_out_dtype(clean))
 
     def residual_norm(self, y: Array, pred: Array) -> Array:
         y01, p01 = (_wide(y) + 1.0) / 2.0, (_wide(pred) + 1.0) / 2.0

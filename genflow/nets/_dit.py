@@ -15,14 +15,13 @@ The final layer is adaLN-modulated too and zero-initialised, so a fresh DiT outp
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from genflow._checks import check_int, is_int
+from genflow._checks import check_int, concrete_real, is_int
 from genflow.nets._common import batch_times, label_embedding, sinusoidal_embedding
 
 Array = jax.Array
@@ -75,8 +74,8 @@ class DiTBlock(nn.Module):
             raise ValueError(f"DiTBlock(hidden={self.hidden}) got tokens of width {d}")
         if d % self.num_heads:  # (a standalone block ran attention d // num_heads * num_heads wide)
             raise ValueError(f"DiTBlock: the width {d} must be divisible by num_heads={self.num_heads}")
-        r = self.mlp_ratio
-        if not (isinstance(r, numbers.Real) and not isinstance(r, bool) and math.isfinite(r) and int(d * r) >= 1):
+        r = concrete_real(self.mlp_ratio)
+        if r is None or not (math.isfinite(r) and int(d * r) >= 1):
             # (0 failed as a bare ZeroDivisionError in the initializer of a zero-width layer)
             raise ValueError(f"DiT's mlp_ratio must be a real > 0 with int(hidden * mlp_ratio) >= 1; got "
                              f"{self.mlp_ratio!r} (hidden={d})")

@@ -363,10 +363,10 @@ def sample(
       fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``: a
         :func:`functools.partial` / :class:`jax.tree_util.Partial` (e.g. from
         :func:`genflow.nets.model_fn`) or a plain function such as
-        ``lambda x, t: net.apply(params, x, t)``. The arrays a function uses through its closure,
-        defaults or module globals are traced and read at every call
-        (:func:`genflow.param.as_pytree_fn`): the compiled sampler keeps no copy of them, and
-        new values are seen. A partial shares one program across parameter sets; a plain
+        ``lambda x, t: net.apply(params, x, t)``. The arrays (JAX, or NumPy floating ones) a
+        function uses through its closure, defaults or module globals are traced and read at
+        every call (:func:`genflow.param.as_pytree_fn`): the compiled sampler keeps no copy of
+        them, and new values are seen. A partial shares one program across parameter sets; a plain
         function is keyed by identity, as by ``jax.jit`` (a new lambda per call compiles anew).
         Other callables (an object with
         ``__call__`` that is no pytree) are static arguments, kept by identity: the arrays they
