@@ -79,14 +79,18 @@ def singular_velocity(path: Path, t, kind: str) -> str | None:
 
 
 def check_model_output(out, x: Array):
-    """Raise ``ValueError`` unless a model's output ``out`` has the shape of its input ``x``
-    (checked while tracing: no cost at run time); returns ``out``."""
+    """Raise ``ValueError`` unless a model's output ``out`` has the shape of its input ``x``, and
+    ``TypeError`` unless it is floating-point (checked while tracing: no cost at run time); returns
+    ``out``."""
     if getattr(out, "shape", None) != x.shape:
         raise ValueError(
             f"the model fn(x, t) returned shape {getattr(out, 'shape', type(out).__name__)} for x of shape "
             f"{x.shape}; it must return the shape of x (a model with per-sample labels bound for one "
             f"batch size cannot be called on another)"
         )
+    if not jnp.issubdtype(out.dtype, jnp.floating):  # (an int32 prediction was used as it was, silently)
+        raise TypeError(f"the model fn(x, t) returned dtype {out.dtype}; it must return a floating-point "
+                        f"prediction")
     return out
 
 

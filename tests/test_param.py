@@ -74,6 +74,11 @@ def test_check_model_output():
     assert gf.param.check_model_output(x + 1, x).shape == (4, 2)
     with pytest.raises(ValueError, match=r"returned shape \(4, 1\) for x of shape \(4, 2\)"):
         gf.param.check_model_output(jnp.zeros((4, 1)), x)
+    for dtype in (jnp.int32, jnp.bool_, jnp.complex64):  # (an int32 prediction was used silently)
+        with pytest.raises(TypeError, match=f"returned dtype {jnp.dtype(dtype).name}; it must return a floating"):
+            gf.param.check_model_output(jnp.zeros((4, 2), dtype), x)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        gf.param.check_model_output(jnp.zeros((4, 2), dtype), x)
 
 
 def test_convert_and_eps_scale_refuse_t_outside_the_unit_interval():
