@@ -118,8 +118,8 @@ def stale_outputs_removed(out: str, names):
                     pass
         return found
 
-    before = {n: stamp(os.path.join(out, n)) for n in names if os.path.isfile(os.path.join(out, n))}
     everything = tree()
+    before = {n: everything[f] for n in names if os.path.isfile(f := os.path.join(out, n))}
     try:
         yield
     except BaseException:

@@ -362,8 +362,8 @@ def _leaf_kind(t: type) -> str:
 
 def _liftable(value) -> bool:
     """Whether ``value`` is a JAX array or a NumPy floating array of at least one dimension, or a
-    pytree holding one, with hashable other leaves (they become static parts of the pytree: an unhashable one, e.g. a
-    plain dataclass, is left in the function, as before). One pass over the leaves, by type (it
+    pytree holding one, with hashable other leaves (they become static parts of the pytree: an
+    unhashable one, e.g. a plain dataclass, is left in the function, as before). One pass over the leaves, by type (it
     runs on every sampler call: two ``isinstance`` passes were ~0.3 ms for a 1,000-leaf parameter
     pytree)."""
     has_array, others = False, []
@@ -409,8 +409,8 @@ class ClosureFn:
     """A Python function with the arrays it uses as pytree leaves (:func:`as_pytree_fn`).
 
     Its closure cells, default arguments and the module globals it loads that hold JAX or NumPy
-    floating arrays (arrays, or pytrees of them: parameter dicts, a train state, an equinox module) are the
-    children, traced by jit and read when the function is rebuilt at call time; cells and defaults
+    floating arrays (arrays, or pytrees of them: parameter dicts, a train state, an equinox
+    module) are the children, traced by jit and read when the function is rebuilt at call time; cells and defaults
     that are plain functions or partials using arrays are lifted in turn (to depth 4). The static
     part stands for the original function, held weakly and compared by identity, as ``jax.jit``
     keys a function: the same function object reuses its compiled program (whose arrays are now

@@ -39,8 +39,8 @@ def _lims(*arrays, pad=0.1):
     pts = pts[np.all(np.isfinite(pts), axis=1)]  # a diverged sample (nan / inf) must not hide the rest
     if not len(pts):
         return np.array([-1.0, -1.0]), np.array([1.0, 1.0])
-    # (float64, halved: hi - lo of float32 points near +-2e38 overflowed to inf, and matplotlib
-    # refused the limits, leaving the figure open)
+    # (in float64, clipped to +-1e300: hi - lo of float32 points near +-2e38 overflowed to inf, and
+    # matplotlib refused the limits, leaving the figure open)
     pts = np.clip(pts.astype(np.float64), -1e300, 1e300)
     lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
     # one point (or coinciding points): a unit span, not the identical limits matplotlib warns about

@@ -78,14 +78,12 @@ def gaussian_log_prob(z: Array, std) -> Array:
     float32 or wider. ``std``: a scalar (concrete or traced), or ``[B]``, one per example (a
     per-feature std is refused: a ``[D]`` one would pair with the batch axis)."""
     _check_x(z, floating=False, name="z")  # (a single example [D] was read as D one-dimensional examples)
-    v = real_or_traced("std", std, "a real > 0")
+    real_or_traced("std", std, "a real > 0")  # (a bool or string std is refused by name)
     if jnp.shape(std) not in ((), (1,), (z.shape[0],)):  # (a [D] std with B != D: an unnamed broadcasting error)
         raise ValueError(f"std must be a scalar or one per example, [B] = ({z.shape[0]},); got shape "
                          f"{jnp.shape(std)}")
-    if not isinstance(std, jax.core.Tracer):  # (0 gave NaN, < 0 nonsense)
-        ok = v > 0 if v is not None else bool(np.all(np.asarray(std) > 0)) if jnp.ndim(std) else True
-        if not ok:
-            raise ValueError(f"std must be > 0; got {std!r}")
+    if not isinstance(std, jax.core.Tracer) and not np.all(np.asarray(std) > 0):  # (0 gave NaN, < 0 nonsense)
+        raise ValueError(f"std must be > 0; got {std!r}")
     d = math.prod(z.shape[1:])
     # in float32 or wider: in bfloat16 a sum over 3,072 features came out 50 nats off
     dt = jnp.promote_types(z.dtype, jnp.float32)

@@ -63,7 +63,7 @@ def _check_explicit(schedule, t_start=None, t_end=None, steps=None, what: str = 
         tn = np.asarray(ts)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return ts
-    if not (np.all(np.diff(tn) < 0) and tn[0] <= 1.0 and tn[-1] >= 0.0):
+    if not _decreasing_in_unit(tn):
         _check_rounding(schedule, tn, what)
         raise ValueError(f"{what} must be strictly decreasing within [0, 1]; got {tn}")
     for name, given, got in (("t_start", t_start, tn[0]), ("t_end", t_end, tn[-1])):
@@ -77,6 +77,11 @@ def _check_explicit(schedule, t_start=None, t_end=None, steps=None, what: str = 
     return ts
 
 
+def _decreasing_in_unit(t: np.ndarray) -> bool:
+    """Whether the grid ``t`` is strictly decreasing within [0, 1]."""
+    return bool(np.all(np.diff(t) < 0) and t[0] <= 1.0 and t[-1] >= 0.0)
+
+
 def _check_rounding(schedule, tn: np.ndarray, what: str) -> None:
     """A ``ValueError`` saying so where a strictly decreasing grid in [0, 1] of a wider float
     (float64 with x64 off) has neighbours that round to one time in ``tn.dtype`` (reported as
@@ -85,7 +90,7 @@ def _check_rounding(schedule, tn: np.ndarray, what: str) -> None:
         wide = np.asarray(schedule, np.float64)
     except (TypeError, ValueError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return
-    if wide.shape != tn.shape or not (np.all(np.diff(wide) < 0) and wide[0] <= 1.0 and wide[-1] >= 0.0):
+    if wide.shape != tn.shape or not _decreasing_in_unit(wide):
         return
     i = int(np.flatnonzero(np.diff(tn) >= 0)[0])
     raise ValueError(f"{what} is strictly decreasing, but its times {float(wide[i])!r} and {float(wide[i + 1])!r} "
