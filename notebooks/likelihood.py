@@ -237,7 +237,7 @@ fig = gf.viz.density(lambda z: flow.log_prob(state.params, jnp.asarray(z)), lims
 # on the moons (the maximum-likelihood run above) the score, a local quantity, does not fix how much mass
 # each separated region gets. In the full run (800 steps) all three are within 0.02 nats of the Gaussian's
 # 1.886, while on the moons SSM and DSM end at 3.89 and 3.80 nats against 1.85 for maximum likelihood.
-# Per step the score-matching objectives cost more here (SSM 4-6x, DSM 1-1.6x in one re-run, the `ms/step` column): in 2-D the
+# Per step the score-matching objectives cost more here (SSM about 4-5.5x, DSM about 1.7-2x in the recorded run, the `ms/step` column; timings vary between runs): in 2-D the
 # `slogdet` they skip is of 2 x 2 matrices, while they differentiate a gradient (and SSM adds a
 # Hessian-vector product); the saving is an O(D^3) term, for wide dense layers.
 

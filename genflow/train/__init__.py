@@ -1,5 +1,5 @@
-"""Training: state, jitted (and sharded) train step, the scan-chunked ``fit`` loop, objectives,
-checkpoints, optimizer presets and metric logs.
+"""Training: state, a pure (shardable) train step that ``fit`` compiles, the scan-chunked ``fit``
+loop, objectives, checkpoints, optimizer presets and metric logs.
 
     state = gf.train.init_state(params, optimizer, key, ema_decays=(0.999,))
     step = gf.train.make_train_step(gf.train.diffusion_objective(model.apply, path, prediction="velocity"), optimizer)
