@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from typing import get_type_hints
 
@@ -93,6 +94,41 @@ def _check_common(cfg) -> None:
         # (jax.random.key keeps 32 bits: --seed 4294967296 silently re-ran --seed 0, and -1 was 2**32 - 1;
         # below 2**31, the scripts' derived seeds such as seed + 100 stay distinct too)
         raise SystemExit(f"--seed must lie in [0, 2**31); got {seed}")
+
+
+MARKER = ".genflow_run"  # (in --out: the name of the script whose outputs it holds)
+
+
+def make_out(out: str, script: str) -> None:
+    """Create ``--out`` for the entry point ``script`` (e.g. ``"images"``) and mark it as that
+    script's, or refuse (``SystemExit`` naming ``--out``) one another script has marked: the
+    scripts share output names (metrics.json, results.json, samples.png, loss.png), and a second
+    script's run overwrote the first's and left the rest beside its own (images.py then read
+    toy2d's failure record as its own training loss). Call it after the flags are checked and
+    before any work."""
+    marker = os.path.join(out, MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            owner = f.read().strip()
+        if owner and owner != script:
+            raise SystemExit(f"--out {out!r} holds the outputs of {owner}.py; pass another --out for {script}.py")
+    os.makedirs(out, exist_ok=True)
+    if not os.path.isfile(marker):
+        with open(marker, "w") as f:
+            f.write(script + "\n")
+
+
+def terminate_as_interrupt() -> None:
+    """Make SIGTERM (a scheduler's pre-emption, ``timeout``, ``docker stop``) raise
+    ``KeyboardInterrupt`` as Ctrl-C does, so an entry point's interrupt handling (failure records,
+    ``stale_outputs_removed``, a pending checkpoint save) runs: it was skipped, and a killed run
+    left an earlier run's results beside its own. Entry points call it under ``__main__`` only
+    (a process that imports them keeps its own handler)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
 
 
 @contextlib.contextmanager

@@ -294,7 +294,7 @@ OUTPUTS = ("results.json", "results.md", "density_2d.png", "samples_2d.png", "sa
 
 def run(cfg: Config) -> dict:
     models = validate(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
+    _cli.make_out(cfg.out, "density")
     t0 = time.perf_counter()
     # (a failed rerun left the earlier run's results.json beside its own new plots)
     with _cli.stale_outputs_removed(cfg.out, OUTPUTS):
@@ -324,4 +324,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    _cli.terminate_as_interrupt()
     sys.exit(main())

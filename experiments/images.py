@@ -256,7 +256,7 @@ def run(cfg: Config, written: list | None = None) -> dict:
         # a later checkpointed run resumed the old checkpoint and mixed both runs' rows)
         raise SystemExit(f"--out {cfg.out} holds another run's checkpoints ({ckpt_dir}) and --ckpt_every 0 would "
                          f"train from scratch beside them: pass --ckpt_every > 0 to resume them, or a new --out")
-    os.makedirs(cfg.out, exist_ok=True)
+    _cli.make_out(cfg.out, "images")
     # (an interrupted or failed rerun left the earlier run's metrics.json and plots beside its own log)
     with _cli.stale_outputs_removed(cfg.out, OUTPUTS):
         return _train_and_evaluate(cfg, written, ckpt_dir)
@@ -403,8 +403,14 @@ def _train_and_evaluate(cfg: Config, written: list, ckpt_dir: str) -> dict:
         if not steps_done and os.path.exists(out_json):  # a re-run of a finished run: keep its training numbers
             with open(out_json) as f:
                 old = json.load(f)
-            metrics.update({k: old[k] for k in ("final_loss", "train_steps", "resumed_from", "train_steps_per_s",
-                                                "train_examples_per_s", "train_compile_s") if k in old})
+            # (only from this run's own record: it copied another one's final_loss; the loss itself comes
+            # from metrics.jsonl, which holds this training's rows)
+            theirs = old.get("config") or {}
+            if all(theirs.get(k) == metrics["config"][k] for k in TRAINING_FLAGS):
+                metrics.update({k: old[k] for k in ("train_steps", "resumed_from", "train_steps_per_s",
+                                                    "train_examples_per_s", "train_compile_s") if k in old})
+                if metrics["final_loss"] is None and "final_loss" in old:
+                    metrics["final_loss"] = old["final_loss"]
         _cli.write_json(out_json, metrics)
         written.append("metrics.json")
     return metrics
@@ -418,7 +424,12 @@ def _first(it):
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     written = []
-    m = run(cfg, written)
+    try:
+        m = run(cfg, written)
+    except gf.train.NonFiniteLossError as e:  # (it ended in a traceback, as a crash does)
+        print(f"training stopped: {e}; {cfg.out} keeps metrics.jsonl and the checkpoints saved before it",
+              file=sys.stderr)
+        return 1
     print(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=2))
     # only the files written (a re-run with nothing left to train claimed a loss.png it had not drawn)
     names = [n for n in ("samples.png", "loss.png", "metrics.json", "metrics.jsonl") if n in written]
@@ -428,4 +439,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _cli.terminate_as_interrupt()
     sys.exit(main())

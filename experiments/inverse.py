@@ -162,7 +162,7 @@ OUTPUTS = ("results.json", "results.md", "prior_loss.png", "inpainting.png", "su
 
 def run(cfg: Config) -> dict:
     validate(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
+    _cli.make_out(cfg.out, "inverse")
     with _cli.stale_outputs_removed(cfg.out, OUTPUTS):  # (a failed rerun left the earlier run's results)
         return _run(cfg)
 
@@ -264,4 +264,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _cli.terminate_as_interrupt()
     sys.exit(main())

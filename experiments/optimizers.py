@@ -315,7 +315,7 @@ OUTPUTS = ("results.json", "summary.md", "sweep.png", "results_digits_only.json"
 
 
 def run(cfg: Config) -> dict:
-    os.makedirs(cfg.out, exist_ok=True)
+    _cli.make_out(cfg.out, "optimizers")
     names = cfg.optimizers.split(",")
     t0 = time.perf_counter()
     # (a failed rerun left the earlier run's results.json / summary.md / sweep.png beside its own
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
                              f"results_digits_only.json is what a run that failed in the flow task kept); "
                              f"pass a complete results.json")
         cfg = dataclasses.replace(Config(**saved["config"]), out=cfg.out)
-        os.makedirs(cfg.out, exist_ok=True)
+        _cli.make_out(cfg.out, "optimizers")
         report(saved, cfg)
         return 0
     res = run(cfg)
@@ -385,4 +385,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _cli.terminate_as_interrupt()
     sys.exit(main())

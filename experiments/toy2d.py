@@ -65,9 +65,9 @@ def validate(cfg: Config) -> None:
         raise SystemExit(f"--path must be one of {list(gf.paths.names())}; got {cfg.path!r}")
     if cfg.prediction not in gf.param.KINDS:
         raise SystemExit(f"--prediction must be one of {list(gf.param.KINDS)}; got {cfg.prediction!r}")
-    for name in (cfg.solver, cfg.eval_solver):
-        if name not in gf.sampling.solvers():
-            raise SystemExit(f"unknown solver {name!r}; expected one of {sorted(gf.sampling.solvers())}")
+    for flag in ("solver", "eval_solver"):  # (the message did not say which of the two was wrong)
+        if getattr(cfg, flag) not in gf.sampling.solvers():
+            raise SystemExit(f"--{flag} must be one of {sorted(gf.sampling.solvers())}; got {getattr(cfg, flag)!r}")
     if not gf.sampling.solvers()[cfg.eval_solver].adaptive:  # (a fixed-step one ran 50 steps, ignoring rtol / atol)
         adaptive = sorted(k for k, s in gf.sampling.solvers().items() if s.adaptive)
         raise SystemExit(f"--eval_solver must be an adaptive solver ({adaptive}); got {cfg.eval_solver!r}")
@@ -95,7 +95,7 @@ def run(cfg: Config, written: list | None = None) -> dict:
     """The experiment; the names of the files it writes into ``--out`` are appended to ``written``."""
     validate(cfg)
     written = [] if written is None else written
-    os.makedirs(cfg.out, exist_ok=True)
+    _cli.make_out(cfg.out, "toy2d")
     t_wall = time.perf_counter()
     key = jax.random.key(cfg.seed)
     k_init, k_train, k_noise, k_data = jax.random.split(key, 4)
@@ -239,4 +239,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _cli.terminate_as_interrupt()
     sys.exit(main())

@@ -155,6 +155,36 @@ def test_toy2d_refuses_a_bad_learning_rate_before_training():
             toy2d.validate(toy2d.parse_config(["--lr", lr]))
 
 
+def _listed(out) -> list:
+    """The files in ``out`` but the marker naming the script whose outputs they are."""
+    return sorted(n for n in os.listdir(out) if n != ".genflow_run")
+
+
+def test_an_out_of_one_script_is_refused_to_another(tmp_path):
+    # scripts share output names (metrics.json, results.json, samples.png): a second script's run into
+    # the same --out overwrote the first's results and left the rest beside its own
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import _cli
+
+    out = tmp_path / "o"
+    _cli.make_out(str(out), "toy2d")
+    assert (out / ".genflow_run").read_text() == "toy2d\n"
+    _cli.make_out(str(out), "toy2d")  # its own: fine
+    with pytest.raises(SystemExit, match="--out .* holds the outputs of toy2d.py; pass another --out for images.py"):
+        _cli.make_out(str(out), "images")
+
+
+def test_sigterm_runs_the_interrupt_handling():
+    # SIGTERM (pre-emption, timeout) skipped the scripts' Ctrl-C handling (failure records, removal of an
+    # earlier run's results): it now raises KeyboardInterrupt under __main__
+    code = ("import os, signal, sys; sys.path.insert(0, 'experiments'); import _cli; _cli.terminate_as_interrupt()\n"
+            "try:\n    os.kill(os.getpid(), signal.SIGTERM); signal.pause()\n"
+            "except KeyboardInterrupt as e:\n    print('interrupted', e)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.startswith("interrupted terminated by signal"), (r.stdout, r.stderr)
+
+
 def _toy2d():
     sys.path.insert(0, str(ROOT / "experiments"))
     import toy2d
@@ -206,6 +236,8 @@ def test_entry_points_refuse_a_file_as_out_a_huge_seed_and_unusable_eval_options
         with pytest.raises(SystemExit, match="--out must be a non-empty path"):
             parse(["--out", ""])  # (os.makedirs' FileNotFoundError, after the sampler dry run)
     for args, msg in ((["--eval_solver", "heun"], "--eval_solver must be an adaptive solver"),
+                      (["--solver", "bogus"], "--solver must be one of .*; got 'bogus'"),
+                      (["--eval_solver", "bogus"], "--eval_solver must be one of .*; got 'bogus'"),
                       (["--n_eval", "50000"], "--n_eval must be <= 10000")):
         with pytest.raises(SystemExit, match=msg):
             toy2d.validate(toy2d.parse_config(args))
@@ -246,7 +278,7 @@ def test_toy2d_records_a_failure_after_training(tmp_path, monkeypatch, capsys):
     assert m["failed"] == "KeyboardInterrupt" and m["training_completed"] and m["failed_in"] == "metrics"
     assert m["steps_done"] == 20 and np.isfinite(m["final_loss"])
     assert capsys.readouterr().err.splitlines()[-1] == f"interrupted: wrote {out}/loss.png, metrics.json"
-    assert sorted(os.listdir(out)) == ["loss.png", "metrics.json"]
+    assert _listed((out)) == ["loss.png", "metrics.json"]
 
     def broken(*a, **k):
         raise ValueError("no plot")
@@ -259,7 +291,7 @@ def test_toy2d_records_a_failure_after_training(tmp_path, monkeypatch, capsys):
     assert m["failed"] == "ValueError" and m["training_completed"] and m["failed_in"] == "plots"
     err = capsys.readouterr().err.splitlines()[-1]
     assert err == f"failed: wrote {tmp_path / 'e'}/samples.png, loss.png, metrics.json"
-    assert sorted(os.listdir(tmp_path / "e")) == ["loss.png", "metrics.json", "samples.png"]
+    assert _listed((tmp_path / "e")) == ["loss.png", "metrics.json", "samples.png"]
 
 
 def test_toy2d_failed_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, monkeypatch, capsys):
@@ -270,10 +302,10 @@ def test_toy2d_failed_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, monke
     args = ["--steps", "20", "--n_eval", "64", "--sample_steps", "4", "--chunk", "10", "--progress", "false",
             "--out", str(out)]
     assert toy2d.main(args) == 0
-    assert sorted(os.listdir(out)) == ["loss.png", "metrics.json", "samples.png", "trajectories.png"]
+    assert _listed((out)) == ["loss.png", "metrics.json", "samples.png", "trajectories.png"]
     # diverges at step 1: its own loss curve (one step) and metrics.json, nothing of the earlier run
     assert toy2d.main(args + ["--lr", "1e30"]) == 1
-    assert sorted(os.listdir(out)) == ["loss.png", "metrics.json"]
+    assert _listed((out)) == ["loss.png", "metrics.json"]
     assert capsys.readouterr().err.splitlines()[-1] == f"wrote {out}/loss.png, metrics.json"
 
     def interrupted(*a, **k):
@@ -281,7 +313,7 @@ def test_toy2d_failed_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path, monke
 
     monkeypatch.setattr(toy2d.gf.train, "fit", interrupted)  # before any step: no loss row, no loss.png
     assert toy2d.main(args) == 130
-    assert sorted(os.listdir(out)) == ["metrics.json"]
+    assert _listed((out)) == ["metrics.json"]
     assert capsys.readouterr().err.splitlines()[-1] == f"interrupted: wrote {out}/metrics.json"
     assert json.loads((out / "metrics.json").read_text())["steps_done"] == 0
 

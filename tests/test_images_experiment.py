@@ -178,6 +178,15 @@ def test_images_rerun_after_a_failed_evaluation_reports_the_training(tmp_path, m
     np.testing.assert_allclose(m["final_loss"], np.mean(np.float32(losses)), rtol=1e-6)
     assert (out / "loss.png").stat().st_size > 1000
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out}/samples.png, loss.png, metrics.json"
+    # a record of another run in --out (another script's, or other training flags): its numbers are
+    # not taken as this training's (toy2d's failure record's loss was reported as final_loss)
+    foreign = dict(m, final_loss=123.0, train_steps_per_s=9e9, config=dict(m["config"], lr=0.5))
+    (out / "metrics.json").write_text(json.dumps(foreign))
+    assert images.main(_tiny_args(out, "--steps", "3")) == 0
+    m2 = json.loads((out / "metrics.json").read_text())
+    np.testing.assert_allclose(m2["final_loss"], np.mean(np.float32(losses)), rtol=1e-6)
+    assert m2["train_steps_per_s"] != 9e9
+    capsys.readouterr()
     # without metrics.jsonl rows no loss.png is drawn, and none is claimed
     (out / "loss.png").unlink()
     (out / "metrics.jsonl").unlink()
