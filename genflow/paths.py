@@ -25,6 +25,11 @@ inverse of the log-SNR can be supplied for speed and accuracy (without one, the 
 bisection, with the implicit-function first derivatives). Define ``alpha_fn`` and
 ``sigma_fn`` at module level (not as lambdas inside the factory) so that two calls of the
 factory give equal paths and hit the same compiled program.
+
+A path whose ``sigma'`` (or ``alpha'``) is infinite at ``t = 0`` -- e.g. a VP-type path with
+``sigma = sqrt(1 - alpha^2)`` -- needs ``t_min > 0`` (as :func:`vp_linear` does, ``1e-3``, with a
+denoising step at the end), and/or a closed-form ``diffusion_sq_fn``: samplers and likelihoods
+refuse to evaluate such a path at ``t = 0``.
 """
 
 from __future__ import annotations
@@ -215,9 +220,18 @@ class Path:
         return self.alpha(t) * x0 + self.sigma(t) * eps
 
     def prior_sample(self, key: Array, shape, dtype=jnp.float32) -> Array:
-        """Standard starting state at t = 1: ``sigma(1) * N(0, I)`` of the given shape."""
+        """Standard starting state at t = 1: ``sigma(1) * N(0, I)`` of the given shape.
+
+        Raises ``ValueError`` when ``sigma(1)`` is concrete and ``10 * sigma(1)`` exceeds the largest
+        finite value of ``dtype`` (e.g. ``ve(1e-3, 1e5)`` in float16, whose samples would be +-inf)."""
         # sigma(1) in float32 or wider (in bfloat16 edm's sigma(1) was 81.5, not 80)
         s1 = self.sigma(jnp.ones((), jnp.promote_types(dtype, jnp.float32)))
+        if not isinstance(s1, jax.core.Tracer) and jnp.issubdtype(dtype, jnp.floating):
+            fmax = float(jnp.finfo(dtype).max)
+            if float(s1) * 10.0 > fmax:  # (N(0, 1) draws reach ~6; 10 keeps a margin)
+                raise ValueError(f"prior_sample: sigma(1) = {float(s1):.4g} of path {self.name!r} is too large for "
+                                 f"dtype {jnp.dtype(dtype).name} (max {fmax:.4g}): samples would overflow to inf; "
+                                 "use a wider dtype (float32) or a smaller sigma_max")
         return (s1 * jax.random.normal(key, shape, dtype)).astype(dtype)
 
 
@@ -669,8 +683,10 @@ def names() -> tuple[str, ...]:
 
 
 def register(name: str, factory: Callable[..., Path], *, overwrite: bool = False) -> Callable[..., Path]:
-    """Make a path of your own available by name: :func:`get` (and so the experiment scripts'
-    ``--path`` flags and configs) then builds it with ``factory(**kwargs)``. Names are unique: an
+    """Make a path of your own available by name: :func:`get` then builds it with
+    ``factory(**kwargs)``. The experiment scripts' ``--path`` flags and configs see it only when the
+    script's ``main(argv)`` is called in the Python process that registered it (not from a shell,
+    which starts a fresh process). Names are unique: an
     existing one is refused, unless it is one of yours and ``overwrite=True`` (re-running a
     notebook cell); the built-in names cannot be replaced, and :func:`unregister` removes one of
     yours. Returns ``factory`` (usable as a decorator through ``functools.partial(register, name)``).

@@ -1,6 +1,7 @@
 """Inverse problems: operators (adjoint identity, pseudo-inverse) and posterior samplers against
 the linear-Gaussian oracle (Gaussian prior with its exact model, linear operator, Gaussian noise)."""
 
+import dataclasses
 import logging
 
 import jax
@@ -1610,3 +1611,68 @@ def test_gradients_through_the_folded_final_denoise_are_finite_and_exact():
                                                                  steps=4, t_end=0.0, key=jax.random.key(6),
                                                                  **extra)[0]))(x1)
             assert np.all(np.isfinite(np.asarray(gx))), (method, gx)
+
+
+# -- operators of one's own: pytree (array leaves traced) or refused ---------------------------------------
+_OWN_M = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.5, -1.0]])
+
+
+def _own_setup():
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -0.5, 0.3]), jnp.array([0.5, 0.2, 1.5]))
+    p = gf.paths.linear()
+    x1 = p.prior_sample(jax.random.key(0), (4, 3))
+    kw = dict(prediction="x0", method="tmpd", noise=inv.GaussianNoise(0.1), steps=4, key=jax.random.key(1))
+    return g.model(p, "x0"), p, x1, jnp.ones((4, 2)), kw
+
+
+class _MatrixMethods(inv.Operator):
+    def forward(self, x): return x @ self.M.T
+    def adjoint(self, y): return y @ self.M
+    def pinv(self, y): return y @ jnp.linalg.pinv(self.M).T
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnregisteredOp(_MatrixMethods):
+    M: jax.Array
+
+
+class _PlainOp(_MatrixMethods):
+    def __init__(self, M): self.M = M
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnhashableOp(_MatrixMethods):
+    M: list  # (no arrays: unhashable as a static argument)
+
+    def forward(self, x): return x @ jnp.asarray(self.M).T
+    def adjoint(self, y): return y @ jnp.asarray(self.M)
+    def pinv(self, y): return y @ jnp.linalg.pinv(jnp.asarray(self.M)).T
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _RegisteredOp(_MatrixMethods):
+    M: jax.Array
+
+
+@pytest.mark.parametrize("op", [_UnregisteredOp(_OWN_M), _PlainOp(_OWN_M), _PlainOp(np.asarray(_OWN_M)),
+                                _UnhashableOp([[1.0, 1.0, 0.0], [0.0, 0.5, -1.0]])],
+                         ids=["frozen_dataclass", "plain_jax", "plain_numpy", "unhashable"])
+def test_own_operator_not_a_pytree_refused(op):
+    # (an unregistered frozen dataclass failed deep in JAX with "Non-hashable static arguments"; a plain class's
+    # array was a compiled-in constant: after op.M = M2 a second call silently returned the old M's result)
+    fn, p, x1, y, kw = _own_setup()
+    with pytest.raises(TypeError, match=rf"{type(op).__name__}.*register_dataclass"):
+        inv.posterior_sample(fn, p, x1, y, op, **kw)
+    with pytest.raises(TypeError, match=rf"{type(op).__name__}.*register_dataclass"):
+        inv.posterior_model(fn, p, y, op, prediction="x0", noise=inv.GaussianNoise(0.1))
+
+
+def test_own_operator_registered_dataclass_sees_new_arrays():
+    fn, p, x1, y, kw = _own_setup()
+    a, _ = inv.posterior_sample(fn, p, x1, y, _RegisteredOp(_OWN_M), **kw)
+    b, _ = inv.posterior_sample(fn, p, x1, y, _RegisteredOp(2 * _OWN_M), **kw)
+    assert np.isfinite(np.asarray(a)).all() and not np.allclose(a, b)
+    pm = inv.posterior_model(fn, p, y, _RegisteredOp(_OWN_M), prediction="x0", noise=inv.GaussianNoise(0.1))
+    x, _ = gf.sample(pm, p, x1, prediction="x0", solver="ddim", steps=3)
+    assert np.isfinite(np.asarray(x)).all()

@@ -964,3 +964,19 @@ def test_sophia_uses_an_explicit_obj_fn_over_value_fn():
 
     tx.update(jax.grad(obj)(p), tx.init(p), p, obj_fn=obj, value_fn=other)
     assert "value_fn" not in calls
+
+
+def test_registered_factory_without_learning_rate_named_by_make_optimizer():
+    # (a factory `def my_opt(lr, ...)` gave only "missing a required argument: 'lr'")
+    def my_opt(lr, momentum=0.9):
+        return optax.sgd(lr, momentum)
+
+    gf.optim.register("_test_opt_lr_name", my_opt, overwrite=True)
+    try:
+        with pytest.raises(TypeError, match=r"make_optimizer passes learning_rate=.*`learning_rate` argument"):
+            gf.train.make_optimizer(1e-2, name="_test_opt_lr_name")
+        with pytest.raises(TypeError) as e:  # (no such hint where learning_rate was not passed)
+            gf.optim.get("_test_opt_lr_name", momentum=0.5)
+        assert "make_optimizer passes" not in str(e.value)
+    finally:
+        gf.optim.unregister("_test_opt_lr_name")

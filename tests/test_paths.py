@@ -664,3 +664,44 @@ def test_ve_default_noise_range():
     p = gf.paths.ve()
     np.testing.assert_allclose(np.asarray(p.sigma(jnp.array([0.0, 0.5, 1.0]))), [0.01, np.sqrt(0.01 * 50.0), 50.0],
                                rtol=1e-5)
+
+
+def test_prior_sample_refuses_dtype_overflow():
+    # (ve(1e-3, 1e5) in float16 returned +-inf silently)
+    with pytest.raises(ValueError, match=r"float16.*1e\+05|1e\+05.*float16"):
+        gf.paths.ve(1e-3, 1e5).prior_sample(jax.random.key(0), (4,), jnp.float16)
+    for dtype in (jnp.float16, jnp.bfloat16):  # (sigma_max 80 and 1e3 still fit)
+        for smax in (80.0, 1e3):
+            x = gf.paths.ve(1e-3, smax).prior_sample(jax.random.key(0), (64,), dtype)
+            assert x.dtype == dtype and np.isfinite(np.asarray(x, np.float32)).all()
+
+
+def _vp_la(t, beta_min, beta_max): return -0.25 * t * t * (beta_max - beta_min) - 0.5 * t * beta_min
+def _vp_alpha(t, beta_min, beta_max): return jnp.exp(_vp_la(t, beta_min, beta_max))
+def _vp_sigma(t, beta_min, beta_max): return jnp.sqrt(-jnp.expm1(2 * _vp_la(t, beta_min, beta_max)))
+
+
+def _singular_vp(t_min=0.0):
+    return gf.paths.Path(alpha_fn=_vp_alpha, sigma_fn=_vp_sigma, params=dict(beta_min=0.1, beta_max=20.0),
+                         name="my_vp", t_min=t_min)
+
+
+def test_singular_at_t_min_advice_not_circular():
+    # (with the path's own t_min = 0 singular, the errors said "pass t_end=path.t_min (0.0)")
+    p = _singular_vp()
+    g = gf.oracles.Gaussian.diagonal(jnp.array([1.0, -0.5]), jnp.array([0.5, 0.2]))
+    x1 = g.prior_sample(jax.random.key(0), 4, p)
+    with pytest.raises(ValueError, match=r"give the Path a t_min > 0") as e:
+        gf.sample(g.model(p, "eps"), p, x1, prediction="eps", solver="heun", steps=4)
+    assert "pass t_end=path.t_min" not in str(e.value)
+    with pytest.raises(ValueError, match=r"give the Path a t_min > 0") as e:
+        gf.log_prob(g.model(p, "eps"), p, g.sample(jax.random.key(1), 4), prediction="eps")
+    assert "pass t_min=path.t_min" not in str(e.value)
+    # (the oracle's velocity was NaN there, silently)
+    with pytest.raises(ValueError, match=r"not finite at t=0.*t_min > 0"):
+        g.model(p, "velocity")(x1, jnp.zeros(4))
+    assert np.isfinite(np.asarray(g.model(gf.paths.vp_linear(), "velocity")(x1, jnp.zeros(4)))).all()
+    q = _singular_vp(1e-3)  # (the fix the message gives)
+    x, _ = gf.sample(g.model(q, "eps"), q, x1, prediction="eps", solver="heun", steps=4)
+    assert np.isfinite(np.asarray(x)).all()
+    assert np.isfinite(np.asarray(g.model(q, "velocity")(x1, jnp.full(4, 1e-3)))).all()

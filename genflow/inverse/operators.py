@@ -80,7 +80,27 @@ def _shape_arg(name: str, shape, expected: str) -> tuple:
 
 
 class Operator:
-    """Base class: a linear measurement operator with forward, adjoint and pseudo-inverse."""
+    """Base class: a linear measurement operator with forward, adjoint and pseudo-inverse.
+
+    To write your own, make it a frozen dataclass registered as a pytree, as the built-in
+    :class:`Mask` and :class:`Matrix` are, so that its arrays are traced leaves (a new array reuses
+    the compiled program, and is seen) and its other fields static::
+
+        @jax.tree_util.register_dataclass
+        @dataclasses.dataclass(frozen=True)
+        class MyMatrix(gf.inverse.Operator):
+            M: jax.Array
+            name: str = dataclasses.field(default="my_matrix", metadata=dict(static=True))
+            def forward(self, x): return x @ self.M.T
+            def adjoint(self, y): return y @ self.M
+            def pinv(self, y): return y @ jnp.linalg.pinv(self.M).T
+
+    An operator that is not a pytree is a static argument of the compiled samplers, hashed and
+    compared: :func:`~genflow.inverse.posterior_sample` and :func:`~genflow.inverse.posterior_model`
+    refuse (``TypeError``) one that holds JAX or NumPy arrays in its attributes (a plain class's
+    arrays would be compiled in as constants, a later ``op.M = M2`` silently ignored; an
+    unregistered frozen dataclass's are unhashable) or that is unhashable.
+    """
 
     name = "operator"
 

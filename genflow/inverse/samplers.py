@@ -81,6 +81,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genflow import _memo, param
 from genflow._checks import (check_denoise, check_int, check_key, check_model_fn, check_positive_real, check_real_in,
@@ -465,6 +466,9 @@ def posterior_sample(
 ) -> tuple[Array, PosteriorInfo]:
     """Sample ``p(x0 | y)`` for ``y = A(x0) + noise`` with a prior model ``fn``.
 
+    Returns after the device has finished, and caches compiled programs as :func:`genflow.sample`
+    does (a plain function ``fn`` keyed by identity; see there).
+
     Args:
       fn: prior model ``fn(x: [B, ...], t: [B])`` of kind ``prediction``.
       path: the path the model was trained with.
@@ -532,6 +536,7 @@ def posterior_sample(
         raise ValueError(f"eta applies to the 'ddim' base only; method {method!r} runs base='flow' here")
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be a genflow.inverse.Operator; got {type(operator).__name__}")
+    _check_operator(operator)
     model, ts, default, noisy = _prepare(fn, path, x1, prediction, steps, schedule, t_start, t_end, key,
                                   snr_start=method in _GAUSSIAN_LIKELIHOOD)
     if y.shape[0] != x1.shape[0]:
@@ -600,6 +605,31 @@ def _noise_model(method: str, noise, leaf: Callable = real_leaf):
     elif isinstance(noise, PoissonNoise):
         noise = PoissonNoise(leaf(noise.rate))
     return noise
+
+
+_OPERATOR_RECIPE = ("write it as a frozen dataclass registered with @jax.tree_util.register_dataclass (array fields "
+                    "traced, others marked static: dataclasses.field(metadata=dict(static=True))), or register it as "
+                    "a pytree, as the built-in Mask and Matrix do; see genflow.inverse.Operator")
+
+
+def _check_operator(operator) -> None:
+    """``TypeError`` for an operator that is not a pytree (so compiled as a static, hashed argument) but
+    holds arrays -- each new array would be ignored (a plain class, keyed by identity) or unhashable (a
+    frozen dataclass: "Non-hashable static arguments are not supported" deep in JAX)."""
+    leaves = jax.tree_util.tree_leaves(operator)
+    if not (len(leaves) == 1 and leaves[0] is operator):
+        return  # a pytree: its array leaves are traced
+    held = [k for k, v in getattr(operator, "__dict__", {}).items()
+            if any(isinstance(a, (jax.Array, np.ndarray)) for a in jax.tree_util.tree_leaves(v))]
+    name = type(operator).__name__
+    if held:
+        raise TypeError(f"operator {name} is not a pytree but holds arrays ({', '.join(held)}): they would be "
+                        f"compiled in as constants (a later change ignored, or unhashable); {_OPERATOR_RECIPE}")
+    try:
+        hash(operator)
+    except TypeError as e:
+        raise TypeError(f"operator {name} is not a pytree, so it is a static argument, and it is unhashable ({e}); "
+                        f"{_OPERATOR_RECIPE}") from None
 
 
 @jax.tree_util.register_dataclass
@@ -689,6 +719,7 @@ def posterior_model(fn: Callable, path: Path, y: Array, operator: Operator, *, p
                          f"got {method!r}")
     if not isinstance(operator, Operator):
         raise TypeError(f"operator must be a genflow.inverse.Operator; got {type(operator).__name__}")
+    _check_operator(operator)
     param.check_kind(prediction)
     check_path(path)  # (a path name failed on 'str' object has no attribute 'alpha')
     _check_weight_scale(weight, hparams)  # (a NaN weight gave NaN, an inf scale inf, as posterior_sample refuses)

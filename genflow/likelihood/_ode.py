@@ -358,6 +358,13 @@ def log_prob(
     ``N(0, sigma(t_max)^2 I)``; where ``alpha(t_max) > 0`` (VP paths) the true marginal there is
     ``N(alpha mu, alpha^2 Cov + sigma^2 I)``, and the difference is a prior-mismatch term.
 
+    It returns after the device has finished (so that runtime checks, such as an adaptive solve
+    reaching ``max_steps``, can raise). A plain function (lambda, closure) as ``fn`` is keyed by
+    identity and its compiled program stays in JAX's compile cache after the function is gone
+    (bounded by JAX's LRU cache; ``jax.clear_caches()`` frees it): in a loop, reuse one function or
+    pass a ``functools.partial`` / :func:`genflow.nets.model_fn` over the parameters (one shared
+    program).
+
     Args:
       fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``: a pytree callable
         (:func:`genflow.nets.model_fn`, :class:`jax.tree_util.Partial`), a ``functools.partial``
@@ -405,8 +412,12 @@ def log_prob(
                              f"{path.name!r} (sigma = 0 there); pass t_min > 0, e.g. 1e-3")
         why = param.singular_velocity(path, t_min, prediction)
         if why is not None:  # (vp_linear at t_min = 0: NaN log-densities, or max_steps for an adaptive solver)
-            raise ValueError(f"t_min={t_min} has {why}, and every solver evaluates it at t_min; pass t_min=path.t_min "
-                             f"({path.t_min}) or a velocity model")
+            if lo is None or lo != float(path.t_min):
+                advice = f"pass t_min=path.t_min ({path.t_min}) or a velocity model"
+            else:
+                advice = (f"path {path.name!r} is singular at its own t_min={path.t_min}: give the Path a t_min > 0 "
+                          f"(as vp_linear does, 1e-3) and/or a closed-form diffusion_sq_fn, or pass a velocity model")
+            raise ValueError(f"t_min={t_min} has {why}, and every solver evaluates it at t_min; {advice}")
         return True
 
     # (memoised under the path's value, the ends and the kind: ~0.3 ms of eager path evaluations

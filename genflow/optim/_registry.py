@@ -190,7 +190,13 @@ def get(name: str, **hparams) -> optax.GradientTransformation:
         sig.bind(**hparams)
     except TypeError as e:
         accepted = ", ".join(sig.parameters)
-        raise TypeError(f"bad hyper-parameters for {src} optimizer {name!r}: {e}; it accepts: {accepted}") from None
+        hint = ""
+        if "learning_rate" in hparams and "learning_rate" not in sig.parameters and not any(
+                p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            hint = ("; gf.train.make_optimizer passes learning_rate=...: the factory must take a `learning_rate` "
+                    "argument")
+        raise TypeError(f"bad hyper-parameters for {src} optimizer {name!r}: {e}; it accepts: {accepted}"
+                        f"{hint}") from None
     tx = fn(**hparams)
     if not isinstance(tx, optax.GradientTransformation):  # (a factory returning 3 failed in init_state: "'int' object has no attribute 'init'")
         raise TypeError(f"{src} optimizer {name!r}: its factory must return an optax.GradientTransformation; got "

@@ -286,15 +286,24 @@ def _check_start_concrete(path: Path, ts: Array, prediction: str, spec) -> None:
         if not np.isfinite(g2):  # (ShARK evaluates it at the end: NaN samples, where heun is refused)
             raise ValueError(
                 f"t_end={float(t1)} has g^2 = diffusion_sq = {g2} on path {path.name!r} (sigma = 0 with sigma' = inf "
-                f"there?): solver {spec.name!r} evaluates the reverse SDE at the end of its steps; pass "
-                f"t_end=path.t_min ({path.t_min}), give the path a diffusion_sq_fn with its finite limit, or use "
+                f"there?): solver {spec.name!r} evaluates the reverse SDE at the end of its steps; "
+                f"{_t_min_advice(path, t1, 't_end')}give the path a diffusion_sq_fn with its finite limit, or use "
                 f"'euler_maruyama'")
     why = param.singular_velocity(path, t1, prediction) if _evaluates_at_end(spec) else None
     if why is not None:  # (vp_linear at t = 0: NaN samples)
         raise ValueError(
-            f"t_end={float(t1)} has {why}: solver {spec.name!r} evaluates it there; pass t_end=path.t_min "
-            f"({path.t_min}) or a solver that does not evaluate at the end (euler, midpoint, ddim, dpm++2m, unipc, ...)"
+            f"t_end={float(t1)} has {why}: solver {spec.name!r} evaluates it there; {_t_min_advice(path, t1, 't_end')}"
+            f"or use a solver that does not evaluate at the end (euler, midpoint, ddim, dpm++2m, unipc, ...)"
         )
+
+
+def _t_min_advice(path, t, arg: str) -> str:
+    """Advice for a path singular at ``t``: pass ``arg=path.t_min``, unless ``t`` is already
+    ``path.t_min`` (the path's own ``t_min`` is then singular: it needs one > 0)."""
+    if float(t) != float(path.t_min):
+        return f"pass {arg}=path.t_min ({path.t_min}), "
+    return (f"path {path.name!r} is singular at its own t_min={path.t_min}: give the Path a t_min > 0 (as vp_linear "
+            f"does, 1e-3, with a denoising step at the end) and/or a closed-form diffusion_sq_fn, ")
 
 
 def _is_scan(spec) -> bool:
@@ -358,6 +367,15 @@ def sample(
     path's hyper-parameters) the ``"logsnr"`` and ``"karras"`` schedules need a concrete path
     (closed over, not an argument of the jitted function; else a ``ConcretizationTypeError`` says
     so); its grid is then a constant. A grid array built outside works with a traced path.
+
+    Blocking and compile cache: ``gf.sample`` (like :func:`genflow.log_prob` and
+    :func:`genflow.inverse.posterior_sample`) returns after the device has finished, so that its
+    runtime checks (``max_steps``, guidance label range) can raise; it does not return a pending
+    result. A plain function (lambda, closure) as ``fn`` is keyed by identity, and its compiled
+    program stays in JAX's compile cache after the function is gone (bounded by JAX's LRU cache;
+    ``jax.clear_caches()`` frees it): in a loop, reuse one function, or pass a
+    ``functools.partial`` / :func:`genflow.nets.model_fn` over the parameters, which shares one
+    program across parameter sets.
 
     Args:
       fn: model ``fn(x: [B, ...], t: [B]) -> [B, ...]`` of kind ``prediction``: a

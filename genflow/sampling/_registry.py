@@ -148,7 +148,9 @@ _TABLE: tuple[SolverSpec, ...] = (
           "but are unstable at ~10 steps), "
           "form='eps'|'x0'; its polynomial in t amplifies float32 rounding where the first times are packed "
           "tight in t (karras grid on vp_cosine, 12 steps: a sample moves by 1.1e-2 between batch sizes 1 and 16 "
-          "at order 3, 1.4e-3 on the logsnr grid, 4e-6 at order 2)", options=("order", "form")),
+          "at order 3, 1.4e-3 on the logsnr grid, 4e-6 at order 2), and is unstable in float32 where many first "
+          "times crowd next to t = 1 (vp_cosine(logsnr_min=-20), 10 karras steps: 29 from the exact flow map against "
+          "0.24 in float64; order=2 or form='x0' stay accurate there)", options=("order", "form")),
     _scan("unipc", 3, False, 1, _multistep.unipc(2, "bh2"),
           "UniPC: UniP-2 predictor + UniC corrector, B(h) = e^h - 1 (Zhao et al. 2023); order=1..3 is the "
           "predictor's (2 by default; the corrector adds one: measured 2.0 / 3.0 / 3.7; order=3 was the more "
