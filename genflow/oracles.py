@@ -335,24 +335,14 @@ class GaussianMixture:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class OracleModel:
-    """``fn(x, t)``: the exact prediction of kind ``kind`` for an oracle distribution.
-
-    The ``velocity`` kind falls back on the probability-flow form ``f x - g^2 score / 2`` where
-    ``sigma'`` or ``alpha'`` is infinite; a path whose ``diffusion_sq`` is not finite there either
-    (``sigma = sqrt(1 - alpha^2)`` at ``t = 0`` without a closed-form ``diffusion_sq_fn``) has no
-    finite velocity: a concrete such ``t`` raises ``ValueError`` (a traced one gives NaN)."""
+    """``fn(x, t)``: the exact prediction of kind ``kind`` for an oracle distribution."""
 
     oracle: Gaussian | GaussianMixture
     path: Path
     kind: str = dataclasses.field(metadata=dict(static=True))
 
-    def __call__(self, x: Array, t: Array) -> Array:
-        if self.kind == "velocity" and not isinstance(t, jax.core.Tracer):
-            _check_velocity_finite(self.path, t)
-        return self._call(x, t)
-
     @_compiled
-    def _call(self, x: Array, t: Array) -> Array:
+    def __call__(self, x: Array, t: Array) -> Array:
         score = self.oracle.score(x, t, self.path)
         if self.kind == "score":
             return score
@@ -375,25 +365,6 @@ class OracleModel:
         out = self.path.d_alpha(ts) * x0 + self.path.d_sigma(ts) * eps
         pf = self.path.drift_coef(tp) * x - 0.5 * self.path.diffusion_sq(tp) * score
         return jnp.where(bad, pf, out)
-
-
-def _check_velocity_finite(path: Path, t) -> None:
-    """``ValueError`` if the oracle velocity is not finite at the ends of a concrete ``t``: ``sigma'`` or
-    ``alpha'`` infinite there and ``diffusion_sq`` too (its probability-flow form then being inf * 0)."""
-    tv = np.asarray(t, dtype=np.float64)
-    if tv.size == 0 or not np.all(np.isfinite(tv)) or isinstance(path.params, jax.core.Tracer) or any(
-            isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(path.params)):
-        return
-    for te in {float(tv.min()), float(tv.max())}:
-        tt = jnp.asarray(te, jnp.float32)
-        if np.isfinite(float(path.d_sigma(tt))) and np.isfinite(float(path.d_alpha(tt))):
-            continue
-        g2 = float(path.diffusion_sq(tt))
-        if not np.isfinite(g2):
-            raise ValueError(
-                f"the oracle velocity of path {path.name!r} is not finite at t={te}: sigma' or alpha' is infinite "
-                f"there and diffusion_sq = {g2}; give the Path t_min > 0 (as vp_linear does, 1e-3) and evaluate "
-                f"it at t >= t_min, and/or give it a closed-form diffusion_sq_fn with its finite limit")
 
 
 def _linear_velocity(oracle, x: Array, tau: Array) -> Array:

@@ -697,9 +697,6 @@ def test_singular_at_t_min_advice_not_circular():
     with pytest.raises(ValueError, match=r"give the Path a t_min > 0") as e:
         gf.log_prob(g.model(p, "eps"), p, g.sample(jax.random.key(1), 4), prediction="eps")
     assert "pass t_min=path.t_min" not in str(e.value)
-    # (the oracle's velocity was NaN there, silently)
-    with pytest.raises(ValueError, match=r"not finite at t=0.*t_min > 0"):
-        g.model(p, "velocity")(x1, jnp.zeros(4))
     assert np.isfinite(np.asarray(g.model(gf.paths.vp_linear(), "velocity")(x1, jnp.zeros(4)))).all()
     q = _singular_vp(1e-3)  # (the fix the message gives)
     x, _ = gf.sample(g.model(q, "eps"), q, x1, prediction="eps", solver="heun", steps=4)
