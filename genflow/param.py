@@ -64,6 +64,20 @@ def check_kind(kind: str, argname: str = "prediction") -> str:
     return kind
 
 
+def singular_t_min_advice(path: Path, t, arg: str) -> str:
+    """What to do about a path singular at ``t`` (:func:`singular_velocity`), for the samplers' and
+    likelihoods' errors: pass ``arg=path.t_min``, unless ``t`` is already ``path.t_min`` (the
+    path's own ``t_min`` is then singular, and that advice was circular)."""
+    try:
+        own = float(t) == float(path.t_min)
+    except (TypeError, jax.errors.ConcretizationTypeError):  # (a traced end: the general advice)
+        own = False
+    if not own:
+        return f"pass {arg}=path.t_min ({path.t_min})"
+    return (f"path {path.name!r} is singular at its own t_min={path.t_min}: give the Path a t_min > 0 (as vp_linear "
+            f"does, 1e-3, with a denoising step at the end) and/or a closed-form diffusion_sq_fn")
+
+
 def singular_velocity(path: Path, t, kind: str) -> str | None:
     """Why a ``kind`` model's velocity ``alpha' x0 + sigma' eps`` is undefined at a concrete time
     ``t`` (an infinite ``alpha'`` or ``sigma'``, e.g. ``vp_linear`` at t = 0: inf * 0 = NaN), or

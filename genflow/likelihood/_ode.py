@@ -412,12 +412,8 @@ def log_prob(
                              f"{path.name!r} (sigma = 0 there); pass t_min > 0, e.g. 1e-3")
         why = param.singular_velocity(path, t_min, prediction)
         if why is not None:  # (vp_linear at t_min = 0: NaN log-densities, or max_steps for an adaptive solver)
-            if lo is None or lo != float(path.t_min):
-                advice = f"pass t_min=path.t_min ({path.t_min}) or a velocity model"
-            else:
-                advice = (f"path {path.name!r} is singular at its own t_min={path.t_min}: give the Path a t_min > 0 "
-                          f"(as vp_linear does, 1e-3) and/or a closed-form diffusion_sq_fn, or pass a velocity model")
-            raise ValueError(f"t_min={t_min} has {why}, and every solver evaluates it at t_min; {advice}")
+            raise ValueError(f"t_min={t_min} has {why}, and every solver evaluates it at t_min; "
+                             f"{param.singular_t_min_advice(path, t_min, 't_min')}, or pass a velocity model")
         return True
 
     # (memoised under the path's value, the ends and the kind: ~0.3 ms of eager path evaluations

@@ -287,23 +287,15 @@ def _check_start_concrete(path: Path, ts: Array, prediction: str, spec) -> None:
             raise ValueError(
                 f"t_end={float(t1)} has g^2 = diffusion_sq = {g2} on path {path.name!r} (sigma = 0 with sigma' = inf "
                 f"there?): solver {spec.name!r} evaluates the reverse SDE at the end of its steps; "
-                f"{_t_min_advice(path, t1, 't_end')}give the path a diffusion_sq_fn with its finite limit, or use "
-                f"'euler_maruyama'")
+                f"{param.singular_t_min_advice(path, t1, 't_end')}, give the path a diffusion_sq_fn with its finite "
+                f"limit, or use 'euler_maruyama'")
     why = param.singular_velocity(path, t1, prediction) if _evaluates_at_end(spec) else None
     if why is not None:  # (vp_linear at t = 0: NaN samples)
         raise ValueError(
-            f"t_end={float(t1)} has {why}: solver {spec.name!r} evaluates it there; {_t_min_advice(path, t1, 't_end')}"
-            f"or use a solver that does not evaluate at the end (euler, midpoint, ddim, dpm++2m, unipc, ...)"
+            f"t_end={float(t1)} has {why}: solver {spec.name!r} evaluates it there; "
+            f"{param.singular_t_min_advice(path, t1, 't_end')}"
+            f", or use a solver that does not evaluate at the end (euler, midpoint, ddim, dpm++2m, unipc, ...)"
         )
-
-
-def _t_min_advice(path, t, arg: str) -> str:
-    """Advice for a path singular at ``t``: pass ``arg=path.t_min``, unless ``t`` is already
-    ``path.t_min`` (the path's own ``t_min`` is then singular: it needs one > 0)."""
-    if float(t) != float(path.t_min):
-        return f"pass {arg}=path.t_min ({path.t_min}), "
-    return (f"path {path.name!r} is singular at its own t_min={path.t_min}: give the Path a t_min > 0 (as vp_linear "
-            f"does, 1e-3, with a denoising step at the end) and/or a closed-form diffusion_sq_fn, ")
 
 
 def _is_scan(spec) -> bool:
